@@ -1,0 +1,8 @@
+#!/usr/bin/env node
+// The `edgemq` command. The sources are TypeScript run through tsx's loader,
+// so a fresh clone needs no build step after `npm install`.
+import { register } from 'tsx/esm/api'
+
+register()
+const { main } = await import('./cli.ts')
+process.exitCode = await main(process.argv)

@@ -1,0 +1,53 @@
+/**
+ * Errors raised by the store. Every error is a {@link StoreError} with a
+ * stable string `code` (callers and tests match on the code, never on the
+ * message) and, where a lower layer failed, the original error as `cause`.
+ *
+ * The table below is the registry of codes; `test/store/errors.test.ts`
+ * fails when a code is missing from README.md's error table.
+ */
+
+export const STORE_ERROR_CODES = {
+  STORE_UNKNOWN_STREAM: 'The stream does not exist (create it first).',
+  STORE_STREAM_CONFLICT: 'A stream with that name exists with a different partition count.',
+  STORE_INVALID_NAME: 'A stream or consumer-group name is empty, too long or has characters outside the allowed set.',
+  STORE_INVALID_PARTITION: 'The partition number is not an integer in [0, partitions).',
+  STORE_INVALID_OFFSET: 'An offset is negative, not an integer or not a safe integer.',
+  STORE_OFFSET_OUT_OF_RANGE: 'The offset is below the log start offset or above the log end offset; the error carries both.',
+  STORE_RECORD_TOO_LARGE: 'The record is larger than the configured maxRecordBytes.',
+  STORE_INVALID_RECORD: 'The record is malformed: payload is not binary (Uint8Array), or key, topic, qos, clientId, headers or timestamp has the wrong type.',
+  STORE_INVALID_ARGUMENT: 'An option passed to a store method is out of range or of the wrong type.',
+  STORE_CORRUPT_BATCH: 'A stored batch failed its checksum or could not be decoded; the error names stream, partition and base offset.',
+  STORE_FORMAT_VERSION: 'The data directory was written by an incompatible on-disk format version.',
+  STORE_WRITE_FAILED: 'The database rejected a write (for example ENOSPC); the appends in that group commit were not stored.',
+  STORE_CLOSED: 'The store is closed or closing.',
+  STORE_UNKNOWN_GROUP: 'The consumer group has no committed offsets and no settings.',
+} as const
+
+export type StoreErrorCode = keyof typeof STORE_ERROR_CODES
+
+export interface StoreErrorDetails {
+  readonly stream?: string
+  readonly partition?: number
+  readonly offset?: number
+  readonly logStartOffset?: number
+  readonly logEndOffset?: number
+  readonly baseOffset?: number
+  readonly group?: string
+}
+
+export class StoreError extends Error {
+  override readonly name = 'StoreError'
+  readonly code: StoreErrorCode
+  readonly details: StoreErrorDetails
+
+  constructor (code: StoreErrorCode, message: string, options: { cause?: unknown, details?: StoreErrorDetails } = {}) {
+    super(message, options.cause === undefined ? undefined : { cause: options.cause })
+    this.code = code
+    this.details = options.details ?? {}
+  }
+}
+
+export function isStoreError (err: unknown, code?: StoreErrorCode): err is StoreError {
+  return err instanceof StoreError && (code === undefined || err.code === code)
+}

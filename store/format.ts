@@ -1,0 +1,248 @@
+/**
+ * On-disk format of the log, version 1. This file owns the key layout and the
+ * batch encoding; nothing else builds keys or parses values.
+ *
+ * All keys live in the `log` sublevel of the gateway's LevelDB and are binary
+ * (big-endian integers, so byte order is numeric order):
+ *
+ * | key                                             | value                                   |
+ * | ----------------------------------------------- | --------------------------------------- |
+ * | `V`                                             | format version, u32 (= 1)               |
+ * | `S` name(utf8)                                  | cbor StreamMeta                         |
+ * | `P` streamId(u32) partition(u32)                | cbor PartitionMeta (logStart, bytes)    |
+ * | `B` streamId(u32) partition(u32) base(u64)      | batch (below)                           |
+ * | `T` streamId(u32) partition(u32) maxTs(u64)     | base offset, u64                        |
+ * | `G` group(utf8) 0x00                            | cbor GroupMeta (holdsRetention)         |
+ * | `O` group(utf8) 0x00 streamId(u32) partition(u32) | committed offset, u64                 |
+ *
+ * Invariants:
+ * - `B` entries of a partition cover [logStart, logEnd) without gaps or
+ *   overlaps; a batch holds 1..MAX_BATCH_RECORDS records. A batch is written
+ *   in the same LevelDB write batch as its `P` and `T` entries, so a crash
+ *   leaves either all of them or none (LevelDB write batches are atomic).
+ * - `T` is the sparse, monotonic time index: an entry is written only for a
+ *   batch whose max timestamp exceeds every earlier one in the partition, so
+ *   both its keys and its values increase. To find the first offset with
+ *   timestamp >= t, seek to the first `T` key >= t and scan forward from its
+ *   batch. When retention deletes the batch of the first entry, it re-points
+ *   that entry at the new log start, so the index never loses coverage.
+ * - `P` is rewritten with every group commit and retention pass; `logEnd` is
+ *   not stored, it is found by seeking to the last `B` key (or is `logStart`
+ *   when retention removed every batch).
+ *
+ * Batch value:
+ *
+ * | bytes | field                                                          |
+ * | ----- | -------------------------------------------------------------- |
+ * | 0     | magic 0xE1 (format version 1)                                  |
+ * | 1..4  | CRC-32 (zlib) of bytes 5..end                                  |
+ * | 5..12 | base offset, u64 (must equal the key's)                        |
+ * | 13..16| record count, u32                                              |
+ * | 17..24| first timestamp (ms), float64                                  |
+ * | 25..32| max timestamp (ms), float64                                    |
+ * | 33..  | cbor array of records, each `[timestamp, key, topic, payload,  |
+ * |       |  qos, clientId, headers]` (headers is a map or null)           |
+ */
+import { crc32 } from 'node:zlib'
+import { Encoder } from 'cbor-x'
+import { StoreError } from './errors.ts'
+import type { StoredRecord } from './types.ts'
+
+export const FORMAT_VERSION = 1
+export const BATCH_MAGIC = 0xe1
+export const BATCH_HEADER_BYTES = 33
+/** Upper bound on records in one `B` entry; a group commit may write several. */
+export const MAX_BATCH_RECORDS = 1000
+/** Soft upper bound on the bytes of one `B` entry. */
+export const MAX_BATCH_BYTES = 1024 * 1024
+
+const cbor = new Encoder({ useRecords: false, structuredClone: false, mapsAsObjects: true, variableMapSize: true })
+
+const TAG_VERSION = 0x56 // 'V'
+const TAG_STREAM = 0x53 // 'S'
+const TAG_PARTITION = 0x50 // 'P'
+const TAG_BATCH = 0x42 // 'B'
+const TAG_TIME = 0x54 // 'T'
+const TAG_GROUP = 0x47 // 'G'
+const TAG_OFFSET = 0x4f // 'O'
+
+const TWO_32 = 2 ** 32
+
+export function writeU64 (buf: Buffer, n: number, at: number): void {
+  buf.writeUInt32BE(Math.floor(n / TWO_32), at)
+  buf.writeUInt32BE(n % TWO_32, at + 4)
+}
+
+export function readU64 (buf: Uint8Array, at: number): number {
+  const view = Buffer.isBuffer(buf) ? buf : Buffer.from(buf.buffer, buf.byteOffset, buf.byteLength)
+  return view.readUInt32BE(at) * TWO_32 + view.readUInt32BE(at + 4)
+}
+
+function partitionPrefix (tag: number, streamId: number, partition: number, extra: number): Buffer {
+  const key = Buffer.allocUnsafe(9 + extra)
+  key[0] = tag
+  key.writeUInt32BE(streamId, 1)
+  key.writeUInt32BE(partition, 5)
+  return key
+}
+
+export const keys = {
+  version: (): Buffer => Buffer.from([TAG_VERSION]),
+
+  stream: (name: string): Buffer => Buffer.concat([Buffer.from([TAG_STREAM]), Buffer.from(name, 'utf8')]),
+  streamRange: (): { gt: Buffer, lt: Buffer } => ({ gt: Buffer.from([TAG_STREAM]), lt: Buffer.from([TAG_STREAM + 1]) }),
+  streamName: (key: Buffer): string => key.subarray(1).toString('utf8'),
+
+  partition: (streamId: number, partition: number): Buffer => partitionPrefix(TAG_PARTITION, streamId, partition, 0),
+
+  batch (streamId: number, partition: number, base: number): Buffer {
+    const key = partitionPrefix(TAG_BATCH, streamId, partition, 8)
+    writeU64(key, base, 9)
+    return key
+  },
+  /** Range bounds covering every batch of one partition. */
+  batchRange (streamId: number, partition: number): { gte: Buffer, lt: Buffer } {
+    return { gte: keys.batch(streamId, partition, 0), lt: keys.batch(streamId, partition, Number.MAX_SAFE_INTEGER) }
+  },
+  batchBase: (key: Buffer): number => readU64(key, 9),
+
+  time (streamId: number, partition: number, ts: number): Buffer {
+    const key = partitionPrefix(TAG_TIME, streamId, partition, 8)
+    writeU64(key, Math.max(0, Math.floor(ts)), 9)
+    return key
+  },
+  timeRange (streamId: number, partition: number): { gte: Buffer, lt: Buffer } {
+    return { gte: keys.time(streamId, partition, 0), lt: keys.time(streamId, partition, Number.MAX_SAFE_INTEGER) }
+  },
+  timeOf: (key: Buffer): number => readU64(key, 9),
+
+  group: (group: string): Buffer => Buffer.concat([Buffer.from([TAG_GROUP]), Buffer.from(group, 'utf8'), Buffer.from([0])]),
+  groupRange: (): { gt: Buffer, lt: Buffer } => ({ gt: Buffer.from([TAG_GROUP]), lt: Buffer.from([TAG_GROUP + 1]) }),
+  groupName: (key: Buffer): string => key.subarray(1, key.length - 1).toString('utf8'),
+
+  offset (group: string, streamId: number, partition: number): Buffer {
+    const prefix = keys.offsetPrefix(group)
+    const key = Buffer.allocUnsafe(prefix.length + 8)
+    prefix.copy(key, 0)
+    key.writeUInt32BE(streamId, prefix.length)
+    key.writeUInt32BE(partition, prefix.length + 4)
+    return key
+  },
+  offsetPrefix: (group: string): Buffer => Buffer.concat([Buffer.from([TAG_OFFSET]), Buffer.from(group, 'utf8'), Buffer.from([0])]),
+  offsetRange: (): { gt: Buffer, lt: Buffer } => ({ gt: Buffer.from([TAG_OFFSET]), lt: Buffer.from([TAG_OFFSET + 1]) }),
+  /** Splits an `O` key into its parts. */
+  parseOffset (key: Buffer): { group: string, streamId: number, partition: number } {
+    const end = key.length - 8
+    return {
+      group: key.subarray(1, end - 1).toString('utf8'),
+      streamId: key.readUInt32BE(end),
+      partition: key.readUInt32BE(end + 4),
+    }
+  },
+}
+
+export function encodeU64 (n: number): Buffer {
+  const buf = Buffer.allocUnsafe(8)
+  writeU64(buf, n, 0)
+  return buf
+}
+
+export function encodeMeta (value: unknown): Buffer {
+  return cbor.encode(value)
+}
+
+export function decodeMeta<T> (value: Uint8Array): T {
+  return cbor.decode(value) as T
+}
+
+/** A record as handed to the encoder: everything but its offset. */
+export interface PendingRecord {
+  readonly timestamp: number
+  readonly key: string
+  readonly topic: string
+  readonly payload: Uint8Array
+  readonly qos: 0 | 1 | 2
+  readonly clientId: string
+  readonly headers: Readonly<Record<string, string>> | null
+}
+
+export interface BatchHeader {
+  readonly baseOffset: number
+  readonly count: number
+  readonly firstTimestamp: number
+  readonly maxTimestamp: number
+  readonly bytes: number
+}
+
+export function encodeBatch (baseOffset: number, records: readonly PendingRecord[]): { value: Buffer, header: BatchHeader } {
+  let first = Infinity
+  let max = -Infinity
+  const rows: unknown[] = new Array(records.length)
+  for (let i = 0; i < records.length; i++) {
+    const r = records[i] as PendingRecord
+    if (i === 0) first = r.timestamp
+    if (r.timestamp > max) max = r.timestamp
+    rows[i] = [r.timestamp, r.key, r.topic, r.payload, r.qos, r.clientId, r.headers]
+  }
+  const body = cbor.encode(rows)
+  const value = Buffer.allocUnsafe(BATCH_HEADER_BYTES + body.length)
+  value[0] = BATCH_MAGIC
+  writeU64(value, baseOffset, 5)
+  value.writeUInt32BE(records.length, 13)
+  value.writeDoubleBE(first, 17)
+  value.writeDoubleBE(max, 25)
+  body.copy(value, BATCH_HEADER_BYTES)
+  value.writeUInt32BE(crc32(value.subarray(5)), 1)
+  return { value, header: { baseOffset, count: records.length, firstTimestamp: first, maxTimestamp: max, bytes: value.length } }
+}
+
+interface Where { readonly stream: string, readonly partition: number, readonly baseOffset: number }
+
+function corrupt (where: Where, why: string, cause?: unknown): StoreError {
+  return new StoreError('STORE_CORRUPT_BATCH',
+    `corrupt batch in ${where.stream}[${where.partition}] at base offset ${where.baseOffset}: ${why}`,
+    { cause, details: { stream: where.stream, partition: where.partition, baseOffset: where.baseOffset } })
+}
+
+/** Verifies magic, checksum and base offset, then returns the header. */
+export function readBatchHeader (value: Buffer, where: Where): BatchHeader {
+  if (value.length < BATCH_HEADER_BYTES || value[0] !== BATCH_MAGIC) {
+    throw corrupt(where, value.length < BATCH_HEADER_BYTES ? 'value shorter than the batch header' : `bad magic byte 0x${(value[0] ?? 0).toString(16)}`)
+  }
+  if (crc32(value.subarray(5)) !== value.readUInt32BE(1)) throw corrupt(where, 'checksum mismatch')
+  const baseOffset = readU64(value, 5)
+  if (baseOffset !== where.baseOffset) throw corrupt(where, `header says base offset ${baseOffset}`)
+  const count = value.readUInt32BE(13)
+  if (count === 0 || count > MAX_BATCH_RECORDS) throw corrupt(where, `record count ${count} out of range`)
+  return { baseOffset, count, firstTimestamp: value.readDoubleBE(17), maxTimestamp: value.readDoubleBE(25), bytes: value.length }
+}
+
+/**
+ * Decodes every record of a batch whose header was verified by
+ * {@link readBatchHeader}. Payloads are views into `value`, not copies.
+ */
+export function decodeBatch (value: Buffer, header: BatchHeader, where: Where): StoredRecord[] {
+  let rows: unknown
+  try {
+    rows = cbor.decode(value.subarray(BATCH_HEADER_BYTES))
+  } catch (err) {
+    throw corrupt(where, 'body is not valid cbor', err)
+  }
+  if (!Array.isArray(rows) || rows.length !== header.count) throw corrupt(where, 'body does not hold the counted records')
+  const out: StoredRecord[] = new Array(rows.length)
+  for (let i = 0; i < rows.length; i++) {
+    const row = rows[i] as unknown[]
+    if (!Array.isArray(row) || row.length !== 7 || !(row[3] instanceof Uint8Array)) throw corrupt(where, `record ${i} is malformed`)
+    out[i] = {
+      offset: header.baseOffset + i,
+      timestamp: row[0] as number,
+      key: row[1] as string,
+      topic: row[2] as string,
+      payload: row[3],
+      qos: row[4] as 0 | 1 | 2,
+      clientId: row[5] as string,
+      headers: (row[6] as Record<string, string> | null) ?? null,
+    }
+  }
+  return out
+}

@@ -1,0 +1,5 @@
+/** The store's public surface: the log interface, its errors and the LevelDB implementation. */
+export * from './types.ts'
+export * from './errors.ts'
+export { openLogStore, DEFAULT_MAX_RECORD_BYTES, type LogStoreOptions, type LevelDatabase } from './log-store.ts'
+export { partitionForKey } from './partitioner.ts'

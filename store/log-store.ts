@@ -1,0 +1,760 @@
+/**
+ * The LevelDB implementation of {@link LogStore}. The key layout and batch
+ * format are documented in format.ts; this file owns the in-memory state
+ * (offsets per partition, group offsets) and the single writer.
+ *
+ * Writer: every mutation of the log (group commits and retention passes)
+ * runs on one serial loop, so partition metadata is never written by two
+ * batches at once. Appends queue per partition; when the loop is idle the
+ * first append schedules a commit on the microtask queue (no timer), so a
+ * lone append is written at once; appends arriving while a commit is in
+ * flight wait and go out together in the next one (leader/follower group
+ * commit). Offsets are assigned when the commit is built, so a failed write
+ * leaves no gap: its appends are rejected and the next commit reuses nothing
+ * that was ever visible.
+ *
+ * Not safe for two processes on one database (LevelDB's lock forbids it).
+ */
+import { ClassicLevel } from 'classic-level'
+import type { AbstractBatchOperation, AbstractBatchOptions, AbstractLevel } from 'abstract-level'
+import { StoreError } from './errors.ts'
+import {
+  FORMAT_VERSION, MAX_BATCH_BYTES, MAX_BATCH_RECORDS, decodeBatch, decodeMeta, encodeBatch, encodeMeta, encodeU64,
+  keys, readBatchHeader, readU64, type BatchHeader, type PendingRecord,
+} from './format.ts'
+import { partitionForKey } from './partitioner.ts'
+import {
+  MAX_PARTITIONS, checkCount, checkGroupName, checkOffset, checkStreamName, checkTimestamp, toPendingRecord,
+} from './validate.ts'
+import {
+  systemClock, type AppendResult, type Clock, type DroppedRecords, type Durability, type GroupInfo, type GroupOptions,
+  type LogStore, type PartitionInfo, type PartitionLag, type ReadOptions, type ReadResult, type RecordInput,
+  type ResetSpec, type RetentionReport, type StoreLogger, type StoreObserver, type StoredRecord, type StreamInfo,
+  type StreamOptions,
+} from './types.ts'
+
+/** Any abstract-level database (classic-level, memory-level, a sublevel). */
+export type LevelDatabase = AbstractLevel<string | Buffer | Uint8Array, unknown, unknown>
+type LogDb = AbstractLevel<string | Buffer | Uint8Array, Buffer, Buffer>
+type BatchOp = AbstractBatchOperation<LogDb, Buffer, Buffer>
+/** classic-level's `sync` write option; abstract-level's types do not declare it, sublevels forward it. */
+type WriteOptions = AbstractBatchOptions<Buffer, Buffer> & { sync: boolean }
+const SYNC: WriteOptions = { sync: true }
+const NO_SYNC: WriteOptions = { sync: false }
+
+export interface LogStoreOptions {
+  /** A directory for a classic-level database that the store opens and closes. */
+  readonly location?: string
+  /** Or a database the caller owns (it is opened if needed, never closed). */
+  readonly db?: LevelDatabase
+  readonly durability?: Durability
+  /** Largest record accepted by append (payload + key + topic + client id + headers). Default 1 MiB. */
+  readonly maxRecordBytes?: number
+  /** Total stored bytes above which retention drops the oldest batches even if a group still needs them. 0 = none. */
+  readonly diskBudgetBytes?: number
+  readonly clock?: Clock
+  readonly logger?: StoreLogger
+  readonly observer?: StoreObserver
+}
+
+export const DEFAULT_MAX_RECORD_BYTES = 1024 * 1024
+
+interface PendingAppend {
+  readonly record: PendingRecord
+  readonly resolve: (result: AppendResult) => void
+  readonly reject: (err: Error) => void
+}
+
+interface StreamState {
+  readonly name: string
+  readonly id: number
+  readonly partitions: PartitionState[]
+  retentionMs: number
+  retentionBytes: number
+}
+
+interface PartitionState {
+  readonly stream: StreamState
+  readonly partition: number
+  logStart: number
+  logEnd: number
+  bytes: number
+  /** Highest batch max timestamp indexed in `T`; -Infinity when none. */
+  indexedMaxTs: number
+  oldestTs: number | null
+  newestTs: number | null
+  pending: PendingAppend[]
+}
+
+interface StreamMeta { id: number, partitions: number, retentionMs: number, retentionBytes: number }
+interface PartitionMeta { logStart: number, bytes: number }
+interface GroupState { holdsRetention: boolean, offsets: Map<PartitionState, number> }
+
+const consoleLogger: StoreLogger = {
+  warn: (fields, message) => console.warn(JSON.stringify({ level: 'warn', msg: message, ...fields })),
+  error: (fields, message) => console.error(JSON.stringify({ level: 'error', msg: message, ...fields })),
+}
+
+export async function openLogStore (options: LogStoreOptions): Promise<LogStore> {
+  let owned: ClassicLevel<Buffer, Buffer> | undefined
+  let db: LevelDatabase
+  if (options.db !== undefined) {
+    db = options.db
+  } else if (options.location !== undefined) {
+    owned = new ClassicLevel<Buffer, Buffer>(options.location, { keyEncoding: 'buffer', valueEncoding: 'buffer' })
+    db = owned as unknown as LevelDatabase
+  } else {
+    throw new StoreError('STORE_INVALID_ARGUMENT', 'openLogStore needs a location or a db')
+  }
+  try {
+    if (db.status !== 'open') await db.open()
+    const log = db.sublevel<Buffer, Buffer>('log', { keyEncoding: 'buffer', valueEncoding: 'buffer' }) as unknown as LogDb
+    const store = new LevelLogStore(log, options, owned)
+    await store.load()
+    return store
+  } catch (err) {
+    if (owned !== undefined) await owned.close().catch(() => {})
+    throw err
+  }
+}
+
+class LevelLogStore implements LogStore {
+  readonly #db: LogDb
+  readonly #owned: ClassicLevel<Buffer, Buffer> | undefined
+  readonly #sync: WriteOptions
+  readonly #maxRecordBytes: number
+  readonly #diskBudgetBytes: number
+  readonly #clock: Clock
+  readonly #logger: StoreLogger
+  readonly #observer: StoreObserver
+  readonly #streams = new Map<string, StreamState>()
+  readonly #groups = new Map<string, GroupState>()
+  #nextStreamId = 1
+
+  // Writer state.
+  #dirty: PartitionState[] = []
+  #pending = 0
+  #oldestPendingAt = 0
+  #tasks: Array<() => Promise<void>> = []
+  #running = false
+  #scheduled = false
+  #closing = false
+  #closed = false
+
+  constructor (db: LogDb, options: LogStoreOptions, owned: ClassicLevel<Buffer, Buffer> | undefined) {
+    this.#db = db
+    this.#owned = owned
+    this.#sync = (options.durability ?? 'sync') === 'sync' ? SYNC : NO_SYNC
+    this.#maxRecordBytes = checkCount(options.maxRecordBytes ?? DEFAULT_MAX_RECORD_BYTES, 'maxRecordBytes', 1, MAX_BATCH_BYTES * 64)
+    this.#diskBudgetBytes = checkCount(options.diskBudgetBytes ?? 0, 'diskBudgetBytes', 0, Number.MAX_SAFE_INTEGER)
+    this.#clock = options.clock ?? systemClock
+    this.#logger = options.logger ?? consoleLogger
+    this.#observer = options.observer ?? {}
+    if (options.durability !== undefined && options.durability !== 'sync' && options.durability !== 'async') {
+      throw new StoreError('STORE_INVALID_ARGUMENT', `durability must be "sync" or "async", got ${String(options.durability)}`)
+    }
+  }
+
+  // ---------------------------------------------------------------- recovery
+
+  /** Finds every partition's offsets with a few seeks each; never scans records. */
+  async load (): Promise<void> {
+    const version = await this.#db.get(keys.version())
+    if (version === undefined) {
+      await this.#db.put(keys.version(), encodeU64(FORMAT_VERSION), SYNC)
+    } else if (readU64(version, 0) !== FORMAT_VERSION) {
+      throw new StoreError('STORE_FORMAT_VERSION',
+        `data was written by log format version ${readU64(version, 0)}; this edgemq reads version ${FORMAT_VERSION}`)
+    }
+    for (const [key, value] of await this.#db.iterator(keys.streamRange()).all()) {
+      const meta = decodeMeta<StreamMeta>(value)
+      const stream = this.#newStreamState(keys.streamName(key), meta)
+      for (const part of stream.partitions) await this.#recoverPartition(part)
+      this.#nextStreamId = Math.max(this.#nextStreamId, meta.id + 1)
+    }
+    const byId = new Map([...this.#streams.values()].map((s) => [s.id, s]))
+    for (const [key, value] of await this.#db.iterator(keys.groupRange()).all()) {
+      this.#groups.set(keys.groupName(key), { holdsRetention: decodeMeta<GroupOptions>(value).holdsRetention, offsets: new Map() })
+    }
+    for (const [key, value] of await this.#db.iterator(keys.offsetRange()).all()) {
+      const { group, streamId, partition } = keys.parseOffset(key)
+      const part = byId.get(streamId)?.partitions[partition]
+      if (part === undefined) continue
+      this.#groupState(group).offsets.set(part, readU64(value, 0))
+    }
+  }
+
+  async #recoverPartition (part: PartitionState): Promise<void> {
+    const { id } = part.stream
+    const meta = await this.#db.get(keys.partition(id, part.partition))
+    if (meta !== undefined) {
+      const m = decodeMeta<PartitionMeta>(meta)
+      part.logStart = m.logStart
+      part.bytes = m.bytes
+    }
+    part.logEnd = part.logStart
+    const range = keys.batchRange(id, part.partition)
+    const [last] = await this.#db.iterator({ ...range, reverse: true, limit: 1 }).all()
+    if (last !== undefined) {
+      const header = this.#header(part, last[0], last[1])
+      part.logEnd = header.baseOffset + header.count
+      part.newestTs = header.maxTimestamp
+      const [first] = await this.#db.iterator({ ...range, limit: 1 }).all()
+      try {
+        if (first !== undefined) part.oldestTs = this.#header(part, first[0], first[1]).firstTimestamp
+      } catch (err) {
+        // Only the newest batch is needed to open; a damaged oldest one is reported to its readers.
+        this.#logger.error({ code: (err as StoreError).code, stream: part.stream.name, partition: part.partition }, (err as Error).message)
+      }
+    }
+    const [lastIndexed] = await this.#db.keys({ ...keys.timeRange(id, part.partition), reverse: true, limit: 1 }).all()
+    part.indexedMaxTs = lastIndexed === undefined ? -Infinity : keys.timeOf(lastIndexed)
+  }
+
+  #header (part: PartitionState, key: Buffer, value: Buffer): BatchHeader {
+    return readBatchHeader(value, { stream: part.stream.name, partition: part.partition, baseOffset: keys.batchBase(key) })
+  }
+
+  #newStreamState (name: string, meta: StreamMeta): StreamState {
+    const stream: StreamState = { name, id: meta.id, partitions: [], retentionMs: meta.retentionMs, retentionBytes: meta.retentionBytes }
+    for (let p = 0; p < meta.partitions; p++) {
+      stream.partitions.push({
+        stream, partition: p, logStart: 0, logEnd: 0, bytes: 0, indexedMaxTs: -Infinity, oldestTs: null, newestTs: null, pending: [],
+      })
+    }
+    this.#streams.set(name, stream)
+    return stream
+  }
+
+  // ---------------------------------------------------------------- streams
+
+  async createStream (name: string, options: StreamOptions): Promise<StreamInfo> {
+    this.#checkOpen()
+    checkStreamName(name)
+    if (options === null || typeof options !== 'object') throw new StoreError('STORE_INVALID_ARGUMENT', 'stream options must be an object')
+    const partitions = checkCount(options.partitions, 'partitions', 1, MAX_PARTITIONS)
+    const retentionMs = checkCount(options.retentionMs ?? 0, 'retentionMs', 0, Number.MAX_SAFE_INTEGER)
+    const retentionBytes = checkCount(options.retentionBytes ?? 0, 'retentionBytes', 0, Number.MAX_SAFE_INTEGER)
+    const existing = this.#streams.get(name)
+    if (existing !== undefined && existing.partitions.length !== partitions) {
+      throw new StoreError('STORE_STREAM_CONFLICT',
+        `stream ${name} has ${existing.partitions.length} partitions; it cannot be re-created with ${partitions}`,
+        { details: { stream: name } })
+    }
+    const meta: StreamMeta = { id: existing?.id ?? this.#nextStreamId++, partitions, retentionMs, retentionBytes }
+    await this.#db.put(keys.stream(name), encodeMeta(meta), SYNC)
+    if (existing === undefined) {
+      this.#newStreamState(name, meta)
+    } else {
+      existing.retentionMs = retentionMs
+      existing.retentionBytes = retentionBytes
+    }
+    return this.streamInfo(name)
+  }
+
+  listStreams (): StreamInfo[] {
+    return [...this.#streams.keys()].sort().map((name) => this.streamInfo(name))
+  }
+
+  streamInfo (name: string): StreamInfo {
+    const s = this.#stream(name)
+    return { name: s.name, partitions: s.partitions.length, retentionMs: s.retentionMs, retentionBytes: s.retentionBytes }
+  }
+
+  partitionInfo (stream: string, partition: number): PartitionInfo {
+    const p = this.#partition(stream, partition)
+    return {
+      stream: p.stream.name,
+      partition: p.partition,
+      logStartOffset: p.logStart,
+      logEndOffset: p.logEnd,
+      bytes: p.bytes,
+      oldestTimestamp: p.logEnd > p.logStart ? p.oldestTs : null,
+      newestTimestamp: p.logEnd > p.logStart ? p.newestTs : null,
+    }
+  }
+
+  partitionFor (stream: string, key: string): number {
+    return partitionForKey(key, this.#stream(stream).partitions.length)
+  }
+
+  get pendingAppends (): number { return this.#pending }
+
+  get totalBytes (): number {
+    let total = 0
+    for (const s of this.#streams.values()) for (const p of s.partitions) total += p.bytes
+    return total
+  }
+
+  #stream (name: string): StreamState {
+    const s = this.#streams.get(name)
+    if (s === undefined) {
+      checkStreamName(name)
+      throw new StoreError('STORE_UNKNOWN_STREAM', `unknown stream ${name}`, { details: { stream: name } })
+    }
+    return s
+  }
+
+  #partition (stream: string, partition: number): PartitionState {
+    const s = this.#stream(stream)
+    const p = Number.isInteger(partition) ? s.partitions[partition] : undefined
+    if (p === undefined) {
+      throw new StoreError('STORE_INVALID_PARTITION',
+        `stream ${stream} has partitions 0..${s.partitions.length - 1}, got ${String(partition)}`, { details: { stream } })
+    }
+    return p
+  }
+
+  #checkOpen (): void {
+    if (this.#closing) throw new StoreError('STORE_CLOSED', 'the store is closed')
+  }
+
+  // ---------------------------------------------------------------- appends
+
+  append (stream: string, key: string, record: RecordInput): Promise<AppendResult> {
+    let part: PartitionState
+    let pending: PendingRecord
+    try {
+      this.#checkOpen()
+      const s = this.#stream(stream)
+      pending = toPendingRecord(key, record, this.#clock.now(), this.#maxRecordBytes)
+      part = s.partitions[partitionForKey(key, s.partitions.length)] as PartitionState
+    } catch (err) {
+      return Promise.reject(err)
+    }
+    return new Promise((resolve, reject) => {
+      if (part.pending.length === 0) this.#dirty.push(part)
+      part.pending.push({ record: pending, resolve, reject })
+      if (this.#pending++ === 0) this.#oldestPendingAt = performance.now()
+      this.#kick()
+    })
+  }
+
+  #kick (): void {
+    if (this.#running || this.#scheduled) return
+    this.#scheduled = true
+    queueMicrotask(() => { void this.#loop() })
+  }
+
+  /** The single writer: alternates group commits and exclusive tasks until both queues are empty. */
+  async #loop (): Promise<void> {
+    this.#scheduled = false
+    if (this.#running) return
+    this.#running = true
+    try {
+      while (this.#dirty.length > 0 || this.#tasks.length > 0) {
+        if (this.#dirty.length > 0) await this.#commit().catch((err: unknown) => this.#logger.error({ err: String(err) }, 'group commit crashed'))
+        const task = this.#tasks.shift()
+        if (task !== undefined) await task()
+      }
+    } finally {
+      this.#running = false
+    }
+  }
+
+  /** Runs `fn` on the writer loop, between group commits. */
+  #exclusive<T> (fn: () => Promise<T>): Promise<T> {
+    return new Promise<T>((resolve, reject) => {
+      this.#tasks.push(() => fn().then(resolve, reject))
+      this.#kick()
+    })
+  }
+
+  async #commit (): Promise<void> {
+    const parts = this.#dirty
+    this.#dirty = []
+    const startedAt = this.#oldestPendingAt
+    const ops: BatchOp[] = []
+    const plans: Array<{ part: PartitionState, appends: PendingAppend[], end: number, bytes: number, indexedMaxTs: number, firstTs: number, lastTs: number }> = []
+    let records = 0
+    let bytes = 0
+    for (const part of parts) {
+      const appends = part.pending
+      part.pending = []
+      const { id } = part.stream
+      let base = part.logEnd
+      let partBytes = part.bytes
+      let indexedMaxTs = part.indexedMaxTs
+      let firstTs = Infinity
+      let lastTs = -Infinity
+      for (let i = 0; i < appends.length;) {
+        // Cut the queue into batches of at most MAX_BATCH_RECORDS / about MAX_BATCH_BYTES.
+        let j = i
+        let size = 0
+        while (j < appends.length && j - i < MAX_BATCH_RECORDS && (j === i || size < MAX_BATCH_BYTES)) {
+          size += (appends[j] as PendingAppend).record.payload.byteLength + 64
+          j++
+        }
+        const chunk: PendingRecord[] = new Array(j - i)
+        for (let k = i; k < j; k++) chunk[k - i] = (appends[k] as PendingAppend).record
+        const { value, header } = encodeBatch(base, chunk)
+        ops.push({ type: 'put', key: keys.batch(id, part.partition, base), value })
+        if (header.maxTimestamp > indexedMaxTs) {
+          ops.push({ type: 'put', key: keys.time(id, part.partition, header.maxTimestamp), value: encodeU64(base) })
+          indexedMaxTs = header.maxTimestamp
+        }
+        if (firstTs === Infinity) firstTs = header.firstTimestamp
+        lastTs = Math.max(lastTs, header.maxTimestamp)
+        partBytes += header.bytes
+        bytes += header.bytes
+        base += header.count
+        i = j
+      }
+      ops.push({ type: 'put', key: keys.partition(id, part.partition), value: encodeMeta({ logStart: part.logStart, bytes: partBytes } satisfies PartitionMeta) })
+      plans.push({ part, appends, end: base, bytes: partBytes, indexedMaxTs, firstTs, lastTs })
+      records += appends.length
+    }
+    const writeStart = performance.now()
+    // Appends queued while this write is in flight start the next commit's latency clock.
+    this.#oldestPendingAt = writeStart
+    try {
+      await this.#db.batch(ops, this.#sync)
+    } catch (cause) {
+      this.#pending -= records
+      const err = new StoreError('STORE_WRITE_FAILED', `group commit of ${records} records failed: ${(cause as Error).message}`, { cause })
+      this.#logger.error({ code: err.code, records, cause: (cause as Error).message }, 'group commit failed; its appends were rejected')
+      this.#observer.onWriteError?.(err)
+      for (const plan of plans) for (const a of plan.appends) a.reject(err)
+      return
+    }
+    const done = performance.now()
+    this.#pending -= records
+    for (const plan of plans) {
+      const { part, appends } = plan
+      const first = part.logEnd
+      if (part.logEnd === part.logStart) part.oldestTs = plan.firstTs
+      part.logEnd = plan.end
+      part.bytes = plan.bytes
+      part.indexedMaxTs = plan.indexedMaxTs
+      part.newestTs = Math.max(part.newestTs ?? -Infinity, plan.lastTs)
+      const partition = part.partition
+      for (let i = 0; i < appends.length; i++) (appends[i] as PendingAppend).resolve({ partition, offset: first + i })
+    }
+    this.#observer.onCommit?.({ records, bytes, latencyMs: done - startedAt, durationMs: done - writeStart })
+  }
+
+  // ---------------------------------------------------------------- reads
+
+  async read (stream: string, partition: number, fromOffset: number, options: ReadOptions = {}): Promise<ReadResult> {
+    this.#checkOpen()
+    const part = this.#partition(stream, partition)
+    checkOffset(fromOffset, 'fromOffset')
+    const maxRecords = checkCount(options.maxRecords ?? 1000, 'maxRecords', 1, 1_000_000)
+    const maxBytes = checkCount(options.maxBytes ?? 1024 * 1024, 'maxBytes', 1, 256 * 1024 * 1024)
+    const end = part.logEnd
+    this.#checkInRange(part, fromOffset)
+    const records: StoredRecord[] = []
+    let bytes = 0
+    if (fromOffset < end) {
+      await this.#scan(part, fromOffset, end, (batch) => {
+        for (let i = Math.max(0, fromOffset - batch[0]!.offset); i < batch.length; i++) {
+          const r = batch[i] as StoredRecord
+          if (records.length >= maxRecords || (records.length > 0 && bytes + r.payload.byteLength > maxBytes)) return false
+          records.push(r)
+          bytes += r.payload.byteLength
+        }
+        return true
+      })
+    }
+    const nextOffset = records.length > 0 ? (records[records.length - 1] as StoredRecord).offset + 1 : fromOffset
+    return { records, nextOffset, logStartOffset: part.logStart, logEndOffset: part.logEnd }
+  }
+
+  #checkInRange (part: PartitionState, offset: number): void {
+    if (offset < part.logStart || offset > part.logEnd) {
+      throw new StoreError('STORE_OFFSET_OUT_OF_RANGE',
+        `offset ${offset} is out of range for ${part.stream.name}[${part.partition}]: the log holds offsets ${part.logStart} to ${part.logEnd} (log start ${part.logStart}, log end ${part.logEnd})`,
+        { details: { stream: part.stream.name, partition: part.partition, offset, logStartOffset: part.logStart, logEndOffset: part.logEnd } })
+    }
+  }
+
+  /**
+   * Calls `onBatch` with the decoded records of each batch from the one
+   * holding `from` up to `end`, until it returns false. Seeks backwards once
+   * to find the batch that contains `from`, then iterates forwards.
+   */
+  async #scan (part: PartitionState, from: number, end: number, onBatch: (records: StoredRecord[]) => boolean): Promise<void> {
+    const { id } = part.stream
+    const range = keys.batchRange(id, part.partition)
+    const [containing] = await this.#db.keys({ gte: range.gte, lte: keys.batch(id, part.partition, from), reverse: true, limit: 1 }).all()
+    const iterator = this.#db.iterator({ gte: containing ?? keys.batch(id, part.partition, from), lt: keys.batch(id, part.partition, end) })
+    try {
+      let expected = from
+      for (;;) {
+        const entries = await iterator.nextv(8)
+        if (entries.length === 0) break
+        for (const [key, value] of entries) {
+          const where = { stream: part.stream.name, partition: part.partition, baseOffset: keys.batchBase(key) }
+          const header = readBatchHeader(value, where)
+          if (header.baseOffset + header.count <= from) continue
+          if (header.baseOffset > expected) {
+            // Retention removed what we were about to read.
+            this.#checkInRange(part, expected)
+            throw new StoreError('STORE_OFFSET_OUT_OF_RANGE', `offset ${expected} of ${part.stream.name}[${part.partition}] was deleted by retention while reading; the log now starts at ${part.logStart}`,
+              { details: { stream: part.stream.name, partition: part.partition, offset: expected, logStartOffset: part.logStart, logEndOffset: part.logEnd } })
+          }
+          expected = header.baseOffset + header.count
+          if (!onBatch(decodeBatch(value, header, where))) return
+        }
+      }
+    } finally {
+      await iterator.close()
+    }
+  }
+
+  async offsetForTime (stream: string, partition: number, timestamp: number): Promise<number | null> {
+    this.#checkOpen()
+    const part = this.#partition(stream, partition)
+    checkTimestamp(timestamp)
+    const { id } = part.stream
+    const [hit] = await this.#db.iterator({ gte: keys.time(id, partition, timestamp), lt: keys.timeRange(id, partition).lt, limit: 1 }).all()
+    if (hit === undefined) return null
+    const from = Math.max(readU64(hit[1], 0), part.logStart)
+    if (from >= part.logEnd) return null
+    let found: number | null = null
+    await this.#scan(part, from, part.logEnd, (batch) => {
+      for (const r of batch) {
+        if (r.offset >= from && r.timestamp >= timestamp) { found = r.offset; return false }
+      }
+      return true
+    })
+    return found
+  }
+
+  // ---------------------------------------------------------------- consumer groups
+
+  #groupState (group: string): GroupState {
+    let g = this.#groups.get(group)
+    if (g === undefined) {
+      g = { holdsRetention: false, offsets: new Map() }
+      this.#groups.set(group, g)
+    }
+    return g
+  }
+
+  async setGroup (group: string, options: GroupOptions): Promise<void> {
+    this.#checkOpen()
+    checkGroupName(group)
+    if (options === null || typeof options !== 'object' || typeof options.holdsRetention !== 'boolean') {
+      throw new StoreError('STORE_INVALID_ARGUMENT', 'group options must be { holdsRetention: boolean }')
+    }
+    await this.#db.put(keys.group(group), encodeMeta({ holdsRetention: options.holdsRetention }), this.#sync)
+    this.#groupState(group).holdsRetention = options.holdsRetention
+  }
+
+  async commitOffset (group: string, stream: string, partition: number, offset: number): Promise<void> {
+    this.#checkOpen()
+    checkGroupName(group)
+    const part = this.#partition(stream, partition)
+    checkOffset(offset)
+    if (offset > part.logEnd) {
+      throw new StoreError('STORE_OFFSET_OUT_OF_RANGE',
+        `cannot commit offset ${offset} for ${stream}[${partition}]: the log ends at ${part.logEnd}`,
+        { details: { stream, partition, offset, logStartOffset: part.logStart, logEndOffset: part.logEnd, group } })
+    }
+    await this.#db.put(keys.offset(group, part.stream.id, partition), encodeU64(offset), this.#sync)
+    this.#groupState(group).offsets.set(part, offset)
+  }
+
+  fetchOffset (group: string, stream: string, partition: number): number | null {
+    checkGroupName(group)
+    const part = this.#partition(stream, partition)
+    return this.#groups.get(group)?.offsets.get(part) ?? null
+  }
+
+  async resetGroup (group: string, stream: string, spec: ResetSpec, partition?: number): Promise<void> {
+    this.#checkOpen()
+    checkGroupName(group)
+    const s = this.#stream(stream)
+    const parts = partition === undefined ? s.partitions : [this.#partition(stream, partition)]
+    if (spec === null || typeof spec !== 'object') throw new StoreError('STORE_INVALID_ARGUMENT', 'reset spec must be an object')
+    if (spec.to === 'offset') checkOffset(spec.offset)
+    else if (spec.to === 'timestamp') checkTimestamp(spec.timestamp)
+    else if (spec.to !== 'earliest' && spec.to !== 'latest') {
+      throw new StoreError('STORE_INVALID_ARGUMENT', `reset must go to earliest, latest, offset or timestamp, got ${String((spec as { to: unknown }).to)}`)
+    }
+    for (const part of parts) {
+      let target: number
+      switch (spec.to) {
+        case 'earliest': target = part.logStart; break
+        case 'latest': target = part.logEnd; break
+        // An offset outside the log is clamped into it, as kafka-consumer-groups does.
+        case 'offset': target = Math.min(Math.max(spec.offset, part.logStart), part.logEnd); break
+        case 'timestamp': target = (await this.offsetForTime(stream, part.partition, spec.timestamp)) ?? part.logEnd; break
+      }
+      await this.commitOffset(group, stream, part.partition, target)
+    }
+  }
+
+  async groupLag (group: string, stream: string): Promise<PartitionLag[]> {
+    this.#checkOpen()
+    checkGroupName(group)
+    const s = this.#stream(stream)
+    const g = this.#groups.get(group)
+    const now = this.#clock.now()
+    const out: PartitionLag[] = []
+    for (const part of s.partitions) {
+      const committed = g?.offsets.get(part) ?? null
+      const next = Math.max(committed ?? part.logStart, part.logStart)
+      let lagSeconds = 0
+      if (next < part.logEnd) {
+        const { records } = await this.read(s.name, part.partition, next, { maxRecords: 1 })
+        const oldest = records[0]
+        if (oldest !== undefined) lagSeconds = Math.max(0, (now - oldest.timestamp) / 1000)
+      }
+      out.push({
+        partition: part.partition,
+        committedOffset: committed,
+        logStartOffset: part.logStart,
+        logEndOffset: part.logEnd,
+        lagMessages: Math.max(0, part.logEnd - next),
+        lagSeconds,
+      })
+    }
+    return out
+  }
+
+  listGroups (): GroupInfo[] {
+    return [...this.#groups.keys()].sort().map((group) => {
+      const g = this.#groups.get(group) as GroupState
+      const offsets: Record<string, Record<number, number>> = {}
+      for (const [part, offset] of g.offsets) (offsets[part.stream.name] ??= {})[part.partition] = offset
+      return { group, holdsRetention: g.holdsRetention, offsets }
+    })
+  }
+
+  async deleteGroup (group: string): Promise<void> {
+    this.#checkOpen()
+    checkGroupName(group)
+    const g = this.#groups.get(group)
+    if (g === undefined) throw new StoreError('STORE_UNKNOWN_GROUP', `unknown consumer group ${group}`, { details: { group } })
+    await this.#db.batch([
+      { type: 'del', key: keys.group(group) },
+      ...[...g.offsets.keys()].map((part) => ({ type: 'del' as const, key: keys.offset(group, part.stream.id, part.partition) })),
+    ], this.#sync)
+    this.#groups.delete(group)
+  }
+
+  // ---------------------------------------------------------------- retention
+
+  /** Lowest offset a retention-holding group still needs in this partition. */
+  #holdFloor (part: PartitionState): number {
+    let floor = Infinity
+    for (const g of this.#groups.values()) {
+      if (g.holdsRetention) floor = Math.min(floor, g.offsets.get(part) ?? 0)
+    }
+    return floor
+  }
+
+  async enforceRetention (): Promise<RetentionReport> {
+    this.#checkOpen()
+    const now = this.#clock.now()
+    const report = { batchesDeleted: 0, recordsDeleted: 0, bytesDeleted: 0, dropped: [] as DroppedRecords[] }
+    for (const stream of this.#streams.values()) {
+      if (stream.retentionMs === 0 && stream.retentionBytes === 0) continue
+      for (const part of stream.partitions) {
+        await this.#exclusive(() => this.#trimFront(part, report, (header, bytesLeft) => {
+          const expired = stream.retentionMs > 0 && header.maxTimestamp < now - stream.retentionMs
+          const oversize = stream.retentionBytes > 0 && bytesLeft > stream.retentionBytes
+          return (expired || oversize) && header.baseOffset + header.count <= this.#holdFloor(part)
+        }))
+      }
+    }
+    if (this.#diskBudgetBytes > 0) {
+      while (this.totalBytes > this.#diskBudgetBytes) {
+        const victim = this.#oldestPartition()
+        if (victim === undefined) break
+        const before = report.batchesDeleted
+        await this.#exclusive(() => this.#trimFront(victim, report, (_header, _bytesLeft, index) => index === 0))
+        if (report.batchesDeleted === before) break
+      }
+    }
+    return report
+  }
+
+  #oldestPartition (): PartitionState | undefined {
+    let oldest: PartitionState | undefined
+    for (const s of this.#streams.values()) {
+      for (const p of s.partitions) {
+        if (p.logEnd > p.logStart && (oldest === undefined || (p.oldestTs ?? 0) < (oldest.oldestTs ?? 0))) oldest = p
+      }
+    }
+    return oldest
+  }
+
+  /**
+   * Deletes batches from the front of a partition while `shouldDelete`
+   * agrees, in one write together with the partition metadata and the
+   * re-pointed time index. Records a retention-holding group had not yet
+   * consumed (possible only under the disk budget) are reported as dropped.
+   */
+  async #trimFront (part: PartitionState, report: { batchesDeleted: number, recordsDeleted: number, bytesDeleted: number, dropped: DroppedRecords[] },
+    shouldDelete: (header: BatchHeader, bytesLeft: number, index: number) => boolean): Promise<void> {
+    const { id } = part.stream
+    const ops: BatchOp[] = []
+    let newStart = part.logStart
+    let bytesLeft = part.bytes
+    const dropped = new Map<string, number>()
+    const iterator = this.#db.iterator(keys.batchRange(id, part.partition))
+    let oldestTs: number | null = null
+    try {
+      for (let index = 0; ; index++) {
+        const entry = await iterator.next()
+        if (entry === undefined) break
+        const header = this.#header(part, entry[0], entry[1])
+        if (!shouldDelete(header, bytesLeft, index)) { oldestTs = header.firstTimestamp; break }
+        ops.push({ type: 'del', key: entry[0] })
+        newStart = header.baseOffset + header.count
+        bytesLeft -= header.bytes
+        for (const [group, g] of this.#groups) {
+          if (!g.holdsRetention) continue
+          const unconsumed = newStart - Math.max(header.baseOffset, g.offsets.get(part) ?? 0)
+          if (unconsumed > 0) dropped.set(group, (dropped.get(group) ?? 0) + unconsumed)
+        }
+      }
+    } finally {
+      await iterator.close()
+    }
+    if (ops.length === 0) return
+    // Re-point the time index: drop entries of deleted batches; keep coverage of the new first batch.
+    let lastDeletedTs: number | undefined
+    let firstKeptBase: number | undefined
+    for (const [key, value] of await this.#db.iterator(keys.timeRange(id, part.partition)).all()) {
+      const base = readU64(value, 0)
+      if (base >= newStart) { firstKeptBase = base; break }
+      ops.push({ type: 'del', key })
+      lastDeletedTs = keys.timeOf(key)
+    }
+    const empty = newStart >= part.logEnd
+    if (lastDeletedTs !== undefined && !empty && firstKeptBase !== newStart) {
+      ops.push({ type: 'put', key: keys.time(id, part.partition, lastDeletedTs), value: encodeU64(newStart) })
+    }
+    ops.push({ type: 'put', key: keys.partition(id, part.partition), value: encodeMeta({ logStart: newStart, bytes: bytesLeft } satisfies PartitionMeta) })
+    await this.#db.batch(ops, this.#sync)
+    const batches = ops.filter((op) => op.type === 'del' && op.key[0] === 0x42).length
+    report.batchesDeleted += batches
+    report.recordsDeleted += newStart - part.logStart
+    report.bytesDeleted += part.bytes - bytesLeft
+    part.logStart = newStart
+    part.bytes = bytesLeft
+    part.oldestTs = empty ? null : oldestTs
+    if (empty) part.indexedMaxTs = -Infinity
+    for (const [group, count] of dropped) {
+      const d: DroppedRecords = { stream: part.stream.name, partition: part.partition, group, count, reason: 'disk-budget' }
+      report.dropped.push(d)
+      this.#logger.warn({ ...d }, 'disk budget forced retention to drop records a consumer group had not consumed')
+      this.#observer.onDropped?.(d)
+    }
+  }
+
+  // ---------------------------------------------------------------- close
+
+  async close (): Promise<void> {
+    if (this.#closed) return
+    this.#closing = true
+    // Runs after every commit queued before it, so pending appends finish first.
+    await this.#exclusive(async () => {})
+    this.#closed = true
+    if (this.#owned !== undefined) await this.#owned.close()
+  }
+}

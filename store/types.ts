@@ -1,0 +1,250 @@
+/**
+ * The log interface that the gateway, the bridge and the replay API use.
+ * Nothing here knows about MQTT: a record's `topic` and `clientId` are opaque
+ * strings to the store.
+ */
+
+/** Source of time, injected so that tests can use a fake clock. */
+export interface Clock {
+  /** Milliseconds since the Unix epoch. */
+  now (): number
+}
+
+export const systemClock: Clock = { now: () => Date.now() }
+
+/** Minimal structured logger; the gateway passes its own. */
+export interface StoreLogger {
+  warn (fields: Record<string, unknown>, message: string): void
+  error (fields: Record<string, unknown>, message: string): void
+}
+
+/**
+ * `sync` fsyncs every group commit before any of its appends resolve.
+ * `async` resolves once LevelDB has the batch in its write-ahead log without
+ * fsync: a process crash loses nothing, a power loss may lose the last
+ * moments of acknowledged appends.
+ */
+export type Durability = 'sync' | 'async'
+
+export interface StreamOptions {
+  /** Number of partitions, fixed for the life of the stream (1..1024). */
+  readonly partitions: number
+  /** Delete batches whose newest record is older than this (ms); 0 keeps forever. */
+  readonly retentionMs?: number
+  /** Keep each partition under this many bytes by deleting its oldest batches; 0 = unbounded. */
+  readonly retentionBytes?: number
+}
+
+export interface StreamInfo {
+  readonly name: string
+  readonly partitions: number
+  readonly retentionMs: number
+  readonly retentionBytes: number
+}
+
+export interface PartitionInfo {
+  readonly stream: string
+  readonly partition: number
+  /** First offset still in the log. */
+  readonly logStartOffset: number
+  /** Offset the next appended record will get. */
+  readonly logEndOffset: number
+  /** Bytes of the stored batches of this partition. */
+  readonly bytes: number
+  /** Timestamp of the oldest record in the log, null when the partition is empty. */
+  readonly oldestTimestamp: number | null
+  /** Timestamp of the newest record in the log, null when the partition is empty. */
+  readonly newestTimestamp: number | null
+}
+
+/** What a producer hands to {@link LogStore.append}. */
+export interface RecordInput {
+  /** The message body; must be binary. */
+  readonly payload: Uint8Array
+  /** The MQTT topic the record arrived on (opaque to the store). */
+  readonly topic?: string
+  readonly qos?: 0 | 1 | 2
+  readonly clientId?: string
+  readonly headers?: Readonly<Record<string, string>>
+  /** Receive time in ms; defaults to the store's clock. */
+  readonly timestamp?: number
+}
+
+export interface StoredRecord {
+  readonly offset: number
+  readonly timestamp: number
+  readonly key: string
+  readonly topic: string
+  readonly payload: Uint8Array
+  readonly qos: 0 | 1 | 2
+  readonly clientId: string
+  readonly headers: Readonly<Record<string, string>> | null
+}
+
+export interface AppendResult {
+  readonly partition: number
+  readonly offset: number
+}
+
+export interface ReadOptions {
+  /** At most this many records (default 1000). */
+  readonly maxRecords?: number
+  /**
+   * Stop once the payloads returned add up to this many bytes (default 1 MiB).
+   * At least one record is returned when one is available, as Kafka does.
+   */
+  readonly maxBytes?: number
+}
+
+export interface ReadResult {
+  readonly records: StoredRecord[]
+  /** Offset to read from next. */
+  readonly nextOffset: number
+  readonly logStartOffset: number
+  readonly logEndOffset: number
+}
+
+export interface GroupOptions {
+  /** Retention never deletes records this group has not consumed (unless the disk budget forces it). */
+  readonly holdsRetention: boolean
+}
+
+export type ResetSpec =
+  | { readonly to: 'earliest' }
+  | { readonly to: 'latest' }
+  | { readonly to: 'offset', readonly offset: number }
+  | { readonly to: 'timestamp', readonly timestamp: number }
+
+export interface PartitionLag {
+  readonly partition: number
+  /** Next offset the group will consume; null when it never committed. */
+  readonly committedOffset: number | null
+  readonly logStartOffset: number
+  readonly logEndOffset: number
+  /** logEnd − max(committed, logStart); everything from logStart when never committed. */
+  readonly lagMessages: number
+  /** now − timestamp of the oldest unconsumed record, 0 when caught up. */
+  readonly lagSeconds: number
+}
+
+export interface GroupInfo {
+  readonly group: string
+  readonly holdsRetention: boolean
+  /** Committed offsets by stream name, then partition. */
+  readonly offsets: Readonly<Record<string, Readonly<Record<number, number>>>>
+}
+
+/** Why records left the log before a retention-holding group consumed them. */
+export interface DroppedRecords {
+  readonly stream: string
+  readonly partition: number
+  readonly group: string
+  /** Records this group had not consumed yet. */
+  readonly count: number
+  readonly reason: 'disk-budget'
+}
+
+export interface CommitStats {
+  readonly records: number
+  readonly bytes: number
+  /** Time from the oldest append in the commit to the write resolving, in ms. */
+  readonly latencyMs: number
+  readonly durationMs: number
+}
+
+/** Callbacks the composition root uses to export metrics. All optional. */
+export interface StoreObserver {
+  onCommit? (stats: CommitStats): void
+  onDropped? (dropped: DroppedRecords): void
+  onWriteError? (err: Error): void
+}
+
+export interface RetentionReport {
+  readonly batchesDeleted: number
+  readonly recordsDeleted: number
+  readonly bytesDeleted: number
+  readonly dropped: readonly DroppedRecords[]
+}
+
+/**
+ * A durable, partitioned, append-only log. Stream names are
+ * `<tenant>/<stream>`. All methods reject with {@link StoreError}s.
+ */
+export interface LogStore {
+  /**
+   * Creates a stream, or updates the retention of an existing one. Rejects
+   * with STORE_STREAM_CONFLICT when the stream exists with a different
+   * partition count: partition counts never change, since keys would move.
+   */
+  createStream (name: string, options: StreamOptions): Promise<StreamInfo>
+
+  /** Every stream, sorted by name. */
+  listStreams (): StreamInfo[]
+
+  /** One stream's settings; STORE_UNKNOWN_STREAM when absent. */
+  streamInfo (name: string): StreamInfo
+
+  /** Offsets, bytes and timestamps of one partition. */
+  partitionInfo (stream: string, partition: number): PartitionInfo
+
+  /** The partition `key` maps to: a stable FNV-1a hash of its UTF-8 bytes, mod partitions. */
+  partitionFor (stream: string, key: string): number
+
+  /**
+   * Appends one record to the partition chosen by `key`. Resolves when the
+   * group commit holding it is written (and fsync'd under `sync`); the
+   * returned offset is then readable. Concurrent appends are committed
+   * together; an idle store writes a lone append at once.
+   */
+  append (stream: string, key: string, record: RecordInput): Promise<AppendResult>
+
+  /**
+   * Reads records from `fromOffset` in offset order. `fromOffset` equal to
+   * the log end returns no records; below the log start or above the log end
+   * rejects with STORE_OFFSET_OUT_OF_RANGE.
+   */
+  read (stream: string, partition: number, fromOffset: number, options?: ReadOptions): Promise<ReadResult>
+
+  /**
+   * The first offset whose timestamp is >= `timestamp` (Kafka's
+   * offsetsForTimes), found through the sparse time index; null when every
+   * record is older.
+   */
+  offsetForTime (stream: string, partition: number, timestamp: number): Promise<number | null>
+
+  /** Creates or updates a consumer group's settings. */
+  setGroup (group: string, options: GroupOptions): Promise<void>
+
+  /** Commits the next offset `group` will consume; must be within [0, logEnd]. */
+  commitOffset (group: string, stream: string, partition: number, offset: number): Promise<void>
+
+  /** The committed offset, or null when the group never committed on that partition. */
+  fetchOffset (group: string, stream: string, partition: number): number | null
+
+  /** Moves the group's offsets on every partition of `stream` (or only `partition`). */
+  resetGroup (group: string, stream: string, spec: ResetSpec, partition?: number): Promise<void>
+
+  /** Lag per partition of `stream`, in messages and seconds. */
+  groupLag (group: string, stream: string): Promise<PartitionLag[]>
+
+  listGroups (): GroupInfo[]
+
+  /** Forgets a group's settings and offsets; STORE_UNKNOWN_GROUP when it has neither. */
+  deleteGroup (group: string): Promise<void>
+
+  /**
+   * Deletes whole batches from the front of each partition by age and size,
+   * never past what a retention-holding group still needs, then enforces the
+   * store's disk budget, which may drop unconsumed records (reported).
+   */
+  enforceRetention (): Promise<RetentionReport>
+
+  /** Appends accepted but not yet durable. */
+  readonly pendingAppends: number
+
+  /** Sum of stored batch bytes over all partitions. */
+  readonly totalBytes: number
+
+  /** Waits for pending appends, then closes the database. */
+  close (): Promise<void>
+}
