@@ -40,8 +40,14 @@
  * | 13..16| record count, u32                                              |
  * | 17..24| first timestamp (ms), float64                                  |
  * | 25..32| max timestamp (ms), float64                                    |
- * | 33..  | cbor array of records, each `[timestamp, key, topic, payload,  |
- * |       |  qos, clientId, headers]` (headers is a map or null)           |
+ * | 33..  | cbor body, columns (below)                                     |
+ *
+ * The body stores the batch column by column, with the strings of the batch
+ * (keys, topics, client ids — a device repeats them) interned once, which
+ * makes batches about a third smaller and decoding several times cheaper
+ * than one cbor array per record:
+ * `[firstTs, strings[], tsDelta[], keyIdx[], topicIdx[], clientIdx[], qos[],
+ *   payloadLength[], payloads (one byte string), headers[] | null]`.
  */
 import { crc32 } from 'node:zlib'
 import { Encoder } from 'cbor-x'
@@ -174,26 +180,60 @@ export interface BatchHeader {
   readonly bytes: number
 }
 
-export function encodeBatch (baseOffset: number, records: readonly PendingRecord[]): { value: Buffer, header: BatchHeader } {
-  let first = Infinity
-  let max = -Infinity
-  const rows: unknown[] = new Array(records.length)
-  for (let i = 0; i < records.length; i++) {
-    const r = records[i] as PendingRecord
-    if (i === 0) first = r.timestamp
-    if (r.timestamp > max) max = r.timestamp
-    rows[i] = [r.timestamp, r.key, r.topic, r.payload, r.qos, r.clientId, r.headers]
+export function encodeBatch (baseOffset: number, records: readonly PendingRecord[], from = 0, to = records.length): { value: Buffer, header: BatchHeader } {
+  const n = to - from
+  const strings: string[] = []
+  const interned = new Map<string, number>()
+  const intern = (str: string): number => {
+    let i = interned.get(str)
+    if (i === undefined) {
+      i = strings.length
+      strings.push(str)
+      interned.set(str, i)
+    }
+    return i
   }
-  const body = cbor.encode(rows)
+  const firstTs = (records[from] as PendingRecord).timestamp
+  let maxTs = firstTs
+  let payloadBytes = 0
+  let anyHeaders = false
+  for (let i = from; i < to; i++) {
+    const r = records[i] as PendingRecord
+    payloadBytes += r.payload.byteLength
+    if (r.headers !== null) anyHeaders = true
+  }
+  const tsDelta = new Array<number>(n)
+  const keyIdx = new Array<number>(n)
+  const topicIdx = new Array<number>(n)
+  const clientIdx = new Array<number>(n)
+  const qos = new Array<number>(n)
+  const lengths = new Array<number>(n)
+  const headers = anyHeaders ? new Array<Readonly<Record<string, string>> | null>(n) : null
+  const payloads = Buffer.allocUnsafe(payloadBytes)
+  let at = 0
+  for (let i = 0; i < n; i++) {
+    const r = records[from + i] as PendingRecord
+    if (r.timestamp > maxTs) maxTs = r.timestamp
+    tsDelta[i] = r.timestamp - firstTs
+    keyIdx[i] = intern(r.key)
+    topicIdx[i] = intern(r.topic)
+    clientIdx[i] = intern(r.clientId)
+    qos[i] = r.qos
+    lengths[i] = r.payload.byteLength
+    payloads.set(r.payload, at)
+    at += r.payload.byteLength
+    if (headers !== null) headers[i] = r.headers
+  }
+  const body = cbor.encode([firstTs, strings, tsDelta, keyIdx, topicIdx, clientIdx, qos, lengths, payloads, headers])
   const value = Buffer.allocUnsafe(BATCH_HEADER_BYTES + body.length)
   value[0] = BATCH_MAGIC
   writeU64(value, baseOffset, 5)
-  value.writeUInt32BE(records.length, 13)
-  value.writeDoubleBE(first, 17)
-  value.writeDoubleBE(max, 25)
+  value.writeUInt32BE(n, 13)
+  value.writeDoubleBE(firstTs, 17)
+  value.writeDoubleBE(maxTs, 25)
   body.copy(value, BATCH_HEADER_BYTES)
   value.writeUInt32BE(crc32(value.subarray(5)), 1)
-  return { value, header: { baseOffset, count: records.length, firstTimestamp: first, maxTimestamp: max, bytes: value.length } }
+  return { value, header: { baseOffset, count: n, firstTimestamp: firstTs, maxTimestamp: maxTs, bytes: value.length } }
 }
 
 interface Where { readonly stream: string, readonly partition: number, readonly baseOffset: number }
@@ -217,32 +257,45 @@ export function readBatchHeader (value: Buffer, where: Where): BatchHeader {
   return { baseOffset, count, firstTimestamp: value.readDoubleBE(17), maxTimestamp: value.readDoubleBE(25), bytes: value.length }
 }
 
+type Body = [number, string[], number[], number[], number[], number[], number[], number[], Uint8Array, Array<Record<string, string> | null> | null]
+
+function isBody (body: unknown, count: number): body is Body {
+  if (!Array.isArray(body) || body.length !== 10 || typeof body[0] !== 'number' || !Array.isArray(body[1])) return false
+  for (let c = 2; c <= 7; c++) if (!Array.isArray(body[c]) || (body[c] as unknown[]).length !== count) return false
+  return body[8] instanceof Uint8Array && (body[9] === null || (Array.isArray(body[9]) && body[9].length === count))
+}
+
 /**
  * Decodes every record of a batch whose header was verified by
  * {@link readBatchHeader}. Payloads are views into `value`, not copies.
  */
 export function decodeBatch (value: Buffer, header: BatchHeader, where: Where): StoredRecord[] {
-  let rows: unknown
+  let body: unknown
   try {
-    rows = cbor.decode(value.subarray(BATCH_HEADER_BYTES))
+    body = cbor.decode(value.subarray(BATCH_HEADER_BYTES))
   } catch (err) {
     throw corrupt(where, 'body is not valid cbor', err)
   }
-  if (!Array.isArray(rows) || rows.length !== header.count) throw corrupt(where, 'body does not hold the counted records')
-  const out: StoredRecord[] = new Array(rows.length)
-  for (let i = 0; i < rows.length; i++) {
-    const row = rows[i] as unknown[]
-    if (!Array.isArray(row) || row.length !== 7 || !(row[3] instanceof Uint8Array)) throw corrupt(where, `record ${i} is malformed`)
+  if (!isBody(body, header.count)) throw corrupt(where, 'body does not hold the counted records')
+  const [firstTs, strings, tsDelta, keyIdx, topicIdx, clientIdx, qos, lengths, payloads, headers] = body
+  const out: StoredRecord[] = new Array(header.count)
+  const buffer = payloads.buffer
+  let at = payloads.byteOffset
+  const end = at + payloads.byteLength
+  for (let i = 0; i < header.count; i++) {
+    const length = lengths[i] as number
+    if (at + length > end) throw corrupt(where, `record ${i} runs past the payload bytes`)
     out[i] = {
       offset: header.baseOffset + i,
-      timestamp: row[0] as number,
-      key: row[1] as string,
-      topic: row[2] as string,
-      payload: row[3],
-      qos: row[4] as 0 | 1 | 2,
-      clientId: row[5] as string,
-      headers: (row[6] as Record<string, string> | null) ?? null,
+      timestamp: firstTs + (tsDelta[i] as number),
+      key: strings[keyIdx[i] as number] as string,
+      topic: strings[topicIdx[i] as number] as string,
+      payload: new Uint8Array(buffer, at, length),
+      qos: qos[i] as 0 | 1 | 2,
+      clientId: strings[clientIdx[i] as number] as string,
+      headers: headers === null ? null : (headers[i] ?? null),
     }
+    at += length
   }
   return out
 }

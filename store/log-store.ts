@@ -59,11 +59,6 @@ export interface LogStoreOptions {
 
 export const DEFAULT_MAX_RECORD_BYTES = 1024 * 1024
 
-interface PendingAppend {
-  readonly record: PendingRecord
-  readonly resolve: (result: AppendResult) => void
-  readonly reject: (err: Error) => void
-}
 
 interface StreamState {
   readonly name: string
@@ -83,7 +78,10 @@ interface PartitionState {
   indexedMaxTs: number
   oldestTs: number | null
   newestTs: number | null
-  pending: PendingAppend[]
+  /** Records waiting for the next group commit, with their callers' resolvers at the same index. */
+  pending: PendingRecord[]
+  resolvers: Array<(result: AppendResult) => void>
+  rejecters: Array<(err: Error) => void>
 }
 
 interface StreamMeta { id: number, partitions: number, retentionMs: number, retentionBytes: number }
@@ -219,7 +217,7 @@ class LevelLogStore implements LogStore {
     const stream: StreamState = { name, id: meta.id, partitions: [], retentionMs: meta.retentionMs, retentionBytes: meta.retentionBytes }
     for (let p = 0; p < meta.partitions; p++) {
       stream.partitions.push({
-        stream, partition: p, logStart: 0, logEnd: 0, bytes: 0, indexedMaxTs: -Infinity, oldestTs: null, newestTs: null, pending: [],
+        stream, partition: p, logStart: 0, logEnd: 0, bytes: 0, indexedMaxTs: -Infinity, oldestTs: null, newestTs: null, pending: [], resolvers: [], rejecters: [],
       })
     }
     this.#streams.set(name, stream)
@@ -324,7 +322,9 @@ class LevelLogStore implements LogStore {
     }
     return new Promise((resolve, reject) => {
       if (part.pending.length === 0) this.#dirty.push(part)
-      part.pending.push({ record: pending, resolve, reject })
+      part.pending.push(pending)
+      part.resolvers.push(resolve)
+      part.rejecters.push(reject)
       if (this.#pending++ === 0) this.#oldestPendingAt = performance.now()
       this.#kick()
     })
@@ -365,12 +365,15 @@ class LevelLogStore implements LogStore {
     this.#dirty = []
     const startedAt = this.#oldestPendingAt
     const ops: BatchOp[] = []
-    const plans: Array<{ part: PartitionState, appends: PendingAppend[], end: number, bytes: number, indexedMaxTs: number, firstTs: number, lastTs: number }> = []
+    const plans: Array<{ part: PartitionState, resolvers: PartitionState['resolvers'], rejecters: PartitionState['rejecters'], end: number, bytes: number, indexedMaxTs: number, firstTs: number, lastTs: number }> = []
     let records = 0
     let bytes = 0
     for (const part of parts) {
       const appends = part.pending
+      const { resolvers, rejecters } = part
       part.pending = []
+      part.resolvers = []
+      part.rejecters = []
       const { id } = part.stream
       let base = part.logEnd
       let partBytes = part.bytes
@@ -382,12 +385,10 @@ class LevelLogStore implements LogStore {
         let j = i
         let size = 0
         while (j < appends.length && j - i < MAX_BATCH_RECORDS && (j === i || size < MAX_BATCH_BYTES)) {
-          size += (appends[j] as PendingAppend).record.payload.byteLength + 64
+          size += (appends[j] as PendingRecord).payload.byteLength + 64
           j++
         }
-        const chunk: PendingRecord[] = new Array(j - i)
-        for (let k = i; k < j; k++) chunk[k - i] = (appends[k] as PendingAppend).record
-        const { value, header } = encodeBatch(base, chunk)
+        const { value, header } = encodeBatch(base, appends, i, j)
         ops.push({ type: 'put', key: keys.batch(id, part.partition, base), value })
         if (header.maxTimestamp > indexedMaxTs) {
           ops.push({ type: 'put', key: keys.time(id, part.partition, header.maxTimestamp), value: encodeU64(base) })
@@ -401,7 +402,7 @@ class LevelLogStore implements LogStore {
         i = j
       }
       ops.push({ type: 'put', key: keys.partition(id, part.partition), value: encodeMeta({ logStart: part.logStart, bytes: partBytes } satisfies PartitionMeta) })
-      plans.push({ part, appends, end: base, bytes: partBytes, indexedMaxTs, firstTs, lastTs })
+      plans.push({ part, resolvers, rejecters, end: base, bytes: partBytes, indexedMaxTs, firstTs, lastTs })
       records += appends.length
     }
     const writeStart = performance.now()
@@ -414,13 +415,13 @@ class LevelLogStore implements LogStore {
       const err = new StoreError('STORE_WRITE_FAILED', `group commit of ${records} records failed: ${(cause as Error).message}`, { cause })
       this.#logger.error({ code: err.code, records, cause: (cause as Error).message }, 'group commit failed; its appends were rejected')
       this.#observer.onWriteError?.(err)
-      for (const plan of plans) for (const a of plan.appends) a.reject(err)
+      for (const plan of plans) for (const reject of plan.rejecters) reject(err)
       return
     }
     const done = performance.now()
     this.#pending -= records
     for (const plan of plans) {
-      const { part, appends } = plan
+      const { part, resolvers } = plan
       const first = part.logEnd
       if (part.logEnd === part.logStart) part.oldestTs = plan.firstTs
       part.logEnd = plan.end
@@ -428,7 +429,7 @@ class LevelLogStore implements LogStore {
       part.indexedMaxTs = plan.indexedMaxTs
       part.newestTs = Math.max(part.newestTs ?? -Infinity, plan.lastTs)
       const partition = part.partition
-      for (let i = 0; i < appends.length; i++) (appends[i] as PendingAppend).resolve({ partition, offset: first + i })
+      for (let i = 0; i < resolvers.length; i++) (resolvers[i] as (result: AppendResult) => void)({ partition, offset: first + i })
     }
     this.#observer.onCommit?.({ records, bytes, latencyMs: done - startedAt, durationMs: done - writeStart })
   }
