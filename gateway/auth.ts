@@ -1,0 +1,136 @@
+/**
+ * Users, passwords and ACLs as pure functions; the broker's hooks are thin
+ * adapters over these.
+ *
+ * Password hashes: `scrypt$N$r$p$<salt base64>$<hash base64>` (what
+ * `edgemq passwd` prints), verified in constant time.
+ */
+import { randomBytes, scrypt as scryptCb, timingSafeEqual, type ScryptOptions } from 'node:crypto'
+import type { AclRule, Role, UserConfig } from './config.ts'
+import { GatewayError } from './errors.ts'
+import { topicMatches } from './topics.ts'
+
+const KEY_LENGTH = 32
+
+function scrypt (password: string | Buffer, salt: Buffer, options: ScryptOptions): Promise<Buffer> {
+  return new Promise((resolve, reject) => {
+    scryptCb(password, salt, KEY_LENGTH, { ...options, maxmem: 256 * options.N! * options.r! }, (err, key) => { if (err) reject(err); else resolve(key) })
+  })
+}
+
+export async function hashPassword (password: string, options = { N: 16384, r: 8, p: 1 }): Promise<string> {
+  const salt = randomBytes(16)
+  const hash = await scrypt(password, salt, options)
+  return `scrypt$${options.N}$${options.r}$${options.p}$${salt.toString('base64')}$${hash.toString('base64')}`
+}
+
+interface ParsedHash { N: number, r: number, p: number, salt: Buffer, hash: Buffer }
+
+export function parseHash (encoded: string): ParsedHash {
+  const parts = encoded.split('$')
+  const [tag, n, r, p, salt, hash] = parts
+  const N = Number(n)
+  if (parts.length !== 6 || tag !== 'scrypt' || !Number.isInteger(N) || N < 2 || (N & (N - 1)) !== 0 ||
+    !Number.isInteger(Number(r)) || !Number.isInteger(Number(p)) || salt === undefined || hash === undefined || hash.length === 0) {
+    throw new GatewayError('GW_BAD_PASSWORD_HASH', 'password hash must look like scrypt$N$r$p$salt$hash (run `edgemq passwd`)')
+  }
+  return { N, r: Number(r), p: Number(p), salt: Buffer.from(salt, 'base64'), hash: Buffer.from(hash, 'base64') }
+}
+
+export async function verifyPassword (encoded: string, password: Buffer | string): Promise<boolean> {
+  const parsed = parseHash(encoded)
+  const candidate = await scrypt(password, parsed.salt, { N: parsed.N, r: parsed.r, p: parsed.p })
+  return candidate.length === parsed.hash.length && timingSafeEqual(candidate, parsed.hash)
+}
+
+/** Who a connected client is, as the ACL sees it. */
+export interface Identity {
+  readonly tenant: string
+  readonly role: Role | 'anonymous'
+  readonly username: string | null
+  readonly clientId: string
+}
+
+export type Access = 'publish' | 'subscribe'
+
+/**
+ * Built-in rules, after the configured ones: a device publishes under
+ * devices/<client id>/ and subscribes to its own commands; services and
+ * admins may use every topic of their tenant; anonymous clients (loopback or
+ * allowAnonymous listeners) may too, as a plain local broker would allow.
+ */
+const BUILT_IN: readonly AclRule[] = [
+  { role: 'device', topic: 'devices/%c/#', access: 'publish', allow: true },
+  { role: 'device', topic: 'devices/%c/commands/#', access: 'subscribe', allow: true },
+  { role: 'service', topic: '#', access: 'both', allow: true },
+  { role: 'admin', topic: '#', access: 'both', allow: true },
+  { role: 'anonymous', topic: '#', access: 'both', allow: true },
+]
+
+function substitute (pattern: string, who: Identity): string | null {
+  if (pattern.includes('%u') && who.username === null) return null
+  // A client id or username holding wildcards must not widen a rule.
+  const safe = (s: string): string | null => (/[+#/]/.test(s) ? null : s)
+  const user = who.username === null ? '' : safe(who.username)
+  const client = safe(who.clientId)
+  if ((pattern.includes('%u') && user === null) || (pattern.includes('%c') && client === null)) return null
+  return pattern.replaceAll('%u', user ?? '').replaceAll('%c', client ?? '')
+}
+
+/**
+ * Whether `who` may publish to `topic` / subscribe to `filter` (in its own
+ * tenant's topic space). The first matching rule decides; no rule denies.
+ * A subscription filter is allowed when a rule's filter covers it.
+ */
+export function isAllowed (rules: readonly AclRule[], who: Identity, access: Access, topic: string): boolean {
+  for (const rule of [...rules, ...BUILT_IN]) {
+    if (rule.role !== undefined && rule.role !== who.role) continue
+    if (rule.username !== undefined && rule.username !== who.username) continue
+    if (rule.access !== 'both' && rule.access !== access) continue
+    const pattern = substitute(rule.topic, who)
+    if (pattern === null) continue
+    const covered = access === 'publish' ? topicMatches(pattern, topic) : filterCovers(pattern, topic)
+    if (covered) return rule.allow
+  }
+  return false
+}
+
+/** True when every topic `inner` matches is also matched by `outer`. */
+export function filterCovers (outer: string, inner: string): boolean {
+  const o = outer.split('/')
+  const i = inner.split('/')
+  for (let k = 0; k < o.length; k++) {
+    const level = o[k] as string
+    if (level === '#') return true
+    const other = i[k]
+    if (other === undefined) return false
+    if (other === '#') return false
+    if (level === '+') continue
+    if (other === '+' || other !== level) return false
+  }
+  return o.length === i.length
+}
+
+export class UserDirectory {
+  readonly #users: Map<string, UserConfig>
+  constructor (users: readonly UserConfig[]) {
+    this.#users = new Map(users.map((u) => [u.username, u]))
+    for (const u of users) if (u.password !== undefined) parseHash(u.password)
+  }
+
+  get size (): number { return this.#users.size }
+
+  get (username: string): UserConfig | undefined { return this.#users.get(username) }
+
+  /** The user when the password matches, null otherwise (unknown users cost a hash too). */
+  async authenticate (username: string, password: Buffer | undefined): Promise<UserConfig | null> {
+    const user = this.#users.get(username)
+    if (user?.password === undefined || password === undefined) {
+      await verifyPassword(DUMMY_HASH, password ?? '')
+      return null
+    }
+    return (await verifyPassword(user.password, password)) ? user : null
+  }
+}
+
+const DUMMY_HASH = 'scrypt$16384$8$1$AAAAAAAAAAAAAAAAAAAAAA==$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA='

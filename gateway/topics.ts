@@ -1,0 +1,54 @@
+/**
+ * MQTT topic rules as pure functions: filter matching, validation of topic
+ * names and filters, and the tenant mount point that isolates tenants.
+ *
+ * Tenants: every topic a client uses is prefixed inside the broker with its
+ * tenant (`<tenant>/<topic>`), and the prefix is removed again on the way out,
+ * so a client can neither publish into nor subscribe to another tenant's
+ * topics whatever filter it sends — as EMQX's and VerneMQ's mount points do.
+ */
+
+/** [MQTT-4.7.1] `+` matches one level, `#` the rest (including the parent level); `$` topics are not matched by leading wildcards [MQTT-4.7.2-1]. */
+export function topicMatches (filter: string, topic: string): boolean {
+  if (topic.startsWith('$') && (filter.startsWith('+') || filter.startsWith('#'))) return false
+  const f = filter.split('/')
+  const t = topic.split('/')
+  for (let i = 0; i < f.length; i++) {
+    const level = f[i] as string
+    if (level === '#') return true
+    if (i >= t.length) return false
+    if (level !== '+' && level !== t[i]) return false
+  }
+  return f.length === t.length
+}
+
+/** Why a PUBLISH topic name is invalid, or null. [MQTT-3.3.2-2] no wildcards; [MQTT-1.5.3-2] no U+0000. */
+export function topicNameProblem (topic: string): string | null {
+  if (topic.length === 0) return 'empty topic'
+  if (topic.includes('\u0000')) return 'topic contains U+0000'
+  if (topic.includes('+') || topic.includes('#')) return 'wildcards are not allowed in a PUBLISH topic'
+  if (Buffer.byteLength(topic, 'utf8') > 65535) return 'topic longer than 65535 bytes'
+  return null
+}
+
+/** Why a SUBSCRIBE topic filter is invalid, or null. [MQTT-4.7.1-2] `#` last and alone; [MQTT-4.7.1-3] `+` alone in its level. */
+export function topicFilterProblem (filter: string): string | null {
+  if (filter.length === 0) return 'empty topic filter'
+  if (filter.includes('\u0000')) return 'topic filter contains U+0000'
+  const levels = filter.split('/')
+  for (let i = 0; i < levels.length; i++) {
+    const level = levels[i] as string
+    if (level.includes('#') && (level !== '#' || i !== levels.length - 1)) return '# must be the whole last level'
+    if (level.includes('+') && level !== '+') return '+ must be a whole level'
+  }
+  return null
+}
+
+export function mountTopic (tenant: string, topic: string): string {
+  return `${tenant}/${topic}`
+}
+
+/** Removes the tenant prefix; null when the topic is not inside the tenant. */
+export function unmountTopic (tenant: string, topic: string): string | null {
+  return topic.startsWith(`${tenant}/`) ? topic.slice(tenant.length + 1) : null
+}
