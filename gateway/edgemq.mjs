@@ -5,4 +5,4 @@ import { register } from 'tsx/esm/api'
 
 register()
 const { main } = await import('./cli.ts')
-process.exitCode = await main(process.argv)
+process.exit(await main(process.argv))

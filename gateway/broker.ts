@@ -1,0 +1,340 @@
+/**
+ * The aedes broker and its hooks. Each hook is a thin adapter over the pure
+ * functions in topics.ts, routing.ts and auth.ts; the one piece of real
+ * machinery is how a publish reaches the log before it is acknowledged.
+ *
+ * Ack means durable. aedes 1.2.0 writes the PUBACK before it calls
+ * `broker.publish` (which delivers to subscribers and stores the offline
+ * queues) and before the `published` hook, so neither can give the guarantee.
+ * `authorizePublish` runs before the ack, so it appends to the log and waits
+ * for the group commit; then it runs `broker.publish` itself — online
+ * delivery and the offline QoS 1/2 queues are stored before the ack too — and
+ * marks the packet, so the `broker.publish` aedes makes after the ack is a
+ * no-op. A persistent session that was offline therefore finds every
+ * acknowledged message in its queue, even after a SIGKILL right after the
+ * PUBACK.
+ *
+ * Tenants are mount points: inside the broker every topic is
+ * `<tenant>/<topic>`; authorizePublish/authorizeSubscribe add the prefix and
+ * authorizeForward removes it, and refuses to forward across tenants.
+ */
+import { Aedes, type Client, type PublishPacket } from 'aedes'
+import type { Logger } from 'pino'
+import { isStoreError, type LogStore } from '../store/index.ts'
+import { isAllowed, UserDirectory, type Identity } from './auth.ts'
+import type { GatewayConfig, ListenerConfig } from './config.ts'
+import type { GuardGroup } from './connection-guard.ts'
+import type { GatewayMetrics, PublishRefusal, RefusalReason } from './metrics.ts'
+import { compileRoutes } from './routing.ts'
+import { mountTopic, topicFilterProblem, topicNameProblem, unmountTopic } from './topics.ts'
+
+export interface BrokerDeps {
+  readonly config: GatewayConfig
+  readonly store: LogStore
+  /** aedes persistence (our LevelDB one); the hooks need its incoming QoS 2 store. */
+  readonly persistence: BrokerPersistence
+  readonly metrics: GatewayMetrics
+  readonly logger: Logger
+  /** Called when a write to the log failed (the gateway turns unhealthy) or succeeded again. */
+  readonly onStoreHealth: (healthy: boolean, err?: Error) => void
+  /** The gateway's connections, paused together when the log backs up. */
+  readonly guards: GuardGroup
+}
+
+/** aedes hands the hooks our ConnectionGuard as `client.conn`; this reads its listener back. */
+export interface ListenerTagged { listener?: ListenerConfig }
+
+export interface BrokerPersistence {
+  incomingGetPacket (client: Client, packet: { messageId: number }): Promise<unknown>
+}
+
+/** broker.publish as aedes calls it internally (its typings only declare the two-argument form). */
+type InternalPublish = (packet: PublishPacket, client: Client | null, done: (err?: Error) => void) => void
+
+interface ConnectInfo { readonly clientId: string, readonly clean: boolean }
+
+const DONE = Symbol('edgemq.published') // packet already delivered and queued before the ack
+const RETRY_MIN_MS = 100
+const RETRY_MAX_MS = 5000
+
+/** Client ids that would collide with Object.prototype members in aedes' client table. */
+const RESERVED_IDS = new Set(Object.getOwnPropertyNames(Object.prototype))
+
+function listenerOf (client: Client): ListenerConfig | undefined {
+  return (client.conn as unknown as ListenerTagged).listener
+}
+
+export function isLoopback (host: string): boolean {
+  return host === 'localhost' || host === '::1' || /^127\.\d+\.\d+\.\d+$/.test(host)
+}
+
+function authError (returnCode: 2 | 4 | 5, message: string): Error & { returnCode: number } {
+  return Object.assign(new Error(message), { returnCode })
+}
+
+export function createBroker (deps: BrokerDeps): Aedes {
+  const { config, store, metrics, logger } = deps
+  const users = new UserDirectory(config.users)
+  const route = compileRoutes(config.routes)
+  const identities = new WeakMap<Client, Identity>()
+  const connects = new WeakMap<Client, ConnectInfo>()
+  /** QoS 2 message ids being appended, per client id, so a DUP that overtakes its original is not appended twice. */
+  const qos2InFlight = new Map<string, Set<number>>()
+  const maxPending = config.mqtt.maxPendingAppends
+
+  const refuse = (client: Client, reason: RefusalReason, detail: string): void => {
+    const listener = listenerOf(client)?.name ?? 'unknown'
+    metrics.connectionsRefused.inc({ listener, reason })
+    logger.warn({ clientId: connects.get(client)?.clientId ?? client.id, listener, reason }, `connection refused: ${detail}`)
+  }
+
+  const refusePublish = (who: Identity | undefined, reason: PublishRefusal, clientId: string, detail: string): void => {
+    metrics.publishesRefused.inc({ tenant: who?.tenant ?? 'unknown', reason })
+    logger.warn({ clientId, tenant: who?.tenant, reason }, `publish refused: ${detail}`)
+  }
+
+  const broker = new Aedes({
+    id: config.gatewayId,
+    persistence: deps.persistence as never,
+    concurrency: 1000,
+    heartbeatInterval: 60_000,
+
+    preConnect (client, packet, callback) {
+      if (broker.connectedClients >= config.mqtt.maxConnections) {
+        refuse(client, 'max-connections', `already ${broker.connectedClients} clients (mqtt.maxConnections)`)
+        return callback(null, false)
+      }
+      connects.set(client, { clientId: packet.clientId ?? '', clean: packet.clean !== false })
+      callback(null, true)
+    },
+
+    authenticate (client, username, password, done) {
+      const info = connects.get(client) ?? { clientId: client.id, clean: true }
+      const listener = listenerOf(client)
+      // [MQTT-3.1.3-4] valid UTF-8 without U+0000 (mqtt-packet turns bad bytes into U+FFFD); ids that would shadow
+      // Object.prototype members in aedes' client table are refused too.
+      if (info.clientId.includes('\u0000') || info.clientId.includes('\ufffd') || RESERVED_IDS.has(info.clientId)) {
+        refuse(client, 'invalid-client-id', `client id ${JSON.stringify(info.clientId)} is not allowed`)
+        return done(authError(2, 'identifier rejected'), false)
+      }
+      // [MQTT-3.1.3-8] an empty client id needs a clean session.
+      if (info.clientId === '' && !info.clean) {
+        refuse(client, 'invalid-client-id', 'empty client id with clean session = false')
+        return done(authError(2, 'identifier rejected'), false)
+      }
+      // [MQTT-3.1.2-22] a password needs a username.
+      if (username === undefined && password !== undefined) {
+        refuse(client, 'protocol', 'password without username')
+        return done(authError(4, 'password without username'), false)
+      }
+      const accept = (who: Identity): void => {
+        identities.set(client, who)
+        // The will is published by aedes without authorizePublish: check and mount it now.
+        const will = (client as unknown as { _will: { topic: string } | null })._will
+        if (will !== null && will !== undefined) {
+          if (topicNameProblem(will.topic) !== null || !isAllowed(config.acl, who, 'publish', will.topic)) {
+            logger.warn({ clientId: client.id, tenant: who.tenant, topic: will.topic }, 'will refused: not allowed; the client connects without it')
+            ;(client as unknown as { _will: unknown })._will = null
+          } else {
+            will.topic = mountTopic(who.tenant, will.topic)
+          }
+        }
+        done(null, true)
+      }
+      const certUser = certificateUser(client, listener)
+      if (certUser !== undefined) {
+        const user = users.get(certUser)
+        if (user === undefined) {
+          metrics.authFailures.inc({ listener: listener?.name ?? 'unknown' })
+          refuse(client, 'bad-credentials', `certificate subject ${certUser} is not a configured user`)
+          return done(authError(4, 'unknown certificate user'), false)
+        }
+        return accept({ tenant: user.tenant, role: user.role, username: user.username, clientId: client.id })
+      }
+      if (username === undefined) {
+        const anonymousOk = listener?.allowAnonymous === true || (config.users.length === 0 && isLoopback(listener?.host ?? ''))
+        if (!anonymousOk) {
+          refuse(client, 'not-authorized', 'anonymous clients are not allowed on this listener')
+          return done(authError(5, 'not authorized'), false)
+        }
+        return accept({ tenant: 'default', role: 'anonymous', username: null, clientId: client.id })
+      }
+      users.authenticate(username, password).then((user) => {
+        if (user === null) {
+          metrics.authFailures.inc({ listener: listener?.name ?? 'unknown' })
+          refuse(client, 'bad-credentials', `bad username or password for ${JSON.stringify(username)}`)
+          return done(authError(4, 'bad username or password'), false)
+        }
+        accept({ tenant: user.tenant, role: user.role, username: user.username, clientId: client.id })
+      }, (err: unknown) => done(Object.assign(err as Error, { returnCode: 5 }), false))
+    },
+
+    authorizePublish (client, packet, callback) {
+      // Wills and the broker's own $SYS messages arrive without a client.
+      if (client === null) return callback(null)
+      const who = identities.get(client)
+      const topic = packet.topic
+      const problem = topicNameProblem(topic)
+      if (who === undefined || problem !== null) {
+        refusePublish(who, 'invalid-topic', client.id, problem ?? 'unknown client')
+        return callback(new Error(problem ?? 'unknown client'))
+      }
+      if (!isAllowed(config.acl, who, 'publish', topic)) {
+        // As Mosquitto does: acknowledged, neither logged nor delivered, so the device does not retry forever.
+        refusePublish(who, 'acl-denied', client.id, `${topic} not allowed`)
+        markDone(packet)
+        return callback(null)
+      }
+      packet.topic = mountTopic(who.tenant, topic)
+      const target = route(topic)
+      if (target === null) {
+        if (config.unrouted === 'reject') {
+          refusePublish(who, 'unrouted', client.id, `no route for ${topic}`)
+          return callback(new Error(`no route for topic ${topic}`))
+        }
+        return packet.qos === 0 ? callback(null) : publishBeforeAck(packet, client, callback)
+      }
+      const stream = `${who.tenant}/${target.stream}`
+      const qos = packet.qos
+      if (qos === 2) {
+        let inflight = qos2InFlight.get(client.id)
+        if (inflight?.has(packet.messageId!) === true) { markDone(packet); return callback(null) }
+        if (inflight === undefined) qos2InFlight.set(client.id, inflight = new Set())
+        inflight.add(packet.messageId!)
+        const release = (err?: Error | null): void => { inflight.delete(packet.messageId!); callback(err) }
+        // [MQTT-4.3.3-2] a retransmission of a message already stored (PUBREC sent, PUBREL not yet seen) is not appended again.
+        deps.persistence.incomingGetPacket(client, { messageId: packet.messageId! })
+          .then(() => { markDone(packet); release(null) },
+            () => appendThen(client, who, stream, target.key, topic, packet, (err) => err ? release(err) : publishBeforeAck(packet, client, release)))
+        return
+      }
+      // QoS 0 waits for its append too: there is no ack to hold back, but the wait keeps the client's socket
+      // paused while the log is busy, and delivery order equal to log order.
+      appendThen(client, who, stream, target.key, topic, packet, (err) => {
+        if (err) return callback(err)
+        if (qos === 0) return callback(null)
+        publishBeforeAck(packet, client, callback)
+      })
+    },
+
+    authorizeSubscribe (client, sub, callback) {
+      const who = identities.get(client)
+      // aedes persists the SUBSCRIBE packet's own subscription objects, so the mount is applied to `sub` in place.
+      // Subscriptions restored from a persistent session (before the CONNACK) are already mounted.
+      const restoring = (client as unknown as { connackSent: boolean }).connackSent === false
+      const filter = who === undefined ? null : restoring ? unmountTopic(who.tenant, sub.topic) : sub.topic
+      const problem = filter === null ? 'not in the client\'s tenant' : topicFilterProblem(filter)
+      const deny = (why: string): void => {
+        logger.warn({ clientId: client.id, tenant: who?.tenant, filter: filter ?? sub.topic }, `subscription refused: ${why}`)
+        // A denied filter stays in the persisted SUBSCRIBE list; park it where no publish can ever match.
+        sub.topic = `$denied/${sub.topic}`
+        callback(null, null) // SUBACK 0x80
+      }
+      if (who === undefined || filter === null || problem !== null) return deny(problem ?? 'unknown client')
+      if (!isAllowed(config.acl, who, 'subscribe', filter)) return deny('ACL')
+      sub.topic = mountTopic(who.tenant, filter)
+      callback(null, sub)
+    },
+
+    authorizeForward (client, packet) {
+      // Every caller hands over a packet of its own (a per-subscription copy, or a queued packet read back from
+      // disk), and the reconnect path writes that very object rather than the returned one: unmount in place.
+      const who = identities.get(client)
+      const topic = who === undefined ? null : unmountTopic(who.tenant, packet.topic)
+      if (topic === null) return null
+      packet.topic = topic
+      return packet
+    },
+  })
+
+  // The second publish aedes makes after the PUBACK/PUBREC is a no-op for packets handled before the ack.
+  const publish = (broker.publish as unknown as InternalPublish).bind(broker)
+  const guarded: InternalPublish = (packet, client, done) => {
+    if ((packet as PublishPacket & { [DONE]?: true })[DONE] === true) return done()
+    publish(packet, client, done)
+  }
+  broker.publish = guarded as unknown as typeof broker.publish
+
+  function markDone (packet: PublishPacket): void {
+    (packet as PublishPacket & { [DONE]?: true })[DONE] = true
+  }
+
+  function publishBeforeAck (packet: PublishPacket, client: Client, callback: (err?: Error | null) => void): void {
+    publish(packet, client, (err?: Error) => {
+      if (err) return callback(err)
+      markDone(packet)
+      callback(null)
+    })
+  }
+
+  /**
+   * Appends and calls back once the record is durable. A failed write
+   * (disk full, store error) is retried with backoff while the client is
+   * connected: the ack is held back, the client's socket is not read, and
+   * nothing is acknowledged that is not on disk.
+   */
+  function appendThen (client: Client, who: Identity, stream: string, key: string, topic: string, packet: PublishPacket,
+    done: (err?: Error | null) => void, delay = RETRY_MIN_MS): void {
+    const payload = typeof packet.payload === 'string' ? Buffer.from(packet.payload) : packet.payload
+    const labels = { tenant: who.tenant, stream: stream.slice(who.tenant.length + 1) }
+    store.append(stream, key, { payload, topic, qos: packet.qos, clientId: client.id }).then(() => {
+      metrics.ingestMessages.inc(labels)
+      metrics.ingestBytes.inc(labels, payload.byteLength)
+      if (delay !== RETRY_MIN_MS) deps.onStoreHealth(true)
+      done(null)
+    }, (err: unknown) => {
+      if (isStoreError(err, 'STORE_WRITE_FAILED') || isStoreError(err, 'STORE_CLOSED')) {
+        metrics.storeErrors.inc({ kind: 'write' })
+        deps.onStoreHealth(false, err)
+        if (packet.qos === 0 || client.closed || isStoreError(err, 'STORE_CLOSED')) {
+          refusePublish(who, 'store-failed', client.id, (err as Error).message)
+          return done(packet.qos === 0 ? null : err as Error)
+        }
+        setTimeout(() => appendThen(client, who, stream, key, topic, packet, done, Math.min(delay * 2, RETRY_MAX_MS)), delay).unref()
+        return
+      }
+      const reason: PublishRefusal = isStoreError(err, 'STORE_RECORD_TOO_LARGE') ? 'record-too-large' : 'store-failed'
+      refusePublish(who, reason, client.id, (err as Error).message)
+      done(err as Error)
+    })
+    if (store.pendingAppends > maxPending && !deps.guards.paused) {
+      deps.guards.setPaused(true)
+      metrics.backpressure.set(1)
+      logger.warn({ pending: store.pendingAppends }, 'log backed up: pausing all MQTT sockets')
+    }
+  }
+
+  broker.on('client', (client) => {
+    const who = identities.get(client)
+    metrics.connectedClients.inc({ tenant: who?.tenant ?? 'unknown', listener: listenerOf(client)?.name ?? 'unknown' })
+  })
+  broker.on('clientDisconnect', (client) => {
+    const who = identities.get(client)
+    metrics.connectedClients.dec({ tenant: who?.tenant ?? 'unknown', listener: listenerOf(client)?.name ?? 'unknown' })
+    const inflight = qos2InFlight.get(client.id)
+    if (inflight !== undefined && inflight.size === 0) qos2InFlight.delete(client.id)
+  })
+  broker.on('clientError', (client, err) => {
+    logger.info({ clientId: client.id, err: err.message }, 'client error')
+  })
+  broker.on('connectionError', (client, err) => {
+    logger.info({ clientId: client.id, err: err.message }, 'connection error')
+  })
+
+  return broker
+}
+
+/** Resumes sockets once the log has drained to half the bound. */
+export function releaseBackpressure (guards: GuardGroup, store: LogStore, maxPending: number, metrics: GatewayMetrics): void {
+  if (guards.paused && store.pendingAppends <= maxPending / 2) {
+    guards.setPaused(false)
+    metrics.backpressure.set(0)
+  }
+}
+
+function certificateUser (client: Client, listener: ListenerConfig | undefined): string | undefined {
+  if (listener?.tls?.certIdentity !== true) return undefined
+  const socket = (client.conn as unknown as { socket?: { getPeerCertificate?: () => { subject?: { CN?: string } } } }).socket
+  const cn = socket?.getPeerCertificate?.()?.subject?.CN
+  return typeof cn === 'string' && cn !== '' ? cn : undefined
+}

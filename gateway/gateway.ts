@@ -1,0 +1,181 @@
+/**
+ * The composition root: config → LevelDB → store → session persistence →
+ * aedes → listeners → HTTP server. Nothing else wires components together,
+ * and nothing else reads the environment.
+ */
+import { mkdir, statfs } from 'node:fs/promises'
+import path from 'node:path'
+import { ClassicLevel } from 'classic-level'
+import type { Aedes } from 'aedes'
+import type { Logger } from 'pino'
+import { Registry } from 'prom-client'
+import { openLogStore, type LevelDatabase, type LogStore } from '../store/index.ts'
+import { createBroker, isLoopback, releaseBackpressure } from './broker.ts'
+import type { GatewayConfig } from './config.ts'
+import { GuardGroup } from './connection-guard.ts'
+import { GatewayError } from './errors.ts'
+import { startHttpServer, type RunningHttpServer } from './http.ts'
+import { startListener, type RunningListener } from './listeners.ts'
+import { createMetrics } from './metrics.ts'
+import { LevelSessionPersistence } from './session-persistence.ts'
+import { readFileSync } from 'node:fs'
+
+const VERSION = (JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8')) as { version: string }).version
+
+export interface Gateway {
+  readonly config: GatewayConfig
+  readonly store: LogStore
+  readonly broker: Aedes
+  readonly registry: Registry
+  readonly listeners: readonly RunningListener[]
+  readonly http: RunningHttpServer
+  readonly healthy: boolean
+  /** Stops accepting, closes clients, finishes pending appends, closes the database. */
+  close (): Promise<void>
+}
+
+export interface GatewayDeps {
+  readonly logger: Logger
+  readonly registry?: Registry
+}
+
+/** Refuses configurations that would expose an open broker beyond this machine. */
+export function checkListenerSecurity (config: GatewayConfig, logger: Logger): void {
+  for (const l of config.mqtt.listeners) {
+    if (isLoopback(l.host)) continue
+    if (l.allowAnonymous) {
+      logger.warn({ listener: l.name, host: l.host }, 'listener accepts anonymous clients from the network (allowAnonymous: true)')
+    } else if (config.users.length === 0) {
+      throw new GatewayError('GW_INSECURE_LISTENER',
+        `listener ${l.name} binds ${l.host}, which is not loopback, and no users are configured: add users, or set mqtt.listeners[].allowAnonymous: true to accept anonymous clients on purpose`)
+    }
+  }
+}
+
+export async function startGateway (config: GatewayConfig, deps: GatewayDeps): Promise<Gateway> {
+  const { logger } = deps
+  checkListenerSecurity(config, logger)
+  const registry = deps.registry ?? new Registry()
+  await mkdir(config.dataDir, { recursive: true })
+  const db = new ClassicLevel<Buffer, Buffer>(path.join(config.dataDir, 'db'), { keyEncoding: 'buffer', valueEncoding: 'buffer' })
+  await db.open()
+  const root = db as unknown as LevelDatabase
+  const cleanups: Array<() => Promise<void>> = [() => db.close()]
+  const undo = async (): Promise<void> => { for (const c of cleanups.reverse()) await c().catch(() => {}) }
+
+  try {
+    let healthy = true
+    let lastStoreError: string | undefined
+    const setHealth = (ok: boolean, err?: Error): void => {
+      if (ok === healthy) return
+      healthy = ok
+      lastStoreError = err?.message
+      if (ok) logger.info('log writes succeed again: gateway healthy')
+      else logger.error({ err: err?.message }, 'log writes fail: gateway stops acknowledging until the disk recovers')
+    }
+    let diskFree: number | undefined
+    const guards = new GuardGroup()
+    // Created before the store so the observer can reach it; filled right after.
+    // eslint-disable-next-line prefer-const -- assigned once the store it observes exists
+    let metricsRef: ReturnType<typeof createMetrics> | undefined
+    const store = await openLogStore({
+      db: root,
+      durability: config.store.durability,
+      maxRecordBytes: config.store.maxRecordBytes,
+      diskBudgetBytes: config.store.diskBudgetBytes,
+      logger: {
+        warn: (fields, msg) => logger.warn(fields, msg),
+        error: (fields, msg) => logger.error(fields, msg),
+      },
+      observer: {
+        onCommit: (stats) => {
+          metricsRef?.appendLatency.observe(stats.latencyMs / 1000)
+          metricsRef?.commitRecords.observe(stats.records)
+          setHealth(true)
+          if (metricsRef !== undefined) releaseBackpressure(guards, store, config.mqtt.maxPendingAppends, metricsRef)
+        },
+        onWriteError: (err) => { setHealth(false, err) },
+        onDropped: (d) => { metricsRef?.droppedRecords.inc({ stream: d.stream, partition: String(d.partition), group: d.group }, d.count) },
+      },
+    })
+    cleanups.push(() => store.close())
+    const metrics = createMetrics(registry, {
+      store,
+      diskFreeBytes: () => diskFree,
+      healthy: () => healthy,
+      version: VERSION,
+      gatewayId: config.gatewayId,
+    })
+    metricsRef = metrics
+
+    const tenants = new Set(['default', ...config.tenants])
+    for (const tenant of tenants) {
+      for (const [name, s] of Object.entries(config.streams)) {
+        await store.createStream(`${tenant}/${name}`, s)
+      }
+    }
+
+    const persistence = new LevelSessionPersistence(
+      root.sublevel<Buffer, Buffer>('sessions', { keyEncoding: 'buffer', valueEncoding: 'buffer' }) as unknown as LevelDatabase,
+      { durability: config.store.durability })
+    const broker = createBroker({ config, store, persistence, metrics, logger, guards, onStoreHealth: setHealth })
+    const brokerEvents = broker as unknown as NodeJS.EventEmitter
+    brokerEvents.on('error', (err: Error) => logger.error({ err: err.message }, 'broker error'))
+    await broker.listen()
+    cleanups.push(() => new Promise<void>((resolve) => broker.close(() => resolve())))
+    cleanups.push(() => persistence.destroy())
+
+    const listeners: RunningListener[] = []
+    for (const l of config.mqtt.listeners) {
+      const running = await startListener(l, {
+        broker, metrics, logger, guards,
+        maxPacketBytes: config.mqtt.maxPacketBytes,
+        maxInflight: config.mqtt.maxInflightPerClient,
+        publishRate: config.mqtt.publishRatePerClient,
+      })
+      listeners.push(running)
+      cleanups.push(() => running.close())
+    }
+
+    const http = await startHttpServer(config.http, {
+      registry,
+      health: () => ({ healthy, reasons: healthy ? [] : [`log writes failing: ${lastStoreError ?? 'unknown error'}`] }),
+    })
+    cleanups.push(() => http.close())
+
+    const refreshDisk = (): void => {
+      statfs(config.dataDir).then((s) => { diskFree = s.bavail * s.bsize }, () => {})
+    }
+    refreshDisk()
+    const diskTimer = setInterval(refreshDisk, 10_000).unref()
+    const retentionTimer = setInterval(() => {
+      store.enforceRetention().catch((err: unknown) => logger.error({ err: (err as Error).message }, 'retention pass failed'))
+    }, config.store.retentionIntervalMs).unref()
+
+    let closing: Promise<void> | undefined
+    return {
+      config, store, broker, registry, listeners, http,
+      get healthy () { return healthy },
+      close () {
+        closing ??= (async () => {
+          clearInterval(diskTimer)
+          clearInterval(retentionTimer)
+          // Stop accepting (server.close resolves once the last connection is gone), close the clients through
+          // aedes, let the store finish pending appends, then the HTTP server and the database.
+          const stopped = listeners.map((l) => l.close())
+          await new Promise<void>((resolve) => broker.close(() => resolve()))
+          await Promise.all(stopped)
+          // Waits for queued session writes (offline queues, retained messages) before the database closes.
+          await persistence.destroy()
+          await store.close()
+          await http.close()
+          await db.close()
+        })()
+        return closing
+      },
+    }
+  } catch (err) {
+    await undo()
+    throw err
+  }
+}

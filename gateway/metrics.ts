@@ -1,0 +1,138 @@
+/**
+ * The gateway's Prometheus metrics, registered on an injected registry (tests
+ * use a fresh one). Names follow Prometheus conventions: `edgemq_` prefix,
+ * base units, `_total` counters; labels are tenant / stream / partition /
+ * group / listener / reason, never a device or client id.
+ */
+import { Counter, Gauge, Histogram, collectDefaultMetrics, type Registry } from 'prom-client'
+import type { LogStore } from '../store/index.ts'
+
+export type RefusalReason =
+  | 'max-connections' | 'bad-credentials' | 'not-authorized' | 'invalid-client-id' | 'protocol'
+  | 'packet-too-large' | 'malformed-header'
+
+export type PublishRefusal = 'acl-denied' | 'invalid-topic' | 'unrouted' | 'record-too-large' | 'store-failed' | 'rate-limited'
+
+export interface GatewayMetrics {
+  readonly ingestMessages: Counter<'tenant' | 'stream'>
+  readonly ingestBytes: Counter<'tenant' | 'stream'>
+  readonly appendLatency: Histogram
+  readonly commitRecords: Histogram
+  readonly connectedClients: Gauge<'tenant' | 'listener'>
+  readonly connectionsRefused: Counter<'listener' | 'reason'>
+  readonly authFailures: Counter<'listener'>
+  readonly publishesRefused: Counter<'tenant' | 'reason'>
+  readonly storeErrors: Counter<'kind'>
+  readonly droppedRecords: Counter<'stream' | 'partition' | 'group'>
+  readonly backpressure: Gauge
+}
+
+export interface MetricsSources {
+  readonly store: LogStore
+  readonly diskFreeBytes: () => number | undefined
+  readonly healthy: () => boolean
+  readonly version: string
+  readonly gatewayId: string
+}
+
+export function createMetrics (registry: Registry, sources: MetricsSources): GatewayMetrics {
+  collectDefaultMetrics({ register: registry })
+  const { store } = sources
+  const splitStream = (name: string): { tenant: string, stream: string } => {
+    const at = name.indexOf('/')
+    return { tenant: name.slice(0, at), stream: name.slice(at + 1) }
+  }
+
+  new Gauge({
+    name: 'edgemq_build_info', help: 'Version of the running gateway (value 1).', labelNames: ['version', 'gateway'], registers: [registry],
+    collect () { this.set({ version: sources.version, gateway: sources.gatewayId }, 1) },
+  })
+  new Gauge({
+    name: 'edgemq_up', help: '1 when the gateway is healthy (store writable), 0 when it is not acking.', registers: [registry],
+    collect () { this.set(sources.healthy() ? 1 : 0) },
+  })
+  new Gauge({
+    name: 'edgemq_store_pending_appends', help: 'Appends accepted by the log but not yet durable.', registers: [registry],
+    collect () { this.set(store.pendingAppends) },
+  })
+  new Gauge({
+    name: 'edgemq_store_disk_used_bytes', help: 'Bytes of stored log batches over all partitions.', registers: [registry],
+    collect () { this.set(store.totalBytes) },
+  })
+  new Gauge({
+    name: 'edgemq_store_disk_free_bytes', help: 'Free bytes on the file system holding the data directory.', registers: [registry],
+    collect () { const free = sources.diskFreeBytes(); if (free !== undefined) this.set(free) },
+  })
+  const partitionGauges = {
+    start: new Gauge({ name: 'edgemq_partition_log_start_offset', help: 'First offset still in the log.', labelNames: ['tenant', 'stream', 'partition'], registers: [registry] }),
+    end: new Gauge({ name: 'edgemq_partition_log_end_offset', help: 'Offset the next record will get.', labelNames: ['tenant', 'stream', 'partition'], registers: [registry] }),
+    bytes: new Gauge({ name: 'edgemq_partition_bytes', help: 'Bytes stored for the partition.', labelNames: ['tenant', 'stream', 'partition'], registers: [registry] }),
+    oldest: new Gauge({ name: 'edgemq_partition_oldest_timestamp_seconds', help: 'Unix time of the oldest record in the partition.', labelNames: ['tenant', 'stream', 'partition'], registers: [registry] }),
+  }
+  // One collector fills all four partition gauges, so a scrape walks the partitions once.
+  new Gauge({
+    name: 'edgemq_streams', help: 'Number of streams in the log.', registers: [registry],
+    collect () {
+      const streams = store.listStreams()
+      this.set(streams.length)
+      for (const g of Object.values(partitionGauges)) g.reset()
+      for (const s of streams) {
+        const { tenant, stream } = splitStream(s.name)
+        for (let p = 0; p < s.partitions; p++) {
+          const info = store.partitionInfo(s.name, p)
+          const labels = { tenant, stream, partition: String(p) }
+          partitionGauges.start.set(labels, info.logStartOffset)
+          partitionGauges.end.set(labels, info.logEndOffset)
+          partitionGauges.bytes.set(labels, info.bytes)
+          if (info.oldestTimestamp !== null) partitionGauges.oldest.set(labels, info.oldestTimestamp / 1000)
+        }
+      }
+    },
+  })
+  const groupGauges = {
+    committed: new Gauge({ name: 'edgemq_group_committed_offset', help: 'Next offset the consumer group will consume.', labelNames: ['group', 'tenant', 'stream', 'partition'], registers: [registry] }),
+    lag: new Gauge({ name: 'edgemq_group_lag_messages', help: 'Log end offset minus the committed offset.', labelNames: ['group', 'tenant', 'stream', 'partition'], registers: [registry] }),
+  }
+  new Gauge({
+    name: 'edgemq_groups', help: 'Number of consumer groups.', registers: [registry],
+    collect () {
+      const groups = store.listGroups()
+      this.set(groups.length)
+      groupGauges.committed.reset()
+      groupGauges.lag.reset()
+      for (const g of groups) {
+        for (const [name, partitions] of Object.entries(g.offsets)) {
+          const { tenant, stream } = splitStream(name)
+          for (const [p, offset] of Object.entries(partitions)) {
+            const labels = { group: g.group, tenant, stream, partition: p }
+            groupGauges.committed.set(labels, offset)
+            groupGauges.lag.set(labels, Math.max(0, store.partitionInfo(name, Number(p)).logEndOffset - offset))
+          }
+        }
+      }
+    },
+  })
+
+  return {
+    ingestMessages: new Counter({ name: 'edgemq_ingest_messages_total', help: 'Messages appended to the log.', labelNames: ['tenant', 'stream'], registers: [registry] }),
+    ingestBytes: new Counter({ name: 'edgemq_ingest_bytes_total', help: 'Payload bytes appended to the log.', labelNames: ['tenant', 'stream'], registers: [registry] }),
+    appendLatency: new Histogram({
+      name: 'edgemq_append_duration_seconds', help: 'Time from a group commit\'s oldest append to the commit being durable.', registers: [registry],
+      buckets: [0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1],
+    }),
+    commitRecords: new Histogram({
+      name: 'edgemq_group_commit_records', help: 'Records per group commit (one LevelDB write).', registers: [registry],
+      buckets: [1, 2, 5, 10, 50, 100, 500, 1000, 5000, 20000],
+    }),
+    connectedClients: new Gauge({ name: 'edgemq_mqtt_connected_clients', help: 'Connected MQTT clients.', labelNames: ['tenant', 'listener'], registers: [registry] }),
+    connectionsRefused: new Counter({ name: 'edgemq_mqtt_connections_refused_total', help: 'Connections refused or closed for breaking a rule, by reason.', labelNames: ['listener', 'reason'], registers: [registry] }),
+    authFailures: new Counter({ name: 'edgemq_mqtt_auth_failures_total', help: 'CONNECTs with an unknown user or a wrong password.', labelNames: ['listener'], registers: [registry] }),
+    publishesRefused: new Counter({ name: 'edgemq_mqtt_publishes_refused_total', help: 'PUBLISH packets not appended, by reason.', labelNames: ['tenant', 'reason'], registers: [registry] }),
+    storeErrors: new Counter({ name: 'edgemq_store_errors_total', help: 'Failed log writes and reads.', labelNames: ['kind'], registers: [registry] }),
+    droppedRecords: new Counter({
+      name: 'edgemq_retention_dropped_records_total', help: 'Records deleted by the disk budget before a retention-holding group consumed them.',
+      labelNames: ['stream', 'partition', 'group'], registers: [registry],
+    }),
+    backpressure: new Gauge({ name: 'edgemq_mqtt_backpressure', help: '1 while sockets are paused because the log has too many pending appends.', registers: [registry] }),
+  }
+}
