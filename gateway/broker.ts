@@ -45,7 +45,17 @@ export interface BrokerDeps {
 export interface ListenerTagged { listener?: ListenerConfig }
 
 export interface BrokerPersistence {
-  incomingGetPacket (client: Client, packet: { messageId: number }): Promise<unknown>
+  incomingDelPacket (client: Client, packet: { messageId?: number }): Promise<void>
+  cleanIncoming (client: Client): Promise<void>
+}
+
+/** Dedupe ids of a client's QoS 2 publishes share this prefix (NUL cannot occur in a client id). */
+function qos2DedupePrefix (tenant: string, clientId: string): string {
+  return `mqtt-qos2/${tenant}/${clientId}\u0000`
+}
+
+function qos2DedupeId (tenant: string, clientId: string, messageId: number): string {
+  return `${qos2DedupePrefix(tenant, clientId)}${messageId}`
 }
 
 /** broker.publish as aedes calls it internally (its typings only declare the two-argument form). */
@@ -78,8 +88,6 @@ export function createBroker (deps: BrokerDeps): Aedes {
   const route = compileRoutes(config.routes)
   const identities = new WeakMap<Client, Identity>()
   const connects = new WeakMap<Client, ConnectInfo>()
-  /** QoS 2 message ids being appended, per client id, so a DUP that overtakes its original is not appended twice. */
-  const qos2InFlight = new Map<string, Set<number>>()
   const maxPending = config.mqtt.maxPendingAppends
 
   const refuse = (client: Client, reason: RefusalReason, detail: string): void => {
@@ -197,15 +205,15 @@ export function createBroker (deps: BrokerDeps): Aedes {
       const stream = `${who.tenant}/${target.stream}`
       const qos = packet.qos
       if (qos === 2) {
-        let inflight = qos2InFlight.get(client.id)
-        if (inflight?.has(packet.messageId!) === true) { markDone(packet); return callback(null) }
-        if (inflight === undefined) qos2InFlight.set(client.id, inflight = new Set())
-        inflight.add(packet.messageId!)
-        const release = (err?: Error | null): void => { inflight.delete(packet.messageId!); callback(err) }
-        // [MQTT-4.3.3-2] a retransmission of a message already stored (PUBREC sent, PUBREL not yet seen) is not appended again.
-        deps.persistence.incomingGetPacket(client, { messageId: packet.messageId! })
-          .then(() => { markDone(packet); release(null) },
-            () => appendThen(client, who, stream, target.key, topic, packet, (err) => err ? release(err) : publishBeforeAck(packet, client, release)))
+        // [MQTT-4.3.3-2] exactly once into the log: the append carries a dedupe id (tenant, client id, packet id) written
+        // atomically with the record, so a DUP retransmission — even one after a gateway crash — is not appended
+        // again. The id is forgotten when PUBREL completes the exchange (the client may then reuse the packet id).
+        const dedupeId = qos2DedupeId(who.tenant, client.id, packet.messageId!)
+        appendThen(client, who, stream, target.key, topic, packet, (err, duplicate) => {
+          if (err) return callback(err)
+          if (duplicate === true) { markDone(packet); return callback(null) }
+          publishBeforeAck(packet, client, callback)
+        }, dedupeId)
         return
       }
       // QoS 0 waits for its append too: there is no ack to hold back, but the wait keeps the client's socket
@@ -247,6 +255,22 @@ export function createBroker (deps: BrokerDeps): Aedes {
     },
   })
 
+  // PUBREL ends a QoS 2 exchange, and a clean session drops its unfinished ones: forget their dedupe ids before
+  // aedes answers, so the client may reuse those packet ids.
+  const { persistence } = deps
+  const incomingDelPacket = persistence.incomingDelPacket.bind(persistence)
+  persistence.incomingDelPacket = async (client, packet) => {
+    await incomingDelPacket(client, packet)
+    const who = identities.get(client)
+    if (who !== undefined && packet.messageId !== undefined) await store.forgetDedupe(qos2DedupeId(who.tenant, client.id, packet.messageId))
+  }
+  const cleanIncoming = persistence.cleanIncoming.bind(persistence)
+  persistence.cleanIncoming = async (client) => {
+    await cleanIncoming(client)
+    const who = identities.get(client)
+    if (who !== undefined) await store.forgetDedupePrefix(qos2DedupePrefix(who.tenant, client.id))
+  }
+
   // The second publish aedes makes after the PUBACK/PUBREC is a no-op for packets handled before the ack.
   const publish = (broker.publish as unknown as InternalPublish).bind(broker)
   const guarded: InternalPublish = (packet, client, done) => {
@@ -274,14 +298,17 @@ export function createBroker (deps: BrokerDeps): Aedes {
    * nothing is acknowledged that is not on disk.
    */
   function appendThen (client: Client, who: Identity, stream: string, key: string, topic: string, packet: PublishPacket,
-    done: (err?: Error | null) => void, delay = RETRY_MIN_MS): void {
+    done: (err: Error | null, duplicate?: boolean) => void, dedupeId?: string, delay = RETRY_MIN_MS): void {
     const payload = typeof packet.payload === 'string' ? Buffer.from(packet.payload) : packet.payload
     const labels = { tenant: who.tenant, stream: stream.slice(who.tenant.length + 1) }
-    store.append(stream, key, { payload, topic, qos: packet.qos, clientId: client.id }).then(() => {
-      metrics.ingestMessages.inc(labels)
-      metrics.ingestBytes.inc(labels, payload.byteLength)
+    const options = dedupeId === undefined ? undefined : { dedupeId }
+    store.append(stream, key, { payload, topic, qos: packet.qos, clientId: client.id }, options).then((result) => {
+      if (result.duplicate !== true) {
+        metrics.ingestMessages.inc(labels)
+        metrics.ingestBytes.inc(labels, payload.byteLength)
+      }
       if (delay !== RETRY_MIN_MS) deps.onStoreHealth(true)
-      done(null)
+      done(null, result.duplicate === true)
     }, (err: unknown) => {
       if (isStoreError(err, 'STORE_WRITE_FAILED') || isStoreError(err, 'STORE_CLOSED')) {
         metrics.storeErrors.inc({ kind: 'write' })
@@ -290,7 +317,7 @@ export function createBroker (deps: BrokerDeps): Aedes {
           refusePublish(who, 'store-failed', client.id, (err as Error).message)
           return done(packet.qos === 0 ? null : err as Error)
         }
-        setTimeout(() => appendThen(client, who, stream, key, topic, packet, done, Math.min(delay * 2, RETRY_MAX_MS)), delay).unref()
+        setTimeout(() => appendThen(client, who, stream, key, topic, packet, done, dedupeId, Math.min(delay * 2, RETRY_MAX_MS)), delay).unref()
         return
       }
       const reason: PublishRefusal = isStoreError(err, 'STORE_RECORD_TOO_LARGE') ? 'record-too-large' : 'store-failed'
@@ -311,8 +338,6 @@ export function createBroker (deps: BrokerDeps): Aedes {
   broker.on('clientDisconnect', (client) => {
     const who = identities.get(client)
     metrics.connectedClients.dec({ tenant: who?.tenant ?? 'unknown', listener: listenerOf(client)?.name ?? 'unknown' })
-    const inflight = qos2InFlight.get(client.id)
-    if (inflight !== undefined && inflight.size === 0) qos2InFlight.delete(client.id)
   })
   broker.on('clientError', (client, err) => {
     logger.info({ clientId: client.id, err: err.message }, 'client error')

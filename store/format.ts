@@ -14,6 +14,7 @@
  * | `T` streamId(u32) partition(u32) maxTs(u64)     | base offset, u64                        |
  * | `G` group(utf8) 0x00                            | cbor GroupMeta (holdsRetention)         |
  * | `O` group(utf8) 0x00 streamId(u32) partition(u32) | committed offset, u64                 |
+ * | `D` dedupeId(utf8)                              | streamId u32, partition u32, offset u64, timestamp f64 |
  *
  * Invariants:
  * - `B` entries of a partition cover [logStart, logEnd) without gaps or
@@ -26,6 +27,8 @@
  *   timestamp >= t, seek to the first `T` key >= t and scan forward from its
  *   batch. When retention deletes the batch of the first entry, it re-points
  *   that entry at the new log start, so the index never loses coverage.
+ * - A `D` entry is written in the same LevelDB batch as the record it
+ *   names, so after a crash an id is known exactly when its record exists.
  * - `P` is rewritten with every group commit and retention pass; `logEnd` is
  *   not stored, it is found by seeking to the last `B` key (or is `logStart`
  *   when retention removed every batch).
@@ -71,6 +74,7 @@ const TAG_BATCH = 0x42 // 'B'
 const TAG_TIME = 0x54 // 'T'
 const TAG_GROUP = 0x47 // 'G'
 const TAG_OFFSET = 0x4f // 'O'
+const TAG_DEDUPE = 0x44 // 'D'
 
 const TWO_32 = 2 ** 32
 
@@ -144,6 +148,25 @@ export const keys = {
       streamId: key.readUInt32BE(end),
       partition: key.readUInt32BE(end + 4),
     }
+  },
+}
+
+export interface DedupeEntry { readonly streamId: number, readonly partition: number, readonly offset: number, readonly timestamp: number }
+
+export const dedupe = {
+  key: (id: string): Buffer => Buffer.concat([Buffer.from([TAG_DEDUPE]), Buffer.from(id, 'utf8')]),
+  range: (): { gt: Buffer, lt: Buffer } => ({ gt: Buffer.from([TAG_DEDUPE]), lt: Buffer.from([TAG_DEDUPE + 1]) }),
+  id: (key: Buffer): string => key.subarray(1).toString('utf8'),
+  encode (e: DedupeEntry): Buffer {
+    const value = Buffer.allocUnsafe(24)
+    value.writeUInt32BE(e.streamId, 0)
+    value.writeUInt32BE(e.partition, 4)
+    writeU64(value, e.offset, 8)
+    value.writeDoubleBE(e.timestamp, 16)
+    return value
+  },
+  decode (value: Buffer): DedupeEntry {
+    return { streamId: value.readUInt32BE(0), partition: value.readUInt32BE(4), offset: readU64(value, 8), timestamp: value.readDoubleBE(16) }
   },
 }
 

@@ -19,7 +19,7 @@ import { ClassicLevel } from 'classic-level'
 import type { AbstractBatchOperation, AbstractBatchOptions, AbstractLevel } from 'abstract-level'
 import { StoreError } from './errors.ts'
 import {
-  FORMAT_VERSION, MAX_BATCH_BYTES, MAX_BATCH_RECORDS, decodeBatch, decodeMeta, encodeBatch, encodeMeta, encodeU64,
+  FORMAT_VERSION, MAX_BATCH_BYTES, dedupe, MAX_BATCH_RECORDS, decodeBatch, decodeMeta, encodeBatch, encodeMeta, encodeU64,
   keys, readBatchHeader, readU64, type BatchHeader, type PendingRecord,
 } from './format.ts'
 import { partitionForKey } from './partitioner.ts'
@@ -27,7 +27,7 @@ import {
   MAX_PARTITIONS, checkCount, checkGroupName, checkOffset, checkStreamName, checkTimestamp, toPendingRecord,
 } from './validate.ts'
 import {
-  systemClock, type AppendResult, type Clock, type DroppedRecords, type Durability, type GroupInfo, type GroupOptions,
+  systemClock, type AppendOptions, type AppendResult, type Clock, type DroppedRecords, type Durability, type GroupInfo, type GroupOptions,
   type LogStore, type PartitionInfo, type PartitionLag, type ReadOptions, type ReadResult, type RecordInput,
   type ResetSpec, type RetentionReport, type StoreLogger, type StoreObserver, type StoredRecord, type StreamInfo,
   type StreamOptions,
@@ -55,6 +55,8 @@ export interface LogStoreOptions {
   readonly clock?: Clock
   readonly logger?: StoreLogger
   readonly observer?: StoreObserver
+  /** Dedupe ids older than this are forgotten by retention (ms). Default 7 days. */
+  readonly dedupeRetentionMs?: number
 }
 
 export const DEFAULT_MAX_RECORD_BYTES = 1024 * 1024
@@ -82,6 +84,8 @@ interface PartitionState {
   pending: PendingRecord[]
   resolvers: Array<(result: AppendResult) => void>
   rejecters: Array<(err: Error) => void>
+  /** Dedupe id of the pending record at the same index, if it has one. */
+  dedupeIds: Array<string | undefined>
 }
 
 interface StreamMeta { id: number, partitions: number, retentionMs: number, retentionBytes: number }
@@ -127,6 +131,11 @@ class LevelLogStore implements LogStore {
   readonly #observer: StoreObserver
   readonly #streams = new Map<string, StreamState>()
   readonly #groups = new Map<string, GroupState>()
+  /** Dedupe ids on disk, with where their record went. */
+  readonly #dedupe = new Map<string, { part: PartitionState, offset: number, timestamp: number }>()
+  /** Dedupe ids of appends not yet committed, resolving with their result. */
+  readonly #dedupePending = new Map<string, Promise<AppendResult>>()
+  readonly #dedupeRetentionMs: number
   #nextStreamId = 1
 
   // Writer state.
@@ -148,6 +157,7 @@ class LevelLogStore implements LogStore {
     this.#clock = options.clock ?? systemClock
     this.#logger = options.logger ?? consoleLogger
     this.#observer = options.observer ?? {}
+    this.#dedupeRetentionMs = checkCount(options.dedupeRetentionMs ?? 7 * 24 * 3600 * 1000, 'dedupeRetentionMs', 0, Number.MAX_SAFE_INTEGER)
     if (options.durability !== undefined && options.durability !== 'sync' && options.durability !== 'async') {
       throw new StoreError('STORE_INVALID_ARGUMENT', `durability must be "sync" or "async", got ${String(options.durability)}`)
     }
@@ -173,6 +183,11 @@ class LevelLogStore implements LogStore {
     const byId = new Map([...this.#streams.values()].map((s) => [s.id, s]))
     for (const [key, value] of await this.#db.iterator(keys.groupRange()).all()) {
       this.#groups.set(keys.groupName(key), { holdsRetention: decodeMeta<GroupOptions>(value).holdsRetention, offsets: new Map() })
+    }
+    for (const [key, value] of await this.#db.iterator(dedupe.range()).all()) {
+      const entry = dedupe.decode(value)
+      const part = byId.get(entry.streamId)?.partitions[entry.partition]
+      if (part !== undefined) this.#dedupe.set(dedupe.id(key), { part, offset: entry.offset, timestamp: entry.timestamp })
     }
     for (const [key, value] of await this.#db.iterator(keys.offsetRange()).all()) {
       const { group, streamId, partition } = keys.parseOffset(key)
@@ -217,7 +232,7 @@ class LevelLogStore implements LogStore {
     const stream: StreamState = { name, id: meta.id, partitions: [], retentionMs: meta.retentionMs, retentionBytes: meta.retentionBytes }
     for (let p = 0; p < meta.partitions; p++) {
       stream.partitions.push({
-        stream, partition: p, logStart: 0, logEnd: 0, bytes: 0, indexedMaxTs: -Infinity, oldestTs: null, newestTs: null, pending: [], resolvers: [], rejecters: [],
+        stream, partition: p, logStart: 0, logEnd: 0, bytes: 0, indexedMaxTs: -Infinity, oldestTs: null, newestTs: null, pending: [], resolvers: [], rejecters: [], dedupeIds: [],
       })
     }
     this.#streams.set(name, stream)
@@ -309,25 +324,53 @@ class LevelLogStore implements LogStore {
 
   // ---------------------------------------------------------------- appends
 
-  append (stream: string, key: string, record: RecordInput): Promise<AppendResult> {
+  append (stream: string, key: string, record: RecordInput, options?: AppendOptions): Promise<AppendResult> {
     let part: PartitionState
     let pending: PendingRecord
+    const dedupeId = options?.dedupeId
     try {
       this.#checkOpen()
       const s = this.#stream(stream)
       pending = toPendingRecord(key, record, this.#clock.now(), this.#maxRecordBytes)
       part = s.partitions[partitionForKey(key, s.partitions.length)] as PartitionState
+      if (dedupeId !== undefined) {
+        if (typeof dedupeId !== 'string' || dedupeId.length === 0 || dedupeId.length > 1024) {
+          throw new StoreError('STORE_INVALID_ARGUMENT', 'dedupeId must be a string of 1 to 1024 characters')
+        }
+        const seen = this.#dedupe.get(dedupeId)
+        if (seen !== undefined) return Promise.resolve({ partition: seen.part.partition, offset: seen.offset, duplicate: true })
+        const inFlight = this.#dedupePending.get(dedupeId)
+        if (inFlight !== undefined) return inFlight.then((r) => ({ partition: r.partition, offset: r.offset, duplicate: true }))
+      }
     } catch (err) {
       return Promise.reject(err)
     }
-    return new Promise((resolve, reject) => {
+    const result = new Promise<AppendResult>((resolve, reject) => {
       if (part.pending.length === 0) this.#dirty.push(part)
       part.pending.push(pending)
       part.resolvers.push(resolve)
       part.rejecters.push(reject)
+      part.dedupeIds.push(dedupeId)
       if (this.#pending++ === 0) this.#oldestPendingAt = performance.now()
       this.#kick()
     })
+    if (dedupeId !== undefined) this.#dedupePending.set(dedupeId, result)
+    return result
+  }
+
+  async forgetDedupe (dedupeId: string): Promise<void> {
+    this.#checkOpen()
+    if (!this.#dedupe.has(dedupeId)) return
+    await this.#db.del(dedupe.key(dedupeId), this.#sync)
+    this.#dedupe.delete(dedupeId)
+  }
+
+  async forgetDedupePrefix (prefix: string): Promise<void> {
+    this.#checkOpen()
+    const ids = [...this.#dedupe.keys()].filter((id) => id.startsWith(prefix))
+    if (ids.length === 0) return
+    await this.#db.batch(ids.map((id) => ({ type: 'del' as const, key: dedupe.key(id) })), this.#sync)
+    for (const id of ids) this.#dedupe.delete(id)
   }
 
   #kick (): void {
@@ -365,15 +408,16 @@ class LevelLogStore implements LogStore {
     this.#dirty = []
     const startedAt = this.#oldestPendingAt
     const ops: BatchOp[] = []
-    const plans: Array<{ part: PartitionState, resolvers: PartitionState['resolvers'], rejecters: PartitionState['rejecters'], end: number, bytes: number, indexedMaxTs: number, firstTs: number, lastTs: number }> = []
+    const plans: Array<{ part: PartitionState, appends: PendingRecord[], resolvers: PartitionState['resolvers'], rejecters: PartitionState['rejecters'], dedupeIds: PartitionState['dedupeIds'], end: number, bytes: number, indexedMaxTs: number, firstTs: number, lastTs: number }> = []
     let records = 0
     let bytes = 0
     for (const part of parts) {
       const appends = part.pending
-      const { resolvers, rejecters } = part
+      const { resolvers, rejecters, dedupeIds } = part
       part.pending = []
       part.resolvers = []
       part.rejecters = []
+      part.dedupeIds = []
       const { id } = part.stream
       let base = part.logEnd
       let partBytes = part.bytes
@@ -394,6 +438,13 @@ class LevelLogStore implements LogStore {
           ops.push({ type: 'put', key: keys.time(id, part.partition, header.maxTimestamp), value: encodeU64(base) })
           indexedMaxTs = header.maxTimestamp
         }
+        for (let k = i; k < j; k++) {
+          const id = dedupeIds[k]
+          if (id !== undefined) {
+            const value = dedupe.encode({ streamId: part.stream.id, partition: part.partition, offset: base + (k - i), timestamp: (appends[k] as PendingRecord).timestamp })
+            ops.push({ type: 'put', key: dedupe.key(id), value })
+          }
+        }
         if (firstTs === Infinity) firstTs = header.firstTimestamp
         lastTs = Math.max(lastTs, header.maxTimestamp)
         partBytes += header.bytes
@@ -402,7 +453,7 @@ class LevelLogStore implements LogStore {
         i = j
       }
       ops.push({ type: 'put', key: keys.partition(id, part.partition), value: encodeMeta({ logStart: part.logStart, bytes: partBytes } satisfies PartitionMeta) })
-      plans.push({ part, resolvers, rejecters, end: base, bytes: partBytes, indexedMaxTs, firstTs, lastTs })
+      plans.push({ part, appends, resolvers, rejecters, dedupeIds, end: base, bytes: partBytes, indexedMaxTs, firstTs, lastTs })
       records += appends.length
     }
     const writeStart = performance.now()
@@ -415,13 +466,16 @@ class LevelLogStore implements LogStore {
       const err = new StoreError('STORE_WRITE_FAILED', `group commit of ${records} records failed: ${(cause as Error).message}`, { cause })
       this.#logger.error({ code: err.code, records, cause: (cause as Error).message }, 'group commit failed; its appends were rejected')
       this.#observer.onWriteError?.(err)
-      for (const plan of plans) for (const reject of plan.rejecters) reject(err)
+      for (const plan of plans) {
+        for (const id of plan.dedupeIds) if (id !== undefined) this.#dedupePending.delete(id)
+        for (const reject of plan.rejecters) reject(err)
+      }
       return
     }
     const done = performance.now()
     this.#pending -= records
     for (const plan of plans) {
-      const { part, resolvers } = plan
+      const { part, resolvers, dedupeIds } = plan
       const first = part.logEnd
       if (part.logEnd === part.logStart) part.oldestTs = plan.firstTs
       part.logEnd = plan.end
@@ -429,6 +483,12 @@ class LevelLogStore implements LogStore {
       part.indexedMaxTs = plan.indexedMaxTs
       part.newestTs = Math.max(part.newestTs ?? -Infinity, plan.lastTs)
       const partition = part.partition
+      for (let i = 0; i < dedupeIds.length; i++) {
+        const id = dedupeIds[i]
+        if (id === undefined) continue
+        this.#dedupe.set(id, { part, offset: first + i, timestamp: (plan.appends[i] as PendingRecord).timestamp })
+        this.#dedupePending.delete(id)
+      }
       for (let i = 0; i < resolvers.length; i++) (resolvers[i] as (result: AppendResult) => void)({ partition, offset: first + i })
     }
     this.#observer.onCommit?.({ records, bytes, latencyMs: done - startedAt, durationMs: done - writeStart })
@@ -661,6 +721,7 @@ class LevelLogStore implements LogStore {
         }))
       }
     }
+    await this.#pruneDedupe(now)
     if (this.#diskBudgetBytes > 0) {
       while (this.totalBytes > this.#diskBudgetBytes) {
         const victim = this.#oldestPartition()
@@ -671,6 +732,15 @@ class LevelLogStore implements LogStore {
       }
     }
     return report
+  }
+
+  /** Forgets dedupe ids older than the dedupe retention. */
+  async #pruneDedupe (now: number): Promise<void> {
+    if (this.#dedupeRetentionMs === 0) return
+    const expired = [...this.#dedupe].filter(([, e]) => e.timestamp < now - this.#dedupeRetentionMs).map(([id]) => id)
+    if (expired.length === 0) return
+    await this.#db.batch(expired.map((id) => ({ type: 'del' as const, key: dedupe.key(id) })), this.#sync)
+    for (const id of expired) this.#dedupe.delete(id)
   }
 
   #oldestPartition (): PartitionState | undefined {

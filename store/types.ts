@@ -84,6 +84,20 @@ export interface StoredRecord {
 export interface AppendResult {
   readonly partition: number
   readonly offset: number
+  /** Set when the append carried a dedupe id the store had already seen: nothing new was written. */
+  readonly duplicate?: true
+}
+
+export interface AppendOptions {
+  /**
+   * Makes the append idempotent: the id is written in the same atomic batch
+   * as the record, and a later append with the same id (also after a crash
+   * and reopen) resolves with the first one's partition and offset and
+   * `duplicate: true` instead of appending again. Ids are kept until
+   * {@link LogStore.forgetDedupe} or until they are older than the store's
+   * dedupe retention.
+   */
+  readonly dedupeId?: string
 }
 
 export interface ReadOptions {
@@ -196,7 +210,13 @@ export interface LogStore {
    * returned offset is then readable. Concurrent appends are committed
    * together; an idle store writes a lone append at once.
    */
-  append (stream: string, key: string, record: RecordInput): Promise<AppendResult>
+  append (stream: string, key: string, record: RecordInput, options?: AppendOptions): Promise<AppendResult>
+
+  /** Forgets a dedupe id, so the next append carrying it is written again (MQTT reuses packet ids). */
+  forgetDedupe (dedupeId: string): Promise<void>
+
+  /** Forgets every dedupe id that starts with `prefix` (a client's ids when its session is cleaned). */
+  forgetDedupePrefix (prefix: string): Promise<void>
 
   /**
    * Reads records from `fromOffset` in offset order. `fromOffset` equal to

@@ -209,6 +209,43 @@ for (const makeBackend of backends) {
       })
     })
 
+    describe('idempotent appends', () => {
+      writeTest('appends a record carrying a dedupe id once, also across a reopen', async (ctx) => {
+        await ctx.store.createStream('t/s', { partitions: 2 })
+        const [a, b] = await Promise.all([
+          ctx.store.append('t/s', 'k', { payload: payloadOf(1) }, { dedupeId: 'client-1/42' }),
+          ctx.store.append('t/s', 'k', { payload: payloadOf(1) }, { dedupeId: 'client-1/42' }),
+        ])
+        expect(a).toEqual({ partition: a.partition, offset: 0 })
+        expect(b).toEqual({ partition: a.partition, offset: 0, duplicate: true })
+        expect(await ctx.store.append('t/s', 'k', { payload: payloadOf(1) }, { dedupeId: 'client-1/42' })).toMatchObject({ offset: 0, duplicate: true })
+        await ctx.store.append('t/s', 'k', { payload: payloadOf(2) }, { dedupeId: 'client-1/43' })
+        await ctx.checkpoint()
+        expect(await ctx.store.append('t/s', 'k', { payload: payloadOf(1) }, { dedupeId: 'client-1/42' })).toMatchObject({ offset: 0, duplicate: true })
+        expect(ctx.store.partitionInfo('t/s', a.partition).logEndOffset).toBe(2)
+        // MQTT reuses packet ids once the exchange completes: a forgotten id appends again.
+        await ctx.store.forgetDedupe('client-1/42')
+        await ctx.checkpoint()
+        expect(await ctx.store.append('t/s', 'k', { payload: payloadOf(3) }, { dedupeId: 'client-1/42' })).toEqual({ partition: a.partition, offset: 2 })
+        await ctx.store.append('t/s', 'k', { payload: payloadOf(4) }, { dedupeId: 'client-2/1' })
+        await ctx.store.forgetDedupePrefix('client-1/')
+        await ctx.checkpoint()
+        expect((await ctx.store.append('t/s', 'k', { payload: payloadOf(5) }, { dedupeId: 'client-1/43' })).duplicate).toBeUndefined()
+        expect((await ctx.store.append('t/s', 'k', { payload: payloadOf(4) }, { dedupeId: 'client-2/1' })).duplicate).toBe(true)
+      })
+
+      it('forgets dedupe ids older than the dedupe retention', async () => {
+        const { store, clock } = await setup({ dedupeRetentionMs: 60_000 })
+        await store.createStream('t/s', { partitions: 1 })
+        await store.append('t/s', 'k', { payload: payloadOf(1) }, { dedupeId: 'old' })
+        clock.advance(61_000)
+        await store.append('t/s', 'k', { payload: payloadOf(2) }, { dedupeId: 'new' })
+        await store.enforceRetention()
+        expect((await store.append('t/s', 'k', { payload: payloadOf(1) }, { dedupeId: 'old' })).duplicate).toBeUndefined()
+        expect((await store.append('t/s', 'k', { payload: payloadOf(2) }, { dedupeId: 'new' })).duplicate).toBe(true)
+      })
+    })
+
     describe('time index', () => {
       writeTest('finds the first offset at or after a time without scanning the log', async (ctx) => {
         await ctx.store.createStream('t/s', { partitions: 1 })
@@ -406,6 +443,7 @@ for (const makeBackend of backends) {
           ['bad group name', () => store.commitOffset('', 't/s', p, 0), 'STORE_INVALID_NAME'],
           ['bad reset', () => store.resetGroup('g', 't/s', { to: 'yesterday' } as unknown as { to: 'latest' }), 'STORE_INVALID_ARGUMENT'],
           ['unknown group delete', () => store.deleteGroup('ghost'), 'STORE_UNKNOWN_GROUP'],
+          ['empty dedupe id', () => store.append('t/s', 'k', { payload: payloadOf(1) }, { dedupeId: '' }), 'STORE_INVALID_ARGUMENT'],
         ]
         for (const [what, call, code] of cases) {
           await expect(call(), what).rejects.toMatchObject({ code, name: 'StoreError' })
