@@ -77,5 +77,6 @@ export function toPendingRecord (key: unknown, input: RecordInput, now: number, 
   if (size > maxRecordBytes) {
     throw new StoreError('STORE_RECORD_TOO_LARGE', `record of ${size} bytes exceeds maxRecordBytes (${maxRecordBytes})`)
   }
-  return { timestamp, key, topic, payload, qos, clientId, headers: headers ?? null }
+  // Whole milliseconds: the time index keys on them, and two stamps within one ms must not look ordered apart.
+  return { timestamp: Math.floor(timestamp), key, topic, payload, qos, clientId, headers: headers ?? null }
 }
