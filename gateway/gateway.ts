@@ -37,6 +37,8 @@ export interface Gateway {
 export interface GatewayDeps {
   readonly logger: Logger
   readonly registry?: Registry
+  /** A database to use instead of opening `<dataDir>/db` (tests inject faults through it); closed with the gateway. */
+  readonly database?: LevelDatabase
 }
 
 /** Refuses configurations that would expose an open broker beyond this machine. */
@@ -57,9 +59,9 @@ export async function startGateway (config: GatewayConfig, deps: GatewayDeps): P
   checkListenerSecurity(config, logger)
   const registry = deps.registry ?? new Registry()
   await mkdir(config.dataDir, { recursive: true })
-  const db = new ClassicLevel<Buffer, Buffer>(path.join(config.dataDir, 'db'), { keyEncoding: 'buffer', valueEncoding: 'buffer' })
-  await db.open()
-  const root = db as unknown as LevelDatabase
+  const root = deps.database ?? new ClassicLevel<Buffer, Buffer>(path.join(config.dataDir, 'db'), { keyEncoding: 'buffer', valueEncoding: 'buffer' }) as unknown as LevelDatabase
+  if (root.status !== 'open') await root.open()
+  const db = root
   const cleanups: Array<() => Promise<void>> = [() => db.close()]
   const undo = async (): Promise<void> => { for (const c of cleanups.reverse()) await c().catch(() => {}) }
 
@@ -74,6 +76,7 @@ export async function startGateway (config: GatewayConfig, deps: GatewayDeps): P
       else logger.error({ err: err?.message }, 'log writes fail: gateway stops acknowledging until the disk recovers')
     }
     let diskFree: number | undefined
+    const sessionsDb = root.sublevel<Buffer, Buffer>('sessions', { keyEncoding: 'buffer', valueEncoding: 'buffer' }) as unknown as LevelDatabase
     const guards = new GuardGroup()
     // Created before the store so the observer can reach it; filled right after.
     // eslint-disable-next-line prefer-const -- assigned once the store it observes exists
@@ -83,6 +86,12 @@ export async function startGateway (config: GatewayConfig, deps: GatewayDeps): P
       durability: config.store.durability,
       maxRecordBytes: config.store.maxRecordBytes,
       diskBudgetBytes: config.store.diskBudgetBytes,
+      // The session persistence shares this database; reopening it gives both a fresh write-ahead log.
+      reopen: async () => {
+        await root.close()
+        await root.open()
+        if (sessionsDb.status !== 'open') await sessionsDb.open() // sublevels stay closed until opened again
+      },
       logger: {
         warn: (fields, msg) => logger.warn(fields, msg),
         error: (fields, msg) => logger.error(fields, msg),
@@ -115,9 +124,7 @@ export async function startGateway (config: GatewayConfig, deps: GatewayDeps): P
       }
     }
 
-    const persistence = new LevelSessionPersistence(
-      root.sublevel<Buffer, Buffer>('sessions', { keyEncoding: 'buffer', valueEncoding: 'buffer' }) as unknown as LevelDatabase,
-      { durability: config.store.durability })
+    const persistence = new LevelSessionPersistence(sessionsDb, { durability: config.store.durability })
     const broker = createBroker({ config, store, persistence, metrics, logger, guards, onStoreHealth: setHealth })
     const brokerEvents = broker as unknown as NodeJS.EventEmitter
     brokerEvents.on('error', (err: Error) => logger.error({ err: err.message }, 'broker error'))

@@ -57,6 +57,14 @@ export interface LogStoreOptions {
   readonly observer?: StoreObserver
   /** Dedupe ids older than this are forgotten by retention (ms). Default 7 days. */
   readonly dedupeRetentionMs?: number
+  /**
+   * Closes and reopens the database after a failed write, before the store
+   * writes again (the store does this itself for a database it opened). After
+   * a failed write, LevelDB's write-ahead log may end in a torn record, and
+   * records appended after it can be lost at the next recovery; reopening
+   * starts a fresh log file.
+   */
+  readonly reopen?: () => Promise<void>
 }
 
 export const DEFAULT_MAX_RECORD_BYTES = 1024 * 1024
@@ -91,6 +99,13 @@ interface PartitionState {
 interface StreamMeta { id: number, partitions: number, retentionMs: number, retentionBytes: number }
 interface PartitionMeta { logStart: number, bytes: number }
 interface GroupState { holdsRetention: boolean, offsets: Map<PartitionState, number> }
+
+/** The innermost cause's message: abstract-level wraps the interesting one (ENOSPC) in its own errors. */
+function rootMessage (err: unknown): string {
+  let e = err as { message?: string, cause?: unknown } | undefined
+  while (e?.cause !== undefined && e.cause !== null && typeof e.cause === 'object') e = e.cause as { message?: string, cause?: unknown }
+  return e?.message ?? String(err)
+}
 
 const consoleLogger: StoreLogger = {
   warn: (fields, message) => console.warn(JSON.stringify({ level: 'warn', msg: message, ...fields })),
@@ -147,6 +162,9 @@ class LevelLogStore implements LogStore {
   #scheduled = false
   #closing = false
   #closed = false
+  /** Set by a failed write: the database is reopened and offsets re-read before the next commit. */
+  #needsRecovery = false
+  readonly #reopen: () => Promise<void>
 
   constructor (db: LogDb, options: LogStoreOptions, owned: ClassicLevel<Buffer, Buffer> | undefined) {
     this.#db = db
@@ -157,6 +175,7 @@ class LevelLogStore implements LogStore {
     this.#clock = options.clock ?? systemClock
     this.#logger = options.logger ?? consoleLogger
     this.#observer = options.observer ?? {}
+    this.#reopen = options.reopen ?? (owned === undefined ? async () => {} : async () => { await owned.close(); await owned.open() })
     this.#dedupeRetentionMs = checkCount(options.dedupeRetentionMs ?? 7 * 24 * 3600 * 1000, 'dedupeRetentionMs', 0, Number.MAX_SAFE_INTEGER)
     if (options.durability !== undefined && options.durability !== 'sync' && options.durability !== 'async') {
       throw new StoreError('STORE_INVALID_ARGUMENT', `durability must be "sync" or "async", got ${String(options.durability)}`)
@@ -386,12 +405,37 @@ class LevelLogStore implements LogStore {
     this.#running = true
     try {
       while (this.#dirty.length > 0 || this.#tasks.length > 0) {
+        if (this.#needsRecovery) await this.#recover()
         if (this.#dirty.length > 0) await this.#commit().catch((err: unknown) => this.#logger.error({ err: String(err) }, 'group commit crashed'))
         const task = this.#tasks.shift()
         if (task !== undefined) await task()
       }
     } finally {
       this.#running = false
+    }
+  }
+
+  /**
+   * After a failed write: reopen the database (fresh write-ahead log) and
+   * re-read every partition's offsets, since the failed batch may or may not
+   * have reached the disk. Retried with backoff while it fails (the disk is
+   * still full); appends wait meanwhile, so nothing is acknowledged on a
+   * write-ahead log that may be torn.
+   */
+  async #recover (): Promise<void> {
+    for (let delay = 100; this.#needsRecovery; delay = Math.min(delay * 2, 5000)) {
+      try {
+        await this.#reopen()
+        // A sublevel does not reopen with its parent.
+        if (this.#db.status !== 'open') await this.#db.open()
+        for (const stream of this.#streams.values()) for (const part of stream.partitions) await this.#recoverPartition(part)
+        this.#needsRecovery = false
+        this.#logger.warn({}, 'database reopened after a failed write; appends continue')
+      } catch (err) {
+        this.#logger.error({ err: rootMessage(err) }, `database reopen failed; retrying in ${delay} ms`)
+        if (this.#closing) return
+        await new Promise((resolve) => setTimeout(resolve, delay))
+      }
     }
   }
 
@@ -463,8 +507,9 @@ class LevelLogStore implements LogStore {
       await this.#db.batch(ops, this.#sync)
     } catch (cause) {
       this.#pending -= records
-      const err = new StoreError('STORE_WRITE_FAILED', `group commit of ${records} records failed: ${(cause as Error).message}`, { cause })
-      this.#logger.error({ code: err.code, records, cause: (cause as Error).message }, 'group commit failed; its appends were rejected')
+      this.#needsRecovery = true
+      const err = new StoreError('STORE_WRITE_FAILED', `group commit of ${records} records failed: ${rootMessage(cause)}`, { cause })
+      this.#logger.error({ code: err.code, records, cause: rootMessage(cause) }, 'group commit failed; its appends were rejected')
       this.#observer.onWriteError?.(err)
       for (const plan of plans) {
         for (const id of plan.dedupeIds) if (id !== undefined) this.#dedupePending.delete(id)

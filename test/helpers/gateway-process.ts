@@ -10,6 +10,10 @@ import path from 'node:path'
 import { stringify } from 'yaml'
 
 const ROOT = path.resolve(import.meta.dirname, '../..')
+
+/** Every gateway this test process started; SIGKILLed when it exits, so a failed test leaves no orphan. */
+const children = new Set<ChildProcess>()
+process.once('exit', () => { for (const c of children) c.kill('SIGKILL') })
 const BIN = path.join(ROOT, 'gateway/edgemq.mjs')
 
 export interface GatewayProcess {
@@ -53,6 +57,8 @@ export async function startGatewayProcess (options: { dataDir: string, config?: 
   if (options.config !== undefined) args.push('--config', options.config)
   else args.push('--mqtt-port', '0')
   const child = spawn(process.execPath, args, { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] })
+  children.add(child)
+  child.once('exit', () => children.delete(child))
   let stderr = ''
   child.stderr!.on('data', (d: Buffer) => { stderr += d.toString(); if (stderr.length > 1_000_000) stderr = stderr.slice(-500_000) })
   const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)))
