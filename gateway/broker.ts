@@ -19,6 +19,7 @@
  * authorizeForward removes it, and refuses to forward across tenants.
  */
 import { Aedes, type Client, type PublishPacket } from 'aedes'
+import type { TLSSocket } from 'node:tls'
 import type { Logger } from 'pino'
 import { isStoreError, type LogStore } from '../store/index.ts'
 import { isAllowed, UserDirectory, type Identity } from './auth.ts'
@@ -42,7 +43,11 @@ export interface BrokerDeps {
 }
 
 /** aedes hands the hooks our ConnectionGuard as `client.conn`; this reads its listener back. */
-export interface ListenerTagged { listener?: ListenerConfig }
+export interface ListenerTagged {
+  listener?: ListenerConfig
+  /** The TLS socket under the connection (tls, and the HTTPS request of a wss one), for certIdentity. */
+  tlsSocket?: TLSSocket
+}
 
 export interface BrokerPersistence {
   incomingDelPacket (client: Client, packet: { messageId?: number }): Promise<void>
@@ -137,6 +142,10 @@ export function createBroker (deps: BrokerDeps): Aedes {
       }
       const accept = (who: Identity): void => {
         identities.set(client, who)
+        // Client ids are per tenant. aedes keys session takeover, stored subscriptions and offline queues by
+        // client.id and reads it only after this hook, so a tenant's ids are scoped here; U+0000 is refused in
+        // client ids above, so a scoped id never equals another tenant's (or tenant "default"'s unscoped) id.
+        if (who.tenant !== 'default') (client as { id: string }).id = `${who.tenant}\u0000${who.clientId}`
         // The will is published by aedes without authorizePublish: check and mount it now.
         const will = (client as unknown as { _will: { topic: string } | null })._will
         if (will !== null && will !== undefined) {
@@ -248,8 +257,12 @@ export function createBroker (deps: BrokerDeps): Aedes {
       // Every caller hands over a packet of its own (a per-subscription copy, or a queued packet read back from
       // disk), and the reconnect path writes that very object rather than the returned one: unmount in place.
       const who = identities.get(client)
-      const topic = who === undefined ? null : unmountTopic(who.tenant, packet.topic)
+      if (who === undefined) return null
+      const topic = unmountTopic(who.tenant, packet.topic)
       if (topic === null) return null
+      // Read access is checked per message too, as Mosquitto does: a subscribe deny rule (admin/#) also holds
+      // against a wider filter the client was granted (#).
+      if (!isAllowed(config.acl, who, 'subscribe', topic)) return null
       packet.topic = topic
       return packet
     },
@@ -302,7 +315,7 @@ export function createBroker (deps: BrokerDeps): Aedes {
     const payload = typeof packet.payload === 'string' ? Buffer.from(packet.payload) : packet.payload
     const labels = { tenant: who.tenant, stream: stream.slice(who.tenant.length + 1) }
     const options = dedupeId === undefined ? undefined : { dedupeId }
-    store.append(stream, key, { payload, topic, qos: packet.qos, clientId: client.id }, options).then((result) => {
+    store.append(stream, key, { payload, topic, qos: packet.qos, clientId: who.clientId }, options).then((result) => {
       if (result.duplicate !== true) {
         metrics.ingestMessages.inc(labels)
         metrics.ingestBytes.inc(labels, payload.byteLength)
@@ -359,7 +372,6 @@ export function releaseBackpressure (guards: GuardGroup, store: LogStore, maxPen
 
 function certificateUser (client: Client, listener: ListenerConfig | undefined): string | undefined {
   if (listener?.tls?.certIdentity !== true) return undefined
-  const socket = (client.conn as unknown as { socket?: { getPeerCertificate?: () => { subject?: { CN?: string } } } }).socket
-  const cn = socket?.getPeerCertificate?.()?.subject?.CN
+  const cn: unknown = (client.conn as unknown as ListenerTagged).tlsSocket?.getPeerCertificate()?.subject?.CN
   return typeof cn === 'string' && cn !== '' ? cn : undefined
 }

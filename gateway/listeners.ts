@@ -71,7 +71,11 @@ export async function startListener (listener: ListenerConfig, deps: ListenerDep
         logger.warn({ listener: listener.name, remote: (stream as net.Socket).remoteAddress }, 'client over mqtt.publishRatePerClient: slowing it down')
       },
     });
-    (guard as ListenerTagged).listener = listener
+    const tagged = guard as ListenerTagged
+    tagged.listener = listener
+    // certIdentity reads the peer certificate here: the wss stream aedes gets is a WebSocket, not the TLS socket.
+    const tlsSocket = stream instanceof tls.TLSSocket ? stream : req?.socket instanceof tls.TLSSocket ? req.socket : undefined
+    if (tlsSocket !== undefined) tagged.tlsSocket = tlsSocket
     stream.on('error', () => {}) // reported through aedes' connectionError
     broker.handle(guard as unknown as net.Socket, req as http.IncomingMessage)
   }
