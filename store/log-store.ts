@@ -560,7 +560,7 @@ class LevelLogStore implements LogStore {
           bytes += r.payload.byteLength
         }
         return true
-      })
+      }, () => records.length < maxRecords && bytes < maxBytes)
     }
     const nextOffset = records.length > 0 ? (records[records.length - 1] as StoredRecord).offset + 1 : fromOffset
     return { records, nextOffset, logStartOffset: part.logStart, logEndOffset: part.logEnd }
@@ -576,20 +576,23 @@ class LevelLogStore implements LogStore {
 
   /**
    * Calls `onBatch` with the decoded records of each batch from the one
-   * holding `from` up to `end`, until it returns false. Seeks backwards once
-   * to find the batch that contains `from`, then iterates forwards.
+   * holding `from` up to `end`, while `wantMore()` holds and `onBatch`
+   * returns true; a batch that will not be used is neither read, checked
+   * nor decoded. Seeks backwards (keys only) for the batch holding `from`,
+   * then iterates forwards one batch per call.
    */
-  async #scan (part: PartitionState, from: number, end: number, onBatch: (records: StoredRecord[]) => boolean): Promise<void> {
+  async #scan (part: PartitionState, from: number, end: number, onBatch: (records: StoredRecord[]) => boolean,
+    wantMore: () => boolean = () => true): Promise<void> {
     const { id } = part.stream
     const range = keys.batchRange(id, part.partition)
     const [containing] = await this.#db.keys({ gte: range.gte, lte: keys.batch(id, part.partition, from), reverse: true, limit: 1 }).all()
     const iterator = this.#db.iterator({ gte: containing ?? keys.batch(id, part.partition, from), lt: keys.batch(id, part.partition, end) })
     try {
+      let entries = await iterator.nextv(1)
       let expected = from
-      for (;;) {
-        const entries = await iterator.nextv(8)
-        if (entries.length === 0) break
+      while (entries.length > 0) {
         for (const [key, value] of entries) {
+          if (!wantMore()) return
           const where = { stream: part.stream.name, partition: part.partition, baseOffset: keys.batchBase(key) }
           const header = readBatchHeader(value, where)
           if (header.baseOffset + header.count <= from) continue
@@ -602,6 +605,9 @@ class LevelLogStore implements LogStore {
           expected = header.baseOffset + header.count
           if (!onBatch(decodeBatch(value, header, where))) return
         }
+        // One batch per call, and only while the reader wants more: each can be a megabyte.
+        if (!wantMore()) return
+        entries = await iterator.nextv(1)
       }
     } finally {
       await iterator.close()
