@@ -146,16 +146,6 @@ export function createBroker (deps: BrokerDeps): Aedes {
         // client.id and reads it only after this hook, so a tenant's ids are scoped here; U+0000 is refused in
         // client ids above, so a scoped id never equals another tenant's (or tenant "default"'s unscoped) id.
         if (who.tenant !== 'default') (client as { id: string }).id = `${who.tenant}\u0000${who.clientId}`
-        // The will is published by aedes without authorizePublish: check and mount it now.
-        const will = (client as unknown as { _will: { topic: string } | null })._will
-        if (will !== null && will !== undefined) {
-          if (topicNameProblem(will.topic) !== null || !isAllowed(config.acl, who, 'publish', will.topic)) {
-            logger.warn({ clientId: client.id, tenant: who.tenant, topic: will.topic }, 'will refused: not allowed; the client connects without it')
-            ;(client as unknown as { _will: unknown })._will = null
-          } else {
-            will.topic = mountTopic(who.tenant, will.topic)
-          }
-        }
         done(null, true)
       }
       const certUser = certificateUser(client, listener)
@@ -187,7 +177,8 @@ export function createBroker (deps: BrokerDeps): Aedes {
     },
 
     authorizePublish (client, packet, callback) {
-      // Wills and the broker's own $SYS messages arrive without a client.
+      // The broker's own $SYS messages arrive without a client. A will arrives here too, with its client, when it
+      // fires: it is checked, mounted and (when routed) logged like any publish of that client.
       if (client === null) return callback(null)
       const who = identities.get(client)
       const topic = packet.topic

@@ -8,6 +8,7 @@
 import mqtt, { type MqttClient } from 'mqtt'
 import { afterAll, describe, expect, it } from 'vitest'
 import { startGatewayProcess, tempDir } from '../helpers/gateway-process.ts'
+import { readWholeLog } from '../helpers/log-reader.ts'
 
 function collect (client: MqttClient): string[] {
   const got: string[] = []
@@ -62,5 +63,24 @@ describe('persistent sessions across SIGKILL', () => {
     expect(retained).toEqual(['devices/dev-7/telemetry/last retained-state'])
     await fresh.endAsync()
     expect(await gw.stop()).toBe(0)
+  })
+
+  it('publishes a device\'s will when it drops off, to subscribers and into the log', async () => {
+    const { dir, cleanup } = await tempDir()
+    cleanups.push(cleanup)
+    const gw = await startGatewayProcess({ dataDir: dir })
+    const watcher = await mqtt.connectAsync(gw.mqttUrl, { clientId: 'watcher', reconnectPeriod: 0 })
+    const got = collect(watcher)
+    await watcher.subscribeAsync('devices/+/events/#', { qos: 1 })
+    const device = await mqtt.connectAsync(gw.mqttUrl, {
+      clientId: 'dev-w', reconnectPeriod: 0, will: { topic: 'devices/dev-w/events/offline', payload: Buffer.from('gone'), qos: 1, retain: false },
+    })
+    device.stream.destroy() // no DISCONNECT: the gateway sees the connection drop
+    await waitFor(() => got.length > 0, 5000)
+    expect(got).toEqual(['devices/dev-w/events/offline gone'])
+    await watcher.endAsync()
+    expect(await gw.stop()).toBe(0)
+    const wills = (await readWholeLog(dir)).filter((r) => r.stream === 'default/events')
+    expect(wills.map((r) => [r.key, r.topic, r.payload])).toEqual([['dev-w', 'devices/dev-w/events/offline', 'gone']])
   })
 })
