@@ -455,50 +455,58 @@ class LevelLogStore implements LogStore {
     const plans: Array<{ part: PartitionState, appends: PendingRecord[], resolvers: PartitionState['resolvers'], rejecters: PartitionState['rejecters'], dedupeIds: PartitionState['dedupeIds'], end: number, bytes: number, indexedMaxTs: number, firstTs: number, lastTs: number }> = []
     let records = 0
     let bytes = 0
-    for (const part of parts) {
-      const appends = part.pending
-      const { resolvers, rejecters, dedupeIds } = part
-      part.pending = []
-      part.resolvers = []
-      part.rejecters = []
-      part.dedupeIds = []
-      const { id } = part.stream
-      let base = part.logEnd
-      let partBytes = part.bytes
-      let indexedMaxTs = part.indexedMaxTs
-      let firstTs = Infinity
-      let lastTs = -Infinity
-      for (let i = 0; i < appends.length;) {
-        // Cut the queue into batches of at most MAX_BATCH_RECORDS / about MAX_BATCH_BYTES.
-        let j = i
-        let size = 0
-        while (j < appends.length && j - i < MAX_BATCH_RECORDS && (j === i || size < MAX_BATCH_BYTES)) {
-          size += (appends[j] as PendingRecord).payload.byteLength + 64
-          j++
-        }
-        const { value, header } = encodeBatch(base, appends, i, j)
-        ops.push({ type: 'put', key: keys.batch(id, part.partition, base), value })
-        if (header.maxTimestamp > indexedMaxTs) {
-          ops.push({ type: 'put', key: keys.time(id, part.partition, header.maxTimestamp), value: encodeU64(base) })
-          indexedMaxTs = header.maxTimestamp
-        }
-        for (let k = i; k < j; k++) {
-          const id = dedupeIds[k]
-          if (id !== undefined) {
-            const value = dedupe.encode({ streamId: part.stream.id, partition: part.partition, offset: base + (k - i), timestamp: (appends[k] as PendingRecord).timestamp })
-            ops.push({ type: 'put', key: dedupe.key(id), value })
+    const taken: Array<{ rejecters: PartitionState['rejecters'], dedupeIds: PartitionState['dedupeIds'] }> = []
+    try {
+      for (const part of parts) {
+        const appends = part.pending
+        const { resolvers, rejecters, dedupeIds } = part
+        taken.push({ rejecters, dedupeIds })
+        part.pending = []
+        part.resolvers = []
+        part.rejecters = []
+        part.dedupeIds = []
+        const { id } = part.stream
+        let base = part.logEnd
+        let partBytes = part.bytes
+        let indexedMaxTs = part.indexedMaxTs
+        let firstTs = Infinity
+        let lastTs = -Infinity
+        for (let i = 0; i < appends.length;) {
+          // Cut the queue into batches of at most MAX_BATCH_RECORDS / about MAX_BATCH_BYTES.
+          let j = i
+          let size = 0
+          while (j < appends.length && j - i < MAX_BATCH_RECORDS && (j === i || size < MAX_BATCH_BYTES)) {
+            size += (appends[j] as PendingRecord).payload.byteLength + 64
+            j++
           }
+          const { value, header } = encodeBatch(base, appends, i, j)
+          ops.push({ type: 'put', key: keys.batch(id, part.partition, base), value })
+          if (header.maxTimestamp > indexedMaxTs) {
+            ops.push({ type: 'put', key: keys.time(id, part.partition, header.maxTimestamp), value: encodeU64(base) })
+            indexedMaxTs = header.maxTimestamp
+          }
+          for (let k = i; k < j; k++) {
+            const id = dedupeIds[k]
+            if (id !== undefined) {
+              const value = dedupe.encode({ streamId: part.stream.id, partition: part.partition, offset: base + (k - i), timestamp: (appends[k] as PendingRecord).timestamp })
+              ops.push({ type: 'put', key: dedupe.key(id), value })
+            }
+          }
+          if (firstTs === Infinity) firstTs = header.firstTimestamp
+          lastTs = Math.max(lastTs, header.maxTimestamp)
+          partBytes += header.bytes
+          bytes += header.bytes
+          base += header.count
+          i = j
         }
-        if (firstTs === Infinity) firstTs = header.firstTimestamp
-        lastTs = Math.max(lastTs, header.maxTimestamp)
-        partBytes += header.bytes
-        bytes += header.bytes
-        base += header.count
-        i = j
+        ops.push({ type: 'put', key: keys.partition(id, part.partition), value: encodeMeta({ logStart: part.logStart, bytes: partBytes } satisfies PartitionMeta) })
+        plans.push({ part, appends, resolvers, rejecters, dedupeIds, end: base, bytes: partBytes, indexedMaxTs, firstTs, lastTs })
+        records += appends.length
       }
-      ops.push({ type: 'put', key: keys.partition(id, part.partition), value: encodeMeta({ logStart: part.logStart, bytes: partBytes } satisfies PartitionMeta) })
-      plans.push({ part, appends, resolvers, rejecters, dedupeIds, end: base, bytes: partBytes, indexedMaxTs, firstTs, lastTs })
-      records += appends.length
+    } catch (cause) {
+      // Building the write failed (a bug, not the disk): whatever was taken from the queues must not hang.
+      this.#failAppends(taken, new StoreError('STORE_WRITE_FAILED', `group commit could not be built: ${rootMessage(cause)}`, { cause }))
+      return
     }
     const writeStart = performance.now()
     // Appends queued while this write is in flight start the next commit's latency clock.
@@ -506,15 +514,8 @@ class LevelLogStore implements LogStore {
     try {
       await this.#db.batch(ops, this.#sync)
     } catch (cause) {
-      this.#pending -= records
       this.#needsRecovery = true
-      const err = new StoreError('STORE_WRITE_FAILED', `group commit of ${records} records failed: ${rootMessage(cause)}`, { cause })
-      this.#logger.error({ code: err.code, records, cause: rootMessage(cause) }, 'group commit failed; its appends were rejected')
-      this.#observer.onWriteError?.(err)
-      for (const plan of plans) {
-        for (const id of plan.dedupeIds) if (id !== undefined) this.#dedupePending.delete(id)
-        for (const reject of plan.rejecters) reject(err)
-      }
+      this.#failAppends(taken, new StoreError('STORE_WRITE_FAILED', `group commit of ${records} records failed: ${rootMessage(cause)}`, { cause }))
       return
     }
     const done = performance.now()
@@ -537,6 +538,18 @@ class LevelLogStore implements LogStore {
       for (let i = 0; i < resolvers.length; i++) (resolvers[i] as (result: AppendResult) => void)({ partition, offset: first + i })
     }
     this.#observer.onCommit?.({ records, bytes, latencyMs: done - startedAt, durationMs: done - writeStart })
+  }
+
+  #failAppends (taken: Array<{ rejecters: PartitionState['rejecters'], dedupeIds: PartitionState['dedupeIds'] }>, err: StoreError): void {
+    let count = 0
+    for (const { rejecters, dedupeIds } of taken) {
+      for (const id of dedupeIds) if (id !== undefined) this.#dedupePending.delete(id)
+      for (const reject of rejecters) reject(err)
+      count += rejecters.length
+    }
+    this.#pending -= count
+    this.#logger.error({ code: err.code, records: count, cause: rootMessage(err.cause) }, 'group commit failed; its appends were rejected')
+    this.#observer.onWriteError?.(err)
   }
 
   // ---------------------------------------------------------------- reads
