@@ -101,9 +101,15 @@ export function createBroker (deps: BrokerDeps): Aedes {
     logger.warn({ clientId: connects.get(client)?.clientId ?? client.id, listener, reason }, `connection refused: ${detail}`)
   }
 
-  const refusePublish = (who: Identity | undefined, reason: PublishRefusal, clientId: string, detail: string): void => {
+  /** Reasons already logged per connection: a device repeating a refused publish is counted every time, logged once. */
+  const logged = new WeakMap<Client, Set<PublishRefusal>>()
+  const refusePublish = (client: Client, who: Identity | undefined, reason: PublishRefusal, detail: string): void => {
     metrics.publishesRefused.inc({ tenant: who?.tenant ?? 'unknown', reason })
-    logger.warn({ clientId, tenant: who?.tenant, reason }, `publish refused: ${detail}`)
+    let reasons = logged.get(client)
+    if (reasons === undefined) logged.set(client, reasons = new Set())
+    if (reasons.has(reason)) return
+    reasons.add(reason)
+    logger.warn({ clientId: who?.clientId ?? client.id, tenant: who?.tenant, reason }, `publish refused: ${detail} (further refusals of this connection for the same reason are only counted)`)
   }
 
   const broker = new Aedes({
@@ -184,12 +190,12 @@ export function createBroker (deps: BrokerDeps): Aedes {
       const topic = packet.topic
       const problem = topicNameProblem(topic)
       if (who === undefined || problem !== null) {
-        refusePublish(who, 'invalid-topic', client.id, problem ?? 'unknown client')
+        refusePublish(client, who, 'invalid-topic', problem ?? 'unknown client')
         return callback(new Error(problem ?? 'unknown client'))
       }
       if (!isAllowed(config.acl, who, 'publish', topic)) {
         // As Mosquitto does: acknowledged, neither logged nor delivered, so the device does not retry forever.
-        refusePublish(who, 'acl-denied', client.id, `${topic} not allowed`)
+        refusePublish(client, who, 'acl-denied', `${topic} not allowed`)
         markDone(packet)
         return callback(null)
       }
@@ -197,7 +203,7 @@ export function createBroker (deps: BrokerDeps): Aedes {
       const target = route(topic)
       if (target === null) {
         if (config.unrouted === 'reject') {
-          refusePublish(who, 'unrouted', client.id, `no route for ${topic}`)
+          refusePublish(client, who, 'unrouted', `no route for ${topic}`)
           return callback(new Error(`no route for topic ${topic}`))
         }
         return packet.qos === 0 ? callback(null) : publishBeforeAck(packet, client, callback)
@@ -318,14 +324,14 @@ export function createBroker (deps: BrokerDeps): Aedes {
         metrics.storeErrors.inc({ kind: 'write' })
         deps.onStoreHealth(false, err)
         if (packet.qos === 0 || client.closed || isStoreError(err, 'STORE_CLOSED')) {
-          refusePublish(who, 'store-failed', client.id, (err as Error).message)
+          refusePublish(client, who, 'store-failed', (err as Error).message)
           return done(packet.qos === 0 ? null : err as Error)
         }
         setTimeout(() => appendThen(client, who, stream, key, topic, packet, done, dedupeId, Math.min(delay * 2, RETRY_MAX_MS)), delay).unref()
         return
       }
       const reason: PublishRefusal = isStoreError(err, 'STORE_RECORD_TOO_LARGE') ? 'record-too-large' : 'store-failed'
-      refusePublish(who, reason, client.id, (err as Error).message)
+      refusePublish(client, who, reason, (err as Error).message)
       done(err as Error)
     })
     if (store.pendingAppends > maxPending && !deps.guards.paused) {
