@@ -22,12 +22,13 @@ import {
   FORMAT_VERSION, MAX_BATCH_BYTES, dedupe, MAX_BATCH_RECORDS, decodeBatch, decodeMeta, encodeBatch, encodeMeta, encodeU64,
   keys, readBatchHeader, readU64, type BatchHeader, type PendingRecord,
 } from './format.ts'
+import { BatchIndex } from './batch-index.ts'
 import { partitionForKey } from './partitioner.ts'
 import {
   MAX_PARTITIONS, checkCount, checkGroupName, checkOffset, checkStreamName, checkTimestamp, toPendingRecord,
 } from './validate.ts'
 import {
-  systemClock, type AppendOptions, type AppendResult, type Clock, type DroppedRecords, type Durability, type GroupInfo, type GroupOptions,
+  systemClock, type AppendListener, type AppendOptions, type AppendResult, type Clock, type DroppedRecords, type Durability, type GroupInfo, type GroupOptions,
   type LogStore, type PartitionInfo, type PartitionLag, type ReadOptions, type ReadResult, type RecordInput,
   type ResetSpec, type RetentionReport, type StoreLogger, type StoreObserver, type StoredRecord, type StreamInfo,
   type StreamOptions,
@@ -94,6 +95,8 @@ interface PartitionState {
   rejecters: Array<(err: Error) => void>
   /** Dedupe id of the pending record at the same index, if it has one. */
   dedupeIds: Array<string | undefined>
+  /** Base offsets of the newest batches, so reads of the tail skip the seek. */
+  readonly index: BatchIndex
 }
 
 interface StreamMeta { id: number, partitions: number, retentionMs: number, retentionBytes: number }
@@ -151,6 +154,7 @@ class LevelLogStore implements LogStore {
   /** Dedupe ids of appends not yet committed, resolving with their result. */
   readonly #dedupePending = new Map<string, Promise<AppendResult>>()
   readonly #dedupeRetentionMs: number
+  readonly #appendListeners = new Set<AppendListener>()
   #nextStreamId = 1
 
   // Writer state.
@@ -225,11 +229,13 @@ class LevelLogStore implements LogStore {
       part.bytes = m.bytes
     }
     part.logEnd = part.logStart
+    part.index.clear()
     const range = keys.batchRange(id, part.partition)
     const [last] = await this.#db.iterator({ ...range, reverse: true, limit: 1 }).all()
     if (last !== undefined) {
       const header = this.#header(part, last[0], last[1])
       part.logEnd = header.baseOffset + header.count
+      part.index.push(header.baseOffset)
       part.newestTs = header.maxTimestamp
       const [first] = await this.#db.iterator({ ...range, limit: 1 }).all()
       try {
@@ -251,7 +257,7 @@ class LevelLogStore implements LogStore {
     const stream: StreamState = { name, id: meta.id, partitions: [], retentionMs: meta.retentionMs, retentionBytes: meta.retentionBytes }
     for (let p = 0; p < meta.partitions; p++) {
       stream.partitions.push({
-        stream, partition: p, logStart: 0, logEnd: 0, bytes: 0, indexedMaxTs: -Infinity, oldestTs: null, newestTs: null, pending: [], resolvers: [], rejecters: [], dedupeIds: [],
+        stream, partition: p, logStart: 0, logEnd: 0, bytes: 0, indexedMaxTs: -Infinity, oldestTs: null, newestTs: null, pending: [], resolvers: [], rejecters: [], dedupeIds: [], index: new BatchIndex(),
       })
     }
     this.#streams.set(name, stream)
@@ -377,6 +383,25 @@ class LevelLogStore implements LogStore {
     return result
   }
 
+  onAppend (listener: AppendListener): () => void {
+    if (typeof listener !== 'function') throw new StoreError('STORE_INVALID_ARGUMENT', 'onAppend needs a function')
+    // A wrapper, so that adding the same function twice gives two independent registrations.
+    const entry: AppendListener = (event) => listener(event)
+    this.#appendListeners.add(entry)
+    return () => { this.#appendListeners.delete(entry) }
+  }
+
+  #notifyAppend (part: PartitionState): void {
+    const event = { stream: part.stream.name, partition: part.partition, logEndOffset: part.logEnd }
+    for (const listener of this.#appendListeners) {
+      try {
+        listener(event)
+      } catch (err) {
+        this.#logger.error({ err: String(err), stream: event.stream, partition: event.partition }, 'append listener threw')
+      }
+    }
+  }
+
   async forgetDedupe (dedupeId: string): Promise<void> {
     this.#checkOpen()
     if (!this.#dedupe.has(dedupeId)) return
@@ -452,7 +477,7 @@ class LevelLogStore implements LogStore {
     this.#dirty = []
     const startedAt = this.#oldestPendingAt
     const ops: BatchOp[] = []
-    const plans: Array<{ part: PartitionState, appends: PendingRecord[], resolvers: PartitionState['resolvers'], rejecters: PartitionState['rejecters'], dedupeIds: PartitionState['dedupeIds'], end: number, bytes: number, indexedMaxTs: number, firstTs: number, lastTs: number }> = []
+    const plans: Array<{ part: PartitionState, appends: PendingRecord[], resolvers: PartitionState['resolvers'], rejecters: PartitionState['rejecters'], dedupeIds: PartitionState['dedupeIds'], bases: number[], end: number, bytes: number, indexedMaxTs: number, firstTs: number, lastTs: number }> = []
     let records = 0
     let bytes = 0
     const taken: Array<{ rejecters: PartitionState['rejecters'], dedupeIds: PartitionState['dedupeIds'] }> = []
@@ -466,6 +491,7 @@ class LevelLogStore implements LogStore {
         part.rejecters = []
         part.dedupeIds = []
         const { id } = part.stream
+        const bases: number[] = []
         let base = part.logEnd
         let partBytes = part.bytes
         let indexedMaxTs = part.indexedMaxTs
@@ -480,6 +506,7 @@ class LevelLogStore implements LogStore {
             j++
           }
           const { value, header } = encodeBatch(base, appends, i, j)
+          bases.push(base)
           ops.push({ type: 'put', key: keys.batch(id, part.partition, base), value })
           if (header.maxTimestamp > indexedMaxTs) {
             ops.push({ type: 'put', key: keys.time(id, part.partition, header.maxTimestamp), value: encodeU64(base) })
@@ -500,7 +527,7 @@ class LevelLogStore implements LogStore {
           i = j
         }
         ops.push({ type: 'put', key: keys.partition(id, part.partition), value: encodeMeta({ logStart: part.logStart, bytes: partBytes } satisfies PartitionMeta) })
-        plans.push({ part, appends, resolvers, rejecters, dedupeIds, end: base, bytes: partBytes, indexedMaxTs, firstTs, lastTs })
+        plans.push({ part, appends, resolvers, rejecters, dedupeIds, bases, end: base, bytes: partBytes, indexedMaxTs, firstTs, lastTs })
         records += appends.length
       }
     } catch (cause) {
@@ -525,6 +552,7 @@ class LevelLogStore implements LogStore {
       const first = part.logEnd
       if (part.logEnd === part.logStart) part.oldestTs = plan.firstTs
       part.logEnd = plan.end
+      for (const b of plan.bases) part.index.push(b)
       part.bytes = plan.bytes
       part.indexedMaxTs = plan.indexedMaxTs
       part.newestTs = Math.max(part.newestTs ?? -Infinity, plan.lastTs)
@@ -537,6 +565,7 @@ class LevelLogStore implements LogStore {
       }
       for (let i = 0; i < resolvers.length; i++) (resolvers[i] as (result: AppendResult) => void)({ partition, offset: first + i })
     }
+    if (this.#appendListeners.size > 0) for (const plan of plans) this.#notifyAppend(plan.part)
     this.#observer.onCommit?.({ records, bytes, latencyMs: done - startedAt, durationMs: done - writeStart })
   }
 
@@ -573,7 +602,7 @@ class LevelLogStore implements LogStore {
           bytes += r.payload.byteLength
         }
         return true
-      }, () => records.length < maxRecords && bytes < maxBytes)
+      }, () => records.length < maxRecords && bytes < maxBytes, maxRecords)
     }
     const nextOffset = records.length > 0 ? (records[records.length - 1] as StoredRecord).offset + 1 : fromOffset
     return { records, nextOffset, logStartOffset: part.logStart, logEndOffset: part.logEnd }
@@ -595,8 +624,26 @@ class LevelLogStore implements LogStore {
    * then iterates forwards one batch per call.
    */
   async #scan (part: PartitionState, from: number, end: number, onBatch: (records: StoredRecord[]) => boolean,
-    wantMore: () => boolean = () => true): Promise<void> {
+    wantMore: () => boolean = () => true, expectRecords = MAX_BATCH_RECORDS): Promise<void> {
     const { id } = part.stream
+    // Fast path: the batches holding [from, from + expectRecords) are in the tail index, fetch them in one call.
+    const bases = part.index.lookup(from, expectRecords, end)
+    if (bases !== null) {
+      const values = await this.#db.getMany(bases.map((b) => keys.batch(id, part.partition, b)))
+      let expected = from
+      for (let i = 0; i < bases.length; i++) {
+        const value = values[i]
+        if (value === undefined) break // deleted by retention meanwhile: the seek below reports it
+        if (!wantMore()) return
+        const where = { stream: part.stream.name, partition: part.partition, baseOffset: bases[i] as number }
+        const header = readBatchHeader(value, where)
+        if (header.baseOffset > expected) break
+        expected = header.baseOffset + header.count
+        if (!onBatch(decodeBatch(value, header, where))) return
+      }
+      if (expected >= end || !wantMore()) return
+      from = expected
+    }
     const range = keys.batchRange(id, part.partition)
     const [containing] = await this.#db.keys({ gte: range.gte, lte: keys.batch(id, part.partition, from), reverse: true, limit: 1 }).all()
     const iterator = this.#db.iterator({ gte: containing ?? keys.batch(id, part.partition, from), lt: keys.batch(id, part.partition, end) })
@@ -871,6 +918,7 @@ class LevelLogStore implements LogStore {
     report.recordsDeleted += newStart - part.logStart
     report.bytesDeleted += part.bytes - bytesLeft
     part.logStart = newStart
+    part.index.trim(newStart)
     part.bytes = bytesLeft
     part.oldestTs = empty ? null : oldestTs
     if (empty) part.indexedMaxTs = -Infinity
