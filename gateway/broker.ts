@@ -69,6 +69,8 @@ type InternalPublish = (packet: PublishPacket, client: Client | null, done: (err
 interface ConnectInfo { readonly clientId: string, readonly clean: boolean }
 
 const DONE = Symbol('edgemq.published') // packet already delivered and queued before the ack
+/** Marks an error whose refusal was already counted and logged, so aedes' clientError does not log it again. */
+const REFUSED = Symbol('edgemq.refused')
 const RETRY_MIN_MS = 100
 const RETRY_MAX_MS = 5000
 
@@ -83,8 +85,16 @@ export function isLoopback (host: string): boolean {
   return host === 'localhost' || host === '::1' || /^127\.\d+\.\d+\.\d+$/.test(host)
 }
 
-function authError (returnCode: 2 | 4 | 5, message: string): Error & { returnCode: number } {
-  return Object.assign(new Error(message), { returnCode })
+function authError (returnCode: 2 | 3 | 4 | 5, message: string): Error & { returnCode: number } {
+  return Object.assign(new Error(message), { returnCode, [REFUSED]: true })
+}
+
+function refusedError (message: string): Error {
+  return Object.assign(new Error(message), { [REFUSED]: true })
+}
+
+function alreadyReported (err: Error): boolean {
+  return (err as Error & { [REFUSED]?: boolean })[REFUSED] === true
 }
 
 export function createBroker (deps: BrokerDeps): Aedes {
@@ -119,10 +129,6 @@ export function createBroker (deps: BrokerDeps): Aedes {
     heartbeatInterval: 60_000,
 
     preConnect (client, packet, callback) {
-      if (broker.connectedClients >= config.mqtt.maxConnections) {
-        refuse(client, 'max-connections', `already ${broker.connectedClients} clients (mqtt.maxConnections)`)
-        return callback(null, false)
-      }
       connects.set(client, { clientId: packet.clientId ?? '', clean: packet.clean !== false })
       callback(null, true)
     },
@@ -130,6 +136,12 @@ export function createBroker (deps: BrokerDeps): Aedes {
     authenticate (client, username, password, done) {
       const info = connects.get(client) ?? { clientId: client.id, clean: true }
       const listener = listenerOf(client)
+      // Checked first, before any password hashing. CONNACK 3 (server unavailable) and a close: refusing in
+      // preConnect with callback(null, false) left the socket open with no answer at all.
+      if (broker.connectedClients >= config.mqtt.maxConnections) {
+        refuse(client, 'max-connections', `already ${broker.connectedClients} clients (mqtt.maxConnections)`)
+        return done(authError(3, 'server unavailable: too many connections'), false)
+      }
       // [MQTT-3.1.3-4] valid UTF-8 without U+0000 (mqtt-packet turns bad bytes into U+FFFD); ids that would shadow
       // Object.prototype members in aedes' client table are refused too.
       if (info.clientId.includes('\u0000') || info.clientId.includes('\ufffd') || RESERVED_IDS.has(info.clientId)) {
@@ -191,7 +203,7 @@ export function createBroker (deps: BrokerDeps): Aedes {
       const problem = topicNameProblem(topic)
       if (who === undefined || problem !== null) {
         refusePublish(client, who, 'invalid-topic', problem ?? 'unknown client')
-        return callback(new Error(problem ?? 'unknown client'))
+        return callback(refusedError(problem ?? 'unknown client'))
       }
       if (!isAllowed(config.acl, who, 'publish', topic)) {
         // As Mosquitto does: acknowledged, neither logged nor delivered, so the device does not retry forever.
@@ -204,7 +216,7 @@ export function createBroker (deps: BrokerDeps): Aedes {
       if (target === null) {
         if (config.unrouted === 'reject') {
           refusePublish(client, who, 'unrouted', `no route for ${topic}`)
-          return callback(new Error(`no route for topic ${topic}`))
+          return callback(refusedError(`no route for topic ${topic}`))
         }
         return packet.qos === 0 ? callback(null) : publishBeforeAck(packet, client, callback)
       }
@@ -350,9 +362,11 @@ export function createBroker (deps: BrokerDeps): Aedes {
     metrics.connectedClients.dec({ tenant: who?.tenant ?? 'unknown', listener: listenerOf(client)?.name ?? 'unknown' })
   })
   broker.on('clientError', (client, err) => {
+    if (alreadyReported(err)) return
     logger.info({ clientId: client.id, err: err.message }, 'client error')
   })
   broker.on('connectionError', (client, err) => {
+    if (alreadyReported(err)) return
     logger.info({ clientId: client.id, err: err.message }, 'connection error')
   })
 

@@ -5,7 +5,17 @@
  *
  * - it scans MQTT fixed headers as bytes arrive and destroys the connection
  *   as soon as a packet announces a remaining length over `maxPacketBytes`,
- *   before the body is buffered (aedes has no limit of its own);
+ *   before the body is buffered (aedes has no limit of its own), or has a
+ *   reserved packet type or reserved flag bits [MQTT-2.2.2-2];
+ * - it checks the parts of PUBLISH, SUBSCRIBE and UNSUBSCRIBE that
+ *   mqtt-packet and aedes let through although the spec says to close the
+ *   connection (Mosquitto does): topic names and filters that are not valid
+ *   UTF-8 (mqtt-packet silently turns bad bytes into U+FFFD) or contain
+ *   U+0000 [MQTT-1.5.3-1, -2], empty topics [MQTT-4.7.3-1], wildcards in a
+ *   PUBLISH topic [MQTT-3.3.2-2], packet id 0 [MQTT-2.3.1-1], SUBSCRIBE and
+ *   UNSUBSCRIBE without a filter [MQTT-3.8.3-3, MQTT-3.10.3-2]. Only the
+ *   variable header of a PUBLISH is kept for this (at most 65,539 bytes), and
+ *   the verdict comes before the packet's last byte reaches aedes;
  * - it hands aedes at most `maxInflight` packets at a time, so one client
  *   cannot have more publishes being appended at once;
  * - it stops reading from the socket while the gateway is paused (the log
@@ -14,22 +24,34 @@
  * The readable side has a high-water mark of one byte, so a segment is
  * pushed only when aedes asked for more. Writes pass straight through.
  */
-import { Duplex } from 'node:stream'
+import { isUtf8 } from 'node:buffer'
 import type { Socket } from 'node:net'
+import { Duplex } from 'node:stream'
+
+export type ViolationReason = 'packet-too-large' | 'malformed-header' | 'protocol'
 
 export interface GuardOptions {
   readonly maxPacketBytes: number
   readonly maxInflight: number
   /** Publishes per second; 0 = unlimited. */
   readonly publishRate: number
-  /** Called once when the connection is closed for breaking a limit. */
-  readonly onViolation: (reason: 'packet-too-large' | 'malformed-header', detail: string) => void
-  /** Called when the client is slowed down for exceeding its publish rate. */
-  readonly onRateLimited?: () => void
+  /**
+   * Called once when the connection is closed for breaking a limit or the protocol. `detail` names the client
+   * when aedes has seen its CONNECT; `clientId` is that id (undefined before the CONNECT).
+   */
+  readonly onViolation: (reason: ViolationReason, detail: string, clientId?: string) => void
+  /** Called (once per connection) when the client is first slowed down for exceeding its publish rate. */
+  readonly onRateLimited?: (clientId?: string) => void
   readonly group: GuardGroup
 }
 
 const PUBLISH = 3
+const SUBSCRIBE = 8
+const UNSUBSCRIBE = 10
+/** Flag bits each packet type must carry [MQTT-2.2.2-1]; PUBLISH (3) has real flags; 0 and 15 are reserved types. */
+const REQUIRED_FLAGS: ReadonlyArray<number | null> = [null, 0, 0, null, 0, 0, 2, 0, 2, 0, 2, 0, 0, 0, 0, null]
+const PLUS = 0x2b
+const HASH = 0x23
 
 /** The connections of one gateway, paused and resumed together when its log backs up. */
 export class GuardGroup {
@@ -55,6 +77,13 @@ export class ConnectionGuard extends Duplex {
   // Header scanner state.
   #skip = 0 // body bytes of the current packet still to pass
   #header: number[] = [] // bytes of a fixed header seen so far
+  // Body inspection of the current packet (PUBLISH, SUBSCRIBE, UNSUBSCRIBE); #inType 0 = none.
+  #inType = 0
+  #inFlags = 0
+  #inLength = 0 // remaining length of the packet
+  #inNeed = 0 // body bytes needed for the next check
+  #inHave = 0
+  #inParts: Buffer[] = []
   // Segment being built.
   #parts: Buffer[] = []
   #starts = 0
@@ -86,6 +115,7 @@ export class ConnectionGuard extends Duplex {
     while (i < chunk.length) {
       if (this.#skip > 0) {
         const n = Math.min(this.#skip, chunk.length - i)
+        if (this.#inType !== 0 && !this.#feed(chunk, i, i + n)) return
         this.#skip -= n
         i += n
         continue
@@ -111,11 +141,30 @@ export class ConnectionGuard extends Duplex {
       let length = 0
       for (let k = this.#header.length - 1; k >= 1; k--) length = length * 128 + ((this.#header[k] as number) & 0x7f)
       const total = length + this.#header.length
+      const first = this.#header[0] as number
       this.#header = []
       if (total > this.#options.maxPacketBytes) {
         return this.#violate('packet-too-large', `packet of ${total} bytes exceeds maxPacketBytes (${this.#options.maxPacketBytes})`)
       }
+      const type = first >> 4
+      const flags = first & 0x0f
+      const required = REQUIRED_FLAGS[type]
+      if (type === 0 || type === 15) return this.#violate('malformed-header', `reserved packet type ${type}`)
+      if (required !== null && required !== undefined && flags !== required) {
+        return this.#violate('malformed-header', `packet type ${type} with flags 0x${flags.toString(16)} (must be 0x${required.toString(16)})`)
+      }
+      if (type === PUBLISH && ((flags >> 1) & 3) === 3) return this.#violate('malformed-header', 'PUBLISH with both QoS bits set [MQTT-3.3.1-4]')
       this.#skip = length
+      if (type === PUBLISH) {
+        // Fast path, the usual case: the variable header is in this chunk and is checked where it lies.
+        const verdict = checkPublish(chunk, i, Math.min(chunk.length - i, length), flags, length)
+        if (typeof verdict === 'string') return this.#violate('protocol', verdict)
+        if (verdict !== 0) this.#inspect(type, flags, length, verdict) // split across chunks: collect it
+      } else if (type === SUBSCRIBE || type === UNSUBSCRIBE) {
+        // The whole (small, size-limited) body.
+        this.#inspect(type, flags, length, length)
+        if (length === 0 && !this.#feed(chunk, i, i)) return
+      }
     }
     this.#parts.push(chunk.subarray(from))
     if (this.#segments.length === 0 || this.#wanted) this.#flushSegment()
@@ -124,10 +173,88 @@ export class ConnectionGuard extends Duplex {
     if (this.#segments.length > 0 || this.#parts.length > 8) this.socket.pause()
   }
 
-  #violate (reason: 'packet-too-large' | 'malformed-header', detail: string): void {
-    this.#options.onViolation(reason, detail)
+  /**
+   * The client id from the CONNECT, once aedes has read it (aedes sets `conn.client` on the stream it handles).
+   * broker.ts scopes the ids of non-default tenants as `<tenant>U+0000<id>` (U+0000 is refused in client ids);
+   * the plain id is what the device sent.
+   */
+  get clientId (): string | undefined {
+    const id = (this as unknown as { client?: { id?: unknown } }).client?.id
+    return typeof id === 'string' ? id.slice(id.indexOf('\u0000') + 1) : undefined
+  }
+
+  #violate (reason: ViolationReason, detail: string): void {
+    const clientId = this.clientId
+    this.#inType = 0
+    this.#inParts = []
+    this.#options.onViolation(reason, clientId === undefined ? detail : `client ${JSON.stringify(clientId)}: ${detail}`, clientId)
     this.socket.destroy()
     this.destroy()
+  }
+
+  #inspect (type: number, flags: number, length: number, need: number): void {
+    this.#inType = type
+    this.#inFlags = flags
+    this.#inLength = length
+    this.#inNeed = need
+    this.#inHave = 0
+    this.#inParts = []
+  }
+
+  /**
+   * Collects body bytes [from, to) of the packet being inspected until the next check can run; false when the
+   * packet broke the protocol (the connection is then destroyed).
+   */
+  #feed (chunk: Buffer, from: number, to: number): boolean {
+    let at = from
+    while (this.#inType !== 0) {
+      const take = Math.min(this.#inNeed - this.#inHave, to - at)
+      if (take > 0) {
+        this.#inParts.push(chunk.subarray(at, at + take))
+        this.#inHave += take
+        at += take
+      }
+      if (this.#inHave < this.#inNeed) return true
+      const body = this.#inParts.length === 1 ? this.#inParts[0] as Buffer : Buffer.concat(this.#inParts)
+      this.#inParts = [body]
+      const verdict = this.#inType === PUBLISH
+        ? checkPublish(body, 0, body.length, this.#inFlags, this.#inLength)
+        : this.#checkSubscription(body)
+      if (typeof verdict === 'string') {
+        this.#violate('protocol', verdict)
+        return false
+      }
+      if (verdict === 0) {
+        this.#inType = 0
+        this.#inParts = []
+      } else {
+        this.#inNeed = verdict
+      }
+    }
+    return true
+  }
+
+  /** A problem, or 0 when the SUBSCRIBE / UNSUBSCRIBE (whole body) is fine. */
+  #checkSubscription (body: Buffer): string | 0 {
+    const name = this.#inType === SUBSCRIBE ? 'SUBSCRIBE' : 'UNSUBSCRIBE'
+    if (body.length < 2) return `${name} without a packet id`
+    if (body.readUInt16BE(0) === 0) return `${name} with packet id 0 [MQTT-2.3.1-1]`
+    if (body.length === 2) return `${name} without a topic filter [${this.#inType === SUBSCRIBE ? 'MQTT-3.8.3-3' : 'MQTT-3.10.3-2'}]`
+    let pos = 2
+    while (pos < body.length) {
+      if (pos + 2 > body.length) return `malformed ${name}`
+      const end = pos + 2 + body.readUInt16BE(pos)
+      if (end > body.length) return `malformed ${name}`
+      const problem = topicProblem(body, pos + 2, end, false)
+      if (problem !== null) return `${name} ${problem}`
+      pos = end
+      if (this.#inType === SUBSCRIBE) {
+        if (pos >= body.length) return 'malformed SUBSCRIBE: a filter without its QoS byte'
+        const options = body[pos++] as number
+        if ((options & 0xfc) !== 0 || (options & 3) === 3) return `SUBSCRIBE with invalid options byte 0x${options.toString(16)} [MQTT-3.8.3-4]`
+      }
+    }
+    return 0
   }
 
   #flushSegment (): void {
@@ -145,7 +272,7 @@ export class ConnectionGuard extends Duplex {
     this.#tokens = Math.min(rate, this.#tokens + ((now - this.#lastRefill) / 1000) * rate) - publishes
     this.#lastRefill = now
     if (this.#tokens < 0 && this.#rateTimer === undefined) {
-      if (!this.#rateLogged) { this.#rateLogged = true; this.#options.onRateLimited?.() }
+      if (!this.#rateLogged) { this.#rateLogged = true; this.#options.onRateLimited?.(this.clientId) }
       this.socket.pause()
       this.#rateTimer = setTimeout(() => { this.#rateTimer = undefined; this.pump() }, Math.ceil((-this.#tokens / rate) * 1000))
     }
@@ -195,4 +322,37 @@ export class ConnectionGuard extends Duplex {
     this.socket.destroy()
     callback(err)
   }
+}
+
+/**
+ * Checks the start of a PUBLISH body: `avail` bytes of it at `buf[at]`, `length` its remaining length. A problem,
+ * 0 when the PUBLISH is fine, or how many body bytes the check needs (more than `avail`).
+ */
+function checkPublish (buf: Buffer, at: number, avail: number, flags: number, length: number): string | number {
+  const qos = (flags >> 1) & 3
+  if (length < 2) return 'PUBLISH without a topic'
+  if (avail < 2) return 2
+  const topicEnd = 2 + buf.readUInt16BE(at)
+  const end = topicEnd + (qos > 0 ? 2 : 0)
+  if (end > length) return 'PUBLISH shorter than its topic and packet id'
+  if (avail < end) return end
+  const problem = topicProblem(buf, at + 2, at + topicEnd, true)
+  if (problem !== null) return `PUBLISH ${problem}`
+  if (qos > 0 && buf.readUInt16BE(at + topicEnd) === 0) return `PUBLISH with QoS ${qos} and packet id 0 [MQTT-2.3.1-1]`
+  return 0
+}
+
+/** Why the topic name (`name`) or filter in buf[start, end) is not acceptable, or null. Allocates only for non-ASCII. */
+function topicProblem (buf: Buffer, start: number, end: number, name: boolean): string | null {
+  const what = name ? 'topic' : 'topic filter'
+  if (end === start) return `with an empty ${what} [MQTT-4.7.3-1]`
+  let ascii = true
+  for (let k = start; k < end; k++) {
+    const b = buf[k] as number
+    if (b === 0) return `${what} contains U+0000 [MQTT-1.5.3-2]`
+    if (b >= 0x80) ascii = false
+    else if (name && (b === PLUS || b === HASH)) return 'topic contains a wildcard [MQTT-3.3.2-2]'
+  }
+  if (!ascii && !isUtf8(buf.subarray(start, end))) return `${what} is not valid UTF-8 [MQTT-1.5.3-1]`
+  return null
 }

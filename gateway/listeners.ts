@@ -62,13 +62,13 @@ export async function startListener (listener: ListenerConfig, deps: ListenerDep
       maxInflight: deps.maxInflight,
       publishRate: deps.publishRate,
       group: deps.guards,
-      onViolation: (reason, detail) => {
+      onViolation: (reason, detail, clientId) => {
         metrics.connectionsRefused.inc({ listener: listener.name, reason })
-        logger.warn({ listener: listener.name, remote: (stream as net.Socket).remoteAddress, reason }, `connection closed: ${detail}`)
+        logger.warn({ clientId, listener: listener.name, remote: (stream as net.Socket).remoteAddress, reason }, `connection closed: ${detail}`)
       },
-      onRateLimited: () => {
+      onRateLimited: (clientId) => {
         metrics.publishesRefused.inc({ tenant: 'unknown', reason: 'rate-limited' })
-        logger.warn({ listener: listener.name, remote: (stream as net.Socket).remoteAddress }, 'client over mqtt.publishRatePerClient: slowing it down')
+        logger.warn({ clientId, listener: listener.name, remote: (stream as net.Socket).remoteAddress }, 'client over mqtt.publishRatePerClient: slowing it down')
       },
     });
     const tagged = guard as ListenerTagged
