@@ -166,6 +166,16 @@ export interface CommitStats {
   readonly durationMs: number
 }
 
+/** What {@link LogStore.onAppend} listeners get: a partition that received records, and its new log end. */
+export interface AppendEvent {
+  readonly stream: string
+  readonly partition: number
+  /** The partition's log end after the commit; every offset below it is readable. */
+  readonly logEndOffset: number
+}
+
+export type AppendListener = (event: AppendEvent) => void
+
 /** Callbacks the composition root uses to export metrics. All optional. */
 export interface StoreObserver {
   onCommit? (stats: CommitStats): void
@@ -211,6 +221,15 @@ export interface LogStore {
    * together; an idle store writes a lone append at once.
    */
   append (stream: string, key: string, record: RecordInput, options?: AppendOptions): Promise<AppendResult>
+
+  /**
+   * Calls `listener` after every successful group commit, once per partition
+   * that received records, once those records are readable (long-poll
+   * readers and live replay wait on it). Returns a function that removes the
+   * listener. Listeners run on the writer's path: they must be quick; one
+   * that throws is logged and does not affect the commit or other listeners.
+   */
+  onAppend (listener: AppendListener): () => void
 
   /** Forgets a dedupe id, so the next append carrying it is written again (MQTT reuses packet ids). */
   forgetDedupe (dedupeId: string): Promise<void>
