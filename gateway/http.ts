@@ -1,15 +1,20 @@
 /**
- * The gateway's HTTP server: GET /health and GET /metrics (the /v1 API joins
- * it later). Errors are JSON with a stable code.
+ * The gateway's HTTP server: GET /health, GET /metrics and the /v1 pull and
+ * replay API (api.ts). Errors are JSON `{"error":{"code":"HTTP_…",
+ * "message":"…"}}` with a stable code; the codes are in api-errors.ts.
  */
 import http, { type IncomingMessage, type ServerResponse } from 'node:http'
 import type { AddressInfo } from 'node:net'
 import type { Registry } from 'prom-client'
+import { createApi, sendApiError, type Api, type ApiDeps } from './api.ts'
+import { ApiError, toApiError } from './api-errors.ts'
 import { GatewayError } from './errors.ts'
 
 export interface HttpDeps {
   readonly registry: Registry
   readonly health: () => { healthy: boolean, reasons: string[] }
+  /** The /v1 API's store and users; without it /v1 is not served. */
+  readonly api?: ApiDeps
 }
 
 export interface RunningHttpServer {
@@ -25,10 +30,12 @@ function sendJson (res: ServerResponse, status: number, body: unknown): void {
 }
 
 export async function startHttpServer (options: { host: string, port: number }, deps: HttpDeps): Promise<RunningHttpServer> {
+  const api: Api | undefined = deps.api === undefined ? undefined : createApi(deps.api)
   const handle = async (req: IncomingMessage, res: ServerResponse): Promise<void> => {
     const url = new URL(req.url ?? '/', 'http://localhost')
+    if (api !== undefined && (url.pathname === '/v1' || url.pathname.startsWith('/v1/'))) return api.handle(req, res, url)
     if (req.method !== 'GET' && req.method !== 'HEAD') {
-      return sendJson(res, 405, { error: { code: 'HTTP_METHOD_NOT_ALLOWED', message: `${req.method ?? ''} is not allowed on ${url.pathname}` } })
+      return sendApiError(res, new ApiError('HTTP_METHOD_NOT_ALLOWED', `${req.method ?? ''} is not allowed on ${url.pathname}`, { details: { allow: 'GET, HEAD' } }))
     }
     switch (url.pathname) {
       case '/health': {
@@ -42,12 +49,12 @@ export async function startHttpServer (options: { host: string, port: number }, 
         return
       }
       default:
-        return sendJson(res, 404, { error: { code: 'HTTP_NOT_FOUND', message: `no route ${url.pathname}` } })
+        return sendApiError(res, new ApiError('HTTP_NOT_FOUND', `no route ${url.pathname}`))
     }
   }
   const server = http.createServer((req, res) => {
     handle(req, res).catch((err: unknown) => {
-      if (!res.headersSent) sendJson(res, 500, { error: { code: 'HTTP_INTERNAL', message: (err as Error).message } })
+      if (!res.headersSent) sendApiError(res, toApiError(err))
       else res.destroy()
     })
   })
@@ -59,6 +66,10 @@ export async function startHttpServer (options: { host: string, port: number }, 
   return {
     host: address.address,
     port: address.port,
-    close: () => new Promise<void>((resolve) => { server.closeAllConnections(); server.close(() => resolve()) }),
+    close: () => new Promise<void>((resolve) => {
+      api?.close()
+      server.closeAllConnections()
+      server.close(() => resolve())
+    }),
   }
 }

@@ -1,0 +1,451 @@
+/**
+ * The /v1 pull and replay API: routing, authentication, and the stream and
+ * consumer-group endpoints (records are served by api-records.ts).
+ *
+ * Tenants: a client names streams and groups inside its own tenant only.
+ * Stream `telemetry` of a user of tenant `acme` is the store's
+ * `acme/telemetry`; group `billing` is the store's group `acme/billing`.
+ * Names containing `/` are refused, so no name reaches another tenant.
+ *
+ * Authentication: HTTP basic with the same users as MQTT (scrypt hashes);
+ * only `service` and `admin` users may use the API. Without configured
+ * users, requests from a loopback address are accepted as tenant `default`,
+ * the rule MQTT's loopback listeners follow. A successful check is cached
+ * for a minute (keyed by an HMAC of the credentials under a per-process
+ * random key), so a pull consumer does not pay a scrypt hash per request;
+ * failures are never cached.
+ */
+import { createHmac, randomBytes } from 'node:crypto'
+import type { IncomingMessage, ServerResponse } from 'node:http'
+import { isStoreError, type LogStore, type PartitionLag, type ResetSpec, type StreamInfo } from '../store/index.ts'
+import { ApiError, toApiError } from './api-errors.ts'
+import { parseTime, QueryParams } from './api-params.ts'
+import { AppendWaiters, clientGone, parseRecordsRequest, serveRecords, type PartitionTarget } from './api-records.ts'
+import { UserDirectory } from './auth.ts'
+import type { UserConfig } from './config.ts'
+
+export interface ApiDeps {
+  readonly store: LogStore
+  /** The configured users (config.users), the same as MQTT's. */
+  readonly users: readonly UserConfig[]
+  /** Wall clock for relative times (`from=-15m`); injected by tests. */
+  readonly now?: () => number
+  readonly logger?: { warn (fields: Record<string, unknown>, message: string): void }
+}
+
+export interface Api {
+  /** Serves a request whose path starts with /v1. */
+  handle (req: IncomingMessage, res: ServerResponse, url: URL): Promise<void>
+  /** Ends every long-poll and stops listening to the store. */
+  close (): void
+}
+
+interface Principal {
+  readonly tenant: string
+  readonly role: 'service' | 'admin' | 'anonymous'
+  readonly username: string | null
+}
+
+const STREAM_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/
+const GROUP_NAME = /^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$/
+const PARTITION = /^(?:0|[1-9][0-9]{0,4})$/
+const MAX_BODY_BYTES = 64 * 1024
+const AUTH_CACHE_MS = 60_000
+const AUTH_CACHE_ENTRIES = 1000
+
+/** A request from this machine: 127.0.0.0/8, ::1, or either mapped into IPv6. */
+export function isLoopbackAddress (address: string | undefined): boolean {
+  if (address === undefined) return false
+  const a = address.startsWith('::ffff:') ? address.slice(7) : address
+  return a === '::1' || /^127\.\d+\.\d+\.\d+$/.test(a)
+}
+
+function sendJson (res: ServerResponse, status: number, body: unknown, headers: Record<string, string> = {}): void {
+  const text = JSON.stringify(body)
+  res.writeHead(status, { 'content-type': 'application/json; charset=utf-8', 'content-length': Buffer.byteLength(text), ...headers })
+  res.end(text)
+}
+
+export function sendApiError (res: ServerResponse, err: ApiError): void {
+  const headers: Record<string, string> = {}
+  if (err.status === 401) headers['www-authenticate'] = 'Basic realm="edgemq", charset="UTF-8"'
+  const allow = err.details.allow
+  if (typeof allow === 'string') headers.allow = allow
+  sendJson(res, err.status, err.toJSON(), headers)
+}
+
+class CredentialCache {
+  readonly #key = randomBytes(32)
+  readonly #entries = new Map<string, { user: UserConfig, expires: number }>()
+
+  #id (username: string, password: Buffer): string {
+    return createHmac('sha256', this.#key).update(username).update('\u0000').update(password).digest('base64')
+  }
+
+  get (username: string, password: Buffer): UserConfig | undefined {
+    const id = this.#id(username, password)
+    const hit = this.#entries.get(id)
+    if (hit === undefined) return undefined
+    if (hit.expires < performance.now()) { this.#entries.delete(id); return undefined }
+    return hit.user
+  }
+
+  set (username: string, password: Buffer, user: UserConfig): void {
+    if (this.#entries.size >= AUTH_CACHE_ENTRIES) this.#entries.clear()
+    this.#entries.set(this.#id(username, password), { user, expires: performance.now() + AUTH_CACHE_MS })
+  }
+}
+
+async function readJsonBody (req: IncomingMessage): Promise<Record<string, unknown>> {
+  const declared = Number(req.headers['content-length'] ?? 0)
+  if (declared > MAX_BODY_BYTES) throw new ApiError('HTTP_BODY_TOO_LARGE', `the body is ${declared} bytes; at most ${MAX_BODY_BYTES} are accepted`)
+  const chunks: Buffer[] = []
+  let size = 0
+  for await (const chunk of req) {
+    size += (chunk as Buffer).length
+    if (size > MAX_BODY_BYTES) throw new ApiError('HTTP_BODY_TOO_LARGE', `the body is larger than ${MAX_BODY_BYTES} bytes`)
+    chunks.push(chunk as Buffer)
+  }
+  let parsed: unknown
+  try {
+    parsed = JSON.parse(Buffer.concat(chunks).toString('utf8'))
+  } catch (cause) {
+    throw new ApiError('HTTP_BAD_BODY', `the body is not JSON: ${(cause as Error).message}`, { cause })
+  }
+  if (parsed === null || typeof parsed !== 'object' || Array.isArray(parsed)) throw new ApiError('HTTP_BAD_BODY', 'the body must be a JSON object')
+  return parsed as Record<string, unknown>
+}
+
+function checkBodyKeys (body: Record<string, unknown>, allowed: readonly string[]): void {
+  for (const key of Object.keys(body)) {
+    if (!allowed.includes(key)) throw new ApiError('HTTP_BAD_BODY', `unknown field ${JSON.stringify(key)}; this endpoint takes ${allowed.join(', ')}`, { details: { field: key } })
+  }
+}
+
+function bodyInteger (value: unknown, field: string): number {
+  if (typeof value !== 'number' || !Number.isSafeInteger(value) || value < 0) {
+    throw new ApiError('HTTP_BAD_BODY', `${field} must be a non-negative integer, got ${JSON.stringify(value)}`, { details: { field } })
+  }
+  return value
+}
+
+export function createApi (deps: ApiDeps): Api {
+  const { store } = deps
+  const users = new UserDirectory(deps.users)
+  const cache = new CredentialCache()
+  const now = deps.now ?? Date.now
+  const waiters = new AppendWaiters(store)
+
+  async function authenticate (req: IncomingMessage): Promise<Principal> {
+    const header = req.headers.authorization
+    if (header === undefined || header === '') {
+      if (users.size === 0 && isLoopbackAddress(req.socket.remoteAddress)) return { tenant: 'default', role: 'anonymous', username: null }
+      throw new ApiError('HTTP_AUTH_REQUIRED', users.size === 0
+        ? 'anonymous access is allowed from loopback only; configure users to use the API from elsewhere'
+        : 'send the credentials of a service or admin user with HTTP basic authentication')
+    }
+    const basic = /^Basic +([A-Za-z0-9+/]+=*) *$/i.exec(header)
+    const decoded = basic === null ? undefined : Buffer.from(basic[1] as string, 'base64')
+    const colon = decoded?.indexOf(0x3a) ?? -1
+    if (decoded === undefined || colon < 0) {
+      throw new ApiError('HTTP_BAD_CREDENTIALS', /^Bearer /i.test(header)
+        ? 'bearer tokens are not supported; use HTTP basic authentication'
+        : 'the Authorization header must be HTTP basic: "Basic " and base64 of username:password')
+    }
+    const username = decoded.subarray(0, colon).toString('utf8')
+    const password = decoded.subarray(colon + 1)
+    let user = cache.get(username, password)
+    if (user === undefined) {
+      const checked = await users.authenticate(username, password)
+      if (checked === null) {
+        deps.logger?.warn({ username, remote: req.socket.remoteAddress }, 'HTTP API: bad username or password')
+        throw new ApiError('HTTP_BAD_CREDENTIALS', 'bad username or password')
+      }
+      user = checked
+      cache.set(username, password, user)
+    }
+    if (user.role !== 'service' && user.role !== 'admin') {
+      throw new ApiError('HTTP_FORBIDDEN', `user ${user.username} has role ${user.role}; the API is for service and admin users`)
+    }
+    return { tenant: user.tenant, role: user.role, username: user.username }
+  }
+
+  // ---------------------------------------------------------------- streams
+
+  function resolveStream (who: Principal, name: string): { stream: string, name: string, info: StreamInfo } {
+    const unknown = (): ApiError => new ApiError('HTTP_UNKNOWN_STREAM', `unknown stream ${JSON.stringify(name)}`, { details: { stream: name } })
+    if (!STREAM_NAME.test(name)) throw unknown()
+    const stream = `${who.tenant}/${name}`
+    try {
+      return { stream, name, info: store.streamInfo(stream) }
+    } catch (err) {
+      if (isStoreError(err, 'STORE_UNKNOWN_STREAM') || isStoreError(err, 'STORE_INVALID_NAME')) throw unknown()
+      throw err
+    }
+  }
+
+  function resolvePartition (s: { name: string, info: StreamInfo }, text: string): number {
+    const p = PARTITION.test(text) ? Number(text) : NaN
+    if (!(p < s.info.partitions)) {
+      throw new ApiError('HTTP_UNKNOWN_PARTITION', `stream ${s.name} has partitions 0 to ${s.info.partitions - 1}, not ${JSON.stringify(text)}`, { details: { partition: text } })
+    }
+    return p
+  }
+
+  function partitionJson (stream: string, partition: number): Record<string, unknown> {
+    const p = store.partitionInfo(stream, partition)
+    return {
+      partition,
+      logStartOffset: p.logStartOffset,
+      logEndOffset: p.logEndOffset,
+      records: p.logEndOffset - p.logStartOffset,
+      bytes: p.bytes,
+      oldestTimestamp: p.oldestTimestamp,
+      newestTimestamp: p.newestTimestamp,
+    }
+  }
+
+  function streamJson (name: string, info: StreamInfo): Record<string, unknown> {
+    const partitions = Array.from({ length: info.partitions }, (_, p) => partitionJson(info.name, p))
+    let records = 0
+    let bytes = 0
+    let oldest: number | null = null
+    let newest: number | null = null
+    for (const p of partitions) {
+      records += p.records as number
+      bytes += p.bytes as number
+      const o = p.oldestTimestamp as number | null
+      const n = p.newestTimestamp as number | null
+      if (o !== null && (oldest === null || o < oldest)) oldest = o
+      if (n !== null && (newest === null || n > newest)) newest = n
+    }
+    return {
+      name, partitionCount: info.partitions, retentionMs: info.retentionMs, retentionBytes: info.retentionBytes,
+      records, bytes, oldestTimestamp: oldest, newestTimestamp: newest, partitions,
+    }
+  }
+
+  function listStreams (who: Principal): Record<string, unknown> {
+    const prefix = `${who.tenant}/`
+    const streams = store.listStreams().filter((s) => s.name.startsWith(prefix)).map((s) => streamJson(s.name.slice(prefix.length), s))
+    return { tenant: who.tenant, streams }
+  }
+
+  // ---------------------------------------------------------------- groups
+
+  function groupId (who: Principal, name: string): string {
+    if (!GROUP_NAME.test(name)) {
+      throw new ApiError('HTTP_BAD_NAME', `invalid consumer group name ${JSON.stringify(name)}: 1 to 128 letters, digits, ".", "_", ":" and "-", starting with a letter or digit`,
+        { details: { group: name } })
+    }
+    return `${who.tenant}/${name}`
+  }
+
+  async function streamLag (group: string, s: { stream: string, name: string }): Promise<Record<string, unknown>> {
+    const partitions: PartitionLag[] = await store.groupLag(group, s.stream)
+    return {
+      stream: s.name,
+      lagMessages: partitions.reduce((sum, p) => sum + p.lagMessages, 0),
+      lagSeconds: partitions.reduce((max, p) => Math.max(max, p.lagSeconds), 0),
+      partitions,
+    }
+  }
+
+  /** The tenant's groups, by the name the tenant uses. */
+  function tenantGroups (who: Principal): Map<string, { id: string, streams: string[] }> {
+    const prefix = `${who.tenant}/`
+    const out = new Map<string, { id: string, streams: string[] }>()
+    for (const g of store.listGroups()) {
+      if (!g.group.startsWith(prefix)) continue
+      const streams = Object.keys(g.offsets).filter((s) => s.startsWith(prefix)).sort()
+      out.set(g.group.slice(prefix.length), { id: g.group, streams })
+    }
+    return out
+  }
+
+  async function groupJson (who: Principal, name: string, g: { id: string, streams: string[] }): Promise<Record<string, unknown>> {
+    const streams = []
+    for (const stream of g.streams) {
+      const local = stream.slice(who.tenant.length + 1)
+      try {
+        store.streamInfo(stream)
+      } catch {
+        continue // the stream is gone; its offsets mean nothing any more
+      }
+      streams.push(await streamLag(g.id, { stream, name: local }))
+    }
+    return {
+      group: name,
+      lagMessages: streams.reduce((sum, s) => sum + (s.lagMessages as number), 0),
+      lagSeconds: streams.reduce((max, s) => Math.max(max, s.lagSeconds as number), 0),
+      streams,
+    }
+  }
+
+  async function commit (group: string, s: { stream: string, name: string, info: StreamInfo }, body: Record<string, unknown>): Promise<void> {
+    checkBodyKeys(body, ['offsets'])
+    const list = body.offsets
+    if (!Array.isArray(list) || list.length === 0) {
+      throw new ApiError('HTTP_BAD_BODY', 'offsets must be a non-empty array of {"partition": P, "offset": N}', { details: { field: 'offsets' } })
+    }
+    const commits = new Map<number, number>()
+    list.forEach((entry: unknown, i) => {
+      if (entry === null || typeof entry !== 'object' || Array.isArray(entry)) {
+        throw new ApiError('HTTP_BAD_BODY', `offsets[${i}] must be {"partition": P, "offset": N}`, { details: { field: `offsets[${i}]` } })
+      }
+      const e = entry as Record<string, unknown>
+      checkBodyKeys(e, ['partition', 'offset'])
+      const partition = resolvePartition(s, String(bodyInteger(e.partition, `offsets[${i}].partition`)))
+      const offset = bodyInteger(e.offset, `offsets[${i}].offset`)
+      if (commits.has(partition)) throw new ApiError('HTTP_BAD_BODY', `partition ${partition} appears twice in offsets`, { details: { field: `offsets[${i}].partition` } })
+      const end = store.partitionInfo(s.stream, partition).logEndOffset
+      if (offset > end) {
+        throw new ApiError('HTTP_OFFSET_OUT_OF_RANGE', `cannot commit offset ${offset} for ${s.name}[${partition}]: the log ends at ${end}`,
+          { details: { offset, partition, logStartOffset: store.partitionInfo(s.stream, partition).logStartOffset, logEndOffset: end } })
+      }
+      commits.set(partition, offset)
+    })
+    for (const [partition, offset] of commits) await store.commitOffset(group, s.stream, partition, offset)
+  }
+
+  async function reset (group: string, s: { stream: string, name: string, info: StreamInfo }, body: Record<string, unknown>): Promise<void> {
+    checkBodyKeys(body, ['to', 'offset', 'timestamp', 'partition'])
+    const partition = body.partition === undefined ? undefined : resolvePartition(s, String(bodyInteger(body.partition, 'partition')))
+    let spec: ResetSpec
+    switch (body.to) {
+      case 'earliest': case 'latest':
+        if (body.offset !== undefined || body.timestamp !== undefined) throw new ApiError('HTTP_BAD_BODY', `to: ${body.to} takes no offset or timestamp`)
+        spec = { to: body.to }
+        break
+      case 'offset':
+        if (body.timestamp !== undefined) throw new ApiError('HTTP_BAD_BODY', 'to: offset takes an offset, not a timestamp', { details: { field: 'timestamp' } })
+        spec = { to: 'offset', offset: bodyInteger(body.offset, 'offset') }
+        break
+      case 'timestamp': {
+        if (body.offset !== undefined) throw new ApiError('HTTP_BAD_BODY', 'to: timestamp takes a timestamp, not an offset', { details: { field: 'offset' } })
+        const t = body.timestamp
+        let timestamp: number
+        if (typeof t === 'number') {
+          if (!Number.isSafeInteger(t) || t < 0) throw new ApiError('HTTP_BAD_TIME', `timestamp must be milliseconds since the epoch, got ${t}`, { details: { field: 'timestamp' } })
+          timestamp = t
+        } else if (typeof t === 'string') {
+          timestamp = parseTime(t, now(), 'timestamp')
+        } else {
+          throw new ApiError('HTTP_BAD_TIME', 'to: timestamp needs a timestamp (milliseconds since the epoch or an ISO 8601 time)', { details: { field: 'timestamp' } })
+        }
+        spec = { to: 'timestamp', timestamp }
+        break
+      }
+      default:
+        throw new ApiError('HTTP_BAD_BODY', `to must be "earliest", "latest", "offset" or "timestamp", got ${JSON.stringify(body.to)}`, { details: { field: 'to' } })
+    }
+    await store.resetGroup(group, s.stream, spec, partition)
+  }
+
+  // ---------------------------------------------------------------- routing
+
+  function noParams (url: URL): void {
+    void new QueryParams(url.searchParams, [])
+  }
+
+  async function route (req: IncomingMessage, res: ServerResponse, url: URL, who: Principal): Promise<void> {
+    let segments: string[]
+    try {
+      segments = url.pathname.split('/').slice(2).map((s) => decodeURIComponent(s))
+    } catch {
+      throw new ApiError('HTTP_BAD_REQUEST', `the path ${url.pathname} is not valid percent-encoding`)
+    }
+    if (segments.length > 0 && segments[segments.length - 1] === '') segments.pop()
+    const method = req.method === 'HEAD' ? 'GET' : req.method ?? 'GET'
+    const only = (...allowed: string[]): void => {
+      if (!allowed.includes(method)) {
+        throw new ApiError('HTTP_METHOD_NOT_ALLOWED', `${req.method ?? ''} is not allowed on ${url.pathname}; use ${allowed.join(' or ')}`, { details: { allow: allowed.join(', ') } })
+      }
+    }
+    const [top, a, b, c, d, e, ...rest] = segments
+    const notFound = (): ApiError => new ApiError('HTTP_NOT_FOUND', `no route ${url.pathname}`)
+    if (rest.length > 0) throw notFound()
+
+    if (top === 'streams') {
+      if (a === undefined) { only('GET'); noParams(url); return sendJson(res, 200, listStreams(who)) }
+      const s = resolveStream(who, a)
+      if (b === undefined) { only('GET'); noParams(url); return sendJson(res, 200, { tenant: who.tenant, ...streamJson(s.name, s.info) }) }
+      let target: PartitionTarget
+      if (b === 'records' && c === undefined) {
+        // Without a partition: the partition of the one key asked for.
+        only('GET')
+        const keys = url.searchParams.getAll('key')
+        if (keys.length !== 1) {
+          throw new ApiError('HTTP_BAD_REQUEST', `${url.pathname} needs exactly one key parameter (it reads the partition of that key); use …/partitions/{p}/records otherwise`,
+            { details: { parameter: 'key' } })
+        }
+        target = { stream: s.stream, name: s.name, partition: store.partitionFor(s.stream, keys[0] as string) }
+      } else if (b === 'partitions' && c !== undefined && (d === undefined || (d === 'records' && e === undefined))) {
+        only('GET')
+        const partition = resolvePartition(s, c)
+        if (d === undefined) { noParams(url); return sendJson(res, 200, { stream: s.name, ...partitionJson(s.stream, partition) }) }
+        target = { stream: s.stream, name: s.name, partition }
+      } else {
+        throw notFound()
+      }
+      const request = parseRecordsRequest(url.searchParams, now(), req.headers.accept, (g) => groupId(who, g))
+      const signal = clientGone(req, res)
+      return serveRecords({ store, waiters, signal }, target, request, res)
+    }
+
+    if (top === 'groups') {
+      if (a === undefined) {
+        only('GET')
+        noParams(url)
+        const groups = []
+        for (const [name, g] of tenantGroups(who)) groups.push(await groupJson(who, name, g))
+        return sendJson(res, 200, { tenant: who.tenant, groups })
+      }
+      const group = groupId(who, a)
+      if (b === undefined) {
+        only('GET', 'DELETE')
+        noParams(url)
+        const g = tenantGroups(who).get(a)
+        if (g === undefined) throw new ApiError('HTTP_UNKNOWN_GROUP', `unknown consumer group ${JSON.stringify(a)}`, { details: { group: a } })
+        if (method === 'DELETE') {
+          await store.deleteGroup(group)
+          return sendJson(res, 200, { group: a, deleted: true })
+        }
+        return sendJson(res, 200, await groupJson(who, a, g))
+      }
+      if (b !== 'streams' || c === undefined || e !== undefined) throw notFound()
+      const s = resolveStream(who, c)
+      noParams(url)
+      if (d === undefined) {
+        only('GET')
+      } else if (d === 'commit') {
+        only('POST')
+        await commit(group, s, await readJsonBody(req))
+      } else if (d === 'reset') {
+        only('POST')
+        await reset(group, s, await readJsonBody(req))
+      } else {
+        throw notFound()
+      }
+      return sendJson(res, 200, { group: a, ...await streamLag(group, s) })
+    }
+    throw notFound()
+  }
+
+  return {
+    async handle (req, res, url) {
+      try {
+        const who = await authenticate(req)
+        await route(req, res, url, who)
+      } catch (err) {
+        const apiError = toApiError(err)
+        if (apiError.status >= 500) deps.logger?.warn({ code: apiError.code, path: url.pathname, err: apiError.message }, 'HTTP API request failed')
+        if (!res.headersSent) sendApiError(res, apiError)
+        else res.destroy()
+      }
+    },
+    close () {
+      waiters.close()
+    },
+  }
+}
