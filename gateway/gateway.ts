@@ -16,7 +16,7 @@ import { GuardGroup } from './connection-guard.ts'
 import { GatewayError } from './errors.ts'
 import { startHttpServer, type RunningHttpServer } from './http.ts'
 import { startListener, type RunningListener } from './listeners.ts'
-import { createMetrics } from './metrics.ts'
+import { createMetrics, splitStream } from './metrics.ts'
 import { LevelSessionPersistence } from './session-persistence.ts'
 import { readFileSync } from 'node:fs'
 
@@ -76,6 +76,7 @@ export async function startGateway (config: GatewayConfig, deps: GatewayDeps): P
       else logger.error({ err: err?.message }, 'log writes fail: gateway stops acknowledging until the disk recovers')
     }
     let diskFree: number | undefined
+    let diskSize: number | undefined
     const sessionsDb = root.sublevel<Buffer, Buffer>('sessions', { keyEncoding: 'buffer', valueEncoding: 'buffer' }) as unknown as LevelDatabase
     const guards = new GuardGroup()
     // Created before the store so the observer can reach it; filled right after.
@@ -104,13 +105,14 @@ export async function startGateway (config: GatewayConfig, deps: GatewayDeps): P
           if (metricsRef !== undefined) releaseBackpressure(guards, store, config.mqtt.maxPendingAppends, metricsRef)
         },
         onWriteError: (err) => { setHealth(false, err) },
-        onDropped: (d) => { metricsRef?.droppedRecords.inc({ stream: d.stream, partition: String(d.partition), group: d.group }, d.count) },
+        onDropped: (d) => { metricsRef?.droppedRecords.inc({ ...splitStream(d.stream), partition: String(d.partition), group: d.group }, d.count) },
       },
     })
     cleanups.push(() => store.close())
     const metrics = createMetrics(registry, {
       store,
       diskFreeBytes: () => diskFree,
+      diskSizeBytes: () => diskSize,
       healthy: () => healthy,
       version: VERSION,
       gatewayId: config.gatewayId,
@@ -152,7 +154,7 @@ export async function startGateway (config: GatewayConfig, deps: GatewayDeps): P
     cleanups.push(() => http.close())
 
     const refreshDisk = (): void => {
-      statfs(config.dataDir).then((s) => { diskFree = s.bavail * s.bsize }, () => {})
+      statfs(config.dataDir).then((s) => { diskFree = s.bavail * s.bsize; diskSize = s.blocks * s.bsize }, () => {})
     }
     refreshDisk()
     const diskTimer = setInterval(refreshDisk, 10_000).unref()

@@ -23,25 +23,28 @@ export interface GatewayMetrics {
   readonly authFailures: Counter<'listener'>
   readonly publishesRefused: Counter<'tenant' | 'reason'>
   readonly storeErrors: Counter<'kind'>
-  readonly droppedRecords: Counter<'stream' | 'partition' | 'group'>
+  readonly droppedRecords: Counter<'tenant' | 'stream' | 'partition' | 'group'>
   readonly backpressure: Gauge
 }
 
 export interface MetricsSources {
   readonly store: LogStore
   readonly diskFreeBytes: () => number | undefined
+  readonly diskSizeBytes: () => number | undefined
   readonly healthy: () => boolean
   readonly version: string
   readonly gatewayId: string
 }
 
+/** `<tenant>/<stream>` as the two labels every metric uses. */
+export function splitStream (name: string): { tenant: string, stream: string } {
+  const at = name.indexOf('/')
+  return { tenant: name.slice(0, at), stream: name.slice(at + 1) }
+}
+
 export function createMetrics (registry: Registry, sources: MetricsSources): GatewayMetrics {
   collectDefaultMetrics({ register: registry })
   const { store } = sources
-  const splitStream = (name: string): { tenant: string, stream: string } => {
-    const at = name.indexOf('/')
-    return { tenant: name.slice(0, at), stream: name.slice(at + 1) }
-  }
 
   new Gauge({
     name: 'edgemq_build_info', help: 'Version of the running gateway (value 1).', labelNames: ['version', 'gateway'], registers: [registry],
@@ -60,58 +63,87 @@ export function createMetrics (registry: Registry, sources: MetricsSources): Gat
     collect () { this.set(store.totalBytes) },
   })
   new Gauge({
+    name: 'edgemq_store_disk_size_bytes', help: 'Size of the file system holding the data directory.', registers: [registry],
+    collect () { const size = sources.diskSizeBytes(); if (size !== undefined) this.set(size) },
+  })
+  new Gauge({
     name: 'edgemq_store_disk_free_bytes', help: 'Free bytes on the file system holding the data directory.', registers: [registry],
     collect () { const free = sources.diskFreeBytes(); if (free !== undefined) this.set(free) },
   })
+  // prom-client reads metrics in registration order: the first gauge of each family fills them all when a scrape
+  // reads it, so a scrape walks the partitions (and groups) once and every gauge shows the same moment.
+  const partitionLabels = ['tenant', 'stream', 'partition'] as const
   const partitionGauges = {
-    start: new Gauge({ name: 'edgemq_partition_log_start_offset', help: 'First offset still in the log.', labelNames: ['tenant', 'stream', 'partition'], registers: [registry] }),
-    end: new Gauge({ name: 'edgemq_partition_log_end_offset', help: 'Offset the next record will get.', labelNames: ['tenant', 'stream', 'partition'], registers: [registry] }),
-    bytes: new Gauge({ name: 'edgemq_partition_bytes', help: 'Bytes stored for the partition.', labelNames: ['tenant', 'stream', 'partition'], registers: [registry] }),
-    oldest: new Gauge({ name: 'edgemq_partition_oldest_timestamp_seconds', help: 'Unix time of the oldest record in the partition.', labelNames: ['tenant', 'stream', 'partition'], registers: [registry] }),
+    start: new Gauge({
+      name: 'edgemq_partition_log_start_offset', help: 'First offset still in the log.', labelNames: partitionLabels, registers: [registry],
+      collect () { fillPartitions() },
+    }),
+    end: new Gauge({ name: 'edgemq_partition_log_end_offset', help: 'Offset the next record will get.', labelNames: partitionLabels, registers: [registry] }),
+    bytes: new Gauge({ name: 'edgemq_partition_bytes', help: 'Bytes stored for the partition.', labelNames: partitionLabels, registers: [registry] }),
+    oldest: new Gauge({ name: 'edgemq_partition_oldest_timestamp_seconds', help: 'Unix time of the oldest record in the partition.', labelNames: partitionLabels, registers: [registry] }),
   }
-  // One collector fills all four partition gauges, so a scrape walks the partitions once.
+  const fillPartitions = (): void => {
+    for (const g of Object.values(partitionGauges)) g.reset()
+    for (const s of store.listStreams()) {
+      const { tenant, stream } = splitStream(s.name)
+      for (let p = 0; p < s.partitions; p++) {
+        const info = store.partitionInfo(s.name, p)
+        const labels = { tenant, stream, partition: String(p) }
+        partitionGauges.start.set(labels, info.logStartOffset)
+        partitionGauges.end.set(labels, info.logEndOffset)
+        partitionGauges.bytes.set(labels, info.bytes)
+        if (info.oldestTimestamp !== null) partitionGauges.oldest.set(labels, info.oldestTimestamp / 1000)
+      }
+    }
+  }
   new Gauge({
     name: 'edgemq_streams', help: 'Number of streams in the log.', registers: [registry],
-    collect () {
-      const streams = store.listStreams()
-      this.set(streams.length)
-      for (const g of Object.values(partitionGauges)) g.reset()
-      for (const s of streams) {
-        const { tenant, stream } = splitStream(s.name)
-        for (let p = 0; p < s.partitions; p++) {
-          const info = store.partitionInfo(s.name, p)
-          const labels = { tenant, stream, partition: String(p) }
-          partitionGauges.start.set(labels, info.logStartOffset)
-          partitionGauges.end.set(labels, info.logEndOffset)
-          partitionGauges.bytes.set(labels, info.bytes)
-          if (info.oldestTimestamp !== null) partitionGauges.oldest.set(labels, info.oldestTimestamp / 1000)
+    collect () { this.set(store.listStreams().length) },
+  })
+  // Group lag in seconds reads the oldest unconsumed record, so this family's collect is async, and prom-client
+  // collects all metrics concurrently: each of the three waits for the one fill its scrape started.
+  const groupLabels = ['group', 'tenant', 'stream', 'partition'] as const
+  let groupFill: Promise<void> | null = null
+  const groupsCollected = async (): Promise<void> => {
+    groupFill ??= fillGroups().finally(() => { groupFill = null })
+    await groupFill
+  }
+  const groupGauges = {
+    committed: new Gauge({
+      name: 'edgemq_group_committed_offset', help: 'Next offset the consumer group will consume.', labelNames: groupLabels, registers: [registry],
+      collect: groupsCollected,
+    }),
+    lag: new Gauge({
+      name: 'edgemq_group_lag_messages', help: 'Records the group has not consumed yet (log end minus its position, never below the log start).', labelNames: groupLabels, registers: [registry],
+      collect: groupsCollected,
+    }),
+    lagSeconds: new Gauge({
+      name: 'edgemq_group_lag_seconds', help: 'Now minus the timestamp of the oldest record the group has not consumed; 0 when caught up.', labelNames: groupLabels, registers: [registry],
+      collect: groupsCollected,
+    }),
+  }
+  const fillGroups = async (): Promise<void> => {
+    for (const g of Object.values(groupGauges)) g.reset()
+    for (const g of store.listGroups()) {
+      for (const name of Object.keys(g.offsets)) {
+        const { tenant, stream } = splitStream(name)
+        for (const lag of await store.groupLag(g.group, name)) {
+          const labels = { group: g.group, tenant, stream, partition: String(lag.partition) }
+          if (lag.committedOffset !== null) groupGauges.committed.set(labels, lag.committedOffset)
+          groupGauges.lag.set(labels, lag.lagMessages)
+          groupGauges.lagSeconds.set(labels, lag.lagSeconds)
         }
       }
-    },
-  })
-  const groupGauges = {
-    committed: new Gauge({ name: 'edgemq_group_committed_offset', help: 'Next offset the consumer group will consume.', labelNames: ['group', 'tenant', 'stream', 'partition'], registers: [registry] }),
-    lag: new Gauge({ name: 'edgemq_group_lag_messages', help: 'Log end offset minus the committed offset.', labelNames: ['group', 'tenant', 'stream', 'partition'], registers: [registry] }),
+    }
   }
   new Gauge({
     name: 'edgemq_groups', help: 'Number of consumer groups.', registers: [registry],
-    collect () {
-      const groups = store.listGroups()
-      this.set(groups.length)
-      groupGauges.committed.reset()
-      groupGauges.lag.reset()
-      for (const g of groups) {
-        for (const [name, partitions] of Object.entries(g.offsets)) {
-          const { tenant, stream } = splitStream(name)
-          for (const [p, offset] of Object.entries(partitions)) {
-            const labels = { group: g.group, tenant, stream, partition: p }
-            groupGauges.committed.set(labels, offset)
-            groupGauges.lag.set(labels, Math.max(0, store.partitionInfo(name, Number(p)).logEndOffset - offset))
-          }
-        }
-      }
-    },
+    collect () { this.set(store.listGroups().length) },
   })
+
+  const storeErrors = new Counter({ name: 'edgemq_store_errors_total', help: 'Failed log writes (each one stops acks until the store recovers).', labelNames: ['kind'], registers: [registry] })
+  // Present from the first scrape, so dashboards show 0 and increase() sees the first error.
+  storeErrors.inc({ kind: 'write' }, 0)
 
   return {
     ingestMessages: new Counter({ name: 'edgemq_ingest_messages_total', help: 'Messages appended to the log.', labelNames: ['tenant', 'stream'], registers: [registry] }),
@@ -128,10 +160,10 @@ export function createMetrics (registry: Registry, sources: MetricsSources): Gat
     connectionsRefused: new Counter({ name: 'edgemq_mqtt_connections_refused_total', help: 'Connections refused or closed for breaking a rule, by reason.', labelNames: ['listener', 'reason'], registers: [registry] }),
     authFailures: new Counter({ name: 'edgemq_mqtt_auth_failures_total', help: 'CONNECTs with an unknown user or a wrong password.', labelNames: ['listener'], registers: [registry] }),
     publishesRefused: new Counter({ name: 'edgemq_mqtt_publishes_refused_total', help: 'PUBLISH packets not appended, by reason.', labelNames: ['tenant', 'reason'], registers: [registry] }),
-    storeErrors: new Counter({ name: 'edgemq_store_errors_total', help: 'Failed log writes and reads.', labelNames: ['kind'], registers: [registry] }),
+    storeErrors,
     droppedRecords: new Counter({
       name: 'edgemq_retention_dropped_records_total', help: 'Records deleted by the disk budget before a retention-holding group consumed them.',
-      labelNames: ['stream', 'partition', 'group'], registers: [registry],
+      labelNames: ['tenant', 'stream', 'partition', 'group'], registers: [registry],
     }),
     backpressure: new Gauge({ name: 'edgemq_mqtt_backpressure', help: '1 while sockets are paused because the log has too many pending appends.', registers: [registry] }),
   }
