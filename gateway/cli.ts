@@ -3,13 +3,17 @@
  * flags with commander and calls into the gateway, the store or the HTTP API.
  */
 import { readFileSync } from 'node:fs'
-import { Command, CommanderError, InvalidArgumentError } from 'commander'
+import { Command, CommanderError, InvalidArgumentError, Option } from 'commander'
 import { parse as parseYaml } from 'yaml'
 import { pino, destination } from 'pino'
 import { hashPassword } from './auth.ts'
+import { deleteGroup, groupsTable, listGroups, listStreams, resetGroup, streamsTable, type AdminSource } from './cli-admin.ts'
+import { CliError } from './cli-errors.ts'
+import { ApiClient } from './cli-http.ts'
+import { openDataDir } from './cli-offline.ts'
+import { httpSource, offlineSource, parsePosition, replay, tail, type OutputFormat, type PayloadEncoding, type ReadSpec } from './cli-replay.ts'
 import { buildConfig, type GatewayConfig } from './config.ts'
 import { GatewayError } from './errors.ts'
-import { startGateway } from './gateway.ts'
 
 const pkg = JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8')) as { version: string }
 
@@ -17,6 +21,16 @@ function port (value: string): number {
   const n = Number(value)
   if (!Number.isInteger(n) || n < 0 || n > 65535) throw new InvalidArgumentError('expected a port number from 0 to 65535')
   return n
+}
+
+function nonNegative (value: string): number {
+  const n = /^[0-9]{1,15}$/.test(value) ? Number(value) : NaN
+  if (!Number.isSafeInteger(n)) throw new InvalidArgumentError('expected a non-negative integer')
+  return n
+}
+
+function collect (value: string, previous: string[] = []): string[] {
+  return [...previous, value]
 }
 
 interface StartFlags { config?: string, dataDir?: string, mqttPort?: number, httpPort?: number }
@@ -57,6 +71,8 @@ export function resolveStartConfig (flags: StartFlags): GatewayConfig {
 async function start (flags: StartFlags): Promise<number> {
   const logger = pino({ level: 'info', base: undefined }, destination({ dest: 2, sync: true }))
   const config = resolveStartConfig(flags)
+  // Loaded here, so that the client commands do not pay for loading the broker.
+  const { startGateway } = await import('./gateway.ts')
   const gateway = await startGateway(config, { logger })
   const mqtt = gateway.listeners.map((l) => `${l.config.name} ${l.config.type === 'ws' || l.config.type === 'wss' ? `${l.config.type}://${l.host}:${l.port}${l.config.path}` : `${l.config.type === 'tls' ? 'mqtts' : 'mqtt'}://${l.host}:${l.port}`}`)
   console.log(`edgemq ${pkg.version} ready: mqtt ${mqtt.join(', ')}; http http://${gateway.http.host}:${gateway.http.port}; data ${config.dataDir}`)
@@ -84,6 +100,187 @@ async function readPassword (): Promise<string> {
   return Buffer.concat(chunks).toString('utf8').replace(/\r?\n$/, '')
 }
 
+// ---------------------------------------------------------------- client commands
+
+const DEFAULT_URL = 'http://127.0.0.1:9464'
+
+interface SourceFlags { url?: string, user?: string, password?: string, dataDir?: string, tenant?: string }
+
+interface ReadFlags extends SourceFlags {
+  stream: string
+  partition?: number
+  from?: string
+  to?: string
+  device?: string[]
+  topic?: string[]
+  where?: string
+  format: OutputFormat
+  payload: PayloadEncoding
+  out?: string
+  maxRecords?: number
+  progress: boolean
+}
+
+/** The client commands are a composition root too: the only place they read the environment. */
+function apiClient (flags: SourceFlags): ApiClient {
+  if (flags.tenant !== undefined) throw new CliError('CLI_BAD_ARGUMENT', '--tenant goes with --data-dir; over HTTP the tenant is the user\'s')
+  return new ApiClient({
+    url: flags.url ?? process.env.EDGEMQ_URL ?? DEFAULT_URL,
+    user: flags.user ?? nonEmpty(process.env.EDGEMQ_USER),
+    password: flags.password ?? nonEmpty(process.env.EDGEMQ_PASSWORD),
+  })
+}
+
+function nonEmpty (value: string | undefined): string | undefined {
+  return value === undefined || value === '' ? undefined : value
+}
+
+/** Runs `fn` on the data directory (`--data-dir`) or the gateway over HTTP (`--url`, the default). */
+async function withAdminSource<T> (flags: SourceFlags, fn: (source: AdminSource) => Promise<T>): Promise<T> {
+  if (flags.dataDir === undefined) return await fn({ kind: 'http', api: apiClient(flags) })
+  if (flags.url !== undefined || flags.user !== undefined || flags.password !== undefined) {
+    throw new CliError('CLI_BAD_ARGUMENT', '--data-dir reads a stopped gateway\'s files; --url, --user and --password are for a running one: give one or the other')
+  }
+  const log = await openDataDir(flags.dataDir, flags.tenant ?? 'default')
+  try {
+    return await fn({ kind: 'offline', log })
+  } finally {
+    await log.close()
+  }
+}
+
+function readSpec (flags: ReadFlags, now: number): ReadSpec {
+  return {
+    stream: flags.stream,
+    partition: flags.partition,
+    from: flags.from === undefined ? undefined : parsePosition(flags.from, '--from', now),
+    to: flags.to === undefined ? undefined : parsePosition(flags.to, '--to', now),
+    filters: { keys: flags.device ?? [], topics: flags.topic ?? [], where: flags.where },
+    maxRecords: flags.maxRecords,
+  }
+}
+
+/** Writes to stdout and waits until it reached the OS: `edgemq` ends with process.exit, which drops what a pipe has not taken yet. */
+function print (text: string): Promise<void> {
+  return new Promise((resolve) => process.stdout.write(text, () => resolve()))
+}
+
+/** Aborts on SIGINT / SIGTERM while `fn` runs, so that an interrupted run ends its output cleanly. */
+async function interruptible<T> (fn: (signal: AbortSignal) => Promise<T>): Promise<T> {
+  const controller = new AbortController()
+  const abort = (): void => controller.abort()
+  process.once('SIGINT', abort)
+  process.once('SIGTERM', abort)
+  try {
+    return await fn(controller.signal)
+  } finally {
+    process.off('SIGINT', abort)
+    process.off('SIGTERM', abort)
+  }
+}
+
+function addSourceOptions (command: Command, offline: boolean): Command {
+  command
+    .option('--url <url>', `the gateway's HTTP address (default ${DEFAULT_URL}, or EDGEMQ_URL)`)
+    .option('--user <name>', 'a service or admin user (default EDGEMQ_USER)')
+    .option('--password <password>', 'its password (default EDGEMQ_PASSWORD)')
+  if (offline) {
+    command
+      .option('--data-dir <dir>', 'read a stopped gateway\'s data directory instead of asking a running one')
+      .option('--tenant <name>', 'with --data-dir: the tenant whose streams to read (default "default")')
+  }
+  return command
+}
+
+function addReadOptions (command: Command): Command {
+  return command
+    .requiredOption('--stream <name>', 'the stream to read')
+    .option('--partition <n>', 'only this partition (default: every partition, one after the other)', nonNegative)
+    .option('--device <id>', 'only records with this key (device id); repeatable', collect)
+    .option('--topic <filter>', 'only records whose MQTT topic matches this filter (+, #); repeatable', collect)
+    .option('--where <expr>', 'only records whose JSON payload satisfies the expression, e.g. \'temp > 30 and site = "a"\'')
+    .addOption(new Option('--format <format>', 'output format').choices(['ndjson', 'json', 'cbor']).default('ndjson'))
+    .addOption(new Option('--payload <encoding>', 'payloads in ndjson/json output').choices(['utf8', 'base64']).default('utf8'))
+    .option('--out <file>', 'write to this file instead of stdout')
+    .option('--max-records <n>', 'stop after this many records', nonNegative)
+}
+
+function addClientCommands (program: Command, exit: (code: number) => void): void {
+  const replayCommand = program.command('replay')
+    .description('write a stream\'s records (a range, filtered) as NDJSON, JSON or CBOR, from a running gateway or a stopped one\'s data')
+    .option('--from <position>', 'start: earliest (default), latest, an offset (needs one partition), or a time (ISO 8601 with zone, date, now, -15m, @<epoch ms>)')
+    .option('--to <position>', 'stop before this offset or before the first record at or after this time')
+    .option('--no-progress', 'no progress bar (it is drawn only when stderr is a terminal anyway)')
+  addReadOptions(replayCommand)
+  addSourceOptions(replayCommand, true)
+  replayCommand.action(async (flags: ReadFlags) => {
+    const spec = readSpec(flags, Date.now())
+    const output = { format: flags.format, payload: flags.payload, out: flags.out }
+    const io = { stderr: process.stderr, progress: flags.progress }
+    exit(await interruptible(async (signal) => {
+      if (flags.dataDir === undefined) return await replay(httpSource(apiClient(flags)), spec, output, { ...io, signal })
+      return await withAdminSource(flags, async (source) => {
+        if (source.kind !== 'offline') throw new Error('unreachable')
+        return await replay(offlineSource(source.log), spec, output, { ...io, signal })
+      })
+    }))
+  })
+
+  const tailCommand = program.command('tail')
+    .description('follow a stream like tail -f: print records as they are appended, until interrupted')
+    .option('--from <position>', 'start here instead of at the current end: earliest, latest, an offset (needs one partition), or a time')
+    .option('--to <position>', 'stop at this offset or time')
+  addReadOptions(tailCommand)
+  addSourceOptions(tailCommand, false)
+  tailCommand.action(async (flags: ReadFlags) => {
+    const spec = readSpec(flags, Date.now())
+    exit(await interruptible((signal) => tail(apiClient(flags), spec, { format: flags.format, payload: flags.payload, out: flags.out },
+      { stderr: process.stderr, progress: false, signal })))
+  })
+
+  const streams = program.command('streams')
+    .description('list the streams: partitions, log start and end offsets, records, bytes, oldest and newest timestamps')
+    .option('--stream <name>', 'only this stream')
+    .option('--json', 'print the API\'s JSON document instead of a table')
+  addSourceOptions(streams, true)
+  streams.action(async (flags: SourceFlags & { stream?: string, json?: boolean }) => {
+    const doc = await withAdminSource(flags, (source) => listStreams(source, flags.stream))
+    await print(flags.json === true ? `${JSON.stringify(doc, null, 2)}\n` : streamsTable(doc.streams))
+  })
+
+  const groups = program.command('groups')
+    .description('consumer groups: list (the default) with lag, reset offsets, delete')
+  const groupsList = groups.command('list', { isDefault: true })
+    .description('list the groups with committed offsets and lag per partition')
+    .option('--group <name>', 'only this group')
+    .option('--json', 'print the API\'s JSON document instead of a table')
+  addSourceOptions(groupsList, true)
+  groupsList.action(async (flags: SourceFlags & { group?: string, json?: boolean }) => {
+    const doc = await withAdminSource(flags, (source) => listGroups(source, flags.group))
+    await print(flags.json === true ? `${JSON.stringify(doc, null, 2)}\n` : groupsTable(doc.groups))
+  })
+  const groupsReset = groups.command('reset')
+    .description('move a group\'s offsets on a stream (every partition, or --partition)')
+    .requiredOption('--group <name>', 'the group')
+    .requiredOption('--stream <name>', 'the stream')
+    .requiredOption('--to <position>', 'earliest, latest, an offset, or a time (ISO 8601 with zone, date, now, -15m, @<epoch ms>); offsets outside the log are clamped into it')
+    .option('--partition <n>', 'only this partition', nonNegative)
+    .option('--json', 'print the API\'s JSON answer instead of a table')
+  addSourceOptions(groupsReset, false)
+  groupsReset.action(async (flags: SourceFlags & { group: string, stream: string, to: string, partition?: number, json?: boolean }) => {
+    const result = await resetGroup(apiClient(flags), flags.group, flags.stream, flags.to, flags.partition, Date.now())
+    await print(flags.json === true ? `${JSON.stringify(result, null, 2)}\n` : groupsTable([{ group: result.group, streams: [result] }]))
+  })
+  const groupsDelete = groups.command('delete')
+    .description('delete a group and its offsets')
+    .requiredOption('--group <name>', 'the group')
+  addSourceOptions(groupsDelete, false)
+  groupsDelete.action(async (flags: SourceFlags & { group: string }) => {
+    await deleteGroup(apiClient(flags), flags.group)
+    await print(`deleted group ${flags.group}\n`)
+  })
+}
+
 export function buildProgram (exit: (code: number) => void): Command {
   const program = new Command('edgemq')
     .description('Edge gateway for IoT fleets: MQTT in front, a durable partitioned replayable log behind.')
@@ -105,6 +302,7 @@ export function buildProgram (exit: (code: number) => void): Command {
       if (password.length === 0) throw new GatewayError('GW_BAD_PASSWORD_HASH', 'empty password on stdin')
       console.log(await hashPassword(password))
     })
+  addClientCommands(program, exit)
   return program
 }
 
