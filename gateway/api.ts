@@ -17,12 +17,13 @@
  */
 import { createHmac, randomBytes } from 'node:crypto'
 import type { IncomingMessage, ServerResponse } from 'node:http'
-import { isStoreError, type LogStore, type PartitionLag, type ResetSpec, type StreamInfo } from '../store/index.ts'
+import { isStoreError, type LogStore, type ResetSpec, type StreamInfo } from '../store/index.ts'
 import { ApiError, toApiError } from './api-errors.ts'
 import { parseTime, QueryParams } from './api-params.ts'
 import { AppendWaiters, clientGone, parseRecordsRequest, serveRecords, type PartitionTarget } from './api-records.ts'
 import { UserDirectory } from './auth.ts'
 import type { UserConfig } from './config.ts'
+import { groupDoc, groupDocs, groupStreamDoc, partitionDoc, streamDoc, streamDocs, tenantGroups } from './log-documents.ts'
 
 export interface ApiDeps {
   readonly store: LogStore
@@ -192,45 +193,6 @@ export function createApi (deps: ApiDeps): Api {
     return p
   }
 
-  function partitionJson (stream: string, partition: number): Record<string, unknown> {
-    const p = store.partitionInfo(stream, partition)
-    return {
-      partition,
-      logStartOffset: p.logStartOffset,
-      logEndOffset: p.logEndOffset,
-      records: p.logEndOffset - p.logStartOffset,
-      bytes: p.bytes,
-      oldestTimestamp: p.oldestTimestamp,
-      newestTimestamp: p.newestTimestamp,
-    }
-  }
-
-  function streamJson (name: string, info: StreamInfo): Record<string, unknown> {
-    const partitions = Array.from({ length: info.partitions }, (_, p) => partitionJson(info.name, p))
-    let records = 0
-    let bytes = 0
-    let oldest: number | null = null
-    let newest: number | null = null
-    for (const p of partitions) {
-      records += p.records as number
-      bytes += p.bytes as number
-      const o = p.oldestTimestamp as number | null
-      const n = p.newestTimestamp as number | null
-      if (o !== null && (oldest === null || o < oldest)) oldest = o
-      if (n !== null && (newest === null || n > newest)) newest = n
-    }
-    return {
-      name, partitionCount: info.partitions, retentionMs: info.retentionMs, retentionBytes: info.retentionBytes,
-      records, bytes, oldestTimestamp: oldest, newestTimestamp: newest, partitions,
-    }
-  }
-
-  function listStreams (who: Principal): Record<string, unknown> {
-    const prefix = `${who.tenant}/`
-    const streams = store.listStreams().filter((s) => s.name.startsWith(prefix)).map((s) => streamJson(s.name.slice(prefix.length), s))
-    return { tenant: who.tenant, streams }
-  }
-
   // ---------------------------------------------------------------- groups
 
   function groupId (who: Principal, name: string): string {
@@ -239,47 +201,6 @@ export function createApi (deps: ApiDeps): Api {
         { details: { group: name } })
     }
     return `${who.tenant}/${name}`
-  }
-
-  async function streamLag (group: string, s: { stream: string, name: string }): Promise<Record<string, unknown>> {
-    const partitions: PartitionLag[] = await store.groupLag(group, s.stream)
-    return {
-      stream: s.name,
-      lagMessages: partitions.reduce((sum, p) => sum + p.lagMessages, 0),
-      lagSeconds: partitions.reduce((max, p) => Math.max(max, p.lagSeconds), 0),
-      partitions,
-    }
-  }
-
-  /** The tenant's groups, by the name the tenant uses. */
-  function tenantGroups (who: Principal): Map<string, { id: string, streams: string[] }> {
-    const prefix = `${who.tenant}/`
-    const out = new Map<string, { id: string, streams: string[] }>()
-    for (const g of store.listGroups()) {
-      if (!g.group.startsWith(prefix)) continue
-      const streams = Object.keys(g.offsets).filter((s) => s.startsWith(prefix)).sort()
-      out.set(g.group.slice(prefix.length), { id: g.group, streams })
-    }
-    return out
-  }
-
-  async function groupJson (who: Principal, name: string, g: { id: string, streams: string[] }): Promise<Record<string, unknown>> {
-    const streams = []
-    for (const stream of g.streams) {
-      const local = stream.slice(who.tenant.length + 1)
-      try {
-        store.streamInfo(stream)
-      } catch {
-        continue // the stream is gone; its offsets mean nothing any more
-      }
-      streams.push(await streamLag(g.id, { stream, name: local }))
-    }
-    return {
-      group: name,
-      lagMessages: streams.reduce((sum, s) => sum + (s.lagMessages as number), 0),
-      lagSeconds: streams.reduce((max, s) => Math.max(max, s.lagSeconds as number), 0),
-      streams,
-    }
   }
 
   async function commit (group: string, s: { stream: string, name: string, info: StreamInfo }, body: Record<string, unknown>): Promise<void> {
@@ -367,9 +288,9 @@ export function createApi (deps: ApiDeps): Api {
     if (rest.length > 0) throw notFound()
 
     if (top === 'streams') {
-      if (a === undefined) { only('GET'); noParams(url); return sendJson(res, 200, listStreams(who)) }
+      if (a === undefined) { only('GET'); noParams(url); return sendJson(res, 200, { tenant: who.tenant, streams: streamDocs(store, who.tenant) }) }
       const s = resolveStream(who, a)
-      if (b === undefined) { only('GET'); noParams(url); return sendJson(res, 200, { tenant: who.tenant, ...streamJson(s.name, s.info) }) }
+      if (b === undefined) { only('GET'); noParams(url); return sendJson(res, 200, { tenant: who.tenant, ...streamDoc(store, who.tenant, s.info) }) }
       let target: PartitionTarget
       if (b === 'records' && c === undefined) {
         // Without a partition: the partition of the one key asked for.
@@ -383,7 +304,7 @@ export function createApi (deps: ApiDeps): Api {
       } else if (b === 'partitions' && c !== undefined && (d === undefined || (d === 'records' && e === undefined))) {
         only('GET')
         const partition = resolvePartition(s, c)
-        if (d === undefined) { noParams(url); return sendJson(res, 200, { stream: s.name, ...partitionJson(s.stream, partition) }) }
+        if (d === undefined) { noParams(url); return sendJson(res, 200, { stream: s.name, ...partitionDoc(store, s.stream, partition) }) }
         target = { stream: s.stream, name: s.name, partition }
       } else {
         throw notFound()
@@ -397,21 +318,20 @@ export function createApi (deps: ApiDeps): Api {
       if (a === undefined) {
         only('GET')
         noParams(url)
-        const groups = []
-        for (const [name, g] of tenantGroups(who)) groups.push(await groupJson(who, name, g))
+        const groups = await groupDocs(store, who.tenant)
         return sendJson(res, 200, { tenant: who.tenant, groups })
       }
       const group = groupId(who, a)
       if (b === undefined) {
         only('GET', 'DELETE')
         noParams(url)
-        const g = tenantGroups(who).get(a)
+        const g = tenantGroups(store, who.tenant).get(a)
         if (g === undefined) throw new ApiError('HTTP_UNKNOWN_GROUP', `unknown consumer group ${JSON.stringify(a)}`, { details: { group: a } })
         if (method === 'DELETE') {
           await store.deleteGroup(group)
           return sendJson(res, 200, { group: a, deleted: true })
         }
-        return sendJson(res, 200, await groupJson(who, a, g))
+        return sendJson(res, 200, await groupDoc(store, who.tenant, a, g))
       }
       if (b !== 'streams' || c === undefined || e !== undefined) throw notFound()
       const s = resolveStream(who, c)
@@ -427,7 +347,7 @@ export function createApi (deps: ApiDeps): Api {
       } else {
         throw notFound()
       }
-      return sendJson(res, 200, { group: a, ...await streamLag(group, s) })
+      return sendJson(res, 200, { group: a, ...await groupStreamDoc(store, who.tenant, group, s.stream) })
     }
     throw notFound()
   }

@@ -13,6 +13,11 @@ import path from 'node:path'
 import { ClassicLevel } from 'classic-level'
 import { isStoreError, openLogStore, type LevelDatabase, type LogStore, type StreamInfo } from '../store/index.ts'
 import { CliError } from './cli-errors.ts'
+import {
+  groupDocs as buildGroupDocs, streamDoc as buildStreamDoc, streamDocs as buildStreamDocs, type GroupDoc, type StreamDoc,
+} from './log-documents.ts'
+
+export type { GroupDoc, GroupStreamDoc, PartitionDoc, PartitionLagDoc, StreamDoc } from './log-documents.ts'
 
 export interface OfflineLog {
   readonly store: LogStore
@@ -58,119 +63,17 @@ export async function openDataDir (dataDir: string, tenant: string): Promise<Off
   }
 }
 
-/** GET /v1/streams's partition object, from the store. */
-export function partitionDoc (store: LogStore, stream: string, partition: number): PartitionDoc {
-  const p = store.partitionInfo(stream, partition)
-  return {
-    partition,
-    logStartOffset: p.logStartOffset,
-    logEndOffset: p.logEndOffset,
-    records: p.logEndOffset - p.logStartOffset,
-    bytes: p.bytes,
-    oldestTimestamp: p.oldestTimestamp,
-    newestTimestamp: p.newestTimestamp,
-  }
-}
-
-export interface PartitionDoc {
-  readonly partition: number
-  readonly logStartOffset: number
-  readonly logEndOffset: number
-  readonly records: number
-  readonly bytes: number
-  readonly oldestTimestamp: number | null
-  readonly newestTimestamp: number | null
-}
-
-export interface StreamDoc {
-  readonly name: string
-  readonly partitionCount: number
-  readonly retentionMs: number
-  readonly retentionBytes: number
-  readonly records: number
-  readonly bytes: number
-  readonly oldestTimestamp: number | null
-  readonly newestTimestamp: number | null
-  readonly partitions: readonly PartitionDoc[]
-}
-
-export interface PartitionLagDoc {
-  readonly partition: number
-  readonly committedOffset: number | null
-  readonly logStartOffset: number
-  readonly logEndOffset: number
-  readonly lagMessages: number
-  readonly lagSeconds: number
-}
-
-export interface GroupStreamDoc {
-  readonly stream: string
-  readonly lagMessages: number
-  readonly lagSeconds: number
-  readonly partitions: readonly PartitionLagDoc[]
-}
-
-export interface GroupDoc {
-  readonly group: string
-  readonly lagMessages: number
-  readonly lagSeconds: number
-  readonly streams: readonly GroupStreamDoc[]
-}
-
-/** GET /v1/streams/{name}'s answer (without `tenant`), from the store. */
+/** GET /v1/streams/{name}'s answer (without `tenant`), from a stopped gateway's data. */
 export function streamDoc (log: OfflineLog, info: StreamInfo): StreamDoc {
-  const partitions = Array.from({ length: info.partitions }, (_, p) => partitionDoc(log.store, info.name, p))
-  let oldest: number | null = null
-  let newest: number | null = null
-  for (const p of partitions) {
-    if (p.oldestTimestamp !== null && (oldest === null || p.oldestTimestamp < oldest)) oldest = p.oldestTimestamp
-    if (p.newestTimestamp !== null && (newest === null || p.newestTimestamp > newest)) newest = p.newestTimestamp
-  }
-  return {
-    name: info.name.slice(log.tenant.length + 1),
-    partitionCount: info.partitions,
-    retentionMs: info.retentionMs,
-    retentionBytes: info.retentionBytes,
-    records: partitions.reduce((n, p) => n + p.records, 0),
-    bytes: partitions.reduce((n, p) => n + p.bytes, 0),
-    oldestTimestamp: oldest,
-    newestTimestamp: newest,
-    partitions,
-  }
+  return buildStreamDoc(log.store, log.tenant, info)
 }
 
 /** The tenant's streams, as GET /v1/streams lists them. */
 export function streamDocs (log: OfflineLog): StreamDoc[] {
-  return log.store.listStreams().filter((s) => s.name.startsWith(`${log.tenant}/`)).map((s) => streamDoc(log, s))
+  return buildStreamDocs(log.store, log.tenant)
 }
 
 /** The tenant's consumer groups with their lag, as GET /v1/groups lists them. */
-export async function groupDocs (log: OfflineLog): Promise<GroupDoc[]> {
-  const prefix = `${log.tenant}/`
-  const out: GroupDoc[] = []
-  for (const g of log.store.listGroups()) {
-    if (!g.group.startsWith(prefix)) continue
-    const streams: GroupStreamDoc[] = []
-    for (const stream of Object.keys(g.offsets).filter((s) => s.startsWith(prefix)).sort()) {
-      try {
-        log.store.streamInfo(stream)
-      } catch {
-        continue // the stream is gone; its offsets mean nothing any more
-      }
-      const partitions = await log.store.groupLag(g.group, stream)
-      streams.push({
-        stream: stream.slice(prefix.length),
-        lagMessages: partitions.reduce((sum, p) => sum + p.lagMessages, 0),
-        lagSeconds: partitions.reduce((max, p) => Math.max(max, p.lagSeconds), 0),
-        partitions,
-      })
-    }
-    out.push({
-      group: g.group.slice(prefix.length),
-      lagMessages: streams.reduce((sum, s) => sum + s.lagMessages, 0),
-      lagSeconds: streams.reduce((max, s) => Math.max(max, s.lagSeconds), 0),
-      streams,
-    })
-  }
-  return out
+export function groupDocs (log: OfflineLog): Promise<GroupDoc[]> {
+  return buildGroupDocs(log.store, log.tenant)
 }
