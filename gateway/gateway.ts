@@ -61,8 +61,7 @@ export async function startGateway (config: GatewayConfig, deps: GatewayDeps): P
   await mkdir(config.dataDir, { recursive: true })
   const root = deps.database ?? new ClassicLevel<Buffer, Buffer>(path.join(config.dataDir, 'db'), { keyEncoding: 'buffer', valueEncoding: 'buffer' }) as unknown as LevelDatabase
   if (root.status !== 'open') await root.open()
-  const db = root
-  const cleanups: Array<() => Promise<void>> = [() => db.close()]
+  const cleanups: Array<() => Promise<void>> = [() => root.close()]
   const undo = async (): Promise<void> => { for (const c of cleanups.reverse()) await c().catch(() => {}) }
 
   try {
@@ -158,8 +157,13 @@ export async function startGateway (config: GatewayConfig, deps: GatewayDeps): P
     }
     refreshDisk()
     const diskTimer = setInterval(refreshDisk, 10_000).unref()
+    let retaining = false // a pass slower than the interval is not started twice
     const retentionTimer = setInterval(() => {
-      store.enforceRetention().catch((err: unknown) => logger.error({ err: (err as Error).message }, 'retention pass failed'))
+      if (retaining) return
+      retaining = true
+      store.enforceRetention()
+        .catch((err: unknown) => logger.error({ err: (err as Error).message }, 'retention pass failed'))
+        .finally(() => { retaining = false })
     }, config.store.retentionIntervalMs).unref()
 
     let closing: Promise<void> | undefined
@@ -179,7 +183,7 @@ export async function startGateway (config: GatewayConfig, deps: GatewayDeps): P
           await persistence.destroy()
           await store.close()
           await http.close()
-          await db.close()
+          await root.close()
         })()
         return closing
       },
