@@ -305,9 +305,13 @@ export class ConnectionGuard extends Duplex {
     else this.socket.once('drain', () => callback())
   }
 
+  /**
+   * mqtt-packet corks the stream and writes each packet in pieces (a PUBACK is three), so the pieces of every
+   * packet aedes wrote in one tick arrive here together: one socket write for all of them, not one syscall per
+   * piece (measured in the gateway bench: QoS 1 ingest 0.20x -> 0.49x Mosquitto).
+   */
   override _writev (chunks: Array<{ chunk: Buffer }>, callback: (err?: Error | null) => void): void {
-    let ok = true
-    for (const { chunk } of chunks) ok = this.socket.write(chunk)
+    const ok = this.socket.write(chunks.length === 1 ? (chunks[0] as { chunk: Buffer }).chunk : Buffer.concat(chunks.map((c) => c.chunk)))
     if (ok) callback()
     else this.socket.once('drain', () => callback())
   }

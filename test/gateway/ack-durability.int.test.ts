@@ -74,7 +74,9 @@ describe('gateway ack durability under SIGKILL', () => {
           for (const rec of r.records) {
             const body = JSON.parse(Buffer.from(rec.payload).toString()) as Acked
             expect(rec.key).toBe(body.device)
-            logged.set(body.device, [...(logged.get(body.device) ?? []), body.seq])
+            let seqs = logged.get(body.device)
+            if (seqs === undefined) logged.set(body.device, seqs = [])
+            seqs.push(body.seq)
           }
           offset = r.nextOffset
         }
