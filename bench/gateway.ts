@@ -1,0 +1,330 @@
+/**
+ * `npm run bench -- gateway`: edgemq's MQTT ingest against Mosquitto in the
+ * same run. One JSON line per figure on stdout (see lib/report.ts); progress
+ * on stderr.
+ *
+ * Both brokers are child processes on free loopback ports: edgemq as
+ * `edgemq start` with the embedded default config (`durability: sync`: a
+ * PUBACK only after the record is fsync'd), Mosquitto with a temporary
+ * config (`persistence false`: its in-memory best case). A fresh broker (and
+ * data directory) for every round; edgemq and Mosquitto rounds alternate,
+ * the order flipping each round, so drift on the shared machine hits both.
+ * The load comes from a separate process (lib/load-child.ts), a minimal
+ * client on mqtt-packet that is much cheaper than MQTT.js.
+ *
+ * Scenarios (10 publishers `dev-0` … `dev-9`, topic
+ * `devices/dev-<i>/telemetry/t`, 100-byte payloads, clean sessions, no
+ * subscribers; edgemq's default route appends them to `default/telemetry`):
+ * - qos1    QoS 1 ingest, 100 PUBLISHes unacknowledged per connection.
+ *           Figures: throughput (PUBACKs/s), PUBACK latency p50 and p99.
+ * - qos0    QoS 0 ingest, 100 in flight per connection: a PINGREQ after
+ *           every 50 PUBLISHes, and its PINGRESP confirms them (a broker
+ *           reads a connection's packets in order; see lib/mqtt-load.ts).
+ *           For edgemq the `edgemq_ingest_messages_total` counter over the
+ *           window is reported beside it as a check.
+ * - device  device-like load: QoS 1, one PUBLISH in flight per connection
+ *           (each device waits for its PUBACK). Throughput, p50, p99.
+ *
+ * Arguments: scenario names (default all), `--quick` (1 round of 2 s),
+ * `--rounds=N`, `--seconds=N` (measured window, default 5), `--warmup=N`
+ * (seconds, default 1), `--window=N` (in flight per connection for qos1),
+ * `--generators=N` (load processes, default 1), `--mosquitto=PATH`,
+ * `--edgemq=PATH` (another checkout's gateway/edgemq.mjs, to try a change).
+ * `--profile`: instead of the figures, run edgemq alone under the first
+ * selected scenario's load (qos1 by default) with `node --cpu-prof` and
+ * print where its main thread spends its time in the measured window
+ * (`--profile-seconds=N`, default 10; the .cpuprofile is kept in a temp
+ * directory, or in `--profile-dir=DIR`).
+ * `--check-generator`: run the qos1 and device loads against a broker that
+ * does nothing (lib/null-broker.ts), to see the generator's own ceiling.
+ */
+import { spawn } from 'node:child_process'
+import { mkdtemp, readdir } from 'node:fs/promises'
+import os from 'node:os'
+import path from 'node:path'
+import { fileURLToPath } from 'node:url'
+import { edgemqCounters, findMosquitto, mosquittoVersion, processCpuSeconds, startEdgemq, startMosquitto, type EdgemqCounters, type RunningBroker } from './lib/brokers.ts'
+import { formatProfileSummary, summarizeCpuProfile, type ProfileWindow } from './lib/cpu-profile.ts'
+import { LatencyHistogram } from './lib/latency-histogram.ts'
+import { LoadGenerators, type MergedLoad } from './lib/load-process.ts'
+import type { LoadSpec } from './lib/mqtt-load.ts'
+import { TempDirs, info, median, report, round, type ParamValue } from './lib/report.ts'
+
+const argv = process.argv.slice(2)
+const flag = (name: string): string | undefined => argv.find((a) => a.startsWith(`--${name}=`))?.slice(name.length + 3)
+function intFlag (name: string, fallback: number, min = 1): number {
+  const raw = flag(name)
+  const n = raw === undefined ? fallback : Number(raw)
+  if (!Number.isSafeInteger(n) || n < min) throw new Error(`--${name} must be an integer >= ${min}`)
+  return n
+}
+const QUICK = argv.includes('--quick')
+const PROFILE = argv.includes('--profile')
+const CHECK_GENERATOR = argv.includes('--check-generator')
+const ROUNDS = intFlag('rounds', QUICK ? 1 : 3)
+const SECONDS = intFlag('seconds', QUICK ? 2 : 5)
+const WARMUP_SECONDS = intFlag('warmup', 1, 0)
+const WINDOW = intFlag('window', 100)
+const GENERATORS = intFlag('generators', 1)
+const PROFILE_SECONDS = intFlag('profile-seconds', 10)
+/** Another checkout's gateway/edgemq.mjs to measure instead of this one's. */
+const EDGEMQ_BIN = flag('edgemq') === undefined ? undefined : path.resolve(flag('edgemq') as string)
+
+const PUBLISHERS = 10
+const PAYLOAD_BYTES = 100
+const MOSQUITTO_CONFIG = 'listener on 127.0.0.1, allow_anonymous true, persistence false, everything else default'
+/** edgemq's default `mqtt.maxInflightPerClient`: packets of one connection handed to aedes at a time. */
+const EDGEMQ_MAX_INFLIGHT = 1000
+
+interface Scenario {
+  readonly name: 'qos1' | 'qos0' | 'device'
+  readonly what: string
+  readonly qos: 0 | 1
+  readonly window: number
+  /** Which figures: throughput always; PUBACK latency for QoS 1. */
+  readonly latency: boolean
+  readonly target: string
+}
+
+const SCENARIOS: readonly Scenario[] = [
+  { name: 'qos1', what: `QoS 1 ingest, ${WINDOW} in flight per connection`, qos: 1, window: WINDOW, latency: true, target: '>= 0.5x Mosquitto (first milestone), 1.0x (goal)' },
+  { name: 'qos0', what: `QoS 0 ingest, ${WINDOW} in flight per connection (a PINGREQ after every ${Math.max(1, Math.floor(WINDOW / 2))})`, qos: 0, window: WINDOW, latency: false, target: 'none set' },
+  { name: 'device', what: 'device-like load: QoS 1, 1 in flight per connection', qos: 1, window: 1, latency: true, target: '>= 0.5x Mosquitto' },
+]
+const selected = argv.filter((a) => !a.startsWith('--'))
+for (const name of selected) {
+  if (!SCENARIOS.some((s) => s.name === name)) throw new Error(`unknown scenario ${name}; expected one of ${SCENARIOS.map((s) => s.name).join(', ')}`)
+}
+const scenarios = SCENARIOS.filter((s) => selected.length === 0 || selected.includes(s.name))
+
+const dirs = new TempDirs()
+
+function specFor (scenario: Scenario, broker: { host: string, port: number }, measureSeconds = SECONDS): LoadSpec {
+  return {
+    host: broker.host, port: broker.port, publishers: Array.from({ length: PUBLISHERS }, (_v, i) => i),
+    qos: scenario.qos, window: scenario.window, payloadBytes: PAYLOAD_BYTES,
+    warmupMs: WARMUP_SECONDS * 1000, measureMs: measureSeconds * 1000, drainTimeoutMs: 15_000,
+  }
+}
+
+/** One round on one broker, with the broker's CPU and (edgemq) ingest counter sampled over the window. */
+interface RoundResult {
+  readonly load: MergedLoad
+  /** Cores the broker process used in the window (all its threads). */
+  readonly brokerCores: number | undefined
+  /** edgemq only: `edgemq_ingest_messages_total` over the window, per second. */
+  readonly counterRate: number | undefined
+  /** edgemq only: group commits in the window: how many records each held and how long each took (oldest append to durable). */
+  readonly commitRecords: number | undefined
+  readonly commitMs: number | undefined
+  /** The window on the monotonic clock, in µs (to pick the window's samples out of a CPU profile). */
+  readonly window: ProfileWindow
+}
+
+async function runRound (generators: LoadGenerators, scenario: Scenario, broker: RunningBroker, measureSeconds = SECONDS): Promise<RoundResult> {
+  let cpu0: number | undefined
+  let cpu1: number | undefined
+  let t0 = 0
+  let t1 = 0
+  let count0: EdgemqCounters | undefined
+  let count1: EdgemqCounters | undefined
+  let fromUs = 0
+  let toUs = 0
+  const monotonicUs = (): number => Number(process.hrtime.bigint() / 1000n)
+  const load = await generators.run(specFor(scenario, broker, measureSeconds), async (phase) => {
+    if (phase === 'measure') {
+      if (broker.httpUrl !== undefined) count0 = await edgemqCounters(broker.httpUrl)
+      t0 = performance.now()
+      fromUs = monotonicUs()
+      cpu0 = processCpuSeconds(broker.pid)
+    } else if (phase === 'drain') {
+      t1 = performance.now()
+      toUs = monotonicUs()
+      cpu1 = processCpuSeconds(broker.pid)
+      if (broker.httpUrl !== undefined) count1 = await edgemqCounters(broker.httpUrl)
+    }
+  })
+  if (load.unacked > 0) throw new Error(`${broker.name}: ${load.unacked} PUBLISHes were never acknowledged`)
+  const seconds = (t1 - t0) / 1000
+  return {
+    load,
+    brokerCores: cpu0 === undefined || cpu1 === undefined ? undefined : (cpu1 - cpu0) / seconds,
+    counterRate: count0 === undefined || count1 === undefined ? undefined : (count1.ingested - count0.ingested) / seconds,
+    commitRecords: count0 === undefined || count1 === undefined ? undefined : (count1.committedRecords - count0.committedRecords) / (count1.commits - count0.commits),
+    commitMs: count0 === undefined || count1 === undefined ? undefined : (1000 * (count1.commitSeconds - count0.commitSeconds)) / (count1.commits - count0.commits),
+    window: { fromUs, toUs },
+  }
+}
+
+async function withBroker<T> (name: 'edgemq' | 'mosquitto', mosquitto: string, fn: (broker: RunningBroker) => Promise<T>): Promise<T> {
+  const dir = await dirs.make(name)
+  const broker = name === 'edgemq' ? await startEdgemq(dir, [], EDGEMQ_BIN) : await startMosquitto(mosquitto, dir)
+  try {
+    return await fn(broker)
+  } catch (err) {
+    throw new Error(`${(err as Error).message}\n${name} stderr (tail):\n${broker.stderr().slice(-4000)}`)
+  } finally {
+    const code = await broker.stop()
+    if (code !== 0 && code !== null) info(`${name} exited with code ${code}`)
+    await dirs.remove(dir)
+  }
+}
+
+const ms = (us: number): number => round(us / 1000, 3)
+const r2 = (n: number | undefined): number | null => (n === undefined ? null : round(n, 2))
+
+function pairedRatios (a: readonly number[], b: readonly number[]): number[] {
+  return a.map((v, i) => round(v / (b[i] as number), 2))
+}
+
+async function scenarioFigures (generators: LoadGenerators, scenario: Scenario, mosquitto: string, version: string): Promise<void> {
+  const results: Record<'edgemq' | 'mosquitto', RoundResult[]> = { edgemq: [], mosquitto: [] }
+  for (let r = 0; r < ROUNDS; r++) {
+    const order: Array<'edgemq' | 'mosquitto'> = r % 2 === 0 ? ['mosquitto', 'edgemq'] : ['edgemq', 'mosquitto']
+    for (const name of order) {
+      const result = await withBroker(name, mosquitto, (broker) => runRound(generators, scenario, broker))
+      results[name].push(result)
+      const l = result.load
+      info(`${scenario.name} round ${r + 1}/${ROUNDS} ${name}: ${Math.round(l.rate)} msgs/s` +
+        (scenario.latency ? `, PUBACK p50 ${ms(l.latency.percentileUs(50))} ms p99 ${ms(l.latency.percentileUs(99))} ms` : '') +
+        (result.counterRate === undefined ? '' : `, ingest counter ${Math.round(result.counterRate)}/s, commits of ${Math.round(result.commitRecords ?? NaN)} records taking ${r2(result.commitMs)} ms`) +
+        `; broker ${r2(result.brokerCores)} cores, generator ${r2(l.generatorCores)} cores (event loop ${Math.round(l.generatorElu * 100)} % busy)`)
+    }
+  }
+  const rates = (name: 'edgemq' | 'mosquitto'): number[] => results[name].map((x) => x.load.rate)
+  const common: Record<string, ParamValue> = {
+    publishers: PUBLISHERS, payloadBytes: PAYLOAD_BYTES, qos: scenario.qos,
+    inFlightPerConnection: scenario.window,
+    edgemqMaxInflightPerClient: EDGEMQ_MAX_INFLIGHT, durability: 'sync', mosquitto: version, mosquittoConfig: MOSQUITTO_CONFIG,
+    seconds: SECONDS, warmupSeconds: WARMUP_SECONDS, rounds: ROUNDS,
+    edgemqCores: results.edgemq.map((x) => r2(x.brokerCores) ?? NaN), mosquittoCores: results.mosquitto.map((x) => r2(x.brokerCores) ?? NaN),
+    edgemqCommitRecords: results.edgemq.map((x) => Math.round(x.commitRecords ?? NaN)),
+    edgemqCommitMs: results.edgemq.map((x) => r2(x.commitMs) ?? NaN),
+    generatorProcesses: GENERATORS,
+    generatorCores: [...results.edgemq, ...results.mosquitto].map((x) => round(x.load.generatorCores, 2)),
+    generatorEventLoopBusyMax: round(Math.max(...[...results.edgemq, ...results.mosquitto].map((x) => x.load.generatorElu)), 2),
+  }
+  const baselineWhat = `Mosquitto ${version}, persistence false, same load`
+  report({
+    bench: `gateway.${scenario.name}.throughput`,
+    unit: 'msgs/s',
+    value: median(rates('edgemq')),
+    baseline: baselineWhat,
+    baselineValue: median(rates('mosquitto')),
+    better: 'higher',
+    params: {
+      scenario: scenario.what, ...common, statistic: 'median of rounds', target: scenario.target,
+      counted: scenario.qos === 1 ? 'PUBACKs received in the window' : 'PUBLISHes confirmed in the window by the PINGRESP that followed them',
+      edgemqRounds: rates('edgemq').map(Math.round), mosquittoRounds: rates('mosquitto').map(Math.round),
+      roundRatios: pairedRatios(rates('edgemq'), rates('mosquitto')),
+      edgemqIngestCounterRounds: results.edgemq.map((x) => Math.round(x.counterRate ?? NaN)),
+    },
+  })
+  if (!scenario.latency) return
+  const merged = (name: 'edgemq' | 'mosquitto'): LatencyHistogram => {
+    const h = new LatencyHistogram()
+    for (const x of results[name]) h.add(x.load.latency)
+    return h
+  }
+  const e = merged('edgemq')
+  const m = merged('mosquitto')
+  for (const p of [50, 99]) {
+    report({
+      bench: `gateway.${scenario.name}.puback.p${p}`,
+      unit: 'ms',
+      value: ms(e.percentileUs(p)),
+      baseline: baselineWhat,
+      baselineValue: ms(m.percentileUs(p)),
+      better: 'lower',
+      params: {
+        scenario: scenario.what, ...common, statistic: `p${p} of every PUBACK in the windows of all rounds (PUBLISH write to PUBACK read)`,
+        samples: e.total, baselineSamples: m.total, edgemqMaxMs: ms(e.maxUs), mosquittoMaxMs: ms(m.maxUs),
+        edgemqRoundMs: results.edgemq.map((x) => ms(x.load.latency.percentileUs(p))),
+        mosquittoRoundMs: results.mosquitto.map((x) => ms(x.load.latency.percentileUs(p))),
+      },
+    })
+  }
+}
+
+async function profileEdgemq (generators: LoadGenerators): Promise<void> {
+  // Not one of `dirs`: the profile outlives the bench.
+  const profileDir = flag('profile-dir') ?? await mkdtemp(path.join(os.tmpdir(), 'edgemq-bench-profile-'))
+  const scenario = scenarios[0] as Scenario
+  const dataDir = await dirs.make('edgemq-profiled')
+  const broker = await startEdgemq(dataDir, ['--cpu-prof', '--cpu-prof-dir', profileDir], EDGEMQ_BIN)
+  let result: RoundResult
+  try {
+    result = await runRound(generators, scenario, broker, PROFILE_SECONDS)
+  } finally {
+    const code = await broker.stop(60_000)
+    if (code !== 0) info(`profiled edgemq exited with code ${code}:\n${broker.stderr().slice(-4000)}`)
+  }
+  info(`profiled run (${scenario.name}, ${PROFILE_SECONDS} s): ${Math.round(result.load.rate)} msgs/s, broker ${r2(result.brokerCores)} cores, ` +
+    `generator ${r2(result.load.generatorCores)} cores; commits of ${Math.round(result.commitRecords ?? NaN)} records taking ${r2(result.commitMs)} ms`)
+  // One file per thread, CPU.<date>.<time>.<pid>.<thread>.<seq>.cpuprofile; thread 0 is the main thread (tsx's
+  // loader runs in a worker that writes its own).
+  const files = (await readdir(profileDir)).filter((f) => f.endsWith('.cpuprofile')).sort()
+  const main = files.find((f) => f.includes(`.${broker.pid}.0.`)) ?? files[0]
+  if (main === undefined) throw new Error(`no .cpuprofile in ${profileDir}`)
+  const file = path.join(profileDir, main)
+  process.stderr.write(`${formatProfileSummary(await summarizeCpuProfile(file, result.window))}\n`)
+  info(`profile kept at ${file} (open it in Chrome DevTools > Performance, or speedscope)`)
+}
+
+async function checkGenerator (generators: LoadGenerators): Promise<void> {
+  const nullBroker = fileURLToPath(new URL('./lib/null-broker.ts', import.meta.url))
+  const child = spawn(process.execPath, ['--import', 'tsx', nullBroker, '0'], { stdio: ['ignore', 'pipe', 'inherit'] })
+  try {
+    const port = await new Promise<number>((resolve, reject) => {
+      let out = ''
+      child.stdout.on('data', (d: Buffer) => {
+        out += d.toString()
+        const m = /listening on (\d+)/.exec(out)
+        if (m !== null) resolve(Number(m[1]))
+      })
+      child.once('exit', (code) => reject(new Error(`null broker exited with ${code}`)))
+    })
+    for (const scenario of scenarios.filter((s) => s.qos === 1)) {
+      const cpu0 = processCpuSeconds(child.pid ?? -1)
+      const t0 = performance.now()
+      const load = await generators.run(specFor(scenario, { host: '127.0.0.1', port }), () => {})
+      const cpu = (processCpuSeconds(child.pid ?? -1) ?? NaN) - (cpu0 ?? NaN)
+      info(`generator check, ${scenario.name} against the null broker: ${Math.round(load.rate)} msgs/s, PUBACK p50 ${ms(load.latency.percentileUs(50))} ms ` +
+        `p99 ${ms(load.latency.percentileUs(99))} ms; generator ${r2(load.generatorCores)} cores (event loop ${Math.round(load.generatorElu * 100)} % busy), ` +
+        `null broker ~${r2(cpu / ((performance.now() - t0) / 1000))} cores incl. warm-up`)
+    }
+  } finally {
+    child.kill('SIGTERM')
+  }
+}
+
+async function main (): Promise<number> {
+  const mosquitto = findMosquitto(flag('mosquitto'))
+  if (mosquitto === null && !PROFILE && !CHECK_GENERATOR) {
+    const where = flag('mosquitto') === undefined ? 'looked on PATH, in /usr/sbin and /usr/local/sbin' : `no executable at ${flag('mosquitto')}`
+    process.stderr.write(`[bench] gateway: mosquitto not found (${where}). It is the baseline of every figure of this bench. ` +
+      'Install it (`apt-get install mosquitto`) or pass --mosquitto=/path/to/mosquitto.\n')
+    return 1
+  }
+  const t0 = performance.now()
+  const generators = new LoadGenerators(GENERATORS)
+  try {
+    if (PROFILE) {
+      await profileEdgemq(generators)
+    } else if (CHECK_GENERATOR) {
+      await checkGenerator(generators)
+    } else {
+      const version = mosquittoVersion(mosquitto as string)
+      info(`gateway bench: edgemq vs mosquitto ${version} (${mosquitto}), node ${process.version}, ${os.cpus().length} cpus; ` +
+        `${ROUNDS} rounds of ${WARMUP_SECONDS} s warm-up + ${SECONDS} s per broker and scenario`)
+      for (const scenario of scenarios) await scenarioFigures(generators, scenario, mosquitto as string, version)
+    }
+  } finally {
+    await generators.close()
+    await dirs.cleanup()
+  }
+  info(`gateway bench done in ${round((performance.now() - t0) / 1000, 1)} s`)
+  return 0
+}
+
+process.exitCode = await main()
