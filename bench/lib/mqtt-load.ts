@@ -30,6 +30,7 @@ import net from 'node:net'
 import { performance } from 'node:perf_hooks'
 import mqttPacket from 'mqtt-packet'
 import { LatencyHistogram, type SerializedHistogram } from './latency-histogram.ts'
+import { frameAt } from './mqtt-frame.ts'
 
 export interface LoadSpec {
   readonly host: string
@@ -233,18 +234,9 @@ class Connection {
     let confirmed = 0
     let i = 0
     while (i + 2 <= buf.length) {
-      // Remaining length: up to four 7-bit groups [MQTT-2.2.3].
-      let length = 0
-      let multiplier = 1
-      let j = i + 1
-      let complete = false
-      while (j < buf.length && j <= i + 4) {
-        const byte = buf[j++] as number
-        length += (byte & 0x7f) * multiplier
-        multiplier *= 128
-        if ((byte & 0x80) === 0) { complete = true; break }
-      }
-      if (!complete || j + length > buf.length) break
+      const frame = frameAt(buf, i)
+      if (frame === null) break
+      const { body: j, length } = frame
       const type = (buf[i] as number) >> 4
       if (type === PUBACK && this.#qos === 1) {
         const id = buf.readUInt16BE(j)

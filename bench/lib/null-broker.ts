@@ -8,6 +8,7 @@
  * the first argument (0 picks one).
  */
 import net, { type AddressInfo } from 'node:net'
+import { frameAt } from './mqtt-frame.ts'
 
 const CONNACK = Buffer.from([0x20, 0x02, 0x00, 0x00])
 const PINGRESP = Buffer.from([0xd0, 0x00])
@@ -24,17 +25,9 @@ function serve (socket: net.Socket): void {
     let nAcks = 0
     let i = 0
     while (i + 2 <= buf.length) {
-      let length = 0
-      let multiplier = 1
-      let j = i + 1
-      let complete = false
-      while (j < buf.length && j <= i + 4) {
-        const byte = buf[j++] as number
-        length += (byte & 0x7f) * multiplier
-        multiplier *= 128
-        if ((byte & 0x80) === 0) { complete = true; break }
-      }
-      if (!complete || j + length > buf.length) break
+      const frame = frameAt(buf, i)
+      if (frame === null) break
+      const { body: j, length } = frame
       const first = buf[i] as number
       const type = first >> 4
       if (type === 1) out.push(CONNACK)
