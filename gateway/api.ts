@@ -21,6 +21,7 @@ import { isStoreError, type LogStore, type ResetSpec, type StreamInfo } from '..
 import { ApiError, toApiError } from './api-errors.ts'
 import { parseTime, QueryParams } from './api-params.ts'
 import { AppendWaiters, clientGone, parseRecordsRequest, serveRecords, type PartitionTarget } from './api-records.ts'
+import type { UpstreamStatus } from '../bridge/uplink.ts'
 import { UserDirectory } from './auth.ts'
 import type { UserConfig } from './config.ts'
 import { groupDoc, groupDocs, groupStreamDoc, partitionDoc, streamDoc, streamDocs, tenantGroups } from './log-documents.ts'
@@ -32,6 +33,8 @@ export interface ApiDeps {
   /** Wall clock for relative times (`from=-15m`); injected by tests. */
   readonly now?: () => number
   readonly logger?: { warn (fields: Record<string, unknown>, message: string): void }
+  /** The bridge's upstreams, for GET /v1/bridge; absent: no upstream is configured. */
+  readonly bridge?: { status (): Promise<UpstreamStatus[]> }
 }
 
 export interface Api {
@@ -348,6 +351,19 @@ export function createApi (deps: ApiDeps): Api {
         throw notFound()
       }
       return sendJson(res, 200, { group: a, ...await groupStreamDoc(store, who.tenant, group, s.stream) })
+    }
+    if (top === 'bridge') {
+      only('GET')
+      noParams(url)
+      if (b !== undefined) throw notFound()
+      // A tenant sees every upstream's connection state, and the offsets of its own streams only.
+      const upstreams = (await deps.bridge?.status() ?? []).map((u) => ({ ...u, partitions: u.partitions.filter((p) => p.tenant === who.tenant) }))
+      if (a === undefined) return sendJson(res, 200, { upstreams })
+      const one = upstreams.find((u) => u.name === a)
+      if (one === undefined) {
+        throw new ApiError('HTTP_UNKNOWN_UPSTREAM', `no upstream named ${JSON.stringify(a)} (configured: ${upstreams.map((u) => u.name).join(', ') || 'none'})`, { details: { upstream: a } })
+      }
+      return sendJson(res, 200, one)
     }
     throw notFound()
   }

@@ -22,6 +22,7 @@ import { Aedes, type Client, type PublishPacket } from 'aedes'
 import type { TLSSocket } from 'node:tls'
 import type { Logger } from 'pino'
 import { isStoreError, type LogStore } from '../store/index.ts'
+import { splitDedupeTopic } from '../bridge/topic-template.ts'
 import { isAllowed, UserDirectory, type Identity } from './auth.ts'
 import type { GatewayConfig, ListenerConfig } from './config.ts'
 import type { GuardGroup } from './connection-guard.ts'
@@ -67,6 +68,9 @@ function qos2DedupeId (tenant: string, clientId: string, messageId: number): str
 type InternalPublish = (packet: PublishPacket, client: Client | null, done: (err?: Error) => void) => void
 
 interface ConnectInfo { readonly clientId: string, readonly clean: boolean }
+
+/** Header of a replicated record: the dedupe id it arrived with (`<gatewayId>/<tenant>/<stream>/<partition>/<offset>`). */
+export const ORIGIN_HEADER = 'edgemq-origin'
 
 const DONE = Symbol('edgemq.published') // packet already delivered and queued before the ack
 /** Marks an error whose refusal was already counted and logged, so aedes' clientError does not log it again. */
@@ -221,6 +225,16 @@ export function createBroker (deps: BrokerDeps): Aedes {
       // fires: it is checked, mounted and (when routed) logged like any publish of that client.
       if (client === null) return callback(null)
       const who = identities.get(client)
+      // A record replicated by another edgemq's bridge over MQTT 3.1.1 carries its dedupe id in a topic prefix: it
+      // is appended under that id, so a resend after the sender's reconnect or crash is acknowledged, not logged twice.
+      const carried = splitDedupeTopic(packet.topic)
+      if (carried !== null) {
+        if (who === undefined || who.role === 'device') {
+          refusePublish(client, who, 'invalid-topic', 'only service, admin and anonymous-loopback clients may publish replicated ($dedupe/) records')
+          return callback(refusedError('$dedupe/ topics are for bridges'))
+        }
+        packet.topic = carried.topic
+      }
       const topic = packet.topic
       const problem = topicNameProblem(topic)
       if (who === undefined || problem !== null) {
@@ -245,6 +259,15 @@ export function createBroker (deps: BrokerDeps): Aedes {
       }
       const stream = decision.stream as string
       const qos = packet.qos
+      if (carried !== null) {
+        appendThen(client, who, stream, target.key, topic, packet, (err, duplicate) => {
+          if (err) return callback(err)
+          if (duplicate === true) { markDone(packet); return callback(null) } // already logged and delivered once
+          if (qos === 0) return callback(null)
+          publishBeforeAck(packet, client, callback)
+        }, `bridge/${carried.dedupeId}`, { [ORIGIN_HEADER]: carried.dedupeId })
+        return
+      }
       if (qos === 2) {
         // [MQTT-4.3.3-2] exactly once into the log: the append carries a dedupe id (tenant, client id, packet id) written
         // atomically with the record, so a DUP retransmission — even one after a gateway crash — is not appended
@@ -355,11 +378,12 @@ export function createBroker (deps: BrokerDeps): Aedes {
   }
 
   function appendThen (client: Client, who: Identity, stream: string, key: string, topic: string, packet: PublishPacket,
-    done: (err: Error | null, duplicate?: boolean) => void, dedupeId?: string, delay = RETRY_MIN_MS): void {
+    done: (err: Error | null, duplicate?: boolean) => void, dedupeId?: string, headers?: Record<string, string>, delay = RETRY_MIN_MS): void {
     const payload = typeof packet.payload === 'string' ? Buffer.from(packet.payload) : packet.payload
     const counters = ingestCounters(who.tenant, stream)
     const options = dedupeId === undefined ? undefined : { dedupeId }
-    store.append(stream, key, { payload, topic, qos: packet.qos, clientId: who.clientId }, options).then((result) => {
+    const record = headers === undefined ? { payload, topic, qos: packet.qos, clientId: who.clientId } : { payload, topic, qos: packet.qos, clientId: who.clientId, headers }
+    store.append(stream, key, record, options).then((result) => {
       if (result.duplicate !== true) {
         counters.messages.inc()
         counters.bytes.inc(payload.byteLength)
@@ -374,7 +398,7 @@ export function createBroker (deps: BrokerDeps): Aedes {
           refusePublish(client, who, 'store-failed', (err as Error).message)
           return done(packet.qos === 0 ? null : err as Error)
         }
-        setTimeout(() => appendThen(client, who, stream, key, topic, packet, done, dedupeId, Math.min(delay * 2, RETRY_MAX_MS)), delay).unref()
+        setTimeout(() => appendThen(client, who, stream, key, topic, packet, done, dedupeId, headers, Math.min(delay * 2, RETRY_MAX_MS)), delay).unref()
         return
       }
       const reason: PublishRefusal = isStoreError(err, 'STORE_RECORD_TOO_LARGE') ? 'record-too-large' : 'store-failed'

@@ -11,6 +11,7 @@ import { readFile } from 'node:fs/promises'
 import os from 'node:os'
 import { Ajv, type ErrorObject } from 'ajv'
 import { parse as parseYaml } from 'yaml'
+import { bridgeConfigProblem, bridgeConfigSchema, type BridgeConfig } from '../bridge/config-schema.ts'
 import { storeConfigSchema, streamConfigSchema, type StoreConfig, type StreamConfig } from '../store/config-schema.ts'
 import { GatewayError } from './errors.ts'
 
@@ -151,6 +152,7 @@ export const configSchema = {
       description: 'Extra rules, checked before the built-in ones: devices publish to devices/%c/... and subscribe to devices/%c/commands/#; services and admins use every topic of their tenant.',
     },
     shutdownTimeoutMs: { type: 'integer', minimum: 100, default: 10_000, description: 'How long SIGTERM/SIGINT wait for pending appends before exiting.' },
+    bridge: bridgeConfigSchema,
   },
 } as const
 
@@ -213,6 +215,7 @@ export interface GatewayConfig {
   readonly users: readonly UserConfig[]
   readonly acl: readonly AclRule[]
   readonly shutdownTimeoutMs: number
+  readonly bridge: BridgeConfig
 }
 
 const ajv = new Ajv({ useDefaults: true, allErrors: false, strict: true, allowUnionTypes: true })
@@ -287,6 +290,8 @@ export function buildConfig (input: unknown, source = 'config'): GatewayConfig {
     if (usernames.has(u.username)) throw new GatewayError('GW_CONFIG_INVALID', `${source}: "users.${i}.username" duplicates "${u.username}"`)
     usernames.add(u.username)
   })
+  const bridgeProblem = bridgeConfigProblem(config.bridge, { gatewayId: config.gatewayId, tenants: config.tenants, streams: Object.keys(config.streams) })
+  if (bridgeProblem !== null) throw new GatewayError('GW_CONFIG_INVALID', `${source}: ${bridgeProblem}`)
   return deepFreeze(config as GatewayConfig)
 }
 

@@ -19,6 +19,13 @@ import { startListener, type RunningListener } from './listeners.ts'
 import { createMetrics, splitStream } from './metrics.ts'
 import { LevelSessionPersistence } from './session-persistence.ts'
 import { readFileSync } from 'node:fs'
+import { Bridge } from '../bridge/bridge.ts'
+import { createBridgeMetrics, type BridgeMetrics } from '../bridge/metrics.ts'
+import { RECEIPTS_STREAM } from '../bridge/uplink.ts'
+import { CommandDispatcher } from './commands.ts'
+import { compileRoutes } from './routing.ts'
+import { filtersIntersect } from './topics.ts'
+import { systemClock } from '../store/index.ts'
 
 const VERSION = (JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8')) as { version: string }).version
 
@@ -29,6 +36,8 @@ export interface Gateway {
   readonly registry: Registry
   readonly listeners: readonly RunningListener[]
   readonly http: RunningHttpServer
+  /** The uplinks to the configured upstreams (none when bridge.upstreams is empty). */
+  readonly bridge: Bridge
   readonly healthy: boolean
   /** Stops accepting, closes clients, finishes pending appends, closes the database. */
   close (): Promise<void>
@@ -81,6 +90,9 @@ export async function startGateway (config: GatewayConfig, deps: GatewayDeps): P
     // Created before the store so the observer can reach it; filled right after.
     // eslint-disable-next-line prefer-const -- assigned once the store it observes exists
     let metricsRef: ReturnType<typeof createMetrics> | undefined
+    // eslint-disable-next-line prefer-const -- assigned once the bridge exists
+    let bridgeMetricsRef: BridgeMetrics | undefined
+    const bridgeGroups = new Map(config.bridge.upstreams.map((u) => [`bridge.${u.name}`, u.name]))
     const store = await openLogStore({
       db: root,
       durability: config.store.durability,
@@ -104,7 +116,11 @@ export async function startGateway (config: GatewayConfig, deps: GatewayDeps): P
           if (metricsRef !== undefined) releaseBackpressure(guards, store, config.mqtt.maxPendingAppends, metricsRef)
         },
         onWriteError: (err) => { setHealth(false, err) },
-        onDropped: (d) => { metricsRef?.droppedRecords.inc({ ...splitStream(d.stream), partition: String(d.partition), group: d.group }, d.count) },
+        onDropped: (d) => {
+          metricsRef?.droppedRecords.inc({ ...splitStream(d.stream), partition: String(d.partition), group: d.group }, d.count)
+          const upstream = bridgeGroups.get(d.group)
+          if (upstream !== undefined) bridgeMetricsRef?.droppedBeforeForward.inc({ upstream }, d.count)
+        },
       },
     })
     cleanups.push(() => store.close())
@@ -123,6 +139,18 @@ export async function startGateway (config: GatewayConfig, deps: GatewayDeps): P
       for (const [name, s] of Object.entries(config.streams)) {
         await store.createStream(`${tenant}/${name}`, s)
       }
+    }
+    // The streams commands from upstreams may route to, per tenant with command mappings; and their receipts.
+    const commandStreams = new Map<string, { tenant: string, stream: string }>()
+    for (const u of config.bridge.upstreams) {
+      for (const c of u.commands) {
+        for (const r of config.routes) {
+          if (filtersIntersect(r.filter, c.local)) commandStreams.set(`${c.tenant}/${r.stream}`, { tenant: c.tenant, stream: r.stream })
+        }
+      }
+    }
+    for (const tenant of new Set([...commandStreams.values()].map((c) => c.tenant))) {
+      await store.createStream(`${tenant}/${RECEIPTS_STREAM}`, { partitions: 1 })
     }
 
     const persistence = new LevelSessionPersistence(sessionsDb, { durability: config.store.durability })
@@ -145,10 +173,34 @@ export async function startGateway (config: GatewayConfig, deps: GatewayDeps): P
       cleanups.push(() => running.close())
     }
 
+    const dispatcher = commandStreams.size === 0
+      ? undefined
+      : new CommandDispatcher({
+        store, broker, route: compileRoutes(config.routes), streams: [...commandStreams.values()], clock: systemClock,
+        logger: logger.child({ component: 'commands' }),
+        onReceipt: (upstream, status) => {
+          (status === 'delivered' ? bridgeMetricsRef?.commandsDelivered : bridgeMetricsRef?.commandsExpired)?.inc({ upstream })
+        },
+      })
+    // The metrics read the bridge's status, and the bridge reports to the metrics' counters.
+    const bridgeHolder: { bridge?: Bridge } = {}
+    const bridgeMetrics = createBridgeMetrics(registry, config.bridge.upstreams.map((u) => u.name), async () => await bridgeHolder.bridge?.status() ?? [])
+    bridgeMetricsRef = bridgeMetrics
+    const runningBridge = bridgeHolder.bridge = new Bridge(config.bridge, {
+      store, gatewayId: config.gatewayId, clock: systemClock, logger: logger.child({ component: 'bridge' }),
+      observer: bridgeMetrics.observer, ...(dispatcher === undefined ? {} : { commands: dispatcher }),
+    })
+    if (dispatcher !== undefined) {
+      await dispatcher.start()
+      cleanups.push(() => dispatcher.stop())
+    }
+    await runningBridge.start()
+    cleanups.push(() => runningBridge.stop())
+
     const http = await startHttpServer(config.http, {
       registry,
       health: () => ({ healthy, reasons: healthy ? [] : [`log writes failing: ${lastStoreError ?? 'unknown error'}`] }),
-      api: { store, users: config.users, logger },
+      api: { store, users: config.users, logger, bridge: runningBridge },
     })
     cleanups.push(() => http.close())
 
@@ -168,12 +220,15 @@ export async function startGateway (config: GatewayConfig, deps: GatewayDeps): P
 
     let closing: Promise<void> | undefined
     return {
-      config, store, broker, registry, listeners, http,
+      config, store, broker, registry, listeners, http, bridge: runningBridge,
       get healthy () { return healthy },
       close () {
         closing ??= (async () => {
           clearInterval(diskTimer)
           clearInterval(retentionTimer)
+          // The uplinks commit what their upstreams acknowledged; the dispatcher its command watermarks.
+          await runningBridge.stop()
+          await dispatcher?.stop()
           // Stop accepting (server.close resolves once the last connection is gone), close the clients through
           // aedes, let the store finish pending appends, then the HTTP server and the database.
           const stopped = listeners.map((l) => l.close())

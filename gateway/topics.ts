@@ -52,3 +52,16 @@ export function mountTopic (tenant: string, topic: string): string {
 export function unmountTopic (tenant: string, topic: string): string | null {
   return topic.startsWith(`${tenant}/`) ? topic.slice(tenant.length + 1) : null
 }
+
+/** Whether some topic matches both filters (a `#` also covers its parent level). */
+export function filtersIntersect (a: string, b: string): boolean {
+  const x = a.split('/')
+  const y = b.split('/')
+  for (let i = 0; ; i++) {
+    const p = x[i]
+    const q = y[i]
+    if (p === '#' || q === '#') return true
+    if (p === undefined || q === undefined) return p === q
+    if (p !== '+' && q !== '+' && p !== q) return false
+  }
+}

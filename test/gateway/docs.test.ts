@@ -4,6 +4,7 @@
  */
 import fs from 'node:fs'
 import { describe, expect, it } from 'vitest'
+import { BRIDGE_ERROR_CODES } from '../../bridge/errors.ts'
 import { describeConfig } from '../../gateway/config.ts'
 import { HTTP_ERROR_CODES } from '../../gateway/api-errors.ts'
 import { CLI_ERROR_CODES } from '../../gateway/cli-errors.ts'
@@ -22,8 +23,8 @@ describe('README', () => {
     expect(describeConfig().filter((k) => k.description.trim() === '').map((k) => k.key)).toEqual([])
   })
 
-  it('documents every gateway, session, HTTP and CLI error code', () => {
-    const codes = [...Object.keys(GATEWAY_ERROR_CODES), ...Object.keys(SESSION_ERROR_CODES), ...Object.keys(HTTP_ERROR_CODES), ...Object.keys(CLI_ERROR_CODES)]
+  it('documents every gateway, session, HTTP, CLI and bridge error code', () => {
+    const codes = [...Object.keys(GATEWAY_ERROR_CODES), ...Object.keys(SESSION_ERROR_CODES), ...Object.keys(HTTP_ERROR_CODES), ...Object.keys(CLI_ERROR_CODES), ...Object.keys(BRIDGE_ERROR_CODES)]
     expect(codes.filter((code) => !readme.includes(`\`${code}\``))).toEqual([])
   })
 })

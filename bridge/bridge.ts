@@ -1,0 +1,49 @@
+/**
+ * The bridge: one independent {@link Uplink} per configured upstream. An
+ * upstream that is down only stalls its own lanes; the log holds its backlog
+ * (its consumer group holds retention) until it is back.
+ */
+import type { Clock, LogStore } from '../store/index.ts'
+import type { BridgeConfig } from './config-schema.ts'
+import { Uplink, type BridgeLogger, type CommandSink, type UplinkObserver, type UpstreamStatus } from './uplink.ts'
+
+export interface BridgeDeps {
+  readonly store: LogStore
+  readonly gatewayId: string
+  readonly clock: Clock
+  readonly logger: BridgeLogger
+  readonly observer?: UplinkObserver
+  readonly commands?: CommandSink
+  readonly random?: () => number
+}
+
+export class Bridge {
+  readonly #uplinks: Uplink[]
+
+  constructor (config: BridgeConfig, deps: BridgeDeps) {
+    this.#uplinks = config.upstreams.map((u) => new Uplink(u, { ...deps, commitIntervalMs: config.commitIntervalMs }))
+  }
+
+  /** The consumer groups of the upstreams, `bridge.<name>`. */
+  get groups (): string[] {
+    return this.#uplinks.map((u) => u.group)
+  }
+
+  async start (): Promise<void> {
+    for (const u of this.#uplinks) await u.start()
+  }
+
+  async stop (): Promise<void> {
+    await Promise.all(this.#uplinks.map((u) => u.stop()))
+  }
+
+  /** Every upstream's status, in config order. */
+  async status (): Promise<UpstreamStatus[]> {
+    return await Promise.all(this.#uplinks.map((u) => u.status()))
+  }
+
+  /** The upstream whose consumer group this is, or undefined. */
+  upstreamOfGroup (group: string): string | undefined {
+    return this.#uplinks.find((u) => u.group === group)?.config.name
+  }
+}

@@ -1,0 +1,65 @@
+/**
+ * The bridge's Prometheus metrics, on an injected registry. Labels: upstream,
+ * tenant, stream — never a device or client id. Gauges are read from the
+ * uplinks' status at scrape time (one status per scrape, shared by all of
+ * them); counters are bumped by the uplinks as they work.
+ */
+import { Counter, Gauge, type Registry } from 'prom-client'
+import type { UplinkObserver, UpstreamStatus } from './uplink.ts'
+
+export interface BridgeMetrics {
+  /** Feeds the counters; pass it to the bridge. */
+  readonly observer: UplinkObserver
+  readonly commandsDelivered: Counter<'upstream'>
+  readonly commandsExpired: Counter<'upstream'>
+  readonly droppedBeforeForward: Counter<'upstream'>
+}
+
+export function createBridgeMetrics (registry: Registry, upstreams: readonly string[], status: () => Promise<UpstreamStatus[]>): BridgeMetrics {
+  let memo: { at: number, value: Promise<UpstreamStatus[]> } | null = null
+  const current = (): Promise<UpstreamStatus[]> => {
+    const now = Date.now()
+    if (memo === null || now - memo.at > 250) memo = { at: now, value: status() }
+    return memo.value
+  }
+  const gauge = (name: string, help: string, read: (s: UpstreamStatus) => number): void => {
+    new Gauge({
+      name, help, labelNames: ['upstream'], registers: [registry],
+      async collect () {
+        for (const s of await current()) this.set({ upstream: s.name }, read(s))
+      },
+    })
+  }
+  gauge('edgemq_bridge_connected', '1 while the upstream\'s MQTT connection is up.', (s) => s.connected ? 1 : 0)
+  gauge('edgemq_bridge_backlog_messages', 'Records of the forwarded streams the upstream has not acknowledged yet.', (s) => s.backlog.messages)
+  gauge('edgemq_bridge_backlog_bytes', 'Estimated bytes of the backlog (backlog records × the partition\'s average stored record size).', (s) => s.backlog.bytes)
+  gauge('edgemq_bridge_backlog_seconds', 'Age of the oldest record the upstream has not acknowledged, in seconds (0 when caught up).', (s) => s.backlog.seconds)
+  gauge('edgemq_bridge_inflight_messages', 'Messages sent to the upstream and not yet acknowledged.', (s) => s.inflight)
+
+  const forwarded = new Counter({ name: 'edgemq_bridge_forwarded_messages_total', help: 'Records acknowledged by the upstream.', labelNames: ['upstream', 'tenant', 'stream'], registers: [registry] })
+  const forwardedBytes = new Counter({ name: 'edgemq_bridge_forwarded_bytes_total', help: 'Payload bytes acknowledged by the upstream.', labelNames: ['upstream', 'tenant', 'stream'], registers: [registry] })
+  const reconnects = new Counter({ name: 'edgemq_bridge_reconnects_total', help: 'Connection attempts after the first.', labelNames: ['upstream'], registers: [registry] })
+  const deadLettered = new Counter({ name: 'edgemq_bridge_dead_lettered_total', help: 'Records the upstream refused maxDeliveryAttempts times, moved to the dead-letter stream.', labelNames: ['upstream', 'tenant', 'stream'], registers: [registry] })
+  const droppedBeforeForward = new Counter({ name: 'edgemq_bridge_dropped_records_total', help: 'Records the disk budget deleted before the upstream acknowledged them.', labelNames: ['upstream'], registers: [registry] })
+  const commandsReceived = new Counter({ name: 'edgemq_bridge_commands_received_total', help: 'Commands received from the upstream and stored.', labelNames: ['upstream'], registers: [registry] })
+  const commandsDelivered = new Counter({ name: 'edgemq_bridge_commands_delivered_total', help: 'Commands a device acknowledged.', labelNames: ['upstream'], registers: [registry] })
+  const commandsExpired = new Counter({ name: 'edgemq_bridge_commands_expired_total', help: 'Commands whose time-to-live ran out before delivery.', labelNames: ['upstream'], registers: [registry] })
+  for (const upstream of upstreams) {
+    for (const c of [reconnects, droppedBeforeForward, commandsReceived, commandsDelivered, commandsExpired]) c.inc({ upstream }, 0)
+  }
+
+  return {
+    observer: {
+      onForwarded: (upstream, tenant, stream, messages, bytes) => {
+        forwarded.inc({ upstream, tenant, stream }, messages)
+        forwardedBytes.inc({ upstream, tenant, stream }, bytes)
+      },
+      onDeadLettered: (upstream, tenant, stream) => { deadLettered.inc({ upstream, tenant, stream }) },
+      onReconnect: (upstream) => { reconnects.inc({ upstream }) },
+      onCommand: (upstream) => { commandsReceived.inc({ upstream }) },
+    },
+    commandsDelivered,
+    commandsExpired,
+    droppedBeforeForward,
+  }
+}

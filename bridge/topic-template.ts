@@ -1,0 +1,185 @@
+/**
+ * Topic rewriting for the bridge, as pure functions: the remote topic
+ * template of forwarded records, and the mapping of remote command topics to
+ * local device topics.
+ *
+ * A template is literal text with `{variable}` placeholders. Forwarded records
+ * know `{site}` (the gateway id), `{region}`, `{upstream}`, `{tenant}`,
+ * `{stream}`, `{partition}`, `{key}` (the partition key, normally the device
+ * id) and `{topic}` (the MQTT topic the device published to). A rendered topic
+ * is an MQTT topic name, so a template holds no `+` or `#`.
+ *
+ * A command mapping pairs a remote topic filter (where `{site}`, `{region}`
+ * and `{upstream}` are filled in once) with a local filter of the same shape:
+ * the n-th `+` of the local filter takes what the n-th `+` of the remote one
+ * matched, and a trailing `#` takes the rest. `cmd/{site}/+/#` →
+ * `devices/+/commands/#` turns `cmd/gw1/dev-42/reboot` into
+ * `devices/dev-42/commands/reboot`.
+ */
+
+export const RECORD_VARIABLES = ['site', 'region', 'upstream', 'tenant', 'stream', 'partition', 'key', 'topic'] as const
+export type RecordVariable = typeof RECORD_VARIABLES[number]
+export const CONNECTION_VARIABLES = ['site', 'region', 'upstream'] as const
+export type ConnectionVariable = typeof CONNECTION_VARIABLES[number]
+
+type Part = string | { readonly variable: string }
+
+/** A parsed template; `render` fills it in. */
+export interface Template<V extends string> {
+  readonly source: string
+  readonly variables: ReadonlySet<V>
+  render (values: Readonly<Record<V, string>>): string
+}
+
+/** Why `source` is not a template over `allowed`, or null. */
+export function templateProblem (source: string, allowed: readonly string[]): string | null {
+  try {
+    parseParts(source, allowed)
+    return null
+  } catch (err) {
+    return (err as Error).message
+  }
+}
+
+function parseParts (source: string, allowed: readonly string[]): Part[] {
+  const parts: Part[] = []
+  let i = 0
+  while (i < source.length) {
+    const open = source.indexOf('{', i)
+    const close = source.indexOf('}', i)
+    if (close !== -1 && (open === -1 || close < open)) throw new Error(`unmatched "}" at position ${close}`)
+    if (open === -1) { parts.push(source.slice(i)); break }
+    if (open > i) parts.push(source.slice(i, open))
+    const end = source.indexOf('}', open)
+    if (end === -1) throw new Error(`unclosed "{" at position ${open}`)
+    const variable = source.slice(open + 1, end)
+    if (!allowed.includes(variable)) throw new Error(`unknown variable {${variable}} (known: ${allowed.map((v) => `{${v}}`).join(', ')})`)
+    parts.push({ variable })
+    i = end + 1
+  }
+  return parts
+}
+
+/** Parses a topic template; throws an Error naming the problem. */
+export function parseTemplate<V extends string> (source: string, allowed: readonly V[]): Template<V> {
+  if (source.length === 0) throw new Error('empty template')
+  const parts = parseParts(source, allowed)
+  const literal = parts.filter((p): p is string => typeof p === 'string').join('')
+  if (literal.includes('+') || literal.includes('#')) throw new Error('a topic template cannot contain the wildcards + or #')
+  if (literal.includes('\u0000')) throw new Error('a topic template cannot contain U+0000')
+  const variables = new Set(parts.filter((p): p is { variable: V } => typeof p !== 'string').map((p) => p.variable))
+  return {
+    source,
+    variables,
+    render (values) {
+      let out = ''
+      for (const p of parts) out += typeof p === 'string' ? p : values[p.variable as V]
+      return out
+    },
+  }
+}
+
+/** Matches `topic` against an MQTT filter and returns what each wildcard matched (`#` last), or null. */
+export function captureTopic (filter: string, topic: string): string[] | null {
+  if (topic.startsWith('$') && (filter.startsWith('+') || filter.startsWith('#'))) return null // [MQTT-4.7.2-1]
+  const f = filter.split('/')
+  const t = topic.split('/')
+  const captures: string[] = []
+  for (let i = 0; i < f.length; i++) {
+    const level = f[i] as string
+    if (level === '#') { captures.push(t.slice(i).join('/')); return captures }
+    if (i >= t.length) return null
+    if (level === '+') captures.push(t[i] as string)
+    else if (level !== t[i]) return null
+  }
+  return f.length === t.length ? captures : null
+}
+
+/** Why `filter` is not a valid MQTT topic filter, or null. */
+export function filterProblem (filter: string): string | null {
+  if (filter.length === 0) return 'empty topic filter'
+  if (filter.includes('\u0000')) return 'topic filter contains U+0000'
+  const levels = filter.split('/')
+  for (let i = 0; i < levels.length; i++) {
+    const level = levels[i] as string
+    if (level.includes('#') && (level !== '#' || i !== levels.length - 1)) return '# must be the whole last level'
+    if (level.includes('+') && level !== '+') return '+ must be a whole level'
+  }
+  return null
+}
+
+function shape (filter: string): { plus: number, hash: boolean } {
+  const levels = filter.split('/')
+  return { plus: levels.filter((l) => l === '+').length, hash: levels.at(-1) === '#' }
+}
+
+/** Maps remote command topics to local ones. */
+export interface CommandMapping {
+  /** The remote filter with {site}/{region}/{upstream} filled in: what the bridge subscribes to. */
+  readonly remoteFilter: string
+  /** The local topic for a remote one, or null when it does not match. */
+  toLocal (remoteTopic: string): string | null
+}
+
+/** Builds a mapping; throws an Error naming the problem. */
+export function parseCommandMapping (remote: string, local: string, values: Readonly<Record<ConnectionVariable, string>>): CommandMapping {
+  const remoteFilter = parseTemplateLoose(remote).render(values)
+  const remoteBad = filterProblem(remoteFilter)
+  if (remoteBad !== null) throw new Error(`remote filter ${JSON.stringify(remote)}: ${remoteBad}`)
+  const localBad = filterProblem(local)
+  if (localBad !== null) throw new Error(`local filter ${JSON.stringify(local)}: ${localBad}`)
+  const r = shape(remoteFilter)
+  const l = shape(local)
+  if (r.plus !== l.plus || r.hash !== l.hash) {
+    throw new Error(`local filter ${JSON.stringify(local)} must have the same wildcards as the remote filter ${JSON.stringify(remote)} (${r.plus} "+"${r.hash ? ' and a trailing "#"' : ''})`)
+  }
+  const localLevels = local.split('/')
+  return {
+    remoteFilter,
+    toLocal (remoteTopic) {
+      const captures = captureTopic(remoteFilter, remoteTopic)
+      if (captures === null) return null
+      let k = 0
+      const out: string[] = []
+      for (const level of localLevels) {
+        if (level === '+') out.push(captures[k++] as string)
+        else if (level === '#') { const rest = captures[k++] as string; if (rest !== '') out.push(rest) } else out.push(level)
+      }
+      const topic = out.join('/')
+      // A remote level may hold characters a local topic name must not (a capture is one level, so no "/").
+      return topic === '' || topic.includes('+') || topic.includes('#') ? null : topic
+    },
+  }
+}
+
+/** A template over the connection variables whose literal text may hold wildcards (a filter template). */
+function parseTemplateLoose (source: string): { render (values: Readonly<Record<ConnectionVariable, string>>): string } {
+  const parts = parseParts(source, CONNECTION_VARIABLES)
+  return {
+    render (values) {
+      let out = ''
+      for (const p of parts) out += typeof p === 'string' ? p : values[p.variable as ConnectionVariable]
+      return out
+    },
+  }
+}
+
+/** Topic prefix carrying a forwarded record's dedupe id to an MQTT 3.1.1 upstream. */
+export const DEDUPE_TOPIC_PREFIX = '$dedupe/'
+
+/**
+ * Splits `$dedupe/<gatewayId>/<tenant>/<stream>/<partition>/<offset>/<topic>`
+ * into the dedupe id and the topic; null when the topic is not of that form.
+ * Gateway ids, tenants and stream names cannot contain `/`, so the id is
+ * always the first five levels.
+ */
+export function splitDedupeTopic (topic: string): { readonly dedupeId: string, readonly topic: string } | null {
+  if (!topic.startsWith(DEDUPE_TOPIC_PREFIX)) return null
+  const levels = topic.slice(DEDUPE_TOPIC_PREFIX.length).split('/')
+  if (levels.length < 6) return null
+  const [gateway, tenant, stream, partition, offset] = levels as [string, string, string, string, string]
+  if (gateway === '' || tenant === '' || stream === '' || !/^(0|[1-9][0-9]{0,15})$/.test(partition) || !/^(0|[1-9][0-9]{0,15})$/.test(offset)) return null
+  const rest = levels.slice(5).join('/')
+  if (rest === '') return null
+  return { dedupeId: `${gateway}/${tenant}/${stream}/${partition}/${offset}`, topic: rest }
+}

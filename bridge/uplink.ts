@@ -1,0 +1,747 @@
+/**
+ * One upstream: replicates the configured streams to a remote MQTT broker and
+ * brings its command topics down.
+ *
+ * Uplink. The upstream is a consumer group of the log, `bridge.<name>`, that
+ * holds retention. Each (stream, partition) is a lane read in offset order;
+ * records are published QoS 1 with at most `maxInflight` unacknowledged
+ * across all lanes, and a lane's offset advances only to its highest
+ * contiguous PUBACKed (or skipped) offset, committed every commitIntervalMs.
+ * After a disconnect or a restart every lane resumes there, so nothing is
+ * skipped and the only resends are messages that were in flight or acked out
+ * of order — each carries the dedupe id `<gatewayId>/<tenant>/<stream>/
+ * <partition>/<offset>` that marks it.
+ *
+ * Scheduling: a free window slot goes to the highest-priority lane with a
+ * record ready, round robin among lanes of equal priority, so a backlog of
+ * one stream cannot starve live records of a higher-priority one.
+ *
+ * Refusals: an MQTT 5 PUBACK with a reason code >= 0x80 counts one attempt
+ * for that message. A 3.1.1 broker refuses by disconnecting, which does not
+ * say which message was at fault; so after a disconnect with messages in
+ * flight the next connection resends those messages one at a time (probe
+ * mode), and a disconnect while one message is alone in flight counts an
+ * attempt for it. A message refused maxDeliveryAttempts times is appended to
+ * the dead-letter stream `<tenant>/dlq.<name>` with the reason, and the lane
+ * moves on.
+ *
+ * Each connection is a fresh MQTT.js client with its own reconnection turned
+ * off: reconnects follow our own exponential backoff with full jitter, and
+ * MQTT.js never resends from a previous connection's in-flight store, so the
+ * lanes alone decide what is sent again.
+ */
+import { readFileSync } from 'node:fs'
+import mqtt, { type IClientOptions, type IPublishPacket, type MqttClient } from 'mqtt'
+import { isStoreError, type Clock, type LogStore, type StoredRecord } from '../store/index.ts'
+import { dedupeCarrier, type UpstreamConfig } from './config-schema.ts'
+import { BridgeError } from './errors.ts'
+import { captureTopic, DEDUPE_TOPIC_PREFIX, parseCommandMapping, parseTemplate, RECORD_VARIABLES, type CommandMapping, type Template } from './topic-template.ts'
+
+/** Header of a command receipt naming the upstream it goes back to. */
+export const RECEIPT_UPSTREAM_HEADER = 'edgemq-upstream'
+/** Stream (per tenant) that holds command receipts until the uplink has sent them. */
+export const RECEIPTS_STREAM = 'command-receipts'
+export const DEDUPE_PROPERTY = 'edgemq-dedupe-id'
+
+
+const READ_RECORDS = 500
+const READ_BYTES = 1024 * 1024
+const REFUSAL_RETRY_MS = 1000
+const THROUGHPUT_WINDOW = 10
+const DLQ_RETENTION_MS = 30 * 24 * 3600 * 1000
+
+export interface BridgeLogger {
+  info (fields: Record<string, unknown>, message: string): void
+  warn (fields: Record<string, unknown>, message: string): void
+  error (fields: Record<string, unknown>, message: string): void
+}
+
+/** A command that arrived from an upstream, mapped to its local topic. */
+export interface IncomingCommand {
+  readonly upstream: string
+  readonly tenant: string
+  readonly localTopic: string
+  readonly remoteTopic: string
+  readonly payload: Uint8Array
+  /** Epoch ms after which it must not be delivered; null: never expires. */
+  readonly expiresAt: number | null
+}
+
+/** Where commands go: the gateway appends them to the log and delivers them to devices. */
+export interface CommandSink {
+  /** Resolves once the command is durable in the log; the uplink acknowledges it upstream only then. */
+  accept (command: IncomingCommand): Promise<void>
+}
+
+/** Counters the uplink reports as it works (the metrics read the rest from status()). */
+export interface UplinkObserver {
+  onForwarded? (upstream: string, tenant: string, stream: string, messages: number, bytes: number): void
+  onDeadLettered? (upstream: string, tenant: string, stream: string): void
+  onReconnect? (upstream: string): void
+  onCommand? (upstream: string): void
+}
+
+export interface UplinkDeps {
+  readonly store: LogStore
+  readonly gatewayId: string
+  readonly clock: Clock
+  readonly logger: BridgeLogger
+  readonly commitIntervalMs: number
+  readonly observer?: UplinkObserver
+  /** Required when the upstream has command mappings. */
+  readonly commands?: CommandSink
+  /** Source of jitter for reconnect delays (tests make it deterministic). */
+  readonly random?: () => number
+}
+
+export interface LaneStatus {
+  readonly tenant: string
+  readonly stream: string
+  readonly partition: number
+  /** Next offset to forward, as committed in the log (what a restart resumes from). */
+  readonly committedOffset: number
+  /** Every offset below this is acknowledged by the upstream (committed within commitIntervalMs). */
+  readonly forwardedOffset: number
+  readonly logEndOffset: number
+  readonly backlogMessages: number
+}
+
+export interface UpstreamStatus {
+  readonly name: string
+  readonly region: string
+  /** The URL without credentials. */
+  readonly url: string
+  readonly connected: boolean
+  /** When the current connection (or the current outage) began, ISO 8601; null before the first attempt. */
+  readonly since: string | null
+  readonly lastError: { readonly message: string, readonly at: string } | null
+  readonly reconnects: number
+  readonly inflight: number
+  readonly forwardedMessages: number
+  readonly forwardedBytes: number
+  /** Messages per second over the last ten seconds. */
+  readonly throughput: number
+  readonly deadLettered: number
+  readonly commandsReceived: number
+  readonly backlog: { readonly messages: number, readonly bytes: number, readonly seconds: number }
+  readonly partitions: readonly LaneStatus[]
+}
+
+interface Pending {
+  readonly offset: number
+  readonly timestamp: number
+  readonly record: StoredRecord | null // null: skipped by the filter, done at once
+  acked: boolean
+}
+
+interface Lane {
+  readonly tenant: string
+  readonly name: string
+  /** The store's stream name, `<tenant>/<name>`. */
+  readonly stream: string
+  readonly partition: number
+  readonly priority: number
+  readonly filter: string
+  readonly template: Template<typeof RECORD_VARIABLES[number]>
+  /** Receipt lanes forward only the records addressed to this upstream. */
+  readonly receipts: boolean
+  /** Bumped whenever the lane is rewound, so reads started before are dropped. */
+  epoch: number
+  nextRead: number
+  buffer: StoredRecord[]
+  bufferAt: number
+  /** Sent or skipped records above `done`, in offset order. */
+  pending: Pending[]
+  pendingAt: number
+  /** Every offset below is acknowledged or skipped. */
+  done: number
+  committed: number
+  reading: boolean
+}
+
+/** Builds the MQTT.js options of one connection attempt. */
+function clientOptions (u: UpstreamConfig, gatewayId: string): IClientOptions {
+  const readPem = (file: string | undefined, what: string): Buffer | undefined => {
+    if (file === undefined) return undefined
+    try {
+      return readFileSync(file)
+    } catch (cause) {
+      throw new BridgeError('BRIDGE_TLS_FILES', `upstream ${u.name}: cannot read tls.${what} ${file}: ${(cause as Error).message}`, { cause })
+    }
+  }
+  const persistent = u.commands.length > 0
+  return {
+    clientId: u.clientId ?? `edgemq-${gatewayId}-${u.name}`,
+    username: u.username,
+    password: u.password,
+    protocolVersion: u.mqttVersion === '5' ? 5 : 4,
+    // Commands sent while the link was down wait in the upstream's session.
+    clean: !persistent,
+    ...(u.mqttVersion === '5' && persistent ? { properties: { sessionExpiryInterval: 7 * 24 * 3600 } } : {}),
+    keepalive: u.keepaliveSeconds,
+    connectTimeout: u.connectTimeoutMs,
+    reconnectPeriod: 0,
+    resubscribe: false,
+    ca: readPem(u.tls.ca, 'ca'),
+    cert: readPem(u.tls.cert, 'cert'),
+    key: readPem(u.tls.key, 'key'),
+    rejectUnauthorized: u.tls.rejectUnauthorized,
+  }
+}
+
+function redact (url: string): string {
+  const u = new URL(url)
+  u.username = ''
+  u.password = ''
+  return u.toString().replace(/\/$/, '')
+}
+
+export class Uplink {
+  readonly config: UpstreamConfig
+  readonly group: string
+  readonly #deps: UplinkDeps
+  readonly #options: IClientOptions
+  readonly #lanes: Lane[] = []
+  readonly #commandMappings: Array<{ readonly mapping: CommandMapping, readonly tenant: string, readonly ttlMs: number }>
+  readonly #carrier: 'user-property' | 'topic-prefix' | 'none'
+  readonly #random: () => number
+  #client: MqttClient | null = null
+  #generation = 0
+  #connected = false
+  #stopped = true
+  #since: number | null = null
+  #lastError: { message: string, at: number } | null = null
+  #failures = 0
+  #reconnects = 0
+  #reconnectTimer: NodeJS.Timeout | null = null
+  #commitTimer: NodeJS.Timeout | null = null
+  #rateTimer: NodeJS.Timeout | null = null
+  #committing: Promise<void> | null = null
+  #window: number
+  #inflight = 0
+  /** Messages still to resend one at a time after a disconnect with messages in flight. */
+  #probe = 0
+  readonly #attempts = new Map<string, number>()
+  #rr = 0
+  #forwarded = 0
+  #forwardedBytes = 0
+  #deadLettered = 0
+  #commandsReceived = 0
+  readonly #samples: Array<{ at: number, forwarded: number }> = []
+  #tokens = { messages: 0, bytes: 0, at: 0 }
+  #unlisten: (() => void) | null = null
+  #deadLettering = 0
+
+  constructor (config: UpstreamConfig, deps: UplinkDeps) {
+    this.config = config
+    this.group = `bridge.${config.name}`
+    this.#deps = deps
+    this.#random = deps.random ?? Math.random
+    this.#options = clientOptions(config, deps.gatewayId)
+    this.#window = config.maxInflight
+    this.#carrier = dedupeCarrier(config)
+    const values = { site: deps.gatewayId, region: config.region, upstream: config.name }
+    this.#commandMappings = config.commands.map((c) => ({ mapping: parseCommandMapping(c.remote, c.local, values), tenant: c.tenant, ttlMs: c.ttlMs }))
+    if (this.#commandMappings.length > 0 && deps.commands === undefined) throw new Error(`upstream ${config.name} has command mappings but no command sink`)
+  }
+
+  /** Creates the group, the lanes and the dead-letter streams, then connects. */
+  async start (): Promise<void> {
+    const { store } = this.#deps
+    await store.setGroup(this.group, { holdsRetention: true })
+    const template = parseTemplate(this.config.topicTemplate, RECORD_VARIABLES)
+    const receiptTemplate = parseTemplate(this.config.receiptTopic, RECORD_VARIABLES)
+    const tenants = new Set<string>()
+    for (const f of this.config.forward) {
+      tenants.add(f.tenant)
+      this.#addLanes(f.tenant, f.stream, f.priority, f.filter, template, false)
+    }
+    for (const tenant of new Set(this.config.commands.map((c) => c.tenant))) {
+      this.#addLanes(tenant, RECEIPTS_STREAM, 9, '#', receiptTemplate, true)
+    }
+    for (const tenant of tenants) {
+      await store.createStream(`${tenant}/dlq.${this.config.name}`, { partitions: 1, retentionMs: DLQ_RETENTION_MS })
+    }
+    this.#unlisten = store.onAppend((event) => {
+      if (!this.#connected) return
+      for (const lane of this.#lanes) {
+        if (lane.stream === event.stream && lane.partition === event.partition) this.#fill(lane)
+      }
+    })
+    this.#stopped = false
+    this.#commitTimer = setInterval(() => {
+      this.#sample()
+      void this.#commit()
+    }, this.#deps.commitIntervalMs)
+    this.#commitTimer.unref()
+    this.#connect()
+  }
+
+  #addLanes (tenant: string, name: string, priority: number, filter: string, template: Template<typeof RECORD_VARIABLES[number]>, receipts: boolean): void {
+    const { store } = this.#deps
+    const stream = `${tenant}/${name}`
+    const info = store.streamInfo(stream)
+    for (let partition = 0; partition < info.partitions; partition++) {
+      const p = store.partitionInfo(stream, partition)
+      const committed = store.fetchOffset(this.group, stream, partition)
+      const start = Math.max(committed ?? p.logStartOffset, p.logStartOffset)
+      this.#lanes.push({
+        tenant, name, stream, partition, priority, filter, template, receipts,
+        epoch: 0, nextRead: start, buffer: [], bufferAt: 0, pending: [], pendingAt: 0, done: start,
+        committed: committed ?? -1, reading: false,
+      })
+    }
+  }
+
+  /** Disconnects, waits for dead-letter appends, and commits what the upstream acknowledged. */
+  async stop (): Promise<void> {
+    if (this.#stopped) return
+    this.#stopped = true
+    this.#unlisten?.()
+    for (const t of [this.#reconnectTimer, this.#rateTimer]) if (t !== null) clearTimeout(t)
+    if (this.#commitTimer !== null) clearInterval(this.#commitTimer)
+    const client = this.#client
+    this.#dropConnection()
+    if (client !== null) await client.endAsync(true).catch(() => {})
+    while (this.#deadLettering > 0 || this.#committing !== null) {
+      await this.#committing
+      if (this.#deadLettering > 0) await new Promise((resolve) => setTimeout(resolve, 10))
+    }
+    await this.#commit()
+  }
+
+  #connect (): void {
+    if (this.#stopped) return
+    const generation = ++this.#generation
+    const client = mqtt.connect(this.config.url, this.#options)
+    this.#client = client
+    client.on('connect', (connack) => {
+      if (generation !== this.#generation) return
+      this.#connected = true
+      this.#failures = 0
+      this.#since = this.#deps.clock.now()
+      const receiveMaximum = connack.properties?.receiveMaximum
+      this.#window = Math.max(1, Math.min(this.config.maxInflight, receiveMaximum ?? Infinity))
+      this.#deps.logger.info({ upstream: this.config.name, url: redact(this.config.url), probe: this.#probe }, 'upstream connected')
+      if (this.#commandMappings.length > 0) this.#subscribeCommands(client, generation)
+      this.#pump()
+    })
+    client.on('error', (err) => {
+      if (generation !== this.#generation) return
+      this.#lastError = { message: err.message, at: this.#deps.clock.now() }
+    })
+    client.on('close', () => {
+      if (generation !== this.#generation) return
+      this.#onClose()
+    })
+    if (this.#commandMappings.length > 0) {
+      client.handleMessage = (packet, done) => {
+        if (generation !== this.#generation) return
+        this.#onCommand(packet, client, done)
+      }
+    }
+  }
+
+  #onClose (): void {
+    const wasConnected = this.#connected
+    this.#dropConnection()
+    if (this.#stopped) return
+    if (wasConnected) {
+      this.#lastError ??= { message: 'connection closed', at: this.#deps.clock.now() }
+      this.#deps.logger.warn({ upstream: this.config.name, err: this.#lastError.message }, 'upstream disconnected')
+    }
+    // Full jitter (AWS architecture blog): a fleet of gateways whose region comes back does not reconnect in step.
+    const ceiling = Math.min(this.config.reconnectMaxMs, this.config.reconnectMinMs * 2 ** Math.min(this.#failures, 30))
+    const delay = Math.max(this.config.reconnectMinMs / 2, this.#random() * ceiling)
+    this.#failures++
+    this.#reconnectTimer = setTimeout(() => {
+      this.#reconnectTimer = null
+      this.#reconnects++
+      this.#deps.observer?.onReconnect?.(this.config.name)
+      this.#connect()
+    }, delay)
+    this.#reconnectTimer.unref()
+  }
+
+  /** Forgets the connection: in-flight messages will be resent from each lane's acknowledged offset. */
+  #dropConnection (): void {
+    const client = this.#client
+    if (client !== null) {
+      this.#generation++ // callbacks of the old client are ignored from here on
+      client.removeAllListeners('connect')
+      client.on('error', () => {}) // late socket errors of a client we gave up on
+      client.end(true)
+      this.#client = null
+    }
+    if (this.#connected) this.#since = this.#deps.clock.now()
+    this.#connected = false
+    if (this.#inflight > 0) {
+      if (this.#inflight === 1 && this.#probe > 0) {
+        // Alone in flight when the upstream hung up: this message may be what it refuses.
+        const suspect = this.#lanes.flatMap((l) => l.pending.slice(l.pendingAt)).find((p) => !p.acked && p.record !== null)
+        if (suspect?.record != null) this.#blame(suspect.record, 'the upstream disconnected while it was in flight')
+      }
+      this.#probe = Math.max(this.#probe, this.#inflight)
+    }
+    this.#inflight = 0
+    for (const lane of this.#lanes) this.#rewind(lane)
+  }
+
+  #rewind (lane: Lane): void {
+    lane.epoch++
+    lane.nextRead = lane.done
+    lane.buffer = []
+    lane.bufferAt = 0
+    lane.pending = []
+    lane.pendingAt = 0
+    lane.reading = false
+  }
+
+  /** Counts a refusal; returns true when the message has used up its attempts (the caller dead-letters it). */
+  #blame (record: StoredRecord, reason: string): boolean {
+    const key = `${record.offset}/${record.key}/${record.timestamp}`
+    const n = (this.#attempts.get(key) ?? 0) + 1
+    if (this.#attempts.size < 10_000) this.#attempts.set(key, n) // bounded, whatever an upstream does
+    this.#deps.logger.warn({ upstream: this.config.name, offset: record.offset, attempt: n, of: this.config.maxDeliveryAttempts, reason }, 'upstream refused a message')
+    return n >= this.config.maxDeliveryAttempts
+  }
+
+  #attemptsOf (record: StoredRecord): number {
+    return this.#attempts.get(`${record.offset}/${record.key}/${record.timestamp}`) ?? 0
+  }
+
+  #pump (): void {
+    while (this.#connected && this.#inflight < (this.#probe > 0 ? 1 : this.#window)) {
+      const lane = this.#nextLane()
+      if (lane === null) break
+      const record = lane.buffer[lane.bufferAt] as StoredRecord
+      if (!this.#wanted(lane, record)) {
+        lane.bufferAt++
+        this.#skip(lane, record)
+        continue
+      }
+      if (this.#attemptsOf(record) >= this.config.maxDeliveryAttempts) {
+        lane.bufferAt++
+        this.#deadLetter(lane, this.#track(lane, record), 'refused by the upstream')
+        continue
+      }
+      if (!this.#takeTokens(record.payload.byteLength)) break
+      lane.bufferAt++
+      this.#send(lane, this.#track(lane, record))
+    }
+    for (const lane of this.#lanes) {
+      if (lane.bufferAt >= lane.buffer.length) this.#fill(lane)
+    }
+  }
+
+  #nextLane (): Lane | null {
+    let best: Lane | null = null
+    const n = this.#lanes.length
+    for (let k = 0; k < n; k++) {
+      const lane = this.#lanes[(this.#rr + k) % n] as Lane
+      if (lane.bufferAt < lane.buffer.length && (best === null || lane.priority > best.priority)) best = lane
+    }
+    if (best !== null) this.#rr = (this.#lanes.indexOf(best) + 1) % n
+    return best
+  }
+
+  #wanted (lane: Lane, record: StoredRecord): boolean {
+    if (lane.receipts) return record.headers?.[RECEIPT_UPSTREAM_HEADER] === this.config.name
+    return lane.filter === '#' || captureTopic(lane.filter, record.topic) !== null
+  }
+
+  #track (lane: Lane, record: StoredRecord): Pending {
+    const entry: Pending = { offset: record.offset, timestamp: record.timestamp, record, acked: false }
+    lane.pending.push(entry)
+    return entry
+  }
+
+  #skip (lane: Lane, record: StoredRecord): void {
+    if (lane.pendingAt === lane.pending.length) {
+      lane.done = record.offset + 1
+    } else {
+      lane.pending.push({ offset: record.offset, timestamp: record.timestamp, record: null, acked: true })
+    }
+  }
+
+  #takeTokens (bytes: number): boolean {
+    const { maxMessagesPerSecond: mps, maxBytesPerSecond: bps } = this.config
+    if (mps === 0 && bps === 0) return true
+    const now = Date.now()
+    const t = this.#tokens
+    const elapsed = t.at === 0 ? 1 : (now - t.at) / 1000
+    t.at = now
+    // A one-second bucket: bursts up to one second's worth, as Mosquitto's and EMQX's rate limits allow.
+    if (mps > 0) t.messages = Math.min(mps, t.messages + elapsed * mps)
+    if (bps > 0) t.bytes = Math.min(Math.max(bps, bytes), t.bytes + elapsed * bps)
+    const short = Math.max(mps > 0 ? (1 - t.messages) / mps : 0, bps > 0 ? (bytes - t.bytes) / bps : 0)
+    if (short <= 0) {
+      if (mps > 0) t.messages -= 1
+      if (bps > 0) t.bytes -= bytes
+      return true
+    }
+    if (this.#rateTimer === null) {
+      this.#rateTimer = setTimeout(() => { this.#rateTimer = null; this.#pump() }, Math.ceil(short * 1000))
+      this.#rateTimer.unref()
+    }
+    return false
+  }
+
+  #dedupeId (lane: Lane, offset: number): string {
+    return `${this.#deps.gatewayId}/${lane.tenant}/${lane.name}/${lane.partition}/${offset}`
+  }
+
+  #send (lane: Lane, entry: Pending): void {
+    const client = this.#client as MqttClient
+    const record = entry.record as StoredRecord
+    const remote = lane.template.render({
+      site: this.#deps.gatewayId, region: this.config.region, upstream: this.config.name,
+      tenant: lane.tenant, stream: lane.name, partition: String(lane.partition), key: record.key, topic: record.topic,
+    })
+    const dedupeId = this.#dedupeId(lane, record.offset)
+    const topic = this.#carrier === 'topic-prefix' ? `${DEDUPE_TOPIC_PREFIX}${dedupeId}/${remote}` : remote
+    const payload = Buffer.from(record.payload.buffer, record.payload.byteOffset, record.payload.byteLength)
+    const options = this.#carrier === 'user-property'
+      ? { qos: 1 as const, properties: { userProperties: { [DEDUPE_PROPERTY]: dedupeId } } }
+      : { qos: 1 as const }
+    const generation = this.#generation
+    const epoch = lane.epoch
+    this.#inflight++
+    client.publish(topic, payload, options, (err) => {
+      if (generation !== this.#generation || epoch !== lane.epoch) return
+      this.#inflight--
+      if (err !== undefined && err !== null) {
+        const code = (err as Error & { code?: number }).code
+        this.#lastError = { message: `PUBACK refused ${remote}: ${err.message}`, at: this.#deps.clock.now() }
+        if (typeof code !== 'number') return // not a reason code: the connection is going down, and close handles it
+        if (this.#blame(record, err.message)) {
+          this.#deadLetter(lane, entry, `reason code 0x${code.toString(16)}: ${err.message}`)
+        } else {
+          // Sent again after a pause, in its place: the lane's offset cannot pass it until it is acked or dead-lettered.
+          this.#inflight++
+          setTimeout(() => {
+            if (generation !== this.#generation || epoch !== lane.epoch) return
+            this.#inflight--
+            this.#send(lane, entry)
+          }, REFUSAL_RETRY_MS).unref()
+        }
+        return
+      }
+      this.#acked(lane, entry)
+    })
+  }
+
+  #acked (lane: Lane, entry: Pending): void {
+    entry.acked = true
+    const record = entry.record as StoredRecord
+    this.#forwarded++
+    this.#forwardedBytes += record.payload.byteLength
+    this.#deps.observer?.onForwarded?.(this.config.name, lane.tenant, lane.name, 1, record.payload.byteLength)
+    if (this.#attempts.size > 0) this.#attempts.delete(`${record.offset}/${record.key}/${record.timestamp}`)
+    if (this.#probe > 0) this.#probe--
+    this.#advance(lane)
+    this.#pump()
+  }
+
+  #advance (lane: Lane): void {
+    while (lane.pendingAt < lane.pending.length && (lane.pending[lane.pendingAt] as Pending).acked) {
+      lane.done = (lane.pending[lane.pendingAt] as Pending).offset + 1
+      lane.pendingAt++
+    }
+    if (lane.pendingAt === lane.pending.length) {
+      lane.pending = []
+      lane.pendingAt = 0
+    } else if (lane.pendingAt > 1024) {
+      lane.pending = lane.pending.slice(lane.pendingAt)
+      lane.pendingAt = 0
+    }
+  }
+
+  #deadLetter (lane: Lane, entry: Pending, reason: string): void {
+    const record = entry.record as StoredRecord
+    const { store, logger } = this.#deps
+    const epoch = lane.epoch
+    this.#deadLettering++
+    const dlq = `${lane.tenant}/dlq.${this.config.name}`
+    const headers = {
+      ...record.headers,
+      'edgemq-dlq-reason': reason,
+      'edgemq-dlq-source': `${lane.stream}/${lane.partition}/${record.offset}`,
+      [RECEIPT_UPSTREAM_HEADER]: this.config.name,
+    }
+    this.#inflight++ // holds a window slot, so the lane does not race past it
+    store.append(dlq, record.key, { payload: record.payload, topic: record.topic, qos: record.qos, clientId: record.clientId, headers, timestamp: record.timestamp },
+      { dedupeId: `dlq/${this.config.name}/${this.#dedupeId(lane, record.offset)}` }).then(() => {
+      this.#deadLettered++
+      this.#deps.observer?.onDeadLettered?.(this.config.name, lane.tenant, lane.name)
+      logger.error({ upstream: this.config.name, stream: lane.stream, partition: lane.partition, offset: record.offset, dlq, reason }, 'message dead-lettered: the upstream refuses it')
+      this.#attempts.delete(`${record.offset}/${record.key}/${record.timestamp}`)
+      if (epoch !== lane.epoch) return
+      this.#inflight--
+      if (this.#probe > 0) this.#probe--
+      entry.acked = true
+      this.#advance(lane)
+      this.#pump()
+    }, (err: unknown) => {
+      // Not dead-lettered: the message stays unacknowledged and is tried again after the next reconnect.
+      logger.error({ upstream: this.config.name, err: (err as Error).message, dlq }, 'dead-letter append failed')
+      if (epoch === lane.epoch) this.#inflight--
+    }).finally(() => { this.#deadLettering-- })
+  }
+
+  #fill (lane: Lane): void {
+    if (lane.reading || lane.bufferAt < lane.buffer.length || this.#stopped) return
+    const { store } = this.#deps
+    const end = store.partitionInfo(lane.stream, lane.partition).logEndOffset
+    if (lane.nextRead >= end) return
+    lane.reading = true
+    const epoch = lane.epoch
+    store.read(lane.stream, lane.partition, lane.nextRead, { maxRecords: READ_RECORDS, maxBytes: READ_BYTES }).then((r) => {
+      if (epoch !== lane.epoch) return
+      lane.reading = false
+      lane.buffer = r.records
+      lane.bufferAt = 0
+      lane.nextRead = r.nextOffset
+      this.#pump()
+    }, (err: unknown) => {
+      if (epoch !== lane.epoch) return
+      lane.reading = false
+      if (isStoreError(err, 'STORE_OFFSET_OUT_OF_RANGE')) {
+        // Retention (the disk budget) deleted records this upstream had not forwarded; the store counted and logged
+        // them per group. Continue from the new log start.
+        const start = store.partitionInfo(lane.stream, lane.partition).logStartOffset
+        this.#deps.logger.warn({ upstream: this.config.name, stream: lane.stream, partition: lane.partition, from: lane.nextRead, to: start }, 'records dropped by retention before they were forwarded')
+        if (lane.pendingAt === lane.pending.length && lane.done < start) lane.done = start
+        lane.nextRead = Math.max(lane.nextRead, start)
+        this.#fill(lane)
+        return
+      }
+      this.#deps.logger.error({ upstream: this.config.name, stream: lane.stream, partition: lane.partition, err: (err as Error).message }, 'reading the log failed; retrying')
+      setTimeout(() => this.#fill(lane), 1000).unref()
+    })
+  }
+
+  /** Commits each lane's acknowledged offset; one commit at a time. */
+  #commit (): Promise<void> {
+    if (this.#committing !== null) return this.#committing
+    const work = async (): Promise<void> => {
+      for (const lane of this.#lanes) {
+        const target = lane.done
+        if (target <= lane.committed) continue
+        try {
+          await this.#deps.store.commitOffset(this.group, lane.stream, lane.partition, target)
+          lane.committed = target
+        } catch (err) {
+          if (!isStoreError(err, 'STORE_CLOSED')) this.#deps.logger.error({ upstream: this.config.name, err: (err as Error).message }, 'committing the upstream\'s offset failed')
+          return
+        }
+      }
+    }
+    this.#committing = work().finally(() => { this.#committing = null })
+    return this.#committing
+  }
+
+  #sample (): void {
+    const now = this.#deps.clock.now()
+    const last = this.#samples.at(-1)
+    if (last !== undefined && now - last.at < 1000) return
+    this.#samples.push({ at: now, forwarded: this.#forwarded })
+    if (this.#samples.length > THROUGHPUT_WINDOW + 1) this.#samples.shift()
+  }
+
+  #subscribeCommands (client: MqttClient, generation: number): void {
+    const filters = this.#commandMappings.map((c) => c.mapping.remoteFilter)
+    client.subscribe(filters, { qos: 1 }, (err, granted) => {
+      if (generation !== this.#generation) return
+      const refused = (granted ?? []).filter((g) => g.qos >= 0x80) // a SUBACK failure (MQTT 5 reason codes land in qos too)
+      if (err != null || refused.length > 0) {
+        const message = err?.message ?? `the upstream refused the subscription to ${refused.map((g) => g.topic).join(', ')}`
+        this.#lastError = { message, at: this.#deps.clock.now() }
+        this.#deps.logger.error({ upstream: this.config.name, err: message }, 'subscribing to command topics failed')
+      }
+    })
+  }
+
+  #onCommand (packet: IPublishPacket, client: MqttClient, done: (err?: Error) => void): void {
+    const topic = packet.topic
+    const match = this.#commandMappings.find((c) => c.mapping.toLocal(topic) !== null)
+    const local = match?.mapping.toLocal(topic) ?? null
+    if (match === undefined || local === null) {
+      this.#deps.logger.warn({ upstream: this.config.name, topic }, 'command on a topic no mapping covers: acknowledged and dropped')
+      return done()
+    }
+    const now = this.#deps.clock.now()
+    const expiry = packet.properties?.messageExpiryInterval
+    const limits = [match.ttlMs > 0 ? now + match.ttlMs : Infinity, expiry !== undefined ? now + expiry * 1000 : Infinity]
+    const expiresAt = Math.min(...limits)
+    const payload = typeof packet.payload === 'string' ? Buffer.from(packet.payload) : packet.payload
+    this.#commandsReceived++
+    this.#deps.observer?.onCommand?.(this.config.name)
+    const generation = this.#generation
+    ;(this.#deps.commands as CommandSink).accept({
+      upstream: this.config.name, tenant: match.tenant, localTopic: local, remoteTopic: topic, payload,
+      expiresAt: Number.isFinite(expiresAt) ? expiresAt : null,
+    }).then(() => { if (generation === this.#generation) done() }, (err: unknown) => {
+      // Not acknowledged: drop the connection, and the upstream's session redelivers the command after the reconnect.
+      this.#deps.logger.error({ upstream: this.config.name, topic, err: (err as Error).message }, 'command could not be stored; reconnecting so the upstream redelivers it')
+      if (generation === this.#generation) client.stream.destroy()
+    })
+  }
+
+  /** The upstream's state; reads one record per lane whose oldest unforwarded record is not in memory. */
+  async status (): Promise<UpstreamStatus> {
+    const { store, clock } = this.#deps
+    const now = clock.now()
+    let messages = 0
+    let bytes = 0
+    let oldest = Infinity
+    const partitions: LaneStatus[] = []
+    for (const lane of this.#lanes) {
+      const p = store.partitionInfo(lane.stream, lane.partition)
+      const from = Math.max(lane.done, p.logStartOffset)
+      const backlog = Math.max(0, p.logEndOffset - from)
+      messages += backlog
+      const stored = p.logEndOffset - p.logStartOffset
+      if (stored > 0) bytes += Math.round(p.bytes * backlog / stored) // estimate: the partition's average record size
+      if (backlog > 0) {
+        const ts = lane.pendingAt < lane.pending.length ? (lane.pending[lane.pendingAt] as Pending).timestamp : await this.#timestampAt(lane, from)
+        if (ts !== null) oldest = Math.min(oldest, ts)
+      }
+      partitions.push({
+        tenant: lane.tenant, stream: lane.name, partition: lane.partition,
+        committedOffset: Math.max(lane.committed, 0), forwardedOffset: lane.done, logEndOffset: p.logEndOffset, backlogMessages: backlog,
+      })
+    }
+    const first = this.#samples[0]
+    const last = this.#samples.at(-1)
+    const throughput = first !== undefined && last !== undefined && last.at > first.at ? (last.forwarded - first.forwarded) * 1000 / (last.at - first.at) : 0
+    return {
+      name: this.config.name,
+      region: this.config.region,
+      url: redact(this.config.url),
+      connected: this.#connected,
+      since: this.#since === null ? null : new Date(this.#since).toISOString(),
+      lastError: this.#lastError === null ? null : { message: this.#lastError.message, at: new Date(this.#lastError.at).toISOString() },
+      reconnects: this.#reconnects,
+      inflight: this.#inflight,
+      forwardedMessages: this.#forwarded,
+      forwardedBytes: this.#forwardedBytes,
+      throughput: Math.round(throughput * 10) / 10,
+      deadLettered: this.#deadLettered,
+      commandsReceived: this.#commandsReceived,
+      backlog: { messages, bytes, seconds: oldest === Infinity ? 0 : Math.max(0, (now - oldest) / 1000) },
+      partitions,
+    }
+  }
+
+  async #timestampAt (lane: Lane, offset: number): Promise<number | null> {
+    const b = lane.buffer[lane.bufferAt]
+    if (b !== undefined && b.offset === offset) return b.timestamp
+    try {
+      const r = await this.#deps.store.read(lane.stream, lane.partition, offset, { maxRecords: 1 })
+      return r.records[0]?.timestamp ?? null
+    } catch {
+      return null
+    }
+  }
+}

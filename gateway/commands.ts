@@ -1,0 +1,288 @@
+/**
+ * Commands from upstreams to devices: stored first, delivered when a device
+ * is there to take them, expired when their time-to-live runs out, and a
+ * receipt for each sent back upstream.
+ *
+ * A command the bridge receives is appended to the stream its local topic
+ * routes to (normally `commands`), with headers naming its upstream, remote
+ * topic and expiry; only then does the bridge PUBACK it upstream. The
+ * dispatcher keeps the undelivered ones in memory and hands each to aedes as
+ * a QoS 1 PUBLISH as soon as a connected client of its tenant holds a
+ * subscription matching it — at once, or when the device (re)subscribes or
+ * reconnects with a persistent session. "Delivered" means written to that
+ * connection as QoS 1; aedes then owns the retransmission within the device's
+ * session.
+ *
+ * Every delivery or expiry appends a receipt to the tenant's
+ * `command-receipts` stream (header `edgemq-upstream`), which the upstream's
+ * uplink forwards to its receiptTopic. The receipts are also the dispatcher's
+ * memory across restarts: at start it reads them, then re-reads the command
+ * streams from its consumer group `edgemq.commands` (the offset below which
+ * every command is settled) and holds every command without a receipt again.
+ * A crash between delivery and receipt delivers that command again (QoS 1
+ * semantics: at least once).
+ */
+import type { Aedes, Client, PublishPacket } from 'aedes'
+import { isStoreError, type Clock, type LogStore, type StoredRecord } from '../store/index.ts'
+import { RECEIPT_UPSTREAM_HEADER, RECEIPTS_STREAM, type CommandSink, type IncomingCommand } from '../bridge/uplink.ts'
+import type { Router } from './routing.ts'
+import { mountTopic, topicMatches } from './topics.ts'
+
+export const COMMANDS_GROUP = 'edgemq.commands'
+const HEADER_REMOTE_TOPIC = 'edgemq-remote-topic'
+const HEADER_EXPIRES_AT = 'edgemq-expires-at'
+const HEADER_COMMAND = 'edgemq-command'
+const HEADER_STATUS = 'edgemq-status'
+const SWEEP_MS = 1000
+const READ_RECORDS = 1000
+
+export type ReceiptStatus = 'delivered' | 'expired'
+
+interface Command {
+  readonly id: string // `<stream>/<partition>/<offset>`
+  readonly tenant: string
+  readonly stream: string
+  readonly partition: number
+  readonly offset: number
+  readonly key: string
+  readonly topic: string
+  readonly payload: Uint8Array
+  readonly upstream: string
+  readonly remoteTopic: string
+  readonly expiresAt: number | null
+  /** Set while the hand-over to aedes or the receipt append is under way. */
+  busy: boolean
+}
+
+export interface CommandDispatcherDeps {
+  readonly store: LogStore
+  readonly broker: Aedes
+  readonly route: Router
+  /** Tenants with command mappings, and the streams their commands may route to. */
+  readonly streams: ReadonlyArray<{ readonly tenant: string, readonly stream: string }>
+  readonly clock: Clock
+  readonly logger: { info (f: Record<string, unknown>, m: string): void, warn (f: Record<string, unknown>, m: string): void, error (f: Record<string, unknown>, m: string): void }
+  readonly onReceipt?: (upstream: string, status: ReceiptStatus) => void
+}
+
+export class CommandDispatcher implements CommandSink {
+  readonly #deps: CommandDispatcherDeps
+  /** Undelivered commands by id, in arrival order. */
+  readonly #pending = new Map<string, Command>()
+  #sweep: NodeJS.Timeout | null = null
+  #closed = false
+  readonly #listeners: Array<[string, Parameters<NodeJS.EventEmitter['on']>[1]]> = []
+  /** Appends under way: the watermark waits while a command is between the log and the pending set. */
+  #accepting = 0
+
+  constructor (deps: CommandDispatcherDeps) {
+    this.#deps = deps
+  }
+
+  get pendingCount (): number {
+    return this.#pending.size
+  }
+
+  /** Rebuilds the undelivered commands from the log and starts delivering. */
+  async start (): Promise<void> {
+    const { store, broker } = this.#deps
+    await store.setGroup(COMMANDS_GROUP, { holdsRetention: true })
+    const settled = new Set<string>()
+    for (const tenant of new Set(this.#deps.streams.map((s) => s.tenant))) {
+      await store.createStream(`${tenant}/${RECEIPTS_STREAM}`, { partitions: 1 })
+      await this.#scan(`${tenant}/${RECEIPTS_STREAM}`, 0, store.partitionInfo(`${tenant}/${RECEIPTS_STREAM}`, 0).logStartOffset, (r) => {
+        const id = r.headers?.[HEADER_COMMAND]
+        if (id !== undefined) settled.add(id)
+      })
+    }
+    for (const { tenant, stream: name } of this.#deps.streams) {
+      const stream = `${tenant}/${name}`
+      for (let partition = 0; partition < store.streamInfo(stream).partitions; partition++) {
+        const p = store.partitionInfo(stream, partition)
+        const committed = store.fetchOffset(COMMANDS_GROUP, stream, partition)
+        if (committed === null) {
+          // First start: nothing before now is a command of ours.
+          await store.commitOffset(COMMANDS_GROUP, stream, partition, p.logEndOffset)
+          continue
+        }
+        await this.#scan(stream, partition, Math.max(committed, p.logStartOffset), (r) => {
+          const command = this.#fromRecord(tenant, stream, partition, r)
+          if (command !== null && !settled.has(command.id)) this.#pending.set(command.id, command)
+        })
+      }
+    }
+    if (this.#pending.size > 0) this.#deps.logger.info({ pending: this.#pending.size }, 'undelivered commands restored from the log')
+    const onReady = (client: Client): void => { this.#offerTo(client) }
+    const onSubscribe = (_subs: unknown, client: Client): void => { this.#offerTo(client) }
+    broker.on('clientReady', onReady)
+    broker.on('subscribe', onSubscribe)
+    this.#listeners.push(['clientReady', onReady as Parameters<NodeJS.EventEmitter['on']>[1]], ['subscribe', onSubscribe as Parameters<NodeJS.EventEmitter['on']>[1]])
+    this.#sweep = setInterval(() => {
+      this.#expire()
+      void this.#commitWatermarks()
+    }, SWEEP_MS)
+    this.#sweep.unref()
+    this.#expire()
+    for (const c of this.#pending.values()) this.#tryDeliver(c)
+  }
+
+  async stop (): Promise<void> {
+    this.#closed = true
+    if (this.#sweep !== null) clearInterval(this.#sweep)
+    const events = this.#deps.broker as unknown as NodeJS.EventEmitter
+    for (const [name, fn] of this.#listeners) events.removeListener(name, fn)
+    await this.#commitWatermarks().catch(() => {})
+  }
+
+  async #scan (stream: string, partition: number, from: number, each: (r: StoredRecord) => void): Promise<void> {
+    const { store } = this.#deps
+    let offset = from
+    while (offset < store.partitionInfo(stream, partition).logEndOffset) {
+      const r = await store.read(stream, partition, offset, { maxRecords: READ_RECORDS })
+      for (const record of r.records) each(record)
+      if (r.nextOffset === offset) break
+      offset = r.nextOffset
+    }
+  }
+
+  #fromRecord (tenant: string, stream: string, partition: number, r: StoredRecord): Command | null {
+    const upstream = r.headers?.[RECEIPT_UPSTREAM_HEADER]
+    if (upstream === undefined) return null // published locally, delivered live by the broker: not ours
+    const expires = r.headers?.[HEADER_EXPIRES_AT]
+    return {
+      id: `${stream}/${partition}/${r.offset}`, tenant, stream, partition, offset: r.offset, key: r.key, topic: r.topic, payload: r.payload,
+      upstream, remoteTopic: r.headers?.[HEADER_REMOTE_TOPIC] ?? '', expiresAt: expires === undefined ? null : Number(expires), busy: false,
+    }
+  }
+
+  /** Appends the command to the log (resolving once durable), then delivers it when it can. */
+  async accept (command: IncomingCommand): Promise<void> {
+    const { store, route, logger } = this.#deps
+    const target = route(command.localTopic)
+    if (target === null) {
+      // Redelivery could not help: acknowledged upstream and dropped, loudly.
+      logger.error({ upstream: command.upstream, topic: command.localTopic }, 'command dropped: its local topic routes to no stream (check bridge.upstreams[].commands[].local and routes)')
+      return
+    }
+    const stream = `${command.tenant}/${target.stream}`
+    const headers: Record<string, string> = { [RECEIPT_UPSTREAM_HEADER]: command.upstream, [HEADER_REMOTE_TOPIC]: command.remoteTopic }
+    if (command.expiresAt !== null) headers[HEADER_EXPIRES_AT] = String(command.expiresAt)
+    this.#accepting++
+    let result
+    try {
+      result = await store.append(stream, target.key, { payload: command.payload, topic: command.localTopic, qos: 1, clientId: `bridge:${command.upstream}`, headers })
+    } finally {
+      this.#accepting--
+    }
+    const c: Command = {
+      id: `${stream}/${result.partition}/${result.offset}`, tenant: command.tenant, stream, partition: result.partition, offset: result.offset,
+      key: target.key, topic: command.localTopic, payload: command.payload, upstream: command.upstream, remoteTopic: command.remoteTopic,
+      expiresAt: command.expiresAt, busy: false,
+    }
+    if (this.#closed) return
+    this.#pending.set(c.id, c)
+    if (this.#isExpired(c)) this.#settle(c, 'expired')
+    else this.#tryDeliver(c)
+  }
+
+  #isExpired (c: Command): boolean {
+    return c.expiresAt !== null && c.expiresAt <= this.#deps.clock.now()
+  }
+
+  #expire (): void {
+    for (const c of this.#pending.values()) {
+      if (!c.busy && this.#isExpired(c)) this.#settle(c, 'expired')
+    }
+  }
+
+  /** Connected clients of the command's tenant with a subscription that matches it. */
+  #hasSubscriber (c: Command): boolean {
+    const mounted = mountTopic(c.tenant, c.topic)
+    const clients = (this.#deps.broker as unknown as { clients: Record<string, Client & { subscriptions: Record<string, unknown> }> }).clients
+    for (const id in clients) {
+      const client = clients[id]
+      if (client === undefined || client.closed) continue
+      for (const filter in client.subscriptions) if (topicMatches(filter, mounted)) return true
+    }
+    return false
+  }
+
+  #offerTo (client: Client): void {
+    const subs = Object.keys((client as Client & { subscriptions?: Record<string, unknown> }).subscriptions ?? {})
+    if (subs.length === 0) return
+    for (const c of this.#pending.values()) {
+      if (c.busy) continue
+      const mounted = mountTopic(c.tenant, c.topic)
+      if (subs.some((f) => topicMatches(f, mounted))) this.#tryDeliver(c)
+    }
+  }
+
+  #tryDeliver (c: Command): void {
+    if (this.#closed || c.busy || !this.#pending.has(c.id)) return
+    if (this.#isExpired(c)) return this.#settle(c, 'expired')
+    if (!this.#hasSubscriber(c)) return
+    c.busy = true
+    const packet = {
+      cmd: 'publish', topic: mountTopic(c.tenant, c.topic), payload: Buffer.from(c.payload.buffer, c.payload.byteOffset, c.payload.byteLength),
+      qos: 1, retain: false, dup: false,
+    } as unknown as PublishPacket
+    // With a null client, aedes skips authorizePublish (this is no device's publish) and delivers to every matching
+    // subscription — authorizeForward still applies each subscriber's tenant and read ACL.
+    ;(this.#deps.broker.publish as unknown as (p: PublishPacket, client: null, done: (err?: Error) => void) => void)(packet, null, (err) => {
+      c.busy = false
+      if (err !== undefined && err !== null) {
+        this.#deps.logger.warn({ command: c.id, err: err.message }, 'command delivery failed; it stays pending')
+        return
+      }
+      this.#settle(c, 'delivered')
+    })
+  }
+
+  #settle (c: Command, status: ReceiptStatus): void {
+    if (c.busy) return
+    c.busy = true
+    const { store, clock } = this.#deps
+    const receipt = {
+      status, command: c.id, topic: c.topic, remoteTopic: c.remoteTopic, upstream: c.upstream, at: new Date(clock.now()).toISOString(),
+    }
+    const headers = { [RECEIPT_UPSTREAM_HEADER]: c.upstream, [HEADER_COMMAND]: c.id, [HEADER_STATUS]: status }
+    store.append(`${c.tenant}/${RECEIPTS_STREAM}`, c.key, { payload: Buffer.from(JSON.stringify(receipt)), topic: c.topic, qos: 1, clientId: `bridge:${c.upstream}`, headers },
+      { dedupeId: `receipt/${c.id}` }).then(() => {
+      this.#pending.delete(c.id)
+      this.#deps.onReceipt?.(c.upstream, status)
+      this.#deps.logger.info({ command: c.id, topic: c.topic, upstream: c.upstream, status }, `command ${status}`)
+    }, (err: unknown) => {
+      c.busy = false // tried again by the next sweep or subscription
+      if (!isStoreError(err, 'STORE_CLOSED')) this.#deps.logger.error({ command: c.id, err: (err as Error).message }, 'command receipt could not be stored')
+    })
+  }
+
+  /** Commits, per command partition, the offset below which every command is settled. */
+  async #commitWatermarks (): Promise<void> {
+    const { store } = this.#deps
+    if (this.#accepting > 0) return
+    const lowest = new Map<string, number>()
+    for (const c of this.#pending.values()) {
+      const k = `${c.stream}\u0000${c.partition}`
+      lowest.set(k, Math.min(lowest.get(k) ?? Infinity, c.offset))
+    }
+    // Targets are taken in one synchronous pass: a command appended while the commits below are written has an
+    // offset at or above the log end read here, so no commit passes it.
+    const targets: Array<{ stream: string, partition: number, offset: number }> = []
+    for (const { tenant, stream: name } of this.#deps.streams) {
+      const stream = `${tenant}/${name}`
+      for (let partition = 0; partition < store.streamInfo(stream).partitions; partition++) {
+        const offset = lowest.get(`${stream}\u0000${partition}`) ?? store.partitionInfo(stream, partition).logEndOffset
+        if (offset > (store.fetchOffset(COMMANDS_GROUP, stream, partition) ?? -1)) targets.push({ stream, partition, offset })
+      }
+    }
+    for (const t of targets) {
+      try {
+        await store.commitOffset(COMMANDS_GROUP, t.stream, t.partition, t.offset)
+      } catch (err) {
+        if (!isStoreError(err, 'STORE_CLOSED')) this.#deps.logger.warn({ err: (err as Error).message }, 'committing the command watermark failed')
+        return
+      }
+    }
+  }
+}

@@ -1,0 +1,50 @@
+/**
+ * Bad bridge config is refused at start-up with a message naming the key
+ * (through the gateway's buildConfig, as `edgemq start` reads it).
+ */
+import { describe, expect, it } from 'vitest'
+import { buildConfig } from '../../gateway/config.ts'
+
+function withUpstream (upstream: Record<string, unknown>, extra: Record<string, unknown> = {}): unknown {
+  return { gatewayId: 'gw1', bridge: { upstreams: [{ name: 'cloud', url: 'mqtt://127.0.0.1:1883', ...upstream }] }, ...extra }
+}
+
+describe('bridge config', () => {
+  it('fills in the defaults', () => {
+    const config = buildConfig(withUpstream({}))
+    const u = config.bridge.upstreams[0]
+    expect(u).toMatchObject({ mqttVersion: '3.1.1', maxInflight: 100, topicTemplate: '{topic}', forward: [{ stream: 'telemetry', tenant: 'default', filter: '#', priority: 0 }, { stream: 'events' }] })
+    expect(config.bridge.commitIntervalMs).toBe(200)
+    expect(buildConfig({}).bridge.upstreams).toEqual([])
+  })
+
+  it.each([
+    [{ forward: [{ stream: 'nope' }] }, '"bridge.upstreams.0.forward.0.stream" names unknown stream "nope"'],
+    [{ forward: [{ stream: 'telemetry', tenant: 'acme' }] }, '"bridge.upstreams.0.forward.0.tenant" names unknown tenant "acme"'],
+    [{ forward: [{ stream: 'telemetry', filter: 'a/#/b' }] }, '"bridge.upstreams.0.forward.0.filter" is not a valid MQTT topic filter'],
+    [{ url: 'not a url' }, '"bridge.upstreams.0.url" is not a URL'],
+    [{ url: 'http://example.com' }, '"bridge.upstreams.0.url" must start with mqtt://, mqtts://, ws:// or wss://'],
+    [{ topicTemplate: 'sites/{site}/{nope}' }, '"bridge.upstreams.0.topicTemplate" unknown variable {nope}'],
+    [{ topicTemplate: 'sites/+/{topic}' }, '"bridge.upstreams.0.topicTemplate" a topic template cannot contain the wildcards'],
+    [{ receiptTopic: '{topic' }, '"bridge.upstreams.0.receiptTopic" unclosed "{"'],
+    [{ commands: [{ remote: 'cmd/+/#', local: 'devices/+/commands' }] }, '"bridge.upstreams.0.commands.0" local filter "devices/+/commands" must have the same wildcards'],
+    [{ dedupeId: 'user-property' }, '"bridge.upstreams.0.dedupeId" user-property needs mqttVersion "5"'],
+    [{ mqttVersion: '4' }, '"bridge.upstreams.0.mqttVersion" must be one of "3.1.1", "5"'],
+    [{ maxInflight: 0 }, '"bridge.upstreams.0.maxInflight" must be >= 1'],
+    [{ reconnectMinMs: 1000, reconnectMaxMs: 100 }, '"bridge.upstreams.0.reconnectMaxMs" is below reconnectMinMs'],
+    [{ tls: { cert: 'c.pem' } }, '"bridge.upstreams.0.tls" needs both cert and key'],
+    [{ name: 'bad name' }, '"bridge.upstreams.0.name" must match pattern'],
+    [{ colour: 'red' }, 'unknown key "bridge.upstreams.0.colour"'],
+  ])('refuses %j', (upstream, message) => {
+    expect(() => buildConfig(withUpstream(upstream))).toThrow(expect.objectContaining({ code: 'GW_CONFIG_INVALID', message: expect.stringContaining(message) as unknown }))
+  })
+
+  it('refuses two upstreams of one name', () => {
+    const u = { name: 'cloud', url: 'mqtt://127.0.0.1:1883' }
+    expect(() => buildConfig({ bridge: { upstreams: [u, u] } })).toThrow('"bridge.upstreams.1.name" duplicates upstream name "cloud"')
+  })
+
+  it('refuses a missing url, naming it', () => {
+    expect(() => buildConfig({ bridge: { upstreams: [{ name: 'cloud' }] } })).toThrow('missing key "bridge.upstreams.0.url"')
+  })
+})

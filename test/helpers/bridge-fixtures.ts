@@ -1,0 +1,90 @@
+/**
+ * Helpers for the bridge's integration tests: free ports for upstreams that
+ * must come back on the same address, bounded polling, the bridge status of
+ * a running gateway, and a device that publishes QoS 1 and records its acks.
+ */
+import net, { type AddressInfo } from 'node:net'
+import mqtt from 'mqtt'
+
+/** A loopback port that was free a moment ago (bound to port 0 and released). */
+export function freePort (): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const server = net.createServer()
+    server.once('error', reject)
+    server.listen(0, '127.0.0.1', () => {
+      const { port } = server.address() as AddressInfo
+      server.close(() => resolve(port))
+    })
+  })
+}
+
+/** Polls `check` until it returns a value other than undefined, or fails after `timeoutMs` with `what`. */
+export async function waitFor<T> (what: string, check: () => Promise<T | undefined> | T | undefined, timeoutMs = 30_000, everyMs = 100): Promise<T> {
+  const until = Date.now() + timeoutMs
+  let last: unknown
+  for (;;) {
+    try {
+      const v = await check()
+      if (v !== undefined) return v
+    } catch (err) {
+      last = err
+    }
+    if (Date.now() > until) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}${last === undefined ? '' : `: ${String(last)}`}`)
+    await new Promise((resolve) => setTimeout(resolve, everyMs))
+  }
+}
+
+export interface UpstreamStatusDoc {
+  name: string
+  connected: boolean
+  reconnects: number
+  inflight: number
+  forwardedMessages: number
+  deadLettered: number
+  commandsReceived: number
+  lastError: { message: string } | null
+  backlog: { messages: number, bytes: number, seconds: number }
+  partitions: Array<{ tenant: string, stream: string, partition: number, committedOffset: number, forwardedOffset: number, logEndOffset: number, backlogMessages: number }>
+}
+
+export async function bridgeStatus (httpUrl: string): Promise<UpstreamStatusDoc[]> {
+  const res = await fetch(`${httpUrl}/v1/bridge`)
+  if (res.status !== 200) throw new Error(`GET /v1/bridge: ${res.status} ${await res.text()}`)
+  return ((await res.json()) as { upstreams: UpstreamStatusDoc[] }).upstreams
+}
+
+/** Waits until upstream `name` has forwarded everything (no backlog, nothing in flight). */
+export function drained (httpUrl: string, name: string, timeoutMs = 60_000): Promise<UpstreamStatusDoc> {
+  return waitFor(`upstream ${name} to drain`, async () => {
+    const s = (await bridgeStatus(httpUrl)).find((u) => u.name === name)
+    return s !== undefined && s.connected && s.backlog.messages === 0 && s.inflight === 0 ? s : undefined
+  }, timeoutMs)
+}
+
+/**
+ * Publishes `count` QoS 1 messages per device (payload `<device>:<seq>`) with a
+ * window in flight, and returns the acknowledged ones. Stops early, without
+ * throwing, when the connection drops (the gateway was killed).
+ */
+export async function publishAcked (mqttUrl: string, devices: readonly string[], count: number, firstSeq = 0, window = 20): Promise<string[]> {
+  const acked: string[] = []
+  await Promise.all(devices.map(async (device) => {
+    const client = await mqtt.connectAsync(mqttUrl, { clientId: `pub-${device}`, reconnectPeriod: 0, connectTimeout: 5000 })
+    client.on('error', () => {})
+    let alive = true
+    // MQTT.js keeps a dropped connection's in-flight publishes pending (for a reconnect we never make): stop waiting.
+    const closed = new Promise<void>((resolve) => client.on('close', () => { alive = false; resolve() }))
+    const inflight = new Set<Promise<void>>()
+    for (let seq = firstSeq; seq < firstSeq + count && alive; seq++) {
+      const payload = `${device}:${seq}`
+      const p = client.publishAsync(`devices/${device}/telemetry/t`, payload, { qos: 1 })
+        .then(() => { acked.push(payload) }, () => {})
+        .finally(() => { inflight.delete(p) })
+      inflight.add(p)
+      if (inflight.size >= window) await Promise.race([...inflight, closed])
+    }
+    await Promise.race([Promise.all(inflight), closed])
+    client.end(true)
+  }))
+  return acked
+}
