@@ -1,0 +1,95 @@
+/**
+ * Commands from the cloud to devices, through a real Mosquitto upstream: a
+ * command is stored before it is acknowledged upstream, reaches a device that
+ * was offline when it arrived — also after the gateway was SIGKILLed in
+ * between — and an expired one is not delivered. Receipts go back upstream.
+ */
+import mqtt, { type MqttClient } from 'mqtt'
+import { afterAll, describe, expect, it } from 'vitest'
+import { startGatewayProcess, tempDir, writeConfig, type GatewayProcess } from '../helpers/gateway-process.ts'
+import { bridgeStatus, freePort, waitFor } from '../helpers/bridge-fixtures.ts'
+import { mosquittoBinary, startMosquitto } from '../helpers/mosquitto-process.ts'
+
+const bin = mosquittoBinary()
+
+interface Receipt { status: string, topic: string, command: string, upstream: string }
+
+async function startEdge (dir: string, upstreamUrl: string): Promise<GatewayProcess> {
+  const config = await writeConfig(dir, {
+    gatewayId: 'edge-1',
+    mqtt: { listeners: [{ type: 'tcp', port: 0 }] },
+    bridge: {
+      commitIntervalMs: 100,
+      upstreams: [{
+        name: 'cloud', url: upstreamUrl, mqttVersion: '5', forward: [], reconnectMinMs: 50, reconnectMaxMs: 500,
+        commands: [{ remote: 'cmd/{site}/+/#', local: 'devices/+/commands/#' }],
+      }],
+    },
+  })
+  return startGatewayProcess({ dataDir: `${dir}/data`, config })
+}
+
+/** A device that subscribes to its command topics and records what arrives. */
+async function device (url: string, id: string): Promise<{ client: MqttClient, got: Array<{ topic: string, payload: string }> }> {
+  const client = await mqtt.connectAsync(url, { clientId: id, reconnectPeriod: 0 })
+  client.on('error', () => {})
+  const got: Array<{ topic: string, payload: string }> = []
+  client.on('message', (topic, payload) => { got.push({ topic, payload: payload.toString() }) })
+  await client.subscribeAsync(`devices/${id}/commands/#`, { qos: 1 })
+  return { client, got }
+}
+
+describe.skipIf(bin === null)('bridge: commands to devices', () => {
+  const cleanups: Array<() => Promise<void>> = []
+  afterAll(async () => { for (const c of cleanups.reverse()) await c() })
+
+  it('stores commands, delivers them to devices that connect later (across a SIGKILL), and lets expired ones lapse', async () => {
+    const { dir, cleanup } = await tempDir('edgemq-commands-')
+    cleanups.push(cleanup)
+    const up = await startMosquitto(bin as string, dir, await freePort())
+    cleanups.push(() => up.kill())
+    const cloud = await mqtt.connectAsync(up.url, { protocolVersion: 5, reconnectPeriod: 0 })
+    cleanups.push(() => cloud.endAsync())
+    const receipts: Receipt[] = []
+    cloud.on('message', (_topic, payload) => { receipts.push(JSON.parse(payload.toString()) as Receipt) })
+    await cloud.subscribeAsync('sites/edge-1/receipts/#', { qos: 1 })
+
+    let edge = await startEdge(dir, up.url)
+    cleanups.push(() => edge.kill())
+    await waitFor('the edge to subscribe upstream', () => up.log().includes('cmd/edge-1/+/#') ? true : undefined)
+
+    // Online device: delivered at once.
+    const online = await device(edge.mqttUrl, 'dev-on')
+    cleanups.push(() => online.client.endAsync())
+    await cloud.publishAsync('cmd/edge-1/dev-on/led', 'on', { qos: 1 })
+    await waitFor('the online device to get its command', () => online.got.length > 0 ? true : undefined)
+    expect(online.got).toEqual([{ topic: 'devices/dev-on/commands/led', payload: 'on' }])
+
+    // Offline devices: one command without expiry, one that expires in 1 s.
+    await cloud.publishAsync('cmd/edge-1/dev-1/reboot', 'reboot-now', { qos: 1 })
+    await cloud.publishAsync('cmd/edge-1/dev-2/reboot', 'too-late', { qos: 1, properties: { messageExpiryInterval: 1 } })
+    await waitFor('both commands stored', async () => (await bridgeStatus(edge.httpUrl))[0]?.commandsReceived === 3 ? true : undefined)
+    await online.client.endAsync()
+    await edge.kill() // SIGKILL while both wait for their devices
+
+    await new Promise((resolve) => setTimeout(resolve, 1500)) // dev-2's command expires meanwhile
+    edge = await startEdge(dir, up.url)
+    const dev1 = await device(edge.mqttUrl, 'dev-1')
+    const dev2 = await device(edge.mqttUrl, 'dev-2')
+    cleanups.push(() => dev1.client.endAsync(), () => dev2.client.endAsync())
+    await waitFor('dev-1 to get its command', () => dev1.got.length > 0 ? true : undefined)
+    expect(dev1.got).toEqual([{ topic: 'devices/dev-1/commands/reboot', payload: 'reboot-now' }])
+
+    await waitFor('three receipts upstream', () => receipts.length >= 3 ? true : undefined)
+    const byTopic = new Map(receipts.map((r) => [r.topic, r.status]))
+    expect(byTopic).toEqual(new Map([
+      ['devices/dev-on/commands/led', 'delivered'],
+      ['devices/dev-1/commands/reboot', 'delivered'],
+      ['devices/dev-2/commands/reboot', 'expired'],
+    ]))
+    expect(dev2.got).toEqual([])
+    const metrics = await (await fetch(`${edge.httpUrl}/metrics`)).text()
+    expect(metrics).toMatch(/edgemq_bridge_commands_expired_total\{upstream="cloud"\} 1/)
+    expect(metrics).toMatch(/edgemq_bridge_commands_delivered_total\{upstream="cloud"\} 1/) // since this restart: dev-1's
+  })
+})
