@@ -7,6 +7,7 @@ import { Command, CommanderError, InvalidArgumentError, Option } from 'commander
 import { parse as parseYaml } from 'yaml'
 import { pino, destination } from 'pino'
 import { hashPassword } from './auth.ts'
+import { bridgeStatus, bridgeTable } from './cli-bridge.ts'
 import { deleteGroup, groupsTable, listGroups, listStreams, resetGroup, streamsTable, type AdminSource } from './cli-admin.ts'
 import { CliError } from './cli-errors.ts'
 import { ApiClient } from './cli-http.ts'
@@ -278,6 +279,19 @@ function addClientCommands (program: Command, exit: (code: number) => void): voi
   groupsDelete.action(async (flags: SourceFlags & { group: string }) => {
     await deleteGroup(apiClient(flags), flags.group)
     await print(`deleted group ${flags.group}\n`)
+  })
+
+  const bridge = program.command('bridge')
+    .description('the bridge to upstream clusters')
+  const bridgeStatusCommand = bridge.command('status', { isDefault: true })
+    .description('per upstream: connected, backlog (messages, bytes, seconds), throughput, reconnects, dead letters, last error')
+    .option('--upstream <name>', 'only this upstream')
+    .option('--partitions', 'also one line per forwarded partition: committed and forwarded offsets, log end, backlog')
+    .option('--json', 'print the API\'s JSON document instead of a table')
+  addSourceOptions(bridgeStatusCommand, false)
+  bridgeStatusCommand.action(async (flags: SourceFlags & { upstream?: string, partitions?: boolean, json?: boolean }) => {
+    const upstreams = await bridgeStatus(apiClient(flags), flags.upstream)
+    await print(flags.json === true ? `${JSON.stringify({ upstreams }, null, 2)}\n` : bridgeTable(upstreams, flags.partitions === true))
   })
 }
 

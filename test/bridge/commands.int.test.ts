@@ -71,25 +71,30 @@ describe.skipIf(bin === null)('bridge: commands to devices', () => {
     await waitFor('both commands stored', async () => (await bridgeStatus(edge.httpUrl))[0]?.commandsReceived === 3 ? true : undefined)
     await online.client.endAsync()
     await edge.kill() // SIGKILL while both wait for their devices
+    // Sent while the edge is down: the edge's persistent session at the upstream holds it.
+    await cloud.publishAsync('cmd/edge-1/dev-3/fw', 'v2', { qos: 1 })
 
     await new Promise((resolve) => setTimeout(resolve, 1500)) // dev-2's command expires meanwhile
     edge = await startEdge(dir, up.url)
     const dev1 = await device(edge.mqttUrl, 'dev-1')
     const dev2 = await device(edge.mqttUrl, 'dev-2')
-    cleanups.push(() => dev1.client.endAsync(), () => dev2.client.endAsync())
-    await waitFor('dev-1 to get its command', () => dev1.got.length > 0 ? true : undefined)
+    const dev3 = await device(edge.mqttUrl, 'dev-3')
+    cleanups.push(() => dev1.client.endAsync(), () => dev2.client.endAsync(), () => dev3.client.endAsync())
+    await waitFor('dev-1 and dev-3 to get their commands', () => dev1.got.length > 0 && dev3.got.length > 0 ? true : undefined)
     expect(dev1.got).toEqual([{ topic: 'devices/dev-1/commands/reboot', payload: 'reboot-now' }])
+    expect(dev3.got).toEqual([{ topic: 'devices/dev-3/commands/fw', payload: 'v2' }])
 
-    await waitFor('three receipts upstream', () => receipts.length >= 3 ? true : undefined)
+    await waitFor('four receipts upstream', () => receipts.length >= 4 ? true : undefined)
     const byTopic = new Map(receipts.map((r) => [r.topic, r.status]))
     expect(byTopic).toEqual(new Map([
       ['devices/dev-on/commands/led', 'delivered'],
       ['devices/dev-1/commands/reboot', 'delivered'],
       ['devices/dev-2/commands/reboot', 'expired'],
+      ['devices/dev-3/commands/fw', 'delivered'],
     ]))
     expect(dev2.got).toEqual([])
     const metrics = await (await fetch(`${edge.httpUrl}/metrics`)).text()
     expect(metrics).toMatch(/edgemq_bridge_commands_expired_total\{upstream="cloud"\} 1/)
-    expect(metrics).toMatch(/edgemq_bridge_commands_delivered_total\{upstream="cloud"\} 1/) // since this restart: dev-1's
+    expect(metrics).toMatch(/edgemq_bridge_commands_delivered_total\{upstream="cloud"\} 2/) // since this restart: dev-1's and dev-3's
   })
 })

@@ -5,6 +5,7 @@
  * during that outage and restarted.
  */
 import { afterAll, describe, expect, it } from 'vitest'
+import { runCliWithin } from '../helpers/cli-run.ts'
 import { readWholeLog, type LoggedRecord } from '../helpers/log-reader.ts'
 import { startGatewayProcess, tempDir, writeConfig, type GatewayProcess } from '../helpers/gateway-process.ts'
 import { bridgeStatus, drained, freePort, publishAcked, waitFor } from '../helpers/bridge-fixtures.ts'
@@ -65,6 +66,17 @@ describe('bridge: edgemq → edgemq', () => {
     const status = await drained(edge.httpUrl, 'region')
     expect(status.forwardedMessages).toBe(2000)
     expect(status.partitions.every((p) => p.forwardedOffset === p.logEndOffset)).toBe(true)
+
+    // The same status on the command line, as a table and as JSON; an unknown upstream is a clear error.
+    const table = await runCliWithin(['bridge', 'status', '--url', edge.httpUrl, '--partitions'], 20_000)
+    expect(table.code).toBe(0)
+    expect(table.stdout).toMatch(/^UPSTREAM +REGION +CONNECTED .*\nregion +eu-1 +yes /)
+    expect(table.stdout).toMatch(/\nregion +default\/telemetry +0 +/)
+    const json = await runCliWithin(['bridge', 'status', '--url', edge.httpUrl, '--json', '--upstream', 'region'], 20_000)
+    expect(JSON.parse(json.stdout)).toMatchObject({ upstreams: [{ name: 'region', connected: true, forwardedMessages: 2000, backlog: { messages: 0 } }] })
+    const unknown = await runCliWithin(['bridge', 'status', '--url', edge.httpUrl, '--upstream', 'nope'], 20_000)
+    expect(unknown.code).toBe(1)
+    expect(unknown.stderr).toMatch(/CLI_UNKNOWN_UPSTREAM: no upstream named "nope" \(configured: region\)/)
 
     expect(await edge.stop()).toBe(0)
     expect(await region.stop()).toBe(0)
