@@ -25,12 +25,15 @@ export interface MosquittoProcess {
   readonly url: string
   readonly log: () => string
   kill (): Promise<void>
+  /** SIGTERM: Mosquitto saves its persistence file and exits. */
+  stop (): Promise<void>
 }
 
-/** Starts mosquitto on 127.0.0.1:`port` with anonymous access plus `extra` config lines; `dir` holds its config. */
+/** Starts mosquitto on 127.0.0.1:`port` with anonymous access plus `extra` config lines (default `persistence false`); `dir` holds its config. */
 export async function startMosquitto (bin: string, dir: string, port: number, extra: readonly string[] = []): Promise<MosquittoProcess> {
   const config = path.join(dir, `mosquitto-${port}.conf`)
-  await writeFile(config, [`listener ${port} 127.0.0.1`, 'allow_anonymous true', 'persistence false', 'log_dest stderr', 'log_type all', ...extra, ''].join('\n'))
+  await writeFile(config, [`listener ${port} 127.0.0.1`, 'allow_anonymous true', 'log_dest stderr', 'log_type all',
+    ...(extra.some((l) => l.startsWith('persistence ')) ? [] : ['persistence false']), ...extra, ''].join('\n'))
   const child = spawn(bin, ['-c', config], { stdio: ['ignore', 'ignore', 'pipe'] })
   children.add(child)
   let log = ''
@@ -55,6 +58,10 @@ export async function startMosquitto (bin: string, dir: string, port: number, ex
     log: () => log,
     async kill () {
       if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL')
+      await exited
+    },
+    async stop () {
+      if (child.exitCode === null && child.signalCode === null) child.kill('SIGTERM')
       await exited
     },
   }
