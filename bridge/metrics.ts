@@ -48,11 +48,16 @@ export function createBridgeMetrics (registry: Registry, upstreams: readonly str
     for (const c of [reconnects, droppedBeforeForward, commandsReceived, commandsDelivered, commandsExpired]) c.inc({ upstream }, 0)
   }
 
+  const bound = new Map<string, { messages: { inc (n: number): void }, bytes: { inc (n: number): void } }>()
   return {
     observer: {
       onForwarded: (upstream, tenant, stream, messages, bytes) => {
-        forwarded.inc({ upstream, tenant, stream }, messages)
-        forwardedBytes.inc({ upstream, tenant, stream }, bytes)
+        // Once per forwarded message: the label lookups are done once per stream (prom-client hashes a labels object per inc).
+        const k = `${upstream}\u0000${tenant}\u0000${stream}`
+        let c = bound.get(k)
+        if (c === undefined) bound.set(k, c = { messages: forwarded.labels(upstream, tenant, stream), bytes: forwardedBytes.labels(upstream, tenant, stream) })
+        c.messages.inc(messages)
+        c.bytes.inc(bytes)
       },
       onDeadLettered: (upstream, tenant, stream) => { deadLettered.inc({ upstream, tenant, stream }) },
       onReconnect: (upstream) => { reconnects.inc({ upstream }) },

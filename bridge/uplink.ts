@@ -157,6 +157,8 @@ interface Lane {
   done: number
   committed: number
   reading: boolean
+  /** The partition's log end as last reported (onAppend); reads stop there. */
+  end: number
 }
 
 /** Builds the MQTT.js options of one connection attempt. */
@@ -262,11 +264,12 @@ export class Uplink {
     for (const tenant of tenants) {
       await store.createStream(`${tenant}/dlq.${this.config.name}`, { partitions: 1, retentionMs: DLQ_RETENTION_MS })
     }
+    const byPartition = new Map(this.#lanes.map((l) => [`${l.stream}\u0000${l.partition}`, l]))
     this.#unlisten = store.onAppend((event) => {
-      if (!this.#connected) return
-      for (const lane of this.#lanes) {
-        if (lane.stream === event.stream && lane.partition === event.partition) this.#fill(lane)
-      }
+      const lane = byPartition.get(`${event.stream}\u0000${event.partition}`)
+      if (lane === undefined) return
+      lane.end = event.logEndOffset
+      if (this.#connected) this.#fill(lane)
     })
     this.#stopped = false
     this.#commitTimer = setInterval(() => {
@@ -288,7 +291,7 @@ export class Uplink {
       this.#lanes.push({
         tenant, name, stream, partition, priority, filter, template, receipts,
         epoch: 0, nextRead: start, buffer: [], bufferAt: 0, pending: [], pendingAt: 0, done: start,
-        committed: committed ?? -1, reading: false,
+        committed: committed ?? -1, reading: false, end: p.logEndOffset,
       })
     }
   }
@@ -324,6 +327,7 @@ export class Uplink {
       this.#window = Math.max(1, Math.min(this.config.maxInflight, receiveMaximum ?? Infinity))
       this.#deps.logger.info({ upstream: this.config.name, url: redact(this.config.url), probe: this.#probe }, 'upstream connected')
       if (this.#commandMappings.length > 0) this.#subscribeCommands(client, generation)
+      for (const lane of this.#lanes) lane.end = Math.max(lane.end, this.#deps.store.partitionInfo(lane.stream, lane.partition).logEndOffset)
       this.#pump()
     })
     client.on('error', (err) => {
@@ -430,7 +434,7 @@ export class Uplink {
       this.#send(lane, this.#track(lane, record))
     }
     for (const lane of this.#lanes) {
-      if (lane.bufferAt >= lane.buffer.length) this.#fill(lane)
+      if (lane.bufferAt >= lane.buffer.length && !lane.reading && lane.nextRead < lane.end) this.#fill(lane)
     }
   }
 
@@ -592,8 +596,7 @@ export class Uplink {
   #fill (lane: Lane): void {
     if (lane.reading || lane.bufferAt < lane.buffer.length || this.#stopped) return
     const { store } = this.#deps
-    const end = store.partitionInfo(lane.stream, lane.partition).logEndOffset
-    if (lane.nextRead >= end) return
+    if (lane.nextRead >= lane.end) return
     lane.reading = true
     const epoch = lane.epoch
     store.read(lane.stream, lane.partition, lane.nextRead, { maxRecords: READ_RECORDS, maxBytes: READ_BYTES }).then((r) => {
