@@ -382,8 +382,10 @@ export class Uplink {
     if (this.#inflight > 0) {
       if (this.#inflight === 1 && this.#probe > 0) {
         // Alone in flight when the upstream hung up: this message may be what it refuses.
-        const suspect = this.#lanes.flatMap((l) => l.pending.slice(l.pendingAt)).find((p) => !p.acked && p.record !== null)
-        if (suspect?.record != null) this.#blame(suspect.record, 'the upstream disconnected while it was in flight')
+        for (const lane of this.#lanes) {
+          const suspect = lane.pending.slice(lane.pendingAt).find((p) => !p.acked && p.record !== null)
+          if (suspect?.record != null) { this.#blame(lane, suspect.record, 'the upstream disconnected while it was in flight'); break }
+        }
       }
       this.#probe = Math.max(this.#probe, this.#inflight)
     }
@@ -402,16 +404,16 @@ export class Uplink {
   }
 
   /** Counts a refusal; returns true when the message has used up its attempts (the caller dead-letters it). */
-  #blame (record: StoredRecord, reason: string): boolean {
-    const key = `${record.offset}/${record.key}/${record.timestamp}`
+  #blame (lane: Lane, record: StoredRecord, reason: string): boolean {
+    const key = this.#dedupeId(lane, record.offset)
     const n = (this.#attempts.get(key) ?? 0) + 1
     if (this.#attempts.size < 10_000) this.#attempts.set(key, n) // bounded, whatever an upstream does
     this.#deps.logger.warn({ upstream: this.config.name, offset: record.offset, attempt: n, of: this.config.maxDeliveryAttempts, reason }, 'upstream refused a message')
     return n >= this.config.maxDeliveryAttempts
   }
 
-  #attemptsOf (record: StoredRecord): number {
-    return this.#attempts.get(`${record.offset}/${record.key}/${record.timestamp}`) ?? 0
+  #attemptsOf (lane: Lane, record: StoredRecord): number {
+    return this.#attempts.get(this.#dedupeId(lane, record.offset)) ?? 0
   }
 
   #pump (): void {
@@ -424,7 +426,7 @@ export class Uplink {
         this.#skip(lane, record)
         continue
       }
-      if (this.#attemptsOf(record) >= this.config.maxDeliveryAttempts) {
+      if (this.#attemptsOf(lane, record) >= this.config.maxDeliveryAttempts) {
         lane.bufferAt++
         this.#deadLetter(lane, this.#track(lane, record), 'refused by the upstream')
         continue
@@ -518,7 +520,7 @@ export class Uplink {
         const code = (err as Error & { code?: number }).code
         this.#lastError = { message: `PUBACK refused ${remote}: ${err.message}`, at: this.#deps.clock.now() }
         if (typeof code !== 'number') return // not a reason code: the connection is going down, and close handles it
-        if (this.#blame(record, err.message)) {
+        if (this.#blame(lane, record, err.message)) {
           this.#deadLetter(lane, entry, `reason code 0x${code.toString(16)}: ${err.message}`)
         } else {
           // Sent again after a pause, in its place: the lane's offset cannot pass it until it is acked or dead-lettered.
@@ -541,7 +543,7 @@ export class Uplink {
     this.#forwarded++
     this.#forwardedBytes += record.payload.byteLength
     this.#deps.observer?.onForwarded?.(this.config.name, lane.tenant, lane.name, 1, record.payload.byteLength)
-    if (this.#attempts.size > 0) this.#attempts.delete(`${record.offset}/${record.key}/${record.timestamp}`)
+    if (this.#attempts.size > 0) this.#attempts.delete(this.#dedupeId(lane, record.offset))
     if (this.#probe > 0) this.#probe--
     this.#advance(lane)
     this.#pump()
@@ -579,7 +581,7 @@ export class Uplink {
       this.#deadLettered++
       this.#deps.observer?.onDeadLettered?.(this.config.name, lane.tenant, lane.name)
       logger.error({ upstream: this.config.name, stream: lane.stream, partition: lane.partition, offset: record.offset, dlq, reason }, 'message dead-lettered: the upstream refuses it')
-      this.#attempts.delete(`${record.offset}/${record.key}/${record.timestamp}`)
+      this.#attempts.delete(this.#dedupeId(lane, record.offset))
       if (epoch !== lane.epoch) return
       this.#inflight--
       if (this.#probe > 0) this.#probe--
@@ -587,9 +589,11 @@ export class Uplink {
       this.#advance(lane)
       this.#pump()
     }, (err: unknown) => {
-      // Not dead-lettered: the message stays unacknowledged and is tried again after the next reconnect.
-      logger.error({ upstream: this.config.name, err: (err as Error).message, dlq }, 'dead-letter append failed')
-      if (epoch === lane.epoch) this.#inflight--
+      // Not dead-lettered yet: the message keeps its window slot (the lane cannot pass it) and is tried again.
+      logger.error({ upstream: this.config.name, err: (err as Error).message, dlq }, 'dead-letter append failed; retrying')
+      if (epoch !== lane.epoch) return
+      this.#inflight--
+      setTimeout(() => { if (epoch === lane.epoch && !this.#stopped) this.#deadLetter(lane, entry, reason) }, REFUSAL_RETRY_MS).unref()
     }).finally(() => { this.#deadLettering-- })
   }
 
