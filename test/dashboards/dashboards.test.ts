@@ -51,8 +51,8 @@ describe('PromQL helpers', () => {
 })
 
 describe('Grafana dashboards', () => {
-  it('there are the fleet overview, store detail and gateway detail dashboards', () => {
-    expect(dashboards.map((d) => d.dashboard.uid).sort()).toEqual(['edgemq-fleet', 'edgemq-gateway', 'edgemq-store'])
+  it('there are the fleet overview, store detail, gateway detail and bridge detail dashboards', () => {
+    expect(dashboards.map((d) => d.dashboard.uid).sort()).toEqual(['edgemq-bridge', 'edgemq-fleet', 'edgemq-gateway', 'edgemq-store'])
   })
 
   it('uids and titles are unique across dashboards', () => {
