@@ -144,10 +144,12 @@ describe('alert rules', () => {
     expect(names.filter((n, i) => names.indexOf(n) !== i)).toEqual([])
   })
 
-  it('cover what the gateway and store can report today', () => {
+  it('cover what the gateway, the store and the bridge report', () => {
     expect(rules.map((r) => r.alert).sort()).toEqual([
       'EdgemqAuthFailureSpike', 'EdgemqBackpressureSustained', 'EdgemqConsumerGroupLagGrowing', 'EdgemqDiskAlmostFull',
       'EdgemqDiskFreeLow', 'EdgemqGatewayDown', 'EdgemqGatewayUnhealthy', 'EdgemqRecordsDroppedByRetention', 'EdgemqStoreErrors',
+      'EdgemqUplinkBacklogGrowing', 'EdgemqUplinkCommandsExpiring', 'EdgemqUplinkDeadLettered', 'EdgemqUplinkDisconnected',
+      'EdgemqUplinkRecordsDropped',
     ])
   })
 
