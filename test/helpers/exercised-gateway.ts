@@ -57,8 +57,8 @@ export interface ExercisedGateway {
   /**
    * Bridge traffic that creates every labelled bridge series: one record per
    * forwarded stream through `region`, a command from `region` that a device
-   * takes and one that expires (their receipts go back up), and one record
-   * dead-lettered by `refusing`. Resolves once /metrics shows all of it and
+   * takes and at least one that expires (their receipts go back up), and one
+   * record dead-lettered by `refusing`. Resolves once /metrics shows all of it and
    * the `down` upstream has a backlog.
    */
   bridgeTraffic (): Promise<void>
@@ -83,7 +83,7 @@ export function samples (exposition: string, name: string): Sample[] {
 }
 
 /** Sum of the samples of `name` whose labels include `labels`. */
-export function total (exposition: string, name: string, labels: Readonly<Record<string, string>> = {}): number {
+function total (exposition: string, name: string, labels: Readonly<Record<string, string>> = {}): number {
   return samples(exposition, name)
     .filter((s) => Object.entries(labels).every(([k, v]) => s.labels[k] === v))
     .reduce((sum, s) => sum + s.value, 0)
@@ -264,9 +264,8 @@ export async function startExercisedGateway (): Promise<ExercisedGateway> {
         }
       },
       async bridgeTraffic () {
-        const upstream = region as GatewayProcess
         const device = await connect(openUrl, { clientId: 'dev-cmd', clean: true })
-        const cloud = await connect(upstream.mqttUrl, { clientId: 'cloud-service' })
+        const cloud = await connect(regionUrl, { clientId: 'cloud-service' })
         try {
           const delivered = new Promise<void>((resolve) => device.on('message', () => resolve()))
           await device.subscribeAsync('devices/dev-cmd/commands/#', { qos: 1 })
