@@ -51,8 +51,8 @@ describe('PromQL helpers', () => {
 })
 
 describe('Grafana dashboards', () => {
-  it('there are the fleet overview, store detail and gateway detail dashboards', () => {
-    expect(dashboards.map((d) => d.dashboard.uid).sort()).toEqual(['edgemq-fleet', 'edgemq-gateway', 'edgemq-store'])
+  it('there are the fleet overview, store detail, gateway detail and bridge detail dashboards', () => {
+    expect(dashboards.map((d) => d.dashboard.uid).sort()).toEqual(['edgemq-bridge', 'edgemq-fleet', 'edgemq-gateway', 'edgemq-store'])
   })
 
   it('uids and titles are unique across dashboards', () => {
@@ -144,10 +144,12 @@ describe('alert rules', () => {
     expect(names.filter((n, i) => names.indexOf(n) !== i)).toEqual([])
   })
 
-  it('cover what the gateway and store can report today', () => {
+  it('cover what the gateway, the store and the bridge report', () => {
     expect(rules.map((r) => r.alert).sort()).toEqual([
       'EdgemqAuthFailureSpike', 'EdgemqBackpressureSustained', 'EdgemqConsumerGroupLagGrowing', 'EdgemqDiskAlmostFull',
       'EdgemqDiskFreeLow', 'EdgemqGatewayDown', 'EdgemqGatewayUnhealthy', 'EdgemqRecordsDroppedByRetention', 'EdgemqStoreErrors',
+      'EdgemqUplinkBacklogGrowing', 'EdgemqUplinkCommandsExpiring', 'EdgemqUplinkDeadLettered', 'EdgemqUplinkDisconnected',
+      'EdgemqUplinkRecordsDropped',
     ])
   })
 

@@ -7,17 +7,37 @@
  * logins, an ACL-denied publish, a bounded MQTT.js publish load, and a real
  * failed log write (the process' file-size limit lowered with prlimit, so
  * LevelDB's writes fail with EFBIG; raised again, the store recovers).
+ *
+ * The bridge has three upstreams, so every bridge series exists with data:
+ * - `region`, a second `edgemq start` (the cloud side), which takes the
+ *   forwarded streams and the command receipts and sends commands down
+ *   (`cmd/{site}/+/#` → `devices/+/commands/#`, with a time-to-live so an
+ *   undelivered command expires);
+ * - `down`, a closed loopback port: never connected, reconnecting, its
+ *   backlog growing until the disk budget drops records it had not forwarded;
+ * - `refusing`, the same edgemq, whose `unrouted: reject` refuses the topic
+ *   this upstream's template makes: a 3.1.1 broker refuses by disconnecting,
+ *   so each record it forwards (only `devices/+/events/refused`) ends in the
+ *   dead-letter stream after one attempt.
  */
 import { execFileSync } from 'node:child_process'
+import { mkdir } from 'node:fs/promises'
 import path from 'node:path'
 import mqtt, { type MqttClient } from 'mqtt'
 import { hashPassword } from '../../gateway/auth.ts'
 import { openLogStore } from '../../store/index.ts'
 import { startGatewayProcess, tempDir, writeConfig, type GatewayProcess } from './gateway-process.ts'
+import { freePort } from './prometheus-process.ts'
 
 export const GROUP = 'uplink-test'
+export const GATEWAY_ID = 'edge-dash'
+/** The bridge's upstreams (their consumer groups are `bridge.<name>`). */
+export const UPSTREAMS = { live: 'region', down: 'down', refusing: 'refusing' } as const
+/** Streams the live upstream forwards with data once {@link ExercisedGateway.bridgeTraffic} ran. */
+export const FORWARDED_STREAMS = ['telemetry', 'events', 'command-receipts'] as const
 const DEVICE_USER = 'sensor-7'
 const DEVICE_PASSWORD = 'not-a-secret'
+const COMMAND_TTL_MS = 1500
 
 export interface ExercisedGateway {
   readonly gw: GatewayProcess
@@ -34,7 +54,39 @@ export interface ExercisedGateway {
   load (durationMs: number, publishers?: number): Promise<number>
   /** Makes log writes fail until one store error is counted, holds the fault for `holdMs`, then lets the store recover. */
   failWrites (holdMs: number): Promise<void>
+  /**
+   * Bridge traffic that creates every labelled bridge series: one record per
+   * forwarded stream through `region`, a command from `region` that a device
+   * takes and at least one that expires (their receipts go back up), and one
+   * record dead-lettered by `refusing`. Resolves once /metrics shows all of it and
+   * the `down` upstream has a backlog.
+   */
+  bridgeTraffic (): Promise<void>
+  /** One more record refused by `refusing`; resolves with its dead-letter count once /metrics shows it. */
+  deadLetter (): Promise<number>
   close (): Promise<void>
+}
+
+export interface Sample { readonly labels: Readonly<Record<string, string>>, readonly value: number }
+
+/** The samples of one metric in a Prometheus text exposition. */
+export function samples (exposition: string, name: string): Sample[] {
+  const out: Sample[] = []
+  for (const line of exposition.split('\n')) {
+    if (!line.startsWith(name) || !/[ {]/.test(line[name.length] ?? '')) continue
+    const m = /^[^{ ]+(?:\{(.*)\})? (\S+)/.exec(line)
+    if (m === null) continue
+    const labels = Object.fromEntries([...(m[1] ?? '').matchAll(/(\w+)="((?:[^"\\]|\\.)*)"/g)].map((l) => [l[1] as string, l[2] as string]))
+    out.push({ labels, value: Number(m[2]) })
+  }
+  return out
+}
+
+/** Sum of the samples of `name` whose labels include `labels`. */
+function total (exposition: string, name: string, labels: Readonly<Record<string, string>> = {}): number {
+  return samples(exposition, name)
+    .filter((s) => Object.entries(labels).every(([k, v]) => s.labels[k] === v))
+    .reduce((sum, s) => sum + s.value, 0)
 }
 
 const sleep = (ms: number): Promise<void> => new Promise((resolve) => setTimeout(resolve, ms))
@@ -53,15 +105,49 @@ function connect (url: string, options: mqtt.IClientOptions): Promise<MqttClient
   return mqtt.connectAsync(url, { protocolVersion: 4, reconnectPeriod: 0, connectTimeout: 5000, ...options })
 }
 
+/** Polls `check` every 100 ms until it holds; fails after `timeoutMs`, naming `what`. */
+async function until (what: string, check: () => Promise<boolean>, timeoutMs = 20_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs
+  while (!(await check())) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`)
+    await sleep(100)
+  }
+}
+
 /** Resolves when the connection attempt ended, whatever the outcome (used for the refusals). */
 async function attempt (url: string, options: mqtt.IClientOptions): Promise<void> {
   try { (await connect(url, options)).end(true) } catch { /* refused: what these attempts are for */ }
 }
 
+/**
+ * The cloud side: an edgemq that logs what the bridge forwards and carries
+ * commands and receipts, and refuses (by disconnecting, as MQTT 3.1.1 has no
+ * negative PUBACK) any other topic.
+ */
+async function startRegion (dir: string): Promise<GatewayProcess> {
+  const config = await writeConfig(dir, {
+    gatewayId: UPSTREAMS.live,
+    unrouted: 'reject',
+    routes: [
+      { filter: 'devices/+/telemetry/#', stream: 'telemetry', keyLevel: 1 },
+      { filter: 'devices/+/events/#', stream: 'events', keyLevel: 1 },
+      { filter: 'cmd/+/+/#', stream: 'commands', keyLevel: 2 },
+      { filter: 'sites/+/receipts/#', stream: 'events', keyLevel: 1 },
+    ],
+    mqtt: { listeners: [{ type: 'tcp', port: 0 }] },
+  })
+  return startGatewayProcess({ dataDir: path.join(dir, 'data'), config })
+}
+
 export async function startExercisedGateway (): Promise<ExercisedGateway> {
   const { dir, cleanup } = await tempDir('edgemq-dash-')
   const dataDir = path.join(dir, 'data')
+  let region: GatewayProcess | undefined
   try {
+    await mkdir(path.join(dir, 'region'))
+    region = await startRegion(path.join(dir, 'region'))
+    const regionUrl = region.mqttUrl
+    const closedPort = await freePort() // nothing listens there: the `down` upstream never connects
     // A retention-holding group that never consumes, committed at offset 0, so the disk budget drops records it needs.
     const seed = await openLogStore({ location: path.join(dataDir, 'db') })
     await seed.createStream('default/telemetry', { partitions: 8 })
@@ -79,6 +165,22 @@ export async function startExercisedGateway (): Promise<ExercisedGateway> {
           { name: 'secure', type: 'tcp', port: 0 },
         ],
       },
+      gatewayId: GATEWAY_ID,
+      bridge: {
+        commitIntervalMs: 100,
+        upstreams: [
+          {
+            name: UPSTREAMS.live, region: 'eu-1', url: regionUrl, reconnectMinMs: 50, reconnectMaxMs: 500,
+            forward: [{ stream: 'telemetry' }, { stream: 'events' }],
+            commands: [{ remote: 'cmd/{site}/+/#', local: 'devices/+/commands/#', ttlMs: COMMAND_TTL_MS }],
+          },
+          { name: UPSTREAMS.down, url: `mqtt://127.0.0.1:${closedPort}`, reconnectMinMs: 100, reconnectMaxMs: 1000, connectTimeoutMs: 1000 },
+          {
+            name: UPSTREAMS.refusing, url: regionUrl, reconnectMinMs: 50, reconnectMaxMs: 200, maxDeliveryAttempts: 1,
+            forward: [{ stream: 'events', filter: 'devices/+/events/refused' }], topicTemplate: 'refused/{topic}',
+          },
+        ],
+      },
     })
     const gw = await startGatewayProcess({ dataDir, config })
     const openUrl = gw.urls.open
@@ -88,6 +190,18 @@ export async function startExercisedGateway (): Promise<ExercisedGateway> {
       throw new Error(`listeners missing from ${JSON.stringify(gw.urls)}`)
     }
     const metrics = async (): Promise<string> => (await fetch(`${gw.httpUrl}/metrics`)).text()
+    const deadLettered = async (): Promise<number> => total(await metrics(), 'edgemq_bridge_dead_lettered_total', { upstream: UPSTREAMS.refusing })
+    const deadLetter = async (): Promise<number> => {
+      const before = await deadLettered()
+      const device = await connect(openUrl, { clientId: 'dev-refused' })
+      try {
+        await device.publishAsync('devices/dev-refused/events/refused', 'the upstream refuses this topic', { qos: 1 })
+      } finally {
+        await device.endAsync()
+      }
+      await until('a record dead-lettered by the refusing upstream', async () => await deadLettered() > before)
+      return deadLettered()
+    }
 
     return {
       gw, openUrl, secureUrl,
@@ -149,12 +263,47 @@ export async function startExercisedGateway (): Promise<ExercisedGateway> {
           client.end(true)
         }
       },
+      async bridgeTraffic () {
+        const device = await connect(openUrl, { clientId: 'dev-cmd', clean: true })
+        const cloud = await connect(regionUrl, { clientId: 'cloud-service' })
+        try {
+          const delivered = new Promise<void>((resolve) => device.on('message', () => resolve()))
+          await device.subscribeAsync('devices/dev-cmd/commands/#', { qos: 1 })
+          await device.publishAsync('devices/dev-cmd/telemetry/temp', '21.5', { qos: 1 })
+          await device.publishAsync('devices/dev-cmd/events/boot', 'booted', { qos: 1 })
+          // The uplink subscribes to its command topics after it connects; until then a command is not routed to it.
+          // Commands to a device that is not there expire, so sending them until one arrives leaves only expiries.
+          await until('the live upstream to receive a command', async () => {
+            await cloud.publishAsync(`cmd/${GATEWAY_ID}/dev-absent/reboot`, 'reboot', { qos: 1 })
+            return total(await metrics(), 'edgemq_bridge_commands_received_total', { upstream: UPSTREAMS.live }) > 0
+          })
+          await cloud.publishAsync(`cmd/${GATEWAY_ID}/dev-cmd/reboot`, 'reboot', { qos: 1 })
+          await withTimeout(delivered, 20_000, 'the command to dev-cmd was not delivered')
+        } finally {
+          await device.endAsync()
+          await cloud.endAsync()
+        }
+        await deadLetter()
+        await until('every bridge series with data', async () => {
+          const text = await metrics()
+          const forwarded = (stream: string): number => total(text, 'edgemq_bridge_forwarded_messages_total', { upstream: UPSTREAMS.live, tenant: 'default', stream })
+          return FORWARDED_STREAMS.every((s) => forwarded(s) > 0)
+            && total(text, 'edgemq_bridge_commands_delivered_total', { upstream: UPSTREAMS.live }) > 0
+            && total(text, 'edgemq_bridge_commands_expired_total', { upstream: UPSTREAMS.live }) > 0
+            && total(text, 'edgemq_bridge_connected', { upstream: UPSTREAMS.live }) === 1
+            && total(text, 'edgemq_bridge_backlog_messages', { upstream: UPSTREAMS.down }) > 0
+            && total(text, 'edgemq_bridge_reconnects_total', { upstream: UPSTREAMS.down }) > 0
+        })
+      },
+      deadLetter,
       async close () {
         await gw.stop()
+        await region?.stop()
         await cleanup()
       },
     }
   } catch (err) {
+    await region?.kill()
     await cleanup()
     throw err
   }
