@@ -259,6 +259,7 @@ export class Uplink {
       this.#addLanes(f.tenant, f.stream, f.priority, f.filter, template, false)
     }
     for (const tenant of new Set(this.config.commands.map((c) => c.tenant))) {
+      tenants.add(tenant) // a receipt the upstream refuses is dead-lettered too
       this.#addLanes(tenant, RECEIPTS_STREAM, 9, '#', receiptTemplate, true)
     }
     for (const tenant of tenants) {
