@@ -12,7 +12,7 @@ import { decode as decodeCbor } from 'cbor-x'
 import mqtt, { type MqttClient } from 'mqtt'
 import { pino } from 'pino'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { hashPassword } from '../../gateway/auth.ts'
+import { generateApiToken, hashPassword } from '../../gateway/auth.ts'
 import { buildConfig } from '../../gateway/config.ts'
 import { startGateway, type Gateway } from '../../gateway/gateway.ts'
 import type { StoredRecord } from '../../store/index.ts'
@@ -30,6 +30,13 @@ const USERS = {
 type Username = keyof typeof USERS
 const password = (user: string): string => `pw-of-${user}`
 const basic = (user: string, pw = password(user)): string => `Basic ${Buffer.from(`${user}:${pw}`).toString('base64')}`
+/** Bearer tokens of apiTokens, by entry name. */
+const TOKENS = {
+  'acme-reader': { tenant: 'acme', role: 'service', token: generateApiToken('acme-reader') },
+  'globex-reader': { tenant: 'globex', role: 'service', token: generateApiToken('globex-reader') },
+  'acme-sensor': { tenant: 'acme', role: 'device', token: generateApiToken('acme-sensor') },
+} as const
+const bearer = (name: keyof typeof TOKENS): string => `Bearer ${TOKENS[name].token}`
 
 const DEVICES = ['dev-1', 'dev-2', 'dev-3', 'dev-4', 'dev-5']
 /** Messages per device in each phase; the phases are apart in time. */
@@ -125,9 +132,13 @@ describe('HTTP pull and replay API', () => {
     const users = await Promise.all(Object.entries(USERS).map(async ([username, u]) => ({
       username, ...u, password: await hashPassword(password(username), { N: 1024, r: 8, p: 1 }),
     })))
+    const apiTokens = await Promise.all(Object.entries(TOKENS).map(async ([name, t]) => ({
+      name, tenant: t.tenant, role: t.role, tokenHash: await hashPassword(t.token, { N: 1024, r: 8, p: 1 }),
+    })))
     const config = buildConfig({
       dataDir: path.join(dir, 'data'),
       users,
+      apiTokens,
       streams: {
         telemetry: { partitions: 2, retentionMs: 0 },
         // Tiny, so that one retention pass moves the log start.
@@ -532,6 +543,47 @@ describe('HTTP pull and replay API', () => {
     expect(reset.partitions[0]!.committedOffset).toBe(start)
   })
 
+  it('serves bearer tokens as their tenant, and refuses wrong, malformed and device-role ones', async () => {
+    const asToken = (name: keyof typeof TOKENS, pathAndQuery: string): Promise<Response> => call(pathAndQuery, { user: null, headers: { authorization: bearer(name) } })
+    const acme = await asToken('acme-reader', '/v1/streams')
+    expect(acme.status).toBe(200)
+    expect(await acme.json()).toEqual(await getJson('/v1/streams'))
+    const records = await asToken('acme-reader', '/v1/streams/telemetry/partitions/0/records?maxRecords=50')
+    expect(((await records.json()) as FetchBody).records).toEqual(reference.get(0)!.slice(0, 50).map(asApi))
+
+    // Tenant isolation: globex's token sees globex's log only, and cannot name acme's.
+    const globex = await asToken('globex-reader', '/v1/streams/telemetry/records?key=dev-1')
+    expect(((await globex.json()) as FetchBody).records.map((r) => r.payload)).toEqual([JSON.stringify({ secret: 'globex' })])
+    const globexStreams = (await (await asToken('globex-reader', '/v1/streams')).json()) as { tenant: string, streams: Array<{ name: string, records: number }> }
+    expect(globexStreams.tenant).toBe('globex')
+    expect(globexStreams.streams.find((s) => s.name === 'telemetry')?.records).toBe(1)
+    for (const name of ['acme%2Ftelemetry', '..%2Facme%2Ftelemetry']) {
+      await expectError(`/v1/streams/${name}/partitions/0/records`, 404, 'HTTP_UNKNOWN_STREAM', { user: null, headers: { authorization: bearer('globex-reader') } })
+    }
+    await getJson('/v1/groups/acme-only/streams/telemetry/commit', { method: 'POST', body: { offsets: [{ partition: 0, offset: 1 }] } })
+    const globexGroups = (await (await asToken('globex-reader', '/v1/groups')).json()) as { groups: Array<{ group: string }> }
+    expect(globexGroups.groups.map((g) => g.group)).not.toContain('acme-only')
+    await expectError('/v1/groups/acme-only', 404, 'HTTP_UNKNOWN_GROUP', { user: null, headers: { authorization: bearer('globex-reader') } })
+    await getJson('/v1/groups/acme-only', { method: 'DELETE' })
+
+    // Refusals, each with its challenge.
+    const wrong = await call('/v1/streams', { user: null, headers: { authorization: `Bearer ${TOKENS['acme-reader'].token.slice(0, -4)}AAAA` } })
+    expect(wrong.status).toBe(401)
+    expect(wrong.headers.get('www-authenticate')).toBe('Bearer realm="edgemq", error="invalid_token"')
+    expect(((await wrong.json()) as ErrorBody).error.code).toBe('HTTP_BAD_TOKEN')
+    await expectError('/v1/streams', 401, 'HTTP_BAD_TOKEN', { user: null, headers: { authorization: `Bearer ${generateApiToken('acme-reader')}` } })
+    await expectError('/v1/streams', 401, 'HTTP_BAD_TOKEN', { user: null, headers: { authorization: 'Bearer' } })
+    await expectError('/v1/streams', 401, 'HTTP_BAD_TOKEN', { user: null, headers: { authorization: `Bearer ${TOKENS['acme-reader'].token} x` } })
+    await expectError('/v1/streams', 401, 'HTTP_BAD_CREDENTIALS', { user: null, headers: { authorization: `Token ${TOKENS['acme-reader'].token}` } })
+    const device = await asToken('acme-sensor', '/v1/streams')
+    expect(device.status).toBe(403)
+    expect(device.headers.get('www-authenticate')).toBe('Bearer realm="edgemq", error="insufficient_scope"')
+    expect(((await device.json()) as ErrorBody).error.code).toBe('HTTP_FORBIDDEN')
+    // No credentials at all: both schemes are offered.
+    const none = await call('/v1/streams', { user: null })
+    expect(none.headers.get('www-authenticate')).toBe('Basic realm="edgemq", charset="UTF-8", Bearer realm="edgemq"')
+  })
+
   it('gives every bad request its error code and status', async () => {
     const end0 = gw.store.partitionInfo('acme/telemetry', 0).logEndOffset
     // Auth.
@@ -541,7 +593,7 @@ describe('HTTP pull and replay API', () => {
     expect(((await missing.json()) as ErrorBody).error.code).toBe('HTTP_AUTH_REQUIRED')
     await expectError('/v1/streams', 401, 'HTTP_BAD_CREDENTIALS', { user: null, headers: { authorization: basic('acme-svc', 'wrong') } })
     await expectError('/v1/streams', 401, 'HTTP_BAD_CREDENTIALS', { user: null, headers: { authorization: basic('nobody') } })
-    await expectError('/v1/streams', 401, 'HTTP_BAD_CREDENTIALS', { user: null, headers: { authorization: 'Bearer abc.def' } })
+    await expectError('/v1/streams', 401, 'HTTP_BAD_TOKEN', { user: null, headers: { authorization: 'Bearer abc.def' } })
     await expectError('/v1/streams', 401, 'HTTP_BAD_CREDENTIALS', { user: null, headers: { authorization: 'Basic !!!' } })
     await expectError('/v1/streams', 401, 'HTTP_BAD_CREDENTIALS', { user: null, headers: { authorization: `Basic ${Buffer.from('no-colon').toString('base64')}` } })
     await expectError('/v1/streams', 403, 'HTTP_FORBIDDEN', { user: 'acme-dev' })
