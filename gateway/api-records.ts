@@ -23,7 +23,9 @@ import { parseInteger, parseTime, QueryParams } from './api-params.ts'
 import { compileFilterExpression, parseJsonPayload } from './filter-expression.ts'
 import { topicFilterProblem, topicMatches } from './topics.ts'
 
-export type OutputFormat = 'json' | 'ndjson' | 'cbor'
+export type OutputFormat = 'json' | 'ndjson' | 'cbor' | 'batches'
+/** The media type of format=batches: a CBOR sequence (RFC 8742) of stored batches (api-batches.ts). */
+export const BATCHES_MEDIA_TYPE = 'application/vnd.edgemq.batches+cbor-seq'
 export type PayloadEncoding = 'utf8' | 'base64'
 
 /** Records read from the store per step; a step is one store read. */
@@ -70,11 +72,21 @@ export interface RecordsRequest {
 export function parseRecordsRequest (params: URLSearchParams, now: number, accept: string | undefined,
   groupName: (name: string) => string): RecordsRequest {
   const q = new QueryParams(params, RECORDS_PARAMETERS, ['key', 'topic'])
-  const fallbackFormat: OutputFormat = accept?.includes('application/x-ndjson') === true ? 'ndjson' : accept?.includes('application/cbor') === true ? 'cbor' : 'json'
-  const format = q.choice<OutputFormat>('format', ['json', 'ndjson', 'cbor'], fallbackFormat)
+  const fallbackFormat: OutputFormat = accept?.includes(BATCHES_MEDIA_TYPE) === true
+    ? 'batches'
+    : accept?.includes('application/x-ndjson') === true ? 'ndjson' : accept?.includes('application/cbor') === true ? 'cbor' : 'json'
+  const format = q.choice<OutputFormat>('format', ['json', 'ndjson', 'cbor', 'batches'], fallbackFormat)
   const payload = q.choice<PayloadEncoding>('payload', ['utf8', 'base64'], 'utf8')
-  if (format === 'cbor' && q.has('payload')) {
-    throw new ApiError('HTTP_BAD_REQUEST', 'payload does not apply to format=cbor: CBOR carries payloads as byte strings', { details: { parameter: 'payload' } })
+  if ((format === 'cbor' || format === 'batches') && q.has('payload')) {
+    throw new ApiError('HTTP_BAD_REQUEST', `payload does not apply to format=${format}: it carries payloads as bytes`, { details: { parameter: 'payload' } })
+  }
+  if (format === 'batches') {
+    // Stored batches go out as they are; anything that needs records decoded belongs to the other formats.
+    const decoded = (['key', 'topic', 'where', 'maxRecords'] as const).find((p) => q.has(p))
+    if (decoded !== undefined) {
+      throw new ApiError('HTTP_BAD_REQUEST', `${decoded} does not apply to format=batches, which serves stored batches whole and unfiltered; use format=ndjson, json or cbor (or endOffset to bound the range)`,
+        { details: { parameter: decoded } })
+    }
   }
 
   const starts = (['offset', 'from', 'group'] as const).filter((p) => q.has(p))
@@ -100,7 +112,7 @@ export function parseRecordsRequest (params: URLSearchParams, now: number, accep
     throw new ApiError('HTTP_BAD_RANGE', `to (${new Date(toTime).toISOString()}) is before from (${new Date(start.timestamp).toISOString()})`, { details: { parameter: 'to' } })
   }
 
-  const limits = format === 'ndjson' ? LIMITS.ndjson : LIMITS.json
+  const limits = format === 'ndjson' || format === 'batches' ? LIMITS.ndjson : LIMITS.json
   const maxRecords = q.int('maxRecords', 1, limits.maxRecords) ?? limits.defaultRecords
   const maxBytes = q.int('maxBytes', 1, limits.maxBytes) ?? limits.defaultBytes
   const waitMs = (q.int('wait', 0, MAX_WAIT_SECONDS) ?? 0) * 1000
@@ -256,7 +268,20 @@ export interface PartitionTarget {
   readonly partition: number
 }
 
-async function openReader (store: LogStore, target: PartitionTarget, req: RecordsRequest): Promise<RangeReader> {
+/**
+ * Where a read starts and ends. `fromTime` / `toTime` are set only while
+ * the time index could not place them yet (every record so far is older).
+ */
+export interface RangeBounds {
+  readonly start: number
+  /** Exclusive; Infinity when open-ended. */
+  readonly end: number
+  readonly fromTime: number | null
+  readonly toTime: number | null
+}
+
+/** Resolves the request's start and end on the partition; HTTP_OFFSET_OUT_OF_RANGE when the start lies outside the log. */
+export async function resolveBounds (store: LogStore, target: PartitionTarget, req: RecordsRequest): Promise<RangeBounds> {
   const { stream, partition } = target
   const info = store.partitionInfo(stream, partition)
   let start: number
@@ -288,7 +313,11 @@ async function openReader (store: LogStore, target: PartitionTarget, req: Record
     // Every record so far is older than `to`: the range stays open until a record at or after `to` arrives.
     if (bound !== null) { end = Math.min(end, bound); toTime = null }
   }
-  return new RangeReader(store, stream, partition, { start, end: Math.max(end, start), fromTime, toTime }, recordFilter(req))
+  return { start, end: Math.max(end, start), fromTime, toTime }
+}
+
+async function openReader (store: LogStore, target: PartitionTarget, req: RecordsRequest): Promise<RangeReader> {
+  return new RangeReader(store, target.stream, target.partition, await resolveBounds(store, target, req), recordFilter(req))
 }
 
 // ---------------------------------------------------------------- output

@@ -17,6 +17,7 @@ import { isStoreError, type LogStore, type ResetSpec, type StreamInfo } from '..
 import { ApiError, toApiError } from './api-errors.ts'
 import { parseTime, QueryParams } from './api-params.ts'
 import { ApiAuthenticator, AUTH_CHALLENGES, type Principal } from './api-auth.ts'
+import { serveBatches } from './api-batches.ts'
 import { AppendWaiters, clientGone, parseRecordsRequest, serveRecords, type PartitionTarget } from './api-records.ts'
 import type { ApiTokenConfig, UserConfig } from './config.ts'
 import { groupDoc, groupDocs, groupStreamDoc, partitionDoc, streamDoc, streamDocs, tenantGroups } from './log-documents.ts'
@@ -237,8 +238,8 @@ export function createApi (deps: ApiDeps): Api {
         throw notFound()
       }
       const request = parseRecordsRequest(url.searchParams, now(), req.headers.accept, (g) => groupId(who, g))
-      const signal = clientGone(req, res)
-      return serveRecords({ store, waiters, signal }, target, request, res)
+      const ctx = { store, waiters, signal: clientGone(req, res) }
+      return request.format === 'batches' ? serveBatches(ctx, target, request, res) : serveRecords(ctx, target, request, res)
     }
 
     if (top === 'groups') {

@@ -2,9 +2,11 @@
  * `edgemq replay` and `edgemq tail`: read a stream's records, filtered as
  * the /v1 API filters them, and write them as NDJSON, JSON or CBOR.
  *
- * Two sources give the same records: a running gateway over HTTP (the API's
- * NDJSON fetch, payloads as base64) and a stopped gateway's data directory
- * (the store, read directly). Filters are checked here before anything is
+ * Two sources give the same records: a running gateway over HTTP and a
+ * stopped gateway's data directory (the store, read directly). Over HTTP,
+ * an unfiltered read fetches the stored batches as they are
+ * (`format=batches`, decoded here by cli-batches.ts); a filtered one, the
+ * API's NDJSON with payloads as base64, filtered by the gateway. Filters are checked here before anything is
  * read, with the API's own parsers (filter-expression.ts, topics.ts,
  * api-params.ts), so both modes accept and refuse the same input.
  *
@@ -23,6 +25,7 @@ import { partitionForKey, type LogStore, type StoredRecord } from '../store/inde
 import { ApiError } from './api-errors.ts'
 import { parseTime } from './api-params.ts'
 import { CliError } from './cli-errors.ts'
+import { readBatchStream } from './cli-batches.ts'
 import { apiFailure, ndjsonLines, type ApiClient } from './cli-http.ts'
 import { streamDoc, type OfflineLog, type StreamDoc } from './cli-offline.ts'
 import { createProgress, type Progress, type ProgressStream } from './cli-progress-bar.ts'
@@ -245,7 +248,8 @@ export class RecordWriter {
 
 /** Reads one partition's range; calls `emit` per matching record and returns where the read ended. */
 export interface PartitionReader {
-  read (partition: number, emit: (r: CliRecord) => Promise<boolean>, signal?: AbortSignal): Promise<{ nextOffset: number }>
+  /** `until`: the partition's log end when the replay started; a read need not go past it (a replay is a snapshot). */
+  read (partition: number, emit: (r: CliRecord) => Promise<boolean>, signal?: AbortSignal, until?: number): Promise<{ nextOffset: number }>
 }
 
 export interface ReplaySource {
@@ -264,7 +268,14 @@ interface ApiRecordLine {
   readonly payload: string
 }
 
-interface EndLine { readonly end: { readonly nextOffset: number, readonly endOfRange: boolean } }
+interface FetchEnd {
+  readonly nextOffset: number
+  readonly endOfRange: boolean
+  readonly logEndOffset?: number
+  /** `emit` asked to stop: the response was abandoned. */
+  readonly stopped?: boolean
+}
+interface EndLine { readonly end: FetchEnd }
 interface ErrorLine { readonly error: { readonly code: string, readonly message: string } }
 
 function positionQuery (pos: Position | undefined, start: boolean): Record<string, string> {
@@ -276,35 +287,60 @@ function positionQuery (pos: Position | undefined, start: boolean): Record<strin
   }
 }
 
-/** One NDJSON fetch of a partition: records until the gateway's end line. */
+function hasFilters (filters: Filters): boolean {
+  return filters.keys.length > 0 || filters.topics.length > 0 || filters.where !== undefined
+}
+
+function storedToCli (partition: number, r: StoredRecord): CliRecord {
+  return {
+    partition, offset: r.offset, timestamp: r.timestamp, key: r.key, topic: r.topic, qos: r.qos, clientId: r.clientId,
+    headers: r.headers, payload: Buffer.from(r.payload.buffer, r.payload.byteOffset, r.payload.byteLength),
+  }
+}
+
+/**
+ * One fetch of a partition: records until the gateway's last item. Without
+ * filters, the stored batches (`format=batches`); with filters, NDJSON
+ * filtered by the gateway.
+ */
 async function fetchPartition (api: ApiClient, spec: ReadSpec, partition: number, start: Position | undefined, extra: Record<string, string>,
-  emit: (r: CliRecord) => Promise<boolean>, signal?: AbortSignal): Promise<EndLine['end']> {
-  const url = api.url(['streams', spec.stream, 'partitions', partition, 'records'], {
-    format: 'ndjson',
-    payload: 'base64',
-    ...positionQuery(start, true),
-    ...positionQuery(spec.to, false),
-    key: spec.filters.keys,
-    topic: spec.filters.topics,
-    where: spec.filters.where,
-    ...extra,
-  })
+  emit: (r: CliRecord) => Promise<boolean>, signal?: AbortSignal): Promise<FetchEnd> {
+  const batches = !hasFilters(spec.filters)
+  const range = { ...positionQuery(start, true), ...positionQuery(spec.to, false) }
+  const url = api.url(['streams', spec.stream, 'partitions', partition, 'records'], batches
+    ? { format: 'batches', ...range, ...extra }
+    : { format: 'ndjson', payload: 'base64', ...range, key: spec.filters.keys, topic: spec.filters.topics, where: spec.filters.where, ...extra })
   const controller = new AbortController()
   const onAbort = (): void => controller.abort()
   signal?.addEventListener('abort', onAbort, { once: true })
   try {
     const res = await api.request(url, { signal: controller.signal })
-    for await (const line of ndjsonLines(res)) {
-      const parsed = JSON.parse(line) as ApiRecordLine | EndLine | ErrorLine
-      if ('end' in parsed) return parsed.end
-      if ('error' in parsed) throw apiFailure(parsed.error.code, parsed.error.message)
-      const more = await emit({
-        partition, offset: parsed.offset, timestamp: parsed.timestamp, key: parsed.key, topic: parsed.topic, qos: parsed.qos,
-        clientId: parsed.clientId, headers: parsed.headers ?? null, payload: Buffer.from(parsed.payload, 'base64'),
-      })
-      if (!more) {
-        controller.abort()
-        return { nextOffset: parsed.offset + 1, endOfRange: false }
+    if (batches) {
+      if (res.body === null) throw new CliError('CLI_CUT_SHORT', `the gateway sent no body for ${spec.stream}[${partition}]`)
+      for await (const item of readBatchStream(res.body as unknown as AsyncIterable<Uint8Array>)) {
+        if (item.kind === 'end') return item.end
+        if (item.kind === 'error') throw apiFailure(item.error.code, item.error.message)
+        if (item.kind !== 'records') continue
+        for (const r of item.records) {
+          if (!await emit(storedToCli(partition, r))) {
+            controller.abort()
+            return { nextOffset: r.offset + 1, endOfRange: false, stopped: true }
+          }
+        }
+      }
+    } else {
+      for await (const line of ndjsonLines(res)) {
+        const parsed = JSON.parse(line) as ApiRecordLine | EndLine | ErrorLine
+        if ('end' in parsed) return parsed.end
+        if ('error' in parsed) throw apiFailure(parsed.error.code, parsed.error.message)
+        const more = await emit({
+          partition, offset: parsed.offset, timestamp: parsed.timestamp, key: parsed.key, topic: parsed.topic, qos: parsed.qos,
+          clientId: parsed.clientId, headers: parsed.headers ?? null, payload: Buffer.from(parsed.payload, 'base64'),
+        })
+        if (!more) {
+          controller.abort()
+          return { nextOffset: parsed.offset + 1, endOfRange: false, stopped: true }
+        }
       }
     }
     throw new CliError('CLI_CUT_SHORT', `the gateway ended the response for ${spec.stream}[${partition}] before its last line (did it stop?)`)
@@ -320,9 +356,15 @@ export function httpSource (api: ApiClient): ReplaySource {
     },
     reader (spec) {
       return {
-        async read (partition, emit, signal) {
-          const end = await fetchPartition(api, spec, partition, spec.from, {}, emit, signal)
-          return { nextOffset: end.nextOffset }
+        async read (partition, emit, signal, until = 0) {
+          // One fetch reads up to the log end, unless the gateway ended a batches response early (a `to` it placed
+          // meanwhile): then go on from where it stopped, up to the snapshot's end.
+          let start = spec.from
+          for (;;) {
+            const end = await fetchPartition(api, spec, partition, start, {}, emit, signal)
+            if (end.stopped === true || end.endOfRange || end.nextOffset >= until || (signal?.aborted ?? false)) return { nextOffset: end.nextOffset }
+            start = { kind: 'offset', offset: end.nextOffset }
+          }
         },
       }
     },
@@ -444,7 +486,7 @@ export async function replay (source: ReplaySource, spec: ReadSpec, output: Outp
         progress.advance(r.offset + 1 - position, 1, bytes)
         position = r.offset + 1
         return sink.open && !(io.signal?.aborted ?? false) && (spec.maxRecords === undefined || writer.count < spec.maxRecords)
-      }, io.signal)
+      }, io.signal, end)
       if (position === null) progress.addTotal(-Math.max(0, end - planned))
       else progress.advance(Math.max(0, Math.min(done.nextOffset, end) - position), 0, 0)
       if (!sink.open || (io.signal?.aborted ?? false) || (spec.maxRecords !== undefined && writer.count >= spec.maxRecords)) break

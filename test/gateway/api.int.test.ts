@@ -8,14 +8,14 @@
  */
 import os from 'node:os'
 import path from 'node:path'
-import { decode as decodeCbor } from 'cbor-x'
+import { decode as decodeCbor, decodeMultiple } from 'cbor-x'
 import mqtt, { type MqttClient } from 'mqtt'
 import { pino } from 'pino'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { generateApiToken, hashPassword } from '../../gateway/auth.ts'
 import { buildConfig } from '../../gateway/config.ts'
 import { startGateway, type Gateway } from '../../gateway/gateway.ts'
-import type { StoredRecord } from '../../store/index.ts'
+import { decodeStoredBatch, type StoredRecord } from '../../store/index.ts'
 import { tempDir } from '../helpers/gateway-process.ts'
 import { metricValue, sleep } from '../helpers/mqtt-probe.ts'
 
@@ -291,6 +291,79 @@ describe('HTTP pull and replay API', () => {
     const viaAccept = await call(`/v1/streams/telemetry/partitions/${p}/records?maxRecords=1`, { headers: { accept: 'application/x-ndjson' } })
     expect(viaAccept.headers.get('content-type')).toMatch(/^application\/x-ndjson/)
     await viaAccept.text()
+  })
+
+  /** A format=batches body read as the README tells a client to: a CBOR sequence of head, stored batches, end. */
+  function decodeBatchesBody (body: Buffer): { head: { fromOffset: number, endOffset: number | null }, batches: Buffer[], records: StoredRecord[], last: Record<string, Record<string, unknown>> } {
+    const items = decodeMultiple(body) as unknown[]
+    const head = items[0] as { stream: string, partition: number, fromOffset: number, endOffset: number | null }
+    const batches = items.slice(1, -1).map((b) => Buffer.from(b as Uint8Array))
+    const records = batches.flatMap((b) => decodeStoredBatch(b)).filter((r) => r.offset >= head.fromOffset && (head.endOffset === null || r.offset < head.endOffset))
+    return { head, batches, records, last: items.at(-1) as Record<string, Record<string, unknown>> }
+  }
+
+  it('serves the stored batches unchanged (format=batches), holding exactly the records of the JSON format, also from and to inside a batch', async () => {
+    for (const p of [0, 1]) {
+      const { batches: stored } = await gw.store.readBatches('acme/telemetry', p, 0, { maxBytes: 64 << 20 })
+      const logEnd = gw.store.partitionInfo('acme/telemetry', p).logEndOffset
+      expect(stored.length).toBeGreaterThanOrEqual(2)
+      const second = stored[1]!
+      expect(second.count).toBeGreaterThan(10)
+      const inSecond = second.baseOffset + 3
+      const ranges = [
+        '', `offset=${inSecond}`, `offset=${inSecond}&endOffset=${inSecond + 5}`, `offset=1&endOffset=${logEnd - 1}`,
+        `from=${phaseStart[1]!}&to=${phaseStart[2]!}`, `from=${phaseStart[2]!}`, 'offset=latest', `offset=${second.baseOffset}&endOffset=${second.baseOffset + second.count}`,
+      ]
+      for (const range of ranges) {
+        const res = await call(`/v1/streams/telemetry/partitions/${p}/records?format=batches&${range}`)
+        expect(res.status, range).toBe(200)
+        expect(res.headers.get('content-type')).toBe('application/vnd.edgemq.batches+cbor-seq')
+        const got = decodeBatchesBody(Buffer.from(await res.arrayBuffer()))
+        const json = await getJson<FetchBody>(`/v1/streams/telemetry/partitions/${p}/records?maxRecords=100000&maxBytes=67108864${range === '' ? '' : `&${range}`}`)
+        expect(got.records.map(asApi), range).toEqual(json.records)
+        expect(got.last, range).toEqual({
+          end: { stream: 'telemetry', partition: p, nextOffset: json.nextOffset, logStartOffset: 0, logEndOffset: logEnd, endOfRange: json.endOfRange, records: json.records.length, batches: got.batches.length, bytes: got.batches.reduce((n, b) => n + b.length, 0) },
+        })
+        // Byte for byte what the log holds, whole batches: the first may start before fromOffset, the last run past endOffset.
+        for (const b of got.batches) {
+          const same = stored.find((s) => s.baseOffset === decodeStoredBatch(b)[0]!.offset)!
+          expect(Buffer.compare(b, same.bytes)).toBe(0)
+        }
+        if (json.records.length > 0) expect(got.head.fromOffset).toBe(json.records[0]!.offset)
+      }
+      // The head states the range when the start or end falls inside a batch.
+      const mid = decodeBatchesBody(Buffer.from(await (await call(`/v1/streams/telemetry/partitions/${p}/records?format=batches&offset=${inSecond}&endOffset=${inSecond + 5}`)).arrayBuffer()))
+      expect(mid.head).toEqual({ stream: 'telemetry', partition: p, fromOffset: inSecond, endOffset: inSecond + 5 })
+      expect(mid.batches).toHaveLength(1)
+      // maxBytes bounds the batch bytes: whole batches, at least one.
+      const one = decodeBatchesBody(Buffer.from(await (await call(`/v1/streams/telemetry/partitions/${p}/records?format=batches&offset=${inSecond}&maxBytes=1`)).arrayBuffer()))
+      expect(one.records.map((r) => r.offset)).toEqual(Array.from({ length: second.count - 3 }, (_, i) => inSecond + i))
+      expect(one.last.end).toMatchObject({ nextOffset: second.baseOffset + second.count, endOfRange: false, batches: 1 })
+    }
+    // Accept chooses the format too.
+    const viaAccept = await call('/v1/streams/telemetry/partitions/0/records?offset=latest', { headers: { accept: 'application/vnd.edgemq.batches+cbor-seq' } })
+    expect(viaAccept.headers.get('content-type')).toBe('application/vnd.edgemq.batches+cbor-seq')
+    await viaAccept.arrayBuffer()
+  })
+
+  it('long-polls format=batches, and refuses what needs decoded records', async () => {
+    const start = gw.store.partitionInfo('acme/commands', 0).logEndOffset
+    const pending = call('/v1/streams/commands/partitions/0/records?format=batches&offset=latest&wait=20').then(async (r) => decodeBatchesBody(Buffer.from(await r.arrayBuffer())))
+    await sleep(200)
+    const publisher = await connect('acme-svc', 'acme-batches-publisher')
+    await publisher.publishAsync('devices/dev-3/commands/reboot', JSON.stringify({ at: 1 }), { qos: 1 })
+    const got = await pending
+    expect(got.head.fromOffset).toBe(start)
+    expect(got.records.map((r) => [r.offset, Buffer.from(r.payload).toString()])).toEqual([[start, JSON.stringify({ at: 1 })]])
+    expect(got.last.end).toMatchObject({ nextOffset: start + 1, records: 1, endOfRange: false })
+
+    for (const q of ['key=dev-1', 'topic=devices/%2B/telemetry/%23', 'where=temp%20%3E%201', 'maxRecords=10', 'payload=base64']) {
+      const err = await expectError(`/v1/streams/telemetry/partitions/0/records?format=batches&${q}`, 400, 'HTTP_BAD_REQUEST')
+      expect(err.parameter).toBe(q.slice(0, q.indexOf('=')))
+    }
+    await expectError('/v1/streams/telemetry/records?key=dev-1&format=batches', 400, 'HTTP_BAD_REQUEST')
+    const end = gw.store.partitionInfo('acme/telemetry', 0).logEndOffset
+    await expectError(`/v1/streams/telemetry/partitions/0/records?format=batches&offset=${end + 1}`, 416, 'HTTP_OFFSET_OUT_OF_RANGE')
   })
 
   it('fetches a time range through the time index: from the first record at or after `from` to the first at or after `to`', async () => {
