@@ -115,32 +115,24 @@ function isMap (value: unknown): value is Record<string, unknown> {
   return value !== null && typeof value === 'object' && !Array.isArray(value) && !(value instanceof Uint8Array)
 }
 
-/** The items of a `format=batches` response body, as its bytes arrive. */
-export async function * readBatchStream (body: AsyncIterable<Uint8Array>): AsyncGenerator<BatchStreamItem> {
+/**
+ * The items of a CBOR sequence as its bytes arrive: byte strings as their
+ * bytes (a view, not a copy, when they arrived in one chunk), anything else
+ * decoded. Bytes that do not complete an item by the end are dropped (a
+ * cut-off stream simply ends).
+ */
+export async function * cborSequence (body: AsyncIterable<Uint8Array>): AsyncGenerator<{ readonly bytes: Buffer } | { readonly value: unknown }> {
   const queue = new ChunkQueue()
-  let head: BatchStreamHead | null = null
-  let expected = 0
-  let done = false
   for await (const chunk of body) {
     queue.push(chunk)
     while (queue.length > 0) {
-      if (done) throw malformed('bytes after the last item')
       const first = queue.contiguous(Math.min(queue.length, 9))
       if ((first[0] as number) >> 5 === 2) {
         const h = itemHead(first, 0)
         if (h === null || queue.length < h[0] + h[1]) break
-        if (head === null) throw malformed('a batch before the head')
-        const batch = queue.contiguous(h[0] + h[1]).subarray(h[0], h[0] + h[1])
+        const bytes = queue.contiguous(h[0] + h[1]).subarray(h[0], h[0] + h[1])
         queue.consume(h[0] + h[1])
-        const records = decodeStoredBatch(batch, { stream: head.stream, partition: head.partition })
-        const base = records[0]?.offset ?? expected
-        if (base > expected || base + records.length <= expected || (expected > head.fromOffset && base !== expected)) {
-          throw malformed(`batch at base offset ${base} (${records.length} records) does not continue at offset ${expected}`)
-        }
-        expected = base + records.length
-        const from = Math.max(0, head.fromOffset - base)
-        const to = head.endOffset === null ? records.length : Math.max(from, Math.min(records.length, head.endOffset - base))
-        yield { kind: 'records', records: from === 0 && to === records.length ? records : records.slice(from, to) }
+        yield { bytes }
         continue
       }
       const all = queue.contiguous(queue.length)
@@ -148,23 +140,48 @@ export async function * readBatchStream (body: AsyncIterable<Uint8Array>): Async
       if (endAt < 0) break
       const value: unknown = decodeCbor(all.subarray(0, endAt))
       queue.consume(endAt)
-      if (!isMap(value)) throw malformed('an item that is neither a map nor a batch')
-      if (head === null) {
-        if (typeof value.fromOffset !== 'number' || typeof value.partition !== 'number' || typeof value.stream !== 'string' || (value.endOffset !== null && typeof value.endOffset !== 'number')) {
-          throw malformed('the first item is not the head {stream, partition, fromOffset, endOffset}')
-        }
-        head = { stream: value.stream, partition: value.partition, fromOffset: value.fromOffset, endOffset: value.endOffset as number | null }
-        expected = head.fromOffset
-        yield { kind: 'head', head }
-      } else if (isMap(value.end)) {
-        done = true
-        yield { kind: 'end', end: value.end as unknown as BatchStreamEnd }
-      } else if (isMap(value.error)) {
-        done = true
-        yield { kind: 'error', error: { code: String(value.error.code), message: String(value.error.message) } }
-      } else {
-        throw malformed('a map item that is neither the head, the end nor an error')
+      yield { value }
+    }
+  }
+}
+
+/** The items of a `format=batches` response body, as its bytes arrive. */
+export async function * readBatchStream (body: AsyncIterable<Uint8Array>): AsyncGenerator<BatchStreamItem> {
+  let head: BatchStreamHead | null = null
+  let expected = 0
+  let done = false
+  for await (const item of cborSequence(body)) {
+    if (done) throw malformed('bytes after the last item')
+    if ('bytes' in item) {
+      if (head === null) throw malformed('a batch before the head')
+      const records = decodeStoredBatch(item.bytes, { stream: head.stream, partition: head.partition })
+      const base = records[0]?.offset ?? expected
+      if (base > expected || base + records.length <= expected || (expected > head.fromOffset && base !== expected)) {
+        throw malformed(`batch at base offset ${base} (${records.length} records) does not continue at offset ${expected}`)
       }
+      expected = base + records.length
+      const from = Math.max(0, head.fromOffset - base)
+      const to = head.endOffset === null ? records.length : Math.max(from, Math.min(records.length, head.endOffset - base))
+      yield { kind: 'records', records: from === 0 && to === records.length ? records : records.slice(from, to) }
+      continue
+    }
+    const value = item.value
+    if (!isMap(value)) throw malformed('an item that is neither a map nor a batch')
+    if (head === null) {
+      if (typeof value.fromOffset !== 'number' || typeof value.partition !== 'number' || typeof value.stream !== 'string' || (value.endOffset !== null && typeof value.endOffset !== 'number')) {
+        throw malformed('the first item is not the head {stream, partition, fromOffset, endOffset}')
+      }
+      head = { stream: value.stream, partition: value.partition, fromOffset: value.fromOffset, endOffset: value.endOffset as number | null }
+      expected = head.fromOffset
+      yield { kind: 'head', head }
+    } else if (isMap(value.end)) {
+      done = true
+      yield { kind: 'end', end: value.end as unknown as BatchStreamEnd }
+    } else if (isMap(value.error)) {
+      done = true
+      yield { kind: 'error', error: { code: String(value.error.code), message: String(value.error.message) } }
+    } else {
+      throw malformed('a map item that is neither the head, the end nor an error')
     }
   }
 }
