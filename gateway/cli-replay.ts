@@ -26,6 +26,7 @@ import { ApiError } from './api-errors.ts'
 import { parseTime } from './api-params.ts'
 import { CliError } from './cli-errors.ts'
 import { readBatchStream } from './cli-batches.ts'
+import { RecordJson } from './record-json.ts'
 import { apiFailure, ndjsonLines, type ApiClient } from './cli-http.ts'
 import { streamDoc, type OfflineLog, type StreamDoc } from './cli-offline.ts'
 import { createProgress, type Progress, type ProgressStream } from './cli-progress-bar.ts'
@@ -151,17 +152,25 @@ const cbor = new Encoder({ useRecords: false, mapsAsObjects: true, variableMapSi
 
 /** One record as a JSON object: the API's record layout, with `partition` first. */
 export function recordJson (r: CliRecord, payload: PayloadEncoding): string {
-  const body = payload === 'base64' ? `"${r.payload.toString('base64')}"` : JSON.stringify(r.payload.toString('utf8'))
-  const headers = r.headers === null ? '' : `,"headers":${JSON.stringify(r.headers)}`
-  return `{"partition":${r.partition},"offset":${r.offset},"timestamp":${r.timestamp},"key":${JSON.stringify(r.key)},"topic":${JSON.stringify(r.topic)},` +
-    `"qos":${r.qos},"clientId":${JSON.stringify(r.clientId)}${headers},"payload":${body}}`
+  return new RecordJson(payload).encode([r as unknown as StoredRecord], 0x0a, true, r.partition).toString('utf8')
 }
 
-/** Writes to stdout or a file with backpressure; a reader that went away (EPIPE) ends the run quietly. */
+/**
+ * Writes to stdout or a file with backpressure; a reader that went away
+ * (EPIPE) ends the run quietly. Small writes (one per record) are gathered
+ * into chunks of up to SINK_CHUNK_BYTES, written when a chunk is full or
+ * once the event loop turns (so `tail` still prints each record at once):
+ * one stream write per record cost a replay as much as decoding it.
+ */
+const SINK_CHUNK_BYTES = 64 * 1024
+
 export class OutputSink {
   #closed = false
   #error: Error | null = null
   readonly #ownsStream: boolean
+  #pending: Array<string | Uint8Array> = []
+  #pendingBytes = 0
+  #flushScheduled = false
 
   private constructor (private readonly stream: NodeJS.WritableStream, owns: boolean) {
     this.#ownsStream = owns
@@ -190,7 +199,26 @@ export class OutputSink {
 
   async write (chunk: string | Uint8Array): Promise<void> {
     if (this.#closed) return
-    if (!this.stream.write(chunk)) {
+    this.#pending.push(chunk)
+    this.#pendingBytes += typeof chunk === 'string' ? chunk.length : chunk.byteLength
+    if (this.#pendingBytes >= SINK_CHUNK_BYTES) {
+      await this.#flush()
+    } else if (!this.#flushScheduled) {
+      this.#flushScheduled = true
+      setImmediate(() => { this.#flushScheduled = false; void this.#flush() })
+    }
+  }
+
+  /** Writes what was gathered; resolves once the stream can take more. */
+  async #flush (): Promise<void> {
+    if (this.#pending.length === 0 || this.#closed) return
+    const parts = this.#pending
+    this.#pending = []
+    this.#pendingBytes = 0
+    const data = parts.every((p) => typeof p === 'string')
+      ? parts.join('')
+      : Buffer.concat(parts.map((p) => typeof p === 'string' ? Buffer.from(p) : p))
+    if (!this.stream.write(data)) {
       await new Promise<void>((resolve) => {
         const done = (): void => { this.stream.off('drain', done); this.stream.off('error', done); resolve() }
         this.stream.once('drain', done)
@@ -201,6 +229,7 @@ export class OutputSink {
 
   /** Ends a file; for stdout, waits until what was written has reached the OS, since `edgemq` ends with process.exit. */
   async close (): Promise<void> {
+    await this.#flush()
     if (this.#ownsStream && !this.#closed) {
       this.stream.end()
       await once(this.stream, 'finish').catch(() => {})
@@ -214,29 +243,59 @@ export class OutputSink {
   }
 }
 
+const JSON_OPEN = Buffer.from('[\n')
+const JSON_NEXT = Buffer.from(',\n')
+const SCRATCH_BYTES = 256 * 1024
+
 /** Frames records in the chosen format. */
 export class RecordWriter {
   #count = 0
-  constructor (private readonly sink: OutputSink, private readonly format: OutputFormat, private readonly payload: PayloadEncoding) {}
+  readonly #json: RecordJson
+  /** NDJSON and JSON records are written into this and handed to the sink as views, not one buffer each. */
+  #scratch = Buffer.allocUnsafe(SCRATCH_BYTES)
+  #at = 0
+
+  constructor (private readonly sink: OutputSink, private readonly format: OutputFormat, payload: PayloadEncoding) {
+    this.#json = new RecordJson(payload)
+  }
 
   get count (): number { return this.#count }
 
+  /** Writes one record; returns its size in the output, in bytes. */
   async write (r: CliRecord): Promise<number> {
-    let chunk: string | Uint8Array
-    switch (this.format) {
-      case 'ndjson': chunk = `${recordJson(r, this.payload)}\n`; break
-      case 'json': chunk = `${this.#count === 0 ? '[\n' : ',\n'}${recordJson(r, this.payload)}`; break
-      case 'cbor': {
-        const doc: Record<string, unknown> = { partition: r.partition, offset: r.offset, timestamp: r.timestamp, key: r.key, topic: r.topic, qos: r.qos, clientId: r.clientId }
-        if (r.headers !== null) doc.headers = r.headers
-        doc.payload = r.payload
-        chunk = cbor.encode(doc)
-        break
+    let chunk: Uint8Array
+    if (this.format === 'cbor') {
+      const doc: Record<string, unknown> = { partition: r.partition, offset: r.offset, timestamp: r.timestamp, key: r.key, topic: r.topic, qos: r.qos, clientId: r.clientId }
+      if (r.headers !== null) doc.headers = r.headers
+      doc.payload = r.payload
+      chunk = cbor.encode(doc)
+    } else {
+      const record = r as unknown as StoredRecord
+      if (this.format === 'json') this.#put(this.#count === 0 ? JSON_OPEN : JSON_NEXT)
+      const start = this.#at
+      let end = this.#json.encodeInto(this.#scratch, start, record, this.format === 'ndjson' ? 0x0a : null, r.partition)
+      if (end < 0) {
+        this.#scratch = Buffer.allocUnsafe(Math.max(SCRATCH_BYTES, 2 * this.#scratch.length))
+        this.#at = 0
+        end = this.#json.encodeInto(this.#scratch, 0, record, this.format === 'ndjson' ? 0x0a : null, r.partition)
+        while (end < 0) {
+          this.#scratch = Buffer.allocUnsafe(2 * this.#scratch.length)
+          end = this.#json.encodeInto(this.#scratch, 0, record, this.format === 'ndjson' ? 0x0a : null, r.partition)
+        }
       }
+      chunk = this.#scratch.subarray(this.#at, end)
+      this.#at = end
     }
     this.#count++
     await this.sink.write(chunk)
-    return typeof chunk === 'string' ? Buffer.byteLength(chunk) : chunk.byteLength
+    return chunk.byteLength
+  }
+
+  #put (bytes: Buffer): void {
+    if (this.#at + bytes.length > this.#scratch.length) { this.#scratch = Buffer.allocUnsafe(SCRATCH_BYTES); this.#at = 0 }
+    bytes.copy(this.#scratch, this.#at)
+    void this.sink.write(this.#scratch.subarray(this.#at, this.#at + bytes.length))
+    this.#at += bytes.length
   }
 
   async finish (): Promise<void> {
@@ -313,18 +372,20 @@ async function fetchPartition (api: ApiClient, spec: ReadSpec, partition: number
   const controller = new AbortController()
   const onAbort = (): void => controller.abort()
   signal?.addEventListener('abort', onAbort, { once: true })
+  // When `emit` asks to stop, the loops are left first (closing the body), and the request aborted after.
+  let stopped: FetchEnd | null = null
   try {
     const res = await api.request(url, { signal: controller.signal })
     if (batches) {
       if (res.body === null) throw new CliError('CLI_CUT_SHORT', `the gateway sent no body for ${spec.stream}[${partition}]`)
-      for await (const item of readBatchStream(res.body as unknown as AsyncIterable<Uint8Array>)) {
+      items: for await (const item of readBatchStream(res.body as unknown as AsyncIterable<Uint8Array>)) {
         if (item.kind === 'end') return item.end
         if (item.kind === 'error') throw apiFailure(item.error.code, item.error.message)
         if (item.kind !== 'records') continue
         for (const r of item.records) {
           if (!await emit(storedToCli(partition, r))) {
-            controller.abort()
-            return { nextOffset: r.offset + 1, endOfRange: false, stopped: true }
+            stopped = { nextOffset: r.offset + 1, endOfRange: false, stopped: true }
+            break items
           }
         }
       }
@@ -338,14 +399,16 @@ async function fetchPartition (api: ApiClient, spec: ReadSpec, partition: number
           clientId: parsed.clientId, headers: parsed.headers ?? null, payload: Buffer.from(parsed.payload, 'base64'),
         })
         if (!more) {
-          controller.abort()
-          return { nextOffset: parsed.offset + 1, endOfRange: false, stopped: true }
+          stopped = { nextOffset: parsed.offset + 1, endOfRange: false, stopped: true }
+          break
         }
       }
     }
+    if (stopped !== null) return stopped
     throw new CliError('CLI_CUT_SHORT', `the gateway ended the response for ${spec.stream}[${partition}] before its last line (did it stop?)`)
   } finally {
     signal?.removeEventListener('abort', onAbort)
+    if (stopped !== null) controller.abort()
   }
 }
 

@@ -51,6 +51,8 @@ interface Middle {
 export class RecordJson {
   /** The `,"key":…,"topic":…,"qos":…,"clientId":…` part, by topic (a device's topic names it). */
   readonly #middles = new Map<string, Middle>()
+  /** `{"partition":P,"offset":`, by partition (the command line's records name their partition first). */
+  readonly #openings = new Map<number, Buffer>()
 
   constructor (private readonly encoding: PayloadEncoding) {}
 
@@ -65,61 +67,84 @@ export class RecordJson {
     return m
   }
 
+  #opening (partition: number | undefined): Buffer {
+    if (partition === undefined) return OFFSET
+    let opening = this.#openings.get(partition)
+    if (opening === undefined) {
+      opening = Buffer.from(`{"partition":${partition},"offset":`, 'latin1')
+      this.#openings.set(partition, opening)
+    }
+    return opening
+  }
+
   /**
    * The records' JSON, each followed by `separator` (a newline for NDJSON),
-   * or between them when `between` is set (a JSON array's commas).
+   * or between them when `between` is set (a JSON array's commas). With
+   * `partition`, each record starts with `"partition":P`.
    */
-  encode (records: readonly StoredRecord[], separator: 0x0a | 0x2c = 0x0a, between = false): Buffer {
-    let room = 0
-    for (const r of records) room += FIXED_BYTES + 6 * r.payload.byteLength
-    let out = Buffer.allocUnsafe(room + 1024)
+  encode (records: readonly StoredRecord[], separator: 0x0a | 0x2c = 0x0a, between = false, partition?: number): Buffer {
+    let room = 1024
+    for (const r of records) room += FIXED_BYTES + 32 + 6 * r.payload.byteLength
+    let out = Buffer.allocUnsafe(room)
     let at = 0
-    const ensure = (n: number): void => {
-      if (at + n <= out.length) return
-      const bigger = Buffer.allocUnsafe(Math.max(out.length * 2, at + n))
-      out.copy(bigger, 0, 0, at)
-      out = bigger
-    }
-    const text = (s: string): void => {
-      ensure(Buffer.byteLength(s))
-      at += out.write(s, at)
-    }
     for (let i = 0; i < records.length; i++) {
-      const r = records[i] as StoredRecord
-      const middle = this.#middle(r)
-      ensure(FIXED_BYTES + middle.withPayload.length)
-      // TypedArray#set, not Buffer#copy: these copies are a few bytes each, and copy()'s argument checks cost more.
-      out.set(OFFSET, at)
-      at = writeNumber(out, at + OFFSET.length, r.offset)
-      out.set(TIMESTAMP, at)
-      at += TIMESTAMP.length
-      if (Number.isSafeInteger(r.timestamp) && r.timestamp >= 0) at = writeNumber(out, at, r.timestamp)
-      else at += out.write(JSON.stringify(r.timestamp), at, 'latin1')
-      if (r.headers === null) {
-        out.set(middle.withPayload, at)
-        at += middle.withPayload.length
-      } else {
-        out.set(middle.bytes, at)
-        at += middle.bytes.length
-        text(`,"headers":${JSON.stringify(r.headers)}`)
-        ensure(PAYLOAD.length)
-        out.set(PAYLOAD, at)
-        at += PAYLOAD.length
+      const sep = !between || i < records.length - 1 ? separator : null
+      let end = this.encodeInto(out, at, records[i] as StoredRecord, sep, partition)
+      while (end < 0) {
+        const bigger = Buffer.allocUnsafe(out.length * 2)
+        out.copy(bigger, 0, 0, at)
+        out = bigger
+        end = this.encodeInto(out, at, records[i] as StoredRecord, sep, partition)
       }
-      const p = r.payload
-      if (this.encoding === 'base64') {
-        text(`"${Buffer.from(p.buffer, p.byteOffset, p.byteLength).toString('base64')}"`)
-      } else if (isUtf8(p)) {
-        ensure(6 * p.byteLength + 2)
-        at = writeEscaped(out, at, p)
-      } else {
-        text(JSON.stringify(Buffer.from(p.buffer, p.byteOffset, p.byteLength).toString('utf8')))
-      }
-      ensure(2)
-      out[at++] = 0x7d // }
-      if (!between || i < records.length - 1) out[at++] = separator
+      at = end
     }
     return out.subarray(0, at)
+  }
+
+  /**
+   * Writes one record's JSON (and `separator`, unless null) into `out` at
+   * `at`; returns where it ends, or -1 when `out` has not enough room
+   * (nothing of the record counts then).
+   */
+  encodeInto (out: Buffer, at: number, r: StoredRecord, separator: number | null, partition?: number): number {
+    const opening = this.#opening(partition)
+    const middle = this.#middle(r)
+    const p = r.payload
+    // Everything that is not a plain UTF-8 payload goes through JSON.stringify (or base64) first, to know its size.
+    const headers = r.headers === null ? null : Buffer.from(`,"headers":${JSON.stringify(r.headers)}`, 'utf8')
+    const plain = this.encoding === 'utf8' && isUtf8(p)
+    const payload = plain
+      ? null
+      : Buffer.from(this.encoding === 'base64' ? `"${Buffer.from(p.buffer, p.byteOffset, p.byteLength).toString('base64')}"` : JSON.stringify(Buffer.from(p.buffer, p.byteOffset, p.byteLength).toString('utf8')), 'utf8')
+    const need = FIXED_BYTES + opening.length + middle.withPayload.length + (headers?.length ?? 0) + (payload?.length ?? 6 * p.byteLength + 2)
+    if (at + need > out.length) return -1
+    // TypedArray#set, not Buffer#copy: these copies are a few bytes each, and copy()'s argument checks cost more.
+    out.set(opening, at)
+    at = writeNumber(out, at + opening.length, r.offset)
+    out.set(TIMESTAMP, at)
+    at += TIMESTAMP.length
+    if (Number.isSafeInteger(r.timestamp) && r.timestamp >= 0) at = writeNumber(out, at, r.timestamp)
+    else at += out.write(JSON.stringify(r.timestamp), at, 'latin1')
+    if (headers === null) {
+      out.set(middle.withPayload, at)
+      at += middle.withPayload.length
+    } else {
+      out.set(middle.bytes, at)
+      at += middle.bytes.length
+      out.set(headers, at)
+      at += headers.length
+      out.set(PAYLOAD, at)
+      at += PAYLOAD.length
+    }
+    if (payload === null) {
+      at = writeEscaped(out, at, p)
+    } else {
+      out.set(payload, at)
+      at += payload.length
+    }
+    out[at++] = 0x7d // }
+    if (separator !== null) out[at++] = separator
+    return at
   }
 }
 

@@ -146,6 +146,15 @@ describe('edgemq replay, tail, streams and groups', () => {
     expect(run.code, run.stderr).toBe(0)
     expect(lines(run.stdout)).toEqual(expected([1], (r) => r.offset >= 100 && r.offset < 250))
     expect(lines(run.stdout)).toHaveLength(150)
+    // --max-records ends a replay early, stored batches or filtered NDJSON alike.
+    const [first5, first5Filtered] = await Promise.all([
+      edgemq(['replay', '--stream', 'telemetry', '--partition', '1', '--from', '100', '--max-records', '5', ...auth]),
+      edgemq(['replay', '--stream', 'telemetry', '--partition', '1', '--from', '100', '--max-records', '5', '--topic', '#', ...auth]),
+    ])
+    for (const r of [first5, first5Filtered]) {
+      expect({ code: r.code, stderr: r.stderr }).toEqual({ code: 0, stderr: '' })
+      expect(lines(r.stdout)).toEqual(expected([1], (x) => x.offset >= 100 && x.offset < 105))
+    }
   })
 
   it('replays a time range, given as ISO 8601 or @epoch ms, through every partition', async () => {
