@@ -35,7 +35,8 @@
  * server's CPU (all threads) over each fetch is in params.
  *
  * Arguments: figure names (`store http`, default both), `--quick` (a tenth
- * of the records), `--rounds=N`. `--profile[=ndjson|batches]`: instead of
+ * of the records), `--rounds=N`, `--edgemq=PATH` (another checkout's
+ * gateway/edgemq.mjs to serve the HTTP figures, to compare a change). `--profile[=ndjson|batches]`: instead of
  * the figures, fetch the log three times from an edgemq run with `node
  * --cpu-prof` and print where its main thread spent the time (the
  * .cpuprofile is kept in a temp directory, or `--profile-dir=DIR`).
@@ -62,6 +63,8 @@ if (!Number.isSafeInteger(ROUNDS) || ROUNDS < 1) throw new Error('--rounds must 
 const PROFILE = argv.some((a) => a === '--profile' || a.startsWith('--profile='))
 const PROFILE_FORMAT = flag('profile') ?? 'ndjson'
 if (PROFILE && PROFILE_FORMAT !== 'ndjson' && PROFILE_FORMAT !== 'batches') throw new Error('--profile takes ndjson or batches')
+/** Another checkout's gateway/edgemq.mjs to serve the HTTP figures instead of this one's. */
+const EDGEMQ_BIN = flag('edgemq') === undefined ? undefined : path.resolve(flag('edgemq') as string)
 const FIGURES = ['store', 'http'] as const
 const selected = argv.filter((a) => !a.startsWith('--'))
 for (const name of selected) {
@@ -230,7 +233,7 @@ const recordsUrl = (broker: RunningBroker, format: 'ndjson' | 'batches'): string
 
 async function httpFigures (dataDir: string, rawDir: string, storedBatches: number): Promise<void> {
   const plain = await startPlainServer(rawDir)
-  const edgemq = await startEdgemq(dataDir)
+  const edgemq = await startEdgemq(dataDir, [], EDGEMQ_BIN)
   const results = { ndjson: [] as Fetched[], plainNdjson: [] as Fetched[], batches: [] as Fetched[], plainValues: [] as Fetched[] }
   try {
     for (let r = 0; r < ROUNDS; r++) {
@@ -264,7 +267,7 @@ async function httpFigures (dataDir: string, rawDir: string, storedBatches: numb
     bench: 'replay.http.ndjson', unit: 'records/s', value: median(rates(results.ndjson)),
     baseline: 'plain node:http server: raw classic-level iterator, cbor-decode, JSON.stringify per record, one write per 1000 records',
     baselineValue: median(rates(results.plainNdjson)), better: 'higher',
-    params: { ...common, payload: 'utf8', responseBytes: results.ndjson[0]!.bytes, ...perRound(results.ndjson, results.plainNdjson), target: '>= 300 k records/s' },
+    params: { ...common, edgemq: EDGEMQ_BIN ?? 'this checkout', payload: 'utf8', responseBytes: results.ndjson[0]!.bytes, ...perRound(results.ndjson, results.plainNdjson), target: '>= 300 k records/s' },
   })
   report({
     bench: 'replay.http.batches', unit: 'records/s', value: median(rates(results.batches)),
