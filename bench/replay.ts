@@ -41,7 +41,6 @@
  * --cpu-prof` and print where its main thread spent the time (the
  * .cpuprofile is kept in a temp directory, or `--profile-dir=DIR`).
  */
-import { spawn } from 'node:child_process'
 import { mkdtemp, readdir } from 'node:fs/promises'
 import http from 'node:http'
 import os from 'node:os'
@@ -50,7 +49,7 @@ import { fileURLToPath } from 'node:url'
 import { READ_CHUNK_RECORDS } from '../gateway/api-records.ts'
 import { cborSequence, readBatchStream } from '../gateway/cli-batches.ts'
 import type { LogStore } from '../store/index.ts'
-import { processCpuSeconds, startEdgemq, type RunningBroker } from './lib/brokers.ts'
+import { processCpuSeconds, startEdgemq, startListeningChild, type RunningBroker } from './lib/brokers.ts'
 import { formatProfileSummary, summarizeCpuProfile } from './lib/cpu-profile.ts'
 import { LogFixture, cbor, check, openRaw, openStore, type CommitTally } from './lib/log-fixture.ts'
 import { TempDirs, info, median, report, round } from './lib/report.ts'
@@ -154,18 +153,8 @@ async function storeFigures (dataDir: string, rawDir: string): Promise<void> {
 interface PlainServer { readonly url: string, readonly pid: number, stop (): Promise<void> }
 
 async function startPlainServer (rawDir: string): Promise<PlainServer> {
-  const child = spawn(process.execPath, ['--import', 'tsx', path.join(here, 'lib/plain-replay-server.ts'), rawDir], { stdio: ['ignore', 'pipe', 'inherit'] })
-  const port = await new Promise<number>((resolve, reject) => {
-    let out = ''
-    child.stdout.on('data', (d: Buffer) => {
-      out += d.toString()
-      const m = /listening on (\d+)/.exec(out)
-      if (m !== null) resolve(Number(m[1]))
-    })
-    child.once('exit', (code) => reject(new Error(`plain replay server exited with ${code}`)))
-  })
-  const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()))
-  return { url: `http://127.0.0.1:${port}`, pid: child.pid ?? -1, stop: async () => { child.kill('SIGTERM'); await exited } }
+  const child = await startListeningChild(path.join(here, 'lib/plain-replay-server.ts'), [rawDir], 'plain replay server')
+  return { url: `http://127.0.0.1:${child.port}`, pid: child.pid, stop: child.stop }
 }
 
 interface Fetched {

@@ -64,6 +64,20 @@ export function rawKey (partition: number, base: number): Buffer {
   return key
 }
 
+/** Calls `onValues` with the raw db's values in key order, 8 at a time (one iterator round trip each). */
+export async function forEachRawValues (db: RawDb, onValues: (values: Buffer[]) => Promise<void> | void): Promise<void> {
+  const iterator = db.iterator()
+  try {
+    for (;;) {
+      const entries = await iterator.nextv(8)
+      if (entries.length === 0) return
+      await onValues(entries.map(([, value]) => value))
+    }
+  } finally {
+    await iterator.close()
+  }
+}
+
 export async function openStore (location: string, tally?: CommitTally, durability: Durability = 'sync'): Promise<LogStore> {
   const onCommit = tally === undefined ? undefined : (s: CommitStats): void => { tally.commits++; tally.records += s.records }
   return openLogStore({ location, durability, observer: { onCommit } })
@@ -131,20 +145,13 @@ export class LogFixture {
     const t0 = performance.now()
     let records = 0
     let bytes = 0
-    const iterator = db.iterator()
-    try {
-      for (;;) {
-        const entries = await iterator.nextv(8)
-        if (entries.length === 0) break
-        for (const [, value] of entries) {
-          const rows = cbor.decode(value) as unknown[][]
-          for (const row of rows) bytes += (row[3] as Uint8Array).byteLength
-          records += rows.length
-        }
+    await forEachRawValues(db, (values) => {
+      for (const value of values) {
+        const rows = cbor.decode(value) as unknown[][]
+        for (const row of rows) bytes += (row[3] as Uint8Array).byteLength
+        records += rows.length
       }
-    } finally {
-      await iterator.close()
-    }
+    })
     const seconds = (performance.now() - t0) / 1000
     check(records === expected && bytes === expected * this.payloadBytes, `raw read saw ${records} records, expected ${expected}`)
     return records / seconds

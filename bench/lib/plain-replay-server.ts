@@ -17,7 +17,7 @@ import { once } from 'node:events'
 import http from 'node:http'
 import type { AddressInfo } from 'node:net'
 import { byteStringHead } from '../../gateway/api-batches.ts'
-import { cbor, openRaw } from './log-fixture.ts'
+import { cbor, forEachRawValues, openRaw } from './log-fixture.ts'
 
 const location = process.argv[2]
 if (location === undefined) throw new Error('usage: plain-replay-server.ts <raw db dir>')
@@ -26,46 +26,32 @@ const db = await openRaw(location)
 async function ndjson (res: http.ServerResponse): Promise<void> {
   res.writeHead(200, { 'content-type': 'application/x-ndjson; charset=utf-8' })
   let offset = 0
-  const iterator = db.iterator()
-  try {
-    for (;;) {
-      const entries = await iterator.nextv(8)
-      if (entries.length === 0) break
-      for (const [, value] of entries) {
-        let text = ''
-        for (const row of cbor.decode(value) as unknown[][]) {
-          const [timestamp, key, topic, payload, qos, clientId] = row as [number, string, string, Uint8Array, number, string]
-          text += `${JSON.stringify({ offset: offset++, timestamp, key, topic, qos, clientId, payload: Buffer.from(payload).toString('utf8') })}\n`
-        }
-        if (!res.write(text)) await once(res, 'drain')
+  await forEachRawValues(db, async (values) => {
+    for (const value of values) {
+      let text = ''
+      for (const row of cbor.decode(value) as unknown[][]) {
+        const [timestamp, key, topic, payload, qos, clientId] = row as [number, string, string, Uint8Array, number, string]
+        text += `${JSON.stringify({ offset: offset++, timestamp, key, topic, qos, clientId, payload: Buffer.from(payload).toString('utf8') })}\n`
       }
+      if (!res.write(text)) await once(res, 'drain')
     }
-  } finally {
-    await iterator.close()
-  }
+  })
   res.end(`${JSON.stringify({ end: { records: offset } })}\n`)
 }
 
 async function values (res: http.ServerResponse): Promise<void> {
   res.writeHead(200, { 'content-type': 'application/cbor-seq' })
   let records = 0
-  const iterator = db.iterator()
-  try {
-    for (;;) {
-      const entries = await iterator.nextv(8)
-      if (entries.length === 0) break
-      let ok = true
-      for (const [, value] of entries) {
-        res.write(byteStringHead(value.length))
-        ok = res.write(value)
-        // The row count without decoding: a definite-length cbor array's head.
-        records += value[0] === 0x99 ? value.readUInt16BE(1) : value[0] === 0x9a ? value.readUInt32BE(1) : (value[0] as number) & 0x1f
-      }
-      if (!ok) await once(res, 'drain')
+  await forEachRawValues(db, async (values) => {
+    let ok = true
+    for (const value of values) {
+      res.write(byteStringHead(value.length))
+      ok = res.write(value)
+      // The row count without decoding: a definite-length cbor array's head.
+      records += value[0] === 0x99 ? value.readUInt16BE(1) : value[0] === 0x9a ? value.readUInt32BE(1) : (value[0] as number) & 0x1f
     }
-  } finally {
-    await iterator.close()
-  }
+    if (!ok) await once(res, 'drain')
+  })
   res.end(cbor.encode({ end: { records } }))
 }
 

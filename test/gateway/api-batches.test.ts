@@ -32,6 +32,21 @@ async function appendBatch (store: LogStore, count: number, t0: number): Promise
   await Promise.all(Array.from({ length: count }, (_, i) => store.append(STREAM, 'dev-1', { payload: Buffer.from(`{"t":${t0 + i}}`), timestamp: t0 + i, topic: 'devices/dev-1/telemetry' })))
 }
 
+/** The store, except that its first readBatches() call runs `append` first: records that arrive while a response is being written. */
+function appendingOnFirstRead (store: LogStore, append: () => Promise<void>): LogStore {
+  let appended = false
+  return new Proxy(store, {
+    get (target, prop, receiver) {
+      if (prop === 'readBatches' && !appended) {
+        appended = true
+        return async (...args: Parameters<LogStore['readBatches']>) => { await append(); return await target.readBatches(...args) }
+      }
+      const value = Reflect.get(target, prop, receiver) as unknown
+      return typeof value === 'function' ? value.bind(target) : value
+    },
+  })
+}
+
 /** A ServerResponse that keeps what is written. */
 function collector (): { res: ServerResponse, body: () => Buffer, status: () => number } {
   const chunks: Buffer[] = []
@@ -91,18 +106,7 @@ describe('format=batches, served', () => {
     const store = await openStore()
     await appendBatch(store, 10, 100)
     // The second batch (timestamps 200..209, 205 among them) arrives after the head said "no end yet".
-    let appended = false
-    const racing = new Proxy(store, {
-      get (target, prop, receiver) {
-        if (prop === 'readBatches' && !appended) {
-          appended = true
-          return async (...args: Parameters<LogStore['readBatches']>) => { await appendBatch(store, 10, 200); return await target.readBatches(...args) }
-        }
-        const value = Reflect.get(target, prop, receiver) as unknown
-        return typeof value === 'function' ? value.bind(target) : value
-      },
-    })
-    const first = await items(await serve(racing, 'offset=0&to=205'))
+    const first = await items(await serve(appendingOnFirstRead(store, () => appendBatch(store, 10, 200)), 'offset=0&to=205'))
     expect(first[0]).toMatchObject({ head: { fromOffset: 0, endOffset: null } })
     expect(offsets(first)).toEqual(Array.from({ length: 10 }, (_, i) => i))
     expect(first.at(-1)).toMatchObject({ end: { nextOffset: 10, endOfRange: false, logEndOffset: 20 } })
@@ -115,18 +119,7 @@ describe('format=batches, served', () => {
   it('ends exactly at a `to` that a new batch starts at', async () => {
     const store = await openStore()
     await appendBatch(store, 10, 100)
-    let appended = false
-    const racing = new Proxy(store, {
-      get (target, prop, receiver) {
-        if (prop === 'readBatches' && !appended) {
-          appended = true
-          return async (...args: Parameters<LogStore['readBatches']>) => { await appendBatch(store, 5, 500); return await target.readBatches(...args) }
-        }
-        const value = Reflect.get(target, prop, receiver) as unknown
-        return typeof value === 'function' ? value.bind(target) : value
-      },
-    })
-    const got = await items(await serve(racing, 'offset=0&to=500'))
+    const got = await items(await serve(appendingOnFirstRead(store, () => appendBatch(store, 5, 500)), 'offset=0&to=500'))
     expect(offsets(got)).toEqual(Array.from({ length: 10 }, (_, i) => i))
     expect(got.at(-1)).toMatchObject({ end: { nextOffset: 10, endOfRange: true } })
   })
