@@ -38,12 +38,11 @@
  * `--check-generator`: run the qos1 and device loads against a broker that
  * does nothing (lib/null-broker.ts), to see the generator's own ceiling.
  */
-import { spawn } from 'node:child_process'
 import { mkdtemp, readdir } from 'node:fs/promises'
 import os from 'node:os'
 import path from 'node:path'
 import { fileURLToPath } from 'node:url'
-import { edgemqCounters, findMosquitto, mosquittoVersion, processCpuSeconds, startEdgemq, startMosquitto, type EdgemqCounters, type RunningBroker } from './lib/brokers.ts'
+import { edgemqCounters, findMosquitto, mosquittoVersion, processCpuSeconds, startEdgemq, startListeningChild, startMosquitto, type EdgemqCounters, type RunningBroker } from './lib/brokers.ts'
 import { formatProfileSummary, summarizeCpuProfile, type ProfileWindow } from './lib/cpu-profile.ts'
 import { LatencyHistogram } from './lib/latency-histogram.ts'
 import { LoadGenerators, type MergedLoad } from './lib/load-process.ts'
@@ -272,29 +271,20 @@ async function profileEdgemq (generators: LoadGenerators): Promise<void> {
 }
 
 async function checkGenerator (generators: LoadGenerators): Promise<void> {
-  const nullBroker = fileURLToPath(new URL('./lib/null-broker.ts', import.meta.url))
-  const child = spawn(process.execPath, ['--import', 'tsx', nullBroker, '0'], { stdio: ['ignore', 'pipe', 'inherit'] })
+  const nullBroker = await startListeningChild(fileURLToPath(new URL('./lib/null-broker.ts', import.meta.url)), ['0'], 'null broker')
+  const { port } = nullBroker
   try {
-    const port = await new Promise<number>((resolve, reject) => {
-      let out = ''
-      child.stdout.on('data', (d: Buffer) => {
-        out += d.toString()
-        const m = /listening on (\d+)/.exec(out)
-        if (m !== null) resolve(Number(m[1]))
-      })
-      child.once('exit', (code) => reject(new Error(`null broker exited with ${code}`)))
-    })
     for (const scenario of scenarios.filter((s) => s.qos === 1)) {
-      const cpu0 = processCpuSeconds(child.pid ?? -1)
+      const cpu0 = processCpuSeconds(nullBroker.pid)
       const t0 = performance.now()
       const load = await generators.run(specFor(scenario, { host: '127.0.0.1', port }), () => {})
-      const cpu = (processCpuSeconds(child.pid ?? -1) ?? NaN) - (cpu0 ?? NaN)
+      const cpu = (processCpuSeconds(nullBroker.pid) ?? NaN) - (cpu0 ?? NaN)
       info(`generator check, ${scenario.name} against the null broker: ${Math.round(load.rate)} msgs/s, PUBACK p50 ${ms(load.latency.percentileUs(50))} ms ` +
         `p99 ${ms(load.latency.percentileUs(99))} ms; generator ${r2(load.generatorCores)} cores (event loop ${Math.round(load.generatorElu * 100)} % busy), ` +
         `null broker ~${r2(cpu / ((performance.now() - t0) / 1000))} cores incl. warm-up`)
     }
   } finally {
-    child.kill('SIGTERM')
+    await nullBroker.stop()
   }
 }
 

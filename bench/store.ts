@@ -30,10 +30,8 @@
  * Arguments: figure names to run (`append latency read open`, default all),
  * `--quick` (a tenth of every size, for trying the bench out), `--window=N`.
  */
-import { ClassicLevel } from 'classic-level'
-import { Encoder } from 'cbor-x'
-import { randomBytes } from 'node:crypto'
-import { openLogStore, partitionForKey, type CommitStats, type Durability, type LogStore, type RecordInput } from '../store/index.ts'
+import type { Durability } from '../store/index.ts'
+import { LogFixture, RAW_RECORDS_PER_VALUE, cbor, check, openRaw, openStore, type CommitTally, type Device, type RawDb, rawKey } from './lib/log-fixture.ts'
 import { TempDirs, info, median, percentile, report, round } from './lib/report.ts'
 
 const argv = process.argv.slice(2)
@@ -71,180 +69,9 @@ const FILL_DURABILITY: Durability = 'async'
 
 const RAW_APPEND = 'classic-level batch put, sync, 8 x 1000-record pre-encoded values per write'
 
-/**
- * The raw side stores the same records (same keys, topics, client ids,
- * 100-byte payloads) as the plainest LevelDB log would: one cbor array of
- * `[timestamp, key, topic, payload, qos, clientId, headers]` rows per value,
- * RAW_RECORDS_PER_VALUE rows each (the layout behind DESIGN.md's measured
- * facts). It deliberately does not reuse the store's batch encoder, so the
- * baseline stays fixed while the store's format changes; each figure reports
- * both sides' bytes per record.
- */
-const RAW_RECORDS_PER_VALUE = 1000
-const cbor = new Encoder({ useRecords: false, structuredClone: false, mapsAsObjects: true, variableMapSize: true })
-
-interface Device {
-  readonly key: string
-  readonly partition: number
-  readonly record: RecordInput
-  readonly topic: string
-  readonly payload: Buffer
-}
-
-function makeDevices (): Device[] {
-  const devices: Device[] = []
-  for (let i = 0; i < APPENDERS; i++) {
-    const key = `dev-${String(i).padStart(3, '0')}`
-    const topic = `devices/${key}/telemetry`
-    const payload = randomBytes(PAYLOAD_BYTES)
-    const record: RecordInput = { payload, topic, qos: 1, clientId: key }
-    devices.push({ key, partition: partitionForKey(key, PARTITIONS), record, topic, payload })
-  }
-  return devices
-}
-
-const devices = makeDevices()
+const fx = new LogFixture({ stream: STREAM, partitions: PARTITIONS, appenders: APPENDERS, payloadBytes: PAYLOAD_BYTES })
+const devices = fx.devices
 const dirs = new TempDirs()
-
-// ---------------------------------------------------------------- raw helpers
-
-type RawDb = ClassicLevel<Buffer, Buffer>
-
-async function openRaw (location: string): Promise<RawDb> {
-  const db = new ClassicLevel<Buffer, Buffer>(location, { keyEncoding: 'buffer', valueEncoding: 'buffer' })
-  await db.open()
-  return db
-}
-
-function rawRow (d: Device): unknown[] {
-  return [Date.now(), d.key, d.topic, d.payload, 1, d.key, null]
-}
-
-/** `count` distinct values of RAW_RECORDS_PER_VALUE rows each, encoded before any timing starts. */
-function preEncodedValues (count: number): Buffer[] {
-  const values: Buffer[] = []
-  for (let v = 0; v < count; v++) {
-    const rows: unknown[] = []
-    for (let i = 0; i < RAW_RECORDS_PER_VALUE; i++) rows.push(rawRow(devices[(v * 7 + i) % APPENDERS] as Device))
-    values.push(cbor.encode(rows))
-  }
-  return values
-}
-
-/** Same shape as the store's batch keys: tag, stream id, partition, base offset. */
-function rawKey (partition: number, base: number): Buffer {
-  const key = Buffer.allocUnsafe(17)
-  key[0] = 0x42
-  key.writeUInt32BE(1, 1)
-  key.writeUInt32BE(partition, 5)
-  key.writeUInt32BE(Math.floor(base / 2 ** 32), 9)
-  key.writeUInt32BE(base % 2 ** 32, 13)
-  return key
-}
-
-/** Writes `records` as 8-value sync batches; returns records/s. */
-async function rawAppend (db: RawDb, records: number, values: readonly Buffer[], sync = true): Promise<number> {
-  const perWrite = PARTITIONS * RAW_RECORDS_PER_VALUE
-  const writes = Math.ceil(records / perWrite)
-  const t0 = performance.now()
-  for (let w = 0; w < writes; w++) {
-    const ops: Array<{ type: 'put', key: Buffer, value: Buffer }> = new Array(PARTITIONS)
-    for (let p = 0; p < PARTITIONS; p++) {
-      ops[p] = { type: 'put', key: rawKey(p, w * RAW_RECORDS_PER_VALUE), value: values[(w * PARTITIONS + p) % values.length] as Buffer }
-    }
-    await db.batch(ops, { sync })
-  }
-  return (writes * perWrite) / ((performance.now() - t0) / 1000)
-}
-
-/** Iterates the whole raw db and cbor-decodes every value; returns records/s. */
-async function rawRead (db: RawDb, expected: number): Promise<number> {
-  const t0 = performance.now()
-  let records = 0
-  let bytes = 0
-  const iterator = db.iterator()
-  try {
-    for (;;) {
-      const entries = await iterator.nextv(8)
-      if (entries.length === 0) break
-      for (const [, value] of entries) {
-        const rows = cbor.decode(value) as unknown[][]
-        for (const row of rows) bytes += (row[3] as Uint8Array).byteLength
-        records += rows.length
-      }
-    }
-  } finally {
-    await iterator.close()
-  }
-  const seconds = (performance.now() - t0) / 1000
-  check(records === expected && bytes === expected * PAYLOAD_BYTES, `raw read saw ${records} records, expected ${expected}`)
-  return records / seconds
-}
-
-// ---------------------------------------------------------------- store helpers
-
-interface CommitTally { commits: number, records: number }
-
-async function openStore (location: string, tally?: CommitTally, durability: Durability = 'sync'): Promise<LogStore> {
-  const onCommit = tally === undefined ? undefined : (s: CommitStats): void => { tally.commits++; tally.records += s.records }
-  return openLogStore({ location, durability, observer: { onCommit } })
-}
-
-/** One appender: keeps `window` appends in flight until it has appended `count`. */
-function appender (store: LogStore, device: Device, count: number, window: number): Promise<void> {
-  return new Promise((resolve, reject) => {
-    let issued = 0
-    let done = 0
-    const next = (): void => {
-      issued++
-      store.append(STREAM, device.key, device.record).then(onDone, reject)
-    }
-    const onDone = (): void => {
-      if (++done === count) resolve()
-      else if (issued < count) next()
-    }
-    if (count === 0) resolve()
-    for (let k = 0; k < window && k < count; k++) next()
-  })
-}
-
-/** Appends `records` spread over the appenders; returns records/s. */
-async function storeAppend (store: LogStore, records: number, window: number): Promise<number> {
-  const perAppender = Math.ceil(records / APPENDERS)
-  const t0 = performance.now()
-  await Promise.all(devices.map((d) => appender(store, d, perAppender, window)))
-  return (perAppender * APPENDERS) / ((performance.now() - t0) / 1000)
-}
-
-/** Reads every partition from its start to its end with default read options; returns records/s. */
-async function storeRead (store: LogStore, expected: number): Promise<number> {
-  const t0 = performance.now()
-  let records = 0
-  let bytes = 0
-  for (let p = 0; p < PARTITIONS; p++) {
-    const info = store.partitionInfo(STREAM, p)
-    let offset = info.logStartOffset
-    while (offset < info.logEndOffset) {
-      const result = await store.read(STREAM, p, offset)
-      for (const r of result.records) bytes += r.payload.byteLength
-      records += result.records.length
-      offset = result.nextOffset
-    }
-  }
-  const seconds = (performance.now() - t0) / 1000
-  check(records === expected && bytes === expected * PAYLOAD_BYTES, `store read saw ${records} records, expected ${expected}`)
-  return records / seconds
-}
-
-function storeRecordCount (store: LogStore): number {
-  let n = 0
-  for (let p = 0; p < PARTITIONS; p++) n += store.partitionInfo(STREAM, p).logEndOffset
-  return n
-}
-
-function check (ok: boolean, message: string): void {
-  if (!ok) throw new Error(`bench check failed: ${message}`)
-}
 
 // ---------------------------------------------------------------- figures
 
@@ -254,7 +81,7 @@ function check (ok: boolean, message: string): void {
  */
 async function appendFigure (print: boolean): Promise<{ storeDir: string, rawDir: string }> {
   const rounds = print ? ROUNDS : 1
-  const values = preEncodedValues(16)
+  const values = fx.preEncodedValues(16)
   const raw: number[] = []
   const stored: number[] = []
   const tally: CommitTally = { commits: 0, records: 0 }
@@ -268,15 +95,15 @@ async function appendFigure (print: boolean): Promise<{ storeDir: string, rawDir
     storeDir = await dirs.make('store')
 
     const db = await openRaw(rawDir)
-    raw.push(await rawAppend(db, APPEND_RECORDS, values))
+    raw.push(await fx.rawAppend(db, APPEND_RECORDS, values))
     await db.close()
 
     tally.commits = 0
     tally.records = 0
     const store = await openStore(storeDir, tally)
     await store.createStream(STREAM, { partitions: PARTITIONS })
-    stored.push(await storeAppend(store, APPEND_RECORDS, WINDOW))
-    check(storeRecordCount(store) === APPEND_RECORDS, `store holds ${storeRecordCount(store)} records after the append round`)
+    stored.push(await fx.storeAppend(store, APPEND_RECORDS, WINDOW))
+    check(fx.storeRecordCount(store) === APPEND_RECORDS, `store holds ${fx.storeRecordCount(store)} records after the append round`)
     storeBytes = store.totalBytes
     await store.close()
     info(`append round ${round + 1}/${rounds}: raw ${Math.round(raw[round] as number)} rec/s, store ${Math.round(stored[round] as number)} rec/s, ${tally.commits} commits of ${Math.round(tally.records / tally.commits)} records on average`)
@@ -308,8 +135,8 @@ async function readFigure (storeDir: string, rawDir: string): Promise<void> {
   const stored: number[] = []
   try {
     for (let round = 0; round < ROUNDS; round++) {
-      raw.push(await rawRead(db, APPEND_RECORDS))
-      stored.push(await storeRead(store, APPEND_RECORDS))
+      raw.push(await fx.rawRead(db, APPEND_RECORDS))
+      stored.push(await fx.storeRead(store, APPEND_RECORDS))
       info(`read round ${round + 1}/${ROUNDS}: raw ${Math.round(raw[round] as number)} rec/s, store ${Math.round(stored[round] as number)} rec/s`)
     }
   } finally {
@@ -342,7 +169,7 @@ class RawGroupCommit {
 
   constructor (db: RawDb) {
     this.#db = db
-    this.#rows = devices.map((d) => cbor.encode(rawRow(d)))
+    this.#rows = devices.map((d) => cbor.encode(fx.rawRow(d)))
   }
 
   append (device: number): Promise<void> {
@@ -465,7 +292,7 @@ async function openFigure (): Promise<void> {
 
   let t0 = performance.now()
   const db = await openRaw(rawDir)
-  const rawRate = await rawAppend(db, OPEN_RECORDS, preEncodedValues(64), FILL_DURABILITY === 'sync')
+  const rawRate = await fx.rawAppend(db, OPEN_RECORDS, fx.preEncodedValues(64), FILL_DURABILITY === 'sync')
   await db.close()
   info(`open: wrote ${OPEN_RECORDS} raw records in ${round2((performance.now() - t0) / 1000)} s (${Math.round(rawRate)} rec/s)`)
 
@@ -473,7 +300,7 @@ async function openFigure (): Promise<void> {
   const tally: CommitTally = { commits: 0, records: 0 }
   const filling = await openStore(storeDir, tally, FILL_DURABILITY)
   await filling.createStream(STREAM, { partitions: PARTITIONS })
-  const fillRate = await storeAppend(filling, OPEN_RECORDS, OPEN_FILL_WINDOW)
+  const fillRate = await fx.storeAppend(filling, OPEN_RECORDS, OPEN_FILL_WINDOW)
   await filling.close()
   info(`open: appended ${OPEN_RECORDS} records to the store in ${round2((performance.now() - t0) / 1000)} s (${Math.round(fillRate)} rec/s, ${tally.commits} commits)`)
 
@@ -489,7 +316,7 @@ async function openFigure (): Promise<void> {
     t0 = performance.now()
     const store = await openStore(storeDir)
     storeMs.push(performance.now() - t0)
-    const held = storeRecordCount(store)
+    const held = fx.storeRecordCount(store)
     await store.close()
     check(held === OPEN_RECORDS, `reopened store holds ${held} records, expected ${OPEN_RECORDS}`)
     info(`open ${i + 1}/${OPEN_REPEATS}: raw ${round2(rawMs[i] as number)} ms, store ${round2(storeMs[i] as number)} ms`)

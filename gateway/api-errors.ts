@@ -16,8 +16,9 @@ export const HTTP_ERROR_CODES = {
   HTTP_BAD_FILTER: { status: 400, description: 'The where expression does not parse; the error carries the 0-based position of the problem.' },
   HTTP_BAD_TOPIC_FILTER: { status: 400, description: 'A topic parameter is not a valid MQTT topic filter.' },
   HTTP_AUTH_REQUIRED: { status: 401, description: 'No credentials were sent, and anonymous access is not allowed (it is only from loopback when no users are configured).' },
-  HTTP_BAD_CREDENTIALS: { status: 401, description: 'The Authorization header is malformed or not HTTP basic, or the username or password is wrong.' },
-  HTTP_FORBIDDEN: { status: 403, description: 'The user\'s role may not use the API (only service and admin users may).' },
+  HTTP_BAD_CREDENTIALS: { status: 401, description: 'The Authorization header is malformed or neither Basic nor Bearer, or the username or password is wrong.' },
+  HTTP_BAD_TOKEN: { status: 401, description: 'The bearer token is malformed, unknown or wrong (tokens are printed by `edgemq token`).' },
+  HTTP_FORBIDDEN: { status: 403, description: 'The user\'s or token\'s role may not use the API (only service and admin may).' },
   HTTP_NOT_FOUND: { status: 404, description: 'No such path.' },
   HTTP_UNKNOWN_STREAM: { status: 404, description: 'The tenant has no stream of that name (another tenant\'s stream cannot be named).' },
   HTTP_UNKNOWN_PARTITION: { status: 404, description: 'The stream has no partition of that number.' },
@@ -38,12 +39,15 @@ export class ApiError extends Error {
   readonly status: number
   /** Extra fields of the error object (position, parameter, logStartOffset, …). */
   readonly details: Readonly<Record<string, unknown>>
+  /** Response headers the error needs (a WWW-Authenticate challenge). */
+  readonly headers: Readonly<Record<string, string>>
 
-  constructor (code: HttpErrorCode, message: string, options: { cause?: unknown, details?: Record<string, unknown> } = {}) {
+  constructor (code: HttpErrorCode, message: string, options: { cause?: unknown, details?: Record<string, unknown>, headers?: Record<string, string> } = {}) {
     super(message, options.cause === undefined ? undefined : { cause: options.cause })
     this.code = code
     this.status = HTTP_ERROR_CODES[code].status
     this.details = options.details ?? {}
+    this.headers = options.headers ?? {}
   }
 
   toJSON (): { error: Record<string, unknown> } {

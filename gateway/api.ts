@@ -7,29 +7,28 @@
  * `acme/telemetry`; group `billing` is the store's group `acme/billing`.
  * Names containing `/` are refused, so no name reaches another tenant.
  *
- * Authentication: HTTP basic with the same users as MQTT (scrypt hashes);
- * only `service` and `admin` users may use the API. Without configured
- * users, requests from a loopback address are accepted as tenant `default`,
- * the rule MQTT's loopback listeners follow. A successful check is cached
- * for a minute (keyed by an HMAC of the credentials under a per-process
- * random key), so a pull consumer does not pay a scrypt hash per request;
- * failures are never cached.
+ * Authentication (api-auth.ts): HTTP basic with the same users as MQTT,
+ * or a bearer token of `apiTokens`; only the `service` and `admin` roles
+ * may use the API. Without configured users and tokens, requests from a
+ * loopback address are accepted as tenant `default`.
  */
-import { createHmac, randomBytes } from 'node:crypto'
 import type { IncomingMessage, ServerResponse } from 'node:http'
 import { isStoreError, type LogStore, type ResetSpec, type StreamInfo } from '../store/index.ts'
 import { ApiError, toApiError } from './api-errors.ts'
 import { parseTime, QueryParams } from './api-params.ts'
+import { ApiAuthenticator, AUTH_CHALLENGES, type Principal } from './api-auth.ts'
+import { serveBatches } from './api-batches.ts'
 import { AppendWaiters, clientGone, parseRecordsRequest, serveRecords, type PartitionTarget } from './api-records.ts'
 import type { UpstreamStatus } from '../bridge/uplink.ts'
-import { UserDirectory } from './auth.ts'
-import type { UserConfig } from './config.ts'
+import type { ApiTokenConfig, UserConfig } from './config.ts'
 import { groupDoc, groupDocs, groupStreamDoc, partitionDoc, streamDoc, streamDocs, tenantGroups } from './log-documents.ts'
 
 export interface ApiDeps {
   readonly store: LogStore
   /** The configured users (config.users), the same as MQTT's. */
   readonly users: readonly UserConfig[]
+  /** The configured bearer tokens (config.apiTokens). */
+  readonly tokens?: readonly ApiTokenConfig[]
   /** Wall clock for relative times (`from=-15m`); injected by tests. */
   readonly now?: () => number
   readonly logger?: { warn (fields: Record<string, unknown>, message: string): void }
@@ -44,25 +43,10 @@ export interface Api {
   close (): void
 }
 
-interface Principal {
-  readonly tenant: string
-  readonly role: 'service' | 'admin' | 'anonymous'
-  readonly username: string | null
-}
-
 const STREAM_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/
 const GROUP_NAME = /^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$/
 const PARTITION = /^(?:0|[1-9][0-9]{0,4})$/
 const MAX_BODY_BYTES = 64 * 1024
-const AUTH_CACHE_MS = 60_000
-const AUTH_CACHE_ENTRIES = 1000
-
-/** A request from this machine: 127.0.0.0/8, ::1, or either mapped into IPv6. */
-export function isLoopbackAddress (address: string | undefined): boolean {
-  if (address === undefined) return false
-  const a = address.startsWith('::ffff:') ? address.slice(7) : address
-  return a === '::1' || /^127\.\d+\.\d+\.\d+$/.test(a)
-}
 
 function sendJson (res: ServerResponse, status: number, body: unknown, headers: Record<string, string> = {}): void {
   const text = JSON.stringify(body)
@@ -71,33 +55,12 @@ function sendJson (res: ServerResponse, status: number, body: unknown, headers: 
 }
 
 export function sendApiError (res: ServerResponse, err: ApiError): void {
-  const headers: Record<string, string> = {}
-  if (err.status === 401) headers['www-authenticate'] = 'Basic realm="edgemq", charset="UTF-8"'
+  const headers: Record<string, string> = { ...err.headers }
   const allow = err.details.allow
   if (typeof allow === 'string') headers.allow = allow
+  // Without a challenge of its own, a 401 offers both schemes (one WWW-Authenticate line each).
+  if (err.status === 401 && headers['www-authenticate'] === undefined) res.setHeader('www-authenticate', [...AUTH_CHALLENGES])
   sendJson(res, err.status, err.toJSON(), headers)
-}
-
-class CredentialCache {
-  readonly #key = randomBytes(32)
-  readonly #entries = new Map<string, { user: UserConfig, expires: number }>()
-
-  #id (username: string, password: Buffer): string {
-    return createHmac('sha256', this.#key).update(username).update('\u0000').update(password).digest('base64')
-  }
-
-  get (username: string, password: Buffer): UserConfig | undefined {
-    const id = this.#id(username, password)
-    const hit = this.#entries.get(id)
-    if (hit === undefined) return undefined
-    if (hit.expires < performance.now()) { this.#entries.delete(id); return undefined }
-    return hit.user
-  }
-
-  set (username: string, password: Buffer, user: UserConfig): void {
-    if (this.#entries.size >= AUTH_CACHE_ENTRIES) this.#entries.clear()
-    this.#entries.set(this.#id(username, password), { user, expires: performance.now() + AUTH_CACHE_MS })
-  }
 }
 
 async function readJsonBody (req: IncomingMessage): Promise<Record<string, unknown>> {
@@ -135,44 +98,9 @@ function bodyInteger (value: unknown, field: string): number {
 
 export function createApi (deps: ApiDeps): Api {
   const { store } = deps
-  const users = new UserDirectory(deps.users)
-  const cache = new CredentialCache()
+  const auth = new ApiAuthenticator(deps.users, deps.tokens ?? [], { logger: deps.logger })
   const now = deps.now ?? Date.now
   const waiters = new AppendWaiters(store)
-
-  async function authenticate (req: IncomingMessage): Promise<Principal> {
-    const header = req.headers.authorization
-    if (header === undefined || header === '') {
-      if (users.size === 0 && isLoopbackAddress(req.socket.remoteAddress)) return { tenant: 'default', role: 'anonymous', username: null }
-      throw new ApiError('HTTP_AUTH_REQUIRED', users.size === 0
-        ? 'anonymous access is allowed from loopback only; configure users to use the API from elsewhere'
-        : 'send the credentials of a service or admin user with HTTP basic authentication')
-    }
-    const basic = /^Basic +([A-Za-z0-9+/]+=*) *$/i.exec(header)
-    const decoded = basic === null ? undefined : Buffer.from(basic[1] as string, 'base64')
-    const colon = decoded?.indexOf(0x3a) ?? -1
-    if (decoded === undefined || colon < 0) {
-      throw new ApiError('HTTP_BAD_CREDENTIALS', /^Bearer /i.test(header)
-        ? 'bearer tokens are not supported; use HTTP basic authentication'
-        : 'the Authorization header must be HTTP basic: "Basic " and base64 of username:password')
-    }
-    const username = decoded.subarray(0, colon).toString('utf8')
-    const password = decoded.subarray(colon + 1)
-    let user = cache.get(username, password)
-    if (user === undefined) {
-      const checked = await users.authenticate(username, password)
-      if (checked === null) {
-        deps.logger?.warn({ username, remote: req.socket.remoteAddress }, 'HTTP API: bad username or password')
-        throw new ApiError('HTTP_BAD_CREDENTIALS', 'bad username or password')
-      }
-      user = checked
-      cache.set(username, password, user)
-    }
-    if (user.role !== 'service' && user.role !== 'admin') {
-      throw new ApiError('HTTP_FORBIDDEN', `user ${user.username} has role ${user.role}; the API is for service and admin users`)
-    }
-    return { tenant: user.tenant, role: user.role, username: user.username }
-  }
 
   // ---------------------------------------------------------------- streams
 
@@ -313,8 +241,8 @@ export function createApi (deps: ApiDeps): Api {
         throw notFound()
       }
       const request = parseRecordsRequest(url.searchParams, now(), req.headers.accept, (g) => groupId(who, g))
-      const signal = clientGone(req, res)
-      return serveRecords({ store, waiters, signal }, target, request, res)
+      const ctx = { store, waiters, signal: clientGone(req, res) }
+      return request.format === 'batches' ? serveBatches(ctx, target, request, res) : serveRecords(ctx, target, request, res)
     }
 
     if (top === 'groups') {
@@ -371,7 +299,7 @@ export function createApi (deps: ApiDeps): Api {
   return {
     async handle (req, res, url) {
       try {
-        const who = await authenticate(req)
+        const who = await auth.authenticate(req.headers.authorization, req.socket.remoteAddress)
         await route(req, res, url, who)
       } catch (err) {
         const apiError = toApiError(err)

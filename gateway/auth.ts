@@ -4,9 +4,15 @@
  *
  * Password hashes: `scrypt$N$r$p$<salt base64>$<hash base64>` (what
  * `edgemq passwd` prints), verified in constant time.
+ *
+ * API tokens (`apiTokens` in the config, printed by `edgemq token`) are
+ * `emq_<name>_<secret>`: the name says which entry to check, so a request
+ * costs one hash, never one per configured token; the secret is 32 random
+ * bytes in base64url (43 characters). The config keeps only the token's hash,
+ * in the same scrypt format as passwords.
  */
 import { randomBytes, scrypt as scryptCb, timingSafeEqual, type ScryptOptions } from 'node:crypto'
-import type { AclRule, Role, UserConfig } from './config.ts'
+import type { AclRule, ApiTokenConfig, Role, UserConfig } from './config.ts'
 import { GatewayError } from './errors.ts'
 import { topicMatches } from './topics.ts'
 
@@ -134,3 +140,45 @@ export class UserDirectory {
 }
 
 const DUMMY_HASH = 'scrypt$16384$8$1$AAAAAAAAAAAAAAAAAAAAAA==$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA='
+
+// ---------------------------------------------------------------- API tokens
+
+const TOKEN_PREFIX = 'emq_'
+const TOKEN_SECRET_CHARS = 43
+const TOKEN_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/
+
+/** A new random token for the `apiTokens` entry called `name`. */
+export function generateApiToken (name: string): string {
+  if (!TOKEN_NAME.test(name)) throw new GatewayError('GW_CONFIG_INVALID', `token name ${JSON.stringify(name)} must be 1 to 64 letters, digits, ".", "_" and "-", starting with a letter or digit`)
+  return `${TOKEN_PREFIX}${name}_${randomBytes(32).toString('base64url')}`
+}
+
+/** The entry name a token claims, or null when the text is not shaped like an edgemq token. */
+export function apiTokenName (token: string): string | null {
+  const secretAt = token.length - TOKEN_SECRET_CHARS
+  if (!token.startsWith(TOKEN_PREFIX) || secretAt < TOKEN_PREFIX.length + 2 || token[secretAt - 1] !== '_') return null
+  if (!/^[A-Za-z0-9_-]+$/.test(token.slice(secretAt))) return null
+  const name = token.slice(TOKEN_PREFIX.length, secretAt - 1)
+  return TOKEN_NAME.test(name) ? name : null
+}
+
+export class TokenDirectory {
+  readonly #tokens: Map<string, ApiTokenConfig>
+  constructor (tokens: readonly ApiTokenConfig[]) {
+    this.#tokens = new Map(tokens.map((t) => [t.name, t]))
+    for (const t of tokens) parseHash(t.tokenHash)
+  }
+
+  get size (): number { return this.#tokens.size }
+
+  /** The entry when the token matches its hash, null otherwise (malformed and unknown tokens cost a hash too). */
+  async authenticate (token: string): Promise<ApiTokenConfig | null> {
+    const name = apiTokenName(token)
+    const entry = name === null ? undefined : this.#tokens.get(name)
+    if (entry === undefined) {
+      await verifyPassword(DUMMY_HASH, token)
+      return null
+    }
+    return (await verifyPassword(entry.tokenHash, token)) ? entry : null
+  }
+}

@@ -18,7 +18,7 @@ export const CLI_ERROR_CODES = {
   CLI_UNKNOWN_GROUP: 'The tenant has no consumer group of that name.',
   CLI_UNKNOWN_UPSTREAM: 'No bridge upstream of that name is configured (`edgemq bridge status --upstream`).',
   CLI_OFFSET_OUT_OF_RANGE: 'The offset is below the log start (retention deleted it) or above the log end; the message gives both.',
-  CLI_AUTH: 'The gateway refused the credentials (wrong user or password, none given, or a role that may not use the API).',
+  CLI_AUTH: 'The gateway refused the credentials (wrong user, password or token, none given, or a role that may not use the API).',
   CLI_UNREACHABLE: 'Nothing answers at --url (the gateway is not running there, or the address is wrong).',
   CLI_GATEWAY_RUNNING: 'The data directory is locked by a running gateway; read it over HTTP with --url instead.',
   CLI_NO_DATA: 'The --data-dir holds no gateway data (no db directory).',
@@ -52,7 +52,7 @@ export function cliCodeForApi (code: string): CliErrorCode {
     case 'HTTP_UNKNOWN_GROUP': return 'CLI_UNKNOWN_GROUP'
     case 'HTTP_UNKNOWN_UPSTREAM': return 'CLI_UNKNOWN_UPSTREAM'
     case 'HTTP_OFFSET_OUT_OF_RANGE': return 'CLI_OFFSET_OUT_OF_RANGE'
-    case 'HTTP_AUTH_REQUIRED': case 'HTTP_BAD_CREDENTIALS': case 'HTTP_FORBIDDEN': return 'CLI_AUTH'
+    case 'HTTP_AUTH_REQUIRED': case 'HTTP_BAD_CREDENTIALS': case 'HTTP_BAD_TOKEN': case 'HTTP_FORBIDDEN': return 'CLI_AUTH'
     default: return 'CLI_SERVER'
   }
 }

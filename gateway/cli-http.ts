@@ -11,6 +11,8 @@ export interface HttpTarget {
   readonly url: string
   readonly user?: string
   readonly password?: string
+  /** A bearer token (`edgemq token`), instead of a user and password. */
+  readonly token?: string
 }
 
 interface ApiErrorBody { readonly error?: { readonly code?: unknown, readonly message?: unknown, readonly position?: unknown } }
@@ -29,7 +31,13 @@ export class ApiClient {
     if (base.protocol !== 'http:' && base.protocol !== 'https:') throw new CliError('CLI_BAD_ARGUMENT', `--url must be http:// or https://, got ${target.url}`)
     this.#base = base
     if (target.user === undefined && target.password !== undefined) throw new CliError('CLI_BAD_ARGUMENT', 'a password was given without a user (--user or EDGEMQ_USER)')
-    this.#auth = target.user === undefined ? undefined : `Basic ${Buffer.from(`${target.user}:${target.password ?? ''}`).toString('base64')}`
+    if (target.token !== undefined && target.user !== undefined) throw new CliError('CLI_BAD_ARGUMENT', 'give either a token (--token or EDGEMQ_TOKEN) or a user and password, not both')
+    if (target.token !== undefined && !/^[A-Za-z0-9\-._~+/]+=*$/.test(target.token)) {
+      throw new CliError('CLI_BAD_ARGUMENT', 'the token has characters a bearer token cannot have (expected emq_<name>_<secret>, as `edgemq token` prints it)')
+    }
+    this.#auth = target.token !== undefined
+      ? `Bearer ${target.token}`
+      : target.user === undefined ? undefined : `Basic ${Buffer.from(`${target.user}:${target.password ?? ''}`).toString('base64')}`
   }
 
   /** `/v1/…` path segments, each percent-encoded, with optional query parameters (arrays repeat). */
@@ -73,7 +81,7 @@ export class ApiClient {
 
 export function apiFailure (code: string, message: string): CliError {
   const cliCode = cliCodeForApi(code)
-  const text = cliCode === 'CLI_AUTH' ? `the gateway refused the credentials (${code}): ${message}; give --user and --password (or EDGEMQ_USER and EDGEMQ_PASSWORD)` : message
+  const text = cliCode === 'CLI_AUTH' ? `the gateway refused the credentials (${code}): ${message}; give --token (or EDGEMQ_TOKEN), or --user and --password (or EDGEMQ_USER and EDGEMQ_PASSWORD)` : message
   return new CliError(cliCode, cliCode === 'CLI_SERVER' ? `${code}: ${text}` : text)
 }
 

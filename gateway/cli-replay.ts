@@ -2,9 +2,11 @@
  * `edgemq replay` and `edgemq tail`: read a stream's records, filtered as
  * the /v1 API filters them, and write them as NDJSON, JSON or CBOR.
  *
- * Two sources give the same records: a running gateway over HTTP (the API's
- * NDJSON fetch, payloads as base64) and a stopped gateway's data directory
- * (the store, read directly). Filters are checked here before anything is
+ * Two sources give the same records: a running gateway over HTTP and a
+ * stopped gateway's data directory (the store, read directly). Over HTTP,
+ * an unfiltered read fetches the stored batches as they are
+ * (`format=batches`, decoded here by cli-batches.ts); a filtered one, the
+ * API's NDJSON with payloads as base64, filtered by the gateway. Filters are checked here before anything is
  * read, with the API's own parsers (filter-expression.ts, topics.ts,
  * api-params.ts), so both modes accept and refuse the same input.
  *
@@ -23,6 +25,8 @@ import { partitionForKey, type LogStore, type StoredRecord } from '../store/inde
 import { ApiError } from './api-errors.ts'
 import { parseTime } from './api-params.ts'
 import { CliError } from './cli-errors.ts'
+import { readBatchStream } from './cli-batches.ts'
+import { RecordJson } from './record-json.ts'
 import { apiFailure, ndjsonLines, type ApiClient } from './cli-http.ts'
 import { streamDoc, type OfflineLog, type StreamDoc } from './cli-offline.ts'
 import { createProgress, type Progress, type ProgressStream } from './cli-progress-bar.ts'
@@ -148,17 +152,25 @@ const cbor = new Encoder({ useRecords: false, mapsAsObjects: true, variableMapSi
 
 /** One record as a JSON object: the API's record layout, with `partition` first. */
 export function recordJson (r: CliRecord, payload: PayloadEncoding): string {
-  const body = payload === 'base64' ? `"${r.payload.toString('base64')}"` : JSON.stringify(r.payload.toString('utf8'))
-  const headers = r.headers === null ? '' : `,"headers":${JSON.stringify(r.headers)}`
-  return `{"partition":${r.partition},"offset":${r.offset},"timestamp":${r.timestamp},"key":${JSON.stringify(r.key)},"topic":${JSON.stringify(r.topic)},` +
-    `"qos":${r.qos},"clientId":${JSON.stringify(r.clientId)}${headers},"payload":${body}}`
+  return new RecordJson(payload).encode([r as unknown as StoredRecord], 0x0a, true, r.partition).toString('utf8')
 }
 
-/** Writes to stdout or a file with backpressure; a reader that went away (EPIPE) ends the run quietly. */
+/**
+ * Writes to stdout or a file with backpressure; a reader that went away
+ * (EPIPE) ends the run quietly. Small writes (one per record) are gathered
+ * into chunks of up to SINK_CHUNK_BYTES, written when a chunk is full or
+ * once the event loop turns (so `tail` still prints each record at once):
+ * one stream write per record cost a replay as much as decoding it.
+ */
+const SINK_CHUNK_BYTES = 64 * 1024
+
 export class OutputSink {
   #closed = false
   #error: Error | null = null
   readonly #ownsStream: boolean
+  #pending: Array<string | Uint8Array> = []
+  #pendingBytes = 0
+  #flushScheduled = false
 
   private constructor (private readonly stream: NodeJS.WritableStream, owns: boolean) {
     this.#ownsStream = owns
@@ -187,7 +199,26 @@ export class OutputSink {
 
   async write (chunk: string | Uint8Array): Promise<void> {
     if (this.#closed) return
-    if (!this.stream.write(chunk)) {
+    this.#pending.push(chunk)
+    this.#pendingBytes += typeof chunk === 'string' ? chunk.length : chunk.byteLength
+    if (this.#pendingBytes >= SINK_CHUNK_BYTES) {
+      await this.#flush()
+    } else if (!this.#flushScheduled) {
+      this.#flushScheduled = true
+      setImmediate(() => { this.#flushScheduled = false; void this.#flush() })
+    }
+  }
+
+  /** Writes what was gathered; resolves once the stream can take more. */
+  async #flush (): Promise<void> {
+    if (this.#pending.length === 0 || this.#closed) return
+    const parts = this.#pending
+    this.#pending = []
+    this.#pendingBytes = 0
+    const data = parts.every((p) => typeof p === 'string')
+      ? parts.join('')
+      : Buffer.concat(parts.map((p) => typeof p === 'string' ? Buffer.from(p) : p))
+    if (!this.stream.write(data)) {
       await new Promise<void>((resolve) => {
         const done = (): void => { this.stream.off('drain', done); this.stream.off('error', done); resolve() }
         this.stream.once('drain', done)
@@ -198,6 +229,7 @@ export class OutputSink {
 
   /** Ends a file; for stdout, waits until what was written has reached the OS, since `edgemq` ends with process.exit. */
   async close (): Promise<void> {
+    await this.#flush()
     if (this.#ownsStream && !this.#closed) {
       this.stream.end()
       await once(this.stream, 'finish').catch(() => {})
@@ -211,29 +243,59 @@ export class OutputSink {
   }
 }
 
+const JSON_OPEN = Buffer.from('[\n')
+const JSON_NEXT = Buffer.from(',\n')
+const SCRATCH_BYTES = 256 * 1024
+
 /** Frames records in the chosen format. */
 export class RecordWriter {
   #count = 0
-  constructor (private readonly sink: OutputSink, private readonly format: OutputFormat, private readonly payload: PayloadEncoding) {}
+  readonly #json: RecordJson
+  /** NDJSON and JSON records are written into this and handed to the sink as views, not one buffer each. */
+  #scratch = Buffer.allocUnsafe(SCRATCH_BYTES)
+  #at = 0
+
+  constructor (private readonly sink: OutputSink, private readonly format: OutputFormat, payload: PayloadEncoding) {
+    this.#json = new RecordJson(payload)
+  }
 
   get count (): number { return this.#count }
 
+  /** Writes one record; returns its size in the output, in bytes. */
   async write (r: CliRecord): Promise<number> {
-    let chunk: string | Uint8Array
-    switch (this.format) {
-      case 'ndjson': chunk = `${recordJson(r, this.payload)}\n`; break
-      case 'json': chunk = `${this.#count === 0 ? '[\n' : ',\n'}${recordJson(r, this.payload)}`; break
-      case 'cbor': {
-        const doc: Record<string, unknown> = { partition: r.partition, offset: r.offset, timestamp: r.timestamp, key: r.key, topic: r.topic, qos: r.qos, clientId: r.clientId }
-        if (r.headers !== null) doc.headers = r.headers
-        doc.payload = r.payload
-        chunk = cbor.encode(doc)
-        break
+    let chunk: Uint8Array
+    if (this.format === 'cbor') {
+      const doc: Record<string, unknown> = { partition: r.partition, offset: r.offset, timestamp: r.timestamp, key: r.key, topic: r.topic, qos: r.qos, clientId: r.clientId }
+      if (r.headers !== null) doc.headers = r.headers
+      doc.payload = r.payload
+      chunk = cbor.encode(doc)
+    } else {
+      const record = r as unknown as StoredRecord
+      if (this.format === 'json') this.#put(this.#count === 0 ? JSON_OPEN : JSON_NEXT)
+      const start = this.#at
+      let end = this.#json.encodeInto(this.#scratch, start, record, this.format === 'ndjson' ? 0x0a : null, r.partition)
+      if (end < 0) {
+        this.#scratch = Buffer.allocUnsafe(Math.max(SCRATCH_BYTES, 2 * this.#scratch.length))
+        this.#at = 0
+        end = this.#json.encodeInto(this.#scratch, 0, record, this.format === 'ndjson' ? 0x0a : null, r.partition)
+        while (end < 0) {
+          this.#scratch = Buffer.allocUnsafe(2 * this.#scratch.length)
+          end = this.#json.encodeInto(this.#scratch, 0, record, this.format === 'ndjson' ? 0x0a : null, r.partition)
+        }
       }
+      chunk = this.#scratch.subarray(this.#at, end)
+      this.#at = end
     }
     this.#count++
     await this.sink.write(chunk)
-    return typeof chunk === 'string' ? Buffer.byteLength(chunk) : chunk.byteLength
+    return chunk.byteLength
+  }
+
+  #put (bytes: Buffer): void {
+    if (this.#at + bytes.length > this.#scratch.length) { this.#scratch = Buffer.allocUnsafe(SCRATCH_BYTES); this.#at = 0 }
+    bytes.copy(this.#scratch, this.#at)
+    void this.sink.write(this.#scratch.subarray(this.#at, this.#at + bytes.length))
+    this.#at += bytes.length
   }
 
   async finish (): Promise<void> {
@@ -245,7 +307,8 @@ export class RecordWriter {
 
 /** Reads one partition's range; calls `emit` per matching record and returns where the read ended. */
 export interface PartitionReader {
-  read (partition: number, emit: (r: CliRecord) => Promise<boolean>, signal?: AbortSignal): Promise<{ nextOffset: number }>
+  /** `until`: the partition's log end when the replay started; a read need not go past it (a replay is a snapshot). */
+  read (partition: number, emit: (r: CliRecord) => Promise<boolean>, signal?: AbortSignal, until?: number): Promise<{ nextOffset: number }>
 }
 
 export interface ReplaySource {
@@ -264,7 +327,14 @@ interface ApiRecordLine {
   readonly payload: string
 }
 
-interface EndLine { readonly end: { readonly nextOffset: number, readonly endOfRange: boolean } }
+interface FetchEnd {
+  readonly nextOffset: number
+  readonly endOfRange: boolean
+  readonly logEndOffset?: number
+  /** `emit` asked to stop: the response was abandoned. */
+  readonly stopped?: boolean
+}
+interface EndLine { readonly end: FetchEnd }
 interface ErrorLine { readonly error: { readonly code: string, readonly message: string } }
 
 function positionQuery (pos: Position | undefined, start: boolean): Record<string, string> {
@@ -276,40 +346,69 @@ function positionQuery (pos: Position | undefined, start: boolean): Record<strin
   }
 }
 
-/** One NDJSON fetch of a partition: records until the gateway's end line. */
+function hasFilters (filters: Filters): boolean {
+  return filters.keys.length > 0 || filters.topics.length > 0 || filters.where !== undefined
+}
+
+function storedToCli (partition: number, r: StoredRecord): CliRecord {
+  return {
+    partition, offset: r.offset, timestamp: r.timestamp, key: r.key, topic: r.topic, qos: r.qos, clientId: r.clientId,
+    headers: r.headers, payload: Buffer.from(r.payload.buffer, r.payload.byteOffset, r.payload.byteLength),
+  }
+}
+
+/**
+ * One fetch of a partition: records until the gateway's last item. Without
+ * filters, the stored batches (`format=batches`); with filters, NDJSON
+ * filtered by the gateway.
+ */
 async function fetchPartition (api: ApiClient, spec: ReadSpec, partition: number, start: Position | undefined, extra: Record<string, string>,
-  emit: (r: CliRecord) => Promise<boolean>, signal?: AbortSignal): Promise<EndLine['end']> {
-  const url = api.url(['streams', spec.stream, 'partitions', partition, 'records'], {
-    format: 'ndjson',
-    payload: 'base64',
-    ...positionQuery(start, true),
-    ...positionQuery(spec.to, false),
-    key: spec.filters.keys,
-    topic: spec.filters.topics,
-    where: spec.filters.where,
-    ...extra,
-  })
+  emit: (r: CliRecord) => Promise<boolean>, signal?: AbortSignal): Promise<FetchEnd> {
+  const batches = !hasFilters(spec.filters)
+  const range = { ...positionQuery(start, true), ...positionQuery(spec.to, false) }
+  const url = api.url(['streams', spec.stream, 'partitions', partition, 'records'], batches
+    ? { format: 'batches', ...range, ...extra }
+    : { format: 'ndjson', payload: 'base64', ...range, key: spec.filters.keys, topic: spec.filters.topics, where: spec.filters.where, ...extra })
   const controller = new AbortController()
   const onAbort = (): void => controller.abort()
   signal?.addEventListener('abort', onAbort, { once: true })
+  // When `emit` asks to stop, the loops are left first (closing the body), and the request aborted after.
+  let stopped: FetchEnd | null = null
   try {
     const res = await api.request(url, { signal: controller.signal })
-    for await (const line of ndjsonLines(res)) {
-      const parsed = JSON.parse(line) as ApiRecordLine | EndLine | ErrorLine
-      if ('end' in parsed) return parsed.end
-      if ('error' in parsed) throw apiFailure(parsed.error.code, parsed.error.message)
-      const more = await emit({
-        partition, offset: parsed.offset, timestamp: parsed.timestamp, key: parsed.key, topic: parsed.topic, qos: parsed.qos,
-        clientId: parsed.clientId, headers: parsed.headers ?? null, payload: Buffer.from(parsed.payload, 'base64'),
-      })
-      if (!more) {
-        controller.abort()
-        return { nextOffset: parsed.offset + 1, endOfRange: false }
+    if (batches) {
+      if (res.body === null) throw new CliError('CLI_CUT_SHORT', `the gateway sent no body for ${spec.stream}[${partition}]`)
+      items: for await (const item of readBatchStream(res.body as unknown as AsyncIterable<Uint8Array>)) {
+        if (item.kind === 'end') return item.end
+        if (item.kind === 'error') throw apiFailure(item.error.code, item.error.message)
+        if (item.kind !== 'records') continue
+        for (const r of item.records) {
+          if (!await emit(storedToCli(partition, r))) {
+            stopped = { nextOffset: r.offset + 1, endOfRange: false, stopped: true }
+            break items
+          }
+        }
+      }
+    } else {
+      for await (const line of ndjsonLines(res)) {
+        const parsed = JSON.parse(line) as ApiRecordLine | EndLine | ErrorLine
+        if ('end' in parsed) return parsed.end
+        if ('error' in parsed) throw apiFailure(parsed.error.code, parsed.error.message)
+        const more = await emit({
+          partition, offset: parsed.offset, timestamp: parsed.timestamp, key: parsed.key, topic: parsed.topic, qos: parsed.qos,
+          clientId: parsed.clientId, headers: parsed.headers ?? null, payload: Buffer.from(parsed.payload, 'base64'),
+        })
+        if (!more) {
+          stopped = { nextOffset: parsed.offset + 1, endOfRange: false, stopped: true }
+          break
+        }
       }
     }
+    if (stopped !== null) return stopped
     throw new CliError('CLI_CUT_SHORT', `the gateway ended the response for ${spec.stream}[${partition}] before its last line (did it stop?)`)
   } finally {
     signal?.removeEventListener('abort', onAbort)
+    if (stopped !== null) controller.abort()
   }
 }
 
@@ -320,9 +419,15 @@ export function httpSource (api: ApiClient): ReplaySource {
     },
     reader (spec) {
       return {
-        async read (partition, emit, signal) {
-          const end = await fetchPartition(api, spec, partition, spec.from, {}, emit, signal)
-          return { nextOffset: end.nextOffset }
+        async read (partition, emit, signal, until = 0) {
+          // One fetch reads up to the log end, unless the gateway ended a batches response early (a `to` it placed
+          // meanwhile): then go on from where it stopped, up to the snapshot's end.
+          let start = spec.from
+          for (;;) {
+            const end = await fetchPartition(api, spec, partition, start, {}, emit, signal)
+            if (end.stopped === true || end.endOfRange || end.nextOffset >= until || (signal?.aborted ?? false)) return { nextOffset: end.nextOffset }
+            start = { kind: 'offset', offset: end.nextOffset }
+          }
         },
       }
     },
@@ -444,7 +549,7 @@ export async function replay (source: ReplaySource, spec: ReadSpec, output: Outp
         progress.advance(r.offset + 1 - position, 1, bytes)
         position = r.offset + 1
         return sink.open && !(io.signal?.aborted ?? false) && (spec.maxRecords === undefined || writer.count < spec.maxRecords)
-      }, io.signal)
+      }, io.signal, end)
       if (position === null) progress.addTotal(-Math.max(0, end - planned))
       else progress.advance(Math.max(0, Math.min(done.nextOffset, end) - position), 0, 0)
       if (!sink.open || (io.signal?.aborted ?? false) || (spec.maxRecords !== undefined && writer.count >= spec.maxRecords)) break

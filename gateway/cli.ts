@@ -6,7 +6,7 @@ import { readFileSync } from 'node:fs'
 import { Command, CommanderError, InvalidArgumentError, Option } from 'commander'
 import { parse as parseYaml } from 'yaml'
 import { pino, destination } from 'pino'
-import { hashPassword } from './auth.ts'
+import { generateApiToken, hashPassword } from './auth.ts'
 import { bridgeStatus, bridgeTable } from './cli-bridge.ts'
 import { deleteGroup, groupsTable, listGroups, listStreams, resetGroup, streamsTable, type AdminSource } from './cli-admin.ts'
 import { CliError } from './cli-errors.ts'
@@ -105,7 +105,7 @@ async function readPassword (): Promise<string> {
 
 const DEFAULT_URL = 'http://127.0.0.1:9464'
 
-interface SourceFlags { url?: string, user?: string, password?: string, dataDir?: string, tenant?: string }
+interface SourceFlags { url?: string, user?: string, password?: string, token?: string, dataDir?: string, tenant?: string }
 
 interface ReadFlags extends SourceFlags {
   stream: string
@@ -124,12 +124,18 @@ interface ReadFlags extends SourceFlags {
 
 /** The client commands are a composition root too: the only place they read the environment. */
 function apiClient (flags: SourceFlags): ApiClient {
-  if (flags.tenant !== undefined) throw new CliError('CLI_BAD_ARGUMENT', '--tenant goes with --data-dir; over HTTP the tenant is the user\'s')
-  return new ApiClient({
-    url: flags.url ?? process.env.EDGEMQ_URL ?? DEFAULT_URL,
-    user: flags.user ?? nonEmpty(process.env.EDGEMQ_USER),
-    password: flags.password ?? nonEmpty(process.env.EDGEMQ_PASSWORD),
-  })
+  if (flags.tenant !== undefined) throw new CliError('CLI_BAD_ARGUMENT', '--tenant goes with --data-dir; over HTTP the tenant is the user\'s or the token\'s')
+  const url = flags.url ?? process.env.EDGEMQ_URL ?? DEFAULT_URL
+  // Flags win over the environment; within either, a token and a user exclude each other (ApiClient says so).
+  if (flags.token !== undefined || flags.user !== undefined || flags.password !== undefined) {
+    return new ApiClient({ url, token: flags.token, user: flags.user ?? (flags.token === undefined ? nonEmpty(process.env.EDGEMQ_USER) : undefined), password: flags.password })
+  }
+  const token = nonEmpty(process.env.EDGEMQ_TOKEN)
+  const user = nonEmpty(process.env.EDGEMQ_USER)
+  if (token !== undefined && user !== undefined) {
+    throw new CliError('CLI_BAD_ARGUMENT', 'EDGEMQ_TOKEN and EDGEMQ_USER are both set: unset one, or choose with --token or --user')
+  }
+  return new ApiClient({ url, token, user, password: nonEmpty(process.env.EDGEMQ_PASSWORD) })
 }
 
 function nonEmpty (value: string | undefined): string | undefined {
@@ -139,8 +145,8 @@ function nonEmpty (value: string | undefined): string | undefined {
 /** Runs `fn` on the data directory (`--data-dir`) or the gateway over HTTP (`--url`, the default). */
 async function withAdminSource<T> (flags: SourceFlags, fn: (source: AdminSource) => Promise<T>): Promise<T> {
   if (flags.dataDir === undefined) return await fn({ kind: 'http', api: apiClient(flags) })
-  if (flags.url !== undefined || flags.user !== undefined || flags.password !== undefined) {
-    throw new CliError('CLI_BAD_ARGUMENT', '--data-dir reads a stopped gateway\'s files; --url, --user and --password are for a running one: give one or the other')
+  if (flags.url !== undefined || flags.user !== undefined || flags.password !== undefined || flags.token !== undefined) {
+    throw new CliError('CLI_BAD_ARGUMENT', '--data-dir reads a stopped gateway\'s files; --url, --user, --password and --token are for a running one: give one or the other')
   }
   const log = await openDataDir(flags.dataDir, flags.tenant ?? 'default')
   try {
@@ -185,6 +191,7 @@ function addSourceOptions (command: Command, offline: boolean): Command {
     .option('--url <url>', `the gateway's HTTP address (default ${DEFAULT_URL}, or EDGEMQ_URL)`)
     .option('--user <name>', 'a service or admin user (default EDGEMQ_USER)')
     .option('--password <password>', 'its password (default EDGEMQ_PASSWORD)')
+    .option('--token <token>', 'a bearer token printed by `edgemq token`, instead of --user and --password (default EDGEMQ_TOKEN)')
   if (offline) {
     command
       .option('--data-dir <dir>', 'read a stopped gateway\'s data directory instead of asking a running one')
@@ -315,6 +322,24 @@ export function buildProgram (exit: (code: number) => void): Command {
       const password = await readPassword()
       if (password.length === 0) throw new GatewayError('GW_BAD_PASSWORD_HASH', 'empty password on stdin')
       console.log(await hashPassword(password))
+    })
+  program.command('token')
+    .description('make a bearer token for the HTTP API: prints the token (keep it secret) and the apiTokens entry holding its hash')
+    .requiredOption('--name <name>', 'the entry\'s name, unique in apiTokens and part of the token (letters, digits, ".", "_", "-")')
+    .option('--tenant <name>', 'the tenant whose streams and groups the token reaches', 'default')
+    .addOption(new Option('--role <role>', 'service or admin may use the API').choices(['service', 'admin', 'device']).default('service'))
+    .option('--json', 'print {"token", "apiToken"} as JSON')
+    .action(async (flags: { name: string, tenant: string, role: string, json?: boolean }) => {
+      const name = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/
+      if (!name.test(flags.name)) throw new CliError('CLI_BAD_ARGUMENT', `--name ${JSON.stringify(flags.name)}: 1 to 64 letters, digits, ".", "_" and "-", starting with a letter or digit`)
+      if (!name.test(flags.tenant)) throw new CliError('CLI_BAD_ARGUMENT', `--tenant ${JSON.stringify(flags.tenant)}: 1 to 64 letters, digits, ".", "_" and "-", starting with a letter or digit`)
+      const token = generateApiToken(flags.name)
+      const entry = { name: flags.name, tenant: flags.tenant, role: flags.role, tokenHash: await hashPassword(token) }
+      await print(flags.json === true
+        ? `${JSON.stringify({ token, apiToken: entry })}\n`
+        : `# the token, shown only now: give it to the client (--token, or EDGEMQ_TOKEN)\n${token}\n` +
+          `# add this entry to apiTokens in the gateway's config (it holds only the token's hash)\n` +
+          `- { name: ${entry.name}, tenant: ${entry.tenant}, role: ${entry.role}, tokenHash: "${entry.tokenHash}" }\n`)
     })
   addClientCommands(program, exit)
   return program

@@ -62,6 +62,18 @@ const userSchema = {
   },
 } as const
 
+const apiTokenSchema = {
+  type: 'object',
+  additionalProperties: false,
+  required: ['name', 'tokenHash', 'tenant', 'role'],
+  properties: {
+    name: { type: 'string', pattern: NAME, description: 'Name of the token, unique; it is part of the token (emq_<name>_<secret>) and appears in logs.' },
+    tokenHash: { type: 'string', pattern: '^scrypt\\$', description: 'Hash printed by `edgemq token` (scrypt$N$r$p$salt$hash); the token itself is never stored.' },
+    tenant: { type: 'string', pattern: NAME, description: 'Tenant whose streams and groups the token reaches.' },
+    role: { enum: ['device', 'service', 'admin'], description: 'As for users: service and admin tokens may use the /v1 API; a device token is refused (403), as device users are.' },
+  },
+} as const
+
 const aclRuleSchema = {
   type: 'object',
   additionalProperties: false,
@@ -95,7 +107,7 @@ export const configSchema = {
     store: storeConfigSchema,
     tenants: {
       type: 'array', items: { type: 'string', pattern: NAME }, default: ['default'], uniqueItems: true,
-      description: 'Tenants and their isolated topic spaces. Tenants named by users are added automatically.',
+      description: 'Tenants and their isolated topic spaces. Tenants named by users and API tokens are added automatically.',
     },
     streams: {
       type: 'object',
@@ -147,6 +159,10 @@ export const configSchema = {
       },
     },
     users: { type: 'array', items: userSchema, default: [], description: 'Who may connect. With none, only anonymous clients on loopback listeners.' },
+    apiTokens: {
+      type: 'array', items: apiTokenSchema, default: [],
+      description: 'Bearer tokens for the /v1 API (Authorization: Bearer emq_…), each with a tenant and a role like a user. Print one with `edgemq token`.',
+    },
     acl: {
       type: 'array', items: aclRuleSchema, default: [],
       description: 'Extra rules, checked before the built-in ones: devices publish to devices/%c/... and subscribe to devices/%c/commands/#; services and admins use every topic of their tenant.',
@@ -177,6 +193,13 @@ export interface ListenerConfig {
 export interface UserConfig {
   readonly username: string
   readonly password?: string
+  readonly tenant: string
+  readonly role: Role
+}
+
+export interface ApiTokenConfig {
+  readonly name: string
+  readonly tokenHash: string
   readonly tenant: string
   readonly role: Role
 }
@@ -213,6 +236,7 @@ export interface GatewayConfig {
   }
   readonly http: { readonly host: string, readonly port: number }
   readonly users: readonly UserConfig[]
+  readonly apiTokens: readonly ApiTokenConfig[]
   readonly acl: readonly AclRule[]
   readonly shutdownTimeoutMs: number
   readonly bridge: BridgeConfig
@@ -258,6 +282,7 @@ export function buildConfig (input: unknown, source = 'config'): GatewayConfig {
   config.gatewayId ??= os.hostname().replace(/[^A-Za-z0-9._-]/g, '-').replace(/^[^A-Za-z0-9]+/, '').slice(0, 64) || 'edgemq'
   const tenants = new Set(config.tenants)
   for (const u of config.users) tenants.add(u.tenant)
+  for (const t of config.apiTokens) tenants.add(t.tenant)
   config.tenants = [...tenants]
   const names = new Set<string>()
   config.mqtt.listeners.forEach((l, i) => {
@@ -289,6 +314,11 @@ export function buildConfig (input: unknown, source = 'config'): GatewayConfig {
   config.users.forEach((u, i) => {
     if (usernames.has(u.username)) throw new GatewayError('GW_CONFIG_INVALID', `${source}: "users.${i}.username" duplicates "${u.username}"`)
     usernames.add(u.username)
+  })
+  const tokenNames = new Set<string>()
+  config.apiTokens.forEach((t, i) => {
+    if (tokenNames.has(t.name)) throw new GatewayError('GW_CONFIG_INVALID', `${source}: "apiTokens.${i}.name" duplicates "${t.name}"`)
+    tokenNames.add(t.name)
   })
   const bridgeProblem = bridgeConfigProblem(config.bridge, { gatewayId: config.gatewayId, tenants: config.tenants, streams: Object.keys(config.streams) })
   if (bridgeProblem !== null) throw new GatewayError('GW_CONFIG_INVALID', `${source}: ${bridgeProblem}`)

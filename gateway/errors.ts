@@ -9,7 +9,7 @@ export const GATEWAY_ERROR_CODES = {
   GW_LISTEN_FAILED: 'A listener or the HTTP server could not bind its address.',
   GW_INSECURE_LISTENER: 'A non-loopback listener would accept anonymous clients without allowAnonymous: true.',
   GW_TLS_FILES: 'A TLS certificate, key or CA file could not be read.',
-  GW_BAD_PASSWORD_HASH: 'A password hash is not of the form printed by `edgemq passwd`.',
+  GW_BAD_PASSWORD_HASH: 'A password or token hash is not of the form printed by `edgemq passwd` / `edgemq token`.',
 } as const
 
 export type GatewayErrorCode = keyof typeof GATEWAY_ERROR_CODES

@@ -200,7 +200,7 @@ export async function startGateway (config: GatewayConfig, deps: GatewayDeps): P
     const http = await startHttpServer(config.http, {
       registry,
       health: () => ({ healthy, reasons: healthy ? [] : [`log writes failing: ${lastStoreError ?? 'unknown error'}`] }),
-      api: { store, users: config.users, logger, bridge: runningBridge },
+      api: { store, users: config.users, tokens: config.apiTokens, logger, bridge: runningBridge },
     })
     cleanups.push(() => http.close())
 

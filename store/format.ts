@@ -54,6 +54,17 @@
  *   does not fit), keyIdx, topicIdx, clientIdx (Uint16Array), qos
  *   (Uint8Array), payloadLength (Uint32Array), payloads (one byte string),
  *   headers[] | null]`.
+ * The typed arrays are RFC 8746 tags over little-endian byte strings: 78
+ * (sint32), 86 (float64), 69 (uint16), 64 (uint8), 70 (uint32). Record i
+ * has offset base + i, timestamp firstTs + tsDelta[i], key
+ * strings[keyIdx[i]] (likewise topic and client id), and the payload bytes
+ * following those of records 0..i-1 in `payloads`.
+ *
+ * Batch values leave the process unchanged: the HTTP API's
+ * `format=batches` serves them as stored (README, "Binary batches"), and
+ * `decodeStoredBatch` below is what clients decode them with. So this
+ * layout is a wire format too: a change needs a new magic byte, and a
+ * reader must refuse a magic it does not know.
  */
 import { crc32 } from 'node:zlib'
 import { Encoder } from 'cbor-x'
@@ -334,4 +345,17 @@ export function decodeBatch (value: Buffer, header: BatchHeader, where: Where): 
     at += length
   }
   return out
+}
+
+/**
+ * Decodes one batch exactly as stored (the bytes {@link LogStore.readBatches}
+ * returns and the HTTP API's `format=batches` serves): checks magic and
+ * CRC-32, then returns every record of the batch, payloads as views into
+ * `bytes`. STORE_CORRUPT_BATCH when the bytes are not a valid batch;
+ * `where` only names the batch in that error.
+ */
+export function decodeStoredBatch (bytes: Uint8Array, where: { stream: string, partition: number } = { stream: '(unknown)', partition: 0 }): StoredRecord[] {
+  const value = Buffer.isBuffer(bytes) ? bytes : Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength)
+  const at = { ...where, baseOffset: value.length >= BATCH_HEADER_BYTES ? readU64(value, 5) : 0 }
+  return decodeBatch(value, readBatchHeader(value, at), at)
 }

@@ -29,8 +29,8 @@ import {
 } from './validate.ts'
 import {
   systemClock, type AppendListener, type AppendOptions, type AppendResult, type Clock, type DroppedRecords, type Durability, type GroupInfo, type GroupOptions,
-  type LogStore, type PartitionInfo, type PartitionLag, type ReadOptions, type ReadResult, type RecordInput,
-  type ResetSpec, type RetentionReport, type StoreLogger, type StoreObserver, type StoredRecord, type StreamInfo,
+  type BatchReadResult, type LogStore, type PartitionInfo, type PartitionLag, type ReadBatchesOptions, type ReadOptions, type ReadResult, type RecordInput,
+  type ResetSpec, type RetentionReport, type StoreLogger, type StoreObserver, type StoredBatch, type StoredRecord, type StreamInfo,
   type StreamOptions,
 } from './types.ts'
 
@@ -42,6 +42,7 @@ type BatchOp = AbstractBatchOperation<LogDb, Buffer, Buffer>
 type WriteOptions = AbstractBatchOptions<Buffer, Buffer> & { sync: boolean }
 const SYNC: WriteOptions = { sync: true }
 const NO_SYNC: WriteOptions = { sync: false }
+interface BatchWhere { readonly stream: string, readonly partition: number, readonly baseOffset: number }
 
 export interface LogStoreOptions {
   /** A directory for a classic-level database that the store opens and closes. */
@@ -616,14 +617,50 @@ class LevelLogStore implements LogStore {
     }
   }
 
-  /**
-   * Calls `onBatch` with the decoded records of each batch from the one
-   * holding `from` up to `end`, while `wantMore()` holds and `onBatch`
-   * returns true; a batch that will not be used is neither read, checked
-   * nor decoded. Seeks backwards (keys only) for the batch holding `from`,
-   * then iterates forwards one batch per call.
-   */
+  async readBatches (stream: string, partition: number, fromOffset: number, options: ReadBatchesOptions = {}): Promise<BatchReadResult> {
+    this.#checkOpen()
+    const part = this.#partition(stream, partition)
+    checkOffset(fromOffset, 'fromOffset')
+    const maxBytes = checkCount(options.maxBytes ?? 1024 * 1024, 'maxBytes', 1, 256 * 1024 * 1024)
+    let endOffset = Infinity
+    if (options.endOffset !== undefined) {
+      checkOffset(options.endOffset, 'endOffset')
+      endOffset = options.endOffset
+    }
+    this.#checkInRange(part, fromOffset)
+    const end = Math.min(part.logEnd, endOffset)
+    const batches: StoredBatch[] = []
+    let bytes = 0
+    if (fromOffset < end) {
+      // Records the batches of maxBytes hold, going by the partition's average record size: the tail index fetches that many at once.
+      const records = part.logEnd - part.logStart
+      const perRecord = records > 0 ? Math.max(1, part.bytes / records) : 100
+      const expect = Math.max(1, Math.min(65_536, Math.ceil(maxBytes / perRecord)))
+      await this.#scanValues(part, fromOffset, end, (value, header) => {
+        if (batches.length > 0 && bytes + value.length > maxBytes) return false
+        batches.push({ baseOffset: header.baseOffset, count: header.count, firstTimestamp: header.firstTimestamp, maxTimestamp: header.maxTimestamp, bytes: value })
+        bytes += value.length
+        return bytes < maxBytes
+      }, () => bytes < maxBytes, expect)
+    }
+    const last = batches[batches.length - 1]
+    return { batches, nextOffset: last === undefined ? fromOffset : last.baseOffset + last.count, logStartOffset: part.logStart, logEndOffset: part.logEnd }
+  }
+
+  /** Like {@link #scanValues}, with each batch's records decoded. */
   async #scan (part: PartitionState, from: number, end: number, onBatch: (records: StoredRecord[]) => boolean,
+    wantMore: () => boolean = () => true, expectRecords = MAX_BATCH_RECORDS): Promise<void> {
+    await this.#scanValues(part, from, end, (value, header, where) => onBatch(decodeBatch(value, header, where)), wantMore, expectRecords)
+  }
+
+  /**
+   * Calls `onBatch` with each stored batch value (its header checked: magic,
+   * CRC, base offset) from the one holding `from` up to `end`, while
+   * `wantMore()` holds and `onBatch` returns true; a batch that will not be
+   * used is neither read nor checked. Seeks backwards (keys only) for the
+   * batch holding `from`, then iterates forwards one batch per call.
+   */
+  async #scanValues (part: PartitionState, from: number, end: number, onBatch: (value: Buffer, header: BatchHeader, where: BatchWhere) => boolean,
     wantMore: () => boolean = () => true, expectRecords = MAX_BATCH_RECORDS): Promise<void> {
     const { id } = part.stream
     // Fast path: the batches holding [from, from + expectRecords) are in the tail index, fetch them in one call.
@@ -639,7 +676,7 @@ class LevelLogStore implements LogStore {
         const header = readBatchHeader(value, where)
         if (header.baseOffset > expected) break
         expected = header.baseOffset + header.count
-        if (!onBatch(decodeBatch(value, header, where))) return
+        if (!onBatch(value, header, where)) return
       }
       if (expected >= end || !wantMore()) return
       from = expected
@@ -663,7 +700,7 @@ class LevelLogStore implements LogStore {
               { details: { stream: part.stream.name, partition: part.partition, offset: expected, logStartOffset: part.logStart, logEndOffset: part.logEnd } })
           }
           expected = header.baseOffset + header.count
-          if (!onBatch(decodeBatch(value, header, where))) return
+          if (!onBatch(value, header, where)) return
         }
         // One batch per call, and only while the reader wants more: each can be a megabyte.
         if (!wantMore()) return

@@ -118,6 +118,40 @@ export interface ReadResult {
   readonly logEndOffset: number
 }
 
+export interface ReadBatchesOptions {
+  /**
+   * Stop before a batch that would take the bytes returned past this
+   * (default 1 MiB). At least one batch is returned when one is available.
+   */
+  readonly maxBytes?: number
+  /** Batches that start at or after this offset are not read. */
+  readonly endOffset?: number
+}
+
+/**
+ * One batch as stored: `bytes` is the batch value of the on-disk format
+ * (store/format.ts: a 33-byte header with magic, CRC-32, base offset, count
+ * and timestamps, then the columnar cbor body), checked but not decoded.
+ */
+export interface StoredBatch {
+  /** Offset of the batch's first record. */
+  readonly baseOffset: number
+  /** Records in the batch: offsets baseOffset .. baseOffset + count - 1. */
+  readonly count: number
+  readonly firstTimestamp: number
+  /** Largest record timestamp in the batch. */
+  readonly maxTimestamp: number
+  readonly bytes: Uint8Array
+}
+
+export interface BatchReadResult {
+  readonly batches: StoredBatch[]
+  /** Offset to read from next: the end of the last batch, or `fromOffset` when none was returned. */
+  readonly nextOffset: number
+  readonly logStartOffset: number
+  readonly logEndOffset: number
+}
+
 export interface GroupOptions {
   /** Retention never deletes records this group has not consumed (unless the disk budget forces it). */
   readonly holdsRetention: boolean
@@ -243,6 +277,18 @@ export interface LogStore {
    * rejects with STORE_OFFSET_OUT_OF_RANGE.
    */
   read (stream: string, partition: number, fromOffset: number, options?: ReadOptions): Promise<ReadResult>
+
+  /**
+   * Reads whole stored batches, from the one holding `fromOffset`, without
+   * decoding them: for serving the log's bytes as they are (the HTTP API's
+   * `format=batches`). The first batch may begin below `fromOffset`, and the
+   * last may reach past `options.endOffset`; records outside the range the
+   * caller asked for are its to skip. Every batch's magic, CRC and base
+   * offset are checked (STORE_CORRUPT_BATCH otherwise), and the batches are
+   * contiguous. Offset errors are those of {@link LogStore.read}.
+   * `decodeStoredBatch` (format.ts) turns a batch's bytes into records.
+   */
+  readBatches (stream: string, partition: number, fromOffset: number, options?: ReadBatchesOptions): Promise<BatchReadResult>
 
   /**
    * The first offset whose timestamp is >= `timestamp` (Kafka's

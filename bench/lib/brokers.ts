@@ -158,6 +158,26 @@ export async function startEdgemq (dataDir: string, nodeFlags: readonly string[]
   }
 }
 
+/** A bench helper server in a child process (`node --import tsx <script> …args`) that prints `listening on <port>` when ready. */
+export interface ListeningChild { readonly port: number, readonly pid: number, stop (): Promise<void> }
+
+export async function startListeningChild (script: string, args: readonly string[], what: string): Promise<ListeningChild> {
+  const child = spawn(process.execPath, ['--import', 'tsx', script, ...args], { stdio: ['ignore', 'pipe', 'inherit'] })
+  const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()))
+  running.add(child)
+  void exited.then(() => running.delete(child))
+  const port = await new Promise<number>((resolve, reject) => {
+    let out = ''
+    child.stdout.on('data', (d: Buffer) => {
+      out += d.toString()
+      const m = /listening on (\d+)/.exec(out)
+      if (m !== null) resolve(Number(m[1]))
+    })
+    child.once('exit', (code) => reject(new Error(`${what} exited with ${code}`)))
+  })
+  return { port, pid: child.pid ?? -1, stop: async () => { child.kill('SIGTERM'); await exited } }
+}
+
 let clockTicks: number | undefined
 
 /** User + system CPU seconds of a process and all its threads so far (Linux /proc); undefined elsewhere. */

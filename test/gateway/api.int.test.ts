@@ -8,14 +8,14 @@
  */
 import os from 'node:os'
 import path from 'node:path'
-import { decode as decodeCbor } from 'cbor-x'
+import { decode as decodeCbor, decodeMultiple } from 'cbor-x'
 import mqtt, { type MqttClient } from 'mqtt'
 import { pino } from 'pino'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { hashPassword } from '../../gateway/auth.ts'
+import { generateApiToken, hashPassword } from '../../gateway/auth.ts'
 import { buildConfig } from '../../gateway/config.ts'
 import { startGateway, type Gateway } from '../../gateway/gateway.ts'
-import type { StoredRecord } from '../../store/index.ts'
+import { decodeStoredBatch, type StoredRecord } from '../../store/index.ts'
 import { tempDir } from '../helpers/gateway-process.ts'
 import { metricValue, sleep } from '../helpers/mqtt-probe.ts'
 
@@ -30,6 +30,13 @@ const USERS = {
 type Username = keyof typeof USERS
 const password = (user: string): string => `pw-of-${user}`
 const basic = (user: string, pw = password(user)): string => `Basic ${Buffer.from(`${user}:${pw}`).toString('base64')}`
+/** Bearer tokens of apiTokens, by entry name. */
+const TOKENS = {
+  'acme-reader': { tenant: 'acme', role: 'service', token: generateApiToken('acme-reader') },
+  'globex-reader': { tenant: 'globex', role: 'service', token: generateApiToken('globex-reader') },
+  'acme-sensor': { tenant: 'acme', role: 'device', token: generateApiToken('acme-sensor') },
+} as const
+const bearer = (name: keyof typeof TOKENS): string => `Bearer ${TOKENS[name].token}`
 
 const DEVICES = ['dev-1', 'dev-2', 'dev-3', 'dev-4', 'dev-5']
 /** Messages per device in each phase; the phases are apart in time. */
@@ -125,9 +132,13 @@ describe('HTTP pull and replay API', () => {
     const users = await Promise.all(Object.entries(USERS).map(async ([username, u]) => ({
       username, ...u, password: await hashPassword(password(username), { N: 1024, r: 8, p: 1 }),
     })))
+    const apiTokens = await Promise.all(Object.entries(TOKENS).map(async ([name, t]) => ({
+      name, tenant: t.tenant, role: t.role, tokenHash: await hashPassword(t.token, { N: 1024, r: 8, p: 1 }),
+    })))
     const config = buildConfig({
       dataDir: path.join(dir, 'data'),
       users,
+      apiTokens,
       streams: {
         telemetry: { partitions: 2, retentionMs: 0 },
         // Tiny, so that one retention pass moves the log start.
@@ -280,6 +291,79 @@ describe('HTTP pull and replay API', () => {
     const viaAccept = await call(`/v1/streams/telemetry/partitions/${p}/records?maxRecords=1`, { headers: { accept: 'application/x-ndjson' } })
     expect(viaAccept.headers.get('content-type')).toMatch(/^application\/x-ndjson/)
     await viaAccept.text()
+  })
+
+  /** A format=batches body read as the README tells a client to: a CBOR sequence of head, stored batches, end. */
+  function decodeBatchesBody (body: Buffer): { head: { fromOffset: number, endOffset: number | null }, batches: Buffer[], records: StoredRecord[], last: Record<string, Record<string, unknown>> } {
+    const items = decodeMultiple(body) as unknown[]
+    const head = items[0] as { stream: string, partition: number, fromOffset: number, endOffset: number | null }
+    const batches = items.slice(1, -1).map((b) => Buffer.from(b as Uint8Array))
+    const records = batches.flatMap((b) => decodeStoredBatch(b)).filter((r) => r.offset >= head.fromOffset && (head.endOffset === null || r.offset < head.endOffset))
+    return { head, batches, records, last: items.at(-1) as Record<string, Record<string, unknown>> }
+  }
+
+  it('serves the stored batches unchanged (format=batches), holding exactly the records of the JSON format, also from and to inside a batch', async () => {
+    for (const p of [0, 1]) {
+      const { batches: stored } = await gw.store.readBatches('acme/telemetry', p, 0, { maxBytes: 64 << 20 })
+      const logEnd = gw.store.partitionInfo('acme/telemetry', p).logEndOffset
+      expect(stored.length).toBeGreaterThanOrEqual(2)
+      const second = stored[1]!
+      expect(second.count).toBeGreaterThan(10)
+      const inSecond = second.baseOffset + 3
+      const ranges = [
+        '', `offset=${inSecond}`, `offset=${inSecond}&endOffset=${inSecond + 5}`, `offset=1&endOffset=${logEnd - 1}`,
+        `from=${phaseStart[1]!}&to=${phaseStart[2]!}`, `from=${phaseStart[2]!}`, 'offset=latest', `offset=${second.baseOffset}&endOffset=${second.baseOffset + second.count}`,
+      ]
+      for (const range of ranges) {
+        const res = await call(`/v1/streams/telemetry/partitions/${p}/records?format=batches&${range}`)
+        expect(res.status, range).toBe(200)
+        expect(res.headers.get('content-type')).toBe('application/vnd.edgemq.batches+cbor-seq')
+        const got = decodeBatchesBody(Buffer.from(await res.arrayBuffer()))
+        const json = await getJson<FetchBody>(`/v1/streams/telemetry/partitions/${p}/records?maxRecords=100000&maxBytes=67108864${range === '' ? '' : `&${range}`}`)
+        expect(got.records.map(asApi), range).toEqual(json.records)
+        expect(got.last, range).toEqual({
+          end: { stream: 'telemetry', partition: p, nextOffset: json.nextOffset, logStartOffset: 0, logEndOffset: logEnd, endOfRange: json.endOfRange, records: json.records.length, batches: got.batches.length, bytes: got.batches.reduce((n, b) => n + b.length, 0) },
+        })
+        // Byte for byte what the log holds, whole batches: the first may start before fromOffset, the last run past endOffset.
+        for (const b of got.batches) {
+          const same = stored.find((s) => s.baseOffset === decodeStoredBatch(b)[0]!.offset)!
+          expect(Buffer.compare(b, same.bytes)).toBe(0)
+        }
+        if (json.records.length > 0) expect(got.head.fromOffset).toBe(json.records[0]!.offset)
+      }
+      // The head states the range when the start or end falls inside a batch.
+      const mid = decodeBatchesBody(Buffer.from(await (await call(`/v1/streams/telemetry/partitions/${p}/records?format=batches&offset=${inSecond}&endOffset=${inSecond + 5}`)).arrayBuffer()))
+      expect(mid.head).toEqual({ stream: 'telemetry', partition: p, fromOffset: inSecond, endOffset: inSecond + 5 })
+      expect(mid.batches).toHaveLength(1)
+      // maxBytes bounds the batch bytes: whole batches, at least one.
+      const one = decodeBatchesBody(Buffer.from(await (await call(`/v1/streams/telemetry/partitions/${p}/records?format=batches&offset=${inSecond}&maxBytes=1`)).arrayBuffer()))
+      expect(one.records.map((r) => r.offset)).toEqual(Array.from({ length: second.count - 3 }, (_, i) => inSecond + i))
+      expect(one.last.end).toMatchObject({ nextOffset: second.baseOffset + second.count, endOfRange: false, batches: 1 })
+    }
+    // Accept chooses the format too.
+    const viaAccept = await call('/v1/streams/telemetry/partitions/0/records?offset=latest', { headers: { accept: 'application/vnd.edgemq.batches+cbor-seq' } })
+    expect(viaAccept.headers.get('content-type')).toBe('application/vnd.edgemq.batches+cbor-seq')
+    await viaAccept.arrayBuffer()
+  })
+
+  it('long-polls format=batches, and refuses what needs decoded records', async () => {
+    const start = gw.store.partitionInfo('acme/commands', 0).logEndOffset
+    const pending = call('/v1/streams/commands/partitions/0/records?format=batches&offset=latest&wait=20').then(async (r) => decodeBatchesBody(Buffer.from(await r.arrayBuffer())))
+    await sleep(200)
+    const publisher = await connect('acme-svc', 'acme-batches-publisher')
+    await publisher.publishAsync('devices/dev-3/commands/reboot', JSON.stringify({ at: 1 }), { qos: 1 })
+    const got = await pending
+    expect(got.head.fromOffset).toBe(start)
+    expect(got.records.map((r) => [r.offset, Buffer.from(r.payload).toString()])).toEqual([[start, JSON.stringify({ at: 1 })]])
+    expect(got.last.end).toMatchObject({ nextOffset: start + 1, records: 1, endOfRange: false })
+
+    for (const q of ['key=dev-1', 'topic=devices/%2B/telemetry/%23', 'where=temp%20%3E%201', 'maxRecords=10', 'payload=base64']) {
+      const err = await expectError(`/v1/streams/telemetry/partitions/0/records?format=batches&${q}`, 400, 'HTTP_BAD_REQUEST')
+      expect(err.parameter).toBe(q.slice(0, q.indexOf('=')))
+    }
+    await expectError('/v1/streams/telemetry/records?key=dev-1&format=batches', 400, 'HTTP_BAD_REQUEST')
+    const end = gw.store.partitionInfo('acme/telemetry', 0).logEndOffset
+    await expectError(`/v1/streams/telemetry/partitions/0/records?format=batches&offset=${end + 1}`, 416, 'HTTP_OFFSET_OUT_OF_RANGE')
   })
 
   it('fetches a time range through the time index: from the first record at or after `from` to the first at or after `to`', async () => {
@@ -532,6 +616,47 @@ describe('HTTP pull and replay API', () => {
     expect(reset.partitions[0]!.committedOffset).toBe(start)
   })
 
+  it('serves bearer tokens as their tenant, and refuses wrong, malformed and device-role ones', async () => {
+    const asToken = (name: keyof typeof TOKENS, pathAndQuery: string): Promise<Response> => call(pathAndQuery, { user: null, headers: { authorization: bearer(name) } })
+    const acme = await asToken('acme-reader', '/v1/streams')
+    expect(acme.status).toBe(200)
+    expect(await acme.json()).toEqual(await getJson('/v1/streams'))
+    const records = await asToken('acme-reader', '/v1/streams/telemetry/partitions/0/records?maxRecords=50')
+    expect(((await records.json()) as FetchBody).records).toEqual(reference.get(0)!.slice(0, 50).map(asApi))
+
+    // Tenant isolation: globex's token sees globex's log only, and cannot name acme's.
+    const globex = await asToken('globex-reader', '/v1/streams/telemetry/records?key=dev-1')
+    expect(((await globex.json()) as FetchBody).records.map((r) => r.payload)).toEqual([JSON.stringify({ secret: 'globex' })])
+    const globexStreams = (await (await asToken('globex-reader', '/v1/streams')).json()) as { tenant: string, streams: Array<{ name: string, records: number }> }
+    expect(globexStreams.tenant).toBe('globex')
+    expect(globexStreams.streams.find((s) => s.name === 'telemetry')?.records).toBe(1)
+    for (const name of ['acme%2Ftelemetry', '..%2Facme%2Ftelemetry']) {
+      await expectError(`/v1/streams/${name}/partitions/0/records`, 404, 'HTTP_UNKNOWN_STREAM', { user: null, headers: { authorization: bearer('globex-reader') } })
+    }
+    await getJson('/v1/groups/acme-only/streams/telemetry/commit', { method: 'POST', body: { offsets: [{ partition: 0, offset: 1 }] } })
+    const globexGroups = (await (await asToken('globex-reader', '/v1/groups')).json()) as { groups: Array<{ group: string }> }
+    expect(globexGroups.groups.map((g) => g.group)).not.toContain('acme-only')
+    await expectError('/v1/groups/acme-only', 404, 'HTTP_UNKNOWN_GROUP', { user: null, headers: { authorization: bearer('globex-reader') } })
+    await getJson('/v1/groups/acme-only', { method: 'DELETE' })
+
+    // Refusals, each with its challenge.
+    const wrong = await call('/v1/streams', { user: null, headers: { authorization: `Bearer ${TOKENS['acme-reader'].token.slice(0, -4)}AAAA` } })
+    expect(wrong.status).toBe(401)
+    expect(wrong.headers.get('www-authenticate')).toBe('Bearer realm="edgemq", error="invalid_token"')
+    expect(((await wrong.json()) as ErrorBody).error.code).toBe('HTTP_BAD_TOKEN')
+    await expectError('/v1/streams', 401, 'HTTP_BAD_TOKEN', { user: null, headers: { authorization: `Bearer ${generateApiToken('acme-reader')}` } })
+    await expectError('/v1/streams', 401, 'HTTP_BAD_TOKEN', { user: null, headers: { authorization: 'Bearer' } })
+    await expectError('/v1/streams', 401, 'HTTP_BAD_TOKEN', { user: null, headers: { authorization: `Bearer ${TOKENS['acme-reader'].token} x` } })
+    await expectError('/v1/streams', 401, 'HTTP_BAD_CREDENTIALS', { user: null, headers: { authorization: `Token ${TOKENS['acme-reader'].token}` } })
+    const device = await asToken('acme-sensor', '/v1/streams')
+    expect(device.status).toBe(403)
+    expect(device.headers.get('www-authenticate')).toBe('Bearer realm="edgemq", error="insufficient_scope"')
+    expect(((await device.json()) as ErrorBody).error.code).toBe('HTTP_FORBIDDEN')
+    // No credentials at all: both schemes are offered.
+    const none = await call('/v1/streams', { user: null })
+    expect(none.headers.get('www-authenticate')).toBe('Basic realm="edgemq", charset="UTF-8", Bearer realm="edgemq"')
+  })
+
   it('gives every bad request its error code and status', async () => {
     const end0 = gw.store.partitionInfo('acme/telemetry', 0).logEndOffset
     // Auth.
@@ -541,7 +666,7 @@ describe('HTTP pull and replay API', () => {
     expect(((await missing.json()) as ErrorBody).error.code).toBe('HTTP_AUTH_REQUIRED')
     await expectError('/v1/streams', 401, 'HTTP_BAD_CREDENTIALS', { user: null, headers: { authorization: basic('acme-svc', 'wrong') } })
     await expectError('/v1/streams', 401, 'HTTP_BAD_CREDENTIALS', { user: null, headers: { authorization: basic('nobody') } })
-    await expectError('/v1/streams', 401, 'HTTP_BAD_CREDENTIALS', { user: null, headers: { authorization: 'Bearer abc.def' } })
+    await expectError('/v1/streams', 401, 'HTTP_BAD_TOKEN', { user: null, headers: { authorization: 'Bearer abc.def' } })
     await expectError('/v1/streams', 401, 'HTTP_BAD_CREDENTIALS', { user: null, headers: { authorization: 'Basic !!!' } })
     await expectError('/v1/streams', 401, 'HTTP_BAD_CREDENTIALS', { user: null, headers: { authorization: `Basic ${Buffer.from('no-colon').toString('base64')}` } })
     await expectError('/v1/streams', 403, 'HTTP_FORBIDDEN', { user: 'acme-dev' })

@@ -12,7 +12,7 @@ import path from 'node:path'
 import { decodeMultiple } from 'cbor-x'
 import mqtt, { type MqttClient } from 'mqtt'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { hashPassword } from '../../gateway/auth.ts'
+import { apiTokenName, generateApiToken, hashPassword, verifyPassword } from '../../gateway/auth.ts'
 import { startGatewayProcess, tempDir, writeConfig, type GatewayProcess } from '../helpers/gateway-process.ts'
 import { sleep, waitFor } from '../helpers/mqtt-probe.ts'
 
@@ -20,6 +20,8 @@ const ROOT = path.resolve(import.meta.dirname, '../..')
 const BIN = path.join(ROOT, 'gateway/edgemq.mjs')
 const USER = 'acme-svc'
 const PASSWORD = 'pw-of-acme-svc'
+/** A bearer token of tenant acme (apiTokens), for --token and EDGEMQ_TOKEN. */
+const TOKEN = generateApiToken('acme-cli')
 const DEVICES = ['dev-1', 'dev-2', 'dev-3', 'dev-4', 'dev-5']
 /** Messages per device in each phase; the phases are apart in time. */
 const PHASES = [120, 30, 80] as const
@@ -34,7 +36,7 @@ interface Run { readonly code: number | null, readonly stdout: string, readonly 
 /** Runs `edgemq …` with a deadline, optionally with extra environment variables. */
 function edgemq (args: readonly string[], env: Record<string, string> = {}, timeoutMs = 20_000): Promise<Run> {
   return new Promise((resolve) => {
-    const child = spawn(process.execPath, [BIN, ...args], { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, EDGEMQ_USER: '', EDGEMQ_PASSWORD: '', ...env } })
+    const child = spawn(process.execPath, [BIN, ...args], { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, EDGEMQ_USER: '', EDGEMQ_PASSWORD: '', EDGEMQ_TOKEN: '', ...env } })
     let stdout = ''
     let stderr = ''
     const timer = setTimeout(() => child.kill('SIGKILL'), timeoutMs)
@@ -93,6 +95,7 @@ describe('edgemq replay, tail, streams and groups', () => {
     ({ dir: dataDir, cleanup } = await tempDir('edgemq-cli-'))
     const config = await writeConfig(dataDir, {
       users: [{ username: USER, tenant: 'acme', role: 'service', password: await hashPassword(PASSWORD, { N: 1024, r: 8, p: 1 }) }],
+      apiTokens: [{ name: 'acme-cli', tenant: 'acme', role: 'service', tokenHash: await hashPassword(TOKEN, { N: 1024, r: 8, p: 1 }) }],
       streams: { telemetry: { partitions: 2, retentionMs: 0 }, events: { partitions: 1, retentionMs: 0 }, commands: { partitions: 1 } },
       mqtt: { listeners: [{ type: 'tcp', port: 0 }] },
     })
@@ -143,6 +146,15 @@ describe('edgemq replay, tail, streams and groups', () => {
     expect(run.code, run.stderr).toBe(0)
     expect(lines(run.stdout)).toEqual(expected([1], (r) => r.offset >= 100 && r.offset < 250))
     expect(lines(run.stdout)).toHaveLength(150)
+    // --max-records ends a replay early, stored batches or filtered NDJSON alike.
+    const [first5, first5Filtered] = await Promise.all([
+      edgemq(['replay', '--stream', 'telemetry', '--partition', '1', '--from', '100', '--max-records', '5', ...auth]),
+      edgemq(['replay', '--stream', 'telemetry', '--partition', '1', '--from', '100', '--max-records', '5', '--topic', '#', ...auth]),
+    ])
+    for (const r of [first5, first5Filtered]) {
+      expect({ code: r.code, stderr: r.stderr }).toEqual({ code: 0, stderr: '' })
+      expect(lines(r.stdout)).toEqual(expected([1], (x) => x.offset >= 100 && x.offset < 105))
+    }
   })
 
   it('replays a time range, given as ISO 8601 or @epoch ms, through every partition', async () => {
@@ -281,6 +293,36 @@ describe('edgemq replay, tail, streams and groups', () => {
     expect(lines(bounded.stdout).map((r) => r.offset)).toEqual([0, 1, 2])
   })
 
+  it('authenticates with a bearer token from --token or EDGEMQ_TOKEN', async () => {
+    const url = ['--url', gw.httpUrl]
+    const [byFlag, byEnv, streams] = await Promise.all([
+      edgemq(['replay', '--stream', 'telemetry', '--token', TOKEN, ...url]),
+      edgemq(['replay', '--stream', 'telemetry', ...url], { EDGEMQ_TOKEN: TOKEN }),
+      edgemq(['streams', '--json', ...url], { EDGEMQ_TOKEN: TOKEN }),
+    ])
+    for (const run of [byFlag, byEnv, streams]) expect({ code: run.code, stderr: run.stderr }).toEqual({ code: 0, stderr: '' })
+    expect(lines(byFlag.stdout)).toEqual(expected([0, 1]))
+    expect(byEnv.stdout).toBe(byFlag.stdout)
+    expect((JSON.parse(streams.stdout) as { tenant: string }).tenant).toBe('acme')
+    // A flag of one kind overrides the environment of the other.
+    const flagOverEnv = await edgemq(['streams', '--user', USER, '--password', PASSWORD, ...url], { EDGEMQ_TOKEN: 'emq_x_garbage' })
+    expect(flagOverEnv.code, flagOverEnv.stderr).toBe(0)
+  })
+
+  it('makes tokens with `edgemq token`: the token, and the config entry holding its hash', async () => {
+    const run = await edgemq(['token', '--name', 'ci-reader', '--tenant', 'acme', '--role', 'admin', '--json'])
+    expect(run.code, run.stderr).toBe(0)
+    const { token, apiToken } = JSON.parse(run.stdout) as { token: string, apiToken: { name: string, tenant: string, role: string, tokenHash: string } }
+    expect(apiTokenName(token)).toBe('ci-reader')
+    expect(apiToken).toMatchObject({ name: 'ci-reader', tenant: 'acme', role: 'admin', tokenHash: expect.stringMatching(/^scrypt\$16384\$/) })
+    expect(await verifyPassword(apiToken.tokenHash, token)).toBe(true)
+    const human = await edgemq(['token', '--name', 'ops'])
+    expect(human.code, human.stderr).toBe(0)
+    const [, tokenLine, , entryLine] = human.stdout.split('\n')
+    expect(apiTokenName(tokenLine!)).toBe('ops')
+    expect(entryLine).toMatch(/^- \{ name: ops, tenant: default, role: service, tokenHash: "scrypt\$[^"]+" \}$/)
+  })
+
   it('gives each bad input its error and a non-zero exit', async () => {
     const closed = await new Promise<number>((resolve) => {
       const server = createServer().listen(0, '127.0.0.1', () => {
@@ -305,8 +347,19 @@ describe('edgemq replay, tail, streams and groups', () => {
       ['CLI_GATEWAY_RUNNING', ['replay', '--stream', 'telemetry', '--data-dir', path.join(dataDir, 'data'), '--tenant', 'acme']],
       ['CLI_NO_DATA', ['streams', '--data-dir', path.join(dataDir, 'no-such-dir')]],
       ['CLI_BAD_ARGUMENT', ['streams', '--data-dir', path.join(dataDir, 'data'), '--url', gw.httpUrl]],
+      ['CLI_AUTH', ['streams', '--url', gw.httpUrl, '--token', generateApiToken('acme-cli')]],
+      ['CLI_AUTH', ['streams', '--url', gw.httpUrl, '--token', 'not-a-token']],
+      ['CLI_BAD_ARGUMENT', ['streams', '--url', gw.httpUrl, '--token', TOKEN, '--user', USER]],
+      ['CLI_BAD_ARGUMENT', ['streams', '--url', gw.httpUrl, '--token', 'has space']],
+      ['CLI_BAD_ARGUMENT', ['streams', '--data-dir', path.join(dataDir, 'data'), '--token', TOKEN]],
+      ['CLI_BAD_ARGUMENT', ['token', '--name', 'bad name']],
+      ['CLI_BAD_ARGUMENT', ['token', '--name', 'ok', '--tenant', 'a/b']],
     ]
-    const runs = await Promise.all(cases.map(([, args]) => edgemq(args)))
+    // A few at a time: two dozen CLI processes at once on a shared 2-core machine can outlast the per-run deadline.
+    const runs: Run[] = []
+    for (let i = 0; i < cases.length; i += 6) runs.push(...await Promise.all(cases.slice(i, i + 6).map(([, args]) => edgemq(args))))
+    // Both credentials in the environment: ambiguous, refused.
+    expectFailure(await edgemq(['streams', '--url', gw.httpUrl], { EDGEMQ_TOKEN: TOKEN, EDGEMQ_USER: USER, EDGEMQ_PASSWORD: PASSWORD }), 'CLI_BAD_ARGUMENT')
     cases.forEach(([code], i) => expectFailure(runs[i]!, code))
     const byCode = (code: string, nth = 0): Run => runs.filter((_, i) => cases[i]![0] === code)[nth]!
     expect(byCode('CLI_GATEWAY_RUNNING').stderr).toContain('the gateway is running; use --url')

@@ -4,7 +4,7 @@
  */
 import { afterEach, describe, expect, it } from 'vitest'
 import { MemoryLevel } from 'memory-level'
-import { openLogStore, type LevelDatabase, type LogStore } from '../../store/index.ts'
+import { decodeStoredBatch, openLogStore, type LevelDatabase, type LogStore } from '../../store/index.ts'
 import { backends, payloadOf, type Backend } from './harness.ts'
 
 function logSublevel (db: LevelDatabase): LevelDatabase {
@@ -59,6 +59,9 @@ for (const makeBackend of backends) {
       stores.push(store)
       const err = await store.read('t/s', 0, 5).catch((e: unknown) => e)
       expect(err).toMatchObject({ code: 'STORE_CORRUPT_BATCH', details: { stream: 't/s', partition: 0, baseOffset: 0 } })
+      // Served as stored bytes or decoded, a damaged batch is never data.
+      expect(await store.readBatches('t/s', 0, 5).catch((e: unknown) => e)).toMatchObject({ code: 'STORE_CORRUPT_BATCH', details: { baseOffset: 0 } })
+      expect(() => decodeStoredBatch(copy)).toThrow(expect.objectContaining({ code: 'STORE_CORRUPT_BATCH' }))
       // The intact batch after it is still readable, and appends go on.
       expect((await store.read('t/s', 0, 100)).records.map((r) => r.offset)).toEqual([100])
       expect((await store.append('t/s', 'k', { payload: payloadOf(101) })).offset).toBe(101)

@@ -4,7 +4,7 @@
  * after close → reopen at the `checkpoint()` the test marks.
  */
 import { afterEach, describe, expect, it } from 'vitest'
-import type { LogStore, StoredRecord, StoreObserver, CommitStats } from '../../store/index.ts'
+import { decodeStoredBatch, type LogStore, type StoredRecord, type StoreObserver, type CommitStats } from '../../store/index.ts'
 import { backends, FakeClock, payloadOf, type Backend, type StoreOptions } from './harness.ts'
 
 interface Ctx {
@@ -164,6 +164,55 @@ for (const makeBackend of backends) {
         for (const r of all) expect(Buffer.from(r.payload).equals(payloadOf(r.offset, 100))).toBe(true)
         const atEnd = await store.read('t/s', 0, 2530)
         expect(atEnd).toMatchObject({ records: [], nextOffset: 2530, logStartOffset: 0, logEndOffset: 2530 })
+      })
+
+      writeTest('reads whole stored batches that decode to exactly the records read() returns', async (ctx) => {
+        await ctx.store.createStream('t/s', { partitions: 1 })
+        // Several batches of different sizes, with headers on some records.
+        await Promise.all(Array.from({ length: 2500 }, (_, i) => ctx.store.append('t/s', `k${i % 7}`, { payload: payloadOf(i, 100), topic: `devices/k${i % 7}/t`, qos: 1 })))
+        for (let i = 0; i < 30; i++) await ctx.store.append('t/s', 'k', { payload: payloadOf(2500 + i, 1 + i), headers: i % 2 === 0 ? { n: String(i) } : undefined })
+        await ctx.checkpoint()
+        const { store } = ctx
+        const all = await readAll(store, 't/s', 0)
+        expect(all).toHaveLength(2530)
+        /** Every batch from `from` on, decoded, below-`from` records dropped. */
+        const viaBatches = async (from: number, options: { maxBytes?: number, endOffset?: number } = {}): Promise<{ records: StoredRecord[], bases: number[], nextOffset: number }> => {
+          const r = await store.readBatches('t/s', 0, from, options)
+          expect(r).toMatchObject({ logStartOffset: 0, logEndOffset: 2530 })
+          const bases = r.batches.map((b) => b.baseOffset)
+          let expected = r.batches[0]?.baseOffset
+          for (const b of r.batches) {
+            // Contiguous, headers true to the bytes.
+            expect(b.baseOffset).toBe(expected)
+            const records = decodeStoredBatch(b.bytes)
+            expect(records.map((x) => x.offset)).toEqual(Array.from({ length: b.count }, (_, i) => b.baseOffset + i))
+            expect(Math.max(...records.map((x) => x.timestamp))).toBe(b.maxTimestamp)
+            expect(records[0]?.timestamp).toBe(b.firstTimestamp)
+            expected = b.baseOffset + b.count
+          }
+          return { records: r.batches.flatMap((b) => decodeStoredBatch(b.bytes)).filter((x) => x.offset >= from), bases, nextOffset: r.nextOffset }
+        }
+        // Everything, from the start and from inside a batch: identical to read().
+        const whole = await viaBatches(0, { maxBytes: 64 << 20 })
+        expect(whole.records).toEqual(all)
+        expect(whole.nextOffset).toBe(2530)
+        const mid = all[1999]!.offset
+        const fromMid = await viaBatches(mid, { maxBytes: 64 << 20 })
+        expect(fromMid.bases[0]).toBeLessThan(mid)
+        expect(fromMid.records).toEqual(all.slice(1999))
+        // maxBytes: whole batches, at least one, never past the limit after the first.
+        const one = await viaBatches(mid, { maxBytes: 1 })
+        expect(one.bases).toHaveLength(1)
+        expect(one.records[0]).toEqual(all[1999])
+        const r = await store.readBatches('t/s', 0, 0, { maxBytes: 150_000 })
+        expect(r.batches.reduce((n, b) => n + b.bytes.byteLength, 0)).toBeLessThanOrEqual(150_000)
+        expect(r.nextOffset).toBe(r.batches.at(-1)!.baseOffset + r.batches.at(-1)!.count)
+        // endOffset: no batch that starts at or after it.
+        const bounded = await store.readBatches('t/s', 0, 0, { maxBytes: 64 << 20, endOffset: fromMid.bases[0]! })
+        expect(bounded.nextOffset).toBe(fromMid.bases[0])
+        expect((await store.readBatches('t/s', 0, 5, { endOffset: 5 })).batches).toEqual([])
+        // At the log end: nothing, and where to go on.
+        expect(await store.readBatches('t/s', 0, 2530)).toEqual({ batches: [], nextOffset: 2530, logStartOffset: 0, logEndOffset: 2530 })
       })
 
       it('commits concurrent appends together and writes a lone append at once', async () => {
@@ -439,6 +488,11 @@ for (const makeBackend of backends) {
           ['commit past the end', () => store.commitOffset('g', 't/s', p, 5), 'STORE_OFFSET_OUT_OF_RANGE'],
           ['partition out of range', () => store.read('t/s', 2, 0), 'STORE_INVALID_PARTITION'],
           ['bad maxRecords', () => store.read('t/s', p, 0, { maxRecords: 0 }), 'STORE_INVALID_ARGUMENT'],
+          ['batches past the end', () => store.readBatches('t/s', p, 2), 'STORE_OFFSET_OUT_OF_RANGE'],
+          ['batches at a negative offset', () => store.readBatches('t/s', p, -1), 'STORE_INVALID_OFFSET'],
+          ['batches with a bad endOffset', () => store.readBatches('t/s', p, 0, { endOffset: 0.5 }), 'STORE_INVALID_OFFSET'],
+          ['batches with a bad maxBytes', () => store.readBatches('t/s', p, 0, { maxBytes: 0 }), 'STORE_INVALID_ARGUMENT'],
+          ['batches of an unknown stream', () => store.readBatches('t/nope', 0, 0), 'STORE_UNKNOWN_STREAM'],
           ['bad timestamp', () => store.offsetForTime('t/s', p, Number.POSITIVE_INFINITY), 'STORE_INVALID_ARGUMENT'],
           ['bad group name', () => store.commitOffset('', 't/s', p, 0), 'STORE_INVALID_NAME'],
           ['bad reset', () => store.resetGroup('g', 't/s', { to: 'yesterday' } as unknown as { to: 'latest' }), 'STORE_INVALID_ARGUMENT'],
