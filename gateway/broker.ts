@@ -186,6 +186,7 @@ export function createBroker (deps: BrokerDeps): Aedes {
         // client.id and reads it only after this hook, so a tenant's ids are scoped here; U+0000 is refused in
         // client ids above, so a scoped id never equals another tenant's (or tenant "default"'s unscoped) id.
         if (who.tenant !== 'default') (client as { id: string }).id = `${who.tenant}\u0000${who.clientId}`
+        mountUnsubscribes(client, who.tenant)
         done(null, true)
       }
       const certUser = certificateUser(client, listener)
@@ -406,6 +407,34 @@ export function createBroker (deps: BrokerDeps): Aedes {
   })
 
   return broker
+}
+
+/** The parts of an aedes client that UNSUBSCRIBE mounting reaches into (aedes 1.2.0, lib/client.js). */
+interface ClientParser {
+  readonly _parser: {
+    prependListener (event: 'packet', listener: (packet: { cmd: string, unsubscriptions?: string[] }) => void): void
+    /** Packets parsed before the CONNACK, handled once the client is connected; null afterwards. */
+    readonly _queue: Array<{ cmd: string, unsubscriptions?: string[] }> | null
+  }
+}
+
+/**
+ * aedes has no unsubscribe hook: it looks the filters of an UNSUBSCRIBE up
+ * as the client sent them, but authorizeSubscribe stored every subscription
+ * mounted (`<tenant>/<filter>`), so an UNSUBSCRIBE removed nothing. The
+ * filters are mounted as each packet is parsed, before aedes handles it;
+ * the packets parsed before the tenant was known wait in aedes' queue until
+ * the CONNACK, and are mounted here first.
+ */
+function mountUnsubscribes (client: Client, tenant: string): void {
+  const parser = (client as unknown as ClientParser)._parser
+  const mount = (packet: { cmd: string, unsubscriptions?: string[] }): void => {
+    if (packet.cmd === 'unsubscribe' && packet.unsubscriptions !== undefined) {
+      packet.unsubscriptions = packet.unsubscriptions.map((filter) => mountTopic(tenant, filter))
+    }
+  }
+  for (const packet of parser._queue ?? []) mount(packet)
+  parser.prependListener('packet', mount)
 }
 
 /** Resumes sockets once the log has drained to half the bound. */
