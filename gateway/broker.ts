@@ -17,15 +17,23 @@
  * Tenants are mount points: inside the broker every topic is
  * `<tenant>/<topic>`; authorizePublish/authorizeSubscribe add the prefix and
  * authorizeForward removes it, and refuses to forward across tenants.
+ *
+ * `$replay/<range>/<filter>` subscriptions replay the log (mqtt-replay.ts):
+ * authorizeSubscribe checks them, the replay starts once the SUBACK is out,
+ * PUBACKs of replay messages are taken before they reach the session store,
+ * and such subscriptions are never stored in a persistent session.
  */
-import { Aedes, type Client, type PublishPacket } from 'aedes'
+import { Aedes, type Client, type PublishPacket, type Subscription } from 'aedes'
+import type { Duplex } from 'node:stream'
 import type { TLSSocket } from 'node:tls'
 import type { Logger } from 'pino'
 import { isStoreError, type LogStore } from '../store/index.ts'
 import { isAllowed, UserDirectory, type Identity } from './auth.ts'
 import type { GatewayConfig, ListenerConfig } from './config.ts'
 import type { GuardGroup } from './connection-guard.ts'
-import type { GatewayMetrics, PublishRefusal, RefusalReason } from './metrics.ts'
+import { GatewayError, type GatewayErrorCode } from './errors.ts'
+import type { GatewayMetrics, PublishRefusal, RefusalReason, SubscribeRefusal } from './metrics.ts'
+import { isReplayTopic, MqttReplays, type ReplayConnection, type ReplayTicket } from './mqtt-replay.ts'
 import { compileRoutes, type Route } from './routing.ts'
 import { mountTopic, topicFilterProblem, topicNameProblem, unmountTopic } from './topics.ts'
 
@@ -52,6 +60,8 @@ export interface ListenerTagged {
 export interface BrokerPersistence {
   incomingDelPacket (client: Client, packet: { messageId?: number }): Promise<void>
   cleanIncoming (client: Client): Promise<void>
+  addSubscriptions (client: Client, subs: readonly Subscription[]): Promise<void>
+  outgoingClearMessageId (client: Client, packet: { cmd?: string, messageId?: number }): Promise<unknown>
 }
 
 /** Dedupe ids of a client's QoS 2 publishes share this prefix (NUL cannot occur in a client id). */
@@ -71,6 +81,13 @@ interface ConnectInfo { readonly clientId: string, readonly clean: boolean }
 const DONE = Symbol('edgemq.published') // packet already delivered and queued before the ack
 /** Marks an error whose refusal was already counted and logged, so aedes' clientError does not log it again. */
 const REFUSED = Symbol('edgemq.refused')
+/** Why a $replay subscription was refused, by the code prepare() threw. */
+const REPLAY_REFUSALS: Partial<Record<GatewayErrorCode, SubscribeRefusal>> = {
+  GW_REPLAY_BAD_RANGE: 'replay-bad-range',
+  GW_REPLAY_BAD_FILTER: 'replay-bad-filter',
+  GW_REPLAY_DENIED: 'acl-denied',
+  GW_REPLAY_LIMIT: 'replay-limit',
+}
 const RETRY_MIN_MS = 100
 const RETRY_MAX_MS = 5000
 
@@ -104,6 +121,31 @@ export function createBroker (deps: BrokerDeps): Aedes {
   const identities = new WeakMap<Client, Identity>()
   const connects = new WeakMap<Client, ConnectInfo>()
   const maxPending = config.mqtt.maxPendingAppends
+  const replays = new MqttReplays({ store, routes: config.routes, acl: config.acl, limits: config.mqtt.replay, metrics, logger })
+  /** Subscriptions authorizeSubscribe accepted or parked: only those are stored in a session (see addSubscriptions below). */
+  const authorized = new WeakSet<Subscription>()
+  /** $replay subscriptions accepted, until their SUBACK is out. */
+  const tickets = new WeakMap<Subscription, ReplayTicket>()
+  const replayConnections = new WeakMap<Client, ReplayConnection>()
+  const replayConnection = (client: Client, who: Identity): ReplayConnection => {
+    let conn = replayConnections.get(client)
+    if (conn === undefined) {
+      const counter = client as unknown as { _nextId: number }
+      conn = {
+        stream: client.conn as unknown as Duplex,
+        get closed () { return client.closed },
+        clientId: who.clientId,
+        // aedes' own counter (lib/qos-packet.js), so replay and live deliveries do not pick the same ids.
+        nextMessageId () {
+          const id = counter._nextId
+          counter._nextId = id >= 65535 ? 1 : id + 1
+          return id
+        },
+      }
+      replayConnections.set(client, conn)
+    }
+    return conn
+  }
 
   const refuse = (client: Client, reason: RefusalReason, detail: string): void => {
     const listener = listenerOf(client)?.name ?? 'unknown'
@@ -228,6 +270,12 @@ export function createBroker (deps: BrokerDeps): Aedes {
         refusePublish(client, who, 'invalid-topic', problem ?? 'unknown client')
         return callback(refusedError(problem ?? 'unknown client'))
       }
+      if (isReplayTopic(topic)) {
+        // Nobody may pose as a replay. Acknowledged and dropped, like an ACL denial.
+        refusePublish(client, who, 'reserved-topic', `${topic}: $replay topics are the gateway's replays of the log`)
+        markDone(packet)
+        return callback(null)
+      }
       const decision = publishDecision(client, who, topic)
       if (!decision.allowed) {
         // As Mosquitto does: acknowledged, neither logged nor delivered, so the device does not retry forever.
@@ -274,15 +322,31 @@ export function createBroker (deps: BrokerDeps): Aedes {
       const restoring = (client as unknown as { connackSent: boolean }).connackSent === false
       const filter = who === undefined ? null : restoring ? unmountTopic(who.tenant, sub.topic) : sub.topic
       const problem = filter === null ? 'not in the client\'s tenant' : topicFilterProblem(filter)
-      const deny = (why: string): void => {
-        logger.warn({ clientId: client.id, tenant: who?.tenant, filter: filter ?? sub.topic }, `subscription refused: ${why}`)
+      const deny = (why: string, reason: SubscribeRefusal, code?: string): void => {
+        metrics.subscriptionsRefused.inc({ tenant: who?.tenant ?? 'unknown', reason })
+        logger.warn({ clientId: client.id, tenant: who?.tenant, filter: filter ?? sub.topic, reason, code }, `subscription refused: ${why}`)
         // A denied filter stays in the persisted SUBSCRIBE list; park it where no publish can ever match.
         sub.topic = `$denied/${sub.topic}`
+        authorized.add(sub)
         callback(null, null) // SUBACK 0x80
       }
-      if (who === undefined || filter === null || problem !== null) return deny(problem ?? 'unknown client')
-      if (!isAllowed(config.acl, who, 'subscribe', filter)) return deny('ACL')
+      if (who === undefined || filter === null || problem !== null) return deny(problem ?? 'unknown client', 'invalid-filter')
+      if (isReplayTopic(filter)) {
+        if (restoring) return deny('a $replay subscription is not resumed with the session', 'replay-not-resumed')
+        let ticket: ReplayTicket
+        try {
+          ticket = replays.prepare(replayConnection(client, who), who, filter)
+        } catch (err) {
+          if (!(err instanceof GatewayError)) throw err
+          return deny(err.message, REPLAY_REFUSALS[err.code] ?? 'invalid-filter', err.code)
+        }
+        sub.topic = mountTopic(who.tenant, filter)
+        tickets.set(sub, ticket)
+        return callback(null, sub)
+      }
+      if (!isAllowed(config.acl, who, 'subscribe', filter)) return deny('ACL', 'acl-denied')
       sub.topic = mountTopic(who.tenant, filter)
+      authorized.add(sub)
       callback(null, sub)
     },
 
@@ -316,6 +380,35 @@ export function createBroker (deps: BrokerDeps): Aedes {
     const who = identities.get(client)
     if (who !== undefined) await store.forgetDedupePrefix(qos2DedupePrefix(who.tenant, client.id))
   }
+
+  // aedes stores the whole SUBSCRIBE list once per filter, as it authorizes each: the filters after it are not
+  // mounted yet, and $replay subscriptions must never be stored. Each filter is stored on its own turn.
+  const addSubscriptions = persistence.addSubscriptions.bind(persistence)
+  persistence.addSubscriptions = async (client, subs) => {
+    const stored = subs.filter((sub) => authorized.has(sub))
+    if (stored.length > 0) await addSubscriptions(client, stored)
+  }
+  // A PUBACK that answers a replay message paces that replay; the session store never saw the message.
+  const outgoingClearMessageId = persistence.outgoingClearMessageId.bind(persistence)
+  persistence.outgoingClearMessageId = async (client, packet) => {
+    const conn = replayConnections.get(client)
+    if (conn !== undefined && packet.cmd === 'puback' && packet.messageId !== undefined && replays.acked(conn, packet.messageId)) return undefined
+    return outgoingClearMessageId(client, packet)
+  }
+  // The SUBACK is written before this event: a replay's first PUBLISH follows it.
+  broker.on('subscribe', (subs, client) => {
+    for (const sub of subs) {
+      const ticket = tickets.get(sub)
+      const conn = replayConnections.get(client)
+      if (ticket === undefined || conn === undefined) continue
+      tickets.delete(sub)
+      replays.start(conn, ticket, sub.topic, sub.qos)
+    }
+  })
+  broker.on('unsubscribe', (topics, client) => {
+    const conn = replayConnections.get(client)
+    if (conn !== undefined) replays.stop(conn, topics)
+  })
 
   // The second publish aedes makes after the PUBACK/PUBREC is a no-op for packets handled before the ack.
   const publish = (broker.publish as unknown as InternalPublish).bind(broker)
