@@ -17,8 +17,14 @@
  * Tenants are mount points: inside the broker every topic is
  * `<tenant>/<topic>`; authorizePublish/authorizeSubscribe add the prefix and
  * authorizeForward removes it, and refuses to forward across tenants.
+ *
+ * `$replay/<range>/<filter>` subscriptions replay the log (mqtt-replay.ts):
+ * authorizeSubscribe checks them, the replay starts once the SUBACK is out,
+ * PUBACKs of replay messages are taken before they reach the session store,
+ * and such subscriptions are never stored in a persistent session.
  */
-import { Aedes, type Client, type PublishPacket } from 'aedes'
+import { Aedes, type Client, type PublishPacket, type Subscription } from 'aedes'
+import type { Duplex } from 'node:stream'
 import type { TLSSocket } from 'node:tls'
 import type { Logger } from 'pino'
 import { isStoreError, type LogStore } from '../store/index.ts'
@@ -26,7 +32,9 @@ import { splitDedupeTopic } from '../bridge/topic-template.ts'
 import { isAllowed, UserDirectory, type Identity } from './auth.ts'
 import type { GatewayConfig, ListenerConfig } from './config.ts'
 import type { GuardGroup } from './connection-guard.ts'
-import type { GatewayMetrics, PublishRefusal, RefusalReason } from './metrics.ts'
+import { GatewayError, type GatewayErrorCode } from './errors.ts'
+import type { GatewayMetrics, PublishRefusal, RefusalReason, SubscribeRefusal } from './metrics.ts'
+import { isReplayTopic, MqttReplays, type ReplayConnection, type ReplayTicket } from './mqtt-replay.ts'
 import { compileRoutes, type Route } from './routing.ts'
 import { mountTopic, topicFilterProblem, topicNameProblem, unmountTopic } from './topics.ts'
 
@@ -53,6 +61,8 @@ export interface ListenerTagged {
 export interface BrokerPersistence {
   incomingDelPacket (client: Client, packet: { messageId?: number }): Promise<void>
   cleanIncoming (client: Client): Promise<void>
+  addSubscriptions (client: Client, subs: readonly Subscription[]): Promise<void>
+  outgoingClearMessageId (client: Client, packet: { cmd?: string, messageId?: number }): Promise<unknown>
 }
 
 /** Dedupe ids of a client's QoS 2 publishes share this prefix (NUL cannot occur in a client id). */
@@ -75,6 +85,13 @@ export const ORIGIN_HEADER = 'edgemq-origin'
 const DONE = Symbol('edgemq.published') // packet already delivered and queued before the ack
 /** Marks an error whose refusal was already counted and logged, so aedes' clientError does not log it again. */
 const REFUSED = Symbol('edgemq.refused')
+/** Why a $replay subscription was refused, by the code prepare() threw. */
+const REPLAY_REFUSALS: Partial<Record<GatewayErrorCode, SubscribeRefusal>> = {
+  GW_REPLAY_BAD_RANGE: 'replay-bad-range',
+  GW_REPLAY_BAD_FILTER: 'replay-bad-filter',
+  GW_REPLAY_DENIED: 'acl-denied',
+  GW_REPLAY_LIMIT: 'replay-limit',
+}
 const RETRY_MIN_MS = 100
 const RETRY_MAX_MS = 5000
 
@@ -108,6 +125,31 @@ export function createBroker (deps: BrokerDeps): Aedes {
   const identities = new WeakMap<Client, Identity>()
   const connects = new WeakMap<Client, ConnectInfo>()
   const maxPending = config.mqtt.maxPendingAppends
+  const replays = new MqttReplays({ store, routes: config.routes, acl: config.acl, limits: config.mqtt.replay, metrics, logger })
+  /** Subscriptions authorizeSubscribe accepted or parked: only those are stored in a session (see addSubscriptions below). */
+  const authorized = new WeakSet<Subscription>()
+  /** $replay subscriptions accepted, until their SUBACK is out. */
+  const tickets = new WeakMap<Subscription, ReplayTicket>()
+  const replayConnections = new WeakMap<Client, ReplayConnection>()
+  const replayConnection = (client: Client, who: Identity): ReplayConnection => {
+    let conn = replayConnections.get(client)
+    if (conn === undefined) {
+      const counter = client as unknown as { _nextId: number }
+      conn = {
+        stream: client.conn as unknown as Duplex,
+        get closed () { return client.closed },
+        clientId: who.clientId,
+        // aedes' own counter (lib/qos-packet.js), so replay and live deliveries do not pick the same ids.
+        nextMessageId () {
+          const id = counter._nextId
+          counter._nextId = id >= 65535 ? 1 : id + 1
+          return id
+        },
+      }
+      replayConnections.set(client, conn)
+    }
+    return conn
+  }
 
   const refuse = (client: Client, reason: RefusalReason, detail: string): void => {
     const listener = listenerOf(client)?.name ?? 'unknown'
@@ -190,6 +232,7 @@ export function createBroker (deps: BrokerDeps): Aedes {
         // client.id and reads it only after this hook, so a tenant's ids are scoped here; U+0000 is refused in
         // client ids above, so a scoped id never equals another tenant's (or tenant "default"'s unscoped) id.
         if (who.tenant !== 'default') (client as { id: string }).id = `${who.tenant}\u0000${who.clientId}`
+        mountUnsubscribes(client, who.tenant)
         done(null, true)
       }
       const certUser = certificateUser(client, listener)
@@ -240,6 +283,12 @@ export function createBroker (deps: BrokerDeps): Aedes {
       if (who === undefined || problem !== null) {
         refusePublish(client, who, 'invalid-topic', problem ?? 'unknown client')
         return callback(refusedError(problem ?? 'unknown client'))
+      }
+      if (isReplayTopic(topic)) {
+        // Nobody may pose as a replay. Acknowledged and dropped, like an ACL denial.
+        refusePublish(client, who, 'reserved-topic', `${topic}: $replay topics are the gateway's replays of the log`)
+        markDone(packet)
+        return callback(null)
       }
       const decision = publishDecision(client, who, topic)
       if (!decision.allowed) {
@@ -296,15 +345,31 @@ export function createBroker (deps: BrokerDeps): Aedes {
       const restoring = (client as unknown as { connackSent: boolean }).connackSent === false
       const filter = who === undefined ? null : restoring ? unmountTopic(who.tenant, sub.topic) : sub.topic
       const problem = filter === null ? 'not in the client\'s tenant' : topicFilterProblem(filter)
-      const deny = (why: string): void => {
-        logger.warn({ clientId: client.id, tenant: who?.tenant, filter: filter ?? sub.topic }, `subscription refused: ${why}`)
+      const deny = (why: string, reason: SubscribeRefusal, code?: string): void => {
+        metrics.subscriptionsRefused.inc({ tenant: who?.tenant ?? 'unknown', reason })
+        logger.warn({ clientId: client.id, tenant: who?.tenant, filter: filter ?? sub.topic, reason, code }, `subscription refused: ${why}`)
         // A denied filter stays in the persisted SUBSCRIBE list; park it where no publish can ever match.
         sub.topic = `$denied/${sub.topic}`
+        authorized.add(sub)
         callback(null, null) // SUBACK 0x80
       }
-      if (who === undefined || filter === null || problem !== null) return deny(problem ?? 'unknown client')
-      if (!isAllowed(config.acl, who, 'subscribe', filter)) return deny('ACL')
+      if (who === undefined || filter === null || problem !== null) return deny(problem ?? 'unknown client', 'invalid-filter')
+      if (isReplayTopic(filter)) {
+        if (restoring) return deny('a $replay subscription is not resumed with the session', 'replay-not-resumed')
+        let ticket: ReplayTicket
+        try {
+          ticket = replays.prepare(replayConnection(client, who), who, filter)
+        } catch (err) {
+          if (!(err instanceof GatewayError)) throw err
+          return deny(err.message, REPLAY_REFUSALS[err.code] ?? 'invalid-filter', err.code)
+        }
+        sub.topic = mountTopic(who.tenant, filter)
+        tickets.set(sub, ticket)
+        return callback(null, sub)
+      }
+      if (!isAllowed(config.acl, who, 'subscribe', filter)) return deny('ACL', 'acl-denied')
       sub.topic = mountTopic(who.tenant, filter)
+      authorized.add(sub)
       callback(null, sub)
     },
 
@@ -338,6 +403,35 @@ export function createBroker (deps: BrokerDeps): Aedes {
     const who = identities.get(client)
     if (who !== undefined) await store.forgetDedupePrefix(qos2DedupePrefix(who.tenant, client.id))
   }
+
+  // aedes stores the whole SUBSCRIBE list once per filter, as it authorizes each: the filters after it are not
+  // mounted yet, and $replay subscriptions must never be stored. Each filter is stored on its own turn.
+  const addSubscriptions = persistence.addSubscriptions.bind(persistence)
+  persistence.addSubscriptions = async (client, subs) => {
+    const stored = subs.filter((sub) => authorized.has(sub))
+    if (stored.length > 0) await addSubscriptions(client, stored)
+  }
+  // A PUBACK that answers a replay message paces that replay; the session store never saw the message.
+  const outgoingClearMessageId = persistence.outgoingClearMessageId.bind(persistence)
+  persistence.outgoingClearMessageId = async (client, packet) => {
+    const conn = replayConnections.get(client)
+    if (conn !== undefined && packet.cmd === 'puback' && packet.messageId !== undefined && replays.acked(conn, packet.messageId)) return undefined
+    return outgoingClearMessageId(client, packet)
+  }
+  // The SUBACK is written before this event: a replay's first PUBLISH follows it.
+  broker.on('subscribe', (subs, client) => {
+    for (const sub of subs) {
+      const ticket = tickets.get(sub)
+      const conn = replayConnections.get(client)
+      if (ticket === undefined || conn === undefined) continue
+      tickets.delete(sub)
+      replays.start(conn, ticket, sub.topic, sub.qos)
+    }
+  })
+  broker.on('unsubscribe', (topics, client) => {
+    const conn = replayConnections.get(client)
+    if (conn !== undefined) replays.stop(conn, topics)
+  })
 
   // The second publish aedes makes after the PUBACK/PUBREC is a no-op for packets handled before the ack.
   const publish = (broker.publish as unknown as InternalPublish).bind(broker)
@@ -430,6 +524,34 @@ export function createBroker (deps: BrokerDeps): Aedes {
   })
 
   return broker
+}
+
+/** The parts of an aedes client that UNSUBSCRIBE mounting reaches into (aedes 1.2.0, lib/client.js). */
+interface ClientParser {
+  readonly _parser: {
+    prependListener (event: 'packet', listener: (packet: { cmd: string, unsubscriptions?: string[] }) => void): void
+    /** Packets parsed before the CONNACK, handled once the client is connected; null afterwards. */
+    readonly _queue: Array<{ cmd: string, unsubscriptions?: string[] }> | null
+  }
+}
+
+/**
+ * aedes has no unsubscribe hook: it looks the filters of an UNSUBSCRIBE up
+ * as the client sent them, but authorizeSubscribe stored every subscription
+ * mounted (`<tenant>/<filter>`), so an UNSUBSCRIBE removed nothing. The
+ * filters are mounted as each packet is parsed, before aedes handles it;
+ * the packets parsed before the tenant was known wait in aedes' queue until
+ * the CONNACK, and are mounted here first.
+ */
+function mountUnsubscribes (client: Client, tenant: string): void {
+  const parser = (client as unknown as ClientParser)._parser
+  const mount = (packet: { cmd: string, unsubscriptions?: string[] }): void => {
+    if (packet.cmd === 'unsubscribe' && packet.unsubscriptions !== undefined) {
+      packet.unsubscriptions = packet.unsubscriptions.map((filter) => mountTopic(tenant, filter))
+    }
+  }
+  for (const packet of parser._queue ?? []) mount(packet)
+  parser.prependListener('packet', mount)
 }
 
 /** Resumes sockets once the log has drained to half the bound. */

@@ -146,6 +146,17 @@ export const configSchema = {
         maxInflightPerClient: { type: 'integer', minimum: 1, maximum: 65535, default: 1000, description: 'QoS 1/2 publishes of one client being appended at once; the socket is paused beyond it.' },
         publishRatePerClient: { type: 'number', minimum: 0, default: 0, description: 'Publishes per second one client may send (token bucket); 0 is unlimited. A client over the limit is slowed down by pausing its socket.' },
         maxPendingAppends: { type: 'integer', minimum: 1, default: 50_000, description: 'When the log has more appends pending than this, every socket stops being read until it drains.' },
+        replay: {
+          type: 'object',
+          additionalProperties: false,
+          default: {},
+          description: 'Replay of the log to MQTT clients that subscribe to $replay/<range>/<topic filter>.',
+          properties: {
+            inflight: { type: 'integer', minimum: 1, maximum: 65535, default: 1000, description: 'QoS 1 replay messages sent to a client and not yet acknowledged (PUBACK); the replay waits for acks beyond it.' },
+            maxPerClient: { type: 'integer', minimum: 0, default: 4, description: 'Replays one client may run at once; a further $replay subscription is refused (SUBACK 0x80).' },
+            maxActive: { type: 'integer', minimum: 0, default: 64, description: 'Replays the gateway runs at once, over all clients; 0 turns MQTT replay off.' },
+          },
+        },
       },
     },
     http: {
@@ -233,6 +244,11 @@ export interface GatewayConfig {
     readonly maxInflightPerClient: number
     readonly publishRatePerClient: number
     readonly maxPendingAppends: number
+    readonly replay: {
+      readonly inflight: number
+      readonly maxPerClient: number
+      readonly maxActive: number
+    }
   }
   readonly http: { readonly host: string, readonly port: number }
   readonly users: readonly UserConfig[]

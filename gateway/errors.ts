@@ -10,6 +10,10 @@ export const GATEWAY_ERROR_CODES = {
   GW_INSECURE_LISTENER: 'A non-loopback listener would accept anonymous clients without allowAnonymous: true.',
   GW_TLS_FILES: 'A TLS certificate, key or CA file could not be read.',
   GW_BAD_PASSWORD_HASH: 'A password or token hash is not of the form printed by `edgemq passwd` / `edgemq token`.',
+  GW_REPLAY_BAD_RANGE: 'The range level of a $replay/<range>/<filter> subscription is not a start (earliest, latest, an offset, a time), optionally followed by ..<end> (an offset, a time, live); or it is a wildcard, or ends before it starts.',
+  GW_REPLAY_BAD_FILTER: 'A $replay subscription has no topic filter after its range, or the filter is not a valid MQTT topic filter.',
+  GW_REPLAY_DENIED: 'The ACL does not let the client subscribe to the topic filter of a $replay subscription.',
+  GW_REPLAY_LIMIT: 'A $replay subscription would exceed mqtt.replay.maxPerClient or mqtt.replay.maxActive.',
 } as const
 
 export type GatewayErrorCode = keyof typeof GATEWAY_ERROR_CODES

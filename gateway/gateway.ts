@@ -24,7 +24,7 @@ import { createBridgeMetrics, type BridgeMetrics } from '../bridge/metrics.ts'
 import { RECEIPTS_STREAM } from '../bridge/uplink.ts'
 import { CommandDispatcher } from './commands.ts'
 import { compileRoutes } from './routing.ts'
-import { filtersIntersect } from './topics.ts'
+import { filtersOverlap } from './topics.ts'
 import { systemClock } from '../store/index.ts'
 
 const VERSION = (JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8')) as { version: string }).version
@@ -145,7 +145,7 @@ export async function startGateway (config: GatewayConfig, deps: GatewayDeps): P
     for (const u of config.bridge.upstreams) {
       for (const c of u.commands) {
         for (const r of config.routes) {
-          if (filtersIntersect(r.filter, c.local)) commandStreams.set(`${c.tenant}/${r.stream}`, { tenant: c.tenant, stream: r.stream })
+          if (filtersOverlap(r.filter, c.local)) commandStreams.set(`${c.tenant}/${r.stream}`, { tenant: c.tenant, stream: r.stream })
         }
       }
     }

@@ -11,7 +11,11 @@ export type RefusalReason =
   | 'max-connections' | 'bad-credentials' | 'not-authorized' | 'invalid-client-id' | 'protocol'
   | 'packet-too-large' | 'malformed-header'
 
-export type PublishRefusal = 'acl-denied' | 'invalid-topic' | 'unrouted' | 'record-too-large' | 'store-failed' | 'rate-limited'
+export type PublishRefusal = 'acl-denied' | 'invalid-topic' | 'reserved-topic' | 'unrouted' | 'record-too-large' | 'store-failed' | 'rate-limited'
+
+export type SubscribeRefusal = 'acl-denied' | 'invalid-filter' | 'replay-bad-range' | 'replay-bad-filter' | 'replay-limit' | 'replay-not-resumed'
+
+export type ReplayOutcome = 'done' | 'cancelled' | 'failed'
 
 export interface GatewayMetrics {
   readonly ingestMessages: Counter<'tenant' | 'stream'>
@@ -25,6 +29,10 @@ export interface GatewayMetrics {
   readonly storeErrors: Counter<'kind'>
   readonly droppedRecords: Counter<'tenant' | 'stream' | 'partition' | 'group'>
   readonly backpressure: Gauge
+  readonly subscriptionsRefused: Counter<'tenant' | 'reason'>
+  readonly replaysActive: Gauge<'tenant'>
+  readonly replayMessages: Counter<'tenant'>
+  readonly replaysFinished: Counter<'tenant' | 'outcome'>
 }
 
 export interface MetricsSources {
@@ -166,5 +174,9 @@ export function createMetrics (registry: Registry, sources: MetricsSources): Gat
       labelNames: ['tenant', 'stream', 'partition', 'group'], registers: [registry],
     }),
     backpressure: new Gauge({ name: 'edgemq_mqtt_backpressure', help: '1 while sockets are paused because the log has too many pending appends.', registers: [registry] }),
+    subscriptionsRefused: new Counter({ name: 'edgemq_mqtt_subscriptions_refused_total', help: 'Topic filters of SUBSCRIBE packets refused (SUBACK 0x80), by reason.', labelNames: ['tenant', 'reason'], registers: [registry] }),
+    replaysActive: new Gauge({ name: 'edgemq_mqtt_replays_active', help: 'MQTT $replay subscriptions being replayed (or continuing live).', labelNames: ['tenant'], registers: [registry] }),
+    replayMessages: new Counter({ name: 'edgemq_mqtt_replay_messages_total', help: 'Records delivered to MQTT $replay subscriptions.', labelNames: ['tenant'], registers: [registry] }),
+    replaysFinished: new Counter({ name: 'edgemq_mqtt_replays_finished_total', help: 'MQTT replays that ended: done (history delivered), cancelled (unsubscribed, disconnected, replaced) or failed.', labelNames: ['tenant', 'outcome'], registers: [registry] }),
   }
 }

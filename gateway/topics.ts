@@ -46,15 +46,19 @@ export function unmountTopic (tenant: string, topic: string): string | null {
   return topic.startsWith(`${tenant}/`) ? topic.slice(tenant.length + 1) : null
 }
 
-/** Whether some topic matches both filters (a `#` also covers its parent level). */
-export function filtersIntersect (a: string, b: string): boolean {
+/**
+ * Whether some topic name matches both filters (a route's and a subscription's). Conservative about the `$` rule
+ * [MQTT-4.7.2-1]: it may say yes where only `$` topics would match both, never no where a topic matches both.
+ */
+export function filtersOverlap (a: string, b: string): boolean {
   const x = a.split('/')
   const y = b.split('/')
   for (let i = 0; ; i++) {
-    const p = x[i]
-    const q = y[i]
-    if (p === '#' || q === '#') return true
-    if (p === undefined || q === undefined) return p === q
-    if (p !== '+' && q !== '+' && p !== q) return false
+    const l = x[i]
+    const r = y[i]
+    if (l === '#' || r === '#') return true
+    // A `#` left in the longer one (which also matches the parent level) was caught above.
+    if (l === undefined || r === undefined) return l === r
+    if (l !== '+' && r !== '+' && l !== r) return false
   }
 }

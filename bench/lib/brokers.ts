@@ -108,9 +108,10 @@ async function waitForPort (port: number, exited: Promise<number | null>, stderr
  * `set_tcp_nodelay false` included: with Nagle on, the PUBACKs of a window
  * of QoS 1 messages leave in few segments, and Mosquitto ran the qos1 load
  * about twice as fast as with `set_tcp_nodelay true` here (127 k against
- * 66 k msgs/s), while one-in-flight latency did not change.
+ * 66 k msgs/s), while one-in-flight latency did not change. `extraConfig`
+ * lines are appended (the replay bench lifts the queue limits).
  */
-export async function startMosquitto (bin: string, dir: string): Promise<RunningBroker> {
+export async function startMosquitto (bin: string, dir: string, extraConfig: readonly string[] = []): Promise<RunningBroker> {
   const port = await freePort()
   const config = path.join(dir, 'mosquitto.conf')
   await writeFile(config, [
@@ -120,6 +121,7 @@ export async function startMosquitto (bin: string, dir: string): Promise<Running
     'log_dest stderr',
     'log_type error',
     'log_type warning',
+    ...extraConfig,
     '',
   ].join('\n'), { mode: 0o644 })
   const child = spawn(bin, ['-c', config], { stdio: ['ignore', 'ignore', 'pipe'] })

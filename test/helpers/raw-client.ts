@@ -8,6 +8,8 @@ import mqttPacket, { type Packet } from 'mqtt-packet'
 
 export interface RawClient {
   send (packet: Packet): void
+  /** Sends packets in one socket write, so the server parses them from one chunk. */
+  sendAll (packets: readonly Packet[]): void
   /** Resolves with the next packet of this command (packets are queued as they arrive). */
   next (cmd: Packet['cmd'], timeoutMs?: number): Promise<Packet>
   /** Resolves when the server closes the connection. */
@@ -28,6 +30,7 @@ export async function rawConnect (url: string): Promise<RawClient> {
   const closed = new Promise<void>((resolve) => socket.once('close', () => { resolve(); for (const w of waiters.splice(0)) w() }))
   return {
     send: (packet) => { socket.write(mqttPacket.generate(packet, { protocolVersion: 4 })) },
+    sendAll: (packets) => { socket.write(Buffer.concat(packets.map((p) => mqttPacket.generate(p, { protocolVersion: 4 })))) },
     async next (cmd, timeoutMs = 5000) {
       const until = Date.now() + timeoutMs
       for (;;) {
