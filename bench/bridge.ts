@@ -66,13 +66,17 @@
  * `--profile`: one edgemq round of the first selected variant under
  * `node --cpu-prof`, and where its main thread spends the drain (the
  * .cpuprofile is kept in a temp directory, or in `--profile-dir=DIR`).
+ * `--check-upstream`: the backlog's publishers straight into the upstream,
+ * counted by the subscriber: the last hop's own ceiling.
+ * `--source-conf=LINES`, `--upstream-conf=LINES`: extra Mosquitto config
+ * lines (`;`-separated) for A, and for the upstream of both sides.
  */
 import { mkdir, mkdtemp, readdir, writeFile } from 'node:fs/promises'
 import os from 'node:os'
 import path from 'node:path'
 import { performance } from 'node:perf_hooks'
 import { openLogStore } from '../store/index.ts'
-import { findMosquitto, freePort, mosquittoVersion, processCpuSeconds, startEdgemq, startMosquittoWithConfig, type RunningBroker } from './lib/brokers.ts'
+import { findMosquitto, freePort, mosquittoVersion, processCpuSeconds, processSyscalls, startEdgemq, startMosquittoWithConfig, type RunningBroker } from './lib/brokers.ts'
 import { formatProfileSummary, summarizeCpuProfile } from './lib/cpu-profile.ts'
 import { CountingSubscriber } from './lib/mqtt-counter.ts'
 import { fill, fillDevice, fillTopic } from './lib/mqtt-fill.ts'
@@ -196,6 +200,9 @@ interface Drain {
   readonly sourceCores: number
   readonly upstreamCores: number
   readonly subscriberCores: number
+  /** The source's write and read system calls per record (all threads): how many records one socket write carries. */
+  readonly sourceWritesPerRecord: number
+  readonly sourceReadsPerRecord: number
   /** Messages received after the last expected one, within 500 ms (duplicates). */
   readonly extra: number
   /** Highest and lowest whole-second rate at the subscriber between the first and the last message. */
@@ -212,13 +219,13 @@ interface Drain {
  * still up (edgemq waits there for its backlog to read 0).
  */
 async function drainInto (mosquitto: string, dir: string, port: number, bridgeClientId: string, filter: string, sourcePid: number, afterAll?: () => Promise<void>): Promise<Drain> {
-  let connect: { at: number, atUs: number, source: number | undefined, upstream: number | undefined, bench: NodeJS.CpuUsage } | undefined
+  let connect: { at: number, atUs: number, source: number | undefined, upstream: number | undefined, bench: NodeJS.CpuUsage, sys: ReturnType<typeof processSyscalls> } | undefined
   let onConnect: () => void = () => {}
   const connected = new Promise<void>((resolve) => { onConnect = resolve })
   let upstreamPid = -1
   const upstream = await startMosquittoWithConfig(mosquitto, dir, port, upstreamConfig(port), (line) => {
     if (connect !== undefined || !line.includes(` as ${bridgeClientId} `)) return
-    connect = { at: performance.now(), atUs: monotonicUs(), source: processCpuSeconds(sourcePid), upstream: processCpuSeconds(upstreamPid), bench: process.cpuUsage() }
+    connect = { at: performance.now(), atUs: monotonicUs(), source: processCpuSeconds(sourcePid), upstream: processCpuSeconds(upstreamPid), bench: process.cpuUsage(), sys: processSyscalls(sourcePid) }
     onConnect()
   })
   upstreamPid = upstream.pid
@@ -237,6 +244,7 @@ async function drainInto (mosquitto: string, dir: string, port: number, bridgeCl
       clearInterval(sampler)
     }
     const endSource = processCpuSeconds(sourcePid)
+    const endSys = processSyscalls(sourcePid)
     const endUpstream = processCpuSeconds(upstream.pid)
     const bench = process.cpuUsage(c.bench)
     const seconds = (sub.lastAt - c.at) / 1000
@@ -250,6 +258,8 @@ async function drainInto (mosquitto: string, dir: string, port: number, bridgeCl
       sourceCores: ((endSource ?? NaN) - (c.source ?? NaN)) / seconds,
       upstreamCores: ((endUpstream ?? NaN) - (c.upstream ?? NaN)) / seconds,
       subscriberCores: (bench.user + bench.system) / 1e6 / seconds,
+      sourceWritesPerRecord: ((endSys?.writes ?? NaN) - (c.sys?.writes ?? NaN)) / RECORDS,
+      sourceReadsPerRecord: ((endSys?.reads ?? NaN) - (c.sys?.reads ?? NaN)) / RECORDS,
       extra: sub.received - RECORDS,
       peakSecondRate: perSecond.length === 0 ? NaN : Math.max(...perSecond),
       lowSecondRate: perSecond.length === 0 ? NaN : Math.min(...perSecond),
@@ -361,6 +371,7 @@ const r2 = (n: number): number => round(n, 2)
 function describe (who: string, r: number, x: RoundResult): void {
   info(`round ${r + 1}/${ROUNDS} ${who}: ${k(x.rate)} msgs/s (${round(x.connectToLastMs / 1000, 2)} s from the bridge's CONNECT, first message after ${round(x.connectToFirstMs, 1)} ms; ` +
     `1-s rates ${k(x.lowSecondRate)}–${k(x.peakSecondRate)}); cores: source ${r2(x.sourceCores)}, upstream ${r2(x.upstreamCores)}, subscriber ${r2(x.subscriberCores)}; ` +
+    `source syscalls per record: ${r2(x.sourceWritesPerRecord)} writes, ${r2(x.sourceReadsPerRecord)} reads; ` +
     `fill ${k(x.fillRate)} msgs/s` + (x.backlogZeroMs === null ? '' : `; backlog 0 in /v1/bridge ${Math.round(x.backlogZeroMs)} ms after the last message`) +
     (x.extra === 0 ? '' : `; ${x.extra} extra messages`))
 }
@@ -391,6 +402,8 @@ async function figures (mosquitto: string, version: string): Promise<void> {
       edgemqCores: e.map((x) => r2(x.sourceCores)), mosquittoSourceCores: m.map((x) => r2(x.sourceCores)),
       upstreamCoresEdgemq: e.map((x) => r2(x.upstreamCores)), upstreamCoresMosquitto: m.map((x) => r2(x.upstreamCores)),
       subscriberCores: [...e, ...m].map((x) => r2(x.subscriberCores)),
+      edgemqWritesPerRecord: e.map((x) => r2(x.sourceWritesPerRecord)), mosquittoWritesPerRecord: m.map((x) => r2(x.sourceWritesPerRecord)),
+      edgemqReadsPerRecord: e.map((x) => r2(x.sourceReadsPerRecord)), mosquittoReadsPerRecord: m.map((x) => r2(x.sourceReadsPerRecord)),
       edgemqFillRates: e.map((x) => Math.round(x.fillRate)), mosquittoFillRates: m.map((x) => Math.round(x.fillRate)),
       edgemqBacklogZeroMs: e.map((x) => Math.round(x.backlogZeroMs ?? NaN)),
       extraMessages: [...e, ...m].map((x) => x.extra),
@@ -423,6 +436,32 @@ async function profile (mosquitto: string): Promise<void> {
   info(`profile kept at ${file} (open it in Chrome DevTools > Performance, or speedscope)`)
 }
 
+/**
+ * `--check-upstream`: the fill publisher straight into the upstream, with
+ * the subscriber counting: how fast the last hop (the same for both
+ * bridges) goes on its own, to show it is not what the figures measure.
+ */
+async function checkUpstream (mosquitto: string): Promise<void> {
+  const dir = await dirs.make('upstream-check')
+  const port = await freePort()
+  const upstream = await startMosquittoWithConfig(mosquitto, dir, port, upstreamConfig(port))
+  let sub: CountingSubscriber | undefined
+  try {
+    sub = await CountingSubscriber.subscribe({ host: upstream.host, port, clientId: 'bench-subscriber', filter: '#', qos: 1 })
+    const cpu0 = processCpuSeconds(upstream.pid) ?? NaN
+    const t0 = performance.now()
+    const done = sub.waitFor(RECORDS, STALL_MS)
+    const filled = await fill({ host: upstream.host, port, messages: RECORDS, connections: FILL_CONNECTIONS, devicesPerConnection: DEVICES / FILL_CONNECTIONS, payloadBytes: PAYLOAD_BYTES, window: FILL_WINDOW })
+    await done
+    const seconds = (sub.lastAt - t0) / 1000
+    info(`upstream check: ${k(RECORDS / seconds)} msgs/s from ${FILL_CONNECTIONS} publishers (${FILL_WINDOW} in flight each) through the upstream to the subscriber ` +
+      `(publishers acked at ${k(filled.rate)} msgs/s); upstream ${r2(((processCpuSeconds(upstream.pid) ?? NaN) - cpu0) / seconds)} cores`)
+  } finally {
+    await sub?.close()
+    await upstream.stop()
+  }
+}
+
 async function main (): Promise<number> {
   const mosquitto = findMosquitto(flag('mosquitto'))
   if (mosquitto === null) {
@@ -435,6 +474,8 @@ async function main (): Promise<number> {
   try {
     if (PROFILE) {
       await profile(mosquitto)
+    } else if (argv.includes('--check-upstream')) {
+      await checkUpstream(mosquitto)
     } else {
       const version = mosquittoVersion(mosquitto)
       info(`bridge bench: drain ${RECORDS} records (${PAYLOAD_BYTES} B) to a Mosquitto ${version} upstream, edgemq (${variants.join(', ')}) vs Mosquitto's bridge; ` +

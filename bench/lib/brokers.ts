@@ -200,6 +200,17 @@ export function processCpuSeconds (pid: number): number | undefined {
   }
 }
 
+/** Write and read system calls of a process so far (`syscw`, `syscr` of /proc/<pid>/io, all threads); undefined elsewhere. */
+export function processSyscalls (pid: number): { readonly writes: number, readonly reads: number } | undefined {
+  try {
+    const io = readFileSync(`/proc/${pid}/io`, 'utf8')
+    const field = (name: string): number => Number(new RegExp(`^${name}: (\\d+)$`, 'm').exec(io)?.[1] ?? NaN)
+    return { writes: field('syscw'), reads: field('syscr') }
+  } catch {
+    return undefined
+  }
+}
+
 /** Counters read from edgemq's GET /metrics (each summed over its labels). */
 export interface EdgemqCounters {
   /** `edgemq_ingest_messages_total`: records appended. */
