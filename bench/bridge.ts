@@ -62,7 +62,8 @@
  * (100 k records, 1 round), `--window=N`, `--fill=mqtt|store`,
  * `--stall-seconds=N` (fail when the subscriber gets nothing for this long,
  * default 30), `--mosquitto=PATH`, `--edgemq=PATH` (another checkout's
- * gateway/edgemq.mjs).
+ * gateway/edgemq.mjs), `--compare=PATH` (another checkout measured in the
+ * same rounds as well, reported as `bridge.drain.<variant>.compare`).
  * `--profile`: one edgemq round of the first selected variant under
  * `node --cpu-prof`, and where its main thread spends the drain (the
  * .cpuprofile is kept in a temp directory, or in `--profile-dir=DIR`).
@@ -102,12 +103,20 @@ if (FILL !== 'mqtt' && FILL !== 'store') throw new Error('--fill must be mqtt or
 const SOURCE_EXTRA = (flag('source-conf') ?? '').split(';').filter((l) => l !== '')
 const UPSTREAM_EXTRA = (flag('upstream-conf') ?? '').split(';').filter((l) => l !== '')
 const EDGEMQ_BIN = flag('edgemq') === undefined ? undefined : path.resolve(flag('edgemq') as string)
+/** Another checkout's gateway/edgemq.mjs, measured in the same rounds (to try a change against the same Mosquitto rounds). */
+const COMPARE_BIN = flag('compare') === undefined ? undefined : path.resolve(flag('compare') as string)
 
 type Variant = 'plain' | 'dedupe'
 const VARIANTS: readonly Variant[] = ['plain', 'dedupe']
 const selected = argv.filter((a) => !a.startsWith('--'))
 for (const v of selected) if (!VARIANTS.includes(v as Variant)) throw new Error(`unknown variant ${v}; expected ${VARIANTS.join(' or ')}`)
 const variants = VARIANTS.filter((v) => selected.length === 0 || selected.includes(v))
+/** The edgemq runs of every round: each variant, and with --compare each variant again on the other checkout. */
+interface Contender { readonly key: string, readonly variant: Variant, readonly bin: string | undefined }
+const contenders: readonly Contender[] = [
+  ...variants.map((variant) => ({ key: variant, variant, bin: EDGEMQ_BIN })),
+  ...(COMPARE_BIN === undefined ? [] : variants.map((variant) => ({ key: `${variant}@compare`, variant, bin: COMPARE_BIN }))),
+]
 
 const PAYLOAD_BYTES = 100
 const DEVICES = 100
@@ -304,14 +313,14 @@ interface RoundResult extends Drain {
   readonly backlogZeroMs: number | null
 }
 
-async function edgemqRound (mosquitto: string, variant: Variant, nodeFlags: readonly string[] = []): Promise<RoundResult & { readonly pid: number }> {
+async function edgemqRound (mosquitto: string, variant: Variant, nodeFlags: readonly string[] = [], bin = EDGEMQ_BIN): Promise<RoundResult & { readonly pid: number }> {
   const dir = await dirs.make(`edgemq-${variant}`)
   const dataDir = path.join(dir, 'data')
   const upstreamPort = await freePort()
   const configFile = path.join(dir, 'edgemq.json')
   await writeFile(configFile, JSON.stringify(edgemqConfig(upstreamPort, variant), null, 2))
   const storeFillRate = FILL === 'store' ? await fillStore(dataDir) : NaN
-  const gw = await startEdgemq(dataDir, nodeFlags, EDGEMQ_BIN, ['--config', configFile])
+  const gw = await startEdgemq(dataDir, nodeFlags, bin, ['--config', configFile])
   const httpUrl = gw.httpUrl as string
   try {
     const fillRate = FILL === 'mqtt'
@@ -377,26 +386,28 @@ function describe (who: string, r: number, x: RoundResult): void {
 }
 
 async function figures (mosquitto: string, version: string): Promise<void> {
-  const results: Record<Variant | 'mosquitto', RoundResult[]> = { plain: [], dedupe: [], mosquitto: [] }
+  const results = new Map<string, RoundResult[]>([['mosquitto', []], ...contenders.map((c): [string, RoundResult[]] => [c.key, []])])
+  const keys = [...results.keys()]
   for (let r = 0; r < ROUNDS; r++) {
-    const order: Array<Variant | 'mosquitto'> = r % 2 === 0 ? ['mosquitto', ...variants] : [...[...variants].reverse(), 'mosquitto']
-    for (const who of order) {
-      const x = who === 'mosquitto' ? await mosquittoRound(mosquitto) : await edgemqRound(mosquitto, who)
-      results[who].push(x)
-      describe(who === 'mosquitto' ? 'mosquitto' : `edgemq ${who}`, r, x)
+    for (const key of r % 2 === 0 ? keys : [...keys].reverse()) {
+      const c = contenders.find((x) => x.key === key)
+      const x = c === undefined ? await mosquittoRound(mosquitto) : await edgemqRound(mosquitto, c.variant, [], c.bin)
+      results.get(key)?.push(x)
+      describe(c === undefined ? 'mosquitto' : `edgemq ${key}`, r, x)
     }
   }
-  const rates = (who: Variant | 'mosquitto'): number[] => results[who].map((x) => x.rate)
-  const m = results.mosquitto
-  for (const variant of variants) {
-    const e = results[variant]
+  const rates = (key: string): number[] => (results.get(key) ?? []).map((x) => x.rate)
+  const m = results.get('mosquitto') as RoundResult[]
+  for (const { key, variant, bin } of contenders) {
+    const e = results.get(key) as RoundResult[]
     const params: Record<string, ParamValue> = {
+      edgemq: bin ?? 'this checkout',
       variant: variant === 'plain' ? 'edgemq dedupeId none: the records\' own topics, like Mosquitto\'s bridge' : 'edgemq dedupeId topic-prefix (its 3.1.1 default): $dedupe/<id>/<topic>, subscriber on $dedupe/#',
       records: RECORDS, payloadBytes: PAYLOAD_BYTES, devices: DEVICES, partitions: PARTITIONS, fill: FILL === 'mqtt' ? 'QoS 1 over MQTT while the upstream is down, 10 connections x 100 in flight' : 'store API into the data dir (edgemq); MQTT (Mosquitto)',
       inflight: WINDOW, durability: 'sync', mosquitto: version, mosquittoSource: SOURCE_CONFIG, upstream: UPSTREAM_CONFIG,
       counted: 'from the bridge\'s CONNECT at the upstream to the last of the records at a QoS 1 subscriber on the upstream',
       statistic: 'median of rounds', rounds: ROUNDS, target: '>= 1.0x',
-      edgemqRounds: rates(variant).map(Math.round), mosquittoRounds: rates('mosquitto').map(Math.round),
+      edgemqRounds: rates(key).map(Math.round), mosquittoRounds: rates('mosquitto').map(Math.round),
       roundRatios: e.map((x, i) => r2(x.rate / (m[i] as RoundResult).rate)),
       edgemqSeconds: e.map((x) => r2(x.connectToLastMs / 1000)), mosquittoSeconds: m.map((x) => r2(x.connectToLastMs / 1000)),
       edgemqCores: e.map((x) => r2(x.sourceCores)), mosquittoSourceCores: m.map((x) => r2(x.sourceCores)),
@@ -410,9 +421,9 @@ async function figures (mosquitto: string, version: string): Promise<void> {
       loadAverage: os.loadavg().map((l) => r2(l)),
     }
     report({
-      bench: `bridge.drain.${variant}`,
+      bench: `bridge.drain.${variant}${key === variant ? '' : '.compare'}`,
       unit: 'msgs/s',
-      value: median(rates(variant)),
+      value: median(rates(key)),
       baseline: `Mosquitto ${version} bridge A -> B draining the same backlog`,
       baselineValue: median(rates('mosquitto')),
       better: 'higher',
