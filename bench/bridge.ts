@@ -77,7 +77,7 @@ import os from 'node:os'
 import path from 'node:path'
 import { performance } from 'node:perf_hooks'
 import { openLogStore } from '../store/index.ts'
-import { findMosquitto, freePort, mosquittoVersion, processCpuSeconds, processSyscalls, startEdgemq, startMosquittoWithConfig, type RunningBroker } from './lib/brokers.ts'
+import { findMosquitto, freePort, mosquittoVersion, processCpuSeconds, processRssBytes, processSyscalls, startEdgemq, startMosquittoWithConfig, type RunningBroker } from './lib/brokers.ts'
 import { formatProfileSummary, summarizeCpuProfile } from './lib/cpu-profile.ts'
 import { CountingSubscriber } from './lib/mqtt-counter.ts'
 import { fill, fillDevice, fillTopic } from './lib/mqtt-fill.ts'
@@ -309,6 +309,8 @@ async function fillStore (dataDir: string): Promise<number> {
 
 interface RoundResult extends Drain {
   readonly fillRate: number
+  /** Resident memory of the source (edgemq or A) holding the whole backlog, before the upstream starts. */
+  readonly sourceRssBytes: number
   /** edgemq: from the last message at the subscriber until GET /v1/bridge reported backlog 0 (commits every 200 ms). */
   readonly backlogZeroMs: number | null
 }
@@ -326,6 +328,7 @@ async function edgemqRound (mosquitto: string, variant: Variant, nodeFlags: read
     const fillRate = FILL === 'mqtt'
       ? (await fill({ host: gw.host, port: gw.port, messages: RECORDS, connections: FILL_CONNECTIONS, devicesPerConnection: DEVICES / FILL_CONNECTIONS, payloadBytes: PAYLOAD_BYTES, window: FILL_WINDOW })).rate
       : storeFillRate
+    const sourceRssBytes = processRssBytes(gw.pid) ?? NaN
     const before = await bridgeStatus(httpUrl)
     if (before.connected) throw new Error('the bridge is connected before the upstream started')
     if (before.backlog.messages !== RECORDS) throw new Error(`GET /v1/bridge reports a backlog of ${before.backlog.messages} messages, expected ${RECORDS}`)
@@ -342,7 +345,7 @@ async function edgemqRound (mosquitto: string, variant: Variant, nodeFlags: read
         if (s.backlog.messages === 0) { backlogZeroMs = performance.now() - t0; return }
       }
     })
-    return { ...drain, fillRate, backlogZeroMs, pid: gw.pid }
+    return { ...drain, fillRate, sourceRssBytes, backlogZeroMs, pid: gw.pid }
   } catch (err) {
     throw new Error(`${(err as Error).message}\nedgemq stderr (tail):\n${gw.stderr().slice(-3000)}`)
   } finally {
@@ -363,9 +366,10 @@ async function mosquittoRound (mosquitto: string): Promise<RoundResult> {
   })
   try {
     const filled = await fill({ host: a.host, port: portA, messages: RECORDS, connections: FILL_CONNECTIONS, devicesPerConnection: DEVICES / FILL_CONNECTIONS, payloadBytes: PAYLOAD_BYTES, window: FILL_WINDOW })
+    const sourceRssBytes = processRssBytes(a.pid) ?? NaN
     await timeout(new Promise<void>((resolve) => { attempt = resolve }), 15_000, 'a connection attempt of the Mosquitto bridge')
     const drain = await drainInto(mosquitto, dir, portB, MOSQUITTO_BRIDGE_CLIENT_ID, '#', a.pid)
-    return { ...drain, fillRate: filled.rate, backlogZeroMs: null }
+    return { ...drain, fillRate: filled.rate, sourceRssBytes, backlogZeroMs: null }
   } catch (err) {
     throw new Error(`${(err as Error).message}\nmosquitto A stderr (tail):\n${a.stderr().slice(-3000)}`)
   } finally {
@@ -381,7 +385,7 @@ function describe (who: string, r: number, x: RoundResult): void {
   info(`round ${r + 1}/${ROUNDS} ${who}: ${k(x.rate)} msgs/s (${round(x.connectToLastMs / 1000, 2)} s from the bridge's CONNECT, first message after ${round(x.connectToFirstMs, 1)} ms; ` +
     `1-s rates ${k(x.lowSecondRate)}–${k(x.peakSecondRate)}); cores: source ${r2(x.sourceCores)}, upstream ${r2(x.upstreamCores)}, subscriber ${r2(x.subscriberCores)}; ` +
     `source syscalls per record: ${r2(x.sourceWritesPerRecord)} writes, ${r2(x.sourceReadsPerRecord)} reads; ` +
-    `fill ${k(x.fillRate)} msgs/s` + (x.backlogZeroMs === null ? '' : `; backlog 0 in /v1/bridge ${Math.round(x.backlogZeroMs)} ms after the last message`) +
+    `fill ${k(x.fillRate)} msgs/s, source RSS with the backlog ${Math.round(x.sourceRssBytes / 2 ** 20)} MiB` + (x.backlogZeroMs === null ? '' : `; backlog 0 in /v1/bridge ${Math.round(x.backlogZeroMs)} ms after the last message`) +
     (x.extra === 0 ? '' : `; ${x.extra} extra messages`))
 }
 
@@ -416,6 +420,7 @@ async function figures (mosquitto: string, version: string): Promise<void> {
       edgemqWritesPerRecord: e.map((x) => r2(x.sourceWritesPerRecord)), mosquittoWritesPerRecord: m.map((x) => r2(x.sourceWritesPerRecord)),
       edgemqReadsPerRecord: e.map((x) => r2(x.sourceReadsPerRecord)), mosquittoReadsPerRecord: m.map((x) => r2(x.sourceReadsPerRecord)),
       edgemqFillRates: e.map((x) => Math.round(x.fillRate)), mosquittoFillRates: m.map((x) => Math.round(x.fillRate)),
+      edgemqRssMiB: e.map((x) => Math.round(x.sourceRssBytes / 2 ** 20)), mosquittoSourceRssMiB: m.map((x) => Math.round(x.sourceRssBytes / 2 ** 20)),
       edgemqBacklogZeroMs: e.map((x) => Math.round(x.backlogZeroMs ?? NaN)),
       extraMessages: [...e, ...m].map((x) => x.extra),
       loadAverage: os.loadavg().map((l) => r2(l)),

@@ -200,6 +200,16 @@ export function processCpuSeconds (pid: number): number | undefined {
   }
 }
 
+/** Resident memory of a process now, in bytes (VmRSS of /proc/<pid>/status); undefined elsewhere. */
+export function processRssBytes (pid: number): number | undefined {
+  try {
+    const kb = /^VmRSS:\s+(\d+) kB$/m.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1]
+    return kb === undefined ? undefined : Number(kb) * 1024
+  } catch {
+    return undefined
+  }
+}
+
 /** Write and read system calls of a process so far (`syscw`, `syscr` of /proc/<pid>/io, all threads); undefined elsewhere. */
 export function processSyscalls (pid: number): { readonly writes: number, readonly reads: number } | undefined {
   try {
