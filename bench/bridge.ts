@@ -15,8 +15,8 @@
  *   commits its ingest makes under that load; the bridge's consumer group
  *   `bridge.up` holds it. GET /v1/bridge must report all of it as backlog
  *   before the upstream starts. (`--fill=store` instead appends it with the
- *   store API into the data dir before the gateway starts: quicker, and
- *   larger batches than MQTT ingest makes.)
+ *   store API into the data dir before the gateway starts: quicker, with
+ *   larger batches than MQTT ingest makes, and the same drain rate.)
  * - Mosquitto A (`persistence false`) queues it for its bridge to B, a
  *   client session inside A: `local_cleansession false` keeps the session
  *   and its QoS 1 queue while the bridge is down, `max_queued_messages 0`
@@ -54,7 +54,7 @@
  *           topic, exactly like Mosquitto's bridge. The like-for-like figure.
  * - dedupe  edgemq's default for MQTT 3.1.1, `dedupeId: topic-prefix`: each
  *           topic is `$dedupe/bench/default/telemetry/<p>/<offset>/<topic>`
- *           (about 35 bytes longer), against the same Mosquitto rounds.
+ *           (about 40 bytes longer), against the same Mosquitto rounds.
  *
  * Every round starts fresh processes and directories; edgemq and Mosquitto
  * rounds alternate, the order flipping each round (as in gateway.ts), and
