@@ -131,13 +131,40 @@ export async function startMosquitto (bin: string, dir: string, extraConfig: rea
 }
 
 /**
+ * Mosquitto with the given config lines (the listener, logging to stderr
+ * and anything else is up to the caller) on `port`, which must be free.
+ * `onLine` sees every line Mosquitto writes on stderr as it arrives (the
+ * bridge bench watches for "Connecting bridge" and "New client connected").
+ * Resolves once the port accepts connections.
+ */
+export async function startMosquittoWithConfig (bin: string, dir: string, port: number, lines: readonly string[], onLine?: (line: string) => void): Promise<RunningBroker> {
+  const config = path.join(dir, `mosquitto-${port}.conf`)
+  await writeFile(config, `${lines.join('\n')}\n`, { mode: 0o644 })
+  const child = spawn(bin, ['-c', config], { stdio: ['ignore', 'ignore', 'pipe'] })
+  const { stderr, exited } = track(child)
+  if (onLine !== undefined) {
+    let partial = ''
+    child.stderr?.on('data', (d: Buffer) => {
+      const text = partial + d.toString()
+      const parts = text.split('\n')
+      partial = parts.pop() ?? ''
+      for (const line of parts) onLine(line)
+    })
+  }
+  await waitForPort(port, exited, stderr, `mosquitto (${config})`)
+  return { name: 'mosquitto', pid: child.pid ?? -1, host: HOST, port, stderr, stop: stopper(child, exited) }
+}
+
+/**
  * `edgemq start --data-dir <dataDir> --mqtt-port 0 --http-port 0` with the
  * embedded default config; `nodeFlags` go before the script (`--cpu-prof`).
  * `bin` is this checkout's gateway/edgemq.mjs unless another is given (to
- * compare a change against the same Mosquitto rounds).
+ * compare a change against the same Mosquitto rounds). `startArgs` follow
+ * the others (`['--config', file]`; the flags above still override the
+ * file's data dir and ports).
  */
-export async function startEdgemq (dataDir: string, nodeFlags: readonly string[] = [], bin = EDGEMQ): Promise<RunningBroker> {
-  const child = spawn(process.execPath, [...nodeFlags, bin, 'start', '--data-dir', dataDir, '--mqtt-port', '0', '--http-port', '0'], {
+export async function startEdgemq (dataDir: string, nodeFlags: readonly string[] = [], bin = EDGEMQ, startArgs: readonly string[] = []): Promise<RunningBroker> {
+  const child = spawn(process.execPath, [...nodeFlags, bin, 'start', '--data-dir', dataDir, '--mqtt-port', '0', '--http-port', '0', ...startArgs], {
     cwd: path.resolve(path.dirname(bin), '..'), stdio: ['ignore', 'pipe', 'pipe'],
   })
   const { stderr, exited } = track(child)
@@ -190,6 +217,27 @@ export function processCpuSeconds (pid: number): number | undefined {
     const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ')
     clockTicks ??= Number(spawnSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).stdout.trim()) || 100
     return (Number(fields[11]) + Number(fields[12])) / clockTicks
+  } catch {
+    return undefined
+  }
+}
+
+/** Resident memory of a process now, in bytes (VmRSS of /proc/<pid>/status); undefined elsewhere. */
+export function processRssBytes (pid: number): number | undefined {
+  try {
+    const kb = /^VmRSS:\s+(\d+) kB$/m.exec(readFileSync(`/proc/${pid}/status`, 'utf8'))?.[1]
+    return kb === undefined ? undefined : Number(kb) * 1024
+  } catch {
+    return undefined
+  }
+}
+
+/** Write and read system calls of a process so far (`syscw`, `syscr` of /proc/<pid>/io, all threads); undefined elsewhere. */
+export function processSyscalls (pid: number): { readonly writes: number, readonly reads: number } | undefined {
+  try {
+    const io = readFileSync(`/proc/${pid}/io`, 'utf8')
+    const field = (name: string): number => Number(new RegExp(`^${name}: (\\d+)$`, 'm').exec(io)?.[1] ?? NaN)
+    return { writes: field('syscw'), reads: field('syscr') }
   } catch {
     return undefined
   }

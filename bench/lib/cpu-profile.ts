@@ -53,6 +53,7 @@ export function categoryOf (frame: CallFrame): string {
   }
   if (/\/gateway\/[^/]+\.ts$/.test(url)) return 'gateway/*.ts'
   if (/\/store\/[^/]+\.ts$/.test(url)) return 'store/*.ts'
+  if (/\/bridge\/[^/]+\.ts$/.test(url)) return 'bridge/*.ts'
   if (url.startsWith('node:')) return 'node core'
   if (url === '') return 'V8/native builtins'
   return 'other'
@@ -61,7 +62,7 @@ export function categoryOf (frame: CallFrame): string {
 function shortUrl (url: string): string {
   const nm = url.lastIndexOf('/node_modules/')
   if (nm >= 0) return url.slice(nm + '/node_modules/'.length)
-  const m = /\/((?:gateway|store|bench)\/[^/]+)$/.exec(url)
+  const m = /\/((?:gateway|store|bridge|bench)\/[^/]+)$/.exec(url)
   if (m !== null) return m[1] as string
   return url.replace(/^file:\/\//, '')
 }
@@ -132,7 +133,7 @@ export async function summarizeCpuProfile (file: string, window?: ProfileWindow)
 }
 
 /** A plain-text report: categories, then the top functions by self and by total time. */
-export function formatProfileSummary (s: ProfileSummary, top = 25): string {
+export function formatProfileSummary (s: ProfileSummary, top = 25, ours: ReadonlySet<string> = new Set(['aedes', 'mqtt-packet', 'gateway/*.ts', 'store/*.ts'])): string {
   const busy = s.sampledMs - s.idleMs
   const pct = (ms: number): string => `${((100 * ms) / busy).toFixed(1).padStart(5)} %`
   const lines: string[] = []
@@ -142,8 +143,7 @@ export function formatProfileSummary (s: ProfileSummary, top = 25): string {
   lines.push(`top ${top} functions by self time:`)
   const fn = (f: FunctionTime, ms: number): string => `  ${pct(ms)}  ${f.name}  ${f.where}  [${f.category}]`
   for (const f of [...s.functions].filter((f) => f.category !== 'idle').sort((a, b) => b.selfMs - a.selfMs).slice(0, top)) lines.push(fn(f, f.selfMs))
-  lines.push(`top ${top} functions of aedes, mqtt-packet, gateway/ and store/ by total time (self + callees):`)
-  const ours = new Set(['aedes', 'mqtt-packet', 'gateway/*.ts', 'store/*.ts'])
+  lines.push(`top ${top} functions of ${[...ours].join(', ')} by total time (self + callees):`)
   for (const f of [...s.functions].filter((f) => ours.has(f.category)).sort((a, b) => b.totalMs - a.totalMs).slice(0, top)) lines.push(fn(f, f.totalMs))
   return lines.join('\n')
 }
