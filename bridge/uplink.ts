@@ -26,9 +26,11 @@
  * moves on.
  *
  * Each connection is a fresh MQTT.js client with its own reconnection turned
- * off: reconnects follow our own exponential backoff with full jitter, and
- * MQTT.js never resends from a previous connection's in-flight store, so the
- * lanes alone decide what is sent again.
+ * off: reconnects follow our own exponential backoff with full jitter. MQTT.js
+ * does CONNECT, keep-alive, SUBSCRIBE and the commands; the forwarded
+ * PUBLISHes are encoded, numbered and matched to their PUBACKs here (see
+ * #send), so nothing is resent behind the lanes' back and a drain costs a
+ * fraction of MQTT.js' per-message path.
  */
 import { readFileSync } from 'node:fs'
 import mqtt, { type IClientOptions, type IPublishPacket, type MqttClient } from 'mqtt'
