@@ -24,11 +24,6 @@ export class Bridge {
     this.#uplinks = config.upstreams.map((u) => new Uplink(u, { ...deps, commitIntervalMs: config.commitIntervalMs }))
   }
 
-  /** The consumer groups of the upstreams, `bridge.<name>`. */
-  get groups (): string[] {
-    return this.#uplinks.map((u) => u.group)
-  }
-
   async start (): Promise<void> {
     for (const u of this.#uplinks) await u.start()
   }
@@ -40,10 +35,5 @@ export class Bridge {
   /** Every upstream's status, in config order. */
   async status (): Promise<UpstreamStatus[]> {
     return await Promise.all(this.#uplinks.map((u) => u.status()))
-  }
-
-  /** The upstream whose consumer group this is, or undefined. */
-  upstreamOfGroup (group: string): string | undefined {
-    return this.#uplinks.find((u) => u.group === group)?.config.name
   }
 }

@@ -79,10 +79,6 @@ export class CommandDispatcher implements CommandSink {
     this.#deps = deps
   }
 
-  get pendingCount (): number {
-    return this.#pending.size
-  }
-
   /** Rebuilds the undelivered commands from the log and starts delivering. */
   async start (): Promise<void> {
     const { store, broker } = this.#deps

@@ -8,9 +8,14 @@ import mqtt, { type MqttClient } from 'mqtt'
 import { afterAll, describe, expect, it } from 'vitest'
 import { startGatewayProcess, tempDir, writeConfig, type GatewayProcess } from '../helpers/gateway-process.ts'
 import { bridgeStatus, freePort, waitFor } from '../helpers/bridge-fixtures.ts'
-import { mosquittoBinary, startMosquitto } from '../helpers/mosquitto-process.ts'
+import { mosquittoPolicy, startMosquitto } from '../helpers/mosquitto-process.ts'
 
-const bin = mosquittoBinary()
+const policy = mosquittoPolicy()
+const bin = policy.bin
+
+it.runIf(policy.missingInCi)('has mosquitto under CI', () => {
+  expect.fail('mosquitto is missing: .ci/run installs it; the commands tests cannot run')
+})
 
 interface Receipt { status: string, topic: string, command: string, upstream: string }
 

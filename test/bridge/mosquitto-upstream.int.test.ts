@@ -9,9 +9,14 @@ import { afterAll, describe, expect, it } from 'vitest'
 import { readWholeLog } from '../helpers/log-reader.ts'
 import { startGatewayProcess, tempDir, writeConfig, type GatewayProcess } from '../helpers/gateway-process.ts'
 import { bridgeStatus, drained, freePort, publishAcked, waitFor } from '../helpers/bridge-fixtures.ts'
-import { mosquittoBinary, startMosquitto, type MosquittoProcess } from '../helpers/mosquitto-process.ts'
+import { mosquittoPolicy, startMosquitto, type MosquittoProcess } from '../helpers/mosquitto-process.ts'
 
-const bin = mosquittoBinary()
+const policy = mosquittoPolicy()
+const bin = policy.bin
+
+it.runIf(policy.missingInCi)('has mosquitto under CI', () => {
+  expect.fail('mosquitto is missing: .ci/run installs it; the Mosquitto-upstream tests cannot run')
+})
 const DEVICES = ['dev-a', 'dev-b', 'dev-c']
 
 interface Received { topic: string, payload: string, dedupeId: string | undefined }
@@ -38,8 +43,9 @@ function perDevice (payloads: readonly string[]): Map<string, string[]> {
   return out
 }
 
-async function startEdge (dir: string, upstreams: Array<Record<string, unknown>>): Promise<GatewayProcess> {
+async function startEdge (dir: string, upstreams: Array<Record<string, unknown>>, extra: Record<string, unknown> = {}): Promise<GatewayProcess> {
   const config = await writeConfig(dir, {
+    ...extra,
     gatewayId: 'edge-1',
     mqtt: { listeners: [{ type: 'tcp', port: 0 }] },
     bridge: { commitIntervalMs: 100, upstreams: upstreams.map((u) => ({ forward: [{ stream: 'telemetry' }], reconnectMinMs: 50, reconnectMaxMs: 500, ...u })) },
@@ -60,44 +66,40 @@ describe.skipIf(bin === null)('bridge: edgemq → Mosquitto', () => {
     cleanups.push(() => m.kill())
     return m
   }
-
-  it('MQTT 3.1.1: every record arrives once, in per-device order, its dedupe id in a $dedupe/ topic prefix', async () => {
+  /** A Mosquitto upstream, a cloud subscriber on `filter`, an edge bridged to it; publishes 300 per device and waits until all arrived. */
+  const forwardAll = async (upstream: Record<string, unknown>, filter: string, options: IClientOptions = {}): Promise<{ acked: string[], got: Received[] }> => {
     const { dir } = await setup()
     const up = await mosquitto(dir)
-    const cloud = await collector(up.url, '$dedupe/#')
+    const cloud = await collector(up.url, filter, options)
     cleanups.push(() => cloud.client.endAsync())
-    const edge = await startEdge(dir, [{ name: 'cloud', url: up.url, topicTemplate: 'sites/{site}/{topic}' }])
+    const edge = await startEdge(dir, [{ name: 'cloud', url: up.url, ...upstream }])
     cleanups.push(() => edge.kill())
     const acked = await publishAcked(edge.mqttUrl, DEVICES, 300)
     await drained(edge.httpUrl, 'cloud')
     await waitFor('the cloud subscriber to have everything', () => cloud.got.length >= acked.length ? true : undefined)
     expect(cloud.got).toHaveLength(acked.length)
-    for (const m of cloud.got) {
+    return { acked, got: cloud.got }
+  }
+
+  it('MQTT 3.1.1: every record arrives once, in per-device order, its dedupe id in a $dedupe/ topic prefix', async () => {
+    const { acked, got } = await forwardAll({ topicTemplate: 'sites/{site}/{topic}' }, '$dedupe/#')
+    for (const m of got) {
       const match = /^\$dedupe\/edge-1\/default\/telemetry\/(\d+)\/(\d+)\/sites\/edge-1\/devices\/(dev-[a-c])\/telemetry\/t$/.exec(m.topic)
       expect(match, m.topic).not.toBeNull()
       expect(m.payload.startsWith(`${match?.[3] ?? ''}:`)).toBe(true)
     }
-    expect(new Set(cloud.got.map((m) => m.topic)).size).toBe(acked.length) // one message per (partition, offset)
-    expect(perDevice(cloud.got.map((m) => m.payload))).toEqual(perDevice(acked.sort((a, b) => Number(a.split(':')[1]) - Number(b.split(':')[1]))))
+    expect(new Set(got.map((m) => m.topic)).size).toBe(acked.length) // one message per (partition, offset)
+    expect(perDevice(got.map((m) => m.payload))).toEqual(perDevice(acked.sort((a, b) => Number(a.split(':')[1]) - Number(b.split(':')[1]))))
   })
 
   it('MQTT 5: the dedupe id is a user property, and plain topics stay plain', async () => {
-    const { dir } = await setup()
-    const up = await mosquitto(dir)
-    const cloud = await collector(up.url, 'devices/#', { protocolVersion: 5 })
-    cleanups.push(() => cloud.client.endAsync())
-    const edge = await startEdge(dir, [{ name: 'cloud', url: up.url, mqttVersion: '5' }])
-    cleanups.push(() => edge.kill())
-    const acked = await publishAcked(edge.mqttUrl, DEVICES, 300)
-    await drained(edge.httpUrl, 'cloud')
-    await waitFor('the cloud subscriber to have everything', () => cloud.got.length >= acked.length ? true : undefined)
-    expect(cloud.got).toHaveLength(acked.length)
-    for (const m of cloud.got) {
+    const { acked, got } = await forwardAll({ mqttVersion: '5' }, 'devices/#', { protocolVersion: 5 })
+    for (const m of got) {
       expect(m.topic).toMatch(/^devices\/dev-[a-c]\/telemetry\/t$/)
       expect(m.dedupeId).toMatch(/^edge-1\/default\/telemetry\/\d+\/\d+$/)
     }
-    expect(new Set(cloud.got.map((m) => m.dedupeId)).size).toBe(acked.length)
-    for (const [device, list] of perDevice(cloud.got.map((m) => m.payload))) {
+    expect(new Set(got.map((m) => m.dedupeId)).size).toBe(acked.length)
+    for (const [device, list] of perDevice(got.map((m) => m.payload))) {
       expect(list.map((p) => Number(p.split(':')[1])), device).toEqual([...Array(300).keys()])
     }
   })
@@ -227,23 +229,26 @@ describe.skipIf(bin === null)('bridge: edgemq → Mosquitto', () => {
   it('a high-priority stream is not starved by a rate-limited telemetry backlog', async () => {
     const { dir } = await setup()
     const port = await freePort()
-    const upstream = { name: 'cloud', url: `mqtt://127.0.0.1:${port}`, dedupeId: 'none', maxMessagesPerSecond: 200, forward: [{ stream: 'telemetry' }, { stream: 'events', priority: 5 }] }
-    const edge = await startEdge(dir, [upstream])
+    // One message in flight, 200 a second, and a backlog spread over many telemetry partitions: round robin alone
+    // would make a live event wait its turn behind a couple of dozen busy lanes; its priority puts it next.
+    const upstream = { name: 'cloud', url: `mqtt://127.0.0.1:${port}`, dedupeId: 'none', maxInflight: 1, maxMessagesPerSecond: 200, forward: [{ stream: 'telemetry' }, { stream: 'events', priority: 5 }] }
+    const edge = await startEdge(dir, [upstream], { streams: { telemetry: { partitions: 32 }, events: { partitions: 4 }, commands: { partitions: 4 } } })
     cleanups.push(() => edge.kill())
-    const backlog = await publishAcked(edge.mqttUrl, DEVICES, 400) // 1,200 records: six seconds at 200/s
+    const devices = Array.from({ length: 40 }, (_, i) => `dev-${i}`)
+    const backlog = await publishAcked(edge.mqttUrl, devices, 30) // 1,200 records: six seconds at 200/s
     const up = await mosquitto(dir, port)
     const cloud = await collector(up.url, 'devices/#')
     cleanups.push(() => cloud.client.endAsync())
     await waitFor('the drain to start', () => cloud.got.length > 50 ? true : undefined)
     const client = await mqtt.connectAsync(edge.mqttUrl, { reconnectPeriod: 0 })
-    await client.publishAsync('devices/dev-a/events/alarm', 'fire', { qos: 1 })
+    await client.publishAsync('devices/dev-0/events/alarm', 'fire', { qos: 1 })
     const receivedWhenLogged = cloud.got.length
     await client.endAsync()
     await waitFor('the event upstream', () => cloud.got.some((m) => m.payload === 'fire') ? true : undefined)
-    // It takes the next free window slot: at most the window already in flight (100) arrives before it, not the
-    // rest of the backlog.
-    expect(cloud.got.findIndex((m) => m.payload === 'fire')).toBeLessThanOrEqual(receivedWhenLogged + 100)
-    expect(receivedWhenLogged + 100).toBeLessThan(backlog.length)
+    const lanesBusy = new Set(backlog.map((p) => p.split(':')[0])).size
+    expect(lanesBusy).toBeGreaterThan(20)
+    // The one message in flight, the one the log read of the event overlapped, and the delivery to the subscriber.
+    expect(cloud.got.findIndex((m) => m.payload === 'fire')).toBeLessThanOrEqual(receivedWhenLogged + 4)
     await drained(edge.httpUrl, 'cloud', 30_000)
   })
 })

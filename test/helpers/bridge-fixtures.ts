@@ -3,20 +3,9 @@
  * must come back on the same address, bounded polling, the bridge status of
  * a running gateway, and a device that publishes QoS 1 and records its acks.
  */
-import net, { type AddressInfo } from 'node:net'
 import mqtt from 'mqtt'
 
-/** A loopback port that was free a moment ago (bound to port 0 and released). */
-export function freePort (): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const server = net.createServer()
-    server.once('error', reject)
-    server.listen(0, '127.0.0.1', () => {
-      const { port } = server.address() as AddressInfo
-      server.close(() => resolve(port))
-    })
-  })
-}
+export { freePort } from '../../bench/lib/brokers.ts'
 
 /** Polls `check` until it returns a value other than undefined, or fails after `timeoutMs` with `what`. */
 export async function waitFor<T> (what: string, check: () => Promise<T | undefined> | T | undefined, timeoutMs = 30_000, everyMs = 100): Promise<T> {
