@@ -4,6 +4,7 @@
  * also when the upstream is down for a while, and when the edge is SIGKILLed
  * during that outage and restarted.
  */
+import mqtt from 'mqtt'
 import { afterAll, describe, expect, it } from 'vitest'
 import { runCliWithin } from '../helpers/cli-run.ts'
 import { readWholeLog, type LoggedRecord } from '../helpers/log-reader.ts'
@@ -128,5 +129,24 @@ describe('bridge: edgemq → edgemq', () => {
     expect(await edge.stop()).toBe(0)
     expect(await region.stop()).toBe(0)
     expectExactlyInOrder(await readWholeLog(`${regionDir.dir}/data`), await readWholeLog(`${edgeDir.dir}/data`), acked)
+  })
+
+  it('holds to maxBytesPerSecond', async () => {
+    const regionDir = await tempDir('edgemq-region-')
+    const edgeDir = await tempDir('edgemq-edge-')
+    cleanups.push(regionDir.cleanup, edgeDir.cleanup)
+    const regionPort = await freePort()
+    const region = await startRegion(regionDir.dir, regionPort)
+    const edge = await startEdge(edgeDir.dir, regionPort, { maxBytesPerSecond: 2000 })
+    cleanups.push(async () => { await edge.kill(); await region.kill() })
+    await waitFor('the uplink to connect', async () => (await bridgeStatus(edge.httpUrl))[0]?.connected === true ? true : undefined)
+    const client = await mqtt.connectAsync(edge.mqttUrl, { reconnectPeriod: 0 })
+    const started = Date.now()
+    for (let i = 0; i < 10; i++) await client.publishAsync('devices/d1/telemetry/t', Buffer.alloc(1000, 0x61), { qos: 1 })
+    await client.endAsync()
+    const status = await drained(edge.httpUrl, 'region')
+    expect(status.forwardedMessages).toBe(10)
+    // 10,000 payload bytes at 2,000 a second, with at most one second's worth sent as a burst: no sooner than 4 s.
+    expect(Date.now() - started).toBeGreaterThanOrEqual(4000)
   })
 })
