@@ -14,13 +14,12 @@
 import net from 'node:net'
 import { performance } from 'node:perf_hooks'
 import mqttPacket from 'mqtt-packet'
-import { frameAt } from './mqtt-frame.ts'
+import { disconnectSocket, frameAt } from './mqtt-frame.ts'
 
 const CONNACK = 2
 const PUBLISH = 3
 const SUBACK = 9
 const READ_BUFFER_BYTES = 256 * 1024
-const DISCONNECT = Buffer.from([0xe0, 0x00])
 
 export interface CounterOptions {
   readonly host: string
@@ -119,12 +118,7 @@ export class CountingSubscriber {
 
   async close (): Promise<void> {
     this.#closing = true
-    if (this.#socket.destroyed) return
-    await new Promise<void>((resolve) => {
-      this.#socket.once('close', () => resolve())
-      this.#socket.end(DISCONNECT)
-      setTimeout(() => this.#socket.destroy(), 1000).unref()
-    })
+    await disconnectSocket(this.#socket)
   }
 
   #fail (err: Error): void {

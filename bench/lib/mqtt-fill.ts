@@ -15,7 +15,7 @@
 import net from 'node:net'
 import { performance } from 'node:perf_hooks'
 import mqttPacket from 'mqtt-packet'
-import { frameAt } from './mqtt-frame.ts'
+import { disconnectSocket, frameAt } from './mqtt-frame.ts'
 
 export interface FillSpec {
   readonly host: string
@@ -38,7 +38,6 @@ const RING = 4096
 const REFILL_DIVISOR = 10
 const CONNACK = 2
 const PUBACK = 4
-const DISCONNECT = Buffer.from([0xe0, 0x00])
 
 export function fillDevice (n: number): string { return `dev-${String(n).padStart(3, '0')}` }
 export function fillTopic (device: string): string { return `devices/${device}/telemetry/t` }
@@ -98,12 +97,7 @@ class FillConnection {
 
   async close (): Promise<void> {
     this.#closing = true
-    if (this.#socket.destroyed) return
-    await new Promise<void>((resolve) => {
-      this.#socket.once('close', () => resolve())
-      this.#socket.end(DISCONNECT)
-      setTimeout(() => this.#socket.destroy(), 1000).unref()
-    })
+    await disconnectSocket(this.#socket)
   }
 
   #send (k: number): void {

@@ -1,8 +1,10 @@
 /**
- * Where the next MQTT packet in a buffer starts its body and how long the
- * body is, from its fixed header; the load generator and the do-nothing
- * broker both walk their input with it.
+ * The raw MQTT the bench's own clients and its do-nothing broker speak: where
+ * the next packet in a buffer starts its body and how long the body is (from
+ * its fixed header), and a clean DISCONNECT.
  */
+
+import type { Socket } from 'node:net'
 
 export interface Frame {
   /** Index of the first body byte (after the remaining-length bytes). */
@@ -23,4 +25,16 @@ export function frameAt (buf: Buffer, i: number): Frame | null {
     if ((byte & 0x80) === 0) return j + length > buf.length ? null : { body: j, length }
   }
   return null
+}
+
+export const DISCONNECT = Buffer.from([0xe0, 0x00])
+
+/** Sends DISCONNECT and ends the socket; destroys it if it has not closed a second later. */
+export async function disconnectSocket (socket: Socket): Promise<void> {
+  if (socket.destroyed) return
+  await new Promise<void>((resolve) => {
+    socket.once('close', () => resolve())
+    socket.end(DISCONNECT)
+    setTimeout(() => socket.destroy(), 1000).unref()
+  })
 }

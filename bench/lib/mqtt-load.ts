@@ -30,7 +30,7 @@ import net from 'node:net'
 import { performance } from 'node:perf_hooks'
 import mqttPacket from 'mqtt-packet'
 import { LatencyHistogram, type SerializedHistogram } from './latency-histogram.ts'
-import { frameAt } from './mqtt-frame.ts'
+import { disconnectSocket, frameAt } from './mqtt-frame.ts'
 
 export interface LoadSpec {
   readonly host: string
@@ -80,7 +80,6 @@ const RING = 4096
 const REFILL_DIVISOR = 10
 const READ_BUFFER_BYTES = 64 * 1024
 const PINGREQ = Buffer.from([0xc0, 0x00])
-const DISCONNECT = Buffer.from([0xe0, 0x00])
 
 const CONNACK = 2
 const PUBACK = 4
@@ -191,12 +190,7 @@ class Connection {
 
   async close (): Promise<void> {
     this.#closing = true
-    if (this.socket.destroyed) return
-    await new Promise<void>((resolve) => {
-      this.socket.once('close', () => resolve())
-      this.socket.end(DISCONNECT)
-      setTimeout(() => this.socket.destroy(), 1000).unref()
-    })
+    await disconnectSocket(this.socket)
   }
 
   /** Writes the next `k` units of the ring, in one write unless the ring wraps. */
