@@ -232,6 +232,14 @@ class LevelLogStore implements LogStore {
   }
 
   async #recoverPartition (part: PartitionState): Promise<void> {
+    try {
+      await this.#recoverPartitionOf(part)
+    } catch (err) {
+      throw asDamage(err, `opening ${part.stream.name}[${part.partition}]`, { stream: part.stream.name, partition: part.partition })
+    }
+  }
+
+  async #recoverPartitionOf (part: PartitionState): Promise<void> {
     const { id } = part.stream
     const meta = await this.#db.get(keys.partition(id, part.partition))
     let recordedEnd: number | undefined
