@@ -293,8 +293,9 @@ function addClientCommands (program: Command, exit: (code: number) => void): voi
     .description('verify a stopped gateway\'s data: every LevelDB block checksum, every batch, every offset; exit 0 when clean, 2 when damaged')
     .requiredOption('--data-dir <dir>', 'the data directory to check (the gateway must be stopped)')
     .option('--json', 'print the report as JSON')
-    .action(async (flags: { dataDir: string, json?: boolean }) => {
-      const check = await checkDataDir(flags.dataDir)
+    .option('--salvage <file>', 'also write every record that passes its checks to this new file (NDJSON, with stream and offset, payloads in base64)')
+    .action(async (flags: { dataDir: string, json?: boolean, salvage?: string }) => {
+      const check = await checkDataDir(flags.dataDir, { salvage: flags.salvage })
       await print(flags.json === true ? `${JSON.stringify(check, keysAsHex, 2)}\n` : checkText(check))
       exit(check.ok ? 0 : CHECK_EXIT_DAMAGED)
     })

@@ -5,4 +5,4 @@ export { openLogStore, DEFAULT_MAX_RECORD_BYTES, type LogStoreOptions, type Leve
 export { partitionForKey } from './partitioner.ts'
 export { decodeStoredBatch } from './format.ts'
 export { checkTableFiles, tableBlocks, type TableBlock, type TableCheckReport, type TableDamage } from './table-files.ts'
-export { verifyLog, type LogCheckReport, type LogDamage, type PartitionCheck } from './verify.ts'
+export { verifyLog, type LogCheckReport, type LogDamage, type PartitionCheck, type VerifyOptions } from './verify.ts'

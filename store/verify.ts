@@ -13,6 +13,7 @@ import type { AbstractLevel } from 'abstract-level'
 import { isLevelCorruption } from './damage.ts'
 import { decodeBatch, decodeMeta, keys, readBatchHeader } from './format.ts'
 import type { LevelDatabase } from './log-store.ts'
+import type { StoredRecord } from './types.ts'
 
 type LogDb = AbstractLevel<string | Buffer | Uint8Array, Buffer, Buffer>
 
@@ -50,9 +51,19 @@ export interface LogCheckReport {
 }
 
 interface StreamMeta { id: number, partitions: number }
+
+/** An error thrown by the caller's onRecords: passed through, not reported as damage. */
+class CallerFailure extends Error {
+  constructor (cause: unknown) { super('onRecords failed', { cause }) }
+}
 interface PartitionMeta { logStart: number, bytes: number, logEnd?: number }
 
-export async function verifyLog (db: LevelDatabase): Promise<LogCheckReport> {
+export interface VerifyOptions {
+  /** Called with the records of every batch that passes its checks, in offset order per partition (for salvaging them). */
+  readonly onRecords?: (stream: string, partition: number, records: StoredRecord[]) => void | Promise<void>
+}
+
+export async function verifyLog (db: LevelDatabase, options: VerifyOptions = {}): Promise<LogCheckReport> {
   const log = db.sublevel<Buffer, Buffer>('log', { keyEncoding: 'buffer', valueEncoding: 'buffer' }) as unknown as LogDb
   const partitions: PartitionCheck[] = []
   const other: string[] = []
@@ -72,12 +83,12 @@ export async function verifyLog (db: LevelDatabase): Promise<LogCheckReport> {
       other.push(`stream ${name}: its entry cannot be decoded (${message(err)}); its partitions were not checked`)
       continue
     }
-    for (let p = 0; p < meta.partitions; p++) partitions.push(await verifyPartition(log, name, meta.id, p))
+    for (let p = 0; p < meta.partitions; p++) partitions.push(await verifyPartition(log, name, meta.id, p, options))
   }
   return { partitions, other }
 }
 
-async function verifyPartition (log: LogDb, stream: string, id: number, partition: number): Promise<PartitionCheck> {
+async function verifyPartition (log: LogDb, stream: string, id: number, partition: number, options: VerifyOptions): Promise<PartitionCheck> {
   const damage: Array<{ kind: LogDamage['kind'], from: number, to: number, detail: string }> = []
   let meta: PartitionMeta | undefined
   let metaProblem = 'the partition has batches but its metadata entry is gone'
@@ -99,7 +110,8 @@ async function verifyPartition (log: LogDb, stream: string, id: number, partitio
   const iterator = log.iterator(keys.batchRange(id, partition))
   try {
     for (;;) {
-      const entries = await iterator.nextv(16)
+      // One entry per call: when LevelDB fails on a block, classic-level drops the entries already read in that call.
+      const entries = await iterator.nextv(1)
       if (entries.length === 0) break
       for (const [key, value] of entries) {
         const base = keys.batchBase(key)
@@ -113,9 +125,10 @@ async function verifyPartition (log: LogDb, stream: string, id: number, partitio
         if (base < expected) damage.push({ kind: 'corrupt', from: base, to: expected, detail: `the batch at ${base} overlaps the one before it` })
         batches++
         bytes += value.length
+        let decoded: StoredRecord[] | undefined
         try {
           const header = readBatchHeader(value, where(base))
-          decodeBatch(value, header, where(base))
+          decoded = decodeBatch(value, header, where(base))
           records += header.count
           expected = Math.max(expected, base + header.count)
         } catch (err) {
@@ -123,9 +136,17 @@ async function verifyPartition (log: LogDb, stream: string, id: number, partitio
           damage.push(Object.assign(open, { kind: 'corrupt' as const, from: base, detail: message(err) }))
           expected = Math.max(expected, base + 1)
         }
+        if (decoded !== undefined && options.onRecords !== undefined) {
+          try {
+            await options.onRecords(stream, partition, decoded)
+          } catch (err) {
+            throw new CallerFailure(err)
+          }
+        }
       }
     }
   } catch (err) {
+    if (err instanceof CallerFailure) throw err.cause
     const detail = isLevelCorruption(err) ? `LevelDB reports corruption: ${message(err)}` : `LevelDB failed: ${message(err)}`
     open = { to: expected }
     damage.push(Object.assign(open, { kind: 'unreadable' as const, from: expected, detail }))
