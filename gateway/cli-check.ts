@@ -98,7 +98,7 @@ export function checkText (check: DataDirCheck & { salvaged: number | null }): s
   const lost = log?.partitions.reduce((n, p) => n + p.damage.reduce((m, d) => m + (d.to - d.from), 0), 0) ?? 0
   lines.push(check.ok
     ? 'result: OK, no damage found'
-    : `result: DAMAGED${lost > 0 ? `: ${lost} offsets cannot be read (listed above)` : ''}; see "Damaged data" in the README before starting the gateway on this directory`)
+    : `result: DAMAGED${lost > 0 ? `: ${lost} offsets cannot be read (listed above)` : ''}; see docs/operations.md, "Damaged data", before starting the gateway on this directory`)
   return `${lines.join('\n')}\n`
 }
 

@@ -54,7 +54,7 @@ export async function damagedDataDir (err: unknown, dataDir: string): Promise<Ga
   }
   return new GatewayError('GW_DATA_DAMAGED',
     `data directory ${dataDir} is damaged: ${(err as Error).message}${files}. The gateway does not start on damaged data, so that nothing is lost without notice: ` +
-    `run \`edgemq check --data-dir ${dataDir}\` for the full report, then follow "Damaged data" in the README`,
+    `run \`edgemq check --data-dir ${dataDir}\` for the full report, then follow "Damaged data" in docs/operations.md`,
     { cause: err })
 }
 
