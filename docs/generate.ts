@@ -51,8 +51,15 @@ function cell (text: string): string {
 }
 
 export function renderConfigurationDoc (): string {
-  const rows = describeConfig().map((k) =>
-    `| \`${k.key}\` | ${k.default === '' ? '—' : `\`${k.default}\``} | ${cell(k.description)} |`)
+  const keys = describeConfig()
+  // One section per top-level key, in schema order, so the page has a table of contents.
+  const sections = new Map<string, typeof keys>()
+  for (const k of keys) {
+    const top = /^[^.[]+/.exec(k.key)?.[0] ?? k.key
+    sections.set(top, [...(sections.get(top) ?? []), k])
+  }
+  const row = (k: (typeof keys)[number]): string =>
+    `| \`${k.key}\` | ${k.default === '' ? '—' : `\`${k.default}\``} | ${cell(k.description)} |`
   return [
     '# Configuration reference',
     '',
@@ -66,14 +73,21 @@ export function renderConfigurationDoc (): string {
     'the gateway runs, so a change needs a restart.',
     '',
     'Examples: [a config with TLS, WebSocket, two tenants and users](mqtt.md#an-example-config),',
-    '[a bridge to two regions](bridge.md). Keys are listed in schema order;',
-    '`a[]` is each element of the list `a`, `a.<name>` each entry of the map `a`.',
+    '[a bridge to two regions](bridge.md), [a starting config for a site](../deploy/edgemq.yaml).',
+    'Keys are listed in schema order; `a[]` is each element of the list `a`,',
+    '`a.<name>` each entry of the map `a`.',
     '',
-    '| key | default | description |',
-    '| --- | --- | --- |',
-    ...rows,
+    [...sections.keys()].map((top) => `[\`${top}\`](#${anchor(top)})`).join(' · '),
     '',
-  ].join('\n')
+    ...[...sections].flatMap(([top, rows]) => [
+      `## ${top}`,
+      '',
+      '| key | default | description |',
+      '| --- | --- | --- |',
+      ...rows.map(row),
+      '',
+    ]),
+  ].join('\n').replace(/\n+$/, '\n')
 }
 
 interface CodeRow { readonly code: string, readonly status?: number, readonly description: string }
