@@ -44,8 +44,8 @@ describe('docs/', () => {
   })
 })
 
-describe('links in README.md and docs/', () => {
-  const pages = ['README.md', ...fs.readdirSync(new URL('../../docs/', import.meta.url)).filter((f) => f.endsWith('.md')).map((f) => `docs/${f}`)]
+describe('links in README.md, BENCHMARKS.md, dashboards/README.md and docs/', () => {
+  const pages = ['README.md', 'BENCHMARKS.md', 'dashboards/README.md', ...fs.readdirSync(new URL('../../docs/', import.meta.url)).filter((f) => f.endsWith('.md')).map((f) => `docs/${f}`)]
   const anchorsOf = (page: string): Set<string> => {
     const text = read(page).replace(/```[\s\S]*?```/g, '')
     return new Set([...text.matchAll(/^#{1,6} (.+)$/gm)].map((m) => anchor(m[1] ?? '')))
