@@ -135,3 +135,30 @@ describe("README's five-minute tour", () => {
     }
   })
 })
+
+describe("docs/http-api.md's examples", () => {
+  it('run as written against a fresh gateway holding one of dev-42\'s readings', async () => {
+    const doc = readFileSync(path.join(ROOT, 'docs/http-api.md'), 'utf8')
+    const block = /### Examples[\s\S]*?```sh\n([\s\S]*?)```/.exec(doc)?.[1]
+    expect(block, 'docs/http-api.md lost its examples block').toBeDefined()
+    const { dir, cleanup } = await tempDir('edgemq-api-examples-')
+    const gw = await startService([process.execPath, BIN, 'start', '--data-dir', path.join(dir, 'data'), '--mqtt-port', '0', '--http-port', '0'], { cwd: dir })
+    try {
+      const device = await mqtt.connectAsync(gw.mqttUrl, { clientId: 'dev-42', reconnectPeriod: 0 })
+      await device.publishAsync('devices/dev-42/telemetry/temp', '{"temp": 22.0}', { qos: 1 })
+      await device.endAsync()
+      const script = ['set -euo pipefail', (block as string).replaceAll('127.0.0.1:9464', new URL(gw.httpUrl).host)].join('\n')
+      const result = await runCommand(['bash', '-c', script], { cwd: ROOT })
+      expect(result.code, result.stderr).toBe(0)
+      expect(result.stdout).not.toContain('"error"')
+      // The commit moved group billing to the end of partition 5, where dev-42's one record is.
+      const group = await (await fetch(`${gw.httpUrl}/v1/groups/billing/streams/telemetry`)).json() as { partitions: Array<{ partition: number, committedOffset: number | null }> }
+      expect(group.partitions.find((p) => p.partition === 5)?.committedOffset).toBe(1)
+      // The where example found the reading above 21.5.
+      expect(result.stdout).toContain('"payload":"{\\"temp\\": 22.0}"')
+    } finally {
+      await gw.stop('SIGKILL')
+      await cleanup()
+    }
+  })
+})
