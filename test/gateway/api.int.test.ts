@@ -69,7 +69,8 @@ interface FetchBody {
 interface ErrorBody { readonly error: { readonly code: string, readonly message: string, readonly [k: string]: unknown } }
 
 const asApi = (r: StoredRecord): ApiRecord => ({
-  offset: r.offset, timestamp: r.timestamp, key: r.key, topic: r.topic, qos: r.qos, clientId: r.clientId, payload: Buffer.from(r.payload).toString('utf8'),
+  offset: r.offset, timestamp: r.timestamp, key: r.key, topic: r.topic, qos: r.qos, clientId: r.clientId,
+  ...(r.headers === null ? {} : { headers: r.headers }), payload: Buffer.from(r.payload).toString('utf8'),
 })
 
 describe('HTTP pull and replay API', () => {
