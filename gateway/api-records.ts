@@ -29,8 +29,7 @@ import { parseInteger, parseTime, QueryParams } from './api-params.ts'
 import { CpuSlice, slicedPieces } from './cpu-slice.ts'
 import { compileFilterExpression, parseJsonPayload } from './filter-expression.ts'
 import { RecordJson, type PayloadEncoding } from './record-json.ts'
-import { compileTopicFilters } from './topic-filter-set.ts'
-import { topicFilterProblem } from './topics.ts'
+import { compileTopicFilters, topicFilterProblem } from './topics.ts'
 
 export type OutputFormat = 'json' | 'ndjson' | 'cbor' | 'batches'
 /** The media type of format=batches: a CBOR sequence (RFC 8742) of stored batches (api-batches.ts). */
