@@ -78,9 +78,9 @@ export function collect (client: MqttClient, options: { live?: boolean } = {}): 
 }
 
 /** Polls `check` every 20 ms until it holds or `ms` pass; returns whether it held. */
-export async function waitFor (check: () => boolean, ms: number): Promise<boolean> {
+export async function waitFor (check: () => boolean | Promise<boolean>, ms: number): Promise<boolean> {
   const until = Date.now() + ms
-  while (!check()) {
+  while (!(await check())) {
     if (Date.now() >= until) return false
     await new Promise((resolve) => setTimeout(resolve, 20))
   }
