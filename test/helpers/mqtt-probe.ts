@@ -115,3 +115,29 @@ export async function metricValue (httpUrl: string, name: string, labels: Readon
   }
   return found ? total : 0
 }
+
+/**
+ * A PINGREQ/PINGRESP round trip on the client's connection: once it resolves, the client has received everything
+ * the gateway wrote to it before answering. A PUBACK comes only after the message was written to every matching
+ * subscriber (aedes calls back from mqemitter once each delivery is written), and the gateway reads a connection's
+ * next packet only after the CONNECT is done, queued messages included; so after those, a round trip on a client
+ * proves that a message it has not received will not come. Rejects if the connection closes first.
+ */
+export function roundTrip (client: MqttClient, ms = 5000): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const finish = (err?: Error): void => {
+      clearTimeout(timer)
+      client.removeListener('packetreceive', onPacket)
+      client.removeListener('close', onClose)
+      if (err === undefined) resolve()
+      else reject(err)
+    }
+    const onPacket = (packet: { cmd: string }): void => { if (packet.cmd === 'pingresp') finish() }
+    const onClose = (): void => finish(new Error('the connection closed before the PINGRESP'))
+    const timer = setTimeout(() => finish(new Error(`no PINGRESP within ${ms} ms`)), ms)
+    client.on('packetreceive', onPacket)
+    client.on('close', onClose)
+    if (!client.connected) return finish(new Error('not connected'))
+    client.sendPing()
+  })
+}
