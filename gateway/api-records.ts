@@ -18,7 +18,7 @@
  * slices (cpu-slice.ts) that yield to the event loop, so one request cannot
  * hold up other clients, MQTT acks included; repeated filters are bounded
  * (MAX_TOPIC_FILTERS, MAX_KEYS) and the topic filters are one compiled
- * matcher (topic-filter-set.ts).
+ * matcher (compileTopicFilters, topics.ts).
  */
 import { once } from 'node:events'
 import type { IncomingMessage, ServerResponse } from 'node:http'
