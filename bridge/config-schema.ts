@@ -9,6 +9,12 @@ import { parseCommandMapping, parseTemplate, RECORD_VARIABLES, filterProblem } f
 
 const NAME = '^[A-Za-z0-9][A-Za-z0-9._-]{0,59}$'
 
+/**
+ * An upstream's consumer group is `bridge.<name>`: a store group without a tenant prefix, so no tenant can name or
+ * move it; tenants see it listed beside their own groups, read-only.
+ */
+export const BRIDGE_GROUP_PREFIX = 'bridge.'
+
 const forwardSchema = {
   type: 'object',
   additionalProperties: false,

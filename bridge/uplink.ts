@@ -43,7 +43,7 @@ import { readFileSync } from 'node:fs'
 import mqtt, { type IClientOptions, type IPublishPacket, type MqttClient } from 'mqtt'
 import mqttPacket from 'mqtt-packet'
 import { isStoreError, type Clock, type LogStore, type StoredRecord } from '../store/index.ts'
-import { dedupeCarrier, protocolVersions, type DedupeCarrier, type ProtocolVersion, type UpstreamConfig } from './config-schema.ts'
+import { BRIDGE_GROUP_PREFIX, dedupeCarrier, protocolVersions, type DedupeCarrier, type ProtocolVersion, type UpstreamConfig } from './config-schema.ts'
 import { ConnectionLog } from './connection-log.ts'
 import { DisconnectRefusals } from './disconnect-refusals.ts'
 import { BridgeError } from './errors.ts'
@@ -305,7 +305,7 @@ export class Uplink {
 
   constructor (config: UpstreamConfig, deps: UplinkDeps) {
     this.config = config
-    this.group = `bridge.${config.name}`
+    this.group = `${BRIDGE_GROUP_PREFIX}${config.name}`
     this.#deps = deps
     this.#random = deps.random ?? Math.random
     this.#versions = protocolVersions(config)

@@ -79,6 +79,23 @@ describe('bridge: edgemq → edgemq', () => {
     expect(unknown.code).toBe(1)
     expect(unknown.stderr).toMatch(/CLI_UNKNOWN_UPSTREAM: no upstream named "nope" \(configured: region\)/)
 
+    // The upstream's consumer group is listed with the tenant's groups, marked as the bridge's, and cannot be moved.
+    const listed = await waitFor('the bridge\'s group committed at the log end', async () => {
+      const doc = await (await fetch(`${edge.httpUrl}/v1/groups`)).json() as { groups: Array<{ group: string, owner?: string, readOnly?: boolean, lagMessages: number }> }
+      const g = doc.groups.find((x) => x.group === 'bridge.region')
+      return g !== undefined && g.lagMessages === 0 ? g : undefined
+    })
+    expect(listed).toMatchObject({ owner: 'bridge', readOnly: true })
+    const groups = await runCliWithin(['groups', 'list', '--url', edge.httpUrl], 20_000)
+    expect(groups.stdout).toMatch(/\nbridge\.region +telemetry +0 +\d+ .* bridge \(read-only\)\n/)
+    const reset = await runCliWithin(['groups', 'reset', '--url', edge.httpUrl, '--group', 'bridge.region', '--stream', 'telemetry', '--to', 'earliest'], 20_000)
+    expect(reset.code).toBe(1)
+    expect(reset.stderr).toMatch(/HTTP_GROUP_READ_ONLY/)
+    const deleted = await fetch(`${edge.httpUrl}/v1/groups/bridge.region`, { method: 'DELETE' })
+    expect(deleted.status).toBe(409)
+    expect(((await deleted.json()) as { error: { code: string } }).error.code).toBe('HTTP_GROUP_READ_ONLY')
+    expect((await runCliWithin(['groups', 'list', '--url', edge.httpUrl, '--group', 'bridge.region', '--json'], 20_000)).stdout).toMatch(/"lagMessages": 0/)
+
     expect(await edge.stop()).toBe(0)
     expect(await region.stop()).toBe(0)
     const regionLog = await readWholeLog(`${regionDir.dir}/data`)
