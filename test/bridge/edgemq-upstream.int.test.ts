@@ -10,6 +10,7 @@ import { runCliWithin } from '../helpers/cli-run.ts'
 import { readWholeLog, type LoggedRecord } from '../helpers/log-reader.ts'
 import { startGatewayProcess, tempDir, writeConfig, type GatewayProcess } from '../helpers/gateway-process.ts'
 import { bridgeStatus, drained, freePort, publishAcked, waitFor } from '../helpers/bridge-fixtures.ts'
+import { startFlakyProxy } from '../helpers/flaky-proxy.ts'
 
 const DEVICES = ['dev-a', 'dev-b', 'dev-c', 'dev-d']
 
@@ -146,6 +147,27 @@ describe('bridge: edgemq → edgemq', () => {
     expect(await edge.stop()).toBe(0)
     expect(await region.stop()).toBe(0)
     expectExactlyInOrder(await readWholeLog(`${regionDir.dir}/data`), await readWholeLog(`${edgeDir.dir}/data`), acked)
+  })
+
+  it('a link that drops at the first PUBLISH more times than maxDeliveryAttempts: nothing dead-lettered, every record once', async () => {
+    const regionDir = await tempDir('edgemq-region-')
+    const edgeDir = await tempDir('edgemq-edge-')
+    cleanups.push(regionDir.cleanup, edgeDir.cleanup)
+    const regionPort = await freePort()
+    const region = await startRegion(regionDir.dir, regionPort)
+    const proxy = await startFlakyProxy({ host: '127.0.0.1', port: regionPort }, 6)
+    const edge = await startEdge(edgeDir.dir, Number(new URL(proxy.url).port), { maxDeliveryAttempts: 5 })
+    cleanups.push(async () => { await edge.kill(); await proxy.close(); await region.kill() })
+    const acked = await publishAcked(edge.mqttUrl, ['dev-a'], 1)
+    acked.push(...await publishAcked(edge.mqttUrl, DEVICES, 100, 1))
+    const status = await drained(edge.httpUrl, 'region')
+    expect(proxy.cut()).toBe(6)
+    expect(status.deadLettered).toBe(0)
+    expect(await edge.stop()).toBe(0)
+    expect(await region.stop()).toBe(0)
+    const edgeLog = await readWholeLog(`${edgeDir.dir}/data`)
+    expect(edgeLog.filter((r) => r.stream === 'default/dlq.region')).toEqual([])
+    expectExactlyInOrder(await readWholeLog(`${regionDir.dir}/data`), edgeLog, acked)
   })
 
   it('an edgemq upstream not marked kind: edgemq refuses MQTT 5: the bridge falls back to 3.1.1 without dedupe ids and says so', async () => {
