@@ -36,7 +36,7 @@ import { GatewayError, type GatewayErrorCode } from './errors.ts'
 import type { GatewayMetrics, PublishRefusal, RefusalReason, SubscribeRefusal } from './metrics.ts'
 import { isReplayTopic, MqttReplays, type ReplayConnection, type ReplayTicket } from './mqtt-replay.ts'
 import { compileRoutes, type Route } from './routing.ts'
-import { mountTopic, topicFilterProblem, topicNameProblem, unmountTopic } from './topics.ts'
+import { mountTopic, scopedClientId, topicFilterProblem, topicNameProblem, unmountTopic } from './topics.ts'
 
 export interface BrokerDeps {
   readonly config: GatewayConfig
@@ -231,7 +231,7 @@ export function createBroker (deps: BrokerDeps): Aedes {
         // Client ids are per tenant. aedes keys session takeover, stored subscriptions and offline queues by
         // client.id and reads it only after this hook, so a tenant's ids are scoped here; U+0000 is refused in
         // client ids above, so a scoped id never equals another tenant's (or tenant "default"'s unscoped) id.
-        if (who.tenant !== 'default') (client as { id: string }).id = `${who.tenant}\u0000${who.clientId}`
+        if (who.tenant !== 'default') (client as { id: string }).id = scopedClientId(who.tenant, who.clientId)
         mountUnsubscribes(client, who.tenant)
         done(null, true)
       }
