@@ -171,7 +171,7 @@ export async function startExercisedGateway (): Promise<ExercisedGateway> {
         commitIntervalMs: 100,
         upstreams: [
           {
-            name: UPSTREAMS.live, region: 'eu-1', url: regionUrl, reconnectMinMs: 50, reconnectMaxMs: 500,
+            name: UPSTREAMS.live, kind: 'edgemq', region: 'eu-1', url: regionUrl, reconnectMinMs: 50, reconnectMaxMs: 500,
             forward: [{ stream: 'telemetry' }, { stream: 'events' }],
             commands: [{ remote: 'cmd/{site}/+/#', local: 'devices/+/commands/#', ttlMs: COMMAND_TTL_MS }],
           },
