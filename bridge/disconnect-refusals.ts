@@ -74,6 +74,9 @@ export class DisconnectRefusals {
     return this.#suspect
   }
 
+  /** Whether some message has strikes (lets the caller skip building ids on the hot path). */
+  get suspecting (): boolean { return this.#suspect !== null }
+
   /** Consecutive disconnects that pointed at message `id` (0 for any other). */
   strikes (id: string): number {
     return this.#suspect?.id === id ? this.#suspect.strikes : 0

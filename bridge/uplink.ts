@@ -479,7 +479,7 @@ export class Uplink {
     const now = this.#deps.clock.now()
     if (this.#connected) {
       this.#since = now
-      if (this.#version === 4) {
+      if (this.#version === 4 && !this.#stopped) { // our own DISCONNECT at stop() says nothing about the upstream
         const strike = this.#refusals.disconnected(now)
         if (strike !== null) {
           this.#deps.logger.warn({ upstream: this.config.name, message: strike.id, attempt: strike.strikes, of: this.config.maxDeliveryAttempts },
@@ -531,7 +531,7 @@ export class Uplink {
         this.#skip(lane, record)
         continue
       }
-      const strikes = this.#version === 4 ? this.#refusals.strikes(this.#dedupeId(lane, record.offset)) : 0
+      const strikes = this.#refusals.suspecting ? this.#refusals.strikes(this.#dedupeId(lane, record.offset)) : 0
       if (Math.max(this.#attemptsOf(lane, record), strikes) >= this.config.maxDeliveryAttempts) {
         lane.bufferAt++
         this.#refusals.forget(this.#dedupeId(lane, record.offset))

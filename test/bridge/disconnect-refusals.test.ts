@@ -28,6 +28,7 @@ describe('DisconnectRefusals', () => {
       expect(d.disconnected(20)).toEqual({ id: 'bad', strikes: i })
     }
     expect(d.strikes('bad')).toBe(3)
+    expect(d.suspecting).toBe(true)
     expect(d.strikes('other')).toBe(0)
   })
 
