@@ -8,7 +8,7 @@ import { Counter, Gauge, Histogram, collectDefaultMetrics, type Registry } from 
 import type { LogStore } from '../store/index.ts'
 
 export type RefusalReason =
-  | 'max-connections' | 'bad-credentials' | 'not-authorized' | 'invalid-client-id' | 'protocol'
+  | 'max-connections' | 'bad-credentials' | 'not-authorized' | 'invalid-client-id' | 'client-id-not-bound' | 'protocol'
   | 'packet-too-large' | 'malformed-header'
 
 export type PublishRefusal = 'acl-denied' | 'invalid-topic' | 'reserved-topic' | 'unrouted' | 'record-too-large' | 'store-failed' | 'rate-limited'
