@@ -19,6 +19,14 @@ import { filterProblem } from '../bridge/topic-template.ts'
  */
 export const MAX_TOPIC_LEVELS = 100
 
+/**
+ * The longest topic name or filter, in levels, a client may use: inside the broker every topic gains one level, its
+ * tenant (mountTopic), and a mounted topic over MAX_TOPIC_LEVELS makes aedes close the connection ("topic has too
+ * many levels", after the record was appended) and qlobber throw in the session store. Refused up front instead,
+ * with a reason the client sees (a refused publish, SUBACK 0x80).
+ */
+export const MAX_CLIENT_TOPIC_LEVELS = MAX_TOPIC_LEVELS - 1
+
 /** qlobber's options, as its constructor reads them. qlobber ships no types. */
 export interface QlobberOptions {
   readonly separator: string
@@ -117,11 +125,16 @@ export function topicNameProblem (topic: string): string | null {
   if (topic.includes('\u0000')) return 'topic contains U+0000'
   if (topic.includes('+') || topic.includes('#')) return 'wildcards are not allowed in a PUBLISH topic'
   if (Buffer.byteLength(topic, 'utf8') > 65535) return 'topic longer than 65535 bytes'
+  if (levelCount(topic) > MAX_CLIENT_TOPIC_LEVELS) return `topic has more than ${MAX_CLIENT_TOPIC_LEVELS} levels`
   return null
 }
 
 /** Why a SUBSCRIBE topic filter is invalid, or null. [MQTT-4.7.1-2] `#` last and alone; [MQTT-4.7.1-3] `+` alone in its level. */
-export const topicFilterProblem: (filter: string) => string | null = filterProblem
+export function topicFilterProblem (filter: string): string | null {
+  const problem = filterProblem(filter)
+  if (problem !== null) return problem
+  return levelCount(filter) > MAX_CLIENT_TOPIC_LEVELS ? `filter has more than ${MAX_CLIENT_TOPIC_LEVELS} levels` : null
+}
 
 export function mountTopic (tenant: string, topic: string): string {
   return `${tenant}/${topic}`

@@ -79,6 +79,15 @@ describe('topic names and filters', () => {
     expect(topicFilterProblem('a/+/#')).toBeNull()
   })
 
+  it('leaves room for the tenant level: at most 99 levels in a client\'s topic or filter', () => {
+    const levels = (n: number): string => Array(n).fill('a').join('/')
+    expect(topicNameProblem(levels(99))).toBeNull()
+    expect(topicNameProblem(levels(100))).toMatch(/more than 99 levels/)
+    expect(topicFilterProblem(`${levels(98)}/#`)).toBeNull()
+    expect(topicFilterProblem(`${levels(99)}/#`)).toMatch(/more than 99 levels/)
+    expect(topicNameProblem(`${'/'.repeat(99)}`)).toMatch(/more than 99 levels/)
+  })
+
   it('mounts and unmounts tenant prefixes', () => {
     expect(mountTopic('acme', 'devices/1')).toBe('acme/devices/1')
     expect(unmountTopic('acme', 'acme/devices/1')).toBe('devices/1')
