@@ -27,11 +27,12 @@ import { Aedes, type Client, type PublishPacket, type Subscription } from 'aedes
 import type { Duplex } from 'node:stream'
 import type { TLSSocket } from 'node:tls'
 import type { Logger } from 'pino'
-import { isStoreError, type LogStore } from '../store/index.ts'
+import { isStoreError, type AppendOptions, type LogStore } from '../store/index.ts'
 import { splitDedupeTopic } from '../bridge/topic-template.ts'
 import { isAllowed, UserDirectory, type Identity } from './auth.ts'
 import type { GatewayConfig, ListenerConfig } from './config.ts'
 import type { GuardGroup } from './connection-guard.ts'
+import { InboundQos2, type Qos2Persistence } from './inbound-qos2.ts'
 import { GatewayError, type GatewayErrorCode } from './errors.ts'
 import type { GatewayMetrics, PublishRefusal, RefusalReason, SubscribeRefusal } from './metrics.ts'
 import { isReplayTopic, MqttReplays, type ReplayConnection, type ReplayTicket } from './mqtt-replay.ts'
@@ -58,20 +59,9 @@ export interface ListenerTagged {
   tlsSocket?: TLSSocket
 }
 
-export interface BrokerPersistence {
-  incomingDelPacket (client: Client, packet: { messageId?: number }): Promise<void>
-  cleanIncoming (client: Client): Promise<void>
+export interface BrokerPersistence extends Qos2Persistence {
   addSubscriptions (client: Client, subs: readonly Subscription[]): Promise<void>
   outgoingClearMessageId (client: Client, packet: { cmd?: string, messageId?: number }): Promise<unknown>
-}
-
-/** Dedupe ids of a client's QoS 2 publishes share this prefix (NUL cannot occur in a client id). */
-function qos2DedupePrefix (tenant: string, clientId: string): string {
-  return `mqtt-qos2/${tenant}/${clientId}\u0000`
-}
-
-function qos2DedupeId (tenant: string, clientId: string, messageId: number): string {
-  return `${qos2DedupePrefix(tenant, clientId)}${messageId}`
 }
 
 /** broker.publish as aedes calls it internally (its typings only declare the two-argument form). */
@@ -304,6 +294,10 @@ export function createBroker (deps: BrokerDeps): Aedes {
           refusePublish(client, who, 'unrouted', `no route for ${topic}`)
           return callback(refusedError(`no route for topic ${topic}`))
         }
+        if (packet.qos === 2 && packet.messageId !== undefined) {
+          inbound.plan(packet, { deliver: () => deliverBeforeAck(packet, client) })
+          return callback(null)
+        }
         return packet.qos === 0 ? callback(null) : publishBeforeAck(packet, client, callback)
       }
       const stream = decision.stream as string
@@ -314,20 +308,19 @@ export function createBroker (deps: BrokerDeps): Aedes {
           if (duplicate === true) { markDone(packet); return callback(null) } // already logged and delivered once
           if (qos === 0) return callback(null)
           publishBeforeAck(packet, client, callback)
-        }, `bridge/${carried.dedupeId}`, { [ORIGIN_HEADER]: carried.dedupeId })
+        }, { dedupeId: `bridge/${carried.dedupeId}` }, { [ORIGIN_HEADER]: carried.dedupeId })
         return
       }
-      if (qos === 2) {
-        // [MQTT-4.3.3-2] exactly once into the log: the append carries a dedupe id (tenant, client id, packet id) written
-        // atomically with the record, so a DUP retransmission — even one after a gateway crash — is not appended
-        // again. The id is forgotten when PUBREL completes the exchange (the client may then reuse the packet id).
-        const dedupeId = qos2DedupeId(who.tenant, client.id, packet.messageId!)
-        appendThen(client, who, stream, target.key, topic, packet, (err, duplicate) => {
-          if (err) return callback(err)
-          if (duplicate === true) { markDone(packet); return callback(null) }
-          publishBeforeAck(packet, client, callback)
-        }, dedupeId)
-        return
+      if (qos === 2 && packet.messageId !== undefined) {
+        // [MQTT-4.3.3-2] exactly once into the log: appended with the session's inbound packet entry in one batch,
+        // once aedes found no such entry (inbound-qos2.ts). A will (no packet id) is appended like QoS 1.
+        inbound.plan(packet, {
+          append: (extraOps) => new Promise((resolve, reject) => {
+            appendThen(client, who, stream, target.key, topic, packet, (err) => { if (err) reject(err); else resolve() }, { extraOps })
+          }),
+          deliver: () => deliverBeforeAck(packet, client),
+        })
+        return callback(null)
       }
       // QoS 0 waits for its append too: there is no ack to hold back, but the wait keeps the client's socket
       // paused while the log is busy, and delivery order equal to log order.
@@ -388,21 +381,8 @@ export function createBroker (deps: BrokerDeps): Aedes {
     },
   })
 
-  // PUBREL ends a QoS 2 exchange, and a clean session drops its unfinished ones: forget their dedupe ids before
-  // aedes answers, so the client may reuse those packet ids.
   const { persistence } = deps
-  const incomingDelPacket = persistence.incomingDelPacket.bind(persistence)
-  persistence.incomingDelPacket = async (client, packet) => {
-    await incomingDelPacket(client, packet)
-    const who = identities.get(client)
-    if (who !== undefined && packet.messageId !== undefined) await store.forgetDedupe(qos2DedupeId(who.tenant, client.id, packet.messageId))
-  }
-  const cleanIncoming = persistence.cleanIncoming.bind(persistence)
-  persistence.cleanIncoming = async (client) => {
-    await cleanIncoming(client)
-    const who = identities.get(client)
-    if (who !== undefined) await store.forgetDedupePrefix(qos2DedupePrefix(who.tenant, client.id))
-  }
+  const inbound = new InboundQos2(persistence, markDone)
 
   // aedes stores the whole SUBSCRIBE list once per filter, as it authorizes each: the filters after it are not
   // mounted yet, and $replay subscriptions must never be stored. Each filter is stored on its own turn.
@@ -445,6 +425,10 @@ export function createBroker (deps: BrokerDeps): Aedes {
     (packet as PublishPacket & { [DONE]?: true })[DONE] = true
   }
 
+  function deliverBeforeAck (packet: PublishPacket, client: Client): Promise<void> {
+    return new Promise((resolve, reject) => publishBeforeAck(packet, client, (err) => { if (err) reject(err); else resolve() }))
+  }
+
   function publishBeforeAck (packet: PublishPacket, client: Client, callback: (err?: Error | null) => void): void {
     publish(packet, client, (err?: Error) => {
       if (err) return callback(err)
@@ -472,10 +456,9 @@ export function createBroker (deps: BrokerDeps): Aedes {
   }
 
   function appendThen (client: Client, who: Identity, stream: string, key: string, topic: string, packet: PublishPacket,
-    done: (err: Error | null, duplicate?: boolean) => void, dedupeId?: string, headers?: Record<string, string>, delay = RETRY_MIN_MS): void {
+    done: (err: Error | null, duplicate?: boolean) => void, options?: AppendOptions, headers?: Record<string, string>, delay = RETRY_MIN_MS): void {
     const payload = typeof packet.payload === 'string' ? Buffer.from(packet.payload) : packet.payload
     const counters = ingestCounters(who.tenant, stream)
-    const options = dedupeId === undefined ? undefined : { dedupeId }
     const record = headers === undefined ? { payload, topic, qos: packet.qos, clientId: who.clientId } : { payload, topic, qos: packet.qos, clientId: who.clientId, headers }
     store.append(stream, key, record, options).then((result) => {
       if (result.duplicate !== true) {
@@ -492,7 +475,7 @@ export function createBroker (deps: BrokerDeps): Aedes {
           refusePublish(client, who, 'store-failed', (err as Error).message)
           return done(packet.qos === 0 ? null : err as Error)
         }
-        setTimeout(() => appendThen(client, who, stream, key, topic, packet, done, dedupeId, headers, Math.min(delay * 2, RETRY_MAX_MS)), delay).unref()
+        setTimeout(() => appendThen(client, who, stream, key, topic, packet, done, options, headers, Math.min(delay * 2, RETRY_MAX_MS)), delay).unref()
         return
       }
       const reason: PublishRefusal = isStoreError(err, 'STORE_RECORD_TOO_LARGE') ? 'record-too-large' : 'store-failed'

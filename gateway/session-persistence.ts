@@ -38,6 +38,10 @@
  *   mqemitter routes live messages with), the queue index (seq, brokerId,
  *   brokerCounter, messageId per entry, not the bodies), inbound QoS 2
  *   packets and wills. Retained messages and queued bodies live on disk only.
+ * - The `I` entry of a QoS 2 publish that goes into the log is written in
+ *   the log's append batch (incomingStorePacketWith, the store's
+ *   `extraOps`), so it exists exactly when the record does; it is deleted
+ *   here (PUBREL, clean session) in one write.
  * - One serial writer (group commit, as in store/): a mutation updates memory
  *   synchronously, queues its operations and resolves once the LevelDB batch
  *   holding them is written (fsync'd with `durability: 'sync'`, the default).
@@ -56,7 +60,7 @@ import { createRequire } from 'node:module'
 import { Readable } from 'node:stream'
 import type { AbstractBatchOperation, AbstractBatchOptions, AbstractLevel } from 'abstract-level'
 import { Encoder } from 'cbor-x'
-import type { Durability, LevelDatabase } from '../store/index.ts'
+import type { Durability, ExtraOperation, LevelDatabase } from '../store/index.ts'
 
 export const SESSION_FORMAT_VERSION = 1
 
@@ -859,6 +863,30 @@ export class LevelSessionPersistence {
     stored.messageId = messageId
     this.#incomingOf(client.id).set(messageId, stored)
     await this.#writer.write([put(keys.incoming(client.id, messageId), cbor.encode(stored))])
+  }
+
+  /**
+   * incomingStorePacket with the write done by the caller: `write` gets the
+   * operations (on this key space, as the log store's `extraOps` take them)
+   * and resolves once they are durable, normally in the batch that appends
+   * the packet to the log, so the log and this entry agree after any crash.
+   * Memory is updated at once, as incomingStorePacket does, so a duplicate
+   * arriving meanwhile is found; if `write` rejects the entry is dropped.
+   */
+  async incomingStorePacketWith<T> (client: SessionClient, packet: SessionPacket, write: (ops: ExtraOperation[]) => Promise<T>): Promise<T> {
+    this.#ready()
+    const messageId = checkMessageId(packet.messageId)
+    const stored = toAedesPacket(packet)
+    stored.messageId = messageId
+    const store = this.#incomingOf(client.id)
+    store.set(messageId, stored)
+    try {
+      return await write([{ type: 'put', sublevel: this.#db, key: keys.incoming(client.id, messageId), value: cbor.encode(stored) }])
+    } catch (err) {
+      if (store.get(messageId) === stored) store.delete(messageId)
+      if (store.size === 0 && this.#incoming.get(client.id) === store) this.#incoming.delete(client.id)
+      throw err
+    }
   }
 
   /** The stored inbound packet; rejects with GW_SESSION_NOT_FOUND, which aedes reads as "a new packet". */
