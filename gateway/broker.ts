@@ -61,6 +61,8 @@ export interface ListenerTagged {
 
 export interface BrokerPersistence extends Qos2Persistence {
   addSubscriptions (client: Client, subs: readonly Subscription[]): Promise<void>
+  subscriptionsByClient (client: Client): Promise<Array<{ topic: string, qos: number }>>
+  hasSessionState (client: Client): boolean
   outgoingClearMessageId (client: Client, packet: { cmd?: string, messageId?: number }): Promise<unknown>
 }
 
@@ -118,6 +120,8 @@ export function createBroker (deps: BrokerDeps): Aedes {
   const replays = new MqttReplays({ store, routes: config.routes, acl: config.acl, limits: config.mqtt.replay, metrics, logger })
   /** Subscriptions authorizeSubscribe accepted or parked: only those are stored in a session (see addSubscriptions below). */
   const authorized = new WeakSet<Subscription>()
+  /** Marker subscriptions that only make aedes answer sessionPresent = 1 (see subscriptionsByClient below). */
+  const sessionMarkers = new WeakSet<object>()
   /** $replay subscriptions accepted, until their SUBACK is out. */
   const tickets = new WeakMap<Subscription, ReplayTicket>()
   const replayConnections = new WeakMap<Client, ReplayConnection>()
@@ -332,6 +336,7 @@ export function createBroker (deps: BrokerDeps): Aedes {
     },
 
     authorizeSubscribe (client, sub, callback) {
+      if (sessionMarkers.has(sub)) return callback(null, null) // see subscriptionsByClient below
       const who = identities.get(client)
       // aedes persists the SUBSCRIBE packet's own subscription objects, so the mount is applied to `sub` in place.
       // Subscriptions restored from a persistent session (before the CONNACK) are already mounted.
@@ -390,6 +395,19 @@ export function createBroker (deps: BrokerDeps): Aedes {
   persistence.addSubscriptions = async (client, subs) => {
     const stored = subs.filter((sub) => authorized.has(sub))
     if (stored.length > 0) await addSubscriptions(client, stored)
+  }
+  // [MQTT-3.2.2-2] CONNACK says a session is present when any session state is stored, but aedes 1.2.0 decides from
+  // the stored subscriptions alone (lib/handlers/connect.js, restoreSubs: `arg.sessionPresent = !!arg.subs`;
+  // https://github.com/moscajs/aedes/blob/v1.2.0/lib/handlers/connect.js), so a session holding only queued,
+  // unacknowledged or inbound QoS 2 messages was answered 0. A marker subscription makes that list non-empty;
+  // authorizeSubscribe refuses it silently, so nothing is subscribed (restored subscriptions get no SUBACK).
+  const subscriptionsByClient = persistence.subscriptionsByClient.bind(persistence)
+  persistence.subscriptionsByClient = async (client) => {
+    const subs = await subscriptionsByClient(client)
+    if (subs.length > 0 || !persistence.hasSessionState(client)) return subs
+    const marker = { topic: '$edgemq/session-present', qos: 0 }
+    sessionMarkers.add(marker)
+    return [marker]
   }
   // A PUBACK that answers a replay message paces that replay; the session store never saw the message.
   const outgoingClearMessageId = persistence.outgoingClearMessageId.bind(persistence)

@@ -692,6 +692,16 @@ export class LevelSessionPersistence {
     return [...stored].map(([topic, record]) => ({ topic, ...record }))
   }
 
+  /**
+   * Whether the client has stored session state [MQTT-3.1.2-4]: subscriptions,
+   * queued or unacknowledged outgoing QoS 1/2 messages, or inbound QoS 2
+   * packets awaiting PUBREL.
+   */
+  hasSessionState (client: SessionClient): boolean {
+    this.#ready()
+    return this.#subs.has(client.id) || this.#queues.has(client.id) || this.#incoming.has(client.id)
+  }
+
   /** Number of QoS > 0 subscriptions and of clients with any stored subscription. */
   async countOffline (): Promise<{ subsCount: number, clientsCount: number }> {
     this.#ready()
