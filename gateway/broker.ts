@@ -37,6 +37,7 @@ import { GatewayError, type GatewayErrorCode } from './errors.ts'
 import type { GatewayMetrics, PublishRefusal, RefusalReason, SubscribeRefusal } from './metrics.ts'
 import { isReplayTopic, MqttReplays, type ReplayConnection, type ReplayTicket } from './mqtt-replay.ts'
 import { compileRoutes, type Route } from './routing.ts'
+import { installWills, type WillPersistence } from './wills.ts'
 import { mountTopic, topicFilterProblem, topicNameProblem, unmountTopic } from './topics.ts'
 
 export interface BrokerDeps {
@@ -59,7 +60,7 @@ export interface ListenerTagged {
   tlsSocket?: TLSSocket
 }
 
-export interface BrokerPersistence extends Qos2Persistence {
+export interface BrokerPersistence extends Qos2Persistence, WillPersistence {
   addSubscriptions (client: Client, subs: readonly Subscription[]): Promise<void>
   subscriptionsByClient (client: Client): Promise<Array<{ topic: string, qos: number }>>
   hasSessionState (client: Client): boolean
@@ -69,7 +70,7 @@ export interface BrokerPersistence extends Qos2Persistence {
 /** broker.publish as aedes calls it internally (its typings only declare the two-argument form). */
 type InternalPublish = (packet: PublishPacket, client: Client | null, done: (err?: Error) => void) => void
 
-interface ConnectInfo { readonly clientId: string, readonly clean: boolean }
+interface ConnectInfo { readonly clientId: string, readonly clean: boolean, readonly willTopic?: string }
 
 /** Header of a replicated record: the dedupe id it arrived with (`<gatewayId>/<tenant>/<stream>/<partition>/<offset>`). */
 export const ORIGIN_HEADER = 'edgemq-origin'
@@ -191,7 +192,7 @@ export function createBroker (deps: BrokerDeps): Aedes {
     heartbeatInterval: 60_000,
 
     preConnect (client, packet, callback) {
-      connects.set(client, { clientId: packet.clientId ?? '', clean: packet.clean !== false })
+      connects.set(client, { clientId: packet.clientId ?? '', clean: packet.clean !== false, willTopic: packet.will?.topic })
       callback(null, true)
     },
 
@@ -214,6 +215,15 @@ export function createBroker (deps: BrokerDeps): Aedes {
       if (info.clientId === '' && !info.clean) {
         refuse(client, 'invalid-client-id', 'empty client id with clean session = false')
         return done(authError(2, 'identifier rejected'), false)
+      }
+      // A will is published as the client's own PUBLISH when it fires, so its topic is held to the same rules now,
+      // not found wanting only when the client is gone.
+      const willProblem = info.willTopic === undefined
+        ? null
+        : topicNameProblem(info.willTopic) ?? (isReplayTopic(info.willTopic) ? '$replay topics are the gateway\'s replays of the log' : null)
+      if (willProblem !== null) {
+        refuse(client, 'invalid-will', `will topic ${JSON.stringify(info.willTopic)}: ${willProblem}`)
+        return done(authError(5, 'invalid will topic'), false)
       }
       // [MQTT-3.1.2-22] a password needs a username.
       if (username === undefined && password !== undefined) {
@@ -258,9 +268,12 @@ export function createBroker (deps: BrokerDeps): Aedes {
     },
 
     authorizePublish (client, packet, callback) {
-      // The broker's own $SYS messages arrive without a client. A will arrives here too, with its client, when it
-      // fires: it is checked, mounted and (when routed) logged like any publish of that client.
-      if (client === null) return callback(null)
+      // A will arrives here with its client when it fires (wills.ts): it is checked, mounted and (when routed)
+      // logged like any publish of that client. Nothing may publish without a client: it would skip all of that.
+      if (client === null) {
+        logger.warn({ topic: packet.topic }, 'publish without a client refused')
+        return callback(refusedError('a publish needs a client'))
+      }
       const who = identities.get(client)
       // A record replicated by another edgemq's bridge over MQTT 3.1.1 carries its dedupe id in a topic prefix: it
       // is appended under that id, so a resend after the sender's reconnect or crash is acknowledged, not logged twice.
@@ -388,6 +401,22 @@ export function createBroker (deps: BrokerDeps): Aedes {
 
   const { persistence } = deps
   const inbound = new InboundQos2(persistence, markDone)
+  installWills({
+    persistence,
+    logger,
+    identityOf: (client) => identities.get(client as Client),
+    fire: (will, who) => new Promise((resolve, reject) => {
+      // A stand-in for the client that set the will: authorizePublish reads its identity, and appendThen retries
+      // a failed append while it is open, as for a connected client.
+      const client = { id: String(will.clientId), closed: false, conn: {} } as unknown as Client
+      identities.set(client, who)
+      const packet = will as unknown as PublishPacket
+      broker.authorizePublish(client, packet, (err) => {
+        if (err) return resolve() // refused, counted and logged like the client's own publish
+        guarded(packet, client, (e) => { if (e) reject(e); else resolve() })
+      })
+    }),
+  })
 
   // aedes stores the whole SUBSCRIBE list once per filter, as it authorizes each: the filters after it are not
   // mounted yet, and $replay subscriptions must never be stored. Each filter is stored on its own turn.
