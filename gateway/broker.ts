@@ -32,7 +32,7 @@ import { splitDedupeTopic } from '../bridge/topic-template.ts'
 import { isAllowed, UserDirectory, type Identity } from './auth.ts'
 import type { GatewayConfig, ListenerConfig } from './config.ts'
 import type { GuardGroup } from './connection-guard.ts'
-import { InboundQos2, type Qos2Persistence } from './inbound-qos2.ts'
+import { InboundQos2, type Qos2Plan, type Qos2Persistence } from './inbound-qos2.ts'
 import { GatewayError, type GatewayErrorCode } from './errors.ts'
 import type { GatewayMetrics, PublishRefusal, RefusalReason, SubscribeRefusal } from './metrics.ts'
 import { isReplayTopic, MqttReplays, type ReplayConnection, type ReplayTicket } from './mqtt-replay.ts'
@@ -311,10 +311,7 @@ export function createBroker (deps: BrokerDeps): Aedes {
           refusePublish(client, who, 'unrouted', `no route for ${topic}`)
           return callback(refusedError(`no route for topic ${topic}`))
         }
-        if (packet.qos === 2 && packet.messageId !== undefined) {
-          inbound.plan(packet, { deliver: () => deliverBeforeAck(packet, client) })
-          return callback(null)
-        }
+        if (packet.qos === 2 && packet.messageId !== undefined) return beginQos2(client, packet, { deliver: () => deliverBeforeAck(packet, client) }, callback)
         return packet.qos === 0 ? callback(null) : publishBeforeAck(packet, client, callback)
       }
       const stream = decision.stream as string
@@ -330,14 +327,13 @@ export function createBroker (deps: BrokerDeps): Aedes {
       }
       if (qos === 2 && packet.messageId !== undefined) {
         // [MQTT-4.3.3-2] exactly once into the log: appended with the session's inbound packet entry in one batch,
-        // once aedes found no such entry (inbound-qos2.ts). A will (no packet id) is appended like QoS 1.
-        inbound.plan(packet, {
+        // unless that entry exists (inbound-qos2.ts). A will (no packet id) is appended like QoS 1.
+        return beginQos2(client, packet, {
           append: (extraOps) => new Promise((resolve, reject) => {
             appendThen(client, who, stream, target.key, topic, packet, (err) => { if (err) reject(err); else resolve() }, { extraOps })
           }),
           deliver: () => deliverBeforeAck(packet, client),
-        })
-        return callback(null)
+        }, callback)
       }
       // QoS 0 waits for its append too: there is no ack to hold back, but the wait keeps the client's socket
       // paused while the log is busy, and delivery order equal to log order.
@@ -400,7 +396,8 @@ export function createBroker (deps: BrokerDeps): Aedes {
   })
 
   const { persistence } = deps
-  const inbound = new InboundQos2(persistence, markDone)
+  // aedes' own bound on QoS 2 exchanges awaiting PUBREL (aedes.js constructor; its default is 1000).
+  const inbound = new InboundQos2(persistence, (broker as unknown as { maxInflightInbound: number }).maxInflightInbound)
   installWills({
     persistence,
     logger,
@@ -470,6 +467,13 @@ export function createBroker (deps: BrokerDeps): Aedes {
 
   function markDone (packet: PublishPacket): void {
     (packet as PublishPacket & { [DONE]?: true })[DONE] = true
+  }
+
+  function beginQos2 (client: Client, packet: PublishPacket, plan: Qos2Plan, callback: (err?: Error | null) => void): void {
+    const begun = inbound.begin(client, packet, plan)
+    if (begun === 'full') return callback(new Error(`more than ${String((broker as unknown as { maxInflightInbound: number }).maxInflightInbound)} QoS 2 messages awaiting PUBREL`))
+    if (begun === 'duplicate') markDone(packet)
+    callback(null)
   }
 
   function deliverBeforeAck (packet: PublishPacket, client: Client): Promise<void> {

@@ -17,10 +17,14 @@
  * dropped.)
  *
  * aedes 1.2.0 (lib/handlers/publish.js) calls authorizePublish, then
- * incomingGetPacket (found: PUBREC without publishing), else reserves an
- * inbound slot, calls incomingStorePacket and broker.publish, then PUBREC.
- * authorizePublish only plans the append (`plan`); the append happens in
- * incomingStorePacket, after aedes' duplicate check and slot reservation.
+ * incomingGetPacket: found means a retransmission, answered PUBREC without
+ * publishing; else it reserves an inbound slot, calls incomingStorePacket
+ * and broker.publish, then PUBREC. The append starts in authorizePublish
+ * (`begin`), in arrival order with the client's other publishes, and puts
+ * the entry in memory at once; aedes' incomingGetPacket then waits for the
+ * append and the delivery and finds the entry, so the PUBREC follows them.
+ * As aedes' slot is not reserved on that path, `begin` holds the client to
+ * aedes' `maxInflightInbound` itself, counting the stored entries.
  *
  * Delivery to subscribers (online, and persistent sessions' offline queues)
  * is written after the append batch, so a gateway killed between the two
@@ -47,66 +51,56 @@ export interface Qos2Persistence {
   incomingGetPacket (client: Client, packet: SessionPacket): Promise<unknown>
   incomingDelPacket (client: Client, packet: SessionPacket): Promise<void>
   cleanIncoming (client: Client): Promise<void>
+  hasIncomingPacket (client: Client, messageId: number): boolean
+  incomingCount (client: Client): number
 }
 
+export type Qos2Begin = 'new' | 'duplicate' | 'full'
+
 export class InboundQos2 {
+  readonly #persistence: Qos2Persistence
+  readonly #maxInflight: number
+  /** Plans of retransmissions, for a delivery again after a crash. */
   readonly #plans = new WeakMap<object, Qos2Plan>()
-  /** Stores in flight, by client id and packet id: a duplicate in the same read chunk waits for the first. */
+  /** Packets whose append or delivery failed, with the error: aedes' store step fails with it, so no PUBREC is sent. */
+  readonly #failed = new WeakMap<object, unknown>()
+  /** Appends in flight, by client id and packet id. */
   readonly #pending = new Map<string, Map<number, Promise<void>>>()
   /** Packet ids whose message this process has delivered, by client id, until PUBREL or a clean session. */
   readonly #delivered = new Map<string, Set<number>>()
-  readonly #markDone: (packet: PublishPacket) => void
 
-  /** Wraps the persistence's inbound methods; `markDone` makes aedes' publish of a packet a no-op. */
-  constructor (persistence: Qos2Persistence, markDone: (packet: PublishPacket) => void) {
-    this.#markDone = markDone
+  /**
+   * Wraps the persistence's inbound methods. `maxInflight` is aedes'
+   * `maxInflightInbound` (0 = no limit).
+   */
+  constructor (persistence: Qos2Persistence, maxInflight: number) {
+    this.#persistence = persistence
+    this.#maxInflight = maxInflight
     const store = persistence.incomingStorePacket.bind(persistence)
-    const storeWith = persistence.incomingStorePacketWith.bind(persistence)
     const get = persistence.incomingGetPacket.bind(persistence)
     const del = persistence.incomingDelPacket.bind(persistence)
     const clean = persistence.cleanIncoming.bind(persistence)
 
-    persistence.incomingStorePacket = async (client, packet) => {
-      const plan = this.#plans.get(packet)
-      const messageId = packet.messageId as number
-      const running = this.#pending.get(client.id)?.get(messageId)
-      if (running !== undefined) {
-        await running
-        this.#markDone(packet as unknown as PublishPacket) // the first copy was delivered
-        return
-      }
-      if (plan === undefined) return await store(client, packet) // refused or already logged under another id: stored as aedes does
-      const work = (async () => {
-        if (plan.append === undefined) await store(client, packet)
-        else await storeWith(client, packet, plan.append)
-        await plan.deliver()
-        this.#setOf(this.#delivered, client.id).add(messageId)
-      })()
-      const pending = this.#mapOf(client.id)
-      pending.set(messageId, work)
-      try {
-        await work
-      } finally {
-        if (pending.get(messageId) === work) pending.delete(messageId)
-        if (pending.size === 0 && this.#pending.get(client.id) === pending) this.#pending.delete(client.id)
-      }
-    }
-
     persistence.incomingGetPacket = async (client, packet) => {
-      const running = packet.cmd === 'publish' && packet.messageId !== undefined ? this.#pending.get(client.id)?.get(packet.messageId) : undefined
-      const stored = await get(client, packet)
-      if (packet.cmd !== 'publish' || packet.messageId === undefined) return stored
+      const messageId = packet.messageId
+      const running = packet.cmd === 'publish' && messageId !== undefined ? this.#pending.get(client.id)?.get(messageId) : undefined
       if (running !== undefined) {
-        // Its first copy is still being stored; if that fails, this copy is a new message after all.
-        try { await running } catch (err) { throw Object.assign(new Error('the first copy was not stored'), { cause: err }) }
-        return stored
+        // A failed append or delivery reads as "not found"; aedes' store step then fails with the error: no PUBREC.
+        try { await running } catch (err) { this.#failed.set(packet, err); throw err }
       }
+      const stored = await get(client, packet)
+      if (packet.cmd !== 'publish' || messageId === undefined || running !== undefined) return stored
       const plan = this.#plans.get(packet)
-      if (plan !== undefined && this.#delivered.get(client.id)?.has(packet.messageId) !== true) {
+      if (plan !== undefined && this.#delivered.get(client.id)?.has(messageId) !== true) {
         await plan.deliver() // stored by a gateway process that died; see the header
-        this.#setOf(this.#delivered, client.id).add(packet.messageId)
+        this.#setOf(client.id).add(messageId)
       }
       return stored
+    }
+
+    persistence.incomingStorePacket = async (client, packet) => {
+      if (this.#failed.has(packet)) throw this.#failed.get(packet)
+      await store(client, packet) // refused, or logged under another dedupe id: stored as aedes does
     }
 
     persistence.incomingDelPacket = async (client, packet) => {
@@ -115,27 +109,48 @@ export class InboundQos2 {
     }
 
     persistence.cleanIncoming = async (client) => {
-      // A store still in flight (of a connection this one took over) must not land after the wipe.
+      // An append still in flight (of a connection this one took over) must not land after the wipe.
       await Promise.allSettled(this.#pending.get(client.id)?.values() ?? [])
       await clean(client)
       this.#delivered.delete(client.id)
     }
   }
 
-  /** Called by authorizePublish for a QoS 2 PUBLISH it accepted for delivery (not for wills, which have no packet id). */
-  plan (packet: PublishPacket, plan: Qos2Plan): void {
-    this.#plans.set(packet, plan)
+  /**
+   * Called by authorizePublish for a QoS 2 PUBLISH (with a packet id) that it
+   * accepted for delivery. `new`: the append (with the inbound entry) and the
+   * delivery have started, and aedes' PUBREC waits for them. `duplicate`: a
+   * retransmission, nothing is appended. `full`: the client has
+   * `maxInflight` exchanges awaiting PUBREL; refuse the packet.
+   */
+  begin (client: Client, packet: PublishPacket, plan: Qos2Plan): Qos2Begin {
+    const messageId = packet.messageId as number
+    const pending = this.#pending.get(client.id)
+    if (pending?.has(messageId) === true || this.#persistence.hasIncomingPacket(client, messageId)) {
+      this.#plans.set(packet, plan)
+      return 'duplicate'
+    }
+    if (this.#maxInflight > 0 && this.#persistence.incomingCount(client) >= this.#maxInflight) return 'full'
+    const work = (async () => {
+      const stored = packet as unknown as SessionPacket
+      if (plan.append === undefined) await this.#persistence.incomingStorePacket(client, stored)
+      else await this.#persistence.incomingStorePacketWith(client, stored, plan.append)
+      await plan.deliver()
+      this.#setOf(client.id).add(messageId)
+    })()
+    const map = pending ?? new Map<number, Promise<void>>()
+    if (pending === undefined) this.#pending.set(client.id, map)
+    map.set(messageId, work)
+    work.catch(() => {}).finally(() => { // its error reaches the client through incomingGetPacket
+      if (map.get(messageId) === work) map.delete(messageId)
+      if (map.size === 0 && this.#pending.get(client.id) === map) this.#pending.delete(client.id)
+    })
+    return 'new'
   }
 
-  #mapOf (clientId: string): Map<number, Promise<void>> {
-    let map = this.#pending.get(clientId)
-    if (map === undefined) this.#pending.set(clientId, map = new Map())
-    return map
-  }
-
-  #setOf (map: Map<string, Set<number>>, clientId: string): Set<number> {
-    let set = map.get(clientId)
-    if (set === undefined) map.set(clientId, set = new Set())
+  #setOf (clientId: string): Set<number> {
+    let set = this.#delivered.get(clientId)
+    if (set === undefined) this.#delivered.set(clientId, set = new Set())
     return set
   }
 }

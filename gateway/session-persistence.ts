@@ -899,6 +899,18 @@ export class LevelSessionPersistence {
     }
   }
 
+  /** Whether an inbound packet with this id is stored for the client (awaiting PUBREL). */
+  hasIncomingPacket (client: SessionClient, messageId: number): boolean {
+    this.#ready()
+    return this.#incoming.get(client.id)?.has(messageId) === true
+  }
+
+  /** Number of the client's stored inbound packets. */
+  incomingCount (client: SessionClient): number {
+    this.#ready()
+    return this.#incoming.get(client.id)?.size ?? 0
+  }
+
   /** The stored inbound packet; rejects with GW_SESSION_NOT_FOUND, which aedes reads as "a new packet". */
   async incomingGetPacket (client: SessionClient, packet: SessionPacket): Promise<SessionPacket> {
     this.#ready()
@@ -914,6 +926,9 @@ export class LevelSessionPersistence {
     const store = this.#incoming.get(client.id)
     const messageId = packet.messageId as number
     if (store === undefined || !store.delete(messageId)) {
+      // A repeated PUBREL: aedes answers it with PUBCOMP, which must not overtake the write deleting the entry (a kill
+      // after that PUBCOMP would bring the entry back, and the client's next message with this id would be dropped).
+      await this.#writer.flush()
       throw new SessionPersistenceError('GW_SESSION_NOT_FOUND', `no inbound packet ${String(packet.messageId)} for client ${client.id}`)
     }
     if (store.size === 0) this.#incoming.delete(client.id)

@@ -12,8 +12,8 @@ export interface RawClient {
   sendAll (packets: readonly Packet[]): void
   /** Resolves with the next packet of this command (packets are queued as they arrive). */
   next (cmd: Packet['cmd'], timeoutMs?: number): Promise<Packet>
-  /** Calls `listener` with each packet as it arrives (it is queued for next() as well). */
-  onPacket (listener: (packet: Packet) => void): void
+  /** Calls `listener` with each packet as it arrives (it is queued for next() as well); returns a function that stops it. */
+  onPacket (listener: (packet: Packet) => void): () => void
   /** Resolves when the server closes the connection. */
   readonly closed: Promise<void>
   end (): void
@@ -46,7 +46,10 @@ export async function rawConnect (url: string): Promise<RawClient> {
         })
       }
     },
-    onPacket: (listener) => { listeners.push(listener) },
+    onPacket: (listener) => {
+      listeners.push(listener)
+      return () => { const i = listeners.indexOf(listener); if (i !== -1) listeners.splice(i, 1) }
+    },
     closed,
     end: () => { socket.end() },
   }
