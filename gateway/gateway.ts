@@ -181,6 +181,7 @@ export async function startGateway (config: GatewayConfig, deps: GatewayDeps): P
         onReceipt: (upstream, status) => {
           (status === 'delivered' ? bridgeMetricsRef?.commandsDelivered : bridgeMetricsRef?.commandsExpired)?.inc({ upstream })
         },
+        onExpiredDropped: (tenant) => { metrics.expiredDropped.inc({ tenant }) },
       })
     // The metrics read the bridge's status, and the bridge reports to the metrics' counters.
     const bridgeHolder: { bridge?: Bridge } = {}

@@ -14,7 +14,7 @@
  * | `T` streamId(u32) partition(u32) maxTs(u64)     | base offset, u64                        |
  * | `G` group(utf8) 0x00                            | cbor GroupMeta (holdsRetention)         |
  * | `O` group(utf8) 0x00 streamId(u32) partition(u32) | committed offset, u64                 |
- * | `D` dedupeId(utf8)                              | streamId u32, partition u32, offset u64, timestamp f64 |
+ * | `d` streamId(u32) dedupeId(utf8)                | streamId u32, partition u32, offset u64, timestamp f64 |
  *
  * Invariants:
  * - `B` entries of a partition cover [logStart, logEnd) without gaps or
@@ -27,8 +27,14 @@
  *   timestamp >= t, seek to the first `T` key >= t and scan forward from its
  *   batch. When retention deletes the batch of the first entry, it re-points
  *   that entry at the new log start, so the index never loses coverage.
- * - A `D` entry is written in the same LevelDB batch as the record it
+ * - A `d` entry is written in the same LevelDB batch as the record it
  *   names, so after a crash an id is known exactly when its record exists.
+ * - Dedupe ids are scoped to the stream the record landed in (a stream is
+ *   `<tenant>/<name>`, so to its tenant too): the key starts with the
+ *   stream id, and an id seen in one stream never suppresses an append to
+ *   another. Before this scoping, format 1 keyed ids globally as
+ *   `D` dedupeId(utf8) with the same value; opening such a data dir moves
+ *   each of them under its value's stream id, in one write batch.
  * - `P` is rewritten with every group commit and retention pass; `logEnd` is
  *   not stored, it is found by seeking to the last `B` key (or is `logStart`
  *   when retention removed every batch).
@@ -61,7 +67,7 @@
  * following those of records 0..i-1 in `payloads`.
  *
  * Batch values leave the process unchanged: the HTTP API's
- * `format=batches` serves them as stored (README, "Binary batches"), and
+ * `format=batches` serves them as stored (docs/http-api.md, "Response formats"), and
  * `decodeStoredBatch` below is what clients decode them with. So this
  * layout is a wire format too: a change needs a new magic byte, and a
  * reader must refuse a magic it does not know.
@@ -88,7 +94,9 @@ const TAG_BATCH = 0x42 // 'B'
 const TAG_TIME = 0x54 // 'T'
 const TAG_GROUP = 0x47 // 'G'
 const TAG_OFFSET = 0x4f // 'O'
-const TAG_DEDUPE = 0x44 // 'D'
+const TAG_DEDUPE = 0x64 // 'd'
+/** Unscoped dedupe ids of data dirs written before ids were scoped by stream; moved to `d` at open. */
+const TAG_LEGACY_DEDUPE = 0x44 // 'D'
 
 const TWO_32 = 2 ** 32
 
@@ -168,9 +176,16 @@ export const keys = {
 export interface DedupeEntry { readonly streamId: number, readonly partition: number, readonly offset: number, readonly timestamp: number }
 
 export const dedupe = {
-  key: (id: string): Buffer => Buffer.concat([Buffer.from([TAG_DEDUPE]), Buffer.from(id, 'utf8')]),
+  key: (streamId: number, id: string): Buffer => {
+    const prefix = Buffer.allocUnsafe(5)
+    prefix[0] = TAG_DEDUPE
+    prefix.writeUInt32BE(streamId, 1)
+    return Buffer.concat([prefix, Buffer.from(id, 'utf8')])
+  },
   range: (): { gt: Buffer, lt: Buffer } => ({ gt: Buffer.from([TAG_DEDUPE]), lt: Buffer.from([TAG_DEDUPE + 1]) }),
-  id: (key: Buffer): string => key.subarray(1).toString('utf8'),
+  parseKey: (key: Buffer): { streamId: number, id: string } => ({ streamId: key.readUInt32BE(1), id: key.subarray(5).toString('utf8') }),
+  legacyRange: (): { gt: Buffer, lt: Buffer } => ({ gt: Buffer.from([TAG_LEGACY_DEDUPE]), lt: Buffer.from([TAG_LEGACY_DEDUPE + 1]) }),
+  legacyId: (key: Buffer): string => key.subarray(1).toString('utf8'),
   encode (e: DedupeEntry): Buffer {
     const value = Buffer.allocUnsafe(24)
     value.writeUInt32BE(e.streamId, 0)

@@ -107,6 +107,14 @@ interface PartitionMeta { logStart: number, bytes: number }
 interface GroupState { holdsRetention: boolean, offsets: Map<PartitionState, number> }
 
 /** The innermost cause's message: abstract-level wraps the interesting one (ENOSPC) in its own errors. */
+/** A dedupe id as known in one stream (ids are scoped by stream, format.ts). */
+interface DedupeState { readonly id: string, readonly part: PartitionState, readonly offset: number, readonly timestamp: number }
+
+/** The in-memory key of a dedupe id: the stream id first, as on disk. */
+function scopedId (streamId: number, id: string): string {
+  return `${streamId}/${id}`
+}
+
 function rootMessage (err: unknown): string {
   let e = err as { message?: string, cause?: unknown } | undefined
   while (e?.cause !== undefined && e.cause !== null && typeof e.cause === 'object') e = e.cause as { message?: string, cause?: unknown }
@@ -152,9 +160,9 @@ class LevelLogStore implements LogStore {
   readonly #observer: StoreObserver
   readonly #streams = new Map<string, StreamState>()
   readonly #groups = new Map<string, GroupState>()
-  /** Dedupe ids on disk, with where their record went. */
-  readonly #dedupe = new Map<string, { part: PartitionState, offset: number, timestamp: number }>()
-  /** Dedupe ids of appends not yet committed, resolving with their result. */
+  /** Dedupe ids on disk, by {@link scopedId} (ids are per stream), with where their record went. */
+  readonly #dedupe = new Map<string, DedupeState>()
+  /** Dedupe ids of appends not yet committed, by {@link scopedId}, resolving with their result. */
   readonly #dedupePending = new Map<string, Promise<AppendResult>>()
   readonly #dedupeRetentionMs: number
   readonly #appendListeners = new Set<AppendListener>()
@@ -210,10 +218,12 @@ class LevelLogStore implements LogStore {
     for (const [key, value] of await this.#db.iterator(keys.groupRange()).all()) {
       this.#groups.set(keys.groupName(key), { holdsRetention: decodeMeta<GroupOptions>(value).holdsRetention, offsets: new Map() })
     }
+    await this.#scopeLegacyDedupe()
     for (const [key, value] of await this.#db.iterator(dedupe.range()).all()) {
       const entry = dedupe.decode(value)
       const part = byId.get(entry.streamId)?.partitions[entry.partition]
-      if (part !== undefined) this.#dedupe.set(dedupe.id(key), { part, offset: entry.offset, timestamp: entry.timestamp })
+      const { id } = dedupe.parseKey(key)
+      if (part !== undefined) this.#dedupe.set(scopedId(part.stream.id, id), { id, part, offset: entry.offset, timestamp: entry.timestamp })
     }
     for (const [key, value] of await this.#db.iterator(keys.offsetRange()).all()) {
       const { group, streamId, partition } = keys.parseOffset(key)
@@ -221,6 +231,16 @@ class LevelLogStore implements LogStore {
       if (part === undefined) continue
       this.#groupState(group).offsets.set(part, readU64(value, 0))
     }
+  }
+
+  /** Moves unscoped dedupe ids (format.ts, `D`) under the stream their record went to, in one atomic batch. */
+  async #scopeLegacyDedupe (): Promise<void> {
+    const legacy = await this.#db.iterator(dedupe.legacyRange()).all()
+    if (legacy.length === 0) return
+    await this.#db.batch(legacy.flatMap(([key, value]) => [
+      { type: 'put' as const, key: dedupe.key(dedupe.decode(value).streamId, dedupe.legacyId(key)), value },
+      { type: 'del' as const, key },
+    ]), SYNC)
   }
 
   async #recoverPartition (part: PartitionState): Promise<void> {
@@ -367,9 +387,9 @@ class LevelLogStore implements LogStore {
         if (typeof dedupeId !== 'string' || dedupeId.length === 0 || dedupeId.length > 1024) {
           throw new StoreError('STORE_INVALID_ARGUMENT', 'dedupeId must be a string of 1 to 1024 characters')
         }
-        const seen = this.#dedupe.get(dedupeId)
+        const seen = this.#dedupe.get(scopedId(s.id, dedupeId))
         if (seen !== undefined) return Promise.resolve({ partition: seen.part.partition, offset: seen.offset, duplicate: true })
-        const inFlight = this.#dedupePending.get(dedupeId)
+        const inFlight = this.#dedupePending.get(scopedId(s.id, dedupeId))
         if (inFlight !== undefined) return inFlight.then((r) => ({ partition: r.partition, offset: r.offset, duplicate: true }))
       }
     } catch (err) {
@@ -385,7 +405,7 @@ class LevelLogStore implements LogStore {
       if (this.#pending++ === 0) this.#oldestPendingAt = performance.now()
       this.#kick()
     })
-    if (dedupeId !== undefined) this.#dedupePending.set(dedupeId, result)
+    if (dedupeId !== undefined) this.#dedupePending.set(scopedId(part.stream.id, dedupeId), result)
     return result
   }
 
@@ -422,17 +442,20 @@ class LevelLogStore implements LogStore {
 
   async forgetDedupe (dedupeId: string): Promise<void> {
     this.#checkOpen()
-    if (!this.#dedupe.has(dedupeId)) return
-    await this.#db.del(dedupe.key(dedupeId), this.#sync)
-    this.#dedupe.delete(dedupeId)
+    const scoped = [...this.#streams.values()].map((s) => scopedId(s.id, dedupeId)).filter((key) => this.#dedupe.has(key))
+    await this.#forgetScoped(scoped)
   }
 
   async forgetDedupePrefix (prefix: string): Promise<void> {
     this.#checkOpen()
-    const ids = [...this.#dedupe.keys()].filter((id) => id.startsWith(prefix))
-    if (ids.length === 0) return
-    await this.#db.batch(ids.map((id) => ({ type: 'del' as const, key: dedupe.key(id) })), this.#sync)
-    for (const id of ids) this.#dedupe.delete(id)
+    await this.#forgetScoped([...this.#dedupe].filter(([, e]) => e.id.startsWith(prefix)).map(([key]) => key))
+  }
+
+  async #forgetScoped (scoped: readonly string[]): Promise<void> {
+    if (scoped.length === 0) return
+    const entries = scoped.map((key) => this.#dedupe.get(key) as DedupeState)
+    await this.#db.batch(entries.map((e) => ({ type: 'del' as const, key: dedupe.key(e.part.stream.id, e.id) })), this.#sync)
+    for (const key of scoped) this.#dedupe.delete(key)
   }
 
   #kick (): void {
@@ -498,12 +521,12 @@ class LevelLogStore implements LogStore {
     const plans: Array<{ part: PartitionState, appends: PendingRecord[], resolvers: PartitionState['resolvers'], rejecters: PartitionState['rejecters'], dedupeIds: PartitionState['dedupeIds'], bases: number[], end: number, bytes: number, indexedMaxTs: number, firstTs: number, lastTs: number }> = []
     let records = 0
     let bytes = 0
-    const taken: Array<{ rejecters: PartitionState['rejecters'], dedupeIds: PartitionState['dedupeIds'] }> = []
+    const taken: Array<{ streamId: number, rejecters: PartitionState['rejecters'], dedupeIds: PartitionState['dedupeIds'] }> = []
     try {
       for (const part of parts) {
         const appends = part.pending
         const { resolvers, rejecters, dedupeIds, extraOps } = part
-        taken.push({ rejecters, dedupeIds })
+        taken.push({ streamId: part.stream.id, rejecters, dedupeIds })
         part.pending = []
         part.resolvers = []
         part.rejecters = []
@@ -535,7 +558,7 @@ class LevelLogStore implements LogStore {
             const id = dedupeIds[k]
             if (id !== undefined) {
               const value = dedupe.encode({ streamId: part.stream.id, partition: part.partition, offset: base + (k - i), timestamp: (appends[k] as PendingRecord).timestamp })
-              ops.push({ type: 'put', key: dedupe.key(id), value })
+              ops.push({ type: 'put', key: dedupe.key(part.stream.id, id), value })
             }
           }
           if (firstTs === Infinity) firstTs = header.firstTimestamp
@@ -580,8 +603,9 @@ class LevelLogStore implements LogStore {
       for (let i = 0; i < dedupeIds.length; i++) {
         const id = dedupeIds[i]
         if (id === undefined) continue
-        this.#dedupe.set(id, { part, offset: first + i, timestamp: (plan.appends[i] as PendingRecord).timestamp })
-        this.#dedupePending.delete(id)
+        const scoped = scopedId(part.stream.id, id)
+        this.#dedupe.set(scoped, { id, part, offset: first + i, timestamp: (plan.appends[i] as PendingRecord).timestamp })
+        this.#dedupePending.delete(scoped)
       }
       for (let i = 0; i < resolvers.length; i++) (resolvers[i] as (result: AppendResult) => void)({ partition, offset: first + i })
     }
@@ -589,10 +613,10 @@ class LevelLogStore implements LogStore {
     this.#observer.onCommit?.({ records, bytes, latencyMs: done - startedAt, durationMs: done - writeStart })
   }
 
-  #failAppends (taken: Array<{ rejecters: PartitionState['rejecters'], dedupeIds: PartitionState['dedupeIds'] }>, err: StoreError): void {
+  #failAppends (taken: Array<{ streamId: number, rejecters: PartitionState['rejecters'], dedupeIds: PartitionState['dedupeIds'] }>, err: StoreError): void {
     let count = 0
-    for (const { rejecters, dedupeIds } of taken) {
-      for (const id of dedupeIds) if (id !== undefined) this.#dedupePending.delete(id)
+    for (const { streamId, rejecters, dedupeIds } of taken) {
+      for (const id of dedupeIds) if (id !== undefined) this.#dedupePending.delete(scopedId(streamId, id))
       for (const reject of rejecters) reject(err)
       count += rejecters.length
     }
@@ -904,10 +928,7 @@ class LevelLogStore implements LogStore {
   /** Forgets dedupe ids older than the dedupe retention. */
   async #pruneDedupe (now: number): Promise<void> {
     if (this.#dedupeRetentionMs === 0) return
-    const expired = [...this.#dedupe].filter(([, e]) => e.timestamp < now - this.#dedupeRetentionMs).map(([id]) => id)
-    if (expired.length === 0) return
-    await this.#db.batch(expired.map((id) => ({ type: 'del' as const, key: dedupe.key(id) })), this.#sync)
-    for (const id of expired) this.#dedupe.delete(id)
+    await this.#forgetScoped([...this.#dedupe].filter(([, e]) => e.timestamp < now - this.#dedupeRetentionMs).map(([key]) => key))
   }
 
   #oldestPartition (): PartitionState | undefined {

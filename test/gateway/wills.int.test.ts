@@ -19,9 +19,9 @@ import { collect, connectOk, endAll, metricValue, subscribeGranted, waitFor, typ
 import { rawConnect } from '../helpers/raw-client.ts'
 
 const USERS = {
-  'acme-dev': { tenant: 'acme', role: 'device' },
+  'acme-dev': { tenant: 'acme', role: 'device', clientIdPattern: 'a*' },
   'acme-svc': { tenant: 'acme', role: 'service' },
-  'globex-dev': { tenant: 'globex', role: 'device' },
+  'globex-dev': { tenant: 'globex', role: 'device', clientIdPattern: 'g*' },
   'globex-svc': { tenant: 'globex', role: 'service' },
 } as const
 type Username = keyof typeof USERS
