@@ -24,7 +24,7 @@
  * | `O` client seq(u64)           | cbor queued packet in aedes-packet shape, or the packet that replaced it (PUBREL) |
  * | `M` client seq(u64)           | message id, u16, given when the queued packet was sent      |
  * | `I` client messageId(u16)     | cbor inbound QoS 2 packet, aedes-packet shape               |
- * | `W` client                    | cbor will packet, carrying brokerId and clientId            |
+ * | `W` client                    | cbor will packet, carrying brokerId, clientId and (from the broker, wills.ts) edgemqIdentity |
  *
  * Invariants:
  * - `seq` is one counter for the whole key space, strictly increasing;
