@@ -64,6 +64,7 @@ export interface BrokerPersistence extends Qos2Persistence, WillPersistence {
   addSubscriptions (client: Client, subs: readonly Subscription[]): Promise<void>
   subscriptionsByClient (client: Client): Promise<Array<{ topic: string, qos: number }>>
   hasSessionState (client: Client): boolean
+  markSession (client: Client): Promise<void>
   outgoingClearMessageId (client: Client, packet: { cmd?: string, messageId?: number }): Promise<unknown>
 }
 
@@ -440,12 +441,16 @@ export function createBroker (deps: BrokerDeps): Aedes {
   // [MQTT-3.2.2-2] CONNACK says a session is present when any session state is stored, but aedes 1.2.0 decides from
   // the stored subscriptions alone (lib/handlers/connect.js, restoreSubs: `arg.sessionPresent = !!arg.subs`;
   // https://github.com/moscajs/aedes/blob/v1.2.0/lib/handlers/connect.js), so a session holding only queued,
-  // unacknowledged or inbound QoS 2 messages was answered 0. A marker subscription makes that list non-empty;
-  // authorizeSubscribe refuses it silently, so nothing is subscribed (restored subscriptions get no SUBACK).
+  // unacknowledged or inbound QoS 2 messages, or nothing at all [MQTT-3.1.2-4], was answered 0. A marker
+  // subscription makes that list non-empty; authorizeSubscribe refuses it silently, so nothing is subscribed
+  // (restored subscriptions get no SUBACK). aedes calls subscriptionsByClient only for a CONNECT with clean = false,
+  // before the CONNACK: the session is recorded there, so it exists for the next CONNECT even after a kill -9.
   const subscriptionsByClient = persistence.subscriptionsByClient.bind(persistence)
   persistence.subscriptionsByClient = async (client) => {
     const subs = await subscriptionsByClient(client)
-    if (subs.length > 0 || !persistence.hasSessionState(client)) return subs
+    const present = subs.length > 0 || persistence.hasSessionState(client)
+    await persistence.markSession(client)
+    if (subs.length > 0 || !present) return subs
     const marker = { topic: '$edgemq/session-present', qos: 0 }
     sessionMarkers.add(marker)
     return [marker]

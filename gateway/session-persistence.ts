@@ -24,6 +24,7 @@
  * | `O` client seq(u64)           | cbor queued packet in aedes-packet shape, or the packet that replaced it (PUBREL) |
  * | `M` client seq(u64)           | message id, u16, given when the queued packet was sent      |
  * | `I` client messageId(u16)     | cbor inbound QoS 2 packet, aedes-packet shape               |
+ * | `C` client                    | empty: a persistent session exists (CONNECT with clean = false), even with nothing else stored |
  * | `W` client                    | cbor will packet, carrying brokerId, clientId and (from the broker, wills.ts) edgemqIdentity |
  *
  * Invariants:
@@ -182,6 +183,7 @@ const TAG_OUTGOING = 0x4f // 'O'
 const TAG_MESSAGE_ID = 0x4d // 'M'
 const TAG_INCOMING = 0x49 // 'I'
 const TAG_WILL = 0x57 // 'W'
+const TAG_SESSION = 0x43 // 'C'
 
 const cbor = new Encoder({ useRecords: false, structuredClone: false, mapsAsObjects: true, variableMapSize: true })
 
@@ -219,6 +221,7 @@ const keys = {
     return key
   },
   will: (clientId: string): Buffer => clientPrefix(TAG_WILL, clientId),
+  session: (clientId: string): Buffer => clientPrefix(TAG_SESSION, clientId),
   /** Splits a client-scoped key into the client id and what follows it. */
   parseClient (key: Buffer): { clientId: string, rest: Buffer } {
     const length = key.readUInt16BE(1)
@@ -497,6 +500,8 @@ export class LevelSessionPersistence {
   /** clientId → messageId → inbound QoS 2 packet. */
   readonly #incoming = new Map<string, Map<number, SessionPacket>>()
   readonly #wills = new Map<string, SessionPacket>()
+  /** Client ids with a persistent session (`C`). */
+  readonly #sessions = new Set<string>()
 
   /**
    * @param db the key space to own, normally `db.sublevel('sessions')` of the
@@ -574,6 +579,8 @@ export class LevelSessionPersistence {
       const { clientId, rest } = keys.parseClient(key)
       this.#incomingOf(clientId).set(rest.readUInt16BE(0), decodeValue<SessionPacket>(key, value))
     }
+
+    for await (const [key] of this.#scan(Buffer.from([TAG_SESSION]))) this.#sessions.add(keys.parseClient(key).clientId)
 
     for await (const [key, value] of this.#scan(Buffer.from([TAG_WILL]))) {
       this.#wills.set(keys.parseClient(key).clientId, decodeValue<SessionPacket>(key, value))
@@ -699,7 +706,15 @@ export class LevelSessionPersistence {
    */
   hasSessionState (client: SessionClient): boolean {
     this.#ready()
-    return this.#subs.has(client.id) || this.#queues.has(client.id) || this.#incoming.has(client.id)
+    return this.#sessions.has(client.id) || this.#subs.has(client.id) || this.#queues.has(client.id) || this.#incoming.has(client.id)
+  }
+
+  /** Records that the client has a persistent session, stored or not [MQTT-3.1.2-4]; cleanSubscriptions ends it. */
+  async markSession (client: SessionClient): Promise<void> {
+    this.#ready()
+    if (this.#sessions.has(client.id)) return
+    this.#sessions.add(client.id)
+    await this.#writer.write([put(keys.session(client.id), Buffer.alloc(0))])
   }
 
   /** Number of QoS > 0 subscriptions and of clients with any stored subscription. */
@@ -714,8 +729,10 @@ export class LevelSessionPersistence {
     return this.#trie.match(topic)
   }
 
+  /** Drops the client's subscriptions and its session marker (aedes calls this for a CONNECT with clean = true). */
   async cleanSubscriptions (client: SessionClient): Promise<void> {
     this.#ready()
+    if (this.#sessions.delete(client.id)) await this.#writer.write([del(keys.session(client.id))])
     const stored = this.#subs.get(client.id)
     if (stored === undefined) return
     const ops: BatchOp[] = []
@@ -1005,5 +1022,6 @@ export class LevelSessionPersistence {
     this.#queues.clear()
     this.#incoming.clear()
     this.#wills.clear()
+    this.#sessions.clear()
   }
 }

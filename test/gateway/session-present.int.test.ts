@@ -1,8 +1,9 @@
 /**
  * CONNACK's session present flag [MQTT-3.2.2-2]: 1 whenever the gateway holds
- * state of the persistent session, not only subscriptions — an inbound QoS 2
- * message awaiting PUBREL, or an outgoing message awaiting its PUBACK — also
- * after a kill -9; 0 for a session with nothing stored and after a clean one.
+ * a persistent session, not only one with subscriptions — an inbound QoS 2
+ * message awaiting PUBREL, an outgoing message awaiting its PUBACK, or
+ * nothing but the session itself [MQTT-3.1.2-4] — also after a kill -9; 0 for
+ * a client id never seen and after a clean session.
  */
 import { afterAll, describe, expect, it } from 'vitest'
 import { startGatewayProcess, tempDir } from '../helpers/gateway-process.ts'
@@ -68,13 +69,21 @@ describe('CONNACK session present', () => {
       await disconnect(c)
     }
 
-    // Exchange completed: nothing stored, no session to resume.
+    // Exchange completed: nothing else stored, but the session itself exists [MQTT-3.1.2-4], also across kill -9.
     ;({ c } = await connect(gw.mqttUrl, 'sp-pub', false))
     c.send({ cmd: 'pubrel', messageId: 3 })
     await c.next('pubcomp')
     await disconnect(c)
+    await gw.kill()
+    gw = await startGatewayProcess({ dataDir: dir })
     ;({ c, sessionPresent } = await connect(gw.mqttUrl, 'sp-pub', false))
-    expect(sessionPresent).toBe(false)
+    expect(sessionPresent, 'empty persistent session').toBe(true)
+    await disconnect(c)
+    ;({ c, sessionPresent } = await connect(gw.mqttUrl, 'sp-new', false))
+    expect(sessionPresent, 'a client id never seen').toBe(false)
+    await disconnect(c)
+    ;({ c, sessionPresent } = await connect(gw.mqttUrl, 'sp-new', false))
+    expect(sessionPresent, 'its session, now existing').toBe(true)
     await disconnect(c)
     // A clean session discards the state [MQTT-3.2.2-1].
     ;({ c, sessionPresent } = await connect(gw.mqttUrl, 'sp-sub', true))
