@@ -9,7 +9,7 @@
  * | ----------------------------------------------- | --------------------------------------- |
  * | `V`                                             | format version, u32 (= 1)               |
  * | `S` name(utf8)                                  | cbor StreamMeta                         |
- * | `P` streamId(u32) partition(u32)                | cbor PartitionMeta (logStart, bytes)    |
+ * | `P` streamId(u32) partition(u32)                | cbor PartitionMeta (logStart, logEnd, bytes) |
  * | `B` streamId(u32) partition(u32) base(u64)      | batch (below)                           |
  * | `T` streamId(u32) partition(u32) maxTs(u64)     | base offset, u64                        |
  * | `G` group(utf8) 0x00                            | cbor GroupMeta (holdsRetention)         |
@@ -35,9 +35,12 @@
  *   another. Before this scoping, format 1 keyed ids globally as
  *   `D` dedupeId(utf8) with the same value; opening such a data dir moves
  *   each of them under its value's stream id, in one write batch.
- * - `P` is rewritten with every group commit and retention pass; `logEnd` is
- *   not stored, it is found by seeking to the last `B` key (or is `logStart`
- *   when retention removed every batch).
+ * - `P` is rewritten with every group commit and retention pass. Opening
+ *   finds the log end by seeking to the last `B` key (or it is `logStart`
+ *   when retention removed every batch) and checks it against `P.logEnd`: a
+ *   mismatch means lost batches (damaged files), never a crash, since both are
+ *   written in one LevelDB batch. Data written before `logEnd` was recorded
+ *   lacks it; it is added by the next commit.
  *
  * Batch value:
  *

@@ -23,6 +23,7 @@ import {
   keys, readBatchHeader, readU64, type BatchHeader, type PendingRecord,
 } from './format.ts'
 import { BatchIndex } from './batch-index.ts'
+import { asDamage, missingOffsets } from './damage.ts'
 import { partitionForKey } from './partitioner.ts'
 import {
   MAX_PARTITIONS, checkCount, checkGroupName, checkOffset, checkStreamName, checkTimestamp, toPendingRecord,
@@ -103,7 +104,8 @@ interface PartitionState {
 }
 
 interface StreamMeta { id: number, partitions: number, retentionMs: number, retentionBytes: number }
-interface PartitionMeta { logStart: number, bytes: number }
+/** `logEnd` is absent in data written before it was recorded; then the last batch alone says where the log ends. */
+interface PartitionMeta { logStart: number, bytes: number, logEnd?: number }
 interface GroupState { holdsRetention: boolean, offsets: Map<PartitionState, number> }
 
 /** The innermost cause's message: abstract-level wraps the interesting one (ENOSPC) in its own errors. */
@@ -201,6 +203,14 @@ class LevelLogStore implements LogStore {
 
   /** Finds every partition's offsets with a few seeks each; never scans records. */
   async load (): Promise<void> {
+    try {
+      await this.#load()
+    } catch (err) {
+      throw asDamage(err, 'opening the log')
+    }
+  }
+
+  async #load (): Promise<void> {
     const version = await this.#db.get(keys.version())
     if (version === undefined) {
       await this.#db.put(keys.version(), encodeU64(FORMAT_VERSION), SYNC)
@@ -244,12 +254,22 @@ class LevelLogStore implements LogStore {
   }
 
   async #recoverPartition (part: PartitionState): Promise<void> {
+    try {
+      await this.#recoverPartitionOf(part)
+    } catch (err) {
+      throw asDamage(err, `opening ${part.stream.name}[${part.partition}]`, { stream: part.stream.name, partition: part.partition })
+    }
+  }
+
+  async #recoverPartitionOf (part: PartitionState): Promise<void> {
     const { id } = part.stream
     const meta = await this.#db.get(keys.partition(id, part.partition))
+    let recordedEnd: number | undefined
     if (meta !== undefined) {
       const m = decodeMeta<PartitionMeta>(meta)
       part.logStart = m.logStart
       part.bytes = m.bytes
+      recordedEnd = m.logEnd
     }
     part.logEnd = part.logStart
     part.index.clear()
@@ -267,6 +287,16 @@ class LevelLogStore implements LogStore {
         // Only the newest batch is needed to open; a damaged oldest one is reported to its readers.
         this.#logger.error({ code: (err as StoreError).code, stream: part.stream.name, partition: part.partition }, (err as Error).message)
       }
+    }
+    // The last batch and `P` are written in one LevelDB batch, so they agree unless the files were damaged (LevelDB skips an unreadable block without a word).
+    if (meta === undefined && last !== undefined) {
+      throw new StoreError('STORE_DAMAGED', `${part.stream.name}[${part.partition}] has batches but its metadata entry is gone; stop the gateway and run \`edgemq check\``,
+        { details: { stream: part.stream.name, partition: part.partition } })
+    }
+    if (recordedEnd !== undefined && recordedEnd !== part.logEnd) {
+      const [from, to] = recordedEnd > part.logEnd ? [part.logEnd, recordedEnd] : [recordedEnd, part.logEnd]
+      throw missingOffsets(part.stream.name, part.partition, from, to,
+        `its metadata records the log end at ${recordedEnd}, but the last readable batch ends at ${part.logEnd}`)
     }
     const [lastIndexed] = await this.#db.keys({ ...keys.timeRange(id, part.partition), reverse: true, limit: 1 }).all()
     part.indexedMaxTs = lastIndexed === undefined ? -Infinity : keys.timeOf(lastIndexed)
@@ -568,7 +598,7 @@ class LevelLogStore implements LogStore {
           base += header.count
           i = j
         }
-        ops.push({ type: 'put', key: keys.partition(id, part.partition), value: encodeMeta({ logStart: part.logStart, bytes: partBytes } satisfies PartitionMeta) })
+        ops.push({ type: 'put', key: keys.partition(id, part.partition), value: encodeMeta({ logStart: part.logStart, bytes: partBytes, logEnd: base } satisfies PartitionMeta) })
         for (const extra of extraOps) if (extra !== undefined) ops.push(...(extra as unknown as BatchOp[]))
         plans.push({ part, appends, resolvers, rejecters, dedupeIds, bases, end: base, bytes: partBytes, indexedMaxTs, firstTs, lastTs })
         records += appends.length
@@ -705,6 +735,15 @@ class LevelLogStore implements LogStore {
    */
   async #scanValues (part: PartitionState, from: number, end: number, onBatch: (value: Buffer, header: BatchHeader, where: BatchWhere) => boolean,
     wantMore: () => boolean = () => true, expectRecords = MAX_BATCH_RECORDS): Promise<void> {
+    try {
+      await this.#scanValuesOf(part, from, end, onBatch, wantMore, expectRecords)
+    } catch (err) {
+      throw asDamage(err, `reading ${part.stream.name}[${part.partition}] from offset ${from}`, { stream: part.stream.name, partition: part.partition })
+    }
+  }
+
+  async #scanValuesOf (part: PartitionState, from: number, end: number, onBatch: (value: Buffer, header: BatchHeader, where: BatchWhere) => boolean,
+    wantMore: () => boolean, expectRecords: number): Promise<void> {
     const { id } = part.stream
     // Fast path: the batches holding [from, from + expectRecords) are in the tail index, fetch them in one call.
     const bases = part.index.lookup(from, expectRecords, end)
@@ -736,12 +775,7 @@ class LevelLogStore implements LogStore {
           const where = { stream: part.stream.name, partition: part.partition, baseOffset: keys.batchBase(key) }
           const header = readBatchHeader(value, where)
           if (header.baseOffset + header.count <= from) continue
-          if (header.baseOffset > expected) {
-            // Retention removed what we were about to read.
-            this.#checkInRange(part, expected)
-            throw new StoreError('STORE_OFFSET_OUT_OF_RANGE', `offset ${expected} of ${part.stream.name}[${part.partition}] was deleted by retention while reading; the log now starts at ${part.logStart}`,
-              { details: { stream: part.stream.name, partition: part.partition, offset: expected, logStartOffset: part.logStart, logEndOffset: part.logEnd } })
-          }
+          if (header.baseOffset > expected) await this.#explainGap(part, expected, header.baseOffset)
           expected = header.baseOffset + header.count
           if (!onBatch(value, header, where)) return
         }
@@ -749,9 +783,27 @@ class LevelLogStore implements LogStore {
         if (!wantMore()) return
         entries = await iterator.nextv(1)
       }
+      if (expected < end) await this.#explainGap(part, expected, end)
     } finally {
       await iterator.close()
     }
+  }
+
+  /**
+   * Throws for the batches missing between `from` and `to`: STORE_OFFSET_OUT_OF_RANGE
+   * when retention deleted them while we read (the partition's metadata on
+   * disk, written atomically with the deletion, says where the log starts
+   * now), STORE_DAMAGED otherwise: a read never skips offsets silently.
+   */
+  async #explainGap (part: PartitionState, from: number, to: number): Promise<never> {
+    const meta = await this.#db.get(keys.partition(part.stream.id, part.partition))
+    const logStart = Math.max(part.logStart, meta === undefined ? 0 : decodeMeta<PartitionMeta>(meta).logStart)
+    if (from < logStart) {
+      throw new StoreError('STORE_OFFSET_OUT_OF_RANGE', `offset ${from} of ${part.stream.name}[${part.partition}] was deleted by retention while reading; the log now starts at ${logStart}`,
+        { details: { stream: part.stream.name, partition: part.partition, offset: from, logStartOffset: logStart, logEndOffset: part.logEnd } })
+    }
+    throw missingOffsets(part.stream.name, part.partition, from, to, 'no batch holds them although the log runs from ' +
+      `${part.logStart} to ${part.logEnd}`)
   }
 
   async offsetForTime (stream: string, partition: number, timestamp: number): Promise<number | null> {
@@ -988,7 +1040,7 @@ class LevelLogStore implements LogStore {
     if (lastDeletedTs !== undefined && !empty && firstKeptBase !== newStart) {
       ops.push({ type: 'put', key: keys.time(id, part.partition, lastDeletedTs), value: encodeU64(newStart) })
     }
-    ops.push({ type: 'put', key: keys.partition(id, part.partition), value: encodeMeta({ logStart: newStart, bytes: bytesLeft } satisfies PartitionMeta) })
+    ops.push({ type: 'put', key: keys.partition(id, part.partition), value: encodeMeta({ logStart: newStart, bytes: bytesLeft, logEnd: part.logEnd } satisfies PartitionMeta) })
     await this.#db.batch(ops, this.#sync)
     const batches = ops.filter((op) => op.type === 'del' && op.key[0] === 0x42).length
     report.batchesDeleted += batches
