@@ -12,6 +12,7 @@ import { deleteGroup, groupsTable, listGroups, listStreams, resetGroup, streamsT
 import { CliError } from './cli-errors.ts'
 import { ApiClient } from './cli-http.ts'
 import { openDataDir } from './cli-offline.ts'
+import { findNpmLauncher, watchLauncher } from './npm-launcher.ts'
 import { httpSource, offlineSource, parsePosition, replay, tail, type OutputFormat, type PayloadEncoding, type ReadSpec } from './cli-replay.ts'
 import { buildConfig, type GatewayConfig } from './config.ts'
 import { GatewayError } from './errors.ts'
@@ -92,6 +93,15 @@ async function start (flags: StartFlags): Promise<number> {
     }
     process.once('SIGTERM', () => stop('SIGTERM'))
     process.once('SIGINT', () => stop('SIGINT'))
+    // Under `npx edgemq start`, the pid a user signals is npm's (gateway/npm-launcher.ts says why we follow it).
+    const launcher = findNpmLauncher(process.env.npm_execpath !== undefined, process.ppid)
+    if (launcher !== undefined) {
+      watchLauncher(launcher, (how) => {
+        if (how === 'stopped') return stop('npm exited')
+        logger.error({ npmPid: launcher.pid }, 'npm was killed (SIGKILL): killing the gateway the same way')
+        process.kill(process.pid, 'SIGKILL')
+      })
+    }
   })
 }
 
