@@ -18,6 +18,7 @@ import { startHttpServer, type RunningHttpServer } from './http.ts'
 import { startListener, type RunningListener } from './listeners.ts'
 import { createMetrics, splitStream } from './metrics.ts'
 import { LevelSessionPersistence } from './session-persistence.ts'
+import { checkStartupSettings } from './startup-checks.ts'
 import { readFileSync } from 'node:fs'
 import { Bridge } from '../bridge/bridge.ts'
 import { createBridgeMetrics, type BridgeMetrics } from '../bridge/metrics.ts'
@@ -55,7 +56,7 @@ export function checkListenerSecurity (config: GatewayConfig, logger: Logger): v
   for (const l of config.mqtt.listeners) {
     if (isLoopback(l.host)) continue
     if (l.allowAnonymous) {
-      logger.warn({ listener: l.name, host: l.host }, 'listener accepts anonymous clients from the network (allowAnonymous: true)')
+      logger.warn({ code: 'GW_WARN_ANONYMOUS_LISTENER', listener: l.name, host: l.host }, 'listener accepts anonymous clients from the network (allowAnonymous: true)')
     } else if (config.users.length === 0) {
       throw new GatewayError('GW_INSECURE_LISTENER',
         `listener ${l.name} binds ${l.host}, which is not loopback, and no users are configured: add users, or set mqtt.listeners[].allowAnonymous: true to accept anonymous clients on purpose`)
@@ -66,6 +67,7 @@ export function checkListenerSecurity (config: GatewayConfig, logger: Logger): v
 export async function startGateway (config: GatewayConfig, deps: GatewayDeps): Promise<Gateway> {
   const { logger } = deps
   checkListenerSecurity(config, logger)
+  for (const w of checkStartupSettings(config)) logger.warn({ code: w.code, ...w.fields }, w.message)
   const registry = deps.registry ?? new Registry()
   await mkdir(config.dataDir, { recursive: true })
   const root = deps.database ?? new ClassicLevel<Buffer, Buffer>(path.join(config.dataDir, 'db'), { keyEncoding: 'buffer', valueEncoding: 'buffer' }) as unknown as LevelDatabase
