@@ -1,7 +1,7 @@
 /**
  * Errors raised by the bridge, each with a stable `code` (BRIDGE_…) and,
  * where a lower layer failed, a `cause`. test/bridge/errors.test.ts fails
- * when a code is missing from README.md.
+ * when a code is missing from docs/errors.md.
  */
 
 export const BRIDGE_ERROR_CODES = {

@@ -2,7 +2,7 @@
  * Errors of the HTTP server and its /v1 API. Every error response is
  * `{"error":{"code":"HTTP_…","message":"…", …details}}` with the status in
  * the table below; clients and tests match on the code, never the message.
- * This table is the registry of codes (README.md documents each).
+ * This table is the registry of codes (docs/errors.md is generated from it).
  */
 import { isStoreError } from '../store/index.ts'
 import { FilterExpressionError } from './filter-expression.ts'

@@ -5,7 +5,7 @@
  * first problem stops start-up with a message that names the key.
  *
  * `describeConfig()` walks the same schema to print the reference that
- * README.md's config section is checked against.
+ * docs/configuration.md is generated from (`npm run docs`).
  */
 import { readFile } from 'node:fs/promises'
 import os from 'node:os'
@@ -387,7 +387,7 @@ export interface ConfigKeyDoc {
   readonly description: string
 }
 
-/** Flattens the schema into one row per key, for the README's reference and its test. */
+/** Flattens the schema into one row per key, for docs/configuration.md and its test. */
 export function describeConfig (): ConfigKeyDoc[] {
   const rows: ConfigKeyDoc[] = []
   const walk = (schema: Record<string, unknown>, prefix: string): void => {

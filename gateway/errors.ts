@@ -1,7 +1,7 @@
 /**
  * Errors raised by the gateway, each with a stable `code` (GW_…) and, where a
  * lower layer failed, a `cause`. test/gateway/errors.test.ts fails when a
- * code is missing from README.md.
+ * code is missing from docs/errors.md.
  */
 
 export const GATEWAY_ERROR_CODES = {

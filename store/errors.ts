@@ -4,7 +4,7 @@
  * message) and, where a lower layer failed, the original error as `cause`.
  *
  * The table below is the registry of codes; `test/store/errors.test.ts`
- * fails when a code is missing from README.md's error table.
+ * fails when a code is missing from docs/errors.md (generated from this table).
  */
 
 export const STORE_ERROR_CODES = {

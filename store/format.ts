@@ -61,7 +61,7 @@
  * following those of records 0..i-1 in `payloads`.
  *
  * Batch values leave the process unchanged: the HTTP API's
- * `format=batches` serves them as stored (README, "Binary batches"), and
+ * `format=batches` serves them as stored (docs/http-api.md, "Response formats"), and
  * `decodeStoredBatch` below is what clients decode them with. So this
  * layout is a wire format too: a change needs a new magic byte, and a
  * reader must refuse a magic it does not know.

@@ -3,9 +3,9 @@ import { describe, expect, it } from 'vitest'
 import { STORE_ERROR_CODES, StoreError } from '../../store/errors.ts'
 
 describe('store error codes', () => {
-  it('documents every code in README.md', () => {
-    const readme = fs.readFileSync(new URL('../../README.md', import.meta.url), 'utf8')
-    const missing = Object.keys(STORE_ERROR_CODES).filter((code) => !readme.includes(`\`${code}\``))
+  it('documents every code in docs/errors.md', () => {
+    const errors = fs.readFileSync(new URL('../../docs/errors.md', import.meta.url), 'utf8')
+    const missing = Object.keys(STORE_ERROR_CODES).filter((code) => !errors.includes(`\`${code}\``))
     expect(missing).toEqual([])
   })
 
