@@ -20,7 +20,7 @@ import { createBridgeMetrics } from '../bridge/metrics.ts'
 import { HTTP_ERROR_CODES } from '../gateway/api-errors.ts'
 import { CLI_ERROR_CODES } from '../gateway/cli-errors.ts'
 import { describeConfig } from '../gateway/config.ts'
-import { GATEWAY_ERROR_CODES } from '../gateway/errors.ts'
+import { GATEWAY_ERROR_CODES, GATEWAY_WARNING_CODES } from '../gateway/errors.ts'
 import { createMetrics, type MetricsSources } from '../gateway/metrics.ts'
 import { SESSION_ERROR_CODES } from '../gateway/session-persistence.ts'
 import { STORE_ERROR_CODES } from '../store/errors.ts'
@@ -97,6 +97,11 @@ export function renderErrorsDoc (): string {
     {
       title: 'Gateway', source: 'gateway/errors.ts', intro: 'Codes `GW_…`: start-up and MQTT refusals; `$replay` refusals also answer SUBACK 0x80 for that filter.',
       rows: codeRows(GATEWAY_ERROR_CODES),
+    },
+    {
+      title: 'Gateway warnings', source: 'gateway/errors.ts',
+      intro: 'Codes `GW_WARN_…`: settings that work but are weak, logged by `edgemq start` as one warning line each (field `code`); the gateway runs on.',
+      rows: codeRows(GATEWAY_WARNING_CODES),
     },
     {
       title: 'Sessions', source: 'gateway/session-persistence.ts', intro: 'Codes `GW_SESSION_…` of the MQTT session persistence on the same LevelDB.',
