@@ -189,6 +189,12 @@ export function renderMetricsDoc (): string {
     'not grow with the fleet. [`dashboards/`](../dashboards/README.md) has',
     'Grafana dashboards and Prometheus alert rules built on these.',
     '',
+    'Counters and gauges whose label values the config names (listeners,',
+    'tenants, streams, each upstream\'s forwarded streams, and every refusal',
+    'reason and replay outcome) are there at 0 from the first scrape',
+    '([`gateway/metrics-zero.ts`](../gateway/metrics-zero.ts)): a panel shows 0',
+    'rather than "No data", and `increase()` sees the first event.',
+    '',
     ...families.map((f) => `- [${f.title}](#${anchor(f.title)})`),
     '',
     ...families.flatMap((f) => [

@@ -17,6 +17,7 @@ import { GatewayError } from './errors.ts'
 import { startHttpServer, type RunningHttpServer } from './http.ts'
 import { startListener, type RunningListener } from './listeners.ts'
 import { createMetrics, splitStream } from './metrics.ts'
+import { zeroBridgeSeries, zeroGatewaySeries } from './metrics-zero.ts'
 import { LevelSessionPersistence } from './session-persistence.ts'
 import { checkStartupSettings } from './startup-checks.ts'
 import { readFileSync } from 'node:fs'
@@ -142,6 +143,7 @@ export async function startGateway (config: GatewayConfig, deps: GatewayDeps): P
         await store.createStream(`${tenant}/${name}`, s)
       }
     }
+    zeroGatewaySeries(metrics, { tenants: [...tenants], streams: Object.keys(config.streams), listeners: config.mqtt.listeners.map((l) => l.name) })
     // The streams commands from upstreams may route to, per tenant with command mappings; and their receipts.
     const commandStreams = new Map<string, { tenant: string, stream: string }>()
     for (const u of config.bridge.upstreams) {
@@ -188,6 +190,7 @@ export async function startGateway (config: GatewayConfig, deps: GatewayDeps): P
     const bridgeHolder: { bridge?: Bridge } = {}
     const bridgeMetrics = createBridgeMetrics(registry, config.bridge.upstreams.map((u) => u.name), async () => await bridgeHolder.bridge?.status() ?? [])
     bridgeMetricsRef = bridgeMetrics
+    zeroBridgeSeries(registry, config.bridge)
     const runningBridge = bridgeHolder.bridge = new Bridge(config.bridge, {
       store, gatewayId: config.gatewayId, clock: systemClock, logger: logger.child({ component: 'bridge' }),
       observer: bridgeMetrics.observer, ...(dispatcher === undefined ? {} : { commands: dispatcher }),
