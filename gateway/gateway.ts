@@ -143,7 +143,12 @@ export async function startGateway (config: GatewayConfig, deps: GatewayDeps): P
         await store.createStream(`${tenant}/${name}`, s)
       }
     }
-    zeroGatewaySeries(metrics, { tenants: [...tenants], streams: Object.keys(config.streams), listeners: config.mqtt.listeners.map((l) => l.name) })
+    zeroGatewaySeries(metrics, {
+      tenants: [...tenants], streams: Object.keys(config.streams), listeners: config.mqtt.listeners.map((l) => l.name),
+      retentionGroups: config.bridge.upstreams.flatMap((u) => u.forward.map((f) => ({
+        group: `bridge.${u.name}`, tenant: f.tenant, stream: f.stream, partitions: config.streams[f.stream]?.partitions ?? 0,
+      }))),
+    })
     // The streams commands from upstreams may route to, per tenant with command mappings; and their receipts.
     const commandStreams = new Map<string, { tenant: string, stream: string }>()
     for (const u of config.bridge.upstreams) {

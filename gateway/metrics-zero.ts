@@ -30,6 +30,8 @@ export interface KnownSeries {
   readonly tenants: readonly string[]
   readonly streams: readonly string[]
   readonly listeners: readonly string[]
+  /** Groups that hold retention (the bridge's uplinks), with the partitions they read: records the disk budget may drop. */
+  readonly retentionGroups: ReadonlyArray<{ readonly group: string, readonly tenant: string, readonly stream: string, readonly partitions: number }>
 }
 
 export function zeroGatewaySeries (metrics: GatewayMetrics, known: KnownSeries): void {
@@ -48,6 +50,9 @@ export function zeroGatewaySeries (metrics: GatewayMetrics, known: KnownSeries):
     metrics.replaysActive.inc({ tenant }, 0)
     metrics.replayMessages.inc({ tenant }, 0)
     for (const outcome of REPLAY_OUTCOMES) metrics.replaysFinished.inc({ tenant, outcome }, 0)
+  }
+  for (const { group, tenant, stream, partitions } of known.retentionGroups) {
+    for (let p = 0; p < partitions; p++) metrics.droppedRecords.inc({ tenant, stream, partition: String(p), group }, 0)
   }
 }
 
