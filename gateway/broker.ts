@@ -155,7 +155,8 @@ export function createBroker (deps: BrokerDeps): Aedes {
   const refuse = (client: Client, reason: RefusalReason, detail: string): void => {
     const listener = listenerOf(client)?.name ?? 'unknown'
     metrics.connectionsRefused.inc({ listener, reason })
-    logger.warn({ ...clientFields(connects.get(client)?.clientId ?? client.id), listener, reason }, `connection refused: ${detail}`)
+    // The id as the device sent it (a refused one may hold U+0000: the log shows it escaped); never the scoped key.
+    logger.warn({ clientId: connects.get(client)?.clientId ?? clientFields(client.id).clientId, listener, reason }, `connection refused: ${detail}`)
   }
 
   /** Reasons already logged per connection: a device repeating a refused publish is counted every time, logged once. */
