@@ -4,6 +4,7 @@
  * start-up, one warning line per weak setting, the gateway id it keeps in the
  * data directory, and refusals of hashes that can never match.
  */
+import { spawn, spawnSync } from 'node:child_process'
 import { readFile } from 'node:fs/promises'
 import path from 'node:path'
 import { afterAll, describe, expect, it } from 'vitest'
@@ -14,6 +15,8 @@ import { connectOk, endAll, waitFor } from '../helpers/mqtt-probe.ts'
 import { logLines, type LogLine } from './raw-mqtt.ts'
 
 const TIMEOUT = 60_000
+const ROOT = path.resolve(import.meta.dirname, '../..')
+const BIN = path.join(ROOT, 'gateway/edgemq.mjs')
 const WEAK_HASH = 'scrypt$1024$8$1$AAAAAAAAAAAAAAAAAAAAAA==$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA='
 
 const cleanups: Array<() => Promise<void>> = []
@@ -123,6 +126,29 @@ describe('start-up log', () => {
       expect(await gw.stop()).toBe(0)
     }
   }, TIMEOUT)
+})
+
+describe('start-up log on a terminal', () => {
+  const hasScript = spawnSync('script', ['--version']).status === 0
+  it.runIf(hasScript || process.env.CI === 'true')('is readable lines (pino-pretty), not JSON, and Ctrl-C stops the gateway gracefully', async () => {
+    const dir = await scratch()
+    // util-linux's script gives the gateway a pseudo-terminal as stdin, stdout and stderr.
+    const child = spawn('script', ['-qfec', `${process.execPath} ${BIN} start --data-dir ${path.join(dir, 'data')} --mqtt-port 0 --http-port 0`, '/dev/null'],
+      { cwd: ROOT, stdio: ['pipe', 'pipe', 'inherit'] })
+    let output = ''
+    const exited = new Promise<number | null>((resolve) => child.once('exit', resolve))
+    const timer = setTimeout(() => child.kill('SIGKILL'), 30_000)
+    await new Promise<void>((resolve, reject) => {
+      child.stdout.on('data', (d: Buffer) => { output += d.toString(); if (output.includes(' ready: ')) resolve() })
+      void exited.then(() => reject(new Error(`exited before it was ready:\n${output}`)))
+    })
+    child.stdin.write('\u0003') // Ctrl-C: SIGINT to the terminal's foreground process, the gateway
+    expect(await exited).toBe(0)
+    clearTimeout(timer)
+    expect(output).toMatch(/INFO.*gateway started/)
+    expect(output).toMatch(/INFO.*shutting down/)
+    expect(output).not.toContain('{"level"')
+  }, 60_000)
 })
 
 describe('hashes refused at start', () => {
