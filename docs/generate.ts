@@ -6,18 +6,22 @@
  *   walks the schema gateway/config.ts composes from the per-folder slices);
  * - docs/errors.md from the error-code registries of each folder's errors.ts;
  * - docs/metrics.md from the metrics the gateway and the bridge register on a
- *   fresh prom-client registry.
+ *   fresh prom-client registry;
+ * - the "Every command and flag" section of docs/cli.md from the commands'
+ *   own --help (the rest of that page is prose, kept by hand).
  *
- * `npm run docs` writes the three files; `npm run docs -- --check` exits 1
+ * `npm run docs` writes the stale ones; `npm run docs -- --check` exits 1
  * and names the stale ones. test/docs/generated.test.ts fails when a
  * committed file differs from what this renders.
  */
 import { readFileSync, writeFileSync } from 'node:fs'
 import { fileURLToPath } from 'node:url'
+import type { Command } from 'commander'
 import { Counter, Gauge, Histogram, Registry, Summary } from 'prom-client'
 import { BRIDGE_ERROR_CODES } from '../bridge/errors.ts'
 import { createBridgeMetrics } from '../bridge/metrics.ts'
 import { HTTP_ERROR_CODES } from '../gateway/api-errors.ts'
+import { buildProgram } from '../gateway/cli.ts'
 import { CLI_ERROR_CODES } from '../gateway/cli-errors.ts'
 import { describeConfig } from '../gateway/config.ts'
 import { GATEWAY_ERROR_CODES, GATEWAY_WARNING_CODES } from '../gateway/errors.ts'
@@ -47,8 +51,15 @@ function cell (text: string): string {
 }
 
 export function renderConfigurationDoc (): string {
-  const rows = describeConfig().map((k) =>
-    `| \`${k.key}\` | ${k.default === '' ? '—' : `\`${k.default}\``} | ${cell(k.description)} |`)
+  const keys = describeConfig()
+  // One section per top-level key, in schema order, so the page has a table of contents.
+  const sections = new Map<string, typeof keys>()
+  for (const k of keys) {
+    const top = /^[^.[]+/.exec(k.key)?.[0] ?? k.key
+    sections.set(top, [...(sections.get(top) ?? []), k])
+  }
+  const row = (k: (typeof keys)[number]): string =>
+    `| \`${k.key}\` | ${k.default === '' ? '—' : `\`${k.default}\``} | ${cell(k.description)} |`
   return [
     '# Configuration reference',
     '',
@@ -62,14 +73,21 @@ export function renderConfigurationDoc (): string {
     'the gateway runs, so a change needs a restart.',
     '',
     'Examples: [a config with TLS, WebSocket, two tenants and users](mqtt.md#an-example-config),',
-    '[a bridge to two regions](bridge.md). Keys are listed in schema order;',
-    '`a[]` is each element of the list `a`, `a.<name>` each entry of the map `a`.',
+    '[a bridge to two regions](bridge.md), [a starting config for a site](../deploy/edgemq.yaml).',
+    'Keys are listed in schema order; `a[]` is each element of the list `a`,',
+    '`a.<name>` each entry of the map `a`.',
     '',
-    '| key | default | description |',
-    '| --- | --- | --- |',
-    ...rows,
+    [...sections.keys()].map((top) => `[\`${top}\`](#${anchor(top)})`).join(' · '),
     '',
-  ].join('\n')
+    ...[...sections].flatMap(([top, rows]) => [
+      `## ${top}`,
+      '',
+      '| key | default | description |',
+      '| --- | --- | --- |',
+      ...rows.map(row),
+      '',
+    ]),
+  ].join('\n').replace(/\n+$/, '\n')
 }
 
 interface CodeRow { readonly code: string, readonly status?: number, readonly description: string }
@@ -209,10 +227,36 @@ export function renderMetricsDoc (): string {
   ].join('\n').replace(/\n+$/, '\n')
 }
 
-export const GENERATED_DOCS: ReadonlyArray<{ file: string, render: () => string }> = [
+const CLI_BEGIN = '<!-- BEGIN generated from gateway/cli.ts by docs/generate.ts: run `npm run docs` -->'
+const CLI_END = '<!-- END generated -->'
+
+/** Every command's --help, at a fixed width and without colour (commander otherwise adapts both to the terminal it runs in). */
+export function renderCliHelp (): string {
+  const blocks: string[] = []
+  const walk = (command: Command, name: string): void => {
+    command.configureHelp({ ...command.configureHelp(), helpWidth: 100 })
+    command.configureOutput({ ...command.configureOutput(), getOutHasColors: () => false })
+    blocks.push(`\`${name} --help\`:`, '', '```text', command.helpInformation().trimEnd(), '```', '')
+    for (const sub of command.commands) walk(sub, `${name} ${sub.name()}`)
+  }
+  walk(buildProgram(() => {}), 'edgemq')
+  return [CLI_BEGIN, '', ...blocks, CLI_END].join('\n')
+}
+
+/** Replaces the generated section of a hand-written page, between its BEGIN and END markers. */
+function replaceSection (file: string, current: string, section: string): string {
+  const begin = current.indexOf(CLI_BEGIN)
+  const end = current.indexOf(CLI_END)
+  if (begin < 0 || end < begin) throw new Error(`${file} lost its generated section's markers (${CLI_BEGIN} … ${CLI_END})`)
+  return current.slice(0, begin) + section + current.slice(end + CLI_END.length)
+}
+
+/** Each page as the generator renders it, from the committed text (pages with a hand-written part keep it). */
+export const GENERATED_DOCS: ReadonlyArray<{ file: string, render: (current: string) => string }> = [
   { file: 'docs/configuration.md', render: renderConfigurationDoc },
   { file: 'docs/errors.md', render: renderErrorsDoc },
   { file: 'docs/metrics.md', render: renderMetricsDoc },
+  { file: 'docs/cli.md', render: (current) => replaceSection('docs/cli.md', current, renderCliHelp()) },
 ]
 
 const root = fileURLToPath(new URL('..', import.meta.url))
@@ -229,7 +273,7 @@ if (process.argv[1] === fileURLToPath(import.meta.url)) {
   const check = process.argv.includes('--check')
   const stale: string[] = []
   for (const doc of GENERATED_DOCS) {
-    const text = doc.render()
+    const text = doc.render(readOrEmpty(doc.file))
     if (readOrEmpty(doc.file) === text) continue
     stale.push(doc.file)
     if (!check) writeFileSync(root + doc.file, text)

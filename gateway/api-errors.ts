@@ -15,6 +15,7 @@ export const HTTP_ERROR_CODES = {
   HTTP_BAD_RANGE: { status: 400, description: 'The end of a range (to, endOffset) lies before its start.' },
   HTTP_BAD_FILTER: { status: 400, description: 'The where expression does not parse; the error carries the 0-based position of the problem.' },
   HTTP_BAD_TOPIC_FILTER: { status: 400, description: 'A topic parameter is not a valid MQTT topic filter.' },
+  HTTP_TOO_MANY_VALUES: { status: 400, description: 'A repeatable parameter is given more often than it may be: topic at most 100 times, key at most 1,000; the error carries parameter and max.' },
   HTTP_AUTH_REQUIRED: { status: 401, description: 'No credentials were sent, and anonymous access is not allowed (it is only from loopback when no users are configured).' },
   HTTP_BAD_CREDENTIALS: { status: 401, description: 'The Authorization header is malformed or neither Basic nor Bearer, or the username or password is wrong.' },
   HTTP_BAD_TOKEN: { status: 401, description: 'The bearer token is malformed, unknown or wrong (tokens are printed by `edgemq token`).' },

@@ -9,19 +9,26 @@ import { ApiError } from './api-errors.ts'
 export class QueryParams {
   readonly #params: URLSearchParams
 
-  /** `allowed` names every parameter the endpoint reads; `repeatable` those that may appear more than once. */
-  constructor (params: URLSearchParams, allowed: readonly string[], repeatable: readonly string[] = []) {
+  /**
+   * `allowed` names every parameter the endpoint reads; `repeatable` those that may appear more than once, each
+   * with the most values it takes (every value costs work per record read: a bound keeps one request's cost bounded).
+   */
+  constructor (params: URLSearchParams, allowed: readonly string[], repeatable: Readonly<Record<string, number>> = {}) {
     this.#params = params
-    const seen = new Set<string>()
+    const seen = new Map<string, number>()
     for (const name of params.keys()) {
       if (!allowed.includes(name)) {
         throw new ApiError('HTTP_BAD_REQUEST', `unknown parameter ${JSON.stringify(name)}; this endpoint takes ${allowed.length === 0 ? 'none' : allowed.join(', ')}`,
           { details: { parameter: name } })
       }
-      if (seen.has(name) && !repeatable.includes(name)) {
-        throw new ApiError('HTTP_BAD_REQUEST', `parameter ${name} is given more than once`, { details: { parameter: name } })
+      const count = (seen.get(name) ?? 0) + 1
+      const most = Object.hasOwn(repeatable, name) ? repeatable[name] as number : 1
+      if (count > most) {
+        throw most === 1
+          ? new ApiError('HTTP_BAD_REQUEST', `parameter ${name} is given more than once`, { details: { parameter: name } })
+          : new ApiError('HTTP_TOO_MANY_VALUES', `parameter ${name} is given more than ${most} times`, { details: { parameter: name, max: most } })
       }
-      seen.add(name)
+      seen.set(name, count)
     }
   }
 

@@ -13,6 +13,12 @@
  * Long-poll: when nothing matches yet, the request waits on the store's
  * `onAppend` event for its partition (never on a timer that polls), up to
  * `wait` seconds, then reads again.
+ *
+ * Fairness: filtering, parsing `where` payloads and encoding run in CPU
+ * slices (cpu-slice.ts) that yield to the event loop, so one request cannot
+ * hold up other clients, MQTT acks included; repeated filters are bounded
+ * (MAX_TOPIC_FILTERS, MAX_KEYS) and the topic filters are one compiled
+ * matcher (topic-filter-set.ts).
  */
 import { once } from 'node:events'
 import type { IncomingMessage, ServerResponse } from 'node:http'
@@ -20,9 +26,11 @@ import { Encoder } from 'cbor-x'
 import { StoreError, type LogStore, type StoredRecord } from '../store/index.ts'
 import { ApiError, toApiError } from './api-errors.ts'
 import { parseInteger, parseTime, QueryParams } from './api-params.ts'
+import { CpuSlice, slicedPieces } from './cpu-slice.ts'
 import { compileFilterExpression, parseJsonPayload } from './filter-expression.ts'
 import { RecordJson, type PayloadEncoding } from './record-json.ts'
-import { topicFilterProblem, topicMatches } from './topics.ts'
+import { compileTopicFilters } from './topic-filter-set.ts'
+import { topicFilterProblem } from './topics.ts'
 
 export type OutputFormat = 'json' | 'ndjson' | 'cbor' | 'batches'
 /** The media type of format=batches: a CBOR sequence (RFC 8742) of stored batches (api-batches.ts). */
@@ -44,6 +52,10 @@ export const LIMITS = {
   json: { defaultRecords: 1000, maxRecords: 100_000, defaultBytes: 1024 * 1024, maxBytes: 64 * 1024 * 1024 },
   ndjson: { defaultRecords: Number.MAX_SAFE_INTEGER, maxRecords: Number.MAX_SAFE_INTEGER, defaultBytes: Number.MAX_SAFE_INTEGER, maxBytes: Number.MAX_SAFE_INTEGER },
 } as const
+
+/** The most values of each repeatable filter parameter (documented with HTTP_TOO_MANY_VALUES in api-errors.ts). */
+export const MAX_TOPIC_FILTERS = 100
+export const MAX_KEYS = 1000
 
 export const RECORDS_PARAMETERS = [
   'offset', 'from', 'group', 'endOffset', 'to', 'maxRecords', 'maxBytes', 'wait',
@@ -77,7 +89,7 @@ export interface RecordsRequest {
  */
 export function parseRecordsRequest (params: URLSearchParams, now: number, accept: string | undefined,
   groupName: (name: string) => string): RecordsRequest {
-  const q = new QueryParams(params, RECORDS_PARAMETERS, ['key', 'topic'])
+  const q = new QueryParams(params, RECORDS_PARAMETERS, { key: MAX_KEYS, topic: MAX_TOPIC_FILTERS })
   const fallbackFormat: OutputFormat = accept?.includes(BATCHES_MEDIA_TYPE) === true
     ? 'batches'
     : accept?.includes('application/x-ndjson') === true ? 'ndjson' : accept?.includes('application/cbor') === true ? 'cbor' : 'json'
@@ -142,8 +154,9 @@ export function parseRecordsRequest (params: URLSearchParams, now: number, accep
 function recordFilter (req: RecordsRequest): ((r: StoredRecord) => boolean) | null {
   const { keys, topicFilters, where } = req
   if (keys === null && topicFilters === null && where === null) return null
+  const topicMatch = topicFilters === null ? null : compileTopicFilters(topicFilters)
   return (r) => (keys === null || keys.has(r.key)) &&
-    (topicFilters === null || topicFilters.some((f) => topicMatches(f, r.topic))) &&
+    (topicMatch === null || topicMatch(r.topic)) &&
     (where === null || where(parseJsonPayload(r.payload)))
 }
 
@@ -216,7 +229,8 @@ class RangeReader {
    * skipped, and the first record at or after `toTime` ends the range.
    */
   constructor (private readonly store: LogStore, private readonly stream: string, private readonly partition: number,
-    bounds: { start: number, end: number, fromTime: number | null, toTime: number | null }, private readonly filter: ((r: StoredRecord) => boolean) | null) {
+    bounds: { start: number, end: number, fromTime: number | null, toTime: number | null }, private readonly filter: ((r: StoredRecord) => boolean) | null,
+    private readonly slice: CpuSlice) {
     this.next = bounds.start
     this.#end = bounds.end
     this.#fromTime = bounds.fromTime
@@ -246,6 +260,8 @@ class RangeReader {
         return { records: out, bytes, scanned, stop: 'range' }
       }
       scanned++
+      // Filters (a where expression parses every payload) cost CPU per record: yield between slices.
+      if (this.slice.tick(r.payload.byteLength)) await this.slice.yield()
       if (this.#fromTime !== null) {
         if (r.timestamp < this.#fromTime) { this.next = r.offset + 1; continue }
         this.#fromTime = null
@@ -322,8 +338,8 @@ export async function resolveBounds (store: LogStore, target: PartitionTarget, r
   return { start, end: Math.max(end, start), fromTime, toTime }
 }
 
-async function openReader (store: LogStore, target: PartitionTarget, req: RecordsRequest): Promise<RangeReader> {
-  return new RangeReader(store, target.stream, target.partition, await resolveBounds(store, target, req), recordFilter(req))
+async function openReader (store: LogStore, target: PartitionTarget, req: RecordsRequest, slice: CpuSlice): Promise<RangeReader> {
+  return new RangeReader(store, target.stream, target.partition, await resolveBounds(store, target, req), recordFilter(req), slice)
 }
 
 // ---------------------------------------------------------------- output
@@ -332,6 +348,36 @@ const cbor = new Encoder({ useRecords: false, mapsAsObjects: true, variableMapSi
 
 function payloadBuffer (payload: Uint8Array): Buffer {
   return Buffer.from(payload.buffer, payload.byteOffset, payload.byteLength)
+}
+
+/** The head of a definite-length CBOR item of major type `major` (4: array, 5: map) with `n` entries. */
+function cborHead (major: 4 | 5, n: number): Buffer {
+  const type = major << 5
+  if (n < 24) return Buffer.from([type | n])
+  if (n < 0x100) return Buffer.from([type | 24, n])
+  if (n < 0x10000) return Buffer.from([type | 25, n >> 8, n & 0xff])
+  const b = Buffer.allocUnsafe(5)
+  b[0] = type | 26
+  b.writeUInt32BE(n, 1)
+  return b
+}
+
+/**
+ * `{...summary, records: [...]}` as CBOR, the records encoded one slice at a time (a map and an array of
+ * definite length, written head first: the same bytes cbor-x gives for the whole object, without one long run).
+ */
+async function cborBody (sum: Summary, records: readonly StoredRecord[], slice: CpuSlice): Promise<Buffer> {
+  const entries = Object.entries(sum)
+  const parts: Buffer[] = [cborHead(5, entries.length + 1)]
+  for (const [k, v] of entries) parts.push(cbor.encode(k), cbor.encode(v))
+  parts.push(cbor.encode('records'), cborHead(4, records.length))
+  const pieces = await slicedPieces(slice, records, (r) => r.payload.byteLength, (piece) => Buffer.concat(piece.map((r) => cbor.encode(cborRecord(r)))))
+  return Buffer.concat([...parts, ...pieces])
+}
+
+/** Records as JSON text with a separator after each (or between them, `between`), encoded one slice at a time. */
+async function jsonPieces (json: RecordJson, records: readonly StoredRecord[], separator: 0x0a | 0x2c, between: boolean, slice: CpuSlice): Promise<Buffer[]> {
+  return await slicedPieces(slice, records, (r) => r.payload.byteLength, (piece, last) => json.encode(piece, separator, between && last))
 }
 
 function cborRecord (r: StoredRecord): Record<string, unknown> {
@@ -399,8 +445,9 @@ async function firstChunk (ctx: FetchContext, target: PartitionTarget, reader: R
 
 /** Serves GET …/records for one partition in the requested format. */
 export async function serveRecords (ctx: FetchContext, target: PartitionTarget, req: RecordsRequest, res: ServerResponse): Promise<void> {
-  const reader = await openReader(ctx.store, target, req)
-  if (req.format === 'ndjson') return streamNdjson(ctx, target, reader, req, res)
+  const slice = new CpuSlice()
+  const reader = await openReader(ctx.store, target, req, slice)
+  if (req.format === 'ndjson') return streamNdjson(ctx, target, reader, req, res, slice)
   const first = await firstChunk(ctx, target, reader, req, SCAN_BUDGET)
   const records = first.records
   let bytes = first.bytes
@@ -415,7 +462,7 @@ export async function serveRecords (ctx: FetchContext, target: PartitionTarget, 
   }
   const sum = summary(ctx.store, target, reader, stop ?? 'log')
   if (req.format === 'cbor') {
-    const body = cbor.encode({ ...sum, records: records.map(cborRecord) })
+    const body = await cborBody(sum, records, slice)
     res.writeHead(200, { 'content-type': 'application/cbor', 'content-length': body.length })
     res.end(body)
     return
@@ -423,7 +470,7 @@ export async function serveRecords (ctx: FetchContext, target: PartitionTarget, 
   const { nextOffset, logStartOffset, logEndOffset, endOfRange } = sum
   const body = Buffer.concat([
     Buffer.from(`{"stream":${JSON.stringify(sum.stream)},"partition":${sum.partition},"records":[`),
-    new RecordJson(req.payload).encode(records, 0x2c, true),
+    ...await jsonPieces(new RecordJson(req.payload), records, 0x2c, true, slice),
     Buffer.from(`],"nextOffset":${nextOffset},"logStartOffset":${logStartOffset},"logEndOffset":${logEndOffset},"endOfRange":${String(endOfRange)}}`),
   ])
   res.writeHead(200, { 'content-type': 'application/json; charset=utf-8', 'content-length': body.length })
@@ -436,7 +483,8 @@ export async function serveRecords (ctx: FetchContext, target: PartitionTarget, 
  * continue — a stream without it was cut short. An error after the first
  * line becomes a last line `{"error":{…}}`.
  */
-async function streamNdjson (ctx: FetchContext, target: PartitionTarget, reader: RangeReader, req: RecordsRequest, res: ServerResponse): Promise<void> {
+async function streamNdjson (ctx: FetchContext, target: PartitionTarget, reader: RangeReader, req: RecordsRequest, res: ServerResponse,
+  slice: CpuSlice): Promise<void> {
   // Errors up to the first records still get a proper status.
   const first = await firstChunk(ctx, target, reader, req, Number.MAX_SAFE_INTEGER)
   res.writeHead(200, { 'content-type': 'application/x-ndjson; charset=utf-8', 'cache-control': 'no-store' })
@@ -447,8 +495,10 @@ async function streamNdjson (ctx: FetchContext, target: PartitionTarget, reader:
   const write = async (records: readonly StoredRecord[]): Promise<void> => {
     if (records.length === 0) return
     count += records.length
+    let full = false
+    for (const piece of await jsonPieces(json, records, 0x0a, false, slice)) full = !res.write(piece)
     // Rejects with an AbortError when the client goes away; `once` removes its listener either way.
-    if (!res.write(json.encode(records))) await once(res, 'drain', { signal: ctx.signal })
+    if (full) await once(res, 'drain', { signal: ctx.signal })
   }
   try {
     await write(first.records)

@@ -57,7 +57,8 @@ export interface Identity {
   readonly clientId: string
 }
 
-export type Access = 'publish' | 'subscribe'
+/** replicate: publishing a replicated record (`$dedupe/<id>/<topic>`), which a publish right alone does not give. */
+export type Access = 'publish' | 'subscribe' | 'replicate'
 
 /**
  * Built-in rules, after the configured ones: a device publishes under
@@ -84,21 +85,52 @@ function substitute (pattern: string, who: Identity): string | null {
 }
 
 /**
- * Whether `who` may publish to `topic` / subscribe to `filter` (in its own
- * tenant's topic space). The first matching rule decides; no rule denies.
- * A subscription filter is allowed when a rule's filter covers it.
+ * Whether `who` may publish to `topic` / subscribe to `filter` / replicate
+ * to `topic` (in its own tenant's topic space). The first matching rule
+ * decides; no rule denies. A subscription filter is allowed when a rule's
+ * filter covers it. `both` rules cover publish and subscribe, not replicate.
  */
 export function isAllowed (rules: readonly AclRule[], who: Identity, access: Access, topic: string): boolean {
   for (const rule of [...rules, ...BUILT_IN]) {
     if (rule.role !== undefined && rule.role !== who.role) continue
     if (rule.username !== undefined && rule.username !== who.username) continue
-    if (rule.access !== 'both' && rule.access !== access) continue
+    if (rule.access !== access && (rule.access !== 'both' || access === 'replicate')) continue
     const pattern = substitute(rule.topic, who)
     if (pattern === null) continue
-    const covered = access === 'publish' ? topicMatches(pattern, topic) : filterCovers(pattern, topic)
+    const covered = access === 'subscribe' ? filterCovers(pattern, topic) : topicMatches(pattern, topic)
     if (covered) return rule.allow
   }
   return false
+}
+
+/**
+ * Whether `who` may publish replicated records (`$dedupe/<id>/<topic>`): the
+ * store takes their dedupe id on trust, so a client that could guess ids
+ * could have a bridge's records dropped as duplicates. Only an ACL
+ * `replicate` grant gives the right — never to a device, whose identity is
+ * its own client id. (The broker adds the open local mode: anonymous
+ * clients on loopback with no users configured, where nobody is told apart.)
+ */
+export function mayReplicate (rules: readonly AclRule[], who: Identity, topic: string): boolean {
+  return who.role !== 'device' && isAllowed(rules, who, 'replicate', topic)
+}
+
+/**
+ * The client ids `user` may connect with, as a pattern (`%u` the username,
+ * `*` one or more characters other than `/`, `+`, `#`): its
+ * `clientIdPattern`, else `%u` for a device (a device login is bound to
+ * its client id, which names its topics and its session), else null — a
+ * service or admin may use any client id.
+ */
+export function clientIdPattern (user: UserConfig): string | null {
+  return user.clientIdPattern ?? (user.role === 'device' ? '%u' : null)
+}
+
+/** Whether `clientId` fits `pattern` (see {@link clientIdPattern}) for `username`. */
+export function clientIdMatches (pattern: string, username: string, clientId: string): boolean {
+  const escape = (s: string): string => s.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')
+  const source = pattern.split('%u').map((part) => part.split('*').map(escape).join('[^/+#]+')).join(escape(username))
+  return new RegExp(`^(?:${source})$`, 'u').test(clientId)
 }
 
 /** True when every topic `inner` matches is also matched by `outer`. */

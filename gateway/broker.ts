@@ -29,15 +29,15 @@ import type { TLSSocket } from 'node:tls'
 import type { Logger } from 'pino'
 import { isStoreError, type LogStore } from '../store/index.ts'
 import { splitDedupeTopic } from '../bridge/topic-template.ts'
-import { isAllowed, UserDirectory, type Identity } from './auth.ts'
-import type { GatewayConfig, ListenerConfig } from './config.ts'
+import { clientIdMatches, clientIdPattern, isAllowed, mayReplicate, UserDirectory, type Identity } from './auth.ts'
+import type { GatewayConfig, ListenerConfig, UserConfig } from './config.ts'
 import type { GuardGroup } from './connection-guard.ts'
 import { GatewayError, type GatewayErrorCode } from './errors.ts'
 import { clientFields, isOrdinaryDisconnect } from './logger.ts'
 import type { GatewayMetrics, PublishRefusal, RefusalReason, SubscribeRefusal } from './metrics.ts'
 import { isReplayTopic, MqttReplays, type ReplayConnection, type ReplayTicket } from './mqtt-replay.ts'
 import { compileRoutes, type Route } from './routing.ts'
-import { mountTopic, topicFilterProblem, topicNameProblem, unmountTopic } from './topics.ts'
+import { mountTopic, scopedClientId, topicFilterProblem, topicNameProblem, unmountTopic } from './topics.ts'
 
 export interface BrokerDeps {
   readonly config: GatewayConfig
@@ -82,6 +82,8 @@ interface ConnectInfo { readonly clientId: string, readonly clean: boolean }
 
 /** Header of a replicated record: the dedupe id it arrived with (`<gatewayId>/<tenant>/<stream>/<partition>/<offset>`). */
 export const ORIGIN_HEADER = 'edgemq-origin'
+/** Header of every record an authenticated client sent: its username (a certificate's CN with certIdentity), for audit. */
+export const USER_HEADER = 'edgemq-user'
 
 const DONE = Symbol('edgemq.published') // packet already delivered and queued before the ack
 /** Marks an error whose refusal was already counted and logged, so aedes' clientError does not log it again. */
@@ -233,9 +235,19 @@ export function createBroker (deps: BrokerDeps): Aedes {
         // Client ids are per tenant. aedes keys session takeover, stored subscriptions and offline queues by
         // client.id and reads it only after this hook, so a tenant's ids are scoped here; U+0000 is refused in
         // client ids above, so a scoped id never equals another tenant's (or tenant "default"'s unscoped) id.
-        if (who.tenant !== 'default') (client as { id: string }).id = `${who.tenant}\u0000${who.clientId}`
+        if (who.tenant !== 'default') (client as { id: string }).id = scopedClientId(who.tenant, who.clientId)
         mountUnsubscribes(client, who.tenant)
         done(null, true)
+      }
+      // A device login is bound to its client id (the id names its topics, session and records): checked before
+      // aedes looks the id up, so a wrong one takes over no session. [MQTT-3.1.3-9] CONNACK 2, identifier rejected.
+      const acceptUser = (user: UserConfig): void => {
+        const pattern = clientIdPattern(user)
+        if (pattern !== null && !clientIdMatches(pattern, user.username, info.clientId)) {
+          refuse(client, 'client-id-not-bound', `user ${JSON.stringify(user.username)} may not connect as client id ${JSON.stringify(info.clientId)} (users[].clientIdPattern: ${pattern})`)
+          return done(authError(2, 'identifier rejected'), false)
+        }
+        accept({ tenant: user.tenant, role: user.role, username: user.username, clientId: client.id })
       }
       const certUser = certificateUser(client, listener)
       if (certUser !== undefined) {
@@ -245,7 +257,7 @@ export function createBroker (deps: BrokerDeps): Aedes {
           refuse(client, 'bad-credentials', `certificate subject ${certUser} is not a configured user`)
           return done(authError(4, 'unknown certificate user'), false)
         }
-        return accept({ tenant: user.tenant, role: user.role, username: user.username, clientId: client.id })
+        return acceptUser(user)
       }
       if (username === undefined) {
         const anonymousOk = listener?.allowAnonymous === true || (config.users.length === 0 && isLoopback(listener?.host ?? ''))
@@ -261,7 +273,7 @@ export function createBroker (deps: BrokerDeps): Aedes {
           refuse(client, 'bad-credentials', `bad username or password for ${JSON.stringify(username)}`)
           return done(authError(4, 'bad username or password'), false)
         }
-        accept({ tenant: user.tenant, role: user.role, username: user.username, clientId: client.id })
+        acceptUser(user)
       }, (err: unknown) => done(Object.assign(err as Error, { returnCode: 5 }), false))
     },
 
@@ -274,8 +286,11 @@ export function createBroker (deps: BrokerDeps): Aedes {
       // is appended under that id, so a resend after the sender's reconnect or crash is acknowledged, not logged twice.
       const carried = splitDedupeTopic(packet.topic)
       if (carried !== null) {
-        if (who === undefined || who.role === 'device') {
-          refusePublish(client, who, 'invalid-topic', 'only service, admin and anonymous-loopback clients may publish replicated ($dedupe/) records')
+        // The open local mode (no users, loopback) tells nobody apart, so its anonymous clients may; else an ACL
+        // replicate grant. Per stream dedupe ids (store) keep one tenant's ids from touching another's records.
+        const openLocal = who?.role === 'anonymous' && config.users.length === 0 && isLoopback(listenerOf(client)?.host ?? '')
+        if (who === undefined || !(openLocal || mayReplicate(config.acl, who, carried.topic))) {
+          refusePublish(client, who, 'invalid-topic', `${carried.topic}: publishing replicated ($dedupe/) records needs an ACL "replicate" grant`)
           return callback(refusedError('$dedupe/ topics are for bridges'))
         }
         packet.topic = carried.topic
@@ -478,7 +493,8 @@ export function createBroker (deps: BrokerDeps): Aedes {
     const payload = typeof packet.payload === 'string' ? Buffer.from(packet.payload) : packet.payload
     const counters = ingestCounters(who.tenant, stream)
     const options = dedupeId === undefined ? undefined : { dedupeId }
-    const record = headers === undefined ? { payload, topic, qos: packet.qos, clientId: who.clientId } : { payload, topic, qos: packet.qos, clientId: who.clientId, headers }
+    const stamped = who.username === null ? headers : { ...headers, [USER_HEADER]: who.username }
+    const record = stamped === undefined ? { payload, topic, qos: packet.qos, clientId: who.clientId } : { payload, topic, qos: packet.qos, clientId: who.clientId, headers: stamped }
     store.append(stream, key, record, options).then((result) => {
       if (result.duplicate !== true) {
         counters.messages.inc()

@@ -6,12 +6,26 @@
  * A command the bridge receives is appended to the stream its local topic
  * routes to (normally `commands`), with headers naming its upstream, remote
  * topic and expiry; only then does the bridge PUBACK it upstream. The
- * dispatcher keeps the undelivered ones in memory and hands each to aedes as
- * a QoS 1 PUBLISH as soon as a connected client of its tenant holds a
- * subscription matching it — at once, or when the device (re)subscribes or
- * reconnects with a persistent session. "Delivered" means written to that
- * connection as QoS 1; aedes then owns the retransmission within the device's
- * session.
+ * dispatcher keeps the undelivered ones in memory and hands each, as a QoS 1
+ * PUBLISH, to the one client it addresses: the client of the command's
+ * tenant whose id is the command's partition key (the topic level its route
+ * names, `devices/<id>/commands/...`), as soon as that client is connected
+ * and holds a subscription matching it — at once, or when the device
+ * (re)subscribes or reconnects with a persistent session. "Delivered" means
+ * written to that device's connection as QoS 1; aedes then owns the
+ * retransmission within the device's session. Other clients whose
+ * subscriptions match (a service on `devices/+/commands/#`) get nothing from
+ * the dispatcher: through aedes' broker.publish they took the command at once
+ * (and it counted as delivered while the device was away), and aedes queued
+ * it in every persistent session, the device's too, to be sent whenever that
+ * session came back, TTL or not. Services read commands from the log.
+ *
+ * A command carries its expiry into the PUBLISH (`messageExpiry`, which
+ * aedes-packet and the session persistence keep with a queued packet). The
+ * dispatcher wraps aedes' authorizeForward, which aedes asks before every
+ * delivery, also of a packet read back from a persistent session's queue on
+ * reconnect: a packet past its expiry is refused (aedes then clears it from
+ * the queue) and counted.
  *
  * Every delivery or expiry appends a receipt to the tenant's
  * `command-receipts` stream (header `edgemq-upstream`), which the upstream's
@@ -26,7 +40,7 @@ import type { Aedes, Client, PublishPacket } from 'aedes'
 import { isStoreError, type Clock, type LogStore, type StoredRecord } from '../store/index.ts'
 import { RECEIPT_UPSTREAM_HEADER, RECEIPTS_STREAM, type CommandSink, type IncomingCommand } from '../bridge/uplink.ts'
 import type { Router } from './routing.ts'
-import { mountTopic, topicMatches } from './topics.ts'
+import { mountTopic, scopedClientId, topicMatches } from './topics.ts'
 
 export const COMMANDS_GROUP = 'edgemq.commands'
 const HEADER_REMOTE_TOPIC = 'edgemq-remote-topic'
@@ -63,7 +77,12 @@ export interface CommandDispatcherDeps {
   readonly clock: Clock
   readonly logger: { info (f: Record<string, unknown>, m: string): void, warn (f: Record<string, unknown>, m: string): void, error (f: Record<string, unknown>, m: string): void }
   readonly onReceipt?: (upstream: string, status: ReceiptStatus) => void
+  /** A packet past its expiry was not handed to a client (a queued copy, read back on reconnect). */
+  readonly onExpiredDropped?: (tenant: string) => void
 }
+
+/** aedes' packet as the dispatcher hands it over and aedes-packet copies it: `messageExpiry` is ms since the epoch. */
+type ExpiringPacket = PublishPacket & { messageExpiry?: number }
 
 export class CommandDispatcher implements CommandSink {
   readonly #deps: CommandDispatcherDeps
@@ -74,6 +93,8 @@ export class CommandDispatcher implements CommandSink {
   readonly #listeners: Array<[string, Parameters<NodeJS.EventEmitter['on']>[1]]> = []
   /** Appends under way: the watermark waits while a command is between the log and the pending set. */
   #accepting = 0
+  /** aedes' authorizeForward before start() wrapped it. */
+  #forward: Aedes['authorizeForward'] | null = null
 
   constructor (deps: CommandDispatcherDeps) {
     this.#deps = deps
@@ -108,6 +129,16 @@ export class CommandDispatcher implements CommandSink {
       }
     }
     if (this.#pending.size > 0) this.#deps.logger.info({ pending: this.#pending.size }, 'undelivered commands restored from the log')
+    const forward = this.#forward = broker.authorizeForward
+    broker.authorizeForward = (client, packet) => {
+      const expiry = (packet as ExpiringPacket).messageExpiry
+      if (expiry !== undefined && expiry <= this.#deps.clock.now()) {
+        this.#deps.onExpiredDropped?.(packet.topic.slice(0, packet.topic.indexOf('/')))
+        this.#deps.logger.info({ clientId: client.id, topic: packet.topic }, 'expired message not delivered')
+        return null
+      }
+      return forward.call(broker, client, packet)
+    }
     const onReady = (client: Client): void => { this.#offerTo(client) }
     const onSubscribe = (_subs: unknown, client: Client): void => { this.#offerTo(client) }
     broker.on('clientReady', onReady)
@@ -127,6 +158,7 @@ export class CommandDispatcher implements CommandSink {
     if (this.#sweep !== null) clearInterval(this.#sweep)
     const events = this.#deps.broker as unknown as NodeJS.EventEmitter
     for (const [name, fn] of this.#listeners) events.removeListener(name, fn)
+    if (this.#forward !== null) this.#deps.broker.authorizeForward = this.#forward
     await this.#commitWatermarks().catch(() => {})
   }
 
@@ -191,43 +223,41 @@ export class CommandDispatcher implements CommandSink {
     }
   }
 
-  /** Connected clients of the command's tenant with a subscription that matches it. */
-  #hasSubscriber (c: Command): boolean {
+  /** The connected client the command addresses, when it holds a subscription matching the command. */
+  #addressee (c: Command): Client | null {
+    const clients = (this.#deps.broker as unknown as { clients: Record<string, Client | undefined> }).clients
+    const client = clients[scopedClientId(c.tenant, c.key)]
+    if (client === undefined || client.closed || !client.connected) return null
     const mounted = mountTopic(c.tenant, c.topic)
-    const clients = (this.#deps.broker as unknown as { clients: Record<string, Client & { subscriptions: Record<string, unknown> }> }).clients
-    for (const id in clients) {
-      const client = clients[id]
-      if (client === undefined || client.closed) continue
-      for (const filter in client.subscriptions) if (topicMatches(filter, mounted)) return true
-    }
-    return false
+    for (const filter in subscriptionsOf(client)) if (topicMatches(filter, mounted)) return client
+    return null
   }
 
   #offerTo (client: Client): void {
-    const subs = Object.keys((client as Client & { subscriptions?: Record<string, unknown> }).subscriptions ?? {})
-    if (subs.length === 0) return
     for (const c of this.#pending.values()) {
-      if (c.busy) continue
-      const mounted = mountTopic(c.tenant, c.topic)
-      if (subs.some((f) => topicMatches(f, mounted))) this.#tryDeliver(c)
+      if (!c.busy && scopedClientId(c.tenant, c.key) === client.id) this.#tryDeliver(c)
     }
   }
 
   #tryDeliver (c: Command): void {
     if (this.#closed || c.busy || !this.#pending.has(c.id)) return
     if (this.#isExpired(c)) return this.#settle(c, 'expired')
-    if (!this.#hasSubscriber(c)) return
+    const client = this.#addressee(c)
+    if (client === null) return
     c.busy = true
-    const packet = {
+    const packet: ExpiringPacket = {
       cmd: 'publish', topic: mountTopic(c.tenant, c.topic), payload: Buffer.from(c.payload.buffer, c.payload.byteOffset, c.payload.byteLength),
       qos: 1, retain: false, dup: false,
-    } as unknown as PublishPacket
-    // With a null client, aedes skips authorizePublish (this is no device's publish) and delivers to every matching
-    // subscription — authorizeForward still applies each subscriber's tenant and read ACL.
-    ;(this.#deps.broker.publish as unknown as (p: PublishPacket, client: null, done: (err?: Error) => void) => void)(packet, null, (err) => {
+      ...(c.expiresAt === null ? {} : { messageExpiry: c.expiresAt }),
+    }
+    // client.publish skips mqemitter and the other sessions' queues; authorizeForward still applies the client's
+    // tenant and read ACL. Its callback carries no error (aedes' writeQoS swallows it), so a write that failed
+    // shows as the connection being gone: the command stays pending and goes again when the device is back (if
+    // aedes queued it in the session meanwhile, the device may get it twice: at least once).
+    client.publish(packet, () => {
       c.busy = false
-      if (err !== undefined && err !== null) {
-        this.#deps.logger.warn({ command: c.id, err: err.message }, 'command delivery failed; it stays pending')
+      if (client.closed || !client.connected) {
+        this.#deps.logger.warn({ command: c.id }, 'command delivery failed: the device went away; it stays pending')
         return
       }
       this.#settle(c, 'delivered')
@@ -281,4 +311,8 @@ export class CommandDispatcher implements CommandSink {
       }
     }
   }
+}
+
+function subscriptionsOf (client: Client): Record<string, unknown> {
+  return (client as Client & { subscriptions?: Record<string, unknown> }).subscriptions ?? {}
 }

@@ -60,6 +60,12 @@ const userSchema = {
     password: { type: 'string', pattern: '^scrypt\\$', description: 'Password hash printed by `edgemq passwd` (scrypt$N$r$p$salt$hash). Omit for certificate-only users.' },
     tenant: { type: 'string', pattern: NAME, description: 'Tenant the user belongs to.' },
     role: { enum: ['device', 'service', 'admin'], description: 'device: its own device topics; service: every topic of its tenant; admin: everything of its tenant plus the admin API.' },
+    clientIdPattern: {
+      type: 'string',
+      minLength: 1,
+      maxLength: 256,
+      description: 'Client ids this user may connect with: %u is the username, * any run of characters (at least one) without / + #. Default for device users: %u (the client id must equal the username); other roles: any client id. A CONNECT with another client id is refused with return code 2 (identifier rejected).',
+    },
   },
 } as const
 
@@ -83,7 +89,7 @@ const aclRuleSchema = {
     role: { enum: ['device', 'service', 'admin', 'anonymous'], description: 'Rule applies to clients of this role (omit: any role).' },
     username: { type: 'string', description: 'Rule applies to this user only (omit: any user).' },
     topic: { type: 'string', minLength: 1, description: 'Topic filter, within the client\'s tenant; %u is replaced by the username, %c by the client id.' },
-    access: { enum: ['publish', 'subscribe', 'both'], description: 'What the rule grants.' },
+    access: { enum: ['publish', 'subscribe', 'both', 'replicate'], description: 'What the rule grants (or denies). both is publish and subscribe; replicate lets a bridge publish replicated records ($dedupe/<id>/<topic>) to topics the filter matches — no built-in rule grants it, and device users never have it.' },
     allow: { type: 'boolean', default: true, description: 'false makes the rule deny; the first matching rule decides.' },
   },
 } as const
@@ -216,6 +222,7 @@ export interface UserConfig {
   readonly password?: string
   readonly tenant: string
   readonly role: Role
+  readonly clientIdPattern?: string
 }
 
 export interface ApiTokenConfig {
@@ -229,7 +236,7 @@ export interface AclRule {
   readonly role?: Role | 'anonymous'
   readonly username?: string
   readonly topic: string
-  readonly access: 'publish' | 'subscribe' | 'both'
+  readonly access: 'publish' | 'subscribe' | 'both' | 'replicate'
   readonly allow: boolean
 }
 

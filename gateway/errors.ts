@@ -6,6 +6,12 @@
 
 export const GATEWAY_ERROR_CODES = {
   GW_CONFIG_INVALID: 'The config file is unreadable, not YAML/JSON, or breaks the schema; the message names the key.',
+  GW_DATA_DIR_LOCKED: 'Another process (a gateway, or an edgemq --data-dir command) holds the data directory\'s LevelDB lock; the message names the lock file.',
+  GW_DATA_DIR_READ_ONLY: 'The data directory is on a read-only file system; the message names the path.',
+  GW_DATA_DIR_NOT_DIRECTORY: 'The data directory, or a part of its path, is a file; the message names it.',
+  GW_DATA_DIR_PERMISSION: 'The gateway\'s user may not create or write the data directory; the message names the path and the uid.',
+  GW_DATA_DIR_UNUSABLE: 'The data directory cannot be opened for another reason; the message names the path and the system\'s error.',
+  GW_DATA_DAMAGED: 'The data directory is damaged (STORE_DAMAGED, STORE_CORRUPT_BATCH or LevelDB corruption at open); the gateway does not start. The message names the damage and the table files whose checksums fail; run `edgemq check`.',
   GW_LISTEN_FAILED: 'A listener or the HTTP server could not bind its address.',
   GW_INSECURE_LISTENER: 'A non-loopback listener would accept anonymous clients without allowAnonymous: true.',
   GW_TLS_FILES: 'A TLS certificate, key or CA file could not be read.',

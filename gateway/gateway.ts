@@ -3,16 +3,15 @@
  * aedes → listeners → HTTP server. Nothing else wires components together,
  * and nothing else reads the environment.
  */
-import { mkdir, statfs } from 'node:fs/promises'
-import path from 'node:path'
-import { ClassicLevel } from 'classic-level'
+import { statfs } from 'node:fs/promises'
 import type { Aedes } from 'aedes'
 import type { Logger } from 'pino'
 import { Registry } from 'prom-client'
-import { openLogStore, type LevelDatabase, type LogStore } from '../store/index.ts'
+import { isStoreError, openLogStore, type LevelDatabase, type LogStore } from '../store/index.ts'
 import { createBroker, isLoopback, releaseBackpressure } from './broker.ts'
 import type { GatewayConfig } from './config.ts'
 import { GuardGroup } from './connection-guard.ts'
+import { damagedDataDir, openDataDirDatabase } from './data-dir.ts'
 import { GatewayError } from './errors.ts'
 import { startHttpServer, type RunningHttpServer } from './http.ts'
 import { startListener, type RunningListener } from './listeners.ts'
@@ -70,8 +69,7 @@ export async function startGateway (config: GatewayConfig, deps: GatewayDeps): P
   checkListenerSecurity(config, logger)
   for (const w of checkStartupSettings(config)) logger.warn({ code: w.code, ...w.fields }, w.message)
   const registry = deps.registry ?? new Registry()
-  await mkdir(config.dataDir, { recursive: true })
-  const root = deps.database ?? new ClassicLevel<Buffer, Buffer>(path.join(config.dataDir, 'db'), { keyEncoding: 'buffer', valueEncoding: 'buffer' }) as unknown as LevelDatabase
+  const root = deps.database ?? await openDataDirDatabase(config.dataDir) as unknown as LevelDatabase
   if (root.status !== 'open') await root.open()
   const cleanups: Array<() => Promise<void>> = [() => root.close()]
   const undo = async (): Promise<void> => { for (const c of cleanups.reverse()) await c().catch(() => {}) }
@@ -125,6 +123,8 @@ export async function startGateway (config: GatewayConfig, deps: GatewayDeps): P
           if (upstream !== undefined) bridgeMetricsRef?.droppedBeforeForward.inc({ upstream }, d.count)
         },
       },
+    }).catch(async (err: unknown) => {
+      throw isStoreError(err, 'STORE_DAMAGED') || isStoreError(err, 'STORE_CORRUPT_BATCH') ? await damagedDataDir(err, config.dataDir) : err
     })
     cleanups.push(() => store.close())
     const metrics = createMetrics(registry, {
@@ -190,6 +190,7 @@ export async function startGateway (config: GatewayConfig, deps: GatewayDeps): P
         onReceipt: (upstream, status) => {
           (status === 'delivered' ? bridgeMetricsRef?.commandsDelivered : bridgeMetricsRef?.commandsExpired)?.inc({ upstream })
         },
+        onExpiredDropped: (tenant) => { metrics.expiredDropped.inc({ tenant }) },
       })
     // The metrics read the bridge's status, and the bridge reports to the metrics' counters.
     const bridgeHolder: { bridge?: Bridge } = {}

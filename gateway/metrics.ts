@@ -8,7 +8,7 @@ import { Counter, Gauge, Histogram, collectDefaultMetrics, type Registry } from 
 import type { LogStore } from '../store/index.ts'
 
 export type RefusalReason =
-  | 'max-connections' | 'bad-credentials' | 'not-authorized' | 'invalid-client-id' | 'protocol'
+  | 'max-connections' | 'bad-credentials' | 'not-authorized' | 'invalid-client-id' | 'client-id-not-bound' | 'protocol'
   | 'packet-too-large' | 'malformed-header'
 
 export type PublishRefusal = 'acl-denied' | 'invalid-topic' | 'reserved-topic' | 'unrouted' | 'record-too-large' | 'store-failed' | 'rate-limited'
@@ -33,6 +33,7 @@ export interface GatewayMetrics {
   readonly replaysActive: Gauge<'tenant'>
   readonly replayMessages: Counter<'tenant'>
   readonly replaysFinished: Counter<'tenant' | 'outcome'>
+  readonly expiredDropped: Counter<'tenant'>
 }
 
 export interface MetricsSources {
@@ -178,5 +179,6 @@ export function createMetrics (registry: Registry, sources: MetricsSources): Gat
     replaysActive: new Gauge({ name: 'edgemq_mqtt_replays_active', help: 'MQTT $replay subscriptions being replayed (or continuing live).', labelNames: ['tenant'], registers: [registry] }),
     replayMessages: new Counter({ name: 'edgemq_mqtt_replay_messages_total', help: 'Records delivered to MQTT $replay subscriptions.', labelNames: ['tenant'], registers: [registry] }),
     replaysFinished: new Counter({ name: 'edgemq_mqtt_replays_finished_total', help: 'MQTT replays that ended: done (history delivered), cancelled (unsubscribed, disconnected, replaced) or failed.', labelNames: ['tenant', 'outcome'], registers: [registry] }),
+    expiredDropped: new Counter({ name: 'edgemq_mqtt_expired_dropped_total', help: 'Messages past their expiry (commands past their time-to-live) not delivered, also from a persistent session\'s queue.', labelNames: ['tenant'], registers: [registry] }),
   }
 }

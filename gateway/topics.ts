@@ -41,6 +41,15 @@ export function mountTopic (tenant: string, topic: string): string {
   return `${tenant}/${topic}`
 }
 
+/**
+ * The client id aedes knows a client by: scoped by its tenant, since aedes keys session takeover, stored
+ * subscriptions and offline queues by it. U+0000 is refused in client ids, so a scoped id never equals another
+ * tenant's (or tenant "default"'s unscoped) id.
+ */
+export function scopedClientId (tenant: string, clientId: string): string {
+  return tenant === 'default' ? clientId : `${tenant}\u0000${clientId}`
+}
+
 /** Removes the tenant prefix; null when the topic is not inside the tenant. */
 export function unmountTopic (tenant: string, topic: string): string | null {
   return topic.startsWith(`${tenant}/`) ? topic.slice(tenant.length + 1) : null

@@ -18,6 +18,7 @@ export const STORE_ERROR_CODES = {
   STORE_INVALID_RECORD: 'The record is malformed: payload is not binary (Uint8Array), or key, topic, qos, clientId, headers or timestamp has the wrong type.',
   STORE_INVALID_ARGUMENT: 'An option passed to a store method is out of range or of the wrong type.',
   STORE_CORRUPT_BATCH: 'A stored batch failed its checksum or could not be decoded; the error names stream, partition and base offset.',
+  STORE_DAMAGED: 'The data is damaged: LevelDB reported corruption, or offsets of a partition are missing (a gap inside the log, or the log ends before the end its metadata records); the error names the stream, partition and offsets. Stop the gateway and run `edgemq check`.',
   STORE_FORMAT_VERSION: 'The data directory was written by an incompatible on-disk format version.',
   STORE_WRITE_FAILED: 'The database rejected a write (for example ENOSPC); the appends in that group commit were not stored.',
   STORE_CLOSED: 'The store is closed or closing.',
@@ -34,6 +35,9 @@ export interface StoreErrorDetails {
   readonly logEndOffset?: number
   readonly baseOffset?: number
   readonly group?: string
+  /** STORE_DAMAGED: the first offset that is missing or unreadable, and the offset where the damage ends (exclusive) when known. */
+  readonly missingFrom?: number
+  readonly missingTo?: number
 }
 
 export class StoreError extends Error {

@@ -9,12 +9,12 @@
  * | ----------------------------------------------- | --------------------------------------- |
  * | `V`                                             | format version, u32 (= 1)               |
  * | `S` name(utf8)                                  | cbor StreamMeta                         |
- * | `P` streamId(u32) partition(u32)                | cbor PartitionMeta (logStart, bytes)    |
+ * | `P` streamId(u32) partition(u32)                | cbor PartitionMeta (logStart, logEnd, bytes) |
  * | `B` streamId(u32) partition(u32) base(u64)      | batch (below)                           |
  * | `T` streamId(u32) partition(u32) maxTs(u64)     | base offset, u64                        |
  * | `G` group(utf8) 0x00                            | cbor GroupMeta (holdsRetention)         |
  * | `O` group(utf8) 0x00 streamId(u32) partition(u32) | committed offset, u64                 |
- * | `D` dedupeId(utf8)                              | streamId u32, partition u32, offset u64, timestamp f64 |
+ * | `d` streamId(u32) dedupeId(utf8)                | streamId u32, partition u32, offset u64, timestamp f64 |
  *
  * Invariants:
  * - `B` entries of a partition cover [logStart, logEnd) without gaps or
@@ -27,11 +27,20 @@
  *   timestamp >= t, seek to the first `T` key >= t and scan forward from its
  *   batch. When retention deletes the batch of the first entry, it re-points
  *   that entry at the new log start, so the index never loses coverage.
- * - A `D` entry is written in the same LevelDB batch as the record it
+ * - A `d` entry is written in the same LevelDB batch as the record it
  *   names, so after a crash an id is known exactly when its record exists.
- * - `P` is rewritten with every group commit and retention pass; `logEnd` is
- *   not stored, it is found by seeking to the last `B` key (or is `logStart`
- *   when retention removed every batch).
+ * - Dedupe ids are scoped to the stream the record landed in (a stream is
+ *   `<tenant>/<name>`, so to its tenant too): the key starts with the
+ *   stream id, and an id seen in one stream never suppresses an append to
+ *   another. Before this scoping, format 1 keyed ids globally as
+ *   `D` dedupeId(utf8) with the same value; opening such a data dir moves
+ *   each of them under its value's stream id, in one write batch.
+ * - `P` is rewritten with every group commit and retention pass. Opening
+ *   finds the log end by seeking to the last `B` key (or it is `logStart`
+ *   when retention removed every batch) and checks it against `P.logEnd`: a
+ *   mismatch means lost batches (damaged files), never a crash, since both are
+ *   written in one LevelDB batch. Data written before `logEnd` was recorded
+ *   lacks it; it is added by the next commit.
  *
  * Batch value:
  *
@@ -88,7 +97,9 @@ const TAG_BATCH = 0x42 // 'B'
 const TAG_TIME = 0x54 // 'T'
 const TAG_GROUP = 0x47 // 'G'
 const TAG_OFFSET = 0x4f // 'O'
-const TAG_DEDUPE = 0x44 // 'D'
+const TAG_DEDUPE = 0x64 // 'd'
+/** Unscoped dedupe ids of data dirs written before ids were scoped by stream; moved to `d` at open. */
+const TAG_LEGACY_DEDUPE = 0x44 // 'D'
 
 const TWO_32 = 2 ** 32
 
@@ -168,9 +179,16 @@ export const keys = {
 export interface DedupeEntry { readonly streamId: number, readonly partition: number, readonly offset: number, readonly timestamp: number }
 
 export const dedupe = {
-  key: (id: string): Buffer => Buffer.concat([Buffer.from([TAG_DEDUPE]), Buffer.from(id, 'utf8')]),
+  key: (streamId: number, id: string): Buffer => {
+    const prefix = Buffer.allocUnsafe(5)
+    prefix[0] = TAG_DEDUPE
+    prefix.writeUInt32BE(streamId, 1)
+    return Buffer.concat([prefix, Buffer.from(id, 'utf8')])
+  },
   range: (): { gt: Buffer, lt: Buffer } => ({ gt: Buffer.from([TAG_DEDUPE]), lt: Buffer.from([TAG_DEDUPE + 1]) }),
-  id: (key: Buffer): string => key.subarray(1).toString('utf8'),
+  parseKey: (key: Buffer): { streamId: number, id: string } => ({ streamId: key.readUInt32BE(1), id: key.subarray(5).toString('utf8') }),
+  legacyRange: (): { gt: Buffer, lt: Buffer } => ({ gt: Buffer.from([TAG_LEGACY_DEDUPE]), lt: Buffer.from([TAG_LEGACY_DEDUPE + 1]) }),
+  legacyId: (key: Buffer): string => key.subarray(1).toString('utf8'),
   encode (e: DedupeEntry): Buffer {
     const value = Buffer.allocUnsafe(24)
     value.writeUInt32BE(e.streamId, 0)

@@ -23,6 +23,7 @@ import {
   keys, readBatchHeader, readU64, type BatchHeader, type PendingRecord,
 } from './format.ts'
 import { BatchIndex } from './batch-index.ts'
+import { asDamage, missingOffsets } from './damage.ts'
 import { partitionForKey } from './partitioner.ts'
 import {
   MAX_PARTITIONS, checkCount, checkGroupName, checkOffset, checkStreamName, checkTimestamp, toPendingRecord,
@@ -101,10 +102,19 @@ interface PartitionState {
 }
 
 interface StreamMeta { id: number, partitions: number, retentionMs: number, retentionBytes: number }
-interface PartitionMeta { logStart: number, bytes: number }
+/** `logEnd` is absent in data written before it was recorded; then the last batch alone says where the log ends. */
+interface PartitionMeta { logStart: number, bytes: number, logEnd?: number }
 interface GroupState { holdsRetention: boolean, offsets: Map<PartitionState, number> }
 
 /** The innermost cause's message: abstract-level wraps the interesting one (ENOSPC) in its own errors. */
+/** A dedupe id as known in one stream (ids are scoped by stream, format.ts). */
+interface DedupeState { readonly id: string, readonly part: PartitionState, readonly offset: number, readonly timestamp: number }
+
+/** The in-memory key of a dedupe id: the stream id first, as on disk. */
+function scopedId (streamId: number, id: string): string {
+  return `${streamId}/${id}`
+}
+
 function rootMessage (err: unknown): string {
   let e = err as { message?: string, cause?: unknown } | undefined
   while (e?.cause !== undefined && e.cause !== null && typeof e.cause === 'object') e = e.cause as { message?: string, cause?: unknown }
@@ -150,9 +160,9 @@ class LevelLogStore implements LogStore {
   readonly #observer: StoreObserver
   readonly #streams = new Map<string, StreamState>()
   readonly #groups = new Map<string, GroupState>()
-  /** Dedupe ids on disk, with where their record went. */
-  readonly #dedupe = new Map<string, { part: PartitionState, offset: number, timestamp: number }>()
-  /** Dedupe ids of appends not yet committed, resolving with their result. */
+  /** Dedupe ids on disk, by {@link scopedId} (ids are per stream), with where their record went. */
+  readonly #dedupe = new Map<string, DedupeState>()
+  /** Dedupe ids of appends not yet committed, by {@link scopedId}, resolving with their result. */
   readonly #dedupePending = new Map<string, Promise<AppendResult>>()
   readonly #dedupeRetentionMs: number
   readonly #appendListeners = new Set<AppendListener>()
@@ -191,6 +201,14 @@ class LevelLogStore implements LogStore {
 
   /** Finds every partition's offsets with a few seeks each; never scans records. */
   async load (): Promise<void> {
+    try {
+      await this.#load()
+    } catch (err) {
+      throw asDamage(err, 'opening the log')
+    }
+  }
+
+  async #load (): Promise<void> {
     const version = await this.#db.get(keys.version())
     if (version === undefined) {
       await this.#db.put(keys.version(), encodeU64(FORMAT_VERSION), SYNC)
@@ -208,10 +226,12 @@ class LevelLogStore implements LogStore {
     for (const [key, value] of await this.#db.iterator(keys.groupRange()).all()) {
       this.#groups.set(keys.groupName(key), { holdsRetention: decodeMeta<GroupOptions>(value).holdsRetention, offsets: new Map() })
     }
+    await this.#scopeLegacyDedupe()
     for (const [key, value] of await this.#db.iterator(dedupe.range()).all()) {
       const entry = dedupe.decode(value)
       const part = byId.get(entry.streamId)?.partitions[entry.partition]
-      if (part !== undefined) this.#dedupe.set(dedupe.id(key), { part, offset: entry.offset, timestamp: entry.timestamp })
+      const { id } = dedupe.parseKey(key)
+      if (part !== undefined) this.#dedupe.set(scopedId(part.stream.id, id), { id, part, offset: entry.offset, timestamp: entry.timestamp })
     }
     for (const [key, value] of await this.#db.iterator(keys.offsetRange()).all()) {
       const { group, streamId, partition } = keys.parseOffset(key)
@@ -221,13 +241,33 @@ class LevelLogStore implements LogStore {
     }
   }
 
+  /** Moves unscoped dedupe ids (format.ts, `D`) under the stream their record went to, in one atomic batch. */
+  async #scopeLegacyDedupe (): Promise<void> {
+    const legacy = await this.#db.iterator(dedupe.legacyRange()).all()
+    if (legacy.length === 0) return
+    await this.#db.batch(legacy.flatMap(([key, value]) => [
+      { type: 'put' as const, key: dedupe.key(dedupe.decode(value).streamId, dedupe.legacyId(key)), value },
+      { type: 'del' as const, key },
+    ]), SYNC)
+  }
+
   async #recoverPartition (part: PartitionState): Promise<void> {
+    try {
+      await this.#recoverPartitionOf(part)
+    } catch (err) {
+      throw asDamage(err, `opening ${part.stream.name}[${part.partition}]`, { stream: part.stream.name, partition: part.partition })
+    }
+  }
+
+  async #recoverPartitionOf (part: PartitionState): Promise<void> {
     const { id } = part.stream
     const meta = await this.#db.get(keys.partition(id, part.partition))
+    let recordedEnd: number | undefined
     if (meta !== undefined) {
       const m = decodeMeta<PartitionMeta>(meta)
       part.logStart = m.logStart
       part.bytes = m.bytes
+      recordedEnd = m.logEnd
     }
     part.logEnd = part.logStart
     part.index.clear()
@@ -245,6 +285,16 @@ class LevelLogStore implements LogStore {
         // Only the newest batch is needed to open; a damaged oldest one is reported to its readers.
         this.#logger.error({ code: (err as StoreError).code, stream: part.stream.name, partition: part.partition }, (err as Error).message)
       }
+    }
+    // The last batch and `P` are written in one LevelDB batch, so they agree unless the files were damaged (LevelDB skips an unreadable block without a word).
+    if (meta === undefined && last !== undefined) {
+      throw new StoreError('STORE_DAMAGED', `${part.stream.name}[${part.partition}] has batches but its metadata entry is gone; stop the gateway and run \`edgemq check\``,
+        { details: { stream: part.stream.name, partition: part.partition } })
+    }
+    if (recordedEnd !== undefined && recordedEnd !== part.logEnd) {
+      const [from, to] = recordedEnd > part.logEnd ? [part.logEnd, recordedEnd] : [recordedEnd, part.logEnd]
+      throw missingOffsets(part.stream.name, part.partition, from, to,
+        `its metadata records the log end at ${recordedEnd}, but the last readable batch ends at ${part.logEnd}`)
     }
     const [lastIndexed] = await this.#db.keys({ ...keys.timeRange(id, part.partition), reverse: true, limit: 1 }).all()
     part.indexedMaxTs = lastIndexed === undefined ? -Infinity : keys.timeOf(lastIndexed)
@@ -363,9 +413,9 @@ class LevelLogStore implements LogStore {
         if (typeof dedupeId !== 'string' || dedupeId.length === 0 || dedupeId.length > 1024) {
           throw new StoreError('STORE_INVALID_ARGUMENT', 'dedupeId must be a string of 1 to 1024 characters')
         }
-        const seen = this.#dedupe.get(dedupeId)
+        const seen = this.#dedupe.get(scopedId(s.id, dedupeId))
         if (seen !== undefined) return Promise.resolve({ partition: seen.part.partition, offset: seen.offset, duplicate: true })
-        const inFlight = this.#dedupePending.get(dedupeId)
+        const inFlight = this.#dedupePending.get(scopedId(s.id, dedupeId))
         if (inFlight !== undefined) return inFlight.then((r) => ({ partition: r.partition, offset: r.offset, duplicate: true }))
       }
     } catch (err) {
@@ -380,7 +430,7 @@ class LevelLogStore implements LogStore {
       if (this.#pending++ === 0) this.#oldestPendingAt = performance.now()
       this.#kick()
     })
-    if (dedupeId !== undefined) this.#dedupePending.set(dedupeId, result)
+    if (dedupeId !== undefined) this.#dedupePending.set(scopedId(part.stream.id, dedupeId), result)
     return result
   }
 
@@ -405,17 +455,20 @@ class LevelLogStore implements LogStore {
 
   async forgetDedupe (dedupeId: string): Promise<void> {
     this.#checkOpen()
-    if (!this.#dedupe.has(dedupeId)) return
-    await this.#db.del(dedupe.key(dedupeId), this.#sync)
-    this.#dedupe.delete(dedupeId)
+    const scoped = [...this.#streams.values()].map((s) => scopedId(s.id, dedupeId)).filter((key) => this.#dedupe.has(key))
+    await this.#forgetScoped(scoped)
   }
 
   async forgetDedupePrefix (prefix: string): Promise<void> {
     this.#checkOpen()
-    const ids = [...this.#dedupe.keys()].filter((id) => id.startsWith(prefix))
-    if (ids.length === 0) return
-    await this.#db.batch(ids.map((id) => ({ type: 'del' as const, key: dedupe.key(id) })), this.#sync)
-    for (const id of ids) this.#dedupe.delete(id)
+    await this.#forgetScoped([...this.#dedupe].filter(([, e]) => e.id.startsWith(prefix)).map(([key]) => key))
+  }
+
+  async #forgetScoped (scoped: readonly string[]): Promise<void> {
+    if (scoped.length === 0) return
+    const entries = scoped.map((key) => this.#dedupe.get(key) as DedupeState)
+    await this.#db.batch(entries.map((e) => ({ type: 'del' as const, key: dedupe.key(e.part.stream.id, e.id) })), this.#sync)
+    for (const key of scoped) this.#dedupe.delete(key)
   }
 
   #kick (): void {
@@ -481,12 +534,12 @@ class LevelLogStore implements LogStore {
     const plans: Array<{ part: PartitionState, appends: PendingRecord[], resolvers: PartitionState['resolvers'], rejecters: PartitionState['rejecters'], dedupeIds: PartitionState['dedupeIds'], bases: number[], end: number, bytes: number, indexedMaxTs: number, firstTs: number, lastTs: number }> = []
     let records = 0
     let bytes = 0
-    const taken: Array<{ rejecters: PartitionState['rejecters'], dedupeIds: PartitionState['dedupeIds'] }> = []
+    const taken: Array<{ streamId: number, rejecters: PartitionState['rejecters'], dedupeIds: PartitionState['dedupeIds'] }> = []
     try {
       for (const part of parts) {
         const appends = part.pending
         const { resolvers, rejecters, dedupeIds } = part
-        taken.push({ rejecters, dedupeIds })
+        taken.push({ streamId: part.stream.id, rejecters, dedupeIds })
         part.pending = []
         part.resolvers = []
         part.rejecters = []
@@ -517,7 +570,7 @@ class LevelLogStore implements LogStore {
             const id = dedupeIds[k]
             if (id !== undefined) {
               const value = dedupe.encode({ streamId: part.stream.id, partition: part.partition, offset: base + (k - i), timestamp: (appends[k] as PendingRecord).timestamp })
-              ops.push({ type: 'put', key: dedupe.key(id), value })
+              ops.push({ type: 'put', key: dedupe.key(part.stream.id, id), value })
             }
           }
           if (firstTs === Infinity) firstTs = header.firstTimestamp
@@ -527,7 +580,7 @@ class LevelLogStore implements LogStore {
           base += header.count
           i = j
         }
-        ops.push({ type: 'put', key: keys.partition(id, part.partition), value: encodeMeta({ logStart: part.logStart, bytes: partBytes } satisfies PartitionMeta) })
+        ops.push({ type: 'put', key: keys.partition(id, part.partition), value: encodeMeta({ logStart: part.logStart, bytes: partBytes, logEnd: base } satisfies PartitionMeta) })
         plans.push({ part, appends, resolvers, rejecters, dedupeIds, bases, end: base, bytes: partBytes, indexedMaxTs, firstTs, lastTs })
         records += appends.length
       }
@@ -561,8 +614,9 @@ class LevelLogStore implements LogStore {
       for (let i = 0; i < dedupeIds.length; i++) {
         const id = dedupeIds[i]
         if (id === undefined) continue
-        this.#dedupe.set(id, { part, offset: first + i, timestamp: (plan.appends[i] as PendingRecord).timestamp })
-        this.#dedupePending.delete(id)
+        const scoped = scopedId(part.stream.id, id)
+        this.#dedupe.set(scoped, { id, part, offset: first + i, timestamp: (plan.appends[i] as PendingRecord).timestamp })
+        this.#dedupePending.delete(scoped)
       }
       for (let i = 0; i < resolvers.length; i++) (resolvers[i] as (result: AppendResult) => void)({ partition, offset: first + i })
     }
@@ -570,10 +624,10 @@ class LevelLogStore implements LogStore {
     this.#observer.onCommit?.({ records, bytes, latencyMs: done - startedAt, durationMs: done - writeStart })
   }
 
-  #failAppends (taken: Array<{ rejecters: PartitionState['rejecters'], dedupeIds: PartitionState['dedupeIds'] }>, err: StoreError): void {
+  #failAppends (taken: Array<{ streamId: number, rejecters: PartitionState['rejecters'], dedupeIds: PartitionState['dedupeIds'] }>, err: StoreError): void {
     let count = 0
-    for (const { rejecters, dedupeIds } of taken) {
-      for (const id of dedupeIds) if (id !== undefined) this.#dedupePending.delete(id)
+    for (const { streamId, rejecters, dedupeIds } of taken) {
+      for (const id of dedupeIds) if (id !== undefined) this.#dedupePending.delete(scopedId(streamId, id))
       for (const reject of rejecters) reject(err)
       count += rejecters.length
     }
@@ -662,6 +716,15 @@ class LevelLogStore implements LogStore {
    */
   async #scanValues (part: PartitionState, from: number, end: number, onBatch: (value: Buffer, header: BatchHeader, where: BatchWhere) => boolean,
     wantMore: () => boolean = () => true, expectRecords = MAX_BATCH_RECORDS): Promise<void> {
+    try {
+      await this.#scanValuesOf(part, from, end, onBatch, wantMore, expectRecords)
+    } catch (err) {
+      throw asDamage(err, `reading ${part.stream.name}[${part.partition}] from offset ${from}`, { stream: part.stream.name, partition: part.partition })
+    }
+  }
+
+  async #scanValuesOf (part: PartitionState, from: number, end: number, onBatch: (value: Buffer, header: BatchHeader, where: BatchWhere) => boolean,
+    wantMore: () => boolean, expectRecords: number): Promise<void> {
     const { id } = part.stream
     // Fast path: the batches holding [from, from + expectRecords) are in the tail index, fetch them in one call.
     const bases = part.index.lookup(from, expectRecords, end)
@@ -693,12 +756,7 @@ class LevelLogStore implements LogStore {
           const where = { stream: part.stream.name, partition: part.partition, baseOffset: keys.batchBase(key) }
           const header = readBatchHeader(value, where)
           if (header.baseOffset + header.count <= from) continue
-          if (header.baseOffset > expected) {
-            // Retention removed what we were about to read.
-            this.#checkInRange(part, expected)
-            throw new StoreError('STORE_OFFSET_OUT_OF_RANGE', `offset ${expected} of ${part.stream.name}[${part.partition}] was deleted by retention while reading; the log now starts at ${part.logStart}`,
-              { details: { stream: part.stream.name, partition: part.partition, offset: expected, logStartOffset: part.logStart, logEndOffset: part.logEnd } })
-          }
+          if (header.baseOffset > expected) await this.#explainGap(part, expected, header.baseOffset)
           expected = header.baseOffset + header.count
           if (!onBatch(value, header, where)) return
         }
@@ -706,9 +764,27 @@ class LevelLogStore implements LogStore {
         if (!wantMore()) return
         entries = await iterator.nextv(1)
       }
+      if (expected < end) await this.#explainGap(part, expected, end)
     } finally {
       await iterator.close()
     }
+  }
+
+  /**
+   * Throws for the batches missing between `from` and `to`: STORE_OFFSET_OUT_OF_RANGE
+   * when retention deleted them while we read (the partition's metadata on
+   * disk, written atomically with the deletion, says where the log starts
+   * now), STORE_DAMAGED otherwise: a read never skips offsets silently.
+   */
+  async #explainGap (part: PartitionState, from: number, to: number): Promise<never> {
+    const meta = await this.#db.get(keys.partition(part.stream.id, part.partition))
+    const logStart = Math.max(part.logStart, meta === undefined ? 0 : decodeMeta<PartitionMeta>(meta).logStart)
+    if (from < logStart) {
+      throw new StoreError('STORE_OFFSET_OUT_OF_RANGE', `offset ${from} of ${part.stream.name}[${part.partition}] was deleted by retention while reading; the log now starts at ${logStart}`,
+        { details: { stream: part.stream.name, partition: part.partition, offset: from, logStartOffset: logStart, logEndOffset: part.logEnd } })
+    }
+    throw missingOffsets(part.stream.name, part.partition, from, to, 'no batch holds them although the log runs from ' +
+      `${part.logStart} to ${part.logEnd}`)
   }
 
   async offsetForTime (stream: string, partition: number, timestamp: number): Promise<number | null> {
@@ -885,10 +961,7 @@ class LevelLogStore implements LogStore {
   /** Forgets dedupe ids older than the dedupe retention. */
   async #pruneDedupe (now: number): Promise<void> {
     if (this.#dedupeRetentionMs === 0) return
-    const expired = [...this.#dedupe].filter(([, e]) => e.timestamp < now - this.#dedupeRetentionMs).map(([id]) => id)
-    if (expired.length === 0) return
-    await this.#db.batch(expired.map((id) => ({ type: 'del' as const, key: dedupe.key(id) })), this.#sync)
-    for (const id of expired) this.#dedupe.delete(id)
+    await this.#forgetScoped([...this.#dedupe].filter(([, e]) => e.timestamp < now - this.#dedupeRetentionMs).map(([key]) => key))
   }
 
   #oldestPartition (): PartitionState | undefined {
@@ -948,7 +1021,7 @@ class LevelLogStore implements LogStore {
     if (lastDeletedTs !== undefined && !empty && firstKeptBase !== newStart) {
       ops.push({ type: 'put', key: keys.time(id, part.partition, lastDeletedTs), value: encodeU64(newStart) })
     }
-    ops.push({ type: 'put', key: keys.partition(id, part.partition), value: encodeMeta({ logStart: newStart, bytes: bytesLeft } satisfies PartitionMeta) })
+    ops.push({ type: 'put', key: keys.partition(id, part.partition), value: encodeMeta({ logStart: newStart, bytes: bytesLeft, logEnd: part.logEnd } satisfies PartitionMeta) })
     await this.#db.batch(ops, this.#sync)
     const batches = ops.filter((op) => op.type === 'del' && op.key[0] === 0x42).length
     report.batchesDeleted += batches

@@ -93,7 +93,9 @@ export interface AppendOptions {
    * Makes the append idempotent: the id is written in the same atomic batch
    * as the record, and a later append with the same id (also after a crash
    * and reopen) resolves with the first one's partition and offset and
-   * `duplicate: true` instead of appending again. Ids are kept until
+   * `duplicate: true` instead of appending again. Ids are scoped to the
+   * stream: the same id appended to another stream (another tenant's, say)
+   * is a different id and is written. Ids are kept until
    * {@link LogStore.forgetDedupe} or until they are older than the store's
    * dedupe retention.
    */
@@ -265,7 +267,7 @@ export interface LogStore {
    */
   onAppend (listener: AppendListener): () => void
 
-  /** Forgets a dedupe id, so the next append carrying it is written again (MQTT reuses packet ids). */
+  /** Forgets a dedupe id in every stream, so the next append carrying it is written again (MQTT reuses packet ids). */
   forgetDedupe (dedupeId: string): Promise<void>
 
   /** Forgets every dedupe id that starts with `prefix` (a client's ids when its session is cleaned). */

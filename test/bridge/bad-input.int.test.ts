@@ -1,9 +1,10 @@
 /**
  * The bridge's bad inputs, each with a clear outcome and nothing lost: a bad
  * upstream config stops `edgemq start` naming the key; an unreadable TLS file
- * is BRIDGE_TLS_FILES; a device cannot pass off its publishes as replicated
- * records ($dedupe/); and when the disk budget deletes records an upstream
- * has not forwarded, they are counted per upstream and the uplink carries on.
+ * is BRIDGE_TLS_FILES; only a user with an ACL replicate grant can pass
+ * off its publishes as replicated records ($dedupe/), never a device; and
+ * when the disk budget deletes records an upstream has not forwarded, they
+ * are counted per upstream and the uplink carries on.
  */
 import { mkdir } from 'node:fs/promises'
 import mqtt from 'mqtt'
@@ -39,32 +40,41 @@ describe('bridge bad inputs', () => {
     expect(stderr).toContain(message)
   })
 
-  it('refuses $dedupe/ publishes from devices, takes them from services', async () => {
+  it('refuses $dedupe/ publishes from devices and from services without a replicate grant, takes them from a bridge user', async () => {
     const { dir, cleanup } = await tempDir('edgemq-bridge-bad-')
     cleanups.push(cleanup)
     const hash = await hashPassword('pw', { N: 1024, r: 8, p: 1 })
     const config = await writeConfig(dir, {
       mqtt: { listeners: [{ type: 'tcp', port: 0 }] },
-      users: [{ username: 'dev-1', password: hash, tenant: 'default', role: 'device' }, { username: 'edge', password: hash, tenant: 'default', role: 'service' }],
-      acl: [{ role: 'device', topic: '$dedupe/#', access: 'publish' }], // even when an ACL would let it
+      users: [
+        { username: 'dev-1', password: hash, tenant: 'default', role: 'device' },
+        { username: 'historian', password: hash, tenant: 'default', role: 'service' },
+        { username: 'edge', password: hash, tenant: 'default', role: 'service' },
+      ],
+      acl: [
+        { role: 'device', topic: '$dedupe/#', access: 'publish' }, { role: 'device', topic: '#', access: 'replicate' }, // even when an ACL would let it
+        { username: 'edge', topic: '#', access: 'replicate' },
+      ],
     })
     const gw = await startGatewayProcess({ dataDir: `${dir}/data`, config })
     cleanups.push(() => gw.kill())
-    const device = await tryConnect(gw.mqttUrl, { username: 'dev-1', password: 'pw', clientId: 'dev-1' })
-    if (!device.ok) throw new Error(device.error)
-    const closed = new Promise<void>((resolve) => device.client.once('close', () => resolve()))
-    device.client.publish('$dedupe/edge-9/default/telemetry/0/7/devices/dev-1/telemetry/t', 'forged', { qos: 1 })
-    await closed // no negative PUBACK in 3.1.1: the connection is closed
+    for (const [username, clientId] of [['dev-1', 'dev-1'], ['historian', 'historian-1']] as const) {
+      const client = await tryConnect(gw.mqttUrl, { username, password: 'pw', clientId })
+      if (!client.ok) throw new Error(client.error)
+      const closed = new Promise<void>((resolve) => client.client.once('close', () => resolve()))
+      client.client.publish('$dedupe/edge-9/default/telemetry/0/7/devices/dev-1/telemetry/t', 'forged', { qos: 1 })
+      await closed // no negative PUBACK in 3.1.1: the connection is closed
+    }
     const service = await mqtt.connectAsync(gw.mqttUrl, { username: 'edge', password: 'pw', reconnectPeriod: 0 })
     await service.publishAsync('$dedupe/edge-9/default/telemetry/0/7/devices/dev-1/telemetry/t', 'real', { qos: 1 })
     await service.publishAsync('$dedupe/edge-9/default/telemetry/0/7/devices/dev-1/telemetry/t', 'real', { qos: 1 }) // a resend
     await service.endAsync()
     const metrics = await (await fetch(`${gw.httpUrl}/metrics`)).text()
-    expect(metrics).toMatch(/edgemq_mqtt_publishes_refused_total\{tenant="default",reason="invalid-topic"\} 1/)
+    expect(metrics).toMatch(/edgemq_mqtt_publishes_refused_total\{tenant="default",reason="invalid-topic"\} 2/)
     expect(metrics).toMatch(/edgemq_ingest_messages_total\{tenant="default",stream="telemetry"\} 1\n/)
     const res = await fetch(`${gw.httpUrl}/v1/streams/telemetry/records?key=dev-1&format=json`, { headers: { authorization: `Basic ${Buffer.from('edge:pw').toString('base64')}` } })
-    const body = await res.json() as { records: Array<{ topic: string, headers: Record<string, string> | null }> }
-    expect(body.records.map((r) => [r.topic, r.headers?.['edgemq-origin']])).toEqual([['devices/dev-1/telemetry/t', 'edge-9/default/telemetry/0/7']])
+    const body = await res.json() as { records: Array<{ topic: string, payload: string, headers: Record<string, string> | null }> }
+    expect(body.records.map((r) => [r.topic, r.payload, r.headers?.['edgemq-origin']])).toEqual([['devices/dev-1/telemetry/t', 'real', 'edge-9/default/telemetry/0/7']])
   })
 
   it('counts records the disk budget deleted before an upstream forwarded them, and carries on after them', async () => {

@@ -3,6 +3,9 @@
  * command is stored before it is acknowledged upstream, reaches a device that
  * was offline when it arrived — also after the gateway was SIGKILLed in
  * between — and an expired one is not delivered. Receipts go back upstream.
+ * A command goes to the device it addresses only: a service subscribed to
+ * every device's commands neither takes it nor makes it "delivered", and an
+ * expired command is not sent from a persistent session's queue either.
  */
 import mqtt, { type MqttClient } from 'mqtt'
 import { afterAll, describe, expect, it } from 'vitest'
@@ -101,5 +104,71 @@ describe.skipIf(bin === null)('bridge: commands to devices', () => {
     const metrics = await (await fetch(`${edge.httpUrl}/metrics`)).text()
     expect(metrics).toMatch(/edgemq_bridge_commands_expired_total\{upstream="cloud"\} 1/)
     expect(metrics).toMatch(/edgemq_bridge_commands_delivered_total\{upstream="cloud"\} 2/) // since this restart: dev-1's and dev-3's
+  })
+
+  it('counts a command delivered only when its device takes it, and sends no expired command from a session queue', async () => {
+    const { dir, cleanup } = await tempDir('edgemq-commands-addressed-')
+    cleanups.push(cleanup)
+    const up = await startMosquitto(bin as string, dir, await freePort())
+    cleanups.push(() => up.kill())
+    const cloud = await mqtt.connectAsync(up.url, { protocolVersion: 5, reconnectPeriod: 0 })
+    cleanups.push(() => cloud.endAsync())
+    const receipts: Receipt[] = []
+    cloud.on('message', (_topic, payload) => { receipts.push(JSON.parse(payload.toString()) as Receipt) })
+    await cloud.subscribeAsync('sites/edge-1/receipts/#', { qos: 1 })
+    const receiptFor = (topic: string): Promise<string> => waitFor(`a receipt for ${topic}`, () => receipts.find((r) => r.topic === topic)?.status)
+    const command = async (device: string, name: string, expirySeconds?: number): Promise<void> => {
+      await cloud.publishAsync(`cmd/edge-1/${device}/${name}`, name, { qos: 1, ...(expirySeconds === undefined ? {} : { properties: { messageExpiryInterval: expirySeconds } }) })
+    }
+
+    const edge = await startEdge(dir, up.url)
+    cleanups.push(() => edge.kill())
+    await waitFor('the edge to subscribe upstream', () => up.log().includes('cmd/edge-1/+/#') ? true : undefined)
+    const connect = async (id: string): Promise<{ client: MqttClient, got: string[] }> => {
+      const client = await mqtt.connectAsync(edge.mqttUrl, { clientId: id, clean: false, reconnectPeriod: 0 })
+      client.on('error', () => {})
+      const got: string[] = []
+      client.on('message', (_topic, payload) => { got.push(payload.toString()) })
+      cleanups.push(() => client.endAsync(true))
+      return { client, got }
+    }
+
+    // A service watching every device's commands, and a device with a persistent session that is offline.
+    const service = await connect('svc-watch')
+    await service.client.subscribeAsync('devices/+/commands/#', { qos: 1 })
+    const away = await connect('dev-away')
+    await away.client.subscribeAsync('devices/dev-away/commands/#', { qos: 1 })
+    await away.client.endAsync()
+    await command('dev-away', 'stale', 1)
+    expect(await receiptFor('devices/dev-away/commands/stale')).toBe('expired')
+
+    // Back after the time-to-live: the next command is all it gets, nothing from its session's queue.
+    const back = await connect('dev-away')
+    await command('dev-away', 'fresh')
+    await waitFor('dev-away to get its fresh command', () => back.got.includes('fresh') ? true : undefined)
+    expect(await receiptFor('devices/dev-away/commands/fresh')).toBe('delivered')
+    expect(back.got).toEqual(['fresh'])
+    expect(service.got).toEqual([])
+
+    // A device that takes a command but dies before its PUBACK: its session keeps the command in flight, and aedes
+    // would resend it on reconnect; past the time-to-live it must not.
+    const flaky = await connect('dev-flaky')
+    await flaky.client.subscribeAsync('devices/dev-flaky/commands/#', { qos: 1 })
+    const unacked: string[] = []
+    flaky.client.handleMessage = (packet, _callback) => { unacked.push(String(packet.payload)) } // never calls back: no PUBACK
+    await command('dev-flaky', 'once', 1)
+    await waitFor('dev-flaky to get the command it will not acknowledge', () => unacked.length > 0 ? true : undefined)
+    expect(await receiptFor('devices/dev-flaky/commands/once')).toBe('delivered')
+    flaky.client.end(true)
+    // A command with the same time-to-live, sent later to a device that is away: its expiry receipt proves the first one expired too.
+    await command('dev-nobody', 'marker', 1)
+    expect(await receiptFor('devices/dev-nobody/commands/marker')).toBe('expired')
+    const again = await connect('dev-flaky')
+    await command('dev-flaky', 'next')
+    await waitFor('dev-flaky to get its next command', () => again.got.includes('next') ? true : undefined)
+    expect(again.got).toEqual(['next'])
+    const metrics = await (await fetch(`${edge.httpUrl}/metrics`)).text()
+    expect(metrics).toMatch(/edgemq_mqtt_expired_dropped_total\{tenant="default"\} 1/)
+    expect(service.got).toEqual([])
   })
 })

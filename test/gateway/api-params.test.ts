@@ -48,7 +48,8 @@ describe('QueryParams', () => {
   it('refuses unknown and repeated parameters, and malformed integers, naming the parameter', () => {
     expect(codeOf(() => new QueryParams(new URLSearchParams('maxRecord=1'), ['maxRecords']))).toBe('HTTP_BAD_REQUEST')
     expect(codeOf(() => new QueryParams(new URLSearchParams('a=1&a=2'), ['a']))).toBe('HTTP_BAD_REQUEST')
-    expect(new QueryParams(new URLSearchParams('key=a&key=b'), ['key'], ['key']).all('key')).toEqual(['a', 'b'])
+    expect(new QueryParams(new URLSearchParams('key=a&key=b'), ['key'], { key: 2 }).all('key')).toEqual(['a', 'b'])
+    expect(codeOf(() => new QueryParams(new URLSearchParams('key=a&key=b&key=c'), ['key'], { key: 2 }))).toBe('HTTP_TOO_MANY_VALUES')
     const q = new QueryParams(new URLSearchParams('n=12&m=-1&x=1.5&y=&big=123456789012345678'), ['n', 'm', 'x', 'y', 'big'])
     expect(q.int('n', 0, 100)).toBe(12)
     expect(q.int('absent', 0, 100)).toBeUndefined()

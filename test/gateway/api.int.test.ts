@@ -69,7 +69,8 @@ interface FetchBody {
 interface ErrorBody { readonly error: { readonly code: string, readonly message: string, readonly [k: string]: unknown } }
 
 const asApi = (r: StoredRecord): ApiRecord => ({
-  offset: r.offset, timestamp: r.timestamp, key: r.key, topic: r.topic, qos: r.qos, clientId: r.clientId, payload: Buffer.from(r.payload).toString('utf8'),
+  offset: r.offset, timestamp: r.timestamp, key: r.key, topic: r.topic, qos: r.qos, clientId: r.clientId,
+  ...(r.headers === null ? {} : { headers: r.headers }), payload: Buffer.from(r.payload).toString('utf8'),
 })
 
 describe('HTTP pull and replay API', () => {
@@ -293,7 +294,7 @@ describe('HTTP pull and replay API', () => {
     await viaAccept.text()
   })
 
-  /** A format=batches body read as the README tells a client to: a CBOR sequence of head, stored batches, end. */
+  /** A format=batches body read as docs/http-api.md tells a client to: a CBOR sequence of head, stored batches, end. */
   function decodeBatchesBody (body: Buffer): { head: { fromOffset: number, endOffset: number | null }, batches: Buffer[], records: StoredRecord[], last: Record<string, Record<string, unknown>> } {
     const items = decodeMultiple(body) as unknown[]
     const head = items[0] as { stream: string, partition: number, fromOffset: number, endOffset: number | null }

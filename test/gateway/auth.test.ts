@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest'
-import { filterCovers, hashPassword, isAllowed, parseHash, UserDirectory, verifyPassword, type Identity } from '../../gateway/auth.ts'
+import { clientIdMatches, clientIdPattern, filterCovers, hashPassword, isAllowed, mayReplicate, parseHash, UserDirectory, verifyPassword, type Identity } from '../../gateway/auth.ts'
 import type { AclRule } from '../../gateway/config.ts'
 
 const device: Identity = { tenant: 'acme', role: 'device', username: 'd1', clientId: 'dev-1' }
@@ -61,5 +61,45 @@ describe('ACL', () => {
     expect(filterCovers('a/+', 'a/#')).toBe(false)
     expect(filterCovers('a/+/c', 'a/+/c')).toBe(true)
     expect(filterCovers('a/b/c', 'a/+/c')).toBe(false)
+  })
+})
+
+describe('replicated ($dedupe/) records', () => {
+  const admin: Identity = { tenant: 'acme', role: 'admin', username: 'root', clientId: 'root-1' }
+  const anonymous: Identity = { tenant: 'default', role: 'anonymous', username: null, clientId: 'x' }
+  it('are refused to everyone without a replicate grant, publish rights and "both" rules included', () => {
+    for (const who of [device, service, admin, anonymous]) expect(mayReplicate([], who, 'devices/d/telemetry'), who.role).toBe(false)
+    expect(mayReplicate([{ topic: '#', access: 'both', allow: true }], service, 'devices/d/telemetry')).toBe(false)
+  })
+  it('are allowed by a replicate grant, on the topics it names, never to a device', () => {
+    const rules: AclRule[] = [
+      { username: 'svc', topic: 'devices/#', access: 'replicate', allow: true },
+      { topic: '#', access: 'replicate', allow: true },
+    ]
+    expect(mayReplicate(rules.slice(0, 1), service, 'devices/d/telemetry')).toBe(true)
+    expect(mayReplicate(rules.slice(0, 1), service, 'alarms/d')).toBe(false)
+    expect(mayReplicate(rules, device, 'devices/dev-1/telemetry')).toBe(false)
+    // A replicate rule grants no plain publish.
+    expect(isAllowed(rules, device, 'publish', 'alarms/x')).toBe(false)
+  })
+})
+
+describe('client id binding', () => {
+  it('binds a device to its username by default, and leaves services free', () => {
+    expect(clientIdPattern({ username: 'line-7', tenant: 'acme', role: 'device' })).toBe('%u')
+    expect(clientIdPattern({ username: 'svc', tenant: 'acme', role: 'service' })).toBeNull()
+    expect(clientIdPattern({ username: 'svc', tenant: 'acme', role: 'service', clientIdPattern: 'svc-*' })).toBe('svc-*')
+  })
+  it('matches %u literally and * as one or more characters without / + #', () => {
+    expect(clientIdMatches('%u', 'line-7', 'line-7')).toBe(true)
+    expect(clientIdMatches('%u', 'line-7', 'victim-9')).toBe(false)
+    expect(clientIdMatches('%u', 'line-7', 'line-7x')).toBe(false)
+    expect(clientIdMatches('%u', 'line-7', '')).toBe(false)
+    expect(clientIdMatches('%u', 'a.b', 'axb')).toBe(false) // regex characters in a username are literal
+    expect(clientIdMatches('%u-*', 'line-7', 'line-7-sensor-3')).toBe(true)
+    expect(clientIdMatches('%u-*', 'line-7', 'line-7-')).toBe(false)
+    expect(clientIdMatches('%u-*', 'line-7', 'line-7-a/b')).toBe(false)
+    expect(clientIdMatches('%u-*', 'line-7', 'line-8-a')).toBe(false)
+    expect(clientIdMatches('plant-*.(x)', 'u', 'plant-3.(x)')).toBe(true)
   })
 })

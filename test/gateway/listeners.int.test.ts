@@ -226,6 +226,12 @@ describe.skipIf(!openssl.available)('TLS client certificates: requestCert and ce
     }
   }, TIMEOUT)
 
+  it('certIdentity: a device certificate is bound to its client id, like a device login', async () => {
+    const outcome = await tryConnect(h.gw.urls.certid as string, { ...tlsOpts(devCert), clientId: 'acme-dev-2' })
+    expect(outcome.ok ? 0 : outcome.returnCode).toBe(2) // identifier rejected
+    expect(await metricValue(h.gw.httpUrl, 'edgemq_mqtt_connections_refused_total', { listener: 'certid', reason: 'client-id-not-bound' })).toBe(1)
+  }, TIMEOUT)
+
   it('certIdentity: a CN that is not a configured user is refused', async () => {
     const outcome = await tryConnect(h.gw.urls.certid as string, { ...tlsOpts(strangerCert), clientId: 'stranger' })
     expect(outcome.ok).toBe(false)

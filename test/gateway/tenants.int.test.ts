@@ -22,10 +22,14 @@ const TIMEOUT = 30_000
 /** Long enough for a message that was wrongly routed to arrive; the positive checks use markers instead. */
 const QUIET_MS = 300
 
+/**
+ * The device users are fleet logins (users[].clientIdPattern): each may connect as any sensor-* client id, so
+ * the same client id can be in use in both tenants at once.
+ */
 const USERS = {
-  'acme-dev': { tenant: 'acme', role: 'device' },
+  'acme-dev': { tenant: 'acme', role: 'device', clientIdPattern: 'sensor-*' },
   'acme-svc': { tenant: 'acme', role: 'service' },
-  'globex-dev': { tenant: 'globex', role: 'device' },
+  'globex-dev': { tenant: 'globex', role: 'device', clientIdPattern: 'sensor-*' },
   'globex-svc': { tenant: 'globex', role: 'service' },
 } as const
 type Username = keyof typeof USERS

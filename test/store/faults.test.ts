@@ -75,6 +75,43 @@ for (const makeBackend of backends) {
       await expect(backend.openExisting()).rejects.toMatchObject({ code: 'STORE_CORRUPT_BATCH', details: { baseOffset: 100 } })
     })
 
+    /** The `B` key of each batch, in offset order. */
+    async function batchKeys (raw: LevelDatabase): Promise<Buffer[]> {
+      return await logSublevel(raw).keys<Buffer>({ gte: Buffer.from('B'), lt: Buffer.from('C'), keyEncoding: 'buffer' }).all()
+    }
+
+    // LevelDB skips a table block it cannot read without an error; to the store that looks like batches that are not there.
+    it('reports batches missing inside the log with STORE_DAMAGED on read, never fewer records', async () => {
+      const store = await filled()
+      const again = await backend.openExisting()
+      await again.append('t/s', 'k', { payload: payloadOf(101) })
+      await again.close()
+      void store
+      const raw = await backend.raw()
+      const keys = await batchKeys(raw)
+      expect(keys).toHaveLength(3)
+      await logSublevel(raw).del<Buffer>(keys[1]!, { keyEncoding: 'buffer' }) // offsets [100, 101)
+      await raw.close()
+      const damaged = await backend.openExisting()
+      stores.push(damaged)
+      const damage = { code: 'STORE_DAMAGED', details: { stream: 't/s', partition: 0, missingFrom: 100, missingTo: 101 } }
+      expect(await damaged.read('t/s', 0, 0, { maxRecords: 1000 }).catch((e: unknown) => e)).toMatchObject(damage)
+      expect(await damaged.read('t/s', 0, 100).catch((e: unknown) => e)).toMatchObject(damage)
+      expect(await damaged.readBatches('t/s', 0, 50).catch((e: unknown) => e)).toMatchObject(damage)
+      // What lies around the hole is still served.
+      expect((await damaged.read('t/s', 0, 0, { maxRecords: 100 })).records).toHaveLength(100)
+      expect((await damaged.read('t/s', 0, 101)).records.map((r) => r.offset)).toEqual([101])
+    })
+
+    it('refuses to open when the newest batches are gone (the log end its metadata records is not reached)', async () => {
+      await filled()
+      const raw = await backend.raw()
+      const keys = await batchKeys(raw)
+      await logSublevel(raw).del<Buffer>(keys[keys.length - 1]!, { keyEncoding: 'buffer' })
+      await raw.close()
+      await expect(backend.openExisting()).rejects.toMatchObject({ code: 'STORE_DAMAGED', details: { stream: 't/s', partition: 0, missingFrom: 100, missingTo: 101 } })
+    })
+
     it('refuses data written by another format version', async () => {
       await filled()
       const raw = await backend.raw()

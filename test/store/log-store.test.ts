@@ -283,6 +283,47 @@ for (const makeBackend of backends) {
         expect((await ctx.store.append('t/s', 'k', { payload: payloadOf(4) }, { dedupeId: 'client-2/1' })).duplicate).toBe(true)
       })
 
+      writeTest('scopes dedupe ids to the stream, so an id seen in one stream never suppresses another stream\'s record', async (ctx) => {
+        await ctx.store.createStream('tenant-a/telemetry', { partitions: 1 })
+        await ctx.store.createStream('tenant-b/telemetry', { partitions: 1 })
+        // Another tenant's client takes the id first (a forged bridge resend, a guessable offset).
+        expect(await ctx.store.append('tenant-b/telemetry', 'k', { payload: payloadOf(1) }, { dedupeId: 'bridge/edge-1/a/0/0' })).toEqual({ partition: 0, offset: 0 })
+        await ctx.checkpoint()
+        expect(await ctx.store.append('tenant-a/telemetry', 'k', { payload: payloadOf(2) }, { dedupeId: 'bridge/edge-1/a/0/0' })).toEqual({ partition: 0, offset: 0 })
+        await ctx.checkpoint()
+        // Within each stream the id still dedupes, also after a reopen.
+        expect(await ctx.store.append('tenant-a/telemetry', 'k', { payload: payloadOf(2) }, { dedupeId: 'bridge/edge-1/a/0/0' })).toEqual({ partition: 0, offset: 0, duplicate: true })
+        expect(await ctx.store.append('tenant-b/telemetry', 'k', { payload: payloadOf(1) }, { dedupeId: 'bridge/edge-1/a/0/0' })).toEqual({ partition: 0, offset: 0, duplicate: true })
+        expect((await readAll(ctx.store, 'tenant-a/telemetry', 0)).map((r) => Buffer.from(r.payload).toString('hex'))).toEqual([payloadOf(2).toString('hex')])
+        // Forgetting an id forgets it in every stream (a QoS 2 exchange ends without naming its stream).
+        await ctx.store.forgetDedupe('bridge/edge-1/a/0/0')
+        await ctx.checkpoint()
+        expect((await ctx.store.append('tenant-a/telemetry', 'k', { payload: payloadOf(3) }, { dedupeId: 'bridge/edge-1/a/0/0' })).duplicate).toBeUndefined()
+        expect((await ctx.store.append('tenant-b/telemetry', 'k', { payload: payloadOf(3) }, { dedupeId: 'bridge/edge-1/a/0/0' })).duplicate).toBeUndefined()
+      })
+
+      it('moves the unscoped dedupe ids of an older data dir under their stream at open', async () => {
+        const ctx = await setup()
+        await ctx.store.createStream('t/s', { partitions: 1 })
+        await ctx.store.append('t/s', 'k', { payload: payloadOf(1) }, { dedupeId: 'bridge/edge-1/t/s/0/0' })
+        await ctx.store.close()
+        // Rewrite the entry as the format before scoping wrote it: `D` id(utf8), same value.
+        const raw = await backend.raw()
+        const log = raw.sublevel<Buffer, Buffer>('log', { keyEncoding: 'buffer', valueEncoding: 'buffer' })
+        const scoped = await log.iterator<Buffer, Buffer>({ gte: Buffer.from('d'), lt: Buffer.from('e') }).all()
+        expect(scoped).toHaveLength(1)
+        const [key, value] = scoped[0]!
+        await log.batch<Buffer, Buffer>([{ type: 'del', key }, { type: 'put', key: Buffer.from('Dbridge/edge-1/t/s/0/0'), value }], {})
+        await raw.close()
+        const store = await backend.openExisting()
+        open.push(store)
+        expect(await store.append('t/s', 'k', { payload: payloadOf(1) }, { dedupeId: 'bridge/edge-1/t/s/0/0' })).toEqual({ partition: 0, offset: 0, duplicate: true })
+        await store.forgetDedupe('bridge/edge-1/t/s/0/0') // the moved entry is a scoped one: forgetting it reaches the disk
+        const again = await backend.reopen(store)
+        open.push(again)
+        expect((await again.append('t/s', 'k', { payload: payloadOf(2) }, { dedupeId: 'bridge/edge-1/t/s/0/0' })).duplicate).toBeUndefined()
+      })
+
       it('forgets dedupe ids older than the dedupe retention', async () => {
         const { store, clock } = await setup({ dedupeRetentionMs: 60_000 })
         await store.createStream('t/s', { partitions: 1 })
