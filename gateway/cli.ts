@@ -92,7 +92,13 @@ async function start (flags: StartFlags): Promise<number> {
   const { startGateway } = await import('./gateway.ts')
   const gateway = await startGateway(config, { logger })
   // Kept once the gateway runs: a start refused for its config leaves the data directory untouched.
-  if (gatewayId !== undefined && gatewayId.stored !== gatewayId.id) storeGatewayId(config.dataDir, gatewayId.id)
+  if (gatewayId !== undefined && gatewayId.stored !== gatewayId.id) {
+    try {
+      storeGatewayId(config.dataDir, gatewayId.id)
+    } catch (err) {
+      logger.error({ gatewayId: gatewayId.id, err: (err as Error).message }, 'cannot keep the gateway id in the data directory: the next start without gatewayId will pick another')
+    }
+  }
   const mqtt = gateway.listeners.map((l) => `${l.config.name} ${l.config.type === 'ws' || l.config.type === 'wss' ? `${l.config.type}://${l.host}:${l.port}${l.config.path}` : `${l.config.type === 'tls' ? 'mqtts' : 'mqtt'}://${l.host}:${l.port}`}`)
   const http = `http://${gateway.http.host}:${gateway.http.port}`
   // The signal handlers are in place before the ready line: a supervisor may send SIGTERM as soon as it reads it.

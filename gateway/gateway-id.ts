@@ -10,6 +10,7 @@
 import { mkdirSync, readFileSync, renameSync, writeFileSync } from 'node:fs'
 import { randomBytes } from 'node:crypto'
 import path from 'node:path'
+import { GatewayError } from './errors.ts'
 
 export const GATEWAY_ID_FILE = 'gateway-id'
 
@@ -24,8 +25,10 @@ export function readStoredGatewayId (dataDir: string): string | undefined {
   try {
     text = readFileSync(path.join(dataDir, GATEWAY_ID_FILE), 'utf8')
   } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined
-    throw err
+    const code = (err as NodeJS.ErrnoException).code
+    // No file yet, or no directory at all: opening the data directory reports the latter with its own GW_DATA_DIR_ code.
+    if (code === 'ENOENT' || code === 'ENOTDIR') return undefined
+    throw new GatewayError('GW_DATA_DIR_UNUSABLE', `cannot read ${path.join(dataDir, GATEWAY_ID_FILE)}: ${(err as Error).message}`, { cause: err })
   }
   const id = text.trim()
   return id === '' ? undefined : id
