@@ -54,9 +54,19 @@ export function findNpmLauncher (startedByNpm: boolean, parentPid: number, read:
   if (!startedByNpm) return undefined
   const parent = read(parentPid)
   if (parent === undefined) return undefined
-  if (!SHELLS.has(parent.comm)) return { pid: parentPid, parentPid }
-  if (parent.ppid <= 1 || read(parent.ppid) === undefined) return undefined
-  return { pid: parent.ppid, parentPid }
+  if (isNpm(parent)) return { pid: parentPid, parentPid }
+  if (!SHELLS.has(parent.comm) || parent.ppid <= 1) return undefined
+  const grandparent = read(parent.ppid)
+  return grandparent !== undefined && isNpm(grandparent) ? { pid: parent.ppid, parentPid } : undefined
+}
+
+/**
+ * npm names its process after the command ("npm exec edgemq", "npm run …"). npm_execpath alone is not enough:
+ * anything npm runs passes it on, and a gateway that a program started under `npm test` spawned must not die with
+ * that program.
+ */
+function isNpm (p: ProcInfo): boolean {
+  return /^npm( |$)/.test(p.comm)
 }
 
 export type LauncherGone = 'stopped' | 'killed'

@@ -86,6 +86,12 @@ describe('launcher state', () => {
     const read = procs({ 20: { comm: 'sh', state: 'S', ppid: 10 }, 10: { comm: 'npm exec edgemq', state: 'S', ppid: 1 } })
     expect(findNpmLauncher(true, 20, read)).toEqual({ pid: 10, parentPid: 20 })
     expect(findNpmLauncher(false, 20, read)).toBeUndefined()
+    expect(findNpmLauncher(true, 10, read)).toEqual({ pid: 10, parentPid: 10 })
+  })
+  it('follows no other parent, even when npm_execpath came down from an npm further up', () => {
+    const read = procs({ 30: { comm: 'node', state: 'S', ppid: 10 }, 20: { comm: 'sh', state: 'S', ppid: 30 }, 10: { comm: 'npm test', state: 'S', ppid: 1 } })
+    expect(findNpmLauncher(true, 30, read)).toBeUndefined()
+    expect(findNpmLauncher(true, 20, read)).toBeUndefined()
   })
   it('tells a stopped npm (its shell died, we were reparented) from a killed one (shell left, npm gone or a zombie)', () => {
     const launcher = { pid: 10, parentPid: 20 }
