@@ -37,7 +37,7 @@ import { clientFields, isOrdinaryDisconnect } from './logger.ts'
 import type { GatewayMetrics, PublishRefusal, RefusalReason, SubscribeRefusal } from './metrics.ts'
 import { isReplayTopic, MqttReplays, type ReplayConnection, type ReplayTicket } from './mqtt-replay.ts'
 import { compileRoutes, type Route } from './routing.ts'
-import { mountTopic, scopedClientId, topicFilterProblem, topicNameProblem, unmountTopic } from './topics.ts'
+import { dollarTopicSubscribed, mountTopic, scopedClientId, topicFilterProblem, topicNameProblem, unmountTopic } from './topics.ts'
 
 export interface BrokerDeps {
   readonly config: GatewayConfig
@@ -397,6 +397,9 @@ export function createBroker (deps: BrokerDeps): Aedes {
       if (who === undefined) return null
       const topic = unmountTopic(who.tenant, packet.topic)
       if (topic === null) return null
+      // aedes' private subscription table (commands.ts reads it too); aedes has no public accessor.
+      const subscriptions = (client as unknown as { subscriptions: Record<string, unknown> }).subscriptions
+      if (topic.startsWith('$') && !dollarTopicSubscribed(who.tenant, Object.keys(subscriptions), topic)) return null
       // Read access is checked per message too, as Mosquitto does: a subscribe deny rule (admin/#) also holds
       // against a wider filter the client was granted (#).
       if (!isAllowed(config.acl, who, 'subscribe', topic)) return null

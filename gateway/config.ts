@@ -7,10 +7,8 @@
  * `describeConfig()` walks the same schema to print the reference that
  * docs/configuration.md is generated from (`npm run docs`).
  */
-import { readFile } from 'node:fs/promises'
 import os from 'node:os'
 import { Ajv, type ErrorObject } from 'ajv'
-import { parse as parseYaml } from 'yaml'
 import { bridgeConfigProblem, bridgeConfigSchema, type BridgeConfig } from '../bridge/config-schema.ts'
 import { storeConfigSchema, streamConfigSchema, type StoreConfig, type StreamConfig } from '../store/config-schema.ts'
 import { GatewayError } from './errors.ts'
@@ -369,23 +367,6 @@ function deepFreeze<T> (value: T): T {
     Object.freeze(value)
   }
   return value
-}
-
-/** Reads a YAML or JSON file (YAML is a superset of JSON) and builds the config. */
-export async function loadConfigFile (file: string): Promise<GatewayConfig> {
-  let text: string
-  try {
-    text = await readFile(file, 'utf8')
-  } catch (cause) {
-    throw new GatewayError('GW_CONFIG_INVALID', `cannot read config file ${file}: ${(cause as Error).message}`, { cause })
-  }
-  let parsed: unknown
-  try {
-    parsed = parseYaml(text, { prettyErrors: true, uniqueKeys: true })
-  } catch (cause) {
-    throw new GatewayError('GW_CONFIG_INVALID', `${file}: not valid YAML/JSON: ${(cause as Error).message}`, { cause })
-  }
-  return buildConfig(parsed, file)
 }
 
 export interface ConfigKeyDoc {

@@ -57,6 +57,7 @@ import { Readable } from 'node:stream'
 import type { AbstractBatchOperation, AbstractBatchOptions, AbstractLevel } from 'abstract-level'
 import { Encoder } from 'cbor-x'
 import type { Durability, LevelDatabase } from '../store/index.ts'
+import { compileTopicFilters, QLOBBER_OPTIONS, type QlobberOptions } from './topics.ts'
 
 export const SESSION_FORMAT_VERSION = 1
 
@@ -145,11 +146,10 @@ export interface SessionPersistenceOptions {
 }
 
 // ---------------------------------------------------------------------------
-// qlobber, the matcher aedes-persistence and mqemitter use, so offline matching
-// agrees with live routing (including qlobber's `+` not matching an empty
-// level). It ships no types, hence the narrow local ones and createRequire.
+// qlobber's aedes flavour (the trie aedes-persistence uses), built with the
+// gateway's one matcher configuration (topics.ts), so offline matching agrees
+// with live routing. It ships no types, hence the narrow local ones and createRequire.
 
-interface QlobberOptions { separator: string, wildcard_one: string, wildcard_some: string }
 interface TrieSubscription { clientId: string, topic: string, qos: number, rh?: number, rap?: boolean, nl?: boolean }
 interface QlobberSub {
   readonly subscriptionsCount: number
@@ -158,15 +158,8 @@ interface QlobberSub {
   match (topic: string): MatchedSubscription[]
   clear (): unknown
 }
-interface QlobberTrue {
-  add (topic: string): unknown
-  test (topic: string): boolean
-}
-
 const require = createRequire(import.meta.url)
 const QlobberSubClass = require('qlobber/aedes/qlobber-sub') as new (options: QlobberOptions) => QlobberSub
-const { QlobberTrue: QlobberTrueClass } = require('qlobber') as { QlobberTrue: new (options: QlobberOptions) => QlobberTrue }
-const QLOBBER_OPTIONS: QlobberOptions = { separator: '/', wildcard_one: '+', wildcard_some: '#' }
 
 // ---------------------------------------------------------------------------
 // Key layout and value encoding (see the header)
@@ -615,16 +608,13 @@ export class LevelSessionPersistence {
     await this.#writer.flush()
     const seen = new Set<string>()
     for (const pattern of patterns) {
-      const matcher = new QlobberTrueClass(QLOBBER_OPTIONS)
-      matcher.add(pattern)
-      // [MQTT-4.7.2-1] a filter starting with a wildcard does not match topics starting with '$'
-      const skipDollar = pattern.startsWith('+') || pattern.startsWith('#')
+      const matches = compileTopicFilters([pattern])
       const levels = pattern.split('/')
       const wildcard = levels.findIndex((level) => level === '+' || level === '#')
       const literal = wildcard === -1 ? pattern : levels.slice(0, wildcard).join('/')
       for await (const [key, value] of this.#scan(keys.retained(literal))) {
         const topic = key.toString('utf8', 1)
-        if (seen.has(topic) || (skipDollar && topic.startsWith('$')) || !matcher.test(topic)) continue
+        if (seen.has(topic) || !matches(topic)) continue
         seen.add(topic)
         yield decodeValue<SessionPacket>(key, value)
       }

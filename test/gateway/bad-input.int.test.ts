@@ -178,9 +178,12 @@ describe('bad input is refused with a reason; other clients and the log are unto
       const c = await mqtt.connectAsync(gw.mqttUrl, { clientId: 'nul-topic', protocolVersion: 4, reconnectPeriod: 0, connectTimeout: 5000 })
       c.on('error', () => {})
       const closed = new Promise<void>((resolve) => c.once('close', () => resolve()))
-      const acked = c.publishAsync('devices/nul-topic/telemetry/a\u0000b', 'x', { qos: 1 }).then(() => true, () => false)
+      // Packets are handled as they are read, so any PUBACK would be seen before the connection's 'close'.
+      let acked = false
+      c.on('packetreceive', (packet) => { if (packet.cmd === 'puback') acked = true })
+      void c.publishAsync('devices/nul-topic/telemetry/a\u0000b', 'x', { qos: 1 }).catch(() => {})
       expect(await Promise.race([closed.then(() => 'closed'), sleep(5000).then(() => 'open')])).toBe('closed')
-      expect(await Promise.race([acked, sleep(200).then(() => false)]), 'no PUBACK').toBe(false)
+      expect(acked, 'no PUBACK').toBe(false)
       c.end(true)
     })
   })
