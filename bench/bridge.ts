@@ -50,11 +50,13 @@
  *   ceiling with 10 publishers).
  *
  * Variants (positional arguments, default both):
- * - plain   edgemq with `dedupeId: none`: records go upstream with their own
- *           topic, exactly like Mosquitto's bridge. The like-for-like figure.
- * - dedupe  edgemq's default for MQTT 3.1.1, `dedupeId: topic-prefix`: each
- *           topic is `$dedupe/bench/default/telemetry/<p>/<offset>/<topic>`
- *           (about 40 bytes longer), against the same Mosquitto rounds.
+ * - plain   edgemq over MQTT 3.1.1 with `dedupeId: none`: records go upstream
+ *           with their own topic, exactly like Mosquitto's bridge. The
+ *           like-for-like figure.
+ * - dedupe  edgemq's form for an upstream edgemq (`kind: edgemq`, Mosquitto
+ *           standing in for it), `dedupeId: topic-prefix`: each topic is
+ *           `$dedupe/bench/default/telemetry/<p>/<offset>/<topic>` (about 40
+ *           bytes longer), against the same Mosquitto rounds.
  *
  * Every round starts fresh processes and directories; edgemq and Mosquitto
  * rounds alternate, the order flipping each round (as in gateway.ts), and
@@ -171,7 +173,7 @@ function edgemqConfig (upstreamPort: number, variant: Variant): unknown {
         maxInflight: WINDOW,
         reconnectMinMs: EDGEMQ_RECONNECT_MS,
         reconnectMaxMs: EDGEMQ_RECONNECT_MS,
-        ...(variant === 'plain' ? { dedupeId: 'none' } : {}),
+        ...(variant === 'plain' ? { mqttVersion: '3.1.1', dedupeId: 'none' } : { kind: 'edgemq' }),
       }],
     },
   }

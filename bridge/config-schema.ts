@@ -9,6 +9,12 @@ import { parseCommandMapping, parseTemplate, RECORD_VARIABLES, filterProblem } f
 
 const NAME = '^[A-Za-z0-9][A-Za-z0-9._-]{0,59}$'
 
+/**
+ * An upstream's consumer group is `bridge.<name>`: a store group without a tenant prefix, so no tenant can name or
+ * move it; tenants see it listed beside their own groups, read-only.
+ */
+export const BRIDGE_GROUP_PREFIX = 'bridge.'
+
 const forwardSchema = {
   type: 'object',
   additionalProperties: false,
@@ -41,7 +47,14 @@ const upstreamSchema = {
     name: { type: 'string', pattern: NAME, description: 'Name of the upstream: its consumer group is `bridge.<name>`, its dead-letter stream `dlq.<name>`, its metrics label `upstream`.' },
     region: { type: 'string', default: '', description: 'Region label, shown in the status and usable as {region} in templates.' },
     url: { type: 'string', description: 'Broker URL: mqtt://, mqtts://, ws:// or wss:// with host and port.' },
-    mqttVersion: { enum: ['3.1.1', '5'], default: '3.1.1', description: 'Protocol version spoken to the upstream.' },
+    kind: {
+      enum: ['mqtt', 'edgemq'], default: 'mqtt',
+      description: 'What the upstream is: `mqtt`, any MQTT broker (Mosquitto, EMQX, HiveMQ, AWS IoT…), whose subscribers get the topics unchanged; `edgemq`, another edgemq gateway, which takes the dedupe id as a `$dedupe/<id>/` topic prefix and stores each record exactly once.',
+    },
+    mqttVersion: {
+      enum: ['auto', '5', '3.1.1'], default: 'auto',
+      description: 'Protocol version spoken to the upstream. `auto`: MQTT 5, and MQTT 3.1.1 (without dedupe ids) if the upstream refuses 5 at CONNACK; for kind `edgemq`, 3.1.1.',
+    },
     clientId: { type: 'string', description: 'Client id at the upstream. Defaults to `edgemq-<gatewayId>-<name>`.' },
     username: { type: 'string', description: 'Username at the upstream.' },
     password: { type: 'string', description: 'Password at the upstream (plain text; keep the config file private).' },
@@ -67,7 +80,7 @@ const upstreamSchema = {
     },
     dedupeId: {
       enum: ['user-property', 'topic-prefix', 'none'],
-      description: 'How each message carries its dedupe id `<gatewayId>/<tenant>/<stream>/<partition>/<offset>`: an MQTT 5 user property `edgemq-dedupe-id`, or (MQTT 3.1.1) a topic prefix `$dedupe/<id>/` that an upstream edgemq strips. Defaults to user-property for MQTT 5, topic-prefix for 3.1.1.',
+      description: 'How each message carries its dedupe id `<gatewayId>/<tenant>/<stream>/<partition>/<offset>`: an MQTT 5 user property `edgemq-dedupe-id`, a topic prefix `$dedupe/<id>/` that an upstream edgemq strips (kind `edgemq` only), or not at all. Defaults to user-property over MQTT 5, topic-prefix for kind `edgemq`, none over MQTT 3.1.1 to any other broker.',
     },
     maxInflight: { type: 'integer', minimum: 1, maximum: 65535, default: 100, description: 'QoS 1 messages sent and not yet PUBACKed (capped by an MQTT 5 upstream\'s receive maximum).' },
     maxMessagesPerSecond: { type: 'number', minimum: 0, default: 0, description: 'Send at most this many messages per second (0: unlimited).' },
@@ -114,7 +127,8 @@ export interface UpstreamConfig {
   readonly name: string
   readonly region: string
   readonly url: string
-  readonly mqttVersion: '3.1.1' | '5'
+  readonly kind: 'mqtt' | 'edgemq'
+  readonly mqttVersion: 'auto' | '3.1.1' | '5'
   readonly clientId?: string
   readonly username?: string
   readonly password?: string
@@ -163,7 +177,9 @@ export function bridgeConfigProblem (bridge: BridgeConfig, context: BridgeConfig
     }
     if (!URL_SCHEMES.includes(url.protocol)) return `"${at}.url" must start with mqtt://, mqtts://, ws:// or wss:// (got ${url.protocol}//)`
     if (url.hostname === '') return `"${at}.url" has no host: ${JSON.stringify(u.url)}`
-    if (u.dedupeId === 'user-property' && u.mqttVersion !== '5') return `"${at}.dedupeId" user-property needs mqttVersion "5"`
+    if (u.kind === 'edgemq' && u.mqttVersion === '5') return `"${at}.mqttVersion" "5": an edgemq upstream speaks MQTT 3.1.1 (leave mqttVersion at "auto")`
+    if (u.dedupeId === 'user-property' && !protocolVersions(u).includes(5)) return `"${at}.dedupeId" user-property needs mqttVersion "5"`
+    if (u.dedupeId === 'topic-prefix' && u.kind !== 'edgemq') return `"${at}.dedupeId" topic-prefix is only for kind "edgemq": a plain MQTT broker would hand its subscribers the prefixed topics`
     if (u.reconnectMaxMs < u.reconnectMinMs) return `"${at}.reconnectMaxMs" is below reconnectMinMs`
     if ((u.tls.cert === undefined) !== (u.tls.key === undefined)) return `"${at}.tls" needs both cert and key, or neither`
     for (const [k, f] of u.forward.entries()) {
@@ -195,7 +211,20 @@ export function bridgeConfigProblem (bridge: BridgeConfig, context: BridgeConfig
   return null
 }
 
-/** The dedupe-id carrier an upstream uses, with its default filled in. */
-export function dedupeCarrier (u: UpstreamConfig): 'user-property' | 'topic-prefix' | 'none' {
-  return u.dedupeId ?? (u.mqttVersion === '5' ? 'user-property' : 'topic-prefix')
+export type DedupeCarrier = 'user-property' | 'topic-prefix' | 'none'
+export type ProtocolVersion = 4 | 5
+
+/** The MQTT protocol levels tried with an upstream, in order: `auto` falls back from 5 to 3.1.1 (level 4). */
+export function protocolVersions (u: UpstreamConfig): readonly ProtocolVersion[] {
+  if (u.mqttVersion === '5') return [5]
+  if (u.mqttVersion === '3.1.1' || u.kind === 'edgemq') return [4]
+  return [5, 4]
+}
+
+/** How an upstream's messages carry their dedupe id over protocol level `version`, with the defaults filled in. */
+export function dedupeCarrier (u: UpstreamConfig, version: ProtocolVersion): DedupeCarrier {
+  if (u.dedupeId === 'user-property') return version === 5 ? 'user-property' : 'none' // an `auto` upstream that refused 5
+  if (u.dedupeId !== undefined) return u.dedupeId
+  if (version === 5) return 'user-property'
+  return u.kind === 'edgemq' ? 'topic-prefix' : 'none'
 }

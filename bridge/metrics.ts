@@ -39,13 +39,14 @@ export function createBridgeMetrics (registry: Registry, upstreams: readonly str
   const forwarded = new Counter({ name: 'edgemq_bridge_forwarded_messages_total', help: 'Records acknowledged by the upstream.', labelNames: ['upstream', 'tenant', 'stream'], registers: [registry] })
   const forwardedBytes = new Counter({ name: 'edgemq_bridge_forwarded_bytes_total', help: 'Payload bytes acknowledged by the upstream.', labelNames: ['upstream', 'tenant', 'stream'], registers: [registry] })
   const reconnects = new Counter({ name: 'edgemq_bridge_reconnects_total', help: 'Connection attempts after the first.', labelNames: ['upstream'], registers: [registry] })
+  const connectFailures = new Counter({ name: 'edgemq_bridge_connect_failures_total', help: 'Connection attempts to the upstream that failed (no CONNACK, or a refusing one).', labelNames: ['upstream'], registers: [registry] })
   const deadLettered = new Counter({ name: 'edgemq_bridge_dead_lettered_total', help: 'Records the upstream refused maxDeliveryAttempts times, moved to the dead-letter stream.', labelNames: ['upstream', 'tenant', 'stream'], registers: [registry] })
   const droppedBeforeForward = new Counter({ name: 'edgemq_bridge_dropped_records_total', help: 'Records the disk budget deleted before the upstream acknowledged them.', labelNames: ['upstream'], registers: [registry] })
   const commandsReceived = new Counter({ name: 'edgemq_bridge_commands_received_total', help: 'Commands received from the upstream and stored.', labelNames: ['upstream'], registers: [registry] })
   const commandsDelivered = new Counter({ name: 'edgemq_bridge_commands_delivered_total', help: 'Commands a device acknowledged.', labelNames: ['upstream'], registers: [registry] })
   const commandsExpired = new Counter({ name: 'edgemq_bridge_commands_expired_total', help: 'Commands whose time-to-live ran out before delivery.', labelNames: ['upstream'], registers: [registry] })
   for (const upstream of upstreams) {
-    for (const c of [reconnects, droppedBeforeForward, commandsReceived, commandsDelivered, commandsExpired]) c.inc({ upstream }, 0)
+    for (const c of [reconnects, connectFailures, droppedBeforeForward, commandsReceived, commandsDelivered, commandsExpired]) c.inc({ upstream }, 0)
   }
 
   const bound = new Map<string, { messages: { inc (n: number): void }, bytes: { inc (n: number): void } }>()
@@ -61,6 +62,7 @@ export function createBridgeMetrics (registry: Registry, upstreams: readonly str
       },
       onDeadLettered: (upstream, tenant, stream) => { deadLettered.inc({ upstream, tenant, stream }) },
       onReconnect: (upstream) => { reconnects.inc({ upstream }) },
+      onConnectFailure: (upstream) => { connectFailures.inc({ upstream }) },
       onCommand: (upstream) => { commandsReceived.inc({ upstream }) },
     },
     commandsDelivered,

@@ -18,7 +18,6 @@
  */
 
 export const RECORD_VARIABLES = ['site', 'region', 'upstream', 'tenant', 'stream', 'partition', 'key', 'topic'] as const
-export type RecordVariable = typeof RECORD_VARIABLES[number]
 export const CONNECTION_VARIABLES = ['site', 'region', 'upstream'] as const
 export type ConnectionVariable = typeof CONNECTION_VARIABLES[number]
 

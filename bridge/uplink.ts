@@ -16,14 +16,21 @@
  * record ready, round robin among lanes of equal priority, so a backlog of
  * one stream cannot starve live records of a higher-priority one.
  *
+ * Protocol: MQTT 5 unless the config says otherwise; `mqttVersion: auto`
+ * falls back to 3.1.1 (for the rest of the process) when the upstream refuses
+ * 5 at CONNACK. The dedupe id travels as the form dedupeCarrier() gives for
+ * the level spoken (config-schema.ts).
+ *
  * Refusals: an MQTT 5 PUBACK with a reason code >= 0x80 counts one attempt
- * for that message. A 3.1.1 broker refuses by disconnecting, which does not
- * say which message was at fault; so after a disconnect with messages in
- * flight the next connection resends those messages one at a time (probe
- * mode), and a disconnect while one message is alone in flight counts an
- * attempt for it. A message refused maxDeliveryAttempts times is appended to
- * the dead-letter stream `<tenant>/dlq.<name>` with the reason, and the lane
- * moves on.
+ * for that message, and a message larger than an MQTT 5 upstream's maximum
+ * packet size is not sent at all; a disconnect never counts over MQTT 5. A
+ * 3.1.1 broker refuses by disconnecting, which does not say which message was
+ * at fault; so after a disconnect with messages in flight the next connection
+ * first resends an already acknowledged record (a canary: its PUBACK proves
+ * the link carries PUBLISHes), then the unacknowledged ones one at a time
+ * (probe mode), and disconnect-refusals.ts decides which disconnects count. A
+ * message refused maxDeliveryAttempts times is appended to the dead-letter
+ * stream `<tenant>/dlq.<name>` with the reason, and the lane moves on.
  *
  * Each connection is a fresh MQTT.js client with its own reconnection turned
  * off: reconnects follow our own exponential backoff with full jitter. MQTT.js
@@ -36,7 +43,9 @@ import { readFileSync } from 'node:fs'
 import mqtt, { type IClientOptions, type IPublishPacket, type MqttClient } from 'mqtt'
 import mqttPacket from 'mqtt-packet'
 import { isStoreError, type Clock, type LogStore, type StoredRecord } from '../store/index.ts'
-import { dedupeCarrier, type UpstreamConfig } from './config-schema.ts'
+import { BRIDGE_GROUP_PREFIX, dedupeCarrier, protocolVersions, type DedupeCarrier, type ProtocolVersion, type UpstreamConfig } from './config-schema.ts'
+import { ConnectionLog } from './connection-log.ts'
+import { DisconnectRefusals } from './disconnect-refusals.ts'
 import { BridgeError } from './errors.ts'
 import { captureTopic, DEDUPE_TOPIC_PREFIX, parseCommandMapping, parseTemplate, RECORD_VARIABLES, type CommandMapping, type Template } from './topic-template.ts'
 
@@ -56,6 +65,12 @@ const READ_BYTES = 1024 * 1024
 const REFUSAL_RETRY_MS = 1000
 const THROUGHPUT_WINDOW = 10
 const DLQ_RETENTION_MS = 30 * 24 * 3600 * 1000
+/** A 3.1.1 disconnect later than this after a message was sent does not point at it. */
+const REFUSAL_DISCONNECT_MS = 10_000
+/** At most one line per this long about an upstream that stays unreachable. */
+const CONNECT_FAILURE_LOG_MS = 60_000
+/** CONNACK return codes of a broker that does not speak the protocol level asked for: 3.1.1's 1, MQTT 5's 0x84. */
+const UNSUPPORTED_PROTOCOL = new Set([1, 0x84])
 
 export interface BridgeLogger {
   info (fields: Record<string, unknown>, message: string): void
@@ -85,6 +100,7 @@ export interface UplinkObserver {
   onForwarded? (upstream: string, tenant: string, stream: string, messages: number, bytes: number): void
   onDeadLettered? (upstream: string, tenant: string, stream: string): void
   onReconnect? (upstream: string): void
+  onConnectFailure? (upstream: string): void
   onCommand? (upstream: string): void
 }
 
@@ -118,10 +134,18 @@ export interface UpstreamStatus {
   readonly region: string
   /** The URL without credentials. */
   readonly url: string
+  readonly kind: 'mqtt' | 'edgemq'
+  /** Protocol of the current (or last attempted) connection; null before the first attempt. */
+  readonly mqttVersion: '5' | '3.1.1' | null
+  /** How the messages carry their dedupe id on that connection. */
+  readonly dedupeId: DedupeCarrier
   readonly connected: boolean
   /** When the current connection (or the current outage) began, ISO 8601; null before the first attempt. */
   readonly since: string | null
-  readonly lastError: { readonly message: string, readonly at: string } | null
+  /** The last error, when it happened, and when a connection came up after it (null while unresolved). */
+  readonly lastError: { readonly message: string, readonly at: string, readonly resolvedAt: string | null } | null
+  /** Connection attempts that failed (no CONNACK, or a refusing one). */
+  readonly connectFailures: number
   readonly reconnects: number
   readonly inflight: number
   readonly forwardedMessages: number
@@ -139,6 +163,8 @@ interface Pending {
   readonly timestamp: number
   readonly record: StoredRecord | null // null: skipped by the filter, done at once
   acked: boolean
+  /** Dead-lettered rather than acknowledged: never a canary. */
+  refused?: boolean
 }
 
 interface Lane {
@@ -169,6 +195,8 @@ interface Lane {
   /** Acknowledged since the metrics were last told (they are told once per turn, not per record). */
   unreportedMessages: number
   unreportedBytes: number
+  /** The record just below `done`, once one was acknowledged: a 3.1.1 canary (see the header). */
+  lastAcked: StoredRecord | null
 }
 
 /** Hands MQTT.js the ids from ID_SPLIT up, so they never collide with the uplink's PUBLISHes. */
@@ -186,7 +214,7 @@ class UpperIdProvider implements NonNullable<IClientOptions['messageIdProvider']
 }
 
 /** Builds the MQTT.js options of one connection attempt. */
-function clientOptions (u: UpstreamConfig, gatewayId: string): IClientOptions {
+function clientOptions (u: UpstreamConfig, gatewayId: string, version: ProtocolVersion): IClientOptions {
   const readPem = (file: string | undefined, what: string): Buffer | undefined => {
     if (file === undefined) return undefined
     try {
@@ -200,10 +228,10 @@ function clientOptions (u: UpstreamConfig, gatewayId: string): IClientOptions {
     clientId: u.clientId ?? `edgemq-${gatewayId}-${u.name}`,
     username: u.username,
     password: u.password,
-    protocolVersion: u.mqttVersion === '5' ? 5 : 4,
+    protocolVersion: version,
     // Commands sent while the link was down wait in the upstream's session.
     clean: !persistent,
-    ...(u.mqttVersion === '5' && persistent ? { properties: { sessionExpiryInterval: 7 * 24 * 3600 } } : {}),
+    ...(version === 5 && persistent ? { properties: { sessionExpiryInterval: 7 * 24 * 3600 } } : {}),
     keepalive: u.keepaliveSeconds,
     connectTimeout: u.connectTimeoutMs,
     reconnectPeriod: 0,
@@ -229,17 +257,26 @@ export class Uplink {
   readonly config: UpstreamConfig
   readonly group: string
   readonly #deps: UplinkDeps
-  readonly #options: IClientOptions
+  readonly #versions: readonly ProtocolVersion[]
+  #version: ProtocolVersion
+  #options: IClientOptions
+  #attempted = false
+  /** An MQTT 5 upstream's maximum packet size (CONNACK); larger messages are dead-lettered unsent. */
+  #maxPacket = Infinity
+  readonly #refusals = new DisconnectRefusals(REFUSAL_DISCONNECT_MS)
+  #canarySent = false
+  readonly #connectionLog: ConnectionLog
+  #connectFailures = 0
   readonly #lanes: Lane[] = []
   readonly #commandMappings: Array<{ readonly mapping: CommandMapping, readonly tenant: string, readonly ttlMs: number }>
-  readonly #carrier: 'user-property' | 'topic-prefix' | 'none'
+  #carrier: DedupeCarrier
   readonly #random: () => number
   #client: MqttClient | null = null
   #generation = 0
   #connected = false
   #stopped = true
   #since: number | null = null
-  #lastError: { message: string, at: number } | null = null
+  #lastError: { message: string, at: number, resolvedAt: number | null } | null = null
   #failures = 0
   #reconnects = 0
   #reconnectTimer: NodeJS.Timeout | null = null
@@ -253,7 +290,7 @@ export class Uplink {
   readonly #attempts = new Map<string, number>()
   #rr = 0
   /** PUBLISHes sent on the current connection and not yet acknowledged, by message id. */
-  readonly #awaiting = new Map<number, { readonly lane: Lane, readonly entry: Pending, readonly epoch: number, readonly remote: string }>()
+  readonly #awaiting = new Map<number, { readonly lane: Lane, readonly entry: Pending, readonly epoch: number, readonly remote: string, readonly canary: boolean }>()
   #nextId = 1
   #frames: Buffer[] = []
   #pumpScheduled = false
@@ -268,12 +305,15 @@ export class Uplink {
 
   constructor (config: UpstreamConfig, deps: UplinkDeps) {
     this.config = config
-    this.group = `bridge.${config.name}`
+    this.group = `${BRIDGE_GROUP_PREFIX}${config.name}`
     this.#deps = deps
     this.#random = deps.random ?? Math.random
-    this.#options = clientOptions(config, deps.gatewayId)
+    this.#versions = protocolVersions(config)
+    this.#version = this.#versions[0] as ProtocolVersion
+    this.#options = clientOptions(config, deps.gatewayId, this.#version)
     this.#window = config.maxInflight
-    this.#carrier = dedupeCarrier(config)
+    this.#carrier = dedupeCarrier(config, this.#version)
+    this.#connectionLog = new ConnectionLog(deps.logger, config.name, CONNECT_FAILURE_LOG_MS)
     const values = { site: deps.gatewayId, region: config.region, upstream: config.name }
     this.#commandMappings = config.commands.map((c) => ({ mapping: parseCommandMapping(c.remote, c.local, values), tenant: c.tenant, ttlMs: c.ttlMs }))
     if (this.#commandMappings.length > 0 && deps.commands === undefined) throw new Error(`upstream ${config.name} has command mappings but no command sink`)
@@ -324,7 +364,7 @@ export class Uplink {
       this.#lanes.push({
         tenant, name, stream, partition, priority, filter, template, receipts,
         epoch: 0, nextRead: start, buffer: [], bufferAt: 0, pending: [], pendingAt: 0, done: start,
-        committed: committed ?? -1, reading: false, end: p.logEndOffset, unreportedMessages: 0, unreportedBytes: 0,
+        committed: committed ?? -1, reading: false, end: p.logEndOffset, unreportedMessages: 0, unreportedBytes: 0, lastAcked: null,
       })
     }
   }
@@ -350,16 +390,22 @@ export class Uplink {
   #connect (): void {
     if (this.#stopped) return
     const generation = ++this.#generation
+    this.#attempted = true
     const client = mqtt.connect(this.config.url, { ...this.#options, messageIdProvider: new UpperIdProvider() })
     this.#client = client
     client.on('connect', (connack) => {
       if (generation !== this.#generation) return
+      const now = this.#deps.clock.now()
       this.#connected = true
       this.#failures = 0
-      this.#since = this.#deps.clock.now()
+      this.#since = now
+      if (this.#lastError !== null) this.#lastError.resolvedAt ??= now
+      this.#refusals.connected()
+      this.#canarySent = false
       const receiveMaximum = connack.properties?.receiveMaximum
       this.#window = Math.max(1, Math.min(this.config.maxInflight, receiveMaximum ?? Infinity, ID_SPLIT - 1))
-      this.#deps.logger.info({ upstream: this.config.name, url: redact(this.config.url), probe: this.#probe }, 'upstream connected')
+      this.#maxPacket = connack.properties?.maximumPacketSize ?? Infinity
+      this.#connectionLog.connected({ url: redact(this.config.url), mqttVersion: this.#version === 5 ? '5' : '3.1.1', dedupeId: this.#carrier }, now)
       if (this.#commandMappings.length > 0) this.#subscribeCommands(client, generation)
       for (const lane of this.#lanes) lane.end = Math.max(lane.end, this.#deps.store.partitionInfo(lane.stream, lane.partition).logEndOffset)
       this.#pump()
@@ -369,7 +415,17 @@ export class Uplink {
     })
     client.on('error', (err) => {
       if (generation !== this.#generation) return
-      this.#lastError = { message: err.message, at: this.#deps.clock.now() }
+      this.#lastError = { message: err.message, at: this.#deps.clock.now(), resolvedAt: null }
+      const code = (err as Error & { code?: unknown }).code
+      if (!this.#connected && this.#version === 5 && this.#versions.includes(4) && typeof code === 'number' && UNSUPPORTED_PROTOCOL.has(code)) {
+        // `auto`: the upstream does not speak MQTT 5 (aedes 1.x, older brokers). 3.1.1 has no user properties, and a
+        // plain broker must not get a topic prefix, so from here on the messages go without a dedupe id.
+        this.#version = 4
+        this.#options = clientOptions(this.config, this.#deps.gatewayId, 4)
+        this.#carrier = dedupeCarrier(this.config, 4)
+        this.#deps.logger.warn({ upstream: this.config.name, dedupeId: this.#carrier }, 'upstream refuses MQTT 5: speaking MQTT 3.1.1 to it, without dedupe ids (at least once, resends unmarked)')
+        this.#failures = 0
+      }
     })
     client.on('close', () => {
       if (generation !== this.#generation) return
@@ -387,9 +443,15 @@ export class Uplink {
     const wasConnected = this.#connected
     this.#dropConnection()
     if (this.#stopped) return
+    const now = this.#deps.clock.now()
     if (wasConnected) {
-      this.#lastError ??= { message: 'connection closed', at: this.#deps.clock.now() }
-      this.#deps.logger.warn({ upstream: this.config.name, err: this.#lastError.message }, 'upstream disconnected')
+      if (this.#lastError === null || this.#lastError.resolvedAt !== null) this.#lastError = { message: 'connection closed', at: now, resolvedAt: null }
+      this.#connectionLog.disconnected(this.#lastError.message, now)
+    } else {
+      if (this.#lastError === null || this.#lastError.resolvedAt !== null) this.#lastError = { message: 'connection closed before CONNACK', at: now, resolvedAt: null }
+      this.#connectFailures++
+      this.#deps.observer?.onConnectFailure?.(this.config.name)
+      this.#connectionLog.failed(this.#lastError.message, now)
     }
     // Full jitter (AWS architecture blog): a fleet of gateways whose region comes back does not reconnect in step.
     const ceiling = Math.min(this.config.reconnectMaxMs, this.config.reconnectMinMs * 2 ** Math.min(this.#failures, 30))
@@ -414,18 +476,20 @@ export class Uplink {
       client.end(true)
       this.#client = null
     }
-    if (this.#connected) this.#since = this.#deps.clock.now()
-    this.#connected = false
-    if (this.#inflight > 0) {
-      if (this.#inflight === 1 && this.#probe > 0) {
-        // Alone in flight when the upstream hung up: this message may be what it refuses.
-        for (const lane of this.#lanes) {
-          const suspect = lane.pending.slice(lane.pendingAt).find((p) => !p.acked && p.record !== null)
-          if (suspect?.record != null) { this.#blame(lane, suspect.record, 'the upstream disconnected while it was in flight'); break }
+    const now = this.#deps.clock.now()
+    if (this.#connected) {
+      this.#since = now
+      if (this.#version === 4 && !this.#stopped) { // our own DISCONNECT at stop() says nothing about the upstream
+        const strike = this.#refusals.disconnected(now)
+        if (strike !== null) {
+          this.#deps.logger.warn({ upstream: this.config.name, message: strike.id, attempt: strike.strikes, of: this.config.maxDeliveryAttempts },
+            'upstream disconnected right after a message was sent alone on a working connection: counted as a refusal')
         }
       }
-      this.#probe = Math.max(this.#probe, this.#inflight)
     }
+    this.#connected = false
+    // Over MQTT 5 a refusal is a PUBACK reason code, so a disconnect says nothing about the messages in flight.
+    if (this.#inflight > 0 && this.#version === 4) this.#probe = Math.max(this.#probe, this.#inflight)
     this.#inflight = 0
     this.#awaiting.clear()
     this.#frames = []
@@ -457,6 +521,7 @@ export class Uplink {
   }
 
   #pump (): void {
+    if (this.#connected && this.#probe > 0 && this.#inflight === 0 && !this.#canarySent && !this.#refusals.healthy) this.#sendCanary()
     while (this.#connected && this.#inflight < (this.#probe > 0 ? 1 : this.#window)) {
       const lane = this.#nextLane()
       if (lane === null) break
@@ -466,9 +531,12 @@ export class Uplink {
         this.#skip(lane, record)
         continue
       }
-      if (this.#attemptsOf(lane, record) >= this.config.maxDeliveryAttempts) {
+      const strikes = this.#refusals.suspecting ? this.#refusals.strikes(this.#dedupeId(lane, record.offset)) : 0
+      if (Math.max(this.#attemptsOf(lane, record), strikes) >= this.config.maxDeliveryAttempts) {
         lane.bufferAt++
-        this.#deadLetter(lane, this.#track(lane, record), 'refused by the upstream')
+        this.#refusals.forget(this.#dedupeId(lane, record.offset))
+        const reason = strikes >= this.config.maxDeliveryAttempts ? `the upstream disconnected right after it was sent, ${strikes} times in a row` : 'refused by the upstream'
+        this.#deadLetter(lane, this.#track(lane, record), reason)
         continue
       }
       if (!this.#takeTokens(record.payload.byteLength)) break
@@ -479,6 +547,20 @@ export class Uplink {
     for (const lane of this.#lanes) {
       if (lane.bufferAt >= lane.buffer.length && !lane.reading && lane.nextRead < lane.end) this.#fill(lane)
     }
+  }
+
+  /**
+   * Over 3.1.1 after a disconnect with messages in flight: resends the most recently acknowledged record (a
+   * duplicate under its own dedupe id, never a reorder: its lane resends from the offset after it) before anything
+   * else, so the connection has carried a PUBLISH round trip before a suspect is sent alone. Without one (nothing
+   * acknowledged since the start) the suspect goes first, and its disconnect cannot count.
+   */
+  #sendCanary (): void {
+    this.#canarySent = true
+    const lane = this.#lanes.find((l) => l.lastAcked !== null)
+    if (lane === undefined) return
+    const record = lane.lastAcked as StoredRecord
+    this.#send(lane, { offset: record.offset, timestamp: record.timestamp, record, acked: true }, true)
   }
 
   #nextLane (): Lane | null {
@@ -543,7 +625,7 @@ export class Uplink {
    * PUBLISHes (1 to ID_SPLIT - 1) and matches their PUBACKs itself: going through MQTT.js' publish() cost a deep copy,
    * an outgoing-store entry and a callback per message, a third of a drain's main thread.
    */
-  #send (lane: Lane, entry: Pending): void {
+  #send (lane: Lane, entry: Pending, canary = false): void {
     const record = entry.record as StoredRecord
     const remote = lane.template.render({
       site: this.#deps.gatewayId, region: this.config.region, upstream: this.config.name,
@@ -555,8 +637,15 @@ export class Uplink {
     const messageId = this.#allocateId()
     const packet: IPublishPacket = { cmd: 'publish', topic, payload, qos: 1, dup: false, retain: false, messageId }
     if (this.#carrier === 'user-property') packet.properties = { userProperties: { [DEDUPE_PROPERTY]: dedupeId } }
-    this.#frames.push(mqttPacket.generate(packet, { protocolVersion: this.#options.protocolVersion ?? 4 }))
-    this.#awaiting.set(messageId, { lane, entry, epoch: lane.epoch, remote })
+    const frame = mqttPacket.generate(packet, { protocolVersion: this.#version })
+    if (frame.length > this.#maxPacket) {
+      // [MQTT-3.1.2-24]: a client must not send a packet larger than the server's Maximum Packet Size.
+      if (!canary) this.#deadLetter(lane, entry, `larger than the upstream's maximum packet size (${frame.length} > ${this.#maxPacket} bytes)`)
+      return
+    }
+    this.#frames.push(frame)
+    this.#awaiting.set(messageId, { lane, entry, epoch: lane.epoch, remote, canary })
+    if (this.#version === 4) this.#refusals.sent(canary ? `canary:${dedupeId}` : dedupeId, this.#deps.clock.now())
     this.#inflight++
   }
 
@@ -580,13 +669,15 @@ export class Uplink {
     const waiting = this.#awaiting.get(messageId)
     if (waiting === undefined) return // an ack of MQTT.js' own, or of a dropped connection
     this.#awaiting.delete(messageId)
-    const { lane, entry, epoch, remote } = waiting
+    const { lane, entry, epoch, remote, canary } = waiting
     if (epoch !== lane.epoch) return
     this.#inflight--
+    if (this.#version === 4) this.#refusals.acked(`${canary ? 'canary:' : ''}${this.#dedupeId(lane, entry.offset)}`)
+    if (canary) return this.#schedulePump()
     if (reasonCode === undefined || reasonCode < 0x80) return this.#acked(lane, entry) // 0x10 "no matching subscribers" is a success
     const record = entry.record as StoredRecord
     const reason = `reason code 0x${reasonCode.toString(16)}`
-    this.#lastError = { message: `PUBACK refused ${remote}: ${reason}`, at: this.#deps.clock.now() }
+    this.#lastError = { message: `PUBACK refused ${remote}: ${reason}`, at: this.#deps.clock.now(), resolvedAt: null }
     if (this.#blame(lane, record, reason)) {
       this.#deadLetter(lane, entry, reason)
       return
@@ -645,7 +736,9 @@ export class Uplink {
 
   #advance (lane: Lane): void {
     while (lane.pendingAt < lane.pending.length && (lane.pending[lane.pendingAt] as Pending).acked) {
-      lane.done = (lane.pending[lane.pendingAt] as Pending).offset + 1
+      const entry = lane.pending[lane.pendingAt] as Pending
+      lane.done = entry.offset + 1
+      if (entry.record !== null && entry.refused !== true) lane.lastAcked = entry.record
       lane.pendingAt++
     }
     if (lane.pendingAt === lane.pending.length) {
@@ -679,6 +772,7 @@ export class Uplink {
       if (epoch !== lane.epoch) return
       this.#inflight--
       if (this.#probe > 0) this.#probe--
+      entry.refused = true
       entry.acked = true
       this.#advance(lane)
       this.#pump()
@@ -757,7 +851,7 @@ export class Uplink {
       const refused = (granted ?? []).filter((g) => g.qos >= 0x80) // a SUBACK failure (MQTT 5 reason codes land in qos too)
       if (err != null || refused.length > 0) {
         const message = err?.message ?? `the upstream refused the subscription to ${refused.map((g) => g.topic).join(', ')}`
-        this.#lastError = { message, at: this.#deps.clock.now() }
+        this.#lastError = { message, at: this.#deps.clock.now(), resolvedAt: null }
         this.#deps.logger.error({ upstream: this.config.name, err: message }, 'subscribing to command topics failed')
       }
     })
@@ -820,9 +914,15 @@ export class Uplink {
       name: this.config.name,
       region: this.config.region,
       url: redact(this.config.url),
+      kind: this.config.kind,
+      mqttVersion: this.#attempted ? (this.#version === 5 ? '5' : '3.1.1') : null,
+      dedupeId: this.#carrier,
       connected: this.#connected,
       since: this.#since === null ? null : new Date(this.#since).toISOString(),
-      lastError: this.#lastError === null ? null : { message: this.#lastError.message, at: new Date(this.#lastError.at).toISOString() },
+      lastError: this.#lastError === null
+        ? null
+        : { message: this.#lastError.message, at: new Date(this.#lastError.at).toISOString(), resolvedAt: this.#lastError.resolvedAt === null ? null : new Date(this.#lastError.resolvedAt).toISOString() },
+      connectFailures: this.#connectFailures,
       reconnects: this.#reconnects,
       inflight: this.#inflight,
       forwardedMessages: this.#forwarded,

@@ -25,6 +25,7 @@ export const HTTP_ERROR_CODES = {
   HTTP_UNKNOWN_PARTITION: { status: 404, description: 'The stream has no partition of that number.' },
   HTTP_UNKNOWN_GROUP: { status: 404, description: 'The tenant has no consumer group of that name.' },
   HTTP_UNKNOWN_UPSTREAM: { status: 404, description: 'No bridge upstream of that name is configured.' },
+  HTTP_GROUP_READ_ONLY: { status: 409, description: 'The consumer group is the bridge\'s (`bridge.<upstream>`): listed, but only the bridge moves or deletes its offsets.' },
   HTTP_METHOD_NOT_ALLOWED: { status: 405, description: 'The path exists but not with this method; the Allow header lists the methods.' },
   HTTP_BODY_TOO_LARGE: { status: 413, description: 'The request body is larger than 64 KiB.' },
   HTTP_OFFSET_OUT_OF_RANGE: { status: 416, description: 'The offset is below the log start (retention deleted it) or above the log end; the error carries logStartOffset and logEndOffset.' },

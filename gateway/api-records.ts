@@ -18,7 +18,7 @@
  * slices (cpu-slice.ts) that yield to the event loop, so one request cannot
  * hold up other clients, MQTT acks included; repeated filters are bounded
  * (MAX_TOPIC_FILTERS, MAX_KEYS) and the topic filters are one compiled
- * matcher (topic-filter-set.ts).
+ * matcher (compileTopicFilters, topics.ts).
  */
 import { once } from 'node:events'
 import type { IncomingMessage, ServerResponse } from 'node:http'
@@ -29,8 +29,7 @@ import { parseInteger, parseTime, QueryParams } from './api-params.ts'
 import { CpuSlice, slicedPieces } from './cpu-slice.ts'
 import { compileFilterExpression, parseJsonPayload } from './filter-expression.ts'
 import { RecordJson, type PayloadEncoding } from './record-json.ts'
-import { compileTopicFilters } from './topic-filter-set.ts'
-import { topicFilterProblem } from './topics.ts'
+import { compileTopicFilters, topicFilterProblem } from './topics.ts'
 
 export type OutputFormat = 'json' | 'ndjson' | 'cbor' | 'batches'
 /** The media type of format=batches: a CBOR sequence (RFC 8742) of stored batches (api-batches.ts). */

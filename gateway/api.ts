@@ -21,7 +21,7 @@ import { serveBatches } from './api-batches.ts'
 import { AppendWaiters, clientGone, parseRecordsRequest, serveRecords, type PartitionTarget } from './api-records.ts'
 import type { UpstreamStatus } from '../bridge/uplink.ts'
 import type { ApiTokenConfig, UserConfig } from './config.ts'
-import { groupDoc, groupDocs, groupStreamDoc, partitionDoc, streamDoc, streamDocs, tenantGroups } from './log-documents.ts'
+import { bridgeGroupDoc, bridgeGroups, groupDoc, groupDocs, groupStreamDoc, partitionDoc, streamDoc, streamDocs, tenantGroups } from './log-documents.ts'
 
 export interface ApiDeps {
   readonly store: LogStore
@@ -253,9 +253,16 @@ export function createApi (deps: ApiDeps): Api {
         return sendJson(res, 200, { tenant: who.tenant, groups })
       }
       const group = groupId(who, a)
+      const bridgeGroup = bridgeGroups(store, who.tenant).get(a)
+      const readOnly = (): ApiError => new ApiError('HTTP_GROUP_READ_ONLY',
+        `consumer group ${JSON.stringify(a)} is the bridge's: its offsets move as the upstream acknowledges records`, { details: { group: a } })
       if (b === undefined) {
         only('GET', 'DELETE')
         noParams(url)
+        if (bridgeGroup !== undefined) {
+          if (method === 'DELETE') throw readOnly()
+          return sendJson(res, 200, await bridgeGroupDoc(store, who.tenant, a, bridgeGroup))
+        }
         const g = tenantGroups(store, who.tenant).get(a)
         if (g === undefined) throw new ApiError('HTTP_UNKNOWN_GROUP', `unknown consumer group ${JSON.stringify(a)}`, { details: { group: a } })
         if (method === 'DELETE') {
@@ -267,6 +274,7 @@ export function createApi (deps: ApiDeps): Api {
       if (b !== 'streams' || c === undefined || e !== undefined) throw notFound()
       const s = resolveStream(who, c)
       noParams(url)
+      if (d !== undefined && bridgeGroup !== undefined) throw readOnly()
       if (d === undefined) {
         only('GET')
       } else if (d === 'commit') {
@@ -278,7 +286,7 @@ export function createApi (deps: ApiDeps): Api {
       } else {
         throw notFound()
       }
-      return sendJson(res, 200, { group: a, ...await groupStreamDoc(store, who.tenant, group, s.stream) })
+      return sendJson(res, 200, { group: a, ...await groupStreamDoc(store, who.tenant, bridgeGroup?.id ?? group, s.stream) })
     }
     if (top === 'bridge') {
       only('GET')

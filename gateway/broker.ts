@@ -27,16 +27,19 @@ import { Aedes, type Client, type PublishPacket, type Subscription } from 'aedes
 import type { Duplex } from 'node:stream'
 import type { TLSSocket } from 'node:tls'
 import type { Logger } from 'pino'
-import { isStoreError, type LogStore } from '../store/index.ts'
+import { isStoreError, type AppendOptions, type LogStore } from '../store/index.ts'
 import { splitDedupeTopic } from '../bridge/topic-template.ts'
 import { clientIdMatches, clientIdPattern, isAllowed, mayReplicate, UserDirectory, type Identity } from './auth.ts'
 import type { GatewayConfig, ListenerConfig, UserConfig } from './config.ts'
 import type { GuardGroup } from './connection-guard.ts'
+import { InboundQos2, type Qos2Plan, type Qos2Persistence } from './inbound-qos2.ts'
 import { GatewayError, type GatewayErrorCode } from './errors.ts'
+import { clientFields, isOrdinaryDisconnect } from './logger.ts'
 import type { GatewayMetrics, PublishRefusal, RefusalReason, SubscribeRefusal } from './metrics.ts'
 import { isReplayTopic, MqttReplays, type ReplayConnection, type ReplayTicket } from './mqtt-replay.ts'
 import { compileRoutes, type Route } from './routing.ts'
-import { mountTopic, scopedClientId, topicFilterProblem, topicNameProblem, unmountTopic } from './topics.ts'
+import { installWills, type WillPersistence } from './wills.ts'
+import { dollarTopicSubscribed, mountTopic, scopedClientId, topicFilterProblem, topicNameProblem, unmountTopic } from './topics.ts'
 
 export interface BrokerDeps {
   readonly config: GatewayConfig
@@ -58,26 +61,18 @@ export interface ListenerTagged {
   tlsSocket?: TLSSocket
 }
 
-export interface BrokerPersistence {
-  incomingDelPacket (client: Client, packet: { messageId?: number }): Promise<void>
-  cleanIncoming (client: Client): Promise<void>
+export interface BrokerPersistence extends Qos2Persistence, WillPersistence {
   addSubscriptions (client: Client, subs: readonly Subscription[]): Promise<void>
+  subscriptionsByClient (client: Client): Promise<Array<{ topic: string, qos: number }>>
+  hasSessionState (client: Client): boolean
+  markSession (client: Client): Promise<void>
   outgoingClearMessageId (client: Client, packet: { cmd?: string, messageId?: number }): Promise<unknown>
-}
-
-/** Dedupe ids of a client's QoS 2 publishes share this prefix (NUL cannot occur in a client id). */
-function qos2DedupePrefix (tenant: string, clientId: string): string {
-  return `mqtt-qos2/${tenant}/${clientId}\u0000`
-}
-
-function qos2DedupeId (tenant: string, clientId: string, messageId: number): string {
-  return `${qos2DedupePrefix(tenant, clientId)}${messageId}`
 }
 
 /** broker.publish as aedes calls it internally (its typings only declare the two-argument form). */
 type InternalPublish = (packet: PublishPacket, client: Client | null, done: (err?: Error) => void) => void
 
-interface ConnectInfo { readonly clientId: string, readonly clean: boolean }
+interface ConnectInfo { readonly clientId: string, readonly clean: boolean, readonly willTopic?: string }
 
 /** Header of a replicated record: the dedupe id it arrived with (`<gatewayId>/<tenant>/<stream>/<partition>/<offset>`). */
 export const ORIGIN_HEADER = 'edgemq-origin'
@@ -130,6 +125,8 @@ export function createBroker (deps: BrokerDeps): Aedes {
   const replays = new MqttReplays({ store, routes: config.routes, acl: config.acl, limits: config.mqtt.replay, metrics, logger })
   /** Subscriptions authorizeSubscribe accepted or parked: only those are stored in a session (see addSubscriptions below). */
   const authorized = new WeakSet<Subscription>()
+  /** Marker subscriptions that only make aedes answer sessionPresent = 1 (see subscriptionsByClient below). */
+  const sessionMarkers = new WeakSet<object>()
   /** $replay subscriptions accepted, until their SUBACK is out. */
   const tickets = new WeakMap<Subscription, ReplayTicket>()
   const replayConnections = new WeakMap<Client, ReplayConnection>()
@@ -156,7 +153,8 @@ export function createBroker (deps: BrokerDeps): Aedes {
   const refuse = (client: Client, reason: RefusalReason, detail: string): void => {
     const listener = listenerOf(client)?.name ?? 'unknown'
     metrics.connectionsRefused.inc({ listener, reason })
-    logger.warn({ clientId: connects.get(client)?.clientId ?? client.id, listener, reason }, `connection refused: ${detail}`)
+    // The id as the device sent it (a refused one may hold U+0000: the log shows it escaped); never the scoped key.
+    logger.warn({ clientId: connects.get(client)?.clientId ?? clientFields(client.id).clientId, listener, reason }, `connection refused: ${detail}`)
   }
 
   /** Reasons already logged per connection: a device repeating a refused publish is counted every time, logged once. */
@@ -167,7 +165,7 @@ export function createBroker (deps: BrokerDeps): Aedes {
     if (reasons === undefined) logged.set(client, reasons = new Set())
     if (reasons.has(reason)) return
     reasons.add(reason)
-    logger.warn({ clientId: who?.clientId ?? client.id, tenant: who?.tenant, reason }, `publish refused: ${detail} (further refusals of this connection for the same reason are only counted)`)
+    logger.warn({ ...clientFields(who?.clientId ?? client.id), tenant: who?.tenant, reason }, `publish refused: ${detail} (further refusals of this connection for the same reason are only counted)`)
   }
 
   /**
@@ -199,7 +197,7 @@ export function createBroker (deps: BrokerDeps): Aedes {
     heartbeatInterval: 60_000,
 
     preConnect (client, packet, callback) {
-      connects.set(client, { clientId: packet.clientId ?? '', clean: packet.clean !== false })
+      connects.set(client, { clientId: packet.clientId ?? '', clean: packet.clean !== false, willTopic: packet.will?.topic })
       callback(null, true)
     },
 
@@ -222,6 +220,15 @@ export function createBroker (deps: BrokerDeps): Aedes {
       if (info.clientId === '' && !info.clean) {
         refuse(client, 'invalid-client-id', 'empty client id with clean session = false')
         return done(authError(2, 'identifier rejected'), false)
+      }
+      // A will is published as the client's own PUBLISH when it fires, so its topic is held to the same rules now,
+      // not found wanting only when the client is gone.
+      const willProblem = info.willTopic === undefined
+        ? null
+        : topicNameProblem(info.willTopic) ?? (isReplayTopic(info.willTopic) ? '$replay topics are the gateway\'s replays of the log' : null)
+      if (willProblem !== null) {
+        refuse(client, 'invalid-will', `will topic ${JSON.stringify(info.willTopic)}: ${willProblem}`)
+        return done(authError(5, 'invalid will topic'), false)
       }
       // [MQTT-3.1.2-22] a password needs a username.
       if (username === undefined && password !== undefined) {
@@ -276,9 +283,12 @@ export function createBroker (deps: BrokerDeps): Aedes {
     },
 
     authorizePublish (client, packet, callback) {
-      // The broker's own $SYS messages arrive without a client. A will arrives here too, with its client, when it
-      // fires: it is checked, mounted and (when routed) logged like any publish of that client.
-      if (client === null) return callback(null)
+      // A will arrives here with its client when it fires (wills.ts): it is checked, mounted and (when routed)
+      // logged like any publish of that client. Nothing may publish without a client: it would skip all of that.
+      if (client === null) {
+        logger.warn({ topic: packet.topic }, 'publish without a client refused')
+        return callback(refusedError('a publish needs a client'))
+      }
       const who = identities.get(client)
       // A record replicated by another edgemq's bridge over MQTT 3.1.1 carries its dedupe id in a topic prefix: it
       // is appended under that id, so a resend after the sender's reconnect or crash is acknowledged, not logged twice.
@@ -319,6 +329,7 @@ export function createBroker (deps: BrokerDeps): Aedes {
           refusePublish(client, who, 'unrouted', `no route for ${topic}`)
           return callback(refusedError(`no route for topic ${topic}`))
         }
+        if (packet.qos === 2 && packet.messageId !== undefined) return beginQos2(client, packet, { deliver: () => deliverBeforeAck(packet, client) }, callback)
         return packet.qos === 0 ? callback(null) : publishBeforeAck(packet, client, callback)
       }
       const stream = decision.stream as string
@@ -329,20 +340,18 @@ export function createBroker (deps: BrokerDeps): Aedes {
           if (duplicate === true) { markDone(packet); return callback(null) } // already logged and delivered once
           if (qos === 0) return callback(null)
           publishBeforeAck(packet, client, callback)
-        }, `bridge/${carried.dedupeId}`, { [ORIGIN_HEADER]: carried.dedupeId })
+        }, { dedupeId: `bridge/${carried.dedupeId}` }, { [ORIGIN_HEADER]: carried.dedupeId })
         return
       }
-      if (qos === 2) {
-        // [MQTT-4.3.3-2] exactly once into the log: the append carries a dedupe id (tenant, client id, packet id) written
-        // atomically with the record, so a DUP retransmission — even one after a gateway crash — is not appended
-        // again. The id is forgotten when PUBREL completes the exchange (the client may then reuse the packet id).
-        const dedupeId = qos2DedupeId(who.tenant, client.id, packet.messageId!)
-        appendThen(client, who, stream, target.key, topic, packet, (err, duplicate) => {
-          if (err) return callback(err)
-          if (duplicate === true) { markDone(packet); return callback(null) }
-          publishBeforeAck(packet, client, callback)
-        }, dedupeId)
-        return
+      if (qos === 2 && packet.messageId !== undefined) {
+        // [MQTT-4.3.3-2] exactly once into the log: appended with the session's inbound packet entry in one batch,
+        // unless that entry exists (inbound-qos2.ts). A will (no packet id) is appended like QoS 1.
+        return beginQos2(client, packet, {
+          append: (extraOps) => new Promise((resolve, reject) => {
+            appendThen(client, who, stream, target.key, topic, packet, (err) => { if (err) reject(err); else resolve() }, { extraOps })
+          }),
+          deliver: () => deliverBeforeAck(packet, client),
+        }, callback)
       }
       // QoS 0 waits for its append too: there is no ack to hold back, but the wait keeps the client's socket
       // paused while the log is busy, and delivery order equal to log order.
@@ -354,6 +363,7 @@ export function createBroker (deps: BrokerDeps): Aedes {
     },
 
     authorizeSubscribe (client, sub, callback) {
+      if (sessionMarkers.has(sub)) return callback(null, null) // see subscriptionsByClient below
       const who = identities.get(client)
       // aedes persists the SUBSCRIBE packet's own subscription objects, so the mount is applied to `sub` in place.
       // Subscriptions restored from a persistent session (before the CONNACK) are already mounted.
@@ -362,7 +372,7 @@ export function createBroker (deps: BrokerDeps): Aedes {
       const problem = filter === null ? 'not in the client\'s tenant' : topicFilterProblem(filter)
       const deny = (why: string, reason: SubscribeRefusal, code?: string): void => {
         metrics.subscriptionsRefused.inc({ tenant: who?.tenant ?? 'unknown', reason })
-        logger.warn({ clientId: client.id, tenant: who?.tenant, filter: filter ?? sub.topic, reason, code }, `subscription refused: ${why}`)
+        logger.warn({ ...clientFields(client.id), tenant: who?.tenant, filter: filter ?? sub.topic, reason, code }, `subscription refused: ${why}`)
         // A denied filter stays in the persisted SUBSCRIBE list; park it where no publish can ever match.
         sub.topic = `$denied/${sub.topic}`
         authorized.add(sub)
@@ -395,6 +405,9 @@ export function createBroker (deps: BrokerDeps): Aedes {
       if (who === undefined) return null
       const topic = unmountTopic(who.tenant, packet.topic)
       if (topic === null) return null
+      // aedes' private subscription table (commands.ts reads it too); aedes has no public accessor.
+      const subscriptions = (client as unknown as { subscriptions: Record<string, unknown> }).subscriptions
+      if (topic.startsWith('$') && !dollarTopicSubscribed(who.tenant, Object.keys(subscriptions), topic)) return null
       // Read access is checked per message too, as Mosquitto does: a subscribe deny rule (admin/#) also holds
       // against a wider filter the client was granted (#).
       if (!isAllowed(config.acl, who, 'subscribe', topic)) return null
@@ -403,21 +416,25 @@ export function createBroker (deps: BrokerDeps): Aedes {
     },
   })
 
-  // PUBREL ends a QoS 2 exchange, and a clean session drops its unfinished ones: forget their dedupe ids before
-  // aedes answers, so the client may reuse those packet ids.
   const { persistence } = deps
-  const incomingDelPacket = persistence.incomingDelPacket.bind(persistence)
-  persistence.incomingDelPacket = async (client, packet) => {
-    await incomingDelPacket(client, packet)
-    const who = identities.get(client)
-    if (who !== undefined && packet.messageId !== undefined) await store.forgetDedupe(qos2DedupeId(who.tenant, client.id, packet.messageId))
-  }
-  const cleanIncoming = persistence.cleanIncoming.bind(persistence)
-  persistence.cleanIncoming = async (client) => {
-    await cleanIncoming(client)
-    const who = identities.get(client)
-    if (who !== undefined) await store.forgetDedupePrefix(qos2DedupePrefix(who.tenant, client.id))
-  }
+  // aedes' own bound on QoS 2 exchanges awaiting PUBREL (aedes.js constructor; its default is 1000).
+  const inbound = new InboundQos2(persistence, (broker as unknown as { maxInflightInbound: number }).maxInflightInbound)
+  installWills({
+    persistence,
+    logger,
+    identityOf: (client) => identities.get(client as Client),
+    fire: (will, who) => new Promise((resolve, reject) => {
+      // A stand-in for the client that set the will: authorizePublish reads its identity, and appendThen retries
+      // a failed append while it is open, as for a connected client.
+      const client = { id: String(will.clientId), closed: false, conn: {} } as unknown as Client
+      identities.set(client, who)
+      const packet = will as unknown as PublishPacket
+      broker.authorizePublish(client, packet, (err) => {
+        if (err) return resolve() // refused, counted and logged like the client's own publish
+        guarded(packet, client, (e) => { if (e) reject(e); else resolve() })
+      })
+    }),
+  })
 
   // aedes stores the whole SUBSCRIBE list once per filter, as it authorizes each: the filters after it are not
   // mounted yet, and $replay subscriptions must never be stored. Each filter is stored on its own turn.
@@ -425,6 +442,23 @@ export function createBroker (deps: BrokerDeps): Aedes {
   persistence.addSubscriptions = async (client, subs) => {
     const stored = subs.filter((sub) => authorized.has(sub))
     if (stored.length > 0) await addSubscriptions(client, stored)
+  }
+  // [MQTT-3.2.2-2] CONNACK says a session is present when any session state is stored, but aedes 1.2.0 decides from
+  // the stored subscriptions alone (lib/handlers/connect.js, restoreSubs: `arg.sessionPresent = !!arg.subs`;
+  // https://github.com/moscajs/aedes/blob/v1.2.0/lib/handlers/connect.js), so a session holding only queued,
+  // unacknowledged or inbound QoS 2 messages, or nothing at all [MQTT-3.1.2-4], was answered 0. A marker
+  // subscription makes that list non-empty; authorizeSubscribe refuses it silently, so nothing is subscribed
+  // (restored subscriptions get no SUBACK). aedes calls subscriptionsByClient only for a CONNECT with clean = false,
+  // before the CONNACK: the session is recorded there, so it exists for the next CONNECT even after a kill -9.
+  const subscriptionsByClient = persistence.subscriptionsByClient.bind(persistence)
+  persistence.subscriptionsByClient = async (client) => {
+    const subs = await subscriptionsByClient(client)
+    const present = subs.length > 0 || persistence.hasSessionState(client)
+    await persistence.markSession(client)
+    if (subs.length > 0 || !present) return subs
+    const marker = { topic: '$edgemq/session-present', qos: 0 }
+    sessionMarkers.add(marker)
+    return [marker]
   }
   // A PUBACK that answers a replay message paces that replay; the session store never saw the message.
   const outgoingClearMessageId = persistence.outgoingClearMessageId.bind(persistence)
@@ -460,6 +494,17 @@ export function createBroker (deps: BrokerDeps): Aedes {
     (packet as PublishPacket & { [DONE]?: true })[DONE] = true
   }
 
+  function beginQos2 (client: Client, packet: PublishPacket, plan: Qos2Plan, callback: (err?: Error | null) => void): void {
+    const begun = inbound.begin(client, packet, plan)
+    if (begun === 'full') return callback(new Error(`more than ${String((broker as unknown as { maxInflightInbound: number }).maxInflightInbound)} QoS 2 messages awaiting PUBREL`))
+    if (begun === 'duplicate') markDone(packet)
+    callback(null)
+  }
+
+  function deliverBeforeAck (packet: PublishPacket, client: Client): Promise<void> {
+    return new Promise((resolve, reject) => publishBeforeAck(packet, client, (err) => { if (err) reject(err); else resolve() }))
+  }
+
   function publishBeforeAck (packet: PublishPacket, client: Client, callback: (err?: Error | null) => void): void {
     publish(packet, client, (err?: Error) => {
       if (err) return callback(err)
@@ -487,10 +532,9 @@ export function createBroker (deps: BrokerDeps): Aedes {
   }
 
   function appendThen (client: Client, who: Identity, stream: string, key: string, topic: string, packet: PublishPacket,
-    done: (err: Error | null, duplicate?: boolean) => void, dedupeId?: string, headers?: Record<string, string>, delay = RETRY_MIN_MS): void {
+    done: (err: Error | null, duplicate?: boolean) => void, options?: AppendOptions, headers?: Record<string, string>, delay = RETRY_MIN_MS): void {
     const payload = typeof packet.payload === 'string' ? Buffer.from(packet.payload) : packet.payload
     const counters = ingestCounters(who.tenant, stream)
-    const options = dedupeId === undefined ? undefined : { dedupeId }
     const stamped = who.username === null ? headers : { ...headers, [USER_HEADER]: who.username }
     const record = stamped === undefined ? { payload, topic, qos: packet.qos, clientId: who.clientId } : { payload, topic, qos: packet.qos, clientId: who.clientId, headers: stamped }
     store.append(stream, key, record, options).then((result) => {
@@ -508,7 +552,7 @@ export function createBroker (deps: BrokerDeps): Aedes {
           refusePublish(client, who, 'store-failed', (err as Error).message)
           return done(packet.qos === 0 ? null : err as Error)
         }
-        setTimeout(() => appendThen(client, who, stream, key, topic, packet, done, dedupeId, headers, Math.min(delay * 2, RETRY_MAX_MS)), delay).unref()
+        setTimeout(() => appendThen(client, who, stream, key, topic, packet, done, options, headers, Math.min(delay * 2, RETRY_MAX_MS)), delay).unref()
         return
       }
       const reason: PublishRefusal = isStoreError(err, 'STORE_RECORD_TOO_LARGE') ? 'record-too-large' : 'store-failed'
@@ -532,11 +576,12 @@ export function createBroker (deps: BrokerDeps): Aedes {
   })
   broker.on('clientError', (client, err) => {
     if (alreadyReported(err)) return
-    logger.info({ clientId: client.id, err: err.message }, 'client error')
+    // A device that vanishes (power, network) resets its connection: that is news only when debugging.
+    logger[isOrdinaryDisconnect(err) ? 'debug' : 'info']({ ...clientFields(client.id), err: err.message }, 'client error')
   })
   broker.on('connectionError', (client, err) => {
     if (alreadyReported(err)) return
-    logger.info({ clientId: client.id, err: err.message }, 'connection error')
+    logger[isOrdinaryDisconnect(err) ? 'debug' : 'info']({ ...clientFields(client.id), err: err.message }, 'connection error')
   })
 
   return broker

@@ -50,11 +50,12 @@ export async function listGroups (source: AdminSource, group: string | undefined
   return { groups: [await source.api.json<GroupDoc>(source.api.url(['groups', group]))] }
 }
 
-export function groupsTable (groups: ReadonlyArray<{ readonly group: string, readonly streams: readonly GroupStreamDoc[] }>): string {
+export function groupsTable (groups: ReadonlyArray<{ readonly group: string, readonly streams: readonly GroupStreamDoc[], readonly owner?: 'bridge' }>): string {
   const rows = groups.flatMap((g) => g.streams.flatMap((s) => s.partitions.map((p) => [
     g.group, s.stream, p.partition, p.committedOffset ?? '-', p.logStartOffset, p.logEndOffset, p.lagMessages, p.lagSeconds,
+    g.owner === 'bridge' ? 'bridge (read-only)' : '-',
   ])))
-  return table(['GROUP', 'STREAM', 'PARTITION', 'COMMITTED', 'LOG-START', 'LOG-END', 'LAG', 'LAG-SECONDS'], rows)
+  return table(['GROUP', 'STREAM', 'PARTITION', 'COMMITTED', 'LOG-START', 'LOG-END', 'LAG', 'LAG-SECONDS', 'OWNER'], rows)
 }
 
 /** The body of POST /v1/groups/{g}/streams/{s}/reset for `--to earliest|latest|OFFSET|TIME`. */

@@ -11,13 +11,20 @@ export async function bridgeStatus (api: ApiClient, upstream: string | undefined
   return (await api.json<{ upstreams: UpstreamStatus[] }>(api.url(['bridge']))).upstreams
 }
 
+/** The last error with its time; once a connection came up after it, marked resolved with that time. */
+function lastError (u: UpstreamStatus): string {
+  if (u.lastError === null) return '-'
+  const { at, message, resolvedAt } = u.lastError
+  return resolvedAt === null ? `${at} ${message}` : `${at} ${message} (resolved ${resolvedAt})`
+}
+
 export function bridgeTable (upstreams: readonly UpstreamStatus[], partitions: boolean): string {
   if (upstreams.length === 0) return 'no upstreams configured (bridge.upstreams)\n'
   const main = table(
-    ['UPSTREAM', 'REGION', 'CONNECTED', 'SINCE', 'BACKLOG', 'BACKLOG-BYTES', 'BACKLOG-SECONDS', 'IN-FLIGHT', 'FORWARDED', 'RATE/S', 'RECONNECTS', 'DEAD-LETTERED', 'LAST-ERROR'],
+    ['UPSTREAM', 'REGION', 'CONNECTED', 'PROTOCOL', 'DEDUPE-ID', 'SINCE', 'BACKLOG', 'BACKLOG-BYTES', 'BACKLOG-SECONDS', 'IN-FLIGHT', 'FORWARDED', 'RATE/S', 'RECONNECTS', 'DEAD-LETTERED', 'LAST-ERROR'],
     upstreams.map((u) => [
-      u.name, u.region || '-', u.connected ? 'yes' : 'no', u.since ?? '-', u.backlog.messages, u.backlog.bytes, u.backlog.seconds.toFixed(1),
-      u.inflight, u.forwardedMessages, u.throughput, u.reconnects, u.deadLettered, u.lastError === null ? '-' : `${u.lastError.at} ${u.lastError.message}`,
+      u.name, u.region || '-', u.connected ? 'yes' : 'no', u.mqttVersion ?? '-', u.dedupeId, u.since ?? '-', u.backlog.messages, u.backlog.bytes, u.backlog.seconds.toFixed(1),
+      u.inflight, u.forwardedMessages, u.throughput, u.reconnects, u.deadLettered, lastError(u),
     ]))
   if (!partitions) return main
   const rows = upstreams.flatMap((u) => u.partitions.map((p) => [u.name, `${p.tenant}/${p.stream}`, p.partition, p.committedOffset, p.forwardedOffset, p.logEndOffset, p.backlogMessages]))

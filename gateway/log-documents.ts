@@ -5,8 +5,11 @@
  * builder for both, so the two can never disagree.
  *
  * Stream and group names are the tenant's own (`telemetry`), the store's are
- * tenant-qualified (`acme/telemetry`).
+ * tenant-qualified (`acme/telemetry`). The bridge's groups (`bridge.<upstream>`)
+ * belong to no tenant; each tenant sees those that committed on its streams,
+ * marked `owner: "bridge"` and `readOnly: true`.
  */
+import { BRIDGE_GROUP_PREFIX } from '../bridge/config-schema.ts'
 import type { LogStore, PartitionLag, StreamInfo } from '../store/index.ts'
 
 export interface PartitionDoc {
@@ -45,6 +48,9 @@ export interface GroupDoc {
   readonly lagMessages: number
   readonly lagSeconds: number
   readonly streams: readonly GroupStreamDoc[]
+  /** Only on the bridge's groups: their offsets move as the upstream acknowledges, never through the API. */
+  readonly owner?: 'bridge'
+  readonly readOnly?: true
 }
 
 /** One partition; `stream` is the store's (tenant-qualified) name. */
@@ -110,6 +116,24 @@ export function tenantGroups (store: LogStore, tenant: string): Map<string, { id
   return out
 }
 
+/** The bridge's groups that committed on `tenant`'s streams, by name, except where a group of the tenant has that name. */
+export function bridgeGroups (store: LogStore, tenant: string): Map<string, { id: string, streams: string[] }> {
+  const prefix = `${tenant}/`
+  const own = tenantGroups(store, tenant)
+  const out = new Map<string, { id: string, streams: string[] }>()
+  for (const g of store.listGroups()) {
+    if (!g.group.startsWith(BRIDGE_GROUP_PREFIX) || g.group.includes('/') || own.has(g.group)) continue
+    const streams = Object.keys(g.offsets).filter((s) => s.startsWith(prefix)).sort()
+    if (streams.length > 0) out.set(g.group, { id: g.group, streams })
+  }
+  return out
+}
+
+/** One of the bridge's groups as `tenant` sees it. */
+export async function bridgeGroupDoc (store: LogStore, tenant: string, name: string, g: { id: string, streams: readonly string[] }): Promise<GroupDoc> {
+  return { ...await groupDoc(store, tenant, name, g), owner: 'bridge', readOnly: true }
+}
+
 /** One group of `tenant`, with its lag on every stream it committed on. */
 export async function groupDoc (store: LogStore, tenant: string, name: string, g: { id: string, streams: readonly string[] }): Promise<GroupDoc> {
   const streams: GroupStreamDoc[] = []
@@ -133,5 +157,6 @@ export async function groupDoc (store: LogStore, tenant: string, name: string, g
 export async function groupDocs (store: LogStore, tenant: string): Promise<GroupDoc[]> {
   const out: GroupDoc[] = []
   for (const [name, g] of tenantGroups(store, tenant)) out.push(await groupDoc(store, tenant, name, g))
+  for (const [name, g] of bridgeGroups(store, tenant)) out.push(await bridgeGroupDoc(store, tenant, name, g))
   return out
 }

@@ -24,7 +24,8 @@
  * | `O` client seq(u64)           | cbor queued packet in aedes-packet shape, or the packet that replaced it (PUBREL) |
  * | `M` client seq(u64)           | message id, u16, given when the queued packet was sent      |
  * | `I` client messageId(u16)     | cbor inbound QoS 2 packet, aedes-packet shape               |
- * | `W` client                    | cbor will packet, carrying brokerId and clientId            |
+ * | `C` client                    | empty: a persistent session exists (CONNECT with clean = false), even with nothing else stored |
+ * | `W` client                    | cbor will packet, carrying brokerId, clientId and (from the broker, wills.ts) edgemqIdentity |
  *
  * Invariants:
  * - `seq` is one counter for the whole key space, strictly increasing;
@@ -38,6 +39,10 @@
  *   mqemitter routes live messages with), the queue index (seq, brokerId,
  *   brokerCounter, messageId per entry, not the bodies), inbound QoS 2
  *   packets and wills. Retained messages and queued bodies live on disk only.
+ * - The `I` entry of a QoS 2 publish that goes into the log is written in
+ *   the log's append batch (incomingStorePacketWith, the store's
+ *   `extraOps`), so it exists exactly when the record does; it is deleted
+ *   here (PUBREL, clean session) in one write.
  * - One serial writer (group commit, as in store/): a mutation updates memory
  *   synchronously, queues its operations and resolves once the LevelDB batch
  *   holding them is written (fsync'd with `durability: 'sync'`, the default).
@@ -56,7 +61,8 @@ import { createRequire } from 'node:module'
 import { Readable } from 'node:stream'
 import type { AbstractBatchOperation, AbstractBatchOptions, AbstractLevel } from 'abstract-level'
 import { Encoder } from 'cbor-x'
-import type { Durability, LevelDatabase } from '../store/index.ts'
+import type { Durability, ExtraOperation, LevelDatabase } from '../store/index.ts'
+import { compileTopicFilters, QLOBBER_OPTIONS, type QlobberOptions } from './topics.ts'
 
 export const SESSION_FORMAT_VERSION = 1
 
@@ -145,11 +151,10 @@ export interface SessionPersistenceOptions {
 }
 
 // ---------------------------------------------------------------------------
-// qlobber, the matcher aedes-persistence and mqemitter use, so offline matching
-// agrees with live routing (including qlobber's `+` not matching an empty
-// level). It ships no types, hence the narrow local ones and createRequire.
+// qlobber's aedes flavour (the trie aedes-persistence uses), built with the
+// gateway's one matcher configuration (topics.ts), so offline matching agrees
+// with live routing. It ships no types, hence the narrow local ones and createRequire.
 
-interface QlobberOptions { separator: string, wildcard_one: string, wildcard_some: string }
 interface TrieSubscription { clientId: string, topic: string, qos: number, rh?: number, rap?: boolean, nl?: boolean }
 interface QlobberSub {
   readonly subscriptionsCount: number
@@ -158,15 +163,8 @@ interface QlobberSub {
   match (topic: string): MatchedSubscription[]
   clear (): unknown
 }
-interface QlobberTrue {
-  add (topic: string): unknown
-  test (topic: string): boolean
-}
-
 const require = createRequire(import.meta.url)
 const QlobberSubClass = require('qlobber/aedes/qlobber-sub') as new (options: QlobberOptions) => QlobberSub
-const { QlobberTrue: QlobberTrueClass } = require('qlobber') as { QlobberTrue: new (options: QlobberOptions) => QlobberTrue }
-const QLOBBER_OPTIONS: QlobberOptions = { separator: '/', wildcard_one: '+', wildcard_some: '#' }
 
 // ---------------------------------------------------------------------------
 // Key layout and value encoding (see the header)
@@ -178,6 +176,7 @@ const TAG_OUTGOING = 0x4f // 'O'
 const TAG_MESSAGE_ID = 0x4d // 'M'
 const TAG_INCOMING = 0x49 // 'I'
 const TAG_WILL = 0x57 // 'W'
+const TAG_SESSION = 0x43 // 'C'
 
 const cbor = new Encoder({ useRecords: false, structuredClone: false, mapsAsObjects: true, variableMapSize: true })
 
@@ -215,6 +214,7 @@ const keys = {
     return key
   },
   will: (clientId: string): Buffer => clientPrefix(TAG_WILL, clientId),
+  session: (clientId: string): Buffer => clientPrefix(TAG_SESSION, clientId),
   /** Splits a client-scoped key into the client id and what follows it. */
   parseClient (key: Buffer): { clientId: string, rest: Buffer } {
     const length = key.readUInt16BE(1)
@@ -493,6 +493,8 @@ export class LevelSessionPersistence {
   /** clientId → messageId → inbound QoS 2 packet. */
   readonly #incoming = new Map<string, Map<number, SessionPacket>>()
   readonly #wills = new Map<string, SessionPacket>()
+  /** Client ids with a persistent session (`C`). */
+  readonly #sessions = new Set<string>()
 
   /**
    * @param db the key space to own, normally `db.sublevel('sessions')` of the
@@ -571,6 +573,8 @@ export class LevelSessionPersistence {
       this.#incomingOf(clientId).set(rest.readUInt16BE(0), decodeValue<SessionPacket>(key, value))
     }
 
+    for await (const [key] of this.#scan(Buffer.from([TAG_SESSION]))) this.#sessions.add(keys.parseClient(key).clientId)
+
     for await (const [key, value] of this.#scan(Buffer.from([TAG_WILL]))) {
       this.#wills.set(keys.parseClient(key).clientId, decodeValue<SessionPacket>(key, value))
     }
@@ -615,16 +619,13 @@ export class LevelSessionPersistence {
     await this.#writer.flush()
     const seen = new Set<string>()
     for (const pattern of patterns) {
-      const matcher = new QlobberTrueClass(QLOBBER_OPTIONS)
-      matcher.add(pattern)
-      // [MQTT-4.7.2-1] a filter starting with a wildcard does not match topics starting with '$'
-      const skipDollar = pattern.startsWith('+') || pattern.startsWith('#')
+      const matches = compileTopicFilters([pattern])
       const levels = pattern.split('/')
       const wildcard = levels.findIndex((level) => level === '+' || level === '#')
       const literal = wildcard === -1 ? pattern : levels.slice(0, wildcard).join('/')
       for await (const [key, value] of this.#scan(keys.retained(literal))) {
         const topic = key.toString('utf8', 1)
-        if (seen.has(topic) || (skipDollar && topic.startsWith('$')) || !matcher.test(topic)) continue
+        if (seen.has(topic) || !matches(topic)) continue
         seen.add(topic)
         yield decodeValue<SessionPacket>(key, value)
       }
@@ -688,6 +689,24 @@ export class LevelSessionPersistence {
     return [...stored].map(([topic, record]) => ({ topic, ...record }))
   }
 
+  /**
+   * Whether the client has stored session state [MQTT-3.1.2-4]: subscriptions,
+   * queued or unacknowledged outgoing QoS 1/2 messages, or inbound QoS 2
+   * packets awaiting PUBREL.
+   */
+  hasSessionState (client: SessionClient): boolean {
+    this.#ready()
+    return this.#sessions.has(client.id) || this.#subs.has(client.id) || this.#queues.has(client.id) || this.#incoming.has(client.id)
+  }
+
+  /** Records that the client has a persistent session, stored or not [MQTT-3.1.2-4]; cleanSubscriptions ends it. */
+  async markSession (client: SessionClient): Promise<void> {
+    this.#ready()
+    if (this.#sessions.has(client.id)) return
+    this.#sessions.add(client.id)
+    await this.#writer.write([put(keys.session(client.id), Buffer.alloc(0))])
+  }
+
   /** Number of QoS > 0 subscriptions and of clients with any stored subscription. */
   async countOffline (): Promise<{ subsCount: number, clientsCount: number }> {
     this.#ready()
@@ -700,8 +719,10 @@ export class LevelSessionPersistence {
     return this.#trie.match(topic)
   }
 
+  /** Drops the client's subscriptions and its session marker (aedes calls this for a CONNECT with clean = true). */
   async cleanSubscriptions (client: SessionClient): Promise<void> {
     this.#ready()
+    if (this.#sessions.delete(client.id)) await this.#writer.write([del(keys.session(client.id))])
     const stored = this.#subs.get(client.id)
     if (stored === undefined) return
     const ops: BatchOp[] = []
@@ -861,6 +882,42 @@ export class LevelSessionPersistence {
     await this.#writer.write([put(keys.incoming(client.id, messageId), cbor.encode(stored))])
   }
 
+  /**
+   * incomingStorePacket with the write done by the caller: `write` gets the
+   * operations (on this key space, as the log store's `extraOps` take them)
+   * and resolves once they are durable, normally in the batch that appends
+   * the packet to the log, so the log and this entry agree after any crash.
+   * Memory is updated at once, as incomingStorePacket does, so a duplicate
+   * arriving meanwhile is found; if `write` rejects the entry is dropped.
+   */
+  async incomingStorePacketWith<T> (client: SessionClient, packet: SessionPacket, write: (ops: ExtraOperation[]) => Promise<T>): Promise<T> {
+    this.#ready()
+    const messageId = checkMessageId(packet.messageId)
+    const stored = toAedesPacket(packet)
+    stored.messageId = messageId
+    const store = this.#incomingOf(client.id)
+    store.set(messageId, stored)
+    try {
+      return await write([{ type: 'put', sublevel: this.#db, key: keys.incoming(client.id, messageId), value: cbor.encode(stored) }])
+    } catch (err) {
+      if (store.get(messageId) === stored) store.delete(messageId)
+      if (store.size === 0 && this.#incoming.get(client.id) === store) this.#incoming.delete(client.id)
+      throw err
+    }
+  }
+
+  /** Whether an inbound packet with this id is stored for the client (awaiting PUBREL). */
+  hasIncomingPacket (client: SessionClient, messageId: number): boolean {
+    this.#ready()
+    return this.#incoming.get(client.id)?.has(messageId) === true
+  }
+
+  /** Number of the client's stored inbound packets. */
+  incomingCount (client: SessionClient): number {
+    this.#ready()
+    return this.#incoming.get(client.id)?.size ?? 0
+  }
+
   /** The stored inbound packet; rejects with GW_SESSION_NOT_FOUND, which aedes reads as "a new packet". */
   async incomingGetPacket (client: SessionClient, packet: SessionPacket): Promise<SessionPacket> {
     this.#ready()
@@ -876,6 +933,9 @@ export class LevelSessionPersistence {
     const store = this.#incoming.get(client.id)
     const messageId = packet.messageId as number
     if (store === undefined || !store.delete(messageId)) {
+      // A repeated PUBREL: aedes answers it with PUBCOMP, which must not overtake the write deleting the entry (a kill
+      // after that PUBCOMP would bring the entry back, and the client's next message with this id would be dropped).
+      await this.#writer.flush()
       throw new SessionPersistenceError('GW_SESSION_NOT_FOUND', `no inbound packet ${String(packet.messageId)} for client ${client.id}`)
     }
     if (store.size === 0) this.#incoming.delete(client.id)
@@ -952,5 +1012,6 @@ export class LevelSessionPersistence {
     this.#queues.clear()
     this.#incoming.clear()
     this.#wills.clear()
+    this.#sessions.clear()
   }
 }

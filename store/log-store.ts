@@ -30,7 +30,7 @@ import {
 } from './validate.ts'
 import {
   systemClock, type AppendListener, type AppendOptions, type AppendResult, type Clock, type DroppedRecords, type Durability, type GroupInfo, type GroupOptions,
-  type BatchReadResult, type LogStore, type PartitionInfo, type PartitionLag, type ReadBatchesOptions, type ReadOptions, type ReadResult, type RecordInput,
+  type BatchReadResult, type ExtraOperation, type LogStore, type PartitionInfo, type PartitionLag, type ReadBatchesOptions, type ReadOptions, type ReadResult, type RecordInput,
   type ResetSpec, type RetentionReport, type StoreLogger, type StoreObserver, type StoredBatch, type StoredRecord, type StreamInfo,
   type StreamOptions,
 } from './types.ts'
@@ -97,6 +97,8 @@ interface PartitionState {
   rejecters: Array<(err: Error) => void>
   /** Dedupe id of the pending record at the same index, if it has one. */
   dedupeIds: Array<string | undefined>
+  /** The caller's extra operations of the pending record at the same index (AppendOptions.extraOps). */
+  extraOps: Array<readonly ExtraOperation[] | undefined>
   /** Base offsets of the newest batches, so reads of the tail skip the seek. */
   readonly index: BatchIndex
 }
@@ -308,7 +310,7 @@ class LevelLogStore implements LogStore {
     const stream: StreamState = { name, id: meta.id, partitions: [], retentionMs: meta.retentionMs, retentionBytes: meta.retentionBytes }
     for (let p = 0; p < meta.partitions; p++) {
       stream.partitions.push({
-        stream, partition: p, logStart: 0, logEnd: 0, bytes: 0, indexedMaxTs: -Infinity, oldestTs: null, newestTs: null, pending: [], resolvers: [], rejecters: [], dedupeIds: [], index: new BatchIndex(),
+        stream, partition: p, logStart: 0, logEnd: 0, bytes: 0, indexedMaxTs: -Infinity, oldestTs: null, newestTs: null, pending: [], resolvers: [], rejecters: [], dedupeIds: [], extraOps: [], index: new BatchIndex(),
       })
     }
     this.#streams.set(name, stream)
@@ -404,10 +406,12 @@ class LevelLogStore implements LogStore {
     let part: PartitionState
     let pending: PendingRecord
     const dedupeId = options?.dedupeId
+    const extraOps = options?.extraOps
     try {
       this.#checkOpen()
       const s = this.#stream(stream)
       pending = toPendingRecord(key, record, this.#clock.now(), this.#maxRecordBytes)
+      if (extraOps !== undefined) this.#checkExtraOps(extraOps)
       part = s.partitions[partitionForKey(key, s.partitions.length)] as PartitionState
       if (dedupeId !== undefined) {
         if (typeof dedupeId !== 'string' || dedupeId.length === 0 || dedupeId.length > 1024) {
@@ -427,11 +431,24 @@ class LevelLogStore implements LogStore {
       part.resolvers.push(resolve)
       part.rejecters.push(reject)
       part.dedupeIds.push(dedupeId)
+      part.extraOps.push(extraOps)
       if (this.#pending++ === 0) this.#oldestPendingAt = performance.now()
       this.#kick()
     })
     if (dedupeId !== undefined) this.#dedupePending.set(scopedId(part.stream.id, dedupeId), result)
     return result
+  }
+
+  /** AppendOptions.extraOps must name sublevels of this store's database outside the log's key space. */
+  #checkExtraOps (ops: readonly ExtraOperation[]): void {
+    if (!Array.isArray(ops)) throw new StoreError('STORE_INVALID_ARGUMENT', 'extraOps must be an array')
+    const log = this.#db as unknown as { db: unknown, prefix: string }
+    for (const op of ops) {
+      const sub = op?.sublevel as { db?: unknown, prefix?: unknown, parent?: unknown } | undefined
+      const ok = (op?.type === 'put' || op?.type === 'del') && sub !== undefined && sub !== null && sub.parent != null &&
+        sub.db === log.db && typeof sub.prefix === 'string' && !sub.prefix.startsWith(log.prefix) && !log.prefix.startsWith(sub.prefix)
+      if (!ok) throw new StoreError('STORE_INVALID_ARGUMENT', 'extraOps must be put/del operations on a sublevel of the store\'s database outside the log')
+    }
   }
 
   onAppend (listener: AppendListener): () => void {
@@ -538,12 +555,13 @@ class LevelLogStore implements LogStore {
     try {
       for (const part of parts) {
         const appends = part.pending
-        const { resolvers, rejecters, dedupeIds } = part
+        const { resolvers, rejecters, dedupeIds, extraOps } = part
         taken.push({ streamId: part.stream.id, rejecters, dedupeIds })
         part.pending = []
         part.resolvers = []
         part.rejecters = []
         part.dedupeIds = []
+        part.extraOps = []
         const { id } = part.stream
         const bases: number[] = []
         let base = part.logEnd
@@ -581,6 +599,7 @@ class LevelLogStore implements LogStore {
           i = j
         }
         ops.push({ type: 'put', key: keys.partition(id, part.partition), value: encodeMeta({ logStart: part.logStart, bytes: partBytes, logEnd: base } satisfies PartitionMeta) })
+        for (const extra of extraOps) if (extra !== undefined) ops.push(...(extra as unknown as BatchOp[]))
         plans.push({ part, appends, resolvers, rejecters, dedupeIds, bases, end: base, bytes: partBytes, indexedMaxTs, firstTs, lastTs })
         records += appends.length
       }

@@ -3,6 +3,7 @@
  * Nothing here knows about MQTT: a record's `topic` and `clientId` are opaque
  * strings to the store.
  */
+import type { AbstractLevel } from 'abstract-level'
 
 /** Source of time, injected so that tests can use a fake clock. */
 export interface Clock {
@@ -100,7 +101,38 @@ export interface AppendOptions {
    * dedupe retention.
    */
   readonly dedupeId?: string
+  /**
+   * Writes outside the log committed in the same LevelDB write batch as the
+   * record (and its dedupe id): after a crash either the record and every
+   * one of these operations are on disk, or none is. A caller keeps state
+   * of its own that must agree with the log this way (the gateway: an
+   * inbound MQTT QoS 2 packet awaiting PUBREL).
+   *
+   * The store does not read, interpret or remember them. Contract:
+   * - each `sublevel` is a sublevel of the database the store was opened on
+   *   (`LogStoreOptions.db`), whose key space does not overlap the log's
+   *   (the store's own `log` sublevel); otherwise the append rejects with
+   *   `STORE_INVALID_ARGUMENT` and nothing is written;
+   * - they are written only when the record is: not when the append
+   *   rejects, and not when it resolves `duplicate: true`;
+   * - they are applied after the log's own operations of the batch, in the
+   *   order given; two appends in flight at once must not write the same
+   *   key (their order within one batch is not specified).
+   */
+  readonly extraOps?: readonly ExtraOperation[]
 }
+
+/**
+ * A put or del of a key outside the log (see {@link AppendOptions.extraOps}).
+ * `sublevel` is abstract-level's batch option: the operation acts on that
+ * sublevel, with its key and value encodings.
+ */
+export type ExtraOperation =
+  | { readonly type: 'put', readonly sublevel: ExtraSublevel, readonly key: Uint8Array, readonly value: Uint8Array }
+  | { readonly type: 'del', readonly sublevel: ExtraSublevel, readonly key: Uint8Array }
+
+/** A sublevel as abstract-level exposes it: its root database and its key prefix. */
+export type ExtraSublevel = AbstractLevel<string | Buffer | Uint8Array, unknown, unknown> & { readonly db?: unknown, readonly prefix?: string }
 
 export interface ReadOptions {
   /** At most this many records (default 1000). */

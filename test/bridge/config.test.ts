@@ -3,6 +3,7 @@
  * (through the gateway's buildConfig, as `edgemq start` reads it).
  */
 import { describe, expect, it } from 'vitest'
+import { dedupeCarrier, protocolVersions, type UpstreamConfig } from '../../bridge/config-schema.ts'
 import { buildConfig } from '../../gateway/config.ts'
 
 function withUpstream (upstream: Record<string, unknown>, extra: Record<string, unknown> = {}): unknown {
@@ -13,7 +14,7 @@ describe('bridge config', () => {
   it('fills in the defaults', () => {
     const config = buildConfig(withUpstream({}))
     const u = config.bridge.upstreams[0]
-    expect(u).toMatchObject({ mqttVersion: '3.1.1', maxInflight: 100, topicTemplate: '{topic}', forward: [{ stream: 'telemetry', tenant: 'default', filter: '#', priority: 0 }, { stream: 'events' }] })
+    expect(u).toMatchObject({ kind: 'mqtt', mqttVersion: 'auto', maxInflight: 100, topicTemplate: '{topic}', forward: [{ stream: 'telemetry', tenant: 'default', filter: '#', priority: 0 }, { stream: 'events' }] })
     expect(config.bridge.commitIntervalMs).toBe(200)
     expect(buildConfig({}).bridge.upstreams).toEqual([])
   })
@@ -28,8 +29,12 @@ describe('bridge config', () => {
     [{ topicTemplate: 'sites/+/{topic}' }, '"bridge.upstreams.0.topicTemplate" a topic template cannot contain the wildcards'],
     [{ receiptTopic: '{topic' }, '"bridge.upstreams.0.receiptTopic" unclosed "{"'],
     [{ commands: [{ remote: 'cmd/+/#', local: 'devices/+/commands' }] }, '"bridge.upstreams.0.commands.0" local filter "devices/+/commands" must have the same wildcards'],
-    [{ dedupeId: 'user-property' }, '"bridge.upstreams.0.dedupeId" user-property needs mqttVersion "5"'],
-    [{ mqttVersion: '4' }, '"bridge.upstreams.0.mqttVersion" must be one of "3.1.1", "5"'],
+    [{ dedupeId: 'user-property', mqttVersion: '3.1.1' }, '"bridge.upstreams.0.dedupeId" user-property needs mqttVersion "5"'],
+    [{ dedupeId: 'user-property', kind: 'edgemq' }, '"bridge.upstreams.0.dedupeId" user-property needs mqttVersion "5"'],
+    [{ dedupeId: 'topic-prefix' }, '"bridge.upstreams.0.dedupeId" topic-prefix is only for kind "edgemq"'],
+    [{ kind: 'edgemq', mqttVersion: '5' }, '"bridge.upstreams.0.mqttVersion" "5": an edgemq upstream speaks MQTT 3.1.1'],
+    [{ kind: 'kafka' }, '"bridge.upstreams.0.kind" must be one of "mqtt", "edgemq"'],
+    [{ mqttVersion: '4' }, '"bridge.upstreams.0.mqttVersion" must be one of "auto", "5", "3.1.1"'],
     [{ maxInflight: 0 }, '"bridge.upstreams.0.maxInflight" must be >= 1'],
     [{ reconnectMinMs: 1000, reconnectMaxMs: 100 }, '"bridge.upstreams.0.reconnectMaxMs" is below reconnectMinMs'],
     [{ tls: { cert: 'c.pem' } }, '"bridge.upstreams.0.tls" needs both cert and key'],
@@ -37,6 +42,19 @@ describe('bridge config', () => {
     [{ colour: 'red' }, 'unknown key "bridge.upstreams.0.colour"'],
   ])('refuses %j', (upstream, message) => {
     expect(() => buildConfig(withUpstream(upstream))).toThrow(expect.objectContaining({ code: 'GW_CONFIG_INVALID', message: expect.stringContaining(message) as unknown }))
+  })
+
+  it.each([
+    [{}, [5, 4], ['user-property', 'none']],
+    [{ mqttVersion: '3.1.1' }, [4], ['none']],
+    [{ mqttVersion: '5' }, [5], ['user-property']],
+    [{ kind: 'edgemq' }, [4], ['topic-prefix']],
+    [{ dedupeId: 'none' }, [5, 4], ['none', 'none']],
+    [{ dedupeId: 'user-property' }, [5, 4], ['user-property', 'none']],
+  ])('%j speaks MQTT levels %j, the dedupe id going as %j on each', (upstream, levels, carriers) => {
+    const u = buildConfig(withUpstream(upstream)).bridge.upstreams[0] as UpstreamConfig
+    expect(protocolVersions(u)).toEqual(levels)
+    expect(levels.map((v) => dedupeCarrier(u, v as 4 | 5))).toEqual(carriers)
   })
 
   it('refuses two upstreams of one name', () => {

@@ -10,6 +10,7 @@ import { runCliWithin } from '../helpers/cli-run.ts'
 import { readWholeLog, type LoggedRecord } from '../helpers/log-reader.ts'
 import { startGatewayProcess, tempDir, writeConfig, type GatewayProcess } from '../helpers/gateway-process.ts'
 import { bridgeStatus, drained, freePort, publishAcked, waitFor } from '../helpers/bridge-fixtures.ts'
+import { startFlakyProxy } from '../helpers/flaky-proxy.ts'
 
 const DEVICES = ['dev-a', 'dev-b', 'dev-c', 'dev-d']
 
@@ -24,7 +25,7 @@ async function startEdge (dir: string, regionPort: number, extra: Record<string,
     mqtt: { listeners: [{ type: 'tcp', port: 0 }] },
     bridge: {
       commitIntervalMs: 100,
-      upstreams: [{ name: 'region', region: 'eu-1', url: `mqtt://127.0.0.1:${regionPort}`, forward: [{ stream: 'telemetry' }], reconnectMinMs: 50, reconnectMaxMs: 500, ...extra }],
+      upstreams: [{ name: 'region', region: 'eu-1', url: `mqtt://127.0.0.1:${regionPort}`, kind: 'edgemq', forward: [{ stream: 'telemetry' }], reconnectMinMs: 50, reconnectMaxMs: 500, ...extra }],
     },
   })
   return startGatewayProcess({ dataDir: `${dir}/data`, config })
@@ -71,13 +72,30 @@ describe('bridge: edgemq → edgemq', () => {
     // The same status on the command line, as a table and as JSON; an unknown upstream is a clear error.
     const table = await runCliWithin(['bridge', 'status', '--url', edge.httpUrl, '--partitions'], 20_000)
     expect(table.code).toBe(0)
-    expect(table.stdout).toMatch(/^UPSTREAM +REGION +CONNECTED .*\nregion +eu-1 +yes /)
+    expect(table.stdout).toMatch(/^UPSTREAM +REGION +CONNECTED +PROTOCOL +DEDUPE-ID .*\nregion +eu-1 +yes +3\.1\.1 +topic-prefix /)
     expect(table.stdout).toMatch(/\nregion +default\/telemetry +0 +/)
     const json = await runCliWithin(['bridge', 'status', '--url', edge.httpUrl, '--json', '--upstream', 'region'], 20_000)
     expect(JSON.parse(json.stdout)).toMatchObject({ upstreams: [{ name: 'region', connected: true, forwardedMessages: 2000, backlog: { messages: 0 } }] })
     const unknown = await runCliWithin(['bridge', 'status', '--url', edge.httpUrl, '--upstream', 'nope'], 20_000)
     expect(unknown.code).toBe(1)
     expect(unknown.stderr).toMatch(/CLI_UNKNOWN_UPSTREAM: no upstream named "nope" \(configured: region\)/)
+
+    // The upstream's consumer group is listed with the tenant's groups, marked as the bridge's, and cannot be moved.
+    const listed = await waitFor('the bridge\'s group committed at the log end', async () => {
+      const doc = await (await fetch(`${edge.httpUrl}/v1/groups`)).json() as { groups: Array<{ group: string, owner?: string, readOnly?: boolean, lagMessages: number }> }
+      const g = doc.groups.find((x) => x.group === 'bridge.region')
+      return g !== undefined && g.lagMessages === 0 ? g : undefined
+    })
+    expect(listed).toMatchObject({ owner: 'bridge', readOnly: true })
+    const groups = await runCliWithin(['groups', 'list', '--url', edge.httpUrl], 20_000)
+    expect(groups.stdout).toMatch(/\nbridge\.region +telemetry +0 +\d+ .* bridge \(read-only\)\n/)
+    const reset = await runCliWithin(['groups', 'reset', '--url', edge.httpUrl, '--group', 'bridge.region', '--stream', 'telemetry', '--to', 'earliest'], 20_000)
+    expect(reset.code).toBe(1)
+    expect(reset.stderr).toMatch(/HTTP_GROUP_READ_ONLY/)
+    const deleted = await fetch(`${edge.httpUrl}/v1/groups/bridge.region`, { method: 'DELETE' })
+    expect(deleted.status).toBe(409)
+    expect(((await deleted.json()) as { error: { code: string } }).error.code).toBe('HTTP_GROUP_READ_ONLY')
+    expect((await runCliWithin(['groups', 'list', '--url', edge.httpUrl, '--group', 'bridge.region', '--json'], 20_000)).stdout).toMatch(/"lagMessages": 0/)
 
     expect(await edge.stop()).toBe(0)
     expect(await region.stop()).toBe(0)
@@ -129,6 +147,95 @@ describe('bridge: edgemq → edgemq', () => {
     expect(await edge.stop()).toBe(0)
     expect(await region.stop()).toBe(0)
     expectExactlyInOrder(await readWholeLog(`${regionDir.dir}/data`), await readWholeLog(`${edgeDir.dir}/data`), acked)
+  })
+
+  it('a link that drops at the first PUBLISH more times than maxDeliveryAttempts: nothing dead-lettered, every record once', async () => {
+    const regionDir = await tempDir('edgemq-region-')
+    const edgeDir = await tempDir('edgemq-edge-')
+    cleanups.push(regionDir.cleanup, edgeDir.cleanup)
+    const regionPort = await freePort()
+    const region = await startRegion(regionDir.dir, regionPort)
+    const proxy = await startFlakyProxy({ host: '127.0.0.1', port: regionPort }, 6)
+    const edge = await startEdge(edgeDir.dir, Number(new URL(proxy.url).port), { maxDeliveryAttempts: 5 })
+    cleanups.push(async () => { await edge.kill(); await proxy.close(); await region.kill() })
+    // One device, so one partition: every cut hits the same lane's head (with several, round robin spreads them).
+    const acked = await publishAcked(edge.mqttUrl, ['dev-a'], 1)
+    acked.push(...await publishAcked(edge.mqttUrl, ['dev-a'], 300, 1))
+    const status = await drained(edge.httpUrl, 'region')
+    expect(proxy.cut()).toBe(6)
+    expect(status.deadLettered).toBe(0)
+    expect(await edge.stop()).toBe(0)
+    expect(await region.stop()).toBe(0)
+    const edgeLog = await readWholeLog(`${edgeDir.dir}/data`)
+    expect(edgeLog.filter((r) => r.stream === 'default/dlq.region')).toEqual([])
+    expectExactlyInOrder(await readWholeLog(`${regionDir.dir}/data`), edgeLog, acked)
+  })
+
+  it('an edgemq upstream not marked kind: edgemq refuses MQTT 5: the bridge falls back to 3.1.1 without dedupe ids and says so', async () => {
+    const regionDir = await tempDir('edgemq-region-')
+    const edgeDir = await tempDir('edgemq-edge-')
+    cleanups.push(regionDir.cleanup, edgeDir.cleanup)
+    const regionPort = await freePort()
+    const region = await startRegion(regionDir.dir, regionPort)
+    const edge = await startEdge(edgeDir.dir, regionPort, { kind: 'mqtt' })
+    cleanups.push(async () => { await edge.kill(); await region.kill() })
+    const acked = await publishAcked(edge.mqttUrl, DEVICES, 50)
+    const status = await drained(edge.httpUrl, 'region')
+    expect(status).toMatchObject({ kind: 'mqtt', mqttVersion: '3.1.1', dedupeId: 'none', forwardedMessages: acked.length })
+    const lines = edge.stderr().split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l) as Record<string, unknown>)
+    expect(lines.find((l) => l.msg === 'upstream connected')).toMatchObject({ upstream: 'region', mqttVersion: '3.1.1', dedupeId: 'none' })
+    expect(lines.some((l) => typeof l.msg === 'string' && l.msg.startsWith('upstream refuses MQTT 5'))).toBe(true)
+    const table = await runCliWithin(['bridge', 'status', '--url', edge.httpUrl], 20_000)
+    expect(table.stdout).toMatch(/\nregion +eu-1 +yes +3\.1\.1 +none /)
+    expect(await edge.stop()).toBe(0)
+    expect(await region.stop()).toBe(0)
+    // Plain topics, as any broker's subscribers would want them: no $dedupe/ prefix, so no origin header either.
+    const regionLog = (await readWholeLog(`${regionDir.dir}/data`)).filter((r) => r.stream === 'default/telemetry')
+    expect(regionLog).toHaveLength(acked.length)
+    for (const r of regionLog) expect(r.topic).toMatch(/^devices\/dev-[a-d]\/telemetry\/t$/)
+  })
+
+  it('an upstream that is down: the first failure logged at once, then rate-limited; each reconnect logged; the error dated and resolved', async () => {
+    const regionDir = await tempDir('edgemq-region-')
+    const edgeDir = await tempDir('edgemq-edge-')
+    cleanups.push(regionDir.cleanup, edgeDir.cleanup)
+    const regionPort = await freePort() // nothing listens yet
+    const edge = await startEdge(edgeDir.dir, regionPort)
+    let region: GatewayProcess | null = null
+    cleanups.push(async () => { await edge.kill(); await region?.kill() })
+    const logLines = (msg: string): Array<Record<string, unknown>> => edge.stderr().split('\n').filter((l) => l.startsWith('{'))
+      .map((l) => JSON.parse(l) as Record<string, unknown>).filter((l) => l.msg === msg)
+
+    const down = await waitFor('several failed attempts', async () => {
+      const s = (await bridgeStatus(edge.httpUrl))[0]
+      return s !== undefined && s.connectFailures >= 4 ? s : undefined
+    })
+    expect(down).toMatchObject({ connected: false, lastError: { message: expect.stringContaining('ECONNREFUSED') as unknown, resolvedAt: null } })
+    const failed = logLines('upstream connection failed; retrying')
+    expect(failed[0]).toMatchObject({ upstream: 'region', err: expect.stringContaining('ECONNREFUSED') as unknown })
+    expect(failed.length + logLines('upstream still unreachable; retrying').length).toBeLessThan(down.connectFailures) // one line a minute at most
+    const metrics = await (await fetch(`${edge.httpUrl}/metrics`)).text()
+    expect(Number(/edgemq_bridge_connect_failures_total\{upstream="region"\} (\d+)/.exec(metrics)?.[1])).toBeGreaterThanOrEqual(4)
+
+    region = await startRegion(regionDir.dir, regionPort)
+    const up = await waitFor('the uplink to connect', async () => {
+      const s = (await bridgeStatus(edge.httpUrl))[0]
+      return s?.connected === true ? s : undefined
+    })
+    expect(up.lastError?.resolvedAt).not.toBeNull()
+    const table = await runCliWithin(['bridge', 'status', '--url', edge.httpUrl], 20_000)
+    expect(table.stdout).toMatch(/ECONNREFUSED.* \(resolved \d{4}-/)
+    const connected = logLines('upstream connected')
+    expect(connected).toHaveLength(1)
+    expect(connected[0]?.failedAttempts).toBeGreaterThanOrEqual(4)
+    expect(connected[0]?.downSeconds).toBeGreaterThan(0)
+
+    await region.kill()
+    await waitFor('the disconnect logged', () => logLines('upstream disconnected').length === 1 ? true : undefined)
+    region = await startRegion(regionDir.dir, regionPort)
+    const reconnected = await waitFor('the reconnect logged', () => logLines('upstream reconnected')[0])
+    expect(reconnected).toMatchObject({ upstream: 'region', mqttVersion: '3.1.1', dedupeId: 'topic-prefix' })
+    expect(reconnected.downSeconds).toBeGreaterThan(0)
   })
 
   it('holds to maxBytesPerSecond', async () => {

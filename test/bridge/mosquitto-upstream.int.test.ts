@@ -1,7 +1,9 @@
 /**
- * edgemq → Mosquitto (a real broker, started by the test): MQTT 3.1.1 and 5,
- * dedupe ids on every message, two independent upstreams, and messages the
- * upstream refuses ending in the dead-letter stream while the rest flows.
+ * edgemq → Mosquitto (a real broker, started by the test): MQTT 5 by default
+ * with topics unchanged and the dedupe id a user property, 3.1.1 on request,
+ * two independent upstreams, messages the upstream refuses ending in the
+ * dead-letter stream while the rest flows, and a flapping link that
+ * dead-letters nothing.
  */
 import { chmod, writeFile } from 'node:fs/promises'
 import mqtt, { type IClientOptions, type MqttClient } from 'mqtt'
@@ -10,6 +12,7 @@ import { readWholeLog } from '../helpers/log-reader.ts'
 import { startGatewayProcess, tempDir, writeConfig, type GatewayProcess } from '../helpers/gateway-process.ts'
 import { bridgeStatus, drained, freePort, publishAcked, waitFor } from '../helpers/bridge-fixtures.ts'
 import { mosquittoPolicy, startMosquitto, type MosquittoProcess } from '../helpers/mosquitto-process.ts'
+import { startFlakyProxy } from '../helpers/flaky-proxy.ts'
 
 const policy = mosquittoPolicy()
 const bin = policy.bin
@@ -81,24 +84,35 @@ describe.skipIf(bin === null)('bridge: edgemq → Mosquitto', () => {
     return { acked, got: cloud.got }
   }
 
-  it('MQTT 3.1.1: every record arrives once, in per-device order, its dedupe id in a $dedupe/ topic prefix', async () => {
-    const { acked, got } = await forwardAll({ topicTemplate: 'sites/{site}/{topic}' }, '$dedupe/#')
-    for (const m of got) {
-      const match = /^\$dedupe\/edge-1\/default\/telemetry\/(\d+)\/(\d+)\/sites\/edge-1\/devices\/(dev-[a-c])\/telemetry\/t$/.exec(m.topic)
-      expect(match, m.topic).not.toBeNull()
-      expect(m.payload.startsWith(`${match?.[3] ?? ''}:`)).toBe(true)
+  it('by default: MQTT 5, topics unchanged for a plain subscriber on #, the dedupe id a user property; status and log say so', async () => {
+    const { dir } = await setup()
+    const up = await mosquitto(dir)
+    const plain = await collector(up.url, '#') // an MQTT 3.1.1 subscriber, as most cloud services are
+    const v5 = await collector(up.url, 'devices/#', { protocolVersion: 5 })
+    cleanups.push(() => plain.client.endAsync(), () => v5.client.endAsync())
+    const edge = await startEdge(dir, [{ name: 'cloud', url: up.url }])
+    cleanups.push(() => edge.kill())
+    const acked = await publishAcked(edge.mqttUrl, DEVICES, 300)
+    const status = await drained(edge.httpUrl, 'cloud')
+    expect(status).toMatchObject({ kind: 'mqtt', mqttVersion: '5', dedupeId: 'user-property' })
+    await waitFor('both subscribers to have everything', () => plain.got.length >= acked.length && v5.got.length >= acked.length ? true : undefined)
+    expect(plain.got).toHaveLength(acked.length)
+    for (const m of plain.got) expect(m.topic).toMatch(/^devices\/dev-[a-c]\/telemetry\/t$/)
+    for (const m of v5.got) expect(m.dedupeId).toMatch(/^edge-1\/default\/telemetry\/\d+\/\d+$/)
+    expect(new Set(v5.got.map((m) => m.dedupeId)).size).toBe(acked.length) // one message per (partition, offset)
+    for (const [device, list] of perDevice(plain.got.map((m) => m.payload))) {
+      expect(list.map((p) => Number(p.split(':')[1])), device).toEqual([...Array(300).keys()])
     }
-    expect(new Set(got.map((m) => m.topic)).size).toBe(acked.length) // one message per (partition, offset)
-    expect(perDevice(got.map((m) => m.payload))).toEqual(perDevice(acked.sort((a, b) => Number(a.split(':')[1]) - Number(b.split(':')[1]))))
+    const connected = edge.stderr().split('\n').filter((l) => l.includes('"upstream connected"')).map((l) => JSON.parse(l) as Record<string, unknown>)
+    expect(connected[0]).toMatchObject({ upstream: 'cloud', mqttVersion: '5', dedupeId: 'user-property' })
   })
 
-  it('MQTT 5: the dedupe id is a user property, and plain topics stay plain', async () => {
-    const { acked, got } = await forwardAll({ mqttVersion: '5' }, 'devices/#', { protocolVersion: 5 })
+  it('MQTT 3.1.1 on request: topics unchanged, no dedupe id', async () => {
+    const { got } = await forwardAll({ mqttVersion: '3.1.1' }, 'devices/#', { protocolVersion: 5 })
     for (const m of got) {
       expect(m.topic).toMatch(/^devices\/dev-[a-c]\/telemetry\/t$/)
-      expect(m.dedupeId).toMatch(/^edge-1\/default\/telemetry\/\d+\/\d+$/)
+      expect(m.dedupeId).toBeUndefined()
     }
-    expect(new Set(got.map((m) => m.dedupeId)).size).toBe(acked.length)
     for (const [device, list] of perDevice(got.map((m) => m.payload))) {
       expect(list.map((p) => Number(p.split(':')[1])), device).toEqual([...Array(300).keys()])
     }
@@ -162,7 +176,7 @@ describe.skipIf(bin === null)('bridge: edgemq → Mosquitto', () => {
     const up = await mosquitto(dir, undefined, ['max_packet_size 2000'])
     const cloud = await collector(up.url, 'devices/#')
     cleanups.push(() => cloud.client.endAsync())
-    const edge = await startEdge(dir, [{ name: 'cloud', url: up.url, dedupeId: 'none', maxDeliveryAttempts: 3 }])
+    const edge = await startEdge(dir, [{ name: 'cloud', url: up.url, mqttVersion: '3.1.1', maxDeliveryAttempts: 3 }])
     cleanups.push(() => edge.kill())
     const before = await publishAcked(edge.mqttUrl, ['d1', 'd2'], 30)
     const client = await mqtt.connectAsync(edge.mqttUrl, { reconnectPeriod: 0 })
@@ -172,12 +186,51 @@ describe.skipIf(bin === null)('bridge: edgemq → Mosquitto', () => {
     const status = await drained(edge.httpUrl, 'cloud', 60_000)
     expect(status.deadLettered).toBe(1)
     expect(status.reconnects).toBeGreaterThanOrEqual(3)
-    await waitFor('everything else upstream', () => cloud.got.length >= before.length + after.length ? true : undefined)
-    expect(perDevice(cloud.got.map((m) => m.payload))).toEqual(perDevice([...before, ...after].sort((x, y) => Number(x.split(':')[1]) - Number(y.split(':')[1]))))
+    await waitFor('everything else upstream', () => new Set(cloud.got.map((m) => m.payload)).size >= before.length + after.length ? true : undefined)
+    // In order; 3.1.1 without dedupe ids is at least once (resends after each disconnect, and the canaries: an
+    // acknowledged record resent to prove the link before a suspect goes alone).
+    const firstArrivals = [...new Set(cloud.got.map((m) => m.payload))]
+    expect(perDevice(firstArrivals)).toEqual(perDevice([...before, ...after].sort((x, y) => Number(x.split(':')[1]) - Number(y.split(':')[1]))))
     expect(await edge.stop()).toBe(0)
     const dlq = (await readWholeLog(`${dir}/data`)).filter((r) => r.stream === 'default/dlq.cloud')
     expect(dlq).toHaveLength(1)
     expect(dlq[0]?.payload).toHaveLength(5000)
+  })
+
+  it('MQTT 5: a message larger than the upstream\'s maximum packet size is dead-lettered unsent, without a disconnect', async () => {
+    const { dir } = await setup()
+    const up = await mosquitto(dir, undefined, ['max_packet_size 2000'])
+    const cloud = await collector(up.url, 'devices/#')
+    cleanups.push(() => cloud.client.endAsync())
+    const edge = await startEdge(dir, [{ name: 'cloud', url: up.url }])
+    cleanups.push(() => edge.kill())
+    const client = await mqtt.connectAsync(edge.mqttUrl, { reconnectPeriod: 0 })
+    await client.publishAsync('devices/d1/telemetry/t', Buffer.alloc(5000, 0x61), { qos: 1 })
+    await client.endAsync()
+    const after = await publishAcked(edge.mqttUrl, ['d1'], 20)
+    const status = await drained(edge.httpUrl, 'cloud')
+    expect(status).toMatchObject({ deadLettered: 1, reconnects: 0 })
+    await waitFor('the rest upstream', () => cloud.got.length >= after.length ? true : undefined)
+    expect(cloud.got.map((m) => m.payload)).toEqual(after)
+  })
+
+  it.each(['5', '3.1.1'])('MQTT %s: a link that drops at the first PUBLISH more times than maxDeliveryAttempts dead-letters nothing', async (mqttVersion) => {
+    const { dir } = await setup()
+    const up = await mosquitto(dir)
+    const proxy = await startFlakyProxy({ host: '127.0.0.1', port: up.port }, 6)
+    cleanups.push(() => proxy.close())
+    const cloud = await collector(up.url, 'devices/#')
+    cleanups.push(() => cloud.client.endAsync())
+    const edge = await startEdge(dir, [{ name: 'cloud', url: proxy.url, mqttVersion, maxDeliveryAttempts: 5 }])
+    cleanups.push(() => edge.kill())
+    const acked = await publishAcked(edge.mqttUrl, ['d1'], 1)
+    acked.push(...await publishAcked(edge.mqttUrl, ['d1', 'd2'], 250, 1))
+    const status = await drained(edge.httpUrl, 'cloud')
+    expect(proxy.cut()).toBe(6)
+    expect(status.deadLettered).toBe(0)
+    await waitFor('every record upstream', () => acked.every((p) => cloud.got.some((m) => m.payload === p)) ? true : undefined)
+    expect(await edge.stop()).toBe(0)
+    expect((await readWholeLog(`${dir}/data`)).filter((r) => r.stream === 'default/dlq.cloud')).toEqual([])
   })
 
   it('under load through an outage and a SIGKILL: every acked record arrives, in order; duplicates only under the same dedupe id', async () => {
@@ -187,7 +240,7 @@ describe.skipIf(bin === null)('bridge: edgemq → Mosquitto', () => {
     const conf = ['persistence true', `persistence_location ${dir}/`, 'max_queued_messages 0']
     let up = await mosquitto(dir, port, conf)
     // A persistent cloud session: it keeps receiving across the broker's restart (SIGTERM saves it).
-    const cloud = await collector(up.url, '$dedupe/#', { clientId: 'cloud-archive' })
+    const cloud = await collector(up.url, 'devices/#', { clientId: 'cloud-archive', protocolVersion: 5, properties: { sessionExpiryInterval: 3600 } })
     cleanups.push(() => cloud.client.endAsync())
     let edge = await startEdge(dir, [{ name: 'cloud', url: up.url }])
     cleanups.push(() => edge.kill())
@@ -206,10 +259,11 @@ describe.skipIf(bin === null)('bridge: edgemq → Mosquitto', () => {
     const after = await drained(edge.httpUrl, 'cloud', 90_000)
     expect(after.backlog).toEqual({ messages: 0, bytes: 0, seconds: 0 })
 
-    const ids = new Map<string, string>() // payload -> dedupe id (the five levels after $dedupe/)
+    const ids = new Map<string, string>() // payload -> dedupe id
     await waitFor('every acked record upstream', () => acked.every((p) => cloud.got.some((m) => m.payload === p)) ? true : undefined, 60_000)
     for (const m of cloud.got) {
-      const id = m.topic.split('/').slice(1, 6).join('/')
+      const id = m.dedupeId as string
+      expect(id).toMatch(/^edge-1\/default\/telemetry\/\d+\/\d+$/)
       const seen = ids.get(m.payload)
       if (seen !== undefined) expect(id, `duplicate of ${m.payload} under another dedupe id`).toBe(seen)
       ids.set(m.payload, id)

@@ -86,7 +86,7 @@ describe('bridge transports', () => {
     cleanups.push(() => region.kill())
     const wsUrl = region.urls.ws as string
     expect(wsUrl).toMatch(/^ws:\/\//)
-    const edge = await startEdge(`${dir}/edge`, { url: wsUrl, dedupeId: 'topic-prefix' })
+    const edge = await startEdge(`${dir}/edge`, { url: wsUrl, kind: 'edgemq', dedupeId: 'topic-prefix' })
     cleanups.push(() => edge.kill())
     const sub = await mqtt.connectAsync(region.urls.tcp as string, { reconnectPeriod: 0 })
     cleanups.push(() => sub.endAsync())

@@ -27,8 +27,8 @@ async function startWith (mqttConfig: Record<string, unknown>): Promise<{ gw: Ga
 }
 
 /** Publishes `count` QoS `qos` messages without waiting in between; resolves with the order the acks came in, or rejects after `ms`. */
-async function pipeline (client: MqttClient, topic: string, count: number, qos: 1 | 2, ms: number): Promise<{ acked: number[], elapsedMs: number }> {
-  const acked: number[] = []
+/** Publishes `count` messages at once; `acked` fills as their PUBACKs arrive. */
+async function pipeline (client: MqttClient, topic: string, count: number, qos: 1 | 2, ms: number, acked: number[] = []): Promise<{ acked: number[], elapsedMs: number }> {
   const started = performance.now()
   const all = Promise.all(Array.from({ length: count }, (_, i) =>
     client.publishAsync(topic, String(i), { qos }).then(() => { acked.push(i) })))
@@ -126,9 +126,11 @@ describe('limits: maxConnections, maxPacketBytes, maxInflightPerClient', () => {
     expect(await Promise.race([closed.then(() => 'closed'), sleep(5000).then(() => 'open')])).toBe('closed')
 
     expect(await waitUntil(() => got.length === 1, 3000)).toBe(true)
-    await sleep(100)
+    // The refusal is counted when the gateway drops the oversized packet, before anything of it could be delivered.
+    const refused = (samples: typeof before): number => total(samples, REFUSED_CONN, { reason: 'packet-too-large' })
+    let after = before
+    expect(await waitUntil(async () => refused(after = await scrape(gw.httpUrl)) > refused(before), 3000)).toBe(true)
     expect(got.map((m) => m.length), 'only the small message is delivered').toEqual([900])
-    const after = await scrape(gw.httpUrl)
     expect(total(after, INGEST) - total(before, INGEST)).toBe(1)
     expect(total(after, REFUSED_CONN, { reason: 'packet-too-large' }) - total(before, REFUSED_CONN, { reason: 'packet-too-large' })).toBe(1)
     const lines = logLines(gw.stderr().slice(mark)).map((l) => JSON.stringify(l))
@@ -186,8 +188,10 @@ describe('limits: publishRatePerClient', () => {
     const before = await scrape(gw.httpUrl)
     const mark = gw.stderr().length
 
-    const fastRun = pipeline(fast, 'devices/rate-fast/telemetry/t', BURST, 1, 60_000)
-    await sleep(300) // the fast client is being held back now
+    const fastAcked: number[] = []
+    const fastRun = pipeline(fast, 'devices/rate-fast/telemetry/t', BURST, 1, 60_000, fastAcked)
+    // The fast client has used up its full bucket, so it is being held back now.
+    expect(await waitUntil(() => fastAcked.length >= RATE, 30_000)).toBe(true)
     const calmRun = await pipeline(calm, 'devices/rate-calm/telemetry/t', 10, 1, 30_000)
     const fastDone = await fastRun
 

@@ -14,7 +14,7 @@ import type { IClientOptions, MqttClient } from 'mqtt'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { hashPassword } from '../../gateway/auth.ts'
 import { startGatewayProcess, tempDir, writeConfig, type GatewayProcess } from '../helpers/gateway-process.ts'
-import { collect, connectOk, endAll, metricValue, sleep, subscribeGranted, tryConnect, waitFor } from '../helpers/mqtt-probe.ts'
+import { collect, connectOk, endAll, metricValue, roundTrip, subscribeGranted, tryConnect, waitFor } from '../helpers/mqtt-probe.ts'
 import { createPki, loadKeyPair, opensslPolicy, type Pki } from '../helpers/tls-fixtures.ts'
 
 const openssl = opensslPolicy()
@@ -207,7 +207,7 @@ describe.skipIf(!openssl.available)('TLS client certificates: requestCert and ce
     await svc.publishAsync('devices/acme-dev-1/commands/reboot', 'now', { qos: 1 })
     expect(await waitFor(() => devGot.length > 0, 5000)).toBe(true)
     expect(devGot).toEqual([{ topic: 'devices/acme-dev-1/commands/reboot', payload: 'now' }])
-    await sleep(200)
+    await roundTrip(globex) // after the PUBACKs: what it has not got will not come
     expect(globexGot).toEqual([])
     expect(await metricValue(h.gw.httpUrl, 'edgemq_ingest_messages_total', { tenant: 'acme', stream: 'telemetry' })).toBe(1)
     expect(await metricValue(h.gw.httpUrl, 'edgemq_ingest_messages_total', { tenant: 'acme', stream: 'commands' })).toBe(1)

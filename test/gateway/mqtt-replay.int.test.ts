@@ -230,11 +230,11 @@ describe('MQTT replay', () => {
     await client.subscribeAsync('marker/#', { qos: 1 })
     const markers = collect(client)
     await publisher.publishAsync('devices/dev-5/telemetry/temp', 'after-unsubscribe', { qos: 1 })
+    expect(await waitFor(() => logLines(gw, 'replay ended').some((l) => l.replay === filter && l.outcome === 'cancelled'), 5000)).toBe(true)
+    // The replay has ended; anything it wrote to this connection is ahead of a marker written after that.
     await publisher.publishAsync('marker/x', 'marker', { qos: 1 })
     expect(await waitFor(() => markers.some((m) => m.payload === 'marker'), 5000)).toBe(true)
-    await sleep(QUIET_MS)
     expect(live).toHaveLength(3)
-    expect(await waitFor(() => logLines(gw, 'replay ended').some((l) => l.replay === filter && l.outcome === 'cancelled'), 5000)).toBe(true)
     await endAll([client, publisher])
   })
 
@@ -480,7 +480,8 @@ describe('MQTT replay of 100 k records keeps the gateway\'s memory bounded', () 
     const warm = new SlowSubscriber(gw.mqttUrl, '$replay/99000/devices/+/telemetry/#', 1, 1000, 5)
     expect(await waitFor(() => warm.done !== undefined, 20_000)).toBe(true)
     warm.end()
-    await sleep(500)
+    // The warm-up replay is gone (and what it held is released) once no replay is active.
+    expect(await waitFor(async () => await metricValue(gw.httpUrl, 'edgemq_mqtt_replays_active') === 0, 10_000)).toBe(true)
     const idle = await held()
 
     // At most 100 acks every 10 ms: some 10 k records/s, a tenth of what the gateway can send.

@@ -116,7 +116,9 @@ describe('overload and disk failure', () => {
     expect(h.body.status).toBe('unhealthy')
     expect(h.body.reasons.join(' ')).toMatch(/ENOSPC/)
     expect(await metric(gw, 'edgemq_up')).toBe(0)
-    await new Promise((resolve) => setTimeout(resolve, 500))
+    // Two more failed writes: the gateway has retried the record and failed again, and still not acked it.
+    const errors = await metric(gw, 'edgemq_store_errors_total') ?? 0
+    expect(await waitFor(async () => (await metric(gw, 'edgemq_store_errors_total') ?? 0) >= errors + 2, 10_000)).toBe(true)
     expect(acked).toBe(false) // no ack while the record is not on disk
     control.failing = false
     await pending // retried and acknowledged once the disk works again
@@ -143,7 +145,11 @@ describe('overload and disk failure', () => {
     let stuck: Promise<void> | undefined
     for (let n = 0; n < 200; n++) {
       const p = client.publishAsync('devices/dev-big/telemetry/blob', payload(n), { qos: 1 }).then(() => { acked.push(String(n)) })
-      const done = await Promise.race([p.then(() => true), new Promise<boolean>((resolve) => setTimeout(() => resolve(false), 1500))])
+      let done = false
+      p.then(() => { done = true }, () => {})
+      // Either the PUBACK, or the gateway reports the full disk (the write failed, so no PUBACK comes).
+      const moved = await waitFor(async () => done || (await fetch(`${gw.httpUrl}/health`)).status === 503, 30_000)
+      expect(moved, `neither a PUBACK for message ${n} nor an unhealthy gateway`).toBe(true)
       if (!done) { stuck = p; break }
     }
     expect(stuck, 'the disk never filled up').toBeDefined()

@@ -73,4 +73,21 @@ describe('QoS 2 exactly once into the log', () => {
     expect(await gw.stop()).toBe(0)
     expect((await readWholeLog(dir)).filter((r) => r.clientId === 'q2dev').map((r) => r.payload)).toEqual(['first', 'second'])
   })
+
+  it('keeps a device\'s order in the log when QoS 2 and QoS 0/1 publishes arrive in one write', async () => {
+    const { dir, cleanup } = await tempDir()
+    cleanups.push(cleanup)
+    const gw = await startGatewayProcess({ dataDir: dir })
+    const c = await connect(gw.mqttUrl, true)
+    const order = ['q2-a', 'q1-b', 'q2-c', 'q0-d', 'q1-e', 'q2-f']
+    c.sendAll(order.map((payload, i) => {
+      const qos = Number(payload[1]) as 0 | 1 | 2
+      return { cmd: 'publish' as const, topic: TOPIC, payload: Buffer.from(payload), qos, messageId: qos === 0 ? undefined : i + 1, dup: false, retain: false }
+    }))
+    for (let i = 0; i < 3; i++) await c.next('pubrec')
+    for (let i = 0; i < 2; i++) await c.next('puback')
+    c.end()
+    expect(await gw.stop()).toBe(0)
+    expect((await readWholeLog(dir)).filter((r) => r.clientId === 'q2dev').map((r) => r.payload)).toEqual(order)
+  })
 })

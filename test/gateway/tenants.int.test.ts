@@ -16,7 +16,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { hashPassword } from '../../gateway/auth.ts'
 import { startGatewayProcess, tempDir, writeConfig, type GatewayProcess } from '../helpers/gateway-process.ts'
 import { readWholeLog } from '../helpers/log-reader.ts'
-import { collect, connectOk, endAll, metricValue, sleep, subscribeGranted, tryConnect, waitFor, type Received } from '../helpers/mqtt-probe.ts'
+import { collect, connectOk, endAll, metricValue, roundTrip, sleep, subscribeGranted, tryConnect, waitFor, type Received } from '../helpers/mqtt-probe.ts'
 
 const TIMEOUT = 30_000
 /** Long enough for a message that was wrongly routed to arrive; the positive checks use markers instead. */
@@ -136,7 +136,7 @@ describe('tenants are isolated; ACLs hold', () => {
     expect(await waitFor(() => payloads(acmeDevGot).includes('acme-secret-command'), 5000)).toBe(true)
     // globex's own traffic reaches globex (so the quiet checks below are not vacuous).
     expect(await waitFor(() => ['globex-own-command', 'globex-own-telemetry', 'globex-will'].every((p) => payloads(globexSvcGot).includes(p)), 5000)).toBe(true)
-    await sleep(QUIET_MS)
+    await Promise.all([acmeSvc, acmeDev, globexSvc, globexDev].map((c) => roundTrip(c))) // what they have not got will not come
 
     expect(payloads(acmeSvcGot).sort()).toEqual([...acmeWanted].sort())
     expect(acmeDevGot).toEqual([{ topic: 'devices/sensor-a/commands/reboot', payload: 'acme-secret-command' }])
@@ -205,7 +205,7 @@ describe('tenants are isolated; ACLs hold', () => {
     appended('acme/events', 'not for sensor-d: devices/sensor-d/events/e')
     // Two granted filters match the command; MQTT 3.1.1 allows one copy per matching subscription.
     expect(await waitFor(() => got.length > 0, 5000)).toBe(true)
-    await sleep(QUIET_MS)
+    await roundTrip(dev) // after the PUBACKs: what it has not got will not come
     expect([...new Set(payloads(got))]).toEqual(['for sensor-d'])
     await endAll([dev, svc])
   }, TIMEOUT)
@@ -242,7 +242,7 @@ describe('tenants are isolated; ACLs hold', () => {
     await dev.publishAsync('devices/sensor-x/telemetry/open', 'not blocked', { qos: 1 })
     appended('acme/telemetry', 'not blocked')
     expect(await waitFor(() => got.length > 0, 5000)).toBe(true)
-    await sleep(50)
+    await roundTrip(svc) // after the PUBACKs: what it has not got will not come
     expect(payloads(got)).toEqual(['not blocked'])
     expect(await ingest('acme', 'telemetry')).toBe(before + 1)
 
@@ -284,7 +284,7 @@ describe('tenants are isolated; ACLs hold', () => {
     acmeDev.on('close', () => { closed = true })
     const intruder = await tryConnect(gw.mqttUrl, { clientId: 'sensor-p', username: 'globex-dev', password: password('globex-dev') })
     if (intruder.ok) clients.add(intruder.client)
-    await sleep(QUIET_MS)
+    await roundTrip(acmeDev) // a takeover would have closed it before the intruder's CONNACK
     expect(closed).toBe(false)
     const svc = await connect('acme-svc', 'acme-p-commander')
     await svc.publishAsync('devices/sensor-p/commands/ping', 'still there?', { qos: 1 })
@@ -307,7 +307,7 @@ describe('tenants are isolated; ACLs hold', () => {
       const intruder = await tryConnect(gw.mqttUrl, { clientId: 'sensor-q', clean, username: 'globex-dev', password: password('globex-dev') })
       if (intruder.ok) {
         const stolen = collect(intruder.client)
-        await sleep(QUIET_MS)
+        await roundTrip(intruder.client) // read after its CONNECT is done, queued messages included
         expect(stolen, `clean=${clean}`).toEqual([])
         await intruder.client.endAsync()
       }

@@ -25,13 +25,17 @@ export async function waitFor<T> (what: string, check: () => Promise<T | undefin
 
 export interface UpstreamStatusDoc {
   name: string
+  kind: 'mqtt' | 'edgemq'
+  mqttVersion: '5' | '3.1.1' | null
+  dedupeId: 'user-property' | 'topic-prefix' | 'none'
   connected: boolean
   reconnects: number
+  connectFailures: number
   inflight: number
   forwardedMessages: number
   deadLettered: number
   commandsReceived: number
-  lastError: { message: string } | null
+  lastError: { message: string, at: string, resolvedAt: string | null } | null
   backlog: { messages: number, bytes: number, seconds: number }
   partitions: Array<{ tenant: string, stream: string, partition: number, committedOffset: number, forwardedOffset: number, logEndOffset: number, backlogMessages: number }>
 }

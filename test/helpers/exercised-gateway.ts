@@ -133,6 +133,7 @@ async function startRegion (dir: string): Promise<GatewayProcess> {
       { filter: 'devices/+/events/#', stream: 'events', keyLevel: 1 },
       { filter: 'cmd/+/+/#', stream: 'commands', keyLevel: 2 },
       { filter: 'sites/+/receipts/#', stream: 'events', keyLevel: 1 },
+      { filter: 'k/dev-ok/#', stream: 'events', keyLevel: 1 }, // the refusing upstream's one accepted key
     ],
     mqtt: { listeners: [{ type: 'tcp', port: 0 }] },
   })
@@ -170,14 +171,16 @@ export async function startExercisedGateway (): Promise<ExercisedGateway> {
         commitIntervalMs: 100,
         upstreams: [
           {
-            name: UPSTREAMS.live, region: 'eu-1', url: regionUrl, reconnectMinMs: 50, reconnectMaxMs: 500,
+            name: UPSTREAMS.live, kind: 'edgemq', region: 'eu-1', url: regionUrl, reconnectMinMs: 50, reconnectMaxMs: 500,
             forward: [{ stream: 'telemetry' }, { stream: 'events' }],
             commands: [{ remote: 'cmd/{site}/+/#', local: 'devices/+/commands/#', ttlMs: COMMAND_TTL_MS }],
           },
           { name: UPSTREAMS.down, url: `mqtt://127.0.0.1:${closedPort}`, reconnectMinMs: 100, reconnectMaxMs: 1000, connectTimeoutMs: 1000 },
           {
             name: UPSTREAMS.refusing, url: regionUrl, reconnectMinMs: 50, reconnectMaxMs: 200, maxDeliveryAttempts: 1,
-            forward: [{ stream: 'events', filter: 'devices/+/events/refused' }], topicTemplate: 'refused/{topic}',
+            // The region takes dev-ok's records and disconnects on the others (unrouted: reject): over MQTT 3.1.1 a
+            // disconnect counts as a refusal only on a link that has carried an acknowledged record.
+            forward: [{ stream: 'events', filter: 'devices/+/events/refused' }], topicTemplate: 'k/{key}/{topic}',
           },
         ],
       },
@@ -193,9 +196,15 @@ export async function startExercisedGateway (): Promise<ExercisedGateway> {
     const deadLettered = async (): Promise<number> => total(await metrics(), 'edgemq_bridge_dead_lettered_total', { upstream: UPSTREAMS.refusing })
     const deadLetter = async (): Promise<number> => {
       const before = await deadLettered()
+      const ok = await connect(openUrl, { clientId: 'dev-ok' })
+      try {
+        await ok.publishAsync('devices/dev-ok/events/refused', 'the upstream takes this key', { qos: 1 })
+      } finally {
+        await ok.endAsync()
+      }
       const device = await connect(openUrl, { clientId: 'dev-refused' })
       try {
-        await device.publishAsync('devices/dev-refused/events/refused', 'the upstream refuses this topic', { qos: 1 })
+        await device.publishAsync('devices/dev-refused/events/refused', 'the upstream refuses this key', { qos: 1 })
       } finally {
         await device.endAsync()
       }

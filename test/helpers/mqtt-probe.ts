@@ -78,9 +78,9 @@ export function collect (client: MqttClient, options: { live?: boolean } = {}): 
 }
 
 /** Polls `check` every 20 ms until it holds or `ms` pass; returns whether it held. */
-export async function waitFor (check: () => boolean, ms: number): Promise<boolean> {
+export async function waitFor (check: () => boolean | Promise<boolean>, ms: number): Promise<boolean> {
   const until = Date.now() + ms
-  while (!check()) {
+  while (!(await check())) {
     if (Date.now() >= until) return false
     await new Promise((resolve) => setTimeout(resolve, 20))
   }
@@ -114,4 +114,30 @@ export async function metricValue (httpUrl: string, name: string, labels: Readon
     if (Object.entries(labels).every(([k, v]) => have.get(k) === v)) { total += Number(m[3]); found = true }
   }
   return found ? total : 0
+}
+
+/**
+ * A PINGREQ/PINGRESP round trip on the client's connection: once it resolves, the client has received everything
+ * the gateway wrote to it before answering. A PUBACK comes only after the message was written to every matching
+ * subscriber (aedes calls back from mqemitter once each delivery is written), and the gateway reads a connection's
+ * next packet only after the CONNECT is done, queued messages included; so after those, a round trip on a client
+ * proves that a message it has not received will not come. Rejects if the connection closes first.
+ */
+export function roundTrip (client: MqttClient, ms = 5000): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const finish = (err?: Error): void => {
+      clearTimeout(timer)
+      client.removeListener('packetreceive', onPacket)
+      client.removeListener('close', onClose)
+      if (err === undefined) resolve()
+      else reject(err)
+    }
+    const onPacket = (packet: { cmd: string }): void => { if (packet.cmd === 'pingresp') finish() }
+    const onClose = (): void => finish(new Error('the connection closed before the PINGRESP'))
+    const timer = setTimeout(() => finish(new Error(`no PINGRESP within ${ms} ms`)), ms)
+    client.on('packetreceive', onPacket)
+    client.on('close', onClose)
+    if (!client.connected) return finish(new Error('not connected'))
+    client.sendPing()
+  })
 }

@@ -12,6 +12,8 @@ export interface RawClient {
   sendAll (packets: readonly Packet[]): void
   /** Resolves with the next packet of this command (packets are queued as they arrive). */
   next (cmd: Packet['cmd'], timeoutMs?: number): Promise<Packet>
+  /** Calls `listener` with each packet as it arrives (it is queued for next() as well); returns a function that stops it. */
+  onPacket (listener: (packet: Packet) => void): () => void
   /** Resolves when the server closes the connection. */
   readonly closed: Promise<void>
   end (): void
@@ -24,7 +26,8 @@ export async function rawConnect (url: string): Promise<RawClient> {
   const parser = mqttPacket.parser({ protocolVersion: 4 })
   const queue: Packet[] = []
   const waiters: Array<() => void> = []
-  parser.on('packet', (p: Packet) => { queue.push(p); for (const w of waiters.splice(0)) w() })
+  const listeners: Array<(packet: Packet) => void> = []
+  parser.on('packet', (p: Packet) => { queue.push(p); for (const w of waiters.splice(0)) w(); for (const l of listeners) l(p) })
   socket.on('data', (d) => parser.parse(d))
   socket.on('error', () => {})
   const closed = new Promise<void>((resolve) => socket.once('close', () => { resolve(); for (const w of waiters.splice(0)) w() }))
@@ -42,6 +45,10 @@ export async function rawConnect (url: string): Promise<RawClient> {
           setTimeout(resolve, Math.max(1, until - Date.now())).unref()
         })
       }
+    },
+    onPacket: (listener) => {
+      listeners.push(listener)
+      return () => { const i = listeners.indexOf(listener); if (i !== -1) listeners.splice(i, 1) }
     },
     closed,
     end: () => { socket.end() },

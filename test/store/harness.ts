@@ -22,6 +22,8 @@ export interface Backend {
   openExisting (options?: StoreOptions): Promise<LogStore>
   /** The raw database of a closed store, for fault injection; close it before openExisting. */
   raw (): Promise<LevelDatabase>
+  /** A fresh, open database of this kind that the caller owns (for a store given `db`); reopened by close() → open(). */
+  database (): Promise<LevelDatabase>
   /** Releases everything. */
   destroy (): Promise<void>
 }
@@ -34,6 +36,7 @@ export class FakeClock {
 
 export function classicBackend (): Backend {
   let dir: string | undefined
+  let shared: ClassicLevel<Buffer, Buffer> | undefined
   let lastOptions: StoreOptions = {}
   return {
     name: 'classic-level',
@@ -54,7 +57,14 @@ export function classicBackend (): Backend {
       await db.open()
       return db as unknown as LevelDatabase
     },
+    async database () {
+      dir = await fs.mkdtemp(path.join(os.tmpdir(), 'edgemq-store-'))
+      shared = new ClassicLevel<Buffer, Buffer>(dir, { keyEncoding: 'buffer', valueEncoding: 'buffer' })
+      await shared.open()
+      return shared as unknown as LevelDatabase
+    },
     async destroy () {
+      await shared?.close()
       if (dir !== undefined) await fs.rm(dir, { recursive: true, force: true })
     },
   }
@@ -82,6 +92,11 @@ export function memoryBackend (): Backend {
     },
     async raw () {
       if (asLevel().status !== 'open') await asLevel().open()
+      return asLevel()
+    },
+    async database () {
+      db = new MemoryLevel<Buffer, Buffer>({ keyEncoding: 'buffer', valueEncoding: 'buffer' })
+      await db.open()
       return asLevel()
     },
     async destroy () {

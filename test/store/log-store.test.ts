@@ -4,7 +4,8 @@
  * after close → reopen at the `checkpoint()` the test marks.
  */
 import { afterEach, describe, expect, it } from 'vitest'
-import { decodeStoredBatch, type LogStore, type StoredRecord, type StoreObserver, type CommitStats } from '../../store/index.ts'
+import { MemoryLevel } from 'memory-level'
+import { decodeStoredBatch, openLogStore, type ExtraOperation, type LevelDatabase, type LogStore, type StoredRecord, type StoreObserver, type CommitStats } from '../../store/index.ts'
 import { backends, FakeClock, payloadOf, type Backend, type StoreOptions } from './harness.ts'
 
 interface Ctx {
@@ -281,6 +282,38 @@ for (const makeBackend of backends) {
         await ctx.checkpoint()
         expect((await ctx.store.append('t/s', 'k', { payload: payloadOf(5) }, { dedupeId: 'client-1/43' })).duplicate).toBeUndefined()
         expect((await ctx.store.append('t/s', 'k', { payload: payloadOf(4) }, { dedupeId: 'client-2/1' })).duplicate).toBe(true)
+      })
+
+      it('commits extra operations outside the log in the record\'s batch, and only with a new record', async () => {
+        backend = makeBackend()
+        const db = await backend.database()
+        const side = db.sublevel<Buffer, Buffer>('side', { keyEncoding: 'buffer', valueEncoding: 'buffer' }) as unknown as LevelDatabase
+        const sideKey = (k: string): Buffer => Buffer.from(k)
+        const put = (k: string, v: string): ExtraOperation => ({ type: 'put', sublevel: side, key: sideKey(k), value: Buffer.from(v) })
+        let store = await openLogStore({ db, clock: new FakeClock() })
+        open.push(store)
+        await store.createStream('t/s', { partitions: 1 })
+        await store.append('t/s', 'k', { payload: payloadOf(1) }, { dedupeId: 'd1', extraOps: [put('a', '1'), put('b', '1')] })
+        // A duplicate writes nothing, its extra operations neither; a later append may delete what an earlier one put.
+        expect(await store.append('t/s', 'k', { payload: payloadOf(1) }, { dedupeId: 'd1', extraOps: [put('a', 'dup')] })).toMatchObject({ duplicate: true })
+        await store.append('t/s', 'k', { payload: payloadOf(2) }, { extraOps: [{ type: 'del', sublevel: side, key: sideKey('b') }] })
+        // A failing append writes none of them.
+        await expect(store.append('t/nope', 'k', { payload: payloadOf(3) }, { extraOps: [put('c', '1')] })).rejects.toMatchObject({ code: 'STORE_UNKNOWN_STREAM' })
+        // Only sublevels of the store's database outside the log are accepted.
+        const log = db.sublevel('log') as unknown as LevelDatabase
+        for (const sublevel of [log, log.sublevel('inner') as unknown as LevelDatabase, db, new MemoryLevel() as unknown as LevelDatabase]) {
+          await expect(store.append('t/s', 'k', { payload: payloadOf(4) }, { extraOps: [{ type: 'put', sublevel, key: sideKey('x'), value: Buffer.from('x') }] }))
+            .rejects.toMatchObject({ code: 'STORE_INVALID_ARGUMENT', name: 'StoreError' })
+        }
+        await store.close()
+        await db.close()
+        await db.open()
+        store = await openLogStore({ db, clock: new FakeClock() })
+        open.push(store)
+        expect(store.partitionInfo('t/s', 0).logEndOffset).toBe(2)
+        await side.open() // a sublevel stays closed after its database reopens
+        const stored = await side.iterator<Buffer, Buffer>({ keyEncoding: 'buffer', valueEncoding: 'buffer' }).all()
+        expect(stored.map(([k, v]) => [k.toString(), v.toString()])).toEqual([['a', '1']])
       })
 
       writeTest('scopes dedupe ids to the stream, so an id seen in one stream never suppresses another stream\'s record', async (ctx) => {
