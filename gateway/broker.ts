@@ -29,7 +29,7 @@ import type { TLSSocket } from 'node:tls'
 import type { Logger } from 'pino'
 import { isStoreError, type AppendOptions, type LogStore } from '../store/index.ts'
 import { splitDedupeTopic } from '../bridge/topic-template.ts'
-import { clientIdMatches, clientIdPattern, isAllowed, mayReplicate, UserDirectory, type Identity } from './auth.ts'
+import { ClientIdOwners, clientIdMatches, clientIdPattern, isAllowed, mayReplicate, UserDirectory, type Identity } from './auth.ts'
 import type { GatewayConfig, ListenerConfig, UserConfig } from './config.ts'
 import type { GuardGroup } from './connection-guard.ts'
 import { InboundQos2, type Qos2Plan, type Qos2Persistence } from './inbound-qos2.ts'
@@ -117,6 +117,7 @@ function alreadyReported (err: Error): boolean {
 export function createBroker (deps: BrokerDeps): Aedes {
   const { config, store, metrics, logger } = deps
   const users = new UserDirectory(config.users)
+  const owners = new ClientIdOwners(config.users)
   const route = compileRoutes(config.routes)
   const identities = new WeakMap<Client, Identity>()
   const connects = new WeakMap<Client, ConnectInfo>()
@@ -242,6 +243,11 @@ export function createBroker (deps: BrokerDeps): Aedes {
         mountUnsubscribes(client, who.tenant)
         done(null, true)
       }
+      // A bound user's client id is its own (auth.ts, ClientIdOwners): nobody unbound takes over its session.
+      const refuseOwnedId = (who: string): void => {
+        refuse(client, 'client-id-not-bound', `${who} may not connect as client id ${JSON.stringify(info.clientId)}: it is bound to another user (users[].clientIdPattern)`)
+        done(authError(2, 'identifier rejected'), false)
+      }
       // A device login is bound to its client id (the id names its topics, session and records): checked before
       // aedes looks the id up, so a wrong one takes over no session. [MQTT-3.1.3-9] CONNACK 2, identifier rejected.
       const acceptUser = (user: UserConfig): void => {
@@ -250,6 +256,7 @@ export function createBroker (deps: BrokerDeps): Aedes {
           refuse(client, 'client-id-not-bound', `user ${JSON.stringify(user.username)} may not connect as client id ${JSON.stringify(info.clientId)} (users[].clientIdPattern: ${pattern})`)
           return done(authError(2, 'identifier rejected'), false)
         }
+        if (pattern === null && owners.owned(user.tenant, info.clientId)) return refuseOwnedId(`user ${JSON.stringify(user.username)}`)
         accept({ tenant: user.tenant, role: user.role, username: user.username, clientId: client.id })
       }
       const certUser = certificateUser(client, listener)
@@ -268,6 +275,7 @@ export function createBroker (deps: BrokerDeps): Aedes {
           refuse(client, 'not-authorized', 'anonymous clients are not allowed on this listener')
           return done(authError(5, 'not authorized'), false)
         }
+        if (owners.owned('default', info.clientId)) return refuseOwnedId('an anonymous client')
         return accept({ tenant: 'default', role: 'anonymous', username: null, clientId: client.id })
       }
       users.authenticate(username, password).then((user) => {

@@ -55,10 +55,11 @@ describe('wills across kill -9', () => {
         return c
       }
 
-      // Persistent subscribers, offline when the wills fire: their queues show what was delivered where.
+      // Persistent subscribers, offline when the wills fire: their queues show what was delivered where. (Their ids
+      // stay outside the devices' patterns a* and g*, which own the ids they match.)
       const subscribers: Array<[Username, string, string]> = [
-        ['acme-svc', 'acme-backend', '#'],
-        ['globex-svc', 'globex-backend', '#'],
+        ['acme-svc', 'backend-acme', '#'],
+        ['globex-svc', 'backend-globex', '#'],
         ['globex-dev', 'g1', 'devices/g1/commands/#'],
       ]
       for (const [user, clientId, filter] of subscribers) {
@@ -77,7 +78,7 @@ describe('wills across kill -9', () => {
 
       gw = await startGatewayProcess({ dataDir, config: await configFile(dir, restartId) })
       // A marker queued behind whatever the restart queued: once it arrives, the queue was read to the end.
-      const service = { acme: await connect('acme-svc', 'acme-marker'), globex: await connect('globex-svc', 'globex-marker') }
+      const service = { acme: await connect('acme-svc', 'marker-acme'), globex: await connect('globex-svc', 'marker-globex') }
       for (const [tenant, topic] of [['acme', 'marker/acme'], ['globex', 'marker/globex'], ['globex', 'devices/g1/commands/marker']] as const) {
         await service[tenant].publishAsync(topic, 'marker', { qos: 1 })
       }
@@ -89,9 +90,9 @@ describe('wills across kill -9', () => {
         expect(await waitFor(() => got.some((m) => m.payload === 'marker'), 10_000), `${clientId} got its marker`).toBe(true)
       }
       const payloads = (clientId: string): string[] => (received.get(clientId) ?? []).map((m) => m.payload).filter((p) => p !== 'marker')
-      expect(payloads('acme-backend')).toEqual(['a1-gone'])
-      expect(received.get('acme-backend')?.find((m) => m.payload === 'a1-gone')?.topic).toBe('devices/a1/events/offline')
-      expect(payloads('globex-backend')).toEqual(['g2-gone'])
+      expect(payloads('backend-acme')).toEqual(['a1-gone'])
+      expect(received.get('backend-acme')?.find((m) => m.payload === 'a1-gone')?.topic).toBe('devices/a1/events/offline')
+      expect(payloads('backend-globex')).toEqual(['g2-gone'])
       expect(payloads('g1')).toEqual([])
       expect(await metricValue(gw.httpUrl, 'edgemq_mqtt_publishes_refused_total', { tenant: 'acme', reason: 'acl-denied' })).toBe(1)
 
