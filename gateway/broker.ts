@@ -37,7 +37,7 @@ import { GatewayError, type GatewayErrorCode } from './errors.ts'
 import type { GatewayMetrics, PublishRefusal, RefusalReason, SubscribeRefusal } from './metrics.ts'
 import { isReplayTopic, MqttReplays, type ReplayConnection, type ReplayTicket } from './mqtt-replay.ts'
 import { compileRoutes, type Route } from './routing.ts'
-import { installWills, type WillPersistence } from './wills.ts'
+import { identityNow, installWills, type WillPersistence } from './wills.ts'
 import { dollarTopicSubscribed, mountTopic, scopedClientId, topicFilterProblem, topicNameProblem, unmountTopic } from './topics.ts'
 
 export interface BrokerDeps {
@@ -429,6 +429,9 @@ export function createBroker (deps: BrokerDeps): Aedes {
     persistence,
     logger,
     identityOf: (client) => identities.get(client as Client),
+    recheck: (who) => identityNow(who, {
+      users, owners, anonymous: config.mqtt.listeners.some((l) => l.allowAnonymous === true || (config.users.length === 0 && isLoopback(l.host))),
+    }),
     fire: (will, who) => new Promise((resolve, reject) => {
       // A stand-in for the client that set the will: authorizePublish reads its identity, and appendThen retries
       // a failed append while it is open, as for a connected client.
