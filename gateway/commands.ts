@@ -40,7 +40,7 @@ import type { Aedes, Client, PublishPacket } from 'aedes'
 import { isStoreError, type Clock, type LogStore, type StoredRecord } from '../store/index.ts'
 import { RECEIPT_UPSTREAM_HEADER, RECEIPTS_STREAM, type CommandSink, type IncomingCommand } from '../bridge/uplink.ts'
 import type { Router } from './routing.ts'
-import { mountTopic, scopedClientId, topicMatches } from './topics.ts'
+import { mountTopic, scopedClientId, topicMatches, topicNameProblem } from './topics.ts'
 
 export const COMMANDS_GROUP = 'edgemq.commands'
 const HEADER_REMOTE_TOPIC = 'edgemq-remote-topic'
@@ -186,6 +186,14 @@ export class CommandDispatcher implements CommandSink {
   /** Appends the command to the log (resolving once durable), then delivers it when it can. */
   async accept (command: IncomingCommand): Promise<void> {
     const { store, route, logger } = this.#deps
+    // A topic no client could publish (a remote topic deep enough to make the local one over 99 levels, which the
+    // tenant mount takes past the broker's limit) could never be delivered, and a pending command without a
+    // time-to-live holds its partition's retention for good.
+    const problem = topicNameProblem(command.localTopic)
+    if (problem !== null) {
+      logger.error({ upstream: command.upstream, topic: command.remoteTopic, reason: problem }, 'command dropped: its local topic is not one a device could receive')
+      return
+    }
     const target = route(command.localTopic)
     if (target === null) {
       // Redelivery could not help: acknowledged upstream and dropped, loudly.
@@ -244,12 +252,16 @@ export class CommandDispatcher implements CommandSink {
     if (this.#isExpired(c)) return this.#settle(c, 'expired')
     const client = this.#addressee(c)
     if (client === null) return
-    c.busy = true
     const packet: ExpiringPacket = {
       cmd: 'publish', topic: mountTopic(c.tenant, c.topic), payload: Buffer.from(c.payload.buffer, c.payload.byteOffset, c.payload.byteLength),
       qos: 1, retain: false, dup: false,
       ...(c.expiresAt === null ? {} : { messageExpiry: c.expiresAt }),
     }
+    // aedes calls back from client.publish also when authorizeForward refused the packet (a read ACL deny rule
+    // narrower than the device's subscription): asked first, on a copy since it unmounts in place, so a command the
+    // device may not read stays pending (until its time-to-live) instead of being receipted as delivered.
+    if (this.#deps.broker.authorizeForward?.(client, { ...packet } as Parameters<Aedes['authorizeForward']>[1]) == null) return
+    c.busy = true
     // client.publish skips mqemitter and the other sessions' queues; authorizeForward still applies the client's
     // tenant and read ACL. Its callback carries no error (aedes' writeQoS swallows it), so a write that failed
     // shows as the connection being gone: the command stays pending and goes again when the device is back (if
