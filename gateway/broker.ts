@@ -38,7 +38,7 @@ import type { GatewayMetrics, PublishRefusal, RefusalReason, SubscribeRefusal } 
 import { isReplayTopic, MqttReplays, type ReplayConnection, type ReplayTicket } from './mqtt-replay.ts'
 import { compileRoutes, type Route } from './routing.ts'
 import { identityNow, installWills, type WillPersistence } from './wills.ts'
-import { dollarTopicSubscribed, mountTopic, scopedClientId, topicFilterProblem, topicNameProblem, unmountTopic } from './topics.ts'
+import { dollarTopicSubscribed, MAX_CLIENT_TOPIC_LEVELS, mountTopic, scopedClientId, topicFilterProblem, topicNameProblem, unmountTopic } from './topics.ts'
 
 export interface BrokerDeps {
   readonly config: GatewayConfig
@@ -616,7 +616,10 @@ function mountUnsubscribes (client: Client, tenant: string): void {
   const parser = (client as unknown as ClientParser)._parser
   const mount = (packet: { cmd: string, unsubscriptions?: string[] }): void => {
     if (packet.cmd === 'unsubscribe' && packet.unsubscriptions !== undefined) {
-      packet.unsubscriptions = packet.unsubscriptions.map((filter) => mountTopic(tenant, filter))
+      // A filter over MAX_CLIENT_TOPIC_LEVELS was never subscribed (SUBACK 0x80): left out, since mounted it is over
+      // aedes' limit, which closed the connection instead of sending the UNSUBACK.
+      packet.unsubscriptions = packet.unsubscriptions
+        .filter((filter) => filter.split('/').length <= MAX_CLIENT_TOPIC_LEVELS).map((filter) => mountTopic(tenant, filter))
     }
   }
   for (const packet of parser._queue ?? []) mount(packet)
