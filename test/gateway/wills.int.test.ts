@@ -7,7 +7,7 @@
  * A will whose topic no PUBLISH could use is refused at CONNECT.
  */
 import path from 'node:path'
-import type { MqttClient } from 'mqtt'
+import mqtt, { type MqttClient } from 'mqtt'
 import { afterAll, describe, expect, it } from 'vitest'
 import { pino } from 'pino'
 import { hashPassword } from '../../gateway/auth.ts'
@@ -84,8 +84,12 @@ describe('wills across kill -9', () => {
       }
       const received = new Map<string, Received[]>()
       for (const [user, clientId] of subscribers) {
-        const c = await connect(user, clientId, { clean: false })
+        // Collecting from before the CONNACK: the queued messages can arrive in the same read as the CONNACK, and
+        // MQTT.js hands them out before a listener added once connectOk resolved (the test lost them now and then).
+        const c = mqtt.connect(gw.mqttUrl, { clientId, username: user, password: password(user), reconnectPeriod: 0, protocolVersion: 4, clean: false })
+        clients.add(c)
         const got = collect(c)
+        await new Promise((resolve, reject) => { c.once('connect', resolve); c.once('error', reject) })
         received.set(clientId, got)
         expect(await waitFor(() => got.some((m) => m.payload === 'marker'), 10_000), `${clientId} got its marker`).toBe(true)
       }
