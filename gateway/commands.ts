@@ -44,7 +44,7 @@ import type { Writable } from 'node:stream'
 import { isStoreError, type Clock, type LogStore, type StoredRecord } from '../store/index.ts'
 import { RECEIPT_UPSTREAM_HEADER, RECEIPTS_STREAM, type CommandSink, type IncomingCommand } from '../bridge/uplink.ts'
 import type { Router } from './routing.ts'
-import { mountTopic, scopedClientId, topicMatches } from './topics.ts'
+import { mountTopic, scopedClientId, topicMatches, topicNameProblem } from './topics.ts'
 
 export const COMMANDS_GROUP = 'edgemq.commands'
 const HEADER_REMOTE_TOPIC = 'edgemq-remote-topic'
@@ -206,6 +206,14 @@ export class CommandDispatcher implements CommandSink {
   /** Appends the command to the log (resolving once durable), then delivers it when it can. */
   async accept (command: IncomingCommand): Promise<void> {
     const { store, route, logger } = this.#deps
+    // A topic no client could publish (a remote topic deep enough to make the local one over 99 levels, which the
+    // tenant mount takes past the broker's limit) could never be delivered, and a pending command without a
+    // time-to-live holds its partition's retention for good.
+    const problem = topicNameProblem(command.localTopic)
+    if (problem !== null) {
+      logger.error({ upstream: command.upstream, topic: command.remoteTopic, reason: problem }, 'command dropped: its local topic is not one a device could receive')
+      return
+    }
     const target = route(command.localTopic)
     if (target === null) {
       // Redelivery could not help: acknowledged upstream and dropped, loudly.
@@ -296,7 +304,14 @@ export class CommandDispatcher implements CommandSink {
     if (client === null) return
     // Written here rather than through aedes' client.publish: aedes would also queue it in a persistent session
     // (sent on a later reconnect, TTL or not), and its write callback cannot tell whether the device got it.
-    // The topic is the device's own (unmounted) one; its subscription passed the tenant mount and ACL.
+    // authorizeForward is asked first, as aedes asks it before each delivery (on a copy: it unmounts in place), so a
+    // command the device may not read (a read ACL deny rule narrower than its subscription) stays pending until its
+    // time-to-live instead of being written.
+    const mounted = {
+      cmd: 'publish', topic: mountTopic(c.tenant, c.topic), payload: Buffer.from(c.payload.buffer, c.payload.byteOffset, c.payload.byteLength),
+      qos: 1, retain: false, dup: false, ...(c.expiresAt === null ? {} : { messageExpiry: c.expiresAt }),
+    } as ExpiringPacket
+    if (this.#deps.broker.authorizeForward?.(client, mounted as Parameters<Aedes['authorizeForward']>[1]) == null) return
     const qos = this.#grantedQos(client, c)
     const messageId = qos === 1 ? nextPacketId(client) : undefined
     const frame = mqttPacket.generate({
