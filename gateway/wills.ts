@@ -19,12 +19,16 @@
  * persistence.setup, before any listener accepts a connection) as a publish
  * of the client that set it; for that the will is stored with the client's
  * identity (tenant, role, user, client id) at CONNECT. The sweep is given no
- * wills. A will is deleted after it fired: a kill in between fires it again
- * at the next start (at least once).
+ * wills. A will that goes into the log is deleted in the append's batch
+ * (the log store's `extraOps`, here and when aedes fires the will of a
+ * connection that closed), so a kill at any moment logs it exactly once; one
+ * that is refused or not logged is deleted after it fired, and a kill in
+ * between delivers it again (at least once, as a QoS 1 message).
  */
 import { Readable } from 'node:stream'
 import type { Logger } from 'pino'
 import type { Identity } from './auth.ts'
+import type { ExtraOperation } from '../store/index.ts'
 import type { SessionClient, SessionPacket } from './session-persistence.ts'
 
 /** The field of a stored will that holds its client's identity. */
@@ -35,6 +39,7 @@ export interface WillPersistence {
   setup (broker: never): Promise<void>
   putWill (client: SessionClient, packet: SessionPacket): Promise<void>
   delWill (client: SessionClient): Promise<unknown>
+  willDeleteOps (client: SessionClient): ExtraOperation[]
   streamWill (brokers?: Readonly<Record<string, unknown>>): Readable
 }
 
