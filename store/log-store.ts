@@ -530,6 +530,8 @@ class LevelLogStore implements LogStore {
       while (this.#dirty.length > 0 || this.#tasks.length > 0 || this.#unsettled !== undefined) {
         if (this.#needsRecovery) await this.#recover()
         if (this.#dirty.length > 0) await this.#commit().catch((err: unknown) => this.#logger.error({ err: String(err) }, 'group commit crashed'))
+        // A task (a retention pass) writes partition metadata from memory: not before a failed commit is re-read.
+        if (this.#needsRecovery) await this.#recover()
         const task = this.#tasks.shift()
         if (task !== undefined) await task()
       }

@@ -218,4 +218,29 @@ describe('a failed write that reached the disk', () => {
       await rm(dir, { recursive: true, force: true })
     }
   })
+
+  it('runs a retention pass queued behind that write only once the store has re-read the log, so the metadata it writes is true', async () => {
+    const { db, arm, dir } = await landsThenFails()
+    try {
+      const reopen = async (): Promise<void> => { await db.close(); await db.open() }
+      const store = await openLogStore({ db: db as unknown as LevelDatabase, reopen })
+      await store.createStream('t/s', { partitions: 1, retentionBytes: 1 })
+      await store.append('t/s', 'k', { payload: payloadOf(0) })
+      // The writer loop finishes that commit's iteration in microtasks; one macrotask later it is idle.
+      await new Promise((resolve) => setImmediate(resolve))
+      arm()
+      // In one tick: the pass waits on the writer loop right behind the commit that fails.
+      const appended = store.append('t/s', 'k', { payload: payloadOf(1) })
+      const retention = store.enforceRetention()
+      expect(await appended).toMatchObject({ offset: 1 })
+      expect(await retention).toMatchObject({ recordsDeleted: 2 })
+      await store.close()
+      const again = await openLogStore({ db: db as unknown as LevelDatabase, reopen })
+      expect(again.partitionInfo('t/s', 0)).toMatchObject({ logStartOffset: 2, logEndOffset: 2 })
+      await again.close()
+    } finally {
+      await db.close()
+      await rm(dir, { recursive: true, force: true })
+    }
+  }, 10_000)
 })
