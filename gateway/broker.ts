@@ -423,7 +423,7 @@ export function createBroker (deps: BrokerDeps): Aedes {
   const { persistence } = deps
   // aedes' own bound on QoS 2 exchanges awaiting PUBREL (aedes.js constructor; its default is 1000).
   const inbound = new InboundQos2(persistence, (broker as unknown as { maxInflightInbound: number }).maxInflightInbound)
-  installWills({
+  const wills = installWills({
     persistence,
     logger,
     identityOf: (client) => identities.get(client as Client),
@@ -501,7 +501,8 @@ export function createBroker (deps: BrokerDeps): Aedes {
    * aedes closed (lib/client.js close(): authorizePublish gets `client.will`).
    */
   function firingWill (client: Client, packet: PublishPacket): ExtraOperation[] | undefined {
-    if (startupWills.has(packet) || (client as unknown as { will?: unknown }).will === packet) return persistence.willDeleteOps(client)
+    if (startupWills.has(packet)) return persistence.willDeleteOps(client)
+    if ((client as unknown as { will?: unknown }).will === packet && wills.firesStoredWill(client)) return persistence.willDeleteOps(client)
     return undefined
   }
 

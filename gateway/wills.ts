@@ -24,6 +24,14 @@
  * connection that closed), so a kill at any moment logs it exactly once; one
  * that is refused or not logged is deleted after it fired, and a kill in
  * between delivers it again (at least once, as a QoS 1 message).
+ *
+ * A device that reconnects while its old connection is still open (half
+ * open after a network change) takes its client id over: aedes stores the
+ * new connection's will, then closes the old one, fires the old will and
+ * deletes "the" stored will — the new one (aedes 1.2.0, lib/handlers/connect.js
+ * storeWill before registerClient; lib/client.js close()). After a kill the
+ * new connection's will was gone. A stored will is therefore deleted only for
+ * the connection that stored it, or when that connection is closed.
  */
 import { Readable } from 'node:stream'
 import type { Logger } from 'pino'
@@ -58,15 +66,34 @@ function isIdentity (value: unknown): value is Identity {
     (typeof v.username === 'string' || v.username === null) && typeof v.clientId === 'string'
 }
 
-export function installWills (options: WillOptions): void {
+export interface Wills {
+  /** Whether `client`'s will, as it fires, is the stored one (else another connection with its id stored its own since). */
+  firesStoredWill (client: SessionClient): boolean
+}
+
+export function installWills (options: WillOptions): Wills {
   const { persistence, logger } = options
   const setup = persistence.setup.bind(persistence)
   const putWill = persistence.putWill.bind(persistence)
+  const delWill = persistence.delWill.bind(persistence)
   const streamWill = persistence.streamWill.bind(persistence)
+  /** The connection whose will is stored, by client id (none for wills loaded at startup). */
+  const owners = new Map<string, SessionClient>()
+  const firesStoredWill = (client: SessionClient): boolean => {
+    const owner = owners.get(client.id)
+    return owner === undefined || owner === client || (owner as { closed?: boolean }).closed === true
+  }
 
   // Stored with the identity; the client's own will object stays as aedes set it.
   persistence.putWill = async (client, packet) => {
+    owners.set(client.id, client)
     await putWill(client, { ...packet, [IDENTITY]: options.identityOf(client) ?? null })
+  }
+  // aedes deletes with a plain { id, brokerId } after a closed connection's will fired: not the will of an open successor.
+  persistence.delWill = async (client) => {
+    if (!firesStoredWill(client)) return undefined
+    owners.delete(client.id)
+    return await delWill(client)
   }
 
   // aedes checks that setup is a native async function (aedes.js, listen()).
@@ -88,4 +115,5 @@ export function installWills (options: WillOptions): void {
 
   // Every will not of a connected client was fired at startup: aedes' sweep has nothing to do.
   persistence.streamWill = () => Readable.from([])
+  return { firesStoredWill }
 }

@@ -73,3 +73,30 @@ it(`logs each QoS 2 will once although the gateway is killed ${KILLS} times whil
   const wrong = Array.from({ length: WILLS }, (_, i) => `w${i}-gone`).filter((p) => counts.get(p) !== 1).map((p) => `${p}: ${counts.get(p) ?? 0}`)
   expect(wrong).toEqual([])
 }, 120_000)
+
+it('keeps the will of a connection that took over a client id, and fires it after a kill -9', async () => {
+  const { dir, cleanup } = await tempDir('edgemq-wills-takeover-')
+  cleanups.push(cleanup)
+  const dataDir = path.join(dir, 'data')
+  let gw: GatewayProcess = await startGatewayProcess({ dataDir })
+  cleanups.push(() => gw.kill())
+  const will = (payload: string): { topic: string, payload: Buffer, qos: 1, retain: false } => ({ topic: 'devices/tk/events/offline', payload: Buffer.from(payload), qos: 1, retain: false })
+  const watcher = await connectOk(gw.mqttUrl, { clientId: 'watcher', clean: false, reconnectPeriod: 0 })
+  clients.add(watcher)
+  await watcher.subscribeAsync('devices/tk/events/#', { qos: 1 })
+  const fired = new Promise<string>((resolve) => watcher.on('message', (_topic, payload) => resolve(payload.toString())))
+  clients.add(await connectOk(gw.mqttUrl, { clientId: 'tk', reconnectPeriod: 0, will: will('first-gone') }))
+  // The same device again (its old TCP connection half open, as after a network change): aedes closes the first
+  // connection, which fires the first will, after it stored the second connection's will.
+  clients.add(await connectOk(gw.mqttUrl, { clientId: 'tk', reconnectPeriod: 0, will: will('second-gone') }))
+  expect(await fired).toBe('first-gone')
+  // A session write after the first will's delete: once its SUBACK is back, that delete is on disk too.
+  await watcher.subscribeAsync('devices/tk/other', { qos: 1 })
+  await gw.kill()
+  await endAll(clients)
+
+  gw = await startGatewayProcess({ dataDir })
+  await gw.kill()
+  const logged = (await readWholeLog(dataDir)).filter((r) => r.payload.endsWith('-gone')).map((r) => r.payload)
+  expect(logged).toEqual(['first-gone', 'second-gone'])
+}, 60_000)
