@@ -27,7 +27,7 @@ import { Aedes, type Client, type PublishPacket, type Subscription } from 'aedes
 import type { Duplex } from 'node:stream'
 import type { TLSSocket } from 'node:tls'
 import type { Logger } from 'pino'
-import { isStoreError, type AppendOptions, type LogStore } from '../store/index.ts'
+import { isStoreError, type AppendOptions, type ExtraOperation, type LogStore } from '../store/index.ts'
 import { splitDedupeTopic } from '../bridge/topic-template.ts'
 import { ClientIdOwners, clientIdMatches, clientIdPattern, isAllowed, mayReplicate, UserDirectory, type Identity } from './auth.ts'
 import type { GatewayConfig, ListenerConfig, UserConfig } from './config.ts'
@@ -128,6 +128,8 @@ export function createBroker (deps: BrokerDeps): Aedes {
   const authorized = new WeakSet<Subscription>()
   /** Marker subscriptions that only make aedes answer sessionPresent = 1 (see subscriptionsByClient below). */
   const sessionMarkers = new WeakSet<object>()
+  /** Stored wills fired at startup (wills.ts), whose append deletes them. */
+  const startupWills = new WeakSet<object>()
   /** $replay subscriptions accepted, until their SUBACK is out. */
   const tickets = new WeakMap<Subscription, ReplayTicket>()
   const replayConnections = new WeakMap<Client, ReplayConnection>()
@@ -342,6 +344,8 @@ export function createBroker (deps: BrokerDeps): Aedes {
       }
       const stream = decision.stream as string
       const qos = packet.qos
+      // A firing will is logged together with the delete of its stored copy (wills.ts): once, across any kill.
+      const will = firingWill(client, packet)
       if (carried !== null) {
         appendThen(client, who, stream, target.key, topic, packet, (err, duplicate) => {
           if (err) return callback(err)
@@ -367,7 +371,7 @@ export function createBroker (deps: BrokerDeps): Aedes {
         if (err) return callback(err)
         if (qos === 0) return callback(null)
         publishBeforeAck(packet, client, callback)
-      })
+      }, will === undefined ? undefined : { extraOps: will })
     },
 
     authorizeSubscribe (client, sub, callback) {
@@ -427,7 +431,7 @@ export function createBroker (deps: BrokerDeps): Aedes {
   const { persistence } = deps
   // aedes' own bound on QoS 2 exchanges awaiting PUBREL (aedes.js constructor; its default is 1000).
   const inbound = new InboundQos2(persistence, (broker as unknown as { maxInflightInbound: number }).maxInflightInbound)
-  installWills({
+  const wills = installWills({
     persistence,
     logger,
     identityOf: (client) => identities.get(client as Client),
@@ -440,6 +444,7 @@ export function createBroker (deps: BrokerDeps): Aedes {
       const client = { id: String(will.clientId), closed: false, conn: {} } as unknown as Client
       identities.set(client, who)
       const packet = will as unknown as PublishPacket
+      startupWills.add(packet)
       broker.authorizePublish(client, packet, (err) => {
         if (err) return resolve() // refused, counted and logged like the client's own publish
         guarded(packet, client, (e) => { if (e) reject(e); else resolve() })
@@ -500,6 +505,17 @@ export function createBroker (deps: BrokerDeps): Aedes {
     publish(packet, client, done)
   }
   broker.publish = guarded as unknown as typeof broker.publish
+
+  /**
+   * The delete of the stored will when `packet` is a will firing: one fired at
+   * startup (wills.ts, through `fire` below), or the will of a connection
+   * aedes closed (lib/client.js close(): authorizePublish gets `client.will`).
+   */
+  function firingWill (client: Client, packet: PublishPacket): ExtraOperation[] | undefined {
+    if (startupWills.has(packet)) return persistence.willDeleteOps(client)
+    if ((client as unknown as { will?: unknown }).will === packet && wills.firesStoredWill(client)) return persistence.willDeleteOps(client)
+    return undefined
+  }
 
   function markDone (packet: PublishPacket): void {
     (packet as PublishPacket & { [DONE]?: true })[DONE] = true

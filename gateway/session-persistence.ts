@@ -25,7 +25,7 @@
  * | `M` client seq(u64)           | message id, u16, given when the queued packet was sent      |
  * | `I` client messageId(u16)     | cbor inbound QoS 2 packet, aedes-packet shape               |
  * | `C` client                    | empty: a persistent session exists (CONNECT with clean = false), even with nothing else stored |
- * | `W` client                    | cbor will packet, carrying brokerId, clientId and (from the broker, wills.ts) edgemqIdentity |
+ * | `W` client                    | cbor will packet, carrying brokerId, clientId and (from the broker, wills.ts) edgemqIdentity; deleted in the batch that logs it when it fires (willDeleteOps) |
  *
  * Invariants:
  * - `seq` is one counter for the whole key space, strictly increasing;
@@ -976,6 +976,17 @@ export class LevelSessionPersistence {
     this.#ready()
     const will = this.#wills.get(client.id)
     return will === undefined ? undefined : { ...will }
+  }
+
+  /**
+   * The delete of the client's stored will as operations on this key space
+   * (as the log store's `extraOps` take them), for the batch that logs the
+   * will when it fires: a kill after that batch cannot fire it again. Memory
+   * is left to delWill, which the firing calls next.
+   */
+  willDeleteOps (client: SessionClient): ExtraOperation[] {
+    this.#ready()
+    return [{ type: 'del', sublevel: this.#db, key: keys.will(client.id) }]
   }
 
   async delWill (client: SessionClient): Promise<SessionPacket | undefined> {

@@ -19,13 +19,25 @@
  * persistence.setup, before any listener accepts a connection) as a publish
  * of the client that set it; for that the will is stored with the client's
  * identity (tenant, role, user, client id) at CONNECT, and checked against
- * the config of this start (identityNow): a removed user's will is dropped. The
- * sweep is given no wills. A will is deleted after it fired: a kill in between fires it again
- * at the next start (at least once).
+ * the config of this start (identityNow): a removed user's will is dropped.
+ * The sweep is given no wills. A will that goes into the log is deleted in the
+ * append's batch (the log store's `extraOps`, here and when aedes fires the
+ * will of a connection that closed), so a kill at any moment logs it exactly
+ * once; one that is refused or not logged is deleted after it fired, and a
+ * kill in between delivers it again (at least once, as a QoS 1 message).
+ *
+ * A device that reconnects while its old connection is still open (half
+ * open after a network change) takes its client id over: aedes stores the
+ * new connection's will, then closes the old one, fires the old will and
+ * deletes "the" stored will — the new one (aedes 1.2.0, lib/handlers/connect.js
+ * storeWill before registerClient; lib/client.js close()). After a kill the
+ * new connection's will was gone. A stored will is therefore deleted only for
+ * the connection that stored it, or when that connection is closed.
  */
 import { Readable } from 'node:stream'
 import type { Logger } from 'pino'
 import { clientIdMatches, clientIdPattern, type ClientIdOwners, type Identity, type UserDirectory } from './auth.ts'
+import type { ExtraOperation } from '../store/index.ts'
 import type { SessionClient, SessionPacket } from './session-persistence.ts'
 
 /** The field of a stored will that holds its client's identity. */
@@ -36,6 +48,7 @@ export interface WillPersistence {
   setup (broker: never): Promise<void>
   putWill (client: SessionClient, packet: SessionPacket): Promise<void>
   delWill (client: SessionClient): Promise<unknown>
+  willDeleteOps (client: SessionClient): ExtraOperation[]
   streamWill (brokers?: Readonly<Record<string, unknown>>): Readable
 }
 
@@ -87,15 +100,34 @@ function isIdentity (value: unknown): value is Identity {
     (typeof v.username === 'string' || v.username === null) && typeof v.clientId === 'string'
 }
 
-export function installWills (options: WillOptions): void {
+export interface Wills {
+  /** Whether `client`'s will, as it fires, is the stored one (else another connection with its id stored its own since). */
+  firesStoredWill (client: SessionClient): boolean
+}
+
+export function installWills (options: WillOptions): Wills {
   const { persistence, logger } = options
   const setup = persistence.setup.bind(persistence)
   const putWill = persistence.putWill.bind(persistence)
+  const delWill = persistence.delWill.bind(persistence)
   const streamWill = persistence.streamWill.bind(persistence)
+  /** The connection whose will is stored, by client id (none for wills loaded at startup). */
+  const owners = new Map<string, SessionClient>()
+  const firesStoredWill = (client: SessionClient): boolean => {
+    const owner = owners.get(client.id)
+    return owner === undefined || owner === client || (owner as { closed?: boolean }).closed === true
+  }
 
   // Stored with the identity; the client's own will object stays as aedes set it.
   persistence.putWill = async (client, packet) => {
+    owners.set(client.id, client)
     await putWill(client, { ...packet, [IDENTITY]: options.identityOf(client) ?? null })
+  }
+  // aedes deletes with a plain { id, brokerId } after a closed connection's will fired: not the will of an open successor.
+  persistence.delWill = async (client) => {
+    if (!firesStoredWill(client)) return undefined
+    owners.delete(client.id)
+    return await delWill(client)
   }
 
   // aedes checks that setup is a native async function (aedes.js, listen()).
@@ -120,4 +152,5 @@ export function installWills (options: WillOptions): void {
 
   // Every will not of a connected client was fired at startup: aedes' sweep has nothing to do.
   persistence.streamWill = () => Readable.from([])
+  return { firesStoredWill }
 }

@@ -103,6 +103,31 @@ interface PartitionState {
   readonly index: BatchIndex
 }
 
+/** A group commit built for one partition: what to resolve once its write is known to be on disk. */
+interface CommitPlan {
+  readonly part: PartitionState
+  readonly appends: PendingRecord[]
+  readonly resolvers: PartitionState['resolvers']
+  readonly rejecters: PartitionState['rejecters']
+  readonly dedupeIds: PartitionState['dedupeIds']
+  readonly bases: number[]
+  /** The partition's log end before this commit: its first offset. */
+  readonly start: number
+  readonly end: number
+  readonly bytes: number
+  readonly indexedMaxTs: number
+  readonly firstTs: number
+  readonly lastTs: number
+}
+interface FailedCommit {
+  readonly plans: CommitPlan[]
+  readonly taken: Array<{ streamId: number, rejecters: PartitionState['rejecters'], dedupeIds: PartitionState['dedupeIds'] }>
+  readonly records: number
+  readonly bytes: number
+  readonly error: StoreError
+  readonly startedAt: number
+  readonly writeStart: number
+}
 interface StreamMeta { id: number, partitions: number, retentionMs: number, retentionBytes: number }
 /** `logEnd` is absent in data written before it was recorded; then the last batch alone says where the log ends. */
 interface PartitionMeta { logStart: number, bytes: number, logEnd?: number }
@@ -181,6 +206,8 @@ class LevelLogStore implements LogStore {
   #closed = false
   /** Set by a failed write: the database is reopened and offsets re-read before the next commit. */
   #needsRecovery = false
+  /** The commit whose write failed, settled by {@link #recover} once the reopened database says whether it landed. */
+  #unsettled: FailedCommit | undefined
   readonly #reopen: () => Promise<void>
 
   constructor (db: LogDb, options: LogStoreOptions, owned: ClassicLevel<Buffer, Buffer> | undefined) {
@@ -500,9 +527,11 @@ class LevelLogStore implements LogStore {
     if (this.#running) return
     this.#running = true
     try {
-      while (this.#dirty.length > 0 || this.#tasks.length > 0) {
+      while (this.#dirty.length > 0 || this.#tasks.length > 0 || this.#unsettled !== undefined) {
         if (this.#needsRecovery) await this.#recover()
         if (this.#dirty.length > 0) await this.#commit().catch((err: unknown) => this.#logger.error({ err: String(err) }, 'group commit crashed'))
+        // A task (a retention pass) writes partition metadata from memory: not before a failed commit is re-read.
+        if (this.#needsRecovery) await this.#recover()
         const task = this.#tasks.shift()
         if (task !== undefined) await task()
       }
@@ -517,6 +546,13 @@ class LevelLogStore implements LogStore {
    * have reached the disk. Retried with backoff while it fails (the disk is
    * still full); appends wait meanwhile, so nothing is acknowledged on a
    * write-ahead log that may be torn.
+   *
+   * The failed commit's appends are settled only then, by what the reopened
+   * database holds: LevelDB reports a failed write whose record may still
+   * show up at the next open (a failed fsync of a complete write-ahead log
+   * record, leveldb db_impl.cc). Rejecting those appends at once made callers
+   * retry records that were in the log, and their dedupe ids and extraOps
+   * (the gateway's QoS 2 entries) with them: a second copy.
    */
   async #recover (): Promise<void> {
     for (let delay = 100; this.#needsRecovery; delay = Math.min(delay * 2, 5000)) {
@@ -527,12 +563,33 @@ class LevelLogStore implements LogStore {
         for (const stream of this.#streams.values()) for (const part of stream.partitions) await this.#recoverPartition(part)
         this.#needsRecovery = false
         this.#logger.warn({}, 'database reopened after a failed write; appends continue')
+        this.#settleFailed(true)
       } catch (err) {
         this.#logger.error({ err: rootMessage(err) }, `database reopen failed; retrying in ${delay} ms`)
-        if (this.#closing) return
+        if (this.#closing) { this.#settleFailed(false); return }
         await new Promise((resolve) => setTimeout(resolve, delay))
       }
     }
+  }
+
+  /**
+   * Settles the failed commit: acknowledged when the re-read log ends where
+   * it would have (a LevelDB write batch lands whole or not at all, so one
+   * partition tells for all), rejected with its error otherwise or when the
+   * database could not be re-read (`known` false: the store is closing).
+   */
+  #settleFailed (known: boolean): void {
+    const failed = this.#unsettled
+    if (failed === undefined) return
+    this.#unsettled = undefined
+    const landed = known && failed.plans.every((plan) => plan.part.logEnd === plan.end)
+    if (!landed) {
+      this.#failAppends(failed.taken, failed.error, false)
+      return
+    }
+    this.#logger.warn({ records: failed.records }, 'the failed group commit is on disk after the reopen; its appends are acknowledged')
+    // #recoverPartition has re-read each partition's offsets, bytes and index from disk.
+    this.#acknowledge(failed.plans, failed.records, failed.bytes, failed.startedAt, failed.writeStart, false)
   }
 
   /** Runs `fn` on the writer loop, between group commits. */
@@ -548,7 +605,7 @@ class LevelLogStore implements LogStore {
     this.#dirty = []
     const startedAt = this.#oldestPendingAt
     const ops: BatchOp[] = []
-    const plans: Array<{ part: PartitionState, appends: PendingRecord[], resolvers: PartitionState['resolvers'], rejecters: PartitionState['rejecters'], dedupeIds: PartitionState['dedupeIds'], bases: number[], end: number, bytes: number, indexedMaxTs: number, firstTs: number, lastTs: number }> = []
+    const plans: CommitPlan[] = []
     let records = 0
     let bytes = 0
     const taken: Array<{ streamId: number, rejecters: PartitionState['rejecters'], dedupeIds: PartitionState['dedupeIds'] }> = []
@@ -600,7 +657,7 @@ class LevelLogStore implements LogStore {
         }
         ops.push({ type: 'put', key: keys.partition(id, part.partition), value: encodeMeta({ logStart: part.logStart, bytes: partBytes, logEnd: base } satisfies PartitionMeta) })
         for (const extra of extraOps) if (extra !== undefined) ops.push(...(extra as unknown as BatchOp[]))
-        plans.push({ part, appends, resolvers, rejecters, dedupeIds, bases, end: base, bytes: partBytes, indexedMaxTs, firstTs, lastTs })
+        plans.push({ part, appends, resolvers, rejecters, dedupeIds, bases, start: part.logEnd, end: base, bytes: partBytes, indexedMaxTs, firstTs, lastTs })
         records += appends.length
       }
     } catch (cause) {
@@ -614,21 +671,32 @@ class LevelLogStore implements LogStore {
     try {
       await this.#db.batch(ops, this.#sync)
     } catch (cause) {
+      // Settled by #recover, which the writer loop runs next (see there).
       this.#needsRecovery = true
-      this.#failAppends(taken, new StoreError('STORE_WRITE_FAILED', `group commit of ${records} records failed: ${rootMessage(cause)}`, { cause }))
+      const error = new StoreError('STORE_WRITE_FAILED', `group commit of ${records} records failed: ${rootMessage(cause)}`, { cause })
+      this.#unsettled = { plans, taken, records, bytes, error, startedAt, writeStart }
+      this.#logger.error({ code: error.code, records, cause: rootMessage(cause) }, 'group commit failed; its appends wait for the database to reopen')
+      this.#observer.onWriteError?.(error)
       return
     }
+    this.#acknowledge(plans, records, bytes, startedAt, writeStart, true)
+  }
+
+  /** Resolves the appends of a commit that is on disk; `advance`: move the partitions' in-memory state past it (not when it was re-read from disk). */
+  #acknowledge (plans: CommitPlan[], records: number, bytes: number, startedAt: number, writeStart: number, advance: boolean): void {
     const done = performance.now()
     this.#pending -= records
     for (const plan of plans) {
       const { part, resolvers, dedupeIds } = plan
-      const first = part.logEnd
-      if (part.logEnd === part.logStart) part.oldestTs = plan.firstTs
-      part.logEnd = plan.end
-      for (const b of plan.bases) part.index.push(b)
-      part.bytes = plan.bytes
-      part.indexedMaxTs = plan.indexedMaxTs
-      part.newestTs = Math.max(part.newestTs ?? -Infinity, plan.lastTs)
+      const first = plan.start
+      if (advance) {
+        if (part.logEnd === part.logStart) part.oldestTs = plan.firstTs
+        part.logEnd = plan.end
+        for (const b of plan.bases) part.index.push(b)
+        part.bytes = plan.bytes
+        part.indexedMaxTs = plan.indexedMaxTs
+        part.newestTs = Math.max(part.newestTs ?? -Infinity, plan.lastTs)
+      }
       const partition = part.partition
       for (let i = 0; i < dedupeIds.length; i++) {
         const id = dedupeIds[i]
@@ -643,7 +711,8 @@ class LevelLogStore implements LogStore {
     this.#observer.onCommit?.({ records, bytes, latencyMs: done - startedAt, durationMs: done - writeStart })
   }
 
-  #failAppends (taken: Array<{ streamId: number, rejecters: PartitionState['rejecters'], dedupeIds: PartitionState['dedupeIds'] }>, err: StoreError): void {
+  /** Rejects the appends of a commit that is not on disk; `report`: log it and tell the observer (not yet done for this failure). */
+  #failAppends (taken: FailedCommit['taken'], err: StoreError, report = true): void {
     let count = 0
     for (const { streamId, rejecters, dedupeIds } of taken) {
       for (const id of dedupeIds) if (id !== undefined) this.#dedupePending.delete(scopedId(streamId, id))
@@ -652,7 +721,7 @@ class LevelLogStore implements LogStore {
     }
     this.#pending -= count
     this.#logger.error({ code: err.code, records: count, cause: rootMessage(err.cause) }, 'group commit failed; its appends were rejected')
-    this.#observer.onWriteError?.(err)
+    if (report) this.#observer.onWriteError?.(err)
   }
 
   // ---------------------------------------------------------------- reads

@@ -3,8 +3,12 @@
  * directory from another format version, and writes that the database rejects.
  */
 import { afterEach, describe, expect, it } from 'vitest'
+import { mkdtemp, rm } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { ClassicLevel } from 'classic-level'
 import { MemoryLevel } from 'memory-level'
-import { decodeStoredBatch, openLogStore, type LevelDatabase, type LogStore } from '../../store/index.ts'
+import { decodeStoredBatch, openLogStore, type ExtraOperation, type LevelDatabase, type LogStore } from '../../store/index.ts'
 import { backends, payloadOf, type Backend } from './harness.ts'
 
 function logSublevel (db: LevelDatabase): LevelDatabase {
@@ -153,4 +157,90 @@ describe('store write failures', () => {
     expect(again.partitionInfo('t/s', 0).logEndOffset).toBe(2)
     await again.close()
   })
+})
+
+/**
+ * LevelDB reports a failed write when the write-ahead log record went out but
+ * its fsync failed ("the log record we just added may or may not show up when
+ * the DB is re-opened", leveldb db_impl.cc): after the store's reopen the batch
+ * is there. A real classic-level on a temp dir whose next write lands, then
+ * reports that failure.
+ */
+async function landsThenFails (): Promise<{ db: ClassicLevel<Buffer, Buffer>, arm: () => void, dir: string }> {
+  const dir = await mkdtemp(join(tmpdir(), 'edgemq-lands-'))
+  const db = new ClassicLevel<Buffer, Buffer>(dir, { keyEncoding: 'buffer', valueEncoding: 'buffer' })
+  await db.open()
+  let armed = false
+  const inner = db as unknown as { _batch: (ops: unknown, options: unknown) => Promise<void> }
+  const batch = inner._batch.bind(db)
+  inner._batch = async (ops, options) => {
+    await batch(ops, options)
+    if (armed) {
+      armed = false
+      throw Object.assign(new Error('EIO: fsync of the write-ahead log failed'), { code: 'EIO' })
+    }
+  }
+  return { db, arm: () => { armed = true }, dir }
+}
+
+describe('a failed write that reached the disk', () => {
+  it('acknowledges its appends (dedupe id and extraOps included) instead of rejecting them, so a retry adds no second copy', async () => {
+    const { db, arm, dir } = await landsThenFails()
+    try {
+      const store = await openLogStore({ db: db as unknown as LevelDatabase, reopen: async () => { await db.close(); await db.open() } })
+      const side = db.sublevel<Buffer, Buffer>('side', { keyEncoding: 'buffer', valueEncoding: 'buffer' })
+      await store.createStream('t/s', { partitions: 1 })
+      await store.append('t/s', 'k', { payload: payloadOf(0) })
+      arm()
+      // What the gateway does with a STORE_WRITE_FAILED while its client waits: the same append again.
+      const appendWithRetry = async (): Promise<{ offset: number, duplicate?: boolean }> => {
+        for (let attempt = 0; ; attempt++) {
+          try {
+            return await store.append('t/s', 'k', { payload: payloadOf(1) }, {
+              dedupeId: 'once', extraOps: [{ type: 'put', sublevel: side as unknown as ExtraOperation['sublevel'], key: Buffer.from('I'), value: Buffer.from('x') }],
+            })
+          } catch (err) {
+            if ((err as { code?: string }).code !== 'STORE_WRITE_FAILED' || attempt > 3) throw err
+          }
+        }
+      }
+      expect(await appendWithRetry()).toMatchObject({ offset: 1 })
+      // The store's own reopen after the failure re-read the log: one copy, at offset 1, and the log goes on from 2.
+      expect((await store.read('t/s', 0, 0)).records.map((r) => Buffer.from(r.payload))).toEqual([payloadOf(0), payloadOf(1)])
+      expect(store.partitionInfo('t/s', 0).logEndOffset).toBe(2)
+      expect(await store.append('t/s', 'k', { payload: payloadOf(1) }, { dedupeId: 'once' })).toEqual({ partition: 0, offset: 1, duplicate: true })
+      expect(await store.append('t/s', 'k', { payload: payloadOf(2) })).toMatchObject({ offset: 2 })
+      await side.open() // a sublevel stays closed after its database reopens
+      expect(await side.get(Buffer.from('I'))).toEqual(Buffer.from('x'))
+      await store.close()
+    } finally {
+      await db.close()
+      await rm(dir, { recursive: true, force: true })
+    }
+  })
+
+  it('runs a retention pass queued behind that write only once the store has re-read the log, so the metadata it writes is true', async () => {
+    const { db, arm, dir } = await landsThenFails()
+    try {
+      const reopen = async (): Promise<void> => { await db.close(); await db.open() }
+      const store = await openLogStore({ db: db as unknown as LevelDatabase, reopen })
+      await store.createStream('t/s', { partitions: 1, retentionBytes: 1 })
+      await store.append('t/s', 'k', { payload: payloadOf(0) })
+      // The writer loop finishes that commit's iteration in microtasks; one macrotask later it is idle.
+      await new Promise((resolve) => setImmediate(resolve))
+      arm()
+      // In one tick: the pass waits on the writer loop right behind the commit that fails.
+      const appended = store.append('t/s', 'k', { payload: payloadOf(1) })
+      const retention = store.enforceRetention()
+      expect(await appended).toMatchObject({ offset: 1 })
+      expect(await retention).toMatchObject({ recordsDeleted: 2 })
+      await store.close()
+      const again = await openLogStore({ db: db as unknown as LevelDatabase, reopen })
+      expect(again.partitionInfo('t/s', 0)).toMatchObject({ logStartOffset: 2, logEndOffset: 2 })
+      await again.close()
+    } finally {
+      await db.close()
+      await rm(dir, { recursive: true, force: true })
+    }
+  }, 10_000)
 })
