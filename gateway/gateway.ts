@@ -18,9 +18,7 @@ import { startListener, type RunningListener } from './listeners.ts'
 import { createMetrics, splitStream } from './metrics.ts'
 import { LevelSessionPersistence } from './session-persistence.ts'
 import { readFileSync } from 'node:fs'
-import { Bridge } from '../bridge/bridge.ts'
-import { createBridgeMetrics, type BridgeMetrics } from '../bridge/metrics.ts'
-import { RECEIPTS_STREAM } from '../bridge/uplink.ts'
+import { Bridge, createBridgeMetrics, RECEIPTS_STREAM, type BridgeMetrics } from '../bridge/index.ts'
 import { CommandDispatcher } from './commands.ts'
 import { compileRoutes } from './routing.ts'
 import { filtersOverlap } from './topics.ts'
@@ -185,7 +183,7 @@ export async function startGateway (config: GatewayConfig, deps: GatewayDeps): P
       })
     // The metrics read the bridge's status, and the bridge reports to the metrics' counters.
     const bridgeHolder: { bridge?: Bridge } = {}
-    const bridgeMetrics = createBridgeMetrics(registry, config.bridge.upstreams.map((u) => u.name), async () => await bridgeHolder.bridge?.status() ?? [])
+    const bridgeMetrics = createBridgeMetrics(registry, config.bridge.upstreams.map((u) => u.name), async () => await bridgeHolder.bridge?.status() ?? [], systemClock)
     bridgeMetricsRef = bridgeMetrics
     const runningBridge = bridgeHolder.bridge = new Bridge(config.bridge, {
       store, gatewayId: config.gatewayId, clock: systemClock, logger: logger.child({ component: 'bridge' }),
