@@ -26,11 +26,18 @@
  * - store.open         time to open (recover) a store holding 10 M records,
  *                      written through append(). Raw: opening a classic-level
  *                      db holding the same 10 M records as 1,000-record values.
+ * - store.headers.*    what the `edgemq-user` header (stamped on every record
+ *                      of an authenticated client, one username per device)
+ *                      costs: the store with it against the store without it,
+ *                      rounds interleaved — append and read throughput, bytes
+ *                      per record, and encodeBatch / decodeBatch time of one
+ *                      1,000-record batch. Not in the default run.
  *
  * Arguments: figure names to run (`append latency read open`, default all),
  * `--quick` (a tenth of every size, for trying the bench out), `--window=N`.
  */
 import type { Durability } from '../store/index.ts'
+import { decodeBatch, encodeBatch, readBatchHeader, type PendingRecord } from '../store/format.ts'
 import { LogFixture, RAW_RECORDS_PER_VALUE, cbor, check, openRaw, openStore, type CommitTally, type Device, type RawDb, rawKey } from './lib/log-fixture.ts'
 import { TempDirs, info, median, percentile, report, round } from './lib/report.ts'
 
@@ -38,13 +45,15 @@ const argv = process.argv.slice(2)
 const QUICK = argv.includes('--quick')
 const WINDOW = Number(argv.find((a) => a.startsWith('--window='))?.slice('--window='.length) ?? 100)
 if (!Number.isSafeInteger(WINDOW) || WINDOW < 1) throw new Error('--window must be a positive integer')
-const FIGURES = ['append', 'latency', 'read', 'open'] as const
+const FIGURES = ['append', 'latency', 'read', 'open', 'headers'] as const
+/** Figures run when none is named; `headers` compares two stores, not the store with raw LevelDB. */
+const DEFAULT_FIGURES: readonly FigureName[] = ['append', 'latency', 'read', 'open']
 type FigureName = typeof FIGURES[number]
 const selected = argv.filter((a) => !a.startsWith('--'))
 for (const name of selected) {
   if (!(FIGURES as readonly string[]).includes(name)) throw new Error(`unknown figure ${name}; expected one of ${FIGURES.join(', ')}`)
 }
-const wanted = (name: FigureName): boolean => selected.length === 0 || selected.includes(name)
+const wanted = (name: FigureName): boolean => selected.length === 0 ? DEFAULT_FIGURES.includes(name) : selected.includes(name)
 const scale = (n: number): number => (QUICK ? Math.round(n / 10) : n)
 
 const STREAM = 'bench/telemetry'
@@ -338,6 +347,71 @@ async function openFigure (): Promise<void> {
   await dirs.remove(storeDir)
 }
 
+/** The gateway's audit header (gateway/broker.ts USER_HEADER); the bench may not import gateway/. */
+const USER_HEADER = 'edgemq-user'
+const HEADER_CODEC_BATCHES = QUICK ? 200 : 1000
+
+/** Times encodeBatch and decodeBatch of one 1,000-record batch from `fx`'s devices; µs per batch (median of 5 runs). */
+function codecMicros (from: LogFixture): { encodeUs: number, decodeUs: number, bytes: number } {
+  const records: PendingRecord[] = []
+  const now = Date.now()
+  for (let i = 0; i < 1000; i++) {
+    const d = from.devices[i % from.devices.length] as Device
+    records.push({ timestamp: now + i, key: d.key, topic: d.topic, payload: d.payload, qos: 1, clientId: d.key, headers: d.record.headers ?? null })
+  }
+  const where = { stream: STREAM, partition: 0, baseOffset: 0 }
+  const enc: number[] = []
+  const dec: number[] = []
+  let value = encodeBatch(0, records).value
+  for (let run = 0; run < 5; run++) {
+    let t0 = performance.now()
+    for (let b = 0; b < HEADER_CODEC_BATCHES; b++) value = encodeBatch(0, records).value
+    enc.push((performance.now() - t0) * 1000 / HEADER_CODEC_BATCHES)
+    const header = readBatchHeader(value, where)
+    t0 = performance.now()
+    for (let b = 0; b < HEADER_CODEC_BATCHES; b++) decodeBatch(value, header, where)
+    dec.push((performance.now() - t0) * 1000 / HEADER_CODEC_BATCHES)
+  }
+  return { encodeUs: median(enc), decodeUs: median(dec), bytes: value.length }
+}
+
+async function headersFigure (): Promise<void> {
+  const users = new LogFixture({ stream: STREAM, partitions: PARTITIONS, appenders: APPENDERS, payloadBytes: PAYLOAD_BYTES, headers: (key) => ({ [USER_HEADER]: `user-${key}` }) })
+  const variants = [{ name: 'plain', fx }, { name: 'user', fx: users }] as const
+  const records = Math.round(APPEND_RECORDS / 2)
+  const results = { plain: { append: [] as number[], read: [] as number[], bytes: 0, enc: [] as number[], dec: [] as number[], batch: 0 }, user: { append: [] as number[], read: [] as number[], bytes: 0, enc: [] as number[], dec: [] as number[], batch: 0 } }
+  for (let r = 0; r < ROUNDS; r++) {
+    for (const v of r % 2 === 0 ? variants : [...variants].reverse()) {
+      const out = results[v.name]
+      const codec = codecMicros(v.fx)
+      out.enc.push(codec.encodeUs)
+      out.dec.push(codec.decodeUs)
+      out.batch = codec.bytes
+      const dir = await dirs.make(`headers-${v.name}`)
+      const store = await openStore(dir)
+      await store.createStream(STREAM, { partitions: PARTITIONS })
+      out.append.push(await v.fx.storeAppend(store, records, WINDOW))
+      out.bytes = store.totalBytes / v.fx.storeRecordCount(store)
+      out.read.push(await v.fx.storeRead(store, v.fx.storeRecordCount(store)))
+      await store.close()
+      await dirs.remove(dir)
+      info(`headers round ${r + 1}/${ROUNDS} ${v.name}: append ${Math.round(out.append[r] as number)} rec/s, read ${Math.round(out.read[r] as number)} rec/s, encode ${round2(codec.encodeUs)} µs, decode ${round2(codec.decodeUs)} µs per 1,000-record batch of ${codec.bytes} bytes`)
+    }
+  }
+  const { plain, user } = results
+  const line = (bench: string, unit: string, better: 'higher' | 'lower', u: number[], p: number[]): void => {
+    report({
+      bench, unit, value: median(u), baseline: 'the same store and records without headers', baselineValue: median(p), better,
+      params: { records, rounds: ROUNDS, statistic: 'median', header: `${USER_HEADER}: user-<device key>`, userRounds: u.map((x) => round(x)), plainRounds: p.map((x) => round(x)), roundRatios: pairedRatios(u, p) },
+    })
+  }
+  line('store.headers.append', 'records/s', 'higher', user.append, plain.append)
+  line('store.headers.read', 'records/s', 'higher', user.read, plain.read)
+  line('store.headers.encode', 'µs per 1000-record batch', 'lower', user.enc, plain.enc)
+  line('store.headers.decode', 'µs per 1000-record batch', 'lower', user.dec, plain.dec)
+  report({ bench: 'store.headers.bytes', unit: 'bytes per record', value: round(user.bytes, 1), baseline: 'without headers', baselineValue: round(plain.bytes, 1), better: 'lower', params: { batchBytesUser: user.batch, batchBytesPlain: plain.batch } })
+}
+
 async function main (): Promise<void> {
   const t0 = performance.now()
   try {
@@ -347,6 +421,7 @@ async function main (): Promise<void> {
     }
     if (wanted('latency')) await latencyFigure()
     if (wanted('open')) await openFigure()
+    if (wanted('headers')) await headersFigure()
   } finally {
     await dirs.cleanup()
   }

@@ -24,7 +24,7 @@ import { HTTP_ERROR_CODES } from '../gateway/api-errors.ts'
 import { buildProgram } from '../gateway/cli.ts'
 import { CLI_ERROR_CODES } from '../gateway/cli-errors.ts'
 import { describeConfig } from '../gateway/config.ts'
-import { GATEWAY_ERROR_CODES } from '../gateway/errors.ts'
+import { GATEWAY_ERROR_CODES, GATEWAY_WARNING_CODES } from '../gateway/errors.ts'
 import { createMetrics, type MetricsSources } from '../gateway/metrics.ts'
 import { SESSION_ERROR_CODES } from '../gateway/session-persistence.ts'
 import { STORE_ERROR_CODES } from '../store/errors.ts'
@@ -117,6 +117,11 @@ export function renderErrorsDoc (): string {
       rows: codeRows(GATEWAY_ERROR_CODES),
     },
     {
+      title: 'Gateway warnings', source: 'gateway/errors.ts',
+      intro: 'Codes `GW_WARN_…`: settings that work but are weak, logged by `edgemq start` as one warning line each (field `code`); the gateway runs on.',
+      rows: codeRows(GATEWAY_WARNING_CODES),
+    },
+    {
       title: 'Sessions', source: 'gateway/session-persistence.ts', intro: 'Codes `GW_SESSION_…` of the MQTT session persistence on the same LevelDB.',
       rows: codeRows(SESSION_ERROR_CODES),
     },
@@ -201,6 +206,12 @@ export function renderMetricsDoc (): string {
     'upstream, reason — never a device or client id, so the series count does',
     'not grow with the fleet. [`dashboards/`](../dashboards/README.md) has',
     'Grafana dashboards and Prometheus alert rules built on these.',
+    '',
+    'Counters and gauges whose label values the config names (listeners,',
+    'tenants, streams, each upstream\'s forwarded streams, and every refusal',
+    'reason and replay outcome) are there at 0 from the first scrape',
+    '([`gateway/metrics-zero.ts`](../gateway/metrics-zero.ts)): a panel shows 0',
+    'rather than "No data", and `increase()` sees the first event.',
     '',
     ...families.map((f) => `- [${f.title}](#${anchor(f.title)})`),
     '',

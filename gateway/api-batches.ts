@@ -6,7 +6,7 @@
  *
  * 1. a head map `{"stream", "partition", "fromOffset", "endOffset"}`;
  * 2. one CBOR byte string per stored batch, holding the batch exactly as
- *    stored (store/format.ts: magic 0xE1, CRC-32, base offset, count,
+ *    stored (store/format.ts: magic 0xE1 or 0xE2, CRC-32, base offset, count,
  *    timestamps, columnar cbor body), in offset order, contiguous;
  * 3. a last map `{"end": {"nextOffset", "logStartOffset", "logEndOffset",
  *    "endOfRange", "records", "batches", "bytes"}}` — or, when the read

@@ -34,6 +34,7 @@ import type { GatewayConfig, ListenerConfig, UserConfig } from './config.ts'
 import type { GuardGroup } from './connection-guard.ts'
 import { InboundQos2, type Qos2Plan, type Qos2Persistence } from './inbound-qos2.ts'
 import { GatewayError, type GatewayErrorCode } from './errors.ts'
+import { clientFields, isOrdinaryDisconnect } from './logger.ts'
 import type { GatewayMetrics, PublishRefusal, RefusalReason, SubscribeRefusal } from './metrics.ts'
 import { isReplayTopic, MqttReplays, type ReplayConnection, type ReplayTicket } from './mqtt-replay.ts'
 import { compileRoutes, type Route } from './routing.ts'
@@ -152,7 +153,8 @@ export function createBroker (deps: BrokerDeps): Aedes {
   const refuse = (client: Client, reason: RefusalReason, detail: string): void => {
     const listener = listenerOf(client)?.name ?? 'unknown'
     metrics.connectionsRefused.inc({ listener, reason })
-    logger.warn({ clientId: connects.get(client)?.clientId ?? client.id, listener, reason }, `connection refused: ${detail}`)
+    // The id as the device sent it (a refused one may hold U+0000: the log shows it escaped); never the scoped key.
+    logger.warn({ clientId: connects.get(client)?.clientId ?? clientFields(client.id).clientId, listener, reason }, `connection refused: ${detail}`)
   }
 
   /** Reasons already logged per connection: a device repeating a refused publish is counted every time, logged once. */
@@ -163,7 +165,7 @@ export function createBroker (deps: BrokerDeps): Aedes {
     if (reasons === undefined) logged.set(client, reasons = new Set())
     if (reasons.has(reason)) return
     reasons.add(reason)
-    logger.warn({ clientId: who?.clientId ?? client.id, tenant: who?.tenant, reason }, `publish refused: ${detail} (further refusals of this connection for the same reason are only counted)`)
+    logger.warn({ ...clientFields(who?.clientId ?? client.id), tenant: who?.tenant, reason }, `publish refused: ${detail} (further refusals of this connection for the same reason are only counted)`)
   }
 
   /**
@@ -370,7 +372,7 @@ export function createBroker (deps: BrokerDeps): Aedes {
       const problem = filter === null ? 'not in the client\'s tenant' : topicFilterProblem(filter)
       const deny = (why: string, reason: SubscribeRefusal, code?: string): void => {
         metrics.subscriptionsRefused.inc({ tenant: who?.tenant ?? 'unknown', reason })
-        logger.warn({ clientId: client.id, tenant: who?.tenant, filter: filter ?? sub.topic, reason, code }, `subscription refused: ${why}`)
+        logger.warn({ ...clientFields(client.id), tenant: who?.tenant, filter: filter ?? sub.topic, reason, code }, `subscription refused: ${why}`)
         // A denied filter stays in the persisted SUBSCRIBE list; park it where no publish can ever match.
         sub.topic = `$denied/${sub.topic}`
         authorized.add(sub)
@@ -574,11 +576,12 @@ export function createBroker (deps: BrokerDeps): Aedes {
   })
   broker.on('clientError', (client, err) => {
     if (alreadyReported(err)) return
-    logger.info({ clientId: client.id, err: err.message }, 'client error')
+    // A device that vanishes (power, network) resets its connection: that is news only when debugging.
+    logger[isOrdinaryDisconnect(err) ? 'debug' : 'info']({ ...clientFields(client.id), err: err.message }, 'client error')
   })
   broker.on('connectionError', (client, err) => {
     if (alreadyReported(err)) return
-    logger.info({ clientId: client.id, err: err.message }, 'connection error')
+    logger[isOrdinaryDisconnect(err) ? 'debug' : 'info']({ ...clientFields(client.id), err: err.message }, 'connection error')
   })
 
   return broker

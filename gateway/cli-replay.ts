@@ -20,6 +20,8 @@
  */
 import { once } from 'node:events'
 import { createWriteStream } from 'node:fs'
+import { rename, rm } from 'node:fs/promises'
+import path from 'node:path'
 import { Encoder } from 'cbor-x'
 import { partitionForKey, type LogStore, type StoredRecord } from '../store/index.ts'
 import { ApiError } from './api-errors.ts'
@@ -184,14 +186,34 @@ export class OutputSink {
     return new OutputSink(stream, false)
   }
 
-  static async file (file: string): Promise<OutputSink> {
-    const stream = createWriteStream(file)
+  /**
+   * `atomic`: write a temporary file beside `file` and rename it over `file` on close(), so that a run that
+   * fails leaves an existing file as it was (discard() removes the temporary one) instead of truncated.
+   */
+  static async file (file: string, options: { atomic?: boolean } = {}): Promise<OutputSink> {
+    const target = options.atomic === true ? path.join(path.dirname(file), `.${path.basename(file)}.${process.pid}.tmp`) : file
+    const stream = createWriteStream(target)
     try {
       await once(stream, 'open')
     } catch (cause) {
       throw new CliError('CLI_OUTPUT', `cannot write --out ${file}: ${(cause as Error).message}`, { cause })
     }
-    return new OutputSink(stream, true)
+    const sink = new OutputSink(stream, true)
+    if (target !== file) sink.#rename = { from: target, to: file }
+    return sink
+  }
+
+  #rename: { from: string, to: string } | null = null
+
+  /** Drops a run's output: an atomic file's temporary file is closed and removed. */
+  async discard (): Promise<void> {
+    if (this.#rename === null) return
+    const { from } = this.#rename
+    this.#rename = null
+    this.#closed = true
+    this.stream.end()
+    await once(this.stream, 'close').catch(() => {})
+    await rm(from, { force: true })
   }
 
   /** False once the reader went away: stop reading. */
@@ -239,7 +261,20 @@ export class OutputSink {
         this.stream.write('', () => resolve())
       })
     }
-    if (this.#error !== null) throw new CliError('CLI_OUTPUT', `cannot write the output: ${this.#error.message}`, { cause: this.#error })
+    if (this.#error !== null) {
+      await this.discard()
+      throw new CliError('CLI_OUTPUT', `cannot write the output: ${this.#error.message}`, { cause: this.#error })
+    }
+    if (this.#rename !== null) {
+      const { from, to } = this.#rename
+      this.#rename = null
+      try {
+        await rename(from, to)
+      } catch (cause) {
+        await rm(from, { force: true })
+        throw new CliError('CLI_OUTPUT', `cannot write --out ${to}: ${(cause as Error).message}`, { cause })
+      }
+    }
   }
 }
 
@@ -528,7 +563,8 @@ export async function replay (source: ReplaySource, spec: ReadSpec, output: Outp
   const stream = await source.stream(spec.stream)
   const partitions = targetPartitions(spec, stream)
   const reader = source.reader(spec)
-  const sink = output.out === undefined ? OutputSink.stdout(io.stdout) : await OutputSink.file(output.out)
+  // A file appears (or replaces the one there) only when the replay succeeds.
+  const sink = output.out === undefined ? OutputSink.stdout(io.stdout) : await OutputSink.file(output.out, { atomic: true })
   const writer = new RecordWriter(sink, output.format, output.payload)
   // A bar on the terminal would tear records printed to the same terminal.
   const stdoutIsTty = (io.stdout as ProgressStream | undefined ?? process.stdout as ProgressStream).isTTY === true
@@ -555,6 +591,9 @@ export async function replay (source: ReplaySource, spec: ReadSpec, output: Outp
       if (!sink.open || (io.signal?.aborted ?? false) || (spec.maxRecords !== undefined && writer.count >= spec.maxRecords)) break
     }
     await writer.finish()
+  } catch (err) {
+    await sink.discard()
+    throw err
   } finally {
     progress.stop()
   }

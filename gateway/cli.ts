@@ -5,16 +5,19 @@
 import { readFileSync } from 'node:fs'
 import { Command, CommanderError, InvalidArgumentError, Option } from 'commander'
 import { parse as parseYaml } from 'yaml'
-import { pino, destination } from 'pino'
 import { generateApiToken, hashPassword } from './auth.ts'
 import { bridgeStatus, bridgeTable } from './cli-bridge.ts'
 import { CHECK_EXIT_DAMAGED, checkDataDir, checkText } from './cli-check.ts'
 import { deleteGroup, groupsTable, listGroups, listStreams, resetGroup, streamsTable, type AdminSource } from './cli-admin.ts'
 import { CliError } from './cli-errors.ts'
+import { readNewPassword } from './cli-password.ts'
 import { ApiClient } from './cli-http.ts'
 import { openDataDir } from './cli-offline.ts'
+import { findNpmLauncher, watchLauncher } from './npm-launcher.ts'
 import { httpSource, offlineSource, parsePosition, replay, tail, type OutputFormat, type PayloadEncoding, type ReadSpec } from './cli-replay.ts'
-import { buildConfig, type GatewayConfig } from './config.ts'
+import { buildConfig, configSchema, type GatewayConfig } from './config.ts'
+import { chooseGatewayId, storeGatewayId, type GatewayIdChoice } from './gateway-id.ts'
+import { createLogger, LOG_LEVELS, type LogLevel } from './logger.ts'
 import { GatewayError } from './errors.ts'
 
 const pkg = JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8')) as { version: string }
@@ -35,10 +38,13 @@ function collect (value: string, previous: string[] = []): string[] {
   return [...previous, value]
 }
 
-interface StartFlags { config?: string, dataDir?: string, mqttPort?: number, httpPort?: number }
+interface StartFlags { config?: string, dataDir?: string, mqttPort?: number, httpPort?: number, logLevel?: LogLevel }
 
-/** The config file (or the embedded default) with the command-line flags applied, validated. */
-export function resolveStartConfig (flags: StartFlags): GatewayConfig {
+/**
+ * The config file (or the embedded default) with the command-line flags applied, validated; without a
+ * configured gatewayId, the one kept in the data directory (or a new one): gateway-id.ts says why.
+ */
+export function resolveStartConfig (flags: StartFlags): { config: GatewayConfig, gatewayId: GatewayIdChoice | undefined } {
   let raw: Record<string, unknown> = {}
   const source = flags.config ?? 'embedded default config'
   if (flags.config !== undefined) {
@@ -67,18 +73,36 @@ export function resolveStartConfig (flags: StartFlags): GatewayConfig {
     listeners[i] = { ...listeners[i], port: flags.mqttPort }
     raw.mqtt = { ...mqtt, listeners }
   }
-  return buildConfig(raw, source)
+  if (flags.logLevel !== undefined) raw.log = { ...(raw.log as object | undefined), level: flags.logLevel }
+  // A malformed dataDir or gatewayId is left to buildConfig to report.
+  const dataDir = raw.dataDir ?? configSchema.properties.dataDir.default
+  if (typeof dataDir !== 'string' || (raw.gatewayId !== undefined && typeof raw.gatewayId !== 'string')) return { config: buildConfig(raw, source), gatewayId: undefined }
+  const gatewayId = chooseGatewayId(dataDir, raw.gatewayId as string | undefined)
+  return { config: buildConfig({ ...raw, gatewayId: gatewayId.id }, source), gatewayId }
 }
 
 async function start (flags: StartFlags): Promise<number> {
-  const logger = pino({ level: 'info', base: undefined }, destination({ dest: 2, sync: true }))
-  const config = resolveStartConfig(flags)
+  const { config, gatewayId } = resolveStartConfig(flags)
+  const logger = createLogger(config.log.level, { pretty: process.stderr.isTTY })
+  if (gatewayId?.changed === true) {
+    logger.warn({ code: 'GW_WARN_GATEWAY_ID_CHANGED', gatewayId: gatewayId.id, previous: gatewayId.stored },
+      `gatewayId is ${gatewayId.id}, the data directory was ${gatewayId.stored ?? ''}'s: upstreams see a new gateway (new dedupe ids and client ids)`)
+  }
   // Loaded here, so that the client commands do not pay for loading the broker.
   const { startGateway } = await import('./gateway.ts')
   const gateway = await startGateway(config, { logger })
+  // Kept once the gateway runs: a start refused for its config leaves the data directory untouched.
+  if (gatewayId !== undefined && gatewayId.stored !== gatewayId.id) {
+    try {
+      storeGatewayId(config.dataDir, gatewayId.id)
+    } catch (err) {
+      logger.error({ gatewayId: gatewayId.id, err: (err as Error).message }, 'cannot keep the gateway id in the data directory: the next start without gatewayId will pick another')
+    }
+  }
   const mqtt = gateway.listeners.map((l) => `${l.config.name} ${l.config.type === 'ws' || l.config.type === 'wss' ? `${l.config.type}://${l.host}:${l.port}${l.config.path}` : `${l.config.type === 'tls' ? 'mqtts' : 'mqtt'}://${l.host}:${l.port}`}`)
-  console.log(`edgemq ${pkg.version} ready: mqtt ${mqtt.join(', ')}; http http://${gateway.http.host}:${gateway.http.port}; data ${config.dataDir}`)
-  return new Promise<number>((resolve) => {
+  const http = `http://${gateway.http.host}:${gateway.http.port}`
+  // The signal handlers are in place before the ready line: a supervisor may send SIGTERM as soon as it reads it.
+  const stopped = new Promise<number>((resolve) => {
     const stop = (signal: string): void => {
       logger.info({ signal }, 'shutting down')
       const timer = setTimeout(() => {
@@ -93,13 +117,19 @@ async function start (flags: StartFlags): Promise<number> {
     }
     process.once('SIGTERM', () => stop('SIGTERM'))
     process.once('SIGINT', () => stop('SIGINT'))
+    // Under `npx edgemq start`, the pid a user signals is npm's (gateway/npm-launcher.ts says why we follow it).
+    const launcher = findNpmLauncher(process.env.npm_execpath !== undefined, process.ppid)
+    if (launcher !== undefined) {
+      watchLauncher(launcher, (how) => {
+        if (how === 'stopped') return stop('npm exited')
+        logger.error({ npmPid: launcher.pid }, 'npm was killed (SIGKILL): killing the gateway the same way')
+        process.kill(process.pid, 'SIGKILL')
+      })
+    }
   })
-}
-
-async function readPassword (): Promise<string> {
-  const chunks: Buffer[] = []
-  for await (const chunk of process.stdin) chunks.push(chunk as Buffer)
-  return Buffer.concat(chunks).toString('utf8').replace(/\r?\n$/, '')
+  logger.info({ version: pkg.version, gatewayId: config.gatewayId, mqtt, http, dataDir: config.dataDir }, 'gateway started')
+  console.log(`edgemq ${pkg.version} ready: mqtt ${mqtt.join(', ')}; http ${http}; data ${config.dataDir}; gateway ${config.gatewayId}`)
+  return await stopped
 }
 
 // ---------------------------------------------------------------- client commands
@@ -332,12 +362,13 @@ export function buildProgram (exit: (code: number) => void): Command {
     .option('--data-dir <dir>', 'data directory (overrides dataDir)')
     .option('--mqtt-port <n>', 'port of the first tcp listener; 0 picks a free one', port)
     .option('--http-port <n>', 'HTTP port for /health, /metrics and the API; 0 picks a free one', port)
+    .addOption(new Option('--log-level <level>', 'least severe level logged (overrides log.level)').choices(LOG_LEVELS))
     .action(async (flags: StartFlags) => { exit(await start(flags)) })
 
   program.command('passwd')
-    .description('print a scrypt hash for users[].password; reads the password from stdin')
+    .description('print a scrypt hash for users[].password; prompts for the password on a terminal (not echoed), else reads stdin')
     .action(async () => {
-      const password = await readPassword()
+      const password = await readNewPassword(process.stdin, process.stderr)
       if (password.length === 0) throw new GatewayError('GW_BAD_PASSWORD_HASH', 'empty password on stdin')
       console.log(await hashPassword(password))
     })

@@ -12,6 +12,7 @@ import { Ajv, type ErrorObject } from 'ajv'
 import { bridgeConfigProblem, bridgeConfigSchema, type BridgeConfig } from '../bridge/index.ts'
 import { storeConfigSchema, streamConfigSchema, type StoreConfig, type StreamConfig } from '../store/config-schema.ts'
 import { GatewayError } from './errors.ts'
+import { LOG_LEVELS, type LogLevel } from './logger.ts'
 
 const NAME = '^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$'
 
@@ -106,7 +107,7 @@ export const configSchema = {
   type: 'object',
   additionalProperties: false,
   properties: {
-    gatewayId: { type: 'string', pattern: NAME, description: 'Name of this gateway (in dedupe ids and metrics). Defaults to the host name.' },
+    gatewayId: { type: 'string', pattern: NAME, description: 'Name of this gateway (in dedupe ids, the bridge\'s client ids and metrics). Without it, `edgemq start` generates one on the first start and keeps it in <dataDir>/gateway-id; a configured id that differs from the kept one is logged as a warning (GW_WARN_GATEWAY_ID_CHANGED).' },
     dataDir: { type: 'string', default: './data', description: 'Directory of the LevelDB holding the log and the MQTT sessions.' },
     store: storeConfigSchema,
     tenants: {
@@ -181,6 +182,15 @@ export const configSchema = {
     acl: {
       type: 'array', items: aclRuleSchema, default: [],
       description: 'Extra rules, checked before the built-in ones: devices publish to devices/%c/... and subscribe to devices/%c/commands/#; services and admins use every topic of their tenant.',
+    },
+    log: {
+      type: 'object',
+      additionalProperties: false,
+      default: {},
+      description: 'The gateway\'s log on stderr: JSON lines (level names, ISO times), or readable lines on a terminal.',
+      properties: {
+        level: { enum: [...LOG_LEVELS], default: 'info', description: 'Least severe level logged; `edgemq start --log-level` overrides it.' },
+      },
     },
     shutdownTimeoutMs: { type: 'integer', minimum: 100, default: 10_000, description: 'How long SIGTERM/SIGINT wait for pending appends before exiting.' },
     bridge: bridgeConfigSchema,
@@ -259,6 +269,7 @@ export interface GatewayConfig {
   readonly users: readonly UserConfig[]
   readonly apiTokens: readonly ApiTokenConfig[]
   readonly acl: readonly AclRule[]
+  readonly log: { readonly level: LogLevel }
   readonly shutdownTimeoutMs: number
   readonly bridge: BridgeConfig
 }
@@ -284,6 +295,10 @@ function explain (err: ErrorObject): string {
   switch (err.keyword) {
     case 'additionalProperties': return `unknown key "${key}"`
     case 'required': return `missing key "${key}"`
+    case 'pattern':
+      // A password pasted in clear is the usual cause; say what to put there instead.
+      if (/\/(password|tokenHash)$/.test(err.instancePath)) return `"${key}" is not a scrypt hash: put the line \`edgemq passwd\` (or \`edgemq token\`) prints there, never the password itself`
+      return `"${key}" ${err.message ?? 'is invalid'}`
     case 'enum': return `"${key}" must be one of ${(err.params as { allowedValues: unknown[] }).allowedValues.map((v) => JSON.stringify(v)).join(', ')}`
     default: return `"${key}" ${err.message ?? 'is invalid'}`
   }

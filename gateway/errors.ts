@@ -24,6 +24,17 @@ export const GATEWAY_ERROR_CODES = {
 
 export type GatewayErrorCode = keyof typeof GATEWAY_ERROR_CODES
 
+/** Codes of the warnings `edgemq start` logs (one line each, field `code`) for settings that work but are weak. */
+export const GATEWAY_WARNING_CODES = {
+  GW_WARN_ASYNC_DURABILITY: 'store.durability is async: acknowledged messages may be lost on power loss.',
+  GW_WARN_WEAK_HASH: 'A users[].password or apiTokens[].tokenHash uses scrypt cost parameters below what `edgemq passwd` uses (N=16384, r=8, p=1).',
+  GW_WARN_OPEN_HTTP: 'http.host is not a loopback address and no users or API tokens are configured: the API and /metrics (with tenant, stream and upstream names) are open to the network.',
+  GW_WARN_ANONYMOUS_LISTENER: 'A listener that is not on a loopback address accepts anonymous clients (allowAnonymous: true).',
+  GW_WARN_GATEWAY_ID_CHANGED: 'The configured gatewayId differs from the one kept in <dataDir>/gateway-id: upstreams see a new gateway (new dedupe ids and client ids).',
+} as const
+
+export type GatewayWarningCode = keyof typeof GATEWAY_WARNING_CODES
+
 export class GatewayError extends Error {
   override readonly name = 'GatewayError'
   readonly code: GatewayErrorCode

@@ -16,7 +16,9 @@ import { GatewayError } from './errors.ts'
 import { startHttpServer, type RunningHttpServer } from './http.ts'
 import { startListener, type RunningListener } from './listeners.ts'
 import { createMetrics, splitStream } from './metrics.ts'
+import { zeroBridgeSeries, zeroGatewaySeries } from './metrics-zero.ts'
 import { LevelSessionPersistence } from './session-persistence.ts'
+import { checkStartupSettings } from './startup-checks.ts'
 import { readFileSync } from 'node:fs'
 import { Bridge, createBridgeMetrics, RECEIPTS_STREAM, type BridgeMetrics } from '../bridge/index.ts'
 import { CommandDispatcher } from './commands.ts'
@@ -52,7 +54,7 @@ export function checkListenerSecurity (config: GatewayConfig, logger: Logger): v
   for (const l of config.mqtt.listeners) {
     if (isLoopback(l.host)) continue
     if (l.allowAnonymous) {
-      logger.warn({ listener: l.name, host: l.host }, 'listener accepts anonymous clients from the network (allowAnonymous: true)')
+      logger.warn({ code: 'GW_WARN_ANONYMOUS_LISTENER', listener: l.name, host: l.host }, 'listener accepts anonymous clients from the network (allowAnonymous: true)')
     } else if (config.users.length === 0) {
       throw new GatewayError('GW_INSECURE_LISTENER',
         `listener ${l.name} binds ${l.host}, which is not loopback, and no users are configured: add users, or set mqtt.listeners[].allowAnonymous: true to accept anonymous clients on purpose`)
@@ -63,6 +65,7 @@ export function checkListenerSecurity (config: GatewayConfig, logger: Logger): v
 export async function startGateway (config: GatewayConfig, deps: GatewayDeps): Promise<Gateway> {
   const { logger } = deps
   checkListenerSecurity(config, logger)
+  for (const w of checkStartupSettings(config)) logger.warn({ code: w.code, ...w.fields }, w.message)
   const registry = deps.registry ?? new Registry()
   const root = deps.database ?? await openDataDirDatabase(config.dataDir) as unknown as LevelDatabase
   if (root.status !== 'open') await root.open()
@@ -138,6 +141,12 @@ export async function startGateway (config: GatewayConfig, deps: GatewayDeps): P
         await store.createStream(`${tenant}/${name}`, s)
       }
     }
+    zeroGatewaySeries(metrics, {
+      tenants: [...tenants], streams: Object.keys(config.streams), listeners: config.mqtt.listeners.map((l) => l.name),
+      retentionGroups: config.bridge.upstreams.flatMap((u) => u.forward.map((f) => ({
+        group: `bridge.${u.name}`, tenant: f.tenant, stream: f.stream, partitions: config.streams[f.stream]?.partitions ?? 0,
+      }))),
+    })
     // The streams commands from upstreams may route to, per tenant with command mappings; and their receipts.
     const commandStreams = new Map<string, { tenant: string, stream: string }>()
     for (const u of config.bridge.upstreams) {
@@ -185,6 +194,7 @@ export async function startGateway (config: GatewayConfig, deps: GatewayDeps): P
     const bridgeHolder: { bridge?: Bridge } = {}
     const bridgeMetrics = createBridgeMetrics(registry, config.bridge.upstreams.map((u) => u.name), async () => await bridgeHolder.bridge?.status() ?? [], systemClock)
     bridgeMetricsRef = bridgeMetrics
+    zeroBridgeSeries(registry, config.bridge)
     const runningBridge = bridgeHolder.bridge = new Bridge(config.bridge, {
       store, gatewayId: config.gatewayId, clock: systemClock, logger: logger.child({ component: 'bridge' }),
       observer: bridgeMetrics.observer, ...(dispatcher === undefined ? {} : { commands: dispatcher }),

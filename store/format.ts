@@ -46,7 +46,7 @@
  *
  * | bytes | field                                                          |
  * | ----- | -------------------------------------------------------------- |
- * | 0     | magic 0xE1 (format version 1)                                  |
+ * | 0     | magic: 0xE1 (no record has headers, or written before 0xE2), 0xE2 (header sets) |
  * | 1..4  | CRC-32 (zlib) of bytes 5..end                                  |
  * | 5..12 | base offset, u64 (must equal the key's)                        |
  * | 13..16| record count, u32                                              |
@@ -62,7 +62,22 @@
  * `[firstTs, strings[], tsDelta (Int32Array, or Float64Array when a delta
  *   does not fit), keyIdx, topicIdx, clientIdx (Uint16Array), qos
  *   (Uint8Array), payloadLength (Uint32Array), payloads (one byte string),
- *   headers[] | null]`.
+ *   ...headers]`, where the magic byte says how headers are stored:
+ * - 0xE1: one element, `headers[] | null`: per record a cbor map or null;
+ *   null for the whole column when no record has headers. The encoder still
+ *   writes 0xE1 (with null) for a batch without headers, byte for byte as
+ *   before, so older readers read it; it no longer writes maps, but every
+ *   reader keeps decoding them (batches written before 0xE2 existed).
+ * - 0xE2: two elements, `headerSets[], headerIdx (Uint16Array)`. The names
+ *   and values of headers are interned in `strings` like keys and topics
+ *   (after them, so key, topic and client indexes stay below 3,000);
+ *   `headerSets` holds each distinct set of headers in the batch once, as a
+ *   flat array of string indexes `[name, value, name, value, …]` in the
+ *   record's header order, and `headerIdx[i]` is 0 for a record without
+ *   headers (null) or 1 + the index of its set. Authenticated clients stamp
+ *   `edgemq-user` on every record: with maps it made a 1,000 × 100-byte
+ *   batch 22 % bigger and its decode 3–5× slower; with sets it costs 2 bytes
+ *   per record plus one set per user (BENCHMARKS.md, store.headers).
  * The typed arrays are RFC 8746 tags over little-endian byte strings: 78
  * (sint32), 86 (float64), 69 (uint16), 64 (uint8), 70 (uint32). Record i
  * has offset base + i, timestamp firstTs + tsDelta[i], key
@@ -73,7 +88,14 @@
  * `format=batches` serves them as stored (docs/http-api.md, "Response formats"), and
  * `decodeStoredBatch` below is what clients decode them with. So this
  * layout is a wire format too: a change needs a new magic byte, and a
- * reader must refuse a magic it does not know.
+ * reader must refuse a magic it does not know. A new magic that only adds a
+ * batch shape, every older shape still read, keeps FORMAT_VERSION: the `V`
+ * entry changes only when a data dir written by this version can no longer
+ * be opened by the previous one's rules (key layout, meta values). An older
+ * edgemq refuses a 0xE2 batch as STORE_CORRUPT_BATCH (`bad magic byte
+ * 0xe2`), at open when it is a partition's last batch: going back to a
+ * version before 0xE2 after an authenticated client wrote needs the backup
+ * (docs/operations.md, "Upgrade").
  */
 import { crc32 } from 'node:zlib'
 import { Encoder } from 'cbor-x'
@@ -81,7 +103,10 @@ import { StoreError } from './errors.ts'
 import type { StoredRecord } from './types.ts'
 
 export const FORMAT_VERSION = 1
+/** Magic of a batch without headers; its bytes are those every edgemq so far wrote for such a batch. */
 export const BATCH_MAGIC = 0xe1
+/** Magic of a batch whose records carry headers, interned as header sets (see the header of this file). */
+export const BATCH_MAGIC_HEADER_SETS = 0xe2
 export const BATCH_HEADER_BYTES = 33
 /** Upper bound on records in one `B` entry; a group commit may write several. */
 export const MAX_BATCH_RECORDS = 1000
@@ -262,13 +287,13 @@ export function encodeBatch (baseOffset: number, records: readonly PendingRecord
     const delta = (records[from + i] as PendingRecord).timestamp - firstTs
     if (delta > 0x7fffffff || delta < -0x80000000) { tsDelta = new Float64Array(n); break }
   }
-  // At most three strings per record and MAX_BATCH_RECORDS records: indexes fit in 16 bits.
+  // Key, topic and client id are interned before any header string: at most
+  // three per record and MAX_BATCH_RECORDS records, so their indexes fit in 16 bits.
   const keyIdx = new Uint16Array(n)
   const topicIdx = new Uint16Array(n)
   const clientIdx = new Uint16Array(n)
   const qos = new Uint8Array(n)
   const lengths = new Uint32Array(n)
-  const headers = anyHeaders ? new Array<Readonly<Record<string, string>> | null>(n) : null
   const payloads = Buffer.allocUnsafe(payloadBytes)
   let at = 0
   for (let i = 0; i < n; i++) {
@@ -282,11 +307,13 @@ export function encodeBatch (baseOffset: number, records: readonly PendingRecord
     lengths[i] = r.payload.byteLength
     payloads.set(r.payload, at)
     at += r.payload.byteLength
-    if (headers !== null) headers[i] = r.headers
   }
-  const body = cbor.encode([firstTs, strings, tsDelta, keyIdx, topicIdx, clientIdx, qos, lengths, payloads, headers])
+  const columns: unknown[] = [firstTs, strings, tsDelta, keyIdx, topicIdx, clientIdx, qos, lengths, payloads]
+  if (anyHeaders) columns.push(...headerColumns(records, from, to, intern))
+  else columns.push(null)
+  const body = cbor.encode(columns)
   const value = Buffer.allocUnsafe(BATCH_HEADER_BYTES + body.length)
-  value[0] = BATCH_MAGIC
+  value[0] = anyHeaders ? BATCH_MAGIC_HEADER_SETS : BATCH_MAGIC
   writeU64(value, baseOffset, 5)
   value.writeUInt32BE(n, 13)
   value.writeDoubleBE(firstTs, 17)
@@ -294,6 +321,56 @@ export function encodeBatch (baseOffset: number, records: readonly PendingRecord
   body.copy(value, BATCH_HEADER_BYTES)
   value.writeUInt32BE(crc32(value.subarray(5)), 1)
   return { value, header: { baseOffset, count: n, firstTimestamp: firstTs, maxTimestamp: maxTs, bytes: value.length } }
+}
+
+/** A trie node of header names and values (alternating by depth); setId 0 = no set ends here. */
+class SetNode {
+  setId = 0
+  #children: Map<string, SetNode> | null = null
+
+  child (str: string): SetNode {
+    this.#children ??= new Map()
+    let next = this.#children.get(str)
+    if (next === undefined) {
+      next = new SetNode()
+      this.#children.set(str, next)
+    }
+    return next
+  }
+}
+
+/**
+ * The two header columns of an 0xE2 body: the distinct header sets of the
+ * batch, each a flat array of string indexes (name, value, name, value …),
+ * and per record 0 (no headers) or 1 + its set's index.
+ */
+function headerColumns (records: readonly PendingRecord[], from: number, to: number, intern: (str: string) => number): [number[][], Uint16Array] {
+  const sets: number[][] = []
+  // Sets are found by walking a trie of their names and values: no string is
+  // built per record, and a header string the producer reuses (a connection's
+  // username) keeps its hash. Strings are interned only for a new set.
+  const root = new SetNode()
+  const headerIdx = new Uint16Array(to - from)
+  let previous: PendingRecord['headers'] = null
+  let previousId = 0
+  for (let i = from; i < to; i++) {
+    const headers = (records[i] as PendingRecord).headers
+    if (headers === null) continue
+    // The same object as the record before (one producer's constant headers) needs no walk.
+    if (headers === previous) { headerIdx[i - from] = previousId; continue }
+    let node = root
+    for (const name in headers) node = node.child(name).child(headers[name] as string)
+    if (node.setId === 0) {
+      const set: number[] = []
+      for (const name in headers) set.push(intern(name), intern(headers[name] as string))
+      sets.push(set)
+      node.setId = sets.length // at most MAX_BATCH_RECORDS sets, so 1 + index fits in 16 bits
+    }
+    headerIdx[i - from] = node.setId
+    previous = headers
+    previousId = node.setId
+  }
+  return [sets, headerIdx]
 }
 
 interface Where { readonly stream: string, readonly partition: number, readonly baseOffset: number }
@@ -306,7 +383,7 @@ function corrupt (where: Where, why: string, cause?: unknown): StoreError {
 
 /** Verifies magic, checksum and base offset, then returns the header. */
 export function readBatchHeader (value: Buffer, where: Where): BatchHeader {
-  if (value.length < BATCH_HEADER_BYTES || value[0] !== BATCH_MAGIC) {
+  if (value.length < BATCH_HEADER_BYTES || (value[0] !== BATCH_MAGIC && value[0] !== BATCH_MAGIC_HEADER_SETS)) {
     throw corrupt(where, value.length < BATCH_HEADER_BYTES ? 'value shorter than the batch header' : `bad magic byte 0x${(value[0] ?? 0).toString(16)}`)
   }
   if (crc32(value.subarray(5)) !== value.readUInt32BE(1)) throw corrupt(where, 'checksum mismatch')
@@ -318,21 +395,65 @@ export function readBatchHeader (value: Buffer, where: Where): BatchHeader {
 }
 
 type NumberColumn = ArrayLike<number>
-type Body = [number, string[], NumberColumn, NumberColumn, NumberColumn, NumberColumn, NumberColumn, NumberColumn, Uint8Array, Array<Record<string, string> | null> | null]
+type Columns = [number, string[], NumberColumn, NumberColumn, NumberColumn, NumberColumn, NumberColumn, NumberColumn, Uint8Array]
+/** 0xE1: headers as one cbor map per record, or null when no record has any. */
+type MapsBody = [...Columns, Array<Record<string, string> | null> | null]
+/** 0xE2: distinct header sets as string-index pairs, and per record 0 or 1 + its set. */
+type SetsBody = [...Columns, number[][], NumberColumn]
 
 function isColumn (value: unknown, count: number): boolean {
   return ArrayBuffer.isView(value) && !(value instanceof DataView) && (value as unknown as NumberColumn).length === count
 }
 
-function isBody (body: unknown, count: number): body is Body {
-  if (!Array.isArray(body) || body.length !== 10 || typeof body[0] !== 'number' || !Array.isArray(body[1])) return false
+function hasColumns (body: unknown, length: number, count: number): body is Columns {
+  if (!Array.isArray(body) || body.length !== length || typeof body[0] !== 'number' || !Array.isArray(body[1])) return false
   for (let c = 2; c <= 7; c++) if (!isColumn(body[c], count)) return false
-  return body[8] instanceof Uint8Array && (body[9] === null || (Array.isArray(body[9]) && body[9].length === count))
+  return body[8] instanceof Uint8Array
+}
+
+function isMapsBody (body: unknown, count: number): body is MapsBody {
+  return hasColumns(body, 10, count) && ((body as unknown[])[9] === null || (Array.isArray((body as unknown[])[9]) && ((body as unknown[])[9] as unknown[]).length === count))
+}
+
+function isSetsBody (body: unknown, count: number): body is SetsBody {
+  if (!hasColumns(body, 11, count)) return false
+  const [sets, headerIdx] = [(body as unknown[])[9], (body as unknown[])[10]]
+  if (!Array.isArray(sets) || !isColumn(headerIdx, count)) return false
+  const strings = body[1].length
+  for (const set of sets as unknown[]) {
+    if (!Array.isArray(set) || set.length % 2 !== 0) return false
+    for (const i of set as unknown[]) if (!Number.isInteger(i) || (i as number) < 0 || (i as number) >= strings) return false
+  }
+  for (let i = 0; i < count; i++) if (((headerIdx as NumberColumn)[i] as number) > sets.length) return false
+  return true
+}
+
+/** Each record's headers, from either body shape. */
+function recordHeaders (body: MapsBody | SetsBody, magic: number, count: number): Array<Readonly<Record<string, string>> | null> {
+  if (magic === BATCH_MAGIC) {
+    const maps = (body as MapsBody)[9]
+    return maps === null ? new Array<null>(count).fill(null) : maps.map((h) => h ?? null)
+  }
+  const [, strings, , , , , , , , sets, headerIdx] = body as SetsBody
+  // One object per set, shared by its records (StoredRecord.headers is readonly).
+  // fromEntries defines own properties, so a header named __proto__ stays a header.
+  const objects = sets.map((set) => {
+    const entries: Array<[string, string]> = []
+    for (let k = 0; k < set.length; k += 2) entries.push([strings[set[k] as number] as string, strings[set[k + 1] as number] as string])
+    return Object.freeze(Object.fromEntries(entries)) as Readonly<Record<string, string>>
+  })
+  const out = new Array<Readonly<Record<string, string>> | null>(count)
+  for (let i = 0; i < count; i++) {
+    const id = headerIdx[i] as number
+    out[i] = id === 0 ? null : objects[id - 1] as Readonly<Record<string, string>>
+  }
+  return out
 }
 
 /**
  * Decodes every record of a batch whose header was verified by
- * {@link readBatchHeader}. Payloads are views into `value`, not copies.
+ * {@link readBatchHeader}, of either magic. Payloads are views into
+ * `value`, not copies.
  */
 export function decodeBatch (value: Buffer, header: BatchHeader, where: Where): StoredRecord[] {
   let body: unknown
@@ -341,8 +462,12 @@ export function decodeBatch (value: Buffer, header: BatchHeader, where: Where): 
   } catch (err) {
     throw corrupt(where, 'body is not valid cbor', err)
   }
-  if (!isBody(body, header.count)) throw corrupt(where, 'body does not hold the counted records')
-  const [firstTs, strings, tsDelta, keyIdx, topicIdx, clientIdx, qos, lengths, payloads, headers] = body
+  const magic = value[0] as number
+  const valid = magic === BATCH_MAGIC ? isMapsBody(body, header.count) : isSetsBody(body, header.count)
+  if (!valid) throw corrupt(where, 'body does not hold the counted records')
+  const checked = body as MapsBody | SetsBody
+  const [firstTs, strings, tsDelta, keyIdx, topicIdx, clientIdx, qos, lengths, payloads] = checked
+  const headers = recordHeaders(checked, magic, header.count)
   const out: StoredRecord[] = new Array(header.count)
   const buffer = payloads.buffer
   let at = payloads.byteOffset
@@ -358,7 +483,7 @@ export function decodeBatch (value: Buffer, header: BatchHeader, where: Where): 
       payload: new Uint8Array(buffer, at, length),
       qos: qos[i] as 0 | 1 | 2,
       clientId: strings[clientIdx[i] as number] as string,
-      headers: headers === null ? null : (headers[i] ?? null),
+      headers: headers[i] as Readonly<Record<string, string>> | null,
     }
     at += length
   }

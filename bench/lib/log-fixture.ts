@@ -39,6 +39,8 @@ export interface FixtureOptions {
   readonly payload?: (key: string) => Buffer
   /** Only devices whose key maps to this partition (so one partition holds every record). */
   readonly onlyPartition?: number
+  /** A device's headers (as the gateway stamps `edgemq-user` on an authenticated client's records); none by default. */
+  readonly headers?: (key: string) => Readonly<Record<string, string>>
 }
 
 export interface CommitTally { commits: number, records: number }
@@ -103,7 +105,9 @@ export class LogFixture {
       const topic = `devices/${key}/telemetry`
       const payload = options.payload?.(key) ?? randomBytes(options.payloadBytes)
       check(payload.length === options.payloadBytes, `payload of ${key} is ${payload.length} bytes, not ${options.payloadBytes}`)
-      devices.push({ key, partition, record: { payload, topic, qos: 1, clientId: key }, topic, payload })
+      const headers = options.headers?.(key)
+      const record: RecordInput = headers === undefined ? { payload, topic, qos: 1, clientId: key } : { payload, topic, qos: 1, clientId: key, headers }
+      devices.push({ key, partition, record, topic, payload })
     }
     this.devices = devices
     this.used = options.onlyPartition === undefined ? Array.from({ length: options.partitions }, (_, p) => p) : [options.onlyPartition]

@@ -6,7 +6,7 @@
  * offline reads (--data-dir) must equal the online ones byte for byte.
  */
 import { spawn } from 'node:child_process'
-import { readFile } from 'node:fs/promises'
+import { readdir, readFile, writeFile } from 'node:fs/promises'
 import { createServer } from 'node:net'
 import path from 'node:path'
 import { decodeMultiple } from 'cbor-x'
@@ -203,6 +203,20 @@ describe('edgemq replay, tail, streams and groups', () => {
     expect(docs.map((d) => ({ ...d, payload: Buffer.from(d.payload).toString('utf8') }))).toEqual(expected([0]))
     const empty = await edgemq(['replay', '--stream', 'commands', '--format', 'json', ...auth])
     expect(JSON.parse(empty.stdout)).toEqual([])
+  })
+
+  it('leaves an existing --out file as it was when the replay fails, and replaces it when it succeeds', async () => {
+    const out = path.join(dataDir, 'kept.ndjson')
+    await writeFile(out, 'the previous replay\n')
+    const failed = await edgemq(['replay', '--stream', 'telemetry', '--partition', '0', '--from', '999999999', '--out', out, ...auth])
+    expect(failed.code).not.toBe(0)
+    expect(failed.stderr).toMatch(/OUT_OF_RANGE/)
+    expect(await readFile(out, 'utf8')).toBe('the previous replay\n')
+    expect((await readdir(dataDir)).filter((f) => f.includes('kept.ndjson'))).toEqual(['kept.ndjson'])
+    const ok = await edgemq(['replay', '--stream', 'telemetry', '--partition', '0', '--out', out, ...auth])
+    expect(ok.code, ok.stderr).toBe(0)
+    expect(lines(await readFile(out, 'utf8'))).toEqual(expected([0]))
+    expect((await readdir(dataDir)).filter((f) => f.includes('kept.ndjson'))).toEqual(['kept.ndjson'])
   })
 
   it('lists streams as a table and as the API\'s JSON', async () => {

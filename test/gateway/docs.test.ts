@@ -12,7 +12,7 @@ import { BRIDGE_ERROR_CODES } from '../../bridge/errors.ts'
 import { describeConfig } from '../../gateway/config.ts'
 import { HTTP_ERROR_CODES } from '../../gateway/api-errors.ts'
 import { CLI_ERROR_CODES } from '../../gateway/cli-errors.ts'
-import { GATEWAY_ERROR_CODES } from '../../gateway/errors.ts'
+import { GATEWAY_ERROR_CODES, GATEWAY_WARNING_CODES } from '../../gateway/errors.ts'
 import { SESSION_ERROR_CODES } from '../../gateway/session-persistence.ts'
 import { STORE_ERROR_CODES } from '../../store/errors.ts'
 
@@ -34,10 +34,10 @@ describe('docs/', () => {
     expect(describeConfig().filter((k) => k.description.trim() === '').map((k) => k.key)).toEqual([])
   })
 
-  it('documents every store, gateway, session, HTTP, CLI and bridge error code', () => {
+  it('documents every store, gateway, session, HTTP, CLI and bridge error code, and every start-up warning code', () => {
     const errors = read('docs/errors.md')
     const codes = [
-      ...Object.keys(STORE_ERROR_CODES), ...Object.keys(GATEWAY_ERROR_CODES), ...Object.keys(SESSION_ERROR_CODES),
+      ...Object.keys(STORE_ERROR_CODES), ...Object.keys(GATEWAY_ERROR_CODES), ...Object.keys(GATEWAY_WARNING_CODES), ...Object.keys(SESSION_ERROR_CODES),
       ...Object.keys(HTTP_ERROR_CODES), ...Object.keys(CLI_ERROR_CODES), ...Object.keys(BRIDGE_ERROR_CODES),
     ]
     expect(codes.filter((code) => !errors.includes(`| \`${code}\` |`))).toEqual([])

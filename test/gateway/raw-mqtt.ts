@@ -178,7 +178,7 @@ export function total (samples: readonly Sample[], name: string, labels: Readonl
 
 // ---- log lines -----------------------------------------------------------------
 
-export interface LogLine { readonly level: number, readonly msg: string, readonly [field: string]: unknown }
+export interface LogLine { readonly level: string, readonly time: string, readonly msg: string, readonly [field: string]: unknown }
 
 /** The JSON log lines of a stderr capture (pino), skipping anything that is not JSON. */
 export function logLines (stderr: string): LogLine[] {
@@ -187,7 +187,7 @@ export function logLines (stderr: string): LogLine[] {
     if (!raw.startsWith('{')) continue
     try {
       const parsed = JSON.parse(raw) as unknown
-      if (parsed !== null && typeof parsed === 'object' && typeof (parsed as LogLine).level === 'number') lines.push(parsed as LogLine)
+      if (parsed !== null && typeof parsed === 'object' && typeof (parsed as LogLine).level === 'string') lines.push(parsed as LogLine)
     } catch { /* not a log line */ }
   }
   return lines

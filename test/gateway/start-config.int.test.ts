@@ -69,7 +69,7 @@ describe('secure by default', () => {
     try {
       const warning = gw.stderr().split('\n').find((l) => l.includes('allowAnonymous'))
       expect(warning, gw.stderr()).toBeDefined()
-      expect(JSON.parse(warning as string)).toMatchObject({ level: 40, listener: 'lan', host: '0.0.0.0' })
+      expect(JSON.parse(warning as string)).toMatchObject({ level: 'warn', code: 'GW_WARN_ANONYMOUS_LISTENER', listener: 'lan', host: '0.0.0.0' })
       const port = new URL(gw.urls.lan as string).port
       const client = await connectOk(`mqtt://127.0.0.1:${port}`, { clientId: 'anon-lan' })
       const got = collect(client)
@@ -102,7 +102,7 @@ const BAD_CONFIGS: readonly BadConfig[] = [
   { name: 'value below its minimum', config: { mqtt: { listeners: [{ type: 'tcp', port: 0 }], maxPacketBytes: 10 } }, mentions: ['mqtt.maxPacketBytes'] },
   { name: 'unknown listener type', config: { mqtt: { listeners: [{ type: 'udp' }] } }, mentions: ['mqtt.listeners.0.type', 'tcp'] },
   { name: 'unknown role', config: { users: [{ username: 'a', tenant: 'acme', role: 'root' }] }, mentions: ['users.0.role', 'device'] },
-  { name: 'password that is not a hash', config: { users: [{ username: 'a', tenant: 'acme', role: 'device', password: 'hunter2' }] }, mentions: ['users.0.password'] },
+  { name: 'password that is not a hash', config: { users: [{ username: 'a', tenant: 'acme', role: 'device', password: 'hunter2' }] }, mentions: ['users.0.password', 'edgemq passwd'] },
   { name: 'bad tenant name', config: { users: [{ username: 'a', tenant: 'ac me', role: 'device' }] }, mentions: ['users.0.tenant'] },
   { name: 'acl access that does not exist', config: { acl: [{ topic: 'x/#', access: 'read' }] }, mentions: ['acl.0.access'] },
   { name: 'acl rule without a topic', config: { acl: [{ access: 'publish' }] }, mentions: ['missing key', 'acl.0.topic'] },

@@ -23,6 +23,8 @@ export interface GatewayProcess {
   /** Every URL printed on the ready line, by listener name. */
   readonly urls: Readonly<Record<string, string>>
   readonly stderr: () => string
+  /** The whole ready line `edgemq start` printed on stdout. */
+  readonly ready: string
   /** SIGKILL, and wait for the process to be gone. */
   kill (): Promise<void>
   /** SIGTERM, and wait for the exit code. */
@@ -52,8 +54,8 @@ export function runCli (args: readonly string[], input?: string): Promise<{ code
   })
 }
 
-export async function startGatewayProcess (options: { dataDir: string, config?: string, timeoutMs?: number }): Promise<GatewayProcess> {
-  const args = [BIN, 'start', '--data-dir', options.dataDir, '--http-port', '0']
+export async function startGatewayProcess (options: { dataDir: string, config?: string, timeoutMs?: number, args?: readonly string[] }): Promise<GatewayProcess> {
+  const args = [BIN, 'start', '--data-dir', options.dataDir, '--http-port', '0', ...options.args ?? []]
   if (options.config !== undefined) args.push('--config', options.config)
   else args.push('--mqtt-port', '0')
   const child = spawn(process.execPath, args, { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] })
@@ -78,7 +80,7 @@ export async function startGatewayProcess (options: { dataDir: string, config?: 
   const mqttUrl = Object.values(urls).find((u) => u.startsWith('mqtt://')) ?? Object.values(urls)[0]
   if (httpUrl === undefined || mqttUrl === undefined) throw new Error(`cannot read ports from: ${line}`)
   return {
-    child, mqttUrl, httpUrl, urls,
+    child, mqttUrl, httpUrl, urls, ready: line,
     stderr: () => stderr,
     async kill () {
       if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL')

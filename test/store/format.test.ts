@@ -1,5 +1,9 @@
+import { readFileSync } from 'node:fs'
+import { crc32 } from 'node:zlib'
+import { Encoder } from 'cbor-x'
 import { describe, expect, it } from 'vitest'
-import { decodeBatch, encodeBatch, readBatchHeader, type PendingRecord } from '../../store/format.ts'
+import { BATCH_HEADER_BYTES, BATCH_MAGIC, BATCH_MAGIC_HEADER_SETS, decodeBatch, decodeMeta, decodeStoredBatch, encodeBatch, readBatchHeader, type PendingRecord } from '../../store/format.ts'
+import type { StoredRecord } from '../../store/types.ts'
 
 const where = { stream: 't/s', partition: 0, baseOffset: 500 }
 
@@ -39,5 +43,98 @@ describe('batch format', () => {
     expect(() => readBatchHeader(flipped, where)).toThrow(expect.objectContaining({ code: 'STORE_CORRUPT_BATCH', details: { stream: 't/s', partition: 0, baseOffset: 500 } }))
     expect(() => readBatchHeader(value, { ...where, baseOffset: 501 })).toThrow(expect.objectContaining({ code: 'STORE_CORRUPT_BATCH' }))
     expect(() => readBatchHeader(value.subarray(0, 10), where)).toThrow(expect.objectContaining({ code: 'STORE_CORRUPT_BATCH' }))
+  })
+})
+
+interface FixtureCase { name: string, baseOffset: number, batch: string, records: Array<Omit<StoredRecord, 'payload'> & { payload: string }> }
+const e1 = JSON.parse(readFileSync(new URL('./fixtures/batches-e1.json', import.meta.url), 'utf8')) as { cases: FixtureCase[] }
+
+/** A record as plain data, payload as a Buffer, so toEqual compares values. */
+const plain = (r: StoredRecord): unknown => ({ ...r, payload: Buffer.from(r.payload), headers: r.headers === null ? null : { ...r.headers } })
+
+/** Rewrites a batch's body and its CRC: a well-formed batch with the body a writer gone wrong would leave. */
+function withBody (value: Buffer, body: unknown[]): Buffer {
+  const encoded = new Encoder({ useRecords: false, structuredClone: false, mapsAsObjects: true, variableMapSize: true }).encode(body)
+  const out = Buffer.concat([value.subarray(0, BATCH_HEADER_BYTES), encoded])
+  out.writeUInt32BE(crc32(out.subarray(5)), 1)
+  return out
+}
+
+/** Deterministic PRNG (mulberry32), so a failing case can be replayed from its seed. */
+function prng (seed: number): () => number {
+  let a = seed >>> 0
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0
+    let t = a
+    t = Math.imul(t ^ (t >>> 15), t | 1)
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61)
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296
+  }
+}
+
+describe('headers in batches', () => {
+  it('still reads batches written before header interning (0xE1, one map per record), record for record', () => {
+    expect(e1.cases.length).toBeGreaterThan(0)
+    for (const c of e1.cases) {
+      const bytes = Buffer.from(c.batch, 'hex')
+      expect(bytes[0]).toBe(BATCH_MAGIC)
+      const records = decodeStoredBatch(bytes, { stream: 't/s', partition: 0 })
+      expect(records.map(plain), c.name).toEqual(c.records.map((r) => ({ ...r, payload: Buffer.from(r.payload, 'base64') })))
+    }
+  })
+
+  it('writes a batch without headers byte for byte as before, so older readers still read it', () => {
+    const c = e1.cases.find((x) => x.records.every((r) => r.headers === null)) as FixtureCase
+    const records: PendingRecord[] = c.records.map(({ offset: _offset, ...r }) => ({ ...r, payload: Buffer.from(r.payload, 'base64') }))
+    expect(encodeBatch(c.baseOffset, records).value.toString('hex')).toBe(c.batch)
+  })
+
+  it('stores the same header on every record in a few bytes per record', () => {
+    const none = Array.from({ length: 1000 }, (_, i) => rec(i, i))
+    const named = none.map((r) => ({ ...r, headers: { 'edgemq-user': `user-${r.key}` } }))
+    const plainBatch = encodeBatch(0, none).value
+    const namedBatch = encodeBatch(0, named).value
+    expect(namedBatch[0]).toBe(BATCH_MAGIC_HEADER_SETS)
+    // One index per record (2 bytes) plus, once per distinct user, the set and its strings.
+    expect(namedBatch.length - plainBatch.length).toBeLessThan(1000 * 2 + 100)
+    expect(decodeStoredBatch(namedBatch).map((r) => r.headers)).toEqual(named.map((r) => r.headers))
+  })
+
+  it('round-trips random headers, shared and distinct, through decodeStoredBatch', () => {
+    const names = ['edgemq-user', 'edgemq-origin', 'a', '', '__proto__', 'constructor', 'ünï ✓', 'k\u0000x', '0', '1:x']
+    for (let seed = 1; seed <= 200; seed++) {
+      const rand = prng(seed)
+      const pick = <T>(xs: readonly T[]): T => xs[Math.floor(rand() * xs.length)] as T
+      const value = (): string => pick(['alice', 'bob', '', 'x:1', '1:x', 'ü✓', 'a\u0000b', 'y'.repeat(Math.floor(rand() * 300))])
+      const pool: Array<Record<string, string> | null> = [null]
+      for (let k = 0; k < 1 + Math.floor(rand() * 5); k++) {
+        const h: Record<string, string> = {}
+        for (let j = Math.floor(rand() * 4); j > 0; j--) Object.defineProperty(h, pick(names), { value: value(), enumerable: true, writable: true, configurable: true })
+        pool.push(h)
+      }
+      const count = 1 + Math.floor(rand() * 60)
+      // Shared objects (as a producer's constant headers) and equal but distinct ones.
+      const records = Array.from({ length: count }, (_, i) => {
+        const h = pick(pool)
+        return rec(i, i, h === null || rand() < 0.5 ? h : { ...h })
+      })
+      const { value: bytes } = encodeBatch(seed * 1000, records)
+      const decoded = decodeStoredBatch(bytes)
+      expect(decoded.map(plain), `seed ${seed}`).toEqual(records.map((r, i) => ({ ...r, offset: seed * 1000 + i, payload: Buffer.from(r.payload) })))
+      for (const [i, r] of decoded.entries()) {
+        expect(r.headers === null ? null : Object.keys(r.headers), `seed ${seed} record ${i} header order`).toEqual(records[i]!.headers === null ? null : Object.keys(records[i]!.headers!))
+      }
+    }
+  })
+
+  it('refuses a header set naming a string the batch does not hold, and a magic it does not know, with STORE_CORRUPT_BATCH', () => {
+    const { value } = encodeBatch(0, [rec(1, 0, { 'edgemq-user': 'alice' })])
+    const body = decodeMeta<unknown[]>(value.subarray(BATCH_HEADER_BYTES))
+    const strings = body[1] as string[]
+    expect(() => decodeStoredBatch(withBody(value, [...body.slice(0, 9), [[0, strings.length]], body[10]]))).toThrow(expect.objectContaining({ code: 'STORE_CORRUPT_BATCH' }))
+    expect(() => decodeStoredBatch(withBody(value, [...body.slice(0, 9), [], body[10]]))).toThrow(expect.objectContaining({ code: 'STORE_CORRUPT_BATCH' }))
+    const unknown = Buffer.from(value)
+    unknown[0] = 0xe3
+    expect(() => decodeStoredBatch(unknown)).toThrow(expect.objectContaining({ code: 'STORE_CORRUPT_BATCH' }))
   })
 })
