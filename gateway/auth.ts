@@ -81,7 +81,9 @@ function substitute (pattern: string, who: Identity): string | null {
   const user = who.username === null ? '' : safe(who.username)
   const client = safe(who.clientId)
   if ((pattern.includes('%u') && user === null) || (pattern.includes('%c') && client === null)) return null
-  return pattern.replaceAll('%u', user ?? '').replaceAll('%c', client ?? '')
+  // One pass with a function: a replacement string would read `$&`, `$'`, `$$` in a name as patterns (a device
+  // `a$$b` got `devices/a$b/#`), and a second pass would substitute a `%c` that a username brought in.
+  return pattern.replace(/%[uc]/g, (v) => (v === '%u' ? user ?? '' : client ?? ''))
 }
 
 /**
@@ -128,9 +130,46 @@ export function clientIdPattern (user: UserConfig): string | null {
 
 /** Whether `clientId` fits `pattern` (see {@link clientIdPattern}) for `username`. */
 export function clientIdMatches (pattern: string, username: string, clientId: string): boolean {
+  return compileClientIdPattern(pattern, username).test(clientId)
+}
+
+function compileClientIdPattern (pattern: string, username: string): RegExp {
   const escape = (s: string): string => s.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')
   const source = pattern.split('%u').map((part) => part.split('*').map(escape).join('[^/+#]+')).join(escape(username))
-  return new RegExp(`^(?:${source})$`, 'u').test(clientId)
+  return new RegExp(`^(?:${source})$`, 'u')
+}
+
+/**
+ * The client ids that bound users (a device, or any user with a clientIdPattern) own, per tenant. Binding a
+ * login to its ids protects the client only if the ids are its alone: a service or admin without a pattern, or an
+ * anonymous client, connecting with a device's id would take over the device's session (its subscriptions and
+ * queued commands), receive the commands addressed to it, and log records under its client id. Such a CONNECT is
+ * refused; a user whose own pattern covers the id may use it (overlapping patterns are the config's choice).
+ */
+export class ClientIdOwners {
+  /** `<tenant>\u0000<id>` of every id a pattern without `*` names: most device logins, looked up in one step. */
+  readonly #exact = new Set<string>()
+  readonly #patterns = new Map<string, RegExp[]>()
+
+  constructor (users: readonly UserConfig[]) {
+    for (const user of users) {
+      const pattern = clientIdPattern(user)
+      if (pattern === null) continue
+      if (!pattern.includes('*')) {
+        this.#exact.add(`${user.tenant}\u0000${pattern.split('%u').join(user.username)}`)
+        continue
+      }
+      let list = this.#patterns.get(user.tenant)
+      if (list === undefined) this.#patterns.set(user.tenant, list = [])
+      list.push(compileClientIdPattern(pattern, user.username))
+    }
+  }
+
+  /** Whether a bound user of `tenant` owns `clientId`. */
+  owned (tenant: string, clientId: string): boolean {
+    if (this.#exact.has(`${tenant}\u0000${clientId}`)) return true
+    return (this.#patterns.get(tenant) ?? []).some((re) => re.test(clientId))
+  }
 }
 
 /** True when every topic `inner` matches is also matched by `outer`. */

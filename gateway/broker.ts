@@ -29,7 +29,7 @@ import type { TLSSocket } from 'node:tls'
 import type { Logger } from 'pino'
 import { isStoreError, type AppendOptions, type LogStore } from '../store/index.ts'
 import { splitDedupeTopic } from '../bridge/index.ts'
-import { clientIdMatches, clientIdPattern, isAllowed, mayReplicate, UserDirectory, type Identity } from './auth.ts'
+import { ClientIdOwners, clientIdMatches, clientIdPattern, isAllowed, mayReplicate, UserDirectory, type Identity } from './auth.ts'
 import type { GatewayConfig, ListenerConfig, UserConfig } from './config.ts'
 import type { GuardGroup } from './connection-guard.ts'
 import { InboundQos2, type Qos2Plan, type Qos2Persistence } from './inbound-qos2.ts'
@@ -38,8 +38,8 @@ import { clientFields, isOrdinaryDisconnect } from './logger.ts'
 import type { GatewayMetrics, PublishRefusal, RefusalReason, SubscribeRefusal } from './metrics.ts'
 import { isReplayTopic, MqttReplays, type ReplayConnection, type ReplayTicket } from './mqtt-replay.ts'
 import { compileRoutes, type Route } from './routing.ts'
-import { installWills, type WillPersistence } from './wills.ts'
-import { dollarTopicSubscribed, mountTopic, scopedClientId, topicFilterProblem, topicNameProblem, unmountTopic } from './topics.ts'
+import { identityNow, installWills, type WillPersistence } from './wills.ts'
+import { dollarTopicSubscribed, MAX_CLIENT_TOPIC_LEVELS, mountTopic, scopedClientId, topicFilterProblem, topicNameProblem, unmountTopic } from './topics.ts'
 
 export interface BrokerDeps {
   readonly config: GatewayConfig
@@ -118,6 +118,7 @@ function alreadyReported (err: Error): boolean {
 export function createBroker (deps: BrokerDeps): Aedes {
   const { config, store, metrics, logger } = deps
   const users = new UserDirectory(config.users)
+  const owners = new ClientIdOwners(config.users)
   const route = compileRoutes(config.routes)
   const identities = new WeakMap<Client, Identity>()
   const connects = new WeakMap<Client, ConnectInfo>()
@@ -244,6 +245,11 @@ export function createBroker (deps: BrokerDeps): Aedes {
         mountUnsubscribes(client, who.tenant)
         done(null, true)
       }
+      // A bound user's client id is its own (auth.ts, ClientIdOwners): nobody unbound takes over its session.
+      const refuseOwnedId = (who: string): void => {
+        refuse(client, 'client-id-not-bound', `${who} may not connect as client id ${JSON.stringify(info.clientId)}: it is bound to another user (users[].clientIdPattern)`)
+        done(authError(2, 'identifier rejected'), false)
+      }
       // A device login is bound to its client id (the id names its topics, session and records): checked before
       // aedes looks the id up, so a wrong one takes over no session. [MQTT-3.1.3-9] CONNACK 2, identifier rejected.
       const acceptUser = (user: UserConfig): void => {
@@ -252,6 +258,7 @@ export function createBroker (deps: BrokerDeps): Aedes {
           refuse(client, 'client-id-not-bound', `user ${JSON.stringify(user.username)} may not connect as client id ${JSON.stringify(info.clientId)} (users[].clientIdPattern: ${pattern})`)
           return done(authError(2, 'identifier rejected'), false)
         }
+        if (pattern === null && owners.owned(user.tenant, info.clientId)) return refuseOwnedId(`user ${JSON.stringify(user.username)}`)
         accept({ tenant: user.tenant, role: user.role, username: user.username, clientId: client.id })
       }
       const certUser = certificateUser(client, listener)
@@ -270,6 +277,7 @@ export function createBroker (deps: BrokerDeps): Aedes {
           refuse(client, 'not-authorized', 'anonymous clients are not allowed on this listener')
           return done(authError(5, 'not authorized'), false)
         }
+        if (owners.owned('default', info.clientId)) return refuseOwnedId('an anonymous client')
         return accept({ tenant: 'default', role: 'anonymous', username: null, clientId: client.id })
       }
       users.authenticate(username, password).then((user) => {
@@ -423,6 +431,9 @@ export function createBroker (deps: BrokerDeps): Aedes {
     persistence,
     logger,
     identityOf: (client) => identities.get(client as Client),
+    recheck: (who) => identityNow(who, {
+      users, owners, anonymous: config.mqtt.listeners.some((l) => l.allowAnonymous === true || (config.users.length === 0 && isLoopback(l.host))),
+    }),
     fire: (will, who) => new Promise((resolve, reject) => {
       // A stand-in for the client that set the will: authorizePublish reads its identity, and appendThen retries
       // a failed append while it is open, as for a connected client.
@@ -608,7 +619,10 @@ function mountUnsubscribes (client: Client, tenant: string): void {
   const parser = (client as unknown as ClientParser)._parser
   const mount = (packet: { cmd: string, unsubscriptions?: string[] }): void => {
     if (packet.cmd === 'unsubscribe' && packet.unsubscriptions !== undefined) {
-      packet.unsubscriptions = packet.unsubscriptions.map((filter) => mountTopic(tenant, filter))
+      // A filter over MAX_CLIENT_TOPIC_LEVELS was never subscribed (SUBACK 0x80): left out, since mounted it is over
+      // aedes' limit, which closed the connection instead of sending the UNSUBACK.
+      packet.unsubscriptions = packet.unsubscriptions
+        .filter((filter) => filter.split('/').length <= MAX_CLIENT_TOPIC_LEVELS).map((filter) => mountTopic(tenant, filter))
     }
   }
   for (const packet of parser._queue ?? []) mount(packet)

@@ -6,22 +6,24 @@
  * A command the bridge receives is appended to the stream its local topic
  * routes to (normally `commands`), with headers naming its upstream, remote
  * topic and expiry; only then does the bridge PUBACK it upstream. The
- * dispatcher keeps the undelivered ones in memory and hands each, as a QoS 1
- * PUBLISH, to the one client it addresses: the client of the command's
- * tenant whose id is the command's partition key (the topic level its route
- * names, `devices/<id>/commands/...`), as soon as that client is connected
- * and holds a subscription matching it — at once, or when the device
- * (re)subscribes or reconnects with a persistent session. "Delivered" means
- * written to that device's connection as QoS 1; aedes then owns the
- * retransmission within the device's session. Other clients whose
- * subscriptions match (a service on `devices/+/commands/#`) get nothing from
- * the dispatcher: through aedes' broker.publish they took the command at once
- * (and it counted as delivered while the device was away), and aedes queued
- * it in every persistent session, the device's too, to be sent whenever that
- * session came back, TTL or not. Services read commands from the log.
+ * dispatcher keeps the undelivered ones in memory and writes each, as a QoS 1
+ * PUBLISH of its own (the QoS of the device's subscription, at most 1), to the
+ * one client it addresses: the client of the command's tenant whose id is the
+ * command's partition key (the topic level its route names,
+ * `devices/<id>/commands/...`), as soon as that client is connected and holds
+ * a subscription matching it — at once, or when the device (re)subscribes or
+ * reconnects. "Delivered" is the device's PUBACK of that packet (taken from
+ * the PUBACKs aedes hands the session store, as broker.ts takes those of
+ * $replay messages); a device that goes away before it is pending again and
+ * gets the command on its next connection, unless it expired. The dispatcher
+ * does not go through aedes' client.publish or broker.publish: those queue the
+ * command in persistent sessions (sent whenever the session came back, TTL or
+ * not), hand it to every matching subscriber (a service on
+ * `devices/+/commands/#`, which then counted as the taker) and call back
+ * before the device has it. Services read commands from the log.
  *
- * A command carries its expiry into the PUBLISH (`messageExpiry`, which
- * aedes-packet and the session persistence keep with a queued packet). The
+ * Copies that earlier versions left in a session's queue carry their expiry
+ * (`messageExpiry`, kept by aedes-packet and the session persistence). The
  * dispatcher wraps aedes' authorizeForward, which aedes asks before every
  * delivery, also of a packet read back from a persistent session's queue on
  * reconnect: a packet past its expiry is refused (aedes then clears it from
@@ -37,10 +39,12 @@
  * semantics: at least once).
  */
 import type { Aedes, Client, PublishPacket } from 'aedes'
+import mqttPacket from 'mqtt-packet'
+import type { Writable } from 'node:stream'
 import { isStoreError, type Clock, type LogStore, type StoredRecord } from '../store/index.ts'
 import { RECEIPT_UPSTREAM_HEADER, RECEIPTS_STREAM, type CommandSink, type IncomingCommand } from '../bridge/index.ts'
 import type { Router } from './routing.ts'
-import { mountTopic, scopedClientId, topicMatches } from './topics.ts'
+import { mountTopic, scopedClientId, topicMatches, topicNameProblem } from './topics.ts'
 
 export const COMMANDS_GROUP = 'edgemq.commands'
 const HEADER_REMOTE_TOPIC = 'edgemq-remote-topic'
@@ -64,8 +68,10 @@ interface Command {
   readonly upstream: string
   readonly remoteTopic: string
   readonly expiresAt: number | null
-  /** Set while the hand-over to aedes or the receipt append is under way. */
+  /** Set while the command is written and unacknowledged, or its receipt append is under way. */
   busy: boolean
+  /** The connection it was written to as QoS 1 and its packet id, until the device's PUBACK. */
+  inflight: { readonly client: Client, readonly messageId: number } | null
 }
 
 export interface CommandDispatcherDeps {
@@ -95,6 +101,10 @@ export class CommandDispatcher implements CommandSink {
   #accepting = 0
   /** aedes' authorizeForward before start() wrapped it. */
   #forward: Aedes['authorizeForward'] | null = null
+  /** The session store's outgoingClearMessageId before start() wrapped it (aedes hands it every PUBACK). */
+  #clear: OutgoingClear | null = null
+  /** Commands written as QoS 1 and not yet acknowledged, by `<aedes client id> <packet id>`. */
+  readonly #inflight = new Map<string, Command>()
 
   constructor (deps: CommandDispatcherDeps) {
     this.#deps = deps
@@ -139,6 +149,15 @@ export class CommandDispatcher implements CommandSink {
       }
       return forward.call(broker, client, packet)
     }
+    // A command is written by the dispatcher itself, so "delivered" is the device's PUBACK. aedes hands every PUBACK
+    // to the session store's outgoingClearMessageId (lib/handlers/puback.js), for clean sessions too; the ones that
+    // answer a command are taken here, as broker.ts takes those of $replay messages.
+    const persistence = (broker as unknown as { persistence: { outgoingClearMessageId: OutgoingClear } }).persistence
+    const clear = this.#clear = persistence.outgoingClearMessageId
+    persistence.outgoingClearMessageId = async (client, packet) => {
+      if (packet.cmd === 'puback' && typeof packet.messageId === 'number' && this.#acked(client, packet.messageId)) return undefined
+      return await clear.call(persistence, client, packet)
+    }
     const onReady = (client: Client): void => { this.#offerTo(client) }
     const onSubscribe = (_subs: unknown, client: Client): void => { this.#offerTo(client) }
     broker.on('clientReady', onReady)
@@ -159,6 +178,7 @@ export class CommandDispatcher implements CommandSink {
     const events = this.#deps.broker as unknown as NodeJS.EventEmitter
     for (const [name, fn] of this.#listeners) events.removeListener(name, fn)
     if (this.#forward !== null) this.#deps.broker.authorizeForward = this.#forward
+    if (this.#clear !== null) (this.#deps.broker as unknown as { persistence: { outgoingClearMessageId: OutgoingClear } }).persistence.outgoingClearMessageId = this.#clear
     await this.#commitWatermarks().catch(() => {})
   }
 
@@ -179,13 +199,21 @@ export class CommandDispatcher implements CommandSink {
     const expires = r.headers?.[HEADER_EXPIRES_AT]
     return {
       id: `${stream}/${partition}/${r.offset}`, tenant, stream, partition, offset: r.offset, key: r.key, topic: r.topic, payload: r.payload,
-      upstream, remoteTopic: r.headers?.[HEADER_REMOTE_TOPIC] ?? '', expiresAt: expires === undefined ? null : Number(expires), busy: false,
+      upstream, remoteTopic: r.headers?.[HEADER_REMOTE_TOPIC] ?? '', expiresAt: expires === undefined ? null : Number(expires), busy: false, inflight: null,
     }
   }
 
   /** Appends the command to the log (resolving once durable), then delivers it when it can. */
   async accept (command: IncomingCommand): Promise<void> {
     const { store, route, logger } = this.#deps
+    // A topic no client could publish (a remote topic deep enough to make the local one over 99 levels, which the
+    // tenant mount takes past the broker's limit) could never be delivered, and a pending command without a
+    // time-to-live holds its partition's retention for good.
+    const problem = topicNameProblem(command.localTopic)
+    if (problem !== null) {
+      logger.error({ upstream: command.upstream, topic: command.remoteTopic, reason: problem }, 'command dropped: its local topic is not one a device could receive')
+      return
+    }
     const target = route(command.localTopic)
     if (target === null) {
       // Redelivery could not help: acknowledged upstream and dropped, loudly.
@@ -205,7 +233,7 @@ export class CommandDispatcher implements CommandSink {
     const c: Command = {
       id: `${stream}/${result.partition}/${result.offset}`, tenant: command.tenant, stream, partition: result.partition, offset: result.offset,
       key: target.key, topic: command.localTopic, payload: command.payload, upstream: command.upstream, remoteTopic: command.remoteTopic,
-      expiresAt: command.expiresAt, busy: false,
+      expiresAt: command.expiresAt, busy: false, inflight: null,
     }
     if (this.#closed) return
     this.#pending.set(c.id, c)
@@ -219,8 +247,28 @@ export class CommandDispatcher implements CommandSink {
 
   #expire (): void {
     for (const c of this.#pending.values()) {
+      this.#releaseIfGone(c)
       if (!c.busy && this.#isExpired(c)) this.#settle(c, 'expired')
     }
+  }
+
+  /** A command written to a connection that closed before its PUBACK is pending again (sent again, or expires). */
+  #releaseIfGone (c: Command): void {
+    if (c.inflight === null || !c.inflight.client.closed) return
+    this.#inflight.delete(inflightKey(c.inflight.client, c.inflight.messageId))
+    c.inflight = null
+    c.busy = false
+  }
+
+  #acked (client: Client, messageId: number): boolean {
+    const key = inflightKey(client, messageId)
+    const c = this.#inflight.get(key)
+    if (c === undefined) return false
+    this.#inflight.delete(key)
+    c.inflight = null
+    c.busy = false
+    this.#settle(c, 'delivered')
+    return true
   }
 
   /** The connected client the command addresses, when it holds a subscription matching the command. */
@@ -233,9 +281,19 @@ export class CommandDispatcher implements CommandSink {
     return null
   }
 
+  /** The highest QoS of the client's subscriptions matching the command (the command is QoS 1 at most). */
+  #grantedQos (client: Client, c: Command): 0 | 1 {
+    const mounted = mountTopic(c.tenant, c.topic)
+    const subs = subscriptionsOf(client)
+    for (const filter in subs) if (topicMatches(filter, mounted) && (subs[filter]?.qos ?? 0) > 0) return 1
+    return 0
+  }
+
   #offerTo (client: Client): void {
     for (const c of this.#pending.values()) {
-      if (!c.busy && scopedClientId(c.tenant, c.key) === client.id) this.#tryDeliver(c)
+      if (scopedClientId(c.tenant, c.key) !== client.id) continue
+      this.#releaseIfGone(c)
+      if (!c.busy) this.#tryDeliver(c)
     }
   }
 
@@ -244,24 +302,27 @@ export class CommandDispatcher implements CommandSink {
     if (this.#isExpired(c)) return this.#settle(c, 'expired')
     const client = this.#addressee(c)
     if (client === null) return
-    c.busy = true
-    const packet: ExpiringPacket = {
+    // Written here rather than through aedes' client.publish: aedes would also queue it in a persistent session
+    // (sent on a later reconnect, TTL or not), and its write callback cannot tell whether the device got it.
+    // authorizeForward is asked first, as aedes asks it before each delivery (on a copy: it unmounts in place), so a
+    // command the device may not read (a read ACL deny rule narrower than its subscription) stays pending until its
+    // time-to-live instead of being written.
+    const mounted = {
       cmd: 'publish', topic: mountTopic(c.tenant, c.topic), payload: Buffer.from(c.payload.buffer, c.payload.byteOffset, c.payload.byteLength),
-      qos: 1, retain: false, dup: false,
-      ...(c.expiresAt === null ? {} : { messageExpiry: c.expiresAt }),
-    }
-    // client.publish skips mqemitter and the other sessions' queues; authorizeForward still applies the client's
-    // tenant and read ACL. Its callback carries no error (aedes' writeQoS swallows it), so a write that failed
-    // shows as the connection being gone: the command stays pending and goes again when the device is back (if
-    // aedes queued it in the session meanwhile, the device may get it twice: at least once).
-    client.publish(packet, () => {
-      c.busy = false
-      if (client.closed || !client.connected) {
-        this.#deps.logger.warn({ command: c.id }, 'command delivery failed: the device went away; it stays pending')
-        return
-      }
-      this.#settle(c, 'delivered')
+      qos: 1, retain: false, dup: false, ...(c.expiresAt === null ? {} : { messageExpiry: c.expiresAt }),
+    } as ExpiringPacket
+    if (this.#deps.broker.authorizeForward?.(client, mounted as Parameters<Aedes['authorizeForward']>[1]) == null) return
+    const qos = this.#grantedQos(client, c)
+    const messageId = qos === 1 ? nextPacketId(client) : undefined
+    const frame = mqttPacket.generate({
+      cmd: 'publish', topic: c.topic, payload: Buffer.from(c.payload.buffer, c.payload.byteOffset, c.payload.byteLength),
+      qos, retain: false, dup: false, ...(messageId === undefined ? {} : { messageId }),
     })
+    ;(client.conn as unknown as Writable).write(frame)
+    if (messageId === undefined) return this.#settle(c, 'delivered') // QoS 0: written is all a device can confirm
+    c.busy = true
+    c.inflight = { client, messageId }
+    this.#inflight.set(inflightKey(client, messageId), c)
   }
 
   #settle (c: Command, status: ReceiptStatus): void {
@@ -313,6 +374,21 @@ export class CommandDispatcher implements CommandSink {
   }
 }
 
-function subscriptionsOf (client: Client): Record<string, unknown> {
-  return (client as Client & { subscriptions?: Record<string, unknown> }).subscriptions ?? {}
+function subscriptionsOf (client: Client): Record<string, { qos?: number } | undefined> {
+  return (client as Client & { subscriptions?: Record<string, { qos?: number } | undefined> }).subscriptions ?? {}
+}
+
+/** The session store's PUBACK hook, as aedes calls it. */
+type OutgoingClear = (client: Client, packet: { cmd?: string, messageId?: number }) => Promise<unknown>
+
+function inflightKey (client: Client, messageId: number): string {
+  return `${client.id} ${messageId}`
+}
+
+/** aedes' own packet id counter (lib/qos-packet.js), as broker.ts's replays use it, so no id is given twice. */
+function nextPacketId (client: Client): number {
+  const counter = client as unknown as { _nextId: number }
+  const id = counter._nextId
+  counter._nextId = id >= 65535 ? 1 : id + 1
+  return id
 }

@@ -62,7 +62,7 @@ const userSchema = {
       type: 'string',
       minLength: 1,
       maxLength: 256,
-      description: 'Client ids this user may connect with: %u is the username, * any run of characters (at least one) without / + #. Default for device users: %u (the client id must equal the username); other roles: any client id. A CONNECT with another client id is refused with return code 2 (identifier rejected).',
+      description: 'Client ids this user may connect with: %u is the username, * any run of characters (at least one) without / + #. Default for device users: %u (the client id must equal the username); other roles: any client id not bound to another user. A CONNECT with another client id is refused with return code 2 (identifier rejected); so is an unbound user or anonymous client using an id a bound user of its tenant owns.',
     },
   },
 } as const

@@ -18,13 +18,14 @@
  * previous process died. Each is fired once while the broker starts (inside
  * persistence.setup, before any listener accepts a connection) as a publish
  * of the client that set it; for that the will is stored with the client's
- * identity (tenant, role, user, client id) at CONNECT. The sweep is given no
- * wills. A will is deleted after it fired: a kill in between fires it again
+ * identity (tenant, role, user, client id) at CONNECT, and checked against
+ * the config of this start (identityNow): a removed user's will is dropped. The
+ * sweep is given no wills. A will is deleted after it fired: a kill in between fires it again
  * at the next start (at least once).
  */
 import { Readable } from 'node:stream'
 import type { Logger } from 'pino'
-import type { Identity } from './auth.ts'
+import { clientIdMatches, clientIdPattern, type ClientIdOwners, type Identity, type UserDirectory } from './auth.ts'
 import type { SessionClient, SessionPacket } from './session-persistence.ts'
 
 /** The field of a stored will that holds its client's identity. */
@@ -43,8 +44,41 @@ export interface WillOptions {
   readonly logger: Logger
   /** The identity authenticate gave the client, stored with its will. */
   readonly identityOf: (client: SessionClient) => Identity | undefined
+  /** The identity a stored will fires with under the config of this start, or why it is dropped ({@link identityNow}). */
+  readonly recheck: (who: Identity) => Identity | string
   /** Publishes a stored will as its client would (mount, ACL, log, delivery); resolves once done or refused. */
   readonly fire: (will: SessionPacket, who: Identity) => Promise<void>
+}
+
+/** What {@link identityNow} reads of the config the gateway started with. */
+export interface CurrentLogins {
+  readonly users: UserDirectory
+  readonly owners: ClientIdOwners
+  /** Whether some listener accepts anonymous clients. */
+  readonly anonymous: boolean
+}
+
+/**
+ * A will stored by the previous process fires as a publish of its client under the config of this start: the
+ * client could not connect as it did otherwise, so neither does its will. Its user must still exist, in the same
+ * tenant (the will's topic was meant for that tenant), with its client id still bound to it; the role is the
+ * user's role now, so a demoted user's will gets no rights it lost. Anonymous wills need a listener that still
+ * accepts anonymous clients. Returns the identity to fire with, or why the will is dropped.
+ */
+export function identityNow (who: Identity, now: CurrentLogins): Identity | string {
+  if (who.username === null) {
+    if (!now.anonymous) return 'no listener accepts anonymous clients any more'
+    if (now.owners.owned(who.tenant, who.clientId)) return 'its client id is bound to a user now'
+    return who
+  }
+  const user = now.users.get(who.username)
+  if (user === undefined) return `user ${JSON.stringify(who.username)} is no longer configured`
+  if (user.tenant !== who.tenant) return `user ${JSON.stringify(who.username)} is in tenant ${JSON.stringify(user.tenant)} now`
+  const pattern = clientIdPattern(user)
+  if (pattern === null ? now.owners.owned(user.tenant, who.clientId) : !clientIdMatches(pattern, user.username, who.clientId)) {
+    return `client id ${JSON.stringify(who.clientId)} is no longer bound to user ${JSON.stringify(who.username)}`
+  }
+  return { ...who, role: user.role }
 }
 
 function isIdentity (value: unknown): value is Identity {
@@ -70,9 +104,12 @@ export function installWills (options: WillOptions): void {
     for await (const will of streamWill({}) as AsyncIterable<SessionPacket>) {
       const clientId = String(will.clientId)
       const { [IDENTITY]: who, ...packet } = will
-      if (isIdentity(who)) {
-        await options.fire(packet, who)
-        logger.info({ clientId: who.clientId, tenant: who.tenant, topic: packet.topic }, 'will of a client connected when the gateway stopped: fired')
+      const current = isIdentity(who) ? options.recheck(who) : null
+      if (typeof current === 'string') {
+        logger.warn({ clientId, topic: packet.topic, reason: current }, `will of a client connected when the gateway stopped: dropped, ${current}`)
+      } else if (current !== null) {
+        await options.fire(packet, current)
+        logger.info({ clientId: current.clientId, tenant: current.tenant, topic: packet.topic }, 'will of a client connected when the gateway stopped: fired')
       } else {
         // Stored before wills carried an identity: without one it cannot pass the tenant mount and ACL.
         logger.warn({ clientId, topic: packet.topic }, 'will of a client connected when the gateway stopped: dropped, it was stored without the client\'s identity')

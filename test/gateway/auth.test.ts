@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest'
-import { clientIdMatches, clientIdPattern, filterCovers, hashPassword, isAllowed, mayReplicate, parseHash, UserDirectory, verifyPassword, type Identity } from '../../gateway/auth.ts'
+import { ClientIdOwners, clientIdMatches, clientIdPattern, filterCovers, hashPassword, isAllowed, mayReplicate, parseHash, UserDirectory, verifyPassword, type Identity } from '../../gateway/auth.ts'
 import type { AclRule } from '../../gateway/config.ts'
 
 const device: Identity = { tenant: 'acme', role: 'device', username: 'd1', clientId: 'dev-1' }
@@ -56,6 +56,14 @@ describe('ACL', () => {
     expect(isAllowed([], sneaky, 'subscribe', 'devices/#')).toBe(false)
     expect(isAllowed([], { ...device, clientId: 'a/b' }, 'publish', 'devices/a/b/x')).toBe(false)
   })
+  it('substitutes a $ or a %c in a username or client id literally, in one pass', () => {
+    expect(isAllowed([], { ...device, clientId: 'm$$1' }, 'subscribe', 'devices/m$$1/commands/#')).toBe(true)
+    expect(isAllowed([], { ...device, clientId: 'm$$1' }, 'subscribe', 'devices/m$1/commands/#')).toBe(false)
+    expect(isAllowed([], { ...device, clientId: '$`' }, 'publish', 'devices/devices//x')).toBe(false)
+    const rules: AclRule[] = [{ role: 'device', topic: 'users/%u/#', access: 'publish', allow: true }]
+    expect(isAllowed(rules, { ...device, username: 'a%c' }, 'publish', 'users/a%c/x')).toBe(true)
+    expect(isAllowed(rules, { ...device, username: 'a%c' }, 'publish', 'users/adev-1/x')).toBe(false)
+  })
   it('decides filter coverage', () => {
     expect(filterCovers('a/#', 'a/b/+')).toBe(true)
     expect(filterCovers('a/+', 'a/#')).toBe(false)
@@ -101,5 +109,20 @@ describe('client id binding', () => {
     expect(clientIdMatches('%u-*', 'line-7', 'line-7-a/b')).toBe(false)
     expect(clientIdMatches('%u-*', 'line-7', 'line-8-a')).toBe(false)
     expect(clientIdMatches('plant-*.(x)', 'u', 'plant-3.(x)')).toBe(true)
+  })
+})
+
+describe('client ids owned by bound users', () => {
+  const owners = new ClientIdOwners([
+    { username: 'line-7', tenant: 'acme', role: 'device' },
+    { username: 'fleet', tenant: 'acme', role: 'device', clientIdPattern: 'fleet-*' },
+    { username: 'historian', tenant: 'acme', role: 'service', clientIdPattern: 'historian' },
+    { username: 'ops', tenant: 'acme', role: 'service' },
+  ])
+  it('owns each bound user\'s ids in its tenant only; an unbound service owns none', () => {
+    expect(['line-7', 'fleet-3', 'historian'].map((id) => owners.owned('acme', id))).toEqual([true, true, true])
+    expect(['ops', 'fleet-', 'line-7x', ''].map((id) => owners.owned('acme', id))).toEqual([false, false, false, false])
+    expect(owners.owned('globex', 'line-7')).toBe(false)
+    expect(owners.owned('default', 'fleet-3')).toBe(false)
   })
 })

@@ -93,4 +93,20 @@ describe('UNSUBSCRIBE', () => {
     raw.end()
     await pub.endAsync()
   })
+  it('answers an UNSUBSCRIBE of a 100-level filter (which it never granted) with an UNSUBACK, and keeps the connection', async () => {
+    const deep = Array.from({ length: 100 }, (_, i) => `l${i}`).join('/')
+    const raw = await rawConnect(gw.mqttUrl)
+    raw.sendAll([
+      { cmd: 'connect', protocolId: 'MQTT', protocolVersion: 4, clientId: 'unsub-deep', clean: true, keepalive: 30 },
+      { cmd: 'subscribe', messageId: 1, subscriptions: [{ topic: deep, qos: 1 }, { topic: 'marker/#', qos: 1 }] },
+      { cmd: 'unsubscribe', messageId: 2, unsubscriptions: [deep, 'marker/#'] },
+      { cmd: 'pingreq' },
+    ])
+    await raw.next('connack')
+    const suback = await raw.next('suback')
+    expect(suback.cmd === 'suback' && suback.granted).toEqual([128, 1])
+    expect(await raw.next('unsuback')).toMatchObject({ messageId: 2 })
+    await raw.next('pingresp')
+    raw.end()
+  })
 })

@@ -7,7 +7,7 @@
  * A will whose topic no PUBLISH could use is refused at CONNECT.
  */
 import path from 'node:path'
-import type { MqttClient } from 'mqtt'
+import mqtt, { type MqttClient } from 'mqtt'
 import { afterAll, describe, expect, it } from 'vitest'
 import { pino } from 'pino'
 import { hashPassword } from '../../gateway/auth.ts'
@@ -55,10 +55,11 @@ describe('wills across kill -9', () => {
         return c
       }
 
-      // Persistent subscribers, offline when the wills fire: their queues show what was delivered where.
+      // Persistent subscribers, offline when the wills fire: their queues show what was delivered where. (Their ids
+      // stay outside the devices' patterns a* and g*, which own the ids they match.)
       const subscribers: Array<[Username, string, string]> = [
-        ['acme-svc', 'acme-backend', '#'],
-        ['globex-svc', 'globex-backend', '#'],
+        ['acme-svc', 'backend-acme', '#'],
+        ['globex-svc', 'backend-globex', '#'],
         ['globex-dev', 'g1', 'devices/g1/commands/#'],
       ]
       for (const [user, clientId, filter] of subscribers) {
@@ -77,21 +78,25 @@ describe('wills across kill -9', () => {
 
       gw = await startGatewayProcess({ dataDir, config: await configFile(dir, restartId) })
       // A marker queued behind whatever the restart queued: once it arrives, the queue was read to the end.
-      const service = { acme: await connect('acme-svc', 'acme-marker'), globex: await connect('globex-svc', 'globex-marker') }
+      const service = { acme: await connect('acme-svc', 'marker-acme'), globex: await connect('globex-svc', 'marker-globex') }
       for (const [tenant, topic] of [['acme', 'marker/acme'], ['globex', 'marker/globex'], ['globex', 'devices/g1/commands/marker']] as const) {
         await service[tenant].publishAsync(topic, 'marker', { qos: 1 })
       }
       const received = new Map<string, Received[]>()
       for (const [user, clientId] of subscribers) {
-        const c = await connect(user, clientId, { clean: false })
+        // Collecting from before the CONNACK: the queued messages can arrive in the same read as the CONNACK, and
+        // MQTT.js hands them out before a listener added once connectOk resolved (the test lost them now and then).
+        const c = mqtt.connect(gw.mqttUrl, { clientId, username: user, password: password(user), reconnectPeriod: 0, protocolVersion: 4, clean: false })
+        clients.add(c)
         const got = collect(c)
+        await new Promise((resolve, reject) => { c.once('connect', resolve); c.once('error', reject) })
         received.set(clientId, got)
         expect(await waitFor(() => got.some((m) => m.payload === 'marker'), 10_000), `${clientId} got its marker`).toBe(true)
       }
       const payloads = (clientId: string): string[] => (received.get(clientId) ?? []).map((m) => m.payload).filter((p) => p !== 'marker')
-      expect(payloads('acme-backend')).toEqual(['a1-gone'])
-      expect(received.get('acme-backend')?.find((m) => m.payload === 'a1-gone')?.topic).toBe('devices/a1/events/offline')
-      expect(payloads('globex-backend')).toEqual(['g2-gone'])
+      expect(payloads('backend-acme')).toEqual(['a1-gone'])
+      expect(received.get('backend-acme')?.find((m) => m.payload === 'a1-gone')?.topic).toBe('devices/a1/events/offline')
+      expect(payloads('backend-globex')).toEqual(['g2-gone'])
       expect(payloads('g1')).toEqual([])
       expect(await metricValue(gw.httpUrl, 'edgemq_mqtt_publishes_refused_total', { tenant: 'acme', reason: 'acl-denied' })).toBe(1)
 
