@@ -11,6 +11,29 @@ export default tseslint.config(
       '@typescript-eslint/no-unused-vars': ['error', { argsIgnorePattern: '^_', varsIgnorePattern: '^_' }],
     },
   },
+  // Dependency direction (DESIGN.md): store/ imports nothing of ours, bridge/ only store/, and gateway/ reaches the
+  // bridge only through bridge/index.ts, so the bridge's internals can be reorganised without touching gateway/.
+  {
+    files: ['store/**/*.ts'],
+    rules: {
+      'no-restricted-imports': ['error', { patterns: [{ regex: '^\\.\\./', message: 'store/ imports nothing of ours outside store/.' }] }],
+    },
+  },
+  {
+    files: ['bridge/**/*.ts'],
+    rules: {
+      'no-restricted-imports': ['error', { patterns: [{ regex: '^\\.\\./(?!store/)', message: 'bridge/ imports nothing of ours but store/.' }] }],
+      'max-len': ['error', { code: 160 }],
+    },
+  },
+  {
+    files: ['gateway/**/*.ts', 'gateway/**/*.mjs'],
+    rules: {
+      'no-restricted-imports': ['error', {
+        patterns: [{ regex: '(^|/)bridge/(?!index\\.ts$)', message: 'gateway/ imports the bridge through bridge/index.ts only.' }],
+      }],
+    },
+  },
   {
     files: ['**/*.mjs', '**/*.js'],
     languageOptions: { globals: { process: 'readonly', console: 'readonly', URL: 'readonly' } },

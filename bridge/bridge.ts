@@ -5,7 +5,9 @@
  */
 import type { Clock, LogStore } from '../store/index.ts'
 import type { BridgeConfig } from './config-schema.ts'
-import { Uplink, type BridgeLogger, type CommandSink, type UplinkObserver, type UpstreamStatus } from './uplink.ts'
+import type { CommandSink } from './downlink.ts'
+import { Uplink } from './uplink.ts'
+import type { BridgeLogger, UplinkObserver, UpstreamStatus } from './uplink-status.ts'
 
 export interface BridgeDeps {
   readonly store: LogStore

@@ -22,8 +22,14 @@ const forwardSchema = {
   properties: {
     tenant: { type: 'string', default: 'default', description: 'Tenant whose stream is forwarded.' },
     stream: { type: 'string', description: 'Stream to forward (a key of `streams`).' },
-    filter: { type: 'string', default: '#', description: 'Only records whose MQTT topic matches this filter are forwarded; the others are skipped (and count as done).' },
-    priority: { type: 'integer', minimum: 0, maximum: 9, default: 0, description: 'Higher first: when the in-flight window is contended, records of a higher-priority stream are sent before a lower one\'s backlog.' },
+    filter: {
+      type: 'string', default: '#',
+      description: 'Only records whose MQTT topic matches this filter are forwarded; the others are skipped (and count as done).',
+    },
+    priority: {
+      type: 'integer', minimum: 0, maximum: 9, default: 0,
+      description: 'Higher first: when the in-flight window is contended, records of a higher-priority stream are sent before a lower one\'s backlog.',
+    },
   },
 } as const
 
@@ -33,9 +39,15 @@ const commandSchema = {
   required: ['remote', 'local'],
   properties: {
     remote: { type: 'string', description: 'Topic filter subscribed to on the upstream; {site}, {region} and {upstream} are filled in.' },
-    local: { type: 'string', description: 'Local topic filter of the same shape: the n-th + takes what the remote n-th + matched, a trailing # the rest. Must route to a stream.' },
+    local: {
+      type: 'string',
+      description: 'Local topic filter of the same shape: the n-th + takes what the remote n-th + matched, a trailing # the rest. Must route to a stream.',
+    },
     tenant: { type: 'string', default: 'default', description: 'Tenant the commands are delivered in.' },
-    ttlMs: { type: 'integer', minimum: 0, default: 0, description: 'Commands not delivered within this many ms expire (0: never). An MQTT 5 message expiry interval, when shorter, wins.' },
+    ttlMs: {
+      type: 'integer', minimum: 0, default: 0,
+      description: 'Commands not delivered within this many ms expire (0: never). An MQTT 5 message expiry interval, when shorter, wins.',
+    },
   },
 } as const
 
@@ -44,16 +56,21 @@ const upstreamSchema = {
   additionalProperties: false,
   required: ['name', 'url'],
   properties: {
-    name: { type: 'string', pattern: NAME, description: 'Name of the upstream: its consumer group is `bridge.<name>`, its dead-letter stream `dlq.<name>`, its metrics label `upstream`.' },
+    name: {
+      type: 'string', pattern: NAME,
+      description: 'Name of the upstream: its consumer group is `bridge.<name>`, its dead-letter stream `dlq.<name>`, its metrics label `upstream`.',
+    },
     region: { type: 'string', default: '', description: 'Region label, shown in the status and usable as {region} in templates.' },
     url: { type: 'string', description: 'Broker URL: mqtt://, mqtts://, ws:// or wss:// with host and port.' },
     kind: {
       enum: ['mqtt', 'edgemq'], default: 'mqtt',
-      description: 'What the upstream is: `mqtt`, any MQTT broker (Mosquitto, EMQX, HiveMQ, AWS IoT…), whose subscribers get the topics unchanged; `edgemq`, another edgemq gateway, which takes the dedupe id as a `$dedupe/<id>/` topic prefix and stores each record exactly once.',
+      description: 'What the upstream is: `mqtt`, any MQTT broker (Mosquitto, EMQX, HiveMQ, AWS IoT…), whose subscribers get the topics unchanged; `edgemq`, ' +
+        'another edgemq gateway, which takes the dedupe id as a `$dedupe/<id>/` topic prefix and stores each record exactly once.',
     },
     mqttVersion: {
       enum: ['auto', '5', '3.1.1'], default: 'auto',
-      description: 'Protocol version spoken to the upstream. `auto`: MQTT 5, and MQTT 3.1.1 (without dedupe ids) if the upstream refuses 5 at CONNACK; for kind `edgemq`, 3.1.1.',
+      description: 'Protocol version spoken to the upstream. `auto`: MQTT 5, and MQTT 3.1.1 (without dedupe ids) if the upstream refuses 5 at CONNACK; for ' +
+        'kind `edgemq`, 3.1.1.',
     },
     clientId: { type: 'string', description: 'Client id at the upstream. Defaults to `edgemq-<gatewayId>-<name>`.' },
     username: { type: 'string', description: 'Username at the upstream.' },
@@ -80,12 +97,20 @@ const upstreamSchema = {
     },
     dedupeId: {
       enum: ['user-property', 'topic-prefix', 'none'],
-      description: 'How each message carries its dedupe id `<gatewayId>/<tenant>/<stream>/<partition>/<offset>`: an MQTT 5 user property `edgemq-dedupe-id`, a topic prefix `$dedupe/<id>/` that an upstream edgemq strips (kind `edgemq` only), or not at all. Defaults to user-property over MQTT 5, topic-prefix for kind `edgemq`, none over MQTT 3.1.1 to any other broker.',
+      description: 'How each message carries its dedupe id `<gatewayId>/<tenant>/<stream>/<partition>/<offset>`: an MQTT 5 user property `edgemq-dedupe-id`, ' +
+        'a topic prefix `$dedupe/<id>/` that an upstream edgemq strips (kind `edgemq` only), or not at all. Defaults to user-property over MQTT 5, ' +
+        'topic-prefix for kind `edgemq`, none over MQTT 3.1.1 to any other broker.',
     },
-    maxInflight: { type: 'integer', minimum: 1, maximum: 65535, default: 100, description: 'QoS 1 messages sent and not yet PUBACKed (capped by an MQTT 5 upstream\'s receive maximum).' },
+    maxInflight: {
+      type: 'integer', minimum: 1, maximum: 65535, default: 100,
+      description: 'QoS 1 messages sent and not yet PUBACKed (capped by an MQTT 5 upstream\'s receive maximum).',
+    },
     maxMessagesPerSecond: { type: 'number', minimum: 0, default: 0, description: 'Send at most this many messages per second (0: unlimited).' },
     maxBytesPerSecond: { type: 'number', minimum: 0, default: 0, description: 'Send at most this many payload bytes per second (0: unlimited).' },
-    maxDeliveryAttempts: { type: 'integer', minimum: 1, default: 5, description: 'A message the upstream refuses this many times goes to the dead-letter stream `dlq.<name>`.' },
+    maxDeliveryAttempts: {
+      type: 'integer', minimum: 1, default: 5,
+      description: 'A message the upstream refuses this many times goes to the dead-letter stream `dlq.<name>`.',
+    },
     reconnectMinMs: { type: 'integer', minimum: 10, default: 500, description: 'First reconnect delay; doubles per failed attempt, with full jitter.' },
     reconnectMaxMs: { type: 'integer', minimum: 10, default: 30_000, description: 'Largest reconnect delay.' },
     connectTimeoutMs: { type: 'integer', minimum: 100, default: 10_000, description: 'Give up a connection attempt after this long.' },
@@ -105,7 +130,10 @@ export const bridgeConfigSchema = {
   description: 'Replication of the log to upstream clusters, and commands brought down from them.',
   properties: {
     upstreams: { type: 'array', items: upstreamSchema, default: [], description: 'Upstream clusters (regions), each replicated independently.' },
-    commitIntervalMs: { type: 'integer', minimum: 10, default: 200, description: 'How often each upstream commits its acknowledged offsets (a restart resends at most this much, marked by dedupe ids).' },
+    commitIntervalMs: {
+      type: 'integer', minimum: 10, default: 200,
+      description: 'How often each upstream commits its acknowledged offsets (a restart resends at most this much, marked by dedupe ids).',
+    },
   },
 } as const
 
@@ -179,7 +207,9 @@ export function bridgeConfigProblem (bridge: BridgeConfig, context: BridgeConfig
     if (url.hostname === '') return `"${at}.url" has no host: ${JSON.stringify(u.url)}`
     if (u.kind === 'edgemq' && u.mqttVersion === '5') return `"${at}.mqttVersion" "5": an edgemq upstream speaks MQTT 3.1.1 (leave mqttVersion at "auto")`
     if (u.dedupeId === 'user-property' && !protocolVersions(u).includes(5)) return `"${at}.dedupeId" user-property needs mqttVersion "5"`
-    if (u.dedupeId === 'topic-prefix' && u.kind !== 'edgemq') return `"${at}.dedupeId" topic-prefix is only for kind "edgemq": a plain MQTT broker would hand its subscribers the prefixed topics`
+    if (u.dedupeId === 'topic-prefix' && u.kind !== 'edgemq') {
+      return `"${at}.dedupeId" topic-prefix is only for kind "edgemq": a plain MQTT broker would hand its subscribers the prefixed topics`
+    }
     if (u.reconnectMaxMs < u.reconnectMinMs) return `"${at}.reconnectMaxMs" is below reconnectMinMs`
     if ((u.tls.cert === undefined) !== (u.tls.key === undefined)) return `"${at}.tls" needs both cert and key, or neither`
     for (const [k, f] of u.forward.entries()) {

@@ -5,7 +5,7 @@
  * since the last line; each (re)connect with how long the upstream was down
  * and how many attempts failed. Time comes in with each event.
  */
-import type { BridgeLogger } from './uplink.ts'
+import type { BridgeLogger } from './uplink-status.ts'
 
 export interface ConnectionFields {
   readonly url: string
@@ -54,7 +54,8 @@ export class ConnectionLog {
   }
 
   connected (fields: ConnectionFields, now: number): void {
-    const base = { upstream: this.#upstream, ...fields, failedAttempts: this.#failures, downSeconds: this.#downSince === null ? 0 : (now - this.#downSince) / 1000 }
+    const downSeconds = this.#downSince === null ? 0 : (now - this.#downSince) / 1000
+    const base = { upstream: this.#upstream, ...fields, failedAttempts: this.#failures, downSeconds }
     this.#logger.info(base, this.#everConnected ? 'upstream reconnected' : 'upstream connected')
     this.#everConnected = true
     this.#downSince = null

@@ -5,7 +5,8 @@
  * them); counters are bumped by the uplinks as they work.
  */
 import { Counter, Gauge, type Registry } from 'prom-client'
-import type { UplinkObserver, UpstreamStatus } from './uplink.ts'
+import type { Clock } from '../store/index.ts'
+import type { UplinkObserver, UpstreamStatus } from './uplink-status.ts'
 
 export interface BridgeMetrics {
   /** Feeds the counters; pass it to the bridge. */
@@ -15,10 +16,11 @@ export interface BridgeMetrics {
   readonly droppedBeforeForward: Counter<'upstream'>
 }
 
-export function createBridgeMetrics (registry: Registry, upstreams: readonly string[], status: () => Promise<UpstreamStatus[]>): BridgeMetrics {
+/** `status` is read at most once per 250 ms of `clock`, however many gauges a scrape collects. */
+export function createBridgeMetrics (registry: Registry, upstreams: readonly string[], status: () => Promise<UpstreamStatus[]>, clock: Clock): BridgeMetrics {
   let memo: { at: number, value: Promise<UpstreamStatus[]> } | null = null
   const current = (): Promise<UpstreamStatus[]> => {
-    const now = Date.now()
+    const now = clock.now()
     if (memo === null || now - memo.at > 250) memo = { at: now, value: status() }
     return memo.value
   }
@@ -32,19 +34,47 @@ export function createBridgeMetrics (registry: Registry, upstreams: readonly str
   }
   gauge('edgemq_bridge_connected', '1 while the upstream\'s MQTT connection is up.', (s) => s.connected ? 1 : 0)
   gauge('edgemq_bridge_backlog_messages', 'Records of the forwarded streams the upstream has not acknowledged yet.', (s) => s.backlog.messages)
-  gauge('edgemq_bridge_backlog_bytes', 'Estimated bytes of the backlog (backlog records × the partition\'s average stored record size).', (s) => s.backlog.bytes)
+  gauge('edgemq_bridge_backlog_bytes', 'Estimated bytes of the backlog (backlog records × the partition\'s average stored record size).',
+    (s) => s.backlog.bytes)
   gauge('edgemq_bridge_backlog_seconds', 'Age of the oldest record the upstream has not acknowledged, in seconds (0 when caught up).', (s) => s.backlog.seconds)
   gauge('edgemq_bridge_inflight_messages', 'Messages sent to the upstream and not yet acknowledged.', (s) => s.inflight)
 
-  const forwarded = new Counter({ name: 'edgemq_bridge_forwarded_messages_total', help: 'Records acknowledged by the upstream.', labelNames: ['upstream', 'tenant', 'stream'], registers: [registry] })
-  const forwardedBytes = new Counter({ name: 'edgemq_bridge_forwarded_bytes_total', help: 'Payload bytes acknowledged by the upstream.', labelNames: ['upstream', 'tenant', 'stream'], registers: [registry] })
-  const reconnects = new Counter({ name: 'edgemq_bridge_reconnects_total', help: 'Connection attempts after the first.', labelNames: ['upstream'], registers: [registry] })
-  const connectFailures = new Counter({ name: 'edgemq_bridge_connect_failures_total', help: 'Connection attempts to the upstream that failed (no CONNACK, or a refusing one).', labelNames: ['upstream'], registers: [registry] })
-  const deadLettered = new Counter({ name: 'edgemq_bridge_dead_lettered_total', help: 'Records the upstream refused maxDeliveryAttempts times, moved to the dead-letter stream.', labelNames: ['upstream', 'tenant', 'stream'], registers: [registry] })
-  const droppedBeforeForward = new Counter({ name: 'edgemq_bridge_dropped_records_total', help: 'Records the disk budget deleted before the upstream acknowledged them.', labelNames: ['upstream'], registers: [registry] })
-  const commandsReceived = new Counter({ name: 'edgemq_bridge_commands_received_total', help: 'Commands received from the upstream and stored.', labelNames: ['upstream'], registers: [registry] })
-  const commandsDelivered = new Counter({ name: 'edgemq_bridge_commands_delivered_total', help: 'Commands a device acknowledged.', labelNames: ['upstream'], registers: [registry] })
-  const commandsExpired = new Counter({ name: 'edgemq_bridge_commands_expired_total', help: 'Commands whose time-to-live ran out before delivery.', labelNames: ['upstream'], registers: [registry] })
+  const forwarded = new Counter({
+    name: 'edgemq_bridge_forwarded_messages_total', labelNames: ['upstream', 'tenant', 'stream'], registers: [registry],
+    help: 'Records acknowledged by the upstream.',
+  })
+  const forwardedBytes = new Counter({
+    name: 'edgemq_bridge_forwarded_bytes_total', labelNames: ['upstream', 'tenant', 'stream'], registers: [registry],
+    help: 'Payload bytes acknowledged by the upstream.',
+  })
+  const reconnects = new Counter({
+    name: 'edgemq_bridge_reconnects_total', labelNames: ['upstream'], registers: [registry],
+    help: 'Connection attempts after the first.',
+  })
+  const connectFailures = new Counter({
+    name: 'edgemq_bridge_connect_failures_total', labelNames: ['upstream'], registers: [registry],
+    help: 'Connection attempts to the upstream that failed (no CONNACK, or a refusing one).',
+  })
+  const deadLettered = new Counter({
+    name: 'edgemq_bridge_dead_lettered_total', labelNames: ['upstream', 'tenant', 'stream'], registers: [registry],
+    help: 'Records the upstream refused maxDeliveryAttempts times, moved to the dead-letter stream.',
+  })
+  const droppedBeforeForward = new Counter({
+    name: 'edgemq_bridge_dropped_records_total', labelNames: ['upstream'], registers: [registry],
+    help: 'Records the disk budget deleted before the upstream acknowledged them.',
+  })
+  const commandsReceived = new Counter({
+    name: 'edgemq_bridge_commands_received_total', labelNames: ['upstream'], registers: [registry],
+    help: 'Commands received from the upstream and stored.',
+  })
+  const commandsDelivered = new Counter({
+    name: 'edgemq_bridge_commands_delivered_total', labelNames: ['upstream'], registers: [registry],
+    help: 'Commands a device acknowledged.',
+  })
+  const commandsExpired = new Counter({
+    name: 'edgemq_bridge_commands_expired_total', labelNames: ['upstream'], registers: [registry],
+    help: 'Commands whose time-to-live ran out before delivery.',
+  })
   for (const upstream of upstreams) {
     for (const c of [reconnects, connectFailures, droppedBeforeForward, commandsReceived, commandsDelivered, commandsExpired]) c.inc({ upstream }, 0)
   }

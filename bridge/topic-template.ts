@@ -16,6 +16,7 @@
  * `devices/+/commands/#` turns `cmd/gw1/dev-42/reboot` into
  * `devices/dev-42/commands/reboot`.
  */
+import { BridgeError, isBridgeError } from './errors.ts'
 
 export const RECORD_VARIABLES = ['site', 'region', 'upstream', 'tenant', 'stream', 'partition', 'key', 'topic'] as const
 export const CONNECTION_VARIABLES = ['site', 'region', 'upstream'] as const
@@ -36,36 +37,41 @@ export function templateProblem (source: string, allowed: readonly string[]): st
     parseParts(source, allowed)
     return null
   } catch (err) {
-    return (err as Error).message
+    if (!isBridgeError(err, 'BRIDGE_TOPIC_TEMPLATE')) throw err
+    return err.message
   }
 }
 
+const templateError = (message: string): BridgeError => new BridgeError('BRIDGE_TOPIC_TEMPLATE', message)
+const mappingError = (message: string): BridgeError => new BridgeError('BRIDGE_COMMAND_MAPPING', message)
+
+/** Throws BRIDGE_TOPIC_TEMPLATE naming the problem. */
 function parseParts (source: string, allowed: readonly string[]): Part[] {
   const parts: Part[] = []
   let i = 0
   while (i < source.length) {
     const open = source.indexOf('{', i)
     const close = source.indexOf('}', i)
-    if (close !== -1 && (open === -1 || close < open)) throw new Error(`unmatched "}" at position ${close}`)
+    if (close !== -1 && (open === -1 || close < open)) throw templateError(`unmatched "}" at position ${close}`)
     if (open === -1) { parts.push(source.slice(i)); break }
     if (open > i) parts.push(source.slice(i, open))
     const end = source.indexOf('}', open)
-    if (end === -1) throw new Error(`unclosed "{" at position ${open}`)
+    if (end === -1) throw templateError(`unclosed "{" at position ${open}`)
     const variable = source.slice(open + 1, end)
-    if (!allowed.includes(variable)) throw new Error(`unknown variable {${variable}} (known: ${allowed.map((v) => `{${v}}`).join(', ')})`)
+    if (!allowed.includes(variable)) throw templateError(`unknown variable {${variable}} (known: ${allowed.map((v) => `{${v}}`).join(', ')})`)
     parts.push({ variable })
     i = end + 1
   }
   return parts
 }
 
-/** Parses a topic template; throws an Error naming the problem. */
+/** Parses a topic template; throws BRIDGE_TOPIC_TEMPLATE naming the problem. */
 export function parseTemplate<V extends string> (source: string, allowed: readonly V[]): Template<V> {
-  if (source.length === 0) throw new Error('empty template')
+  if (source.length === 0) throw templateError('empty template')
   const parts = parseParts(source, allowed)
   const literal = parts.filter((p): p is string => typeof p === 'string').join('')
-  if (literal.includes('+') || literal.includes('#')) throw new Error('a topic template cannot contain the wildcards + or #')
-  if (literal.includes('\u0000')) throw new Error('a topic template cannot contain U+0000')
+  if (literal.includes('+') || literal.includes('#')) throw templateError('a topic template cannot contain the wildcards + or #')
+  if (literal.includes('\u0000')) throw templateError('a topic template cannot contain U+0000')
   const variables = new Set(parts.filter((p): p is { variable: V } => typeof p !== 'string').map((p) => p.variable))
   return {
     source,
@@ -120,17 +126,21 @@ export interface CommandMapping {
   toLocal (remoteTopic: string): string | null
 }
 
-/** Builds a mapping; throws an Error naming the problem. */
+/**
+ * Builds a mapping; throws BRIDGE_COMMAND_MAPPING naming the problem (BRIDGE_TOPIC_TEMPLATE when the remote filter's
+ * variables do not parse).
+ */
 export function parseCommandMapping (remote: string, local: string, values: Readonly<Record<ConnectionVariable, string>>): CommandMapping {
   const remoteFilter = parseTemplateLoose(remote).render(values)
   const remoteBad = filterProblem(remoteFilter)
-  if (remoteBad !== null) throw new Error(`remote filter ${JSON.stringify(remote)}: ${remoteBad}`)
+  if (remoteBad !== null) throw mappingError(`remote filter ${JSON.stringify(remote)}: ${remoteBad}`)
   const localBad = filterProblem(local)
-  if (localBad !== null) throw new Error(`local filter ${JSON.stringify(local)}: ${localBad}`)
+  if (localBad !== null) throw mappingError(`local filter ${JSON.stringify(local)}: ${localBad}`)
   const r = shape(remoteFilter)
   const l = shape(local)
   if (r.plus !== l.plus || r.hash !== l.hash) {
-    throw new Error(`local filter ${JSON.stringify(local)} must have the same wildcards as the remote filter ${JSON.stringify(remote)} (${r.plus} "+"${r.hash ? ' and a trailing "#"' : ''})`)
+    const wildcards = `${r.plus} "+"${r.hash ? ' and a trailing "#"' : ''}`
+    throw mappingError(`local filter ${JSON.stringify(local)} must have the same wildcards as the remote filter ${JSON.stringify(remote)} (${wildcards})`)
   }
   const localLevels = local.split('/')
   return {

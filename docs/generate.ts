@@ -175,7 +175,7 @@ function registeredMetrics (): Array<{ name: string, type: string, help: string,
     gatewayId: '',
   }
   createMetrics(registry, sources)
-  createBridgeMetrics(registry, [], unused)
+  createBridgeMetrics(registry, [], unused, { now: unused })
   return registry.getMetricsAsArray()
     .filter((m) => m.name.startsWith('edgemq_'))
     .map((m) => {

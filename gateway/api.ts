@@ -19,7 +19,7 @@ import { parseTime, QueryParams } from './api-params.ts'
 import { ApiAuthenticator, AUTH_CHALLENGES, type Principal } from './api-auth.ts'
 import { serveBatches } from './api-batches.ts'
 import { AppendWaiters, clientGone, parseRecordsRequest, serveRecords, type PartitionTarget } from './api-records.ts'
-import type { UpstreamStatus } from '../bridge/uplink.ts'
+import type { UpstreamStatus } from '../bridge/index.ts'
 import type { ApiTokenConfig, UserConfig } from './config.ts'
 import { bridgeGroupDoc, bridgeGroups, groupDoc, groupDocs, groupStreamDoc, partitionDoc, streamDoc, streamDocs, tenantGroups } from './log-documents.ts'
 

@@ -2,7 +2,7 @@
  * `edgemq bridge status`: the running gateway's upstreams (GET /v1/bridge),
  * one line per upstream and, with --partitions, one per forwarded partition.
  */
-import type { UpstreamStatus } from '../bridge/uplink.ts'
+import type { UpstreamStatus } from '../bridge/index.ts'
 import { table } from './cli-admin.ts'
 import type { ApiClient } from './cli-http.ts'
 

@@ -42,7 +42,7 @@ import type { Aedes, Client, PublishPacket } from 'aedes'
 import mqttPacket from 'mqtt-packet'
 import type { Writable } from 'node:stream'
 import { isStoreError, type Clock, type LogStore, type StoredRecord } from '../store/index.ts'
-import { RECEIPT_UPSTREAM_HEADER, RECEIPTS_STREAM, type CommandSink, type IncomingCommand } from '../bridge/uplink.ts'
+import { RECEIPT_UPSTREAM_HEADER, RECEIPTS_STREAM, type CommandSink, type IncomingCommand } from '../bridge/index.ts'
 import type { Router } from './routing.ts'
 import { mountTopic, scopedClientId, topicMatches, topicNameProblem } from './topics.ts'
 

@@ -9,7 +9,7 @@
  */
 import os from 'node:os'
 import { Ajv, type ErrorObject } from 'ajv'
-import { bridgeConfigProblem, bridgeConfigSchema, type BridgeConfig } from '../bridge/config-schema.ts'
+import { bridgeConfigProblem, bridgeConfigSchema, type BridgeConfig } from '../bridge/index.ts'
 import { storeConfigSchema, streamConfigSchema, type StoreConfig, type StreamConfig } from '../store/config-schema.ts'
 import { GatewayError } from './errors.ts'
 import { LOG_LEVELS, type LogLevel } from './logger.ts'

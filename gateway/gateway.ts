@@ -20,9 +20,7 @@ import { zeroBridgeSeries, zeroGatewaySeries } from './metrics-zero.ts'
 import { LevelSessionPersistence } from './session-persistence.ts'
 import { checkStartupSettings } from './startup-checks.ts'
 import { readFileSync } from 'node:fs'
-import { Bridge } from '../bridge/bridge.ts'
-import { createBridgeMetrics, type BridgeMetrics } from '../bridge/metrics.ts'
-import { RECEIPTS_STREAM } from '../bridge/uplink.ts'
+import { Bridge, createBridgeMetrics, RECEIPTS_STREAM, type BridgeMetrics } from '../bridge/index.ts'
 import { CommandDispatcher } from './commands.ts'
 import { compileRoutes } from './routing.ts'
 import { filtersOverlap } from './topics.ts'
@@ -194,7 +192,7 @@ export async function startGateway (config: GatewayConfig, deps: GatewayDeps): P
       })
     // The metrics read the bridge's status, and the bridge reports to the metrics' counters.
     const bridgeHolder: { bridge?: Bridge } = {}
-    const bridgeMetrics = createBridgeMetrics(registry, config.bridge.upstreams.map((u) => u.name), async () => await bridgeHolder.bridge?.status() ?? [])
+    const bridgeMetrics = createBridgeMetrics(registry, config.bridge.upstreams.map((u) => u.name), async () => await bridgeHolder.bridge?.status() ?? [], systemClock)
     bridgeMetricsRef = bridgeMetrics
     zeroBridgeSeries(registry, config.bridge)
     const runningBridge = bridgeHolder.bridge = new Bridge(config.bridge, {

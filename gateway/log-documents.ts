@@ -9,7 +9,7 @@
  * belong to no tenant; each tenant sees those that committed on its streams,
  * marked `owner: "bridge"` and `readOnly: true`.
  */
-import { BRIDGE_GROUP_PREFIX } from '../bridge/config-schema.ts'
+import { BRIDGE_GROUP_PREFIX } from '../bridge/index.ts'
 import type { LogStore, PartitionLag, StreamInfo } from '../store/index.ts'
 
 export interface PartitionDoc {

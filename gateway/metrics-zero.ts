@@ -8,7 +8,7 @@
  * compile time: a reason added there and not here fails `tsc`.
  */
 import { Counter, type Registry } from 'prom-client'
-import type { BridgeConfig } from '../bridge/config-schema.ts'
+import type { BridgeConfig } from '../bridge/index.ts'
 import type { GatewayMetrics, PublishRefusal, RefusalReason, ReplayOutcome, SubscribeRefusal } from './metrics.ts'
 
 /** Every member of the union U, or a compile error naming the missing ones. */

@@ -11,7 +11,7 @@
 
 import { createRequire } from 'node:module'
 // The bridge validates the filters of its config with the same rule; it owns it, since it may not import the gateway.
-import { filterProblem } from '../bridge/topic-template.ts'
+import { filterProblem } from '../bridge/index.ts'
 
 /**
  * The longest topic, in levels, that aedes accepts (its maxTopicLevels ceiling, which is also the default max_words

@@ -3,8 +3,13 @@
  * (through the gateway's buildConfig, as `edgemq start` reads it).
  */
 import { describe, expect, it } from 'vitest'
+import fs from 'node:fs'
+import os from 'node:os'
+import path from 'node:path'
+import { Bridge } from '../../bridge/bridge.ts'
 import { dedupeCarrier, protocolVersions, type UpstreamConfig } from '../../bridge/config-schema.ts'
 import { buildConfig } from '../../gateway/config.ts'
+import { openLogStore, systemClock } from '../../store/index.ts'
 
 function withUpstream (upstream: Record<string, unknown>, extra: Record<string, unknown> = {}): unknown {
   return { gatewayId: 'gw1', bridge: { upstreams: [{ name: 'cloud', url: 'mqtt://127.0.0.1:1883', ...upstream }] }, ...extra }
@@ -64,5 +69,18 @@ describe('bridge config', () => {
 
   it('refuses a missing url, naming it', () => {
     expect(() => buildConfig({ bridge: { upstreams: [{ name: 'cloud' }] } })).toThrow('missing key "bridge.upstreams.0.url"')
+  })
+
+  it('refuses to build an upstream with command mappings but nowhere to deliver commands (BRIDGE_NO_COMMAND_SINK)', async () => {
+    const config = buildConfig(withUpstream({ commands: [{ remote: 'cmd/{site}/+/#', local: 'devices/+/commands/#' }] }))
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'edgemq-bridge-config-'))
+    const store = await openLogStore({ location: dir })
+    try {
+      const logger = { info: () => {}, warn: () => {}, error: () => {} }
+      expect(() => new Bridge(config.bridge, { store, gatewayId: 'gw1', clock: systemClock, logger })).toThrow(expect.objectContaining({ code: 'BRIDGE_NO_COMMAND_SINK' }))
+    } finally {
+      await store.close()
+      fs.rmSync(dir, { recursive: true, force: true })
+    }
   })
 })

@@ -1,4 +1,5 @@
 import { describe, expect, it } from 'vitest'
+import type { BridgeErrorCode } from '../../bridge/errors.ts'
 import { captureTopic, parseCommandMapping, parseTemplate, RECORD_VARIABLES, splitDedupeTopic, templateProblem } from '../../bridge/topic-template.ts'
 
 const values = { site: 'gw1', region: 'eu', upstream: 'cloud', tenant: 'default', stream: 'telemetry', partition: '3', key: 'dev-42', topic: 'devices/dev-42/telemetry/t' }
@@ -18,8 +19,9 @@ describe('remote topic templates', () => {
     ['sites/+/{topic}', 'cannot contain the wildcards'],
     ['sites/#', 'cannot contain the wildcards'],
     ['', 'empty template'],
-  ])('refuses %j: %s', (source, problem) => {
-    expect(() => parseTemplate(source, RECORD_VARIABLES)).toThrow(problem)
+  ])('refuses %j: %s', (source) => {
+    // The message reaches the user as a config error; test/bridge/config.test.ts checks it there.
+    expect(() => parseTemplate(source, RECORD_VARIABLES)).toThrow(expect.objectContaining({ code: 'BRIDGE_TOPIC_TEMPLATE' }))
   })
 
   it('reports problems without throwing', () => {
@@ -49,14 +51,15 @@ describe('command mappings', () => {
     expect(parseCommandMapping('c/{region}/+', 'devices/+/commands/set', conn).toLocal('c/eu/d1')).toBe('devices/d1/commands/set')
   })
 
-  it.each([
-    ['cmd/+/#', 'devices/+/commands', 'must have the same wildcards'],
-    ['cmd/#', 'devices/+/commands/#', 'must have the same wildcards'],
-    ['cmd/#/x', 'devices/#', 'remote filter "cmd/#/x": # must be the whole last level'],
-    ['cmd/+', 'dev+/x', 'local filter "dev+/x": + must be a whole level'],
-    ['cmd/{nope}/+', 'devices/+', 'unknown variable {nope}'],
-  ])('refuses remote %j with local %j', (remote, local, problem) => {
-    expect(() => parseCommandMapping(remote, local, conn)).toThrow(problem)
+  it.each<[string, string, BridgeErrorCode, string]>([
+    ['cmd/+/#', 'devices/+/commands', 'BRIDGE_COMMAND_MAPPING', 'must have the same wildcards'],
+    ['cmd/#', 'devices/+/commands/#', 'BRIDGE_COMMAND_MAPPING', 'must have the same wildcards'],
+    ['cmd/#/x', 'devices/#', 'BRIDGE_COMMAND_MAPPING', 'remote filter "cmd/#/x": # must be the whole last level'],
+    ['cmd/+', 'dev+/x', 'BRIDGE_COMMAND_MAPPING', 'local filter "dev+/x": + must be a whole level'],
+    ['cmd/{nope}/+', 'devices/+', 'BRIDGE_TOPIC_TEMPLATE', 'unknown variable {nope}'],
+  ])('refuses remote %j with local %j (%s: %s)', (remote, local, code) => {
+    // The message reaches the user as a config error; test/bridge/config.test.ts checks it there.
+    expect(() => parseCommandMapping(remote, local, conn)).toThrow(expect.objectContaining({ code }))
   })
 })
 
