@@ -11,8 +11,8 @@ import mqtt from 'mqtt'
 import { afterAll, describe, expect, it } from 'vitest'
 import { hashPassword } from '../../gateway/auth.ts'
 import { startGatewayProcess, tempDir, writeConfig } from '../helpers/gateway-process.ts'
-import { freePort, waitFor } from '../helpers/bridge-fixtures.ts'
-import { mosquittoPolicy, startMosquitto } from '../helpers/mosquitto-process.ts'
+import { startCommandCloud, waitFor } from '../helpers/bridge-fixtures.ts'
+import { mosquittoPolicy } from '../helpers/mosquitto-process.ts'
 
 const policy = mosquittoPolicy()
 const bin = policy.bin
@@ -22,8 +22,6 @@ it.runIf(policy.missingInCi)('has mosquitto under CI', () => {
   expect.fail('mosquitto is missing: .ci/run installs it; the commands tests cannot run')
 })
 
-interface Receipt { status: string, topic: string }
-
 describe.skipIf(bin === null)('bridge: commands a device may not take', () => {
   const cleanups: Array<() => Promise<void>> = []
   afterAll(async () => { for (const c of cleanups.reverse()) await c().catch(() => {}) })
@@ -31,14 +29,7 @@ describe.skipIf(bin === null)('bridge: commands a device may not take', () => {
   it('does not receipt as delivered a command the ACL keeps from its device, and drops one too deep to deliver', async () => {
     const { dir, cleanup } = await tempDir('edgemq-commands-refused-')
     cleanups.push(cleanup)
-    const up = await startMosquitto(bin as string, dir, await freePort())
-    cleanups.push(() => up.kill())
-    const cloud = await mqtt.connectAsync(up.url, { protocolVersion: 5, reconnectPeriod: 0 })
-    cleanups.push(() => cloud.endAsync())
-    const receipts: Receipt[] = []
-    cloud.on('message', (_topic, payload) => { receipts.push(JSON.parse(payload.toString()) as Receipt) })
-    await cloud.subscribeAsync('sites/edge-1/receipts/#', { qos: 1 })
-    const receiptFor = (topic: string): Promise<string> => waitFor(`a receipt for ${topic}`, () => receipts.find((r) => r.topic === topic)?.status)
+    const { upstream: up, cloud, receiptFor } = await startCommandCloud(bin as string, dir, cleanups)
 
     const hash = await hashPassword(PASSWORD, { N: 1024, r: 8, p: 1 })
     const config = await writeConfig(dir, {

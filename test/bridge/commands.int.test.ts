@@ -10,8 +10,8 @@
 import mqtt, { type MqttClient } from 'mqtt'
 import { afterAll, describe, expect, it } from 'vitest'
 import { startGatewayProcess, tempDir, writeConfig, type GatewayProcess } from '../helpers/gateway-process.ts'
-import { bridgeStatus, freePort, waitFor } from '../helpers/bridge-fixtures.ts'
-import { mosquittoPolicy, startMosquitto } from '../helpers/mosquitto-process.ts'
+import { bridgeStatus, startCommandCloud, waitFor } from '../helpers/bridge-fixtures.ts'
+import { mosquittoPolicy } from '../helpers/mosquitto-process.ts'
 
 const policy = mosquittoPolicy()
 const bin = policy.bin
@@ -19,8 +19,6 @@ const bin = policy.bin
 it.runIf(policy.missingInCi)('has mosquitto under CI', () => {
   expect.fail('mosquitto is missing: .ci/run installs it; the commands tests cannot run')
 })
-
-interface Receipt { status: string, topic: string, command: string, upstream: string }
 
 async function startEdge (dir: string, upstreamUrl: string): Promise<GatewayProcess> {
   const config = await writeConfig(dir, {
@@ -54,13 +52,7 @@ describe.skipIf(bin === null)('bridge: commands to devices', () => {
   it('stores commands, delivers them to devices that connect later (across a SIGKILL), and lets expired ones lapse', async () => {
     const { dir, cleanup } = await tempDir('edgemq-commands-')
     cleanups.push(cleanup)
-    const up = await startMosquitto(bin as string, dir, await freePort())
-    cleanups.push(() => up.kill())
-    const cloud = await mqtt.connectAsync(up.url, { protocolVersion: 5, reconnectPeriod: 0 })
-    cleanups.push(() => cloud.endAsync())
-    const receipts: Receipt[] = []
-    cloud.on('message', (_topic, payload) => { receipts.push(JSON.parse(payload.toString()) as Receipt) })
-    await cloud.subscribeAsync('sites/edge-1/receipts/#', { qos: 1 })
+    const { upstream: up, cloud, receipts } = await startCommandCloud(bin as string, dir, cleanups)
 
     let edge = await startEdge(dir, up.url)
     cleanups.push(() => edge.kill())
@@ -109,14 +101,7 @@ describe.skipIf(bin === null)('bridge: commands to devices', () => {
   it('counts a command delivered only when its device takes it, and sends no expired command from a session queue', async () => {
     const { dir, cleanup } = await tempDir('edgemq-commands-addressed-')
     cleanups.push(cleanup)
-    const up = await startMosquitto(bin as string, dir, await freePort())
-    cleanups.push(() => up.kill())
-    const cloud = await mqtt.connectAsync(up.url, { protocolVersion: 5, reconnectPeriod: 0 })
-    cleanups.push(() => cloud.endAsync())
-    const receipts: Receipt[] = []
-    cloud.on('message', (_topic, payload) => { receipts.push(JSON.parse(payload.toString()) as Receipt) })
-    await cloud.subscribeAsync('sites/edge-1/receipts/#', { qos: 1 })
-    const receiptFor = (topic: string): Promise<string> => waitFor(`a receipt for ${topic}`, () => receipts.find((r) => r.topic === topic)?.status)
+    const { upstream: up, cloud, receiptFor } = await startCommandCloud(bin as string, dir, cleanups)
     const command = async (device: string, name: string, expirySeconds?: number): Promise<void> => {
       await cloud.publishAsync(`cmd/edge-1/${device}/${name}`, name, { qos: 1, ...(expirySeconds === undefined ? {} : { properties: { messageExpiryInterval: expirySeconds } }) })
     }

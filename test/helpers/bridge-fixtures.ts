@@ -4,8 +4,10 @@
  * a running gateway, and a device that publishes QoS 1 and records its acks.
  */
 import mqtt from 'mqtt'
+import { freePort } from '../../bench/lib/brokers.ts'
+import { startMosquitto, type MosquittoProcess } from './mosquitto-process.ts'
 
-export { freePort } from '../../bench/lib/brokers.ts'
+export { freePort }
 
 /** Polls `check` until it returns a value other than undefined, or fails after `timeoutMs` with `what`. */
 export async function waitFor<T> (what: string, check: () => Promise<T | undefined> | T | undefined, timeoutMs = 30_000, everyMs = 100): Promise<T> {
@@ -80,4 +82,35 @@ export async function publishAcked (mqttUrl: string, devices: readonly string[],
     client.end(true)
   }))
   return acked
+}
+
+/** A delivery or expiry receipt as the bridge publishes it upstream (gateway/commands.ts). */
+export interface CommandReceipt { status: string, topic: string, command: string, upstream: string }
+
+export interface CommandCloud {
+  /** The upstream Mosquitto. */
+  readonly upstream: MosquittoProcess
+  /** The cloud's MQTT 5 client, subscribed to the site's receipts. */
+  readonly cloud: mqtt.MqttClient
+  readonly receipts: CommandReceipt[]
+  /** The status of the first receipt for a local command topic, once it arrives. */
+  receiptFor (topic: string): Promise<string>
+}
+
+/**
+ * A Mosquitto upstream in `dir` and a cloud client collecting `site`'s command receipts; everything started is
+ * pushed onto `cleanups`.
+ */
+export async function startCommandCloud (bin: string, dir: string, cleanups: Array<() => Promise<void>>, site = 'edge-1'): Promise<CommandCloud> {
+  const up = await startMosquitto(bin, dir, await freePort())
+  cleanups.push(() => up.kill())
+  const cloud = await mqtt.connectAsync(up.url, { protocolVersion: 5, reconnectPeriod: 0 })
+  cleanups.push(() => cloud.endAsync())
+  const receipts: CommandReceipt[] = []
+  cloud.on('message', (_topic, payload) => { receipts.push(JSON.parse(payload.toString()) as CommandReceipt) })
+  await cloud.subscribeAsync(`sites/${site}/receipts/#`, { qos: 1 })
+  return {
+    upstream: up, cloud, receipts,
+    receiptFor: (topic) => waitFor(`a receipt for ${topic}`, () => receipts.find((r) => r.topic === topic)?.status),
+  }
 }
