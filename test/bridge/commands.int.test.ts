@@ -64,6 +64,8 @@ describe.skipIf(bin === null)('bridge: commands to devices', () => {
     await cloud.publishAsync('cmd/edge-1/dev-on/led', 'on', { qos: 1 })
     await waitFor('the online device to get its command', () => online.got.length > 0 ? true : undefined)
     expect(online.got).toEqual([{ topic: 'devices/dev-on/commands/led', payload: 'on' }])
+    // Delivered is the device's PUBACK: its receipt comes once the gateway has that.
+    expect(await waitFor('the online device\'s receipt', () => receipts.find((r) => r.topic === 'devices/dev-on/commands/led')?.status)).toBe('delivered')
 
     // Offline devices: one command without expiry, one that expires in 1 s.
     await cloud.publishAsync('cmd/edge-1/dev-1/reboot', 'reboot-now', { qos: 1 })
