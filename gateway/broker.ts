@@ -573,8 +573,7 @@ export function createBroker (deps: BrokerDeps): Aedes {
       done(null, result.duplicate === true)
     }, (err: unknown) => {
       if (isStoreError(err, 'STORE_WRITE_FAILED') || isStoreError(err, 'STORE_CLOSED')) {
-        metrics.storeErrors.inc({ kind: 'write' })
-        deps.onStoreHealth(false, err)
+        deps.onStoreHealth(false, err) // the failed write itself was counted by the store observer (gateway.ts)
         if (packet.qos === 0 || client.closed || isStoreError(err, 'STORE_CLOSED')) {
           refusePublish(client, who, 'store-failed', (err as Error).message)
           return done(packet.qos === 0 ? null : err as Error)

@@ -114,7 +114,8 @@ export async function startGateway (config: GatewayConfig, deps: GatewayDeps): P
           setHealth(true)
           if (metricsRef !== undefined) releaseBackpressure(guards, store, config.mqtt.maxPendingAppends, metricsRef)
         },
-        onWriteError: (err) => { setHealth(false, err) },
+        // Counted when the write fails: its appends wait for the reopen, and reject only if their batch did not land.
+        onWriteError: (err) => { metricsRef?.storeErrors.inc({ kind: 'write' }); setHealth(false, err) },
         onDropped: (d) => {
           metricsRef?.droppedRecords.inc({ ...splitStream(d.stream), partition: String(d.partition), group: d.group }, d.count)
           const upstream = bridgeGroups.get(d.group)
