@@ -7,7 +7,7 @@
  * the stored one is reported (and then stored), since upstreams see a new
  * gateway from then on.
  */
-import { mkdirSync, readFileSync, renameSync, writeFileSync } from 'node:fs'
+import { closeSync, fsyncSync, mkdirSync, openSync, readFileSync, renameSync, writeSync } from 'node:fs'
 import { randomBytes } from 'node:crypto'
 import path from 'node:path'
 import { GatewayError } from './errors.ts'
@@ -34,11 +34,20 @@ export function readStoredGatewayId (dataDir: string): string | undefined {
   return id === '' ? undefined : id
 }
 
-/** Written through a temporary file and a rename, so a crash never leaves an empty id behind. */
+/**
+ * Written through a temporary file, fsync'd, and a rename, so neither a crash nor a power loss leaves an empty id
+ * behind (the id is part of every dedupe id: a new one would make upstreams take resent records as new).
+ */
 export function storeGatewayId (dataDir: string, id: string): void {
   mkdirSync(dataDir, { recursive: true })
   const file = path.join(dataDir, GATEWAY_ID_FILE)
-  writeFileSync(`${file}.tmp`, `${id}\n`)
+  const fd = openSync(`${file}.tmp`, 'w')
+  try {
+    writeSync(fd, `${id}\n`)
+    fsyncSync(fd)
+  } finally {
+    closeSync(fd)
+  }
   renameSync(`${file}.tmp`, file)
 }
 
