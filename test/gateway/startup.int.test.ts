@@ -132,9 +132,11 @@ describe('start-up log on a terminal', () => {
   const hasScript = spawnSync('script', ['--version']).status === 0
   it.runIf(hasScript || process.env.CI === 'true')('is readable lines (pino-pretty), not JSON, and Ctrl-C stops the gateway gracefully', async () => {
     const dir = await scratch()
-    // util-linux's script gives the gateway a pseudo-terminal as stdin, stdout and stderr.
-    const child = spawn('script', ['-qfec', `${process.execPath} ${BIN} start --data-dir ${path.join(dir, 'data')} --mqtt-port 0 --http-port 0`, '/dev/null'],
-      { cwd: ROOT, stdio: ['pipe', 'pipe', 'inherit'] })
+    // util-linux's script gives the gateway a pseudo-terminal as stdin, stdout and stderr. It runs the command through
+    // $SHELL -c; `exec` makes the gateway the terminal's only foreground process whatever that shell is (dash would
+    // otherwise stay in between and die of the Ctrl-C itself).
+    const child = spawn('script', ['-qfec', `exec ${process.execPath} ${BIN} start --data-dir ${path.join(dir, 'data')} --mqtt-port 0 --http-port 0`, '/dev/null'],
+      { cwd: ROOT, stdio: ['pipe', 'pipe', 'inherit'], env: { ...process.env, SHELL: '/bin/sh' } })
     let output = ''
     const exited = new Promise<number | null>((resolve) => child.once('exit', resolve))
     const timer = setTimeout(() => child.kill('SIGKILL'), 30_000)
