@@ -17,7 +17,7 @@ interface Terminal { readonly output: () => string, type (text: string): void, w
 
 /** Runs `edgemq passwd` with its stdin, stdout and stderr on a pseudo-terminal. */
 function onTerminal (): Terminal {
-  const child = spawn('script', ['-qfec', `${process.execPath} ${BIN} passwd`, '/dev/null'], { cwd: ROOT, stdio: ['pipe', 'pipe', 'inherit'] })
+  const child = spawn('script', ['-qfec', `exec ${process.execPath} ${BIN} passwd`, '/dev/null'], { cwd: ROOT, stdio: ['pipe', 'pipe', 'inherit'], env: { ...process.env, SHELL: '/bin/sh' } })
   let output = ''
   const waiting: Array<{ text: string, resolve: () => void }> = []
   child.stdout.on('data', (d: Buffer) => {
