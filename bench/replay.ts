@@ -26,7 +26,7 @@
  *                          (lib/plain-replay-server.ts) iterating the raw db
  *                          and writing each record with JSON.stringify.
  * - replay.http.batches    the same consumer fetching `format=batches` and
- *                          decoding every record (gateway/cli-batches.ts, as
+ *                          decoding every record (gateway/cli/batches.ts, as
  *                          `edgemq replay` does). Baseline: the plain server
  *                          streaming the raw db's values untouched, the
  *                          client cbor-decoding them.
@@ -46,8 +46,8 @@ import http from 'node:http'
 import os from 'node:os'
 import path from 'node:path'
 import { fileURLToPath } from 'node:url'
-import { READ_CHUNK_RECORDS } from '../gateway/api-records.ts'
-import { cborSequence, readBatchStream } from '../gateway/cli-batches.ts'
+import { READ_CHUNK_RECORDS } from '../gateway/http/records.ts'
+import { cborSequence, readBatchStream } from '../gateway/cli/batches.ts'
 import type { LogStore } from '../store/index.ts'
 import { processCpuSeconds, startEdgemq, startListeningChild, type RunningBroker } from './lib/brokers.ts'
 import { formatProfileSummary, summarizeCpuProfile } from './lib/cpu-profile.ts'

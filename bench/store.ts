@@ -347,7 +347,7 @@ async function openFigure (): Promise<void> {
   await dirs.remove(storeDir)
 }
 
-/** The gateway's audit header (gateway/broker.ts USER_HEADER); the bench may not import gateway/. */
+/** The gateway's audit header (gateway/mqtt/broker.ts USER_HEADER); the bench may not import gateway/. */
 const USER_HEADER = 'edgemq-user'
 const HEADER_CODEC_BATCHES = QUICK ? 200 : 1000
 

@@ -3,7 +3,7 @@
  * cannot drift from it:
  *
  * - docs/configuration.md from the config schema (`describeConfig()`, which
- *   walks the schema gateway/config.ts composes from the per-folder slices);
+ *   walks the schema gateway/config/config.ts composes from the per-folder slices);
  * - docs/errors.md from the error-code registries of each folder's errors.ts;
  * - docs/metrics.md from the metrics the gateway and the bridge register on a
  *   fresh prom-client registry;
@@ -20,13 +20,13 @@ import type { Command } from 'commander'
 import { Counter, Gauge, Histogram, Registry, Summary } from 'prom-client'
 import { BRIDGE_ERROR_CODES } from '../bridge/errors.ts'
 import { createBridgeMetrics } from '../bridge/metrics.ts'
-import { HTTP_ERROR_CODES } from '../gateway/api-errors.ts'
-import { buildProgram } from '../gateway/cli.ts'
-import { CLI_ERROR_CODES } from '../gateway/cli-errors.ts'
-import { describeConfig } from '../gateway/config.ts'
+import { HTTP_ERROR_CODES } from '../gateway/http/errors.ts'
+import { buildProgram } from '../gateway/cli/main.ts'
+import { CLI_ERROR_CODES } from '../gateway/cli/errors.ts'
+import { describeConfig } from '../gateway/config/config.ts'
 import { GATEWAY_ERROR_CODES, GATEWAY_WARNING_CODES } from '../gateway/errors.ts'
-import { createMetrics, type MetricsSources } from '../gateway/metrics.ts'
-import { SESSION_ERROR_CODES } from '../gateway/session-persistence.ts'
+import { createMetrics, type MetricsSources } from '../gateway/metrics/metrics.ts'
+import { SESSION_ERROR_CODES } from '../gateway/mqtt/session-persistence.ts'
 import { STORE_ERROR_CODES } from '../store/errors.ts'
 
 export const REGENERATE = 'npm run docs'
@@ -63,7 +63,7 @@ export function renderConfigurationDoc (): string {
   return [
     '# Configuration reference',
     '',
-    banner('the config schema (gateway/config.ts and the slices it composes)'),
+    banner('the config schema (gateway/config/config.ts and the slices it composes)'),
     '',
     'One YAML or JSON file (`edgemq start --config FILE`), validated against one',
     'schema when the gateway starts: an unknown key or a bad value stops start-up',
@@ -122,17 +122,17 @@ export function renderErrorsDoc (): string {
       rows: codeRows(GATEWAY_WARNING_CODES),
     },
     {
-      title: 'Sessions', source: 'gateway/session-persistence.ts', intro: 'Codes `GW_SESSION_…` of the MQTT session persistence on the same LevelDB.',
+      title: 'Sessions', source: 'gateway/mqtt/session-persistence.ts', intro: 'Codes `GW_SESSION_…` of the MQTT session persistence on the same LevelDB.',
       rows: codeRows(SESSION_ERROR_CODES),
     },
     {
-      title: 'HTTP API', source: 'gateway/api-errors.ts',
+      title: 'HTTP API', source: 'gateway/http/errors.ts',
       intro: 'Codes `HTTP_…`. Every error response is `{"error":{"code":"HTTP_…","message":"…", …details}}` with this status.',
       rows: Object.entries(HTTP_ERROR_CODES).map(([code, e]) => ({ code, status: e.status, description: e.description })),
       withStatus: true,
     },
     {
-      title: 'Command line', source: 'gateway/cli-errors.ts',
+      title: 'Command line', source: 'gateway/cli/errors.ts',
       intro: 'Codes `CLI_…`. The client commands print `edgemq: <code>: <message>` on stderr and exit 1; the same problem has the same code over HTTP (`--url`) and with `--data-dir`.',
       rows: codeRows(CLI_ERROR_CODES),
     },
@@ -197,7 +197,7 @@ export function renderMetricsDoc (): string {
   return [
     '# Metrics',
     '',
-    banner('the metrics gateway/metrics.ts and bridge/metrics.ts register'),
+    banner('the metrics gateway/metrics/metrics.ts and bridge/metrics.ts register'),
     '',
     '`GET /metrics` on the HTTP port (default `127.0.0.1:9464`) answers in',
     'Prometheus text format. Besides the `edgemq_` metrics below it carries',
@@ -210,7 +210,7 @@ export function renderMetricsDoc (): string {
     'Counters and gauges whose label values the config names (listeners,',
     'tenants, streams, each upstream\'s forwarded streams, and every refusal',
     'reason and replay outcome) are there at 0 from the first scrape',
-    '([`gateway/metrics-zero.ts`](../gateway/metrics-zero.ts)): a panel shows 0',
+    '([`gateway/metrics/zero.ts`](../gateway/metrics/zero.ts)): a panel shows 0',
     'rather than "No data", and `increase()` sees the first event.',
     '',
     ...families.map((f) => `- [${f.title}](#${anchor(f.title)})`),
@@ -227,7 +227,7 @@ export function renderMetricsDoc (): string {
   ].join('\n').replace(/\n+$/, '\n')
 }
 
-const CLI_BEGIN = '<!-- BEGIN generated from gateway/cli.ts by docs/generate.ts: run `npm run docs` -->'
+const CLI_BEGIN = '<!-- BEGIN generated from gateway/cli/main.ts by docs/generate.ts: run `npm run docs` -->'
 const CLI_END = '<!-- END generated -->'
 
 /** Every command's --help, at a fixed width and without colour (commander otherwise adapts both to the terminal it runs in). */

@@ -16,7 +16,7 @@
 import { once } from 'node:events'
 import http from 'node:http'
 import type { AddressInfo } from 'node:net'
-import { byteStringHead } from '../../gateway/api-batches.ts'
+import { byteStringHead } from '../../gateway/http/batches.ts'
 import { cbor, forEachRawValues, openRaw } from './log-fixture.ts'
 
 const location = process.argv[2]

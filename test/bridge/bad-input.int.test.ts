@@ -9,7 +9,7 @@
 import { mkdir } from 'node:fs/promises'
 import mqtt from 'mqtt'
 import { afterAll, describe, expect, it } from 'vitest'
-import { hashPassword } from '../../gateway/auth.ts'
+import { hashPassword } from '../../gateway/access/auth.ts'
 import { runCliWithin } from '../helpers/cli-run.ts'
 import { startGatewayProcess, tempDir, writeConfig } from '../helpers/gateway-process.ts'
 import { drained, freePort, publishAcked, waitFor } from '../helpers/bridge-fixtures.ts'

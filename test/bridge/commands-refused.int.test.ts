@@ -9,7 +9,7 @@
  */
 import mqtt from 'mqtt'
 import { afterAll, describe, expect, it } from 'vitest'
-import { hashPassword } from '../../gateway/auth.ts'
+import { hashPassword } from '../../gateway/access/auth.ts'
 import { startGatewayProcess, tempDir, writeConfig } from '../helpers/gateway-process.ts'
 import { startCommandCloud, waitFor } from '../helpers/bridge-fixtures.ts'
 import { mosquittoPolicy } from '../helpers/mosquitto-process.ts'

@@ -8,7 +8,7 @@ import os from 'node:os'
 import path from 'node:path'
 import { Bridge } from '../../bridge/bridge.ts'
 import { dedupeCarrier, protocolVersions, type UpstreamConfig } from '../../bridge/config-schema.ts'
-import { buildConfig } from '../../gateway/config.ts'
+import { buildConfig } from '../../gateway/config/config.ts'
 import { openLogStore, systemClock } from '../../store/index.ts'
 
 function withUpstream (upstream: Record<string, unknown>, extra: Record<string, unknown> = {}): unknown {

@@ -2,7 +2,7 @@
  * The dashboards of a gateway that has seen no traffic yet, with a bridge
  * upstream configured, against a real Prometheus: every panel query returns
  * data (0, not "No data"), since the series the config names start at 0
- * (gateway/metrics-zero.ts). prometheus.int.test.ts covers a busy gateway.
+ * (gateway/metrics/zero.ts). prometheus.int.test.ts covers a busy gateway.
  *
  * Under CI=true a missing prometheus fails this test; elsewhere it is skipped.
  */

@@ -13,7 +13,7 @@ import { startGatewayProcess, tempDir, type GatewayProcess } from '../helpers/ga
 import {
   connectPacket, logLines, publishPacket, RawConnection, readWholeLog, scrape, sleep, str, subscribePacket, total, u16,
   unsubscribePacket, varint, waitUntil, type ConnectFields, type LogLine, type Sample,
-} from './raw-mqtt.ts'
+} from '../helpers/raw-mqtt.ts'
 
 const REFUSED_CONN = 'edgemq_mqtt_connections_refused_total'
 const REFUSED_PUB = 'edgemq_mqtt_publishes_refused_total'

@@ -10,7 +10,7 @@
 import mqtt, { type IClientOptions, type MqttClient } from 'mqtt'
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest'
 import { startGatewayProcess, tempDir, writeConfig, type GatewayProcess } from '../helpers/gateway-process.ts'
-import { connectPacket, logLines, RawConnection, readWholeLog, scrape, sleep, total, waitUntil } from './raw-mqtt.ts'
+import { connectPacket, logLines, RawConnection, readWholeLog, scrape, sleep, total, waitUntil } from '../helpers/raw-mqtt.ts'
 
 const REFUSED_CONN = 'edgemq_mqtt_connections_refused_total'
 const REFUSED_PUB = 'edgemq_mqtt_publishes_refused_total'

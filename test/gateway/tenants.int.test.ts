@@ -13,7 +13,7 @@
 import path from 'node:path'
 import type { IClientOptions, MqttClient } from 'mqtt'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { hashPassword } from '../../gateway/auth.ts'
+import { hashPassword } from '../../gateway/access/auth.ts'
 import { startGatewayProcess, tempDir, writeConfig, type GatewayProcess } from '../helpers/gateway-process.ts'
 import { readWholeLog } from '../helpers/log-reader.ts'
 import { collect, connectOk, endAll, metricValue, roundTrip, sleep, subscribeGranted, tryConnect, waitFor, type Received } from '../helpers/mqtt-probe.ts'

@@ -84,7 +84,7 @@ export async function publishAcked (mqttUrl: string, devices: readonly string[],
   return acked
 }
 
-/** A delivery or expiry receipt as the bridge publishes it upstream (gateway/commands.ts). */
+/** A delivery or expiry receipt as the bridge publishes it upstream (gateway/mqtt/commands.ts). */
 export interface CommandReceipt { status: string, topic: string, command: string, upstream: string }
 
 export interface CommandCloud {

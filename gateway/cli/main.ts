@@ -1,0 +1,410 @@
+/**
+ * The `edgemq` command line. Each subcommand is a thin adapter: it parses
+ * flags with commander and calls into the gateway, the store or the HTTP API.
+ */
+import { readFileSync } from 'node:fs'
+import { Command, CommanderError, InvalidArgumentError, Option } from 'commander'
+import { parse as parseYaml } from 'yaml'
+import { generateApiToken, hashPassword } from '../access/auth.ts'
+import { bridgeStatus, bridgeTable } from './bridge.ts'
+import { CHECK_EXIT_DAMAGED, checkDataDir, checkText } from './check.ts'
+import { deleteGroup, groupsTable, listGroups, listStreams, resetGroup, streamsTable, type AdminSource } from './admin.ts'
+import { CliError } from './errors.ts'
+import { readNewPassword } from './password.ts'
+import { ApiClient } from './http-client.ts'
+import { openDataDir } from './offline.ts'
+import { findNpmLauncher, watchLauncher } from './npm-launcher.ts'
+import { httpSource, offlineSource, parsePosition, replay, tail, type OutputFormat, type PayloadEncoding, type ReadSpec } from './replay.ts'
+import { buildConfig, configSchema, type GatewayConfig } from '../config/config.ts'
+import { chooseGatewayId, storeGatewayId, type GatewayIdChoice } from '../config/gateway-id.ts'
+import { createLogger, LOG_LEVELS, type LogLevel } from '../logger.ts'
+import { GatewayError } from '../errors.ts'
+
+const pkg = JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version: string }
+
+function port (value: string): number {
+  const n = Number(value)
+  if (!Number.isInteger(n) || n < 0 || n > 65535) throw new InvalidArgumentError('expected a port number from 0 to 65535')
+  return n
+}
+
+function nonNegative (value: string): number {
+  const n = /^[0-9]{1,15}$/.test(value) ? Number(value) : NaN
+  if (!Number.isSafeInteger(n)) throw new InvalidArgumentError('expected a non-negative integer')
+  return n
+}
+
+function collect (value: string, previous: string[] = []): string[] {
+  return [...previous, value]
+}
+
+interface StartFlags { config?: string, dataDir?: string, mqttPort?: number, httpPort?: number, logLevel?: LogLevel }
+
+/**
+ * The config file (or the embedded default) with the command-line flags applied, validated; without a
+ * configured gatewayId, the one kept in the data directory (or a new one): gateway-id.ts says why.
+ */
+export function resolveStartConfig (flags: StartFlags): { config: GatewayConfig, gatewayId: GatewayIdChoice | undefined } {
+  let raw: Record<string, unknown> = {}
+  const source = flags.config ?? 'embedded default config'
+  if (flags.config !== undefined) {
+    let text: string
+    try {
+      text = readFileSync(flags.config, 'utf8')
+    } catch (cause) {
+      throw new GatewayError('GW_CONFIG_INVALID', `cannot read config file ${flags.config}: ${(cause as Error).message}`, { cause })
+    }
+    let parsed: unknown
+    try {
+      parsed = parseYaml(text, { uniqueKeys: true })
+    } catch (cause) {
+      throw new GatewayError('GW_CONFIG_INVALID', `${flags.config}: not valid YAML/JSON: ${(cause as Error).message}`, { cause })
+    }
+    if (parsed !== null && typeof parsed === 'object' && !Array.isArray(parsed)) raw = parsed as Record<string, unknown>
+    else if (parsed !== null && parsed !== undefined) throw new GatewayError('GW_CONFIG_INVALID', `${flags.config}: the config must be a mapping of keys to values`)
+  }
+  if (flags.dataDir !== undefined) raw.dataDir = flags.dataDir
+  if (flags.httpPort !== undefined) raw.http = { ...(raw.http as object | undefined), port: flags.httpPort }
+  if (flags.mqttPort !== undefined) {
+    const mqtt = { ...(raw.mqtt as Record<string, unknown> | undefined) }
+    const listeners = Array.isArray(mqtt.listeners) ? [...(mqtt.listeners as Array<Record<string, unknown>>)] : [{ type: 'tcp' }]
+    const i = listeners.findIndex((l) => l.type === 'tcp')
+    if (i === -1) throw new GatewayError('GW_CONFIG_INVALID', '--mqtt-port needs a tcp listener in mqtt.listeners')
+    listeners[i] = { ...listeners[i], port: flags.mqttPort }
+    raw.mqtt = { ...mqtt, listeners }
+  }
+  if (flags.logLevel !== undefined) raw.log = { ...(raw.log as object | undefined), level: flags.logLevel }
+  // A malformed dataDir or gatewayId is left to buildConfig to report.
+  const dataDir = raw.dataDir ?? configSchema.properties.dataDir.default
+  if (typeof dataDir !== 'string' || (raw.gatewayId !== undefined && typeof raw.gatewayId !== 'string')) return { config: buildConfig(raw, source), gatewayId: undefined }
+  const gatewayId = chooseGatewayId(dataDir, raw.gatewayId as string | undefined)
+  return { config: buildConfig({ ...raw, gatewayId: gatewayId.id }, source), gatewayId }
+}
+
+async function start (flags: StartFlags): Promise<number> {
+  const { config, gatewayId } = resolveStartConfig(flags)
+  const logger = createLogger(config.log.level, { pretty: process.stderr.isTTY })
+  if (gatewayId?.changed === true) {
+    logger.warn({ code: 'GW_WARN_GATEWAY_ID_CHANGED', gatewayId: gatewayId.id, previous: gatewayId.stored },
+      `gatewayId is ${gatewayId.id}, the data directory was ${gatewayId.stored ?? ''}'s: upstreams see a new gateway (new dedupe ids and client ids)`)
+  }
+  // Loaded here, so that the client commands do not pay for loading the broker.
+  const { startGateway } = await import('../gateway.ts')
+  const gateway = await startGateway(config, { logger })
+  // Kept once the gateway runs: a start refused for its config leaves the data directory untouched.
+  if (gatewayId !== undefined && gatewayId.stored !== gatewayId.id) {
+    try {
+      storeGatewayId(config.dataDir, gatewayId.id)
+    } catch (err) {
+      logger.error({ gatewayId: gatewayId.id, err: (err as Error).message }, 'cannot keep the gateway id in the data directory: the next start without gatewayId will pick another')
+    }
+  }
+  const mqtt = gateway.listeners.map((l) => `${l.config.name} ${l.config.type === 'ws' || l.config.type === 'wss' ? `${l.config.type}://${l.host}:${l.port}${l.config.path}` : `${l.config.type === 'tls' ? 'mqtts' : 'mqtt'}://${l.host}:${l.port}`}`)
+  const http = `http://${gateway.http.host}:${gateway.http.port}`
+  // The signal handlers are in place before the ready line: a supervisor may send SIGTERM as soon as it reads it.
+  const stopped = new Promise<number>((resolve) => {
+    const stop = (signal: string): void => {
+      logger.info({ signal }, 'shutting down')
+      const timer = setTimeout(() => {
+        logger.error({ timeoutMs: config.shutdownTimeoutMs }, 'shutdown took too long; exiting')
+        resolve(1)
+      }, config.shutdownTimeoutMs)
+      timer.unref()
+      gateway.close().then(() => { clearTimeout(timer); resolve(0) }, (err: unknown) => {
+        logger.error({ err: String(err) }, 'shutdown failed')
+        resolve(1)
+      })
+    }
+    process.once('SIGTERM', () => stop('SIGTERM'))
+    process.once('SIGINT', () => stop('SIGINT'))
+    // Under `npx edgemq start`, the pid a user signals is npm's (gateway/cli/npm-launcher.ts says why we follow it).
+    const launcher = findNpmLauncher(process.env.npm_execpath !== undefined, process.ppid)
+    if (launcher !== undefined) {
+      watchLauncher(launcher, (how) => {
+        if (how === 'stopped') return stop('npm exited')
+        logger.error({ npmPid: launcher.pid }, 'npm was killed (SIGKILL): killing the gateway the same way')
+        process.kill(process.pid, 'SIGKILL')
+      })
+    }
+  })
+  logger.info({ version: pkg.version, gatewayId: config.gatewayId, mqtt, http, dataDir: config.dataDir }, 'gateway started')
+  console.log(`edgemq ${pkg.version} ready: mqtt ${mqtt.join(', ')}; http ${http}; data ${config.dataDir}; gateway ${config.gatewayId}`)
+  return await stopped
+}
+
+// ---------------------------------------------------------------- client commands
+
+const DEFAULT_URL = 'http://127.0.0.1:9464'
+
+interface SourceFlags { url?: string, user?: string, password?: string, token?: string, dataDir?: string, tenant?: string }
+
+interface ReadFlags extends SourceFlags {
+  stream: string
+  partition?: number
+  from?: string
+  to?: string
+  device?: string[]
+  topic?: string[]
+  where?: string
+  format: OutputFormat
+  payload: PayloadEncoding
+  out?: string
+  maxRecords?: number
+  progress: boolean
+}
+
+/** The client commands are a composition root too: the only place they read the environment. */
+function apiClient (flags: SourceFlags): ApiClient {
+  if (flags.tenant !== undefined) throw new CliError('CLI_BAD_ARGUMENT', '--tenant goes with --data-dir; over HTTP the tenant is the user\'s or the token\'s')
+  const url = flags.url ?? process.env.EDGEMQ_URL ?? DEFAULT_URL
+  // Flags win over the environment; within either, a token and a user exclude each other (ApiClient says so).
+  if (flags.token !== undefined || flags.user !== undefined || flags.password !== undefined) {
+    return new ApiClient({ url, token: flags.token, user: flags.user ?? (flags.token === undefined ? nonEmpty(process.env.EDGEMQ_USER) : undefined), password: flags.password })
+  }
+  const token = nonEmpty(process.env.EDGEMQ_TOKEN)
+  const user = nonEmpty(process.env.EDGEMQ_USER)
+  if (token !== undefined && user !== undefined) {
+    throw new CliError('CLI_BAD_ARGUMENT', 'EDGEMQ_TOKEN and EDGEMQ_USER are both set: unset one, or choose with --token or --user')
+  }
+  return new ApiClient({ url, token, user, password: nonEmpty(process.env.EDGEMQ_PASSWORD) })
+}
+
+function nonEmpty (value: string | undefined): string | undefined {
+  return value === undefined || value === '' ? undefined : value
+}
+
+/** Runs `fn` on the data directory (`--data-dir`) or the gateway over HTTP (`--url`, the default). */
+async function withAdminSource<T> (flags: SourceFlags, fn: (source: AdminSource) => Promise<T>): Promise<T> {
+  if (flags.dataDir === undefined) return await fn({ kind: 'http', api: apiClient(flags) })
+  if (flags.url !== undefined || flags.user !== undefined || flags.password !== undefined || flags.token !== undefined) {
+    throw new CliError('CLI_BAD_ARGUMENT', '--data-dir reads a stopped gateway\'s files; --url, --user, --password and --token are for a running one: give one or the other')
+  }
+  const log = await openDataDir(flags.dataDir, flags.tenant ?? 'default')
+  try {
+    return await fn({ kind: 'offline', log })
+  } finally {
+    await log.close()
+  }
+}
+
+function readSpec (flags: ReadFlags, now: number): ReadSpec {
+  return {
+    stream: flags.stream,
+    partition: flags.partition,
+    from: flags.from === undefined ? undefined : parsePosition(flags.from, '--from', now),
+    to: flags.to === undefined ? undefined : parsePosition(flags.to, '--to', now),
+    filters: { keys: flags.device ?? [], topics: flags.topic ?? [], where: flags.where },
+    maxRecords: flags.maxRecords,
+  }
+}
+
+/** Writes to stdout and waits until it reached the OS: `edgemq` ends with process.exit, which drops what a pipe has not taken yet. */
+function print (text: string): Promise<void> {
+  return new Promise((resolve) => process.stdout.write(text, () => resolve()))
+}
+
+/** Aborts on SIGINT / SIGTERM while `fn` runs, so that an interrupted run ends its output cleanly. */
+async function interruptible<T> (fn: (signal: AbortSignal) => Promise<T>): Promise<T> {
+  const controller = new AbortController()
+  const abort = (): void => controller.abort()
+  process.once('SIGINT', abort)
+  process.once('SIGTERM', abort)
+  try {
+    return await fn(controller.signal)
+  } finally {
+    process.off('SIGINT', abort)
+    process.off('SIGTERM', abort)
+  }
+}
+
+function addSourceOptions (command: Command, offline: boolean): Command {
+  command
+    .option('--url <url>', `the gateway's HTTP address (default ${DEFAULT_URL}, or EDGEMQ_URL)`)
+    .option('--user <name>', 'a service or admin user (default EDGEMQ_USER)')
+    .option('--password <password>', 'its password (default EDGEMQ_PASSWORD)')
+    .option('--token <token>', 'a bearer token printed by `edgemq token`, instead of --user and --password (default EDGEMQ_TOKEN)')
+  if (offline) {
+    command
+      .option('--data-dir <dir>', 'read a stopped gateway\'s data directory instead of asking a running one')
+      .option('--tenant <name>', 'with --data-dir: the tenant whose streams to read (default "default")')
+  }
+  return command
+}
+
+function addReadOptions (command: Command): Command {
+  return command
+    .requiredOption('--stream <name>', 'the stream to read')
+    .option('--partition <n>', 'only this partition (default: every partition, one after the other)', nonNegative)
+    .option('--device <id>', 'only records with this key (device id); repeatable', collect)
+    .option('--topic <filter>', 'only records whose MQTT topic matches this filter (+, #); repeatable', collect)
+    .option('--where <expr>', 'only records whose JSON payload satisfies the expression, e.g. \'temp > 30 and site = "a"\'')
+    .addOption(new Option('--format <format>', 'output format').choices(['ndjson', 'json', 'cbor']).default('ndjson'))
+    .addOption(new Option('--payload <encoding>', 'payloads in ndjson/json output').choices(['utf8', 'base64']).default('utf8'))
+    .option('--out <file>', 'write to this file instead of stdout')
+    .option('--max-records <n>', 'stop after this many records', nonNegative)
+}
+
+function addClientCommands (program: Command, exit: (code: number) => void): void {
+  const replayCommand = program.command('replay')
+    .description('write a stream\'s records (a range, filtered) as NDJSON, JSON or CBOR, from a running gateway or a stopped one\'s data')
+    .option('--from <position>', 'start: earliest (default), latest, an offset (needs one partition), or a time (ISO 8601 with zone, date, now, -15m, @<epoch ms>)')
+    .option('--to <position>', 'stop before this offset or before the first record at or after this time')
+    .option('--no-progress', 'no progress bar (it is drawn only when stderr is a terminal anyway)')
+  addReadOptions(replayCommand)
+  addSourceOptions(replayCommand, true)
+  replayCommand.action(async (flags: ReadFlags) => {
+    const spec = readSpec(flags, Date.now())
+    const output = { format: flags.format, payload: flags.payload, out: flags.out }
+    const io = { stderr: process.stderr, progress: flags.progress }
+    exit(await interruptible(async (signal) => {
+      if (flags.dataDir === undefined) return await replay(httpSource(apiClient(flags)), spec, output, { ...io, signal })
+      return await withAdminSource(flags, async (source) => {
+        if (source.kind !== 'offline') throw new Error('unreachable')
+        return await replay(offlineSource(source.log), spec, output, { ...io, signal })
+      })
+    }))
+  })
+
+  const tailCommand = program.command('tail')
+    .description('follow a stream like tail -f: print records as they are appended, until interrupted')
+    .option('--from <position>', 'start here instead of at the current end: earliest, latest, an offset (needs one partition), or a time')
+    .option('--to <position>', 'stop at this offset or time')
+  addReadOptions(tailCommand)
+  addSourceOptions(tailCommand, false)
+  tailCommand.action(async (flags: ReadFlags) => {
+    const spec = readSpec(flags, Date.now())
+    exit(await interruptible((signal) => tail(apiClient(flags), spec, { format: flags.format, payload: flags.payload, out: flags.out },
+      { stderr: process.stderr, progress: false, signal })))
+  })
+
+  const streams = program.command('streams')
+    .description('list the streams: partitions, log start and end offsets, records, bytes, oldest and newest timestamps')
+    .option('--stream <name>', 'only this stream')
+    .option('--json', 'print the API\'s JSON document instead of a table')
+  addSourceOptions(streams, true)
+  streams.action(async (flags: SourceFlags & { stream?: string, json?: boolean }) => {
+    const doc = await withAdminSource(flags, (source) => listStreams(source, flags.stream))
+    await print(flags.json === true ? `${JSON.stringify(doc, null, 2)}\n` : streamsTable(doc.streams))
+  })
+
+  const groups = program.command('groups')
+    .description('consumer groups: list (the default) with lag, reset offsets, delete')
+  const groupsList = groups.command('list', { isDefault: true })
+    .description('list the groups with committed offsets and lag per partition')
+    .option('--group <name>', 'only this group')
+    .option('--json', 'print the API\'s JSON document instead of a table')
+  addSourceOptions(groupsList, true)
+  groupsList.action(async (flags: SourceFlags & { group?: string, json?: boolean }) => {
+    const doc = await withAdminSource(flags, (source) => listGroups(source, flags.group))
+    await print(flags.json === true ? `${JSON.stringify(doc, null, 2)}\n` : groupsTable(doc.groups))
+  })
+  const groupsReset = groups.command('reset')
+    .description('move a group\'s offsets on a stream (every partition, or --partition)')
+    .requiredOption('--group <name>', 'the group')
+    .requiredOption('--stream <name>', 'the stream')
+    .requiredOption('--to <position>', 'earliest, latest, an offset, or a time (ISO 8601 with zone, date, now, -15m, @<epoch ms>); offsets outside the log are clamped into it')
+    .option('--partition <n>', 'only this partition', nonNegative)
+    .option('--json', 'print the API\'s JSON answer instead of a table')
+  addSourceOptions(groupsReset, false)
+  groupsReset.action(async (flags: SourceFlags & { group: string, stream: string, to: string, partition?: number, json?: boolean }) => {
+    const result = await resetGroup(apiClient(flags), flags.group, flags.stream, flags.to, flags.partition, Date.now())
+    await print(flags.json === true ? `${JSON.stringify(result, null, 2)}\n` : groupsTable([{ group: result.group, streams: [result] }]))
+  })
+  const groupsDelete = groups.command('delete')
+    .description('delete a group and its offsets')
+    .requiredOption('--group <name>', 'the group')
+  addSourceOptions(groupsDelete, false)
+  groupsDelete.action(async (flags: SourceFlags & { group: string }) => {
+    await deleteGroup(apiClient(flags), flags.group)
+    await print(`deleted group ${flags.group}\n`)
+  })
+
+  program.command('check')
+    .description('verify a stopped gateway\'s data: every LevelDB block checksum, every batch, every offset; exit 0 when clean, 2 when damaged')
+    .requiredOption('--data-dir <dir>', 'the data directory to check (the gateway must be stopped)')
+    .option('--json', 'print the report as JSON')
+    .option('--salvage <file>', 'also write every record that passes its checks to this new file (NDJSON, with stream and offset, payloads in base64)')
+    .action(async (flags: { dataDir: string, json?: boolean, salvage?: string }) => {
+      const check = await checkDataDir(flags.dataDir, { salvage: flags.salvage })
+      await print(flags.json === true ? `${JSON.stringify(check, keysAsHex, 2)}\n` : checkText(check))
+      exit(check.ok ? 0 : CHECK_EXIT_DAMAGED)
+    })
+
+  const bridge = program.command('bridge')
+    .description('the bridge to upstream clusters')
+  const bridgeStatusCommand = bridge.command('status', { isDefault: true })
+    .description('per upstream: connected, backlog (messages, bytes, seconds), throughput, reconnects, dead letters, last error')
+    .option('--upstream <name>', 'only this upstream')
+    .option('--partitions', 'also one line per forwarded partition: committed and forwarded offsets, log end, backlog')
+    .option('--json', 'print the API\'s JSON document instead of a table')
+  addSourceOptions(bridgeStatusCommand, false)
+  bridgeStatusCommand.action(async (flags: SourceFlags & { upstream?: string, partitions?: boolean, json?: boolean }) => {
+    const upstreams = await bridgeStatus(apiClient(flags), flags.upstream)
+    await print(flags.json === true ? `${JSON.stringify({ upstreams }, null, 2)}\n` : bridgeTable(upstreams, flags.partitions === true))
+  })
+}
+
+/** Buffers (LevelDB keys in the check report) as hex, not as JSON's arrays of numbers. */
+function keysAsHex (_key: string, value: unknown): unknown {
+  const buffer = value as { type?: unknown, data?: unknown }
+  return buffer !== null && typeof buffer === 'object' && buffer.type === 'Buffer' && Array.isArray(buffer.data) ? Buffer.from(buffer.data as number[]).toString('hex') : value
+}
+
+export function buildProgram (exit: (code: number) => void): Command {
+  const program = new Command('edgemq')
+    .description('Edge gateway for IoT fleets: MQTT in front, a durable partitioned replayable log behind.')
+    .version(pkg.version)
+    .exitOverride()
+
+  program.command('start')
+    .description('run the gateway (with no flags: data in ./data, MQTT on 127.0.0.1:1883, HTTP on 127.0.0.1:9464)')
+    .option('--config <file>', 'YAML or JSON config file')
+    .option('--data-dir <dir>', 'data directory (overrides dataDir)')
+    .option('--mqtt-port <n>', 'port of the first tcp listener; 0 picks a free one', port)
+    .option('--http-port <n>', 'HTTP port for /health, /metrics and the API; 0 picks a free one', port)
+    .addOption(new Option('--log-level <level>', 'least severe level logged (overrides log.level)').choices(LOG_LEVELS))
+    .action(async (flags: StartFlags) => { exit(await start(flags)) })
+
+  program.command('passwd')
+    .description('print a scrypt hash for users[].password; prompts for the password on a terminal (not echoed), else reads stdin')
+    .action(async () => {
+      const password = await readNewPassword(process.stdin, process.stderr)
+      if (password.length === 0) throw new GatewayError('GW_BAD_PASSWORD_HASH', 'empty password on stdin')
+      console.log(await hashPassword(password))
+    })
+  program.command('token')
+    .description('make a bearer token for the HTTP API: prints the token (keep it secret) and the apiTokens entry holding its hash')
+    .requiredOption('--name <name>', 'the entry\'s name, unique in apiTokens and part of the token (letters, digits, ".", "_", "-")')
+    .option('--tenant <name>', 'the tenant whose streams and groups the token reaches', 'default')
+    .addOption(new Option('--role <role>', 'service or admin may use the API').choices(['service', 'admin', 'device']).default('service'))
+    .option('--json', 'print {"token", "apiToken"} as JSON')
+    .action(async (flags: { name: string, tenant: string, role: string, json?: boolean }) => {
+      const name = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/
+      if (!name.test(flags.name)) throw new CliError('CLI_BAD_ARGUMENT', `--name ${JSON.stringify(flags.name)}: 1 to 64 letters, digits, ".", "_" and "-", starting with a letter or digit`)
+      if (!name.test(flags.tenant)) throw new CliError('CLI_BAD_ARGUMENT', `--tenant ${JSON.stringify(flags.tenant)}: 1 to 64 letters, digits, ".", "_" and "-", starting with a letter or digit`)
+      const token = generateApiToken(flags.name)
+      const entry = { name: flags.name, tenant: flags.tenant, role: flags.role, tokenHash: await hashPassword(token) }
+      await print(flags.json === true
+        ? `${JSON.stringify({ token, apiToken: entry })}\n`
+        : `# the token, shown only now: give it to the client (--token, or EDGEMQ_TOKEN)\n${token}\n` +
+          `# add this entry to apiTokens in the gateway's config (it holds only the token's hash)\n` +
+          `- { name: ${entry.name}, tenant: ${entry.tenant}, role: ${entry.role}, tokenHash: "${entry.tokenHash}" }\n`)
+    })
+  addClientCommands(program, exit)
+  return program
+}
+
+/** Runs the command line and returns the process exit code. */
+export async function main (argv: readonly string[]): Promise<number> {
+  let code = 0
+  const program = buildProgram((c) => { code = c })
+  try {
+    await program.parseAsync([...argv])
+    return code
+  } catch (err) {
+    if (err instanceof CommanderError) return err.exitCode
+    const coded = err as { code?: string, message: string }
+    console.error(`edgemq: ${coded.code !== undefined ? `${coded.code}: ` : ''}${coded.message}`)
+    return 1
+  }
+}

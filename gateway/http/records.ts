@@ -1,0 +1,525 @@
+/**
+ * Fetching records over HTTP: resolve where a read starts and ends (offset,
+ * time through the store's time index, a group's committed offset), apply
+ * the server-side filters, wait for new records (long-poll), and write the
+ * result as JSON, streamed NDJSON or CBOR.
+ *
+ * A read never scans from the log start: a time is turned into an offset by
+ * `offsetForTime` (the sparse time index), and reading starts there. The end
+ * of a time range is the first offset whose timestamp is at or after `to` —
+ * the same rule as the start, so consecutive ranges neither overlap nor
+ * leave gaps.
+ *
+ * Long-poll: when nothing matches yet, the request waits on the store's
+ * `onAppend` event for its partition (never on a timer that polls), up to
+ * `wait` seconds, then reads again.
+ *
+ * Fairness: filtering, parsing `where` payloads and encoding run in CPU
+ * slices (cpu-slice.ts) that yield to the event loop, so one request cannot
+ * hold up other clients, MQTT acks included; repeated filters are bounded
+ * (MAX_TOPIC_FILTERS, MAX_KEYS) and the topic filters are one compiled
+ * matcher (compileTopicFilters, topics.ts).
+ */
+import { once } from 'node:events'
+import type { IncomingMessage, ServerResponse } from 'node:http'
+import { Encoder } from 'cbor-x'
+import { StoreError, type LogStore, type StoredRecord } from '../../store/index.ts'
+import { ApiError, toApiError } from './errors.ts'
+import { parseInteger, parseTime, QueryParams } from './params.ts'
+import { CpuSlice, slicedPieces } from './cpu-slice.ts'
+import { compileFilterExpression, parseJsonPayload } from '../query/filter-expression.ts'
+import { RecordJson, type PayloadEncoding } from '../query/record-json.ts'
+import { compileTopicFilters, topicFilterProblem } from '../access/topics.ts'
+
+export type OutputFormat = 'json' | 'ndjson' | 'cbor' | 'batches'
+/** The media type of format=batches: a CBOR sequence (RFC 8742) of stored batches (http/batches.ts). */
+export const BATCHES_MEDIA_TYPE = 'application/vnd.edgemq.batches+cbor-seq'
+export type { PayloadEncoding }
+
+/**
+ * Records read from the store per step; a step is one store read and one
+ * socket write. Reads of 1,000 records spent a fifth of a replay's time
+ * seeking (a backwards key seek and an iterator per read below the tail
+ * index); ten times that amortises it, at some 2.5 MB of NDJSON per write.
+ */
+export const READ_CHUNK_RECORDS = 10_000
+const READ_CHUNK_BYTES = 4 * 1024 * 1024
+/** A JSON or CBOR response stops after examining this many records that a filter rejected, and says where to go on. */
+const SCAN_BUDGET = 100_000
+export const MAX_WAIT_SECONDS = 60
+export const LIMITS = {
+  json: { defaultRecords: 1000, maxRecords: 100_000, defaultBytes: 1024 * 1024, maxBytes: 64 * 1024 * 1024 },
+  ndjson: { defaultRecords: Number.MAX_SAFE_INTEGER, maxRecords: Number.MAX_SAFE_INTEGER, defaultBytes: Number.MAX_SAFE_INTEGER, maxBytes: Number.MAX_SAFE_INTEGER },
+} as const
+
+/** The most values of each repeatable filter parameter (documented with HTTP_TOO_MANY_VALUES in http/errors.ts). */
+export const MAX_TOPIC_FILTERS = 100
+export const MAX_KEYS = 1000
+
+export const RECORDS_PARAMETERS = [
+  'offset', 'from', 'group', 'endOffset', 'to', 'maxRecords', 'maxBytes', 'wait',
+  'key', 'topic', 'where', 'format', 'payload',
+] as const
+
+/** Where a read starts, before it is resolved against the partition. */
+type Start =
+  | { readonly kind: 'offset', readonly offset: number }
+  | { readonly kind: 'earliest' | 'latest' }
+  | { readonly kind: 'time', readonly timestamp: number }
+  | { readonly kind: 'group', readonly group: string }
+
+export interface RecordsRequest {
+  readonly start: Start
+  readonly endOffset: number | null
+  readonly toTime: number | null
+  readonly keys: ReadonlySet<string> | null
+  readonly topicFilters: readonly string[] | null
+  readonly where: ((doc: unknown) => boolean) | null
+  readonly maxRecords: number
+  readonly maxBytes: number
+  readonly waitMs: number
+  readonly format: OutputFormat
+  readonly payload: PayloadEncoding
+}
+
+/**
+ * Reads the fetch parameters. `group` is the caller's group name already
+ * mapped into the tenant's namespace by `groupName`.
+ */
+export function parseRecordsRequest (params: URLSearchParams, now: number, accept: string | undefined,
+  groupName: (name: string) => string): RecordsRequest {
+  const q = new QueryParams(params, RECORDS_PARAMETERS, { key: MAX_KEYS, topic: MAX_TOPIC_FILTERS })
+  const fallbackFormat: OutputFormat = accept?.includes(BATCHES_MEDIA_TYPE) === true
+    ? 'batches'
+    : accept?.includes('application/x-ndjson') === true ? 'ndjson' : accept?.includes('application/cbor') === true ? 'cbor' : 'json'
+  const format = q.choice<OutputFormat>('format', ['json', 'ndjson', 'cbor', 'batches'], fallbackFormat)
+  const payload = q.choice<PayloadEncoding>('payload', ['utf8', 'base64'], 'utf8')
+  if ((format === 'cbor' || format === 'batches') && q.has('payload')) {
+    throw new ApiError('HTTP_BAD_REQUEST', `payload does not apply to format=${format}: it carries payloads as bytes`, { details: { parameter: 'payload' } })
+  }
+  if (format === 'batches') {
+    // Stored batches go out as they are; anything that needs records decoded belongs to the other formats.
+    const decoded = (['key', 'topic', 'where', 'maxRecords'] as const).find((p) => q.has(p))
+    if (decoded !== undefined) {
+      throw new ApiError('HTTP_BAD_REQUEST', `${decoded} does not apply to format=batches, which serves stored batches whole and unfiltered; use format=ndjson, json or cbor (or endOffset to bound the range)`,
+        { details: { parameter: decoded } })
+    }
+  }
+
+  const starts = (['offset', 'from', 'group'] as const).filter((p) => q.has(p))
+  if (starts.length > 1) {
+    throw new ApiError('HTTP_BAD_REQUEST', `give at most one of offset, from and group (got ${starts.join(', ')})`, { details: { parameter: starts[1] } })
+  }
+  let start: Start = { kind: 'earliest' }
+  const offsetText = q.string('offset')
+  const fromText = q.string('from')
+  const groupText = q.string('group')
+  if (offsetText === 'earliest' || offsetText === 'latest') start = { kind: offsetText }
+  else if (offsetText !== undefined) start = { kind: 'offset', offset: parseInteger(offsetText, 'offset', 0, Number.MAX_SAFE_INTEGER) }
+  else if (fromText !== undefined) start = { kind: 'time', timestamp: parseTime(fromText, now, 'from') }
+  else if (groupText !== undefined) start = { kind: 'group', group: groupName(groupText) }
+
+  const endOffset = q.int('endOffset', 0, Number.MAX_SAFE_INTEGER) ?? null
+  const toText = q.string('to')
+  const toTime = toText === undefined ? null : parseTime(toText, now, 'to')
+  if (start.kind === 'offset' && endOffset !== null && endOffset < start.offset) {
+    throw new ApiError('HTTP_BAD_RANGE', `endOffset ${endOffset} is before offset ${start.offset}`, { details: { parameter: 'endOffset' } })
+  }
+  if (start.kind === 'time' && toTime !== null && toTime < start.timestamp) {
+    throw new ApiError('HTTP_BAD_RANGE', `to (${new Date(toTime).toISOString()}) is before from (${new Date(start.timestamp).toISOString()})`, { details: { parameter: 'to' } })
+  }
+
+  const limits = format === 'ndjson' || format === 'batches' ? LIMITS.ndjson : LIMITS.json
+  const maxRecords = q.int('maxRecords', 1, limits.maxRecords) ?? limits.defaultRecords
+  const maxBytes = q.int('maxBytes', 1, limits.maxBytes) ?? limits.defaultBytes
+  const waitMs = (q.int('wait', 0, MAX_WAIT_SECONDS) ?? 0) * 1000
+
+  const keyList = q.all('key')
+  const topicFilters = q.all('topic')
+  for (const f of topicFilters) {
+    const problem = topicFilterProblem(f)
+    if (problem !== null) throw new ApiError('HTTP_BAD_TOPIC_FILTER', `topic ${JSON.stringify(f)}: ${problem}`, { details: { parameter: 'topic' } })
+  }
+  const whereText = q.string('where')
+  return {
+    start, endOffset, toTime, format, payload, maxRecords, maxBytes, waitMs,
+    keys: keyList.length === 0 ? null : new Set(keyList),
+    topicFilters: topicFilters.length === 0 ? null : topicFilters,
+    // FilterExpressionError becomes HTTP_BAD_FILTER with its position (http/errors.ts).
+    where: whereText === undefined ? null : compileFilterExpression(whereText),
+  }
+}
+
+function recordFilter (req: RecordsRequest): ((r: StoredRecord) => boolean) | null {
+  const { keys, topicFilters, where } = req
+  if (keys === null && topicFilters === null && where === null) return null
+  const topicMatch = topicFilters === null ? null : compileTopicFilters(topicFilters)
+  return (r) => (keys === null || keys.has(r.key)) &&
+    (topicMatch === null || topicMatch(r.topic)) &&
+    (where === null || where(parseJsonPayload(r.payload)))
+}
+
+/** Wakes long-polling requests when their partition receives records. */
+export class AppendWaiters {
+  readonly #waiting = new Map<string, Set<() => void>>()
+  readonly #unsubscribe: () => void
+  #closed = false
+
+  constructor (store: LogStore) {
+    this.#unsubscribe = store.onAppend((e) => {
+      const set = this.#waiting.get(`${e.stream}\u0000${e.partition}`)
+      if (set !== undefined) for (const wake of [...set]) wake()
+    })
+  }
+
+  get size (): number {
+    let n = 0
+    for (const set of this.#waiting.values()) n += set.size
+    return n
+  }
+
+  /** Resolves on the next append to the partition, after `ms`, on abort, or on close. */
+  wait (stream: string, partition: number, ms: number, signal: AbortSignal): Promise<void> {
+    return new Promise((resolve) => {
+      if (this.#closed || signal.aborted || ms <= 0) return resolve()
+      const key = `${stream}\u0000${partition}`
+      let set = this.#waiting.get(key)
+      if (set === undefined) { set = new Set(); this.#waiting.set(key, set) }
+      const waiters = set
+      const done = (): void => {
+        clearTimeout(timer)
+        signal.removeEventListener('abort', done)
+        waiters.delete(done)
+        if (waiters.size === 0 && this.#waiting.get(key) === waiters) this.#waiting.delete(key)
+        resolve()
+      }
+      const timer = setTimeout(done, ms)
+      signal.addEventListener('abort', done, { once: true })
+      waiters.add(done)
+    })
+  }
+
+  close (): void {
+    this.#closed = true
+    this.#unsubscribe()
+    for (const set of [...this.#waiting.values()]) for (const wake of [...set]) wake()
+  }
+}
+
+type Stop = 'range' | 'log' | 'limit' | 'budget'
+
+interface Chunk {
+  readonly records: StoredRecord[]
+  readonly bytes: number
+  readonly scanned: number
+  readonly stop: Stop | null
+}
+
+/** Walks one partition from a start offset to an end bound, one store read per step. */
+class RangeReader {
+  next: number
+  #end: number
+  #fromTime: number | null
+  readonly #toTime: number | null
+
+  /**
+   * `fromTime` / `toTime` are set only while the time index could not place
+   * them yet (every record so far was older): records before `fromTime` are
+   * skipped, and the first record at or after `toTime` ends the range.
+   */
+  constructor (private readonly store: LogStore, private readonly stream: string, private readonly partition: number,
+    bounds: { start: number, end: number, fromTime: number | null, toTime: number | null }, private readonly filter: ((r: StoredRecord) => boolean) | null,
+    private readonly slice: CpuSlice) {
+    this.next = bounds.start
+    this.#end = bounds.end
+    this.#fromTime = bounds.fromTime
+    this.#toTime = bounds.toTime
+  }
+
+  /**
+   * One step. `records`/`bytes` are the room left; `first` says nothing was
+   * returned yet, so one record is taken even when it is larger than `bytes`.
+   */
+  async step (room: { records: number, bytes: number, first: boolean }): Promise<Chunk> {
+    if (this.next >= this.#end) return { records: [], bytes: 0, scanned: 0, stop: 'range' }
+    if (this.next >= this.store.partitionInfo(this.stream, this.partition).logEndOffset) return { records: [], bytes: 0, scanned: 0, stop: 'log' }
+    const filtered = this.filter !== null || this.#fromTime !== null
+    const result = await this.store.read(this.stream, this.partition, this.next, {
+      maxRecords: Math.max(1, Math.min(READ_CHUNK_RECORDS, this.#end - this.next, filtered ? READ_CHUNK_RECORDS : room.records)),
+      maxBytes: Math.max(1, Math.min(READ_CHUNK_BYTES, filtered ? READ_CHUNK_BYTES : room.bytes)),
+    })
+    const out: StoredRecord[] = []
+    let bytes = 0
+    let scanned = 0
+    for (const r of result.records) {
+      if (r.offset >= this.#end) return { records: out, bytes, scanned, stop: 'range' }
+      if (this.#toTime !== null && r.timestamp >= this.#toTime) {
+        // The first record at or after `to` ends the range for good.
+        this.#end = r.offset
+        return { records: out, bytes, scanned, stop: 'range' }
+      }
+      scanned++
+      // Filters (a where expression parses every payload) cost CPU per record: yield between slices.
+      if (this.slice.tick(r.payload.byteLength)) await this.slice.yield()
+      if (this.#fromTime !== null) {
+        if (r.timestamp < this.#fromTime) { this.next = r.offset + 1; continue }
+        this.#fromTime = null
+      }
+      if (this.filter === null || this.filter(r)) {
+        const size = r.payload.byteLength
+        if ((!room.first || out.length > 0) && bytes + size > room.bytes) return { records: out, bytes, scanned, stop: 'limit' }
+        out.push(r)
+        bytes += size
+        this.next = r.offset + 1
+        if (out.length >= room.records) return { records: out, bytes, scanned, stop: this.next >= this.#end ? 'range' : 'limit' }
+      } else {
+        this.next = r.offset + 1
+      }
+    }
+    if (this.next >= this.#end) return { records: out, bytes, scanned, stop: 'range' }
+    return { records: out, bytes, scanned, stop: result.records.length === 0 ? 'log' : null }
+  }
+}
+
+export interface PartitionTarget {
+  /** The store's `<tenant>/<stream>` name. */
+  readonly stream: string
+  /** The name the client used. */
+  readonly name: string
+  readonly partition: number
+}
+
+/**
+ * Where a read starts and ends. `fromTime` / `toTime` are set only while
+ * the time index could not place them yet (every record so far is older).
+ */
+export interface RangeBounds {
+  readonly start: number
+  /** Exclusive; Infinity when open-ended. */
+  readonly end: number
+  readonly fromTime: number | null
+  readonly toTime: number | null
+}
+
+/** Resolves the request's start and end on the partition; HTTP_OFFSET_OUT_OF_RANGE when the start lies outside the log. */
+export async function resolveBounds (store: LogStore, target: PartitionTarget, req: RecordsRequest): Promise<RangeBounds> {
+  const { stream, partition } = target
+  const info = store.partitionInfo(stream, partition)
+  let start: number
+  let fromTime: number | null = null
+  switch (req.start.kind) {
+    case 'offset': start = req.start.offset; break
+    case 'earliest': start = info.logStartOffset; break
+    case 'latest': start = info.logEndOffset; break
+    case 'time': {
+      const found = await store.offsetForTime(stream, partition, req.start.timestamp)
+      // Every record is older: start at the log end, and skip what arrives before `from` (a time in the future).
+      if (found === null) fromTime = req.start.timestamp
+      start = found ?? store.partitionInfo(stream, partition).logEndOffset
+      break
+    }
+    // A group that never committed starts at the log start; one whose offset retention passed, at the log start too.
+    case 'group': start = Math.max(store.fetchOffset(req.start.group, stream, partition) ?? 0, store.partitionInfo(stream, partition).logStartOffset); break
+  }
+  // Fail now, before any header is sent, when the start is outside the log (retention passed it, or it is in the future).
+  const { logStartOffset, logEndOffset } = store.partitionInfo(stream, partition)
+  if (start < logStartOffset || start > logEndOffset) {
+    throw toApiError(new StoreError('STORE_OFFSET_OUT_OF_RANGE', 'offset out of range',
+      { details: { stream, partition, offset: start, logStartOffset, logEndOffset } }))
+  }
+  let end = req.endOffset ?? Infinity
+  let toTime = req.toTime
+  if (toTime !== null) {
+    const bound = await store.offsetForTime(stream, partition, toTime)
+    // Every record so far is older than `to`: the range stays open until a record at or after `to` arrives.
+    if (bound !== null) { end = Math.min(end, bound); toTime = null }
+  }
+  return { start, end: Math.max(end, start), fromTime, toTime }
+}
+
+async function openReader (store: LogStore, target: PartitionTarget, req: RecordsRequest, slice: CpuSlice): Promise<RangeReader> {
+  return new RangeReader(store, target.stream, target.partition, await resolveBounds(store, target, req), recordFilter(req), slice)
+}
+
+// ---------------------------------------------------------------- output
+
+const cbor = new Encoder({ useRecords: false, mapsAsObjects: true, variableMapSize: true })
+
+function payloadBuffer (payload: Uint8Array): Buffer {
+  return Buffer.from(payload.buffer, payload.byteOffset, payload.byteLength)
+}
+
+/** The head of a definite-length CBOR item of major type `major` (4: array, 5: map) with `n` entries. */
+function cborHead (major: 4 | 5, n: number): Buffer {
+  const type = major << 5
+  if (n < 24) return Buffer.from([type | n])
+  if (n < 0x100) return Buffer.from([type | 24, n])
+  if (n < 0x10000) return Buffer.from([type | 25, n >> 8, n & 0xff])
+  const b = Buffer.allocUnsafe(5)
+  b[0] = type | 26
+  b.writeUInt32BE(n, 1)
+  return b
+}
+
+/**
+ * `{...summary, records: [...]}` as CBOR, the records encoded one slice at a time (a map and an array of
+ * definite length, written head first: the same bytes cbor-x gives for the whole object, without one long run).
+ */
+async function cborBody (sum: Summary, records: readonly StoredRecord[], slice: CpuSlice): Promise<Buffer> {
+  const entries = Object.entries(sum)
+  const parts: Buffer[] = [cborHead(5, entries.length + 1)]
+  for (const [k, v] of entries) parts.push(cbor.encode(k), cbor.encode(v))
+  parts.push(cbor.encode('records'), cborHead(4, records.length))
+  const pieces = await slicedPieces(slice, records, (r) => r.payload.byteLength, (piece) => Buffer.concat(piece.map((r) => cbor.encode(cborRecord(r)))))
+  return Buffer.concat([...parts, ...pieces])
+}
+
+/** Records as JSON text with a separator after each (or between them, `between`), encoded one slice at a time. */
+async function jsonPieces (json: RecordJson, records: readonly StoredRecord[], separator: 0x0a | 0x2c, between: boolean, slice: CpuSlice): Promise<Buffer[]> {
+  return await slicedPieces(slice, records, (r) => r.payload.byteLength, (piece, last) => json.encode(piece, separator, between && last))
+}
+
+function cborRecord (r: StoredRecord): Record<string, unknown> {
+  const out: Record<string, unknown> = { offset: r.offset, timestamp: r.timestamp, key: r.key, topic: r.topic, qos: r.qos, clientId: r.clientId }
+  if (r.headers !== null) out.headers = r.headers
+  out.payload = payloadBuffer(r.payload)
+  return out
+}
+
+interface Summary {
+  readonly stream: string
+  readonly partition: number
+  readonly nextOffset: number
+  readonly logStartOffset: number
+  readonly logEndOffset: number
+  /** True when the read reached the end of the requested range (`to` / `endOffset`): nothing more will ever come. */
+  readonly endOfRange: boolean
+}
+
+function summary (store: LogStore, target: PartitionTarget, reader: RangeReader, stop: Stop): Summary {
+  const info = store.partitionInfo(target.stream, target.partition)
+  return {
+    stream: target.name,
+    partition: target.partition,
+    nextOffset: reader.next,
+    logStartOffset: info.logStartOffset,
+    logEndOffset: info.logEndOffset,
+    endOfRange: stop === 'range',
+  }
+}
+
+export interface FetchContext {
+  readonly store: LogStore
+  readonly waiters: AppendWaiters
+  /** Aborted when the client goes away. */
+  readonly signal: AbortSignal
+}
+
+/**
+ * Reads until something matches, the range ends, or the wait runs out —
+ * the part every format shares. Returns the first chunk of records.
+ */
+async function firstChunk (ctx: FetchContext, target: PartitionTarget, reader: RangeReader, req: RecordsRequest,
+  budget: number): Promise<{ records: StoredRecord[], bytes: number, stop: Stop | null }> {
+  const deadline = performance.now() + req.waitMs
+  let scanned = 0
+  for (;;) {
+    const chunk = await reader.step({ records: req.maxRecords, bytes: req.maxBytes, first: true })
+    scanned += chunk.scanned
+    if (chunk.records.length > 0 || chunk.stop === 'range' || chunk.stop === 'limit') return chunk
+    if (ctx.signal.aborted) return { records: [], bytes: 0, stop: 'log' }
+    if (chunk.stop === null) {
+      // A filter rejected a whole step; go on, within the budget.
+      if (scanned >= budget) return { records: [], bytes: 0, stop: 'budget' }
+      continue
+    }
+    // Caught up with the log end: wait for an append, unless one already came in meanwhile.
+    const left = deadline - performance.now()
+    if (left <= 0) return chunk
+    if (ctx.store.partitionInfo(target.stream, target.partition).logEndOffset <= reader.next) {
+      await ctx.waiters.wait(target.stream, target.partition, left, ctx.signal)
+    }
+  }
+}
+
+/** Serves GET …/records for one partition in the requested format. */
+export async function serveRecords (ctx: FetchContext, target: PartitionTarget, req: RecordsRequest, res: ServerResponse): Promise<void> {
+  const slice = new CpuSlice()
+  const reader = await openReader(ctx.store, target, req, slice)
+  if (req.format === 'ndjson') return streamNdjson(ctx, target, reader, req, res, slice)
+  const first = await firstChunk(ctx, target, reader, req, SCAN_BUDGET)
+  const records = first.records
+  let bytes = first.bytes
+  let stop = first.stop
+  let scanned = 0
+  while (stop === null && !ctx.signal.aborted) {
+    const chunk = await reader.step({ records: req.maxRecords - records.length, bytes: req.maxBytes - bytes, first: records.length === 0 })
+    for (const r of chunk.records) records.push(r)
+    bytes += chunk.bytes
+    scanned += chunk.scanned
+    stop = chunk.stop ?? (scanned >= SCAN_BUDGET ? 'budget' : null)
+  }
+  const sum = summary(ctx.store, target, reader, stop ?? 'log')
+  if (req.format === 'cbor') {
+    const body = await cborBody(sum, records, slice)
+    res.writeHead(200, { 'content-type': 'application/cbor', 'content-length': body.length })
+    res.end(body)
+    return
+  }
+  const { nextOffset, logStartOffset, logEndOffset, endOfRange } = sum
+  const body = Buffer.concat([
+    Buffer.from(`{"stream":${JSON.stringify(sum.stream)},"partition":${sum.partition},"records":[`),
+    ...await jsonPieces(new RecordJson(req.payload), records, 0x2c, true, slice),
+    Buffer.from(`],"nextOffset":${nextOffset},"logStartOffset":${logStartOffset},"logEndOffset":${logEndOffset},"endOfRange":${String(endOfRange)}}`),
+  ])
+  res.writeHead(200, { 'content-type': 'application/json; charset=utf-8', 'content-length': body.length })
+  res.end(body)
+}
+
+/**
+ * NDJSON: one record per line, written as it is read with the socket's
+ * backpressure respected, then one last line `{"end":{…}}` with where to
+ * continue — a stream without it was cut short. An error after the first
+ * line becomes a last line `{"error":{…}}`.
+ */
+async function streamNdjson (ctx: FetchContext, target: PartitionTarget, reader: RangeReader, req: RecordsRequest, res: ServerResponse,
+  slice: CpuSlice): Promise<void> {
+  // Errors up to the first records still get a proper status.
+  const first = await firstChunk(ctx, target, reader, req, Number.MAX_SAFE_INTEGER)
+  res.writeHead(200, { 'content-type': 'application/x-ndjson; charset=utf-8', 'cache-control': 'no-store' })
+  const json = new RecordJson(req.payload)
+  let count = 0
+  let bytes = 0
+  let stop: Stop | null = first.stop
+  const write = async (records: readonly StoredRecord[]): Promise<void> => {
+    if (records.length === 0) return
+    count += records.length
+    let full = false
+    for (const piece of await jsonPieces(json, records, 0x0a, false, slice)) full = !res.write(piece)
+    // Rejects with an AbortError when the client goes away; `once` removes its listener either way.
+    if (full) await once(res, 'drain', { signal: ctx.signal })
+  }
+  try {
+    await write(first.records)
+    bytes += first.bytes
+    while (stop === null && !ctx.signal.aborted && !res.destroyed) {
+      const chunk = await reader.step({ records: req.maxRecords - count, bytes: req.maxBytes - bytes, first: count === 0 })
+      await write(chunk.records)
+      bytes += chunk.bytes
+      stop = chunk.stop
+    }
+    const end = summary(ctx.store, target, reader, stop ?? 'log')
+    res.end(`${JSON.stringify({ end: { ...end, records: count } })}\n`)
+  } catch (err) {
+    if (ctx.signal.aborted || res.destroyed) return
+    res.end(`${JSON.stringify(toApiError(err).toJSON())}\n`)
+  }
+}
+
+/** Aborts when the request's connection closes before the response is done. */
+export function clientGone (req: IncomingMessage, res: ServerResponse): AbortSignal {
+  const controller = new AbortController()
+  res.once('close', () => { if (!res.writableFinished) controller.abort() })
+  req.once('error', () => controller.abort())
+  return controller.signal
+}

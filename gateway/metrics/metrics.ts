@@ -1,0 +1,184 @@
+/**
+ * The gateway's Prometheus metrics, registered on an injected registry (tests
+ * use a fresh one). Names follow Prometheus conventions: `edgemq_` prefix,
+ * base units, `_total` counters; labels are tenant / stream / partition /
+ * group / listener / reason, never a device or client id.
+ */
+import { Counter, Gauge, Histogram, collectDefaultMetrics, type Registry } from 'prom-client'
+import type { LogStore } from '../../store/index.ts'
+
+export type RefusalReason =
+  | 'max-connections' | 'bad-credentials' | 'not-authorized' | 'invalid-client-id' | 'client-id-not-bound' | 'protocol'
+  | 'packet-too-large' | 'malformed-header' | 'invalid-will'
+
+export type PublishRefusal = 'acl-denied' | 'invalid-topic' | 'reserved-topic' | 'unrouted' | 'record-too-large' | 'store-failed' | 'rate-limited'
+
+export type SubscribeRefusal = 'acl-denied' | 'invalid-filter' | 'replay-bad-range' | 'replay-bad-filter' | 'replay-limit' | 'replay-not-resumed'
+
+export type ReplayOutcome = 'done' | 'cancelled' | 'failed'
+
+export interface GatewayMetrics {
+  readonly ingestMessages: Counter<'tenant' | 'stream'>
+  readonly ingestBytes: Counter<'tenant' | 'stream'>
+  readonly appendLatency: Histogram
+  readonly commitRecords: Histogram
+  readonly connectedClients: Gauge<'tenant' | 'listener'>
+  readonly connectionsRefused: Counter<'listener' | 'reason'>
+  readonly authFailures: Counter<'listener'>
+  readonly publishesRefused: Counter<'tenant' | 'reason'>
+  readonly storeErrors: Counter<'kind'>
+  readonly droppedRecords: Counter<'tenant' | 'stream' | 'partition' | 'group'>
+  readonly backpressure: Gauge
+  readonly subscriptionsRefused: Counter<'tenant' | 'reason'>
+  readonly replaysActive: Gauge<'tenant'>
+  readonly replayMessages: Counter<'tenant'>
+  readonly replaysFinished: Counter<'tenant' | 'outcome'>
+  readonly expiredDropped: Counter<'tenant'>
+}
+
+export interface MetricsSources {
+  readonly store: LogStore
+  readonly diskFreeBytes: () => number | undefined
+  readonly diskSizeBytes: () => number | undefined
+  readonly healthy: () => boolean
+  readonly version: string
+  readonly gatewayId: string
+}
+
+/** `<tenant>/<stream>` as the two labels every metric uses. */
+export function splitStream (name: string): { tenant: string, stream: string } {
+  const at = name.indexOf('/')
+  return { tenant: name.slice(0, at), stream: name.slice(at + 1) }
+}
+
+export function createMetrics (registry: Registry, sources: MetricsSources): GatewayMetrics {
+  collectDefaultMetrics({ register: registry })
+  const { store } = sources
+
+  new Gauge({
+    name: 'edgemq_build_info', help: 'Version of the running gateway (value 1).', labelNames: ['version', 'gateway'], registers: [registry],
+    collect () { this.set({ version: sources.version, gateway: sources.gatewayId }, 1) },
+  })
+  new Gauge({
+    name: 'edgemq_up', help: '1 when the gateway is healthy (store writable), 0 when it is not acking.', registers: [registry],
+    collect () { this.set(sources.healthy() ? 1 : 0) },
+  })
+  new Gauge({
+    name: 'edgemq_store_pending_appends', help: 'Appends accepted by the log but not yet durable.', registers: [registry],
+    collect () { this.set(store.pendingAppends) },
+  })
+  new Gauge({
+    name: 'edgemq_store_disk_used_bytes', help: 'Bytes of stored log batches over all partitions.', registers: [registry],
+    collect () { this.set(store.totalBytes) },
+  })
+  new Gauge({
+    name: 'edgemq_store_disk_size_bytes', help: 'Size of the file system holding the data directory.', registers: [registry],
+    collect () { const size = sources.diskSizeBytes(); if (size !== undefined) this.set(size) },
+  })
+  new Gauge({
+    name: 'edgemq_store_disk_free_bytes', help: 'Free bytes on the file system holding the data directory.', registers: [registry],
+    collect () { const free = sources.diskFreeBytes(); if (free !== undefined) this.set(free) },
+  })
+  // prom-client reads metrics in registration order: the first gauge of each family fills them all when a scrape
+  // reads it, so a scrape walks the partitions (and groups) once and every gauge shows the same moment.
+  const partitionLabels = ['tenant', 'stream', 'partition'] as const
+  const partitionGauges = {
+    start: new Gauge({
+      name: 'edgemq_partition_log_start_offset', help: 'First offset still in the log.', labelNames: partitionLabels, registers: [registry],
+      collect () { fillPartitions() },
+    }),
+    end: new Gauge({ name: 'edgemq_partition_log_end_offset', help: 'Offset the next record will get.', labelNames: partitionLabels, registers: [registry] }),
+    bytes: new Gauge({ name: 'edgemq_partition_bytes', help: 'Bytes stored for the partition.', labelNames: partitionLabels, registers: [registry] }),
+    oldest: new Gauge({ name: 'edgemq_partition_oldest_timestamp_seconds', help: 'Unix time of the oldest record in the partition.', labelNames: partitionLabels, registers: [registry] }),
+  }
+  const fillPartitions = (): void => {
+    for (const g of Object.values(partitionGauges)) g.reset()
+    for (const s of store.listStreams()) {
+      const { tenant, stream } = splitStream(s.name)
+      for (let p = 0; p < s.partitions; p++) {
+        const info = store.partitionInfo(s.name, p)
+        const labels = { tenant, stream, partition: String(p) }
+        partitionGauges.start.set(labels, info.logStartOffset)
+        partitionGauges.end.set(labels, info.logEndOffset)
+        partitionGauges.bytes.set(labels, info.bytes)
+        if (info.oldestTimestamp !== null) partitionGauges.oldest.set(labels, info.oldestTimestamp / 1000)
+      }
+    }
+  }
+  new Gauge({
+    name: 'edgemq_streams', help: 'Number of streams in the log.', registers: [registry],
+    collect () { this.set(store.listStreams().length) },
+  })
+  // Group lag in seconds reads the oldest unconsumed record, so this family's collect is async, and prom-client
+  // collects all metrics concurrently: each of the three waits for the one fill its scrape started.
+  const groupLabels = ['group', 'tenant', 'stream', 'partition'] as const
+  let groupFill: Promise<void> | null = null
+  const groupsCollected = async (): Promise<void> => {
+    groupFill ??= fillGroups().finally(() => { groupFill = null })
+    await groupFill
+  }
+  const groupGauges = {
+    committed: new Gauge({
+      name: 'edgemq_group_committed_offset', help: 'Next offset the consumer group will consume.', labelNames: groupLabels, registers: [registry],
+      collect: groupsCollected,
+    }),
+    lag: new Gauge({
+      name: 'edgemq_group_lag_messages', help: 'Records the group has not consumed yet (log end minus its position, never below the log start).', labelNames: groupLabels, registers: [registry],
+      collect: groupsCollected,
+    }),
+    lagSeconds: new Gauge({
+      name: 'edgemq_group_lag_seconds', help: 'Now minus the timestamp of the oldest record the group has not consumed; 0 when caught up.', labelNames: groupLabels, registers: [registry],
+      collect: groupsCollected,
+    }),
+  }
+  const fillGroups = async (): Promise<void> => {
+    for (const g of Object.values(groupGauges)) g.reset()
+    for (const g of store.listGroups()) {
+      for (const name of Object.keys(g.offsets)) {
+        const { tenant, stream } = splitStream(name)
+        for (const lag of await store.groupLag(g.group, name)) {
+          const labels = { group: g.group, tenant, stream, partition: String(lag.partition) }
+          if (lag.committedOffset !== null) groupGauges.committed.set(labels, lag.committedOffset)
+          groupGauges.lag.set(labels, lag.lagMessages)
+          groupGauges.lagSeconds.set(labels, lag.lagSeconds)
+        }
+      }
+    }
+  }
+  new Gauge({
+    name: 'edgemq_groups', help: 'Number of consumer groups.', registers: [registry],
+    collect () { this.set(store.listGroups().length) },
+  })
+
+  const storeErrors = new Counter({ name: 'edgemq_store_errors_total', help: 'Failed log writes (each one stops acks until the store recovers).', labelNames: ['kind'], registers: [registry] })
+  // Present from the first scrape, so dashboards show 0 and increase() sees the first error.
+  storeErrors.inc({ kind: 'write' }, 0)
+
+  return {
+    ingestMessages: new Counter({ name: 'edgemq_ingest_messages_total', help: 'Messages appended to the log.', labelNames: ['tenant', 'stream'], registers: [registry] }),
+    ingestBytes: new Counter({ name: 'edgemq_ingest_bytes_total', help: 'Payload bytes appended to the log.', labelNames: ['tenant', 'stream'], registers: [registry] }),
+    appendLatency: new Histogram({
+      name: 'edgemq_append_duration_seconds', help: 'Time from a group commit\'s oldest append to the commit being durable.', registers: [registry],
+      buckets: [0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1],
+    }),
+    commitRecords: new Histogram({
+      name: 'edgemq_group_commit_records', help: 'Records per group commit (one LevelDB write).', registers: [registry],
+      buckets: [1, 2, 5, 10, 50, 100, 500, 1000, 5000, 20000],
+    }),
+    connectedClients: new Gauge({ name: 'edgemq_mqtt_connected_clients', help: 'Connected MQTT clients.', labelNames: ['tenant', 'listener'], registers: [registry] }),
+    connectionsRefused: new Counter({ name: 'edgemq_mqtt_connections_refused_total', help: 'Connections refused or closed for breaking a rule, by reason.', labelNames: ['listener', 'reason'], registers: [registry] }),
+    authFailures: new Counter({ name: 'edgemq_mqtt_auth_failures_total', help: 'CONNECTs with an unknown user or a wrong password.', labelNames: ['listener'], registers: [registry] }),
+    publishesRefused: new Counter({ name: 'edgemq_mqtt_publishes_refused_total', help: 'PUBLISH packets not appended, by reason.', labelNames: ['tenant', 'reason'], registers: [registry] }),
+    storeErrors,
+    droppedRecords: new Counter({
+      name: 'edgemq_retention_dropped_records_total', help: 'Records deleted by the disk budget before a retention-holding group consumed them.',
+      labelNames: ['tenant', 'stream', 'partition', 'group'], registers: [registry],
+    }),
+    backpressure: new Gauge({ name: 'edgemq_mqtt_backpressure', help: '1 while sockets are paused because the log has too many pending appends.', registers: [registry] }),
+    subscriptionsRefused: new Counter({ name: 'edgemq_mqtt_subscriptions_refused_total', help: 'Topic filters of SUBSCRIBE packets refused (SUBACK 0x80), by reason.', labelNames: ['tenant', 'reason'], registers: [registry] }),
+    replaysActive: new Gauge({ name: 'edgemq_mqtt_replays_active', help: 'MQTT $replay subscriptions being replayed (or continuing live).', labelNames: ['tenant'], registers: [registry] }),
+    replayMessages: new Counter({ name: 'edgemq_mqtt_replay_messages_total', help: 'Records delivered to MQTT $replay subscriptions.', labelNames: ['tenant'], registers: [registry] }),
+    replaysFinished: new Counter({ name: 'edgemq_mqtt_replays_finished_total', help: 'MQTT replays that ended: done (history delivered), cancelled (unsubscribed, disconnected, replaced) or failed.', labelNames: ['tenant', 'outcome'], registers: [registry] }),
+    expiredDropped: new Counter({ name: 'edgemq_mqtt_expired_dropped_total', help: 'Messages past their expiry (commands past their time-to-live) not delivered, also from a persistent session\'s queue.', labelNames: ['tenant'], registers: [registry] }),
+  }
+}

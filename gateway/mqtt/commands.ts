@@ -1,0 +1,394 @@
+/**
+ * Commands from upstreams to devices: stored first, delivered when a device
+ * is there to take them, expired when their time-to-live runs out, and a
+ * receipt for each sent back upstream.
+ *
+ * A command the bridge receives is appended to the stream its local topic
+ * routes to (normally `commands`), with headers naming its upstream, remote
+ * topic and expiry; only then does the bridge PUBACK it upstream. The
+ * dispatcher keeps the undelivered ones in memory and writes each, as a QoS 1
+ * PUBLISH of its own (the QoS of the device's subscription, at most 1), to the
+ * one client it addresses: the client of the command's tenant whose id is the
+ * command's partition key (the topic level its route names,
+ * `devices/<id>/commands/...`), as soon as that client is connected and holds
+ * a subscription matching it — at once, or when the device (re)subscribes or
+ * reconnects. "Delivered" is the device's PUBACK of that packet (taken from
+ * the PUBACKs aedes hands the session store, as broker.ts takes those of
+ * $replay messages); a device that goes away before it is pending again and
+ * gets the command on its next connection, unless it expired. The dispatcher
+ * does not go through aedes' client.publish or broker.publish: those queue the
+ * command in persistent sessions (sent whenever the session came back, TTL or
+ * not), hand it to every matching subscriber (a service on
+ * `devices/+/commands/#`, which then counted as the taker) and call back
+ * before the device has it. Services read commands from the log.
+ *
+ * Copies that earlier versions left in a session's queue carry their expiry
+ * (`messageExpiry`, kept by aedes-packet and the session persistence). The
+ * dispatcher wraps aedes' authorizeForward, which aedes asks before every
+ * delivery, also of a packet read back from a persistent session's queue on
+ * reconnect: a packet past its expiry is refused (aedes then clears it from
+ * the queue) and counted.
+ *
+ * Every delivery or expiry appends a receipt to the tenant's
+ * `command-receipts` stream (header `edgemq-upstream`), which the upstream's
+ * uplink forwards to its receiptTopic. The receipts are also the dispatcher's
+ * memory across restarts: at start it reads them, then re-reads the command
+ * streams from its consumer group `edgemq.commands` (the offset below which
+ * every command is settled) and holds every command without a receipt again.
+ * A crash between delivery and receipt delivers that command again (QoS 1
+ * semantics: at least once).
+ */
+import type { Aedes, Client, PublishPacket } from 'aedes'
+import mqttPacket from 'mqtt-packet'
+import type { Writable } from 'node:stream'
+import { isStoreError, type Clock, type LogStore, type StoredRecord } from '../../store/index.ts'
+import { RECEIPT_UPSTREAM_HEADER, RECEIPTS_STREAM, type CommandSink, type IncomingCommand } from '../../bridge/index.ts'
+import type { Router } from './routing.ts'
+import { mountTopic, scopedClientId, topicMatches, topicNameProblem } from '../access/topics.ts'
+
+export const COMMANDS_GROUP = 'edgemq.commands'
+const HEADER_REMOTE_TOPIC = 'edgemq-remote-topic'
+const HEADER_EXPIRES_AT = 'edgemq-expires-at'
+const HEADER_COMMAND = 'edgemq-command'
+const HEADER_STATUS = 'edgemq-status'
+const SWEEP_MS = 1000
+const READ_RECORDS = 1000
+
+export type ReceiptStatus = 'delivered' | 'expired'
+
+interface Command {
+  readonly id: string // `<stream>/<partition>/<offset>`
+  readonly tenant: string
+  readonly stream: string
+  readonly partition: number
+  readonly offset: number
+  readonly key: string
+  readonly topic: string
+  readonly payload: Uint8Array
+  readonly upstream: string
+  readonly remoteTopic: string
+  readonly expiresAt: number | null
+  /** Set while the command is written and unacknowledged, or its receipt append is under way. */
+  busy: boolean
+  /** The connection it was written to as QoS 1 and its packet id, until the device's PUBACK. */
+  inflight: { readonly client: Client, readonly messageId: number } | null
+}
+
+export interface CommandDispatcherDeps {
+  readonly store: LogStore
+  readonly broker: Aedes
+  readonly route: Router
+  /** Tenants with command mappings, and the streams their commands may route to. */
+  readonly streams: ReadonlyArray<{ readonly tenant: string, readonly stream: string }>
+  readonly clock: Clock
+  readonly logger: { info (f: Record<string, unknown>, m: string): void, warn (f: Record<string, unknown>, m: string): void, error (f: Record<string, unknown>, m: string): void }
+  readonly onReceipt?: (upstream: string, status: ReceiptStatus) => void
+  /** A packet past its expiry was not handed to a client (a queued copy, read back on reconnect). */
+  readonly onExpiredDropped?: (tenant: string) => void
+}
+
+/** aedes' packet as the dispatcher hands it over and aedes-packet copies it: `messageExpiry` is ms since the epoch. */
+type ExpiringPacket = PublishPacket & { messageExpiry?: number }
+
+export class CommandDispatcher implements CommandSink {
+  readonly #deps: CommandDispatcherDeps
+  /** Undelivered commands by id, in arrival order. */
+  readonly #pending = new Map<string, Command>()
+  #sweep: NodeJS.Timeout | null = null
+  #closed = false
+  readonly #listeners: Array<[string, Parameters<NodeJS.EventEmitter['on']>[1]]> = []
+  /** Appends under way: the watermark waits while a command is between the log and the pending set. */
+  #accepting = 0
+  /** aedes' authorizeForward before start() wrapped it. */
+  #forward: Aedes['authorizeForward'] | null = null
+  /** The session store's outgoingClearMessageId before start() wrapped it (aedes hands it every PUBACK). */
+  #clear: OutgoingClear | null = null
+  /** Commands written as QoS 1 and not yet acknowledged, by `<aedes client id> <packet id>`. */
+  readonly #inflight = new Map<string, Command>()
+
+  constructor (deps: CommandDispatcherDeps) {
+    this.#deps = deps
+  }
+
+  /** Rebuilds the undelivered commands from the log and starts delivering. */
+  async start (): Promise<void> {
+    const { store, broker } = this.#deps
+    await store.setGroup(COMMANDS_GROUP, { holdsRetention: true })
+    const settled = new Set<string>()
+    for (const tenant of new Set(this.#deps.streams.map((s) => s.tenant))) {
+      await store.createStream(`${tenant}/${RECEIPTS_STREAM}`, { partitions: 1 })
+      await this.#scan(`${tenant}/${RECEIPTS_STREAM}`, 0, store.partitionInfo(`${tenant}/${RECEIPTS_STREAM}`, 0).logStartOffset, (r) => {
+        const id = r.headers?.[HEADER_COMMAND]
+        if (id !== undefined) settled.add(id)
+      })
+    }
+    for (const { tenant, stream: name } of this.#deps.streams) {
+      const stream = `${tenant}/${name}`
+      for (let partition = 0; partition < store.streamInfo(stream).partitions; partition++) {
+        const p = store.partitionInfo(stream, partition)
+        const committed = store.fetchOffset(COMMANDS_GROUP, stream, partition)
+        if (committed === null) {
+          // First start: nothing before now is a command of ours.
+          await store.commitOffset(COMMANDS_GROUP, stream, partition, p.logEndOffset)
+          continue
+        }
+        await this.#scan(stream, partition, Math.max(committed, p.logStartOffset), (r) => {
+          const command = this.#fromRecord(tenant, stream, partition, r)
+          if (command !== null && !settled.has(command.id)) this.#pending.set(command.id, command)
+        })
+      }
+    }
+    if (this.#pending.size > 0) this.#deps.logger.info({ pending: this.#pending.size }, 'undelivered commands restored from the log')
+    const forward = this.#forward = broker.authorizeForward
+    broker.authorizeForward = (client, packet) => {
+      const expiry = (packet as ExpiringPacket).messageExpiry
+      if (expiry !== undefined && expiry <= this.#deps.clock.now()) {
+        this.#deps.onExpiredDropped?.(packet.topic.slice(0, packet.topic.indexOf('/')))
+        this.#deps.logger.info({ clientId: client.id, topic: packet.topic }, 'expired message not delivered')
+        return null
+      }
+      return forward.call(broker, client, packet)
+    }
+    // A command is written by the dispatcher itself, so "delivered" is the device's PUBACK. aedes hands every PUBACK
+    // to the session store's outgoingClearMessageId (lib/handlers/puback.js), for clean sessions too; the ones that
+    // answer a command are taken here, as broker.ts takes those of $replay messages.
+    const persistence = (broker as unknown as { persistence: { outgoingClearMessageId: OutgoingClear } }).persistence
+    const clear = this.#clear = persistence.outgoingClearMessageId
+    persistence.outgoingClearMessageId = async (client, packet) => {
+      if (packet.cmd === 'puback' && typeof packet.messageId === 'number' && this.#acked(client, packet.messageId)) return undefined
+      return await clear.call(persistence, client, packet)
+    }
+    const onReady = (client: Client): void => { this.#offerTo(client) }
+    const onSubscribe = (_subs: unknown, client: Client): void => { this.#offerTo(client) }
+    broker.on('clientReady', onReady)
+    broker.on('subscribe', onSubscribe)
+    this.#listeners.push(['clientReady', onReady as Parameters<NodeJS.EventEmitter['on']>[1]], ['subscribe', onSubscribe as Parameters<NodeJS.EventEmitter['on']>[1]])
+    this.#sweep = setInterval(() => {
+      this.#expire()
+      void this.#commitWatermarks()
+    }, SWEEP_MS)
+    this.#sweep.unref()
+    this.#expire()
+    for (const c of this.#pending.values()) this.#tryDeliver(c)
+  }
+
+  async stop (): Promise<void> {
+    this.#closed = true
+    if (this.#sweep !== null) clearInterval(this.#sweep)
+    const events = this.#deps.broker as unknown as NodeJS.EventEmitter
+    for (const [name, fn] of this.#listeners) events.removeListener(name, fn)
+    if (this.#forward !== null) this.#deps.broker.authorizeForward = this.#forward
+    if (this.#clear !== null) (this.#deps.broker as unknown as { persistence: { outgoingClearMessageId: OutgoingClear } }).persistence.outgoingClearMessageId = this.#clear
+    await this.#commitWatermarks().catch(() => {})
+  }
+
+  async #scan (stream: string, partition: number, from: number, each: (r: StoredRecord) => void): Promise<void> {
+    const { store } = this.#deps
+    let offset = from
+    while (offset < store.partitionInfo(stream, partition).logEndOffset) {
+      const r = await store.read(stream, partition, offset, { maxRecords: READ_RECORDS })
+      for (const record of r.records) each(record)
+      if (r.nextOffset === offset) break
+      offset = r.nextOffset
+    }
+  }
+
+  #fromRecord (tenant: string, stream: string, partition: number, r: StoredRecord): Command | null {
+    const upstream = r.headers?.[RECEIPT_UPSTREAM_HEADER]
+    if (upstream === undefined) return null // published locally, delivered live by the broker: not ours
+    const expires = r.headers?.[HEADER_EXPIRES_AT]
+    return {
+      id: `${stream}/${partition}/${r.offset}`, tenant, stream, partition, offset: r.offset, key: r.key, topic: r.topic, payload: r.payload,
+      upstream, remoteTopic: r.headers?.[HEADER_REMOTE_TOPIC] ?? '', expiresAt: expires === undefined ? null : Number(expires), busy: false, inflight: null,
+    }
+  }
+
+  /** Appends the command to the log (resolving once durable), then delivers it when it can. */
+  async accept (command: IncomingCommand): Promise<void> {
+    const { store, route, logger } = this.#deps
+    // A topic no client could publish (a remote topic deep enough to make the local one over 99 levels, which the
+    // tenant mount takes past the broker's limit) could never be delivered, and a pending command without a
+    // time-to-live holds its partition's retention for good.
+    const problem = topicNameProblem(command.localTopic)
+    if (problem !== null) {
+      logger.error({ upstream: command.upstream, topic: command.remoteTopic, reason: problem }, 'command dropped: its local topic is not one a device could receive')
+      return
+    }
+    const target = route(command.localTopic)
+    if (target === null) {
+      // Redelivery could not help: acknowledged upstream and dropped, loudly.
+      logger.error({ upstream: command.upstream, topic: command.localTopic }, 'command dropped: its local topic routes to no stream (check bridge.upstreams[].commands[].local and routes)')
+      return
+    }
+    const stream = `${command.tenant}/${target.stream}`
+    const headers: Record<string, string> = { [RECEIPT_UPSTREAM_HEADER]: command.upstream, [HEADER_REMOTE_TOPIC]: command.remoteTopic }
+    if (command.expiresAt !== null) headers[HEADER_EXPIRES_AT] = String(command.expiresAt)
+    this.#accepting++
+    let result
+    try {
+      result = await store.append(stream, target.key, { payload: command.payload, topic: command.localTopic, qos: 1, clientId: `bridge:${command.upstream}`, headers })
+    } finally {
+      this.#accepting--
+    }
+    const c: Command = {
+      id: `${stream}/${result.partition}/${result.offset}`, tenant: command.tenant, stream, partition: result.partition, offset: result.offset,
+      key: target.key, topic: command.localTopic, payload: command.payload, upstream: command.upstream, remoteTopic: command.remoteTopic,
+      expiresAt: command.expiresAt, busy: false, inflight: null,
+    }
+    if (this.#closed) return
+    this.#pending.set(c.id, c)
+    if (this.#isExpired(c)) this.#settle(c, 'expired')
+    else this.#tryDeliver(c)
+  }
+
+  #isExpired (c: Command): boolean {
+    return c.expiresAt !== null && c.expiresAt <= this.#deps.clock.now()
+  }
+
+  #expire (): void {
+    for (const c of this.#pending.values()) {
+      this.#releaseIfGone(c)
+      if (!c.busy && this.#isExpired(c)) this.#settle(c, 'expired')
+    }
+  }
+
+  /** A command written to a connection that closed before its PUBACK is pending again (sent again, or expires). */
+  #releaseIfGone (c: Command): void {
+    if (c.inflight === null || !c.inflight.client.closed) return
+    this.#inflight.delete(inflightKey(c.inflight.client, c.inflight.messageId))
+    c.inflight = null
+    c.busy = false
+  }
+
+  #acked (client: Client, messageId: number): boolean {
+    const key = inflightKey(client, messageId)
+    const c = this.#inflight.get(key)
+    if (c === undefined) return false
+    this.#inflight.delete(key)
+    c.inflight = null
+    c.busy = false
+    this.#settle(c, 'delivered')
+    return true
+  }
+
+  /** The connected client the command addresses, when it holds a subscription matching the command. */
+  #addressee (c: Command): Client | null {
+    const clients = (this.#deps.broker as unknown as { clients: Record<string, Client | undefined> }).clients
+    const client = clients[scopedClientId(c.tenant, c.key)]
+    if (client === undefined || client.closed || !client.connected) return null
+    const mounted = mountTopic(c.tenant, c.topic)
+    for (const filter in subscriptionsOf(client)) if (topicMatches(filter, mounted)) return client
+    return null
+  }
+
+  /** The highest QoS of the client's subscriptions matching the command (the command is QoS 1 at most). */
+  #grantedQos (client: Client, c: Command): 0 | 1 {
+    const mounted = mountTopic(c.tenant, c.topic)
+    const subs = subscriptionsOf(client)
+    for (const filter in subs) if (topicMatches(filter, mounted) && (subs[filter]?.qos ?? 0) > 0) return 1
+    return 0
+  }
+
+  #offerTo (client: Client): void {
+    for (const c of this.#pending.values()) {
+      if (scopedClientId(c.tenant, c.key) !== client.id) continue
+      this.#releaseIfGone(c)
+      if (!c.busy) this.#tryDeliver(c)
+    }
+  }
+
+  #tryDeliver (c: Command): void {
+    if (this.#closed || c.busy || !this.#pending.has(c.id)) return
+    if (this.#isExpired(c)) return this.#settle(c, 'expired')
+    const client = this.#addressee(c)
+    if (client === null) return
+    // Written here rather than through aedes' client.publish: aedes would also queue it in a persistent session
+    // (sent on a later reconnect, TTL or not), and its write callback cannot tell whether the device got it.
+    // authorizeForward is asked first, as aedes asks it before each delivery (on a copy: it unmounts in place), so a
+    // command the device may not read (a read ACL deny rule narrower than its subscription) stays pending until its
+    // time-to-live instead of being written.
+    const mounted = {
+      cmd: 'publish', topic: mountTopic(c.tenant, c.topic), payload: Buffer.from(c.payload.buffer, c.payload.byteOffset, c.payload.byteLength),
+      qos: 1, retain: false, dup: false, ...(c.expiresAt === null ? {} : { messageExpiry: c.expiresAt }),
+    } as ExpiringPacket
+    if (this.#deps.broker.authorizeForward?.(client, mounted as Parameters<Aedes['authorizeForward']>[1]) == null) return
+    const qos = this.#grantedQos(client, c)
+    const messageId = qos === 1 ? nextPacketId(client) : undefined
+    const frame = mqttPacket.generate({
+      cmd: 'publish', topic: c.topic, payload: Buffer.from(c.payload.buffer, c.payload.byteOffset, c.payload.byteLength),
+      qos, retain: false, dup: false, ...(messageId === undefined ? {} : { messageId }),
+    })
+    ;(client.conn as unknown as Writable).write(frame)
+    if (messageId === undefined) return this.#settle(c, 'delivered') // QoS 0: written is all a device can confirm
+    c.busy = true
+    c.inflight = { client, messageId }
+    this.#inflight.set(inflightKey(client, messageId), c)
+  }
+
+  #settle (c: Command, status: ReceiptStatus): void {
+    if (c.busy) return
+    c.busy = true
+    const { store, clock } = this.#deps
+    const receipt = {
+      status, command: c.id, topic: c.topic, remoteTopic: c.remoteTopic, upstream: c.upstream, at: new Date(clock.now()).toISOString(),
+    }
+    const headers = { [RECEIPT_UPSTREAM_HEADER]: c.upstream, [HEADER_COMMAND]: c.id, [HEADER_STATUS]: status }
+    store.append(`${c.tenant}/${RECEIPTS_STREAM}`, c.key, { payload: Buffer.from(JSON.stringify(receipt)), topic: c.topic, qos: 1, clientId: `bridge:${c.upstream}`, headers },
+      { dedupeId: `receipt/${c.id}` }).then(() => {
+      this.#pending.delete(c.id)
+      this.#deps.onReceipt?.(c.upstream, status)
+      this.#deps.logger.info({ command: c.id, topic: c.topic, upstream: c.upstream, status }, `command ${status}`)
+    }, (err: unknown) => {
+      c.busy = false // tried again by the next sweep or subscription
+      if (!isStoreError(err, 'STORE_CLOSED')) this.#deps.logger.error({ command: c.id, err: (err as Error).message }, 'command receipt could not be stored')
+    })
+  }
+
+  /** Commits, per command partition, the offset below which every command is settled. */
+  async #commitWatermarks (): Promise<void> {
+    const { store } = this.#deps
+    if (this.#accepting > 0) return
+    const lowest = new Map<string, number>()
+    for (const c of this.#pending.values()) {
+      const k = `${c.stream}\u0000${c.partition}`
+      lowest.set(k, Math.min(lowest.get(k) ?? Infinity, c.offset))
+    }
+    // Targets are taken in one synchronous pass: a command appended while the commits below are written has an
+    // offset at or above the log end read here, so no commit passes it.
+    const targets: Array<{ stream: string, partition: number, offset: number }> = []
+    for (const { tenant, stream: name } of this.#deps.streams) {
+      const stream = `${tenant}/${name}`
+      for (let partition = 0; partition < store.streamInfo(stream).partitions; partition++) {
+        const offset = lowest.get(`${stream}\u0000${partition}`) ?? store.partitionInfo(stream, partition).logEndOffset
+        if (offset > (store.fetchOffset(COMMANDS_GROUP, stream, partition) ?? -1)) targets.push({ stream, partition, offset })
+      }
+    }
+    for (const t of targets) {
+      try {
+        await store.commitOffset(COMMANDS_GROUP, t.stream, t.partition, t.offset)
+      } catch (err) {
+        if (!isStoreError(err, 'STORE_CLOSED')) this.#deps.logger.warn({ err: (err as Error).message }, 'committing the command watermark failed')
+        return
+      }
+    }
+  }
+}
+
+function subscriptionsOf (client: Client): Record<string, { qos?: number } | undefined> {
+  return (client as Client & { subscriptions?: Record<string, { qos?: number } | undefined> }).subscriptions ?? {}
+}
+
+/** The session store's PUBACK hook, as aedes calls it. */
+type OutgoingClear = (client: Client, packet: { cmd?: string, messageId?: number }) => Promise<unknown>
+
+function inflightKey (client: Client, messageId: number): string {
+  return `${client.id} ${messageId}`
+}
+
+/** aedes' own packet id counter (lib/qos-packet.js), as broker.ts's replays use it, so no id is given twice. */
+function nextPacketId (client: Client): number {
+  const counter = client as unknown as { _nextId: number }
+  const id = counter._nextId
+  counter._nextId = id >= 65535 ? 1 : id + 1
+  return id
+}

@@ -1,0 +1,1028 @@
+/**
+ * aedes session persistence on the gateway's LevelDB, format version 1: the
+ * subscriptions of persistent sessions, their offline QoS 1/2 queues,
+ * retained messages, wills and inbound QoS 2 packets awaiting PUBREL. This
+ * file owns the key layout and value encoding of the session key space;
+ * nothing else reads or writes it.
+ *
+ * Interface: the promise API that aedes 1.x calls directly (aedes-persistence
+ * 11's `asyncPersistence.js`: an `async setup(broker)`, promise-returning
+ * methods, Readable streams). Conformance: aedes-persistence's `abstract.js`
+ * run with `testAsync: true` (test/gateway/fixtures/persistence-abstract.ts).
+ *
+ * Keys are binary and live in the database handed to the constructor (the
+ * gateway passes its `sessions` sublevel; any abstract-level works). `client`
+ * is the client id as u16 byte length + utf8 bytes, so the keys of one client
+ * form a prefix range that never reaches a client whose id extends it
+ * ("abc" / "abcd").
+ *
+ * | key                           | value                                                       |
+ * | ----------------------------- | ----------------------------------------------------------- |
+ * | `V`                           | format version, u32 (= 1)                                   |
+ * | `S` client topic(utf8)        | cbor `{ qos, rh?, rap?, nl?, subscriptionIdentifier? }`     |
+ * | `R` topic(utf8)               | cbor retained packet (every own field aedes gave)           |
+ * | `O` client seq(u64)           | cbor queued packet in aedes-packet shape, or the packet that replaced it (PUBREL) |
+ * | `M` client seq(u64)           | message id, u16, given when the queued packet was sent      |
+ * | `I` client messageId(u16)     | cbor inbound QoS 2 packet, aedes-packet shape               |
+ * | `C` client                    | empty: a persistent session exists (CONNECT with clean = false), even with nothing else stored |
+ * | `W` client                    | cbor will packet, carrying brokerId, clientId and (from the broker, wills.ts) edgemqIdentity; deleted in the batch that logs it when it fires (willDeleteOps) |
+ *
+ * Invariants:
+ * - `seq` is one counter for the whole key space, strictly increasing;
+ *   setup() resumes it at the largest stored seq + 1, so a client's queue
+ *   order is its enqueue order, across restarts too.
+ * - An `M` entry exists only beside the `O` entry with the same key suffix;
+ *   both are deleted in one write batch. A lost `M` (power loss with
+ *   `durability: 'async'`) only means the packet is resent with a new id.
+ * - Memory mirrors the small state and setup() rebuilds it from disk:
+ *   subscriptions (plus a qlobber trie of the QoS > 0 ones, the same matcher
+ *   mqemitter routes live messages with), the queue index (seq, brokerId,
+ *   brokerCounter, messageId per entry, not the bodies), inbound QoS 2
+ *   packets and wills. Retained messages and queued bodies live on disk only.
+ * - The `I` entry of a QoS 2 publish that goes into the log is written in
+ *   the log's append batch (incomingStorePacketWith, the store's
+ *   `extraOps`), so it exists exactly when the record does; it is deleted
+ *   here (PUBREL, clean session) in one write.
+ * - One serial writer (group commit, as in store/): a mutation updates memory
+ *   synchronously, queues its operations and resolves once the LevelDB batch
+ *   holding them is written (fsync'd with `durability: 'sync'`, the default).
+ *   Calls made in the same tick, or while a batch is in flight, share the next
+ *   batch. Batches go out in call order, so disk converges on memory. If a
+ *   batch fails its calls reject with GW_SESSION_WRITE_FAILED and memory may be
+ *   ahead of disk until the next start rebuilds it.
+ * - setup() raises `broker.counter` above every brokerCounter this broker id
+ *   has queued: aedes restarts the counter at 0, and with a stable broker id a
+ *   reconnecting client's dedupe table (filled from replayed queue entries)
+ *   would otherwise drop new messages whose counters are lower.
+ *
+ * Not safe for two broker processes on one key space.
+ */
+import { createRequire } from 'node:module'
+import { Readable } from 'node:stream'
+import type { AbstractBatchOperation, AbstractBatchOptions, AbstractLevel } from 'abstract-level'
+import { Encoder } from 'cbor-x'
+import type { Durability, ExtraOperation, LevelDatabase } from '../../store/index.ts'
+import { compileTopicFilters, QLOBBER_OPTIONS, type QlobberOptions } from '../access/topics.ts'
+
+export const SESSION_FORMAT_VERSION = 1
+
+// ---------------------------------------------------------------------------
+// Errors
+
+export const SESSION_ERROR_CODES = {
+  GW_SESSION_NOT_FOUND: 'No stored packet has that message id. aedes reads this rejection as "not found" (a new inbound QoS 2 packet, an unknown in-flight message), so it is part of the contract, not a fault.',
+  GW_SESSION_NOT_READY: 'A session persistence method was called before setup(broker) finished loading the sessions.',
+  GW_SESSION_CLOSED: 'The session persistence was destroyed.',
+  GW_SESSION_FORMAT_VERSION: 'The sessions key space was written by an incompatible format version.',
+  GW_SESSION_CORRUPT: 'A stored session entry could not be decoded; the error names its key.',
+  GW_SESSION_WRITE_FAILED: 'The database rejected a session write (for example ENOSPC); the calls in that batch were not stored.',
+  GW_SESSION_INVALID_ARGUMENT: 'A client id or message id cannot be stored (longer than 65535 bytes, or a message id outside 0..65535).',
+} as const
+
+export type SessionErrorCode = keyof typeof SESSION_ERROR_CODES
+
+export class SessionPersistenceError extends Error {
+  override readonly name = 'SessionPersistenceError'
+  readonly code: SessionErrorCode
+
+  constructor (code: SessionErrorCode, message: string, options: { cause?: unknown } = {}) {
+    super(message, options.cause === undefined ? undefined : { cause: options.cause })
+    this.code = code
+  }
+}
+
+// ---------------------------------------------------------------------------
+// The shapes aedes hands in and gets back
+
+/** What this module needs of an aedes client. */
+export interface SessionClient {
+  readonly id: string
+}
+
+/** What this module needs of the aedes broker (`broker.counter` numbers packets; see the header). */
+export interface SessionBroker {
+  readonly id: string
+  counter?: number
+}
+
+/**
+ * A packet as aedes passes it (an aedes-packet or mqtt-packet object). Only
+ * the named fields are read; the others (MQTT 5 `properties`, `nl`,
+ * `messageExpiry`, …) are stored as they are.
+ */
+export interface SessionPacket {
+  cmd?: string
+  topic?: string
+  payload?: Buffer | Uint8Array | string
+  qos?: number
+  retain?: boolean
+  dup?: boolean
+  messageId?: number
+  brokerId?: string | null
+  brokerCounter?: number
+  clientId?: string
+  [field: string]: unknown
+}
+
+/** One entry of a SUBSCRIBE packet (mqtt-packet's shape). */
+export interface SessionSubscription {
+  topic: string
+  qos: number
+  rh?: number
+  rap?: boolean
+  nl?: boolean
+  /** MQTT 5 Subscription Identifier: stored and restored, not used for matching. */
+  subscriptionIdentifier?: number
+}
+
+/** A QoS > 0 subscription matching a topic, as subscriptionsByTopic returns it. */
+export interface MatchedSubscription {
+  clientId: string
+  topic: string
+  qos: number
+  rh: number | undefined
+  rap: boolean | undefined
+  nl: boolean | undefined
+}
+
+export interface SessionPersistenceOptions {
+  /** 'sync' (default) fsyncs each write batch before its calls resolve. */
+  readonly durability?: Durability
+}
+
+// ---------------------------------------------------------------------------
+// qlobber's aedes flavour (the trie aedes-persistence uses), built with the
+// gateway's one matcher configuration (topics.ts), so offline matching agrees
+// with live routing. It ships no types, hence the narrow local ones and createRequire.
+
+interface TrieSubscription { clientId: string, topic: string, qos: number, rh?: number, rap?: boolean, nl?: boolean }
+interface QlobberSub {
+  readonly subscriptionsCount: number
+  add (topic: string, sub: TrieSubscription): unknown
+  remove (topic: string, sub: { clientId: string, topic: string }): unknown
+  match (topic: string): MatchedSubscription[]
+  clear (): unknown
+}
+const require = createRequire(import.meta.url)
+const QlobberSubClass = require('qlobber/aedes/qlobber-sub') as new (options: QlobberOptions) => QlobberSub
+
+// ---------------------------------------------------------------------------
+// Key layout and value encoding (see the header)
+
+const TAG_VERSION = 0x56 // 'V'
+const TAG_SUB = 0x53 // 'S'
+const TAG_RETAINED = 0x52 // 'R'
+const TAG_OUTGOING = 0x4f // 'O'
+const TAG_MESSAGE_ID = 0x4d // 'M'
+const TAG_INCOMING = 0x49 // 'I'
+const TAG_WILL = 0x57 // 'W'
+const TAG_SESSION = 0x43 // 'C'
+
+const cbor = new Encoder({ useRecords: false, structuredClone: false, mapsAsObjects: true, variableMapSize: true })
+
+function clientPrefix (tag: number, clientId: string, extra = 0): Buffer {
+  const id = Buffer.from(String(clientId), 'utf8')
+  if (id.length > 0xffff) {
+    throw new SessionPersistenceError('GW_SESSION_INVALID_ARGUMENT', `client id is ${id.length} bytes, more than 65535`)
+  }
+  const key = Buffer.allocUnsafe(3 + id.length + extra)
+  key[0] = tag
+  key.writeUInt16BE(id.length, 1)
+  id.copy(key, 3)
+  return key
+}
+
+function checkMessageId (messageId: unknown): number {
+  if (typeof messageId !== 'number' || !Number.isInteger(messageId) || messageId < 0 || messageId > 0xffff) {
+    throw new SessionPersistenceError('GW_SESSION_INVALID_ARGUMENT', `message id must be an integer in 0..65535, got ${String(messageId)}`)
+  }
+  return messageId
+}
+
+const keys = {
+  version: (): Buffer => Buffer.from([TAG_VERSION]),
+  sub: (clientId: string, topic: string): Buffer => Buffer.concat([clientPrefix(TAG_SUB, clientId), Buffer.from(topic, 'utf8')]),
+  retained: (topic: string): Buffer => Buffer.concat([Buffer.from([TAG_RETAINED]), Buffer.from(topic, 'utf8')]),
+  outgoing: (tag: typeof TAG_OUTGOING | typeof TAG_MESSAGE_ID, clientId: string, seq: number): Buffer => {
+    const key = clientPrefix(tag, clientId, 8)
+    key.writeBigUInt64BE(BigInt(seq), key.length - 8)
+    return key
+  },
+  incoming: (clientId: string, messageId: number): Buffer => {
+    const key = clientPrefix(TAG_INCOMING, clientId, 2)
+    key.writeUInt16BE(messageId, key.length - 2)
+    return key
+  },
+  will: (clientId: string): Buffer => clientPrefix(TAG_WILL, clientId),
+  session: (clientId: string): Buffer => clientPrefix(TAG_SESSION, clientId),
+  /** Splits a client-scoped key into the client id and what follows it. */
+  parseClient (key: Buffer): { clientId: string, rest: Buffer } {
+    const length = key.readUInt16BE(1)
+    return { clientId: key.toString('utf8', 3, 3 + length), rest: key.subarray(3 + length) }
+  },
+}
+
+/** Range bounds covering every key that starts with `prefix`. */
+function prefixRange (prefix: Buffer): { gte: Buffer, lt?: Buffer } {
+  const upper = Buffer.from(prefix)
+  for (let i = upper.length - 1; i >= 0; i--) {
+    if ((upper[i] as number) < 0xff) {
+      upper[i] = (upper[i] as number) + 1
+      return { gte: prefix, lt: upper.subarray(0, i + 1) }
+    }
+  }
+  return { gte: prefix }
+}
+
+function encodeU16 (n: number): Buffer {
+  const buf = Buffer.allocUnsafe(2)
+  buf.writeUInt16BE(n, 0)
+  return buf
+}
+
+function decodeValue<T> (key: Buffer, value: Uint8Array): T {
+  try {
+    return cbor.decode(value) as T
+  } catch (err) {
+    throw new SessionPersistenceError('GW_SESSION_CORRUPT', `cannot decode session entry ${key.toString('hex')}`, { cause: err })
+  }
+}
+
+/** Every own enumerable field: aedes packets are class instances, and callers mutate what they passed. */
+function ownFields (packet: SessionPacket): SessionPacket {
+  return Object.assign({}, packet)
+}
+
+/**
+ * The shape aedes-packet 4's `new Packet(original)` gives (aedes-persistence
+ * stores queued and inbound packets that way, and aedes reads them back as
+ * such): known fields defaulted, anything else but the MQTT 5 extras dropped,
+ * `messageId` reset for QoS > 0 until outgoingUpdate assigns one.
+ */
+function toAedesPacket (original: SessionPacket): SessionPacket {
+  const packet: SessionPacket = {}
+  for (const field of ['clientId', 'nl', 'properties', 'messageExpiry']) {
+    if (Object.prototype.hasOwnProperty.call(original, field)) packet[field] = original[field]
+  }
+  packet.cmd = original.cmd || 'publish'
+  packet.brokerId = original.brokerId || undefined
+  packet.brokerCounter = original.brokerCounter || 0
+  packet.topic = original.topic
+  packet.payload = original.payload || Buffer.alloc(0)
+  packet.qos = original.qos || 0
+  packet.retain = original.retain || false
+  packet.dup = original.dup || false
+  if (packet.qos > 0 || packet.cmd !== 'publish') packet.messageId = undefined
+  return packet
+}
+
+/** aedes passes whatever it has (a PUBACK, a queued packet, once even a bare number) to outgoingClearMessageId. */
+function fieldOf (packet: unknown, field: 'messageId' | 'brokerId' | 'brokerCounter'): unknown {
+  return typeof packet === 'object' && packet !== null ? (packet as Record<string, unknown>)[field] : undefined
+}
+
+function brokerKey (brokerId: unknown, brokerCounter: unknown): string {
+  return `${typeof brokerId === 'string' ? `s${brokerId}` : 'u'}|${String(brokerCounter)}`
+}
+
+// ---------------------------------------------------------------------------
+// The writer: one serial loop, group commit (see the header)
+
+type Db = AbstractLevel<string | Buffer | Uint8Array, unknown, unknown>
+type BatchOp = AbstractBatchOperation<Db, Buffer, Buffer>
+/** classic-level's `sync` write option; abstract-level's types do not declare it, sublevels forward it. */
+type WriteOptions = AbstractBatchOptions<Buffer, Buffer> & { sync: boolean }
+const BINARY = { keyEncoding: 'buffer', valueEncoding: 'buffer' } as const
+
+interface PendingValue { readonly value: Buffer | undefined }
+
+interface Slot {
+  readonly ops: BatchOp[]
+  readonly cells: Array<[string, PendingValue]>
+  readonly done: Promise<void>
+  resolve: () => void
+  reject: (err: unknown) => void
+}
+
+class GroupCommitWriter {
+  readonly #db: Db
+  readonly #options: WriteOptions
+  /** Values queued or in flight, so point reads see them before LevelDB does. */
+  readonly #pending = new Map<string, PendingValue>()
+  #next: Slot | undefined
+  #current: Slot | undefined
+  #running = false
+
+  constructor (db: Db, durability: Durability) {
+    this.#db = db
+    this.#options = { ...BINARY, sync: durability === 'sync' }
+  }
+
+  write (ops: BatchOp[]): Promise<void> {
+    if (ops.length === 0) return Promise.resolve()
+    let slot = this.#next
+    if (slot === undefined) {
+      let resolve!: () => void
+      let reject!: (err: unknown) => void
+      const done = new Promise<void>((res, rej) => { resolve = res; reject = rej })
+      done.catch(() => {}) // every caller awaits it; this only keeps an unawaited failure from crashing the process
+      slot = { ops: [], cells: [], done, resolve, reject }
+      this.#next = slot
+    }
+    for (const op of ops) {
+      slot.ops.push(op)
+      const cell: PendingValue = { value: op.type === 'put' ? op.value : undefined }
+      const id = op.key.toString('latin1')
+      this.#pending.set(id, cell)
+      slot.cells.push([id, cell])
+    }
+    if (!this.#running) {
+      this.#running = true
+      queueMicrotask(() => { void this.#run() })
+    }
+    return slot.done
+  }
+
+  /** Resolves (never rejects) once everything written so far has been committed or has failed. */
+  flush (): Promise<void> {
+    const slot = this.#next ?? this.#current
+    return slot === undefined ? Promise.resolve() : slot.done.then(() => {}, () => {})
+  }
+
+  /** Reads one key, seeing writes that are queued but not yet in LevelDB. */
+  async read (key: Buffer): Promise<Buffer | undefined> {
+    const pending = this.#pending.get(key.toString('latin1'))
+    if (pending !== undefined) return pending.value
+    return await this.#db.get<Buffer, Buffer>(key, BINARY)
+  }
+
+  async #run (): Promise<void> {
+    while (this.#next !== undefined) {
+      const slot = this.#next
+      this.#next = undefined
+      this.#current = slot
+      try {
+        await this.#db.batch<Buffer, Buffer>(slot.ops, this.#options)
+        slot.resolve()
+      } catch (err) {
+        slot.reject(new SessionPersistenceError('GW_SESSION_WRITE_FAILED', `session write of ${slot.ops.length} operations failed`, { cause: err }))
+      } finally {
+        for (const [id, cell] of slot.cells) {
+          if (this.#pending.get(id) === cell) this.#pending.delete(id)
+        }
+        this.#current = undefined
+      }
+    }
+    this.#running = false
+  }
+}
+
+const put = (key: Buffer, value: Buffer): BatchOp => ({ type: 'put', key, value })
+const del = (key: Buffer): BatchOp => ({ type: 'del', key })
+
+// ---------------------------------------------------------------------------
+// In-memory state
+
+interface StoredSubscription {
+  qos: number
+  rh?: number
+  rap?: boolean
+  nl?: boolean
+  subscriptionIdentifier?: number
+}
+
+interface OutgoingEntry {
+  readonly seq: number
+  brokerId: unknown
+  brokerCounter: unknown
+  messageId: number | undefined
+  /** The packet that replaced the queued one in this process (a PUBREL); on disk too, kept so streams never read a stale body. */
+  replacement: SessionPacket | undefined
+}
+
+/** One client's offline queue: entries in seq order plus the two lookups aedes needs. */
+class OutgoingQueue {
+  readonly entries = new Map<number, OutgoingEntry>()
+  readonly #byBroker = new Map<string, Set<OutgoingEntry>>()
+  readonly #byMessageId = new Map<number, Set<OutgoingEntry>>()
+
+  add (entry: OutgoingEntry): void {
+    this.entries.set(entry.seq, entry)
+    this.#index(entry)
+  }
+
+  remove (entry: OutgoingEntry): void {
+    this.entries.delete(entry.seq)
+    this.#unindex(entry)
+  }
+
+  /** Changes the fields the lookups use. */
+  change (entry: OutgoingEntry, fields: { brokerId?: unknown, brokerCounter?: unknown, messageId: number | undefined }): void {
+    this.#unindex(entry)
+    if ('brokerId' in fields) entry.brokerId = fields.brokerId
+    if ('brokerCounter' in fields) entry.brokerCounter = fields.brokerCounter
+    entry.messageId = fields.messageId
+    this.#index(entry)
+  }
+
+  /** First entry (in queue order) sent by this broker under this counter. */
+  byBroker (brokerId: unknown, brokerCounter: unknown): OutgoingEntry | undefined {
+    return first(this.#byBroker.get(brokerKey(brokerId, brokerCounter)), () => true)
+  }
+
+  /** First entry (in queue order) with this message id, optionally only among other brokers' entries. */
+  byMessageId (messageId: number, notFromBroker?: { brokerId: unknown }): OutgoingEntry | undefined {
+    return first(this.#byMessageId.get(messageId), (e) => notFromBroker === undefined || e.brokerId !== notFromBroker.brokerId)
+  }
+
+  #index (entry: OutgoingEntry): void {
+    addTo(this.#byBroker, brokerKey(entry.brokerId, entry.brokerCounter), entry)
+    if (entry.messageId !== undefined) addTo(this.#byMessageId, entry.messageId, entry)
+  }
+
+  #unindex (entry: OutgoingEntry): void {
+    removeFrom(this.#byBroker, brokerKey(entry.brokerId, entry.brokerCounter), entry)
+    if (entry.messageId !== undefined) removeFrom(this.#byMessageId, entry.messageId, entry)
+  }
+}
+
+function addTo<K> (map: Map<K, Set<OutgoingEntry>>, key: K, entry: OutgoingEntry): void {
+  let set = map.get(key)
+  if (set === undefined) {
+    set = new Set()
+    map.set(key, set)
+  }
+  set.add(entry)
+}
+
+function removeFrom<K> (map: Map<K, Set<OutgoingEntry>>, key: K, entry: OutgoingEntry): void {
+  const set = map.get(key)
+  if (set === undefined) return
+  set.delete(entry)
+  if (set.size === 0) map.delete(key)
+}
+
+function first (set: Set<OutgoingEntry> | undefined, accept: (entry: OutgoingEntry) => boolean): OutgoingEntry | undefined {
+  let best: OutgoingEntry | undefined
+  if (set === undefined) return undefined
+  for (const entry of set) {
+    if (accept(entry) && (best === undefined || entry.seq < best.seq)) best = entry
+  }
+  return best
+}
+
+// ---------------------------------------------------------------------------
+// The persistence
+
+export class LevelSessionPersistence {
+  readonly #db: Db
+  readonly #writer: GroupCommitWriter
+  #broker: SessionBroker | undefined
+  #loading: Promise<void> | undefined
+  #loaded = false
+  #destroyed = false
+
+  /** clientId → topic → subscription (every QoS). */
+  readonly #subs = new Map<string, Map<string, StoredSubscription>>()
+  /** The QoS > 0 subscriptions, for matching published topics. */
+  readonly #trie = new QlobberSubClass(QLOBBER_OPTIONS)
+  readonly #queues = new Map<string, OutgoingQueue>()
+  #nextSeq = 1
+  /** Largest brokerCounter queued per broker id, found by setup(). */
+  readonly #maxCounters = new Map<string, number>()
+  /** clientId → messageId → inbound QoS 2 packet. */
+  readonly #incoming = new Map<string, Map<number, SessionPacket>>()
+  readonly #wills = new Map<string, SessionPacket>()
+  /** Client ids with a persistent session (`C`). */
+  readonly #sessions = new Set<string>()
+
+  /**
+   * @param db the key space to own, normally `db.sublevel('sessions')` of the
+   *   gateway's LevelDB; memory-level works for tests. It is opened if needed
+   *   and never closed here.
+   */
+  constructor (db: LevelDatabase, options: SessionPersistenceOptions = {}) {
+    const durability = options.durability ?? 'sync'
+    if (durability !== 'sync' && durability !== 'async') {
+      throw new SessionPersistenceError('GW_SESSION_INVALID_ARGUMENT', `durability must be "sync" or "async", got ${String(durability)}`)
+    }
+    this.#db = db
+    this.#writer = new GroupCommitWriter(db, durability)
+  }
+
+  /** The broker given to setup(); aedes-persistence's abstract suite reads it. */
+  get broker (): SessionBroker | undefined {
+    return this.#broker
+  }
+
+  /**
+   * Called by aedes' listen(): loads the sessions into memory (once) and
+   * binds the broker. Must stay a native async function: aedes checks
+   * `setup.constructor.name === 'AsyncFunction'`.
+   */
+  async setup (broker: SessionBroker): Promise<void> {
+    this.#broker = broker
+    this.#loading ??= this.#load()
+    await this.#loading
+    const max = this.#maxCounters.get(broker.id)
+    if (max !== undefined && typeof broker.counter === 'number' && broker.counter < max) broker.counter = max
+  }
+
+  async #load (): Promise<void> {
+    if (this.#db.status !== 'open') await this.#db.open()
+    const stored = await this.#db.get<Buffer, Buffer>(keys.version(), BINARY)
+    if (stored === undefined) {
+      const buf = Buffer.allocUnsafe(4)
+      buf.writeUInt32BE(SESSION_FORMAT_VERSION, 0)
+      await this.#writer.write([put(keys.version(), buf)])
+    } else if (stored.length !== 4 || stored.readUInt32BE(0) !== SESSION_FORMAT_VERSION) {
+      throw new SessionPersistenceError('GW_SESSION_FORMAT_VERSION',
+        `sessions were written by format ${stored.length === 4 ? stored.readUInt32BE(0) : 'unknown'}, this gateway reads ${SESSION_FORMAT_VERSION}`)
+    }
+
+    for await (const [key, value] of this.#scan(Buffer.from([TAG_SUB]))) {
+      const { clientId, rest } = keys.parseClient(key)
+      this.#addSubscription(clientId, rest.toString('utf8'), decodeValue<StoredSubscription>(key, value))
+    }
+
+    for await (const [key, value] of this.#scan(Buffer.from([TAG_OUTGOING]))) {
+      const { clientId, rest } = keys.parseClient(key)
+      const seq = Number(rest.readBigUInt64BE(0))
+      const packet = decodeValue<SessionPacket>(key, value)
+      this.#queue(clientId, true).add({
+        seq,
+        brokerId: packet.brokerId,
+        brokerCounter: packet.brokerCounter,
+        messageId: packet.messageId ?? undefined,
+        replacement: undefined,
+      })
+      if (seq >= this.#nextSeq) this.#nextSeq = seq + 1
+      if (typeof packet.brokerId === 'string' && typeof packet.brokerCounter === 'number') {
+        this.#maxCounters.set(packet.brokerId, Math.max(this.#maxCounters.get(packet.brokerId) ?? 0, packet.brokerCounter))
+      }
+    }
+    for await (const [key, value] of this.#scan(Buffer.from([TAG_MESSAGE_ID]))) {
+      const { clientId, rest } = keys.parseClient(key)
+      const queue = this.#queues.get(clientId)
+      const entry = queue?.entries.get(Number(rest.readBigUInt64BE(0)))
+      if (queue !== undefined && entry !== undefined && value.length === 2) queue.change(entry, { messageId: value.readUInt16BE(0) })
+    }
+
+    for await (const [key, value] of this.#scan(Buffer.from([TAG_INCOMING]))) {
+      const { clientId, rest } = keys.parseClient(key)
+      this.#incomingOf(clientId).set(rest.readUInt16BE(0), decodeValue<SessionPacket>(key, value))
+    }
+
+    for await (const [key] of this.#scan(Buffer.from([TAG_SESSION]))) this.#sessions.add(keys.parseClient(key).clientId)
+
+    for await (const [key, value] of this.#scan(Buffer.from([TAG_WILL]))) {
+      this.#wills.set(keys.parseClient(key).clientId, decodeValue<SessionPacket>(key, value))
+    }
+    this.#loaded = true
+  }
+
+  #scan (prefix: Buffer): AsyncIterable<[Buffer, Buffer]> {
+    return this.#db.iterator<Buffer, Buffer>({ ...prefixRange(prefix), ...BINARY })
+  }
+
+  #ready (): void {
+    if (this.#destroyed) throw new SessionPersistenceError('GW_SESSION_CLOSED', 'the session persistence was destroyed')
+    if (!this.#loaded) throw new SessionPersistenceError('GW_SESSION_NOT_READY', 'call setup(broker) first')
+  }
+
+  // --- retained messages ----------------------------------------------------
+
+  /** Stores a retained message; an empty payload deletes the topic's retained message. */
+  async storeRetained (packet: SessionPacket): Promise<void> {
+    this.#ready()
+    const topic = String(packet.topic)
+    const payload = packet.payload
+    if (payload === undefined || payload === null || payload.length === 0) {
+      await this.#writer.write([del(keys.retained(topic))])
+    } else {
+      await this.#writer.write([put(keys.retained(topic), cbor.encode(ownFields(packet)))])
+    }
+  }
+
+  /** @deprecated by aedes-persistence in favour of createRetainedStreamCombi. */
+  createRetainedStream (pattern: string): Readable {
+    return this.createRetainedStreamCombi([pattern])
+  }
+
+  /** Retained messages matching any of the topic filters, each message once. */
+  createRetainedStreamCombi (patterns: readonly string[]): Readable {
+    return Readable.from(this.#retained([...patterns]))
+  }
+
+  async * #retained (patterns: string[]): AsyncGenerator<SessionPacket> {
+    this.#ready()
+    await this.#writer.flush()
+    const seen = new Set<string>()
+    for (const pattern of patterns) {
+      const matches = compileTopicFilters([pattern])
+      const levels = pattern.split('/')
+      const wildcard = levels.findIndex((level) => level === '+' || level === '#')
+      const literal = wildcard === -1 ? pattern : levels.slice(0, wildcard).join('/')
+      for await (const [key, value] of this.#scan(keys.retained(literal))) {
+        const topic = key.toString('utf8', 1)
+        if (seen.has(topic) || !matches(topic)) continue
+        seen.add(topic)
+        yield decodeValue<SessionPacket>(key, value)
+      }
+    }
+  }
+
+  // --- subscriptions --------------------------------------------------------
+
+  /** Stores subscriptions of a persistent session (later entries for the same topic win). */
+  async addSubscriptions (client: SessionClient, subs: readonly SessionSubscription[]): Promise<void> {
+    this.#ready()
+    const ops: BatchOp[] = []
+    for (const sub of subs) {
+      const record: StoredSubscription = { qos: sub.qos }
+      if (sub.rh !== undefined) record.rh = sub.rh
+      if (sub.rap !== undefined) record.rap = sub.rap
+      if (sub.nl !== undefined) record.nl = sub.nl
+      if (sub.subscriptionIdentifier !== undefined) record.subscriptionIdentifier = sub.subscriptionIdentifier
+      this.#addSubscription(client.id, sub.topic, record)
+      ops.push(put(keys.sub(client.id, sub.topic), cbor.encode(record)))
+    }
+    await this.#writer.write(ops)
+  }
+
+  #addSubscription (clientId: string, topic: string, record: StoredSubscription): void {
+    let stored = this.#subs.get(clientId)
+    if (stored === undefined) {
+      stored = new Map()
+      this.#subs.set(clientId, stored)
+    }
+    const previous = stored.get(topic)
+    if (record.qos > 0) {
+      this.#trie.add(topic, { clientId, topic, qos: record.qos, rh: record.rh, rap: record.rap, nl: record.nl })
+    } else if (previous !== undefined && previous.qos > 0) {
+      this.#trie.remove(topic, { clientId, topic })
+    }
+    stored.set(topic, record)
+  }
+
+  async removeSubscriptions (client: SessionClient, topics: readonly string[]): Promise<void> {
+    this.#ready()
+    const stored = this.#subs.get(client.id)
+    if (stored === undefined) return
+    const ops: BatchOp[] = []
+    for (const topic of topics) {
+      const record = stored.get(topic)
+      if (record === undefined) continue
+      if (record.qos > 0) this.#trie.remove(topic, { clientId: client.id, topic })
+      stored.delete(topic)
+      ops.push(del(keys.sub(client.id, topic)))
+    }
+    if (stored.size === 0) this.#subs.delete(client.id)
+    await this.#writer.write(ops)
+  }
+
+  /** The client's stored subscriptions (aedes restores them on a CONNECT with clean: false). */
+  async subscriptionsByClient (client: SessionClient): Promise<Array<SessionSubscription>> {
+    this.#ready()
+    const stored = this.#subs.get(client.id)
+    if (stored === undefined) return []
+    return [...stored].map(([topic, record]) => ({ topic, ...record }))
+  }
+
+  /**
+   * Whether the client has stored session state [MQTT-3.1.2-4]: subscriptions,
+   * queued or unacknowledged outgoing QoS 1/2 messages, or inbound QoS 2
+   * packets awaiting PUBREL.
+   */
+  hasSessionState (client: SessionClient): boolean {
+    this.#ready()
+    return this.#sessions.has(client.id) || this.#subs.has(client.id) || this.#queues.has(client.id) || this.#incoming.has(client.id)
+  }
+
+  /** Records that the client has a persistent session, stored or not [MQTT-3.1.2-4]; cleanSubscriptions ends it. */
+  async markSession (client: SessionClient): Promise<void> {
+    this.#ready()
+    if (this.#sessions.has(client.id)) return
+    this.#sessions.add(client.id)
+    await this.#writer.write([put(keys.session(client.id), Buffer.alloc(0))])
+  }
+
+  /** Number of QoS > 0 subscriptions and of clients with any stored subscription. */
+  async countOffline (): Promise<{ subsCount: number, clientsCount: number }> {
+    this.#ready()
+    return { subsCount: this.#trie.subscriptionsCount, clientsCount: this.#subs.size }
+  }
+
+  /** The QoS > 0 subscriptions whose filter matches the topic (aedes enqueues a copy for each). */
+  async subscriptionsByTopic (topic: string): Promise<MatchedSubscription[]> {
+    this.#ready()
+    return this.#trie.match(topic)
+  }
+
+  /** Drops the client's subscriptions and its session marker (aedes calls this for a CONNECT with clean = true). */
+  async cleanSubscriptions (client: SessionClient): Promise<void> {
+    this.#ready()
+    if (this.#sessions.delete(client.id)) await this.#writer.write([del(keys.session(client.id))])
+    const stored = this.#subs.get(client.id)
+    if (stored === undefined) return
+    const ops: BatchOp[] = []
+    for (const [topic, record] of stored) {
+      if (record.qos > 0) this.#trie.remove(topic, { clientId: client.id, topic })
+      ops.push(del(keys.sub(client.id, topic)))
+    }
+    this.#subs.delete(client.id)
+    await this.#writer.write(ops)
+  }
+
+  /** Client ids with a stored subscription to exactly this topic filter. */
+  getClientList (topic: string): Readable {
+    const ids: string[] = []
+    for (const [clientId, stored] of this.#subs) {
+      if (stored.has(topic)) ids.push(clientId)
+    }
+    return Readable.from(ids)
+  }
+
+  // --- offline queues (outgoing) --------------------------------------------
+
+  #queue (clientId: string, create: true): OutgoingQueue
+  #queue (clientId: string, create: false): OutgoingQueue | undefined
+  #queue (clientId: string, create: boolean): OutgoingQueue | undefined {
+    let queue = this.#queues.get(clientId)
+    if (queue === undefined && create) {
+      queue = new OutgoingQueue()
+      this.#queues.set(clientId, queue)
+    }
+    return queue
+  }
+
+  #dropIfEmpty (clientId: string, queue: OutgoingQueue): void {
+    if (queue.entries.size === 0 && this.#queues.get(clientId) === queue) this.#queues.delete(clientId)
+  }
+
+  /** @deprecated by aedes-persistence in favour of outgoingEnqueueCombi; aedes still calls it for a client's own publishes. */
+  async outgoingEnqueue (sub: { clientId: string }, packet: SessionPacket): Promise<void> {
+    await this.outgoingEnqueueCombi([sub], packet)
+  }
+
+  /**
+   * Queues the packet for each subscription's client. Resolves once the queue
+   * entries are written; aedes delivers to online clients only after that.
+   */
+  async outgoingEnqueueCombi (subs: ReadonlyArray<{ clientId: string }>, packet: SessionPacket): Promise<void> {
+    this.#ready()
+    if (subs.length === 0) return
+    const queued = toAedesPacket(packet)
+    const body = cbor.encode(queued)
+    const ops: BatchOp[] = []
+    for (const sub of subs) {
+      const seq = this.#nextSeq++
+      ops.push(put(keys.outgoing(TAG_OUTGOING, sub.clientId, seq), body))
+      this.#queue(sub.clientId, true).add({
+        seq, brokerId: queued.brokerId, brokerCounter: queued.brokerCounter, messageId: undefined, replacement: undefined,
+      })
+    }
+    await this.#writer.write(ops)
+  }
+
+  /**
+   * Records the message id a queued packet was sent with, found by brokerId
+   * and brokerCounter; or, for a packet of another broker with the same
+   * message id (a PUBREL after PUBREC), replaces the queued packet with it.
+   * The earlier entry in queue order wins, as in aedes-persistence.
+   * Rejects with GW_SESSION_NOT_FOUND when neither exists.
+   */
+  async outgoingUpdate (client: SessionClient, packet: SessionPacket): Promise<void> {
+    this.#ready()
+    const queue = this.#queue(client.id, false)
+    const messageId = typeof packet.messageId === 'number' ? checkMessageId(packet.messageId) : undefined
+    const sameBroker = queue?.byBroker(packet.brokerId, packet.brokerCounter)
+    const otherBroker = messageId === undefined ? undefined : queue?.byMessageId(messageId, { brokerId: packet.brokerId })
+    if (queue === undefined || (sameBroker === undefined && otherBroker === undefined)) {
+      throw new SessionPersistenceError('GW_SESSION_NOT_FOUND', `no queued packet for client ${client.id} matches messageId ${String(packet.messageId)}`)
+    }
+    const ops: BatchOp[] = []
+    if (sameBroker !== undefined && (otherBroker === undefined || sameBroker.seq < otherBroker.seq)) {
+      queue.change(sameBroker, { messageId })
+      const key = keys.outgoing(TAG_MESSAGE_ID, client.id, sameBroker.seq)
+      ops.push(messageId === undefined ? del(key) : put(key, encodeU16(messageId)))
+    } else if (otherBroker !== undefined) {
+      const replacement = ownFields(packet)
+      otherBroker.replacement = replacement
+      queue.change(otherBroker, { brokerId: packet.brokerId, brokerCounter: packet.brokerCounter, messageId })
+      ops.push(put(keys.outgoing(TAG_OUTGOING, client.id, otherBroker.seq), cbor.encode(replacement)))
+      ops.push(put(keys.outgoing(TAG_MESSAGE_ID, client.id, otherBroker.seq), encodeU16(messageId as number)))
+    }
+    await this.#writer.write(ops)
+  }
+
+  /**
+   * Removes the queued packet with this message id (a PUBACK or PUBCOMP is
+   * fine) and resolves with it, or with undefined when there is none. A packet
+   * without a message id is looked up by brokerId and brokerCounter: aedes
+   * passes the undelivered packet itself when authorizeForward drops it.
+   */
+  async outgoingClearMessageId (client: SessionClient, packet: SessionPacket): Promise<SessionPacket | undefined> {
+    this.#ready()
+    const queue = this.#queue(client.id, false)
+    if (queue === undefined) return undefined
+    const messageId = fieldOf(packet, 'messageId')
+    const brokerId = fieldOf(packet, 'brokerId')
+    const entry = typeof messageId === 'number'
+      ? queue.byMessageId(messageId)
+      : typeof brokerId === 'string' ? queue.byBroker(brokerId, fieldOf(packet, 'brokerCounter')) : undefined
+    if (entry === undefined) return undefined
+    queue.remove(entry)
+    this.#dropIfEmpty(client.id, queue)
+    const bodyKey = keys.outgoing(TAG_OUTGOING, client.id, entry.seq)
+    let stored: SessionPacket | undefined
+    if (entry.replacement !== undefined) {
+      stored = { ...entry.replacement }
+    } else {
+      const body = await this.#writer.read(bodyKey)
+      if (body !== undefined) stored = { ...decodeValue<SessionPacket>(bodyKey, body), messageId: entry.messageId }
+    }
+    await this.#writer.write([del(bodyKey), del(keys.outgoing(TAG_MESSAGE_ID, client.id, entry.seq))])
+    return stored
+  }
+
+  /**
+   * The client's queue in enqueue order, with the message ids assigned so
+   * far. Entries cleared while the stream runs are skipped.
+   */
+  outgoingStream (client: SessionClient): Readable {
+    return Readable.from(this.#outgoing(client.id))
+  }
+
+  async * #outgoing (clientId: string): AsyncGenerator<SessionPacket> {
+    this.#ready()
+    await this.#writer.flush()
+    if (this.#queues.get(clientId) === undefined) return
+    const prefix = clientPrefix(TAG_OUTGOING, clientId)
+    for await (const [key, value] of this.#scan(prefix)) {
+      const entry = this.#queues.get(clientId)?.entries.get(Number(key.readBigUInt64BE(prefix.length)))
+      if (entry === undefined) continue
+      if (entry.replacement !== undefined) {
+        yield { ...entry.replacement }
+      } else {
+        yield { ...decodeValue<SessionPacket>(key, value), messageId: entry.messageId }
+      }
+    }
+  }
+
+  // --- inbound QoS 2 (incoming) ---------------------------------------------
+
+  /** Stores an inbound QoS 2 PUBLISH until its PUBREL. aedes sends PUBREC after this resolves. */
+  async incomingStorePacket (client: SessionClient, packet: SessionPacket): Promise<void> {
+    this.#ready()
+    const messageId = checkMessageId(packet.messageId)
+    const stored = toAedesPacket(packet)
+    stored.messageId = messageId
+    this.#incomingOf(client.id).set(messageId, stored)
+    await this.#writer.write([put(keys.incoming(client.id, messageId), cbor.encode(stored))])
+  }
+
+  /**
+   * incomingStorePacket with the write done by the caller: `write` gets the
+   * operations (on this key space, as the log store's `extraOps` take them)
+   * and resolves once they are durable, normally in the batch that appends
+   * the packet to the log, so the log and this entry agree after any crash.
+   * Memory is updated at once, as incomingStorePacket does, so a duplicate
+   * arriving meanwhile is found; if `write` rejects the entry is dropped.
+   */
+  async incomingStorePacketWith<T> (client: SessionClient, packet: SessionPacket, write: (ops: ExtraOperation[]) => Promise<T>): Promise<T> {
+    this.#ready()
+    const messageId = checkMessageId(packet.messageId)
+    const stored = toAedesPacket(packet)
+    stored.messageId = messageId
+    const store = this.#incomingOf(client.id)
+    store.set(messageId, stored)
+    try {
+      return await write([{ type: 'put', sublevel: this.#db, key: keys.incoming(client.id, messageId), value: cbor.encode(stored) }])
+    } catch (err) {
+      if (store.get(messageId) === stored) store.delete(messageId)
+      if (store.size === 0 && this.#incoming.get(client.id) === store) this.#incoming.delete(client.id)
+      throw err
+    }
+  }
+
+  /** Whether an inbound packet with this id is stored for the client (awaiting PUBREL). */
+  hasIncomingPacket (client: SessionClient, messageId: number): boolean {
+    this.#ready()
+    return this.#incoming.get(client.id)?.has(messageId) === true
+  }
+
+  /** Number of the client's stored inbound packets. */
+  incomingCount (client: SessionClient): number {
+    this.#ready()
+    return this.#incoming.get(client.id)?.size ?? 0
+  }
+
+  /** The stored inbound packet; rejects with GW_SESSION_NOT_FOUND, which aedes reads as "a new packet". */
+  async incomingGetPacket (client: SessionClient, packet: SessionPacket): Promise<SessionPacket> {
+    this.#ready()
+    const stored = this.#incoming.get(client.id)?.get(packet.messageId as number)
+    if (stored === undefined) {
+      throw new SessionPersistenceError('GW_SESSION_NOT_FOUND', `no inbound packet ${String(packet.messageId)} for client ${client.id}`)
+    }
+    return { ...stored }
+  }
+
+  async incomingDelPacket (client: SessionClient, packet: SessionPacket): Promise<void> {
+    this.#ready()
+    const store = this.#incoming.get(client.id)
+    const messageId = packet.messageId as number
+    if (store === undefined || !store.delete(messageId)) {
+      // A repeated PUBREL: aedes answers it with PUBCOMP, which must not overtake the write deleting the entry (a kill
+      // after that PUBCOMP would bring the entry back, and the client's next message with this id would be dropped).
+      await this.#writer.flush()
+      throw new SessionPersistenceError('GW_SESSION_NOT_FOUND', `no inbound packet ${String(packet.messageId)} for client ${client.id}`)
+    }
+    if (store.size === 0) this.#incoming.delete(client.id)
+    await this.#writer.write([del(keys.incoming(client.id, messageId))])
+  }
+
+  /** Drops every stored inbound packet of the client ([MQTT-3.1.2-6]: a clean session discards them). */
+  async cleanIncoming (client: SessionClient): Promise<void> {
+    this.#ready()
+    const store = this.#incoming.get(client.id)
+    if (store === undefined) return
+    this.#incoming.delete(client.id)
+    await this.#writer.write([...store.keys()].map((messageId) => del(keys.incoming(client.id, messageId))))
+  }
+
+  #incomingOf (clientId: string): Map<number, SessionPacket> {
+    let store = this.#incoming.get(clientId)
+    if (store === undefined) {
+      store = new Map()
+      this.#incoming.set(clientId, store)
+    }
+    return store
+  }
+
+  // --- wills ----------------------------------------------------------------
+
+  /** Stores the client's will. Like aedes-persistence it stamps brokerId and clientId onto the packet passed in. */
+  async putWill (client: SessionClient, packet: SessionPacket): Promise<void> {
+    this.#ready()
+    packet.brokerId = this.#broker?.id
+    packet.clientId = client.id
+    const will = ownFields(packet)
+    this.#wills.set(client.id, will)
+    await this.#writer.write([put(keys.will(client.id), cbor.encode(will))])
+  }
+
+  async getWill (client: SessionClient): Promise<SessionPacket | undefined> {
+    this.#ready()
+    const will = this.#wills.get(client.id)
+    return will === undefined ? undefined : { ...will }
+  }
+
+  /**
+   * The delete of the client's stored will as operations on this key space
+   * (as the log store's `extraOps` take them), for the batch that logs the
+   * will when it fires: a kill after that batch cannot fire it again. Memory
+   * is left to delWill, which the firing calls next.
+   */
+  willDeleteOps (client: SessionClient): ExtraOperation[] {
+    this.#ready()
+    return [{ type: 'del', sublevel: this.#db, key: keys.will(client.id) }]
+  }
+
+  async delWill (client: SessionClient): Promise<SessionPacket | undefined> {
+    this.#ready()
+    const will = this.#wills.get(client.id)
+    if (will === undefined) return undefined
+    this.#wills.delete(client.id)
+    await this.#writer.write([del(keys.will(client.id))])
+    return will
+  }
+
+  /** Wills stored by brokers not listed (aedes passes the brokers it has heard a heartbeat from). */
+  streamWill (brokers: Readonly<Record<string, unknown>> = {}): Readable {
+    const wills: SessionPacket[] = []
+    for (const will of this.#wills.values()) {
+      if (!brokers[String(will.brokerId)]) wills.push({ ...will })
+    }
+    return Readable.from(wills)
+  }
+
+  // --- lifecycle ------------------------------------------------------------
+
+  /**
+   * Waits for queued writes, then drops the in-memory state. The database is
+   * the caller's and stays open. A second call rejects with GW_SESSION_CLOSED.
+   */
+  async destroy (): Promise<void> {
+    if (this.#destroyed) throw new SessionPersistenceError('GW_SESSION_CLOSED', 'the session persistence was already destroyed')
+    this.#destroyed = true
+    await this.#loading?.catch(() => {})
+    await this.#writer.flush()
+    this.#subs.clear()
+    this.#trie.clear()
+    this.#queues.clear()
+    this.#incoming.clear()
+    this.#wills.clear()
+    this.#sessions.clear()
+  }
+}

@@ -1,0 +1,156 @@
+/**
+ * Wills across a gateway crash.
+ *
+ * aedes 1.2.0 fires a will when its client's connection closes without
+ * DISCONNECT (lib/client.js, close()), through authorizePublish with that
+ * client, so the tenant mount, the ACL and the log append apply. Wills
+ * stored by a broker that died are left to a periodic sweep (aedes.js,
+ * `_clearWills`): every 4 heartbeat intervals it fires the stored wills of
+ * broker ids without a recent heartbeat, with a null client. For a gateway
+ * that was killed this was wrong both ways: restarted with the same gateway
+ * id (aedes' broker id) it counts the dead process as alive, by its own
+ * heartbeat, and never fires them; with another id (the default host name
+ * changes with every container) it fires them with no client, past the
+ * tenant mount, the ACL and the log.
+ *
+ * This gateway is the only broker on its session key space, so every will
+ * stored when it starts belongs to a client that was connected when the
+ * previous process died. Each is fired once while the broker starts (inside
+ * persistence.setup, before any listener accepts a connection) as a publish
+ * of the client that set it; for that the will is stored with the client's
+ * identity (tenant, role, user, client id) at CONNECT, and checked against
+ * the config of this start (identityNow): a removed user's will is dropped.
+ * The sweep is given no wills. A will that goes into the log is deleted in the
+ * append's batch (the log store's `extraOps`, here and when aedes fires the
+ * will of a connection that closed), so a kill at any moment logs it exactly
+ * once; one that is refused or not logged is deleted after it fired, and a
+ * kill in between delivers it again (at least once, as a QoS 1 message).
+ *
+ * A device that reconnects while its old connection is still open (half
+ * open after a network change) takes its client id over: aedes stores the
+ * new connection's will, then closes the old one, fires the old will and
+ * deletes "the" stored will — the new one (aedes 1.2.0, lib/handlers/connect.js
+ * storeWill before registerClient; lib/client.js close()). After a kill the
+ * new connection's will was gone. A stored will is therefore deleted only for
+ * the connection that stored it, or when that connection is closed.
+ */
+import { Readable } from 'node:stream'
+import type { Logger } from 'pino'
+import { clientIdMatches, clientIdPattern, type ClientIdOwners, type Identity, type UserDirectory } from '../access/auth.ts'
+import type { ExtraOperation } from '../../store/index.ts'
+import type { SessionClient, SessionPacket } from './session-persistence.ts'
+
+/** The field of a stored will that holds its client's identity. */
+const IDENTITY = 'edgemqIdentity'
+
+/** The part of the session persistence (session-persistence.ts) this module wraps. */
+export interface WillPersistence {
+  setup (broker: never): Promise<void>
+  putWill (client: SessionClient, packet: SessionPacket): Promise<void>
+  delWill (client: SessionClient): Promise<unknown>
+  willDeleteOps (client: SessionClient): ExtraOperation[]
+  streamWill (brokers?: Readonly<Record<string, unknown>>): Readable
+}
+
+export interface WillOptions {
+  readonly persistence: WillPersistence
+  readonly logger: Logger
+  /** The identity authenticate gave the client, stored with its will. */
+  readonly identityOf: (client: SessionClient) => Identity | undefined
+  /** The identity a stored will fires with under the config of this start, or why it is dropped ({@link identityNow}). */
+  readonly recheck: (who: Identity) => Identity | string
+  /** Publishes a stored will as its client would (mount, ACL, log, delivery); resolves once done or refused. */
+  readonly fire: (will: SessionPacket, who: Identity) => Promise<void>
+}
+
+/** What {@link identityNow} reads of the config the gateway started with. */
+export interface CurrentLogins {
+  readonly users: UserDirectory
+  readonly owners: ClientIdOwners
+  /** Whether some listener accepts anonymous clients. */
+  readonly anonymous: boolean
+}
+
+/**
+ * A will stored by the previous process fires as a publish of its client under the config of this start: the
+ * client could not connect as it did otherwise, so neither does its will. Its user must still exist, in the same
+ * tenant (the will's topic was meant for that tenant), with its client id still bound to it; the role is the
+ * user's role now, so a demoted user's will gets no rights it lost. Anonymous wills need a listener that still
+ * accepts anonymous clients. Returns the identity to fire with, or why the will is dropped.
+ */
+export function identityNow (who: Identity, now: CurrentLogins): Identity | string {
+  if (who.username === null) {
+    if (!now.anonymous) return 'no listener accepts anonymous clients any more'
+    if (now.owners.owned(who.tenant, who.clientId)) return 'its client id is bound to a user now'
+    return who
+  }
+  const user = now.users.get(who.username)
+  if (user === undefined) return `user ${JSON.stringify(who.username)} is no longer configured`
+  if (user.tenant !== who.tenant) return `user ${JSON.stringify(who.username)} is in tenant ${JSON.stringify(user.tenant)} now`
+  const pattern = clientIdPattern(user)
+  if (pattern === null ? now.owners.owned(user.tenant, who.clientId) : !clientIdMatches(pattern, user.username, who.clientId)) {
+    return `client id ${JSON.stringify(who.clientId)} is no longer bound to user ${JSON.stringify(who.username)}`
+  }
+  return { ...who, role: user.role }
+}
+
+function isIdentity (value: unknown): value is Identity {
+  const v = value as Record<string, unknown> | null
+  return typeof v === 'object' && v !== null && typeof v.tenant === 'string' && typeof v.role === 'string' &&
+    (typeof v.username === 'string' || v.username === null) && typeof v.clientId === 'string'
+}
+
+export interface Wills {
+  /** Whether `client`'s will, as it fires, is the stored one (else another connection with its id stored its own since). */
+  firesStoredWill (client: SessionClient): boolean
+}
+
+export function installWills (options: WillOptions): Wills {
+  const { persistence, logger } = options
+  const setup = persistence.setup.bind(persistence)
+  const putWill = persistence.putWill.bind(persistence)
+  const delWill = persistence.delWill.bind(persistence)
+  const streamWill = persistence.streamWill.bind(persistence)
+  /** The connection whose will is stored, by client id (none for wills loaded at startup). */
+  const owners = new Map<string, SessionClient>()
+  const firesStoredWill = (client: SessionClient): boolean => {
+    const owner = owners.get(client.id)
+    return owner === undefined || owner === client || (owner as { closed?: boolean }).closed === true
+  }
+
+  // Stored with the identity; the client's own will object stays as aedes set it.
+  persistence.putWill = async (client, packet) => {
+    owners.set(client.id, client)
+    await putWill(client, { ...packet, [IDENTITY]: options.identityOf(client) ?? null })
+  }
+  // aedes deletes with a plain { id, brokerId } after a closed connection's will fired: not the will of an open successor.
+  persistence.delWill = async (client) => {
+    if (!firesStoredWill(client)) return undefined
+    owners.delete(client.id)
+    return await delWill(client)
+  }
+
+  // aedes checks that setup is a native async function (aedes.js, listen()).
+  persistence.setup = async function setupAndFireWills (broker: never): Promise<void> {
+    await setup(broker)
+    for await (const will of streamWill({}) as AsyncIterable<SessionPacket>) {
+      const clientId = String(will.clientId)
+      const { [IDENTITY]: who, ...packet } = will
+      const current = isIdentity(who) ? options.recheck(who) : null
+      if (typeof current === 'string') {
+        logger.warn({ clientId, topic: packet.topic, reason: current }, `will of a client connected when the gateway stopped: dropped, ${current}`)
+      } else if (current !== null) {
+        await options.fire(packet, current)
+        logger.info({ clientId: current.clientId, tenant: current.tenant, topic: packet.topic }, 'will of a client connected when the gateway stopped: fired')
+      } else {
+        // Stored before wills carried an identity: without one it cannot pass the tenant mount and ACL.
+        logger.warn({ clientId, topic: packet.topic }, 'will of a client connected when the gateway stopped: dropped, it was stored without the client\'s identity')
+      }
+      await persistence.delWill({ id: clientId })
+    }
+  }
+
+  // Every will not of a connected client was fired at startup: aedes' sweep has nothing to do.
+  persistence.streamWill = () => Readable.from([])
+  return { firesStoredWill }
+}

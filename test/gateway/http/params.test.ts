@@ -1,0 +1,122 @@
+/**
+ * Query parameters and times of the /v1 API, as pure functions.
+ */
+import { describe, expect, it } from 'vitest'
+import { HTTP_ERROR_CODES, toApiError } from '../../../gateway/http/errors.ts'
+import { parseTime, QueryParams } from '../../../gateway/http/params.ts'
+import { parseRecordsRequest } from '../../../gateway/http/records.ts'
+import { FilterExpressionError } from '../../../gateway/query/filter-expression.ts'
+import { StoreError } from '../../../store/index.ts'
+
+const NOW = Date.UTC(2024, 4, 1, 12, 0, 0)
+
+function codeOf (fn: () => unknown): string | undefined {
+  try { fn() } catch (err) { return (err as { code?: string }).code }
+  return undefined
+}
+
+describe('parseTime', () => {
+  it('reads ISO 8601 with a zone, dates, epoch milliseconds, now and relative times', () => {
+    expect(parseTime('2024-05-01T02:00:00Z', NOW, 'from')).toBe(Date.UTC(2024, 4, 1, 2))
+    expect(parseTime('2024-05-01t02:00z', NOW, 'from')).toBe(Date.UTC(2024, 4, 1, 2))
+    expect(parseTime('2024-05-01T04:00:00.250+02:00', NOW, 'from')).toBe(Date.UTC(2024, 4, 1, 2, 0, 0, 250))
+    expect(parseTime('2024-05-01T00:30:00-0130', NOW, 'from')).toBe(Date.UTC(2024, 4, 1, 2))
+    expect(parseTime('2024-05-01T02:00:00.123456789Z', NOW, 'from')).toBe(Date.UTC(2024, 4, 1, 2, 0, 0, 123))
+    expect(parseTime('2024-02-29', NOW, 'from')).toBe(Date.UTC(2024, 1, 29))
+    expect(parseTime('1714528800000', NOW, 'from')).toBe(1714528800000)
+    expect(parseTime('0', NOW, 'from')).toBe(0)
+    expect(parseTime('now', NOW, 'from')).toBe(NOW)
+    expect(parseTime('-15m', NOW, 'from')).toBe(NOW - 15 * 60_000)
+    expect(parseTime('-2h', NOW, 'from')).toBe(NOW - 2 * 3_600_000)
+    expect(parseTime('-7d', NOW, 'from')).toBe(NOW - 7 * 86_400_000)
+    expect(parseTime('-30s', NOW, 'from')).toBe(NOW - 30_000)
+    expect(parseTime('-500ms', NOW, 'from')).toBe(NOW - 500)
+  })
+
+  it('refuses anything else with HTTP_BAD_TIME', () => {
+    for (const bad of [
+      '', 'yesterday', '2024-05-01T02:00:00', '2024-05-01 02:00:00Z', '2023-02-29', '2024-13-01', '2024-05-00', '2024-05-01T24:00Z',
+      '2024-05-01T02:60Z', '2024-05-01T02:00+25:00', '-1.5h', '+1h', '-1w', '-1', '1e12', '99999999999999999', '1969-12-31',
+      '-100000000d', 'NaN', ' 1', '0x10',
+    ]) {
+      expect(codeOf(() => parseTime(bad, NOW, 'from')), bad).toBe('HTTP_BAD_TIME')
+    }
+  })
+})
+
+describe('QueryParams', () => {
+  it('refuses unknown and repeated parameters, and malformed integers, naming the parameter', () => {
+    expect(codeOf(() => new QueryParams(new URLSearchParams('maxRecord=1'), ['maxRecords']))).toBe('HTTP_BAD_REQUEST')
+    expect(codeOf(() => new QueryParams(new URLSearchParams('a=1&a=2'), ['a']))).toBe('HTTP_BAD_REQUEST')
+    expect(new QueryParams(new URLSearchParams('key=a&key=b'), ['key'], { key: 2 }).all('key')).toEqual(['a', 'b'])
+    expect(codeOf(() => new QueryParams(new URLSearchParams('key=a&key=b&key=c'), ['key'], { key: 2 }))).toBe('HTTP_TOO_MANY_VALUES')
+    const q = new QueryParams(new URLSearchParams('n=12&m=-1&x=1.5&y=&big=123456789012345678'), ['n', 'm', 'x', 'y', 'big'])
+    expect(q.int('n', 0, 100)).toBe(12)
+    expect(q.int('absent', 0, 100)).toBeUndefined()
+    for (const name of ['m', 'x', 'y', 'big']) expect(codeOf(() => q.int(name, 0, Number.MAX_SAFE_INTEGER)), name).toBe('HTTP_BAD_REQUEST')
+    expect(codeOf(() => q.int('n', 0, 10))).toBe('HTTP_BAD_REQUEST')
+  })
+})
+
+describe('parseRecordsRequest', () => {
+  const parse = (query: string, accept?: string): ReturnType<typeof parseRecordsRequest> =>
+    parseRecordsRequest(new URLSearchParams(query), NOW, accept, (g) => `acme/${g}`)
+
+  it('reads start, end, limits, filters and format', () => {
+    expect(parse('')).toMatchObject({ start: { kind: 'earliest' }, endOffset: null, toTime: null, format: 'json', payload: 'utf8', maxRecords: 1000, waitMs: 0 })
+    expect(parse('offset=latest&wait=5').start).toEqual({ kind: 'latest' })
+    expect(parse('offset=7&endOffset=9&maxRecords=2&maxBytes=100')).toMatchObject({ start: { kind: 'offset', offset: 7 }, endOffset: 9, maxRecords: 2, maxBytes: 100 })
+    expect(parse('from=-1h&to=now').start).toEqual({ kind: 'time', timestamp: NOW - 3_600_000 })
+    expect(parse('group=billing').start).toEqual({ kind: 'group', group: 'acme/billing' })
+    expect(parse('format=ndjson&payload=base64')).toMatchObject({ format: 'ndjson', payload: 'base64', maxRecords: Number.MAX_SAFE_INTEGER })
+    expect(parse('', 'application/x-ndjson').format).toBe('ndjson')
+    expect(parse('', 'application/cbor').format).toBe('cbor')
+    const r = parse('key=a&key=b&topic=devices/%2B/telemetry/%23&where=t%20>%201')
+    expect([...(r.keys ?? [])]).toEqual(['a', 'b'])
+    expect(r.topicFilters).toEqual(['devices/+/telemetry/#'])
+    expect(r.where?.({ t: 2 })).toBe(true)
+  })
+
+  it('gives each bad parameter its code', () => {
+    const cases: ReadonlyArray<readonly [string, string]> = [
+      ['offset=1&from=now', 'HTTP_BAD_REQUEST'],
+      ['offset=-1', 'HTTP_BAD_REQUEST'],
+      ['offset=first', 'HTTP_BAD_REQUEST'],
+      ['from=yesterday', 'HTTP_BAD_TIME'],
+      ['to=2024-05-01T02:00', 'HTTP_BAD_TIME'],
+      ['from=now&to=-1h', 'HTTP_BAD_RANGE'],
+      ['offset=5&endOffset=4', 'HTTP_BAD_RANGE'],
+      ['maxRecords=0', 'HTTP_BAD_REQUEST'],
+      ['maxRecords=100001', 'HTTP_BAD_REQUEST'],
+      ['wait=61', 'HTTP_BAD_REQUEST'],
+      ['format=xml', 'HTTP_BAD_REQUEST'],
+      ['format=cbor&payload=base64', 'HTTP_BAD_REQUEST'],
+      ['topic=a/%23/b', 'HTTP_BAD_TOPIC_FILTER'],
+      ['topic=', 'HTTP_BAD_TOPIC_FILTER'],
+      ['where=temp%20>', 'FILTER_SYNTAX'],
+      ['limit=10', 'HTTP_BAD_REQUEST'],
+    ]
+    for (const [query, code] of cases) expect(codeOf(() => parse(query)), query).toBe(code)
+  })
+})
+
+describe('toApiError', () => {
+  it('maps filter and store errors to HTTP codes with the right status', () => {
+    const filter = toApiError(new FilterExpressionError('bad', 4))
+    expect(filter).toMatchObject({ code: 'HTTP_BAD_FILTER', status: 400, details: { parameter: 'where', position: 4 } })
+    const range = toApiError(new StoreError('STORE_OFFSET_OUT_OF_RANGE', 'x', { details: { stream: 'acme/telemetry', partition: 2, offset: 1, logStartOffset: 5, logEndOffset: 9 } }))
+    expect(range).toMatchObject({ code: 'HTTP_OFFSET_OUT_OF_RANGE', status: 416, details: { offset: 1, logStartOffset: 5, logEndOffset: 9 } })
+    expect(range.message).not.toContain('acme')
+    expect(toApiError(new StoreError('STORE_CLOSED', 'x'))).toMatchObject({ code: 'HTTP_UNAVAILABLE', status: 503 })
+    expect(toApiError(new StoreError('STORE_CORRUPT_BATCH', 'x'))).toMatchObject({ code: 'HTTP_INTERNAL', status: 500 })
+    expect(toApiError(new Error('boom'))).toMatchObject({ code: 'HTTP_INTERNAL', status: 500 })
+  })
+
+  it('has a status and a description for every code', () => {
+    for (const [code, { status, description }] of Object.entries(HTTP_ERROR_CODES)) {
+      expect(code).toMatch(/^HTTP_[A-Z_]+$/)
+      expect(status).toBeGreaterThanOrEqual(400)
+      expect(description.length).toBeGreaterThan(10)
+    }
+  })
+})

@@ -1,0 +1,365 @@
+/**
+ * LevelSessionPersistence: aedes-persistence's abstract suite on memory-level,
+ * classic-level and classic-level reloaded after every write (run by node:test
+ * in a child process, see fixtures/persistence-abstract.ts), then what users
+ * notice across a gateway restart: close the classic-level database, open it
+ * again, and the sessions are still there.
+ */
+import { spawn } from 'node:child_process'
+import { mkdtemp, rm } from 'node:fs/promises'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { Duplex, PassThrough, type Readable } from 'node:stream'
+import { fileURLToPath } from 'node:url'
+import { Aedes } from 'aedes'
+import { ClassicLevel } from 'classic-level'
+import { MemoryLevel } from 'memory-level'
+import { MqttClient, type IClientOptions, type IPublishPacket } from 'mqtt'
+import { afterEach, describe, expect, it } from 'vitest'
+import type { LevelDatabase } from '../../../store/index.ts'
+import {
+  LevelSessionPersistence, SessionPersistenceError, type SessionBroker, type SessionPacket,
+} from '../../../gateway/mqtt/session-persistence.ts'
+
+const ROOT = fileURLToPath(new URL('../../..', import.meta.url))
+const FIXTURE = 'test/gateway/fixtures/persistence-abstract.ts'
+/** Tests in aedes-persistence 11.0.0's abstract.js; fewer passing means some did not run. */
+const ABSTRACT_TESTS = 50
+
+function runNode (args: readonly string[]): Promise<{ code: number | null, stdout: string, stderr: string }> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(process.execPath, args, { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] })
+    let stdout = ''
+    let stderr = ''
+    child.stdout.setEncoding('utf8').on('data', (chunk: string) => { stdout += chunk })
+    child.stderr.setEncoding('utf8').on('data', (chunk: string) => { stderr += chunk })
+    child.on('error', reject)
+    child.on('close', (code) => resolve({ code, stdout, stderr }))
+  })
+}
+
+describe('aedes-persistence abstract suite', () => {
+  it.concurrent.each(['memory', 'classic', 'reopen'])('passes on %s', async (backend) => {
+    const { code, stdout, stderr } = await runNode(['--import', 'tsx', '--test-reporter=tap', FIXTURE, backend])
+    const count = (name: string): number => Number(new RegExp(`^# ${name} (\\d+)$`, 'm').exec(stdout)?.[1] ?? NaN)
+    const failed = stdout.split('\n').filter((line) => /^\s*not ok /.test(line))
+    expect({ code, fail: count('fail'), failed, stderr: code === 0 ? '' : stderr.slice(-2000) })
+      .toEqual({ code: 0, fail: 0, failed: [], stderr: '' })
+    expect(count('pass')).toBeGreaterThanOrEqual(ABSTRACT_TESTS)
+    expect(count('tests')).toBe(count('pass'))
+  }, 120_000)
+})
+
+// ---------------------------------------------------------------------------
+// close → reopen of a classic-level database
+
+const dirs: string[] = []
+const dbs: ClassicLevel[] = []
+
+afterEach(async () => {
+  for (const db of dbs.splice(0)) await db.close().catch(() => {})
+  for (const dir of dirs.splice(0)) await rm(dir, { recursive: true, force: true })
+})
+
+async function openDb (dir?: string): Promise<{ dir: string, db: ClassicLevel }> {
+  const location = dir ?? await mkdtemp(join(tmpdir(), 'edgemq-sessions-'))
+  if (dir === undefined) dirs.push(location)
+  const db = new ClassicLevel(location)
+  await db.open()
+  dbs.push(db)
+  return { dir: location, db }
+}
+
+function sessionsOf (db: ClassicLevel): LevelDatabase {
+  return db.sublevel('sessions') as unknown as LevelDatabase
+}
+
+async function openPersistence (db: ClassicLevel, broker: SessionBroker = { id: 'gw', counter: 0 }): Promise<LevelSessionPersistence> {
+  const persistence = new LevelSessionPersistence(sessionsOf(db))
+  await persistence.setup(broker)
+  return persistence
+}
+
+/** A gateway restart: the database is closed under the persistence (no destroy, as on SIGKILL) and opened again. */
+async function restart (dir: string, db: ClassicLevel, broker?: SessionBroker): Promise<{ db: ClassicLevel, persistence: LevelSessionPersistence }> {
+  await db.close()
+  const reopened = (await openDb(dir)).db
+  return { db: reopened, persistence: await openPersistence(reopened, broker) }
+}
+
+async function toArray (stream: Readable): Promise<SessionPacket[]> {
+  return await stream.toArray() as SessionPacket[]
+}
+
+function publish (topic: string, payload: string, brokerCounter: number, extra: Partial<SessionPacket> = {}): SessionPacket {
+  return { cmd: 'publish', topic, payload: Buffer.from(payload), qos: 1, retain: false, dup: false, brokerId: 'gw', brokerCounter, ...extra }
+}
+
+async function errorOf (promise: Promise<unknown>): Promise<unknown> {
+  try {
+    await promise
+  } catch (err) {
+    return err
+  }
+  throw new Error('expected a rejection')
+}
+
+describe('sessions survive a restart (classic-level close → reopen)', () => {
+  it('keeps subscriptions, their matching index and the offline counts', async () => {
+    const { dir, db } = await openDb()
+    const before = await openPersistence(db)
+    await before.addSubscriptions({ id: 'dev-1' }, [
+      { topic: 'cmd/dev-1/#', qos: 1, rh: 0, rap: false, nl: false },
+      { topic: 'broadcast', qos: 0 },
+      { topic: 'sid', qos: 2, subscriptionIdentifier: 7 },
+    ])
+    await before.addSubscriptions({ id: 'dev-10' }, [{ topic: 'cmd/+/reboot', qos: 2 }])
+    await before.removeSubscriptions({ id: 'dev-10' }, ['nothing-there'])
+
+    const { persistence } = await restart(dir, db)
+    expect(await persistence.subscriptionsByClient({ id: 'dev-1' })).toEqual([
+      { topic: 'broadcast', qos: 0 },
+      { topic: 'cmd/dev-1/#', qos: 1, rh: 0, rap: false, nl: false },
+      { topic: 'sid', qos: 2, subscriptionIdentifier: 7 },
+    ])
+    const matched = await persistence.subscriptionsByTopic('cmd/dev-1/reboot')
+    expect(matched.map((s) => [s.clientId, s.topic, s.qos]).sort()).toEqual([['dev-1', 'cmd/dev-1/#', 1], ['dev-10', 'cmd/+/reboot', 2]])
+    expect(await persistence.subscriptionsByTopic('broadcast')).toEqual([]) // QoS 0: restored, never queued
+    expect(await persistence.countOffline()).toEqual({ subsCount: 3, clientsCount: 2 })
+    expect(await toArray(persistence.getClientList('cmd/+/reboot'))).toEqual(['dev-10'])
+  })
+
+  it('keeps removals and a clean session', async () => {
+    const { dir, db } = await openDb()
+    const before = await openPersistence(db)
+    await before.addSubscriptions({ id: 'a' }, [{ topic: 't/1', qos: 1 }, { topic: 't/2', qos: 1 }])
+    await before.addSubscriptions({ id: 'ab' }, [{ topic: 't/1', qos: 1 }])
+    await before.removeSubscriptions({ id: 'a' }, ['t/1'])
+    await before.cleanSubscriptions({ id: 'ab' })
+
+    const { persistence } = await restart(dir, db)
+    expect(await persistence.subscriptionsByClient({ id: 'a' })).toEqual([{ topic: 't/2', qos: 1 }])
+    expect(await persistence.subscriptionsByClient({ id: 'ab' })).toEqual([])
+    expect(await persistence.subscriptionsByTopic('t/1')).toEqual([])
+  })
+
+  it('keeps a QoS 1 offline queue in order, with the message id it was sent under, until PUBACK', async () => {
+    const { dir, db } = await openDb()
+    const before = await openPersistence(db)
+    const sub = { clientId: 'dev-1' }
+    await before.outgoingEnqueueCombi([sub, { clientId: 'dev-2' }], publish('cmd/dev-1', 'first', 1))
+    await before.outgoingEnqueue(sub, publish('cmd/dev-1', 'second', 2))
+    await before.outgoingUpdate({ id: 'dev-1' }, publish('cmd/dev-1', 'first', 1, { messageId: 17 }))
+
+    const second = await restart(dir, db)
+    const queued = await toArray(second.persistence.outgoingStream({ id: 'dev-1' }))
+    expect(queued.map((p) => [p.payload?.toString(), p.messageId, p.qos, p.brokerCounter])).toEqual([['first', 17, 1, 1], ['second', undefined, 1, 2]])
+    expect(await toArray(second.persistence.outgoingStream({ id: 'dev-2' }))).toHaveLength(1)
+
+    // PUBACK for message 17 after the restart
+    const acked = await second.persistence.outgoingClearMessageId({ id: 'dev-1' }, { cmd: 'puback', messageId: 17 })
+    expect(acked?.payload?.toString()).toBe('first')
+    expect(acked?.messageId).toBe(17)
+
+    const third = await restart(dir, second.db)
+    expect((await toArray(third.persistence.outgoingStream({ id: 'dev-1' }))).map((p) => p.payload?.toString())).toEqual(['second'])
+    // the sequence resumes after the largest stored one, so new entries queue behind old ones
+    await third.persistence.outgoingEnqueue(sub, publish('cmd/dev-1', 'third', 3))
+    expect((await toArray(third.persistence.outgoingStream({ id: 'dev-1' }))).map((p) => p.payload?.toString())).toEqual(['second', 'third'])
+  })
+
+  it('keeps a QoS 2 delivery that reached PUBREL', async () => {
+    const { dir, db } = await openDb()
+    const before = await openPersistence(db)
+    await before.outgoingEnqueue({ clientId: 'dev-1' }, publish('cmd/dev-1', 'x', 5, { qos: 2 }))
+    await before.outgoingUpdate({ id: 'dev-1' }, publish('cmd/dev-1', 'x', 5, { qos: 2, messageId: 9 }))
+    await before.outgoingUpdate({ id: 'dev-1' }, { cmd: 'pubrel', messageId: 9 })
+
+    const { persistence } = await restart(dir, db)
+    expect(await toArray(persistence.outgoingStream({ id: 'dev-1' }))).toEqual([{ cmd: 'pubrel', messageId: 9 }])
+    expect(await persistence.outgoingClearMessageId({ id: 'dev-1' }, { cmd: 'pubcomp', messageId: 9 })).toEqual({ cmd: 'pubrel', messageId: 9 })
+  })
+
+  it('keeps retained messages, and their deletion', async () => {
+    const { dir, db } = await openDb()
+    const before = await openPersistence(db)
+    await before.storeRetained(publish('status/dev-1', 'online', 1, { retain: true }))
+    await before.storeRetained(publish('status/dev-2', 'online', 2, { retain: true }))
+    await before.storeRetained(publish('$SYS/x', 'internal', 3, { retain: true }))
+    await before.storeRetained(publish('status/dev-2', '', 4, { retain: true, payload: Buffer.alloc(0) }))
+
+    const { persistence } = await restart(dir, db)
+    const retained = await toArray(persistence.createRetainedStreamCombi(['status/+', 'status/#', '#']))
+    expect(retained).toEqual([publish('status/dev-1', 'online', 1, { retain: true })])
+    // [MQTT-4.7.2-1]: '$' topics only match a filter that names them
+    expect((await toArray(persistence.createRetainedStream('$SYS/#'))).map((p) => p.topic)).toEqual(['$SYS/x'])
+  })
+
+  it('keeps wills and inbound QoS 2 packets awaiting PUBREL', async () => {
+    const { dir, db } = await openDb()
+    const before = await openPersistence(db)
+    await before.putWill({ id: 'dev-1' }, { cmd: 'publish', topic: 'status/dev-1', payload: Buffer.from('offline'), qos: 1, retain: true })
+    await before.incomingStorePacket({ id: 'dev-1' }, { cmd: 'publish', topic: 'telemetry', payload: Buffer.from('42'), qos: 2, messageId: 300 })
+
+    const { persistence } = await restart(dir, db, { id: 'gw-after', counter: 0 })
+    expect(await toArray(persistence.streamWill({ 'gw-after': Date.now() }))).toEqual([
+      { cmd: 'publish', topic: 'status/dev-1', payload: Buffer.from('offline'), qos: 1, retain: true, brokerId: 'gw', clientId: 'dev-1' },
+    ])
+    expect((await persistence.incomingGetPacket({ id: 'dev-1' }, { messageId: 300 })).payload).toEqual(Buffer.from('42'))
+    await persistence.incomingDelPacket({ id: 'dev-1' }, { messageId: 300 })
+    expect(await errorOf(persistence.incomingGetPacket({ id: 'dev-1' }, { messageId: 300 }))).toMatchObject({ code: 'GW_SESSION_NOT_FOUND' })
+  })
+
+  it('raises broker.counter above the counters its id left queued', async () => {
+    const { dir, db } = await openDb()
+    const before = await openPersistence(db)
+    await before.outgoingEnqueue({ clientId: 'dev-1' }, publish('t', 'x', 500))
+    await before.outgoingEnqueue({ clientId: 'dev-1' }, publish('t', 'y', 7, { brokerId: 'other' }))
+    const broker = { id: 'gw', counter: 0 }
+    await restart(dir, db, broker)
+    expect(broker.counter).toBe(500)
+  })
+
+  it('refuses a key space written by another format version', async () => {
+    const { db } = await openDb()
+    await sessionsOf(db).put(Buffer.from('V'), Buffer.from([0, 0, 0, 2]), { keyEncoding: 'buffer', valueEncoding: 'buffer' })
+    const err = await errorOf(openPersistence(db))
+    expect(err).toBeInstanceOf(SessionPersistenceError)
+    expect(err).toMatchObject({ code: 'GW_SESSION_FORMAT_VERSION' })
+  })
+})
+
+describe('LevelSessionPersistence contract details', () => {
+  it('rejects calls before setup and after destroy with codes', async () => {
+    const persistence = new LevelSessionPersistence(new MemoryLevel() as unknown as LevelDatabase)
+    expect(await errorOf(persistence.countOffline())).toMatchObject({ code: 'GW_SESSION_NOT_READY' })
+    await persistence.setup({ id: 'gw', counter: 0 })
+    await persistence.destroy()
+    expect(await errorOf(persistence.countOffline())).toMatchObject({ code: 'GW_SESSION_CLOSED' })
+    expect(await errorOf(persistence.destroy())).toMatchObject({ code: 'GW_SESSION_CLOSED' })
+  })
+
+  it('group-commits calls made together into one write batch', async () => {
+    const db = new MemoryLevel()
+    let batches = 0
+    const batch = db.batch.bind(db) as (...args: unknown[]) => Promise<void>
+    ;(db as unknown as { batch: (...args: unknown[]) => Promise<void> }).batch = (...args: unknown[]) => {
+      batches++
+      return batch(...args)
+    }
+    const persistence = new LevelSessionPersistence(db as unknown as LevelDatabase)
+    await persistence.setup({ id: 'gw', counter: 0 })
+    batches = 0
+    await Promise.all(Array.from({ length: 100 }, (_, i) => persistence.outgoingEnqueue({ clientId: `dev-${i}` }, publish('t', 'x', i + 1))))
+    expect(batches).toBe(1)
+    // a clear sees the body of an enqueue that is still in the queue
+    const enqueued = persistence.outgoingEnqueue({ clientId: 'late' }, publish('t', 'late', 1000))
+    await persistence.outgoingUpdate({ id: 'late' }, publish('t', 'late', 1000, { messageId: 1 }))
+    expect((await persistence.outgoingClearMessageId({ id: 'late' }, { cmd: 'puback', messageId: 1 }))?.payload?.toString()).toBe('late')
+    await enqueued
+  })
+
+  it('keeps client ids that extend each other apart', async () => {
+    const persistence = new LevelSessionPersistence(new MemoryLevel() as unknown as LevelDatabase)
+    await persistence.setup({ id: 'gw', counter: 0 })
+    await persistence.outgoingEnqueue({ clientId: 'dev' }, publish('t', 'a', 1))
+    await persistence.outgoingEnqueue({ clientId: 'dev1' }, publish('t', 'b', 2))
+    expect((await toArray(persistence.outgoingStream({ id: 'dev' }))).map((p) => p.payload?.toString())).toEqual(['a'])
+  })
+})
+
+// ---------------------------------------------------------------------------
+// Through aedes itself, over in-memory streams (no sockets)
+
+function streamPair (): { client: Duplex, server: Duplex } {
+  const up = new PassThrough()
+  const down = new PassThrough()
+  return { client: Duplex.from({ readable: down, writable: up }), server: Duplex.from({ readable: up, writable: down }) }
+}
+
+interface Device {
+  readonly client: MqttClient
+  /** Every PUBLISH the client received, in order. */
+  readonly messages: IPublishPacket[]
+  /** Resolves with CONNACK's session present flag. */
+  readonly connected: Promise<boolean>
+}
+
+function connect (broker: Aedes, options: IClientOptions): Device {
+  const client = new MqttClient(() => {
+    const { client: end, server } = streamPair()
+    broker.handle(server)
+    return end
+  }, { protocolVersion: 4, reconnectPeriod: 0, keepalive: 0, ...options })
+  const messages: IPublishPacket[] = []
+  client.on('message', (_topic, _payload, packet) => { messages.push(packet) })
+  const connected = new Promise<boolean>((resolve, reject) => {
+    client.once('connect', (connack) => resolve(connack.sessionPresent))
+    client.once('error', reject)
+  })
+  return { client, messages, connected }
+}
+
+function closeBroker (broker: Aedes): Promise<void> {
+  return new Promise((resolve) => broker.close(() => resolve()))
+}
+
+describe('through aedes', () => {
+  it('delivers a QoS 1 message queued for an offline device after the gateway restarts', async () => {
+    const { dir, db } = await openDb()
+    const firstPersistence = new LevelSessionPersistence(sessionsOf(db))
+    const first = await Aedes.createBroker({ persistence: firstPersistence })
+    const device = connect(first, { clientId: 'dev-1', clean: false })
+    expect(await device.connected).toBe(false)
+    await device.client.subscribeAsync('cmd/dev-1', { qos: 1 })
+    await device.client.endAsync()
+
+    const cloud = connect(first, { clientId: 'cloud', clean: true })
+    await cloud.connected
+    // aedes sends PUBACK before it stores the retained message and queues
+    // offline copies; its 'publish' event comes after both. A shutdown that
+    // does not wait for it loses them (see the report on PUBACK ordering).
+    const published = new Promise<void>((resolve) => {
+      first.on('publish', (packet) => { if (packet.topic === 'status/site') resolve() })
+    })
+    await cloud.client.publishAsync('cmd/dev-1', 'reboot', { qos: 1 }) // resolves on PUBACK
+    await cloud.client.publishAsync('status/site', 'up', { qos: 1, retain: true })
+    await published
+    await cloud.client.endAsync()
+    await closeBroker(first)
+    await firstPersistence.destroy() // waits for queued writes
+    await db.close()
+
+    const reopened = (await openDb(dir)).db
+    const persistence = new LevelSessionPersistence(sessionsOf(reopened))
+    const second = await Aedes.createBroker({ persistence })
+    const again = connect(second, { clientId: 'dev-1', clean: false })
+    expect(await again.connected).toBe(true) // [MQTT-3.2.2-2] the session came back
+    await expect.poll(() => again.messages.length).toBe(1)
+    expect(again.messages.map((p) => [p.topic, p.payload.toString(), p.qos])).toEqual([['cmd/dev-1', 'reboot', 1]])
+    // the device's PUBACK empties the queue
+    await expect.poll(async () => (await toArray(persistence.outgoingStream({ id: 'dev-1' }))).length).toBe(0)
+
+    await again.client.subscribeAsync('status/#', { qos: 1 })
+    await expect.poll(() => again.messages.length).toBe(2)
+    expect([again.messages[1]?.topic, again.messages[1]?.payload.toString(), again.messages[1]?.retain]).toEqual(['status/site', 'up', true])
+    await again.client.endAsync()
+    await closeBroker(second)
+  })
+
+  it('has a server-side publish (the bridge\'s downlink) queued on disk when broker.publish calls back', async () => {
+    const { dir, db } = await openDb()
+    const broker = await Aedes.createBroker({ persistence: new LevelSessionPersistence(sessionsOf(db)) })
+    const device = connect(broker, { clientId: 'dev-7', clean: false })
+    await device.connected
+    await device.client.subscribeAsync('cmd/dev-7', { qos: 1 })
+    await device.client.endAsync()
+    await new Promise<void>((resolve, reject) => {
+      broker.publish({ cmd: 'publish', topic: 'cmd/dev-7', payload: Buffer.from('on'), qos: 1, retain: false, dup: false },
+        (err) => { if (err) reject(err); else resolve() })
+    })
+    await closeBroker(broker)
+    const { persistence } = await restart(dir, db) // no destroy(): only what was written counts
+    expect((await toArray(persistence.outgoingStream({ id: 'dev-7' }))).map((p) => p.payload?.toString())).toEqual(['on'])
+  })
+})
