@@ -91,6 +91,14 @@ export class SessionPersistenceError extends Error {
   }
 }
 
+/**
+ * GW_SESSION_NOT_FOUND, with aedes-persistence's message: aedes' own tests match that message (test/connect.js), and
+ * aedes reads the rejection as "not found", never shows it, so the message names no client.
+ */
+function notFound (): SessionPersistenceError {
+  return new SessionPersistenceError('GW_SESSION_NOT_FOUND', 'no such packet')
+}
+
 // ---------------------------------------------------------------------------
 // The shapes aedes hands in and gets back
 
@@ -248,9 +256,17 @@ function decodeValue<T> (key: Buffer, value: Uint8Array): T {
   }
 }
 
-/** Every own enumerable field: aedes packets are class instances, and callers mutate what they passed. */
+/**
+ * Every own enumerable field but functions: aedes packets are class instances, callers mutate what they passed, and
+ * the packets aedes hands to outgoingUpdate carry a `writeCallback` bound to the client (lib/qos-packet.js), which
+ * cbor cannot encode and which would keep a closed client reachable from memory.
+ */
 function ownFields (packet: SessionPacket): SessionPacket {
-  return Object.assign({}, packet)
+  const fields: SessionPacket = {}
+  for (const [field, value] of Object.entries(packet)) {
+    if (typeof value !== 'function') fields[field] = value
+  }
+  return fields
 }
 
 /**
@@ -686,7 +702,12 @@ export class LevelSessionPersistence {
     this.#ready()
     const stored = this.#subs.get(client.id)
     if (stored === undefined) return []
-    return [...stored].map(([topic, record]) => ({ topic, ...record }))
+    // aedes-persistence's shape: rh, rap and nl always present (undefined for MQTT 3.1.1), the identifier only when set.
+    return [...stored].map(([topic, record]) => {
+      const sub: SessionSubscription = { topic, qos: record.qos, rh: record.rh, rap: record.rap, nl: record.nl }
+      if (record.subscriptionIdentifier !== undefined) sub.subscriptionIdentifier = record.subscriptionIdentifier
+      return sub
+    })
   }
 
   /**
@@ -799,7 +820,7 @@ export class LevelSessionPersistence {
     const sameBroker = queue?.byBroker(packet.brokerId, packet.brokerCounter)
     const otherBroker = messageId === undefined ? undefined : queue?.byMessageId(messageId, { brokerId: packet.brokerId })
     if (queue === undefined || (sameBroker === undefined && otherBroker === undefined)) {
-      throw new SessionPersistenceError('GW_SESSION_NOT_FOUND', `no queued packet for client ${client.id} matches messageId ${String(packet.messageId)}`)
+      throw notFound()
     }
     const ops: BatchOp[] = []
     if (sameBroker !== undefined && (otherBroker === undefined || sameBroker.seq < otherBroker.seq)) {
@@ -808,9 +829,10 @@ export class LevelSessionPersistence {
       ops.push(messageId === undefined ? del(key) : put(key, encodeU16(messageId)))
     } else if (otherBroker !== undefined) {
       const replacement = ownFields(packet)
+      const body = cbor.encode(replacement) // before memory changes, so a packet that cannot be stored changes nothing
       otherBroker.replacement = replacement
       queue.change(otherBroker, { brokerId: packet.brokerId, brokerCounter: packet.brokerCounter, messageId })
-      ops.push(put(keys.outgoing(TAG_OUTGOING, client.id, otherBroker.seq), cbor.encode(replacement)))
+      ops.push(put(keys.outgoing(TAG_OUTGOING, client.id, otherBroker.seq), body))
       ops.push(put(keys.outgoing(TAG_MESSAGE_ID, client.id, otherBroker.seq), encodeU16(messageId as number)))
     }
     await this.#writer.write(ops)
@@ -923,7 +945,7 @@ export class LevelSessionPersistence {
     this.#ready()
     const stored = this.#incoming.get(client.id)?.get(packet.messageId as number)
     if (stored === undefined) {
-      throw new SessionPersistenceError('GW_SESSION_NOT_FOUND', `no inbound packet ${String(packet.messageId)} for client ${client.id}`)
+      throw notFound()
     }
     return { ...stored }
   }
@@ -936,7 +958,7 @@ export class LevelSessionPersistence {
       // A repeated PUBREL: aedes answers it with PUBCOMP, which must not overtake the write deleting the entry (a kill
       // after that PUBCOMP would bring the entry back, and the client's next message with this id would be dropped).
       await this.#writer.flush()
-      throw new SessionPersistenceError('GW_SESSION_NOT_FOUND', `no inbound packet ${String(packet.messageId)} for client ${client.id}`)
+      throw notFound()
     }
     if (store.size === 0) this.#incoming.delete(client.id)
     await this.#writer.write([del(keys.incoming(client.id, messageId))])

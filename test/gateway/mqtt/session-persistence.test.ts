@@ -180,6 +180,42 @@ describe('sessions survive a restart (classic-level close → reopen)', () => {
     expect(await persistence.outgoingClearMessageId({ id: 'dev-1' }, { cmd: 'pubcomp', messageId: 9 })).toEqual({ cmd: 'pubrel', messageId: 9 })
   })
 
+  it('resends that PUBREL on every reconnect, though aedes hands it back with a write callback and a new counter', async () => {
+    // aedes' reconnect path (lib/handlers/connect.js emptyQueue) wraps each queued packet in a QoSPacket (a fresh
+    // brokerCounter, a writeCallback bound to the client) and passes it to outgoingUpdate before writing it. That
+    // update used to reject (cbor cannot encode a function), so the device was disconnected at every reconnect and
+    // never got the PUBREL: a client that releases on PUBREL never got the message (aedes' "resend pubrel on
+    // non-clean reconnect QoS 2").
+    const { dir, db } = await openDb()
+    const before = await openPersistence(db)
+    await before.outgoingEnqueue({ clientId: 'dev-1' }, publish('cmd/dev-1', 'x', 5, { qos: 2 }))
+    await before.outgoingUpdate({ id: 'dev-1' }, publish('cmd/dev-1', 'x', 5, { qos: 2, messageId: 9 }))
+    await before.outgoingUpdate({ id: 'dev-1' }, { cmd: 'pubrel', messageId: 9 })
+    for (let reconnect = 0; reconnect < 3; reconnect++) {
+      const [queued] = await toArray(before.outgoingStream({ id: 'dev-1' }))
+      // aedes-packet keeps a stored brokerId and brokerCounter, and numbers a packet that has none
+      const resent = { ...queued, brokerId: queued?.brokerId ?? 'gw', brokerCounter: queued?.brokerCounter ?? 100, writeCallback: () => {} }
+      await before.outgoingUpdate({ id: 'dev-1' }, resent)
+      expect(await toArray(before.outgoingStream({ id: 'dev-1' }))).toMatchObject([{ cmd: 'pubrel', messageId: 9 }])
+    }
+    const { persistence } = await restart(dir, db)
+    const [stored] = await toArray(persistence.outgoingStream({ id: 'dev-1' }))
+    expect(stored).toMatchObject({ cmd: 'pubrel', messageId: 9, brokerId: 'gw', brokerCounter: 100 })
+    expect(stored).not.toHaveProperty('writeCallback')
+    expect(await persistence.outgoingClearMessageId({ id: 'dev-1' }, { cmd: 'pubcomp', messageId: 9 })).toMatchObject({ cmd: 'pubrel', messageId: 9 })
+  })
+
+  it('gives stored subscriptions back in aedes-persistence\'s shape: rh, rap, nl always there', async () => {
+    const { db } = await openDb()
+    const persistence = await openPersistence(db)
+    await persistence.addSubscriptions({ id: 'dev-1' }, [{ topic: 'a', qos: 1 }, { topic: 'b', qos: 2, rh: 1, rap: true, nl: false, subscriptionIdentifier: 3 }])
+    const subs = await persistence.subscriptionsByClient({ id: 'dev-1' })
+    expect(subs.map((sub) => Object.keys(sub).sort())).toEqual([
+      ['nl', 'qos', 'rap', 'rh', 'topic'],
+      ['nl', 'qos', 'rap', 'rh', 'subscriptionIdentifier', 'topic'],
+    ])
+  })
+
   it('keeps retained messages, and their deletion', async () => {
     const { dir, db } = await openDb()
     const before = await openPersistence(db)
