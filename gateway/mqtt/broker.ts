@@ -124,8 +124,17 @@ export function createBroker (deps: BrokerDeps): Aedes {
   const connects = new WeakMap<Client, ConnectInfo>()
   const maxPending = config.mqtt.maxPendingAppends
   const replays = new MqttReplays({ store, routes: config.routes, acl: config.acl, limits: config.mqtt.replay, metrics, logger })
-  /** Subscriptions authorizeSubscribe accepted or parked: only those are stored in a session (see addSubscriptions below). */
-  const authorized = new WeakSet<Subscription>()
+  /**
+   * Subscriptions of a persistent session that authorizeSubscribe accepted and aedes has not stored yet: only those
+   * are stored, each once (see addSubscriptions below).
+   */
+  const toStore = new WeakMap<Client, Subscription[]>()
+  /** The filters of every SUBSCRIBE over mqtt.maxFiltersPerSubscribe (tagged as it is parsed, see watchPackets). */
+  const oversized = new WeakSet<object>()
+  /** Subscriptions each client holds or was granted, counted from aedes' table after each UNSUBSCRIBE (see admit). */
+  const held = new WeakMap<Client, number>()
+  /** Limit refusals already logged per connection: each filter is counted, each reason logged once. */
+  const loggedLimits = new WeakMap<Client, Set<SubscribeRefusal>>()
   /** Marker subscriptions that only make aedes answer sessionPresent = 1 (see subscriptionsByClient below). */
   const sessionMarkers = new WeakSet<object>()
   /** Stored wills fired at startup (wills.ts), whose append deletes them. */
@@ -244,7 +253,13 @@ export function createBroker (deps: BrokerDeps): Aedes {
         // client.id and reads it only after this hook, so a tenant's ids are scoped here; U+0000 is refused in
         // client ids above, so a scoped id never equals another tenant's (or tenant "default"'s unscoped) id.
         if (who.tenant !== 'default') (client as { id: string }).id = scopedClientId(who.tenant, who.clientId)
-        mountUnsubscribes(client, who.tenant)
+        watchPackets(client, (packet) => {
+          mountUnsubscribe(packet, who.tenant)
+          // A SUBSCRIBE over the limit is refused whole (every filter 0x80): tagged here, where its size is known.
+          if (packet.cmd === 'subscribe' && packet.subscriptions !== undefined && packet.subscriptions.length > config.mqtt.maxFiltersPerSubscribe) {
+            for (const sub of packet.subscriptions) oversized.add(sub)
+          }
+        })
         done(null, true)
       }
       // A bound user's client id is its own (auth.ts, ClientIdOwners): nobody unbound takes over its session.
@@ -385,12 +400,23 @@ export function createBroker (deps: BrokerDeps): Aedes {
       const deny = (why: string, reason: SubscribeRefusal, code?: string): void => {
         metrics.subscriptionsRefused.inc({ tenant: who?.tenant ?? 'unknown', reason })
         logger.warn({ ...clientFields(client.id), tenant: who?.tenant, filter: filter ?? sub.topic, reason, code }, `subscription refused: ${why}`)
-        // A denied filter stays in the persisted SUBSCRIBE list; park it where no publish can ever match.
-        sub.topic = `$denied/${sub.topic}`
-        authorized.add(sub)
         callback(null, null) // SUBACK 0x80
       }
       if (who === undefined || filter === null || problem !== null) return deny(problem ?? 'unknown client', 'invalid-filter')
+      if (!restoring) {
+        const limit = overLimit(client, sub, mountTopic(who.tenant, filter))
+        if (limit !== null) {
+          metrics.subscriptionsRefused.inc({ tenant: who.tenant, reason: limit.reason })
+          let reasons = loggedLimits.get(client)
+          if (reasons === undefined) loggedLimits.set(client, reasons = new Set())
+          if (!reasons.has(limit.reason)) {
+            reasons.add(limit.reason)
+            logger.warn({ ...clientFields(client.id), tenant: who.tenant, filter, reason: limit.reason },
+              `subscription refused: ${limit.why} (further refusals of this connection for the same reason are only counted)`)
+          }
+          return callback(null, null) // SUBACK 0x80
+        }
+      }
       if (isReplayTopic(filter)) {
         if (restoring) return deny('a $replay subscription is not resumed with the session', 'replay-not-resumed')
         let ticket: ReplayTicket
@@ -406,7 +432,11 @@ export function createBroker (deps: BrokerDeps): Aedes {
       }
       if (!isAllowed(config.acl, who, 'subscribe', filter)) return deny('ACL', 'acl-denied')
       sub.topic = mountTopic(who.tenant, filter)
-      authorized.add(sub)
+      if (client.clean === false && !restoring) {
+        let pending = toStore.get(client)
+        if (pending === undefined) toStore.set(client, pending = [])
+        pending.push(sub)
+      }
       callback(null, sub)
     },
 
@@ -452,12 +482,16 @@ export function createBroker (deps: BrokerDeps): Aedes {
     }),
   })
 
-  // aedes stores the whole SUBSCRIBE list once per filter, as it authorizes each: the filters after it are not
-  // mounted yet, and $replay subscriptions must never be stored. Each filter is stored on its own turn.
+  // aedes 1.2.0 stores the whole SUBSCRIBE list once per filter, as it authorizes each (lib/handlers/subscribe.js,
+  // storeSubscriptions): N filters cost N² writes, 11 s and 1 GiB for 1,000. The filters after it are not mounted
+  // yet, refused ones are in it, and $replay subscriptions must never be stored. So the list is ignored: each call
+  // stores what authorizeSubscribe accepted since the last one, its own filter among them.
   const addSubscriptions = persistence.addSubscriptions.bind(persistence)
-  persistence.addSubscriptions = async (client, subs) => {
-    const stored = subs.filter((sub) => authorized.has(sub))
-    if (stored.length > 0) await addSubscriptions(client, stored)
+  persistence.addSubscriptions = async (client) => {
+    const pending = toStore.get(client)
+    if (pending === undefined) return
+    toStore.delete(client)
+    await addSubscriptions(client, pending)
   }
   // [MQTT-3.2.2-2] CONNACK says a session is present when any session state is stored, but aedes 1.2.0 decides from
   // the stored subscriptions alone (lib/handlers/connect.js, restoreSubs: `arg.sessionPresent = !!arg.subs`;
@@ -494,6 +528,7 @@ export function createBroker (deps: BrokerDeps): Aedes {
     }
   })
   broker.on('unsubscribe', (topics, client) => {
+    held.delete(client)
     const conn = replayConnections.get(client)
     if (conn !== undefined) replays.stop(conn, topics)
   })
@@ -515,6 +550,26 @@ export function createBroker (deps: BrokerDeps): Aedes {
     if (startupWills.has(packet)) return persistence.willDeleteOps(client)
     if ((client as unknown as { will?: unknown }).will === packet && wills.firesStoredWill(client)) return persistence.willDeleteOps(client)
     return undefined
+  }
+
+  /**
+   * Whether a new filter goes over mqtt.maxFiltersPerSubscribe or mqtt.maxSubscriptionsPerSession. A filter the
+   * client holds already only replaces its subscription. The count starts from aedes' table (restored subscriptions
+   * included) and grows with each filter granted, so a SUBSCRIBE costs O(its filters), not O(held × filters).
+   */
+  function overLimit (client: Client, sub: Subscription, mounted: string): { reason: SubscribeRefusal, why: string } | null {
+    if (oversized.has(sub)) {
+      return { reason: 'too-many-filters', why: `a SUBSCRIBE with more than ${config.mqtt.maxFiltersPerSubscribe} filters (mqtt.maxFiltersPerSubscribe)` }
+    }
+    // aedes' private subscription table (authorizeForward reads it too); aedes has no public accessor.
+    const table = (client as unknown as { subscriptions: Record<string, unknown> }).subscriptions
+    if (table[mounted] !== undefined) return null
+    const count = held.get(client) ?? Object.keys(table).length
+    if (count >= config.mqtt.maxSubscriptionsPerSession) {
+      return { reason: 'too-many-subscriptions', why: `the client holds ${count} subscriptions (mqtt.maxSubscriptionsPerSession)` }
+    }
+    held.set(client, count + 1)
+    return null
   }
 
   function markDone (packet: PublishPacket): void {
@@ -613,35 +668,42 @@ export function createBroker (deps: BrokerDeps): Aedes {
   return broker
 }
 
-/** The parts of an aedes client that UNSUBSCRIBE mounting reaches into (aedes 1.2.0, lib/client.js). */
+/** A packet as aedes' parser emits it, with the fields watchPackets' callers change or read. */
+interface ParsedPacket { cmd: string, unsubscriptions?: string[], subscriptions?: object[] }
+
+/** The parts of an aedes client that watchPackets reaches into (aedes 1.2.0, lib/client.js). */
 interface ClientParser {
   readonly _parser: {
-    prependListener (event: 'packet', listener: (packet: { cmd: string, unsubscriptions?: string[] }) => void): void
+    prependListener (event: 'packet', listener: (packet: ParsedPacket) => void): void
     /** Packets parsed before the CONNACK, handled once the client is connected; null afterwards. */
-    readonly _queue: Array<{ cmd: string, unsubscriptions?: string[] }> | null
+    readonly _queue: ParsedPacket[] | null
   }
 }
 
 /**
- * aedes has no unsubscribe hook: it looks the filters of an UNSUBSCRIBE up
- * as the client sent them, but authorizeSubscribe stored every subscription
- * mounted (`<tenant>/<filter>`), so an UNSUBSCRIBE removed nothing. The
- * filters are mounted as each packet is parsed, before aedes handles it;
- * the packets parsed before the tenant was known wait in aedes' queue until
- * the CONNACK, and are mounted here first.
+ * Calls `watch` with each packet of the client before aedes handles it: the
+ * packets parsed before the tenant was known (waiting in aedes' queue until
+ * the CONNACK) first, then each one as it is parsed. aedes has no hook for
+ * UNSUBSCRIBE, nor one that sees a whole SUBSCRIBE.
  */
-function mountUnsubscribes (client: Client, tenant: string): void {
+function watchPackets (client: Client, watch: (packet: ParsedPacket) => void): void {
   const parser = (client as unknown as ClientParser)._parser
-  const mount = (packet: { cmd: string, unsubscriptions?: string[] }): void => {
-    if (packet.cmd === 'unsubscribe' && packet.unsubscriptions !== undefined) {
-      // A filter over MAX_CLIENT_TOPIC_LEVELS was never subscribed (SUBACK 0x80): left out, since mounted it is over
-      // aedes' limit, which closed the connection instead of sending the UNSUBACK.
-      packet.unsubscriptions = packet.unsubscriptions
-        .filter((filter) => filter.split('/').length <= MAX_CLIENT_TOPIC_LEVELS).map((filter) => mountTopic(tenant, filter))
-    }
+  for (const packet of parser._queue ?? []) watch(packet)
+  parser.prependListener('packet', watch)
+}
+
+/**
+ * aedes looks the filters of an UNSUBSCRIBE up as the client sent them, but
+ * authorizeSubscribe stored every subscription mounted (`<tenant>/<filter>`),
+ * so an UNSUBSCRIBE removed nothing: its filters are mounted here.
+ */
+function mountUnsubscribe (packet: ParsedPacket, tenant: string): void {
+  if (packet.cmd === 'unsubscribe' && packet.unsubscriptions !== undefined) {
+    // A filter over MAX_CLIENT_TOPIC_LEVELS was never subscribed (SUBACK 0x80): left out, since mounted it is over
+    // aedes' limit, which closed the connection instead of sending the UNSUBACK.
+    packet.unsubscriptions = packet.unsubscriptions
+      .filter((filter) => filter.split('/').length <= MAX_CLIENT_TOPIC_LEVELS).map((filter) => mountTopic(tenant, filter))
   }
-  for (const packet of parser._queue ?? []) mount(packet)
-  parser.prependListener('packet', mount)
 }
 
 /** Resumes sockets once the log has drained to half the bound. */
