@@ -634,17 +634,26 @@ export class LevelSessionPersistence {
     this.#ready()
     await this.#writer.flush()
     const seen = new Set<string>()
-    for (const pattern of patterns) {
-      const matches = compileTopicFilters([pattern])
-      const levels = pattern.split('/')
-      const wildcard = levels.findIndex((level) => level === '+' || level === '#')
-      const literal = wildcard === -1 ? pattern : levels.slice(0, wildcard).join('/')
-      for await (const [key, value] of this.#scan(keys.retained(literal))) {
-        const topic = key.toString('utf8', 1)
-        if (seen.has(topic) || !matches(topic)) continue
-        seen.add(topic)
-        yield decodeValue<SessionPacket>(key, value)
+    try {
+      for (const pattern of patterns) {
+        if (this.#destroyed) return
+        const matches = compileTopicFilters([pattern])
+        const levels = pattern.split('/')
+        const wildcard = levels.findIndex((level) => level === '+' || level === '#')
+        const literal = wildcard === -1 ? pattern : levels.slice(0, wildcard).join('/')
+        for await (const [key, value] of this.#scan(keys.retained(literal))) {
+          const topic = key.toString('utf8', 1)
+          if (seen.has(topic) || !matches(topic)) continue
+          seen.add(topic)
+          yield decodeValue<SessionPacket>(key, value)
+        }
       }
+    } catch (err) {
+      // aedes reads retained messages after the SUBACK, one scan per filter (10,000 take a while): a shutdown that
+      // destroys this persistence and closes the database meanwhile ends the stream, rather than failing it with
+      // LEVEL_DATABASE_NOT_OPEN on a stream aedes does not listen to, which killed the process on its way out.
+      if (this.#destroyed) return
+      throw err
     }
   }
 
