@@ -161,7 +161,8 @@ export async function startGateway (config: GatewayConfig, deps: GatewayDeps): P
       await store.createStream(`${tenant}/${RECEIPTS_STREAM}`, { partitions: 1 })
     }
 
-    const persistence = new LevelSessionPersistence(sessionsDb, { durability: config.store.durability })
+    // One group-commit writer for the log and the sessions: session writes share the log's fsyncs.
+    const persistence = new LevelSessionPersistence(sessionsDb, { writer: store })
     const broker = createBroker({ config, store, persistence, metrics, logger, guards, onStoreHealth: setHealth })
     const brokerEvents = broker as unknown as NodeJS.EventEmitter
     brokerEvents.on('error', (err: Error) => logger.error({ err: err.message }, 'broker error'))

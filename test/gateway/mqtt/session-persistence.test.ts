@@ -16,7 +16,7 @@ import { ClassicLevel } from 'classic-level'
 import { MemoryLevel } from 'memory-level'
 import { MqttClient, type IClientOptions, type IPublishPacket } from 'mqtt'
 import { afterEach, describe, expect, it } from 'vitest'
-import type { LevelDatabase } from '../../../store/index.ts'
+import { openLogStore, type LevelDatabase } from '../../../store/index.ts'
 import {
   LevelSessionPersistence, SessionPersistenceError, type SessionBroker, type SessionPacket,
 } from '../../../gateway/mqtt/session-persistence.ts'
@@ -70,12 +70,14 @@ async function openDb (dir?: string): Promise<{ dir: string, db: ClassicLevel }>
   return { dir: location, db }
 }
 
-function sessionsOf (db: ClassicLevel): LevelDatabase {
-  return db.sublevel('sessions') as unknown as LevelDatabase
+function sessionsOf (db: ClassicLevel | MemoryLevel): LevelDatabase {
+  return (db as unknown as LevelDatabase).sublevel('sessions', { keyEncoding: 'buffer', valueEncoding: 'buffer' }) as unknown as LevelDatabase
 }
 
-async function openPersistence (db: ClassicLevel, broker: SessionBroker = { id: 'gw', counter: 0 }): Promise<LevelSessionPersistence> {
-  const persistence = new LevelSessionPersistence(sessionsOf(db))
+/** The persistence as the gateway builds it: on the `sessions` sublevel, writing through the log store's writer. */
+async function openPersistence (db: ClassicLevel | MemoryLevel, broker: SessionBroker = { id: 'gw', counter: 0 }): Promise<LevelSessionPersistence> {
+  const store = await openLogStore({ db: db as unknown as LevelDatabase })
+  const persistence = new LevelSessionPersistence(sessionsOf(db), { writer: store })
   await persistence.setup(broker)
   return persistence
 }
@@ -275,16 +277,17 @@ describe('LevelSessionPersistence contract details', () => {
     expect(await errorOf(persistence.destroy())).toMatchObject({ code: 'GW_SESSION_CLOSED' })
   })
 
-  it('group-commits calls made together into one write batch', async () => {
+  it('group-commits calls made together into one write batch, through the log store\'s writer', async () => {
     const db = new MemoryLevel()
     let batches = 0
-    const batch = db.batch.bind(db) as (...args: unknown[]) => Promise<void>
-    ;(db as unknown as { batch: (...args: unknown[]) => Promise<void> }).batch = (...args: unknown[]) => {
+    // abstract-level's implementation hook, which the store's and every sublevel's batches end in
+    const internal = db as unknown as { _batch: (...args: unknown[]) => Promise<void> }
+    const batch = internal._batch.bind(db)
+    internal._batch = (...args: unknown[]) => {
       batches++
       return batch(...args)
     }
-    const persistence = new LevelSessionPersistence(db as unknown as LevelDatabase)
-    await persistence.setup({ id: 'gw', counter: 0 })
+    const persistence = await openPersistence(db)
     batches = 0
     await Promise.all(Array.from({ length: 100 }, (_, i) => persistence.outgoingEnqueue({ clientId: `dev-${i}` }, publish('t', 'x', i + 1))))
     expect(batches).toBe(1)
