@@ -45,6 +45,8 @@ interface TapSummary {
   /** Failed tests, and files that failed outside a test (an error after a test ended), with the file they are in. */
   readonly failed: Array<{ readonly name: string, readonly file: string | undefined }>
   readonly stderr: string
+  /** The TAP lines that name a cancellation, with the three before each, to say which test it was. */
+  readonly cancellations: string[]
 }
 
 /** Each `not ok N - name` line (any depth) and the file of the `location:` that follows it. */
@@ -83,6 +85,7 @@ function runSuite (files: readonly string[], only?: string): Promise<TapSummary>
           tests: count('tests'), pass: count('pass'), fail: count('fail'), cancelled: count('cancelled'), skipped: count('skipped'), todo: count('todo'),
         },
         failed: failures(stdout),
+        cancellations: stdout.split('\n').flatMap((line, i, all) => /cancel/i.test(line) && !/^# cancelled \d+$/.test(line) ? all.slice(Math.max(0, i - 3), i + 1) : []),
         stderr: stderr.slice(-2000),
       })
     })
@@ -100,7 +103,8 @@ describe('aedes\' own test suite on LevelSessionPersistence', () => {
     console.log(`aedes suite on LevelSessionPersistence: ${JSON.stringify(run.counts)}`)
     const timed = run.failed.filter(wallClock)
     const other = run.failed.filter((f) => !timed.includes(f))
-    expect({ other, cancelled: run.counts.cancelled, stderr: other.length === 0 ? '' : run.stderr }).toEqual({ other: [], cancelled: 0, stderr: '' })
+    expect({ other, cancelled: run.counts.cancelled, cancellations: run.cancellations, stderr: other.length === 0 ? '' : run.stderr })
+      .toEqual({ other: [], cancelled: 0, cancellations: [], stderr: '' })
     for (const { name, file } of timed) {
       const again = await runSuite([file as string], name)
       console.log(`timed test ${JSON.stringify(name)} failed (${WALL_CLOCK[name] ?? WALL_CLOCK_FILE}); alone it gives ${JSON.stringify(again.counts)}`)
