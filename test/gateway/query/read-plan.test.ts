@@ -48,7 +48,8 @@ async function seed (store: LogStore, from: number, to: number, batch = 7, key =
   for (let i = from; i < to; i += batch) {
     await Promise.all(Array.from({ length: Math.min(batch, to - i) }, (_, k) => {
       const j = i + k
-      return store.append(STREAM, key, { payload: Buffer.from(`{"i":${j}}`), timestamp: T0 + 10 * j, topic: `devices/${key}/telemetry/${j % 2 === 0 ? 'temp' : 'hum'}` })
+      const topic = `devices/${key}/telemetry/${j % 2 === 0 ? 'temp' : 'hum'}`
+      return store.append(STREAM, key, { payload: Buffer.from(`{"i":${j}}`), timestamp: T0 + 10 * j, topic })
     }))
   }
 }
@@ -107,7 +108,9 @@ describe('parsing', () => {
     expect(f?.(rec('a', 'devices/a/events/x', 2))).toBe(false)
     expect(f?.(rec('a', 'devices/a/telemetry/x', 1))).toBe(false)
     expect(compileRecordFilter({ keys: [], topics: [], where: (doc) => (doc as { t: number }).t === 5 })?.(rec('a', 'x', 5))).toBe(true)
-    for (const topic of ['a/#/b', '', 'a+']) expect(await codeOf(() => compileRecordFilter({ keys: [], topics: [topic], where: undefined })), topic).toBe('QUERY_BAD_TOPIC_FILTER')
+    for (const topic of ['a/#/b', '', 'a+']) {
+      expect(await codeOf(() => compileRecordFilter({ keys: [], topics: [topic], where: undefined })), topic).toBe('QUERY_BAD_TOPIC_FILTER')
+    }
     expect(await codeOf(() => compileRecordFilter({ keys: [], topics: [], where: 'temp > > 3' }))).toBe('FILTER_SYNTAX')
   })
 })
@@ -174,7 +177,8 @@ describe('placing a range on a partition', () => {
     // Both ends: the earlier wins.
     expect(await resolveRange(store, STREAM, 0, { start: { kind: 'earliest' }, endOffset: 40, endTime: T0 + 500 }, open)).toMatchObject({ start: 0, end: 40 })
     // An end before the start is the start.
-    expect(await resolveRange(store, STREAM, 0, { start: { kind: 'offset', offset: 60 }, endOffset: null, endTime: T0 }, open)).toMatchObject({ start: 60, end: 60 })
+    expect(await resolveRange(store, STREAM, 0, { start: { kind: 'offset', offset: 60 }, endOffset: null, endTime: T0 }, open))
+      .toMatchObject({ start: 60, end: 60 })
   })
 
   it('an end time after the last record stays pending on an open range, and ends it at the first record at or after it', async () => {
@@ -182,7 +186,8 @@ describe('placing a range on a partition', () => {
     await seed(store, 0, 10)
     const range = await resolveRange(store, STREAM, 0, { start: { kind: 'earliest' }, endOffset: null, endTime: T0 + 150 }, open)
     expect(range).toMatchObject({ start: 0, end: Infinity, toTime: T0 + 150 })
-    expect(await resolveRange(store, STREAM, 0, { start: { kind: 'earliest' }, endOffset: null, endTime: T0 + 150 }, snapshot)).toMatchObject({ end: 10, toTime: null })
+    expect(await resolveRange(store, STREAM, 0, { start: { kind: 'earliest' }, endOffset: null, endTime: T0 + 150 }, snapshot))
+      .toMatchObject({ end: 10, toTime: null })
     const reader = new PartitionReader(store, range)
     expect(ids((await drain(reader)).records)).toEqual(Array.from({ length: 10 }, (_, i) => i))
     await seed(store, 10, 20)
@@ -198,9 +203,11 @@ describe('placing a range on a partition', () => {
     const store = await openStore()
     await seed(store, 0, 10)
     const err = await resolveRange(store, STREAM, 0, readRange({ kind: 'offset', offset: 11 }, undefined), open).catch((e: unknown) => e)
-    expect(isQueryError(err, 'QUERY_OFFSET_OUT_OF_RANGE') && err.details).toEqual({ stream: STREAM, partition: 0, offset: 11, logStartOffset: 0, logEndOffset: 10 })
+    expect(isQueryError(err, 'QUERY_OFFSET_OUT_OF_RANGE') && err.details)
+      .toEqual({ stream: STREAM, partition: 0, offset: 11, logStartOffset: 0, logEndOffset: 10 })
     expect(await resolveRange(store, STREAM, 0, readRange({ kind: 'offset', offset: 10 }, undefined), open)).toMatchObject({ start: 10 })
-    expect(await resolveRange(store, STREAM, 0, readRange({ kind: 'offset', offset: 11 }, { kind: 'offset', offset: 500 }), { outside: 'clamp', snapshot: true }))
+    const clamped = readRange({ kind: 'offset', offset: 11 }, { kind: 'offset', offset: 500 })
+    expect(await resolveRange(store, STREAM, 0, clamped, { outside: 'clamp', snapshot: true }))
       .toMatchObject({ start: 10, end: 10 })
   })
 
