@@ -35,8 +35,8 @@ import { createProgress, type Progress, type ProgressStream } from './progress-b
 import { FilterExpressionError } from '../query/filter-expression.ts'
 import { isQueryError } from '../query/errors.ts'
 import {
-  checkRange as checkReadRange, compileRecordFilter, parsePosition as parseReadPosition, PartitionReader as RangeReader, readRange, resolveRange, selectPartitions,
-  type FilterSpec, type Position, type RecordFilter,
+  checkRange as checkReadRange, compileRecordFilter, parsePosition as parseReadPosition, PartitionReader as RangeReader, readRange, resolveRange,
+  selectPartitions, type FilterSpec, type Position, type RecordFilter,
 } from '../query/read-plan.ts'
 
 export type { Position }
@@ -122,7 +122,8 @@ export function targetPartitions (spec: ReadSpec, stream: StreamDoc): number[] {
   }
   for (const [flag, pos] of [['--from', spec.from], ['--to', spec.to]] as const) {
     if (pos?.kind === 'offset' && partitions.length !== 1) {
-      throw new CliError('CLI_BAD_ARGUMENT', `${flag} ${pos.offset} is an offset, and offsets are per partition: add --partition (stream ${spec.stream} has ${count} partitions)`)
+      throw new CliError('CLI_BAD_ARGUMENT',
+        `${flag} ${pos.offset} is an offset, and offsets are per partition: add --partition (stream ${spec.stream} has ${count} partitions)`)
     }
   }
   return partitions
@@ -280,7 +281,9 @@ export class RecordWriter {
   async write (r: CliRecord): Promise<number> {
     let chunk: Uint8Array
     if (this.format === 'cbor') {
-      const doc: Record<string, unknown> = { partition: r.partition, offset: r.offset, timestamp: r.timestamp, key: r.key, topic: r.topic, qos: r.qos, clientId: r.clientId }
+      const doc: Record<string, unknown> = {
+        partition: r.partition, offset: r.offset, timestamp: r.timestamp, key: r.key, topic: r.topic, qos: r.qos, clientId: r.clientId,
+      }
       if (r.headers !== null) doc.headers = r.headers
       doc.payload = r.payload
       chunk = cbor.encode(doc)
