@@ -22,13 +22,13 @@ import type { IncomingMessage, ServerResponse } from 'node:http'
 import { Encoder } from 'cbor-x'
 import type { LogStore, StoredRecord } from '../../store/index.ts'
 import { ApiError, toApiError } from './errors.ts'
-import { parseInteger, QueryParams } from './params.ts'
+import { parseInteger, parseTime, QueryParams } from './params.ts'
 import { CpuSlice, slicedPieces } from './cpu-slice.ts'
 import { RecordJson, type PayloadEncoding } from '../query/record-json.ts'
 import { compileFilterExpression } from '../query/filter-expression.ts'
 import { isQueryError } from '../query/errors.ts'
 import {
-  checkRange, compileRecordFilter, parseTime, PartitionReader, resolveRange, type PartitionRange, type ReadRange, type RecordFilter, type Start,
+  checkRange, compileRecordFilter, PartitionReader, resolveRange, type PartitionRange, type ReadRange, type RecordFilter, type Start,
 } from '../query/read-plan.ts'
 
 export type OutputFormat = 'json' | 'ndjson' | 'cbor' | 'batches'
@@ -95,38 +95,42 @@ export function parseRecordsRequest (params: URLSearchParams, now: number, accep
   if (starts.length > 1) {
     throw new ApiError('HTTP_BAD_REQUEST', `give at most one of offset, from and group (got ${starts.join(', ')})`, { details: { parameter: starts[1] } })
   }
-  // The read path's errors (times, ranges, topic filters) become HTTP_… codes naming the parameter (toApiError).
+  let start: Start = { kind: 'earliest' }
+  const offsetText = q.string('offset')
+  const fromText = q.string('from')
+  const groupText = q.string('group')
+  if (offsetText === 'earliest' || offsetText === 'latest') start = { kind: offsetText }
+  else if (offsetText !== undefined) start = { kind: 'offset', offset: parseInteger(offsetText, 'offset', 0, Number.MAX_SAFE_INTEGER) }
+  else if (fromText !== undefined) start = { kind: 'time', timestamp: parseTime(fromText, now, 'from') }
+  else if (groupText !== undefined) start = { kind: 'group', group: groupName(groupText) }
+
+  const endOffset = q.int('endOffset', 0, Number.MAX_SAFE_INTEGER) ?? null
+  const toText = q.string('to')
+  const toTime = toText === undefined ? null : parseTime(toText, now, 'to')
+  asApiError(() => checkRange({ start, endOffset, endTime: toTime }, RANGE_NAMES))
+
+  const limits = format === 'ndjson' || format === 'batches' ? LIMITS.ndjson : LIMITS.json
+  const maxRecords = q.int('maxRecords', 1, limits.maxRecords) ?? limits.defaultRecords
+  const maxBytes = q.int('maxBytes', 1, limits.maxBytes) ?? limits.defaultBytes
+  const waitMs = (q.int('wait', 0, MAX_WAIT_SECONDS) ?? 0) * 1000
+
+  const keyList = q.all('key')
+  const topicFilters = q.all('topic')
+  asApiError(() => compileRecordFilter({ keys: [], topics: topicFilters, where: undefined }, 'topic'))
+  const whereText = q.string('where')
+  return {
+    start, endOffset, toTime, format, payload, maxRecords, maxBytes, waitMs,
+    keys: keyList.length === 0 ? null : new Set(keyList),
+    topicFilters: topicFilters.length === 0 ? null : topicFilters,
+    // FilterExpressionError becomes HTTP_BAD_FILTER with its position (http/errors.ts).
+    where: whereText === undefined ? null : compileFilterExpression(whereText),
+  }
+}
+
+/** Runs a check of the read path; its QueryError becomes the API's error, naming the parameter (toApiError). */
+function asApiError<T> (check: () => T): T {
   try {
-    let start: Start = { kind: 'earliest' }
-    const offsetText = q.string('offset')
-    const fromText = q.string('from')
-    const groupText = q.string('group')
-    if (offsetText === 'earliest' || offsetText === 'latest') start = { kind: offsetText }
-    else if (offsetText !== undefined) start = { kind: 'offset', offset: parseInteger(offsetText, 'offset', 0, Number.MAX_SAFE_INTEGER) }
-    else if (fromText !== undefined) start = { kind: 'time', timestamp: parseTime(fromText, now, 'from') }
-    else if (groupText !== undefined) start = { kind: 'group', group: groupName(groupText) }
-
-    const endOffset = q.int('endOffset', 0, Number.MAX_SAFE_INTEGER) ?? null
-    const toText = q.string('to')
-    const toTime = toText === undefined ? null : parseTime(toText, now, 'to')
-    checkRange({ start, endOffset, endTime: toTime }, RANGE_NAMES)
-
-    const limits = format === 'ndjson' || format === 'batches' ? LIMITS.ndjson : LIMITS.json
-    const maxRecords = q.int('maxRecords', 1, limits.maxRecords) ?? limits.defaultRecords
-    const maxBytes = q.int('maxBytes', 1, limits.maxBytes) ?? limits.defaultBytes
-    const waitMs = (q.int('wait', 0, MAX_WAIT_SECONDS) ?? 0) * 1000
-
-    const keyList = q.all('key')
-    const topicFilters = q.all('topic')
-    const whereText = q.string('where')
-    // Checks the topic filters (HTTP_BAD_TOPIC_FILTER); FilterExpressionError becomes HTTP_BAD_FILTER with its position (http/errors.ts).
-    compileRecordFilter({ keys: [], topics: topicFilters, where: undefined }, 'topic')
-    const where = whereText === undefined ? null : compileFilterExpression(whereText)
-    return {
-      start, endOffset, toTime, format, payload, maxRecords, maxBytes, waitMs, where,
-      keys: keyList.length === 0 ? null : new Set(keyList),
-      topicFilters: topicFilters.length === 0 ? null : topicFilters,
-    }
+    return check()
   } catch (err) {
     throw isQueryError(err) ? toApiError(err) : err
   }
