@@ -28,7 +28,10 @@
  *    places a range on one partition as offsets ({@link PartitionRange});
  *    `planRead` does it for a list of partitions, in their order. A plan
  *    that starts from a given offset per partition (a session's cursor) is
- *    `resolveRange` with `{kind: 'offset'}` per partition.
+ *    `resolveRange` with `{kind: 'offset'}` per partition. `placePending`
+ *    places again the times the index could not place yet, for readers of
+ *    whole stored batches (http/batches.ts), which cannot skip record by
+ *    record.
  * 4. **Run**. `new PartitionReader(store, range, options)` walks one
  *    partition's range, one store read per `step(room)`, and returns the
  *    records the filter accepts, with why it stopped: `range` (the range is
