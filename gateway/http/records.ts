@@ -22,13 +22,13 @@ import type { IncomingMessage, ServerResponse } from 'node:http'
 import { Encoder } from 'cbor-x'
 import type { LogStore, StoredRecord } from '../../store/index.ts'
 import { ApiError, toApiError } from './errors.ts'
-import { parseInteger, parseTime, QueryParams } from './params.ts'
+import { parseInteger, QueryParams } from './params.ts'
 import { CpuSlice, slicedPieces } from './cpu-slice.ts'
 import { RecordJson, type PayloadEncoding } from '../query/record-json.ts'
 import { compileFilterExpression } from '../query/filter-expression.ts'
 import { isQueryError } from '../query/errors.ts'
 import {
-  checkRange, compileRecordFilter, PartitionReader, resolveRange, type PartitionRange, type ReadRange, type RecordFilter, type Start,
+  checkRange, compileRecordFilter, parseTime, PartitionReader, resolveRange, type PartitionRange, type ReadRange, type RecordFilter, type Start,
 } from '../query/read-plan.ts'
 
 export type OutputFormat = 'json' | 'ndjson' | 'cbor' | 'batches'
@@ -101,12 +101,12 @@ export function parseRecordsRequest (params: URLSearchParams, now: number, accep
   const groupText = q.string('group')
   if (offsetText === 'earliest' || offsetText === 'latest') start = { kind: offsetText }
   else if (offsetText !== undefined) start = { kind: 'offset', offset: parseInteger(offsetText, 'offset', 0, Number.MAX_SAFE_INTEGER) }
-  else if (fromText !== undefined) start = { kind: 'time', timestamp: parseTime(fromText, now, 'from') }
+  else if (fromText !== undefined) start = { kind: 'time', timestamp: asApiError(() => parseTime(fromText, now, 'from')) }
   else if (groupText !== undefined) start = { kind: 'group', group: groupName(groupText) }
 
   const endOffset = q.int('endOffset', 0, Number.MAX_SAFE_INTEGER) ?? null
   const toText = q.string('to')
-  const toTime = toText === undefined ? null : parseTime(toText, now, 'to')
+  const toTime = toText === undefined ? null : asApiError(() => parseTime(toText, now, 'to'))
   asApiError(() => checkRange({ start, endOffset, endTime: toTime }, RANGE_NAMES))
 
   const limits = format === 'ndjson' || format === 'batches' ? LIMITS.ndjson : LIMITS.json
