@@ -352,7 +352,8 @@ class LevelLogStore implements LogStore {
     const stream: StreamState = { name, id: meta.id, partitions: [], retentionMs: meta.retentionMs, retentionBytes: meta.retentionBytes }
     for (let p = 0; p < meta.partitions; p++) {
       stream.partitions.push({
-        stream, partition: p, logStart: 0, logEnd: 0, bytes: 0, indexedMaxTs: -Infinity, oldestTs: null, newestTs: null, pending: [], resolvers: [], rejecters: [], dedupeIds: [], index: new BatchIndex(),
+        stream, partition: p, logStart: 0, logEnd: 0, bytes: 0, indexedMaxTs: -Infinity, oldestTs: null, newestTs: null,
+        pending: [], resolvers: [], rejecters: [], dedupeIds: [], index: new BatchIndex(),
       })
     }
     this.#streams.set(name, stream)
@@ -558,7 +559,9 @@ class LevelLogStore implements LogStore {
     try {
       while (this.#dirty.length > 0 || this.#extras.length > 0 || this.#tasks.length > 0 || this.#unsettled !== undefined) {
         if (this.#needsRecovery) await this.#recover()
-        if (this.#dirty.length > 0 || this.#extras.length > 0) await this.#commit().catch((err: unknown) => this.#logger.error({ err: String(err) }, 'group commit crashed'))
+        if (this.#dirty.length > 0 || this.#extras.length > 0) {
+          await this.#commit().catch((err: unknown) => this.#logger.error({ err: String(err) }, 'group commit crashed'))
+        }
         // A task (a retention pass) writes partition metadata from memory: not before a failed commit is re-read.
         if (this.#needsRecovery) await this.#recover()
         const task = this.#tasks.shift()

@@ -151,8 +151,14 @@ export const configSchema = {
         maxInflightPerClient: { type: 'integer', minimum: 1, maximum: 65535, default: 1000, description: 'QoS 1/2 publishes of one client being appended at once; the socket is paused beyond it.' },
         publishRatePerClient: { type: 'number', minimum: 0, default: 0, description: 'Publishes per second one client may send (token bucket); 0 is unlimited. A client over the limit is slowed down by pausing its socket.' },
         maxPendingAppends: { type: 'integer', minimum: 1, default: 50_000, description: 'When the log has more appends pending than this, every socket stops being read until it drains.' },
-        maxFiltersPerSubscribe: { type: 'integer', minimum: 1, maximum: 65535, default: 1000, description: 'Topic filters one SUBSCRIBE may carry; every filter of a SUBSCRIBE with more is refused (SUBACK 0x80).' },
-        maxSubscriptionsPerSession: { type: 'integer', minimum: 1, default: 10_000, description: 'Subscriptions one client may hold; a new filter beyond it is refused (SUBACK 0x80), a resubscription to a held one is not.' },
+        maxFiltersPerSubscribe: {
+          type: 'integer', minimum: 1, maximum: 65535, default: 1000,
+          description: 'Topic filters one SUBSCRIBE may carry; every filter of a SUBSCRIBE with more is refused (SUBACK 0x80).',
+        },
+        maxSubscriptionsPerSession: {
+          type: 'integer', minimum: 1, default: 10_000,
+          description: 'Subscriptions one client may hold; a new filter beyond it is refused (SUBACK 0x80), a resubscription to a held one is not.',
+        },
         replay: {
           type: 'object',
           additionalProperties: false,

@@ -4,7 +4,8 @@
  */
 
 export const SESSION_ERROR_CODES = {
-  GW_SESSION_NOT_FOUND: 'No stored packet has that message id. aedes reads this rejection as "not found" (a new inbound QoS 2 packet, an unknown in-flight message), so it is part of the contract, not a fault.',
+  GW_SESSION_NOT_FOUND: 'No stored packet has that message id. aedes reads this rejection as "not found" (a new inbound QoS 2 packet, '
+    + 'an unknown in-flight message), so it is part of the contract, not a fault.',
   GW_SESSION_NOT_READY: 'A session persistence method was called before setup(broker) finished loading the sessions.',
   GW_SESSION_CLOSED: 'The session persistence was destroyed.',
   GW_SESSION_FORMAT_VERSION: 'The sessions key space was written by an incompatible format version.',
