@@ -35,6 +35,10 @@
  *   the log's append batch (the store's `extraOps`), so it exists exactly
  *   when the record does. A will that goes into the log has its `W` entry
  *   deleted in that record's batch, so a kill after it cannot fire it again.
+ * - No `S` entry names a refused filter. Gateways before this rule stored
+ *   each refused filter of a persistent session as `$denied/<filter>` (it
+ *   matched nothing, and was refused again, and logged, at every reconnect);
+ *   loading deletes those entries, in one batch.
  * - A value is never written with a function in it (cbor cannot encode one):
  *   aedes' packets carry write callbacks, which are left out.
  */
@@ -42,6 +46,9 @@ import { Encoder } from 'cbor-x'
 import { SessionPersistenceError } from './session-errors.ts'
 
 export const SESSION_FORMAT_VERSION = 1
+
+/** The topic prefix under which older gateways stored refused filters (see the invariants). */
+export const PARKED_PREFIX = '$denied/'
 
 export const TAG_VERSION = 0x56 // 'V'
 export const TAG_SUB = 0x53 // 'S'

@@ -46,7 +46,7 @@ import type { Durability, ExtraOperation, LevelDatabase, LogStore } from '../../
 import { compileTopicFilters, QLOBBER_OPTIONS, type QlobberOptions } from '../access/topics.ts'
 import { notFound, SessionPersistenceError } from './session-errors.ts'
 import {
-  cbor, checkMessageId, clientPrefix, decodeValue, encodeU16, encodeVersion, keys, prefixRange, readVersion, SESSION_FORMAT_VERSION,
+  cbor, checkMessageId, PARKED_PREFIX, clientPrefix, decodeValue, encodeU16, encodeVersion, keys, prefixRange, readVersion, SESSION_FORMAT_VERSION,
   TAG_INCOMING, TAG_MESSAGE_ID, TAG_OUTGOING, TAG_SESSION, TAG_SUB, TAG_WILL,
 } from './session-format.ts'
 
@@ -430,10 +430,14 @@ export class LevelSessionPersistence {
         `sessions were written by format ${readVersion(stored) ?? 'unknown'}, this gateway reads ${SESSION_FORMAT_VERSION}`)
     }
 
+    const parked: BatchOp[] = []
     for await (const [key, value] of this.#scan(Buffer.from([TAG_SUB]))) {
       const { clientId, rest } = keys.parseClient(key)
-      this.#addSubscription(clientId, rest.toString('utf8'), decodeValue<StoredSubscription>(key, value))
+      const topic = rest.toString('utf8')
+      if (topic.startsWith(PARKED_PREFIX)) parked.push(del(key))
+      else this.#addSubscription(clientId, topic, decodeValue<StoredSubscription>(key, value))
     }
+    await this.#writer.write(parked)
 
     for await (const [key, value] of this.#scan(Buffer.from([TAG_OUTGOING]))) {
       const { clientId, rest } = keys.parseClient(key)

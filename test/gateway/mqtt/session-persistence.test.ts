@@ -258,6 +258,23 @@ describe('sessions survive a restart (classic-level close → reopen)', () => {
     expect(broker.counter).toBe(500)
   })
 
+  it('drops the refused filters older gateways stored as $denied/…, in one batch at load', async () => {
+    const { dir, db } = await openDb()
+    const before = await openPersistence(db)
+    await before.addSubscriptions({ id: 'dev-1' }, [{ topic: '$denied/admin/#', qos: 1 }, { topic: 'cmd/dev-1', qos: 1 }])
+    await before.addSubscriptions({ id: 'dev-2' }, [{ topic: '$denied/x', qos: 0 }])
+    const { db: again, persistence } = await restart(dir, db)
+    expect(await persistence.subscriptionsByClient({ id: 'dev-1' })).toEqual([{ topic: 'cmd/dev-1', qos: 1 }])
+    expect(await persistence.countOffline()).toEqual({ subsCount: 1, clientsCount: 1 })
+    expect(persistence.hasSessionState({ id: 'dev-2' })).toBe(false)
+    const { db: last, persistence: third } = await restart(dir, again)
+    expect(await third.subscriptionsByClient({ id: 'dev-1' })).toEqual([{ topic: 'cmd/dev-1', qos: 1 }])
+    // gone from disk, not only skipped
+    const stored = await sessionsOf(last).keys<Buffer>({ keyEncoding: 'buffer' }).all()
+    expect(stored.filter((k) => k.includes('$denied/'))).toEqual([])
+    expect(stored.filter((k) => k.includes('cmd/dev-1'))).toHaveLength(1)
+  })
+
   it('refuses a key space written by another format version', async () => {
     const { db } = await openDb()
     await sessionsOf(db).put(Buffer.from('V'), Buffer.from([0, 0, 0, 2]), { keyEncoding: 'buffer', valueEncoding: 'buffer' })
