@@ -19,6 +19,7 @@ import type { InboundQos2, Qos2Persistence } from '../inbound-qos2.ts'
 import type { MqttReplays, ReplayConnection, ReplayTicket } from '../replay.ts'
 import type { InternalPublish } from '../aedes-internals.ts'
 import type { WillPersistence, Wills } from '../wills.ts'
+import type { DurableAppender } from './durable-append.ts'
 
 /** aedes hands the hooks our ConnectionGuard as `client.conn`; this reads its listener back. */
 export interface ListenerTagged {
@@ -55,6 +56,8 @@ export interface HookContext extends HookDeps {
   readonly publish: InternalPublish
   readonly replays: MqttReplays
   readonly inbound: InboundQos2
+  /** The append authorizePublish waits for before the ack. */
+  readonly appender: DurableAppender
   readonly wills: Wills
   /** The identity authenticate gave each client. */
   readonly identities: WeakMap<Client, Identity>
