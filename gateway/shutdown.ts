@@ -12,7 +12,12 @@
  * runs too. Every step is logged at debug as it starts (`step`), which is
  * how a test observes the order.
  */
-import type { Logger } from 'pino'
+
+/** What the shutdown logs through (a pino logger is one). */
+export interface ShutdownLogger {
+  debug (fields: Record<string, unknown>, msg: string): void
+  error (fields: Record<string, unknown>, msg: string): void
+}
 
 export interface ShutdownStep {
   readonly name: string
@@ -21,11 +26,11 @@ export interface ShutdownStep {
 
 export class Shutdown {
   readonly #steps: ShutdownStep[] = []
-  readonly #logger: Pick<Logger, 'debug' | 'error'>
+  readonly #logger: ShutdownLogger
   readonly #stepTimeoutMs: number
   #running: Promise<void> | undefined
 
-  constructor (options: { readonly logger: Pick<Logger, 'debug' | 'error'>, readonly stepTimeoutMs: number }) {
+  constructor (options: { readonly logger: ShutdownLogger, readonly stepTimeoutMs: number }) {
     this.#logger = options.logger
     this.#stepTimeoutMs = options.stepTimeoutMs
   }
