@@ -61,8 +61,8 @@ export interface NatsServerProcess {
   kill (): Promise<void>
   /** SIGTERM (lame duck is not waited for), and wait for the exit. */
   stop (): Promise<void>
-  /** Starts the same node again (same ports, same store dir) after kill() or stop(). */
-  restart (): Promise<NatsServerProcess>
+  /** Starts the same node again (same ports, same store dir) after kill() or stop(), with `extra` config lines if given. */
+  restart (extra?: readonly string[]): Promise<NatsServerProcess>
 }
 
 /** Starts nats-server with JetStream on 127.0.0.1, its config and store under `dir`; resolves once it listens for clients. */
@@ -107,7 +107,7 @@ export async function startNatsServer (bin: string, dir: string, options: NatsNo
       if (child.exitCode === null && child.signalCode === null) child.kill('SIGTERM')
       await exited
     },
-    restart: () => startNatsServer(bin, dir, { ...options, port, name }),
+    restart: (extra) => startNatsServer(bin, dir, { ...options, port, name, ...(extra === undefined ? {} : { extra }) }),
   }
   return node
 }
