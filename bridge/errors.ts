@@ -11,7 +11,8 @@ export const BRIDGE_ERROR_CODES = {
   BRIDGE_NO_COMMAND_SINK: 'An upstream has command mappings but the bridge was built without a command sink (a wiring error, not a config one).',
   BRIDGE_SUBJECT_TEMPLATE: 'A NATS upstream\'s `nats.subject` or `nats.receiptSubject` is not a valid subject template (config validation reports it).',
   BRIDGE_NATS_CREDENTIALS_FILE: 'A NATS upstream\'s `nats.nkeySeedFile` or `nats.credsFile` could not be read or parsed.',
-  BRIDGE_NATS_UNREACHABLE: 'A NATS upstream could not be connected to (refused, timed out, TLS failed); the uplink retries with backoff.',
+  BRIDGE_NATS_UNREACHABLE: 'A NATS upstream could not be connected to (refused, timed out, TLS failed), or its replicated stream has no leader yet; ' +
+    'the uplink retries with backoff.',
   BRIDGE_NATS_AUTH: 'A NATS upstream refused the credentials (authorization violation); the uplink retries with backoff.',
   BRIDGE_NATS_NO_JETSTREAM: 'A NATS upstream answers, but JetStream is not enabled for the account; the uplink retries with backoff.',
   BRIDGE_NATS_STREAM_MISSING: 'A NATS upstream\'s JetStream stream (`nats.stream.name`) does not exist and `nats.stream.create` is false (or creating it ' +

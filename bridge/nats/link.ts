@@ -265,6 +265,11 @@ export class NatsLink {
       }
       this.#deps.logger.info({ upstream: this.#config.name, stream: want.stream.name, replicas: want.stream.replicas }, 'NATS stream created')
     }
+    // A replicated stream answers info() from the meta leader before its own leader is elected; publishing then gets
+    // "no responders" for some messages and not for later ones, which stores a partition out of order.
+    if (info.cluster !== undefined && info.config.num_replicas > 1 && (info.cluster.leader ?? '') === '') {
+      throw new BridgeError('BRIDGE_NATS_UNREACHABLE', `stream ${info.config.name} has no leader yet`)
+    }
     const windowMs = info.config.duplicate_window / NANOS_PER_MS
     if (windowMs < want.minDuplicateWindowMs) {
       throw new BridgeError('BRIDGE_NATS_DUPLICATE_WINDOW',

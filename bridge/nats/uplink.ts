@@ -27,7 +27,7 @@
  */
 import type { PubAck, JetStreamClient, StreamInfo } from '@nats-io/jetstream'
 import { JetStreamApiError } from '@nats-io/jetstream'
-import { headers as natsHeaders, PermissionViolationError, type MsgHdrs, type NatsConnection } from '@nats-io/transport-node'
+import { headers as natsHeaders, PermissionViolationError, RequestError, type MsgHdrs, type NatsConnection } from '@nats-io/transport-node'
 import { isStoreError, type StoredRecord } from '../../store/index.ts'
 import { OffsetCommits } from '../commits.ts'
 import { BRIDGE_GROUP_PREFIX, type UpstreamConfig } from '../config-schema.ts'
@@ -295,7 +295,12 @@ export class NatsUplink {
     const message = (err as Error).message
     const refusal = (err instanceof JetStreamApiError && MESSAGE_REFUSALS.has(err.code)) || err instanceof PermissionViolationError
     if (!refusal) {
-      this.#link.restart('BRIDGE_NATS_PUBLISH', `publish to ${subject} failed: ${message}`)
+      // The client reports "no responders" as "jetstream is not enabled"; it means no stream took the subject right now.
+      const cause = (err as Error).cause
+      const why = cause instanceof RequestError && cause.isNoResponders()
+        ? 'no stream answered (missing, not covering the subject, or electing a leader)'
+        : message
+      this.#link.restart('BRIDGE_NATS_PUBLISH', `publish to ${subject} failed: ${why}`)
       return
     }
     const record = entry.record as StoredRecord
