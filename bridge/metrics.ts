@@ -32,7 +32,7 @@ export function createBridgeMetrics (registry: Registry, upstreams: readonly str
       },
     })
   }
-  gauge('edgemq_bridge_connected', '1 while the upstream\'s MQTT connection is up.', (s) => s.connected ? 1 : 0)
+  gauge('edgemq_bridge_connected', '1 while the upstream\'s connection is up (a NATS upstream: connected and its stream checked).', (s) => s.connected ? 1 : 0)
   gauge('edgemq_bridge_backlog_messages', 'Records of the forwarded streams the upstream has not acknowledged yet.', (s) => s.backlog.messages)
   gauge('edgemq_bridge_backlog_bytes', 'Estimated bytes of the backlog (backlog records × the partition\'s average stored record size).',
     (s) => s.backlog.bytes)
