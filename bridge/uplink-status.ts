@@ -76,8 +76,11 @@ export interface UpstreamStatus {
   readonly commandsReceived: number
   readonly backlog: { readonly messages: number, readonly bytes: number, readonly seconds: number }
   readonly partitions: readonly LaneStatus[]
-  /** A NATS upstream's JetStream stream, once checked (null before). */
-  readonly jetstream?: { readonly stream: string, readonly duplicateWindowMs: number, readonly replicas: number } | null
+  /**
+   * A NATS upstream's JetStream stream, once checked (null before), and the PubAcks since the start that said
+   * `duplicate` (resends the stream already had, counted as delivered).
+   */
+  readonly jetstream?: { readonly stream: string, readonly duplicateWindowMs: number, readonly replicas: number, readonly duplicateAcks: number } | null
 }
 
 /** The connection's part of the status. */

@@ -128,7 +128,6 @@ export class NatsLink {
   #generation = 0
   #ready = false
   #stopped = true
-  #attempted = false
   #since: number | null = null
   #lastError: ConnectionError | null = null
   #failures = 0
@@ -197,7 +196,6 @@ export class NatsLink {
   async #attempt (): Promise<void> {
     if (this.#stopped) return
     const generation = ++this.#generation
-    this.#attempted = true
     let nc: NatsConnection
     try {
       nc = await connect(this.#options)
@@ -321,9 +319,6 @@ export class NatsLink {
     this.#ready = false
     this.#events.dropped(wasReady)
   }
-
-  /** Whether an attempt was made yet. */
-  get attempted (): boolean { return this.#attempted }
 }
 
 /** The comma-separated server URLs without credentials. */

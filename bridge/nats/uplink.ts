@@ -59,6 +59,12 @@ const REFUSAL_RETRY_MS = 1000
 const READ_RETRY_MS = 1000
 /** A header name NATS can carry (an HTTP token); a record header with another name is left out. */
 const HEADER_NAME = /^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/
+/**
+ * Record headers never passed on: `Nats-*` ones steer JetStream (Nats-Msg-Id, Nats-Expected-Stream, …), and a
+ * device's MQTT 5 user property must not override the dedupe id or make the stream refuse the record; nor may it
+ * pose as one of the record's own fields.
+ */
+const RESERVED_HEADER = /^(nats-|edgemq-(stream|partition|offset|timestamp|key|topic)$)/i
 
 /** PubAck errors that are the stream's verdict on the message, not on the link (nats-server's JSErrCodes). */
 const MESSAGE_REFUSALS = new Set([
@@ -253,7 +259,7 @@ export class NatsUplink {
     const h = natsHeaders()
     if (record.headers !== null) {
       for (const [k, v] of Object.entries(record.headers)) {
-        if (HEADER_NAME.test(k)) h.set(k, v.replace(/[\r\n]/g, ' '))
+        if (HEADER_NAME.test(k) && !RESERVED_HEADER.test(k)) h.set(k, v.replace(/[\r\n]/g, ' '))
       }
     }
     h.set(RECORD_HEADERS.stream, lane.stream)
@@ -423,12 +429,10 @@ export class NatsUplink {
       partitions,
       jetstream: stream === null
         ? null
-        : { stream: stream.config.name, duplicateWindowMs: stream.config.duplicate_window / 1_000_000, replicas: stream.config.num_replicas },
+        : {
+            stream: stream.config.name, duplicateWindowMs: stream.config.duplicate_window / 1_000_000, replicas: stream.config.num_replicas,
+            duplicateAcks: this.#duplicates,
+          },
     }
-  }
-
-  /** PubAcks that reported a duplicate (a resend the stream had already): counted as delivered. */
-  get duplicates (): number {
-    return this.#duplicates
   }
 }

@@ -41,7 +41,7 @@ describe.skipIf(bin === null)('bridge: edgemq → NATS JetStream (one node)', ()
     const acked = await publishAcked(edge.mqttUrl, ['dev-a', 'dev.b'], 200)
     const status = await drained(edge.httpUrl, 'js')
     expect(status).toMatchObject({ kind: 'nats', mqttVersion: null, dedupeId: 'nats-msg-id', forwardedMessages: acked.length })
-    expect(status.jetstream).toEqual({ stream: 'EDGEMQ', duplicateWindowMs: 600_000, replicas: 1 })
+    expect(status.jetstream).toEqual({ stream: 'EDGEMQ', duplicateWindowMs: 600_000, replicas: 1, duplicateAcks: 0 })
 
     const nc = await natsClient(nats.url)
     cleanups.push(() => nc.close())

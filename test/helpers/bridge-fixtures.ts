@@ -38,7 +38,7 @@ export interface UpstreamStatusDoc {
   deadLettered: number
   commandsReceived: number
   lastError: { message: string, code?: string, at: string, resolvedAt: string | null } | null
-  jetstream?: { stream: string, duplicateWindowMs: number, replicas: number } | null
+  jetstream?: { stream: string, duplicateWindowMs: number, replicas: number, duplicateAcks: number } | null
   backlog: { messages: number, bytes: number, seconds: number }
   partitions: Array<{ tenant: string, stream: string, partition: number, committedOffset: number, forwardedOffset: number, logEndOffset: number, backlogMessages: number }>
 }
