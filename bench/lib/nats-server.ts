@@ -104,7 +104,7 @@ export async function startNatsServer (bin: string, dir: string, options: NatsNo
   return node
 }
 
-/** Three JetStream nodes clustered on loopback; resolves once JetStream answers with a meta leader. */
+/** Three JetStream nodes clustered on loopback; resolves once a stream with one replica per node can be created. */
 export async function startNatsCluster (bin: string, dir: string, size = 3): Promise<NatsServerProcess[]> {
   const ports = await Promise.all(Array.from({ length: size }, () => freePort()))
   const routes = await Promise.all(Array.from({ length: size }, () => freePort()))
@@ -116,7 +116,10 @@ export async function startNatsCluster (bin: string, dir: string, size = 3): Pro
     const until = Date.now() + 30_000
     for (;;) {
       try {
-        await (await jetstreamManager(nc, { timeout: 2000 })).getAccountInfo()
+        // Ready when a replicated stream can be placed on every node ("no suitable peers for placement" until then).
+        const jsm = await jetstreamManager(nc, { timeout: 2000 })
+        await jsm.streams.add({ name: 'READY_PROBE', subjects: ['ready-probe.>'], num_replicas: size })
+        await jsm.streams.delete('READY_PROBE')
         break
       } catch (err) {
         if (Date.now() > until) throw new Error(`the NATS cluster's JetStream did not come up: ${(err as Error).message}`)
