@@ -211,6 +211,7 @@ export async function startGateway (config: GatewayConfig, deps: GatewayDeps): P
       registry,
       health: () => ({ healthy, reasons: healthy ? [] : [`log writes failing: ${lastStoreError ?? 'unknown error'}`] }),
       api: { store, users: config.users, tokens: config.apiTokens, logger, bridge: runningBridge },
+      version: VERSION,
     })
     cleanups.push(() => http.close())
 

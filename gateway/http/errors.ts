@@ -4,6 +4,7 @@
  * the table below; clients and tests match on the code, never the message.
  * This table is the registry of codes (docs/errors.md is generated from it).
  */
+import type { ErrorObject } from 'ajv'
 import { isStoreError } from '../../store/index.ts'
 import { FilterExpressionError } from '../query/filter-expression.ts'
 
@@ -57,9 +58,24 @@ export class ApiError extends Error {
   }
 }
 
+/** The errors fastify itself raises before a handler runs, by their `code`. */
+const FRAMEWORK_ERRORS: Readonly<Record<string, { code: HttpErrorCode, message: string }>> = {
+  FST_ERR_CTP_BODY_TOO_LARGE: { code: 'HTTP_BODY_TOO_LARGE', message: 'the body is larger than 64 KiB' },
+  FST_ERR_CTP_INVALID_CONTENT_LENGTH: { code: 'HTTP_BAD_BODY', message: 'the body\'s length is not its Content-Length' },
+  FST_ERR_BAD_URL: { code: 'HTTP_BAD_REQUEST', message: 'the path is not valid percent-encoding' },
+  FST_ERR_MAX_PARAM_LENGTH: { code: 'HTTP_BAD_REQUEST', message: 'a path segment is too long' },
+}
+
 /** Turns whatever a handler threw into an ApiError. */
 export function toApiError (err: unknown): ApiError {
   if (err instanceof ApiError) return err
+  const framework = frameworkCode(err)
+  if (framework !== undefined) {
+    const known = FRAMEWORK_ERRORS[framework]
+    if (known !== undefined) return new ApiError(known.code, known.message, { cause: err })
+    const status = (err as { statusCode?: unknown }).statusCode
+    if (typeof status === 'number' && status < 500) return new ApiError('HTTP_BAD_REQUEST', (err as Error).message, { cause: err })
+  }
   if (err instanceof FilterExpressionError) {
     return new ApiError('HTTP_BAD_FILTER', `where: ${err.message}`, { cause: err, details: { parameter: 'where', position: err.position } })
   }
@@ -82,4 +98,82 @@ export function toApiError (err: unknown): ApiError {
     }
   }
   return new ApiError('HTTP_INTERNAL', err instanceof Error ? err.message : String(err), { cause: err })
+}
+
+function frameworkCode (err: unknown): string | undefined {
+  const code = (err as { code?: unknown } | null)?.code
+  return typeof code === 'string' && code.startsWith('FST_') ? code : undefined
+}
+
+/**
+ * The ApiError of the first failure ajv found in one part of a request
+ * (fastify's `schemaErrorFormatter`). The code is the failing schema's
+ * `x-error-code` (schemas.ts), else HTTP_BAD_REQUEST, or HTTP_BAD_BODY for
+ * a body; the details name the parameter (`parameter`), the body field
+ * (`field`) or the path parameter (`stream`, `partition`, `group`), as the
+ * error bodies always did. Needs ajv's `verbose` option (the failing value
+ * and schema).
+ */
+export function validationError (errors: readonly ErrorObject[], part: string): ApiError {
+  const e = errors[0]
+  if (e === undefined) return new ApiError('HTTP_BAD_REQUEST', `the request's ${part} is invalid`)
+  const schema = (e.parentSchema ?? {}) as Record<string, unknown>
+  const body = part === 'body'
+  const fallback: HttpErrorCode = body ? 'HTTP_BAD_BODY' : 'HTTP_BAD_REQUEST'
+  const steps = e.instancePath.split('/').slice(1).map((s) => s.replaceAll('~1', '/').replaceAll('~0', '~'))
+  const missing = e.keyword === 'required' ? String((e.params as { missingProperty: string }).missingProperty) : undefined
+  const extra = e.keyword === 'additionalProperties' ? String((e.params as { additionalProperty: string }).additionalProperty) : undefined
+  const childSchema = (name: string): Record<string, unknown> => ((schema.properties ?? {}) as Record<string, Record<string, unknown>>)[name] ?? {}
+  const code = (missing === undefined ? schema['x-error-code'] : childSchema(missing)['x-error-code']) as HttpErrorCode | undefined ?? fallback
+  const value = e.data
+
+  if (part === 'params') {
+    const name = steps[0] ?? missing ?? 'path'
+    const message = HTTP_ERROR_CODES[code].status === 404
+      ? `unknown ${name} ${JSON.stringify(value)}`
+      : `invalid ${name} ${JSON.stringify(value)}: ${String(schema.description ?? e.message)}`
+    return new ApiError(code, message, { details: { [name]: value } })
+  }
+
+  if (!body) {
+    // Query parameters are flat: the first step is the parameter's name.
+    const name = extra ?? steps[0] ?? missing ?? 'query'
+    const details = { parameter: name }
+    if (extra !== undefined) {
+      const takes = Object.keys((schema.properties ?? {}) as object)
+      return new ApiError(code, `unknown parameter ${JSON.stringify(extra)}; this endpoint takes ${takes.length === 0 ? 'none' : takes.join(', ')}`, { details })
+    }
+    if (e.keyword === 'maxItems') {
+      const max = (e.params as { limit: number }).limit
+      return new ApiError('HTTP_TOO_MANY_VALUES', `parameter ${name} is given more than ${max} times`, { details: { ...details, max } })
+    }
+    if (e.keyword === 'type' && Array.isArray(value)) return new ApiError(code, `parameter ${name} is given more than once`, { details })
+    if (missing !== undefined) return new ApiError(code, `parameter ${missing} is missing: ${String(childSchema(missing).description ?? 'it is required')}`, { details })
+    return new ApiError(code, describe(name, schema, e), { details })
+  }
+
+  // A body: `field` is the path in JavaScript notation, offsets[0].partition.
+  const field = (more?: string): string => [...steps, ...(more === undefined ? [] : [more])]
+    .map((s, i) => /^[0-9]+$/.test(s) ? `[${s}]` : i === 0 ? s : `.${s}`).join('')
+  if (steps.length === 0 && e.keyword === 'type') return new ApiError(code, 'the body must be a JSON object')
+  if (extra !== undefined) {
+    const takes = Object.keys((schema.properties ?? {}) as object).join(', ')
+    return new ApiError(code, `unknown field ${JSON.stringify(extra)}; ${steps.length === 0 ? 'this endpoint' : field()} takes ${takes}`, { details: { field: field(extra) } })
+  }
+  if (missing !== undefined) {
+    const description = childSchema(missing).description
+    return new ApiError(code, `${field(missing)} is missing${description === undefined ? '' : `: ${String(description)}`}`, { details: { field: field(missing) } })
+  }
+  return new ApiError(code, describe(field(), schema, e), { details: { field: field() } })
+}
+
+/** "maxRecords must be an integer from 1 to 100000, got "0"", and the like. */
+function describe (name: string, schema: Record<string, unknown>, e: ErrorObject): string {
+  const got = `got ${JSON.stringify(e.data)}`
+  if (schema.type === 'integer' && ['type', 'minimum', 'maximum'].includes(e.keyword)) {
+    return `${name} must be an integer from ${String(schema.minimum)} to ${String(schema.maximum)}, ${got}`
+  }
+  if (e.keyword === 'enum') return `${name} must be one of ${(schema.enum as unknown[]).join(', ')}, ${got}`
+  const description = typeof schema.description === 'string' ? ` (${schema.description})` : ''
+  return `${name} ${e.message ?? 'is invalid'}${description}, ${got}`
 }
