@@ -27,7 +27,8 @@ import {
 } from './records.ts'
 import { routePath } from './routes.ts'
 import {
-  COMMIT_BODY, GROUP_PARAMS, GROUP_STREAM_PARAMS, KEY_RECORDS_QUERY, NO_QUERY, PARTITION_PARAMS, RECORDS_QUERY, RESET_BODY, STREAM_PARAMS, UPSTREAM_PARAMS,
+  COMMIT_BODY, GROUP_PARAMS, GROUP_STREAM_PARAMS, KEY_RECORDS_QUERY, NO_QUERY, PARTITION_PARAMS, RECORDS_QUERY, RECORDS_RESPONSES, RESET_BODY, STREAM_PARAMS,
+  UPSTREAM_PARAMS,
   type CommitBody, type GroupParams, type GroupStreamParams, type PartitionParams, type ResetBody, type StreamParams, type UpstreamParams,
 } from './schemas.ts'
 import type { UpstreamStatus } from '../../bridge/index.ts'
@@ -160,7 +161,9 @@ export function createApi (deps: ApiDeps): Api {
         spec = { to: body.to }
         break
       case 'offset':
-        if (body.timestamp !== undefined) throw new ApiError('HTTP_BAD_BODY', 'to: offset takes an offset, not a timestamp', { details: { field: 'timestamp' } })
+        if (body.timestamp !== undefined) {
+          throw new ApiError('HTTP_BAD_BODY', 'to: offset takes an offset, not a timestamp', { details: { field: 'timestamp' } })
+        }
         if (body.offset === undefined) throw new ApiError('HTTP_BAD_BODY', 'to: offset needs an offset', { details: { field: 'offset' } })
         spec = { to: 'offset', offset: body.offset }
         break
@@ -168,7 +171,8 @@ export function createApi (deps: ApiDeps): Api {
         if (body.offset !== undefined) throw new ApiError('HTTP_BAD_BODY', 'to: timestamp takes a timestamp, not an offset', { details: { field: 'offset' } })
         const t = body.timestamp
         if (t === undefined) {
-          throw new ApiError('HTTP_BAD_TIME', 'to: timestamp needs a timestamp (milliseconds since the epoch or an ISO 8601 time)', { details: { field: 'timestamp' } })
+          throw new ApiError('HTTP_BAD_TIME', 'to: timestamp needs a timestamp (milliseconds since the epoch or an ISO 8601 time)',
+            { details: { field: 'timestamp' } })
         }
         spec = { to: 'timestamp', timestamp: typeof t === 'number' ? t : parseTime(t, now(), 'timestamp') }
         break
@@ -241,7 +245,9 @@ export function createApi (deps: ApiDeps): Api {
     routePath(app, '/streams/:stream/partitions/:partition/records', {
       GET: {
         schema: {
-          ...streams, summary: 'Fetch records of one partition: JSON, NDJSON (streamed), CBOR, or the stored batches.', params: PARTITION_PARAMS, querystring: RECORDS_QUERY,
+          ...streams,
+          summary: 'Fetch records of one partition: JSON, NDJSON (streamed), CBOR, or the stored batches.',
+          params: PARTITION_PARAMS, querystring: RECORDS_QUERY, response: RECORDS_RESPONSES,
         },
         handler: async (request, reply) => {
           const params = request.params as PartitionParams
@@ -254,7 +260,9 @@ export function createApi (deps: ApiDeps): Api {
     routePath(app, '/streams/:stream/records', {
       GET: {
         schema: {
-          ...streams, summary: 'Fetch the records of one key, from the partition the key maps to.', params: STREAM_PARAMS, querystring: KEY_RECORDS_QUERY,
+          ...streams,
+          summary: 'Fetch the records of one key, from the partition the key maps to.',
+          params: STREAM_PARAMS, querystring: KEY_RECORDS_QUERY, response: RECORDS_RESPONSES,
         },
         handler: async (request, reply) => {
           const s = resolveStream(principal(request), (request.params as StreamParams).stream)
@@ -270,7 +278,9 @@ export function createApi (deps: ApiDeps): Api {
       `consumer group ${JSON.stringify(group)} is the bridge's: its offsets move as the upstream acknowledges records`, { details: { group } })
     routePath(app, '/groups', {
       GET: {
-        schema: { ...groups, summary: 'The tenant\'s consumer groups with their lag, and the bridge\'s groups that forward its streams.', querystring: NO_QUERY },
+        schema: {
+          ...groups, summary: 'The tenant\'s consumer groups with their lag, and the bridge\'s groups that forward its streams.', querystring: NO_QUERY,
+        },
         handler: async (request) => {
           const who = principal(request)
           return { tenant: who.tenant, groups: await groupDocs(store, who.tenant) }
@@ -320,14 +330,18 @@ export function createApi (deps: ApiDeps): Api {
       }
     routePath(app, '/groups/:group/streams/:stream', {
       GET: {
-        schema: { ...groups, summary: 'The group\'s committed offset per partition of one stream, with lag.', params: GROUP_STREAM_PARAMS, querystring: NO_QUERY },
+        schema: {
+          ...groups, summary: 'The group\'s committed offset per partition of one stream, with lag.', params: GROUP_STREAM_PARAMS, querystring: NO_QUERY,
+        },
         handler: groupStream(),
       },
     })
     routePath(app, '/groups/:group/streams/:stream/commit', {
       POST: {
         schema: {
-          ...groups, summary: 'Commit the next offset to consume, per partition; creates the group.', params: GROUP_STREAM_PARAMS, querystring: NO_QUERY, body: COMMIT_BODY,
+          ...groups,
+          summary: 'Commit the next offset to consume, per partition; creates the group.',
+          params: GROUP_STREAM_PARAMS, querystring: NO_QUERY, body: COMMIT_BODY,
         },
         handler: groupStream(async (group, s, request) => await commit(group, s, request.body as CommitBody)),
       },
@@ -361,7 +375,8 @@ export function createApi (deps: ApiDeps): Api {
           const name = (request.params as UpstreamParams).upstream
           const one = all.find((u) => u.name === name)
           if (one === undefined) {
-            throw new ApiError('HTTP_UNKNOWN_UPSTREAM', `no upstream named ${JSON.stringify(name)} (configured: ${all.map((u) => u.name).join(', ') || 'none'})`,
+            const configured = all.map((u) => u.name).join(', ') || 'none'
+            throw new ApiError('HTTP_UNKNOWN_UPSTREAM', `no upstream named ${JSON.stringify(name)} (configured: ${configured})`,
               { details: { upstream: name } })
           }
           return one

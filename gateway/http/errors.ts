@@ -12,13 +12,22 @@ export const HTTP_ERROR_CODES = {
   HTTP_BAD_REQUEST: { status: 400, description: 'A query parameter is unknown, repeated, malformed or out of range; the message names it.' },
   HTTP_BAD_BODY: { status: 400, description: 'The request body is not the JSON object the endpoint expects; the message names the field.' },
   HTTP_BAD_NAME: { status: 400, description: 'A consumer group name is empty, too long or has characters other than letters, digits, ".", "_", ":" and "-".' },
-  HTTP_BAD_TIME: { status: 400, description: 'A time is not milliseconds since the epoch, an ISO 8601 date-time with a zone (or a date), "now" or a relative time like -15m.' },
+  HTTP_BAD_TIME: {
+    status: 400, description: 'A time is not milliseconds since the epoch, an ISO 8601 date-time with a zone (or a date), "now" or a relative time like -15m.',
+  },
   HTTP_BAD_RANGE: { status: 400, description: 'The end of a range (to, endOffset) lies before its start.' },
   HTTP_BAD_FILTER: { status: 400, description: 'The where expression does not parse; the error carries the 0-based position of the problem.' },
   HTTP_BAD_TOPIC_FILTER: { status: 400, description: 'A topic parameter is not a valid MQTT topic filter.' },
-  HTTP_TOO_MANY_VALUES: { status: 400, description: 'A repeatable parameter is given more often than it may be: topic at most 100 times, key at most 1,000; the error carries parameter and max.' },
-  HTTP_AUTH_REQUIRED: { status: 401, description: 'No credentials were sent, and anonymous access is not allowed (it is only from loopback when no users are configured).' },
-  HTTP_BAD_CREDENTIALS: { status: 401, description: 'The Authorization header is malformed or neither Basic nor Bearer, or the username or password is wrong.' },
+  HTTP_TOO_MANY_VALUES: {
+    status: 400,
+    description: 'A repeatable parameter is given more often than it may be: topic at most 100 times, key at most 1,000; the error carries parameter and max.',
+  },
+  HTTP_AUTH_REQUIRED: {
+    status: 401, description: 'No credentials were sent, and anonymous access is not allowed (it is only from loopback when no users are configured).',
+  },
+  HTTP_BAD_CREDENTIALS: {
+    status: 401, description: 'The Authorization header is malformed or neither Basic nor Bearer, or the username or password is wrong.',
+  },
   HTTP_BAD_TOKEN: { status: 401, description: 'The bearer token is malformed, unknown or wrong (tokens are printed by `edgemq token`).' },
   HTTP_FORBIDDEN: { status: 403, description: 'The user\'s or token\'s role may not use the API (only service and admin may).' },
   HTTP_NOT_FOUND: { status: 404, description: 'No such path.' },
@@ -26,10 +35,15 @@ export const HTTP_ERROR_CODES = {
   HTTP_UNKNOWN_PARTITION: { status: 404, description: 'The stream has no partition of that number.' },
   HTTP_UNKNOWN_GROUP: { status: 404, description: 'The tenant has no consumer group of that name.' },
   HTTP_UNKNOWN_UPSTREAM: { status: 404, description: 'No bridge upstream of that name is configured.' },
-  HTTP_GROUP_READ_ONLY: { status: 409, description: 'The consumer group is the bridge\'s (`bridge.<upstream>`): listed, but only the bridge moves or deletes its offsets.' },
+  HTTP_GROUP_READ_ONLY: {
+    status: 409, description: 'The consumer group is the bridge\'s (`bridge.<upstream>`): listed, but only the bridge moves or deletes its offsets.',
+  },
   HTTP_METHOD_NOT_ALLOWED: { status: 405, description: 'The path exists but not with this method; the Allow header lists the methods.' },
   HTTP_BODY_TOO_LARGE: { status: 413, description: 'The request body is larger than 64 KiB.' },
-  HTTP_OFFSET_OUT_OF_RANGE: { status: 416, description: 'The offset is below the log start (retention deleted it) or above the log end; the error carries logStartOffset and logEndOffset.' },
+  HTTP_OFFSET_OUT_OF_RANGE: {
+    status: 416,
+    description: 'The offset is below the log start (retention deleted it) or above the log end; the error carries logStartOffset and logEndOffset.',
+  },
   HTTP_INTERNAL: { status: 500, description: 'The server failed (for example a corrupt batch in the log); the message says why.' },
   HTTP_UNAVAILABLE: { status: 503, description: 'The gateway is shutting down.' },
 } as const
@@ -86,7 +100,8 @@ export function toApiError (err: unknown): ApiError {
     switch (err.code) {
       case 'STORE_OFFSET_OUT_OF_RANGE':
         return new ApiError('HTTP_OFFSET_OUT_OF_RANGE',
-          `offset ${d.offset ?? '?'} is out of range for ${stream}[${d.partition ?? '?'}]: the log holds offsets from ${d.logStartOffset ?? '?'} up to ${d.logEndOffset ?? '?'} (exclusive)`,
+          `offset ${d.offset ?? '?'} is out of range for ${stream}[${d.partition ?? '?'}]: ` +
+          `the log holds offsets from ${d.logStartOffset ?? '?'} up to ${d.logEndOffset ?? '?'} (exclusive)`,
           { cause: err, details: { offset: d.offset, logStartOffset: d.logStartOffset, logEndOffset: d.logEndOffset } })
       case 'STORE_UNKNOWN_STREAM': return new ApiError('HTTP_UNKNOWN_STREAM', `unknown stream ${stream}`, { cause: err })
       case 'STORE_INVALID_PARTITION': return new ApiError('HTTP_UNKNOWN_PARTITION', `${stream} has no such partition`, { cause: err })
@@ -141,14 +156,17 @@ export function validationError (errors: readonly ErrorObject[], part: string): 
     const details = { parameter: name }
     if (extra !== undefined) {
       const takes = Object.keys((schema.properties ?? {}) as object)
-      return new ApiError(code, `unknown parameter ${JSON.stringify(extra)}; this endpoint takes ${takes.length === 0 ? 'none' : takes.join(', ')}`, { details })
+      const list = takes.length === 0 ? 'none' : takes.join(', ')
+      return new ApiError(code, `unknown parameter ${JSON.stringify(extra)}; this endpoint takes ${list}`, { details })
     }
     if (e.keyword === 'maxItems') {
       const max = (e.params as { limit: number }).limit
       return new ApiError('HTTP_TOO_MANY_VALUES', `parameter ${name} is given more than ${max} times`, { details: { ...details, max } })
     }
     if (e.keyword === 'type' && Array.isArray(value)) return new ApiError(code, `parameter ${name} is given more than once`, { details })
-    if (missing !== undefined) return new ApiError(code, `parameter ${missing} is missing: ${String(childSchema(missing).description ?? 'it is required')}`, { details })
+    if (missing !== undefined) {
+      return new ApiError(code, `parameter ${missing} is missing: ${String(childSchema(missing).description ?? 'it is required')}`, { details })
+    }
     return new ApiError(code, describe(name, schema, e), { details })
   }
 
@@ -158,11 +176,13 @@ export function validationError (errors: readonly ErrorObject[], part: string): 
   if (steps.length === 0 && e.keyword === 'type') return new ApiError(code, 'the body must be a JSON object')
   if (extra !== undefined) {
     const takes = Object.keys((schema.properties ?? {}) as object).join(', ')
-    return new ApiError(code, `unknown field ${JSON.stringify(extra)}; ${steps.length === 0 ? 'this endpoint' : field()} takes ${takes}`, { details: { field: field(extra) } })
+    const owner = steps.length === 0 ? 'this endpoint' : field()
+    return new ApiError(code, `unknown field ${JSON.stringify(extra)}; ${owner} takes ${takes}`, { details: { field: field(extra) } })
   }
   if (missing !== undefined) {
     const description = childSchema(missing).description
-    return new ApiError(code, `${field(missing)} is missing${description === undefined ? '' : `: ${String(description)}`}`, { details: { field: field(missing) } })
+    const why = description === undefined ? '' : `: ${String(description)}`
+    return new ApiError(code, `${field(missing)} is missing${why}`, { details: { field: field(missing) } })
   }
   return new ApiError(code, describe(field(), schema, e), { details: { field: field() } })
 }

@@ -28,7 +28,8 @@ const ISO = /^([0-9]{4})-([0-9]{2})-([0-9]{2})(?:[Tt]([0-9]{2}):([0-9]{2})(?::([
  *   zone (`Z` or an offset): the gateway's local zone is not the caller's.
  */
 export function parseTime (text: string, now: number, parameter: string): number {
-  const bad = (why: string): ApiError => new ApiError('HTTP_BAD_TIME', `${parameter}: ${JSON.stringify(text)} is not a time: ${why}`, { details: { parameter } })
+  const bad = (why: string): ApiError =>
+    new ApiError('HTTP_BAD_TIME', `${parameter}: ${JSON.stringify(text)} is not a time: ${why}`, { details: { parameter } })
   if (text === 'now') return now
   const rel = RELATIVE.exec(text)
   if (rel !== null) {

@@ -53,7 +53,9 @@ const SCAN_BUDGET = 100_000
 export const MAX_WAIT_SECONDS = 60
 export const LIMITS = {
   json: { defaultRecords: 1000, maxRecords: 100_000, defaultBytes: 1024 * 1024, maxBytes: 64 * 1024 * 1024 },
-  ndjson: { defaultRecords: Number.MAX_SAFE_INTEGER, maxRecords: Number.MAX_SAFE_INTEGER, defaultBytes: Number.MAX_SAFE_INTEGER, maxBytes: Number.MAX_SAFE_INTEGER },
+  ndjson: {
+    defaultRecords: Number.MAX_SAFE_INTEGER, maxRecords: Number.MAX_SAFE_INTEGER, defaultBytes: Number.MAX_SAFE_INTEGER, maxBytes: Number.MAX_SAFE_INTEGER,
+  },
 } as const
 
 /** The most values of each repeatable filter parameter (documented with HTTP_TOO_MANY_VALUES in http/errors.ts). */

@@ -8,6 +8,7 @@
  */
 import type { FastifyInstance, RouteOptions } from 'fastify'
 import { ApiError } from './errors.ts'
+import { ERROR_RESPONSE } from './schemas.ts'
 
 export type Method = 'GET' | 'POST' | 'DELETE'
 type Route = Omit<RouteOptions, 'method' | 'url'>
@@ -15,11 +16,16 @@ type Route = Omit<RouteOptions, 'method' | 'url'>
 /**
  * Registers `routes` on `url`, and 405 for the other methods. `allow` is
  * the Allow header (default: the methods, comma-separated); a GET route
- * answers HEAD too (fastify's exposeHeadRoutes).
+ * answers HEAD too (fastify's exposeHeadRoutes). Every route's schema gets
+ * the error body as its `default` response, for the OpenAPI document.
  */
 export function routePath (app: FastifyInstance, url: string, routes: Partial<Record<Method, Route>>, allow?: string): void {
   const methods = Object.keys(routes) as Method[]
-  for (const method of methods) app.route({ ...routes[method] as Route, method, url })
+  for (const method of methods) {
+    const route = routes[method] as Route
+    const schema = { ...route.schema, response: { ...route.schema?.response as object, default: ERROR_RESPONSE } }
+    app.route({ ...route, schema, method, url })
+  }
   const others = app.supportedMethods.filter((m) => !(methods as string[]).includes(m) && !(m === 'HEAD' && methods.includes('GET')))
   const allowed = allow ?? methods.join(', ')
   app.route({

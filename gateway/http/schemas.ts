@@ -16,8 +16,8 @@
  * exist, is the partition below its count) or several parameters at once
  * (at most one of offset, from and group) stay in the handlers.
  */
-import type { HttpErrorCode } from './errors.ts'
-import { MAX_KEYS, MAX_TOPIC_FILTERS, MAX_WAIT_SECONDS } from './records.ts'
+import { HTTP_ERROR_CODES, type HttpErrorCode } from './errors.ts'
+import { BATCHES_MEDIA_TYPE, MAX_KEYS, MAX_TOPIC_FILTERS, MAX_WAIT_SECONDS } from './records.ts'
 
 /** An ajv schema; `x-error-code` is ours. */
 export interface JsonSchema {
@@ -77,7 +77,9 @@ const RECORDS_QUERY_PROPERTIES: Readonly<Record<string, JsonSchema>> = {
   maxBytes: integer(1, MAX_SAFE, 'Payload bytes per response (batches: stored batch bytes). JSON/CBOR: default 1 MiB, at most 64 MiB.'),
   wait: integer(0, MAX_WAIT_SECONDS, 'Long-poll: wait up to this many seconds for a matching record.'),
   key: { type: 'array', items: { type: 'string' }, maxItems: MAX_KEYS, description: 'Only records with this key; repeatable.' },
-  topic: { type: 'array', items: { type: 'string' }, maxItems: MAX_TOPIC_FILTERS, description: 'Only records whose topic matches this MQTT filter; repeatable.' },
+  topic: {
+    type: 'array', items: { type: 'string' }, maxItems: MAX_TOPIC_FILTERS, description: 'Only records whose topic matches this MQTT filter; repeatable.',
+  },
   where: { type: 'string', description: 'Only records whose JSON payload satisfies this expression (docs/http-api.md).' },
   format: {
     type: 'string', enum: ['json', 'ndjson', 'cbor', 'batches'],
@@ -94,7 +96,9 @@ export const KEY_RECORDS_QUERY: JsonSchema = {
   type: 'object', additionalProperties: false, required: ['key'],
   properties: {
     ...RECORDS_QUERY_PROPERTIES,
-    key: { type: 'string', description: 'The key whose partition is read (and only its records); use …/partitions/{partition}/records to read without a key.' },
+    key: {
+      type: 'string', description: 'The key whose partition is read (and only its records); use …/partitions/{partition}/records to read without a key.',
+    },
   },
 }
 
@@ -125,6 +129,35 @@ export const RESET_BODY: JsonSchema = {
       description: 'With to: timestamp: milliseconds since the epoch, or an ISO 8601 time.',
     },
     partition: { ...NON_NEGATIVE, description: 'Move this partition only; without it every partition moves.' },
+  },
+}
+
+// ---------------------------------------------------------------- responses (for the OpenAPI document: replies are not checked against them)
+
+/** Every route's `default` response (routes.ts adds it). */
+export const ERROR_RESPONSE: JsonSchema = {
+  description: 'An error: the code says what went wrong (docs/errors.md) and sets the status; other fields name what failed.',
+  type: 'object', required: ['error'],
+  properties: {
+    error: {
+      type: 'object', required: ['code', 'message'], additionalProperties: true,
+      properties: { code: { type: 'string', enum: Object.keys(HTTP_ERROR_CODES) }, message: { type: 'string' } },
+    },
+  },
+}
+
+const BINARY: JsonSchema = { type: 'string', format: 'binary' }
+
+export const RECORDS_RESPONSES: Readonly<Record<string, JsonSchema>> = {
+  200: {
+    description: 'The records: one JSON or CBOR document {stream, partition, records, nextOffset, logStartOffset, logEndOffset, endOfRange}; ' +
+      'NDJSON, one record per line and a last line {"end": {…}}; or the stored batches as a CBOR sequence (docs/http-api.md).',
+    content: {
+      'application/json': { schema: { type: 'object' } },
+      'application/x-ndjson': { schema: { type: 'string' } },
+      'application/cbor': { schema: BINARY },
+      [BATCHES_MEDIA_TYPE]: { schema: BINARY },
+    },
   },
 }
 

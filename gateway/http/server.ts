@@ -23,7 +23,7 @@ import { Ajv, type ErrorObject, type Options as AjvOptions } from 'ajv'
 import Fastify, { type FastifyInstance, type FastifyReply } from 'fastify'
 import type { Registry } from 'prom-client'
 import { createApi, errorHeaders, type Api, type ApiDeps } from './api.ts'
-import { ApiError, HTTP_ERROR_CODES, toApiError, validationError } from './errors.ts'
+import { ApiError, toApiError, validationError } from './errors.ts'
 import { routePath } from './routes.ts'
 import { ERROR_CODE_KEYWORD } from './schemas.ts'
 import { GatewayError } from '../errors.ts'
@@ -81,6 +81,10 @@ async function buildServer (deps: HttpDeps, api: Api | undefined, routes: Served
     bodyLimit: MAX_BODY_BYTES,
     // Close long-polls and streams at once on shutdown, as the gateway's close expects.
     forceCloseConnections: true,
+    // Node's own defaults, which the server had before fastify (fastify's are no request timeout and 72 s keep-alive):
+    // a request (not its response: long-polls and streams are unaffected) must arrive within 5 minutes.
+    requestTimeout: 300_000,
+    keepAliveTimeout: 5_000,
     routerOptions: {
       ignoreTrailingSlash: true,
       // Names are at most 128 characters; percent-encoded, three times that.
@@ -135,20 +139,6 @@ async function buildServer (deps: HttpDeps, api: Api | undefined, routes: Served
         securitySchemes: {
           basic: { type: 'http', scheme: 'basic', description: 'A service or admin user of the gateway (the same users as MQTT).' },
           bearer: { type: 'http', scheme: 'bearer', description: 'A token of apiTokens (emq_<name>_<secret>, printed by `edgemq token`).' },
-        },
-        schemas: {
-          Error: {
-            type: 'object',
-            required: ['error'],
-            properties: {
-              error: {
-                type: 'object',
-                required: ['code', 'message'],
-                properties: { code: { type: 'string', enum: Object.keys(HTTP_ERROR_CODES) }, message: { type: 'string' } },
-                additionalProperties: true,
-              },
-            },
-          },
         },
       },
       security: [{ basic: [] }, { bearer: [] }],
