@@ -29,7 +29,8 @@ async function openStore (): Promise<LogStore> {
 
 /** One batch of `count` records with timestamps t0, t0 + 1, …: concurrent appends share a group commit. */
 async function appendBatch (store: LogStore, count: number, t0: number): Promise<void> {
-  await Promise.all(Array.from({ length: count }, (_, i) => store.append(STREAM, 'dev-1', { payload: Buffer.from(`{"t":${t0 + i}}`), timestamp: t0 + i, topic: 'devices/dev-1/telemetry' })))
+  await Promise.all(Array.from({ length: count }, (_, i) =>
+    store.append(STREAM, 'dev-1', { payload: Buffer.from(`{"t":${t0 + i}}`), timestamp: t0 + i, topic: 'devices/dev-1/telemetry' })))
 }
 
 /** The store, except that its first readBatches() call runs `append` first: records that arrive while a response is being written. */
@@ -95,7 +96,13 @@ describe('format=batches, served', () => {
     const got = await items(await serve(store, { offset: '3', endOffset: 25 }))
     expect(got[0]).toEqual({ kind: 'head', head: { stream: 'telemetry', partition: 0, fromOffset: 3, endOffset: 25 } })
     expect(offsets(got)).toEqual(Array.from({ length: 22 }, (_, i) => 3 + i))
-    expect(got.at(-1)).toEqual({ kind: 'end', end: { stream: 'telemetry', partition: 0, nextOffset: 25, logStartOffset: 0, logEndOffset: 30, endOfRange: true, records: 22, batches: 3, bytes: expect.any(Number) } })
+    expect(got.at(-1)).toEqual({
+      kind: 'end',
+      end: {
+        stream: 'telemetry', partition: 0, nextOffset: 25, logStartOffset: 0, logEndOffset: 30, endOfRange: true,
+        records: 22, batches: 3, bytes: expect.any(Number),
+      },
+    })
     // A `to` the time index places at once: the end falls inside the second batch.
     const timed = await items(await serve(store, { from: '104', to: '205' }))
     expect(timed[0]).toMatchObject({ head: { fromOffset: 4, endOffset: 15 } })

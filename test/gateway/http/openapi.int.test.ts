@@ -71,7 +71,9 @@ describe('HTTP API schemas and their OpenAPI document', () => {
     const served = gw.http.routes.map((r) => `${r.method} ${r.path}`).sort()
     const documented = Object.entries(doc.paths).flatMap(([p, ops]) => Object.keys(ops).map((m) => `${m.toUpperCase()} ${p}`)).sort()
     expect(documented).toEqual(served)
-    for (const route of ['GET /health', 'GET /metrics', `GET ${OPENAPI_PATH}`, 'GET /v1/streams/{stream}/partitions/{partition}/records', 'POST /v1/groups/{group}/streams/{stream}/reset']) {
+    const expected = ['GET /health', 'GET /metrics', `GET ${OPENAPI_PATH}`, 'GET /v1/streams/{stream}/partitions/{partition}/records',
+      'POST /v1/groups/{group}/streams/{stream}/reset']
+    for (const route of expected) {
       expect(served).toContain(route)
     }
 

@@ -51,9 +51,11 @@ describe('parseRecordsRequest', () => {
     parseRecordsRequest(query, NOW, fallbackFormat, (g) => `acme/${g}`)
 
   it('reads start, end, limits, filters and format', () => {
-    expect(parse({})).toMatchObject({ start: { kind: 'earliest' }, endOffset: null, toTime: null, format: 'json', payload: 'utf8', maxRecords: 1000, waitMs: 0 })
+    expect(parse({}))
+      .toMatchObject({ start: { kind: 'earliest' }, endOffset: null, toTime: null, format: 'json', payload: 'utf8', maxRecords: 1000, waitMs: 0 })
     expect(parse({ offset: 'latest', wait: 5 })).toMatchObject({ start: { kind: 'latest' }, waitMs: 5000 })
-    expect(parse({ offset: '7', endOffset: 9, maxRecords: 2, maxBytes: 100 })).toMatchObject({ start: { kind: 'offset', offset: 7 }, endOffset: 9, maxRecords: 2, maxBytes: 100 })
+    expect(parse({ offset: '7', endOffset: 9, maxRecords: 2, maxBytes: 100 }))
+      .toMatchObject({ start: { kind: 'offset', offset: 7 }, endOffset: 9, maxRecords: 2, maxBytes: 100 })
     expect(parse({ from: '-1h', to: 'now' }).start).toEqual({ kind: 'time', timestamp: NOW - 3_600_000 })
     expect(parse({ group: 'billing' }).start).toEqual({ kind: 'group', group: 'acme/billing' })
     expect(parse({ format: 'ndjson', payload: 'base64' })).toMatchObject({ format: 'ndjson', payload: 'base64', maxRecords: Number.MAX_SAFE_INTEGER })
@@ -92,7 +94,8 @@ describe('toApiError', () => {
   it('maps filter and store errors to HTTP codes with the right status', () => {
     const filter = toApiError(new FilterExpressionError('bad', 4))
     expect(filter).toMatchObject({ code: 'HTTP_BAD_FILTER', status: 400, details: { parameter: 'where', position: 4 } })
-    const range = toApiError(new StoreError('STORE_OFFSET_OUT_OF_RANGE', 'x', { details: { stream: 'acme/telemetry', partition: 2, offset: 1, logStartOffset: 5, logEndOffset: 9 } }))
+    const details = { stream: 'acme/telemetry', partition: 2, offset: 1, logStartOffset: 5, logEndOffset: 9 }
+    const range = toApiError(new StoreError('STORE_OFFSET_OUT_OF_RANGE', 'x', { details }))
     expect(range).toMatchObject({ code: 'HTTP_OFFSET_OUT_OF_RANGE', status: 416, details: { offset: 1, logStartOffset: 5, logEndOffset: 9 } })
     expect(range.message).not.toContain('acme')
     expect(toApiError(new StoreError('STORE_CLOSED', 'x'))).toMatchObject({ code: 'HTTP_UNAVAILABLE', status: 503 })
