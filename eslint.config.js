@@ -27,11 +27,38 @@ export default tseslint.config(
     },
   },
   {
+    // A folder inside bridge/ (bridge/nats/) is still the bridge: ../ is bridge/, ../../ must be store/.
+    files: ['bridge/*/**/*.ts'],
+    rules: {
+      'no-restricted-imports': ['error', { patterns: [{ regex: '^\\.\\./\\.\\./(?!store/)', message: 'bridge/ imports nothing of ours but store/.' }] }],
+    },
+  },
+  {
     files: ['gateway/**/*.ts', 'gateway/**/*.mjs'],
     rules: {
       'no-restricted-imports': ['error', {
         patterns: [{ regex: '(^|/)bridge/(?!index\\.ts$)', message: 'gateway/ imports the bridge through bridge/index.ts only.' }],
       }],
+    },
+  },
+  // Reaches into aedes beyond its public API live in gateway/mqtt/aedes-internals.ts only, each with its reason and
+  // upstream issue: elsewhere, no aedes private field (`_nextId`, `_parser`, ...) and no cast to a shape that declares
+  // one of the fields aedes keeps off its typings. connection-guard.ts still reads `conn.client` itself; it is to call
+  // aedes-internals.ts' clientOfConnection (its owner's change), then leaves this list.
+  {
+    files: ['gateway/**/*.ts'],
+    ignores: ['gateway/mqtt/aedes-internals.ts', 'gateway/mqtt/connection-guard.ts'],
+    rules: {
+      'no-restricted-syntax': ['error',
+        {
+          selector: 'MemberExpression[property.name=/^_(nextId|parser|queue|will|inboundInflight|authorized|disconnected|keepaliveTimer)$/]',
+          message: 'aedes internals are reached through gateway/mqtt/aedes-internals.ts only.',
+        },
+        {
+          selector: 'TSAsExpression TSPropertySignature[key.name=/^(_\\w+|connackSent|clients|subscriptions|persistence|maxInflightInbound|will|client)$/]',
+          message: 'aedes internals are reached through gateway/mqtt/aedes-internals.ts only.',
+        },
+      ],
     },
   },
   {
