@@ -165,6 +165,7 @@ async function start (config: GatewayConfig, deps: GatewayDeps, shutdown: Shutdo
     registry,
     health: () => ({ healthy: health.healthy, reasons: health.reasons() }),
     api: { store, users: config.users, tokens: config.apiTokens, logger, bridge },
+    version: VERSION,
   })
   shutdown.add('http', () => http.close())
 
