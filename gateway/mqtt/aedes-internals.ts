@@ -32,9 +32,31 @@ function forgetConnectPacket (this: PacketParser, packet: ParsedPacket): void {
 }
 
 /**
- * Makes the parser of a new client cheaper to keep while the connection idles; called right after `broker.handle`,
- * before a byte is parsed. Measured with heap snapshots of 10,000 idle connections (BENCHMARKS.md, idle
- * connections), the parser of each held:
+ * The packet ids of inbound QoS 2 messages awaiting PUBREL, as aedes keeps them per client (`client._inboundInflight`,
+ * a `new Set()` in lib/client.js#L45, read with `has`/`size`/`add`/`delete` in lib/handlers/publish.js#L68 and
+ * pubrel.js#L57), but with the hash table made on the first add: an empty Set costs about 250 bytes of heap, and
+ * most devices never publish at QoS 2.
+ */
+class LazyPacketIds {
+  #ids: Set<number> | null = null
+  get size (): number { return this.#ids?.size ?? 0 }
+  has (id: number): boolean { return this.#ids?.has(id) ?? false }
+  add (id: number): this {
+    (this.#ids ??= new Set()).add(id)
+    return this
+  }
+
+  delete (id: number): boolean {
+    const deleted = this.#ids?.delete(id) ?? false
+    if (this.#ids?.size === 0) this.#ids = null
+    return deleted
+  }
+}
+
+/**
+ * Makes a new client cheaper to keep while the connection idles; called right after `broker.handle`, before a byte
+ * is parsed. Its inbound QoS 2 id set is made lazy (LazyPacketIds above). Measured with heap snapshots of 10,000
+ * idle connections (BENCHMARKS.md, idle connections), the parser of each client held:
  * - a `bl()` BufferListStream as its byte buffer: a full readable-stream Duplex (two stream states, an event
  *   table, bound callbacks) of which the parser uses only the BufferList methods (append, consume, slice,
  *   readUInt*). A plain `BufferList` of the same bl version has exactly those. An error makes the parser build
@@ -42,11 +64,13 @@ function forgetConnectPacket (this: PacketParser, packet: ParsedPacket): void {
  * - its own copy of a constant four-string array (`_states`); all parsers share one here.
  * - the CONNECT packet for the life of the connection (`settings`), with its password Buffer and, through it,
  *   the first read's buffer; only `protocolVersion` and `bridgeMode` are kept here.
- * No upstream issue: aedes has no option for its parser, and mqtt-packet none for its buffer; a parser that
+ * No upstream issue: aedes has no option for its parser or its per-client state, and mqtt-packet none for its buffer; a parser that
  * allocated these lazily upstream would remove this.
  */
-export function slimClientParser (client: Client): void {
-  const parser = (client as unknown as { _parser?: PacketParser })._parser
+export function slimClient (client: Client): void {
+  const internals = client as unknown as { _parser?: PacketParser, _inboundInflight?: unknown }
+  if (internals._inboundInflight instanceof Set && internals._inboundInflight.size === 0) internals._inboundInflight = new LazyPacketIds()
+  const parser = internals._parser
   if (parser === undefined) return
   if (parser._list.length === 0 && !(parser._list instanceof BufferList)) parser._list = new BufferList()
   if (parser._states.length === PARSE_STEPS.length && parser._states.every((s, i) => s === PARSE_STEPS[i])) parser._states = PARSE_STEPS

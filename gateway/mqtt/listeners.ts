@@ -13,7 +13,7 @@ import type { Logger } from 'pino'
 import { WebSocketServer, createWebSocketStream } from 'ws'
 import type { ListenerTagged } from './broker.ts'
 import type { ListenerConfig } from '../config/config.ts'
-import { slimClientParser } from './aedes-internals.ts'
+import { slimClient } from './aedes-internals.ts'
 import { ConnectionGuard, type GuardGroup, type GuardOptions } from './connection-guard.ts'
 import { GatewayError } from '../errors.ts'
 import type { GatewayMetrics } from '../metrics/metrics.ts'
@@ -83,7 +83,7 @@ export async function startListener (listener: ListenerConfig, deps: ListenerDep
     const tlsSocket = stream instanceof tls.TLSSocket ? stream : req?.socket instanceof tls.TLSSocket ? req.socket : undefined
     if (tlsSocket !== undefined) tagged.tlsSocket = tlsSocket
     stream.on('error', ignoreError)
-    slimClientParser(broker.handle(guard as unknown as net.Socket, req as http.IncomingMessage))
+    slimClient(broker.handle(guard as unknown as net.Socket, req as http.IncomingMessage))
   }
 
   let server: net.Server
