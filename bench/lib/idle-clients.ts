@@ -54,6 +54,7 @@ export class IdleClients {
     }
     await Promise.all(Array.from({ length: Math.min(options.concurrency, options.count) }, worker))
     const every = Math.max(1, options.keepalive / 2) * 1000
+    clearInterval(this.#pinger) // a second open() adds sockets; one timer pings them all
     this.#pinger = setInterval(() => { for (const s of this.#sockets) if (!s.destroyed) s.write(PINGREQ) }, every)
   }
 
