@@ -9,10 +9,11 @@
  * PINGREQ every half keep-alive), and reads the broker's VmRSS from
  * /proc/<pid>/status with WARMUP_CONNECTIONS open, with half of the
  * connections open and with all of them, each once the broker has settled
- * (see settledRss); edgemq right after two full garbage collections
- * (lib/gc-on-signal.mjs), so the garbage of the CONNECT burst, which V8 frees
- * at a time of its own choosing, does not count (the RSS it settles at without
- * them is reported beside it).
+ * (see settledRss); edgemq right after two full, compacting garbage
+ * collections (lib/gc-on-signal.mjs, EDGEMQ_MEASURE_FLAGS), so the garbage of
+ * the CONNECT burst, which V8 frees and compacts at a time of its own choosing
+ * (its memory reducer, some 30-60 s after the burst), does not count; the RSS
+ * it settles at before them is reported beside it.
  *
  * The figure is the second half's cost: (RSS with all - RSS with half) /
  * (connections / 2), what one more connection costs once the broker's fixed
@@ -77,6 +78,12 @@ const TARGET = '<= 5 KB per idle connection (issue 13)'
 const FD_MARGIN = 500
 
 const GC_PRELOAD = fileURLToPath(new URL('./lib/gc-on-signal.mjs', import.meta.url))
+/**
+ * Node flags of the measured edgemq: the forced GCs compact the heap, as V8's memory reducer does on its own once
+ * a process idles (a plain full GC leaves pages half full of the CONNECT burst's garbage, and RSS then varied from
+ * 6 to 13 KB per connection between identical rounds).
+ */
+const EDGEMQ_MEASURE_FLAGS = ['--expose-gc', '--compact-on-every-full-gc', '--import', GC_PRELOAD]
 const dirs = new TempDirs()
 const deviceId = (i: number): string => `dev-${String(i).padStart(5, '0')}`
 
@@ -292,7 +299,7 @@ async function main (): Promise<number> {
     for (let r = 0; r < ROUNDS; r++) {
       const order: Array<'edgemq' | 'mosquitto'> = r % 2 === 0 ? ['edgemq', 'mosquitto'] : ['mosquitto', 'edgemq']
       for (const name of order) {
-        const m = await withBroker(name, mosquitto, ['--expose-gc', '--import', GC_PRELOAD], measure)
+        const m = await withBroker(name, mosquitto, EDGEMQ_MEASURE_FLAGS, measure)
         results[name].push(m)
         info(`round ${r + 1}/${ROUNDS} ${name}: RSS ${kb(m.rssBefore)} KB -> ${kb(m.rssHalf)} KB -> ${kb(m.rssAfter)} KB: ` +
           `${marginal(m.rssAfter, m.rssHalf)} KB per connection of the second half, ${perConnection(m.rssAfter, m.rssBefore)} KB over all` +
@@ -323,7 +330,7 @@ async function main (): Promise<number> {
       target: TARGET,
       edgemqRounds: per('edgemq'), mosquittoRounds: per('mosquitto'),
       warmupConnections: WARMUP_CONNECTIONS,
-      edgemqGc: 'two full GCs (global.gc) before each RSS reading',
+      edgemqGc: 'two full compacting GCs (global.gc, --compact-on-every-full-gc) before each RSS reading',
       edgemqOverAllKbPerConnection: overAll('edgemq'), mosquittoOverAllKbPerConnection: overAll('mosquitto'),
       edgemqNoGcKbPerConnection: results.edgemq.map((m) => marginal(m.rssAfterNoGc, m.rssHalf)),
       edgemqHeapUsedKbPerConnection: results.edgemq.map((m) => marginal(m.after?.heapUsed, m.before?.heapUsed)),
