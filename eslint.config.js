@@ -34,6 +34,25 @@ export default tseslint.config(
       }],
     },
   },
+  // Reaches into aedes beyond its public API live in gateway/mqtt/aedes-internals.ts only, each with its reason and
+  // upstream issue: elsewhere, no aedes private field (`_nextId`, `_parser`, ...) and no cast to a shape that declares
+  // one of the fields aedes keeps off its typings.
+  {
+    files: ['gateway/**/*.ts'],
+    ignores: ['gateway/mqtt/aedes-internals.ts'],
+    rules: {
+      'no-restricted-syntax': ['error',
+        {
+          selector: 'MemberExpression[property.name=/^_(nextId|parser|queue|will|inboundInflight|authorized|disconnected|keepaliveTimer)$/]',
+          message: 'aedes internals are reached through gateway/mqtt/aedes-internals.ts only.',
+        },
+        {
+          selector: 'TSAsExpression TSPropertySignature[key.name=/^(_\\w+|connackSent|clients|subscriptions|persistence|maxInflightInbound|will|client)$/]',
+          message: 'aedes internals are reached through gateway/mqtt/aedes-internals.ts only.',
+        },
+      ],
+    },
+  },
   {
     files: ['**/*.mjs', '**/*.js'],
     languageOptions: { globals: { process: 'readonly', console: 'readonly', URL: 'readonly' } },

@@ -20,6 +20,11 @@ export const GATEWAY_ERROR_CODES = {
   GW_REPLAY_BAD_FILTER: 'A $replay subscription has no topic filter after its range, or the filter is not a valid MQTT topic filter.',
   GW_REPLAY_DENIED: 'The ACL does not let the client subscribe to the topic filter of a $replay subscription.',
   GW_REPLAY_LIMIT: 'A $replay subscription would exceed mqtt.replay.maxPerClient or mqtt.replay.maxActive.',
+  GW_CONNECT_REFUSED: 'A CONNECT was refused with a CONNACK return code (2 identifier rejected, 3 server unavailable, 4 bad credentials, ' +
+    '5 not authorized); counted in edgemq_connections_refused_total and logged with the reason.',
+  GW_PUBLISH_REFUSED: 'A PUBLISH was refused by closing the connection (a topic that is not a valid topic name, $dedupe/ without a replicate ' +
+    'grant, unrouted: reject); counted in edgemq_publishes_refused_total and logged once per connection and reason.',
+  GW_QOS2_INFLIGHT_FULL: 'A client has 1000 QoS 2 messages awaiting PUBREL (aedes\' maxInflightInbound); the connection is closed.',
 } as const
 
 export type GatewayErrorCode = keyof typeof GATEWAY_ERROR_CODES

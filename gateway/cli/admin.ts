@@ -34,7 +34,8 @@ export async function listStreams (source: AdminSource, name: string | undefined
 }
 
 export function streamsTable (streams: readonly StreamDoc[]): string {
-  const rows = streams.flatMap((s) => s.partitions.map((p) => [s.name, p.partition, p.logStartOffset, p.logEndOffset, p.records, p.bytes, time(p.oldestTimestamp), time(p.newestTimestamp)]))
+  const rows = streams.flatMap((s) => s.partitions.map((p) =>
+    [s.name, p.partition, p.logStartOffset, p.logEndOffset, p.records, p.bytes, time(p.oldestTimestamp), time(p.newestTimestamp)]))
   return table(['STREAM', 'PARTITION', 'LOG-START', 'LOG-END', 'RECORDS', 'BYTES', 'OLDEST', 'NEWEST'], rows)
 }
 
@@ -50,7 +51,8 @@ export async function listGroups (source: AdminSource, group: string | undefined
   return { groups: [await source.api.json<GroupDoc>(source.api.url(['groups', group]))] }
 }
 
-export function groupsTable (groups: ReadonlyArray<{ readonly group: string, readonly streams: readonly GroupStreamDoc[], readonly owner?: 'bridge' }>): string {
+export function groupsTable (
+  groups: ReadonlyArray<{ readonly group: string, readonly streams: readonly GroupStreamDoc[], readonly owner?: 'bridge' }>): string {
   const rows = groups.flatMap((g) => g.streams.flatMap((s) => s.partitions.map((p) => [
     g.group, s.stream, p.partition, p.committedOffset ?? '-', p.logStartOffset, p.logEndOffset, p.lagMessages, p.lagSeconds,
     g.owner === 'bridge' ? 'bridge (read-only)' : '-',
@@ -68,8 +70,10 @@ export function resetBody (to: string, partition: number | undefined, now: numbe
   return body
 }
 
-export async function resetGroup (api: ApiClient, group: string, stream: string, to: string, partition: number | undefined, now: number): Promise<GroupStreamDoc & { group: string }> {
-  return await api.json<GroupStreamDoc & { group: string }>(api.url(['groups', group, 'streams', stream, 'reset']), { method: 'POST', body: resetBody(to, partition, now) })
+export async function resetGroup (api: ApiClient, group: string, stream: string, to: string, partition: number | undefined,
+  now: number): Promise<GroupStreamDoc & { group: string }> {
+  const url = api.url(['groups', group, 'streams', stream, 'reset'])
+  return await api.json<GroupStreamDoc & { group: string }>(url, { method: 'POST', body: resetBody(to, partition, now) })
 }
 
 export async function deleteGroup (api: ApiClient, group: string): Promise<void> {

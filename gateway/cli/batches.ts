@@ -86,7 +86,9 @@ function itemHead (buf: Buffer, at: number): [number, number] | null {
   const size = info === 24 ? 1 : info === 25 ? 2 : info === 26 ? 4 : info === 27 ? 8 : 0
   if (size === 0) throw malformed(`unsupported CBOR item head 0x${(buf[at] as number).toString(16)} (indefinite length or reserved)`)
   if (at + 1 + size > buf.length) return null
-  const value = size === 1 ? buf[at + 1] as number : size === 2 ? buf.readUInt16BE(at + 1) : size === 4 ? buf.readUInt32BE(at + 1) : Number(buf.readBigUInt64BE(at + 1))
+  const value = size === 1
+    ? buf[at + 1] as number
+    : size === 2 ? buf.readUInt16BE(at + 1) : size === 4 ? buf.readUInt32BE(at + 1) : Number(buf.readBigUInt64BE(at + 1))
   return [1 + size, value]
 }
 
@@ -168,7 +170,8 @@ export async function * readBatchStream (body: AsyncIterable<Uint8Array>): Async
     const value = item.value
     if (!isMap(value)) throw malformed('an item that is neither a map nor a batch')
     if (head === null) {
-      if (typeof value.fromOffset !== 'number' || typeof value.partition !== 'number' || typeof value.stream !== 'string' || (value.endOffset !== null && typeof value.endOffset !== 'number')) {
+      if (typeof value.fromOffset !== 'number' || typeof value.partition !== 'number' || typeof value.stream !== 'string' ||
+        (value.endOffset !== null && typeof value.endOffset !== 'number')) {
         throw malformed('the first item is not the head {stream, partition, fromOffset, endOffset}')
       }
       head = { stream: value.stream, partition: value.partition, fromOffset: value.fromOffset, endOffset: value.endOffset as number | null }

@@ -21,12 +21,17 @@ function lastError (u: UpstreamStatus): string {
 export function bridgeTable (upstreams: readonly UpstreamStatus[], partitions: boolean): string {
   if (upstreams.length === 0) return 'no upstreams configured (bridge.upstreams)\n'
   const main = table(
-    ['UPSTREAM', 'REGION', 'CONNECTED', 'PROTOCOL', 'DEDUPE-ID', 'SINCE', 'BACKLOG', 'BACKLOG-BYTES', 'BACKLOG-SECONDS', 'IN-FLIGHT', 'FORWARDED', 'RATE/S', 'RECONNECTS', 'DEAD-LETTERED', 'LAST-ERROR'],
+    [
+      'UPSTREAM', 'REGION', 'CONNECTED', 'PROTOCOL', 'DEDUPE-ID', 'SINCE', 'BACKLOG', 'BACKLOG-BYTES', 'BACKLOG-SECONDS', 'IN-FLIGHT', 'FORWARDED',
+      'RATE/S', 'RECONNECTS', 'DEAD-LETTERED', 'LAST-ERROR',
+    ],
     upstreams.map((u) => [
-      u.name, u.region || '-', u.connected ? 'yes' : 'no', u.mqttVersion ?? '-', u.dedupeId, u.since ?? '-', u.backlog.messages, u.backlog.bytes, u.backlog.seconds.toFixed(1),
+      u.name, u.region || '-', u.connected ? 'yes' : 'no', u.mqttVersion ?? '-', u.dedupeId, u.since ?? '-',
+      u.backlog.messages, u.backlog.bytes, u.backlog.seconds.toFixed(1),
       u.inflight, u.forwardedMessages, u.throughput, u.reconnects, u.deadLettered, lastError(u),
     ]))
   if (!partitions) return main
-  const rows = upstreams.flatMap((u) => u.partitions.map((p) => [u.name, `${p.tenant}/${p.stream}`, p.partition, p.committedOffset, p.forwardedOffset, p.logEndOffset, p.backlogMessages]))
+  const rows = upstreams.flatMap((u) => u.partitions.map((p) =>
+    [u.name, `${p.tenant}/${p.stream}`, p.partition, p.committedOffset, p.forwardedOffset, p.logEndOffset, p.backlogMessages]))
   return `${main}\n${table(['UPSTREAM', 'STREAM', 'PARTITION', 'COMMITTED', 'FORWARDED', 'LOG-END', 'BACKLOG'], rows)}`
 }

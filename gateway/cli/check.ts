@@ -48,7 +48,10 @@ export async function checkDataDir (dataDir: string, options: CheckOptions = {})
     await db.open()
   } catch (err) {
     const cause = (err as { cause?: { code?: string, message?: string } }).cause
-    if (cause?.code === 'LEVEL_LOCKED') throw new CliError('CLI_GATEWAY_RUNNING', `${dataDir} is locked: a gateway (or another edgemq --data-dir command) has it open; stop it first`, { cause: err })
+    if (cause?.code === 'LEVEL_LOCKED') {
+      throw new CliError('CLI_GATEWAY_RUNNING', `${dataDir} is locked: a gateway (or another edgemq --data-dir command) has it open; stop it first`,
+        { cause: err })
+    }
     const openError = `LevelDB cannot open ${location}: ${cause?.message ?? (err as Error).message}`
     return { dataDir, tables, log: null, openError, ok: false, salvaged: null }
   }
@@ -83,14 +86,18 @@ export async function checkDataDir (dataDir: string, options: CheckOptions = {})
 export function checkText (check: DataDirCheck & { salvaged: number | null }): string {
   const lines = [`edgemq check ${check.dataDir}`]
   const t = check.tables
-  lines.push(`LevelDB table files: ${t.files} files, ${t.blocks} blocks, ${t.bytes} bytes: ${t.damage.length === 0 ? 'every block checksum holds' : `${t.damage.length} damaged`}`)
-  for (const d of t.damage) lines.push(`  DAMAGED ${d.file}: ${d.problem} at byte ${d.offset}${d.block === undefined ? '' : ` (block of ${d.block.size} bytes)`}`)
+  const tables = t.damage.length === 0 ? 'every block checksum holds' : `${t.damage.length} damaged`
+  lines.push(`LevelDB table files: ${t.files} files, ${t.blocks} blocks, ${t.bytes} bytes: ${tables}`)
+  for (const d of t.damage) {
+    lines.push(`  DAMAGED ${d.file}: ${d.problem} at byte ${d.offset}${d.block === undefined ? '' : ` (block of ${d.block.size} bytes)`}`)
+  }
   if (check.openError !== null) lines.push(`log: not checked: ${check.openError}`)
   const log = check.log
   if (log !== null) {
     const records = log.partitions.reduce((n, p) => n + p.records, 0)
     const batches = log.partitions.reduce((n, p) => n + p.batches, 0)
-    lines.push(`log: ${new Set(log.partitions.map((p) => p.stream)).size} streams, ${log.partitions.length} partitions, ${records} records in ${batches} batches`)
+    const streams = new Set(log.partitions.map((p) => p.stream)).size
+    lines.push(`log: ${streams} streams, ${log.partitions.length} partitions, ${records} records in ${batches} batches`)
     for (const o of log.other) lines.push(`  DAMAGED ${o}`)
     for (const p of log.partitions) lines.push(...partitionLines(p))
   }
@@ -98,7 +105,8 @@ export function checkText (check: DataDirCheck & { salvaged: number | null }): s
   const lost = log?.partitions.reduce((n, p) => n + p.damage.reduce((m, d) => m + (d.to - d.from), 0), 0) ?? 0
   lines.push(check.ok
     ? 'result: OK, no damage found'
-    : `result: DAMAGED${lost > 0 ? `: ${lost} offsets cannot be read (listed above)` : ''}; see docs/operations.md, "Damaged data", before starting the gateway on this directory`)
+    : `result: DAMAGED${lost > 0 ? `: ${lost} offsets cannot be read (listed above)` : ''}; ` +
+      'see docs/operations.md, "Damaged data", before starting the gateway on this directory')
   return `${lines.join('\n')}\n`
 }
 

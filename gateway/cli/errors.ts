@@ -6,6 +6,7 @@
  * from a data directory (`--data-dir`): the API's HTTP_… codes are mapped
  * onto these. Tests match on the code, never the message.
  */
+import type { QueryError } from '../query/errors.ts'
 
 export const CLI_ERROR_CODES = {
   CLI_BAD_ARGUMENT: 'A flag is missing, malformed, or does not go with another flag; the message names it.',
@@ -54,5 +55,26 @@ export function cliCodeForApi (code: string): CliErrorCode {
     case 'HTTP_OFFSET_OUT_OF_RANGE': return 'CLI_OFFSET_OUT_OF_RANGE'
     case 'HTTP_AUTH_REQUIRED': case 'HTTP_BAD_CREDENTIALS': case 'HTTP_BAD_TOKEN': case 'HTTP_FORBIDDEN': return 'CLI_AUTH'
     default: return 'CLI_SERVER'
+  }
+}
+
+/**
+ * The CLI code for an error of the read path (query/errors.ts), so that a
+ * problem found before the read has the code the API's answer would map to.
+ * `hint` is added to a bad time's message: what the flag takes.
+ */
+export function cliErrorForQuery (err: QueryError, hint = ''): CliError {
+  switch (err.code) {
+    case 'QUERY_BAD_TIME': return new CliError('CLI_BAD_TIME', `${err.message}${hint}`, { cause: err })
+    case 'QUERY_BAD_RANGE': return new CliError('CLI_BAD_RANGE', err.message, { cause: err })
+    case 'QUERY_BAD_TOPIC_FILTER': return new CliError('CLI_BAD_TOPIC_FILTER', err.message, { cause: err })
+    case 'QUERY_UNKNOWN_PARTITION': return new CliError('CLI_UNKNOWN_PARTITION', err.message, { cause: err })
+    case 'QUERY_OFFSET_OUT_OF_RANGE': {
+      // Store names are `<tenant>/<stream>`; the command names the tenant's stream.
+      const { stream = '', partition, offset, logStartOffset, logEndOffset } = err.details
+      return new CliError('CLI_OFFSET_OUT_OF_RANGE', `offset ${offset} is out of range for ${stream.slice(stream.indexOf('/') + 1)}[${partition}]: ` +
+        `the log holds offsets from ${logStartOffset} up to ${logEndOffset} (exclusive)`, { cause: err })
+    }
+    case 'QUERY_BAD_POSITION': return new CliError('CLI_BAD_ARGUMENT', err.message, { cause: err })
   }
 }

@@ -30,8 +30,12 @@ export class ApiClient {
     }
     if (base.protocol !== 'http:' && base.protocol !== 'https:') throw new CliError('CLI_BAD_ARGUMENT', `--url must be http:// or https://, got ${target.url}`)
     this.#base = base
-    if (target.user === undefined && target.password !== undefined) throw new CliError('CLI_BAD_ARGUMENT', 'a password was given without a user (--user or EDGEMQ_USER)')
-    if (target.token !== undefined && target.user !== undefined) throw new CliError('CLI_BAD_ARGUMENT', 'give either a token (--token or EDGEMQ_TOKEN) or a user and password, not both')
+    if (target.user === undefined && target.password !== undefined) {
+      throw new CliError('CLI_BAD_ARGUMENT', 'a password was given without a user (--user or EDGEMQ_USER)')
+    }
+    if (target.token !== undefined && target.user !== undefined) {
+      throw new CliError('CLI_BAD_ARGUMENT', 'give either a token (--token or EDGEMQ_TOKEN) or a user and password, not both')
+    }
     if (target.token !== undefined && !/^[A-Za-z0-9\-._~+/]+=*$/.test(target.token)) {
       throw new CliError('CLI_BAD_ARGUMENT', 'the token has characters a bearer token cannot have (expected emq_<name>_<secret>, as `edgemq token` prints it)')
     }
@@ -62,7 +66,9 @@ export class ApiClient {
     } catch (cause) {
       if ((cause as Error).name === 'AbortError') throw cause
       const reason = (cause as { cause?: { message?: string } }).cause?.message ?? (cause as Error).message
-      throw new CliError('CLI_UNREACHABLE', `cannot reach the gateway at ${this.#base.origin}: ${reason} (is it running? --url sets the address; --data-dir reads a stopped gateway's data)`, { cause })
+      throw new CliError('CLI_UNREACHABLE',
+        `cannot reach the gateway at ${this.#base.origin}: ${reason} (is it running? --url sets the address; --data-dir reads a stopped gateway's data)`,
+        { cause })
     }
     if (res.ok) return res
     const text = await res.text()
@@ -81,7 +87,9 @@ export class ApiClient {
 
 export function apiFailure (code: string, message: string): CliError {
   const cliCode = cliCodeForApi(code)
-  const text = cliCode === 'CLI_AUTH' ? `the gateway refused the credentials (${code}): ${message}; give --token (or EDGEMQ_TOKEN), or --user and --password (or EDGEMQ_USER and EDGEMQ_PASSWORD)` : message
+  const text = cliCode === 'CLI_AUTH'
+    ? `the gateway refused the credentials (${code}): ${message}; give --token (or EDGEMQ_TOKEN), or --user and --password (or EDGEMQ_USER and EDGEMQ_PASSWORD)`
+    : message
   return new CliError(cliCode, cliCode === 'CLI_SERVER' ? `${code}: ${text}` : text)
 }
 

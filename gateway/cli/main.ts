@@ -61,7 +61,9 @@ export function resolveStartConfig (flags: StartFlags): { config: GatewayConfig,
       throw new GatewayError('GW_CONFIG_INVALID', `${flags.config}: not valid YAML/JSON: ${(cause as Error).message}`, { cause })
     }
     if (parsed !== null && typeof parsed === 'object' && !Array.isArray(parsed)) raw = parsed as Record<string, unknown>
-    else if (parsed !== null && parsed !== undefined) throw new GatewayError('GW_CONFIG_INVALID', `${flags.config}: the config must be a mapping of keys to values`)
+    else if (parsed !== null && parsed !== undefined) {
+      throw new GatewayError('GW_CONFIG_INVALID', `${flags.config}: the config must be a mapping of keys to values`)
+    }
   }
   if (flags.dataDir !== undefined) raw.dataDir = flags.dataDir
   if (flags.httpPort !== undefined) raw.http = { ...(raw.http as object | undefined), port: flags.httpPort }
@@ -76,7 +78,9 @@ export function resolveStartConfig (flags: StartFlags): { config: GatewayConfig,
   if (flags.logLevel !== undefined) raw.log = { ...(raw.log as object | undefined), level: flags.logLevel }
   // A malformed dataDir or gatewayId is left to buildConfig to report.
   const dataDir = raw.dataDir ?? configSchema.properties.dataDir.default
-  if (typeof dataDir !== 'string' || (raw.gatewayId !== undefined && typeof raw.gatewayId !== 'string')) return { config: buildConfig(raw, source), gatewayId: undefined }
+  if (typeof dataDir !== 'string' || (raw.gatewayId !== undefined && typeof raw.gatewayId !== 'string')) {
+    return { config: buildConfig(raw, source), gatewayId: undefined }
+  }
   const gatewayId = chooseGatewayId(dataDir, raw.gatewayId as string | undefined)
   return { config: buildConfig({ ...raw, gatewayId: gatewayId.id }, source), gatewayId }
 }
@@ -96,10 +100,15 @@ async function start (flags: StartFlags): Promise<number> {
     try {
       storeGatewayId(config.dataDir, gatewayId.id)
     } catch (err) {
-      logger.error({ gatewayId: gatewayId.id, err: (err as Error).message }, 'cannot keep the gateway id in the data directory: the next start without gatewayId will pick another')
+      logger.error({ gatewayId: gatewayId.id, err: (err as Error).message },
+        'cannot keep the gateway id in the data directory: the next start without gatewayId will pick another')
     }
   }
-  const mqtt = gateway.listeners.map((l) => `${l.config.name} ${l.config.type === 'ws' || l.config.type === 'wss' ? `${l.config.type}://${l.host}:${l.port}${l.config.path}` : `${l.config.type === 'tls' ? 'mqtts' : 'mqtt'}://${l.host}:${l.port}`}`)
+  const mqtt = gateway.listeners.map((l) => {
+    const { type } = l.config
+    const url = type === 'ws' || type === 'wss' ? `${type}://${l.host}:${l.port}${l.config.path}` : `${type === 'tls' ? 'mqtts' : 'mqtt'}://${l.host}:${l.port}`
+    return `${l.config.name} ${url}`
+  })
   const http = `http://${gateway.http.host}:${gateway.http.port}`
   // The signal handlers are in place before the ready line: a supervisor may send SIGTERM as soon as it reads it.
   const stopped = new Promise<number>((resolve) => {
@@ -159,7 +168,8 @@ function apiClient (flags: SourceFlags): ApiClient {
   const url = flags.url ?? process.env.EDGEMQ_URL ?? DEFAULT_URL
   // Flags win over the environment; within either, a token and a user exclude each other (ApiClient says so).
   if (flags.token !== undefined || flags.user !== undefined || flags.password !== undefined) {
-    return new ApiClient({ url, token: flags.token, user: flags.user ?? (flags.token === undefined ? nonEmpty(process.env.EDGEMQ_USER) : undefined), password: flags.password })
+    const user = flags.user ?? (flags.token === undefined ? nonEmpty(process.env.EDGEMQ_USER) : undefined)
+    return new ApiClient({ url, token: flags.token, user, password: flags.password })
   }
   const token = nonEmpty(process.env.EDGEMQ_TOKEN)
   const user = nonEmpty(process.env.EDGEMQ_USER)
@@ -177,7 +187,8 @@ function nonEmpty (value: string | undefined): string | undefined {
 async function withAdminSource<T> (flags: SourceFlags, fn: (source: AdminSource) => Promise<T>): Promise<T> {
   if (flags.dataDir === undefined) return await fn({ kind: 'http', api: apiClient(flags) })
   if (flags.url !== undefined || flags.user !== undefined || flags.password !== undefined || flags.token !== undefined) {
-    throw new CliError('CLI_BAD_ARGUMENT', '--data-dir reads a stopped gateway\'s files; --url, --user, --password and --token are for a running one: give one or the other')
+    throw new CliError('CLI_BAD_ARGUMENT',
+      '--data-dir reads a stopped gateway\'s files; --url, --user, --password and --token are for a running one: give one or the other')
   }
   const log = await openDataDir(flags.dataDir, flags.tenant ?? 'default')
   try {
@@ -247,7 +258,8 @@ function addReadOptions (command: Command): Command {
 function addClientCommands (program: Command, exit: (code: number) => void): void {
   const replayCommand = program.command('replay')
     .description('write a stream\'s records (a range, filtered) as NDJSON, JSON or CBOR, from a running gateway or a stopped one\'s data')
-    .option('--from <position>', 'start: earliest (default), latest, an offset (needs one partition), or a time (ISO 8601 with zone, date, now, -15m, @<epoch ms>)')
+    .option('--from <position>',
+      'start: earliest (default), latest, an offset (needs one partition), or a time (ISO 8601 with zone, date, now, -15m, @<epoch ms>)')
     .option('--to <position>', 'stop before this offset or before the first record at or after this time')
     .option('--no-progress', 'no progress bar (it is drawn only when stderr is a terminal anyway)')
   addReadOptions(replayCommand)
@@ -302,7 +314,8 @@ function addClientCommands (program: Command, exit: (code: number) => void): voi
     .description('move a group\'s offsets on a stream (every partition, or --partition)')
     .requiredOption('--group <name>', 'the group')
     .requiredOption('--stream <name>', 'the stream')
-    .requiredOption('--to <position>', 'earliest, latest, an offset, or a time (ISO 8601 with zone, date, now, -15m, @<epoch ms>); offsets outside the log are clamped into it')
+    .requiredOption('--to <position>',
+      'earliest, latest, an offset, or a time (ISO 8601 with zone, date, now, -15m, @<epoch ms>); offsets outside the log are clamped into it')
     .option('--partition <n>', 'only this partition', nonNegative)
     .option('--json', 'print the API\'s JSON answer instead of a table')
   addSourceOptions(groupsReset, false)
@@ -347,7 +360,8 @@ function addClientCommands (program: Command, exit: (code: number) => void): voi
 /** Buffers (LevelDB keys in the check report) as hex, not as JSON's arrays of numbers. */
 function keysAsHex (_key: string, value: unknown): unknown {
   const buffer = value as { type?: unknown, data?: unknown }
-  return buffer !== null && typeof buffer === 'object' && buffer.type === 'Buffer' && Array.isArray(buffer.data) ? Buffer.from(buffer.data as number[]).toString('hex') : value
+  const isBuffer = buffer !== null && typeof buffer === 'object' && buffer.type === 'Buffer' && Array.isArray(buffer.data)
+  return isBuffer ? Buffer.from(buffer.data as number[]).toString('hex') : value
 }
 
 export function buildProgram (exit: (code: number) => void): Command {
@@ -380,8 +394,11 @@ export function buildProgram (exit: (code: number) => void): Command {
     .option('--json', 'print {"token", "apiToken"} as JSON')
     .action(async (flags: { name: string, tenant: string, role: string, json?: boolean }) => {
       const name = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/
-      if (!name.test(flags.name)) throw new CliError('CLI_BAD_ARGUMENT', `--name ${JSON.stringify(flags.name)}: 1 to 64 letters, digits, ".", "_" and "-", starting with a letter or digit`)
-      if (!name.test(flags.tenant)) throw new CliError('CLI_BAD_ARGUMENT', `--tenant ${JSON.stringify(flags.tenant)}: 1 to 64 letters, digits, ".", "_" and "-", starting with a letter or digit`)
+      for (const [flag, value] of [['--name', flags.name], ['--tenant', flags.tenant]] as const) {
+        if (!name.test(value)) {
+          throw new CliError('CLI_BAD_ARGUMENT', `${flag} ${JSON.stringify(value)}: 1 to 64 letters, digits, ".", "_" and "-", starting with a letter or digit`)
+        }
+      }
       const token = generateApiToken(flags.name)
       const entry = { name: flags.name, tenant: flags.tenant, role: flags.role, tokenHash: await hashPassword(token) }
       await print(flags.json === true

@@ -35,7 +35,10 @@ export async function openDataDir (dataDir: string, tenant: string): Promise<Off
     await db.open()
   } catch (err) {
     const cause = (err as { cause?: { code?: string, message?: string } }).cause
-    if (cause?.code === 'LEVEL_LOCKED') throw new CliError('CLI_GATEWAY_RUNNING', `${dataDir} is locked: the gateway is running; use --url (or another edgemq --data-dir command has it open)`, { cause: err })
+    if (cause?.code === 'LEVEL_LOCKED') {
+      throw new CliError('CLI_GATEWAY_RUNNING', `${dataDir} is locked: the gateway is running; use --url (or another edgemq --data-dir command has it open)`,
+        { cause: err })
+    }
     throw new CliError('CLI_NO_DATA', `cannot open ${location}: ${cause?.message ?? (err as Error).message}`, { cause: err })
   }
   let store: LogStore
@@ -55,7 +58,8 @@ export async function openDataDir (dataDir: string, tenant: string): Promise<Off
         if (!isStoreError(err, 'STORE_UNKNOWN_STREAM') && !isStoreError(err, 'STORE_INVALID_NAME')) throw err
       }
       const known = store.listStreams().filter((s) => s.name.startsWith(`${tenant}/`)).map((s) => s.name.slice(tenant.length + 1))
-      throw new CliError('CLI_UNKNOWN_STREAM', `unknown stream ${JSON.stringify(name)} in tenant ${tenant} (it has ${known.length === 0 ? 'none' : known.join(', ')})`)
+      const have = known.length === 0 ? 'none' : known.join(', ')
+      throw new CliError('CLI_UNKNOWN_STREAM', `unknown stream ${JSON.stringify(name)} in tenant ${tenant} (it has ${have})`)
     },
     async close () {
       try { await store.close() } finally { await db.close() }

@@ -6,9 +6,11 @@
  * stopped gateway's data directory (the store, read directly). Over HTTP,
  * an unfiltered read fetches the stored batches as they are
  * (`format=batches`, decoded here by cli/batches.ts); a filtered one, the
- * API's NDJSON with payloads as base64, filtered by the gateway. Filters are checked here before anything is
- * read, with the API's own parsers (filter-expression.ts, topics.ts,
- * http/params.ts), so both modes accept and refuse the same input.
+ * API's NDJSON with payloads as base64, filtered by the gateway. Positions,
+ * ranges, partitions and filters are parsed and checked here before
+ * anything is read, by the read path the API uses (query/read-plan.ts), so
+ * both modes accept and refuse the same input; a data directory is read
+ * through that read path too (a snapshot: up to each partition's log end).
  *
  * Several partitions are read one after the other, in partition order (order
  * is only defined within a partition; every output record carries its
@@ -23,22 +25,21 @@ import { createWriteStream } from 'node:fs'
 import { rename, rm } from 'node:fs/promises'
 import path from 'node:path'
 import { Encoder } from 'cbor-x'
-import { partitionForKey, type LogStore, type StoredRecord } from '../../store/index.ts'
-import { ApiError } from '../http/errors.ts'
-import { parseTime } from '../http/params.ts'
-import { CliError } from './errors.ts'
+import type { StoredRecord } from '../../store/index.ts'
+import { CliError, cliErrorForQuery } from './errors.ts'
 import { readBatchStream } from './batches.ts'
 import { RecordJson } from '../query/record-json.ts'
 import { apiFailure, ndjsonLines, type ApiClient } from './http-client.ts'
 import { streamDoc, type OfflineLog, type StreamDoc } from './offline.ts'
 import { createProgress, type Progress, type ProgressStream } from './progress-bar.ts'
-import { compileFilterExpression, FilterExpressionError, parseJsonPayload } from '../query/filter-expression.ts'
-import { topicFilterProblem, topicMatches } from '../access/topics.ts'
+import { FilterExpressionError } from '../query/filter-expression.ts'
+import { isQueryError } from '../query/errors.ts'
+import {
+  checkRange as checkReadRange, compileRecordFilter, parsePosition as parseReadPosition, PartitionReader as RangeReader, readRange, resolveRange,
+  selectPartitions, type FilterSpec, type Position, type RecordFilter,
+} from '../query/read-plan.ts'
 
-export type Position =
-  | { readonly kind: 'earliest' | 'latest' }
-  | { readonly kind: 'offset', readonly offset: number }
-  | { readonly kind: 'time', readonly timestamp: number }
+export type { Position }
 
 export type OutputFormat = 'ndjson' | 'json' | 'cbor'
 export type PayloadEncoding = 'utf8' | 'base64'
@@ -56,9 +57,7 @@ export interface CliRecord {
   readonly payload: Buffer
 }
 
-export interface Filters {
-  readonly keys: readonly string[]
-  readonly topics: readonly string[]
+export interface Filters extends FilterSpec {
   readonly where: string | undefined
 }
 
@@ -77,19 +76,12 @@ export interface ReadSpec {
  * `@<epoch ms>`.
  */
 export function parsePosition (text: string, flag: string, now: number, ends = flag === '--from'): Position {
-  if (ends && (text === 'earliest' || text === 'latest')) return { kind: text }
-  if (/^[0-9]+$/.test(text)) {
-    const offset = Number(text)
-    if (!Number.isSafeInteger(offset)) throw new CliError('CLI_BAD_ARGUMENT', `${flag} ${text}: the offset is too large`)
-    return { kind: 'offset', offset }
-  }
-  const timeText = /^@[0-9]+$/.test(text) ? text.slice(1) : text
   try {
-    return { kind: 'time', timestamp: parseTime(timeText, now, flag) }
+    return parseReadPosition(text, now, { name: flag, start: ends })
   } catch (err) {
-    if (!(err instanceof ApiError)) throw err
-    throw new CliError('CLI_BAD_TIME', `${err.message} (${flag} takes ${ends ? 'earliest, latest, ' : ''}an offset such as 17, or a time: ` +
-      '2024-05-01T02:00:00Z, 2024-05-01, now, -15m, or epoch milliseconds as @1714528800000)', { cause: err })
+    if (!isQueryError(err)) throw err
+    throw cliErrorForQuery(err, ` (${flag} takes ${ends ? 'earliest, latest, ' : ''}an offset such as 17, or a time: ` +
+      '2024-05-01T02:00:00Z, 2024-05-01, now, -15m, or epoch milliseconds as @1714528800000)')
   }
 }
 
@@ -99,30 +91,23 @@ export function markPosition (text: string, position: number): string {
   return `  ${line}\n  ${' '.repeat(Math.min(position, line.length))}^`
 }
 
-/** Checks the filters as the API would, before anything is read. */
-export function checkFilters (filters: Filters): void {
-  for (const f of filters.topics) {
-    const problem = topicFilterProblem(f)
-    if (problem !== null) throw new CliError('CLI_BAD_TOPIC_FILTER', `--topic ${JSON.stringify(f)}: ${problem}`)
-  }
-  if (filters.where !== undefined) {
-    try {
-      compileFilterExpression(filters.where)
-    } catch (err) {
-      if (!(err instanceof FilterExpressionError)) throw err
+/** Checks the filters as the API would, before anything is read; returns them as one predicate (null: none). */
+export function checkFilters (filters: Filters): RecordFilter | null {
+  try {
+    return compileRecordFilter(filters, '--topic')
+  } catch (err) {
+    if (err instanceof FilterExpressionError && filters.where !== undefined) {
       throw new CliError('CLI_BAD_FILTER', `--where: ${err.message}:\n${markPosition(filters.where, err.position)}`, { cause: err })
     }
+    throw isQueryError(err) ? cliErrorForQuery(err) : err
   }
 }
 
 function checkRange (spec: ReadSpec): void {
-  const { from, to } = spec
-  if (to === undefined || from === undefined) return
-  if (from.kind === 'offset' && to.kind === 'offset' && to.offset < from.offset) {
-    throw new CliError('CLI_BAD_RANGE', `--to ${to.offset} is before --from ${from.offset}`)
-  }
-  if (from.kind === 'time' && to.kind === 'time' && to.timestamp < from.timestamp) {
-    throw new CliError('CLI_BAD_RANGE', `--to (${new Date(to.timestamp).toISOString()}) is before --from (${new Date(from.timestamp).toISOString()})`)
+  try {
+    checkReadRange(readRange(spec.from, spec.to), { startOffset: '--from', endOffset: '--to', startTime: '--from', endTime: '--to' })
+  } catch (err) {
+    throw isQueryError(err) ? cliErrorForQuery(err) : err
   }
 }
 
@@ -130,19 +115,15 @@ function checkRange (spec: ReadSpec): void {
 export function targetPartitions (spec: ReadSpec, stream: StreamDoc): number[] {
   const count = stream.partitionCount
   let partitions: number[]
-  if (spec.partition !== undefined) {
-    if (spec.partition >= count) {
-      throw new CliError('CLI_UNKNOWN_PARTITION', `stream ${spec.stream} has partitions 0 to ${count - 1}, not ${spec.partition}`)
-    }
-    partitions = [spec.partition]
-  } else if (spec.filters.keys.length > 0) {
-    partitions = [...new Set(spec.filters.keys.map((k) => partitionForKey(k, count)))].sort((a, b) => a - b)
-  } else {
-    partitions = Array.from({ length: count }, (_, p) => p)
+  try {
+    partitions = selectPartitions(spec.stream, count, { partition: spec.partition, keys: spec.filters.keys })
+  } catch (err) {
+    throw isQueryError(err) ? cliErrorForQuery(err) : err
   }
   for (const [flag, pos] of [['--from', spec.from], ['--to', spec.to]] as const) {
     if (pos?.kind === 'offset' && partitions.length !== 1) {
-      throw new CliError('CLI_BAD_ARGUMENT', `${flag} ${pos.offset} is an offset, and offsets are per partition: add --partition (stream ${spec.stream} has ${count} partitions)`)
+      throw new CliError('CLI_BAD_ARGUMENT',
+        `${flag} ${pos.offset} is an offset, and offsets are per partition: add --partition (stream ${spec.stream} has ${count} partitions)`)
     }
   }
   return partitions
@@ -300,7 +281,9 @@ export class RecordWriter {
   async write (r: CliRecord): Promise<number> {
     let chunk: Uint8Array
     if (this.format === 'cbor') {
-      const doc: Record<string, unknown> = { partition: r.partition, offset: r.offset, timestamp: r.timestamp, key: r.key, topic: r.topic, qos: r.qos, clientId: r.clientId }
+      const doc: Record<string, unknown> = {
+        partition: r.partition, offset: r.offset, timestamp: r.timestamp, key: r.key, topic: r.topic, qos: r.qos, clientId: r.clientId,
+      }
       if (r.headers !== null) doc.headers = r.headers
       doc.payload = r.payload
       chunk = cbor.encode(doc)
@@ -469,28 +452,10 @@ export function httpSource (api: ApiClient): ReplaySource {
   }
 }
 
-function recordFilter (filters: Filters): ((r: StoredRecord) => boolean) | null {
-  const keys = filters.keys.length === 0 ? null : new Set(filters.keys)
-  const topics = filters.topics.length === 0 ? null : filters.topics
-  const where = filters.where === undefined ? null : compileFilterExpression(filters.where)
-  if (keys === null && topics === null && where === null) return null
-  return (r) => (keys === null || keys.has(r.key)) &&
-    (topics === null || topics.some((f) => topicMatches(f, r.topic))) &&
-    (where === null || where(parseJsonPayload(r.payload)))
-}
-
-async function resolveStart (store: LogStore, stream: string, partition: number, pos: Position | undefined): Promise<number> {
-  const info = store.partitionInfo(stream, partition)
-  if (pos === undefined) return info.logStartOffset
-  switch (pos.kind) {
-    case 'earliest': return info.logStartOffset
-    case 'latest': return info.logEndOffset
-    case 'offset': return pos.offset
-    case 'time': return await store.offsetForTime(stream, partition, pos.timestamp) ?? info.logEndOffset
-  }
-}
-
-/** Reads the log of a stopped gateway, with the same range rules as the API (http/records.ts). */
+/**
+ * Reads the log of a stopped gateway through the read path the API uses
+ * (query/read-plan.ts), as a snapshot: each partition up to its log end.
+ */
 export function offlineSource (log: OfflineLog): ReplaySource {
   const { store } = log
   return {
@@ -499,35 +464,24 @@ export function offlineSource (log: OfflineLog): ReplaySource {
     },
     reader (spec) {
       const stream = log.streamInfo(spec.stream).name
-      const filter = recordFilter(spec.filters)
+      const filter = checkFilters(spec.filters)
+      const range = readRange(spec.from, spec.to)
       return {
         async read (partition, emit) {
-          const { logStartOffset, logEndOffset } = store.partitionInfo(stream, partition)
-          const start = await resolveStart(store, stream, partition, spec.from)
-          if (start < logStartOffset || start > logEndOffset) {
-            throw new CliError('CLI_OFFSET_OUT_OF_RANGE',
-              `offset ${start} is out of range for ${spec.stream}[${partition}]: the log holds offsets from ${logStartOffset} up to ${logEndOffset} (exclusive)`)
+          let planned
+          try {
+            planned = await resolveRange(store, stream, partition, range, { outside: 'fail', snapshot: true })
+          } catch (err) {
+            throw isQueryError(err) ? cliErrorForQuery(err) : err
           }
-          let end = logEndOffset
-          if (spec.to?.kind === 'offset') end = Math.min(end, spec.to.offset)
-          if (spec.to?.kind === 'time') end = Math.min(end, await store.offsetForTime(stream, partition, spec.to.timestamp) ?? logEndOffset)
-          let next = start
-          while (next < end) {
-            const result = await store.read(stream, partition, next, { maxRecords: Math.min(1000, end - next), maxBytes: 4 << 20 })
-            if (result.records.length === 0) break
-            for (const r of result.records) {
-              if (r.offset >= end) return { nextOffset: end }
-              next = r.offset + 1
-              if (filter !== null && !filter(r)) continue
-              const more = await emit({
-                partition, offset: r.offset, timestamp: r.timestamp, key: r.key, topic: r.topic, qos: r.qos, clientId: r.clientId,
-                headers: r.headers, payload: Buffer.from(r.payload.buffer, r.payload.byteOffset, r.payload.byteLength),
-              })
-              if (!more) return { nextOffset: next }
+          const reader = new RangeReader(store, planned, { filter })
+          for (;;) {
+            const chunk = await reader.step()
+            for (const r of chunk.records) {
+              if (!await emit(storedToCli(partition, r))) return { nextOffset: r.offset + 1 }
             }
-            next = Math.max(next, result.nextOffset)
+            if (chunk.stop !== null) return { nextOffset: reader.next }
           }
-          return { nextOffset: Math.max(next, Math.min(end, logEndOffset)) }
         },
       }
     },

@@ -30,6 +30,7 @@ import { once } from 'node:events'
 import type { ServerResponse } from 'node:http'
 import { Encoder } from 'cbor-x'
 import { toApiError } from './errors.ts'
+import { placePending } from '../query/read-plan.ts'
 import { BATCHES_MEDIA_TYPE, resolveBounds, type FetchContext, type PartitionTarget, type RecordsRequest } from './records.ts'
 
 /** Batch bytes per store read. */
@@ -56,25 +57,18 @@ export function byteStringHead (length: number): Buffer {
 export async function serveBatches (ctx: FetchContext, target: PartitionTarget, req: RecordsRequest, res: ServerResponse): Promise<void> {
   const { store, signal } = ctx
   const { stream, partition } = target
-  let { start, end, fromTime, toTime } = await resolveBounds(store, target, req)
+  let range = await resolveBounds(store, target, req)
 
   // Before the head: place the times the index could not place yet, and long-poll until there is something to send.
   const deadline = performance.now() + req.waitMs
   for (;;) {
-    if (fromTime !== null) {
-      const found = await store.offsetForTime(stream, partition, fromTime)
-      if (found !== null) fromTime = null
-      start = found ?? store.partitionInfo(stream, partition).logEndOffset
-      end = Math.max(end, start)
-    }
-    if (toTime !== null) {
-      const bound = await store.offsetForTime(stream, partition, toTime)
-      if (bound !== null) { end = Math.max(start, Math.min(end, bound)); toTime = null }
-    }
+    range = await placePending(store, range)
     const left = deadline - performance.now()
-    if (start >= end || (fromTime === null && start < store.partitionInfo(stream, partition).logEndOffset) || signal.aborted || left <= 0) break
+    const readable = range.fromTime === null && range.start < store.partitionInfo(stream, partition).logEndOffset
+    if (range.start >= range.end || readable || signal.aborted || left <= 0) break
     await ctx.waiters.wait(stream, partition, left, signal)
   }
+  const { start, end, fromTime, toTime } = range
 
   res.writeHead(200, { 'content-type': BATCHES_MEDIA_TYPE, 'cache-control': 'no-store' })
   res.write(cbor.encode({ stream: target.name, partition, fromOffset: start, endOffset: Number.isFinite(end) ? end : null }))

@@ -6,6 +6,7 @@
  */
 import { isStoreError } from '../../store/index.ts'
 import { FilterExpressionError } from '../query/filter-expression.ts'
+import { QueryError } from '../query/errors.ts'
 
 export const HTTP_ERROR_CODES = {
   HTTP_BAD_REQUEST: { status: 400, description: 'A query parameter is unknown, repeated, malformed or out of range; the message names it.' },
@@ -63,15 +64,13 @@ export function toApiError (err: unknown): ApiError {
   if (err instanceof FilterExpressionError) {
     return new ApiError('HTTP_BAD_FILTER', `where: ${err.message}`, { cause: err, details: { parameter: 'where', position: err.position } })
   }
+  if (err instanceof QueryError) return queryApiError(err)
   if (isStoreError(err)) {
     const d = err.details
     // Store names are `<tenant>/<stream>`; a client only ever sees its own tenant's part.
-    const stream = d.stream === undefined ? 'the stream' : d.stream.slice(d.stream.indexOf('/') + 1)
+    const stream = clientStream(d.stream)
     switch (err.code) {
-      case 'STORE_OFFSET_OUT_OF_RANGE':
-        return new ApiError('HTTP_OFFSET_OUT_OF_RANGE',
-          `offset ${d.offset ?? '?'} is out of range for ${stream}[${d.partition ?? '?'}]: the log holds offsets from ${d.logStartOffset ?? '?'} up to ${d.logEndOffset ?? '?'} (exclusive)`,
-          { cause: err, details: { offset: d.offset, logStartOffset: d.logStartOffset, logEndOffset: d.logEndOffset } })
+      case 'STORE_OFFSET_OUT_OF_RANGE': return offsetOutOfRange(err, stream, d)
       case 'STORE_UNKNOWN_STREAM': return new ApiError('HTTP_UNKNOWN_STREAM', `unknown stream ${stream}`, { cause: err })
       case 'STORE_INVALID_PARTITION': return new ApiError('HTTP_UNKNOWN_PARTITION', `${stream} has no such partition`, { cause: err })
       case 'STORE_UNKNOWN_GROUP': return new ApiError('HTTP_UNKNOWN_GROUP', 'unknown consumer group', { cause: err })
@@ -82,4 +81,30 @@ export function toApiError (err: unknown): ApiError {
     }
   }
   return new ApiError('HTTP_INTERNAL', err instanceof Error ? err.message : String(err), { cause: err })
+}
+
+/** The client's part of a store name `<tenant>/<stream>`. */
+function clientStream (name: string | undefined): string {
+  return name === undefined ? 'the stream' : name.slice(name.indexOf('/') + 1)
+}
+
+function offsetOutOfRange (cause: Error, stream: string,
+  d: { partition?: number, offset?: number, logStartOffset?: number, logEndOffset?: number }): ApiError {
+  return new ApiError('HTTP_OFFSET_OUT_OF_RANGE',
+    `offset ${d.offset ?? '?'} is out of range for ${stream}[${d.partition ?? '?'}]: ` +
+    `the log holds offsets from ${d.logStartOffset ?? '?'} up to ${d.logEndOffset ?? '?'} (exclusive)`,
+    { cause, details: { offset: d.offset, logStartOffset: d.logStartOffset, logEndOffset: d.logEndOffset } })
+}
+
+/** The read path's errors (query/errors.ts) in the API's codes; `details.name` is the parameter. */
+function queryApiError (err: QueryError): ApiError {
+  const parameter = err.details.name === undefined ? {} : { parameter: err.details.name }
+  switch (err.code) {
+    case 'QUERY_BAD_TIME': return new ApiError('HTTP_BAD_TIME', err.message, { cause: err, details: parameter })
+    case 'QUERY_BAD_RANGE': return new ApiError('HTTP_BAD_RANGE', err.message, { cause: err, details: parameter })
+    case 'QUERY_BAD_TOPIC_FILTER': return new ApiError('HTTP_BAD_TOPIC_FILTER', err.message, { cause: err, details: parameter })
+    case 'QUERY_BAD_POSITION': return new ApiError('HTTP_BAD_REQUEST', err.message, { cause: err, details: parameter })
+    case 'QUERY_UNKNOWN_PARTITION': return new ApiError('HTTP_UNKNOWN_PARTITION', `${clientStream(err.details.stream)} has no such partition`, { cause: err })
+    case 'QUERY_OFFSET_OUT_OF_RANGE': return offsetOutOfRange(err, clientStream(err.details.stream), err.details)
+  }
 }

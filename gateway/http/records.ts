@@ -1,14 +1,11 @@
 /**
- * Fetching records over HTTP: resolve where a read starts and ends (offset,
- * time through the store's time index, a group's committed offset), apply
- * the server-side filters, wait for new records (long-poll), and write the
- * result as JSON, streamed NDJSON or CBOR.
- *
- * A read never scans from the log start: a time is turned into an offset by
- * `offsetForTime` (the sparse time index), and reading starts there. The end
- * of a time range is the first offset whose timestamp is at or after `to` —
- * the same rule as the start, so consecutive ranges neither overlap nor
- * leave gaps.
+ * Fetching records over HTTP: read the request's parameters, plan and run
+ * the read through the one read path (query/read-plan.ts: where a read
+ * starts and ends, by offset, time or a group's committed offset, and the
+ * key / topic / where filters), wait for new records (long-poll), and write
+ * the result as JSON, streamed NDJSON or CBOR. A range here is open-ended
+ * (policy `snapshot: false`) and a start outside the log is refused
+ * (`outside: 'fail'`, HTTP_OFFSET_OUT_OF_RANGE).
  *
  * Long-poll: when nothing matches yet, the request waits on the store's
  * `onAppend` event for its partition (never on a timer that polls), up to
@@ -23,27 +20,22 @@
 import { once } from 'node:events'
 import type { IncomingMessage, ServerResponse } from 'node:http'
 import { Encoder } from 'cbor-x'
-import { StoreError, type LogStore, type StoredRecord } from '../../store/index.ts'
+import type { LogStore, StoredRecord } from '../../store/index.ts'
 import { ApiError, toApiError } from './errors.ts'
-import { parseInteger, parseTime, QueryParams } from './params.ts'
+import { parseInteger, QueryParams } from './params.ts'
 import { CpuSlice, slicedPieces } from './cpu-slice.ts'
-import { compileFilterExpression, parseJsonPayload } from '../query/filter-expression.ts'
 import { RecordJson, type PayloadEncoding } from '../query/record-json.ts'
-import { compileTopicFilters, topicFilterProblem } from '../access/topics.ts'
+import { compileFilterExpression } from '../query/filter-expression.ts'
+import { isQueryError } from '../query/errors.ts'
+import {
+  checkRange, compileRecordFilter, parseTime, PartitionReader, resolveRange, type PartitionRange, type ReadRange, type RecordFilter, type Start,
+} from '../query/read-plan.ts'
 
 export type OutputFormat = 'json' | 'ndjson' | 'cbor' | 'batches'
 /** The media type of format=batches: a CBOR sequence (RFC 8742) of stored batches (http/batches.ts). */
 export const BATCHES_MEDIA_TYPE = 'application/vnd.edgemq.batches+cbor-seq'
 export type { PayloadEncoding }
 
-/**
- * Records read from the store per step; a step is one store read and one
- * socket write. Reads of 1,000 records spent a fifth of a replay's time
- * seeking (a backwards key seek and an iterator per read below the tail
- * index); ten times that amortises it, at some 2.5 MB of NDJSON per write.
- */
-export const READ_CHUNK_RECORDS = 10_000
-const READ_CHUNK_BYTES = 4 * 1024 * 1024
 /** A JSON or CBOR response stops after examining this many records that a filter rejected, and says where to go on. */
 const SCAN_BUDGET = 100_000
 export const MAX_WAIT_SECONDS = 60
@@ -60,13 +52,6 @@ export const RECORDS_PARAMETERS = [
   'offset', 'from', 'group', 'endOffset', 'to', 'maxRecords', 'maxBytes', 'wait',
   'key', 'topic', 'where', 'format', 'payload',
 ] as const
-
-/** Where a read starts, before it is resolved against the partition. */
-type Start =
-  | { readonly kind: 'offset', readonly offset: number }
-  | { readonly kind: 'earliest' | 'latest' }
-  | { readonly kind: 'time', readonly timestamp: number }
-  | { readonly kind: 'group', readonly group: string }
 
 export interface RecordsRequest {
   readonly start: Start
@@ -116,18 +101,13 @@ export function parseRecordsRequest (params: URLSearchParams, now: number, accep
   const groupText = q.string('group')
   if (offsetText === 'earliest' || offsetText === 'latest') start = { kind: offsetText }
   else if (offsetText !== undefined) start = { kind: 'offset', offset: parseInteger(offsetText, 'offset', 0, Number.MAX_SAFE_INTEGER) }
-  else if (fromText !== undefined) start = { kind: 'time', timestamp: parseTime(fromText, now, 'from') }
+  else if (fromText !== undefined) start = { kind: 'time', timestamp: asApiError(() => parseTime(fromText, now, 'from')) }
   else if (groupText !== undefined) start = { kind: 'group', group: groupName(groupText) }
 
   const endOffset = q.int('endOffset', 0, Number.MAX_SAFE_INTEGER) ?? null
   const toText = q.string('to')
-  const toTime = toText === undefined ? null : parseTime(toText, now, 'to')
-  if (start.kind === 'offset' && endOffset !== null && endOffset < start.offset) {
-    throw new ApiError('HTTP_BAD_RANGE', `endOffset ${endOffset} is before offset ${start.offset}`, { details: { parameter: 'endOffset' } })
-  }
-  if (start.kind === 'time' && toTime !== null && toTime < start.timestamp) {
-    throw new ApiError('HTTP_BAD_RANGE', `to (${new Date(toTime).toISOString()}) is before from (${new Date(start.timestamp).toISOString()})`, { details: { parameter: 'to' } })
-  }
+  const toTime = toText === undefined ? null : asApiError(() => parseTime(toText, now, 'to'))
+  asApiError(() => checkRange({ start, endOffset, endTime: toTime }, RANGE_NAMES))
 
   const limits = format === 'ndjson' || format === 'batches' ? LIMITS.ndjson : LIMITS.json
   const maxRecords = q.int('maxRecords', 1, limits.maxRecords) ?? limits.defaultRecords
@@ -136,10 +116,7 @@ export function parseRecordsRequest (params: URLSearchParams, now: number, accep
 
   const keyList = q.all('key')
   const topicFilters = q.all('topic')
-  for (const f of topicFilters) {
-    const problem = topicFilterProblem(f)
-    if (problem !== null) throw new ApiError('HTTP_BAD_TOPIC_FILTER', `topic ${JSON.stringify(f)}: ${problem}`, { details: { parameter: 'topic' } })
-  }
+  asApiError(() => compileRecordFilter({ keys: [], topics: topicFilters, where: undefined }, 'topic'))
   const whereText = q.string('where')
   return {
     start, endOffset, toTime, format, payload, maxRecords, maxBytes, waitMs,
@@ -150,13 +127,24 @@ export function parseRecordsRequest (params: URLSearchParams, now: number, accep
   }
 }
 
-function recordFilter (req: RecordsRequest): ((r: StoredRecord) => boolean) | null {
-  const { keys, topicFilters, where } = req
-  if (keys === null && topicFilters === null && where === null) return null
-  const topicMatch = topicFilters === null ? null : compileTopicFilters(topicFilters)
-  return (r) => (keys === null || keys.has(r.key)) &&
-    (topicMatch === null || topicMatch(r.topic)) &&
-    (where === null || where(parseJsonPayload(r.payload)))
+/** Runs a check of the read path; its QueryError becomes the API's error, naming the parameter (toApiError). */
+function asApiError<T> (check: () => T): T {
+  try {
+    return check()
+  } catch (err) {
+    throw isQueryError(err) ? toApiError(err) : err
+  }
+}
+
+const RANGE_NAMES = { startOffset: 'offset', endOffset: 'endOffset', startTime: 'from', endTime: 'to' } as const
+
+/** The request's range, as the read path takes it. */
+function readRangeOf (req: RecordsRequest): ReadRange {
+  return { start: req.start, endOffset: req.endOffset, endTime: req.toTime }
+}
+
+function recordFilter (req: RecordsRequest): RecordFilter | null {
+  return compileRecordFilter({ keys: req.keys === null ? [] : [...req.keys], topics: req.topicFilters ?? [], where: req.where ?? undefined })
 }
 
 /** Wakes long-polling requests when their partition receives records. */
@@ -208,79 +196,6 @@ export class AppendWaiters {
 
 type Stop = 'range' | 'log' | 'limit' | 'budget'
 
-interface Chunk {
-  readonly records: StoredRecord[]
-  readonly bytes: number
-  readonly scanned: number
-  readonly stop: Stop | null
-}
-
-/** Walks one partition from a start offset to an end bound, one store read per step. */
-class RangeReader {
-  next: number
-  #end: number
-  #fromTime: number | null
-  readonly #toTime: number | null
-
-  /**
-   * `fromTime` / `toTime` are set only while the time index could not place
-   * them yet (every record so far was older): records before `fromTime` are
-   * skipped, and the first record at or after `toTime` ends the range.
-   */
-  constructor (private readonly store: LogStore, private readonly stream: string, private readonly partition: number,
-    bounds: { start: number, end: number, fromTime: number | null, toTime: number | null }, private readonly filter: ((r: StoredRecord) => boolean) | null,
-    private readonly slice: CpuSlice) {
-    this.next = bounds.start
-    this.#end = bounds.end
-    this.#fromTime = bounds.fromTime
-    this.#toTime = bounds.toTime
-  }
-
-  /**
-   * One step. `records`/`bytes` are the room left; `first` says nothing was
-   * returned yet, so one record is taken even when it is larger than `bytes`.
-   */
-  async step (room: { records: number, bytes: number, first: boolean }): Promise<Chunk> {
-    if (this.next >= this.#end) return { records: [], bytes: 0, scanned: 0, stop: 'range' }
-    if (this.next >= this.store.partitionInfo(this.stream, this.partition).logEndOffset) return { records: [], bytes: 0, scanned: 0, stop: 'log' }
-    const filtered = this.filter !== null || this.#fromTime !== null
-    const result = await this.store.read(this.stream, this.partition, this.next, {
-      maxRecords: Math.max(1, Math.min(READ_CHUNK_RECORDS, this.#end - this.next, filtered ? READ_CHUNK_RECORDS : room.records)),
-      maxBytes: Math.max(1, Math.min(READ_CHUNK_BYTES, filtered ? READ_CHUNK_BYTES : room.bytes)),
-    })
-    const out: StoredRecord[] = []
-    let bytes = 0
-    let scanned = 0
-    for (const r of result.records) {
-      if (r.offset >= this.#end) return { records: out, bytes, scanned, stop: 'range' }
-      if (this.#toTime !== null && r.timestamp >= this.#toTime) {
-        // The first record at or after `to` ends the range for good.
-        this.#end = r.offset
-        return { records: out, bytes, scanned, stop: 'range' }
-      }
-      scanned++
-      // Filters (a where expression parses every payload) cost CPU per record: yield between slices.
-      if (this.slice.tick(r.payload.byteLength)) await this.slice.yield()
-      if (this.#fromTime !== null) {
-        if (r.timestamp < this.#fromTime) { this.next = r.offset + 1; continue }
-        this.#fromTime = null
-      }
-      if (this.filter === null || this.filter(r)) {
-        const size = r.payload.byteLength
-        if ((!room.first || out.length > 0) && bytes + size > room.bytes) return { records: out, bytes, scanned, stop: 'limit' }
-        out.push(r)
-        bytes += size
-        this.next = r.offset + 1
-        if (out.length >= room.records) return { records: out, bytes, scanned, stop: this.next >= this.#end ? 'range' : 'limit' }
-      } else {
-        this.next = r.offset + 1
-      }
-    }
-    if (this.next >= this.#end) return { records: out, bytes, scanned, stop: 'range' }
-    return { records: out, bytes, scanned, stop: result.records.length === 0 ? 'log' : null }
-  }
-}
-
 export interface PartitionTarget {
   /** The store's `<tenant>/<stream>` name. */
   readonly stream: string
@@ -289,56 +204,21 @@ export interface PartitionTarget {
   readonly partition: number
 }
 
-/**
- * Where a read starts and ends. `fromTime` / `toTime` are set only while
- * the time index could not place them yet (every record so far is older).
- */
-export interface RangeBounds {
-  readonly start: number
-  /** Exclusive; Infinity when open-ended. */
-  readonly end: number
-  readonly fromTime: number | null
-  readonly toTime: number | null
-}
+/** Where a read starts and ends on the partition (query/read-plan.ts's PartitionRange). */
+export type RangeBounds = PartitionRange
 
-/** Resolves the request's start and end on the partition; HTTP_OFFSET_OUT_OF_RANGE when the start lies outside the log. */
+/** The request's range placed on the partition; HTTP_OFFSET_OUT_OF_RANGE when the start lies outside the log. */
 export async function resolveBounds (store: LogStore, target: PartitionTarget, req: RecordsRequest): Promise<RangeBounds> {
-  const { stream, partition } = target
-  const info = store.partitionInfo(stream, partition)
-  let start: number
-  let fromTime: number | null = null
-  switch (req.start.kind) {
-    case 'offset': start = req.start.offset; break
-    case 'earliest': start = info.logStartOffset; break
-    case 'latest': start = info.logEndOffset; break
-    case 'time': {
-      const found = await store.offsetForTime(stream, partition, req.start.timestamp)
-      // Every record is older: start at the log end, and skip what arrives before `from` (a time in the future).
-      if (found === null) fromTime = req.start.timestamp
-      start = found ?? store.partitionInfo(stream, partition).logEndOffset
-      break
-    }
-    // A group that never committed starts at the log start; one whose offset retention passed, at the log start too.
-    case 'group': start = Math.max(store.fetchOffset(req.start.group, stream, partition) ?? 0, store.partitionInfo(stream, partition).logStartOffset); break
+  try {
+    // Fails now, before any header is sent, when the start is outside the log (retention passed it, or it is in the future).
+    return await resolveRange(store, target.stream, target.partition, readRangeOf(req), { outside: 'fail', snapshot: false })
+  } catch (err) {
+    throw isQueryError(err) ? toApiError(err) : err
   }
-  // Fail now, before any header is sent, when the start is outside the log (retention passed it, or it is in the future).
-  const { logStartOffset, logEndOffset } = store.partitionInfo(stream, partition)
-  if (start < logStartOffset || start > logEndOffset) {
-    throw toApiError(new StoreError('STORE_OFFSET_OUT_OF_RANGE', 'offset out of range',
-      { details: { stream, partition, offset: start, logStartOffset, logEndOffset } }))
-  }
-  let end = req.endOffset ?? Infinity
-  let toTime = req.toTime
-  if (toTime !== null) {
-    const bound = await store.offsetForTime(stream, partition, toTime)
-    // Every record so far is older than `to`: the range stays open until a record at or after `to` arrives.
-    if (bound !== null) { end = Math.min(end, bound); toTime = null }
-  }
-  return { start, end: Math.max(end, start), fromTime, toTime }
 }
 
-async function openReader (store: LogStore, target: PartitionTarget, req: RecordsRequest, slice: CpuSlice): Promise<RangeReader> {
-  return new RangeReader(store, target.stream, target.partition, await resolveBounds(store, target, req), recordFilter(req), slice)
+async function openReader (store: LogStore, target: PartitionTarget, req: RecordsRequest, slice: CpuSlice): Promise<PartitionReader> {
+  return new PartitionReader(store, await resolveBounds(store, target, req), { filter: recordFilter(req), slice })
 }
 
 // ---------------------------------------------------------------- output
@@ -396,7 +276,7 @@ interface Summary {
   readonly endOfRange: boolean
 }
 
-function summary (store: LogStore, target: PartitionTarget, reader: RangeReader, stop: Stop): Summary {
+function summary (store: LogStore, target: PartitionTarget, reader: PartitionReader, stop: Stop): Summary {
   const info = store.partitionInfo(target.stream, target.partition)
   return {
     stream: target.name,
@@ -419,7 +299,7 @@ export interface FetchContext {
  * Reads until something matches, the range ends, or the wait runs out —
  * the part every format shares. Returns the first chunk of records.
  */
-async function firstChunk (ctx: FetchContext, target: PartitionTarget, reader: RangeReader, req: RecordsRequest,
+async function firstChunk (ctx: FetchContext, target: PartitionTarget, reader: PartitionReader, req: RecordsRequest,
   budget: number): Promise<{ records: StoredRecord[], bytes: number, stop: Stop | null }> {
   const deadline = performance.now() + req.waitMs
   let scanned = 0
@@ -482,7 +362,7 @@ export async function serveRecords (ctx: FetchContext, target: PartitionTarget, 
  * continue — a stream without it was cut short. An error after the first
  * line becomes a last line `{"error":{…}}`.
  */
-async function streamNdjson (ctx: FetchContext, target: PartitionTarget, reader: RangeReader, req: RecordsRequest, res: ServerResponse,
+async function streamNdjson (ctx: FetchContext, target: PartitionTarget, reader: PartitionReader, req: RecordsRequest, res: ServerResponse,
   slice: CpuSlice): Promise<void> {
   // Errors up to the first records still get a proper status.
   const first = await firstChunk(ctx, target, reader, req, Number.MAX_SAFE_INTEGER)

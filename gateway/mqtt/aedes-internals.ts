@@ -1,11 +1,295 @@
 /**
- * Every reach into aedes 1.2.0 (and the mqtt-packet parser it creates per client) beyond its public API, in one
- * place. Each function says why it is needed, where the library does the thing it works around (source line of
- * the installed version) and the upstream issue, or that there is none and which public API would remove it. When
- * aedes or mqtt-packet is upgraded, this file is the checklist: every entry must be re-read against the new source.
+ * Every reach into aedes 1.2.0 beyond its public API, in one place.
+ *
+ * aedes' public surface is its option hooks (preConnect, authenticate,
+ * authorize*, published), its events, `broker.publish`, `broker.handle` and
+ * the `Client` of types/client.d.ts. The gateway needs more: an ack that waits
+ * for the log, tenant mount points that UNSUBSCRIBE honours, packet ids shared
+ * with replays and commands, CONNACK session-present from any session state,
+ * wills that survive a crash, idle connections that keep little. Each function
+ * below is one such reach: it says why it is needed, where aedes does the thing
+ * it works around (source line of the installed version) and the upstream
+ * issue or PR, or that there is none and which public API would remove it.
+ * When aedes is upgraded, this file is the checklist: every entry must be
+ * re-read against the new source.
+ *
+ * Nothing else in gateway/ reads an underscore field of aedes, casts an aedes
+ * object to reach a field its typings do not declare, or replaces a method of
+ * aedes or of the session persistence aedes calls.
  */
-import type { Client } from 'aedes'
+import type { Aedes, Client, PublishPacket } from 'aedes'
 import { BufferList } from 'bl'
+import type { Duplex } from 'node:stream'
+
+// --- clients ---------------------------------------------------------------------------------------------------------
+
+/**
+ * Takes the next packet id of the client's own counter, as aedes' QoS 1/2 deliveries do
+ * (`client._nextId`, https://github.com/moscajs/aedes/blob/v1.2.0/lib/qos-packet.js), so a replay or a command written by the gateway never picks an
+ * id a live delivery holds. aedes has no allocator to call; upstream treats `_nextId` as settable by users
+ * (https://github.com/moscajs/aedes/pull/414 guards `>= 65535` for that reason). Public API that would remove it:
+ * `client.nextMessageId()`.
+ */
+export function nextPacketId (client: Client): number {
+  const counter = client as unknown as { _nextId: number }
+  const id = counter._nextId
+  counter._nextId = id >= 65535 ? 1 : id + 1
+  return id
+}
+
+/**
+ * The connection aedes reads and writes for this client, for frames the gateway writes itself (replay batches,
+ * commands: mqtt-packet frames with ids from {@link nextPacketId}). Going through `client.publish` would queue the
+ * packet in a persistent session and give each subscriber its own copy, which replays and commands must not do
+ * (see replay.ts and commands.ts). `client.conn` is typed, but writing to it bypasses aedes' write path
+ * (https://github.com/moscajs/aedes/blob/v1.2.0/lib/write.js). No upstream issue; public API that would remove it: `client.write(packet)`.
+ */
+export function rawConnection (client: Client): Duplex {
+  return client.conn as Duplex
+}
+
+/**
+ * The aedes client handling a connection: aedes stores it on the stream it was given (`conn.client = this`,
+ * https://github.com/moscajs/aedes/blob/v1.2.0/lib/client.js#L36), which is how a ConnectionGuard learns the client id of the device it guards.
+ * No upstream issue; the public alternative is the `client` event, which fires only after authentication.
+ */
+export function clientOfConnection (conn: object): { readonly id?: unknown } | undefined {
+  return (conn as { client?: { id?: unknown } }).client
+}
+
+/**
+ * Scopes the client id per tenant (`<tenant>U+0000<id>`). aedes keys session takeover, stored subscriptions and
+ * offline queues by `client.id`, sets it before authenticate and reads it only after
+ * (https://github.com/moscajs/aedes/blob/v1.2.0/lib/handlers/connect.js#L85); the typings declare it readonly. No upstream issue; public API that
+ * would remove it: an id returned by the authenticate callback.
+ */
+export function setClientId (client: Client, id: string): void {
+  (client as { id: string }).id = id
+}
+
+/**
+ * The client's live subscriptions by filter (`client.subscriptions`, https://github.com/moscajs/aedes/blob/v1.2.0/lib/client.js#L31), not in the
+ * typings. aedes answers questions about them only on the wire. Used upstream as the way to list them
+ * (https://github.com/moscajs/aedes/issues/64). Public API that would remove it: `client.subscriptions` in
+ * types/client.d.ts.
+ */
+export function subscriptionsOf (client: Client): Readonly<Record<string, { readonly qos?: number } | undefined>> {
+  return (client as Client & { subscriptions?: Record<string, { qos?: number } | undefined> }).subscriptions ?? {}
+}
+
+/**
+ * The connected client with this (scoped) id on this broker (`broker.clients`, https://github.com/moscajs/aedes/blob/v1.2.0/aedes.js registerClient),
+ * not in the typings; upstream points users at it (https://github.com/moscajs/aedes/issues/173). Public API that
+ * would remove it: `broker.getClient(id)`.
+ */
+export function connectedClient (broker: Aedes, id: string): Client | undefined {
+  return (broker as unknown as { clients: Record<string, Client | undefined> }).clients[id]
+}
+
+/**
+ * The will aedes is firing when authorizePublish is called from a closing connection: aedes passes
+ * `client.will` itself (https://github.com/moscajs/aedes/blob/v1.2.0/lib/client.js#L365), so identity comparison tells a will from the client's own
+ * PUBLISH. No upstream issue; public API that would remove it: a flag on the packet or a `willPublished` hook.
+ */
+export function isFiringWill (client: Client, packet: PublishPacket): boolean {
+  return (client as unknown as { will?: unknown }).will === packet
+}
+
+/**
+ * A stand-in client for a will stored by a gateway that died, fired at startup through authorizePublish (wills.ts):
+ * aedes' own sweep fires such wills with a null client, past the tenant mount and ACL
+ * (https://github.com/moscajs/aedes/blob/v1.2.0/aedes.js _clearWills; https://github.com/moscajs/aedes/issues/767, https://github.com/moscajs/aedes/pull/769,
+ * https://github.com/moscajs/aedes/pull/756 on wills at restart). Only `id`, `closed` and `conn` are read on that path.
+ */
+export function standInClient (id: string): Client {
+  return { id, closed: false, conn: {} } as unknown as Client
+}
+
+/** The part of aedes' client parser that UNSUBSCRIBE mounting reaches into. */
+interface UnsubscribePacket { cmd: string, unsubscriptions?: string[] }
+interface ClientParser {
+  readonly _parser: {
+    prependListener (event: 'packet', listener: (packet: UnsubscribePacket) => void): void
+    /** Packets parsed before the CONNACK, handled once the client is connected; null afterwards. */
+    readonly _queue: UnsubscribePacket[] | null
+  }
+}
+
+/**
+ * Rewrites the filters of every UNSUBSCRIBE of this client before aedes handles it. aedes has no unsubscribe hook:
+ * it looks the filters up as the client sent them (https://github.com/moscajs/aedes/blob/v1.2.0/lib/handlers/unsubscribe.js), while authorizeSubscribe
+ * stored them mounted (`<tenant>/<filter>`), so an UNSUBSCRIBE removed nothing. The packets parsed before the tenant
+ * was known wait in `client._parser._queue` until the CONNACK (https://github.com/moscajs/aedes/blob/v1.2.0/lib/client.js#L62) and are rewritten first;
+ * later ones as the parser emits them (a listener prepended to aedes' own). Upstream: a `preUnsubscribe` hook,
+ * https://github.com/moscajs/aedes/pull/605 (open), would remove it.
+ */
+export function rewriteUnsubscribes (client: Client, rewrite: (filters: string[]) => string[]): void {
+  const parser = (client as unknown as ClientParser)._parser
+  const mount = (packet: UnsubscribePacket): void => {
+    if (packet.cmd === 'unsubscribe' && packet.unsubscriptions !== undefined) packet.unsubscriptions = rewrite(packet.unsubscriptions)
+  }
+  for (const packet of parser._queue ?? []) mount(packet)
+  parser.prependListener('packet', mount)
+}
+
+// --- the broker ------------------------------------------------------------------------------------------------------
+
+/** broker.publish as aedes calls it internally (its typings only declare the two-argument form). */
+export type InternalPublish = (packet: PublishPacket, client: Client | null, done: (err?: Error) => void) => void
+
+/**
+ * Makes aedes' own `broker.publish` a no-op for packets that `alreadyPublished` says were delivered before the ack,
+ * and returns the original. aedes writes the PUBACK (PUBREC) and only then calls `broker.publish`
+ * (https://github.com/moscajs/aedes/blob/v1.2.0/lib/handlers/publish.js#L93-L96): to have online delivery and the offline queues stored before the ack
+ * (ack means durable), authorizePublish publishes itself and marks the packet. No upstream issue found (searched
+ * moscajs/aedes for acks before publish/persistence); public API that would remove it: a hook that runs between
+ * authorizePublish and the ack and may complete the publish, or an option to ack after `broker.publish`.
+ */
+export function interceptPublish (broker: Aedes, alreadyPublished: (packet: PublishPacket) => boolean): InternalPublish {
+  const publish = (broker.publish as unknown as InternalPublish).bind(broker)
+  const guarded: InternalPublish = (packet, client, done) => {
+    if (alreadyPublished(packet)) return done()
+    publish(packet, client, done)
+  }
+  broker.publish = guarded as unknown as typeof broker.publish
+  return publish
+}
+
+/**
+ * Replaces the broker's authorizeForward with `wrap(previous)` and returns the undo. authorizeForward is a public,
+ * documented handler property (docs/Aedes.md), but replacing the one broker.ts installed is a patch: commands.ts
+ * uses it to drop expired copies, which aedes asks about before every delivery, also of a queued packet read back on
+ * reconnect (https://github.com/moscajs/aedes/blob/v1.2.0/lib/client.js#L98-L107). Public API that would remove it: message expiry in aedes (MQTT 5,
+ * aedes' 2.x line).
+ */
+export function wrapAuthorizeForward (broker: Aedes, wrap: (previous: Aedes['authorizeForward']) => Aedes['authorizeForward']): () => void {
+  const previous = broker.authorizeForward
+  broker.authorizeForward = wrap(previous)
+  return () => { broker.authorizeForward = previous }
+}
+
+// --- the session persistence aedes calls ---------------------------------------------------------------------------
+
+/** Replaces `target[name]` with `wrap(original)` (the original bound to `target`) and returns the undo. */
+function wrapMethod<T extends object, K extends keyof T> (target: T, name: K, wrap: (original: T[K]) => T[K]): () => void {
+  const own = target[name]
+  const original = (own as (...args: unknown[]) => unknown).bind(target) as T[K]
+  target[name] = wrap(original)
+  return () => { target[name] = own }
+}
+
+/** The session store's PUBACK hook, as aedes calls it. */
+export type OutgoingClear = (client: Client, packet: { cmd?: string, messageId?: number }) => Promise<unknown>
+
+/**
+ * Lets the gateway take a PUBACK (`claim` returns true) before the session store sees it; returns the undo. aedes
+ * hands every PUBACK to `persistence.outgoingClearMessageId` (https://github.com/moscajs/aedes/blob/v1.2.0/lib/handlers/puback.js), for clean sessions
+ * too, and emits the public `ack` event only after it; replay messages and commands were never stored, and their ids
+ * must not clear a stored message. `broker.persistence` is not in the typings. No upstream issue; public API that
+ * would remove it: an ack hook that runs before the persistence and may consume the PUBACK.
+ */
+export function claimPubacks (broker: Aedes, claim: (client: Client, messageId: number) => boolean): () => void {
+  const persistence = (broker as unknown as { persistence: { outgoingClearMessageId: OutgoingClear } }).persistence
+  return claimPubacksOf(persistence, claim)
+}
+
+/** {@link claimPubacks} on the persistence object itself, before aedes has bound it (`broker.listen()`). */
+export function claimPubacksOf (persistence: { outgoingClearMessageId: OutgoingClear }, claim: (client: Client, messageId: number) => boolean): () => void {
+  return wrapMethod(persistence, 'outgoingClearMessageId', (clear) => async (client, packet) => {
+    if (packet.cmd === 'puback' && typeof packet.messageId === 'number' && claim(client, packet.messageId)) return undefined
+    return await clear(client, packet)
+  })
+}
+
+interface Subscriptions<S> {
+  addSubscriptions (client: Client, subs: readonly S[]): Promise<void>
+  subscriptionsByClient (client: Client): Promise<Array<{ topic: string, qos: number }>>
+}
+
+/**
+ * Stores only the subscriptions `keep` accepts. aedes stores the whole SUBSCRIBE list once per filter, as it
+ * authorizes each (https://github.com/moscajs/aedes/blob/v1.2.0/lib/handlers/subscribe.js storeSubscriptions): the filters after it are not mounted
+ * yet, and $replay subscriptions must never be stored. No upstream issue; public API that would remove it:
+ * storing the subscriptions authorizeSubscribe returned, once per packet.
+ */
+export function filterStoredSubscriptions<S> (persistence: Subscriptions<S>, keep: (sub: S) => boolean): void {
+  wrapMethod(persistence, 'addSubscriptions', (add) => async (client, subs) => {
+    const stored = subs.filter(keep)
+    if (stored.length > 0) await add(client, stored)
+  })
+}
+
+/**
+ * Replaces what aedes reads as a session's stored subscriptions with `restore(subs, client)`. [MQTT-3.2.2-2]
+ * CONNACK says a session is present when any session state is stored, but aedes decides from the stored
+ * subscriptions alone (restoreSubs: `arg.sessionPresent = !!arg.subs`, https://github.com/moscajs/aedes/blob/v1.2.0/lib/handlers/connect.js#L203-L210),
+ * so a session holding only queued messages, or nothing at all [MQTT-3.1.2-4], was answered 0. aedes calls this only
+ * for a CONNECT with clean = false, before the CONNACK. Upstream's reasoning since mosca: "we store the session only
+ * if there is an active subscription" (https://github.com/moscajs/mosca/issues/376); no aedes issue. Public API that
+ * would remove it: a persistence method `sessionPresent(client)`.
+ */
+export function overrideRestoredSubscriptions<S> (persistence: Subscriptions<S>,
+  restore: (subs: Array<{ topic: string, qos: number }>, client: Client) => Promise<Array<{ topic: string, qos: number }>>): void {
+  wrapMethod(persistence, 'subscriptionsByClient', (byClient) => async (client) => await restore(await byClient(client), client))
+}
+
+/** The will methods aedes calls on the session persistence (types in wills.ts). */
+export interface WillMethods<C, P, R> {
+  setup (broker: never): Promise<void>
+  putWill (client: C, packet: P): Promise<void>
+  delWill (client: C): Promise<unknown>
+  streamWill (brokers?: Readonly<Record<string, unknown>>): R
+}
+
+/**
+ * Wraps the persistence's will methods (wills.ts says what each wrapper does). aedes fires the wills a dead broker
+ * stored from a periodic sweep with a null client, or never when the restarted gateway keeps its broker id
+ * (https://github.com/moscajs/aedes/blob/v1.2.0/aedes.js `_clearWills`; https://github.com/moscajs/aedes/issues/767, https://github.com/moscajs/aedes/pull/756
+ * closed unmerged); it deletes "the" stored will of a client id after a closed connection's will fired, also when a
+ * successor connection stored its own (https://github.com/moscajs/aedes/blob/v1.2.0/lib/client.js#L364-L385, lib/handlers/connect.js storeWill before
+ * registerClient). `setup` must stay a native async function: aedes checks (https://github.com/moscajs/aedes/blob/v1.2.0/aedes.js listen()). Public API
+ * that would remove it: wills fired at `listen()` through authorizePublish with the client's stored identity, and
+ * delWill keyed by connection.
+ */
+export function wrapWillStorage<C, P, R> (persistence: WillMethods<C, P, R>, wrap: {
+  readonly setup: (original: WillMethods<C, P, R>['setup']) => WillMethods<C, P, R>['setup']
+  readonly putWill: (original: WillMethods<C, P, R>['putWill']) => WillMethods<C, P, R>['putWill']
+  readonly delWill: (original: WillMethods<C, P, R>['delWill']) => WillMethods<C, P, R>['delWill']
+  readonly streamWill: (original: WillMethods<C, P, R>['streamWill']) => WillMethods<C, P, R>['streamWill']
+}): void {
+  wrapMethod(persistence, 'putWill', wrap.putWill)
+  wrapMethod(persistence, 'delWill', wrap.delWill)
+  wrapMethod(persistence, 'setup', wrap.setup)
+  wrapMethod(persistence, 'streamWill', wrap.streamWill)
+}
+
+/** The inbound QoS 2 methods aedes calls on the session persistence (types in inbound-qos2.ts). */
+export interface IncomingMethods<C, P> {
+  incomingStorePacket (client: C, packet: P): Promise<void>
+  incomingGetPacket (client: C, packet: P): Promise<unknown>
+  incomingDelPacket (client: C, packet: P): Promise<void>
+  cleanIncoming (client: C): Promise<void>
+}
+
+/**
+ * Wraps the persistence's inbound QoS 2 methods (inbound-qos2.ts says what each wrapper does). aedes calls
+ * authorizePublish, then incomingGetPacket, then incomingStorePacket and broker.publish, then sends PUBREC
+ * (https://github.com/moscajs/aedes/blob/v1.2.0/lib/handlers/publish.js#L40-L85): for exactly once into the log the append has to start in
+ * authorizePublish, in one batch with the inbound entry, and aedes' later steps have to wait for it and see its
+ * outcome. No upstream issue; public API that would remove it: a persistence method that stores the inbound entry
+ * with the application's own write, or an authorizePublish that may answer "duplicate".
+ */
+export function wrapInboundQos2<C, P> (persistence: IncomingMethods<C, P>, wrap: {
+  readonly incomingGetPacket: (original: IncomingMethods<C, P>['incomingGetPacket']) => IncomingMethods<C, P>['incomingGetPacket']
+  readonly incomingStorePacket: (original: IncomingMethods<C, P>['incomingStorePacket']) => IncomingMethods<C, P>['incomingStorePacket']
+  readonly incomingDelPacket: (original: IncomingMethods<C, P>['incomingDelPacket']) => IncomingMethods<C, P>['incomingDelPacket']
+  readonly cleanIncoming: (original: IncomingMethods<C, P>['cleanIncoming']) => IncomingMethods<C, P>['cleanIncoming']
+}): void {
+  wrapMethod(persistence, 'incomingGetPacket', wrap.incomingGetPacket)
+  wrapMethod(persistence, 'incomingStorePacket', wrap.incomingStorePacket)
+  wrapMethod(persistence, 'incomingDelPacket', wrap.incomingDelPacket)
+  wrapMethod(persistence, 'cleanIncoming', wrap.cleanIncoming)
+}
 
 // --- idle connection memory (issue 13) -----------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@
  * `devices/<id>/commands/...`), as soon as that client is connected and holds
  * a subscription matching it — at once, or when the device (re)subscribes or
  * reconnects. "Delivered" is the device's PUBACK of that packet (taken from
- * the PUBACKs aedes hands the session store, as broker.ts takes those of
+ * the PUBACKs aedes hands the session store, as hooks/replays.ts takes those of
  * $replay messages); a device that goes away before it is pending again and
  * gets the command on its next connection, unless it expired. The dispatcher
  * does not go through aedes' client.publish or broker.publish: those queue the
@@ -40,9 +40,9 @@
  */
 import type { Aedes, Client, PublishPacket } from 'aedes'
 import mqttPacket from 'mqtt-packet'
-import type { Writable } from 'node:stream'
 import { isStoreError, type Clock, type LogStore, type StoredRecord } from '../../store/index.ts'
 import { RECEIPT_UPSTREAM_HEADER, RECEIPTS_STREAM, type CommandSink, type IncomingCommand } from '../../bridge/index.ts'
+import { claimPubacks, connectedClient, nextPacketId, rawConnection, subscriptionsOf, wrapAuthorizeForward } from './aedes-internals.ts'
 import type { Router } from './routing.ts'
 import { mountTopic, scopedClientId, topicMatches, topicNameProblem } from '../access/topics.ts'
 
@@ -99,10 +99,8 @@ export class CommandDispatcher implements CommandSink {
   readonly #listeners: Array<[string, Parameters<NodeJS.EventEmitter['on']>[1]]> = []
   /** Appends under way: the watermark waits while a command is between the log and the pending set. */
   #accepting = 0
-  /** aedes' authorizeForward before start() wrapped it. */
-  #forward: Aedes['authorizeForward'] | null = null
-  /** The session store's outgoingClearMessageId before start() wrapped it (aedes hands it every PUBACK). */
-  #clear: OutgoingClear | null = null
+  /** Undoes start()'s wrap of aedes' authorizeForward and its claim on PUBACKs. */
+  readonly #undo: Array<() => void> = []
   /** Commands written as QoS 1 and not yet acknowledged, by `<aedes client id> <packet id>`. */
   readonly #inflight = new Map<string, Command>()
 
@@ -139,8 +137,7 @@ export class CommandDispatcher implements CommandSink {
       }
     }
     if (this.#pending.size > 0) this.#deps.logger.info({ pending: this.#pending.size }, 'undelivered commands restored from the log')
-    const forward = this.#forward = broker.authorizeForward
-    broker.authorizeForward = (client, packet) => {
+    this.#undo.push(wrapAuthorizeForward(broker, (forward) => (client, packet) => {
       const expiry = (packet as ExpiringPacket).messageExpiry
       if (expiry !== undefined && expiry <= this.#deps.clock.now()) {
         this.#deps.onExpiredDropped?.(packet.topic.slice(0, packet.topic.indexOf('/')))
@@ -148,16 +145,11 @@ export class CommandDispatcher implements CommandSink {
         return null
       }
       return forward.call(broker, client, packet)
-    }
-    // A command is written by the dispatcher itself, so "delivered" is the device's PUBACK. aedes hands every PUBACK
-    // to the session store's outgoingClearMessageId (lib/handlers/puback.js), for clean sessions too; the ones that
-    // answer a command are taken here, as broker.ts takes those of $replay messages.
-    const persistence = (broker as unknown as { persistence: { outgoingClearMessageId: OutgoingClear } }).persistence
-    const clear = this.#clear = persistence.outgoingClearMessageId
-    persistence.outgoingClearMessageId = async (client, packet) => {
-      if (packet.cmd === 'puback' && typeof packet.messageId === 'number' && this.#acked(client, packet.messageId)) return undefined
-      return await clear.call(persistence, client, packet)
-    }
+    }))
+    // A command is written by the dispatcher itself, so "delivered" is the device's PUBACK: the ones that answer a
+    // command are taken before the session store sees them (aedes-internals.ts), as hooks/replays.ts takes those of
+    // $replay messages.
+    this.#undo.push(claimPubacks(broker, (client, messageId) => this.#acked(client, messageId)))
     const onReady = (client: Client): void => { this.#offerTo(client) }
     const onSubscribe = (_subs: unknown, client: Client): void => { this.#offerTo(client) }
     broker.on('clientReady', onReady)
@@ -177,8 +169,7 @@ export class CommandDispatcher implements CommandSink {
     if (this.#sweep !== null) clearInterval(this.#sweep)
     const events = this.#deps.broker as unknown as NodeJS.EventEmitter
     for (const [name, fn] of this.#listeners) events.removeListener(name, fn)
-    if (this.#forward !== null) this.#deps.broker.authorizeForward = this.#forward
-    if (this.#clear !== null) (this.#deps.broker as unknown as { persistence: { outgoingClearMessageId: OutgoingClear } }).persistence.outgoingClearMessageId = this.#clear
+    for (const undo of this.#undo.splice(0).reverse()) undo()
     await this.#commitWatermarks().catch(() => {})
   }
 
@@ -273,8 +264,7 @@ export class CommandDispatcher implements CommandSink {
 
   /** The connected client the command addresses, when it holds a subscription matching the command. */
   #addressee (c: Command): Client | null {
-    const clients = (this.#deps.broker as unknown as { clients: Record<string, Client | undefined> }).clients
-    const client = clients[scopedClientId(c.tenant, c.key)]
+    const client = connectedClient(this.#deps.broker, scopedClientId(c.tenant, c.key))
     if (client === undefined || client.closed || !client.connected) return null
     const mounted = mountTopic(c.tenant, c.topic)
     for (const filter in subscriptionsOf(client)) if (topicMatches(filter, mounted)) return client
@@ -318,7 +308,7 @@ export class CommandDispatcher implements CommandSink {
       cmd: 'publish', topic: c.topic, payload: Buffer.from(c.payload.buffer, c.payload.byteOffset, c.payload.byteLength),
       qos, retain: false, dup: false, ...(messageId === undefined ? {} : { messageId }),
     })
-    ;(client.conn as unknown as Writable).write(frame)
+    rawConnection(client).write(frame)
     if (messageId === undefined) return this.#settle(c, 'delivered') // QoS 0: written is all a device can confirm
     c.busy = true
     c.inflight = { client, messageId }
@@ -374,21 +364,6 @@ export class CommandDispatcher implements CommandSink {
   }
 }
 
-function subscriptionsOf (client: Client): Record<string, { qos?: number } | undefined> {
-  return (client as Client & { subscriptions?: Record<string, { qos?: number } | undefined> }).subscriptions ?? {}
-}
-
-/** The session store's PUBACK hook, as aedes calls it. */
-type OutgoingClear = (client: Client, packet: { cmd?: string, messageId?: number }) => Promise<unknown>
-
 function inflightKey (client: Client, messageId: number): string {
   return `${client.id} ${messageId}`
-}
-
-/** aedes' own packet id counter (lib/qos-packet.js), as broker.ts's replays use it, so no id is given twice. */
-function nextPacketId (client: Client): number {
-  const counter = client as unknown as { _nextId: number }
-  const id = counter._nextId
-  counter._nextId = id >= 65535 ? 1 : id + 1
-  return id
 }

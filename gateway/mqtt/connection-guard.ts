@@ -33,6 +33,7 @@
 import { isUtf8 } from 'node:buffer'
 import type { Socket } from 'node:net'
 import { Duplex } from 'node:stream'
+import { clientOfConnection } from './aedes-internals.ts'
 
 export type ViolationReason = 'packet-too-large' | 'malformed-header' | 'protocol'
 
@@ -228,7 +229,7 @@ export class ConnectionGuard extends Duplex {
    * the plain id is what the device sent.
    */
   get clientId (): string | undefined {
-    const id = (this as unknown as { client?: { id?: unknown } }).client?.id
+    const id = clientOfConnection(this)?.id
     return typeof id === 'string' ? id.slice(id.indexOf('\u0000') + 1) : undefined
   }
 

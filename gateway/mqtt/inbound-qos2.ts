@@ -35,6 +35,7 @@
 import type { Client, PublishPacket } from 'aedes'
 import type { ExtraOperation } from '../../store/index.ts'
 import type { SessionPacket } from './session-persistence.ts'
+import { wrapInboundQos2 } from './aedes-internals.ts'
 
 /** What authorizePublish decided for a QoS 2 PUBLISH that goes to subscribers (and, when routed, into the log). */
 export interface Qos2Plan {
@@ -70,50 +71,49 @@ export class InboundQos2 {
   readonly #delivered = new Map<string, Set<number>>()
 
   /**
-   * Wraps the persistence's inbound methods. `maxInflight` is aedes'
-   * `maxInflightInbound` (0 = no limit).
+   * Wraps the persistence's inbound methods (aedes-internals.ts). `maxInflight`
+   * is the `maxInflightInbound` aedes was given (0 = no limit).
    */
   constructor (persistence: Qos2Persistence, maxInflight: number) {
     this.#persistence = persistence
     this.#maxInflight = maxInflight
-    const store = persistence.incomingStorePacket.bind(persistence)
-    const get = persistence.incomingGetPacket.bind(persistence)
-    const del = persistence.incomingDelPacket.bind(persistence)
-    const clean = persistence.cleanIncoming.bind(persistence)
+    wrapInboundQos2(persistence, {
+      incomingGetPacket: (get) => async (client, packet) => {
+        const messageId = packet.messageId
+        const running = packet.cmd === 'publish' && messageId !== undefined ? this.#pending.get(client.id)?.get(messageId) : undefined
+        if (running !== undefined) {
+          // A failed append or delivery reads as "not found"; aedes' store step then fails with the error: no PUBREC.
+          try { await running } catch (err) { this.#failed.set(packet, err); throw err }
+        }
+        const stored = await get(client, packet)
+        if (packet.cmd !== 'publish' || messageId === undefined || running !== undefined) return stored
+        const plan = this.#plans.get(packet)
+        if (plan !== undefined && this.#delivered.get(client.id)?.has(messageId) !== true) {
+          await plan.deliver() // stored by a gateway process that died; see the header
+          this.#setOf(client.id).add(messageId)
+        }
+        return stored
+      },
+      incomingStorePacket: (store) => async (client, packet) => {
+        if (this.#failed.has(packet)) throw this.#failed.get(packet)
+        await store(client, packet) // refused, or logged under another dedupe id: stored as aedes does
+      },
+      incomingDelPacket: (del) => async (client, packet) => {
+        await del(client, packet)
+        if (packet.messageId !== undefined) this.#delivered.get(client.id)?.delete(packet.messageId)
+      },
+      cleanIncoming: (clean) => async (client) => {
+        // An append still in flight (of a connection this one took over) must not land after the wipe.
+        await Promise.allSettled(this.#pending.get(client.id)?.values() ?? [])
+        await clean(client)
+        this.#delivered.delete(client.id)
+      },
+    })
+  }
 
-    persistence.incomingGetPacket = async (client, packet) => {
-      const messageId = packet.messageId
-      const running = packet.cmd === 'publish' && messageId !== undefined ? this.#pending.get(client.id)?.get(messageId) : undefined
-      if (running !== undefined) {
-        // A failed append or delivery reads as "not found"; aedes' store step then fails with the error: no PUBREC.
-        try { await running } catch (err) { this.#failed.set(packet, err); throw err }
-      }
-      const stored = await get(client, packet)
-      if (packet.cmd !== 'publish' || messageId === undefined || running !== undefined) return stored
-      const plan = this.#plans.get(packet)
-      if (plan !== undefined && this.#delivered.get(client.id)?.has(messageId) !== true) {
-        await plan.deliver() // stored by a gateway process that died; see the header
-        this.#setOf(client.id).add(messageId)
-      }
-      return stored
-    }
-
-    persistence.incomingStorePacket = async (client, packet) => {
-      if (this.#failed.has(packet)) throw this.#failed.get(packet)
-      await store(client, packet) // refused, or logged under another dedupe id: stored as aedes does
-    }
-
-    persistence.incomingDelPacket = async (client, packet) => {
-      await del(client, packet)
-      if (packet.messageId !== undefined) this.#delivered.get(client.id)?.delete(packet.messageId)
-    }
-
-    persistence.cleanIncoming = async (client) => {
-      // An append still in flight (of a connection this one took over) must not land after the wipe.
-      await Promise.allSettled(this.#pending.get(client.id)?.values() ?? [])
-      await clean(client)
-      this.#delivered.delete(client.id)
-    }
+  /** aedes' `maxInflightInbound` this instance holds clients to (0 = no limit). */
+  get maxInflight (): number {
+    return this.#maxInflight
   }
 
   /**

@@ -21,6 +21,11 @@
  * - end (exclusive): an offset, a time, or `live`. Without `..live` a replay
  *   is a snapshot: it ends at each partition's log end as of the SUBSCRIBE.
  *
+ * Ranges are planned and read by the one read path (query/read-plan.ts):
+ * an offset applies to every partition and is clamped into each log
+ * (policy `outside: 'clamp'`), and the history is a snapshot
+ * (`snapshot: true`) that `..live` lifts once it is delivered.
+ *
  * Where records come from: every stream of the client's tenant that a route
  * sends topics matching the filter to; in each, only the partition of the key
  * the filter names at the route's key level (`devices/dev-42/#` reads one
@@ -50,14 +55,14 @@
  * messages are not sent again after a reconnect: subscribe again.
  */
 import type { Writable } from 'node:stream'
-import { isStoreError, type LogStore, type StoredRecord } from '../../store/index.ts'
-import { ApiError } from '../http/errors.ts'
-import { parseTime } from '../http/params.ts'
+import type { LogStore, StoredRecord } from '../../store/index.ts'
 import { isAllowed, type Identity } from '../access/auth.ts'
 import type { AclRule, RouteConfig } from '../config/config.ts'
 import { GatewayError } from '../errors.ts'
 import type { GatewayMetrics, ReplayOutcome } from '../metrics/metrics.ts'
 import { filtersOverlap, topicFilterProblem, topicMatches } from '../access/topics.ts'
+import { isQueryError } from '../query/errors.ts'
+import { checkRange, parsePosition as parseReadPosition, PartitionReader, planRead, type Position, type ReadRange } from '../query/read-plan.ts'
 
 export const REPLAY_LEVEL = '$replay'
 /** Last level of the completion marker's topic. */
@@ -79,10 +84,7 @@ const BATCH_BYTES = 256 * 1024
 const CACHE_ENTRIES = 4096
 const MAX_TOPIC_BYTES = 65535
 
-export type ReplayStart =
-  | { readonly kind: 'earliest' | 'latest' }
-  | { readonly kind: 'offset', readonly offset: number }
-  | { readonly kind: 'time', readonly timestamp: number }
+export type ReplayStart = Position
 
 export type ReplayEnd =
   | { readonly kind: 'snapshot' | 'live' }
@@ -130,33 +132,34 @@ export function parseReplaySubscription (subscription: string, now: number): Rep
   const dots = range.indexOf('..')
   const startText = dots === -1 ? range : range.slice(0, dots)
   const endText = dots === -1 ? null : range.slice(dots + 2)
-  const start = parsePosition(startText, now, 'start', bad)
+  // The read path's errors (query/read-plan.ts) are all GW_REPLAY_BAD_RANGE here, with what the range takes.
+  const position = (text: string, which: 'start' | 'end'): Position => {
+    try {
+      return parseReadPosition(text, now, { name: `the ${which}`, start: which === 'start' })
+    } catch (err) {
+      if (!isQueryError(err)) throw err
+      throw bad(`${err.message} (the ${which} is ${which === 'start' ? 'earliest, latest, ' : ''}${POSITIONS}${which === 'end' ? ', or live' : ''})`)
+    }
+  }
+  const start = position(startText, 'start')
   let end: ReplayEnd = { kind: 'snapshot' }
   if (endText === 'live') end = { kind: 'live' }
-  else if (endText !== null) {
-    if (endText === 'earliest' || endText === 'latest') throw bad(`the end cannot be ${endText}: give ${POSITIONS}, or live`)
-    end = parsePosition(endText, now, 'end', bad) as ReplayEnd
-  }
-  if (start.kind === 'offset' && end.kind === 'offset' && end.offset < start.offset) throw bad(`it ends at offset ${end.offset}, before it starts at ${start.offset}`)
-  if (start.kind === 'time' && end.kind === 'time' && end.timestamp < start.timestamp) {
-    throw bad(`it ends at ${new Date(end.timestamp).toISOString()}, before it starts at ${new Date(start.timestamp).toISOString()}`)
+  else if (endText !== null) end = position(endText, 'end') as ReplayEnd
+  try {
+    checkRange(replayRange({ start, end }), { startOffset: 'the start', endOffset: 'the end', startTime: 'the start', endTime: 'the end' })
+  } catch (err) {
+    if (!isQueryError(err)) throw err
+    throw bad(err.message)
   }
   return { subscription, range, start, end, filter }
 }
 
-function parsePosition (text: string, now: number, which: 'start' | 'end', bad: (why: string) => GatewayError): ReplayStart {
-  if (text === '') throw bad(`the ${which} is empty`)
-  if (which === 'start' && (text === 'earliest' || text === 'latest')) return { kind: text }
-  if (/^[0-9]+$/.test(text)) {
-    const offset = Number(text)
-    if (!Number.isSafeInteger(offset)) throw bad(`the ${which} offset ${text} is too large`)
-    return { kind: 'offset', offset }
-  }
-  try {
-    return { kind: 'time', timestamp: parseTime(/^@[0-9]+$/.test(text) ? text.slice(1) : text, now, which) }
-  } catch (err) {
-    if (!(err instanceof ApiError)) throw err
-    throw bad(`${err.message} (the ${which} is ${which === 'start' ? 'earliest, latest, ' : ''}${POSITIONS})`)
+/** A replay's range as the read path takes it; `live` and `snapshot` have no end of their own (the plan's policy ends a snapshot). */
+function replayRange (r: Pick<ReplayRequest, 'start' | 'end'>): ReadRange {
+  return {
+    start: r.start,
+    endOffset: r.end.kind === 'offset' ? r.end.offset : null,
+    endTime: r.end.kind === 'time' ? r.end.timestamp : null,
   }
 }
 
@@ -387,22 +390,20 @@ export class MqttReplays {
   }
 }
 
-/** One partition's read position, and the chunk of matching records read ahead. */
+/** One partition's reader (query/read-plan.ts), and the chunk of matching records read ahead. */
 class Cursor {
   /** Records read and accepted, not yet sent; `pos` is the next one. */
   buffer: StoredRecord[] = []
   /** The delivered topic of each record in `buffer`, encoded. */
   topics: Buffer[] = []
   pos = 0
-  /** Skip records older than this until the first that is not (a start time the time index could not place yet). */
-  minTime: number | null = null
 
-  constructor (readonly stream: string, readonly partition: number, readonly from: number,
-    /** Next offset to read. */
-    public next: number,
-    /** Offset the replay stops before; Infinity once live. */
-    public end: number) {}
+  constructor (readonly stream: string, readonly partition: number, readonly from: number, readonly reader: PartitionReader) {}
 
+  /** Next offset to read. */
+  get next (): number { return this.reader.next }
+  /** Offset the replay stops before; Infinity once live. */
+  get end (): number { return this.reader.end }
   get head (): StoredRecord | undefined { return this.buffer[this.pos] }
 }
 
@@ -489,7 +490,7 @@ class Replay {
       if (this.#stopped) { outcome = 'cancelled'; return }
       await this.#send(NO_RECORDS, this.#doneMarker(cursors, null), false)
       if (this.#request.end.kind !== 'live') return
-      for (const c of cursors) c.end = Infinity
+      for (const c of cursors) c.reader.openEnd()
       await this.#pump(cursors, true)
       outcome = 'cancelled'
     } catch (err) {
@@ -506,34 +507,29 @@ class Replay {
     }
   }
 
-  /** Resolves the range against every partition the filter can reach. */
+  /**
+   * Plans the range on every partition the filter can reach: one offset
+   * applies to every partition, so it is clamped into each log; without
+   * `..live` the history ends at each log end as of now (a snapshot, lifted
+   * for the live part). The filter and the ACL choose the records.
+   */
   async #open (): Promise<Cursor[]> {
     const { store, routes } = this.#deps
-    const { start, end, filter } = this.#request
+    const { filter } = this.#request
+    const targets = replayPartitions(routes, this.#who.tenant, filter, store)
     const cursors: Cursor[] = []
-    for (const { stream, partition } of replayPartitions(routes, this.#who.tenant, filter, store)) {
-      const { logStartOffset: first, logEndOffset: last } = store.partitionInfo(stream, partition)
-      const clamp = (offset: number): number => Math.min(Math.max(offset, first), last)
-      let from: number
-      let minTime: number | null = null
-      switch (start.kind) {
-        case 'earliest': from = first; break
-        case 'latest': from = last; break
-        case 'offset': from = clamp(start.offset); break
-        case 'time': {
-          const found = await store.offsetForTime(stream, partition, start.timestamp)
-          // Every record is older: nothing of the history; a live replay skips what still arrives before the start.
-          if (found === null) minTime = start.timestamp
-          from = clamp(found ?? last)
-          break
-        }
+    for (const stream of new Set(targets.map((t) => t.stream))) {
+      const partitions = targets.filter((t) => t.stream === stream).map((t) => t.partition)
+      for (const range of await planRead(store, stream, partitions, replayRange(this.#request), { outside: 'clamp', snapshot: true })) {
+        const reader = new PartitionReader(store, range, {
+          filter: (r) => this.#deliveredTopic(r.topic) !== null,
+          chunkRecords: CHUNK_RECORDS,
+          chunkBytes: CHUNK_BYTES,
+          onGap: (skipped) => this.#deps.logger.warn({ clientId: this.#who.clientId, stream, partition: range.partition, skipped },
+            'replay: retention deleted records before they were replayed'),
+        })
+        cursors.push(new Cursor(stream, range.partition, range.start, reader))
       }
-      let to = last
-      if (end.kind === 'offset') to = clamp(end.offset)
-      else if (end.kind === 'time') to = clamp((await store.offsetForTime(stream, partition, end.timestamp)) ?? last)
-      const cursor = new Cursor(stream, partition, from, from, Math.max(from, to))
-      cursor.minTime = minTime
-      cursors.push(cursor)
     }
     return cursors
   }
@@ -549,7 +545,7 @@ class Replay {
       if (this.#stopped) return
       for (const c of cursors) {
         while (c.head === undefined && this.#readable(c, live)) {
-          await this.#fill(c, live)
+          await this.#fill(c)
           if (this.#stopped) return
         }
       }
@@ -592,41 +588,11 @@ class Replay {
   }
 
   /** Reads the cursor's next chunk, keeping the records the filter and the ACL let through. */
-  async #fill (c: Cursor, live: boolean): Promise<void> {
-    const { store } = this.#deps
-    const info = store.partitionInfo(c.stream, c.partition)
-    if (c.next < info.logStartOffset) {
-      // Retention deleted records the replay had not reached.
-      this.#deps.logger.warn({ clientId: this.#who.clientId, stream: c.stream, partition: c.partition, skipped: info.logStartOffset - c.next },
-        'replay: retention deleted records before they were replayed')
-      c.next = info.logStartOffset
-    }
-    const limit = Math.min(c.end, live ? info.logEndOffset : c.end)
-    if (c.next >= limit) return
-    let records: StoredRecord[]
-    try {
-      ({ records } = await store.read(c.stream, c.partition, c.next, { maxRecords: Math.min(CHUNK_RECORDS, limit - c.next), maxBytes: CHUNK_BYTES }))
-    } catch (err) {
-      if (isStoreError(err, 'STORE_OFFSET_OUT_OF_RANGE')) return // retention moved the log start meanwhile: the next fill skips ahead
-      throw err
-    }
-    if (records.length === 0) { c.end = c.next; return } // cannot happen below the log end; never spin on it
-    const kept: StoredRecord[] = []
-    const topics: Buffer[] = []
-    for (const r of records) {
-      if (r.offset >= limit) break
-      c.next = r.offset + 1
-      if (c.minTime !== null) {
-        if (r.timestamp < c.minTime) continue
-        c.minTime = null
-      }
-      const topic = this.#deliveredTopic(r.topic)
-      if (topic === null) continue
-      kept.push(r)
-      topics.push(topic)
-    }
-    c.buffer = kept
-    c.topics = topics
+  async #fill (c: Cursor): Promise<void> {
+    const { records } = await c.reader.step()
+    // The reader kept the records that have a delivered topic; the cache answers again (or works it out once more if it was cleared).
+    c.buffer = records
+    c.topics = records.map((r) => this.#deliveredTopic(r.topic) as Buffer)
     c.pos = 0
   }
 
@@ -655,7 +621,9 @@ class Replay {
       records: this.#records,
       live: this.#request.end.kind === 'live',
       // Where the history began and ended in each partition; after a failure only the error is known for sure.
-      partitions: err !== null ? [] : cursors.map((c) => ({ stream: c.stream.slice(this.#who.tenant.length + 1), partition: c.partition, from: c.from, to: c.end })),
+      partitions: err !== null
+        ? []
+        : cursors.map((c) => ({ stream: c.stream.slice(this.#who.tenant.length + 1), partition: c.partition, from: c.from, to: c.end })),
     }
     if (err !== null) body.error = { code: err.code ?? 'GW_REPLAY_FAILED', message: err.message }
     return Buffer.from(JSON.stringify(body))

@@ -39,11 +39,12 @@ import type { Logger } from 'pino'
 import { clientIdMatches, clientIdPattern, type ClientIdOwners, type Identity, type UserDirectory } from '../access/auth.ts'
 import type { ExtraOperation } from '../../store/index.ts'
 import type { SessionClient, SessionPacket } from './session-persistence.ts'
+import { wrapWillStorage } from './aedes-internals.ts'
 
 /** The field of a stored will that holds its client's identity. */
 const IDENTITY = 'edgemqIdentity'
 
-/** The part of the session persistence (session-persistence.ts) this module wraps. */
+/** The part of the session persistence (session-persistence.ts) this module wraps (through aedes-internals.ts). */
 export interface WillPersistence {
   setup (broker: never): Promise<void>
   putWill (client: SessionClient, packet: SessionPacket): Promise<void>
@@ -107,10 +108,8 @@ export interface Wills {
 
 export function installWills (options: WillOptions): Wills {
   const { persistence, logger } = options
-  const setup = persistence.setup.bind(persistence)
-  const putWill = persistence.putWill.bind(persistence)
-  const delWill = persistence.delWill.bind(persistence)
-  const streamWill = persistence.streamWill.bind(persistence)
+  /** The persistence's own streamWill, for the wills stored when the gateway starts. */
+  let streamWill: WillPersistence['streamWill'] = () => Readable.from([])
   /** The connection whose will is stored, by client id (none for wills loaded at startup). */
   const owners = new Map<string, SessionClient>()
   const firesStoredWill = (client: SessionClient): boolean => {
@@ -118,39 +117,43 @@ export function installWills (options: WillOptions): Wills {
     return owner === undefined || owner === client || (owner as { closed?: boolean }).closed === true
   }
 
-  // Stored with the identity; the client's own will object stays as aedes set it.
-  persistence.putWill = async (client, packet) => {
-    owners.set(client.id, client)
-    await putWill(client, { ...packet, [IDENTITY]: options.identityOf(client) ?? null })
-  }
-  // aedes deletes with a plain { id, brokerId } after a closed connection's will fired: not the will of an open successor.
-  persistence.delWill = async (client) => {
-    if (!firesStoredWill(client)) return undefined
-    owners.delete(client.id)
-    return await delWill(client)
-  }
-
-  // aedes checks that setup is a native async function (aedes.js, listen()).
-  persistence.setup = async function setupAndFireWills (broker: never): Promise<void> {
-    await setup(broker)
-    for await (const will of streamWill({}) as AsyncIterable<SessionPacket>) {
-      const clientId = String(will.clientId)
-      const { [IDENTITY]: who, ...packet } = will
-      const current = isIdentity(who) ? options.recheck(who) : null
-      if (typeof current === 'string') {
-        logger.warn({ clientId, topic: packet.topic, reason: current }, `will of a client connected when the gateway stopped: dropped, ${current}`)
-      } else if (current !== null) {
-        await options.fire(packet, current)
-        logger.info({ clientId: current.clientId, tenant: current.tenant, topic: packet.topic }, 'will of a client connected when the gateway stopped: fired')
-      } else {
-        // Stored before wills carried an identity: without one it cannot pass the tenant mount and ACL.
-        logger.warn({ clientId, topic: packet.topic }, 'will of a client connected when the gateway stopped: dropped, it was stored without the client\'s identity')
+  wrapWillStorage(persistence, {
+    // Stored with the identity; the client's own will object stays as aedes set it.
+    putWill: (putWill) => async (client, packet) => {
+      owners.set(client.id, client)
+      await putWill(client, { ...packet, [IDENTITY]: options.identityOf(client) ?? null })
+    },
+    // aedes deletes with a plain { id, brokerId } after a closed connection's will fired: not the will of an open successor.
+    delWill: (delWill) => async (client) => {
+      if (!firesStoredWill(client)) return undefined
+      owners.delete(client.id)
+      return await delWill(client)
+    },
+    // aedes checks that setup is a native async function (aedes.js, listen()).
+    setup: (setup) => async function setupAndFireWills (broker: never): Promise<void> {
+      await setup(broker)
+      for await (const will of streamWill({}) as AsyncIterable<SessionPacket>) {
+        const clientId = String(will.clientId)
+        const { [IDENTITY]: who, ...packet } = will
+        const current = isIdentity(who) ? options.recheck(who) : null
+        const fields = { clientId, topic: packet.topic }
+        if (typeof current === 'string') {
+          logger.warn({ ...fields, reason: current }, `will of a client connected when the gateway stopped: dropped, ${current}`)
+        } else if (current !== null) {
+          await options.fire(packet, current)
+          logger.info({ clientId: current.clientId, tenant: current.tenant, topic: packet.topic }, 'will of a client connected when the gateway stopped: fired')
+        } else {
+          // Stored before wills carried an identity: without one it cannot pass the tenant mount and ACL.
+          logger.warn(fields, 'will of a client connected when the gateway stopped: dropped, it was stored without the client\'s identity')
+        }
+        await persistence.delWill({ id: clientId })
       }
-      await persistence.delWill({ id: clientId })
-    }
-  }
-
-  // Every will not of a connected client was fired at startup: aedes' sweep has nothing to do.
-  persistence.streamWill = () => Readable.from([])
+    },
+    // Every will not of a connected client was fired at startup: aedes' sweep has nothing to do.
+    streamWill: (original) => {
+      streamWill = original
+      return () => Readable.from([])
+    },
+  })
   return { firesStoredWill }
 }

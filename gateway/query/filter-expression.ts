@@ -166,7 +166,9 @@ function tokenize (text: string): Token[] {
       NUMBER.lastIndex = i
       const m = NUMBER.exec(text) as RegExpExecArray
       const after = text[i + m[0].length]
-      if (after !== undefined && (IDENT_PART.test(after) || after === '.')) throw new FilterExpressionError(`malformed number ${JSON.stringify(text.slice(i, i + m[0].length + 1))}`, at)
+      if (after !== undefined && (IDENT_PART.test(after) || after === '.')) {
+        throw new FilterExpressionError(`malformed number ${JSON.stringify(text.slice(i, i + m[0].length + 1))}`, at)
+      }
       tokens.push({ type: 'number', value: Number(m[0]), at, text: m[0] })
       i += m[0].length
       continue
@@ -246,7 +248,8 @@ class Parser {
     const left = this.#operand('a field, a value, "not" or "("')
     const op = this.#peek
     if (op.type !== 'op') {
-      throw new FilterExpressionError(`expected a comparison (=, !=, <, <=, >, >=) after ${describeToken(this.tokens[this.#pos - 1] as Token)}, found ${describeToken(op)}`, op.at)
+      const after = describeToken(this.tokens[this.#pos - 1] as Token)
+      throw new FilterExpressionError(`expected a comparison (=, !=, <, <=, >, >=) after ${after}, found ${describeToken(op)}`, op.at)
     }
     this.#pos++
     const right = this.#operand(`a field or a value after "${op.value}"`)

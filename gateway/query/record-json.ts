@@ -113,9 +113,10 @@ export class RecordJson {
     // Everything that is not a plain UTF-8 payload goes through JSON.stringify (or base64) first, to know its size.
     const headers = r.headers === null ? null : Buffer.from(`,"headers":${JSON.stringify(r.headers)}`, 'utf8')
     const plain = this.encoding === 'utf8' && isUtf8(p)
-    const payload = plain
+    const bytes = plain ? null : Buffer.from(p.buffer, p.byteOffset, p.byteLength)
+    const payload = bytes === null
       ? null
-      : Buffer.from(this.encoding === 'base64' ? `"${Buffer.from(p.buffer, p.byteOffset, p.byteLength).toString('base64')}"` : JSON.stringify(Buffer.from(p.buffer, p.byteOffset, p.byteLength).toString('utf8')), 'utf8')
+      : Buffer.from(this.encoding === 'base64' ? `"${bytes.toString('base64')}"` : JSON.stringify(bytes.toString('utf8')), 'utf8')
     const need = FIXED_BYTES + opening.length + middle.withPayload.length + (headers?.length ?? 0) + (payload?.length ?? 6 * p.byteLength + 2)
     if (at + need > out.length) return -1
     // TypedArray#set, not Buffer#copy: these copies are a few bytes each, and copy()'s argument checks cost more.

@@ -16,7 +16,7 @@ import { apiTokenName, generateApiToken, hashPassword, verifyPassword } from '..
 import { startGatewayProcess, tempDir, writeConfig, type GatewayProcess } from '../../helpers/gateway-process.ts'
 import { sleep, waitFor } from '../../helpers/mqtt-probe.ts'
 
-const ROOT = path.resolve(import.meta.dirname, '../..')
+const ROOT = path.resolve(import.meta.dirname, '../../..')
 const BIN = path.join(ROOT, 'gateway/edgemq.mjs')
 const USER = 'acme-svc'
 const PASSWORD = 'pw-of-acme-svc'

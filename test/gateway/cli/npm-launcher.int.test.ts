@@ -9,7 +9,7 @@ import { afterEach, describe, expect, it } from 'vitest'
 import { findNpmLauncher, launcherState, type ProcInfo } from '../../../gateway/cli/npm-launcher.ts'
 import { tempDir } from '../../helpers/gateway-process.ts'
 
-const ROOT = path.resolve(import.meta.dirname, '../..')
+const ROOT = path.resolve(import.meta.dirname, '../../..')
 
 interface NpxGateway {
   readonly npm: ChildProcess

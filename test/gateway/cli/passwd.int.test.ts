@@ -9,7 +9,7 @@ import { describe, expect, it } from 'vitest'
 import { verifyPassword } from '../../../gateway/access/auth.ts'
 import { runCliWithin } from '../../helpers/cli-run.ts'
 
-const ROOT = path.resolve(import.meta.dirname, '../..')
+const ROOT = path.resolve(import.meta.dirname, '../../..')
 const BIN = path.join(ROOT, 'gateway/edgemq.mjs')
 const hasScript = spawnSync('script', ['--version']).status === 0
 

@@ -12,7 +12,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { runCliWithin, type CliResult } from '../../helpers/cli-run.ts'
 import { startGatewayProcess, tempDir } from '../../helpers/gateway-process.ts'
 
-const ROOT = path.resolve(import.meta.dirname, '../..')
+const ROOT = path.resolve(import.meta.dirname, '../../..')
 const BIN = path.join(ROOT, 'gateway/edgemq.mjs')
 const NOBODY = 65534
 

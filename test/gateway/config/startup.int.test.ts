@@ -15,7 +15,7 @@ import { connectOk, endAll, waitFor } from '../../helpers/mqtt-probe.ts'
 import { logLines, type LogLine } from '../../helpers/raw-mqtt.ts'
 
 const TIMEOUT = 60_000
-const ROOT = path.resolve(import.meta.dirname, '../..')
+const ROOT = path.resolve(import.meta.dirname, '../../..')
 const BIN = path.join(ROOT, 'gateway/edgemq.mjs')
 const WEAK_HASH = 'scrypt$1024$8$1$AAAAAAAAAAAAAAAAAAAAAA==$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA='
 

@@ -12,7 +12,7 @@ import { startGatewayProcess, tempDir, type GatewayProcess } from '../../helpers
 import { readWholeLog } from '../../helpers/log-reader.ts'
 import { connectOk, endAll } from '../../helpers/mqtt-probe.ts'
 
-const ROOT = path.resolve(import.meta.dirname, '../..')
+const ROOT = path.resolve(import.meta.dirname, '../../..')
 const BIN = path.join(ROOT, 'gateway/edgemq.mjs')
 const WILLS = 120
 const KILLS = 3

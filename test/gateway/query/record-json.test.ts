@@ -30,7 +30,10 @@ const PAYLOADS: Array<[string, Uint8Array]> = [
 ]
 
 function record (i: number, payload: Uint8Array, extra: Partial<StoredRecord> = {}): StoredRecord {
-  return { offset: i, timestamp: 1_764_028_800_123 + i, key: `dev-${i % 3}`, topic: `devices/dev-${i % 3}/telemetry`, payload, qos: 1, clientId: `dev-${i % 3}`, headers: null, ...extra }
+  const device = `dev-${i % 3}`
+  return {
+    offset: i, timestamp: 1_764_028_800_123 + i, key: device, topic: `devices/${device}/telemetry`, payload, qos: 1, clientId: device, headers: null, ...extra,
+  }
 }
 
 describe('record JSON', () => {

@@ -1,0 +1,103 @@
+/**
+ * The append authorizePublish waits for before aedes acks (ack means
+ * durable), and the backpressure it puts on the sockets.
+ *
+ * A failed write (disk full, store error) is retried with backoff while the
+ * client is connected: the ack is held back, the client's socket is not
+ * read, and nothing is acknowledged that is not on disk. When more appends
+ * are pending than mqtt.maxPendingAppends, every MQTT socket is paused until
+ * the log has drained to half of that ({@link releaseBackpressure}).
+ */
+import type { Client, PublishPacket } from 'aedes'
+import { isStoreError, type AppendOptions, type LogStore } from '../../../store/index.ts'
+import type { Identity } from '../../access/auth.ts'
+import type { GatewayMetrics, PublishRefusal } from '../../metrics/metrics.ts'
+import type { GuardGroup } from '../connection-guard.ts'
+import type { HookContext } from './context.ts'
+
+/** Header of every record an authenticated client sent: its username (a certificate's CN with certIdentity), for audit. */
+export const USER_HEADER = 'edgemq-user'
+
+const RETRY_MIN_MS = 100
+const RETRY_MAX_MS = 5000
+
+/** Where one publish goes in the log. */
+export interface AppendTarget {
+  readonly stream: string
+  readonly key: string
+  /** The topic as the client sent it (unmounted). */
+  readonly topic: string
+}
+
+export type AppendDone = (err: Error | null, duplicate?: boolean) => void
+
+type Counter = { inc (n?: number): void }
+
+export class DurableAppender {
+  readonly #ctx: HookContext
+  /** The ingest counters of one stream, bound to their labels once (prom-client hashes label objects per inc). */
+  readonly #ingest = new Map<string, { messages: Counter, bytes: Counter }>()
+
+  constructor (ctx: HookContext) {
+    this.#ctx = ctx
+  }
+
+  /** Appends and calls back once the record is durable (or refused); see the header for retries and backpressure. */
+  append (client: Client, who: Identity, target: AppendTarget, packet: PublishPacket, done: AppendDone,
+    options?: AppendOptions, headers?: Record<string, string>, delay = RETRY_MIN_MS): void {
+    const { store, guards, metrics, logger } = this.#ctx
+    const payload = typeof packet.payload === 'string' ? Buffer.from(packet.payload) : packet.payload
+    const counters = this.#counters(who.tenant, target.stream)
+    const stamped = who.username === null ? headers : { ...headers, [USER_HEADER]: who.username }
+    const base = { payload, topic: target.topic, qos: packet.qos, clientId: who.clientId }
+    const record = stamped === undefined ? base : { ...base, headers: stamped }
+    store.append(target.stream, target.key, record, options).then((result) => {
+      if (result.duplicate !== true) {
+        counters.messages.inc()
+        counters.bytes.inc(payload.byteLength)
+      }
+      if (delay !== RETRY_MIN_MS) this.#ctx.onStoreHealth(true)
+      done(null, result.duplicate === true)
+    }, (err: unknown) => {
+      if (isStoreError(err, 'STORE_WRITE_FAILED') || isStoreError(err, 'STORE_CLOSED')) {
+        this.#ctx.onStoreHealth(false, err) // the failed write itself was counted by the store observer (gateway.ts)
+        if (packet.qos === 0 || client.closed || isStoreError(err, 'STORE_CLOSED')) {
+          this.#refuse(client, who, 'store-failed', err as Error)
+          return done(packet.qos === 0 ? null : err as Error)
+        }
+        const retry = (): void => this.append(client, who, target, packet, done, options, headers, Math.min(delay * 2, RETRY_MAX_MS))
+        setTimeout(retry, delay).unref()
+        return
+      }
+      this.#refuse(client, who, isStoreError(err, 'STORE_RECORD_TOO_LARGE') ? 'record-too-large' : 'store-failed', err as Error)
+      done(err as Error)
+    })
+    if (store.pendingAppends > this.#ctx.config.mqtt.maxPendingAppends && !guards.paused) {
+      guards.setPaused(true)
+      metrics.backpressure.set(1)
+      logger.warn({ pending: store.pendingAppends }, 'log backed up: pausing all MQTT sockets')
+    }
+  }
+
+  #refuse (client: Client, who: Identity, reason: PublishRefusal, err: Error): void {
+    this.#ctx.refusePublish(client, who, reason, err.message)
+  }
+
+  #counters (tenant: string, stream: string): { messages: Counter, bytes: Counter } {
+    let c = this.#ingest.get(stream)
+    if (c === undefined) {
+      const name = stream.slice(tenant.length + 1)
+      c = { messages: this.#ctx.metrics.ingestMessages.labels(tenant, name), bytes: this.#ctx.metrics.ingestBytes.labels(tenant, name) }
+      this.#ingest.set(stream, c)
+    }
+    return c
+  }
+}
+
+/** Resumes sockets once the log has drained to half the bound. */
+export function releaseBackpressure (guards: GuardGroup, store: LogStore, maxPending: number, metrics: GatewayMetrics): void {
+  if (guards.paused && store.pendingAppends <= maxPending / 2) {
+    guards.setPaused(false)
+    metrics.backpressure.set(0)
+  }
+}

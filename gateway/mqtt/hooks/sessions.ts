@@ -1,0 +1,32 @@
+/**
+ * What aedes stores of a persistent session, and what CONNACK says of it.
+ *
+ * Only the subscriptions authorizeSubscribe accepted (mounted) or parked are
+ * stored, each on its own turn; never a $replay one. [MQTT-3.2.2-2] CONNACK
+ * says a session is present when any session state is stored (subscriptions,
+ * queued, unacknowledged or inbound QoS 2 messages, or a session with nothing
+ * in it [MQTT-3.1.2-4]); aedes decides from the stored subscriptions alone,
+ * so a marker subscription makes that list non-empty, and authorizeSubscribe
+ * refuses it silently (restored subscriptions get no SUBACK). aedes asks for
+ * the stored subscriptions only on a CONNECT with clean = false, before the
+ * CONNACK: the session is recorded there, so it exists for the next CONNECT
+ * even after a kill -9. The patches themselves are in aedes-internals.ts.
+ */
+import type { Subscription } from 'aedes'
+import { filterStoredSubscriptions, overrideRestoredSubscriptions } from '../aedes-internals.ts'
+import type { HookContext } from './context.ts'
+
+const SESSION_MARKER = '$edgemq/session-present'
+
+export function installSessionHooks (ctx: Pick<HookContext, 'persistence' | 'authorized' | 'sessionMarkers'>): void {
+  const { persistence } = ctx
+  filterStoredSubscriptions<Subscription>(persistence, (sub) => ctx.authorized.has(sub))
+  overrideRestoredSubscriptions(persistence, async (subs, client) => {
+    const present = subs.length > 0 || persistence.hasSessionState(client)
+    await persistence.markSession(client)
+    if (subs.length > 0 || !present) return subs
+    const marker = { topic: SESSION_MARKER, qos: 0 }
+    ctx.sessionMarkers.add(marker)
+    return [marker]
+  })
+}
