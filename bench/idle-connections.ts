@@ -216,7 +216,8 @@ async function measure (broker: RunningBroker): Promise<MemoryFigures> {
   }
 }
 
-async function withBroker<T> (name: 'edgemq' | 'mosquitto', mosquitto: string, nodeFlags: readonly string[], fn: (broker: RunningBroker) => Promise<T>): Promise<T> {
+async function withBroker<T> (name: 'edgemq' | 'mosquitto', mosquitto: string, nodeFlags: readonly string[],
+  fn: (broker: RunningBroker) => Promise<T>): Promise<T> {
   const dir = await dirs.make(name)
   const broker = name === 'edgemq'
     ? await startEdgemq(dir, nodeFlags, EDGEMQ_BIN, ['--config', await edgemqConfig(dir)])
@@ -264,7 +265,8 @@ async function heapSnapshots (): Promise<void> {
       await settledRss(broker.pid)
       const full = await snapshot(broker, dir)
       const rss1 = processRssBytes(broker.pid) ?? NaN
-      info(`heap snapshots: ${empty} (${WARMUP_CONNECTIONS} connections), ${full} (${CONNECTIONS} more); RSS after each snapshot's GC: ${kb(rss0)} KB, ${kb(rss1)} KB ` +
+      info(`heap snapshots: ${empty} (${WARMUP_CONNECTIONS} connections), ${full} (${CONNECTIONS} more); ` +
+        `RSS after each snapshot's GC: ${kb(rss0)} KB, ${kb(rss1)} KB ` +
         `(${perConnection(rss1, rss0)} KB per connection)`)
       const diff = diffHeapSummaries(await summarizeHeapSnapshot(empty), await summarizeHeapSnapshot(full))
       process.stderr.write(`${formatHeapDiff(diff, CONNECTIONS)}\n`)
@@ -289,11 +291,13 @@ async function main (): Promise<number> {
   }
   const mosquitto = findMosquitto(flag('mosquitto'))
   if (mosquitto === null) {
-    process.stderr.write('[bench] idle-connections: mosquitto not found; it is the baseline. Install it (`apt-get install mosquitto`) or pass --mosquitto=PATH.\n')
+    process.stderr.write('[bench] idle-connections: mosquitto not found; it is the baseline. ' +
+      'Install it (`apt-get install mosquitto`) or pass --mosquitto=PATH.\n')
     return 1
   }
   const version = mosquittoVersion(mosquitto)
-  info(`idle-connections bench: ${CONNECTIONS} idle connections, edgemq vs mosquitto ${version}, node ${process.version}, ${os.cpus().length} cpus, ${ROUNDS} round(s)`)
+  info(`idle-connections bench: ${CONNECTIONS} idle connections, edgemq vs mosquitto ${version}, node ${process.version}, ` +
+    `${os.cpus().length} cpus, ${ROUNDS} round(s)`)
   const results: Record<'edgemq' | 'mosquitto', MemoryFigures[]> = { edgemq: [], mosquitto: [] }
   try {
     for (let r = 0; r < ROUNDS; r++) {
@@ -338,7 +342,8 @@ async function main (): Promise<number> {
       edgemqNewSpaceKbPerConnection: results.edgemq.map((m) => marginal(m.after?.newSpace, m.before?.newSpace)),
       edgemqExternalKbPerConnection: results.edgemq.map((m) => marginal(m.after?.external, m.before?.external)),
       edgemqRssBeforeKb: results.edgemq.map((m) => kb(m.rssBefore)), mosquittoRssBeforeKb: results.mosquitto.map((m) => kb(m.rssBefore)),
-      edgemqConnectSeconds: results.edgemq.map((m) => round(m.connectSeconds, 1)), mosquittoConnectSeconds: results.mosquitto.map((m) => round(m.connectSeconds, 1)),
+      edgemqConnectSeconds: results.edgemq.map((m) => round(m.connectSeconds, 1)),
+      mosquittoConnectSeconds: results.mosquitto.map((m) => round(m.connectSeconds, 1)),
     },
   })
   return 0
