@@ -159,8 +159,16 @@ interface NodeMemory {
 }
 
 async function nodeMemory (httpUrl: string): Promise<NodeMemory> {
-  const res = await fetch(`${httpUrl}/metrics`)
-  const text = await res.text()
+  let text: string | undefined
+  // The gateway may be busy for seconds in a forced compacting GC on a loaded machine: a few tries before giving up.
+  for (let attempt = 1; text === undefined; attempt++) {
+    try {
+      text = await (await fetch(`${httpUrl}/metrics`)).text()
+    } catch (err) {
+      if (attempt === 5) throw new Error(`GET ${httpUrl}/metrics: ${String((err as Error).cause ?? err)}`, { cause: err })
+      await sleep(2000)
+    }
+  }
   const value = (name: string): number => Number(new RegExp(`^${name} (\\S+)`, 'm').exec(text)?.[1] ?? NaN)
   return {
     heapUsed: value('nodejs_heap_size_used_bytes'), heapTotal: value('nodejs_heap_size_total_bytes'),
