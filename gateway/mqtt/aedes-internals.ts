@@ -105,24 +105,37 @@ export function standInClient (id: string): Client {
   return { id, closed: false, conn: {} } as unknown as Client
 }
 
-/** The part of aedes' client parser that UNSUBSCRIBE mounting reaches into. */
-interface UnsubscribePacket { cmd: string, unsubscriptions?: string[] }
-/** Called with the client whose UNSUBSCRIBE it is: one function serves every client. */
-export type UnsubscribeRewrite = (client: Client, filters: string[]) => string[]
-type UnsubscribeListener = (this: { readonly client: Client }, packet: UnsubscribePacket) => void
-/**
- * The parser listener of each rewrite, shared by all clients: the parser calls it with itself as `this`, which names
- * the client. A closure per client cost every idle connection about 250 bytes (issue 13).
- */
-const unsubscribeListeners = new WeakMap<UnsubscribeRewrite, UnsubscribeListener>()
+/** The part of aedes' client parser that UNSUBSCRIBE mounting and SUBSCRIBE sizing reach into. */
+interface ParsedPacket { cmd: string, unsubscriptions?: string[], subscriptions?: object[] }
 interface ClientParser {
   readonly _parser: {
-    /** The client the parser belongs to (`this._parser.client = this`, https://github.com/moscajs/aedes/blob/v1.2.0/lib/client.js#L57). */
-    readonly client: Client
-    prependListener (event: 'packet', listener: UnsubscribeListener): void
+    prependListener (event: 'packet', listener: (packet: ParsedPacket) => void): void
     /** Packets parsed before the CONNACK, handled once the client is connected; null afterwards. */
-    readonly _queue: UnsubscribePacket[] | null
+    readonly _queue: ParsedPacket[] | null
   }
+}
+
+/**
+ * Calls `watch` with every packet of the client before aedes handles it: the packets parsed before the tenant was
+ * known wait in `client._parser._queue` until the CONNACK (https://github.com/moscajs/aedes/blob/v1.2.0/lib/client.js#L62)
+ * and come first; later ones as the parser emits them (a listener prepended to aedes' own).
+ */
+function watchPackets (client: Client, watch: (packet: ParsedPacket) => void): void {
+  const parser = (client as unknown as ClientParser)._parser
+  for (const packet of parser._queue ?? []) watch(packet)
+  parser.prependListener('packet', watch)
+}
+
+/**
+ * Calls `seen` with the subscription objects of every SUBSCRIBE of this client before aedes handles it (the objects
+ * aedes later hands authorizeSubscribe one by one). aedes has no hook that sees a whole SUBSCRIBE, so a limit on the
+ * filters of one packet cannot be checked per filter. No upstream issue; public API that would remove it: a
+ * `preSubscribe(client, packet)` hook.
+ */
+export function watchSubscribes (client: Client, seen: (subscriptions: readonly object[]) => void): void {
+  watchPackets(client, (packet) => {
+    if (packet.cmd === 'subscribe' && packet.subscriptions !== undefined) seen(packet.subscriptions)
+  })
 }
 
 /**
@@ -133,17 +146,10 @@ interface ClientParser {
  * later ones as the parser emits them (a listener prepended to aedes' own). Upstream: a `preUnsubscribe` hook,
  * https://github.com/moscajs/aedes/pull/605 (open), would remove it.
  */
-export function rewriteUnsubscribes (client: Client, rewrite: UnsubscribeRewrite): void {
-  const parser = (client as unknown as ClientParser)._parser
-  let listener = unsubscribeListeners.get(rewrite)
-  if (listener === undefined) {
-    listener = function rewriteUnsubscribe (packet) {
-      if (packet.cmd === 'unsubscribe' && packet.unsubscriptions !== undefined) packet.unsubscriptions = rewrite(this.client, packet.unsubscriptions)
-    }
-    unsubscribeListeners.set(rewrite, listener)
-  }
-  for (const packet of parser._queue ?? []) listener.call(parser, packet)
-  parser.prependListener('packet', listener)
+export function rewriteUnsubscribes (client: Client, rewrite: (filters: string[]) => string[]): void {
+  watchPackets(client, (packet) => {
+    if (packet.cmd === 'unsubscribe' && packet.unsubscriptions !== undefined) packet.unsubscriptions = rewrite(packet.unsubscriptions)
+  })
 }
 
 // --- the broker ------------------------------------------------------------------------------------------------------
@@ -221,15 +227,18 @@ interface Subscriptions<S> {
 }
 
 /**
- * Stores only the subscriptions `keep` accepts. aedes stores the whole SUBSCRIBE list once per filter, as it
- * authorizes each (https://github.com/moscajs/aedes/blob/v1.2.0/lib/handlers/subscribe.js storeSubscriptions): the filters after it are not mounted
- * yet, and $replay subscriptions must never be stored. No upstream issue; public API that would remove it:
- * storing the subscriptions authorizeSubscribe returned, once per packet.
+ * Stores what `take(client)` hands over instead of the list aedes passes. aedes stores the whole SUBSCRIBE list once
+ * per filter, as it authorizes each (https://github.com/moscajs/aedes/blob/v1.2.0/lib/handlers/subscribe.js
+ * storeSubscriptions): N filters cost N² subscription writes (11 s and 1 GiB for 1,000), the filters after the one
+ * authorized are not mounted yet, refused ones are in it, and $replay subscriptions must never be stored. `take`
+ * gives the ones authorizeSubscribe accepted since its last call, the caller's own among them: one write per filter.
+ * No upstream issue; public API that would remove it: storing the subscriptions authorizeSubscribe returned, once per
+ * packet.
  */
-export function filterStoredSubscriptions<S> (persistence: Subscriptions<S>, keep: (sub: S) => boolean): void {
-  wrapMethod(persistence, 'addSubscriptions', (add) => async (client, subs) => {
-    const stored = subs.filter(keep)
-    if (stored.length > 0) await add(client, stored)
+export function storeAcceptedSubscriptions<S> (persistence: Subscriptions<S>, take: (client: Client) => readonly S[] | undefined): void {
+  wrapMethod(persistence, 'addSubscriptions', (add) => async (client) => {
+    const accepted = take(client)
+    if (accepted !== undefined && accepted.length > 0) await add(client, accepted)
   })
 }
 
@@ -315,15 +324,15 @@ interface PacketParser {
   _states: readonly string[]
   /** After a CONNECT, the CONNECT packet itself (parser.js#L267); read for `protocolVersion` and `bridgeMode` only. */
   settings: { readonly protocolVersion?: number, readonly bridgeMode?: boolean }
-  once (event: 'packet', listener: (this: PacketParser, packet: ParsedPacket) => void): void
+  once (event: 'packet', listener: (this: PacketParser, packet: ConnectFields) => void): void
 }
 
-interface ParsedPacket { readonly cmd: string, readonly protocolVersion?: number, readonly bridgeMode?: boolean }
+interface ConnectFields { readonly cmd: string, readonly protocolVersion?: number, readonly bridgeMode?: boolean }
 
 const PARSE_STEPS: readonly string[] = Object.freeze(['_parseHeader', '_parseLength', '_parsePayload', '_newPacket'])
 
 /** After the CONNECT: keeps what the parser reads of it, not the packet with its password and the buffer under it. */
-function forgetConnectPacket (this: PacketParser, packet: ParsedPacket): void {
+function forgetConnectPacket (this: PacketParser, packet: ConnectFields): void {
   if (packet.cmd === 'connect' && this.settings === packet) {
     this.settings = { protocolVersion: packet.protocolVersion, bridgeMode: packet.bridgeMode }
   }
