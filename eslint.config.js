@@ -27,6 +27,13 @@ export default tseslint.config(
     },
   },
   {
+    // A folder inside bridge/ (bridge/nats/) is still the bridge: ../ is bridge/, ../../ must be store/.
+    files: ['bridge/*/**/*.ts'],
+    rules: {
+      'no-restricted-imports': ['error', { patterns: [{ regex: '^\\.\\./\\.\\./(?!store/)', message: 'bridge/ imports nothing of ours but store/.' }] }],
+    },
+  },
+  {
     files: ['gateway/**/*.ts', 'gateway/**/*.mjs'],
     rules: {
       'no-restricted-imports': ['error', {

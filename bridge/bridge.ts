@@ -1,11 +1,12 @@
 /**
- * The bridge: one independent {@link Uplink} per configured upstream. An
+ * The bridge: one independent {@link Uplink} (MQTT) or {@link NatsUplink} (JetStream) per configured upstream. An
  * upstream that is down only stalls its own lanes; the log holds its backlog
  * (its consumer group holds retention) until it is back.
  */
 import type { Clock, LogStore } from '../store/index.ts'
-import type { BridgeConfig } from './config-schema.ts'
+import { upstreamKind, type BridgeConfig } from './config-schema.ts'
 import type { CommandSink } from './downlink.ts'
+import { NatsUplink } from './nats/uplink.ts'
 import { Uplink } from './uplink.ts'
 import type { BridgeLogger, UplinkObserver, UpstreamStatus } from './uplink-status.ts'
 
@@ -20,10 +21,13 @@ export interface BridgeDeps {
 }
 
 export class Bridge {
-  readonly #uplinks: Uplink[]
+  readonly #uplinks: Array<Uplink | NatsUplink>
 
   constructor (config: BridgeConfig, deps: BridgeDeps) {
-    this.#uplinks = config.upstreams.map((u) => new Uplink(u, { ...deps, commitIntervalMs: config.commitIntervalMs }))
+    this.#uplinks = config.upstreams.map((u) => {
+      const uplinkDeps = { ...deps, commitIntervalMs: config.commitIntervalMs }
+      return upstreamKind(u) === 'nats' ? new NatsUplink(u, uplinkDeps) : new Uplink(u, uplinkDeps)
+    })
   }
 
   async start (): Promise<void> {

@@ -5,6 +5,7 @@
  * checks what a schema cannot (streams exist, URLs and templates parse) and
  * names the key; the gateway refuses to start on the first problem.
  */
+import { NATS_URL_SCHEMES, natsConfigProblem, natsUpstreamSchema, type NatsConfig } from './nats/config.ts'
 import { parseCommandMapping, parseTemplate, RECORD_VARIABLES, filterProblem } from './topic-template.ts'
 
 const NAME = '^[A-Za-z0-9][A-Za-z0-9._-]{0,59}$'
@@ -61,11 +62,17 @@ const upstreamSchema = {
       description: 'Name of the upstream: its consumer group is `bridge.<name>`, its dead-letter stream `dlq.<name>`, its metrics label `upstream`.',
     },
     region: { type: 'string', default: '', description: 'Region label, shown in the status and usable as {region} in templates.' },
-    url: { type: 'string', description: 'Broker URL: mqtt://, mqtts://, ws:// or wss:// with host and port.' },
+    url: {
+      type: 'string',
+      description: 'Broker URL: mqtt://, mqtts://, ws:// or wss:// with host and port; for kind `nats`, nats:// or tls:// URLs of the cluster\'s ' +
+        'servers, comma-separated.',
+    },
     kind: {
-      enum: ['mqtt', 'edgemq'], default: 'mqtt',
+      enum: ['mqtt', 'edgemq', 'nats'], default: 'mqtt',
       description: 'What the upstream is: `mqtt`, any MQTT broker (Mosquitto, EMQX, HiveMQ, AWS IoT…), whose subscribers get the topics unchanged; `edgemq`, ' +
-        'another edgemq gateway, which takes the dedupe id as a `$dedupe/<id>/` topic prefix and stores each record exactly once.',
+        'another edgemq gateway, which takes the dedupe id as a `$dedupe/<id>/` topic prefix and stores each record exactly once; `nats`, a NATS ' +
+        'JetStream cluster, each record published with its dedupe id as Nats-Msg-Id (exactly once within the stream\'s duplicate window). ' +
+        'A nats:// or tls:// URL makes the upstream `nats` whatever this says.',
     },
     mqttVersion: {
       enum: ['auto', '5', '3.1.1'], default: 'auto',
@@ -79,7 +86,7 @@ const upstreamSchema = {
       type: 'object',
       additionalProperties: false,
       default: {},
-      description: 'TLS for mqtts:// and wss:// upstreams.',
+      description: 'TLS for mqtts://, wss:// and tls:// (NATS) upstreams; a NATS upstream uses it too when the server asks for TLS.',
       properties: {
         ca: { type: 'string', description: 'PEM CA bundle that signs the upstream\'s certificate (default: the system\'s).' },
         cert: { type: 'string', description: 'PEM client certificate file, for upstreams that require one.' },
@@ -120,6 +127,7 @@ const upstreamSchema = {
       type: 'string', default: 'sites/{site}/receipts/{topic}',
       description: 'Remote topic of a command\'s delivery or expiry receipt; {topic} is the command\'s local topic.',
     },
+    nats: natsUpstreamSchema,
   },
 } as const
 
@@ -155,7 +163,8 @@ export interface UpstreamConfig {
   readonly name: string
   readonly region: string
   readonly url: string
-  readonly kind: 'mqtt' | 'edgemq'
+  /** As configured; a nats:// or tls:// URL makes it `nats` (read it with upstreamKind). */
+  readonly kind: UpstreamKind
   readonly mqttVersion: 'auto' | '3.1.1' | '5'
   readonly clientId?: string
   readonly username?: string
@@ -174,6 +183,14 @@ export interface UpstreamConfig {
   readonly keepaliveSeconds: number
   readonly commands: readonly CommandConfig[]
   readonly receiptTopic: string
+  readonly nats: NatsConfig
+}
+
+export type UpstreamKind = 'mqtt' | 'edgemq' | 'nats'
+
+/** The upstream's kind: `nats` for a nats:// or tls:// URL (no MQTT client speaks those), else as configured. */
+export function upstreamKind (u: Pick<UpstreamConfig, 'kind' | 'url'>): UpstreamKind {
+  return NATS_URL_SCHEMES.some((s) => u.url.trimStart().startsWith(`${s}//`)) ? 'nats' : u.kind
 }
 
 export interface BridgeConfig {
@@ -197,6 +214,19 @@ export function bridgeConfigProblem (bridge: BridgeConfig, context: BridgeConfig
     const at = `bridge.upstreams.${i}`
     if (names.has(u.name)) return `"${at}.name" duplicates upstream name "${u.name}"`
     names.add(u.name)
+    if (u.kind === 'edgemq' && upstreamKind(u) === 'nats') return `"${at}.url" is a NATS URL but kind is "edgemq" (leave kind out, or set "nats")`
+    if (upstreamKind(u) === 'nats') {
+      const problem = natsConfigProblem(u, at, { site: context.gatewayId, region: u.region, upstream: u.name })
+      if (problem !== null) return problem
+      if (u.reconnectMaxMs < u.reconnectMinMs) return `"${at}.reconnectMaxMs" is below reconnectMinMs`
+      if ((u.tls.cert === undefined) !== (u.tls.key === undefined)) return `"${at}.tls" needs both cert and key, or neither`
+      const forwardProblem = forwardsProblem(u, at, context)
+      if (forwardProblem !== null) return forwardProblem
+      for (const [k, c] of u.commands.entries()) {
+        if (!context.tenants.includes(c.tenant)) return `"${at}.commands.${k}.tenant" names unknown tenant "${c.tenant}" (known: ${context.tenants.join(', ')})`
+      }
+      continue
+    }
     let url: URL
     try {
       url = new URL(u.url)
@@ -212,12 +242,8 @@ export function bridgeConfigProblem (bridge: BridgeConfig, context: BridgeConfig
     }
     if (u.reconnectMaxMs < u.reconnectMinMs) return `"${at}.reconnectMaxMs" is below reconnectMinMs`
     if ((u.tls.cert === undefined) !== (u.tls.key === undefined)) return `"${at}.tls" needs both cert and key, or neither`
-    for (const [k, f] of u.forward.entries()) {
-      if (!context.tenants.includes(f.tenant)) return `"${at}.forward.${k}.tenant" names unknown tenant "${f.tenant}" (known: ${context.tenants.join(', ')})`
-      if (!context.streams.includes(f.stream)) return `"${at}.forward.${k}.stream" names unknown stream "${f.stream}" (known: ${context.streams.join(', ')})`
-      const bad = filterProblem(f.filter)
-      if (bad !== null) return `"${at}.forward.${k}.filter" is not a valid MQTT topic filter: ${bad}`
-    }
+    const forwardProblem = forwardsProblem(u, at, context)
+    if (forwardProblem !== null) return forwardProblem
     try {
       parseTemplate(u.topicTemplate, RECORD_VARIABLES)
     } catch (err) {
@@ -237,6 +263,16 @@ export function bridgeConfigProblem (bridge: BridgeConfig, context: BridgeConfig
         return `"${at}.commands.${k}" ${(err as Error).message}`
       }
     }
+  }
+  return null
+}
+
+function forwardsProblem (u: UpstreamConfig, at: string, context: BridgeConfigContext): string | null {
+  for (const [k, f] of u.forward.entries()) {
+    if (!context.tenants.includes(f.tenant)) return `"${at}.forward.${k}.tenant" names unknown tenant "${f.tenant}" (known: ${context.tenants.join(', ')})`
+    if (!context.streams.includes(f.stream)) return `"${at}.forward.${k}.stream" names unknown stream "${f.stream}" (known: ${context.streams.join(', ')})`
+    const bad = filterProblem(f.filter)
+    if (bad !== null) return `"${at}.forward.${k}.filter" is not a valid MQTT topic filter: ${bad}`
   }
   return null
 }

@@ -9,7 +9,8 @@ import type { BridgeLogger } from './uplink-status.ts'
 
 export interface ConnectionFields {
   readonly url: string
-  readonly mqttVersion: '5' | '3.1.1'
+  /** MQTT upstreams only. */
+  readonly mqttVersion?: '5' | '3.1.1'
   readonly dedupeId: string
 }
 

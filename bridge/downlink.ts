@@ -97,31 +97,50 @@ export class Downlink {
     })
   }
 
+  /**
+   * The command a message on `remoteTopic` stands for, or null when no mapping covers it (the caller acknowledges
+   * and drops it). Its time-to-live counts from `since` (epoch ms: when it arrived, or when the upstream stored it);
+   * an MQTT 5 message expiry interval (`expirySeconds`), when shorter, wins.
+   */
+  command (remoteTopic: string, payload: Uint8Array, since: number, expirySeconds?: number): IncomingCommand | null {
+    const match = this.#mappings.find((c) => c.mapping.toLocal(remoteTopic) !== null)
+    const local = match?.mapping.toLocal(remoteTopic) ?? null
+    if (match === undefined || local === null) {
+      this.#deps.logger.warn({ upstream: this.#upstream, topic: remoteTopic }, 'command on a topic no mapping covers: acknowledged and dropped')
+      return null
+    }
+    const limits = [match.ttlMs > 0 ? since + match.ttlMs : Infinity, expirySeconds !== undefined ? since + expirySeconds * 1000 : Infinity]
+    const expiresAt = Math.min(...limits)
+    return {
+      upstream: this.#upstream, tenant: match.tenant, localTopic: local, remoteTopic, payload,
+      expiresAt: Number.isFinite(expiresAt) ? expiresAt : null,
+    }
+  }
+
+  /** Counts `command` and hands it to the sink; resolves once it is durable in the log. */
+  async store (command: IncomingCommand): Promise<void> {
+    this.#received++
+    this.#deps.observer?.onCommand?.(this.#upstream)
+    await (this.#deps.commands as CommandSink).accept(command)
+  }
+
   /** Maps and stores one command; `done` acknowledges it upstream once it is durable. */
   handle (packet: IPublishPacket, client: MqttClient, done: (err?: Error) => void, connection: DownlinkConnection): void {
     const topic = packet.topic
-    const match = this.#mappings.find((c) => c.mapping.toLocal(topic) !== null)
-    const local = match?.mapping.toLocal(topic) ?? null
-    if (match === undefined || local === null) {
-      this.#deps.logger.warn({ upstream: this.#upstream, topic }, 'command on a topic no mapping covers: acknowledged and dropped')
-      return done()
-    }
-    const now = this.#deps.clock.now()
-    const expiry = packet.properties?.messageExpiryInterval
-    const limits = [match.ttlMs > 0 ? now + match.ttlMs : Infinity, expiry !== undefined ? now + expiry * 1000 : Infinity]
-    const expiresAt = Math.min(...limits)
     const payload = typeof packet.payload === 'string' ? Buffer.from(packet.payload) : packet.payload
-    this.#received++
-    this.#deps.observer?.onCommand?.(this.#upstream)
+    const command = this.command(topic, payload, this.#deps.clock.now(), packet.properties?.messageExpiryInterval)
+    if (command === null) return done()
     const generation = connection.generation
-    ;(this.#deps.commands as CommandSink).accept({
-      upstream: this.#upstream, tenant: match.tenant, localTopic: local, remoteTopic: topic, payload,
-      expiresAt: Number.isFinite(expiresAt) ? expiresAt : null,
-    }).then(() => { if (generation === connection.generation) done() }, (err: unknown) => {
+    this.store(command).then(() => { if (generation === connection.generation) done() }, (err: unknown) => {
       // Not acknowledged: drop the connection, and the upstream's session redelivers the command after the reconnect.
       const fields = { upstream: this.#upstream, topic, err: (err as Error).message }
       this.#deps.logger.error(fields, 'command could not be stored; reconnecting so the upstream redelivers it')
       if (generation === connection.generation) client.stream.destroy()
     })
+  }
+
+  /** The remote filters of the mappings ({site}, {region}, {upstream} filled in), in config order. */
+  get remoteFilters (): string[] {
+    return this.#mappings.map((c) => c.mapping.remoteFilter)
   }
 }

@@ -9,6 +9,20 @@ export const BRIDGE_ERROR_CODES = {
   BRIDGE_TOPIC_TEMPLATE: 'An upstream\'s `topicTemplate` or `receiptTopic` is not a valid template (config validation reports it as a config error).',
   BRIDGE_COMMAND_MAPPING: 'An upstream\'s command mapping pairs filters that are invalid or do not have the same wildcards.',
   BRIDGE_NO_COMMAND_SINK: 'An upstream has command mappings but the bridge was built without a command sink (a wiring error, not a config one).',
+  BRIDGE_SUBJECT_TEMPLATE: 'A NATS upstream\'s `nats.subject` or `nats.receiptSubject` is not a valid subject template (config validation reports it).',
+  BRIDGE_NATS_CREDENTIALS_FILE: 'A NATS upstream\'s `nats.nkeySeedFile` or `nats.credsFile` could not be read or parsed.',
+  BRIDGE_NATS_UNREACHABLE: 'A NATS upstream could not be connected to (refused, timed out, TLS failed), or its replicated stream has no leader yet; ' +
+    'the uplink retries with backoff.',
+  BRIDGE_NATS_AUTH: 'A NATS upstream refused the credentials (authorization violation); the uplink retries with backoff.',
+  BRIDGE_NATS_NO_JETSTREAM: 'A NATS upstream answers, but JetStream is not enabled for the account; the uplink retries with backoff.',
+  BRIDGE_NATS_STREAM_MISSING: 'A NATS upstream\'s JetStream stream (`nats.stream.name`) does not exist and `nats.stream.create` is false (or creating it ' +
+    'failed); the uplink forwards nothing and checks again with backoff.',
+  BRIDGE_NATS_DUPLICATE_WINDOW: 'A NATS upstream\'s stream has a duplicate window shorter than `nats.minDuplicateWindowMs`: re-sent records could be ' +
+    'stored twice, so the uplink forwards nothing and checks again with backoff.',
+  BRIDGE_NATS_SUBJECT_NOT_COVERED: 'A NATS upstream\'s stream does not cover a subject the uplink publishes to (its `subjects`, against ' +
+    '`nats.subject`); the uplink forwards nothing and checks again with backoff.',
+  BRIDGE_NATS_PUBLISH: 'A publish to a NATS upstream got no PubAck in `nats.ackTimeoutMs`, or no stream answered it; the uplink reconnects and resends ' +
+    'from its acknowledged offsets.',
 } as const
 
 export type BridgeErrorCode = keyof typeof BRIDGE_ERROR_CODES

@@ -32,11 +32,23 @@ export function createBridgeMetrics (registry: Registry, upstreams: readonly str
       },
     })
   }
-  gauge('edgemq_bridge_connected', '1 while the upstream\'s MQTT connection is up.', (s) => s.connected ? 1 : 0)
+  gauge('edgemq_bridge_connected', '1 while the upstream\'s connection is up (a NATS upstream: connected and its stream checked).', (s) => s.connected ? 1 : 0)
   gauge('edgemq_bridge_backlog_messages', 'Records of the forwarded streams the upstream has not acknowledged yet.', (s) => s.backlog.messages)
   gauge('edgemq_bridge_backlog_bytes', 'Estimated bytes of the backlog (backlog records × the partition\'s average stored record size).',
     (s) => s.backlog.bytes)
   gauge('edgemq_bridge_backlog_seconds', 'Age of the oldest record the upstream has not acknowledged, in seconds (0 when caught up).', (s) => s.backlog.seconds)
+  new Gauge({
+    name: 'edgemq_bridge_upstream_error', labelNames: ['upstream', 'code'], registers: [registry],
+    help: '1 while the upstream\'s last error, with this code (BRIDGE_NATS_…), is unresolved: a NATS upstream that cannot be reached, refuses the ' +
+      'credentials, or whose stream is missing, has too short a duplicate window or does not cover the subjects.',
+    async collect () {
+      this.reset()
+      for (const s of await current()) {
+        const e = s.lastError
+        if (e !== null && e.resolvedAt === null && e.code !== undefined) this.set({ upstream: s.name, code: e.code }, 1)
+      }
+    },
+  })
   gauge('edgemq_bridge_inflight_messages', 'Messages sent to the upstream and not yet acknowledged.', (s) => s.inflight)
 
   const forwarded = new Counter({

@@ -6,7 +6,8 @@
  * the forwarded count taken at most once a second.
  */
 import type { LogStore } from '../store/index.ts'
-import type { DedupeCarrier } from './config-schema.ts'
+import type { DedupeCarrier, UpstreamKind } from './config-schema.ts'
+import type { BridgeErrorCode } from './errors.ts'
 import type { Lane, Pending } from './lanes.ts'
 
 export interface BridgeLogger {
@@ -24,6 +25,9 @@ export interface UplinkObserver {
   onCommand? (upstream: string): void
 }
 
+/** How an upstream's messages carry their dedupe id: an MQTT form (config-schema.ts), or the Nats-Msg-Id header. */
+export type DedupeForm = DedupeCarrier | 'nats-msg-id'
+
 export interface LaneStatus {
   readonly tenant: string
   readonly stream: string
@@ -39,6 +43,8 @@ export interface LaneStatus {
 /** The last error, when it happened, and when a connection came up after it (null while unresolved); times in epoch ms. */
 export interface ConnectionError {
   readonly message: string
+  /** A NATS upstream's errors carry their code (BRIDGE_NATS_…). */
+  readonly code?: BridgeErrorCode
   readonly at: number
   resolvedAt: number | null
 }
@@ -48,16 +54,16 @@ export interface UpstreamStatus {
   readonly region: string
   /** The URL without credentials. */
   readonly url: string
-  readonly kind: 'mqtt' | 'edgemq'
-  /** Protocol of the current (or last attempted) connection; null before the first attempt. */
+  readonly kind: UpstreamKind
+  /** MQTT protocol of the current (or last attempted) connection; null before the first attempt, and for a NATS upstream. */
   readonly mqttVersion: '5' | '3.1.1' | null
   /** How the messages carry their dedupe id on that connection. */
-  readonly dedupeId: DedupeCarrier
+  readonly dedupeId: DedupeForm
   readonly connected: boolean
   /** When the current connection (or the current outage) began, ISO 8601; null before the first attempt. */
   readonly since: string | null
   /** The last error, when it happened, and when a connection came up after it (null while unresolved). */
-  readonly lastError: { readonly message: string, readonly at: string, readonly resolvedAt: string | null } | null
+  readonly lastError: { readonly message: string, readonly code?: BridgeErrorCode, readonly at: string, readonly resolvedAt: string | null } | null
   /** Connection attempts that failed (no CONNACK, or a refusing one). */
   readonly connectFailures: number
   readonly reconnects: number
@@ -70,6 +76,11 @@ export interface UpstreamStatus {
   readonly commandsReceived: number
   readonly backlog: { readonly messages: number, readonly bytes: number, readonly seconds: number }
   readonly partitions: readonly LaneStatus[]
+  /**
+   * A NATS upstream's JetStream stream, once checked (null before), and the PubAcks since the start that said
+   * `duplicate` (resends the stream already had, counted as delivered).
+   */
+  readonly jetstream?: { readonly stream: string, readonly duplicateWindowMs: number, readonly replicas: number, readonly duplicateAcks: number } | null
 }
 
 /** The connection's part of the status. */

@@ -43,7 +43,7 @@ import type { IConnackPacket, IPublishPacket, MqttClient } from 'mqtt'
 import mqttPacket from 'mqtt-packet'
 import { isStoreError, type Clock, type LogStore, type StoredRecord } from '../store/index.ts'
 import { OffsetCommits } from './commits.ts'
-import { BRIDGE_GROUP_PREFIX, type DedupeCarrier, type ProtocolVersion, type UpstreamConfig } from './config-schema.ts'
+import { BRIDGE_GROUP_PREFIX, upstreamKind, type DedupeCarrier, type ProtocolVersion, type UpstreamConfig } from './config-schema.ts'
 import { ID_SPLIT, UpstreamConnection } from './connection.ts'
 import { DeadLetters } from './dead-letters.ts'
 import { DisconnectRefusals } from './disconnect-refusals.ts'
@@ -482,7 +482,7 @@ export class Uplink {
       name: this.config.name,
       region: this.config.region,
       url: redact(this.config.url),
-      kind: this.config.kind,
+      kind: upstreamKind(this.config),
       ...this.#connection.status(),
       inflight: this.#inflight,
       forwardedMessages: this.#forwarded,

@@ -27,9 +27,9 @@ export async function waitFor<T> (what: string, check: () => Promise<T | undefin
 
 export interface UpstreamStatusDoc {
   name: string
-  kind: 'mqtt' | 'edgemq'
+  kind: 'mqtt' | 'edgemq' | 'nats'
   mqttVersion: '5' | '3.1.1' | null
-  dedupeId: 'user-property' | 'topic-prefix' | 'none'
+  dedupeId: 'user-property' | 'topic-prefix' | 'none' | 'nats-msg-id'
   connected: boolean
   reconnects: number
   connectFailures: number
@@ -37,7 +37,8 @@ export interface UpstreamStatusDoc {
   forwardedMessages: number
   deadLettered: number
   commandsReceived: number
-  lastError: { message: string, at: string, resolvedAt: string | null } | null
+  lastError: { message: string, code?: string, at: string, resolvedAt: string | null } | null
+  jetstream?: { stream: string, duplicateWindowMs: number, replicas: number, duplicateAcks: number } | null
   backlog: { messages: number, bytes: number, seconds: number }
   partitions: Array<{ tenant: string, stream: string, partition: number, committedOffset: number, forwardedOffset: number, logEndOffset: number, backlogMessages: number }>
 }
