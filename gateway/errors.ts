@@ -11,12 +11,14 @@ export const GATEWAY_ERROR_CODES = {
   GW_DATA_DIR_NOT_DIRECTORY: 'The data directory, or a part of its path, is a file; the message names it.',
   GW_DATA_DIR_PERMISSION: 'The gateway\'s user may not create or write the data directory; the message names the path and the uid.',
   GW_DATA_DIR_UNUSABLE: 'The data directory cannot be opened for another reason; the message names the path and the system\'s error.',
-  GW_DATA_DAMAGED: 'The data directory is damaged (STORE_DAMAGED, STORE_CORRUPT_BATCH or LevelDB corruption at open); the gateway does not start. The message names the damage and the table files whose checksums fail; run `edgemq check`.',
+  GW_DATA_DAMAGED: 'The data directory is damaged (STORE_DAMAGED, STORE_CORRUPT_BATCH or LevelDB corruption at open); the gateway does not start. ' +
+    'The message names the damage and the table files whose checksums fail; run `edgemq check`.',
   GW_LISTEN_FAILED: 'A listener or the HTTP server could not bind its address.',
   GW_INSECURE_LISTENER: 'A non-loopback listener would accept anonymous clients without allowAnonymous: true.',
   GW_TLS_FILES: 'A TLS certificate, key or CA file could not be read.',
   GW_BAD_PASSWORD_HASH: 'A password or token hash is not of the form printed by `edgemq passwd` / `edgemq token`.',
-  GW_REPLAY_BAD_RANGE: 'The range level of a $replay/<range>/<filter> subscription is not a start (earliest, latest, an offset, a time), optionally followed by ..<end> (an offset, a time, live); or it is a wildcard, or ends before it starts.',
+  GW_REPLAY_BAD_RANGE: 'The range level of a $replay/<range>/<filter> subscription is not a start (earliest, latest, an offset, a time), ' +
+    'optionally followed by ..<end> (an offset, a time, live); or it is a wildcard, or ends before it starts.',
   GW_REPLAY_BAD_FILTER: 'A $replay subscription has no topic filter after its range, or the filter is not a valid MQTT topic filter.',
   GW_REPLAY_DENIED: 'The ACL does not let the client subscribe to the topic filter of a $replay subscription.',
   GW_REPLAY_LIMIT: 'A $replay subscription would exceed mqtt.replay.maxPerClient or mqtt.replay.maxActive.',
@@ -33,9 +35,11 @@ export type GatewayErrorCode = keyof typeof GATEWAY_ERROR_CODES
 export const GATEWAY_WARNING_CODES = {
   GW_WARN_ASYNC_DURABILITY: 'store.durability is async: acknowledged messages may be lost on power loss.',
   GW_WARN_WEAK_HASH: 'A users[].password or apiTokens[].tokenHash uses scrypt cost parameters below what `edgemq passwd` uses (N=16384, r=8, p=1).',
-  GW_WARN_OPEN_HTTP: 'http.host is not a loopback address and no users or API tokens are configured: the API and /metrics (with tenant, stream and upstream names) are open to the network.',
+  GW_WARN_OPEN_HTTP: 'http.host is not a loopback address and no users or API tokens are configured: ' +
+    'the API and /metrics (with tenant, stream and upstream names) are open to the network.',
   GW_WARN_ANONYMOUS_LISTENER: 'A listener that is not on a loopback address accepts anonymous clients (allowAnonymous: true).',
-  GW_WARN_GATEWAY_ID_CHANGED: 'The configured gatewayId differs from the one kept in <dataDir>/gateway-id: upstreams see a new gateway (new dedupe ids and client ids).',
+  GW_WARN_GATEWAY_ID_CHANGED: 'The configured gatewayId differs from the one kept in <dataDir>/gateway-id: ' +
+    'upstreams see a new gateway (new dedupe ids and client ids).',
 } as const
 
 export type GatewayWarningCode = keyof typeof GATEWAY_WARNING_CODES

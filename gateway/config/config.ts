@@ -28,7 +28,8 @@ const listenerSchema = {
     path: { type: 'string', default: '/mqtt', description: 'HTTP path of a WebSocket listener.' },
     allowAnonymous: {
       type: 'boolean', default: false,
-      description: 'Accept clients without credentials on this listener, as tenant "default". Loopback listeners without users accept anonymous clients anyway; a non-loopback listener refuses to start unless this is true or users are configured.',
+      description: 'Accept clients without credentials on this listener, as tenant "default". Loopback listeners without users accept anonymous clients ' +
+        'anyway; a non-loopback listener refuses to start unless this is true or users are configured.',
     },
     tls: {
       type: 'object',
@@ -55,14 +56,23 @@ const userSchema = {
   required: ['username', 'tenant', 'role'],
   properties: {
     username: { type: 'string', minLength: 1, maxLength: 256, description: 'MQTT username.' },
-    password: { type: 'string', pattern: '^scrypt\\$', description: 'Password hash printed by `edgemq passwd` (scrypt$N$r$p$salt$hash). Omit for certificate-only users.' },
+    password: {
+      type: 'string',
+      pattern: '^scrypt\\$',
+      description: 'Password hash printed by `edgemq passwd` (scrypt$N$r$p$salt$hash). Omit for certificate-only users.',
+    },
     tenant: { type: 'string', pattern: NAME, description: 'Tenant the user belongs to.' },
-    role: { enum: ['device', 'service', 'admin'], description: 'device: its own device topics; service: every topic of its tenant; admin: everything of its tenant plus the admin API.' },
+    role: {
+      enum: ['device', 'service', 'admin'],
+      description: 'device: its own device topics; service: every topic of its tenant; admin: everything of its tenant plus the admin API.',
+    },
     clientIdPattern: {
       type: 'string',
       minLength: 1,
       maxLength: 256,
-      description: 'Client ids this user may connect with: %u is the username, * any run of characters (at least one) without / + #. Default for device users: %u (the client id must equal the username); other roles: any client id not bound to another user. A CONNECT with another client id is refused with return code 2 (identifier rejected); so is an unbound user or anonymous client using an id a bound user of its tenant owns.',
+      description: 'Client ids this user may connect with: %u is the username, * any run of characters (at least one) without / + #. Default for device ' +
+        'users: %u (the client id must equal the username); other roles: any client id not bound to another user. A CONNECT with another client id is ' +
+        'refused with return code 2 (identifier rejected); so is an unbound user or anonymous client using an id a bound user of its tenant owns.',
     },
   },
 } as const
@@ -73,9 +83,16 @@ const apiTokenSchema = {
   required: ['name', 'tokenHash', 'tenant', 'role'],
   properties: {
     name: { type: 'string', pattern: NAME, description: 'Name of the token, unique; it is part of the token (emq_<name>_<secret>) and appears in logs.' },
-    tokenHash: { type: 'string', pattern: '^scrypt\\$', description: 'Hash printed by `edgemq token` (scrypt$N$r$p$salt$hash); the token itself is never stored.' },
+    tokenHash: {
+      type: 'string',
+      pattern: '^scrypt\\$',
+      description: 'Hash printed by `edgemq token` (scrypt$N$r$p$salt$hash); the token itself is never stored.',
+    },
     tenant: { type: 'string', pattern: NAME, description: 'Tenant whose streams and groups the token reaches.' },
-    role: { enum: ['device', 'service', 'admin'], description: 'As for users: service and admin tokens may use the /v1 API; a device token is refused (403), as device users are.' },
+    role: {
+      enum: ['device', 'service', 'admin'],
+      description: 'As for users: service and admin tokens may use the /v1 API; a device token is refused (403), as device users are.',
+    },
   },
 } as const
 
@@ -87,7 +104,11 @@ const aclRuleSchema = {
     role: { enum: ['device', 'service', 'admin', 'anonymous'], description: 'Rule applies to clients of this role (omit: any role).' },
     username: { type: 'string', description: 'Rule applies to this user only (omit: any user).' },
     topic: { type: 'string', minLength: 1, description: 'Topic filter, within the client\'s tenant; %u is replaced by the username, %c by the client id.' },
-    access: { enum: ['publish', 'subscribe', 'both', 'replicate'], description: 'What the rule grants (or denies). both is publish and subscribe; replicate lets a bridge publish replicated records ($dedupe/<id>/<topic>) to topics the filter matches — no built-in rule grants it, and device users never have it.' },
+    access: {
+      enum: ['publish', 'subscribe', 'both', 'replicate'],
+      description: 'What the rule grants (or denies). both is publish and subscribe; replicate lets a bridge publish replicated records ' +
+        '($dedupe/<id>/<topic>) to topics the filter matches — no built-in rule grants it, and device users never have it.',
+    },
     allow: { type: 'boolean', default: true, description: 'false makes the rule deny; the first matching rule decides.' },
   },
 } as const
@@ -107,7 +128,12 @@ export const configSchema = {
   type: 'object',
   additionalProperties: false,
   properties: {
-    gatewayId: { type: 'string', pattern: NAME, description: 'Name of this gateway (in dedupe ids, the bridge\'s client ids and metrics). Without it, `edgemq start` generates one on the first start and keeps it in <dataDir>/gateway-id; a configured id that differs from the kept one is logged as a warning (GW_WARN_GATEWAY_ID_CHANGED).' },
+    gatewayId: {
+      type: 'string',
+      pattern: NAME,
+      description: 'Name of this gateway (in dedupe ids, the bridge\'s client ids and metrics). Without it, `edgemq start` generates one on the first ' +
+        'start and keeps it in <dataDir>/gateway-id; a configured id that differs from the kept one is logged as a warning (GW_WARN_GATEWAY_ID_CHANGED).',
+    },
     dataDir: { type: 'string', default: './data', description: 'Directory of the LevelDB holding the log and the MQTT sessions.' },
     store: storeConfigSchema,
     tenants: {
@@ -137,7 +163,8 @@ export const configSchema = {
     },
     unrouted: {
       enum: ['deliver', 'reject'], default: 'deliver',
-      description: 'What happens to a publish no route matches: deliver it to live subscribers without logging it, or reject it (QoS 1/2 clients are disconnected, as MQTT 3.1.1 has no negative PUBACK).',
+      description: 'What happens to a publish no route matches: deliver it to live subscribers without logging it, or reject it ' +
+        '(QoS 1/2 clients are disconnected, as MQTT 3.1.1 has no negative PUBACK).',
     },
     mqtt: {
       type: 'object',
@@ -146,20 +173,58 @@ export const configSchema = {
       description: 'The MQTT front door.',
       properties: {
         listeners: { type: 'array', items: listenerSchema, minItems: 1, default: [{ type: 'tcp' }], description: 'Where devices connect.' },
-        maxPacketBytes: { type: 'integer', minimum: 64, maximum: 256 * 1024 * 1024, default: 256 * 1024, description: 'Largest MQTT packet accepted; a bigger one closes the connection before its body is buffered.' },
+        maxPacketBytes: {
+          type: 'integer',
+          minimum: 64,
+          maximum: 256 * 1024 * 1024,
+          default: 256 * 1024,
+          description: 'Largest MQTT packet accepted; a bigger one closes the connection before its body is buffered.',
+        },
         maxConnections: { type: 'integer', minimum: 1, default: 10_000, description: 'Connections beyond this are refused.' },
-        maxInflightPerClient: { type: 'integer', minimum: 1, maximum: 65535, default: 1000, description: 'QoS 1/2 publishes of one client being appended at once; the socket is paused beyond it.' },
-        publishRatePerClient: { type: 'number', minimum: 0, default: 0, description: 'Publishes per second one client may send (token bucket); 0 is unlimited. A client over the limit is slowed down by pausing its socket.' },
-        maxPendingAppends: { type: 'integer', minimum: 1, default: 50_000, description: 'When the log has more appends pending than this, every socket stops being read until it drains.' },
+        maxInflightPerClient: {
+          type: 'integer',
+          minimum: 1,
+          maximum: 65535,
+          default: 1000,
+          description: 'QoS 1/2 publishes of one client being appended at once; the socket is paused beyond it.',
+        },
+        publishRatePerClient: {
+          type: 'number',
+          minimum: 0,
+          default: 0,
+          description: 'Publishes per second one client may send (token bucket); 0 is unlimited. A client over the limit is slowed down by pausing its socket.',
+        },
+        maxPendingAppends: {
+          type: 'integer',
+          minimum: 1,
+          default: 50_000,
+          description: 'When the log has more appends pending than this, every socket stops being read until it drains.',
+        },
         replay: {
           type: 'object',
           additionalProperties: false,
           default: {},
           description: 'Replay of the log to MQTT clients that subscribe to $replay/<range>/<topic filter>.',
           properties: {
-            inflight: { type: 'integer', minimum: 1, maximum: 65535, default: 1000, description: 'QoS 1 replay messages sent to a client and not yet acknowledged (PUBACK); the replay waits for acks beyond it.' },
-            maxPerClient: { type: 'integer', minimum: 0, default: 4, description: 'Replays one client may run at once; a further $replay subscription is refused (SUBACK 0x80).' },
-            maxActive: { type: 'integer', minimum: 0, default: 64, description: 'Replays the gateway runs at once, over all clients; 0 turns MQTT replay off.' },
+            inflight: {
+              type: 'integer',
+              minimum: 1,
+              maximum: 65535,
+              default: 1000,
+              description: 'QoS 1 replay messages sent to a client and not yet acknowledged (PUBACK); the replay waits for acks beyond it.',
+            },
+            maxPerClient: {
+              type: 'integer',
+              minimum: 0,
+              default: 4,
+              description: 'Replays one client may run at once; a further $replay subscription is refused (SUBACK 0x80).',
+            },
+            maxActive: {
+              type: 'integer',
+              minimum: 0,
+              default: 64,
+              description: 'Replays the gateway runs at once, over all clients; 0 turns MQTT replay off.',
+            },
           },
         },
       },
@@ -181,7 +246,8 @@ export const configSchema = {
     },
     acl: {
       type: 'array', items: aclRuleSchema, default: [],
-      description: 'Extra rules, checked before the built-in ones: devices publish to devices/%c/... and subscribe to devices/%c/commands/#; services and admins use every topic of their tenant.',
+      description: 'Extra rules, checked before the built-in ones: devices publish to devices/%c/... and subscribe to devices/%c/commands/#; services and ' +
+        'admins use every topic of their tenant.',
     },
     log: {
       type: 'object',
@@ -297,7 +363,9 @@ function explain (err: ErrorObject): string {
     case 'required': return `missing key "${key}"`
     case 'pattern':
       // A password pasted in clear is the usual cause; say what to put there instead.
-      if (/\/(password|tokenHash)$/.test(err.instancePath)) return `"${key}" is not a scrypt hash: put the line \`edgemq passwd\` (or \`edgemq token\`) prints there, never the password itself`
+      if (/\/(password|tokenHash)$/.test(err.instancePath)) {
+        return `"${key}" is not a scrypt hash: put the line \`edgemq passwd\` (or \`edgemq token\`) prints there, never the password itself`
+      }
       return `"${key}" ${err.message ?? 'is invalid'}`
     case 'enum': return `"${key}" must be one of ${(err.params as { allowedValues: unknown[] }).allowedValues.map((v) => JSON.stringify(v)).join(', ')}`
     default: return `"${key}" ${err.message ?? 'is invalid'}`
@@ -324,7 +392,9 @@ export function buildConfig (input: unknown, source = 'config'): GatewayConfig {
   config.mqtt.listeners.forEach((l, i) => {
     const listener = l as { -readonly [K in keyof ListenerConfig]: ListenerConfig[K] }
     listener.name ??= l.type
-    if (names.has(listener.name)) throw new GatewayError('GW_CONFIG_INVALID', `${source}: "mqtt.listeners.${i}.name" duplicates listener name "${listener.name}"`)
+    if (names.has(listener.name)) {
+      throw new GatewayError('GW_CONFIG_INVALID', `${source}: "mqtt.listeners.${i}.name" duplicates listener name "${listener.name}"`)
+    }
     names.add(listener.name)
     if ((l.type === 'tls' || l.type === 'wss') && l.tls === undefined) {
       throw new GatewayError('GW_CONFIG_INVALID', `${source}: "mqtt.listeners.${i}.tls" is required for a ${l.type} listener`)
@@ -335,7 +405,10 @@ export function buildConfig (input: unknown, source = 'config'): GatewayConfig {
   })
   config.routes.forEach((r, i) => {
     if (config.streams[r.stream] === undefined) {
-      throw new GatewayError('GW_CONFIG_INVALID', `${source}: "routes.${i}.stream" names unknown stream "${r.stream}" (known: ${Object.keys(config.streams).join(', ')})`)
+      throw new GatewayError(
+        'GW_CONFIG_INVALID',
+        `${source}: "routes.${i}.stream" names unknown stream "${r.stream}" (known: ${Object.keys(config.streams).join(', ')})`,
+      )
     }
     const levels = r.filter.split('/')
     const bad = levels.findIndex((level, k) => (level.includes('#') && (level !== '#' || k !== levels.length - 1)) || (level.includes('+') && level !== '+'))

@@ -32,7 +32,8 @@ export async function dataDirError (err: unknown, dataDir: string): Promise<Gate
   const code = innermostCode(err)
   if (code === 'LEVEL_LOCKED') {
     return new GatewayError('GW_DATA_DIR_LOCKED',
-      `data directory ${dataDir} is in use by another process (LevelDB's lock ${path.join(location, 'LOCK')} is held): stop the other gateway or edgemq command using it, or give this gateway its own --data-dir`,
+      `data directory ${dataDir} is in use by another process (LevelDB's lock ${path.join(location, 'LOCK')} is held): ` +
+        'stop the other gateway or edgemq command using it, or give this gateway its own --data-dir',
       { cause: err })
   }
   if (code === 'LEVEL_CORRUPTION') return await damagedDataDir(err, dataDir)
@@ -53,7 +54,8 @@ export async function damagedDataDir (err: unknown, dataDir: string): Promise<Ga
     // The files could not even be listed; the store's error below still names the damage.
   }
   return new GatewayError('GW_DATA_DAMAGED',
-    `data directory ${dataDir} is damaged: ${(err as Error).message}${files}. The gateway does not start on damaged data, so that nothing is lost without notice: ` +
+    `data directory ${dataDir} is damaged: ${(err as Error).message}${files}. ` +
+    'The gateway does not start on damaged data, so that nothing is lost without notice: ' +
     `run \`edgemq check --data-dir ${dataDir}\` for the full report, then follow "Damaged data" in docs/operations.md`,
     { cause: err })
 }
@@ -96,7 +98,8 @@ function fromErrno (code: string | undefined, location: string, dataDir: string,
   if (code === 'EROFS' || /read-only file system/i.test(message)) return readOnly(location, err)
   if (code === 'EACCES' || code === 'EPERM' || /permission denied/i.test(message)) return permission(location, err)
   if (code === 'ENOTDIR' || code === 'EEXIST' || /not a directory/i.test(message)) {
-    return new GatewayError('GW_DATA_DIR_NOT_DIRECTORY', `${location} (or a part of its path) is a file, not a directory: move it or choose another --data-dir`, { cause: err })
+    const message = `${location} (or a part of its path) is a file, not a directory: move it or choose another --data-dir`
+    return new GatewayError('GW_DATA_DIR_NOT_DIRECTORY', message, { cause: err })
   }
   return new GatewayError('GW_DATA_DIR_UNUSABLE', `cannot open the data directory ${dataDir} (database ${location}): ${message}`, { cause: err })
 }
@@ -114,7 +117,8 @@ function permission (p: string, err: unknown): GatewayError {
 
 function innermostCode (err: unknown): string | undefined {
   let code: string | undefined
-  for (let e = err as { code?: unknown, cause?: unknown } | undefined, depth = 0; e !== null && typeof e === 'object' && depth < 8; e = e.cause as typeof e, depth++) {
+  type Chained = { code?: unknown, cause?: unknown } | undefined
+  for (let e = err as Chained, depth = 0; e !== null && typeof e === 'object' && depth < 8; e = e.cause as Chained, depth++) {
     if (typeof e.code === 'string') code = e.code
   }
   return code

@@ -5,6 +5,7 @@
  * hash is `scrypt$16384$8$1$...$...` could never log in, and nobody would
  * find out until a device tried.
  */
+import type { Logger } from 'pino'
 import type { GatewayConfig } from './config.ts'
 import { GatewayError, type GatewayWarningCode } from '../errors.ts'
 import { isLoopback } from '../mqtt/broker.ts'
@@ -29,6 +30,10 @@ function hashes (config: GatewayConfig): Hashed[] {
   ]
 }
 
+function shortened (hash: string): string {
+  return hash.length > 40 ? `${hash.slice(0, 40)}…` : hash
+}
+
 /** The cost parameters of a well-formed hash; throws GW_BAD_PASSWORD_HASH for one that can never verify. */
 function costOf ({ key, hash }: Hashed): { N: number, r: number, p: number } {
   const [, n, r, p, salt = '', digest = ''] = hash.split('$')
@@ -38,7 +43,7 @@ function costOf ({ key, hash }: Hashed): { N: number, r: number, p: number } {
     BASE64.test(salt) && BASE64.test(digest) && Buffer.from(digest, 'base64').length === KEY_BYTES
   if (!wellFormed) {
     throw new GatewayError('GW_BAD_PASSWORD_HASH',
-      `"${key}" is not a hash \`edgemq passwd\` or \`edgemq token\` printed (a placeholder?): ${JSON.stringify(hash.length > 40 ? `${hash.slice(0, 40)}…` : hash)}`)
+      `"${key}" is not a hash \`edgemq passwd\` or \`edgemq token\` printed (a placeholder?): ${JSON.stringify(shortened(hash))}`)
   }
   return cost
 }
@@ -48,7 +53,9 @@ export function checkStartupSettings (config: GatewayConfig): StartupWarning[] {
   const warnings: StartupWarning[] = []
   const weak = hashes(config).filter((h) => { const c = costOf(h); return c.N < STRONG.N || c.r < STRONG.r })
   if (config.store.durability === 'async') {
-    warnings.push({ code: 'GW_WARN_ASYNC_DURABILITY', fields: { durability: 'async' }, message: 'store.durability is async: acknowledged messages may be lost on power loss' })
+    warnings.push({
+      code: 'GW_WARN_ASYNC_DURABILITY', fields: { durability: 'async' }, message: 'store.durability is async: acknowledged messages may be lost on power loss',
+    })
   }
   if (weak.length > 0) {
     warnings.push({
@@ -63,4 +70,24 @@ export function checkStartupSettings (config: GatewayConfig): StartupWarning[] {
     })
   }
   return warnings
+}
+
+/** Refuses configurations that would expose an open broker beyond this machine; warns of anonymous network listeners. */
+export function checkListenerSecurity (config: GatewayConfig, logger: Pick<Logger, 'warn'>): void {
+  for (const l of config.mqtt.listeners) {
+    if (isLoopback(l.host)) continue
+    if (l.allowAnonymous) {
+      const fields = { code: 'GW_WARN_ANONYMOUS_LISTENER', listener: l.name, host: l.host }
+      logger.warn(fields, 'listener accepts anonymous clients from the network (allowAnonymous: true)')
+    } else if (config.users.length === 0) {
+      throw new GatewayError('GW_INSECURE_LISTENER', `listener ${l.name} binds ${l.host}, which is not loopback, and no users are configured: ` +
+        'add users, or set mqtt.listeners[].allowAnonymous: true to accept anonymous clients on purpose')
+    }
+  }
+}
+
+/** Every check at start, in order: refusals throw, each warning is logged as one line with its code. */
+export function checkStartup (config: GatewayConfig, logger: Pick<Logger, 'warn'>): void {
+  checkListenerSecurity(config, logger)
+  for (const w of checkStartupSettings(config)) logger.warn({ code: w.code, ...w.fields }, w.message)
 }

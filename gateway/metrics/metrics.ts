@@ -89,7 +89,12 @@ export function createMetrics (registry: Registry, sources: MetricsSources): Gat
     }),
     end: new Gauge({ name: 'edgemq_partition_log_end_offset', help: 'Offset the next record will get.', labelNames: partitionLabels, registers: [registry] }),
     bytes: new Gauge({ name: 'edgemq_partition_bytes', help: 'Bytes stored for the partition.', labelNames: partitionLabels, registers: [registry] }),
-    oldest: new Gauge({ name: 'edgemq_partition_oldest_timestamp_seconds', help: 'Unix time of the oldest record in the partition.', labelNames: partitionLabels, registers: [registry] }),
+    oldest: new Gauge({
+      name: 'edgemq_partition_oldest_timestamp_seconds',
+      help: 'Unix time of the oldest record in the partition.',
+      labelNames: partitionLabels,
+      registers: [registry],
+    }),
   }
   const fillPartitions = (): void => {
     for (const g of Object.values(partitionGauges)) g.reset()
@@ -123,11 +128,17 @@ export function createMetrics (registry: Registry, sources: MetricsSources): Gat
       collect: groupsCollected,
     }),
     lag: new Gauge({
-      name: 'edgemq_group_lag_messages', help: 'Records the group has not consumed yet (log end minus its position, never below the log start).', labelNames: groupLabels, registers: [registry],
+      name: 'edgemq_group_lag_messages',
+      help: 'Records the group has not consumed yet (log end minus its position, never below the log start).',
+      labelNames: groupLabels,
+      registers: [registry],
       collect: groupsCollected,
     }),
     lagSeconds: new Gauge({
-      name: 'edgemq_group_lag_seconds', help: 'Now minus the timestamp of the oldest record the group has not consumed; 0 when caught up.', labelNames: groupLabels, registers: [registry],
+      name: 'edgemq_group_lag_seconds',
+      help: 'Now minus the timestamp of the oldest record the group has not consumed; 0 when caught up.',
+      labelNames: groupLabels,
+      registers: [registry],
       collect: groupsCollected,
     }),
   }
@@ -150,13 +161,28 @@ export function createMetrics (registry: Registry, sources: MetricsSources): Gat
     collect () { this.set(store.listGroups().length) },
   })
 
-  const storeErrors = new Counter({ name: 'edgemq_store_errors_total', help: 'Failed log writes (each one stops acks until the store recovers).', labelNames: ['kind'], registers: [registry] })
+  const storeErrors = new Counter({
+    name: 'edgemq_store_errors_total',
+    help: 'Failed log writes (each one stops acks until the store recovers).',
+    labelNames: ['kind'],
+    registers: [registry],
+  })
   // Present from the first scrape, so dashboards show 0 and increase() sees the first error.
   storeErrors.inc({ kind: 'write' }, 0)
 
   return {
-    ingestMessages: new Counter({ name: 'edgemq_ingest_messages_total', help: 'Messages appended to the log.', labelNames: ['tenant', 'stream'], registers: [registry] }),
-    ingestBytes: new Counter({ name: 'edgemq_ingest_bytes_total', help: 'Payload bytes appended to the log.', labelNames: ['tenant', 'stream'], registers: [registry] }),
+    ingestMessages: new Counter({
+      name: 'edgemq_ingest_messages_total',
+      help: 'Messages appended to the log.',
+      labelNames: ['tenant', 'stream'],
+      registers: [registry],
+    }),
+    ingestBytes: new Counter({
+      name: 'edgemq_ingest_bytes_total',
+      help: 'Payload bytes appended to the log.',
+      labelNames: ['tenant', 'stream'],
+      registers: [registry],
+    }),
     appendLatency: new Histogram({
       name: 'edgemq_append_duration_seconds', help: 'Time from a group commit\'s oldest append to the commit being durable.', registers: [registry],
       buckets: [0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1],
@@ -165,20 +191,69 @@ export function createMetrics (registry: Registry, sources: MetricsSources): Gat
       name: 'edgemq_group_commit_records', help: 'Records per group commit (one LevelDB write).', registers: [registry],
       buckets: [1, 2, 5, 10, 50, 100, 500, 1000, 5000, 20000],
     }),
-    connectedClients: new Gauge({ name: 'edgemq_mqtt_connected_clients', help: 'Connected MQTT clients.', labelNames: ['tenant', 'listener'], registers: [registry] }),
-    connectionsRefused: new Counter({ name: 'edgemq_mqtt_connections_refused_total', help: 'Connections refused or closed for breaking a rule, by reason.', labelNames: ['listener', 'reason'], registers: [registry] }),
-    authFailures: new Counter({ name: 'edgemq_mqtt_auth_failures_total', help: 'CONNECTs with an unknown user or a wrong password.', labelNames: ['listener'], registers: [registry] }),
-    publishesRefused: new Counter({ name: 'edgemq_mqtt_publishes_refused_total', help: 'PUBLISH packets not appended, by reason.', labelNames: ['tenant', 'reason'], registers: [registry] }),
+    connectedClients: new Gauge({
+      name: 'edgemq_mqtt_connected_clients',
+      help: 'Connected MQTT clients.',
+      labelNames: ['tenant', 'listener'],
+      registers: [registry],
+    }),
+    connectionsRefused: new Counter({
+      name: 'edgemq_mqtt_connections_refused_total',
+      help: 'Connections refused or closed for breaking a rule, by reason.',
+      labelNames: ['listener', 'reason'],
+      registers: [registry],
+    }),
+    authFailures: new Counter({
+      name: 'edgemq_mqtt_auth_failures_total',
+      help: 'CONNECTs with an unknown user or a wrong password.',
+      labelNames: ['listener'],
+      registers: [registry],
+    }),
+    publishesRefused: new Counter({
+      name: 'edgemq_mqtt_publishes_refused_total',
+      help: 'PUBLISH packets not appended, by reason.',
+      labelNames: ['tenant', 'reason'],
+      registers: [registry],
+    }),
     storeErrors,
     droppedRecords: new Counter({
       name: 'edgemq_retention_dropped_records_total', help: 'Records deleted by the disk budget before a retention-holding group consumed them.',
       labelNames: ['tenant', 'stream', 'partition', 'group'], registers: [registry],
     }),
-    backpressure: new Gauge({ name: 'edgemq_mqtt_backpressure', help: '1 while sockets are paused because the log has too many pending appends.', registers: [registry] }),
-    subscriptionsRefused: new Counter({ name: 'edgemq_mqtt_subscriptions_refused_total', help: 'Topic filters of SUBSCRIBE packets refused (SUBACK 0x80), by reason.', labelNames: ['tenant', 'reason'], registers: [registry] }),
-    replaysActive: new Gauge({ name: 'edgemq_mqtt_replays_active', help: 'MQTT $replay subscriptions being replayed (or continuing live).', labelNames: ['tenant'], registers: [registry] }),
-    replayMessages: new Counter({ name: 'edgemq_mqtt_replay_messages_total', help: 'Records delivered to MQTT $replay subscriptions.', labelNames: ['tenant'], registers: [registry] }),
-    replaysFinished: new Counter({ name: 'edgemq_mqtt_replays_finished_total', help: 'MQTT replays that ended: done (history delivered), cancelled (unsubscribed, disconnected, replaced) or failed.', labelNames: ['tenant', 'outcome'], registers: [registry] }),
-    expiredDropped: new Counter({ name: 'edgemq_mqtt_expired_dropped_total', help: 'Messages past their expiry (commands past their time-to-live) not delivered, also from a persistent session\'s queue.', labelNames: ['tenant'], registers: [registry] }),
+    backpressure: new Gauge({
+      name: 'edgemq_mqtt_backpressure',
+      help: '1 while sockets are paused because the log has too many pending appends.',
+      registers: [registry],
+    }),
+    subscriptionsRefused: new Counter({
+      name: 'edgemq_mqtt_subscriptions_refused_total',
+      help: 'Topic filters of SUBSCRIBE packets refused (SUBACK 0x80), by reason.',
+      labelNames: ['tenant', 'reason'],
+      registers: [registry],
+    }),
+    replaysActive: new Gauge({
+      name: 'edgemq_mqtt_replays_active',
+      help: 'MQTT $replay subscriptions being replayed (or continuing live).',
+      labelNames: ['tenant'],
+      registers: [registry],
+    }),
+    replayMessages: new Counter({
+      name: 'edgemq_mqtt_replay_messages_total',
+      help: 'Records delivered to MQTT $replay subscriptions.',
+      labelNames: ['tenant'],
+      registers: [registry],
+    }),
+    replaysFinished: new Counter({
+      name: 'edgemq_mqtt_replays_finished_total',
+      help: 'MQTT replays that ended: done (history delivered), cancelled (unsubscribed, disconnected, replaced) or failed.',
+      labelNames: ['tenant', 'outcome'],
+      registers: [registry],
+    }),
+    expiredDropped: new Counter({
+      name: 'edgemq_mqtt_expired_dropped_total',
+      help: 'Messages past their expiry (commands past their time-to-live) not delivered, also from a persistent session\'s queue.',
+      labelNames: ['tenant'],
+      registers: [registry],
+    }),
   }
 }

@@ -14,7 +14,10 @@ import type { GatewayMetrics, PublishRefusal, RefusalReason, ReplayOutcome, Subs
 /** Every member of the union U, or a compile error naming the missing ones. */
 type Exhaustive<U, L extends readonly U[]> = [Exclude<U, L[number]>] extends [never] ? L : { missing: Exclude<U, L[number]> }
 
-const REFUSAL_REASONS = ['max-connections', 'bad-credentials', 'not-authorized', 'invalid-client-id', 'client-id-not-bound', 'invalid-will', 'protocol', 'packet-too-large', 'malformed-header'] as const
+const REFUSAL_REASONS = [
+  'max-connections', 'bad-credentials', 'not-authorized', 'invalid-client-id', 'client-id-not-bound', 'invalid-will', 'protocol', 'packet-too-large',
+  'malformed-header',
+] as const
 const PUBLISH_REFUSALS = ['acl-denied', 'invalid-topic', 'reserved-topic', 'unrouted', 'record-too-large', 'store-failed', 'rate-limited'] as const
 const SUBSCRIBE_REFUSALS = ['acl-denied', 'invalid-filter', 'replay-bad-range', 'replay-bad-filter', 'replay-limit', 'replay-not-resumed'] as const
 const REPLAY_OUTCOMES = ['done', 'cancelled', 'failed'] as const

@@ -243,7 +243,7 @@ export interface WillMethods<C, P, R> {
  * Wraps the persistence's will methods (wills.ts says what each wrapper does). aedes fires the wills a dead broker
  * stored from a periodic sweep with a null client, or never when the restarted gateway keeps its broker id
  * (https://github.com/moscajs/aedes/blob/v1.2.0/aedes.js `_clearWills`; https://github.com/moscajs/aedes/issues/767, https://github.com/moscajs/aedes/pull/756
- * closed unmerged); it deletes "the" stored will of a client id after a closed connection's will fired, also when a
+ * (closed) on sending them at restart); it deletes "the" stored will of a client id after a closed connection's will fired, also when a
  * successor connection stored its own (https://github.com/moscajs/aedes/blob/v1.2.0/lib/client.js#L364-L385, lib/handlers/connect.js storeWill before
  * registerClient). `setup` must stay a native async function: aedes checks (https://github.com/moscajs/aedes/blob/v1.2.0/aedes.js listen()). Public API
  * that would remove it: wills fired at `listen()` through authorizePublish with the client's stored identity, and

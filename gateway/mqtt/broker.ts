@@ -33,6 +33,7 @@ import { authorizeForward } from './hooks/authorize-forward.ts'
 import { authorizePublish } from './hooks/authorize-publish.ts'
 import { authorizeSubscribe } from './hooks/authorize-subscribe.ts'
 import { installClientEvents } from './hooks/client-events.ts'
+import { DurableAppender } from './hooks/durable-append.ts'
 import { anonymousAllowed, isPublished, refusals, type BrokerPersistence, type ConnectInfo, type HookContext } from './hooks/context.ts'
 import { installReplayHooks } from './hooks/replays.ts'
 import { installSessionHooks } from './hooks/sessions.ts'
@@ -64,7 +65,14 @@ export interface BrokerDeps {
   readonly guards: GuardGroup
 }
 
-export function createBroker (deps: BrokerDeps): Aedes {
+/** The broker and what the gateway's shutdown needs of it. */
+export interface Broker {
+  readonly aedes: Aedes
+  /** Resolves once every append a client's publish started has settled (the shutdown's "drain appends"). */
+  appendsSettled (): Promise<void>
+}
+
+export function createBroker (deps: BrokerDeps): Broker {
   const { config, store, metrics, logger, persistence } = deps
   const users = new UserDirectory(config.users)
   const owners = new ClientIdOwners(config.users)
@@ -77,6 +85,8 @@ export function createBroker (deps: BrokerDeps): Aedes {
   })
   const identities = new WeakMap<Client, Identity>()
   const connects = new WeakMap<Client, ConnectInfo>()
+  const refusing = refusals(deps, connects)
+  const appender = new DurableAppender({ ...deps, ...refusing })
   const ctx: HookContext = {
     ...deps,
     broker,
@@ -84,6 +94,7 @@ export function createBroker (deps: BrokerDeps): Aedes {
     publish: interceptPublish(broker, isPublished),
     replays: new MqttReplays({ store, routes: config.routes, acl: config.acl, limits: config.mqtt.replay, metrics, logger }),
     inbound: new InboundQos2(persistence, MAX_INFLIGHT_INBOUND),
+    appender,
     wills: installWills({
       persistence,
       logger,
@@ -99,7 +110,7 @@ export function createBroker (deps: BrokerDeps): Aedes {
     startupWills: new WeakSet(),
     tickets: new WeakMap(),
     replayConnections: new WeakMap(),
-    ...refusals(deps, connects),
+    ...refusing,
   }
   // Handlers are public, settable properties of the broker (aedes docs/Aedes.md); set once the context exists.
   broker.preConnect = preConnect(ctx)
@@ -110,5 +121,5 @@ export function createBroker (deps: BrokerDeps): Aedes {
   installSessionHooks(ctx)
   installReplayHooks(ctx)
   installClientEvents(ctx)
-  return broker
+  return { aedes: broker, appendsSettled: () => appender.settled() }
 }

@@ -44,9 +44,34 @@ import { isStoreError, type Clock, type LogStore, type StoredRecord } from '../.
 import { RECEIPT_UPSTREAM_HEADER, RECEIPTS_STREAM, type CommandSink, type IncomingCommand } from '../../bridge/index.ts'
 import { claimPubacks, connectedClient, nextPacketId, rawConnection, subscriptionsOf, wrapAuthorizeForward } from './aedes-internals.ts'
 import type { Router } from './routing.ts'
-import { mountTopic, scopedClientId, topicMatches, topicNameProblem } from '../access/topics.ts'
+import { filtersOverlap, mountTopic, scopedClientId, topicMatches, topicNameProblem } from '../access/topics.ts'
+import type { GatewayConfig } from '../config/config.ts'
 
 export const COMMANDS_GROUP = 'edgemq.commands'
+
+/** A stream that commands from upstreams may route to, in a tenant with command mappings. */
+export interface CommandStream { readonly tenant: string, readonly stream: string }
+
+/**
+ * The streams commands from upstreams may route to: per tenant with command mappings (bridge.upstreams[].commands),
+ * each stream of a route whose filter overlaps a mapping's local topic filter.
+ */
+export function commandStreamsOf (config: Pick<GatewayConfig, 'bridge' | 'routes'>): CommandStream[] {
+  const streams = new Map<string, CommandStream>()
+  for (const u of config.bridge.upstreams) {
+    for (const c of u.commands) {
+      for (const r of config.routes) {
+        if (filtersOverlap(r.filter, c.local)) streams.set(`${c.tenant}/${r.stream}`, { tenant: c.tenant, stream: r.stream })
+      }
+    }
+  }
+  return [...streams.values()]
+}
+
+/** Creates the receipt stream of every tenant with command mappings (the uplinks forward them). */
+export async function createReceiptStreams (store: LogStore, streams: readonly CommandStream[]): Promise<void> {
+  for (const tenant of new Set(streams.map((c) => c.tenant))) await store.createStream(`${tenant}/${RECEIPTS_STREAM}`, { partitions: 1 })
+}
 const HEADER_REMOTE_TOPIC = 'edgemq-remote-topic'
 const HEADER_EXPIRES_AT = 'edgemq-expires-at'
 const HEADER_COMMAND = 'edgemq-command'
@@ -79,9 +104,9 @@ export interface CommandDispatcherDeps {
   readonly broker: Aedes
   readonly route: Router
   /** Tenants with command mappings, and the streams their commands may route to. */
-  readonly streams: ReadonlyArray<{ readonly tenant: string, readonly stream: string }>
+  readonly streams: readonly CommandStream[]
   readonly clock: Clock
-  readonly logger: { info (f: Record<string, unknown>, m: string): void, warn (f: Record<string, unknown>, m: string): void, error (f: Record<string, unknown>, m: string): void }
+  readonly logger: Record<'info' | 'warn' | 'error', (fields: Record<string, unknown>, msg: string) => void>
   readonly onReceipt?: (upstream: string, status: ReceiptStatus) => void
   /** A packet past its expiry was not handed to a client (a queued copy, read back on reconnect). */
   readonly onExpiredDropped?: (tenant: string) => void
@@ -154,7 +179,8 @@ export class CommandDispatcher implements CommandSink {
     const onSubscribe = (_subs: unknown, client: Client): void => { this.#offerTo(client) }
     broker.on('clientReady', onReady)
     broker.on('subscribe', onSubscribe)
-    this.#listeners.push(['clientReady', onReady as Parameters<NodeJS.EventEmitter['on']>[1]], ['subscribe', onSubscribe as Parameters<NodeJS.EventEmitter['on']>[1]])
+    type Listener = Parameters<NodeJS.EventEmitter['on']>[1]
+    this.#listeners.push(['clientReady', onReady as Listener], ['subscribe', onSubscribe as Listener])
     this.#sweep = setInterval(() => {
       this.#expire()
       void this.#commitWatermarks()
@@ -202,13 +228,15 @@ export class CommandDispatcher implements CommandSink {
     // time-to-live holds its partition's retention for good.
     const problem = topicNameProblem(command.localTopic)
     if (problem !== null) {
-      logger.error({ upstream: command.upstream, topic: command.remoteTopic, reason: problem }, 'command dropped: its local topic is not one a device could receive')
+      logger.error({ upstream: command.upstream, topic: command.remoteTopic, reason: problem },
+        'command dropped: its local topic is not one a device could receive')
       return
     }
     const target = route(command.localTopic)
     if (target === null) {
       // Redelivery could not help: acknowledged upstream and dropped, loudly.
-      logger.error({ upstream: command.upstream, topic: command.localTopic }, 'command dropped: its local topic routes to no stream (check bridge.upstreams[].commands[].local and routes)')
+      logger.error({ upstream: command.upstream, topic: command.localTopic },
+        'command dropped: its local topic routes to no stream (check bridge.upstreams[].commands[].local and routes)')
       return
     }
     const stream = `${command.tenant}/${target.stream}`
@@ -217,7 +245,8 @@ export class CommandDispatcher implements CommandSink {
     this.#accepting++
     let result
     try {
-      result = await store.append(stream, target.key, { payload: command.payload, topic: command.localTopic, qos: 1, clientId: `bridge:${command.upstream}`, headers })
+      const record = { payload: command.payload, topic: command.localTopic, qos: 1 as const, clientId: `bridge:${command.upstream}`, headers }
+      result = await store.append(stream, target.key, record)
     } finally {
       this.#accepting--
     }
@@ -323,8 +352,8 @@ export class CommandDispatcher implements CommandSink {
       status, command: c.id, topic: c.topic, remoteTopic: c.remoteTopic, upstream: c.upstream, at: new Date(clock.now()).toISOString(),
     }
     const headers = { [RECEIPT_UPSTREAM_HEADER]: c.upstream, [HEADER_COMMAND]: c.id, [HEADER_STATUS]: status }
-    store.append(`${c.tenant}/${RECEIPTS_STREAM}`, c.key, { payload: Buffer.from(JSON.stringify(receipt)), topic: c.topic, qos: 1, clientId: `bridge:${c.upstream}`, headers },
-      { dedupeId: `receipt/${c.id}` }).then(() => {
+    const record = { payload: Buffer.from(JSON.stringify(receipt)), topic: c.topic, qos: 1 as const, clientId: `bridge:${c.upstream}`, headers }
+    store.append(`${c.tenant}/${RECEIPTS_STREAM}`, c.key, record, { dedupeId: `receipt/${c.id}` }).then(() => {
       this.#pending.delete(c.id)
       this.#deps.onReceipt?.(c.upstream, status)
       this.#deps.logger.info({ command: c.id, topic: c.topic, upstream: c.upstream, status }, `command ${status}`)

@@ -28,7 +28,6 @@ import type { Qos2Plan } from '../inbound-qos2.ts'
 import { isReplayTopic } from '../replay.ts'
 import { compileRoutes, type Route } from '../routing.ts'
 import { isLoopback, listenerOf, markPublished, refusedError, type HookContext } from './context.ts'
-import { DurableAppender } from './durable-append.ts'
 
 type AuthorizePublish = NonNullable<AedesOptions['authorizePublish']>
 type Callback = (err?: Error | null) => void
@@ -47,7 +46,7 @@ const DECISIONS_PER_CLIENT = 256
 export function authorizePublish (ctx: HookContext): AuthorizePublish {
   const { config, logger, persistence, refusePublish } = ctx
   const route = compileRoutes(config.routes)
-  const appender = new DurableAppender(ctx)
+  const { appender } = ctx
   const decisions = new WeakMap<Client, Map<string, PublishDecision>>()
 
   const publishDecision = (client: Client, who: Identity, topic: string): PublishDecision => {

@@ -11,7 +11,7 @@ import type { Logger } from 'pino'
 import type { LogStore } from '../../../store/index.ts'
 import type { Identity } from '../../access/auth.ts'
 import type { GatewayConfig, ListenerConfig } from '../../config/config.ts'
-import { GatewayError, type GatewayErrorCode } from '../../errors.ts'
+import { GatewayError } from '../../errors.ts'
 import { clientFields } from '../../logger.ts'
 import type { GatewayMetrics, PublishRefusal, RefusalReason } from '../../metrics/metrics.ts'
 import type { GuardGroup } from '../connection-guard.ts'
@@ -19,6 +19,7 @@ import type { InboundQos2, Qos2Persistence } from '../inbound-qos2.ts'
 import type { MqttReplays, ReplayConnection, ReplayTicket } from '../replay.ts'
 import type { InternalPublish } from '../aedes-internals.ts'
 import type { WillPersistence, Wills } from '../wills.ts'
+import type { DurableAppender } from './durable-append.ts'
 
 /** aedes hands the hooks our ConnectionGuard as `client.conn`; this reads its listener back. */
 export interface ListenerTagged {
@@ -55,6 +56,8 @@ export interface HookContext extends HookDeps {
   readonly publish: InternalPublish
   readonly replays: MqttReplays
   readonly inbound: InboundQos2
+  /** The append authorizePublish waits for before the ack. */
+  readonly appender: DurableAppender
   readonly wills: Wills
   /** The identity authenticate gave each client. */
   readonly identities: WeakMap<Client, Identity>
@@ -88,9 +91,9 @@ export function authError (returnCode: 2 | 3 | 4 | 5, message: string): GatewayE
   return Object.assign(new GatewayError('GW_CONNECT_REFUSED', message), { returnCode, [REFUSED]: true })
 }
 
-/** An error that makes aedes close the connection for a refusal that was already counted and logged. */
-export function refusedError (message: string, code: GatewayErrorCode = 'GW_PUBLISH_REFUSED'): GatewayError {
-  return Object.assign(new GatewayError(code, message), { [REFUSED]: true })
+/** An error that makes aedes close the connection for a refused PUBLISH that was already counted and logged. */
+export function refusedError (message: string): GatewayError {
+  return Object.assign(new GatewayError('GW_PUBLISH_REFUSED', message), { [REFUSED]: true })
 }
 
 export function alreadyReported (err: Error): boolean {

@@ -33,18 +33,42 @@ export type AppendDone = (err: Error | null, duplicate?: boolean) => void
 
 type Counter = { inc (n?: number): void }
 
+/** What the appender needs of the hooks' context. */
+export type AppenderDeps = Pick<HookContext, 'config' | 'store' | 'metrics' | 'logger' | 'guards' | 'onStoreHealth' | 'refusePublish'>
+
 export class DurableAppender {
-  readonly #ctx: HookContext
+  readonly #ctx: AppenderDeps
   /** The ingest counters of one stream, bound to their labels once (prom-client hashes label objects per inc). */
   readonly #ingest = new Map<string, { messages: Counter, bytes: Counter }>()
+  /** Appends not yet settled (each counted once across its retries), and who waits for none. */
+  #inflight = 0
+  #settledWaiters: Array<() => void> = []
 
-  constructor (ctx: HookContext) {
+  constructor (ctx: AppenderDeps) {
     this.#ctx = ctx
   }
 
   /** Appends and calls back once the record is durable (or refused); see the header for retries and backpressure. */
   append (client: Client, who: Identity, target: AppendTarget, packet: PublishPacket, done: AppendDone,
-    options?: AppendOptions, headers?: Record<string, string>, delay = RETRY_MIN_MS): void {
+    options?: AppendOptions, headers?: Record<string, string>): void {
+    this.#inflight++
+    this.#append(client, who, target, packet, (err, duplicate) => {
+      if (--this.#inflight === 0) for (const resolve of this.#settledWaiters.splice(0)) resolve()
+      done(err, duplicate)
+    }, options, headers, RETRY_MIN_MS)
+  }
+
+  /**
+   * Resolves once every append started so far has settled. The gateway's shutdown waits for it after the clients
+   * are closed: an append of a closed client is not retried, so this ends.
+   */
+  settled (): Promise<void> {
+    if (this.#inflight === 0) return Promise.resolve()
+    return new Promise((resolve) => this.#settledWaiters.push(resolve))
+  }
+
+  #append (client: Client, who: Identity, target: AppendTarget, packet: PublishPacket, done: AppendDone,
+    options: AppendOptions | undefined, headers: Record<string, string> | undefined, delay: number): void {
     const { store, guards, metrics, logger } = this.#ctx
     const payload = typeof packet.payload === 'string' ? Buffer.from(packet.payload) : packet.payload
     const counters = this.#counters(who.tenant, target.stream)
@@ -65,7 +89,7 @@ export class DurableAppender {
           this.#refuse(client, who, 'store-failed', err as Error)
           return done(packet.qos === 0 ? null : err as Error)
         }
-        const retry = (): void => this.append(client, who, target, packet, done, options, headers, Math.min(delay * 2, RETRY_MAX_MS))
+        const retry = (): void => this.#append(client, who, target, packet, done, options, headers, Math.min(delay * 2, RETRY_MAX_MS))
         setTimeout(retry, delay).unref()
         return
       }

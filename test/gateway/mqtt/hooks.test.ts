@@ -1,0 +1,106 @@
+/**
+ * The authorize hooks as thin adapters, without a broker: a context of
+ * plain maps, a frozen config, a fresh metrics registry, and fake clients.
+ */
+import type { Client, Subscription } from 'aedes'
+import { pino } from 'pino'
+import { Registry } from 'prom-client'
+import { describe, expect, it } from 'vitest'
+import type { Identity } from '../../../gateway/access/auth.ts'
+import { buildConfig } from '../../../gateway/config/config.ts'
+import { createMetrics } from '../../../gateway/metrics/metrics.ts'
+import { authorizeForward } from '../../../gateway/mqtt/hooks/authorize-forward.ts'
+import { authorizeSubscribe } from '../../../gateway/mqtt/hooks/authorize-subscribe.ts'
+import { refusals, type ConnectInfo, type HookContext } from '../../../gateway/mqtt/hooks/context.ts'
+import type { LogStore } from '../../../store/index.ts'
+
+function context (): HookContext {
+  const config = buildConfig({
+    users: [{ username: 'd1', tenant: 'acme', role: 'device', password: `scrypt$16384$8$1$${'A'.repeat(22)}==$${'A'.repeat(43)}=` }],
+    acl: [{ role: 'device', topic: 'devices/%c/commands/secret', access: 'subscribe', allow: false }],
+  })
+  const metrics = createMetrics(new Registry(), {
+    store: {} as LogStore, diskFreeBytes: () => undefined, diskSizeBytes: () => undefined, healthy: () => true, version: 'test', gatewayId: 'gw',
+  })
+  const logger = pino({ level: 'silent' })
+  const connects = new WeakMap<Client, ConnectInfo>()
+  // Only what these two hooks read is real; the rest would be a broker's.
+  return {
+    config, metrics, logger, connects,
+    identities: new WeakMap(), connacked: new WeakSet(), authorized: new WeakSet(), sessionMarkers: new WeakSet(), tickets: new WeakMap(),
+    replayConnections: new WeakMap(), startupWills: new WeakSet(),
+    ...refusals({ metrics, logger }, connects),
+  } as unknown as HookContext
+}
+
+function device (ctx: HookContext, who: Identity, connected = true): Client {
+  const client = { id: who.clientId, conn: {}, subscriptions: {} } as unknown as Client
+  ctx.identities.set(client, who)
+  if (connected) ctx.connacked.add(client)
+  return client
+}
+
+const D1: Identity = { tenant: 'acme', role: 'device', username: 'd1', clientId: 'd1' }
+
+function subscribe (ctx: HookContext, client: Client, topic: string): { granted: Subscription | null | undefined, sub: Subscription } {
+  const sub = { topic, qos: 1 } as Subscription
+  let granted: Subscription | null | undefined
+  authorizeSubscribe(ctx)(client, sub, (err, s) => { if (err) throw err; granted = s })
+  return { granted, sub }
+}
+
+describe('authorizeSubscribe', () => {
+  it('mounts an allowed filter in the client\'s tenant and marks it for the session store', () => {
+    const ctx = context()
+    const { granted, sub } = subscribe(ctx, device(ctx, D1), 'devices/d1/commands/#')
+    expect(granted?.topic).toBe('acme/devices/d1/commands/#')
+    expect(ctx.authorized.has(sub)).toBe(true)
+  })
+
+  it('parks a denied or invalid filter under $denied/ (SUBACK 0x80), still stored so the session replays it the same way', () => {
+    const ctx = context()
+    for (const topic of ['devices/other/commands/#', 'a/#/b']) {
+      const { granted, sub } = subscribe(ctx, device(ctx, D1), topic)
+      expect(granted).toBeNull()
+      expect(sub.topic).toBe(`$denied/${topic}`)
+      expect(ctx.authorized.has(sub)).toBe(true)
+    }
+  })
+
+  it('takes a subscription restored before the CONNACK as already mounted, and refuses one of another tenant', () => {
+    const ctx = context()
+    const restoring = device(ctx, D1, false)
+    expect(subscribe(ctx, restoring, 'acme/devices/d1/commands/#').granted?.topic).toBe('acme/devices/d1/commands/#')
+    expect(subscribe(ctx, restoring, 'other/devices/d1/commands/#').granted).toBeNull()
+  })
+
+  it('answers a session-present marker with nothing subscribed', () => {
+    const ctx = context()
+    const marker = { topic: '$edgemq/session-present', qos: 0 } as Subscription
+    ctx.sessionMarkers.add(marker)
+    let granted: Subscription | null | undefined = marker
+    authorizeSubscribe(ctx)(device(ctx, D1), marker, (_err, s) => { granted = s })
+    expect(granted).toBeNull()
+    expect(ctx.authorized.has(marker)).toBe(false)
+  })
+})
+
+describe('authorizeForward', () => {
+  const packet = (topic: string): Parameters<ReturnType<typeof authorizeForward>>[1] =>
+    ({ cmd: 'publish', topic, payload: Buffer.from('x'), qos: 0, retain: false, dup: false }) as Parameters<ReturnType<typeof authorizeForward>>[1]
+
+  it('unmounts a delivery of the client\'s tenant in place', () => {
+    const ctx = context()
+    const p = packet('acme/devices/d1/commands/reboot')
+    expect(authorizeForward(ctx)(device(ctx, D1), p)).toBe(p)
+    expect(p.topic).toBe('devices/d1/commands/reboot')
+  })
+
+  it('never forwards across tenants, nor what the read ACL denies, nor to a client without an identity', () => {
+    const ctx = context()
+    const d1 = device(ctx, D1)
+    expect(authorizeForward(ctx)(d1, packet('other/devices/d1/commands/reboot'))).toBeNull()
+    expect(authorizeForward(ctx)(d1, packet('acme/devices/d1/commands/secret'))).toBeNull()
+    expect(authorizeForward(ctx)({ id: 'ghost', conn: {} } as unknown as Client, packet('acme/devices/d1/commands/reboot'))).toBeNull()
+  })
+})
