@@ -125,7 +125,8 @@ async function start (config: GatewayConfig, deps: GatewayDeps, shutdown: Shutdo
   const commandStreams = commandStreamsOf(config)
   await createReceiptStreams(store, commandStreams)
 
-  const persistence = new LevelSessionPersistence(sessionsDb, { durability: config.store.durability })
+  // One group-commit writer for the log and the sessions: session writes share the log's fsyncs.
+  const persistence = new LevelSessionPersistence(sessionsDb, { writer: store })
   const { aedes: broker, appendsSettled } = createBroker({
     config, store, persistence, metrics, logger, guards, onStoreHealth: (ok, err) => health.set(ok, err),
   })
@@ -164,6 +165,7 @@ async function start (config: GatewayConfig, deps: GatewayDeps, shutdown: Shutdo
     registry,
     health: () => ({ healthy: health.healthy, reasons: health.reasons() }),
     api: { store, users: config.users, tokens: config.apiTokens, logger, bridge },
+    version: VERSION,
   })
   shutdown.add('http', () => http.close())
 

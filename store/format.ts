@@ -7,7 +7,7 @@
  *
  * | key                                             | value                                   |
  * | ----------------------------------------------- | --------------------------------------- |
- * | `V`                                             | format version, u32 (= 1)               |
+ * | `V`                                             | format version, u64 (= 1)               |
  * | `S` name(utf8)                                  | cbor StreamMeta                         |
  * | `P` streamId(u32) partition(u32)                | cbor PartitionMeta (logStart, logEnd, bytes) |
  * | `B` streamId(u32) partition(u32) base(u64)      | batch (below)                           |

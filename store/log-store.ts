@@ -97,8 +97,6 @@ interface PartitionState {
   rejecters: Array<(err: Error) => void>
   /** Dedupe id of the pending record at the same index, if it has one. */
   dedupeIds: Array<string | undefined>
-  /** The caller's extra operations of the pending record at the same index (AppendOptions.extraOps). */
-  extraOps: Array<readonly ExtraOperation[] | undefined>
   /** Base offsets of the newest batches, so reads of the tail skip the seek. */
   readonly index: BatchIndex
 }
@@ -127,6 +125,12 @@ interface FailedCommit {
   readonly error: StoreError
   readonly startedAt: number
   readonly writeStart: number
+  readonly extras: QueuedExtra[]
+}
+/** Operations outside the log, queued in call order: an append's extraOps (no settle: its record's promise tells), or a write(). */
+interface QueuedExtra {
+  readonly ops: readonly ExtraOperation[]
+  readonly settle?: { readonly resolve: () => void, readonly reject: (err: Error) => void }
 }
 interface StreamMeta { id: number, partitions: number, retentionMs: number, retentionBytes: number }
 /** `logEnd` is absent in data written before it was recorded; then the last batch alone says where the log ends. */
@@ -136,6 +140,15 @@ interface GroupState { holdsRetention: boolean, offsets: Map<PartitionState, num
 /** The innermost cause's message: abstract-level wraps the interesting one (ENOSPC) in its own errors. */
 /** A dedupe id as known in one stream (ids are scoped by stream, format.ts). */
 interface DedupeState { readonly id: string, readonly part: PartitionState, readonly offset: number, readonly timestamp: number }
+
+/** Resolves the write()s among `extras`, or rejects them with `error`. */
+function settleExtras (extras: readonly QueuedExtra[], error?: Error): void {
+  for (const extra of extras) {
+    if (extra.settle === undefined) continue
+    if (error === undefined) extra.settle.resolve()
+    else extra.settle.reject(error)
+  }
+}
 
 /** The in-memory key of a dedupe id: the stream id first, as on disk. */
 function scopedId (streamId: number, id: string): string {
@@ -197,6 +210,8 @@ class LevelLogStore implements LogStore {
 
   // Writer state.
   #dirty: PartitionState[] = []
+  /** Operations outside the log for the next commit, in call order (AppendOptions.extraOps and write()). */
+  #extras: QueuedExtra[] = []
   #pending = 0
   #oldestPendingAt = 0
   #tasks: Array<() => Promise<void>> = []
@@ -337,7 +352,8 @@ class LevelLogStore implements LogStore {
     const stream: StreamState = { name, id: meta.id, partitions: [], retentionMs: meta.retentionMs, retentionBytes: meta.retentionBytes }
     for (let p = 0; p < meta.partitions; p++) {
       stream.partitions.push({
-        stream, partition: p, logStart: 0, logEnd: 0, bytes: 0, indexedMaxTs: -Infinity, oldestTs: null, newestTs: null, pending: [], resolvers: [], rejecters: [], dedupeIds: [], extraOps: [], index: new BatchIndex(),
+        stream, partition: p, logStart: 0, logEnd: 0, bytes: 0, indexedMaxTs: -Infinity, oldestTs: null, newestTs: null,
+        pending: [], resolvers: [], rejecters: [], dedupeIds: [], index: new BatchIndex(),
       })
     }
     this.#streams.set(name, stream)
@@ -458,12 +474,26 @@ class LevelLogStore implements LogStore {
       part.resolvers.push(resolve)
       part.rejecters.push(reject)
       part.dedupeIds.push(dedupeId)
-      part.extraOps.push(extraOps)
+      if (extraOps !== undefined) this.#extras.push({ ops: extraOps })
       if (this.#pending++ === 0) this.#oldestPendingAt = performance.now()
       this.#kick()
     })
     if (dedupeId !== undefined) this.#dedupePending.set(scopedId(part.stream.id, dedupeId), result)
     return result
+  }
+
+  write (ops: readonly ExtraOperation[]): Promise<void> {
+    try {
+      this.#checkOpen()
+      this.#checkExtraOps(ops)
+    } catch (err) {
+      return Promise.reject(err)
+    }
+    if (ops.length === 0) return Promise.resolve()
+    return new Promise<void>((resolve, reject) => {
+      this.#extras.push({ ops, settle: { resolve, reject } })
+      this.#kick()
+    })
   }
 
   /** AppendOptions.extraOps must name sublevels of this store's database outside the log's key space. */
@@ -527,9 +557,11 @@ class LevelLogStore implements LogStore {
     if (this.#running) return
     this.#running = true
     try {
-      while (this.#dirty.length > 0 || this.#tasks.length > 0 || this.#unsettled !== undefined) {
+      while (this.#dirty.length > 0 || this.#extras.length > 0 || this.#tasks.length > 0 || this.#unsettled !== undefined) {
         if (this.#needsRecovery) await this.#recover()
-        if (this.#dirty.length > 0) await this.#commit().catch((err: unknown) => this.#logger.error({ err: String(err) }, 'group commit crashed'))
+        if (this.#dirty.length > 0 || this.#extras.length > 0) {
+          await this.#commit().catch((err: unknown) => this.#logger.error({ err: String(err) }, 'group commit crashed'))
+        }
         // A task (a retention pass) writes partition metadata from memory: not before a failed commit is re-read.
         if (this.#needsRecovery) await this.#recover()
         const task = this.#tasks.shift()
@@ -582,9 +614,11 @@ class LevelLogStore implements LogStore {
     const failed = this.#unsettled
     if (failed === undefined) return
     this.#unsettled = undefined
-    const landed = known && failed.plans.every((plan) => plan.part.logEnd === plan.end)
+    // A batch without records leaves nothing to tell by: its writes are failed.
+    const landed = known && failed.plans.length > 0 && failed.plans.every((plan) => plan.part.logEnd === plan.end)
+    settleExtras(failed.extras, landed ? undefined : failed.error)
     if (!landed) {
-      this.#failAppends(failed.taken, failed.error, false)
+      if (failed.taken.length > 0) this.#failAppends(failed.taken, failed.error, false)
       return
     }
     this.#logger.warn({ records: failed.records }, 'the failed group commit is on disk after the reopen; its appends are acknowledged')
@@ -603,6 +637,8 @@ class LevelLogStore implements LogStore {
   async #commit (): Promise<void> {
     const parts = this.#dirty
     this.#dirty = []
+    const extras = this.#extras
+    this.#extras = []
     const startedAt = this.#oldestPendingAt
     const ops: BatchOp[] = []
     const plans: CommitPlan[] = []
@@ -612,13 +648,12 @@ class LevelLogStore implements LogStore {
     try {
       for (const part of parts) {
         const appends = part.pending
-        const { resolvers, rejecters, dedupeIds, extraOps } = part
+        const { resolvers, rejecters, dedupeIds } = part
         taken.push({ streamId: part.stream.id, rejecters, dedupeIds })
         part.pending = []
         part.resolvers = []
         part.rejecters = []
         part.dedupeIds = []
-        part.extraOps = []
         const { id } = part.stream
         const bases: number[] = []
         let base = part.logEnd
@@ -656,13 +691,16 @@ class LevelLogStore implements LogStore {
           i = j
         }
         ops.push({ type: 'put', key: keys.partition(id, part.partition), value: encodeMeta({ logStart: part.logStart, bytes: partBytes, logEnd: base } satisfies PartitionMeta) })
-        for (const extra of extraOps) if (extra !== undefined) ops.push(...(extra as unknown as BatchOp[]))
         plans.push({ part, appends, resolvers, rejecters, dedupeIds, bases, start: part.logEnd, end: base, bytes: partBytes, indexedMaxTs, firstTs, lastTs })
         records += appends.length
       }
+      // After every record of the batch, in call order (AppendOptions.extraOps, write()).
+      for (const extra of extras) for (const op of extra.ops) ops.push(op as unknown as BatchOp)
     } catch (cause) {
       // Building the write failed (a bug, not the disk): whatever was taken from the queues must not hang.
-      this.#failAppends(taken, new StoreError('STORE_WRITE_FAILED', `group commit could not be built: ${rootMessage(cause)}`, { cause }))
+      const error = new StoreError('STORE_WRITE_FAILED', `group commit could not be built: ${rootMessage(cause)}`, { cause })
+      settleExtras(extras, error)
+      if (taken.length > 0) this.#failAppends(taken, error)
       return
     }
     const writeStart = performance.now()
@@ -674,12 +712,13 @@ class LevelLogStore implements LogStore {
       // Settled by #recover, which the writer loop runs next (see there).
       this.#needsRecovery = true
       const error = new StoreError('STORE_WRITE_FAILED', `group commit of ${records} records failed: ${rootMessage(cause)}`, { cause })
-      this.#unsettled = { plans, taken, records, bytes, error, startedAt, writeStart }
+      this.#unsettled = { plans, taken, records, bytes, error, startedAt, writeStart, extras }
       this.#logger.error({ code: error.code, records, cause: rootMessage(cause) }, 'group commit failed; its appends wait for the database to reopen')
       this.#observer.onWriteError?.(error)
       return
     }
     this.#acknowledge(plans, records, bytes, startedAt, writeStart, true)
+    settleExtras(extras)
   }
 
   /** Resolves the appends of a commit that is on disk; `advance`: move the partitions' in-memory state past it (not when it was re-read from disk). */
@@ -708,7 +747,8 @@ class LevelLogStore implements LogStore {
       for (let i = 0; i < resolvers.length; i++) (resolvers[i] as (result: AppendResult) => void)({ partition, offset: first + i })
     }
     if (this.#appendListeners.size > 0) for (const plan of plans) this.#notifyAppend(plan.part)
-    this.#observer.onCommit?.({ records, bytes, latencyMs: done - startedAt, durationMs: done - writeStart })
+    // A commit of write()s alone is not a log commit: the commit metrics count records.
+    if (records > 0) this.#observer.onCommit?.({ records, bytes, latencyMs: done - startedAt, durationMs: done - writeStart })
   }
 
   /** Rejects the appends of a commit that is not on disk; `report`: log it and tell the observer (not yet done for this failure). */

@@ -116,8 +116,8 @@ export interface AppendOptions {
    * - they are written only when the record is: not when the append
    *   rejects, and not when it resolves `duplicate: true`;
    * - they are applied after the log's own operations of the batch, in the
-   *   order given; two appends in flight at once must not write the same
-   *   key (their order within one batch is not specified).
+   *   order given, and in call order with the extraOps of other appends and
+   *   the operations of {@link LogStore.write}.
    */
   readonly extraOps?: readonly ExtraOperation[]
 }
@@ -289,6 +289,20 @@ export interface LogStore {
    * together; an idle store writes a lone append at once.
    */
   append (stream: string, key: string, record: RecordInput, options?: AppendOptions): Promise<AppendResult>
+
+  /**
+   * The store's group-commit writer, for state kept beside the log (the
+   * gateway's MQTT sessions): writes `ops` in the next group commit, together
+   * with the appends and other writes queued with them, after the log's own
+   * operations and in call order with every append's extraOps and every other
+   * write, so a key written twice ends with the later value. Resolves once that
+   * LevelDB batch is written (fsync'd under `sync`). `ops` follow the
+   * contract of {@link AppendOptions.extraOps} (STORE_INVALID_ARGUMENT
+   * otherwise, and nothing is written). Rejects with STORE_WRITE_FAILED when
+   * the batch failed and the reopened database cannot say whether it landed
+   * (always so for a batch without records), with STORE_CLOSED after close().
+   */
+  write (ops: readonly ExtraOperation[]): Promise<void>
 
   /**
    * Calls `listener` after every successful group commit, once per partition

@@ -200,6 +200,14 @@ export const configSchema = {
           default: 50_000,
           description: 'When the log has more appends pending than this, every socket stops being read until it drains.',
         },
+        maxFiltersPerSubscribe: {
+          type: 'integer', minimum: 1, maximum: 65535, default: 1000,
+          description: 'Topic filters one SUBSCRIBE may carry; every filter of a SUBSCRIBE with more is refused (SUBACK 0x80).',
+        },
+        maxSubscriptionsPerSession: {
+          type: 'integer', minimum: 1, default: 10_000,
+          description: 'Subscriptions one client may hold; a new filter beyond it is refused (SUBACK 0x80), a resubscription to a held one is not.',
+        },
         replay: {
           type: 'object',
           additionalProperties: false,
@@ -325,6 +333,8 @@ export interface GatewayConfig {
     readonly maxInflightPerClient: number
     readonly publishRatePerClient: number
     readonly maxPendingAppends: number
+    readonly maxFiltersPerSubscribe: number
+    readonly maxSubscriptionsPerSession: number
     readonly replay: {
       readonly inflight: number
       readonly maxPerClient: number

@@ -1,6 +1,9 @@
 /**
- * The /v1 pull and replay API: routing, authentication, and the stream and
- * consumer-group endpoints (records are served by http/records.ts).
+ * The /v1 pull and replay API as fastify routes: authentication, and the
+ * stream and consumer-group endpoints (records are served by
+ * http/records.ts and http/batches.ts). Each route's parameters, query and
+ * body are checked by its JSON schema (http/schemas.ts) before its handler
+ * runs; the handlers check what needs the store.
  *
  * Tenants: a client names streams and groups inside its own tenant only.
  * Stream `telemetry` of a user of tenant `acme` is the store's
@@ -12,13 +15,22 @@
  * may use the API. Without configured users and tokens, requests from a
  * loopback address are accepted as tenant `default`.
  */
-import type { IncomingMessage, ServerResponse } from 'node:http'
+import type { ServerResponse } from 'node:http'
+import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
 import { isStoreError, type LogStore, type ResetSpec, type StreamInfo } from '../../store/index.ts'
 import { ApiError, toApiError } from './errors.ts'
-import { parseTime, QueryParams } from './params.ts'
+import { parseTime } from './params.ts'
 import { ApiAuthenticator, AUTH_CHALLENGES, type Principal } from './auth.ts'
 import { serveBatches } from './batches.ts'
-import { AppendWaiters, clientGone, parseRecordsRequest, serveRecords, type PartitionTarget } from './records.ts'
+import {
+  AppendWaiters, clientGone, FORMAT_MEDIA_TYPES, parseRecordsRequest, serveRecords, type OutputFormat, type PartitionTarget, type RecordsQuery,
+} from './records.ts'
+import { routePath } from './routes.ts'
+import {
+  COMMIT_BODY, GROUP_PARAMS, GROUP_STREAM_PARAMS, KEY_RECORDS_QUERY, NO_QUERY, PARTITION_PARAMS, RECORDS_QUERY, RECORDS_RESPONSES, RESET_BODY, STREAM_PARAMS,
+  UPSTREAM_PARAMS,
+  type CommitBody, type GroupParams, type GroupStreamParams, type PartitionParams, type ResetBody, type StreamParams, type UpstreamParams,
+} from './schemas.ts'
 import type { UpstreamStatus } from '../../bridge/index.ts'
 import type { ApiTokenConfig, UserConfig } from '../config/config.ts'
 import { bridgeGroupDoc, bridgeGroups, groupDoc, groupDocs, groupStreamDoc, partitionDoc, streamDoc, streamDocs, tenantGroups } from '../query/documents.ts'
@@ -36,64 +48,53 @@ export interface ApiDeps {
   readonly bridge?: { status (): Promise<UpstreamStatus[]> }
 }
 
+declare module 'fastify' {
+  interface FastifyRequest {
+    /** Who calls /v1: set by the API's onRequest hook (http/auth.ts) before anything else runs; null elsewhere. */
+    principal: Principal | null
+  }
+}
+
 export interface Api {
-  /** Serves a request whose path starts with /v1. */
-  handle (req: IncomingMessage, res: ServerResponse, url: URL): Promise<void>
+  /** Adds the hooks and routes to `app`, an encapsulated instance with the prefix /v1. */
+  register (app: FastifyInstance): void
   /** Ends every long-poll and stops listening to the store. */
   close (): void
 }
 
-const STREAM_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/
-const GROUP_NAME = /^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$/
 const PARTITION = /^(?:0|[1-9][0-9]{0,4})$/
-const MAX_BODY_BYTES = 64 * 1024
+/** Our media types, and the text ones with the charset the responses state (an Accept range with a parameter matches only a type with it). */
+const MEDIA_TYPE_FORMATS = new Map<string, OutputFormat>([
+  ...Object.entries(FORMAT_MEDIA_TYPES).map(([format, type]) => [type, format as OutputFormat] as const),
+  ['application/json; charset=utf-8', 'json'], ['application/x-ndjson; charset=utf-8', 'ndjson'],
+])
 
-function sendJson (res: ServerResponse, status: number, body: unknown, headers: Record<string, string> = {}): void {
-  const text = JSON.stringify(body)
-  res.writeHead(status, { 'content-type': 'application/json; charset=utf-8', 'content-length': Buffer.byteLength(text), ...headers })
+/** The format the Accept header asks for (@fastify/accepts: q-values, then the header's order); json when it names none of ours. */
+function acceptedFormat (request: FastifyRequest): OutputFormat {
+  const type = request.accepts().type([...MEDIA_TYPE_FORMATS.keys()])
+  return typeof type === 'string' ? MEDIA_TYPE_FORMATS.get(type) ?? 'json' : 'json'
+}
+
+/** The headers of an error response: the error's own, Allow for a 405, and for a 401 without a challenge of its own both schemes. */
+export function errorHeaders (err: ApiError): Record<string, string | string[]> {
+  const headers: Record<string, string | string[]> = { ...err.headers }
+  const allow = err.details.allow
+  if (typeof allow === 'string') headers.allow = allow
+  // One WWW-Authenticate line per scheme.
+  if (err.status === 401 && headers['www-authenticate'] === undefined) headers['www-authenticate'] = [...AUTH_CHALLENGES]
+  return headers
+}
+
+/** Writes an error on a response the route took over from fastify (reply.hijack), as the server's error handler would. */
+function writeApiError (res: ServerResponse, err: ApiError): void {
+  const text = JSON.stringify(err.toJSON())
+  res.writeHead(err.status, { ...errorHeaders(err), 'content-type': 'application/json; charset=utf-8', 'content-length': Buffer.byteLength(text) })
   res.end(text)
 }
 
-export function sendApiError (res: ServerResponse, err: ApiError): void {
-  const headers: Record<string, string> = { ...err.headers }
-  const allow = err.details.allow
-  if (typeof allow === 'string') headers.allow = allow
-  // Without a challenge of its own, a 401 offers both schemes (one WWW-Authenticate line each).
-  if (err.status === 401 && headers['www-authenticate'] === undefined) res.setHeader('www-authenticate', [...AUTH_CHALLENGES])
-  sendJson(res, err.status, err.toJSON(), headers)
-}
-
-async function readJsonBody (req: IncomingMessage): Promise<Record<string, unknown>> {
-  const declared = Number(req.headers['content-length'] ?? 0)
-  if (declared > MAX_BODY_BYTES) throw new ApiError('HTTP_BODY_TOO_LARGE', `the body is ${declared} bytes; at most ${MAX_BODY_BYTES} are accepted`)
-  const chunks: Buffer[] = []
-  let size = 0
-  for await (const chunk of req) {
-    size += (chunk as Buffer).length
-    if (size > MAX_BODY_BYTES) throw new ApiError('HTTP_BODY_TOO_LARGE', `the body is larger than ${MAX_BODY_BYTES} bytes`)
-    chunks.push(chunk as Buffer)
-  }
-  let parsed: unknown
-  try {
-    parsed = JSON.parse(Buffer.concat(chunks).toString('utf8'))
-  } catch (cause) {
-    throw new ApiError('HTTP_BAD_BODY', `the body is not JSON: ${(cause as Error).message}`, { cause })
-  }
-  if (parsed === null || typeof parsed !== 'object' || Array.isArray(parsed)) throw new ApiError('HTTP_BAD_BODY', 'the body must be a JSON object')
-  return parsed as Record<string, unknown>
-}
-
-function checkBodyKeys (body: Record<string, unknown>, allowed: readonly string[]): void {
-  for (const key of Object.keys(body)) {
-    if (!allowed.includes(key)) throw new ApiError('HTTP_BAD_BODY', `unknown field ${JSON.stringify(key)}; this endpoint takes ${allowed.join(', ')}`, { details: { field: key } })
-  }
-}
-
-function bodyInteger (value: unknown, field: string): number {
-  if (typeof value !== 'number' || !Number.isSafeInteger(value) || value < 0) {
-    throw new ApiError('HTTP_BAD_BODY', `${field} must be a non-negative integer, got ${JSON.stringify(value)}`, { details: { field } })
-  }
-  return value
+function principal (request: FastifyRequest): Principal {
+  if (request.principal === null) throw new ApiError('HTTP_INTERNAL', 'the request was not authenticated')
+  return request.principal
 }
 
 export function createApi (deps: ApiDeps): Api {
@@ -104,14 +105,15 @@ export function createApi (deps: ApiDeps): Api {
 
   // ---------------------------------------------------------------- streams
 
+  /** The tenant's stream `name` (its syntax was checked by the route's schema). */
   function resolveStream (who: Principal, name: string): { stream: string, name: string, info: StreamInfo } {
-    const unknown = (): ApiError => new ApiError('HTTP_UNKNOWN_STREAM', `unknown stream ${JSON.stringify(name)}`, { details: { stream: name } })
-    if (!STREAM_NAME.test(name)) throw unknown()
     const stream = `${who.tenant}/${name}`
     try {
       return { stream, name, info: store.streamInfo(stream) }
     } catch (err) {
-      if (isStoreError(err, 'STORE_UNKNOWN_STREAM') || isStoreError(err, 'STORE_INVALID_NAME')) throw unknown()
+      if (isStoreError(err, 'STORE_UNKNOWN_STREAM') || isStoreError(err, 'STORE_INVALID_NAME')) {
+        throw new ApiError('HTTP_UNKNOWN_STREAM', `unknown stream ${JSON.stringify(name)}`, { details: { stream: name } })
+      }
       throw err
     }
   }
@@ -119,37 +121,27 @@ export function createApi (deps: ApiDeps): Api {
   function resolvePartition (s: { name: string, info: StreamInfo }, text: string): number {
     const p = PARTITION.test(text) ? Number(text) : NaN
     if (!(p < s.info.partitions)) {
-      throw new ApiError('HTTP_UNKNOWN_PARTITION', `stream ${s.name} has partitions 0 to ${s.info.partitions - 1}, not ${JSON.stringify(text)}`, { details: { partition: text } })
+      throw new ApiError('HTTP_UNKNOWN_PARTITION', `stream ${s.name} has partitions 0 to ${s.info.partitions - 1}, not ${JSON.stringify(text)}`,
+        { details: { partition: text } })
     }
     return p
   }
 
   // ---------------------------------------------------------------- groups
 
+  /** The store's name of the tenant's group `name` (its syntax was checked by the route's schema). */
   function groupId (who: Principal, name: string): string {
-    if (!GROUP_NAME.test(name)) {
-      throw new ApiError('HTTP_BAD_NAME', `invalid consumer group name ${JSON.stringify(name)}: 1 to 128 letters, digits, ".", "_", ":" and "-", starting with a letter or digit`,
-        { details: { group: name } })
-    }
     return `${who.tenant}/${name}`
   }
 
-  async function commit (group: string, s: { stream: string, name: string, info: StreamInfo }, body: Record<string, unknown>): Promise<void> {
-    checkBodyKeys(body, ['offsets'])
-    const list = body.offsets
-    if (!Array.isArray(list) || list.length === 0) {
-      throw new ApiError('HTTP_BAD_BODY', 'offsets must be a non-empty array of {"partition": P, "offset": N}', { details: { field: 'offsets' } })
-    }
+  async function commit (group: string, s: { stream: string, name: string, info: StreamInfo }, body: CommitBody): Promise<void> {
     const commits = new Map<number, number>()
-    list.forEach((entry: unknown, i) => {
-      if (entry === null || typeof entry !== 'object' || Array.isArray(entry)) {
-        throw new ApiError('HTTP_BAD_BODY', `offsets[${i}] must be {"partition": P, "offset": N}`, { details: { field: `offsets[${i}]` } })
+    body.offsets.forEach((e, i) => {
+      const partition = resolvePartition(s, String(e.partition))
+      const offset = e.offset
+      if (commits.has(partition)) {
+        throw new ApiError('HTTP_BAD_BODY', `partition ${partition} appears twice in offsets`, { details: { field: `offsets[${i}].partition` } })
       }
-      const e = entry as Record<string, unknown>
-      checkBodyKeys(e, ['partition', 'offset'])
-      const partition = resolvePartition(s, String(bodyInteger(e.partition, `offsets[${i}].partition`)))
-      const offset = bodyInteger(e.offset, `offsets[${i}].offset`)
-      if (commits.has(partition)) throw new ApiError('HTTP_BAD_BODY', `partition ${partition} appears twice in offsets`, { details: { field: `offsets[${i}].partition` } })
       const end = store.partitionInfo(s.stream, partition).logEndOffset
       if (offset > end) {
         throw new ApiError('HTTP_OFFSET_OUT_OF_RANGE', `cannot commit offset ${offset} for ${s.name}[${partition}]: the log ends at ${end}`,
@@ -160,9 +152,8 @@ export function createApi (deps: ApiDeps): Api {
     for (const [partition, offset] of commits) await store.commitOffset(group, s.stream, partition, offset)
   }
 
-  async function reset (group: string, s: { stream: string, name: string, info: StreamInfo }, body: Record<string, unknown>): Promise<void> {
-    checkBodyKeys(body, ['to', 'offset', 'timestamp', 'partition'])
-    const partition = body.partition === undefined ? undefined : resolvePartition(s, String(bodyInteger(body.partition, 'partition')))
+  async function reset (group: string, s: { stream: string, name: string, info: StreamInfo }, body: ResetBody): Promise<void> {
+    const partition = body.partition === undefined ? undefined : resolvePartition(s, String(body.partition))
     let spec: ResetSpec
     switch (body.to) {
       case 'earliest': case 'latest':
@@ -170,152 +161,232 @@ export function createApi (deps: ApiDeps): Api {
         spec = { to: body.to }
         break
       case 'offset':
-        if (body.timestamp !== undefined) throw new ApiError('HTTP_BAD_BODY', 'to: offset takes an offset, not a timestamp', { details: { field: 'timestamp' } })
-        spec = { to: 'offset', offset: bodyInteger(body.offset, 'offset') }
+        if (body.timestamp !== undefined) {
+          throw new ApiError('HTTP_BAD_BODY', 'to: offset takes an offset, not a timestamp', { details: { field: 'timestamp' } })
+        }
+        if (body.offset === undefined) throw new ApiError('HTTP_BAD_BODY', 'to: offset needs an offset', { details: { field: 'offset' } })
+        spec = { to: 'offset', offset: body.offset }
         break
       case 'timestamp': {
         if (body.offset !== undefined) throw new ApiError('HTTP_BAD_BODY', 'to: timestamp takes a timestamp, not an offset', { details: { field: 'offset' } })
         const t = body.timestamp
-        let timestamp: number
-        if (typeof t === 'number') {
-          if (!Number.isSafeInteger(t) || t < 0) throw new ApiError('HTTP_BAD_TIME', `timestamp must be milliseconds since the epoch, got ${t}`, { details: { field: 'timestamp' } })
-          timestamp = t
-        } else if (typeof t === 'string') {
-          timestamp = parseTime(t, now(), 'timestamp')
-        } else {
-          throw new ApiError('HTTP_BAD_TIME', 'to: timestamp needs a timestamp (milliseconds since the epoch or an ISO 8601 time)', { details: { field: 'timestamp' } })
+        if (t === undefined) {
+          throw new ApiError('HTTP_BAD_TIME', 'to: timestamp needs a timestamp (milliseconds since the epoch or an ISO 8601 time)',
+            { details: { field: 'timestamp' } })
         }
-        spec = { to: 'timestamp', timestamp }
+        spec = { to: 'timestamp', timestamp: typeof t === 'number' ? t : parseTime(t, now(), 'timestamp') }
         break
       }
-      default:
-        throw new ApiError('HTTP_BAD_BODY', `to must be "earliest", "latest", "offset" or "timestamp", got ${JSON.stringify(body.to)}`, { details: { field: 'to' } })
     }
     await store.resetGroup(group, s.stream, spec, partition)
   }
 
-  // ---------------------------------------------------------------- routing
+  // ---------------------------------------------------------------- records
 
-  function noParams (url: URL): void {
-    void new QueryParams(url.searchParams, [])
+  async function records (request: FastifyRequest, reply: FastifyReply, target: PartitionTarget, query: RecordsQuery): Promise<void> {
+    const who = principal(request)
+    const parsed = parseRecordsRequest(query, now(), acceptedFormat(request), (g) => groupId(who, g))
+    // From here the response is written straight to the socket, as it is read (fastify adds nothing to the streaming paths).
+    reply.hijack()
+    const res = reply.raw
+    const ctx = { store, waiters, signal: clientGone(request.raw, res) }
+    try {
+      await (parsed.format === 'batches' ? serveBatches(ctx, target, parsed, res) : serveRecords(ctx, target, parsed, res))
+    } catch (err) {
+      const apiError = toApiError(err)
+      if (apiError.status >= 500) deps.logger?.warn({ code: apiError.code, path: request.url, err: apiError.message }, 'HTTP API request failed')
+      if (!res.headersSent) writeApiError(res, apiError)
+      else res.destroy()
+    }
   }
 
-  async function route (req: IncomingMessage, res: ServerResponse, url: URL, who: Principal): Promise<void> {
-    let segments: string[]
-    try {
-      segments = url.pathname.split('/').slice(2).map((s) => decodeURIComponent(s))
-    } catch {
-      throw new ApiError('HTTP_BAD_REQUEST', `the path ${url.pathname} is not valid percent-encoding`)
-    }
-    if (segments.length > 0 && segments[segments.length - 1] === '') segments.pop()
-    const method = req.method === 'HEAD' ? 'GET' : req.method ?? 'GET'
-    const only = (...allowed: string[]): void => {
-      if (!allowed.includes(method)) {
-        throw new ApiError('HTTP_METHOD_NOT_ALLOWED', `${req.method ?? ''} is not allowed on ${url.pathname}; use ${allowed.join(' or ')}`, { details: { allow: allowed.join(', ') } })
-      }
-    }
-    const [top, a, b, c, d, e, ...rest] = segments
-    const notFound = (): ApiError => new ApiError('HTTP_NOT_FOUND', `no route ${url.pathname}`)
-    if (rest.length > 0) throw notFound()
+  // ---------------------------------------------------------------- routes
 
-    if (top === 'streams') {
-      if (a === undefined) { only('GET'); noParams(url); return sendJson(res, 200, { tenant: who.tenant, streams: streamDocs(store, who.tenant) }) }
-      const s = resolveStream(who, a)
-      if (b === undefined) { only('GET'); noParams(url); return sendJson(res, 200, { tenant: who.tenant, ...streamDoc(store, who.tenant, s.info) }) }
-      let target: PartitionTarget
-      if (b === 'records' && c === undefined) {
-        // Without a partition: the partition of the one key asked for.
-        only('GET')
-        const keys = url.searchParams.getAll('key')
-        if (keys.length !== 1) {
-          throw new ApiError('HTTP_BAD_REQUEST', `${url.pathname} needs exactly one key parameter (it reads the partition of that key); use …/partitions/{p}/records otherwise`,
-            { details: { parameter: 'key' } })
-        }
-        target = { stream: s.stream, name: s.name, partition: store.partitionFor(s.stream, keys[0] as string) }
-      } else if (b === 'partitions' && c !== undefined && (d === undefined || (d === 'records' && e === undefined))) {
-        only('GET')
-        const partition = resolvePartition(s, c)
-        if (d === undefined) { noParams(url); return sendJson(res, 200, { stream: s.name, ...partitionDoc(store, s.stream, partition) }) }
-        target = { stream: s.stream, name: s.name, partition }
-      } else {
-        throw notFound()
-      }
-      const request = parseRecordsRequest(url.searchParams, now(), req.headers.accept, (g) => groupId(who, g))
-      const ctx = { store, waiters, signal: clientGone(req, res) }
-      return request.format === 'batches' ? serveBatches(ctx, target, request, res) : serveRecords(ctx, target, request, res)
-    }
+  function register (app: FastifyInstance): void {
+    app.decorateRequest('principal', null)
+    // Every /v1 request, those that end in 404 or 405 included, is authenticated first.
+    app.addHook('onRequest', async (request) => {
+      request.principal = await auth.authenticate(request.headers.authorization, request.socket.remoteAddress)
+    })
+    app.setNotFoundHandler(async (request) => {
+      throw new ApiError('HTTP_NOT_FOUND', `no route ${request.url.split('?')[0] ?? ''}`)
+    })
 
-    if (top === 'groups') {
-      if (a === undefined) {
-        only('GET')
-        noParams(url)
-        const groups = await groupDocs(store, who.tenant)
-        return sendJson(res, 200, { tenant: who.tenant, groups })
-      }
-      const group = groupId(who, a)
-      const bridgeGroup = bridgeGroups(store, who.tenant).get(a)
-      const readOnly = (): ApiError => new ApiError('HTTP_GROUP_READ_ONLY',
-        `consumer group ${JSON.stringify(a)} is the bridge's: its offsets move as the upstream acknowledges records`, { details: { group: a } })
-      if (b === undefined) {
-        only('GET', 'DELETE')
-        noParams(url)
-        if (bridgeGroup !== undefined) {
-          if (method === 'DELETE') throw readOnly()
-          return sendJson(res, 200, await bridgeGroupDoc(store, who.tenant, a, bridgeGroup))
+    const streams = { tags: ['streams'] }
+    routePath(app, '/streams', {
+      GET: {
+        schema: { ...streams, summary: 'The tenant\'s streams, with per-partition offsets, bytes and timestamps.', querystring: NO_QUERY },
+        handler: async (request) => {
+          const who = principal(request)
+          return { tenant: who.tenant, streams: streamDocs(store, who.tenant) }
+        },
+      },
+    })
+    routePath(app, '/streams/:stream', {
+      GET: {
+        schema: { ...streams, summary: 'One stream.', params: STREAM_PARAMS, querystring: NO_QUERY },
+        handler: async (request) => {
+          const who = principal(request)
+          const s = resolveStream(who, (request.params as StreamParams).stream)
+          return { tenant: who.tenant, ...streamDoc(store, who.tenant, s.info) }
+        },
+      },
+    })
+    routePath(app, '/streams/:stream/partitions/:partition', {
+      GET: {
+        schema: { ...streams, summary: 'One partition.', params: PARTITION_PARAMS, querystring: NO_QUERY },
+        handler: async (request) => {
+          const params = request.params as PartitionParams
+          const s = resolveStream(principal(request), params.stream)
+          return { stream: s.name, ...partitionDoc(store, s.stream, resolvePartition(s, params.partition)) }
+        },
+      },
+    })
+    routePath(app, '/streams/:stream/partitions/:partition/records', {
+      GET: {
+        schema: {
+          ...streams,
+          summary: 'Fetch records of one partition: JSON, NDJSON (streamed), CBOR, or the stored batches.',
+          params: PARTITION_PARAMS, querystring: RECORDS_QUERY, response: RECORDS_RESPONSES,
+        },
+        handler: async (request, reply) => {
+          const params = request.params as PartitionParams
+          const s = resolveStream(principal(request), params.stream)
+          const target = { stream: s.stream, name: s.name, partition: resolvePartition(s, params.partition) }
+          await records(request, reply, target, request.query as RecordsQuery)
+        },
+      },
+    })
+    routePath(app, '/streams/:stream/records', {
+      GET: {
+        schema: {
+          ...streams,
+          summary: 'Fetch the records of one key, from the partition the key maps to.',
+          params: STREAM_PARAMS, querystring: KEY_RECORDS_QUERY, response: RECORDS_RESPONSES,
+        },
+        handler: async (request, reply) => {
+          const s = resolveStream(principal(request), (request.params as StreamParams).stream)
+          const query = request.query as Omit<RecordsQuery, 'key'> & { key: string }
+          const target = { stream: s.stream, name: s.name, partition: store.partitionFor(s.stream, query.key) }
+          await records(request, reply, target, { ...query, key: [query.key] })
+        },
+      },
+    })
+
+    const groups = { tags: ['groups'] }
+    const readOnly = (group: string): ApiError => new ApiError('HTTP_GROUP_READ_ONLY',
+      `consumer group ${JSON.stringify(group)} is the bridge's: its offsets move as the upstream acknowledges records`, { details: { group } })
+    routePath(app, '/groups', {
+      GET: {
+        schema: {
+          ...groups, summary: 'The tenant\'s consumer groups with their lag, and the bridge\'s groups that forward its streams.', querystring: NO_QUERY,
+        },
+        handler: async (request) => {
+          const who = principal(request)
+          return { tenant: who.tenant, groups: await groupDocs(store, who.tenant) }
+        },
+      },
+    })
+    routePath(app, '/groups/:group', {
+      GET: {
+        schema: { ...groups, summary: 'One consumer group with its lag.', params: GROUP_PARAMS, querystring: NO_QUERY },
+        handler: async (request) => {
+          const who = principal(request)
+          const { group } = request.params as GroupParams
+          const bridgeGroup = bridgeGroups(store, who.tenant).get(group)
+          if (bridgeGroup !== undefined) return await bridgeGroupDoc(store, who.tenant, group, bridgeGroup)
+          const g = tenantGroups(store, who.tenant).get(group)
+          if (g === undefined) throw new ApiError('HTTP_UNKNOWN_GROUP', `unknown consumer group ${JSON.stringify(group)}`, { details: { group } })
+          return await groupDoc(store, who.tenant, group, g)
+        },
+      },
+      DELETE: {
+        schema: { ...groups, summary: 'Delete a consumer group.', params: GROUP_PARAMS, querystring: NO_QUERY },
+        handler: async (request) => {
+          const who = principal(request)
+          const { group } = request.params as GroupParams
+          if (bridgeGroups(store, who.tenant).has(group)) throw readOnly(group)
+          if (!tenantGroups(store, who.tenant).has(group)) {
+            throw new ApiError('HTTP_UNKNOWN_GROUP', `unknown consumer group ${JSON.stringify(group)}`, { details: { group } })
+          }
+          await store.deleteGroup(groupId(who, group))
+          return { group, deleted: true }
+        },
+      },
+    })
+
+    /** The group's offsets on one stream, after `change` (commit, reset) when there is one. */
+    const groupStream = (change?: (group: string, s: ReturnType<typeof resolveStream>, request: FastifyRequest) => Promise<void>) =>
+      async (request: FastifyRequest): Promise<unknown> => {
+        const who = principal(request)
+        const params = request.params as GroupStreamParams
+        const s = resolveStream(who, params.stream)
+        const bridgeGroup = bridgeGroups(store, who.tenant).get(params.group)
+        if (change !== undefined) {
+          if (bridgeGroup !== undefined) throw readOnly(params.group)
+          await change(groupId(who, params.group), s, request)
         }
-        const g = tenantGroups(store, who.tenant).get(a)
-        if (g === undefined) throw new ApiError('HTTP_UNKNOWN_GROUP', `unknown consumer group ${JSON.stringify(a)}`, { details: { group: a } })
-        if (method === 'DELETE') {
-          await store.deleteGroup(group)
-          return sendJson(res, 200, { group: a, deleted: true })
-        }
-        return sendJson(res, 200, await groupDoc(store, who.tenant, a, g))
+        return { group: params.group, ...await groupStreamDoc(store, who.tenant, bridgeGroup?.id ?? groupId(who, params.group), s.stream) }
       }
-      if (b !== 'streams' || c === undefined || e !== undefined) throw notFound()
-      const s = resolveStream(who, c)
-      noParams(url)
-      if (d !== undefined && bridgeGroup !== undefined) throw readOnly()
-      if (d === undefined) {
-        only('GET')
-      } else if (d === 'commit') {
-        only('POST')
-        await commit(group, s, await readJsonBody(req))
-      } else if (d === 'reset') {
-        only('POST')
-        await reset(group, s, await readJsonBody(req))
-      } else {
-        throw notFound()
-      }
-      return sendJson(res, 200, { group: a, ...await groupStreamDoc(store, who.tenant, bridgeGroup?.id ?? group, s.stream) })
-    }
-    if (top === 'bridge') {
-      only('GET')
-      noParams(url)
-      if (b !== undefined) throw notFound()
-      // A tenant sees every upstream's connection state, and the offsets of its own streams only.
-      const upstreams = (await deps.bridge?.status() ?? []).map((u) => ({ ...u, partitions: u.partitions.filter((p) => p.tenant === who.tenant) }))
-      if (a === undefined) return sendJson(res, 200, { upstreams })
-      const one = upstreams.find((u) => u.name === a)
-      if (one === undefined) {
-        throw new ApiError('HTTP_UNKNOWN_UPSTREAM', `no upstream named ${JSON.stringify(a)} (configured: ${upstreams.map((u) => u.name).join(', ') || 'none'})`, { details: { upstream: a } })
-      }
-      return sendJson(res, 200, one)
-    }
-    throw notFound()
+    routePath(app, '/groups/:group/streams/:stream', {
+      GET: {
+        schema: {
+          ...groups, summary: 'The group\'s committed offset per partition of one stream, with lag.', params: GROUP_STREAM_PARAMS, querystring: NO_QUERY,
+        },
+        handler: groupStream(),
+      },
+    })
+    routePath(app, '/groups/:group/streams/:stream/commit', {
+      POST: {
+        schema: {
+          ...groups,
+          summary: 'Commit the next offset to consume, per partition; creates the group.',
+          params: GROUP_STREAM_PARAMS, querystring: NO_QUERY, body: COMMIT_BODY,
+        },
+        handler: groupStream(async (group, s, request) => await commit(group, s, request.body as CommitBody)),
+      },
+    })
+    routePath(app, '/groups/:group/streams/:stream/reset', {
+      POST: {
+        schema: {
+          ...groups,
+          summary: 'Move the group to the earliest, latest, an offset or a time, on one partition or all (clamped into the log).',
+          params: GROUP_STREAM_PARAMS, querystring: NO_QUERY, body: RESET_BODY,
+        },
+        handler: groupStream(async (group, s, request) => await reset(group, s, request.body as ResetBody)),
+      },
+    })
+
+    const bridge = { tags: ['bridge'] }
+    /** A tenant sees every upstream's connection state, and the offsets of its own streams only. */
+    const upstreams = async (who: Principal): Promise<UpstreamStatus[]> =>
+      (await deps.bridge?.status() ?? []).map((u) => ({ ...u, partitions: u.partitions.filter((p) => p.tenant === who.tenant) }))
+    routePath(app, '/bridge', {
+      GET: {
+        schema: { ...bridge, summary: 'The bridge\'s upstreams: connection state, backlog and offsets of the tenant\'s streams.', querystring: NO_QUERY },
+        handler: async (request) => ({ upstreams: await upstreams(principal(request)) }),
+      },
+    })
+    routePath(app, '/bridge/:upstream', {
+      GET: {
+        schema: { ...bridge, summary: 'One upstream.', params: UPSTREAM_PARAMS, querystring: NO_QUERY },
+        handler: async (request) => {
+          const all = await upstreams(principal(request))
+          const name = (request.params as UpstreamParams).upstream
+          const one = all.find((u) => u.name === name)
+          if (one === undefined) {
+            const configured = all.map((u) => u.name).join(', ') || 'none'
+            throw new ApiError('HTTP_UNKNOWN_UPSTREAM', `no upstream named ${JSON.stringify(name)} (configured: ${configured})`,
+              { details: { upstream: name } })
+          }
+          return one
+        },
+      },
+    })
   }
 
   return {
-    async handle (req, res, url) {
-      try {
-        const who = await auth.authenticate(req.headers.authorization, req.socket.remoteAddress)
-        await route(req, res, url, who)
-      } catch (err) {
-        const apiError = toApiError(err)
-        if (apiError.status >= 500) deps.logger?.warn({ code: apiError.code, path: url.pathname, err: apiError.message }, 'HTTP API request failed')
-        if (!res.headersSent) sendApiError(res, apiError)
-        else res.destroy()
-      }
-    },
+    register,
     close () {
       waiters.close()
     },

@@ -1,64 +1,11 @@
 /**
- * Parsing of the /v1 API's query parameters and times, as pure functions.
- * Every problem is an ApiError naming the parameter; unknown and repeated
- * parameters are errors too, so a typo (`maxRecord=10`) is not silently
- * ignored.
+ * Parsing of the /v1 API's parameter values that a JSON schema cannot
+ * read (times; offsets beside `earliest` / `latest`), as pure functions.
+ * Every problem is an ApiError naming the parameter. Which parameters an
+ * endpoint takes, and their types and ranges, are its schema's
+ * (http/schemas.ts).
  */
 import { ApiError } from './errors.ts'
-
-export class QueryParams {
-  readonly #params: URLSearchParams
-
-  /**
-   * `allowed` names every parameter the endpoint reads; `repeatable` those that may appear more than once, each
-   * with the most values it takes (every value costs work per record read: a bound keeps one request's cost bounded).
-   */
-  constructor (params: URLSearchParams, allowed: readonly string[], repeatable: Readonly<Record<string, number>> = {}) {
-    this.#params = params
-    const seen = new Map<string, number>()
-    for (const name of params.keys()) {
-      if (!allowed.includes(name)) {
-        throw new ApiError('HTTP_BAD_REQUEST', `unknown parameter ${JSON.stringify(name)}; this endpoint takes ${allowed.length === 0 ? 'none' : allowed.join(', ')}`,
-          { details: { parameter: name } })
-      }
-      const count = (seen.get(name) ?? 0) + 1
-      const most = Object.hasOwn(repeatable, name) ? repeatable[name] as number : 1
-      if (count > most) {
-        throw most === 1
-          ? new ApiError('HTTP_BAD_REQUEST', `parameter ${name} is given more than once`, { details: { parameter: name } })
-          : new ApiError('HTTP_TOO_MANY_VALUES', `parameter ${name} is given more than ${most} times`, { details: { parameter: name, max: most } })
-      }
-      seen.set(name, count)
-    }
-  }
-
-  has (name: string): boolean { return this.#params.has(name) }
-
-  string (name: string): string | undefined {
-    return this.#params.get(name) ?? undefined
-  }
-
-  all (name: string): string[] {
-    return this.#params.getAll(name)
-  }
-
-  /** An integer in [min, max], or undefined when absent. */
-  int (name: string, min: number, max: number): number | undefined {
-    const text = this.string(name)
-    if (text === undefined) return undefined
-    return parseInteger(text, name, min, max)
-  }
-
-  /** One of `choices`, or `fallback` when absent. */
-  choice<T extends string> (name: string, choices: readonly T[], fallback: T): T {
-    const text = this.string(name)
-    if (text === undefined) return fallback
-    if (!(choices as readonly string[]).includes(text)) {
-      throw new ApiError('HTTP_BAD_REQUEST', `${name} must be one of ${choices.join(', ')}, got ${JSON.stringify(text)}`, { details: { parameter: name } })
-    }
-    return text as T
-  }
-}
 
 export function parseInteger (text: string, name: string, min: number, max: number): number {
   const n = /^[0-9]{1,16}$/.test(text) ? Number(text) : NaN
@@ -81,7 +28,8 @@ const ISO = /^([0-9]{4})-([0-9]{2})-([0-9]{2})(?:[Tt]([0-9]{2}):([0-9]{2})(?::([
  *   zone (`Z` or an offset): the gateway's local zone is not the caller's.
  */
 export function parseTime (text: string, now: number, parameter: string): number {
-  const bad = (why: string): ApiError => new ApiError('HTTP_BAD_TIME', `${parameter}: ${JSON.stringify(text)} is not a time: ${why}`, { details: { parameter } })
+  const bad = (why: string): ApiError =>
+    new ApiError('HTTP_BAD_TIME', `${parameter}: ${JSON.stringify(text)} is not a time: ${why}`, { details: { parameter } })
   if (text === 'now') return now
   const rel = RELATIVE.exec(text)
   if (rel !== null) {

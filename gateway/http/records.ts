@@ -22,7 +22,7 @@ import type { IncomingMessage, ServerResponse } from 'node:http'
 import { Encoder } from 'cbor-x'
 import type { LogStore, StoredRecord } from '../../store/index.ts'
 import { ApiError, toApiError } from './errors.ts'
-import { parseInteger, QueryParams } from './params.ts'
+import { parseInteger } from './params.ts'
 import { CpuSlice, slicedPieces } from './cpu-slice.ts'
 import { RecordJson, type PayloadEncoding } from '../query/record-json.ts'
 import { compileFilterExpression } from '../query/filter-expression.ts'
@@ -34,6 +34,10 @@ import {
 export type OutputFormat = 'json' | 'ndjson' | 'cbor' | 'batches'
 /** The media type of format=batches: a CBOR sequence (RFC 8742) of stored batches (http/batches.ts). */
 export const BATCHES_MEDIA_TYPE = 'application/vnd.edgemq.batches+cbor-seq'
+/** Each format's media type, the one an Accept header names to ask for it. */
+export const FORMAT_MEDIA_TYPES: Readonly<Record<OutputFormat, string>> = {
+  json: 'application/json', ndjson: 'application/x-ndjson', cbor: 'application/cbor', batches: BATCHES_MEDIA_TYPE,
+}
 export type { PayloadEncoding }
 
 /** A JSON or CBOR response stops after examining this many records that a filter rejected, and says where to go on. */
@@ -41,17 +45,15 @@ const SCAN_BUDGET = 100_000
 export const MAX_WAIT_SECONDS = 60
 export const LIMITS = {
   json: { defaultRecords: 1000, maxRecords: 100_000, defaultBytes: 1024 * 1024, maxBytes: 64 * 1024 * 1024 },
-  ndjson: { defaultRecords: Number.MAX_SAFE_INTEGER, maxRecords: Number.MAX_SAFE_INTEGER, defaultBytes: Number.MAX_SAFE_INTEGER, maxBytes: Number.MAX_SAFE_INTEGER },
+  ndjson: {
+    defaultRecords: Number.MAX_SAFE_INTEGER, maxRecords: Number.MAX_SAFE_INTEGER, defaultBytes: Number.MAX_SAFE_INTEGER, maxBytes: Number.MAX_SAFE_INTEGER,
+  },
 } as const
 
 /** The most values of each repeatable filter parameter (documented with HTTP_TOO_MANY_VALUES in http/errors.ts). */
 export const MAX_TOPIC_FILTERS = 100
 export const MAX_KEYS = 1000
 
-export const RECORDS_PARAMETERS = [
-  'offset', 'from', 'group', 'endOffset', 'to', 'maxRecords', 'maxBytes', 'wait',
-  'key', 'topic', 'where', 'format', 'payload',
-] as const
 
 export interface RecordsRequest {
   readonly start: Start
@@ -68,56 +70,83 @@ export interface RecordsRequest {
 }
 
 /**
- * Reads the fetch parameters. `group` is the caller's group name already
- * mapped into the tenant's namespace by `groupName`.
+ * The fetch parameters as the route's schema (http/schemas.ts) let them
+ * through: each one of the right type and range, known, and given once
+ * (key and topic: at most MAX_KEYS / MAX_TOPIC_FILTERS times).
  */
-export function parseRecordsRequest (params: URLSearchParams, now: number, accept: string | undefined,
+export interface RecordsQuery {
+  readonly offset?: string
+  readonly from?: string
+  readonly group?: string
+  readonly endOffset?: number
+  readonly to?: string
+  readonly maxRecords?: number
+  readonly maxBytes?: number
+  readonly wait?: number
+  readonly key?: readonly string[]
+  readonly topic?: readonly string[]
+  readonly where?: string
+  readonly format?: OutputFormat
+  readonly payload?: PayloadEncoding
+}
+
+/** `name`'s value when it lies in [min, max]; HTTP_BAD_REQUEST otherwise (the bounds that depend on the format). */
+function within (value: number | undefined, name: string, min: number, max: number): number | undefined {
+  if (value !== undefined && (value < min || value > max)) {
+    throw new ApiError('HTTP_BAD_REQUEST', `${name} must be an integer from ${min} to ${max}, got ${value}`, { details: { parameter: name } })
+  }
+  return value
+}
+
+/**
+ * Reads the fetch parameters. `group` is the caller's group name already
+ * mapped into the tenant's namespace by `groupName`; `fallbackFormat` is the
+ * format without a `format` parameter (what the Accept header asks for).
+ */
+export function parseRecordsRequest (query: RecordsQuery, now: number, fallbackFormat: OutputFormat,
   groupName: (name: string) => string): RecordsRequest {
-  const q = new QueryParams(params, RECORDS_PARAMETERS, { key: MAX_KEYS, topic: MAX_TOPIC_FILTERS })
-  const fallbackFormat: OutputFormat = accept?.includes(BATCHES_MEDIA_TYPE) === true
-    ? 'batches'
-    : accept?.includes('application/x-ndjson') === true ? 'ndjson' : accept?.includes('application/cbor') === true ? 'cbor' : 'json'
-  const format = q.choice<OutputFormat>('format', ['json', 'ndjson', 'cbor', 'batches'], fallbackFormat)
-  const payload = q.choice<PayloadEncoding>('payload', ['utf8', 'base64'], 'utf8')
-  if ((format === 'cbor' || format === 'batches') && q.has('payload')) {
+  const has = (name: keyof RecordsQuery): boolean => query[name] !== undefined
+  const format = query.format ?? fallbackFormat
+  const payload = query.payload ?? 'utf8'
+  if ((format === 'cbor' || format === 'batches') && has('payload')) {
     throw new ApiError('HTTP_BAD_REQUEST', `payload does not apply to format=${format}: it carries payloads as bytes`, { details: { parameter: 'payload' } })
   }
   if (format === 'batches') {
     // Stored batches go out as they are; anything that needs records decoded belongs to the other formats.
-    const decoded = (['key', 'topic', 'where', 'maxRecords'] as const).find((p) => q.has(p))
+    const decoded = (['key', 'topic', 'where', 'maxRecords'] as const).find((p) => has(p))
     if (decoded !== undefined) {
-      throw new ApiError('HTTP_BAD_REQUEST', `${decoded} does not apply to format=batches, which serves stored batches whole and unfiltered; use format=ndjson, json or cbor (or endOffset to bound the range)`,
-        { details: { parameter: decoded } })
+      throw new ApiError('HTTP_BAD_REQUEST', `${decoded} does not apply to format=batches, which serves stored batches whole and unfiltered; ` +
+        'use format=ndjson, json or cbor (or endOffset to bound the range)', { details: { parameter: decoded } })
     }
   }
 
-  const starts = (['offset', 'from', 'group'] as const).filter((p) => q.has(p))
+  const starts = (['offset', 'from', 'group'] as const).filter((p) => has(p))
   if (starts.length > 1) {
     throw new ApiError('HTTP_BAD_REQUEST', `give at most one of offset, from and group (got ${starts.join(', ')})`, { details: { parameter: starts[1] } })
   }
   let start: Start = { kind: 'earliest' }
-  const offsetText = q.string('offset')
-  const fromText = q.string('from')
-  const groupText = q.string('group')
+  const offsetText = query.offset
+  const fromText = query.from
+  const groupText = query.group
   if (offsetText === 'earliest' || offsetText === 'latest') start = { kind: offsetText }
   else if (offsetText !== undefined) start = { kind: 'offset', offset: parseInteger(offsetText, 'offset', 0, Number.MAX_SAFE_INTEGER) }
   else if (fromText !== undefined) start = { kind: 'time', timestamp: asApiError(() => parseTime(fromText, now, 'from')) }
   else if (groupText !== undefined) start = { kind: 'group', group: groupName(groupText) }
 
-  const endOffset = q.int('endOffset', 0, Number.MAX_SAFE_INTEGER) ?? null
-  const toText = q.string('to')
+  const endOffset = query.endOffset ?? null
+  const toText = query.to
   const toTime = toText === undefined ? null : asApiError(() => parseTime(toText, now, 'to'))
   asApiError(() => checkRange({ start, endOffset, endTime: toTime }, RANGE_NAMES))
 
   const limits = format === 'ndjson' || format === 'batches' ? LIMITS.ndjson : LIMITS.json
-  const maxRecords = q.int('maxRecords', 1, limits.maxRecords) ?? limits.defaultRecords
-  const maxBytes = q.int('maxBytes', 1, limits.maxBytes) ?? limits.defaultBytes
-  const waitMs = (q.int('wait', 0, MAX_WAIT_SECONDS) ?? 0) * 1000
+  const maxRecords = within(query.maxRecords, 'maxRecords', 1, limits.maxRecords) ?? limits.defaultRecords
+  const maxBytes = within(query.maxBytes, 'maxBytes', 1, limits.maxBytes) ?? limits.defaultBytes
+  const waitMs = (query.wait ?? 0) * 1000
 
-  const keyList = q.all('key')
-  const topicFilters = q.all('topic')
-  asApiError(() => compileRecordFilter({ keys: [], topics: topicFilters, where: undefined }, 'topic'))
-  const whereText = q.string('where')
+  const keyList = query.key ?? []
+  const topicFilters = query.topic ?? []
+  asApiError(() => compileRecordFilter({ keys: [], topics: [...topicFilters], where: undefined }, 'topic'))
+  const whereText = query.where
   return {
     start, endOffset, toTime, format, payload, maxRecords, maxBytes, waitMs,
     keys: keyList.length === 0 ? null : new Set(keyList),

@@ -103,14 +103,37 @@ export function standInClient (id: string): Client {
   return { id, closed: false, conn: {} } as unknown as Client
 }
 
-/** The part of aedes' client parser that UNSUBSCRIBE mounting reaches into. */
-interface UnsubscribePacket { cmd: string, unsubscriptions?: string[] }
+/** The part of aedes' client parser that UNSUBSCRIBE mounting and SUBSCRIBE sizing reach into. */
+interface ParsedPacket { cmd: string, unsubscriptions?: string[], subscriptions?: object[] }
 interface ClientParser {
   readonly _parser: {
-    prependListener (event: 'packet', listener: (packet: UnsubscribePacket) => void): void
+    prependListener (event: 'packet', listener: (packet: ParsedPacket) => void): void
     /** Packets parsed before the CONNACK, handled once the client is connected; null afterwards. */
-    readonly _queue: UnsubscribePacket[] | null
+    readonly _queue: ParsedPacket[] | null
   }
+}
+
+/**
+ * Calls `watch` with every packet of the client before aedes handles it: the packets parsed before the tenant was
+ * known wait in `client._parser._queue` until the CONNACK (https://github.com/moscajs/aedes/blob/v1.2.0/lib/client.js#L62)
+ * and come first; later ones as the parser emits them (a listener prepended to aedes' own).
+ */
+function watchPackets (client: Client, watch: (packet: ParsedPacket) => void): void {
+  const parser = (client as unknown as ClientParser)._parser
+  for (const packet of parser._queue ?? []) watch(packet)
+  parser.prependListener('packet', watch)
+}
+
+/**
+ * Calls `seen` with the subscription objects of every SUBSCRIBE of this client before aedes handles it (the objects
+ * aedes later hands authorizeSubscribe one by one). aedes has no hook that sees a whole SUBSCRIBE, so a limit on the
+ * filters of one packet cannot be checked per filter. No upstream issue; public API that would remove it: a
+ * `preSubscribe(client, packet)` hook.
+ */
+export function watchSubscribes (client: Client, seen: (subscriptions: readonly object[]) => void): void {
+  watchPackets(client, (packet) => {
+    if (packet.cmd === 'subscribe' && packet.subscriptions !== undefined) seen(packet.subscriptions)
+  })
 }
 
 /**
@@ -122,12 +145,9 @@ interface ClientParser {
  * https://github.com/moscajs/aedes/pull/605 (open), would remove it.
  */
 export function rewriteUnsubscribes (client: Client, rewrite: (filters: string[]) => string[]): void {
-  const parser = (client as unknown as ClientParser)._parser
-  const mount = (packet: UnsubscribePacket): void => {
+  watchPackets(client, (packet) => {
     if (packet.cmd === 'unsubscribe' && packet.unsubscriptions !== undefined) packet.unsubscriptions = rewrite(packet.unsubscriptions)
-  }
-  for (const packet of parser._queue ?? []) mount(packet)
-  parser.prependListener('packet', mount)
+  })
 }
 
 // --- the broker ------------------------------------------------------------------------------------------------------
@@ -205,15 +225,18 @@ interface Subscriptions<S> {
 }
 
 /**
- * Stores only the subscriptions `keep` accepts. aedes stores the whole SUBSCRIBE list once per filter, as it
- * authorizes each (https://github.com/moscajs/aedes/blob/v1.2.0/lib/handlers/subscribe.js storeSubscriptions): the filters after it are not mounted
- * yet, and $replay subscriptions must never be stored. No upstream issue; public API that would remove it:
- * storing the subscriptions authorizeSubscribe returned, once per packet.
+ * Stores what `take(client)` hands over instead of the list aedes passes. aedes stores the whole SUBSCRIBE list once
+ * per filter, as it authorizes each (https://github.com/moscajs/aedes/blob/v1.2.0/lib/handlers/subscribe.js
+ * storeSubscriptions): N filters cost N² subscription writes (11 s and 1 GiB for 1,000), the filters after the one
+ * authorized are not mounted yet, refused ones are in it, and $replay subscriptions must never be stored. `take`
+ * gives the ones authorizeSubscribe accepted since its last call, the caller's own among them: one write per filter.
+ * No upstream issue; public API that would remove it: storing the subscriptions authorizeSubscribe returned, once per
+ * packet.
  */
-export function filterStoredSubscriptions<S> (persistence: Subscriptions<S>, keep: (sub: S) => boolean): void {
-  wrapMethod(persistence, 'addSubscriptions', (add) => async (client, subs) => {
-    const stored = subs.filter(keep)
-    if (stored.length > 0) await add(client, stored)
+export function storeAcceptedSubscriptions<S> (persistence: Subscriptions<S>, take: (client: Client) => readonly S[] | undefined): void {
+  wrapMethod(persistence, 'addSubscriptions', (add) => async (client) => {
+    const accepted = take(client)
+    if (accepted !== undefined && accepted.length > 0) await add(client, accepted)
   })
 }
 

@@ -1,55 +1,37 @@
 /**
- * aedes session persistence on the gateway's LevelDB, format version 1: the
- * subscriptions of persistent sessions, their offline QoS 1/2 queues,
- * retained messages, wills and inbound QoS 2 packets awaiting PUBREL. This
- * file owns the key layout and value encoding of the session key space;
- * nothing else reads or writes it.
+ * aedes session persistence on the gateway's LevelDB: the subscriptions of
+ * persistent sessions, their offline QoS 1/2 queues, retained messages, wills
+ * and inbound QoS 2 packets awaiting PUBREL. The key layout and value
+ * encoding are session-format.ts's; this file keeps the state in memory and
+ * decides what to write when.
  *
  * Interface: the promise API that aedes 1.x calls directly (aedes-persistence
  * 11's `asyncPersistence.js`: an `async setup(broker)`, promise-returning
  * methods, Readable streams). Conformance: aedes-persistence's `abstract.js`
- * run with `testAsync: true` (test/gateway/fixtures/persistence-abstract.ts).
+ * run with `testAsync: true` (test/gateway/fixtures/persistence-abstract.ts),
+ * and aedes' own test suite (test/gateway/mqtt/aedes-suite.int.test.ts).
  *
- * Keys are binary and live in the database handed to the constructor (the
- * gateway passes its `sessions` sublevel; any abstract-level works). `client`
- * is the client id as u16 byte length + utf8 bytes, so the keys of one client
- * form a prefix range that never reaches a client whose id extends it
- * ("abc" / "abcd").
- *
- * | key                           | value                                                       |
- * | ----------------------------- | ----------------------------------------------------------- |
- * | `V`                           | format version, u32 (= 1)                                   |
- * | `S` client topic(utf8)        | cbor `{ qos, rh?, rap?, nl?, subscriptionIdentifier? }`     |
- * | `R` topic(utf8)               | cbor retained packet (every own field aedes gave)           |
- * | `O` client seq(u64)           | cbor queued packet in aedes-packet shape, or the packet that replaced it (PUBREL) |
- * | `M` client seq(u64)           | message id, u16, given when the queued packet was sent      |
- * | `I` client messageId(u16)     | cbor inbound QoS 2 packet, aedes-packet shape               |
- * | `C` client                    | empty: a persistent session exists (CONNECT with clean = false), even with nothing else stored |
- * | `W` client                    | cbor will packet, carrying brokerId, clientId and (from the broker, wills.ts) edgemqIdentity; deleted in the batch that logs it when it fires (willDeleteOps) |
+ * The key space is the database handed to the constructor (the gateway
+ * passes its `sessions` sublevel, with buffer encodings).
  *
  * Invariants:
- * - `seq` is one counter for the whole key space, strictly increasing;
- *   setup() resumes it at the largest stored seq + 1, so a client's queue
- *   order is its enqueue order, across restarts too.
- * - An `M` entry exists only beside the `O` entry with the same key suffix;
- *   both are deleted in one write batch. A lost `M` (power loss with
- *   `durability: 'async'`) only means the packet is resent with a new id.
  * - Memory mirrors the small state and setup() rebuilds it from disk:
  *   subscriptions (plus a qlobber trie of the QoS > 0 ones, the same matcher
  *   mqemitter routes live messages with), the queue index (seq, brokerId,
  *   brokerCounter, messageId per entry, not the bodies), inbound QoS 2
  *   packets and wills. Retained messages and queued bodies live on disk only.
- * - The `I` entry of a QoS 2 publish that goes into the log is written in
- *   the log's append batch (incomingStorePacketWith, the store's
- *   `extraOps`), so it exists exactly when the record does; it is deleted
- *   here (PUBREL, clean session) in one write.
- * - One serial writer (group commit, as in store/): a mutation updates memory
- *   synchronously, queues its operations and resolves once the LevelDB batch
- *   holding them is written (fsync'd with `durability: 'sync'`, the default).
- *   Calls made in the same tick, or while a batch is in flight, share the next
- *   batch. Batches go out in call order, so disk converges on memory. If a
- *   batch fails its calls reject with GW_SESSION_WRITE_FAILED and memory may be
- *   ahead of disk until the next start rebuilds it.
+ * - incomingStorePacketWith hands the `I` entry of a QoS 2 publish to the
+ *   log's append (session-format.ts); it is deleted here (PUBREL, clean
+ *   session) in one write.
+ * - Writes go through the log store's group-commit writer (LogStore.write;
+ *   the gateway passes its store): a mutation updates memory synchronously,
+ *   queues its operations and resolves once the LevelDB batch holding them is
+ *   written (fsync'd under the store's `durability: 'sync'`, the default).
+ *   Session writes share batches, and fsyncs, with the log's appends. Batches
+ *   go out in call order, with the appends' extraOps too, so disk converges on
+ *   memory. If a batch fails its calls reject with GW_SESSION_WRITE_FAILED and
+ *   memory may be ahead of disk until the next start rebuilds it. Without a
+ *   store (tests, tools) each call is its own batch, in call order.
  * - setup() raises `broker.counter` above every brokerCounter this broker id
  *   has queued: aedes restarts the counter at 0, and with a stable broker id a
  *   reconnecting client's dedupe table (filled from replayed queue entries)
@@ -59,37 +41,17 @@
  */
 import { createRequire } from 'node:module'
 import { Readable } from 'node:stream'
-import type { AbstractBatchOperation, AbstractBatchOptions, AbstractLevel } from 'abstract-level'
-import { Encoder } from 'cbor-x'
-import type { Durability, ExtraOperation, LevelDatabase } from '../../store/index.ts'
+import type { AbstractBatchOptions, AbstractLevel } from 'abstract-level'
+import type { Durability, ExtraOperation, LevelDatabase, LogStore } from '../../store/index.ts'
 import { compileTopicFilters, QLOBBER_OPTIONS, type QlobberOptions } from '../access/topics.ts'
+import { notFound, SessionPersistenceError } from './session-errors.ts'
+import {
+  cbor, checkMessageId, PARKED_PREFIX, clientPrefix, decodeValue, encodeU16, encodeVersion, keys, prefixRange, readVersion, SESSION_FORMAT_VERSION,
+  TAG_INCOMING, TAG_MESSAGE_ID, TAG_OUTGOING, TAG_SESSION, TAG_SUB, TAG_WILL,
+} from './session-format.ts'
 
-export const SESSION_FORMAT_VERSION = 1
-
-// ---------------------------------------------------------------------------
-// Errors
-
-export const SESSION_ERROR_CODES = {
-  GW_SESSION_NOT_FOUND: 'No stored packet has that message id. aedes reads this rejection as "not found" (a new inbound QoS 2 packet, an unknown in-flight message), so it is part of the contract, not a fault.',
-  GW_SESSION_NOT_READY: 'A session persistence method was called before setup(broker) finished loading the sessions.',
-  GW_SESSION_CLOSED: 'The session persistence was destroyed.',
-  GW_SESSION_FORMAT_VERSION: 'The sessions key space was written by an incompatible format version.',
-  GW_SESSION_CORRUPT: 'A stored session entry could not be decoded; the error names its key.',
-  GW_SESSION_WRITE_FAILED: 'The database rejected a session write (for example ENOSPC); the calls in that batch were not stored.',
-  GW_SESSION_INVALID_ARGUMENT: 'A client id or message id cannot be stored (longer than 65535 bytes, or a message id outside 0..65535).',
-} as const
-
-export type SessionErrorCode = keyof typeof SESSION_ERROR_CODES
-
-export class SessionPersistenceError extends Error {
-  override readonly name = 'SessionPersistenceError'
-  readonly code: SessionErrorCode
-
-  constructor (code: SessionErrorCode, message: string, options: { cause?: unknown } = {}) {
-    super(message, options.cause === undefined ? undefined : { cause: options.cause })
-    this.code = code
-  }
-}
+export { SESSION_ERROR_CODES, SessionPersistenceError, type SessionErrorCode } from './session-errors.ts'
+export { SESSION_FORMAT_VERSION } from './session-format.ts'
 
 // ---------------------------------------------------------------------------
 // The shapes aedes hands in and gets back
@@ -146,7 +108,13 @@ export interface MatchedSubscription {
 }
 
 export interface SessionPersistenceOptions {
-  /** 'sync' (default) fsyncs each write batch before its calls resolve. */
+  /**
+   * The log store on the same database, whose group-commit writer every write goes through (the gateway passes
+   * its store). Then `db` must be a sublevel of that database with buffer encodings, outside the store's `log`.
+   * Without one, each call is written as its own batch.
+   */
+  readonly writer?: SessionWriter
+  /** Without a writer: 'sync' (default) fsyncs each batch before its call resolves. With one, the store's applies. */
   readonly durability?: Durability
 }
 
@@ -166,91 +134,17 @@ interface QlobberSub {
 const require = createRequire(import.meta.url)
 const QlobberSubClass = require('qlobber/aedes/qlobber-sub') as new (options: QlobberOptions) => QlobberSub
 
-// ---------------------------------------------------------------------------
-// Key layout and value encoding (see the header)
-
-const TAG_VERSION = 0x56 // 'V'
-const TAG_SUB = 0x53 // 'S'
-const TAG_RETAINED = 0x52 // 'R'
-const TAG_OUTGOING = 0x4f // 'O'
-const TAG_MESSAGE_ID = 0x4d // 'M'
-const TAG_INCOMING = 0x49 // 'I'
-const TAG_WILL = 0x57 // 'W'
-const TAG_SESSION = 0x43 // 'C'
-
-const cbor = new Encoder({ useRecords: false, structuredClone: false, mapsAsObjects: true, variableMapSize: true })
-
-function clientPrefix (tag: number, clientId: string, extra = 0): Buffer {
-  const id = Buffer.from(String(clientId), 'utf8')
-  if (id.length > 0xffff) {
-    throw new SessionPersistenceError('GW_SESSION_INVALID_ARGUMENT', `client id is ${id.length} bytes, more than 65535`)
-  }
-  const key = Buffer.allocUnsafe(3 + id.length + extra)
-  key[0] = tag
-  key.writeUInt16BE(id.length, 1)
-  id.copy(key, 3)
-  return key
-}
-
-function checkMessageId (messageId: unknown): number {
-  if (typeof messageId !== 'number' || !Number.isInteger(messageId) || messageId < 0 || messageId > 0xffff) {
-    throw new SessionPersistenceError('GW_SESSION_INVALID_ARGUMENT', `message id must be an integer in 0..65535, got ${String(messageId)}`)
-  }
-  return messageId
-}
-
-const keys = {
-  version: (): Buffer => Buffer.from([TAG_VERSION]),
-  sub: (clientId: string, topic: string): Buffer => Buffer.concat([clientPrefix(TAG_SUB, clientId), Buffer.from(topic, 'utf8')]),
-  retained: (topic: string): Buffer => Buffer.concat([Buffer.from([TAG_RETAINED]), Buffer.from(topic, 'utf8')]),
-  outgoing: (tag: typeof TAG_OUTGOING | typeof TAG_MESSAGE_ID, clientId: string, seq: number): Buffer => {
-    const key = clientPrefix(tag, clientId, 8)
-    key.writeBigUInt64BE(BigInt(seq), key.length - 8)
-    return key
-  },
-  incoming: (clientId: string, messageId: number): Buffer => {
-    const key = clientPrefix(TAG_INCOMING, clientId, 2)
-    key.writeUInt16BE(messageId, key.length - 2)
-    return key
-  },
-  will: (clientId: string): Buffer => clientPrefix(TAG_WILL, clientId),
-  session: (clientId: string): Buffer => clientPrefix(TAG_SESSION, clientId),
-  /** Splits a client-scoped key into the client id and what follows it. */
-  parseClient (key: Buffer): { clientId: string, rest: Buffer } {
-    const length = key.readUInt16BE(1)
-    return { clientId: key.toString('utf8', 3, 3 + length), rest: key.subarray(3 + length) }
-  },
-}
-
-/** Range bounds covering every key that starts with `prefix`. */
-function prefixRange (prefix: Buffer): { gte: Buffer, lt?: Buffer } {
-  const upper = Buffer.from(prefix)
-  for (let i = upper.length - 1; i >= 0; i--) {
-    if ((upper[i] as number) < 0xff) {
-      upper[i] = (upper[i] as number) + 1
-      return { gte: prefix, lt: upper.subarray(0, i + 1) }
-    }
-  }
-  return { gte: prefix }
-}
-
-function encodeU16 (n: number): Buffer {
-  const buf = Buffer.allocUnsafe(2)
-  buf.writeUInt16BE(n, 0)
-  return buf
-}
-
-function decodeValue<T> (key: Buffer, value: Uint8Array): T {
-  try {
-    return cbor.decode(value) as T
-  } catch (err) {
-    throw new SessionPersistenceError('GW_SESSION_CORRUPT', `cannot decode session entry ${key.toString('hex')}`, { cause: err })
-  }
-}
-
-/** Every own enumerable field: aedes packets are class instances, and callers mutate what they passed. */
+/**
+ * Every own enumerable field but functions: aedes packets are class instances, callers mutate what they passed, and
+ * the packets aedes hands to outgoingUpdate carry a `writeCallback` bound to the client (lib/qos-packet.js), which
+ * cbor cannot encode and which would keep a closed client reachable from memory.
+ */
 function ownFields (packet: SessionPacket): SessionPacket {
-  return Object.assign({}, packet)
+  const fields: SessionPacket = {}
+  for (const [field, value] of Object.entries(packet)) {
+    if (typeof value !== 'function') fields[field] = value
+  }
+  return fields
 }
 
 /**
@@ -286,67 +180,85 @@ function brokerKey (brokerId: unknown, brokerCounter: unknown): string {
 }
 
 // ---------------------------------------------------------------------------
-// The writer: one serial loop, group commit (see the header)
+// Writes: through the log store's group-commit writer (see the header)
 
 type Db = AbstractLevel<string | Buffer | Uint8Array, unknown, unknown>
-type BatchOp = AbstractBatchOperation<Db, Buffer, Buffer>
+type BatchOp = { readonly type: 'put', readonly key: Buffer, readonly value: Buffer } | { readonly type: 'del', readonly key: Buffer }
 /** classic-level's `sync` write option; abstract-level's types do not declare it, sublevels forward it. */
 type WriteOptions = AbstractBatchOptions<Buffer, Buffer> & { sync: boolean }
 const BINARY = { keyEncoding: 'buffer', valueEncoding: 'buffer' } as const
 
-interface PendingValue { readonly value: Buffer | undefined }
+/** What the persistence writes through: the log store's group-commit writer ({@link LogStore.write}). */
+export type SessionWriter = Pick<LogStore, 'write'>
 
-interface Slot {
-  readonly ops: BatchOp[]
-  readonly cells: Array<[string, PendingValue]>
-  readonly done: Promise<void>
-  resolve: () => void
-  reject: (err: unknown) => void
-}
-
-class GroupCommitWriter {
+/**
+ * The writer of a persistence given no log store (tests, tools): one LevelDB batch per call, in call order. Not a
+ * second group commit: the gateway always passes its store.
+ */
+class DirectWriter implements SessionWriter {
   readonly #db: Db
   readonly #options: WriteOptions
-  /** Values queued or in flight, so point reads see them before LevelDB does. */
-  readonly #pending = new Map<string, PendingValue>()
-  #next: Slot | undefined
-  #current: Slot | undefined
-  #running = false
+  #tail: Promise<void> = Promise.resolve()
 
   constructor (db: Db, durability: Durability) {
     this.#db = db
     this.#options = { ...BINARY, sync: durability === 'sync' }
   }
 
-  write (ops: BatchOp[]): Promise<void> {
+  write (ops: readonly ExtraOperation[]): Promise<void> {
+    const batch = ops.map((op) => op.type === 'put' ? { type: 'put' as const, key: op.key, value: op.value } : { type: 'del' as const, key: op.key })
+    const done = this.#tail.then(() => this.#db.batch<Buffer, Buffer>(batch as never, this.#options))
+    this.#tail = done.catch(() => {})
+    return done
+  }
+}
+
+interface PendingValue { readonly value: Buffer | undefined }
+
+/**
+ * The persistence's side of its writes: hands them to the writer as operations on its key space, keeps the values
+ * queued or in flight so point reads see them before LevelDB does, and knows when everything written so far is done.
+ */
+class SessionWrites {
+  readonly #db: Db
+  readonly #writer: SessionWriter
+  readonly #pending = new Map<string, PendingValue>()
+  #last: Promise<void> = Promise.resolve()
+
+  constructor (db: Db, writer: SessionWriter) {
+    this.#db = db
+    this.#writer = writer
+  }
+
+  write (ops: readonly BatchOp[]): Promise<void> {
     if (ops.length === 0) return Promise.resolve()
-    let slot = this.#next
-    if (slot === undefined) {
-      let resolve!: () => void
-      let reject!: (err: unknown) => void
-      const done = new Promise<void>((res, rej) => { resolve = res; reject = rej })
-      done.catch(() => {}) // every caller awaits it; this only keeps an unawaited failure from crashing the process
-      slot = { ops: [], cells: [], done, resolve, reject }
-      this.#next = slot
-    }
+    const cells: Array<[string, PendingValue]> = []
+    const extra: ExtraOperation[] = []
     for (const op of ops) {
-      slot.ops.push(op)
       const cell: PendingValue = { value: op.type === 'put' ? op.value : undefined }
       const id = op.key.toString('latin1')
       this.#pending.set(id, cell)
-      slot.cells.push([id, cell])
+      cells.push([id, cell])
+      extra.push(op.type === 'put'
+        ? { type: 'put', sublevel: this.#db, key: op.key, value: op.value }
+        : { type: 'del', sublevel: this.#db, key: op.key })
     }
-    if (!this.#running) {
-      this.#running = true
-      queueMicrotask(() => { void this.#run() })
-    }
-    return slot.done
+    const done = this.#writer.write(extra).then(() => {}, (cause: unknown) => {
+      throw new SessionPersistenceError('GW_SESSION_WRITE_FAILED', `session write of ${ops.length} operations failed`, { cause })
+    }).finally(() => {
+      for (const [id, cell] of cells) {
+        if (this.#pending.get(id) === cell) this.#pending.delete(id)
+      }
+    })
+    done.catch(() => {}) // every caller awaits it; this only keeps an unawaited failure from crashing the process
+    // The writer commits in call order, so the last write settles after every earlier one.
+    this.#last = done.then(() => {}, () => {})
+    return done
   }
 
   /** Resolves (never rejects) once everything written so far has been committed or has failed. */
   flush (): Promise<void> {
-    const slot = this.#next ?? this.#current
-    return slot === undefined ? Promise.resolve() : slot.done.then(() => {}, () => {})
+    return this.#last
   }
 
   /** Reads one key, seeing writes that are queued but not yet in LevelDB. */
@@ -354,26 +266,6 @@ class GroupCommitWriter {
     const pending = this.#pending.get(key.toString('latin1'))
     if (pending !== undefined) return pending.value
     return await this.#db.get<Buffer, Buffer>(key, BINARY)
-  }
-
-  async #run (): Promise<void> {
-    while (this.#next !== undefined) {
-      const slot = this.#next
-      this.#next = undefined
-      this.#current = slot
-      try {
-        await this.#db.batch<Buffer, Buffer>(slot.ops, this.#options)
-        slot.resolve()
-      } catch (err) {
-        slot.reject(new SessionPersistenceError('GW_SESSION_WRITE_FAILED', `session write of ${slot.ops.length} operations failed`, { cause: err }))
-      } finally {
-        for (const [id, cell] of slot.cells) {
-          if (this.#pending.get(id) === cell) this.#pending.delete(id)
-        }
-        this.#current = undefined
-      }
-    }
-    this.#running = false
   }
 }
 
@@ -476,7 +368,7 @@ function first (set: Set<OutgoingEntry> | undefined, accept: (entry: OutgoingEnt
 
 export class LevelSessionPersistence {
   readonly #db: Db
-  readonly #writer: GroupCommitWriter
+  readonly #writer: SessionWrites
   #broker: SessionBroker | undefined
   #loading: Promise<void> | undefined
   #loaded = false
@@ -507,7 +399,7 @@ export class LevelSessionPersistence {
       throw new SessionPersistenceError('GW_SESSION_INVALID_ARGUMENT', `durability must be "sync" or "async", got ${String(durability)}`)
     }
     this.#db = db
-    this.#writer = new GroupCommitWriter(db, durability)
+    this.#writer = new SessionWrites(db, options.writer ?? new DirectWriter(db, durability))
   }
 
   /** The broker given to setup(); aedes-persistence's abstract suite reads it. */
@@ -532,18 +424,20 @@ export class LevelSessionPersistence {
     if (this.#db.status !== 'open') await this.#db.open()
     const stored = await this.#db.get<Buffer, Buffer>(keys.version(), BINARY)
     if (stored === undefined) {
-      const buf = Buffer.allocUnsafe(4)
-      buf.writeUInt32BE(SESSION_FORMAT_VERSION, 0)
-      await this.#writer.write([put(keys.version(), buf)])
-    } else if (stored.length !== 4 || stored.readUInt32BE(0) !== SESSION_FORMAT_VERSION) {
+      await this.#writer.write([put(keys.version(), encodeVersion())])
+    } else if (readVersion(stored) !== SESSION_FORMAT_VERSION) {
       throw new SessionPersistenceError('GW_SESSION_FORMAT_VERSION',
-        `sessions were written by format ${stored.length === 4 ? stored.readUInt32BE(0) : 'unknown'}, this gateway reads ${SESSION_FORMAT_VERSION}`)
+        `sessions were written by format ${readVersion(stored) ?? 'unknown'}, this gateway reads ${SESSION_FORMAT_VERSION}`)
     }
 
+    const parked: BatchOp[] = []
     for await (const [key, value] of this.#scan(Buffer.from([TAG_SUB]))) {
       const { clientId, rest } = keys.parseClient(key)
-      this.#addSubscription(clientId, rest.toString('utf8'), decodeValue<StoredSubscription>(key, value))
+      const topic = rest.toString('utf8')
+      if (topic.startsWith(PARKED_PREFIX)) parked.push(del(key))
+      else this.#addSubscription(clientId, topic, decodeValue<StoredSubscription>(key, value))
     }
+    await this.#writer.write(parked)
 
     for await (const [key, value] of this.#scan(Buffer.from([TAG_OUTGOING]))) {
       const { clientId, rest } = keys.parseClient(key)
@@ -618,17 +512,26 @@ export class LevelSessionPersistence {
     this.#ready()
     await this.#writer.flush()
     const seen = new Set<string>()
-    for (const pattern of patterns) {
-      const matches = compileTopicFilters([pattern])
-      const levels = pattern.split('/')
-      const wildcard = levels.findIndex((level) => level === '+' || level === '#')
-      const literal = wildcard === -1 ? pattern : levels.slice(0, wildcard).join('/')
-      for await (const [key, value] of this.#scan(keys.retained(literal))) {
-        const topic = key.toString('utf8', 1)
-        if (seen.has(topic) || !matches(topic)) continue
-        seen.add(topic)
-        yield decodeValue<SessionPacket>(key, value)
+    try {
+      for (const pattern of patterns) {
+        if (this.#destroyed) return
+        const matches = compileTopicFilters([pattern])
+        const levels = pattern.split('/')
+        const wildcard = levels.findIndex((level) => level === '+' || level === '#')
+        const literal = wildcard === -1 ? pattern : levels.slice(0, wildcard).join('/')
+        for await (const [key, value] of this.#scan(keys.retained(literal))) {
+          const topic = key.toString('utf8', 1)
+          if (seen.has(topic) || !matches(topic)) continue
+          seen.add(topic)
+          yield decodeValue<SessionPacket>(key, value)
+        }
       }
+    } catch (err) {
+      // aedes reads retained messages after the SUBACK, one scan per filter (10,000 take a while): a shutdown that
+      // destroys this persistence and closes the database meanwhile ends the stream, rather than failing it with
+      // LEVEL_DATABASE_NOT_OPEN on a stream aedes does not listen to, which killed the process on its way out.
+      if (this.#destroyed) return
+      throw err
     }
   }
 
@@ -686,7 +589,12 @@ export class LevelSessionPersistence {
     this.#ready()
     const stored = this.#subs.get(client.id)
     if (stored === undefined) return []
-    return [...stored].map(([topic, record]) => ({ topic, ...record }))
+    // aedes-persistence's shape: rh, rap and nl always present (undefined for MQTT 3.1.1), the identifier only when set.
+    return [...stored].map(([topic, record]) => {
+      const sub: SessionSubscription = { topic, qos: record.qos, rh: record.rh, rap: record.rap, nl: record.nl }
+      if (record.subscriptionIdentifier !== undefined) sub.subscriptionIdentifier = record.subscriptionIdentifier
+      return sub
+    })
   }
 
   /**
@@ -799,7 +707,7 @@ export class LevelSessionPersistence {
     const sameBroker = queue?.byBroker(packet.brokerId, packet.brokerCounter)
     const otherBroker = messageId === undefined ? undefined : queue?.byMessageId(messageId, { brokerId: packet.brokerId })
     if (queue === undefined || (sameBroker === undefined && otherBroker === undefined)) {
-      throw new SessionPersistenceError('GW_SESSION_NOT_FOUND', `no queued packet for client ${client.id} matches messageId ${String(packet.messageId)}`)
+      throw notFound()
     }
     const ops: BatchOp[] = []
     if (sameBroker !== undefined && (otherBroker === undefined || sameBroker.seq < otherBroker.seq)) {
@@ -808,9 +716,10 @@ export class LevelSessionPersistence {
       ops.push(messageId === undefined ? del(key) : put(key, encodeU16(messageId)))
     } else if (otherBroker !== undefined) {
       const replacement = ownFields(packet)
+      const body = cbor.encode(replacement) // before memory changes, so a packet that cannot be stored changes nothing
       otherBroker.replacement = replacement
       queue.change(otherBroker, { brokerId: packet.brokerId, brokerCounter: packet.brokerCounter, messageId })
-      ops.push(put(keys.outgoing(TAG_OUTGOING, client.id, otherBroker.seq), cbor.encode(replacement)))
+      ops.push(put(keys.outgoing(TAG_OUTGOING, client.id, otherBroker.seq), body))
       ops.push(put(keys.outgoing(TAG_MESSAGE_ID, client.id, otherBroker.seq), encodeU16(messageId as number)))
     }
     await this.#writer.write(ops)
@@ -923,7 +832,7 @@ export class LevelSessionPersistence {
     this.#ready()
     const stored = this.#incoming.get(client.id)?.get(packet.messageId as number)
     if (stored === undefined) {
-      throw new SessionPersistenceError('GW_SESSION_NOT_FOUND', `no inbound packet ${String(packet.messageId)} for client ${client.id}`)
+      throw notFound()
     }
     return { ...stored }
   }
@@ -936,7 +845,7 @@ export class LevelSessionPersistence {
       // A repeated PUBREL: aedes answers it with PUBCOMP, which must not overtake the write deleting the entry (a kill
       // after that PUBCOMP would bring the entry back, and the client's next message with this id would be dropped).
       await this.#writer.flush()
-      throw new SessionPersistenceError('GW_SESSION_NOT_FOUND', `no inbound packet ${String(packet.messageId)} for client ${client.id}`)
+      throw notFound()
     }
     if (store.size === 0) this.#incoming.delete(client.id)
     await this.#writer.write([del(keys.incoming(client.id, messageId))])

@@ -8,7 +8,7 @@
  * failed log write (the process' file-size limit lowered with prlimit, so
  * LevelDB's writes fail with EFBIG; raised again, the store recovers).
  *
- * The bridge has three upstreams, so every bridge series exists with data:
+ * The bridge has four upstreams, so every bridge series exists with data:
  * - `region`, a second `edgemq start` (the cloud side), which takes the
  *   forwarded streams and the command receipts and sends commands down
  *   (`cmd/{site}/+/#` → `devices/+/commands/#`, with a time-to-live so an
@@ -18,7 +18,9 @@
  * - `refusing`, the same edgemq, whose `unrouted: reject` refuses the topic
  *   this upstream's template makes: a 3.1.1 broker refuses by disconnecting,
  *   so each record it forwards (only `devices/+/events/refused`) ends in the
- *   dead-letter stream after one attempt.
+ *   dead-letter stream after one attempt;
+ * - `nats-down`, a NATS upstream on a closed port: its coded error
+ *   (BRIDGE_NATS_UNREACHABLE) in edgemq_bridge_upstream_error.
  */
 import { execFileSync } from 'node:child_process'
 import { mkdir } from 'node:fs/promises'
@@ -32,7 +34,7 @@ import { freePort } from './prometheus-process.ts'
 export const GROUP = 'uplink-test'
 export const GATEWAY_ID = 'edge-dash'
 /** The bridge's upstreams (their consumer groups are `bridge.<name>`). */
-export const UPSTREAMS = { live: 'region', down: 'down', refusing: 'refusing' } as const
+export const UPSTREAMS = { live: 'region', down: 'down', refusing: 'refusing', natsDown: 'nats-down' } as const
 /** Streams the live upstream forwards with data once {@link ExercisedGateway.bridgeTraffic} ran. */
 export const FORWARDED_STREAMS = ['telemetry', 'events', 'command-receipts'] as const
 const DEVICE_USER = 'sensor-7'
@@ -182,6 +184,7 @@ export async function startExercisedGateway (): Promise<ExercisedGateway> {
             // disconnect counts as a refusal only on a link that has carried an acknowledged record.
             forward: [{ stream: 'events', filter: 'devices/+/events/refused' }], topicTemplate: 'k/{key}/{topic}',
           },
+          { name: UPSTREAMS.natsDown, url: `nats://127.0.0.1:${closedPort}`, reconnectMinMs: 100, reconnectMaxMs: 1000, connectTimeoutMs: 1000 },
         ],
       },
     })

@@ -157,6 +157,24 @@ describe('store write failures', () => {
     expect(again.partitionInfo('t/s', 0).logEndOffset).toBe(2)
     await again.close()
   })
+
+  it('rejects write()s of a failed commit with STORE_WRITE_FAILED, with or without appends beside them, and goes on', async () => {
+    const db = flakyLevel()
+    const store = await openLogStore({ db: db as unknown as LevelDatabase })
+    const side = db.sublevel<Buffer, Buffer>('side', { keyEncoding: 'buffer', valueEncoding: 'buffer' })
+    const put = (k: string): ExtraOperation => ({ type: 'put', sublevel: side as unknown as ExtraOperation['sublevel'], key: Buffer.from(k), value: Buffer.from(k) })
+    await store.createStream('t/s', { partitions: 1 })
+    db.failing = true
+    // a batch of writes alone cannot be told landed or not after the reopen: failed
+    await expect(store.write([put('alone')])).rejects.toMatchObject({ code: 'STORE_WRITE_FAILED' })
+    const [appended, written] = await Promise.allSettled([store.append('t/s', 'k', { payload: payloadOf(0) }), store.write([put('beside')])])
+    expect([appended.status, written.status]).toEqual(['rejected', 'rejected'])
+    expect((written as PromiseRejectedResult).reason).toMatchObject({ code: 'STORE_WRITE_FAILED' })
+    db.failing = false
+    await store.write([put('after')])
+    expect((await side.keys().all()).map((k) => k.toString())).toEqual(['after'])
+    await store.close()
+  })
 })
 
 /**

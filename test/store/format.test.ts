@@ -138,3 +138,15 @@ describe('headers in batches', () => {
     expect(() => decodeStoredBatch(unknown)).toThrow(expect.objectContaining({ code: 'STORE_CORRUPT_BATCH' }))
   })
 })
+
+describe('format version key', () => {
+  it('is `V` in the log sublevel, a u64 (every data dir so far was written so; format.ts once said u32)', async () => {
+    const { MemoryLevel } = await import('memory-level')
+    const { openLogStore } = await import('../../store/index.ts')
+    const db = new MemoryLevel()
+    const store = await openLogStore({ db: db as never })
+    await store.close()
+    const log = db.sublevel<Buffer, Buffer>('log', { keyEncoding: 'buffer', valueEncoding: 'buffer' })
+    expect(await log.get(Buffer.from('V'))).toEqual(Buffer.from([0, 0, 0, 0, 0, 0, 0, 1]))
+  })
+})

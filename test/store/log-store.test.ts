@@ -316,6 +316,42 @@ for (const makeBackend of backends) {
         expect(stored.map(([k, v]) => [k.toString(), v.toString()])).toEqual([['a', '1']])
       })
 
+      it('writes operations outside the log through its group commit, in call order with appends\' extraOps', async () => {
+        backend = makeBackend()
+        const db = await backend.database()
+        const side = db.sublevel<Buffer, Buffer>('side', { keyEncoding: 'buffer', valueEncoding: 'buffer' }) as unknown as LevelDatabase
+        const put = (k: string, v: string): ExtraOperation => ({ type: 'put', sublevel: side, key: Buffer.from(k), value: Buffer.from(v) })
+        const del = (k: string): ExtraOperation => ({ type: 'del', sublevel: side, key: Buffer.from(k) })
+        let store = await openLogStore({ db, clock: new FakeClock() })
+        open.push(store)
+        await store.createStream('t/s', { partitions: 1 })
+        await store.write([put('alone', '1')]) // a commit without records
+        // Queued in one tick, so committed in one batch: the later operation on a key wins, whichever path it took.
+        await Promise.all([
+          store.append('t/s', 'k', { payload: payloadOf(1) }, { extraOps: [put('a', 'from-append')] }),
+          store.write([put('a', 'from-write'), put('b', '1')]),
+          store.write([del('b')]),
+          store.append('t/s', 'k', { payload: payloadOf(2) }, { extraOps: [put('c', 'from-append')] }),
+          store.write([put('c', 'from-write')]),
+          store.write([]),
+        ])
+        // Bad operations: refused, nothing written.
+        const log = db.sublevel('log') as unknown as LevelDatabase
+        for (const ops of [[{ type: 'put', sublevel: log, key: Buffer.from('x'), value: Buffer.from('x') }], [{ type: 'merge', sublevel: side, key: Buffer.from('x') }], 'nope']) {
+          await expect(store.write(ops as never)).rejects.toMatchObject({ code: 'STORE_INVALID_ARGUMENT', name: 'StoreError' })
+        }
+        await store.close()
+        await expect(store.write([put('late', '1')])).rejects.toMatchObject({ code: 'STORE_CLOSED' })
+        await db.close()
+        await db.open()
+        store = await openLogStore({ db, clock: new FakeClock() })
+        open.push(store)
+        expect(store.partitionInfo('t/s', 0).logEndOffset).toBe(2)
+        await side.open() // a sublevel stays closed after its database reopens
+        const stored = await side.iterator<Buffer, Buffer>({ keyEncoding: 'buffer', valueEncoding: 'buffer' }).all()
+        expect(stored.map(([k, v]) => [k.toString(), v.toString()])).toEqual([['a', 'from-write'], ['alone', '1'], ['c', 'from-write']])
+      })
+
       writeTest('scopes dedupe ids to the stream, so an id seen in one stream never suppresses another stream\'s record', async (ctx) => {
         await ctx.store.createStream('tenant-a/telemetry', { partitions: 1 })
         await ctx.store.createStream('tenant-b/telemetry', { partitions: 1 })

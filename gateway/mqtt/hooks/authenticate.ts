@@ -8,7 +8,7 @@ import type { AedesOptions, Client } from 'aedes'
 import { ClientIdOwners, clientIdMatches, clientIdPattern, UserDirectory, type Identity } from '../../access/auth.ts'
 import { MAX_CLIENT_TOPIC_LEVELS, mountTopic, scopedClientId, topicNameProblem } from '../../access/topics.ts'
 import type { ListenerConfig, UserConfig } from '../../config/config.ts'
-import { rewriteUnsubscribes, setClientId } from '../aedes-internals.ts'
+import { rewriteUnsubscribes, setClientId, watchSubscribes } from '../aedes-internals.ts'
 import { isReplayTopic } from '../replay.ts'
 import { anonymousAllowed, authError, listenerOf, type HookContext, type ListenerTagged } from './context.ts'
 
@@ -69,6 +69,10 @@ export function authenticate (ctx: HookContext, users: UserDirectory, owners: Cl
       // client ids above, so a scoped id never equals another tenant's (or tenant "default"'s unscoped) id.
       if (who.tenant !== 'default') setClientId(client, scopedClientId(who.tenant, who.clientId))
       mountUnsubscribes(client, who.tenant)
+      // A SUBSCRIBE over the limit is refused whole (authorize-subscribe.ts): tagged here, where its size is known.
+      watchSubscribes(client, (subs) => {
+        if (subs.length > ctx.config.mqtt.maxFiltersPerSubscribe) for (const sub of subs) ctx.oversized.add(sub)
+      })
       done(null, true)
     }
     // A bound user's client id is its own (auth.ts, ClientIdOwners): nobody unbound takes over its session.

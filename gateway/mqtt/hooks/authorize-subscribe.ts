@@ -2,18 +2,21 @@
  * authorizeSubscribe: what a client may subscribe to.
  *
  * A filter is checked as the client sent it and stored mounted
- * (`<tenant>/<filter>`); a denied one answers SUBACK 0x80 and is parked
- * where no publish can match. Subscriptions aedes restores from a persistent
+ * (`<tenant>/<filter>`); a denied one answers SUBACK 0x80 and is not stored.
+ * So does a filter over mqtt.maxFiltersPerSubscribe (every filter of a bigger
+ * SUBSCRIBE) or a new one over mqtt.maxSubscriptionsPerSession, counted by
+ * reason and logged once per connection. Subscriptions aedes restores from a persistent
  * session before the CONNACK are already mounted. `$replay/<range>/<filter>`
  * subscriptions replay the log (replay.ts, hooks/replays.ts): checked here,
  * started once the SUBACK is out, never stored in a session.
  */
-import type { AedesOptions } from 'aedes'
+import type { AedesOptions, Client, Subscription } from 'aedes'
 import { isAllowed } from '../../access/auth.ts'
 import { mountTopic, topicFilterProblem, unmountTopic } from '../../access/topics.ts'
 import { clientFields } from '../../logger.ts'
 import { GatewayError, type GatewayErrorCode } from '../../errors.ts'
 import type { SubscribeRefusal } from '../../metrics/metrics.ts'
+import { subscriptionsOf } from '../aedes-internals.ts'
 import { isReplayTopic, type ReplayTicket } from '../replay.ts'
 import type { HookContext } from './context.ts'
 import { replayConnection } from './replays.ts'
@@ -30,6 +33,31 @@ const REPLAY_REFUSALS: Partial<Record<GatewayErrorCode, SubscribeRefusal>> = {
 
 export function authorizeSubscribe (ctx: HookContext): AuthorizeSubscribe {
   const { config, metrics, logger } = ctx
+  /** Subscriptions each client holds or was granted, counted from aedes' table after each UNSUBSCRIBE (see overLimit). */
+  const held = new WeakMap<Client, number>()
+  ctx.broker.on('unsubscribe', (_topics, client) => { held.delete(client) })
+  /** Limit refusals already logged per connection: each filter is counted, each reason logged once. */
+  const loggedLimits = new WeakMap<Client, Set<SubscribeRefusal>>()
+
+  /**
+   * Whether a new filter goes over mqtt.maxFiltersPerSubscribe or mqtt.maxSubscriptionsPerSession. A filter the
+   * client holds already only replaces its subscription. The count starts from aedes' table (restored subscriptions
+   * included) and grows with each filter granted, so a SUBSCRIBE costs O(its filters), not O(held × filters).
+   */
+  const overLimit = (client: Client, sub: Subscription, mounted: string): { reason: SubscribeRefusal, why: string } | null => {
+    if (ctx.oversized.has(sub)) {
+      return { reason: 'too-many-filters', why: `a SUBSCRIBE with more than ${config.mqtt.maxFiltersPerSubscribe} filters (mqtt.maxFiltersPerSubscribe)` }
+    }
+    const table = subscriptionsOf(client)
+    if (table[mounted] !== undefined) return null
+    const count = held.get(client) ?? Object.keys(table).length
+    if (count >= config.mqtt.maxSubscriptionsPerSession) {
+      return { reason: 'too-many-subscriptions', why: `the client holds ${count} subscriptions (mqtt.maxSubscriptionsPerSession)` }
+    }
+    held.set(client, count + 1)
+    return null
+  }
+
   return (client, sub, callback) => {
     if (ctx.sessionMarkers.has(sub)) return callback(null, null) // see hooks/sessions.ts
     const who = ctx.identities.get(client)
@@ -41,12 +69,23 @@ export function authorizeSubscribe (ctx: HookContext): AuthorizeSubscribe {
     const deny = (why: string, reason: SubscribeRefusal, code?: string): void => {
       metrics.subscriptionsRefused.inc({ tenant: who?.tenant ?? 'unknown', reason })
       logger.warn({ ...clientFields(client.id), tenant: who?.tenant, filter: filter ?? sub.topic, reason, code }, `subscription refused: ${why}`)
-      // A denied filter stays in the persisted SUBSCRIBE list; park it where no publish can ever match.
-      sub.topic = `$denied/${sub.topic}`
-      ctx.authorized.add(sub)
       callback(null, null) // SUBACK 0x80
     }
     if (who === undefined || filter === null || problem !== null) return deny(problem ?? 'unknown client', 'invalid-filter')
+    if (!restoring) {
+      const limit = overLimit(client, sub, mountTopic(who.tenant, filter))
+      if (limit !== null) {
+        metrics.subscriptionsRefused.inc({ tenant: who.tenant, reason: limit.reason })
+        let reasons = loggedLimits.get(client)
+        if (reasons === undefined) loggedLimits.set(client, reasons = new Set())
+        if (!reasons.has(limit.reason)) {
+          reasons.add(limit.reason)
+          logger.warn({ ...clientFields(client.id), tenant: who.tenant, filter, reason: limit.reason },
+            `subscription refused: ${limit.why} (further refusals of this connection for the same reason are only counted)`)
+        }
+        return callback(null, null) // SUBACK 0x80
+      }
+    }
     if (isReplayTopic(filter)) {
       if (restoring) return deny('a $replay subscription is not resumed with the session', 'replay-not-resumed')
       let ticket: ReplayTicket
@@ -62,7 +101,12 @@ export function authorizeSubscribe (ctx: HookContext): AuthorizeSubscribe {
     }
     if (!isAllowed(config.acl, who, 'subscribe', filter)) return deny('ACL', 'acl-denied')
     sub.topic = mountTopic(who.tenant, filter)
-    ctx.authorized.add(sub)
+    // Stored by aedes' next addSubscriptions call for this client (hooks/sessions.ts), once.
+    if (client.clean === false && !restoring) {
+      let pending = ctx.toStore.get(client)
+      if (pending === undefined) ctx.toStore.set(client, pending = [])
+      pending.push(sub)
+    }
     callback(null, sub)
   }
 }

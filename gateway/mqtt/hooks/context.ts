@@ -65,8 +65,10 @@ export interface HookContext extends HookDeps {
   readonly connects: WeakMap<Client, ConnectInfo>
   /** Clients whose CONNACK is out (aedes' public `connackSent` event): subscriptions before it are restored ones. */
   readonly connacked: WeakSet<Client>
-  /** Subscriptions authorizeSubscribe accepted or parked: only those are stored in a session (hooks/sessions.ts). */
-  readonly authorized: WeakSet<Subscription>
+  /** Subscriptions of persistent sessions that authorizeSubscribe accepted, until aedes stores them (hooks/sessions.ts). */
+  readonly toStore: WeakMap<Client, Subscription[]>
+  /** The filters of every SUBSCRIBE over mqtt.maxFiltersPerSubscribe, tagged as it is parsed (hooks/authenticate.ts). */
+  readonly oversized: WeakSet<object>
   /** Marker subscriptions that only make aedes answer sessionPresent = 1 (hooks/sessions.ts). */
   readonly sessionMarkers: WeakSet<object>
   /** Stored wills fired at startup (wills.ts), whose append deletes them. */

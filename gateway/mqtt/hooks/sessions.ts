@@ -1,8 +1,8 @@
 /**
  * What aedes stores of a persistent session, and what CONNACK says of it.
  *
- * Only the subscriptions authorizeSubscribe accepted (mounted) or parked are
- * stored, each on its own turn; never a $replay one. [MQTT-3.2.2-2] CONNACK
+ * Only the subscriptions authorizeSubscribe accepted (mounted) are stored,
+ * each once; never a refused or a $replay one. [MQTT-3.2.2-2] CONNACK
  * says a session is present when any session state is stored (subscriptions,
  * queued, unacknowledged or inbound QoS 2 messages, or a session with nothing
  * in it [MQTT-3.1.2-4]); aedes decides from the stored subscriptions alone,
@@ -13,14 +13,18 @@
  * even after a kill -9. The patches themselves are in aedes-internals.ts.
  */
 import type { Subscription } from 'aedes'
-import { filterStoredSubscriptions, overrideRestoredSubscriptions } from '../aedes-internals.ts'
+import { overrideRestoredSubscriptions, storeAcceptedSubscriptions } from '../aedes-internals.ts'
 import type { HookContext } from './context.ts'
 
 const SESSION_MARKER = '$edgemq/session-present'
 
-export function installSessionHooks (ctx: Pick<HookContext, 'persistence' | 'authorized' | 'sessionMarkers'>): void {
+export function installSessionHooks (ctx: Pick<HookContext, 'persistence' | 'toStore' | 'sessionMarkers'>): void {
   const { persistence } = ctx
-  filterStoredSubscriptions<Subscription>(persistence, (sub) => ctx.authorized.has(sub))
+  storeAcceptedSubscriptions<Subscription>(persistence, (client) => {
+    const accepted = ctx.toStore.get(client)
+    ctx.toStore.delete(client)
+    return accepted
+  })
   overrideRestoredSubscriptions(persistence, async (subs, client) => {
     const present = subs.length > 0 || persistence.hasSessionState(client)
     await persistence.markSession(client)

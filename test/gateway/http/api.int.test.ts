@@ -84,7 +84,14 @@ describe('HTTP pull and replay API', () => {
   /** Smallest timestamp of each phase. */
   const phaseStart: number[] = []
 
-  async function call (pathAndQuery: string, options: { user?: Username | null, method?: string, body?: unknown, headers?: Record<string, string>, signal?: AbortSignal } = {}): Promise<Response> {
+  interface CallOptions {
+    user?: Username | null
+    method?: string
+    body?: unknown
+    headers?: Record<string, string>
+    signal?: AbortSignal
+  }
+  async function call (pathAndQuery: string, options: CallOptions = {}): Promise<Response> {
     const headers: Record<string, string> = { ...options.headers }
     const user = options.user === undefined ? 'acme-svc' : options.user
     if (user !== null) headers.authorization = basic(user)
@@ -202,7 +209,8 @@ describe('HTTP pull and replay API', () => {
   }, 30_000)
 
   it('lists the tenant\'s streams with partitions, offsets, bytes and timestamps', async () => {
-    const body = await getJson<{ tenant: string, streams: Array<Record<string, unknown> & { name: string, partitions: Array<Record<string, unknown>> }> }>('/v1/streams')
+    type StreamDoc = Record<string, unknown> & { name: string, partitions: Array<Record<string, unknown>> }
+    const body = await getJson<{ tenant: string, streams: StreamDoc[] }>('/v1/streams')
     expect(body.tenant).toBe('acme')
     expect(body.streams.map((s) => s.name)).toEqual(['commands', 'events', 'telemetry'])
     const telemetry = body.streams.find((s) => s.name === 'telemetry')!
@@ -276,7 +284,9 @@ describe('HTTP pull and replay API', () => {
     expect(res.headers.get('content-type')).toMatch(/^application\/x-ndjson/)
     const lines = (await res.text()).trimEnd().split('\n').map((l) => JSON.parse(l) as ApiRecord & { end?: Record<string, unknown> })
     expect(lines.slice(0, -1)).toEqual(ref)
-    expect(lines.at(-1)).toEqual({ end: { stream: 'telemetry', partition: p, nextOffset: ref.length, logStartOffset: 0, logEndOffset: ref.length, endOfRange: false, records: ref.length } })
+    expect(lines.at(-1)).toEqual({
+      end: { stream: 'telemetry', partition: p, nextOffset: ref.length, logStartOffset: 0, logEndOffset: ref.length, endOfRange: false, records: ref.length },
+    })
 
     const b64 = await (await call(`/v1/streams/telemetry/partitions/${p}/records?format=ndjson&payload=base64&offset=10&maxRecords=5`)).text()
     const b64Lines = b64.trimEnd().split('\n').map((l) => JSON.parse(l) as ApiRecord & { end?: { nextOffset: number } })
@@ -295,11 +305,18 @@ describe('HTTP pull and replay API', () => {
   })
 
   /** A format=batches body read as docs/http-api.md tells a client to: a CBOR sequence of head, stored batches, end. */
-  function decodeBatchesBody (body: Buffer): { head: { fromOffset: number, endOffset: number | null }, batches: Buffer[], records: StoredRecord[], last: Record<string, Record<string, unknown>> } {
+  interface BatchesBody {
+    head: { fromOffset: number, endOffset: number | null }
+    batches: Buffer[]
+    records: StoredRecord[]
+    last: Record<string, Record<string, unknown>>
+  }
+  function decodeBatchesBody (body: Buffer): BatchesBody {
     const items = decodeMultiple(body) as unknown[]
     const head = items[0] as { stream: string, partition: number, fromOffset: number, endOffset: number | null }
     const batches = items.slice(1, -1).map((b) => Buffer.from(b as Uint8Array))
-    const records = batches.flatMap((b) => decodeStoredBatch(b)).filter((r) => r.offset >= head.fromOffset && (head.endOffset === null || r.offset < head.endOffset))
+    const records = batches.flatMap((b) => decodeStoredBatch(b))
+      .filter((r) => r.offset >= head.fromOffset && (head.endOffset === null || r.offset < head.endOffset))
     return { head, batches, records, last: items.at(-1) as Record<string, Record<string, unknown>> }
   }
 
@@ -313,17 +330,22 @@ describe('HTTP pull and replay API', () => {
       const inSecond = second.baseOffset + 3
       const ranges = [
         '', `offset=${inSecond}`, `offset=${inSecond}&endOffset=${inSecond + 5}`, `offset=1&endOffset=${logEnd - 1}`,
-        `from=${phaseStart[1]!}&to=${phaseStart[2]!}`, `from=${phaseStart[2]!}`, 'offset=latest', `offset=${second.baseOffset}&endOffset=${second.baseOffset + second.count}`,
+        `from=${phaseStart[1]!}&to=${phaseStart[2]!}`, `from=${phaseStart[2]!}`, 'offset=latest',
+        `offset=${second.baseOffset}&endOffset=${second.baseOffset + second.count}`,
       ]
       for (const range of ranges) {
         const res = await call(`/v1/streams/telemetry/partitions/${p}/records?format=batches&${range}`)
         expect(res.status, range).toBe(200)
         expect(res.headers.get('content-type')).toBe('application/vnd.edgemq.batches+cbor-seq')
         const got = decodeBatchesBody(Buffer.from(await res.arrayBuffer()))
-        const json = await getJson<FetchBody>(`/v1/streams/telemetry/partitions/${p}/records?maxRecords=100000&maxBytes=67108864${range === '' ? '' : `&${range}`}`)
+        const all = 'maxRecords=100000&maxBytes=67108864'
+        const json = await getJson<FetchBody>(`/v1/streams/telemetry/partitions/${p}/records?${all}${range === '' ? '' : `&${range}`}`)
         expect(got.records.map(asApi), range).toEqual(json.records)
         expect(got.last, range).toEqual({
-          end: { stream: 'telemetry', partition: p, nextOffset: json.nextOffset, logStartOffset: 0, logEndOffset: logEnd, endOfRange: json.endOfRange, records: json.records.length, batches: got.batches.length, bytes: got.batches.reduce((n, b) => n + b.length, 0) },
+          end: {
+            stream: 'telemetry', partition: p, nextOffset: json.nextOffset, logStartOffset: 0, logEndOffset: logEnd, endOfRange: json.endOfRange,
+            records: json.records.length, batches: got.batches.length, bytes: got.batches.reduce((n, b) => n + b.length, 0),
+          },
         })
         // Byte for byte what the log holds, whole batches: the first may start before fromOffset, the last run past endOffset.
         for (const b of got.batches) {
@@ -333,11 +355,13 @@ describe('HTTP pull and replay API', () => {
         if (json.records.length > 0) expect(got.head.fromOffset).toBe(json.records[0]!.offset)
       }
       // The head states the range when the start or end falls inside a batch.
-      const mid = decodeBatchesBody(Buffer.from(await (await call(`/v1/streams/telemetry/partitions/${p}/records?format=batches&offset=${inSecond}&endOffset=${inSecond + 5}`)).arrayBuffer()))
+      const batchesOf = async (query: string): Promise<BatchesBody> =>
+        decodeBatchesBody(Buffer.from(await (await call(`/v1/streams/telemetry/partitions/${p}/records?format=batches&${query}`)).arrayBuffer()))
+      const mid = await batchesOf(`offset=${inSecond}&endOffset=${inSecond + 5}`)
       expect(mid.head).toEqual({ stream: 'telemetry', partition: p, fromOffset: inSecond, endOffset: inSecond + 5 })
       expect(mid.batches).toHaveLength(1)
       // maxBytes bounds the batch bytes: whole batches, at least one.
-      const one = decodeBatchesBody(Buffer.from(await (await call(`/v1/streams/telemetry/partitions/${p}/records?format=batches&offset=${inSecond}&maxBytes=1`)).arrayBuffer()))
+      const one = await batchesOf(`offset=${inSecond}&maxBytes=1`)
       expect(one.records.map((r) => r.offset)).toEqual(Array.from({ length: second.count - 3 }, (_, i) => inSecond + i))
       expect(one.last.end).toMatchObject({ nextOffset: second.baseOffset + second.count, endOfRange: false, batches: 1 })
     }
@@ -349,7 +373,8 @@ describe('HTTP pull and replay API', () => {
 
   it('long-polls format=batches, and refuses what needs decoded records', async () => {
     const start = gw.store.partitionInfo('acme/commands', 0).logEndOffset
-    const pending = call('/v1/streams/commands/partitions/0/records?format=batches&offset=latest&wait=20').then(async (r) => decodeBatchesBody(Buffer.from(await r.arrayBuffer())))
+    const pending = call('/v1/streams/commands/partitions/0/records?format=batches&offset=latest&wait=20')
+      .then(async (r) => decodeBatchesBody(Buffer.from(await r.arrayBuffer())))
     await sleep(200)
     const publisher = await connect('acme-svc', 'acme-batches-publisher')
     await publisher.publishAsync('devices/dev-3/commands/reboot', JSON.stringify({ at: 1 }), { qos: 1 })
@@ -379,7 +404,8 @@ describe('HTTP pull and replay API', () => {
       expect(phaseB.length).toBeGreaterThan(0)
       expect(phaseB.every((r) => (JSON.parse(r.payload) as Reading).phase === 1)).toBe(true)
       const iso = (t: number): string => encodeURIComponent(new Date(t).toISOString())
-      const page = await getJson<FetchBody>(`/v1/streams/telemetry/partitions/${p}/records?from=${iso(phaseStart[1]!)}&to=${iso(phaseStart[2]!)}&maxRecords=100000&maxBytes=67108864`)
+      const isoRange = `from=${iso(phaseStart[1]!)}&to=${iso(phaseStart[2]!)}`
+      const page = await getJson<FetchBody>(`/v1/streams/telemetry/partitions/${p}/records?${isoRange}&maxRecords=100000&maxBytes=67108864`)
       expect(page.records).toEqual(phaseB)
       expect(page.endOfRange).toBe(true)
       // The same range in small pages: continue from nextOffset with the same `to`.
@@ -399,11 +425,12 @@ describe('HTTP pull and replay API', () => {
       expect(ndLines.at(-1)?.end?.endOfRange).toBe(true)
       // From a time inside the data to the end; from before everything; after everything.
       const mid = ref[Math.floor(ref.length / 2)]!.timestamp
-      expect((await getJson<FetchBody>(`/v1/streams/telemetry/partitions/${p}/records?from=${mid}&maxRecords=100000&maxBytes=67108864`)).records).toEqual(inRange(mid, Infinity))
-      expect((await getJson<FetchBody>(`/v1/streams/telemetry/partitions/${p}/records?from=2000-01-01&maxRecords=3`)).records).toEqual(ref.slice(0, 3).map(asApi))
-      expect(await getJson<FetchBody>(`/v1/streams/telemetry/partitions/${p}/records?from=${ref.at(-1)!.timestamp + 1}`)).toMatchObject({ records: [], nextOffset: ref.length, endOfRange: false })
+      const fetchPage = (query: string): Promise<FetchBody> => getJson<FetchBody>(`/v1/streams/telemetry/partitions/${p}/records?${query}`)
+      expect((await fetchPage(`from=${mid}&maxRecords=100000&maxBytes=67108864`)).records).toEqual(inRange(mid, Infinity))
+      expect((await fetchPage('from=2000-01-01&maxRecords=3')).records).toEqual(ref.slice(0, 3).map(asApi))
+      expect(await fetchPage(`from=${ref.at(-1)!.timestamp + 1}`)).toMatchObject({ records: [], nextOffset: ref.length, endOfRange: false })
       // An empty range: `to` at the first record.
-      expect(await getJson<FetchBody>(`/v1/streams/telemetry/partitions/${p}/records?to=${ref[0]!.timestamp}`)).toMatchObject({ records: [], nextOffset: 0, endOfRange: true })
+      expect(await fetchPage(`to=${ref[0]!.timestamp}`)).toMatchObject({ records: [], nextOffset: 0, endOfRange: true })
     }
     // "Everything device 3 sent in phase B": the key picks the partition.
     const dev = 'dev-3'
@@ -520,13 +547,15 @@ describe('HTTP pull and replay API', () => {
     expect(fresh.partitions.map((l) => l.committedOffset)).toEqual([null, null])
     expect(fresh.lagMessages).toBe(ends[0]! + ends[1]!)
 
-    const committed = await getJson<StreamLag>('/v1/groups/billing/streams/telemetry/commit', { method: 'POST', body: { offsets: [{ partition: 0, offset: 10 }, { partition: 1, offset: ends[1] }] } })
+    const committed = await getJson<StreamLag>('/v1/groups/billing/streams/telemetry/commit',
+      { method: 'POST', body: { offsets: [{ partition: 0, offset: 10 }, { partition: 1, offset: ends[1] }] } })
     expect(committed.partitions.map((l) => [l.committedOffset, l.lagMessages])).toEqual([[10, ends[0]! - 10], [ends[1], 0]])
     expect(committed.partitions[0]!.lagSeconds).toBeGreaterThan(0)
     expect(committed.partitions[1]!.lagSeconds).toBe(0)
     expect(committed).toMatchObject({ group: 'billing', stream: 'telemetry', lagMessages: ends[0]! - 10 })
 
-    const list = await getJson<{ tenant: string, groups: Array<{ group: string, lagMessages: number, lagSeconds: number, streams: StreamLag[] }> }>('/v1/groups')
+    interface GroupLag { group: string, lagMessages: number, lagSeconds: number, streams: StreamLag[] }
+    const list = await getJson<{ tenant: string, groups: GroupLag[] }>('/v1/groups')
     expect(list.tenant).toBe('acme')
     const billing = list.groups.find((g) => g.group === 'billing')!
     expect(billing).toMatchObject({ lagMessages: ends[0]! - 10 })
@@ -543,20 +572,22 @@ describe('HTTP pull and replay API', () => {
 
     // Reset to a timestamp: the first offset at or after it, per partition.
     const t = phaseStart[1]!
-    const reset = await getJson<StreamLag>('/v1/groups/billing/streams/telemetry/reset', { method: 'POST', body: { to: 'timestamp', timestamp: new Date(t).toISOString() } })
+    const resetTo = (body: Record<string, unknown>): Promise<StreamLag> =>
+      getJson<StreamLag>('/v1/groups/billing/streams/telemetry/reset', { method: 'POST', body })
+    const reset = await resetTo({ to: 'timestamp', timestamp: new Date(t).toISOString() })
     for (const p of [0, 1]) {
       const want = reference.get(p)!.find((r) => r.timestamp >= t)!.offset
       expect(reset.partitions[p]!.committedOffset).toBe(want)
       expect(gw.store.fetchOffset('acme/billing', 'acme/telemetry', p)).toBe(want)
     }
-    const resetMs = await getJson<StreamLag>('/v1/groups/billing/streams/telemetry/reset', { method: 'POST', body: { to: 'timestamp', timestamp: t, partition: 1 } })
+    const resetMs = await resetTo({ to: 'timestamp', timestamp: t, partition: 1 })
     expect(resetMs.partitions[1]!.committedOffset).toBe(reference.get(1)!.find((r) => r.timestamp >= t)!.offset)
     // Earliest / latest / offset, on one partition or all.
-    expect((await getJson<StreamLag>('/v1/groups/billing/streams/telemetry/reset', { method: 'POST', body: { to: 'earliest', partition: 0 } })).partitions.map((l) => l.committedOffset))
+    expect((await resetTo({ to: 'earliest', partition: 0 })).partitions.map((l) => l.committedOffset))
       .toEqual([0, resetMs.partitions[1]!.committedOffset])
-    expect((await getJson<StreamLag>('/v1/groups/billing/streams/telemetry/reset', { method: 'POST', body: { to: 'latest' } })).partitions.map((l) => [l.committedOffset, l.lagMessages]))
+    expect((await resetTo({ to: 'latest' })).partitions.map((l) => [l.committedOffset, l.lagMessages]))
       .toEqual([[ends[0], 0], [ends[1], 0]])
-    expect((await getJson<StreamLag>('/v1/groups/billing/streams/telemetry/reset', { method: 'POST', body: { to: 'offset', offset: 5 } })).partitions.map((l) => l.committedOffset))
+    expect((await resetTo({ to: 'offset', offset: 5 })).partitions.map((l) => l.committedOffset))
       .toEqual([5, 5])
 
     // Tenants cannot see or touch each other's groups, even by the same name.
@@ -577,7 +608,8 @@ describe('HTTP pull and replay API', () => {
   it('reads exactly the retained records after retention moved the log start', async () => {
     const publisher = await connect('acme-svc', 'acme-events-feed')
     for (let round = 0; round < 6; round++) {
-      await Promise.all(Array.from({ length: 5 }, (_, i) => publisher.publishAsync(`devices/dev-${i}/events/e`, JSON.stringify({ round, i, pad: 'x'.repeat(40) }), { qos: 1 })))
+      await Promise.all(Array.from({ length: 5 }, (_, i) =>
+        publisher.publishAsync(`devices/dev-${i}/events/e`, JSON.stringify({ round, i, pad: 'x'.repeat(40) }), { qos: 1 })))
       await sleep(5)
     }
     await getJson('/v1/groups/laggard/streams/events/commit', { method: 'POST', body: { offsets: [{ partition: 0, offset: 1 }] } })
@@ -613,12 +645,14 @@ describe('HTTP pull and replay API', () => {
     expect(fromMid.records).toEqual(ref.filter((r) => r.offset >= ref.find((x) => x.timestamp >= mid.timestamp)!.offset))
     // A group whose offset retention passed reads from the log start; reset earliest goes there too.
     expect((await getJson<FetchBody>('/v1/streams/events/partitions/0/records?group=laggard')).records).toEqual(ref)
-    const reset = await getJson<{ partitions: Array<{ committedOffset: number }> }>('/v1/groups/laggard/streams/events/reset', { method: 'POST', body: { to: 'earliest' } })
+    const reset = await getJson<{ partitions: Array<{ committedOffset: number }> }>('/v1/groups/laggard/streams/events/reset',
+      { method: 'POST', body: { to: 'earliest' } })
     expect(reset.partitions[0]!.committedOffset).toBe(start)
   })
 
   it('serves bearer tokens as their tenant, and refuses wrong, malformed and device-role ones', async () => {
-    const asToken = (name: keyof typeof TOKENS, pathAndQuery: string): Promise<Response> => call(pathAndQuery, { user: null, headers: { authorization: bearer(name) } })
+    const asToken = (name: keyof typeof TOKENS, pathAndQuery: string): Promise<Response> =>
+      call(pathAndQuery, { user: null, headers: { authorization: bearer(name) } })
     const acme = await asToken('acme-reader', '/v1/streams')
     expect(acme.status).toBe(200)
     expect(await acme.json()).toEqual(await getJson('/v1/streams'))
@@ -628,11 +662,13 @@ describe('HTTP pull and replay API', () => {
     // Tenant isolation: globex's token sees globex's log only, and cannot name acme's.
     const globex = await asToken('globex-reader', '/v1/streams/telemetry/records?key=dev-1')
     expect(((await globex.json()) as FetchBody).records.map((r) => r.payload)).toEqual([JSON.stringify({ secret: 'globex' })])
-    const globexStreams = (await (await asToken('globex-reader', '/v1/streams')).json()) as { tenant: string, streams: Array<{ name: string, records: number }> }
+    type StreamList = { tenant: string, streams: Array<{ name: string, records: number }> }
+    const globexStreams = (await (await asToken('globex-reader', '/v1/streams')).json()) as StreamList
     expect(globexStreams.tenant).toBe('globex')
     expect(globexStreams.streams.find((s) => s.name === 'telemetry')?.records).toBe(1)
     for (const name of ['acme%2Ftelemetry', '..%2Facme%2Ftelemetry']) {
-      await expectError(`/v1/streams/${name}/partitions/0/records`, 404, 'HTTP_UNKNOWN_STREAM', { user: null, headers: { authorization: bearer('globex-reader') } })
+      await expectError(`/v1/streams/${name}/partitions/0/records`, 404, 'HTTP_UNKNOWN_STREAM',
+        { user: null, headers: { authorization: bearer('globex-reader') } })
     }
     await getJson('/v1/groups/acme-only/streams/telemetry/commit', { method: 'POST', body: { offsets: [{ partition: 0, offset: 1 }] } })
     const globexGroups = (await (await asToken('globex-reader', '/v1/groups')).json()) as { groups: Array<{ group: string }> }
@@ -669,7 +705,8 @@ describe('HTTP pull and replay API', () => {
     await expectError('/v1/streams', 401, 'HTTP_BAD_CREDENTIALS', { user: null, headers: { authorization: basic('nobody') } })
     await expectError('/v1/streams', 401, 'HTTP_BAD_TOKEN', { user: null, headers: { authorization: 'Bearer abc.def' } })
     await expectError('/v1/streams', 401, 'HTTP_BAD_CREDENTIALS', { user: null, headers: { authorization: 'Basic !!!' } })
-    await expectError('/v1/streams', 401, 'HTTP_BAD_CREDENTIALS', { user: null, headers: { authorization: `Basic ${Buffer.from('no-colon').toString('base64')}` } })
+    const noColon = `Basic ${Buffer.from('no-colon').toString('base64')}`
+    await expectError('/v1/streams', 401, 'HTTP_BAD_CREDENTIALS', { user: null, headers: { authorization: noColon } })
     await expectError('/v1/streams', 403, 'HTTP_FORBIDDEN', { user: 'acme-dev' })
     // A right password was cached; a wrong one for the same user still fails.
     await getJson('/v1/streams')
@@ -757,7 +794,8 @@ describe('HTTP API without configured users', () => {
     const { dir, cleanup } = await tempDir('edgemq-api-anon-')
     cleanups.push(cleanup)
     // Bound to every address, so a request can come from a non-loopback one.
-    gw = await startGateway(buildConfig({ dataDir: dir, mqtt: { listeners: [{ type: 'tcp', port: 0 }] }, http: { host: '0.0.0.0', port: 0 } }), { logger: silent })
+    const config = buildConfig({ dataDir: dir, mqtt: { listeners: [{ type: 'tcp', port: 0 }] }, http: { host: '0.0.0.0', port: 0 } })
+    gw = await startGateway(config, { logger: silent })
     cleanups.push(() => gw.close())
   }, 30_000)
   afterAll(async () => { for (const c of cleanups.reverse()) await c().catch(() => {}) })

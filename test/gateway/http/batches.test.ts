@@ -9,7 +9,7 @@ import { encode as encodeCbor } from 'cbor-x'
 import { MemoryLevel } from 'memory-level'
 import { afterEach, describe, expect, it } from 'vitest'
 import { byteStringHead, serveBatches } from '../../../gateway/http/batches.ts'
-import { AppendWaiters, parseRecordsRequest, type PartitionTarget } from '../../../gateway/http/records.ts'
+import { AppendWaiters, parseRecordsRequest, type PartitionTarget, type RecordsQuery } from '../../../gateway/http/records.ts'
 import { cborItemEnd, readBatchStream, type BatchStreamItem } from '../../../gateway/cli/batches.ts'
 import { openLogStore, type LevelDatabase, type LogStore, type StoredRecord } from '../../../store/index.ts'
 
@@ -29,7 +29,8 @@ async function openStore (): Promise<LogStore> {
 
 /** One batch of `count` records with timestamps t0, t0 + 1, …: concurrent appends share a group commit. */
 async function appendBatch (store: LogStore, count: number, t0: number): Promise<void> {
-  await Promise.all(Array.from({ length: count }, (_, i) => store.append(STREAM, 'dev-1', { payload: Buffer.from(`{"t":${t0 + i}}`), timestamp: t0 + i, topic: 'devices/dev-1/telemetry' })))
+  await Promise.all(Array.from({ length: count }, (_, i) =>
+    store.append(STREAM, 'dev-1', { payload: Buffer.from(`{"t":${t0 + i}}`), timestamp: t0 + i, topic: 'devices/dev-1/telemetry' })))
 }
 
 /** The store, except that its first readBatches() call runs `append` first: records that arrive while a response is being written. */
@@ -63,9 +64,9 @@ function collector (): { res: ServerResponse, body: () => Buffer, status: () => 
   return { res: res as unknown as ServerResponse, body: () => Buffer.concat(chunks), status: () => status }
 }
 
-async function serve (store: LogStore, query: string): Promise<Buffer> {
+async function serve (store: LogStore, query: RecordsQuery): Promise<Buffer> {
   const out = collector()
-  const req = parseRecordsRequest(new URLSearchParams(`format=batches&${query}`), 0, undefined, (g) => g)
+  const req = parseRecordsRequest({ format: 'batches', ...query }, 0, 'json', (g) => g)
   await serveBatches({ store, waiters: new AppendWaiters(store), signal: new AbortController().signal }, TARGET, req, out.res)
   expect(out.status()).toBe(200)
   return out.body()
@@ -92,12 +93,18 @@ describe('format=batches, served', () => {
     await appendBatch(store, 10, 100)
     await appendBatch(store, 10, 200)
     await appendBatch(store, 10, 300)
-    const got = await items(await serve(store, 'offset=3&endOffset=25'))
+    const got = await items(await serve(store, { offset: '3', endOffset: 25 }))
     expect(got[0]).toEqual({ kind: 'head', head: { stream: 'telemetry', partition: 0, fromOffset: 3, endOffset: 25 } })
     expect(offsets(got)).toEqual(Array.from({ length: 22 }, (_, i) => 3 + i))
-    expect(got.at(-1)).toEqual({ kind: 'end', end: { stream: 'telemetry', partition: 0, nextOffset: 25, logStartOffset: 0, logEndOffset: 30, endOfRange: true, records: 22, batches: 3, bytes: expect.any(Number) } })
+    expect(got.at(-1)).toEqual({
+      kind: 'end',
+      end: {
+        stream: 'telemetry', partition: 0, nextOffset: 25, logStartOffset: 0, logEndOffset: 30, endOfRange: true,
+        records: 22, batches: 3, bytes: expect.any(Number),
+      },
+    })
     // A `to` the time index places at once: the end falls inside the second batch.
-    const timed = await items(await serve(store, 'from=104&to=205'))
+    const timed = await items(await serve(store, { from: '104', to: '205' }))
     expect(timed[0]).toMatchObject({ head: { fromOffset: 4, endOffset: 15 } })
     expect(offsets(timed)).toEqual(Array.from({ length: 11 }, (_, i) => 4 + i))
   })
@@ -106,11 +113,11 @@ describe('format=batches, served', () => {
     const store = await openStore()
     await appendBatch(store, 10, 100)
     // The second batch (timestamps 200..209, 205 among them) arrives after the head said "no end yet".
-    const first = await items(await serve(appendingOnFirstRead(store, () => appendBatch(store, 10, 200)), 'offset=0&to=205'))
+    const first = await items(await serve(appendingOnFirstRead(store, () => appendBatch(store, 10, 200)), { offset: '0', to: '205' }))
     expect(first[0]).toMatchObject({ head: { fromOffset: 0, endOffset: null } })
     expect(offsets(first)).toEqual(Array.from({ length: 10 }, (_, i) => i))
     expect(first.at(-1)).toMatchObject({ end: { nextOffset: 10, endOfRange: false, logEndOffset: 20 } })
-    const second = await items(await serve(store, 'offset=10&to=205'))
+    const second = await items(await serve(store, { offset: '10', to: '205' }))
     expect(second[0]).toMatchObject({ head: { fromOffset: 10, endOffset: 15 } })
     expect(offsets(second)).toEqual([10, 11, 12, 13, 14])
     expect(second.at(-1)).toMatchObject({ end: { nextOffset: 15, endOfRange: true } })
@@ -119,7 +126,7 @@ describe('format=batches, served', () => {
   it('ends exactly at a `to` that a new batch starts at', async () => {
     const store = await openStore()
     await appendBatch(store, 10, 100)
-    const got = await items(await serve(appendingOnFirstRead(store, () => appendBatch(store, 5, 500)), 'offset=0&to=500'))
+    const got = await items(await serve(appendingOnFirstRead(store, () => appendBatch(store, 5, 500)), { offset: '0', to: '500' }))
     expect(offsets(got)).toEqual(Array.from({ length: 10 }, (_, i) => i))
     expect(got.at(-1)).toMatchObject({ end: { nextOffset: 10, endOfRange: true } })
   })
@@ -131,7 +138,7 @@ describe('format=batches, decoded by the CLI', () => {
     await appendBatch(store, 50, 100)
     await appendBatch(store, 1, 200)
     await appendBatch(store, 30, 300)
-    const body = await serve(store, 'offset=7&endOffset=70')
+    const body = await serve(store, { offset: '7', endOffset: 70 })
     const all = await readAll(store)
     for (const size of [1, 2, 3, 7, 64, 1000, body.length]) {
       const got = await items(body, size)

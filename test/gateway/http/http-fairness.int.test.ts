@@ -60,7 +60,8 @@ describe('HTTP reads and MQTT acks', () => {
       await Promise.all(Array.from({ length: 1000 }, (_, k) => {
         const n = i + k
         const payload = JSON.stringify({ temp: n % 40, site: `plant-${n % 7}`, readings: [1, 2, 3, 4].map((v) => ({ value: v * n })) })
-        return store.append('default/telemetry', `dev-${n % 50}`, { payload: Buffer.from(payload), topic: `devices/dev-${n % 50}/telemetry/t${n % 100}`, qos: 1, clientId: `dev-${n % 50}` })
+        const dev = `dev-${n % 50}`
+        return store.append('default/telemetry', dev, { payload: Buffer.from(payload), topic: `devices/${dev}/telemetry/t${n % 100}`, qos: 1, clientId: dev })
       }))
     }
     await store.close()
@@ -113,7 +114,8 @@ describe('HTTP reads and MQTT acks', () => {
     const duringMax = Math.max(...during)
     const bound = Math.max(3000, 20 * baselineMax)
     expect(during.length, 'the publisher ran while the reads did').toBeGreaterThan(1)
-    expect(duringMax, `slowest PUBACK ${duringMax.toFixed(0)} ms during the reads (${during.length} publishes), ${baselineMax.toFixed(0)} ms before`).toBeLessThan(bound)
+    const what = `slowest PUBACK ${duringMax.toFixed(0)} ms during the reads (${during.length} publishes), ${baselineMax.toFixed(0)} ms before`
+    expect(duringMax, what).toBeLessThan(bound)
 
     expect(refused?.status).toBe(400)
     expect((JSON.parse(refused?.text ?? '') as { error: { code: string } }).error.code).toBe('HTTP_TOO_MANY_VALUES')

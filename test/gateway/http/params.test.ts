@@ -1,10 +1,12 @@
 /**
- * Query parameters and times of the /v1 API, as pure functions.
+ * Times and fetch parameters of the /v1 API, as pure functions: what the
+ * routes' schemas cannot check (they are checked over HTTP in
+ * schemas.int.test.ts).
  */
 import { describe, expect, it } from 'vitest'
 import { HTTP_ERROR_CODES, toApiError } from '../../../gateway/http/errors.ts'
-import { parseTime, QueryParams } from '../../../gateway/http/params.ts'
-import { parseRecordsRequest } from '../../../gateway/http/records.ts'
+import { parseTime } from '../../../gateway/http/params.ts'
+import { parseRecordsRequest, type OutputFormat, type RecordsQuery } from '../../../gateway/http/records.ts'
 import { FilterExpressionError } from '../../../gateway/query/filter-expression.ts'
 import { StoreError } from '../../../store/index.ts'
 
@@ -44,59 +46,47 @@ describe('parseTime', () => {
   })
 })
 
-describe('QueryParams', () => {
-  it('refuses unknown and repeated parameters, and malformed integers, naming the parameter', () => {
-    expect(codeOf(() => new QueryParams(new URLSearchParams('maxRecord=1'), ['maxRecords']))).toBe('HTTP_BAD_REQUEST')
-    expect(codeOf(() => new QueryParams(new URLSearchParams('a=1&a=2'), ['a']))).toBe('HTTP_BAD_REQUEST')
-    expect(new QueryParams(new URLSearchParams('key=a&key=b'), ['key'], { key: 2 }).all('key')).toEqual(['a', 'b'])
-    expect(codeOf(() => new QueryParams(new URLSearchParams('key=a&key=b&key=c'), ['key'], { key: 2 }))).toBe('HTTP_TOO_MANY_VALUES')
-    const q = new QueryParams(new URLSearchParams('n=12&m=-1&x=1.5&y=&big=123456789012345678'), ['n', 'm', 'x', 'y', 'big'])
-    expect(q.int('n', 0, 100)).toBe(12)
-    expect(q.int('absent', 0, 100)).toBeUndefined()
-    for (const name of ['m', 'x', 'y', 'big']) expect(codeOf(() => q.int(name, 0, Number.MAX_SAFE_INTEGER)), name).toBe('HTTP_BAD_REQUEST')
-    expect(codeOf(() => q.int('n', 0, 10))).toBe('HTTP_BAD_REQUEST')
-  })
-})
-
 describe('parseRecordsRequest', () => {
-  const parse = (query: string, accept?: string): ReturnType<typeof parseRecordsRequest> =>
-    parseRecordsRequest(new URLSearchParams(query), NOW, accept, (g) => `acme/${g}`)
+  const parse = (query: RecordsQuery, fallbackFormat: OutputFormat = 'json'): ReturnType<typeof parseRecordsRequest> =>
+    parseRecordsRequest(query, NOW, fallbackFormat, (g) => `acme/${g}`)
 
   it('reads start, end, limits, filters and format', () => {
-    expect(parse('')).toMatchObject({ start: { kind: 'earliest' }, endOffset: null, toTime: null, format: 'json', payload: 'utf8', maxRecords: 1000, waitMs: 0 })
-    expect(parse('offset=latest&wait=5').start).toEqual({ kind: 'latest' })
-    expect(parse('offset=7&endOffset=9&maxRecords=2&maxBytes=100')).toMatchObject({ start: { kind: 'offset', offset: 7 }, endOffset: 9, maxRecords: 2, maxBytes: 100 })
-    expect(parse('from=-1h&to=now').start).toEqual({ kind: 'time', timestamp: NOW - 3_600_000 })
-    expect(parse('group=billing').start).toEqual({ kind: 'group', group: 'acme/billing' })
-    expect(parse('format=ndjson&payload=base64')).toMatchObject({ format: 'ndjson', payload: 'base64', maxRecords: Number.MAX_SAFE_INTEGER })
-    expect(parse('', 'application/x-ndjson').format).toBe('ndjson')
-    expect(parse('', 'application/cbor').format).toBe('cbor')
-    const r = parse('key=a&key=b&topic=devices/%2B/telemetry/%23&where=t%20>%201')
+    expect(parse({}))
+      .toMatchObject({ start: { kind: 'earliest' }, endOffset: null, toTime: null, format: 'json', payload: 'utf8', maxRecords: 1000, waitMs: 0 })
+    expect(parse({ offset: 'latest', wait: 5 })).toMatchObject({ start: { kind: 'latest' }, waitMs: 5000 })
+    expect(parse({ offset: '7', endOffset: 9, maxRecords: 2, maxBytes: 100 }))
+      .toMatchObject({ start: { kind: 'offset', offset: 7 }, endOffset: 9, maxRecords: 2, maxBytes: 100 })
+    expect(parse({ from: '-1h', to: 'now' }).start).toEqual({ kind: 'time', timestamp: NOW - 3_600_000 })
+    expect(parse({ group: 'billing' }).start).toEqual({ kind: 'group', group: 'acme/billing' })
+    expect(parse({ format: 'ndjson', payload: 'base64' })).toMatchObject({ format: 'ndjson', payload: 'base64', maxRecords: Number.MAX_SAFE_INTEGER })
+    // Without a format parameter, the one the Accept header asked for; the parameter wins over it.
+    expect(parse({}, 'ndjson').format).toBe('ndjson')
+    expect(parse({ format: 'cbor' }, 'ndjson').format).toBe('cbor')
+    const r = parse({ key: ['a', 'b'], topic: ['devices/+/telemetry/#'], where: 't > 1' })
     expect([...(r.keys ?? [])]).toEqual(['a', 'b'])
     expect(r.topicFilters).toEqual(['devices/+/telemetry/#'])
     expect(r.where?.({ t: 2 })).toBe(true)
   })
 
   it('gives each bad parameter its code', () => {
-    const cases: ReadonlyArray<readonly [string, string]> = [
-      ['offset=1&from=now', 'HTTP_BAD_REQUEST'],
-      ['offset=-1', 'HTTP_BAD_REQUEST'],
-      ['offset=first', 'HTTP_BAD_REQUEST'],
-      ['from=yesterday', 'HTTP_BAD_TIME'],
-      ['to=2024-05-01T02:00', 'HTTP_BAD_TIME'],
-      ['from=now&to=-1h', 'HTTP_BAD_RANGE'],
-      ['offset=5&endOffset=4', 'HTTP_BAD_RANGE'],
-      ['maxRecords=0', 'HTTP_BAD_REQUEST'],
-      ['maxRecords=100001', 'HTTP_BAD_REQUEST'],
-      ['wait=61', 'HTTP_BAD_REQUEST'],
-      ['format=xml', 'HTTP_BAD_REQUEST'],
-      ['format=cbor&payload=base64', 'HTTP_BAD_REQUEST'],
-      ['topic=a/%23/b', 'HTTP_BAD_TOPIC_FILTER'],
-      ['topic=', 'HTTP_BAD_TOPIC_FILTER'],
-      ['where=temp%20>', 'FILTER_SYNTAX'],
-      ['limit=10', 'HTTP_BAD_REQUEST'],
+    const cases: ReadonlyArray<readonly [RecordsQuery, string]> = [
+      [{ offset: '1', from: 'now' }, 'HTTP_BAD_REQUEST'],
+      [{ offset: '9999999999999999' }, 'HTTP_BAD_REQUEST'],
+      [{ from: 'yesterday' }, 'HTTP_BAD_TIME'],
+      [{ to: '2024-05-01T02:00' }, 'HTTP_BAD_TIME'],
+      [{ from: 'now', to: '-1h' }, 'HTTP_BAD_RANGE'],
+      [{ offset: '5', endOffset: 4 }, 'HTTP_BAD_RANGE'],
+      [{ maxRecords: 100_001 }, 'HTTP_BAD_REQUEST'],
+      [{ maxBytes: 64 * 1024 * 1024 + 1 }, 'HTTP_BAD_REQUEST'],
+      [{ format: 'cbor', payload: 'base64' }, 'HTTP_BAD_REQUEST'],
+      [{ format: 'batches', key: ['a'] }, 'HTTP_BAD_REQUEST'],
+      [{ topic: ['a/#/b'] }, 'HTTP_BAD_TOPIC_FILTER'],
+      [{ topic: [''] }, 'HTTP_BAD_TOPIC_FILTER'],
+      [{ where: 'temp >' }, 'FILTER_SYNTAX'],
     ]
-    for (const [query, code] of cases) expect(codeOf(() => parse(query)), query).toBe(code)
+    for (const [query, code] of cases) expect(codeOf(() => parse(query)), JSON.stringify(query)).toBe(code)
+    // NDJSON has no record or byte limit of its own.
+    expect(parse({ format: 'ndjson', maxRecords: 100_001 }).maxRecords).toBe(100_001)
   })
 })
 
@@ -104,7 +94,8 @@ describe('toApiError', () => {
   it('maps filter and store errors to HTTP codes with the right status', () => {
     const filter = toApiError(new FilterExpressionError('bad', 4))
     expect(filter).toMatchObject({ code: 'HTTP_BAD_FILTER', status: 400, details: { parameter: 'where', position: 4 } })
-    const range = toApiError(new StoreError('STORE_OFFSET_OUT_OF_RANGE', 'x', { details: { stream: 'acme/telemetry', partition: 2, offset: 1, logStartOffset: 5, logEndOffset: 9 } }))
+    const details = { stream: 'acme/telemetry', partition: 2, offset: 1, logStartOffset: 5, logEndOffset: 9 }
+    const range = toApiError(new StoreError('STORE_OFFSET_OUT_OF_RANGE', 'x', { details }))
     expect(range).toMatchObject({ code: 'HTTP_OFFSET_OUT_OF_RANGE', status: 416, details: { offset: 1, logStartOffset: 5, logEndOffset: 9 } })
     expect(range.message).not.toContain('acme')
     expect(toApiError(new StoreError('STORE_CLOSED', 'x'))).toMatchObject({ code: 'HTTP_UNAVAILABLE', status: 503 })

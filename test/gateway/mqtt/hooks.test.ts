@@ -14,8 +14,9 @@ import { authorizeSubscribe } from '../../../gateway/mqtt/hooks/authorize-subscr
 import { refusals, type ConnectInfo, type HookContext } from '../../../gateway/mqtt/hooks/context.ts'
 import type { LogStore } from '../../../store/index.ts'
 
-function context (): HookContext {
+function context (mqtt: Record<string, unknown> = {}): HookContext {
   const config = buildConfig({
+    mqtt,
     users: [{ username: 'd1', tenant: 'acme', role: 'device', password: `scrypt$16384$8$1$${'A'.repeat(22)}==$${'A'.repeat(43)}=` }],
     acl: [{ role: 'device', topic: 'devices/%c/commands/secret', access: 'subscribe', allow: false }],
   })
@@ -27,14 +28,15 @@ function context (): HookContext {
   // Only what these two hooks read is real; the rest would be a broker's.
   return {
     config, metrics, logger, connects,
-    identities: new WeakMap(), connacked: new WeakSet(), authorized: new WeakSet(), sessionMarkers: new WeakSet(), tickets: new WeakMap(),
+    broker: { on () {} },
+    identities: new WeakMap(), connacked: new WeakSet(), toStore: new WeakMap(), oversized: new WeakSet(), sessionMarkers: new WeakSet(), tickets: new WeakMap(),
     replayConnections: new WeakMap(), startupWills: new WeakSet(),
     ...refusals({ metrics, logger }, connects),
   } as unknown as HookContext
 }
 
 function device (ctx: HookContext, who: Identity, connected = true): Client {
-  const client = { id: who.clientId, conn: {}, subscriptions: {} } as unknown as Client
+  const client = { id: who.clientId, conn: {}, subscriptions: {}, clean: false } as unknown as Client
   ctx.identities.set(client, who)
   if (connected) ctx.connacked.add(client)
   return client
@@ -50,21 +52,44 @@ function subscribe (ctx: HookContext, client: Client, topic: string): { granted:
 }
 
 describe('authorizeSubscribe', () => {
-  it('mounts an allowed filter in the client\'s tenant and marks it for the session store', () => {
+  it('mounts an allowed filter in the client\'s tenant and queues it for the session store', () => {
     const ctx = context()
-    const { granted, sub } = subscribe(ctx, device(ctx, D1), 'devices/d1/commands/#')
+    const client = device(ctx, D1)
+    const { granted, sub } = subscribe(ctx, client, 'devices/d1/commands/#')
     expect(granted?.topic).toBe('acme/devices/d1/commands/#')
-    expect(ctx.authorized.has(sub)).toBe(true)
+    expect(ctx.toStore.get(client)).toEqual([sub])
   })
 
-  it('parks a denied or invalid filter under $denied/ (SUBACK 0x80), still stored so the session replays it the same way', () => {
+  it('refuses a denied or invalid filter (SUBACK 0x80) and never stores it', () => {
     const ctx = context()
     for (const topic of ['devices/other/commands/#', 'a/#/b']) {
-      const { granted, sub } = subscribe(ctx, device(ctx, D1), topic)
+      const client = device(ctx, D1)
+      const { granted, sub } = subscribe(ctx, client, topic)
       expect(granted).toBeNull()
-      expect(sub.topic).toBe(`$denied/${topic}`)
-      expect(ctx.authorized.has(sub)).toBe(true)
+      expect(sub.topic).toBe(topic)
+      expect(ctx.toStore.get(client)).toBeUndefined()
     }
+  })
+
+  it('refuses every filter of an oversized SUBSCRIBE and new filters over the session limit, counted by reason', () => {
+    const ctx = context({ maxSubscriptionsPerSession: 2 })
+    const client = device(ctx, D1)
+    const hook = authorizeSubscribe(ctx)
+    const ask = (topic: string, tag = false): Subscription | null | undefined => {
+      const sub = { topic, qos: 1 } as Subscription
+      if (tag) ctx.oversized.add(sub)
+      let granted: Subscription | null | undefined
+      hook(client, sub, (err, s) => { if (err) throw err; granted = s })
+      return granted
+    }
+    expect(ask('devices/d1/commands/a', true)).toBeNull()
+    expect(ask('devices/d1/commands/a')?.topic).toBe('acme/devices/d1/commands/a')
+    expect(ask('devices/d1/commands/b')?.topic).toBe('acme/devices/d1/commands/b')
+    expect(ask('devices/d1/commands/c')).toBeNull()
+    // a filter the client holds is a resubscription, not a new one
+    ;(client as unknown as { subscriptions: Record<string, unknown> }).subscriptions['acme/devices/d1/commands/a'] = { qos: 1 }
+    expect(ask('devices/d1/commands/a')?.topic).toBe('acme/devices/d1/commands/a')
+    expect(ctx.toStore.get(client)?.map((sub) => sub.topic)).toEqual(['acme/devices/d1/commands/a', 'acme/devices/d1/commands/b', 'acme/devices/d1/commands/a'])
   })
 
   it('takes a subscription restored before the CONNACK as already mounted, and refuses one of another tenant', () => {
@@ -79,9 +104,10 @@ describe('authorizeSubscribe', () => {
     const marker = { topic: '$edgemq/session-present', qos: 0 } as Subscription
     ctx.sessionMarkers.add(marker)
     let granted: Subscription | null | undefined = marker
-    authorizeSubscribe(ctx)(device(ctx, D1), marker, (_err, s) => { granted = s })
+    const client = device(ctx, D1)
+    authorizeSubscribe(ctx)(client, marker, (_err, s) => { granted = s })
     expect(granted).toBeNull()
-    expect(ctx.authorized.has(marker)).toBe(false)
+    expect(ctx.toStore.get(client)).toBeUndefined()
   })
 })
 

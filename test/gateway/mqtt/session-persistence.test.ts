@@ -16,7 +16,7 @@ import { ClassicLevel } from 'classic-level'
 import { MemoryLevel } from 'memory-level'
 import { MqttClient, type IClientOptions, type IPublishPacket } from 'mqtt'
 import { afterEach, describe, expect, it } from 'vitest'
-import type { LevelDatabase } from '../../../store/index.ts'
+import { openLogStore, type LevelDatabase } from '../../../store/index.ts'
 import {
   LevelSessionPersistence, SessionPersistenceError, type SessionBroker, type SessionPacket,
 } from '../../../gateway/mqtt/session-persistence.ts'
@@ -70,12 +70,14 @@ async function openDb (dir?: string): Promise<{ dir: string, db: ClassicLevel }>
   return { dir: location, db }
 }
 
-function sessionsOf (db: ClassicLevel): LevelDatabase {
-  return db.sublevel('sessions') as unknown as LevelDatabase
+function sessionsOf (db: ClassicLevel | MemoryLevel): LevelDatabase {
+  return (db as unknown as LevelDatabase).sublevel('sessions', { keyEncoding: 'buffer', valueEncoding: 'buffer' }) as unknown as LevelDatabase
 }
 
-async function openPersistence (db: ClassicLevel, broker: SessionBroker = { id: 'gw', counter: 0 }): Promise<LevelSessionPersistence> {
-  const persistence = new LevelSessionPersistence(sessionsOf(db))
+/** The persistence as the gateway builds it: on the `sessions` sublevel, writing through the log store's writer. */
+async function openPersistence (db: ClassicLevel | MemoryLevel, broker: SessionBroker = { id: 'gw', counter: 0 }): Promise<LevelSessionPersistence> {
+  const store = await openLogStore({ db: db as unknown as LevelDatabase })
+  const persistence = new LevelSessionPersistence(sessionsOf(db), { writer: store })
   await persistence.setup(broker)
   return persistence
 }
@@ -180,6 +182,42 @@ describe('sessions survive a restart (classic-level close → reopen)', () => {
     expect(await persistence.outgoingClearMessageId({ id: 'dev-1' }, { cmd: 'pubcomp', messageId: 9 })).toEqual({ cmd: 'pubrel', messageId: 9 })
   })
 
+  it('resends that PUBREL on every reconnect, though aedes hands it back with a write callback and a new counter', async () => {
+    // aedes' reconnect path (lib/handlers/connect.js emptyQueue) wraps each queued packet in a QoSPacket (a fresh
+    // brokerCounter, a writeCallback bound to the client) and passes it to outgoingUpdate before writing it. That
+    // update used to reject (cbor cannot encode a function), so the device was disconnected at every reconnect and
+    // never got the PUBREL: a client that releases on PUBREL never got the message (aedes' "resend pubrel on
+    // non-clean reconnect QoS 2").
+    const { dir, db } = await openDb()
+    const before = await openPersistence(db)
+    await before.outgoingEnqueue({ clientId: 'dev-1' }, publish('cmd/dev-1', 'x', 5, { qos: 2 }))
+    await before.outgoingUpdate({ id: 'dev-1' }, publish('cmd/dev-1', 'x', 5, { qos: 2, messageId: 9 }))
+    await before.outgoingUpdate({ id: 'dev-1' }, { cmd: 'pubrel', messageId: 9 })
+    for (let reconnect = 0; reconnect < 3; reconnect++) {
+      const [queued] = await toArray(before.outgoingStream({ id: 'dev-1' }))
+      // aedes-packet keeps a stored brokerId and brokerCounter, and numbers a packet that has none
+      const resent = { ...queued, brokerId: queued?.brokerId ?? 'gw', brokerCounter: queued?.brokerCounter ?? 100, writeCallback: () => {} }
+      await before.outgoingUpdate({ id: 'dev-1' }, resent)
+      expect(await toArray(before.outgoingStream({ id: 'dev-1' }))).toMatchObject([{ cmd: 'pubrel', messageId: 9 }])
+    }
+    const { persistence } = await restart(dir, db)
+    const [stored] = await toArray(persistence.outgoingStream({ id: 'dev-1' }))
+    expect(stored).toMatchObject({ cmd: 'pubrel', messageId: 9, brokerId: 'gw', brokerCounter: 100 })
+    expect(stored).not.toHaveProperty('writeCallback')
+    expect(await persistence.outgoingClearMessageId({ id: 'dev-1' }, { cmd: 'pubcomp', messageId: 9 })).toMatchObject({ cmd: 'pubrel', messageId: 9 })
+  })
+
+  it('gives stored subscriptions back in aedes-persistence\'s shape: rh, rap, nl always there', async () => {
+    const { db } = await openDb()
+    const persistence = await openPersistence(db)
+    await persistence.addSubscriptions({ id: 'dev-1' }, [{ topic: 'a', qos: 1 }, { topic: 'b', qos: 2, rh: 1, rap: true, nl: false, subscriptionIdentifier: 3 }])
+    const subs = await persistence.subscriptionsByClient({ id: 'dev-1' })
+    expect(subs.map((sub) => Object.keys(sub).sort())).toEqual([
+      ['nl', 'qos', 'rap', 'rh', 'topic'],
+      ['nl', 'qos', 'rap', 'rh', 'subscriptionIdentifier', 'topic'],
+    ])
+  })
+
   it('keeps retained messages, and their deletion', async () => {
     const { dir, db } = await openDb()
     const before = await openPersistence(db)
@@ -220,6 +258,23 @@ describe('sessions survive a restart (classic-level close → reopen)', () => {
     expect(broker.counter).toBe(500)
   })
 
+  it('drops the refused filters older gateways stored as $denied/…, in one batch at load', async () => {
+    const { dir, db } = await openDb()
+    const before = await openPersistence(db)
+    await before.addSubscriptions({ id: 'dev-1' }, [{ topic: '$denied/admin/#', qos: 1 }, { topic: 'cmd/dev-1', qos: 1 }])
+    await before.addSubscriptions({ id: 'dev-2' }, [{ topic: '$denied/x', qos: 0 }])
+    const { db: again, persistence } = await restart(dir, db)
+    expect(await persistence.subscriptionsByClient({ id: 'dev-1' })).toEqual([{ topic: 'cmd/dev-1', qos: 1 }])
+    expect(await persistence.countOffline()).toEqual({ subsCount: 1, clientsCount: 1 })
+    expect(persistence.hasSessionState({ id: 'dev-2' })).toBe(false)
+    const { db: last, persistence: third } = await restart(dir, again)
+    expect(await third.subscriptionsByClient({ id: 'dev-1' })).toEqual([{ topic: 'cmd/dev-1', qos: 1 }])
+    // gone from disk, not only skipped
+    const stored = await sessionsOf(last).keys<Buffer>({ keyEncoding: 'buffer' }).all()
+    expect(stored.filter((k) => k.includes('$denied/'))).toEqual([])
+    expect(stored.filter((k) => k.includes('cmd/dev-1'))).toHaveLength(1)
+  })
+
   it('refuses a key space written by another format version', async () => {
     const { db } = await openDb()
     await sessionsOf(db).put(Buffer.from('V'), Buffer.from([0, 0, 0, 2]), { keyEncoding: 'buffer', valueEncoding: 'buffer' })
@@ -239,16 +294,17 @@ describe('LevelSessionPersistence contract details', () => {
     expect(await errorOf(persistence.destroy())).toMatchObject({ code: 'GW_SESSION_CLOSED' })
   })
 
-  it('group-commits calls made together into one write batch', async () => {
+  it('group-commits calls made together into one write batch, through the log store\'s writer', async () => {
     const db = new MemoryLevel()
     let batches = 0
-    const batch = db.batch.bind(db) as (...args: unknown[]) => Promise<void>
-    ;(db as unknown as { batch: (...args: unknown[]) => Promise<void> }).batch = (...args: unknown[]) => {
+    // abstract-level's implementation hook, which the store's and every sublevel's batches end in
+    const internal = db as unknown as { _batch: (...args: unknown[]) => Promise<void> }
+    const batch = internal._batch.bind(db)
+    internal._batch = (...args: unknown[]) => {
       batches++
       return batch(...args)
     }
-    const persistence = new LevelSessionPersistence(db as unknown as LevelDatabase)
-    await persistence.setup({ id: 'gw', counter: 0 })
+    const persistence = await openPersistence(db)
     batches = 0
     await Promise.all(Array.from({ length: 100 }, (_, i) => persistence.outgoingEnqueue({ clientId: `dev-${i}` }, publish('t', 'x', i + 1))))
     expect(batches).toBe(1)

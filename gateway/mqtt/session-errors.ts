@@ -1,0 +1,36 @@
+/**
+ * The session persistence's error codes (documented in docs/errors.md by
+ * docs/generate.ts): one class with a stable `code` and a `cause`.
+ */
+
+export const SESSION_ERROR_CODES = {
+  GW_SESSION_NOT_FOUND: 'No stored packet has that message id. aedes reads this rejection as "not found" (a new inbound QoS 2 packet, '
+    + 'an unknown in-flight message), so it is part of the contract, not a fault.',
+  GW_SESSION_NOT_READY: 'A session persistence method was called before setup(broker) finished loading the sessions.',
+  GW_SESSION_CLOSED: 'The session persistence was destroyed.',
+  GW_SESSION_FORMAT_VERSION: 'The sessions key space was written by an incompatible format version.',
+  GW_SESSION_CORRUPT: 'A stored session entry could not be decoded; the error names its key.',
+  GW_SESSION_WRITE_FAILED: 'The database rejected a session write (for example ENOSPC); the calls in that batch were not stored.',
+  GW_SESSION_INVALID_ARGUMENT: 'A client id or message id cannot be stored (longer than 65535 bytes, or a message id outside 0..65535).',
+} as const
+
+export type SessionErrorCode = keyof typeof SESSION_ERROR_CODES
+
+export class SessionPersistenceError extends Error {
+  override readonly name = 'SessionPersistenceError'
+  readonly code: SessionErrorCode
+
+  constructor (code: SessionErrorCode, message: string, options: { cause?: unknown } = {}) {
+    super(message, options.cause === undefined ? undefined : { cause: options.cause })
+    this.code = code
+  }
+}
+
+/**
+ * GW_SESSION_NOT_FOUND, with aedes-persistence's message: aedes' own tests match that message (test/connect.js), and
+ * aedes reads the rejection as "not found", never shows it, so the message names no client.
+ */
+export function notFound (): SessionPersistenceError {
+  return new SessionPersistenceError('GW_SESSION_NOT_FOUND', 'no such packet')
+}
+

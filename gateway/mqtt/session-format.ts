@@ -1,0 +1,142 @@
+/**
+ * On-disk format of the MQTT session key space, version 1: the subscriptions
+ * of persistent sessions, their offline QoS 1/2 queues, retained messages,
+ * wills and inbound QoS 2 packets awaiting PUBREL. This file owns the key
+ * layout and value encoding; session-persistence.ts is the only reader and
+ * writer (and the log store writes what it is handed, in the same batches).
+ *
+ * Keys are binary and live in the `sessions` sublevel of the gateway's
+ * LevelDB (beside the log's `log` sublevel, store/format.ts). `client` is the
+ * client id as u16 byte length + utf8 bytes, so the keys of one client form a
+ * prefix range that never reaches a client whose id extends it ("abc" /
+ * "abcd").
+ *
+ * | key                           | value                                                       |
+ * | ----------------------------- | ----------------------------------------------------------- |
+ * | `V`                           | format version, u32 (= 1)                                   |
+ * | `S` client topic(utf8)        | cbor `{ qos, rh?, rap?, nl?, subscriptionIdentifier? }`, one key per subscription |
+ * | `R` topic(utf8)               | cbor retained packet (every own field aedes gave but functions) |
+ * | `O` client seq(u64)           | cbor queued packet in aedes-packet shape, or the packet that replaced it (PUBREL) |
+ * | `M` client seq(u64)           | message id, u16, given when the queued packet was sent      |
+ * | `I` client messageId(u16)     | cbor inbound QoS 2 packet, aedes-packet shape               |
+ * | `C` client                    | empty: a persistent session exists (CONNECT with clean = false), even with nothing else stored |
+ * | `W` client                    | cbor will packet, carrying brokerId, clientId and (from the broker, wills.ts) edgemqIdentity |
+ *
+ * Invariants:
+ * - One key per subscription: storing or removing k subscriptions writes k
+ *   keys, whatever the session holds already.
+ * - `seq` is one counter for the whole key space, strictly increasing; the
+ *   persistence resumes it at the largest stored seq + 1 when it loads, so a
+ *   client's queue order (key order) is its enqueue order, across restarts.
+ * - An `M` entry exists only beside the `O` entry with the same key suffix;
+ *   both are deleted in one write batch. A lost `M` (power loss with
+ *   `durability: 'async'`) only means the packet is resent with a new id.
+ * - The `I` entry of a QoS 2 publish that goes into the log is written in
+ *   the log's append batch (the store's `extraOps`), so it exists exactly
+ *   when the record does. A will that goes into the log has its `W` entry
+ *   deleted in that record's batch, so a kill after it cannot fire it again.
+ * - No `S` entry names a refused filter. Gateways before this rule stored
+ *   each refused filter of a persistent session as `$denied/<filter>` (it
+ *   matched nothing, and was refused again, and logged, at every reconnect);
+ *   loading deletes those entries, in one batch.
+ * - A value is never written with a function in it (cbor cannot encode one):
+ *   aedes' packets carry write callbacks, which are left out.
+ */
+import { Encoder } from 'cbor-x'
+import { SessionPersistenceError } from './session-errors.ts'
+
+export const SESSION_FORMAT_VERSION = 1
+
+/** The topic prefix under which older gateways stored refused filters (see the invariants). */
+export const PARKED_PREFIX = '$denied/'
+
+export const TAG_VERSION = 0x56 // 'V'
+export const TAG_SUB = 0x53 // 'S'
+export const TAG_RETAINED = 0x52 // 'R'
+export const TAG_OUTGOING = 0x4f // 'O'
+export const TAG_MESSAGE_ID = 0x4d // 'M'
+export const TAG_INCOMING = 0x49 // 'I'
+export const TAG_WILL = 0x57 // 'W'
+export const TAG_SESSION = 0x43 // 'C'
+
+export const cbor = new Encoder({ useRecords: false, structuredClone: false, mapsAsObjects: true, variableMapSize: true })
+
+export function clientPrefix (tag: number, clientId: string, extra = 0): Buffer {
+  const id = Buffer.from(String(clientId), 'utf8')
+  if (id.length > 0xffff) {
+    throw new SessionPersistenceError('GW_SESSION_INVALID_ARGUMENT', `client id is ${id.length} bytes, more than 65535`)
+  }
+  const key = Buffer.allocUnsafe(3 + id.length + extra)
+  key[0] = tag
+  key.writeUInt16BE(id.length, 1)
+  id.copy(key, 3)
+  return key
+}
+
+export function checkMessageId (messageId: unknown): number {
+  if (typeof messageId !== 'number' || !Number.isInteger(messageId) || messageId < 0 || messageId > 0xffff) {
+    throw new SessionPersistenceError('GW_SESSION_INVALID_ARGUMENT', `message id must be an integer in 0..65535, got ${String(messageId)}`)
+  }
+  return messageId
+}
+
+export const keys = {
+  version: (): Buffer => Buffer.from([TAG_VERSION]),
+  sub: (clientId: string, topic: string): Buffer => Buffer.concat([clientPrefix(TAG_SUB, clientId), Buffer.from(topic, 'utf8')]),
+  retained: (topic: string): Buffer => Buffer.concat([Buffer.from([TAG_RETAINED]), Buffer.from(topic, 'utf8')]),
+  outgoing: (tag: typeof TAG_OUTGOING | typeof TAG_MESSAGE_ID, clientId: string, seq: number): Buffer => {
+    const key = clientPrefix(tag, clientId, 8)
+    key.writeBigUInt64BE(BigInt(seq), key.length - 8)
+    return key
+  },
+  incoming: (clientId: string, messageId: number): Buffer => {
+    const key = clientPrefix(TAG_INCOMING, clientId, 2)
+    key.writeUInt16BE(messageId, key.length - 2)
+    return key
+  },
+  will: (clientId: string): Buffer => clientPrefix(TAG_WILL, clientId),
+  session: (clientId: string): Buffer => clientPrefix(TAG_SESSION, clientId),
+  /** Splits a client-scoped key into the client id and what follows it. */
+  parseClient (key: Buffer): { clientId: string, rest: Buffer } {
+    const length = key.readUInt16BE(1)
+    return { clientId: key.toString('utf8', 3, 3 + length), rest: key.subarray(3 + length) }
+  },
+}
+
+/** Range bounds covering every key that starts with `prefix`. */
+export function prefixRange (prefix: Buffer): { gte: Buffer, lt?: Buffer } {
+  const upper = Buffer.from(prefix)
+  for (let i = upper.length - 1; i >= 0; i--) {
+    if ((upper[i] as number) < 0xff) {
+      upper[i] = (upper[i] as number) + 1
+      return { gte: prefix, lt: upper.subarray(0, i + 1) }
+    }
+  }
+  return { gte: prefix }
+}
+
+export function encodeU16 (n: number): Buffer {
+  const buf = Buffer.allocUnsafe(2)
+  buf.writeUInt16BE(n, 0)
+  return buf
+}
+
+export function decodeValue<T> (key: Buffer, value: Uint8Array): T {
+  try {
+    return cbor.decode(value) as T
+  } catch (err) {
+    throw new SessionPersistenceError('GW_SESSION_CORRUPT', `cannot decode session entry ${key.toString('hex')}`, { cause: err })
+  }
+}
+
+/** The `V` value of this format. */
+export function encodeVersion (): Buffer {
+  const buf = Buffer.allocUnsafe(4)
+  buf.writeUInt32BE(SESSION_FORMAT_VERSION, 0)
+  return buf
+}
+
+/** The version a stored `V` value names, or undefined when it is not a u32. */
+export function readVersion (value: Buffer): number | undefined {
+  return value.length === 4 ? value.readUInt32BE(0) : undefined
+}
