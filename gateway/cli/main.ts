@@ -16,6 +16,7 @@ import { openDataDir } from './offline.ts'
 import { findNpmLauncher, watchLauncher } from './npm-launcher.ts'
 import { httpSource, offlineSource, parsePosition, replay, tail, type OutputFormat, type PayloadEncoding, type ReadSpec } from './replay.ts'
 import { buildConfig, configSchema, type GatewayConfig } from '../config/config.ts'
+import { readEnvironment } from '../config/environment.ts'
 import { chooseGatewayId, storeGatewayId, type GatewayIdChoice } from '../config/gateway-id.ts'
 import { createLogger, LOG_LEVELS, type LogLevel } from '../logger.ts'
 import { GatewayError } from '../errors.ts'
@@ -127,7 +128,7 @@ async function start (flags: StartFlags): Promise<number> {
     process.once('SIGTERM', () => stop('SIGTERM'))
     process.once('SIGINT', () => stop('SIGINT'))
     // Under `npx edgemq start`, the pid a user signals is npm's (gateway/cli/npm-launcher.ts says why we follow it).
-    const launcher = findNpmLauncher(process.env.npm_execpath !== undefined, process.ppid)
+    const launcher = findNpmLauncher(readEnvironment().launchedByNpm, process.ppid)
     if (launcher !== undefined) {
       watchLauncher(launcher, (how) => {
         if (how === 'stopped') return stop('npm exited')
@@ -165,22 +166,17 @@ interface ReadFlags extends SourceFlags {
 /** The client commands are a composition root too: the only place they read the environment. */
 function apiClient (flags: SourceFlags): ApiClient {
   if (flags.tenant !== undefined) throw new CliError('CLI_BAD_ARGUMENT', '--tenant goes with --data-dir; over HTTP the tenant is the user\'s or the token\'s')
-  const url = flags.url ?? process.env.EDGEMQ_URL ?? DEFAULT_URL
+  const env = readEnvironment()
+  const url = flags.url ?? env.url ?? DEFAULT_URL
   // Flags win over the environment; within either, a token and a user exclude each other (ApiClient says so).
   if (flags.token !== undefined || flags.user !== undefined || flags.password !== undefined) {
-    const user = flags.user ?? (flags.token === undefined ? nonEmpty(process.env.EDGEMQ_USER) : undefined)
+    const user = flags.user ?? (flags.token === undefined ? env.user : undefined)
     return new ApiClient({ url, token: flags.token, user, password: flags.password })
   }
-  const token = nonEmpty(process.env.EDGEMQ_TOKEN)
-  const user = nonEmpty(process.env.EDGEMQ_USER)
-  if (token !== undefined && user !== undefined) {
+  if (env.token !== undefined && env.user !== undefined) {
     throw new CliError('CLI_BAD_ARGUMENT', 'EDGEMQ_TOKEN and EDGEMQ_USER are both set: unset one, or choose with --token or --user')
   }
-  return new ApiClient({ url, token, user, password: nonEmpty(process.env.EDGEMQ_PASSWORD) })
-}
-
-function nonEmpty (value: string | undefined): string | undefined {
-  return value === undefined || value === '' ? undefined : value
+  return new ApiClient({ url, token: env.token, user: env.user, password: env.password })
 }
 
 /** Runs `fn` on the data directory (`--data-dir`) or the gateway over HTTP (`--url`, the default). */
