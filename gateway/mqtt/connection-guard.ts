@@ -23,13 +23,21 @@
  *
  * The readable side has a high-water mark of one byte, so a segment is
  * pushed only when aedes asked for more. Writes pass straight through.
+ *
+ * An idle connection should cost little (issue 13: an idle device connection
+ * cost 12-20 KB of RSS, Mosquitto's 0.7 KB): the options are one object per
+ * listener, the socket's listeners are shared functions that find their guard
+ * through a symbol, the header scanner keeps numbers, and the buffers of
+ * packets in transit exist only while a packet is in transit.
  */
 import { isUtf8 } from 'node:buffer'
 import type { Socket } from 'node:net'
 import { Duplex } from 'node:stream'
+import { clientOfConnection } from './aedes-internals.ts'
 
 export type ViolationReason = 'packet-too-large' | 'malformed-header' | 'protocol'
 
+/** Shared by every connection of a listener (not made per connection: see the header). */
 export interface GuardOptions {
   readonly maxPacketBytes: number
   readonly maxInflight: number
@@ -39,9 +47,9 @@ export interface GuardOptions {
    * Called once when the connection is closed for breaking a limit or the protocol. `detail` names the client
    * when aedes has seen its CONNECT; `clientId` is that id (undefined before the CONNECT).
    */
-  readonly onViolation: (reason: ViolationReason, detail: string, clientId?: string) => void
+  readonly onViolation: (reason: ViolationReason, detail: string, clientId: string | undefined, guard: ConnectionGuard) => void
   /** Called (once per connection) when the client is first slowed down for exceeding its publish rate. */
-  readonly onRateLimited?: (clientId?: string) => void
+  readonly onRateLimited?: (clientId: string | undefined, guard: ConnectionGuard) => void
   readonly group: GuardGroup
 }
 
@@ -52,6 +60,15 @@ const UNSUBSCRIBE = 10
 const REQUIRED_FLAGS: ReadonlyArray<number | null> = [null, 0, 0, null, 0, 0, 2, 0, 2, 0, 2, 0, 0, 0, 0, null]
 const PLUS = 0x2b
 const HASH = 0x23
+/** The guard of a socket, for the socket listeners below (one function each for all sockets, not a closure each). */
+const GUARD = Symbol('edgemq.guard')
+type GuardedSocket = (Socket | Duplex) & { [GUARD]?: ConnectionGuard }
+
+function onSocketData (this: GuardedSocket, chunk: Buffer): void { this[GUARD]?.onSocketData(chunk) }
+function onSocketEnd (this: GuardedSocket): void { this[GUARD]?.onSocketEnd() }
+function onSocketError (this: GuardedSocket, err: Error): void { this[GUARD]?.destroy(err) }
+function onSocketClose (this: GuardedSocket): void { this[GUARD]?.destroy() }
+function onSocketDrain (this: GuardedSocket): void { this[GUARD]?.onSocketDrain() }
 
 /** The connections of one gateway, paused and resumed together when its log backs up. */
 export class GuardGroup {
@@ -70,44 +87,53 @@ export class GuardGroup {
 export class ConnectionGuard extends Duplex {
   readonly socket: Socket | Duplex
   readonly #options: GuardOptions
-  /** Segments ready for aedes, each holding at most maxInflight packet starts. */
-  readonly #segments: Buffer[] = []
+  /** Segments ready for aedes, each holding at most maxInflight packet starts; null when there are none. */
+  #segments: Buffer[] | null = null
   #wanted = false
   #ended = false
   // Header scanner state.
   #skip = 0 // body bytes of the current packet still to pass
-  #header: number[] = [] // bytes of a fixed header seen so far
+  #headerBytes = 0 // bytes of the current fixed header seen so far (0 = a packet starts at the next byte)
+  #first = 0 // its first byte: type and flags
+  #length = 0 // its remaining length, summed as the bytes arrive [MQTT-2.2.3]
   // Body inspection of the current packet (PUBLISH, SUBSCRIBE, UNSUBSCRIBE); #inType 0 = none.
   #inType = 0
   #inFlags = 0
   #inLength = 0 // remaining length of the packet
   #inNeed = 0 // body bytes needed for the next check
   #inHave = 0
-  #inParts: Buffer[] = []
-  // Segment being built.
-  #parts: Buffer[] = []
+  #inParts: Buffer[] | null = null
+  // Segment being built; null when empty.
+  #parts: Buffer[] | null = null
   #starts = 0
-  // Token bucket.
-  #tokens: number
-  #lastRefill = performance.now()
+  // Token bucket, used only with a publish rate.
+  #tokens = 0
+  #lastRefill = 0
   #rateTimer: NodeJS.Timeout | undefined
   #rateLogged = false
+  /** The callback of a write waiting for the socket to drain. */
+  #drained: (() => void) | null = null
 
   constructor (socket: Socket | Duplex, options: GuardOptions) {
     super({ readableHighWaterMark: 1, allowHalfOpen: false })
     this.socket = socket
     this.#options = options
-    this.#tokens = Math.max(1, options.publishRate)
-    options.group.members.add(this)
-    socket.on('data', (chunk: Buffer) => this.#onData(chunk))
-    socket.on('end', () => { this.#ended = true; this.#flushSegment(); this.pump() })
-    socket.on('error', (err) => this.destroy(err))
-    socket.on('close', () => this.destroy())
+    if (options.publishRate > 0) {
+      this.#tokens = options.publishRate
+      this.#lastRefill = performance.now()
+    }
+    options.group.members.add(this);
+    (socket as GuardedSocket)[GUARD] = this
+    socket.on('data', onSocketData)
+    socket.on('end', onSocketEnd)
+    socket.on('error', onSocketError)
+    socket.on('close', onSocketClose)
   }
 
   get remoteAddress (): string | undefined { return (this.socket as Socket).remoteAddress }
 
-  #onData (chunk: Buffer): void {
+  /** @internal the socket's 'data' (see onSocketData). */
+  onSocketData (chunk: Buffer): void {
     let from = 0
     let i = 0
     const { maxInflight } = this.#options
@@ -120,29 +146,34 @@ export class ConnectionGuard extends Duplex {
         i += n
         continue
       }
-      if (this.#header.length === 0) {
+      const byte = chunk[i] as number
+      if (this.#headerBytes === 0) {
         // A new packet starts at i.
         if (this.#starts === maxInflight) {
-          this.#parts.push(chunk.subarray(from, i))
+          this.#addPart(chunk.subarray(from, i))
           from = i
           this.#flushSegment()
         }
         this.#starts++
-        if ((chunk[i] as number) >> 4 === PUBLISH) publishes++
-      }
-      const byte = chunk[i++] as number
-      this.#header.push(byte)
-      if (this.#header.length === 1) continue
-      // Remaining length: up to four 7-bit groups, continuation in the top bit [MQTT-2.2.3].
-      if ((byte & 0x80) !== 0) {
-        if (this.#header.length === 5) return this.#violate('malformed-header', 'remaining length longer than 4 bytes')
+        if (byte >> 4 === PUBLISH) publishes++
+        this.#first = byte
+        this.#length = 0
+        this.#headerBytes = 1
+        i++
         continue
       }
-      let length = 0
-      for (let k = this.#header.length - 1; k >= 1; k--) length = length * 128 + ((this.#header[k] as number) & 0x7f)
-      const total = length + this.#header.length
-      const first = this.#header[0] as number
-      this.#header = []
+      i++
+      // Remaining length: up to four 7-bit groups, least significant first, continuation in the top bit [MQTT-2.2.3].
+      this.#length += (byte & 0x7f) * 128 ** (this.#headerBytes - 1)
+      this.#headerBytes++
+      if ((byte & 0x80) !== 0) {
+        if (this.#headerBytes === 5) return this.#violate('malformed-header', 'remaining length longer than 4 bytes')
+        continue
+      }
+      const length = this.#length
+      const total = length + this.#headerBytes
+      const first = this.#first
+      this.#headerBytes = 0
       if (total > this.#options.maxPacketBytes) {
         return this.#violate('packet-too-large', `packet of ${total} bytes exceeds maxPacketBytes (${this.#options.maxPacketBytes})`)
       }
@@ -166,11 +197,30 @@ export class ConnectionGuard extends Duplex {
         if (length === 0 && !this.#feed(chunk, i, i)) return
       }
     }
-    this.#parts.push(chunk.subarray(from))
-    if (this.#segments.length === 0 || this.#wanted) this.#flushSegment()
+    this.#addPart(chunk.subarray(from))
+    if (this.#segments === null || this.#wanted) this.#flushSegment()
     this.#charge(publishes)
     this.pump()
-    if (this.#segments.length > 0 || this.#parts.length > 8) this.socket.pause()
+    if (this.#segments !== null || (this.#parts?.length ?? 0) > 8) this.socket.pause()
+  }
+
+  /** @internal the socket's 'end'. */
+  onSocketEnd (): void {
+    this.#ended = true
+    this.#flushSegment()
+    this.pump()
+  }
+
+  /** @internal the socket's 'drain', while a write waits for it. */
+  onSocketDrain (): void {
+    const callback = this.#drained
+    this.#drained = null
+    callback?.()
+  }
+
+  #addPart (part: Buffer): void {
+    if (this.#parts === null) this.#parts = [part]
+    else this.#parts.push(part)
   }
 
   /**
@@ -179,15 +229,15 @@ export class ConnectionGuard extends Duplex {
    * the plain id is what the device sent.
    */
   get clientId (): string | undefined {
-    const id = (this as unknown as { client?: { id?: unknown } }).client?.id
+    const id = clientOfConnection(this)?.id
     return typeof id === 'string' ? id.slice(id.indexOf('\u0000') + 1) : undefined
   }
 
   #violate (reason: ViolationReason, detail: string): void {
     const clientId = this.clientId
     this.#inType = 0
-    this.#inParts = []
-    this.#options.onViolation(reason, clientId === undefined ? detail : `client ${JSON.stringify(clientId)}: ${detail}`, clientId)
+    this.#inParts = null
+    this.#options.onViolation(reason, clientId === undefined ? detail : `client ${JSON.stringify(clientId)}: ${detail}`, clientId, this)
     this.socket.destroy()
     this.destroy()
   }
@@ -198,7 +248,7 @@ export class ConnectionGuard extends Duplex {
     this.#inLength = length
     this.#inNeed = need
     this.#inHave = 0
-    this.#inParts = []
+    this.#inParts = null
   }
 
   /**
@@ -210,12 +260,15 @@ export class ConnectionGuard extends Duplex {
     while (this.#inType !== 0) {
       const take = Math.min(this.#inNeed - this.#inHave, to - at)
       if (take > 0) {
-        this.#inParts.push(chunk.subarray(at, at + take))
+        const part = chunk.subarray(at, at + take)
+        if (this.#inParts === null) this.#inParts = [part]
+        else this.#inParts.push(part)
         this.#inHave += take
         at += take
       }
       if (this.#inHave < this.#inNeed) return true
-      const body = this.#inParts.length === 1 ? this.#inParts[0] as Buffer : Buffer.concat(this.#inParts)
+      const parts = this.#inParts ?? []
+      const body = parts.length === 1 ? parts[0] as Buffer : Buffer.concat(parts)
       this.#inParts = [body]
       const verdict = this.#inType === PUBLISH
         ? checkPublish(body, 0, body.length, this.#inFlags, this.#inLength)
@@ -226,7 +279,7 @@ export class ConnectionGuard extends Duplex {
       }
       if (verdict === 0) {
         this.#inType = 0
-        this.#inParts = []
+        this.#inParts = null
       } else {
         this.#inNeed = verdict
       }
@@ -258,11 +311,14 @@ export class ConnectionGuard extends Duplex {
   }
 
   #flushSegment (): void {
-    if (this.#parts.length === 0) return
-    const segment = this.#parts.length === 1 ? this.#parts[0] as Buffer : Buffer.concat(this.#parts)
-    this.#parts = []
+    const parts = this.#parts
+    if (parts === null) return
+    const segment = parts.length === 1 ? parts[0] as Buffer : Buffer.concat(parts)
+    this.#parts = null
     this.#starts = 0
-    if (segment.length > 0) this.#segments.push(segment)
+    if (segment.length === 0) return
+    if (this.#segments === null) this.#segments = [segment]
+    else this.#segments.push(segment)
   }
 
   #charge (publishes: number): void {
@@ -272,7 +328,7 @@ export class ConnectionGuard extends Duplex {
     this.#tokens = Math.min(rate, this.#tokens + ((now - this.#lastRefill) / 1000) * rate) - publishes
     this.#lastRefill = now
     if (this.#tokens < 0 && this.#rateTimer === undefined) {
-      if (!this.#rateLogged) { this.#rateLogged = true; this.#options.onRateLimited?.(this.clientId) }
+      if (!this.#rateLogged) { this.#rateLogged = true; this.#options.onRateLimited?.(this.clientId, this) }
       this.socket.pause()
       this.#rateTimer = setTimeout(() => { this.#rateTimer = undefined; this.pump() }, Math.ceil((-this.#tokens / rate) * 1000))
     }
@@ -282,8 +338,9 @@ export class ConnectionGuard extends Duplex {
   pump (): void {
     if (this.destroyed || this.#options.group.paused || this.#rateTimer !== undefined) return
     if (this.#wanted) {
-      if (this.#segments.length === 0) this.#flushSegment()
-      const segment = this.#segments.shift()
+      if (this.#segments === null) this.#flushSegment()
+      const segment = this.#segments?.shift()
+      if (this.#segments?.length === 0) this.#segments = null
       if (segment !== undefined) {
         this.#wanted = false
         this.push(segment)
@@ -292,7 +349,7 @@ export class ConnectionGuard extends Duplex {
         return
       }
     }
-    if (this.#segments.length === 0 && this.#parts.length === 0 && !this.#ended) this.socket.resume()
+    if (this.#segments === null && this.#parts === null && !this.#ended) this.socket.resume()
   }
 
   override _read (): void {
@@ -302,7 +359,13 @@ export class ConnectionGuard extends Duplex {
 
   override _write (chunk: Buffer, _encoding: BufferEncoding, callback: (err?: Error | null) => void): void {
     if (this.socket.write(chunk)) callback()
-    else this.socket.once('drain', () => callback())
+    else this.#waitForDrain(callback)
+  }
+
+  /** A Writable has one write in progress at a time, so one callback waits at most. */
+  #waitForDrain (callback: () => void): void {
+    this.#drained = callback
+    this.socket.once('drain', onSocketDrain)
   }
 
   /**
@@ -313,7 +376,7 @@ export class ConnectionGuard extends Duplex {
   override _writev (chunks: Array<{ chunk: Buffer }>, callback: (err?: Error | null) => void): void {
     const ok = this.socket.write(chunks.length === 1 ? (chunks[0] as { chunk: Buffer }).chunk : Buffer.concat(chunks.map((c) => c.chunk)))
     if (ok) callback()
-    else this.socket.once('drain', () => callback())
+    else this.#waitForDrain(callback)
   }
 
   override _final (callback: (err?: Error | null) => void): void {

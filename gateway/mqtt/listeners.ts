@@ -13,7 +13,8 @@ import type { Logger } from 'pino'
 import { WebSocketServer, createWebSocketStream } from 'ws'
 import type { ListenerTagged } from './broker.ts'
 import type { ListenerConfig } from '../config/config.ts'
-import { ConnectionGuard, type GuardGroup } from './connection-guard.ts'
+import { slimClient } from './aedes-internals.ts'
+import { ConnectionGuard, type GuardGroup, type GuardOptions } from './connection-guard.ts'
 import { GatewayError } from '../errors.ts'
 import type { GatewayMetrics } from '../metrics/metrics.ts'
 
@@ -54,30 +55,35 @@ function tlsOptions (listener: ListenerConfig): tls.TlsOptions {
   }
 }
 
+/** Errors of a connection's stream are reported through aedes' connectionError; one function for all of them. */
+function ignoreError (): void {}
+
 export async function startListener (listener: ListenerConfig, deps: ListenerDeps): Promise<RunningListener> {
   const { broker, metrics, logger } = deps
+  // One options object per listener, shared by its connections: an idle connection keeps no closures of its own.
+  const guardOptions: GuardOptions = {
+    maxPacketBytes: deps.maxPacketBytes,
+    maxInflight: deps.maxInflight,
+    publishRate: deps.publishRate,
+    group: deps.guards,
+    onViolation: (reason, detail, clientId, guard) => {
+      metrics.connectionsRefused.inc({ listener: listener.name, reason })
+      logger.warn({ clientId, listener: listener.name, remote: guard.remoteAddress, reason }, `connection closed: ${detail}`)
+    },
+    onRateLimited: (clientId, guard) => {
+      metrics.publishesRefused.inc({ tenant: 'unknown', reason: 'rate-limited' })
+      logger.warn({ clientId, listener: listener.name, remote: guard.remoteAddress }, 'client over mqtt.publishRatePerClient: slowing it down')
+    },
+  }
   const accept = (stream: Duplex, req?: http.IncomingMessage): void => {
-    const guard = new ConnectionGuard(stream, {
-      maxPacketBytes: deps.maxPacketBytes,
-      maxInflight: deps.maxInflight,
-      publishRate: deps.publishRate,
-      group: deps.guards,
-      onViolation: (reason, detail, clientId) => {
-        metrics.connectionsRefused.inc({ listener: listener.name, reason })
-        logger.warn({ clientId, listener: listener.name, remote: (stream as net.Socket).remoteAddress, reason }, `connection closed: ${detail}`)
-      },
-      onRateLimited: (clientId) => {
-        metrics.publishesRefused.inc({ tenant: 'unknown', reason: 'rate-limited' })
-        logger.warn({ clientId, listener: listener.name, remote: (stream as net.Socket).remoteAddress }, 'client over mqtt.publishRatePerClient: slowing it down')
-      },
-    });
+    const guard = new ConnectionGuard(stream, guardOptions)
     const tagged = guard as ListenerTagged
     tagged.listener = listener
     // certIdentity reads the peer certificate here: the wss stream aedes gets is a WebSocket, not the TLS socket.
     const tlsSocket = stream instanceof tls.TLSSocket ? stream : req?.socket instanceof tls.TLSSocket ? req.socket : undefined
     if (tlsSocket !== undefined) tagged.tlsSocket = tlsSocket
-    stream.on('error', () => {}) // reported through aedes' connectionError
-    broker.handle(guard as unknown as net.Socket, req as http.IncomingMessage)
+    stream.on('error', ignoreError)
+    slimClient(broker.handle(guard as unknown as net.Socket, req as http.IncomingMessage))
   }
 
   let server: net.Server

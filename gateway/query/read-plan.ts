@@ -4,10 +4,12 @@
  * directory (cli/replay.ts) and MQTT `$replay` (mqtt/replay.ts) — turns its
  * request (a stream, partitions, a range from/to by offset or time, key /
  * topic / where filters, limits) into a plan here, and runs the plan with
- * the reader here. What differs between them is said by the policies they
- * pass, never by code of their own; and how they word the errors (this
- * module throws QueryError, query/errors.ts; each surface maps the codes to
- * its own: HTTP_…, CLI_…, GW_REPLAY_…).
+ * the reader here. What differs between them in semantics is said by the
+ * policies and options they pass. What stays theirs is how a request is
+ * written (URL parameters, flags, a topic level), what is done with the
+ * records, and how errors are worded: this module throws QueryError
+ * (query/errors.ts), and each surface maps its codes to its own (HTTP_…,
+ * CLI_…, GW_REPLAY_…).
  *
  * Interface, in the order a read uses it:
  *
@@ -74,7 +76,8 @@
  * store's STORE_OFFSET_OUT_OF_RANGE; `openEnd()` turns a snapshot into a
  * live read once its history is delivered.
  *
- * Not thread-safe in the Node sense: one reader, one caller at a time.
+ * A reader serves one caller: `step` is not called again before the
+ * previous step resolved.
  */
 import { isStoreError, partitionForKey, type LogStore, type StoredRecord } from '../../store/index.ts'
 import { compileTopicFilters, topicFilterProblem } from '../access/topics.ts'

@@ -64,6 +64,7 @@ export function authenticate (ctx: HookContext, users: UserDirectory, owners: Cl
     }
     const accept = (who: Identity): void => {
       ctx.identities.set(client, who)
+      ctx.connects.delete(client) // read until here only (refusals); an idle connection keeps no copy of its CONNECT
       // Client ids are per tenant. aedes keys session takeover, stored subscriptions and offline queues by
       // client.id and reads it only after this hook, so a tenant's ids are scoped here; U+0000 is refused in
       // client ids above, so a scoped id never equals another tenant's (or tenant "default"'s unscoped) id.

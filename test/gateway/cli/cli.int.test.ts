@@ -369,9 +369,10 @@ describe('edgemq replay, tail, streams and groups', () => {
       ['CLI_BAD_ARGUMENT', ['token', '--name', 'bad name']],
       ['CLI_BAD_ARGUMENT', ['token', '--name', 'ok', '--tenant', 'a/b']],
     ]
-    // A few at a time: two dozen CLI processes at once on a shared 2-core machine can outlast the per-run deadline.
+    // A few at a time: two dozen CLI processes at once on a shared 2-core machine can outlast the per-run deadline; and six
+    // at once under a load average of 15-30 outlasted 20 s (a run killed at its deadline prints nothing), so 60 s here.
     const runs: Run[] = []
-    for (let i = 0; i < cases.length; i += 6) runs.push(...await Promise.all(cases.slice(i, i + 6).map(([, args]) => edgemq(args))))
+    for (let i = 0; i < cases.length; i += 6) runs.push(...await Promise.all(cases.slice(i, i + 6).map(([, args]) => edgemq(args, {}, 60_000))))
     // Both credentials in the environment: ambiguous, refused.
     expectFailure(await edgemq(['streams', '--url', gw.httpUrl], { EDGEMQ_TOKEN: TOKEN, EDGEMQ_USER: USER, EDGEMQ_PASSWORD: PASSWORD }), 'CLI_BAD_ARGUMENT')
     cases.forEach(([code], i) => expectFailure(runs[i]!, code))

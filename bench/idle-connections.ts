@@ -1,0 +1,380 @@
+/**
+ * `npm run bench -- idle-connections`: what an idle device connection costs
+ * in resident memory, edgemq against Mosquitto in the same run. One JSON
+ * line per figure on stdout (see lib/report.ts); progress on stderr.
+ *
+ * Each broker is a child process on a free loopback port. This process opens
+ * `--connections` (default 10,000) idle MQTT 3.1.1 clean-session connections
+ * to it (lib/idle-clients.ts: plain sockets, one CONNECT each, then only a
+ * PINGREQ every half keep-alive), and reads the broker's VmRSS from
+ * /proc/<pid>/status with WARMUP_CONNECTIONS open, with half of the
+ * connections open and with all of them, each once the broker has settled
+ * (see settledRss); edgemq right after two full, compacting garbage
+ * collections (lib/gc-on-signal.mjs, EDGEMQ_MEASURE_FLAGS), so the garbage of
+ * the CONNECT burst, which V8 frees and compacts at a time of its own choosing
+ * (its memory reducer, some 30-60 s after the burst), does not count; the RSS
+ * it settles at before them is reported beside it.
+ *
+ * The figure is the second half's cost: (RSS with all - RSS with half) /
+ * (connections / 2), what one more connection costs once the broker's fixed
+ * costs are paid. In edgemq these are large and would otherwise be spread
+ * over the connections: V8's young generation (32 MB, touched by the first
+ * burst of allocation, whatever causes it), code compiled on first use, and
+ * mqtt-packet's 6 MB cache of packet-id buffers built on the first CONNACK.
+ * The growth from WARMUP_CONNECTIONS to all, per connection, is reported too.
+ *
+ * edgemq runs as `edgemq start --config <file>` set up like a site with
+ * devices: one device user per connection in tenant `site` (client id =
+ * username, as device users are bound), the default routes, mqtt.maxConnections
+ * above the count. Every CONNECT goes through authentication and the client-id
+ * binding as a device's does. The users' scrypt hashes are made with N = 16
+ * instead of `edgemq passwd`'s 16,384 so 10,000 logins take seconds, not
+ * minutes; that changes the time of a login, not what a connection keeps.
+ * Mosquitto: anonymous, `persistence false` (lib/brokers.ts).
+ *
+ * Both brokers inherit this process's open-file limit, and this process holds
+ * the client sockets. When the soft limit is below the count plus a margin,
+ * the bench runs itself again under `ulimit -n <needed>` if the hard limit
+ * allows it, and otherwise refuses to start with a message.
+ *
+ * Arguments: `--connections=N`, `--quick` (1,000 connections), `--rounds=N`
+ * (default 1: memory is not noisy like throughput), `--mosquitto=PATH`,
+ * `--edgemq=PATH` (another checkout's gateway/edgemq.mjs),
+ * `--heap-snapshot[=DIR]`: instead of the figures, run edgemq alone, write a
+ * heap snapshot with WARMUP_CONNECTIONS and one with all (kept in DIR or
+ * a temp directory) and print what the connections added, by constructor
+ * (lib/heap-snapshot.ts).
+ */
+import { spawn } from 'node:child_process'
+import { readFileSync } from 'node:fs'
+import { mkdtemp, readdir, writeFile } from 'node:fs/promises'
+import os from 'node:os'
+import path from 'node:path'
+import { hashPassword } from '../gateway/access/auth.ts'
+import { fileURLToPath } from 'node:url'
+import { findMosquitto, mosquittoVersion, processRssBytes, startEdgemq, startMosquitto, type RunningBroker } from './lib/brokers.ts'
+import { diffHeapSummaries, formatHeapDiff, summarizeHeapSnapshot } from './lib/heap-snapshot.ts'
+import { IdleClients, type IdleLogin } from './lib/idle-clients.ts'
+import { TempDirs, info, median, report, round } from './lib/report.ts'
+
+const argv = process.argv.slice(2)
+const flag = (name: string): string | undefined => argv.find((a) => a.startsWith(`--${name}=`))?.slice(name.length + 3)
+function intFlag (name: string, fallback: number): number {
+  const raw = flag(name)
+  const n = raw === undefined ? fallback : Number(raw)
+  if (!Number.isSafeInteger(n) || n < 1) throw new Error(`--${name} must be a positive integer`)
+  return n
+}
+const QUICK = argv.includes('--quick')
+const CONNECTIONS = intFlag('connections', QUICK ? 1000 : 10_000)
+const ROUNDS = intFlag('rounds', 1)
+const HEAP_SNAPSHOT = argv.some((a) => a === '--heap-snapshot' || a.startsWith('--heap-snapshot='))
+const EDGEMQ_BIN = flag('edgemq') === undefined ? undefined : path.resolve(flag('edgemq') as string)
+const KEEPALIVE_SECONDS = 60
+const WARMUP_CONNECTIONS = 10
+const HALF = Math.floor(CONNECTIONS / 2)
+const TENANT = 'site'
+const PASSWORD = 'device-secret'
+const TARGET = '<= 5 KB per idle connection (issue 13)'
+/** File descriptors this process and each broker need besides the connections (listeners, LevelDB, stdio). */
+const FD_MARGIN = 500
+
+const GC_PRELOAD = fileURLToPath(new URL('./lib/gc-on-signal.mjs', import.meta.url))
+/**
+ * Node flags of the measured edgemq: the forced GCs compact the heap, as V8's memory reducer does on its own once
+ * a process idles (a plain full GC leaves pages half full of the CONNECT burst's garbage, and RSS then varied from
+ * 6 to 13 KB per connection between identical rounds).
+ */
+const EDGEMQ_MEASURE_FLAGS = ['--expose-gc', '--compact-on-every-full-gc', '--import', GC_PRELOAD]
+const dirs = new TempDirs()
+const deviceId = (i: number): string => `dev-${String(i).padStart(5, '0')}`
+
+/** The soft open-file limit of this process (brokers inherit it); undefined off Linux. */
+function openFileLimit (which: 'soft' | 'hard' = 'soft'): number | undefined {
+  try {
+    const m = /^Max open files\s+(\d+|unlimited)\s+(\d+|unlimited)/m.exec(readFileSync('/proc/self/limits', 'utf8'))
+    const value = m?.[which === 'soft' ? 1 : 2]
+    return value === undefined ? undefined : value === 'unlimited' ? Infinity : Number(value)
+  } catch {
+    return undefined
+  }
+}
+
+/**
+ * Runs this bench again under `sh -c 'ulimit -n <needed>'` (the soft limit may be raised up to the hard one; Node
+ * cannot raise its own) and resolves with its exit code; the brokers it starts inherit the raised limit.
+ */
+function rerunWithFileLimit (needed: number): Promise<number> {
+  const args = [...process.execArgv, fileURLToPath(import.meta.url), ...argv]
+  const child = spawn('/bin/sh', ['-c', `ulimit -n ${needed} && exec "$0" "$@"`, process.execPath, ...args], {
+    stdio: 'inherit', env: { ...process.env, EDGEMQ_BENCH_FILE_LIMIT_RAISED: '1' },
+  })
+  return new Promise((resolve) => child.once('exit', (code) => resolve(code ?? 1)))
+}
+
+async function edgemqConfig (dir: string): Promise<string> {
+  const users = []
+  const total = CONNECTIONS + WARMUP_CONNECTIONS
+  for (let i = 0; i < total; i += 500) {
+    users.push(...await Promise.all(Array.from({ length: Math.min(500, total - i) }, async (_v, k) => ({
+      username: deviceId(i + k), password: await hashPassword(PASSWORD, { N: 16, r: 1, p: 1 }), tenant: TENANT, role: 'device',
+    }))))
+  }
+  const file = path.join(dir, 'edgemq-idle.json')
+  await writeFile(file, JSON.stringify({
+    tenants: [TENANT],
+    routes: [{ filter: 'devices/+/telemetry/#', stream: 'telemetry', keyLevel: 1 }],
+    mqtt: { maxConnections: CONNECTIONS + WARMUP_CONNECTIONS + 100, listeners: [{ type: 'tcp', host: '127.0.0.1', port: 0 }] },
+    users,
+  }))
+  return file
+}
+
+const sleep = (ms: number): Promise<void> => new Promise((resolve) => setTimeout(resolve, ms))
+
+/**
+ * VmRSS once it stops moving: sampled every 500 ms, settled when four samples in a row lie within 0.5 % of each
+ * other (V8 finishes sweeping and its memory reducer runs a GC a few seconds after a burst of allocation), at
+ * most `maxMs`. Returns the last sample.
+ */
+async function settledRss (pid: number, maxMs = 20_000): Promise<number> {
+  const samples: number[] = []
+  const until = Date.now() + maxMs
+  for (;;) {
+    const rss = processRssBytes(pid)
+    if (rss === undefined) throw new Error(`cannot read VmRSS of pid ${pid} (/proc/${pid}/status)`)
+    samples.push(rss)
+    const last = samples.slice(-4)
+    if (last.length === 4 && Math.max(...last) - Math.min(...last) <= 0.005 * Math.max(...last)) return rss
+    if (Date.now() > until) return rss
+    await sleep(500)
+  }
+}
+
+interface MemoryFigures {
+  readonly rssBefore: number
+  /** With the first half of the connections open. */
+  readonly rssHalf: number
+  readonly rssAfter: number
+  /** edgemq: RSS settled after the connections, before the forced garbage collections. */
+  readonly rssAfterNoGc: number
+  /** edgemq only: its /metrics (V8 heap used and committed, external memory: Buffers, ArrayBuffers), at half and after. */
+  readonly before?: NodeMemory
+  readonly after?: NodeMemory
+  readonly connectSeconds: number
+}
+
+interface NodeMemory {
+  readonly heapUsed: number
+  /** Committed by V8 for its heap, all spaces. */
+  readonly heapTotal: number
+  /** Committed for the young generation (new space): it grows under a burst of allocation, such as many CONNECTs. */
+  readonly newSpace: number
+  readonly external: number
+}
+
+async function nodeMemory (httpUrl: string): Promise<NodeMemory> {
+  let text: string | undefined
+  // The gateway may be busy for seconds in a forced compacting GC on a loaded machine: a few tries before giving up.
+  for (let attempt = 1; text === undefined; attempt++) {
+    try {
+      text = await (await fetch(`${httpUrl}/metrics`)).text()
+    } catch (err) {
+      if (attempt === 5) throw new Error(`GET ${httpUrl}/metrics: ${String((err as Error).cause ?? err)}`, { cause: err })
+      await sleep(2000)
+    }
+  }
+  const value = (name: string): number => Number(new RegExp(`^${name} (\\S+)`, 'm').exec(text)?.[1] ?? NaN)
+  return {
+    heapUsed: value('nodejs_heap_size_used_bytes'), heapTotal: value('nodejs_heap_size_total_bytes'),
+    newSpace: value('nodejs_heap_space_size_total_bytes\\{space="new"\\}'), external: value('nodejs_external_memory_bytes'),
+  }
+}
+
+function login (broker: RunningBroker): (i: number) => IdleLogin {
+  return broker.name === 'edgemq'
+    ? (i) => ({ clientId: deviceId(i), username: deviceId(i), password: PASSWORD })
+    : (i) => ({ clientId: deviceId(i) })
+}
+
+function openClients (clients: IdleClients, broker: RunningBroker, from: number, count: number): Promise<void> {
+  const logins = login(broker)
+  return clients.open({
+    host: broker.host, port: broker.port, count, login: (i) => logins(from + i), keepalive: KEEPALIVE_SECONDS, concurrency: 100, connectTimeoutMs: 30_000,
+  })
+}
+
+/** edgemq: two full garbage collections (SIGUSR2 to lib/gc-on-signal.mjs), done once /metrics answers again. */
+async function collectGarbage (broker: RunningBroker): Promise<void> {
+  if (broker.httpUrl === undefined) return
+  process.kill(broker.pid, 'SIGUSR2')
+  await nodeMemory(broker.httpUrl)
+}
+
+async function measure (broker: RunningBroker): Promise<MemoryFigures> {
+  const warm = new IdleClients()
+  const clients = new IdleClients()
+  try {
+    await openClients(warm, broker, CONNECTIONS, WARMUP_CONNECTIONS)
+    await settledRss(broker.pid)
+    await collectGarbage(broker)
+    const rssBefore = await settledRss(broker.pid)
+    const t0 = performance.now()
+    await openClients(clients, broker, 0, HALF)
+    await settledRss(broker.pid)
+    await collectGarbage(broker)
+    const rssHalf = await settledRss(broker.pid)
+    const half = broker.httpUrl === undefined ? undefined : await nodeMemory(broker.httpUrl)
+    await openClients(clients, broker, HALF, CONNECTIONS - HALF)
+    const connectSeconds = (performance.now() - t0) / 1000
+    const rssAfterNoGc = await settledRss(broker.pid)
+    await collectGarbage(broker)
+    const rssAfter = await settledRss(broker.pid)
+    const after = broker.httpUrl === undefined ? undefined : await nodeMemory(broker.httpUrl)
+    if (clients.dropped + warm.dropped > 0) throw new Error(`${broker.name} closed ${clients.dropped + warm.dropped} idle connections`)
+    return { rssBefore, rssHalf, rssAfter, rssAfterNoGc, connectSeconds, ...(half === undefined || after === undefined ? {} : { before: half, after }) }
+  } finally {
+    clients.close()
+    warm.close()
+  }
+}
+
+async function withBroker<T> (name: 'edgemq' | 'mosquitto', mosquitto: string, nodeFlags: readonly string[],
+  fn: (broker: RunningBroker) => Promise<T>): Promise<T> {
+  const dir = await dirs.make(name)
+  const broker = name === 'edgemq'
+    ? await startEdgemq(dir, nodeFlags, EDGEMQ_BIN, ['--config', await edgemqConfig(dir)])
+    : await startMosquitto(mosquitto, dir)
+  try {
+    return await fn(broker)
+  } catch (err) {
+    throw new Error(`${(err as Error).message}\n${name} stderr (tail):\n${broker.stderr().slice(-4000)}`)
+  } finally {
+    const code = await broker.stop()
+    if (code !== 0 && code !== null) info(`${name} exited with code ${code}`)
+    await dirs.remove(dir)
+  }
+}
+
+const kb = (bytes: number): number => round(bytes / 1024, 2)
+const perConnection = (after: number | undefined, before: number | undefined, connections = CONNECTIONS): number =>
+  kb(((after ?? NaN) - (before ?? NaN)) / connections)
+/** Per connection of the second half: what one more connection costs once the broker's fixed costs are paid. */
+const marginal = (after: number | undefined, half: number | undefined): number => perConnection(after, half, CONNECTIONS - HALF)
+
+/** Sends SIGUSR2 (node --heapsnapshot-signal) and waits for the snapshot file, written once /metrics answers again. */
+async function snapshot (broker: RunningBroker, dir: string): Promise<string> {
+  const had = new Set(await readdir(dir))
+  process.kill(broker.pid, 'SIGUSR2')
+  for (;;) {
+    await sleep(500)
+    const file = (await readdir(dir)).find((f) => f.endsWith('.heapsnapshot') && !had.has(f))
+    // The snapshot is written on the main thread: an answer from /metrics means it is complete.
+    if (file !== undefined) { await nodeMemory(broker.httpUrl as string); return path.join(dir, file) }
+  }
+}
+
+async function heapSnapshots (): Promise<void> {
+  const dir = flag('heap-snapshot') ?? await mkdtemp(path.join(os.tmpdir(), 'edgemq-bench-heap-'))
+  await withBroker('edgemq', '', ['--heapsnapshot-signal=SIGUSR2', `--diagnostic-dir=${dir}`], async (broker) => {
+    const warm = new IdleClients()
+    const clients = new IdleClients()
+    try {
+      await openClients(warm, broker, CONNECTIONS, WARMUP_CONNECTIONS)
+      await settledRss(broker.pid)
+      const empty = await snapshot(broker, dir)
+      const rss0 = processRssBytes(broker.pid) ?? NaN
+      await openClients(clients, broker, 0, CONNECTIONS)
+      await settledRss(broker.pid)
+      const full = await snapshot(broker, dir)
+      const rss1 = processRssBytes(broker.pid) ?? NaN
+      info(`heap snapshots: ${empty} (${WARMUP_CONNECTIONS} connections), ${full} (${CONNECTIONS} more); ` +
+        `RSS after each snapshot's GC: ${kb(rss0)} KB, ${kb(rss1)} KB ` +
+        `(${perConnection(rss1, rss0)} KB per connection)`)
+      const diff = diffHeapSummaries(await summarizeHeapSnapshot(empty), await summarizeHeapSnapshot(full))
+      process.stderr.write(`${formatHeapDiff(diff, CONNECTIONS)}\n`)
+    } finally {
+      clients.close()
+      warm.close()
+    }
+  })
+}
+
+async function main (): Promise<number> {
+  const limit = openFileLimit()
+  const needed = CONNECTIONS + WARMUP_CONNECTIONS + FD_MARGIN
+  if (limit !== undefined && limit < needed && (openFileLimit('hard') ?? 0) >= needed && process.env.EDGEMQ_BENCH_FILE_LIMIT_RAISED === undefined) {
+    info(`open-file limit ${limit} is below ${needed}: running again with \`ulimit -n ${needed}\``)
+    return await rerunWithFileLimit(needed)
+  }
+  if (limit !== undefined && limit < needed) {
+    process.stderr.write(`[bench] idle-connections: the open-file limit is ${limit} (hard ${openFileLimit('hard')}), below ${needed}. ` +
+      `Raise the hard limit (\`ulimit -Hn ${needed}\` as root) or pass --connections=N.\n`)
+    return 1
+  }
+  if (HEAP_SNAPSHOT) {
+    await heapSnapshots()
+    await dirs.cleanup()
+    return 0
+  }
+  const mosquitto = findMosquitto(flag('mosquitto'))
+  if (mosquitto === null) {
+    process.stderr.write('[bench] idle-connections: mosquitto not found; it is the baseline. ' +
+      'Install it (`apt-get install mosquitto`) or pass --mosquitto=PATH.\n')
+    return 1
+  }
+  const version = mosquittoVersion(mosquitto)
+  info(`idle-connections bench: ${CONNECTIONS} idle connections, edgemq vs mosquitto ${version}, node ${process.version}, ` +
+    `${os.cpus().length} cpus, ${ROUNDS} round(s)`)
+  const results: Record<'edgemq' | 'mosquitto', MemoryFigures[]> = { edgemq: [], mosquitto: [] }
+  try {
+    for (let r = 0; r < ROUNDS; r++) {
+      const order: Array<'edgemq' | 'mosquitto'> = r % 2 === 0 ? ['edgemq', 'mosquitto'] : ['mosquitto', 'edgemq']
+      for (const name of order) {
+        const m = await withBroker(name, mosquitto, EDGEMQ_MEASURE_FLAGS, measure)
+        results[name].push(m)
+        info(`round ${r + 1}/${ROUNDS} ${name}: RSS ${kb(m.rssBefore)} KB -> ${kb(m.rssHalf)} KB -> ${kb(m.rssAfter)} KB: ` +
+          `${marginal(m.rssAfter, m.rssHalf)} KB per connection of the second half, ${perConnection(m.rssAfter, m.rssBefore)} KB over all` +
+          (name === 'edgemq' ? ` (${marginal(m.rssAfterNoGc, m.rssHalf)} KB before the forced GC)` : '') +
+          (m.after === undefined ? '' : `; second half per connection: V8 heap used ${marginal(m.after.heapUsed, m.before?.heapUsed)} KB, ` +
+            `committed ${marginal(m.after.heapTotal, m.before?.heapTotal)} KB (new space ${marginal(m.after.newSpace, m.before?.newSpace)} KB), ` +
+            `external ${marginal(m.after.external, m.before?.external)} KB`) +
+          `; ${CONNECTIONS} CONNECTs in ${round(m.connectSeconds, 1)} s`)
+      }
+    }
+  } finally {
+    await dirs.cleanup()
+  }
+  const per = (name: 'edgemq' | 'mosquitto'): number[] => results[name].map((m) => marginal(m.rssAfter, m.rssHalf))
+  const overAll = (name: 'edgemq' | 'mosquitto'): number[] => results[name].map((m) => perConnection(m.rssAfter, m.rssBefore))
+  report({
+    bench: 'idle-connections.rss-per-connection',
+    unit: 'KB',
+    value: median(per('edgemq')),
+    baseline: `Mosquitto ${version}, persistence false, the same idle connections (anonymous)`,
+    baselineValue: median(per('mosquitto')),
+    better: 'lower',
+    params: {
+      connections: CONNECTIONS, keepaliveSeconds: KEEPALIVE_SECONDS, protocol: 'MQTT 3.1.1, clean session', rounds: ROUNDS, statistic: 'median of rounds',
+      measured: `VmRSS with all connections minus VmRSS with the first half, divided by the second half (edgemqOverAll*: from ${WARMUP_CONNECTIONS} ` +
+        'connections to all, divided by all)',
+      edgemqSetup: `${CONNECTIONS} device users in tenant ${TENANT} (client id = username), default telemetry route, TCP listener`,
+      target: TARGET,
+      edgemqRounds: per('edgemq'), mosquittoRounds: per('mosquitto'),
+      warmupConnections: WARMUP_CONNECTIONS,
+      edgemqGc: 'two full compacting GCs (global.gc, --compact-on-every-full-gc) before each RSS reading',
+      edgemqOverAllKbPerConnection: overAll('edgemq'), mosquittoOverAllKbPerConnection: overAll('mosquitto'),
+      edgemqNoGcKbPerConnection: results.edgemq.map((m) => marginal(m.rssAfterNoGc, m.rssHalf)),
+      edgemqHeapUsedKbPerConnection: results.edgemq.map((m) => marginal(m.after?.heapUsed, m.before?.heapUsed)),
+      edgemqHeapCommittedKbPerConnection: results.edgemq.map((m) => marginal(m.after?.heapTotal, m.before?.heapTotal)),
+      edgemqNewSpaceKbPerConnection: results.edgemq.map((m) => marginal(m.after?.newSpace, m.before?.newSpace)),
+      edgemqExternalKbPerConnection: results.edgemq.map((m) => marginal(m.after?.external, m.before?.external)),
+      edgemqRssBeforeKb: results.edgemq.map((m) => kb(m.rssBefore)), mosquittoRssBeforeKb: results.mosquitto.map((m) => kb(m.rssBefore)),
+      edgemqConnectSeconds: results.edgemq.map((m) => round(m.connectSeconds, 1)),
+      mosquittoConnectSeconds: results.mosquitto.map((m) => round(m.connectSeconds, 1)),
+    },
+  })
+  return 0
+}
+
+process.exitCode = await main()

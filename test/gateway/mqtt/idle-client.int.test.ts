@@ -1,0 +1,102 @@
+/**
+ * slimClient (aedes-internals.ts) swaps parts of each aedes client for cheaper ones to make idle connections
+ * lighter (issue 13). These tests run a real aedes broker on a TCP port, as listeners.ts wires it, and check that
+ * the client still does all it did: packets split anywhere across reads and a packet larger than a read parse as
+ * before, the parser stops holding the CONNECT (and its password) but keeps its protocol version, and the inbound
+ * QoS 2 bound aedes keeps per client (maxInflightInbound) still closes a client that withholds PUBRELs.
+ */
+import net, { type AddressInfo } from 'node:net'
+import { Aedes } from 'aedes'
+import { BufferList } from 'bl'
+import { afterEach, describe, expect, it } from 'vitest'
+import { slimClient } from '../../../gateway/mqtt/aedes-internals.ts'
+import { connectPacket, packet, publishPacket, RawConnection, subscribePacket, u16 } from '../../helpers/raw-mqtt.ts'
+
+interface Running { readonly url: string, readonly broker: Aedes, readonly clients: object[], close (): Promise<void> }
+
+const running: Running[] = []
+
+async function start (options: { maxInflightInbound?: number } = {}): Promise<Running> {
+  const broker = await Aedes.createBroker({ ...options })
+  const clients: object[] = []
+  const server = net.createServer((socket) => {
+    const client = broker.handle(socket)
+    slimClient(client)
+    clients.push(client)
+  })
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
+  const { port } = server.address() as AddressInfo
+  const r: Running = {
+    url: `mqtt://127.0.0.1:${port}`,
+    broker,
+    clients,
+    close: async () => {
+      await new Promise<void>((resolve) => broker.close(() => resolve()))
+      await new Promise<void>((resolve) => server.close(() => resolve()))
+    },
+  }
+  running.push(r)
+  return r
+}
+
+afterEach(async () => {
+  for (const r of running.splice(0)) await r.close()
+})
+
+/** Writes `bytes` one byte per write, each after the previous one was flushed. */
+async function bytewise (conn: RawConnection, bytes: Buffer): Promise<void> {
+  for (const b of bytes) {
+    await new Promise<void>((resolve) => conn.socket.write(Buffer.from([b]), () => resolve()))
+  }
+}
+
+describe('slimClient', () => {
+  it('keeps parsing packets split across reads, and one larger than a read, after the swap', async () => {
+    const r = await start()
+    const sub = await RawConnection.open(r.url)
+    sub.send(Buffer.concat([connectPacket({ clientId: 'sub' }), subscribePacket(1, ['t/#'], 1)]))
+    expect(await sub.next('suback')).toBeDefined()
+
+    const pub = await RawConnection.open(r.url)
+    await bytewise(pub, Buffer.concat([connectPacket({ clientId: 'pub', username: 'u', password: 'secret' }), publishPacket('t/a', 'one', 1, 7)]))
+    expect((await pub.next('puback'))?.messageId).toBe(7)
+    const first = await sub.next('publish')
+    expect(first?.cmd === 'publish' && first.topic === 't/a' && first.payload.toString()).toBe('one')
+
+    sub.packets.length = 0
+    const big = Buffer.alloc(300 * 1024, 0x5a) // many socket reads
+    pub.send(publishPacket('t/b', big, 1, 8))
+    const second = await sub.next('publish', 10_000)
+    expect(second?.cmd === 'publish' && second.topic === 't/b' && Buffer.from(second.payload).equals(big)).toBe(true)
+    pub.destroy()
+    sub.destroy()
+  })
+
+  it('leaves the parser a plain BufferList, and the protocol version of the CONNECT without the packet', async () => {
+    const r = await start()
+    const conn = await RawConnection.open(r.url)
+    conn.send(connectPacket({ clientId: 'dev', username: 'u', password: 'secret' }))
+    const connack = await conn.next('connack')
+    expect(connack?.cmd === 'connack' && connack.returnCode).toBe(0)
+    const parser = (r.clients[0] as { _parser: { _list: unknown, settings: Record<string, unknown> } })._parser
+    expect(parser._list).toBeInstanceOf(BufferList)
+    expect(parser.settings).toEqual({ protocolVersion: 4, bridgeMode: undefined })
+    conn.destroy()
+  })
+
+  it('still closes a client over maxInflightInbound QoS 2 messages awaiting PUBREL, and completes those under it', async () => {
+    const r = await start({ maxInflightInbound: 2 })
+    const conn = await RawConnection.open(r.url)
+    conn.send(Buffer.concat([connectPacket({ clientId: 'q2' }), publishPacket('t/q', 'x', 2, 1)]))
+    expect((await conn.next('pubrec'))?.messageId).toBe(1)
+    conn.send(packet(0x62, u16(1))) // PUBREL 1
+    expect((await conn.next('pubcomp'))?.messageId).toBe(1)
+    for (const id of [2, 3]) { // two ids awaiting PUBREL: at the bound, not over it
+      conn.packets.length = 0
+      conn.send(publishPacket('t/q', 'x', 2, id))
+      expect((await conn.next('pubrec'))?.messageId).toBe(id)
+    }
+    conn.send(publishPacket('t/q', 'x', 2, 4)) // a third one
+    expect(await conn.waitClosed()).toBe(true)
+  })
+})
