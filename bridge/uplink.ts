@@ -6,11 +6,10 @@
  *
  * - connection.ts: connect, CONNACK, close, reconnect with backoff, protocol
  *   fallback;
- * - lanes.ts: the (stream, partition) lanes and which one sends next;
- * - token-bucket.ts: the upstream's rate limit;
- * - dead-letters.ts: refusal counts and the dead-letter streams;
+ * - uplink-core.ts: what every uplink does whatever its transport: the lanes
+ *   (lanes.ts), reading them from the log, the rate limit (token-bucket.ts),
+ *   dead letters (dead-letters.ts), commits and the status;
  * - disconnect-refusals.ts: which message an MQTT 3.1.1 disconnect points at;
- * - commits.ts: committing the lanes' offsets to the consumer group;
  * - downlink.ts: commands from the upstream down to devices;
  * - uplink-status.ts: the status snapshot, counters and throughput.
  *
@@ -41,41 +40,22 @@
  */
 import type { IConnackPacket, IPublishPacket, MqttClient } from 'mqtt'
 import mqttPacket from 'mqtt-packet'
-import { isStoreError, type Clock, type LogStore, type StoredRecord } from '../store/index.ts'
-import { OffsetCommits } from './commits.ts'
-import { BRIDGE_GROUP_PREFIX, upstreamKind, type DedupeCarrier, type ProtocolVersion, type UpstreamConfig } from './config-schema.ts'
+import type { StoredRecord } from '../store/index.ts'
+import { upstreamKind, type DedupeCarrier, type ProtocolVersion, type UpstreamConfig } from './config-schema.ts'
 import { ID_SPLIT, UpstreamConnection } from './connection.ts'
-import { DeadLetters } from './dead-letters.ts'
 import { DisconnectRefusals } from './disconnect-refusals.ts'
-import { Downlink, RECEIPT_UPSTREAM_HEADER, RECEIPTS_STREAM, type CommandSink } from './downlink.ts'
-import { advance, createLane, LaneScheduler, rewind, skip, track, type Lane, type Pending } from './lanes.ts'
-import { TokenBucket } from './token-bucket.ts'
-import { captureTopic, DEDUPE_TOPIC_PREFIX, parseTemplate, RECORD_VARIABLES, type Template } from './topic-template.ts'
-import { backlogOf, redact, ThroughputMeter, type BridgeLogger, type UplinkObserver, type UpstreamStatus } from './uplink-status.ts'
+import { Downlink } from './downlink.ts'
+import { advance, rewind, type Lane, type Pending } from './lanes.ts'
+import { DEDUPE_TOPIC_PREFIX, parseTemplate, RECORD_VARIABLES } from './topic-template.ts'
+import { REFUSAL_RETRY_MS, UplinkCore, type UplinkDeps } from './uplink-core.ts'
+import { redact, type UpstreamStatus } from './uplink-status.ts'
+
+export type { UplinkDeps } from './uplink-core.ts'
 
 export const DEDUPE_PROPERTY = 'edgemq-dedupe-id'
 
-/** Free window slots a draining uplink waits for before it refills (capped at a quarter of the window). */
-const REFILL_BATCH = 32
-const READ_RECORDS = 500
-const READ_BYTES = 1024 * 1024
-const REFUSAL_RETRY_MS = 1000
-const READ_RETRY_MS = 1000
 /** A 3.1.1 disconnect later than this after a message was sent does not point at it. */
 const REFUSAL_DISCONNECT_MS = 10_000
-
-export interface UplinkDeps {
-  readonly store: LogStore
-  readonly gatewayId: string
-  readonly clock: Clock
-  readonly logger: BridgeLogger
-  readonly commitIntervalMs: number
-  readonly observer?: UplinkObserver
-  /** Required when the upstream has command mappings. */
-  readonly commands?: CommandSink
-  /** Source of jitter for reconnect delays (tests make it deterministic). */
-  readonly random?: () => number
-}
 
 /** A PUBLISH sent on the current connection and not yet acknowledged. */
 interface Awaiting {
@@ -90,20 +70,11 @@ export class Uplink {
   readonly config: UpstreamConfig
   readonly group: string
   readonly #deps: UplinkDeps
+  readonly #core: UplinkCore
   readonly #connection: UpstreamConnection
   readonly #downlink: Downlink
-  readonly #scheduler = new LaneScheduler()
-  readonly #lanes: readonly Lane[] = this.#scheduler.lanes
-  readonly #commits: OffsetCommits
-  readonly #deadLetters: DeadLetters
+  readonly #lanes: readonly Lane[]
   readonly #refusals = new DisconnectRefusals(REFUSAL_DISCONNECT_MS)
-  /** Null when the upstream has no rate limit. */
-  readonly #bucket: TokenBucket | null
-  readonly #throughput = new ThroughputMeter()
-  #stopped = true
-  #unlisten: (() => void) | null = null
-  #commitTimer: NodeJS.Timeout | null = null
-  #rateTimer: NodeJS.Timeout | null = null
   /** What the current connection speaks (copied from it at CONNACK: read per message). */
   #version: ProtocolVersion
   #carrier: DedupeCarrier
@@ -111,7 +82,6 @@ export class Uplink {
   #window: number
   /** An MQTT 5 upstream's maximum packet size (CONNACK); larger messages are dead-lettered unsent. */
   #maxPacket = Infinity
-  #inflight = 0
   /** Messages still to resend one at a time after a disconnect with messages in flight. */
   #probe = 0
   #canarySent = false
@@ -119,14 +89,13 @@ export class Uplink {
   readonly #awaiting = new Map<number, Awaiting>()
   #nextId = 1
   #frames: Buffer[] = []
-  #pumpScheduled = false
-  #forwarded = 0
-  #forwardedBytes = 0
+  readonly #room = (): boolean => this.#connection.connected && this.#core.inflight < (this.#probe > 0 ? 1 : this.#window)
+  readonly #refusal = (lane: Lane, record: StoredRecord): string | null => this.#refused(lane, record)
+  readonly #sendEntry = (lane: Lane, entry: Pending): void => this.#send(lane, entry)
 
   /** Throws BRIDGE_NO_COMMAND_SINK (command mappings without deps.commands) or BRIDGE_TLS_FILES. */
   constructor (config: UpstreamConfig, deps: UplinkDeps) {
     this.config = config
-    this.group = `${BRIDGE_GROUP_PREFIX}${config.name}`
     this.#deps = deps
     this.#downlink = new Downlink(config, deps)
     this.#connection = new UpstreamConnection(config, deps, {
@@ -140,70 +109,27 @@ export class Uplink {
     this.#version = this.#connection.version
     this.#carrier = this.#connection.carrier
     this.#window = config.maxInflight
-    this.#commits = new OffsetCommits(deps.store, this.group, config.name, deps.logger, this.#lanes)
-    this.#deadLetters = new DeadLetters(config.name, { ...deps, maxDeliveryAttempts: config.maxDeliveryAttempts })
-    const bucket = new TokenBucket(config.maxMessagesPerSecond, config.maxBytesPerSecond)
-    this.#bucket = bucket.limited ? bucket : null
+    this.#core = new UplinkCore(config, deps, {
+      ready: () => this.#connection.connected,
+      pump: () => this.#pump(),
+      deadLettered: () => { if (this.#probe > 0) this.#probe-- },
+    })
+    this.group = this.#core.group
+    this.#lanes = this.#core.lanes
   }
 
   /** Creates the group, the lanes and the dead-letter streams, then connects. */
   async start (): Promise<void> {
-    const { store } = this.#deps
-    await store.setGroup(this.group, { holdsRetention: true })
-    const template = parseTemplate(this.config.topicTemplate, RECORD_VARIABLES)
-    const receiptTemplate = parseTemplate(this.config.receiptTopic, RECORD_VARIABLES)
-    const tenants = new Set<string>()
-    for (const f of this.config.forward) {
-      tenants.add(f.tenant)
-      this.#addLanes(f.tenant, f.stream, f.priority, f.filter, template, false)
-    }
-    for (const tenant of new Set(this.config.commands.map((c) => c.tenant))) {
-      tenants.add(tenant) // a receipt the upstream refuses is dead-lettered too
-      this.#addLanes(tenant, RECEIPTS_STREAM, 9, '#', receiptTemplate, true)
-    }
-    await this.#deadLetters.create(tenants)
-    const byPartition = new Map(this.#lanes.map((l) => [`${l.stream}\u0000${l.partition}`, l]))
-    this.#unlisten = store.onAppend((event) => {
-      const lane = byPartition.get(`${event.stream}\u0000${event.partition}`)
-      if (lane === undefined) return
-      lane.end = event.logEndOffset
-      if (this.#connection.connected) this.#fill(lane)
-    })
-    this.#stopped = false
-    this.#commitTimer = setInterval(() => {
-      this.#throughput.sample(this.#forwarded, this.#deps.clock.now())
-      void this.#commits.commit()
-    }, this.#deps.commitIntervalMs)
-    this.#commitTimer.unref()
+    await this.#core.start(() => ({
+      record: parseTemplate(this.config.topicTemplate, RECORD_VARIABLES),
+      receipt: parseTemplate(this.config.receiptTopic, RECORD_VARIABLES),
+    }))
     this.#connection.start()
-  }
-
-  #addLanes (tenant: string, name: string, priority: number, filter: string, template: Template<typeof RECORD_VARIABLES[number]>, receipts: boolean): void {
-    const { store } = this.#deps
-    const stream = `${tenant}/${name}`
-    const info = store.streamInfo(stream)
-    for (let partition = 0; partition < info.partitions; partition++) {
-      const p = store.partitionInfo(stream, partition)
-      const committed = store.fetchOffset(this.group, stream, partition)
-      const start = Math.max(committed ?? p.logStartOffset, p.logStartOffset)
-      this.#scheduler.add(createLane({ tenant, name, partition, priority, filter, template, receipts }, start, committed ?? -1, p.logEndOffset))
-    }
   }
 
   /** Disconnects, waits for dead-letter appends, and commits what the upstream acknowledged. */
   async stop (): Promise<void> {
-    if (this.#stopped) return
-    this.#stopped = true
-    this.#unlisten?.()
-    if (this.#rateTimer !== null) clearTimeout(this.#rateTimer)
-    if (this.#commitTimer !== null) clearInterval(this.#commitTimer)
-    await this.#connection.stop()
-    while (this.#deadLetters.appending || this.#commits.running) {
-      await this.#commits.settled()
-      if (this.#deadLetters.appending) await new Promise((resolve) => setTimeout(resolve, 10))
-    }
-    await this.#commits.commit()
-    this.#report()
+    await this.#core.stop(() => this.#connection.stop())
   }
 
   #onCommand (packet: IPublishPacket, client: MqttClient, done: (err?: Error) => void): void {
@@ -219,13 +145,13 @@ export class Uplink {
     this.#window = Math.max(1, Math.min(this.config.maxInflight, receiveMaximum ?? Infinity, ID_SPLIT - 1))
     this.#maxPacket = connack.properties?.maximumPacketSize ?? Infinity
     if (this.#downlink.active) this.#downlink.subscribe(client, this.#connection)
-    for (const lane of this.#lanes) lane.end = Math.max(lane.end, this.#deps.store.partitionInfo(lane.stream, lane.partition).logEndOffset)
+    this.#core.catchUp()
     this.#pump()
   }
 
   /** The connection is gone: in-flight messages will be resent from each lane's acknowledged offset. */
   #onDropped (wasConnected: boolean, now: number): void {
-    if (wasConnected && this.#version === 4 && !this.#stopped) { // our own DISCONNECT at stop() says nothing about the upstream
+    if (wasConnected && this.#version === 4 && !this.#core.stopped) { // our own DISCONNECT at stop() says nothing about the upstream
       const strike = this.#refusals.disconnected(now)
       if (strike !== null) {
         this.#deps.logger.warn({ upstream: this.config.name, message: strike.id, attempt: strike.strikes, of: this.config.maxDeliveryAttempts },
@@ -233,8 +159,8 @@ export class Uplink {
       }
     }
     // Over MQTT 5 a refusal is a PUBACK reason code, so a disconnect says nothing about the messages in flight.
-    if (this.#inflight > 0 && this.#version === 4) this.#probe = Math.max(this.#probe, this.#inflight)
-    this.#inflight = 0
+    if (this.#core.inflight > 0 && this.#version === 4) this.#probe = Math.max(this.#probe, this.#core.inflight)
+    this.#core.inflight = 0
     this.#awaiting.clear()
     this.#frames = []
     for (const lane of this.#lanes) rewind(lane)
@@ -242,46 +168,21 @@ export class Uplink {
 
   #pump (): void {
     const connection = this.#connection
-    if (connection.connected && this.#probe > 0 && this.#inflight === 0 && !this.#canarySent && !this.#refusals.healthy) this.#sendCanary()
-    while (connection.connected && this.#inflight < (this.#probe > 0 ? 1 : this.#window)) {
-      const lane = this.#scheduler.next()
-      if (lane === null) break
-      const record = lane.buffer[lane.bufferAt] as StoredRecord
-      if (!this.#wanted(lane, record)) {
-        lane.bufferAt++
-        skip(lane, record)
-        continue
-      }
-      const strikes = this.#refusals.suspecting ? this.#refusals.strikes(this.#dedupeId(lane, record.offset)) : 0
-      const attempts = this.#deadLetters.refusing ? this.#deadLetters.attempts(this.#dedupeId(lane, record.offset)) : 0
-      if (Math.max(attempts, strikes) >= this.config.maxDeliveryAttempts) {
-        lane.bufferAt++
-        this.#refusals.forget(this.#dedupeId(lane, record.offset))
-        const reason = strikes >= this.config.maxDeliveryAttempts
-          ? `the upstream disconnected right after it was sent, ${strikes} times in a row`
-          : 'refused by the upstream'
-        this.#deadLetter(lane, track(lane, record), reason)
-        continue
-      }
-      if (this.#bucket !== null && !this.#takeTokens(this.#bucket, record.payload.byteLength)) break
-      lane.bufferAt++
-      this.#send(lane, track(lane, record))
-    }
+    if (connection.connected && this.#probe > 0 && this.#core.inflight === 0 && !this.#canarySent && !this.#refusals.healthy) this.#sendCanary()
+    this.#core.drain(this.#room, this.#refusal, this.#sendEntry)
     this.#flush()
-    for (const lane of this.#lanes) {
-      if (lane.bufferAt >= lane.buffer.length && !lane.reading && lane.nextRead < lane.end) this.#fill(lane)
-    }
+    this.#core.fillEmpty()
   }
 
-  /** Takes the message's tokens, or sets a timer to pump again when the bucket will hold them. */
-  #takeTokens (bucket: TokenBucket, bytes: number): boolean {
-    const waitMs = bucket.take(bytes, this.#deps.clock.now())
-    if (waitMs === 0) return true
-    if (this.#rateTimer === null) {
-      this.#rateTimer = setTimeout(() => { this.#rateTimer = null; this.#pump() }, waitMs)
-      this.#rateTimer.unref()
-    }
-    return false
+  /** Why the record is to be dead-lettered instead of sent (refused or suspected maxDeliveryAttempts times), or null. */
+  #refused (lane: Lane, record: StoredRecord): string | null {
+    const strikes = this.#refusals.suspecting ? this.#refusals.strikes(this.#core.dedupeId(lane, record.offset)) : 0
+    const attempts = this.#core.deadLetters.refusing ? this.#core.deadLetters.attempts(this.#core.dedupeId(lane, record.offset)) : 0
+    if (Math.max(attempts, strikes) < this.config.maxDeliveryAttempts) return null
+    this.#refusals.forget(this.#core.dedupeId(lane, record.offset))
+    return strikes >= this.config.maxDeliveryAttempts
+      ? `the upstream disconnected right after it was sent, ${strikes} times in a row`
+      : 'refused by the upstream'
   }
 
   /**
@@ -298,15 +199,6 @@ export class Uplink {
     this.#send(lane, { offset: record.offset, timestamp: record.timestamp, record, acked: true }, true)
   }
 
-  #wanted (lane: Lane, record: StoredRecord): boolean {
-    if (lane.receipts) return record.headers?.[RECEIPT_UPSTREAM_HEADER] === this.config.name
-    return lane.filter === '#' || captureTopic(lane.filter, record.topic) !== null
-  }
-
-  #dedupeId (lane: Lane, offset: number): string {
-    return `${this.#deps.gatewayId}/${lane.tenant}/${lane.name}/${lane.partition}/${offset}`
-  }
-
   /**
    * Encodes the record's PUBLISH into the current batch of frames (written by #flush). The uplink numbers its own
    * PUBLISHes (1 to ID_SPLIT - 1) and matches their PUBACKs itself: going through MQTT.js' publish() cost a deep copy,
@@ -318,7 +210,7 @@ export class Uplink {
       site: this.#deps.gatewayId, region: this.config.region, upstream: this.config.name,
       tenant: lane.tenant, stream: lane.name, partition: String(lane.partition), key: record.key, topic: record.topic,
     })
-    const dedupeId = this.#dedupeId(lane, record.offset)
+    const dedupeId = this.#core.dedupeId(lane, record.offset)
     const topic = this.#carrier === 'topic-prefix' ? `${DEDUPE_TOPIC_PREFIX}${dedupeId}/${remote}` : remote
     const payload = Buffer.from(record.payload.buffer, record.payload.byteOffset, record.payload.byteLength)
     const messageId = this.#allocateId()
@@ -327,13 +219,13 @@ export class Uplink {
     const frame = mqttPacket.generate(packet, { protocolVersion: this.#version })
     if (frame.length > this.#maxPacket) {
       // [MQTT-3.1.2-24]: a client must not send a packet larger than the server's Maximum Packet Size.
-      if (!canary) this.#deadLetter(lane, entry, `larger than the upstream's maximum packet size (${frame.length} > ${this.#maxPacket} bytes)`)
+      if (!canary) this.#core.deadLetter(lane, entry, `larger than the upstream's maximum packet size (${frame.length} > ${this.#maxPacket} bytes)`)
       return
     }
     this.#frames.push(frame)
     this.#awaiting.set(messageId, { lane, entry, epoch: lane.epoch, remote, canary })
     if (this.#version === 4) this.#refusals.sent(canary ? `canary:${dedupeId}` : dedupeId, this.#deps.clock.now())
-    this.#inflight++
+    this.#core.inflight++
   }
 
   /** Writes the frames #send encoded, in one write. */
@@ -358,140 +250,40 @@ export class Uplink {
     this.#awaiting.delete(messageId)
     const { lane, entry, epoch, remote, canary } = waiting
     if (epoch !== lane.epoch) return
-    this.#inflight--
-    if (this.#version === 4) this.#refusals.acked(`${canary ? 'canary:' : ''}${this.#dedupeId(lane, entry.offset)}`)
-    if (canary) return this.#schedulePump()
+    this.#core.inflight--
+    if (this.#version === 4) this.#refusals.acked(`${canary ? 'canary:' : ''}${this.#core.dedupeId(lane, entry.offset)}`)
+    if (canary) return this.#core.schedulePump()
     if (reasonCode === undefined || reasonCode < 0x80) return this.#acked(lane, entry) // 0x10 "no matching subscribers" is a success
     const record = entry.record as StoredRecord
     const reason = `reason code 0x${reasonCode.toString(16)}`
     this.#connection.recordError(`PUBACK refused ${remote}: ${reason}`)
-    if (this.#deadLetters.refused(this.#dedupeId(lane, record.offset), record.offset, reason)) {
-      this.#deadLetter(lane, entry, reason)
+    if (this.#core.deadLetters.refused(this.#core.dedupeId(lane, record.offset), record.offset, reason)) {
+      this.#core.deadLetter(lane, entry, reason)
       return
     }
     // Sent again after a pause, in its place: the lane's offset cannot pass it until it is acked or dead-lettered.
     const generation = this.#connection.generation
-    this.#inflight++
+    this.#core.inflight++
     setTimeout(() => {
       if (generation !== this.#connection.generation || epoch !== lane.epoch) return
-      this.#inflight--
+      this.#core.inflight--
       this.#send(lane, entry)
       this.#flush()
     }, REFUSAL_RETRY_MS).unref()
   }
 
   #acked (lane: Lane, entry: Pending): void {
-    entry.acked = true
-    const record = entry.record as StoredRecord
-    this.#forwarded++
-    this.#forwardedBytes += record.payload.byteLength
-    lane.unreportedMessages++
-    lane.unreportedBytes += record.payload.byteLength
-    if (this.#deadLetters.refusing) this.#deadLetters.forget(this.#dedupeId(lane, record.offset))
+    this.#core.acked(lane, entry)
     if (this.#probe > 0) this.#probe--
     advance(lane)
-    // While a backlog drains, refill in batches of a quarter of the window (up to 32): the PUBLISHes leave in one
-    // write instead of a write per PUBACK. Live traffic has next to nothing in flight, so it is never held back.
-    const batch = Math.min(REFILL_BATCH, Math.floor(this.#window / 4))
-    if (this.#inflight === 0 || this.#probe > 0 || this.#window - this.#inflight >= batch) this.#schedulePump()
-  }
-
-  /**
-   * MQTT.js handles each PUBACK of a socket read in a tick of its own, so pumping per PUBACK sent each refill in a
-   * write of its own (31 % of a drain's main thread in writev). One pump per turn of the event loop refills the
-   * window for all of them, and mqtt-packet's cork coalesces the PUBLISHes into one write.
-   */
-  #schedulePump (): void {
-    if (this.#pumpScheduled) return
-    this.#pumpScheduled = true
-    setImmediate(() => {
-      this.#pumpScheduled = false
-      this.#report()
-      this.#pump()
-    })
-  }
-
-  /** Tells the metrics what was acknowledged since last time, per lane. */
-  #report (): void {
-    for (const lane of this.#lanes) {
-      if (lane.unreportedMessages === 0) continue
-      this.#deps.observer?.onForwarded?.(this.config.name, lane.tenant, lane.name, lane.unreportedMessages, lane.unreportedBytes)
-      lane.unreportedMessages = 0
-      lane.unreportedBytes = 0
-    }
-  }
-
-  /** Dead-letters the record of `entry`; it holds a window slot until the append is durable, so its lane cannot pass it. */
-  #deadLetter (lane: Lane, entry: Pending, reason: string): void {
-    const record = entry.record as StoredRecord
-    const epoch = lane.epoch
-    this.#inflight++
-    this.#deadLetters.append(lane, record, this.#dedupeId(lane, record.offset), reason, () => {
-      if (epoch !== lane.epoch) return
-      this.#inflight--
-      if (this.#probe > 0) this.#probe--
-      entry.refused = true
-      entry.acked = true
-      advance(lane)
-      this.#pump()
-    }, () => {
-      // Not dead-lettered yet: the message keeps its window slot (the lane cannot pass it) and is tried again.
-      if (epoch !== lane.epoch) return
-      this.#inflight--
-      setTimeout(() => { if (epoch === lane.epoch && !this.#stopped) this.#deadLetter(lane, entry, reason) }, REFUSAL_RETRY_MS).unref()
-    })
-  }
-
-  #fill (lane: Lane): void {
-    if (lane.reading || lane.bufferAt < lane.buffer.length || this.#stopped) return
-    const { store, logger } = this.#deps
-    if (lane.nextRead >= lane.end) return
-    lane.reading = true
-    const epoch = lane.epoch
-    store.read(lane.stream, lane.partition, lane.nextRead, { maxRecords: READ_RECORDS, maxBytes: READ_BYTES }).then((r) => {
-      if (epoch !== lane.epoch) return
-      lane.reading = false
-      lane.buffer = r.records
-      lane.bufferAt = 0
-      lane.nextRead = r.nextOffset
-      this.#pump()
-    }, (err: unknown) => {
-      if (epoch !== lane.epoch) return
-      lane.reading = false
-      const where = { upstream: this.config.name, stream: lane.stream, partition: lane.partition }
-      if (isStoreError(err, 'STORE_OFFSET_OUT_OF_RANGE')) {
-        // Retention (the disk budget) deleted records this upstream had not forwarded; the store counted and logged
-        // them per group. Continue from the new log start.
-        const start = store.partitionInfo(lane.stream, lane.partition).logStartOffset
-        logger.warn({ ...where, from: lane.nextRead, to: start }, 'records dropped by retention before they were forwarded')
-        if (lane.pendingAt === lane.pending.length && lane.done < start) lane.done = start
-        lane.nextRead = Math.max(lane.nextRead, start)
-        this.#fill(lane)
-        return
-      }
-      logger.error({ ...where, err: (err as Error).message }, 'reading the log failed; retrying')
-      setTimeout(() => this.#fill(lane), READ_RETRY_MS).unref()
-    })
+    this.#core.refill(this.#window, this.#probe > 0)
   }
 
   /** The upstream's state; reads one record per lane whose oldest unforwarded record is not in memory. */
   async status (): Promise<UpstreamStatus> {
-    const now = this.#deps.clock.now()
-    const { backlog, partitions } = await backlogOf(this.#deps.store, this.#lanes, now)
-    return {
-      name: this.config.name,
-      region: this.config.region,
-      url: redact(this.config.url),
-      kind: upstreamKind(this.config),
-      ...this.#connection.status(),
-      inflight: this.#inflight,
-      forwardedMessages: this.#forwarded,
-      forwardedBytes: this.#forwardedBytes,
-      throughput: this.#throughput.perSecond(),
-      deadLettered: this.#deadLetters.count,
-      commandsReceived: this.#downlink.received,
-      backlog,
-      partitions,
-    }
+    return await this.#core.status(
+      () => ({ url: redact(this.config.url), kind: upstreamKind(this.config), ...this.#connection.status() }),
+      () => this.#downlink.received,
+    )
   }
 }

@@ -1,12 +1,13 @@
 /**
  * One NATS JetStream upstream: replicates the configured streams into a
- * JetStream stream. Everything but the transport is the MQTT uplink's: the
- * consumer group `bridge.<name>` that holds retention, one lane per (stream,
- * partition) read in offset order (lanes.ts), priorities, the rate limit
- * (token-bucket.ts), commits of contiguous acknowledged offsets (commits.ts),
- * dead letters (dead-letters.ts), the status and the metrics
- * (uplink-status.ts). This file is the transport: asynchronous JetStream
- * publishes with at most `maxInflight` PubAcks outstanding across all lanes.
+ * JetStream stream. Everything but the transport is shared with the MQTT
+ * uplink (uplink-core.ts): the consumer group `bridge.<name>` that holds
+ * retention, one lane per (stream, partition) read in offset order
+ * (lanes.ts), priorities, the rate limit (token-bucket.ts), commits of
+ * contiguous acknowledged offsets (commits.ts), dead letters
+ * (dead-letters.ts), the status and the metrics (uplink-status.ts). This file
+ * is the transport: asynchronous JetStream publishes with at most
+ * `maxInflight` PubAcks outstanding across all lanes.
  *
  * Each record is published to the subject its lane's template renders
  * (subjects.ts) with `Nats-Msg-Id` = its dedupe id
@@ -28,16 +29,13 @@
 import type { PubAck, JetStreamClient, StreamInfo } from '@nats-io/jetstream'
 import { JetStreamApiError } from '@nats-io/jetstream'
 import { headers as natsHeaders, PermissionViolationError, RequestError, type MsgHdrs, type NatsConnection } from '@nats-io/transport-node'
-import { isStoreError, type StoredRecord } from '../../store/index.ts'
-import { OffsetCommits } from '../commits.ts'
-import { BRIDGE_GROUP_PREFIX, type UpstreamConfig } from '../config-schema.ts'
-import { DeadLetters } from '../dead-letters.ts'
-import { Downlink, RECEIPT_UPSTREAM_HEADER, RECEIPTS_STREAM } from '../downlink.ts'
-import { advance, createLane, LaneScheduler, rewind, skip, track, type Lane, type Pending } from '../lanes.ts'
-import { TokenBucket } from '../token-bucket.ts'
-import { captureTopic, RECORD_VARIABLES, type Template } from '../topic-template.ts'
-import type { UplinkDeps } from '../uplink.ts'
-import { backlogOf, ThroughputMeter, type UpstreamStatus } from '../uplink-status.ts'
+import type { StoredRecord } from '../../store/index.ts'
+import type { UpstreamConfig } from '../config-schema.ts'
+import { Downlink } from '../downlink.ts'
+import { advance, rewind, type Lane, type Pending } from '../lanes.ts'
+import { RECORD_VARIABLES, type Template } from '../topic-template.ts'
+import { REFUSAL_RETRY_MS, UplinkCore, type UplinkDeps } from '../uplink-core.ts'
+import type { UpstreamStatus } from '../uplink-status.ts'
 import { NatsCommands } from './commands.ts'
 import { NatsLink, redactServers } from './link.ts'
 import { parseSubjectTemplate, type RecordVariable, type SubjectTemplate } from './subjects.ts'
@@ -52,11 +50,6 @@ export const RECORD_HEADERS = {
   topic: 'Edgemq-Topic',
 } as const
 
-const REFILL_BATCH = 32
-const READ_RECORDS = 500
-const READ_BYTES = 1024 * 1024
-const REFUSAL_RETRY_MS = 1000
-const READ_RETRY_MS = 1000
 /** A header name NATS can carry (an HTTP token); a record header with another name is left out. */
 const HEADER_NAME = /^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/
 /**
@@ -81,32 +74,22 @@ export class NatsUplink {
   readonly config: UpstreamConfig
   readonly group: string
   readonly #deps: UplinkDeps
+  readonly #core: UplinkCore
   readonly #link: NatsLink
   readonly #commands: NatsCommands | null
-  readonly #scheduler = new LaneScheduler()
-  readonly #lanes: readonly Lane[] = this.#scheduler.lanes
-  readonly #commits: OffsetCommits
-  readonly #deadLetters: DeadLetters
-  readonly #bucket: TokenBucket | null
-  readonly #throughput = new ThroughputMeter()
+  readonly #lanes: readonly Lane[]
   readonly #subject: SubjectTemplate
   readonly #receiptSubject: SubjectTemplate
-  #stopped = true
-  #unlisten: (() => void) | null = null
-  #commitTimer: NodeJS.Timeout | null = null
-  #rateTimer: NodeJS.Timeout | null = null
   #js: JetStreamClient | null = null
   #maxPayload = Infinity
-  #inflight = 0
-  #pumpScheduled = false
-  #forwarded = 0
-  #forwardedBytes = 0
   #duplicates = 0
+  readonly #room = (): boolean => this.#link.ready && this.#core.inflight < this.config.maxInflight
+  readonly #refusal = (lane: Lane, record: StoredRecord): string | null => this.#refused(lane, record)
+  readonly #sendEntry = (lane: Lane, entry: Pending): void => this.#send(lane, entry)
 
   /** Throws BRIDGE_NO_COMMAND_SINK, BRIDGE_TLS_FILES or BRIDGE_NATS_CREDENTIALS_FILE. */
   constructor (config: UpstreamConfig, deps: UplinkDeps) {
     this.config = config
-    this.group = `${BRIDGE_GROUP_PREFIX}${config.name}`
     this.#deps = deps
     this.#subject = parseSubjectTemplate(config.nats.subject)
     this.#receiptSubject = parseSubjectTemplate(config.nats.receiptSubject)
@@ -116,54 +99,19 @@ export class NatsUplink {
       ready: (js, nc, stream) => this.#onReady(js, nc, stream),
       dropped: () => this.#onDropped(),
     }, () => this.#requiredSubjects())
-    this.#commits = new OffsetCommits(deps.store, this.group, config.name, deps.logger, this.#lanes)
-    this.#deadLetters = new DeadLetters(config.name, { ...deps, maxDeliveryAttempts: config.maxDeliveryAttempts })
-    const bucket = new TokenBucket(config.maxMessagesPerSecond, config.maxBytesPerSecond)
-    this.#bucket = bucket.limited ? bucket : null
+    this.#core = new UplinkCore(config, deps, {
+      ready: () => this.#link.ready,
+      pump: () => this.#pump(),
+      deadLettered: () => {},
+    })
+    this.group = this.#core.group
+    this.#lanes = this.#core.lanes
   }
 
   /** Creates the group, the lanes and the dead-letter streams, then connects. */
   async start (): Promise<void> {
-    const { store } = this.#deps
-    await store.setGroup(this.group, { holdsRetention: true })
-    const template = laneTemplate(this.#subject)
-    const receiptTemplate = laneTemplate(this.#receiptSubject)
-    const tenants = new Set<string>()
-    for (const f of this.config.forward) {
-      tenants.add(f.tenant)
-      this.#addLanes(f.tenant, f.stream, f.priority, f.filter, template, false)
-    }
-    for (const tenant of new Set(this.config.commands.map((c) => c.tenant))) {
-      tenants.add(tenant)
-      this.#addLanes(tenant, RECEIPTS_STREAM, 9, '#', receiptTemplate, true)
-    }
-    await this.#deadLetters.create(tenants)
-    const byPartition = new Map(this.#lanes.map((l) => [`${l.stream}\u0000${l.partition}`, l]))
-    this.#unlisten = store.onAppend((event) => {
-      const lane = byPartition.get(`${event.stream}\u0000${event.partition}`)
-      if (lane === undefined) return
-      lane.end = event.logEndOffset
-      if (this.#link.ready) this.#fill(lane)
-    })
-    this.#stopped = false
-    this.#commitTimer = setInterval(() => {
-      this.#throughput.sample(this.#forwarded, this.#deps.clock.now())
-      void this.#commits.commit()
-    }, this.#deps.commitIntervalMs)
-    this.#commitTimer.unref()
+    await this.#core.start(() => ({ record: laneTemplate(this.#subject), receipt: laneTemplate(this.#receiptSubject) }))
     this.#link.start()
-  }
-
-  #addLanes (tenant: string, name: string, priority: number, filter: string, template: Template<RecordVariable>, receipts: boolean): void {
-    const { store } = this.#deps
-    const stream = `${tenant}/${name}`
-    const info = store.streamInfo(stream)
-    for (let partition = 0; partition < info.partitions; partition++) {
-      const p = store.partitionInfo(stream, partition)
-      const committed = store.fetchOffset(this.group, stream, partition)
-      const start = Math.max(committed ?? p.logStartOffset, p.logStartOffset)
-      this.#scheduler.add(createLane({ tenant, name, partition, priority, filter, template, receipts }, start, committed ?? -1, p.logEndOffset))
-    }
   }
 
   /** The subject filters the stream must cover: one per lane, its fixed variables filled in. */
@@ -181,25 +129,16 @@ export class NatsUplink {
 
   /** Disconnects, waits for dead-letter appends and command appends, and commits what the stream acknowledged. */
   async stop (): Promise<void> {
-    if (this.#stopped) return
-    this.#stopped = true
-    this.#unlisten?.()
-    if (this.#rateTimer !== null) clearTimeout(this.#rateTimer)
-    if (this.#commitTimer !== null) clearInterval(this.#commitTimer)
-    await this.#commands?.stop()
-    await this.#link.stop()
-    while (this.#deadLetters.appending || this.#commits.running) {
-      await this.#commits.settled()
-      if (this.#deadLetters.appending) await new Promise((resolve) => setTimeout(resolve, 10))
-    }
-    await this.#commits.commit()
-    this.#report()
+    await this.#core.stop(async () => {
+      await this.#commands?.stop()
+      await this.#link.stop()
+    })
   }
 
   #onReady (js: JetStreamClient, nc: NatsConnection, _stream: StreamInfo): void {
     this.#js = js
     this.#maxPayload = nc.info?.max_payload ?? Infinity
-    for (const lane of this.#lanes) lane.end = Math.max(lane.end, this.#deps.store.partitionInfo(lane.stream, lane.partition).logEndOffset)
+    this.#core.catchUp()
     this.#commands?.start(nc, this.#link)
     this.#pump()
   }
@@ -207,52 +146,21 @@ export class NatsUplink {
   /** The link is gone: what was in flight is resent from each lane's acknowledged offset. */
   #onDropped (): void {
     this.#js = null
-    this.#inflight = 0
+    this.#core.inflight = 0
     this.#commands?.dropped()
     for (const lane of this.#lanes) rewind(lane)
   }
 
   #pump (): void {
-    while (this.#link.ready && this.#inflight < this.config.maxInflight) {
-      const lane = this.#scheduler.next()
-      if (lane === null) break
-      const record = lane.buffer[lane.bufferAt] as StoredRecord
-      if (!this.#wanted(lane, record)) {
-        lane.bufferAt++
-        skip(lane, record)
-        continue
-      }
-      if (this.#deadLetters.refusing && this.#deadLetters.attempts(this.#dedupeId(lane, record.offset)) >= this.config.maxDeliveryAttempts) {
-        lane.bufferAt++
-        this.#deadLetter(lane, track(lane, record), 'refused by the upstream')
-        continue
-      }
-      if (this.#bucket !== null && !this.#takeTokens(this.#bucket, record.payload.byteLength)) break
-      lane.bufferAt++
-      this.#send(lane, track(lane, record))
-    }
-    for (const lane of this.#lanes) {
-      if (lane.bufferAt >= lane.buffer.length && !lane.reading && lane.nextRead < lane.end) this.#fill(lane)
-    }
+    this.#core.drain(this.#room, this.#refusal, this.#sendEntry)
+    this.#core.fillEmpty()
   }
 
-  #takeTokens (bucket: TokenBucket, bytes: number): boolean {
-    const waitMs = bucket.take(bytes, this.#deps.clock.now())
-    if (waitMs === 0) return true
-    if (this.#rateTimer === null) {
-      this.#rateTimer = setTimeout(() => { this.#rateTimer = null; this.#pump() }, waitMs)
-      this.#rateTimer.unref()
-    }
-    return false
-  }
-
-  #wanted (lane: Lane, record: StoredRecord): boolean {
-    if (lane.receipts) return record.headers?.[RECEIPT_UPSTREAM_HEADER] === this.config.name
-    return lane.filter === '#' || captureTopic(lane.filter, record.topic) !== null
-  }
-
-  #dedupeId (lane: Lane, offset: number): string {
-    return `${this.#deps.gatewayId}/${lane.tenant}/${lane.name}/${lane.partition}/${offset}`
+  /** 'refused by the upstream' when the stream refused the record maxDeliveryAttempts times, else null. */
+  #refused (lane: Lane, record: StoredRecord): string | null {
+    const refused = this.#core.deadLetters.refusing &&
+      this.#core.deadLetters.attempts(this.#core.dedupeId(lane, record.offset)) >= this.config.maxDeliveryAttempts
+    return refused ? 'refused by the upstream' : null
   }
 
   #headers (lane: Lane, record: StoredRecord): MsgHdrs {
@@ -276,7 +184,7 @@ export class NatsUplink {
     const record = entry.record as StoredRecord
     const js = this.#js as JetStreamClient
     if (record.payload.byteLength > this.#maxPayload) {
-      this.#deadLetter(lane, entry, `larger than the server's max_payload (${record.payload.byteLength} > ${this.#maxPayload} bytes)`)
+      this.#core.deadLetter(lane, entry, `larger than the server's max_payload (${record.payload.byteLength} > ${this.#maxPayload} bytes)`)
       return
     }
     const subject = lane.template.render({
@@ -285,14 +193,14 @@ export class NatsUplink {
     })
     const generation = this.#link.generation
     const epoch = lane.epoch
-    this.#inflight++
-    js.publish(subject, record.payload, { msgID: this.#dedupeId(lane, record.offset), headers: this.#headers(lane, record) }).then((ack) => {
+    this.#core.inflight++
+    js.publish(subject, record.payload, { msgID: this.#core.dedupeId(lane, record.offset), headers: this.#headers(lane, record) }).then((ack) => {
       if (generation !== this.#link.generation || epoch !== lane.epoch) return
-      this.#inflight--
+      this.#core.inflight--
       this.#acked(lane, entry, ack)
     }, (err: unknown) => {
       if (generation !== this.#link.generation || epoch !== lane.epoch) return
-      this.#inflight--
+      this.#core.inflight--
       this.#failed(lane, entry, subject, err)
     })
   }
@@ -310,123 +218,37 @@ export class NatsUplink {
       return
     }
     const record = entry.record as StoredRecord
-    const id = this.#dedupeId(lane, record.offset)
+    const id = this.#core.dedupeId(lane, record.offset)
     this.#link.recordError(`publish to ${subject} refused: ${message}`, 'BRIDGE_NATS_PUBLISH')
-    if (this.#deadLetters.refused(id, record.offset, message)) {
-      this.#deadLetter(lane, entry, message)
+    if (this.#core.deadLetters.refused(id, record.offset, message)) {
+      this.#core.deadLetter(lane, entry, message)
       return
     }
     const generation = this.#link.generation
     const epoch = lane.epoch
-    this.#inflight++ // the retry keeps its window slot, so its lane cannot pass it
+    this.#core.inflight++ // the retry keeps its window slot, so its lane cannot pass it
     setTimeout(() => {
       if (generation !== this.#link.generation || epoch !== lane.epoch) return
-      this.#inflight--
+      this.#core.inflight--
       this.#send(lane, entry)
     }, REFUSAL_RETRY_MS).unref()
   }
 
   #acked (lane: Lane, entry: Pending, ack: PubAck): void {
-    entry.acked = true
-    const record = entry.record as StoredRecord
     if (ack.duplicate) this.#duplicates++
-    this.#forwarded++
-    this.#forwardedBytes += record.payload.byteLength
-    lane.unreportedMessages++
-    lane.unreportedBytes += record.payload.byteLength
-    if (this.#deadLetters.refusing) this.#deadLetters.forget(this.#dedupeId(lane, record.offset))
+    this.#core.acked(lane, entry)
     advance(lane)
-    const batch = Math.min(REFILL_BATCH, Math.floor(this.config.maxInflight / 4))
-    if (this.#inflight === 0 || this.config.maxInflight - this.#inflight >= batch) this.#schedulePump()
-  }
-
-  /** One pump per turn of the event loop refills the window for all the PubAcks of one socket read. */
-  #schedulePump (): void {
-    if (this.#pumpScheduled) return
-    this.#pumpScheduled = true
-    setImmediate(() => {
-      this.#pumpScheduled = false
-      this.#report()
-      this.#pump()
-    })
-  }
-
-  #report (): void {
-    for (const lane of this.#lanes) {
-      if (lane.unreportedMessages === 0) continue
-      this.#deps.observer?.onForwarded?.(this.config.name, lane.tenant, lane.name, lane.unreportedMessages, lane.unreportedBytes)
-      lane.unreportedMessages = 0
-      lane.unreportedBytes = 0
-    }
-  }
-
-  /** Dead-letters the record of `entry`; it holds a window slot until the append is durable, so its lane cannot pass it. */
-  #deadLetter (lane: Lane, entry: Pending, reason: string): void {
-    const record = entry.record as StoredRecord
-    const epoch = lane.epoch
-    this.#inflight++
-    this.#deadLetters.append(lane, record, this.#dedupeId(lane, record.offset), reason, () => {
-      if (epoch !== lane.epoch) return
-      this.#inflight--
-      entry.refused = true
-      entry.acked = true
-      advance(lane)
-      this.#pump()
-    }, () => {
-      if (epoch !== lane.epoch) return
-      this.#inflight--
-      setTimeout(() => { if (epoch === lane.epoch && !this.#stopped) this.#deadLetter(lane, entry, reason) }, REFUSAL_RETRY_MS).unref()
-    })
-  }
-
-  #fill (lane: Lane): void {
-    if (lane.reading || lane.bufferAt < lane.buffer.length || this.#stopped) return
-    const { store, logger } = this.#deps
-    if (lane.nextRead >= lane.end) return
-    lane.reading = true
-    const epoch = lane.epoch
-    store.read(lane.stream, lane.partition, lane.nextRead, { maxRecords: READ_RECORDS, maxBytes: READ_BYTES }).then((r) => {
-      if (epoch !== lane.epoch) return
-      lane.reading = false
-      lane.buffer = r.records
-      lane.bufferAt = 0
-      lane.nextRead = r.nextOffset
-      this.#pump()
-    }, (err: unknown) => {
-      if (epoch !== lane.epoch) return
-      lane.reading = false
-      const where = { upstream: this.config.name, stream: lane.stream, partition: lane.partition }
-      if (isStoreError(err, 'STORE_OFFSET_OUT_OF_RANGE')) {
-        const start = store.partitionInfo(lane.stream, lane.partition).logStartOffset
-        logger.warn({ ...where, from: lane.nextRead, to: start }, 'records dropped by retention before they were forwarded')
-        if (lane.pendingAt === lane.pending.length && lane.done < start) lane.done = start
-        lane.nextRead = Math.max(lane.nextRead, start)
-        this.#fill(lane)
-        return
-      }
-      logger.error({ ...where, err: (err as Error).message }, 'reading the log failed; retrying')
-      setTimeout(() => this.#fill(lane), READ_RETRY_MS).unref()
-    })
+    this.#core.refill(this.config.maxInflight, false)
   }
 
   async status (): Promise<UpstreamStatus> {
-    const now = this.#deps.clock.now()
-    const { backlog, partitions } = await backlogOf(this.#deps.store, this.#lanes, now)
+    const status = await this.#core.status(
+      () => ({ url: redactServers(this.config.url), kind: 'nats', ...this.#link.status() }),
+      () => this.#commands?.received ?? 0,
+    )
     const stream = this.#link.stream
     return {
-      name: this.config.name,
-      region: this.config.region,
-      url: redactServers(this.config.url),
-      kind: 'nats',
-      ...this.#link.status(),
-      inflight: this.#inflight,
-      forwardedMessages: this.#forwarded,
-      forwardedBytes: this.#forwardedBytes,
-      throughput: this.#throughput.perSecond(),
-      deadLettered: this.#deadLetters.count,
-      commandsReceived: this.#commands?.received ?? 0,
-      backlog,
-      partitions,
+      ...status,
       jetstream: stream === null
         ? null
         : {
