@@ -109,47 +109,53 @@ export function standInClient (id: string): Client {
 interface ParsedPacket { cmd: string, unsubscriptions?: string[], subscriptions?: object[] }
 interface ClientParser {
   readonly _parser: {
-    prependListener (event: 'packet', listener: (packet: ParsedPacket) => void): void
+    /** aedes sets it (https://github.com/moscajs/aedes/blob/v1.2.0/lib/client.js#L61). */
+    readonly client: Client
+    prependListener (event: 'packet', listener: (this: { client: Client }, packet: ParsedPacket) => void): void
     /** Packets parsed before the CONNACK, handled once the client is connected; null afterwards. */
     readonly _queue: ParsedPacket[] | null
   }
 }
 
-/**
- * Calls `watch` with every packet of the client before aedes handles it: the packets parsed before the tenant was
- * known wait in `client._parser._queue` until the CONNACK (https://github.com/moscajs/aedes/blob/v1.2.0/lib/client.js#L62)
- * and come first; later ones as the parser emits them (a listener prepended to aedes' own).
- */
-function watchPackets (client: Client, watch: (packet: ParsedPacket) => void): void {
-  const parser = (client as unknown as ClientParser)._parser
-  for (const packet of parser._queue ?? []) watch(packet)
-  parser.prependListener('packet', watch)
+/** What the gateway does with a client's SUBSCRIBE and UNSUBSCRIBE packets before aedes handles them. */
+export interface PacketWatch {
+  /**
+   * Sees the subscription objects of each SUBSCRIBE (the objects aedes later hands authorizeSubscribe one by one).
+   * aedes has no hook that sees a whole SUBSCRIBE, so a limit on the filters of one packet cannot be checked per
+   * filter. No upstream issue; public API that would remove it: a `preSubscribe(client, packet)` hook.
+   */
+  subscribe (client: Client, subscriptions: readonly object[]): void
+  /**
+   * Returns the filters aedes is to look up for an UNSUBSCRIBE. aedes has no unsubscribe hook: it looks the filters
+   * up as the client sent them (https://github.com/moscajs/aedes/blob/v1.2.0/lib/handlers/unsubscribe.js), while
+   * authorizeSubscribe stored them mounted (`<tenant>/<filter>`), so an UNSUBSCRIBE removed nothing. Upstream: a
+   * `preUnsubscribe` hook, https://github.com/moscajs/aedes/pull/605 (open), would remove it.
+   */
+  unsubscribe (client: Client, filters: string[]): string[]
 }
 
 /**
- * Calls `seen` with the subscription objects of every SUBSCRIBE of this client before aedes handles it (the objects
- * aedes later hands authorizeSubscribe one by one). aedes has no hook that sees a whole SUBSCRIBE, so a limit on the
- * filters of one packet cannot be checked per filter. No upstream issue; public API that would remove it: a
- * `preSubscribe(client, packet)` hook.
+ * Returns `watch(client)`, which hands every later SUBSCRIBE and UNSUBSCRIBE of that client to `handlers` before
+ * aedes handles it: first the packets parsed before the client was accepted, which wait in `client._parser._queue`
+ * until the CONNACK (https://github.com/moscajs/aedes/blob/v1.2.0/lib/client.js#L62), then each one as the parser
+ * emits it (a listener prepended to aedes' own). The listener is one function for all clients, finding its client
+ * through the parser, so an idle connection pays no closure for it.
  */
-export function watchSubscribes (client: Client, seen: (subscriptions: readonly object[]) => void): void {
-  watchPackets(client, (packet) => {
-    if (packet.cmd === 'subscribe' && packet.subscriptions !== undefined) seen(packet.subscriptions)
-  })
-}
-
-/**
- * Rewrites the filters of every UNSUBSCRIBE of this client before aedes handles it. aedes has no unsubscribe hook:
- * it looks the filters up as the client sent them (https://github.com/moscajs/aedes/blob/v1.2.0/lib/handlers/unsubscribe.js), while authorizeSubscribe
- * stored them mounted (`<tenant>/<filter>`), so an UNSUBSCRIBE removed nothing. The packets parsed before the tenant
- * was known wait in `client._parser._queue` until the CONNACK (https://github.com/moscajs/aedes/blob/v1.2.0/lib/client.js#L62) and are rewritten first;
- * later ones as the parser emits them (a listener prepended to aedes' own). Upstream: a `preUnsubscribe` hook,
- * https://github.com/moscajs/aedes/pull/605 (open), would remove it.
- */
-export function rewriteUnsubscribes (client: Client, rewrite: (filters: string[]) => string[]): void {
-  watchPackets(client, (packet) => {
-    if (packet.cmd === 'unsubscribe' && packet.unsubscriptions !== undefined) packet.unsubscriptions = rewrite(packet.unsubscriptions)
-  })
+export function packetWatcher (handlers: PacketWatch): (client: Client) => void {
+  const seen = (client: Client, packet: ParsedPacket): void => {
+    if (packet.cmd === 'subscribe' && packet.subscriptions !== undefined) handlers.subscribe(client, packet.subscriptions)
+    else if (packet.cmd === 'unsubscribe' && packet.unsubscriptions !== undefined) {
+      packet.unsubscriptions = handlers.unsubscribe(client, packet.unsubscriptions)
+    }
+  }
+  function listener (this: { client: Client }, packet: ParsedPacket): void {
+    seen(this.client, packet)
+  }
+  return (client) => {
+    const parser = (client as unknown as ClientParser)._parser
+    for (const packet of parser._queue ?? []) seen(client, packet)
+    parser.prependListener('packet', listener)
+  }
 }
 
 // --- the broker ------------------------------------------------------------------------------------------------------

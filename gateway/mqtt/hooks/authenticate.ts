@@ -8,7 +8,7 @@ import type { AedesOptions, Client } from 'aedes'
 import { ClientIdOwners, clientIdMatches, clientIdPattern, UserDirectory, type Identity } from '../../access/auth.ts'
 import { MAX_CLIENT_TOPIC_LEVELS, mountTopic, scopedClientId, topicNameProblem } from '../../access/topics.ts'
 import type { ListenerConfig, UserConfig } from '../../config/config.ts'
-import { rewriteUnsubscribes, setClientId, watchSubscribes } from '../aedes-internals.ts'
+import { packetWatcher, setClientId } from '../aedes-internals.ts'
 import { isReplayTopic } from '../replay.ts'
 import { anonymousAllowed, authError, listenerOf, type HookContext, type ListenerTagged } from './context.ts'
 
@@ -28,6 +28,19 @@ export function preConnect (ctx: Pick<HookContext, 'connects'>): PreConnect {
 
 export function authenticate (ctx: HookContext, users: UserDirectory, owners: ClientIdOwners): Authenticate {
   const { config, metrics, broker, refuse } = ctx
+  const watchPackets = packetWatcher({
+    // A SUBSCRIBE over the limit is refused whole (authorize-subscribe.ts): tagged here, where its size is known.
+    subscribe (_client, subs) {
+      if (subs.length > config.mqtt.maxFiltersPerSubscribe) for (const sub of subs) ctx.oversized.add(sub)
+    },
+    unsubscribe (client, filters) {
+      const tenant = ctx.identities.get(client)?.tenant
+      if (tenant === undefined) return filters
+      // A filter over MAX_CLIENT_TOPIC_LEVELS was never subscribed (SUBACK 0x80): left out, since mounted it is over
+      // aedes' limit, which closed the connection instead of sending the UNSUBACK.
+      return filters.filter((filter) => filter.split('/').length <= MAX_CLIENT_TOPIC_LEVELS).map((filter) => mountTopic(tenant, filter))
+    },
+  })
   return (client, username, password, done) => {
     const info = ctx.connects.get(client) ?? { clientId: client.id, clean: true }
     const listener = listenerOf(client)
@@ -69,11 +82,7 @@ export function authenticate (ctx: HookContext, users: UserDirectory, owners: Cl
       // client.id and reads it only after this hook, so a tenant's ids are scoped here; U+0000 is refused in
       // client ids above, so a scoped id never equals another tenant's (or tenant "default"'s unscoped) id.
       if (who.tenant !== 'default') setClientId(client, scopedClientId(who.tenant, who.clientId))
-      mountUnsubscribes(client, who.tenant)
-      // A SUBSCRIBE over the limit is refused whole (authorize-subscribe.ts): tagged here, where its size is known.
-      watchSubscribes(client, (subs) => {
-        if (subs.length > ctx.config.mqtt.maxFiltersPerSubscribe) for (const sub of subs) ctx.oversized.add(sub)
-      })
+      watchPackets(client)
       done(null, true)
     }
     // A bound user's client id is its own (auth.ts, ClientIdOwners): nobody unbound takes over its session.
@@ -127,13 +136,6 @@ export function authenticate (ctx: HookContext, users: UserDirectory, owners: Cl
  * UNSUBSCRIBE names filters as the client sent them, but authorizeSubscribe stored every subscription mounted
  * (`<tenant>/<filter>`): the filters are mounted before aedes looks them up (aedes-internals.ts).
  */
-function mountUnsubscribes (client: Client, tenant: string): void {
-  rewriteUnsubscribes(client, (filters) => filters
-    // A filter over MAX_CLIENT_TOPIC_LEVELS was never subscribed (SUBACK 0x80): left out, since mounted it is over
-    // aedes' limit, which closed the connection instead of sending the UNSUBACK.
-    .filter((filter) => filter.split('/').length <= MAX_CLIENT_TOPIC_LEVELS).map((filter) => mountTopic(tenant, filter)))
-}
-
 function certificateUser (client: Client, listener: ListenerConfig | undefined): string | undefined {
   if (listener?.tls?.certIdentity !== true) return undefined
   const cn: unknown = (client.conn as unknown as ListenerTagged).tlsSocket?.getPeerCertificate()?.subject?.CN
