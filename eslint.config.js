@@ -39,6 +39,7 @@ export default tseslint.config(
       'no-restricted-imports': ['error', {
         patterns: [{ regex: '(^|/)bridge/(?!index\\.ts$)', message: 'gateway/ imports the bridge through bridge/index.ts only.' }],
       }],
+      'max-len': ['error', { code: 160 }],
     },
   },
   // Reaches into aedes beyond its public API live in gateway/mqtt/aedes-internals.ts only, each with its reason and

@@ -220,7 +220,10 @@ const TOKEN_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/
 
 /** A new random token for the `apiTokens` entry called `name`. */
 export function generateApiToken (name: string): string {
-  if (!TOKEN_NAME.test(name)) throw new GatewayError('GW_CONFIG_INVALID', `token name ${JSON.stringify(name)} must be 1 to 64 letters, digits, ".", "_" and "-", starting with a letter or digit`)
+  if (!TOKEN_NAME.test(name)) {
+    const rule = 'must be 1 to 64 letters, digits, ".", "_" and "-", starting with a letter or digit'
+    throw new GatewayError('GW_CONFIG_INVALID', `token name ${JSON.stringify(name)} ${rule}`)
+  }
   return `${TOKEN_PREFIX}${name}_${randomBytes(32).toString('base64url')}`
 }
 
