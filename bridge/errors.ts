@@ -3,6 +3,7 @@
  * where a lower layer failed, a `cause`. test/gateway/docs.test.ts fails
  * when a code is missing from docs/errors.md.
  */
+import { CodedError } from '../store/index.ts'
 
 export const BRIDGE_ERROR_CODES = {
   BRIDGE_TLS_FILES: 'An upstream\'s TLS CA, certificate or key file could not be read.',
@@ -32,12 +33,6 @@ export function isBridgeError (err: unknown, code?: BridgeErrorCode): err is Bri
   return err instanceof BridgeError && (code === undefined || err.code === code)
 }
 
-export class BridgeError extends Error {
+export class BridgeError extends CodedError<BridgeErrorCode> {
   override readonly name = 'BridgeError'
-  readonly code: BridgeErrorCode
-
-  constructor (code: BridgeErrorCode, message: string, options: { cause?: unknown } = {}) {
-    super(message, options.cause === undefined ? undefined : { cause: options.cause })
-    this.code = code
-  }
 }

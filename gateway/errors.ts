@@ -3,6 +3,7 @@
  * lower layer failed, a `cause`. test/gateway/errors.test.ts fails when a
  * code is missing from docs/errors.md.
  */
+import { CodedError } from '../store/index.ts'
 
 export const GATEWAY_ERROR_CODES = {
   GW_CONFIG_INVALID: 'The config file is unreadable, not YAML/JSON, or breaks the schema; the message names the key.',
@@ -44,12 +45,6 @@ export const GATEWAY_WARNING_CODES = {
 
 export type GatewayWarningCode = keyof typeof GATEWAY_WARNING_CODES
 
-export class GatewayError extends Error {
+export class GatewayError extends CodedError<GatewayErrorCode> {
   override readonly name = 'GatewayError'
-  readonly code: GatewayErrorCode
-
-  constructor (code: GatewayErrorCode, message: string, options: { cause?: unknown } = {}) {
-    super(message, options.cause === undefined ? undefined : { cause: options.cause })
-    this.code = code
-  }
 }

@@ -40,14 +40,27 @@ export interface StoreErrorDetails {
   readonly missingTo?: number
 }
 
-export class StoreError extends Error {
+/**
+ * The one shape of every error edgemq raises, in every layer: a stable `code` from that layer's registry (each
+ * documented in docs/errors.md) and, where a lower layer failed, a `cause`. Each registry subclasses it with its
+ * codes and a `name` (StoreError here, BridgeError, GatewayError, ApiError, CliError, ...); it lives in store/
+ * because store/ is the layer every other imports.
+ */
+export class CodedError<C extends string> extends Error {
+  readonly code: C
+
+  constructor (code: C, message: string, options: { cause?: unknown } = {}) {
+    super(message, options.cause === undefined ? undefined : { cause: options.cause })
+    this.code = code
+  }
+}
+
+export class StoreError extends CodedError<StoreErrorCode> {
   override readonly name = 'StoreError'
-  readonly code: StoreErrorCode
   readonly details: StoreErrorDetails
 
   constructor (code: StoreErrorCode, message: string, options: { cause?: unknown, details?: StoreErrorDetails } = {}) {
-    super(message, options.cause === undefined ? undefined : { cause: options.cause })
-    this.code = code
+    super(code, message, options)
     this.details = options.details ?? {}
   }
 }

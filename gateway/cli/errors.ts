@@ -6,6 +6,7 @@
  * from a data directory (`--data-dir`): the API's HTTP_… codes are mapped
  * onto these. Tests match on the code, never the message.
  */
+import { CodedError } from '../../store/index.ts'
 import type { QueryError } from '../query/errors.ts'
 
 export const CLI_ERROR_CODES = {
@@ -30,14 +31,8 @@ export const CLI_ERROR_CODES = {
 
 export type CliErrorCode = keyof typeof CLI_ERROR_CODES
 
-export class CliError extends Error {
+export class CliError extends CodedError<CliErrorCode> {
   override readonly name = 'CliError'
-  readonly code: CliErrorCode
-
-  constructor (code: CliErrorCode, message: string, options: { cause?: unknown } = {}) {
-    super(message, options.cause === undefined ? undefined : { cause: options.cause })
-    this.code = code
-  }
 }
 
 /** The CLI code for an API error code, so that both modes say the same thing. */

@@ -17,7 +17,7 @@
  */
 import type { ServerResponse } from 'node:http'
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify'
-import { isStoreError, type LogStore, type ResetSpec, type StreamInfo } from '../../store/index.ts'
+import { isStoreError, systemClock, type Clock, type LogStore, type ResetSpec, type StreamInfo } from '../../store/index.ts'
 import { ApiError, toApiError } from './errors.ts'
 import { parseTime } from './params.ts'
 import { ApiAuthenticator, AUTH_CHALLENGES, type Principal } from './auth.ts'
@@ -42,7 +42,8 @@ export interface ApiDeps {
   /** The configured bearer tokens (config.apiTokens). */
   readonly tokens?: readonly ApiTokenConfig[]
   /** Wall clock for relative times (`from=-15m`); injected by tests. */
-  readonly now?: () => number
+  /** Where `now` and relative times come from (the store's Clock; the system's when not given). */
+  readonly clock?: Clock
   readonly logger?: { warn (fields: Record<string, unknown>, message: string): void }
   /** The bridge's upstreams, for GET /v1/bridge; absent: no upstream is configured. */
   readonly bridge?: { status (): Promise<UpstreamStatus[]> }
@@ -100,7 +101,8 @@ function principal (request: FastifyRequest): Principal {
 export function createApi (deps: ApiDeps): Api {
   const { store } = deps
   const auth = new ApiAuthenticator(deps.users, deps.tokens ?? [], { logger: deps.logger })
-  const now = deps.now ?? Date.now
+  const clock = deps.clock ?? systemClock
+  const now = (): number => clock.now()
   const waiters = new AppendWaiters(store)
 
   // ---------------------------------------------------------------- streams

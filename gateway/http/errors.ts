@@ -5,7 +5,7 @@
  * This table is the registry of codes (docs/errors.md is generated from it).
  */
 import type { ErrorObject } from 'ajv'
-import { isStoreError } from '../../store/index.ts'
+import { CodedError, isStoreError } from '../../store/index.ts'
 import { FilterExpressionError } from '../query/filter-expression.ts'
 import { QueryError } from '../query/errors.ts'
 
@@ -51,9 +51,8 @@ export const HTTP_ERROR_CODES = {
 
 export type HttpErrorCode = keyof typeof HTTP_ERROR_CODES
 
-export class ApiError extends Error {
+export class ApiError extends CodedError<HttpErrorCode> {
   override readonly name = 'ApiError'
-  readonly code: HttpErrorCode
   readonly status: number
   /** Extra fields of the error object (position, parameter, logStartOffset, …). */
   readonly details: Readonly<Record<string, unknown>>
@@ -61,8 +60,7 @@ export class ApiError extends Error {
   readonly headers: Readonly<Record<string, string>>
 
   constructor (code: HttpErrorCode, message: string, options: { cause?: unknown, details?: Record<string, unknown>, headers?: Record<string, string> } = {}) {
-    super(message, options.cause === undefined ? undefined : { cause: options.cause })
-    this.code = code
+    super(code, message, options)
     this.status = HTTP_ERROR_CODES[code].status
     this.details = options.details ?? {}
     this.headers = options.headers ?? {}

@@ -55,7 +55,7 @@
  * messages are not sent again after a reconnect: subscribe again.
  */
 import type { Writable } from 'node:stream'
-import type { LogStore, StoredRecord } from '../../store/index.ts'
+import { systemClock, type Clock, type LogStore, type StoredRecord } from '../../store/index.ts'
 import { isAllowed, type Identity } from '../access/auth.ts'
 import type { AclRule, RouteConfig } from '../config/config.ts'
 import { GatewayError } from '../errors.ts'
@@ -269,7 +269,8 @@ export interface MqttReplayDeps {
   readonly limits: ReplayLimits
   readonly metrics: Pick<GatewayMetrics, 'replaysActive' | 'replayMessages' | 'replaysFinished'>
   readonly logger: ReplayLogger
-  readonly now?: () => number
+  /** Where `now` and relative times come from (the store's Clock; the system's when not given). */
+  readonly clock?: Clock
 }
 
 /** A $replay subscription the ACL and the limits let through, waiting for its SUBACK to go out. */
@@ -325,7 +326,7 @@ export class MqttReplays {
    * GW_REPLAY_DENIED or GW_REPLAY_LIMIT.
    */
   prepare (conn: ReplayConnection, who: Identity, subscription: string): ReplayTicket {
-    const request = parseReplaySubscription(subscription, (this.#deps.now ?? Date.now)())
+    const request = parseReplaySubscription(subscription, (this.#deps.clock ?? systemClock).now())
     if (!isAllowed(this.#deps.acl, who, 'subscribe', request.filter)) {
       throw new GatewayError('GW_REPLAY_DENIED', `${JSON.stringify(subscription)}: the ACL does not allow subscribing to ${request.filter}`)
     }

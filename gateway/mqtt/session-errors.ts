@@ -2,6 +2,7 @@
  * The session persistence's error codes (documented in docs/errors.md by
  * docs/generate.ts): one class with a stable `code` and a `cause`.
  */
+import { CodedError } from '../../store/index.ts'
 
 export const SESSION_ERROR_CODES = {
   GW_SESSION_NOT_FOUND: 'No stored packet has that message id. aedes reads this rejection as "not found" (a new inbound QoS 2 packet, '
@@ -16,14 +17,8 @@ export const SESSION_ERROR_CODES = {
 
 export type SessionErrorCode = keyof typeof SESSION_ERROR_CODES
 
-export class SessionPersistenceError extends Error {
+export class SessionPersistenceError extends CodedError<SessionErrorCode> {
   override readonly name = 'SessionPersistenceError'
-  readonly code: SessionErrorCode
-
-  constructor (code: SessionErrorCode, message: string, options: { cause?: unknown } = {}) {
-    super(message, options.cause === undefined ? undefined : { cause: options.cause })
-    this.code = code
-  }
 }
 
 /**

@@ -7,6 +7,7 @@
  * GW_REPLAY_BAD_FILTER). Like the `where` parser's FilterExpressionError,
  * which the read path raises too. Tests match on the code.
  */
+import { CodedError } from '../../store/index.ts'
 
 export const QUERY_ERROR_CODES = {
   QUERY_BAD_TIME: 'A time is not "now", a relative time (-15m), epoch milliseconds or an ISO 8601 date-time with a zone (or a date); details.name says which.',
@@ -31,14 +32,12 @@ export interface QueryErrorDetails {
   readonly logEndOffset?: number
 }
 
-export class QueryError extends Error {
+export class QueryError extends CodedError<QueryErrorCode> {
   override readonly name = 'QueryError'
-  readonly code: QueryErrorCode
   readonly details: QueryErrorDetails
 
   constructor (code: QueryErrorCode, message: string, options: { cause?: unknown, details?: QueryErrorDetails } = {}) {
-    super(message, options.cause === undefined ? undefined : { cause: options.cause })
-    this.code = code
+    super(code, message, options)
     this.details = options.details ?? {}
   }
 }

@@ -227,7 +227,7 @@ describe('MqttReplays', () => {
     logs.length = 0
     const logger = { info: (_f: Record<string, unknown>, m: string) => { logs.push(m) }, warn: (_f: Record<string, unknown>, m: string) => { logs.push(m) } }
     replays = new MqttReplays({
-      store, routes: buildConfig({}).routes, acl: options.acl ?? [], logger, metrics, now: () => NOW,
+      store, routes: buildConfig({}).routes, acl: options.acl ?? [], logger, metrics, clock: { now: () => NOW },
       limits: { inflight: options.inflight ?? 100, maxPerClient: options.maxPerClient ?? 4, maxActive: options.maxActive ?? 64 },
     })
   }
