@@ -1,7 +1,9 @@
 import { defineConfig } from 'vitest/config'
 
-// Two projects: fast unit tests (pure functions, store on temp dirs and
-// memory-level) and integration tests that spawn processes or open sockets.
+// Three projects: fast unit tests (pure functions, store on temp dirs and memory-level); integration tests that
+// spawn processes or open sockets, two files at a time (most of their time is spent waiting on child processes);
+// and the dashboard tests against a real Prometheus, run after those and one at a time: they scrape a gateway under
+// load once a second, and a second test file beside them on this 2-core machine made scrapes miss their 1 s timeout.
 export default defineConfig({
   test: {
     projects: [
@@ -11,14 +13,27 @@ export default defineConfig({
           include: ['test/**/*.test.ts'],
           exclude: ['test/**/*.int.test.ts'],
           testTimeout: 30_000,
+          maxWorkers: 2,
         },
       },
       {
         test: {
           name: 'integration',
           include: ['test/**/*.int.test.ts'],
+          exclude: ['test/dashboards/**'],
           testTimeout: 300_000,
           hookTimeout: 60_000,
+          maxWorkers: 2,
+        },
+      },
+      {
+        test: {
+          name: 'dashboards',
+          include: ['test/dashboards/**/*.int.test.ts'],
+          testTimeout: 300_000,
+          hookTimeout: 60_000,
+          maxWorkers: 1,
+          sequence: { groupOrder: 1 },
         },
       },
     ],
