@@ -56,7 +56,10 @@ describe(`dashboards against a real Prometheus scraping a live gateway${runs ? '
     await waitFor('Prometheus to scrape the first dead letter', async () => (await prom.query(`${deadLetters} == 1`)).length === 1, 10_000)
     expect(await gateway.deadLetter()).toBe(2)
     await gateway.load(5000)
-    // Query at the end of the load, so every rate window ($__rate_interval = 10s) lies inside it; let two more scrapes land first.
+    // A scrape that misses its 1 s timeout (a loaded 2-core machine, during the load) marks every series of the
+    // gateway stale, and an instant query just after it finds nothing at all: query once the last scrapes all succeeded.
+    // The rate windows ($__rate_interval = 10s) still hold the load; let two more scrapes land first.
+    await waitFor('the scrapes after the load to succeed', async () => (await prom.query('min_over_time(up{job="edgemq"}[3s]) == 1')).length === 1, 20_000)
     const at = Date.now() / 1000
     await sleep(2500)
 
