@@ -1,5 +1,9 @@
 /**
- * Every reach into aedes 1.2.0 beyond its public API, in one place.
+ * Every reach into aedes beyond its public API, in one place. aedes is
+ * 2.0.0-beta.1 with patches/aedes+2.0.0-beta.1.patch (the security fixes of
+ * 1.2.0, the reason code of an authorizePublish error); each entry below was
+ * re-read against it (2026-12-02) and still holds. Source links cite v1.2.0
+ * where the code they point at is unchanged in 2.0.0-beta.1.
  *
  * aedes' public surface is its option hooks (preConnect, authenticate,
  * authorize*, published), its events, `broker.publish`, `broker.handle` and
@@ -50,11 +54,13 @@ export function rawConnection (client: Client): Duplex {
 
 /**
  * The aedes client handling a connection: aedes stores it on the stream it was given (`conn.client = this`,
- * https://github.com/moscajs/aedes/blob/v1.2.0/lib/client.js#L36), which is how a ConnectionGuard learns the client id of the device it guards.
- * No upstream issue; the public alternative is the `client` event, which fires only after authentication.
+ * https://github.com/moscajs/aedes/blob/v1.2.0/lib/client.js#L36), which is how a ConnectionGuard learns the client id of the device it guards,
+ * and whether its CONNACK is out (`connackSent`, set by aedes' doConnack; an MQTT 5 DISCONNECT may follow only a
+ * CONNACK [MQTT-3.14.0-1]). No upstream issue; the public alternatives are the `client` and `connackSent` events,
+ * which a guard would have to subscribe to per connection.
  */
-export function clientOfConnection (conn: object): { readonly id?: unknown } | undefined {
-  return (conn as { client?: { id?: unknown } }).client
+export function clientOfConnection (conn: object): { readonly id?: unknown, readonly connackSent?: unknown } | undefined {
+  return (conn as { client?: { id?: unknown, connackSent?: unknown } }).client
 }
 
 /**
