@@ -54,13 +54,11 @@ export function rawConnection (client: Client): Duplex {
 
 /**
  * The aedes client handling a connection: aedes stores it on the stream it was given (`conn.client = this`,
- * https://github.com/moscajs/aedes/blob/v1.2.0/lib/client.js#L36), which is how a ConnectionGuard learns the client id of the device it guards,
- * and whether its CONNACK is out (`connackSent`, set by aedes' doConnack; an MQTT 5 DISCONNECT may follow only a
- * CONNACK [MQTT-3.14.0-1]). No upstream issue; the public alternatives are the `client` and `connackSent` events,
- * which a guard would have to subscribe to per connection.
+ * https://github.com/moscajs/aedes/blob/v1.2.0/lib/client.js#L36), which is how a ConnectionGuard learns the client id of the device it guards.
+ * No upstream issue; the public alternative is the `client` event, which fires only after authentication.
  */
-export function clientOfConnection (conn: object): { readonly id?: unknown, readonly connackSent?: unknown } | undefined {
-  return (conn as { client?: { id?: unknown, connackSent?: unknown } }).client
+export function clientOfConnection (conn: object): { readonly id?: unknown } | undefined {
+  return (conn as { client?: { id?: unknown } }).client
 }
 
 /**
