@@ -25,8 +25,9 @@ export const GATEWAY_ERROR_CODES = {
   GW_REPLAY_LIMIT: 'A $replay subscription would exceed mqtt.replay.maxPerClient or mqtt.replay.maxActive.',
   GW_CONNECT_REFUSED: 'A CONNECT was refused with a CONNACK return code (2 identifier rejected, 3 server unavailable, 4 bad credentials, ' +
     '5 not authorized); counted in edgemq_connections_refused_total and logged with the reason.',
-  GW_PUBLISH_REFUSED: 'A PUBLISH was refused by closing the connection (a topic that is not a valid topic name, $dedupe/ without a replicate ' +
-    'grant, unrouted: reject); counted in edgemq_publishes_refused_total and logged once per connection and reason.',
+  GW_PUBLISH_REFUSED: 'A PUBLISH was refused (a topic that is not a valid topic name, $dedupe/ without a replicate grant, unrouted: reject; ' +
+    'for MQTT 5 also an ACL denial, a $replay topic, a failed append): MQTT 3.1.1 by closing the connection, MQTT 5 by the PUBACK/PUBREC ' +
+    'reason code (0x87, 0x90, 0x80, 0x97; docs/mqtt5.md); counted in edgemq_publishes_refused_total and logged once per connection and reason.',
   GW_QOS2_INFLIGHT_FULL: 'A client has 1000 QoS 2 messages awaiting PUBREL (aedes\' maxInflightInbound); the connection is closed.',
 } as const
 

@@ -52,6 +52,12 @@ export { isLoopback, type BrokerPersistence, type ListenerTagged } from './hooks
  */
 const MAX_INFLIGHT_INBOUND = 1000
 
+/**
+ * Topic aliases an MQTT 5 client may set up towards the gateway (advertised in the CONNACK), as Mosquitto's default
+ * max_topic_alias. The guard lets an empty PUBLISH topic through for v5; aedes resolves it, or answers DISCONNECT 0x94.
+ */
+const TOPIC_ALIAS_MAXIMUM = 10
+
 export interface BrokerDeps {
   readonly config: GatewayConfig
   readonly store: LogStore
@@ -82,6 +88,9 @@ export function createBroker (deps: BrokerDeps): Broker {
     concurrency: 1000,
     heartbeatInterval: 60_000,
     maxInflightInbound: MAX_INFLIGHT_INBOUND,
+    // MQTT 5 CONNACK properties. The listeners' guards enforce maxPacketBytes first (with DISCONNECT 0x95).
+    maximumPacketSize: config.mqtt.maxPacketBytes,
+    topicAliasMaximum: TOPIC_ALIAS_MAXIMUM,
   })
   const identities = new WeakMap<Client, Identity>()
   const connects = new WeakMap<Client, ConnectInfo>()

@@ -9,6 +9,7 @@ import { ClientIdOwners, clientIdMatches, clientIdPattern, UserDirectory, type I
 import { MAX_CLIENT_TOPIC_LEVELS, mountTopic, scopedClientId, topicNameProblem } from '../../access/topics.ts'
 import type { ListenerConfig, UserConfig } from '../../config/config.ts'
 import { packetWatcher, setClientId } from '../aedes-internals.ts'
+import { isMqtt5 } from '../reason-codes.ts'
 import { isReplayTopic } from '../replay.ts'
 import { anonymousAllowed, authError, listenerOf, type HookContext, type ListenerTagged } from './context.ts'
 
@@ -56,8 +57,8 @@ export function authenticate (ctx: HookContext, users: UserDirectory, owners: Cl
       refuse(client, 'invalid-client-id', `client id ${JSON.stringify(info.clientId)} is not allowed`)
       return done(authError(2, 'identifier rejected'), false)
     }
-    // [MQTT-3.1.3-8] an empty client id needs a clean session.
-    if (info.clientId === '' && !info.clean) {
+    // [MQTT-3.1.3-8] an empty client id needs a clean session in 3.1.1; MQTT 5 assigns one (3.1.3.1, CONNACK 3.2.2.3.7).
+    if (info.clientId === '' && !info.clean && !isMqtt5(client)) {
       refuse(client, 'invalid-client-id', 'empty client id with clean session = false')
       return done(authError(2, 'identifier rejected'), false)
     }

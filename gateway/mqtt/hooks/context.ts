@@ -16,6 +16,7 @@ import { clientFields } from '../../logger.ts'
 import type { GatewayMetrics, PublishRefusal, RefusalReason } from '../../metrics/metrics.ts'
 import type { GuardGroup } from '../connection-guard.ts'
 import type { InboundQos2, Qos2Persistence } from '../inbound-qos2.ts'
+import type { ReasonCode } from '../reason-codes.ts'
 import type { MqttReplays, ReplayConnection, ReplayTicket } from '../replay.ts'
 import type { InternalPublish } from '../aedes-internals.ts'
 import type { WillPersistence, Wills } from '../wills.ts'
@@ -93,9 +94,12 @@ export function authError (returnCode: 2 | 3 | 4 | 5, message: string): GatewayE
   return Object.assign(new GatewayError('GW_CONNECT_REFUSED', message), { returnCode, [REFUSED]: true })
 }
 
-/** An error that makes aedes close the connection for a refused PUBLISH that was already counted and logged. */
-export function refusedError (message: string): GatewayError {
-  return Object.assign(new GatewayError('GW_PUBLISH_REFUSED', message), { [REFUSED]: true })
+/**
+ * An error for a refused PUBLISH that was already counted and logged: aedes closes an MQTT 3.1.1 connection for it;
+ * an MQTT 5 client gets `reasonCode` on its PUBACK/PUBREC (reason-codes.ts) and keeps its connection.
+ */
+export function refusedError (message: string, reasonCode: ReasonCode, cause?: unknown): GatewayError & { reasonCode: ReasonCode } {
+  return Object.assign(new GatewayError('GW_PUBLISH_REFUSED', message, { cause }), { reasonCode, [REFUSED]: true })
 }
 
 export function alreadyReported (err: Error): boolean {
