@@ -9,7 +9,6 @@ import { ClientIdOwners, clientIdMatches, clientIdPattern, UserDirectory, type I
 import { MAX_CLIENT_TOPIC_LEVELS, mountTopic, scopedClientId, topicNameProblem } from '../../access/topics.ts'
 import type { ListenerConfig, UserConfig } from '../../config/config.ts'
 import { packetWatcher, setClientId } from '../aedes-internals.ts'
-import { isMqtt5 } from '../reason-codes.ts'
 import { isReplayTopic } from '../replay.ts'
 import { anonymousAllowed, authError, listenerOf, type HookContext, type ListenerTagged } from './context.ts'
 
@@ -20,9 +19,15 @@ type Authenticate = NonNullable<AedesOptions['authenticate']>
 const RESERVED_IDS = new Set(Object.getOwnPropertyNames(Object.prototype))
 
 /** Records the CONNECT fields as the device sent them (authenticate and refusals read them). */
-export function preConnect (ctx: Pick<HookContext, 'connects'>): PreConnect {
+export function preConnect (ctx: Pick<HookContext, 'connects' | 'refuse'>): PreConnect {
   return (client, packet, callback) => {
-    ctx.connects.set(client, { clientId: packet.clientId ?? '', clean: packet.clean !== false, willTopic: packet.will?.topic })
+    const info = { clientId: packet.clientId ?? '', clean: packet.clean !== false, willTopic: packet.will?.topic }
+    ctx.connects.set(client, info)
+    // [MQTT-3.1.3-8] an empty client id needs a clean session in 3.1.1 (MQTT 5 assigns one, 3.1.3.1). aedes 2 answers
+    // CONNACK 2 itself before authenticate runs (lib/handlers/connect.js init): counted and logged here.
+    if (info.clientId === '' && !info.clean && packet.protocolVersion !== 5) {
+      ctx.refuse(client, 'invalid-client-id', 'empty client id with clean session = false')
+    }
     callback(null, true)
   }
 }
@@ -55,11 +60,6 @@ export function authenticate (ctx: HookContext, users: UserDirectory, owners: Cl
     // Object.prototype members in aedes' client table are refused too.
     if (info.clientId.includes('\u0000') || info.clientId.includes('\ufffd') || RESERVED_IDS.has(info.clientId)) {
       refuse(client, 'invalid-client-id', `client id ${JSON.stringify(info.clientId)} is not allowed`)
-      return done(authError(2, 'identifier rejected'), false)
-    }
-    // [MQTT-3.1.3-8] an empty client id needs a clean session in 3.1.1; MQTT 5 assigns one (3.1.3.1, CONNACK 3.2.2.3.7).
-    if (info.clientId === '' && !info.clean && !isMqtt5(client)) {
-      refuse(client, 'invalid-client-id', 'empty client id with clean session = false')
       return done(authError(2, 'identifier rejected'), false)
     }
     // A will is published as the client's own PUBLISH when it fires, so its topic is held to the same rules now,

@@ -18,12 +18,12 @@ export function installClientEvents (ctx: HookContext): void {
     metrics.connectedClients.dec({ tenant: who?.tenant ?? 'unknown', listener: listenerOf(client)?.name ?? 'unknown' })
   })
   broker.on('clientError', (client, err) => {
-    if (alreadyReported(err)) return
+    if (alreadyReported(err) || ctx.refused(client)) return
     // A device that vanishes (power, network) resets its connection: that is news only when debugging.
     logger[isOrdinaryDisconnect(err) ? 'debug' : 'info']({ ...clientFields(client.id), err: err.message }, 'client error')
   })
   broker.on('connectionError', (client, err) => {
-    if (alreadyReported(err)) return
+    if (alreadyReported(err) || ctx.refused(client)) return
     logger[isOrdinaryDisconnect(err) ? 'debug' : 'info']({ ...clientFields(client.id), err: err.message }, 'connection error')
   })
 }

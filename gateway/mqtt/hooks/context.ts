@@ -80,6 +80,8 @@ export interface HookContext extends HookDeps {
   readonly replayConnections: WeakMap<Client, ReplayConnection>
   /** Counts and logs a refused connection. */
   refuse (client: Client, reason: RefusalReason, detail: string): void
+  /** Whether the connection was refused (and logged) by {@link refuse}: aedes' own error about it is not logged again. */
+  refused (client: Client): boolean
   /** Counts a refused publish; logs it once per connection and reason. */
   refusePublish (client: Client, who: Identity | undefined, reason: PublishRefusal, detail: string): void
 }
@@ -128,18 +130,22 @@ export function anonymousAllowed (config: GatewayConfig, listener: ListenerConfi
 }
 
 /** The refusal bookkeeping every hook uses; `connects` names the client as the device sent its id. */
-export function refusals (deps: Pick<HookDeps, 'metrics' | 'logger'>, connects: WeakMap<Client, ConnectInfo>): Pick<HookContext, 'refuse' | 'refusePublish'> {
+export function refusals (deps: Pick<HookDeps, 'metrics' | 'logger'>, connects: WeakMap<Client, ConnectInfo>):
+  Pick<HookContext, 'refuse' | 'refused' | 'refusePublish'> {
   const { metrics, logger } = deps
+  const refusedClients = new WeakSet<Client>()
   /** Reasons already logged per connection: a device repeating a refused publish is counted every time, logged once. */
   const logged = new WeakMap<Client, Set<PublishRefusal>>()
   return {
     refuse (client, reason, detail) {
+      refusedClients.add(client)
       const listener = listenerOf(client)?.name ?? 'unknown'
       metrics.connectionsRefused.inc({ listener, reason })
       // The id as the device sent it (a refused one may hold U+0000: the log shows it escaped); never the scoped key.
       const clientId = connects.get(client)?.clientId ?? clientFields(client.id).clientId
       logger.warn({ clientId, listener, reason }, `connection refused: ${detail}`)
     },
+    refused: (client) => refusedClients.has(client),
     refusePublish (client, who, reason, detail) {
       metrics.publishesRefused.inc({ tenant: who?.tenant ?? 'unknown', reason })
       let reasons = logged.get(client)
