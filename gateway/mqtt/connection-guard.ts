@@ -280,15 +280,18 @@ export class ConnectionGuard extends Duplex {
     this.#inParts = null
     this.#options.onViolation(reason, clientId === undefined ? detail : `client ${JSON.stringify(clientId)}: ${detail}`, clientId, this)
     // [MQTT-3.14.0-1] no DISCONNECT before the CONNACK.
-    if (this.#version === MQTT5 && this.#answered) {
-      this.#lingering = true
-      this.socket.pause()
-      this.socket.end(Buffer.from([0xe0, 2, DISCONNECT_CODES[reason], 0])) // reason code, no properties
-      setTimeout(destroySocket, LINGER_MS, this.socket).unref()
-    } else {
-      this.socket.destroy()
-    }
+    if (this.#version === MQTT5 && this.#answered) this.#linger(Buffer.from([0xe0, 2, DISCONNECT_CODES[reason], 0])) // no properties
+    else this.socket.destroy()
     this.destroy()
+  }
+
+  /** Ends the socket once what was written to it (and `last`) is out; destroys it after LINGER_MS at the latest. */
+  #linger (last?: Buffer): void {
+    this.#lingering = true
+    this.socket.pause()
+    if (last === undefined) this.socket.end()
+    else this.socket.end(last)
+    setTimeout(destroySocket, LINGER_MS, this.socket).unref()
   }
 
   #inspect (type: number, flags: number, length: number, need: number): void {
@@ -461,7 +464,12 @@ export class ConnectionGuard extends Duplex {
   override _destroy (err: Error | null, callback: (err?: Error | null) => void): void {
     this.#options.group.members.delete(this)
     if (this.#rateTimer !== undefined) clearTimeout(this.#rateTimer)
-    if (!this.#lingering) this.socket.destroy()
+    // aedes destroys the connection right after writing a DISCONNECT (0x8E takeover, 0x8B shutdown, 0x94): what the
+    // socket still buffers goes out first, or the client never learns why.
+    if (!this.#lingering) {
+      if (err === null && !this.socket.destroyed && this.socket.writableLength > 0) this.#linger()
+      else this.socket.destroy()
+    }
     callback(err)
   }
 }
