@@ -36,6 +36,7 @@ import { GuardGroup } from './mqtt/connection-guard.ts'
 import { startListener, type RunningListener } from './mqtt/listeners.ts'
 import { compileRoutes } from './mqtt/routing.ts'
 import { LevelSessionPersistence } from './mqtt/session-persistence.ts'
+import { SessionExpiry } from './mqtt/session-expiry.ts'
 import { Shutdown } from './shutdown.ts'
 
 export { checkListenerSecurity } from './config/startup-checks.ts'
@@ -82,6 +83,7 @@ async function start (config: GatewayConfig, deps: GatewayDeps, shutdown: Shutdo
   shutdown.add('database', () => root.close())
   if (root.status !== 'open') await root.open()
   const sessionsDb = root.sublevel<Buffer, Buffer>('sessions', { keyEncoding: 'buffer', valueEncoding: 'buffer' }) as unknown as LevelDatabase
+  const expiryDb = root.sublevel<Buffer, Buffer>('session-expiry', { keyEncoding: 'buffer', valueEncoding: 'buffer' }) as unknown as LevelDatabase
 
   const health = new StoreHealth(logger)
   const observer = new GatewayStoreObserver(health, config.bridge.upstreams.map((u) => u.name))
@@ -95,6 +97,7 @@ async function start (config: GatewayConfig, deps: GatewayDeps, shutdown: Shutdo
       await root.close()
       await root.open()
       if (sessionsDb.status !== 'open') await sessionsDb.open() // sublevels stay closed until opened again
+      if (expiryDb.status !== 'open') await expiryDb.open()
     },
     logger: { warn: (fields, msg) => logger.warn(fields, msg), error: (fields, msg) => logger.error(fields, msg) },
     observer,
@@ -133,6 +136,11 @@ async function start (config: GatewayConfig, deps: GatewayDeps, shutdown: Shutdo
   ;(broker as unknown as NodeJS.EventEmitter).on('error', (err: Error) => logger.error({ err: err.message }, 'broker error'))
   await broker.listen()
   shutdown.add('sessions', () => persistence.destroy())
+  // MQTT 5 sessions whose expiry passed while the gateway was down end before any client connects.
+  const sessionExpiry = new SessionExpiry({ db: expiryDb, writer: store, persistence, broker, now: () => systemClock.now(), logger })
+  await sessionExpiry.start()
+  // Registered before the listeners' step, so it runs after it: the deadlines of the clients it closes are stored.
+  shutdown.add('session expiry', async () => sessionExpiry.stop())
   let brokerClosed: Promise<void> | undefined
   const closeBroker = (): Promise<void> => (brokerClosed ??= new Promise<void>((resolve) => broker.close(() => resolve())))
   shutdown.add('broker', closeBroker)
