@@ -88,8 +88,12 @@ export function createBroker (deps: BrokerDeps): Broker {
     concurrency: 1000,
     heartbeatInterval: 60_000,
     maxInflightInbound: MAX_INFLIGHT_INBOUND,
-    // MQTT 5 CONNACK properties. The listeners' guards enforce maxPacketBytes first (with DISCONNECT 0x95).
+    // MQTT 5 CONNACK properties. The listeners' guards enforce maxPacketBytes first (with DISCONNECT 0x95), and hand
+    // aedes at most maxInflightPerClient packets of a connection at a time (the socket is paused beyond it, and while
+    // the log is backed up): the receive maximum a client is asked to keep to. A client that does not is paused, not
+    // disconnected with 0x93 (docs/mqtt5.md).
     maximumPacketSize: config.mqtt.maxPacketBytes,
+    receiveMaximum: config.mqtt.maxInflightPerClient,
     topicAliasMaximum: TOPIC_ALIAS_MAXIMUM,
   })
   const identities = new WeakMap<Client, Identity>()

@@ -177,15 +177,15 @@ describe('MQTT 5 on the listeners of one gateway, with 3.1.1 clients on the same
     expect(JSON.parse(String(got.at(-1)?.payload))).toMatchObject({ records: 2 })
   }, TIMEOUT)
 
-  it('advertises maximum packet size and topic alias maximum, and resolves an inbound topic alias', async () => {
+  it('advertises maximum packet size, receive maximum and topic alias maximum, and resolves an inbound topic alias', async () => {
     const url = gw.urls.tcp as string
     const sub = await connect(url, { ...V5, clientId: 'sub-alias' })
     const got = received(sub)
     expect(await subscribeGranted(sub, 'devices/d-alias/telemetry/#', 1)).toEqual([1])
     const client = mqtt.connect(url, { ...V5, clientId: 'd-alias', reconnectPeriod: 0 })
     clients.add(client)
-    const connack = await new Promise<{ properties?: { maximumPacketSize?: number, topicAliasMaximum?: number } }>((resolve) => client.once('connect', resolve))
-    expect(connack.properties).toMatchObject({ maximumPacketSize: 4096, topicAliasMaximum: 10 })
+    const connack = await new Promise<{ properties?: Record<string, unknown> }>((resolve) => client.once('connect', resolve))
+    expect(connack.properties).toMatchObject({ maximumPacketSize: 4096, topicAliasMaximum: 10, receiveMaximum: 1000 }) // mqtt.maxInflightPerClient
     await client.publishAsync('devices/d-alias/telemetry/t', 'named', { qos: 1, properties: { topicAlias: 3 } })
     await client.publishAsync('', 'by alias', { qos: 1, properties: { topicAlias: 3 } })
     expect(await waitFor(() => got.length === 2, 5000)).toBe(true)
