@@ -22,6 +22,8 @@ export const REASON = {
   PROTOCOL_ERROR: 0x82,
   /** The ACL refuses the topic, or the topic is one nobody may publish to ($replay/, $dedupe/ without a grant). */
   NOT_AUTHORIZED: 0x87,
+  /** DISCONNECT: the client sent nothing for 1.5 times its keep-alive (hooks/client-events.ts). */
+  KEEP_ALIVE_TIMEOUT: 0x8d,
   /** Not a valid topic name for the gateway, or no route logs it under `unrouted: reject`. */
   TOPIC_NAME_INVALID: 0x90,
   /** DISCONNECT: a packet over the listener's maxPacketBytes (connection-guard.ts). */

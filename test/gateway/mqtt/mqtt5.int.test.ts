@@ -217,6 +217,15 @@ describe('MQTT 5 on the listeners of one gateway, with 3.1.1 clients on the same
     await raw.closed
   }, TIMEOUT)
 
+  it('tells an MQTT 5 client whose keep-alive ran out DISCONNECT 0x8D', async () => {
+    const raw = await rawConnect(gw.urls.tcp as string, 5)
+    raw.send({ cmd: 'connect', protocolId: 'MQTT', protocolVersion: 5, clean: true, keepalive: 1, clientId: 'd-silent' })
+    expect(await raw.next('connack')).toMatchObject({ reasonCode: 0 })
+    // Then silence: the gateway gives up after 1.5 keep-alives [MQTT-3.1.2-24].
+    expect(await raw.next('disconnect', 10_000)).toMatchObject({ reasonCode: 0x8d })
+    await raw.closed
+  }, TIMEOUT)
+
   it('tells the MQTT 5 client whose session another connection takes over DISCONNECT 0x8E', async () => {
     const url = gw.urls.tcp as string
     const first = await connect(url, { ...V5, clientId: 'd-twice', reconnectPeriod: 0 })
