@@ -56,6 +56,7 @@
  */
 import type { Writable } from 'node:stream'
 import { systemClock, type Clock, type LogStore, type StoredRecord } from '../../store/index.ts'
+import { headersToProperties } from '../../bridge/index.ts'
 import { isAllowed, type Identity } from '../access/auth.ts'
 import type { AclRule, RouteConfig } from '../config/config.ts'
 import { GatewayError } from '../errors.ts'
@@ -250,30 +251,43 @@ export const NO_PROPERTIES: Buffer = Buffer.from([0])
 export const RECORD_PROPERTY = { partition: 'edgemq-partition', offset: 'edgemq-offset', timestamp: 'edgemq-timestamp' } as const
 
 /**
- * The MQTT 5 property section of a replayed record: user properties with its partition, offset and receive time (ms
- * since the epoch), so an MQTT 5 client can resume a replay from where it is or tell records apart.
+ * The MQTT 5 property section of a replayed record: the message properties its publisher sent (kept as headers,
+ * bridge/mqtt-properties.ts; the message expiry interval left out: a replay is history), then user properties with
+ * its partition, offset and receive time (ms since the epoch), so an MQTT 5 client can resume a replay from where it
+ * is or tell records apart.
  */
-export function recordProperties (partition: number, record: Pick<StoredRecord, 'offset' | 'timestamp'>): Buffer {
-  const pairs: Array<[string, string]> = [
-    [RECORD_PROPERTY.partition, String(partition)], [RECORD_PROPERTY.offset, String(record.offset)], [RECORD_PROPERTY.timestamp, String(record.timestamp)],
-  ]
+export function recordProperties (partition: number, record: Pick<StoredRecord, 'offset' | 'timestamp'> & { readonly headers?: StoredRecord['headers'] }):
+  Buffer {
+  const sent = headersToProperties(record.headers ?? null)
+  const parts: Buffer[] = []
+  if (sent?.payloadFormatIndicator === true) parts.push(Buffer.from([0x01, 1]))
+  if (sent?.contentType !== undefined) parts.push(Buffer.from([0x03]), mqttString(sent.contentType))
+  if (sent?.responseTopic !== undefined) parts.push(Buffer.from([0x08]), mqttString(sent.responseTopic))
+  if (sent?.correlationData !== undefined) parts.push(Buffer.from([0x09]), mqttString(sent.correlationData))
+  const pairs: Array<[string, string]> = []
+  for (const [k, v] of Object.entries(sent?.userProperties ?? {})) for (const one of Array.isArray(v) ? v : [v]) pairs.push([k, one])
+  pairs.push([RECORD_PROPERTY.partition, String(partition)], [RECORD_PROPERTY.offset, String(record.offset)],
+    [RECORD_PROPERTY.timestamp, String(record.timestamp)])
+  for (const [k, v] of pairs) parts.push(Buffer.from([0x26]), mqttString(k), mqttString(v)) // User Property
   let length = 0
-  for (const [k, v] of pairs) length += 1 + 2 + Buffer.byteLength(k) + 2 + Buffer.byteLength(v)
-  const out = Buffer.allocUnsafe(varintSize(length) + length)
+  for (const p of parts) length += p.length
+  const head = Buffer.allocUnsafe(varintSize(length))
   let at = 0
   for (let rest = length; ;) {
     const byte = rest % 128
     rest = Math.floor(rest / 128)
-    out[at++] = rest > 0 ? byte | 0x80 : byte
+    head[at++] = rest > 0 ? byte | 0x80 : byte
     if (rest === 0) break
   }
-  for (const [k, v] of pairs) {
-    out[at++] = 0x26 // User Property
-    at = out.writeUInt16BE(Buffer.byteLength(k), at)
-    at += out.write(k, at)
-    at = out.writeUInt16BE(Buffer.byteLength(v), at)
-    at += out.write(v, at)
-  }
+  return Buffer.concat([head, ...parts])
+}
+
+/** A UTF-8 string or binary data as MQTT encodes them: a two-byte length, then the bytes [MQTT-1.5.4, 1.5.6]. */
+function mqttString (value: string | Buffer): Buffer {
+  const bytes = typeof value === 'string' ? Buffer.from(value) : value
+  const out = Buffer.allocUnsafe(2 + bytes.length)
+  out.writeUInt16BE(bytes.length, 0)
+  bytes.copy(out, 2)
   return out
 }
 

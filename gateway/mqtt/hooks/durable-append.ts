@@ -11,6 +11,7 @@
  */
 import type { Client, PublishPacket } from 'aedes'
 import { isStoreError, type AppendOptions, type LogStore } from '../../../store/index.ts'
+import { propertiesToHeaders, type MessageProperties } from '../../../bridge/index.ts'
 import type { Identity } from '../../access/auth.ts'
 import type { GatewayMetrics, PublishRefusal } from '../../metrics/metrics.ts'
 import type { GuardGroup } from '../connection-guard.ts'
@@ -76,7 +77,10 @@ export class DurableAppender {
     const { store, guards, metrics, logger } = this.#ctx
     const payload = typeof packet.payload === 'string' ? Buffer.from(packet.payload) : packet.payload
     const counters = this.#counters(who.tenant, target.stream)
-    const stamped = who.username === null ? headers : { ...headers, [USER_HEADER]: who.username }
+    // An MQTT 5 message's properties are kept as headers (bridge/mqtt-properties.ts); a 3.1.1 packet has none.
+    const properties = propertiesToHeaders((packet as PublishPacket & { properties?: MessageProperties }).properties)
+    const withProperties = properties === null ? headers : { ...headers, ...properties }
+    const stamped = who.username === null ? withProperties : { ...withProperties, [USER_HEADER]: who.username }
     const base = { payload, topic: target.topic, qos: packet.qos, clientId: who.clientId }
     const record = stamped === undefined ? base : { ...base, headers: stamped }
     store.append(target.stream, target.key, record, options).then((result) => {

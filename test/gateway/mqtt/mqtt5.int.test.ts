@@ -234,6 +234,31 @@ describe('MQTT 5 on the listeners of one gateway, with 3.1.1 clients on the same
     expect((await disconnect).reasonCode).toBe(0x8e)
   }, TIMEOUT)
 
+  it('keeps an MQTT 5 message\'s properties in the log: HTTP gives them as headers, $replay as properties', async () => {
+    const url = gw.urls.tcp as string
+    const pub = await connect(url, { ...V5, clientId: 'd-props' })
+    const properties = {
+      contentType: 'application/json', payloadFormatIndicator: true, responseTopic: 'devices/d-props/commands/reply',
+      correlationData: Buffer.from([0, 1, 2, 255]), messageExpiryInterval: 3600, userProperties: { unit: 'C', tag: ['a', 'b'] },
+    }
+    await pub.publishAsync('devices/d-props/telemetry/t', '{"t":1}', { qos: 1, properties })
+    const sub = await connect(url, { ...V5, clientId: 'replayer-props' })
+    const got = received(sub)
+    expect(await subscribeGranted(sub, '$replay/earliest/devices/d-props/telemetry/#', 1)).toEqual([1])
+    expect(await waitFor(() => got.some((p) => p.topic.endsWith('/$done')), 5000)).toBe(true)
+    const replayed = got[0]?.properties
+    expect(replayed).toMatchObject({ contentType: 'application/json', payloadFormatIndicator: true, responseTopic: 'devices/d-props/commands/reply' })
+    expect(replayed?.correlationData).toEqual(Buffer.from([0, 1, 2, 255]))
+    expect(replayed?.userProperties).toMatchObject({ unit: 'C', tag: ['a', 'b'] })
+    const user = replayed?.userProperties as Record<string, string>
+    const res = await fetch(`${gw.httpUrl}/v1/streams/telemetry/partitions/${user['edgemq-partition']}/records?offset=${user['edgemq-offset']}&maxRecords=1`)
+    const body = await res.json() as { records: Array<{ topic: string, headers?: Record<string, string> }> }
+    expect(body.records.map((r) => [r.topic, r.headers])).toEqual([['devices/d-props/telemetry/t', {
+      'mqtt-content-type': 'application/json', 'mqtt-payload-format': 'utf-8', 'mqtt-response-topic': 'devices/d-props/commands/reply',
+      'mqtt-correlation-data': 'AAEC/w==', 'mqtt-message-expiry': '3600', 'mqtt-user-properties': '{"unit":"C","tag":["a","b"]}',
+    }]])
+  }, TIMEOUT)
+
   it('answers 0x87 (ACL, $replay) and 0x90 (unrouted: reject) on the PUBACK with a reason string, and keeps the MQTT 5 connection', async () => {
     const url = gw.urls.tcp as string
     const client = await connect(url, { ...V5, clientId: 'd-codes' })
