@@ -61,7 +61,18 @@ export function natsOptions (u: UpstreamConfig, gatewayId: string): NodeConnecti
   }
   const n = u.nats
   let authenticator: Authenticator | undefined
-  if (n.credsFile !== undefined) authenticator = credsAuthenticator(new Uint8Array(read(n.credsFile, 'nats.credsFile', 'BRIDGE_NATS_CREDENTIALS_FILE')))
+  if (n.credsFile !== undefined) {
+    authenticator = credsAuthenticator(new Uint8Array(read(n.credsFile, 'nats.credsFile', 'BRIDGE_NATS_CREDENTIALS_FILE')))
+    // The client parses the file only when the server asks for a signature, and a failure then looks like an
+    // unreachable server, retried for ever: sign once now, so a garbled file stops the start with its own code.
+    try {
+      authenticator('edgemq-creds-check')
+    } catch (cause) {
+      throw new BridgeError('BRIDGE_NATS_CREDENTIALS_FILE',
+        `upstream ${u.name}: nats.credsFile ${n.credsFile} is not a creds file (a user JWT and an NKey seed, as nsc writes it): ${(cause as Error).message}`,
+        { cause })
+    }
+  }
   if (n.nkeySeedFile !== undefined) {
     const seed = read(n.nkeySeedFile, 'nats.nkeySeedFile', 'BRIDGE_NATS_CREDENTIALS_FILE').toString('utf8').trim()
     if (!/^S[A-Z2-7]{50,}$/.test(seed)) {
