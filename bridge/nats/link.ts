@@ -146,6 +146,7 @@ export class NatsLink {
   #reconnects = 0
   #timer: NodeJS.Timeout | null = null
   #stream: StreamInfo | null = null
+  #server: { name: string, version: string, jetstream: boolean } | null = null
 
   /** Throws BRIDGE_TLS_FILES or BRIDGE_NATS_CREDENTIALS_FILE when a file cannot be read. */
   constructor (config: UpstreamConfig, deps: NatsLinkDeps, events: NatsLinkEvents, required: RequiredSubjects) {
@@ -162,6 +163,8 @@ export class NatsLink {
   get generation (): number { return this.#generation }
   /** The stream as last checked. */
   get stream (): StreamInfo | null { return this.#stream }
+  /** The server of the current (or last) connection, from its INFO. */
+  get server (): { readonly name: string, readonly version: string, readonly jetstream: boolean } | null { return this.#server }
 
   /** Records an error for the status (and the error gauge) without dropping the link. */
   recordError (message: string, code?: BridgeErrorCode): void {
@@ -222,6 +225,8 @@ export class NatsLink {
       return
     }
     this.#nc = nc
+    const info = nc.info
+    if (info !== undefined) this.#server = { name: info.server_name, version: info.version, jetstream: info.jetstream === true }
     void nc.closed().then((err) => {
       if (generation !== this.#generation) return
       if (err instanceof Error) this.recordError(err.message, classify(err).code)

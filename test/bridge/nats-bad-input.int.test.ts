@@ -13,6 +13,7 @@ import path from 'node:path'
 import { jetstreamManager, type JetStreamManager } from '@nats-io/jetstream'
 import { credsAuthenticator, nkeys, type NatsConnection } from '@nats-io/transport-node'
 import { afterAll, describe, expect, it } from 'vitest'
+import { runCliWithin } from '../helpers/cli-run.ts'
 import { bridgeStatus, drained, freePort, publishAcked, waitFor, type UpstreamStatusDoc } from '../helpers/bridge-fixtures.ts'
 import { startGatewayProcess, tempDir, writeConfig, type GatewayProcess } from '../helpers/gateway-process.ts'
 import { natsOperatorSetup } from '../helpers/nats-fixtures.ts'
@@ -100,6 +101,9 @@ describe.skipIf(bin === null)('bridge: NATS upstream errors', () => {
     const acked = await publishAcked(edge.mqttUrl, ['dev-a', 'dev-b'], 50)
     const down = await expectDownWith(edge, 'js', 'BRIDGE_NATS_UNREACHABLE', acked.length)
     expect(down.connectFailures).toBeGreaterThan(0)
+    expect(down.natsServer).toBeNull() // no server has answered yet: the table's PROTOCOL says just `nats`
+    const table = await runCliWithin(['bridge', 'status', '--url', edge.httpUrl], 20_000)
+    expect(table.stdout).toMatch(/\njs +- +no +nats +nats-msg-id /)
     expect(edge.stderr()).toContain('upstream connection failed; retrying')
     const n = await nats(dir, [], port)
     const { nc } = await client(n.url)
