@@ -147,7 +147,7 @@ describe('tenants are isolated; ACLs hold', () => {
 
     // A late globex subscriber does not get acme's retained message; a late acme one does. The gateway sends the
     // retained messages of a SUBSCRIBE one filter after the other, each filter's in key (topic) order, and the
-    // wide filter comes last: globex's retained "~barrier" (no topic sorts after "~") is the last message sent.
+    // wide filter comes last: globex's retained "~barrier" (no ASCII topic sorts after "~") is the last message sent.
     await globexSvc.publishAsync(BARRIER_TOPIC, 'globex-barrier', { qos: 1, retain: true })
     const lateGlobex = await connect('globex-svc', 'globex-late')
     const lateGlobexGot = collect(lateGlobex)
