@@ -35,6 +35,7 @@ export interface GatewayMetrics {
   readonly replayMessages: Counter<'tenant'>
   readonly replaysFinished: Counter<'tenant' | 'outcome'>
   readonly expiredDropped: Counter<'tenant'>
+  readonly httpWaitingReads: Gauge
 }
 
 export interface MetricsSources {
@@ -279,6 +280,11 @@ export function createMetrics (registry: Registry, sources: MetricsSources): Gat
       name: 'edgemq_mqtt_expired_dropped_total',
       help: 'Messages past their expiry (commands past their time-to-live) not delivered, also from a persistent session\'s queue.',
       labelNames: ['tenant'],
+      registers: [registry],
+    }),
+    httpWaitingReads: new Gauge({
+      name: 'edgemq_http_waiting_reads',
+      help: 'HTTP record reads (wait=…) waiting at the end of the log for an append.',
       registers: [registry],
     }),
   }

@@ -16,10 +16,14 @@ describe('AppendWaiters', () => {
     await store?.close()
   })
 
+  /** Every size the waiters reported (what the edgemq_http_waiting_reads gauge is set to). */
+  let reported: number[] = []
+
   async function setup (): Promise<AppendWaiters> {
     store = await openLogStore({ db: new MemoryLevel<Buffer, Buffer>({ keyEncoding: 'buffer', valueEncoding: 'buffer' }) as unknown as LevelDatabase })
     await store.createStream('acme/telemetry', { partitions: 2 })
-    waiters = new AppendWaiters(store)
+    reported = []
+    waiters = new AppendWaiters(store, (n) => reported.push(n))
     return waiters
   }
 
@@ -39,6 +43,7 @@ describe('AppendWaiters', () => {
     await other
     expect(woken).toEqual(['mine', 'other'])
     expect(w.size).toBe(0)
+    expect(reported).toEqual([1, 2, 1, 0]) // each wait reported as it starts and as it ends
   })
 
   it('ends on timeout, on abort and on close, leaving nothing behind', async () => {
@@ -56,6 +61,7 @@ describe('AppendWaiters', () => {
     w.close()
     await closed
     expect(w.size).toBe(0)
+    expect(reported.at(-1)).toBe(0)
     // After close, and with an aborted signal, a wait returns at once.
     await w.wait('acme/telemetry', 0, 10_000, new AbortController().signal)
     const another = new AppendWaiters(store)
