@@ -75,15 +75,15 @@ export interface LogStoreOptions {
    */
   readonly follower?: boolean
   /**
-   * Awaited after each group commit that holds appends is on disk and
-   * before its appends (and the writes that went with them) resolve and
-   * become readable: a synchronous replica's acknowledgement, so callers are
-   * told only once the replica has the commit too. A commit of write()s
-   * alone is not gated. The writer waits for it before its next commit, so
-   * commits stay in order. It must not reject; a rejection is logged and
-   * the commit acknowledged.
+   * Awaited after each group commit is on disk and before its appends and
+   * write()s resolve (and its records become readable): a synchronous
+   * replica's acknowledgement, so callers are told only once the replica
+   * has the commit too. It is told how many records the commit holds (a
+   * gate may let a commit of write()s alone through sooner). The writer
+   * waits for it before its next commit, so commits stay in order. It must
+   * not reject; a rejection is logged and the commit acknowledged.
    */
-  readonly commitGate?: () => Promise<void>
+  readonly commitGate?: (commit: { readonly records: number }) => Promise<void>
 }
 
 export const DEFAULT_MAX_RECORD_BYTES = 1024 * 1024
@@ -241,7 +241,7 @@ class LevelLogStore implements LogStore {
   #unsettled: FailedCommit | undefined
   readonly #reopen: () => Promise<void>
   readonly #follower: boolean
-  readonly #commitGate: (() => Promise<void>) | undefined
+  readonly #commitGate: ((commit: { readonly records: number }) => Promise<void>) | undefined
 
   constructor (db: LogDb, options: LogStoreOptions, owned: ClassicLevel<Buffer, Buffer> | undefined) {
     this.#db = db
@@ -810,8 +810,8 @@ class LevelLogStore implements LogStore {
       this.#observer.onWriteError?.(error)
       return
     }
-    if (this.#commitGate !== undefined && records > 0) {
-      await this.#commitGate().catch((err: unknown) => this.#logger.error({ err: rootMessage(err) }, 'commit gate failed; the commit is acknowledged'))
+    if (this.#commitGate !== undefined) {
+      await this.#commitGate({ records }).catch((err: unknown) => this.#logger.error({ err: rootMessage(err) }, 'commit gate failed; the commit is acknowledged'))
     }
     this.#acknowledge(plans, records, bytes, startedAt, writeStart, true)
     settleExtras(extras)

@@ -120,13 +120,16 @@ export class ReplicationPrimary {
   /**
    * The store's commit gate under `acks: replicated`: resolves once the
    * standby has acknowledged every write journaled so far (the commit that
-   * calls it included), or at once while the standby is out of sync under
-   * `degrade`, or when replication stops.
+   * calls it included); at once while the standby is out of sync under
+   * `degrade`, or for a commit without records (session state) under
+   * `block` — holding those would hold the gateway's start until a standby
+   * came, and every record acknowledged later still waits for them — or
+   * when replication stops.
    */
-  gate (): Promise<void> {
+  gate (commit: { readonly records: number }): Promise<void> {
     const seq = this.#deps.journal.lastSeq
     if (this.#closed || (this.#standby?.acked ?? -1) >= seq) return Promise.resolve()
-    if (!this.#inSync && this.#deps.config.onStandbyLost === 'degrade') return Promise.resolve()
+    if (!this.#inSync && (this.#deps.config.onStandbyLost === 'degrade' || commit.records === 0)) return Promise.resolve()
     return new Promise((resolve) => this.#waiters.push({ seq, resolve }))
   }
 

@@ -69,7 +69,7 @@ export interface ReplicationStatus {
 export interface Replication {
   readonly role: ReplicationRole
   /** The store's commit gate under acks: replicated (a primary); undefined otherwise. */
-  readonly commitGate: (() => Promise<void>) | undefined
+  readonly commitGate: ((commit: { readonly records: number }) => Promise<void>) | undefined
   /** The address the replication listener bound (a primary), for the ready line. */
   readonly listenAddress: string | null
   status (): ReplicationStatus
@@ -226,7 +226,7 @@ async function startPrimary (deps: ReplicationDeps, log: Logger): Promise<Replic
   log.info({ listen: primary.address, acks: config.acks, onStandbyLost: config.onStandbyLost, epoch }, 'replication primary listening')
   return {
     role: 'primary',
-    commitGate: config.acks === 'replicated' ? () => primary.gate() : undefined,
+    commitGate: config.acks === 'replicated' ? (commit) => primary.gate(commit) : undefined,
     listenAddress: primary.address,
     status: () => ({
       role: 'primary', epoch, gatewayId: deps.gatewayId, listen: primary.address, peer: primary.standbyAddress, acks: config.acks,
