@@ -194,7 +194,7 @@ async function start (config: GatewayConfig, deps: GatewayDeps, shutdown: Shutdo
       return { healthy: health.healthy && reasons.length === 0, reasons }
     },
     api: {
-      store, users: config.users, tokens: config.apiTokens, logger, bridge,
+      store, users: config.users, tokens: config.apiTokens, logger, bridge, waitingReads: metrics.httpWaitingReads,
       replication: {
         status: () => replication.status(),
         promote: async () => {

@@ -49,6 +49,8 @@ export interface ApiDeps {
   readonly bridge?: { status (): Promise<UpstreamStatus[]> }
   /** This gateway's replication role, epoch, peer and lag, for GET /v1/replication. */
   readonly replication?: { status (): unknown, promote (): Promise<{ readonly epoch: number }> }
+  /** Set to the number of reads waiting for an append (long-polls); the gateway passes its edgemq_http_waiting_reads gauge. */
+  readonly waitingReads?: { set (value: number): void }
 }
 
 declare module 'fastify' {
@@ -105,7 +107,7 @@ export function createApi (deps: ApiDeps): Api {
   const auth = new ApiAuthenticator(deps.users, deps.tokens ?? [], { logger: deps.logger })
   const clock = deps.clock ?? systemClock
   const now = (): number => clock.now()
-  const waiters = new AppendWaiters(store)
+  const waiters = new AppendWaiters(store, (n) => deps.waitingReads?.set(n))
 
   // ---------------------------------------------------------------- streams
 
