@@ -5,7 +5,9 @@
  * writes: 503 HTTP_READ_ONLY, nothing written); the primary reports lag and
  * in-sync state in /metrics, /health and `edgemq replication status`; with
  * `acks: replicated` a lost standby blocks acks (`block`) until it is back and
- * has caught up from the backlog, or does not (`degrade`).
+ * has caught up from the backlog, or does not (`degrade`). A persistent
+ * session's queue, replicated, is there for its subscriber on the promoted
+ * standby.
  */
 import mqtt from 'mqtt'
 import { afterAll, describe, expect, it } from 'vitest'
@@ -134,4 +136,27 @@ describe('a standby', () => {
     expect(primary.stderr()).toMatch(/acknowledging on the local disk alone/)
     expect((await replicationOf(primary)).lag.writes).toBeGreaterThan(0)
   })
+
+  it('after kill -9 of the primary and a promotion, a persistent subscriber that was offline receives every acknowledged message', { timeout: 90_000 },
+    async () => {
+      const { primary, standby } = await pair('session', 'replicated')
+      const svc = await mqtt.connectAsync(primary.mqttUrl, { clientId: 'svc', clean: false, reconnectPeriod: 0 })
+      await svc.subscribeAsync('devices/+/telemetry/#', { qos: 1 })
+      await svc.endAsync()
+      await publish(primary.mqttUrl, 'dev-1', 20)
+      await primary.kill()
+      const promoted = await runCli(['promote', '--url', standby.httpUrl])
+      expect(promoted.code, promoted.stderr).toBe(0)
+      const back = await mqtt.connectAsync(standby.mqttUrl, { clientId: 'svc', clean: false, reconnectPeriod: 0 })
+      const got: string[] = []
+      await new Promise<void>((resolve, reject) => {
+        const timer = setTimeout(() => reject(new Error(`received ${got.length} of 20: ${got.join(' ')}`)), 30_000)
+        back.on('message', (_topic, payload) => {
+          got.push(payload.toString())
+          if (new Set(got).size === 20) { clearTimeout(timer); resolve() }
+        })
+      })
+      expect([...new Set(got)].sort()).toEqual(Array.from({ length: 20 }, (_, i) => JSON.stringify({ device: 'dev-1', i })).sort())
+      await back.endAsync()
+    })
 })
