@@ -126,7 +126,11 @@ async function start (config: GatewayConfig, deps: GatewayDeps, shutdown: Shutdo
   await createReceiptStreams(store, commandStreams)
 
   // One group-commit writer for the log and the sessions: session writes share the log's fsyncs.
-  const persistence = new LevelSessionPersistence(sessionsDb, { writer: store })
+  // Persistent sessions keep cursors into the log for routed messages instead of copies (mqtt/session-cursors.ts).
+  const persistence = new LevelSessionPersistence(sessionsDb, {
+    writer: store, log: store, window: config.mqtt.sessionInflight,
+    onCursorWriteError: (err) => logger.error({ err: (err as Error).message }, 'a session cursor could not be written; its next advance writes it'),
+  })
   const { aedes: broker, appendsSettled } = createBroker({
     config, store, persistence, metrics, logger, guards, onStoreHealth: (ok, err) => health.set(ok, err),
   })

@@ -208,6 +208,11 @@ export const configSchema = {
           type: 'integer', minimum: 1, default: 10_000,
           description: 'Subscriptions one client may hold; a new filter beyond it is refused (SUBACK 0x80), a resubscription to a held one is not.',
         },
+        sessionInflight: {
+          type: 'integer', minimum: 1, maximum: 65535, default: 100,
+          description: 'QoS 1 messages a persistent session catching up from the log may have sent and not yet acknowledged (PUBACK); ' +
+            'reading the log waits for acks beyond it.',
+        },
         replay: {
           type: 'object',
           additionalProperties: false,
@@ -335,6 +340,7 @@ export interface GatewayConfig {
     readonly maxPendingAppends: number
     readonly maxFiltersPerSubscribe: number
     readonly maxSubscriptionsPerSession: number
+    readonly sessionInflight: number
     readonly replay: {
       readonly inflight: number
       readonly maxPerClient: number

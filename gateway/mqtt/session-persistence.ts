@@ -44,10 +44,12 @@ import { Readable } from 'node:stream'
 import type { AbstractBatchOptions, AbstractLevel } from 'abstract-level'
 import type { Durability, ExtraOperation, LevelDatabase, LogStore } from '../../store/index.ts'
 import { compileTopicFilters, QLOBBER_OPTIONS, type QlobberOptions } from '../access/topics.ts'
+import { logPositionOf } from './log-position.ts'
+import { SessionCursors, type LivePacket, type SessionLog } from './session-cursors.ts'
 import { notFound, SessionPersistenceError } from './session-errors.ts'
 import {
   cbor, checkMessageId, PARKED_PREFIX, clientPrefix, decodeValue, encodeU16, encodeVersion, keys, prefixRange, readVersion, SESSION_FORMAT_VERSION,
-  TAG_INCOMING, TAG_MESSAGE_ID, TAG_OUTGOING, TAG_SESSION, TAG_SUB, TAG_WILL,
+  TAG_CURSOR, TAG_INCOMING, TAG_MESSAGE_ID, TAG_OUTGOING, TAG_SESSION, TAG_SUB, TAG_WILL,
 } from './session-format.ts'
 
 export { SESSION_ERROR_CODES, SessionPersistenceError, type SessionErrorCode } from './session-errors.ts'
@@ -116,6 +118,15 @@ export interface SessionPersistenceOptions {
   readonly writer?: SessionWriter
   /** Without a writer: 'sync' (default) fsyncs each batch before its call resolves. With one, the store's applies. */
   readonly durability?: Durability
+  /**
+   * The log whose records persistent sessions keep cursors into instead of copies (session-cursors.ts); the
+   * gateway passes its store. Without one, every offline message is queued as a copy.
+   */
+  readonly log?: SessionLog
+  /** With a log: QoS 1 deliveries from the log one session may have unacknowledged while it catches up (default 100). */
+  readonly window?: number
+  /** With a log: told when a cursor advance could not be written (it is written again with the next one). */
+  readonly onCursorWriteError?: (err: unknown) => void
 }
 
 // ---------------------------------------------------------------------------
@@ -387,6 +398,8 @@ export class LevelSessionPersistence {
   readonly #wills = new Map<string, SessionPacket>()
   /** Client ids with a persistent session (`C`). */
   readonly #sessions = new Set<string>()
+  /** Cursors into the log, when the persistence has one. */
+  readonly #cursors: SessionCursors | undefined
 
   /**
    * @param db the key space to own, normally `db.sublevel('sessions')` of the
@@ -400,6 +413,20 @@ export class LevelSessionPersistence {
     }
     this.#db = db
     this.#writer = new SessionWrites(db, options.writer ?? new DirectWriter(db, durability))
+    const window = options.window ?? 100
+    if (!Number.isSafeInteger(window) || window < 1) {
+      throw new SessionPersistenceError('GW_SESSION_INVALID_ARGUMENT', `window must be a positive integer, got ${String(window)}`)
+    }
+    this.#cursors = options.log === undefined
+      ? undefined
+      : new SessionCursors({
+        log: options.log,
+        write: (ops) => this.#writer.write(ops),
+        grantedQos: (clientId, topic) => this.#grantedQos(clientId, topic),
+        broker: () => this.#broker,
+        window,
+        onWriteError: options.onCursorWriteError,
+      })
   }
 
   /** The broker given to setup(); aedes-persistence's abstract suite reads it. */
@@ -468,6 +495,14 @@ export class LevelSessionPersistence {
     }
 
     for await (const [key] of this.#scan(Buffer.from([TAG_SESSION]))) this.#sessions.add(keys.parseClient(key).clientId)
+
+    if (this.#cursors !== undefined) {
+      for await (const [key, value] of this.#scan(Buffer.from([TAG_CURSOR]))) {
+        const { clientId, rest } = keys.parseClient(key)
+        const { stream, partition } = keys.parseCursor(rest)
+        if (value.length === 8) this.#cursors.load(clientId, stream, partition, Number(value.readBigUInt64BE(0)))
+      }
+    }
 
     for await (const [key, value] of this.#scan(Buffer.from([TAG_WILL]))) {
       this.#wills.set(keys.parseClient(key).clientId, decodeValue<SessionPacket>(key, value))
@@ -581,6 +616,15 @@ export class LevelSessionPersistence {
       ops.push(del(keys.sub(client.id, topic)))
     }
     if (stored.size === 0) this.#subs.delete(client.id)
+    // Deliveries from the log sent and not acknowledged become copies: the log's read filters by the subscriptions
+    // held, and they must be resent until acknowledged [MQTT-4.4.0-1]. Written in the same batch.
+    for (const { packet, messageId } of this.#cursors?.detach(client.id) ?? []) {
+      const queued = toAedesPacket(packet)
+      const seq = this.#nextSeq++
+      ops.push(put(keys.outgoing(TAG_OUTGOING, client.id, seq), cbor.encode(queued)))
+      ops.push(put(keys.outgoing(TAG_MESSAGE_ID, client.id, seq), encodeU16(messageId)))
+      this.#queue(client.id, true).add({ seq, brokerId: queued.brokerId, brokerCounter: queued.brokerCounter, messageId, replacement: undefined })
+    }
     await this.#writer.write(ops)
   }
 
@@ -604,7 +648,8 @@ export class LevelSessionPersistence {
    */
   hasSessionState (client: SessionClient): boolean {
     this.#ready()
-    return this.#sessions.has(client.id) || this.#subs.has(client.id) || this.#queues.has(client.id) || this.#incoming.has(client.id)
+    return this.#sessions.has(client.id) || this.#subs.has(client.id) || this.#queues.has(client.id) || this.#incoming.has(client.id) ||
+      this.#cursors?.has(client.id) === true
   }
 
   /** Records that the client has a persistent session, stored or not [MQTT-3.1.2-4]; cleanSubscriptions ends it. */
@@ -631,6 +676,8 @@ export class LevelSessionPersistence {
   async cleanSubscriptions (client: SessionClient): Promise<void> {
     this.#ready()
     if (this.#sessions.delete(client.id)) await this.#writer.write([del(keys.session(client.id))])
+    const cursors = this.#cursors?.drop(client.id) ?? []
+    if (cursors.length > 0) await this.#writer.write(cursors)
     const stored = this.#subs.get(client.id)
     if (stored === undefined) return
     const ops: BatchOp[] = []
@@ -677,20 +724,50 @@ export class LevelSessionPersistence {
    * Queues the packet for each subscription's client. Resolves once the queue
    * entries are written; aedes delivers to online clients only after that.
    */
-  async outgoingEnqueueCombi (subs: ReadonlyArray<{ clientId: string }>, packet: SessionPacket): Promise<void> {
+  async outgoingEnqueueCombi (subs: ReadonlyArray<{ clientId: string, qos?: number }>, packet: SessionPacket): Promise<void> {
     this.#ready()
     if (subs.length === 0) return
+    const position = this.#cursors === undefined ? undefined : logPositionOf(packet)
+    let copies = subs
+    const created: Array<Promise<void>> = []
+    if (position !== undefined && this.#cursors !== undefined) {
+      // A QoS 1 delivery of a logged message is a cursor, not a copy (session-cursors.ts); QoS 2 ones stay copies.
+      copies = []
+      for (const sub of subs) {
+        if (Math.min(sub.qos ?? 2, packet.qos ?? 0) !== 1) { (copies as Array<{ clientId: string }>).push(sub); continue }
+        const write = this.#cursors.enqueue(sub.clientId, position)
+        if (write !== undefined) created.push(write)
+      }
+      if (copies.length === 0) { await Promise.all(created); return }
+    }
     const queued = toAedesPacket(packet)
     const body = cbor.encode(queued)
     const ops: BatchOp[] = []
-    for (const sub of subs) {
+    for (const sub of copies) {
       const seq = this.#nextSeq++
       ops.push(put(keys.outgoing(TAG_OUTGOING, sub.clientId, seq), body))
       this.#queue(sub.clientId, true).add({
         seq, brokerId: queued.brokerId, brokerCounter: queued.brokerCounter, messageId: undefined, replacement: undefined,
       })
     }
-    await this.#writer.write(ops)
+    await Promise.all([this.#writer.write(ops), ...created])
+  }
+
+  /**
+   * Whether aedes may forward this live copy to the client: false for a copy of a logged message the session reads
+   * from the log (session-cursors.ts). authorizeForward asks; aedes then clears the copy it did not forward.
+   */
+  forwardLive (client: SessionClient, packet: LivePacket): boolean {
+    return this.#cursors?.forwardLive(client, packet) ?? true
+  }
+
+  /** The highest QoS of the client's QoS > 0 subscriptions matching the topic, 0 when none: the trie live routing agrees with. */
+  #grantedQos (clientId: string, topic: string): number {
+    let qos = 0
+    for (const sub of this.#trie.match(topic)) {
+      if (sub.clientId === clientId && sub.qos > qos) qos = sub.qos
+    }
+    return qos
   }
 
   /**
@@ -702,6 +779,7 @@ export class LevelSessionPersistence {
    */
   async outgoingUpdate (client: SessionClient, packet: SessionPacket): Promise<void> {
     this.#ready()
+    if (this.#cursors?.update(client, packet) === true) return
     const queue = this.#queue(client.id, false)
     const messageId = typeof packet.messageId === 'number' ? checkMessageId(packet.messageId) : undefined
     const sameBroker = queue?.byBroker(packet.brokerId, packet.brokerCounter)
@@ -733,6 +811,8 @@ export class LevelSessionPersistence {
    */
   async outgoingClearMessageId (client: SessionClient, packet: SessionPacket): Promise<SessionPacket | undefined> {
     this.#ready()
+    const fromLog = this.#cursors?.clear(client, typeof packet === 'object' && packet !== null ? packet : {})
+    if (fromLog?.found === true) return fromLog.packet === undefined ? undefined : { ...fromLog.packet }
     const queue = this.#queue(client.id, false)
     if (queue === undefined) return undefined
     const messageId = fieldOf(packet, 'messageId')
@@ -757,26 +837,30 @@ export class LevelSessionPersistence {
 
   /**
    * The client's queue in enqueue order, with the message ids assigned so
-   * far. Entries cleared while the stream runs are skipped.
+   * far (entries cleared while the stream runs are skipped), then, with a
+   * log, the records its cursors have not delivered (session-cursors.ts).
    */
   outgoingStream (client: SessionClient): Readable {
-    return Readable.from(this.#outgoing(client.id))
+    return Readable.from(this.#outgoing(client))
   }
 
-  async * #outgoing (clientId: string): AsyncGenerator<SessionPacket> {
+  async * #outgoing (client: SessionClient): AsyncGenerator<SessionPacket> {
     this.#ready()
     await this.#writer.flush()
-    if (this.#queues.get(clientId) === undefined) return
-    const prefix = clientPrefix(TAG_OUTGOING, clientId)
-    for await (const [key, value] of this.#scan(prefix)) {
-      const entry = this.#queues.get(clientId)?.entries.get(Number(key.readBigUInt64BE(prefix.length)))
-      if (entry === undefined) continue
-      if (entry.replacement !== undefined) {
-        yield { ...entry.replacement }
-      } else {
-        yield { ...decodeValue<SessionPacket>(key, value), messageId: entry.messageId }
+    const clientId = client.id
+    if (this.#queues.get(clientId) !== undefined) {
+      const prefix = clientPrefix(TAG_OUTGOING, clientId)
+      for await (const [key, value] of this.#scan(prefix)) {
+        const entry = this.#queues.get(clientId)?.entries.get(Number(key.readBigUInt64BE(prefix.length)))
+        if (entry === undefined) continue
+        if (entry.replacement !== undefined) {
+          yield { ...entry.replacement }
+        } else {
+          yield { ...decodeValue<SessionPacket>(key, value), messageId: entry.messageId }
+        }
       }
     }
+    if (this.#cursors !== undefined) yield * this.#cursors.read(client)
   }
 
   // --- inbound QoS 2 (incoming) ---------------------------------------------
@@ -933,5 +1017,6 @@ export class LevelSessionPersistence {
     this.#incoming.clear()
     this.#wills.clear()
     this.#sessions.clear()
+    this.#cursors?.close()
   }
 }
