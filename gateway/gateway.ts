@@ -128,7 +128,13 @@ async function start (config: GatewayConfig, deps: GatewayDeps, shutdown: Shutdo
   // One group-commit writer for the log and the sessions: session writes share the log's fsyncs.
   // Persistent sessions keep cursors into the log for routed messages instead of copies (mqtt/session-cursors.ts).
   const persistence = new LevelSessionPersistence(sessionsDb, {
-    writer: store, log: store, window: config.mqtt.sessionInflight,
+    writer: store, log: store, window: config.mqtt.sessionInflight, maxQueuedPerSession: config.mqtt.maxQueuedMessagesPerSession,
+    onQueueOverflow: (clientId, topic, first) => {
+      const tenant = topic.slice(0, Math.max(0, topic.indexOf('/')))
+      metrics.sessionQueueDropped.inc({ tenant })
+      const max = config.mqtt.maxQueuedMessagesPerSession
+      if (first) logger.warn({ clientId, tenant, max }, 'a persistent session\'s queue is full: newer messages are dropped')
+    },
     onCursorWriteError: (err) => logger.error({ err: (err as Error).message }, 'a session cursor could not be written; its next advance writes it'),
   })
   const { aedes: broker, appendsSettled } = createBroker({

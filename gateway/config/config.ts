@@ -208,6 +208,11 @@ export const configSchema = {
           type: 'integer', minimum: 1, default: 10_000,
           description: 'Subscriptions one client may hold; a new filter beyond it is refused (SUBACK 0x80), a resubscription to a held one is not.',
         },
+        maxQueuedMessagesPerSession: {
+          type: 'integer', minimum: 1, default: 100_000,
+          description: 'Messages a persistent session keeps as copies (topics no route sends to the log, and QoS 2 deliveries); ' +
+            'beyond it the newest is dropped, counted in edgemq_mqtt_session_queue_dropped_total and logged once per episode.',
+        },
         sessionInflight: {
           type: 'integer', minimum: 1, maximum: 65535, default: 100,
           description: 'QoS 1 messages a persistent session catching up from the log may have sent and not yet acknowledged (PUBACK); ' +
@@ -341,6 +346,7 @@ export interface GatewayConfig {
     readonly maxFiltersPerSubscribe: number
     readonly maxSubscriptionsPerSession: number
     readonly sessionInflight: number
+    readonly maxQueuedMessagesPerSession: number
     readonly replay: {
       readonly inflight: number
       readonly maxPerClient: number

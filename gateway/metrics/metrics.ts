@@ -35,6 +35,7 @@ export interface GatewayMetrics {
   readonly replayMessages: Counter<'tenant'>
   readonly replaysFinished: Counter<'tenant' | 'outcome'>
   readonly expiredDropped: Counter<'tenant'>
+  readonly sessionQueueDropped: Counter<'tenant'>
 }
 
 export interface MetricsSources {
@@ -248,6 +249,12 @@ export function createMetrics (registry: Registry, sources: MetricsSources): Gat
       name: 'edgemq_mqtt_replays_finished_total',
       help: 'MQTT replays that ended: done (history delivered), cancelled (unsubscribed, disconnected, replaced) or failed.',
       labelNames: ['tenant', 'outcome'],
+      registers: [registry],
+    }),
+    sessionQueueDropped: new Counter({
+      name: 'edgemq_mqtt_session_queue_dropped_total',
+      help: 'Messages not queued for a persistent session because its queue of copies was full (mqtt.maxQueuedMessagesPerSession).',
+      labelNames: ['tenant'],
       registers: [registry],
     }),
     expiredDropped: new Counter({

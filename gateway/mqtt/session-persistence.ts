@@ -127,7 +127,14 @@ export interface SessionPersistenceOptions {
   readonly window?: number
   /** With a log: told when a cursor advance could not be written (it is written again with the next one). */
   readonly onCursorWriteError?: (err: unknown) => void
+  /** Copies one session may have queued (default unbounded); beyond it a new copy is dropped (the newest). */
+  readonly maxQueuedPerSession?: number
+  /** Told of every copy dropped by that bound; `first` is true for the first of an episode (the queue was below it). */
+  readonly onQueueOverflow?: (clientId: string, topic: string, first: boolean) => void
 }
+
+/** Dropped copies remembered so that aedes' delivery of one to a connected client still finds it (see outgoingUpdate). */
+const DROPPED_REMEMBERED = 10_000
 
 // ---------------------------------------------------------------------------
 // qlobber's aedes flavour (the trie aedes-persistence uses), built with the
@@ -400,6 +407,12 @@ export class LevelSessionPersistence {
   readonly #sessions = new Set<string>()
   /** Cursors into the log, when the persistence has one. */
   readonly #cursors: SessionCursors | undefined
+  readonly #maxQueued: number
+  readonly #onOverflow: ((clientId: string, topic: string, first: boolean) => void) | undefined
+  /** Clients whose queue is full (an overflow episode is under way). */
+  readonly #overflowing = new Set<string>()
+  /** `client|broker key` of the latest dropped copies, oldest first. */
+  readonly #dropped = new Set<string>()
 
   /**
    * @param db the key space to own, normally `db.sublevel('sessions')` of the
@@ -413,6 +426,12 @@ export class LevelSessionPersistence {
     }
     this.#db = db
     this.#writer = new SessionWrites(db, options.writer ?? new DirectWriter(db, durability))
+    const maxQueued = options.maxQueuedPerSession ?? Infinity
+    if (maxQueued !== Infinity && (!Number.isSafeInteger(maxQueued) || maxQueued < 1)) {
+      throw new SessionPersistenceError('GW_SESSION_INVALID_ARGUMENT', `maxQueuedPerSession must be a positive integer, got ${String(maxQueued)}`)
+    }
+    this.#maxQueued = maxQueued
+    this.#onOverflow = options.onQueueOverflow
     const window = options.window ?? 100
     if (!Number.isSafeInteger(window) || window < 1) {
       throw new SessionPersistenceError('GW_SESSION_INVALID_ARGUMENT', `window must be a positive integer, got ${String(window)}`)
@@ -744,6 +763,7 @@ export class LevelSessionPersistence {
     const body = cbor.encode(queued)
     const ops: BatchOp[] = []
     for (const sub of copies) {
+      if (this.#full(sub.clientId, queued)) continue
       const seq = this.#nextSeq++
       ops.push(put(keys.outgoing(TAG_OUTGOING, sub.clientId, seq), body))
       this.#queue(sub.clientId, true).add({
@@ -751,6 +771,24 @@ export class LevelSessionPersistence {
       })
     }
     await Promise.all([this.#writer.write(ops), ...created])
+  }
+
+  /**
+   * Whether the client's queue is at its bound: then the copy is dropped (the newest, as Mosquitto does), counted
+   * and remembered, so that aedes delivering it to a connected client finds it in outgoingUpdate.
+   */
+  #full (clientId: string, packet: SessionPacket): boolean {
+    const size = this.#queues.get(clientId)?.entries.size ?? 0
+    if (size < this.#maxQueued) {
+      this.#overflowing.delete(clientId)
+      return false
+    }
+    const first = !this.#overflowing.has(clientId)
+    this.#overflowing.add(clientId)
+    this.#dropped.add(`${clientId}|${brokerKey(packet.brokerId, packet.brokerCounter)}`)
+    if (this.#dropped.size > DROPPED_REMEMBERED) this.#dropped.delete(this.#dropped.values().next().value as string)
+    this.#onOverflow?.(clientId, String(packet.topic), first)
+    return true
   }
 
   /**
@@ -785,6 +823,8 @@ export class LevelSessionPersistence {
     const sameBroker = queue?.byBroker(packet.brokerId, packet.brokerCounter)
     const otherBroker = messageId === undefined ? undefined : queue?.byMessageId(messageId, { brokerId: packet.brokerId })
     if (queue === undefined || (sameBroker === undefined && otherBroker === undefined)) {
+      // A copy dropped by the queue's bound: a connected client still gets it, unqueued.
+      if (this.#dropped.delete(`${client.id}|${brokerKey(packet.brokerId, packet.brokerCounter)}`)) return
       throw notFound()
     }
     const ops: BatchOp[] = []

@@ -15,6 +15,7 @@ import { openLogStore, type LevelDatabase, type LogStore } from '../../../store/
 import { attachLogPosition } from '../../../gateway/mqtt/log-position.ts'
 import { LevelSessionPersistence, SessionPersistenceError, type SessionBroker, type SessionPacket } from '../../../gateway/mqtt/session-persistence.ts'
 import { keys, TAG_CURSOR, TAG_OUTGOING } from '../../../gateway/mqtt/session-format.ts'
+import { buildConfig } from '../../../gateway/config/config.ts'
 
 const dirs: string[] = []
 const opened: Array<{ db: ClassicLevel, store: LogStore }> = []
@@ -206,5 +207,43 @@ describe('session cursors into the log', () => {
       expect(err).toBeInstanceOf(SessionPersistenceError)
       expect((err as SessionPersistenceError).code).toBe('GW_SESSION_INVALID_ARGUMENT')
     }
+  })
+
+  it('bounds a session\'s queue of copies: the newest is dropped, counted, reported once per episode, and still delivered live', async () => {
+    const dir = await mkdtemp(join(tmpdir(), 'edgemq-cursors-'))
+    dirs.push(dir)
+    const db = new ClassicLevel(dir)
+    await db.open()
+    const store = await openLogStore({ db: db as unknown as LevelDatabase })
+    opened.push({ db, store })
+    const sessions = (db as unknown as LevelDatabase).sublevel('sessions', { keyEncoding: 'buffer', valueEncoding: 'buffer' }) as unknown as LevelDatabase
+    const overflows: Array<[string, string, boolean]> = []
+    const persistence = new LevelSessionPersistence(sessions, {
+      writer: store, log: store, maxQueuedPerSession: 3, onQueueOverflow: (...args) => { overflows.push(args) },
+    })
+    await persistence.setup({ id: 'gw', counter: 0 })
+    const unrouted = (n: number): SessionPacket => ({ cmd: 'publish', topic: 't1/site/status', payload: Buffer.from(`u${n}`), qos: 1, brokerId: 'gw', brokerCounter: n })
+    for (let n = 1; n <= 5; n++) await persistence.outgoingEnqueueCombi([{ clientId: 'svc', qos: 1 }], unrouted(n))
+    expect(overflows).toEqual([['svc', 't1/site/status', true], ['svc', 't1/site/status', false]])
+    // aedes delivering a dropped copy to a connected client: no GW_SESSION_NOT_FOUND, nothing stored
+    await persistence.outgoingUpdate({ id: 'svc' }, { ...unrouted(5), messageId: 9 })
+    const client = { id: 'svc' }
+    const it = persistence.outgoingStream(client)[Symbol.asyncIterator]()
+    const first = (await it.next()).value as SessionPacket
+    await it.return?.()
+    expect(String(first.payload)).toBe('u1')
+    await persistence.outgoingUpdate(client, { ...first, messageId: 1 })
+    await persistence.outgoingClearMessageId(client, { cmd: 'puback', messageId: 1 })
+    await persistence.outgoingEnqueueCombi([{ clientId: 'svc', qos: 1 }], unrouted(6)) // room again: the episode is over
+    await persistence.outgoingEnqueueCombi([{ clientId: 'svc', qos: 1 }], unrouted(7))
+    expect(overflows.map(([, , f]) => f)).toEqual([true, false, true])
+    expect(bodies(await persistence.outgoingStream({ id: 'svc' }).toArray() as SessionPacket[])).toEqual(['u2', 'u3', 'u6'])
+  })
+
+  it('refuses session bounds outside their ranges in the config, naming the key', () => {
+    for (const [key, value] of [['sessionInflight', 0], ['sessionInflight', 65536], ['maxQueuedMessagesPerSession', 0], ['maxQueuedMessagesPerSession', 1.5]] as const) {
+      expect(() => buildConfig({ mqtt: { [key]: value } })).toThrow(expect.objectContaining({ code: 'GW_CONFIG_INVALID', message: expect.stringContaining(key) }))
+    }
+    expect(buildConfig({}).mqtt).toMatchObject({ sessionInflight: 100, maxQueuedMessagesPerSession: 100_000 })
   })
 })
