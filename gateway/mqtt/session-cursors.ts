@@ -35,7 +35,7 @@ import { logPositionOf, type LogPosition } from './log-position.ts'
 import { keys } from './session-format.ts'
 
 /** What the cursors read of the log. */
-export type SessionLog = Pick<LogStore, 'read' | 'partitionInfo'>
+export type SessionLog = Pick<LogStore, 'read' | 'partitionInfo' | 'holdRetention'>
 
 /** A packet the cursors hand to aedes (an aedes-packet's fields). */
 export interface CursorPacket {
@@ -363,6 +363,20 @@ export class SessionCursors {
         return
       }
     }
+  }
+
+  /**
+   * The lowest offset any session still needs in the partition: the cursors hold retention like consumer groups
+   * (the log store asks, {@link LogStore.holdRetention}).
+   */
+  floor (stream: string, partition: number): number | undefined {
+    const id = cursorId(stream, partition)
+    let floor: number | undefined
+    for (const state of this.#clients.values()) {
+      const cursor = state.cursors.get(id)
+      if (cursor !== undefined && (floor === undefined || cursor.committed < floor)) floor = cursor.committed
+    }
+    return floor
   }
 
   /** Ends every read in progress (the persistence is being destroyed). */

@@ -407,6 +407,8 @@ export class LevelSessionPersistence {
   readonly #sessions = new Set<string>()
   /** Cursors into the log, when the persistence has one. */
   readonly #cursors: SessionCursors | undefined
+  readonly #log: SessionLog | undefined
+  #releaseHold: (() => void) | undefined
   readonly #maxQueued: number
   readonly #onOverflow: ((clientId: string, topic: string, first: boolean) => void) | undefined
   /** Clients whose queue is full (an overflow episode is under way). */
@@ -436,6 +438,7 @@ export class LevelSessionPersistence {
     if (!Number.isSafeInteger(window) || window < 1) {
       throw new SessionPersistenceError('GW_SESSION_INVALID_ARGUMENT', `window must be a positive integer, got ${String(window)}`)
     }
+    this.#log = options.log
     this.#cursors = options.log === undefined
       ? undefined
       : new SessionCursors({
@@ -521,6 +524,8 @@ export class LevelSessionPersistence {
         const { stream, partition } = keys.parseCursor(rest)
         if (value.length === 8) this.#cursors.load(clientId, stream, partition, Number(value.readBigUInt64BE(0)))
       }
+      const cursors = this.#cursors
+      this.#releaseHold = this.#log?.holdRetention((stream, partition) => cursors.floor(stream, partition))
     }
 
     for await (const [key, value] of this.#scan(Buffer.from([TAG_WILL]))) {
@@ -1058,5 +1063,6 @@ export class LevelSessionPersistence {
     this.#wills.clear()
     this.#sessions.clear()
     this.#cursors?.close()
+    this.#releaseHold?.()
   }
 }

@@ -240,6 +240,22 @@ describe('session cursors into the log', () => {
     expect(bodies(await persistence.outgoingStream({ id: 'svc' }).toArray() as SessionPacket[])).toEqual(['u2', 'u3', 'u6'])
   })
 
+  it('holds retention at the lowest cursor, and lets it go as PUBACKs advance it', async () => {
+    const { gw } = await fresh()
+    await gw.store.createStream('t3/telemetry', { partitions: 1, retentionBytes: 1 })
+    await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: 't3/devices/+/telemetry/#', qos: 1 }])
+    for (let i = 0; i < 6; i++) await publish(gw, 't3', 'd0', `m${i}`)
+    await drain(gw, 'svc', 6, (i) => i < 2)
+    await gw.store.enforceRetention()
+    expect(gw.store.partitionInfo('t3/telemetry', 0).logStartOffset).toBe(2) // the record the session has not acknowledged stays
+    const all = await drain(gw, 'svc', 100)
+    expect(bodies(all)).toEqual(['m2', 'm3', 'm4', 'm5'])
+    await expect.poll(async () => {
+      await gw.store.enforceRetention()
+      return gw.store.partitionInfo('t3/telemetry', 0).logStartOffset
+    }).toBeGreaterThan(2)
+  })
+
   it('refuses session bounds outside their ranges in the config, naming the key', () => {
     for (const [key, value] of [['sessionInflight', 0], ['sessionInflight', 65536], ['maxQueuedMessagesPerSession', 0], ['maxQueuedMessagesPerSession', 1.5]] as const) {
       expect(() => buildConfig({ mqtt: { [key]: value } })).toThrow(expect.objectContaining({ code: 'GW_CONFIG_INVALID', message: expect.stringContaining(key) }))
