@@ -294,6 +294,18 @@ export class SessionCursors {
     return { found: true, packet: delivery.packet }
   }
 
+  /**
+   * Drops the cursors of a session left without subscriptions (their unacknowledged deliveries were detached
+   * first), with the writes that delete them, so they hold no retention; the connection stays as it is.
+   */
+  dropCursors (clientId: string): Array<{ type: 'del', key: Buffer }> {
+    const state = this.#clients.get(clientId)
+    if (state === undefined) return []
+    const ops = [...state.cursors.values()].map((c) => ({ type: 'del' as const, key: keys.cursor(clientId, c.stream, c.partition) }))
+    state.cursors.clear()
+    return ops
+  }
+
   /** Drops the session's cursors (a clean session), with the writes that delete them. */
   drop (clientId: string): Array<{ type: 'del', key: Buffer }> {
     const state = this.#clients.get(clientId)

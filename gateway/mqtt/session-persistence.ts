@@ -649,6 +649,8 @@ export class LevelSessionPersistence {
       ops.push(put(keys.outgoing(TAG_MESSAGE_ID, client.id, seq), encodeU16(messageId)))
       this.#queue(client.id, true).add({ seq, brokerId: queued.brokerId, brokerCounter: queued.brokerCounter, messageId, replacement: undefined })
     }
+    // Nothing left to read for: the cursors go, and hold no retention.
+    if (!this.#subs.has(client.id)) ops.push(...this.#cursors?.dropCursors(client.id) ?? [])
     await this.#writer.write(ops)
   }
 

@@ -256,6 +256,20 @@ describe('session cursors into the log', () => {
     }).toBeGreaterThan(2)
   })
 
+  it('drops the cursors of a session that unsubscribed from everything, keeping sent unacknowledged deliveries as copies', async () => {
+    const { gw } = await fresh()
+    await gw.store.createStream('t3/telemetry', { partitions: 1, retentionBytes: 1 })
+    await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: 't3/devices/+/telemetry/#', qos: 1 }])
+    for (let i = 0; i < 4; i++) await publish(gw, 't3', 'd0', `m${i}`)
+    await drain(gw, 'svc', 2, () => false) // two sent, none acknowledged
+    await gw.persistence.removeSubscriptions({ id: 'svc' }, ['t3/devices/+/telemetry/#'])
+    expect(await keysWith(gw, TAG_CURSOR)).toBe(0)
+    await gw.store.enforceRetention()
+    expect(gw.store.partitionInfo('t3/telemetry', 0).logStartOffset).toBeGreaterThan(0)
+    const again = await gw.persistence.outgoingStream({ id: 'svc' }).toArray() as SessionPacket[]
+    expect(again.map((p) => [String(p.payload), p.messageId])).toEqual([['m0', 1], ['m1', 2]])
+  })
+
   it('refuses session bounds outside their ranges in the config, naming the key', () => {
     for (const [key, value] of [['sessionInflight', 0], ['sessionInflight', 65536], ['maxQueuedMessagesPerSession', 0], ['maxQueuedMessagesPerSession', 1.5]] as const) {
       expect(() => buildConfig({ mqtt: { [key]: value } })).toThrow(expect.objectContaining({ code: 'GW_CONFIG_INVALID', message: expect.stringContaining(key) }))
