@@ -104,8 +104,10 @@ async function start (config: GatewayConfig, deps: GatewayDeps, shutdown: Shutdo
   shutdown.add('store', () => store.close())
   const disk = watchDiskUsage(config.dataDir)
   shutdown.add('disk usage', async () => disk.stop())
+  const sessions: { persistence?: LevelSessionPersistence } = {} // created below, after the metrics its hooks count into
   const metrics = createMetrics(registry, {
     store,
+    sessionLag: () => sessions.persistence?.cursorLag() ?? [],
     diskFreeBytes: () => disk.freeBytes,
     diskSizeBytes: () => disk.sizeBytes,
     healthy: () => health.healthy,
@@ -137,6 +139,7 @@ async function start (config: GatewayConfig, deps: GatewayDeps, shutdown: Shutdo
     },
     onCursorWriteError: (err) => logger.error({ err: (err as Error).message }, 'a session cursor could not be written; its next advance writes it'),
   })
+  sessions.persistence = persistence
   const { aedes: broker, appendsSettled } = createBroker({
     config, store, persistence, metrics, logger, guards, onStoreHealth: (ok, err) => health.set(ok, err),
   })

@@ -45,6 +45,8 @@ export interface MetricsSources {
   readonly healthy: () => boolean
   readonly version: string
   readonly gatewayId: string
+  /** Persistent sessions' cursors into the log, per stream (mqtt/session-cursors.ts); none before the broker exists. */
+  readonly sessionLag?: () => ReadonlyArray<{ readonly stream: string, readonly sessions: number, readonly lagMessages: number }>
 }
 
 /** `<tenant>/<stream>` as the two labels every metric uses. */
@@ -65,6 +67,31 @@ export function createMetrics (registry: Registry, sources: MetricsSources): Gat
     name: 'edgemq_up', help: '1 when the gateway is healthy (store writable), 0 when it is not acking.', registers: [registry],
     collect () { this.set(sources.healthy() ? 1 : 0) },
   })
+  // The first gauge fills both, so a scrape walks the cursors once.
+  const sessionGauges = {
+    sessions: new Gauge({
+      name: 'edgemq_mqtt_session_cursor_sessions',
+      help: 'Persistent sessions with a cursor into the stream (they hold its retention).',
+      labelNames: ['tenant', 'stream'],
+      registers: [registry],
+      collect () { fillSessionLag() },
+    }),
+    lag: new Gauge({
+      name: 'edgemq_mqtt_session_lag_messages',
+      help: 'Records of the stream persistent sessions have not acknowledged, summed over sessions (log end minus each cursor).',
+      labelNames: ['tenant', 'stream'],
+      registers: [registry],
+    }),
+  }
+  const fillSessionLag = (): void => {
+    sessionGauges.sessions.reset()
+    sessionGauges.lag.reset()
+    for (const { stream, sessions, lagMessages } of sources.sessionLag?.() ?? []) {
+      const labels = splitStream(stream)
+      sessionGauges.sessions.set(labels, sessions)
+      sessionGauges.lag.set(labels, lagMessages)
+    }
+  }
   new Gauge({
     name: 'edgemq_store_pending_appends', help: 'Appends accepted by the log but not yet durable.', registers: [registry],
     collect () { this.set(store.pendingAppends) },

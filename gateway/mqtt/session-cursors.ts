@@ -391,6 +391,20 @@ export class SessionCursors {
     return floor
   }
 
+  /** Per stream: sessions with a cursor into it, and the records they have not acknowledged (log end − cursor, summed). */
+  lag (): Array<{ stream: string, sessions: number, lagMessages: number }> {
+    const byStream = new Map<string, { sessions: Set<ClientCursors>, lagMessages: number }>()
+    for (const state of this.#clients.values()) {
+      for (const cursor of state.cursors.values()) {
+        let s = byStream.get(cursor.stream)
+        if (s === undefined) byStream.set(cursor.stream, s = { sessions: new Set(), lagMessages: 0 })
+        s.sessions.add(state)
+        s.lagMessages += Math.max(0, endOf(this.#deps.log, cursor) - cursor.committed)
+      }
+    }
+    return [...byStream].map(([stream, s]) => ({ stream, sessions: s.sessions.size, lagMessages: s.lagMessages }))
+  }
+
   /** Ends every read in progress (the persistence is being destroyed). */
   close (): void {
     for (const state of this.#clients.values()) state.reset(undefined)

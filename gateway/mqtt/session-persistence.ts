@@ -806,6 +806,11 @@ export class LevelSessionPersistence {
     return this.#cursors?.forwardLive(client, packet) ?? true
   }
 
+  /** Per stream: persistent sessions with a cursor into it, and the records they have not acknowledged. */
+  cursorLag (): Array<{ stream: string, sessions: number, lagMessages: number }> {
+    return this.#cursors?.lag() ?? []
+  }
+
   /** The highest QoS of the client's QoS > 0 subscriptions matching the topic, 0 when none: the trie live routing agrees with. */
   #grantedQos (clientId: string, topic: string): number {
     let qos = 0

@@ -4,11 +4,13 @@
  * times, and devices keep publishing meanwhile (so reading the log hands over
  * to live delivery and back). In the end it has every publish the gateway
  * acknowledged; within each connection every device's messages arrive in
- * order; a message received twice came again with DUP set.
+ * order; a message received twice came again with DUP set. /metrics shows
+ * the offline session's lag.
  */
 import mqtt, { type MqttClient } from 'mqtt'
 import { afterAll, describe, expect, it } from 'vitest'
 import { startGatewayProcess, tempDir, type GatewayProcess } from '../../helpers/gateway-process.ts'
+import { scrape } from '../../helpers/raw-mqtt.ts'
 
 const DEVICES = 8
 const BACKLOG_PER_DEVICE = 250
@@ -72,6 +74,11 @@ describe('persistent session cursors across kill -9', () => {
     await first.endAsync()
     const acked = new Set(await publishSome(gw.mqttUrl, 0, BACKLOG_PER_DEVICE, 'backlog'))
     expect(acked.size).toBe(DEVICES * BACKLOG_PER_DEVICE)
+    // the offline session's cursors, in /metrics: one session, behind by the whole backlog
+    const series = (await scrape(gw.httpUrl)).filter((s) => s.name.startsWith('edgemq_mqtt_session_') && s.labels.stream === 'telemetry')
+    expect(Object.fromEntries(series.map((s) => [s.name, s.value]))).toMatchObject({
+      edgemq_mqtt_session_cursor_sessions: 1, edgemq_mqtt_session_lag_messages: DEVICES * BACKLOG_PER_DEVICE,
+    })
 
     const receipts: Receipt[] = []
     let next = BACKLOG_PER_DEVICE
