@@ -1,5 +1,7 @@
 /**
- * Persistent sessions' cursors into the log: for a message the log already
+ * Persistent sessions' cursors into the log (the `K` keys of
+ * session-format.ts; they hold the log's retention through
+ * LogStore.holdRetention): for a message the log already
  * holds (a routed topic), a session keeps, per stream and partition, the
  * next offset to deliver instead of a copy of the message. The first message
  * of a partition a session is sent creates its cursor (one small write);

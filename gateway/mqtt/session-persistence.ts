@@ -3,7 +3,9 @@
  * persistent sessions, their offline QoS 1/2 queues, retained messages, wills
  * and inbound QoS 2 packets awaiting PUBREL. The key layout and value
  * encoding are session-format.ts's; this file keeps the state in memory and
- * decides what to write when.
+ * decides what to write when. Given the log, a session's QoS 1 queue of
+ * routed messages is a cursor per partition into it (session-cursors.ts);
+ * the copies left (unrouted topics, QoS 2) are bounded per session.
  *
  * Interface: the promise API that aedes 1.x calls directly (aedes-persistence
  * 11's `asyncPersistence.js`: an `async setup(broker)`, promise-returning
