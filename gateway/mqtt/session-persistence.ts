@@ -762,7 +762,8 @@ export class LevelSessionPersistence {
       // A QoS 1 delivery of a logged message is a cursor, not a copy (session-cursors.ts); QoS 2 ones stay copies.
       copies = []
       for (const sub of subs) {
-        if (Math.min(sub.qos ?? 2, packet.qos ?? 0) !== 1) { (copies as Array<{ clientId: string }>).push(sub); continue }
+        // Without a subscription's QoS (outgoingEnqueue: a publish to one client, not routed by a subscription) it is a copy.
+        if (sub.qos === undefined || Math.min(sub.qos, packet.qos ?? 0) !== 1) { (copies as Array<{ clientId: string }>).push(sub); continue }
         const write = this.#cursors.enqueue(sub.clientId, position)
         if (write !== undefined) created.push(write)
       }
