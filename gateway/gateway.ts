@@ -198,6 +198,19 @@ async function start (config: GatewayConfig, deps: GatewayDeps, shutdown: Shutdo
     }))
   }
 
+  if (config.mqtt.sessionExpirySeconds > 0) {
+    const maxOfflineMs = config.mqtt.sessionExpirySeconds * 1000
+    const sweep = (): void => {
+      persistence.expireSessions(maxOfflineMs).then((expired) => {
+        metrics.sessionsExpired.inc(expired.length)
+        for (const clientId of expired) logger.info({ clientId, offlineSeconds: config.mqtt.sessionExpirySeconds }, 'persistent session expired')
+      }, (err: unknown) => logger.error({ err: (err as Error).message }, 'expiring persistent sessions failed'))
+    }
+    sweep()
+    const timer = setInterval(sweep, Math.min(60_000, Math.max(1000, maxOfflineMs / 2)))
+    timer.unref()
+    shutdown.add('session expiry', async () => clearInterval(timer))
+  }
   const retention = startRetention(store, config.store.retentionIntervalMs, logger)
   shutdown.add('retention', async () => retention.stop())
 

@@ -36,6 +36,7 @@ export interface GatewayMetrics {
   readonly replaysFinished: Counter<'tenant' | 'outcome'>
   readonly expiredDropped: Counter<'tenant'>
   readonly sessionQueueDropped: Counter<'tenant'>
+  readonly sessionsExpired: Counter
   readonly httpWaitingReads: Gauge
 }
 
@@ -302,6 +303,11 @@ export function createMetrics (registry: Registry, sources: MetricsSources): Gat
       name: 'edgemq_mqtt_replays_finished_total',
       help: 'MQTT replays that ended: done (history delivered), cancelled (unsubscribed, disconnected, replaced) or failed.',
       labelNames: ['tenant', 'outcome'],
+      registers: [registry],
+    }),
+    sessionsExpired: new Counter({
+      name: 'edgemq_mqtt_sessions_expired_total',
+      help: 'Persistent sessions dropped after mqtt.sessionExpirySeconds offline, with their queues and cursors.',
       registers: [registry],
     }),
     sessionQueueDropped: new Counter({

@@ -21,6 +21,7 @@
  * | `I` client messageId(u16)     | cbor inbound QoS 2 packet, aedes-packet shape               |
  * | `C` client                    | empty: a persistent session exists (CONNECT with clean = false), even with nothing else stored |
  * | `W` client                    | cbor will packet, carrying brokerId, clientId and (from the broker, wills.ts) edgemqIdentity |
+ * | `E` client                    | u64 ms: when the persistent session went offline (absent while it is connected); for session expiry |
  * | `K` client stream partition(u32) | next offset to deliver, u64: a session's cursor into a partition of the log (`stream` as u16 length + utf8) |
  *
  * Invariants:
@@ -66,6 +67,10 @@ export const TAG_INCOMING = 0x49 // 'I'
 export const TAG_WILL = 0x57 // 'W'
 export const TAG_SESSION = 0x43 // 'C'
 export const TAG_CURSOR = 0x4b // 'K'
+export const TAG_OFFLINE = 0x45 // 'E'
+
+/** Every tag of a client-scoped key: what expiring a session deletes. */
+export const CLIENT_TAGS = [TAG_SUB, TAG_OUTGOING, TAG_MESSAGE_ID, TAG_INCOMING, TAG_SESSION, TAG_WILL, TAG_CURSOR, TAG_OFFLINE] as const
 
 export const cbor = new Encoder({ useRecords: false, structuredClone: false, mapsAsObjects: true, variableMapSize: true })
 
@@ -118,6 +123,7 @@ export const keys = {
     return { stream: rest.toString('utf8', 2, 2 + length), partition: rest.readUInt32BE(2 + length) }
   },
   session: (clientId: string): Buffer => clientPrefix(TAG_SESSION, clientId),
+  offline: (clientId: string): Buffer => clientPrefix(TAG_OFFLINE, clientId),
   /** Splits a client-scoped key into the client id and what follows it. */
   parseClient (key: Buffer): { clientId: string, rest: Buffer } {
     const length = key.readUInt16BE(1)

@@ -50,8 +50,9 @@ import { logPositionOf } from './log-position.ts'
 import { SessionCursors, type LivePacket, type SessionLog } from './session-cursors.ts'
 import { notFound, SessionPersistenceError } from './session-errors.ts'
 import {
-  cbor, checkMessageId, PARKED_PREFIX, clientPrefix, decodeValue, encodeU16, encodeVersion, keys, prefixRange, readVersion, SESSION_FORMAT_VERSION,
-  TAG_CURSOR, TAG_INCOMING, TAG_MESSAGE_ID, TAG_OUTGOING, TAG_SESSION, TAG_SUB, TAG_WILL,
+  cbor, checkMessageId, CLIENT_TAGS, PARKED_PREFIX, clientPrefix, decodeValue, encodeU16, encodeU64, encodeVersion, keys, prefixRange, readVersion,
+  SESSION_FORMAT_VERSION,
+  TAG_CURSOR, TAG_INCOMING, TAG_MESSAGE_ID, TAG_OFFLINE, TAG_OUTGOING, TAG_SESSION, TAG_SUB, TAG_WILL,
 } from './session-format.ts'
 
 export { SESSION_ERROR_CODES, SessionPersistenceError, type SessionErrorCode } from './session-errors.ts'
@@ -69,6 +70,8 @@ export interface SessionClient {
 export interface SessionBroker {
   readonly id: string
   counter?: number
+  /** aedes' events: `client` (connected) and `clientDisconnect` tell when a session goes offline (session expiry). */
+  on?: (event: 'client' | 'clientDisconnect', listener: (client: SessionClient) => void) => unknown
 }
 
 /**
@@ -133,6 +136,8 @@ export interface SessionPersistenceOptions {
   readonly maxQueuedPerSession?: number
   /** Told of every copy dropped by that bound; `first` is true for the first of an episode (the queue was below it). */
   readonly onQueueOverflow?: (clientId: string, topic: string, first: boolean) => void
+  /** The clock of the offline times session expiry compares (default Date.now). */
+  readonly now?: () => number
 }
 
 /** Dropped copies remembered so that aedes' delivery of one to a connected client still finds it (see outgoingUpdate). */
@@ -417,6 +422,11 @@ export class LevelSessionPersistence {
   readonly #overflowing = new Set<string>()
   /** `client|broker key` of the latest dropped copies, oldest first. */
   readonly #dropped = new Set<string>()
+  readonly #now: () => number
+  /** Persistent sessions not connected, and since when (ms; `E`). */
+  readonly #offlineSince = new Map<string, number>()
+  /** Connections per client id (a takeover briefly has two). */
+  readonly #connections = new Map<string, number>()
 
   /**
    * @param db the key space to own, normally `db.sublevel('sessions')` of the
@@ -435,6 +445,7 @@ export class LevelSessionPersistence {
       throw new SessionPersistenceError('GW_SESSION_INVALID_ARGUMENT', `maxQueuedPerSession must be a positive integer, got ${String(maxQueued)}`)
     }
     this.#maxQueued = maxQueued
+    this.#now = options.now ?? Date.now
     this.#onOverflow = options.onQueueOverflow
     const window = options.window ?? 100
     if (!Number.isSafeInteger(window) || window < 1) {
@@ -465,7 +476,11 @@ export class LevelSessionPersistence {
    */
   async setup (broker: SessionBroker): Promise<void> {
     this.#broker = broker
-    this.#loading ??= this.#load()
+    if (this.#loading === undefined) {
+      this.#loading = this.#load()
+      broker.on?.('client', (client) => { this.#connections.set(client.id, (this.#connections.get(client.id) ?? 0) + 1) })
+      broker.on?.('clientDisconnect', (client) => { this.#disconnected(client.id) })
+    }
     await this.#loading
     const max = this.#maxCounters.get(broker.id)
     if (max !== undefined && typeof broker.counter === 'number' && broker.counter < max) broker.counter = max
@@ -533,7 +548,19 @@ export class LevelSessionPersistence {
     for await (const [key, value] of this.#scan(Buffer.from([TAG_WILL]))) {
       this.#wills.set(keys.parseClient(key).clientId, decodeValue<SessionPacket>(key, value))
     }
+
+    for await (const [key, value] of this.#scan(Buffer.from([TAG_OFFLINE]))) {
+      if (value.length === 8) this.#offlineSince.set(keys.parseClient(key).clientId, Number(value.readBigUInt64BE(0)))
+    }
+    // Sessions connected when the gateway stopped went offline now (written, so a restart loop does not extend them).
+    const startedOffline: BatchOp[] = []
+    for (const clientId of this.#sessions) {
+      if (this.#offlineSince.has(clientId)) continue
+      this.#offlineSince.set(clientId, this.#now())
+      startedOffline.push(put(keys.offline(clientId), encodeU64(this.#now())))
+    }
     this.#loaded = true
+    await this.#writer.write(startedOffline)
   }
 
   #scan (prefix: Buffer): AsyncIterable<[Buffer, Buffer]> {
@@ -683,9 +710,48 @@ export class LevelSessionPersistence {
   /** Records that the client has a persistent session, stored or not [MQTT-3.1.2-4]; cleanSubscriptions ends it. */
   async markSession (client: SessionClient): Promise<void> {
     this.#ready()
+    if (this.#offlineSince.delete(client.id)) await this.#writer.write([del(keys.offline(client.id))])
     if (this.#sessions.has(client.id)) return
     this.#sessions.add(client.id)
     await this.#writer.write([put(keys.session(client.id), Buffer.alloc(0))])
+  }
+
+  /** A connection of the client closed: a persistent session with no connection left is offline from now on. */
+  #disconnected (clientId: string): void {
+    const left = (this.#connections.get(clientId) ?? 1) - 1
+    if (left > 0) { this.#connections.set(clientId, left); return }
+    this.#connections.delete(clientId)
+    if (this.#destroyed || !this.#loaded || !this.#sessions.has(clientId) || this.#offlineSince.has(clientId)) return
+    const now = this.#now()
+    this.#offlineSince.set(clientId, now)
+    this.#writer.write([put(keys.offline(clientId), encodeU64(now))]).catch(() => {}) // a lost mark: the next start sets one
+  }
+
+  /**
+   * Drops every persistent session offline for more than `maxOfflineMs` (and not connected): its subscriptions,
+   * queues, cursors (and their hold on retention), inbound QoS 2 packets and will. Resolves with their client ids.
+   */
+  async expireSessions (maxOfflineMs: number): Promise<string[]> {
+    this.#ready()
+    const now = this.#now()
+    const expired = [...this.#offlineSince].filter(([clientId, since]) => now - since > maxOfflineMs && !this.#connections.has(clientId)).map(([id]) => id)
+    for (const clientId of expired) {
+      const ops: BatchOp[] = []
+      for (const tag of CLIENT_TAGS) {
+        for await (const key of this.#db.keys<Buffer>({ ...prefixRange(clientPrefix(tag, clientId)), keyEncoding: 'buffer' })) ops.push(del(key))
+      }
+      for (const topic of this.#subs.get(clientId)?.keys() ?? []) this.#trie.remove(topic, { clientId, topic })
+      this.#subs.delete(clientId)
+      this.#queues.delete(clientId)
+      this.#incoming.delete(clientId)
+      this.#wills.delete(clientId)
+      this.#sessions.delete(clientId)
+      this.#offlineSince.delete(clientId)
+      this.#overflowing.delete(clientId)
+      this.#cursors?.drop(clientId)
+      await this.#writer.write(ops)
+    }
+    return expired
   }
 
   /** Number of QoS > 0 subscriptions and of clients with any stored subscription. */

@@ -6,6 +6,7 @@
  * (outgoingEnqueueCombi, outgoingStream, outgoingUpdate with the message id,
  * outgoingClearMessageId on PUBACK).
  */
+import { EventEmitter } from 'node:events'
 import { mkdtemp, rm } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -270,10 +271,60 @@ describe('session cursors into the log', () => {
     expect(again.map((p) => [String(p.payload), p.messageId])).toEqual([['m0', 1], ['m1', 2]])
   })
 
+  it('expires a session offline too long, with its cursors and their hold, counting from its disconnect or the restart', async () => {
+    const dir = await mkdtemp(join(tmpdir(), 'edgemq-cursors-'))
+    dirs.push(dir)
+    let now = 1_000_000
+    const openAt = async (): Promise<{ gw: Gateway, events: EventEmitter }> => {
+      const db = new ClassicLevel(dir)
+      await db.open()
+      const store = await openLogStore({ db: db as unknown as LevelDatabase })
+      opened.push({ db, store })
+      const sessions = (db as unknown as LevelDatabase).sublevel('sessions', { keyEncoding: 'buffer', valueEncoding: 'buffer' }) as unknown as LevelDatabase
+      const persistence = new LevelSessionPersistence(sessions, { writer: store, log: store, now: () => now })
+      const events = new EventEmitter()
+      const broker = { id: 'gw', counter: 0, on: (event: string, listener: (c: { id: string }) => void) => events.on(event, listener) }
+      await persistence.setup(broker)
+      return { gw: { db, store, sessions, persistence, broker }, events }
+    }
+    let { gw, events } = await openAt()
+    await gw.store.createStream('t3/telemetry', { partitions: 1, retentionBytes: 1 })
+    for (const id of ['gone', 'stays']) {
+      events.emit('client', { id })
+      await gw.persistence.markSession({ id })
+      await gw.persistence.addSubscriptions({ id }, [{ topic: 't3/devices/+/telemetry/#', qos: 1 }])
+    }
+    events.emit('clientDisconnect', { id: 'gone' })
+    for (let i = 0; i < 3; i++) await publish(gw, 't3', 'd0', `m${i}`)
+    now += 60_000
+    expect(await gw.persistence.expireSessions(60_000)).toEqual([]) // not longer than the bound yet; 'stays' is connected
+    now += 1
+    expect(await gw.persistence.expireSessions(60_000)).toEqual(['gone'])
+    expect(gw.persistence.hasSessionState({ id: 'gone' })).toBe(false)
+    expect(await gw.persistence.subscriptionsByTopic('t3/devices/d0/telemetry/t')).toEqual([expect.objectContaining({ clientId: 'stays' })])
+    // the connected session was killed with the gateway: offline from the restart on, and that survives another restart
+    await gw.store.close()
+    await gw.db.close()
+    now += 10_000
+    ;({ gw, events } = await openAt())
+    expect(gw.persistence.hasSessionState({ id: 'gone' })).toBe(false)
+    now += 30_000
+    await gw.store.close()
+    await gw.db.close()
+    ;({ gw, events } = await openAt())
+    now += 30_001
+    expect(await gw.persistence.expireSessions(60_000)).toEqual(['stays'])
+    expect(await keysWith(gw, TAG_CURSOR)).toBe(0)
+    await gw.store.enforceRetention()
+    expect(gw.store.partitionInfo('t3/telemetry', 0).logStartOffset).toBeGreaterThan(0) // its cursor at 0 held it until now
+  })
+
   it('refuses session bounds outside their ranges in the config, naming the key', () => {
-    for (const [key, value] of [['sessionInflight', 0], ['sessionInflight', 65536], ['maxQueuedMessagesPerSession', 0], ['maxQueuedMessagesPerSession', 1.5]] as const) {
+    const bad = [['sessionInflight', 0], ['sessionInflight', 65536], ['maxQueuedMessagesPerSession', 0], ['maxQueuedMessagesPerSession', 1.5],
+      ['sessionExpirySeconds', -1], ['sessionExpirySeconds', 'a day']] as const
+    for (const [key, value] of bad) {
       expect(() => buildConfig({ mqtt: { [key]: value } })).toThrow(expect.objectContaining({ code: 'GW_CONFIG_INVALID', message: expect.stringContaining(key) }))
     }
-    expect(buildConfig({}).mqtt).toMatchObject({ sessionInflight: 100, maxQueuedMessagesPerSession: 100_000 })
+    expect(buildConfig({}).mqtt).toMatchObject({ sessionInflight: 100, maxQueuedMessagesPerSession: 100_000, sessionExpirySeconds: 0 })
   })
 })
