@@ -5,11 +5,13 @@
  * to live delivery and back). In the end it has every publish the gateway
  * acknowledged; within each connection every device's messages arrive in
  * order; a message received twice came again with DUP set. /metrics shows
- * the offline session's lag.
+ * the offline session's lag. A session offline longer than
+ * mqtt.sessionExpirySeconds is dropped, and counted.
  */
+import path from 'node:path'
 import mqtt, { type MqttClient } from 'mqtt'
 import { afterAll, describe, expect, it } from 'vitest'
-import { startGatewayProcess, tempDir, type GatewayProcess } from '../../helpers/gateway-process.ts'
+import { startGatewayProcess, tempDir, writeConfig, type GatewayProcess } from '../../helpers/gateway-process.ts'
 import { scrape } from '../../helpers/raw-mqtt.ts'
 
 const DEVICES = 8
@@ -120,4 +122,24 @@ describe('persistent session cursors across kill -9', () => {
     }
     expect(repeatsWithoutDup).toEqual([])
   }, 240_000)
+
+  it('expires a session offline longer than mqtt.sessionExpirySeconds: counted, and the next CONNECT finds no session', async () => {
+    const { dir, cleanup } = await tempDir()
+    cleanups.push(cleanup)
+    const config = await writeConfig(dir, { mqtt: { listeners: [{ type: 'tcp', port: 0 }], sessionExpirySeconds: 1 } })
+    const gw = await startGatewayProcess({ dataDir: path.join(dir, 'data'), config })
+    cleanups.push(() => gw.kill())
+    const sub = await mqtt.connectAsync(gw.mqttUrl, { clientId: 'svc', clean: false, reconnectPeriod: 0 })
+    await sub.subscribeAsync('devices/+/telemetry/#', { qos: 1 })
+    await sub.endAsync()
+    const expired = async (): Promise<number> => (await scrape(gw.httpUrl)).find((s) => s.name === 'edgemq_mqtt_sessions_expired_total')?.value ?? NaN
+    const until = Date.now() + WAIT_MS
+    while (await expired() < 1 && Date.now() < until) await new Promise((resolve) => setTimeout(resolve, 100))
+    expect(await expired()).toBe(1)
+    const again = mqtt.connect(gw.mqttUrl, { clientId: 'svc', clean: false, reconnectPeriod: 0 })
+    const connack = await new Promise<{ sessionPresent: boolean }>((resolve) => again.once('connect', resolve))
+    expect(connack.sessionPresent).toBe(false)
+    await again.endAsync()
+    expect(await gw.stop()).toBe(0)
+  }, 120_000)
 })
