@@ -147,7 +147,7 @@ class ClientCursors {
   }
 }
 
-/** Whether a delivery was the cursors' and, for a drained one, its packet (for aedes' `ack` event). */
+/** Whether a delivery was the cursors' and, once sent, its packet (for aedes' `ack` event). */
 export interface Cleared { readonly found: boolean, readonly packet?: Readonly<Record<string, unknown>> }
 
 /** A delivery sent and not acknowledged, handed back as a copy to keep (see {@link SessionCursors.detach}). */
@@ -186,13 +186,6 @@ export class SessionCursors {
 
   has (clientId: string): boolean {
     return (this.#clients.get(clientId)?.cursors.size ?? 0) > 0
-  }
-
-  /** Number of sessions with cursors, and of cursors. */
-  counts (): { sessions: number, cursors: number } {
-    let cursors = 0
-    for (const c of this.#clients.values()) cursors += c.cursors.size
-    return { sessions: this.#clients.size, cursors }
   }
 
   /**
