@@ -388,6 +388,18 @@ export interface LogStore {
   /** Sum of stored batch bytes over all partitions. */
   readonly totalBytes: number
 
+  /**
+   * For a store opened with `follower: true`: re-reads what another writer
+   * (a replication follower applying a primary's LevelDB batches) changed in
+   * the database — new streams, every partition's offsets, consumer groups —
+   * and calls the {@link LogStore.onAppend} listeners of partitions whose log
+   * grew. A partition's state is swapped whole, so a concurrent read sees
+   * either the old or the new log end. Dedupe ids are not followed (only
+   * appends use them, and a follower takes none). STORE_INVALID_ARGUMENT on a
+   * store that is not a follower.
+   */
+  refresh (): Promise<void>
+
   /** Waits for pending appends, then closes the database. */
   close (): Promise<void>
 }

@@ -12,6 +12,7 @@ import { Ajv, type ErrorObject } from 'ajv'
 import { bridgeConfigProblem, bridgeConfigSchema, type BridgeConfig } from '../../bridge/index.ts'
 import { storeConfigSchema, streamConfigSchema, type StoreConfig, type StreamConfig } from '../../store/config-schema.ts'
 import { GatewayError } from '../errors.ts'
+import { replicationConfigProblem, replicationConfigSchema, type ReplicationConfig } from '../replication/config-schema.ts'
 import { LOG_LEVELS, type LogLevel } from '../logger.ts'
 
 const NAME = '^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$'
@@ -283,6 +284,7 @@ export const configSchema = {
     },
     shutdownTimeoutMs: { type: 'integer', minimum: 100, default: 10_000, description: 'How long SIGTERM/SIGINT wait for pending appends before exiting.' },
     bridge: bridgeConfigSchema,
+    replication: replicationConfigSchema,
   },
 } as const
 
@@ -366,6 +368,7 @@ export interface GatewayConfig {
   readonly log: { readonly level: LogLevel }
   readonly shutdownTimeoutMs: number
   readonly bridge: BridgeConfig
+  readonly replication: ReplicationConfig
 }
 
 const ajv = new Ajv({ useDefaults: true, allErrors: false, strict: true, allowUnionTypes: true })
@@ -459,6 +462,8 @@ export function buildConfig (input: unknown, source = 'config'): GatewayConfig {
   })
   const bridgeProblem = bridgeConfigProblem(config.bridge, { gatewayId: config.gatewayId, tenants: config.tenants, streams: Object.keys(config.streams) })
   if (bridgeProblem !== null) throw new GatewayError('GW_CONFIG_INVALID', `${source}: ${bridgeProblem}`)
+  const replicationProblem = replicationConfigProblem(config.replication)
+  if (replicationProblem !== null) throw new GatewayError('GW_CONFIG_INVALID', `${source}: ${replicationProblem}`)
   return deepFreeze(config as GatewayConfig)
 }
 
