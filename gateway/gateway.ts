@@ -126,8 +126,10 @@ async function start (config: GatewayConfig, deps: GatewayDeps, shutdown: Shutdo
   replication.follow(() => store.refresh())
   const disk = watchDiskUsage(config.dataDir)
   shutdown.add('disk usage', async () => disk.stop())
+  const sessions: { persistence?: LevelSessionPersistence } = {} // created below, after the metrics its hooks count into
   const metrics = createMetrics(registry, {
     store,
+    sessionLag: () => sessions.persistence?.cursorLag() ?? [],
     diskFreeBytes: () => disk.freeBytes,
     diskSizeBytes: () => disk.sizeBytes,
     healthy: () => health.healthy,
@@ -149,9 +151,20 @@ async function start (config: GatewayConfig, deps: GatewayDeps, shutdown: Shutdo
 
   // One group-commit writer for the log and the sessions: session writes share the log's fsyncs. A standby's clients (readers) keep
   // their sessions in memory: the replicated sessions in its database are the primary's, for after a takeover.
+  // A primary's persistent sessions keep cursors into the log for routed messages instead of copies (mqtt/session-cursors.ts).
   const persistence = standby
     ? new LevelSessionPersistence(new MemoryLevel({ keyEncoding: 'buffer', valueEncoding: 'buffer' }) as unknown as LevelDatabase)
-    : new LevelSessionPersistence(sessionsDb, { writer: store })
+    : new LevelSessionPersistence(sessionsDb, {
+      writer: store, log: store, window: config.mqtt.sessionInflight, maxQueuedPerSession: config.mqtt.maxQueuedMessagesPerSession,
+      onQueueOverflow: (clientId, topic, first) => {
+        const tenant = topic.slice(0, Math.max(0, topic.indexOf('/')))
+        metrics.sessionQueueDropped.inc({ tenant })
+        const max = config.mqtt.maxQueuedMessagesPerSession
+        if (first) logger.warn({ clientId, tenant, max }, 'a persistent session\'s queue is full: newer messages are dropped')
+      },
+      onCursorWriteError: (err) => logger.error({ err: (err as Error).message }, 'a session cursor could not be written; its next advance writes it'),
+    })
+  sessions.persistence = persistence
   const { aedes: broker, appendsSettled } = createBroker({
     config, store, persistence, metrics, logger, guards, onStoreHealth: (ok, err) => health.set(ok, err),
   })
@@ -165,7 +178,7 @@ async function start (config: GatewayConfig, deps: GatewayDeps, shutdown: Shutdo
     const sessionExpiry = new SessionExpiry({ db: expiryDb, writer: store, persistence, broker, now: () => systemClock.now(), logger })
     await sessionExpiry.start()
     // Registered before the listeners' step, so it runs after it: the deadlines of the clients it closes are stored.
-    shutdown.add('session expiry', async () => sessionExpiry.stop())
+    shutdown.add('mqtt 5 session expiry', async () => sessionExpiry.stop())
   }
   let brokerClosed: Promise<void> | undefined
   const closeBroker = (): Promise<void> => (brokerClosed ??= new Promise<void>((resolve) => broker.close(() => resolve())))
@@ -238,7 +251,20 @@ async function start (config: GatewayConfig, deps: GatewayDeps, shutdown: Shutdo
     }))
   }
 
-  // A standby's retention is the primary's, replicated.
+  // Session expiry and retention act on the primary's data; a standby's are the primary's, replicated.
+  if (!standby && config.mqtt.sessionExpirySeconds > 0) {
+    const maxOfflineMs = config.mqtt.sessionExpirySeconds * 1000
+    const sweep = (): void => {
+      persistence.expireSessions(maxOfflineMs).then((expired) => {
+        metrics.sessionsExpired.inc(expired.length)
+        for (const clientId of expired) logger.info({ clientId, offlineSeconds: config.mqtt.sessionExpirySeconds }, 'persistent session expired')
+      }, (err: unknown) => logger.error({ err: (err as Error).message }, 'expiring persistent sessions failed'))
+    }
+    sweep()
+    const timer = setInterval(sweep, Math.min(60_000, Math.max(1000, maxOfflineMs / 2)))
+    timer.unref()
+    shutdown.add('session expiry', async () => clearInterval(timer))
+  }
   if (!standby) {
     const retention = startRetention(store, config.store.retentionIntervalMs, logger)
     shutdown.add('retention', async () => retention.stop())

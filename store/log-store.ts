@@ -216,6 +216,8 @@ class LevelLogStore implements LogStore {
   readonly #observer: StoreObserver
   readonly #streams = new Map<string, StreamState>()
   readonly #groups = new Map<string, GroupState>()
+  /** Retention holds of holders other than groups (holdRetention). */
+  readonly #holds = new Set<(stream: string, partition: number) => number | undefined>()
   /** Dedupe ids on disk, by {@link scopedId} (ids are per stream), with where their record went. */
   readonly #dedupe = new Map<string, DedupeState>()
   /** Dedupe ids of appends not yet committed, by {@link scopedId}, resolving with their result. */
@@ -1146,12 +1148,19 @@ class LevelLogStore implements LogStore {
 
   // ---------------------------------------------------------------- retention
 
-  /** Lowest offset a retention-holding group still needs in this partition. */
+  holdRetention (floor: (stream: string, partition: number) => number | undefined): () => void {
+    if (typeof floor !== 'function') throw new StoreError('STORE_INVALID_ARGUMENT', 'a retention hold is a function of stream and partition')
+    this.#holds.add(floor)
+    return () => { this.#holds.delete(floor) }
+  }
+
+  /** Lowest offset a retention-holding group, or a hold, still needs in this partition. */
   #holdFloor (part: PartitionState): number {
     let floor = Infinity
     for (const g of this.#groups.values()) {
       if (g.holdsRetention) floor = Math.min(floor, g.offsets.get(part) ?? 0)
     }
+    for (const hold of this.#holds) floor = Math.min(floor, hold(part.stream.name, part.partition) ?? Infinity)
     return floor
   }
 

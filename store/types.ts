@@ -366,6 +366,16 @@ export interface LogStore {
   deleteGroup (group: string): Promise<void>
 
   /**
+   * Adds a retention hold kept by its holder rather than by a consumer
+   * group (the gateway's persistent sessions keep their cursors in their own
+   * key space): retention by age and size never deletes a record at or after
+   * the offset `floor` gives for its partition (undefined: no hold there).
+   * The disk budget still may. Held in memory: the holder adds it again
+   * when it opens. Returns the release.
+   */
+  holdRetention (floor: (stream: string, partition: number) => number | undefined): () => void
+
+  /**
    * Deletes whole batches from the front of each partition by age and size,
    * never past what a retention-holding group still needs, then enforces the
    * store's disk budget, which may drop unconsumed records (reported).

@@ -210,6 +210,21 @@ export const configSchema = {
           type: 'integer', minimum: 1, default: 10_000,
           description: 'Subscriptions one client may hold; a new filter beyond it is refused (SUBACK 0x80), a resubscription to a held one is not.',
         },
+        maxQueuedMessagesPerSession: {
+          type: 'integer', minimum: 1, default: 100_000,
+          description: 'Messages a persistent session keeps as copies (topics no route sends to the log, and QoS 2 deliveries); ' +
+            'beyond it the newest is dropped, counted in edgemq_mqtt_session_queue_dropped_total and logged once per episode.',
+        },
+        sessionExpirySeconds: {
+          type: 'integer', minimum: 0, default: 0,
+          description: 'A persistent session offline for longer than this is dropped with its queue and cursors (and their hold on ' +
+            'retention), counted in edgemq_mqtt_sessions_expired_total and logged; checked every minute at most. 0 keeps sessions forever.',
+        },
+        sessionInflight: {
+          type: 'integer', minimum: 1, maximum: 65535, default: 100,
+          description: 'QoS 1 messages a persistent session catching up from the log may have sent and not yet acknowledged (PUBACK); ' +
+            'reading the log waits for acks beyond it.',
+        },
         replay: {
           type: 'object',
           additionalProperties: false,
@@ -338,6 +353,9 @@ export interface GatewayConfig {
     readonly maxPendingAppends: number
     readonly maxFiltersPerSubscribe: number
     readonly maxSubscriptionsPerSession: number
+    readonly sessionInflight: number
+    readonly maxQueuedMessagesPerSession: number
+    readonly sessionExpirySeconds: number
     readonly replay: {
       readonly inflight: number
       readonly maxPerClient: number

@@ -15,6 +15,7 @@ import { propertiesToHeaders, type MessageProperties } from '../../../bridge/ind
 import type { Identity } from '../../access/auth.ts'
 import type { GatewayMetrics, PublishRefusal } from '../../metrics/metrics.ts'
 import type { GuardGroup } from '../connection-guard.ts'
+import type { LogPosition } from '../log-position.ts'
 import { isMqtt5 } from '../reason-codes.ts'
 import type { HookContext } from './context.ts'
 
@@ -32,7 +33,8 @@ export interface AppendTarget {
   readonly topic: string
 }
 
-export type AppendDone = (err: Error | null, duplicate?: boolean) => void
+/** `position`: where the record is in the log (the first append's, for a duplicate). */
+export type AppendDone = (err: Error | null, duplicate?: boolean, position?: LogPosition) => void
 
 type Counter = { inc (n?: number): void }
 
@@ -57,9 +59,9 @@ export class DurableAppender {
   append (client: Client, who: Identity, target: AppendTarget, packet: PublishPacket, done: AppendDone,
     options?: AppendOptions, headers?: Record<string, string>): void {
     this.#inflight++
-    this.#append(client, who, target, packet, (err, duplicate) => {
+    this.#append(client, who, target, packet, (err, duplicate, position) => {
       if (--this.#inflight === 0) for (const resolve of this.#settledWaiters.splice(0)) resolve()
-      done(err, duplicate)
+      done(err, duplicate, position)
     }, options, headers, RETRY_MIN_MS)
   }
 
@@ -93,7 +95,7 @@ export class DurableAppender {
         this.#failing = false
         this.#ctx.onStoreHealth(true)
       }
-      done(null, result.duplicate === true)
+      done(null, result.duplicate === true, { stream: target.stream, partition: result.partition, offset: result.offset })
     }, (err: unknown) => {
       if (isStoreError(err, 'STORE_WRITE_FAILED') || isStoreError(err, 'STORE_CLOSED')) {
         this.#failing = true
