@@ -259,6 +259,27 @@ describe('MQTT 5 on the listeners of one gateway, with 3.1.1 clients on the same
     }]])
   }, TIMEOUT)
 
+  it('does not deliver to a returning MQTT 5 session a message whose expiry interval ran out while it was away', async () => {
+    const url = gw.urls.tcp as string
+    const options: IClientOptions = { ...V5, clientId: 'expiring-5', clean: false, properties: { sessionExpiryInterval: 600 } }
+    const first = await connect(url, options)
+    expect(await subscribeGranted(first, 'devices/d-exp/telemetry/#', 1)).toEqual([1])
+    await first.endAsync()
+    const pub = await connect(url, { ...V5, clientId: 'd-exp' })
+    await pub.publishAsync('devices/d-exp/telemetry/t', 'short-lived', { qos: 1, properties: { messageExpiryInterval: 1 } })
+    const sent = Date.now()
+    await pub.publishAsync('devices/d-exp/telemetry/t', 'lasting', { qos: 1, properties: { messageExpiryInterval: 3600 } })
+    expect(await waitFor(() => Date.now() > sent + 1000, 5000)).toBe(true) // the first one's second is over
+    const again = mqtt.connect(url, { ...options, reconnectPeriod: 0 })
+    clients.add(again)
+    const got = received(again)
+    // "lasting" was logged after "short-lived": once it is here, "short-lived" would have come before it.
+    expect(await waitFor(() => got.length > 0, 5000)).toBe(true)
+    expect(got.map((p) => String(p.payload))).toEqual(['lasting'])
+    const left = got[0]?.properties?.messageExpiryInterval as number
+    expect(left > 0 && left <= 3600).toBe(true) // the time left [MQTT-3.3.2-6]
+  }, TIMEOUT)
+
   it('answers 0x87 (ACL, $replay) and 0x90 (unrouted: reject) on the PUBACK with a reason string, and keeps the MQTT 5 connection', async () => {
     const url = gw.urls.tcp as string
     const client = await connect(url, { ...V5, clientId: 'd-codes' })
