@@ -235,6 +235,22 @@ export const configSchema = {
             },
           },
         },
+        share: {
+          type: 'object',
+          additionalProperties: false,
+          default: {},
+          description: 'Shared subscriptions ($share/<group>/<topic filter>): each message goes to one member of the group.',
+          properties: {
+            inflight: {
+              type: 'integer',
+              minimum: 1,
+              maximum: 65535,
+              default: 100,
+              description: 'QoS 1 messages of the log a share sends one member and that member has not acknowledged (PUBACK); ' +
+                'the member\'s partitions wait beyond it. A member that leaves has these sent again to another member.',
+            },
+          },
+        },
       },
     },
     http: {
@@ -340,6 +356,7 @@ export interface GatewayConfig {
       readonly maxPerClient: number
       readonly maxActive: number
     }
+    readonly share: { readonly inflight: number }
   }
   readonly http: { readonly host: string, readonly port: number }
   readonly users: readonly UserConfig[]

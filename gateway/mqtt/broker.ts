@@ -11,6 +11,7 @@
  * | authorizeForward                      | hooks/authorize-forward.ts |
  * | stored subscriptions, session present | hooks/sessions.ts          |
  * | $replay start/stop/PUBACK             | hooks/replays.ts           |
+ * | $share join/leave/PUBACK              | shared/aedes-hooks.ts      |
  * | wills stored by a dead process        | wills.ts, hooks/startup-wills.ts |
  * | inbound QoS 2                         | inbound-qos2.ts            |
  * | client and connection events          | hooks/client-events.ts     |
@@ -40,6 +41,8 @@ import { installSessionHooks } from './hooks/sessions.ts'
 import { fireStartupWill } from './hooks/startup-wills.ts'
 import { InboundQos2 } from './inbound-qos2.ts'
 import { MqttReplays } from './replay.ts'
+import { ShareHooks } from './shared/aedes-hooks.ts'
+import { SharedSubscriptions } from './shared/share-groups.ts'
 import { identityNow, installWills } from './wills.ts'
 
 export { ORIGIN_HEADER } from './hooks/authorize-publish.ts'
@@ -87,6 +90,8 @@ export function createBroker (deps: BrokerDeps): Broker {
   const connects = new WeakMap<Client, ConnectInfo>()
   const refusing = refusals(deps, connects)
   const appender = new DurableAppender({ ...deps, ...refusing })
+  const shares = new SharedSubscriptions({ store, broker, routes: config.routes, acl: config.acl, inflight: config.mqtt.share.inflight, metrics, logger })
+  const shareHooks = new ShareHooks(shares)
   const ctx: HookContext = {
     ...deps,
     broker,
@@ -111,6 +116,7 @@ export function createBroker (deps: BrokerDeps): Broker {
     startupWills: new WeakSet(),
     tickets: new WeakMap(),
     replayConnections: new WeakMap(),
+    shares: shareHooks,
     ...refusing,
   }
   // Handlers are public, settable properties of the broker (aedes docs/Aedes.md); set once the context exists.
@@ -121,6 +127,7 @@ export function createBroker (deps: BrokerDeps): Broker {
   broker.authorizeForward = authorizeForward(ctx)
   installSessionHooks(ctx)
   installReplayHooks(ctx)
+  shareHooks.install(ctx)
   installClientEvents(ctx)
   return { aedes: broker, appendsSettled: () => appender.settled() }
 }

@@ -9,6 +9,7 @@ import { ClientIdOwners, clientIdMatches, clientIdPattern, UserDirectory, type I
 import { MAX_CLIENT_TOPIC_LEVELS, mountTopic, scopedClientId, topicNameProblem } from '../../access/topics.ts'
 import type { ListenerConfig, UserConfig } from '../../config/config.ts'
 import { packetWatcher, setClientId } from '../aedes-internals.ts'
+import { isShareTopic } from '../shared/share-topic.ts'
 import { isReplayTopic } from '../replay.ts'
 import { anonymousAllowed, authError, listenerOf, type HookContext, type ListenerTagged } from './context.ts'
 
@@ -32,6 +33,10 @@ export function authenticate (ctx: HookContext, users: UserDirectory, owners: Cl
     // A SUBSCRIBE over the limit is refused whole (authorize-subscribe.ts): tagged here, where its size is known.
     subscribe (_client, subs) {
       if (subs.length > config.mqtt.maxFiltersPerSubscribe) for (const sub of subs) ctx.oversized.add(sub)
+      // A share delivers at most QoS 1 (shared/share-groups.ts); aedes takes the granted QoS from the packet before authorizeSubscribe.
+      for (const sub of subs as Array<{ topic?: unknown, qos?: unknown }>) {
+        if (sub.qos === 2 && typeof sub.topic === 'string' && isShareTopic(sub.topic)) sub.qos = 1
+      }
     },
     unsubscribe (client, filters) {
       const tenant = ctx.identities.get(client)?.tenant

@@ -1,0 +1,437 @@
+/**
+ * Shared subscriptions: `$share/<group>/<filter>` (share-topic.ts). Each
+ * message matching the filter goes to one member of the share.
+ *
+ * Topics routed to the log: the share is a durable consumer group of the
+ * log (named as share-topic.ts says, holding retention like the bridge's
+ * groups). The partitions the filter can reach (replay.ts replayPartitions:
+ * the streams routes send such topics to) are lanes (lane.ts) spread over
+ * the connected members in join order, again whenever one joins or leaves,
+ * so a partition — a device — is read by one member at a time, in offset
+ * order. Each member is sent its lanes' records from the group's position,
+ * filtered by the share's filter (the gateway's one matcher) and the
+ * member's read ACL, at QoS min(subscription, 1), at most
+ * `mqtt.share.inflight` unacknowledged records per member. The group commits,
+ * per partition, up to the oldest record not yet acknowledged. A member that
+ * leaves (DISCONNECT, a dead socket, UNSUBSCRIBE) gives its lanes to the
+ * others, which get its unacknowledged records again. After every member
+ * left, or after a restart (kill -9 too), the next member starts at the
+ * committed offsets; a share that never committed starts at the log end, as
+ * a new subscription gets only new messages. Live records wake the lanes of
+ * their partition through the store's append event, never a timer.
+ *
+ * Records are written to the member's connection as PUBLISH frames with ids
+ * from the client's own counter (as replay.ts does), not through aedes'
+ * `deliverQoS`: for a persistent (clean = false) member that would store the
+ * message in the member's session queue, and a reconnect would deliver it to
+ * that member again while the group has already given it to another; and its
+ * PUBACK would clear a queue entry. A record is delivered at most at QoS 1: a
+ * member that leaves hands its records to another member, so exactly once
+ * across the group cannot hold anyway (documented in docs/mqtt.md).
+ *
+ * Topics that no route sends to the log: a message goes live to one member,
+ * round robin, through aedes' own delivery (`client.publish`, so a persistent
+ * member's session queue keeps it like any of its messages). Not durable: a
+ * message published while no member is connected is not kept for the share.
+ */
+import type { Aedes, Client, PublishPacket } from 'aedes'
+import type { Writable } from 'node:stream'
+import { isStoreError, type AppendEvent, type LogStore, type StoredRecord } from '../../../store/index.ts'
+import { isAllowed, type Identity } from '../../access/auth.ts'
+import { mountTopic, topicMatches, unmountTopic } from '../../access/topics.ts'
+import type { AclRule, RouteConfig } from '../../config/config.ts'
+import type { GatewayMetrics } from '../../metrics/metrics.ts'
+import { publishPacketSize, replayPartitions, writePublishPacket, type ReplayConnection, type ReplayLogger } from '../replay.ts'
+import { compileRoutes, type Router } from '../routing.ts'
+import { Lane, Member } from './lane.ts'
+import { shareGroupId, type ShareRequest } from './share-topic.ts'
+
+/** Records read from a partition per store read at most (the member's window bounds it further). */
+const CHUNK_RECORDS = 500
+const CHUNK_BYTES = 1024 * 1024
+const MAX_TOPIC_BYTES = 65535
+
+export interface ShareDeps {
+  readonly store: LogStore
+  readonly broker: Aedes
+  readonly routes: readonly RouteConfig[]
+  readonly acl: readonly AclRule[]
+  /** mqtt.share.inflight */
+  readonly inflight: number
+  readonly metrics: Pick<GatewayMetrics, 'shareMessages' | 'shareMembers'>
+  readonly logger: ReplayLogger & { error (fields: Record<string, unknown>, message: string): void }
+}
+
+/** The gateway's shared subscriptions, by store group name. */
+export class SharedSubscriptions {
+  readonly #deps: ShareDeps
+  readonly #route: Router
+  readonly #shares = new Map<string, Share>()
+  /** Lanes by `<stream>\u0000<partition>`, for the append event. */
+  readonly #lanes = new Map<string, Array<{ readonly lane: Lane, readonly share: Share }>>()
+  /** The shares each connection is a member of. */
+  readonly #byConn = new WeakMap<ReplayConnection, Set<{ readonly share: Share, readonly member: Member }>>()
+  #joins = 0
+  #unlisten: (() => void) | null = null
+
+  constructor (deps: ShareDeps) {
+    this.#deps = deps
+    this.#route = compileRoutes(deps.routes)
+  }
+
+  /**
+   * Called before the SUBACK (or, restored, the CONNACK): fixes where a new share starts, the log end as of now,
+   * so a message published after the SUBACK reaches the share even when the member joins a moment later.
+   */
+  prepare (tenant: string, request: ShareRequest): void {
+    // A failure is logged by the join that waits for it (and retried there).
+    this.#share(tenant, request).open().catch(() => {})
+  }
+
+  /** Adds the client to the share (again: only its QoS changes). Resolves once its lanes are assigned. */
+  async join (client: Client, conn: ReplayConnection, who: Identity, request: ShareRequest, qos: number): Promise<void> {
+    this.#unlisten ??= this.#deps.store.onAppend((e) => this.#appended(e))
+    const share = this.#share(who.tenant, request)
+    let members = this.#byConn.get(conn)
+    if (members === undefined) {
+      const set = members = new Set()
+      this.#byConn.set(conn, set)
+      conn.stream.once('close', () => { for (const m of set) m.share.leave(m.member); set.clear() })
+    }
+    for (const m of members) {
+      if (m.share === share) { m.member.qos = qos === 0 ? 0 : 1; return }
+    }
+    const member = new Member(client, conn, who, qos === 0 ? 0 : 1, this.#joins++)
+    members.add({ share, member })
+    await share.join(member)
+  }
+
+  /** The client left these shares (UNSUBSCRIBE of their store group names). */
+  leave (conn: ReplayConnection, ids: readonly string[]): void {
+    const members = this.#byConn.get(conn)
+    if (members === undefined) return
+    for (const m of [...members]) {
+      if (!ids.includes(m.share.id)) continue
+      members.delete(m)
+      m.share.leave(m.member)
+    }
+  }
+
+  /** Takes a PUBACK that answers a share's record; false when the packet id is not a share's. */
+  acked (conn: ReplayConnection, messageId: number): boolean {
+    const members = this.#byConn.get(conn)
+    if (members === undefined) return false
+    for (const { share, member } of members) {
+      if (share.acked(member, messageId)) return true
+    }
+    return false
+  }
+
+  /** Stops listening for appends and waits for the commits running (the gateway's shutdown). */
+  async close (): Promise<void> {
+    this.#unlisten?.()
+    this.#unlisten = null
+    for (const share of this.#shares.values()) await share.settled()
+  }
+
+  #share (tenant: string, request: ShareRequest): Share {
+    const id = shareGroupId(tenant, request.group, request.filter)
+    let share = this.#shares.get(id)
+    if (share === undefined) {
+      const created: Share = share = new Share(this.#deps, this.#route, id, tenant, request, (lane) => this.#indexLane(lane, created))
+      this.#shares.set(id, share)
+    }
+    return share
+  }
+
+  #indexLane (lane: Lane, share: Share): void {
+    const key = `${lane.stream}\u0000${lane.partition}`
+    const list = this.#lanes.get(key)
+    if (list === undefined) this.#lanes.set(key, [{ lane, share }])
+    else list.push({ lane, share })
+  }
+
+  #appended (e: AppendEvent): void {
+    const lanes = this.#lanes.get(`${e.stream}\u0000${e.partition}`)
+    if (lanes === undefined) return
+    for (const { lane, share } of lanes) if (lane.owner !== null && lane.next < e.logEndOffset) share.pump(lane)
+  }
+}
+
+/** One shared subscription: its members, its lanes (log part) and its round robin (live part). */
+class Share {
+  readonly #deps: ShareDeps
+  readonly #route: Router
+  readonly #members: Member[] = []
+  readonly #lanes: Lane[] = []
+  #opened: Promise<void> | null = null
+  #commit: Promise<void> | null = null
+  #commitAgain = false
+  #turn = 0
+  #live: ((packet: PublishPacket, cb: () => void) => void) | null = null
+  readonly #messages: { inc (n?: number): void }
+  readonly #labels: { tenant: string, group: string }
+
+  constructor (deps: ShareDeps, route: Router, readonly id: string, readonly tenant: string, readonly request: ShareRequest,
+    readonly onLane: (lane: Lane) => void) {
+    this.#deps = deps
+    this.#route = route
+    this.#labels = { tenant, group: id }
+    this.#messages = deps.metrics.shareMessages.labels(this.#labels)
+    deps.metrics.shareMembers.set(this.#labels, 0)
+  }
+
+  async join (member: Member): Promise<void> {
+    this.#members.push(member)
+    this.#deps.metrics.shareMembers.set(this.#labels, this.#members.length)
+    this.#listenLive()
+    this.#deps.logger.info({ clientId: member.conn.clientId, tenant: this.tenant, share: this.id, members: this.#members.length }, 'share member joined')
+    try {
+      await this.open()
+    } catch (err) {
+      this.#deps.logger.error({ share: this.id, err: (err as Error).message }, 'opening the share\'s consumer group failed')
+      return
+    }
+    this.#rebalance()
+  }
+
+  leave (member: Member): void {
+    const i = this.#members.indexOf(member)
+    if (i === -1) return
+    this.#members.splice(i, 1)
+    member.left = true
+    this.#deps.metrics.shareMembers.set(this.#labels, this.#members.length)
+    let released = 0
+    for (const lane of this.#lanes) {
+      if (lane.handoverTo === member) lane.handoverTo = null
+      if (lane.owner !== member) continue
+      released += lane.unacked
+      lane.release()
+    }
+    member.inflight.clear()
+    this.#deps.logger.info({ clientId: member.conn.clientId, tenant: this.tenant, share: this.id, members: this.#members.length, released },
+      'share member left')
+    if (this.#members.length === 0) this.#stopLive()
+    this.#rebalance()
+  }
+
+  acked (member: Member, messageId: number): boolean {
+    const held = member.inflight.get(messageId)
+    if (held === undefined) return false
+    member.inflight.delete(messageId)
+    const { lane, sent } = held
+    lane.ack(sent)
+    if (lane.handoverTo !== null && lane.unacked === 0) {
+      lane.assign(lane.handoverTo)
+    }
+    this.#scheduleCommit()
+    // The member has room again: every lane it owns may go on (a lane pumps only while its owner has room).
+    for (const l of this.#lanes) if (l.owner === member || l === lane) this.pump(l)
+    return true
+  }
+
+  async settled (): Promise<void> {
+    await this.#commit
+  }
+
+  /** Opens the share's consumer group once (again after a failure); see #open. */
+  open (): Promise<void> {
+    return (this.#opened ??= this.#open())
+  }
+
+  /**
+   * The lanes: every partition the filter can reach, each from the group's
+   * committed offset, or from the log end as of this call when the group
+   * never committed there (where a new subscription starts) — worked out
+   * before the first await, so before the SUBACK. The group is made to hold
+   * retention and those start offsets are committed, so the group is listed
+   * (edgemq groups, /v1/groups) from its first member on.
+   */
+  #open (): Promise<void> {
+    const { store } = this.#deps
+    const fresh: Lane[] = []
+    if (this.#lanes.length === 0) {
+      for (const { stream, partition } of replayPartitions(this.#deps.routes, this.tenant, this.request.filter, store)) {
+        const committed = store.fetchOffset(this.id, stream, partition)
+        const lane = new Lane(stream, partition, committed ?? store.partitionInfo(stream, partition).logEndOffset)
+        if (committed === null) fresh.push(lane)
+        this.#lanes.push(lane)
+        this.onLane(lane)
+      }
+    } else {
+      fresh.push(...this.#lanes)
+    }
+    return (async () => {
+      await store.setGroup(this.id, { holdsRetention: true })
+      for (const lane of fresh) await store.commitOffset(this.id, lane.stream, lane.partition, lane.committed)
+    })().catch((err: unknown) => {
+      this.#opened = null
+      throw err
+    })
+  }
+
+  /** Lane i goes to member i mod n (in join order); a lane moving away from a live owner waits for its acks. */
+  #rebalance (): void {
+    const members = this.#members
+    this.#lanes.forEach((lane, i) => {
+      const target = members.length === 0 ? null : members[i % members.length] as Member
+      if (target === null) { lane.handoverTo = null; return }
+      if (lane.owner === target) { lane.handoverTo = null; return }
+      if (lane.owner === null || lane.owner.gone || lane.unacked === 0) {
+        if (lane.owner !== null) lane.release()
+        lane.assign(target)
+        this.pump(lane)
+      } else {
+        lane.handoverTo = target
+      }
+    })
+  }
+
+  /** Sends the lane's records to its owner while the owner has room and the log has more; one pump per lane at a time. */
+  pump (lane: Lane): void {
+    if (lane.running) { lane.again = true; return }
+    lane.running = true
+    void this.#pumpLane(lane).catch((err: unknown) => {
+      if (isStoreError(err, 'STORE_CLOSED')) return
+      this.#deps.logger.warn({ share: this.id, stream: lane.stream, partition: lane.partition, err: (err as Error).message },
+        'share: reading the log failed; the lane goes on at the next append or acknowledgement')
+    }).finally(() => {
+      lane.running = false
+      if (lane.again) { lane.again = false; this.pump(lane) }
+    })
+  }
+
+  async #pumpLane (lane: Lane): Promise<void> {
+    const { store, inflight } = this.#deps
+    for (;;) {
+      lane.again = false
+      const member = lane.owner
+      if (member === null || member.gone || lane.handoverTo !== null) return
+      const room = member.qos === 1 ? inflight - member.inflight.size : CHUNK_RECORDS
+      if (room <= 0) return
+      const info = store.partitionInfo(lane.stream, lane.partition)
+      if (lane.next < info.logStartOffset) {
+        this.#deps.logger.warn({ share: this.id, stream: lane.stream, partition: lane.partition, skipped: info.logStartOffset - lane.next },
+          'share: retention deleted records before the group consumed them')
+        lane.next = info.logStartOffset
+      }
+      if (lane.next >= info.logEndOffset) return
+      const epoch = lane.epoch
+      const read = { maxRecords: Math.min(room, CHUNK_RECORDS), maxBytes: CHUNK_BYTES }
+      const { records, nextOffset } = await store.read(lane.stream, lane.partition, lane.next, read)
+      if (lane.epoch !== epoch || lane.owner !== member || member.gone || lane.handoverTo !== null) continue
+      const stream = this.#send(lane, member, records)
+      lane.next = nextOffset
+      this.#scheduleCommit()
+      if (stream !== null) await drained(stream)
+    }
+  }
+
+  /** Writes the records the member gets (one socket write); returns the stream when it must drain first. */
+  #send (lane: Lane, member: Member, records: readonly StoredRecord[]): Pick<Writable, 'once' | 'off' | 'writableNeedDrain'> | null {
+    const picked: Array<{ record: StoredRecord, topic: Buffer }> = []
+    let size = 0
+    for (const record of records) {
+      if (!this.#deliverable(member.who, record.topic)) continue
+      const topic = Buffer.from(record.topic)
+      if (topic.length > MAX_TOPIC_BYTES) continue
+      const qos = Math.min(member.qos, record.qos === 0 ? 0 : 1) as 0 | 1
+      picked.push({ record, topic })
+      size += publishPacketSize(topic, record.payload, qos)
+    }
+    if (picked.length === 0) return null
+    const out = Buffer.allocUnsafe(size)
+    let at = 0
+    for (const { record, topic } of picked) {
+      const qos = Math.min(member.qos, record.qos === 0 ? 0 : 1) as 0 | 1
+      const sent = lane.sent(record.offset, qos === 0)
+      let id = 0
+      if (qos === 1) {
+        do id = member.conn.nextMessageId(); while (member.inflight.has(id))
+        member.inflight.set(id, { lane, sent })
+      }
+      at = writePublishPacket(out, at, topic, record.payload, qos, id, false)
+    }
+    this.#messages.inc(picked.length)
+    const stream = member.conn.stream
+    return stream.write(out) ? null : stream
+  }
+
+  /** Whether a record of the log is the share's to deliver to this member: its filter, and the member's read ACL. */
+  #deliverable (who: Identity, topic: string): boolean {
+    return topicMatches(this.request.filter, topic) && isAllowed(this.#deps.acl, who, 'subscribe', topic)
+  }
+
+  /** Commits each lane's `done`; one commit at a time, a request while one runs makes it go round again. */
+  #scheduleCommit (): void {
+    if (this.#commit !== null) { this.#commitAgain = true; return }
+    this.#commit = (async () => {
+      do {
+        this.#commitAgain = false
+        for (const lane of this.#lanes) {
+          const target = lane.done
+          if (target <= lane.committed) continue
+          try {
+            await this.#deps.store.commitOffset(this.id, lane.stream, lane.partition, target)
+            lane.committed = target
+          } catch (err) {
+            if (isStoreError(err, 'STORE_CLOSED')) return
+            this.#deps.logger.error({ share: this.id, err: (err as Error).message }, 'committing the share\'s offset failed')
+            return
+          }
+        }
+      } while (this.#commitAgain)
+    })().finally(() => { this.#commit = null })
+  }
+
+  // ---- topics not routed to the log: live, round robin
+
+  #listenLive (): void {
+    if (this.#live !== null) return
+    const { filter } = this.request
+    const wildcardFirst = filter.startsWith('+') || filter.startsWith('#')
+    const deliver = (packet: PublishPacket, cb: () => void): void => {
+      const topic = unmountTopic(this.tenant, packet.topic)
+      // Routed topics reach the members from the log; [MQTT-4.7.2-1] a wildcard first level matches no `$` topic.
+      if (topic === null || this.#route(topic) !== null || (wildcardFirst && topic.startsWith('$'))) return cb()
+      const member = this.#nextMember(topic)
+      if (member === undefined) return cb()
+      this.#messages.inc()
+      const qos = Math.min(member.qos, packet.qos) as 0 | 1
+      member.client.publish({ cmd: 'publish', topic: packet.topic, payload: packet.payload, qos, retain: false, dup: false } as PublishPacket,
+        () => cb())
+    }
+    this.#live = deliver
+    this.#deps.broker.subscribe(mountTopic(this.tenant, filter), deliver as never, () => {})
+  }
+
+  #stopLive (): void {
+    if (this.#live === null) return
+    this.#deps.broker.unsubscribe(mountTopic(this.tenant, this.request.filter), this.#live as never, () => {})
+    this.#live = null
+  }
+
+  /** The next member in turn that may read the topic. */
+  #nextMember (topic: string): Member | undefined {
+    const n = this.#members.length
+    for (let k = 0; k < n; k++) {
+      const m = this.#members[(this.#turn++) % n] as Member
+      if (!m.gone && isAllowed(this.#deps.acl, m.who, 'subscribe', topic)) return m
+    }
+    return undefined
+  }
+}
+
+/** Resolves once the stream drained or closed. */
+function drained (stream: Pick<Writable, 'once' | 'off' | 'writableNeedDrain'>): Promise<void> {
+  if (!stream.writableNeedDrain) return Promise.resolve()
+  return new Promise((resolve) => {
+    const done = (): void => {
+      stream.off('drain', done)
+      stream.off('close', done)
+      resolve()
+    }
+    stream.once('drain', done)
+    stream.once('close', done)
+  })
+}
