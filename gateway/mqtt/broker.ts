@@ -71,7 +71,7 @@ export interface BrokerDeps {
 /** The broker and what the gateway's shutdown needs of it. */
 export interface Broker {
   readonly aedes: Aedes
-  /** Resolves once every append a client's publish started has settled (the shutdown's "drain appends"). */
+  /** Resolves once every append a client's publish started has settled, and the shares' commits (the shutdown's "drain appends"). */
   appendsSettled (): Promise<void>
 }
 
@@ -129,5 +129,6 @@ export function createBroker (deps: BrokerDeps): Broker {
   installReplayHooks(ctx)
   shareHooks.install(ctx)
   installClientEvents(ctx)
-  return { aedes: broker, appendsSettled: () => appender.settled() }
+  // Once the clients are gone: the shares' last commits, so a graceful restart sends less again.
+  return { aedes: broker, appendsSettled: async () => { await appender.settled(); await shares.close() } }
 }

@@ -31,12 +31,28 @@ export interface Sent {
 export class Member {
   /** Packet id → the lane and record it carries, for QoS 1 records sent and not acknowledged. */
   readonly inflight = new Map<number, { readonly lane: Lane, readonly sent: Sent }>()
+  /** Room in the window taken by reads under way (several lanes read for one member at once). */
+  reserved = 0
+  /** Lanes that found no room because of reads under way: pumped again when one of those reads is done. */
+  readonly starved = new Set<Lane>()
   left = false
+  /** Record topic → whether this member may read it (its ACL), worked out once per topic. */
+  readonly #readable = new Map<string, boolean>()
 
   constructor (readonly client: Client, readonly conn: ReplayConnection, readonly who: Identity, public qos: 0 | 1, readonly joined: number) {}
 
   get gone (): boolean {
     return this.left || this.conn.closed || this.conn.stream.destroyed === true
+  }
+
+  /** Whether the member may read `topic`, by `check` the first time (a member walking many topics recomputes). */
+  mayRead (topic: string, check: (topic: string) => boolean): boolean {
+    let ok = this.#readable.get(topic)
+    if (ok === undefined) {
+      if (this.#readable.size >= 4096) this.#readable.clear()
+      this.#readable.set(topic, ok = check(topic))
+    }
+    return ok
   }
 }
 

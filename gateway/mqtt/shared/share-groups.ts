@@ -221,12 +221,15 @@ class Share {
     member.inflight.delete(messageId)
     const { lane, sent } = held
     lane.ack(sent)
+    this.#scheduleCommit()
     if (lane.handoverTo !== null && lane.unacked === 0) {
       lane.assign(lane.handoverTo)
+      this.pump(lane)
     }
-    this.#scheduleCommit()
-    // The member has room again: every lane it owns may go on (a lane pumps only while its owner has room).
-    for (const l of this.#lanes) if (l.owner === member || l === lane) this.pump(l)
+    // The member's lanes go on once half its window is free, so a backlog is not read one record per PUBACK.
+    if (member.inflight.size <= Math.floor(this.#deps.inflight / 2)) {
+      for (const l of this.#lanes) if (l.owner === member) this.pump(l)
+    }
     return true
   }
 
@@ -307,8 +310,11 @@ class Share {
       lane.again = false
       const member = lane.owner
       if (member === null || member.gone || lane.handoverTo !== null) return
-      const room = member.qos === 1 ? inflight - member.inflight.size : CHUNK_RECORDS
-      if (room <= 0) return
+      const room = member.qos === 1 ? inflight - member.inflight.size - member.reserved : CHUNK_RECORDS
+      if (room <= 0) {
+        if (member.reserved > 0) member.starved.add(lane)
+        return
+      }
       const info = store.partitionInfo(lane.stream, lane.partition)
       if (lane.next < info.logStartOffset) {
         this.#deps.logger.warn({ share: this.id, stream: lane.stream, partition: lane.partition, skipped: info.logStartOffset - lane.next },
@@ -318,7 +324,17 @@ class Share {
       if (lane.next >= info.logEndOffset) return
       const epoch = lane.epoch
       const read = { maxRecords: Math.min(room, CHUNK_RECORDS), maxBytes: CHUNK_BYTES }
-      const { records, nextOffset } = await store.read(lane.stream, lane.partition, lane.next, read)
+      const reserved = member.qos === 1 ? read.maxRecords : 0
+      member.reserved += reserved
+      let result: Awaited<ReturnType<LogStore['read']>>
+      try {
+        result = await store.read(lane.stream, lane.partition, lane.next, read)
+      } finally {
+        member.reserved -= reserved
+        for (const l of member.starved) if (l !== lane) this.pump(l)
+        member.starved.clear()
+      }
+      const { records, nextOffset } = result
       if (lane.epoch !== epoch || lane.owner !== member || member.gone || lane.handoverTo !== null) continue
       const stream = this.#send(lane, member, records)
       lane.next = nextOffset
@@ -332,7 +348,7 @@ class Share {
     const picked: Array<{ record: StoredRecord, topic: Buffer }> = []
     let size = 0
     for (const record of records) {
-      if (!this.#deliverable(member.who, record.topic)) continue
+      if (!topicMatches(this.request.filter, record.topic) || !member.mayRead(record.topic, this.#mayRead(member.who))) continue
       const topic = Buffer.from(record.topic)
       if (topic.length > MAX_TOPIC_BYTES) continue
       const qos = Math.min(member.qos, record.qos === 0 ? 0 : 1) as 0 | 1
@@ -357,9 +373,9 @@ class Share {
     return stream.write(out) ? null : stream
   }
 
-  /** Whether a record of the log is the share's to deliver to this member: its filter, and the member's read ACL. */
-  #deliverable (who: Identity, topic: string): boolean {
-    return topicMatches(this.request.filter, topic) && isAllowed(this.#deps.acl, who, 'subscribe', topic)
+  /** The member's read ACL, per message as authorizeForward holds it for live deliveries. */
+  #mayRead (who: Identity): (topic: string) => boolean {
+    return (topic) => isAllowed(this.#deps.acl, who, 'subscribe', topic)
   }
 
   /** Commits each lane's `done`; one commit at a time, a request while one runs makes it go round again. */

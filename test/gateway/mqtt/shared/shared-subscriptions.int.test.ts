@@ -194,6 +194,46 @@ describe('shared subscriptions (one tenant, anonymous on loopback)', () => {
     pub.end(true)
   }, 60_000)
 
+  it('a backlog many windows long drains to members that join late; a kill -9 while one holds records loses nothing', async () => {
+    const filter = '$share/backlog/devices/+/telemetry/#'
+    const got: Got[] = []
+    // The share exists (and starts at the log end) from its first SUBSCRIBE; its member leaves at once.
+    const first = await connect('backlog-first')
+    expect(await subscribeGranted(first, filter, 1)).toEqual([1])
+    first.end(true)
+    const pub = await connect('backlog-pub')
+    const sent = await publishAll(pub, (d) => `devices/${d}/telemetry/t`, 20, 40)
+    pub.end(true)
+    const opts: IClientOptions = { clean: false }
+    const member = async (name: string, session: number): Promise<MqttClient> => {
+      const c = await connect(`backlog-${name}`, opts)
+      listen(c, `${name}#${session}`, got)
+      if (session === 0) expect(await subscribeGranted(c, filter, 1)).toEqual([1])
+      return c
+    }
+    const a = await member('a', 0)
+    expect(await waitFor(() => got.length >= 100, 10_000)).toBe(true)
+    // b joins while a holds records of every partition: the partitions moving to b wait for a's PUBACKs.
+    const b = await member('b', 0)
+    // After 50 messages b stops acknowledging: the gateway is killed while b holds unacknowledged records.
+    let bGot = 0
+    const handle = b.handleMessage.bind(b)
+    b.handleMessage = (packet, done) => { if (++bGot <= 50) handle(packet, done) }
+    expect(await waitFor(() => bGot > 50, 10_000)).toBe(true)
+    await gw.kill()
+    clients.delete(a)
+    clients.delete(b)
+    gw = await startGatewayProcess({ dataDir, config })
+    // Both reconnect; their restored $share subscriptions join again, from the group's committed offsets.
+    await member('a', 1)
+    await member('b', 1)
+    const delivered = (): Set<string> => new Set(got.map((g) => g.payload))
+    expect(await waitFor(() => delivered().size >= sent.length, 20_000), `${delivered().size} of ${sent.length}`).toBe(true)
+    expect([...delivered()].sort()).toEqual([...sent].sort())
+    expectPerDeviceOrder(got)
+    expect(got.some((g) => g.member === 'b#1')).toBe(true)
+  }, 60_000)
+
   it('after every member left and a kill -9, the share resumes at its committed offset; a persistent member re-joins on reconnect', async () => {
     const filter = '$share/durable/devices/+/events/#'
     const opts: IClientOptions = { clean: false }
