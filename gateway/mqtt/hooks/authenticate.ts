@@ -68,9 +68,8 @@ export function authenticate (ctx: HookContext, users: UserDirectory, owners: Cl
     }
     // A will is published as the client's own PUBLISH when it fires, so its topic is held to the same rules now,
     // not found wanting only when the client is gone.
-    const willProblem = info.willTopic === undefined
-      ? null
-      : topicNameProblem(info.willTopic) ?? (isReplayTopic(info.willTopic) ? '$replay topics are the gateway\'s replays of the log' : null)
+    const reserved = (topic: string): string | null => isReplayTopic(topic) || isShareTopic(topic) ? '$replay and $share are subscriptions, not topics' : null
+    const willProblem = info.willTopic === undefined ? null : topicNameProblem(info.willTopic) ?? reserved(info.willTopic)
     if (willProblem !== null) {
       refuse(client, 'invalid-will', `will topic ${JSON.stringify(info.willTopic)}: ${willProblem}`)
       return done(authError(5, 'invalid will topic'), false)
