@@ -10,7 +10,7 @@
  * so a partition — a device — is read by one member at a time, in offset
  * order. Each member is sent its lanes' records from the group's position,
  * filtered by the share's filter (the gateway's one matcher) and the
- * member's read ACL, at QoS min(subscription, 1), at most
+ * member's read ACL, at QoS min(subscription, message, 1), at most
  * `mqtt.share.inflight` unacknowledged records per member. The group commits,
  * per partition, up to the oldest record not yet acknowledged. A member that
  * leaves (DISCONNECT, a dead socket, UNSUBSCRIBE) gives its lanes to the
@@ -29,21 +29,20 @@
  * member that leaves hands its records to another member, so exactly once
  * across the group cannot hold anyway (documented in docs/mqtt.md).
  *
- * Topics that no route sends to the log: a message goes live to one member,
- * round robin, through aedes' own delivery (`client.publish`, so a persistent
- * member's session queue keeps it like any of its messages). Not durable: a
- * message published while no member is connected is not kept for the share.
+ * Topics that no route sends to the log go live to one member in turn
+ * (live-share.ts); not durable.
  */
-import type { Aedes, Client, PublishPacket } from 'aedes'
+import type { Aedes, Client } from 'aedes'
 import type { Writable } from 'node:stream'
 import { isStoreError, type AppendEvent, type LogStore, type StoredRecord } from '../../../store/index.ts'
 import { isAllowed, type Identity } from '../../access/auth.ts'
-import { mountTopic, topicMatches, unmountTopic } from '../../access/topics.ts'
+import { topicMatches } from '../../access/topics.ts'
 import type { AclRule, RouteConfig } from '../../config/config.ts'
 import type { GatewayMetrics } from '../../metrics/metrics.ts'
 import { publishPacketSize, replayPartitions, writePublishPacket, type ReplayConnection, type ReplayLogger } from '../replay.ts'
 import { compileRoutes, type Router } from '../routing.ts'
 import { Lane, Member } from './lane.ts'
+import { LiveShare } from './live-share.ts'
 import { shareGroupId, type ShareRequest } from './share-topic.ts'
 
 /** Records read from a partition per store read at most (the member's window bounds it further). */
@@ -158,33 +157,33 @@ export class SharedSubscriptions {
   }
 }
 
-/** One shared subscription: its members, its lanes (log part) and its round robin (live part). */
+/** One shared subscription: its members, its lanes (the log part, here) and its round robin (the live part, live-share.ts). */
 class Share {
   readonly #deps: ShareDeps
-  readonly #route: Router
   readonly #members: Member[] = []
   readonly #lanes: Lane[] = []
   #opened: Promise<void> | null = null
   #commit: Promise<void> | null = null
   #commitAgain = false
-  #turn = 0
-  #live: ((packet: PublishPacket, cb: () => void) => void) | null = null
+  readonly #live: LiveShare
   readonly #messages: { inc (n?: number): void }
   readonly #labels: { tenant: string, group: string }
 
   constructor (deps: ShareDeps, route: Router, readonly id: string, readonly tenant: string, readonly request: ShareRequest,
     readonly onLane: (lane: Lane) => void) {
     this.#deps = deps
-    this.#route = route
     this.#labels = { tenant, group: id }
     this.#messages = deps.metrics.shareMessages.labels(this.#labels)
     deps.metrics.shareMembers.set(this.#labels, 0)
+    this.#live = new LiveShare({
+      broker: deps.broker, acl: deps.acl, route, tenant, filter: request.filter, members: this.#members, delivered: () => this.#messages.inc(),
+    })
   }
 
   async join (member: Member): Promise<void> {
     this.#members.push(member)
     this.#deps.metrics.shareMembers.set(this.#labels, this.#members.length)
-    this.#listenLive()
+    this.#live.start()
     this.#deps.logger.info({ clientId: member.conn.clientId, tenant: this.tenant, share: this.id, members: this.#members.length }, 'share member joined')
     try {
       await this.open()
@@ -211,7 +210,7 @@ class Share {
     member.inflight.clear()
     this.#deps.logger.info({ clientId: member.conn.clientId, tenant: this.tenant, share: this.id, members: this.#members.length, released },
       'share member left')
-    if (this.#members.length === 0) this.#stopLive()
+    if (this.#members.length === 0) this.#live.stop()
     this.#rebalance()
   }
 
@@ -398,43 +397,6 @@ class Share {
         }
       } while (this.#commitAgain)
     })().finally(() => { this.#commit = null })
-  }
-
-  // ---- topics not routed to the log: live, round robin
-
-  #listenLive (): void {
-    if (this.#live !== null) return
-    const { filter } = this.request
-    const wildcardFirst = filter.startsWith('+') || filter.startsWith('#')
-    const deliver = (packet: PublishPacket, cb: () => void): void => {
-      const topic = unmountTopic(this.tenant, packet.topic)
-      // Routed topics reach the members from the log; [MQTT-4.7.2-1] a wildcard first level matches no `$` topic.
-      if (topic === null || this.#route(topic) !== null || (wildcardFirst && topic.startsWith('$'))) return cb()
-      const member = this.#nextMember(topic)
-      if (member === undefined) return cb()
-      this.#messages.inc()
-      const qos = Math.min(member.qos, packet.qos) as 0 | 1
-      member.client.publish({ cmd: 'publish', topic: packet.topic, payload: packet.payload, qos, retain: false, dup: false } as PublishPacket,
-        () => cb())
-    }
-    this.#live = deliver
-    this.#deps.broker.subscribe(mountTopic(this.tenant, filter), deliver as never, () => {})
-  }
-
-  #stopLive (): void {
-    if (this.#live === null) return
-    this.#deps.broker.unsubscribe(mountTopic(this.tenant, this.request.filter), this.#live as never, () => {})
-    this.#live = null
-  }
-
-  /** The next member in turn that may read the topic. */
-  #nextMember (topic: string): Member | undefined {
-    const n = this.#members.length
-    for (let k = 0; k < n; k++) {
-      const m = this.#members[(this.#turn++) % n] as Member
-      if (!m.gone && isAllowed(this.#deps.acl, m.who, 'subscribe', topic)) return m
-    }
-    return undefined
   }
 }
 
