@@ -81,6 +81,11 @@ export interface UpstreamStatus {
    * `duplicate` (resends the stream already had, counted as delivered).
    */
   readonly jetstream?: { readonly stream: string, readonly duplicateWindowMs: number, readonly replicas: number, readonly duplicateAcks: number } | null
+  /**
+   * A NATS upstream's server on the current (or last) connection, as its INFO announced it (in a cluster, the node
+   * the uplink is connected to); null before the first connection.
+   */
+  readonly natsServer?: { readonly name: string, readonly version: string, readonly jetstream: boolean } | null
 }
 
 /** The connection's part of the status. */

@@ -164,7 +164,7 @@ async function start (config: GatewayConfig, deps: GatewayDeps, shutdown: Shutdo
   const http = await startHttpServer(config.http, {
     registry,
     health: () => ({ healthy: health.healthy, reasons: health.reasons() }),
-    api: { store, users: config.users, tokens: config.apiTokens, logger, bridge },
+    api: { store, users: config.users, tokens: config.apiTokens, logger, bridge, waitingReads: metrics.httpWaitingReads },
     version: VERSION,
   })
   shutdown.add('http', () => http.close())

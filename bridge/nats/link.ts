@@ -61,7 +61,18 @@ export function natsOptions (u: UpstreamConfig, gatewayId: string): NodeConnecti
   }
   const n = u.nats
   let authenticator: Authenticator | undefined
-  if (n.credsFile !== undefined) authenticator = credsAuthenticator(new Uint8Array(read(n.credsFile, 'nats.credsFile', 'BRIDGE_NATS_CREDENTIALS_FILE')))
+  if (n.credsFile !== undefined) {
+    authenticator = credsAuthenticator(new Uint8Array(read(n.credsFile, 'nats.credsFile', 'BRIDGE_NATS_CREDENTIALS_FILE')))
+    // The client parses the file only when the server asks for a signature, and a failure then looks like an
+    // unreachable server, retried for ever: sign once now, so a garbled file stops the start with its own code.
+    try {
+      authenticator('edgemq-creds-check')
+    } catch (cause) {
+      throw new BridgeError('BRIDGE_NATS_CREDENTIALS_FILE',
+        `upstream ${u.name}: nats.credsFile ${n.credsFile} is not a creds file (a user JWT and an NKey seed, as nsc writes it): ${(cause as Error).message}`,
+        { cause })
+    }
+  }
   if (n.nkeySeedFile !== undefined) {
     const seed = read(n.nkeySeedFile, 'nats.nkeySeedFile', 'BRIDGE_NATS_CREDENTIALS_FILE').toString('utf8').trim()
     if (!/^S[A-Z2-7]{50,}$/.test(seed)) {
@@ -135,6 +146,7 @@ export class NatsLink {
   #reconnects = 0
   #timer: NodeJS.Timeout | null = null
   #stream: StreamInfo | null = null
+  #server: { name: string, version: string, jetstream: boolean } | null = null
 
   /** Throws BRIDGE_TLS_FILES or BRIDGE_NATS_CREDENTIALS_FILE when a file cannot be read. */
   constructor (config: UpstreamConfig, deps: NatsLinkDeps, events: NatsLinkEvents, required: RequiredSubjects) {
@@ -151,6 +163,8 @@ export class NatsLink {
   get generation (): number { return this.#generation }
   /** The stream as last checked. */
   get stream (): StreamInfo | null { return this.#stream }
+  /** The server of the current (or last) connection, from its INFO. */
+  get server (): { readonly name: string, readonly version: string, readonly jetstream: boolean } | null { return this.#server }
 
   /** Records an error for the status (and the error gauge) without dropping the link. */
   recordError (message: string, code?: BridgeErrorCode): void {
@@ -211,6 +225,8 @@ export class NatsLink {
       return
     }
     this.#nc = nc
+    const info = nc.info
+    if (info !== undefined) this.#server = { name: info.server_name, version: info.version, jetstream: info.jetstream === true }
     void nc.closed().then((err) => {
       if (generation !== this.#generation) return
       if (err instanceof Error) this.recordError(err.message, classify(err).code)

@@ -255,6 +255,7 @@ export class NatsUplink {
             stream: stream.config.name, duplicateWindowMs: stream.config.duplicate_window / 1_000_000, replicas: stream.config.num_replicas,
             duplicateAcks: this.#duplicates,
           },
+      natsServer: this.#link.server,
     }
   }
 }

@@ -18,6 +18,13 @@ function lastError (u: UpstreamStatus): string {
   return resolvedAt === null ? `${at} ${message}` : `${at} ${message} (resolved ${resolvedAt})`
 }
 
+/** PROTOCOL: an MQTT upstream's version; for NATS, `nats/<server version>` (`+js` when it runs JetStream), `nats` before a connection. */
+function protocol (u: UpstreamStatus): string {
+  if (u.kind !== 'nats') return u.mqttVersion ?? '-'
+  const s = u.natsServer
+  return s === null || s === undefined ? 'nats' : `nats/${s.version}${s.jetstream ? '+js' : ''}`
+}
+
 export function bridgeTable (upstreams: readonly UpstreamStatus[], partitions: boolean): string {
   if (upstreams.length === 0) return 'no upstreams configured (bridge.upstreams)\n'
   const main = table(
@@ -26,7 +33,7 @@ export function bridgeTable (upstreams: readonly UpstreamStatus[], partitions: b
       'RATE/S', 'RECONNECTS', 'DEAD-LETTERED', 'LAST-ERROR',
     ],
     upstreams.map((u) => [
-      u.name, u.region || '-', u.connected ? 'yes' : 'no', u.mqttVersion ?? '-', u.dedupeId, u.since ?? '-',
+      u.name, u.region || '-', u.connected ? 'yes' : 'no', protocol(u), u.dedupeId, u.since ?? '-',
       u.backlog.messages, u.backlog.bytes, u.backlog.seconds.toFixed(1),
       u.inflight, u.forwardedMessages, u.throughput, u.reconnects, u.deadLettered, lastError(u),
     ]))

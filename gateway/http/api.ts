@@ -47,6 +47,8 @@ export interface ApiDeps {
   readonly logger?: { warn (fields: Record<string, unknown>, message: string): void }
   /** The bridge's upstreams, for GET /v1/bridge; absent: no upstream is configured. */
   readonly bridge?: { status (): Promise<UpstreamStatus[]> }
+  /** Set to the number of reads waiting for an append (long-polls); the gateway passes its edgemq_http_waiting_reads gauge. */
+  readonly waitingReads?: { set (value: number): void }
 }
 
 declare module 'fastify' {
@@ -103,7 +105,7 @@ export function createApi (deps: ApiDeps): Api {
   const auth = new ApiAuthenticator(deps.users, deps.tokens ?? [], { logger: deps.logger })
   const clock = deps.clock ?? systemClock
   const now = (): number => clock.now()
-  const waiters = new AppendWaiters(store)
+  const waiters = new AppendWaiters(store, (n) => deps.waitingReads?.set(n))
 
   // ---------------------------------------------------------------- streams
 

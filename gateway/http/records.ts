@@ -180,9 +180,12 @@ function recordFilter (req: RecordsRequest): RecordFilter | null {
 export class AppendWaiters {
   readonly #waiting = new Map<string, Set<() => void>>()
   readonly #unsubscribe: () => void
+  readonly #onSize: (waiting: number) => void
   #closed = false
 
-  constructor (store: LogStore) {
+  /** `onSize` hears the number of waiting requests whenever it changes (the edgemq_http_waiting_reads gauge). */
+  constructor (store: LogStore, onSize: (waiting: number) => void = () => {}) {
+    this.#onSize = onSize
     this.#unsubscribe = store.onAppend((e) => {
       const set = this.#waiting.get(`${e.stream}\u0000${e.partition}`)
       if (set !== undefined) for (const wake of [...set]) wake()
@@ -208,11 +211,13 @@ export class AppendWaiters {
         signal.removeEventListener('abort', done)
         waiters.delete(done)
         if (waiters.size === 0 && this.#waiting.get(key) === waiters) this.#waiting.delete(key)
+        this.#onSize(this.size)
         resolve()
       }
       const timer = setTimeout(done, ms)
       signal.addEventListener('abort', done, { once: true })
       waiters.add(done)
+      this.#onSize(this.size)
     })
   }
 

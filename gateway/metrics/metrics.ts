@@ -5,7 +5,7 @@
  * group / listener / reason, never a device or client id.
  */
 import { Counter, Gauge, Histogram, collectDefaultMetrics, type Registry } from 'prom-client'
-import type { LogStore } from '../../store/index.ts'
+import type { LogStore, PartitionLag } from '../../store/index.ts'
 
 export type RefusalReason =
   | 'max-connections' | 'bad-credentials' | 'not-authorized' | 'invalid-client-id' | 'client-id-not-bound' | 'protocol'
@@ -37,6 +37,7 @@ export interface GatewayMetrics {
   readonly shareMembers: Gauge<'tenant' | 'group'>
   readonly replaysFinished: Counter<'tenant' | 'outcome'>
   readonly expiredDropped: Counter<'tenant'>
+  readonly httpWaitingReads: Gauge
 }
 
 export interface MetricsSources {
@@ -150,14 +151,36 @@ export function createMetrics (registry: Registry, sources: MetricsSources): Gat
     for (const g of store.listGroups()) {
       for (const name of Object.keys(g.offsets)) {
         const { tenant, stream } = splitStream(name)
-        for (const lag of await store.groupLag(g.group, name)) {
+        let lags: PartitionLag[]
+        try {
+          lags = await store.groupLag(g.group, name)
+        } catch {
+          // The oldest unconsumed record could not be read (a damaged table block, STORE_DAMAGED): the scrape still
+          // answers, with the lag in messages from the offsets alone, no lag in seconds, and a read error counted.
+          storeErrors.inc({ kind: 'read' })
+          lags = lagFromOffsets(name, g.offsets[name] ?? {})
+        }
+        for (const lag of lags) {
           const labels = { group: g.group, tenant, stream, partition: String(lag.partition) }
           if (lag.committedOffset !== null) groupGauges.committed.set(labels, lag.committedOffset)
           groupGauges.lag.set(labels, lag.lagMessages)
-          groupGauges.lagSeconds.set(labels, lag.lagSeconds)
+          if (!Number.isNaN(lag.lagSeconds)) groupGauges.lagSeconds.set(labels, lag.lagSeconds)
         }
       }
     }
+  }
+  /** A group's lag in messages without reading a record; lagSeconds is NaN (unknown). */
+  const lagFromOffsets = (name: string, committed: Readonly<Record<number, number>>): PartitionLag[] => {
+    const s = store.listStreams().find((x) => x.name === name)
+    return Array.from({ length: s?.partitions ?? 0 }, (_, partition) => {
+      const info = store.partitionInfo(name, partition)
+      const offset = committed[partition] ?? null
+      const next = Math.max(offset ?? info.logStartOffset, info.logStartOffset)
+      return {
+        partition, committedOffset: offset, logStartOffset: info.logStartOffset, logEndOffset: info.logEndOffset,
+        lagMessages: Math.max(0, info.logEndOffset - next), lagSeconds: Number.NaN,
+      }
+    })
   }
   new Gauge({
     name: 'edgemq_groups', help: 'Number of consumer groups.', registers: [registry],
@@ -166,12 +189,15 @@ export function createMetrics (registry: Registry, sources: MetricsSources): Gat
 
   const storeErrors = new Counter({
     name: 'edgemq_store_errors_total',
-    help: 'Failed log writes (each one stops acks until the store recovers).',
+    help: 'Failed log writes (kind write: each one stops acks until the store recovers) and reads that met a damaged record (kind read).',
     labelNames: ['kind'],
     registers: [registry],
+    // A read error met by this scrape's group lag shows in this scrape.
+    collect: groupsCollected,
   })
   // Present from the first scrape, so dashboards show 0 and increase() sees the first error.
   storeErrors.inc({ kind: 'write' }, 0)
+  storeErrors.inc({ kind: 'read' }, 0)
 
   return {
     ingestMessages: new Counter({
@@ -269,6 +295,11 @@ export function createMetrics (registry: Registry, sources: MetricsSources): Gat
       name: 'edgemq_mqtt_expired_dropped_total',
       help: 'Messages past their expiry (commands past their time-to-live) not delivered, also from a persistent session\'s queue.',
       labelNames: ['tenant'],
+      registers: [registry],
+    }),
+    httpWaitingReads: new Gauge({
+      name: 'edgemq_http_waiting_reads',
+      help: 'HTTP record reads (wait=…) waiting at the end of the log for an append.',
       registers: [registry],
     }),
   }

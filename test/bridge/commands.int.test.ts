@@ -71,12 +71,13 @@ describe.skipIf(bin === null)('bridge: commands to devices', () => {
     await cloud.publishAsync('cmd/edge-1/dev-1/reboot', 'reboot-now', { qos: 1 })
     await cloud.publishAsync('cmd/edge-1/dev-2/reboot', 'too-late', { qos: 1, properties: { messageExpiryInterval: 1 } })
     await waitFor('both commands stored', async () => (await bridgeStatus(edge.httpUrl))[0]?.commandsReceived === 3 ? true : undefined)
+    const storedBy = Date.now() // the edge took dev-2's command before now: it expires 1 s after that at the latest
     await online.client.endAsync()
     await edge.kill() // SIGKILL while both wait for their devices
     // Sent while the edge is down: the edge's persistent session at the upstream holds it.
     await cloud.publishAsync('cmd/edge-1/dev-3/fw', 'v2', { qos: 1 })
 
-    await new Promise((resolve) => setTimeout(resolve, 1500)) // dev-2's command expires meanwhile
+    await waitFor('dev-2\'s command to expire', () => Date.now() > storedBy + 1000 ? true : undefined)
     edge = await startEdge(dir, up.url)
     const dev1 = await device(edge.mqttUrl, 'dev-1')
     const dev2 = await device(edge.mqttUrl, 'dev-2')

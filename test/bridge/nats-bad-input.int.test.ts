@@ -5,15 +5,18 @@
  * API and `edgemq_bridge_upstream_error`, forwards nothing, and once the
  * cause is fixed upstream drains every acknowledged record exactly once.
  * And the credentials that work: user/password and NKey over TLS with a
- * client certificate, and a token.
+ * client certificate, a token, and a creds file (NATS decentralized auth);
+ * a missing or garbled creds file stops the start with its own code.
  */
 import { writeFile } from 'node:fs/promises'
 import path from 'node:path'
 import { jetstreamManager, type JetStreamManager } from '@nats-io/jetstream'
-import { nkeys, type NatsConnection } from '@nats-io/transport-node'
+import { credsAuthenticator, nkeys, type NatsConnection } from '@nats-io/transport-node'
 import { afterAll, describe, expect, it } from 'vitest'
+import { runCliWithin } from '../helpers/cli-run.ts'
 import { bridgeStatus, drained, freePort, publishAcked, waitFor, type UpstreamStatusDoc } from '../helpers/bridge-fixtures.ts'
 import { startGatewayProcess, tempDir, writeConfig, type GatewayProcess } from '../helpers/gateway-process.ts'
+import { natsOperatorSetup } from '../helpers/nats-fixtures.ts'
 import { natsClient, natsPolicy, readStream, startNatsServer, type NatsServerProcess } from '../helpers/nats-process.ts'
 import { createPki, opensslPolicy } from '../helpers/tls-fixtures.ts'
 
@@ -98,6 +101,9 @@ describe.skipIf(bin === null)('bridge: NATS upstream errors', () => {
     const acked = await publishAcked(edge.mqttUrl, ['dev-a', 'dev-b'], 50)
     const down = await expectDownWith(edge, 'js', 'BRIDGE_NATS_UNREACHABLE', acked.length)
     expect(down.connectFailures).toBeGreaterThan(0)
+    expect(down.natsServer).toBeNull() // no server has answered yet: the table's PROTOCOL says just `nats`
+    const table = await runCliWithin(['bridge', 'status', '--url', edge.httpUrl], 20_000)
+    expect(table.stdout).toMatch(/\njs +- +no +nats +nats-msg-id /)
     expect(edge.stderr()).toContain('upstream connection failed; retrying')
     const n = await nats(dir, [], port)
     const { nc } = await client(n.url)
@@ -227,6 +233,33 @@ describe.skipIf(bin === null)('bridge: NATS upstream errors', () => {
       bridge: { upstreams: [{ name: 'js', url: 'nats://127.0.0.1:4222', nats: { nkeySeedFile: path.join(dir, 'missing.nk') } }] },
     })
     await expect(startGatewayProcess({ dataDir: `${dir}/data`, config })).rejects.toThrow(/BRIDGE_NATS_CREDENTIALS_FILE|cannot read nats.nkeySeedFile/)
+  })
+
+  it('a creds file (operator, account and user JWTs) logs in; a missing or garbled one stops the start, and nothing is lost', async () => {
+    const dir = await setup()
+    const auth = await natsOperatorSetup(dir)
+    const port = await freePort()
+    const url = `nats://127.0.0.1:${port}`
+    // Records acknowledged while the server is down wait in the edge's log for a restart with working credentials.
+    const first = await startEdge(dir, [{ url, nats: { credsFile: auth.credsFile, stream: { create: true } } }])
+    const acked = await publishAcked(first.mqttUrl, ['dev-a', 'dev-b'], 20)
+    expect(await first.stop()).toBe(0)
+
+    const garbled = path.join(dir, 'garbled.creds')
+    await writeFile(garbled, new TextDecoder().decode(auth.creds).replace(/^SU[A-Z2-7]+$/m, 'not-a-seed'), { mode: 0o600 })
+    const armourless = path.join(dir, 'armourless.creds')
+    await writeFile(armourless, 'eyJ0eXAiOiJKV1QifQ.e30.c2ln\n', { mode: 0o600 })
+    for (const credsFile of [path.join(dir, 'missing.creds'), garbled, armourless]) {
+      await expect(startEdge(dir, [{ url, nats: { credsFile, stream: { create: true } } }]), credsFile).rejects.toThrow(/BRIDGE_NATS_CREDENTIALS_FILE/)
+    }
+
+    const server = await nats(dir, [...auth.config], port)
+    await expect(natsClient(url)).rejects.toThrow(/Authorization Violation/) // the server wants a login
+    const edge = await startEdge(dir, [{ url, nats: { credsFile: auth.credsFile, stream: { create: true } } }])
+    cleanups.push(() => edge.kill())
+    const more = await publishAcked(edge.mqttUrl, ['dev-a', 'dev-b'], 10, 20)
+    const { nc } = await client(server.url, { authenticator: credsAuthenticator(auth.creds) })
+    await expectRecovered(edge, nc, 'EDGEMQ', [...acked, ...more])
   })
 
   it.skipIf(!openssl.available && !openssl.missingInCi)('user/password and NKey over TLS with a client certificate, and a token: each upstream gets every record', async () => {

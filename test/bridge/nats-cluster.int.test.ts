@@ -58,6 +58,7 @@ describe.skipIf(bin === null)('bridge: edgemq → a three-node JetStream cluster
     expect(after.connected).toBe(true) // back by itself: nobody touched the edge
     if (after.lastError !== null) expect(after.lastError.resolvedAt).not.toBeNull()
     expect(after.jetstream).toMatchObject({ stream: 'EDGEMQ', replicas: 3 })
+    expect(nodes.map((n) => n.name)).toContain(after.natsServer?.name) // the status names the node it is connected to
     expect(await edge.stop()).toBe(0)
     await waitFor('the stream to answer with everything', async () => (await info()).messages === acked.length ? true : undefined, 60_000)
     expectExactlyOnce(await readWholeLog(`${t.dir}/data`), await readStream(nc, 'EDGEMQ'))

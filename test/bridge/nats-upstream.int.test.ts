@@ -5,8 +5,10 @@
  * edge SIGKILLed several times mid-drain lands exactly once, in
  * per-partition order.
  */
+import { execFileSync } from 'node:child_process'
 import { afterAll, describe, expect, it } from 'vitest'
 import { bridgeStatus, drained, publishAcked, waitFor } from '../helpers/bridge-fixtures.ts'
+import { runCliWithin } from '../helpers/cli-run.ts'
 import { tempDir } from '../helpers/gateway-process.ts'
 import { readWholeLog } from '../helpers/log-reader.ts'
 import { expectExactlyOnceInOrder, startNatsEdge } from '../helpers/nats-fixtures.ts'
@@ -42,6 +44,12 @@ describe.skipIf(bin === null)('bridge: edgemq → NATS JetStream (one node)', ()
     const status = await drained(edge.httpUrl, 'js')
     expect(status).toMatchObject({ kind: 'nats', mqttVersion: null, dedupeId: 'nats-msg-id', forwardedMessages: acked.length })
     expect(status.jetstream).toEqual({ stream: 'EDGEMQ', duplicateWindowMs: 600_000, replicas: 1, duplicateAcks: 0 })
+    const version = execFileSync(bin as string, ['--version'], { encoding: 'utf8' }).match(/v(\d+\.\d+\.\d+)/)?.[1]
+    expect(status.natsServer).toEqual({ name: nats.name, version, jetstream: true })
+    // The command line's PROTOCOL column names the server and its JetStream.
+    const table = await runCliWithin(['bridge', 'status', '--url', edge.httpUrl], 20_000)
+    expect(table.code, table.stderr).toBe(0)
+    expect(table.stdout).toMatch(new RegExp(`\\njs +- +yes +nats/${String(version).replaceAll('.', '\\.')}\\+js +nats-msg-id `))
 
     const nc = await natsClient(nats.url)
     cleanups.push(() => nc.close())

@@ -61,7 +61,9 @@ describe(`dashboards against a real Prometheus scraping a live gateway${runs ? '
     // The rate windows ($__rate_interval = 10s) still hold the load; let two more scrapes land first.
     await waitFor('the scrapes after the load to succeed', async () => (await prom.query('min_over_time(up{job="edgemq"}[3s]) == 1')).length === 1, 20_000)
     const at = Date.now() / 1000
-    await sleep(2500)
+    // A sample is stamped with its scrape's start and the scrapes of one target run one after the other: once a
+    // sample stamped a second past `at` is in, every scrape that began before `at` has landed (two, as before).
+    await waitFor('two scrapes after the query time', async () => (await prom.query(`timestamp(up{job="edgemq"}) > ${at + 1}`)).length === 1, 20_000)
 
     const empty: string[] = []
     let checked = 0

@@ -11,7 +11,7 @@ import path from 'node:path'
 import { ClassicLevel } from 'classic-level'
 import mqtt from 'mqtt'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { decodeMeta, keys } from '../../store/format.ts'
+import { decodeMeta, encodeU64, keys } from '../../store/format.ts'
 import { partitionForKey, tableBlocks, type TableBlock } from '../../store/index.ts'
 import { runCliWithin } from '../helpers/cli-run.ts'
 import { startGatewayProcess, tempDir } from '../helpers/gateway-process.ts'
@@ -178,6 +178,7 @@ describe('a damaged data directory', () => {
     const value = Buffer.from((await log.get(key))!)
     value[value.length - 7] = (value[value.length - 7] as number) ^ 0x01
     await log.put(key, value, { sync: true } as object)
+    await log.put(keys.offset('stuck', stream.id, PARTITION), encodeU64(target.base), { sync: true } as object)
     await db.close()
     const gw = await startGatewayProcess({ dataDir: dir })
     try {
@@ -185,6 +186,15 @@ describe('a damaged data directory', () => {
       expect(status).toBe(500)
       expect(body.records).toBeUndefined()
       expect(body.error?.message).toMatch(/STORE_CORRUPT_BATCH/)
+      // The consumer group "stuck" stops at the damaged batch: /metrics still answers, with its lag in messages, no lag in
+      // seconds (that needs the record), and the failed read counted.
+      const scrape = await fetch(`${gw.httpUrl}/metrics`)
+      expect(scrape.status).toBe(200)
+      const text = await scrape.text()
+      const labels = `group="stuck",tenant="default",stream="telemetry",partition="${PARTITION}"`
+      expect(text).toContain(`edgemq_group_lag_messages{${labels}} ${RECORDS - target.base}`)
+      expect(text).not.toContain(`edgemq_group_lag_seconds{${labels}}`)
+      expect(Number(/edgemq_store_errors_total\{kind="read"\} (\d+)/.exec(text)?.[1])).toBeGreaterThanOrEqual(1)
     } finally {
       await gw.stop()
     }

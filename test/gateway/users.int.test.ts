@@ -8,7 +8,7 @@ import path from 'node:path'
 import type { MqttClient } from 'mqtt'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { runCli, startGatewayProcess, tempDir, writeConfig, type GatewayProcess } from '../helpers/gateway-process.ts'
-import { collect, connectOk, endAll, metricValue, sleep, subscribeGranted, tryConnect, waitFor } from '../helpers/mqtt-probe.ts'
+import { collect, connectOk, endAll, metricValue, roundTrip, subscribeGranted, tryConnect, waitFor } from '../helpers/mqtt-probe.ts'
 
 const TIMEOUT = 30_000
 const PASSWORD = 'correct horse battery staple'
@@ -127,7 +127,9 @@ describe('users, passwords and anonymous clients', () => {
     expect(anonGot.map((m) => m.payload)).toEqual(['anonymous hello'])
     expect(await metricValue(gw.httpUrl, 'edgemq_ingest_messages_total', { tenant: 'default', stream: 'telemetry' })).toBe(before + 1)
     expect(await metricValue(gw.httpUrl, 'edgemq_ingest_messages_total', { tenant: 'acme' })).toBe(0)
-    await sleep(200)
+    // anon's PUBACK came after the message was written to every matching subscriber: after a round trip on alice's
+    // connection, what alice has not got will not come.
+    await roundTrip(alice)
     expect(aliceGot).toEqual([])
     await endAll([alice, anon])
   }, TIMEOUT)

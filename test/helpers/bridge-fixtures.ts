@@ -39,6 +39,7 @@ export interface UpstreamStatusDoc {
   commandsReceived: number
   lastError: { message: string, code?: string, at: string, resolvedAt: string | null } | null
   jetstream?: { stream: string, duplicateWindowMs: number, replicas: number, duplicateAcks: number } | null
+  natsServer?: { name: string, version: string, jetstream: boolean } | null
   backlog: { messages: number, bytes: number, seconds: number }
   partitions: Array<{ tenant: string, stream: string, partition: number, committedOffset: number, forwardedOffset: number, logEndOffset: number, backlogMessages: number }>
 }

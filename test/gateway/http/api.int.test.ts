@@ -17,7 +17,7 @@ import { buildConfig } from '../../../gateway/config/config.ts'
 import { startGateway, type Gateway } from '../../../gateway/gateway.ts'
 import { decodeStoredBatch, type StoredRecord } from '../../../store/index.ts'
 import { tempDir } from '../../helpers/gateway-process.ts'
-import { metricValue, sleep } from '../../helpers/mqtt-probe.ts'
+import { metricValue, sleep, waitFor } from '../../helpers/mqtt-probe.ts'
 
 const silent = pino({ level: 'silent' })
 
@@ -78,6 +78,8 @@ describe('HTTP pull and replay API', () => {
   const clients: MqttClient[] = []
   let gw: Gateway
   let base: string
+  /** Until the gateway reports `n` record reads waiting for an append (edgemq_http_waiting_reads). */
+  const readsWaiting = (n: number): Promise<boolean> => waitFor(async () => await metricValue(base, 'edgemq_http_waiting_reads') === n, 10_000)
   let mqttUrl: string
   /** Reference log per telemetry partition, read through the store. */
   const reference = new Map<number, StoredRecord[]>()
@@ -375,7 +377,7 @@ describe('HTTP pull and replay API', () => {
     const start = gw.store.partitionInfo('acme/commands', 0).logEndOffset
     const pending = call('/v1/streams/commands/partitions/0/records?format=batches&offset=latest&wait=20')
       .then(async (r) => decodeBatchesBody(Buffer.from(await r.arrayBuffer())))
-    await sleep(200)
+    expect(await readsWaiting(1)).toBe(true) // the read waits at the log's end before the record comes
     const publisher = await connect('acme-svc', 'acme-batches-publisher')
     await publisher.publishAsync('devices/dev-3/commands/reboot', JSON.stringify({ at: 1 }), { qos: 1 })
     const got = await pending
@@ -474,33 +476,29 @@ describe('HTTP pull and replay API', () => {
     const p = gw.store.partitionFor('acme/telemetry', dev)
     const end = gw.store.partitionInfo('acme/telemetry', p).logEndOffset
 
-    // Wakes: the request waits at the end of the log; a publish 300 ms later answers it.
-    let started = performance.now()
+    // Wakes: the request waits at the end of the log (the gauge shows it waiting); a publish then answers it.
     const waiting = getJson<FetchBody>(`/v1/streams/telemetry/records?key=${dev}&offset=latest&wait=20`)
-    await sleep(300)
+    expect(await readsWaiting(1)).toBe(true)
     await publisher.publishAsync(`devices/${dev}/telemetry/t`, JSON.stringify({ temp: 1 }), { qos: 1 })
     let got = await waiting
-    let elapsed = performance.now() - started
     expect(got.records.map((r) => r.payload)).toEqual([JSON.stringify({ temp: 1 })])
     expect(got.records[0]!.offset).toBe(end)
-    expect(elapsed).toBeGreaterThanOrEqual(250)
-    expect(elapsed).toBeLessThan(5000)
+    expect(await readsWaiting(0)).toBe(true)
 
-    // A filtered wait ignores records that do not match and keeps waiting for one that does.
-    started = performance.now()
+    // A filtered wait ignores records that do not match and keeps waiting for one that does. The store wakes the
+    // waiter before the PUBACK of temp 5 can reach the publisher, so a waiting read after that ack is a second wait.
     const filtered = getJson<FetchBody>(`/v1/streams/telemetry/records?key=${dev}&offset=${got.nextOffset}&wait=20&where=${encodeURIComponent('temp > 100')}`)
-    await sleep(200)
+    expect(await readsWaiting(1)).toBe(true)
     await publisher.publishAsync(`devices/${dev}/telemetry/t`, JSON.stringify({ temp: 5 }), { qos: 1 })
-    await sleep(200)
+    expect(await readsWaiting(1)).toBe(true)
     await publisher.publishAsync(`devices/${dev}/telemetry/t`, JSON.stringify({ temp: 150 }), { qos: 1 })
     got = await filtered
     expect(got.records.map((r) => r.payload)).toEqual([JSON.stringify({ temp: 150 })])
     expect(got.nextOffset).toBe(end + 3)
-    expect(performance.now() - started).toBeGreaterThanOrEqual(350)
 
     // NDJSON long-poll: the headers wait for the first record too.
     const nd = call(`/v1/streams/telemetry/records?key=${dev}&offset=latest&wait=20&format=ndjson`).then((r) => r.text())
-    await sleep(200)
+    expect(await readsWaiting(1)).toBe(true)
     await publisher.publishAsync(`devices/${dev}/telemetry/t`, JSON.stringify({ temp: 7 }), { qos: 1 })
     const lines = (await nd).trimEnd().split('\n').map((l) => JSON.parse(l) as { payload?: string, end?: { nextOffset: number } })
     expect(lines.map((l) => l.payload ?? 'end')).toEqual([JSON.stringify({ temp: 7 }), 'end'])
@@ -509,9 +507,9 @@ describe('HTTP pull and replay API', () => {
     // From a time in the future: records that arrive before it are skipped, the first one at or after it is returned.
     const future = Date.now() + 800
     const later = getJson<FetchBody>(`/v1/streams/telemetry/records?key=${dev}&from=${future}&wait=20`)
-    await sleep(100)
+    expect(await readsWaiting(1)).toBe(true)
     await publisher.publishAsync(`devices/${dev}/telemetry/t`, JSON.stringify({ temp: 8 }), { qos: 1 })
-    await sleep(Math.max(0, future - Date.now()) + 50)
+    expect(await waitFor(() => Date.now() > future, 5000)).toBe(true) // the clock passes `from` (a positive wait)
     await publisher.publishAsync(`devices/${dev}/telemetry/t`, JSON.stringify({ temp: 9 }), { qos: 1 })
     got = await later
     const firstAfter = (await readAll('acme/telemetry', p)).find((r) => r.key === dev && r.timestamp >= future)!
@@ -521,19 +519,18 @@ describe('HTTP pull and replay API', () => {
     expect(logEnd).toBe(end + 6)
 
     // Times out: nothing arrives within wait=1.
-    started = performance.now()
+    const started = performance.now()
     const empty = await getJson<FetchBody>(`/v1/streams/telemetry/records?key=${dev}&offset=latest&wait=1`)
-    elapsed = performance.now() - started
     expect(empty).toMatchObject({ records: [], nextOffset: end + 6, endOfRange: false })
-    expect(elapsed).toBeGreaterThanOrEqual(950)
-    expect(elapsed).toBeLessThan(4000)
+    expect(performance.now() - started).toBeGreaterThanOrEqual(950) // it waited the second it asked for
 
     // A client that gives up mid-wait leaves nothing behind; the next request is served normally.
     const controller = new AbortController()
     const abandoned = call(`/v1/streams/telemetry/records?key=${dev}&offset=latest&wait=30`, { signal: controller.signal }).catch(() => 'aborted')
-    await sleep(100)
+    expect(await readsWaiting(1)).toBe(true)
     controller.abort()
     expect(await abandoned).toBe('aborted')
+    expect(await readsWaiting(0)).toBe(true) // its wait ended with the connection
     expect((await getJson<FetchBody>(`/v1/streams/telemetry/records?key=${dev}&offset=${end}`)).records).toHaveLength(6)
   })
 

@@ -24,14 +24,12 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { hashPassword } from '../../../gateway/access/auth.ts'
 import { openLogStore, type LogStore } from '../../../store/index.ts'
 import { startGatewayProcess, tempDir, writeConfig, type GatewayProcess } from '../../helpers/gateway-process.ts'
-import { collect, endAll, metricValue, sleep, subscribeGranted, waitFor } from '../../helpers/mqtt-probe.ts'
+import { collect, endAll, metricValue, roundTrip, sleep, subscribeGranted, waitFor } from '../../helpers/mqtt-probe.ts'
 import { rawConnect } from '../../helpers/raw-client.ts'
 
 /** Seeded records are one second apart from here on. */
 const BASE = Date.parse('2026-01-01T00:00:00Z')
 const iso = (ms: number): string => new Date(ms).toISOString()
-/** Long enough for a message that must not arrive to arrive; positive checks wait for markers. */
-const QUIET_MS = 300
 
 const STREAMS = { telemetry: { partitions: 8, retentionMs: 0 }, events: { partitions: 4, retentionMs: 0 }, commands: { partitions: 4, retentionMs: 0 } }
 
@@ -348,6 +346,11 @@ describe('MQTT replay', () => {
     expect(await waitFor(() => firstGot.some((m) => m.topic.endsWith('/$done')), 10_000)).toBe(true)
     expect(firstGot.filter((m) => m.topic.startsWith('$replay/'))).toHaveLength(11) // ten events and $done
     await first.endAsync()
+    // Every replay the gateway starts is active until it finishes (and counted then).
+    const replaysStarted = async (): Promise<number> =>
+      await metricValue(gw.httpUrl, 'edgemq_mqtt_replays_active') + await metricValue(gw.httpUrl, 'edgemq_mqtt_replays_finished_total')
+    expect(await waitFor(async () => await metricValue(gw.httpUrl, 'edgemq_mqtt_replays_active') === 0, 5000)).toBe(true)
+    const startedBefore = await replaysStarted()
 
     const again = mqtt.connect(gw.mqttUrl, { protocolVersion: 4, reconnectPeriod: 0, clientId: 'svc-persistent', clean: false })
     clients.add(again)
@@ -357,7 +360,10 @@ describe('MQTT replay', () => {
     const publisher = await connect({ clientId: 'dev-2' })
     await publisher.publishAsync('devices/dev-2/events/boot', 'after-reconnect', { qos: 1 })
     expect(await waitFor(() => got.some((m) => m.payload === 'after-reconnect'), 5000)).toBe(true) // the live subscription is back
-    await sleep(QUIET_MS)
+    // A restored subscription would start its replay while the CONNECT is handled, before the gateway reads the
+    // next packet: after a round trip no replay has started, so none of its messages can come.
+    await roundTrip(again)
+    expect(await replaysStarted()).toBe(startedBefore)
     expect(got.filter((m) => m.topic.startsWith('$replay/'))).toEqual([])
     expect(logLines(gw, 'subscription refused').filter((l) => l.clientId === 'svc-persistent')).toEqual([])
     await endAll([again, publisher])
