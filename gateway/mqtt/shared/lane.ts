@@ -4,9 +4,9 @@
  * records (one partition) reach the group in offset order.
  *
  * Invariants of a lane:
- * - `next` is the next offset to read; every offset below it was sent to the
+ * - `next` is the next offset to send; every offset below it was sent to the
  *   owner, or skipped (its topic does not match the filter, or the member
- *   may not read it);
+ *   may not read it); records from `next` on may be read ahead (`ahead`);
  * - `window` holds the records sent and not yet acknowledged, in offset
  *   order (acknowledged ones are dropped from its front), so `done` — the
  *   oldest unacknowledged offset, else `next` — has everything below it
@@ -18,6 +18,7 @@
  *   gets a record before an older one of the same partition is acknowledged.
  */
 import type { Client } from 'aedes'
+import type { StoredRecord } from '../../../store/index.ts'
 import type { Identity } from '../../access/auth.ts'
 import type { ReplayConnection } from '../replay.ts'
 
@@ -31,10 +32,6 @@ export interface Sent {
 export class Member {
   /** Packet id → the lane and record it carries, for QoS 1 records sent and not acknowledged. */
   readonly inflight = new Map<number, { readonly lane: Lane, readonly sent: Sent }>()
-  /** Room in the window taken by reads under way (several lanes read for one member at once). */
-  reserved = 0
-  /** Lanes that found no room because of reads under way: pumped again when one of those reads is done. */
-  readonly starved = new Set<Lane>()
   left = false
   /** Record topic → whether this member may read it (its ACL), worked out once per topic. */
   readonly #readable = new Map<string, boolean>()
@@ -67,6 +64,13 @@ export class Lane {
   /** A pump is running / was asked for while one ran. */
   running = false
   again = false
+  /**
+   * Records read from `next` on and not yet sent or skipped (from `aheadPos`), and the offset after them: a
+   * store read decodes whole batches, so a lane reads a chunk and sends it as the owner's window allows.
+   */
+  ahead: StoredRecord[] = []
+  aheadPos = 0
+  aheadEnd = 0
   #window: Sent[] = []
   #head = 0
   #unacked = 0
@@ -110,6 +114,8 @@ export class Lane {
   /** The owner left: forget what it held unacknowledged, and read it again from `done` for the next owner. */
   release (): void {
     this.next = this.done
+    this.ahead = []
+    this.aheadPos = 0
     this.#window = []
     this.#head = 0
     this.#unacked = 0
