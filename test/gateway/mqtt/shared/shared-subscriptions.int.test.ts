@@ -171,6 +171,7 @@ describe('shared subscriptions (one tenant, anonymous on loopback)', () => {
     const m2 = await member('m2')
     const pub = await connect('churn-pub')
     const sent: string[] = []
+    let m2Got = -1
     const DEVICES = 16
     const ROUNDS = 60
     for (let s = 0; s < ROUNDS; s++) {
@@ -180,13 +181,19 @@ describe('shared subscriptions (one tenant, anonymous on loopback)', () => {
       // Mid-flight: m1 has unacknowledged records (window 20); its socket dies without a DISCONNECT.
       if (s === 30) { m1.stream.destroy(); m1.end(true) }
       if (s === 40) await member('m4')
-      if (s === 45) await m2.unsubscribeAsync(filter)
+      if (s === 45) {
+        await m2.unsubscribeAsync(filter)
+        m2Got = got.filter((g) => g.member === 'm2').length
+      }
     }
     const firsts = (): Set<string> => new Set(got.map((g) => g.payload))
     expect(await waitFor(() => firsts().size >= sent.length, 20_000), `${firsts().size} of ${sent.length} delivered`).toBe(true)
     expect([...firsts()].sort()).toEqual([...sent].sort())
     expectPerDeviceOrder(got)
     expect(new Set(got.map((g) => g.member))).toEqual(new Set(['m1', 'm2', 'm3', 'm4']))
+    // m2 left with UNSUBSCRIBE: nothing of the share reached it after its UNSUBACK.
+    await roundTrip(m2)
+    expect(got.filter((g) => g.member === 'm2')).toHaveLength(m2Got)
     // m1 left holding unacknowledged records, which went to the others.
     const left = gw.stderr().split('\n').filter((l) => l.includes('"share member left"') && l.includes('"churn-m1"'))
     expect(left).toHaveLength(1)
