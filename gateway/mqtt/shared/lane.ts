@@ -36,7 +36,7 @@ export class Member {
   /** Record topic → whether this member may read it (its ACL), worked out once per topic. */
   readonly #readable = new Map<string, boolean>()
 
-  constructor (readonly client: Client, readonly conn: ReplayConnection, readonly who: Identity, public qos: 0 | 1, readonly joined: number) {}
+  constructor (readonly client: Client, readonly conn: ReplayConnection, readonly who: Identity, public qos: 0 | 1) {}
 
   get gone (): boolean {
     return this.left || this.conn.closed || this.conn.stream.destroyed === true

@@ -74,7 +74,6 @@ export class SharedSubscriptions {
   readonly #lanes = new Map<string, Array<{ readonly lane: Lane, readonly share: Share }>>()
   /** The shares each connection is a member of. */
   readonly #byConn = new WeakMap<ReplayConnection, Set<{ readonly share: Share, readonly member: Member }>>()
-  #joins = 0
   #unlisten: (() => void) | null = null
 
   constructor (deps: ShareDeps) {
@@ -104,7 +103,7 @@ export class SharedSubscriptions {
     for (const m of members) {
       if (m.share === share) { m.member.qos = qos === 0 ? 0 : 1; return }
     }
-    const member = new Member(client, conn, who, qos === 0 ? 0 : 1, this.#joins++)
+    const member = new Member(client, conn, who, qos === 0 ? 0 : 1)
     members.add({ share, member })
     await share.join(member)
   }
@@ -282,7 +281,11 @@ class Share {
     this.#lanes.forEach((lane, i) => {
       const target = members.length === 0 ? null : members[i % members.length] as Member
       if (target === null) { lane.handoverTo = null; return }
-      if (lane.owner === target) { lane.handoverTo = null; return }
+      if (lane.owner === target) {
+        // A handover asked for before is off: the owner goes on (its pump stopped while the handover waited).
+        if (lane.handoverTo !== null) { lane.handoverTo = null; this.pump(lane) }
+        return
+      }
       if (lane.owner === null || lane.owner.gone || lane.unacked === 0) {
         if (lane.owner !== null) lane.release()
         lane.assign(target)
