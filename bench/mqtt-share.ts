@@ -64,7 +64,7 @@ async function seed (dataDir: string): Promise<void> {
   for (let n = 0; n < ROUNDS; n++) {
     for (const members of MEMBER_COUNTS) {
       const group = shareGroupId('default', groupOf(n, members), FILTER)
-      await store.setGroup(group, { holdsRetention: true })
+      await store.setGroup(group, { holdsRetention: false })
       for (let p = 0; p < PARTITIONS; p++) await store.commitOffset(group, 'default/telemetry', p, 0)
     }
   }

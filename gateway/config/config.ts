@@ -249,6 +249,13 @@ export const configSchema = {
               description: 'QoS 1 messages of the log a share sends one member and that member has not acknowledged (PUBACK); ' +
                 'the member\'s partitions wait beyond it. A member that leaves has these sent again to another member.',
             },
+            holdRetention: {
+              type: 'boolean',
+              default: false,
+              description: 'Whether a share\'s consumer group holds retention (as the bridge\'s do): records it has not consumed are then ' +
+                'kept past retentionMs, also for a share nobody will use again, which no command deletes yet. Off, a share that was away ' +
+                'longer than the retention resumes at the log start (logged).',
+            },
           },
         },
       },
@@ -356,7 +363,7 @@ export interface GatewayConfig {
       readonly maxPerClient: number
       readonly maxActive: number
     }
-    readonly share: { readonly inflight: number }
+    readonly share: { readonly inflight: number, readonly holdRetention: boolean }
   }
   readonly http: { readonly host: string, readonly port: number }
   readonly users: readonly UserConfig[]

@@ -90,7 +90,10 @@ export function createBroker (deps: BrokerDeps): Broker {
   const connects = new WeakMap<Client, ConnectInfo>()
   const refusing = refusals(deps, connects)
   const appender = new DurableAppender({ ...deps, ...refusing })
-  const shares = new SharedSubscriptions({ store, broker, routes: config.routes, acl: config.acl, inflight: config.mqtt.share.inflight, metrics, logger })
+  const shares = new SharedSubscriptions({
+    store, broker, routes: config.routes, acl: config.acl, metrics, logger,
+    inflight: config.mqtt.share.inflight, holdRetention: config.mqtt.share.holdRetention,
+  })
   const shareHooks = new ShareHooks(shares)
   const ctx: HookContext = {
     ...deps,

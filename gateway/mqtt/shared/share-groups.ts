@@ -3,8 +3,10 @@
  * message matching the filter goes to one member of the share.
  *
  * Topics routed to the log: the share is a durable consumer group of the
- * log (named as share-topic.ts says, holding retention like the bridge's
- * groups). The partitions the filter can reach (replay.ts replayPartitions:
+ * log (named as share-topic.ts says; it holds retention like the bridge's
+ * groups only with mqtt.share.holdRetention, since no command deletes a
+ * share's group yet, and a hold of a share nobody uses would keep every
+ * record of its streams). The partitions the filter can reach (replay.ts replayPartitions:
  * the streams routes send such topics to) are lanes (lane.ts) spread over
  * the connected members in join order, again whenever one joins or leaves,
  * so a partition — a device — is read by one member at a time, in offset
@@ -61,6 +63,8 @@ export interface ShareDeps {
   readonly acl: readonly AclRule[]
   /** mqtt.share.inflight */
   readonly inflight: number
+  /** mqtt.share.holdRetention */
+  readonly holdRetention: boolean
   readonly metrics: Pick<GatewayMetrics, 'shareMessages' | 'shareMembers'>
   readonly logger: ReplayLogger & { error (fields: Record<string, unknown>, message: string): void }
 }
@@ -248,8 +252,8 @@ class Share {
    * The lanes: every partition the filter can reach, each from the group's
    * committed offset, or from the log end as of this call when the group
    * never committed there (where a new subscription starts) — worked out
-   * before the first await, so before the SUBACK. The group is made to hold
-   * retention and those start offsets are committed, so the group is listed
+   * before the first await, so before the SUBACK. The group's settings are
+   * written and those start offsets committed, so the group is listed
    * (edgemq groups, /v1/groups) from its first member on.
    */
   #open (): Promise<void> {
@@ -267,7 +271,7 @@ class Share {
       fresh.push(...this.#lanes)
     }
     return (async () => {
-      await store.setGroup(this.id, { holdsRetention: true })
+      await store.setGroup(this.id, { holdsRetention: this.#deps.holdRetention })
       for (const lane of fresh) await store.commitOffset(this.id, lane.stream, lane.partition, lane.committed)
     })().catch((err: unknown) => {
       this.#opened = null

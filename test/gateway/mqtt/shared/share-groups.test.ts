@@ -71,12 +71,13 @@ describe('SharedSubscriptions (log part)', () => {
     const found: string[] = []
     for (let i = 0; found.length < 2; i++) if (store.partitionFor(STREAM, `d${i}`) === found.length) found.push(`d${i}`)
     keys = found as [string, string]
-    shares = new SharedSubscriptions({
-      store, broker: { subscribe: noop, unsubscribe: noop } as unknown as Aedes,
-      routes: [{ filter: 'devices/+/telemetry/#', stream: 'telemetry', keyLevel: 1 }], acl: [], inflight: 10,
-      metrics: { shareMessages: { labels: () => ({ inc: noop }) }, shareMembers: { set: noop } } as never,
-      logger: { info: noop, warn: noop, error: noop },
-    })
+    shares = sharesOf(false)
+  })
+  const sharesOf = (holdRetention: boolean): SharedSubscriptions => new SharedSubscriptions({
+    store, broker: { subscribe: noop, unsubscribe: noop } as unknown as Aedes,
+    routes: [{ filter: 'devices/+/telemetry/#', stream: 'telemetry', keyLevel: 1 }], acl: [], inflight: 10, holdRetention,
+    metrics: { shareMessages: { labels: () => ({ inc: noop }) }, shareMembers: { set: noop } } as never,
+    logger: { info: noop, warn: noop, error: noop },
   })
   afterEach(async () => {
     await shares.close()
@@ -120,6 +121,8 @@ describe('SharedSubscriptions (log part)', () => {
     await until(() => store.fetchOffset(GROUP, STREAM, 0) === 3 && store.fetchOffset(GROUP, STREAM, 1) === 3)
     ackAll(b)
     await until(() => store.fetchOffset(GROUP, STREAM, 1) === 5)
+    // Without mqtt.share.holdRetention the group does not hold retention.
+    expect(store.listGroups().find((g) => g.group === GROUP)?.holdsRetention).toBe(false)
   })
 
   it('a member that leaves hands its unacknowledged records to another, in offset order from the oldest one', async () => {
@@ -140,6 +143,14 @@ describe('SharedSubscriptions (log part)', () => {
     expect(shares.acked(b, b.publishes[2]?.messageId as number)).toBe(false)
     ackAll(a)
     await until(() => store.fetchOffset(GROUP, STREAM, 1) === 5)
+  })
+
+  it('holds retention with mqtt.share.holdRetention', async () => {
+    const holding = sharesOf(true)
+    holding.prepare('default', { group: 'keep', filter: REQUEST.filter })
+    const id = shareGroupId('default', 'keep', REQUEST.filter)
+    await until(() => store.listGroups().find((g) => g.group === id)?.holdsRetention === true)
+    await holding.close()
   })
 
   it('stops at the window: a member holds at most mqtt.share.inflight unacknowledged records, and goes on as PUBACKs free half of it', async () => {
