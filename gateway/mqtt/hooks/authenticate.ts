@@ -9,8 +9,8 @@ import { ClientIdOwners, clientIdMatches, clientIdPattern, UserDirectory, type I
 import { MAX_CLIENT_TOPIC_LEVELS, mountTopic, scopedClientId, topicNameProblem } from '../../access/topics.ts'
 import type { ListenerConfig, UserConfig } from '../../config/config.ts'
 import { packetWatcher, setClientId } from '../aedes-internals.ts'
-import { isShareTopic } from '../shared/share-topic.ts'
 import { isReplayTopic } from '../replay.ts'
+import { isShareTopic } from '../shared/share-topic.ts'
 import { anonymousAllowed, authError, listenerOf, type HookContext, type ListenerTagged } from './context.ts'
 
 type PreConnect = NonNullable<AedesOptions['preConnect']>
