@@ -249,6 +249,14 @@ export const configSchema = {
               description: 'QoS 1 messages of the log a share sends one member and that member has not acknowledged (PUBACK); ' +
                 'the member\'s partitions wait beyond it. A member that leaves has these sent again to another member.',
             },
+            maxPerTenant: {
+              type: 'integer',
+              minimum: 0,
+              default: 1000,
+              description: 'Shares (group and filter) one tenant may have, counting those in the log from before; a SUBSCRIBE that would make ' +
+                'one more is refused (SUBACK 0x80). Each is a consumer group kept until deleted, so the bound keeps clients that ' +
+                'make up group names from filling the store; 0 turns shared subscriptions off.',
+            },
             holdRetention: {
               type: 'boolean',
               default: false,
@@ -363,7 +371,7 @@ export interface GatewayConfig {
       readonly maxPerClient: number
       readonly maxActive: number
     }
-    readonly share: { readonly inflight: number, readonly holdRetention: boolean }
+    readonly share: { readonly inflight: number, readonly maxPerTenant: number, readonly holdRetention: boolean }
   }
   readonly http: { readonly host: string, readonly port: number }
   readonly users: readonly UserConfig[]

@@ -14,7 +14,7 @@ export type RefusalReason =
 export type PublishRefusal = 'acl-denied' | 'invalid-topic' | 'reserved-topic' | 'unrouted' | 'record-too-large' | 'store-failed' | 'rate-limited'
 
 export type SubscribeRefusal = 'acl-denied' | 'invalid-filter' | 'replay-bad-range' | 'replay-bad-filter' | 'replay-limit' | 'replay-not-resumed'
-  | 'too-many-filters' | 'too-many-subscriptions' | 'share-invalid'
+  | 'too-many-filters' | 'too-many-subscriptions' | 'share-invalid' | 'share-limit'
 
 export type ReplayOutcome = 'done' | 'cancelled' | 'failed'
 

@@ -92,7 +92,7 @@ export function createBroker (deps: BrokerDeps): Broker {
   const appender = new DurableAppender({ ...deps, ...refusing })
   const shares = new SharedSubscriptions({
     store, broker, routes: config.routes, acl: config.acl, metrics, logger,
-    inflight: config.mqtt.share.inflight, holdRetention: config.mqtt.share.holdRetention,
+    inflight: config.mqtt.share.inflight, holdRetention: config.mqtt.share.holdRetention, maxPerTenant: config.mqtt.share.maxPerTenant,
   })
   const shareHooks = new ShareHooks(shares)
   const ctx: HookContext = {

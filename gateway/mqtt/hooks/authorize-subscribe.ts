@@ -113,7 +113,12 @@ export function authorizeSubscribe (ctx: HookContext): AuthorizeSubscribe {
         return deny(err.message, 'share-invalid', err.code)
       }
       if (!isAllowed(config.acl, who, 'subscribe', share.filter)) return deny('ACL', 'acl-denied')
-      ctx.shares.accepted(client, sub, who, share, restoring)
+      try {
+        ctx.shares.accepted(client, sub, who, share, restoring)
+      } catch (err) {
+        if (!(err instanceof GatewayError)) throw err
+        return deny(err.message, 'share-limit', err.code)
+      }
     } else if (!isAllowed(config.acl, who, 'subscribe', filter)) return deny('ACL', 'acl-denied')
     sub.topic = mountTopic(who.tenant, filter)
     // Stored by aedes' next addSubscriptions call for this client (hooks/sessions.ts), once.

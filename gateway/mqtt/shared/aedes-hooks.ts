@@ -26,7 +26,10 @@ interface ShareTicket { readonly who: Identity, readonly request: ShareRequest }
 
 /** What authorizeSubscribe tells the shares. */
 export interface ShareAdmission {
-  /** A `$share` subscription passed the checks; `restoring`: aedes restores it from a persistent session, before the CONNACK. */
+  /**
+   * A `$share` subscription passed the checks; `restoring`: aedes restores it from a persistent session, before the
+   * CONNACK. Throws GW_SHARE_LIMIT when it would be a share too many (share-groups.ts prepare).
+   */
   accepted (client: Client, sub: Subscription, who: Identity, request: ShareRequest, restoring: boolean): void
 }
 

@@ -40,12 +40,13 @@ import { isStoreError, type AppendEvent, type LogStore, type StoredRecord } from
 import { isAllowed, type Identity } from '../../access/auth.ts'
 import { topicMatches } from '../../access/topics.ts'
 import type { AclRule, RouteConfig } from '../../config/config.ts'
+import { GatewayError } from '../../errors.ts'
 import type { GatewayMetrics } from '../../metrics/metrics.ts'
 import { publishPacketSize, replayPartitions, writePublishPacket, type ReplayConnection, type ReplayLogger } from '../replay.ts'
 import { compileRoutes, type Router } from '../routing.ts'
 import { Lane, Member } from './lane.ts'
 import { LiveShare } from './live-share.ts'
-import { shareGroupId, type ShareRequest } from './share-topic.ts'
+import { SHARE_GROUP_LEVEL, shareGroupId, type ShareRequest } from './share-topic.ts'
 
 /**
  * Records and payload bytes a lane reads ahead at most (one store read): a read decodes whole batches (up to 1,000
@@ -65,6 +66,8 @@ export interface ShareDeps {
   readonly inflight: number
   /** mqtt.share.holdRetention */
   readonly holdRetention: boolean
+  /** mqtt.share.maxPerTenant */
+  readonly maxPerTenant: number
   readonly metrics: Pick<GatewayMetrics, 'shareMessages' | 'shareMembers'>
   readonly logger: ReplayLogger & { error (fields: Record<string, unknown>, message: string): void }
 }
@@ -87,11 +90,27 @@ export class SharedSubscriptions {
 
   /**
    * Called before the SUBACK (or, restored, the CONNACK): fixes where a new share starts, the log end as of now,
-   * so a message published after the SUBACK reaches the share even when the member joins a moment later.
+   * so a message published after the SUBACK reaches the share even when the member joins a moment later. Throws
+   * GW_SHARE_LIMIT when the share would be one more than mqtt.share.maxPerTenant.
    */
   prepare (tenant: string, request: ShareRequest): void {
+    const id = shareGroupId(tenant, request.group, request.filter)
+    if (!this.#shares.has(id)) {
+      const ids = this.#tenantShares(tenant)
+      if (!ids.has(id) && ids.size >= this.#deps.maxPerTenant) {
+        throw new GatewayError('GW_SHARE_LIMIT', `$share/${request.group}/${request.filter}: tenant ${tenant} has ${ids.size} shares (mqtt.share.maxPerTenant)`)
+      }
+    }
     // A failure is logged by the join that waits for it (and retried there).
     this.#share(tenant, request).open().catch(() => {})
+  }
+
+  /** The store group names of the tenant's shares: those in the log (also from before a restart) and those opened since. */
+  #tenantShares (tenant: string): Set<string> {
+    const prefix = `${tenant}/${SHARE_GROUP_LEVEL}/`
+    const ids = new Set(this.#deps.store.listGroups().map((g) => g.group).filter((g) => g.startsWith(prefix)))
+    for (const id of this.#shares.keys()) if (id.startsWith(prefix)) ids.add(id)
+    return ids
   }
 
   /** Adds the client to the share (again: only its QoS changes). Resolves once its lanes are assigned. */

@@ -75,7 +75,7 @@ describe('SharedSubscriptions (log part)', () => {
   })
   const sharesOf = (holdRetention: boolean): SharedSubscriptions => new SharedSubscriptions({
     store, broker: { subscribe: noop, unsubscribe: noop } as unknown as Aedes,
-    routes: [{ filter: 'devices/+/telemetry/#', stream: 'telemetry', keyLevel: 1 }], acl: [], inflight: 10, holdRetention,
+    routes: [{ filter: 'devices/+/telemetry/#', stream: 'telemetry', keyLevel: 1 }], acl: [], inflight: 10, holdRetention, maxPerTenant: 100,
     metrics: { shareMessages: { labels: () => ({ inc: noop }) }, shareMembers: { set: noop } } as never,
     logger: { info: noop, warn: noop, error: noop },
   })

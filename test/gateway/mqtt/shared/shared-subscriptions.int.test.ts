@@ -297,7 +297,7 @@ describe('shared subscriptions across tenants', () => {
     const users = await Promise.all(Object.entries(USERS).map(async ([username, tenant]) => ({
       username, tenant, role: username.endsWith('-dev') ? 'device' : 'service', password: await hashPassword(`pw-${username}`, { N: 1024, r: 8, p: 1 }),
     })))
-    const config = await writeConfig(dir, { users, mqtt: { listeners: [{ type: 'tcp', port: 0 }] } })
+    const config = await writeConfig(dir, { users, mqtt: { listeners: [{ type: 'tcp', port: 0 }], share: { maxPerTenant: 4 } } })
     gw = await startGatewayProcess({ dataDir: path.join(dir, 'data'), config })
     cleanups.push(async () => { await gw.kill() })
   }, 60_000)
@@ -342,5 +342,15 @@ describe('shared subscriptions across tenants', () => {
     const before = await metricValue(gw.httpUrl, 'edgemq_mqtt_subscriptions_refused_total', { tenant: 'acme', reason: 'acl-denied' })
     expect(await subscribeGranted(dev, ['$share/w/devices/+/telemetry/#', '$share/w/devices/acme-dev/commands/#'], 1)).toEqual([128, 1])
     expect(await metricValue(gw.httpUrl, 'edgemq_mqtt_subscriptions_refused_total', { tenant: 'acme', reason: 'acl-denied' })).toBe(before + 1)
+  })
+
+  it('a tenant has at most mqtt.share.maxPerTenant shares: one more is refused, an existing one and other tenants\' are not', async () => {
+    // acme has 3 shares by now (w on telemetry, on plain/#, on the device's commands), globex 2.
+    const acme = await connect('acme-svc', 'acme-many')
+    expect(await subscribeGranted(acme, ['$share/new1/plain/#', '$share/new2/plain/#', '$share/w/plain/#'], 1)).toEqual([1, 128, 1])
+    expect(await metricValue(gw.httpUrl, 'edgemq_mqtt_subscriptions_refused_total', { tenant: 'acme', reason: 'share-limit' })).toBe(1)
+    expect(gw.stderr()).toContain('GW_SHARE_LIMIT')
+    const globex = await connect('globex-svc', 'globex-more')
+    expect(await subscribeGranted(globex, ['$share/new1/plain/#', '$share/new2/plain/#', '$share/new3/plain/#'], 1)).toEqual([1, 1, 128])
   })
 })
