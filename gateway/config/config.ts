@@ -255,7 +255,7 @@ export const configSchema = {
               default: 1000,
               description: 'Shares (group and filter) one tenant may have, counting those in the log from before; a SUBSCRIBE that would make ' +
                 'one more is refused (SUBACK 0x80). Each is a consumer group kept until deleted, so the bound keeps clients that ' +
-                'make up group names from filling the store; 0 turns shared subscriptions off.',
+                'make up group names from filling the store; 0 allows no new share.',
             },
             holdRetention: {
               type: 'boolean',
