@@ -27,6 +27,7 @@ import { describeConfig } from '../gateway/config/config.ts'
 import { GATEWAY_ERROR_CODES, GATEWAY_WARNING_CODES } from '../gateway/errors.ts'
 import { createMetrics, type MetricsSources } from '../gateway/metrics/metrics.ts'
 import { SESSION_ERROR_CODES } from '../gateway/mqtt/session-persistence.ts'
+import { createReplicationMetrics } from '../gateway/replication/metrics.ts'
 import { STORE_ERROR_CODES } from '../store/errors.ts'
 
 export const REGENERATE = 'npm run docs'
@@ -176,6 +177,7 @@ function registeredMetrics (): Array<{ name: string, type: string, help: string,
   }
   createMetrics(registry, sources)
   createBridgeMetrics(registry, [], unused, { now: unused })
+  createReplicationMetrics(registry, { role: unused, epoch: unused, inSync: unused, lag: unused })
   return registry.getMetricsAsArray()
     .filter((m) => m.name.startsWith('edgemq_'))
     .map((m) => {
@@ -189,11 +191,12 @@ export function renderMetricsDoc (): string {
   const metrics = registeredMetrics()
   const family = (name: string): string => {
     if (name.startsWith('edgemq_bridge_')) return 'Bridge'
+    if (name.startsWith('edgemq_replication_')) return 'Replication'
     if (name === 'edgemq_groups' || /^edgemq_group_(committed|lag)/.test(name)) return 'Consumer groups'
     if (/^edgemq_(store_|partition_|streams$|retention_|group_commit_|append_)/.test(name)) return 'Log (store)'
     return 'Gateway and MQTT'
   }
-  const families = ['Gateway and MQTT', 'Log (store)', 'Consumer groups', 'Bridge'].map((title) => ({ title, match: (n: string) => family(n) === title }))
+  const families = ['Gateway and MQTT', 'Log (store)', 'Consumer groups', 'Bridge', 'Replication'].map((title) => ({ title, match: (n: string) => family(n) === title }))
   return [
     '# Metrics',
     '',

@@ -31,6 +31,10 @@ export const GATEWAY_ERROR_CODES = {
     '5 not authorized); counted in edgemq_connections_refused_total and logged with the reason.',
   GW_PUBLISH_REFUSED: 'A PUBLISH was refused by closing the connection (a topic that is not a valid topic name, $dedupe/ without a replicate ' +
     'grant, unrouted: reject); counted in edgemq_publishes_refused_total and logged once per connection and reason.',
+  GW_STANDBY_READ_ONLY: 'This gateway is a standby (replication.role: standby): it serves reads and refuses publishes by closing the connection; ' +
+    'publish to the primary.',
+  GW_REPLICATION_REFUSED: 'The primary refused a standby\'s replication handshake (another gatewayId, protocol version or epoch); the message says which.',
+  GW_PROMOTE_REFUSED: '`edgemq promote` (POST /v1/replication/promote) was refused: the gateway is not a standby, or its copy is incomplete.',
   GW_QOS2_INFLIGHT_FULL: 'A client has 1000 QoS 2 messages awaiting PUBREL (aedes\' maxInflightInbound); the connection is closed.',
 } as const
 
@@ -43,6 +47,12 @@ export const GATEWAY_WARNING_CODES = {
   GW_WARN_OPEN_HTTP: 'http.host is not a loopback address and no users or API tokens are configured: ' +
     'the API and /metrics (with tenant, stream and upstream names) are open to the network.',
   GW_WARN_ANONYMOUS_LISTENER: 'A listener that is not on a loopback address accepts anonymous clients (allowAnonymous: true).',
+  GW_WARN_STANDBY_OUT_OF_SYNC: 'The standby left the in-sync state (disconnected, copying a snapshot, or lagging over replication.maxLagMs); ' +
+    'with acks: replicated, acknowledgements are held (onStandbyLost: block) or local only (degrade) until it is back. The line says why.',
+  GW_WARN_PROMOTED: 'This node was promoted (`edgemq promote`) and runs as primary in a new epoch, although its config says replication.role: standby.',
+  GW_WARN_DEMOTED: 'This node was configured as primary, but its peer is primary in a newer epoch (it was promoted): this node follows it as a standby.',
+  GW_WARN_SET_ASIDE: 'A node that becomes a standby copied its former data (any tail the new primary lacks) into the file the line names, ' +
+    'before the primary\'s snapshot replaced it.',
   GW_WARN_GATEWAY_ID_CHANGED: 'The configured gatewayId differs from the one kept in <dataDir>/gateway-id: ' +
     'upstreams see a new gateway (new dedupe ids and client ids).',
 } as const

@@ -15,6 +15,7 @@
  */
 import { readFileSync } from 'node:fs'
 import type { Aedes } from 'aedes'
+import { MemoryLevel } from 'memory-level'
 import type { Logger } from 'pino'
 import { Registry } from 'prom-client'
 import { isStoreError, openLogStore, systemClock, type LevelDatabase, type LogStore } from '../store/index.ts'
@@ -36,6 +37,8 @@ import { GuardGroup } from './mqtt/connection-guard.ts'
 import { startListener, type RunningListener } from './mqtt/listeners.ts'
 import { compileRoutes } from './mqtt/routing.ts'
 import { LevelSessionPersistence } from './mqtt/session-persistence.ts'
+import { refuseStandbyPublishes } from './replication/read-only.ts'
+import { startReplication, type Replication } from './replication/replication.ts'
 import { Shutdown } from './shutdown.ts'
 
 export { checkListenerSecurity } from './config/startup-checks.ts'
@@ -49,8 +52,12 @@ export interface Gateway {
   readonly registry: Registry
   readonly listeners: readonly RunningListener[]
   readonly http: RunningHttpServer
-  /** The uplinks to the configured upstreams (none when bridge.upstreams is empty). */
+  /** The uplinks to the configured upstreams (none when bridge.upstreams is empty, and on a standby). */
   readonly bridge: Bridge
+  /** The replication role and its state (role none without replication). */
+  readonly replication: Replication
+  /** Resolves once this standby was promoted (`edgemq promote`): the caller closes it and starts it again, as primary. */
+  readonly promoted: Promise<void>
   readonly healthy: boolean
   /** Stops accepting, closes clients, drains pending appends, stops the bridge, closes the store and the database. */
   close (): Promise<void>
@@ -83,6 +90,15 @@ async function start (config: GatewayConfig, deps: GatewayDeps, shutdown: Shutdo
   if (root.status !== 'open') await root.open()
   const sessionsDb = root.sublevel<Buffer, Buffer>('sessions', { keyEncoding: 'buffer', valueEncoding: 'buffer' }) as unknown as LevelDatabase
 
+  // Before the store opens: a primary journals every write of the database, from the first.
+  const replication = await startReplication({
+    config: config.replication, gatewayId: config.gatewayId, root, registry, logger,
+    durabilitySync: config.store.durability === 'sync', dataDir: config.dataDir, now: () => systemClock.now(),
+  })
+  shutdown.add('replication', () => replication.close())
+  // A standby's database is the primary's copy: it writes nothing of its own into it (no streams, groups, sessions, retention, bridge).
+  const standby = replication.role === 'standby'
+
   const health = new StoreHealth(logger)
   const observer = new GatewayStoreObserver(health, config.bridge.upstreams.map((u) => u.name))
   const store = await openLogStore({
@@ -98,14 +114,19 @@ async function start (config: GatewayConfig, deps: GatewayDeps, shutdown: Shutdo
     },
     logger: { warn: (fields, msg) => logger.warn(fields, msg), error: (fields, msg) => logger.error(fields, msg) },
     observer,
+    follower: standby,
+    ...(replication.commitGate === undefined ? {} : { commitGate: replication.commitGate }),
   }).catch(async (err: unknown) => {
     throw isStoreError(err, 'STORE_DAMAGED') || isStoreError(err, 'STORE_CORRUPT_BATCH') ? await damagedDataDir(err, config.dataDir) : err
   })
   shutdown.add('store', () => store.close())
+  replication.follow(() => store.refresh())
   const disk = watchDiskUsage(config.dataDir)
   shutdown.add('disk usage', async () => disk.stop())
+  const sessions: { persistence?: LevelSessionPersistence } = {} // created below, after the metrics its hooks count into
   const metrics = createMetrics(registry, {
     store,
+    sessionLag: () => sessions.persistence?.cursorLag() ?? [],
     diskFreeBytes: () => disk.freeBytes,
     diskSizeBytes: () => disk.sizeBytes,
     healthy: () => health.healthy,
@@ -115,7 +136,7 @@ async function start (config: GatewayConfig, deps: GatewayDeps, shutdown: Shutdo
   const guards = new GuardGroup()
   observer.attach(metrics, () => releaseBackpressure(guards, store, config.mqtt.maxPendingAppends, metrics))
 
-  await createConfiguredStreams(store, config)
+  if (!standby) await createConfiguredStreams(store, config)
   zeroGatewaySeries(metrics, {
     tenants: tenantsOf(config), streams: Object.keys(config.streams), listeners: config.mqtt.listeners.map((l) => l.name),
     retentionGroups: config.bridge.upstreams.flatMap((u) => u.forward.map((f) => ({
@@ -123,21 +144,36 @@ async function start (config: GatewayConfig, deps: GatewayDeps, shutdown: Shutdo
     }))),
   })
   const commandStreams = commandStreamsOf(config)
-  await createReceiptStreams(store, commandStreams)
+  if (!standby) await createReceiptStreams(store, commandStreams)
 
-  // One group-commit writer for the log and the sessions: session writes share the log's fsyncs.
-  const persistence = new LevelSessionPersistence(sessionsDb, { writer: store })
+  // One group-commit writer for the log and the sessions: session writes share the log's fsyncs. A standby's clients (readers) keep
+  // their sessions in memory: the replicated sessions in its database are the primary's, for after a takeover.
+  // A primary's persistent sessions keep cursors into the log for routed messages instead of copies (mqtt/session-cursors.ts).
+  const persistence = standby
+    ? new LevelSessionPersistence(new MemoryLevel({ keyEncoding: 'buffer', valueEncoding: 'buffer' }) as unknown as LevelDatabase)
+    : new LevelSessionPersistence(sessionsDb, {
+      writer: store, log: store, window: config.mqtt.sessionInflight, maxQueuedPerSession: config.mqtt.maxQueuedMessagesPerSession,
+      onQueueOverflow: (clientId, topic, first) => {
+        const tenant = topic.slice(0, Math.max(0, topic.indexOf('/')))
+        metrics.sessionQueueDropped.inc({ tenant })
+        const max = config.mqtt.maxQueuedMessagesPerSession
+        if (first) logger.warn({ clientId, tenant, max }, 'a persistent session\'s queue is full: newer messages are dropped')
+      },
+      onCursorWriteError: (err) => logger.error({ err: (err as Error).message }, 'a session cursor could not be written; its next advance writes it'),
+    })
+  sessions.persistence = persistence
   const { aedes: broker, appendsSettled } = createBroker({
     config, store, persistence, metrics, logger, guards, onStoreHealth: (ok, err) => health.set(ok, err),
   })
   ;(broker as unknown as NodeJS.EventEmitter).on('error', (err: Error) => logger.error({ err: err.message }, 'broker error'))
+  if (standby) refuseStandbyPublishes(broker, logger)
   await broker.listen()
   shutdown.add('sessions', () => persistence.destroy())
   let brokerClosed: Promise<void> | undefined
   const closeBroker = (): Promise<void> => (brokerClosed ??= new Promise<void>((resolve) => broker.close(() => resolve())))
   shutdown.add('broker', closeBroker)
 
-  const dispatcher = commandStreams.length === 0
+  const dispatcher = commandStreams.length === 0 || standby
     ? undefined
     : new CommandDispatcher({
       store, broker, route: compileRoutes(config.routes), streams: commandStreams, clock: systemClock, logger: logger.child({ component: 'commands' }),
@@ -150,7 +186,8 @@ async function start (config: GatewayConfig, deps: GatewayDeps, shutdown: Shutdo
   const bridgeMetrics = createBridgeMetrics(registry, upstreams, async () => await bridgeHolder.bridge?.status() ?? [], systemClock)
   observer.attachBridge(bridgeMetrics)
   zeroBridgeSeries(registry, config.bridge)
-  const bridge = bridgeHolder.bridge = new Bridge(config.bridge, {
+  // The bridge runs on the primary only; a promoted standby's resumes from the replicated group offsets.
+  const bridge = bridgeHolder.bridge = new Bridge(standby ? { ...config.bridge, upstreams: [] } : config.bridge, {
     store, gatewayId: config.gatewayId, clock: systemClock, logger: logger.child({ component: 'bridge' }),
     observer: bridgeMetrics.observer, ...(dispatcher === undefined ? {} : { commands: dispatcher }),
   })
@@ -161,16 +198,34 @@ async function start (config: GatewayConfig, deps: GatewayDeps, shutdown: Shutdo
   await bridge.start()
   shutdown.add('bridge', () => bridge.stop())
 
+  let promote: () => void = () => {}
+  const promoted = new Promise<void>((resolve) => { promote = resolve })
   const http = await startHttpServer(config.http, {
     registry,
-    health: () => ({ healthy: health.healthy, reasons: health.reasons() }),
-    api: { store, users: config.users, tokens: config.apiTokens, logger, bridge, waitingReads: metrics.httpWaitingReads },
+    health: () => {
+      const reasons = [...health.reasons(), ...replication.healthReasons()]
+      return { healthy: health.healthy && reasons.length === 0, reasons }
+    },
+    api: {
+      store, users: config.users, tokens: config.apiTokens, logger, bridge, waitingReads: metrics.httpWaitingReads,
+      replication: {
+        status: () => replication.status(),
+        promote: async () => {
+          const result = await replication.promote()
+          // After the answer is on its way: the restart closes the HTTP server.
+          setImmediate(promote)
+          return result
+        },
+      },
+    },
     version: VERSION,
   })
   shutdown.add('http', () => http.close())
 
   // Once the clients are gone, the appends their publishes started (and their wills) finish before anything closes.
   shutdown.add('appends', appendsSettled)
+  // Once the clients are gone, closing replication releases the commits still waiting for the standby (acks: replicated): their appends settle.
+  shutdown.add('replication', () => replication.close())
   const listeners: RunningListener[] = []
   // Stop accepting (server.close resolves once the last connection is gone) and close the clients through aedes.
   shutdown.add('mqtt listeners', async () => {
@@ -185,11 +240,27 @@ async function start (config: GatewayConfig, deps: GatewayDeps, shutdown: Shutdo
     }))
   }
 
-  const retention = startRetention(store, config.store.retentionIntervalMs, logger)
-  shutdown.add('retention', async () => retention.stop())
+  // Session expiry and retention act on the primary's data; a standby's are the primary's, replicated.
+  if (!standby && config.mqtt.sessionExpirySeconds > 0) {
+    const maxOfflineMs = config.mqtt.sessionExpirySeconds * 1000
+    const sweep = (): void => {
+      persistence.expireSessions(maxOfflineMs).then((expired) => {
+        metrics.sessionsExpired.inc(expired.length)
+        for (const clientId of expired) logger.info({ clientId, offlineSeconds: config.mqtt.sessionExpirySeconds }, 'persistent session expired')
+      }, (err: unknown) => logger.error({ err: (err as Error).message }, 'expiring persistent sessions failed'))
+    }
+    sweep()
+    const timer = setInterval(sweep, Math.min(60_000, Math.max(1000, maxOfflineMs / 2)))
+    timer.unref()
+    shutdown.add('session expiry', async () => clearInterval(timer))
+  }
+  if (!standby) {
+    const retention = startRetention(store, config.store.retentionIntervalMs, logger)
+    shutdown.add('retention', async () => retention.stop())
+  }
 
   return {
-    config, store, broker, registry, listeners, http, bridge,
+    config, store, broker, registry, listeners, http, bridge, replication, promoted,
     get healthy () { return health.healthy },
     close: () => shutdown.run(),
   }

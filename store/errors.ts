@@ -23,6 +23,7 @@ export const STORE_ERROR_CODES = {
   STORE_WRITE_FAILED: 'The database rejected a write (for example ENOSPC); the appends in that group commit were not stored.',
   STORE_CLOSED: 'The store is closed or closing.',
   STORE_UNKNOWN_GROUP: 'The consumer group has no committed offsets and no settings.',
+  STORE_READ_ONLY: 'The store follows a database another writer owns (a standby replica): it serves reads and refuses every write.',
 } as const
 
 export type StoreErrorCode = keyof typeof STORE_ERROR_CODES

@@ -68,6 +68,22 @@ export interface LogStoreOptions {
    * starts a fresh log file.
    */
   readonly reopen?: () => Promise<void>
+  /**
+   * The database is written by someone else (a standby applying a primary's
+   * batches): the store only reads, refuses every write with STORE_READ_ONLY,
+   * and {@link LogStore.refresh} re-reads what the other writer changed.
+   */
+  readonly follower?: boolean
+  /**
+   * Awaited after each group commit is on disk and before its appends and
+   * write()s resolve (and its records become readable): a synchronous
+   * replica's acknowledgement, so callers are told only once the replica
+   * has the commit too. It is told how many records the commit holds (a
+   * gate may let a commit of write()s alone through sooner). The writer
+   * waits for it before its next commit, so commits stay in order. It must
+   * not reject; a rejection is logged and the commit acknowledged.
+   */
+  readonly commitGate?: (commit: { readonly records: number }) => Promise<void>
 }
 
 export const DEFAULT_MAX_RECORD_BYTES = 1024 * 1024
@@ -200,6 +216,8 @@ class LevelLogStore implements LogStore {
   readonly #observer: StoreObserver
   readonly #streams = new Map<string, StreamState>()
   readonly #groups = new Map<string, GroupState>()
+  /** Retention holds of holders other than groups (holdRetention). */
+  readonly #holds = new Set<(stream: string, partition: number) => number | undefined>()
   /** Dedupe ids on disk, by {@link scopedId} (ids are per stream), with where their record went. */
   readonly #dedupe = new Map<string, DedupeState>()
   /** Dedupe ids of appends not yet committed, by {@link scopedId}, resolving with their result. */
@@ -224,6 +242,8 @@ class LevelLogStore implements LogStore {
   /** The commit whose write failed, settled by {@link #recover} once the reopened database says whether it landed. */
   #unsettled: FailedCommit | undefined
   readonly #reopen: () => Promise<void>
+  readonly #follower: boolean
+  readonly #commitGate: ((commit: { readonly records: number }) => Promise<void>) | undefined
 
   constructor (db: LogDb, options: LogStoreOptions, owned: ClassicLevel<Buffer, Buffer> | undefined) {
     this.#db = db
@@ -235,6 +255,8 @@ class LevelLogStore implements LogStore {
     this.#logger = options.logger ?? consoleLogger
     this.#observer = options.observer ?? {}
     this.#reopen = options.reopen ?? (owned === undefined ? async () => {} : async () => { await owned.close(); await owned.open() })
+    this.#follower = options.follower === true
+    this.#commitGate = options.commitGate
     this.#dedupeRetentionMs = checkCount(options.dedupeRetentionMs ?? 7 * 24 * 3600 * 1000, 'dedupeRetentionMs', 0, Number.MAX_SAFE_INTEGER)
     if (options.durability !== undefined && options.durability !== 'sync' && options.durability !== 'async') {
       throw new StoreError('STORE_INVALID_ARGUMENT', `durability must be "sync" or "async", got ${String(options.durability)}`)
@@ -255,7 +277,8 @@ class LevelLogStore implements LogStore {
   async #load (): Promise<void> {
     const version = await this.#db.get(keys.version())
     if (version === undefined) {
-      await this.#db.put(keys.version(), encodeU64(FORMAT_VERSION), SYNC)
+      // A follower's database is empty until the primary's first batches arrive; they bring the version.
+      if (!this.#follower) await this.#db.put(keys.version(), encodeU64(FORMAT_VERSION), SYNC)
     } else if (readU64(version, 0) !== FORMAT_VERSION) {
       throw new StoreError('STORE_FORMAT_VERSION',
         `data was written by log format version ${readU64(version, 0)}; this edgemq reads version ${FORMAT_VERSION}`)
@@ -270,7 +293,7 @@ class LevelLogStore implements LogStore {
     for (const [key, value] of await this.#db.iterator(keys.groupRange()).all()) {
       this.#groups.set(keys.groupName(key), { holdsRetention: decodeMeta<GroupOptions>(value).holdsRetention, offsets: new Map() })
     }
-    await this.#scopeLegacyDedupe()
+    if (!this.#follower) await this.#scopeLegacyDedupe()
     for (const [key, value] of await this.#db.iterator(dedupe.range()).all()) {
       const entry = dedupe.decode(value)
       const part = byId.get(entry.streamId)?.partitions[entry.partition]
@@ -360,10 +383,76 @@ class LevelLogStore implements LogStore {
     return stream
   }
 
+  // ---------------------------------------------------------------- follower
+
+  async refresh (): Promise<void> {
+    this.#checkOpen()
+    if (!this.#follower) throw new StoreError('STORE_INVALID_ARGUMENT', 'refresh() is for a store opened with follower: true')
+    try {
+      await this.#refresh()
+    } catch (err) {
+      throw asDamage(err, 'following the database')
+    }
+  }
+
+  async #refresh (): Promise<void> {
+    const grown: PartitionState[] = []
+    for (const [key, value] of await this.#db.iterator(keys.streamRange()).all()) {
+      const meta = decodeMeta<StreamMeta>(value)
+      const name = keys.streamName(key)
+      let stream = this.#streams.get(name)
+      // A snapshot from another primary may number the stream differently: then it is another stream.
+      if (stream === undefined || stream.id !== meta.id || stream.partitions.length !== meta.partitions) stream = this.#newStreamState(name, meta)
+      stream.retentionMs = meta.retentionMs
+      stream.retentionBytes = meta.retentionBytes
+      this.#nextStreamId = Math.max(this.#nextStreamId, meta.id + 1)
+      for (const part of stream.partitions) if (await this.#refreshPartition(part)) grown.push(part)
+    }
+    const byId = new Map([...this.#streams.values()].map((s) => [s.id, s]))
+    const groups = new Map<string, GroupState>()
+    for (const [key, value] of await this.#db.iterator(keys.groupRange()).all()) {
+      groups.set(keys.groupName(key), { holdsRetention: decodeMeta<GroupOptions>(value).holdsRetention, offsets: new Map() })
+    }
+    for (const [key, value] of await this.#db.iterator(keys.offsetRange()).all()) {
+      const { group, streamId, partition } = keys.parseOffset(key)
+      const part = byId.get(streamId)?.partitions[partition]
+      if (part === undefined) continue
+      let g = groups.get(group)
+      if (g === undefined) groups.set(group, g = { holdsRetention: false, offsets: new Map() })
+      g.offsets.set(part, readU64(value, 0))
+    }
+    this.#groups.clear()
+    for (const [name, g] of groups) this.#groups.set(name, g)
+    for (const part of grown) this.#notifyAppend(part)
+  }
+
+  /** Re-reads one partition into a copy, then swaps its state in at once; true when its log grew. */
+  async #refreshPartition (part: PartitionState): Promise<boolean> {
+    const meta = await this.#db.get(keys.partition(part.stream.id, part.partition))
+    if (meta === undefined && part.logEnd === 0) return false
+    if (meta !== undefined) {
+      const m = decodeMeta<PartitionMeta>(meta)
+      if (m.logStart === part.logStart && m.bytes === part.bytes && m.logEnd === part.logEnd) return false
+    }
+    const copy: PartitionState = { ...part, index: new BatchIndex() }
+    await this.#recoverPartition(copy)
+    const grew = copy.logEnd > part.logEnd
+    part.logStart = copy.logStart
+    part.logEnd = copy.logEnd
+    part.bytes = copy.bytes
+    part.indexedMaxTs = copy.indexedMaxTs
+    part.oldestTs = copy.oldestTs
+    part.newestTs = copy.newestTs
+    part.index.clear()
+    const last = copy.index.lookup(copy.logEnd - 1, 1, copy.logEnd)?.[0]
+    if (last !== undefined) part.index.push(last)
+    return grew
+  }
+
   // ---------------------------------------------------------------- streams
 
   async createStream (name: string, options: StreamOptions): Promise<StreamInfo> {
-    this.#checkOpen()
+    this.#checkWritable()
     checkStreamName(name)
     if (options === null || typeof options !== 'object') throw new StoreError('STORE_INVALID_ARGUMENT', 'stream options must be an object')
     const partitions = checkCount(options.partitions, 'partitions', 1, MAX_PARTITIONS)
@@ -443,6 +532,12 @@ class LevelLogStore implements LogStore {
     if (this.#closing) throw new StoreError('STORE_CLOSED', 'the store is closed')
   }
 
+  /** #checkOpen, and not a follower (whose database another writer owns). */
+  #checkWritable (): void {
+    this.#checkOpen()
+    if (this.#follower) throw new StoreError('STORE_READ_ONLY', 'this store follows a database another writer owns (a standby): it takes no writes')
+  }
+
   // ---------------------------------------------------------------- appends
 
   append (stream: string, key: string, record: RecordInput, options?: AppendOptions): Promise<AppendResult> {
@@ -451,7 +546,7 @@ class LevelLogStore implements LogStore {
     const dedupeId = options?.dedupeId
     const extraOps = options?.extraOps
     try {
-      this.#checkOpen()
+      this.#checkWritable()
       const s = this.#stream(stream)
       pending = toPendingRecord(key, record, this.#clock.now(), this.#maxRecordBytes)
       if (extraOps !== undefined) this.#checkExtraOps(extraOps)
@@ -484,7 +579,7 @@ class LevelLogStore implements LogStore {
 
   write (ops: readonly ExtraOperation[]): Promise<void> {
     try {
-      this.#checkOpen()
+      this.#checkWritable()
       this.#checkExtraOps(ops)
     } catch (err) {
       return Promise.reject(err)
@@ -528,13 +623,13 @@ class LevelLogStore implements LogStore {
   }
 
   async forgetDedupe (dedupeId: string): Promise<void> {
-    this.#checkOpen()
+    this.#checkWritable()
     const scoped = [...this.#streams.values()].map((s) => scopedId(s.id, dedupeId)).filter((key) => this.#dedupe.has(key))
     await this.#forgetScoped(scoped)
   }
 
   async forgetDedupePrefix (prefix: string): Promise<void> {
-    this.#checkOpen()
+    this.#checkWritable()
     await this.#forgetScoped([...this.#dedupe].filter(([, e]) => e.id.startsWith(prefix)).map(([key]) => key))
   }
 
@@ -716,6 +811,9 @@ class LevelLogStore implements LogStore {
       this.#logger.error({ code: error.code, records, cause: rootMessage(cause) }, 'group commit failed; its appends wait for the database to reopen')
       this.#observer.onWriteError?.(error)
       return
+    }
+    if (this.#commitGate !== undefined) {
+      await this.#commitGate({ records }).catch((err: unknown) => this.#logger.error({ err: rootMessage(err) }, 'commit gate failed; the commit is acknowledged'))
     }
     this.#acknowledge(plans, records, bytes, startedAt, writeStart, true)
     settleExtras(extras)
@@ -946,7 +1044,7 @@ class LevelLogStore implements LogStore {
   }
 
   async setGroup (group: string, options: GroupOptions): Promise<void> {
-    this.#checkOpen()
+    this.#checkWritable()
     checkGroupName(group)
     if (options === null || typeof options !== 'object' || typeof options.holdsRetention !== 'boolean') {
       throw new StoreError('STORE_INVALID_ARGUMENT', 'group options must be { holdsRetention: boolean }')
@@ -956,7 +1054,7 @@ class LevelLogStore implements LogStore {
   }
 
   async commitOffset (group: string, stream: string, partition: number, offset: number): Promise<void> {
-    this.#checkOpen()
+    this.#checkWritable()
     checkGroupName(group)
     const part = this.#partition(stream, partition)
     checkOffset(offset)
@@ -976,7 +1074,7 @@ class LevelLogStore implements LogStore {
   }
 
   async resetGroup (group: string, stream: string, spec: ResetSpec, partition?: number): Promise<void> {
-    this.#checkOpen()
+    this.#checkWritable()
     checkGroupName(group)
     const s = this.#stream(stream)
     const parts = partition === undefined ? s.partitions : [this.#partition(stream, partition)]
@@ -1037,7 +1135,7 @@ class LevelLogStore implements LogStore {
   }
 
   async deleteGroup (group: string): Promise<void> {
-    this.#checkOpen()
+    this.#checkWritable()
     checkGroupName(group)
     const g = this.#groups.get(group)
     if (g === undefined) throw new StoreError('STORE_UNKNOWN_GROUP', `unknown consumer group ${group}`, { details: { group } })
@@ -1050,17 +1148,24 @@ class LevelLogStore implements LogStore {
 
   // ---------------------------------------------------------------- retention
 
-  /** Lowest offset a retention-holding group still needs in this partition. */
+  holdRetention (floor: (stream: string, partition: number) => number | undefined): () => void {
+    if (typeof floor !== 'function') throw new StoreError('STORE_INVALID_ARGUMENT', 'a retention hold is a function of stream and partition')
+    this.#holds.add(floor)
+    return () => { this.#holds.delete(floor) }
+  }
+
+  /** Lowest offset a retention-holding group, or a hold, still needs in this partition. */
   #holdFloor (part: PartitionState): number {
     let floor = Infinity
     for (const g of this.#groups.values()) {
       if (g.holdsRetention) floor = Math.min(floor, g.offsets.get(part) ?? 0)
     }
+    for (const hold of this.#holds) floor = Math.min(floor, hold(part.stream.name, part.partition) ?? Infinity)
     return floor
   }
 
   async enforceRetention (): Promise<RetentionReport> {
-    this.#checkOpen()
+    this.#checkWritable()
     const now = this.#clock.now()
     const report = { batchesDeleted: 0, recordsDeleted: 0, bytesDeleted: 0, dropped: [] as DroppedRecords[] }
     for (const stream of this.#streams.values()) {

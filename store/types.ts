@@ -366,6 +366,16 @@ export interface LogStore {
   deleteGroup (group: string): Promise<void>
 
   /**
+   * Adds a retention hold kept by its holder rather than by a consumer
+   * group (the gateway's persistent sessions keep their cursors in their own
+   * key space): retention by age and size never deletes a record at or after
+   * the offset `floor` gives for its partition (undefined: no hold there).
+   * The disk budget still may. Held in memory: the holder adds it again
+   * when it opens. Returns the release.
+   */
+  holdRetention (floor: (stream: string, partition: number) => number | undefined): () => void
+
+  /**
    * Deletes whole batches from the front of each partition by age and size,
    * never past what a retention-holding group still needs, then enforces the
    * store's disk budget, which may drop unconsumed records (reported).
@@ -377,6 +387,18 @@ export interface LogStore {
 
   /** Sum of stored batch bytes over all partitions. */
   readonly totalBytes: number
+
+  /**
+   * For a store opened with `follower: true`: re-reads what another writer
+   * (a replication follower applying a primary's LevelDB batches) changed in
+   * the database — new streams, every partition's offsets, consumer groups —
+   * and calls the {@link LogStore.onAppend} listeners of partitions whose log
+   * grew. A partition's state is swapped whole, so a concurrent read sees
+   * either the old or the new log end. Dedupe ids are not followed (only
+   * appends use them, and a follower takes none). STORE_INVALID_ARGUMENT on a
+   * store that is not a follower.
+   */
+  refresh (): Promise<void>
 
   /** Waits for pending appends, then closes the database. */
   close (): Promise<void>

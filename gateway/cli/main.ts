@@ -7,6 +7,7 @@ import { Command, CommanderError, InvalidArgumentError, Option } from 'commander
 import { parse as parseYaml } from 'yaml'
 import { generateApiToken, hashPassword } from '../access/auth.ts'
 import { bridgeStatus, bridgeTable } from './bridge.ts'
+import { promote, replicationStatus, replicationTable } from './replication.ts'
 import { CHECK_EXIT_DAMAGED, checkDataDir, checkText } from './check.ts'
 import { deleteGroup, groupsTable, listGroups, listStreams, resetGroup, streamsTable, type AdminSource } from './admin.ts'
 import { CliError } from './errors.ts'
@@ -20,6 +21,8 @@ import { readEnvironment } from '../config/environment.ts'
 import { chooseGatewayId, storeGatewayId, type GatewayIdChoice } from '../config/gateway-id.ts'
 import { createLogger, LOG_LEVELS, type LogLevel } from '../logger.ts'
 import { GatewayError } from '../errors.ts'
+import type { Gateway } from '../gateway.ts'
+import type { Logger } from 'pino'
 
 const pkg = JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version: string }
 
@@ -95,7 +98,7 @@ async function start (flags: StartFlags): Promise<number> {
   }
   // Loaded here, so that the client commands do not pay for loading the broker.
   const { startGateway } = await import('../gateway.ts')
-  const gateway = await startGateway(config, { logger })
+  let gateway = await startGateway(config, { logger })
   // Kept once the gateway runs: a start refused for its config leaves the data directory untouched.
   if (gatewayId !== undefined && gatewayId.stored !== gatewayId.id) {
     try {
@@ -105,12 +108,6 @@ async function start (flags: StartFlags): Promise<number> {
         'cannot keep the gateway id in the data directory: the next start without gatewayId will pick another')
     }
   }
-  const mqtt = gateway.listeners.map((l) => {
-    const { type } = l.config
-    const url = type === 'ws' || type === 'wss' ? `${type}://${l.host}:${l.port}${l.config.path}` : `${type === 'tls' ? 'mqtts' : 'mqtt'}://${l.host}:${l.port}`
-    return `${l.config.name} ${url}`
-  })
-  const http = `http://${gateway.http.host}:${gateway.http.port}`
   // The signal handlers are in place before the ready line: a supervisor may send SIGTERM as soon as it reads it.
   const stopped = new Promise<number>((resolve) => {
     const stop = (signal: string): void => {
@@ -137,9 +134,45 @@ async function start (flags: StartFlags): Promise<number> {
       })
     }
   })
-  logger.info({ version: pkg.version, gatewayId: config.gatewayId, mqtt, http, dataDir: config.dataDir }, 'gateway started')
-  console.log(`edgemq ${pkg.version} ready: mqtt ${mqtt.join(', ')}; http ${http}; data ${config.dataDir}; gateway ${config.gatewayId}`)
+  announce(gateway, logger)
+  // A promoted standby restarts as primary in this process, on the ports it had, so its clients' addresses stay valid.
+  const restartWhenPromoted = (): void => {
+    void gateway.promoted.then(async () => {
+      logger.warn({}, 'promoted: restarting as primary')
+      const previous = gateway
+      await previous.close()
+      gateway = await startGateway(samePorts(previous), { logger })
+      announce(gateway, logger)
+      restartWhenPromoted()
+    }).catch((err: unknown) => {
+      logger.fatal({ err: String(err) }, 'restart as primary failed')
+      process.exit(1)
+    })
+  }
+  restartWhenPromoted()
   return await stopped
+}
+
+/** The log line and the ready line: the addresses the gateway bound. */
+function announce (gateway: Gateway, logger: Logger): void {
+  const { config, replication } = gateway
+  const mqtt = gateway.listeners.map((l) => {
+    const { type } = l.config
+    const url = type === 'ws' || type === 'wss' ? `${type}://${l.host}:${l.port}${l.config.path}` : `${type === 'tls' ? 'mqtts' : 'mqtt'}://${l.host}:${l.port}`
+    return `${l.config.name} ${url}`
+  })
+  const http = `http://${gateway.http.host}:${gateway.http.port}`
+  logger.info({ version: pkg.version, gatewayId: config.gatewayId, mqtt, http, dataDir: config.dataDir, replication: replication.role }, 'gateway started')
+  const replicating = replication.role === 'none' ? '' : `; replication ${replication.role} ${replication.listenAddress ?? `of ${config.replication.peer}`}`
+  console.log(`edgemq ${pkg.version} ready: mqtt ${mqtt.join(', ')}; http ${http}; data ${config.dataDir}; gateway ${config.gatewayId}${replicating}`)
+}
+
+/** The gateway's config with the ports it bound instead of 0. */
+function samePorts (gateway: Gateway): GatewayConfig {
+  const raw = structuredClone(gateway.config) as unknown as { mqtt: { listeners: Array<{ port: number }> }, http: { port: number } }
+  gateway.listeners.forEach((l, i) => { (raw.mqtt.listeners[i] as { port: number }).port = l.port })
+  raw.http.port = gateway.http.port
+  return buildConfig(raw, 'the running config')
 }
 
 // ---------------------------------------------------------------- client commands
@@ -350,6 +383,25 @@ function addClientCommands (program: Command, exit: (code: number) => void): voi
   bridgeStatusCommand.action(async (flags: SourceFlags & { upstream?: string, partitions?: boolean, json?: boolean }) => {
     const upstreams = await bridgeStatus(apiClient(flags), flags.upstream)
     await print(flags.json === true ? `${JSON.stringify({ upstreams }, null, 2)}\n` : bridgeTable(upstreams, flags.partitions === true))
+  })
+
+  const replication = program.command('replication')
+    .description('the standby replica: role, epoch, peer, in sync or not, lag')
+  const replicationStatusCommand = replication.command('status', { isDefault: true })
+    .description('this gateway\'s replication role, epoch, peer, whether the standby is in sync, and its lag (writes, bytes, seconds)')
+    .option('--json', 'print the API\'s JSON document instead of a table')
+  addSourceOptions(replicationStatusCommand, false)
+  replicationStatusCommand.action(async (flags: SourceFlags & { json?: boolean }) => {
+    const s = await replicationStatus(apiClient(flags))
+    await print(flags.json === true ? `${JSON.stringify(s, null, 2)}\n` : replicationTable(s))
+  })
+  const promoteCommand = program.command('promote')
+    .description('promote the standby at --url to primary in the next epoch (it restarts itself as primary); waits until it answers as primary')
+    .option('--json', 'print the new primary\'s replication status as JSON')
+  addSourceOptions(promoteCommand, false)
+  promoteCommand.action(async (flags: SourceFlags & { json?: boolean }) => {
+    const s = await promote(apiClient(flags))
+    await print(flags.json === true ? `${JSON.stringify(s, null, 2)}\n` : replicationTable(s))
   })
 }
 

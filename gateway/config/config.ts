@@ -12,6 +12,7 @@ import { Ajv, type ErrorObject } from 'ajv'
 import { bridgeConfigProblem, bridgeConfigSchema, type BridgeConfig } from '../../bridge/index.ts'
 import { storeConfigSchema, streamConfigSchema, type StoreConfig, type StreamConfig } from '../../store/config-schema.ts'
 import { GatewayError } from '../errors.ts'
+import { replicationConfigProblem, replicationConfigSchema, type ReplicationConfig } from '../replication/config-schema.ts'
 import { LOG_LEVELS, type LogLevel } from '../logger.ts'
 
 const NAME = '^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$'
@@ -208,6 +209,21 @@ export const configSchema = {
           type: 'integer', minimum: 1, default: 10_000,
           description: 'Subscriptions one client may hold; a new filter beyond it is refused (SUBACK 0x80), a resubscription to a held one is not.',
         },
+        maxQueuedMessagesPerSession: {
+          type: 'integer', minimum: 1, default: 100_000,
+          description: 'Messages a persistent session keeps as copies (topics no route sends to the log, and QoS 2 deliveries); ' +
+            'beyond it the newest is dropped, counted in edgemq_mqtt_session_queue_dropped_total and logged once per episode.',
+        },
+        sessionExpirySeconds: {
+          type: 'integer', minimum: 0, default: 0,
+          description: 'A persistent session offline for longer than this is dropped with its queue and cursors (and their hold on ' +
+            'retention), counted in edgemq_mqtt_sessions_expired_total and logged; checked every minute at most. 0 keeps sessions forever.',
+        },
+        sessionInflight: {
+          type: 'integer', minimum: 1, maximum: 65535, default: 100,
+          description: 'QoS 1 messages a persistent session catching up from the log may have sent and not yet acknowledged (PUBACK); ' +
+            'reading the log waits for acks beyond it.',
+        },
         replay: {
           type: 'object',
           additionalProperties: false,
@@ -299,6 +315,7 @@ export const configSchema = {
     },
     shutdownTimeoutMs: { type: 'integer', minimum: 100, default: 10_000, description: 'How long SIGTERM/SIGINT wait for pending appends before exiting.' },
     bridge: bridgeConfigSchema,
+    replication: replicationConfigSchema,
   },
 } as const
 
@@ -366,6 +383,9 @@ export interface GatewayConfig {
     readonly maxPendingAppends: number
     readonly maxFiltersPerSubscribe: number
     readonly maxSubscriptionsPerSession: number
+    readonly sessionInflight: number
+    readonly maxQueuedMessagesPerSession: number
+    readonly sessionExpirySeconds: number
     readonly replay: {
       readonly inflight: number
       readonly maxPerClient: number
@@ -380,6 +400,7 @@ export interface GatewayConfig {
   readonly log: { readonly level: LogLevel }
   readonly shutdownTimeoutMs: number
   readonly bridge: BridgeConfig
+  readonly replication: ReplicationConfig
 }
 
 const ajv = new Ajv({ useDefaults: true, allErrors: false, strict: true, allowUnionTypes: true })
@@ -473,6 +494,8 @@ export function buildConfig (input: unknown, source = 'config'): GatewayConfig {
   })
   const bridgeProblem = bridgeConfigProblem(config.bridge, { gatewayId: config.gatewayId, tenants: config.tenants, streams: Object.keys(config.streams) })
   if (bridgeProblem !== null) throw new GatewayError('GW_CONFIG_INVALID', `${source}: ${bridgeProblem}`)
+  const replicationProblem = replicationConfigProblem(config.replication)
+  if (replicationProblem !== null) throw new GatewayError('GW_CONFIG_INVALID', `${source}: ${replicationProblem}`)
   return deepFreeze(config as GatewayConfig)
 }
 

@@ -47,6 +47,8 @@ export interface ApiDeps {
   readonly logger?: { warn (fields: Record<string, unknown>, message: string): void }
   /** The bridge's upstreams, for GET /v1/bridge; absent: no upstream is configured. */
   readonly bridge?: { status (): Promise<UpstreamStatus[]> }
+  /** This gateway's replication role, epoch, peer and lag, for GET /v1/replication. */
+  readonly replication?: { status (): unknown, promote (): Promise<{ readonly epoch: number }> }
   /** Set to the number of reads waiting for an append (long-polls); the gateway passes its edgemq_http_waiting_reads gauge. */
   readonly waitingReads?: { set (value: number): void }
 }
@@ -384,6 +386,37 @@ export function createApi (deps: ApiDeps): Api {
               { details: { upstream: name } })
           }
           return one
+        },
+      },
+    })
+    routePath(app, '/replication', {
+      GET: {
+        schema: {
+          tags: ['operations'], summary: 'Replication: role, epoch, peer, whether the standby is in sync, and its lag (docs/operations.md, "Standby replica").',
+          querystring: NO_QUERY,
+        },
+        handler: async (request) => {
+          principal(request)
+          return deps.replication?.status() ?? { role: 'none' }
+        },
+      },
+    })
+    routePath(app, '/replication/promote', {
+      POST: {
+        schema: {
+          tags: ['operations'], querystring: NO_QUERY,
+          summary: 'Promote this standby: it stops following, starts the next epoch and restarts as primary (admin only; `edgemq promote`).',
+        },
+        handler: async (request) => {
+          const who = principal(request)
+          if (who.role === 'service') throw new ApiError('HTTP_FORBIDDEN', 'promoting a standby needs an admin user or token (or loopback without users)')
+          if (deps.replication === undefined) throw new ApiError('HTTP_PROMOTE_REFUSED', 'this gateway has no replication')
+          try {
+            return { promoted: true, ...await deps.replication.promote() }
+          } catch (err) {
+            if ((err as { code?: unknown }).code === 'GW_PROMOTE_REFUSED') throw new ApiError('HTTP_PROMOTE_REFUSED', (err as Error).message, { cause: err })
+            throw err
+          }
         },
       },
     })

@@ -47,6 +47,13 @@ export const HTTP_ERROR_CODES = {
   },
   HTTP_INTERNAL: { status: 500, description: 'The server failed (for example a corrupt batch in the log); the message says why.' },
   HTTP_UNAVAILABLE: { status: 503, description: 'The gateway is shutting down.' },
+  HTTP_PROMOTE_REFUSED: {
+    status: 409, description: 'POST /v1/replication/promote on a gateway that is not a standby, or whose copy is incomplete (GW_PROMOTE_REFUSED).',
+  },
+  HTTP_READ_ONLY: {
+    status: 503,
+    description: 'This gateway is a standby (replication.role: standby): it serves reads, and writes (commits, resets, deletes) go to the primary.',
+  },
 } as const
 
 export type HttpErrorCode = keyof typeof HTTP_ERROR_CODES
@@ -105,6 +112,7 @@ export function toApiError (err: unknown): ApiError {
       case 'STORE_INVALID_NAME': return new ApiError('HTTP_BAD_NAME', err.message, { cause: err })
       case 'STORE_INVALID_OFFSET': case 'STORE_INVALID_ARGUMENT': return new ApiError('HTTP_BAD_REQUEST', err.message, { cause: err })
       case 'STORE_CLOSED': return new ApiError('HTTP_UNAVAILABLE', 'the gateway is shutting down', { cause: err })
+      case 'STORE_READ_ONLY': return new ApiError('HTTP_READ_ONLY', 'this gateway is a standby: it takes no writes; send them to the primary', { cause: err })
       default: return new ApiError('HTTP_INTERNAL', `${err.code}: ${err.message}`, { cause: err })
     }
   }

@@ -37,6 +37,8 @@ export interface GatewayMetrics {
   readonly shareMembers: Gauge<'tenant' | 'group'>
   readonly replaysFinished: Counter<'tenant' | 'outcome'>
   readonly expiredDropped: Counter<'tenant'>
+  readonly sessionQueueDropped: Counter<'tenant'>
+  readonly sessionsExpired: Counter
   readonly httpWaitingReads: Gauge
 }
 
@@ -47,6 +49,8 @@ export interface MetricsSources {
   readonly healthy: () => boolean
   readonly version: string
   readonly gatewayId: string
+  /** Persistent sessions' cursors into the log, per stream (mqtt/session-cursors.ts); none before the broker exists. */
+  readonly sessionLag?: () => ReadonlyArray<{ readonly stream: string, readonly sessions: number, readonly lagMessages: number }>
 }
 
 /** `<tenant>/<stream>` as the two labels every metric uses. */
@@ -67,6 +71,31 @@ export function createMetrics (registry: Registry, sources: MetricsSources): Gat
     name: 'edgemq_up', help: '1 when the gateway is healthy (store writable), 0 when it is not acking.', registers: [registry],
     collect () { this.set(sources.healthy() ? 1 : 0) },
   })
+  // The first gauge fills both, so a scrape walks the cursors once.
+  const sessionGauges = {
+    sessions: new Gauge({
+      name: 'edgemq_mqtt_session_cursor_sessions',
+      help: 'Persistent sessions with a cursor into the stream (they hold its retention).',
+      labelNames: ['tenant', 'stream'],
+      registers: [registry],
+      collect () { fillSessionLag() },
+    }),
+    lag: new Gauge({
+      name: 'edgemq_mqtt_session_lag_messages',
+      help: 'Records of the stream persistent sessions have not acknowledged, summed over sessions (log end minus each cursor).',
+      labelNames: ['tenant', 'stream'],
+      registers: [registry],
+    }),
+  }
+  const fillSessionLag = (): void => {
+    sessionGauges.sessions.reset()
+    sessionGauges.lag.reset()
+    for (const { stream, sessions, lagMessages } of sources.sessionLag?.() ?? []) {
+      const labels = splitStream(stream)
+      sessionGauges.sessions.set(labels, sessions)
+      sessionGauges.lag.set(labels, lagMessages)
+    }
+  }
   new Gauge({
     name: 'edgemq_store_pending_appends', help: 'Appends accepted by the log but not yet durable.', registers: [registry],
     collect () { this.set(store.pendingAppends) },
@@ -289,6 +318,17 @@ export function createMetrics (registry: Registry, sources: MetricsSources): Gat
       name: 'edgemq_mqtt_replays_finished_total',
       help: 'MQTT replays that ended: done (history delivered), cancelled (unsubscribed, disconnected, replaced) or failed.',
       labelNames: ['tenant', 'outcome'],
+      registers: [registry],
+    }),
+    sessionsExpired: new Counter({
+      name: 'edgemq_mqtt_sessions_expired_total',
+      help: 'Persistent sessions dropped after mqtt.sessionExpirySeconds offline, with their queues and cursors.',
+      registers: [registry],
+    }),
+    sessionQueueDropped: new Counter({
+      name: 'edgemq_mqtt_session_queue_dropped_total',
+      help: 'Messages not queued for a persistent session because its queue of copies was full (mqtt.maxQueuedMessagesPerSession).',
+      labelNames: ['tenant'],
       registers: [registry],
     }),
     expiredDropped: new Counter({

@@ -21,6 +21,8 @@
  * | `I` client messageId(u16)     | cbor inbound QoS 2 packet, aedes-packet shape               |
  * | `C` client                    | empty: a persistent session exists (CONNECT with clean = false), even with nothing else stored |
  * | `W` client                    | cbor will packet, carrying brokerId, clientId and (from the broker, wills.ts) edgemqIdentity |
+ * | `E` client                    | u64 ms: when the persistent session went offline (absent while it is connected); for session expiry |
+ * | `K` client stream partition(u32) | next offset to deliver, u64: a session's cursor into a partition of the log (`stream` as u16 length + utf8) |
  *
  * Invariants:
  * - One key per subscription: storing or removing k subscriptions writes k
@@ -39,6 +41,12 @@
  *   each refused filter of a persistent session as `$denied/<filter>` (it
  *   matched nothing, and was refused again, and logged, at every reconnect);
  *   loading deletes those entries, in one batch.
+ * - A `K` cursor never passes a record the session has not acknowledged (or
+ *   skipped as not matching its subscriptions): it is written after the
+ *   PUBACK, so a kill loses at most the advance, and the records from the
+ *   cursor on are delivered again (DUP set). Records of a routed message live
+ *   in the log only; the `O` queue holds copies of messages no route sends
+ *   to the log, and of QoS 2 deliveries.
  * - A value is never written with a function in it (cbor cannot encode one):
  *   aedes' packets carry write callbacks, which are left out.
  */
@@ -58,6 +66,11 @@ export const TAG_MESSAGE_ID = 0x4d // 'M'
 export const TAG_INCOMING = 0x49 // 'I'
 export const TAG_WILL = 0x57 // 'W'
 export const TAG_SESSION = 0x43 // 'C'
+export const TAG_CURSOR = 0x4b // 'K'
+export const TAG_OFFLINE = 0x45 // 'E'
+
+/** Every tag of a client-scoped key: what expiring a session deletes. */
+export const CLIENT_TAGS = [TAG_SUB, TAG_OUTGOING, TAG_MESSAGE_ID, TAG_INCOMING, TAG_SESSION, TAG_WILL, TAG_CURSOR, TAG_OFFLINE] as const
 
 export const cbor = new Encoder({ useRecords: false, structuredClone: false, mapsAsObjects: true, variableMapSize: true })
 
@@ -95,7 +108,22 @@ export const keys = {
     return key
   },
   will: (clientId: string): Buffer => clientPrefix(TAG_WILL, clientId),
+  cursor: (clientId: string, stream: string, partition: number): Buffer => {
+    const name = Buffer.from(stream, 'utf8')
+    const key = clientPrefix(TAG_CURSOR, clientId, 2 + name.length + 4)
+    const at = key.length - 6 - name.length
+    key.writeUInt16BE(name.length, at)
+    name.copy(key, at + 2)
+    key.writeUInt32BE(partition, key.length - 4)
+    return key
+  },
+  /** The stream and partition of a `K` key's rest (after the client). */
+  parseCursor (rest: Buffer): { stream: string, partition: number } {
+    const length = rest.readUInt16BE(0)
+    return { stream: rest.toString('utf8', 2, 2 + length), partition: rest.readUInt32BE(2 + length) }
+  },
   session: (clientId: string): Buffer => clientPrefix(TAG_SESSION, clientId),
+  offline: (clientId: string): Buffer => clientPrefix(TAG_OFFLINE, clientId),
   /** Splits a client-scoped key into the client id and what follows it. */
   parseClient (key: Buffer): { clientId: string, rest: Buffer } {
     const length = key.readUInt16BE(1)
@@ -118,6 +146,12 @@ export function prefixRange (prefix: Buffer): { gte: Buffer, lt?: Buffer } {
 export function encodeU16 (n: number): Buffer {
   const buf = Buffer.allocUnsafe(2)
   buf.writeUInt16BE(n, 0)
+  return buf
+}
+
+export function encodeU64 (n: number): Buffer {
+  const buf = Buffer.allocUnsafe(8)
+  buf.writeBigUInt64BE(BigInt(n), 0)
   return buf
 }
 

@@ -3,7 +3,9 @@
  * persistent sessions, their offline QoS 1/2 queues, retained messages, wills
  * and inbound QoS 2 packets awaiting PUBREL. The key layout and value
  * encoding are session-format.ts's; this file keeps the state in memory and
- * decides what to write when.
+ * decides what to write when. Given the log, a session's QoS 1 queue of
+ * routed messages is a cursor per partition into it (session-cursors.ts);
+ * the copies left (unrouted topics, QoS 2) are bounded per session.
  *
  * Interface: the promise API that aedes 1.x calls directly (aedes-persistence
  * 11's `asyncPersistence.js`: an `async setup(broker)`, promise-returning
@@ -44,10 +46,13 @@ import { Readable } from 'node:stream'
 import type { AbstractBatchOptions, AbstractLevel } from 'abstract-level'
 import type { Durability, ExtraOperation, LevelDatabase, LogStore } from '../../store/index.ts'
 import { compileTopicFilters, QLOBBER_OPTIONS, type QlobberOptions } from '../access/topics.ts'
+import { logPositionOf } from './log-position.ts'
+import { SessionCursors, type LivePacket, type SessionLog } from './session-cursors.ts'
 import { notFound, SessionPersistenceError } from './session-errors.ts'
 import {
-  cbor, checkMessageId, PARKED_PREFIX, clientPrefix, decodeValue, encodeU16, encodeVersion, keys, prefixRange, readVersion, SESSION_FORMAT_VERSION,
-  TAG_INCOMING, TAG_MESSAGE_ID, TAG_OUTGOING, TAG_SESSION, TAG_SUB, TAG_WILL,
+  cbor, checkMessageId, CLIENT_TAGS, PARKED_PREFIX, clientPrefix, decodeValue, encodeU16, encodeU64, encodeVersion, keys, prefixRange, readVersion,
+  SESSION_FORMAT_VERSION,
+  TAG_CURSOR, TAG_INCOMING, TAG_MESSAGE_ID, TAG_OFFLINE, TAG_OUTGOING, TAG_SESSION, TAG_SUB, TAG_WILL,
 } from './session-format.ts'
 
 export { SESSION_ERROR_CODES, SessionPersistenceError, type SessionErrorCode } from './session-errors.ts'
@@ -65,6 +70,8 @@ export interface SessionClient {
 export interface SessionBroker {
   readonly id: string
   counter?: number
+  /** aedes' events: `client` (connected) and `clientDisconnect` tell when a session goes offline (session expiry). */
+  on?: (event: 'client' | 'clientDisconnect', listener: (client: SessionClient) => void) => unknown
 }
 
 /**
@@ -116,7 +123,25 @@ export interface SessionPersistenceOptions {
   readonly writer?: SessionWriter
   /** Without a writer: 'sync' (default) fsyncs each batch before its call resolves. With one, the store's applies. */
   readonly durability?: Durability
+  /**
+   * The log whose records persistent sessions keep cursors into instead of copies (session-cursors.ts); the
+   * gateway passes its store. Without one, every offline message is queued as a copy.
+   */
+  readonly log?: SessionLog
+  /** With a log: QoS 1 deliveries from the log one session may have unacknowledged while it catches up (default 100). */
+  readonly window?: number
+  /** With a log: told when a cursor advance could not be written (it is written again with the next one). */
+  readonly onCursorWriteError?: (err: unknown) => void
+  /** Copies one session may have queued (default unbounded); beyond it a new copy is dropped (the newest). */
+  readonly maxQueuedPerSession?: number
+  /** Told of every copy dropped by that bound; `first` is true for the first of an episode (the queue was below it). */
+  readonly onQueueOverflow?: (clientId: string, topic: string, first: boolean) => void
+  /** The clock of the offline times session expiry compares (default Date.now). */
+  readonly now?: () => number
 }
+
+/** Dropped copies remembered so that aedes' delivery of one to a connected client still finds it (see outgoingUpdate). */
+const DROPPED_REMEMBERED = 10_000
 
 // ---------------------------------------------------------------------------
 // qlobber's aedes flavour (the trie aedes-persistence uses), built with the
@@ -387,6 +412,21 @@ export class LevelSessionPersistence {
   readonly #wills = new Map<string, SessionPacket>()
   /** Client ids with a persistent session (`C`). */
   readonly #sessions = new Set<string>()
+  /** Cursors into the log, when the persistence has one. */
+  readonly #cursors: SessionCursors | undefined
+  readonly #log: SessionLog | undefined
+  #releaseHold: (() => void) | undefined
+  readonly #maxQueued: number
+  readonly #onOverflow: ((clientId: string, topic: string, first: boolean) => void) | undefined
+  /** Clients whose queue is full (an overflow episode is under way). */
+  readonly #overflowing = new Set<string>()
+  /** `client|broker key` of the latest dropped copies, oldest first. */
+  readonly #dropped = new Set<string>()
+  readonly #now: () => number
+  /** Persistent sessions not connected, and since when (ms; `E`). */
+  readonly #offlineSince = new Map<string, number>()
+  /** Connections per client id (a takeover briefly has two). */
+  readonly #connections = new Map<string, number>()
 
   /**
    * @param db the key space to own, normally `db.sublevel('sessions')` of the
@@ -400,6 +440,28 @@ export class LevelSessionPersistence {
     }
     this.#db = db
     this.#writer = new SessionWrites(db, options.writer ?? new DirectWriter(db, durability))
+    const maxQueued = options.maxQueuedPerSession ?? Infinity
+    if (maxQueued !== Infinity && (!Number.isSafeInteger(maxQueued) || maxQueued < 1)) {
+      throw new SessionPersistenceError('GW_SESSION_INVALID_ARGUMENT', `maxQueuedPerSession must be a positive integer, got ${String(maxQueued)}`)
+    }
+    this.#maxQueued = maxQueued
+    this.#now = options.now ?? Date.now
+    this.#onOverflow = options.onQueueOverflow
+    const window = options.window ?? 100
+    if (!Number.isSafeInteger(window) || window < 1) {
+      throw new SessionPersistenceError('GW_SESSION_INVALID_ARGUMENT', `window must be a positive integer, got ${String(window)}`)
+    }
+    this.#log = options.log
+    this.#cursors = options.log === undefined
+      ? undefined
+      : new SessionCursors({
+        log: options.log,
+        write: (ops) => this.#writer.write(ops),
+        grantedQos: (clientId, topic) => this.#grantedQos(clientId, topic),
+        broker: () => this.#broker,
+        window,
+        onWriteError: options.onCursorWriteError,
+      })
   }
 
   /** The broker given to setup(); aedes-persistence's abstract suite reads it. */
@@ -414,7 +476,11 @@ export class LevelSessionPersistence {
    */
   async setup (broker: SessionBroker): Promise<void> {
     this.#broker = broker
-    this.#loading ??= this.#load()
+    if (this.#loading === undefined) {
+      this.#loading = this.#load()
+      broker.on?.('client', (client) => { this.#connections.set(client.id, (this.#connections.get(client.id) ?? 0) + 1) })
+      broker.on?.('clientDisconnect', (client) => { this.#disconnected(client.id) })
+    }
     await this.#loading
     const max = this.#maxCounters.get(broker.id)
     if (max !== undefined && typeof broker.counter === 'number' && broker.counter < max) broker.counter = max
@@ -469,10 +535,32 @@ export class LevelSessionPersistence {
 
     for await (const [key] of this.#scan(Buffer.from([TAG_SESSION]))) this.#sessions.add(keys.parseClient(key).clientId)
 
+    if (this.#cursors !== undefined) {
+      for await (const [key, value] of this.#scan(Buffer.from([TAG_CURSOR]))) {
+        const { clientId, rest } = keys.parseClient(key)
+        const { stream, partition } = keys.parseCursor(rest)
+        if (value.length === 8) this.#cursors.load(clientId, stream, partition, Number(value.readBigUInt64BE(0)))
+      }
+      const cursors = this.#cursors
+      this.#releaseHold = this.#log?.holdRetention((stream, partition) => cursors.floor(stream, partition))
+    }
+
     for await (const [key, value] of this.#scan(Buffer.from([TAG_WILL]))) {
       this.#wills.set(keys.parseClient(key).clientId, decodeValue<SessionPacket>(key, value))
     }
+
+    for await (const [key, value] of this.#scan(Buffer.from([TAG_OFFLINE]))) {
+      if (value.length === 8) this.#offlineSince.set(keys.parseClient(key).clientId, Number(value.readBigUInt64BE(0)))
+    }
+    // Sessions connected when the gateway stopped went offline now (written, so a restart loop does not extend them).
+    const startedOffline: BatchOp[] = []
+    for (const clientId of this.#sessions) {
+      if (this.#offlineSince.has(clientId)) continue
+      this.#offlineSince.set(clientId, this.#now())
+      startedOffline.push(put(keys.offline(clientId), encodeU64(this.#now())))
+    }
     this.#loaded = true
+    await this.#writer.write(startedOffline)
   }
 
   #scan (prefix: Buffer): AsyncIterable<[Buffer, Buffer]> {
@@ -581,6 +669,17 @@ export class LevelSessionPersistence {
       ops.push(del(keys.sub(client.id, topic)))
     }
     if (stored.size === 0) this.#subs.delete(client.id)
+    // Deliveries from the log sent and not acknowledged become copies: the log's read filters by the subscriptions
+    // held, and they must be resent until acknowledged [MQTT-4.4.0-1]. Written in the same batch.
+    for (const { packet, messageId } of this.#cursors?.detach(client.id) ?? []) {
+      const queued = toAedesPacket(packet)
+      const seq = this.#nextSeq++
+      ops.push(put(keys.outgoing(TAG_OUTGOING, client.id, seq), cbor.encode(queued)))
+      ops.push(put(keys.outgoing(TAG_MESSAGE_ID, client.id, seq), encodeU16(messageId)))
+      this.#queue(client.id, true).add({ seq, brokerId: queued.brokerId, brokerCounter: queued.brokerCounter, messageId, replacement: undefined })
+    }
+    // Nothing left to read for: the cursors go, and hold no retention.
+    if (!this.#subs.has(client.id)) ops.push(...this.#cursors?.dropCursors(client.id) ?? [])
     await this.#writer.write(ops)
   }
 
@@ -604,15 +703,55 @@ export class LevelSessionPersistence {
    */
   hasSessionState (client: SessionClient): boolean {
     this.#ready()
-    return this.#sessions.has(client.id) || this.#subs.has(client.id) || this.#queues.has(client.id) || this.#incoming.has(client.id)
+    return this.#sessions.has(client.id) || this.#subs.has(client.id) || this.#queues.has(client.id) || this.#incoming.has(client.id) ||
+      this.#cursors?.has(client.id) === true
   }
 
   /** Records that the client has a persistent session, stored or not [MQTT-3.1.2-4]; cleanSubscriptions ends it. */
   async markSession (client: SessionClient): Promise<void> {
     this.#ready()
+    if (this.#offlineSince.delete(client.id)) await this.#writer.write([del(keys.offline(client.id))])
     if (this.#sessions.has(client.id)) return
     this.#sessions.add(client.id)
     await this.#writer.write([put(keys.session(client.id), Buffer.alloc(0))])
+  }
+
+  /** A connection of the client closed: a persistent session with no connection left is offline from now on. */
+  #disconnected (clientId: string): void {
+    const left = (this.#connections.get(clientId) ?? 1) - 1
+    if (left > 0) { this.#connections.set(clientId, left); return }
+    this.#connections.delete(clientId)
+    if (this.#destroyed || !this.#loaded || !this.#sessions.has(clientId) || this.#offlineSince.has(clientId)) return
+    const now = this.#now()
+    this.#offlineSince.set(clientId, now)
+    this.#writer.write([put(keys.offline(clientId), encodeU64(now))]).catch(() => {}) // a lost mark: the next start sets one
+  }
+
+  /**
+   * Drops every persistent session offline for more than `maxOfflineMs` (and not connected): its subscriptions,
+   * queues, cursors (and their hold on retention), inbound QoS 2 packets and will. Resolves with their client ids.
+   */
+  async expireSessions (maxOfflineMs: number): Promise<string[]> {
+    this.#ready()
+    const now = this.#now()
+    const expired = [...this.#offlineSince].filter(([clientId, since]) => now - since > maxOfflineMs && !this.#connections.has(clientId)).map(([id]) => id)
+    for (const clientId of expired) {
+      const ops: BatchOp[] = []
+      for (const tag of CLIENT_TAGS) {
+        for await (const key of this.#db.keys<Buffer>({ ...prefixRange(clientPrefix(tag, clientId)), keyEncoding: 'buffer' })) ops.push(del(key))
+      }
+      for (const topic of this.#subs.get(clientId)?.keys() ?? []) this.#trie.remove(topic, { clientId, topic })
+      this.#subs.delete(clientId)
+      this.#queues.delete(clientId)
+      this.#incoming.delete(clientId)
+      this.#wills.delete(clientId)
+      this.#sessions.delete(clientId)
+      this.#offlineSince.delete(clientId)
+      this.#overflowing.delete(clientId)
+      this.#cursors?.drop(clientId)
+      await this.#writer.write(ops)
+    }
+    return expired
   }
 
   /** Number of QoS > 0 subscriptions and of clients with any stored subscription. */
@@ -631,6 +770,8 @@ export class LevelSessionPersistence {
   async cleanSubscriptions (client: SessionClient): Promise<void> {
     this.#ready()
     if (this.#sessions.delete(client.id)) await this.#writer.write([del(keys.session(client.id))])
+    const cursors = this.#cursors?.drop(client.id) ?? []
+    if (cursors.length > 0) await this.#writer.write(cursors)
     const stored = this.#subs.get(client.id)
     if (stored === undefined) return
     const ops: BatchOp[] = []
@@ -677,20 +818,75 @@ export class LevelSessionPersistence {
    * Queues the packet for each subscription's client. Resolves once the queue
    * entries are written; aedes delivers to online clients only after that.
    */
-  async outgoingEnqueueCombi (subs: ReadonlyArray<{ clientId: string }>, packet: SessionPacket): Promise<void> {
+  async outgoingEnqueueCombi (subs: ReadonlyArray<{ clientId: string, qos?: number }>, packet: SessionPacket): Promise<void> {
     this.#ready()
     if (subs.length === 0) return
+    const position = this.#cursors === undefined ? undefined : logPositionOf(packet)
+    let copies = subs
+    const created: Array<Promise<void>> = []
+    if (position !== undefined && this.#cursors !== undefined) {
+      // A QoS 1 delivery of a logged message is a cursor, not a copy (session-cursors.ts); QoS 2 ones stay copies.
+      copies = []
+      for (const sub of subs) {
+        // Without a subscription's QoS (outgoingEnqueue: a publish to one client, not routed by a subscription) it is a copy.
+        if (sub.qos === undefined || Math.min(sub.qos, packet.qos ?? 0) !== 1) { (copies as Array<{ clientId: string }>).push(sub); continue }
+        const write = this.#cursors.enqueue(sub.clientId, position)
+        if (write !== undefined) created.push(write)
+      }
+      if (copies.length === 0) { await Promise.all(created); return }
+    }
     const queued = toAedesPacket(packet)
     const body = cbor.encode(queued)
     const ops: BatchOp[] = []
-    for (const sub of subs) {
+    for (const sub of copies) {
+      if (this.#full(sub.clientId, queued)) continue
       const seq = this.#nextSeq++
       ops.push(put(keys.outgoing(TAG_OUTGOING, sub.clientId, seq), body))
       this.#queue(sub.clientId, true).add({
         seq, brokerId: queued.brokerId, brokerCounter: queued.brokerCounter, messageId: undefined, replacement: undefined,
       })
     }
-    await this.#writer.write(ops)
+    await Promise.all([this.#writer.write(ops), ...created])
+  }
+
+  /**
+   * Whether the client's queue is at its bound: then the copy is dropped (the newest, as Mosquitto does), counted
+   * and remembered, so that aedes delivering it to a connected client finds it in outgoingUpdate.
+   */
+  #full (clientId: string, packet: SessionPacket): boolean {
+    const size = this.#queues.get(clientId)?.entries.size ?? 0
+    if (size < this.#maxQueued) {
+      this.#overflowing.delete(clientId)
+      return false
+    }
+    const first = !this.#overflowing.has(clientId)
+    this.#overflowing.add(clientId)
+    this.#dropped.add(`${clientId}|${brokerKey(packet.brokerId, packet.brokerCounter)}`)
+    if (this.#dropped.size > DROPPED_REMEMBERED) this.#dropped.delete(this.#dropped.values().next().value as string)
+    this.#onOverflow?.(clientId, String(packet.topic), first)
+    return true
+  }
+
+  /**
+   * Whether aedes may forward this live copy to the client: false for a copy of a logged message the session reads
+   * from the log (session-cursors.ts). authorizeForward asks; aedes then clears the copy it did not forward.
+   */
+  forwardLive (client: SessionClient, packet: LivePacket): boolean {
+    return this.#cursors?.forwardLive(client, packet) ?? true
+  }
+
+  /** Per stream: persistent sessions with a cursor into it, and the records they have not acknowledged. */
+  cursorLag (): Array<{ stream: string, sessions: number, lagMessages: number }> {
+    return this.#cursors?.lag() ?? []
+  }
+
+  /** The highest QoS of the client's QoS > 0 subscriptions matching the topic, 0 when none: the trie live routing agrees with. */
+  #grantedQos (clientId: string, topic: string): number {
+    let qos = 0
+    for (const sub of this.#trie.match(topic)) {
+      if (sub.clientId === clientId && sub.qos > qos) qos = sub.qos
+    }
+    return qos
   }
 
   /**
@@ -702,11 +898,14 @@ export class LevelSessionPersistence {
    */
   async outgoingUpdate (client: SessionClient, packet: SessionPacket): Promise<void> {
     this.#ready()
+    if (this.#cursors?.update(client, packet) === true) return
     const queue = this.#queue(client.id, false)
     const messageId = typeof packet.messageId === 'number' ? checkMessageId(packet.messageId) : undefined
     const sameBroker = queue?.byBroker(packet.brokerId, packet.brokerCounter)
     const otherBroker = messageId === undefined ? undefined : queue?.byMessageId(messageId, { brokerId: packet.brokerId })
     if (queue === undefined || (sameBroker === undefined && otherBroker === undefined)) {
+      // A copy dropped by the queue's bound: a connected client still gets it, unqueued.
+      if (this.#dropped.delete(`${client.id}|${brokerKey(packet.brokerId, packet.brokerCounter)}`)) return
       throw notFound()
     }
     const ops: BatchOp[] = []
@@ -733,6 +932,8 @@ export class LevelSessionPersistence {
    */
   async outgoingClearMessageId (client: SessionClient, packet: SessionPacket): Promise<SessionPacket | undefined> {
     this.#ready()
+    const fromLog = this.#cursors?.clear(client, typeof packet === 'object' && packet !== null ? packet : {})
+    if (fromLog?.found === true) return fromLog.packet === undefined ? undefined : { ...fromLog.packet }
     const queue = this.#queue(client.id, false)
     if (queue === undefined) return undefined
     const messageId = fieldOf(packet, 'messageId')
@@ -757,26 +958,30 @@ export class LevelSessionPersistence {
 
   /**
    * The client's queue in enqueue order, with the message ids assigned so
-   * far. Entries cleared while the stream runs are skipped.
+   * far (entries cleared while the stream runs are skipped), then, with a
+   * log, the records its cursors have not delivered (session-cursors.ts).
    */
   outgoingStream (client: SessionClient): Readable {
-    return Readable.from(this.#outgoing(client.id))
+    return Readable.from(this.#outgoing(client))
   }
 
-  async * #outgoing (clientId: string): AsyncGenerator<SessionPacket> {
+  async * #outgoing (client: SessionClient): AsyncGenerator<SessionPacket> {
     this.#ready()
     await this.#writer.flush()
-    if (this.#queues.get(clientId) === undefined) return
-    const prefix = clientPrefix(TAG_OUTGOING, clientId)
-    for await (const [key, value] of this.#scan(prefix)) {
-      const entry = this.#queues.get(clientId)?.entries.get(Number(key.readBigUInt64BE(prefix.length)))
-      if (entry === undefined) continue
-      if (entry.replacement !== undefined) {
-        yield { ...entry.replacement }
-      } else {
-        yield { ...decodeValue<SessionPacket>(key, value), messageId: entry.messageId }
+    const clientId = client.id
+    if (this.#queues.get(clientId) !== undefined) {
+      const prefix = clientPrefix(TAG_OUTGOING, clientId)
+      for await (const [key, value] of this.#scan(prefix)) {
+        const entry = this.#queues.get(clientId)?.entries.get(Number(key.readBigUInt64BE(prefix.length)))
+        if (entry === undefined) continue
+        if (entry.replacement !== undefined) {
+          yield { ...entry.replacement }
+        } else {
+          yield { ...decodeValue<SessionPacket>(key, value), messageId: entry.messageId }
+        }
       }
     }
+    if (this.#cursors !== undefined) yield * this.#cursors.read(client)
   }
 
   // --- inbound QoS 2 (incoming) ---------------------------------------------
@@ -933,5 +1138,7 @@ export class LevelSessionPersistence {
     this.#incoming.clear()
     this.#wills.clear()
     this.#sessions.clear()
+    this.#cursors?.close()
+    this.#releaseHold?.()
   }
 }

@@ -144,10 +144,10 @@ describe('alert rules', () => {
     expect(names.filter((n, i) => names.indexOf(n) !== i)).toEqual([])
   })
 
-  it('cover what the gateway, the store and the bridge report', () => {
+  it('cover what the gateway, the store, the bridge and replication report', () => {
     expect(rules.map((r) => r.alert).sort()).toEqual([
       'EdgemqAuthFailureSpike', 'EdgemqBackpressureSustained', 'EdgemqConsumerGroupLagGrowing', 'EdgemqDiskAlmostFull',
-      'EdgemqDiskFreeLow', 'EdgemqGatewayDown', 'EdgemqGatewayUnhealthy', 'EdgemqRecordsDroppedByRetention', 'EdgemqStoreErrors',
+      'EdgemqDiskFreeLow', 'EdgemqGatewayDown', 'EdgemqGatewayUnhealthy', 'EdgemqRecordsDroppedByRetention', 'EdgemqStandbyOutOfSync', 'EdgemqStoreErrors',
       'EdgemqUplinkBacklogGrowing', 'EdgemqUplinkCommandsExpiring', 'EdgemqUplinkDeadLettered', 'EdgemqUplinkDisconnected',
       'EdgemqUplinkRecordsDropped',
     ])

@@ -54,6 +54,9 @@ export function runCli (args: readonly string[], input?: string): Promise<{ code
   })
 }
 
+/** How long a start may take: a deadline, not a wait (the ready line ends it); a loaded 2-core machine took over 20 s. */
+const START_TIMEOUT_MS = 60_000
+
 export async function startGatewayProcess (options: { dataDir: string, config?: string, timeoutMs?: number, args?: readonly string[] }): Promise<GatewayProcess> {
   const args = [BIN, 'start', '--data-dir', options.dataDir, '--http-port', '0', ...options.args ?? []]
   if (options.config !== undefined) args.push('--config', options.config)
@@ -66,7 +69,7 @@ export async function startGatewayProcess (options: { dataDir: string, config?: 
   const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)))
   const line = await new Promise<string>((resolve, reject) => {
     let out = ''
-    const timer = setTimeout(() => reject(new Error(`gateway did not start within ${options.timeoutMs ?? 20_000} ms:\n${stderr}`)), options.timeoutMs ?? 20_000)
+    const timer = setTimeout(() => reject(new Error(`gateway did not start within ${options.timeoutMs ?? START_TIMEOUT_MS} ms:\n${stderr}`)), options.timeoutMs ?? START_TIMEOUT_MS)
     child.stdout!.on('data', (d: Buffer) => {
       out += d.toString()
       const ready = out.split('\n').find((l) => l.includes(' ready: '))

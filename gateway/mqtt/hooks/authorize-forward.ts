@@ -19,6 +19,8 @@ export function authorizeForward (ctx: HookContext): AuthorizeForward {
     // disk), and the reconnect path writes that very object rather than the returned one: unmount in place.
     const who = ctx.identities.get(client)
     if (who === undefined) return null
+    // A live copy of a logged message that the session reads from the log instead (session-cursors.ts).
+    if (!ctx.persistence.forwardLive(client, packet)) return null
     const topic = unmountTopic(who.tenant, packet.topic)
     if (topic === null) return null
     if (topic.startsWith('$') && !dollarTopicSubscribed(who.tenant, Object.keys(subscriptionsOf(client)), topic)) return null

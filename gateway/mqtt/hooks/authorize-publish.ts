@@ -25,6 +25,7 @@ import { mountTopic, topicNameProblem } from '../../access/topics.ts'
 import { GatewayError } from '../../errors.ts'
 import { isFiringWill } from '../aedes-internals.ts'
 import type { Qos2Plan } from '../inbound-qos2.ts'
+import { attachLogPosition } from '../log-position.ts'
 import { isReplayTopic } from '../replay.ts'
 import { compileRoutes, type Route } from '../routing.ts'
 import { isShareTopic } from '../shared/share-topic.ts'
@@ -168,9 +169,11 @@ export function authorizePublish (ctx: HookContext): AuthorizePublish {
     }
     // QoS 0 waits for its append too: there is no ack to hold back, but the wait keeps the client's socket
     // paused while the log is busy, and delivery order equal to log order.
-    appender.append(client, who, target, packet, (err) => {
+    appender.append(client, who, target, packet, (err, _duplicate, position) => {
       if (err) return callback(err)
       if (qos === 0) return callback(null)
+      // Persistent sessions keep a cursor to the record instead of a copy of the message (session-cursors.ts).
+      if (position !== undefined) attachLogPosition(packet, position)
       publishBeforeAck(packet, client, callback)
     }, will === undefined ? undefined : { extraOps: will })
   }

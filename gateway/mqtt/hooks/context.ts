@@ -35,6 +35,7 @@ export interface BrokerPersistence extends Qos2Persistence, WillPersistence {
   hasSessionState (client: Client): boolean
   markSession (client: Client): Promise<void>
   outgoingClearMessageId (client: Client, packet: { cmd?: string, messageId?: number }): Promise<unknown>
+  forwardLive (client: Client, packet: { topic: string, qos: number, payload: unknown, brokerId?: string, brokerCounter?: number }): boolean
 }
 
 export interface ConnectInfo { readonly clientId: string, readonly clean: boolean, readonly willTopic?: string }

@@ -13,6 +13,7 @@ import { isStoreError, type AppendOptions, type LogStore } from '../../../store/
 import type { Identity } from '../../access/auth.ts'
 import type { GatewayMetrics, PublishRefusal } from '../../metrics/metrics.ts'
 import type { GuardGroup } from '../connection-guard.ts'
+import type { LogPosition } from '../log-position.ts'
 import type { HookContext } from './context.ts'
 
 /** Header of every record an authenticated client sent: its username (a certificate's CN with certIdentity), for audit. */
@@ -29,7 +30,8 @@ export interface AppendTarget {
   readonly topic: string
 }
 
-export type AppendDone = (err: Error | null, duplicate?: boolean) => void
+/** `position`: where the record is in the log (the first append's, for a duplicate). */
+export type AppendDone = (err: Error | null, duplicate?: boolean, position?: LogPosition) => void
 
 type Counter = { inc (n?: number): void }
 
@@ -52,9 +54,9 @@ export class DurableAppender {
   append (client: Client, who: Identity, target: AppendTarget, packet: PublishPacket, done: AppendDone,
     options?: AppendOptions, headers?: Record<string, string>): void {
     this.#inflight++
-    this.#append(client, who, target, packet, (err, duplicate) => {
+    this.#append(client, who, target, packet, (err, duplicate, position) => {
       if (--this.#inflight === 0) for (const resolve of this.#settledWaiters.splice(0)) resolve()
-      done(err, duplicate)
+      done(err, duplicate, position)
     }, options, headers, RETRY_MIN_MS)
   }
 
@@ -81,7 +83,7 @@ export class DurableAppender {
         counters.bytes.inc(payload.byteLength)
       }
       if (delay !== RETRY_MIN_MS) this.#ctx.onStoreHealth(true)
-      done(null, result.duplicate === true)
+      done(null, result.duplicate === true, { stream: target.stream, partition: result.partition, offset: result.offset })
     }, (err: unknown) => {
       if (isStoreError(err, 'STORE_WRITE_FAILED') || isStoreError(err, 'STORE_CLOSED')) {
         this.#ctx.onStoreHealth(false, err) // the failed write itself was counted by the store observer (gateway.ts)

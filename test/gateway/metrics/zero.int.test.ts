@@ -42,6 +42,7 @@ describe('/metrics of a fresh gateway', () => {
       }
       for (const reason of KNOWN_LABELS.publishRefusals) expected.push(['edgemq_mqtt_publishes_refused_total', { tenant, reason }])
       for (const reason of KNOWN_LABELS.subscribeRefusals) expected.push(['edgemq_mqtt_subscriptions_refused_total', { tenant, reason }])
+      expected.push(['edgemq_mqtt_session_queue_dropped_total', { tenant }])
       expected.push(['edgemq_mqtt_replays_active', { tenant }], ['edgemq_mqtt_replay_messages_total', { tenant }])
       for (const outcome of KNOWN_LABELS.replayOutcomes) expected.push(['edgemq_mqtt_replays_finished_total', { tenant, outcome }])
     }

@@ -31,6 +31,8 @@ function context (mqtt: Record<string, unknown> = {}): HookContext {
     broker: { on () {} },
     identities: new WeakMap(), connacked: new WeakSet(), toStore: new WeakMap(), oversized: new WeakSet(), sessionMarkers: new WeakSet(), tickets: new WeakMap(),
     replayConnections: new WeakMap(), startupWills: new WeakSet(),
+    // a session with no cursor into the log: every live copy may go (session-cursors.ts decides otherwise)
+    persistence: { forwardLive: () => true },
     ...refusals({ metrics, logger }, connects),
   } as unknown as HookContext
 }
@@ -120,6 +122,13 @@ describe('authorizeForward', () => {
     const p = packet('acme/devices/d1/commands/reboot')
     expect(authorizeForward(ctx)(device(ctx, D1), p)).toBe(p)
     expect(p.topic).toBe('devices/d1/commands/reboot')
+  })
+
+  it('holds back a live copy the session reads from its cursors into the log instead', () => {
+    const ctx = { ...context(), persistence: { forwardLive: () => false } } as unknown as HookContext
+    const p = packet('acme/devices/d1/commands/reboot')
+    expect(authorizeForward(ctx)(device(ctx, D1), p)).toBeNull()
+    expect(p.topic).toBe('acme/devices/d1/commands/reboot')
   })
 
   it('never forwards across tenants, nor what the read ACL denies, nor to a client without an identity', () => {

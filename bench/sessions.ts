@@ -1,0 +1,173 @@
+/**
+ * `npm run bench -- sessions`: persistent MQTT sessions against Mosquitto in
+ * the same run. One JSON line per figure on stdout (see lib/report.ts);
+ * progress on stderr.
+ *
+ * Both brokers are child processes on free loopback ports, fresh (with a
+ * fresh data directory) for every round: edgemq as `edgemq start` with the
+ * embedded default config (`durability: sync`), Mosquitto in memory
+ * (`persistence false`) with its queue limits lifted (`max_queued_messages
+ * 0`, `max_queued_bytes 0`: by default it drops a persistent session's
+ * messages past 1,000) and `max_inflight_messages` equal to edgemq's
+ * outgoing window.
+ *
+ * The load: 8 publishers (lib/mqtt-fill.ts, 100 in flight each) send
+ * `--messages` (default 20,000) QoS 1 messages of 100 bytes for 80 devices
+ * on `devices/<device>/telemetry/t`, which the default route appends to the
+ * log, 8 partitions.
+ *
+ * Figures:
+ * - `sessions.offline-drain`: a clean = false QoS 1 subscriber to
+ *   `devices/+/telemetry/#` subscribes and leaves; the messages are
+ *   published; it reconnects and acknowledges everything (one write of
+ *   PUBACKs per read). Messages per second from its CONNACK to the last
+ *   message, against Mosquitto.
+ * - `sessions.ingest-offline-subscribers`: the publishers' rate (first
+ *   PUBLISH to last PUBACK) with 10 such offline persistent subscribers,
+ *   against the same gateway's rate with none. Mosquitto's rates with and
+ *   without are in the params.
+ *
+ * Rounds alternate the brokers, the order flipping each round; each figure
+ * is the median of rounds. Arguments: `--messages=N` (or EDGEMQ_BENCH_MESSAGES),
+ * `--rounds=N` (default 1), `--mosquitto=PATH`, `--edgemq=PATH` (another
+ * checkout's gateway/edgemq.mjs, to compare a change).
+ */
+import path from 'node:path'
+import { findMosquitto, mosquittoVersion, processCpuSeconds, startEdgemq, startMosquitto, type RunningBroker } from './lib/brokers.ts'
+import { fill } from './lib/mqtt-fill.ts'
+import { runSubscriber } from './lib/replay-clients.ts'
+import { TempDirs, info, median, report, round } from './lib/report.ts'
+
+const argv = process.argv.slice(2)
+const flag = (name: string): string | undefined => argv.find((a) => a.startsWith(`--${name}=`))?.slice(name.length + 3)
+function intFlag (name: string, fallback: number, env?: string): number {
+  const raw = flag(name) ?? (env === undefined ? undefined : process.env[env])
+  const n = raw === undefined || raw === '' ? fallback : Number(raw)
+  if (!Number.isSafeInteger(n) || n < 1) throw new Error(`--${name} must be a positive integer`)
+  return n
+}
+const MESSAGES = intFlag('messages', 20_000, 'EDGEMQ_BENCH_MESSAGES')
+const ROUNDS = intFlag('rounds', 1)
+const EDGEMQ_BIN = flag('edgemq') === undefined ? undefined : path.resolve(flag('edgemq') as string)
+const PUBLISHERS = 8
+const DEVICES_PER_PUBLISHER = 10
+const PUBLISH_WINDOW = 100
+const PAYLOAD_BYTES = 100
+const OFFLINE_SUBSCRIBERS = 10
+const FILTER = 'devices/+/telemetry/#'
+/** edgemq's default `mqtt.sessions.inflight` (outgoing QoS 1/2 deliveries unacknowledged per session); Mosquitto gets the same. */
+const OUTGOING_WINDOW = 100
+const TIMEOUT_MS = 600_000
+const MOSQUITTO_LINES = ['max_queued_messages 0', 'max_queued_bytes 0', `max_inflight_messages ${OUTGOING_WINDOW}`]
+
+const dirs = new TempDirs()
+
+type Name = 'edgemq' | 'mosquitto'
+
+async function withBroker<T> (name: Name, mosquitto: string, fn: (broker: RunningBroker) => Promise<T>): Promise<T> {
+  const dir = await dirs.make(name)
+  const broker = name === 'edgemq' ? await startEdgemq(dir, [], EDGEMQ_BIN) : await startMosquitto(mosquitto, dir, MOSQUITTO_LINES)
+  try {
+    return await fn(broker)
+  } catch (err) {
+    throw new Error(`${(err as Error).message}\n${name} stderr (tail):\n${broker.stderr().slice(-4000)}`)
+  } finally {
+    const code = await broker.stop()
+    if (code !== 0 && code !== null) info(`${name} exited with code ${code}`)
+    await dirs.remove(dir)
+  }
+}
+
+/** Connects a clean = false session, subscribes at QoS 1 and drops the connection once the SUBACK is in. */
+async function leaveSession (broker: RunningBroker, clientId: string): Promise<void> {
+  await runSubscriber({
+    host: broker.host, port: broker.port, clientId, clean: false, subscribe: FILTER, wantTopics: false, until: () => false, timeoutMs: 500,
+  }).catch((err: Error) => { if (!/still waiting/.test(err.message)) throw err })
+}
+
+function publish (broker: RunningBroker): Promise<{ rate: number }> {
+  return fill({
+    host: broker.host, port: broker.port, messages: MESSAGES, connections: PUBLISHERS, devicesPerConnection: DEVICES_PER_PUBLISHER,
+    payloadBytes: PAYLOAD_BYTES, window: PUBLISH_WINDOW,
+  })
+}
+
+interface DrainRound { readonly rate: number, readonly firstMs: number, readonly brokerCores: number | undefined, readonly publishRate: number }
+
+async function drainRound (broker: RunningBroker, n: number): Promise<DrainRound> {
+  const clientId = `persistent-${n}`
+  await leaveSession(broker, clientId)
+  const { rate: publishRate } = await publish(broker)
+  const cpu0 = processCpuSeconds(broker.pid)
+  const r = await runSubscriber({ host: broker.host, port: broker.port, clientId, clean: false, wantTopics: false, until: (c) => c === MESSAGES, timeoutMs: TIMEOUT_MS })
+  const cpu1 = processCpuSeconds(broker.pid)
+  if (r.received !== MESSAGES) throw new Error(`${broker.name}: drained ${r.received} of ${MESSAGES}`)
+  return {
+    rate: MESSAGES / (r.ms / 1000), firstMs: r.firstMs, publishRate,
+    brokerCores: cpu0 === undefined || cpu1 === undefined ? undefined : (cpu1 - cpu0) / (r.ms / 1000),
+  }
+}
+
+async function ingestRound (broker: RunningBroker, subscribers: number, n: number): Promise<number> {
+  for (let s = 0; s < subscribers; s++) await leaveSession(broker, `offline-${n}-${s}`)
+  return (await publish(broker)).rate
+}
+
+async function main (): Promise<number> {
+  const mosquitto = findMosquitto(flag('mosquitto'))
+  if (mosquitto === null) {
+    process.stderr.write('[bench] sessions: mosquitto not found (apt-get install mosquitto, or --mosquitto=PATH): it is the baseline\n')
+    return 1
+  }
+  const version = mosquittoVersion(mosquitto)
+  const drains: Record<Name, DrainRound[]> = { edgemq: [], mosquitto: [] }
+  const ingest: Record<Name, { none: number[], offline: number[] }> = { edgemq: { none: [], offline: [] }, mosquitto: { none: [], offline: [] } }
+  info(`sessions bench: ${MESSAGES} messages, ${ROUNDS} rounds, edgemq vs mosquitto ${version}`)
+  try {
+    for (let n = 0; n < ROUNDS; n++) {
+      const order: Name[] = n % 2 === 0 ? ['mosquitto', 'edgemq'] : ['edgemq', 'mosquitto']
+      for (const name of order) {
+        const d = await withBroker(name, mosquitto, (b) => drainRound(b, n))
+        drains[name].push(d)
+        info(`round ${n + 1} ${name}: drain ${Math.round(d.rate)} msgs/s (first after ${round(d.firstMs, 1)} ms, broker ${round(d.brokerCores ?? NaN, 2)} cores)`)
+        const none = await withBroker(name, mosquitto, (b) => ingestRound(b, 0, n))
+        const offline = await withBroker(name, mosquitto, (b) => ingestRound(b, OFFLINE_SUBSCRIBERS, n))
+        ingest[name].none.push(none)
+        ingest[name].offline.push(offline)
+        info(`round ${n + 1} ${name}: ingest ${Math.round(none)} msgs/s with no subscriber, ${Math.round(offline)} with ${OFFLINE_SUBSCRIBERS} offline`)
+      }
+    }
+  } finally {
+    await dirs.cleanup()
+  }
+  const rates = (name: Name): number[] => drains[name].map((d) => d.rate)
+  const common = {
+    messages: MESSAGES, publishers: PUBLISHERS, devices: PUBLISHERS * DEVICES_PER_PUBLISHER, publishWindow: PUBLISH_WINDOW, payloadBytes: PAYLOAD_BYTES,
+    rounds: ROUNDS, statistic: 'median of rounds', durability: 'sync', mosquitto: version, mosquittoConfig: `persistence false, ${MOSQUITTO_LINES.join(', ')}`,
+  }
+  report({
+    bench: 'sessions.offline-drain', unit: 'msgs/s', value: median(rates('edgemq')), better: 'higher',
+    baseline: `Mosquitto ${version} draining the same backlog to the same reconnecting persistent session`,
+    baselineValue: median(rates('mosquitto')),
+    params: {
+      ...common, filter: FILTER, outgoingWindow: OUTGOING_WINDOW, target: '>= 0.5x Mosquitto (first milestone), 1.0x (goal)',
+      edgemqRounds: rates('edgemq').map(Math.round), mosquittoRounds: rates('mosquitto').map(Math.round),
+      edgemqFirstMessageMs: drains.edgemq.map((d) => round(d.firstMs, 1)),
+      edgemqCores: drains.edgemq.map((d) => round(d.brokerCores ?? NaN, 2)), mosquittoCores: drains.mosquitto.map((d) => round(d.brokerCores ?? NaN, 2)),
+      edgemqPublishRounds: drains.edgemq.map((d) => Math.round(d.publishRate)),
+    },
+  })
+  report({
+    bench: 'sessions.ingest-offline-subscribers', unit: 'msgs/s', value: median(ingest.edgemq.offline), better: 'higher',
+    baseline: 'the same gateway, same load, no subscriber', baselineValue: median(ingest.edgemq.none),
+    params: {
+      ...common, offlineSubscribers: OFFLINE_SUBSCRIBERS, filter: FILTER, target: '>= 0.8x the same gateway with none',
+      edgemqOfflineRounds: ingest.edgemq.offline.map(Math.round), edgemqNoneRounds: ingest.edgemq.none.map(Math.round),
+      mosquittoOfflineRounds: ingest.mosquitto.offline.map(Math.round), mosquittoNoneRounds: ingest.mosquitto.none.map(Math.round),
+      mosquittoRatio: round(median(ingest.mosquitto.offline) / median(ingest.mosquitto.none), 2),
+    },
+  })
+  return 0
+}
+
+process.exitCode = await main()

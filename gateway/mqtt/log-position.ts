@@ -1,0 +1,30 @@
+/**
+ * Where a published message sits in the log, carried from the durable append (hooks/authorize-publish.ts) to the
+ * session persistence, which keeps a cursor instead of a copy for a message the log already holds
+ * (session-cursors.ts).
+ *
+ * aedes does not hand the session store the packet authorizePublish saw: `broker.publish` wraps it in a new
+ * aedes-packet (https://github.com/moscajs/aedes-packet/blob/v4.0.0/packet.js), which copies a fixed list of fields
+ * and drops any other, symbols included. It copies `payload` by reference, so the position is kept in a WeakMap
+ * keyed by the payload object: never a field of the packet, so never written into a stored packet or sent, and gone
+ * with the payload. Every PUBLISH parsed off a socket has a payload object of its own.
+ */
+
+/** A record of the log: stream (`<tenant>/<stream>`), partition and offset. */
+export interface LogPosition {
+  readonly stream: string
+  readonly partition: number
+  readonly offset: number
+}
+
+const positions = new WeakMap<object, LogPosition>()
+
+/** Records that the packet's message is at `position` in the log (call once its append is durable). */
+export function attachLogPosition (packet: { readonly payload?: unknown }, position: LogPosition): void {
+  if (typeof packet.payload === 'object' && packet.payload !== null) positions.set(packet.payload, position)
+}
+
+/** The log position of the message of this packet (or of any aedes copy of it), if it went into the log. */
+export function logPositionOf (packet: { readonly payload?: unknown }): LogPosition | undefined {
+  return typeof packet.payload === 'object' && packet.payload !== null ? positions.get(packet.payload) : undefined
+}

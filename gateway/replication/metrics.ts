@@ -1,0 +1,55 @@
+/**
+ * Replication metrics (docs/metrics.md, "Replication"). The lag and the
+ * in-sync state are read from the running replication at scrape time; the
+ * out-of-sync counter counts transitions, so an alert sees a standby that
+ * flapped between two scrapes.
+ */
+import { Counter, Gauge, type Registry } from 'prom-client'
+
+export interface ReplicationGauges {
+  /** 1 for the node's role (none, primary, standby), 0 for the others. */
+  readonly role: () => string
+  readonly epoch: () => number
+  readonly inSync: () => boolean
+  readonly lag: () => { readonly writes: number, readonly bytes: number | null, readonly seconds: number }
+}
+
+export interface ReplicationMetrics {
+  readonly outOfSync: Counter
+}
+
+export function createReplicationMetrics (registry: Registry, gauges: ReplicationGauges): ReplicationMetrics {
+  new Gauge({
+    name: 'edgemq_replication_role', help: 'This gateway\'s replication role: 1 for the current one (none, primary, standby).',
+    labelNames: ['role'], registers: [registry],
+    collect () { for (const r of ['none', 'primary', 'standby']) this.set({ role: r }, r === gauges.role() ? 1 : 0) },
+  })
+  new Gauge({
+    name: 'edgemq_replication_epoch', help: 'Leadership epoch this gateway is in.', registers: [registry],
+    collect () { this.set(gauges.epoch()) },
+  })
+  new Gauge({
+    name: 'edgemq_replication_in_sync',
+    help: 'On a primary: 1 while its standby is in sync (connected, past its snapshot, lagging less than replication.maxLagMs). ' +
+      'On a standby: 1 while it is connected to its primary and past its snapshot.',
+    registers: [registry],
+    collect () { this.set(gauges.inSync() ? 1 : 0) },
+  })
+  new Gauge({
+    name: 'edgemq_replication_lag_writes', help: 'LevelDB batches the primary wrote that the standby has not acknowledged (applied).',
+    registers: [registry], collect () { this.set(gauges.lag().writes) },
+  })
+  new Gauge({
+    name: 'edgemq_replication_lag_bytes', help: 'Bytes (keys and values) of the writes the standby has not acknowledged; measured on the primary.',
+    registers: [registry], collect () { this.set(gauges.lag().bytes ?? 0) },
+  })
+  new Gauge({
+    name: 'edgemq_replication_lag_seconds', help: 'Age of the oldest write the standby has not acknowledged (0 when it has them all).',
+    registers: [registry], collect () { this.set(gauges.lag().seconds) },
+  })
+  return {
+    outOfSync: new Counter({
+      name: 'edgemq_replication_out_of_sync_total', help: 'Times the standby left the in-sync state (logged with the reason).', registers: [registry],
+    }),
+  }
+}

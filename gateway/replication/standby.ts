@@ -1,0 +1,254 @@
+/**
+ * The standby's side: connects to its primary (again and again, with
+ * backoff), says what it has applied, and applies what comes back to its own
+ * database in the primary's order: a snapshot (the database emptied first,
+ * a marker in the replication metadata saying that it is incomplete, so a
+ * standby killed half-way starts a new snapshot), then batch after batch.
+ * Queued batches are applied together as one LevelDB batch, with the
+ * position they reach, and acknowledged once that batch is written (fsync'd
+ * under store.durability: sync). After each apply the read-only store is
+ * told to re-read what changed (coalesced, on the same chain as the applies).
+ *
+ * The replication metadata (sublevel `replication`) is never replicated: it
+ * says where this copy stands, not what the primary holds.
+ */
+import net from 'node:net'
+import type { Logger } from 'pino'
+import { asBuffer, FrameSocket, PROTOCOL_VERSION, type BatchFrame, type PrimaryFrame, type StandbyFrame } from './protocol.ts'
+import type { HostPort } from './config-schema.ts'
+
+const RETRY_MIN_MS = 100
+const RETRY_MAX_MS = 2000
+/** How far a standby's reads may trail what it applied: refreshes of its store are at most this often. */
+const REFRESH_MS = 20
+
+/** Where this copy stands, as kept in the replication metadata. */
+export interface AppliedPosition { readonly history: string, readonly seq: number, readonly epoch: number }
+
+/** The root database as the follower writes it, with the metadata sublevel's keys as raw bytes. */
+export interface FollowerDatabase {
+  batch (ops: Array<{ type: 'put', key: Buffer, value: Buffer } | { type: 'del', key: Buffer }>, options: { sync: boolean }): Promise<void>
+  /** Before a snapshot: sets aside data that is not a copy of a primary's (replication.ts), empties the database, marks the copy incomplete. */
+  startCopy (): Promise<void>
+  /** The operations that mark a copy complete, written with its position. */
+  readonly finishCopyOps: ReadonlyArray<{ type: 'del', key: Buffer }>
+}
+
+export interface StandbyDeps {
+  readonly peer: HostPort
+  readonly gatewayId: string
+  readonly db: FollowerDatabase
+  /** The metadata key this copy's position is kept under (in the root's key space). */
+  readonly positionKey: Buffer
+  readonly sync: boolean
+  readonly initial: AppliedPosition | null
+  readonly logger: Logger
+  readonly now: () => number
+  /** Re-read the store after applied writes. */
+  readonly refresh: () => Promise<void>
+}
+
+export class ReplicationStandby {
+  readonly #deps: StandbyDeps
+  #position: AppliedPosition | null
+  #frames: FrameSocket<PrimaryFrame, StandbyFrame> | undefined
+  #connected = false
+  #snapshotting = false
+  #primarySeq = 0
+  /** Primary time of the newest batch applied; with the ping's, the lag in seconds. */
+  #appliedAt: number | null = null
+  #primaryAt: number | null = null
+  #queue: BatchFrame[] = []
+  #snapshotOps: Array<{ type: 'put', key: Buffer, value: Buffer }> = []
+  #applying: Promise<void> = Promise.resolve()
+  #refreshTimer: NodeJS.Timeout | undefined
+  #closed = false
+  #started = false
+  #retryMs = RETRY_MIN_MS
+  #retryTimer: NodeJS.Timeout | undefined
+  #lastRefusal: string | null = null
+
+  constructor (deps: StandbyDeps) {
+    this.#deps = deps
+    this.#position = deps.initial
+  }
+
+  /** Starts following: once the store that reads the copy is open (it must not load a copy half-applied). */
+  start (): void {
+    if (this.#started || this.#closed) return
+    this.#started = true
+    this.#connect()
+  }
+
+  get connected (): boolean { return this.#connected }
+  get snapshotting (): boolean { return this.#snapshotting }
+  get position (): AppliedPosition | null { return this.#position }
+  get refusal (): string | null { return this.#lastRefusal }
+
+  /** Behind the primary's newest write as last heard (ping or batch). */
+  lag (): { writes: number, seconds: number } {
+    const applied = this.#position?.seq ?? 0
+    const writes = Math.max(0, this.#primarySeq - applied)
+    const seconds = writes === 0 || this.#appliedAt === null || this.#primaryAt === null ? 0 : Math.max(0, (this.#primaryAt - this.#appliedAt) / 1000)
+    return { writes, seconds }
+  }
+
+  async close (): Promise<void> {
+    this.#closed = true
+    clearTimeout(this.#retryTimer)
+    clearTimeout(this.#refreshTimer)
+    this.#frames?.close()
+    await this.#applying
+  }
+
+  #connect (): void {
+    if (this.#closed) return
+    const { peer, logger } = this.#deps
+    const socket = net.connect(peer.port, peer.host)
+    socket.setNoDelay(true)
+    socket.setKeepAlive(true, 1000)
+    const frames: FrameSocket<PrimaryFrame, StandbyFrame> = new FrameSocket(socket, (frame) => { this.#onFrame(frames, frame) },
+      (err) => { logger.warn({ err: err.message }, 'replication stream from the primary is unreadable') })
+    this.#frames = frames
+    socket.on('connect', () => {
+      this.#connected = true
+      this.#retryMs = RETRY_MIN_MS
+      const p = this.#position
+      const hello = { version: PROTOCOL_VERSION, gatewayId: this.#deps.gatewayId, history: p?.history ?? '', seq: p?.seq ?? -1, epoch: p?.epoch ?? 0 }
+      frames.send({ type: 'hello', ...hello })
+    })
+    socket.on('error', (err) => { if (!this.#connected) logger.debug({ err: err.message }, 'primary not reachable') })
+    socket.on('close', () => {
+      const was = this.#connected
+      this.#connected = false
+      this.#snapshotOps = []
+      if (this.#frames === frames) this.#frames = undefined
+      if (was) logger.warn({ primary: `${peer.host}:${peer.port}` }, 'lost the primary; reconnecting')
+      if (this.#closed) return
+      this.#retryTimer = setTimeout(() => { this.#connect() }, this.#retryMs)
+      this.#retryMs = Math.min(this.#retryMs * 2, RETRY_MAX_MS)
+    })
+  }
+
+  #onFrame (frames: FrameSocket<PrimaryFrame, StandbyFrame>, frame: PrimaryFrame): void {
+    if (this.#frames !== frames) return
+    switch (frame.type) {
+      case 'refused':
+        this.#lastRefusal = frame.message
+        this.#deps.logger.error({ code: 'GW_REPLICATION_REFUSED' }, `the primary refused this standby: ${frame.message}`)
+        break
+      case 'welcome':
+        this.#lastRefusal = null
+        this.#primarySeq = frame.seq
+        if (frame.snapshot) {
+          this.#snapshotting = true
+          this.#snapshotOps = []
+          this.#run(() => this.#beginSnapshot())
+        }
+        this.#welcomed = { history: frame.history, epoch: frame.epoch }
+        break
+      case 'snapshot':
+        for (const [key, value] of frame.entries) this.#snapshotOps.push({ type: 'put', key: asBuffer(key), value: asBuffer(value) })
+        if (this.#snapshotOps.length >= 4096) this.#flushSnapshot()
+        break
+      case 'snapshot-end': {
+        this.#flushSnapshot()
+        const welcomed = this.#welcomed
+        if (welcomed !== undefined) this.#run(() => this.#endSnapshot({ ...welcomed, seq: frame.seq }, frames))
+        break
+      }
+      case 'batch':
+        this.#primarySeq = Math.max(this.#primarySeq, frame.seq)
+        this.#primaryAt = Math.max(this.#primaryAt ?? 0, frame.at)
+        this.#queue.push(frame)
+        if (this.#queue.length === 1) this.#run(() => this.#applyQueued(frames))
+        break
+      case 'ping':
+        this.#primarySeq = Math.max(this.#primarySeq, frame.seq)
+        this.#primaryAt = frame.at
+        break
+    }
+  }
+
+  #welcomed: { history: string, epoch: number } | undefined
+
+  /** Runs `fn` after everything applied before it: applies happen one at a time, in order. */
+  #run (fn: () => Promise<void>): void {
+    this.#applying = this.#applying.then(fn).catch((err: unknown) => {
+      this.#deps.logger.error({ err: (err as Error).message }, 'applying the primary\'s writes failed; reconnecting')
+      this.#frames?.close()
+    })
+  }
+
+  async #beginSnapshot (): Promise<void> {
+    // From here on there is no position: a standby killed before the snapshot's end starts a new one.
+    this.#position = null
+    await this.#deps.db.startCopy()
+  }
+
+  #flushSnapshot (): void {
+    if (this.#snapshotOps.length === 0) return
+    const ops = this.#snapshotOps
+    this.#snapshotOps = []
+    this.#run(() => this.#deps.db.batch(ops, { sync: false }))
+  }
+
+  async #endSnapshot (position: AppliedPosition, frames: FrameSocket<PrimaryFrame, StandbyFrame>): Promise<void> {
+    await this.#deps.db.batch([this.#positionOp(position), ...this.#deps.db.finishCopyOps], { sync: true })
+    this.#position = position
+    this.#snapshotting = false
+    this.#deps.logger.info({ seq: position.seq }, 'snapshot from the primary applied')
+    frames.send({ type: 'ack', seq: position.seq })
+    this.#scheduleRefresh()
+  }
+
+  async #applyQueued (frames: FrameSocket<PrimaryFrame, StandbyFrame>): Promise<void> {
+    const batches = this.#queue
+    this.#queue = []
+    const base = this.#position ?? (this.#welcomed === undefined ? null : { ...this.#welcomed, seq: -1 })
+    if (batches.length === 0 || base === null || this.#snapshotting) {
+      // Batches that follow a snapshot wait for its end (they were queued after it, so run after it).
+      if (this.#snapshotting && batches.length > 0) this.#queue.unshift(...batches)
+      return
+    }
+    const ops: Parameters<FollowerDatabase['batch']>[0] = []
+    let seq = base.seq
+    let at = this.#appliedAt
+    for (const b of batches) {
+      if (b.seq <= seq) continue
+      if (b.seq !== seq + 1) throw new Error(`batch ${b.seq} does not follow ${seq}`)
+      for (const op of b.ops) ops.push(op[0] === 0 ? { type: 'put', key: asBuffer(op[1]), value: asBuffer(op[2]) } : { type: 'del', key: asBuffer(op[1]) })
+      seq = b.seq
+      at = b.at
+    }
+    if (seq === base.seq) return
+    const position = { history: this.#welcomed?.history ?? base.history, epoch: this.#welcomed?.epoch ?? base.epoch, seq }
+    ops.push(this.#positionOp(position))
+    await this.#deps.db.batch(ops, { sync: this.#deps.sync })
+    this.#position = position
+    this.#appliedAt = at
+    frames.send({ type: 'ack', seq })
+    this.#scheduleRefresh()
+  }
+
+  #positionOp (position: AppliedPosition): { type: 'put', key: Buffer, value: Buffer } {
+    return { type: 'put', key: this.#deps.positionKey, value: Buffer.from(JSON.stringify(position)) }
+  }
+
+  /**
+   * Queues one store refresh REFRESH_MS from now (coalesced: at most one waiting). It runs on the apply chain, never
+   * beside an apply: the store re-reads a partition in several reads, and an apply between them would look like a
+   * gap. Refreshing after every apply took half the standby's time under load (bench/replication.ts).
+   */
+  #scheduleRefresh (): void {
+    if (this.#refreshTimer !== undefined) return
+    this.#refreshTimer = setTimeout(() => {
+      this.#run(async () => {
+        this.#refreshTimer = undefined
+        if (this.#closed) return
+        await this.#deps.refresh().catch((err: unknown) => this.#deps.logger.warn({ err: (err as Error).message }, 'standby store refresh failed'))
+      })
+    }, REFRESH_MS)
+  }
+
+}

@@ -1,0 +1,95 @@
+/**
+ * A primary and a standby `edgemq start` in child processes, for the
+ * replication tests: configs with one shared gatewayId, ports picked by the
+ * kernel, the primary's replication address read from its ready line.
+ */
+import { writeFile } from 'node:fs/promises'
+import path from 'node:path'
+import { stringify } from 'yaml'
+import { startGatewayProcess, type GatewayProcess } from '../../helpers/gateway-process.ts'
+
+export const GATEWAY_ID = 'site-1'
+
+export interface NodeOptions {
+  readonly role: 'primary' | 'standby'
+  readonly peer?: string
+  readonly acks?: 'local' | 'replicated'
+  readonly onStandbyLost?: 'block' | 'degrade'
+  readonly maxLagMs?: number
+  /** Ports to reuse (a node that restarts keeps its addresses). */
+  readonly mqttPort?: number
+  readonly httpPort?: number
+  readonly listen?: string
+}
+
+export async function writeNodeConfig (dir: string, name: string, o: NodeOptions): Promise<string> {
+  const file = path.join(dir, `${name}.yaml`)
+  await writeFile(file, stringify({
+    gatewayId: GATEWAY_ID,
+    mqtt: { listeners: [{ type: 'tcp', port: o.mqttPort ?? 0 }] },
+    http: { port: o.httpPort ?? 0 },
+    streams: { telemetry: { partitions: 4 } },
+    routes: [{ filter: 'devices/+/telemetry/#', stream: 'telemetry', keyLevel: 1 }],
+    replication: {
+      role: o.role, listen: o.listen ?? '127.0.0.1:0', peer: o.peer ?? '', acks: o.acks ?? 'local',
+      onStandbyLost: o.onStandbyLost ?? 'block', maxLagMs: o.maxLagMs ?? 2000,
+    },
+  }))
+  return file
+}
+
+export async function startNode (dir: string, name: string, o: NodeOptions): Promise<GatewayProcess> {
+  // startGatewayProcess adds --http-port 0; the config's port is what a restart reuses, so it comes last.
+  const args = o.httpPort === undefined ? [] : ['--http-port', String(o.httpPort)]
+  return await startGatewayProcess({ dataDir: path.join(dir, name), config: await writeNodeConfig(dir, name, o), args, timeoutMs: 60_000 })
+}
+
+/** The primary's replication address from its ready line (`replication primary host:port`). */
+export function replicationAddress (gw: GatewayProcess): string {
+  const m = / replication primary (\S+)$/.exec(gw.ready)
+  if (m === null) throw new Error(`no replication address in: ${gw.ready}`)
+  return m[1] as string
+}
+
+export interface ReplicationDoc {
+  role: string, epoch: number, connected: boolean, inSync: boolean, snapshotting: boolean
+  primarySequence: number, appliedSequence: number, lag: { writes: number, bytes: number | null, seconds: number }
+}
+
+export async function replicationOf (gw: { httpUrl: string }): Promise<ReplicationDoc> {
+  const res = await fetch(`${gw.httpUrl}/v1/replication`)
+  return await res.json() as ReplicationDoc
+}
+
+/** Polls (bounded) until `check` holds for the node's replication document. */
+export async function waitFor (gw: { httpUrl: string }, what: string, check: (doc: ReplicationDoc) => boolean, timeoutMs = 60_000): Promise<ReplicationDoc> {
+  const deadline = Date.now() + timeoutMs
+  let last: ReplicationDoc | undefined
+  while (Date.now() < deadline) {
+    try {
+      last = await replicationOf(gw)
+      if (check(last)) return last
+    } catch { /* restarting */ }
+    await new Promise((resolve) => setTimeout(resolve, 50))
+  }
+  throw new Error(`timed out waiting for ${what}; last: ${JSON.stringify(last)}`)
+}
+
+export interface LoggedRecord { partition: number, offset: number, key: string, payload: string }
+
+/** Every record of the telemetry stream, read through the HTTP API. */
+export async function readAll (gw: { httpUrl: string }): Promise<LoggedRecord[]> {
+  const out: LoggedRecord[] = []
+  for (let p = 0; p < 4; p++) {
+    let offset = 0
+    for (let page = 0; page < 10_000; page++) {
+      const res = await fetch(`${gw.httpUrl}/v1/streams/telemetry/partitions/${p}/records?offset=${offset}&maxRecords=5000&maxBytes=16777216`)
+      if (!res.ok) throw new Error(`read ${p}@${offset}: ${res.status} ${await res.text()}`)
+      const body = await res.json() as { records: Array<{ offset: number, key: string, payload: string }>, nextOffset: number }
+      for (const r of body.records) out.push({ partition: p, offset: r.offset, key: r.key, payload: r.payload })
+      if (body.records.length === 0) break
+      offset = body.nextOffset
+    }
+  }
+  return out
+}
