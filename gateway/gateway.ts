@@ -225,7 +225,8 @@ async function start (config: GatewayConfig, deps: GatewayDeps, shutdown: Shutdo
   // Once the clients are gone, the appends their publishes started (and their wills) finish before anything closes.
   shutdown.add('appends', appendsSettled)
   // Once the clients are gone, closing replication releases the commits still waiting for the standby (acks: replicated): their appends settle.
-  shutdown.add('replication', () => replication.close())
+  // (The 'replication' step added before the store closes it if the start fails earlier; closing twice is a no-op.)
+  shutdown.add('standby acks', () => replication.close())
   const listeners: RunningListener[] = []
   // Stop accepting (server.close resolves once the last connection is gone) and close the clients through aedes.
   shutdown.add('mqtt listeners', async () => {

@@ -78,7 +78,7 @@ describe('shutdown', () => {
     expect((failed as GatewayError).code).toBe('GW_LISTEN_FAILED')
 
     // Everything had started but the second listener; all of it is closed, listeners first, the database last.
-    expect(steps()).toEqual(['mqtt listeners', 'appends', 'http', 'bridge', 'broker', 'sessions', 'disk usage', 'store', 'database'])
+    expect(steps()).toEqual(['mqtt listeners', 'standby acks', 'appends', 'http', 'bridge', 'broker', 'sessions', 'disk usage', 'store', 'replication', 'database'])
     expect(await settledTcpHandles(before)).toEqual(before)
     // The LevelDB lock is released: the data directory opens again, and a gateway starts on it.
     const db = new ClassicLevel(path.join(dir, 'db'))
@@ -108,7 +108,7 @@ describe('shutdown', () => {
     client.end(true)
 
     const order = steps()
-    expect(order.slice(0, 4)).toEqual(['retention', 'mqtt listeners', 'appends', 'http'])
+    expect(order.slice(0, 5)).toEqual(['retention', 'mqtt listeners', 'standby acks', 'appends', 'http'])
     const at = (step: string): number => order.indexOf(step)
     expect(at('mqtt listeners')).toBeLessThan(at('appends'))
     expect(at('appends')).toBeLessThan(at('bridge'))
