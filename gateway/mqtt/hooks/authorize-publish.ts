@@ -28,6 +28,7 @@ import type { Qos2Plan } from '../inbound-qos2.ts'
 import { attachLogPosition } from '../log-position.ts'
 import { isReplayTopic } from '../replay.ts'
 import { compileRoutes, type Route } from '../routing.ts'
+import { isShareTopic } from '../shared/share-topic.ts'
 import { isLoopback, listenerOf, markPublished, refusedError, type HookContext } from './context.ts'
 
 type AuthorizePublish = NonNullable<AedesOptions['authorizePublish']>
@@ -120,9 +121,9 @@ export function authorizePublish (ctx: HookContext): AuthorizePublish {
       refusePublish(client, who, 'invalid-topic', problem ?? 'unknown client')
       return callback(refusedError(problem ?? 'unknown client'))
     }
-    if (isReplayTopic(topic)) {
-      // Nobody may pose as a replay. Acknowledged and dropped, like an ACL denial.
-      refusePublish(client, who, 'reserved-topic', `${topic}: $replay topics are the gateway's replays of the log`)
+    if (isReplayTopic(topic) || isShareTopic(topic)) {
+      // Nobody may pose as a replay, or publish to a share's subscription itself. Acknowledged and dropped, like an ACL denial.
+      refusePublish(client, who, 'reserved-topic', `${topic}: $replay and $share are subscriptions, not topics`)
       markPublished(packet)
       return callback(null)
     }
