@@ -32,6 +32,8 @@ export interface SubscriberSpec {
   /** Decode each PUBLISH's topic for `until` (costs a string per message). */
   readonly wantTopics: boolean
   readonly timeoutMs: number
+  /** Ends the run (as `until` would) when it resolves: for subscribers that share one count (a shared subscription's members). */
+  readonly stop?: Promise<void>
 }
 
 export interface SubscriberResult {
@@ -65,6 +67,7 @@ export function runSubscriber (spec: SubscriberSpec): Promise<SubscriberResult> 
       resolve({ received, ms: performance.now() - started, firstMs: first - started, cpuUserMs: used.user / 1000, cpuSystemMs: used.system / 1000 })
     }
     const timer = setTimeout(() => finish(new Error(`${spec.clientId}: ${received} messages after ${spec.timeoutMs} ms, still waiting`)), spec.timeoutMs)
+    void spec.stop?.then(() => finish(null))
     const onData = (chunk: Buffer): void => {
       const buf: Buffer = carry === null ? chunk : Buffer.concat([carry, chunk])
       carry = null

@@ -52,10 +52,10 @@ export async function listGroups (source: AdminSource, group: string | undefined
 }
 
 export function groupsTable (
-  groups: ReadonlyArray<{ readonly group: string, readonly streams: readonly GroupStreamDoc[], readonly owner?: 'bridge' }>): string {
+  groups: ReadonlyArray<{ readonly group: string, readonly streams: readonly GroupStreamDoc[], readonly owner?: 'bridge' | 'share' }>): string {
   const rows = groups.flatMap((g) => g.streams.flatMap((s) => s.partitions.map((p) => [
     g.group, s.stream, p.partition, p.committedOffset ?? '-', p.logStartOffset, p.logEndOffset, p.lagMessages, p.lagSeconds,
-    g.owner === 'bridge' ? 'bridge (read-only)' : '-',
+    g.owner === 'bridge' ? 'bridge (read-only)' : g.owner === 'share' ? 'mqtt $share (read-only)' : '-',
   ])))
   return table(['GROUP', 'STREAM', 'PARTITION', 'COMMITTED', 'LOG-START', 'LOG-END', 'LAG', 'LAG-SECONDS', 'OWNER'], rows)
 }

@@ -252,6 +252,37 @@ export const configSchema = {
             },
           },
         },
+        share: {
+          type: 'object',
+          additionalProperties: false,
+          default: {},
+          description: 'Shared subscriptions ($share/<group>/<topic filter>): each message goes to one member of the group.',
+          properties: {
+            inflight: {
+              type: 'integer',
+              minimum: 1,
+              maximum: 65535,
+              default: 100,
+              description: 'QoS 1 messages of the log a share sends one member and that member has not acknowledged (PUBACK); ' +
+                'the member\'s partitions wait beyond it. A member that leaves has these sent again to another member.',
+            },
+            maxPerTenant: {
+              type: 'integer',
+              minimum: 0,
+              default: 1000,
+              description: 'Shares (group and filter) one tenant may have, counting those in the log from before; a SUBSCRIBE that would make ' +
+                'one more is refused (SUBACK 0x80). Each is a consumer group kept until deleted, so the bound keeps clients that ' +
+                'make up group names from filling the store; 0 allows no new share.',
+            },
+            holdRetention: {
+              type: 'boolean',
+              default: false,
+              description: 'Whether a share\'s consumer group holds retention (as the bridge\'s do): records it has not consumed are then ' +
+                'kept past retentionMs, also for a share nobody will use again, which no command deletes yet. Off, a share that was away ' +
+                'longer than the retention resumes at the log start (logged).',
+            },
+          },
+        },
       },
     },
     http: {
@@ -361,6 +392,7 @@ export interface GatewayConfig {
       readonly maxPerClient: number
       readonly maxActive: number
     }
+    readonly share: { readonly inflight: number, readonly maxPerTenant: number, readonly holdRetention: boolean }
   }
   readonly http: { readonly host: string, readonly port: number }
   readonly users: readonly UserConfig[]

@@ -14,7 +14,7 @@ export type RefusalReason =
 export type PublishRefusal = 'acl-denied' | 'invalid-topic' | 'reserved-topic' | 'unrouted' | 'record-too-large' | 'store-failed' | 'rate-limited'
 
 export type SubscribeRefusal = 'acl-denied' | 'invalid-filter' | 'replay-bad-range' | 'replay-bad-filter' | 'replay-limit' | 'replay-not-resumed'
-  | 'too-many-filters' | 'too-many-subscriptions'
+  | 'too-many-filters' | 'too-many-subscriptions' | 'share-invalid' | 'share-limit'
 
 export type ReplayOutcome = 'done' | 'cancelled' | 'failed'
 
@@ -33,6 +33,8 @@ export interface GatewayMetrics {
   readonly subscriptionsRefused: Counter<'tenant' | 'reason'>
   readonly replaysActive: Gauge<'tenant'>
   readonly replayMessages: Counter<'tenant'>
+  readonly shareMessages: Counter<'tenant' | 'group'>
+  readonly shareMembers: Gauge<'tenant' | 'group'>
   readonly replaysFinished: Counter<'tenant' | 'outcome'>
   readonly expiredDropped: Counter<'tenant'>
   readonly sessionQueueDropped: Counter<'tenant'>
@@ -297,6 +299,19 @@ export function createMetrics (registry: Registry, sources: MetricsSources): Gat
       name: 'edgemq_mqtt_replay_messages_total',
       help: 'Records delivered to MQTT $replay subscriptions.',
       labelNames: ['tenant'],
+      registers: [registry],
+    }),
+    shareMessages: new Counter({
+      name: 'edgemq_mqtt_share_messages_total',
+      help: 'Messages delivered to members of shared subscriptions ($share/<group>/<filter>), redeliveries included; ' +
+        'group is the share\'s consumer group (its lag is edgemq_group_lag_messages).',
+      labelNames: ['tenant', 'group'],
+      registers: [registry],
+    }),
+    shareMembers: new Gauge({
+      name: 'edgemq_mqtt_share_members',
+      help: 'Connected members of each shared subscription.',
+      labelNames: ['tenant', 'group'],
       registers: [registry],
     }),
     replaysFinished: new Counter({

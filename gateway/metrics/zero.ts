@@ -20,7 +20,7 @@ const REFUSAL_REASONS = [
 ] as const
 const PUBLISH_REFUSALS = ['acl-denied', 'invalid-topic', 'reserved-topic', 'unrouted', 'record-too-large', 'store-failed', 'rate-limited'] as const
 const SUBSCRIBE_REFUSALS = ['acl-denied', 'invalid-filter', 'replay-bad-range', 'replay-bad-filter', 'replay-limit', 'replay-not-resumed',
-  'too-many-filters', 'too-many-subscriptions'] as const
+  'too-many-filters', 'too-many-subscriptions', 'share-invalid', 'share-limit'] as const
 const REPLAY_OUTCOMES = ['done', 'cancelled', 'failed'] as const
 
 export const KNOWN_LABELS = {

@@ -126,7 +126,9 @@ export interface PacketWatch {
   /**
    * Sees the subscription objects of each SUBSCRIBE (the objects aedes later hands authorizeSubscribe one by one).
    * aedes has no hook that sees a whole SUBSCRIBE, so a limit on the filters of one packet cannot be checked per
-   * filter. No upstream issue; public API that would remove it: a `preSubscribe(client, packet)` hook.
+   * filter; and aedes takes the QoS its SUBACK grants from these objects before authorizeSubscribe runs
+   * (https://github.com/moscajs/aedes/blob/v1.2.0/lib/handlers/subscribe.js doSubscribe), so a lower grant (a share's
+   * QoS 1) is set here. No upstream issue; public API that would remove it: a `preSubscribe(client, packet)` hook.
    */
   subscribe (client: Client, subscriptions: readonly object[]): void
   /**

@@ -11,6 +11,7 @@
  * | authorizeForward                      | hooks/authorize-forward.ts |
  * | stored subscriptions, session present | hooks/sessions.ts          |
  * | $replay start/stop/PUBACK             | hooks/replays.ts           |
+ * | $share join/leave/PUBACK              | shared/aedes-hooks.ts      |
  * | wills stored by a dead process        | wills.ts, hooks/startup-wills.ts |
  * | inbound QoS 2                         | inbound-qos2.ts            |
  * | client and connection events          | hooks/client-events.ts     |
@@ -40,6 +41,8 @@ import { installSessionHooks } from './hooks/sessions.ts'
 import { fireStartupWill } from './hooks/startup-wills.ts'
 import { InboundQos2 } from './inbound-qos2.ts'
 import { MqttReplays } from './replay.ts'
+import { ShareHooks } from './shared/aedes-hooks.ts'
+import { SharedSubscriptions } from './shared/share-groups.ts'
 import { identityNow, installWills } from './wills.ts'
 
 export { ORIGIN_HEADER } from './hooks/authorize-publish.ts'
@@ -74,7 +77,7 @@ export interface BrokerDeps {
 /** The broker and what the gateway's shutdown needs of it. */
 export interface Broker {
   readonly aedes: Aedes
-  /** Resolves once every append a client's publish started has settled (the shutdown's "drain appends"). */
+  /** Resolves once every append a client's publish started has settled, and the shares' commits (the shutdown's "drain appends"). */
   appendsSettled (): Promise<void>
 }
 
@@ -100,6 +103,11 @@ export function createBroker (deps: BrokerDeps): Broker {
   const connects = new WeakMap<Client, ConnectInfo>()
   const refusing = refusals(deps, connects)
   const appender = new DurableAppender({ ...deps, ...refusing })
+  const shares = new SharedSubscriptions({
+    store, broker, routes: config.routes, acl: config.acl, metrics, logger,
+    inflight: config.mqtt.share.inflight, holdRetention: config.mqtt.share.holdRetention, maxPerTenant: config.mqtt.share.maxPerTenant,
+  })
+  const shareHooks = new ShareHooks(shares)
   const ctx: HookContext = {
     ...deps,
     broker,
@@ -124,6 +132,7 @@ export function createBroker (deps: BrokerDeps): Broker {
     startupWills: new WeakSet(),
     tickets: new WeakMap(),
     replayConnections: new WeakMap(),
+    shares: shareHooks,
     ...refusing,
   }
   // Handlers are public, settable properties of the broker (aedes docs/Aedes.md); set once the context exists.
@@ -134,6 +143,8 @@ export function createBroker (deps: BrokerDeps): Broker {
   broker.authorizeForward = authorizeForward(ctx)
   installSessionHooks(ctx)
   installReplayHooks(ctx)
+  shareHooks.install(ctx)
   installClientEvents(ctx)
-  return { aedes: broker, appendsSettled: () => appender.settled() }
+  // Once the clients are gone: the shares' last commits, so a graceful restart sends less again.
+  return { aedes: broker, appendsSettled: async () => { await appender.settled(); await shares.close() } }
 }

@@ -7,10 +7,14 @@
  * Stream and group names are the tenant's own (`telemetry`), the store's are
  * tenant-qualified (`acme/telemetry`). The bridge's groups (`bridge.<upstream>`)
  * belong to no tenant; each tenant sees those that committed on its streams,
- * marked `owner: "bridge"` and `readOnly: true`.
+ * marked `owner: "bridge"` and `readOnly: true`. The consumer groups of MQTT
+ * shared subscriptions (`share/<group>/<filter>`, escaped as
+ * mqtt/shared/share-topic.ts says) are the tenant's, marked `owner: "share"`,
+ * `readOnly: true` and with the `subscription` they serve.
  */
 import { BRIDGE_GROUP_PREFIX } from '../../bridge/index.ts'
 import type { LogStore, PartitionLag, StreamInfo } from '../../store/index.ts'
+import { shareSubscriptionOf } from '../mqtt/shared/share-topic.ts'
 
 export interface PartitionDoc {
   readonly partition: number
@@ -48,9 +52,14 @@ export interface GroupDoc {
   readonly lagMessages: number
   readonly lagSeconds: number
   readonly streams: readonly GroupStreamDoc[]
-  /** Only on the bridge's groups: their offsets move as the upstream acknowledges, never through the API. */
-  readonly owner?: 'bridge'
+  /**
+   * Only on the bridge's groups and those of MQTT shared subscriptions: their offsets move as the upstream (the share's
+   * members) acknowledges, never through the API.
+   */
+  readonly owner?: 'bridge' | 'share'
   readonly readOnly?: true
+  /** Only on a shared subscription's group: `$share/<group>/<filter>`. */
+  readonly subscription?: string
 }
 
 /** One partition; `stream` is the store's (tenant-qualified) name. */
@@ -156,7 +165,11 @@ export async function groupDoc (store: LogStore, tenant: string, name: string, g
 /** Every group of `tenant`. */
 export async function groupDocs (store: LogStore, tenant: string): Promise<GroupDoc[]> {
   const out: GroupDoc[] = []
-  for (const [name, g] of tenantGroups(store, tenant)) out.push(await groupDoc(store, tenant, name, g))
+  for (const [name, g] of tenantGroups(store, tenant)) {
+    const doc = await groupDoc(store, tenant, name, g)
+    const subscription = shareSubscriptionOf(name)
+    out.push(subscription === null ? doc : { ...doc, owner: 'share', readOnly: true, subscription })
+  }
   for (const [name, g] of bridgeGroups(store, tenant)) out.push(await bridgeGroupDoc(store, tenant, name, g))
   return out
 }

@@ -320,7 +320,7 @@ describe('tenants are isolated; ACLs hold', () => {
     const back = await connectOk(gw.mqttUrl, { clientId: 'sensor-q', clean: false, username: 'acme-dev', password: password('acme-dev'), protocolVersion: 4, reconnectPeriod: 0 })
     clients.add(back)
     const got = collect(back)
-    expect(await waitFor(() => got.length > 0, 3000)).toBe(true)
+    expect(await waitFor(() => got.length > 0, 15_000)).toBe(true)
     expect(got).toEqual([{ topic: 'devices/sensor-q/commands/update', payload: 'queued for sensor-q' }])
     await endAll([back, svc])
   }, TIMEOUT)

@@ -10,6 +10,7 @@ import { MAX_CLIENT_TOPIC_LEVELS, mountTopic, scopedClientId, topicNameProblem }
 import type { ListenerConfig, UserConfig } from '../../config/config.ts'
 import { packetWatcher, setClientId } from '../aedes-internals.ts'
 import { isReplayTopic } from '../replay.ts'
+import { isShareTopic } from '../shared/share-topic.ts'
 import { anonymousAllowed, authError, listenerOf, type HookContext, type ListenerTagged } from './context.ts'
 
 type PreConnect = NonNullable<AedesOptions['preConnect']>
@@ -38,6 +39,10 @@ export function authenticate (ctx: HookContext, users: UserDirectory, owners: Cl
     // A SUBSCRIBE over the limit is refused whole (authorize-subscribe.ts): tagged here, where its size is known.
     subscribe (_client, subs) {
       if (subs.length > config.mqtt.maxFiltersPerSubscribe) for (const sub of subs) ctx.oversized.add(sub)
+      // A share delivers at most QoS 1 (shared/share-groups.ts); aedes takes the granted QoS from the packet before authorizeSubscribe.
+      for (const sub of subs as Array<{ topic?: unknown, qos?: unknown }>) {
+        if (sub.qos === 2 && typeof sub.topic === 'string' && isShareTopic(sub.topic)) sub.qos = 1
+      }
     },
     unsubscribe (client, filters) {
       const tenant = ctx.identities.get(client)?.tenant
@@ -64,9 +69,8 @@ export function authenticate (ctx: HookContext, users: UserDirectory, owners: Cl
     }
     // A will is published as the client's own PUBLISH when it fires, so its topic is held to the same rules now,
     // not found wanting only when the client is gone.
-    const willProblem = info.willTopic === undefined
-      ? null
-      : topicNameProblem(info.willTopic) ?? (isReplayTopic(info.willTopic) ? '$replay topics are the gateway\'s replays of the log' : null)
+    const reserved = (topic: string): string | null => isReplayTopic(topic) || isShareTopic(topic) ? '$replay and $share are subscriptions, not topics' : null
+    const willProblem = info.willTopic === undefined ? null : topicNameProblem(info.willTopic) ?? reserved(info.willTopic)
     if (willProblem !== null) {
       refuse(client, 'invalid-will', `will topic ${JSON.stringify(info.willTopic)}: ${willProblem}`)
       return done(authError(5, 'invalid will topic'), false)

@@ -33,6 +33,7 @@ import { attachLogPosition } from '../log-position.ts'
 import { appendFailureCode, isMqtt5, REASON } from '../reason-codes.ts'
 import { isReplayTopic } from '../replay.ts'
 import { compileRoutes, type Route } from '../routing.ts'
+import { isShareTopic } from '../shared/share-topic.ts'
 import { isLoopback, listenerOf, markPublished, refusedError, type HookContext } from './context.ts'
 
 type AuthorizePublish = NonNullable<AedesOptions['authorizePublish']>
@@ -129,9 +130,9 @@ export function authorizePublish (ctx: HookContext): AuthorizePublish {
       refusePublish(client, who, 'invalid-topic', problem ?? 'unknown client')
       return callback(refusedError(problem ?? 'unknown client', problem === null ? REASON.NOT_AUTHORIZED : REASON.TOPIC_NAME_INVALID))
     }
-    if (isReplayTopic(topic)) {
-      // Nobody may pose as a replay. Acknowledged and dropped, like an ACL denial.
-      const detail = `${topic}: $replay topics are the gateway's replays of the log`
+    if (isReplayTopic(topic) || isShareTopic(topic)) {
+      // Nobody may pose as a replay, or publish to a share's subscription itself. Acknowledged and dropped, like an ACL denial.
+      const detail = `${topic}: $replay and $share are subscriptions, not topics`
       refusePublish(client, who, 'reserved-topic', detail)
       if (isMqtt5(client)) return callback(refusedError(detail, REASON.NOT_AUTHORIZED))
       markPublished(packet)

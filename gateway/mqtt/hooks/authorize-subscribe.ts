@@ -9,6 +9,9 @@
  * session before the CONNACK are already mounted. `$replay/<range>/<filter>`
  * subscriptions replay the log (replay.ts, hooks/replays.ts): checked here,
  * started once the SUBACK is out, never stored in a session.
+ * `$share/<group>/<filter>` subscriptions (shared/) are checked here and
+ * stored like plain ones; the client joins the share once the SUBACK (or,
+ * restored, the CONNACK) is out.
  */
 import type { AedesOptions, Client, Subscription } from 'aedes'
 import { isAllowed } from '../../access/auth.ts'
@@ -18,6 +21,7 @@ import { GatewayError, type GatewayErrorCode } from '../../errors.ts'
 import type { SubscribeRefusal } from '../../metrics/metrics.ts'
 import { subscriptionsOf } from '../aedes-internals.ts'
 import { isReplayTopic, type ReplayTicket } from '../replay.ts'
+import { isShareTopic, parseShareSubscription, type ShareRequest } from '../shared/share-topic.ts'
 import type { HookContext } from './context.ts'
 import { replayConnection } from './replays.ts'
 
@@ -99,7 +103,23 @@ export function authorizeSubscribe (ctx: HookContext): AuthorizeSubscribe {
       ctx.tickets.set(sub, ticket)
       return callback(null, sub)
     }
-    if (!isAllowed(config.acl, who, 'subscribe', filter)) return deny('ACL', 'acl-denied')
+    if (isShareTopic(filter)) {
+      // `$share/<group>/<filter>` (shared/): the inner filter needs the access a plain subscription to it would.
+      let share: ShareRequest
+      try {
+        share = parseShareSubscription(filter)
+      } catch (err) {
+        if (!(err instanceof GatewayError)) throw err
+        return deny(err.message, 'share-invalid', err.code)
+      }
+      if (!isAllowed(config.acl, who, 'subscribe', share.filter)) return deny('ACL', 'acl-denied')
+      try {
+        ctx.shares.accepted(client, sub, who, share, restoring)
+      } catch (err) {
+        if (!(err instanceof GatewayError)) throw err
+        return deny(err.message, 'share-limit', err.code)
+      }
+    } else if (!isAllowed(config.acl, who, 'subscribe', filter)) return deny('ACL', 'acl-denied')
     sub.topic = mountTopic(who.tenant, filter)
     // Stored by aedes' next addSubscriptions call for this client (hooks/sessions.ts), once.
     if (client.clean === false && !restoring) {

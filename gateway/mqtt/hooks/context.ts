@@ -19,6 +19,7 @@ import type { InboundQos2, Qos2Persistence } from '../inbound-qos2.ts'
 import type { ReasonCode } from '../reason-codes.ts'
 import type { MqttReplays, ReplayConnection, ReplayTicket } from '../replay.ts'
 import type { InternalPublish } from '../aedes-internals.ts'
+import type { ShareAdmission } from '../shared/aedes-hooks.ts'
 import type { WillPersistence, Wills } from '../wills.ts'
 import type { DurableAppender } from './durable-append.ts'
 
@@ -77,8 +78,10 @@ export interface HookContext extends HookDeps {
   readonly startupWills: WeakSet<object>
   /** $replay subscriptions accepted, until their SUBACK is out. */
   readonly tickets: WeakMap<Subscription, ReplayTicket>
-  /** The replay side of each client that asked for a replay. */
+  /** The replay side of each client that asked for a replay (or joined a shared subscription, which writes to it likewise). */
   readonly replayConnections: WeakMap<Client, ReplayConnection>
+  /** Where authorizeSubscribe hands $share subscriptions (shared/aedes-hooks.ts). */
+  readonly shares: ShareAdmission
   /** Counts and logs a refused connection. */
   refuse (client: Client, reason: RefusalReason, detail: string): void
   /** Whether the connection was refused (and logged) by {@link refuse}: aedes' own error about it is not logged again. */

@@ -290,7 +290,7 @@ describe('MQTT 5 on the listeners of one gateway, with 3.1.1 clients on the same
     expect(await pubackCode(client, 'devices/d-codes/telemetry/ok', 'yes')).toBe(0)
     expect(acks.map((p) => [(p as { reasonCode?: number }).reasonCode, (p as { properties?: { reasonString?: string } }).properties?.reasonString]))
       .toEqual([[0x87, 'publishing to devices/d-codes/telemetry/forbidden/x is not allowed'],
-        [0x87, '$replay/earliest/devices/x: $replay topics are the gateway\'s replays of the log'],
+        [0x87, '$replay/earliest/devices/x: $replay and $share are subscriptions, not topics'],
         [0x90, 'no route for topic nowhere/x'], [0, undefined]])
     expect(client.connected).toBe(true)
   }, TIMEOUT)

@@ -112,18 +112,18 @@ describe('wills across kill -9', () => {
     }, 60_000)
   }
 
-  it('refuses at CONNECT a will whose topic has a wildcard or is a $replay topic', async () => {
+  it('refuses at CONNECT a will whose topic has a wildcard or is a $replay or $share topic', async () => {
     const { dir, cleanup } = await tempDir('edgemq-wills-')
     cleanups.push(cleanup)
     const gw = await startGatewayProcess({ dataDir: dir })
     cleanups.push(() => gw.kill())
-    for (const topic of ['devices/x/events/+', 'devices/#', '$replay/last/10/devices/#']) {
+    for (const topic of ['devices/x/events/+', 'devices/#', '$replay/last/10/devices/#', '$share/g/devices/x/events/e']) {
       const c = await rawConnect(gw.mqttUrl)
       c.send({ cmd: 'connect', protocolId: 'MQTT', protocolVersion: 4, clientId: 'willer', clean: true, keepalive: 30, will: { topic, payload: Buffer.from('x'), qos: 1, retain: false } })
       expect(await c.next('connack'), topic).toMatchObject({ returnCode: 5 })
       await c.closed
     }
-    expect(await metricValue(gw.httpUrl, 'edgemq_mqtt_connections_refused_total', { reason: 'invalid-will' })).toBe(3)
+    expect(await metricValue(gw.httpUrl, 'edgemq_mqtt_connections_refused_total', { reason: 'invalid-will' })).toBe(4)
   })
 
   it('refuses a publish without a client (aedes\' will sweep of a dead broker id publishes that way)', async () => {

@@ -1,0 +1,143 @@
+/**
+ * `npm run bench -- mqtt-share`: how fast a shared subscription
+ * (`$share/<group>/devices/+/telemetry/#`) drains a backlog of the log to its
+ * members, against `$replay/earliest/<same filter>` delivering the same
+ * records to one subscriber of the same gateway in the same run (the log's
+ * other MQTT read path, with its own window of 1,000). One JSON line per
+ * figure on stdout (lib/report.ts); progress on stderr.
+ *
+ * The log: `--records` (default 200,000) records of 100 bytes from 100
+ * devices in `default/telemetry`, 8 partitions, written before the gateway
+ * starts, together with one share group per round committed at offset 0 (a
+ * share that never committed would start at the log end). edgemq runs as
+ * `edgemq start` with the embedded default config (`mqtt.share.inflight`
+ * 100 per member).
+ *
+ * Each member (lib/replay-clients.ts) acknowledges every PUBLISH at once; a
+ * round ends when the members together received every record. Throughput is
+ * records over the time from the first member's connect to the last record;
+ * the replay is timed the same way, to its `$done` marker. Rounds alternate
+ * the share (1 member, then 2) and the replay; the figures are medians.
+ * Arguments: `--quick` (one round of 50,000 records), `--records=N`,
+ * `--rounds=N`.
+ */
+import path from 'node:path'
+import { performance } from 'node:perf_hooks'
+import { shareGroupId } from '../gateway/mqtt/shared/share-topic.ts'
+import { openLogStore } from '../store/index.ts'
+import { startEdgemq, type RunningBroker } from './lib/brokers.ts'
+import { runSubscriber } from './lib/replay-clients.ts'
+import { TempDirs, info, median, report } from './lib/report.ts'
+
+const argv = process.argv.slice(2)
+const flag = (name: string): string | undefined => argv.find((a) => a.startsWith(`--${name}=`))?.slice(name.length + 3)
+function intFlag (name: string, fallback: number): number {
+  const raw = flag(name)
+  const n = raw === undefined ? fallback : Number(raw)
+  if (!Number.isSafeInteger(n) || n < 1) throw new Error(`--${name} must be a positive integer`)
+  return n
+}
+const QUICK = argv.includes('--quick')
+const RECORDS = intFlag('records', QUICK ? 50_000 : 200_000)
+const ROUNDS = intFlag('rounds', QUICK ? 1 : 3)
+const PAYLOAD_BYTES = 100
+const DEVICES = 100
+const PARTITIONS = 8
+const FILTER = 'devices/+/telemetry/#'
+const MEMBER_COUNTS = [1, 2] as const
+const TIMEOUT_MS = 300_000
+
+const groupOf = (round: number, members: number): string => `bench-${round}-${members}`
+const dirs = new TempDirs()
+
+/** Writes the log, and every round's share group at offset 0, into `<dataDir>/db`. */
+async function seed (dataDir: string): Promise<void> {
+  const store = await openLogStore({ location: path.join(dataDir, 'db'), durability: 'async' })
+  await store.createStream('default/telemetry', { partitions: PARTITIONS })
+  const payload = Buffer.alloc(PAYLOAD_BYTES, 0x61)
+  for (let i = 0; i < RECORDS; i += 10_000) {
+    await Promise.all(Array.from({ length: Math.min(10_000, RECORDS - i) }, (_, k) => {
+      const device = `dev-${(i + k) % DEVICES}`
+      return store.append('default/telemetry', device, { payload, topic: `devices/${device}/telemetry/t`, qos: 1, clientId: device })
+    }))
+  }
+  for (let n = 0; n < ROUNDS; n++) {
+    for (const members of MEMBER_COUNTS) {
+      const group = shareGroupId('default', groupOf(n, members), FILTER)
+      await store.setGroup(group, { holdsRetention: false })
+      for (let p = 0; p < PARTITIONS; p++) await store.commitOffset(group, 'default/telemetry', p, 0)
+    }
+  }
+  await store.close()
+}
+
+/** Members of one share drain the backlog together; records per second. */
+async function shareRound (edgemq: RunningBroker, n: number, members: number): Promise<number> {
+  let total = 0
+  let stop = (): void => {}
+  const stopped = new Promise<void>((resolve) => { stop = resolve })
+  const started = performance.now()
+  let ended = 0
+  const results = await Promise.all(Array.from({ length: members }, (_, m) => runSubscriber({
+    host: edgemq.host, port: edgemq.port, clientId: `share-${n}-${members}-${m}`, clean: true,
+    subscribe: `$share/${groupOf(n, members)}/${FILTER}`, wantTopics: false, timeoutMs: TIMEOUT_MS, stop: stopped,
+    until: () => {
+      if (++total < RECORDS) return false
+      ended = performance.now()
+      stop()
+      return true
+    },
+  })))
+  const received = results.reduce((sum, r) => sum + r.received, 0)
+  if (received !== RECORDS) throw new Error(`share of ${members}: received ${received} messages, expected ${RECORDS}`)
+  return RECORDS / ((ended - started) / 1000)
+}
+
+async function replayRound (edgemq: RunningBroker, n: number): Promise<number> {
+  const started = performance.now()
+  const r = await runSubscriber({
+    host: edgemq.host, port: edgemq.port, clientId: `replay-${n}`, clean: true, subscribe: `$replay/earliest/${FILTER}`,
+    wantTopics: false, until: (count) => count === RECORDS + 1, timeoutMs: TIMEOUT_MS,
+  })
+  if (r.received !== RECORDS + 1) throw new Error(`replay: received ${r.received} messages, expected ${RECORDS + 1}`)
+  return RECORDS / ((performance.now() - started) / 1000)
+}
+
+async function main (): Promise<void> {
+  const dataDir = await dirs.make('share')
+  info(`writing ${RECORDS} records of ${PAYLOAD_BYTES} bytes`)
+  await seed(dataDir)
+  const edgemq = await startEdgemq(dataDir)
+  const shares = new Map<number, number[]>(MEMBER_COUNTS.map((m) => [m, []]))
+  const replays: number[] = []
+  try {
+    for (let n = 0; n < ROUNDS; n++) {
+      const replayFirst = n % 2 === 1
+      if (replayFirst) replays.push(await replayRound(edgemq, n))
+      for (const members of MEMBER_COUNTS) {
+        const rate = await shareRound(edgemq, n, members)
+        shares.get(members)?.push(rate)
+        info(`round ${n} share of ${members}: ${Math.round(rate)} msgs/s`)
+      }
+      if (!replayFirst) replays.push(await replayRound(edgemq, n))
+      info(`round ${n} replay: ${Math.round(replays[replays.length - 1] as number)} msgs/s`)
+    }
+  } finally {
+    await edgemq.stop()
+    await dirs.cleanup()
+  }
+  for (const members of MEMBER_COUNTS) {
+    const rates = shares.get(members) as number[]
+    report({
+      bench: `mqtt-share.drain-${members}-member${members === 1 ? '' : 's'}`, unit: 'msgs/s', value: median(rates), better: 'higher',
+      baseline: '$replay/earliest of the same records to one QoS 1 subscriber of the same gateway (window 1,000)',
+      baselineValue: median(replays),
+      params: {
+        records: RECORDS, payloadBytes: PAYLOAD_BYTES, partitions: PARTITIONS, devices: DEVICES, members, rounds: ROUNDS, inflightPerMember: 100,
+        shareRounds: rates.map(Math.round), replayRounds: replays.map(Math.round),
+      },
+    })
+  }
+}
+
+await main()

@@ -1,0 +1,131 @@
+/**
+ * One partition of a shared subscription's log part, and the members it is
+ * given to. A lane is owned by at most one member at a time, so a device's
+ * records (one partition) reach the group in offset order.
+ *
+ * Invariants of a lane:
+ * - `next` is the next offset to send; every offset below it was sent to the
+ *   owner, or skipped (its topic does not match the filter, or the member
+ *   may not read it); records from `next` on may be read ahead (`ahead`);
+ * - `window` holds the records sent and not yet acknowledged, in offset
+ *   order (acknowledged ones are dropped from its front), so `done` — the
+ *   oldest unacknowledged offset, else `next` — has everything below it
+ *   acknowledged or skipped: that is what the group commits;
+ * - when the owner leaves, its unacknowledged records are forgotten and
+ *   `next` goes back to `done`: the next owner gets them again;
+ * - a lane moved to another member by a rebalance first waits until the old
+ *   owner acknowledged what it holds (`handoverTo`), so the new owner never
+ *   gets a record before an older one of the same partition is acknowledged.
+ */
+import type { Client } from 'aedes'
+import type { StoredRecord } from '../../../store/index.ts'
+import type { Identity } from '../../access/auth.ts'
+import type { ReplayConnection } from '../replay.ts'
+
+/** A record sent and awaiting its PUBACK. */
+export interface Sent {
+  readonly offset: number
+  acked: boolean
+}
+
+/** One client in one share. */
+export class Member {
+  /** Packet id → the lane and record it carries, for QoS 1 records sent and not acknowledged. */
+  readonly inflight = new Map<number, { readonly lane: Lane, readonly sent: Sent }>()
+  left = false
+  /** Record topic → whether this member may read it (its ACL), worked out once per topic. */
+  readonly #readable = new Map<string, boolean>()
+
+  constructor (readonly client: Client, readonly conn: ReplayConnection, readonly who: Identity, public qos: 0 | 1) {}
+
+  get gone (): boolean {
+    return this.left || this.conn.closed || this.conn.stream.destroyed === true
+  }
+
+  /** Whether the member may read `topic`, by `check` the first time (a member walking many topics recomputes). */
+  mayRead (topic: string, check: (topic: string) => boolean): boolean {
+    let ok = this.#readable.get(topic)
+    if (ok === undefined) {
+      if (this.#readable.size >= 4096) this.#readable.clear()
+      this.#readable.set(topic, ok = check(topic))
+    }
+    return ok
+  }
+}
+
+export class Lane {
+  owner: Member | null = null
+  /** The member a rebalance gives this lane once the owner has acknowledged what it holds. */
+  handoverTo: Member | null = null
+  next: number
+  committed: number
+  /** Bumped whenever `next` moves back or the owner changes: a read that started before is discarded. */
+  epoch = 0
+  /** A pump is running / was asked for while one ran. */
+  running = false
+  again = false
+  /**
+   * Records read from `next` on and not yet sent or skipped (from `aheadPos`), and the offset after them: a
+   * store read decodes whole batches, so a lane reads a chunk and sends it as the owner's window allows.
+   */
+  ahead: StoredRecord[] = []
+  aheadPos = 0
+  aheadEnd = 0
+  #window: Sent[] = []
+  #head = 0
+  #unacked = 0
+
+  constructor (readonly stream: string, readonly partition: number, committed: number) {
+    this.next = committed
+    this.committed = committed
+  }
+
+  get unacked (): number { return this.#unacked }
+
+  /** Every offset below it is acknowledged or skipped. */
+  get done (): number {
+    const first = this.#window[this.#head]
+    return first === undefined ? this.next : first.offset
+  }
+
+  sent (offset: number, acked: boolean): Sent {
+    const s: Sent = { offset, acked }
+    if (!acked) {
+      this.#window.push(s)
+      this.#unacked++
+    }
+    return s
+  }
+
+  ack (s: Sent): void {
+    if (s.acked) return
+    s.acked = true
+    this.#unacked--
+    while (this.#window[this.#head]?.acked === true) this.#head++
+    if (this.#head === this.#window.length) {
+      this.#window = []
+      this.#head = 0
+    } else if (this.#head > 1024 && this.#head * 2 > this.#window.length) {
+      this.#window = this.#window.slice(this.#head)
+      this.#head = 0
+    }
+  }
+
+  /** The owner left: forget what it held unacknowledged, and read it again from `done` for the next owner. */
+  release (): void {
+    this.next = this.done
+    this.ahead = []
+    this.aheadPos = 0
+    this.#window = []
+    this.#head = 0
+    this.#unacked = 0
+    this.owner = null
+    this.epoch++
+  }
+
+  assign (member: Member): void {
+    this.owner = member
+    this.handoverTo = null
+    this.epoch++
+  }
+}

@@ -1,0 +1,444 @@
+/**
+ * Shared subscriptions: `$share/<group>/<filter>` (share-topic.ts). Each
+ * message matching the filter goes to one member of the share.
+ *
+ * Topics routed to the log: the share is a durable consumer group of the
+ * log (named as share-topic.ts says; it holds retention like the bridge's
+ * groups only with mqtt.share.holdRetention, since no command deletes a
+ * share's group yet, and a hold of a share nobody uses would keep every
+ * record of its streams). The partitions the filter can reach (replay.ts replayPartitions:
+ * the streams routes send such topics to) are lanes (lane.ts) spread over
+ * the connected members in join order, again whenever one joins or leaves,
+ * so a partition — a device — is read by one member at a time, in offset
+ * order. Each member is sent its lanes' records from the group's position,
+ * filtered by the share's filter (the gateway's one matcher) and the
+ * member's read ACL, at QoS min(subscription, message, 1), at most
+ * `mqtt.share.inflight` unacknowledged records per member. The group commits,
+ * per partition, up to the oldest record not yet acknowledged. A member that
+ * leaves (DISCONNECT, a dead socket, UNSUBSCRIBE) gives its lanes to the
+ * others, which get its unacknowledged records again. After every member
+ * left, or after a restart (kill -9 too), the next member starts at the
+ * committed offsets; a share that never committed starts at the log end, as
+ * a new subscription gets only new messages. Live records wake the lanes of
+ * their partition through the store's append event, never a timer.
+ *
+ * Records are written to the member's connection as PUBLISH frames with ids
+ * from the client's own counter (as replay.ts does), not through aedes'
+ * `deliverQoS`: for a persistent (clean = false) member that would store the
+ * message in the member's session queue, and a reconnect would deliver it to
+ * that member again while the group has already given it to another; and its
+ * PUBACK would clear a queue entry. A record is delivered at most at QoS 1: a
+ * member that leaves hands its records to another member, so exactly once
+ * across the group cannot hold anyway (documented in docs/mqtt.md).
+ *
+ * Topics that no route sends to the log go live to one member in turn
+ * (live-share.ts); not durable.
+ */
+import type { Aedes, Client } from 'aedes'
+import type { Writable } from 'node:stream'
+import { isStoreError, type AppendEvent, type LogStore, type StoredRecord } from '../../../store/index.ts'
+import { isAllowed, type Identity } from '../../access/auth.ts'
+import { topicMatches } from '../../access/topics.ts'
+import type { AclRule, RouteConfig } from '../../config/config.ts'
+import { GatewayError } from '../../errors.ts'
+import type { GatewayMetrics } from '../../metrics/metrics.ts'
+import { publishPacketSize, replayPartitions, writePublishPacket, type ReplayConnection, type ReplayLogger } from '../replay.ts'
+import { compileRoutes, type Router } from '../routing.ts'
+import { Lane, Member } from './lane.ts'
+import { LiveShare } from './live-share.ts'
+import { SHARE_GROUP_LEVEL, shareGroupId, type ShareRequest } from './share-topic.ts'
+
+/**
+ * Records and payload bytes a lane reads ahead at most (one store read): a read decodes whole batches (up to 1,000
+ * records), so reading only what the window had room for decoded most of each batch again and again (the share
+ * drained a backlog at 0.19x the rate of $replay with 100-record windows).
+ */
+const CHUNK_RECORDS = 1000
+const CHUNK_BYTES = 256 * 1024
+const MAX_TOPIC_BYTES = 65535
+
+export interface ShareDeps {
+  readonly store: LogStore
+  readonly broker: Aedes
+  readonly routes: readonly RouteConfig[]
+  readonly acl: readonly AclRule[]
+  /** mqtt.share.inflight */
+  readonly inflight: number
+  /** mqtt.share.holdRetention */
+  readonly holdRetention: boolean
+  /** mqtt.share.maxPerTenant */
+  readonly maxPerTenant: number
+  readonly metrics: Pick<GatewayMetrics, 'shareMessages' | 'shareMembers'>
+  readonly logger: ReplayLogger & { error (fields: Record<string, unknown>, message: string): void }
+}
+
+/** The gateway's shared subscriptions, by store group name. */
+export class SharedSubscriptions {
+  readonly #deps: ShareDeps
+  readonly #route: Router
+  readonly #shares = new Map<string, Share>()
+  /** Lanes by `<stream>\u0000<partition>`, for the append event. */
+  readonly #lanes = new Map<string, Array<{ readonly lane: Lane, readonly share: Share }>>()
+  /** The shares each connection is a member of. */
+  readonly #byConn = new WeakMap<ReplayConnection, Set<{ readonly share: Share, readonly member: Member }>>()
+  #unlisten: (() => void) | null = null
+
+  constructor (deps: ShareDeps) {
+    this.#deps = deps
+    this.#route = compileRoutes(deps.routes)
+  }
+
+  /**
+   * Called before the SUBACK (or, restored, the CONNACK): fixes where a new share starts, the log end as of now,
+   * so a message published after the SUBACK reaches the share even when the member joins a moment later. Throws
+   * GW_SHARE_LIMIT when the share would be one more than mqtt.share.maxPerTenant.
+   */
+  prepare (tenant: string, request: ShareRequest): void {
+    const id = shareGroupId(tenant, request.group, request.filter)
+    if (!this.#shares.has(id)) {
+      const ids = this.#tenantShares(tenant)
+      if (!ids.has(id) && ids.size >= this.#deps.maxPerTenant) {
+        throw new GatewayError('GW_SHARE_LIMIT', `$share/${request.group}/${request.filter}: tenant ${tenant} has ${ids.size} shares (mqtt.share.maxPerTenant)`)
+      }
+    }
+    // A failure is logged by the join that waits for it (and retried there).
+    this.#share(tenant, request).open().catch(() => {})
+  }
+
+  /** The store group names of the tenant's shares: those in the log (also from before a restart) and those opened since. */
+  #tenantShares (tenant: string): Set<string> {
+    const prefix = `${tenant}/${SHARE_GROUP_LEVEL}/`
+    const ids = new Set(this.#deps.store.listGroups().map((g) => g.group).filter((g) => g.startsWith(prefix)))
+    for (const id of this.#shares.keys()) if (id.startsWith(prefix)) ids.add(id)
+    return ids
+  }
+
+  /** Adds the client to the share (again: only its QoS changes). Resolves once its lanes are assigned. */
+  async join (client: Client, conn: ReplayConnection, who: Identity, request: ShareRequest, qos: number): Promise<void> {
+    this.#unlisten ??= this.#deps.store.onAppend((e) => this.#appended(e))
+    const share = this.#share(who.tenant, request)
+    let members = this.#byConn.get(conn)
+    if (members === undefined) {
+      const set = members = new Set()
+      this.#byConn.set(conn, set)
+      conn.stream.once('close', () => { for (const m of set) m.share.leave(m.member); set.clear() })
+    }
+    for (const m of members) {
+      if (m.share === share) { m.member.qos = qos === 0 ? 0 : 1; return }
+    }
+    const member = new Member(client, conn, who, qos === 0 ? 0 : 1)
+    members.add({ share, member })
+    await share.join(member)
+  }
+
+  /** The client left these shares (UNSUBSCRIBE of their store group names). */
+  leave (conn: ReplayConnection, ids: readonly string[]): void {
+    const members = this.#byConn.get(conn)
+    if (members === undefined) return
+    for (const m of [...members]) {
+      if (!ids.includes(m.share.id)) continue
+      members.delete(m)
+      m.share.leave(m.member)
+    }
+  }
+
+  /** Takes a PUBACK that answers a share's record; false when the packet id is not a share's. */
+  acked (conn: ReplayConnection, messageId: number): boolean {
+    const members = this.#byConn.get(conn)
+    if (members === undefined) return false
+    for (const { share, member } of members) {
+      if (share.acked(member, messageId)) return true
+    }
+    return false
+  }
+
+  /** Stops listening for appends and waits for the commits running (the gateway's shutdown). */
+  async close (): Promise<void> {
+    this.#unlisten?.()
+    this.#unlisten = null
+    for (const share of this.#shares.values()) await share.settled()
+  }
+
+  #share (tenant: string, request: ShareRequest): Share {
+    const id = shareGroupId(tenant, request.group, request.filter)
+    let share = this.#shares.get(id)
+    if (share === undefined) {
+      const created: Share = share = new Share(this.#deps, this.#route, id, tenant, request, (lane) => this.#indexLane(lane, created))
+      this.#shares.set(id, share)
+    }
+    return share
+  }
+
+  #indexLane (lane: Lane, share: Share): void {
+    const key = `${lane.stream}\u0000${lane.partition}`
+    const list = this.#lanes.get(key)
+    if (list === undefined) this.#lanes.set(key, [{ lane, share }])
+    else list.push({ lane, share })
+  }
+
+  #appended (e: AppendEvent): void {
+    const lanes = this.#lanes.get(`${e.stream}\u0000${e.partition}`)
+    if (lanes === undefined) return
+    for (const { lane, share } of lanes) if (lane.owner !== null && lane.next < e.logEndOffset) share.pump(lane)
+  }
+}
+
+/** One shared subscription: its members, its lanes (the log part, here) and its round robin (the live part, live-share.ts). */
+class Share {
+  readonly #deps: ShareDeps
+  readonly #members: Member[] = []
+  readonly #lanes: Lane[] = []
+  #opened: Promise<void> | null = null
+  #commit: Promise<void> | null = null
+  #commitAgain = false
+  readonly #live: LiveShare
+  readonly #messages: { inc (n?: number): void }
+  readonly #labels: { tenant: string, group: string }
+
+  constructor (deps: ShareDeps, route: Router, readonly id: string, readonly tenant: string, readonly request: ShareRequest,
+    readonly onLane: (lane: Lane) => void) {
+    this.#deps = deps
+    this.#labels = { tenant, group: id }
+    this.#messages = deps.metrics.shareMessages.labels(this.#labels)
+    deps.metrics.shareMembers.set(this.#labels, 0)
+    this.#live = new LiveShare({
+      broker: deps.broker, acl: deps.acl, route, tenant, filter: request.filter, members: this.#members, delivered: () => this.#messages.inc(),
+    })
+  }
+
+  async join (member: Member): Promise<void> {
+    this.#members.push(member)
+    this.#deps.metrics.shareMembers.set(this.#labels, this.#members.length)
+    this.#live.start()
+    this.#deps.logger.info({ clientId: member.conn.clientId, tenant: this.tenant, share: this.id, members: this.#members.length }, 'share member joined')
+    try {
+      await this.open()
+    } catch (err) {
+      this.#deps.logger.error({ share: this.id, err: (err as Error).message }, 'opening the share\'s consumer group failed')
+      return
+    }
+    this.#rebalance()
+  }
+
+  leave (member: Member): void {
+    const i = this.#members.indexOf(member)
+    if (i === -1) return
+    this.#members.splice(i, 1)
+    member.left = true
+    this.#deps.metrics.shareMembers.set(this.#labels, this.#members.length)
+    let released = 0
+    for (const lane of this.#lanes) {
+      if (lane.handoverTo === member) lane.handoverTo = null
+      if (lane.owner !== member) continue
+      released += lane.unacked
+      lane.release()
+    }
+    member.inflight.clear()
+    this.#deps.logger.info({ clientId: member.conn.clientId, tenant: this.tenant, share: this.id, members: this.#members.length, released },
+      'share member left')
+    if (this.#members.length === 0) this.#live.stop()
+    this.#rebalance()
+  }
+
+  acked (member: Member, messageId: number): boolean {
+    const held = member.inflight.get(messageId)
+    if (held === undefined) return false
+    member.inflight.delete(messageId)
+    const { lane, sent } = held
+    lane.ack(sent)
+    this.#scheduleCommit()
+    if (lane.handoverTo !== null && lane.unacked === 0) {
+      lane.assign(lane.handoverTo)
+      this.pump(lane)
+    }
+    // The member's lanes go on once half its window is free, so a backlog is not read one record per PUBACK.
+    if (member.inflight.size <= Math.floor(this.#deps.inflight / 2)) {
+      for (const l of this.#lanes) if (l.owner === member) this.pump(l)
+    }
+    return true
+  }
+
+  async settled (): Promise<void> {
+    await this.#commit
+  }
+
+  /** Opens the share's consumer group once (again after a failure); see #open. */
+  open (): Promise<void> {
+    return (this.#opened ??= this.#open())
+  }
+
+  /**
+   * The lanes: every partition the filter can reach, each from the group's
+   * committed offset, or from the log end as of this call when the group
+   * never committed there (where a new subscription starts) — worked out
+   * before the first await, so before the SUBACK. The group's settings are
+   * written and those start offsets committed, so the group is listed
+   * (edgemq groups, /v1/groups) from its first member on.
+   */
+  #open (): Promise<void> {
+    const { store } = this.#deps
+    const fresh: Lane[] = []
+    if (this.#lanes.length === 0) {
+      for (const { stream, partition } of replayPartitions(this.#deps.routes, this.tenant, this.request.filter, store)) {
+        const committed = store.fetchOffset(this.id, stream, partition)
+        const lane = new Lane(stream, partition, committed ?? store.partitionInfo(stream, partition).logEndOffset)
+        if (committed === null) fresh.push(lane)
+        this.#lanes.push(lane)
+        this.onLane(lane)
+      }
+    } else {
+      fresh.push(...this.#lanes)
+    }
+    return (async () => {
+      await store.setGroup(this.id, { holdsRetention: this.#deps.holdRetention })
+      for (const lane of fresh) await store.commitOffset(this.id, lane.stream, lane.partition, lane.committed)
+    })().catch((err: unknown) => {
+      this.#opened = null
+      throw err
+    })
+  }
+
+  /** Lane i goes to member i mod n (in join order); a lane moving away from a live owner waits for its acks. */
+  #rebalance (): void {
+    const members = this.#members
+    this.#lanes.forEach((lane, i) => {
+      const target = members.length === 0 ? null : members[i % members.length] as Member
+      if (target === null) { lane.handoverTo = null; return }
+      if (lane.owner === target) {
+        // A handover asked for before is off: the owner goes on (its pump stopped while the handover waited).
+        if (lane.handoverTo !== null) { lane.handoverTo = null; this.pump(lane) }
+        return
+      }
+      if (lane.owner === null || lane.owner.gone || lane.unacked === 0) {
+        if (lane.owner !== null) lane.release()
+        lane.assign(target)
+        this.pump(lane)
+      } else {
+        lane.handoverTo = target
+      }
+    })
+  }
+
+  /** Sends the lane's records to its owner while the owner has room and the log has more; one pump per lane at a time. */
+  pump (lane: Lane): void {
+    if (lane.running) { lane.again = true; return }
+    lane.running = true
+    void this.#pumpLane(lane).catch((err: unknown) => {
+      if (isStoreError(err, 'STORE_CLOSED')) return
+      this.#deps.logger.warn({ share: this.id, stream: lane.stream, partition: lane.partition, err: (err as Error).message },
+        'share: reading the log failed; the lane goes on at the next append or acknowledgement')
+    }).finally(() => {
+      lane.running = false
+      if (lane.again) { lane.again = false; this.pump(lane) }
+    })
+  }
+
+  async #pumpLane (lane: Lane): Promise<void> {
+    const { store, inflight } = this.#deps
+    for (;;) {
+      lane.again = false
+      const member = lane.owner
+      if (member === null || member.gone || lane.handoverTo !== null) return
+      if (member.qos === 1 && member.inflight.size >= inflight) return // woken by the PUBACKs
+      if (lane.aheadPos === lane.ahead.length) {
+        const info = store.partitionInfo(lane.stream, lane.partition)
+        if (lane.next < info.logStartOffset) {
+          this.#deps.logger.warn({ share: this.id, stream: lane.stream, partition: lane.partition, skipped: info.logStartOffset - lane.next },
+            'share: retention deleted records before the group consumed them')
+          lane.next = info.logStartOffset
+        }
+        if (lane.next >= info.logEndOffset) return // woken by the next append
+        const epoch = lane.epoch
+        const { records, nextOffset } = await store.read(lane.stream, lane.partition, lane.next, { maxRecords: CHUNK_RECORDS, maxBytes: CHUNK_BYTES })
+        if (lane.epoch !== epoch) continue
+        lane.ahead = records
+        lane.aheadPos = 0
+        lane.aheadEnd = nextOffset
+        continue // the owner may have changed or filled its window meanwhile
+      }
+      const stream = this.#send(lane, member, member.qos === 1 ? inflight - member.inflight.size : CHUNK_RECORDS)
+      this.#scheduleCommit()
+      if (stream !== null) await drained(stream)
+    }
+  }
+
+  /**
+   * Sends the member up to `room` of the lane's records read ahead, skipping those not for it, as one socket write;
+   * returns the stream when it must drain first.
+   */
+  #send (lane: Lane, member: Member, room: number): Pick<Writable, 'once' | 'off' | 'writableNeedDrain'> | null {
+    const picked: Array<{ record: StoredRecord, topic: Buffer, qos: 0 | 1 }> = []
+    let size = 0
+    while (picked.length < room && lane.aheadPos < lane.ahead.length) {
+      const record = lane.ahead[lane.aheadPos++] as StoredRecord
+      lane.next = record.offset + 1
+      if (!topicMatches(this.request.filter, record.topic) || !member.mayRead(record.topic, this.#mayRead(member.who))) continue
+      const topic = Buffer.from(record.topic)
+      if (topic.length > MAX_TOPIC_BYTES) continue
+      const qos = Math.min(member.qos, record.qos === 0 ? 0 : 1) as 0 | 1
+      picked.push({ record, topic, qos })
+      size += publishPacketSize(topic, record.payload, qos)
+    }
+    if (lane.aheadPos === lane.ahead.length) {
+      lane.next = lane.aheadEnd
+      lane.ahead = []
+      lane.aheadPos = 0
+    }
+    if (picked.length === 0) return null
+    const out = Buffer.allocUnsafe(size)
+    let at = 0
+    for (const { record, topic, qos } of picked) {
+      const sent = lane.sent(record.offset, qos === 0)
+      let id = 0
+      if (qos === 1) {
+        do id = member.conn.nextMessageId(); while (member.inflight.has(id))
+        member.inflight.set(id, { lane, sent })
+      }
+      at = writePublishPacket(out, at, topic, record.payload, qos, id, false)
+    }
+    this.#messages.inc(picked.length)
+    const stream = member.conn.stream
+    return stream.write(out) ? null : stream
+  }
+
+  /** The member's read ACL, per message as authorizeForward holds it for live deliveries. */
+  #mayRead (who: Identity): (topic: string) => boolean {
+    return (topic) => isAllowed(this.#deps.acl, who, 'subscribe', topic)
+  }
+
+  /** Commits each lane's `done`; one commit at a time, a request while one runs makes it go round again. */
+  #scheduleCommit (): void {
+    if (this.#commit !== null) { this.#commitAgain = true; return }
+    this.#commit = (async () => {
+      do {
+        this.#commitAgain = false
+        for (const lane of this.#lanes) {
+          const target = lane.done
+          if (target <= lane.committed) continue
+          try {
+            await this.#deps.store.commitOffset(this.id, lane.stream, lane.partition, target)
+            lane.committed = target
+          } catch (err) {
+            if (isStoreError(err, 'STORE_CLOSED')) return
+            this.#deps.logger.error({ share: this.id, err: (err as Error).message }, 'committing the share\'s offset failed')
+            return
+          }
+        }
+      } while (this.#commitAgain)
+    })().finally(() => { this.#commit = null })
+  }
+}
+
+/** Resolves once the stream drained or closed. */
+function drained (stream: Pick<Writable, 'once' | 'off' | 'writableNeedDrain'>): Promise<void> {
+  if (!stream.writableNeedDrain) return Promise.resolve()
+  return new Promise((resolve) => {
+    const done = (): void => {
+      stream.off('drain', done)
+      stream.off('close', done)
+      resolve()
+    }
+    stream.once('drain', done)
+    stream.once('close', done)
+  })
+}
