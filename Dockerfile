@@ -7,6 +7,7 @@ FROM node:20-bookworm-slim
 
 WORKDIR /opt/edgemq
 COPY package.json package-lock.json ./
+COPY patches ./patches
 RUN npm ci --omit=dev --no-audit --no-fund && npm cache clean --force
 COPY store ./store
 COPY bridge ./bridge

@@ -24,6 +24,11 @@
  *           window is reported beside it as a check.
  * - device  device-like load: QoS 1, one PUBLISH in flight per connection
  *           (each device waits for its PUBACK). Throughput, p50, p99.
+ * - qos1-v5, device-v5  the same loads with MQTT 5 clients (against
+ *           Mosquitto with MQTT 5 too). Each round also runs edgemq under the
+ *           3.1.1 load, next to its MQTT 5 round (the order flipping), for
+ *           one more figure: edgemq's MQTT 5 throughput against its MQTT
+ *           3.1.1 throughput, paired by round (issue 14: at most 10 % lower).
  *
  * Arguments: scenario names (default all), `--quick` (1 round of 2 s),
  * `--rounds=N`, `--seconds=N` (measured window, default 5), `--warmup=N`
@@ -76,9 +81,11 @@ const MOSQUITTO_CONFIG = 'listener on 127.0.0.1, allow_anonymous true, persisten
 const EDGEMQ_MAX_INFLIGHT = 1000
 
 interface Scenario {
-  readonly name: 'qos1' | 'qos0' | 'device'
+  readonly name: 'qos1' | 'qos0' | 'device' | 'qos1-v5' | 'device-v5'
   readonly what: string
   readonly qos: 0 | 1
+  /** MQTT protocol level of the load's connections (3.1.1 unless 5). */
+  readonly protocolVersion?: 5
   readonly window: number
   /** Which figures: throughput always; PUBACK latency for QoS 1. */
   readonly latency: boolean
@@ -89,6 +96,14 @@ const SCENARIOS: readonly Scenario[] = [
   { name: 'qos1', what: `QoS 1 ingest, ${WINDOW} in flight per connection`, qos: 1, window: WINDOW, latency: true, target: '>= 0.5x Mosquitto (first milestone), 1.0x (goal)' },
   { name: 'qos0', what: `QoS 0 ingest, ${WINDOW} in flight per connection (a PINGREQ after every ${Math.max(1, Math.floor(WINDOW / 2))})`, qos: 0, window: WINDOW, latency: false, target: 'none set' },
   { name: 'device', what: 'device-like load: QoS 1, 1 in flight per connection', qos: 1, window: 1, latency: true, target: '>= 0.5x Mosquitto' },
+  {
+    name: 'qos1-v5', what: `MQTT 5 QoS 1 ingest, ${WINDOW} in flight per connection`, qos: 1, window: WINDOW, latency: true, protocolVersion: 5,
+    target: 'edgemq MQTT 5 >= 0.9x edgemq MQTT 3.1.1 (gateway.qos1.mqtt5-cost)',
+  },
+  {
+    name: 'device-v5', what: 'MQTT 5 device-like load: QoS 1, 1 in flight per connection', qos: 1, window: 1, latency: true, protocolVersion: 5,
+    target: 'edgemq MQTT 5 >= 0.9x edgemq MQTT 3.1.1 (gateway.device.mqtt5-cost)',
+  },
 ]
 const selected = argv.filter((a) => !a.startsWith('--'))
 for (const name of selected) {
@@ -101,7 +116,7 @@ const dirs = new TempDirs()
 function specFor (scenario: Scenario, broker: { host: string, port: number }, measureSeconds = SECONDS): LoadSpec {
   return {
     host: broker.host, port: broker.port, publishers: Array.from({ length: PUBLISHERS }, (_v, i) => i),
-    qos: scenario.qos, window: scenario.window, payloadBytes: PAYLOAD_BYTES,
+    qos: scenario.qos, protocolVersion: scenario.protocolVersion ?? 4, window: scenario.window, payloadBytes: PAYLOAD_BYTES,
     warmupMs: WARMUP_SECONDS * 1000, measureMs: measureSeconds * 1000, drainTimeoutMs: 15_000,
   }
 }
@@ -178,9 +193,19 @@ function pairedRatios (a: readonly number[], b: readonly number[]): number[] {
 
 async function scenarioFigures (generators: LoadGenerators, scenario: Scenario, mosquitto: string, version: string): Promise<void> {
   const results: Record<'edgemq' | 'mosquitto', RoundResult[]> = { edgemq: [], mosquitto: [] }
+  /** MQTT 5 scenarios: edgemq under the same load over MQTT 3.1.1, one round beside each MQTT 5 round. */
+  const v311Rounds: number[] = []
+  const v311: Scenario = { ...scenario, protocolVersion: undefined }
   for (let r = 0; r < ROUNDS; r++) {
-    const order: Array<'edgemq' | 'mosquitto'> = r % 2 === 0 ? ['mosquitto', 'edgemq'] : ['edgemq', 'mosquitto']
+    const order: Array<'edgemq' | 'mosquitto' | 'edgemq-3.1.1'> = r % 2 === 0 ? ['mosquitto', 'edgemq'] : ['edgemq', 'mosquitto']
+    if (scenario.protocolVersion === 5) order.splice(r % 2 === 0 ? 1 : 0, 0, 'edgemq-3.1.1')
     for (const name of order) {
+      if (name === 'edgemq-3.1.1') {
+        const result = await withBroker('edgemq', mosquitto, (broker) => runRound(generators, v311, broker))
+        v311Rounds.push(result.load.rate)
+        info(`${scenario.name} round ${r + 1}/${ROUNDS} edgemq over MQTT 3.1.1: ${Math.round(result.load.rate)} msgs/s`)
+        continue
+      }
       const result = await withBroker(name, mosquitto, (broker) => runRound(generators, scenario, broker))
       results[name].push(result)
       const l = result.load
@@ -192,7 +217,7 @@ async function scenarioFigures (generators: LoadGenerators, scenario: Scenario, 
   }
   const rates = (name: 'edgemq' | 'mosquitto'): number[] => results[name].map((x) => x.load.rate)
   const common: Record<string, ParamValue> = {
-    publishers: PUBLISHERS, payloadBytes: PAYLOAD_BYTES, qos: scenario.qos,
+    publishers: PUBLISHERS, payloadBytes: PAYLOAD_BYTES, qos: scenario.qos, mqttVersion: scenario.protocolVersion === 5 ? '5' : '3.1.1',
     inFlightPerConnection: scenario.window,
     edgemqMaxInflightPerClient: EDGEMQ_MAX_INFLIGHT, durability: 'sync', mosquitto: version, mosquittoConfig: MOSQUITTO_CONFIG,
     seconds: SECONDS, warmupSeconds: WARMUP_SECONDS, rounds: ROUNDS,
@@ -219,6 +244,20 @@ async function scenarioFigures (generators: LoadGenerators, scenario: Scenario, 
       edgemqIngestCounterRounds: results.edgemq.map((x) => Math.round(x.counterRate ?? NaN)),
     },
   })
+  if (scenario.protocolVersion === 5) {
+    report({
+      bench: `gateway.${scenario.name}.mqtt5-cost`,
+      unit: 'msgs/s',
+      value: median(rates('edgemq')),
+      baseline: 'edgemq under the same load with MQTT 3.1.1 clients, a round beside each MQTT 5 round',
+      baselineValue: median(v311Rounds),
+      better: 'higher',
+      params: {
+        scenario: scenario.what, statistic: 'median of rounds', target: '>= 0.9 (issue 14)', rounds: ROUNDS, seconds: SECONDS,
+        mqtt5Rounds: rates('edgemq').map(Math.round), mqtt311Rounds: v311Rounds.map(Math.round), roundRatios: pairedRatios(rates('edgemq'), v311Rounds),
+      },
+    })
+  }
   if (!scenario.latency) return
   const merged = (name: 'edgemq' | 'mosquitto'): LatencyHistogram => {
     const h = new LatencyHistogram()

@@ -235,7 +235,9 @@ export function bridgeConfigProblem (bridge: BridgeConfig, context: BridgeConfig
     }
     if (!URL_SCHEMES.includes(url.protocol)) return `"${at}.url" must start with mqtt://, mqtts://, ws:// or wss:// (got ${url.protocol}//)`
     if (url.hostname === '') return `"${at}.url" has no host: ${JSON.stringify(u.url)}`
-    if (u.kind === 'edgemq' && u.mqttVersion === '5') return `"${at}.mqttVersion" "5": an edgemq upstream speaks MQTT 3.1.1 (leave mqttVersion at "auto")`
+    if (u.kind === 'edgemq' && u.mqttVersion === '5') {
+      return `"${at}.mqttVersion" "5": an edgemq upstream is spoken to in MQTT 3.1.1, its dedupe ids in a $dedupe/ topic prefix (leave mqttVersion at "auto")`
+    }
     if (u.dedupeId === 'user-property' && !protocolVersions(u).includes(5)) return `"${at}.dedupeId" user-property needs mqttVersion "5"`
     if (u.dedupeId === 'topic-prefix' && u.kind !== 'edgemq') {
       return `"${at}.dedupeId" topic-prefix is only for kind "edgemq": a plain MQTT broker would hand its subscribers the prefixed topics`

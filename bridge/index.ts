@@ -10,3 +10,4 @@ export { BRIDGE_ERROR_CODES, BridgeError, isBridgeError, type BridgeErrorCode } 
 export { createBridgeMetrics, type BridgeMetrics } from './metrics.ts'
 export { filterProblem, splitDedupeTopic } from './topic-template.ts'
 export type { BridgeLogger, LaneStatus, UplinkObserver, UpstreamStatus } from './uplink-status.ts'
+export { expiredAt, headersToProperties, propertiesToHeaders, PROPERTY_HEADERS, type MessageProperties } from './mqtt-properties.ts'

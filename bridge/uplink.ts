@@ -45,6 +45,7 @@ import { upstreamKind, type DedupeCarrier, type ProtocolVersion, type UpstreamCo
 import { ID_SPLIT, UpstreamConnection } from './connection.ts'
 import { DisconnectRefusals } from './disconnect-refusals.ts'
 import { Downlink } from './downlink.ts'
+import { headersToProperties } from './mqtt-properties.ts'
 import { advance, rewind, type Lane, type Pending } from './lanes.ts'
 import { DEDUPE_TOPIC_PREFIX, parseTemplate, RECORD_VARIABLES } from './topic-template.ts'
 import { REFUSAL_RETRY_MS, UplinkCore, type UplinkDeps } from './uplink-core.ts'
@@ -215,7 +216,16 @@ export class Uplink {
     const payload = Buffer.from(record.payload.buffer, record.payload.byteOffset, record.payload.byteLength)
     const messageId = this.#allocateId()
     const packet: IPublishPacket = { cmd: 'publish', topic, payload, qos: 1, dup: false, retain: false, messageId }
-    if (this.#carrier === 'user-property') packet.properties = { userProperties: { [DEDUPE_PROPERTY]: dedupeId } }
+    // An MQTT 5 upstream gets the message properties its publisher sent (kept as headers; the expiry interval is
+    // not passed on: the record may have waited here), beside the dedupe id when that is a user property.
+    const sent = this.#version === 5 ? headersToProperties(record.headers) : undefined
+    if (sent !== undefined) {
+      const { messageExpiryInterval: _expiry, ...properties } = sent
+      packet.properties = properties
+    }
+    if (this.#carrier === 'user-property') {
+      packet.properties = { ...packet.properties, userProperties: { ...packet.properties?.userProperties, [DEDUPE_PROPERTY]: dedupeId } }
+    }
     const frame = mqttPacket.generate(packet, { protocolVersion: this.#version })
     if (frame.length > this.#maxPacket) {
       // [MQTT-3.1.2-24]: a client must not send a packet larger than the server's Maximum Packet Size.

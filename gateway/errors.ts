@@ -29,8 +29,9 @@ export const GATEWAY_ERROR_CODES = {
     '(SUBACK 0x80, counted as share-limit).',
   GW_CONNECT_REFUSED: 'A CONNECT was refused with a CONNACK return code (2 identifier rejected, 3 server unavailable, 4 bad credentials, ' +
     '5 not authorized); counted in edgemq_connections_refused_total and logged with the reason.',
-  GW_PUBLISH_REFUSED: 'A PUBLISH was refused by closing the connection (a topic that is not a valid topic name, $dedupe/ without a replicate ' +
-    'grant, unrouted: reject); counted in edgemq_publishes_refused_total and logged once per connection and reason.',
+  GW_PUBLISH_REFUSED: 'A PUBLISH was refused (a topic that is not a valid topic name, $dedupe/ without a replicate grant, unrouted: reject; ' +
+    'for MQTT 5 also an ACL denial, a $replay topic, a failed append): MQTT 3.1.1 by closing the connection, MQTT 5 by the PUBACK/PUBREC ' +
+    'reason code (0x87, 0x90, 0x80, 0x97; docs/mqtt5.md); counted in edgemq_publishes_refused_total and logged once per connection and reason.',
   GW_STANDBY_READ_ONLY: 'This gateway is a standby (replication.role: standby): it serves reads and refuses publishes by closing the connection; ' +
     'publish to the primary.',
   GW_REPLICATION_REFUSED: 'The primary refused a standby\'s replication handshake (another gatewayId, protocol version or epoch); the message says which.',

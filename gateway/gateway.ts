@@ -37,6 +37,7 @@ import { GuardGroup } from './mqtt/connection-guard.ts'
 import { startListener, type RunningListener } from './mqtt/listeners.ts'
 import { compileRoutes } from './mqtt/routing.ts'
 import { LevelSessionPersistence } from './mqtt/session-persistence.ts'
+import { SessionExpiry } from './mqtt/session-expiry.ts'
 import { refuseStandbyPublishes } from './replication/read-only.ts'
 import { startReplication, type Replication } from './replication/replication.ts'
 import { Shutdown } from './shutdown.ts'
@@ -89,6 +90,7 @@ async function start (config: GatewayConfig, deps: GatewayDeps, shutdown: Shutdo
   shutdown.add('database', () => root.close())
   if (root.status !== 'open') await root.open()
   const sessionsDb = root.sublevel<Buffer, Buffer>('sessions', { keyEncoding: 'buffer', valueEncoding: 'buffer' }) as unknown as LevelDatabase
+  const expiryDb = root.sublevel<Buffer, Buffer>('session-expiry', { keyEncoding: 'buffer', valueEncoding: 'buffer' }) as unknown as LevelDatabase
 
   // Before the store opens: a primary journals every write of the database, from the first.
   const replication = await startReplication({
@@ -111,6 +113,7 @@ async function start (config: GatewayConfig, deps: GatewayDeps, shutdown: Shutdo
       await root.close()
       await root.open()
       if (sessionsDb.status !== 'open') await sessionsDb.open() // sublevels stay closed until opened again
+      if (expiryDb.status !== 'open') await expiryDb.open()
     },
     logger: { warn: (fields, msg) => logger.warn(fields, msg), error: (fields, msg) => logger.error(fields, msg) },
     observer,
@@ -169,6 +172,14 @@ async function start (config: GatewayConfig, deps: GatewayDeps, shutdown: Shutdo
   if (standby) refuseStandbyPublishes(broker, logger)
   await broker.listen()
   shutdown.add('sessions', () => persistence.destroy())
+  // MQTT 5 sessions whose expiry passed while the gateway was down end before any client connects. Not on a standby:
+  // its readers' sessions live in memory, and the replicated deadlines are the primary's, for after a promotion.
+  if (!standby) {
+    const sessionExpiry = new SessionExpiry({ db: expiryDb, writer: store, persistence, broker, now: () => systemClock.now(), logger })
+    await sessionExpiry.start()
+    // Registered before the listeners' step, so it runs after it: the deadlines of the clients it closes are stored.
+    shutdown.add('mqtt 5 session expiry', async () => sessionExpiry.stop())
+  }
   let brokerClosed: Promise<void> | undefined
   const closeBroker = (): Promise<void> => (brokerClosed ??= new Promise<void>((resolve) => broker.close(() => resolve())))
   shutdown.add('broker', closeBroker)

@@ -38,6 +38,8 @@ export interface LoadSpec {
   /** Publisher numbers this process drives: client id `dev-<i>`, topic `devices/dev-<i>/telemetry/t`. */
   readonly publishers: readonly number[]
   readonly qos: 0 | 1
+  /** MQTT protocol level of every connection: 4 (3.1.1, the default) or 5 (each PUBLISH then has an empty property section). */
+  readonly protocolVersion?: 4 | 5
   /** Unconfirmed PUBLISHes per connection (QoS 1: without PUBACK; QoS 0: before the last PINGRESP). */
   readonly window: number
   readonly payloadBytes: number
@@ -125,6 +127,7 @@ class Connection {
   #carry: Buffer | null = null
   #connack: ((code: number) => void) | undefined
   #closing = false
+  readonly #protocolVersion: 4 | 5
   /** Units in flight. */
   inflight = 0
   /** PUBLISHes confirmed / written so far. */
@@ -139,6 +142,8 @@ class Connection {
     this.#hist = hist
     this.#fail = fail
     this.clientId = publisherClientId(index)
+    this.#protocolVersion = spec.protocolVersion ?? 4
+    const opts = { protocolVersion: this.#protocolVersion }
     const topic = publisherTopic(index)
     if (spec.qos === 1) {
       this.#perUnit = 1
@@ -146,7 +151,7 @@ class Connection {
       if (spec.window >= RING) throw new LoadError(`window ${spec.window} must be below ${RING}`)
       const packets: Buffer[] = []
       for (let k = 0; k < RING; k++) {
-        packets.push(mqttPacket.generate({ cmd: 'publish', topic, payload, qos: 1, dup: false, retain: false, messageId: k + 1 }))
+        packets.push(mqttPacket.generate({ cmd: 'publish', topic, payload, qos: 1, dup: false, retain: false, messageId: k + 1 }, opts))
       }
       this.#unitBytes = (packets[0] as Buffer).length
       if (packets.some((p) => p.length !== this.#unitBytes)) throw new LoadError('pre-generated PUBLISH packets differ in length')
@@ -156,7 +161,7 @@ class Connection {
     } else {
       this.#perUnit = Math.max(1, Math.floor(spec.window / 2))
       this.#window = Math.max(1, Math.floor(spec.window / this.#perUnit))
-      const publish = mqttPacket.generate({ cmd: 'publish', topic, payload, qos: 0, dup: false, retain: false })
+      const publish = mqttPacket.generate({ cmd: 'publish', topic, payload, qos: 0, dup: false, retain: false }, opts)
       const unit = Buffer.concat([...Array.from({ length: this.#perUnit }, () => publish), PINGREQ])
       this.#unitBytes = unit.length
       this.#ring = Buffer.concat(Array.from({ length: this.#window }, () => unit))
@@ -179,7 +184,8 @@ class Connection {
         if (code === 0) resolve()
         else reject(new LoadError(`${this.clientId}: CONNACK return code ${code}`))
       }
-      this.socket.write(mqttPacket.generate({ cmd: 'connect', protocolId: 'MQTT', protocolVersion: 4, clientId: this.clientId, clean: true, keepalive: 0 }))
+      const connect = { cmd: 'connect', protocolId: 'MQTT', protocolVersion: this.#protocolVersion, clientId: this.clientId, clean: true, keepalive: 0 } as const
+      this.socket.write(mqttPacket.generate(connect, { protocolVersion: this.#protocolVersion }))
     })
   }
 

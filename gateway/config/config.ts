@@ -165,7 +165,7 @@ export const configSchema = {
     unrouted: {
       enum: ['deliver', 'reject'], default: 'deliver',
       description: 'What happens to a publish no route matches: deliver it to live subscribers without logging it, or reject it ' +
-        '(QoS 1/2 clients are disconnected, as MQTT 3.1.1 has no negative PUBACK).',
+        '(an MQTT 3.1.1 QoS 1/2 client is disconnected, as 3.1.1 has no negative PUBACK; an MQTT 5 client gets PUBACK/PUBREC 0x90).',
     },
     mqtt: {
       type: 'object',
@@ -179,7 +179,8 @@ export const configSchema = {
           minimum: 64,
           maximum: 256 * 1024 * 1024,
           default: 256 * 1024,
-          description: 'Largest MQTT packet accepted; a bigger one closes the connection before its body is buffered.',
+          description: 'Largest MQTT packet accepted; a bigger one closes the connection before its body is buffered ' +
+            '(an MQTT 5 client gets DISCONNECT 0x95 first).',
         },
         maxConnections: { type: 'integer', minimum: 1, default: 10_000, description: 'Connections beyond this are refused.' },
         maxInflightPerClient: {

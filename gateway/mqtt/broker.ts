@@ -55,6 +55,12 @@ export { isLoopback, type BrokerPersistence, type ListenerTagged } from './hooks
  */
 const MAX_INFLIGHT_INBOUND = 1000
 
+/**
+ * Topic aliases an MQTT 5 client may set up towards the gateway (advertised in the CONNACK), as Mosquitto's default
+ * max_topic_alias. The guard lets an empty PUBLISH topic through for v5; aedes resolves it, or answers DISCONNECT 0x94.
+ */
+const TOPIC_ALIAS_MAXIMUM = 10
+
 export interface BrokerDeps {
   readonly config: GatewayConfig
   readonly store: LogStore
@@ -85,6 +91,13 @@ export function createBroker (deps: BrokerDeps): Broker {
     concurrency: 1000,
     heartbeatInterval: 60_000,
     maxInflightInbound: MAX_INFLIGHT_INBOUND,
+    // MQTT 5 CONNACK properties. The listeners' guards enforce maxPacketBytes first (with DISCONNECT 0x95), and hand
+    // aedes at most maxInflightPerClient packets of a connection at a time (the socket is paused beyond it, and while
+    // the log is backed up): the receive maximum a client is asked to keep to. A client that does not is paused, not
+    // disconnected with 0x93 (docs/mqtt5.md).
+    maximumPacketSize: config.mqtt.maxPacketBytes,
+    receiveMaximum: config.mqtt.maxInflightPerClient,
+    topicAliasMaximum: TOPIC_ALIAS_MAXIMUM,
   })
   const identities = new WeakMap<Client, Identity>()
   const connects = new WeakMap<Client, ConnectInfo>()

@@ -43,6 +43,7 @@ import mqttPacket from 'mqtt-packet'
 import { isStoreError, type Clock, type LogStore, type StoredRecord } from '../../store/index.ts'
 import { RECEIPT_UPSTREAM_HEADER, RECEIPTS_STREAM, type CommandSink, type IncomingCommand } from '../../bridge/index.ts'
 import { claimPubacks, connectedClient, nextPacketId, rawConnection, subscriptionsOf, wrapAuthorizeForward } from './aedes-internals.ts'
+import { isMqtt5 } from './reason-codes.ts'
 import type { Router } from './routing.ts'
 import { filtersOverlap, mountTopic, scopedClientId, topicMatches, topicNameProblem } from '../access/topics.ts'
 import type { GatewayConfig } from '../config/config.ts'
@@ -333,10 +334,11 @@ export class CommandDispatcher implements CommandSink {
     if (this.#deps.broker.authorizeForward?.(client, mounted as Parameters<Aedes['authorizeForward']>[1]) == null) return
     const qos = this.#grantedQos(client, c)
     const messageId = qos === 1 ? nextPacketId(client) : undefined
+    // Framed in the client's protocol version: an MQTT 5 PUBLISH has a property section a 3.1.1 one lacks.
     const frame = mqttPacket.generate({
       cmd: 'publish', topic: c.topic, payload: Buffer.from(c.payload.buffer, c.payload.byteOffset, c.payload.byteLength),
       qos, retain: false, dup: false, ...(messageId === undefined ? {} : { messageId }),
-    })
+    }, { protocolVersion: isMqtt5(client) ? 5 : 4 })
     rawConnection(client).write(frame)
     if (messageId === undefined) return this.#settle(c, 'delivered') // QoS 0: written is all a device can confirm
     c.busy = true

@@ -16,6 +16,14 @@
  *   UNSUBSCRIBE without a filter [MQTT-3.8.3-3, MQTT-3.10.3-2]. Only the
  *   variable header of a PUBLISH is kept for this (at most 65,539 bytes), and
  *   the verdict comes before the packet's last byte reaches aedes;
+ * - it reads the protocol level of the CONNECT and checks the rest as that
+ *   version frames it: MQTT 5 puts properties after the packet id of
+ *   SUBSCRIBE and UNSUBSCRIBE, has subscription options in the upper bits of
+ *   the options byte, allows an empty PUBLISH topic (a topic alias; aedes
+ *   resolves it) and the AUTH packet (type 15, reserved before 5). An MQTT 5
+ *   client that broke a limit or the protocol after its CONNACK gets a
+ *   DISCONNECT with the reason code (0x95 packet too large, 0x81 malformed
+ *   packet, 0x82 protocol error) before the connection closes [MQTT-4.13.1-1];
  * - it hands aedes at most `maxInflight` packets at a time, so one client
  *   cannot have more publishes being appended at once;
  * - it stops reading from the socket while the gateway is paused (the log
@@ -34,6 +42,7 @@ import { isUtf8 } from 'node:buffer'
 import type { Socket } from 'node:net'
 import { Duplex } from 'node:stream'
 import { clientOfConnection } from './aedes-internals.ts'
+import { REASON, type ReasonCode } from './reason-codes.ts'
 
 export type ViolationReason = 'packet-too-large' | 'malformed-header' | 'protocol'
 
@@ -53,18 +62,34 @@ export interface GuardOptions {
   readonly group: GuardGroup
 }
 
+const CONNECT = 1
 const PUBLISH = 3
 const SUBSCRIBE = 8
 const UNSUBSCRIBE = 10
-/** Flag bits each packet type must carry [MQTT-2.2.2-1]; PUBLISH (3) has real flags; 0 and 15 are reserved types. */
-const REQUIRED_FLAGS: ReadonlyArray<number | null> = [null, 0, 0, null, 0, 0, 2, 0, 2, 0, 2, 0, 0, 0, 0, null]
+const AUTH = 15
+/** MQTT 5's protocol level in the CONNECT (3.1.1 is 4). */
+export const MQTT5 = 5
+/**
+ * Flag bits each packet type must carry [MQTT-2.2.2-1]; PUBLISH (3) has real flags; 0 is reserved, and 15 (AUTH)
+ * before MQTT 5.
+ */
+const REQUIRED_FLAGS: ReadonlyArray<number | null> = [null, 0, 0, null, 0, 0, 2, 0, 2, 0, 2, 0, 0, 0, 0, 0]
+/** The reason code of the MQTT 5 DISCONNECT a violation sends (MQTT 5 3.14.2.1). */
+const DISCONNECT_CODES: Readonly<Record<ViolationReason, ReasonCode>> = {
+  'packet-too-large': REASON.PACKET_TOO_LARGE, 'malformed-header': REASON.MALFORMED_PACKET, protocol: REASON.PROTOCOL_ERROR,
+}
+/** How long a connection closed with a DISCONNECT may take to write it before its socket is destroyed. */
+const LINGER_MS = 1000
 const PLUS = 0x2b
 const HASH = 0x23
 /** The guard of a socket, for the socket listeners below (one function each for all sockets, not a closure each). */
 const GUARD = Symbol('edgemq.guard')
 type GuardedSocket = (Socket | Duplex) & { [GUARD]?: ConnectionGuard }
 
-function onSocketData (this: GuardedSocket, chunk: Buffer): void { this[GUARD]?.onSocketData(chunk) }
+function onSocketData (this: GuardedSocket, chunk: Buffer): void {
+  const guard = this[GUARD]
+  if (guard !== undefined && !guard.destroyed) guard.onSocketData(chunk)
+}
 function onSocketEnd (this: GuardedSocket): void { this[GUARD]?.onSocketEnd() }
 function onSocketError (this: GuardedSocket, err: Error): void { this[GUARD]?.destroy(err) }
 function onSocketClose (this: GuardedSocket): void { this[GUARD]?.destroy() }
@@ -113,6 +138,16 @@ export class ConnectionGuard extends Duplex {
   #rateLogged = false
   /** The callback of a write waiting for the socket to drain. */
   #drained: (() => void) | null = null
+  /** The protocol level of the CONNECT (4 until it is read: 3.1.1 framing). */
+  #version = 4
+  /** Closed with a DISCONNECT still being written: the socket ends by itself (or after LINGER_MS). */
+  #lingering = false
+  /**
+   * aedes has written to the client: its first packet is always the CONNACK [MQTT-3.2.0-1], after which an MQTT 5
+   * DISCONNECT may be sent [MQTT-3.14.0-1]. (aedes' own `connackSent` is set in the write's callback, which a client
+   * that answers the CONNACK at once can beat.)
+   */
+  #answered = false
 
   constructor (socket: Socket | Duplex, options: GuardOptions) {
     super({ readableHighWaterMark: 1, allowHalfOpen: false })
@@ -131,6 +166,9 @@ export class ConnectionGuard extends Duplex {
   }
 
   get remoteAddress (): string | undefined { return (this.socket as Socket).remoteAddress }
+
+  /** The protocol level the client's CONNECT asked for (4 = MQTT 3.1.1, 5 = MQTT 5), 4 until it is read. */
+  get protocolVersion (): number { return this.#version }
 
   /** @internal the socket's 'data' (see onSocketData). */
   onSocketData (chunk: Buffer): void {
@@ -180,7 +218,7 @@ export class ConnectionGuard extends Duplex {
       const type = first >> 4
       const flags = first & 0x0f
       const required = REQUIRED_FLAGS[type]
-      if (type === 0 || type === 15) return this.#violate('malformed-header', `reserved packet type ${type}`)
+      if (type === 0 || (type === AUTH && this.#version !== MQTT5)) return this.#violate('malformed-header', `reserved packet type ${type}`)
       if (required !== null && required !== undefined && flags !== required) {
         return this.#violate('malformed-header', `packet type ${type} with flags 0x${flags.toString(16)} (must be 0x${required.toString(16)})`)
       }
@@ -188,13 +226,16 @@ export class ConnectionGuard extends Duplex {
       this.#skip = length
       if (type === PUBLISH) {
         // Fast path, the usual case: the variable header is in this chunk and is checked where it lies.
-        const verdict = checkPublish(chunk, i, Math.min(chunk.length - i, length), flags, length)
+        const verdict = checkPublish(chunk, i, Math.min(chunk.length - i, length), flags, length, this.#version)
         if (typeof verdict === 'string') return this.#violate('protocol', verdict)
         if (verdict !== 0) this.#inspect(type, flags, length, verdict) // split across chunks: collect it
       } else if (type === SUBSCRIBE || type === UNSUBSCRIBE) {
         // The whole (small, size-limited) body.
         this.#inspect(type, flags, length, length)
         if (length === 0 && !this.#feed(chunk, i, i)) return
+      } else if (type === CONNECT && length > 0) {
+        // The protocol name's length first, then up to its level byte (checkConnect).
+        this.#inspect(type, flags, length, Math.min(length, 2))
       }
     }
     this.#addPart(chunk.subarray(from))
@@ -238,8 +279,19 @@ export class ConnectionGuard extends Duplex {
     this.#inType = 0
     this.#inParts = null
     this.#options.onViolation(reason, clientId === undefined ? detail : `client ${JSON.stringify(clientId)}: ${detail}`, clientId, this)
-    this.socket.destroy()
+    // [MQTT-3.14.0-1] no DISCONNECT before the CONNACK.
+    if (this.#version === MQTT5 && this.#answered) this.#linger(Buffer.from([0xe0, 2, DISCONNECT_CODES[reason], 0])) // no properties
+    else this.socket.destroy()
     this.destroy()
+  }
+
+  /** Ends the socket once what was written to it (and `last`) is out; destroys it after LINGER_MS at the latest. */
+  #linger (last?: Buffer): void {
+    this.#lingering = true
+    this.socket.pause()
+    if (last === undefined) this.socket.end()
+    else this.socket.end(last)
+    setTimeout(destroySocket, LINGER_MS, this.socket).unref()
   }
 
   #inspect (type: number, flags: number, length: number, need: number): void {
@@ -271,8 +323,8 @@ export class ConnectionGuard extends Duplex {
       const body = parts.length === 1 ? parts[0] as Buffer : Buffer.concat(parts)
       this.#inParts = [body]
       const verdict = this.#inType === PUBLISH
-        ? checkPublish(body, 0, body.length, this.#inFlags, this.#inLength)
-        : this.#checkSubscription(body)
+        ? checkPublish(body, 0, body.length, this.#inFlags, this.#inLength, this.#version)
+        : this.#inType === CONNECT ? this.#checkConnect(body) : this.#checkSubscription(body)
       if (typeof verdict === 'string') {
         this.#violate('protocol', verdict)
         return false
@@ -287,13 +339,34 @@ export class ConnectionGuard extends Duplex {
     return true
   }
 
+  /**
+   * Reads the protocol level from the start of a CONNECT body (the protocol name, then the level byte
+   * [MQTT-3.1.2-2]); 0 when done, or how many bytes it needs. A CONNECT too short for it is left to aedes,
+   * which refuses it.
+   */
+  #checkConnect (body: Buffer): number {
+    if (body.length < 2) return 0
+    const level = 2 + body.readUInt16BE(0)
+    if (body.length > level) {
+      this.#version = body[level] as number
+      return 0
+    }
+    return level < this.#inLength ? level + 1 : 0
+  }
+
   /** A problem, or 0 when the SUBSCRIBE / UNSUBSCRIBE (whole body) is fine. */
   #checkSubscription (body: Buffer): string | 0 {
     const name = this.#inType === SUBSCRIBE ? 'SUBSCRIBE' : 'UNSUBSCRIBE'
     if (body.length < 2) return `${name} without a packet id`
     if (body.readUInt16BE(0) === 0) return `${name} with packet id 0 [MQTT-2.3.1-1]`
-    if (body.length === 2) return `${name} without a topic filter [${this.#inType === SUBSCRIBE ? 'MQTT-3.8.3-3' : 'MQTT-3.10.3-2'}]`
     let pos = 2
+    if (this.#version === MQTT5) {
+      // MQTT 5 3.8.2.1 / 3.10.2.1: the properties, a variable byte integer length first; mqtt-packet checks them.
+      const properties = readVarint(body, pos)
+      if (properties === null || properties.end + properties.value > body.length) return `malformed ${name}: properties`
+      pos = properties.end + properties.value
+    }
+    if (pos === body.length) return `${name} without a topic filter [${this.#inType === SUBSCRIBE ? 'MQTT-3.8.3-3' : 'MQTT-3.10.3-2'}]`
     while (pos < body.length) {
       if (pos + 2 > body.length) return `malformed ${name}`
       const end = pos + 2 + body.readUInt16BE(pos)
@@ -304,7 +377,10 @@ export class ConnectionGuard extends Duplex {
       if (this.#inType === SUBSCRIBE) {
         if (pos >= body.length) return 'malformed SUBSCRIBE: a filter without its QoS byte'
         const options = body[pos++] as number
-        if ((options & 0xfc) !== 0 || (options & 3) === 3) return `SUBSCRIBE with invalid options byte 0x${options.toString(16)} [MQTT-3.8.3-4]`
+        // 3.1.1: only the QoS bits [MQTT-3.8.3-4]; 5: no local, retain as published, retain handling (3 is invalid) and
+        // two reserved bits [MQTT-3.8.3-5].
+        const invalid = this.#version === MQTT5 ? (options & 0xc0) !== 0 || (options & 0x30) === 0x30 : (options & 0xfc) !== 0
+        if (invalid || (options & 3) === 3) return `SUBSCRIBE with invalid options byte 0x${options.toString(16)} [MQTT-3.8.3-4]`
       }
     }
     return 0
@@ -358,6 +434,7 @@ export class ConnectionGuard extends Duplex {
   }
 
   override _write (chunk: Buffer, _encoding: BufferEncoding, callback: (err?: Error | null) => void): void {
+    this.#answered = true
     if (this.socket.write(chunk)) callback()
     else this.#waitForDrain(callback)
   }
@@ -374,6 +451,7 @@ export class ConnectionGuard extends Duplex {
    * piece (measured in the gateway bench: QoS 1 ingest 0.20x -> 0.49x Mosquitto).
    */
   override _writev (chunks: Array<{ chunk: Buffer }>, callback: (err?: Error | null) => void): void {
+    this.#answered = true
     const ok = this.socket.write(chunks.length === 1 ? (chunks[0] as { chunk: Buffer }).chunk : Buffer.concat(chunks.map((c) => c.chunk)))
     if (ok) callback()
     else this.#waitForDrain(callback)
@@ -386,16 +464,37 @@ export class ConnectionGuard extends Duplex {
   override _destroy (err: Error | null, callback: (err?: Error | null) => void): void {
     this.#options.group.members.delete(this)
     if (this.#rateTimer !== undefined) clearTimeout(this.#rateTimer)
-    this.socket.destroy()
+    // aedes destroys the connection right after writing a DISCONNECT (0x8E takeover, 0x8B shutdown, 0x94): what the
+    // socket still buffers goes out first, or the client never learns why.
+    if (!this.#lingering) {
+      if (err === null && !this.socket.destroyed && this.socket.writableLength > 0) this.#linger()
+      else this.socket.destroy()
+    }
     callback(err)
   }
+}
+
+function destroySocket (socket: Socket | Duplex): void {
+  socket.destroy()
+}
+
+/** A variable byte integer [MQTT-1.5.5] at buf[at]: its value and where it ends; null when cut off or over 4 bytes. */
+function readVarint (buf: Buffer, at: number): { value: number, end: number } | null {
+  let value = 0
+  for (let k = 0; k < 4; k++) {
+    if (at + k >= buf.length) return null
+    const byte = buf[at + k] as number
+    value += (byte & 0x7f) * 128 ** k
+    if ((byte & 0x80) === 0) return { value, end: at + k + 1 }
+  }
+  return null
 }
 
 /**
  * Checks the start of a PUBLISH body: `avail` bytes of it at `buf[at]`, `length` its remaining length. A problem,
  * 0 when the PUBLISH is fine, or how many body bytes the check needs (more than `avail`).
  */
-function checkPublish (buf: Buffer, at: number, avail: number, flags: number, length: number): string | number {
+function checkPublish (buf: Buffer, at: number, avail: number, flags: number, length: number, version: number): string | number {
   const qos = (flags >> 1) & 3
   if (length < 2) return 'PUBLISH without a topic'
   if (avail < 2) return 2
@@ -403,7 +502,8 @@ function checkPublish (buf: Buffer, at: number, avail: number, flags: number, le
   const end = topicEnd + (qos > 0 ? 2 : 0)
   if (end > length) return 'PUBLISH shorter than its topic and packet id'
   if (avail < end) return end
-  const problem = topicProblem(buf, at + 2, at + topicEnd, true)
+  // MQTT 5: an empty topic names a topic alias (3.3.2.3.4); aedes resolves it or disconnects with 0x94.
+  const problem = version === MQTT5 && topicEnd === 2 ? null : topicProblem(buf, at + 2, at + topicEnd, true)
   if (problem !== null) return `PUBLISH ${problem}`
   if (qos > 0 && buf.readUInt16BE(at + topicEnd) === 0) return `PUBLISH with QoS ${qos} and packet id 0 [MQTT-2.3.1-1]`
   return 0

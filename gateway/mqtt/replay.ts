@@ -56,6 +56,7 @@
  */
 import type { Writable } from 'node:stream'
 import { systemClock, type Clock, type LogStore, type StoredRecord } from '../../store/index.ts'
+import { headersToProperties } from '../../bridge/index.ts'
 import { isAllowed, type Identity } from '../access/auth.ts'
 import type { AclRule, RouteConfig } from '../config/config.ts'
 import { GatewayError } from '../errors.ts'
@@ -210,17 +211,20 @@ export function replayPartitions (routes: readonly RouteConfig[], tenant: string
 }
 
 /**
- * One MQTT 3.1.1 PUBLISH packet [MQTT-3.3], never DUP. `topic` is the
- * encoded topic name; `messageId` is ignored at QoS 0.
+ * One PUBLISH packet [MQTT-3.3], never DUP. `topic` is the encoded topic
+ * name; `messageId` is ignored at QoS 0. `properties` is the MQTT 5 property
+ * section (its length first, {@link recordProperties}); without it the packet
+ * is framed as MQTT 3.1.1, which has none.
  */
-export function publishPacketSize (topic: Buffer, payload: Uint8Array, qos: 0 | 1): number {
-  const remaining = 2 + topic.length + (qos === 1 ? 2 : 0) + payload.byteLength
+export function publishPacketSize (topic: Buffer, payload: Uint8Array, qos: 0 | 1, properties?: Buffer): number {
+  const remaining = 2 + topic.length + (qos === 1 ? 2 : 0) + (properties?.length ?? 0) + payload.byteLength
   return 1 + varintSize(remaining) + remaining
 }
 
 /** Writes the PUBLISH packet at `out[at]` and returns the offset after it. */
-export function writePublishPacket (out: Buffer, at: number, topic: Buffer, payload: Uint8Array, qos: 0 | 1, messageId: number, retain: boolean): number {
-  let remaining = 2 + topic.length + (qos === 1 ? 2 : 0) + payload.byteLength
+export function writePublishPacket (out: Buffer, at: number, topic: Buffer, payload: Uint8Array, qos: 0 | 1, messageId: number, retain: boolean,
+  properties?: Buffer): number {
+  let remaining = 2 + topic.length + (qos === 1 ? 2 : 0) + (properties?.length ?? 0) + payload.byteLength
   out[at++] = 0x30 | (qos << 1) | (retain ? 1 : 0)
   do {
     let byte = remaining % 128
@@ -231,12 +235,60 @@ export function writePublishPacket (out: Buffer, at: number, topic: Buffer, payl
   at = out.writeUInt16BE(topic.length, at)
   at += topic.copy(out, at)
   if (qos === 1) at = out.writeUInt16BE(messageId, at)
+  if (properties !== undefined) at += properties.copy(out, at)
   out.set(payload, at)
   return at + payload.byteLength
 }
 
 function varintSize (n: number): number {
   return n < 128 ? 1 : n < 16_384 ? 2 : n < 2_097_152 ? 3 : 4
+}
+
+/** The property section of an MQTT 5 PUBLISH without properties: its length, 0. */
+export const NO_PROPERTIES: Buffer = Buffer.from([0])
+
+/** User property names (MQTT 5 3.3.2.3.7) that tell an MQTT 5 client where a replayed record is in the log. */
+export const RECORD_PROPERTY = { partition: 'edgemq-partition', offset: 'edgemq-offset', timestamp: 'edgemq-timestamp' } as const
+
+/**
+ * The MQTT 5 property section of a replayed record: the message properties its publisher sent (kept as headers,
+ * bridge/mqtt-properties.ts; the message expiry interval left out: a replay is history), then user properties with
+ * its partition, offset and receive time (ms since the epoch), so an MQTT 5 client can resume a replay from where it
+ * is or tell records apart.
+ */
+export function recordProperties (partition: number, record: Pick<StoredRecord, 'offset' | 'timestamp'> & { readonly headers?: StoredRecord['headers'] }):
+  Buffer {
+  const sent = headersToProperties(record.headers ?? null)
+  const parts: Buffer[] = []
+  if (sent?.payloadFormatIndicator === true) parts.push(Buffer.from([0x01, 1]))
+  if (sent?.contentType !== undefined) parts.push(Buffer.from([0x03]), mqttString(sent.contentType))
+  if (sent?.responseTopic !== undefined) parts.push(Buffer.from([0x08]), mqttString(sent.responseTopic))
+  if (sent?.correlationData !== undefined) parts.push(Buffer.from([0x09]), mqttString(sent.correlationData))
+  const pairs: Array<[string, string]> = []
+  for (const [k, v] of Object.entries(sent?.userProperties ?? {})) for (const one of Array.isArray(v) ? v : [v]) pairs.push([k, one])
+  pairs.push([RECORD_PROPERTY.partition, String(partition)], [RECORD_PROPERTY.offset, String(record.offset)],
+    [RECORD_PROPERTY.timestamp, String(record.timestamp)])
+  for (const [k, v] of pairs) parts.push(Buffer.from([0x26]), mqttString(k), mqttString(v)) // User Property
+  let length = 0
+  for (const p of parts) length += p.length
+  const head = Buffer.allocUnsafe(varintSize(length))
+  let at = 0
+  for (let rest = length; ;) {
+    const byte = rest % 128
+    rest = Math.floor(rest / 128)
+    head[at++] = rest > 0 ? byte | 0x80 : byte
+    if (rest === 0) break
+  }
+  return Buffer.concat([head, ...parts])
+}
+
+/** A UTF-8 string or binary data as MQTT encodes them: a two-byte length, then the bytes [MQTT-1.5.4, 1.5.6]. */
+function mqttString (value: string | Buffer): Buffer {
+  const bytes = typeof value === 'string' ? Buffer.from(value) : value
+  const out = Buffer.allocUnsafe(2 + bytes.length)
+  out.writeUInt16BE(bytes.length, 0)
+  bytes.copy(out, 2)
+  return out
 }
 
 /** What a replay needs of the client's connection; broker.ts adapts an aedes client to it. */
@@ -246,6 +298,8 @@ export interface ReplayConnection {
   /** True once aedes closed the client. */
   readonly closed: boolean
   readonly clientId: string
+  /** Whether the client speaks MQTT 5: its PUBLISH packets carry properties (the record's place in the log). */
+  readonly mqtt5?: boolean
   /** The next packet id of the client's own counter (shared with aedes' deliveries). */
   nextMessageId (): number
 }
@@ -412,9 +466,11 @@ class Cursor {
 interface Batch {
   readonly records: StoredRecord[]
   readonly topics: Buffer[]
+  /** The partition of each record (for an MQTT 5 client's record properties). */
+  readonly partitions: number[]
 }
 
-const NO_RECORDS: Batch = { records: [], topics: [] }
+const NO_RECORDS: Batch = { records: [], topics: [], partitions: [] }
 
 /** One running replay. */
 class Replay {
@@ -566,7 +622,7 @@ class Replay {
    * later is taken.
    */
   #take (cursors: readonly Cursor[], live: boolean, room: number): Batch {
-    const out: Batch = { records: [], topics: [] }
+    const out: Batch = { records: [], topics: [], partitions: [] }
     let bytes = 0
     while (out.records.length < room && bytes < BATCH_BYTES) {
       let best: Cursor | undefined
@@ -582,6 +638,7 @@ class Replay {
       const r = best.buffer[best.pos] as StoredRecord
       out.records.push(r)
       out.topics.push(best.topics[best.pos++] as Buffer)
+      out.partitions.push(best.partition)
       if (best.pos === best.buffer.length) { best.buffer = []; best.topics = []; best.pos = 0 }
       bytes += r.payload.byteLength
     }
@@ -640,17 +697,22 @@ class Replay {
   async #send (batch: Batch, done: Buffer | null, retain: boolean): Promise<void> {
     while (done !== null && this.#qos === 1 && this.#inflight >= this.#deps.limits.inflight && !this.#stopped) await this.#sleep()
     if (this.#stopped) return
-    const { records, topics } = batch
+    const { records, topics, partitions } = batch
+    const mqtt5 = this.#channel.conn.mqtt5 === true
+    const properties = mqtt5 ? records.map((r, i) => recordProperties(partitions[i] as number, r)) : []
     const doneTopic = done === null ? null : Buffer.from(this.#prefix + DONE_LEVEL)
-    let size = done === null ? 0 : publishPacketSize(doneTopic as Buffer, done, this.#qos)
-    for (let i = 0; i < records.length; i++) size += publishPacketSize(topics[i] as Buffer, (records[i] as StoredRecord).payload, this.#qos)
+    const doneProperties = mqtt5 ? NO_PROPERTIES : undefined
+    let size = done === null ? 0 : publishPacketSize(doneTopic as Buffer, done, this.#qos, doneProperties)
+    for (let i = 0; i < records.length; i++) size += publishPacketSize(topics[i] as Buffer, (records[i] as StoredRecord).payload, this.#qos, properties[i])
     const out = Buffer.allocUnsafe(size)
     let at = 0
     for (let i = 0; i < records.length; i++) {
       const id = this.#qos === 1 ? this.#channel.allocate(this) : 0
-      at = writePublishPacket(out, at, topics[i] as Buffer, (records[i] as StoredRecord).payload, this.#qos, id, retain)
+      at = writePublishPacket(out, at, topics[i] as Buffer, (records[i] as StoredRecord).payload, this.#qos, id, retain, properties[i])
     }
-    if (done !== null) writePublishPacket(out, at, doneTopic as Buffer, done, this.#qos, this.#qos === 1 ? this.#channel.allocate(this) : 0, false)
+    if (done !== null) {
+      writePublishPacket(out, at, doneTopic as Buffer, done, this.#qos, this.#qos === 1 ? this.#channel.allocate(this) : 0, false, doneProperties)
+    }
     if (this.#qos === 1) this.#inflight += records.length + (done === null ? 0 : 1)
     this.#records += records.length
     this.#messages.inc(records.length)

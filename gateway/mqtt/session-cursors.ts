@@ -32,6 +32,7 @@
  * restart; only QoS 1 deliveries use cursors.
  */
 import type { LogStore } from '../../store/index.ts'
+import { headersToProperties } from '../../bridge/index.ts'
 import { mountTopic } from '../access/topics.ts'
 import { logPositionOf, type LogPosition } from './log-position.ts'
 import { keys } from './session-format.ts'
@@ -67,6 +68,8 @@ export interface CursorDeps {
   readonly readRecords?: number
   /** Told when a cursor write failed (the cursor is retried with the next advance). */
   readonly onWriteError?: (err: unknown) => void
+  /** ms since the epoch, for MQTT 5 message expiry (default Date.now). */
+  readonly now?: () => number
 }
 
 class PartitionCursor {
@@ -336,7 +339,10 @@ export class SessionCursors {
             if (record.offset < cursor.next) continue
             const topic = mountTopic(tenant, record.topic)
             const qos = Math.min(record.qos, this.#deps.grantedQos(connection.id, topic))
-            if (qos !== 1) {
+            // An MQTT 5 message's properties are kept as headers (bridge/mqtt-properties.ts), its expiry as time left.
+            const properties = headersToProperties(record.headers, { now: (this.#deps.now ?? Date.now)(), timestamp: record.timestamp })
+            const expired = properties?.messageExpiryInterval !== undefined && properties.messageExpiryInterval <= 0 // [MQTT-3.3.2-5]
+            if (qos !== 1 || expired) {
               // Not this session's (QoS 0, unmatched) or a QoS 2 delivery, which is queued as a copy.
               cursor.next = record.offset + 1
               if (cursor.pending.length === 0) this.#advance(connection.id, cursor)
@@ -349,6 +355,7 @@ export class SessionCursors {
             const packet: CursorPacket = {
               cmd: 'publish', topic, payload: Buffer.from(record.payload.buffer, record.payload.byteOffset, record.payload.byteLength),
               qos, retain: false, dup: record.offset < cursor.dupBelow, brokerId: broker?.id ?? '', brokerCounter: counter, messageId: undefined,
+              ...(properties === undefined ? {} : { properties }),
             }
             const key = brokerKey(packet.brokerId, counter)
             const delivery: Delivery = { key, cursor, offset: record.offset, drained: true, packet, messageId: undefined, delivered: false }

@@ -37,7 +37,7 @@ describe('bridge config', () => {
     [{ dedupeId: 'user-property', mqttVersion: '3.1.1' }, '"bridge.upstreams.0.dedupeId" user-property needs mqttVersion "5"'],
     [{ dedupeId: 'user-property', kind: 'edgemq' }, '"bridge.upstreams.0.dedupeId" user-property needs mqttVersion "5"'],
     [{ dedupeId: 'topic-prefix' }, '"bridge.upstreams.0.dedupeId" topic-prefix is only for kind "edgemq"'],
-    [{ kind: 'edgemq', mqttVersion: '5' }, '"bridge.upstreams.0.mqttVersion" "5": an edgemq upstream speaks MQTT 3.1.1'],
+    [{ kind: 'edgemq', mqttVersion: '5' }, '"bridge.upstreams.0.mqttVersion" "5": an edgemq upstream is spoken to in MQTT 3.1.1'],
     [{ kind: 'kafka' }, '"bridge.upstreams.0.kind" must be one of "mqtt", "edgemq"'],
     [{ mqttVersion: '4' }, '"bridge.upstreams.0.mqttVersion" must be one of "auto", "5", "3.1.1"'],
     [{ maxInflight: 0 }, '"bridge.upstreams.0.maxInflight" must be >= 1'],

@@ -4,6 +4,7 @@
  * also when the upstream is down for a while, and when the edge is SIGKILLed
  * during that outage and restarted.
  */
+import net from 'node:net'
 import mqtt from 'mqtt'
 import { afterAll, describe, expect, it } from 'vitest'
 import { runCliWithin } from '../helpers/cli-run.ts'
@@ -17,6 +18,41 @@ const DEVICES = ['dev-a', 'dev-b', 'dev-c', 'dev-d']
 async function startRegion (dir: string, port: number): Promise<GatewayProcess> {
   const config = await writeConfig(dir, { gatewayId: 'region', mqtt: { listeners: [{ type: 'tcp', port }] } })
   return startGatewayProcess({ dataDir: `${dir}/data`, config })
+}
+
+/**
+ * A broker that speaks only MQTT 3.1.1 in front of `upstreamPort`: an MQTT 5 CONNECT (protocol level 5, the byte
+ * after the protocol name "MQTT") gets CONNACK 0x84 (unsupported protocol version) and the connection is closed;
+ * any other connection is piped through. edgemq itself speaks MQTT 5 since issue 14, as most brokers do.
+ */
+async function startMqtt311Only (upstreamPort: number): Promise<{ port: number, close: () => Promise<void> }> {
+  const sockets = new Set<net.Socket>()
+  const server = net.createServer((client) => {
+    sockets.add(client)
+    client.on('close', () => sockets.delete(client))
+    client.once('data', (first) => {
+      // Fixed header (type, then the remaining length's bytes), protocol name length (2) and "MQTT" (4): the level.
+      let at = 1
+      while (((first[at] ?? 0) & 0x80) !== 0) at++
+      if (first[0] === 0x10 && first[at + 1 + 6] === 5) {
+        client.end(Buffer.from([0x20, 3, 0, 0x84, 0]))
+        return
+      }
+      const upstream = net.connect(upstreamPort, '127.0.0.1')
+      sockets.add(upstream)
+      upstream.on('close', () => { sockets.delete(upstream); client.destroy() })
+      client.on('close', () => upstream.destroy())
+      upstream.on('error', () => client.destroy())
+      client.on('error', () => upstream.destroy())
+      upstream.write(first)
+      client.pipe(upstream).pipe(client)
+    })
+  })
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
+  return {
+    port: (server.address() as net.AddressInfo).port,
+    close: () => new Promise((resolve) => { for (const s of sockets) s.destroy(); server.close(() => resolve()) }),
+  }
 }
 
 async function startEdge (dir: string, regionPort: number, extra: Record<string, unknown> = {}): Promise<GatewayProcess> {
@@ -171,14 +207,15 @@ describe('bridge: edgemq → edgemq', () => {
     expectExactlyInOrder(await readWholeLog(`${regionDir.dir}/data`), edgeLog, acked)
   })
 
-  it('an edgemq upstream not marked kind: edgemq refuses MQTT 5: the bridge falls back to 3.1.1 without dedupe ids and says so', async () => {
+  it('an upstream that refuses MQTT 5 (3.1.1 only): the bridge falls back to 3.1.1 without dedupe ids and says so', async () => {
     const regionDir = await tempDir('edgemq-region-')
     const edgeDir = await tempDir('edgemq-edge-')
     cleanups.push(regionDir.cleanup, edgeDir.cleanup)
     const regionPort = await freePort()
     const region = await startRegion(regionDir.dir, regionPort)
-    const edge = await startEdge(edgeDir.dir, regionPort, { kind: 'mqtt' })
-    cleanups.push(async () => { await edge.kill(); await region.kill() })
+    const only311 = await startMqtt311Only(regionPort)
+    const edge = await startEdge(edgeDir.dir, only311.port, { kind: 'mqtt' })
+    cleanups.push(async () => { await edge.kill(); await only311.close(); await region.kill() })
     const acked = await publishAcked(edge.mqttUrl, DEVICES, 50)
     const status = await drained(edge.httpUrl, 'region')
     expect(status).toMatchObject({ kind: 'mqtt', mqttVersion: '3.1.1', dedupeId: 'none', forwardedMessages: acked.length })

@@ -1,6 +1,6 @@
 /**
- * A bare MQTT 3.1.1 client on a TCP socket, built from mqtt-packet, for
- * tests that must control the bytes: retransmissions with DUP, packets a
+ * A bare MQTT 3.1.1 (or 5) client on a TCP socket, built from mqtt-packet,
+ * for tests that must control the bytes: retransmissions with DUP, packets a
  * library would never send.
  */
 import net from 'node:net'
@@ -8,6 +8,8 @@ import mqttPacket, { type Packet } from 'mqtt-packet'
 
 export interface RawClient {
   send (packet: Packet): void
+  /** Sends bytes as they are: a packet mqtt-packet refuses to encode. */
+  write (bytes: Buffer): void
   /** Sends packets in one socket write, so the server parses them from one chunk. */
   sendAll (packets: readonly Packet[]): void
   /** Resolves with the next packet of this command (packets are queued as they arrive). */
@@ -19,11 +21,11 @@ export interface RawClient {
   end (): void
 }
 
-export async function rawConnect (url: string): Promise<RawClient> {
+export async function rawConnect (url: string, protocolVersion: 4 | 5 = 4): Promise<RawClient> {
   const { hostname, port } = new URL(url)
   const socket = net.connect(Number(port), hostname)
   await new Promise<void>((resolve, reject) => { socket.once('connect', resolve); socket.once('error', reject) })
-  const parser = mqttPacket.parser({ protocolVersion: 4 })
+  const parser = mqttPacket.parser({ protocolVersion })
   const queue: Packet[] = []
   const waiters: Array<() => void> = []
   const listeners: Array<(packet: Packet) => void> = []
@@ -32,8 +34,9 @@ export async function rawConnect (url: string): Promise<RawClient> {
   socket.on('error', () => {})
   const closed = new Promise<void>((resolve) => socket.once('close', () => { resolve(); for (const w of waiters.splice(0)) w() }))
   return {
-    send: (packet) => { socket.write(mqttPacket.generate(packet, { protocolVersion: 4 })) },
-    sendAll: (packets) => { socket.write(Buffer.concat(packets.map((p) => mqttPacket.generate(p, { protocolVersion: 4 })))) },
+    send: (packet) => { socket.write(mqttPacket.generate(packet, { protocolVersion })) },
+    write: (bytes) => { socket.write(bytes) },
+    sendAll: (packets) => { socket.write(Buffer.concat(packets.map((p) => mqttPacket.generate(p, { protocolVersion })))) },
     async next (cmd, timeoutMs = 5000) {
       const until = Date.now() + timeoutMs
       for (;;) {

@@ -20,9 +20,15 @@ type Authenticate = NonNullable<AedesOptions['authenticate']>
 const RESERVED_IDS = new Set(Object.getOwnPropertyNames(Object.prototype))
 
 /** Records the CONNECT fields as the device sent them (authenticate and refusals read them). */
-export function preConnect (ctx: Pick<HookContext, 'connects'>): PreConnect {
+export function preConnect (ctx: Pick<HookContext, 'connects' | 'refuse'>): PreConnect {
   return (client, packet, callback) => {
-    ctx.connects.set(client, { clientId: packet.clientId ?? '', clean: packet.clean !== false, willTopic: packet.will?.topic })
+    const info = { clientId: packet.clientId ?? '', clean: packet.clean !== false, willTopic: packet.will?.topic }
+    ctx.connects.set(client, info)
+    // [MQTT-3.1.3-8] an empty client id needs a clean session in 3.1.1 (MQTT 5 assigns one, 3.1.3.1). aedes 2 answers
+    // CONNACK 2 itself before authenticate runs (lib/handlers/connect.js init): counted and logged here.
+    if (info.clientId === '' && !info.clean && packet.protocolVersion !== 5) {
+      ctx.refuse(client, 'invalid-client-id', 'empty client id with clean session = false')
+    }
     callback(null, true)
   }
 }
@@ -59,11 +65,6 @@ export function authenticate (ctx: HookContext, users: UserDirectory, owners: Cl
     // Object.prototype members in aedes' client table are refused too.
     if (info.clientId.includes('\u0000') || info.clientId.includes('\ufffd') || RESERVED_IDS.has(info.clientId)) {
       refuse(client, 'invalid-client-id', `client id ${JSON.stringify(info.clientId)} is not allowed`)
-      return done(authError(2, 'identifier rejected'), false)
-    }
-    // [MQTT-3.1.3-8] an empty client id needs a clean session.
-    if (info.clientId === '' && !info.clean) {
-      refuse(client, 'invalid-client-id', 'empty client id with clean session = false')
       return done(authError(2, 'identifier rejected'), false)
     }
     // A will is published as the client's own PUBLISH when it fires, so its topic is held to the same rules now,

@@ -15,7 +15,11 @@
  * Tenants are mount points: the topic is checked as the client sent it, then
  * mounted (`<tenant>/<topic>`). A refusal that MQTT 3.1.1 can express only by
  * closing the connection does so; an ACL denial is acknowledged and dropped,
- * as Mosquitto does, so the device does not retry forever.
+ * as Mosquitto does, so the device does not retry forever. An MQTT 5 client
+ * is told instead, on its PUBACK/PUBREC, and keeps its connection
+ * (reason-codes.ts): 0x87 for an ACL denial or a reserved topic, 0x90 for a
+ * topic that is not valid here or not routed under `unrouted: reject`, 0x80
+ * or 0x97 for a QoS 1 append that failed (no retry: the client decides).
  */
 import type { AedesOptions, Client, PublishPacket } from 'aedes'
 import type { ExtraOperation } from '../../../store/index.ts'
@@ -26,6 +30,7 @@ import { GatewayError } from '../../errors.ts'
 import { isFiringWill } from '../aedes-internals.ts'
 import type { Qos2Plan } from '../inbound-qos2.ts'
 import { attachLogPosition } from '../log-position.ts'
+import { appendFailureCode, isMqtt5, REASON } from '../reason-codes.ts'
 import { isReplayTopic } from '../replay.ts'
 import { compileRoutes, type Route } from '../routing.ts'
 import { isShareTopic } from '../shared/share-topic.ts'
@@ -65,6 +70,10 @@ export function authorizePublish (ctx: HookContext): AuthorizePublish {
     return d
   }
 
+  /** What aedes is told of a failed append: the store's error for 3.1.1 (it closes), its reason code for MQTT 5. */
+  const appendFailed = (client: Client, err: Error): Error =>
+    isMqtt5(client) ? refusedError(`the log could not take the message: ${err.message}`, appendFailureCode(err), err) : err
+
   /** aedes' publish (delivery, offline queues), then the mark that makes its own publish after the ack a no-op. */
   const publishBeforeAck = (packet: PublishPacket, client: Client, callback: Callback): void => {
     ctx.publish(packet, client, (err?: Error) => {
@@ -99,7 +108,7 @@ export function authorizePublish (ctx: HookContext): AuthorizePublish {
     // logged like any publish of that client. Nothing may publish without a client: it would skip all of that.
     if (client === null) {
       logger.warn({ topic: packet.topic }, 'publish without a client refused')
-      return callback(refusedError('a publish needs a client'))
+      return callback(refusedError('a publish needs a client', REASON.NOT_AUTHORIZED))
     }
     const who = ctx.identities.get(client)
     // A record replicated by another edgemq's bridge over MQTT 3.1.1 carries its dedupe id in a topic prefix: it
@@ -111,7 +120,7 @@ export function authorizePublish (ctx: HookContext): AuthorizePublish {
       const openLocal = who?.role === 'anonymous' && config.users.length === 0 && isLoopback(listenerOf(client)?.host ?? '')
       if (who === undefined || !(openLocal || mayReplicate(config.acl, who, carried.topic))) {
         refusePublish(client, who, 'invalid-topic', `${carried.topic}: publishing replicated ($dedupe/) records needs an ACL "replicate" grant`)
-        return callback(refusedError('$dedupe/ topics are for bridges'))
+        return callback(refusedError('$dedupe/ topics are for bridges', REASON.NOT_AUTHORIZED))
       }
       packet.topic = carried.topic
     }
@@ -119,11 +128,13 @@ export function authorizePublish (ctx: HookContext): AuthorizePublish {
     const problem = topicNameProblem(topic)
     if (who === undefined || problem !== null) {
       refusePublish(client, who, 'invalid-topic', problem ?? 'unknown client')
-      return callback(refusedError(problem ?? 'unknown client'))
+      return callback(refusedError(problem ?? 'unknown client', problem === null ? REASON.NOT_AUTHORIZED : REASON.TOPIC_NAME_INVALID))
     }
     if (isReplayTopic(topic) || isShareTopic(topic)) {
       // Nobody may pose as a replay, or publish to a share's subscription itself. Acknowledged and dropped, like an ACL denial.
-      refusePublish(client, who, 'reserved-topic', `${topic}: $replay and $share are subscriptions, not topics`)
+      const detail = `${topic}: $replay and $share are subscriptions, not topics`
+      refusePublish(client, who, 'reserved-topic', detail)
+      if (isMqtt5(client)) return callback(refusedError(detail, REASON.NOT_AUTHORIZED))
       markPublished(packet)
       return callback(null)
     }
@@ -131,6 +142,7 @@ export function authorizePublish (ctx: HookContext): AuthorizePublish {
     if (!decision.allowed) {
       // As Mosquitto does: acknowledged, neither logged nor delivered, so the device does not retry forever.
       refusePublish(client, who, 'acl-denied', `${topic} not allowed`)
+      if (isMqtt5(client)) return callback(refusedError(`publishing to ${topic} is not allowed`, REASON.NOT_AUTHORIZED))
       markPublished(packet)
       return callback(null)
     }
@@ -139,7 +151,7 @@ export function authorizePublish (ctx: HookContext): AuthorizePublish {
     if (route === null) {
       if (config.unrouted === 'reject') {
         refusePublish(client, who, 'unrouted', `no route for ${topic}`)
-        return callback(refusedError(`no route for topic ${topic}`))
+        return callback(refusedError(`no route for topic ${topic}`, REASON.TOPIC_NAME_INVALID))
       }
       if (packet.qos === 2 && packet.messageId !== undefined) return beginQos2(client, packet, { deliver: () => deliverBeforeAck(packet, client) }, callback)
       return packet.qos === 0 ? callback(null) : publishBeforeAck(packet, client, callback)
@@ -150,7 +162,7 @@ export function authorizePublish (ctx: HookContext): AuthorizePublish {
     const will = firingWill(client, packet)
     if (carried !== null) {
       appender.append(client, who, target, packet, (err, duplicate) => {
-        if (err) return callback(err)
+        if (err) return callback(appendFailed(client, err))
         if (duplicate === true) { markPublished(packet); return callback(null) } // already logged and delivered once
         if (qos === 0) return callback(null)
         publishBeforeAck(packet, client, callback)
@@ -170,7 +182,7 @@ export function authorizePublish (ctx: HookContext): AuthorizePublish {
     // QoS 0 waits for its append too: there is no ack to hold back, but the wait keeps the client's socket
     // paused while the log is busy, and delivery order equal to log order.
     appender.append(client, who, target, packet, (err, _duplicate, position) => {
-      if (err) return callback(err)
+      if (err) return callback(appendFailed(client, err))
       if (qos === 0) return callback(null)
       // Persistent sessions keep a cursor to the record instead of a copy of the message (session-cursors.ts).
       if (position !== undefined) attachLogPosition(packet, position)

@@ -16,6 +16,7 @@ import { clientFields } from '../../logger.ts'
 import type { GatewayMetrics, PublishRefusal, RefusalReason } from '../../metrics/metrics.ts'
 import type { GuardGroup } from '../connection-guard.ts'
 import type { InboundQos2, Qos2Persistence } from '../inbound-qos2.ts'
+import type { ReasonCode } from '../reason-codes.ts'
 import type { MqttReplays, ReplayConnection, ReplayTicket } from '../replay.ts'
 import type { InternalPublish } from '../aedes-internals.ts'
 import type { ShareAdmission } from '../shared/aedes-hooks.ts'
@@ -83,6 +84,8 @@ export interface HookContext extends HookDeps {
   readonly shares: ShareAdmission
   /** Counts and logs a refused connection. */
   refuse (client: Client, reason: RefusalReason, detail: string): void
+  /** Whether the connection was refused (and logged) by {@link refuse}: aedes' own error about it is not logged again. */
+  refused (client: Client): boolean
   /** Counts a refused publish; logs it once per connection and reason. */
   refusePublish (client: Client, who: Identity | undefined, reason: PublishRefusal, detail: string): void
 }
@@ -97,9 +100,12 @@ export function authError (returnCode: 2 | 3 | 4 | 5, message: string): GatewayE
   return Object.assign(new GatewayError('GW_CONNECT_REFUSED', message), { returnCode, [REFUSED]: true })
 }
 
-/** An error that makes aedes close the connection for a refused PUBLISH that was already counted and logged. */
-export function refusedError (message: string): GatewayError {
-  return Object.assign(new GatewayError('GW_PUBLISH_REFUSED', message), { [REFUSED]: true })
+/**
+ * An error for a refused PUBLISH that was already counted and logged: aedes closes an MQTT 3.1.1 connection for it;
+ * an MQTT 5 client gets `reasonCode` on its PUBACK/PUBREC (reason-codes.ts) and keeps its connection.
+ */
+export function refusedError (message: string, reasonCode: ReasonCode, cause?: unknown): GatewayError & { reasonCode: ReasonCode } {
+  return Object.assign(new GatewayError('GW_PUBLISH_REFUSED', message, { cause }), { reasonCode, [REFUSED]: true })
 }
 
 export function alreadyReported (err: Error): boolean {
@@ -128,18 +134,22 @@ export function anonymousAllowed (config: GatewayConfig, listener: ListenerConfi
 }
 
 /** The refusal bookkeeping every hook uses; `connects` names the client as the device sent its id. */
-export function refusals (deps: Pick<HookDeps, 'metrics' | 'logger'>, connects: WeakMap<Client, ConnectInfo>): Pick<HookContext, 'refuse' | 'refusePublish'> {
+export function refusals (deps: Pick<HookDeps, 'metrics' | 'logger'>, connects: WeakMap<Client, ConnectInfo>):
+  Pick<HookContext, 'refuse' | 'refused' | 'refusePublish'> {
   const { metrics, logger } = deps
+  const refusedClients = new WeakSet<Client>()
   /** Reasons already logged per connection: a device repeating a refused publish is counted every time, logged once. */
   const logged = new WeakMap<Client, Set<PublishRefusal>>()
   return {
     refuse (client, reason, detail) {
+      refusedClients.add(client)
       const listener = listenerOf(client)?.name ?? 'unknown'
       metrics.connectionsRefused.inc({ listener, reason })
       // The id as the device sent it (a refused one may hold U+0000: the log shows it escaped); never the scoped key.
       const clientId = connects.get(client)?.clientId ?? clientFields(client.id).clientId
       logger.warn({ clientId, listener, reason }, `connection refused: ${detail}`)
     },
+    refused: (client) => refusedClients.has(client),
     refusePublish (client, who, reason, detail) {
       metrics.publishesRefused.inc({ tenant: who?.tenant ?? 'unknown', reason })
       let reasons = logged.get(client)

@@ -4,16 +4,19 @@
  *
  * A failed write (disk full, store error) is retried with backoff while the
  * client is connected: the ack is held back, the client's socket is not
- * read, and nothing is acknowledged that is not on disk. When more appends
+ * read, and nothing is acknowledged that is not on disk. An MQTT 5 client's
+ * QoS 1 publish is not retried: its PUBACK says why (0x97, 0x80). When more appends
  * are pending than mqtt.maxPendingAppends, every MQTT socket is paused until
  * the log has drained to half of that ({@link releaseBackpressure}).
  */
 import type { Client, PublishPacket } from 'aedes'
 import { isStoreError, type AppendOptions, type LogStore } from '../../../store/index.ts'
+import { propertiesToHeaders, type MessageProperties } from '../../../bridge/index.ts'
 import type { Identity } from '../../access/auth.ts'
 import type { GatewayMetrics, PublishRefusal } from '../../metrics/metrics.ts'
 import type { GuardGroup } from '../connection-guard.ts'
 import type { LogPosition } from '../log-position.ts'
+import { isMqtt5 } from '../reason-codes.ts'
 import type { HookContext } from './context.ts'
 
 /** Header of every record an authenticated client sent: its username (a certificate's CN with certIdentity), for audit. */
@@ -45,6 +48,8 @@ export class DurableAppender {
   /** Appends not yet settled (each counted once across its retries), and who waits for none. */
   #inflight = 0
   #settledWaiters: Array<() => void> = []
+  /** A write failed and no append has succeeded since: the next success reports the log healthy again. */
+  #failing = false
 
   constructor (ctx: AppenderDeps) {
     this.#ctx = ctx
@@ -74,7 +79,10 @@ export class DurableAppender {
     const { store, guards, metrics, logger } = this.#ctx
     const payload = typeof packet.payload === 'string' ? Buffer.from(packet.payload) : packet.payload
     const counters = this.#counters(who.tenant, target.stream)
-    const stamped = who.username === null ? headers : { ...headers, [USER_HEADER]: who.username }
+    // An MQTT 5 message's properties are kept as headers (bridge/mqtt-properties.ts); a 3.1.1 packet has none.
+    const properties = propertiesToHeaders((packet as PublishPacket & { properties?: MessageProperties }).properties)
+    const withProperties = properties === null ? headers : { ...headers, ...properties }
+    const stamped = who.username === null ? withProperties : { ...withProperties, [USER_HEADER]: who.username }
     const base = { payload, topic: target.topic, qos: packet.qos, clientId: who.clientId }
     const record = stamped === undefined ? base : { ...base, headers: stamped }
     store.append(target.stream, target.key, record, options).then((result) => {
@@ -82,12 +90,19 @@ export class DurableAppender {
         counters.messages.inc()
         counters.bytes.inc(payload.byteLength)
       }
-      if (delay !== RETRY_MIN_MS) this.#ctx.onStoreHealth(true)
+      if (this.#failing) {
+        // A retried append, or (an MQTT 5 client's publish is not retried) any append after the failure.
+        this.#failing = false
+        this.#ctx.onStoreHealth(true)
+      }
       done(null, result.duplicate === true, { stream: target.stream, partition: result.partition, offset: result.offset })
     }, (err: unknown) => {
       if (isStoreError(err, 'STORE_WRITE_FAILED') || isStoreError(err, 'STORE_CLOSED')) {
+        this.#failing = true
         this.#ctx.onStoreHealth(false, err) // the failed write itself was counted by the store observer (gateway.ts)
-        if (packet.qos === 0 || client.closed || isStoreError(err, 'STORE_CLOSED')) {
+        // An MQTT 5 QoS 1 publish is answered with the reason code (0x97 disk full, 0x80) instead of held: its client
+        // learns why and decides (authorize-publish.ts). QoS 2 keeps being retried: its PUBREC cannot carry it here.
+        if (packet.qos === 0 || client.closed || isStoreError(err, 'STORE_CLOSED') || (isMqtt5(client) && packet.qos === 1)) {
           this.#refuse(client, who, 'store-failed', err as Error)
           return done(packet.qos === 0 ? null : err as Error)
         }

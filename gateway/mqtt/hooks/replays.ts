@@ -8,6 +8,7 @@
 import type { Client } from 'aedes'
 import type { Identity } from '../../access/auth.ts'
 import { claimPubacksOf, nextPacketId, rawConnection } from '../aedes-internals.ts'
+import { isMqtt5 } from '../reason-codes.ts'
 import type { ReplayConnection } from '../replay.ts'
 import type { HookContext } from './context.ts'
 
@@ -19,6 +20,7 @@ export function replayConnection (ctx: Pick<HookContext, 'replayConnections'>, c
       stream: rawConnection(client),
       get closed () { return client.closed },
       clientId: who.clientId,
+      mqtt5: isMqtt5(client),
       // aedes' own counter, so replay and live deliveries do not pick the same ids.
       nextMessageId: () => nextPacketId(client),
     }

@@ -5,6 +5,7 @@
  * arrives one byte at a time.
  */
 import { Duplex } from 'node:stream'
+import mqttPacket, { type Packet } from 'mqtt-packet'
 import { describe, expect, it } from 'vitest'
 import { ConnectionGuard, GuardGroup, type ViolationReason } from '../../../gateway/mqtt/connection-guard.ts'
 import { connectPacket, packet, publishPacket, str, subscribePacket, u16, unsubscribePacket, varint } from '../../helpers/raw-mqtt.ts'
@@ -122,5 +123,86 @@ describe('ConnectionGuard', () => {
     const head = big.subarray(0, 3 + 2 + 3 + 2) // fixed header, topic length, topic, packet id: no payload at all
     const r = await run([head])
     expect(r.violations.map((v) => v.reason)).toEqual(['protocol'])
+  })
+})
+
+/** MQTT 5 frames, as mqtt-packet (MQTT.js's encoder) writes them. */
+const v5 = (p: Packet): Buffer => mqttPacket.generate(p, { protocolVersion: 5 })
+const CONNECT5 = v5({ cmd: 'connect', protocolId: 'MQTT', protocolVersion: 5, clean: true, keepalive: 30, clientId: 'dev-5',
+  properties: { sessionExpiryInterval: 300, receiveMaximum: 10, topicAliasMaximum: 4, requestProblemInformation: true } })
+
+describe('ConnectionGuard, MQTT 5 framing (the CONNECT\'s protocol level decides)', () => {
+  const valid = Buffer.concat([
+    CONNECT5,
+    v5({ cmd: 'subscribe', messageId: 1, properties: { subscriptionIdentifier: 7, userProperties: { a: 'b' } },
+      subscriptions: [{ topic: 'devices/dev-5/commands/#', qos: 1, nl: true, rap: true, rh: 2 }, { topic: 'a/+/b', qos: 2, nl: false, rap: false, rh: 1 }] }),
+    v5({ cmd: 'publish', topic: 'devices/dev-5/telemetry/t', payload: Buffer.from('hi'), qos: 1, messageId: 2, retain: false, dup: false,
+      properties: { topicAlias: 1, contentType: 'text/plain', payloadFormatIndicator: true, userProperties: { k: ['v1', 'v2'] } } }),
+    // An empty topic with the alias registered above (MQTT 5 3.3.2.3.4).
+    v5({ cmd: 'publish', topic: '', payload: Buffer.from('again'), qos: 0, retain: false, dup: false, properties: { topicAlias: 1 } }),
+    v5({ cmd: 'puback', messageId: 9, reasonCode: 0x10, properties: { reasonString: 'no matching subscribers' } }),
+    v5({ cmd: 'unsubscribe', messageId: 3, properties: { userProperties: { why: 'done' } }, unsubscriptions: ['a/+/b'] }),
+    v5({ cmd: 'auth', reasonCode: 0x18, properties: { authenticationMethod: 'x' } }),
+    v5({ cmd: 'disconnect', reasonCode: 0, properties: { sessionExpiryInterval: 0 } }),
+  ])
+
+  it('passes valid MQTT 5 traffic through byte for byte, whole, one byte at a time, or split anywhere', async () => {
+    for (const chunks of [[valid], bytewise(valid), splits(valid, 4), splits(valid, 5)]) {
+      const r = await run(chunks)
+      expect(r.violations).toEqual([])
+      expect(r.out.equals(valid)).toBe(true)
+    }
+  })
+
+  const subscribe5 = (options: number): Buffer => packet(0x82, Buffer.concat([u16(5), varint(0), str('a/b'), Buffer.from([options])]))
+  const bad: Array<[string, Buffer, ViolationReason, RegExp]> = [
+    ['SUBSCRIBE with retain handling 3', subscribe5(0x31), 'protocol', /options/],
+    ['SUBSCRIBE with a reserved option bit', subscribe5(0x41), 'protocol', /options/],
+    ['SUBSCRIBE with properties longer than the packet', packet(0x82, Buffer.concat([u16(5), varint(40), str('a')])), 'protocol', /properties/],
+    ['SUBSCRIBE with properties and no filter', packet(0x82, Buffer.concat([u16(5), varint(2), Buffer.from([0x0b, 1])])), 'protocol', /without a topic filter/],
+    ['UNSUBSCRIBE with a cut-off property length', packet(0xa2, Buffer.concat([u16(5), Buffer.from([0x80])])), 'protocol', /properties/],
+    ['PUBLISH with a wildcard topic', v5({ cmd: 'publish', topic: 'a/#', payload: Buffer.from('x'), qos: 0, retain: false, dup: false }), 'protocol', /wildcard/],
+    ['AUTH with flags', packet(0xf1, Buffer.alloc(0)), 'malformed-header', /flags/],
+  ]
+  for (const [title, bytes, reason, detail] of bad) {
+    it(`closes an MQTT 5 connection on a ${title} (whole and byte by byte)`, async () => {
+      for (const chunks of [[CONNECT5, bytes], bytewise(Buffer.concat([CONNECT5, bytes]))]) {
+        const r = await run(chunks)
+        expect(r.violations.map((v) => v.reason)).toEqual([reason])
+        expect(r.violations[0]?.detail).toMatch(detail)
+      }
+    })
+  }
+
+  it('still refuses MQTT 5 framing from a 3.1.1 client: AUTH, an empty topic, subscription options', async () => {
+    const connect4 = connectPacket({ clientId: 'dev-4' })
+    for (const bytes of [packet(0xf0, Buffer.alloc(0)), publishPacket('', 'x', 0), subscribePacket(5, ['a'], 0x24)]) {
+      const r = await run([connect4, bytes])
+      expect(r.violations).toHaveLength(1)
+    }
+  })
+
+  it('after the CONNACK, tells an MQTT 5 client why with a DISCONNECT (0x95, 0x81, 0x82), never a 3.1.1 client nor before the CONNACK', async () => {
+    const cases: Array<[Buffer, Buffer, boolean, number | null]> = [
+      [CONNECT5, Buffer.concat([Buffer.from([0x30]), varint(10 * 1024 * 1024)]), true, 0x95],
+      [CONNECT5, packet(0x00, Buffer.alloc(0)), true, 0x81],
+      [CONNECT5, subscribe5(0x31), true, 0x82],
+      [CONNECT5, subscribe5(0x31), false, null],
+      [connectPacket({ clientId: 'dev-4' }), subscribePacket(5, ['a'], 3), true, null],
+    ]
+    for (const [connect, bytes, connacked, code] of cases) {
+      const written: Buffer[] = []
+      const socket = new Duplex({ read () {}, write (chunk: Buffer, _encoding, callback) { written.push(chunk); callback() } })
+      const guard = new ConnectionGuard(socket, { maxPacketBytes: 4096, maxInflight: 3, publishRate: 0, group: new GuardGroup(), onViolation: () => {} })
+      guard.on('data', () => {})
+      if (connacked) guard.write(Buffer.from([0x20, 3, 0, 0, 0])) // aedes' CONNACK
+      guard.on('error', () => {})
+      const closed = new Promise((resolve) => socket.once('close', resolve))
+      socket.push(connect)
+      socket.push(bytes)
+      await closed
+      const connack = connacked ? [Buffer.from([0x20, 3, 0, 0, 0])] : []
+      expect(Buffer.concat(written)).toEqual(Buffer.concat([...connack, ...(code === null ? [] : [Buffer.from([0xe0, 2, code, 0])])]))
+    }
   })
 })

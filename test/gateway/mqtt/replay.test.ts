@@ -15,7 +15,8 @@ import { buildConfig, type AclRule } from '../../../gateway/config/config.ts'
 import { GatewayError } from '../../../gateway/errors.ts'
 import { createMetrics } from '../../../gateway/metrics/metrics.ts'
 import {
-  isReplayTopic, MqttReplays, parseReplaySubscription, publishPacketSize, replayPartitions, writePublishPacket, type ReplayConnection,
+  isReplayTopic, MqttReplays, NO_PROPERTIES, parseReplaySubscription, publishPacketSize, recordProperties, replayPartitions, writePublishPacket,
+  type ReplayConnection,
 } from '../../../gateway/mqtt/replay.ts'
 import { filtersOverlap } from '../../../gateway/access/topics.ts'
 import { openLogStore, type LevelDatabase, type LogStore } from '../../../store/index.ts'
@@ -132,10 +133,25 @@ describe('the PUBLISH encoder', () => {
     expect([p.cmd, p.qos, p.retain, p.dup, p.topic, Buffer.compare(p.payload as Buffer, payload)]).toEqual(['publish', qos, retain, false, topic.toString(), 0])
     expect(p.messageId).toBe(qos === 1 ? 4242 : undefined)
   })
+
+  it.each([
+    [0, 0], [1, 10], [1, 20_000], [0, 3_000_000],
+  ] as const)('frames MQTT 5 (QoS %i, %i-byte payload) with the record\'s partition, offset and time as user properties', (qos, size) => {
+    const topic = Buffer.from('$replay/earliest/devices/dév-42/telemetry/t')
+    const payload = Buffer.alloc(size, 7)
+    const properties = recordProperties(3, { offset: 123_456_789_012, timestamp: 1_764_633_600_000 })
+    const out = Buffer.alloc(publishPacketSize(topic, payload, qos, properties) + publishPacketSize(topic, payload, qos, NO_PROPERTIES))
+    const at = writePublishPacket(out, 0, topic, payload, qos, 4242, true, properties)
+    expect(writePublishPacket(out, at, topic, payload, qos, 4243, false, NO_PROPERTIES)).toBe(out.length)
+    const [p, q] = parse(out, 5) as IPublishPacket[]
+    expect([p?.topic, p?.qos, p?.retain, Buffer.compare(p?.payload as Buffer, payload)]).toEqual([topic.toString(), qos, true, 0])
+    expect(p?.properties?.userProperties).toEqual({ 'edgemq-partition': '3', 'edgemq-offset': '123456789012', 'edgemq-timestamp': '1764633600000' })
+    expect([q?.messageId, q?.properties, Buffer.compare(q?.payload as Buffer, payload)]).toEqual([qos === 1 ? 4243 : undefined, undefined, 0])
+  })
 })
 
-function parse (bytes: Buffer): Packet[] {
-  const parser = mqttPacket.parser({ protocolVersion: 4 })
+function parse (bytes: Buffer, protocolVersion: 4 | 5 = 4): Packet[] {
+  const parser = mqttPacket.parser({ protocolVersion })
   const out: Packet[] = []
   parser.on('packet', (p: Packet) => out.push(p))
   parser.on('error', (err: Error) => { throw err })
