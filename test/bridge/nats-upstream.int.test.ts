@@ -6,6 +6,7 @@
  * per-partition order.
  */
 import { execFileSync } from 'node:child_process'
+import mqtt from 'mqtt'
 import { afterAll, describe, expect, it } from 'vitest'
 import { bridgeStatus, drained, publishAcked, waitFor } from '../helpers/bridge-fixtures.ts'
 import { runCliWithin } from '../helpers/cli-run.ts'
@@ -71,6 +72,33 @@ describe.skipIf(bin === null)('bridge: edgemq → NATS JetStream (one node)', ()
     }
     const lines = edge.stderr().split('\n').filter((l) => l.includes('"upstream connected"')).map((l) => JSON.parse(l) as Record<string, unknown>)
     expect(lines[0]).toMatchObject({ upstream: 'js', dedupeId: 'nats-msg-id', url: nats.url })
+  })
+
+  it('carries an MQTT 5 message\'s properties as NATS headers (the record\'s mqtt-* headers)', async () => {
+    const { dir, nats } = await setup()
+    const edge = await startNatsEdge(dir, { url: nats.url })
+    cleanups.push(() => edge.kill())
+    const device = await mqtt.connectAsync(edge.mqttUrl, { clientId: 'dev-v5', protocolVersion: 5, reconnectPeriod: 0 })
+    await device.publishAsync('devices/dev-v5/telemetry/t', '{"t":21.5}', {
+      qos: 1,
+      properties: {
+        contentType: 'application/json', payloadFormatIndicator: true, responseTopic: 'devices/dev-v5/replies',
+        correlationData: Buffer.from('c-1'), userProperties: { site: 'plant-7', unit: ['C', 'celsius'] },
+      },
+    })
+    await device.endAsync()
+    await drained(edge.httpUrl, 'js')
+    const nc = await natsClient(nats.url)
+    cleanups.push(() => nc.close())
+    const [m] = await readStream(nc, 'EDGEMQ')
+    expect(m?.payload).toBe('{"t":21.5}')
+    expect(m?.headers).toMatchObject({
+      'mqtt-content-type': 'application/json',
+      'mqtt-payload-format': 'utf-8',
+      'mqtt-response-topic': 'devices/dev-v5/replies',
+      'mqtt-correlation-data': Buffer.from('c-1').toString('base64'),
+    })
+    expect(JSON.parse(m?.headers['mqtt-user-properties'] ?? 'null')).toEqual({ site: 'plant-7', unit: ['C', 'celsius'] })
   })
 
   it('a backlog drained with the edge SIGKILLed three times mid-drain lands exactly once, in per-partition order', async () => {
