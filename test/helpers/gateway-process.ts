@@ -69,7 +69,11 @@ export async function startGatewayProcess (options: { dataDir: string, config?: 
   const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)))
   const line = await new Promise<string>((resolve, reject) => {
     let out = ''
-    const timer = setTimeout(() => reject(new Error(`gateway did not start within ${options.timeoutMs ?? START_TIMEOUT_MS} ms:\n${stderr}`)), options.timeoutMs ?? START_TIMEOUT_MS)
+    const timer = setTimeout(() => {
+      // Killed, not left running: a gateway that starts after its test gave up outlives the test run otherwise.
+      child.kill('SIGKILL')
+      reject(new Error(`gateway did not start within ${options.timeoutMs ?? START_TIMEOUT_MS} ms:\n${stderr}`))
+    }, options.timeoutMs ?? START_TIMEOUT_MS)
     child.stdout!.on('data', (d: Buffer) => {
       out += d.toString()
       const ready = out.split('\n').find((l) => l.includes(' ready: '))

@@ -9,34 +9,12 @@ import { ClassicLevel } from 'classic-level'
 import mqtt from 'mqtt'
 import { afterAll, describe, expect, it } from 'vitest'
 import { openLogStore, type LevelDatabase } from '../../../store/index.ts'
+import { publishUntilKilled, type Acked } from '../../helpers/acked-publisher.ts'
 import { startGatewayProcess, tempDir } from '../../helpers/gateway-process.ts'
 
 const DEVICES = 4
 const CYCLES = 10
 const WINDOW = 50
-
-interface Acked { device: string, seq: number }
-
-/** Publishes at full speed on a connected client until the gateway dies under it (or a bounded time passes). */
-async function publishUntilKilled (client: mqtt.MqttClient, device: string, firstSeq: number, acked: Acked[]): Promise<number> {
-  let seq = firstSeq
-  let alive = client.connected
-  client.on('close', () => { alive = false })
-  const inflight = new Set<Promise<void>>()
-  const deadline = Date.now() + 10_000
-  while (alive && Date.now() < deadline) {
-    while (inflight.size < WINDOW && alive) {
-      const s = seq++
-      const p = client.publishAsync(`devices/${device}/telemetry/seq`, JSON.stringify({ device, seq: s }), { qos: 1 })
-        .then(() => { acked.push({ device, seq: s }) }, () => {})
-        .finally(() => { inflight.delete(p) })
-      inflight.add(p)
-    }
-    await Promise.race([...inflight, new Promise((resolve) => setTimeout(resolve, 50))])
-  }
-  client.end(true)
-  return seq
-}
 
 describe('gateway ack durability under SIGKILL', () => {
   const cleanups: Array<() => Promise<void>> = []
@@ -60,7 +38,7 @@ describe('gateway ack durability under SIGKILL', () => {
       }))
       const runs = clients.map((client, d) => {
         const device = `dev-${d}`
-        return publishUntilKilled(client, device, nextSeq.get(device) ?? 0, acked).then((s) => { nextSeq.set(device, s) })
+        return publishUntilKilled(client, device, nextSeq.get(device) ?? 0, acked, { window: WINDOW, maxMs: 10_000 }).then((s) => { nextSeq.set(device, s) })
       })
       await new Promise((resolve) => setTimeout(resolve, killAfter))
       await gw.kill()

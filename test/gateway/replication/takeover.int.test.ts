@@ -15,35 +15,13 @@ import { ClassicLevel } from 'classic-level'
 import mqtt from 'mqtt'
 import { afterAll, describe, expect, it } from 'vitest'
 import { openLogStore, type LevelDatabase } from '../../../store/index.ts'
+import { publishUntilKilled, type Acked } from '../../helpers/acked-publisher.ts'
 import { runCli, tempDir, type GatewayProcess } from '../../helpers/gateway-process.ts'
 import { readAll, replicationAddress, replicationOf, startNode, waitFor } from './pair.ts'
 
 const DEVICES = 4
 const CYCLES = 2
 const WINDOW = 20
-
-interface Acked { device: string, seq: number }
-
-/** Publishes QoS 1 until the connection dies under it (or a bounded time passes). */
-async function publishUntilKilled (client: mqtt.MqttClient, device: string, firstSeq: number, acked: Acked[]): Promise<number> {
-  let seq = firstSeq
-  let alive = client.connected
-  client.on('close', () => { alive = false })
-  const inflight = new Set<Promise<void>>()
-  const deadline = Date.now() + 20_000
-  while (alive && Date.now() < deadline) {
-    while (inflight.size < WINDOW && alive) {
-      const s = seq++
-      const p = client.publishAsync(`devices/${device}/telemetry/seq`, JSON.stringify({ device, seq: s }), { qos: 1 })
-        .then(() => { acked.push({ device, seq: s }) }, () => {})
-        .finally(() => { inflight.delete(p) })
-      inflight.add(p)
-    }
-    await Promise.race([...inflight, new Promise((resolve) => setTimeout(resolve, 50))])
-  }
-  client.end(true)
-  return seq
-}
 
 /** The telemetry records in a stopped gateway's data directory, by payload. */
 async function offlineRecords (dataDir: string): Promise<Map<string, { partition: number, offset: number }>> {
@@ -104,7 +82,7 @@ describe('standby takeover under SIGKILL with replicated acks', () => {
       }))
       const runs = clients.map((client, d) => {
         const device = `dev-${d}`
-        return publishUntilKilled(client, device, nextSeq.get(device) ?? 0, acked).then((s) => { nextSeq.set(device, s) })
+        return publishUntilKilled(client, device, nextSeq.get(device) ?? 0, acked, { window: WINDOW, maxMs: 20_000 }).then((s) => { nextSeq.set(device, s) })
       })
       const ackedBefore = acked.length
       // Killed at a random moment once the load runs (some messages acknowledged in this cycle).
