@@ -473,9 +473,11 @@ interface Batch {
   readonly topics: Buffer[]
   /** The partition of each record (for an MQTT 5 client's record properties). */
   readonly partitions: number[]
+  /** Records skipped because their message expiry had passed: a batch may be empty while the replay goes on. */
+  expired: number
 }
 
-const NO_RECORDS: Batch = { records: [], topics: [], partitions: [] }
+const NO_RECORDS: Batch = { records: [], topics: [], partitions: [], expired: 0 }
 
 /** One running replay. */
 class Replay {
@@ -615,6 +617,7 @@ class Replay {
       if (room <= 0) { await this.#sleep(); continue }
       const batch = this.#take(cursors, live, Math.min(room, BATCH_RECORDS))
       if (batch.records.length > 0) { await this.#send(batch, null, !live); continue }
+      if (batch.expired > 0) continue // a chunk of expired records: read on
       if (!live) return
       // Caught up: wait for an append (onAppend wakes every live replay; the loop checks its own partitions).
       if (!cursors.some((c) => c.head !== undefined || this.#readable(c, true))) await this.#sleep()
@@ -627,8 +630,8 @@ class Replay {
    * later is taken.
    */
   #take (cursors: readonly Cursor[], live: boolean, room: number): Batch {
-    const out: Batch = { records: [], topics: [], partitions: [] }
-    const now = Date.now()
+    const out: Batch = { records: [], topics: [], partitions: [], expired: 0 }
+    const now = (this.#deps.clock ?? systemClock).now()
     let bytes = 0
     while (out.records.length < room && bytes < BATCH_BYTES) {
       let best: Cursor | undefined
@@ -645,7 +648,11 @@ class Replay {
       const topic = best.topics[best.pos++] as Buffer
       if (best.pos === best.buffer.length) { best.buffer = []; best.topics = []; best.pos = 0 }
       // A replay asks for history, but an MQTT delivery still may not carry an expired message [MQTT-3.3.2-5].
-      if (expiredAt(r.headers ?? null, r.timestamp, now)) { this.#deps.metrics.expiredDropped.inc({ tenant: this.#who.tenant, path: 'replay' }); continue }
+      if (expiredAt(r.headers ?? null, r.timestamp, now)) {
+        out.expired++
+        this.#deps.metrics.expiredDropped.inc({ tenant: this.#who.tenant, path: 'replay' })
+        continue
+      }
       out.records.push(r)
       out.topics.push(topic)
       out.partitions.push(best.partition)
@@ -708,7 +715,7 @@ class Replay {
     if (this.#stopped) return
     const { records, topics, partitions } = batch
     const mqtt5 = this.#channel.conn.mqtt5 === true
-    const now = Date.now()
+    const now = (this.#deps.clock ?? systemClock).now()
     const properties = mqtt5 ? records.map((r, i) => recordProperties(partitions[i] as number, r, now)) : []
     const doneTopic = done === null ? null : Buffer.from(this.#prefix + DONE_LEVEL)
     const doneProperties = mqtt5 ? NO_PROPERTIES : undefined

@@ -312,6 +312,23 @@ describe('MqttReplays', () => {
     expect(await metric('edgemq_mqtt_replays_active', { tenant: 'acme' })).toBe(0)
   })
 
+  it('skips records whose MQTT 5 message expiry passed, whole chunks of them too, delivers the rest, and counts each skip', async () => {
+    await setup({ inflight: 64 })
+    // One device (one partition): 1,200 records that expired 1 s before NOW (more than a chunk of 1,000), then 300 that last.
+    for (let i = 0; i < 1500; i += 50) {
+      await Promise.all(Array.from({ length: 50 }, (_, k) => store.append('acme/telemetry', 'd0', {
+        payload: Buffer.from(`m${i + k}`), topic: 'devices/d0/telemetry/t', timestamp: NOW - 3000 + i + k,
+        headers: { 'mqtt-message-expiry': i + k < 1200 ? '1' : '3600' },
+      })))
+    }
+    const client = new FakeClient().attach(replays)
+    start(client, '$replay/earliest/devices/d0/telemetry/#')
+    await ackUntilDone(client)
+    expect(client.payloads().slice(0, -1)).toEqual(Array.from({ length: 300 }, (_, i) => `m${1200 + i}`))
+    expect((client.done() as { records: number }).records).toBe(300)
+    expect(await metric('edgemq_mqtt_expired_dropped_total', { tenant: 'acme', path: 'replay' })).toBe(1200)
+  })
+
   it('never has more than `inflight` messages unacknowledged, and goes on as PUBACKs come', async () => {
     await setup({ inflight: 10 })
     await seed(300)
