@@ -2,7 +2,8 @@
  * GET /v1/sessions and `edgemq sessions` end to end: an in-process gateway on
  * port 0, two tenants, real MQTT.js clients. A persistent subscriber of tenant
  * acme goes offline, a device publishes, the lag shows in messages and
- * seconds; the subscriber reconnects and drains, the lag goes to 0. Tenant
+ * seconds, a copy of an unrouted message is counted as queued; the subscriber
+ * reconnects and drains, the lag goes to 0. Tenant
  * globex, whose own persistent session has the same client id, never sees
  * acme's, nor acme globex's.
  */
@@ -82,7 +83,7 @@ describe('GET /v1/sessions and edgemq sessions', () => {
   it('shows an offline persistent subscriber\'s lag in messages and seconds, 0 once it drained, and only to its tenant', async () => {
     // The same client id in two tenants: two sessions, each seen by its own tenant only.
     const sub = await connect('acme-svc', 'billing', false)
-    await sub.subscribeAsync('devices/+/telemetry/#', { qos: 1 })
+    await sub.subscribeAsync({ 'devices/+/telemetry/#': { qos: 1 }, 'alerts/#': { qos: 1 } })
     await sub.endAsync()
     const other = await connect('globex-svc', 'billing', false)
     await other.subscribeAsync('globex-only/#', { qos: 1 })
@@ -91,6 +92,9 @@ describe('GET /v1/sessions and edgemq sessions', () => {
     const dev = await connect('acme-dev', 'acme-dev')
     const firstSent = Date.now()
     for (let i = 0; i < MESSAGES; i++) await dev.publishAsync('devices/acme-dev/telemetry/t', `m${i}`, { qos: 1 })
+    // No route sends alerts/ to the log: the session keeps a copy.
+    const ops = await connect('acme-svc', 'ops')
+    await ops.publishAsync('alerts/fire', 'a1', { qos: 1 })
     // The lag in seconds is now − the first unacknowledged record's timestamp: let the clock pass it (an event, not a sleep).
     const lastAcked = Date.now()
     while (Date.now() <= lastAcked) await sleep(1)
@@ -100,9 +104,11 @@ describe('GET /v1/sessions and edgemq sessions', () => {
     expect(acme.sessions).toHaveLength(1)
     const offline = acme.sessions[0]!
     expect(offline).toMatchObject({
-      clientId: 'billing', connected: false, subscriptions: [{ filter: 'devices/+/telemetry/#', qos: 1 }], lagMessages: MESSAGES, queued: 0,
+      clientId: 'billing', connected: false, lagMessages: MESSAGES, queued: 1,
     })
     expect(offline.offlineSince).toBeGreaterThan(0)
+    expect([...offline.subscriptions].sort((a, b) => a.filter.localeCompare(b.filter)))
+      .toEqual([{ filter: 'alerts/#', qos: 1 }, { filter: 'devices/+/telemetry/#', qos: 1 }])
     expect(offline.cursors).toHaveLength(1)
     expect(offline.cursors[0]).toMatchObject({ stream: 'telemetry', partition: 0, logEndOffset: MESSAGES, lagMessages: MESSAGES })
     expect(offline.lagSeconds).toBeGreaterThan(0)
@@ -117,7 +123,7 @@ describe('GET /v1/sessions and edgemq sessions', () => {
         lagMessages: 0, lagSeconds: 0, cursors: [], queued: 0,
       }],
     })
-    expect(sessionsTable(acme.sessions)).toMatch(/^billing +offline since \S+ +telemetry +0 +\d+ +50 +\d+ +[\d.]+ +0 +devices\/\+\/telemetry\/# \(qos 1\)$/m)
+    expect(sessionsTable(acme.sessions)).toMatch(/^billing +offline since \S+ +telemetry +0 +\d+ +50 +\d+ +[\d.]+ +1 +.*devices\/\+\/telemetry\/# \(qos 1\)/m)
 
     // The CLI prints the same document.
     const cli = await runCliWithin(['sessions', '--url', base, '--user', 'acme-svc', '--password', password('acme-svc'), '--json'], 60_000)
@@ -129,10 +135,11 @@ describe('GET /v1/sessions and edgemq sessions', () => {
     clients.push(again)
     let got = 0
     again.on('message', () => { got++ })
-    expect(await waitFor(() => got >= MESSAGES, 20_000)).toBe(true)
+    expect(await waitFor(() => got >= MESSAGES + 1, 20_000)).toBe(true)
     expect(await waitFor(async () => (await sessions()).sessions[0]?.lagMessages === 0, 20_000)).toBe(true)
     const drained = (await sessions()).sessions[0]!
     expect(drained).toMatchObject({ clientId: 'billing', connected: true, offlineSince: null, lagMessages: 0, lagSeconds: 0 })
+    expect(await waitFor(async () => (await sessions()).sessions[0]?.queued === 0, 20_000)).toBe(true)
     expect(drained.cursors[0]).toMatchObject({ nextOffset: MESSAGES, lagMessages: 0, lagSeconds: 0 })
     await again.endAsync()
   })
