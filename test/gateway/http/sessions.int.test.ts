@@ -144,12 +144,19 @@ describe('GET /v1/sessions and edgemq sessions', () => {
     await again.endAsync()
   })
 
-  it('refuses unknown query parameters with 400, and an unauthenticated caller with 401', async () => {
+  it('refuses unknown query parameters with 400 and an unauthenticated caller with 401; the CLI a wrong password and unknown flags', async () => {
     const res = await call('/v1/sessions?tenant=globex')
     expect(res.status).toBe(400)
     expect(res.body).toMatchObject({ error: { code: 'HTTP_BAD_REQUEST' } })
     const anonymous = await fetch(`${base}/v1/sessions`)
     expect(anonymous.status).toBe(401)
+    // The CLI: a wrong password and an unknown flag each fail with a message and a non-zero exit.
+    const wrong = await runCliWithin(['sessions', '--url', base, '--user', 'acme-svc', '--password', 'wrong'], 60_000)
+    expect(wrong.code).not.toBe(0)
+    expect(wrong.stderr).toMatch(/CLI_AUTH/)
+    const unknown = await runCliWithin(['sessions', '--url', base, '--tenant', 'globex'], 60_000)
+    expect(unknown.code).not.toBe(0)
+    expect(unknown.stderr).toMatch(/unknown option '--tenant'/)
   })
 
   it('is described in /v1/openapi.json', async () => {
