@@ -16,6 +16,7 @@ export type ConnectOutcome =
  */
 export function tryConnect (url: string, options: IClientOptions = {}, timeoutMs = 8000): Promise<ConnectOutcome> {
   const client = mqtt.connect(url, { protocolVersion: 4, reconnectPeriod: 0, connectTimeout: timeoutMs, ...options })
+  bufferEarlyMessages(client)
   return new Promise((resolve) => {
     let returnCode: number | null = null
     const errors: string[] = []
@@ -70,11 +71,31 @@ export interface Received { readonly topic: string, readonly payload: string }
  */
 export function collect (client: MqttClient, options: { live?: boolean } = {}): Received[] {
   const got: Received[] = []
-  client.on('message', (topic, payload, packet) => {
-    if (options.live === true && packet.retain) return
+  const take = (topic: string, payload: Buffer, retain: boolean): void => {
+    if (options.live === true && retain) return
     got.push({ topic, payload: payload.toString() })
-  })
+  }
+  // Messages that came before this call, in the CONNACK's own chunk (a persistent session's queue): MQTT.js emits
+  // them before the code awaiting the connect can attach a listener.
+  const early = earlyMessages.get(client)
+  earlyMessages.delete(client)
+  for (const m of early ?? []) take(m.topic, m.payload, m.retain)
+  client.on('message', (topic, payload, packet) => { take(topic, payload, packet.retain) })
   return got
+}
+
+interface EarlyMessage { readonly topic: string, readonly payload: Buffer, readonly retain: boolean }
+/** Per client from tryConnect/connectOk: what it received until the first collect() (see there). */
+const earlyMessages = new WeakMap<MqttClient, EarlyMessage[]>()
+
+function bufferEarlyMessages (client: MqttClient): void {
+  const early: EarlyMessage[] = []
+  earlyMessages.set(client, early)
+  const onMessage = (topic: string, payload: Buffer, packet: { retain: boolean }): void => {
+    if (!earlyMessages.has(client)) { client.off('message', onMessage); return }
+    early.push({ topic, payload, retain: packet.retain })
+  }
+  client.on('message', onMessage)
 }
 
 /** Polls `check` every 20 ms until it holds or `ms` pass; returns whether it held. */
