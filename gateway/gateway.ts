@@ -220,6 +220,7 @@ async function start (config: GatewayConfig, deps: GatewayDeps, shutdown: Shutdo
     },
     api: {
       store, users: config.users, tokens: config.apiTokens, logger, bridge, waitingReads: metrics.httpWaitingReads,
+      sessions: { states: () => sessions.persistence?.sessionStates() ?? [] },
       replication: {
         status: () => replication.status(),
         promote: async () => {

@@ -149,6 +149,12 @@ export function scopedClientId (tenant: string, clientId: string): string {
   return tenant === 'default' ? clientId : `${tenant}\u0000${clientId}`
 }
 
+/** The client's own id from aedes' (scopedClientId's inverse); null when the id is another tenant's. */
+export function unscopedClientId (tenant: string, scoped: string): string | null {
+  if (tenant === 'default') return scoped.includes('\u0000') ? null : scoped
+  return scoped.startsWith(`${tenant}\u0000`) ? scoped.slice(tenant.length + 1) : null
+}
+
 /** Removes the tenant prefix; null when the topic is not inside the tenant. */
 export function unmountTopic (tenant: string, topic: string): string | null {
   return topic.startsWith(`${tenant}/`) ? topic.slice(tenant.length + 1) : null

@@ -13,6 +13,7 @@ import { deleteGroup, groupsTable, listGroups, listStreams, resetGroup, streamsT
 import { CliError } from './errors.ts'
 import { readNewPassword } from './password.ts'
 import { ApiClient } from './http-client.ts'
+import { listSessions, sessionsTable } from './sessions.ts'
 import { openDataDir } from './offline.ts'
 import { findNpmLauncher, watchLauncher } from './npm-launcher.ts'
 import { httpSource, offlineSource, parsePosition, replay, tail, type OutputFormat, type PayloadEncoding, type ReadSpec } from './replay.ts'
@@ -371,6 +372,15 @@ function addClientCommands (program: Command, exit: (code: number) => void): voi
       await print(flags.json === true ? `${JSON.stringify(check, keysAsHex, 2)}\n` : checkText(check))
       exit(check.ok ? 0 : CHECK_EXIT_DAMAGED)
     })
+
+  const sessionsCommand = program.command('sessions')
+    .description('persistent MQTT sessions: connected or not, subscriptions, lag per cursor into the log (messages, seconds), queued copies')
+    .option('--json', 'print the API\'s JSON document instead of a table')
+  addSourceOptions(sessionsCommand, false)
+  sessionsCommand.action(async (flags: SourceFlags & { json?: boolean }) => {
+    const doc = await listSessions(apiClient(flags))
+    await print(flags.json === true ? `${JSON.stringify(doc, null, 2)}\n` : sessionsTable(doc.sessions))
+  })
 
   const bridge = program.command('bridge')
     .description('the bridge to upstream clusters')

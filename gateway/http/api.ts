@@ -33,6 +33,8 @@ import {
 } from './schemas.ts'
 import type { UpstreamStatus } from '../../bridge/index.ts'
 import type { ApiTokenConfig, UserConfig } from '../config/config.ts'
+import type { SessionState } from '../mqtt/session-persistence.ts'
+import { sessionDocs } from '../query/sessions.ts'
 import { bridgeGroupDoc, bridgeGroups, groupDoc, groupDocs, groupStreamDoc, partitionDoc, streamDoc, streamDocs, tenantGroups } from '../query/documents.ts'
 
 export interface ApiDeps {
@@ -51,6 +53,8 @@ export interface ApiDeps {
   readonly replication?: { status (): unknown, promote (): Promise<{ readonly epoch: number }> }
   /** Set to the number of reads waiting for an append (long-polls); the gateway passes its edgemq_http_waiting_reads gauge. */
   readonly waitingReads?: { set (value: number): void }
+  /** The persistent MQTT sessions, for GET /v1/sessions; absent: none is listed. */
+  readonly sessions?: { states (): readonly SessionState[] }
 }
 
 declare module 'fastify' {
@@ -275,6 +279,19 @@ export function createApi (deps: ApiDeps): Api {
           const query = request.query as Omit<RecordsQuery, 'key'> & { key: string }
           const target = { stream: s.stream, name: s.name, partition: store.partitionFor(s.stream, query.key) }
           await records(request, reply, target, { ...query, key: [query.key] })
+        },
+      },
+    })
+
+    routePath(app, '/sessions', {
+      GET: {
+        schema: {
+          tags: ['sessions'], querystring: NO_QUERY,
+          summary: 'The tenant\'s persistent MQTT sessions: connected or not, subscriptions, and per cursor into the log the lag in messages and seconds.',
+        },
+        handler: async (request) => {
+          const who = principal(request)
+          return { tenant: who.tenant, sessions: await sessionDocs(store, who.tenant, deps.sessions?.states() ?? [], now()) }
         },
       },
     })

@@ -396,6 +396,13 @@ export class SessionCursors {
     return floor
   }
 
+  /** The client's cursors: per stream and partition, the next offset it has not acknowledged (the value kept on disk). */
+  cursorsOf (clientId: string): Array<{ stream: string, partition: number, next: number }> {
+    const state = this.#clients.get(clientId)
+    if (state === undefined) return []
+    return [...state.cursors.values()].map((c) => ({ stream: c.stream, partition: c.partition, next: c.committed }))
+  }
+
   /** Per stream: sessions with a cursor into it, and the records they have not acknowledged (log end − cursor, summed). */
   lag (): Array<{ stream: string, sessions: number, lagMessages: number }> {
     const byStream = new Map<string, { sessions: Set<ClientCursors>, lagMessages: number }>()

@@ -61,6 +61,21 @@ export { SESSION_FORMAT_VERSION } from './session-format.ts'
 // ---------------------------------------------------------------------------
 // The shapes aedes hands in and gets back
 
+/** One persistent session as {@link LevelSessionPersistence.sessionStates} describes it. */
+export interface SessionState {
+  /** aedes' client id: `<tenant>\u0000<id>`, or the bare id for tenant `default`. */
+  readonly clientId: string
+  readonly connected: boolean
+  /** ms since the epoch; null while connected (or before this process saw it go). */
+  readonly offlineSince: number | null
+  /** Mounted filters (`<tenant>/<filter>`). */
+  readonly subscriptions: ReadonlyArray<{ readonly topic: string, readonly qos: number }>
+  /** Next offset to deliver per stream (the store's name) and partition. */
+  readonly cursors: ReadonlyArray<{ readonly stream: string, readonly partition: number, readonly next: number }>
+  /** Copies queued (unrouted topics, QoS 2). */
+  readonly queued: number
+}
+
 /** What this module needs of an aedes client. */
 export interface SessionClient {
   readonly id: string
@@ -881,6 +896,23 @@ export class LevelSessionPersistence {
   /** Per stream: persistent sessions with a cursor into it, and the records they have not acknowledged. */
   cursorLag (): Array<{ stream: string, sessions: number, lagMessages: number }> {
     return this.#cursors?.lag() ?? []
+  }
+
+  /**
+   * Every persistent session (CONNECT with clean: false, or MQTT 5 with a session expiry): its aedes client id (scoped by
+   * tenant, see access/topics.ts), whether a connection holds it, since when it is offline, its (mounted) subscriptions,
+   * its cursors into the log and the number of copies queued for it. For GET /v1/sessions.
+   */
+  sessionStates (): SessionState[] {
+    this.#ready()
+    return [...this.#sessions].map((clientId) => ({
+      clientId,
+      connected: this.#connections.has(clientId),
+      offlineSince: this.#offlineSince.get(clientId) ?? null,
+      subscriptions: [...this.#subs.get(clientId) ?? []].map(([topic, record]) => ({ topic, qos: record.qos })),
+      cursors: this.#cursors?.cursorsOf(clientId) ?? [],
+      queued: this.#queues.get(clientId)?.entries.size ?? 0,
+    }))
   }
 
   /** The highest QoS of the client's QoS > 0 subscriptions matching the topic, 0 when none: the trie live routing agrees with. */

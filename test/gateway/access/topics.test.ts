@@ -1,7 +1,8 @@
 import { MemoryLevel } from 'memory-level'
 import { describe, expect, it } from 'vitest'
 import {
-  compileTopicFilters, dollarTopicSubscribed, mountTopic, topicFilterProblem, topicMatches, topicNameProblem, unmountTopic,
+  compileTopicFilters, dollarTopicSubscribed, mountTopic, scopedClientId, topicFilterProblem, topicMatches, topicNameProblem, unmountTopic,
+  unscopedClientId,
 } from '../../../gateway/access/topics.ts'
 import { compileRoutes } from '../../../gateway/mqtt/routing.ts'
 import { buildConfig } from '../../../gateway/config/config.ts'
@@ -92,6 +93,17 @@ describe('topic names and filters', () => {
     expect(mountTopic('acme', 'devices/1')).toBe('acme/devices/1')
     expect(unmountTopic('acme', 'acme/devices/1')).toBe('devices/1')
     expect(unmountTopic('acme', 'acmex/devices/1')).toBeNull()
+  })
+
+  it('gives back a client id only to the tenant that scoped it', () => {
+    expect(unscopedClientId('acme', scopedClientId('acme', 'billing'))).toBe('billing')
+    expect(unscopedClientId('default', scopedClientId('default', 'billing'))).toBe('billing')
+    // Another tenant's, one whose name the tenant's starts, and tenant default's bare ids: none is the tenant's.
+    expect(unscopedClientId('globex', scopedClientId('acme', 'billing'))).toBeNull()
+    expect(unscopedClientId('acme', scopedClientId('acmex', 'billing'))).toBeNull()
+    expect(unscopedClientId('acme', 'billing')).toBeNull()
+    expect(unscopedClientId('acme', 'acme/billing')).toBeNull()
+    expect(unscopedClientId('default', scopedClientId('acme', 'billing'))).toBeNull()
   })
 })
 

@@ -1,0 +1,25 @@
+/**
+ * `edgemq sessions`: the tenant's persistent MQTT sessions from a running
+ * gateway's GET /v1/sessions, one line per cursor into the log (a session
+ * without cursors gets one line): connected or offline, its lag in messages
+ * and seconds, and the copies queued for it. `--json` prints the document.
+ */
+import type { ApiClient } from './http-client.ts'
+import { table } from './admin.ts'
+import type { SessionDoc } from '../query/sessions.ts'
+
+export type { SessionDoc } from '../query/sessions.ts'
+
+export async function listSessions (api: ApiClient): Promise<{ tenant: string, sessions: SessionDoc[] }> {
+  return await api.json<{ tenant: string, sessions: SessionDoc[] }>(api.url(['sessions']))
+}
+
+export function sessionsTable (sessions: readonly SessionDoc[]): string {
+  const rows = sessions.flatMap((s) => {
+    const state = s.connected ? 'connected' : s.offlineSince === null ? 'offline' : `offline since ${new Date(s.offlineSince).toISOString()}`
+    const filters = s.subscriptions.map((f) => `${f.filter} (qos ${f.qos})`).join(', ') || '-'
+    if (s.cursors.length === 0) return [[s.clientId, state, '-', '-', '-', '-', 0, 0, s.queued, filters]]
+    return s.cursors.map((c) => [s.clientId, state, c.stream, c.partition, c.nextOffset, c.logEndOffset, c.lagMessages, c.lagSeconds, s.queued, filters])
+  })
+  return table(['CLIENT', 'STATE', 'STREAM', 'PARTITION', 'NEXT', 'LOG-END', 'LAG', 'LAG-SECONDS', 'QUEUED', 'SUBSCRIPTIONS'], rows)
+}
