@@ -162,6 +162,7 @@ async function start (config: GatewayConfig, deps: GatewayDeps, shutdown: Shutdo
         const max = config.mqtt.maxQueuedMessagesPerSession
         if (first) logger.warn({ clientId, tenant, max }, 'a persistent session\'s queue is full: newer messages are dropped')
       },
+      onExpired: (tenant) => { metrics.expiredDropped.inc({ tenant, path: 'session' }) },
       onCursorWriteError: (err) => logger.error({ err: (err as Error).message }, 'a session cursor could not be written; its next advance writes it'),
     })
   sessions.persistence = persistence
@@ -189,7 +190,7 @@ async function start (config: GatewayConfig, deps: GatewayDeps, shutdown: Shutdo
     : new CommandDispatcher({
       store, broker, route: compileRoutes(config.routes), streams: commandStreams, clock: systemClock, logger: logger.child({ component: 'commands' }),
       onReceipt: (upstream, status) => { (status === 'delivered' ? bridgeMetrics.commandsDelivered : bridgeMetrics.commandsExpired).inc({ upstream }) },
-      onExpiredDropped: (tenant) => { metrics.expiredDropped.inc({ tenant }) },
+      onExpiredDropped: (tenant) => { metrics.expiredDropped.inc({ tenant, path: 'copy' }) },
     })
   // The metrics read the bridge's status, and the bridge reports to the metrics' counters.
   const bridgeHolder: { bridge?: Bridge } = {}

@@ -36,7 +36,7 @@ export interface GatewayMetrics {
   readonly shareMessages: Counter<'tenant' | 'group'>
   readonly shareMembers: Gauge<'tenant' | 'group'>
   readonly replaysFinished: Counter<'tenant' | 'outcome'>
-  readonly expiredDropped: Counter<'tenant'>
+  readonly expiredDropped: Counter<'tenant' | 'path'>
   readonly sessionQueueDropped: Counter<'tenant'>
   readonly sessionsExpired: Counter
   readonly httpWaitingReads: Gauge
@@ -333,8 +333,9 @@ export function createMetrics (registry: Registry, sources: MetricsSources): Gat
     }),
     expiredDropped: new Counter({
       name: 'edgemq_mqtt_expired_dropped_total',
-      help: 'Messages past their expiry (commands past their time-to-live) not delivered, also from a persistent session\'s queue.',
-      labelNames: ['tenant'],
+      help: 'MQTT messages past their expiry not delivered, by path: copy (a command past its time-to-live, a session\'s queued copy), ' +
+        'session (a persistent session\'s log cursor), share (a shared subscription), replay ($replay).',
+      labelNames: ['tenant', 'path'],
       registers: [registry],
     }),
     httpWaitingReads: new Gauge({

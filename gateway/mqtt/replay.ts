@@ -56,7 +56,7 @@
  */
 import type { Writable } from 'node:stream'
 import { systemClock, type Clock, type LogStore, type StoredRecord } from '../../store/index.ts'
-import { headersToProperties } from '../../bridge/index.ts'
+import { expiredAt, headersToProperties } from '../../bridge/index.ts'
 import { isAllowed, type Identity } from '../access/auth.ts'
 import type { AclRule, RouteConfig } from '../config/config.ts'
 import { GatewayError } from '../errors.ts'
@@ -251,16 +251,21 @@ export const NO_PROPERTIES: Buffer = Buffer.from([0])
 export const RECORD_PROPERTY = { partition: 'edgemq-partition', offset: 'edgemq-offset', timestamp: 'edgemq-timestamp' } as const
 
 /**
- * The MQTT 5 property section of a replayed record: the message properties its publisher sent (kept as headers,
- * bridge/mqtt-properties.ts; the message expiry interval left out: a replay is history), then user properties with
- * its partition, offset and receive time (ms since the epoch), so an MQTT 5 client can resume a replay from where it
- * is or tell records apart.
+ * The MQTT 5 property section of a replayed or shared record: the message properties its publisher sent (kept as
+ * headers, bridge/mqtt-properties.ts), the message expiry interval as the seconds left at `now` (ms) [MQTT-3.3.2-6]
+ * (callers skip expired records), then user properties with its partition, offset and receive time (ms since the
+ * epoch), so an MQTT 5 client can resume a replay from where it is or tell records apart.
  */
-export function recordProperties (partition: number, record: Pick<StoredRecord, 'offset' | 'timestamp'> & { readonly headers?: StoredRecord['headers'] }):
-  Buffer {
-  const sent = headersToProperties(record.headers ?? null)
+export function recordProperties (partition: number, record: Pick<StoredRecord, 'offset' | 'timestamp'> & { readonly headers?: StoredRecord['headers'] },
+  now: number): Buffer {
+  const sent = headersToProperties(record.headers ?? null, { now, timestamp: record.timestamp })
   const parts: Buffer[] = []
   if (sent?.payloadFormatIndicator === true) parts.push(Buffer.from([0x01, 1]))
+  if (sent?.messageExpiryInterval !== undefined) {
+    const left = Buffer.from([0x02, 0, 0, 0, 0]) // Message Expiry Interval, a four-byte integer
+    left.writeUInt32BE(Math.max(1, sent.messageExpiryInterval), 1)
+    parts.push(left)
+  }
   if (sent?.contentType !== undefined) parts.push(Buffer.from([0x03]), mqttString(sent.contentType))
   if (sent?.responseTopic !== undefined) parts.push(Buffer.from([0x08]), mqttString(sent.responseTopic))
   if (sent?.correlationData !== undefined) parts.push(Buffer.from([0x09]), mqttString(sent.correlationData))
@@ -321,7 +326,7 @@ export interface MqttReplayDeps {
   readonly routes: readonly RouteConfig[]
   readonly acl: readonly AclRule[]
   readonly limits: ReplayLimits
-  readonly metrics: Pick<GatewayMetrics, 'replaysActive' | 'replayMessages' | 'replaysFinished'>
+  readonly metrics: Pick<GatewayMetrics, 'replaysActive' | 'replayMessages' | 'replaysFinished' | 'expiredDropped'>
   readonly logger: ReplayLogger
   /** Where `now` and relative times come from (the store's Clock; the system's when not given). */
   readonly clock?: Clock
@@ -468,9 +473,11 @@ interface Batch {
   readonly topics: Buffer[]
   /** The partition of each record (for an MQTT 5 client's record properties). */
   readonly partitions: number[]
+  /** Records skipped because their message expiry had passed: a batch may be empty while the replay goes on. */
+  expired: number
 }
 
-const NO_RECORDS: Batch = { records: [], topics: [], partitions: [] }
+const NO_RECORDS: Batch = { records: [], topics: [], partitions: [], expired: 0 }
 
 /** One running replay. */
 class Replay {
@@ -610,6 +617,7 @@ class Replay {
       if (room <= 0) { await this.#sleep(); continue }
       const batch = this.#take(cursors, live, Math.min(room, BATCH_RECORDS))
       if (batch.records.length > 0) { await this.#send(batch, null, !live); continue }
+      if (batch.expired > 0) continue // a chunk of expired records: read on
       if (!live) return
       // Caught up: wait for an append (onAppend wakes every live replay; the loop checks its own partitions).
       if (!cursors.some((c) => c.head !== undefined || this.#readable(c, true))) await this.#sleep()
@@ -622,7 +630,8 @@ class Replay {
    * later is taken.
    */
   #take (cursors: readonly Cursor[], live: boolean, room: number): Batch {
-    const out: Batch = { records: [], topics: [], partitions: [] }
+    const out: Batch = { records: [], topics: [], partitions: [], expired: 0 }
+    const now = (this.#deps.clock ?? systemClock).now()
     let bytes = 0
     while (out.records.length < room && bytes < BATCH_BYTES) {
       let best: Cursor | undefined
@@ -636,10 +645,17 @@ class Replay {
       }
       if (best === undefined) return out
       const r = best.buffer[best.pos] as StoredRecord
-      out.records.push(r)
-      out.topics.push(best.topics[best.pos++] as Buffer)
-      out.partitions.push(best.partition)
+      const topic = best.topics[best.pos++] as Buffer
       if (best.pos === best.buffer.length) { best.buffer = []; best.topics = []; best.pos = 0 }
+      // A replay asks for history, but an MQTT delivery still may not carry an expired message [MQTT-3.3.2-5].
+      if (expiredAt(r.headers ?? null, r.timestamp, now)) {
+        out.expired++
+        this.#deps.metrics.expiredDropped.inc({ tenant: this.#who.tenant, path: 'replay' })
+        continue
+      }
+      out.records.push(r)
+      out.topics.push(topic)
+      out.partitions.push(best.partition)
       bytes += r.payload.byteLength
     }
     return out
@@ -699,7 +715,8 @@ class Replay {
     if (this.#stopped) return
     const { records, topics, partitions } = batch
     const mqtt5 = this.#channel.conn.mqtt5 === true
-    const properties = mqtt5 ? records.map((r, i) => recordProperties(partitions[i] as number, r)) : []
+    const now = (this.#deps.clock ?? systemClock).now()
+    const properties = mqtt5 ? records.map((r, i) => recordProperties(partitions[i] as number, r, now)) : []
     const doneTopic = done === null ? null : Buffer.from(this.#prefix + DONE_LEVEL)
     const doneProperties = mqtt5 ? NO_PROPERTIES : undefined
     let size = done === null ? 0 : publishPacketSize(doneTopic as Buffer, done, this.#qos, doneProperties)

@@ -70,6 +70,8 @@ export interface CursorDeps {
   readonly onWriteError?: (err: unknown) => void
   /** ms since the epoch, for MQTT 5 message expiry (default Date.now). */
   readonly now?: () => number
+  /** Told of each record of this session skipped because its message expiry had passed [MQTT-3.3.2-5]. */
+  readonly onExpired?: (tenant: string) => void
 }
 
 class PartitionCursor {
@@ -342,6 +344,7 @@ export class SessionCursors {
             // An MQTT 5 message's properties are kept as headers (bridge/mqtt-properties.ts), its expiry as time left.
             const properties = headersToProperties(record.headers, { now: (this.#deps.now ?? Date.now)(), timestamp: record.timestamp })
             const expired = properties?.messageExpiryInterval !== undefined && properties.messageExpiryInterval <= 0 // [MQTT-3.3.2-5]
+            if (expired && qos === 1) this.#deps.onExpired?.(tenant)
             if (qos !== 1 || expired) {
               // Not this session's (QoS 0, unmatched) or a QoS 2 delivery, which is queued as a copy.
               cursor.next = record.offset + 1

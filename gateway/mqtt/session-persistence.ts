@@ -147,6 +147,8 @@ export interface SessionPersistenceOptions {
   readonly window?: number
   /** With a log: told when a cursor advance could not be written (it is written again with the next one). */
   readonly onCursorWriteError?: (err: unknown) => void
+  /** Told of each record a session's cursor skipped because its MQTT 5 message expiry had passed. */
+  readonly onExpired?: (tenant: string) => void
   /** Copies one session may have queued (default unbounded); beyond it a new copy is dropped (the newest). */
   readonly maxQueuedPerSession?: number
   /** Told of every copy dropped by that bound; `first` is true for the first of an episode (the queue was below it). */
@@ -476,6 +478,7 @@ export class LevelSessionPersistence {
         broker: () => this.#broker,
         window,
         onWriteError: options.onCursorWriteError,
+        onExpired: options.onExpired,
       })
   }
 

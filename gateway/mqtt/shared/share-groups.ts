@@ -42,6 +42,7 @@ import { topicMatches } from '../../access/topics.ts'
 import type { AclRule, RouteConfig } from '../../config/config.ts'
 import { GatewayError } from '../../errors.ts'
 import type { GatewayMetrics } from '../../metrics/metrics.ts'
+import { expiredAt } from '../../../bridge/index.ts'
 import { publishPacketSize, replayPartitions, writePublishPacket, type ReplayConnection, type ReplayLogger } from '../replay.ts'
 import { compileRoutes, type Router } from '../routing.ts'
 import { Lane, Member } from './lane.ts'
@@ -68,7 +69,7 @@ export interface ShareDeps {
   readonly holdRetention: boolean
   /** mqtt.share.maxPerTenant */
   readonly maxPerTenant: number
-  readonly metrics: Pick<GatewayMetrics, 'shareMessages' | 'shareMembers'>
+  readonly metrics: Pick<GatewayMetrics, 'shareMessages' | 'shareMembers' | 'expiredDropped'>
   readonly logger: ReplayLogger & { error (fields: Record<string, unknown>, message: string): void }
 }
 
@@ -368,6 +369,7 @@ class Share {
    */
   #send (lane: Lane, member: Member, room: number): Pick<Writable, 'once' | 'off' | 'writableNeedDrain'> | null {
     const picked: Array<{ record: StoredRecord, topic: Buffer, qos: 0 | 1 }> = []
+    const now = Date.now()
     let size = 0
     while (picked.length < room && lane.aheadPos < lane.ahead.length) {
       const record = lane.ahead[lane.aheadPos++] as StoredRecord
@@ -375,6 +377,10 @@ class Share {
       if (!topicMatches(this.request.filter, record.topic) || !member.mayRead(record.topic, this.#mayRead(member.who))) continue
       const topic = Buffer.from(record.topic)
       if (topic.length > MAX_TOPIC_BYTES) continue
+      if (expiredAt(record.headers ?? null, record.timestamp, now)) { // [MQTT-3.3.2-5]; skipped like a record not for the member
+        this.#deps.metrics.expiredDropped.inc({ tenant: lane.stream.slice(0, lane.stream.indexOf('/')), path: 'share' })
+        continue
+      }
       const qos = Math.min(member.qos, record.qos === 0 ? 0 : 1) as 0 | 1
       picked.push({ record, topic, qos })
       size += publishPacketSize(topic, record.payload, qos)

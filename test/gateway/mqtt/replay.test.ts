@@ -139,7 +139,7 @@ describe('the PUBLISH encoder', () => {
   ] as const)('frames MQTT 5 (QoS %i, %i-byte payload) with the record\'s partition, offset and time as user properties', (qos, size) => {
     const topic = Buffer.from('$replay/earliest/devices/dév-42/telemetry/t')
     const payload = Buffer.alloc(size, 7)
-    const properties = recordProperties(3, { offset: 123_456_789_012, timestamp: 1_764_633_600_000 })
+    const properties = recordProperties(3, { offset: 123_456_789_012, timestamp: 1_764_633_600_000 }, 1_764_633_600_000)
     const out = Buffer.alloc(publishPacketSize(topic, payload, qos, properties) + publishPacketSize(topic, payload, qos, NO_PROPERTIES))
     const at = writePublishPacket(out, 0, topic, payload, qos, 4242, true, properties)
     expect(writePublishPacket(out, at, topic, payload, qos, 4243, false, NO_PROPERTIES)).toBe(out.length)
@@ -148,7 +148,28 @@ describe('the PUBLISH encoder', () => {
     expect(p?.properties?.userProperties).toEqual({ 'edgemq-partition': '3', 'edgemq-offset': '123456789012', 'edgemq-timestamp': '1764633600000' })
     expect([q?.messageId, q?.properties, Buffer.compare(q?.payload as Buffer, payload)]).toEqual([qos === 1 ? 4243 : undefined, undefined, 0])
   })
+
+  it('frames an expiring record\'s Message Expiry Interval as the seconds it has left [MQTT-3.3.2-6], at least 1', () => {
+    const topic = Buffer.from('$replay/earliest/devices/d/telemetry/t')
+    const record = { offset: 7, timestamp: 1_764_633_600_000, headers: { 'mqtt-message-expiry': '60' } }
+    const left = (now: number): number | undefined => {
+      const properties = recordProperties(0, record, now)
+      const out = Buffer.alloc(publishPacketSize(topic, Buffer.alloc(0), 1, properties))
+      writePublishPacket(out, 0, topic, Buffer.alloc(0), 1, 1, true, properties)
+      return (parse(out, 5)[0] as IPublishPacket).properties?.messageExpiryInterval
+    }
+    expect([left(record.timestamp), left(record.timestamp + 15_000), left(record.timestamp + 59_500)]).toEqual([60, 45, 1])
+    expect((parse(recordPropertiesPacket(topic), 5)[0] as IPublishPacket).properties?.messageExpiryInterval).toBeUndefined()
+  })
 })
+
+/** A replayed record without headers, framed for MQTT 5. */
+function recordPropertiesPacket (topic: Buffer): Buffer {
+  const properties = recordProperties(0, { offset: 1, timestamp: 1 }, 2)
+  const out = Buffer.alloc(publishPacketSize(topic, Buffer.alloc(0), 0, properties))
+  writePublishPacket(out, 0, topic, Buffer.alloc(0), 0, 0, true, properties)
+  return out
+}
 
 function parse (bytes: Buffer, protocolVersion: 4 | 5 = 4): Packet[] {
   const parser = mqttPacket.parser({ protocolVersion })
@@ -289,6 +310,23 @@ describe('MqttReplays', () => {
     expect(await metric('edgemq_mqtt_replay_messages_total', { tenant: 'acme' })).toBe(2345)
     expect(await metric('edgemq_mqtt_replays_finished_total', { tenant: 'acme', outcome: 'done' })).toBe(1)
     expect(await metric('edgemq_mqtt_replays_active', { tenant: 'acme' })).toBe(0)
+  })
+
+  it('skips records whose MQTT 5 message expiry passed, whole chunks of them too, delivers the rest, and counts each skip', async () => {
+    await setup({ inflight: 64 })
+    // One device (one partition): 1,200 records that expired 1 s before NOW (more than a chunk of 1,000), then 300 that last.
+    for (let i = 0; i < 1500; i += 50) {
+      await Promise.all(Array.from({ length: 50 }, (_, k) => store.append('acme/telemetry', 'd0', {
+        payload: Buffer.from(`m${i + k}`), topic: 'devices/d0/telemetry/t', timestamp: NOW - 3000 + i + k,
+        headers: { 'mqtt-message-expiry': i + k < 1200 ? '1' : '3600' },
+      })))
+    }
+    const client = new FakeClient().attach(replays)
+    start(client, '$replay/earliest/devices/d0/telemetry/#')
+    await ackUntilDone(client)
+    expect(client.payloads().slice(0, -1)).toEqual(Array.from({ length: 300 }, (_, i) => `m${1200 + i}`))
+    expect((client.done() as { records: number }).records).toBe(300)
+    expect(await metric('edgemq_mqtt_expired_dropped_total', { tenant: 'acme', path: 'replay' })).toBe(1200)
   })
 
   it('never has more than `inflight` messages unacknowledged, and goes on as PUBACKs come', async () => {
