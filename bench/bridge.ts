@@ -86,15 +86,8 @@ import { formatProfileSummary, summarizeCpuProfile } from './lib/cpu-profile.ts'
 import { CountingSubscriber } from './lib/mqtt-counter.ts'
 import { fill, fillDevice, fillTopic } from './lib/mqtt-fill.ts'
 import { TempDirs, info, median, report, round, type ParamValue } from './lib/report.ts'
+import { argv, flag, intFlag } from './lib/flags.ts'
 
-const argv = process.argv.slice(2)
-const flag = (name: string): string | undefined => argv.find((a) => a.startsWith(`--${name}=`))?.slice(name.length + 3)
-function intFlag (name: string, fallback: number, min = 1): number {
-  const raw = flag(name)
-  const n = raw === undefined ? fallback : Number(raw)
-  if (!Number.isSafeInteger(n) || n < min) throw new Error(`--${name} must be an integer >= ${min}`)
-  return n
-}
 const QUICK = argv.includes('--quick')
 const PROFILE = argv.includes('--profile')
 const RECORDS = intFlag('records', QUICK ? 100_000 : 1_000_000)

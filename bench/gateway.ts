@@ -53,21 +53,14 @@ import { LatencyHistogram } from './lib/latency-histogram.ts'
 import { LoadGenerators, type MergedLoad } from './lib/load-process.ts'
 import type { LoadSpec } from './lib/mqtt-load.ts'
 import { TempDirs, info, median, report, round, type ParamValue } from './lib/report.ts'
+import { argv, flag, intFlag } from './lib/flags.ts'
 
-const argv = process.argv.slice(2)
-const flag = (name: string): string | undefined => argv.find((a) => a.startsWith(`--${name}=`))?.slice(name.length + 3)
-function intFlag (name: string, fallback: number, min = 1): number {
-  const raw = flag(name)
-  const n = raw === undefined ? fallback : Number(raw)
-  if (!Number.isSafeInteger(n) || n < min) throw new Error(`--${name} must be an integer >= ${min}`)
-  return n
-}
 const QUICK = argv.includes('--quick')
 const PROFILE = argv.includes('--profile')
 const CHECK_GENERATOR = argv.includes('--check-generator')
 const ROUNDS = intFlag('rounds', QUICK ? 1 : 3)
 const SECONDS = intFlag('seconds', QUICK ? 2 : 5)
-const WARMUP_SECONDS = intFlag('warmup', 1, 0)
+const WARMUP_SECONDS = intFlag('warmup', 1, { min: 0 })
 const WINDOW = intFlag('window', 100)
 const GENERATORS = intFlag('generators', 1)
 const PROFILE_SECONDS = intFlag('profile-seconds', 10)

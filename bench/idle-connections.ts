@@ -56,15 +56,8 @@ import { findMosquitto, mosquittoVersion, processRssBytes, startEdgemq, startMos
 import { diffHeapSummaries, formatHeapDiff, summarizeHeapSnapshot } from './lib/heap-snapshot.ts'
 import { IdleClients, type IdleLogin } from './lib/idle-clients.ts'
 import { TempDirs, info, median, report, round } from './lib/report.ts'
+import { argv, flag, intFlag } from './lib/flags.ts'
 
-const argv = process.argv.slice(2)
-const flag = (name: string): string | undefined => argv.find((a) => a.startsWith(`--${name}=`))?.slice(name.length + 3)
-function intFlag (name: string, fallback: number): number {
-  const raw = flag(name)
-  const n = raw === undefined ? fallback : Number(raw)
-  if (!Number.isSafeInteger(n) || n < 1) throw new Error(`--${name} must be a positive integer`)
-  return n
-}
 const QUICK = argv.includes('--quick')
 const CONNECTIONS = intFlag('connections', QUICK ? 1000 : 10_000)
 const ROUNDS = intFlag('rounds', 1)

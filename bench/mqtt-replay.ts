@@ -38,15 +38,8 @@ import { openLogStore } from '../store/index.ts'
 import { findMosquitto, mosquittoVersion, processCpuSeconds, startEdgemq, startMosquitto, type RunningBroker } from './lib/brokers.ts'
 import { publishBacklog, runSubscriber } from './lib/replay-clients.ts'
 import { TempDirs, info, median, report, round } from './lib/report.ts'
+import { argv, flag, intFlag } from './lib/flags.ts'
 
-const argv = process.argv.slice(2)
-const flag = (name: string): string | undefined => argv.find((a) => a.startsWith(`--${name}=`))?.slice(name.length + 3)
-function intFlag (name: string, fallback: number): number {
-  const raw = flag(name)
-  const n = raw === undefined ? fallback : Number(raw)
-  if (!Number.isSafeInteger(n) || n < 1) throw new Error(`--${name} must be a positive integer`)
-  return n
-}
 const QUICK = argv.includes('--quick')
 const RECORDS = intFlag('records', QUICK ? 100_000 : 1_000_000)
 const ROUNDS = intFlag('rounds', QUICK ? 1 : 3)

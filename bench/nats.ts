@@ -47,15 +47,8 @@ import { startEdgemq } from './lib/brokers.ts'
 import { fillDevice, fillTopic } from './lib/mqtt-fill.ts'
 import { findNatsServer, startNatsCluster, startNatsServer, type NatsServerProcess } from './lib/nats-server.ts'
 import { TempDirs, info, median, report, round } from './lib/report.ts'
+import { argv, intFlag } from './lib/flags.ts'
 
-const argv = process.argv.slice(2)
-const flag = (name: string): string | undefined => argv.find((a) => a.startsWith(`--${name}=`))?.slice(name.length + 3)
-function intFlag (name: string, fallback: number): number {
-  const raw = flag(name)
-  const n = raw === undefined ? fallback : Number(raw)
-  if (!Number.isSafeInteger(n) || n < 1) throw new Error(`--${name} must be an integer >= 1`)
-  return n
-}
 const QUICK = argv.includes('--quick')
 const RECORDS = intFlag('records', QUICK ? 100_000 : 1_000_000)
 const ROUNDS = intFlag('rounds', QUICK ? 1 : 3)

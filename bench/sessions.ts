@@ -37,16 +37,9 @@ import { findMosquitto, mosquittoVersion, processCpuSeconds, startEdgemq, startM
 import { fill } from './lib/mqtt-fill.ts'
 import { runSubscriber } from './lib/replay-clients.ts'
 import { TempDirs, info, median, report, round } from './lib/report.ts'
+import { flag, intFlag } from './lib/flags.ts'
 
-const argv = process.argv.slice(2)
-const flag = (name: string): string | undefined => argv.find((a) => a.startsWith(`--${name}=`))?.slice(name.length + 3)
-function intFlag (name: string, fallback: number, env?: string): number {
-  const raw = flag(name) ?? (env === undefined ? undefined : process.env[env])
-  const n = raw === undefined || raw === '' ? fallback : Number(raw)
-  if (!Number.isSafeInteger(n) || n < 1) throw new Error(`--${name} must be a positive integer`)
-  return n
-}
-const MESSAGES = intFlag('messages', 20_000, 'EDGEMQ_BENCH_MESSAGES')
+const MESSAGES = intFlag('messages', 20_000, { env: 'EDGEMQ_BENCH_MESSAGES' })
 const ROUNDS = intFlag('rounds', 1)
 const EDGEMQ_BIN = flag('edgemq') === undefined ? undefined : path.resolve(flag('edgemq') as string)
 const PUBLISHERS = 8
