@@ -47,7 +47,7 @@ import { mkdtemp, readdir } from 'node:fs/promises'
 import os from 'node:os'
 import path from 'node:path'
 import { fileURLToPath } from 'node:url'
-import { edgemqCounters, findMosquitto, mosquittoVersion, processCpuSeconds, startEdgemq, startListeningChild, startMosquitto, type EdgemqCounters, type RunningBroker } from './lib/brokers.ts'
+import { edgemqCounters, findMosquitto, mosquittoVersion, processCpuSeconds, startEdgemq, startListeningChild, startMosquitto, withBrokerIn, type EdgemqCounters, type RunningBroker } from './lib/brokers.ts'
 import { formatProfileSummary, summarizeCpuProfile, type ProfileWindow } from './lib/cpu-profile.ts'
 import { LatencyHistogram } from './lib/latency-histogram.ts'
 import { LoadGenerators, type MergedLoad } from './lib/load-process.ts'
@@ -164,17 +164,7 @@ async function runRound (generators: LoadGenerators, scenario: Scenario, broker:
 }
 
 async function withBroker<T> (name: 'edgemq' | 'mosquitto', mosquitto: string, fn: (broker: RunningBroker) => Promise<T>): Promise<T> {
-  const dir = await dirs.make(name)
-  const broker = name === 'edgemq' ? await startEdgemq(dir, [], EDGEMQ_BIN) : await startMosquitto(mosquitto, dir)
-  try {
-    return await fn(broker)
-  } catch (err) {
-    throw new Error(`${(err as Error).message}\n${name} stderr (tail):\n${broker.stderr().slice(-4000)}`)
-  } finally {
-    const code = await broker.stop()
-    if (code !== 0 && code !== null) info(`${name} exited with code ${code}`)
-    await dirs.remove(dir)
-  }
+  return await withBrokerIn(dirs, name, async (dir) => name === 'edgemq' ? await startEdgemq(dir, [], EDGEMQ_BIN) : await startMosquitto(mosquitto, dir), fn)
 }
 
 const ms = (us: number): number => round(us / 1000, 3)

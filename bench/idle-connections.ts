@@ -52,7 +52,7 @@ import os from 'node:os'
 import path from 'node:path'
 import { hashPassword } from '../gateway/access/auth.ts'
 import { fileURLToPath } from 'node:url'
-import { findMosquitto, mosquittoVersion, processRssBytes, startEdgemq, startMosquitto, type RunningBroker } from './lib/brokers.ts'
+import { findMosquitto, mosquittoVersion, processRssBytes, startEdgemq, startMosquitto, withBrokerIn, type RunningBroker } from './lib/brokers.ts'
 import { diffHeapSummaries, formatHeapDiff, summarizeHeapSnapshot } from './lib/heap-snapshot.ts'
 import { IdleClients, type IdleLogin } from './lib/idle-clients.ts'
 import { TempDirs, info, median, report, round } from './lib/report.ts'
@@ -234,19 +234,9 @@ async function measure (broker: RunningBroker): Promise<MemoryFigures> {
 
 async function withBroker<T> (name: 'edgemq' | 'mosquitto', mosquitto: string, nodeFlags: readonly string[],
   fn: (broker: RunningBroker) => Promise<T>): Promise<T> {
-  const dir = await dirs.make(name)
-  const broker = name === 'edgemq'
+  return await withBrokerIn(dirs, name, async (dir) => name === 'edgemq'
     ? await startEdgemq(dir, nodeFlags, EDGEMQ_BIN, ['--config', await edgemqConfig(dir)])
-    : await startMosquitto(mosquitto, dir)
-  try {
-    return await fn(broker)
-  } catch (err) {
-    throw new Error(`${(err as Error).message}\n${name} stderr (tail):\n${broker.stderr().slice(-4000)}`)
-  } finally {
-    const code = await broker.stop()
-    if (code !== 0 && code !== null) info(`${name} exited with code ${code}`)
-    await dirs.remove(dir)
-  }
+    : await startMosquitto(mosquitto, dir), fn)
 }
 
 const kb = (bytes: number): number => round(bytes / 1024, 2)

@@ -33,7 +33,7 @@
  * checkout's gateway/edgemq.mjs, to compare a change).
  */
 import path from 'node:path'
-import { findMosquitto, mosquittoVersion, processCpuSeconds, startEdgemq, startMosquitto, type RunningBroker } from './lib/brokers.ts'
+import { findMosquitto, mosquittoVersion, processCpuSeconds, startEdgemq, startMosquitto, withBrokerIn, type RunningBroker } from './lib/brokers.ts'
 import { fill } from './lib/mqtt-fill.ts'
 import { runSubscriber } from './lib/replay-clients.ts'
 import { TempDirs, info, median, report, round } from './lib/report.ts'
@@ -58,17 +58,8 @@ const dirs = new TempDirs()
 type Name = 'edgemq' | 'mosquitto'
 
 async function withBroker<T> (name: Name, mosquitto: string, fn: (broker: RunningBroker) => Promise<T>): Promise<T> {
-  const dir = await dirs.make(name)
-  const broker = name === 'edgemq' ? await startEdgemq(dir, [], EDGEMQ_BIN) : await startMosquitto(mosquitto, dir, MOSQUITTO_LINES)
-  try {
-    return await fn(broker)
-  } catch (err) {
-    throw new Error(`${(err as Error).message}\n${name} stderr (tail):\n${broker.stderr().slice(-4000)}`)
-  } finally {
-    const code = await broker.stop()
-    if (code !== 0 && code !== null) info(`${name} exited with code ${code}`)
-    await dirs.remove(dir)
-  }
+  return await withBrokerIn(dirs, name,
+    async (dir) => name === 'edgemq' ? await startEdgemq(dir, [], EDGEMQ_BIN) : await startMosquitto(mosquitto, dir, MOSQUITTO_LINES), fn)
 }
 
 /** Connects a clean = false session, subscribes at QoS 1 and drops the connection once the SUBACK is in. */

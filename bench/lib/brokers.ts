@@ -12,6 +12,7 @@ import { writeFile } from 'node:fs/promises'
 import net, { type AddressInfo } from 'node:net'
 import path from 'node:path'
 import { fileURLToPath } from 'node:url'
+import { info, type TempDirs } from './report.ts'
 
 const EDGEMQ = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../gateway/edgemq.mjs')
 const HOST = '127.0.0.1'
@@ -269,5 +270,24 @@ export async function edgemqCounters (httpUrl: string): Promise<EdgemqCounters> 
     commits: sums.get('edgemq_group_commit_records_count') ?? NaN,
     committedRecords: sums.get('edgemq_group_commit_records_sum') ?? NaN,
     commitSeconds: sums.get('edgemq_append_duration_seconds_sum') ?? NaN,
+  }
+}
+
+/**
+ * Starts a broker in a fresh directory of `dirs`, runs `fn` with it, then stops it and removes the directory; a
+ * failure carries the tail of the broker's stderr, and an unclean exit is reported.
+ */
+export async function withBrokerIn<T> (dirs: TempDirs, name: string, start: (dir: string) => Promise<RunningBroker>,
+  fn: (broker: RunningBroker) => Promise<T>): Promise<T> {
+  const dir = await dirs.make(name)
+  const broker = await start(dir)
+  try {
+    return await fn(broker)
+  } catch (err) {
+    throw new Error(`${(err as Error).message}\n${name} stderr (tail):\n${broker.stderr().slice(-4000)}`)
+  } finally {
+    const code = await broker.stop()
+    if (code !== 0 && code !== null) info(`${name} exited with code ${code}`)
+    await dirs.remove(dir)
   }
 }
