@@ -35,7 +35,6 @@
  * (live-share.ts); not durable.
  */
 import type { Aedes, Client } from 'aedes'
-import type { Writable } from 'node:stream'
 import { isStoreError, type AppendEvent, type LogStore, type StoredRecord } from '../../../store/index.ts'
 import { isAllowed, type Identity } from '../../access/auth.ts'
 import { topicMatches } from '../../access/topics.ts'
@@ -43,7 +42,8 @@ import type { AclRule, RouteConfig } from '../../config/config.ts'
 import { GatewayError } from '../../errors.ts'
 import type { GatewayMetrics } from '../../metrics/metrics.ts'
 import { expiredAt } from '../../../bridge/index.ts'
-import { publishPacketSize, replayPartitions, writePublishPacket, type ReplayConnection, type ReplayLogger } from '../replay.ts'
+import { drained, publishPacketSize, writePublishPacket } from '../publish-frames.ts'
+import { replayPartitions, type ReplayConnection, type ReplayLogger } from '../replay.ts'
 import { compileRoutes, type Router } from '../routing.ts'
 import { Lane, Member } from './lane.ts'
 import { LiveShare } from './live-share.ts'
@@ -367,7 +367,7 @@ class Share {
    * Sends the member up to `room` of the lane's records read ahead, skipping those not for it, as one socket write;
    * returns the stream when it must drain first.
    */
-  #send (lane: Lane, member: Member, room: number): Pick<Writable, 'once' | 'off' | 'writableNeedDrain'> | null {
+  #send (lane: Lane, member: Member, room: number): ReplayConnection['stream'] | null {
     const picked: Array<{ record: StoredRecord, topic: Buffer, qos: 0 | 1 }> = []
     const now = Date.now()
     let size = 0
@@ -433,18 +433,4 @@ class Share {
       } while (this.#commitAgain)
     })().finally(() => { this.#commit = null })
   }
-}
-
-/** Resolves once the stream drained or closed. */
-function drained (stream: Pick<Writable, 'once' | 'off' | 'writableNeedDrain'>): Promise<void> {
-  if (!stream.writableNeedDrain) return Promise.resolve()
-  return new Promise((resolve) => {
-    const done = (): void => {
-      stream.off('drain', done)
-      stream.off('close', done)
-      resolve()
-    }
-    stream.once('drain', done)
-    stream.once('close', done)
-  })
 }

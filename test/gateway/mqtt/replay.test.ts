@@ -14,10 +14,8 @@ import type { Identity } from '../../../gateway/access/auth.ts'
 import { buildConfig, type AclRule } from '../../../gateway/config/config.ts'
 import { GatewayError } from '../../../gateway/errors.ts'
 import { createMetrics } from '../../../gateway/metrics/metrics.ts'
-import {
-  isReplayTopic, MqttReplays, NO_PROPERTIES, parseReplaySubscription, publishPacketSize, recordProperties, replayPartitions, writePublishPacket,
-  type ReplayConnection,
-} from '../../../gateway/mqtt/replay.ts'
+import { isReplayTopic, MqttReplays, parseReplaySubscription, replayPartitions, type ReplayConnection } from '../../../gateway/mqtt/replay.ts'
+import { NO_PROPERTIES, publishPacketSize, recordProperties, writePublishPacket } from '../../../gateway/mqtt/publish-frames.ts'
 import { filtersOverlap } from '../../../gateway/access/topics.ts'
 import { openLogStore, type LevelDatabase, type LogStore } from '../../../store/index.ts'
 
