@@ -160,6 +160,7 @@ class PartitionCursor {
     this.next = from
     this.ahead = []
     this.aheadPos = 0
+    this.aheadEnd = from
   }
 }
 
@@ -290,7 +291,8 @@ export class SessionCursors {
     this.#release(state)
     state.client = client
     state.via = via
-    state.limit = Math.max(1, Math.min(this.#deps.window, via.receiveMaximum))
+    const receiveMaximum = Number.isSafeInteger(via.receiveMaximum) && via.receiveMaximum > 0 ? via.receiveMaximum : this.#deps.window
+    state.limit = Math.min(this.#deps.window, receiveMaximum)
     for (const cursor of state.cursors.values()) {
       cursor.restart()
       this.#watch(state, cursor)
@@ -503,7 +505,11 @@ export class SessionCursors {
     })
   }
 
-  /** Writes the session's records while its window has room and the log has more; returns when caught up or full. */
+  /**
+   * Writes the session's records while its window has room and the log has more; returns when caught up or full.
+   * What is read ahead goes out first; a partition is read (a chunk) only when nothing read is left to send, so the
+   * first records of a drain leave after one read, not one per partition.
+   */
   async #deliver (state: ClientCursors): Promise<void> {
     const { log } = this.#deps
     for (;;) {
@@ -511,9 +517,15 @@ export class SessionCursors {
       const { client, via } = state
       if (client === undefined || via === undefined || via.conn.closed || via.conn.stream.destroyed === true) return
       if (state.inflight.size >= state.limit) return // woken by the PUBACKs
-      let more = false
-      for (const cursor of [...state.cursors.values()]) {
-        if (cursor.aheadPos < cursor.ahead.length) { more = true; continue }
+      const cursors = [...state.cursors.values()]
+      if (cursors.some((c) => c.aheadPos < c.ahead.length)) {
+        const out = this.#frame(state, via)
+        if (out !== null && !via.conn.stream.write(out)) await drained(via.conn.stream)
+        continue
+      }
+      let read = false
+      for (let k = 0; k < cursors.length; k++) {
+        const cursor = cursors[(state.turn + k) % cursors.length] as PartitionCursor // partitions take turns
         const info = partitionInfo(log, cursor)
         if (info === undefined || cursor.next >= info.logEndOffset) continue
         const { records, nextOffset } = await log.read(cursor.stream, cursor.partition, Math.max(cursor.next, info.logStartOffset),
@@ -523,11 +535,10 @@ export class SessionCursors {
         cursor.aheadPos = 0
         cursor.aheadEnd = records.length === 0 ? info.logEndOffset : nextOffset
         if (records.length === 0) cursor.next = Math.max(cursor.next, info.logEndOffset)
-        else more = true
+        read = true
+        break
       }
-      if (!more) return // caught up: woken by the next append
-      const out = this.#frame(state, via)
-      if (out !== null && !via.conn.stream.write(out)) await drained(via.conn.stream)
+      if (!read) return // caught up: woken by the next append
     }
   }
 
@@ -563,7 +574,7 @@ export class SessionCursors {
         picked.push({ cursor, record, topic: route.topic, properties })
         size += publishPacketSize(route.topic, record.payload, 1, properties)
       }
-      if (cursor.aheadPos === cursor.ahead.length) {
+      if (cursor.ahead.length > 0 && cursor.aheadPos === cursor.ahead.length) {
         cursor.next = Math.max(cursor.next, cursor.aheadEnd)
         cursor.ahead = []
         cursor.aheadPos = 0

@@ -274,6 +274,20 @@ describe('session cursors into the log', () => {
     ])
     const key = keys.cursor('svc', 't1/telemetry', gw.store.partitionFor('t1/telemetry', 'd0'))
     await expect.poll(async () => (await gw.sessions.get<Buffer, Buffer>(key, { keyEncoding: 'buffer', valueEncoding: 'buffer' }))?.readBigUInt64BE(0)).toBe(10n)
+    second.close()
+    // two partitions, the second connection reading them again from where each was: nothing is skipped
+    const other = ['d1', 'd2', 'd3', 'd4', 'd5'].find((d) => gw.store.partitionFor('t1/telemetry', d) !== gw.store.partitionFor('t1/telemetry', 'd0')) as string
+    for (let i = 0; i < 10; i++) {
+      await publish(gw, 't1', 'd0', `a${i}`)
+      await publish(gw, 't1', other, `b${i}`)
+    }
+    const third = await connect(gw, 'svc', { ack: (_p, i) => i < 5 })
+    await settled(gw, third)
+    third.close()
+    const fourth = await connect(gw, 'svc')
+    await settled(gw, fourth)
+    expect(new Set([...bodies(third.got), ...bodies(fourth.got)]).size).toBe(20)
+    expect(bodies(fourth.got).filter((b) => bodies(third.got).includes(b))).toHaveLength(third.got.length - 5)
   })
 
   it('ignores a PUBACK for an unknown packet id, a repeated one, and one from a connection that has gone: nothing advances', async () => {
