@@ -17,7 +17,7 @@ import mqttPacket, { type IPublishPacket } from 'mqtt-packet'
 import { afterEach, describe, expect, it } from 'vitest'
 import { openLogStore, type LevelDatabase, type LogStore } from '../../../store/index.ts'
 import { attachLogPosition } from '../../../gateway/mqtt/log-position.ts'
-import { LevelSessionPersistence, SessionPersistenceError, type SessionBroker, type SessionPacket } from '../../../gateway/mqtt/session-persistence.ts'
+import { LevelSessionPersistence, SessionPersistenceError, type SessionBroker, type SessionPacket, type SessionPersistenceOptions } from '../../../gateway/mqtt/session-persistence.ts'
 import { keys, TAG_CURSOR, TAG_OUTGOING } from '../../../gateway/mqtt/session-format.ts'
 import type { CursorConnection } from '../../../gateway/mqtt/session-cursors.ts'
 import { PROPERTY_HEADERS } from '../../../bridge/mqtt-properties.ts'
@@ -45,13 +45,13 @@ interface Gateway {
 }
 
 /** The database, log store and session persistence as gateway.ts builds them (no client connected). */
-async function open (dir: string, window = 100): Promise<Gateway> {
+async function open (dir: string, window = 100, options: Pick<SessionPersistenceOptions, 'onExpired'> = {}): Promise<Gateway> {
   const db = new ClassicLevel(dir)
   await db.open()
   const store = await openLogStore({ db: db as unknown as LevelDatabase })
   opened.push({ db, store })
   const sessions = (db as unknown as LevelDatabase).sublevel('sessions', { keyEncoding: 'buffer', valueEncoding: 'buffer' }) as unknown as LevelDatabase
-  const persistence = new LevelSessionPersistence(sessions, { writer: store, log: store, window })
+  const persistence = new LevelSessionPersistence(sessions, { writer: store, log: store, window, ...options })
   const broker: SessionBroker = { id: 'gw', counter: 0 }
   await persistence.setup(broker)
   const connections = new WeakMap<object, CursorConnection>()
@@ -59,10 +59,10 @@ async function open (dir: string, window = 100): Promise<Gateway> {
   return { db, store, sessions, persistence, broker, connections }
 }
 
-async function fresh (window?: number): Promise<{ dir: string, gw: Gateway }> {
+async function fresh (window?: number, options?: Pick<SessionPersistenceOptions, 'onExpired'>): Promise<{ dir: string, gw: Gateway }> {
   const dir = await mkdtemp(join(tmpdir(), 'edgemq-cursors-'))
   dirs.push(dir)
-  const gw = await open(dir, window)
+  const gw = await open(dir, window, options)
   for (const stream of ['t1/telemetry', 't2/telemetry']) await gw.store.createStream(stream, { partitions: 2 })
   return { dir, gw }
 }
@@ -343,20 +343,8 @@ describe('session cursors into the log', () => {
 
   it('gives an MQTT 5 client the message\'s properties, the time left of its expiry and its subscription identifiers; skips the expired', async () => {
     const expired: string[] = []
-    const dir = await mkdtemp(join(tmpdir(), 'edgemq-cursors-'))
-    dirs.push(dir)
-    const db = new ClassicLevel(dir)
-    await db.open()
-    const store = await openLogStore({ db: db as unknown as LevelDatabase })
-    opened.push({ db, store })
-    const sessions = (db as unknown as LevelDatabase).sublevel('sessions', { keyEncoding: 'buffer', valueEncoding: 'buffer' }) as unknown as LevelDatabase
-    const persistence = new LevelSessionPersistence(sessions, { writer: store, log: store, onExpired: (tenant) => { expired.push(tenant) } })
-    const broker: SessionBroker = { id: 'gw', counter: 0 }
-    await persistence.setup(broker)
-    const connections = new WeakMap<object, CursorConnection>()
-    persistence.deliverCursorsThrough((client) => connections.get(client))
-    const gw: Gateway = { db, store, sessions, persistence, broker, connections }
-    await store.createStream('t1/telemetry', { partitions: 1 })
+    const { gw } = await fresh(undefined, { onExpired: (tenant) => { expired.push(tenant) } })
+    const { store, persistence } = gw
     await persistence.addSubscriptions({ id: 'v5' }, [
       { topic: 't1/devices/+/telemetry/#', qos: 1, subscriptionIdentifier: 7 }, { topic: 't1/devices/d0/#', qos: 1, subscriptionIdentifier: 300 },
     ])

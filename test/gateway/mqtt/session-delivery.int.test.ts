@@ -84,11 +84,17 @@ describe('persistent session deliveries from the log', () => {
   const cleanups: Array<() => Promise<void>> = []
   afterAll(async () => { for (const c of cleanups.reverse()) await c() })
 
-  it('keeps an MQTT 5 client\'s Receive Maximum, ignores unknown and repeated PUBACKs, and delivers everything in per-device order', async () => {
+  /** A gateway process on a data directory of its own; both go after the tests. */
+  async function gateway (): Promise<GatewayProcess> {
     const { dir, cleanup } = await tempDir()
     cleanups.push(cleanup)
-    const gw: GatewayProcess = await startGatewayProcess({ dataDir: dir })
+    const gw = await startGatewayProcess({ dataDir: dir })
     cleanups.push(() => gw.kill())
+    return gw
+  }
+
+  it('keeps an MQTT 5 client\'s Receive Maximum, ignores unknown and repeated PUBACKs, and delivers everything in per-device order', async () => {
+    const gw = await gateway()
     const PER_DEVICE = 40
     const RECEIVE_MAXIMUM = 5
     const setup = await RawV5.open(gw.mqttUrl)
@@ -136,10 +142,7 @@ describe('persistent session deliveries from the log', () => {
   }, 120_000)
 
   it('a subscriber that leaves in the middle of a drain gets the rest when it comes back, the unacknowledged ones with DUP', async () => {
-    const { dir, cleanup } = await tempDir()
-    cleanups.push(cleanup)
-    const gw: GatewayProcess = await startGatewayProcess({ dataDir: dir })
-    cleanups.push(() => gw.kill())
+    const gw = await gateway()
     const PER_DEVICE = 250
     const first = await mqtt.connectAsync(gw.mqttUrl, { clientId: 'svc', clean: false, reconnectPeriod: 0 })
     await first.subscribeAsync('devices/+/telemetry/#', { qos: 1 })
