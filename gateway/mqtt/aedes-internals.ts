@@ -164,6 +164,19 @@ export function packetWatcher (handlers: PacketWatch): (client: Client) => void 
   }
 }
 
+/**
+ * Gives a QoS 1/2 packet aedes is about to deliver another packet id. aedes takes ids from the client's counter
+ * (lib/qos-packet.js), hands the new packet to `persistence.outgoingUpdate` and writes that same object once the
+ * promise resolves (https://github.com/moscajs/aedes/blob/v1.2.0/lib/client.js deliverQoS,
+ * https://github.com/moscajs/aedes/blob/v1.2.0/lib/handlers/connect.js emptyQueue), so an id changed there is the
+ * one the client sees and acknowledges. session-persistence.ts moves aedes off an id a persistent session's
+ * delivery from the log holds (session-cursors.ts). No upstream issue; public API that would remove it:
+ * `client.nextMessageId()` shared by aedes and the application, or an outgoing in-flight set aedes skips.
+ */
+export function movePacketId (packet: { messageId?: number }, messageId: number): void {
+  packet.messageId = messageId
+}
+
 // --- the broker ------------------------------------------------------------------------------------------------------
 
 /** broker.publish as aedes calls it internally (its typings only declare the two-argument form). */

@@ -46,6 +46,7 @@ import { Readable } from 'node:stream'
 import type { AbstractBatchOptions, AbstractLevel } from 'abstract-level'
 import type { Durability, ExtraOperation, LevelDatabase, LogStore } from '../../store/index.ts'
 import { compileTopicFilters, QLOBBER_OPTIONS, topicMatches, type QlobberOptions } from '../access/topics.ts'
+import { movePacketId } from './aedes-internals.ts'
 import { logPositionOf } from './log-position.ts'
 import { SessionCursors, type CursorConnector, type LivePacket, type SessionLog } from './session-cursors.ts'
 import { notFound, SessionPersistenceError } from './session-errors.ts'
@@ -963,10 +964,8 @@ export class LevelSessionPersistence {
   async outgoingUpdate (client: SessionClient, packet: SessionPacket): Promise<void> {
     this.#ready()
     // aedes took this id from the client's counter for a delivery of its own; a cursor delivery may hold it (its ids
-    // come from the same counter, and a new connection starts it elsewhere). The packet aedes passes is the one it
-    // writes once this resolves (lib/client.js deliverQoS, lib/handlers/connect.js emptyQueue), so it goes out with
-    // a free id instead.
-    if (typeof packet.messageId === 'number' && this.#cursors !== undefined) packet.messageId = this.#cursors.freeId(client, packet.messageId)
+    // come from the same counter, and a new connection starts it elsewhere): it goes out with a free one instead.
+    if (typeof packet.messageId === 'number' && this.#cursors !== undefined) movePacketId(packet, this.#cursors.freeId(client, packet.messageId))
     const queue = this.#queue(client.id, false)
     const messageId = typeof packet.messageId === 'number' ? checkMessageId(packet.messageId) : undefined
     const sameBroker = queue?.byBroker(packet.brokerId, packet.brokerCounter)
