@@ -93,6 +93,8 @@ export interface CursorDeps {
   readonly grantedQos: (clientId: string, topic: string) => number
   /** The Subscription Identifiers of the client's subscriptions matching the (mounted) topic [MQTT-3.3.4-3]. */
   readonly subscriptionIds?: (clientId: string, topic: string) => number[]
+  /** Whether every QoS > 0 subscription of the client matching the (mounted) topic has MQTT 5's No Local set [MQTT-3.8.3-3]. */
+  readonly noLocal?: (clientId: string, topic: string) => boolean
   /** Whether aedes holds this packet id for the client (a queued copy it resends with it). */
   readonly busy?: (clientId: string, messageId: number) => boolean
   /** The broker, for the ids of deliveries taken back as copies. */
@@ -171,7 +173,7 @@ interface Delivery {
 }
 
 /** How a topic is delivered to the connection: null when it is not (no QoS > 0 subscription matches, or not readable). */
-type Route = { readonly topic: Buffer, readonly qos: number, readonly ids: number[] } | null
+type Route = { readonly topic: Buffer, readonly qos: number, readonly ids: number[], readonly noLocal: boolean } | null
 
 class ClientCursors {
   readonly cursors = new Map<string, PartitionCursor>()
@@ -566,6 +568,7 @@ export class SessionCursors {
         const route = this.#route(state, via, mounted)
         // QoS 0 records, topics no subscription matches and topics it may not read are not this session's; QoS 2 deliveries are copies.
         if (route === null || Math.min(record.qos, route.qos) !== 1) continue
+        if (route.noLocal && record.clientId === via.conn.clientId) continue // its own message
         if (expiredAt(record.headers, record.timestamp, now)) { // [MQTT-3.3.2-5]
           this.#deps.onExpired?.(cursor.tenant)
           continue
@@ -603,7 +606,14 @@ export class SessionCursors {
     if (route === undefined) {
       const qos = this.#deps.grantedQos(state.clientId, mounted)
       const delivered = qos > 0 ? via.deliveredTopic(mounted) : null
-      route = delivered === null ? null : { topic: Buffer.from(delivered), qos, ids: this.#deps.subscriptionIds?.(state.clientId, mounted) ?? [] }
+      route = delivered === null
+        ? null
+        : {
+            topic: Buffer.from(delivered),
+            qos,
+            ids: this.#deps.subscriptionIds?.(state.clientId, mounted) ?? [],
+            noLocal: this.#deps.noLocal?.(state.clientId, mounted) ?? false,
+          }
       if (state.routes.size >= CACHE_ENTRIES) state.routes.clear()
       state.routes.set(mounted, route)
     }

@@ -479,6 +479,7 @@ export class LevelSessionPersistence {
         write: (ops) => this.#writer.write(ops),
         grantedQos: (clientId, topic) => this.#grantedQos(clientId, topic),
         subscriptionIds: (clientId, topic) => this.#subscriptionIds(clientId, topic),
+        noLocal: (clientId, topic) => this.#noLocal(clientId, topic),
         busy: (clientId, messageId) => this.#queues.get(clientId)?.byMessageId(messageId) !== undefined,
         broker: () => this.#broker,
         window,
@@ -952,6 +953,14 @@ export class LevelSessionPersistence {
       if (record.subscriptionIdentifier !== undefined && topicMatches(filter, topic)) ids.push(record.subscriptionIdentifier)
     }
     return ids
+  }
+
+  /** Whether every QoS > 0 subscription of the client whose filter matches the topic has No Local set [MQTT-3.8.3-3]. */
+  #noLocal (clientId: string, topic: string): boolean {
+    for (const [filter, record] of this.#subs.get(clientId) ?? []) {
+      if (record.qos > 0 && record.nl !== true && topicMatches(filter, topic)) return false
+    }
+    return true
   }
 
   /**

@@ -373,6 +373,23 @@ describe('session cursors into the log', () => {
     expect(expired).toEqual(['t1'])
   })
 
+  it('does not send a client its own messages on a subscription with No Local (MQTT 5), as aedes\' live path does not', async () => {
+    const { gw } = await fresh()
+    await gw.persistence.addSubscriptions({ id: 'dev' }, [{ topic: 't1/devices/+/telemetry/#', qos: 1, nl: true }])
+    await gw.persistence.addSubscriptions({ id: 'both' }, [
+      { topic: 't1/devices/+/telemetry/#', qos: 1, nl: true }, { topic: 't1/devices/d0/#', qos: 1 },
+    ])
+    for (const [from, body] of [['dev', 'mine'], ['other', 'theirs'], ['both', 'own']] as const) {
+      const { partition, offset } = await gw.store.append('t1/telemetry', 'd0', { payload: Buffer.from(body), topic: 'devices/d0/telemetry/t', qos: 1, clientId: from })
+      const packet: SessionPacket = { cmd: 'publish', topic: 't1/devices/d0/telemetry/t', payload: Buffer.from(body), qos: 1, brokerId: 'gw', brokerCounter: ++counter }
+      attachLogPosition(packet, { stream: 't1/telemetry', partition, offset })
+      await gw.persistence.outgoingEnqueueCombi(await gw.persistence.subscriptionsByTopic(String(packet.topic)), packet)
+    }
+    expect(bodies(await drain(gw, 'dev'))).toEqual(['theirs', 'own'])
+    // a second subscription without No Local matches too: its own message comes through that one
+    expect(bodies(await drain(gw, 'both'))).toEqual(['mine', 'theirs', 'own'])
+  })
+
   it('moves aedes off a packet id a cursor delivery holds (aedes takes its ids from the same counter)', async () => {
     const { gw } = await fresh()
     await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: 't1/devices/+/telemetry/#', qos: 2 }])
