@@ -240,9 +240,15 @@ export function claimPubacks (broker: Aedes, claim: (client: Client, messageId: 
 
 /** {@link claimPubacks} on the persistence object itself, before aedes has bound it (`broker.listen()`). */
 export function claimPubacksOf (persistence: { outgoingClearMessageId: OutgoingClear }, claim: (client: Client, messageId: number) => boolean): () => void {
-  return wrapMethod(persistence, 'outgoingClearMessageId', (clear) => async (client, packet) => {
-    if (packet.cmd === 'puback' && typeof packet.messageId === 'number' && claim(client, packet.messageId)) return undefined
-    return await clear(client, packet)
+  // Not an async function: every PUBACK passes one such wrapper per claimer (replays, shares), and a drain takes tens
+  // of thousands a second; only a claimed one makes a promise of its own.
+  return wrapMethod(persistence, 'outgoingClearMessageId', (clear) => (client, packet) => {
+    try {
+      if (packet.cmd === 'puback' && typeof packet.messageId === 'number' && claim(client, packet.messageId)) return Promise.resolve(undefined)
+      return clear(client, packet)
+    } catch (err) {
+      return Promise.reject(err)
+    }
   })
 }
 

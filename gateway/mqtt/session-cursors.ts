@@ -126,8 +126,9 @@ class PartitionCursor {
   committed: number
   /** Next offset this connection has not yet delivered or skipped. */
   next: number
-  /** Offsets delivered and not acknowledged, ascending. */
-  readonly pending: number[] = []
+  /** Offsets delivered and not acknowledged, ascending, from `#head` on (a queue without shift()'s copying). */
+  #pending: number[] = []
+  #head = 0
   /** Offsets acknowledged above an unacknowledged one (not sent again by a new connection). */
   readonly acked = new Set<number>()
   /** Offsets below this may have been sent before (DUP). */
@@ -139,24 +140,41 @@ class PartitionCursor {
   aheadPos = 0
   aheadEnd = 0
 
+  /** The tenant of the stream (`<tenant>/<stream>`). */
+  readonly tenant: string
+
   constructor (readonly stream: string, readonly partition: number, committed: number, dupBelow: number) {
+    this.tenant = stream.slice(0, stream.indexOf('/'))
     this.committed = committed
     this.next = committed
     this.dupBelow = dupBelow
   }
 
-  get tenant (): string { return this.stream.slice(0, this.stream.indexOf('/')) }
 
   /** Where the cursor may go: the lowest unacknowledged delivery, or past everything delivered. */
   target (): number {
-    while (this.pending.length > 0 && this.acked.delete(this.pending[0] as number)) this.pending.shift()
-    return this.pending[0] ?? this.next
+    const pending = this.#pending
+    while (this.#head < pending.length && this.acked.delete(pending[this.#head] as number)) this.#head++
+    if (this.#head === pending.length) {
+      this.#pending = []
+      this.#head = 0
+    } else if (this.#head > 1024 && this.#head * 2 > pending.length) {
+      this.#pending = pending.slice(this.#head)
+      this.#head = 0
+    }
+    return this.#pending[this.#head] ?? this.next
+  }
+
+  /** A delivery of `offset` went out (offsets ascending). */
+  sent (offset: number): void {
+    this.#pending.push(offset)
   }
 
   /** A new connection reads again from the lowest unacknowledged delivery; everything sent from there is DUP. */
   restart (): void {
     const from = this.target()
-    this.pending.length = 0
+    this.#pending = []
+    this.#head = 0
     for (const offset of this.acked) if (offset < from) this.acked.delete(offset)
     this.dupBelow = Math.max(this.dupBelow, this.next)
     this.next = from
@@ -186,8 +204,8 @@ class ClientCursors {
   running = false
   again = false
   scheduled = false
-  /** Mounted topic → how it is delivered, for this connection and its subscriptions. */
-  readonly routes = new Map<string, Route>()
+  /** Tenant → record topic → how it is delivered, for this connection and its subscriptions. */
+  readonly routes = new Map<string, Map<string, Route>>()
   /** Cursor at which the next batch starts taking records, so partitions take turns. */
   turn = 0
 
@@ -564,8 +582,7 @@ export class SessionCursors {
         cursor.next = record.offset + 1
         touched.add(cursor)
         if (cursor.acked.delete(record.offset)) continue // acknowledged on an earlier connection
-        const mounted = mountTopic(cursor.tenant, record.topic)
-        const route = this.#route(state, via, mounted)
+        const route = this.#route(state, via, cursor.tenant, record.topic)
         // QoS 0 records, topics no subscription matches and topics it may not read are not this session's; QoS 2 deliveries are copies.
         if (route === null || Math.min(record.qos, route.qos) !== 1) continue
         if (route.noLocal && record.clientId === via.conn.clientId) continue // its own message
@@ -591,7 +608,7 @@ export class SessionCursors {
       for (const { cursor, record, topic, properties } of picked) {
         const id = this.#allocate(state, via)
         state.inflight.set(id, { cursor, record })
-        cursor.pending.push(record.offset)
+        cursor.sent(record.offset)
         at = writePublishPacket(out, at, topic, record.payload, 1, id, false, properties, record.offset < cursor.dupBelow)
       }
     }
@@ -600,10 +617,13 @@ export class SessionCursors {
     return out
   }
 
-  /** How the connection gets a mounted topic: the QoS granted, its delivered topic, its subscription identifiers. */
-  #route (state: ClientCursors, via: CursorConnection, mounted: string): Route {
-    let route = state.routes.get(mounted)
+  /** How the connection gets a record's topic: the QoS granted, its delivered topic, its subscription identifiers. */
+  #route (state: ClientCursors, via: CursorConnection, tenant: string, topic: string): Route {
+    let byTopic = state.routes.get(tenant)
+    if (byTopic === undefined) state.routes.set(tenant, byTopic = new Map())
+    let route = byTopic.get(topic)
     if (route === undefined) {
+      const mounted = mountTopic(tenant, topic)
       const qos = this.#deps.grantedQos(state.clientId, mounted)
       const delivered = qos > 0 ? via.deliveredTopic(mounted) : null
       route = delivered === null
@@ -614,8 +634,8 @@ export class SessionCursors {
             ids: this.#deps.subscriptionIds?.(state.clientId, mounted) ?? [],
             noLocal: this.#deps.noLocal?.(state.clientId, mounted) ?? false,
           }
-      if (state.routes.size >= CACHE_ENTRIES) state.routes.clear()
-      state.routes.set(mounted, route)
+      if (byTopic.size >= CACHE_ENTRIES) byTopic.clear()
+      byTopic.set(topic, route)
     }
     return route
   }
