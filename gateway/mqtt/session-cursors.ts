@@ -318,7 +318,7 @@ export class SessionCursors {
       this.#watch(state, cursor)
     }
     this.#unlisten ??= this.#deps.log.onAppend((e) => this.#appended(e))
-    via.conn.stream.once('close', () => { if (state.client === client) this.#release(state) })
+    via.conn.stream.once('close', () => { if (state.client === client) this.#release(state, true) })
     this.#schedule(state)
   }
 
@@ -475,12 +475,14 @@ export class SessionCursors {
   }
 
   /** The connection is gone (closed, replaced, or the session dropped): its deliveries in flight are forgotten. */
-  #release (state: ClientCursors): void {
+  #release (state: ClientCursors, forgetIfEmpty = false): void {
     this.#unwatch(state)
     state.client = undefined
     state.via = undefined
     state.inflight.clear()
     state.routes.clear()
+    // An offline session without cursors keeps nothing here (its next logged message makes them again).
+    if (forgetIfEmpty && state.cursors.size === 0 && this.#clients.get(state.clientId) === state) this.#clients.delete(state.clientId)
   }
 
   #watch (state: ClientCursors, cursor: PartitionCursor): void {
