@@ -974,7 +974,10 @@ export class LevelSessionPersistence {
     this.#ready()
     // aedes took this id from the client's counter for a delivery of its own; a cursor delivery may hold it (its ids
     // come from the same counter, and a new connection starts it elsewhere): it goes out with a free one instead.
-    if (typeof packet.messageId === 'number' && this.#cursors !== undefined) movePacketId(packet, this.#cursors.freeId(client, packet.messageId))
+    // A PUBREL keeps the id of its PUBLISH, which the cursors never take (busy while the copy is queued).
+    if (packet.cmd === 'publish' && typeof packet.messageId === 'number' && this.#cursors !== undefined) {
+      movePacketId(packet, this.#cursors.freeId(client, packet.messageId))
+    }
     const queue = this.#queue(client.id, false)
     const messageId = typeof packet.messageId === 'number' ? checkMessageId(packet.messageId) : undefined
     const sameBroker = queue?.byBroker(packet.brokerId, packet.brokerCounter)
