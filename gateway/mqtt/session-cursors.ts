@@ -607,9 +607,10 @@ export class SessionCursors {
     if (picked.length > 0) {
       out = Buffer.allocUnsafe(size)
       let at = 0
-      for (const { cursor, record, topic, properties } of picked) {
+      for (const delivery of picked) {
+        const { cursor, record, topic, properties } = delivery
         const id = this.#allocate(state, via)
-        state.inflight.set(id, { cursor, record })
+        state.inflight.set(id, delivery)
         cursor.sent(record.offset)
         at = writePublishPacket(out, at, topic, record.payload, 1, id, false, properties, record.offset < cursor.dupBelow)
       }
