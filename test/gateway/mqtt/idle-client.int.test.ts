@@ -2,7 +2,8 @@
  * slimClient (aedes-internals.ts) swaps parts of each aedes client for cheaper ones to make idle connections
  * lighter (issue 13). These tests run a real aedes broker on a TCP port, as listeners.ts wires it, and check that
  * the client still does all it did: packets split anywhere across reads and a packet larger than a read parse as
- * before, the parser stops holding the CONNECT (and its password) but keeps its protocol version, and the inbound
+ * before, the parser stops holding the CONNECT (and its password) but keeps its protocol version (forgetConnectPacket,
+ * which the gateway calls from preConnect), and the inbound
  * QoS 2 bound aedes keeps per client (maxInflightInbound) still closes a client that withholds PUBRELs, and the
  * shared functions that replace aedes' bound listeners still turn a parse error, a reset and a half-close into the
  * broker's events.
@@ -11,7 +12,7 @@ import net, { type AddressInfo } from 'node:net'
 import { Aedes } from 'aedes'
 import { BufferList } from 'bl'
 import { afterEach, describe, expect, it } from 'vitest'
-import { slimClient } from '../../../gateway/mqtt/aedes-internals.ts'
+import { forgetConnectPacket, slimClient } from '../../../gateway/mqtt/aedes-internals.ts'
 import { connectPacket, packet, publishPacket, RawConnection, str, subscribePacket, u16 } from '../../helpers/raw-mqtt.ts'
 
 interface Running { readonly url: string, readonly broker: Aedes, readonly clients: object[], close (): Promise<void> }
@@ -19,7 +20,8 @@ interface Running { readonly url: string, readonly broker: Aedes, readonly clien
 const running: Running[] = []
 
 async function start (options: { maxInflightInbound?: number } = {}): Promise<Running> {
-  const broker = await Aedes.createBroker({ ...options })
+  // As the gateway wires it: slimClient after handle, forgetConnectPacket in preConnect (hooks/authenticate.ts).
+  const broker = await Aedes.createBroker({ ...options, preConnect: (client, packet, done) => { forgetConnectPacket(client, packet); done(null, true) } })
   const clients: object[] = []
   const server = net.createServer((socket) => {
     const client = broker.handle(socket)
