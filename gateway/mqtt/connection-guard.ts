@@ -30,7 +30,8 @@
  *   has too many appends pending) or the client is over its publish rate.
  *
  * The readable side has a high-water mark of one byte, so a segment is
- * pushed only when aedes asked for more. Writes pass straight through.
+ * pushed only when aedes asked for more. Writes are gathered for one turn of
+ * the event loop and go to the socket in one write (see #queueWrite).
  *
  * An idle connection should cost little (issue 13: an idle device connection
  * cost 12-20 KB of RSS, Mosquitto's 0.7 KB): the options are one object per
