@@ -141,6 +141,25 @@ describe('persistent session deliveries from the log', () => {
     expect(await gw.stop()).toBe(0)
   }, 120_000)
 
+  it('a connected persistent subscriber gets the first message of every partition (ten devices publishing one message at once)', async () => {
+    const gw = await gateway()
+    const sub = await mqtt.connectAsync(gw.mqttUrl, { clientId: 'svc', clean: false, reconnectPeriod: 0 })
+    cleanups.push(async () => { sub.end(true) })
+    const got = new Set<string>()
+    sub.on('message', (_t, payload) => got.add(payload.toString()))
+    await sub.subscribeAsync('devices/+/telemetry/#', { qos: 1 })
+    await Promise.all(Array.from({ length: 10 }, async (_v, d) => {
+      const client = await mqtt.connectAsync(gw.mqttUrl, { clientId: `dev-${d}`, reconnectPeriod: 0 })
+      await client.publishAsync(`devices/dev-${d}/telemetry/t`, `${d}:0`, { qos: 1 })
+      await client.endAsync()
+    }))
+    const deadline = Date.now() + WAIT_MS
+    while (got.size < 10 && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 20))
+    expect([...got].sort()).toEqual(Array.from({ length: 10 }, (_v, d) => `${d}:0`).sort())
+    sub.end(true)
+    expect(await gw.stop()).toBe(0)
+  }, 120_000)
+
   it('a subscriber that leaves in the middle of a drain gets the rest when it comes back, the unacknowledged ones with DUP', async () => {
     const gw = await gateway()
     const PER_DEVICE = 250
