@@ -47,13 +47,13 @@ import { DisconnectRefusals } from './disconnect-refusals.ts'
 import { Downlink, RECEIPT_RESPONSE_TOPIC_HEADER } from './downlink.ts'
 import { headersToProperties } from './mqtt-properties.ts'
 import { advance, rewind, type Lane, type Pending } from './lanes.ts'
-import { DEDUPE_TOPIC_PREFIX, parseTemplate, RECORD_VARIABLES } from './topic-template.ts'
+import { DEDUPE_PROPERTY, DEDUPE_TOPIC_PREFIX, parseTemplate, RECORD_VARIABLES } from './topic-template.ts'
 import { REFUSAL_RETRY_MS, UplinkCore, type UplinkDeps } from './uplink-core.ts'
 import { redact, type UpstreamStatus } from './uplink-status.ts'
 
 export type { UplinkDeps } from './uplink-core.ts'
 
-export const DEDUPE_PROPERTY = 'edgemq-dedupe-id'
+export { DEDUPE_PROPERTY } from './topic-template.ts'
 
 /** A 3.1.1 disconnect later than this after a message was sent does not point at it. */
 const REFUSAL_DISCONNECT_MS = 10_000
