@@ -90,6 +90,8 @@ async function start (config: GatewayConfig, deps: GatewayDeps, shutdown: Shutdo
   shutdown.add('database', () => root.close())
   if (root.status !== 'open') await root.open()
   const sessionsDb = root.sublevel<Buffer, Buffer>('sessions', { keyEncoding: 'buffer', valueEncoding: 'buffer' }) as unknown as LevelDatabase
+  // Where gateways before the one session-expiry mechanism kept MQTT 5 deadlines: read once, emptied (mqtt/session-expiry.ts).
+  const legacyExpiryDb = root.sublevel<Buffer, Buffer>('session-expiry', { keyEncoding: 'buffer', valueEncoding: 'buffer' }) as unknown as LevelDatabase
 
   // Before the store opens: a primary journals every write of the database, from the first.
   const replication = await startReplication({
@@ -112,6 +114,7 @@ async function start (config: GatewayConfig, deps: GatewayDeps, shutdown: Shutdo
       await root.close()
       await root.open()
       if (sessionsDb.status !== 'open') await sessionsDb.open() // sublevels stay closed until opened again
+      if (legacyExpiryDb.status !== 'open') await legacyExpiryDb.open()
     },
     logger: { warn: (fields, msg) => logger.warn(fields, msg), error: (fields, msg) => logger.error(fields, msg) },
     observer,
@@ -177,7 +180,7 @@ async function start (config: GatewayConfig, deps: GatewayDeps, shutdown: Shutdo
   // primary's, for after a promotion.
   if (!standby) {
     const sessionExpiry = new SessionExpiry({
-      persistence, broker, now: () => systemClock.now(), logger,
+      persistence, broker, now: () => systemClock.now(), logger, legacy: { db: legacyExpiryDb, writer: store },
       firePendingWill: (clientId) => wills.firePending(clientId),
       onExpired: () => { metrics.sessionsExpired.inc() },
     })

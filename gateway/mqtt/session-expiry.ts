@@ -24,8 +24,17 @@
  *
  * Not run on a standby: its readers' sessions live in memory, and the
  * replicated marks are the primary's, for after a promotion.
+ *
+ * Gateways before this kept MQTT 5 deadlines in a `session-expiry` sublevel of
+ * their own (key: the scoped client id, utf8; value: a kind byte, 0 = the
+ * deadline in ms of a session gone offline, 1 = the interval in s of a client
+ * connected, then a u64). At start each entry becomes its session's interval
+ * (a deadline counted back from the session's offline mark) and is deleted,
+ * in one batch after the intervals are written: a kill in between reads them
+ * again.
  */
 import type { Aedes, Client } from 'aedes'
+import type { ExtraOperation, ExtraSublevel, LevelDatabase } from '../../store/index.ts'
 import { connectedClient, ownSessionExpiry } from './aedes-internals.ts'
 import { isMqtt5 } from './reason-codes.ts'
 import type { SessionEnd } from './session-persistence.ts'
@@ -39,6 +48,14 @@ export interface ExpiringSessions {
   sessionEnd (clientId: string): SessionEnd | null
   expireSession (clientId: string): Promise<SessionEnd | null>
   expireSessions (): Promise<Array<SessionEnd & { clientId: string }>>
+  offlineSince (clientId: string): number | undefined
+  adoptInterval (clientId: string, seconds: number): Promise<boolean>
+}
+
+/** The `session-expiry` sublevel of gateways before this one, and the writer that deletes its entries (see the header). */
+export interface LegacyDeadlines {
+  readonly db: LevelDatabase
+  readonly writer: { write (ops: readonly ExtraOperation[]): Promise<void> }
 }
 
 export interface SessionExpiryDeps {
@@ -51,6 +68,7 @@ export interface SessionExpiryDeps {
   /** Told of every session ended (edgemq_mqtt_sessions_expired_total). */
   readonly onExpired: (end: SessionEnd & { clientId: string }) => void
   readonly logger: { info (fields: Record<string, unknown>, message: string): void, warn (fields: Record<string, unknown>, message: string): void }
+  readonly legacy?: LegacyDeadlines
 }
 
 export class SessionExpiry {
@@ -71,6 +89,7 @@ export class SessionExpiry {
     const { persistence, broker, logger } = this.#deps
     // aedes' own timer for the sessions ended here (an MQTT 5 interval above 0; with 0 aedes ends the session at once).
     this.#restore = ownSessionExpiry(broker, (client) => isMqtt5(client) && (client as Client & { sessionExpiryInterval?: number }).sessionExpiryInterval !== 0)
+    if (this.#deps.legacy !== undefined) await this.#adoptLegacy(this.#deps.legacy)
     const ended = await persistence.expireSessions()
     for (const end of ended) this.#report(end)
     for (const id of persistence.offlineSessions()) this.#arm(id)
@@ -79,6 +98,24 @@ export class SessionExpiry {
     // Registered after the persistence's own listeners (setup, in listen()): it has marked the session offline by then.
     events.on('clientDisconnect', (client: Client) => { if (!this.#stopped) this.#arm(client.id) })
     events.on('client', (client: Client) => { this.#cancel(client.id) })
+  }
+
+  /** Moves the deadlines of the former `session-expiry` sublevel into the sessions (see the header). */
+  async #adoptLegacy ({ db, writer }: LegacyDeadlines): Promise<void> {
+    const { persistence, now, logger } = this.#deps
+    const done: ExtraOperation[] = []
+    let adopted = 0
+    for await (const [key, value] of db.iterator() as AsyncIterable<[Buffer, Buffer]>) {
+      done.push({ type: 'del', sublevel: db as unknown as ExtraSublevel, key })
+      if (value.length !== 9) continue
+      const id = key.toString('utf8')
+      const n = Number(value.readBigUInt64BE(1))
+      const seconds = value[0] === 1 ? n : Math.max(0, Math.ceil((n - (persistence.offlineSince(id) ?? now())) / 1000))
+      if (await persistence.adoptInterval(id, seconds)) adopted++
+    }
+    if (done.length === 0) return
+    await writer.write(done)
+    logger.info({ adopted, entries: done.length }, 'session expiry deadlines of the former session-expiry key space moved into the sessions')
   }
 
   /** Clears the timers (the gateway is stopping; what they time is stored). */

@@ -837,6 +837,18 @@ export class LevelSessionPersistence {
     return bound === null ? null : { at: since + bound.seconds * 1000, ...bound }
   }
 
+  /**
+   * Gives an existing session the MQTT 5 Session Expiry Interval a gateway before this format kept elsewhere
+   * (session-expiry.ts reads it once); resolves with whether there was a session to give it to.
+   */
+  async adoptInterval (clientId: string, seconds: number): Promise<boolean> {
+    this.#ready()
+    if (!this.#sessions.has(clientId) || !Number.isSafeInteger(seconds) || seconds < 0 || seconds >= NEVER_EXPIRES) return false
+    if (this.#intervals.get(clientId) === seconds) return true
+    await this.#writer.write([this.#setInterval(clientId, seconds)])
+    return true
+  }
+
   /** When the session went offline (ms), if it is offline. */
   offlineSince (clientId: string): number | undefined {
     this.#ready()
