@@ -40,9 +40,9 @@ describe('MQTT 5 will delay across kill -9', () => {
     const watcher = await connectOk(gw.mqttUrl, watcherOptions)
     await watcher.subscribeAsync('devices/+/events/#', { qos: 1 })
     await watcher.endAsync()
-    // late: a 2 s delay; back: 3 s, but it reconnects at once; marker: 4 s, published after back's would have been;
-    // ends: a delay far beyond its 2 s session, so published when the session ends.
-    for (const [id, session, delay] of [['late', 3600, 2], ['back', 3600, 3], ['marker', 3600, 4], ['ends', 2, 0xfffffff0]] as const) {
+    // late: a 2 s delay; back: 6 s (room for a slow start), but it reconnects at once; marker: 8 s, published after back's
+    // would have been; ends: a delay far beyond its 2 s session, so published when the session ends.
+    for (const [id, session, delay] of [['late', 3600, 2], ['back', 3600, 6], ['marker', 3600, 8], ['ends', 2, 0xfffffff0]] as const) {
       clients.add(await connectOk(gw.mqttUrl, v5(id, session, delay)))
     }
     // A session write after theirs (the group commit keeps call order): once its SUBACK is back, their wills and sessions are on disk.
