@@ -215,9 +215,11 @@ describe('bridge: edgemq → edgemq', () => {
     cleanups.push(regionDir.cleanup, edgeDir.cleanup)
     const regionPort = await freePort()
     const region = await startRegion(regionDir.dir, regionPort)
+    cleanups.push(() => region.kill()) // also when the edge fails to start
     const proxy = await startFlakyProxy({ host: '127.0.0.1', port: regionPort }, 3, 'puback')
+    cleanups.push(() => proxy.close())
     const edge = await startEdge(edgeDir.dir, Number(new URL(proxy.url).port), { mqttVersion: '5' })
-    cleanups.push(async () => { await edge.kill(); await proxy.close(); await region.kill() })
+    cleanups.push(() => edge.kill())
     const acked = await publishAcked(edge.mqttUrl, ['dev-a', 'dev-b'], 200)
     const status = await drained(edge.httpUrl, 'region')
     expect(proxy.cut()).toBe(3) // three connections lost a PUBACK of a record the region had logged: each was sent again
