@@ -20,6 +20,8 @@ export const REASON = {
   MALFORMED_PACKET: 0x81,
   /** DISCONNECT: a packet that breaks the protocol (connection-guard.ts). */
   PROTOCOL_ERROR: 0x82,
+  /** A PUBLISH this gateway does not take although it is well formed: an `edgemq-dedupe-id` user property that is not a dedupe id. */
+  IMPLEMENTATION_SPECIFIC_ERROR: 0x83,
   /** The ACL refuses the topic, or the topic is one nobody may publish to ($replay/, $dedupe/ without a grant). */
   NOT_AUTHORIZED: 0x87,
   /** DISCONNECT: the client sent nothing for 1.5 times its keep-alive (hooks/client-events.ts). */

@@ -23,7 +23,7 @@
  */
 import type { AedesOptions, Client, PublishPacket } from 'aedes'
 import type { ExtraOperation } from '../../../store/index.ts'
-import { splitDedupeTopic } from '../../../bridge/index.ts'
+import { DEDUPE_PROPERTY, dedupePropertyOf, splitDedupeTopic, type MessageProperties } from '../../../bridge/index.ts'
 import { isAllowed, mayReplicate, type Identity } from '../../access/auth.ts'
 import { mountTopic, topicNameProblem } from '../../access/topics.ts'
 import { GatewayError } from '../../errors.ts'
@@ -111,18 +111,33 @@ export function authorizePublish (ctx: HookContext): AuthorizePublish {
       return callback(refusedError('a publish needs a client', REASON.NOT_AUTHORIZED))
     }
     const who = ctx.identities.get(client)
-    // A record replicated by another edgemq's bridge over MQTT 3.1.1 carries its dedupe id in a topic prefix: it
-    // is appended under that id, so a resend after the sender's reconnect or crash is acknowledged, not logged twice.
-    const carried = splitDedupeTopic(packet.topic)
+    // A record replicated by another edgemq's bridge carries its dedupe id in a topic prefix (MQTT 3.1.1) or a user
+    // property (MQTT 5): it is appended under that id, so a resend after the sender's reconnect or crash is
+    // acknowledged, not logged twice.
+    const properties = (packet as PublishPacket & { properties?: MessageProperties }).properties
+    const property = isMqtt5(client) ? dedupePropertyOf(properties?.userProperties) : null
+    if (property === 'invalid') {
+      const detail = `${packet.topic}: its ${DEDUPE_PROPERTY} user property is not one dedupe id (<gatewayId>/<tenant>/<stream>/<partition>/<offset>)`
+      refusePublish(client, who, 'invalid-topic', detail)
+      return callback(refusedError(detail, REASON.IMPLEMENTATION_SPECIFIC_ERROR))
+    }
+    const carried = splitDedupeTopic(packet.topic) ?? (property === null ? null : { dedupeId: property, topic: packet.topic })
     if (carried !== null) {
       // The open local mode (no users, loopback) tells nobody apart, so its anonymous clients may; else an ACL
       // replicate grant. Per stream dedupe ids (store) keep one tenant's ids from touching another's records.
       const openLocal = who?.role === 'anonymous' && config.users.length === 0 && isLoopback(listenerOf(client)?.host ?? '')
       if (who === undefined || !(openLocal || mayReplicate(config.acl, who, carried.topic))) {
-        refusePublish(client, who, 'invalid-topic', `${carried.topic}: publishing replicated ($dedupe/) records needs an ACL "replicate" grant`)
-        return callback(refusedError('$dedupe/ topics are for bridges', REASON.NOT_AUTHORIZED))
+        const detail = `${carried.topic}: publishing replicated ($dedupe/, ${DEDUPE_PROPERTY}) records needs an ACL "replicate" grant`
+        refusePublish(client, who, 'invalid-topic', detail)
+        return callback(refusedError(`${property === null ? '$dedupe/ topics' : `the ${DEDUPE_PROPERTY} property`} is for bridges`, REASON.NOT_AUTHORIZED))
       }
       packet.topic = carried.topic
+      // Kept as the record's origin header (below), as the topic prefix is: not a user property of the message.
+      if (property !== null && properties?.userProperties !== undefined) {
+        const { [DEDUPE_PROPERTY]: _id, ...rest } = properties.userProperties
+        properties.userProperties = rest
+        if (Object.keys(rest).length === 0) delete properties.userProperties
+      }
     }
     const topic = packet.topic
     const problem = topicNameProblem(topic)
