@@ -1,6 +1,7 @@
 /**
- * MQTT 5 Receive Maximum both ways (receive-maximum.ts) on a real gateway
- * over TCP, with raw MQTT 5 clients (they control exactly which
+ * MQTT 5 Receive Maximum both ways (receive-maximum.ts), and a failed durable
+ * append of a QoS 2 PUBLISH answered on its PUBREC (inbound-qos2.ts), on a
+ * real gateway over TCP with raw MQTT 5 clients (they control exactly which
  * acknowledgements go back) and MQTT.js.
  */
 import { mkdir } from 'node:fs/promises'
@@ -14,7 +15,8 @@ import { buildConfig } from '../../../gateway/config/config.ts'
 import { startGateway, type Gateway } from '../../../gateway/gateway.ts'
 import type { LevelDatabase } from '../../../store/index.ts'
 import { tempDir } from '../../helpers/gateway-process.ts'
-import { connectOk, metricValue } from '../../helpers/mqtt-probe.ts'
+import { readWholeLog } from '../../helpers/log-reader.ts'
+import { connectOk, metricValue, waitFor } from '../../helpers/mqtt-probe.ts'
 import { rawConnect, type RawClient } from '../../helpers/raw-client.ts'
 
 const TIMEOUT = 30_000
@@ -173,5 +175,51 @@ describe('MQTT 5 Receive Maximum', () => {
       expect(got).toEqual(Array.from({ length: count }, (_, i) => `b${i}`))
       expect(errors).toEqual([])
       expect(sub.connected).toBe(true)
+    }, TIMEOUT)
+})
+
+describe('MQTT 5: a QoS 2 PUBLISH whose durable append failed is answered on its PUBREC', () => {
+  let gw: TestGateway
+  beforeAll(async () => { gw = await startTestGateway() }, TIMEOUT)
+  afterAll(async () => { await gw.close(); await gw.cleanup() }, TIMEOUT)
+
+  it('PUBREC 0x97 while the disk is full, 0x80 for another write failure; the connection stays, the id can be used again, nothing refused is logged',
+    async () => {
+      const { raw } = await connectRaw(gw.url, 'd-q2')
+      const topic = 'devices/d-q2/telemetry/t'
+      raw.send(publish(1, 'before', 2, topic))
+      expect(await raw.next('pubrec')).toMatchObject({ messageId: 1, reasonCode: 0 })
+      raw.send({ cmd: 'pubrel', messageId: 1 })
+      await raw.next('pubcomp')
+      gw.fail(Object.assign(new Error('ENOSPC: no space left on device'), { code: 'ENOSPC' }))
+      raw.send(publish(2, 'full', 2, topic))
+      const full = await raw.next('pubrec') as { messageId?: number, reasonCode?: number, properties?: { reasonString?: string } }
+      expect(full).toMatchObject({ messageId: 2, reasonCode: 0x97 })
+      expect(full.properties?.reasonString).toMatch(/ENOSPC/)
+      gw.fail(new Error('IO error: device gone'))
+      raw.send(publish(3, 'broken', 2, topic))
+      expect(await raw.next('pubrec')).toMatchObject({ messageId: 3, reasonCode: 0x80 })
+      gw.fail(null)
+      // The refused exchanges are over (MQTT 5 4.3.3): the same packet id carries a new message, which is logged.
+      raw.send(publish(2, 'after', 2, topic))
+      expect(await raw.next('pubrec')).toMatchObject({ messageId: 2, reasonCode: 0 })
+      raw.send({ cmd: 'pubrel', messageId: 2 })
+      await raw.next('pubcomp')
+      raw.end()
+      await raw.closed
+      // MQTT 3.1.1 has no reason code on PUBREC: the append is retried until the disk is back, then acknowledged.
+      const { raw: old } = await connectRaw(gw.url, 'd-q2-311', 4)
+      gw.fail(Object.assign(new Error('ENOSPC: no space left on device'), { code: 'ENOSPC' }))
+      const failedBefore = await metricValue(gw.httpUrl, 'edgemq_mqtt_publishes_refused_total')
+      old.send(publish(1, 'retried', 2, 'devices/d-q2-311/telemetry/t'))
+      // The gateway turns unhealthy at the failed write; no PUBREC has been sent for it.
+      expect(await waitFor(async () => (await fetch(`${gw.httpUrl}/health`)).status === 503, 5000)).toBe(true)
+      gw.fail(null)
+      expect(await old.next('pubrec', 10_000)).toMatchObject({ messageId: 1 })
+      expect(await metricValue(gw.httpUrl, 'edgemq_mqtt_publishes_refused_total')).toBe(failedBefore)
+      old.end()
+      await old.closed
+      await gw.close()
+      expect((await readWholeLog(gw.dir)).map((r) => String(r.payload))).toEqual(['before', 'after', 'retried'])
     }, TIMEOUT)
 })
