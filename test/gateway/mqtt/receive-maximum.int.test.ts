@@ -151,6 +151,33 @@ describe('MQTT 5 Receive Maximum', () => {
       }, TIMEOUT)
   }
 
+  it('paces a $replay to an MQTT 5 client by its receive maximum (2), below the replay\'s own window', async () => {
+    const publisher = await connectOk(gw.url, { protocolVersion: 5, clientId: 'rp-pub' })
+    clients.add(publisher)
+    const count = 6
+    for (let i = 0; i < count; i++) await publisher.publishAsync('devices/rp-pub/telemetry/t', `r${i}`, { qos: 1 })
+    const { raw } = await connectRaw(gw.url, 'rp-sub', 5, { receiveMaximum: 2 })
+    const got: string[] = []
+    const unacked: number[] = []
+    raw.onPacket((p) => {
+      if (p.cmd !== 'publish') return
+      got.push(p.topic.endsWith('$done') ? '$done' : String(p.payload))
+      unacked.push(p.messageId as number)
+    })
+    raw.send({ cmd: 'subscribe', messageId: 1, subscriptions: [{ topic: '$replay/earliest/devices/rp-pub/#', qos: 1 }] })
+    await raw.next('suback')
+    for (let round = 0; !got.includes('$done') && round < 3 * count; round++) {
+      // A replay writes as soon as its window has room: wait until it has filled it, then check nothing more came.
+      for (let wait = 0; wait < 100 && unacked.length < 2 && !got.includes('$done'); wait++) await roundTrip(raw)
+      await roundTrip(raw)
+      expect(unacked.length).toBeLessThanOrEqual(2)
+      raw.send({ cmd: 'puback', messageId: unacked.shift() as number })
+    }
+    expect(got).toEqual([...Array.from({ length: count }, (_, i) => `r${i}`), '$done'])
+    raw.end()
+    await raw.closed
+  }, TIMEOUT)
+
   it('an MQTT.js subscriber with receiveMaximum 1 gets every QoS 2 message of a burst, in order (MQTT.js disconnects a broker over it: 0x93)',
     async () => {
       const sub = await connectOk(gw.url, { protocolVersion: 5, clientId: 'js-sub', properties: { receiveMaximum: 1 } })
