@@ -29,7 +29,9 @@
  *   the receive maximum the CONNACK advertises, and an MQTT 5 client with
  *   more QoS 1/2 PUBLISHes unfinished gets DISCONNECT 0x93; towards an MQTT 5
  *   client it holds QoS 1/2 PUBLISHes beyond the client's own receive
- *   maximum until the client acknowledges (receive-maximum.ts);
+ *   maximum until the client acknowledges (receive-maximum.ts), and gives
+ *   topic aliases to the PUBLISHes it writes when the client allows them
+ *   (topic-aliases.ts);
  * - it stops reading from the socket while the gateway is paused (the log
  *   has too many appends pending) or the client is over its publish rate.
  *
@@ -48,6 +50,7 @@ import { Duplex } from 'node:stream'
 import { clientOfConnection } from './aedes-internals.ts'
 import { REASON, type ReasonCode } from './reason-codes.ts'
 import { InflightWindows, RECEIVE_MAXIMUM_DEFAULT } from './receive-maximum.ts'
+import { OutboundTopicAliases } from './topic-aliases.ts'
 
 export type ViolationReason = 'packet-too-large' | 'malformed-header' | 'protocol' | 'receive-maximum'
 
@@ -163,6 +166,8 @@ export class ConnectionGuard extends Duplex {
   #windows: InflightWindows | null = null
   /** The callback of a write that waits for held PUBLISHes to go below HOLD_LIMIT. */
   #unheld: (() => void) | null = null
+  /** MQTT 5 with a Topic Alias Maximum in the CONNECT only (topic-aliases.ts). */
+  #aliases: OutboundTopicAliases | null = null
 
   constructor (socket: Socket | Duplex, options: GuardOptions) {
     super({ readableHighWaterMark: 1, allowHalfOpen: false })
@@ -184,6 +189,14 @@ export class ConnectionGuard extends Duplex {
 
   /** The protocol level the client's CONNECT asked for (4 = MQTT 3.1.1, 5 = MQTT 5), 4 until it is read. */
   get protocolVersion (): number { return this.#version }
+
+  /**
+   * The Topic Alias Maximum of the client's MQTT 5 CONNECT (preConnect, hooks/authenticate.ts, before the CONNACK):
+   * PUBLISHes written to it from now on get topic aliases.
+   */
+  aliasTopics (clientMaximum: number): void {
+    if (this.#version === MQTT5 && clientMaximum > 0 && this.#aliases === null) this.#aliases = new OutboundTopicAliases(clientMaximum)
+  }
 
   /** @internal the socket's 'data' (see onSocketData). */
   onSocketData (chunk: Buffer): void {
@@ -465,7 +478,8 @@ export class ConnectionGuard extends Duplex {
 
   /** Writes what the receive maximum lets out now (MQTT 5) and calls back once the socket and the hold allow more. */
   #send (chunk: Buffer, callback: () => void): void {
-    const out = this.#windows === null ? chunk : this.#windows.sending(chunk)
+    let out = this.#windows === null ? chunk : this.#windows.sending(chunk)
+    if (this.#aliases !== null && out.length > 0) out = this.#aliases.rewrite(out)
     const done = this.#windows === null ? callback : () => this.#whenUnheld(callback)
     if (out.length === 0 || this.socket.write(out)) done()
     else this.#waitForDrain(done)
@@ -494,7 +508,7 @@ export class ConnectionGuard extends Duplex {
   #acknowledged (type: number, buf: Buffer, at: number, length: number): 0 {
     const windows = this.#windows as InflightWindows
     const released = windows.acknowledged(type, buf.readUInt16BE(at), length >= 3 ? buf[at + 2] as number : 0)
-    if (released !== null && !this.socket.destroyed) this.socket.write(released)
+    if (released !== null && !this.socket.destroyed) this.socket.write(this.#aliases === null ? released : this.#aliases.rewrite(released))
     const unheld = this.#unheld
     if (unheld !== null && windows.heldBytes <= HOLD_LIMIT) {
       this.#unheld = null
