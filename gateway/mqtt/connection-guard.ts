@@ -36,7 +36,8 @@
  *   has too many appends pending) or the client is over its publish rate.
  *
  * The readable side has a high-water mark of one byte, so a segment is
- * pushed only when aedes asked for more. Writes pass straight through.
+ * pushed only when aedes asked for more. Writes are gathered for one turn of
+ * the event loop and go to the socket in one write (see #queueWrite).
  *
  * An idle connection should cost little (issue 13: an idle device connection
  * cost 12-20 KB of RSS, Mosquitto's 0.7 KB): the options are one object per
@@ -108,6 +109,7 @@ function onSocketEnd (this: GuardedSocket): void { this[GUARD]?.onSocketEnd() }
 function onSocketError (this: GuardedSocket, err: Error): void { this[GUARD]?.destroy(err) }
 function onSocketClose (this: GuardedSocket): void { this[GUARD]?.destroy() }
 function onSocketDrain (this: GuardedSocket): void { this[GUARD]?.onSocketDrain() }
+function flushWrites (guard: ConnectionGuard): void { guard.flushWrites() }
 
 /** The connections of one gateway, paused and resumed together when its log backs up. */
 export class GuardGroup {
@@ -152,6 +154,8 @@ export class ConnectionGuard extends Duplex {
   #rateLogged = false
   /** The callback of a write waiting for the socket to drain. */
   #drained: (() => void) | null = null
+  /** What aedes wrote in this turn of the event loop, for one socket write in the next (see #queueWrite); null when nothing. */
+  #pending: Buffer[] | null = null
   /** The protocol level of the CONNECT (4 until it is read: 3.1.1 framing). */
   #version = 4
   /** Closed with a DISCONNECT still being written: the socket ends by itself (or after LINGER_MS). */
@@ -308,6 +312,7 @@ export class ConnectionGuard extends Duplex {
   }
 
   #violate (reason: ViolationReason, detail: string): void {
+    this.flushWrites()
     const clientId = this.clientId
     this.#inType = 0
     this.#inParts = null
@@ -320,6 +325,7 @@ export class ConnectionGuard extends Duplex {
 
   /** Ends the socket once what was written to it (and `last`) is out; destroys it after LINGER_MS at the latest. */
   #linger (last?: Buffer): void {
+    this.flushWrites()
     this.#lingering = true
     this.socket.pause()
     if (last === undefined) this.socket.end()
@@ -472,17 +478,54 @@ export class ConnectionGuard extends Duplex {
   }
 
   override _write (chunk: Buffer, _encoding: BufferEncoding, callback: (err?: Error | null) => void): void {
-    this.#answered = true
-    this.#send(chunk, callback)
+    this.#queueWrite(chunk, callback)
   }
 
-  /** Writes what the receive maximum lets out now (MQTT 5) and calls back once the socket and the hold allow more. */
-  #send (chunk: Buffer, callback: () => void): void {
-    let out = this.#windows === null ? chunk : this.#windows.sending(chunk)
-    if (this.#aliases !== null && out.length > 0) out = this.#aliases.rewrite(out)
+  /**
+   * mqtt-packet corks the stream and writes each packet in pieces (a PUBACK is three), so the pieces of every
+   * packet aedes wrote in one tick arrive here together.
+   */
+  override _writev (chunks: Array<{ chunk: Buffer }>, callback: (err?: Error | null) => void): void {
+    this.#queueWrite(chunks.length === 1 ? (chunks[0] as { chunk: Buffer }).chunk : Buffer.concat(chunks.map((c) => c.chunk)), callback)
+  }
+
+  /**
+   * Everything written in one turn of the event loop goes to the socket in one write, in the next turn's check
+   * phase (setImmediate). aedes delivers each message to a subscriber from its own setImmediate callback, and
+   * Node uncorks (mqtt-packet's nextTick) between two of them, so writing through cost one syscall per delivered
+   * message: 37 % of the main thread under 10 publishers fanning in to one subscriber (BENCHMARKS.md, fan-in). The
+   * write completes at once unless the socket asked to drain, so backpressure still reaches aedes.
+   */
+  #queueWrite (chunk: Buffer, callback: (err?: Error | null) => void): void {
+    this.#answered = true
+    const out = this.#windows === null ? chunk : this.#windows.sending(chunk)
+    if (out.length > 0) this.#enqueue(out)
     const done = this.#windows === null ? callback : () => this.#whenUnheld(callback)
-    if (out.length === 0 || this.socket.write(out)) done()
-    else this.#waitForDrain(done)
+    if (this.socket.writableNeedDrain) this.#waitForDrain(done)
+    else done()
+  }
+
+  /**
+   * Queues bytes for the next flush, with topic aliases (MQTT 5). PUBLISHes the receive maximum released come
+   * through here too, so the socket gets everything in the order the aliases were given.
+   */
+  #enqueue (out: Buffer): void {
+    const bytes = this.#aliases === null ? out : this.#aliases.rewrite(out)
+    if (this.#pending === null) {
+      this.#pending = [bytes]
+      setImmediate(flushWrites, this)
+    } else {
+      this.#pending.push(bytes)
+    }
+  }
+
+  /** @internal writes what #queueWrite gathered (see flushWrites). */
+  flushWrites (): void {
+    const pending = this.#pending
+    if (pending === null) return
+    this.#pending = null
+    if (this.socket.destroyed) return
+    this.socket.write(pending.length === 1 ? pending[0] as Buffer : Buffer.concat(pending))
   }
 
   /** A Writable has one write in progress at a time, so one callback waits at most. */
@@ -508,7 +551,7 @@ export class ConnectionGuard extends Duplex {
   #acknowledged (type: number, buf: Buffer, at: number, length: number): 0 {
     const windows = this.#windows as InflightWindows
     const released = windows.acknowledged(type, buf.readUInt16BE(at), length >= 3 ? buf[at + 2] as number : 0)
-    if (released !== null && !this.socket.destroyed) this.socket.write(this.#aliases === null ? released : this.#aliases.rewrite(released))
+    if (released !== null && !this.socket.destroyed) this.#enqueue(released)
     const unheld = this.#unheld
     if (unheld !== null && windows.heldBytes <= HOLD_LIMIT) {
       this.#unheld = null
@@ -523,17 +566,8 @@ export class ConnectionGuard extends Duplex {
     return typeof max === 'number' && max >= 1 ? max : RECEIVE_MAXIMUM_DEFAULT
   }
 
-  /**
-   * mqtt-packet corks the stream and writes each packet in pieces (a PUBACK is three), so the pieces of every
-   * packet aedes wrote in one tick arrive here together: one socket write for all of them, not one syscall per
-   * piece (measured in the gateway bench: QoS 1 ingest 0.20x -> 0.49x Mosquitto).
-   */
-  override _writev (chunks: Array<{ chunk: Buffer }>, callback: (err?: Error | null) => void): void {
-    this.#answered = true
-    this.#send(chunks.length === 1 ? (chunks[0] as { chunk: Buffer }).chunk : Buffer.concat(chunks.map((c) => c.chunk)), callback)
-  }
-
   override _final (callback: (err?: Error | null) => void): void {
+    this.flushWrites()
     this.socket.end(callback)
   }
 
@@ -544,6 +578,7 @@ export class ConnectionGuard extends Duplex {
     // aedes destroys the connection right after writing a DISCONNECT (0x8E takeover, 0x8B shutdown, 0x94): what the
     // socket still buffers goes out first, or the client never learns why.
     if (!this.#lingering) {
+      this.flushWrites()
       if (err === null && !this.socket.destroyed && this.socket.writableLength > 0) this.#linger()
       else this.socket.destroy()
     }

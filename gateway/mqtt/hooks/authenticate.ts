@@ -8,7 +8,7 @@ import type { AedesOptions, Client } from 'aedes'
 import { ClientIdOwners, clientIdMatches, clientIdPattern, UserDirectory, type Identity } from '../../access/auth.ts'
 import { MAX_CLIENT_TOPIC_LEVELS, mountTopic, scopedClientId, topicNameProblem } from '../../access/topics.ts'
 import type { ListenerConfig, UserConfig } from '../../config/config.ts'
-import { packetWatcher, setClientId } from '../aedes-internals.ts'
+import { forgetConnectPacket, packetWatcher, setClientId } from '../aedes-internals.ts'
 import { ConnectionGuard } from '../connection-guard.ts'
 import { isReplayTopic } from '../replay.ts'
 import { isShareTopic } from '../shared/share-topic.ts'
@@ -25,6 +25,7 @@ export function preConnect (ctx: Pick<HookContext, 'connects' | 'refuse'>): PreC
   return (client, packet, callback) => {
     const info = { clientId: packet.clientId ?? '', clean: packet.clean !== false, willTopic: packet.will?.topic }
     ctx.connects.set(client, info)
+    forgetConnectPacket(client, packet)
     // Outbound topic aliases, when the client allows them (topic-aliases.ts); the guard is the connection aedes was given.
     const aliases = packet.protocolVersion === 5 ? packet.properties?.topicAliasMaximum : undefined
     if (aliases !== undefined && aliases > 0 && client.conn instanceof ConnectionGuard) client.conn.aliasTopics(aliases)
