@@ -188,7 +188,8 @@ export const configSchema = {
           minimum: 1,
           maximum: 65535,
           default: 1000,
-          description: 'QoS 1/2 publishes of one client being appended at once; the socket is paused beyond it.',
+          description: 'QoS 1/2 publishes of one client being appended at once; the socket is paused beyond it. ' +
+            'The receive maximum MQTT 5 clients are given: one with more unacknowledged gets DISCONNECT 0x93.',
         },
         publishRatePerClient: {
           type: 'number',

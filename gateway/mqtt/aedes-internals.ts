@@ -57,9 +57,16 @@ export function rawConnection (client: Client): Duplex {
  * https://github.com/moscajs/aedes/blob/v1.2.0/lib/client.js#L36), which is how a ConnectionGuard learns the client id of the device it guards.
  * No upstream issue; the public alternative is the `client` event, which fires only after authentication.
  */
-export function clientOfConnection (conn: object): { readonly id?: unknown } | undefined {
-  return (conn as { client?: { id?: unknown } }).client
+export function clientOfConnection (conn: object): ConnectionClient | undefined {
+  return (conn as { client?: ConnectionClient }).client
 }
+
+/**
+ * What a guard reads of the aedes client of its connection: `id` (null until the CONNECT), and the client's Receive
+ * Maximum, which aedes sets from the CONNECT (65535 when absent, https://github.com/moscajs/aedes/blob/v2.0.0-beta.1/lib/handlers/connect.js)
+ * and does not enforce.
+ */
+export interface ConnectionClient { readonly id?: unknown, readonly receiveMaximum?: unknown }
 
 /**
  * Scopes the client id per tenant (`<tenant>U+0000<id>`). aedes keys session takeover, stored subscriptions and

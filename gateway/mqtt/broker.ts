@@ -95,8 +95,9 @@ export function createBroker (deps: BrokerDeps): Broker {
     maxInflightInbound: MAX_INFLIGHT_INBOUND,
     // MQTT 5 CONNACK properties. The listeners' guards enforce maxPacketBytes first (with DISCONNECT 0x95), and hand
     // aedes at most maxInflightPerClient packets of a connection at a time (the socket is paused beyond it, and while
-    // the log is backed up): the receive maximum a client is asked to keep to. A client that does not is paused, not
-    // disconnected with 0x93 (docs/mqtt5.md).
+    // the log is backed up): the receive maximum a client is asked to keep to. An MQTT 5 client with more QoS 1/2
+    // publishes unacknowledged gets DISCONNECT 0x93; towards it, the guard keeps to the client's receive maximum
+    // (receive-maximum.ts).
     maximumPacketSize: config.mqtt.maxPacketBytes,
     receiveMaximum: config.mqtt.maxInflightPerClient,
     topicAliasMaximum: TOPIC_ALIAS_MAXIMUM,

@@ -28,6 +28,8 @@ export const REASON = {
   KEEP_ALIVE_TIMEOUT: 0x8d,
   /** Not a valid topic name for the gateway, or no route logs it under `unrouted: reject`. */
   TOPIC_NAME_INVALID: 0x90,
+  /** DISCONNECT: the client has more QoS 1/2 PUBLISHes unacknowledged than the receive maximum it was given (receive-maximum.ts). */
+  RECEIVE_MAXIMUM_EXCEEDED: 0x93,
   /** DISCONNECT: a packet over the listener's maxPacketBytes (connection-guard.ts). */
   PACKET_TOO_LARGE: 0x95,
   /** The disk is full, or the record is over the store's size limit: a limit, not a fault of the message's form. */

@@ -19,7 +19,7 @@
  * is told instead, on its PUBACK/PUBREC, and keeps its connection
  * (reason-codes.ts): 0x87 for an ACL denial or a reserved topic, 0x90 for a
  * topic that is not valid here or not routed under `unrouted: reject`, 0x80
- * or 0x97 for a QoS 1 append that failed (no retry: the client decides).
+ * or 0x97 for a QoS 1 or 2 append that failed (no retry: the client decides).
  */
 import type { AedesOptions, Client, PublishPacket } from 'aedes'
 import type { ExtraOperation } from '../../../store/index.ts'
@@ -55,6 +55,8 @@ export function authorizePublish (ctx: HookContext): AuthorizePublish {
   const route = compileRoutes(config.routes)
   const { appender } = ctx
   const decisions = new WeakMap<Client, Map<string, PublishDecision>>()
+  /** Errors of QoS 2 appends (not of the delivery after one): an MQTT 5 client gets them as the PUBREC's reason code. */
+  const appendErrors = new WeakSet<Error>()
 
   const publishDecision = (client: Client, who: Identity, topic: string): PublishDecision => {
     let cache = decisions.get(client)
@@ -90,7 +92,12 @@ export function authorizePublish (ctx: HookContext): AuthorizePublish {
     // Not marked as reported: aedes closes the connection and logs this one (clientError).
     if (begun === 'full') return callback(new GatewayError('GW_QOS2_INFLIGHT_FULL', `more than ${ctx.inbound.maxInflight} QoS 2 messages awaiting PUBREL`))
     if (begun === 'duplicate') markPublished(packet)
-    callback(null)
+    const running = begun === 'new' && plan.append !== undefined && isMqtt5(client) ? ctx.inbound.running(client, packet.messageId as number) : undefined
+    if (running === undefined) return callback(null)
+    // MQTT 5: a failed append is the PUBREC's reason code (inbound-qos2.ts), so aedes is told once the append settled. A
+    // failed delivery after a good append goes aedes' way (no PUBREC, the connection closes): the entry exists, and a
+    // PUBREC error would let the client reuse the packet id for a message the entry would then drop as a duplicate.
+    running.then(() => callback(null), (err: unknown) => callback(err instanceof Error && appendErrors.has(err) ? appendFailed(client, err) : null))
   }
 
   /**
@@ -189,7 +196,11 @@ export function authorizePublish (ctx: HookContext): AuthorizePublish {
       // unless that entry exists (inbound-qos2.ts). A will (no packet id) is appended like QoS 1.
       return beginQos2(client, packet, {
         append: (extraOps) => new Promise((resolve, reject) => {
-          appender.append(client, who, target, packet, (err) => { if (err) reject(err); else resolve() }, { extraOps })
+          appender.append(client, who, target, packet, (err) => {
+            if (err === null) return resolve()
+            appendErrors.add(err)
+            reject(err)
+          }, { extraOps })
         }),
         deliver: () => deliverBeforeAck(packet, client),
       }, callback)
