@@ -25,6 +25,11 @@ export interface FrameConnection {
   /** Whether the client speaks MQTT 5: its PUBLISH packets carry a property section. */
   readonly mqtt5?: boolean
   /**
+   * The client's receive maximum (receive-maximum.ts): a replay or share member has at most this many QoS 1 messages
+   * unacknowledged, however large its own window. Absent: no limit but its own.
+   */
+  readonly receiveMaximum?: number
+  /**
    * The next packet id of the client's own counter, which aedes' QoS 1/2 deliveries take theirs from too: aedes
    * never picks an id again before 65,535 others were taken, so a writer that skips the ids it holds itself does
    * not clash with aedes' deliveries.

@@ -20,6 +20,7 @@
  */
 import type { Client, Subscription } from 'aedes'
 import { overrideRestoredSubscriptions, storeAcceptedSubscriptions } from '../aedes-internals.ts'
+import { receiveMaximumOf } from '../receive-maximum.ts'
 import type { CursorConnection } from '../session-cursors.ts'
 import { forwardedTopic } from './authorize-forward.ts'
 import type { HookContext } from './context.ts'
@@ -52,8 +53,7 @@ export function installCursorDelivery (ctx: HookContext): void {
     if (who === undefined || client.closed) return undefined
     return {
       conn: replayConnection(ctx, client, who),
-      // aedes 2 keeps the CONNECT's Receive Maximum, 65,535 when none was sent (types/client.d.ts).
-      receiveMaximum: client.receiveMaximum,
+      receiveMaximum: receiveMaximumOf(client),
       deliveredTopic: (mountedTopic) => forwardedTopic(ctx, client, who, mountedTopic),
     }
   })
