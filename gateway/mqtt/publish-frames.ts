@@ -50,14 +50,9 @@ export function publishPacketSize (topic: Buffer, payload: Uint8Array, qos: 0 | 
 /** Writes the PUBLISH packet at `out[at]` and returns the offset after it; `dup` marks a redelivery [MQTT-3.3.1-1]. */
 export function writePublishPacket (out: Buffer, at: number, topic: Buffer, payload: Uint8Array, qos: 0 | 1, messageId: number, retain: boolean,
   properties?: Buffer, dup = false): number {
-  let remaining = 2 + topic.length + (qos === 1 ? 2 : 0) + (properties?.length ?? 0) + payload.byteLength
+  const remaining = 2 + topic.length + (qos === 1 ? 2 : 0) + (properties?.length ?? 0) + payload.byteLength
   out[at++] = 0x30 | (dup && qos === 1 ? 0x08 : 0) | (qos << 1) | (retain ? 1 : 0)
-  do {
-    let byte = remaining % 128
-    remaining = Math.floor(remaining / 128)
-    if (remaining > 0) byte |= 0x80
-    out[at++] = byte
-  } while (remaining > 0)
+  at = writeVarint(out, at, remaining)
   at = out.writeUInt16BE(topic.length, at)
   at += topic.copy(out, at)
   if (qos === 1) at = out.writeUInt16BE(messageId, at)
@@ -66,20 +61,27 @@ export function writePublishPacket (out: Buffer, at: number, topic: Buffer, payl
   return at + payload.byteLength
 }
 
-function varintSize (n: number): number {
+/** The bytes of a Variable Byte Integer [MQTT-1.5.5]. */
+export function varintSize (n: number): number {
   return n < 128 ? 1 : n < 16_384 ? 2 : n < 2_097_152 ? 3 : 4
+}
+
+/** Writes a Variable Byte Integer at `out[at]` [MQTT-1.5.5] and returns the offset after it. */
+export function writeVarint (out: Buffer, at: number, n: number): number {
+  do {
+    let byte = n % 128
+    n = Math.floor(n / 128)
+    if (n > 0) byte |= 0x80
+    out[at++] = byte
+  } while (n > 0)
+  return at
 }
 
 /** A Variable Byte Integer [MQTT-1.5.5]. */
 function varint (n: number): Buffer {
   const out = Buffer.allocUnsafe(varintSize(n))
-  let at = 0
-  for (let rest = n; ;) {
-    const byte = rest % 128
-    rest = Math.floor(rest / 128)
-    out[at++] = rest > 0 ? byte | 0x80 : byte
-    if (rest === 0) return out
-  }
+  writeVarint(out, 0, n)
+  return out
 }
 
 /** The property section of an MQTT 5 PUBLISH without properties: its length, 0. */
