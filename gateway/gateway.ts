@@ -92,10 +92,13 @@ async function start (config: GatewayConfig, deps: GatewayDeps, shutdown: Shutdo
   const sessionsDb = root.sublevel<Buffer, Buffer>('sessions', { keyEncoding: 'buffer', valueEncoding: 'buffer' }) as unknown as LevelDatabase
   const expiryDb = root.sublevel<Buffer, Buffer>('session-expiry', { keyEncoding: 'buffer', valueEncoding: 'buffer' }) as unknown as LevelDatabase
 
+  let promote: () => void = () => {}
+  const promoted = new Promise<void>((resolve) => { promote = resolve })
   // Before the store opens: a primary journals every write of the database, from the first.
   const replication = await startReplication({
     config: config.replication, gatewayId: config.gatewayId, root, registry, logger,
     durabilitySync: config.store.durability === 'sync', dataDir: config.dataDir, now: () => systemClock.now(),
+    onPromoted: () => { setImmediate(promote) },
   })
   shutdown.add('replication', () => replication.close())
   // A standby's database is the primary's copy: it writes nothing of its own into it (no streams, groups, sessions, retention, bridge).
@@ -210,8 +213,6 @@ async function start (config: GatewayConfig, deps: GatewayDeps, shutdown: Shutdo
   await bridge.start()
   shutdown.add('bridge', () => bridge.stop())
 
-  let promote: () => void = () => {}
-  const promoted = new Promise<void>((resolve) => { promote = resolve })
   const http = await startHttpServer(config.http, {
     registry,
     health: () => {

@@ -19,9 +19,16 @@
  * is set aside before the snapshot replaces it: copied whole into
  * `<dataDir>/set-aside/<time>.cbor` (CBOR [key, value] pairs, as LevelDB held
  * them), a file the log names; never silently deleted.
+ *
+ * With replication.coordination.etcd the leadership is also a lease in etcd
+ * (lease.ts): a primary holds the leader key, a standby in sync takes over
+ * when it expires (election.ts), and a node starting as primary also asks
+ * etcd whether another node leads in a newer epoch. Nodes are told apart by
+ * `<dataDir>/node-id` (the pair shares its gatewayId).
  */
+import { randomUUID } from 'node:crypto'
 import { createWriteStream } from 'node:fs'
-import { mkdir } from 'node:fs/promises'
+import { mkdir, readFile, writeFile } from 'node:fs/promises'
 import path from 'node:path'
 import { once } from 'node:events'
 import { encode } from 'cbor-x'
@@ -30,8 +37,10 @@ import type { Registry } from 'prom-client'
 import type { LevelDatabase } from '../../store/index.ts'
 import { GatewayError } from '../errors.ts'
 import { parseHostPort, type HostPort, type ReplicationConfig, type ReplicationRole } from './config-schema.ts'
+import { AutoPromotion } from './election.ts'
 import { WriteJournal, type WriteEmitter } from './journal.ts'
-import { createReplicationMetrics } from './metrics.ts'
+import { EtcdLease } from './lease.ts'
+import { createLeaseMetrics, createReplicationMetrics, type LeaseMetrics } from './metrics.ts'
 import { ReplicationPrimary, type SnapshotSource } from './primary.ts'
 import { probePeer } from './probe.ts'
 import { ReplicationStandby, type AppliedPosition, type FollowerDatabase } from './standby.ts'
@@ -99,7 +108,12 @@ export interface ReplicationDeps {
   readonly durabilitySync: boolean
   readonly dataDir: string
   readonly now: () => number
+  /** Called after an automatic promotion (replication.coordination): the gateway restarts as primary, as after `edgemq promote`. */
+  readonly onPromoted?: () => void
 }
+
+/** What a node with replication.coordination brings to its role. */
+interface Coordination { readonly lease: EtcdLease, readonly node: string, readonly metrics: LeaseMetrics }
 
 async function readJson<T> (root: LevelDatabase, key: Buffer): Promise<T | null> {
   const value = await root.get(key, RAW) as Buffer | undefined
@@ -114,12 +128,23 @@ function isMeta (key: Buffer): boolean {
   return key.length >= META_PREFIX.length && key.subarray(0, META_PREFIX.length).equals(META_PREFIX)
 }
 
+/** This node's id for the leader key: `<dataDir>/node-id`, made once (a standby's snapshot empties its database, not this file). */
+async function nodeId (dataDir: string): Promise<string> {
+  const file = path.join(dataDir, 'node-id')
+  const existing = await readFile(file, 'utf8').catch(() => '')
+  if (existing.trim() !== '') return existing.trim()
+  await mkdir(dataDir, { recursive: true })
+  const id = randomUUID()
+  await writeFile(file, `${id}\n`, { flag: 'wx' })
+  return id
+}
+
 const notStandby = async (): Promise<never> => {
   throw new GatewayError('GW_PROMOTE_REFUSED', 'only a standby can be promoted (replication.role: standby)')
 }
 
 /** The role this node takes: its config's, unless it was promoted, or its peer was promoted while it was away. */
-async function chooseRole (deps: ReplicationDeps, log: Logger): Promise<'primary' | 'standby'> {
+async function chooseRole (deps: ReplicationDeps, log: Logger, coordination: Coordination | null): Promise<'primary' | 'standby'> {
   const { config, root } = deps
   let role: 'primary' | 'standby' = config.role === 'standby' ? 'standby' : 'primary'
   const promoted = await readJson<{ epoch: number }>(root, PROMOTED_KEY)
@@ -135,6 +160,20 @@ async function chooseRole (deps: ReplicationDeps, log: Logger): Promise<'primary
     if (other !== null && other.gatewayId === deps.gatewayId && other.epoch > epoch) {
       log.warn({ code: 'GW_WARN_DEMOTED', epoch, peerEpoch: other.epoch, peer: config.peer },
         `the peer ${config.peer} is primary in epoch ${other.epoch}, newer than this node's ${epoch}: this node follows it as a standby`)
+      await root.batch([{ type: 'del', key: PROMOTED_KEY }] as never, { ...RAW, sync: true } as never)
+      role = 'standby'
+    }
+  }
+  if (role === 'primary' && peer !== null && coordination !== null) {
+    // The peer may be unreachable from here and still lead: etcd knows who holds the key. etcd away: start as configured (documented).
+    const epoch = (await readJson<number>(root, EPOCH_KEY)) ?? 1
+    const leader = await coordination.lease.read().catch((err: unknown) => {
+      log.warn({ code: 'GW_WARN_LEASE_UNAVAILABLE', err: (err as Error).message }, 'cannot read the leader key in etcd; starting as configured')
+      return null
+    })
+    if (leader !== null && leader.node !== coordination.node && leader.epoch > epoch) {
+      log.warn({ code: 'GW_WARN_DEMOTED', epoch, peerEpoch: leader.epoch, peer: config.peer, key: coordination.lease.key },
+        `the leader key in etcd names another node in epoch ${leader.epoch}, newer than this node's ${epoch}: this node follows ${config.peer} as a standby`)
       await root.batch([{ type: 'del', key: PROMOTED_KEY }] as never, { ...RAW, sync: true } as never)
       role = 'standby'
     }
@@ -176,10 +215,23 @@ export async function startReplication (deps: ReplicationDeps): Promise<Replicat
   const { config, logger } = deps
   const log = logger.child({ component: 'replication' })
   if (config.role !== 'none') {
-    const replication = await chooseRole(deps, log) === 'primary' ? await startPrimary(deps, log) : await startStandby(deps, log)
+    const etcd = config.coordination.etcd
+    const lease = etcd === undefined ? null : new EtcdLease(etcd, deps.gatewayId, log)
+    const metrics = createLeaseMetrics(deps.registry, () => lease?.held ?? false)
+    let replication: Replication
+    try {
+      const coordination = lease === null ? null : { lease, node: await nodeId(deps.dataDir), metrics }
+      replication = await chooseRole(deps, log, coordination) === 'primary'
+        ? await startPrimary(deps, log, coordination)
+        : await startStandby(deps, log, coordination)
+    } catch (err) {
+      await lease?.close()
+      throw err
+    }
     let closed: Promise<void> | undefined
-    return { ...replication, close: () => (closed ??= replication.close()) }
+    return { ...replication, close: () => (closed ??= replication.close().finally(() => lease?.close())) }
   }
+  createLeaseMetrics(deps.registry, () => false)
   createReplicationMetrics(deps.registry, { role: () => 'none', epoch: () => 0, inSync: () => false, lag: () => ({ writes: 0, bytes: 0, seconds: 0 }) })
   return {
     role: 'none', commitGate: undefined, listenAddress: null,
@@ -194,7 +246,7 @@ export async function startReplication (deps: ReplicationDeps): Promise<Replicat
   }
 }
 
-async function startPrimary (deps: ReplicationDeps, log: Logger): Promise<Replication> {
+async function startPrimary (deps: ReplicationDeps, log: Logger, coordination: Coordination | null): Promise<Replication> {
   const { config, root } = deps
   const epoch = (await readJson<number>(root, EPOCH_KEY)) ?? 1
   // A primary's database is no copy of another's from now on: if it is ever demoted, its data is set aside before a snapshot replaces it.
@@ -206,6 +258,7 @@ async function startPrimary (deps: ReplicationDeps, log: Logger): Promise<Replic
     primary = await ReplicationPrimary.start({
       config, journal, root: root as unknown as SnapshotSource, ignorePrefix: META_PREFIX, gatewayId: deps.gatewayId, epoch, logger: log, now: deps.now,
       onInSync: (inSync, reason) => {
+        void coordination?.lease.update({ node: coordination.node, epoch, inSync })
         if (inSync) {
           log.info({ reason }, 'standby in sync')
         } else {
@@ -222,6 +275,7 @@ async function startPrimary (deps: ReplicationDeps, log: Logger): Promise<Replic
     throw err
   }
   const lag = (): { writes: number, bytes: number, seconds: number } => primary.lag()
+  coordination?.lease.hold({ node: coordination.node, epoch, inSync: primary.inSync })
   holder.metrics = createReplicationMetrics(deps.registry, { role: () => 'primary', epoch: () => epoch, inSync: () => primary.inSync, lag })
   log.info({ listen: primary.address, acks: config.acks, onStandbyLost: config.onStandbyLost, epoch }, 'replication primary listening')
   return {
@@ -244,7 +298,7 @@ async function startPrimary (deps: ReplicationDeps, log: Logger): Promise<Replic
   }
 }
 
-async function startStandby (deps: ReplicationDeps, log: Logger): Promise<Replication> {
+async function startStandby (deps: ReplicationDeps, log: Logger, coordination: Coordination | null): Promise<Replication> {
   const { config, root } = deps
   const peer = parseHostPort(config.peer) as HostPort
   // A snapshot a kill interrupted left a copy the store cannot open: empty it (the snapshot starts again) before the store opens.
@@ -284,6 +338,27 @@ async function startStandby (deps: ReplicationDeps, log: Logger): Promise<Replic
   const epoch = (): number => standby.position?.epoch ?? 0
   createReplicationMetrics(deps.registry, { role: () => 'standby', epoch, inSync, lag })
   log.info({ primary: config.peer, from: initial?.seq ?? null }, 'replication standby following its primary')
+  const promote = async (): Promise<{ epoch: number }> => {
+    const position = standby.position
+    if (position === null || standby.snapshotting) {
+      throw new GatewayError('GW_PROMOTE_REFUSED', 'this standby holds no complete copy of its primary (a snapshot is in progress or never came)')
+    }
+    auto?.stop()
+    await standby.close()
+    const epoch = Math.max(position.epoch, (await readJson<number>(root, EPOCH_KEY)) ?? 0) + 1
+    await root.batch([jsonOp(EPOCH_KEY, epoch), jsonOp(PROMOTED_KEY, { epoch })] as never, { ...RAW, sync: true } as never)
+    log.warn({ code: 'GW_WARN_PROMOTED', epoch, lag: standby.lag() }, `promoted: this node becomes primary in epoch ${epoch}`)
+    return { epoch }
+  }
+  const auto = coordination === null ? undefined : new AutoPromotion({
+    lease: coordination.lease, node: coordination.node, maxLagMs: config.maxLagMs, standby, logger: log, now: deps.now,
+    counted: (result) => { coordination.metrics.autoPromotions.inc({ result }) },
+    promote: async () => {
+      const result = await promote()
+      deps.onPromoted?.()
+      return result
+    },
+  })
   return {
     role: 'standby',
     commitGate: undefined,
@@ -298,18 +373,12 @@ async function startStandby (deps: ReplicationDeps, log: Logger): Promise<Replic
     follow: (refresh) => {
       refreshers.push(refresh)
       standby.start()
+      auto?.start()
     },
-    promote: async () => {
-      const position = standby.position
-      if (position === null || standby.snapshotting) {
-        throw new GatewayError('GW_PROMOTE_REFUSED', 'this standby holds no complete copy of its primary (a snapshot is in progress or never came)')
-      }
+    promote,
+    close: async () => {
+      auto?.stop()
       await standby.close()
-      const epoch = Math.max(position.epoch, (await readJson<number>(root, EPOCH_KEY)) ?? 0) + 1
-      await root.batch([jsonOp(EPOCH_KEY, epoch), jsonOp(PROMOTED_KEY, { epoch })] as never, { ...RAW, sync: true } as never)
-      log.warn({ code: 'GW_WARN_PROMOTED', epoch, lag: standby.lag() }, `promoted: this node becomes primary in epoch ${epoch}`)
-      return { epoch }
     },
-    close: () => standby.close(),
   }
 }
