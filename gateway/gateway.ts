@@ -127,6 +127,8 @@ async function start (config: GatewayConfig, deps: GatewayDeps, shutdown: Shutdo
   })
   shutdown.add('store', () => store.close())
   replication.follow(() => store.refresh())
+  // A primary's term begins where the log ends now (replication/terms.ts): a former primary computes the tail it alone holds from it.
+  await replication.startTerm(store)
   const disk = watchDiskUsage(config.dataDir)
   shutdown.add('disk usage', async () => disk.stop())
   const sessions: { persistence?: LevelSessionPersistence } = {} // created below, after the metrics its hooks count into

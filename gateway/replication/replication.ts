@@ -18,7 +18,11 @@
  * Its own data — which may end in a tail the new primary never received —
  * is set aside before the snapshot replaces it: copied whole into
  * `<dataDir>/set-aside/<time>.cbor` (CBOR [key, value] pairs, as LevelDB held
- * them), a file the log names; never silently deleted.
+ * them), a file the log names; never silently deleted. Once the snapshot is
+ * in, the first term after this node's (terms.ts) says exactly which of the
+ * set-aside records the new primary lacks: offset ranges per partition, in
+ * `<file>.tail.json` beside the copy, and logged (GW_WARN_SET_ASIDE_TAIL).
+ * `aside` (metadata) keeps what that needs across a restart meanwhile.
  *
  * With replication.coordination.etcd the leadership is also a lease in etcd
  * (lease.ts): a primary holds the leader key, a standby in sync takes over
@@ -34,7 +38,7 @@ import { once } from 'node:events'
 import { encode } from 'cbor-x'
 import type { Logger } from 'pino'
 import type { Registry } from 'prom-client'
-import type { LevelDatabase } from '../../store/index.ts'
+import { openLogStore, type LevelDatabase, type LogStore } from '../../store/index.ts'
 import { GatewayError } from '../errors.ts'
 import { parseHostPort, type HostPort, type ReplicationConfig, type ReplicationRole } from './config-schema.ts'
 import { AutoPromotion } from './election.ts'
@@ -44,6 +48,7 @@ import { createLeaseMetrics, createReplicationMetrics, type LeaseMetrics } from 
 import { ReplicationPrimary, type SnapshotSource } from './primary.ts'
 import { probePeer } from './probe.ts'
 import { ReplicationStandby, type AppliedPosition, type FollowerDatabase } from './standby.ts'
+import { logEnds, lostTail, nextTerm, recordTermStart } from './terms.ts'
 
 /** The sublevel prefix of the replication metadata, as abstract-level writes it in the root's key space. */
 const META_PREFIX = Buffer.from('!replication!')
@@ -51,6 +56,7 @@ const POSITION_KEY = Buffer.concat([META_PREFIX, Buffer.from('position')])
 const EPOCH_KEY = Buffer.concat([META_PREFIX, Buffer.from('epoch')])
 const PROMOTED_KEY = Buffer.concat([META_PREFIX, Buffer.from('promoted')])
 const COPYING_KEY = Buffer.concat([META_PREFIX, Buffer.from('copying')])
+const ASIDE_KEY = Buffer.concat([META_PREFIX, Buffer.from('aside')])
 const RAW = { keyEncoding: 'buffer', valueEncoding: 'buffer' } as const
 /** How long a node starting as primary waits for its peer to say whether it was promoted. */
 const PROBE_MS = 1000
@@ -89,6 +95,8 @@ export interface Replication {
    * opens, and the store must not load a copy that a snapshot is half-way through. Nothing for other roles.
    */
   follow (refresh: () => Promise<void>): void
+  /** A primary, once its store is open: records where its term began (terms.ts), once per epoch. Nothing for other roles. */
+  startTerm (store: LogStore): Promise<void>
   /**
    * A standby: stops following, and starts epoch + 1 as primary: kept in the
    * database, so the node is primary from its next start on (the gateway
@@ -241,9 +249,49 @@ export async function startReplication (deps: ReplicationDeps): Promise<Replicat
     }),
     healthReasons: () => [],
     follow: () => {},
+    startTerm: async () => {},
     promote: notStandby,
     close: async () => {},
   }
+}
+
+/** What a demoted node keeps (metadata `aside`) until the snapshot tells it which set-aside records the new primary lacks. */
+interface PendingAside {
+  readonly file: string
+  /** The epoch this node wrote in as primary. */
+  readonly epoch: number
+  /** Its log end offsets then, per stream and partition. */
+  readonly ends: Record<string, number[]>
+}
+
+/** The log ends of the data about to be set aside, read by a second, read-only store over the same database. */
+async function formerLogEnds (root: LevelDatabase): Promise<Record<string, number[]>> {
+  const store = await openLogStore({ db: root, follower: true })
+  try {
+    return logEnds(store)
+  } finally {
+    await store.close()
+  }
+}
+
+/** After the snapshot that replaced a former primary's data: names the tail it set aside that the new primary lacks (terms.ts). */
+async function nameLostTail (root: LevelDatabase, log: Logger): Promise<false> {
+  const pending = await readJson<PendingAside>(root, ASIDE_KEY)
+  if (pending === null) return false
+  const next = await nextTerm(root, pending.epoch)
+  if (next === null) {
+    log.warn({ file: pending.file, epoch: pending.epoch },
+      'the new primary\'s copy names no term after this node\'s: any record of the set-aside copy may be a tail it lacks')
+  } else {
+    const ranges = lostTail(pending.ends, next)
+    const records = ranges.reduce((n, r) => n + r.to - r.from, 0)
+    const file = `${pending.file}.tail.json`
+    await writeFile(file, `${JSON.stringify({ setAside: pending.file, formerEpoch: pending.epoch, nextEpoch: next.epoch, records, ranges }, null, 2)}\n`)
+    log.warn({ code: 'GW_WARN_SET_ASIDE_TAIL', file, records, ranges: ranges.slice(0, 20) },
+      `of the data set aside in ${pending.file}, ${records} records are a tail the new primary (epoch ${next.epoch}) lacks; their offsets are in ${file}`)
+  }
+  await root.batch([{ type: 'del', key: ASIDE_KEY }] as never, { ...RAW, sync: true } as never)
+  return false
 }
 
 async function startPrimary (deps: ReplicationDeps, log: Logger, coordination: Coordination | null): Promise<Replication> {
@@ -290,6 +338,10 @@ async function startPrimary (deps: ReplicationDeps, log: Logger, coordination: C
     healthReasons: () => primary.inSync || config.acks === 'local' ? []
       : [`replication: the standby is not in sync (${config.onStandbyLost === 'block' ? 'acknowledgements are held' : 'acks are local only'})`],
     follow: () => {},
+    startTerm: async (store) => {
+      const term = await recordTermStart(root, store, epoch, deps.now())
+      log.info({ epoch, startedAt: new Date(term.at).toISOString() }, 'term started')
+    },
     promote: notStandby,
     close: async () => {
       await primary.close()
@@ -308,6 +360,8 @@ async function startStandby (deps: ReplicationDeps, log: Logger, coordination: C
     await root.batch([jsonOp(COPYING_KEY, true)] as never, { ...RAW, sync: true } as never)
   }
   const initial = await readJson<AppliedPosition>(root, POSITION_KEY)
+  // A former primary's set-aside data whose tail is not named yet (a restart may have come between); checked after each refresh until it is.
+  let asidePending = await root.get(ASIDE_KEY, RAW) !== undefined
   const refreshers: Array<() => Promise<void>> = []
   const db: FollowerDatabase = {
     batch: async (ops, options) => {
@@ -317,21 +371,30 @@ async function startStandby (deps: ReplicationDeps, log: Logger, coordination: C
       const copying = await root.get(COPYING_KEY, RAW)
       const position = await readJson<AppliedPosition>(root, POSITION_KEY)
       // Data that is no copy of a primary (this node was one, or is new to the pair): set aside before the snapshot replaces it.
+      let pending: PendingAside | null = null
       if (copying === undefined && position === null) {
+        const epoch = (await readJson<number>(root, EPOCH_KEY)) ?? 0
+        const ends = await formerLogEnds(root)
         const aside = await setAside(root, deps.dataDir, deps.now())
         if (aside !== null) {
           log.warn({ code: 'GW_WARN_SET_ASIDE', file: aside.file, entries: aside.entries },
             `this node's former data (${aside.entries} LevelDB entries, any tail the primary does not have among them) is set aside in ${aside.file}`)
+          pending = { file: aside.file, epoch, ends }
         }
       }
       await root.clear()
-      await root.batch([jsonOp(COPYING_KEY, true)] as never, { ...RAW, sync: true } as never)
+      const ops = [jsonOp(COPYING_KEY, true), ...(pending === null ? [] : [jsonOp(ASIDE_KEY, pending)])]
+      if (pending !== null) asidePending = true
+      await root.batch(ops as never, { ...RAW, sync: true } as never)
     },
     finishCopyOps: [{ type: 'del', key: COPYING_KEY }],
   }
-  const standby = new ReplicationStandby({
+  const standby: ReplicationStandby = new ReplicationStandby({
     peer, gatewayId: deps.gatewayId, db, positionKey: POSITION_KEY, sync: deps.durabilitySync, initial, logger: log, now: deps.now,
-    refresh: async () => { for (const r of refreshers) await r() },
+    refresh: async () => {
+      for (const r of refreshers) await r()
+      if (asidePending && standby.position !== null && !standby.snapshotting) asidePending = await nameLostTail(root, log)
+    },
   })
   const inSync = (): boolean => standby.connected && !standby.snapshotting && standby.position !== null
   const lag = (): { writes: number, bytes: null, seconds: number } => ({ ...standby.lag(), bytes: null })
@@ -375,6 +438,7 @@ async function startStandby (deps: ReplicationDeps, log: Logger, coordination: C
       standby.start()
       auto?.start()
     },
+    startTerm: async () => {},
     promote,
     close: async () => {
       auto?.stop()
