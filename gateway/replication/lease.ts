@@ -66,6 +66,8 @@ export class EtcdLease {
   #reachable = false
   #events: LeaseEvents = {}
   #retry: NodeJS.Timeout | undefined
+  /** The other node last reported holding the key (GW_WARN_LEADER_ELSEWHERE). */
+  #elsewhere: string | null = null
   #closed = false
 
   constructor (config: EtcdCoordinationConfig, gatewayId: string, logger: Logger) {
@@ -193,8 +195,12 @@ export class EtcdLease {
         if (this.#value !== value) await this.update(this.#value)
         return
       }
-      this.#log.error({ code: 'GW_WARN_LEADER_ELSEWHERE', key: this.#key, leader: this.#leader },
-        'another node holds the leader key in etcd; this primary keeps serving and tries again once the key is free')
+      // Once per leader: the retry below runs every TTL/2 while the other node holds the key.
+      if (this.#leader?.node !== this.#elsewhere) {
+        this.#elsewhere = this.#leader?.node ?? null
+        this.#log.error({ code: 'GW_WARN_LEADER_ELSEWHERE', key: this.#key, leader: this.#leader },
+          'another node holds the leader key in etcd; this primary keeps serving and tries again once the key is free')
+      }
     } catch (err) {
       this.#log.warn({ code: 'GW_WARN_LEASE_UNAVAILABLE', err: (err as Error).message, endpoints: this.#config.endpoints },
         'cannot hold the leader lease: etcd unreachable; this primary keeps serving, no standby can take over automatically meanwhile')

@@ -43,7 +43,7 @@ import { GatewayError } from '../errors.ts'
 import { parseHostPort, type HostPort, type ReplicationConfig, type ReplicationRole } from './config-schema.ts'
 import { AutoPromotion } from './election.ts'
 import { WriteJournal, type WriteEmitter } from './journal.ts'
-import { EtcdLease } from './lease.ts'
+import { EtcdLease, type LeaderValue } from './lease.ts'
 import { createLeaseMetrics, createReplicationMetrics, type LeaseMetrics } from './metrics.ts'
 import { ReplicationPrimary, type SnapshotSource } from './primary.ts'
 import { probePeer } from './probe.ts'
@@ -79,6 +79,16 @@ export interface ReplicationStatus {
   readonly lag: { readonly writes: number, readonly bytes: number | null, readonly seconds: number }
   /** A standby: why its primary refused it, if it did. */
   readonly refusal: string | null
+  /** With replication.coordination: the leader key, whether this node holds it, whether etcd answers, and the leader it names. */
+  readonly lease: LeaseStatus | null
+}
+
+export interface LeaseStatus { readonly key: string, readonly held: boolean, readonly reachable: boolean, readonly leader: LeaderValue | null }
+
+function leaseStatus (coordination: Coordination | null): LeaseStatus | null {
+  if (coordination === null) return null
+  const { lease } = coordination
+  return { key: lease.key, held: lease.held, reachable: lease.reachable, leader: lease.leader }
 }
 
 export interface Replication {
@@ -246,6 +256,7 @@ export async function startReplication (deps: ReplicationDeps): Promise<Replicat
     status: () => ({
       role: 'none', epoch: 0, gatewayId: deps.gatewayId, listen: null, peer: null, acks: config.acks, onStandbyLost: config.onStandbyLost,
       connected: false, inSync: false, snapshotting: false, primarySequence: 0, appliedSequence: 0, lag: { writes: 0, bytes: 0, seconds: 0 }, refusal: null,
+      lease: null,
     }),
     healthReasons: () => [],
     follow: () => {},
@@ -333,7 +344,7 @@ async function startPrimary (deps: ReplicationDeps, log: Logger, coordination: C
     status: () => ({
       role: 'primary', epoch, gatewayId: deps.gatewayId, listen: primary.address, peer: primary.standbyAddress, acks: config.acks,
       onStandbyLost: config.onStandbyLost, connected: primary.connected, inSync: primary.inSync, snapshotting: primary.snapshotting,
-      primarySequence: journal.lastSeq, appliedSequence: Math.max(0, primary.ackedSeq), lag: lag(), refusal: null,
+      primarySequence: journal.lastSeq, appliedSequence: Math.max(0, primary.ackedSeq), lag: lag(), refusal: null, lease: leaseStatus(coordination),
     }),
     healthReasons: () => primary.inSync || config.acks === 'local' ? []
       : [`replication: the standby is not in sync (${config.onStandbyLost === 'block' ? 'acknowledgements are held' : 'acks are local only'})`],
@@ -430,7 +441,7 @@ async function startStandby (deps: ReplicationDeps, log: Logger, coordination: C
       role: 'standby', epoch: epoch(), gatewayId: deps.gatewayId, listen: null, peer: config.peer, acks: config.acks, onStandbyLost: config.onStandbyLost,
       connected: standby.connected, inSync: inSync(), snapshotting: standby.snapshotting,
       primarySequence: standby.position === null ? 0 : standby.position.seq + standby.lag().writes, appliedSequence: standby.position?.seq ?? 0,
-      lag: lag(), refusal: standby.refusal,
+      lag: lag(), refusal: standby.refusal, lease: leaseStatus(coordination),
     }),
     healthReasons: () => [],
     follow: (refresh) => {

@@ -86,6 +86,12 @@ describe.skipIf(bin === null)('automatic promotion with an etcd lease', () => {
     const { etcd, primary, standby } = await pair({ acks: 'replicated' })
     const before = await leaderIn(etcd)
     expect(before?.epoch).toBe(1)
+    // GET /v1/replication shows the lease: held on the primary, watched (epoch 1, standby in sync) on the standby.
+    type Lease = { lease: { key: string, held: boolean, reachable: boolean, leader: { epoch: number, inSync: boolean } | null } | null }
+    const leaseOf = async (gw: GatewayProcess): Promise<Lease['lease']> => (await (await fetch(`${gw.httpUrl}/v1/replication`)).json() as Lease).lease
+    expect(await leaseOf(primary)).toMatchObject({ key: KEY, held: true, reachable: true })
+    await until('the standby to see the primary\'s word', async () => (await leaseOf(standby))?.leader?.inSync === true)
+    expect(await leaseOf(standby)).toMatchObject({ key: KEY, held: false, reachable: true, leader: { epoch: 1, inSync: true } })
 
     const acked: Acked[] = []
     const clients = await Promise.all([0, 1, 2].map(async (d) => {
