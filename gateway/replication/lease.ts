@@ -66,6 +66,8 @@ export class EtcdLease {
   #reachable = false
   #events: LeaseEvents = {}
   #retry: NodeJS.Timeout | undefined
+  /** GW_WARN_LEASE_UNAVAILABLE was logged and etcd has not answered a claim since. */
+  #unavailable = false
   /** The other node last reported holding the key (GW_WARN_LEADER_ELSEWHERE). */
   #elsewhere: string | null = null
   #closed = false
@@ -188,6 +190,7 @@ export class EtcdLease {
         const txn = await this.#client.if(this.#key, 'Value', '==', raw).then(lease.put(this.#key).value(JSON.stringify(this.#value))).commit()
         return txn.succeeded
       })
+      this.#unavailable = false
       if (claimed) {
         this.#held = true
         this.#log.info({ key: this.#key, epoch: value.epoch, ttlMs: this.#config.leaseTtlMs }, 'holding the leader lease in etcd')
@@ -202,8 +205,12 @@ export class EtcdLease {
           'another node holds the leader key in etcd; this primary keeps serving and tries again once the key is free')
       }
     } catch (err) {
-      this.#log.warn({ code: 'GW_WARN_LEASE_UNAVAILABLE', err: (err as Error).message, endpoints: this.#config.endpoints },
-        'cannot hold the leader lease: etcd unreachable; this primary keeps serving, no standby can take over automatically meanwhile')
+      // Once per outage: the retry below runs every TTL/2 until etcd answers.
+      if (!this.#unavailable) {
+        this.#unavailable = true
+        this.#log.warn({ code: 'GW_WARN_LEASE_UNAVAILABLE', err: (err as Error).message, endpoints: this.#config.endpoints },
+          'cannot hold the leader lease: etcd unreachable; this primary keeps serving, no standby can take over automatically meanwhile')
+      }
     }
     this.#dropLease()
     this.#retry = setTimeout(() => { void this.#claim() }, this.#config.leaseTtlMs / 2)
@@ -219,6 +226,7 @@ export class EtcdLease {
       this.#held = false
       this.#setReachable(false)
       if (!was) return
+      this.#unavailable = true
       this.#log.warn({ code: 'GW_WARN_LEASE_UNAVAILABLE', err: err.message },
         'lost the leader lease in etcd; this node keeps its role and claims the lease again when etcd answers')
       this.#lease = undefined
