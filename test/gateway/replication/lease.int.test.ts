@@ -100,7 +100,9 @@ describe.skipIf(bin === null)('automatic promotion with an etcd lease', () => {
       return client
     }))
     const runs = clients.map((client, d) => publishUntilKilled(client, `dev-${d}`, 0, acked, { window: 20, maxMs: 20_000 }))
-    await until('some acknowledged messages', () => acked.length >= 100 + Math.floor(Math.random() * 300), 30_000)
+    // Killed at a random moment once the load runs.
+    const killAfter = 100 + Math.floor(Math.random() * 300)
+    await until('some acknowledged messages', () => acked.length >= killAfter, 30_000)
     await primary.kill()
     await Promise.all(runs)
 
