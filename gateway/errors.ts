@@ -62,7 +62,8 @@ export const GATEWAY_WARNING_CODES = {
   GW_WARN_SET_ASIDE: 'A node that becomes a standby copied its former data (any tail the new primary lacks) into the file the line names, ' +
     'before the primary\'s snapshot replaced it.',
   GW_WARN_SET_ASIDE_TAIL: 'After the new primary\'s snapshot: which of the set-aside records the new primary lacks (offset ranges per partition, from ' +
-    'the start of its term), written to <set-aside file>.tail.json. With acks: replicated none of them was acknowledged.',
+    'the start of its term), written to <set-aside file>.tail.json, the records to <set-aside file>.tail.ndjson. ' +
+    'With acks: replicated none of them was acknowledged.',
   GW_WARN_GATEWAY_ID_CHANGED: 'The configured gatewayId differs from the one kept in <dataDir>/gateway-id: ' +
     'upstreams see a new gateway (new dedupe ids and client ids).',
 } as const

@@ -21,7 +21,8 @@
  * them), a file the log names; never silently deleted. Once the snapshot is
  * in, the first term after this node's (terms.ts) says exactly which of the
  * set-aside records the new primary lacks: offset ranges per partition, in
- * `<file>.tail.json` beside the copy, and logged (GW_WARN_SET_ASIDE_TAIL).
+ * `<file>.tail.json` beside the copy, the records themselves in
+ * `<file>.tail.ndjson` (set-aside-tail.ts), and logged (GW_WARN_SET_ASIDE_TAIL).
  * `aside` (metadata) keeps what that needs across a restart meanwhile.
  *
  * With replication.coordination.etcd the leadership is also a lease in etcd
@@ -48,6 +49,7 @@ import { createLeaseMetrics, createReplicationMetrics, type LeaseMetrics } from 
 import { ReplicationPrimary, type SnapshotSource } from './primary.ts'
 import { probePeer } from './probe.ts'
 import { ReplicationStandby, type AppliedPosition, type FollowerDatabase } from './standby.ts'
+import { extractTail } from './set-aside-tail.ts'
 import { logEnds, lostTail, nextTerm, recordTermStart } from './terms.ts'
 
 /** The sublevel prefix of the replication metadata, as abstract-level writes it in the root's key space. */
@@ -297,9 +299,19 @@ async function nameLostTail (root: LevelDatabase, log: Logger): Promise<false> {
     const ranges = lostTail(pending.ends, next)
     const records = ranges.reduce((n, r) => n + r.to - r.from, 0)
     const file = `${pending.file}.tail.json`
-    await writeFile(file, `${JSON.stringify({ setAside: pending.file, formerEpoch: pending.epoch, nextEpoch: next.epoch, records, ranges }, null, 2)}\n`)
-    log.warn({ code: 'GW_WARN_SET_ASIDE_TAIL', file, records, ranges: ranges.slice(0, 20) },
-      `of the data set aside in ${pending.file}, ${records} records are a tail the new primary (epoch ${next.epoch}) lacks; their offsets are in ${file}`)
+    // The records themselves, readable; the offsets stand without them if this fails (the .cbor copy holds them either way).
+    const recordsFile = records === 0 ? null : `${pending.file}.tail.ndjson`
+    const extracted = recordsFile === null ? 0 : await extractTail(pending.file, ranges, recordsFile).catch((err: unknown) => {
+      log.error({ err: (err as Error).message, file: pending.file }, 'could not extract the tail\'s records from the set-aside copy')
+      return null
+    })
+    const doc = {
+      setAside: pending.file, formerEpoch: pending.epoch, nextEpoch: next.epoch, records, ranges, recordsFile: extracted === null ? null : recordsFile,
+    }
+    await writeFile(file, `${JSON.stringify(doc, null, 2)}\n`)
+    log.warn({ code: 'GW_WARN_SET_ASIDE_TAIL', file, records, extracted, ranges: ranges.slice(0, 20) },
+      `of the data set aside in ${pending.file}, ${records} records are a tail the new primary (epoch ${next.epoch}) lacks; ` +
+      `their offsets are in ${file}${extracted === null || recordsFile === null ? '' : `, the records in ${recordsFile}`}`)
   }
   await root.batch([{ type: 'del', key: ASIDE_KEY }] as never, { ...RAW, sync: true } as never)
   return false

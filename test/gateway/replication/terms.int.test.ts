@@ -5,7 +5,8 @@
  * its term starting where its copy ends). The former primary restarts,
  * follows it, sets its data aside, and once the snapshot is in names the
  * tail the new primary lacks: exactly the messages acknowledged while the
- * standby was away, by partition and offset, in `<set-aside>.tail.json`.
+ * standby was away, by partition and offset, in `<set-aside>.tail.json`,
+ * and the records themselves in `<set-aside>.tail.ndjson`.
  */
 import { readdir, readFile } from 'node:fs/promises'
 import path from 'node:path'
@@ -73,7 +74,8 @@ describe('leadership terms', () => {
     const tailFile = (await readdir(asideDir)).find((f) => f.endsWith('.tail.json'))
     expect(tailFile).toBeDefined()
     const named = JSON.parse(await readFile(path.join(asideDir, tailFile as string), 'utf8')) as {
-      records: number, formerEpoch: number, nextEpoch: number, ranges: Array<{ stream: string, partition: number, from: number, to: number }>
+      records: number, formerEpoch: number, nextEpoch: number, recordsFile: string | null
+      ranges: Array<{ stream: string, partition: number, from: number, to: number }>
     }
     expect({ records: named.records, formerEpoch: named.formerEpoch, nextEpoch: named.nextEpoch }).toEqual({ records: tail.length, formerEpoch: 1, nextEpoch: 2 })
     const got = new Set<string>()
@@ -82,5 +84,12 @@ describe('leadership terms', () => {
       for (let o = r.from; o < r.to; o++) got.add(`${r.partition}/${o}`)
     }
     expect([...got].sort()).toEqual([...want].sort())
+    // The records themselves, readable: exactly the tail's payloads at the offsets the former primary gave them.
+    expect(named.recordsFile).toBe(path.join(asideDir, tailFile as string).replace(/\.json$/, '.ndjson'))
+    const lines = (await readFile(named.recordsFile as string, 'utf8')).trim().split('\n').map((l) => JSON.parse(l) as {
+      stream: string, partition: number, offset: number, payload: string
+    })
+    expect(lines.map((l) => Buffer.from(l.payload, 'base64').toString()).sort()).toEqual([...tail].sort())
+    expect(lines.map((l) => `${l.partition}/${l.offset}`).sort()).toEqual([...want].sort())
   })
 })
