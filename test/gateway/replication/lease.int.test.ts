@@ -5,7 +5,8 @@
  *
  * - The primary SIGKILLed under QoS 1 load with replicated acks: its lease
  *   expires, the standby promotes itself (epoch 2) and takes publishes; every
- *   acknowledged message is in its log.
+ *   acknowledged message is in its log. The former primary, restarted as
+ *   primary without a way to its peer, reads etcd and does not lead.
  * - etcd killed: the primary keeps acknowledging; the primary then killed,
  *   the standby says it cannot promote and stays a standby; once etcd is
  *   back and the lease runs out, it promotes.
@@ -83,7 +84,7 @@ describe.skipIf(bin === null)('automatic promotion with an etcd lease', () => {
   }
 
   it('promotes an in-sync standby once the SIGKILLed primary\'s lease expires; every acknowledged message is there', { timeout: 180_000 }, async () => {
-    const { etcd, primary, standby } = await pair({ acks: 'replicated' })
+    const { dir, etcd, primary, standby } = await pair({ acks: 'replicated' })
     const before = await leaderIn(etcd)
     expect(before?.epoch).toBe(1)
     // GET /v1/replication shows the lease: held on the primary, watched (epoch 1, standby in sync) on the standby.
@@ -121,6 +122,12 @@ describe.skipIf(bin === null)('automatic promotion with an etcd lease', () => {
     expect((await readAll(standby)).some((r) => r.payload === JSON.stringify({ device: 'dev-9', seq: 1 }))).toBe(true)
     const metrics = async (): Promise<string> => await (await fetch(`${standby.httpUrl}/metrics`)).text()
     await until('the new primary to hold the lease', async () => /edgemq_replication_lease_held 1/.test(await metrics()))
+
+    // The former primary restarts as configured and cannot reach its peer: etcd names the other node in a newer epoch, so it does not lead.
+    const back = await startNode(dir, 'a', { role: 'primary', acks: 'replicated', peer: '127.0.0.1:1', etcd: { endpoints: [etcd.url], leaseTtlMs: TTL_MS } })
+    cleanups.push(() => back.kill())
+    expect((await replicationOf(back)).role).toBe('standby')
+    expect(back.stderr()).toMatch(/GW_WARN_DEMOTED.*the leader key in etcd names another node in epoch 2/)
   })
 
   it('keeps the primary serving while etcd is down, and promotes no one until etcd is back', { timeout: 180_000 }, async () => {
