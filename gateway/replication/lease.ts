@@ -168,7 +168,8 @@ export class EtcdLease {
         this.#leader = null
         this.#events.onGone?.(last)
       })
-      this.#leader = await this.read()
+      // A failed read here leaves the watch in place: its 'connected' reads again.
+      this.#leader = await this.read().catch(() => this.#leader)
     } catch (err) {
       this.#log.warn({ err: (err as Error).message, endpoints: this.#config.endpoints }, 'cannot watch the leader key: etcd unreachable; retrying')
       this.#retry = setTimeout(() => { void this.#startWatch() }, this.#config.leaseTtlMs / 2)
