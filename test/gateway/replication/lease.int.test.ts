@@ -21,7 +21,7 @@ import mqtt from 'mqtt'
 import { afterAll, describe, expect, it } from 'vitest'
 import { findEtcd, startEtcd, type EtcdProcess } from '../../../bench/lib/etcd-server.ts'
 import { publishUntilKilled, type Acked } from '../../helpers/acked-publisher.ts'
-import { tempDir, type GatewayProcess } from '../../helpers/gateway-process.ts'
+import { runCli, tempDir, type GatewayProcess } from '../../helpers/gateway-process.ts'
 import { GATEWAY_ID, readAll, replicationAddress, replicationOf, startNode, waitFor } from './pair.ts'
 
 const bin = findEtcd()
@@ -93,6 +93,10 @@ describe.skipIf(bin === null)('automatic promotion with an etcd lease', () => {
     expect(await leaseOf(primary)).toMatchObject({ key: KEY, held: true, reachable: true })
     await until('the standby to see the primary\'s word', async () => (await leaseOf(standby))?.leader?.inSync === true)
     expect(await leaseOf(standby)).toMatchObject({ key: KEY, held: false, reachable: true, leader: { epoch: 1, inSync: true } })
+    const cli = await runCli(['replication', 'status', '--url', standby.httpUrl])
+    expect(cli.code, cli.stderr).toBe(0)
+    expect(cli.stdout).toMatch(/LEASE/)
+    expect(cli.stdout).toMatch(/epoch 1, standby in sync/)
 
     const acked: Acked[] = []
     const clients = await Promise.all([0, 1, 2].map(async (d) => {
