@@ -379,8 +379,10 @@ async function startStandby (deps: ReplicationDeps, log: Logger, coordination: C
   // A snapshot a kill interrupted left a copy the store cannot open: empty it (the snapshot starts again) before the store opens.
   if (await root.get(COPYING_KEY, RAW) !== undefined) {
     log.warn({}, 'the last snapshot from the primary was interrupted: its partial copy is emptied, a new snapshot follows')
+    // A former primary's set-aside data still waits for its tail to be named: that survives the emptying.
+    const aside = await readJson<PendingAside>(root, ASIDE_KEY)
     await root.clear()
-    await root.batch([jsonOp(COPYING_KEY, true)] as never, { ...RAW, sync: true } as never)
+    await root.batch([jsonOp(COPYING_KEY, true), ...(aside === null ? [] : [jsonOp(ASIDE_KEY, aside)])] as never, { ...RAW, sync: true } as never)
   }
   const initial = await readJson<AppliedPosition>(root, POSITION_KEY)
   // A former primary's set-aside data whose tail is not named yet (a restart may have come between); checked after each refresh until it is.
