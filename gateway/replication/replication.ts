@@ -396,7 +396,8 @@ async function startStandby (deps: ReplicationDeps, log: Logger, coordination: C
       const copying = await root.get(COPYING_KEY, RAW)
       const position = await readJson<AppliedPosition>(root, POSITION_KEY)
       // Data that is no copy of a primary (this node was one, or is new to the pair): set aside before the snapshot replaces it.
-      let pending: PendingAside | null = null
+      // Kept across the emptying: a tail still to be named (this copy follows one a kill interrupted), or the one set aside now.
+      let pending = await readJson<PendingAside>(root, ASIDE_KEY)
       if (copying === undefined && position === null) {
         const epoch = (await readJson<number>(root, EPOCH_KEY)) ?? 0
         const ends = await formerLogEnds(root)
