@@ -39,7 +39,7 @@ import { once } from 'node:events'
 import { encode } from 'cbor-x'
 import type { Logger } from 'pino'
 import type { Registry } from 'prom-client'
-import { openLogStore, type LevelDatabase, type LogStore } from '../../store/index.ts'
+import type { LevelDatabase, LogStore } from '../../store/index.ts'
 import { GatewayError } from '../errors.ts'
 import { parseHostPort, type HostPort, type ReplicationConfig, type ReplicationRole } from './config-schema.ts'
 import { AutoPromotion } from './election.ts'
@@ -49,8 +49,8 @@ import { createLeaseMetrics, createReplicationMetrics, type LeaseMetrics } from 
 import { ReplicationPrimary, type SnapshotSource } from './primary.ts'
 import { probePeer } from './probe.ts'
 import { ReplicationStandby, type AppliedPosition, type FollowerDatabase } from './standby.ts'
-import { extractTail } from './set-aside-tail.ts'
-import { logEnds, lostTail, nextTerm, recordTermStart } from './terms.ts'
+import { formerLogEnds, nameTail, type PendingAside } from './set-aside-tail.ts'
+import { recordTermStart } from './terms.ts'
 
 /** The sublevel prefix of the replication metadata, as abstract-level writes it in the root's key space. */
 const META_PREFIX = Buffer.from('!replication!')
@@ -268,51 +268,11 @@ export async function startReplication (deps: ReplicationDeps): Promise<Replicat
   }
 }
 
-/** What a demoted node keeps (metadata `aside`) until the snapshot tells it which set-aside records the new primary lacks. */
-interface PendingAside {
-  readonly file: string
-  /** The epoch this node wrote in as primary. */
-  readonly epoch: number
-  /** Its log end offsets then, per stream and partition. */
-  readonly ends: Record<string, number[]>
-}
-
-/** The log ends of the data about to be set aside, read by a second, read-only store over the same database. */
-async function formerLogEnds (root: LevelDatabase): Promise<Record<string, number[]>> {
-  const store = await openLogStore({ db: root, follower: true })
-  try {
-    return logEnds(store)
-  } finally {
-    await store.close()
-  }
-}
-
-/** After the snapshot that replaced a former primary's data: names the tail it set aside that the new primary lacks (terms.ts). */
+/** After the snapshot that replaced a former primary's data: names its lost tail (set-aside-tail.ts), then forgets it. Always false: nothing left. */
 async function nameLostTail (root: LevelDatabase, log: Logger): Promise<false> {
   const pending = await readJson<PendingAside>(root, ASIDE_KEY)
   if (pending === null) return false
-  const next = await nextTerm(root, pending.epoch)
-  if (next === null) {
-    log.warn({ file: pending.file, epoch: pending.epoch },
-      'the new primary\'s copy names no term after this node\'s: any record of the set-aside copy may be a tail it lacks')
-  } else {
-    const ranges = lostTail(pending.ends, next)
-    const records = ranges.reduce((n, r) => n + r.to - r.from, 0)
-    const file = `${pending.file}.tail.json`
-    // The records themselves, readable; the offsets stand without them if this fails (the .cbor copy holds them either way).
-    const recordsFile = records === 0 ? null : `${pending.file}.tail.ndjson`
-    const extracted = recordsFile === null ? 0 : await extractTail(pending.file, ranges, recordsFile).catch((err: unknown) => {
-      log.error({ err: (err as Error).message, file: pending.file }, 'could not extract the tail\'s records from the set-aside copy')
-      return null
-    })
-    const doc = {
-      setAside: pending.file, formerEpoch: pending.epoch, nextEpoch: next.epoch, records, ranges, recordsFile: extracted === null ? null : recordsFile,
-    }
-    await writeFile(file, `${JSON.stringify(doc, null, 2)}\n`)
-    log.warn({ code: 'GW_WARN_SET_ASIDE_TAIL', file, records, extracted, ranges: ranges.slice(0, 20) },
-      `of the data set aside in ${pending.file}, ${records} records are a tail the new primary (epoch ${next.epoch}) lacks; ` +
-      `their offsets are in ${file}${extracted === null || recordsFile === null ? '' : `, the records in ${recordsFile}`}`)
-  }
+  await nameTail(root, pending, log)
   await root.batch([{ type: 'del', key: ASIDE_KEY }] as never, { ...RAW, sync: true } as never)
   return false
 }
