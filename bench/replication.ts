@@ -11,6 +11,14 @@
  * until acknowledged), against the time a single gateway takes to restart
  * on its data (`edgemq start` to its first acknowledged publish).
  *
+ * Automatic takeover (replication.coordination, with etcd-server installed):
+ * a pair holding its lease in an etcd on loopback (`leaseTtlMs` 2000), the
+ * primary SIGKILLed after a short load, timed to the standby's first
+ * acknowledged publish once it promoted itself; baseline the manual takeover
+ * above (kill, promote command, first ack), same run. Issue 16's target is
+ * under the lease TTL plus 2 s. `-- --takeover-only` skips the ingest rounds
+ * (the manual takeover then follows a short load of 1,000 messages).
+ *
  * Load (lib/mqtt-fill.ts): `--messages` (default 50,000) of 100 bytes from
  * 4 connections with 100 in flight each, 10 devices per connection.
  */
@@ -18,14 +26,18 @@ import { spawn, type ChildProcess } from 'node:child_process'
 import { writeFile } from 'node:fs/promises'
 import { join } from 'node:path'
 import { fileURLToPath } from 'node:url'
+import { Etcd3 } from 'etcd3'
 import mqtt from 'mqtt'
 import { stringify } from 'yaml'
+import { findEtcd, startEtcd } from './lib/etcd-server.ts'
+import { argv } from './lib/flags.ts'
 import { fill } from './lib/mqtt-fill.ts'
 import { info, median, percentile, report, TempDirs } from './lib/report.ts'
 
 const BIN = fileURLToPath(new URL('../gateway/edgemq.mjs', import.meta.url))
 const MESSAGES = Number(process.argv.find((a) => a.startsWith('--messages='))?.split('=')[1] ?? 50_000)
-const ROUNDS = 2
+const ROUNDS = argv.includes('--takeover-only') ? 0 : 2
+const LEASE_TTL_MS = 2000
 
 interface Node { child: ChildProcess, mqtt: { host: string, port: number }, http: string, replication: string | null, exited: Promise<void> }
 
@@ -77,12 +89,53 @@ async function firstAck (url: string, timeoutMs = 60_000): Promise<void> {
   while (Date.now() < deadline) {
     try {
       const c = await mqtt.connectAsync(url, { clientId: 'probe', reconnectPeriod: 0, connectTimeout: 2000 })
-      await c.publishAsync('devices/probe/telemetry/t', 'x', { qos: 1 })
-      await c.endAsync()
+      try {
+        // A standby not yet promoted closes the connection on a PUBLISH: the publish would wait for an ack forever.
+        await Promise.race([
+          c.publishAsync('devices/probe/telemetry/t', 'x', { qos: 1 }),
+          new Promise((_resolve, reject) => { c.once('close', () => reject(new Error('closed'))); setTimeout(() => reject(new Error('no ack')), 2000) }),
+        ])
+      } finally {
+        c.end(true)
+      }
       return
     } catch { await new Promise((resolve) => setTimeout(resolve, 20)) }
   }
   throw new Error('no publish acknowledged')
+}
+
+/** SIGKILL of the primary to the promoted standby's first acknowledged publish, promoted by `POST /v1/replication/promote`. */
+async function manualTakeover (primary: Node, standby: Node): Promise<number> {
+  const t0 = performance.now()
+  await stop(primary, 'SIGKILL')
+  await fetch(`${standby.http}/v1/replication/promote`, { method: 'POST' })
+  await until('promoted', async () => (await status(standby)).role === 'primary')
+  await firstAck(`mqtt://${standby.mqtt.host}:${standby.mqtt.port}`)
+  return performance.now() - t0
+}
+
+/** SIGKILL of the primary to the standby's first acknowledged publish once it promoted itself (etcd lease). */
+async function automaticTakeover (dir: string, etcdBin: string): Promise<number> {
+  const etcd = await startEtcd(etcdBin, dir)
+  try {
+    const coordination = { etcd: { endpoints: [etcd.url], leaseTtlMs: LEASE_TTL_MS } }
+    const primary = await startNode(dir, 'p', { role: 'primary', acks: 'replicated', coordination })
+    const standby = await startNode(dir, 's', { role: 'standby', peer: primary.replication, coordination })
+    await until('standby in sync', async () => (await status(primary)).inSync)
+    await fill({ host: primary.mqtt.host, port: primary.mqtt.port, messages: 1000, connections: 4, devicesPerConnection: 10, payloadBytes: 100, window: 100 })
+    // The primary's word "in sync" must be in etcd before the kill, or the standby rightly refuses to promote itself.
+    const client = new Etcd3({ hosts: etcd.url })
+    await until('the primary\'s in-sync word in etcd', async () => (await client.get('/edgemq/bench/leader').json() as { inSync?: boolean } | null)?.inSync === true)
+    client.close()
+    const t0 = performance.now()
+    await stop(primary, 'SIGKILL')
+    await firstAck(`mqtt://${standby.mqtt.host}:${standby.mqtt.port}`, 60_000)
+    const ms = performance.now() - t0
+    await stop(standby)
+    return ms
+  } finally {
+    await etcd.kill()
+  }
 }
 
 const dirs = new TempDirs()
@@ -108,21 +161,37 @@ try {
       await sampler
       rates[acks].push(result.rate)
       info(`round ${round} acks ${acks}: ${Math.round(result.rate)} msg/s`)
-      if (acks === 'replicated' && round === ROUNDS - 1) {
-        // Takeover: kill -9 the primary, promote the standby, until it acknowledges a publish.
-        const t0 = performance.now()
-        await stop(primary, 'SIGKILL')
-        await fetch(`${standby.http}/v1/replication/promote`, { method: 'POST' })
-        await until('promoted', async () => (await status(standby)).role === 'primary')
-        await firstAck(`mqtt://${standby.mqtt.host}:${standby.mqtt.port}`)
-        takeoverMs = performance.now() - t0
-      }
+      // Takeover: kill -9 the primary, promote the standby, until it acknowledges a publish.
+      if (acks === 'replicated' && round === ROUNDS - 1) takeoverMs = await manualTakeover(primary, standby)
       await stop(standby)
       await stop(primary)
       await dirs.remove(dir)
     }
   }
+  if (ROUNDS === 0) {
+    const dir = await dirs.make('replication-takeover')
+    const primary = await startNode(dir, 'p', { role: 'primary', acks: 'replicated' })
+    const standby = await startNode(dir, 's', { role: 'standby', peer: primary.replication })
+    await until('standby in sync', async () => (await status(primary)).inSync)
+    await fill({ host: primary.mqtt.host, port: primary.mqtt.port, messages: 1000, connections: 4, devicesPerConnection: 10, payloadBytes: 100, window: 100 })
+    takeoverMs = await manualTakeover(primary, standby)
+    await stop(standby)
+    await dirs.remove(dir)
+  }
+  const etcdBin = findEtcd()
+  if (etcdBin === null) {
+    info('etcd not installed (apt-get install etcd-server): no automatic takeover figure')
+  } else {
+    const autoMs = await automaticTakeover(await dirs.make('replication-auto'), etcdBin)
+    info(`automatic takeover ${Math.round(autoMs)} ms with a lease of ${LEASE_TTL_MS} ms (target under ${LEASE_TTL_MS + 2000} ms)`)
+    report({
+      bench: 'replication.takeover.automatic', unit: 'ms', value: autoMs,
+      baseline: 'the manual takeover of this run (kill -9, POST /v1/replication/promote, first ack)',
+      baselineValue: takeoverMs, better: 'lower', params: { leaseTtlMs: LEASE_TTL_MS, targetMs: LEASE_TTL_MS + 2000 },
+    })
+  }
   const params = { messages: MESSAGES, payloadBytes: 100, connections: 4, window: 100, rounds: ROUNDS, durability: 'sync' }
+  if (ROUNDS > 0) {
   report({
     bench: 'replication.ingest.replicated', unit: 'msg/s', value: median(rates.replicated), baseline: 'the same pair with acks: local (median of rounds)',
     baselineValue: median(rates.local), better: 'higher', params,
@@ -133,6 +202,7 @@ try {
       bench: `replication.lag.${acks}`, unit: 's', value: percentile(sorted, 99), baseline: 'p50 of the same samples',
       baselineValue: Math.max(percentile(sorted, 50), 0.001), better: 'lower', params: { ...params, samples: sorted.length },
     })
+  }
   }
   // Baseline for the takeover: a single gateway restarting on its data after kill -9, to its first acknowledged publish.
   const dir = await dirs.make('replication-restart')

@@ -27,7 +27,7 @@ import { describeConfig } from '../gateway/config/config.ts'
 import { GATEWAY_ERROR_CODES, GATEWAY_WARNING_CODES } from '../gateway/errors.ts'
 import { createMetrics, type MetricsSources } from '../gateway/metrics/metrics.ts'
 import { SESSION_ERROR_CODES } from '../gateway/mqtt/session-persistence.ts'
-import { createReplicationMetrics } from '../gateway/replication/metrics.ts'
+import { createLeaseMetrics, createReplicationMetrics } from '../gateway/replication/metrics.ts'
 import { STORE_ERROR_CODES } from '../store/errors.ts'
 
 export const REGENERATE = 'npm run docs'
@@ -178,6 +178,7 @@ function registeredMetrics (): Array<{ name: string, type: string, help: string,
   createMetrics(registry, sources)
   createBridgeMetrics(registry, [], unused, { now: unused })
   createReplicationMetrics(registry, { role: unused, epoch: unused, inSync: unused, lag: unused })
+  createLeaseMetrics(registry, unused)
   return registry.getMetricsAsArray()
     .filter((m) => m.name.startsWith('edgemq_'))
     .map((m) => {

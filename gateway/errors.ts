@@ -51,9 +51,19 @@ export const GATEWAY_WARNING_CODES = {
   GW_WARN_STANDBY_OUT_OF_SYNC: 'The standby left the in-sync state (disconnected, copying a snapshot, or lagging over replication.maxLagMs); ' +
     'with acks: replicated, acknowledgements are held (onStandbyLost: block) or local only (degrade) until it is back. The line says why.',
   GW_WARN_PROMOTED: 'This node was promoted (`edgemq promote`) and runs as primary in a new epoch, although its config says replication.role: standby.',
-  GW_WARN_DEMOTED: 'This node was configured as primary, but its peer is primary in a newer epoch (it was promoted): this node follows it as a standby.',
+  GW_WARN_DEMOTED: 'This node was configured as primary, but its peer (or the leader key in etcd) is primary in a newer epoch (it was promoted): ' +
+    'this node follows it as a standby.',
+  GW_WARN_AUTO_PROMOTED: 'The primary\'s lease in etcd expired and this standby was in sync: it won the leader key and promoted itself to the next epoch.',
+  GW_WARN_NO_AUTO_PROMOTION: 'The primary\'s lease expired (or the primary and etcd are both unreachable) but this standby does not promote itself; ' +
+    'the line says why (out of sync at the primary\'s last contact, no complete copy, the primary still talking, etcd unreachable).',
+  GW_WARN_LEASE_UNAVAILABLE: 'A primary cannot hold its leader lease in etcd (unreachable): it keeps serving; no automatic takeover can happen meanwhile.',
+  GW_WARN_LEADER_ELSEWHERE: 'A primary found the leader key in etcd held by another node: it keeps serving and claims the key once it is free. ' +
+    'Check which node should be primary.',
   GW_WARN_SET_ASIDE: 'A node that becomes a standby copied its former data (any tail the new primary lacks) into the file the line names, ' +
     'before the primary\'s snapshot replaced it.',
+  GW_WARN_SET_ASIDE_TAIL: 'After the new primary\'s snapshot: which of the set-aside records the new primary lacks (offset ranges per partition, from ' +
+    'the start of its term), written to <set-aside file>.tail.json, the records to <set-aside file>.tail.ndjson. ' +
+    'With acks: replicated none of them was acknowledged.',
   GW_WARN_GATEWAY_ID_CHANGED: 'The configured gatewayId differs from the one kept in <dataDir>/gateway-id: ' +
     'upstreams see a new gateway (new dedupe ids and client ids).',
 } as const

@@ -93,10 +93,13 @@ async function start (config: GatewayConfig, deps: GatewayDeps, shutdown: Shutdo
   // Where gateways before the one session-expiry mechanism kept MQTT 5 deadlines: read once, emptied (mqtt/session-expiry.ts).
   const legacyExpiryDb = root.sublevel<Buffer, Buffer>('session-expiry', { keyEncoding: 'buffer', valueEncoding: 'buffer' }) as unknown as LevelDatabase
 
+  let promote: () => void = () => {}
+  const promoted = new Promise<void>((resolve) => { promote = resolve })
   // Before the store opens: a primary journals every write of the database, from the first.
   const replication = await startReplication({
     config: config.replication, gatewayId: config.gatewayId, root, registry, logger,
     durabilitySync: config.store.durability === 'sync', dataDir: config.dataDir, now: () => systemClock.now(),
+    onPromoted: () => { setImmediate(promote) },
   })
   shutdown.add('replication', () => replication.close())
   // A standby's database is the primary's copy: it writes nothing of its own into it (no streams, groups, sessions, retention, bridge).
@@ -125,6 +128,8 @@ async function start (config: GatewayConfig, deps: GatewayDeps, shutdown: Shutdo
   })
   shutdown.add('store', () => store.close())
   replication.follow(() => store.refresh())
+  // A primary's term begins where the log ends now (replication/terms.ts): a former primary computes the tail it alone holds from it.
+  await replication.startTerm(store)
   const disk = watchDiskUsage(config.dataDir)
   shutdown.add('disk usage', async () => disk.stop())
   const sessions: { persistence?: LevelSessionPersistence } = {} // created below, after the metrics its hooks count into
@@ -220,8 +225,6 @@ async function start (config: GatewayConfig, deps: GatewayDeps, shutdown: Shutdo
   await bridge.start()
   shutdown.add('bridge', () => bridge.stop())
 
-  let promote: () => void = () => {}
-  const promoted = new Promise<void>((resolve) => { promote = resolve })
   const http = await startHttpServer(config.http, {
     registry,
     health: () => {

@@ -16,9 +16,18 @@ export function replicationTable (s: ReplicationStatus): string {
   if (s.role === 'none') return 'no replication configured (replication.role: none)\n'
   return table(
     ['ROLE', 'EPOCH', 'LISTEN', 'PEER', 'CONNECTED', 'IN-SYNC', 'ACKS', 'ON-STANDBY-LOST', 'PRIMARY-SEQ', 'APPLIED-SEQ', 'LAG-WRITES', 'LAG-BYTES',
-      'LAG-SECONDS', 'REFUSAL'],
+      'LAG-SECONDS', 'REFUSAL', 'LEASE'],
     [[s.role, s.epoch, s.listen ?? '-', s.peer ?? '-', s.connected ? 'yes' : 'no', s.inSync ? 'yes' : (s.snapshotting ? 'no (snapshot)' : 'no'),
-      s.acks, s.onStandbyLost, s.primarySequence, s.appliedSequence, s.lag.writes, s.lag.bytes ?? '-', s.lag.seconds.toFixed(1), s.refusal ?? '-']])
+      s.acks, s.onStandbyLost, s.primarySequence, s.appliedSequence, s.lag.writes, s.lag.bytes ?? '-', s.lag.seconds.toFixed(1), s.refusal ?? '-',
+      leaseCell(s.lease)]])
+}
+
+/** The lease column: held, or the leader's epoch as this node sees it, or why it does not know. */
+function leaseCell (lease: ReplicationStatus['lease']): string {
+  if (lease === null || lease === undefined) return '-'
+  if (!lease.reachable) return 'etcd unreachable'
+  if (lease.held) return 'held'
+  return lease.leader === null ? 'free' : `epoch ${lease.leader.epoch}${lease.leader.inSync ? ', standby in sync' : ', standby out of sync'}`
 }
 
 /** Promotes the standby and waits (bounded) until it answers as primary in the new epoch. */

@@ -43,6 +43,31 @@ export const replicationConfigSchema = {
       description: 'Bytes of recent batches the primary keeps in memory, so a standby that was away catches up from where it was; ' +
         'a standby further behind (or one that comes back after the primary restarted) copies a full snapshot.',
     },
+    coordination: {
+      type: 'object', additionalProperties: false, default: {},
+      description: 'Where the leadership lease lives, for automatic promotion. Without it a standby is promoted by command only (`edgemq promote`).',
+      properties: {
+        etcd: {
+          type: 'object', additionalProperties: false, required: ['endpoints'],
+          description: 'An etcd cluster (v3 API): the primary holds the leader key under a lease; a standby in sync takes over once the lease expires.',
+          properties: {
+            endpoints: {
+              type: 'array', minItems: 1, items: { type: 'string' },
+              description: 'Client URLs of the etcd members, e.g. http://10.0.0.3:2379 (the same list on both gateways).',
+            },
+            leaseTtlMs: {
+              type: 'integer', minimum: 2000, maximum: 600_000, multipleOf: 1000, default: 5000,
+              description: 'Lease time to live (whole seconds, as etcd grants them): how long after the primary\'s last keep-alive a standby may ' +
+                'take over. Shorter means faster takeover and more risk that a primary merely slow to reach etcd is replaced.',
+            },
+            prefix: {
+              type: 'string', default: '/edgemq', pattern: '^/[A-Za-z0-9._/-]*$',
+              description: 'Key prefix in etcd: the leader key is <prefix>/<gatewayId>/leader, so one etcd serves many sites.',
+            },
+          },
+        },
+      },
+    },
   },
 } as const
 
@@ -56,6 +81,13 @@ export interface ReplicationConfig {
   readonly maxLagMs: number
   readonly onStandbyLost: 'block' | 'degrade'
   readonly backlogBytes: number
+  readonly coordination: { readonly etcd?: EtcdCoordinationConfig }
+}
+
+export interface EtcdCoordinationConfig {
+  readonly endpoints: readonly string[]
+  readonly leaseTtlMs: number
+  readonly prefix: string
 }
 
 export interface HostPort { readonly host: string, readonly port: number }
@@ -81,5 +113,11 @@ export function replicationConfigProblem (config: ReplicationConfig): string | n
     return `"replication.peer" must be host:port, got ${JSON.stringify(config.peer)}`
   }
   if (config.role !== 'primary' && config.acks === 'replicated') return '"replication.acks" replicated needs replication.role primary'
+  const etcd = config.coordination.etcd
+  if (etcd !== undefined) {
+    if (config.role === 'none') return '"replication.coordination" needs replication.role primary or standby'
+    const bad = etcd.endpoints.find((e) => !/^https?:\/\/(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):\d{1,5}$/.test(e))
+    if (bad !== undefined) return `"replication.coordination.etcd.endpoints" must be http(s)://host:port URLs, got ${JSON.stringify(bad)}`
+  }
   return null
 }

@@ -53,3 +53,26 @@ export function createReplicationMetrics (registry: Registry, gauges: Replicatio
     }),
   }
 }
+
+export interface LeaseMetrics {
+  /** Automatic promotions and the refusals of one (replication.coordination), by result. */
+  readonly autoPromotions: Counter<'result'>
+}
+
+/** The coordination metrics (replication.coordination): registered on every node, zero where nothing is configured. */
+export function createLeaseMetrics (registry: Registry, held: () => boolean): LeaseMetrics {
+  new Gauge({
+    name: 'edgemq_replication_lease_held',
+    help: 'On a primary with replication.coordination: 1 while it holds the leader key in etcd under a live lease, 0 while etcd is away ' +
+      '(it keeps serving, and no standby can take over automatically).',
+    registers: [registry], collect () { this.set(held() ? 1 : 0) },
+  })
+  const autoPromotions = new Counter({
+    name: 'edgemq_replication_auto_promotions_total',
+    help: 'On a standby with replication.coordination: promoted (it took over after the primary\'s lease expired), out_of_sync (the lease ' +
+      'expired but it was not in sync: no promotion), lost (another node took the leader key), unavailable (primary and etcd both unreachable).',
+    labelNames: ['result'], registers: [registry],
+  })
+  for (const result of ['promoted', 'out_of_sync', 'lost', 'unavailable']) autoPromotions.inc({ result }, 0)
+  return { autoPromotions }
+}

@@ -18,23 +18,39 @@
  * Its own data — which may end in a tail the new primary never received —
  * is set aside before the snapshot replaces it: copied whole into
  * `<dataDir>/set-aside/<time>.cbor` (CBOR [key, value] pairs, as LevelDB held
- * them), a file the log names; never silently deleted.
+ * them), a file the log names; never silently deleted. Once the snapshot is
+ * in, the first term after this node's (terms.ts) says exactly which of the
+ * set-aside records the new primary lacks: offset ranges per partition, in
+ * `<file>.tail.json` beside the copy, the records themselves in
+ * `<file>.tail.ndjson` (set-aside-tail.ts), and logged (GW_WARN_SET_ASIDE_TAIL).
+ * `aside` (metadata) keeps what that needs across a restart meanwhile.
+ *
+ * With replication.coordination.etcd the leadership is also a lease in etcd
+ * (lease.ts): a primary holds the leader key, a standby in sync takes over
+ * when it expires (election.ts), and a node starting as primary also asks
+ * etcd whether another node leads in a newer epoch. Nodes are told apart by
+ * `<dataDir>/node-id` (the pair shares its gatewayId).
  */
+import { randomUUID } from 'node:crypto'
 import { createWriteStream } from 'node:fs'
-import { mkdir } from 'node:fs/promises'
+import { mkdir, readFile, writeFile } from 'node:fs/promises'
 import path from 'node:path'
 import { once } from 'node:events'
 import { encode } from 'cbor-x'
 import type { Logger } from 'pino'
 import type { Registry } from 'prom-client'
-import type { LevelDatabase } from '../../store/index.ts'
+import type { LevelDatabase, LogStore } from '../../store/index.ts'
 import { GatewayError } from '../errors.ts'
 import { parseHostPort, type HostPort, type ReplicationConfig, type ReplicationRole } from './config-schema.ts'
+import { AutoPromotion } from './election.ts'
 import { WriteJournal, type WriteEmitter } from './journal.ts'
-import { createReplicationMetrics } from './metrics.ts'
+import { EtcdLease, type LeaderValue } from './lease.ts'
+import { createLeaseMetrics, createReplicationMetrics, type LeaseMetrics } from './metrics.ts'
 import { ReplicationPrimary, type SnapshotSource } from './primary.ts'
 import { probePeer } from './probe.ts'
 import { ReplicationStandby, type AppliedPosition, type FollowerDatabase } from './standby.ts'
+import { formerLogEnds, nameTail, type PendingAside } from './set-aside-tail.ts'
+import { recordTermStart } from './terms.ts'
 
 /** The sublevel prefix of the replication metadata, as abstract-level writes it in the root's key space. */
 const META_PREFIX = Buffer.from('!replication!')
@@ -42,6 +58,7 @@ const POSITION_KEY = Buffer.concat([META_PREFIX, Buffer.from('position')])
 const EPOCH_KEY = Buffer.concat([META_PREFIX, Buffer.from('epoch')])
 const PROMOTED_KEY = Buffer.concat([META_PREFIX, Buffer.from('promoted')])
 const COPYING_KEY = Buffer.concat([META_PREFIX, Buffer.from('copying')])
+const ASIDE_KEY = Buffer.concat([META_PREFIX, Buffer.from('aside')])
 const RAW = { keyEncoding: 'buffer', valueEncoding: 'buffer' } as const
 /** How long a node starting as primary waits for its peer to say whether it was promoted. */
 const PROBE_MS = 1000
@@ -64,6 +81,16 @@ export interface ReplicationStatus {
   readonly lag: { readonly writes: number, readonly bytes: number | null, readonly seconds: number }
   /** A standby: why its primary refused it, if it did. */
   readonly refusal: string | null
+  /** With replication.coordination: the leader key, whether this node holds it, whether etcd answers, and the leader it names. */
+  readonly lease: LeaseStatus | null
+}
+
+export interface LeaseStatus { readonly key: string, readonly held: boolean, readonly reachable: boolean, readonly leader: LeaderValue | null }
+
+function leaseStatus (coordination: Coordination | null): LeaseStatus | null {
+  if (coordination === null) return null
+  const { lease } = coordination
+  return { key: lease.key, held: lease.held, reachable: lease.reachable, leader: lease.leader }
 }
 
 export interface Replication {
@@ -80,6 +107,8 @@ export interface Replication {
    * opens, and the store must not load a copy that a snapshot is half-way through. Nothing for other roles.
    */
   follow (refresh: () => Promise<void>): void
+  /** A primary, once its store is open: records where its term began (terms.ts), once per epoch. Nothing for other roles. */
+  startTerm (store: LogStore): Promise<void>
   /**
    * A standby: stops following, and starts epoch + 1 as primary: kept in the
    * database, so the node is primary from its next start on (the gateway
@@ -99,7 +128,12 @@ export interface ReplicationDeps {
   readonly durabilitySync: boolean
   readonly dataDir: string
   readonly now: () => number
+  /** Called after an automatic promotion (replication.coordination): the gateway restarts as primary, as after `edgemq promote`. */
+  readonly onPromoted?: () => void
 }
+
+/** What a node with replication.coordination brings to its role. */
+interface Coordination { readonly lease: EtcdLease, readonly node: string, readonly metrics: LeaseMetrics }
 
 async function readJson<T> (root: LevelDatabase, key: Buffer): Promise<T | null> {
   const value = await root.get(key, RAW) as Buffer | undefined
@@ -114,12 +148,23 @@ function isMeta (key: Buffer): boolean {
   return key.length >= META_PREFIX.length && key.subarray(0, META_PREFIX.length).equals(META_PREFIX)
 }
 
+/** This node's id for the leader key: `<dataDir>/node-id`, made once (a standby's snapshot empties its database, not this file). */
+async function nodeId (dataDir: string): Promise<string> {
+  const file = path.join(dataDir, 'node-id')
+  const existing = await readFile(file, 'utf8').catch(() => '')
+  if (existing.trim() !== '') return existing.trim()
+  await mkdir(dataDir, { recursive: true })
+  const id = randomUUID()
+  await writeFile(file, `${id}\n`, { flag: 'wx' })
+  return id
+}
+
 const notStandby = async (): Promise<never> => {
   throw new GatewayError('GW_PROMOTE_REFUSED', 'only a standby can be promoted (replication.role: standby)')
 }
 
 /** The role this node takes: its config's, unless it was promoted, or its peer was promoted while it was away. */
-async function chooseRole (deps: ReplicationDeps, log: Logger): Promise<'primary' | 'standby'> {
+async function chooseRole (deps: ReplicationDeps, log: Logger, coordination: Coordination | null): Promise<'primary' | 'standby'> {
   const { config, root } = deps
   let role: 'primary' | 'standby' = config.role === 'standby' ? 'standby' : 'primary'
   const promoted = await readJson<{ epoch: number }>(root, PROMOTED_KEY)
@@ -135,6 +180,20 @@ async function chooseRole (deps: ReplicationDeps, log: Logger): Promise<'primary
     if (other !== null && other.gatewayId === deps.gatewayId && other.epoch > epoch) {
       log.warn({ code: 'GW_WARN_DEMOTED', epoch, peerEpoch: other.epoch, peer: config.peer },
         `the peer ${config.peer} is primary in epoch ${other.epoch}, newer than this node's ${epoch}: this node follows it as a standby`)
+      await root.batch([{ type: 'del', key: PROMOTED_KEY }] as never, { ...RAW, sync: true } as never)
+      role = 'standby'
+    }
+  }
+  if (role === 'primary' && peer !== null && coordination !== null) {
+    // The peer may be unreachable from here and still lead: etcd knows who holds the key. etcd away: start as configured (documented).
+    const epoch = (await readJson<number>(root, EPOCH_KEY)) ?? 1
+    const leader = await coordination.lease.read().catch((err: unknown) => {
+      log.warn({ code: 'GW_WARN_LEASE_UNAVAILABLE', err: (err as Error).message }, 'cannot read the leader key in etcd; starting as configured')
+      return null
+    })
+    if (leader !== null && leader.node !== coordination.node && leader.epoch > epoch) {
+      log.warn({ code: 'GW_WARN_DEMOTED', epoch, peerEpoch: leader.epoch, peer: config.peer, key: coordination.lease.key },
+        `the leader key in etcd names another node in epoch ${leader.epoch}, newer than this node's ${epoch}: this node follows ${config.peer} as a standby`)
       await root.batch([{ type: 'del', key: PROMOTED_KEY }] as never, { ...RAW, sync: true } as never)
       role = 'standby'
     }
@@ -176,25 +235,49 @@ export async function startReplication (deps: ReplicationDeps): Promise<Replicat
   const { config, logger } = deps
   const log = logger.child({ component: 'replication' })
   if (config.role !== 'none') {
-    const replication = await chooseRole(deps, log) === 'primary' ? await startPrimary(deps, log) : await startStandby(deps, log)
+    const etcd = config.coordination.etcd
+    const lease = etcd === undefined ? null : new EtcdLease(etcd, deps.gatewayId, log)
+    const metrics = createLeaseMetrics(deps.registry, () => lease?.held ?? false)
+    let replication: Replication
+    try {
+      const coordination = lease === null ? null : { lease, node: await nodeId(deps.dataDir), metrics }
+      replication = await chooseRole(deps, log, coordination) === 'primary'
+        ? await startPrimary(deps, log, coordination)
+        : await startStandby(deps, log, coordination)
+    } catch (err) {
+      await lease?.close()
+      throw err
+    }
     let closed: Promise<void> | undefined
-    return { ...replication, close: () => (closed ??= replication.close()) }
+    return { ...replication, close: () => (closed ??= replication.close().finally(() => lease?.close())) }
   }
+  createLeaseMetrics(deps.registry, () => false)
   createReplicationMetrics(deps.registry, { role: () => 'none', epoch: () => 0, inSync: () => false, lag: () => ({ writes: 0, bytes: 0, seconds: 0 }) })
   return {
     role: 'none', commitGate: undefined, listenAddress: null,
     status: () => ({
       role: 'none', epoch: 0, gatewayId: deps.gatewayId, listen: null, peer: null, acks: config.acks, onStandbyLost: config.onStandbyLost,
       connected: false, inSync: false, snapshotting: false, primarySequence: 0, appliedSequence: 0, lag: { writes: 0, bytes: 0, seconds: 0 }, refusal: null,
+      lease: null,
     }),
     healthReasons: () => [],
     follow: () => {},
+    startTerm: async () => {},
     promote: notStandby,
     close: async () => {},
   }
 }
 
-async function startPrimary (deps: ReplicationDeps, log: Logger): Promise<Replication> {
+/** After the snapshot that replaced a former primary's data: names its lost tail (set-aside-tail.ts), then forgets it. Always false: nothing left. */
+async function nameLostTail (root: LevelDatabase, log: Logger): Promise<false> {
+  const pending = await readJson<PendingAside>(root, ASIDE_KEY)
+  if (pending === null) return false
+  await nameTail(root, pending, log)
+  await root.batch([{ type: 'del', key: ASIDE_KEY }] as never, { ...RAW, sync: true } as never)
+  return false
+}
+
+async function startPrimary (deps: ReplicationDeps, log: Logger, coordination: Coordination | null): Promise<Replication> {
   const { config, root } = deps
   const epoch = (await readJson<number>(root, EPOCH_KEY)) ?? 1
   // A primary's database is no copy of another's from now on: if it is ever demoted, its data is set aside before a snapshot replaces it.
@@ -206,6 +289,7 @@ async function startPrimary (deps: ReplicationDeps, log: Logger): Promise<Replic
     primary = await ReplicationPrimary.start({
       config, journal, root: root as unknown as SnapshotSource, ignorePrefix: META_PREFIX, gatewayId: deps.gatewayId, epoch, logger: log, now: deps.now,
       onInSync: (inSync, reason) => {
+        void coordination?.lease.update({ node: coordination.node, epoch, inSync })
         if (inSync) {
           log.info({ reason }, 'standby in sync')
         } else {
@@ -222,6 +306,7 @@ async function startPrimary (deps: ReplicationDeps, log: Logger): Promise<Replic
     throw err
   }
   const lag = (): { writes: number, bytes: number, seconds: number } => primary.lag()
+  coordination?.lease.hold({ node: coordination.node, epoch, inSync: primary.inSync })
   holder.metrics = createReplicationMetrics(deps.registry, { role: () => 'primary', epoch: () => epoch, inSync: () => primary.inSync, lag })
   log.info({ listen: primary.address, acks: config.acks, onStandbyLost: config.onStandbyLost, epoch }, 'replication primary listening')
   return {
@@ -231,11 +316,15 @@ async function startPrimary (deps: ReplicationDeps, log: Logger): Promise<Replic
     status: () => ({
       role: 'primary', epoch, gatewayId: deps.gatewayId, listen: primary.address, peer: primary.standbyAddress, acks: config.acks,
       onStandbyLost: config.onStandbyLost, connected: primary.connected, inSync: primary.inSync, snapshotting: primary.snapshotting,
-      primarySequence: journal.lastSeq, appliedSequence: Math.max(0, primary.ackedSeq), lag: lag(), refusal: null,
+      primarySequence: journal.lastSeq, appliedSequence: Math.max(0, primary.ackedSeq), lag: lag(), refusal: null, lease: leaseStatus(coordination),
     }),
     healthReasons: () => primary.inSync || config.acks === 'local' ? []
       : [`replication: the standby is not in sync (${config.onStandbyLost === 'block' ? 'acknowledgements are held' : 'acks are local only'})`],
     follow: () => {},
+    startTerm: async (store) => {
+      const term = await recordTermStart(root, store, epoch, deps.now())
+      log.info({ epoch, startedAt: new Date(term.at).toISOString() }, 'term started')
+    },
     promote: notStandby,
     close: async () => {
       await primary.close()
@@ -244,16 +333,20 @@ async function startPrimary (deps: ReplicationDeps, log: Logger): Promise<Replic
   }
 }
 
-async function startStandby (deps: ReplicationDeps, log: Logger): Promise<Replication> {
+async function startStandby (deps: ReplicationDeps, log: Logger, coordination: Coordination | null): Promise<Replication> {
   const { config, root } = deps
   const peer = parseHostPort(config.peer) as HostPort
   // A snapshot a kill interrupted left a copy the store cannot open: empty it (the snapshot starts again) before the store opens.
   if (await root.get(COPYING_KEY, RAW) !== undefined) {
     log.warn({}, 'the last snapshot from the primary was interrupted: its partial copy is emptied, a new snapshot follows')
+    // A former primary's set-aside data still waits for its tail to be named: that survives the emptying.
+    const aside = await readJson<PendingAside>(root, ASIDE_KEY)
     await root.clear()
-    await root.batch([jsonOp(COPYING_KEY, true)] as never, { ...RAW, sync: true } as never)
+    await root.batch([jsonOp(COPYING_KEY, true), ...(aside === null ? [] : [jsonOp(ASIDE_KEY, aside)])] as never, { ...RAW, sync: true } as never)
   }
   const initial = await readJson<AppliedPosition>(root, POSITION_KEY)
+  // A former primary's set-aside data whose tail is not named yet (a restart may have come between); checked after each refresh until it is.
+  let asidePending = await root.get(ASIDE_KEY, RAW) !== undefined
   const refreshers: Array<() => Promise<void>> = []
   const db: FollowerDatabase = {
     batch: async (ops, options) => {
@@ -263,27 +356,58 @@ async function startStandby (deps: ReplicationDeps, log: Logger): Promise<Replic
       const copying = await root.get(COPYING_KEY, RAW)
       const position = await readJson<AppliedPosition>(root, POSITION_KEY)
       // Data that is no copy of a primary (this node was one, or is new to the pair): set aside before the snapshot replaces it.
+      // Kept across the emptying: a tail still to be named (this copy follows one a kill interrupted), or the one set aside now.
+      let pending = await readJson<PendingAside>(root, ASIDE_KEY)
       if (copying === undefined && position === null) {
+        const epoch = (await readJson<number>(root, EPOCH_KEY)) ?? 0
+        const ends = await formerLogEnds(root)
         const aside = await setAside(root, deps.dataDir, deps.now())
         if (aside !== null) {
           log.warn({ code: 'GW_WARN_SET_ASIDE', file: aside.file, entries: aside.entries },
             `this node's former data (${aside.entries} LevelDB entries, any tail the primary does not have among them) is set aside in ${aside.file}`)
+          pending = { file: aside.file, epoch, ends }
         }
       }
       await root.clear()
-      await root.batch([jsonOp(COPYING_KEY, true)] as never, { ...RAW, sync: true } as never)
+      const ops = [jsonOp(COPYING_KEY, true), ...(pending === null ? [] : [jsonOp(ASIDE_KEY, pending)])]
+      if (pending !== null) asidePending = true
+      await root.batch(ops as never, { ...RAW, sync: true } as never)
     },
     finishCopyOps: [{ type: 'del', key: COPYING_KEY }],
   }
-  const standby = new ReplicationStandby({
+  const standby: ReplicationStandby = new ReplicationStandby({
     peer, gatewayId: deps.gatewayId, db, positionKey: POSITION_KEY, sync: deps.durabilitySync, initial, logger: log, now: deps.now,
-    refresh: async () => { for (const r of refreshers) await r() },
+    refresh: async () => {
+      for (const r of refreshers) await r()
+      if (asidePending && standby.position !== null && !standby.snapshotting) asidePending = await nameLostTail(root, log)
+    },
   })
   const inSync = (): boolean => standby.connected && !standby.snapshotting && standby.position !== null
   const lag = (): { writes: number, bytes: null, seconds: number } => ({ ...standby.lag(), bytes: null })
   const epoch = (): number => standby.position?.epoch ?? 0
   createReplicationMetrics(deps.registry, { role: () => 'standby', epoch, inSync, lag })
   log.info({ primary: config.peer, from: initial?.seq ?? null }, 'replication standby following its primary')
+  const promote = async (): Promise<{ epoch: number }> => {
+    const position = standby.position
+    if (position === null || standby.snapshotting) {
+      throw new GatewayError('GW_PROMOTE_REFUSED', 'this standby holds no complete copy of its primary (a snapshot is in progress or never came)')
+    }
+    auto?.stop()
+    await standby.close()
+    const epoch = Math.max(position.epoch, (await readJson<number>(root, EPOCH_KEY)) ?? 0) + 1
+    await root.batch([jsonOp(EPOCH_KEY, epoch), jsonOp(PROMOTED_KEY, { epoch })] as never, { ...RAW, sync: true } as never)
+    log.warn({ code: 'GW_WARN_PROMOTED', epoch, lag: standby.lag() }, `promoted: this node becomes primary in epoch ${epoch}`)
+    return { epoch }
+  }
+  const auto = coordination === null ? undefined : new AutoPromotion({
+    lease: coordination.lease, node: coordination.node, maxLagMs: config.maxLagMs, standby, logger: log, now: deps.now,
+    counted: (result) => { coordination.metrics.autoPromotions.inc({ result }) },
+    promote: async () => {
+      const result = await promote()
+      deps.onPromoted?.()
+      return result
+    },
+  })
   return {
     role: 'standby',
     commitGate: undefined,
@@ -292,24 +416,19 @@ async function startStandby (deps: ReplicationDeps, log: Logger): Promise<Replic
       role: 'standby', epoch: epoch(), gatewayId: deps.gatewayId, listen: null, peer: config.peer, acks: config.acks, onStandbyLost: config.onStandbyLost,
       connected: standby.connected, inSync: inSync(), snapshotting: standby.snapshotting,
       primarySequence: standby.position === null ? 0 : standby.position.seq + standby.lag().writes, appliedSequence: standby.position?.seq ?? 0,
-      lag: lag(), refusal: standby.refusal,
+      lag: lag(), refusal: standby.refusal, lease: leaseStatus(coordination),
     }),
     healthReasons: () => [],
     follow: (refresh) => {
       refreshers.push(refresh)
       standby.start()
+      auto?.start()
     },
-    promote: async () => {
-      const position = standby.position
-      if (position === null || standby.snapshotting) {
-        throw new GatewayError('GW_PROMOTE_REFUSED', 'this standby holds no complete copy of its primary (a snapshot is in progress or never came)')
-      }
+    startTerm: async () => {},
+    promote,
+    close: async () => {
+      auto?.stop()
       await standby.close()
-      const epoch = Math.max(position.epoch, (await readJson<number>(root, EPOCH_KEY)) ?? 0) + 1
-      await root.batch([jsonOp(EPOCH_KEY, epoch), jsonOp(PROMOTED_KEY, { epoch })] as never, { ...RAW, sync: true } as never)
-      log.warn({ code: 'GW_WARN_PROMOTED', epoch, lag: standby.lag() }, `promoted: this node becomes primary in epoch ${epoch}`)
-      return { epoch }
     },
-    close: () => standby.close(),
   }
 }

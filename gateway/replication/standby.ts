@@ -67,6 +67,9 @@ export class ReplicationStandby {
   #retryMs = RETRY_MIN_MS
   #retryTimer: NodeJS.Timeout | undefined
   #lastRefusal: string | null = null
+  #lastContact: { at: number, lagMs: number } | null = null
+  /** Batches received and not yet applied, oldest first: the age of the first is how far behind this standby is. */
+  #pending: Array<{ seq: number, at: number }> = []
 
   constructor (deps: StandbyDeps) {
     this.#deps = deps
@@ -84,6 +87,8 @@ export class ReplicationStandby {
   get snapshotting (): boolean { return this.#snapshotting }
   get position (): AppliedPosition | null { return this.#position }
   get refusal (): string | null { return this.#lastRefusal }
+  /** When this standby last heard from its primary (a batch or a ping), and how far behind it was then; for automatic promotion (election.ts). */
+  get lastContact (): { readonly at: number, readonly lagMs: number } | null { return this.#lastContact }
 
   /** Behind the primary's newest write as last heard (ping or batch). */
   lag (): { writes: number, seconds: number } {
@@ -122,6 +127,7 @@ export class ReplicationStandby {
       const was = this.#connected
       this.#connected = false
       this.#snapshotOps = []
+      this.#pending = []
       if (this.#frames === frames) this.#frames = undefined
       if (was) logger.warn({ primary: `${peer.host}:${peer.port}` }, 'lost the primary; reconnecting')
       if (this.#closed) return
@@ -161,16 +167,31 @@ export class ReplicationStandby {
         this.#primarySeq = Math.max(this.#primarySeq, frame.seq)
         this.#primaryAt = Math.max(this.#primaryAt ?? 0, frame.at)
         this.#queue.push(frame)
+        this.#pending.push({ seq: frame.seq, at: frame.at })
         if (this.#queue.length === 1) this.#run(() => this.#applyQueued(frames))
+        this.#contact(frame.at)
         break
       case 'ping':
         this.#primarySeq = Math.max(this.#primarySeq, frame.seq)
         this.#primaryAt = frame.at
+        this.#contact(frame.at)
         break
     }
   }
 
   #welcomed: { history: string, epoch: number } | undefined
+
+  /** At a frame sent at `at` (the primary's clock, like the batches' times): the age of the oldest batch received but not applied. */
+  #contact (at: number): void {
+    const oldest = this.#pending[0]
+    this.#lastContact = { at: this.#deps.now(), lagMs: oldest === undefined ? 0 : Math.max(0, at - oldest.at) }
+  }
+
+  #applied (seq: number): void {
+    let i = 0
+    while (i < this.#pending.length && (this.#pending[i] as { seq: number }).seq <= seq) i++
+    if (i > 0) this.#pending.splice(0, i)
+  }
 
   /** Runs `fn` after everything applied before it: applies happen one at a time, in order. */
   #run (fn: () => Promise<void>): void {
@@ -196,6 +217,7 @@ export class ReplicationStandby {
   async #endSnapshot (position: AppliedPosition, frames: FrameSocket<PrimaryFrame, StandbyFrame>): Promise<void> {
     await this.#deps.db.batch([this.#positionOp(position), ...this.#deps.db.finishCopyOps], { sync: true })
     this.#position = position
+    this.#applied(position.seq)
     this.#snapshotting = false
     this.#deps.logger.info({ seq: position.seq }, 'snapshot from the primary applied')
     frames.send({ type: 'ack', seq: position.seq })
@@ -226,6 +248,7 @@ export class ReplicationStandby {
     ops.push(this.#positionOp(position))
     await this.#deps.db.batch(ops, { sync: this.#deps.sync })
     this.#position = position
+    this.#applied(seq)
     this.#appliedAt = at
     frames.send({ type: 'ack', seq })
     this.#scheduleRefresh()

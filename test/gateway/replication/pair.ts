@@ -20,6 +20,8 @@ export interface NodeOptions {
   readonly mqttPort?: number
   readonly httpPort?: number
   readonly listen?: string
+  /** replication.coordination.etcd (automatic promotion). */
+  readonly etcd?: { readonly endpoints: readonly string[], readonly leaseTtlMs: number }
 }
 
 export async function writeNodeConfig (dir: string, name: string, o: NodeOptions): Promise<string> {
@@ -33,6 +35,7 @@ export async function writeNodeConfig (dir: string, name: string, o: NodeOptions
     replication: {
       role: o.role, listen: o.listen ?? '127.0.0.1:0', peer: o.peer ?? '', acks: o.acks ?? 'local',
       onStandbyLost: o.onStandbyLost ?? 'block', maxLagMs: o.maxLagMs ?? 2000,
+      ...(o.etcd === undefined ? {} : { coordination: { etcd: { endpoints: [...o.etcd.endpoints], leaseTtlMs: o.etcd.leaseTtlMs } } }),
     },
   }))
   return file
