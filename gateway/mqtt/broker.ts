@@ -98,6 +98,9 @@ export function createBroker (deps: BrokerDeps): Broker {
     maximumPacketSize: config.mqtt.maxPacketBytes,
     receiveMaximum: config.mqtt.maxInflightPerClient,
     topicAliasMaximum: TOPIC_ALIAS_MAXIMUM,
+    // The gateway implements `$share/` (mqtt/shared/) for MQTT 5 clients as for 3.1.1 ones; the patch of aedes lets
+    // their SUBSCRIBE through to authorizeSubscribe and makes the CONNACK say Shared Subscription Available = 1.
+    sharedSubscriptions: true,
   })
   const identities = new WeakMap<Client, Identity>()
   const connects = new WeakMap<Client, ConnectInfo>()

@@ -24,11 +24,16 @@ export const REASON = {
   NOT_AUTHORIZED: 0x87,
   /** DISCONNECT: the client sent nothing for 1.5 times its keep-alive (hooks/client-events.ts). */
   KEEP_ALIVE_TIMEOUT: 0x8d,
+  /** SUBACK: a malformed `$share/<group>/<filter>` subscription (shared/share-topic.ts). */
+  TOPIC_FILTER_INVALID: 0x8f,
   /** Not a valid topic name for the gateway, or no route logs it under `unrouted: reject`. */
   TOPIC_NAME_INVALID: 0x90,
   /** DISCONNECT: a packet over the listener's maxPacketBytes (connection-guard.ts). */
   PACKET_TOO_LARGE: 0x95,
-  /** The disk is full, or the record is over the store's size limit: a limit, not a fault of the message's form. */
+  /**
+   * The disk is full, or the record is over the store's size limit: a limit, not a fault of the message's form. SUBACK: a
+   * `$share` subscription over mqtt.share.maxPerTenant.
+   */
   QUOTA_EXCEEDED: 0x97,
 } as const
 

@@ -254,10 +254,11 @@ export const RECORD_PROPERTY = { partition: 'edgemq-partition', offset: 'edgemq-
  * The MQTT 5 property section of a replayed or shared record: the message properties its publisher sent (kept as
  * headers, bridge/mqtt-properties.ts), the message expiry interval as the seconds left at `now` (ms) [MQTT-3.3.2-6]
  * (callers skip expired records), then user properties with its partition, offset and receive time (ms since the
- * epoch), so an MQTT 5 client can resume a replay from where it is or tell records apart.
+ * epoch), so an MQTT 5 client can resume a replay from where it is or tell records apart; and, when given, the
+ * Subscription Identifier of the SUBSCRIBE the record is delivered for [MQTT-3.3.4-3] (a shared subscription's).
  */
 export function recordProperties (partition: number, record: Pick<StoredRecord, 'offset' | 'timestamp'> & { readonly headers?: StoredRecord['headers'] },
-  now: number): Buffer {
+  now: number, subscriptionId?: number): Buffer {
   const sent = headersToProperties(record.headers ?? null, { now, timestamp: record.timestamp })
   const parts: Buffer[] = []
   if (sent?.payloadFormatIndicator === true) parts.push(Buffer.from([0x01, 1]))
@@ -269,6 +270,7 @@ export function recordProperties (partition: number, record: Pick<StoredRecord, 
   if (sent?.contentType !== undefined) parts.push(Buffer.from([0x03]), mqttString(sent.contentType))
   if (sent?.responseTopic !== undefined) parts.push(Buffer.from([0x08]), mqttString(sent.responseTopic))
   if (sent?.correlationData !== undefined) parts.push(Buffer.from([0x09]), mqttString(sent.correlationData))
+  if (subscriptionId !== undefined) parts.push(Buffer.from([0x0b]), varint(subscriptionId)) // Subscription Identifier
   const pairs: Array<[string, string]> = []
   for (const [k, v] of Object.entries(sent?.userProperties ?? {})) for (const one of Array.isArray(v) ? v : [v]) pairs.push([k, one])
   pairs.push([RECORD_PROPERTY.partition, String(partition)], [RECORD_PROPERTY.offset, String(record.offset)],
@@ -276,15 +278,20 @@ export function recordProperties (partition: number, record: Pick<StoredRecord, 
   for (const [k, v] of pairs) parts.push(Buffer.from([0x26]), mqttString(k), mqttString(v)) // User Property
   let length = 0
   for (const p of parts) length += p.length
-  const head = Buffer.allocUnsafe(varintSize(length))
+  return Buffer.concat([varint(length), ...parts])
+}
+
+/** A Variable Byte Integer [MQTT-1.5.5]. */
+function varint (n: number): Buffer {
+  const out = Buffer.allocUnsafe(varintSize(n))
   let at = 0
-  for (let rest = length; ;) {
+  for (let rest = n; ;) {
     const byte = rest % 128
     rest = Math.floor(rest / 128)
-    head[at++] = rest > 0 ? byte | 0x80 : byte
+    out[at++] = rest > 0 ? byte | 0x80 : byte
     if (rest === 0) break
   }
-  return Buffer.concat([head, ...parts])
+  return out
 }
 
 /** A UTF-8 string or binary data as MQTT encodes them: a two-byte length, then the bytes [MQTT-1.5.4, 1.5.6]. */

@@ -33,6 +33,11 @@
  *
  * Topics that no route sends to the log go live to one member in turn
  * (live-share.ts); not durable.
+ *
+ * MQTT 5 members (aedes' patch lets their `$share` SUBSCRIBE through) are
+ * framed in MQTT 5: each record with the publisher's properties kept in its
+ * headers, its place in the log and the member's Subscription Identifier
+ * (replay.ts recordProperties); 3.1.1 members in the same share get none.
  */
 import type { Aedes, Client } from 'aedes'
 import type { Writable } from 'node:stream'
@@ -43,7 +48,7 @@ import type { AclRule, RouteConfig } from '../../config/config.ts'
 import { GatewayError } from '../../errors.ts'
 import type { GatewayMetrics } from '../../metrics/metrics.ts'
 import { expiredAt } from '../../../bridge/index.ts'
-import { publishPacketSize, replayPartitions, writePublishPacket, type ReplayConnection, type ReplayLogger } from '../replay.ts'
+import { publishPacketSize, recordProperties, replayPartitions, writePublishPacket, type ReplayConnection, type ReplayLogger } from '../replay.ts'
 import { compileRoutes, type Router } from '../routing.ts'
 import { Lane, Member } from './lane.ts'
 import { LiveShare } from './live-share.ts'
@@ -114,8 +119,8 @@ export class SharedSubscriptions {
     return ids
   }
 
-  /** Adds the client to the share (again: only its QoS changes). Resolves once its lanes are assigned. */
-  async join (client: Client, conn: ReplayConnection, who: Identity, request: ShareRequest, qos: number): Promise<void> {
+  /** Adds the client to the share (again: only its QoS and subscription identifier change). Resolves once its lanes are assigned. */
+  async join (client: Client, conn: ReplayConnection, who: Identity, request: ShareRequest, qos: number, subscriptionId?: number): Promise<void> {
     this.#unlisten ??= this.#deps.store.onAppend((e) => this.#appended(e))
     const share = this.#share(who.tenant, request)
     let members = this.#byConn.get(conn)
@@ -125,9 +130,13 @@ export class SharedSubscriptions {
       conn.stream.once('close', () => { for (const m of set) m.share.leave(m.member); set.clear() })
     }
     for (const m of members) {
-      if (m.share === share) { m.member.qos = qos === 0 ? 0 : 1; return }
+      if (m.share === share) {
+        m.member.qos = qos === 0 ? 0 : 1
+        m.member.subscriptionId = subscriptionId
+        return
+      }
     }
-    const member = new Member(client, conn, who, qos === 0 ? 0 : 1)
+    const member = new Member(client, conn, who, qos === 0 ? 0 : 1, subscriptionId)
     members.add({ share, member })
     await share.join(member)
   }
@@ -368,8 +377,9 @@ class Share {
    * returns the stream when it must drain first.
    */
   #send (lane: Lane, member: Member, room: number): Pick<Writable, 'once' | 'off' | 'writableNeedDrain'> | null {
-    const picked: Array<{ record: StoredRecord, topic: Buffer, qos: 0 | 1 }> = []
+    const picked: Array<{ record: StoredRecord, topic: Buffer, qos: 0 | 1, properties: Buffer | undefined }> = []
     const now = Date.now()
+    const mqtt5 = member.conn.mqtt5 === true
     let size = 0
     while (picked.length < room && lane.aheadPos < lane.ahead.length) {
       const record = lane.ahead[lane.aheadPos++] as StoredRecord
@@ -382,8 +392,10 @@ class Share {
         continue
       }
       const qos = Math.min(member.qos, record.qos === 0 ? 0 : 1) as 0 | 1
-      picked.push({ record, topic, qos })
-      size += publishPacketSize(topic, record.payload, qos)
+      // An MQTT 5 member gets the publisher's properties, the expiry left, the record's place in the log and its identifier.
+      const properties = mqtt5 ? recordProperties(lane.partition, record, now, member.subscriptionId) : undefined
+      picked.push({ record, topic, qos, properties })
+      size += publishPacketSize(topic, record.payload, qos, properties)
     }
     if (lane.aheadPos === lane.ahead.length) {
       lane.next = lane.aheadEnd
@@ -393,14 +405,14 @@ class Share {
     if (picked.length === 0) return null
     const out = Buffer.allocUnsafe(size)
     let at = 0
-    for (const { record, topic, qos } of picked) {
+    for (const { record, topic, qos, properties } of picked) {
       const sent = lane.sent(record.offset, qos === 0)
       let id = 0
       if (qos === 1) {
         do id = member.conn.nextMessageId(); while (member.inflight.has(id))
         member.inflight.set(id, { lane, sent })
       }
-      at = writePublishPacket(out, at, topic, record.payload, qos, id, false)
+      at = writePublishPacket(out, at, topic, record.payload, qos, id, false, properties)
     }
     this.#messages.inc(picked.length)
     const stream = member.conn.stream

@@ -1,0 +1,155 @@
+/**
+ * Shared subscriptions for MQTT 5 clients (issue 14), end to end: `edgemq
+ * start` in a child process, real MQTT.js clients with protocolVersion 5 and
+ * 4 (3.1.1).
+ *
+ * - the CONNACK says Shared Subscription Available = 1;
+ * - MQTT 5 and 3.1.1 members in one share while a publisher sends and members
+ *   join and leave: every message reaches some member, per device in order;
+ *   an MQTT 5 member gets the publisher's properties (user properties,
+ *   content type), the record's place in the log and its own SUBSCRIBE's
+ *   Subscription Identifier, from the log and live; a 3.1.1 member none;
+ * - SUBACK reason codes: 0x8F for a malformed `$share/`, 0x97 over
+ *   mqtt.share.maxPerTenant (3.1.1: 0x80 for both).
+ */
+import path from 'node:path'
+import mqtt, { type IClientOptions, type IClientSubscribeOptions, type IPublishPacket, type MqttClient } from 'mqtt'
+import { afterAll, beforeAll, describe, expect, it } from 'vitest'
+import { startGatewayProcess, tempDir, writeConfig, type GatewayProcess } from '../../../helpers/gateway-process.ts'
+import { connectOk, endAll, metricValue, roundTrip, subscribeGranted, waitFor } from '../../../helpers/mqtt-probe.ts'
+
+const V5: IClientOptions = { protocolVersion: 5, reconnectPeriod: 0 }
+const V4: IClientOptions = { protocolVersion: 4, reconnectPeriod: 0 }
+const TIMEOUT = 60_000
+
+interface Got { readonly member: string, readonly packet: IPublishPacket }
+
+function listen (client: MqttClient, member: string, into: Got[]): void {
+  client.on('message', (_topic, _payload, packet) => { into.push({ member, packet }) })
+}
+
+/** SUBSCRIBE with MQTT 5 options (a Subscription Identifier); the SUBACK's codes per filter. */
+function subscribeWith (client: MqttClient, filters: string[], options: IClientSubscribeOptions): Promise<number[]> {
+  return new Promise((resolve, reject) => {
+    client.subscribe(filters, options, (err, _granted, packet) => {
+      if (packet !== undefined) resolve((packet.granted as unknown[]).map((g) => (typeof g === 'number' ? g : -1)))
+      else reject(err ?? new Error('SUBACK without a packet'))
+    })
+  })
+}
+
+/** Payloads are `<device>:<seq>`: at each member, each device's sequence numbers rise. */
+function expectPerDeviceOrder (got: readonly Got[]): void {
+  const last = new Map<string, number>()
+  for (const { member, packet } of got) {
+    const [device, seq] = String(packet.payload).split(':') as [string, string]
+    const key = `${member}|${device}`
+    expect(Number(seq), `${member} got ${device}:${seq} after ${device}:${last.get(key)}`).toBeGreaterThan(last.get(key) ?? -1)
+    last.set(key, Number(seq))
+  }
+}
+
+describe('MQTT 5 shared subscriptions', () => {
+  const cleanups: Array<() => Promise<void>> = []
+  const clients = new Set<MqttClient>()
+  let gw: GatewayProcess
+
+  const connect = async (clientId: string, options: IClientOptions): Promise<MqttClient> => {
+    const c = await connectOk(gw.mqttUrl, { clientId, ...options })
+    clients.add(c)
+    return c
+  }
+
+  beforeAll(async () => {
+    const { dir, cleanup } = await tempDir('edgemq-share-v5-')
+    cleanups.push(cleanup)
+    const config = await writeConfig(dir, { mqtt: { listeners: [{ type: 'tcp', port: 0 }], share: { inflight: 20, maxPerTenant: 5 } } })
+    gw = await startGatewayProcess({ dataDir: path.join(dir, 'data'), config })
+    cleanups.push(async () => { await gw.kill() })
+  }, TIMEOUT)
+  afterAll(async () => {
+    await endAll(clients)
+    for (const c of cleanups.reverse()) await c().catch(() => {})
+  }, 30_000)
+
+  it('the CONNACK says Shared Subscription Available = 1', async () => {
+    const client = mqtt.connect(gw.mqttUrl, { ...V5, clientId: 'connack-share' })
+    clients.add(client)
+    const connack = await new Promise<{ properties?: Record<string, unknown> }>((resolve) => client.once('connect', resolve))
+    expect(connack.properties?.sharedSubscriptionAvailable).toBe(true)
+    client.end(true)
+  })
+
+  it('MQTT 5 and 3.1.1 members share under load: all delivered, in order per device; MQTT 5 members get properties', async () => {
+    const got: Got[] = []
+    const filters = ['$share/mix/devices/+/telemetry/#', '$share/mix/plain/#']
+    const member = async (name: string, options: IClientOptions, subscriptionIdentifier?: number): Promise<MqttClient> => {
+      const c = await connect(`mix-${name}`, options)
+      listen(c, name, got)
+      const sub: IClientSubscribeOptions = { qos: 1, ...(subscriptionIdentifier === undefined ? {} : { properties: { subscriptionIdentifier } }) }
+      expect(await subscribeWith(c, filters, sub)).toEqual([1, 1])
+      return c
+    }
+    const a5 = await member('a5', V5, 7)
+    const b4 = await member('b4', V4)
+    const pub = await connect('mix-pub', V5)
+    const properties = { contentType: 'text/plain', userProperties: { origin: 'test' } }
+    const sent: string[] = []
+    const DEVICES = 12
+    for (let s = 0; s < 40; s++) {
+      await Promise.all(Array.from({ length: DEVICES }, async (_, d) => {
+        await pub.publishAsync(`devices/d${d}/telemetry/t`, `d${d}:${s}`, { qos: 1, properties })
+        sent.push(`d${d}:${s}`)
+      }))
+      if (s === 10) await member('c5', V5)
+      if (s === 25) await b4.unsubscribeAsync(filters[0] as string) // leaves the log part; stays in the live one
+    }
+    for (let i = 0; i < 9; i++) await pub.publishAsync(`plain/${i}`, `plain:${i}`, { qos: 1, properties: { userProperties: { live: String(i) } } })
+    const routed = (): Got[] => got.filter((g) => g.packet.topic.startsWith('devices/'))
+    const plain = (): Got[] => got.filter((g) => g.packet.topic.startsWith('plain/'))
+    const delivered = (): Set<string> => new Set(routed().map((g) => String(g.packet.payload)))
+    expect(await waitFor(() => delivered().size >= sent.length && plain().length >= 9, 20_000), `${delivered().size} of ${sent.length}`).toBe(true)
+    expect([...delivered()].sort()).toEqual([...sent].sort())
+    expectPerDeviceOrder(routed())
+    expect(new Set(routed().map((g) => g.member))).toEqual(new Set(['a5', 'b4', 'c5']))
+    expect(plain().map((g) => String(g.packet.payload)).sort()).toEqual(Array.from({ length: 9 }, (_, i) => `plain:${i}`))
+
+    // From the log: the publisher's properties, the record's place, the member's own identifier (none for c5).
+    for (const { member: name, packet } of routed()) {
+      if (name === 'b4') { expect(packet.properties).toBeUndefined(); continue }
+      expect(packet.properties).toMatchObject({ contentType: 'text/plain', userProperties: { origin: 'test' } })
+      expect(Number(packet.properties?.userProperties?.['edgemq-offset'])).toBeGreaterThanOrEqual(0)
+      expect(packet.properties?.subscriptionIdentifier).toBe(name === 'a5' ? 7 : undefined)
+    }
+    // Live (unrouted) messages go round robin, with the same properties for MQTT 5 members.
+    for (const name of ['a5', 'b4', 'c5']) expect(plain().filter((g) => g.member === name)).toHaveLength(3)
+    for (const { member: name, packet } of plain()) {
+      if (name === 'b4') { expect(packet.properties).toBeUndefined(); continue }
+      expect(packet.properties?.userProperties?.live).toBe(String(packet.payload).split(':')[1])
+      expect(packet.properties?.subscriptionIdentifier).toBe(name === 'a5' ? 7 : undefined)
+    }
+    const group = 'default/share/mix/devices/:2B/telemetry/:23'
+    expect(await metricValue(gw.httpUrl, 'edgemq_mqtt_share_members', { group })).toBe(2)
+    await endAll([a5, b4, pub])
+  }, TIMEOUT)
+
+  it('SUBACK 0x8F for a malformed $share, 0x97 over mqtt.share.maxPerTenant; 0x80 for both under 3.1.1; counted', async () => {
+    const five = await connect('codes-5', V5)
+    const four = await connect('codes-4', V4)
+    const bad = ['$share//devices/#', '$share/g', '$share/g/', '$share/g/$replay/earliest/x', '$share']
+    const before = await metricValue(gw.httpUrl, 'edgemq_mqtt_subscriptions_refused_total', { tenant: 'default', reason: 'share-invalid' })
+    expect(await subscribeGranted(five, [...bad, '$share/ok/plain/#'], 1)).toEqual([...bad.map(() => 0x8f), 1])
+    expect(await subscribeGranted(four, bad, 1)).toEqual(bad.map(() => 0x80))
+    expect(await metricValue(gw.httpUrl, 'edgemq_mqtt_subscriptions_refused_total', { tenant: 'default', reason: 'share-invalid' }))
+      .toBe(before + 2 * bad.length)
+    // The tenant has 3 shares by now (mix ×2, ok); mqtt.share.maxPerTenant is 5. An existing share is never refused.
+    expect(await subscribeGranted(five, ['$share/l1/plain/#', '$share/l2/plain/#', '$share/l3/plain/#', '$share/mix/plain/#'], 1))
+      .toEqual([1, 1, 0x97, 1])
+    expect(await subscribeGranted(four, ['$share/l4/plain/#', '$share/l1/plain/#'], 1)).toEqual([0x80, 1])
+    expect(await metricValue(gw.httpUrl, 'edgemq_mqtt_subscriptions_refused_total', { tenant: 'default', reason: 'share-limit' })).toBe(2)
+    // A refused filter leaves the connection and the others in the SUBSCRIBE working.
+    await roundTrip(five)
+    await endAll([five, four])
+  }, TIMEOUT)
+
+})
