@@ -39,6 +39,10 @@ export const HTTP_ERROR_CODES = {
   HTTP_GROUP_READ_ONLY: {
     status: 409, description: 'The consumer group is the bridge\'s (`bridge.<upstream>`): listed, but only the bridge moves or deletes its offsets.',
   },
+  HTTP_GROUP_IN_USE: {
+    status: 409, description: 'The consumer group is a shared subscription\'s ($share/...) and a client is a member of the share: ' +
+      'its members unsubscribe (or disconnect) before it can be deleted.',
+  },
   HTTP_METHOD_NOT_ALLOWED: { status: 405, description: 'The path exists but not with this method; the Allow header lists the methods.' },
   HTTP_BODY_TOO_LARGE: { status: 413, description: 'The request body is larger than 64 KiB.' },
   HTTP_OFFSET_OUT_OF_RANGE: {

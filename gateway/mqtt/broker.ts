@@ -79,6 +79,8 @@ export interface Broker {
   readonly aedes: Aedes
   /** Resolves once every append a client's publish started has settled, and the shares' commits (the shutdown's "drain appends"). */
   appendsSettled (): Promise<void>
+  /** Deletes a shared subscription's consumer group (shared/share-groups.ts deleteGroup): refused while it has members. */
+  deleteShareGroup (id: string): Promise<void>
 }
 
 export function createBroker (deps: BrokerDeps): Broker {
@@ -149,5 +151,9 @@ export function createBroker (deps: BrokerDeps): Broker {
   shareHooks.install(ctx)
   installClientEvents(ctx)
   // Once the clients are gone: the shares' last commits, so a graceful restart sends less again.
-  return { aedes: broker, appendsSettled: async () => { await appender.settled(); await shares.close() } }
+  return {
+    aedes: broker,
+    appendsSettled: async () => { await appender.settled(); await shares.close() },
+    deleteShareGroup: async (id) => { await shares.deleteGroup(id) },
+  }
 }

@@ -4,9 +4,9 @@
  *
  * Topics routed to the log: the share is a durable consumer group of the
  * log (named as share-topic.ts says; it holds retention like the bridge's
- * groups only with mqtt.share.holdRetention, since no command deletes a
- * share's group yet, and a hold of a share nobody uses would keep every
- * record of its streams). The partitions the filter can reach (replay.ts replayPartitions:
+ * groups only with mqtt.share.holdRetention, since a hold of a share nobody
+ * uses keeps every record of its streams until an operator deletes the
+ * group, deleteGroup). The partitions the filter can reach (replay.ts replayPartitions:
  * the streams routes send such topics to) are lanes (lane.ts) spread over
  * the connected members in join order, again whenever one joins or leaves,
  * so a partition — a device — is read by one member at a time, in offset
@@ -87,6 +87,8 @@ export class SharedSubscriptions {
   readonly #lanes = new Map<string, Array<{ readonly lane: Lane, readonly share: Share }>>()
   /** The shares each connection is a member of. */
   readonly #byConn = new WeakMap<ReplayConnection, Set<{ readonly share: Share, readonly member: Member }>>()
+  /** Deletions of share groups running, by store group name (see deleteGroup). */
+  readonly #deleting = new Map<string, Promise<void>>()
   #unlisten: (() => void) | null = null
 
   constructor (deps: ShareDeps) {
@@ -162,6 +164,42 @@ export class SharedSubscriptions {
     return false
   }
 
+  /**
+   * Deletes a share's consumer group (DELETE /v1/groups/..., `edgemq groups delete`): its offsets and its hold on
+   * retention. Throws GW_SHARE_IN_USE while a client is a member; STORE_UNKNOWN_GROUP (from the store) when there is no
+   * such group. A client that subscribes to the share afterwards starts it again at the log end, as a first SUBSCRIBE
+   * does, also while the deletion is still being written.
+   */
+  async deleteGroup (id: string): Promise<void> {
+    const share = this.#shares.get(id)
+    if (share !== undefined) {
+      if (share.members > 0) {
+        throw new GatewayError('GW_SHARE_IN_USE', `the share ${share.subscription} of tenant ${share.tenant} has ${share.members} member(s): ` +
+          'they unsubscribe (or disconnect) before its group can be deleted')
+      }
+      this.#shares.delete(id)
+      for (const [key, list] of this.#lanes) {
+        const kept = list.filter((l) => l.share !== share)
+        if (kept.length === 0) this.#lanes.delete(key)
+        else if (kept.length < list.length) this.#lanes.set(key, kept)
+      }
+      share.forget()
+    }
+    const before = this.#deleting.get(id)
+    const deletion = (async () => {
+      await before?.catch(() => {})
+      // What the share still writes (its opening, a commit) lands before the deletion, never after it.
+      await share?.settled()
+      await this.#deps.store.deleteGroup(id)
+    })()
+    this.#deleting.set(id, deletion)
+    try {
+      await deletion
+    } finally {
+      if (this.#deleting.get(id) === deletion) this.#deleting.delete(id)
+    }
+  }
+
   /** Stops listening for appends and waits for the commits running (the gateway's shutdown). */
   async close (): Promise<void> {
     this.#unlisten?.()
@@ -173,7 +211,8 @@ export class SharedSubscriptions {
     const id = shareGroupId(tenant, request.group, request.filter)
     let share = this.#shares.get(id)
     if (share === undefined) {
-      const created: Share = share = new Share(this.#deps, this.#route, id, tenant, request, (lane) => this.#indexLane(lane, created))
+      const created: Share = share = new Share(this.#deps, this.#route, id, tenant, request, (lane) => this.#indexLane(lane, created),
+        this.#deleting.get(id))
       this.#shares.set(id, share)
     }
     return share
@@ -205,15 +244,31 @@ class Share {
   readonly #messages: { inc (n?: number): void }
   readonly #labels: { tenant: string, group: string }
 
+  /** The deletion of this share's group that was running when the share was made: it starts afresh, after it. */
+  readonly #afterDeletion: Promise<void> | undefined
+
   constructor (deps: ShareDeps, route: Router, readonly id: string, readonly tenant: string, readonly request: ShareRequest,
-    readonly onLane: (lane: Lane) => void) {
+    readonly onLane: (lane: Lane) => void, afterDeletion?: Promise<void>) {
     this.#deps = deps
+    this.#afterDeletion = afterDeletion
     this.#labels = { tenant, group: id }
     this.#messages = deps.metrics.shareMessages.labels(this.#labels)
     deps.metrics.shareMembers.set(this.#labels, 0)
     this.#live = new LiveShare({
       broker: deps.broker, acl: deps.acl, route, tenant, filter: request.filter, members: this.#members, delivered: () => this.#messages.inc(),
     })
+  }
+
+  get members (): number { return this.#members.length }
+
+  /** `$share/<group>/<filter>`, as clients subscribe to it. */
+  get subscription (): string { return `$share/${this.request.group}/${this.request.filter}` }
+
+  /** The share's group is deleted (it has no member): its metric series go with it. */
+  forget (): void {
+    this.#live.stop()
+    this.#deps.metrics.shareMembers.remove(this.#labels)
+    this.#deps.metrics.shareMessages.remove(this.#labels)
   }
 
   async join (member: Member): Promise<void> {
@@ -268,7 +323,9 @@ class Share {
     return true
   }
 
+  /** Resolves once the share's opening and commits running are written (or failed). */
   async settled (): Promise<void> {
+    await this.#opened?.catch(() => {})
     await this.#commit
   }
 
@@ -290,7 +347,8 @@ class Share {
     const fresh: Lane[] = []
     if (this.#lanes.length === 0) {
       for (const { stream, partition } of replayPartitions(this.#deps.routes, this.tenant, this.request.filter, store)) {
-        const committed = store.fetchOffset(this.id, stream, partition)
+        // After a deletion (running or not) nothing is committed, whatever the store still holds.
+        const committed = this.#afterDeletion === undefined ? store.fetchOffset(this.id, stream, partition) : null
         const lane = new Lane(stream, partition, committed ?? store.partitionInfo(stream, partition).logEndOffset)
         if (committed === null) fresh.push(lane)
         this.#lanes.push(lane)
@@ -300,6 +358,7 @@ class Share {
       fresh.push(...this.#lanes)
     }
     return (async () => {
+      await this.#afterDeletion?.catch(() => {})
       await store.setGroup(this.id, { holdsRetention: this.#deps.holdRetention })
       for (const lane of fresh) await store.commitOffset(this.id, lane.stream, lane.partition, lane.committed)
     })().catch((err: unknown) => {

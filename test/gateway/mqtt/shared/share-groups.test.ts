@@ -8,7 +8,9 @@
  *   old one acknowledged what it holds of it;
  * - a member that leaves hands its unacknowledged records to another, which
  *   gets them again in offset order;
- * - the group commits up to the oldest unacknowledged record only.
+ * - the group commits up to the oldest unacknowledged record only;
+ * - a share's group is deleted only without members, and a share subscribed
+ *   again afterwards (even while the deletion is written) starts at the log end.
  */
 import type { Aedes, Client } from 'aedes'
 import { MemoryLevel } from 'memory-level'
@@ -76,7 +78,7 @@ describe('SharedSubscriptions (log part)', () => {
   const sharesOf = (holdRetention: boolean): SharedSubscriptions => new SharedSubscriptions({
     store, broker: { subscribe: noop, unsubscribe: noop } as unknown as Aedes,
     routes: [{ filter: 'devices/+/telemetry/#', stream: 'telemetry', keyLevel: 1 }], acl: [], inflight: 10, holdRetention, maxPerTenant: 100,
-    metrics: { shareMessages: { labels: () => ({ inc: noop }) }, shareMembers: { set: noop } } as never,
+    metrics: { shareMessages: { labels: () => ({ inc: noop }), remove: noop }, shareMembers: { set: noop, remove: noop } } as never,
     logger: { info: noop, warn: noop, error: noop },
   })
   afterEach(async () => {
@@ -151,6 +153,30 @@ describe('SharedSubscriptions (log part)', () => {
     const id = shareGroupId('default', 'keep', REQUEST.filter)
     await until(() => store.listGroups().find((g) => g.group === id)?.holdsRetention === true)
     await holding.close()
+  })
+
+  it('deletes a share\'s group only without members; subscribed again, even during the deletion, it starts at the log end', async () => {
+    const a = new FakeConnection('a')
+    await join(a)
+    await append(keys[0], 3)
+    await until(() => a.publishes.length === 3)
+    ackAll(a)
+    await until(() => store.fetchOffset(GROUP, STREAM, 0) === 3)
+    await expect(shares.deleteGroup(GROUP)).rejects.toMatchObject({ code: 'GW_SHARE_IN_USE' })
+    expect(store.fetchOffset(GROUP, STREAM, 0)).toBe(3)
+    a.close()
+    await append(keys[0], 2, 3) // records 3 and 4: not for the share once its group is gone
+    // A SUBSCRIBE arrives while the deletion is being written: the new share does not resume at the old offsets.
+    const deleting = shares.deleteGroup(GROUP)
+    const b = new FakeConnection('b')
+    const joined = join(b)
+    await deleting
+    await joined
+    await until(() => store.fetchOffset(GROUP, STREAM, 0) === 5)
+    await append(keys[0], 1, 5)
+    await until(() => b.publishes.length === 1)
+    expect(b.payloads()).toEqual([`${keys[0]}:5`])
+    await expect(shares.deleteGroup(shareGroupId('default', 'never', REQUEST.filter))).rejects.toMatchObject({ code: 'STORE_UNKNOWN_GROUP' })
   })
 
   it('stops at the window: a member holds at most mqtt.share.inflight unacknowledged records, and goes on as PUBACKs free half of it', async () => {

@@ -1,7 +1,7 @@
 /**
- * Shared subscriptions for MQTT 5 clients (issue 14), end to end: `edgemq
- * start` in a child process, real MQTT.js clients with protocolVersion 5 and
- * 4 (3.1.1).
+ * Shared subscriptions for MQTT 5 clients (issue 14) and deleting a share's
+ * consumer group (issue 13), end to end: `edgemq start` in a child process,
+ * real MQTT.js clients with protocolVersion 5 and 4 (3.1.1).
  *
  * - the CONNACK says Shared Subscription Available = 1;
  * - MQTT 5 and 3.1.1 members in one share while a publisher sends and members
@@ -10,12 +10,15 @@
  *   content type), the record's place in the log and its own SUBSCRIBE's
  *   Subscription Identifier, from the log and live; a 3.1.1 member none;
  * - SUBACK reason codes: 0x8F for a malformed `$share/`, 0x97 over
- *   mqtt.share.maxPerTenant (3.1.1: 0x80 for both).
+ *   mqtt.share.maxPerTenant (3.1.1: 0x80 for both);
+ * - DELETE /v1/groups/share%2F... and `edgemq groups delete`: refused with
+ *   HTTP_GROUP_IN_USE while the share has a member; once it has none the
+ *   group is gone, and a member subscribing again starts at the log end.
  */
 import path from 'node:path'
 import mqtt, { type IClientOptions, type IClientSubscribeOptions, type IPublishPacket, type MqttClient } from 'mqtt'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { startGatewayProcess, tempDir, writeConfig, type GatewayProcess } from '../../../helpers/gateway-process.ts'
+import { runCli, startGatewayProcess, tempDir, writeConfig, type GatewayProcess } from '../../../helpers/gateway-process.ts'
 import { connectOk, endAll, metricValue, roundTrip, subscribeGranted, waitFor } from '../../../helpers/mqtt-probe.ts'
 
 const V5: IClientOptions = { protocolVersion: 5, reconnectPeriod: 0 }
@@ -49,6 +52,8 @@ function expectPerDeviceOrder (got: readonly Got[]): void {
   }
 }
 
+interface GroupsDoc { groups: Array<{ group: string, lagMessages: number, owner?: string }> }
+
 describe('MQTT 5 shared subscriptions', () => {
   const cleanups: Array<() => Promise<void>> = []
   const clients = new Set<MqttClient>()
@@ -58,6 +63,12 @@ describe('MQTT 5 shared subscriptions', () => {
     const c = await connectOk(gw.mqttUrl, { clientId, ...options })
     clients.add(c)
     return c
+  }
+  const groups = async (): Promise<GroupsDoc> => await (await fetch(`${gw.httpUrl}/v1/groups`)).json() as GroupsDoc
+  const deleteGroup = async (name: string): Promise<{ status: number, code?: string }> => {
+    const res = await fetch(`${gw.httpUrl}/v1/groups/${encodeURIComponent(name)}`, { method: 'DELETE' })
+    const body = await res.json() as { error?: { code?: string } }
+    return { status: res.status, code: body.error?.code }
   }
 
   beforeAll(async () => {
@@ -133,6 +144,60 @@ describe('MQTT 5 shared subscriptions', () => {
     await endAll([a5, b4, pub])
   }, TIMEOUT)
 
+  it('a share\'s group is deleted over HTTP and by the CLI once it has no member; refused while it has one', async () => {
+    const filter = '$share/del/devices/+/events/#'
+    const name = 'share/del/devices/:2B/events/:23'
+    const got: Got[] = []
+    let m = await connect('del-member', V5)
+    listen(m, 'm', got)
+    expect(await subscribeGranted(m, filter, 1)).toEqual([1])
+    const pub = await connect('del-pub', V4)
+    const DEVICES = 5
+    const publish = async (tag: string): Promise<string[]> => {
+      const out = Array.from({ length: DEVICES }, (_, d) => `d${d}:${tag}`)
+      for (let d = 0; d < DEVICES; d++) await pub.publishAsync(`devices/d${d}/events/e`, out[d] as string, { qos: 1 })
+      return out
+    }
+    const first = await publish('1')
+    expect(await waitFor(() => got.length >= first.length, 10_000)).toBe(true)
+    expect(await waitFor(async () => (await groups()).groups.find((g) => g.group === name)?.lagMessages === 0, 5000)).toBe(true)
+
+    // A member is connected: HTTP and the CLI refuse, and the group stays.
+    expect(await deleteGroup(name)).toEqual({ status: 409, code: 'HTTP_GROUP_IN_USE' })
+    const refused = await runCli(['groups', 'delete', '--group', name, '--url', gw.httpUrl])
+    expect(refused.code).not.toBe(0)
+    expect(refused.stderr).toContain('HTTP_GROUP_IN_USE')
+    expect((await groups()).groups.some((g) => g.group === name)).toBe(true)
+    const one = await fetch(`${gw.httpUrl}/v1/groups/${encodeURIComponent(name)}`)
+    expect(await one.json()).toMatchObject({ group: name, owner: 'share', subscription: filter })
+
+    // Without a member (UNSUBSCRIBE), the CLI deletes it; it is listed no more, and a second delete finds nothing.
+    await m.unsubscribeAsync(filter)
+    const deleted = await runCli(['groups', 'delete', '--group', name, '--url', gw.httpUrl])
+    expect(deleted.code, deleted.stderr).toBe(0)
+    expect((await groups()).groups.some((g) => g.group === name)).toBe(false)
+    expect((await fetch(`${gw.httpUrl}/v1/groups/${encodeURIComponent(name)}`)).status).toBe(404)
+    expect(await deleteGroup(name)).toEqual({ status: 404, code: 'HTTP_UNKNOWN_GROUP' })
+    expect(await metricValue(gw.httpUrl, 'edgemq_mqtt_share_members', { group: `default/${name}` })).toBe(0)
+
+    // Published while the share has no group: a member subscribing again starts a new group at the log end, so it gets
+    // only what follows. Each device's marker comes after its earlier message in the same partition: once every marker
+    // is here, an earlier message would have come before it.
+    const between = await publish('2')
+    m.end(true)
+    got.length = 0
+    m = await connect('del-member-2', V5)
+    listen(m, 'm', got)
+    expect(await subscribeGranted(m, filter, 1)).toEqual([1])
+    const markers = await publish('3')
+    expect(await waitFor(() => got.length >= markers.length, 10_000)).toBe(true)
+    await roundTrip(m)
+    expect(got.map((g) => String(g.packet.payload)).sort()).toEqual([...markers].sort())
+    expect(got.some((g) => between.includes(String(g.packet.payload)))).toBe(false)
+    expect((await groups()).groups.some((g) => g.group === name)).toBe(true)
+    await endAll([m, pub])
+  }, TIMEOUT)
+
   it('SUBACK 0x8F for a malformed $share, 0x97 over mqtt.share.maxPerTenant; 0x80 for both under 3.1.1; counted', async () => {
     const five = await connect('codes-5', V5)
     const four = await connect('codes-4', V4)
@@ -142,9 +207,8 @@ describe('MQTT 5 shared subscriptions', () => {
     expect(await subscribeGranted(four, bad, 1)).toEqual(bad.map(() => 0x80))
     expect(await metricValue(gw.httpUrl, 'edgemq_mqtt_subscriptions_refused_total', { tenant: 'default', reason: 'share-invalid' }))
       .toBe(before + 2 * bad.length)
-    // The tenant has 3 shares by now (mix ×2, ok); mqtt.share.maxPerTenant is 5. An existing share is never refused.
-    expect(await subscribeGranted(five, ['$share/l1/plain/#', '$share/l2/plain/#', '$share/l3/plain/#', '$share/mix/plain/#'], 1))
-      .toEqual([1, 1, 0x97, 1])
+    // The tenant has 4 shares by now (mix ×2, del, ok); mqtt.share.maxPerTenant is 5. An existing share is never refused.
+    expect(await subscribeGranted(five, ['$share/l1/plain/#', '$share/l2/plain/#', '$share/mix/plain/#'], 1)).toEqual([1, 0x97, 1])
     expect(await subscribeGranted(four, ['$share/l4/plain/#', '$share/l1/plain/#'], 1)).toEqual([0x80, 1])
     expect(await metricValue(gw.httpUrl, 'edgemq_mqtt_subscriptions_refused_total', { tenant: 'default', reason: 'share-limit' })).toBe(2)
     // A refused filter leaves the connection and the others in the SUBSCRIBE working.
@@ -152,4 +216,10 @@ describe('MQTT 5 shared subscriptions', () => {
     await endAll([five, four])
   }, TIMEOUT)
 
+  it('only a share\'s group name may hold "/": any other is HTTP_BAD_NAME, and another tenant\'s cannot be named', async () => {
+    for (const bad of ['other/x', 'share/only-group', 'share//x', '../default/share/del/x']) {
+      const res = await fetch(`${gw.httpUrl}/v1/groups/${encodeURIComponent(bad)}`, { method: 'DELETE' })
+      expect([bad, res.status, (await res.json() as { error?: { code?: string } }).error?.code]).toEqual([bad, 400, 'HTTP_BAD_NAME'])
+    }
+  })
 })
