@@ -8,7 +8,8 @@
  *   join and leave: every message reaches some member, per device in order;
  *   an MQTT 5 member gets the publisher's properties (user properties,
  *   content type), the record's place in the log and its own SUBSCRIBE's
- *   Subscription Identifier, from the log and live; a 3.1.1 member none;
+ *   Subscription Identifier, from the log and live, also after a persistent
+ *   member's session restored the subscription; a 3.1.1 member none;
  * - SUBACK reason codes: 0x8F for a malformed `$share/`, 0x97 over
  *   mqtt.share.maxPerTenant (3.1.1: 0x80 for both);
  * - DELETE /v1/groups/share%2F... and `edgemq groups delete`: refused with
@@ -74,7 +75,7 @@ describe('MQTT 5 shared subscriptions', () => {
   beforeAll(async () => {
     const { dir, cleanup } = await tempDir('edgemq-share-v5-')
     cleanups.push(cleanup)
-    const config = await writeConfig(dir, { mqtt: { listeners: [{ type: 'tcp', port: 0 }], share: { inflight: 20, maxPerTenant: 5 } } })
+    const config = await writeConfig(dir, { mqtt: { listeners: [{ type: 'tcp', port: 0 }], share: { inflight: 20, maxPerTenant: 6 } } })
     gw = await startGatewayProcess({ dataDir: path.join(dir, 'data'), config })
     cleanups.push(async () => { await gw.kill() })
   }, TIMEOUT)
@@ -144,6 +145,25 @@ describe('MQTT 5 shared subscriptions', () => {
     await endAll([a5, b4, pub])
   }, TIMEOUT)
 
+  it('a persistent MQTT 5 member\'s restored $share subscription keeps its Subscription Identifier', async () => {
+    const filter = '$share/p5/devices/+/telemetry/p5' // routed to the log: kept for the share while no member is connected
+    const options: IClientOptions = { ...V5, clean: false, properties: { sessionExpiryInterval: 600 } }
+    const first = await connect('p5-member', options)
+    expect(await subscribeWith(first, [filter], { qos: 1, properties: { subscriptionIdentifier: 9 } })).toEqual([1])
+    await first.endAsync()
+    const pub = await connect('p5-pub', V5)
+    for (let i = 0; i < 5; i++) await pub.publishAsync(`devices/d${i}/telemetry/p5`, `d${i}:0`, { qos: 1, properties: { contentType: 'alert' } })
+    // Back without a SUBSCRIBE: the session's subscription joins the share again, from where the group stood.
+    const got: Got[] = []
+    const again = mqtt.connect(gw.mqttUrl, { ...options, clientId: 'p5-member' })
+    clients.add(again)
+    listen(again, 'p5', got)
+    expect(await waitFor(() => got.length >= 5, 10_000), `${got.length} of 5`).toBe(true)
+    expect(got.map((g) => String(g.packet.payload)).sort()).toEqual(Array.from({ length: 5 }, (_, i) => `d${i}:0`))
+    for (const { packet } of got) expect(packet.properties).toMatchObject({ subscriptionIdentifier: 9, contentType: 'alert' })
+    await endAll([again, pub])
+  }, TIMEOUT)
+
   it('a share\'s group is deleted over HTTP and by the CLI once it has no member; refused while it has one', async () => {
     const filter = '$share/del/devices/+/events/#'
     const name = 'share/del/devices/:2B/events/:23'
@@ -207,7 +227,7 @@ describe('MQTT 5 shared subscriptions', () => {
     expect(await subscribeGranted(four, bad, 1)).toEqual(bad.map(() => 0x80))
     expect(await metricValue(gw.httpUrl, 'edgemq_mqtt_subscriptions_refused_total', { tenant: 'default', reason: 'share-invalid' }))
       .toBe(before + 2 * bad.length)
-    // The tenant has 4 shares by now (mix ×2, del, ok); mqtt.share.maxPerTenant is 5. An existing share is never refused.
+    // The tenant has 5 shares by now (mix ×2, p5, del, ok); mqtt.share.maxPerTenant is 6. An existing share is never refused.
     expect(await subscribeGranted(five, ['$share/l1/plain/#', '$share/l2/plain/#', '$share/mix/plain/#'], 1)).toEqual([1, 0x97, 1])
     expect(await subscribeGranted(four, ['$share/l4/plain/#', '$share/l1/plain/#'], 1)).toEqual([0x80, 1])
     expect(await metricValue(gw.httpUrl, 'edgemq_mqtt_subscriptions_refused_total', { tenant: 'default', reason: 'share-limit' })).toBe(2)
