@@ -13,7 +13,8 @@
  * order. Each member is sent its lanes' records from the group's position,
  * filtered by the share's filter (the gateway's one matcher) and the
  * member's read ACL, at QoS min(subscription, message, 1), at most
- * `mqtt.share.inflight` unacknowledged records per member. The group commits,
+ * `mqtt.share.inflight` unacknowledged records per member (fewer when an
+ * MQTT 5 member's Receive Maximum is lower [MQTT-3.3.4-9]). The group commits,
  * per partition, up to the oldest record not yet acknowledged. A member that
  * leaves (DISCONNECT, a dead socket, UNSUBSCRIBE) gives its lanes to the
  * others, which get its unacknowledged records again. After every member
@@ -138,7 +139,7 @@ export class SharedSubscriptions {
         return
       }
     }
-    const member = new Member(client, conn, who, qos === 0 ? 0 : 1, subscriptionId)
+    const member = new Member(client, conn, who, qos === 0 ? 0 : 1, subscriptionId, this.#deps.inflight)
     members.add({ share, member })
     await share.join(member)
   }
@@ -317,7 +318,7 @@ class Share {
       this.pump(lane)
     }
     // The member's lanes go on once half its window is free, so a backlog is not read one record per PUBACK.
-    if (member.inflight.size <= Math.floor(this.#deps.inflight / 2)) {
+    if (member.inflight.size <= Math.floor(member.window / 2)) {
       for (const l of this.#lanes) if (l.owner === member) this.pump(l)
     }
     return true
@@ -403,12 +404,12 @@ class Share {
   }
 
   async #pumpLane (lane: Lane): Promise<void> {
-    const { store, inflight } = this.#deps
+    const { store } = this.#deps
     for (;;) {
       lane.again = false
       const member = lane.owner
       if (member === null || member.gone || lane.handoverTo !== null) return
-      if (member.qos === 1 && member.inflight.size >= inflight) return // woken by the PUBACKs
+      if (member.qos === 1 && member.inflight.size >= member.window) return // woken by the PUBACKs
       if (lane.aheadPos === lane.ahead.length) {
         const info = store.partitionInfo(lane.stream, lane.partition)
         if (lane.next < info.logStartOffset) {
@@ -425,7 +426,7 @@ class Share {
         lane.aheadEnd = nextOffset
         continue // the owner may have changed or filled its window meanwhile
       }
-      const stream = this.#send(lane, member, member.qos === 1 ? inflight - member.inflight.size : CHUNK_RECORDS)
+      const stream = this.#send(lane, member, member.qos === 1 ? member.window - member.inflight.size : CHUNK_RECORDS)
       this.#scheduleCommit()
       if (stream !== null) await drained(stream)
     }

@@ -30,15 +30,17 @@ const GROUP = shareGroupId('default', REQUEST.group, REQUEST.filter)
 /** A member's connection: every frame written is parsed; `publishes` in arrival order. */
 class FakeConnection extends EventEmitter implements ReplayConnection {
   readonly publishes: IPublishPacket[] = []
-  readonly #parser = mqttPacket.parser({ protocolVersion: 4 })
+  readonly #parser: ReturnType<typeof mqttPacket.parser>
   #id = 1
   closed = false
   destroyed = false
   writableNeedDrain = false
   readonly stream = this as unknown as ReplayConnection['stream']
 
-  constructor (readonly clientId: string) {
+  /** `mqtt5`: the member speaks MQTT 5, so the share frames its records with properties. */
+  constructor (readonly clientId: string, readonly mqtt5 = false) {
     super()
+    this.#parser = mqttPacket.parser({ protocolVersion: mqtt5 ? 5 : 4 })
     this.#parser.on('packet', (p) => { if (p.cmd === 'publish') this.publishes.push(p) })
   }
 
@@ -91,9 +93,9 @@ describe('SharedSubscriptions (log part)', () => {
       await store.append(STREAM, key, { payload: Buffer.from(`${key}:${i}`), topic: `devices/${key}/telemetry/t`, qos: 1 })
     }
   }
-  const join = async (conn: FakeConnection): Promise<void> => {
+  const join = async (conn: FakeConnection, client = fakeClient, subscriptionId?: number): Promise<void> => {
     shares.prepare('default', REQUEST)
-    await shares.join(fakeClient, conn, who(conn.clientId), REQUEST, 1)
+    await shares.join(client, conn, who(conn.clientId), REQUEST, 1, subscriptionId)
   }
   const ackAll = (conn: FakeConnection, from = 0, to = conn.publishes.length): void => {
     for (const p of conn.publishes.slice(from, to)) expect(shares.acked(conn, p.messageId as number)).toBe(true)
@@ -177,6 +179,21 @@ describe('SharedSubscriptions (log part)', () => {
     await until(() => b.publishes.length === 1)
     expect(b.payloads()).toEqual([`${keys[0]}:5`])
     await expect(shares.deleteGroup(shareGroupId('default', 'never', REQUEST.filter))).rejects.toMatchObject({ code: 'STORE_UNKNOWN_GROUP' })
+  })
+
+  it('keeps an MQTT 5 member\'s Receive Maximum below mqtt.share.inflight, and frames its records with properties', async () => {
+    const a = new FakeConnection('a', true)
+    await join(a, { receiveMaximum: 3 } as unknown as Client, 42)
+    await append(keys[0], 8)
+    // One socket write takes what the window has room for: with the share's window (10) all 8 would arrive at once.
+    await until(() => a.publishes.length === 3)
+    ackAll(a, 0, 1)
+    expect(a.publishes).toHaveLength(3) // 2 in flight, more than half of 3: the PUBACK woke no lane
+    ackAll(a, 1, 2)
+    await until(() => a.publishes.length === 5)
+    expect(a.payloads()).toEqual(Array.from({ length: 5 }, (_, i) => `${keys[0]}:${i}`))
+    expect(a.publishes.map((p) => [p.properties?.subscriptionIdentifier, p.properties?.userProperties?.['edgemq-offset']]))
+      .toEqual(Array.from({ length: 5 }, (_, i) => [42, String(i)]))
   })
 
   it('stops at the window: a member holds at most mqtt.share.inflight unacknowledged records, and goes on as PUBACKs free half of it', async () => {
