@@ -11,7 +11,8 @@
  *   Subscription Identifier, from the log and live, also after a persistent
  *   member's session restored the subscription; a 3.1.1 member none;
  * - SUBACK reason codes: 0x8F for a malformed `$share/`, 0x97 over
- *   mqtt.share.maxPerTenant (3.1.1: 0x80 for both);
+ *   mqtt.share.maxPerTenant (3.1.1: 0x80 for both); No Local on a share is
+ *   a protocol error (DISCONNECT 0x82);
  * - DELETE /v1/groups/share%2F... and `edgemq groups delete`: refused with
  *   HTTP_GROUP_IN_USE while the share has a member; once it has none the
  *   group is gone, and a member subscribing again starts at the log end.
@@ -235,6 +236,13 @@ describe('MQTT 5 shared subscriptions', () => {
     await roundTrip(five)
     await endAll([five, four])
   }, TIMEOUT)
+
+  it('No Local on a $share subscription is a protocol error: DISCONNECT 0x82 [MQTT-3.8.3-4]', async () => {
+    const client = await connect('no-local', V5)
+    const disconnect = new Promise<{ reasonCode?: number }>((resolve) => client.once('disconnect', resolve))
+    client.subscribe('$share/nl/plain/#', { qos: 1, nl: true })
+    expect((await disconnect).reasonCode).toBe(0x82)
+  })
 
   it('only a share\'s group name may hold "/": any other is HTTP_BAD_NAME, and another tenant\'s cannot be named', async () => {
     for (const bad of ['other/x', 'share/only-group', 'share//x', '../default/share/del/x']) {
