@@ -308,8 +308,10 @@ export function createApi (deps: ApiDeps): Api {
     })
 
     const groups = { tags: ['groups'] }
-    const readOnly = (group: string): ApiError => new ApiError('HTTP_GROUP_READ_ONLY',
-      `consumer group ${JSON.stringify(group)} is the bridge's: its offsets move as the upstream acknowledges records`, { details: { group } })
+    const readOnly = (group: string): ApiError => new ApiError('HTTP_GROUP_READ_ONLY', shareSubscriptionOf(group) === null
+      ? `consumer group ${JSON.stringify(group)} is the bridge's: its offsets move as the upstream acknowledges records`
+      : `consumer group ${JSON.stringify(group)} is the shared subscription ${shareSubscriptionOf(group)}'s: its offsets move as its members ` +
+        'acknowledge records (it can be deleted once it has no member)', { details: { group } })
     routePath(app, '/groups', {
       GET: {
         schema: {
@@ -366,7 +368,7 @@ export function createApi (deps: ApiDeps): Api {
         const s = resolveStream(who, params.stream)
         const bridgeGroup = bridgeGroups(store, who.tenant).get(params.group)
         if (change !== undefined) {
-          if (bridgeGroup !== undefined) throw readOnly(params.group)
+          if (bridgeGroup !== undefined || shareSubscriptionOf(params.group) !== null) throw readOnly(params.group)
           await change(groupId(who, params.group), s, request)
         }
         return { group: params.group, ...await groupStreamDoc(store, who.tenant, bridgeGroup?.id ?? groupId(who, params.group), s.stream) }

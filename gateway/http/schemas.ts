@@ -57,7 +57,7 @@ function pathParams (properties: Readonly<Record<string, JsonSchema>>): JsonSche
 export const STREAM_PARAMS = pathParams({ stream: STREAM_NAME })
 export const PARTITION_PARAMS = pathParams({ stream: STREAM_NAME, partition: PARTITION })
 /**
- * A group to show or delete: a group of GROUP_NAME, or a shared subscription's (`share/<group>/<filter>` as GET
+ * A group to show, delete or (not a share's) move: a group of GROUP_NAME, or a shared subscription's (`share/<group>/<filter>` as GET
  * /v1/groups lists it, escaped as gateway/mqtt/shared/share-topic.ts says), whose `/` are sent URL-encoded (%2F).
  */
 export const GROUP_OR_SHARE_NAME: JsonSchema = {
@@ -67,7 +67,7 @@ export const GROUP_OR_SHARE_NAME: JsonSchema = {
     'group as GET /v1/groups lists it (share/<group>/<filter>) with each "/" URL-encoded as %2F',
 }
 export const GROUP_PARAMS = pathParams({ group: GROUP_OR_SHARE_NAME })
-export const GROUP_STREAM_PARAMS = pathParams({ group: GROUP_NAME, stream: STREAM_NAME })
+export const GROUP_STREAM_PARAMS = pathParams({ group: GROUP_OR_SHARE_NAME, stream: STREAM_NAME })
 export const UPSTREAM_PARAMS = pathParams({ upstream: UPSTREAM })
 
 // ---------------------------------------------------------------- query parameters

@@ -244,10 +244,15 @@ describe('MQTT 5 shared subscriptions', () => {
     expect((await disconnect).reasonCode).toBe(0x82)
   })
 
-  it('only a share\'s group name may hold "/": any other is HTTP_BAD_NAME, and another tenant\'s cannot be named', async () => {
+  it('only a share\'s group name may hold "/": any other is HTTP_BAD_NAME; a share\'s offsets are read-only', async () => {
     for (const bad of ['other/x', 'share/only-group', 'share//x', '../default/share/del/x']) {
       const res = await fetch(`${gw.httpUrl}/v1/groups/${encodeURIComponent(bad)}`, { method: 'DELETE' })
       expect([bad, res.status, (await res.json() as { error?: { code?: string } }).error?.code]).toEqual([bad, 400, 'HTTP_BAD_NAME'])
     }
+    // The del share (subscribed again above) is read per stream, and its offsets move only with its members' PUBACKs.
+    const group = `${gw.httpUrl}/v1/groups/${encodeURIComponent('share/del/devices/:2B/events/:23')}/streams/events`
+    expect((await fetch(group)).status).toBe(200)
+    const reset = await fetch(`${group}/reset`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: '{"to":"earliest"}' })
+    expect([reset.status, (await reset.json() as { error?: { code?: string } }).error?.code]).toEqual([409, 'HTTP_GROUP_READ_ONLY'])
   })
 })
