@@ -8,7 +8,9 @@
  * authorizePublish calls back with (patches/aedes+2.0.0-beta.1.patch; stock
  * aedes 2.0.0-beta.1 always answers 0x87), adds the error's message as the
  * reason string when the client did not set Request Problem Information to 0,
- * keeps the connection and drops the message.
+ * keeps the connection and drops the message. On a SUBACK, likewise from
+ * the error authorizeSubscribe calls back with (the same patch), for that one
+ * filter; a 3.1.1 client gets 0x80 there.
  */
 import type { Client } from 'aedes'
 import { isStoreError } from '../../store/index.ts'
