@@ -5,8 +5,9 @@
  * (`<tenant>/<filter>`); a denied one answers SUBACK 0x80 and is not stored.
  * So does a filter over mqtt.maxFiltersPerSubscribe (every filter of a bigger
  * SUBSCRIBE) or a new one over mqtt.maxSubscriptionsPerSession, counted by
- * reason and logged once per connection. An MQTT 5 client's SUBACK says 0x87 for those,
- * and for a `$share` subscription 0x8F (malformed) or 0x97 (mqtt.share.maxPerTenant). Subscriptions aedes restores from a persistent
+ * reason and logged once per connection. An MQTT 5 client's SUBACK says 0x87
+ * for those, and for a `$share` subscription 0x8F (malformed) or 0x97
+ * (mqtt.share.maxPerTenant). Subscriptions aedes restores from a persistent
  * session before the CONNACK are already mounted. `$replay/<range>/<filter>`
  * subscriptions replay the log (replay.ts, hooks/replays.ts): checked here,
  * started once the SUBACK is out, never stored in a session.

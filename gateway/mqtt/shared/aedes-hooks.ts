@@ -1,10 +1,10 @@
 /**
  * The aedes side of shared subscriptions (share-groups.ts does the sharing),
  * for MQTT 3.1.1 and MQTT 5 clients alike (aedes' `sharedSubscriptions`
- * option, patches/aedes+2.0.0-beta.1.patch). authorizeSubscribe checks a `$share/<group>/<filter>` subscription and
- * hands it here (`accepted`); aedes stores it mounted
- * (`<tenant>/$share/<group>/<filter>`), as any subscription, so a persistent
- * session restores it. A client joins the share once aedes has written the
+ * option, patches/aedes+2.0.0-beta.1.patch). authorizeSubscribe checks a
+ * `$share/<group>/<filter>` subscription and hands it here (`accepted`);
+ * aedes stores it mounted (`<tenant>/$share/<group>/<filter>`), as any
+ * subscription, so a persistent session restores it. A client joins the share once aedes has written the
  * SUBACK (the `subscribe` event follows it), or, for a subscription restored
  * with a persistent session, once the CONNACK is out (aedes restores before
  * it and emits no `subscribe` event then). It leaves on UNSUBSCRIBE and when
