@@ -37,21 +37,11 @@ export class Member {
   readonly #readable = new Map<string, boolean>()
 
   /**
-   * QoS 1 records this member may hold unacknowledged: mqtt.share.inflight, or the Receive Maximum of an MQTT 5
-   * member's CONNECT when lower [MQTT-3.3.4-9] (aedes keeps it, 65,535 when absent; 3.1.1 has none). Only the share's
-   * records count: aedes does not keep to it on its own deliveries to the client (docs/mqtt5.md).
-   */
-  readonly window: number
-
-  /**
    * `subscriptionId`: the Subscription Identifier of the member's SUBSCRIBE, sent back with each record to an MQTT 5
-   * member [MQTT-3.3.4-3]; a SUBSCRIBE again changes it, as it does the QoS. `inflight`: mqtt.share.inflight.
+   * member [MQTT-3.3.4-3]; a SUBSCRIBE again changes it, as it does the QoS.
    */
   constructor (readonly client: Client, readonly conn: ReplayConnection, readonly who: Identity, public qos: 0 | 1,
-    public subscriptionId: number | undefined, inflight: number) {
-    const receiveMaximum = conn.mqtt5 === true ? client.receiveMaximum : undefined
-    this.window = typeof receiveMaximum === 'number' && receiveMaximum >= 1 ? Math.min(inflight, receiveMaximum) : inflight
-  }
+    public subscriptionId: number | undefined) {}
 
   get gone (): boolean {
     return this.left || this.conn.closed || this.conn.stream.destroyed === true

@@ -139,7 +139,7 @@ export class SharedSubscriptions {
         return
       }
     }
-    const member = new Member(client, conn, who, qos === 0 ? 0 : 1, subscriptionId, this.#deps.inflight)
+    const member = new Member(client, conn, who, qos === 0 ? 0 : 1, subscriptionId)
     members.add({ share, member })
     await share.join(member)
   }
@@ -318,7 +318,7 @@ class Share {
       this.pump(lane)
     }
     // The member's lanes go on once half its window is free, so a backlog is not read one record per PUBACK.
-    if (member.inflight.size <= Math.floor(member.window / 2)) {
+    if (member.inflight.size <= Math.floor(this.#window(member) / 2)) {
       for (const l of this.#lanes) if (l.owner === member) this.pump(l)
     }
     return true
@@ -403,13 +403,19 @@ class Share {
     })
   }
 
+  /** A member's window: mqtt.share.inflight, or the client's receive maximum if smaller (receive-maximum.ts). */
+  #window (member: Member): number {
+    return Math.min(this.#deps.inflight, member.conn.receiveMaximum ?? this.#deps.inflight)
+  }
+
   async #pumpLane (lane: Lane): Promise<void> {
     const { store } = this.#deps
     for (;;) {
       lane.again = false
       const member = lane.owner
       if (member === null || member.gone || lane.handoverTo !== null) return
-      if (member.qos === 1 && member.inflight.size >= member.window) return // woken by the PUBACKs
+      const inflight = this.#window(member)
+      if (member.qos === 1 && member.inflight.size >= inflight) return // woken by the PUBACKs
       if (lane.aheadPos === lane.ahead.length) {
         const info = store.partitionInfo(lane.stream, lane.partition)
         if (lane.next < info.logStartOffset) {
@@ -426,7 +432,7 @@ class Share {
         lane.aheadEnd = nextOffset
         continue // the owner may have changed or filled its window meanwhile
       }
-      const stream = this.#send(lane, member, member.qos === 1 ? member.window - member.inflight.size : CHUNK_RECORDS)
+      const stream = this.#send(lane, member, member.qos === 1 ? inflight - member.inflight.size : CHUNK_RECORDS)
       this.#scheduleCommit()
       if (stream !== null) await drained(stream)
     }

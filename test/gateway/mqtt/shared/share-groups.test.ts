@@ -34,6 +34,8 @@ class FakeConnection extends EventEmitter implements ReplayConnection {
   #id = 1
   closed = false
   destroyed = false
+  /** The client's Receive Maximum (MQTT 5 CONNECT), as hooks/replays.ts gives it. */
+  receiveMaximum?: number
   writableNeedDrain = false
   readonly stream = this as unknown as ReplayConnection['stream']
 
@@ -183,7 +185,8 @@ describe('SharedSubscriptions (log part)', () => {
 
   it('keeps an MQTT 5 member\'s Receive Maximum below mqtt.share.inflight, and frames its records with properties', async () => {
     const a = new FakeConnection('a', true)
-    await join(a, { receiveMaximum: 3 } as unknown as Client, 42)
+    a.receiveMaximum = 3
+    await join(a, fakeClient, 42)
     await append(keys[0], 8)
     // One socket write takes what the window has room for: with the share's window (10) all 8 would arrive at once.
     await until(() => a.publishes.length === 3)
