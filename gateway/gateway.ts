@@ -173,7 +173,7 @@ async function start (config: GatewayConfig, deps: GatewayDeps, shutdown: Shutdo
       onCursorWriteError: (err) => logger.error({ err: (err as Error).message }, 'a session cursor could not be written; its next advance writes it'),
     })
   sessions.persistence = persistence
-  const { aedes: broker, appendsSettled, wills } = createBroker({
+  const { aedes: broker, appendsSettled, wills, deleteShareGroup } = createBroker({
     config, store, persistence, metrics, logger, guards, onStoreHealth: (ok, err) => health.set(ok, err),
   })
   ;(broker as unknown as NodeJS.EventEmitter).on('error', (err: Error) => logger.error({ err: err.message }, 'broker error'))
@@ -231,6 +231,7 @@ async function start (config: GatewayConfig, deps: GatewayDeps, shutdown: Shutdo
     api: {
       store, users: config.users, tokens: config.apiTokens, logger, bridge, waitingReads: metrics.httpWaitingReads,
       sessions: { states: () => sessions.persistence?.sessionStates() ?? [] },
+      shares: { deleteGroup: deleteShareGroup },
       replication: {
         status: () => replication.status(),
         promote: async () => {
