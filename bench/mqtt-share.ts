@@ -17,7 +17,10 @@
  * round ends when the members together received every record. Throughput is
  * records over the time from the first member's connect to the last record;
  * the replay is timed the same way, to its `$done` marker. Rounds alternate
- * the share (1 member, then 2) and the replay; the figures are medians.
+ * the share (1 member, then 2, then 1 MQTT 5 member) and the replay; the
+ * figures are medians. The MQTT 5 member's figure has the same run's 3.1.1
+ * member as its baseline: what framing each record with its properties
+ * (the record's partition, offset and time as user properties) costs.
  * Arguments: `--quick` (one round of 50,000 records), `--records=N`,
  * `--rounds=N`.
  */
@@ -40,7 +43,10 @@ const FILTER = 'devices/+/telemetry/#'
 const MEMBER_COUNTS = [1, 2] as const
 const TIMEOUT_MS = 300_000
 
-const groupOf = (round: number, members: number): string => `bench-${round}-${members}`
+/** The share rounds: members, and their protocol version. */
+const SHARE_KINDS = [...MEMBER_COUNTS.map((members) => ({ members, version: 4 as const })), { members: 1, version: 5 as const }]
+type ShareKind = typeof SHARE_KINDS[number]
+const groupOf = (round: number, kind: ShareKind): string => `bench-${round}-${kind.members}-v${kind.version}`
 const dirs = new TempDirs()
 
 /** Writes the log, and every round's share group at offset 0, into `<dataDir>/db`. */
@@ -55,8 +61,8 @@ async function seed (dataDir: string): Promise<void> {
     }))
   }
   for (let n = 0; n < ROUNDS; n++) {
-    for (const members of MEMBER_COUNTS) {
-      const group = shareGroupId('default', groupOf(n, members), FILTER)
+    for (const kind of SHARE_KINDS) {
+      const group = shareGroupId('default', groupOf(n, kind), FILTER)
       await store.setGroup(group, { holdsRetention: false })
       for (let p = 0; p < PARTITIONS; p++) await store.commitOffset(group, 'default/telemetry', p, 0)
     }
@@ -65,15 +71,16 @@ async function seed (dataDir: string): Promise<void> {
 }
 
 /** Members of one share drain the backlog together; records per second. */
-async function shareRound (edgemq: RunningBroker, n: number, members: number): Promise<number> {
+async function shareRound (edgemq: RunningBroker, n: number, kind: ShareKind): Promise<number> {
+  const { members, version } = kind
   let total = 0
   let stop = (): void => {}
   const stopped = new Promise<void>((resolve) => { stop = resolve })
   const started = performance.now()
   let ended = 0
   const results = await Promise.all(Array.from({ length: members }, (_, m) => runSubscriber({
-    host: edgemq.host, port: edgemq.port, clientId: `share-${n}-${members}-${m}`, clean: true,
-    subscribe: `$share/${groupOf(n, members)}/${FILTER}`, wantTopics: false, timeoutMs: TIMEOUT_MS, stop: stopped,
+    host: edgemq.host, port: edgemq.port, clientId: `share-${n}-${members}-v${version}-${m}`, clean: true, protocolVersion: version,
+    subscribe: `$share/${groupOf(n, kind)}/${FILTER}`, wantTopics: false, timeoutMs: TIMEOUT_MS, stop: stopped,
     until: () => {
       if (++total < RECORDS) return false
       ended = performance.now()
@@ -101,16 +108,16 @@ async function main (): Promise<void> {
   info(`writing ${RECORDS} records of ${PAYLOAD_BYTES} bytes`)
   await seed(dataDir)
   const edgemq = await startEdgemq(dataDir)
-  const shares = new Map<number, number[]>(MEMBER_COUNTS.map((m) => [m, []]))
+  const shares = new Map<ShareKind, number[]>(SHARE_KINDS.map((k) => [k, []]))
   const replays: number[] = []
   try {
     for (let n = 0; n < ROUNDS; n++) {
       const replayFirst = n % 2 === 1
       if (replayFirst) replays.push(await replayRound(edgemq, n))
-      for (const members of MEMBER_COUNTS) {
-        const rate = await shareRound(edgemq, n, members)
-        shares.get(members)?.push(rate)
-        info(`round ${n} share of ${members}: ${Math.round(rate)} msgs/s`)
+      for (const kind of SHARE_KINDS) {
+        const rate = await shareRound(edgemq, n, kind)
+        shares.get(kind)?.push(rate)
+        info(`round ${n} share of ${kind.members} (MQTT ${kind.version === 5 ? '5' : '3.1.1'}): ${Math.round(rate)} msgs/s`)
       }
       if (!replayFirst) replays.push(await replayRound(edgemq, n))
       info(`round ${n} replay: ${Math.round(replays[replays.length - 1] as number)} msgs/s`)
@@ -119,8 +126,9 @@ async function main (): Promise<void> {
     await edgemq.stop()
     await dirs.cleanup()
   }
-  for (const members of MEMBER_COUNTS) {
-    const rates = shares.get(members) as number[]
+  for (const kind of SHARE_KINDS.filter((k) => k.version === 4)) {
+    const { members } = kind
+    const rates = shares.get(kind) as number[]
     report({
       bench: `mqtt-share.drain-${members}-member${members === 1 ? '' : 's'}`, unit: 'msgs/s', value: median(rates), better: 'higher',
       baseline: '$replay/earliest of the same records to one QoS 1 subscriber of the same gateway (window 1,000)',
@@ -131,6 +139,17 @@ async function main (): Promise<void> {
       },
     })
   }
+  const v4 = shares.get(SHARE_KINDS[0] as ShareKind) as number[]
+  const v5 = shares.get(SHARE_KINDS[SHARE_KINDS.length - 1] as ShareKind) as number[]
+  report({
+    bench: 'mqtt-share.drain-1-member-mqtt5', unit: 'msgs/s', value: median(v5), better: 'higher',
+    baseline: 'the same share drained by one MQTT 3.1.1 member in the same run (records framed without properties)',
+    baselineValue: median(v4),
+    params: {
+      records: RECORDS, payloadBytes: PAYLOAD_BYTES, partitions: PARTITIONS, devices: DEVICES, members: 1, rounds: ROUNDS, inflightPerMember: 100,
+      mqtt5Rounds: v5.map(Math.round), mqtt311Rounds: v4.map(Math.round),
+    },
+  })
 }
 
 await main()

@@ -24,9 +24,11 @@ export const GATEWAY_ERROR_CODES = {
   GW_REPLAY_DENIED: 'The ACL does not let the client subscribe to the topic filter of a $replay subscription.',
   GW_REPLAY_LIMIT: 'A $replay subscription would exceed mqtt.replay.maxPerClient or mqtt.replay.maxActive.',
   GW_SHARE_BAD_SUBSCRIPTION: 'A $share/<group>/<filter> subscription has an empty group name, a wildcard in it, no topic filter or an invalid one, ' +
-    'or a group and filter too long for a consumer group name (SUBACK 0x80, counted as share-invalid).',
+    'or a group and filter too long for a consumer group name (SUBACK 0x80; MQTT 5: 0x8F; counted as share-invalid).',
   GW_SHARE_LIMIT: 'A $share subscription would make one share (group and filter) more than mqtt.share.maxPerTenant in the client\'s tenant ' +
-    '(SUBACK 0x80, counted as share-limit).',
+    '(SUBACK 0x80; MQTT 5: 0x97; counted as share-limit).',
+  GW_SHARE_IN_USE: 'A shared subscription\'s consumer group cannot be deleted while a client is a member of the share: the members ' +
+    'unsubscribe (or disconnect, and a persistent session\'s subscription is removed) first (HTTP 409 HTTP_GROUP_IN_USE).',
   GW_CONNECT_REFUSED: 'A CONNECT was refused with a CONNACK return code (2 identifier rejected, 3 server unavailable, 4 bad credentials, ' +
     '5 not authorized); counted in edgemq_connections_refused_total and logged with the reason.',
   GW_PUBLISH_REFUSED: 'A PUBLISH was refused (a topic that is not a valid topic name, $dedupe/ without a replicate grant, unrouted: reject; ' +

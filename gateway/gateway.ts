@@ -176,7 +176,7 @@ async function start (config: GatewayConfig, deps: GatewayDeps, shutdown: Shutdo
       },
     })
   sessions.persistence = persistence
-  const { aedes: broker, appendsSettled, wills } = createBroker({
+  const { aedes: broker, appendsSettled, wills, deleteShareGroup } = createBroker({
     config, store, persistence, metrics, logger, guards, onStoreHealth: (ok, err) => health.set(ok, err),
   })
   ;(broker as unknown as NodeJS.EventEmitter).on('error', (err: Error) => logger.error({ err: err.message }, 'broker error'))
@@ -234,6 +234,7 @@ async function start (config: GatewayConfig, deps: GatewayDeps, shutdown: Shutdo
     api: {
       store, users: config.users, tokens: config.apiTokens, logger, bridge, waitingReads: metrics.httpWaitingReads,
       sessions: { states: () => sessions.persistence?.sessionStates() ?? [] },
+      shares: { deleteGroup: deleteShareGroup },
       replication: {
         status: () => replication.status(),
         promote: async () => {

@@ -34,6 +34,8 @@ export interface SubscriberSpec {
   readonly timeoutMs: number
   /** Ends the run (as `until` would) when it resolves: for subscribers that share one count (a shared subscription's members). */
   readonly stop?: Promise<void>
+  /** MQTT 3.1.1 (4, the default) or 5: a v5 PUBLISH has properties after its packet id, which are not read. */
+  readonly protocolVersion?: 4 | 5
 }
 
 export interface SubscriberResult {
@@ -49,6 +51,7 @@ export interface SubscriberResult {
 
 /** Connects, subscribes, acknowledges every QoS 1 PUBLISH, and resolves when `until` holds. */
 export function runSubscriber (spec: SubscriberSpec): Promise<SubscriberResult> {
+  const protocolVersion = spec.protocolVersion ?? 4
   return new Promise((resolve, reject) => {
     let carry: Buffer | null = null
     let received = 0
@@ -81,10 +84,12 @@ export function runSubscriber (spec: SubscriberSpec): Promise<SubscriberResult> 
           if (buf[frame.body + 1] !== 0) return finish(new Error(`${spec.clientId}: CONNACK return code ${buf[frame.body + 1]}`))
           started = performance.now()
           if (spec.subscribe !== undefined) {
-            socket.write(mqttPacket.generate({ cmd: 'subscribe', messageId: 1, subscriptions: [{ topic: spec.subscribe, qos: 1 }] }))
+            socket.write(mqttPacket.generate({ cmd: 'subscribe', messageId: 1, subscriptions: [{ topic: spec.subscribe, qos: 1 }] }, { protocolVersion }))
           }
         } else if (type === SUBACK) {
-          if (buf[frame.body + 2] === 0x80) return finish(new Error(`${spec.clientId}: SUBACK refused ${spec.subscribe}`))
+          // MQTT 5: the reason codes follow the properties (their length, one byte here: none are expected).
+          const code = buf[frame.body + 2 + (protocolVersion === 5 ? 1 + (buf[frame.body + 2] as number) : 0)] as number
+          if (code >= 0x80) return finish(new Error(`${spec.clientId}: SUBACK refused ${spec.subscribe} (0x${code.toString(16)})`))
         } else if (type === PUBLISH && !done) {
           const qos = ((buf[i] as number) >> 1) & 3
           const topicLength = buf.readUInt16BE(frame.body)
@@ -115,7 +120,8 @@ export function runSubscriber (spec: SubscriberSpec): Promise<SubscriberResult> 
     socket.on('error', (err) => finish(err))
     socket.on('close', () => finish(new Error(`${spec.clientId}: the broker closed the connection after ${received} messages`)))
     socket.on('connect', () => {
-      socket.write(mqttPacket.generate({ cmd: 'connect', protocolId: 'MQTT', protocolVersion: 4, clientId: spec.clientId, clean: spec.clean, keepalive: 0 }))
+      socket.write(mqttPacket.generate({ cmd: 'connect', protocolId: 'MQTT', protocolVersion, clientId: spec.clientId, clean: spec.clean, keepalive: 0 },
+        { protocolVersion }))
     })
   })
 }

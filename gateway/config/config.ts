@@ -266,7 +266,8 @@ export const configSchema = {
               maximum: 65535,
               default: 100,
               description: 'QoS 1 messages of the log a share sends one member and that member has not acknowledged (PUBACK); ' +
-                'the member\'s partitions wait beyond it. A member that leaves has these sent again to another member.',
+                'the member\'s partitions wait beyond it (an MQTT 5 member\'s Receive Maximum, when lower, takes its place). ' +
+                'A member that leaves has these sent again to another member.',
             },
             maxPerTenant: {
               type: 'integer',

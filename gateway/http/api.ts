@@ -8,7 +8,9 @@
  * Tenants: a client names streams and groups inside its own tenant only.
  * Stream `telemetry` of a user of tenant `acme` is the store's
  * `acme/telemetry`; group `billing` is the store's group `acme/billing`.
- * Names containing `/` are refused, so no name reaches another tenant.
+ * Names containing `/` are refused, so no name reaches another tenant; only a
+ * shared subscription's group, `share/<group>/<filter>`, has them (sent as
+ * %2F), and it stays under the tenant's `<tenant>/share/` prefix.
  *
  * Authentication (http/auth.ts): HTTP basic with the same users as MQTT,
  * or a bearer token of `apiTokens`; only the `service` and `admin` roles
@@ -35,7 +37,11 @@ import type { UpstreamStatus } from '../../bridge/index.ts'
 import type { ApiTokenConfig, UserConfig } from '../config/config.ts'
 import type { SessionState } from '../mqtt/session-persistence.ts'
 import { sessionDocs } from '../query/sessions.ts'
-import { bridgeGroupDoc, bridgeGroups, groupDoc, groupDocs, groupStreamDoc, partitionDoc, streamDoc, streamDocs, tenantGroups } from '../query/documents.ts'
+import { GatewayError } from '../errors.ts'
+import { shareSubscriptionOf } from '../mqtt/shared/share-topic.ts'
+import {
+  bridgeGroupDoc, bridgeGroups, groupDocs, groupStreamDoc, partitionDoc, streamDoc, streamDocs, tenantGroupDoc, tenantGroups,
+} from '../query/documents.ts'
 
 export interface ApiDeps {
   readonly store: LogStore
@@ -55,6 +61,11 @@ export interface ApiDeps {
   readonly waitingReads?: { set (value: number): void }
   /** The persistent MQTT sessions, for GET /v1/sessions; absent: none is listed. */
   readonly sessions?: { states (): readonly SessionState[] }
+  /**
+   * The MQTT shared subscriptions, which delete their own groups (DELETE /v1/groups/share%2F...): refused with
+   * GW_SHARE_IN_USE while a share has members. Absent: the store's group is deleted as any.
+   */
+  readonly shares?: { deleteGroup (id: string): Promise<void> }
 }
 
 declare module 'fastify' {
@@ -299,8 +310,10 @@ export function createApi (deps: ApiDeps): Api {
     })
 
     const groups = { tags: ['groups'] }
-    const readOnly = (group: string): ApiError => new ApiError('HTTP_GROUP_READ_ONLY',
-      `consumer group ${JSON.stringify(group)} is the bridge's: its offsets move as the upstream acknowledges records`, { details: { group } })
+    const readOnly = (group: string): ApiError => new ApiError('HTTP_GROUP_READ_ONLY', shareSubscriptionOf(group) === null
+      ? `consumer group ${JSON.stringify(group)} is the bridge's: its offsets move as the upstream acknowledges records`
+      : `consumer group ${JSON.stringify(group)} is the shared subscription ${shareSubscriptionOf(group)}'s: its offsets move as its members ` +
+        'acknowledge records (it can be deleted once it has no member)', { details: { group } })
     routePath(app, '/groups', {
       GET: {
         schema: {
@@ -322,7 +335,7 @@ export function createApi (deps: ApiDeps): Api {
           if (bridgeGroup !== undefined) return await bridgeGroupDoc(store, who.tenant, group, bridgeGroup)
           const g = tenantGroups(store, who.tenant).get(group)
           if (g === undefined) throw new ApiError('HTTP_UNKNOWN_GROUP', `unknown consumer group ${JSON.stringify(group)}`, { details: { group } })
-          return await groupDoc(store, who.tenant, group, g)
+          return await tenantGroupDoc(store, who.tenant, group, g)
         },
       },
       DELETE: {
@@ -334,7 +347,16 @@ export function createApi (deps: ApiDeps): Api {
           if (!tenantGroups(store, who.tenant).has(group)) {
             throw new ApiError('HTTP_UNKNOWN_GROUP', `unknown consumer group ${JSON.stringify(group)}`, { details: { group } })
           }
-          await store.deleteGroup(groupId(who, group))
+          if (shareSubscriptionOf(group) === null || deps.shares === undefined) {
+            await store.deleteGroup(groupId(who, group))
+            return { group, deleted: true }
+          }
+          try {
+            await deps.shares.deleteGroup(groupId(who, group))
+          } catch (err) {
+            if (!(err instanceof GatewayError && err.code === 'GW_SHARE_IN_USE')) throw err
+            throw new ApiError('HTTP_GROUP_IN_USE', err.message, { cause: err, details: { group } })
+          }
           return { group, deleted: true }
         },
       },
@@ -348,7 +370,7 @@ export function createApi (deps: ApiDeps): Api {
         const s = resolveStream(who, params.stream)
         const bridgeGroup = bridgeGroups(store, who.tenant).get(params.group)
         if (change !== undefined) {
-          if (bridgeGroup !== undefined) throw readOnly(params.group)
+          if (bridgeGroup !== undefined || shareSubscriptionOf(params.group) !== null) throw readOnly(params.group)
           await change(groupId(who, params.group), s, request)
         }
         return { group: params.group, ...await groupStreamDoc(store, who.tenant, bridgeGroup?.id ?? groupId(who, params.group), s.stream) }

@@ -37,7 +37,12 @@ export const HTTP_ERROR_CODES = {
   HTTP_UNKNOWN_GROUP: { status: 404, description: 'The tenant has no consumer group of that name.' },
   HTTP_UNKNOWN_UPSTREAM: { status: 404, description: 'No bridge upstream of that name is configured.' },
   HTTP_GROUP_READ_ONLY: {
-    status: 409, description: 'The consumer group is the bridge\'s (`bridge.<upstream>`): listed, but only the bridge moves or deletes its offsets.',
+    status: 409, description: 'The consumer group is the bridge\'s (`bridge.<upstream>`): listed, but only the bridge moves or deletes its offsets; ' +
+      'or a shared subscription\'s (`share/<group>/<filter>`), whose offsets only its members\' acknowledgements move.',
+  },
+  HTTP_GROUP_IN_USE: {
+    status: 409, description: 'The consumer group is a shared subscription\'s ($share/...) and a client is a member of the share: ' +
+      'its members unsubscribe (or disconnect) before it can be deleted.',
   },
   HTTP_METHOD_NOT_ALLOWED: { status: 405, description: 'The path exists but not with this method; the Allow header lists the methods.' },
   HTTP_BODY_TOO_LARGE: { status: 413, description: 'The request body is larger than 64 KiB.' },

@@ -57,8 +57,18 @@ function pathParams (properties: Readonly<Record<string, JsonSchema>>): JsonSche
 
 export const STREAM_PARAMS = pathParams({ stream: STREAM_NAME })
 export const PARTITION_PARAMS = pathParams({ stream: STREAM_NAME, partition: PARTITION })
-export const GROUP_PARAMS = pathParams({ group: GROUP_NAME })
-export const GROUP_STREAM_PARAMS = pathParams({ group: GROUP_NAME, stream: STREAM_NAME })
+/**
+ * A group to show, delete or (not a share's) move: a group of GROUP_NAME, or a shared subscription's (`share/<group>/<filter>` as GET
+ * /v1/groups lists it, escaped as gateway/mqtt/shared/share-topic.ts says), whose `/` are sent URL-encoded (%2F).
+ */
+export const GROUP_OR_SHARE_NAME: JsonSchema = {
+  type: 'string', maxLength: 200, pattern: '^(?:[A-Za-z0-9][A-Za-z0-9._:-]{0,127}|share/[A-Za-z0-9._:-]+/[A-Za-z0-9._:/-]+)$',
+  'x-error-code': 'HTTP_BAD_NAME',
+  description: 'A group name (1 to 128 letters, digits, ".", "_", ":" and "-", starting with a letter or digit), or a shared subscription\'s ' +
+    'group as GET /v1/groups lists it (share/<group>/<filter>) with each "/" URL-encoded as %2F',
+}
+export const GROUP_PARAMS = pathParams({ group: GROUP_OR_SHARE_NAME })
+export const GROUP_STREAM_PARAMS = pathParams({ group: GROUP_OR_SHARE_NAME, stream: STREAM_NAME })
 export const UPSTREAM_PARAMS = pathParams({ upstream: UPSTREAM })
 
 // ---------------------------------------------------------------- query parameters

@@ -79,6 +79,8 @@ export interface Broker {
   readonly aedes: Aedes
   /** Resolves once every append a client's publish started has settled, and the shares' commits (the shutdown's "drain appends"). */
   appendsSettled (): Promise<void>
+  /** Deletes a shared subscription's consumer group (shared/share-groups.ts deleteGroup): refused while it has members. */
+  deleteShareGroup (id: string): Promise<void>
   /** The wills of a previous process still waiting for their delay (session-expiry.ts fires one when its session ends). */
   readonly wills: Wills
 }
@@ -101,6 +103,9 @@ export function createBroker (deps: BrokerDeps): Broker {
     maximumPacketSize: config.mqtt.maxPacketBytes,
     receiveMaximum: config.mqtt.maxInflightPerClient,
     topicAliasMaximum: TOPIC_ALIAS_MAXIMUM,
+    // The gateway implements `$share/` (mqtt/shared/) for MQTT 5 clients as for 3.1.1 ones; the patch of aedes lets
+    // their SUBSCRIBE through to authorizeSubscribe and makes the CONNACK say Shared Subscription Available = 1.
+    sharedSubscriptions: true,
     // mqtt.sessionExpirySeconds bounds every session's time offline: an MQTT 5 client asking for longer is told the bound in
     // the CONNACK (MQTT 5 3.2.2.3.2), and aedes caps its will delay by it too (3.1.3.2.2; session-expiry.ts, wills.ts).
     sessionExpiryIntervalLimit: config.mqtt.sessionExpirySeconds,
@@ -153,5 +158,10 @@ export function createBroker (deps: BrokerDeps): Broker {
   shareHooks.install(ctx)
   installClientEvents(ctx)
   // Once the clients are gone: the shares' last commits, so a graceful restart sends less again.
-  return { aedes: broker, wills: ctx.wills, appendsSettled: async () => { await appender.settled(); await shares.close() } }
+  return {
+    aedes: broker,
+    wills: ctx.wills,
+    appendsSettled: async () => { await appender.settled(); await shares.close() },
+    deleteShareGroup: async (id) => { await shares.deleteGroup(id) },
+  }
 }

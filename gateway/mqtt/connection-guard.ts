@@ -13,7 +13,8 @@
  *   UTF-8 (mqtt-packet silently turns bad bytes into U+FFFD) or contain
  *   U+0000 [MQTT-1.5.3-1, -2], empty topics [MQTT-4.7.3-1], wildcards in a
  *   PUBLISH topic [MQTT-3.3.2-2], packet id 0 [MQTT-2.3.1-1], SUBSCRIBE and
- *   UNSUBSCRIBE without a filter [MQTT-3.8.3-3, MQTT-3.10.3-2]. Only the
+ *   UNSUBSCRIBE without a filter [MQTT-3.8.3-3, MQTT-3.10.3-2], and (MQTT 5)
+ *   No Local on a `$share/` subscription [MQTT-3.8.3-4]. Only the
  *   variable header of a PUBLISH is kept for this (at most 65,539 bytes), and
  *   the verdict comes before the packet's last byte reaches aedes;
  * - it reads the protocol level of the CONNECT and checks the rest as that
@@ -95,6 +96,8 @@ const DISCONNECT_CODES: Readonly<Record<ViolationReason, ReasonCode>> = {
 const HOLD_LIMIT = 256 * 1024
 /** How long a connection closed with a DISCONNECT may take to write it before its socket is destroyed. */
 const LINGER_MS = 1000
+/** The first bytes of a shared subscription's filter (`$share/<group>/<filter>`). */
+const SHARE_PREFIX = Buffer.from('$share/')
 const PLUS = 0x2b
 const HASH = 0x23
 /** The guard of a socket, for the socket listeners below (one function each for all sockets, not a closure each). */
@@ -417,6 +420,7 @@ export class ConnectionGuard extends Duplex {
       if (end > body.length) return `malformed ${name}`
       const problem = topicProblem(body, pos + 2, end, false)
       if (problem !== null) return `${name} ${problem}`
+      const filterAt = pos + 2
       pos = end
       if (this.#inType === SUBSCRIBE) {
         if (pos >= body.length) return 'malformed SUBSCRIBE: a filter without its QoS byte'
@@ -425,6 +429,10 @@ export class ConnectionGuard extends Duplex {
         // two reserved bits [MQTT-3.8.3-5].
         const invalid = this.#version === MQTT5 ? (options & 0xc0) !== 0 || (options & 0x30) === 0x30 : (options & 0xfc) !== 0
         if (invalid || (options & 3) === 3) return `SUBSCRIBE with invalid options byte 0x${options.toString(16)} [MQTT-3.8.3-4]`
+        // MQTT 5: No Local on a shared subscription is a Protocol Error [MQTT-3.8.3-4] (aedes does not check it).
+        if (this.#version === MQTT5 && (options & 0x04) !== 0 && body.subarray(filterAt, end).subarray(0, SHARE_PREFIX.length).equals(SHARE_PREFIX)) {
+          return 'SUBSCRIBE with No Local on a shared subscription [MQTT-3.8.3-4]'
+        }
       }
     }
     return 0

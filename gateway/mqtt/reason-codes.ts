@@ -8,7 +8,9 @@
  * authorizePublish calls back with (patches/aedes+2.0.0-beta.1.patch; stock
  * aedes 2.0.0-beta.1 always answers 0x87), adds the error's message as the
  * reason string when the client did not set Request Problem Information to 0,
- * keeps the connection and drops the message.
+ * keeps the connection and drops the message. On a SUBACK, likewise from
+ * the error authorizeSubscribe calls back with (the same patch), for that one
+ * filter; a 3.1.1 client gets 0x80 there.
  */
 import type { Client } from 'aedes'
 import { isStoreError } from '../../store/index.ts'
@@ -26,13 +28,18 @@ export const REASON = {
   NOT_AUTHORIZED: 0x87,
   /** DISCONNECT: the client sent nothing for 1.5 times its keep-alive (hooks/client-events.ts). */
   KEEP_ALIVE_TIMEOUT: 0x8d,
+  /** SUBACK: a malformed `$share/<group>/<filter>` subscription (shared/share-topic.ts). */
+  TOPIC_FILTER_INVALID: 0x8f,
   /** Not a valid topic name for the gateway, or no route logs it under `unrouted: reject`. */
   TOPIC_NAME_INVALID: 0x90,
   /** DISCONNECT: the client has more QoS 1/2 PUBLISHes unacknowledged than the receive maximum it was given (receive-maximum.ts). */
   RECEIVE_MAXIMUM_EXCEEDED: 0x93,
   /** DISCONNECT: a packet over the listener's maxPacketBytes (connection-guard.ts). */
   PACKET_TOO_LARGE: 0x95,
-  /** The disk is full, or the record is over the store's size limit: a limit, not a fault of the message's form. */
+  /**
+   * The disk is full, or the record is over the store's size limit: a limit, not a fault of the message's form. SUBACK: a
+   * `$share` subscription over mqtt.share.maxPerTenant.
+   */
   QUOTA_EXCEEDED: 0x97,
 } as const
 

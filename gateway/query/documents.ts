@@ -10,7 +10,9 @@
  * marked `owner: "bridge"` and `readOnly: true`. The consumer groups of MQTT
  * shared subscriptions (`share/<group>/<filter>`, escaped as
  * mqtt/shared/share-topic.ts says) are the tenant's, marked `owner: "share"`,
- * `readOnly: true` and with the `subscription` they serve.
+ * `readOnly: true` (their offsets move only as members acknowledge; the group
+ * can be deleted once the share has no member) and with the `subscription`
+ * they serve.
  */
 import { BRIDGE_GROUP_PREFIX } from '../../bridge/index.ts'
 import type { LogStore, PartitionLag, StreamInfo } from '../../store/index.ts'
@@ -162,14 +164,17 @@ export async function groupDoc (store: LogStore, tenant: string, name: string, g
   }
 }
 
+/** One group of `tenant` (tenantGroups), a shared subscription's marked as such. */
+export async function tenantGroupDoc (store: LogStore, tenant: string, name: string, g: { id: string, streams: readonly string[] }): Promise<GroupDoc> {
+  const doc = await groupDoc(store, tenant, name, g)
+  const subscription = shareSubscriptionOf(name)
+  return subscription === null ? doc : { ...doc, owner: 'share', readOnly: true, subscription }
+}
+
 /** Every group of `tenant`. */
 export async function groupDocs (store: LogStore, tenant: string): Promise<GroupDoc[]> {
   const out: GroupDoc[] = []
-  for (const [name, g] of tenantGroups(store, tenant)) {
-    const doc = await groupDoc(store, tenant, name, g)
-    const subscription = shareSubscriptionOf(name)
-    out.push(subscription === null ? doc : { ...doc, owner: 'share', readOnly: true, subscription })
-  }
+  for (const [name, g] of tenantGroups(store, tenant)) out.push(await tenantGroupDoc(store, tenant, name, g))
   for (const [name, g] of bridgeGroups(store, tenant)) out.push(await bridgeGroupDoc(store, tenant, name, g))
   return out
 }

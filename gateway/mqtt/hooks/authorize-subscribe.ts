@@ -5,7 +5,9 @@
  * (`<tenant>/<filter>`); a denied one answers SUBACK 0x80 and is not stored.
  * So does a filter over mqtt.maxFiltersPerSubscribe (every filter of a bigger
  * SUBSCRIBE) or a new one over mqtt.maxSubscriptionsPerSession, counted by
- * reason and logged once per connection. Subscriptions aedes restores from a persistent
+ * reason and logged once per connection. An MQTT 5 client's SUBACK says 0x87
+ * for those, and for a `$share` subscription 0x8F (malformed) or 0x97
+ * (mqtt.share.maxPerTenant). Subscriptions aedes restores from a persistent
  * session before the CONNACK are already mounted. `$replay/<range>/<filter>`
  * subscriptions replay the log (replay.ts, hooks/replays.ts): checked here,
  * started once the SUBACK is out, never stored in a session.
@@ -20,12 +22,15 @@ import { clientFields } from '../../logger.ts'
 import { GatewayError, type GatewayErrorCode } from '../../errors.ts'
 import type { SubscribeRefusal } from '../../metrics/metrics.ts'
 import { subscriptionsOf } from '../aedes-internals.ts'
+import { REASON } from '../reason-codes.ts'
 import { isReplayTopic, type ReplayTicket } from '../replay.ts'
 import { isShareTopic, parseShareSubscription, type ShareRequest } from '../shared/share-topic.ts'
 import type { HookContext } from './context.ts'
 import { replayConnection } from './replays.ts'
 
 type AuthorizeSubscribe = NonNullable<AedesOptions['authorizeSubscribe']>
+/** The SUBACK codes a refusal names for an MQTT 5 client, beside aedes' 0x87 (MQTT 5 3.9.3). */
+type SubackRefusal = typeof REASON.TOPIC_FILTER_INVALID | typeof REASON.QUOTA_EXCEEDED
 
 /** Why a $replay subscription was refused, by the code prepare() threw. */
 const REPLAY_REFUSALS: Partial<Record<GatewayErrorCode, SubscribeRefusal>> = {
@@ -70,10 +75,12 @@ export function authorizeSubscribe (ctx: HookContext): AuthorizeSubscribe {
     const restoring = !ctx.connacked.has(client)
     const filter = who === undefined ? null : restoring ? unmountTopic(who.tenant, sub.topic) : sub.topic
     const problem = filter === null ? 'not in the client\'s tenant' : topicFilterProblem(filter)
-    const deny = (why: string, reason: SubscribeRefusal, code?: string): void => {
+    const deny = (why: string, reason: SubscribeRefusal, code?: string, reasonCode?: SubackRefusal): void => {
       metrics.subscriptionsRefused.inc({ tenant: who?.tenant ?? 'unknown', reason })
       logger.warn({ ...clientFields(client.id), tenant: who?.tenant, filter: filter ?? sub.topic, reason, code }, `subscription refused: ${why}`)
-      callback(null, null) // SUBACK 0x80
+      // SUBACK 0x80 (MQTT 5: 0x87, or `reasonCode` when there is one; the aedes patch takes it from the error).
+      if (reasonCode === undefined) callback(null, null)
+      else callback(Object.assign(new GatewayError(code as GatewayErrorCode, why), { reasonCode }), null)
     }
     if (who === undefined || filter === null || problem !== null) return deny(problem ?? 'unknown client', 'invalid-filter')
     if (!restoring) {
@@ -110,14 +117,14 @@ export function authorizeSubscribe (ctx: HookContext): AuthorizeSubscribe {
         share = parseShareSubscription(filter)
       } catch (err) {
         if (!(err instanceof GatewayError)) throw err
-        return deny(err.message, 'share-invalid', err.code)
+        return deny(err.message, 'share-invalid', err.code, REASON.TOPIC_FILTER_INVALID)
       }
       if (!isAllowed(config.acl, who, 'subscribe', share.filter)) return deny('ACL', 'acl-denied')
       try {
         ctx.shares.accepted(client, sub, who, share, restoring)
       } catch (err) {
         if (!(err instanceof GatewayError)) throw err
-        return deny(err.message, 'share-limit', err.code)
+        return deny(err.message, 'share-limit', err.code, REASON.QUOTA_EXCEEDED)
       }
     } else if (!isAllowed(config.acl, who, 'subscribe', filter)) return deny('ACL', 'acl-denied')
     sub.topic = mountTopic(who.tenant, filter)

@@ -1,9 +1,10 @@
 /**
- * The aedes side of shared subscriptions (share-groups.ts does the sharing).
- * authorizeSubscribe checks a `$share/<group>/<filter>` subscription and
- * hands it here (`accepted`); aedes stores it mounted
- * (`<tenant>/$share/<group>/<filter>`), as any subscription, so a persistent
- * session restores it. A client joins the share once aedes has written the
+ * The aedes side of shared subscriptions (share-groups.ts does the sharing),
+ * for MQTT 3.1.1 and MQTT 5 clients alike (aedes' `sharedSubscriptions`
+ * option, patches/aedes+2.0.0-beta.1.patch). authorizeSubscribe checks a
+ * `$share/<group>/<filter>` subscription and hands it here (`accepted`);
+ * aedes stores it mounted (`<tenant>/$share/<group>/<filter>`), as any
+ * subscription, so a persistent session restores it. A client joins the share once aedes has written the
  * SUBACK (the `subscribe` event follows it), or, for a subscription restored
  * with a persistent session, once the CONNACK is out (aedes restores before
  * it and emits no `subscribe` event then). It leaves on UNSUBSCRIBE and when
@@ -22,7 +23,8 @@ import { replayConnection } from '../hooks/replays.ts'
 import type { SharedSubscriptions } from './share-groups.ts'
 import { isShareTopic, parseShareSubscription, shareGroupId, type ShareRequest } from './share-topic.ts'
 
-interface ShareTicket { readonly who: Identity, readonly request: ShareRequest }
+/** `subscriptionId`: the MQTT 5 Subscription Identifier of the member's SUBSCRIBE (kept with a persistent session's subscription). */
+interface ShareTicket { readonly who: Identity, readonly request: ShareRequest, readonly subscriptionId: number | undefined }
 
 /** What authorizeSubscribe tells the shares. */
 export interface ShareAdmission {
@@ -45,7 +47,8 @@ export class ShareHooks implements ShareAdmission {
 
   accepted (client: Client, sub: Subscription, who: Identity, request: ShareRequest, restoring: boolean): void {
     this.#shares.prepare(who.tenant, request)
-    const ticket = { who, request }
+    // aedes puts the SUBSCRIBE's identifier on each of its subscriptions, and restores it with them.
+    const ticket = { who, request, subscriptionId: (sub as Subscription & { subscriptionIdentifier?: number }).subscriptionIdentifier }
     if (!restoring) { this.#tickets.set(sub, ticket); return }
     let waiting = this.#restored.get(client)
     if (waiting === undefined) this.#restored.set(client, waiting = [])
@@ -57,7 +60,7 @@ export class ShareHooks implements ShareAdmission {
     const shares = this.#shares
     const join = (client: Client, ticket: ShareTicket, qos: number): void => {
       if (client.closed) return
-      shares.join(client, replayConnection(ctx, client, ticket.who), ticket.who, ticket.request, qos).catch((err: unknown) => {
+      shares.join(client, replayConnection(ctx, client, ticket.who), ticket.who, ticket.request, qos, ticket.subscriptionId).catch((err: unknown) => {
         logger.error({ clientId: ticket.who.clientId, err: (err as Error).message }, 'joining a shared subscription failed')
       })
     }

@@ -36,7 +36,12 @@ export class Member {
   /** Record topic → whether this member may read it (its ACL), worked out once per topic. */
   readonly #readable = new Map<string, boolean>()
 
-  constructor (readonly client: Client, readonly conn: ReplayConnection, readonly who: Identity, public qos: 0 | 1) {}
+  /**
+   * `subscriptionId`: the Subscription Identifier of the member's SUBSCRIBE, sent back with each record to an MQTT 5
+   * member [MQTT-3.3.4-3]; a SUBSCRIBE again changes it, as it does the QoS.
+   */
+  constructor (readonly client: Client, readonly conn: ReplayConnection, readonly who: Identity, public qos: 0 | 1,
+    public subscriptionId: number | undefined) {}
 
   get gone (): boolean {
     return this.left || this.conn.closed || this.conn.stream.destroyed === true

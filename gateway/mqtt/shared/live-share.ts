@@ -18,6 +18,19 @@ import type { Router } from '../routing.ts'
 import type { Member } from './lane.ts'
 
 type Deliver = (packet: PublishPacket, cb: () => void) => void
+/** What aedes keeps of an MQTT 5 PUBLISH besides its properties: when its Message Expiry Interval runs out (ms). */
+type LivePacket = PublishPacket & { messageExpiry?: number }
+
+/**
+ * An MQTT 5 member gets the publisher's properties [MQTT-3.3.2-17, -18 ...] with its own Subscription Identifier
+ * [MQTT-3.3.4-3], and the expiry aedes tracks; an MQTT 3.1.1 member none.
+ */
+function v5 (packet: LivePacket, member: Member): Partial<LivePacket> {
+  if (member.conn.mqtt5 !== true) return {}
+  const properties = { ...packet.properties, subscriptionIdentifier: member.subscriptionId }
+  if (properties.subscriptionIdentifier === undefined) delete properties.subscriptionIdentifier
+  return { properties, ...(packet.messageExpiry === undefined ? {} : { messageExpiry: packet.messageExpiry }) }
+}
 
 export interface LiveShareDeps {
   readonly broker: Aedes
@@ -53,7 +66,7 @@ export class LiveShare {
       if (member === undefined) return cb()
       this.#deps.delivered()
       const qos = Math.min(member.qos, packet.qos) as 0 | 1
-      member.client.publish({ cmd: 'publish', topic: packet.topic, payload: packet.payload, qos, retain: false, dup: false } as PublishPacket,
+      member.client.publish({ cmd: 'publish', topic: packet.topic, payload: packet.payload, qos, retain: false, dup: false, ...v5(packet, member) },
         () => cb())
     }
     broker.subscribe(mountTopic(tenant, filter), this.#deliver as never, () => {})

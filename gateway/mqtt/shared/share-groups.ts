@@ -4,16 +4,17 @@
  *
  * Topics routed to the log: the share is a durable consumer group of the
  * log (named as share-topic.ts says; it holds retention like the bridge's
- * groups only with mqtt.share.holdRetention, since no command deletes a
- * share's group yet, and a hold of a share nobody uses would keep every
- * record of its streams). The partitions the filter can reach (replay.ts replayPartitions:
+ * groups only with mqtt.share.holdRetention, since a hold of a share nobody
+ * uses keeps every record of its streams until an operator deletes the
+ * group, deleteGroup). The partitions the filter can reach (replay.ts replayPartitions:
  * the streams routes send such topics to) are lanes (lane.ts) spread over
  * the connected members in join order, again whenever one joins or leaves,
  * so a partition — a device — is read by one member at a time, in offset
  * order. Each member is sent its lanes' records from the group's position,
  * filtered by the share's filter (the gateway's one matcher) and the
  * member's read ACL, at QoS min(subscription, message, 1), at most
- * `mqtt.share.inflight` unacknowledged records per member. The group commits,
+ * `mqtt.share.inflight` unacknowledged records per member (fewer when an
+ * MQTT 5 member's Receive Maximum is lower [MQTT-3.3.4-9]). The group commits,
  * per partition, up to the oldest record not yet acknowledged. A member that
  * leaves (DISCONNECT, a dead socket, UNSUBSCRIBE) gives its lanes to the
  * others, which get its unacknowledged records again. After every member
@@ -33,6 +34,11 @@
  *
  * Topics that no route sends to the log go live to one member in turn
  * (live-share.ts); not durable.
+ *
+ * MQTT 5 members (aedes' patch lets their `$share` SUBSCRIBE through) are
+ * framed in MQTT 5: each record with the publisher's properties kept in its
+ * headers, its place in the log and the member's Subscription Identifier
+ * (publish-frames.ts recordProperties); 3.1.1 members in the same share get none.
  */
 import type { Aedes, Client } from 'aedes'
 import { isStoreError, type AppendEvent, type LogStore, type StoredRecord } from '../../../store/index.ts'
@@ -42,7 +48,7 @@ import type { AclRule, RouteConfig } from '../../config/config.ts'
 import { GatewayError } from '../../errors.ts'
 import type { GatewayMetrics } from '../../metrics/metrics.ts'
 import { expiredAt } from '../../../bridge/index.ts'
-import { drained, publishPacketSize, writePublishPacket } from '../publish-frames.ts'
+import { drained, publishPacketSize, recordProperties, writePublishPacket } from '../publish-frames.ts'
 import { replayPartitions, type ReplayConnection, type ReplayLogger } from '../replay.ts'
 import { compileRoutes, type Router } from '../routing.ts'
 import { Lane, Member } from './lane.ts'
@@ -82,6 +88,8 @@ export class SharedSubscriptions {
   readonly #lanes = new Map<string, Array<{ readonly lane: Lane, readonly share: Share }>>()
   /** The shares each connection is a member of. */
   readonly #byConn = new WeakMap<ReplayConnection, Set<{ readonly share: Share, readonly member: Member }>>()
+  /** Deletions of share groups running, by store group name (see deleteGroup). */
+  readonly #deleting = new Map<string, Promise<void>>()
   #unlisten: (() => void) | null = null
 
   constructor (deps: ShareDeps) {
@@ -114,8 +122,8 @@ export class SharedSubscriptions {
     return ids
   }
 
-  /** Adds the client to the share (again: only its QoS changes). Resolves once its lanes are assigned. */
-  async join (client: Client, conn: ReplayConnection, who: Identity, request: ShareRequest, qos: number): Promise<void> {
+  /** Adds the client to the share (again: only its QoS and subscription identifier change). Resolves once its lanes are assigned. */
+  async join (client: Client, conn: ReplayConnection, who: Identity, request: ShareRequest, qos: number, subscriptionId?: number): Promise<void> {
     this.#unlisten ??= this.#deps.store.onAppend((e) => this.#appended(e))
     const share = this.#share(who.tenant, request)
     let members = this.#byConn.get(conn)
@@ -125,9 +133,13 @@ export class SharedSubscriptions {
       conn.stream.once('close', () => { for (const m of set) m.share.leave(m.member); set.clear() })
     }
     for (const m of members) {
-      if (m.share === share) { m.member.qos = qos === 0 ? 0 : 1; return }
+      if (m.share === share) {
+        m.member.qos = qos === 0 ? 0 : 1
+        m.member.subscriptionId = subscriptionId
+        return
+      }
     }
-    const member = new Member(client, conn, who, qos === 0 ? 0 : 1)
+    const member = new Member(client, conn, who, qos === 0 ? 0 : 1, subscriptionId)
     members.add({ share, member })
     await share.join(member)
   }
@@ -153,6 +165,42 @@ export class SharedSubscriptions {
     return false
   }
 
+  /**
+   * Deletes a share's consumer group (DELETE /v1/groups/..., `edgemq groups delete`): its offsets and its hold on
+   * retention. Throws GW_SHARE_IN_USE while a client is a member; STORE_UNKNOWN_GROUP (from the store) when there is no
+   * such group. A client that subscribes to the share afterwards starts it again at the log end, as a first SUBSCRIBE
+   * does, also while the deletion is still being written.
+   */
+  async deleteGroup (id: string): Promise<void> {
+    const share = this.#shares.get(id)
+    if (share !== undefined) {
+      if (share.members > 0) {
+        throw new GatewayError('GW_SHARE_IN_USE', `the share ${share.subscription} of tenant ${share.tenant} has ${share.members} member(s): ` +
+          'they unsubscribe (or disconnect) before its group can be deleted')
+      }
+      this.#shares.delete(id)
+      for (const [key, list] of this.#lanes) {
+        const kept = list.filter((l) => l.share !== share)
+        if (kept.length === 0) this.#lanes.delete(key)
+        else if (kept.length < list.length) this.#lanes.set(key, kept)
+      }
+      share.forget()
+    }
+    const before = this.#deleting.get(id)
+    const deletion = (async () => {
+      await before?.catch(() => {})
+      // What the share still writes (its opening, a commit) lands before the deletion, never after it.
+      await share?.settled()
+      await this.#deps.store.deleteGroup(id)
+    })()
+    this.#deleting.set(id, deletion)
+    try {
+      await deletion
+    } finally {
+      if (this.#deleting.get(id) === deletion) this.#deleting.delete(id)
+    }
+  }
+
   /** Stops listening for appends and waits for the commits running (the gateway's shutdown). */
   async close (): Promise<void> {
     this.#unlisten?.()
@@ -164,7 +212,8 @@ export class SharedSubscriptions {
     const id = shareGroupId(tenant, request.group, request.filter)
     let share = this.#shares.get(id)
     if (share === undefined) {
-      const created: Share = share = new Share(this.#deps, this.#route, id, tenant, request, (lane) => this.#indexLane(lane, created))
+      const created: Share = share = new Share(this.#deps, this.#route, id, tenant, request, (lane) => this.#indexLane(lane, created),
+        this.#deleting.get(id))
       this.#shares.set(id, share)
     }
     return share
@@ -196,15 +245,31 @@ class Share {
   readonly #messages: { inc (n?: number): void }
   readonly #labels: { tenant: string, group: string }
 
+  /** The deletion of this share's group that was running when the share was made: it starts afresh, after it. */
+  readonly #afterDeletion: Promise<void> | undefined
+
   constructor (deps: ShareDeps, route: Router, readonly id: string, readonly tenant: string, readonly request: ShareRequest,
-    readonly onLane: (lane: Lane) => void) {
+    readonly onLane: (lane: Lane) => void, afterDeletion?: Promise<void>) {
     this.#deps = deps
+    this.#afterDeletion = afterDeletion
     this.#labels = { tenant, group: id }
     this.#messages = deps.metrics.shareMessages.labels(this.#labels)
     deps.metrics.shareMembers.set(this.#labels, 0)
     this.#live = new LiveShare({
       broker: deps.broker, acl: deps.acl, route, tenant, filter: request.filter, members: this.#members, delivered: () => this.#messages.inc(),
     })
+  }
+
+  get members (): number { return this.#members.length }
+
+  /** `$share/<group>/<filter>`, as clients subscribe to it. */
+  get subscription (): string { return `$share/${this.request.group}/${this.request.filter}` }
+
+  /** The share's group is deleted (it has no member): its metric series go with it. */
+  forget (): void {
+    this.#live.stop()
+    this.#deps.metrics.shareMembers.remove(this.#labels)
+    this.#deps.metrics.shareMessages.remove(this.#labels)
   }
 
   async join (member: Member): Promise<void> {
@@ -259,7 +324,9 @@ class Share {
     return true
   }
 
+  /** Resolves once the share's opening and commits running are written (or failed). */
   async settled (): Promise<void> {
+    await this.#opened?.catch(() => {})
     await this.#commit
   }
 
@@ -281,7 +348,8 @@ class Share {
     const fresh: Lane[] = []
     if (this.#lanes.length === 0) {
       for (const { stream, partition } of replayPartitions(this.#deps.routes, this.tenant, this.request.filter, store)) {
-        const committed = store.fetchOffset(this.id, stream, partition)
+        // After a deletion (running or not) nothing is committed, whatever the store still holds.
+        const committed = this.#afterDeletion === undefined ? store.fetchOffset(this.id, stream, partition) : null
         const lane = new Lane(stream, partition, committed ?? store.partitionInfo(stream, partition).logEndOffset)
         if (committed === null) fresh.push(lane)
         this.#lanes.push(lane)
@@ -291,6 +359,7 @@ class Share {
       fresh.push(...this.#lanes)
     }
     return (async () => {
+      await this.#afterDeletion?.catch(() => {})
       await store.setGroup(this.id, { holdsRetention: this.#deps.holdRetention })
       for (const lane of fresh) await store.commitOffset(this.id, lane.stream, lane.partition, lane.committed)
     })().catch((err: unknown) => {
@@ -374,8 +443,10 @@ class Share {
    * returns the stream when it must drain first.
    */
   #send (lane: Lane, member: Member, room: number): ReplayConnection['stream'] | null {
-    const picked: Array<{ record: StoredRecord, topic: Buffer, qos: 0 | 1 }> = []
+    const picked: Array<{ record: StoredRecord, topic: Buffer, qos: 0 | 1, properties: Buffer | undefined }> = []
     const now = Date.now()
+    const mqtt5 = member.conn.mqtt5 === true
+    const subscriptionIds = member.subscriptionId === undefined ? [] : [member.subscriptionId]
     let size = 0
     while (picked.length < room && lane.aheadPos < lane.ahead.length) {
       const record = lane.ahead[lane.aheadPos++] as StoredRecord
@@ -388,8 +459,10 @@ class Share {
         continue
       }
       const qos = Math.min(member.qos, record.qos === 0 ? 0 : 1) as 0 | 1
-      picked.push({ record, topic, qos })
-      size += publishPacketSize(topic, record.payload, qos)
+      // An MQTT 5 member gets the publisher's properties, the expiry left, the record's place in the log and its identifier.
+      const properties = mqtt5 ? recordProperties(lane.partition, record, now, { subscriptionIds }) : undefined
+      picked.push({ record, topic, qos, properties })
+      size += publishPacketSize(topic, record.payload, qos, properties)
     }
     if (lane.aheadPos === lane.ahead.length) {
       lane.next = lane.aheadEnd
@@ -399,14 +472,14 @@ class Share {
     if (picked.length === 0) return null
     const out = Buffer.allocUnsafe(size)
     let at = 0
-    for (const { record, topic, qos } of picked) {
+    for (const { record, topic, qos, properties } of picked) {
       const sent = lane.sent(record.offset, qos === 0)
       let id = 0
       if (qos === 1) {
         do id = member.conn.nextMessageId(); while (member.inflight.has(id))
         member.inflight.set(id, { lane, sent })
       }
-      at = writePublishPacket(out, at, topic, record.payload, qos, id, false)
+      at = writePublishPacket(out, at, topic, record.payload, qos, id, false, properties)
     }
     this.#messages.inc(picked.length)
     const stream = member.conn.stream

@@ -1,7 +1,7 @@
 /**
- * `$share/<group>/<filter>`: shared subscriptions for MQTT 3.1.1 clients, as
- * Mosquitto, EMQX and HiveMQ accept them (MQTT 5 defines the syntax,
- * [MQTT-4.8.2]). A shared subscription is named by its group AND its filter:
+ * `$share/<group>/<filter>`: shared subscriptions for MQTT 5 clients
+ * [MQTT-4.8.2] and for MQTT 3.1.1 clients, as Mosquitto, EMQX and HiveMQ
+ * accept them. A shared subscription is named by its group AND its filter:
  * `$share/g/a/#` and `$share/g/b/#` are two shares, as in MQTT 5.
  *
  * The durable part of a share is a consumer group of the log, named

@@ -185,7 +185,8 @@ describe('ConnectionGuard, MQTT 5 framing (the CONNECT\'s protocol level decides
   const valid = Buffer.concat([
     CONNECT5,
     v5({ cmd: 'subscribe', messageId: 1, properties: { subscriptionIdentifier: 7, userProperties: { a: 'b' } },
-      subscriptions: [{ topic: 'devices/dev-5/commands/#', qos: 1, nl: true, rap: true, rh: 2 }, { topic: 'a/+/b', qos: 2, nl: false, rap: false, rh: 1 }] }),
+      subscriptions: [{ topic: 'devices/dev-5/commands/#', qos: 1, nl: true, rap: true, rh: 2 }, { topic: 'a/+/b', qos: 2, nl: false, rap: false, rh: 1 },
+        { topic: '$share/g/a/#', qos: 1, nl: false }, { topic: '$sharex/a', qos: 1, nl: true }] }),
     v5({ cmd: 'publish', topic: 'devices/dev-5/telemetry/t', payload: Buffer.from('hi'), qos: 1, messageId: 2, retain: false, dup: false,
       properties: { topicAlias: 1, contentType: 'text/plain', payloadFormatIndicator: true, userProperties: { k: ['v1', 'v2'] } } }),
     // An empty topic with the alias registered above (MQTT 5 3.3.2.3.4).
@@ -208,6 +209,8 @@ describe('ConnectionGuard, MQTT 5 framing (the CONNECT\'s protocol level decides
   const bad: Array<[string, Buffer, ViolationReason, RegExp]> = [
     ['SUBSCRIBE with retain handling 3', subscribe5(0x31), 'protocol', /options/],
     ['SUBSCRIBE with a reserved option bit', subscribe5(0x41), 'protocol', /options/],
+    ['SUBSCRIBE with No Local on a shared subscription', v5({ cmd: 'subscribe', messageId: 6,
+      subscriptions: [{ topic: 'a/b', qos: 1, nl: true }, { topic: '$share/g/a/#', qos: 1, nl: true }] }), 'protocol', /No Local on a shared/],
     ['SUBSCRIBE with properties longer than the packet', packet(0x82, Buffer.concat([u16(5), varint(40), str('a')])), 'protocol', /properties/],
     ['SUBSCRIBE with properties and no filter', packet(0x82, Buffer.concat([u16(5), varint(2), Buffer.from([0x0b, 1])])), 'protocol', /without a topic filter/],
     ['UNSUBSCRIBE with a cut-off property length', packet(0xa2, Buffer.concat([u16(5), Buffer.from([0x80])])), 'protocol', /properties/],

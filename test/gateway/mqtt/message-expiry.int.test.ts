@@ -1,7 +1,7 @@
 /**
  * MQTT 5 message expiry on every MQTT delivery path (issue 14), with a real
  * gateway process and MQTT.js clients: a persistent session reading its log
- * cursor, a shared subscription's member (MQTT 3.1.1) and a `$replay` do not get a message
+ * cursor, a shared subscription's member (MQTT 5) and a `$replay` do not get a message
  * whose Message Expiry Interval ran out before it was delivered, do get the
  * message logged after it (with the time it has left), and each skipped
  * record is counted in edgemq_mqtt_expired_dropped_total{path}. The HTTP API
@@ -102,7 +102,7 @@ describe('MQTT 5 message expiry on delivery', () => {
     expect(await expired('session')).toBe(before + 1)
   }, TIMEOUT)
 
-  it('a share member (MQTT 3.1.1: aedes 2 refuses $share from MQTT 5) joining after the expiry gets only the next message; counted', async () => {
+  it('an MQTT 5 share member joining after the expiry gets only the next message, with its time left; counted', async () => {
     const filter = '$share/expiry/devices/d-share/telemetry/#'
     // A first member makes the group commit a position in the device's partition, then leaves.
     const warm = await connect({ clientId: 'share-warm', reconnectPeriod: 0 })
@@ -121,12 +121,14 @@ describe('MQTT 5 message expiry on delivery', () => {
     await pub.endAsync()
     const before = await expired('share')
     await publishAndExpire('d-share')
-    const member = await connect({ clientId: 'share-member', reconnectPeriod: 0 })
+    const member = await connect({ ...V5, clientId: 'share-member' })
     const got = received(member)
     expect(await subscribeGranted(member, filter, 1)).toEqual([1])
     expect(await waitFor(() => got.length > 0, 5000)).toBe(true)
     await roundTrip(member)
     expect(got.map((p) => String(p.payload))).toEqual(['lasting'])
+    const left = got[0]?.properties?.messageExpiryInterval as number
+    expect(left > 0 && left <= 3600).toBe(true) // the time left [MQTT-3.3.2-6]
     expect(await expired('share')).toBe(before + 1)
   }, TIMEOUT)
 

@@ -159,6 +159,19 @@ describe('the PUBLISH encoder', () => {
     expect([left(record.timestamp), left(record.timestamp + 15_000), left(record.timestamp + 59_500)]).toEqual([60, 45, 1])
     expect((parse(recordPropertiesPacket(topic), 5)[0] as IPublishPacket).properties?.messageExpiryInterval).toBeUndefined()
   })
+
+  it.each([1, 127, 128, 16_384, 268_435_455])('frames a shared record\'s Subscription Identifier %i (a variable byte integer) beside its properties', (id) => {
+    const topic = Buffer.from('devices/d/telemetry/t')
+    const record = { offset: 9, timestamp: 1_764_633_600_000, headers: { 'mqtt-content-type': 'text/plain', 'mqtt-user-properties': '{"k":"v"}' } }
+    const properties = recordProperties(2, record, record.timestamp, { subscriptionIds: [id] })
+    const out = Buffer.alloc(publishPacketSize(topic, Buffer.from('x'), 1, properties))
+    writePublishPacket(out, 0, topic, Buffer.from('x'), 1, 5, false, properties)
+    const p = parse(out, 5)[0] as IPublishPacket
+    expect(p.properties?.subscriptionIdentifier).toBe(id)
+    expect(p.properties?.contentType).toBe('text/plain')
+    expect(p.properties?.userProperties).toMatchObject({ k: 'v', 'edgemq-offset': '9' })
+    expect(String(p.payload)).toBe('x')
+  })
 })
 
 /** A replayed record without headers, framed for MQTT 5. */

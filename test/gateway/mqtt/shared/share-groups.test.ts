@@ -8,7 +8,9 @@
  *   old one acknowledged what it holds of it;
  * - a member that leaves hands its unacknowledged records to another, which
  *   gets them again in offset order;
- * - the group commits up to the oldest unacknowledged record only.
+ * - the group commits up to the oldest unacknowledged record only;
+ * - a share's group is deleted only without members, and a share subscribed
+ *   again afterwards (even while the deletion is written) starts at the log end.
  */
 import type { Aedes, Client } from 'aedes'
 import { MemoryLevel } from 'memory-level'
@@ -28,15 +30,19 @@ const GROUP = shareGroupId('default', REQUEST.group, REQUEST.filter)
 /** A member's connection: every frame written is parsed; `publishes` in arrival order. */
 class FakeConnection extends EventEmitter implements ReplayConnection {
   readonly publishes: IPublishPacket[] = []
-  readonly #parser = mqttPacket.parser({ protocolVersion: 4 })
+  readonly #parser: ReturnType<typeof mqttPacket.parser>
   #id = 1
   closed = false
   destroyed = false
+  /** The client's Receive Maximum (MQTT 5 CONNECT), as hooks/replays.ts gives it. */
+  receiveMaximum?: number
   writableNeedDrain = false
   readonly stream = this as unknown as ReplayConnection['stream']
 
-  constructor (readonly clientId: string) {
+  /** `mqtt5`: the member speaks MQTT 5, so the share frames its records with properties. */
+  constructor (readonly clientId: string, readonly mqtt5 = false) {
     super()
+    this.#parser = mqttPacket.parser({ protocolVersion: mqtt5 ? 5 : 4 })
     this.#parser.on('packet', (p) => { if (p.cmd === 'publish') this.publishes.push(p) })
   }
 
@@ -76,7 +82,7 @@ describe('SharedSubscriptions (log part)', () => {
   const sharesOf = (holdRetention: boolean): SharedSubscriptions => new SharedSubscriptions({
     store, broker: { subscribe: noop, unsubscribe: noop } as unknown as Aedes,
     routes: [{ filter: 'devices/+/telemetry/#', stream: 'telemetry', keyLevel: 1 }], acl: [], inflight: 10, holdRetention, maxPerTenant: 100,
-    metrics: { shareMessages: { labels: () => ({ inc: noop }) }, shareMembers: { set: noop } } as never,
+    metrics: { shareMessages: { labels: () => ({ inc: noop }), remove: noop }, shareMembers: { set: noop, remove: noop } } as never,
     logger: { info: noop, warn: noop, error: noop },
   })
   afterEach(async () => {
@@ -89,9 +95,9 @@ describe('SharedSubscriptions (log part)', () => {
       await store.append(STREAM, key, { payload: Buffer.from(`${key}:${i}`), topic: `devices/${key}/telemetry/t`, qos: 1 })
     }
   }
-  const join = async (conn: FakeConnection): Promise<void> => {
+  const join = async (conn: FakeConnection, client = fakeClient, subscriptionId?: number): Promise<void> => {
     shares.prepare('default', REQUEST)
-    await shares.join(fakeClient, conn, who(conn.clientId), REQUEST, 1)
+    await shares.join(client, conn, who(conn.clientId), REQUEST, 1, subscriptionId)
   }
   const ackAll = (conn: FakeConnection, from = 0, to = conn.publishes.length): void => {
     for (const p of conn.publishes.slice(from, to)) expect(shares.acked(conn, p.messageId as number)).toBe(true)
@@ -151,6 +157,46 @@ describe('SharedSubscriptions (log part)', () => {
     const id = shareGroupId('default', 'keep', REQUEST.filter)
     await until(() => store.listGroups().find((g) => g.group === id)?.holdsRetention === true)
     await holding.close()
+  })
+
+  it('deletes a share\'s group only without members; subscribed again, even during the deletion, it starts at the log end', async () => {
+    const a = new FakeConnection('a')
+    await join(a)
+    await append(keys[0], 3)
+    await until(() => a.publishes.length === 3)
+    ackAll(a)
+    await until(() => store.fetchOffset(GROUP, STREAM, 0) === 3)
+    await expect(shares.deleteGroup(GROUP)).rejects.toMatchObject({ code: 'GW_SHARE_IN_USE' })
+    expect(store.fetchOffset(GROUP, STREAM, 0)).toBe(3)
+    a.close()
+    await append(keys[0], 2, 3) // records 3 and 4: not for the share once its group is gone
+    // A SUBSCRIBE arrives while the deletion is being written: the new share does not resume at the old offsets.
+    const deleting = shares.deleteGroup(GROUP)
+    const b = new FakeConnection('b')
+    const joined = join(b)
+    await deleting
+    await joined
+    await until(() => store.fetchOffset(GROUP, STREAM, 0) === 5)
+    await append(keys[0], 1, 5)
+    await until(() => b.publishes.length === 1)
+    expect(b.payloads()).toEqual([`${keys[0]}:5`])
+    await expect(shares.deleteGroup(shareGroupId('default', 'never', REQUEST.filter))).rejects.toMatchObject({ code: 'STORE_UNKNOWN_GROUP' })
+  })
+
+  it('keeps an MQTT 5 member\'s Receive Maximum below mqtt.share.inflight, and frames its records with properties', async () => {
+    const a = new FakeConnection('a', true)
+    a.receiveMaximum = 3
+    await join(a, fakeClient, 42)
+    await append(keys[0], 8)
+    // One socket write takes what the window has room for: with the share's window (10) all 8 would arrive at once.
+    await until(() => a.publishes.length === 3)
+    ackAll(a, 0, 1)
+    expect(a.publishes).toHaveLength(3) // 2 in flight, more than half of 3: the PUBACK woke no lane
+    ackAll(a, 1, 2)
+    await until(() => a.publishes.length === 5)
+    expect(a.payloads()).toEqual(Array.from({ length: 5 }, (_, i) => `${keys[0]}:${i}`))
+    expect(a.publishes.map((p) => [p.properties?.subscriptionIdentifier, p.properties?.userProperties?.['edgemq-offset']]))
+      .toEqual(Array.from({ length: 5 }, (_, i) => [42, String(i)]))
   })
 
   it('stops at the window: a member holds at most mqtt.share.inflight unacknowledged records, and goes on as PUBACKs free half of it', async () => {
