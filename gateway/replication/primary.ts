@@ -190,8 +190,13 @@ export class ReplicationPrimary {
     this.#standby?.frames.close()
     const backlog = hello.history === journal.history ? journal.since(hello.seq) : null
     const standby: Standby = { frames, address, sent: -1, acked: backlog === null ? -1 : hello.seq, snapshotting: backlog === null }
-    if (backlog !== null) this.#lastAcked = Math.max(this.#lastAcked, hello.seq)
     this.#standby = standby
+    if (backlog !== null) {
+      this.#lastAcked = Math.max(this.#lastAcked, hello.seq)
+      // A standby killed after its fsync and before its ack reached us comes back holding writes we still wait for: they are acknowledged now.
+      // Under block nothing else would release them: the held commit holds the writer, so no later write comes for the standby to ack.
+      this.#releaseWaiters(hello.seq)
+    }
     if (backlog !== null) {
       logger.info({ standby: address, from: hello.seq, writes: backlog.length }, 'standby connected; catching up from the backlog')
       frames.send({ type: 'welcome', history: journal.history, epoch, snapshot: false, seq: hello.seq })
