@@ -6,8 +6,10 @@
 import { createHash } from 'node:crypto'
 import { writeFile } from 'node:fs/promises'
 import path from 'node:path'
+import { ClassicLevel } from 'classic-level'
 import { decodeMultiple } from 'cbor-x'
 import { stringify } from 'yaml'
+import { openLogStore, type LevelDatabase } from '../../../store/index.ts'
 import { startGatewayProcess, type GatewayProcess } from '../../helpers/gateway-process.ts'
 
 export const GATEWAY_ID = 'site-1'
@@ -151,4 +153,28 @@ export async function expectPayloads (gw: { httpUrl: string }, payloads: readonl
     await new Promise((resolve) => setTimeout(resolve, 50))
   }
   if (missing.length > 0) throw new Error(`${missing.length} of ${payloads.length} ${what} missing: ${missing.slice(0, 5).join(' ')}`)
+}
+
+/** The telemetry records in a stopped gateway's data directory, by payload. */
+export async function offlineRecords (dataDir: string): Promise<Map<string, { partition: number, offset: number }>> {
+  const db = new ClassicLevel<Buffer, Buffer>(path.join(dataDir, 'db'), { keyEncoding: 'buffer', valueEncoding: 'buffer' })
+  await db.open()
+  const store = await openLogStore({ db: db as unknown as LevelDatabase, follower: true })
+  const out = new Map<string, { partition: number, offset: number }>()
+  try {
+    const stream = 'default/telemetry'
+    for (let p = 0; p < store.streamInfo(stream).partitions; p++) {
+      let offset = store.partitionInfo(stream, p).logStartOffset
+      for (let page = 0; page < 10_000; page++) {
+        const r = await store.read(stream, p, offset, { maxRecords: 5000, maxBytes: 16 << 20 })
+        if (r.records.length === 0) break
+        for (const rec of r.records) out.set(Buffer.from(rec.payload).toString(), { partition: p, offset: rec.offset })
+        offset = r.nextOffset
+      }
+    }
+  } finally {
+    await store.close()
+    await db.close()
+  }
+  return out
 }

@@ -1,0 +1,66 @@
+/**
+ * The standby SIGKILLed and restarted under QoS 1 load with `acks:
+ * replicated` (issue 16), a few times at random moments, under both
+ * `onStandbyLost` settings. Each time it comes back it catches up from
+ * where it was: from the primary's backlog (the primary's log says so),
+ * never a second snapshot. Under `block`, the data directory of the dead
+ * standby already holds every message acknowledged before it died. At the
+ * end the standby's stored batches are byte-identical to the primary's and
+ * every acknowledged message is on it.
+ */
+import path from 'node:path'
+import { afterAll, describe, expect, it } from 'vitest'
+import { tempDir, type GatewayProcess } from '../../helpers/gateway-process.ts'
+import { startLoad } from './load.ts'
+import { expectIdenticalBatches, expectPayloads, offlineRecords, replicationAddress, startNode, waitFor } from './pair.ts'
+
+const CYCLES = 3
+const cleanups: Array<() => Promise<void>> = []
+afterAll(async () => { for (const c of cleanups.reverse()) await c() })
+
+function count (gw: GatewayProcess, text: string): number {
+  return gw.stderr().split(text).length - 1
+}
+
+describe('the standby SIGKILLed and restarted under load, acks: replicated', () => {
+  for (const onStandbyLost of ['degrade', 'block'] as const) {
+    it(`${onStandbyLost}: catches up from the backlog each time, ends byte-identical with every acknowledged message`, { timeout: 180_000 }, async () => {
+      const { dir, cleanup } = await tempDir(`edgemq-standby-restart-${onStandbyLost}-`)
+      cleanups.push(cleanup)
+      const primary = await startNode(dir, 'p', { role: 'primary', acks: 'replicated', onStandbyLost, maxLagMs: 500 })
+      cleanups.push(() => primary.kill())
+      const standbyOptions = { role: 'standby', peer: replicationAddress(primary) } as const
+      let standby = await startNode(dir, 's', standbyOptions)
+      cleanups.push(() => standby.kill())
+      await waitFor(primary, 'the standby in sync', (d) => d.inSync)
+      expect(count(primary, 'sending a snapshot')).toBe(1)
+
+      const load = await startLoad(primary.mqttUrl, { devices: 4, window: 10, maxMs: 150_000 })
+      for (let cycle = 0; cycle < CYCLES; cycle++) {
+        await load.ackedAtLeast(load.acked.length + 100 + Math.floor(Math.random() * 400), `acks before kill ${cycle + 1}`)
+        await standby.kill()
+        await waitFor(primary, 'the primary to lose its standby', (d) => !d.connected && !d.inSync)
+        if (onStandbyLost === 'block') {
+          // Every PUBACK so far waited for the standby's fsync: its data directory, the process dead, has them all.
+          const onDisk = await offlineRecords(path.join(dir, 's'))
+          const missing = load.payloads().filter((p) => !onDisk.has(p))
+          expect(missing.slice(0, 5), `${missing.length} acknowledged messages not on the dead standby's disk`).toEqual([])
+        } else {
+          await load.ackedAtLeast(load.acked.length + 200, 'acks while the standby is dead')
+        }
+
+        const catchUps = count(primary, 'catching up from the backlog')
+        standby = await startNode(dir, 's', standbyOptions)
+        cleanups.push(() => standby.kill())
+        await waitFor(primary, 'the restarted standby in sync', (d) => d.inSync)
+        await load.ackedAtLeast(load.acked.length + 100, 'acks with the standby back')
+        expect(count(primary, 'catching up from the backlog')).toBe(catchUps + 1)
+        expect(count(primary, 'sending a snapshot')).toBe(1)
+        expect(standby.stderr()).not.toMatch(/snapshot from the primary applied/)
+      }
+      await load.stop()
+      await expectIdenticalBatches(primary, standby)
+      await expectPayloads(standby, load.payloads(), 'acknowledged messages on the standby')
+    })
+  }
+})
