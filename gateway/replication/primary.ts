@@ -11,6 +11,11 @@
  * gate opens (commits are acknowledged on the primary's disk alone); with
  * `block` it stays shut until the standby has the commit.
  *
+ * A standby not heard from (no pong, no ack) for maxLagMs is dropped: the
+ * link went silent (a black hole sends no reset), and with nothing written
+ * the lag alone would never show it. It reconnects when the link is back
+ * and catches up from the backlog.
+ *
  * A snapshot sent while writes go on can hold writes whose batches follow it
  * too; applying a write twice, in order, ends in the same state, so that is
  * harmless.
@@ -54,7 +59,13 @@ interface Standby {
   sent: number
   acked: number
   snapshotting: boolean
+  /** When a frame last came from it (now() time), and pings sent since: silent only when both say so (a stalled event loop is no silence). */
+  heardAt: number
+  unanswered: number
 }
+
+/** Pings without an answer, besides maxLagMs without a frame, before a standby counts as silent: about maxLagMs of pings (see the timer). */
+const SILENT_PINGS = 4
 
 export class ReplicationPrimary {
   readonly #deps: PrimaryDeps
@@ -159,8 +170,10 @@ export class ReplicationPrimary {
       } else if (frame.type === 'hello') {
         if (standby !== undefined) return
         standby = this.#welcome(frames, address, frame)
-      } else if (frame.type === 'ack' && standby !== undefined && standby === this.#standby) {
-        this.#acked(standby, frame.seq)
+      } else if (standby !== undefined && standby === this.#standby) {
+        standby.heardAt = this.#deps.now()
+        standby.unanswered = 0
+        if (frame.type === 'ack') this.#acked(standby, frame.seq)
       }
     }, (err) => { this.#deps.logger.warn({ err: err.message, standby: address }, 'replication stream from the standby is unreadable') })
     socket.on('error', () => {})
@@ -189,7 +202,9 @@ export class ReplicationPrimary {
     if (hello.epoch > epoch) return refuse(`the standby has seen epoch ${hello.epoch}, newer than this primary's ${epoch}`)
     this.#standby?.frames.close()
     const backlog = hello.history === journal.history ? journal.since(hello.seq) : null
-    const standby: Standby = { frames, address, sent: -1, acked: backlog === null ? -1 : hello.seq, snapshotting: backlog === null }
+    const standby: Standby = {
+      frames, address, sent: -1, acked: backlog === null ? -1 : hello.seq, snapshotting: backlog === null, heardAt: this.#deps.now(), unanswered: 0,
+    }
     this.#standby = standby
     if (backlog !== null) {
       this.#lastAcked = Math.max(this.#lastAcked, hello.seq)
@@ -285,8 +300,18 @@ export class ReplicationPrimary {
 
   #tick (): void {
     const standby = this.#standby
-    if (standby !== undefined && standby.sent >= 0) standby.frames.send({ type: 'ping', seq: this.#deps.journal.lastSeq, at: this.#deps.now() })
     if (standby === undefined) { this.#setInSync(false, 'no standby is connected'); return }
+    const silentMs = this.#deps.now() - standby.heardAt
+    if (silentMs > this.#deps.config.maxLagMs && standby.unanswered >= SILENT_PINGS) {
+      this.#deps.logger.warn({ standby: standby.address, silentMs }, 'no word from the standby for longer than maxLagMs: dropping its connection')
+      // Forgotten at once: its socket's close, when it comes, finds another standby (or none) and says nothing more.
+      this.#setInSync(false, `the standby has been silent for ${(silentMs / 1000).toFixed(1)} s, over maxLagMs ${this.#deps.config.maxLagMs}`)
+      standby.frames.close()
+      this.#standby = undefined
+      return
+    }
+    standby.frames.send({ type: 'ping', seq: this.#deps.journal.lastSeq, at: this.#deps.now() })
+    standby.unanswered++
     if (standby.snapshotting) { this.#setInSync(false, 'the standby is copying a snapshot'); return }
     const lag = this.lag()
     if (lag.seconds * 1000 > this.#deps.config.maxLagMs) {

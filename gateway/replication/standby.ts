@@ -19,6 +19,13 @@ import type { HostPort } from './config-schema.ts'
 
 const RETRY_MIN_MS = 100
 const RETRY_MAX_MS = 2000
+/**
+ * The primary pings at least every second: a connection that brought nothing for this many seconds in a row went
+ * silent (a black hole sends no reset; TCP would tell after minutes), so the standby reconnects. Counted in checks,
+ * not measured in time, so a stalled event loop is no silence.
+ */
+const SILENT_CHECKS = 5
+const CHECK_MS = 1000
 /** How far a standby's reads may trail what it applied: refreshes of its store are at most this often. */
 const REFRESH_MS = 20
 
@@ -67,6 +74,9 @@ export class ReplicationStandby {
   #retryMs = RETRY_MIN_MS
   #retryTimer: NodeJS.Timeout | undefined
   #lastRefusal: string | null = null
+  /** Silence checks in a row that found no frame from the primary. */
+  #quietChecks = 0
+  #silenceTimer: NodeJS.Timeout | undefined
 
   constructor (deps: StandbyDeps) {
     this.#deps = deps
@@ -77,6 +87,8 @@ export class ReplicationStandby {
   start (): void {
     if (this.#started || this.#closed) return
     this.#started = true
+    this.#silenceTimer = setInterval(() => { this.#checkSilence() }, CHECK_MS)
+    this.#silenceTimer.unref()
     this.#connect()
   }
 
@@ -95,6 +107,7 @@ export class ReplicationStandby {
 
   async close (): Promise<void> {
     this.#closed = true
+    clearInterval(this.#silenceTimer)
     clearTimeout(this.#retryTimer)
     clearTimeout(this.#refreshTimer)
     this.#frames?.close()
@@ -110,6 +123,7 @@ export class ReplicationStandby {
     const frames: FrameSocket<PrimaryFrame, StandbyFrame> = new FrameSocket(socket, (frame) => { this.#onFrame(frames, frame) },
       (err) => { logger.warn({ err: err.message }, 'replication stream from the primary is unreadable') })
     this.#frames = frames
+    this.#quietChecks = 0
     socket.on('connect', () => {
       this.#connected = true
       this.#retryMs = RETRY_MIN_MS
@@ -130,8 +144,18 @@ export class ReplicationStandby {
     })
   }
 
+  #checkSilence (): void {
+    // Connecting counts too: a SYN into a black hole is retried by the kernel for about two minutes.
+    const frames = this.#frames
+    if (frames === undefined) return
+    if (++this.#quietChecks < SILENT_CHECKS) return
+    this.#deps.logger.warn({ seconds: SILENT_CHECKS * CHECK_MS / 1000, connected: this.#connected }, 'no word from the primary: reconnecting')
+    frames.close()
+  }
+
   #onFrame (frames: FrameSocket<PrimaryFrame, StandbyFrame>, frame: PrimaryFrame): void {
     if (this.#frames !== frames) return
+    this.#quietChecks = 0
     switch (frame.type) {
       case 'refused':
         this.#lastRefusal = frame.message
@@ -166,6 +190,8 @@ export class ReplicationStandby {
       case 'ping':
         this.#primarySeq = Math.max(this.#primarySeq, frame.seq)
         this.#primaryAt = frame.at
+        // At once, not after the applies queued before it: it says the link is alive; acks say how far the applies are.
+        frames.send({ type: 'pong' })
         break
     }
   }

@@ -81,6 +81,15 @@ export async function waitFor (gw: { httpUrl: string }, what: string, check: (do
   throw new Error(`timed out waiting for ${what}; last: ${JSON.stringify(last)}`)
 }
 
+/** Polls (bounded) until the node's log has a line matching `pattern`. */
+export async function waitForLog (gw: { stderr: () => string }, pattern: RegExp, timeoutMs = 60_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs
+  while (!pattern.test(gw.stderr())) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for a log line matching ${pattern}`)
+    await new Promise((resolve) => setTimeout(resolve, 50))
+  }
+}
+
 export interface LoggedRecord { partition: number, offset: number, key: string, payload: string }
 
 /** Every record of the telemetry stream, read through the HTTP API. */
