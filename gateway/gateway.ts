@@ -223,6 +223,7 @@ async function start (config: GatewayConfig, deps: GatewayDeps, shutdown: Shutdo
       sessions: { states: () => sessions.persistence?.sessionStates() ?? [] },
       replication: {
         status: () => replication.status(),
+        replicated: () => replication.replicated(),
         promote: async () => {
           const result = await replication.promote()
           // After the answer is on its way: the restart closes the HTTP server.

@@ -138,9 +138,22 @@ export class ReplicationPrimary {
    * when replication stops.
    */
   gate (commit: { readonly records: number }): Promise<void> {
-    const seq = this.#deps.journal.lastSeq
+    return this.#waitFor(this.#deps.journal.lastSeq, commit.records === 0)
+  }
+
+  /**
+   * Under `acks: replicated`, for a write outside the group commit (an HTTP offset commit, reset or group
+   * deletion: a LevelDB write of its own): resolves once the standby has acknowledged every write journaled so
+   * far, that one included; held under `block` like a commit with records, at once while out of sync under
+   * `degrade`, or when replication stops.
+   */
+  replicated (): Promise<void> {
+    return this.#waitFor(this.#deps.journal.lastSeq, false)
+  }
+
+  #waitFor (seq: number, passWhenOutOfSync: boolean): Promise<void> {
     if (this.#closed || (this.#standby?.acked ?? -1) >= seq) return Promise.resolve()
-    if (!this.#inSync && (this.#deps.config.onStandbyLost === 'degrade' || commit.records === 0)) return Promise.resolve()
+    if (!this.#inSync && (this.#deps.config.onStandbyLost === 'degrade' || passWhenOutOfSync)) return Promise.resolve()
     return new Promise((resolve) => this.#waiters.push({ seq, resolve }))
   }
 

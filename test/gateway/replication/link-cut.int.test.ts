@@ -7,6 +7,9 @@
  *   PUBACK for anything the standby lacks), the primary leaves the in-sync
  *   state after maxLagMs; each side finds the other silent and drops the
  *   connection; healed, the standby reconnects and the acks resume.
+ * - An HTTP offset commit waits for the standby like a PUBACK (`block`), and
+ *   is answered at once while the standby is cut off (`degrade`); a link cut
+ *   with nothing being written is found by its silence.
  * - `degrade`, the connections reset: acks go on, with the log line and the
  *   counter; healed, the standby catches up from the primary's backlog.
  * - `degrade` with more written during the cut than the backlog keeps: the
@@ -69,6 +72,17 @@ async function expectStillStandby (standby: GatewayProcess): Promise<void> {
   expect(standby.stderr().split('GW_STANDBY_READ_ONLY').length).toBe(refusedBefore + 1)
 }
 
+/** Waits (bounded) until the node lists the consumer group. */
+async function expectGroup (gw: GatewayProcess, group: string): Promise<void> {
+  const deadline = Date.now() + 30_000
+  for (;;) {
+    const doc = await (await fetch(`${gw.httpUrl}/v1/groups`)).json() as { groups: Array<{ group: string }> }
+    if (doc.groups.some((g) => g.group === group)) return
+    if (Date.now() > deadline) throw new Error(`no group ${group} on ${gw.httpUrl}: ${JSON.stringify(doc)}`)
+    await new Promise((resolve) => setTimeout(resolve, 50))
+  }
+}
+
 /** Occurrences of `text` in a node's log. */
 function count (gw: GatewayProcess, text: string): number {
   return gw.stderr().split(text).length - 1
@@ -108,6 +122,35 @@ describe('the replication link cut under load, acks: replicated', () => {
       expect((await replicationOf(primary)).epoch).toBe(1)
       expect((await replicationOf(standby)).epoch).toBe(1)
     })
+
+  it('block: an HTTP offset commit is answered once the standby has it; degrade: at once while the standby is cut off', { timeout: 120_000 }, async () => {
+    for (const onStandbyLost of ['block', 'degrade'] as const) {
+      const { primary, standby, proxy } = await cutPair(`http-${onStandbyLost}`, { onStandbyLost })
+      const load = await startLoad(primary.mqttUrl, { devices: 1, window: 1, maxMs: 30_000 })
+      await load.ackedAtLeast(3, 'records to commit offsets of')
+      await load.stop()
+      proxy.cut('drop')
+      const { primarySequence } = await waitFor(primary, 'the primary to find its standby out of sync', (d) => !d.inSync)
+      let answered = false
+      const commit = fetch(`${primary.httpUrl}/v1/groups/billing/streams/telemetry/commit`, {
+        method: 'POST', body: JSON.stringify({ offsets: [{ partition: 0, offset: 0 }] }),
+      }).then((res) => { answered = true; return res })
+      if (onStandbyLost === 'block') {
+        // Written on the primary (its journal has one more write), not answered: the standby does not have it.
+        await waitFor(primary, 'the commit written on the primary', (d) => d.primarySequence > primarySequence)
+        const groups = await (await fetch(`${primary.httpUrl}/v1/groups`)).json() as { groups: Array<{ group: string }> }
+        expect(groups.groups.map((g) => g.group)).toEqual(['billing'])
+        expect(answered).toBe(false)
+        proxy.heal()
+      }
+      const res = await commit
+      expect(res.status).toBe(200)
+      await res.body?.cancel()
+      if (onStandbyLost === 'degrade') proxy.heal()
+      // The standby has the group (at once under block: answered after its ack; its reads follow its applies a moment later).
+      await expectGroup(standby, 'billing')
+    }
+  })
 
   it('degrade: acks go on through a reset link, with the alert; healed, the standby catches up from the backlog, byte-identical',
     { timeout: 120_000 }, async () => {

@@ -4,7 +4,8 @@
  * released by the standby's ack, or by its hello when it comes back
  * already holding the commit (it fsync'd the write and died before its ack
  * arrived). Before the fix, that second case held the commit, and with it
- * the writer and every PUBACK, for good.
+ * the writer and every PUBACK, for good. A write outside the group commit
+ * (an HTTP offset commit) is held the same way.
  */
 import { EventEmitter } from 'node:events'
 import net from 'node:net'
@@ -65,6 +66,24 @@ describe('the primary\'s commit gate under onStandbyLost: block', () => {
     })
     await gate
     expect(primary.ackedSeq).toBe(1)
+  })
+
+  it('holds a write outside the group commit (replicated()) like a commit with records; a commit of session writes alone passes', async () => {
+    const { primary, journal, port } = await primaryWithOneWrite()
+    // No standby yet: out of sync. Session writes pass (the gateway's start must not wait for a standby); an HTTP write is held.
+    await primary.gate({ records: 0 })
+    let released = false
+    const write = primary.replicated().then(() => { released = true })
+    await new Promise<void>((resolve) => {
+      void standbyAt(port, journal.history, 0, (frame, frames) => {
+        if (frame.type === 'batch' && frame.seq === 1) {
+          expect(released).toBe(false)
+          frames.send({ type: 'ack', seq: 1 })
+          resolve()
+        }
+      })
+    })
+    await write
   })
 
   it('releases a held commit when the standby comes back already holding it (its ack was lost with its process)', async () => {
