@@ -2,16 +2,29 @@
  * `edgemq sessions`: the tenant's persistent MQTT sessions from a running
  * gateway's GET /v1/sessions, one line per cursor into the log (a session
  * without cursors gets one line): connected or offline, its lag in messages
- * and seconds, and the copies queued for it. `--json` prints the document.
+ * and seconds, and the copies queued for it. `--json` prints the document
+ * (every page of it: the CLI follows `next`).
  */
 import type { ApiClient } from './http-client.ts'
 import { table } from './admin.ts'
-import type { SessionDoc } from '../query/sessions.ts'
+import type { SessionDoc, SessionsPage } from '../query/sessions.ts'
 
 export type { SessionDoc } from '../query/sessions.ts'
 
+type SessionsPageDoc = { tenant: string, next: string | null } & SessionsPage
+
+/** Every session of the tenant: GET /v1/sessions page after page, until a page has no `next`. */
 export async function listSessions (api: ApiClient): Promise<{ tenant: string, sessions: SessionDoc[] }> {
-  return await api.json<{ tenant: string, sessions: SessionDoc[] }>(api.url(['sessions']))
+  const sessions: SessionDoc[] = []
+  let after: string | null = null
+  let tenant = ''
+  do {
+    const page: SessionsPageDoc = await api.json<SessionsPageDoc>(api.url(['sessions'], { after: after ?? undefined }))
+    tenant = page.tenant
+    sessions.push(...page.sessions)
+    after = page.next
+  } while (after !== null)
+  return { tenant, sessions }
 }
 
 export function sessionsTable (sessions: readonly SessionDoc[]): string {

@@ -27,8 +27,8 @@ import {
 } from './records.ts'
 import { routePath } from './routes.ts'
 import {
-  COMMIT_BODY, GROUP_PARAMS, GROUP_STREAM_PARAMS, KEY_RECORDS_QUERY, NO_QUERY, PARTITION_PARAMS, RECORDS_QUERY, RECORDS_RESPONSES, RESET_BODY, STREAM_PARAMS,
-  UPSTREAM_PARAMS,
+  COMMIT_BODY, GROUP_PARAMS, GROUP_STREAM_PARAMS, KEY_RECORDS_QUERY, NO_QUERY, PARTITION_PARAMS, RECORDS_QUERY, RECORDS_RESPONSES, RESET_BODY,
+  SESSIONS_QUERY, STREAM_PARAMS, UPSTREAM_PARAMS,
   type CommitBody, type GroupParams, type GroupStreamParams, type PartitionParams, type ResetBody, type StreamParams, type UpstreamParams,
 } from './schemas.ts'
 import type { UpstreamStatus } from '../../bridge/index.ts'
@@ -290,12 +290,14 @@ export function createApi (deps: ApiDeps): Api {
     routePath(app, '/sessions', {
       GET: {
         schema: {
-          tags: ['sessions'], querystring: NO_QUERY,
-          summary: 'The tenant\'s persistent MQTT sessions: connected or not, subscriptions, and per cursor into the log the lag in messages and seconds.',
+          tags: ['sessions'], querystring: SESSIONS_QUERY,
+          summary: 'The tenant\'s persistent MQTT sessions by client id, a page at a time (`next` is the next page\'s `after`): '
+            + 'connected or not, subscriptions, and per cursor into the log the lag in messages and seconds.',
         },
         handler: async (request) => {
           const who = principal(request)
-          return { tenant: who.tenant, sessions: await sessionDocs(store, who.tenant, deps.sessions?.states() ?? [], now()) }
+          const page = request.query as { limit?: number, after?: string }
+          return { tenant: who.tenant, ...await sessionDocs(store, who.tenant, deps.sessions?.states() ?? [], now(), page) }
         },
       },
     })

@@ -17,6 +17,7 @@
  * (at most one of offset, from and group) stay in the handlers.
  */
 import { HTTP_ERROR_CODES, type HttpErrorCode } from './errors.ts'
+import { MAX_SESSIONS_PER_PAGE } from '../query/sessions.ts'
 import { BATCHES_MEDIA_TYPE, MAX_KEYS, MAX_TOPIC_FILTERS, MAX_WAIT_SECONDS } from './records.ts'
 
 /** An ajv schema; `x-error-code` is ours. */
@@ -86,6 +87,15 @@ const RECORDS_QUERY_PROPERTIES: Readonly<Record<string, JsonSchema>> = {
     description: 'Default: what the Accept header asks for (application/x-ndjson, application/cbor, application/vnd.edgemq.batches+cbor-seq), else json.',
   },
   payload: { type: 'string', enum: ['utf8', 'base64'], description: 'How JSON and NDJSON carry payloads. Default: utf8.' },
+}
+
+/** GET /v1/sessions: one page of the tenant's sessions, by client id. */
+export const SESSIONS_QUERY: JsonSchema = {
+  type: 'object', additionalProperties: false,
+  properties: {
+    limit: integer(1, MAX_SESSIONS_PER_PAGE, `Sessions per page, 1 to ${MAX_SESSIONS_PER_PAGE} (the default).`),
+    after: { type: 'string', maxLength: 65535, description: 'Start after this client id: the `next` of the previous page.' },
+  },
 }
 
 /** GET …/partitions/{partition}/records. */

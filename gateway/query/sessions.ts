@@ -55,12 +55,32 @@ async function cursorDoc (store: LogStore, tenant: string, now: number, c: Sessi
   return { stream: name, partition: c.partition, nextOffset: c.next, logEndOffset: end, lagMessages: Math.max(0, end - next), lagSeconds }
 }
 
-/** The persistent sessions of `tenant`, by client id. */
-export async function sessionDocs (store: LogStore, tenant: string, states: readonly SessionState[], now: number): Promise<SessionDoc[]> {
-  const docs: SessionDoc[] = []
-  for (const state of states) {
+/** At most this many sessions per page of GET /v1/sessions (the default page size too). */
+export const MAX_SESSIONS_PER_PAGE = 1000
+
+/** One page of a tenant's sessions; `next` is the `after` of the following page, null on the last. */
+export interface SessionsPage {
+  readonly sessions: SessionDoc[]
+  readonly next: string | null
+}
+
+/**
+ * The persistent sessions of `tenant` ordered by client id: at most `limit`
+ * of them, after client id `after` (exclusive) when given. Only the page's
+ * sessions read the log for their lag, so a page costs O(limit) reads
+ * however many sessions the gateway holds.
+ */
+export async function sessionDocs (
+  store: LogStore, tenant: string, states: readonly SessionState[], now: number,
+  page: { readonly limit?: number, readonly after?: string } = {},
+): Promise<SessionsPage> {
+  const limit = page.limit ?? MAX_SESSIONS_PER_PAGE
+  const mine = states.flatMap((state) => {
     const clientId = unscopedClientId(tenant, state.clientId)
-    if (clientId === null) continue
+    return clientId === null || (page.after !== undefined && clientId <= page.after) ? [] : [{ clientId, state }]
+  }).sort((a, b) => a.clientId < b.clientId ? -1 : a.clientId > b.clientId ? 1 : 0)
+  const docs: SessionDoc[] = []
+  for (const { clientId, state } of mine.slice(0, limit)) {
     const cursors: SessionCursorDoc[] = []
     for (const c of state.cursors) {
       const doc = await cursorDoc(store, tenant, now, c)
@@ -80,5 +100,5 @@ export async function sessionDocs (store: LogStore, tenant: string, states: read
       queued: state.queued,
     })
   }
-  return docs.sort((a, b) => a.clientId < b.clientId ? -1 : a.clientId > b.clientId ? 1 : 0)
+  return { sessions: docs, next: mine.length > limit ? docs[docs.length - 1]!.clientId : null }
 }

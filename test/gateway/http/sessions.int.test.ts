@@ -15,7 +15,7 @@ import { hashPassword } from '../../../gateway/access/auth.ts'
 import { sessionsTable } from '../../../gateway/cli/sessions.ts'
 import { buildConfig } from '../../../gateway/config/config.ts'
 import { startGateway, type Gateway } from '../../../gateway/gateway.ts'
-import type { SessionDoc } from '../../../gateway/query/sessions.ts'
+import { MAX_SESSIONS_PER_PAGE, type SessionDoc } from '../../../gateway/query/sessions.ts'
 import { runCliWithin } from '../../helpers/cli-run.ts'
 import { tempDir } from '../../helpers/gateway-process.ts'
 import { sleep, waitFor } from '../../helpers/mqtt-probe.ts'
@@ -25,6 +25,7 @@ const USERS = {
   'acme-svc': { tenant: 'acme', role: 'service' },
   'acme-dev': { tenant: 'acme', role: 'device' },
   'globex-svc': { tenant: 'globex', role: 'service' },
+  'initech-svc': { tenant: 'initech', role: 'service' },
 } as const
 type Username = keyof typeof USERS
 const password = (user: string): string => `pw-${user}`
@@ -122,6 +123,7 @@ describe('GET /v1/sessions and edgemq sessions', () => {
         clientId: 'billing', connected: false, offlineSince: expect.any(Number) as number, subscriptions: [{ filter: 'globex-only/#', qos: 1 }],
         lagMessages: 0, lagSeconds: 0, cursors: [], queued: 0,
       }],
+      next: null,
     })
     expect(sessionsTable(acme.sessions)).toMatch(/^billing +offline since \S+ +telemetry +0 +\d+ +50 +\d+ +[\d.]+ +1 +.*devices\/\+\/telemetry\/# \(qos 1\)/m)
 
@@ -143,6 +145,42 @@ describe('GET /v1/sessions and edgemq sessions', () => {
     expect(drained.cursors[0]).toMatchObject({ nextOffset: MESSAGES, lagMessages: 0, lagSeconds: 0 })
     await again.endAsync()
   })
+
+  it('pages by client id: limit and after over HTTP; the CLI follows next through every page', async () => {
+    // One page more than the largest: MAX_SESSIONS_PER_PAGE + 1 persistent sessions of tenant initech.
+    const count = MAX_SESSIONS_PER_PAGE + 1
+    const ids = Array.from({ length: count }, (_, i) => `s-${String(i).padStart(5, '0')}`)
+    for (let i = 0; i < count; i += 50) {
+      await Promise.all(ids.slice(i, i + 50).map(async (id) => {
+        const c = await connect('initech-svc', id, false)
+        await c.subscribeAsync(`jobs/${id}`, { qos: 1 })
+        await c.endAsync()
+      }))
+    }
+    const first = await call('/v1/sessions?limit=2', 'initech-svc')
+    expect(first.status).toBe(200)
+    const page1 = first.body as { sessions: SessionDoc[], next: string | null }
+    expect(page1.sessions.map((x) => x.clientId)).toEqual(['s-00000', 's-00001'])
+    expect(page1.next).toBe('s-00001')
+    const page2 = (await call(`/v1/sessions?limit=2&after=${page1.next!}`, 'initech-svc')).body as { sessions: SessionDoc[], next: string | null }
+    expect(page2.sessions.map((x) => x.clientId)).toEqual(['s-00002', 's-00003'])
+    const last = (await call(`/v1/sessions?after=${ids[count - 3]!}`, 'initech-svc')).body as { sessions: SessionDoc[], next: string | null }
+    expect(last).toMatchObject({ next: null })
+    expect(last.sessions.map((x) => x.clientId)).toEqual(ids.slice(count - 2))
+    // The default page is the largest; the CLI gets both pages, every session once, in order.
+    const full = (await call('/v1/sessions', 'initech-svc')).body as { sessions: SessionDoc[], next: string | null }
+    expect(full.sessions).toHaveLength(MAX_SESSIONS_PER_PAGE)
+    expect(full.next).toBe(ids[MAX_SESSIONS_PER_PAGE - 1])
+    const cli = await runCliWithin(['sessions', '--url', base, '--user', 'initech-svc', '--password', password('initech-svc'), '--json'], 60_000)
+    expect(cli.code).toBe(0)
+    expect((JSON.parse(cli.stdout) as { sessions: SessionDoc[] }).sessions.map((x) => x.clientId)).toEqual(ids)
+    // Bad page parameters: 400, nothing else changes.
+    for (const bad of ['limit=0', `limit=${MAX_SESSIONS_PER_PAGE + 1}`, 'limit=ten', 'limit=1&limit=2', 'after=a&after=b']) {
+      const res = await call(`/v1/sessions?${bad}`, 'initech-svc')
+      expect(res.status, bad).toBe(400)
+      expect(res.body, bad).toMatchObject({ error: { code: 'HTTP_BAD_REQUEST' } })
+    }
+  }, 120_000)
 
   it('refuses unknown query parameters with 400 and an unauthenticated caller with 401; the CLI a wrong password and unknown flags', async () => {
     const res = await call('/v1/sessions?tenant=globex')

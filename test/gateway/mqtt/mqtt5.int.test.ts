@@ -217,6 +217,20 @@ describe('MQTT 5 on the listeners of one gateway, with 3.1.1 clients on the same
     await raw.closed
   }, TIMEOUT)
 
+  it('refuses enhanced authentication (an Authentication Method in CONNECT) with CONNACK 0x8C; a plain v5 login on the same listener works', async () => {
+    // The gateway has no AUTH exchange (MQTT 5 §4.12): a client asking for one is told so instead of being let in on username/password alone.
+    const raw = await rawConnect(gw.urls.tcp as string, 5)
+    raw.send({
+      cmd: 'connect', protocolId: 'MQTT', protocolVersion: 5, clean: true, keepalive: 30, clientId: 'd-scram',
+      properties: { authenticationMethod: 'SCRAM-SHA-256', authenticationData: Buffer.from('n,,n=user,r=abc') },
+    })
+    expect(await raw.next('connack')).toMatchObject({ reasonCode: 0x8c })
+    await raw.closed
+    const plain = await connect(gw.urls.tcp as string, { ...V5, clientId: 'd-scram', reconnectPeriod: 0 })
+    expect(plain.connected).toBe(true)
+    await plain.endAsync()
+  }, TIMEOUT)
+
   it('tells an MQTT 5 client whose keep-alive ran out DISCONNECT 0x8D', async () => {
     const raw = await rawConnect(gw.urls.tcp as string, 5)
     raw.send({ cmd: 'connect', protocolId: 'MQTT', protocolVersion: 5, clean: true, keepalive: 1, clientId: 'd-silent' })

@@ -18,14 +18,14 @@ import { runCli, tempDir, type GatewayProcess } from '../../helpers/gateway-proc
 import { offlineRecords, readAll, replicationAddress, replicationOf, startNode, waitFor } from './pair.ts'
 
 const DEVICES = 4
-const CYCLES = 2
+const CYCLES = 10
 const WINDOW = 20
 
 describe('standby takeover under SIGKILL with replicated acks', () => {
   const cleanups: Array<() => Promise<void>> = []
   afterAll(async () => { for (const c of cleanups.reverse()) await c() })
 
-  it(`keeps every acknowledged message, its offset and the group offsets across ${CYCLES} kill -9 + promote cycles`, { timeout: 240_000 }, async () => {
+  it(`keeps every acknowledged message, its offset and the group offsets across ${CYCLES} kill -9 + promote cycles`, { timeout: 600_000 }, async () => {
     const { dir, cleanup } = await tempDir('edgemq-takeover-')
     cleanups.push(cleanup)
     let primary: GatewayProcess = await startNode(dir, 'a', { role: 'primary', acks: 'replicated' })
