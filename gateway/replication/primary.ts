@@ -294,7 +294,8 @@ export class ReplicationPrimary {
   }
 
   #acked (standby: Standby, seq: number): void {
-    if (typeof seq !== 'number' || seq <= standby.acked) return
+    // While it copies a snapshot, an ack can only be an earlier copy's, which the snapshot is about to replace.
+    if (typeof seq !== 'number' || seq <= standby.acked || standby.snapshotting) return
     standby.acked = seq
     this.#lastAcked = Math.max(this.#lastAcked, seq)
     this.#releaseWaiters(seq)

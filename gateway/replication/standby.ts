@@ -164,6 +164,13 @@ export class ReplicationStandby {
       case 'welcome':
         this.#lastRefusal = null
         this.#primarySeq = frame.seq
+        // Batches the lost connection brought and no apply took yet: this one sends all after the hello again, or a snapshot.
+        this.#queue = []
+        this.#welcomedOn = frames
+        if (!frame.snapshot && this.#position?.history === frame.history && this.#position.seq > frame.seq) {
+          // Applied after the hello went out: said now, since a resent batch that changes nothing is not acknowledged.
+          frames.send({ type: 'ack', seq: this.#position.seq })
+        }
         if (frame.snapshot) {
           this.#snapshotting = true
           this.#snapshotOps = []
@@ -178,14 +185,14 @@ export class ReplicationStandby {
       case 'snapshot-end': {
         this.#flushSnapshot()
         const welcomed = this.#welcomed
-        if (welcomed !== undefined) this.#run(() => this.#endSnapshot({ ...welcomed, seq: frame.seq }, frames))
+        if (welcomed !== undefined) this.#run(() => this.#endSnapshot({ ...welcomed, seq: frame.seq }))
         break
       }
       case 'batch':
         this.#primarySeq = Math.max(this.#primarySeq, frame.seq)
         this.#primaryAt = Math.max(this.#primaryAt ?? 0, frame.at)
         this.#queue.push(frame)
-        if (this.#queue.length === 1) this.#run(() => this.#applyQueued(frames))
+        if (this.#queue.length === 1) this.#run(() => this.#applyQueued())
         break
       case 'ping':
         this.#primarySeq = Math.max(this.#primarySeq, frame.seq)
@@ -197,6 +204,19 @@ export class ReplicationStandby {
   }
 
   #welcomed: { history: string, epoch: number } | undefined
+  /** The connection the last welcome came on: acks go there, whichever connection brought what was applied. */
+  #welcomedOn: FrameSocket<PrimaryFrame, StandbyFrame> | undefined
+
+  /**
+   * Tells the primary that `position` is on disk, on the connection welcomed last if it is still the one in use and
+   * speaks of the same history: an ack on a lost connection is lost (one sent on the dead connection left the primary
+   * waiting for good when nothing else followed), and one of another history would mean another write.
+   */
+  #ack (position: AppliedPosition): void {
+    const on = this.#welcomedOn
+    if (on === undefined || on !== this.#frames || this.#welcomed?.history !== position.history) return
+    on.send({ type: 'ack', seq: position.seq })
+  }
 
   /** Runs `fn` after everything applied before it: applies happen one at a time, in order. */
   #run (fn: () => Promise<void>): void {
@@ -219,16 +239,16 @@ export class ReplicationStandby {
     this.#run(() => this.#deps.db.batch(ops, { sync: false }))
   }
 
-  async #endSnapshot (position: AppliedPosition, frames: FrameSocket<PrimaryFrame, StandbyFrame>): Promise<void> {
+  async #endSnapshot (position: AppliedPosition): Promise<void> {
     await this.#deps.db.batch([this.#positionOp(position), ...this.#deps.db.finishCopyOps], { sync: true })
     this.#position = position
     this.#snapshotting = false
     this.#deps.logger.info({ seq: position.seq }, 'snapshot from the primary applied')
-    frames.send({ type: 'ack', seq: position.seq })
+    this.#ack(position)
     this.#scheduleRefresh()
   }
 
-  async #applyQueued (frames: FrameSocket<PrimaryFrame, StandbyFrame>): Promise<void> {
+  async #applyQueued (): Promise<void> {
     const batches = this.#queue
     this.#queue = []
     const base = this.#position ?? (this.#welcomed === undefined ? null : { ...this.#welcomed, seq: -1 })
@@ -253,7 +273,7 @@ export class ReplicationStandby {
     await this.#deps.db.batch(ops, { sync: this.#deps.sync })
     this.#position = position
     this.#appliedAt = at
-    frames.send({ type: 'ack', seq })
+    this.#ack(position)
     this.#scheduleRefresh()
   }
 
