@@ -66,6 +66,12 @@ interface Standby {
 
 /** Pings without an answer, besides maxLagMs without a frame, before a standby counts as silent: about maxLagMs of pings (see the timer). */
 const SILENT_PINGS = 4
+/**
+ * Bytes waiting to be written to the standby above which its silence proves nothing: the pings wait behind them (a
+ * snapshot, a catch-up over a slow link). A standby that falls that far behind is out of sync by its lag, and dropped
+ * past backlogBytes.
+ */
+const SILENT_MAX_BUFFERED = 1024 * 1024
 
 export class ReplicationPrimary {
   readonly #deps: PrimaryDeps
@@ -316,7 +322,7 @@ export class ReplicationPrimary {
     const standby = this.#standby
     if (standby === undefined) { this.#setInSync(false, 'no standby is connected'); return }
     const silentMs = this.#deps.now() - standby.heardAt
-    if (silentMs > this.#deps.config.maxLagMs && standby.unanswered >= SILENT_PINGS) {
+    if (silentMs > this.#deps.config.maxLagMs && standby.unanswered >= SILENT_PINGS && standby.frames.buffered < SILENT_MAX_BUFFERED) {
       this.#deps.logger.warn({ standby: standby.address, silentMs }, 'no word from the standby for longer than maxLagMs: dropping its connection')
       // Forgotten at once: its socket's close, when it comes, finds another standby (or none) and says nothing more.
       this.#setInSync(false, `the standby has been silent for ${(silentMs / 1000).toFixed(1)} s, over maxLagMs ${this.#deps.config.maxLagMs}`)

@@ -5,7 +5,8 @@
  * already holding the commit (it fsync'd the write and died before its ack
  * arrived). Before the fix, that second case held the commit, and with it
  * the writer and every PUBACK, for good. A write outside the group commit
- * (an HTTP offset commit) is held the same way.
+ * (an HTTP offset commit) is held the same way. A standby that answers no
+ * ping for maxLagMs is dropped; one that answers is kept.
  */
 import { EventEmitter } from 'node:events'
 import net from 'node:net'
@@ -25,12 +26,12 @@ const noSnapshot: SnapshotSource = { iterator: () => { throw new Error('no snaps
 const closers: Array<() => Promise<void> | void> = []
 afterEach(async () => { for (const c of closers.splice(0).reverse()) await c() })
 
-async function primaryWithOneWrite (): Promise<{ primary: ReplicationPrimary, journal: WriteJournal, port: number }> {
+async function primaryWithOneWrite (config: Partial<ReplicationConfig> = {}): Promise<{ primary: ReplicationPrimary, journal: WriteJournal, port: number }> {
   const db = new EventEmitter()
   const journal = new WriteJournal(db as unknown as WriteEmitter, { ignorePrefix: META, maxBytes: CONFIG.backlogBytes, now: Date.now })
   closers.push(() => journal.close())
   const primary = await ReplicationPrimary.start({
-    config: CONFIG, journal, root: noSnapshot, ignorePrefix: META, gatewayId: 'g', epoch: 1, logger: pino({ level: 'silent' }), now: Date.now,
+    config: { ...CONFIG, ...config }, journal, root: noSnapshot, ignorePrefix: META, gatewayId: 'g', epoch: 1, logger: pino({ level: 'silent' }), now: Date.now,
     onInSync: () => {},
   })
   closers.push(() => primary.close())
@@ -95,5 +96,28 @@ describe('the primary\'s commit gate under onStandbyLost: block', () => {
     expect(await welcomed).toMatchObject({ snapshot: false, seq: 1 })
     await gate
     expect(primary.ackedSeq).toBe(1)
+  })
+})
+
+describe('a silent standby', () => {
+  it('is dropped when it answers no ping for maxLagMs; one that answers stays', async () => {
+    const { primary, journal, port } = await primaryWithOneWrite({ maxLagMs: 100 })
+    // One standby answers every ping, until it has answered 20 (about 500 ms of pings at 25 ms); the other never answers.
+    const answered = new Promise<void>((resolve) => {
+      let pings = 0
+      void standbyAt(port, journal.history, 1, (frame, frames) => {
+        if (frame.type !== 'ping') return
+        frames.send({ type: 'pong' })
+        if (++pings === 20) resolve()
+      })
+    })
+    await answered
+    expect(primary.connected).toBe(true)
+    const socket = net.connect(port, '127.0.0.1')
+    closers.push(() => { socket.destroy() })
+    const silent = new FrameSocket<PrimaryFrame, StandbyFrame>(socket, () => {}, () => {})
+    silent.send({ type: 'hello', version: PROTOCOL_VERSION, gatewayId: 'g', history: journal.history, seq: 1, epoch: 1 })
+    await new Promise<void>((resolve) => socket.once('close', () => resolve()))
+    expect(primary.connected).toBe(false)
   })
 })
