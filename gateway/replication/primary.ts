@@ -50,6 +50,8 @@ export interface PrimaryDeps {
   readonly now: () => number
   /** Called on every change of the in-sync state. */
   readonly onInSync: (inSync: boolean, reason: string) => void
+  /** Called as a standby connection is caught up: from the backlog, or with a snapshot. */
+  readonly onCatchUp?: (from: 'backlog' | 'snapshot') => void
 }
 
 interface Standby {
@@ -233,11 +235,13 @@ export class ReplicationPrimary {
     }
     if (backlog !== null) {
       logger.info({ standby: address, from: hello.seq, writes: backlog.length }, 'standby connected; catching up from the backlog')
+      this.#deps.onCatchUp?.('backlog')
       frames.send({ type: 'welcome', history: journal.history, epoch, snapshot: false, seq: hello.seq })
       standby.sent = hello.seq
       for (const entry of backlog) this.#send(standby, entry)
     } else {
       logger.info({ standby: address, history: hello.history, seq: hello.seq }, 'standby connected; sending a snapshot of the database')
+      this.#deps.onCatchUp?.('snapshot')
       void this.#snapshot(standby)
     }
     this.#tick()

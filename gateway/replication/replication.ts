@@ -212,6 +212,7 @@ async function startPrimary (deps: ReplicationDeps, log: Logger): Promise<Replic
   try {
     primary = await ReplicationPrimary.start({
       config, journal, root: root as unknown as SnapshotSource, ignorePrefix: META_PREFIX, gatewayId: deps.gatewayId, epoch, logger: log, now: deps.now,
+      onCatchUp: (from) => holder.metrics?.catchUps.inc({ from }),
       onInSync: (inSync, reason) => {
         if (inSync) {
           log.info({ reason }, 'standby in sync')

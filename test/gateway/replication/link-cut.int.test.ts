@@ -27,7 +27,7 @@ import { tempDir, type GatewayProcess } from '../../helpers/gateway-process.ts'
 import { startLinkProxy, type LinkProxy } from '../../helpers/link-proxy.ts'
 import { startLoad } from './load.ts'
 import {
-  expectIdenticalBatches, expectPayloads, replicationAddress, replicationOf, startNode, waitFor, waitForLog, type NodeOptions,
+  expectIdenticalBatches, expectPayloads, metricOf, replicationAddress, replicationOf, startNode, waitFor, waitForLog, type NodeOptions,
 } from './pair.ts'
 
 const MAX_LAG_MS = 500
@@ -48,16 +48,6 @@ async function cutPair (name: string, options: Pick<NodeOptions, 'onStandbyLost'
   cleanups.push(() => standby.kill())
   await waitFor(primary, 'the standby in sync', (d) => d.inSync)
   return { primary, standby, proxy }
-}
-
-function metric (text: string, name: string): number {
-  const line = text.split('\n').find((l) => l.startsWith(`${name} `))
-  if (line === undefined) throw new Error(`no ${name} in /metrics`)
-  return Number(line.split(' ')[1])
-}
-
-async function metricOf (gw: GatewayProcess, name: string): Promise<number> {
-  return metric(await (await fetch(`${gw.httpUrl}/metrics`)).text(), name)
 }
 
 /** The standby during a cut: still a standby in epoch 1, and a publish to it is refused (the connection closed, the code logged). */
@@ -160,6 +150,8 @@ describe('the replication link cut under load, acks: replicated', () => {
       const outOfSyncBefore = await metricOf(primary, 'edgemq_replication_out_of_sync_total')
       const backlogCatchUps = count(primary, 'catching up from the backlog')
       const snapshots = count(primary, 'sending a snapshot')
+      expect(await metricOf(primary, 'edgemq_replication_catch_ups_total{from="backlog"}')).toBe(backlogCatchUps)
+      expect(await metricOf(primary, 'edgemq_replication_catch_ups_total{from="snapshot"}')).toBe(snapshots)
 
       proxy.cut('reset')
       await waitFor(primary, 'the primary to find its standby out of sync', (d) => !d.inSync)
@@ -180,6 +172,8 @@ describe('the replication link cut under load, acks: replicated', () => {
       await expectPayloads(standby, load.payloads(), 'acknowledged messages on the standby')
       expect(count(primary, 'catching up from the backlog')).toBe(backlogCatchUps + 1)
       expect(count(primary, 'sending a snapshot')).toBe(snapshots)
+      expect(await metricOf(primary, 'edgemq_replication_catch_ups_total{from="backlog"}')).toBe(backlogCatchUps + 1)
+      expect(await metricOf(primary, 'edgemq_replication_catch_ups_total{from="snapshot"}')).toBe(snapshots)
       expect((await replicationOf(standby)).epoch).toBe(1)
     })
 
@@ -201,6 +195,7 @@ describe('the replication link cut under load, acks: replicated', () => {
     await expectIdenticalBatches(primary, standby)
     await expectPayloads(standby, load.payloads(), 'acknowledged messages on the standby')
     expect(count(primary, 'sending a snapshot')).toBe(snapshots + 1)
+    expect(await metricOf(primary, 'edgemq_replication_catch_ups_total{from="snapshot"}')).toBe(snapshots + 1)
     expect(standby.stderr()).not.toMatch(/GW_WARN_SET_ASIDE/)
   })
 })

@@ -81,6 +81,14 @@ export async function waitFor (gw: { httpUrl: string }, what: string, check: (do
   throw new Error(`timed out waiting for ${what}; last: ${JSON.stringify(last)}`)
 }
 
+/** One sample of the node's /metrics, by its name and labels as exposed (`name{label="value"}`). */
+export async function metricOf (gw: { httpUrl: string }, series: string): Promise<number> {
+  const text = await (await fetch(`${gw.httpUrl}/metrics`)).text()
+  const line = text.split('\n').find((l) => l.startsWith(`${series} `))
+  if (line === undefined) throw new Error(`no ${series} in /metrics`)
+  return Number(line.split(' ')[1])
+}
+
 /** Polls (bounded) until the node's log has a line matching `pattern`. */
 export async function waitForLog (gw: { stderr: () => string }, pattern: RegExp, timeoutMs = 60_000): Promise<void> {
   const deadline = Date.now() + timeoutMs

@@ -2,9 +2,10 @@
  * The standby SIGKILLed and restarted under QoS 1 load with `acks:
  * replicated` (issue 16), a few times at random moments, under both
  * `onStandbyLost` settings. Each time it comes back it catches up from
- * where it was: from the primary's backlog (the primary's log says so),
- * never a second snapshot. Under `block`, the data directory of the dead
- * standby already holds every message acknowledged before it died. At the
+ * where it was, from the primary's backlog, never with a second snapshot
+ * (the primary's log and edgemq_replication_catch_ups_total say which).
+ * Under `block`, the data directory of the dead standby already holds
+ * every message acknowledged before it died. At the
  * end the standby's stored batches are byte-identical to the primary's and
  * every acknowledged message is on it.
  */
@@ -12,7 +13,7 @@ import path from 'node:path'
 import { afterAll, describe, expect, it } from 'vitest'
 import { tempDir, type GatewayProcess } from '../../helpers/gateway-process.ts'
 import { startLoad } from './load.ts'
-import { expectIdenticalBatches, expectPayloads, offlineRecords, replicationAddress, startNode, waitFor } from './pair.ts'
+import { expectIdenticalBatches, expectPayloads, metricOf, offlineRecords, replicationAddress, startNode, waitFor } from './pair.ts'
 
 const CYCLES = 3
 const cleanups: Array<() => Promise<void>> = []
@@ -59,6 +60,8 @@ describe('the standby SIGKILLed and restarted under load, acks: replicated', () 
         expect(standby.stderr()).not.toMatch(/snapshot from the primary applied/)
       }
       await load.stop()
+      expect(await metricOf(primary, 'edgemq_replication_catch_ups_total{from="backlog"}')).toBe(CYCLES)
+      expect(await metricOf(primary, 'edgemq_replication_catch_ups_total{from="snapshot"}')).toBe(1)
       await expectIdenticalBatches(primary, standby)
       await expectPayloads(standby, load.payloads(), 'acknowledged messages on the standby')
     })
