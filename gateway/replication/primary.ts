@@ -232,8 +232,6 @@ export class ReplicationPrimary {
       // A standby killed after its fsync and before its ack reached us comes back holding writes we still wait for: they are acknowledged now.
       // Under block nothing else would release them: the held commit holds the writer, so no later write comes for the standby to ack.
       this.#releaseWaiters(hello.seq)
-    }
-    if (backlog !== null) {
       logger.info({ standby: address, from: hello.seq, writes: backlog.length }, 'standby connected; catching up from the backlog')
       this.#deps.onCatchUp?.('backlog')
       frames.send({ type: 'welcome', history: journal.history, epoch, snapshot: false, seq: hello.seq })

@@ -9,6 +9,13 @@
  * under store.durability: sync). After each apply the read-only store is
  * told to re-read what changed (coalesced, on the same chain as the applies).
  *
+ * Across a reconnect: acks go on the connection welcomed last (an apply the
+ * lost connection started is acknowledged there), batches the lost
+ * connection left queued are dropped at the welcome (the new one sends
+ * them again, or a snapshot replaces them). Every ping is answered with a
+ * pong at once; a connection that brings nothing for 5 s is dropped and
+ * made again (protocol.ts).
+ *
  * The replication metadata (sublevel `replication`) is never replicated: it
  * says where this copy stands, not what the primary holds.
  */
