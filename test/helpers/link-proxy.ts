@@ -10,6 +10,9 @@
  *   never loses one inside a connection).
  * - `reset`: every connection is destroyed at once (both ends see it close),
  *   and new ones are closed as they come until the link heals.
+ *
+ * `cutAfter(bytes)` cuts as `drop` once that many more bytes went from the
+ * target to the client: half-way through a transfer, exactly.
  */
 import { createConnection, createServer, type Server, type Socket } from 'node:net'
 
@@ -21,16 +24,25 @@ export interface LinkProxy {
   /** Connections forwarded to the target so far (a reconnect counts again). */
   readonly connections: () => number
   cut (mode: CutMode): void
+  /** Forwards `bytes` more from the target to the client, then cuts as `drop` (the rest waits for heal()). */
+  cutAfter (bytes: number): void
   heal (): void
   close (): Promise<void>
 }
 
-interface Link { readonly client: Socket, upstream: Socket | undefined }
+interface Link { readonly client: Socket, upstream: Socket | undefined, held: Buffer[] }
 
 export async function startLinkProxy (target: { host: string, port: number }): Promise<LinkProxy> {
   let cut: CutMode | null = null
   let forwarded = 0
+  let budget: number | null = null
   const links = new Set<Link>()
+  const pauseAll = (): void => {
+    for (const link of links) {
+      link.client.pause()
+      link.upstream?.pause()
+    }
+  }
 
   const connectUpstream = (link: Link): void => {
     forwarded++
@@ -39,13 +51,25 @@ export async function startLinkProxy (target: { host: string, port: number }): P
     upstream.on('close', () => { link.client.destroy(); links.delete(link) })
     link.client.on('close', () => { upstream.destroy(); links.delete(link) })
     link.client.on('data', (chunk: Buffer) => upstream.write(chunk))
-    upstream.on('data', (chunk: Buffer) => link.client.write(chunk))
+    upstream.on('data', (chunk: Buffer) => {
+      if (cut === 'drop') { link.held.push(chunk); return }
+      if (budget !== null && chunk.length >= budget) {
+        link.client.write(chunk.subarray(0, budget))
+        link.held.push(chunk.subarray(budget))
+        budget = null
+        cut = 'drop'
+        pauseAll()
+        return
+      }
+      if (budget !== null) budget -= chunk.length
+      link.client.write(chunk)
+    })
   }
 
   const server: Server = createServer((client) => {
     client.on('error', () => {})
     if (cut === 'reset') { client.destroy(); return }
-    const link: Link = { client, upstream: undefined }
+    const link: Link = { client, upstream: undefined, held: [] }
     links.add(link)
     // The upstream is connected once the link forwards: under `drop` the client's SYN was answered, nothing more.
     if (cut === 'drop') client.pause()
@@ -64,16 +88,19 @@ export async function startLinkProxy (target: { host: string, port: number }): P
         if (mode === 'reset') {
           link.client.destroy()
           link.upstream?.destroy()
-        } else {
-          link.client.pause()
-          link.upstream?.pause()
         }
       }
       if (mode === 'reset') links.clear()
+      else pauseAll()
+    },
+    cutAfter (bytes) {
+      budget = bytes
     },
     heal () {
       cut = null
+      budget = null
       for (const link of links) {
+        for (const chunk of link.held.splice(0)) link.client.write(chunk)
         if (link.upstream === undefined) connectUpstream(link)
         else link.upstream.resume()
         link.client.resume()

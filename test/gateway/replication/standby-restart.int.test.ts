@@ -7,13 +7,17 @@
  * Under `block`, the data directory of the dead standby already holds
  * every message acknowledged before it died. At the
  * end the standby's stored batches are byte-identical to the primary's and
- * every acknowledged message is on it.
+ * every acknowledged message is on it. A standby killed half-way through
+ * its snapshot (the link stalled after 4 MiB of it) empties its partial
+ * copy at the restart and copies a new snapshot.
  */
 import path from 'node:path'
 import { afterAll, describe, expect, it } from 'vitest'
+import { parseHostPort, type HostPort } from '../../../gateway/replication/config-schema.ts'
 import { tempDir, type GatewayProcess } from '../../helpers/gateway-process.ts'
+import { startLinkProxy } from '../../helpers/link-proxy.ts'
 import { startLoad } from './load.ts'
-import { expectIdenticalBatches, expectPayloads, metricOf, offlineRecords, replicationAddress, startNode, waitFor } from './pair.ts'
+import { expectIdenticalBatches, expectPayloads, metricOf, offlineRecords, replicationAddress, startNode, waitFor, waitForLog } from './pair.ts'
 
 const CYCLES = 3
 const cleanups: Array<() => Promise<void>> = []
@@ -66,4 +70,34 @@ describe('the standby SIGKILLed and restarted under load, acks: replicated', () 
       await expectPayloads(standby, load.payloads(), 'acknowledged messages on the standby')
     })
   }
+
+  it('killed half-way through its snapshot: the restart empties the partial copy and copies a new snapshot, byte-identical', { timeout: 180_000 }, async () => {
+    const { dir, cleanup } = await tempDir('edgemq-standby-restart-snapshot-')
+    cleanups.push(cleanup)
+    const primary = await startNode(dir, 'p', { role: 'primary' })
+    cleanups.push(() => primary.kill())
+    // About 9 MiB to copy: 8,000 records of 1 KiB.
+    const load = await startLoad(primary.mqttUrl, { devices: 4, window: 20, maxMs: 120_000, padding: 1000 })
+    await load.ackedAtLeast(8000, 'records for a snapshot of several MiB')
+    await load.stop()
+    const proxy = await startLinkProxy(parseHostPort(replicationAddress(primary)) as HostPort)
+    cleanups.push(() => proxy.close())
+    proxy.cutAfter(4 * 1024 * 1024)
+    const standbyOptions = { role: 'standby', peer: proxy.address } as const
+    const first = await startNode(dir, 's', standbyOptions)
+    cleanups.push(() => first.kill())
+    // The link stalls half-way through the snapshot: the standby finds its primary silent (and tries again, into the stall).
+    await waitForLog(first, /no word from the primary: reconnecting/)
+    expect(first.stderr()).not.toMatch(/snapshot from the primary applied/)
+    await first.kill()
+
+    proxy.heal()
+    const standby = await startNode(dir, 's', standbyOptions)
+    cleanups.push(() => standby.kill())
+    expect(standby.stderr()).toMatch(/the last snapshot from the primary was interrupted/)
+    await expectIdenticalBatches(primary, standby)
+    await expectPayloads(standby, load.payloads(), 'acknowledged messages on the standby')
+    expect(await metricOf(primary, 'edgemq_replication_catch_ups_total{from="snapshot"}')).toBe(2)
+    expect(standby.stderr()).not.toMatch(/GW_WARN_SET_ASIDE/)
+  })
 })
