@@ -1,5 +1,6 @@
 /**
- * A counting MQTT 3.1.1 subscriber for the bridge bench: plain `net`
+ * A counting MQTT subscriber (3.1.1, or 5 with `protocolVersion: 5`) for the
+ * bridge and fan-in benches: plain `net`
  * socket, one SUBSCRIBE, and for every PUBLISH that arrives only a count,
  * the time of the first and the last, and (QoS 1) a PUBACK. The PUBACKs of
  * one read go out in one `write`, so the subscriber asks little of the
@@ -27,6 +28,14 @@ export interface CounterOptions {
   readonly clientId: string
   readonly filter: string
   readonly qos: 0 | 1
+  /** MQTT protocol level: 4 (3.1.1, the default) or 5. */
+  readonly protocolVersion?: 4 | 5
+  /**
+   * Clean session (the default) or a persistent one. A persistent MQTT 5
+   * session asks for the longest session expiry interval, so that it
+   * outlives the connection as a 3.1.1 one does.
+   */
+  readonly clean?: boolean
 }
 
 /** Where the subscriber is at a moment: messages so far and the clock (performance.now(), ms). */
@@ -63,7 +72,7 @@ export class CountingSubscriber {
     this.#socket.on('close', () => this.#fail(new Error(`subscriber ${options.clientId}: the broker closed the connection`)))
   }
 
-  /** Connects (clean session) and subscribes; resolves once the SUBACK granted the subscription. */
+  /** Connects and subscribes; resolves once the SUBACK granted the subscription. */
   static async subscribe (options: CounterOptions): Promise<CountingSubscriber> {
     const s = new CountingSubscriber(options)
     try {
@@ -77,14 +86,17 @@ export class CountingSubscriber {
 
   async #handshake (): Promise<void> {
     const { clientId, filter, qos } = this.#options
+    const protocolVersion = this.#options.protocolVersion ?? 4
+    const clean = this.#options.clean ?? true
     const failed = new Promise<never>((_resolve, reject) => this.#onFailure.push(reject))
     failed.catch(() => {})
     const connack = new Promise<number>((resolve) => { this.#onConnack = resolve })
-    this.#socket.write(mqttPacket.generate({ cmd: 'connect', protocolId: 'MQTT', protocolVersion: 4, clientId, clean: true, keepalive: 0 }))
+    const properties = protocolVersion === 5 && !clean ? { sessionExpiryInterval: 0xffffffff } : undefined
+    this.#socket.write(mqttPacket.generate({ cmd: 'connect', protocolId: 'MQTT', protocolVersion, clientId, clean, keepalive: 0, properties }, { protocolVersion }))
     const code = await Promise.race([connack, failed])
     if (code !== 0) throw new Error(`subscriber ${clientId}: CONNACK return code ${code}`)
     const suback = new Promise<number>((resolve) => { this.#onSuback = resolve })
-    this.#socket.write(mqttPacket.generate({ cmd: 'subscribe', messageId: 1, subscriptions: [{ topic: filter, qos }] }))
+    this.#socket.write(mqttPacket.generate({ cmd: 'subscribe', messageId: 1, subscriptions: [{ topic: filter, qos }] }, { protocolVersion }))
     const granted = await Promise.race([suback, failed])
     if (granted >= 0x80) throw new Error(`subscriber ${clientId}: the broker refused the subscription to ${filter} (0x${granted.toString(16)})`)
   }
@@ -160,7 +172,18 @@ export class CountingSubscriber {
         this.#onConnack?.(buf[j + 1] as number)
         this.#onConnack = null
       } else if (type === SUBACK) {
-        this.#onSuback?.(buf[j + 2] as number)
+        // MQTT 5: the reason codes follow a property section [MQTT-3.9.2.1]; its length is a variable byte integer.
+        let k = j + 2
+        if (this.#options.protocolVersion === 5) {
+          let propertyLength = 0
+          for (let shift = 0; ; shift += 7) {
+            const byte = buf[k++] as number
+            propertyLength += (byte & 0x7f) * 2 ** shift
+            if ((byte & 0x80) === 0) break
+          }
+          k += propertyLength
+        }
+        this.#onSuback?.(buf[k] as number)
         this.#onSuback = null
       } else {
         this.#fail(new Error(`subscriber ${this.#options.clientId}: unexpected packet type ${type}`))

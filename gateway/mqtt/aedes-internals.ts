@@ -336,17 +336,24 @@ interface PacketParser {
   _states: readonly string[]
   /** After a CONNECT, the CONNECT packet itself (parser.js#L267); read for `protocolVersion` and `bridgeMode` only. */
   settings: { readonly protocolVersion?: number, readonly bridgeMode?: boolean }
-  once (event: 'packet', listener: (this: PacketParser, packet: ConnectFields) => void): void
 }
 
 interface ConnectFields { readonly cmd: string, readonly protocolVersion?: number, readonly bridgeMode?: boolean }
 
 const PARSE_STEPS: readonly string[] = Object.freeze(['_parseHeader', '_parseLength', '_parsePayload', '_newPacket'])
 
-/** After the CONNECT: keeps what the parser reads of it, not the packet with its password and the buffer under it. */
-function forgetConnectPacket (this: PacketParser, packet: ConnectFields): void {
-  if (packet.cmd === 'connect' && this.settings === packet) {
-    this.settings = { protocolVersion: packet.protocolVersion, bridgeMode: packet.bridgeMode }
+/**
+ * Called with the CONNECT packet once aedes handles it (preConnect): the parser keeps only what it reads of the
+ * CONNECT (`protocolVersion`, `bridgeMode`), not the packet with its password and the buffer under it (see
+ * slimClient). Done from the hook rather than a `once('packet')` listener on the parser, which cost a wrapper and
+ * a bound function per connection until the CONNECT arrived (heap snapshots: about 60 bytes per idle connection
+ * less in all).
+ */
+export function forgetConnectPacket (client: Client, packet: object): void {
+  const parser = (client as unknown as { _parser?: PacketParser })._parser
+  const connect = packet as ConnectFields
+  if (parser !== undefined && connect.cmd === 'connect' && parser.settings === packet) {
+    parser.settings = { protocolVersion: connect.protocolVersion, bridgeMode: connect.bridgeMode }
   }
 }
 
@@ -373,25 +380,81 @@ class LazyPacketIds {
 }
 
 /**
+ * An MQTT 5 connection's inbound topic aliases (alias number to topic name), as aedes 2 keeps them per client
+ * (`client._topicAliases`, a `new Map()` in lib/client.js#L42, read and written only with `get`/`set` in
+ * lib/handlers/publish.js#L180-L183), but with the Map made on the first alias: an empty Map and its hash table cost
+ * about 330 bytes of heap, and 3.1.1 clients (and MQTT 5 ones that use no alias) never register one.
+ */
+class LazyTopicAliases {
+  #aliases: Map<number, string> | null = null
+  get (alias: number): string | undefined { return this.#aliases?.get(alias) }
+  set (alias: number, topic: string): this {
+    (this.#aliases ??= new Map()).set(alias, topic)
+    return this
+  }
+}
+
+/**
+ * The prototype of each client's `duplicates` (see slimClient): empty, frozen and without a prototype itself, so a
+ * key such as `__proto__` or `constructor` is an own property or absent, as in the `Object.create(null)` aedes makes
+ * (GHSA-52qw-whmv-87c5); but an object made from it starts in V8's fast mode (about 56 bytes) instead of with a
+ * property dictionary (about 210 bytes). Its keys are broker ids, the same few for every client, so clients share
+ * V8's hidden classes for them.
+ */
+const NO_INHERITED_KEYS: object = Object.freeze(Object.create(null) as object)
+
+/** aedes' per-client listeners that slimClient replaces with shared functions (lib/client.js#L120-L123). */
+interface ClientEmitter { emit (event: 'error', err: Error): boolean, close (): void }
+interface HasClient { readonly client: ClientEmitter }
+function emitClientError (this: HasClient, err: Error): void { this.client.emit('error', err) }
+function closeClient (this: HasClient): void { this.client.close() }
+
+/**
+ * Replaces the listener named `boundName` (aedes' `fn.bind(client, …)`, which is the first `event` listener of
+ * `emitter`) with `shared`, in the same place. A bound function costs about 72 bytes per connection; `shared` finds
+ * the client through `emitter.client`, which aedes sets on the connection and the parser.
+ */
+function shareListener (emitter: NodeJS.EventEmitter & { readonly client?: unknown }, event: string, boundName: string,
+  shared: (this: HasClient, ...args: never[]) => void): void {
+  const first = emitter.listeners(event)[0] as ((...args: unknown[]) => unknown) | undefined
+  if (first === undefined || first.name !== boundName || emitter.client === undefined) return
+  emitter.removeListener(event, first)
+  emitter.prependListener(event, shared as (...args: unknown[]) => void)
+}
+
+/**
  * Makes a new client cheaper to keep while the connection idles; called right after `broker.handle`, before a byte
- * is parsed. Its inbound QoS 2 id set is made lazy (LazyPacketIds above). Measured with heap snapshots of 10,000
- * idle connections (BENCHMARKS.md, idle connections), the parser of each client held:
+ * is parsed. Its inbound QoS 2 id set and its topic alias map are made lazy (LazyPacketIds, LazyTopicAliases above),
+ * its `duplicates` starts as a fast-mode object (NO_INHERITED_KEYS), and the three listeners aedes binds to it per
+ * connection (`conn` 'error' and 'end', parser 'error') become shared functions. Measured with heap snapshots of
+ * 10,000 idle connections (BENCHMARKS.md, idle connections), the parser of each client held:
  * - a `bl()` BufferListStream as its byte buffer: a full readable-stream Duplex (two stream states, an event
  *   table, bound callbacks) of which the parser uses only the BufferList methods (append, consume, slice,
  *   readUInt*). A plain `BufferList` of the same bl version has exactly those. An error makes the parser build
  *   a new `bl()` (`_resetState`), but aedes closes the connection on a parser error.
  * - its own copy of a constant four-string array (`_states`); all parsers share one here.
  * - the CONNECT packet for the life of the connection (`settings`), with its password Buffer and, through it,
- *   the first read's buffer; only `protocolVersion` and `bridgeMode` are kept here.
+ *   the first read's buffer; only `protocolVersion` and `bridgeMode` are kept, by {@link forgetConnectPacket}.
  * No upstream issue: aedes has no option for its parser or its per-client state, and mqtt-packet none for its buffer; a parser that
  * allocated these lazily upstream would remove this.
  */
 export function slimClient (client: Client): void {
-  const internals = client as unknown as { _parser?: PacketParser, _inboundInflight?: unknown }
+  const internals = client as unknown as {
+    _parser?: PacketParser & NodeJS.EventEmitter, _inboundInflight?: unknown, _topicAliases?: unknown, duplicates?: object, conn?: unknown
+  }
   if (internals._inboundInflight instanceof Set && internals._inboundInflight.size === 0) internals._inboundInflight = new LazyPacketIds()
+  if (internals._topicAliases instanceof Map && internals._topicAliases.size === 0) internals._topicAliases = new LazyTopicAliases()
+  if (internals.duplicates !== undefined && Object.getPrototypeOf(internals.duplicates) === null && Object.keys(internals.duplicates).length === 0) {
+    internals.duplicates = Object.create(NO_INHERITED_KEYS) as object
+  }
+  const conn = internals.conn as (NodeJS.EventEmitter & { client?: unknown }) | undefined
+  if (conn !== undefined) {
+    shareListener(conn, 'error', 'bound emit', emitClientError)
+    shareListener(conn, 'end', 'bound close', closeClient)
+  }
   const parser = internals._parser
   if (parser === undefined) return
   if (parser._list.length === 0 && !(parser._list instanceof BufferList)) parser._list = new BufferList()
   if (parser._states.length === PARSE_STEPS.length && parser._states.every((s, i) => s === PARSE_STEPS[i])) parser._states = PARSE_STEPS
-  parser.once('packet', forgetConnectPacket)
+  shareListener(parser, 'error', 'bound emit', emitClientError)
 }

@@ -30,7 +30,8 @@
  *   has too many appends pending) or the client is over its publish rate.
  *
  * The readable side has a high-water mark of one byte, so a segment is
- * pushed only when aedes asked for more. Writes pass straight through.
+ * pushed only when aedes asked for more. Writes are gathered for one turn of
+ * the event loop and go to the socket in one write (see #queueWrite).
  *
  * An idle connection should cost little (issue 13: an idle device connection
  * cost 12-20 KB of RSS, Mosquitto's 0.7 KB): the options are one object per
@@ -94,6 +95,7 @@ function onSocketEnd (this: GuardedSocket): void { this[GUARD]?.onSocketEnd() }
 function onSocketError (this: GuardedSocket, err: Error): void { this[GUARD]?.destroy(err) }
 function onSocketClose (this: GuardedSocket): void { this[GUARD]?.destroy() }
 function onSocketDrain (this: GuardedSocket): void { this[GUARD]?.onSocketDrain() }
+function flushWrites (guard: ConnectionGuard): void { guard.flushWrites() }
 
 /** The connections of one gateway, paused and resumed together when its log backs up. */
 export class GuardGroup {
@@ -138,6 +140,8 @@ export class ConnectionGuard extends Duplex {
   #rateLogged = false
   /** The callback of a write waiting for the socket to drain. */
   #drained: (() => void) | null = null
+  /** What aedes wrote in this turn of the event loop, for one socket write in the next (see #queueWrite); null when nothing. */
+  #pending: Buffer[] | null = null
   /** The protocol level of the CONNECT (4 until it is read: 3.1.1 framing). */
   #version = 4
   /** Closed with a DISCONNECT still being written: the socket ends by itself (or after LINGER_MS). */
@@ -275,6 +279,7 @@ export class ConnectionGuard extends Duplex {
   }
 
   #violate (reason: ViolationReason, detail: string): void {
+    this.flushWrites()
     const clientId = this.clientId
     this.#inType = 0
     this.#inParts = null
@@ -287,6 +292,7 @@ export class ConnectionGuard extends Duplex {
 
   /** Ends the socket once what was written to it (and `last`) is out; destroys it after LINGER_MS at the latest. */
   #linger (last?: Buffer): void {
+    this.flushWrites()
     this.#lingering = true
     this.socket.pause()
     if (last === undefined) this.socket.end()
@@ -434,9 +440,43 @@ export class ConnectionGuard extends Duplex {
   }
 
   override _write (chunk: Buffer, _encoding: BufferEncoding, callback: (err?: Error | null) => void): void {
+    this.#queueWrite(chunk, callback)
+  }
+
+  /**
+   * mqtt-packet corks the stream and writes each packet in pieces (a PUBACK is three), so the pieces of every
+   * packet aedes wrote in one tick arrive here together.
+   */
+  override _writev (chunks: Array<{ chunk: Buffer }>, callback: (err?: Error | null) => void): void {
+    this.#queueWrite(chunks.length === 1 ? (chunks[0] as { chunk: Buffer }).chunk : Buffer.concat(chunks.map((c) => c.chunk)), callback)
+  }
+
+  /**
+   * Everything written in one turn of the event loop goes to the socket in one write, in the next turn's check
+   * phase (setImmediate). aedes delivers each message to a subscriber from its own setImmediate callback, and
+   * Node uncorks (mqtt-packet's nextTick) between two of them, so writing through cost one syscall per delivered
+   * message: 37 % of the main thread under 10 publishers fanning in to one subscriber (BENCHMARKS.md, fan-in). The
+   * write completes at once unless the socket asked to drain, so backpressure still reaches aedes.
+   */
+  #queueWrite (chunk: Buffer, callback: (err?: Error | null) => void): void {
     this.#answered = true
-    if (this.socket.write(chunk)) callback()
-    else this.#waitForDrain(callback)
+    if (this.#pending === null) {
+      this.#pending = [chunk]
+      setImmediate(flushWrites, this)
+    } else {
+      this.#pending.push(chunk)
+    }
+    if (this.socket.writableNeedDrain) this.#waitForDrain(callback)
+    else callback()
+  }
+
+  /** @internal writes what #queueWrite gathered (see flushWrites). */
+  flushWrites (): void {
+    const pending = this.#pending
+    if (pending === null) return
+    this.#pending = null
+    if (this.socket.destroyed) return
+    this.socket.write(pending.length === 1 ? pending[0] as Buffer : Buffer.concat(pending))
   }
 
   /** A Writable has one write in progress at a time, so one callback waits at most. */
@@ -445,19 +485,8 @@ export class ConnectionGuard extends Duplex {
     this.socket.once('drain', onSocketDrain)
   }
 
-  /**
-   * mqtt-packet corks the stream and writes each packet in pieces (a PUBACK is three), so the pieces of every
-   * packet aedes wrote in one tick arrive here together: one socket write for all of them, not one syscall per
-   * piece (measured in the gateway bench: QoS 1 ingest 0.20x -> 0.49x Mosquitto).
-   */
-  override _writev (chunks: Array<{ chunk: Buffer }>, callback: (err?: Error | null) => void): void {
-    this.#answered = true
-    const ok = this.socket.write(chunks.length === 1 ? (chunks[0] as { chunk: Buffer }).chunk : Buffer.concat(chunks.map((c) => c.chunk)))
-    if (ok) callback()
-    else this.#waitForDrain(callback)
-  }
-
   override _final (callback: (err?: Error | null) => void): void {
+    this.flushWrites()
     this.socket.end(callback)
   }
 
@@ -467,6 +496,7 @@ export class ConnectionGuard extends Duplex {
     // aedes destroys the connection right after writing a DISCONNECT (0x8E takeover, 0x8B shutdown, 0x94): what the
     // socket still buffers goes out first, or the client never learns why.
     if (!this.#lingering) {
+      this.flushWrites()
       if (err === null && !this.socket.destroyed && this.socket.writableLength > 0) this.#linger()
       else this.socket.destroy()
     }

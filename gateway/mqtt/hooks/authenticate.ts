@@ -8,7 +8,7 @@ import type { AedesOptions, Client } from 'aedes'
 import { ClientIdOwners, clientIdMatches, clientIdPattern, UserDirectory, type Identity } from '../../access/auth.ts'
 import { MAX_CLIENT_TOPIC_LEVELS, mountTopic, scopedClientId, topicNameProblem } from '../../access/topics.ts'
 import type { ListenerConfig, UserConfig } from '../../config/config.ts'
-import { packetWatcher, setClientId } from '../aedes-internals.ts'
+import { forgetConnectPacket, packetWatcher, setClientId } from '../aedes-internals.ts'
 import { isReplayTopic } from '../replay.ts'
 import { isShareTopic } from '../shared/share-topic.ts'
 import { anonymousAllowed, authError, listenerOf, type HookContext, type ListenerTagged } from './context.ts'
@@ -24,6 +24,7 @@ export function preConnect (ctx: Pick<HookContext, 'connects' | 'refuse'>): PreC
   return (client, packet, callback) => {
     const info = { clientId: packet.clientId ?? '', clean: packet.clean !== false, willTopic: packet.will?.topic }
     ctx.connects.set(client, info)
+    forgetConnectPacket(client, packet)
     // [MQTT-3.1.3-8] an empty client id needs a clean session in 3.1.1 (MQTT 5 assigns one, 3.1.3.1). aedes 2 answers
     // CONNACK 2 itself before authenticate runs (lib/handlers/connect.js init): counted and logged here.
     if (info.clientId === '' && !info.clean && packet.protocolVersion !== 5) {

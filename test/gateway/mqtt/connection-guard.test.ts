@@ -128,6 +128,56 @@ describe('ConnectionGuard', () => {
 
 /** MQTT 5 frames, as mqtt-packet (MQTT.js's encoder) writes them. */
 const v5 = (p: Packet): Buffer => mqttPacket.generate(p, { protocolVersion: 5 })
+describe('ConnectionGuard, writes', () => {
+  const options = (): ConstructorParameters<typeof ConnectionGuard>[1] => ({
+    maxPacketBytes: 4096, maxInflight: 10, publishRate: 0, group: new GuardGroup(), onViolation: () => {},
+  })
+
+  it('sends what was written in one turn of the event loop in one socket write, in order, even across setImmediate callbacks', async () => {
+    const writes: Buffer[] = []
+    const socket = new Duplex({ read () {}, write (chunk: Buffer, _encoding, callback) { writes.push(chunk); callback() } })
+    const guard = new ConnectionGuard(socket, options())
+    const acked: number[] = []
+    // aedes delivers each message from its own setImmediate callback.
+    await new Promise<void>((resolve) => {
+      for (let i = 1; i <= 3; i++) setImmediate(() => guard.write(Buffer.from([0x40, 2, 0, i]), () => { acked.push(i); if (i === 3) resolve() }))
+    })
+    await new Promise((resolve) => setImmediate(resolve))
+    expect(acked).toEqual([1, 2, 3])
+    expect(writes).toEqual([Buffer.from([0x40, 2, 0, 1, 0x40, 2, 0, 2, 0x40, 2, 0, 3])])
+  })
+
+  it('holds a write until the socket drains once the socket asked for it, and flushes before it ends', async () => {
+    const writes: Buffer[] = []
+    let release: (() => void) | undefined
+    const socket = new Duplex({
+      writableHighWaterMark: 4,
+      read () {},
+      write (chunk: Buffer, _encoding, callback) { writes.push(chunk); release = () => callback() },
+    })
+    const guard = new ConnectionGuard(socket, options())
+    guard.write(Buffer.alloc(8, 1))
+    await new Promise((resolve) => setImmediate(resolve))
+    expect(socket.writableNeedDrain).toBe(true)
+    let second = false
+    guard.write(Buffer.alloc(2, 2), () => { second = true })
+    await new Promise((resolve) => setImmediate(resolve))
+    expect(second).toBe(false)
+    release?.() // the 8 bytes are out; the socket starts on the 2 flushed after them
+    await new Promise((resolve) => setImmediate(resolve))
+    expect(second).toBe(false)
+    release?.() // now the socket is empty: 'drain'
+    await new Promise((resolve) => setImmediate(resolve))
+    expect(second).toBe(true)
+    const finished = new Promise((resolve) => socket.once('finish', resolve))
+    guard.end(Buffer.from([0xe0, 0]))
+    await new Promise((resolve) => setImmediate(resolve))
+    release?.()
+    await finished
+    expect(Buffer.concat(writes)).toEqual(Buffer.concat([Buffer.alloc(8, 1), Buffer.alloc(2, 2), Buffer.from([0xe0, 0])]))
+  })
+})
+
 const CONNECT5 = v5({ cmd: 'connect', protocolId: 'MQTT', protocolVersion: 5, clean: true, keepalive: 30, clientId: 'dev-5',
   properties: { sessionExpiryInterval: 300, receiveMaximum: 10, topicAliasMaximum: 4, requestProblemInformation: true } })
 

@@ -2,22 +2,26 @@
  * slimClient (aedes-internals.ts) swaps parts of each aedes client for cheaper ones to make idle connections
  * lighter (issue 13). These tests run a real aedes broker on a TCP port, as listeners.ts wires it, and check that
  * the client still does all it did: packets split anywhere across reads and a packet larger than a read parse as
- * before, the parser stops holding the CONNECT (and its password) but keeps its protocol version, and the inbound
- * QoS 2 bound aedes keeps per client (maxInflightInbound) still closes a client that withholds PUBRELs.
+ * before, the parser stops holding the CONNECT (and its password) but keeps its protocol version (forgetConnectPacket,
+ * which the gateway calls from preConnect), and the inbound
+ * QoS 2 bound aedes keeps per client (maxInflightInbound) still closes a client that withholds PUBRELs, and the
+ * shared functions that replace aedes' bound listeners still turn a parse error, a reset and a half-close into the
+ * broker's events.
  */
 import net, { type AddressInfo } from 'node:net'
 import { Aedes } from 'aedes'
 import { BufferList } from 'bl'
 import { afterEach, describe, expect, it } from 'vitest'
-import { slimClient } from '../../../gateway/mqtt/aedes-internals.ts'
-import { connectPacket, packet, publishPacket, RawConnection, subscribePacket, u16 } from '../../helpers/raw-mqtt.ts'
+import { forgetConnectPacket, slimClient } from '../../../gateway/mqtt/aedes-internals.ts'
+import { connectPacket, packet, publishPacket, RawConnection, str, subscribePacket, u16 } from '../../helpers/raw-mqtt.ts'
 
 interface Running { readonly url: string, readonly broker: Aedes, readonly clients: object[], close (): Promise<void> }
 
 const running: Running[] = []
 
 async function start (options: { maxInflightInbound?: number } = {}): Promise<Running> {
-  const broker = await Aedes.createBroker({ ...options })
+  // As the gateway wires it: slimClient after handle, forgetConnectPacket in preConnect (hooks/authenticate.ts).
+  const broker = await Aedes.createBroker({ ...options, preConnect: (client, packet, done) => { forgetConnectPacket(client, packet); done(null, true) } })
   const clients: object[] = []
   const server = net.createServer((socket) => {
     const client = broker.handle(socket)
@@ -82,6 +86,54 @@ describe('slimClient', () => {
     expect(parser._list).toBeInstanceOf(BufferList)
     expect(parser.settings).toEqual({ protocolVersion: 4, bridgeMode: undefined })
     conn.destroy()
+  })
+
+  it('keeps duplicates without inherited keys, and topic aliases made on first use', () => {
+    const client = { duplicates: Object.create(null) as object, _topicAliases: new Map() }
+    slimClient(client as never)
+    const duplicates = client.duplicates as Record<string, number | undefined>
+    expect(duplicates.constructor).toBeUndefined()
+    expect('toString' in duplicates).toBe(false)
+    duplicates.__proto__ = 1
+    expect(Object.keys(duplicates)).toEqual(['__proto__'])
+    const aliases = client._topicAliases as unknown as { get (a: number): string | undefined, set (a: number, t: string): unknown }
+    expect(aliases).not.toBeInstanceOf(Map)
+    expect(aliases.get(1)).toBeUndefined()
+    aliases.set(1, 'a/b')
+    expect(aliases.get(1)).toBe('a/b')
+  })
+
+  it('turns a parse error, a connection reset and a half-close into the broker events aedes emits for them', async () => {
+    const r = await start()
+    const events: string[] = []
+    r.broker.on('connectionError', (_c, err) => events.push(`connectionError ${err.message}`))
+    r.broker.on('clientError', (c, err) => events.push(`clientError ${c.id} ${(err as NodeJS.ErrnoException).code}`))
+    r.broker.on('clientDisconnect', (c) => events.push(`clientDisconnect ${c.id}`))
+
+    const bad = await RawConnection.open(r.url)
+    bad.send(packet(0x10, Buffer.concat([str('XXXX'), Buffer.from([4, 2, 0, 30]), str('bad')]))) // CONNECT with a wrong protocol name
+    expect(await bad.waitClosed()).toBe(true)
+    const client = r.clients[0] as { conn: NodeJS.EventEmitter, _parser: NodeJS.EventEmitter }
+    for (const fn of [client.conn.listeners('error')[0], client.conn.listeners('end')[0], client._parser.listeners('error')[0]]) {
+      expect((fn as () => void).name).not.toMatch(/^bound /)
+    }
+    expect(events[0]).toMatch(/^connectionError .*protocol/i)
+
+    const reset = await RawConnection.open(r.url)
+    reset.send(connectPacket({ clientId: 'reset' }))
+    expect(await reset.next('connack')).toBeDefined()
+    reset.socket.resetAndDestroy()
+    const half = await RawConnection.open(r.url)
+    half.send(connectPacket({ clientId: 'half' }))
+    expect(await half.next('connack')).toBeDefined()
+    half.socket.end()
+    expect(await half.waitClosed()).toBe(true)
+    const deadline = performance.now() + 5000
+    while (!(events.includes('clientError reset ECONNRESET') && events.includes('clientDisconnect half')) && performance.now() < deadline) {
+      await new Promise((resolve) => setImmediate(resolve))
+    }
+    expect(events).toContain('clientError reset ECONNRESET')
+    expect(events).toContain('clientDisconnect half')
   })
 
   it('still closes a client over maxInflightInbound QoS 2 messages awaiting PUBREL, and completes those under it', async () => {
