@@ -77,7 +77,7 @@ const upstreamSchema = {
     mqttVersion: {
       enum: ['auto', '5', '3.1.1'], default: 'auto',
       description: 'Protocol version spoken to the upstream. `auto`: MQTT 5, and MQTT 3.1.1 (without dedupe ids) if the upstream refuses 5 at CONNACK; for ' +
-        'kind `edgemq`, 3.1.1.',
+        'kind `edgemq`, 3.1.1 with the $dedupe/ topic prefix (`5` sends the dedupe id as the edgemq-dedupe-id user property, which edgemq honours too).',
     },
     clientId: { type: 'string', description: 'Client id at the upstream. Defaults to `edgemq-<gatewayId>-<name>`.' },
     username: { type: 'string', description: 'Username at the upstream.' },
@@ -235,9 +235,6 @@ export function bridgeConfigProblem (bridge: BridgeConfig, context: BridgeConfig
     }
     if (!URL_SCHEMES.includes(url.protocol)) return `"${at}.url" must start with mqtt://, mqtts://, ws:// or wss:// (got ${url.protocol}//)`
     if (url.hostname === '') return `"${at}.url" has no host: ${JSON.stringify(u.url)}`
-    if (u.kind === 'edgemq' && u.mqttVersion === '5') {
-      return `"${at}.mqttVersion" "5": an edgemq upstream is spoken to in MQTT 3.1.1, its dedupe ids in a $dedupe/ topic prefix (leave mqttVersion at "auto")`
-    }
     if (u.dedupeId === 'user-property' && !protocolVersions(u).includes(5)) return `"${at}.dedupeId" user-property needs mqttVersion "5"`
     if (u.dedupeId === 'topic-prefix' && u.kind !== 'edgemq') {
       return `"${at}.dedupeId" topic-prefix is only for kind "edgemq": a plain MQTT broker would hand its subscribers the prefixed topics`

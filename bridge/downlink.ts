@@ -8,6 +8,11 @@
  *
  * The receipts a device's acknowledgement produces go back up through the
  * uplink's receipt lanes (RECEIPTS_STREAM, addressed by RECEIPT_UPSTREAM_HEADER).
+ * A command that came over MQTT 5 with a Response Topic (MQTT 5 4.10,
+ * request/response) gets its receipt there, with the command's Correlation
+ * Data, instead of at the upstream's receiptTopic (RECEIPT_RESPONSE_TOPIC_HEADER).
+ * A response topic that is not a topic name (empty, a wildcard, a NUL) is
+ * ignored, with a warning: the receipt goes to receiptTopic.
  */
 import type { IPublishPacket, MqttClient } from 'mqtt'
 import type { Clock } from '../store/index.ts'
@@ -20,6 +25,17 @@ import type { BridgeLogger, UplinkObserver } from './uplink-status.ts'
 export const RECEIPT_UPSTREAM_HEADER = 'edgemq-upstream'
 /** Stream (per tenant) that holds command receipts until the uplink has sent them. */
 export const RECEIPTS_STREAM = 'command-receipts'
+/** Header of a command receipt naming the remote topic it is published to instead of receiptTopic: the command's Response Topic. */
+export const RECEIPT_RESPONSE_TOPIC_HEADER = 'edgemq-response-topic'
+
+/** Why `topic` cannot be an MQTT 5 Response Topic [MQTT-3.3.2-14] (a topic name: no wildcard), or null when it can. */
+export function responseTopicProblem (topic: string): string | null {
+  if (topic.length === 0) return 'it is empty'
+  if (topic.includes('+') || topic.includes('#')) return 'it has a wildcard'
+  if (topic.includes('\u0000')) return 'it has a NUL character'
+  if (Buffer.byteLength(topic) > 65535) return 'it is longer than 65535 bytes'
+  return null
+}
 
 /** A command that arrived from an upstream, mapped to its local topic. */
 export interface IncomingCommand {
@@ -30,6 +46,8 @@ export interface IncomingCommand {
   readonly payload: Uint8Array
   /** Epoch ms after which it must not be delivered; null: never expires. */
   readonly expiresAt: number | null
+  /** MQTT 5 request/response: the remote topic its receipt goes to, with the correlation data it came with. */
+  readonly response?: { readonly topic: string, readonly correlationData?: Uint8Array }
 }
 
 /** Where commands go: the gateway appends them to the log and delivers them to devices. */
@@ -128,8 +146,9 @@ export class Downlink {
   handle (packet: IPublishPacket, client: MqttClient, done: (err?: Error) => void, connection: DownlinkConnection): void {
     const topic = packet.topic
     const payload = typeof packet.payload === 'string' ? Buffer.from(packet.payload) : packet.payload
-    const command = this.command(topic, payload, this.#deps.clock.now(), packet.properties?.messageExpiryInterval)
-    if (command === null) return done()
+    const mapped = this.command(topic, payload, this.#deps.clock.now(), packet.properties?.messageExpiryInterval)
+    if (mapped === null) return done()
+    const command = this.#withResponse(mapped, packet.properties?.responseTopic, packet.properties?.correlationData)
     const generation = connection.generation
     this.store(command).then(() => { if (generation === connection.generation) done() }, (err: unknown) => {
       // Not acknowledged: drop the connection, and the upstream's session redelivers the command after the reconnect.
@@ -137,6 +156,18 @@ export class Downlink {
       this.#deps.logger.error(fields, 'command could not be stored; reconnecting so the upstream redelivers it')
       if (generation === connection.generation) client.stream.destroy()
     })
+  }
+
+  /** The command with the response topic it asked its receipt to go to, when that is a topic name. */
+  #withResponse (command: IncomingCommand, topic: string | undefined, correlationData: Buffer | undefined): IncomingCommand {
+    if (topic === undefined) return command
+    const problem = responseTopicProblem(topic)
+    if (problem !== null) {
+      this.#deps.logger.warn({ upstream: this.#upstream, topic: command.remoteTopic, responseTopic: topic, reason: problem },
+        'command\'s response topic ignored, its receipt goes to receiptTopic')
+      return command
+    }
+    return { ...command, response: { topic, ...(correlationData === undefined ? {} : { correlationData }) } }
   }
 
   /** The remote filters of the mappings ({site}, {region}, {upstream} filled in), in config order. */

@@ -185,10 +185,28 @@ export const DEDUPE_TOPIC_PREFIX = '$dedupe/'
 export function splitDedupeTopic (topic: string): { readonly dedupeId: string, readonly topic: string } | null {
   if (!topic.startsWith(DEDUPE_TOPIC_PREFIX)) return null
   const levels = topic.slice(DEDUPE_TOPIC_PREFIX.length).split('/')
-  if (levels.length < 6) return null
-  const [gateway, tenant, stream, partition, offset] = levels as [string, string, string, string, string]
-  if (gateway === '' || tenant === '' || stream === '' || !/^(0|[1-9][0-9]{0,15})$/.test(partition) || !/^(0|[1-9][0-9]{0,15})$/.test(offset)) return null
+  if (levels.length < 6 || !isDedupeId(levels.slice(0, 5))) return null
   const rest = levels.slice(5).join('/')
   if (rest === '') return null
-  return { dedupeId: `${gateway}/${tenant}/${stream}/${partition}/${offset}`, topic: rest }
+  return { dedupeId: levels.slice(0, 5).join('/'), topic: rest }
+}
+
+/** The MQTT 5 user property that carries a forwarded record's dedupe id (an upstream's `dedupeId: user-property`). */
+export const DEDUPE_PROPERTY = 'edgemq-dedupe-id'
+
+/**
+ * The dedupe id an MQTT 5 PUBLISH carries in its {@link DEDUPE_PROPERTY} user property: null without one, `invalid`
+ * when it is not one id of the form `<gatewayId>/<tenant>/<stream>/<partition>/<offset>` (repeated, or malformed).
+ */
+export function dedupePropertyOf (userProperties: Readonly<Record<string, string | string[]>> | undefined): string | 'invalid' | null {
+  const value = userProperties?.[DEDUPE_PROPERTY]
+  if (value === undefined) return null
+  if (typeof value !== 'string') return 'invalid'
+  return isDedupeId(value.split('/')) ? value : 'invalid'
+}
+
+function isDedupeId (levels: readonly string[]): boolean {
+  if (levels.length !== 5) return false
+  const [gateway, tenant, stream, partition, offset] = levels as [string, string, string, string, string]
+  return gateway !== '' && tenant !== '' && stream !== '' && /^(0|[1-9][0-9]{0,15})$/.test(partition) && /^(0|[1-9][0-9]{0,15})$/.test(offset)
 }

@@ -44,16 +44,16 @@ import type { StoredRecord } from '../store/index.ts'
 import { upstreamKind, type DedupeCarrier, type ProtocolVersion, type UpstreamConfig } from './config-schema.ts'
 import { ID_SPLIT, UpstreamConnection } from './connection.ts'
 import { DisconnectRefusals } from './disconnect-refusals.ts'
-import { Downlink } from './downlink.ts'
+import { Downlink, RECEIPT_RESPONSE_TOPIC_HEADER } from './downlink.ts'
 import { headersToProperties } from './mqtt-properties.ts'
 import { advance, rewind, type Lane, type Pending } from './lanes.ts'
-import { DEDUPE_TOPIC_PREFIX, parseTemplate, RECORD_VARIABLES } from './topic-template.ts'
+import { DEDUPE_PROPERTY, DEDUPE_TOPIC_PREFIX, parseTemplate, RECORD_VARIABLES } from './topic-template.ts'
 import { REFUSAL_RETRY_MS, UplinkCore, type UplinkDeps } from './uplink-core.ts'
 import { redact, type UpstreamStatus } from './uplink-status.ts'
 
 export type { UplinkDeps } from './uplink-core.ts'
 
-export const DEDUPE_PROPERTY = 'edgemq-dedupe-id'
+export { DEDUPE_PROPERTY } from './topic-template.ts'
 
 /** A 3.1.1 disconnect later than this after a message was sent does not point at it. */
 const REFUSAL_DISCONNECT_MS = 10_000
@@ -207,7 +207,8 @@ export class Uplink {
    */
   #send (lane: Lane, entry: Pending, canary = false): void {
     const record = entry.record as StoredRecord
-    const remote = lane.template.render({
+    // The receipt of a command that named a response topic goes there (downlink.ts), with its correlation data as a header.
+    const remote = (lane.receipts ? record.headers?.[RECEIPT_RESPONSE_TOPIC_HEADER] : undefined) ?? lane.template.render({
       site: this.#deps.gatewayId, region: this.config.region, upstream: this.config.name,
       tenant: lane.tenant, stream: lane.name, partition: String(lane.partition), key: record.key, topic: record.topic,
     })

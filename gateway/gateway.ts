@@ -90,7 +90,8 @@ async function start (config: GatewayConfig, deps: GatewayDeps, shutdown: Shutdo
   shutdown.add('database', () => root.close())
   if (root.status !== 'open') await root.open()
   const sessionsDb = root.sublevel<Buffer, Buffer>('sessions', { keyEncoding: 'buffer', valueEncoding: 'buffer' }) as unknown as LevelDatabase
-  const expiryDb = root.sublevel<Buffer, Buffer>('session-expiry', { keyEncoding: 'buffer', valueEncoding: 'buffer' }) as unknown as LevelDatabase
+  // Where gateways before the one session-expiry mechanism kept MQTT 5 deadlines: read once, emptied (mqtt/session-expiry.ts).
+  const legacyExpiryDb = root.sublevel<Buffer, Buffer>('session-expiry', { keyEncoding: 'buffer', valueEncoding: 'buffer' }) as unknown as LevelDatabase
 
   // Before the store opens: a primary journals every write of the database, from the first.
   const replication = await startReplication({
@@ -113,7 +114,7 @@ async function start (config: GatewayConfig, deps: GatewayDeps, shutdown: Shutdo
       await root.close()
       await root.open()
       if (sessionsDb.status !== 'open') await sessionsDb.open() // sublevels stay closed until opened again
-      if (expiryDb.status !== 'open') await expiryDb.open()
+      if (legacyExpiryDb.status !== 'open') await legacyExpiryDb.open()
     },
     logger: { warn: (fields, msg) => logger.warn(fields, msg), error: (fields, msg) => logger.error(fields, msg) },
     observer,
@@ -156,6 +157,7 @@ async function start (config: GatewayConfig, deps: GatewayDeps, shutdown: Shutdo
     ? new LevelSessionPersistence(new MemoryLevel({ keyEncoding: 'buffer', valueEncoding: 'buffer' }) as unknown as LevelDatabase)
     : new LevelSessionPersistence(sessionsDb, {
       writer: store, log: store, window: config.mqtt.sessionInflight, maxQueuedPerSession: config.mqtt.maxQueuedMessagesPerSession,
+      maxOfflineSeconds: config.mqtt.sessionExpirySeconds, now: () => systemClock.now(),
       onQueueOverflow: (clientId, topic, first) => {
         const tenant = topic.slice(0, Math.max(0, topic.indexOf('/')))
         metrics.sessionQueueDropped.inc({ tenant })
@@ -166,20 +168,25 @@ async function start (config: GatewayConfig, deps: GatewayDeps, shutdown: Shutdo
       onCursorWriteError: (err) => logger.error({ err: (err as Error).message }, 'a session cursor could not be written; its next advance writes it'),
     })
   sessions.persistence = persistence
-  const { aedes: broker, appendsSettled } = createBroker({
+  const { aedes: broker, appendsSettled, wills } = createBroker({
     config, store, persistence, metrics, logger, guards, onStoreHealth: (ok, err) => health.set(ok, err),
   })
   ;(broker as unknown as NodeJS.EventEmitter).on('error', (err: Error) => logger.error({ err: err.message }, 'broker error'))
   if (standby) refuseStandbyPublishes(broker, logger)
   await broker.listen()
   shutdown.add('sessions', () => persistence.destroy())
-  // MQTT 5 sessions whose expiry passed while the gateway was down end before any client connects. Not on a standby:
-  // its readers' sessions live in memory, and the replicated deadlines are the primary's, for after a promotion.
+  // Sessions whose time offline (MQTT 5 Session Expiry Interval, mqtt.sessionExpirySeconds) ran out while the gateway was down
+  // end before any client connects. Not on a standby: its readers' sessions live in memory, and the replicated marks are the
+  // primary's, for after a promotion.
   if (!standby) {
-    const sessionExpiry = new SessionExpiry({ db: expiryDb, writer: store, persistence, broker, now: () => systemClock.now(), logger })
+    const sessionExpiry = new SessionExpiry({
+      persistence, broker, now: () => systemClock.now(), logger, legacy: { db: legacyExpiryDb, writer: store },
+      firePendingWill: (clientId) => wills.firePending(clientId),
+      onExpired: () => { metrics.sessionsExpired.inc() },
+    })
     await sessionExpiry.start()
-    // Registered before the listeners' step, so it runs after it: the deadlines of the clients it closes are stored.
-    shutdown.add('mqtt 5 session expiry', async () => sessionExpiry.stop())
+    // Registered before the listeners' step, so it runs after it: the clients it closes are marked offline (stored).
+    shutdown.add('session expiry', async () => sessionExpiry.stop())
   }
   let brokerClosed: Promise<void> | undefined
   const closeBroker = (): Promise<void> => (brokerClosed ??= new Promise<void>((resolve) => broker.close(() => resolve())))
@@ -255,20 +262,7 @@ async function start (config: GatewayConfig, deps: GatewayDeps, shutdown: Shutdo
     }))
   }
 
-  // Session expiry and retention act on the primary's data; a standby's are the primary's, replicated.
-  if (!standby && config.mqtt.sessionExpirySeconds > 0) {
-    const maxOfflineMs = config.mqtt.sessionExpirySeconds * 1000
-    const sweep = (): void => {
-      persistence.expireSessions(maxOfflineMs).then((expired) => {
-        metrics.sessionsExpired.inc(expired.length)
-        for (const clientId of expired) logger.info({ clientId, offlineSeconds: config.mqtt.sessionExpirySeconds }, 'persistent session expired')
-      }, (err: unknown) => logger.error({ err: (err as Error).message }, 'expiring persistent sessions failed'))
-    }
-    sweep()
-    const timer = setInterval(sweep, Math.min(60_000, Math.max(1000, maxOfflineMs / 2)))
-    timer.unref()
-    shutdown.add('session expiry', async () => clearInterval(timer))
-  }
+  // Retention acts on the primary's data; a standby's is the primary's, replicated.
   if (!standby) {
     const retention = startRetention(store, config.store.retentionIntervalMs, logger)
     shutdown.add('retention', async () => retention.stop())

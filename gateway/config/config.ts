@@ -188,7 +188,8 @@ export const configSchema = {
           minimum: 1,
           maximum: 65535,
           default: 1000,
-          description: 'QoS 1/2 publishes of one client being appended at once; the socket is paused beyond it.',
+          description: 'QoS 1/2 publishes of one client being appended at once; the socket is paused beyond it. ' +
+            'The receive maximum MQTT 5 clients are given: one with more unacknowledged gets DISCONNECT 0x93.',
         },
         publishRatePerClient: {
           type: 'number',
@@ -216,9 +217,10 @@ export const configSchema = {
             'beyond it the newest is dropped, counted in edgemq_mqtt_session_queue_dropped_total and logged once per episode.',
         },
         sessionExpirySeconds: {
-          type: 'integer', minimum: 0, default: 0,
+          type: 'integer', minimum: 0, maximum: 4294967294, default: 0,
           description: 'A persistent session offline for longer than this is dropped with its queue and cursors (and their hold on ' +
-            'retention), counted in edgemq_mqtt_sessions_expired_total and logged; checked every minute at most. 0 keeps sessions forever.',
+            'retention), counted in edgemq_mqtt_sessions_expired_total and logged, also when the time ran out while the gateway was down. ' +
+            'It bounds an MQTT 5 Session Expiry Interval too (told in the CONNACK). 0 keeps sessions forever.',
         },
         sessionInflight: {
           type: 'integer', minimum: 1, maximum: 65535, default: 100,

@@ -322,7 +322,8 @@ export function createMetrics (registry: Registry, sources: MetricsSources): Gat
     }),
     sessionsExpired: new Counter({
       name: 'edgemq_mqtt_sessions_expired_total',
-      help: 'Persistent sessions dropped after mqtt.sessionExpirySeconds offline, with their queues and cursors.',
+      help: 'Persistent sessions dropped when their time offline ran out (MQTT 5 Session Expiry Interval or mqtt.sessionExpirySeconds), ' +
+        'with their queues and cursors.',
       registers: [registry],
     }),
     sessionQueueDropped: new Counter({

@@ -43,7 +43,7 @@ import { InboundQos2 } from './inbound-qos2.ts'
 import { MqttReplays } from './replay.ts'
 import { ShareHooks } from './shared/aedes-hooks.ts'
 import { SharedSubscriptions } from './shared/share-groups.ts'
-import { identityNow, installWills } from './wills.ts'
+import { identityNow, installWills, type Wills } from './wills.ts'
 
 export { ORIGIN_HEADER } from './hooks/authorize-publish.ts'
 export { USER_HEADER, releaseBackpressure } from './hooks/durable-append.ts'
@@ -79,6 +79,8 @@ export interface Broker {
   readonly aedes: Aedes
   /** Resolves once every append a client's publish started has settled, and the shares' commits (the shutdown's "drain appends"). */
   appendsSettled (): Promise<void>
+  /** The wills of a previous process still waiting for their delay (session-expiry.ts fires one when its session ends). */
+  readonly wills: Wills
 }
 
 export function createBroker (deps: BrokerDeps): Broker {
@@ -93,11 +95,15 @@ export function createBroker (deps: BrokerDeps): Broker {
     maxInflightInbound: MAX_INFLIGHT_INBOUND,
     // MQTT 5 CONNACK properties. The listeners' guards enforce maxPacketBytes first (with DISCONNECT 0x95), and hand
     // aedes at most maxInflightPerClient packets of a connection at a time (the socket is paused beyond it, and while
-    // the log is backed up): the receive maximum a client is asked to keep to. A client that does not is paused, not
-    // disconnected with 0x93 (docs/mqtt5.md).
+    // the log is backed up): the receive maximum a client is asked to keep to. An MQTT 5 client with more QoS 1/2
+    // publishes unacknowledged gets DISCONNECT 0x93; towards it, the guard keeps to the client's receive maximum
+    // (receive-maximum.ts).
     maximumPacketSize: config.mqtt.maxPacketBytes,
     receiveMaximum: config.mqtt.maxInflightPerClient,
     topicAliasMaximum: TOPIC_ALIAS_MAXIMUM,
+    // mqtt.sessionExpirySeconds bounds every session's time offline: an MQTT 5 client asking for longer is told the bound in
+    // the CONNACK (MQTT 5 3.2.2.3.2), and aedes caps its will delay by it too (3.1.3.2.2; session-expiry.ts, wills.ts).
+    sessionExpiryIntervalLimit: config.mqtt.sessionExpirySeconds,
   })
   const identities = new WeakMap<Client, Identity>()
   const connects = new WeakMap<Client, ConnectInfo>()
@@ -146,5 +152,5 @@ export function createBroker (deps: BrokerDeps): Broker {
   shareHooks.install(ctx)
   installClientEvents(ctx)
   // Once the clients are gone: the shares' last commits, so a graceful restart sends less again.
-  return { aedes: broker, appendsSettled: async () => { await appender.settled(); await shares.close() } }
+  return { aedes: broker, wills: ctx.wills, appendsSettled: async () => { await appender.settled(); await shares.close() } }
 }

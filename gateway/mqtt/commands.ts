@@ -37,11 +37,21 @@
  * every command is settled) and holds every command without a receipt again.
  * A crash between delivery and receipt delivers that command again (QoS 1
  * semantics: at least once).
+ *
+ * Request/response (MQTT 5 4.10): a command that came with a Response Topic
+ * keeps it and its Correlation Data in its record's `mqtt-response-topic` and
+ * `mqtt-correlation-data` headers (so a restart keeps them too); its receipt
+ * carries them as `edgemq-response-topic` and `mqtt-correlation-data`, and
+ * the uplink publishes it to that topic, with that correlation data, instead
+ * of receiptTopic. The device gets the command without them: the response
+ * topic is the upstream's, not one a device could publish to.
  */
 import type { Aedes, Client, PublishPacket } from 'aedes'
 import mqttPacket from 'mqtt-packet'
 import { isStoreError, type Clock, type LogStore, type StoredRecord } from '../../store/index.ts'
-import { RECEIPT_UPSTREAM_HEADER, RECEIPTS_STREAM, type CommandSink, type IncomingCommand } from '../../bridge/index.ts'
+import {
+  PROPERTY_HEADERS, RECEIPT_RESPONSE_TOPIC_HEADER, RECEIPT_UPSTREAM_HEADER, RECEIPTS_STREAM, type CommandSink, type IncomingCommand,
+} from '../../bridge/index.ts'
 import { claimPubacks, connectedClient, nextPacketId, rawConnection, subscriptionsOf, wrapAuthorizeForward } from './aedes-internals.ts'
 import { isMqtt5 } from './reason-codes.ts'
 import type { Router } from './routing.ts'
@@ -94,6 +104,8 @@ interface Command {
   readonly upstream: string
   readonly remoteTopic: string
   readonly expiresAt: number | null
+  /** The record headers of its response topic and correlation data (MQTT 5 request/response), passed on to its receipt. */
+  readonly response: Readonly<Record<string, string>>
   /** Set while the command is written and unacknowledged, or its receipt append is under way. */
   busy: boolean
   /** The connection it was written to as QoS 1 and its packet id, until the device's PUBACK. */
@@ -217,7 +229,8 @@ export class CommandDispatcher implements CommandSink {
     const expires = r.headers?.[HEADER_EXPIRES_AT]
     return {
       id: `${stream}/${partition}/${r.offset}`, tenant, stream, partition, offset: r.offset, key: r.key, topic: r.topic, payload: r.payload,
-      upstream, remoteTopic: r.headers?.[HEADER_REMOTE_TOPIC] ?? '', expiresAt: expires === undefined ? null : Number(expires), busy: false, inflight: null,
+      upstream, remoteTopic: r.headers?.[HEADER_REMOTE_TOPIC] ?? '', expiresAt: expires === undefined ? null : Number(expires),
+      response: responseHeaders(r.headers), busy: false, inflight: null,
     }
   }
 
@@ -243,6 +256,12 @@ export class CommandDispatcher implements CommandSink {
     const stream = `${command.tenant}/${target.stream}`
     const headers: Record<string, string> = { [RECEIPT_UPSTREAM_HEADER]: command.upstream, [HEADER_REMOTE_TOPIC]: command.remoteTopic }
     if (command.expiresAt !== null) headers[HEADER_EXPIRES_AT] = String(command.expiresAt)
+    if (command.response !== undefined) {
+      headers[PROPERTY_HEADERS.responseTopic] = command.response.topic
+      if (command.response.correlationData !== undefined) {
+        headers[PROPERTY_HEADERS.correlationData] = Buffer.from(command.response.correlationData).toString('base64')
+      }
+    }
     this.#accepting++
     let result
     try {
@@ -254,7 +273,7 @@ export class CommandDispatcher implements CommandSink {
     const c: Command = {
       id: `${stream}/${result.partition}/${result.offset}`, tenant: command.tenant, stream, partition: result.partition, offset: result.offset,
       key: target.key, topic: command.localTopic, payload: command.payload, upstream: command.upstream, remoteTopic: command.remoteTopic,
-      expiresAt: command.expiresAt, busy: false, inflight: null,
+      expiresAt: command.expiresAt, response: responseHeaders(headers), busy: false, inflight: null,
     }
     if (this.#closed) return
     this.#pending.set(c.id, c)
@@ -353,7 +372,7 @@ export class CommandDispatcher implements CommandSink {
     const receipt = {
       status, command: c.id, topic: c.topic, remoteTopic: c.remoteTopic, upstream: c.upstream, at: new Date(clock.now()).toISOString(),
     }
-    const headers = { [RECEIPT_UPSTREAM_HEADER]: c.upstream, [HEADER_COMMAND]: c.id, [HEADER_STATUS]: status }
+    const headers = { [RECEIPT_UPSTREAM_HEADER]: c.upstream, [HEADER_COMMAND]: c.id, [HEADER_STATUS]: status, ...c.response }
     const record = { payload: Buffer.from(JSON.stringify(receipt)), topic: c.topic, qos: 1 as const, clientId: `bridge:${c.upstream}`, headers }
     store.append(`${c.tenant}/${RECEIPTS_STREAM}`, c.key, record, { dedupeId: `receipt/${c.id}` }).then(() => {
       this.#pending.delete(c.id)
@@ -393,6 +412,14 @@ export class CommandDispatcher implements CommandSink {
       }
     }
   }
+}
+
+/** The receipt headers that send it to the command's response topic with its correlation data (see the header). */
+function responseHeaders (commandHeaders: Readonly<Record<string, string>> | null | undefined): Record<string, string> {
+  const topic = commandHeaders?.[PROPERTY_HEADERS.responseTopic]
+  if (topic === undefined) return {}
+  const data = commandHeaders?.[PROPERTY_HEADERS.correlationData]
+  return { [RECEIPT_RESPONSE_TOPIC_HEADER]: topic, ...(data === undefined ? {} : { [PROPERTY_HEADERS.correlationData]: data }) }
 }
 
 function inflightKey (client: Client, messageId: number): string {

@@ -25,7 +25,13 @@
  *   DISCONNECT with the reason code (0x95 packet too large, 0x81 malformed
  *   packet, 0x82 protocol error) before the connection closes [MQTT-4.13.1-1];
  * - it hands aedes at most `maxInflight` packets at a time, so one client
- *   cannot have more publishes being appended at once;
+ *   cannot have more publishes being appended at once; the same number is
+ *   the receive maximum the CONNACK advertises, and an MQTT 5 client with
+ *   more QoS 1/2 PUBLISHes unfinished gets DISCONNECT 0x93; towards an MQTT 5
+ *   client it holds QoS 1/2 PUBLISHes beyond the client's own receive
+ *   maximum until the client acknowledges (receive-maximum.ts), and gives
+ *   topic aliases to the PUBLISHes it writes when the client allows them
+ *   (topic-aliases.ts);
  * - it stops reading from the socket while the gateway is paused (the log
  *   has too many appends pending) or the client is over its publish rate.
  *
@@ -44,8 +50,10 @@ import type { Socket } from 'node:net'
 import { Duplex } from 'node:stream'
 import { clientOfConnection } from './aedes-internals.ts'
 import { REASON, type ReasonCode } from './reason-codes.ts'
+import { InflightWindows, RECEIVE_MAXIMUM_DEFAULT } from './receive-maximum.ts'
+import { OutboundTopicAliases } from './topic-aliases.ts'
 
-export type ViolationReason = 'packet-too-large' | 'malformed-header' | 'protocol'
+export type ViolationReason = 'packet-too-large' | 'malformed-header' | 'protocol' | 'receive-maximum'
 
 /** Shared by every connection of a listener (not made per connection: see the header). */
 export interface GuardOptions {
@@ -78,7 +86,13 @@ const REQUIRED_FLAGS: ReadonlyArray<number | null> = [null, 0, 0, null, 0, 0, 2,
 /** The reason code of the MQTT 5 DISCONNECT a violation sends (MQTT 5 3.14.2.1). */
 const DISCONNECT_CODES: Readonly<Record<ViolationReason, ReasonCode>> = {
   'packet-too-large': REASON.PACKET_TOO_LARGE, 'malformed-header': REASON.MALFORMED_PACKET, protocol: REASON.PROTOCOL_ERROR,
+  'receive-maximum': REASON.RECEIVE_MAXIMUM_EXCEEDED,
 }
+/**
+ * Bytes of PUBLISH packets held back for a client's receive maximum beyond which aedes' writes wait (its write path
+ * then waits for 'drain', as for a full socket), so a client that stops acknowledging holds a bounded amount.
+ */
+const HOLD_LIMIT = 256 * 1024
 /** How long a connection closed with a DISCONNECT may take to write it before its socket is destroyed. */
 const LINGER_MS = 1000
 const PLUS = 0x2b
@@ -152,6 +166,12 @@ export class ConnectionGuard extends Duplex {
    * that answers the CONNACK at once can beat.)
    */
   #answered = false
+  /** MQTT 5 only (receive-maximum.ts): the QoS 1/2 packet ids in flight both ways, and the PUBLISHes held back. */
+  #windows: InflightWindows | null = null
+  /** The callback of a write that waits for held PUBLISHes to go below HOLD_LIMIT. */
+  #unheld: (() => void) | null = null
+  /** MQTT 5 with a Topic Alias Maximum in the CONNECT only (topic-aliases.ts). */
+  #aliases: OutboundTopicAliases | null = null
 
   constructor (socket: Socket | Duplex, options: GuardOptions) {
     super({ readableHighWaterMark: 1, allowHalfOpen: false })
@@ -173,6 +193,14 @@ export class ConnectionGuard extends Duplex {
 
   /** The protocol level the client's CONNECT asked for (4 = MQTT 3.1.1, 5 = MQTT 5), 4 until it is read. */
   get protocolVersion (): number { return this.#version }
+
+  /**
+   * The Topic Alias Maximum of the client's MQTT 5 CONNECT (preConnect, hooks/authenticate.ts, before the CONNACK):
+   * PUBLISHes written to it from now on get topic aliases.
+   */
+  aliasTopics (clientMaximum: number): void {
+    if (this.#version === MQTT5 && clientMaximum > 0 && this.#aliases === null) this.#aliases = new OutboundTopicAliases(clientMaximum)
+  }
 
   /** @internal the socket's 'data' (see onSocketData). */
   onSocketData (chunk: Buffer): void {
@@ -233,10 +261,15 @@ export class ConnectionGuard extends Duplex {
         const verdict = checkPublish(chunk, i, Math.min(chunk.length - i, length), flags, length, this.#version)
         if (typeof verdict === 'string') return this.#violate('protocol', verdict)
         if (verdict !== 0) this.#inspect(type, flags, length, verdict) // split across chunks: collect it
+        else if ((flags & 0x06) !== 0 && this.#windows !== null && !this.#received(chunk, i)) return
       } else if (type === SUBSCRIBE || type === UNSUBSCRIBE) {
         // The whole (small, size-limited) body.
         this.#inspect(type, flags, length, length)
         if (length === 0 && !this.#feed(chunk, i, i)) return
+      } else if (this.#windows !== null && InflightWindows.ackBytes(type, length) > 0) {
+        const need = InflightWindows.ackBytes(type, length)
+        if (chunk.length - i >= need) this.#acknowledged(type, chunk, i, length)
+        else this.#inspect(type, flags, length, need)
       } else if (type === CONNECT && length > 0) {
         // The protocol name's length first, then up to its level byte (checkConnect).
         this.#inspect(type, flags, length, Math.min(length, 2))
@@ -328,13 +361,17 @@ export class ConnectionGuard extends Duplex {
       const parts = this.#inParts ?? []
       const body = parts.length === 1 ? parts[0] as Buffer : Buffer.concat(parts)
       this.#inParts = [body]
-      const verdict = this.#inType === PUBLISH
+      const type = this.#inType
+      const verdict = type === PUBLISH
         ? checkPublish(body, 0, body.length, this.#inFlags, this.#inLength, this.#version)
-        : this.#inType === CONNECT ? this.#checkConnect(body) : this.#checkSubscription(body)
+        : type === CONNECT
+          ? this.#checkConnect(body)
+          : type === SUBSCRIBE || type === UNSUBSCRIBE ? this.#checkSubscription(body) : this.#acknowledged(type, body, 0, this.#inLength)
       if (typeof verdict === 'string') {
         this.#violate('protocol', verdict)
         return false
       }
+      if (verdict === 0 && type === PUBLISH && (this.#inFlags & 0x06) !== 0 && this.#windows !== null && !this.#received(body, 0)) return false
       if (verdict === 0) {
         this.#inType = 0
         this.#inParts = null
@@ -355,6 +392,7 @@ export class ConnectionGuard extends Duplex {
     const level = 2 + body.readUInt16BE(0)
     if (body.length > level) {
       this.#version = body[level] as number
+      if (this.#version === MQTT5) this.#windows = new InflightWindows(this.#options.maxInflight, () => this.#clientReceiveMaximum())
       return 0
     }
     return level < this.#inLength ? level + 1 : 0
@@ -460,14 +498,25 @@ export class ConnectionGuard extends Duplex {
    */
   #queueWrite (chunk: Buffer, callback: (err?: Error | null) => void): void {
     this.#answered = true
+    const out = this.#windows === null ? chunk : this.#windows.sending(chunk)
+    if (out.length > 0) this.#enqueue(out)
+    const done = this.#windows === null ? callback : () => this.#whenUnheld(callback)
+    if (this.socket.writableNeedDrain) this.#waitForDrain(done)
+    else done()
+  }
+
+  /**
+   * Queues bytes for the next flush, with topic aliases (MQTT 5). PUBLISHes the receive maximum released come
+   * through here too, so the socket gets everything in the order the aliases were given.
+   */
+  #enqueue (out: Buffer): void {
+    const bytes = this.#aliases === null ? out : this.#aliases.rewrite(out)
     if (this.#pending === null) {
-      this.#pending = [chunk]
+      this.#pending = [bytes]
       setImmediate(flushWrites, this)
     } else {
-      this.#pending.push(chunk)
+      this.#pending.push(bytes)
     }
-    if (this.socket.writableNeedDrain) this.#waitForDrain(callback)
-    else callback()
   }
 
   /** @internal writes what #queueWrite gathered (see flushWrites). */
@@ -485,6 +534,38 @@ export class ConnectionGuard extends Duplex {
     this.socket.once('drain', onSocketDrain)
   }
 
+  #whenUnheld (callback: () => void): void {
+    if ((this.#windows?.heldBytes ?? 0) <= HOLD_LIMIT) callback()
+    else this.#unheld = callback
+  }
+
+  /** A QoS 1/2 PUBLISH from an MQTT 5 client, its body at buf[at]; false when it broke the receive maximum (closed). */
+  #received (buf: Buffer, at: number): boolean {
+    const id = buf.readUInt16BE(at + 2 + buf.readUInt16BE(at))
+    if ((this.#windows as InflightWindows).received(id)) return true
+    this.#violate('receive-maximum', `more than ${this.#options.maxInflight} QoS 1/2 publishes unacknowledged (the receive maximum it was given)`)
+    return false
+  }
+
+  /** A PUBACK, PUBREC or PUBCOMP from an MQTT 5 client, its body at buf[at]: the PUBLISHes it lets out go out. */
+  #acknowledged (type: number, buf: Buffer, at: number, length: number): 0 {
+    const windows = this.#windows as InflightWindows
+    const released = windows.acknowledged(type, buf.readUInt16BE(at), length >= 3 ? buf[at + 2] as number : 0)
+    if (released !== null && !this.socket.destroyed) this.#enqueue(released)
+    const unheld = this.#unheld
+    if (unheld !== null && windows.heldBytes <= HOLD_LIMIT) {
+      this.#unheld = null
+      unheld()
+    }
+    return 0
+  }
+
+  /** The client's receive maximum (aedes reads it from the CONNECT, before it writes the CONNACK). */
+  #clientReceiveMaximum (): number {
+    const max = clientOfConnection(this)?.receiveMaximum
+    return typeof max === 'number' && max >= 1 ? max : RECEIVE_MAXIMUM_DEFAULT
+  }
+
   override _final (callback: (err?: Error | null) => void): void {
     this.flushWrites()
     this.socket.end(callback)
@@ -492,6 +573,7 @@ export class ConnectionGuard extends Duplex {
 
   override _destroy (err: Error | null, callback: (err?: Error | null) => void): void {
     this.#options.group.members.delete(this)
+    this.#unheld = null
     if (this.#rateTimer !== undefined) clearTimeout(this.#rateTimer)
     // aedes destroys the connection right after writing a DISCONNECT (0x8E takeover, 0x8B shutdown, 0x94): what the
     // socket still buffers goes out first, or the client never learns why.

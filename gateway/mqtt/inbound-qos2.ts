@@ -26,6 +26,16 @@
  * As aedes' slot is not reserved on that path, `begin` holds the client to
  * aedes' `maxInflightInbound` itself, counting the stored entries.
  *
+ * A failed append is answered by client version. MQTT 5: PUBREC with 0x97
+ * (disk full, record too large) or 0x80, which ends the exchange (MQTT 5
+ * 4.3.3): nothing was logged and no entry stored (one batch), so the client
+ * may send the message again under any packet id; authorizePublish waits for
+ * the append to give aedes that reason code. MQTT 3.1.1 has no reason code
+ * on PUBREC: the append is retried while the client stays connected
+ * (hooks/durable-append.ts), and no PUBREC is sent until it succeeds; if the
+ * connection ends first, aedes' store step fails and the client sends the
+ * PUBLISH again after it reconnects [MQTT-4.4.0-1].
+ *
  * Delivery to subscribers (online, and persistent sessions' offline queues)
  * is written after the append batch, so a gateway killed between the two
  * left a logged message undelivered. The first retransmission of an entry
@@ -79,6 +89,7 @@ export class InboundQos2 {
     this.#maxInflight = maxInflight
     wrapInboundQos2(persistence, {
       incomingGetPacket: (get) => async (client, packet) => {
+        if (this.#failed.has(packet)) throw this.#failed.get(packet) // a delivery that failed after the append: see begin
         const messageId = packet.messageId
         const running = packet.cmd === 'publish' && messageId !== undefined ? this.#pending.get(client.id)?.get(messageId) : undefined
         if (running !== undefined) {
@@ -135,7 +146,8 @@ export class InboundQos2 {
       const stored = packet as unknown as SessionPacket
       if (plan.append === undefined) await this.#persistence.incomingStorePacket(client, stored)
       else await this.#persistence.incomingStorePacketWith(client, stored, plan.append)
-      await plan.deliver()
+      // Remembered per packet: under MQTT 5 aedes asks incomingGetPacket only after this settled (authorizePublish waits).
+      try { await plan.deliver() } catch (err) { this.#failed.set(packet, err); throw err }
       this.#setOf(client.id).add(messageId)
     })()
     const map = pending ?? new Map<number, Promise<void>>()
@@ -146,6 +158,11 @@ export class InboundQos2 {
       if (map.size === 0 && this.#pending.get(client.id) === map) this.#pending.delete(client.id)
     })
     return 'new'
+  }
+
+  /** The append and delivery that `begin` started ('new') for this packet id, until they settle. */
+  running (client: Client, messageId: number): Promise<void> | undefined {
+    return this.#pending.get(client.id)?.get(messageId)
   }
 
   #setOf (clientId: string): Set<number> {

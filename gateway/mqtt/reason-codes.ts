@@ -20,12 +20,16 @@ export const REASON = {
   MALFORMED_PACKET: 0x81,
   /** DISCONNECT: a packet that breaks the protocol (connection-guard.ts). */
   PROTOCOL_ERROR: 0x82,
+  /** A PUBLISH this gateway does not take although it is well formed: an `edgemq-dedupe-id` user property that is not a dedupe id. */
+  IMPLEMENTATION_SPECIFIC_ERROR: 0x83,
   /** The ACL refuses the topic, or the topic is one nobody may publish to ($replay/, $dedupe/ without a grant). */
   NOT_AUTHORIZED: 0x87,
   /** DISCONNECT: the client sent nothing for 1.5 times its keep-alive (hooks/client-events.ts). */
   KEEP_ALIVE_TIMEOUT: 0x8d,
   /** Not a valid topic name for the gateway, or no route logs it under `unrouted: reject`. */
   TOPIC_NAME_INVALID: 0x90,
+  /** DISCONNECT: the client has more QoS 1/2 PUBLISHes unacknowledged than the receive maximum it was given (receive-maximum.ts). */
+  RECEIVE_MAXIMUM_EXCEEDED: 0x93,
   /** DISCONNECT: a packet over the listener's maxPacketBytes (connection-guard.ts). */
   PACKET_TOO_LARGE: 0x95,
   /** The disk is full, or the record is over the store's size limit: a limit, not a fault of the message's form. */

@@ -305,6 +305,11 @@ export interface ReplayConnection {
   readonly clientId: string
   /** Whether the client speaks MQTT 5: its PUBLISH packets carry properties (the record's place in the log). */
   readonly mqtt5?: boolean
+  /**
+   * The client's receive maximum (receive-maximum.ts): a replay or share member has at most this many QoS 1 messages
+   * unacknowledged, however large its own window. Absent: no limit but its own.
+   */
+  readonly receiveMaximum?: number
   /** The next packet id of the client's own counter (shared with aedes' deliveries). */
   nextMessageId (): number
 }
@@ -488,6 +493,8 @@ class Replay {
   readonly #qos: 0 | 1
   readonly #prefix: string
   readonly #resumeAt: number
+  /** Unacknowledged QoS 1 messages at most: mqtt.replay.inflight, or the client's receive maximum if smaller. */
+  readonly #window: number
   #cancelled = false
   #inflight = 0
   #records = 0
@@ -504,7 +511,8 @@ class Replay {
     this.#who = ticket.who
     this.#qos = qos
     this.#prefix = `${REPLAY_LEVEL}/${ticket.request.range}/`
-    this.#resumeAt = Math.floor(deps.limits.inflight / 2)
+    this.#window = Math.min(deps.limits.inflight, channel.conn.receiveMaximum ?? deps.limits.inflight)
+    this.#resumeAt = Math.floor(this.#window / 2)
     this.#messages = deps.metrics.replayMessages.labels(ticket.who.tenant)
   }
 
@@ -613,7 +621,7 @@ class Replay {
           if (this.#stopped) return
         }
       }
-      const room = this.#qos === 1 ? this.#deps.limits.inflight - this.#inflight : BATCH_RECORDS
+      const room = this.#qos === 1 ? this.#window - this.#inflight : BATCH_RECORDS
       if (room <= 0) { await this.#sleep(); continue }
       const batch = this.#take(cursors, live, Math.min(room, BATCH_RECORDS))
       if (batch.records.length > 0) { await this.#send(batch, null, !live); continue }
@@ -711,7 +719,7 @@ class Replay {
    * [MQTT-3.3.1-9]. So the first PUBLISH without RETAIN ends the history.
    */
   async #send (batch: Batch, done: Buffer | null, retain: boolean): Promise<void> {
-    while (done !== null && this.#qos === 1 && this.#inflight >= this.#deps.limits.inflight && !this.#stopped) await this.#sleep()
+    while (done !== null && this.#qos === 1 && this.#inflight >= this.#window && !this.#stopped) await this.#sleep()
     if (this.#stopped) return
     const { records, topics, partitions } = batch
     const mqtt5 = this.#channel.conn.mqtt5 === true

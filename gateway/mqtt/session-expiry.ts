@@ -1,192 +1,174 @@
 /**
- * MQTT 5 session expiry that survives a restart and kill -9.
+ * Session expiry: the one mechanism that ends a persistent session for being
+ * offline too long, whichever bound ends it — an MQTT 5 client's Session
+ * Expiry Interval or the gateway-wide `mqtt.sessionExpirySeconds` (both are
+ * read by the session persistence's `sessionEnd`: the shorter, counted from
+ * when the session went offline).
  *
- * aedes 2 ends a session whose connection closed once its Session Expiry
- * Interval has passed, with a timer in memory (`scheduleSessionExpiry`,
- * aedes.js): a restart loses the timer, and the session was kept forever.
- * This module stores each such session's interval while its client is
- * connected and its deadline once the connection ended; at startup it ends
- * the sessions whose deadline has passed and arms a timer for the others.
- * aedes' own timer still runs while the process lives.
+ * What is stored is the persistence's (session-format.ts): the `E` mark of
+ * when a session went offline and the interval in its `C` entry, written
+ * with the log's group commit. So this survives kill -9: at start (before any
+ * listener accepts a connection) every session whose end passed while the
+ * gateway was down is dropped; a session that was connected when the gateway
+ * died counts as offline from the start (the persistence marks it so when it
+ * loads). Then one timer per offline session ends it on time, unless its
+ * client comes back. Every end is the persistence's `dropSession` (also the
+ * release of its cursors' hold on retention), counted and logged.
  *
- * Key layout (the `session-expiry` sublevel of the data directory's
- * database): key = the session's client id as aedes keys sessions (scoped
- * `<tenant>U+0000<id>` outside tenant "default"), UTF-8; value = 9 bytes, a
- * kind and an 8-byte big-endian unsigned integer: kind 0 = the deadline (ms
- * since the epoch) of a session whose connection ended; kind 1 = the
- * interval (s) of a connected client. Writes go through the log store's
- * group commit (LogStore.write), so they share its fsyncs.
+ * aedes 2 times MQTT 5 session expiry itself, in memory; it is kept from doing
+ * so for the sessions this module ends (aedes-internals.ts,
+ * ownSessionExpiry). Sessions that end with their connection (interval 0)
+ * stay aedes'. A will still pending when its session ends is published first
+ * (MQTT 5 3.1.3.2.2: at the will delay or the session's end, whichever comes
+ * first; wills.ts keeps the delayed wills of a previous process).
  *
- * Invariants: a session without an entry never expires here (3.1.1
- * persistent sessions, MQTT 5 with 0 or 0xFFFFFFFF). A kind 1 entry found at
- * startup is a connection the gateway's death ended: its deadline counts from
- * the start (the crash was no later), and is stored as kind 0 then. Ending a
- * session is idempotent, so an entry left by a kill between the end and the
- * delete is ended again at the next start.
+ * Not run on a standby: its readers' sessions live in memory, and the
+ * replicated marks are the primary's, for after a promotion.
+ *
+ * Gateways before this kept MQTT 5 deadlines in a `session-expiry` sublevel of
+ * their own (key: the scoped client id, utf8; value: a kind byte, 0 = the
+ * deadline in ms of a session gone offline, 1 = the interval in s of a client
+ * connected, then a u64). At start each entry becomes its session's interval
+ * (a deadline counted back from the session's offline mark) and is deleted,
+ * in one batch after the intervals are written: a kill in between reads them
+ * again.
  */
 import type { Aedes, Client } from 'aedes'
-import type { Readable } from 'node:stream'
 import type { ExtraOperation, ExtraSublevel, LevelDatabase } from '../../store/index.ts'
-import { connectedClient, standInClient } from './aedes-internals.ts'
+import { connectedClient, ownSessionExpiry } from './aedes-internals.ts'
 import { isMqtt5 } from './reason-codes.ts'
+import type { SessionEnd } from './session-persistence.ts'
 
-/** MQTT 5 3.1.2.11.2: 0xFFFFFFFF means the session does not expire. */
-const NEVER = 0xffffffff
-const DEADLINE = 0
-const CONNECTED = 1
 /** setTimeout's longest delay; longer deadlines are re-armed in steps. */
 const MAX_TIMER_MS = 2 ** 31 - 1
 
-/** The session persistence methods (aedes' persistence interface) that end a session. */
-export interface ExpiringPersistence {
-  cleanSubscriptions (client: Client): Promise<void>
-  delWill (client: { id: string, brokerId: string }): Promise<unknown>
-  cleanIncoming (client: Client): Promise<void>
-  outgoingStream (client: Client): Readable
-  outgoingClearMessageId (client: Client, packet: { cmd?: string, messageId?: number }): Promise<unknown>
+/** The session persistence methods (session-persistence.ts) this module uses. */
+export interface ExpiringSessions {
+  offlineSessions (): string[]
+  sessionEnd (clientId: string): SessionEnd | null
+  expireSession (clientId: string): Promise<SessionEnd | null>
+  expireSessions (): Promise<Array<SessionEnd & { clientId: string }>>
+  offlineSince (clientId: string): number | undefined
+  adoptInterval (clientId: string, seconds: number): Promise<boolean>
+}
+
+/** The `session-expiry` sublevel of gateways before this one, and the writer that deletes its entries (see the header). */
+export interface LegacyDeadlines {
+  readonly db: LevelDatabase
+  readonly writer: { write (ops: readonly ExtraOperation[]): Promise<void> }
 }
 
 export interface SessionExpiryDeps {
-  /** The `session-expiry` sublevel (buffer keys and values). */
-  readonly db: LevelDatabase
-  readonly writer: { write (ops: readonly ExtraOperation[]): Promise<void> }
-  readonly persistence: ExpiringPersistence
+  readonly persistence: ExpiringSessions
   readonly broker: Aedes
+  /** Publishes the client's will if one of a previous process is still waiting for its delay (wills.ts). */
+  readonly firePendingWill?: (clientId: string) => Promise<void>
   /** ms since the epoch. */
   readonly now: () => number
+  /** Told of every session ended (edgemq_mqtt_sessions_expired_total). */
+  readonly onExpired: (end: SessionEnd & { clientId: string }) => void
   readonly logger: { info (fields: Record<string, unknown>, message: string): void, warn (fields: Record<string, unknown>, message: string): void }
+  readonly legacy?: LegacyDeadlines
 }
 
 export class SessionExpiry {
   readonly #deps: SessionExpiryDeps
-  /** Client ids with a stored deadline (so a reconnect deletes only what exists). */
-  readonly #stored = new Set<string>()
   readonly #timers = new Map<string, NodeJS.Timeout>()
   #stopped = false
+  #restore: (() => void) | undefined
 
   constructor (deps: SessionExpiryDeps) {
     this.#deps = deps
   }
 
   /**
-   * Ends the sessions whose deadline passed while the gateway was down, arms timers for the others and starts
-   * recording deadlines. Call after `broker.listen()` and before the listeners accept connections.
+   * Ends the sessions whose end passed while the gateway was down, arms timers for the others and follows clients
+   * going and coming. Call after `broker.listen()` and before the listeners accept connections.
    */
   async start (): Promise<void> {
-    const { db, broker, now, logger } = this.#deps
-    const due: string[] = []
-    const crashed: ExtraOperation[] = []
-    const startedAt = now()
-    for await (const [key, value] of db.iterator() as AsyncIterable<[Buffer, Buffer]>) {
-      const id = key.toString('utf8')
-      const n = Number(value.readBigUInt64BE(1))
-      const deadline = value[0] === CONNECTED ? startedAt + n * 1000 : n
-      if (value[0] === CONNECTED) crashed.push(this.#put(id, DEADLINE, deadline))
-      this.#stored.add(id)
-      if (deadline <= startedAt) due.push(id)
-      else this.#arm(id, deadline)
-    }
-    if (crashed.length > 0) await this.#deps.writer.write(crashed)
-    for (const id of due) await this.#end(id)
-    if (due.length > 0 || this.#timers.size > 0) logger.info({ ended: due.length, pending: this.#timers.size }, 'MQTT 5 session expiry restored')
+    const { persistence, broker, logger } = this.#deps
+    // aedes' own timer for the sessions ended here (an MQTT 5 interval above 0; with 0 aedes ends the session at once).
+    this.#restore = ownSessionExpiry(broker, (client) => isMqtt5(client) && (client as Client & { sessionExpiryInterval?: number }).sessionExpiryInterval !== 0)
+    if (this.#deps.legacy !== undefined) await this.#adoptLegacy(this.#deps.legacy)
+    const ended = await persistence.expireSessions()
+    for (const end of ended) this.#report(end)
+    for (const id of persistence.offlineSessions()) this.#arm(id)
+    if (ended.length > 0 || this.#timers.size > 0) logger.info({ ended: ended.length, pending: this.#timers.size }, 'session expiry restored')
     const events = broker as unknown as NodeJS.EventEmitter
-    events.on('clientDisconnect', (client: Client) => { this.#disconnected(client) })
-    events.on('client', (client: Client) => { this.#connected(client) })
+    // Registered after the persistence's own listeners (setup, in listen()): it has marked the session offline by then.
+    events.on('clientDisconnect', (client: Client) => { if (!this.#stopped) this.#arm(client.id) })
+    events.on('client', (client: Client) => { this.#cancel(client.id) })
   }
 
-  /** Clears the timers (the gateway is stopping; the deadlines stay stored). */
+  /** Moves the deadlines of the former `session-expiry` sublevel into the sessions (see the header). */
+  async #adoptLegacy ({ db, writer }: LegacyDeadlines): Promise<void> {
+    const { persistence, now, logger } = this.#deps
+    const done: ExtraOperation[] = []
+    let adopted = 0
+    for await (const [key, value] of db.iterator() as AsyncIterable<[Buffer, Buffer]>) {
+      done.push({ type: 'del', sublevel: db as unknown as ExtraSublevel, key })
+      if (value.length !== 9) continue
+      const id = key.toString('utf8')
+      const n = Number(value.readBigUInt64BE(1))
+      const seconds = value[0] === 1 ? n : Math.max(0, Math.ceil((n - (persistence.offlineSince(id) ?? now())) / 1000))
+      if (await persistence.adoptInterval(id, seconds)) adopted++
+    }
+    if (done.length === 0) return
+    await writer.write(done)
+    logger.info({ adopted, entries: done.length }, 'session expiry deadlines of the former session-expiry key space moved into the sessions')
+  }
+
+  /** Clears the timers (the gateway is stopping; what they time is stored). */
   stop (): void {
     this.#stopped = true
     for (const timer of this.#timers.values()) clearTimeout(timer)
     this.#timers.clear()
+    this.#restore?.()
   }
 
-  #disconnected (client: Client): void {
-    if (this.#stopped) return
-    const successor = connectedClient(this.#deps.broker, client.id)
-    if (successor !== undefined && successor !== client) return // the successor connection owns the session now
-    const interval = expiringInterval(client)
-    if (interval === null) {
-      // 0: aedes ended the session (also a DISCONNECT that set 0); NEVER or 3.1.1: it does not end.
-      if (this.#stored.delete(client.id)) this.#write([this.#del(client.id)])
-      return
-    }
-    const deadline = this.#deps.now() + interval * 1000
-    this.#stored.add(client.id)
-    this.#arm(client.id, deadline)
-    this.#write([this.#put(client.id, DEADLINE, deadline)])
+  #cancel (id: string): void {
+    const timer = this.#timers.get(id)
+    if (timer !== undefined) { clearTimeout(timer); this.#timers.delete(id) }
   }
 
-  #connected (client: Client): void {
-    const timer = this.#timers.get(client.id)
-    if (timer !== undefined) { clearTimeout(timer); this.#timers.delete(client.id) }
-    const interval = expiringInterval(client)
-    if (interval !== null) {
-      this.#stored.add(client.id)
-      this.#write([this.#put(client.id, CONNECTED, interval)])
-    } else if (this.#stored.delete(client.id)) {
-      this.#write([this.#del(client.id)])
-    }
-  }
-
-  #put (id: string, kind: number, n: number): ExtraOperation {
-    const value = Buffer.alloc(9)
-    value[0] = kind
-    value.writeBigUInt64BE(BigInt(n), 1)
-    return { type: 'put', sublevel: this.#sublevel(), key: Buffer.from(id, 'utf8'), value }
-  }
-
-  #del (id: string): ExtraOperation {
-    return { type: 'del', sublevel: this.#sublevel(), key: Buffer.from(id, 'utf8') }
-  }
-
-  #arm (id: string, deadline: number): void {
-    const previous = this.#timers.get(id)
-    if (previous !== undefined) clearTimeout(previous)
-    const delay = Math.max(0, deadline - this.#deps.now())
+  /** (Re)arms the timer of the session's end, or clears it when the session does not end (connected, gone, no bound). */
+  #arm (id: string): void {
+    this.#cancel(id)
+    const end = this.#deps.persistence.sessionEnd(id)
+    if (end === null) return
+    const delay = Math.max(0, end.at - this.#deps.now())
     const timer = setTimeout(() => {
       this.#timers.delete(id)
-      if (delay > MAX_TIMER_MS) return this.#arm(id, deadline)
-      void this.#end(id)
+      if (delay > MAX_TIMER_MS) return this.#arm(id)
+      void this.#expire(id)
     }, Math.min(delay, MAX_TIMER_MS))
     timer.unref()
     this.#timers.set(id, timer)
   }
 
-  /** Ends the session (as aedes' own expiry does: subscriptions, will, inbound QoS 2, queue), then its entry. */
-  async #end (id: string): Promise<void> {
+  async #expire (id: string): Promise<void> {
     const { broker, persistence, logger } = this.#deps
-    if (this.#stopped || connectedClient(broker, id) !== undefined || !this.#stored.has(id)) return
-    const client = standInClient(id)
+    if (this.#stopped || connectedClient(broker, id) !== undefined) return
     try {
-      await persistence.cleanSubscriptions(client)
-      await persistence.delWill({ id, brokerId: broker.id })
-      await persistence.cleanIncoming(client)
-      for await (const packet of persistence.outgoingStream(client)) {
-        await persistence.outgoingClearMessageId(client, packet as { cmd?: string, messageId?: number })
-      }
-      if (connectedClient(broker, id) !== undefined || !this.#stored.delete(id)) return
-      await this.#deps.writer.write([this.#del(id)])
-      logger.info({ clientId: id.slice(id.indexOf('\u0000') + 1) }, 'MQTT 5 session expired')
+      await this.#deps.firePendingWill?.(id)
+      const end = await persistence.expireSession(id)
+      // A timer may fire a millisecond before the clock reaches its end: then it is armed again for the rest.
+      if (end !== null) this.#report({ clientId: id, ...end })
+      else if (!this.#stopped) this.#arm(id)
     } catch (err) {
-      logger.warn({ clientId: id, err: (err as Error).message }, 'ending an expired MQTT 5 session failed; retried at the next start')
+      logger.warn({ ...who(id), err: (err as Error).message }, 'ending an expired session failed; retried at the next start')
     }
   }
 
-  #write (ops: ExtraOperation[]): void {
-    this.#deps.writer.write(ops).catch((err: unknown) => {
-      this.#deps.logger.warn({ err: (err as Error).message }, 'storing an MQTT 5 session expiry deadline failed')
-    })
-  }
-
-  #sublevel (): ExtraSublevel {
-    return this.#deps.db as unknown as ExtraSublevel
+  #report (end: SessionEnd & { clientId: string }): void {
+    this.#deps.onExpired(end)
+    const bound = end.source === 'interval' ? 'Session Expiry Interval' : 'mqtt.sessionExpirySeconds'
+    this.#deps.logger.info({ ...who(end.clientId), offlineSeconds: end.seconds, bound }, 'persistent session expired')
   }
 }
 
-/** The session expiry interval (s) of an MQTT 5 client whose session outlives its connection for a while; else null. */
-function expiringInterval (client: Client): number | null {
-  if (!isMqtt5(client)) return null
-  const interval = (client as Client & { sessionExpiryInterval?: number }).sessionExpiryInterval ?? 0
-  return interval > 0 && interval < NEVER ? interval : null
+/** The tenant and client id of aedes' (scoped) client id, `<tenant>U+0000<id>` outside tenant "default". */
+function who (id: string): { tenant: string, clientId: string } {
+  const nul = id.indexOf('\u0000')
+  return nul === -1 ? { tenant: 'default', clientId: id } : { tenant: id.slice(0, nul), clientId: id.slice(nul + 1) }
 }

@@ -19,7 +19,7 @@
  * | `O` client seq(u64)           | cbor queued packet in aedes-packet shape, or the packet that replaced it (PUBREL) |
  * | `M` client seq(u64)           | message id, u16, given when the queued packet was sent      |
  * | `I` client messageId(u16)     | cbor inbound QoS 2 packet, aedes-packet shape               |
- * | `C` client                    | empty: a persistent session exists (CONNECT with clean = false), even with nothing else stored |
+ * | `C` client                    | a persistent session exists (clean = false), even empty: nothing, or its u32 MQTT 5 Session Expiry Interval (s) |
  * | `W` client                    | cbor will packet, carrying brokerId, clientId and (from the broker, wills.ts) edgemqIdentity |
  * | `E` client                    | u64 ms: when the persistent session went offline (absent while it is connected); for session expiry |
  * | `K` client stream partition(u32) | next offset to deliver, u64: a session's cursor into a partition of the log (`stream` as u16 length + utf8) |

@@ -79,7 +79,23 @@ export interface SessionState {
 /** What this module needs of an aedes client. */
 export interface SessionClient {
   readonly id: string
+  /** aedes' protocol level (5 for MQTT 5) and the client's Session Expiry Interval (s), as the session's end reads them. */
+  readonly version?: number
+  readonly sessionExpiryInterval?: number
 }
+
+/** When an offline session ends ({@link LevelSessionPersistence.sessionEnd}) and which bound ends it. */
+export interface SessionEnd {
+  /** ms since the epoch. */
+  readonly at: number
+  /** `interval`: the client's MQTT 5 Session Expiry Interval; `cap`: `maxOfflineSeconds` (mqtt.sessionExpirySeconds). */
+  readonly source: 'interval' | 'cap'
+  /** How long the session may stay offline (s). */
+  readonly seconds: number
+}
+
+/** MQTT 5 3.1.2.11.2: 0xFFFFFFFF means the session does not expire. */
+const NEVER_EXPIRES = 0xffffffff
 
 /** What this module needs of the aedes broker (`broker.counter` numbers packets; see the header). */
 export interface SessionBroker {
@@ -155,6 +171,18 @@ export interface SessionPersistenceOptions {
   readonly onQueueOverflow?: (clientId: string, topic: string, first: boolean) => void
   /** The clock of the offline times session expiry compares (default Date.now). */
   readonly now?: () => number
+  /**
+   * The longest a persistent session may stay offline (s), whatever its protocol version (mqtt.sessionExpirySeconds);
+   * 0 or absent: no bound beyond an MQTT 5 client's own Session Expiry Interval.
+   */
+  readonly maxOfflineSeconds?: number
+}
+
+/** The MQTT 5 Session Expiry Interval (s) a session ends after, or undefined when it does not end by one (3.1.1, 0xFFFFFFFF). */
+function expiryInterval (client: SessionClient): number | undefined {
+  if (client.version !== 5) return undefined
+  const interval = client.sessionExpiryInterval ?? 0
+  return interval >= NEVER_EXPIRES ? undefined : interval
 }
 
 /** Dropped copies remembered so that aedes' delivery of one to a connected client still finds it (see outgoingUpdate). */
@@ -444,6 +472,9 @@ export class LevelSessionPersistence {
   readonly #offlineSince = new Map<string, number>()
   /** Connections per client id (a takeover briefly has two). */
   readonly #connections = new Map<string, number>()
+  /** The MQTT 5 Session Expiry Interval (s) of sessions that have one below 0xFFFFFFFF (the `C` value). */
+  readonly #intervals = new Map<string, number>()
+  readonly #maxOfflineSeconds: number
 
   /**
    * @param db the key space to own, normally `db.sublevel('sessions')` of the
@@ -463,6 +494,11 @@ export class LevelSessionPersistence {
     }
     this.#maxQueued = maxQueued
     this.#now = options.now ?? Date.now
+    const maxOffline = options.maxOfflineSeconds ?? 0
+    if (!Number.isSafeInteger(maxOffline) || maxOffline < 0) {
+      throw new SessionPersistenceError('GW_SESSION_INVALID_ARGUMENT', `maxOfflineSeconds must be a non-negative integer, got ${String(maxOffline)}`)
+    }
+    this.#maxOfflineSeconds = maxOffline
     this.#onOverflow = options.onQueueOverflow
     const window = options.window ?? 100
     if (!Number.isSafeInteger(window) || window < 1) {
@@ -496,8 +532,8 @@ export class LevelSessionPersistence {
     this.#broker = broker
     if (this.#loading === undefined) {
       this.#loading = this.#load()
-      broker.on?.('client', (client) => { this.#connections.set(client.id, (this.#connections.get(client.id) ?? 0) + 1) })
-      broker.on?.('clientDisconnect', (client) => { this.#disconnected(client.id) })
+      broker.on?.('client', (client) => { this.#connected(client) })
+      broker.on?.('clientDisconnect', (client) => { this.#disconnected(client) })
     }
     await this.#loading
     const max = this.#maxCounters.get(broker.id)
@@ -551,7 +587,11 @@ export class LevelSessionPersistence {
       this.#incomingOf(clientId).set(rest.readUInt16BE(0), decodeValue<SessionPacket>(key, value))
     }
 
-    for await (const [key] of this.#scan(Buffer.from([TAG_SESSION]))) this.#sessions.add(keys.parseClient(key).clientId)
+    for await (const [key, value] of this.#scan(Buffer.from([TAG_SESSION]))) {
+      const { clientId } = keys.parseClient(key)
+      this.#sessions.add(clientId)
+      if (value.length === 4) this.#intervals.set(clientId, value.readUInt32BE(0))
+    }
 
     if (this.#cursors !== undefined) {
       for await (const [key, value] of this.#scan(Buffer.from([TAG_CURSOR]))) {
@@ -725,51 +765,145 @@ export class LevelSessionPersistence {
       this.#cursors?.has(client.id) === true
   }
 
-  /** Records that the client has a persistent session, stored or not [MQTT-3.1.2-4]; cleanSubscriptions ends it. */
+  /**
+   * Records that the client has a persistent session, stored or not [MQTT-3.1.2-4], with its MQTT 5 Session Expiry
+   * Interval; cleanSubscriptions ends it.
+   */
   async markSession (client: SessionClient): Promise<void> {
     this.#ready()
-    if (this.#offlineSince.delete(client.id)) await this.#writer.write([del(keys.offline(client.id))])
-    if (this.#sessions.has(client.id)) return
-    this.#sessions.add(client.id)
-    await this.#writer.write([put(keys.session(client.id), Buffer.alloc(0))])
+    const ops: BatchOp[] = []
+    if (this.#offlineSince.delete(client.id)) ops.push(del(keys.offline(client.id)))
+    // aedes asks for the stored subscriptions with a bare { id } (lib/handlers/connect.js fetchSubs): the interval comes
+    // with the `client` event then (#connected), unless the caller passed the client.
+    const interval = client.version === undefined ? this.#intervals.get(client.id) : expiryInterval(client)
+    if (!this.#sessions.has(client.id) || this.#intervals.get(client.id) !== interval) {
+      this.#sessions.add(client.id)
+      ops.push(this.#setInterval(client.id, interval))
+    }
+    await this.#writer.write(ops)
   }
 
-  /** A connection of the client closed: a persistent session with no connection left is offline from now on. */
-  #disconnected (clientId: string): void {
-    const left = (this.#connections.get(clientId) ?? 1) - 1
-    if (left > 0) { this.#connections.set(clientId, left); return }
-    this.#connections.delete(clientId)
-    if (this.#destroyed || !this.#loaded || !this.#sessions.has(clientId) || this.#offlineSince.has(clientId)) return
-    const now = this.#now()
-    this.#offlineSince.set(clientId, now)
-    this.#writer.write([put(keys.offline(clientId), encodeU64(now))]).catch(() => {}) // a lost mark: the next start sets one
+  /** A connection of the client is registered: a persistent session keeps the interval it connected with. */
+  #connected (client: SessionClient): void {
+    this.#connections.set(client.id, (this.#connections.get(client.id) ?? 0) + 1)
+    if (this.#destroyed || !this.#loaded || !this.#sessions.has(client.id) || client.version === undefined) return
+    const interval = expiryInterval(client)
+    if (this.#intervals.get(client.id) === interval) return
+    this.#writer.write([this.#setInterval(client.id, interval)]).catch(() => {}) // lost: the session keeps the interval it had
+  }
+
+  /** The `C` entry of a session with this interval (u32, or empty for none), memory updated. */
+  #setInterval (clientId: string, interval: number | undefined): BatchOp {
+    if (interval === undefined) this.#intervals.delete(clientId)
+    else this.#intervals.set(clientId, interval)
+    const value = Buffer.alloc(interval === undefined ? 0 : 4)
+    if (interval !== undefined) value.writeUInt32BE(interval, 0)
+    return put(keys.session(clientId), value)
   }
 
   /**
-   * Drops every persistent session offline for more than `maxOfflineMs` (and not connected): its subscriptions,
-   * queues, cursors (and their hold on retention), inbound QoS 2 packets and will. Resolves with their client ids.
+   * A connection of the client closed: a persistent session with no connection left is offline from now on, with the
+   * interval the client left it (an MQTT 5 DISCONNECT may change it).
    */
-  async expireSessions (maxOfflineMs: number): Promise<string[]> {
-    this.#ready()
-    const now = this.#now()
-    const expired = [...this.#offlineSince].filter(([clientId, since]) => now - since > maxOfflineMs && !this.#connections.has(clientId)).map(([id]) => id)
-    for (const clientId of expired) {
-      const ops: BatchOp[] = []
-      for (const tag of CLIENT_TAGS) {
-        for await (const key of this.#db.keys<Buffer>({ ...prefixRange(clientPrefix(tag, clientId)), keyEncoding: 'buffer' })) ops.push(del(key))
-      }
-      for (const topic of this.#subs.get(clientId)?.keys() ?? []) this.#trie.remove(topic, { clientId, topic })
-      this.#subs.delete(clientId)
-      this.#queues.delete(clientId)
-      this.#incoming.delete(clientId)
-      this.#wills.delete(clientId)
-      this.#sessions.delete(clientId)
-      this.#offlineSince.delete(clientId)
-      this.#overflowing.delete(clientId)
-      this.#cursors?.drop(clientId)
-      await this.#writer.write(ops)
+  #disconnected (client: SessionClient): void {
+    const clientId = client.id
+    const left = (this.#connections.get(clientId) ?? 1) - 1
+    if (left > 0) { this.#connections.set(clientId, left); return }
+    this.#connections.delete(clientId)
+    if (this.#destroyed || !this.#loaded || !this.#sessions.has(clientId)) return
+    const ops: BatchOp[] = []
+    const interval = expiryInterval(client)
+    if (this.#intervals.get(clientId) !== interval) ops.push(this.#setInterval(clientId, interval))
+    if (!this.#offlineSince.has(clientId)) {
+      const now = this.#now()
+      this.#offlineSince.set(clientId, now)
+      ops.push(put(keys.offline(clientId), encodeU64(now)))
     }
-    return expired
+    this.#writer.write(ops).catch(() => {}) // a lost mark: the next start sets one
+  }
+
+  /**
+   * When the offline session of this client ends: its MQTT 5 Session Expiry Interval or `maxOfflineSeconds`, the
+   * shorter, counted from when it went offline. Null for a session that is connected, does not exist or never ends.
+   */
+  sessionEnd (clientId: string): SessionEnd | null {
+    this.#ready()
+    const since = this.#offlineSince.get(clientId)
+    if (since === undefined || !this.#sessions.has(clientId) || this.#connections.has(clientId)) return null
+    const interval = this.#intervals.get(clientId)
+    const cap = this.#maxOfflineSeconds
+    let bound: { source: SessionEnd['source'], seconds: number } | null = interval === undefined ? null : { source: 'interval', seconds: interval }
+    if (cap > 0 && (bound === null || cap <= bound.seconds)) bound = { source: 'cap', seconds: cap }
+    return bound === null ? null : { at: since + bound.seconds * 1000, ...bound }
+  }
+
+  /**
+   * Gives an existing session the MQTT 5 Session Expiry Interval a gateway before this format kept elsewhere
+   * (session-expiry.ts reads it once); resolves with whether there was a session to give it to.
+   */
+  async adoptInterval (clientId: string, seconds: number): Promise<boolean> {
+    this.#ready()
+    if (!this.#sessions.has(clientId) || !Number.isSafeInteger(seconds) || seconds < 0 || seconds >= NEVER_EXPIRES) return false
+    if (this.#intervals.get(clientId) === seconds) return true
+    await this.#writer.write([this.#setInterval(clientId, seconds)])
+    return true
+  }
+
+  /** When the session went offline (ms), if it is offline. */
+  offlineSince (clientId: string): number | undefined {
+    this.#ready()
+    return this.#offlineSince.get(clientId)
+  }
+
+  /** Client ids of the persistent sessions offline now. */
+  offlineSessions (): string[] {
+    this.#ready()
+    return [...this.#offlineSince.keys()].filter((clientId) => this.#sessions.has(clientId) && !this.#connections.has(clientId))
+  }
+
+  /** Ends every offline session whose end ({@link sessionEnd}) has come; resolves with them. */
+  async expireSessions (): Promise<Array<SessionEnd & { clientId: string }>> {
+    const ended: Array<SessionEnd & { clientId: string }> = []
+    for (const clientId of this.offlineSessions()) {
+      const end = await this.expireSession(clientId)
+      if (end !== null) ended.push({ clientId, ...end })
+    }
+    return ended
+  }
+
+  /** Drops the client's session ({@link dropSession}) if its end has come; resolves with that end, or null when it was not dropped. */
+  async expireSession (clientId: string): Promise<SessionEnd | null> {
+    const end = this.sessionEnd(clientId)
+    if (end === null || end.at > this.#now()) return null
+    return await this.dropSession(clientId) ? end : null
+  }
+
+  /**
+   * Drops the persistent session of a client that is not connected: its subscriptions, queues, cursors (and their hold
+   * on retention), inbound QoS 2 packets, will, interval and offline mark. The one way a session ends for being offline
+   * too long (session expiry in both its forms); resolves with whether there was one to drop.
+   */
+  async dropSession (clientId: string): Promise<boolean> {
+    this.#ready()
+    if (this.#connections.has(clientId) || !this.#sessions.has(clientId)) return false
+    const ops: BatchOp[] = []
+    for (const tag of CLIENT_TAGS) {
+      for await (const key of this.#db.keys<Buffer>({ ...prefixRange(clientPrefix(tag, clientId)), keyEncoding: 'buffer' })) ops.push(del(key))
+    }
+    // A reconnect while the keys were read owns the session now.
+    if (this.#connections.has(clientId) || !this.#sessions.has(clientId)) return false
+    for (const topic of this.#subs.get(clientId)?.keys() ?? []) this.#trie.remove(topic, { clientId, topic })
+    this.#subs.delete(clientId)
+    this.#queues.delete(clientId)
+    this.#incoming.delete(clientId)
+    this.#wills.delete(clientId)
+    this.#sessions.delete(clientId)
+    this.#intervals.delete(clientId)
+    this.#offlineSince.delete(clientId)
+    this.#overflowing.delete(clientId)
+    this.#cursors?.drop(clientId)
+    await this.#writer.write(ops)
+    return true
   }
 
   /** Number of QoS > 0 subscriptions and of clients with any stored subscription. */
@@ -787,7 +921,9 @@ export class LevelSessionPersistence {
   /** Drops the client's subscriptions and its session marker (aedes calls this for a CONNECT with clean = true). */
   async cleanSubscriptions (client: SessionClient): Promise<void> {
     this.#ready()
+    this.#intervals.delete(client.id)
     if (this.#sessions.delete(client.id)) await this.#writer.write([del(keys.session(client.id))])
+    if (this.#offlineSince.delete(client.id)) await this.#writer.write([del(keys.offline(client.id))])
     const cursors = this.#cursors?.drop(client.id) ?? []
     if (cursors.length > 0) await this.#writer.write(cursors)
     const stored = this.#subs.get(client.id)

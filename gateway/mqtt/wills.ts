@@ -33,6 +33,16 @@
  * storeWill before registerClient; lib/client.js close()). After a kill the
  * new connection's will was gone. A stored will is therefore deleted only for
  * the connection that stored it, or when that connection is closed.
+ *
+ * An MQTT 5 will with a Will Delay Interval is published after that delay or
+ * at its session's end, whichever comes first (3.1.3.2.2), and not at all if
+ * its client reconnects in time [MQTT-3.1.3-9]. aedes times that in memory
+ * (scheduleWill); a will stored by a process that died before the delay ran
+ * out is timed here from when its session went offline (the persistence's
+ * `E` mark; the start, for a client connected when the gateway died), so a
+ * kill -9 neither loses it nor fires it early. Such a will waits in memory
+ * (it stays stored) and is cancelled when its client connects again: the new
+ * connection's CONNECT replaces or deletes the stored will.
  */
 import { Readable } from 'node:stream'
 import type { Logger } from 'pino'
@@ -51,6 +61,10 @@ export interface WillPersistence {
   delWill (client: SessionClient): Promise<unknown>
   willDeleteOps (client: SessionClient): ExtraOperation[]
   streamWill (brokers?: Readonly<Record<string, unknown>>): Readable
+  /** When the client's persistent session went offline (ms), if it has one and it is offline. */
+  offlineSince (clientId: string): number | undefined
+  /** When the client's offline session ends, or null when it does not. */
+  sessionEnd (clientId: string): { readonly at: number } | null
 }
 
 export interface WillOptions {
@@ -62,6 +76,8 @@ export interface WillOptions {
   readonly recheck: (who: Identity) => Identity | string
   /** Publishes a stored will as its client would (mount, ACL, log, delivery); resolves once done or refused. */
   readonly fire: (will: SessionPacket, who: Identity) => Promise<void>
+  /** ms since the epoch (default Date.now). */
+  readonly now?: () => number
 }
 
 /** What {@link identityNow} reads of the config the gateway started with. */
@@ -101,13 +117,37 @@ function isIdentity (value: unknown): value is Identity {
     (typeof v.username === 'string' || v.username === null) && typeof v.clientId === 'string'
 }
 
+/** A will's MQTT 5 Will Delay Interval (s); 0 for none (and for 3.1.1 wills, which carry no properties). */
+export function willDelayOf (will: SessionPacket): number {
+  const delay = (will.properties as { willDelayInterval?: unknown } | undefined)?.willDelayInterval
+  return typeof delay === 'number' && Number.isFinite(delay) && delay > 0 ? delay : 0
+}
+
+/**
+ * When a will stored by a previous process is due (ms): its delay after its session went offline, or the session's
+ * end, whichever comes first (MQTT 5 3.1.3.2.2); now without a delay, or without a session (it ended with its
+ * connection, so did the delay).
+ */
+export function willDueAt (will: SessionPacket, offlineSince: number | undefined, sessionEnd: number | null, now: number): number {
+  const delay = willDelayOf(will)
+  if (delay === 0 || offlineSince === undefined) return now
+  const at = offlineSince + delay * 1000
+  return sessionEnd === null ? at : Math.min(at, sessionEnd)
+}
+
 export interface Wills {
   /** Whether `client`'s will, as it fires, is the stored one (else another connection with its id stored its own since). */
   firesStoredWill (client: SessionClient): boolean
+  /** Publishes the client's will now if one of a previous process is waiting for its delay (its session is ending). */
+  firePending (clientId: string): Promise<void>
 }
+
+/** setTimeout's longest delay; longer waits are re-armed in steps. */
+const MAX_TIMER_MS = 2 ** 31 - 1
 
 export function installWills (options: WillOptions): Wills {
   const { persistence, logger } = options
+  const now = options.now ?? Date.now
   /** The persistence's own streamWill, for the wills stored when the gateway starts. */
   let streamWill: WillPersistence['streamWill'] = () => Readable.from([])
   /** The connection whose will is stored, by client id (none for wills loaded at startup). */
@@ -115,6 +155,53 @@ export function installWills (options: WillOptions): Wills {
   const firesStoredWill = (client: SessionClient): boolean => {
     const owner = owners.get(client.id)
     return owner === undefined || owner === client || (owner as { closed?: boolean }).closed === true
+  }
+  /** Wills of a previous process waiting for their delay, by client id. */
+  const pending = new Map<string, { timer: NodeJS.Timeout, fire: () => Promise<void> }>()
+  let brokerClosed = (): boolean => false
+
+  const cancel = (clientId: string): void => {
+    const waiting = pending.get(clientId)
+    if (waiting === undefined) return
+    clearTimeout(waiting.timer)
+    pending.delete(clientId)
+    logger.info({ clientId: clientId.slice(clientId.indexOf('\u0000') + 1) },
+      'delayed will of a client connected when the gateway stopped: cancelled, the client is back')
+  }
+  const firePending = async (clientId: string): Promise<void> => {
+    const waiting = pending.get(clientId)
+    if (waiting === undefined) return
+    clearTimeout(waiting.timer)
+    pending.delete(clientId)
+    await waiting.fire()
+  }
+  const wait = (clientId: string, at: number, fire: () => Promise<void>): void => {
+    const delay = Math.max(0, at - now())
+    const timer = setTimeout(() => {
+      if (brokerClosed()) return
+      if (delay > MAX_TIMER_MS) { wait(clientId, at, fire); return }
+      pending.delete(clientId)
+      fire().catch((err: unknown) => {
+        logger.error({ clientId, err: (err as Error).message }, 'a delayed will could not be published; it fires at the next start')
+      })
+    }, Math.min(delay, MAX_TIMER_MS))
+    timer.unref()
+    pending.set(clientId, { timer, fire })
+  }
+
+  /** Fires (or drops) a will stored by a previous process, then deletes it. */
+  const fireStored = async (clientId: string, packet: SessionPacket, current: Identity | string | null): Promise<void> => {
+    const fields = { clientId, topic: packet.topic }
+    if (typeof current === 'string') {
+      logger.warn({ ...fields, reason: current }, `will of a client connected when the gateway stopped: dropped, ${current}`)
+    } else if (current !== null) {
+      await options.fire(packet, current)
+      logger.info({ clientId: current.clientId, tenant: current.tenant, topic: packet.topic }, 'will of a client connected when the gateway stopped: fired')
+    } else {
+      // Stored before wills carried an identity: without one it cannot pass the tenant mount and ACL.
+      logger.warn(fields, 'will of a client connected when the gateway stopped: dropped, it was stored without the client\'s identity')
+    }
+    await persistence.delWill({ id: clientId })
   }
 
   wrapWillStorage(persistence, {
@@ -132,28 +219,28 @@ export function installWills (options: WillOptions): Wills {
     // aedes checks that setup is a native async function (aedes.js, listen()).
     setup: (setup) => async function setupAndFireWills (broker: never): Promise<void> {
       await setup(broker)
+      const events = broker as unknown as NodeJS.EventEmitter & { closed?: boolean }
+      brokerClosed = () => events.closed === true
+      events.on('client', (client: SessionClient) => { cancel(client.id) })
       for await (const will of streamWill({}) as AsyncIterable<SessionPacket>) {
         const clientId = String(will.clientId)
         const { [IDENTITY]: who, ...packet } = will
         const current = isIdentity(who) ? options.recheck(who) : null
-        const fields = { clientId, topic: packet.topic }
-        if (typeof current === 'string') {
-          logger.warn({ ...fields, reason: current }, `will of a client connected when the gateway stopped: dropped, ${current}`)
-        } else if (current !== null) {
-          await options.fire(packet, current)
-          logger.info({ clientId: current.clientId, tenant: current.tenant, topic: packet.topic }, 'will of a client connected when the gateway stopped: fired')
-        } else {
-          // Stored before wills carried an identity: without one it cannot pass the tenant mount and ACL.
-          logger.warn(fields, 'will of a client connected when the gateway stopped: dropped, it was stored without the client\'s identity')
+        const at = willDueAt(packet, persistence.offlineSince(clientId), persistence.sessionEnd(clientId)?.at ?? null, now())
+        if (at <= now() || typeof current !== 'object' || current === null) {
+          await fireStored(clientId, packet, current)
+          continue
         }
-        await persistence.delWill({ id: clientId })
+        wait(clientId, at, () => fireStored(clientId, packet, current))
+        logger.info({ clientId: current.clientId, tenant: current.tenant, topic: packet.topic, inMs: at - now() },
+          'will of a client connected when the gateway stopped: waiting for its will delay')
       }
     },
-    // Every will not of a connected client was fired at startup: aedes' sweep has nothing to do.
+    // Every will not of a connected client was fired (or is timed) at startup: aedes' sweep has nothing to do.
     streamWill: (original) => {
       streamWill = original
       return () => Readable.from([])
     },
   })
-  return { firesStoredWill }
+  return { firesStoredWill, firePending }
 }

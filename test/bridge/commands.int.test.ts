@@ -6,6 +6,8 @@
  * A command goes to the device it addresses only: a service subscribed to
  * every device's commands neither takes it nor makes it "delivered", and an
  * expired command is not sent from a persistent session's queue either.
+ * A command sent with an MQTT 5 Response Topic gets its receipt there, with
+ * its Correlation Data, also across a SIGKILL of the gateway.
  */
 import mqtt, { type MqttClient } from 'mqtt'
 import { afterAll, describe, expect, it } from 'vitest'
@@ -99,6 +101,43 @@ describe.skipIf(bin === null)('bridge: commands to devices', () => {
     const metrics = await (await fetch(`${edge.httpUrl}/metrics`)).text()
     expect(metrics).toMatch(/edgemq_bridge_commands_expired_total\{upstream="cloud"\} 1/)
     expect(metrics).toMatch(/edgemq_bridge_commands_delivered_total\{upstream="cloud"\} 2/) // since this restart: dev-1's and dev-3's
+  })
+
+  it('publishes the receipt of a command with a response topic there, with its correlation data, across a SIGKILL', async () => {
+    const { dir, cleanup } = await tempDir('edgemq-commands-response-')
+    cleanups.push(cleanup)
+    const { upstream: up, cloud, receipts } = await startCommandCloud(bin as string, dir, cleanups)
+    const replies: Array<{ topic: string, correlation: string, status: string }> = []
+    cloud.on('message', (topic, payload, packet) => {
+      if (!topic.startsWith('replies/')) return
+      const status = (JSON.parse(payload.toString()) as { status: string }).status
+      replies.push({ topic, correlation: packet.properties?.correlationData?.toString() ?? '', status })
+    })
+    await cloud.subscribeAsync('replies/#', { qos: 1 })
+    let edge = await startEdge(dir, up.url)
+    cleanups.push(() => edge.kill())
+    await waitFor('the edge to subscribe upstream', () => up.log().includes('cmd/edge-1/+/#') ? true : undefined)
+    await cloud.publishAsync('cmd/edge-1/dev-r/led', 'on', { qos: 1, properties: { responseTopic: 'replies/app-1', correlationData: Buffer.from('req-1') } })
+    await cloud.publishAsync('cmd/edge-1/dev-x/led', 'late', {
+      qos: 1, properties: { responseTopic: 'replies/app-2', correlationData: Buffer.from('req-2'), messageExpiryInterval: 1 },
+    })
+    await waitFor('both commands stored', async () => (await bridgeStatus(edge.httpUrl))[0]?.commandsReceived === 2 ? true : undefined)
+    await edge.kill() // the response topics and correlation data are kept with the commands in the log
+
+    edge = await startEdge(dir, up.url)
+    const client = await mqtt.connectAsync(edge.mqttUrl, { clientId: 'dev-r', protocolVersion: 5, reconnectPeriod: 0 })
+    cleanups.push(() => client.endAsync())
+    const got: Array<{ payload: string, responseTopic?: string }> = []
+    client.on('message', (_topic, payload, packet) => { got.push({ payload: payload.toString(), ...packet.properties?.responseTopic === undefined ? {} : { responseTopic: packet.properties.responseTopic } }) })
+    await client.subscribeAsync('devices/dev-r/commands/#', { qos: 1 })
+    await waitFor('both replies', () => replies.length >= 2 ? true : undefined)
+    expect(got).toEqual([{ payload: 'on' }]) // the response topic is the upstream's: the device does not get it
+    expect(replies.sort((a, b) => a.topic.localeCompare(b.topic))).toEqual([
+      { topic: 'replies/app-1', correlation: 'req-1', status: 'delivered' },
+      { topic: 'replies/app-2', correlation: 'req-2', status: 'expired' },
+    ])
+    // The fixture collects every message the cloud client gets: the two replies, and nothing at receiptTopic besides.
+    expect(receipts.map((r) => r.status).sort()).toEqual(['delivered', 'expired'])
   })
 
   it('counts a command delivered only when its device takes it, and sends no expired command from a session queue', async () => {

@@ -37,7 +37,6 @@ describe('bridge config', () => {
     [{ dedupeId: 'user-property', mqttVersion: '3.1.1' }, '"bridge.upstreams.0.dedupeId" user-property needs mqttVersion "5"'],
     [{ dedupeId: 'user-property', kind: 'edgemq' }, '"bridge.upstreams.0.dedupeId" user-property needs mqttVersion "5"'],
     [{ dedupeId: 'topic-prefix' }, '"bridge.upstreams.0.dedupeId" topic-prefix is only for kind "edgemq"'],
-    [{ kind: 'edgemq', mqttVersion: '5' }, '"bridge.upstreams.0.mqttVersion" "5": an edgemq upstream is spoken to in MQTT 3.1.1'],
     [{ kind: 'kafka' }, '"bridge.upstreams.0.kind" must be one of "mqtt", "edgemq"'],
     [{ mqttVersion: '4' }, '"bridge.upstreams.0.mqttVersion" must be one of "auto", "5", "3.1.1"'],
     [{ maxInflight: 0 }, '"bridge.upstreams.0.maxInflight" must be >= 1'],
@@ -54,6 +53,7 @@ describe('bridge config', () => {
     [{ mqttVersion: '3.1.1' }, [4], ['none']],
     [{ mqttVersion: '5' }, [5], ['user-property']],
     [{ kind: 'edgemq' }, [4], ['topic-prefix']],
+    [{ kind: 'edgemq', mqttVersion: '5' }, [5], ['user-property']],
     [{ dedupeId: 'none' }, [5, 4], ['none', 'none']],
     [{ dedupeId: 'user-property' }, [5, 4], ['user-property', 'none']],
   ])('%j speaks MQTT levels %j, the dedupe id going as %j on each', (upstream, levels, carriers) => {

@@ -2,7 +2,9 @@
  * edgemq → edgemq: a second gateway is the upstream region. Its log must end
  * up with every record of the edge exactly once, in per-partition order —
  * also when the upstream is down for a while, and when the edge is SIGKILLed
- * during that outage and restarted.
+ * during that outage and restarted. Over MQTT 5 the dedupe id travels as the
+ * `edgemq-dedupe-id` user property, and a resend after a lost PUBACK is
+ * dropped by the upstream as the `$dedupe/` prefix's is over 3.1.1.
  */
 import net from 'node:net'
 import mqtt from 'mqtt'
@@ -205,6 +207,42 @@ describe('bridge: edgemq → edgemq', () => {
     const edgeLog = await readWholeLog(`${edgeDir.dir}/data`)
     expect(edgeLog.filter((r) => r.stream === 'default/dlq.region')).toEqual([])
     expectExactlyInOrder(await readWholeLog(`${regionDir.dir}/data`), edgeLog, acked)
+  })
+
+  it('over MQTT 5, PUBACKs lost on the way back: the resends carry the edgemq-dedupe-id user property, and each record is logged once', async () => {
+    const regionDir = await tempDir('edgemq-region-')
+    const edgeDir = await tempDir('edgemq-edge-')
+    cleanups.push(regionDir.cleanup, edgeDir.cleanup)
+    const regionPort = await freePort()
+    const region = await startRegion(regionDir.dir, regionPort)
+    cleanups.push(() => region.kill()) // also when the edge fails to start
+    const proxy = await startFlakyProxy({ host: '127.0.0.1', port: regionPort }, 3, 'puback')
+    cleanups.push(() => proxy.close())
+    const edge = await startEdge(edgeDir.dir, Number(new URL(proxy.url).port), { mqttVersion: '5' })
+    cleanups.push(() => edge.kill())
+    const acked = await publishAcked(edge.mqttUrl, ['dev-a', 'dev-b'], 200)
+    const status = await drained(edge.httpUrl, 'region')
+    expect(proxy.cut()).toBe(3) // three connections lost a PUBACK of a record the region had logged: each was sent again
+    expect(status).toMatchObject({ mqttVersion: '5', dedupeId: 'user-property' })
+
+    // The same at the region's ingest, from a client: an id carried twice is logged once; a property that is not
+    // one id is refused with 0x83 and logs nothing.
+    const client = await mqtt.connectAsync(region.mqttUrl, { protocolVersion: 5, clientId: 'replicator', reconnectPeriod: 0 })
+    cleanups.push(() => client.endAsync())
+    const carrying = (id: string | string[]): { qos: 1, properties: { userProperties: Record<string, string | string[]> } } =>
+      ({ qos: 1, properties: { userProperties: { 'edgemq-dedupe-id': id, origin: 'test' } } })
+    await client.publishAsync('devices/dev-z/telemetry/t', 'dev-z:0', carrying('other-edge/default/telemetry/0/7'))
+    await client.publishAsync('devices/dev-z/telemetry/t', 'dev-z:0', carrying('other-edge/default/telemetry/0/7'))
+    for (const bad of ['junk', 'other-edge/default/telemetry/0/x', ['other-edge/default/telemetry/0/8', 'other-edge/default/telemetry/0/9']]) {
+      const err = await client.publishAsync('devices/dev-z/telemetry/t', 'dev-z:bad', carrying(bad)).then(() => null, (e: unknown) => e as { code?: number })
+      expect(err?.code).toBe(0x83)
+    }
+    await client.endAsync()
+    expect(await edge.stop()).toBe(0)
+    expect(await region.stop()).toBe(0)
+    const regionLog = await readWholeLog(`${regionDir.dir}/data`)
+    expectExactlyInOrder(regionLog, await readWholeLog(`${edgeDir.dir}/data`), acked)
+    expect(regionLog.filter((r) => r.payload.startsWith('dev-z:')).map((r) => r.payload)).toEqual(['dev-z:0'])
   })
 
   it('an upstream that refuses MQTT 5 (3.1.1 only): the bridge falls back to 3.1.1 without dedupe ids and says so', async () => {

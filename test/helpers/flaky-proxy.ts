@@ -2,7 +2,9 @@
  * A TCP proxy in front of an MQTT broker that cuts the link the moment a
  * client sends a PUBLISH, for the first `drops` connections that send one,
  * then forwards everything: a flapping link, as the bridge sees it (the
- * CONNECT/CONNACK pass, the PUBLISH never reaches the broker).
+ * CONNECT/CONNACK pass, the PUBLISH never reaches the broker). With `cutOn:
+ * 'puback'` it cuts when the broker's first PUBACK comes back instead: the
+ * broker has the PUBLISH, the client never learns it, and resends it.
  */
 import { createConnection, createServer, type Server, type Socket } from 'node:net'
 
@@ -36,7 +38,7 @@ function packets (buf: Buffer): [Buffer[], Buffer] {
   return [out, buf.subarray(at)]
 }
 
-export async function startFlakyProxy (target: { host: string, port: number }, drops: number): Promise<FlakyProxy> {
+export async function startFlakyProxy (target: { host: string, port: number }, drops: number, cutOn: 'publish' | 'puback' = 'publish'): Promise<FlakyProxy> {
   let cut = 0
   const sockets = new Set<Socket>()
   const server: Server = createServer((client) => {
@@ -48,21 +50,25 @@ export async function startFlakyProxy (target: { host: string, port: number }, d
     }
     upstream.on('close', () => client.destroy())
     client.on('close', () => upstream.destroy())
-    upstream.pipe(client)
-    let pending: Buffer = Buffer.alloc(0)
-    client.on('data', (chunk: Buffer) => {
-      const [whole, rest] = packets(Buffer.concat([pending, chunk]))
-      pending = rest
-      for (const p of whole) {
-        if (((p[0] as number) >> 4) === 3 && cut < drops) {
-          cut++
-          client.destroy()
-          upstream.destroy()
-          return
+    // Forwards `from` to `to` packet by packet, cutting both at the first packet of type `cutType` while drops are left.
+    const relay = (from: Socket, to: Socket, cutType: number | null): void => {
+      let pending: Buffer = Buffer.alloc(0)
+      from.on('data', (chunk: Buffer) => {
+        const [whole, rest] = packets(Buffer.concat([pending, chunk]))
+        pending = rest
+        for (const p of whole) {
+          if (((p[0] as number) >> 4) === cutType && cut < drops) {
+            cut++
+            client.destroy()
+            upstream.destroy()
+            return
+          }
+          to.write(p)
         }
-        upstream.write(p)
-      }
-    })
+      })
+    }
+    relay(client, upstream, cutOn === 'publish' ? 3 : null)
+    relay(upstream, client, cutOn === 'puback' ? 4 : null)
   })
   await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
   const address = server.address()

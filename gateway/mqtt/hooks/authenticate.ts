@@ -9,6 +9,7 @@ import { ClientIdOwners, clientIdMatches, clientIdPattern, UserDirectory, type I
 import { MAX_CLIENT_TOPIC_LEVELS, mountTopic, scopedClientId, topicNameProblem } from '../../access/topics.ts'
 import type { ListenerConfig, UserConfig } from '../../config/config.ts'
 import { forgetConnectPacket, packetWatcher, setClientId } from '../aedes-internals.ts'
+import { ConnectionGuard } from '../connection-guard.ts'
 import { isReplayTopic } from '../replay.ts'
 import { isShareTopic } from '../shared/share-topic.ts'
 import { anonymousAllowed, authError, listenerOf, type HookContext, type ListenerTagged } from './context.ts'
@@ -25,6 +26,9 @@ export function preConnect (ctx: Pick<HookContext, 'connects' | 'refuse'>): PreC
     const info = { clientId: packet.clientId ?? '', clean: packet.clean !== false, willTopic: packet.will?.topic }
     ctx.connects.set(client, info)
     forgetConnectPacket(client, packet)
+    // Outbound topic aliases, when the client allows them (topic-aliases.ts); the guard is the connection aedes was given.
+    const aliases = packet.protocolVersion === 5 ? packet.properties?.topicAliasMaximum : undefined
+    if (aliases !== undefined && aliases > 0 && client.conn instanceof ConnectionGuard) client.conn.aliasTopics(aliases)
     // [MQTT-3.1.3-8] an empty client id needs a clean session in 3.1.1 (MQTT 5 assigns one, 3.1.3.1). aedes 2 answers
     // CONNACK 2 itself before authenticate runs (lib/handlers/connect.js init): counted and logged here.
     if (info.clientId === '' && !info.clean && packet.protocolVersion !== 5) {

@@ -19,11 +19,11 @@
  * is told instead, on its PUBACK/PUBREC, and keeps its connection
  * (reason-codes.ts): 0x87 for an ACL denial or a reserved topic, 0x90 for a
  * topic that is not valid here or not routed under `unrouted: reject`, 0x80
- * or 0x97 for a QoS 1 append that failed (no retry: the client decides).
+ * or 0x97 for a QoS 1 or 2 append that failed (no retry: the client decides).
  */
 import type { AedesOptions, Client, PublishPacket } from 'aedes'
 import type { ExtraOperation } from '../../../store/index.ts'
-import { splitDedupeTopic } from '../../../bridge/index.ts'
+import { DEDUPE_PROPERTY, dedupePropertyOf, splitDedupeTopic, type MessageProperties } from '../../../bridge/index.ts'
 import { isAllowed, mayReplicate, type Identity } from '../../access/auth.ts'
 import { mountTopic, topicNameProblem } from '../../access/topics.ts'
 import { GatewayError } from '../../errors.ts'
@@ -55,6 +55,8 @@ export function authorizePublish (ctx: HookContext): AuthorizePublish {
   const route = compileRoutes(config.routes)
   const { appender } = ctx
   const decisions = new WeakMap<Client, Map<string, PublishDecision>>()
+  /** Errors of QoS 2 appends (not of the delivery after one): an MQTT 5 client gets them as the PUBREC's reason code. */
+  const appendErrors = new WeakSet<Error>()
 
   const publishDecision = (client: Client, who: Identity, topic: string): PublishDecision => {
     let cache = decisions.get(client)
@@ -90,7 +92,12 @@ export function authorizePublish (ctx: HookContext): AuthorizePublish {
     // Not marked as reported: aedes closes the connection and logs this one (clientError).
     if (begun === 'full') return callback(new GatewayError('GW_QOS2_INFLIGHT_FULL', `more than ${ctx.inbound.maxInflight} QoS 2 messages awaiting PUBREL`))
     if (begun === 'duplicate') markPublished(packet)
-    callback(null)
+    const running = begun === 'new' && plan.append !== undefined && isMqtt5(client) ? ctx.inbound.running(client, packet.messageId as number) : undefined
+    if (running === undefined) return callback(null)
+    // MQTT 5: a failed append is the PUBREC's reason code (inbound-qos2.ts), so aedes is told once the append settled. A
+    // failed delivery after a good append goes aedes' way (no PUBREC, the connection closes): the entry exists, and a
+    // PUBREC error would let the client reuse the packet id for a message the entry would then drop as a duplicate.
+    running.then(() => callback(null), (err: unknown) => callback(err instanceof Error && appendErrors.has(err) ? appendFailed(client, err) : null))
   }
 
   /**
@@ -111,18 +118,33 @@ export function authorizePublish (ctx: HookContext): AuthorizePublish {
       return callback(refusedError('a publish needs a client', REASON.NOT_AUTHORIZED))
     }
     const who = ctx.identities.get(client)
-    // A record replicated by another edgemq's bridge over MQTT 3.1.1 carries its dedupe id in a topic prefix: it
-    // is appended under that id, so a resend after the sender's reconnect or crash is acknowledged, not logged twice.
-    const carried = splitDedupeTopic(packet.topic)
+    // A record replicated by another edgemq's bridge carries its dedupe id in a topic prefix (MQTT 3.1.1) or a user
+    // property (MQTT 5): it is appended under that id, so a resend after the sender's reconnect or crash is
+    // acknowledged, not logged twice.
+    const properties = (packet as PublishPacket & { properties?: MessageProperties }).properties
+    const property = isMqtt5(client) ? dedupePropertyOf(properties?.userProperties) : null
+    if (property === 'invalid') {
+      const detail = `${packet.topic}: its ${DEDUPE_PROPERTY} user property is not one dedupe id (<gatewayId>/<tenant>/<stream>/<partition>/<offset>)`
+      refusePublish(client, who, 'invalid-topic', detail)
+      return callback(refusedError(detail, REASON.IMPLEMENTATION_SPECIFIC_ERROR))
+    }
+    const carried = splitDedupeTopic(packet.topic) ?? (property === null ? null : { dedupeId: property, topic: packet.topic })
     if (carried !== null) {
       // The open local mode (no users, loopback) tells nobody apart, so its anonymous clients may; else an ACL
       // replicate grant. Per stream dedupe ids (store) keep one tenant's ids from touching another's records.
       const openLocal = who?.role === 'anonymous' && config.users.length === 0 && isLoopback(listenerOf(client)?.host ?? '')
       if (who === undefined || !(openLocal || mayReplicate(config.acl, who, carried.topic))) {
-        refusePublish(client, who, 'invalid-topic', `${carried.topic}: publishing replicated ($dedupe/) records needs an ACL "replicate" grant`)
-        return callback(refusedError('$dedupe/ topics are for bridges', REASON.NOT_AUTHORIZED))
+        const detail = `${carried.topic}: publishing replicated ($dedupe/, ${DEDUPE_PROPERTY}) records needs an ACL "replicate" grant`
+        refusePublish(client, who, 'invalid-topic', detail)
+        return callback(refusedError(`${property === null ? '$dedupe/ topics' : `the ${DEDUPE_PROPERTY} property`} is for bridges`, REASON.NOT_AUTHORIZED))
       }
       packet.topic = carried.topic
+      // Kept as the record's origin header (below), as the topic prefix is: not a user property of the message.
+      if (property !== null && properties?.userProperties !== undefined) {
+        const { [DEDUPE_PROPERTY]: _id, ...rest } = properties.userProperties
+        properties.userProperties = rest
+        if (Object.keys(rest).length === 0) delete properties.userProperties
+      }
     }
     const topic = packet.topic
     const problem = topicNameProblem(topic)
@@ -174,7 +196,11 @@ export function authorizePublish (ctx: HookContext): AuthorizePublish {
       // unless that entry exists (inbound-qos2.ts). A will (no packet id) is appended like QoS 1.
       return beginQos2(client, packet, {
         append: (extraOps) => new Promise((resolve, reject) => {
-          appender.append(client, who, target, packet, (err) => { if (err) reject(err); else resolve() }, { extraOps })
+          appender.append(client, who, target, packet, (err) => {
+            if (err === null) return resolve()
+            appendErrors.add(err)
+            reject(err)
+          }, { extraOps })
         }),
         deliver: () => deliverBeforeAck(packet, client),
       }, callback)

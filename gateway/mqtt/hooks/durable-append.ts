@@ -5,7 +5,7 @@
  * A failed write (disk full, store error) is retried with backoff while the
  * client is connected: the ack is held back, the client's socket is not
  * read, and nothing is acknowledged that is not on disk. An MQTT 5 client's
- * QoS 1 publish is not retried: its PUBACK says why (0x97, 0x80). When more appends
+ * QoS 1/2 publish is not retried: its PUBACK/PUBREC says why (0x97, 0x80). When more appends
  * are pending than mqtt.maxPendingAppends, every MQTT socket is paused until
  * the log has drained to half of that ({@link releaseBackpressure}).
  */
@@ -100,9 +100,9 @@ export class DurableAppender {
       if (isStoreError(err, 'STORE_WRITE_FAILED') || isStoreError(err, 'STORE_CLOSED')) {
         this.#failing = true
         this.#ctx.onStoreHealth(false, err) // the failed write itself was counted by the store observer (gateway.ts)
-        // An MQTT 5 QoS 1 publish is answered with the reason code (0x97 disk full, 0x80) instead of held: its client
-        // learns why and decides (authorize-publish.ts). QoS 2 keeps being retried: its PUBREC cannot carry it here.
-        if (packet.qos === 0 || client.closed || isStoreError(err, 'STORE_CLOSED') || (isMqtt5(client) && packet.qos === 1)) {
+        // An MQTT 5 QoS 1/2 publish is answered with the reason code (0x97 disk full, 0x80) on its PUBACK/PUBREC instead
+        // of held: its client learns why and decides (authorize-publish.ts, inbound-qos2.ts).
+        if (packet.qos === 0 || client.closed || isStoreError(err, 'STORE_CLOSED') || isMqtt5(client)) {
           this.#refuse(client, who, 'store-failed', err as Error)
           return done(packet.qos === 0 ? null : err as Error)
         }

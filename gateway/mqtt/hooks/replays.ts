@@ -9,6 +9,7 @@ import type { Client } from 'aedes'
 import type { Identity } from '../../access/auth.ts'
 import { claimPubacksOf, nextPacketId, rawConnection } from '../aedes-internals.ts'
 import { isMqtt5 } from '../reason-codes.ts'
+import { receiveMaximumOf } from '../receive-maximum.ts'
 import type { ReplayConnection } from '../replay.ts'
 import type { HookContext } from './context.ts'
 
@@ -21,6 +22,7 @@ export function replayConnection (ctx: Pick<HookContext, 'replayConnections'>, c
       get closed () { return client.closed },
       clientId: who.clientId,
       mqtt5: isMqtt5(client),
+      receiveMaximum: receiveMaximumOf(client),
       // aedes' own counter, so replay and live deliveries do not pick the same ids.
       nextMessageId: () => nextPacketId(client),
     }

@@ -253,7 +253,7 @@ class Share {
       this.pump(lane)
     }
     // The member's lanes go on once half its window is free, so a backlog is not read one record per PUBACK.
-    if (member.inflight.size <= Math.floor(this.#deps.inflight / 2)) {
+    if (member.inflight.size <= Math.floor(this.#window(member) / 2)) {
       for (const l of this.#lanes) if (l.owner === member) this.pump(l)
     }
     return true
@@ -334,12 +334,18 @@ class Share {
     })
   }
 
+  /** A member's window: mqtt.share.inflight, or the client's receive maximum if smaller (receive-maximum.ts). */
+  #window (member: Member): number {
+    return Math.min(this.#deps.inflight, member.conn.receiveMaximum ?? this.#deps.inflight)
+  }
+
   async #pumpLane (lane: Lane): Promise<void> {
-    const { store, inflight } = this.#deps
+    const { store } = this.#deps
     for (;;) {
       lane.again = false
       const member = lane.owner
       if (member === null || member.gone || lane.handoverTo !== null) return
+      const inflight = this.#window(member)
       if (member.qos === 1 && member.inflight.size >= inflight) return // woken by the PUBACKs
       if (lane.aheadPos === lane.ahead.length) {
         const info = store.partitionInfo(lane.stream, lane.partition)

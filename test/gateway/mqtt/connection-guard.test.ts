@@ -232,6 +232,47 @@ describe('ConnectionGuard, MQTT 5 framing (the CONNECT\'s protocol level decides
     }
   })
 
+  it('holds QoS 1 PUBLISHes beyond the client\'s receive maximum, makes writes wait past 256 KiB held, and lets them out on PUBACKs split anywhere',
+    async () => {
+      const written: Buffer[] = []
+      const socket = new Duplex({ read () {}, write (chunk: Buffer, _encoding, callback) { written.push(chunk); callback() } })
+      const guard = new ConnectionGuard(socket, { maxPacketBytes: 4096, maxInflight: 3, publishRate: 0, group: new GuardGroup(), onViolation: () => {} })
+      guard.on('data', () => {})
+      socket.push(CONNECT5)
+      await new Promise((resolve) => setImmediate(resolve))
+      // What aedes sets from the CONNECT (lib/handlers/connect.js): the client's receive maximum.
+      Object.assign(guard, { client: { receiveMaximum: 1 } })
+      const publish = (id: number): Buffer => v5({ cmd: 'publish', topic: 'a/b', payload: Buffer.alloc(100 * 1024, id), qos: 1, messageId: id, retain: false, dup: false })
+      const wrote = (): number[] => {
+        const ids: number[] = []
+        const parser = mqttPacket.parser({ protocolVersion: 5 })
+        parser.on('packet', (p: Packet) => { if (p.cmd === 'publish') ids.push(p.messageId as number) })
+        parser.parse(Buffer.concat(written))
+        return ids
+      }
+      /** Writes reach the socket once per event-loop turn: a few turns at most. */
+      const turns = async (until: () => boolean): Promise<void> => {
+        for (let i = 0; i < 20 && !until(); i++) await new Promise((resolve) => setImmediate(resolve))
+      }
+      let drained = 0
+      guard.on('drain', () => { drained++ })
+      for (let id = 1; id <= 4; id++) guard.write(publish(id))
+      await turns(() => wrote().length >= 1)
+      expect(wrote()).toEqual([1]) // 2, 3, 4 held: 300 KiB, over the limit, so the last write has not completed
+      expect(guard.writableLength).toBeGreaterThan(0)
+      const drain = new Promise((resolve) => guard.once('drain', resolve))
+      for (const byte of v5({ cmd: 'puback', messageId: 1 })) socket.push(Buffer.from([byte]))
+      await drain
+      await turns(() => wrote().length >= 2)
+      expect(wrote()).toEqual([1, 2])
+      socket.push(v5({ cmd: 'puback', messageId: 2 }))
+      socket.push(v5({ cmd: 'puback', messageId: 3 }))
+      await turns(() => wrote().length >= 4)
+      expect(wrote()).toEqual([1, 2, 3, 4])
+      expect(drained).toBeGreaterThan(0)
+      guard.destroy()
+    })
+
   it('after the CONNACK, tells an MQTT 5 client why with a DISCONNECT (0x95, 0x81, 0x82), never a 3.1.1 client nor before the CONNACK', async () => {
     const cases: Array<[Buffer, Buffer, boolean, number | null]> = [
       [CONNECT5, Buffer.concat([Buffer.from([0x30]), varint(10 * 1024 * 1024)]), true, 0x95],

@@ -142,4 +142,23 @@ describe('client identity and replicated records', () => {
     expect(await metricValue(gw.httpUrl, 'edgemq_mqtt_publishes_refused_total', { tenant: 'acme', reason: 'invalid-topic' })).toBe(1)
     await endAll([globex, bridge])
   }, TIMEOUT)
+
+  it('takes an MQTT 5 bridge\'s dedupe id from its edgemq-dedupe-id user property, with the same grant, and not as a user property', async () => {
+    const carrying = (id: string): mqtt.IClientPublishOptions => ({ qos: 1, properties: { userProperties: { 'edgemq-dedupe-id': id, site: 'edge-1' } } })
+    const bridge = await connect('acme-bridge', 'edgemq-edge-1-region-v5', { protocolVersion: 5 })
+    for (const i of [0, 1, 0]) await bridge.publishAsync('devices/d5/telemetry/t', `real-${i}`, carrying(`edge-1/acme/telemetry/0/${100 + i}`))
+    const acme = await records('ops', 'telemetry', 'd5')
+    expect(acme.map((r) => r.payload)).toEqual(['real-0', 'real-1']) // the resend of offset 100 was acknowledged, not logged
+    expect(acme[0]?.headers).toEqual({
+      'edgemq-origin': 'edge-1/acme/telemetry/0/100', 'edgemq-user': 'acme-bridge', 'mqtt-user-properties': JSON.stringify({ site: 'edge-1' }),
+    })
+    // Without a replicate grant (ops), or outside it: 0x87, and nothing logged.
+    const ops = await connect('ops', 'ops-v5', { protocolVersion: 5 })
+    const refused = await ops.publishAsync('devices/d5/telemetry/t', 'forged', carrying('edge-1/acme/telemetry/0/200')).then(() => null, (e: unknown) => e as { code?: number })
+    expect(refused?.code).toBe(0x87)
+    const outside = await bridge.publishAsync('alarms/x', 'outside', carrying('edge-1/acme/events/0/0')).then(() => null, (e: unknown) => e as { code?: number })
+    expect(outside?.code).toBe(0x87)
+    expect((await records('ops', 'telemetry', 'd5')).map((r) => r.payload)).toEqual(['real-0', 'real-1'])
+    await endAll([bridge, ops])
+  }, TIMEOUT)
 })

@@ -281,12 +281,13 @@ describe('session cursors into the log', () => {
       const store = await openLogStore({ db: db as unknown as LevelDatabase })
       opened.push({ db, store })
       const sessions = (db as unknown as LevelDatabase).sublevel('sessions', { keyEncoding: 'buffer', valueEncoding: 'buffer' }) as unknown as LevelDatabase
-      const persistence = new LevelSessionPersistence(sessions, { writer: store, log: store, now: () => now })
+      const persistence = new LevelSessionPersistence(sessions, { writer: store, log: store, now: () => now, maxOfflineSeconds: 60 })
       const events = new EventEmitter()
       const broker = { id: 'gw', counter: 0, on: (event: string, listener: (c: { id: string }) => void) => events.on(event, listener) }
       await persistence.setup(broker)
       return { gw: { db, store, sessions, persistence, broker }, events }
     }
+    const expired = async (): Promise<string[]> => (await gw.persistence.expireSessions()).map((e) => `${e.clientId} ${e.source} ${e.seconds}`)
     let { gw, events } = await openAt()
     await gw.store.createStream('t3/telemetry', { partitions: 1, retentionBytes: 1 })
     for (const id of ['gone', 'stays']) {
@@ -296,10 +297,10 @@ describe('session cursors into the log', () => {
     }
     events.emit('clientDisconnect', { id: 'gone' })
     for (let i = 0; i < 3; i++) await publish(gw, 't3', 'd0', `m${i}`)
-    now += 60_000
-    expect(await gw.persistence.expireSessions(60_000)).toEqual([]) // not longer than the bound yet; 'stays' is connected
+    now += 59_999
+    expect(await expired()).toEqual([]) // not as long as the bound yet; 'stays' is connected
     now += 1
-    expect(await gw.persistence.expireSessions(60_000)).toEqual(['gone'])
+    expect(await expired()).toEqual(['gone cap 60'])
     expect(gw.persistence.hasSessionState({ id: 'gone' })).toBe(false)
     expect(await gw.persistence.subscriptionsByTopic('t3/devices/d0/telemetry/t')).toEqual([expect.objectContaining({ clientId: 'stays' })])
     // the connected session was killed with the gateway: offline from the restart on, and that survives another restart
@@ -312,16 +313,65 @@ describe('session cursors into the log', () => {
     await gw.store.close()
     await gw.db.close()
     ;({ gw, events } = await openAt())
-    now += 30_001
-    expect(await gw.persistence.expireSessions(60_000)).toEqual(['stays'])
+    now += 30_000
+    expect(await expired()).toEqual(['stays cap 60'])
     expect(await keysWith(gw, TAG_CURSOR)).toBe(0)
     await gw.store.enforceRetention()
     expect(gw.store.partitionInfo('t3/telemetry', 0).logStartOffset).toBeGreaterThan(0) // its cursor at 0 held it until now
   })
 
+  it('ends an MQTT 5 session by its own interval or the cap, the shorter, with the interval stored across a restart', async () => {
+    const dir = await mkdtemp(join(tmpdir(), 'edgemq-cursors-'))
+    dirs.push(dir)
+    let now = 1_000_000
+    const openAt = async (maxOfflineSeconds: number): Promise<{ gw: Gateway, events: EventEmitter }> => {
+      const db = new ClassicLevel(dir)
+      await db.open()
+      const store = await openLogStore({ db: db as unknown as LevelDatabase })
+      opened.push({ db, store })
+      const sessions = (db as unknown as LevelDatabase).sublevel('sessions', { keyEncoding: 'buffer', valueEncoding: 'buffer' }) as unknown as LevelDatabase
+      const persistence = new LevelSessionPersistence(sessions, { writer: store, log: store, now: () => now, maxOfflineSeconds })
+      const events = new EventEmitter()
+      const broker = { id: 'gw', counter: 0, on: (event: string, listener: (c: { id: string }) => void) => events.on(event, listener) }
+      await persistence.setup(broker)
+      return { gw: { db, store, sessions, persistence, broker }, events }
+    }
+    let { gw, events } = await openAt(0)
+    const clients = [
+      { id: 'short', version: 5, sessionExpiryInterval: 30 },
+      { id: 'long', version: 5, sessionExpiryInterval: 600 },
+      { id: 'never', version: 5, sessionExpiryInterval: 0xffffffff },
+      { id: 'v311', version: 4 },
+      { id: 'changed', version: 5, sessionExpiryInterval: 600 },
+    ]
+    for (const c of clients) {
+      events.emit('client', c)
+      await gw.persistence.markSession(c)
+    }
+    // An MQTT 5 DISCONNECT may set another interval: the session ends by the one it left with.
+    for (const c of clients) events.emit('clientDisconnect', c.id === 'changed' ? { ...c, sessionExpiryInterval: 10 } : c)
+    expect(gw.persistence.sessionEnd('short')).toEqual({ at: now + 30_000, source: 'interval', seconds: 30 })
+    expect(gw.persistence.sessionEnd('never')).toBe(null) // no cap: neither 0xFFFFFFFF nor 3.1.1 ends
+    expect(gw.persistence.sessionEnd('v311')).toBe(null)
+    await gw.persistence.expireSession('short') // not yet
+    expect(gw.persistence.hasSessionState({ id: 'short' })).toBe(true)
+    now += 30_000
+    expect((await gw.persistence.expireSessions()).map((e) => `${e.clientId} ${e.source} ${e.seconds}`)).toEqual(['short interval 30', 'changed interval 10'])
+    expect(gw.persistence.hasSessionState({ id: 'short' })).toBe(false)
+    await gw.store.close()
+    await gw.db.close()
+    // Restarted with a cap of 120 s: it bounds 'long' (600 s), 'never' and 'v311' alike, from when they went offline.
+    ;({ gw, events } = await openAt(120))
+    expect(gw.persistence.sessionEnd('long')).toEqual({ at: now - 30_000 + 120_000, source: 'cap', seconds: 120 })
+    now += 90_000
+    expect((await gw.persistence.expireSessions()).map((e) => e.clientId).sort()).toEqual(['long', 'never', 'v311'])
+    expect(gw.persistence.sessionStates()).toEqual([])
+    expect(() => new LevelSessionPersistence(gw.sessions, { maxOfflineSeconds: -1 })).toThrow(expect.objectContaining({ code: 'GW_SESSION_INVALID_ARGUMENT' }))
+  })
+
   it('refuses session bounds outside their ranges in the config, naming the key', () => {
     const bad = [['sessionInflight', 0], ['sessionInflight', 65536], ['maxQueuedMessagesPerSession', 0], ['maxQueuedMessagesPerSession', 1.5],
-      ['sessionExpirySeconds', -1], ['sessionExpirySeconds', 'a day']] as const
+      ['sessionExpirySeconds', -1], ['sessionExpirySeconds', 'a day'], ['sessionExpirySeconds', 0xffffffff]] as const
     for (const [key, value] of bad) {
       expect(() => buildConfig({ mqtt: { [key]: value } })).toThrow(expect.objectContaining({ code: 'GW_CONFIG_INVALID', message: expect.stringContaining(key) }))
     }
