@@ -237,6 +237,7 @@ async function start (config: GatewayConfig, deps: GatewayDeps, shutdown: Shutdo
       shares: { deleteGroup: deleteShareGroup },
       replication: {
         status: () => replication.status(),
+        replicated: () => replication.replicated(),
         promote: async () => {
           const result = await replication.promote()
           // After the answer is on its way: the restart closes the HTTP server.

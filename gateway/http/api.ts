@@ -55,8 +55,12 @@ export interface ApiDeps {
   readonly logger?: { warn (fields: Record<string, unknown>, message: string): void }
   /** The bridge's upstreams, for GET /v1/bridge; absent: no upstream is configured. */
   readonly bridge?: { status (): Promise<UpstreamStatus[]> }
-  /** This gateway's replication role, epoch, peer and lag, for GET /v1/replication. */
-  readonly replication?: { status (): unknown, promote (): Promise<{ readonly epoch: number }> }
+  /**
+   * This gateway's replication role, epoch, peer and lag, for GET /v1/replication; `replicated` resolves once the
+   * writes so far are acknowledged as replication.acks says (the standby's too under replicated), awaited before a
+   * write is answered.
+   */
+  readonly replication?: { status (): unknown, promote (): Promise<{ readonly epoch: number }>, replicated? (): Promise<void> }
   /** Set to the number of reads waiting for an append (long-polls); the gateway passes its edgemq_http_waiting_reads gauge. */
   readonly waitingReads?: { set (value: number): void }
   /** The persistent MQTT sessions, for GET /v1/sessions; absent: none is listed. */
@@ -310,6 +314,9 @@ export function createApi (deps: ApiDeps): Api {
     })
 
     const groups = { tags: ['groups'] }
+    // A write here is a LevelDB write of its own, not a group commit, so no commit gate holds it: under acks: replicated it is
+    // answered once the standby has it, as a PUBACK is.
+    const replicated = async (): Promise<void> => { await deps.replication?.replicated?.() }
     const readOnly = (group: string): ApiError => new ApiError('HTTP_GROUP_READ_ONLY', shareSubscriptionOf(group) === null
       ? `consumer group ${JSON.stringify(group)} is the bridge's: its offsets move as the upstream acknowledges records`
       : `consumer group ${JSON.stringify(group)} is the shared subscription ${shareSubscriptionOf(group)}'s: its offsets move as its members ` +
@@ -349,6 +356,7 @@ export function createApi (deps: ApiDeps): Api {
           }
           if (shareSubscriptionOf(group) === null || deps.shares === undefined) {
             await store.deleteGroup(groupId(who, group))
+            await replicated()
             return { group, deleted: true }
           }
           try {
@@ -357,6 +365,7 @@ export function createApi (deps: ApiDeps): Api {
             if (!(err instanceof GatewayError && err.code === 'GW_SHARE_IN_USE')) throw err
             throw new ApiError('HTTP_GROUP_IN_USE', err.message, { cause: err, details: { group } })
           }
+          await replicated()
           return { group, deleted: true }
         },
       },
@@ -372,6 +381,7 @@ export function createApi (deps: ApiDeps): Api {
         if (change !== undefined) {
           if (bridgeGroup !== undefined || shareSubscriptionOf(params.group) !== null) throw readOnly(params.group)
           await change(groupId(who, params.group), s, request)
+          await replicated()
         }
         return { group: params.group, ...await groupStreamDoc(store, who.tenant, bridgeGroup?.id ?? groupId(who, params.group), s.stream) }
       }

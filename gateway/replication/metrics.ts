@@ -16,6 +16,8 @@ export interface ReplicationGauges {
 
 export interface ReplicationMetrics {
   readonly outOfSync: Counter
+  /** Standby connections caught up, by how: `backlog` (from where it was) or `snapshot` (the whole database). */
+  readonly catchUps: Counter<'from'>
 }
 
 export function createReplicationMetrics (registry: Registry, gauges: ReplicationGauges): ReplicationMetrics {
@@ -47,10 +49,18 @@ export function createReplicationMetrics (registry: Registry, gauges: Replicatio
     name: 'edgemq_replication_lag_seconds', help: 'Age of the oldest write the standby has not acknowledged (0 when it has them all).',
     registers: [registry], collect () { this.set(gauges.lag().seconds) },
   })
+  const catchUps = new Counter({
+    name: 'edgemq_replication_catch_ups_total',
+    help: 'On a primary: standby connections caught up, by how: from="backlog" (from where the standby was, out of the in-memory backlog) or ' +
+      'from="snapshot" (a copy of the whole database: a new standby, one too far behind, or any after a primary restart).',
+    labelNames: ['from'], registers: [registry],
+  })
+  for (const from of ['backlog', 'snapshot']) catchUps.inc({ from }, 0)
   return {
     outOfSync: new Counter({
       name: 'edgemq_replication_out_of_sync_total', help: 'Times the standby left the in-sync state (logged with the reason).', registers: [registry],
     }),
+    catchUps,
   }
 }
 

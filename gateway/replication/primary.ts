@@ -11,6 +11,11 @@
  * gate opens (commits are acknowledged on the primary's disk alone); with
  * `block` it stays shut until the standby has the commit.
  *
+ * A standby not heard from (no pong, no ack) for maxLagMs is dropped: the
+ * link went silent (a black hole sends no reset), and with nothing written
+ * the lag alone would never show it. It reconnects when the link is back
+ * and catches up from the backlog.
+ *
  * A snapshot sent while writes go on can hold writes whose batches follow it
  * too; applying a write twice, in order, ends in the same state, so that is
  * harmless.
@@ -45,6 +50,8 @@ export interface PrimaryDeps {
   readonly now: () => number
   /** Called on every change of the in-sync state. */
   readonly onInSync: (inSync: boolean, reason: string) => void
+  /** Called as a standby connection is caught up: from the backlog, or with a snapshot. */
+  readonly onCatchUp?: (from: 'backlog' | 'snapshot') => void
 }
 
 interface Standby {
@@ -54,7 +61,19 @@ interface Standby {
   sent: number
   acked: number
   snapshotting: boolean
+  /** When a frame last came from it (now() time), and pings sent since: silent only when both say so (a stalled event loop is no silence). */
+  heardAt: number
+  unanswered: number
 }
+
+/** Pings without an answer, besides maxLagMs without a frame, before a standby counts as silent: about maxLagMs of pings (see the timer). */
+const SILENT_PINGS = 4
+/**
+ * Bytes waiting to be written to the standby above which its silence proves nothing: the pings wait behind them (a
+ * snapshot, a catch-up over a slow link). A standby that falls that far behind is out of sync by its lag, and dropped
+ * past backlogBytes.
+ */
+const SILENT_MAX_BUFFERED = 1024 * 1024
 
 export class ReplicationPrimary {
   readonly #deps: PrimaryDeps
@@ -127,9 +146,22 @@ export class ReplicationPrimary {
    * when replication stops.
    */
   gate (commit: { readonly records: number }): Promise<void> {
-    const seq = this.#deps.journal.lastSeq
+    return this.#waitFor(this.#deps.journal.lastSeq, commit.records === 0)
+  }
+
+  /**
+   * Under `acks: replicated`, for a write outside the group commit (an HTTP offset commit, reset or group
+   * deletion: a LevelDB write of its own): resolves once the standby has acknowledged every write journaled so
+   * far, that one included; held under `block` like a commit with records, at once while out of sync under
+   * `degrade`, or when replication stops.
+   */
+  replicated (): Promise<void> {
+    return this.#waitFor(this.#deps.journal.lastSeq, false)
+  }
+
+  #waitFor (seq: number, passWhenOutOfSync: boolean): Promise<void> {
     if (this.#closed || (this.#standby?.acked ?? -1) >= seq) return Promise.resolve()
-    if (!this.#inSync && (this.#deps.config.onStandbyLost === 'degrade' || commit.records === 0)) return Promise.resolve()
+    if (!this.#inSync && (this.#deps.config.onStandbyLost === 'degrade' || passWhenOutOfSync)) return Promise.resolve()
     return new Promise((resolve) => this.#waiters.push({ seq, resolve }))
   }
 
@@ -159,8 +191,10 @@ export class ReplicationPrimary {
       } else if (frame.type === 'hello') {
         if (standby !== undefined) return
         standby = this.#welcome(frames, address, frame)
-      } else if (frame.type === 'ack' && standby !== undefined && standby === this.#standby) {
-        this.#acked(standby, frame.seq)
+      } else if (standby !== undefined && standby === this.#standby) {
+        standby.heardAt = this.#deps.now()
+        standby.unanswered = 0
+        if (frame.type === 'ack') this.#acked(standby, frame.seq)
       }
     }, (err) => { this.#deps.logger.warn({ err: err.message, standby: address }, 'replication stream from the standby is unreadable') })
     socket.on('error', () => {})
@@ -189,16 +223,23 @@ export class ReplicationPrimary {
     if (hello.epoch > epoch) return refuse(`the standby has seen epoch ${hello.epoch}, newer than this primary's ${epoch}`)
     this.#standby?.frames.close()
     const backlog = hello.history === journal.history ? journal.since(hello.seq) : null
-    const standby: Standby = { frames, address, sent: -1, acked: backlog === null ? -1 : hello.seq, snapshotting: backlog === null }
-    if (backlog !== null) this.#lastAcked = Math.max(this.#lastAcked, hello.seq)
+    const standby: Standby = {
+      frames, address, sent: -1, acked: backlog === null ? -1 : hello.seq, snapshotting: backlog === null, heardAt: this.#deps.now(), unanswered: 0,
+    }
     this.#standby = standby
     if (backlog !== null) {
+      this.#lastAcked = Math.max(this.#lastAcked, hello.seq)
+      // A standby killed after its fsync and before its ack reached us comes back holding writes we still wait for: they are acknowledged now.
+      // Under block nothing else would release them: the held commit holds the writer, so no later write comes for the standby to ack.
+      this.#releaseWaiters(hello.seq)
       logger.info({ standby: address, from: hello.seq, writes: backlog.length }, 'standby connected; catching up from the backlog')
+      this.#deps.onCatchUp?.('backlog')
       frames.send({ type: 'welcome', history: journal.history, epoch, snapshot: false, seq: hello.seq })
       standby.sent = hello.seq
       for (const entry of backlog) this.#send(standby, entry)
     } else {
       logger.info({ standby: address, history: hello.history, seq: hello.seq }, 'standby connected; sending a snapshot of the database')
+      this.#deps.onCatchUp?.('snapshot')
       void this.#snapshot(standby)
     }
     this.#tick()
@@ -261,7 +302,8 @@ export class ReplicationPrimary {
   }
 
   #acked (standby: Standby, seq: number): void {
-    if (typeof seq !== 'number' || seq <= standby.acked) return
+    // While it copies a snapshot, an ack can only be an earlier copy's, which the snapshot is about to replace.
+    if (typeof seq !== 'number' || seq <= standby.acked || standby.snapshotting) return
     standby.acked = seq
     this.#lastAcked = Math.max(this.#lastAcked, seq)
     this.#releaseWaiters(seq)
@@ -280,8 +322,18 @@ export class ReplicationPrimary {
 
   #tick (): void {
     const standby = this.#standby
-    if (standby !== undefined && standby.sent >= 0) standby.frames.send({ type: 'ping', seq: this.#deps.journal.lastSeq, at: this.#deps.now() })
     if (standby === undefined) { this.#setInSync(false, 'no standby is connected'); return }
+    const silentMs = this.#deps.now() - standby.heardAt
+    if (silentMs > this.#deps.config.maxLagMs && standby.unanswered >= SILENT_PINGS && standby.frames.buffered < SILENT_MAX_BUFFERED) {
+      this.#deps.logger.warn({ standby: standby.address, silentMs }, 'no word from the standby for longer than maxLagMs: dropping its connection')
+      // Forgotten at once: its socket's close, when it comes, finds another standby (or none) and says nothing more.
+      this.#setInSync(false, `the standby has been silent for ${(silentMs / 1000).toFixed(1)} s, over maxLagMs ${this.#deps.config.maxLagMs}`)
+      standby.frames.close()
+      this.#standby = undefined
+      return
+    }
+    standby.frames.send({ type: 'ping', seq: this.#deps.journal.lastSeq, at: this.#deps.now() })
+    standby.unanswered++
     if (standby.snapshotting) { this.#setInSync(false, 'the standby is copying a snapshot'); return }
     const lag = this.lag()
     if (lag.seconds * 1000 > this.#deps.config.maxLagMs) {

@@ -6,17 +6,21 @@
  *
  * standby → primary: `hello` (what it has applied: the primary's history id
  * and sequence number), then one `ack` per durable apply (the highest
- * sequence number now on its disk). primary → standby: `welcome` (catch up
- * from the backlog, or a snapshot follows), `snapshot` chunks and
- * `snapshot-end`, then `batch` after `batch` in commit order, and a `ping`
- * each second carrying the primary's newest sequence number; or `refused`.
+ * sequence number now on its disk), and a `pong` for every `ping`.
+ * primary → standby: `welcome` (catch up from the backlog, or a snapshot
+ * follows), `snapshot` chunks and `snapshot-end`, then `batch` after `batch`
+ * in commit order, and a `ping` at least each second carrying the primary's
+ * newest sequence number; or `refused`. Pings and pongs are how each side
+ * tells a link that went silent (a black hole: no reset, no data) from an
+ * idle one; TCP alone tells it after minutes.
  * A node starting as primary first sends `who` to its peer; a primary
  * answers `is` with its epoch (a newer one means it was promoted).
  */
 import type { Socket } from 'node:net'
 import { DecoderStream, EncoderStream } from 'cbor-x'
 
-export const PROTOCOL_VERSION = 1
+/** 2: the standby answers pings (a version 1 standby would not, and would be dropped as silent: refused instead). */
+export const PROTOCOL_VERSION = 2
 
 /** One operation of a LevelDB batch on the root database: [0, key, value] puts, [1, key] deletes. */
 export type RawOp = readonly [0, Buffer, Buffer] | readonly [1, Buffer]
@@ -31,12 +35,14 @@ export interface SnapshotEnd { readonly type: 'snapshot-end', readonly seq: numb
 export interface BatchFrame { readonly type: 'batch', readonly seq: number, readonly at: number, readonly ops: readonly RawOp[] }
 export interface Ping { readonly type: 'ping', readonly seq: number, readonly at: number }
 export interface Ack { readonly type: 'ack', readonly seq: number }
+/** The standby's answer to a ping, sent as it arrives (not after the applies queued before it): the link is alive. */
+export interface Pong { readonly type: 'pong' }
 /** Asked by a node that starts as primary: is the peer a primary of a newer epoch (it was promoted meanwhile)? */
 export interface Who { readonly type: 'who' }
 export interface Is { readonly type: 'is', readonly role: 'primary', readonly epoch: number, readonly gatewayId: string }
 
 export type PrimaryFrame = Welcome | Refused | SnapshotChunk | SnapshotEnd | BatchFrame | Ping | Is
-export type StandbyFrame = Hello | Ack | Who
+export type StandbyFrame = Hello | Ack | Pong | Who
 
 const CBOR_OPTIONS = { useRecords: false, mapsAsObjects: true } as const
 

@@ -97,6 +97,12 @@ export interface Replication {
   readonly role: ReplicationRole
   /** The store's commit gate under acks: replicated (a primary); undefined otherwise. */
   readonly commitGate: ((commit: { readonly records: number }) => Promise<void>) | undefined
+  /**
+   * Resolves once the writes made so far are acknowledged as `acks` says: on a primary under acks: replicated, once
+   * the standby has them (held under block, see {@link ReplicationPrimary.replicated}); at once otherwise. For the
+   * writes that are no group commit and so pass no commit gate: the HTTP API's offset commits, resets and deletions.
+   */
+  replicated (): Promise<void>
   /** The address the replication listener bound (a primary), for the ready line. */
   readonly listenAddress: string | null
   status (): ReplicationStatus
@@ -255,6 +261,7 @@ export async function startReplication (deps: ReplicationDeps): Promise<Replicat
   createReplicationMetrics(deps.registry, { role: () => 'none', epoch: () => 0, inSync: () => false, lag: () => ({ writes: 0, bytes: 0, seconds: 0 }) })
   return {
     role: 'none', commitGate: undefined, listenAddress: null,
+    replicated: async () => {},
     status: () => ({
       role: 'none', epoch: 0, gatewayId: deps.gatewayId, listen: null, peer: null, acks: config.acks, onStandbyLost: config.onStandbyLost,
       connected: false, inSync: false, snapshotting: false, primarySequence: 0, appliedSequence: 0, lag: { writes: 0, bytes: 0, seconds: 0 }, refusal: null,
@@ -288,6 +295,7 @@ async function startPrimary (deps: ReplicationDeps, log: Logger, coordination: C
   try {
     primary = await ReplicationPrimary.start({
       config, journal, root: root as unknown as SnapshotSource, ignorePrefix: META_PREFIX, gatewayId: deps.gatewayId, epoch, logger: log, now: deps.now,
+      onCatchUp: (from) => holder.metrics?.catchUps.inc({ from }),
       onInSync: (inSync, reason) => {
         void coordination?.lease.update({ node: coordination.node, epoch, inSync })
         if (inSync) {
@@ -312,6 +320,7 @@ async function startPrimary (deps: ReplicationDeps, log: Logger, coordination: C
   return {
     role: 'primary',
     commitGate: config.acks === 'replicated' ? (commit) => primary.gate(commit) : undefined,
+    replicated: config.acks === 'replicated' ? () => primary.replicated() : async () => {},
     listenAddress: primary.address,
     status: () => ({
       role: 'primary', epoch, gatewayId: deps.gatewayId, listen: primary.address, peer: primary.standbyAddress, acks: config.acks,
@@ -411,6 +420,7 @@ async function startStandby (deps: ReplicationDeps, log: Logger, coordination: C
   return {
     role: 'standby',
     commitGate: undefined,
+    replicated: async () => {},
     listenAddress: null,
     status: (): ReplicationStatus => ({
       role: 'standby', epoch: epoch(), gatewayId: deps.gatewayId, listen: null, peer: config.peer, acks: config.acks, onStandbyLost: config.onStandbyLost,

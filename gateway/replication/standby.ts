@@ -9,6 +9,13 @@
  * under store.durability: sync). After each apply the read-only store is
  * told to re-read what changed (coalesced, on the same chain as the applies).
  *
+ * Across a reconnect: acks go on the connection welcomed last (an apply the
+ * lost connection started is acknowledged there), batches the lost
+ * connection left queued are dropped at the welcome (the new one sends
+ * them again, or a snapshot replaces them). Every ping is answered with a
+ * pong at once; a connection that brings nothing for 5 s is dropped and
+ * made again (protocol.ts).
+ *
  * The replication metadata (sublevel `replication`) is never replicated: it
  * says where this copy stands, not what the primary holds.
  */
@@ -19,6 +26,13 @@ import type { HostPort } from './config-schema.ts'
 
 const RETRY_MIN_MS = 100
 const RETRY_MAX_MS = 2000
+/**
+ * The primary pings at least every second: a connection that brought nothing for this many seconds in a row went
+ * silent (a black hole sends no reset; TCP would tell after minutes), so the standby reconnects. Counted in checks,
+ * not measured in time, so a stalled event loop is no silence.
+ */
+const SILENT_CHECKS = 5
+const CHECK_MS = 1000
 /** How far a standby's reads may trail what it applied: refreshes of its store are at most this often. */
 const REFRESH_MS = 20
 
@@ -70,6 +84,9 @@ export class ReplicationStandby {
   #lastContact: { at: number, lagMs: number } | null = null
   /** Batches received and not yet applied, oldest first: the age of the first is how far behind this standby is. */
   #pending: Array<{ seq: number, at: number }> = []
+  /** Silence checks in a row that found no frame from the primary. */
+  #quietChecks = 0
+  #silenceTimer: NodeJS.Timeout | undefined
 
   constructor (deps: StandbyDeps) {
     this.#deps = deps
@@ -80,6 +97,8 @@ export class ReplicationStandby {
   start (): void {
     if (this.#started || this.#closed) return
     this.#started = true
+    this.#silenceTimer = setInterval(() => { this.#checkSilence() }, CHECK_MS)
+    this.#silenceTimer.unref()
     this.#connect()
   }
 
@@ -100,6 +119,7 @@ export class ReplicationStandby {
 
   async close (): Promise<void> {
     this.#closed = true
+    clearInterval(this.#silenceTimer)
     clearTimeout(this.#retryTimer)
     clearTimeout(this.#refreshTimer)
     this.#frames?.close()
@@ -115,6 +135,7 @@ export class ReplicationStandby {
     const frames: FrameSocket<PrimaryFrame, StandbyFrame> = new FrameSocket(socket, (frame) => { this.#onFrame(frames, frame) },
       (err) => { logger.warn({ err: err.message }, 'replication stream from the primary is unreadable') })
     this.#frames = frames
+    this.#quietChecks = 0
     socket.on('connect', () => {
       this.#connected = true
       this.#retryMs = RETRY_MIN_MS
@@ -136,8 +157,18 @@ export class ReplicationStandby {
     })
   }
 
+  #checkSilence (): void {
+    // Connecting counts too: a SYN into a black hole is retried by the kernel for about two minutes.
+    const frames = this.#frames
+    if (frames === undefined) return
+    if (++this.#quietChecks < SILENT_CHECKS) return
+    this.#deps.logger.warn({ seconds: SILENT_CHECKS * CHECK_MS / 1000, connected: this.#connected }, 'no word from the primary: reconnecting')
+    frames.close()
+  }
+
   #onFrame (frames: FrameSocket<PrimaryFrame, StandbyFrame>, frame: PrimaryFrame): void {
     if (this.#frames !== frames) return
+    this.#quietChecks = 0
     switch (frame.type) {
       case 'refused':
         this.#lastRefusal = frame.message
@@ -146,6 +177,13 @@ export class ReplicationStandby {
       case 'welcome':
         this.#lastRefusal = null
         this.#primarySeq = frame.seq
+        // Batches the lost connection brought and no apply took yet: this one sends all after the hello again, or a snapshot.
+        this.#queue = []
+        this.#welcomedOn = frames
+        if (!frame.snapshot && this.#position?.history === frame.history && this.#position.seq > frame.seq) {
+          // Applied after the hello went out: said now, since a resent batch that changes nothing is not acknowledged.
+          frames.send({ type: 'ack', seq: this.#position.seq })
+        }
         if (frame.snapshot) {
           this.#snapshotting = true
           this.#snapshotOps = []
@@ -160,7 +198,7 @@ export class ReplicationStandby {
       case 'snapshot-end': {
         this.#flushSnapshot()
         const welcomed = this.#welcomed
-        if (welcomed !== undefined) this.#run(() => this.#endSnapshot({ ...welcomed, seq: frame.seq }, frames))
+        if (welcomed !== undefined) this.#run(() => this.#endSnapshot({ ...welcomed, seq: frame.seq }))
         break
       }
       case 'batch':
@@ -168,18 +206,33 @@ export class ReplicationStandby {
         this.#primaryAt = Math.max(this.#primaryAt ?? 0, frame.at)
         this.#queue.push(frame)
         this.#pending.push({ seq: frame.seq, at: frame.at })
-        if (this.#queue.length === 1) this.#run(() => this.#applyQueued(frames))
+        if (this.#queue.length === 1) this.#run(() => this.#applyQueued())
         this.#contact(frame.at)
         break
       case 'ping':
         this.#primarySeq = Math.max(this.#primarySeq, frame.seq)
         this.#primaryAt = frame.at
         this.#contact(frame.at)
+        // At once, not after the applies queued before it: it says the link is alive; acks say how far the applies are.
+        frames.send({ type: 'pong' })
         break
     }
   }
 
   #welcomed: { history: string, epoch: number } | undefined
+  /** The connection the last welcome came on: acks go there, whichever connection brought what was applied. */
+  #welcomedOn: FrameSocket<PrimaryFrame, StandbyFrame> | undefined
+
+  /**
+   * Tells the primary that `position` is on disk, on the connection welcomed last if it is still the one in use and
+   * speaks of the same history: an ack on a lost connection is lost (one sent on the dead connection left the primary
+   * waiting for good when nothing else followed), and one of another history would mean another write.
+   */
+  #ack (position: AppliedPosition): void {
+    const on = this.#welcomedOn
+    if (on === undefined || on !== this.#frames || this.#welcomed?.history !== position.history) return
+    on.send({ type: 'ack', seq: position.seq })
+  }
 
   /** At a frame sent at `at` (the primary's clock, like the batches' times): the age of the oldest batch received but not applied. */
   #contact (at: number): void {
@@ -214,17 +267,17 @@ export class ReplicationStandby {
     this.#run(() => this.#deps.db.batch(ops, { sync: false }))
   }
 
-  async #endSnapshot (position: AppliedPosition, frames: FrameSocket<PrimaryFrame, StandbyFrame>): Promise<void> {
+  async #endSnapshot (position: AppliedPosition): Promise<void> {
     await this.#deps.db.batch([this.#positionOp(position), ...this.#deps.db.finishCopyOps], { sync: true })
     this.#position = position
     this.#applied(position.seq)
     this.#snapshotting = false
     this.#deps.logger.info({ seq: position.seq }, 'snapshot from the primary applied')
-    frames.send({ type: 'ack', seq: position.seq })
+    this.#ack(position)
     this.#scheduleRefresh()
   }
 
-  async #applyQueued (frames: FrameSocket<PrimaryFrame, StandbyFrame>): Promise<void> {
+  async #applyQueued (): Promise<void> {
     const batches = this.#queue
     this.#queue = []
     const base = this.#position ?? (this.#welcomed === undefined ? null : { ...this.#welcomed, seq: -1 })
@@ -250,7 +303,7 @@ export class ReplicationStandby {
     this.#position = position
     this.#applied(seq)
     this.#appliedAt = at
-    frames.send({ type: 'ack', seq })
+    this.#ack(position)
     this.#scheduleRefresh()
   }
 

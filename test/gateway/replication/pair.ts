@@ -3,9 +3,13 @@
  * replication tests: configs with one shared gatewayId, ports picked by the
  * kernel, the primary's replication address read from its ready line.
  */
+import { createHash } from 'node:crypto'
 import { writeFile } from 'node:fs/promises'
 import path from 'node:path'
+import { ClassicLevel } from 'classic-level'
+import { decodeMultiple } from 'cbor-x'
 import { stringify } from 'yaml'
+import { openLogStore, type LevelDatabase } from '../../../store/index.ts'
 import { startGatewayProcess, type GatewayProcess } from '../../helpers/gateway-process.ts'
 
 export const GATEWAY_ID = 'site-1'
@@ -16,6 +20,7 @@ export interface NodeOptions {
   readonly acks?: 'local' | 'replicated'
   readonly onStandbyLost?: 'block' | 'degrade'
   readonly maxLagMs?: number
+  readonly backlogBytes?: number
   /** Ports to reuse (a node that restarts keeps its addresses). */
   readonly mqttPort?: number
   readonly httpPort?: number
@@ -36,6 +41,7 @@ export async function writeNodeConfig (dir: string, name: string, o: NodeOptions
       role: o.role, listen: o.listen ?? '127.0.0.1:0', peer: o.peer ?? '', acks: o.acks ?? 'local',
       onStandbyLost: o.onStandbyLost ?? 'block', maxLagMs: o.maxLagMs ?? 2000,
       ...(o.etcd === undefined ? {} : { coordination: { etcd: { endpoints: [...o.etcd.endpoints], leaseTtlMs: o.etcd.leaseTtlMs } } }),
+      ...(o.backlogBytes === undefined ? {} : { backlogBytes: o.backlogBytes }),
     },
   }))
   return file
@@ -78,6 +84,23 @@ export async function waitFor (gw: { httpUrl: string }, what: string, check: (do
   throw new Error(`timed out waiting for ${what}; last: ${JSON.stringify(last)}`)
 }
 
+/** One sample of the node's /metrics, by its name and labels as exposed (`name{label="value"}`). */
+export async function metricOf (gw: { httpUrl: string }, series: string): Promise<number> {
+  const text = await (await fetch(`${gw.httpUrl}/metrics`)).text()
+  const line = text.split('\n').find((l) => l.startsWith(`${series} `))
+  if (line === undefined) throw new Error(`no ${series} in /metrics`)
+  return Number(line.split(' ')[1])
+}
+
+/** Polls (bounded) until the node's log has a line matching `pattern`. */
+export async function waitForLog (gw: { stderr: () => string }, pattern: RegExp, timeoutMs = 60_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs
+  while (!pattern.test(gw.stderr())) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for a log line matching ${pattern}`)
+    await new Promise((resolve) => setTimeout(resolve, 50))
+  }
+}
+
 export interface LoggedRecord { partition: number, offset: number, key: string, payload: string }
 
 /** Every record of the telemetry stream, read through the HTTP API. */
@@ -93,6 +116,85 @@ export async function readAll (gw: { httpUrl: string }): Promise<LoggedRecord[]>
       if (body.records.length === 0) break
       offset = body.nextOffset
     }
+  }
+  return out
+}
+
+/**
+ * Every stored batch of the telemetry stream as `partition/baseOffset sha256`, read with format=batches: the batches as
+ * the node's LevelDB holds them (docs/http-api.md), so two nodes with equal lists hold byte-identical logs.
+ */
+export async function storedBatches (gw: { httpUrl: string }): Promise<string[]> {
+  const out: string[] = []
+  for (let p = 0; p < 4; p++) {
+    const res = await fetch(`${gw.httpUrl}/v1/streams/telemetry/partitions/${p}/records?format=batches&offset=earliest`)
+    if (!res.ok) throw new Error(`batches of ${p}: ${res.status} ${await res.text()}`)
+    const items = decodeMultiple(Buffer.from(await res.arrayBuffer())) as unknown[]
+    const last = items.at(-1) as { end?: unknown }
+    if (last.end === undefined) throw new Error(`batches of ${p} did not end: ${JSON.stringify(last)}`)
+    for (const b of items.slice(1, -1)) {
+      const batch = Buffer.from(b as Uint8Array)
+      out.push(`${p}/${batch.readBigUInt64BE(5)} ${createHash('sha256').update(batch).digest('hex')}`)
+    }
+  }
+  return out
+}
+
+/**
+ * Waits (bounded) until the standby holds exactly the primary's stored batches, once the primary's standby has
+ * acknowledged everything: a standby's reads follow its applied writes a moment later. Returns the batches.
+ */
+export async function expectIdenticalBatches (primary: { httpUrl: string }, standby: { httpUrl: string }, timeoutMs = 60_000): Promise<string[]> {
+  await waitFor(primary, 'the standby to acknowledge every write', (d) => d.inSync && d.lag.writes === 0 && d.appliedSequence === d.primarySequence, timeoutMs)
+  const want = await storedBatches(primary)
+  const deadline = Date.now() + timeoutMs
+  let got = await storedBatches(standby)
+  while (JSON.stringify(got) !== JSON.stringify(want) && Date.now() < deadline) {
+    await new Promise((resolve) => setTimeout(resolve, 50))
+    got = await storedBatches(standby)
+  }
+  if (JSON.stringify(got) !== JSON.stringify(want)) {
+    const missing = want.filter((b) => !got.includes(b))
+    const extra = got.filter((b) => !want.includes(b))
+    throw new Error(`the standby's batches differ from the primary's: ${missing.length} missing (${missing.slice(0, 5).join(', ')}), ` +
+      `${extra.length} not on the primary (${extra.slice(0, 5).join(', ')})`)
+  }
+  return want
+}
+
+/** Waits (bounded) until every payload is in the node's telemetry log; throws naming the missing ones. */
+export async function expectPayloads (gw: { httpUrl: string }, payloads: readonly string[], what: string, timeoutMs = 30_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs
+  let missing: string[] = [...payloads]
+  while (missing.length > 0) {
+    const have = new Set((await readAll(gw)).map((r) => r.payload))
+    missing = missing.filter((p) => !have.has(p))
+    if (missing.length === 0 || Date.now() > deadline) break
+    await new Promise((resolve) => setTimeout(resolve, 50))
+  }
+  if (missing.length > 0) throw new Error(`${missing.length} of ${payloads.length} ${what} missing: ${missing.slice(0, 5).join(' ')}`)
+}
+
+/** The telemetry records in a stopped gateway's data directory, by payload. */
+export async function offlineRecords (dataDir: string): Promise<Map<string, { partition: number, offset: number }>> {
+  const db = new ClassicLevel<Buffer, Buffer>(path.join(dataDir, 'db'), { keyEncoding: 'buffer', valueEncoding: 'buffer' })
+  await db.open()
+  const store = await openLogStore({ db: db as unknown as LevelDatabase, follower: true })
+  const out = new Map<string, { partition: number, offset: number }>()
+  try {
+    const stream = 'default/telemetry'
+    for (let p = 0; p < store.streamInfo(stream).partitions; p++) {
+      let offset = store.partitionInfo(stream, p).logStartOffset
+      for (let page = 0; page < 10_000; page++) {
+        const r = await store.read(stream, p, offset, { maxRecords: 5000, maxBytes: 16 << 20 })
+        if (r.records.length === 0) break
+        for (const rec of r.records) out.set(Buffer.from(rec.payload).toString(), { partition: p, offset: rec.offset })
+        offset = r.nextOffset
+      }
+    }
+  } finally {
+    await store.close()
+    await db.close()
   }
   return out
 }

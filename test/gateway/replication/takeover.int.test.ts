@@ -11,41 +11,15 @@
  */
 import { readdir } from 'node:fs/promises'
 import path from 'node:path'
-import { ClassicLevel } from 'classic-level'
 import mqtt from 'mqtt'
 import { afterAll, describe, expect, it } from 'vitest'
-import { openLogStore, type LevelDatabase } from '../../../store/index.ts'
 import { publishUntilKilled, type Acked } from '../../helpers/acked-publisher.ts'
 import { runCli, tempDir, type GatewayProcess } from '../../helpers/gateway-process.ts'
-import { readAll, replicationAddress, replicationOf, startNode, waitFor } from './pair.ts'
+import { offlineRecords, readAll, replicationAddress, replicationOf, startNode, waitFor } from './pair.ts'
 
 const DEVICES = 4
 const CYCLES = 10
 const WINDOW = 20
-
-/** The telemetry records in a stopped gateway's data directory, by payload. */
-async function offlineRecords (dataDir: string): Promise<Map<string, { partition: number, offset: number }>> {
-  const db = new ClassicLevel<Buffer, Buffer>(path.join(dataDir, 'db'), { keyEncoding: 'buffer', valueEncoding: 'buffer' })
-  await db.open()
-  const store = await openLogStore({ db: db as unknown as LevelDatabase, follower: true })
-  const out = new Map<string, { partition: number, offset: number }>()
-  try {
-    const stream = 'default/telemetry'
-    for (let p = 0; p < store.streamInfo(stream).partitions; p++) {
-      let offset = store.partitionInfo(stream, p).logStartOffset
-      for (let page = 0; page < 10_000; page++) {
-        const r = await store.read(stream, p, offset, { maxRecords: 5000, maxBytes: 16 << 20 })
-        if (r.records.length === 0) break
-        for (const rec of r.records) out.set(Buffer.from(rec.payload).toString(), { partition: p, offset: rec.offset })
-        offset = r.nextOffset
-      }
-    }
-  } finally {
-    await store.close()
-    await db.close()
-  }
-  return out
-}
 
 describe('standby takeover under SIGKILL with replicated acks', () => {
   const cleanups: Array<() => Promise<void>> = []
