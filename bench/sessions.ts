@@ -31,17 +31,26 @@
  * is the median of rounds. Arguments: `--messages=N` (or EDGEMQ_BENCH_MESSAGES),
  * `--rounds=N` (default 1), `--mosquitto=PATH`, `--edgemq=PATH` (another
  * checkout's gateway/edgemq.mjs, to compare a change).
+ *
+ * `--profile`: instead of the figures, one edgemq drain round under
+ * `node --cpu-prof`; prints where the gateway's main thread spent the drain
+ * (from the subscriber's CONNECT to its last message) on stderr, and keeps
+ * the .cpuprofile in a temp directory (or `--profile-dir=DIR`).
  */
+import { mkdir, mkdtemp, readdir } from 'node:fs/promises'
+import os from 'node:os'
 import path from 'node:path'
 import { findMosquitto, mosquittoVersion, processCpuSeconds, startEdgemq, startMosquitto, withBrokerIn, type RunningBroker } from './lib/brokers.ts'
 import { fill } from './lib/mqtt-fill.ts'
 import { runSubscriber } from './lib/replay-clients.ts'
 import { TempDirs, info, median, report, round } from './lib/report.ts'
-import { flag, intFlag } from './lib/flags.ts'
+import { argv, flag, intFlag } from './lib/flags.ts'
+import { formatProfileSummary, summarizeCpuProfile } from './lib/cpu-profile.ts'
 
 const MESSAGES = intFlag('messages', 20_000, { env: 'EDGEMQ_BENCH_MESSAGES' })
 const ROUNDS = intFlag('rounds', 1)
 const EDGEMQ_BIN = flag('edgemq') === undefined ? undefined : path.resolve(flag('edgemq') as string)
+const PROFILE = argv.includes('--profile')
 const PUBLISHERS = 8
 const DEVICES_PER_PUBLISHER = 10
 const PUBLISH_WINDOW = 100
@@ -57,9 +66,9 @@ const dirs = new TempDirs()
 
 type Name = 'edgemq' | 'mosquitto'
 
-async function withBroker<T> (name: Name, mosquitto: string, fn: (broker: RunningBroker) => Promise<T>): Promise<T> {
+async function withBroker<T> (name: Name, mosquitto: string, fn: (broker: RunningBroker) => Promise<T>, nodeFlags: readonly string[] = []): Promise<T> {
   return await withBrokerIn(dirs, name,
-    async (dir) => name === 'edgemq' ? await startEdgemq(dir, [], EDGEMQ_BIN) : await startMosquitto(mosquitto, dir, MOSQUITTO_LINES), fn)
+    async (dir) => name === 'edgemq' ? await startEdgemq(dir, nodeFlags, EDGEMQ_BIN) : await startMosquitto(mosquitto, dir, MOSQUITTO_LINES), fn)
 }
 
 /** Connects a clean = false session, subscribes at QoS 1 and drops the connection once the SUBACK is in. */
@@ -76,18 +85,29 @@ function publish (broker: RunningBroker): Promise<{ rate: number }> {
   })
 }
 
-interface DrainRound { readonly rate: number, readonly firstMs: number, readonly brokerCores: number | undefined, readonly publishRate: number }
+interface DrainRound {
+  readonly rate: number
+  readonly firstMs: number
+  readonly brokerCores: number | undefined
+  readonly publishRate: number
+  /** The drain on the monotonic clock in µs (a CPU profile's clock). */
+  readonly window: { readonly fromUs: number, readonly toUs: number }
+}
+
+const nowUs = (): number => Number(process.hrtime.bigint() / 1000n)
 
 async function drainRound (broker: RunningBroker, n: number): Promise<DrainRound> {
   const clientId = `persistent-${n}`
   await leaveSession(broker, clientId)
   const { rate: publishRate } = await publish(broker)
   const cpu0 = processCpuSeconds(broker.pid)
+  const fromUs = nowUs()
   const r = await runSubscriber({ host: broker.host, port: broker.port, clientId, clean: false, wantTopics: false, until: (c) => c === MESSAGES, timeoutMs: TIMEOUT_MS })
   const cpu1 = processCpuSeconds(broker.pid)
+  const toUs = nowUs()
   if (r.received !== MESSAGES) throw new Error(`${broker.name}: drained ${r.received} of ${MESSAGES}`)
   return {
-    rate: MESSAGES / (r.ms / 1000), firstMs: r.firstMs, publishRate,
+    rate: MESSAGES / (r.ms / 1000), firstMs: r.firstMs, publishRate, window: { fromUs, toUs },
     brokerCores: cpu0 === undefined || cpu1 === undefined ? undefined : (cpu1 - cpu0) / (r.ms / 1000),
   }
 }
@@ -97,11 +117,34 @@ async function ingestRound (broker: RunningBroker, subscribers: number, n: numbe
   return (await publish(broker)).rate
 }
 
+/** `--profile`: one edgemq drain round under the CPU profiler, summarised over the drain. */
+async function profile (mosquitto: string): Promise<void> {
+  const profileDir = flag('profile-dir') ?? await mkdtemp(path.join(os.tmpdir(), 'edgemq-bench-profile-'))
+  await mkdir(profileDir, { recursive: true })
+  let pid = -1
+  const d = await withBroker('edgemq', mosquitto, async (b) => { pid = b.pid; return await drainRound(b, 0) }, ['--cpu-prof', '--cpu-prof-dir', profileDir])
+  info(`edgemq (profiled): drain ${Math.round(d.rate)} msgs/s (first after ${round(d.firstMs, 1)} ms, broker ${round(d.brokerCores ?? NaN, 2)} cores)`)
+  const files = (await readdir(profileDir)).filter((f) => f.endsWith('.cpuprofile')).sort()
+  const main = files.find((f) => f.includes(`.${pid}.0.`)) ?? files[0]
+  if (main === undefined) throw new Error(`no .cpuprofile in ${profileDir}`)
+  const file = path.join(profileDir, main)
+  process.stderr.write(`${formatProfileSummary(await summarizeCpuProfile(file, d.window), 30)}\n`)
+  info(`profile kept at ${file} (open it in Chrome DevTools > Performance, or speedscope)`)
+}
+
 async function main (): Promise<number> {
   const mosquitto = findMosquitto(flag('mosquitto'))
   if (mosquitto === null) {
     process.stderr.write('[bench] sessions: mosquitto not found (apt-get install mosquitto, or --mosquitto=PATH): it is the baseline\n')
     return 1
+  }
+  if (PROFILE) {
+    try {
+      await profile(mosquitto)
+    } finally {
+      await dirs.cleanup()
+    }
+    return 0
   }
   const version = mosquittoVersion(mosquitto)
   const drains: Record<Name, DrainRound[]> = { edgemq: [], mosquitto: [] }

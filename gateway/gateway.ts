@@ -171,6 +171,9 @@ async function start (config: GatewayConfig, deps: GatewayDeps, shutdown: Shutdo
       },
       onExpired: (tenant) => { metrics.expiredDropped.inc({ tenant, path: 'session' }) },
       onCursorWriteError: (err) => logger.error({ err: (err as Error).message }, 'a session cursor could not be written; its next advance writes it'),
+      onCursorReadError: (err) => {
+        logger.warn({ err: (err as Error).message }, 'reading the log for a persistent session failed; it goes on at its next ack or append')
+      },
     })
   sessions.persistence = persistence
   const { aedes: broker, appendsSettled, wills, deleteShareGroup } = createBroker({

@@ -224,8 +224,8 @@ export const configSchema = {
         },
         sessionInflight: {
           type: 'integer', minimum: 1, maximum: 65535, default: 100,
-          description: 'QoS 1 messages a persistent session catching up from the log may have sent and not yet acknowledged (PUBACK); ' +
-            'reading the log waits for acks beyond it.',
+          description: 'QoS 1 messages from the log a connected persistent session may have sent and not yet acknowledged (PUBACK), ' +
+            'or the MQTT 5 client\'s Receive Maximum when lower; reading the log waits for acks beyond it.',
         },
         replay: {
           type: 'object',

@@ -172,6 +172,19 @@ export function packetWatcher (handlers: PacketWatch): (client: Client) => void 
   }
 }
 
+/**
+ * Gives a QoS 1/2 packet aedes is about to deliver another packet id. aedes takes ids from the client's counter
+ * (lib/qos-packet.js), hands the new packet to `persistence.outgoingUpdate` and writes that same object once the
+ * promise resolves (https://github.com/moscajs/aedes/blob/v1.2.0/lib/client.js deliverQoS,
+ * https://github.com/moscajs/aedes/blob/v1.2.0/lib/handlers/connect.js emptyQueue), so an id changed there is the
+ * one the client sees and acknowledges. session-persistence.ts moves aedes off an id a persistent session's
+ * delivery from the log holds (session-cursors.ts). No upstream issue; public API that would remove it:
+ * `client.nextMessageId()` shared by aedes and the application, or an outgoing in-flight set aedes skips.
+ */
+export function movePacketId (packet: { messageId?: number }, messageId: number): void {
+  packet.messageId = messageId
+}
+
 // --- the broker ------------------------------------------------------------------------------------------------------
 
 /** broker.publish as aedes calls it internally (its typings only declare the two-argument form). */
@@ -250,9 +263,15 @@ export function claimPubacks (broker: Aedes, claim: (client: Client, messageId: 
 
 /** {@link claimPubacks} on the persistence object itself, before aedes has bound it (`broker.listen()`). */
 export function claimPubacksOf (persistence: { outgoingClearMessageId: OutgoingClear }, claim: (client: Client, messageId: number) => boolean): () => void {
-  return wrapMethod(persistence, 'outgoingClearMessageId', (clear) => async (client, packet) => {
-    if (packet.cmd === 'puback' && typeof packet.messageId === 'number' && claim(client, packet.messageId)) return undefined
-    return await clear(client, packet)
+  // Not an async function: every PUBACK passes one such wrapper per claimer (replays, shares), and a drain takes tens
+  // of thousands a second; only a claimed one makes a promise of its own.
+  return wrapMethod(persistence, 'outgoingClearMessageId', (clear) => (client, packet) => {
+    try {
+      if (packet.cmd === 'puback' && typeof packet.messageId === 'number' && claim(client, packet.messageId)) return Promise.resolve(undefined)
+      return clear(client, packet)
+    } catch (err) {
+      return Promise.reject(err)
+    }
   })
 }
 

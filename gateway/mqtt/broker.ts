@@ -37,7 +37,7 @@ import { installClientEvents } from './hooks/client-events.ts'
 import { DurableAppender } from './hooks/durable-append.ts'
 import { anonymousAllowed, isPublished, refusals, type BrokerPersistence, type ConnectInfo, type HookContext } from './hooks/context.ts'
 import { installReplayHooks } from './hooks/replays.ts'
-import { installSessionHooks } from './hooks/sessions.ts'
+import { installCursorDelivery, installSessionHooks } from './hooks/sessions.ts'
 import { fireStartupWill } from './hooks/startup-wills.ts'
 import { InboundQos2 } from './inbound-qos2.ts'
 import { MqttReplays } from './replay.ts'
@@ -153,6 +153,7 @@ export function createBroker (deps: BrokerDeps): Broker {
   broker.authorizeSubscribe = authorizeSubscribe(ctx)
   broker.authorizeForward = authorizeForward(ctx)
   installSessionHooks(ctx)
+  installCursorDelivery(ctx)
   installReplayHooks(ctx)
   shareHooks.install(ctx)
   installClientEvents(ctx)

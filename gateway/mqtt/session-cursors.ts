@@ -1,26 +1,41 @@
 /**
  * Persistent sessions' cursors into the log (the `K` keys of
  * session-format.ts; they hold the log's retention through
- * LogStore.holdRetention): for a message the log already
- * holds (a routed topic), a session keeps, per stream and partition, the
- * next offset to deliver instead of a copy of the message. The first message
- * of a partition a session is sent creates its cursor (one small write);
- * later ones write nothing. On reconnect the session's queue is read back
- * from the log in stored batches, from each cursor, filtered by the
- * session's subscriptions with the matcher live routing uses, at QoS
- * min(subscription, record). Deliveries are held in memory only (no write
- * when aedes assigns a message id); a PUBACK advances the cursor to the
- * lowest offset still unacknowledged, written through the log store's
- * group-commit writer, one write in flight per cursor (later advances
- * coalesce into the next).
+ * LogStore.holdRetention): for a message the log already holds (a routed
+ * topic), a session keeps, per stream and partition, the next offset to
+ * deliver instead of a copy of the message. The first message of a partition
+ * a session is sent creates its cursor (one small write); later ones write
+ * nothing.
  *
- * One path for catch-up and live delivery: a session starts each connection
- * reading the log (live copies of logged messages are held back, see
- * {@link SessionCursors.forwardLive}), and goes live once every cursor has
- * reached the log's end and every record read was handed to aedes, a check
- * made in one synchronous step, so per-partition (per-device) order holds
- * across the switch. The read keeps at most `window` deliveries
- * unacknowledged (the Readable aedes drains waits).
+ * Delivery: one path for catch-up and live. While the session's client is
+ * connected, its cursors are read from the log in stored batches (a chunk per
+ * partition read ahead), filtered by the session's subscriptions with the
+ * matcher live routing uses and by authorizeForward's rule (tenant, `$`
+ * topics, read ACL), at QoS min(subscription, record); QoS 1 deliveries are
+ * framed by the gateway (publish-frames.ts, as `$replay` and shared
+ * subscriptions do) and written to the connection in batches, one socket
+ * write per batch. aedes' own path writes one packet per event-loop turn on
+ * reconnect (lib/handlers/connect.js emptyQueue, lib/write.js), which held a
+ * drain to about 10 k messages/s. Once a session has caught up, the log's
+ * append event wakes it; aedes' live copies of logged QoS 1 messages are
+ * held back (authorizeForward asks {@link SessionCursors.forwardLive}), so a
+ * partition (a device) has one reader per session and its order holds.
+ *
+ * Window: at most min(`window`, the client's Receive Maximum) deliveries
+ * unacknowledged [MQTT-3.3.4-9]. A PUBACK moves the cursor to the lowest
+ * offset still unacknowledged, written through the log store's group-commit
+ * writer, one write in flight per cursor (later advances coalesce into the
+ * next). Deliveries in flight are kept in memory only.
+ *
+ * Packet ids: from the client's own counter (FrameConnection.nextMessageId),
+ * skipping the ids the session's deliveries hold and those of its queued
+ * copies aedes resends ({@link CursorDeps.busy}); an id aedes takes for a
+ * delivery of its own that the cursors hold is moved by the persistence
+ * (outgoingUpdate, {@link SessionCursors.freeId}). A new connection starts
+ * again from the lowest unacknowledged offset, with new ids and DUP set on
+ * every record that may have been sent before (offsets acknowledged above an
+ * unacknowledged one are not sent again); after a restart, everything from
+ * the cursor up to the log end at startup is DUP.
  *
  * Not kept as a store consumer group: the store commits a group's offset as
  * a lone fsync'd put (about 4.7 k/s) outside the group commit, and a
@@ -31,16 +46,32 @@
  * QoS 2 deliveries stay copies (the `O` queue), whose PUBREL state survives a
  * restart; only QoS 1 deliveries use cursors.
  */
-import type { LogStore } from '../../store/index.ts'
-import { headersToProperties } from '../../bridge/index.ts'
+import type { AppendEvent, LogStore, StoredRecord } from '../../store/index.ts'
+import { expiredAt, headersToProperties } from '../../bridge/index.ts'
 import { mountTopic } from '../access/topics.ts'
 import { logPositionOf, type LogPosition } from './log-position.ts'
+import { drained, publishPacketSize, recordProperties, writePublishPacket, type FrameConnection } from './publish-frames.ts'
 import { keys } from './session-format.ts'
 
 /** What the cursors read of the log. */
-export type SessionLog = Pick<LogStore, 'read' | 'partitionInfo' | 'holdRetention'>
+export type SessionLog = Pick<LogStore, 'read' | 'partitionInfo' | 'holdRetention' | 'onAppend'>
 
-/** A packet the cursors hand to aedes (an aedes-packet's fields). */
+/** The connection a session's cursor deliveries are written to; hooks/sessions.ts adapts an aedes client to it. */
+export interface CursorConnection {
+  readonly conn: FrameConnection
+  /** The MQTT 5 Receive Maximum of the client's CONNECT (65,535 when it sent none, and for MQTT 3.1.1). */
+  readonly receiveMaximum: number
+  /**
+   * The topic the client receives a (mounted) topic on, or null when it may not: authorizeForward's rule for live
+   * deliveries (its tenant, `$` topics, the read ACL per message).
+   */
+  deliveredTopic (mountedTopic: string): string | null
+}
+
+/** Finds the connection of an aedes client whose session reads its cursors. */
+export type CursorConnector = (client: object & { readonly id: string }) => CursorConnection | undefined
+
+/** A delivery the cursors sent and that was taken back as a copy to keep (see {@link SessionCursors.detach}). */
 export interface CursorPacket {
   cmd: 'publish'
   topic: string
@@ -50,7 +81,7 @@ export interface CursorPacket {
   dup: boolean
   brokerId: string
   brokerCounter: number
-  messageId: number | undefined
+  messageId: number
   [field: string]: unknown
 }
 
@@ -60,122 +91,157 @@ export interface CursorDeps {
   readonly write: (ops: Array<{ type: 'put', key: Buffer, value: Buffer } | { type: 'del', key: Buffer }>) => Promise<void>
   /** The highest QoS of the client's subscriptions matching the (mounted) topic, 0 when none. */
   readonly grantedQos: (clientId: string, topic: string) => number
-  /** The broker, for ids of the packets handed to aedes. */
+  /** The Subscription Identifiers of the client's subscriptions matching the (mounted) topic [MQTT-3.3.4-3]. */
+  readonly subscriptionIds?: (clientId: string, topic: string) => number[]
+  /** Whether every QoS > 0 subscription of the client matching the (mounted) topic has MQTT 5's No Local set [MQTT-3.8.3-3]. */
+  readonly noLocal?: (clientId: string, topic: string) => boolean
+  /** Whether aedes holds this packet id for the client (a queued copy it resends with it). */
+  readonly busy?: (clientId: string, messageId: number) => boolean
+  /** The broker, for the ids of deliveries taken back as copies. */
   readonly broker: () => { readonly id: string, counter?: number } | undefined
-  /** Unacknowledged deliveries per session while it reads the log. */
+  /** Unacknowledged deliveries per session. */
   readonly window: number
   /** Records read per stored read. */
   readonly readRecords?: number
   /** Told when a cursor write failed (the cursor is retried with the next advance). */
   readonly onWriteError?: (err: unknown) => void
+  /** Told when reading the log for a session failed (it goes on at the next PUBACK or append). */
+  readonly onReadError?: (err: unknown) => void
   /** ms since the epoch, for MQTT 5 message expiry (default Date.now). */
   readonly now?: () => number
   /** Told of each record of this session skipped because its message expiry had passed [MQTT-3.3.2-5]. */
   readonly onExpired?: (tenant: string) => void
 }
 
+/** Records and payload bytes framed into one socket write. */
+const BATCH_RECORDS = 500
+const BATCH_BYTES = 256 * 1024
+/** A chunk read ahead per partition: a store read decodes whole batches (up to 1,000 records). */
+const CHUNK_BYTES = 256 * 1024
+/** Per-connection cache of what a topic is delivered as; a session walking more topics recomputes. */
+const CACHE_ENTRIES = 4096
+
 class PartitionCursor {
   /** The value written (or being written): next offset to deliver after a restart. */
   committed: number
   /** Next offset this connection has not yet delivered or skipped. */
   next: number
-  /** Offsets delivered and not acknowledged, ascending. */
-  readonly pending: number[] = []
+  /** Offsets delivered and not acknowledged, ascending, from `#head` on (a queue without shift()'s copying). */
+  #pending: number[] = []
+  #head = 0
+  /** Offsets acknowledged above an unacknowledged one (not sent again by a new connection). */
   readonly acked = new Set<number>()
   /** Offsets below this may have been sent before (DUP). */
   dupBelow: number
   writing = false
   dirty = false
+  /** Records read from the log and not yet looked at (from `aheadPos`), and the offset after them. */
+  ahead: StoredRecord[] = []
+  aheadPos = 0
+  aheadEnd = 0
+
+  /** The tenant of the stream (`<tenant>/<stream>`). */
+  readonly tenant: string
 
   constructor (readonly stream: string, readonly partition: number, committed: number, dupBelow: number) {
+    this.tenant = stream.slice(0, stream.indexOf('/'))
     this.committed = committed
     this.next = committed
     this.dupBelow = dupBelow
   }
 
+
   /** Where the cursor may go: the lowest unacknowledged delivery, or past everything delivered. */
   target (): number {
-    while (this.pending.length > 0 && this.acked.delete(this.pending[0] as number)) this.pending.shift()
-    return this.pending[0] ?? this.next
+    const pending = this.#pending
+    while (this.#head < pending.length && this.acked.delete(pending[this.#head] as number)) this.#head++
+    if (this.#head === pending.length) {
+      this.#pending = []
+      this.#head = 0
+    } else if (this.#head > 1024 && this.#head * 2 > pending.length) {
+      this.#pending = pending.slice(this.#head)
+      this.#head = 0
+    }
+    return this.#pending[this.#head] ?? this.next
+  }
+
+  /** A delivery of `offset` went out (offsets ascending). */
+  sent (offset: number): void {
+    this.#pending.push(offset)
+  }
+
+  /** A new connection reads again from the lowest unacknowledged delivery; everything sent from there is DUP. */
+  restart (): void {
+    const from = this.target()
+    this.#pending = []
+    this.#head = 0
+    for (const offset of this.acked) if (offset < from) this.acked.delete(offset)
+    this.dupBelow = Math.max(this.dupBelow, this.next)
+    this.next = from
+    this.ahead = []
+    this.aheadPos = 0
+    this.aheadEnd = from
   }
 }
 
+/** A delivery written and not acknowledged. */
 interface Delivery {
-  /** brokerId and brokerCounter of the packet aedes forwards. */
-  readonly key: string
   readonly cursor: PartitionCursor
-  readonly offset: number
-  /** Read from the log by this connection (else registered for a live copy). */
-  readonly drained: boolean
-  /** The packet sent (a live copy's once forwarded), for aedes' `ack` event and for {@link SessionCursors.detach}. */
-  packet: Readonly<Record<string, unknown>> | undefined
-  messageId: number | undefined
-  delivered: boolean
+  readonly record: StoredRecord
 }
+
+/** How a topic is delivered to the connection: null when it is not (no QoS > 0 subscription matches, or not readable). */
+type Route = { readonly topic: Buffer, readonly qos: number, readonly ids: number[], readonly noLocal: boolean } | null
 
 class ClientCursors {
   readonly cursors = new Map<string, PartitionCursor>()
-  /** The connection reading the log or live; undefined before the first outgoingStream of this process. */
-  connection: object | undefined
-  live = false
-  readonly byBroker = new Map<string, Delivery>()
-  readonly byMessageId = new Map<number, Delivery>()
-  unacked = 0
-  /** Drained deliveries handed out and not yet given a message id by aedes. */
-  unsent = 0
-  #wakers: Array<() => void> = []
+  /** aedes' client of the connection the deliveries go to, and how to write to it; undefined while offline. */
+  client: object | undefined
+  via: CursorConnection | undefined
+  /** Packet id → delivery, for this connection. */
+  readonly inflight = new Map<number, Delivery>()
+  limit = 0
+  running = false
+  again = false
+  scheduled = false
+  /** Tenant → record topic → how it is delivered, for this connection and its subscriptions. */
+  readonly routes = new Map<string, Map<string, Route>>()
+  /** Cursor at which the next batch starts taking records, so partitions take turns. */
+  turn = 0
 
-  wait (): Promise<void> {
-    return new Promise((resolve) => this.#wakers.push(resolve))
-  }
-
-  wake (): void {
-    for (const w of this.#wakers.splice(0)) w()
-  }
-
-  reset (connection: object | undefined): void {
-    this.connection = connection
-    this.live = false
-    this.byBroker.clear()
-    this.byMessageId.clear()
-    this.unacked = 0
-    this.unsent = 0
-    for (const c of this.cursors.values()) {
-      // From the lowest unacknowledged delivery (the value written, or about to be); everything sent from there is DUP.
-      const from = c.target()
-      c.pending.length = 0
-      c.acked.clear()
-      c.dupBelow = Math.max(c.dupBelow, c.next)
-      c.next = from
-    }
-    this.wake()
-  }
+  constructor (readonly clientId: string) {}
 }
 
-/** Whether a delivery was the cursors' and, once sent, its packet (for aedes' `ack` event). */
-export interface Cleared { readonly found: boolean, readonly packet?: Readonly<Record<string, unknown>> }
+/** Whether a delivery was the cursors' (a PUBACK they took). */
+export interface Cleared { readonly found: boolean }
 
 /** A delivery sent and not acknowledged, handed back as a copy to keep (see {@link SessionCursors.detach}). */
-export interface Detached { readonly packet: Readonly<Record<string, unknown>>, readonly messageId: number }
+export interface Detached { readonly packet: Readonly<CursorPacket>, readonly messageId: number }
 
 /** The fields of a live packet forwardLive reads. */
 export interface LivePacket {
   readonly topic?: unknown
   readonly qos?: unknown
   readonly payload?: unknown
-  readonly brokerId?: unknown
-  readonly brokerCounter?: unknown
 }
 
 const cursorId = (stream: string, partition: number): string => `${partition}/${stream}`
-const brokerKey = (brokerId: unknown, counter: unknown): string => `${String(brokerId)}|${String(counter)}`
 
 export class SessionCursors {
   readonly #deps: CursorDeps
   readonly #clients = new Map<string, ClientCursors>()
+  /** Connected sessions by the cursors they read, for the append event. */
+  readonly #watching = new Map<string, Set<ClientCursors>>()
+  #connector: CursorConnector | undefined
+  #unlisten: (() => void) | undefined
 
   constructor (deps: CursorDeps) {
     this.#deps = deps
+  }
+
+  /** How to reach a client's connection; without one no cursor is delivered (the gateway installs it, hooks/sessions.ts). */
+  connectVia (connector: CursorConnector): void {
+    this.#connector = connector
   }
 
   /** A cursor read from disk at startup: records from it up to the log's end now may have been sent (DUP). */
@@ -195,37 +261,83 @@ export class SessionCursors {
 
   /**
    * Takes the message at `position` for the client instead of a copy: creates the cursor of its partition (the
-   * returned write) when the session has none; else nothing is written. A connected client may get the live copy
-   * too: authorizeForward asks {@link forwardLive}.
+   * returned write) when the session has none; else nothing is written. A connected session reads it from the log
+   * (its live copy is held back, {@link forwardLive}).
    */
   enqueue (clientId: string, position: LogPosition): Promise<void> | undefined {
-    const client = this.#client(clientId)
+    const state = this.#client(clientId)
     const id = cursorId(position.stream, position.partition)
-    if (client.cursors.has(id)) return undefined
-    client.cursors.set(id, new PartitionCursor(position.stream, position.partition, position.offset, position.offset))
+    if (state.cursors.has(id)) return undefined
+    const cursor = new PartitionCursor(position.stream, position.partition, position.offset, position.offset)
+    state.cursors.set(id, cursor)
+    if (state.via !== undefined) {
+      this.#watch(state, cursor)
+      this.#schedule(state)
+    }
     return this.#deps.write([{ type: 'put', key: keys.cursor(clientId, position.stream, position.partition), value: u64(position.offset) }])
   }
 
   /**
-   * Whether aedes may forward this live copy to the client (authorizeForward asks). A copy of a logged message is
-   * held back while the session reads the log (the read delivers it, in order) and when the read delivered it.
+   * Whether aedes may forward this live copy to the client (authorizeForward asks): not a QoS 1 copy of a logged
+   * message the session has a cursor for, which it reads from the log instead, in order.
    */
   forwardLive (client: object & { readonly id: string }, packet: LivePacket): boolean {
     const state = this.#clients.get(client.id)
-    // Packets read from the log by this module carry no position: only live copies of logged messages do.
+    // Deliveries framed by this module never pass here: only aedes' copies of logged messages carry a position.
     const position = state === undefined ? undefined : logPositionOf(packet)
     if (state === undefined || position === undefined || typeof packet.topic !== 'string') return true
-    const cursor = state.cursors.get(cursorId(position.stream, position.partition))
+    if (!state.cursors.has(cursorId(position.stream, position.partition))) return true
     // A QoS 2 delivery is queued as a copy, not a cursor (outgoingEnqueueCombi, the same rule).
-    if (cursor === undefined || Math.min(Number(packet.qos ?? 0), this.#deps.grantedQos(client.id, packet.topic)) !== 1) return true
-    if (state.connection !== client || !state.live || position.offset < cursor.next) return false
-    const key = brokerKey(packet.brokerId, packet.brokerCounter)
-    // The copy before authorizeForward unmounts the topic in place.
-    state.byBroker.set(key, { key, cursor, offset: position.offset, drained: false, packet: { ...packet }, messageId: undefined, delivered: true })
-    cursor.next = position.offset + 1
-    cursor.pending.push(position.offset)
-    state.unacked++
-    return true
+    return Math.min(Number(packet.qos ?? 0), this.#deps.grantedQos(client.id, packet.topic)) !== 1
+  }
+
+  /**
+   * Starts delivering the session's cursors to this connection (aedes asks for the session's queue right after the
+   * CONNACK; persistence's outgoingStream calls this once the copies are handed over). The previous connection's
+   * unacknowledged deliveries are sent again, with DUP.
+   */
+  attach (client: object & { readonly id: string, readonly clean?: boolean }): void {
+    // aedes' client.clean (docs/Client.md): a clean session keeps no cursors.
+    // Also without cursors yet: the session's next logged message creates one, read from the log while connected.
+    if (client.clean === true) return
+    if (this.#connector === undefined) {
+      // A persistence used without the gateway's hooks would never deliver its cursors.
+      if (this.has(client.id)) throw new Error(`no connection to deliver the cursors of ${client.id} to (SessionCursors.connectVia)`)
+      return
+    }
+    const via = this.#connector(client)
+    if (via === undefined) return // the connection is already gone
+    const state = this.#client(client.id)
+    this.#release(state)
+    state.client = client
+    state.via = via
+    const receiveMaximum = Number.isSafeInteger(via.receiveMaximum) && via.receiveMaximum > 0 ? via.receiveMaximum : this.#deps.window
+    state.limit = Math.min(this.#deps.window, receiveMaximum)
+    for (const cursor of state.cursors.values()) {
+      cursor.restart()
+      this.#watch(state, cursor)
+    }
+    this.#unlisten ??= this.#deps.log.onAppend((e) => this.#appended(e))
+    via.conn.stream.once('close', () => { if (state.client === client) this.#release(state, true) })
+    this.#schedule(state)
+  }
+
+  /** The client's subscriptions changed: topics are matched again. */
+  subscriptionsChanged (clientId: string): void {
+    const state = this.#clients.get(clientId)
+    if (state === undefined) return
+    state.routes.clear()
+    if (state.via !== undefined) this.#schedule(state)
+  }
+
+  /**
+   * A packet id aedes may use for a delivery of its own: `messageId` unless a cursor delivery holds it, else a free
+   * one of the client's counter.
+   */
+  freeId (client: object & { readonly id: string }, messageId: number): number {
+    const state = this.#clients.get(client.id)
+    if (state?.client !== client || state.via === undefined || !state.inflight.has(messageId)) return messageId
+    return this.#allocate(state, state.via)
   }
 
   /**
@@ -236,62 +348,45 @@ export class SessionCursors {
   detach (clientId: string): Detached[] {
     const state = this.#clients.get(clientId)
     if (state === undefined) return []
+    state.routes.clear()
     const out: Detached[] = []
+    const broker = this.#deps.broker()
+    const now = (this.#deps.now ?? Date.now)()
     const touched = new Set<PartitionCursor>()
-    for (const [messageId, delivery] of state.byMessageId) {
-      if (delivery.packet === undefined || !delivery.delivered) continue
-      out.push({ packet: delivery.packet, messageId })
-      state.byMessageId.delete(messageId)
-      state.byBroker.delete(delivery.key)
-      state.unacked--
-      delivery.cursor.acked.add(delivery.offset)
-      touched.add(delivery.cursor)
+    for (const [messageId, { cursor, record }] of state.inflight) {
+      const properties = headersToProperties(record.headers, { now, timestamp: record.timestamp })
+      const counter = broker === undefined ? 0 : (broker.counter = (broker.counter ?? 0) + 1)
+      out.push({
+        messageId,
+        packet: {
+          cmd: 'publish', topic: mountTopic(cursor.tenant, record.topic), payload: Buffer.from(record.payload), qos: 1, retain: false, dup: true,
+          brokerId: broker?.id ?? '', brokerCounter: counter, messageId, ...(properties === undefined ? {} : { properties }),
+        },
+      })
+      cursor.acked.add(record.offset)
+      touched.add(cursor)
     }
+    state.inflight.clear()
     for (const cursor of touched) this.#advance(clientId, cursor)
-    if (out.length > 0) state.wake()
+    if (state.via !== undefined) this.#schedule(state)
     return out
   }
 
-  /** aedes gave the delivery a message id (no write: deliveries are held in memory). False when it is not ours. */
-  update (client: { readonly id: string }, packet: { messageId?: unknown, brokerId?: unknown, brokerCounter?: unknown }): boolean {
-    const state = this.#clients.get(client.id)
-    const delivery = state?.byBroker.get(brokerKey(packet.brokerId, packet.brokerCounter))
-    if (state === undefined || delivery === undefined || typeof packet.messageId !== 'number') return false
-    if (delivery.messageId !== undefined) state.byMessageId.delete(delivery.messageId)
-    delivery.messageId = packet.messageId
-    state.byMessageId.set(packet.messageId, delivery)
-    if (delivery.drained && !delivery.delivered) {
-      delivery.delivered = true
-      state.unsent--
-      state.wake()
-    }
-    return true
-  }
-
   /**
-   * A PUBACK (by message id), or a copy aedes did not forward (by broker id and counter): the delivery is done and
-   * the cursor advances past it. Undefined when it is not one of the cursors' deliveries.
+   * A PUBACK: the delivery is done and the cursor advances past it. Not found when the packet id is not one of the
+   * cursors' deliveries on this connection (an unknown or repeated PUBACK changes nothing).
    */
-  clear (client: { readonly id: string }, packet: { messageId?: unknown, brokerId?: unknown, brokerCounter?: unknown }): Cleared {
+  clear (client: object & { readonly id: string }, packet: { cmd?: unknown, messageId?: unknown }): Cleared {
     const state = this.#clients.get(client.id)
-    if (state === undefined) return { found: false }
-    let delivery: Delivery | undefined
-    if (typeof packet.messageId === 'number') {
-      delivery = state.byMessageId.get(packet.messageId)
-      if (delivery !== undefined) state.byMessageId.delete(packet.messageId)
-    } else {
-      delivery = state.byBroker.get(brokerKey(packet.brokerId, packet.brokerCounter))
-    }
+    // aedes also clears a PUBLISH of its own it did not forward: never one of these (they never pass through aedes).
+    if (state === undefined || state.client !== client || packet.cmd === 'publish' || typeof packet.messageId !== 'number') return { found: false }
+    const delivery = state.inflight.get(packet.messageId)
     if (delivery === undefined) return { found: false }
-    state.byBroker.delete(delivery.key)
-    if (delivery.drained || delivery.delivered) {
-      if (delivery.drained && !delivery.delivered) state.unsent--
-      state.unacked--
-      delivery.cursor.acked.add(delivery.offset)
-      this.#advance(client.id, delivery.cursor)
-      state.wake()
-    }
-    return { found: true, packet: delivery.packet }
+    state.inflight.delete(packet.messageId)
+    delivery.cursor.acked.add(delivery.record.offset)
+    this.#advance(client.id, delivery.cursor)
+    this.#schedule(state)
+    return { found: true }
   }
 
   /**
@@ -302,6 +397,7 @@ export class SessionCursors {
     const state = this.#clients.get(clientId)
     if (state === undefined) return []
     const ops = [...state.cursors.values()].map((c) => ({ type: 'del' as const, key: keys.cursor(clientId, c.stream, c.partition) }))
+    this.#unwatch(state)
     state.cursors.clear()
     return ops
   }
@@ -311,75 +407,8 @@ export class SessionCursors {
     const state = this.#clients.get(clientId)
     if (state === undefined) return []
     this.#clients.delete(clientId)
-    state.reset(undefined)
+    this.#release(state)
     return [...state.cursors.values()].map((c) => ({ type: 'del' as const, key: keys.cursor(clientId, c.stream, c.partition) }))
-  }
-
-  /**
-   * The session's queue in the log, read from its cursors for this connection; goes live at the end. `connection`
-   * is aedes' client object of the connection.
-   */
-  async * read (connection: object & { readonly id: string, readonly clean?: boolean }): AsyncGenerator<CursorPacket> {
-    // aedes' client.clean (docs/Client.md): a clean session keeps no cursors, and its copies are never enqueued.
-    if (connection.clean === true) return
-    const state = this.#client(connection.id)
-    state.reset(connection)
-    const { log, window } = this.#deps
-    const current = (): boolean => state.connection === connection
-    for (;;) {
-      for (const cursor of [...state.cursors.values()]) {
-        for (;;) {
-          if (!current()) return
-          const end = endOf(log, cursor)
-          if (cursor.next >= end) break
-          const from = Math.max(cursor.next, startOf(log, cursor))
-          const { records } = await log.read(cursor.stream, cursor.partition, from, { maxRecords: this.#deps.readRecords ?? 1000 })
-          if (!current()) return
-          if (records.length === 0) { cursor.next = Math.max(cursor.next, end); break }
-          const tenant = cursor.stream.slice(0, cursor.stream.indexOf('/'))
-          for (const record of records) {
-            if (record.offset < cursor.next) continue
-            const topic = mountTopic(tenant, record.topic)
-            const qos = Math.min(record.qos, this.#deps.grantedQos(connection.id, topic))
-            // An MQTT 5 message's properties are kept as headers (bridge/mqtt-properties.ts), its expiry as time left.
-            const properties = headersToProperties(record.headers, { now: (this.#deps.now ?? Date.now)(), timestamp: record.timestamp })
-            const expired = properties?.messageExpiryInterval !== undefined && properties.messageExpiryInterval <= 0 // [MQTT-3.3.2-5]
-            if (expired && qos === 1) this.#deps.onExpired?.(tenant)
-            if (qos !== 1 || expired) {
-              // Not this session's (QoS 0, unmatched) or a QoS 2 delivery, which is queued as a copy.
-              cursor.next = record.offset + 1
-              if (cursor.pending.length === 0) this.#advance(connection.id, cursor)
-              continue
-            }
-            while (state.unacked >= window && current()) await state.wait()
-            if (!current()) return
-            const broker = this.#deps.broker()
-            const counter = broker === undefined ? 0 : (broker.counter = (broker.counter ?? 0) + 1)
-            const packet: CursorPacket = {
-              cmd: 'publish', topic, payload: Buffer.from(record.payload.buffer, record.payload.byteOffset, record.payload.byteLength),
-              qos, retain: false, dup: record.offset < cursor.dupBelow, brokerId: broker?.id ?? '', brokerCounter: counter, messageId: undefined,
-              ...(properties === undefined ? {} : { properties }),
-            }
-            const key = brokerKey(packet.brokerId, counter)
-            const delivery: Delivery = { key, cursor, offset: record.offset, drained: true, packet, messageId: undefined, delivered: false }
-            state.byBroker.set(key, delivery)
-            cursor.pending.push(record.offset)
-            cursor.next = record.offset + 1
-            state.unacked++
-            state.unsent++
-            yield packet
-          }
-        }
-      }
-      // Every record read is handed over: wait until aedes has sent them all (it reads ahead of the writes), then
-      // check every cursor against the log's end and go live in the same synchronous step, or read on.
-      while (state.unsent > 0 && current()) await state.wait()
-      if (!current()) return
-      if ([...state.cursors.values()].every((c) => c.next >= endOf(log, c))) {
-        state.live = true
-        return
-      }
-    }
   }
 
   /**
@@ -403,6 +432,17 @@ export class SessionCursors {
     return [...state.cursors.values()].map((c) => ({ stream: c.stream, partition: c.partition, next: c.committed }))
   }
 
+  /**
+   * Whether the connected session has nothing to write now: no delivery run is under way or due, and its window is
+   * full or every cursor has reached the log's end. False while it is offline.
+   */
+  settled (clientId: string): boolean {
+    const state = this.#clients.get(clientId)
+    if (state?.via === undefined || state.running || state.scheduled) return false
+    if (state.inflight.size >= state.limit) return true
+    return [...state.cursors.values()].every((c) => c.aheadPos === c.ahead.length && c.next >= endOf(this.#deps.log, c))
+  }
+
   /** Per stream: sessions with a cursor into it, and the records they have not acknowledged (log end − cursor, summed). */
   lag (): Array<{ stream: string, sessions: number, lagMessages: number }> {
     const byStream = new Map<string, { sessions: Set<ClientCursors>, lagMessages: number }>()
@@ -417,19 +457,198 @@ export class SessionCursors {
     return [...byStream].map(([stream, s]) => ({ stream, sessions: s.sessions.size, lagMessages: s.lagMessages }))
   }
 
-  /** Ends every read in progress (the persistence is being destroyed). */
+  /** Ends every delivery in progress (the persistence is being destroyed). */
   close (): void {
-    for (const state of this.#clients.values()) state.reset(undefined)
+    this.#unlisten?.()
+    this.#unlisten = undefined
+    for (const state of this.#clients.values()) this.#release(state)
     this.#clients.clear()
   }
 
   #client (clientId: string): ClientCursors {
     let state = this.#clients.get(clientId)
     if (state === undefined) {
-      state = new ClientCursors()
+      state = new ClientCursors(clientId)
       this.#clients.set(clientId, state)
     }
     return state
+  }
+
+  /** The connection is gone (closed, replaced, or the session dropped): its deliveries in flight are forgotten. */
+  #release (state: ClientCursors, forgetIfEmpty = false): void {
+    this.#unwatch(state)
+    state.client = undefined
+    state.via = undefined
+    state.inflight.clear()
+    state.routes.clear()
+    // An offline session without cursors keeps nothing here (its next logged message makes them again).
+    if (forgetIfEmpty && state.cursors.size === 0 && this.#clients.get(state.clientId) === state) this.#clients.delete(state.clientId)
+  }
+
+  #watch (state: ClientCursors, cursor: PartitionCursor): void {
+    const id = cursorId(cursor.stream, cursor.partition)
+    let set = this.#watching.get(id)
+    if (set === undefined) this.#watching.set(id, set = new Set())
+    set.add(state)
+  }
+
+  #unwatch (state: ClientCursors): void {
+    for (const cursor of state.cursors.values()) {
+      const id = cursorId(cursor.stream, cursor.partition)
+      const set = this.#watching.get(id)
+      set?.delete(state)
+      if (set?.size === 0) this.#watching.delete(id)
+    }
+  }
+
+  #appended (e: AppendEvent): void {
+    for (const state of this.#watching.get(cursorId(e.stream, e.partition)) ?? []) this.#schedule(state)
+  }
+
+  /** Runs the session's delivery once in the next turn: a run of PUBACKs (aedes handles a chunk of packets at once) or appends wakes it once. */
+  #schedule (state: ClientCursors): void {
+    if (state.scheduled) return
+    state.scheduled = true
+    setImmediate(() => {
+      state.scheduled = false
+      this.#pump(state)
+    })
+  }
+
+  /** One delivery loop per session at a time; a wake-up while it runs makes it go round again. */
+  #pump (state: ClientCursors): void {
+    if (state.running) { state.again = true; return }
+    state.running = true
+    void this.#deliver(state).catch((err: unknown) => {
+      if ((err as { code?: unknown }).code !== 'STORE_CLOSED') this.#deps.onReadError?.(err)
+    }).finally(() => {
+      state.running = false
+      if (state.again) { state.again = false; this.#pump(state) }
+    })
+  }
+
+  /**
+   * Writes the session's records while its window has room and the log has more; returns when caught up or full.
+   * What is read ahead goes out first; a partition is read (a chunk) only when nothing read is left to send, so the
+   * first records of a drain leave after one read, not one per partition.
+   */
+  async #deliver (state: ClientCursors): Promise<void> {
+    const { log } = this.#deps
+    for (;;) {
+      state.again = false
+      const { client, via } = state
+      if (client === undefined || via === undefined || via.conn.closed || via.conn.stream.destroyed === true) return
+      if (state.inflight.size >= state.limit) return // woken by the PUBACKs
+      const cursors = [...state.cursors.values()]
+      if (cursors.some((c) => c.aheadPos < c.ahead.length)) {
+        const out = this.#frame(state, via)
+        if (out !== null && !via.conn.stream.write(out)) await drained(via.conn.stream)
+        continue
+      }
+      let read = false
+      for (let k = 0; k < cursors.length; k++) {
+        const cursor = cursors[(state.turn + k) % cursors.length] as PartitionCursor // partitions take turns
+        const info = partitionInfo(log, cursor)
+        if (info === undefined || cursor.next >= info.logEndOffset) continue
+        const { records, nextOffset } = await log.read(cursor.stream, cursor.partition, Math.max(cursor.next, info.logStartOffset),
+          { maxRecords: this.#deps.readRecords ?? 1000, maxBytes: CHUNK_BYTES })
+        if (state.client !== client) return
+        cursor.ahead = records
+        cursor.aheadPos = 0
+        cursor.aheadEnd = records.length === 0 ? info.logEndOffset : nextOffset
+        if (records.length === 0) cursor.next = Math.max(cursor.next, info.logEndOffset)
+        read = true
+        break
+      }
+      if (!read) return // caught up: woken by the next append
+    }
+  }
+
+  /**
+   * Takes up to the window's room of records read ahead, partitions in turn, skipping those not for this session,
+   * and frames them into one buffer (null when every record taken was skipped).
+   */
+  #frame (state: ClientCursors, via: CursorConnection): Buffer | null {
+    const room = Math.min(state.limit - state.inflight.size, BATCH_RECORDS)
+    const now = (this.#deps.now ?? Date.now)()
+    const mqtt5 = via.conn.mqtt5 === true
+    const picked: Array<{ cursor: PartitionCursor, record: StoredRecord, topic: Buffer, properties: Buffer | undefined }> = []
+    const touched = new Set<PartitionCursor>()
+    let size = 0
+    const cursors = [...state.cursors.values()]
+    for (let k = 0; k < cursors.length && picked.length < room && size < BATCH_BYTES; k++) {
+      const cursor = cursors[(state.turn + k) % cursors.length] as PartitionCursor
+      while (picked.length < room && size < BATCH_BYTES && cursor.aheadPos < cursor.ahead.length) {
+        const record = cursor.ahead[cursor.aheadPos++] as StoredRecord
+        if (record.offset < cursor.next) continue
+        cursor.next = record.offset + 1
+        touched.add(cursor)
+        if (cursor.acked.delete(record.offset)) continue // acknowledged on an earlier connection
+        const route = this.#route(state, via, cursor.tenant, record.topic)
+        // QoS 0 records, topics no subscription matches and topics it may not read are not this session's; QoS 2 deliveries are copies.
+        if (route === null || Math.min(record.qos, route.qos) !== 1) continue
+        if (route.noLocal && record.clientId === via.conn.clientId) continue // its own message
+        if (expiredAt(record.headers, record.timestamp, now)) { // [MQTT-3.3.2-5]
+          this.#deps.onExpired?.(cursor.tenant)
+          continue
+        }
+        const properties = mqtt5 ? recordProperties(cursor.partition, record, now, { location: false, subscriptionIds: route.ids }) : undefined
+        picked.push({ cursor, record, topic: route.topic, properties })
+        size += publishPacketSize(route.topic, record.payload, 1, properties)
+      }
+      if (cursor.ahead.length > 0 && cursor.aheadPos === cursor.ahead.length) {
+        cursor.next = Math.max(cursor.next, cursor.aheadEnd)
+        cursor.ahead = []
+        cursor.aheadPos = 0
+      }
+    }
+    state.turn++
+    let out: Buffer | null = null
+    if (picked.length > 0) {
+      out = Buffer.allocUnsafe(size)
+      let at = 0
+      for (const delivery of picked) {
+        const { cursor, record, topic, properties } = delivery
+        const id = this.#allocate(state, via)
+        state.inflight.set(id, delivery)
+        cursor.sent(record.offset)
+        at = writePublishPacket(out, at, topic, record.payload, 1, id, false, properties, record.offset < cursor.dupBelow)
+      }
+    }
+    // Skipped records move the cursor too, once nothing below them is unacknowledged.
+    for (const cursor of touched) this.#advance(state.clientId, cursor)
+    return out
+  }
+
+  /** How the connection gets a record's topic: the QoS granted, its delivered topic, its subscription identifiers. */
+  #route (state: ClientCursors, via: CursorConnection, tenant: string, topic: string): Route {
+    let byTopic = state.routes.get(tenant)
+    if (byTopic === undefined) state.routes.set(tenant, byTopic = new Map())
+    let route = byTopic.get(topic)
+    if (route === undefined) {
+      const mounted = mountTopic(tenant, topic)
+      const qos = this.#deps.grantedQos(state.clientId, mounted)
+      const delivered = qos > 0 ? via.deliveredTopic(mounted) : null
+      route = delivered === null
+        ? null
+        : {
+            topic: Buffer.from(delivered),
+            qos,
+            ids: this.#deps.subscriptionIds?.(state.clientId, mounted) ?? [],
+            noLocal: this.#deps.noLocal?.(state.clientId, mounted) ?? false,
+          }
+      if (byTopic.size >= CACHE_ENTRIES) byTopic.clear()
+      byTopic.set(topic, route)
+    }
+    return route
+  }
+
+  /** A packet id of the client's counter that neither a cursor delivery nor a queued copy holds. */
+  #allocate (state: ClientCursors, via: CursorConnection): number {
+    for (;;) {
+      const id = via.conn.nextMessageId()
+      if (!state.inflight.has(id) && this.#deps.busy?.(state.clientId, id) !== true) return id
+    }
   }
 
   #advance (clientId: string, cursor: PartitionCursor): void {
@@ -450,19 +669,19 @@ export class SessionCursors {
   }
 }
 
+function partitionInfo (log: SessionLog, cursor: PartitionCursor): { logStartOffset: number, logEndOffset: number } | undefined {
+  try {
+    return log.partitionInfo(cursor.stream, cursor.partition)
+  } catch {
+    return undefined // the stream is gone: nothing to read
+  }
+}
+
 function endOf (log: SessionLog, cursor: PartitionCursor): number {
   try {
     return log.partitionInfo(cursor.stream, cursor.partition).logEndOffset
   } catch {
     return 0 // the stream is gone: nothing to read
-  }
-}
-
-function startOf (log: SessionLog, cursor: PartitionCursor): number {
-  try {
-    return log.partitionInfo(cursor.stream, cursor.partition).logStartOffset
-  } catch {
-    return 0
   }
 }
 

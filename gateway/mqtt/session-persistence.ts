@@ -45,9 +45,10 @@ import { createRequire } from 'node:module'
 import { Readable } from 'node:stream'
 import type { AbstractBatchOptions, AbstractLevel } from 'abstract-level'
 import type { Durability, ExtraOperation, LevelDatabase, LogStore } from '../../store/index.ts'
-import { compileTopicFilters, QLOBBER_OPTIONS, type QlobberOptions } from '../access/topics.ts'
+import { compileTopicFilters, QLOBBER_OPTIONS, topicMatches, type QlobberOptions } from '../access/topics.ts'
+import { movePacketId } from './aedes-internals.ts'
 import { logPositionOf } from './log-position.ts'
-import { SessionCursors, type LivePacket, type SessionLog } from './session-cursors.ts'
+import { SessionCursors, type CursorConnector, type LivePacket, type SessionLog } from './session-cursors.ts'
 import { notFound, SessionPersistenceError } from './session-errors.ts'
 import {
   cbor, checkMessageId, CLIENT_TAGS, PARKED_PREFIX, clientPrefix, decodeValue, encodeU16, encodeU64, encodeVersion, keys, prefixRange, readVersion,
@@ -163,6 +164,8 @@ export interface SessionPersistenceOptions {
   readonly window?: number
   /** With a log: told when a cursor advance could not be written (it is written again with the next one). */
   readonly onCursorWriteError?: (err: unknown) => void
+  /** With a log: told when reading the log for a session failed (it goes on at its next PUBACK or append). */
+  readonly onCursorReadError?: (err: unknown) => void
   /** Told of each record a session's cursor skipped because its MQTT 5 message expiry had passed. */
   readonly onExpired?: (tenant: string) => void
   /** Copies one session may have queued (default unbounded); beyond it a new copy is dropped (the newest). */
@@ -511,11 +514,23 @@ export class LevelSessionPersistence {
         log: options.log,
         write: (ops) => this.#writer.write(ops),
         grantedQos: (clientId, topic) => this.#grantedQos(clientId, topic),
+        subscriptionIds: (clientId, topic) => this.#subscriptionIds(clientId, topic),
+        noLocal: (clientId, topic) => this.#noLocal(clientId, topic),
+        busy: (clientId, messageId) => this.#queues.get(clientId)?.byMessageId(messageId) !== undefined,
         broker: () => this.#broker,
         window,
         onWriteError: options.onCursorWriteError,
+        onReadError: options.onCursorReadError,
         onExpired: options.onExpired,
       })
+  }
+
+  /**
+   * How to reach a connected client to deliver its session's cursors (the gateway's hooks install it,
+   * hooks/sessions.ts); without it a persistence with a log refuses to deliver a session that has cursors.
+   */
+  deliverCursorsThrough (connector: CursorConnector): void {
+    this.#cursors?.connectVia(connector)
   }
 
   /** The broker given to setup(); aedes-persistence's abstract suite reads it. */
@@ -696,6 +711,7 @@ export class LevelSessionPersistence {
       this.#addSubscription(client.id, sub.topic, record)
       ops.push(put(keys.sub(client.id, sub.topic), cbor.encode(record)))
     }
+    this.#cursors?.subscriptionsChanged(client.id)
     await this.#writer.write(ops)
   }
 
@@ -738,6 +754,7 @@ export class LevelSessionPersistence {
     }
     // Nothing left to read for: the cursors go, and hold no retention.
     if (!this.#subs.has(client.id)) ops.push(...this.#cursors?.dropCursors(client.id) ?? [])
+    this.#cursors?.subscriptionsChanged(client.id)
     await this.#writer.write(ops)
   }
 
@@ -1029,6 +1046,11 @@ export class LevelSessionPersistence {
     return this.#cursors?.forwardLive(client, packet) ?? true
   }
 
+  /** Whether the connected session's cursors have nothing to write now (window full or caught up with the log). */
+  cursorsSettled (client: SessionClient): boolean {
+    return this.#cursors?.settled(client.id) ?? true
+  }
+
   /** Per stream: persistent sessions with a cursor into it, and the records they have not acknowledged. */
   cursorLag (): Array<{ stream: string, sessions: number, lagMessages: number }> {
     return this.#cursors?.lag() ?? []
@@ -1060,6 +1082,23 @@ export class LevelSessionPersistence {
     return qos
   }
 
+  /** The Subscription Identifiers of the client's subscriptions whose filter matches the topic [MQTT-3.3.4-3]. */
+  #subscriptionIds (clientId: string, topic: string): number[] {
+    const ids: number[] = []
+    for (const [filter, record] of this.#subs.get(clientId) ?? []) {
+      if (record.subscriptionIdentifier !== undefined && topicMatches(filter, topic)) ids.push(record.subscriptionIdentifier)
+    }
+    return ids
+  }
+
+  /** Whether every QoS > 0 subscription of the client whose filter matches the topic has No Local set [MQTT-3.8.3-3]. */
+  #noLocal (clientId: string, topic: string): boolean {
+    for (const [filter, record] of this.#subs.get(clientId) ?? []) {
+      if (record.qos > 0 && record.nl !== true && topicMatches(filter, topic)) return false
+    }
+    return true
+  }
+
   /**
    * Records the message id a queued packet was sent with, found by brokerId
    * and brokerCounter; or, for a packet of another broker with the same
@@ -1069,7 +1108,12 @@ export class LevelSessionPersistence {
    */
   async outgoingUpdate (client: SessionClient, packet: SessionPacket): Promise<void> {
     this.#ready()
-    if (this.#cursors?.update(client, packet) === true) return
+    // aedes took this id from the client's counter for a delivery of its own; a cursor delivery may hold it (its ids
+    // come from the same counter, and a new connection starts it elsewhere): it goes out with a free one instead.
+    // A PUBREL keeps the id of its PUBLISH, which the cursors never take (busy while the copy is queued).
+    if (packet.cmd === 'publish' && typeof packet.messageId === 'number' && this.#cursors !== undefined) {
+      movePacketId(packet, this.#cursors.freeId(client, packet.messageId))
+    }
     const queue = this.#queue(client.id, false)
     const messageId = typeof packet.messageId === 'number' ? checkMessageId(packet.messageId) : undefined
     const sameBroker = queue?.byBroker(packet.brokerId, packet.brokerCounter)
@@ -1104,7 +1148,7 @@ export class LevelSessionPersistence {
   async outgoingClearMessageId (client: SessionClient, packet: SessionPacket): Promise<SessionPacket | undefined> {
     this.#ready()
     const fromLog = this.#cursors?.clear(client, typeof packet === 'object' && packet !== null ? packet : {})
-    if (fromLog?.found === true) return fromLog.packet === undefined ? undefined : { ...fromLog.packet }
+    if (fromLog?.found === true) return undefined
     const queue = this.#queue(client.id, false)
     if (queue === undefined) return undefined
     const messageId = fieldOf(packet, 'messageId')
@@ -1129,8 +1173,9 @@ export class LevelSessionPersistence {
 
   /**
    * The client's queue in enqueue order, with the message ids assigned so
-   * far (entries cleared while the stream runs are skipped), then, with a
-   * log, the records its cursors have not delivered (session-cursors.ts).
+   * far (entries cleared while the stream runs are skipped). With a log, once
+   * they are handed over, the session's cursors start delivering to the
+   * connection themselves (session-cursors.ts).
    */
   outgoingStream (client: SessionClient): Readable {
     return Readable.from(this.#outgoing(client))
@@ -1152,7 +1197,7 @@ export class LevelSessionPersistence {
         }
       }
     }
-    if (this.#cursors !== undefined) yield * this.#cursors.read(client)
+    this.#cursors?.attach(client)
   }
 
   // --- inbound QoS 2 (incoming) ---------------------------------------------

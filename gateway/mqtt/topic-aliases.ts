@@ -12,9 +12,10 @@
  * for the socket, after the receive maximum held some back (receive-maximum.ts), so a topic is always registered
  * on the wire before its alias is used alone.
  *
- * Writers give whole MQTT 5 PUBLISH packets with a property section (mqtt-packet, replay.ts' writePublishPacket),
+ * Writers give whole MQTT 5 PUBLISH packets with a property section (mqtt-packet, publish-frames.ts' writePublishPacket),
  * none with a Topic Alias of its own (aedes strips the inbound one before forwarding).
  */
+import { varintSize, writeVarint } from './publish-frames.ts'
 
 /** Aliases per connection at most, whatever the client allows: the table is kept per connection. */
 export const MAX_ALIASES = 64
@@ -106,18 +107,4 @@ function readVarint (buf: Buffer, at: number): { value: number, end: number } | 
     if ((byte & 0x80) === 0) return { value, end: at + k + 1 }
   }
   return null
-}
-
-function varintSize (n: number): number {
-  return n < 128 ? 1 : n < 16_384 ? 2 : n < 2_097_152 ? 3 : 4
-}
-
-function writeVarint (out: Buffer, at: number, n: number): number {
-  do {
-    let byte = n % 128
-    n = Math.floor(n / 128)
-    if (n > 0) byte |= 0x80
-    out[at++] = byte
-  } while (n > 0)
-  return at
 }

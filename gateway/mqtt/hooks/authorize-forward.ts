@@ -4,8 +4,8 @@
  * unmounts the topic (`<tenant>/<topic>` → `<topic>`), refuses to forward
  * across tenants, and holds the read ACL per message, as Mosquitto does.
  */
-import type { AedesOptions } from 'aedes'
-import { isAllowed } from '../../access/auth.ts'
+import type { AedesOptions, Client } from 'aedes'
+import { isAllowed, type Identity } from '../../access/auth.ts'
 import { dollarTopicSubscribed, unmountTopic } from '../../access/topics.ts'
 import { subscriptionsOf } from '../aedes-internals.ts'
 import type { HookContext } from './context.ts'
@@ -13,7 +13,6 @@ import type { HookContext } from './context.ts'
 type AuthorizeForward = NonNullable<AedesOptions['authorizeForward']>
 
 export function authorizeForward (ctx: HookContext): AuthorizeForward {
-  const { config } = ctx
   return (client, packet) => {
     // Every caller hands over a packet of its own (a per-subscription copy, or a queued packet read back from
     // disk), and the reconnect path writes that very object rather than the returned one: unmount in place.
@@ -21,13 +20,24 @@ export function authorizeForward (ctx: HookContext): AuthorizeForward {
     if (who === undefined) return null
     // A live copy of a logged message that the session reads from the log instead (session-cursors.ts).
     if (!ctx.persistence.forwardLive(client, packet)) return null
-    const topic = unmountTopic(who.tenant, packet.topic)
+    const topic = forwardedTopic(ctx, client, who, packet.topic)
     if (topic === null) return null
-    if (topic.startsWith('$') && !dollarTopicSubscribed(who.tenant, Object.keys(subscriptionsOf(client)), topic)) return null
-    // Read access is checked per message too, as Mosquitto does: a subscribe deny rule (admin/#) also holds
-    // against a wider filter the client was granted (#).
-    if (!isAllowed(config.acl, who, 'subscribe', topic)) return null
     packet.topic = topic
     return packet
   }
+}
+
+/**
+ * The topic a client receives a message of the (mounted) topic on, or null when it may not receive it: another
+ * tenant's, a `$` topic it did not subscribe to by name, or one its read ACL denies. Live deliveries
+ * (authorizeForward) and persistent sessions' deliveries from the log (session-cursors.ts) both ask it.
+ */
+export function forwardedTopic (ctx: Pick<HookContext, 'config'>, client: Client, who: Identity, mountedTopic: string): string | null {
+  const topic = unmountTopic(who.tenant, mountedTopic)
+  if (topic === null) return null
+  if (topic.startsWith('$') && !dollarTopicSubscribed(who.tenant, Object.keys(subscriptionsOf(client)), topic)) return null
+  // Read access is checked per message too, as Mosquitto does: a subscribe deny rule (admin/#) also holds
+  // against a wider filter the client was granted (#).
+  if (!isAllowed(ctx.config.acl, who, 'subscribe', topic)) return null
+  return topic
 }

@@ -17,6 +17,7 @@ import type { GatewayMetrics, PublishRefusal, RefusalReason } from '../../metric
 import type { GuardGroup } from '../connection-guard.ts'
 import type { InboundQos2, Qos2Persistence } from '../inbound-qos2.ts'
 import type { ReasonCode } from '../reason-codes.ts'
+import type { CursorConnector } from '../session-cursors.ts'
 import type { MqttReplays, ReplayConnection, ReplayTicket } from '../replay.ts'
 import type { InternalPublish } from '../aedes-internals.ts'
 import type { ShareAdmission } from '../shared/aedes-hooks.ts'
@@ -37,6 +38,8 @@ export interface BrokerPersistence extends Qos2Persistence, WillPersistence {
   markSession (client: Client): Promise<void>
   outgoingClearMessageId (client: Client, packet: { cmd?: string, messageId?: number }): Promise<unknown>
   forwardLive (client: Client, packet: { topic: string, qos: number, payload: unknown, brokerId?: string, brokerCounter?: number }): boolean
+  /** How the session's cursors reach a connected client (hooks/sessions.ts installs it). */
+  deliverCursorsThrough (connector: CursorConnector): void
 }
 
 export interface ConnectInfo { readonly clientId: string, readonly clean: boolean, readonly willTopic?: string }

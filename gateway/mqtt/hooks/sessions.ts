@@ -11,10 +11,20 @@
  * the stored subscriptions only on a CONNECT with clean = false, before the
  * CONNACK: the session is recorded there, so it exists for the next CONNECT
  * even after a kill -9. The patches themselves are in aedes-internals.ts.
+ *
+ * A connected persistent session's cursors deliver records from the log by
+ * writing to the client's connection (session-cursors.ts), as `$replay` and
+ * shares do: with packet ids of the client's counter, up to the Receive
+ * Maximum its CONNECT gave, on the topic and with the read ACL that
+ * authorizeForward applies to live deliveries.
  */
-import type { Subscription } from 'aedes'
+import type { Client, Subscription } from 'aedes'
 import { overrideRestoredSubscriptions, storeAcceptedSubscriptions } from '../aedes-internals.ts'
+import { receiveMaximumOf } from '../receive-maximum.ts'
+import type { CursorConnection } from '../session-cursors.ts'
+import { forwardedTopic } from './authorize-forward.ts'
 import type { HookContext } from './context.ts'
+import { replayConnection } from './replays.ts'
 
 const SESSION_MARKER = '$edgemq/session-present'
 
@@ -32,5 +42,19 @@ export function installSessionHooks (ctx: Pick<HookContext, 'persistence' | 'toS
     const marker = { topic: SESSION_MARKER, qos: 0 }
     ctx.sessionMarkers.add(marker)
     return [marker]
+  })
+}
+
+/** Lets persistent sessions' cursors write to their client's connection. */
+export function installCursorDelivery (ctx: HookContext): void {
+  ctx.persistence.deliverCursorsThrough((session): CursorConnection | undefined => {
+    const client = session as Client // the persistence is called by aedes, with aedes' clients
+    const who = ctx.identities.get(client)
+    if (who === undefined || client.closed) return undefined
+    return {
+      conn: replayConnection(ctx, client, who),
+      receiveMaximum: receiveMaximumOf(client),
+      deliveredTopic: (mountedTopic) => forwardedTopic(ctx, client, who, mountedTopic),
+    }
   })
 }

@@ -38,10 +38,9 @@
  * MQTT 5 members (aedes' patch lets their `$share` SUBSCRIBE through) are
  * framed in MQTT 5: each record with the publisher's properties kept in its
  * headers, its place in the log and the member's Subscription Identifier
- * (replay.ts recordProperties); 3.1.1 members in the same share get none.
+ * (publish-frames.ts recordProperties); 3.1.1 members in the same share get none.
  */
 import type { Aedes, Client } from 'aedes'
-import type { Writable } from 'node:stream'
 import { isStoreError, type AppendEvent, type LogStore, type StoredRecord } from '../../../store/index.ts'
 import { isAllowed, type Identity } from '../../access/auth.ts'
 import { topicMatches } from '../../access/topics.ts'
@@ -49,7 +48,8 @@ import type { AclRule, RouteConfig } from '../../config/config.ts'
 import { GatewayError } from '../../errors.ts'
 import type { GatewayMetrics } from '../../metrics/metrics.ts'
 import { expiredAt } from '../../../bridge/index.ts'
-import { publishPacketSize, recordProperties, replayPartitions, writePublishPacket, type ReplayConnection, type ReplayLogger } from '../replay.ts'
+import { drained, publishPacketSize, recordProperties, writePublishPacket } from '../publish-frames.ts'
+import { replayPartitions, type ReplayConnection, type ReplayLogger } from '../replay.ts'
 import { compileRoutes, type Router } from '../routing.ts'
 import { Lane, Member } from './lane.ts'
 import { LiveShare } from './live-share.ts'
@@ -442,10 +442,11 @@ class Share {
    * Sends the member up to `room` of the lane's records read ahead, skipping those not for it, as one socket write;
    * returns the stream when it must drain first.
    */
-  #send (lane: Lane, member: Member, room: number): Pick<Writable, 'once' | 'off' | 'writableNeedDrain'> | null {
+  #send (lane: Lane, member: Member, room: number): ReplayConnection['stream'] | null {
     const picked: Array<{ record: StoredRecord, topic: Buffer, qos: 0 | 1, properties: Buffer | undefined }> = []
     const now = Date.now()
     const mqtt5 = member.conn.mqtt5 === true
+    const subscriptionIds = member.subscriptionId === undefined ? [] : [member.subscriptionId]
     let size = 0
     while (picked.length < room && lane.aheadPos < lane.ahead.length) {
       const record = lane.ahead[lane.aheadPos++] as StoredRecord
@@ -459,7 +460,7 @@ class Share {
       }
       const qos = Math.min(member.qos, record.qos === 0 ? 0 : 1) as 0 | 1
       // An MQTT 5 member gets the publisher's properties, the expiry left, the record's place in the log and its identifier.
-      const properties = mqtt5 ? recordProperties(lane.partition, record, now, member.subscriptionId) : undefined
+      const properties = mqtt5 ? recordProperties(lane.partition, record, now, { subscriptionIds }) : undefined
       picked.push({ record, topic, qos, properties })
       size += publishPacketSize(topic, record.payload, qos, properties)
     }
@@ -511,18 +512,4 @@ class Share {
       } while (this.#commitAgain)
     })().finally(() => { this.#commit = null })
   }
-}
-
-/** Resolves once the stream drained or closed. */
-function drained (stream: Pick<Writable, 'once' | 'off' | 'writableNeedDrain'>): Promise<void> {
-  if (!stream.writableNeedDrain) return Promise.resolve()
-  return new Promise((resolve) => {
-    const done = (): void => {
-      stream.off('drain', done)
-      stream.off('close', done)
-      resolve()
-    }
-    stream.once('drain', done)
-    stream.once('close', done)
-  })
 }

@@ -14,10 +14,8 @@ import type { Identity } from '../../../gateway/access/auth.ts'
 import { buildConfig, type AclRule } from '../../../gateway/config/config.ts'
 import { GatewayError } from '../../../gateway/errors.ts'
 import { createMetrics } from '../../../gateway/metrics/metrics.ts'
-import {
-  isReplayTopic, MqttReplays, NO_PROPERTIES, parseReplaySubscription, publishPacketSize, recordProperties, replayPartitions, writePublishPacket,
-  type ReplayConnection,
-} from '../../../gateway/mqtt/replay.ts'
+import { isReplayTopic, MqttReplays, parseReplaySubscription, replayPartitions, type ReplayConnection } from '../../../gateway/mqtt/replay.ts'
+import { NO_PROPERTIES, publishPacketSize, recordProperties, writePublishPacket } from '../../../gateway/mqtt/publish-frames.ts'
 import { filtersOverlap } from '../../../gateway/access/topics.ts'
 import { openLogStore, type LevelDatabase, type LogStore } from '../../../store/index.ts'
 
@@ -165,7 +163,7 @@ describe('the PUBLISH encoder', () => {
   it.each([1, 127, 128, 16_384, 268_435_455])('frames a shared record\'s Subscription Identifier %i (a variable byte integer) beside its properties', (id) => {
     const topic = Buffer.from('devices/d/telemetry/t')
     const record = { offset: 9, timestamp: 1_764_633_600_000, headers: { 'mqtt-content-type': 'text/plain', 'mqtt-user-properties': '{"k":"v"}' } }
-    const properties = recordProperties(2, record, record.timestamp, id)
+    const properties = recordProperties(2, record, record.timestamp, { subscriptionIds: [id] })
     const out = Buffer.alloc(publishPacketSize(topic, Buffer.from('x'), 1, properties))
     writePublishPacket(out, 0, topic, Buffer.from('x'), 1, 5, false, properties)
     const p = parse(out, 5)[0] as IPublishPacket

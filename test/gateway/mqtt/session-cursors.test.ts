@@ -3,19 +3,24 @@
  * through LevelSessionPersistence as the gateway builds it: a real log store
  * and the `sessions` sublevel on one classic-level database in a temp dir,
  * reopened for restarts. aedes' calls are made by hand, in its order
- * (outgoingEnqueueCombi, outgoingStream, outgoingUpdate with the message id,
- * outgoingClearMessageId on PUBACK).
+ * (outgoingEnqueueCombi on publish; outgoingStream after the CONNACK, which
+ * hands the connection to the cursors; outgoingClearMessageId on PUBACK).
+ * The cursors write their PUBLISH frames to a connection whose bytes are
+ * parsed with mqtt-packet, as a client would.
  */
 import { EventEmitter } from 'node:events'
 import { mkdtemp, rm } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
 import { ClassicLevel } from 'classic-level'
+import mqttPacket, { type IPublishPacket } from 'mqtt-packet'
 import { afterEach, describe, expect, it } from 'vitest'
 import { openLogStore, type LevelDatabase, type LogStore } from '../../../store/index.ts'
 import { attachLogPosition } from '../../../gateway/mqtt/log-position.ts'
-import { LevelSessionPersistence, SessionPersistenceError, type SessionBroker, type SessionPacket } from '../../../gateway/mqtt/session-persistence.ts'
+import { LevelSessionPersistence, SessionPersistenceError, type SessionBroker, type SessionPacket, type SessionPersistenceOptions } from '../../../gateway/mqtt/session-persistence.ts'
 import { keys, TAG_CURSOR, TAG_OUTGOING } from '../../../gateway/mqtt/session-format.ts'
+import type { CursorConnection } from '../../../gateway/mqtt/session-cursors.ts'
+import { PROPERTY_HEADERS } from '../../../bridge/mqtt-properties.ts'
 import { buildConfig } from '../../../gateway/config/config.ts'
 
 const dirs: string[] = []
@@ -35,25 +40,29 @@ interface Gateway {
   readonly sessions: LevelDatabase
   readonly persistence: LevelSessionPersistence
   readonly broker: SessionBroker
+  /** The connection of each connected client (see {@link connect}). */
+  readonly connections: WeakMap<object, CursorConnection>
 }
 
 /** The database, log store and session persistence as gateway.ts builds them (no client connected). */
-async function open (dir: string, window = 100): Promise<Gateway> {
+async function open (dir: string, window = 100, options: Pick<SessionPersistenceOptions, 'onExpired'> = {}): Promise<Gateway> {
   const db = new ClassicLevel(dir)
   await db.open()
   const store = await openLogStore({ db: db as unknown as LevelDatabase })
   opened.push({ db, store })
   const sessions = (db as unknown as LevelDatabase).sublevel('sessions', { keyEncoding: 'buffer', valueEncoding: 'buffer' }) as unknown as LevelDatabase
-  const persistence = new LevelSessionPersistence(sessions, { writer: store, log: store, window })
+  const persistence = new LevelSessionPersistence(sessions, { writer: store, log: store, window, ...options })
   const broker: SessionBroker = { id: 'gw', counter: 0 }
   await persistence.setup(broker)
-  return { db, store, sessions, persistence, broker }
+  const connections = new WeakMap<object, CursorConnection>()
+  persistence.deliverCursorsThrough((client) => connections.get(client))
+  return { db, store, sessions, persistence, broker, connections }
 }
 
-async function fresh (window?: number): Promise<{ dir: string, gw: Gateway }> {
+async function fresh (window?: number, options?: Pick<SessionPersistenceOptions, 'onExpired'>): Promise<{ dir: string, gw: Gateway }> {
   const dir = await mkdtemp(join(tmpdir(), 'edgemq-cursors-'))
   dirs.push(dir)
-  const gw = await open(dir, window)
+  const gw = await open(dir, window, options)
   for (const stream of ['t1/telemetry', 't2/telemetry']) await gw.store.createStream(stream, { partitions: 2 })
   return { dir, gw }
 }
@@ -67,10 +76,11 @@ async function restart (dir: string, gw: Gateway, window?: number): Promise<Gate
 
 let counter = 0
 /** What authorizePublish does for a routed QoS 1 publish: append, then hand aedes the packet carrying its position. */
-async function publish (gw: Gateway, tenant: string, device: string, body: string, qos: 0 | 1 | 2 = 1): Promise<SessionPacket> {
+async function publish (gw: Gateway, tenant: string, device: string, body: string, qos: 0 | 1 | 2 = 1,
+  headers?: Record<string, string>): Promise<SessionPacket> {
   const topic = `devices/${device}/telemetry/t`
   const stream = `${tenant}/telemetry`
-  const { partition, offset } = await gw.store.append(stream, device, { payload: Buffer.from(body), topic, qos })
+  const { partition, offset } = await gw.store.append(stream, device, { payload: Buffer.from(body), topic, qos, ...(headers === undefined ? {} : { headers }) })
   const packet: SessionPacket = { cmd: 'publish', topic: `${tenant}/${topic}`, payload: Buffer.from(body), qos, retain: false, dup: false, brokerId: 'gw', brokerCounter: ++counter }
   attachLogPosition(packet, { stream, partition, offset })
   if (qos > 0) await gw.persistence.outgoingEnqueueCombi(await gw.persistence.subscriptionsByTopic(String(packet.topic)), packet)
@@ -83,24 +93,88 @@ async function keysWith (gw: Gateway, tag: number): Promise<number> {
   return n
 }
 
-/** Reads the session's queue as aedes does, giving each packet a message id; PUBACKs those in `ack`. */
-async function drain (gw: Gateway, clientId: string, count: number, ack: (i: number) => boolean = () => true): Promise<SessionPacket[]> {
-  const client = { id: clientId }
-  const got: SessionPacket[] = []
-  const it = gw.persistence.outgoingStream(client)[Symbol.asyncIterator]()
-  for (let i = 0; i < count; i++) {
-    const { value, done } = await it.next() as IteratorResult<SessionPacket>
-    if (done === true) break
-    const messageId = i + 1
-    await gw.persistence.outgoingUpdate(client, { ...value, messageId })
-    got.push({ ...value, messageId })
-    if (ack(i)) await gw.persistence.outgoingClearMessageId(client, { cmd: 'puback', messageId })
-  }
-  await it.return?.()
-  return got
+interface Connection {
+  /** The aedes client the persistence is called with. */
+  readonly client: { readonly id: string, readonly clean: boolean }
+  /** PUBLISH packets received from the cursors, in order. */
+  readonly got: IPublishPacket[]
+  /** Copies aedes resends from the session's queue (outgoingStream). */
+  copies: SessionPacket[]
+  /** Packet ids received and not acknowledged, and the most there ever were. */
+  readonly unacked: Set<number>
+  maxUnacked: number
+  ack (messageId: number): Promise<unknown>
+  close (): void
 }
 
-const bodies = (packets: readonly SessionPacket[]): string[] => packets.map((p) => String(p.payload))
+/**
+ * Connects a persistent session as aedes does after the CONNACK: reads its queue of copies (outgoingStream), which
+ * hands the connection to its cursors. Received PUBLISH packets are acknowledged when `ack` says so.
+ */
+async function connect (gw: Gateway, clientId: string, options: {
+  readonly ack?: (packet: IPublishPacket, i: number) => boolean
+  readonly mqtt5?: boolean
+  readonly receiveMaximum?: number
+} = {}): Promise<Connection> {
+  const client = { id: clientId, clean: false }
+  const parser = mqttPacket.parser({ protocolVersion: options.mqtt5 === true ? 5 : 4 })
+  const onClose: Array<() => void> = []
+  let closed = false
+  let nextId = 1
+  const conn: Connection = {
+    client,
+    got: [],
+    copies: [],
+    unacked: new Set(),
+    maxUnacked: 0,
+    ack: async (messageId) => {
+      conn.unacked.delete(messageId)
+      return await gw.persistence.outgoingClearMessageId(client, { cmd: 'puback', messageId })
+    },
+    close: () => { closed = true; for (const f of onClose.splice(0)) f() },
+  }
+  parser.on('packet', (packet) => {
+    if (packet.cmd !== 'publish') return
+    const i = conn.got.push(packet) - 1
+    conn.unacked.add(packet.messageId as number)
+    conn.maxUnacked = Math.max(conn.maxUnacked, conn.unacked.size)
+    if (options.ack?.(packet, i) ?? true) queueMicrotask(() => { void conn.ack(packet.messageId as number) })
+  })
+  gw.connections.set(client, {
+    conn: {
+      stream: {
+        write: (chunk: Buffer) => { parser.parse(chunk); return true },
+        once: (event: string, listener: () => void) => { if (event === 'close') onClose.push(listener) },
+        off: () => {},
+        destroyed: false,
+        writableNeedDrain: false,
+      } as unknown as CursorConnection['conn']['stream'],
+      get closed () { return closed },
+      clientId,
+      mqtt5: options.mqtt5,
+      nextMessageId: () => nextId++,
+    },
+    receiveMaximum: options.receiveMaximum ?? 65535,
+    deliveredTopic: (mounted) => mounted,
+  })
+  conn.copies = await gw.persistence.outgoingStream(client).toArray() as SessionPacket[]
+  return conn
+}
+
+/** Waits until the session has nothing more to write: its window is full or it has caught up with the log. */
+async function settled (gw: Gateway, conn: Connection): Promise<void> {
+  await expect.poll(() => gw.persistence.cursorsSettled(conn.client)).toBe(true)
+}
+
+/** Connects, receives what the cursors send (acknowledging those `ack` says), and disconnects. */
+async function drain (gw: Gateway, clientId: string, ack: (i: number) => boolean = () => true): Promise<IPublishPacket[]> {
+  const conn = await connect(gw, clientId, { ack: (_p, i) => ack(i) })
+  await settled(gw, conn)
+  conn.close()
+  return conn.got
+}
+
+const bodies = (packets: ReadonlyArray<SessionPacket | IPublishPacket>): string[] => packets.map((p) => String(p.payload))
 
 describe('session cursors into the log', () => {
   it('keeps one cursor per partition for an offline session instead of a copy per message, and reads the records back', async () => {
@@ -111,7 +185,7 @@ describe('session cursors into the log', () => {
     expect(await keysWith(gw, TAG_CURSOR)).toBeLessThanOrEqual(2)
     expect(gw.persistence.hasSessionState({ id: 'svc' })).toBe(true)
 
-    const got = await drain(gw, 'svc', 100)
+    const got = await drain(gw, 'svc')
     expect(got).toHaveLength(20)
     expect(got.every((p) => p.qos === 1 && p.dup === false && String(p.topic).startsWith('t1/devices/'))).toBe(true)
     // per device (one partition each), in publish order
@@ -119,7 +193,7 @@ describe('session cursors into the log', () => {
       const mine = got.filter((p) => String(p.topic) === `t1/devices/d${d}/telemetry/t`).map((p) => String(p.payload))
       expect(mine).toEqual([0, 1, 2, 3, 4].map((k) => `m${k * 4 + d}`))
     }
-    expect(await drain(gw, 'svc', 100)).toEqual([]) // all acknowledged
+    expect(await drain(gw, 'svc')).toEqual([]) // all acknowledged
   })
 
   it('never gives a session another tenant\'s records, nor records its subscriptions do not match', async () => {
@@ -130,8 +204,8 @@ describe('session cursors into the log', () => {
       await publish(gw, 't1', `d${i % 3}`, `t1-${i}`)
       await publish(gw, 't2', `d${i % 3}`, `t2-${i}`)
     }
-    const a = await drain(gw, 'a', 100)
-    const b = await drain(gw, 'b', 100)
+    const a = await drain(gw, 'a')
+    const b = await drain(gw, 'b')
     expect(bodies(a)).toEqual([1, 4, 7, 10].map((i) => `t1-${i}`))
     expect(a.every((p) => p.topic === 't1/devices/d1/telemetry/t')).toBe(true)
     expect(b).toHaveLength(12)
@@ -142,42 +216,193 @@ describe('session cursors into the log', () => {
     const { dir, gw } = await fresh()
     await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: 't1/devices/+/telemetry/#', qos: 1 }])
     for (let i = 0; i < 10; i++) await publish(gw, 't1', 'd0', `m${i}`)
-    const first = await drain(gw, 'svc', 10, (i) => i < 4)
+    const first = await drain(gw, 'svc', (i) => i < 4)
     expect(bodies(first)).toEqual([0, 1, 2, 3, 4, 5, 6, 7, 8, 9].map((i) => `m${i}`))
     // the cursor's advance goes out in a later group commit
     const key = keys.cursor('svc', 't1/telemetry', gw.store.partitionFor('t1/telemetry', 'd0'))
     await expect.poll(async () => (await gw.sessions.get<Buffer, Buffer>(key, { keyEncoding: 'buffer', valueEncoding: 'buffer' }))?.readBigUInt64BE(0)).toBe(4n)
     const again = await restart(dir, gw)
-    const second = await drain(again, 'svc', 100)
+    const second = await drain(again, 'svc')
     expect(bodies(second)).toEqual([4, 5, 6, 7, 8, 9].map((i) => `m${i}`))
     expect(second.every((p) => p.dup === true)).toBe(true)
     // a message logged after the restart was never sent before
     await publish(again, 't1', 'd0', 'after')
-    const third = await drain(again, 'svc', 100)
+    const third = await drain(again, 'svc')
     expect(third.map((p) => [String(p.payload), p.dup])).toEqual([['after', false]])
   })
 
-  it('keeps at most `window` deliveries unacknowledged while it reads the log', async () => {
+  it('keeps at most `window` deliveries unacknowledged, and at most the client\'s Receive Maximum when it is lower', async () => {
     const { gw } = await fresh(3)
     await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: 't1/devices/+/telemetry/#', qos: 1 }])
+    await gw.persistence.addSubscriptions({ id: 'small' }, [{ topic: 't1/devices/+/telemetry/#', qos: 1 }])
     for (let i = 0; i < 6; i++) await publish(gw, 't1', 'd0', `m${i}`)
-    const client = { id: 'svc' }
-    const it = gw.persistence.outgoingStream(client)[Symbol.asyncIterator]()
-    for (let i = 1; i <= 3; i++) {
-      const { value } = await it.next() as IteratorResult<SessionPacket>
-      await gw.persistence.outgoingUpdate(client, { ...value, messageId: i })
+    const conn = await connect(gw, 'svc', { ack: () => false })
+    await settled(gw, conn)
+    expect(bodies(conn.got)).toEqual(['m0', 'm1', 'm2'])
+    await conn.ack(conn.got[0]?.messageId as number)
+    await expect.poll(() => conn.got.length).toBe(4)
+    expect(String(conn.got[3]?.payload)).toBe('m3')
+    await settled(gw, conn)
+    expect(conn.got).toHaveLength(4)
+    conn.close()
+    // Receive Maximum 2 (MQTT 5 CONNECT) under the window of 3: acknowledged one by one, never more than 2 outstanding
+    const small = await connect(gw, 'small', { ack: () => false, receiveMaximum: 2, mqtt5: true })
+    for (let n = 2; n <= 6; n++) {
+      await settled(gw, small)
+      expect(small.got).toHaveLength(n)
+      await small.ack(small.got[n - 2]?.messageId as number)
     }
-    let acked = false
-    const fourth = it.next().then((r) => ({ r, ackedBefore: acked }))
-    // a log read takes a LevelDB round trip; the stream has had one to move on when it was not waiting
-    await gw.store.read('t1/telemetry', 0, 0, { maxRecords: 6 })
-    await gw.store.read('t1/telemetry', 1, 0, { maxRecords: 6 })
-    acked = true
-    await gw.persistence.outgoingClearMessageId(client, { cmd: 'puback', messageId: 1 })
-    const { r, ackedBefore } = await fourth
-    expect(ackedBefore).toBe(true)
-    expect(String((r.value as SessionPacket).payload)).toBe('m3')
-    await it.return?.()
+    await small.ack(small.got[5]?.messageId as number)
+    await settled(gw, small)
+    expect(bodies(small.got)).toEqual(['m0', 'm1', 'm2', 'm3', 'm4', 'm5'])
+    expect(small.maxUnacked).toBe(2)
+  })
+
+  it('a client that disconnects mid-drain gets the rest on its next connection: the unacknowledged again with DUP, not the acknowledged', async () => {
+    const { gw } = await fresh(4)
+    await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: 't1/devices/+/telemetry/#', qos: 1 }])
+    for (let i = 0; i < 10; i++) await publish(gw, 't1', 'd0', `m${i}`)
+    // m0 and m2 acknowledged, m1 and m3 not: the window of 4 is full with two outstanding
+    const first = await connect(gw, 'svc', { ack: (p) => ['m0', 'm2'].includes(String(p.payload)) })
+    await settled(gw, first)
+    expect(bodies(first.got)).toEqual(['m0', 'm1', 'm2', 'm3', 'm4', 'm5'])
+    first.close()
+    const second = await connect(gw, 'svc')
+    await settled(gw, second)
+    expect(second.got.map((p) => [String(p.payload), p.dup])).toEqual([
+      ['m1', true], ['m3', true], ['m4', true], ['m5', true], ['m6', false], ['m7', false], ['m8', false], ['m9', false],
+    ])
+    const key = keys.cursor('svc', 't1/telemetry', gw.store.partitionFor('t1/telemetry', 'd0'))
+    await expect.poll(async () => (await gw.sessions.get<Buffer, Buffer>(key, { keyEncoding: 'buffer', valueEncoding: 'buffer' }))?.readBigUInt64BE(0)).toBe(10n)
+    second.close()
+    // two partitions, the second connection reading them again from where each was: nothing is skipped
+    const other = ['d1', 'd2', 'd3', 'd4', 'd5'].find((d) => gw.store.partitionFor('t1/telemetry', d) !== gw.store.partitionFor('t1/telemetry', 'd0')) as string
+    for (let i = 0; i < 10; i++) {
+      await publish(gw, 't1', 'd0', `a${i}`)
+      await publish(gw, 't1', other, `b${i}`)
+    }
+    const third = await connect(gw, 'svc', { ack: (_p, i) => i < 5 })
+    await settled(gw, third)
+    third.close()
+    const fourth = await connect(gw, 'svc')
+    await settled(gw, fourth)
+    expect(new Set([...bodies(third.got), ...bodies(fourth.got)]).size).toBe(20)
+    expect(bodies(fourth.got).filter((b) => bodies(third.got).includes(b))).toHaveLength(third.got.length - 5)
+  })
+
+  it('ignores a PUBACK for an unknown packet id, a repeated one, and one from a connection that has gone: nothing advances', async () => {
+    const { gw } = await fresh()
+    await gw.persistence.markSession({ id: 'svc' })
+    await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: 't1/devices/+/telemetry/#', qos: 1 }])
+    for (let i = 0; i < 3; i++) await publish(gw, 't1', 'd0', `m${i}`)
+    const old = await connect(gw, 'svc', { ack: () => false })
+    await settled(gw, old)
+    old.close()
+    const conn = await connect(gw, 'svc', { ack: () => false })
+    await settled(gw, conn)
+    expect(conn.got).toHaveLength(3)
+    const ids = conn.got.map((p) => p.messageId as number)
+    const cursor = (): number | undefined => gw.persistence.sessionStates().find((s) => s.clientId === 'svc')?.cursors[0]?.next
+    // unknown id, an id of the old connection sent from it, a PUBLISH aedes clears with one of the ids: not the cursors'
+    expect(await gw.persistence.outgoingClearMessageId(conn.client, { cmd: 'puback', messageId: 999 })).toBeUndefined()
+    await gw.persistence.outgoingClearMessageId(old.client, { cmd: 'puback', messageId: ids[0] })
+    await gw.persistence.outgoingClearMessageId(conn.client, { cmd: 'publish', messageId: ids[0], topic: 't1/x', qos: 1 })
+    await settled(gw, conn)
+    expect(cursor()).toBe(0)
+    expect(conn.got).toHaveLength(3)
+    // the real PUBACK of m0 advances, its repeat does not move anything further
+    await conn.ack(ids[0] as number)
+    await conn.ack(ids[0] as number)
+    await expect.poll(cursor).toBe(1)
+    await settled(gw, conn)
+    expect(cursor()).toBe(1)
+    expect(conn.got).toHaveLength(3)
+    expect(gw.persistence.cursorLag()).toEqual([{ stream: 't1/telemetry', sessions: 1, lagMessages: 2 }])
+  })
+
+  it('reads a connected session\'s new records from the log as they are appended, and holds back aedes\' live copies', async () => {
+    const { gw } = await fresh()
+    await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: 't1/devices/+/telemetry/#', qos: 1 }])
+    for (let i = 0; i < 5; i++) await publish(gw, 't1', 'd0', `m${i}`)
+    const conn = await connect(gw, 'svc')
+    await settled(gw, conn)
+    for (let i = 5; i < 10; i++) {
+      const live = await publish(gw, 't1', 'd0', `m${i}`)
+      expect(gw.persistence.forwardLive(conn.client, { ...live, topic: String(live.topic), qos: 1 })).toBe(false)
+    }
+    // a QoS 0 copy, and one of a topic no route logs, go out live through aedes
+    expect(gw.persistence.forwardLive(conn.client, { topic: 't1/devices/d0/telemetry/t', qos: 0, payload: Buffer.from('x') })).toBe(true)
+    await expect.poll(() => conn.got.length).toBe(10)
+    expect(bodies(conn.got)).toEqual([0, 1, 2, 3, 4, 5, 6, 7, 8, 9].map((i) => `m${i}`))
+    // a session with no cursor yet when it connected reads the partition its first logged message creates
+    await gw.persistence.addSubscriptions({ id: 'late' }, [{ topic: 't2/devices/+/telemetry/#', qos: 1 }])
+    const late = await connect(gw, 'late')
+    await publish(gw, 't2', 'd1', 'first')
+    await expect.poll(() => bodies(late.got)).toEqual(['first'])
+  })
+
+  it('gives an MQTT 5 client the message\'s properties, the time left of its expiry and its subscription identifiers; skips the expired', async () => {
+    const expired: string[] = []
+    const { gw } = await fresh(undefined, { onExpired: (tenant) => { expired.push(tenant) } })
+    const { store, persistence } = gw
+    await persistence.addSubscriptions({ id: 'v5' }, [
+      { topic: 't1/devices/+/telemetry/#', qos: 1, subscriptionIdentifier: 7 }, { topic: 't1/devices/d0/#', qos: 1, subscriptionIdentifier: 300 },
+    ])
+    const now = Date.now()
+    await publish(gw, 't1', 'd0', 'props', 1, {
+      [PROPERTY_HEADERS.contentType]: 'text/plain', [PROPERTY_HEADERS.userProperties]: JSON.stringify({ site: 'a' }),
+      [PROPERTY_HEADERS.messageExpiry]: '3600',
+    })
+    // published with a 1 s expiry, logged 10 s ago: expired on delivery
+    const { partition, offset } = await store.append('t1/telemetry', 'd0', {
+      payload: Buffer.from('old'), topic: 'devices/d0/telemetry/t', qos: 1, timestamp: now - 10_000, headers: { [PROPERTY_HEADERS.messageExpiry]: '1' },
+    })
+    const oldPacket: SessionPacket = { cmd: 'publish', topic: 't1/devices/d0/telemetry/t', payload: Buffer.from('old'), qos: 1, brokerId: 'gw', brokerCounter: 1000 }
+    attachLogPosition(oldPacket, { stream: 't1/telemetry', partition, offset })
+    await persistence.outgoingEnqueueCombi(await persistence.subscriptionsByTopic('t1/devices/d0/telemetry/t'), oldPacket)
+    await publish(gw, 't1', 'd0', 'plain')
+    const conn = await connect(gw, 'v5', { mqtt5: true })
+    await settled(gw, conn)
+    expect(bodies(conn.got)).toEqual(['props', 'plain'])
+    const [props, plain] = conn.got as [IPublishPacket, IPublishPacket]
+    expect(props.properties).toMatchObject({ contentType: 'text/plain', userProperties: { site: 'a' }, subscriptionIdentifier: [7, 300] })
+    expect(props.properties?.messageExpiryInterval).toBeGreaterThan(3500)
+    expect(props.properties?.messageExpiryInterval).toBeLessThanOrEqual(3600)
+    expect(plain.properties).toMatchObject({ subscriptionIdentifier: [7, 300] })
+    expect(plain.properties?.userProperties).toBeUndefined() // no location user properties: these are not replays
+    expect(expired).toEqual(['t1'])
+  })
+
+  it('does not send a client its own messages on a subscription with No Local (MQTT 5), as aedes\' live path does not', async () => {
+    const { gw } = await fresh()
+    await gw.persistence.addSubscriptions({ id: 'dev' }, [{ topic: 't1/devices/+/telemetry/#', qos: 1, nl: true }])
+    await gw.persistence.addSubscriptions({ id: 'both' }, [
+      { topic: 't1/devices/+/telemetry/#', qos: 1, nl: true }, { topic: 't1/devices/d0/#', qos: 1 },
+    ])
+    for (const [from, body] of [['dev', 'mine'], ['other', 'theirs'], ['both', 'own']] as const) {
+      const { partition, offset } = await gw.store.append('t1/telemetry', 'd0', { payload: Buffer.from(body), topic: 'devices/d0/telemetry/t', qos: 1, clientId: from })
+      const packet: SessionPacket = { cmd: 'publish', topic: 't1/devices/d0/telemetry/t', payload: Buffer.from(body), qos: 1, brokerId: 'gw', brokerCounter: ++counter }
+      attachLogPosition(packet, { stream: 't1/telemetry', partition, offset })
+      await gw.persistence.outgoingEnqueueCombi(await gw.persistence.subscriptionsByTopic(String(packet.topic)), packet)
+    }
+    expect(bodies(await drain(gw, 'dev'))).toEqual(['theirs', 'own'])
+    // a second subscription without No Local matches too: its own message comes through that one
+    expect(bodies(await drain(gw, 'both'))).toEqual(['mine', 'theirs', 'own'])
+  })
+
+  it('moves aedes off a packet id a cursor delivery holds (aedes takes its ids from the same counter)', async () => {
+    const { gw } = await fresh()
+    await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: 't1/devices/+/telemetry/#', qos: 2 }])
+    await publish(gw, 't1', 'd0', 'one')
+    const copy = await publish(gw, 't1', 'd0', 'two', 2) // a QoS 2 copy aedes delivers itself
+    const conn = await connect(gw, 'svc', { ack: () => false })
+    await settled(gw, conn)
+    const held = conn.got[0]?.messageId as number
+    const packet: SessionPacket = { ...copy, messageId: held }
+    await gw.persistence.outgoingUpdate(conn.client, packet)
+    expect(packet.messageId).not.toBe(held)
+    // and the copy is known by the id it goes out with
+    expect(await gw.persistence.outgoingClearMessageId(conn.client, { cmd: 'pubcomp', messageId: packet.messageId })).toMatchObject({ payload: Buffer.from('two') })
   })
 
   it('queues QoS 2 deliveries and unrouted messages as copies', async () => {
@@ -187,8 +412,11 @@ describe('session cursors into the log', () => {
     await publish(gw, 't1', 'd0', 'one', 1)
     // a QoS 2 publish to a QoS 2 subscription is a copy; QoS 1 to it is a cursor
     expect(await keysWith(gw, TAG_OUTGOING)).toBe(1)
-    const got = await drain(gw, 'q2', 100)
-    expect(got.map((p) => [String(p.payload), p.qos])).toEqual([['two', 2], ['one', 1]])
+    const conn = await connect(gw, 'q2')
+    await settled(gw, conn)
+    // the copy goes out through aedes (outgoingStream), the logged QoS 1 record from the cursor
+    expect(conn.copies.map((p) => [String(p.payload), p.qos])).toEqual([['two', 2]])
+    expect(conn.got.map((p) => [String(p.payload), p.qos])).toEqual([['one', 1]])
   })
 
   it('drops a clean session\'s cursors', async () => {
@@ -246,10 +474,10 @@ describe('session cursors into the log', () => {
     await gw.store.createStream('t3/telemetry', { partitions: 1, retentionBytes: 1 })
     await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: 't3/devices/+/telemetry/#', qos: 1 }])
     for (let i = 0; i < 6; i++) await publish(gw, 't3', 'd0', `m${i}`)
-    await drain(gw, 'svc', 6, (i) => i < 2)
+    await drain(gw, 'svc', (i) => i < 2)
     await gw.store.enforceRetention()
     expect(gw.store.partitionInfo('t3/telemetry', 0).logStartOffset).toBe(2) // the record the session has not acknowledged stays
-    const all = await drain(gw, 'svc', 100)
+    const all = await drain(gw, 'svc')
     expect(bodies(all)).toEqual(['m2', 'm3', 'm4', 'm5'])
     await expect.poll(async () => {
       await gw.store.enforceRetention()
@@ -262,13 +490,18 @@ describe('session cursors into the log', () => {
     await gw.store.createStream('t3/telemetry', { partitions: 1, retentionBytes: 1 })
     await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: 't3/devices/+/telemetry/#', qos: 1 }])
     for (let i = 0; i < 4; i++) await publish(gw, 't3', 'd0', `m${i}`)
-    await drain(gw, 'svc', 2, () => false) // two sent, none acknowledged
-    await gw.persistence.removeSubscriptions({ id: 'svc' }, ['t3/devices/+/telemetry/#'])
+    const conn = await connect(gw, 'svc', { ack: () => false })
+    await settled(gw, conn) // four sent, none acknowledged
+    await gw.persistence.removeSubscriptions(conn.client, ['t3/devices/+/telemetry/#'])
     expect(await keysWith(gw, TAG_CURSOR)).toBe(0)
     await gw.store.enforceRetention()
     expect(gw.store.partitionInfo('t3/telemetry', 0).logStartOffset).toBeGreaterThan(0)
     const again = await gw.persistence.outgoingStream({ id: 'svc' }).toArray() as SessionPacket[]
-    expect(again.map((p) => [String(p.payload), p.messageId])).toEqual([['m0', 1], ['m1', 2]])
+    expect(again.map((p) => [String(p.payload), p.messageId, p.dup])).toEqual(conn.got.map((p) => [String(p.payload), p.messageId, true]))
+    expect(bodies(again)).toEqual(['m0', 'm1', 'm2', 'm3'])
+    // a PUBACK of one of them clears the copy
+    await conn.ack(conn.got[0]?.messageId as number)
+    expect(bodies(await gw.persistence.outgoingStream({ id: 'svc' }).toArray() as SessionPacket[])).toEqual(['m1', 'm2', 'm3'])
   })
 
   it('expires a session offline too long, with its cursors and their hold, counting from its disconnect or the restart', async () => {
@@ -285,7 +518,7 @@ describe('session cursors into the log', () => {
       const events = new EventEmitter()
       const broker = { id: 'gw', counter: 0, on: (event: string, listener: (c: { id: string }) => void) => events.on(event, listener) }
       await persistence.setup(broker)
-      return { gw: { db, store, sessions, persistence, broker }, events }
+      return { gw: { db, store, sessions, persistence, broker, connections: new WeakMap() }, events }
     }
     const expired = async (): Promise<string[]> => (await gw.persistence.expireSessions()).map((e) => `${e.clientId} ${e.source} ${e.seconds}`)
     let { gw, events } = await openAt()
@@ -334,7 +567,7 @@ describe('session cursors into the log', () => {
       const events = new EventEmitter()
       const broker = { id: 'gw', counter: 0, on: (event: string, listener: (c: { id: string }) => void) => events.on(event, listener) }
       await persistence.setup(broker)
-      return { gw: { db, store, sessions, persistence, broker }, events }
+      return { gw: { db, store, sessions, persistence, broker, connections: new WeakMap() }, events }
     }
     let { gw, events } = await openAt(0)
     const clients = [
