@@ -294,12 +294,13 @@ export class SessionCursors {
   /**
    * Starts delivering the session's cursors to this connection (aedes asks for the session's queue right after the
    * CONNACK; persistence's outgoingStream calls this once the copies are handed over). The previous connection's
-   * unacknowledged deliveries are sent again, with DUP.
+   * unacknowledged deliveries are sent again, with DUP. `resumed`: the connection took over a stored session, which
+   * it reads while connected even when the session ends with it (MQTT 5 Clean Start 0 with Session Expiry 0).
    */
-  attach (client: object & { readonly id: string, readonly clean?: boolean }): void {
-    // aedes' client.clean (docs/Client.md): a clean session keeps no cursors.
+  attach (client: object & { readonly id: string, readonly clean?: boolean }, resumed = false): void {
+    // aedes' client.clean (docs/Client.md): a session that ends with its connection keeps no cursors of its own.
     // Also without cursors yet: the session's next logged message creates one, read from the log while connected.
-    if (client.clean === true) return
+    if (client.clean === true && !resumed) return
     if (this.#connector === undefined) {
       // A persistence used without the gateway's hooks would never deliver its cursors.
       if (this.has(client.id)) throw new Error(`no connection to deliver the cursors of ${client.id} to (SessionCursors.connectVia)`)

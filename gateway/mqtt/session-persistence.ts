@@ -938,20 +938,23 @@ export class LevelSessionPersistence {
   /** Drops the client's subscriptions and its session marker (aedes calls this for a CONNECT with clean = true). */
   async cleanSubscriptions (client: SessionClient): Promise<void> {
     this.#ready()
-    this.#intervals.delete(client.id)
-    if (this.#sessions.delete(client.id)) await this.#writer.write([del(keys.session(client.id))])
-    if (this.#offlineSince.delete(client.id)) await this.#writer.write([del(keys.offline(client.id))])
-    const cursors = this.#cursors?.drop(client.id) ?? []
-    if (cursors.length > 0) await this.#writer.write(cursors)
-    const stored = this.#subs.get(client.id)
-    if (stored === undefined) return
+    // Every in-memory change first, in this turn: a CONNECT read after it (aedes' subscriptionsByClient) finds no
+    // session, even while the deletes are being written (an MQTT 5 session that ended with its connection used to be
+    // resumed by a reconnect racing them). Then one write of all the deletes.
     const ops: BatchOp[] = []
-    for (const [topic, record] of stored) {
-      if (record.qos > 0) this.#trie.remove(topic, { clientId: client.id, topic })
-      ops.push(del(keys.sub(client.id, topic)))
+    this.#intervals.delete(client.id)
+    if (this.#sessions.delete(client.id)) ops.push(del(keys.session(client.id)))
+    if (this.#offlineSince.delete(client.id)) ops.push(del(keys.offline(client.id)))
+    ops.push(...this.#cursors?.drop(client.id) ?? [])
+    const stored = this.#subs.get(client.id)
+    if (stored !== undefined) {
+      for (const [topic, record] of stored) {
+        if (record.qos > 0) this.#trie.remove(topic, { clientId: client.id, topic })
+        ops.push(del(keys.sub(client.id, topic)))
+      }
+      this.#subs.delete(client.id)
     }
-    this.#subs.delete(client.id)
-    await this.#writer.write(ops)
+    if (ops.length > 0) await this.#writer.write(ops)
   }
 
   /** Client ids with a stored subscription to exactly this topic filter. */
@@ -1197,7 +1200,9 @@ export class LevelSessionPersistence {
         }
       }
     }
-    this.#cursors?.attach(client)
+    // A stored session resumed by a connection whose session ends with it (MQTT 5 Clean Start 0, Session Expiry 0)
+    // still gets its cursors' records and its live ones while connected; aedes holds its live copies back all the same.
+    this.#cursors?.attach(client, this.#subs.has(clientId))
   }
 
   // --- inbound QoS 2 (incoming) ---------------------------------------------
