@@ -50,6 +50,7 @@ import { isUtf8 } from 'node:buffer'
 import type { Socket } from 'node:net'
 import { Duplex } from 'node:stream'
 import { clientOfConnection } from './aedes-internals.ts'
+import { readVarint } from './publish-frames.ts'
 import { REASON, type ReasonCode } from './reason-codes.ts'
 import { InflightWindows, RECEIVE_MAXIMUM_DEFAULT } from './receive-maximum.ts'
 import { OutboundTopicAliases } from './topic-aliases.ts'
@@ -596,18 +597,6 @@ export class ConnectionGuard extends Duplex {
 
 function destroySocket (socket: Socket | Duplex): void {
   socket.destroy()
-}
-
-/** A variable byte integer [MQTT-1.5.5] at buf[at]: its value and where it ends; null when cut off or over 4 bytes. */
-function readVarint (buf: Buffer, at: number): { value: number, end: number } | null {
-  let value = 0
-  for (let k = 0; k < 4; k++) {
-    if (at + k >= buf.length) return null
-    const byte = buf[at + k] as number
-    value += (byte & 0x7f) * 128 ** k
-    if ((byte & 0x80) === 0) return { value, end: at + k + 1 }
-  }
-  return null
 }
 
 /**

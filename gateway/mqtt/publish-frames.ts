@@ -66,6 +66,18 @@ export function varintSize (n: number): number {
   return n < 128 ? 1 : n < 16_384 ? 2 : n < 2_097_152 ? 3 : 4
 }
 
+/** A Variable Byte Integer [MQTT-1.5.5] at buf[at]: its value and where it ends; null when cut off or over 4 bytes. */
+export function readVarint (buf: Buffer, at: number): { value: number, end: number } | null {
+  let value = 0
+  for (let k = 0; k < 4; k++) {
+    if (at + k >= buf.length) return null
+    const byte = buf[at + k] as number
+    value += (byte & 0x7f) * 128 ** k
+    if ((byte & 0x80) === 0) return { value, end: at + k + 1 }
+  }
+  return null
+}
+
 /** Writes a Variable Byte Integer at `out[at]` [MQTT-1.5.5] and returns the offset after it. */
 export function writeVarint (out: Buffer, at: number, n: number): number {
   do {

@@ -15,7 +15,7 @@
  * Writers give whole MQTT 5 PUBLISH packets with a property section (mqtt-packet, publish-frames.ts' writePublishPacket),
  * none with a Topic Alias of its own (aedes strips the inbound one before forwarding).
  */
-import { varintSize, writeVarint } from './publish-frames.ts'
+import { readVarint, varintSize, writeVarint } from './publish-frames.ts'
 
 /** Aliases per connection at most, whatever the client allows: the table is kept per connection. */
 export const MAX_ALIASES = 64
@@ -96,15 +96,4 @@ export class OutboundTopicAliases {
     o += buf.copy(out, o, properties.end, end)
     return out
   }
-}
-
-function readVarint (buf: Buffer, at: number): { value: number, end: number } | null {
-  let value = 0
-  for (let k = 0; k < 4; k++) {
-    if (at + k >= buf.length) return null
-    const byte = buf[at + k] as number
-    value += (byte & 0x7f) * 128 ** k
-    if ((byte & 0x80) === 0) return { value, end: at + k + 1 }
-  }
-  return null
 }
