@@ -45,7 +45,8 @@ export interface UpstreamStatusDoc {
 }
 
 export async function bridgeStatus (httpUrl: string): Promise<UpstreamStatusDoc[]> {
-  const res = await fetch(`${httpUrl}/v1/bridge`)
+  // Bounded: a request the gateway never answers is an error waitFor retries and reports, not a wait until the test's timeout.
+  const res = await fetch(`${httpUrl}/v1/bridge`, { signal: AbortSignal.timeout(20_000) })
   if (res.status !== 200) throw new Error(`GET /v1/bridge: ${res.status} ${await res.text()}`)
   return ((await res.json()) as { upstreams: UpstreamStatusDoc[] }).upstreams
 }
@@ -78,12 +79,31 @@ export async function publishAcked (mqttUrl: string, devices: readonly string[],
         .then(() => { acked.push(payload) }, () => {})
         .finally(() => { inflight.delete(p) })
       inflight.add(p)
-      if (inflight.size >= window) await Promise.race([...inflight, closed])
+      if (inflight.size >= window) await withinDeadline(Promise.race([...inflight, closed]), () => `${inflight.size} publishes of ${device}`)
     }
-    await Promise.race([Promise.all(inflight), closed])
-    client.end(true)
+    try {
+      await withinDeadline(Promise.race([Promise.all(inflight), closed]), () => `${inflight.size} publishes of ${device}`)
+    } finally {
+      client.end(true)
+    }
   }))
   return acked
+}
+
+/** How long publishAcked waits for a PUBACK on a connection that stays up. */
+const PUBACK_DEADLINE_MS = 60_000
+
+/** `wait`, or a clear error when no PUBACK came for PUBACK_DEADLINE_MS on a live connection (instead of a hung test). */
+async function withinDeadline<T> (wait: Promise<T>, what: () => string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined
+  const stuck = new Promise<never>((_resolve, reject) => {
+    timer = setTimeout(() => reject(new Error(`no PUBACK for ${what()} within ${PUBACK_DEADLINE_MS} ms on a live connection`)), PUBACK_DEADLINE_MS)
+  })
+  try {
+    return await Promise.race([wait, stuck])
+  } finally {
+    clearTimeout(timer)
+  }
 }
 
 /** A delivery or expiry receipt as the bridge publishes it upstream (gateway/mqtt/commands.ts). */
