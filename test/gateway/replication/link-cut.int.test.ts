@@ -194,8 +194,11 @@ describe('the replication link cut under load, acks: replicated', () => {
     await load.stop()
     await expectIdenticalBatches(primary, standby)
     await expectPayloads(standby, load.payloads(), 'acknowledged messages on the standby')
-    expect(count(primary, 'sending a snapshot')).toBe(snapshots + 1)
-    expect(await metricOf(primary, 'edgemq_replication_catch_ups_total{from="snapshot"}')).toBe(snapshots + 1)
+    // At least one snapshot; more when the load kept writing past the backlog while one was being copied (seen in CI:
+    // four before the standby caught up). Each is counted.
+    const sent = count(primary, 'sending a snapshot')
+    expect(sent).toBeGreaterThan(snapshots)
+    expect(await metricOf(primary, 'edgemq_replication_catch_ups_total{from="snapshot"}')).toBe(sent)
     expect(standby.stderr()).not.toMatch(/GW_WARN_SET_ASIDE/)
   })
 })
