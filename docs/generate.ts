@@ -26,7 +26,7 @@ import { CLI_ERROR_CODES } from '../gateway/cli/errors.ts'
 import { describeConfig } from '../gateway/config/config.ts'
 import { GATEWAY_ERROR_CODES, GATEWAY_WARNING_CODES } from '../gateway/errors.ts'
 import { createMetrics, type MetricsSources } from '../gateway/metrics/metrics.ts'
-import { SESSION_ERROR_CODES } from '../gateway/mqtt/session-persistence.ts'
+import { SESSION_ERROR_CODES } from '../gateway/mqtt/sessions/persistence.ts'
 import { createLeaseMetrics, createReplicationMetrics } from '../gateway/replication/metrics.ts'
 import { STORE_ERROR_CODES } from '../store/errors.ts'
 
@@ -123,7 +123,7 @@ export function renderErrorsDoc (): string {
       rows: codeRows(GATEWAY_WARNING_CODES),
     },
     {
-      title: 'Sessions', source: 'gateway/mqtt/session-persistence.ts', intro: 'Codes `GW_SESSION_…` of the MQTT session persistence on the same LevelDB.',
+      title: 'Sessions', source: 'gateway/mqtt/sessions/persistence.ts', intro: 'Codes `GW_SESSION_…` of the MQTT session persistence on the same LevelDB.',
       rows: codeRows(SESSION_ERROR_CODES),
     },
     {

@@ -36,8 +36,8 @@ import { CommandDispatcher, commandStreamsOf, createReceiptStreams } from './mqt
 import { GuardGroup } from './mqtt/connection-guard.ts'
 import { startListener, type RunningListener } from './mqtt/listeners.ts'
 import { compileRoutes } from './mqtt/routing.ts'
-import { LevelSessionPersistence } from './mqtt/session-persistence.ts'
-import { SessionExpiry } from './mqtt/session-expiry.ts'
+import { LevelSessionPersistence } from './mqtt/sessions/persistence.ts'
+import { SessionExpiry } from './mqtt/sessions/expiry.ts'
 import { refuseStandbyPublishes } from './replication/read-only.ts'
 import { startReplication, type Replication } from './replication/replication.ts'
 import { Shutdown } from './shutdown.ts'
@@ -90,7 +90,7 @@ async function start (config: GatewayConfig, deps: GatewayDeps, shutdown: Shutdo
   shutdown.add('database', () => root.close())
   if (root.status !== 'open') await root.open()
   const sessionsDb = root.sublevel<Buffer, Buffer>('sessions', { keyEncoding: 'buffer', valueEncoding: 'buffer' }) as unknown as LevelDatabase
-  // Where gateways before the one session-expiry mechanism kept MQTT 5 deadlines: read once, emptied (mqtt/session-expiry.ts).
+  // Where gateways before the one session-expiry mechanism kept MQTT 5 deadlines: read once, emptied (mqtt/sessions/expiry.ts).
   const legacyExpiryDb = root.sublevel<Buffer, Buffer>('session-expiry', { keyEncoding: 'buffer', valueEncoding: 'buffer' }) as unknown as LevelDatabase
 
   let promote: () => void = () => {}
@@ -157,7 +157,7 @@ async function start (config: GatewayConfig, deps: GatewayDeps, shutdown: Shutdo
 
   // One group-commit writer for the log and the sessions: session writes share the log's fsyncs. A standby's clients (readers) keep
   // their sessions in memory: the replicated sessions in its database are the primary's, for after a takeover.
-  // A primary's persistent sessions keep cursors into the log for routed messages instead of copies (mqtt/session-cursors.ts).
+  // A primary's persistent sessions keep cursors into the log for routed messages instead of copies (mqtt/sessions/cursors.ts).
   const persistence = standby
     ? new LevelSessionPersistence(new MemoryLevel({ keyEncoding: 'buffer', valueEncoding: 'buffer' }) as unknown as LevelDatabase)
     : new LevelSessionPersistence(sessionsDb, {

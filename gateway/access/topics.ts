@@ -40,7 +40,7 @@ export interface QlobberOptions {
 /**
  * The one configuration of the MQTT topic matcher. Every matcher of the gateway is a qlobber trie built with it: the
  * routes, the ACL, commands and replays (topicMatches), HTTP record filters (compileTopicFilters), and the session
- * store's offline queues and retained messages (session-persistence.ts). aedes' live routing is mqemitter's qlobber,
+ * store's offline queues and retained messages (sessions/persistence.ts). aedes' live routing is mqemitter's qlobber,
  * which aedes builds with `matchEmptyLevels: true` (aedes.js), the same rule; the integration test
  * test/gateway/topic-matching.int.test.ts pins that a subscription receives the same topics live and offline.
  * qlobber does not know the `$` rule [MQTT-4.7.2-1]: aedes applies it to live routing, compileTopicFilters here.

@@ -35,7 +35,7 @@ import {
 } from './schemas.ts'
 import type { UpstreamStatus } from '../../bridge/index.ts'
 import type { ApiTokenConfig, UserConfig } from '../config/config.ts'
-import type { SessionState } from '../mqtt/session-persistence.ts'
+import type { SessionState } from '../mqtt/sessions/persistence.ts'
 import { sessionDocs } from '../query/sessions.ts'
 import { GatewayError } from '../errors.ts'
 import { shareSubscriptionOf } from '../mqtt/shared/share-topic.ts'

@@ -49,7 +49,7 @@ export interface MetricsSources {
   readonly healthy: () => boolean
   readonly version: string
   readonly gatewayId: string
-  /** Persistent sessions' cursors into the log, per stream (mqtt/session-cursors.ts); none before the broker exists. */
+  /** Persistent sessions' cursors into the log, per stream (mqtt/sessions/cursors.ts); none before the broker exists. */
   readonly sessionLag?: () => ReadonlyArray<{ readonly stream: string, readonly sessions: number, readonly lagMessages: number }>
 }
 

@@ -177,8 +177,8 @@ export function packetWatcher (handlers: PacketWatch): (client: Client) => void 
  * (lib/qos-packet.js), hands the new packet to `persistence.outgoingUpdate` and writes that same object once the
  * promise resolves (https://github.com/moscajs/aedes/blob/v1.2.0/lib/client.js deliverQoS,
  * https://github.com/moscajs/aedes/blob/v1.2.0/lib/handlers/connect.js emptyQueue), so an id changed there is the
- * one the client sees and acknowledges. session-persistence.ts moves aedes off an id a persistent session's
- * delivery from the log holds (session-cursors.ts). No upstream issue; public API that would remove it:
+ * one the client sees and acknowledges. sessions/persistence.ts moves aedes off an id a persistent session's
+ * delivery from the log holds (sessions/cursors.ts). No upstream issue; public API that would remove it:
  * `client.nextMessageId()` shared by aedes and the application, or an outgoing in-flight set aedes skips.
  */
 export function movePacketId (packet: { messageId?: number }, messageId: number): void {
@@ -232,7 +232,7 @@ function wrapMethod<T extends object, K extends keyof T> (target: T, name: K, wr
 }
 
 /**
- * Keeps aedes from timing the end of the sessions `owns` says the gateway ends itself (session-expiry.ts), and returns
+ * Keeps aedes from timing the end of the sessions `owns` says the gateway ends itself (sessions/expiry.ts), and returns
  * the undo. aedes 2 ends an MQTT 5 session whose connection closed after its Session Expiry Interval with a timer in
  * memory (`scheduleSessionExpiry`, aedes.js of 2.0.0-beta.1, from https://github.com/moscajs/aedes/pull/1088; no
  * upstream issue on timers lost at a restart yet): a restart loses it, and

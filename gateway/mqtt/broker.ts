@@ -81,7 +81,7 @@ export interface Broker {
   appendsSettled (): Promise<void>
   /** Deletes a shared subscription's consumer group (shared/share-groups.ts deleteGroup): refused while it has members. */
   deleteShareGroup (id: string): Promise<void>
-  /** The wills of a previous process still waiting for their delay (session-expiry.ts fires one when its session ends). */
+  /** The wills of a previous process still waiting for their delay (sessions/expiry.ts fires one when its session ends). */
   readonly wills: Wills
 }
 
@@ -107,7 +107,7 @@ export function createBroker (deps: BrokerDeps): Broker {
     // their SUBSCRIBE through to authorizeSubscribe and makes the CONNACK say Shared Subscription Available = 1.
     sharedSubscriptions: true,
     // mqtt.sessionExpirySeconds bounds every session's time offline: an MQTT 5 client asking for longer is told the bound in
-    // the CONNACK (MQTT 5 3.2.2.3.2), and aedes caps its will delay by it too (3.1.3.2.2; session-expiry.ts, wills.ts).
+    // the CONNACK (MQTT 5 3.2.2.3.2), and aedes caps its will delay by it too (3.1.3.2.2; sessions/expiry.ts, wills.ts).
     sessionExpiryIntervalLimit: config.mqtt.sessionExpirySeconds,
   })
   const identities = new WeakMap<Client, Identity>()

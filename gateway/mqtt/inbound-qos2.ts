@@ -2,7 +2,7 @@
  * Inbound QoS 2: exactly once into the log [MQTT-4.3.3-2], across kill -9.
  *
  * The exchange's state is the session's inbound packet entry (`I`, in
- * session-persistence.ts), and nothing else: while it exists, a PUBLISH with
+ * sessions/persistence.ts), and nothing else: while it exists, a PUBLISH with
  * its packet id is a retransmission; PUBREL deletes it and the client may
  * reuse the id. Every step is one LevelDB write batch:
  * - PUBLISH → PUBREC: the record and the `I` entry (the log store's
@@ -44,7 +44,7 @@
  */
 import type { Client, PublishPacket } from 'aedes'
 import type { ExtraOperation } from '../../store/index.ts'
-import type { SessionPacket } from './session-persistence.ts'
+import type { SessionPacket } from './sessions/persistence.ts'
 import { wrapInboundQos2 } from './aedes-internals.ts'
 
 /** What authorizePublish decided for a QoS 2 PUBLISH that goes to subscribers (and, when routed, into the log). */
@@ -55,7 +55,7 @@ export interface Qos2Plan {
   readonly deliver: () => Promise<void>
 }
 
-/** The part of the session persistence (session-persistence.ts) this module wraps. */
+/** The part of the session persistence (sessions/persistence.ts) this module wraps. */
 export interface Qos2Persistence {
   incomingStorePacket (client: Client, packet: SessionPacket): Promise<void>
   incomingStorePacketWith<T> (client: Client, packet: SessionPacket, write: (ops: ExtraOperation[]) => Promise<T>): Promise<T>

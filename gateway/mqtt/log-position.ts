@@ -1,7 +1,7 @@
 /**
  * Where a published message sits in the log, carried from the durable append (hooks/authorize-publish.ts) to the
  * session persistence, which keeps a cursor instead of a copy for a message the log already holds
- * (session-cursors.ts).
+ * (sessions/cursors.ts).
  *
  * aedes does not hand the session store the packet authorizePublish saw: `broker.publish` wraps it in a new
  * aedes-packet (https://github.com/moscajs/aedes-packet/blob/v4.0.0/packet.js), which copies a fixed list of fields

@@ -2,7 +2,7 @@
  * PUBLISH frames the gateway writes to a client's connection itself, without
  * aedes' write path: `$replay` (replay.ts), shared subscriptions
  * (shared/share-groups.ts) and persistent sessions' cursors
- * (session-cursors.ts). aedes writes one packet per socket write and one per
+ * (sessions/cursors.ts). aedes writes one packet per socket write and one per
  * event-loop turn (lib/write.js); these paths frame a batch of records into
  * one buffer and write it at once, which is what lets them reach 90–160 k
  * messages/s from the log (BENCHMARKS.md).

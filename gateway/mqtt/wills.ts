@@ -48,13 +48,13 @@ import { Readable } from 'node:stream'
 import type { Logger } from 'pino'
 import { clientIdMatches, clientIdPattern, type ClientIdOwners, type Identity, type UserDirectory } from '../access/auth.ts'
 import type { ExtraOperation } from '../../store/index.ts'
-import type { SessionClient, SessionPacket } from './session-persistence.ts'
+import type { SessionClient, SessionPacket } from './sessions/persistence.ts'
 import { wrapWillStorage } from './aedes-internals.ts'
 
 /** The field of a stored will that holds its client's identity. */
 const IDENTITY = 'edgemqIdentity'
 
-/** The part of the session persistence (session-persistence.ts) this module wraps (through aedes-internals.ts). */
+/** The part of the session persistence (sessions/persistence.ts) this module wraps (through aedes-internals.ts). */
 export interface WillPersistence {
   setup (broker: never): Promise<void>
   putWill (client: SessionClient, packet: SessionPacket): Promise<void>

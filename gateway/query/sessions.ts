@@ -12,7 +12,7 @@
  */
 import type { LogStore } from '../../store/index.ts'
 import { unmountTopic, unscopedClientId } from '../access/topics.ts'
-import type { SessionState } from '../mqtt/session-persistence.ts'
+import type { SessionState } from '../mqtt/sessions/persistence.ts'
 
 export interface SessionCursorDoc {
   readonly stream: string

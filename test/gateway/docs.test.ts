@@ -13,7 +13,7 @@ import { describeConfig } from '../../gateway/config/config.ts'
 import { HTTP_ERROR_CODES } from '../../gateway/http/errors.ts'
 import { CLI_ERROR_CODES } from '../../gateway/cli/errors.ts'
 import { GATEWAY_ERROR_CODES, GATEWAY_WARNING_CODES } from '../../gateway/errors.ts'
-import { SESSION_ERROR_CODES } from '../../gateway/mqtt/session-persistence.ts'
+import { SESSION_ERROR_CODES } from '../../gateway/mqtt/sessions/persistence.ts'
 import { STORE_ERROR_CODES } from '../../store/errors.ts'
 
 const read = (file: string): string => fs.readFileSync(new URL(`../../${file}`, import.meta.url), 'utf8')

@@ -18,7 +18,7 @@ export function authorizeForward (ctx: HookContext): AuthorizeForward {
     // disk), and the reconnect path writes that very object rather than the returned one: unmount in place.
     const who = ctx.identities.get(client)
     if (who === undefined) return null
-    // A live copy of a logged message that the session reads from the log instead (session-cursors.ts).
+    // A live copy of a logged message that the session reads from the log instead (sessions/cursors.ts).
     if (!ctx.persistence.forwardLive(client, packet)) return null
     const topic = forwardedTopic(ctx, client, who, packet.topic)
     if (topic === null) return null
@@ -30,7 +30,7 @@ export function authorizeForward (ctx: HookContext): AuthorizeForward {
 /**
  * The topic a client receives a message of the (mounted) topic on, or null when it may not receive it: another
  * tenant's, a `$` topic it did not subscribe to by name, or one its read ACL denies. Live deliveries
- * (authorizeForward) and persistent sessions' deliveries from the log (session-cursors.ts) both ask it.
+ * (authorizeForward) and persistent sessions' deliveries from the log (sessions/cursors.ts) both ask it.
  */
 export function forwardedTopic (ctx: Pick<HookContext, 'config'>, client: Client, who: Identity, mountedTopic: string): string | null {
   const topic = unmountTopic(who.tenant, mountedTopic)

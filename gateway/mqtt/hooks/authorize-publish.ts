@@ -210,7 +210,7 @@ export function authorizePublish (ctx: HookContext): AuthorizePublish {
     appender.append(client, who, target, packet, (err, _duplicate, position) => {
       if (err) return callback(appendFailed(client, err))
       if (qos === 0) return callback(null)
-      // Persistent sessions keep a cursor to the record instead of a copy of the message (session-cursors.ts).
+      // Persistent sessions keep a cursor to the record instead of a copy of the message (sessions/cursors.ts).
       if (position !== undefined) attachLogPosition(packet, position)
       publishBeforeAck(packet, client, callback)
     }, will === undefined ? undefined : { extraOps: will })

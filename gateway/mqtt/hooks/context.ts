@@ -17,7 +17,7 @@ import type { GatewayMetrics, PublishRefusal, RefusalReason } from '../../metric
 import type { GuardGroup } from '../connection-guard.ts'
 import type { InboundQos2, Qos2Persistence } from '../inbound-qos2.ts'
 import type { ReasonCode } from '../reason-codes.ts'
-import type { CursorConnector } from '../session-cursors.ts'
+import type { CursorConnector } from '../sessions/cursors.ts'
 import type { MqttReplays, ReplayConnection, ReplayTicket } from '../replay.ts'
 import type { InternalPublish } from '../aedes-internals.ts'
 import type { ShareAdmission } from '../shared/aedes-hooks.ts'

@@ -13,7 +13,7 @@
  * even after a kill -9. The patches themselves are in aedes-internals.ts.
  *
  * A connected persistent session's cursors deliver records from the log by
- * writing to the client's connection (session-cursors.ts), as `$replay` and
+ * writing to the client's connection (sessions/cursors.ts), as `$replay` and
  * shares do: with packet ids of the client's counter, up to the Receive
  * Maximum its CONNECT gave, on the topic and with the read ACL that
  * authorizeForward applies to live deliveries.
@@ -21,7 +21,7 @@
 import type { Client, Subscription } from 'aedes'
 import { overrideRestoredSubscriptions, storeAcceptedSubscriptions } from '../aedes-internals.ts'
 import { receiveMaximumOf } from '../receive-maximum.ts'
-import type { CursorConnection } from '../session-cursors.ts'
+import type { CursorConnection } from '../sessions/cursors.ts'
 import { forwardedTopic } from './authorize-forward.ts'
 import type { HookContext } from './context.ts'
 import { replayConnection } from './replays.ts'

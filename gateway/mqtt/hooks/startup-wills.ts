@@ -7,7 +7,7 @@
 import type { PublishPacket } from 'aedes'
 import type { Identity } from '../../access/auth.ts'
 import { standInClient } from '../aedes-internals.ts'
-import type { SessionPacket } from '../session-persistence.ts'
+import type { SessionPacket } from '../sessions/persistence.ts'
 import { isPublished, type HookContext } from './context.ts'
 
 export function fireStartupWill (ctx: HookContext, will: SessionPacket, who: Identity): Promise<void> {

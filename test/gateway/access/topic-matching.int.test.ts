@@ -1,6 +1,6 @@
 /**
  * aedes' live routing (mqemitter's qlobber) and the session store's offline
- * queues (session-persistence.ts) match topics by the same rules as the spec
+ * queues (sessions/persistence.ts) match topics by the same rules as the spec
  * table (fixtures/topic-matching-table.ts), through a real gateway: one
  * client per filter of the table receives the table's topics live, and the
  * same subscriptions in persistent sessions receive them from their offline

@@ -6,7 +6,7 @@ import {
 } from '../../../gateway/access/topics.ts'
 import { compileRoutes } from '../../../gateway/mqtt/routing.ts'
 import { buildConfig } from '../../../gateway/config/config.ts'
-import { LevelSessionPersistence, type SessionPacket } from '../../../gateway/mqtt/session-persistence.ts'
+import { LevelSessionPersistence, type SessionPacket } from '../../../gateway/mqtt/sessions/persistence.ts'
 import type { LevelDatabase } from '../../../store/index.ts'
 import { MATCH_TABLE, TABLE_FILTERS, TABLE_TOPICS } from '../fixtures/topic-matching-table.ts'
 

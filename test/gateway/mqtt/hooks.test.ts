@@ -31,7 +31,7 @@ function context (mqtt: Record<string, unknown> = {}): HookContext {
     broker: { on () {} },
     identities: new WeakMap(), connacked: new WeakSet(), toStore: new WeakMap(), oversized: new WeakSet(), sessionMarkers: new WeakSet(), tickets: new WeakMap(),
     replayConnections: new WeakMap(), startupWills: new WeakSet(),
-    // a session with no cursor into the log: every live copy may go (session-cursors.ts decides otherwise)
+    // a session with no cursor into the log: every live copy may go (sessions/cursors.ts decides otherwise)
     persistence: { forwardLive: () => true },
     ...refusals({ metrics, logger }, connects),
   } as unknown as HookContext

@@ -1,5 +1,5 @@
 /**
- * MQTT 5 Will Delay Interval across kill -9 (wills.ts, session-expiry.ts): a
+ * MQTT 5 Will Delay Interval across kill -9 (wills.ts, sessions/expiry.ts): a
  * will whose client vanished with the gateway is published after its delay,
  * counted from the restart, not at the restart; not at all when its client
  * comes back in time [MQTT-3.1.3-9]; and at its session's end when the delay

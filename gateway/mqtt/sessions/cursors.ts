@@ -1,6 +1,6 @@
 /**
  * Persistent sessions' cursors into the log (the `K` keys of
- * session-format.ts; they hold the log's retention through
+ * format.ts; they hold the log's retention through
  * LogStore.holdRetention): for a message the log already holds (a routed
  * topic), a session keeps, per stream and partition, the next offset to
  * deliver instead of a copy of the message. The first message of a partition
@@ -40,18 +40,18 @@
  * Not kept as a store consumer group: the store commits a group's offset as
  * a lone fsync'd put (about 4.7 k/s) outside the group commit, and a
  * retention-holding group holds every partition it never committed from 0.
- * The cursors are keys of the session key space (`K`, session-format.ts),
+ * The cursors are keys of the session key space (`K`, format.ts),
  * written in the log's group commits.
  *
  * QoS 2 deliveries stay copies (the `O` queue), whose PUBREL state survives a
  * restart; only QoS 1 deliveries use cursors.
  */
-import type { AppendEvent, LogStore, StoredRecord } from '../../store/index.ts'
-import { expiredAt, headersToProperties } from '../../bridge/index.ts'
-import { mountTopic } from '../access/topics.ts'
-import { logPositionOf, type LogPosition } from './log-position.ts'
-import { drained, publishPacketSize, recordProperties, writePublishPacket, type FrameConnection } from './publish-frames.ts'
-import { keys } from './session-format.ts'
+import type { AppendEvent, LogStore, StoredRecord } from '../../../store/index.ts'
+import { expiredAt, headersToProperties } from '../../../bridge/index.ts'
+import { mountTopic } from '../../access/topics.ts'
+import { logPositionOf, type LogPosition } from '../log-position.ts'
+import { drained, publishPacketSize, recordProperties, writePublishPacket, type FrameConnection } from '../publish-frames.ts'
+import { keys } from './format.ts'
 
 /** What the cursors read of the log. */
 export type SessionLog = Pick<LogStore, 'read' | 'partitionInfo' | 'holdRetention' | 'onAppend'>

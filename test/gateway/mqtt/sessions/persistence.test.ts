@@ -16,12 +16,12 @@ import { ClassicLevel } from 'classic-level'
 import { MemoryLevel } from 'memory-level'
 import { MqttClient, type IClientOptions, type IPublishPacket } from 'mqtt'
 import { afterEach, describe, expect, it } from 'vitest'
-import { openLogStore, type LevelDatabase } from '../../../store/index.ts'
+import { openLogStore, type LevelDatabase } from '../../../../store/index.ts'
 import {
   LevelSessionPersistence, SessionPersistenceError, type SessionBroker, type SessionPacket,
-} from '../../../gateway/mqtt/session-persistence.ts'
+} from '../../../../gateway/mqtt/sessions/persistence.ts'
 
-const ROOT = fileURLToPath(new URL('../../..', import.meta.url))
+const ROOT = fileURLToPath(new URL('../../../..', import.meta.url))
 const FIXTURE = 'test/gateway/fixtures/persistence-abstract.ts'
 /** Tests in aedes-persistence 11.0.0's abstract.js; fewer passing means some did not run. */
 const ABSTRACT_TESTS = 50

@@ -2,7 +2,7 @@
  * On-disk format of the MQTT session key space, version 1: the subscriptions
  * of persistent sessions, their offline QoS 1/2 queues, retained messages,
  * wills and inbound QoS 2 packets awaiting PUBREL. This file owns the key
- * layout and value encoding; session-persistence.ts is the only reader and
+ * layout and value encoding; persistence.ts is the only reader and
  * writer (and the log store writes what it is handed, in the same batches).
  *
  * Keys are binary and live in the `sessions` sublevel of the gateway's
@@ -51,7 +51,7 @@
  *   aedes' packets carry write callbacks, which are left out.
  */
 import { Encoder } from 'cbor-x'
-import { SessionPersistenceError } from './session-errors.ts'
+import { SessionPersistenceError } from './errors.ts'
 
 export const SESSION_FORMAT_VERSION = 1
 

@@ -9,9 +9,9 @@ import { EventEmitter } from 'node:events'
 import type { Aedes } from 'aedes'
 import { MemoryLevel } from 'memory-level'
 import { describe, expect, it } from 'vitest'
-import type { ExtraOperation, LevelDatabase } from '../../../store/index.ts'
-import { SessionExpiry } from '../../../gateway/mqtt/session-expiry.ts'
-import { LevelSessionPersistence } from '../../../gateway/mqtt/session-persistence.ts'
+import type { ExtraOperation, LevelDatabase } from '../../../../store/index.ts'
+import { SessionExpiry } from '../../../../gateway/mqtt/sessions/expiry.ts'
+import { LevelSessionPersistence } from '../../../../gateway/mqtt/sessions/persistence.ts'
 
 function legacyEntry (kind: number, n: number): Buffer {
   const value = Buffer.alloc(9)

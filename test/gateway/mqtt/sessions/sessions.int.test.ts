@@ -7,8 +7,8 @@
  */
 import mqtt, { type MqttClient } from 'mqtt'
 import { afterAll, describe, expect, it } from 'vitest'
-import { startGatewayProcess, tempDir } from '../../helpers/gateway-process.ts'
-import { readWholeLog } from '../../helpers/log-reader.ts'
+import { startGatewayProcess, tempDir } from '../../../helpers/gateway-process.ts'
+import { readWholeLog } from '../../../helpers/log-reader.ts'
 
 function collect (client: MqttClient): string[] {
   const got: string[] = []

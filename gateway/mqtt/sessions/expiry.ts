@@ -5,7 +5,7 @@
  * read by the session persistence's `sessionEnd`: the shorter, counted from
  * when the session went offline).
  *
- * What is stored is the persistence's (session-format.ts): the `E` mark of
+ * What is stored is the persistence's (format.ts): the `E` mark of
  * when a session went offline and the interval in its `C` entry, written
  * with the log's group commit. So this survives kill -9: at start (before any
  * listener accepts a connection) every session whose end passed while the
@@ -34,15 +34,15 @@
  * again.
  */
 import type { Aedes, Client } from 'aedes'
-import type { ExtraOperation, ExtraSublevel, LevelDatabase } from '../../store/index.ts'
-import { connectedClient, ownSessionExpiry } from './aedes-internals.ts'
-import { isMqtt5 } from './reason-codes.ts'
-import type { SessionEnd } from './session-persistence.ts'
+import type { ExtraOperation, ExtraSublevel, LevelDatabase } from '../../../store/index.ts'
+import { connectedClient, ownSessionExpiry } from '../aedes-internals.ts'
+import { isMqtt5 } from '../reason-codes.ts'
+import type { SessionEnd } from './persistence.ts'
 
 /** setTimeout's longest delay; longer deadlines are re-armed in steps. */
 const MAX_TIMER_MS = 2 ** 31 - 1
 
-/** The session persistence methods (session-persistence.ts) this module uses. */
+/** The session persistence methods (persistence.ts) this module uses. */
 export interface ExpiringSessions {
   offlineSessions (): string[]
   sessionEnd (clientId: string): SessionEnd | null

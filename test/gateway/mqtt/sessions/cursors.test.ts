@@ -1,5 +1,5 @@
 /**
- * Persistent sessions' cursors into the log (gateway/mqtt/session-cursors.ts),
+ * Persistent sessions' cursors into the log (gateway/mqtt/sessions/cursors.ts),
  * through LevelSessionPersistence as the gateway builds it: a real log store
  * and the `sessions` sublevel on one classic-level database in a temp dir,
  * reopened for restarts. aedes' calls are made by hand, in its order
@@ -15,13 +15,13 @@ import { join } from 'node:path'
 import { ClassicLevel } from 'classic-level'
 import mqttPacket, { type IPublishPacket } from 'mqtt-packet'
 import { afterEach, describe, expect, it } from 'vitest'
-import { openLogStore, type LevelDatabase, type LogStore } from '../../../store/index.ts'
-import { attachLogPosition } from '../../../gateway/mqtt/log-position.ts'
-import { LevelSessionPersistence, SessionPersistenceError, type SessionBroker, type SessionPacket, type SessionPersistenceOptions } from '../../../gateway/mqtt/session-persistence.ts'
-import { keys, TAG_CURSOR, TAG_OUTGOING } from '../../../gateway/mqtt/session-format.ts'
-import type { CursorConnection } from '../../../gateway/mqtt/session-cursors.ts'
-import { PROPERTY_HEADERS } from '../../../bridge/mqtt-properties.ts'
-import { buildConfig } from '../../../gateway/config/config.ts'
+import { openLogStore, type LevelDatabase, type LogStore } from '../../../../store/index.ts'
+import { attachLogPosition } from '../../../../gateway/mqtt/log-position.ts'
+import { LevelSessionPersistence, SessionPersistenceError, type SessionBroker, type SessionPacket, type SessionPersistenceOptions } from '../../../../gateway/mqtt/sessions/persistence.ts'
+import { keys, TAG_CURSOR, TAG_OUTGOING } from '../../../../gateway/mqtt/sessions/format.ts'
+import type { CursorConnection } from '../../../../gateway/mqtt/sessions/cursors.ts'
+import { PROPERTY_HEADERS } from '../../../../bridge/mqtt-properties.ts'
+import { buildConfig } from '../../../../gateway/config/config.ts'
 
 const dirs: string[] = []
 const opened: Array<{ db: ClassicLevel, store: LogStore }> = []

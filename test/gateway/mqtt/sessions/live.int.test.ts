@@ -12,8 +12,8 @@
  */
 import mqtt, { type MqttClient } from 'mqtt'
 import { afterAll, describe, expect, it } from 'vitest'
-import { startGatewayProcess, tempDir } from '../../helpers/gateway-process.ts'
-import { waitFor } from '../../helpers/mqtt-probe.ts'
+import { startGatewayProcess, tempDir } from '../../../helpers/gateway-process.ts'
+import { waitFor } from '../../../helpers/mqtt-probe.ts'
 
 const DEVICES = 10
 const ROUNDS = 20

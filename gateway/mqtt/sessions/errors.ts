@@ -2,7 +2,7 @@
  * The session persistence's error codes (documented in docs/errors.md by
  * docs/generate.ts): one class with a stable `code` and a `cause`.
  */
-import { CodedError } from '../../store/index.ts'
+import { CodedError } from '../../../store/index.ts'
 
 export const SESSION_ERROR_CODES = {
   GW_SESSION_NOT_FOUND: 'No stored packet has that message id. aedes reads this rejection as "not found" (a new inbound QoS 2 packet, '

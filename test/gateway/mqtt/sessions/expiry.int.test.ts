@@ -1,5 +1,5 @@
 /**
- * Session expiry across kill -9 (session-expiry.ts), from both its sources:
+ * Session expiry across kill -9 (sessions/expiry.ts), from both its sources:
  * an MQTT 5 Session Expiry Interval and the gateway-wide
  * mqtt.sessionExpirySeconds. A session whose time ran out while the gateway
  * was dead is gone after the restart, dropped before any client could
@@ -10,9 +10,9 @@
  */
 import mqtt, { type IClientOptions, type MqttClient } from 'mqtt'
 import { afterAll, describe, expect, it } from 'vitest'
-import { startGatewayProcess, tempDir, writeConfig, type GatewayProcess } from '../../helpers/gateway-process.ts'
-import { waitFor } from '../../helpers/mqtt-probe.ts'
-import { scrape } from '../../helpers/raw-mqtt.ts'
+import { startGatewayProcess, tempDir, writeConfig, type GatewayProcess } from '../../../helpers/gateway-process.ts'
+import { waitFor } from '../../../helpers/mqtt-probe.ts'
+import { scrape } from '../../../helpers/raw-mqtt.ts'
 
 const TIMEOUT = 60_000
 

@@ -6,8 +6,8 @@
  * a client id never seen and after a clean session.
  */
 import { afterAll, describe, expect, it } from 'vitest'
-import { startGatewayProcess, tempDir } from '../../helpers/gateway-process.ts'
-import { rawConnect, type RawClient } from '../../helpers/raw-client.ts'
+import { startGatewayProcess, tempDir } from '../../../helpers/gateway-process.ts'
+import { rawConnect, type RawClient } from '../../../helpers/raw-client.ts'
 
 async function connect (url: string, clientId: string, clean: boolean): Promise<{ c: RawClient, sessionPresent: boolean }> {
   const c = await rawConnect(url)

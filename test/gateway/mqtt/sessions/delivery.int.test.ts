@@ -1,5 +1,5 @@
 /**
- * A persistent session's deliveries from the log (gateway/mqtt/session-cursors.ts), against a gateway process:
+ * A persistent session's deliveries from the log (gateway/mqtt/sessions/cursors.ts), against a gateway process:
  * the window an MQTT 5 client's Receive Maximum sets, PUBACKs the gateway must ignore, and a client that leaves in
  * the middle of a drain and comes back. The crash side (kill -9 mid-drain) is session-cursors-crash.int.test.ts.
  */
@@ -7,7 +7,7 @@ import net from 'node:net'
 import mqtt from 'mqtt'
 import mqttPacket, { type IPublishPacket, type Packet } from 'mqtt-packet'
 import { afterAll, describe, expect, it } from 'vitest'
-import { startGatewayProcess, tempDir, type GatewayProcess } from '../../helpers/gateway-process.ts'
+import { startGatewayProcess, tempDir, type GatewayProcess } from '../../../helpers/gateway-process.ts'
 
 const DEVICES = 8
 const WAIT_MS = 60_000

@@ -1,6 +1,6 @@
 /**
  * A persistent subscriber drains a backlog from its cursors into the log
- * (gateway/mqtt/session-cursors.ts) while the gateway is SIGKILLed, several
+ * (gateway/mqtt/sessions/cursors.ts) while the gateway is SIGKILLed, several
  * times, and devices keep publishing meanwhile (so reading the log hands over
  * to live delivery and back). In the end it has every publish the gateway
  * acknowledged; within each connection every device's messages arrive in
@@ -11,8 +11,8 @@
 import path from 'node:path'
 import mqtt, { type MqttClient } from 'mqtt'
 import { afterAll, describe, expect, it } from 'vitest'
-import { startGatewayProcess, tempDir, writeConfig, type GatewayProcess } from '../../helpers/gateway-process.ts'
-import { scrape } from '../../helpers/raw-mqtt.ts'
+import { startGatewayProcess, tempDir, writeConfig, type GatewayProcess } from '../../../helpers/gateway-process.ts'
+import { scrape } from '../../../helpers/raw-mqtt.ts'
 
 const DEVICES = 8
 const BACKLOG_PER_DEVICE = 250

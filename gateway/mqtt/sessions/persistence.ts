@@ -2,9 +2,9 @@
  * aedes session persistence on the gateway's LevelDB: the subscriptions of
  * persistent sessions, their offline QoS 1/2 queues, retained messages, wills
  * and inbound QoS 2 packets awaiting PUBREL. The key layout and value
- * encoding are session-format.ts's; this file keeps the state in memory and
+ * encoding are format.ts's; this file keeps the state in memory and
  * decides what to write when. Given the log, a session's QoS 1 queue of
- * routed messages is a cursor per partition into it (session-cursors.ts);
+ * routed messages is a cursor per partition into it (cursors.ts);
  * the copies left (unrouted topics, QoS 2) are bounded per session.
  *
  * Interface: the promise API that aedes 1.x calls directly (aedes-persistence
@@ -23,7 +23,7 @@
  *   brokerCounter, messageId per entry, not the bodies), inbound QoS 2
  *   packets and wills. Retained messages and queued bodies live on disk only.
  * - incomingStorePacketWith hands the `I` entry of a QoS 2 publish to the
- *   log's append (session-format.ts); it is deleted here (PUBREL, clean
+ *   log's append (format.ts); it is deleted here (PUBREL, clean
  *   session) in one write.
  * - Writes go through the log store's group-commit writer (LogStore.write;
  *   the gateway passes its store): a mutation updates memory synchronously,
@@ -44,20 +44,20 @@
 import { createRequire } from 'node:module'
 import { Readable } from 'node:stream'
 import type { AbstractBatchOptions, AbstractLevel } from 'abstract-level'
-import type { Durability, ExtraOperation, LevelDatabase, LogStore } from '../../store/index.ts'
-import { compileTopicFilters, QLOBBER_OPTIONS, topicMatches, type QlobberOptions } from '../access/topics.ts'
-import { movePacketId } from './aedes-internals.ts'
-import { logPositionOf } from './log-position.ts'
-import { SessionCursors, type CursorConnector, type LivePacket, type SessionLog } from './session-cursors.ts'
-import { notFound, SessionPersistenceError } from './session-errors.ts'
+import type { Durability, ExtraOperation, LevelDatabase, LogStore } from '../../../store/index.ts'
+import { compileTopicFilters, QLOBBER_OPTIONS, topicMatches, type QlobberOptions } from '../../access/topics.ts'
+import { movePacketId } from '../aedes-internals.ts'
+import { logPositionOf } from '../log-position.ts'
+import { SessionCursors, type CursorConnector, type LivePacket, type SessionLog } from './cursors.ts'
+import { notFound, SessionPersistenceError } from './errors.ts'
 import {
   cbor, checkMessageId, CLIENT_TAGS, PARKED_PREFIX, clientPrefix, decodeValue, encodeU16, encodeU64, encodeVersion, keys, prefixRange, readVersion,
   SESSION_FORMAT_VERSION,
   TAG_CURSOR, TAG_INCOMING, TAG_MESSAGE_ID, TAG_OFFLINE, TAG_OUTGOING, TAG_SESSION, TAG_SUB, TAG_WILL,
-} from './session-format.ts'
+} from './format.ts'
 
-export { SESSION_ERROR_CODES, SessionPersistenceError, type SessionErrorCode } from './session-errors.ts'
-export { SESSION_FORMAT_VERSION } from './session-format.ts'
+export { SESSION_ERROR_CODES, SessionPersistenceError, type SessionErrorCode } from './errors.ts'
+export { SESSION_FORMAT_VERSION } from './format.ts'
 
 // ---------------------------------------------------------------------------
 // The shapes aedes hands in and gets back
@@ -156,7 +156,7 @@ export interface SessionPersistenceOptions {
   /** Without a writer: 'sync' (default) fsyncs each batch before its call resolves. With one, the store's applies. */
   readonly durability?: Durability
   /**
-   * The log whose records persistent sessions keep cursors into instead of copies (session-cursors.ts); the
+   * The log whose records persistent sessions keep cursors into instead of copies (cursors.ts); the
    * gateway passes its store. Without one, every offline message is queued as a copy.
    */
   readonly log?: SessionLog
@@ -856,7 +856,7 @@ export class LevelSessionPersistence {
 
   /**
    * Gives an existing session the MQTT 5 Session Expiry Interval a gateway before this format kept elsewhere
-   * (session-expiry.ts reads it once); resolves with whether there was a session to give it to.
+   * (expiry.ts reads it once); resolves with whether there was a session to give it to.
    */
   async adoptInterval (clientId: string, seconds: number): Promise<boolean> {
     this.#ready()
@@ -999,7 +999,7 @@ export class LevelSessionPersistence {
     let copies = subs
     const created: Array<Promise<void>> = []
     if (position !== undefined && this.#cursors !== undefined) {
-      // A QoS 1 delivery of a logged message is a cursor, not a copy (session-cursors.ts); QoS 2 ones stay copies.
+      // A QoS 1 delivery of a logged message is a cursor, not a copy (cursors.ts); QoS 2 ones stay copies.
       copies = []
       for (const sub of subs) {
         // Without a subscription's QoS (outgoingEnqueue: a publish to one client, not routed by a subscription) it is a copy.
@@ -1043,7 +1043,7 @@ export class LevelSessionPersistence {
 
   /**
    * Whether aedes may forward this live copy to the client: false for a copy of a logged message the session reads
-   * from the log (session-cursors.ts). authorizeForward asks; aedes then clears the copy it did not forward.
+   * from the log (cursors.ts). authorizeForward asks; aedes then clears the copy it did not forward.
    */
   forwardLive (client: SessionClient, packet: LivePacket): boolean {
     return this.#cursors?.forwardLive(client, packet) ?? true
@@ -1178,7 +1178,7 @@ export class LevelSessionPersistence {
    * The client's queue in enqueue order, with the message ids assigned so
    * far (entries cleared while the stream runs are skipped). With a log, once
    * they are handed over, the session's cursors start delivering to the
-   * connection themselves (session-cursors.ts).
+   * connection themselves (cursors.ts).
    */
   outgoingStream (client: SessionClient): Readable {
     return Readable.from(this.#outgoing(client))
