@@ -23,7 +23,11 @@
  *           For edgemq the `edgemq_ingest_messages_total` counter over the
  *           window is reported beside it as a check.
  * - device  device-like load: QoS 1, one PUBLISH in flight per connection
- *           (each device waits for its PUBACK). Throughput, p50, p99.
+ *           (each device waits for its PUBACK). Throughput, p50, p99, and
+ *           `gateway.device.fsync-ceiling`: edgemq against the best a gateway
+ *           can do when every commit holds each waiting device's record,
+ *           devices / (LevelDB sync batch + loopback round trip), both
+ *           probed on this disk before each round (lib/fsync-probe.ts).
  * - qos1-v5, device-v5  the same loads with MQTT 5 clients (against
  *           Mosquitto with MQTT 5 too). Each round also runs edgemq under the
  *           3.1.1 load, next to its MQTT 5 round (the order flipping), for
@@ -49,6 +53,7 @@ import path from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { edgemqCounters, findMosquitto, mosquittoVersion, processCpuSeconds, startEdgemq, startListeningChild, startMosquitto, withBrokerIn, type EdgemqCounters, type RunningBroker } from './lib/brokers.ts'
 import { formatProfileSummary, summarizeCpuProfile, type ProfileWindow } from './lib/cpu-profile.ts'
+import { fsyncCeiling, probeFsync, type FsyncProbe } from './lib/fsync-probe.ts'
 import { LatencyHistogram } from './lib/latency-histogram.ts'
 import { LoadGenerators, type MergedLoad } from './lib/load-process.ts'
 import type { LoadSpec } from './lib/mqtt-load.ts'
@@ -168,6 +173,7 @@ async function withBroker<T> (name: 'edgemq' | 'mosquitto', mosquitto: string, f
 }
 
 const ms = (us: number): number => round(us / 1000, 3)
+const ms3 = (milliseconds: number): number => round(milliseconds, 3)
 const r2 = (n: number | undefined): number | null => (n === undefined ? null : round(n, 2))
 
 function pairedRatios (a: readonly number[], b: readonly number[]): number[] {
@@ -179,7 +185,16 @@ async function scenarioFigures (generators: LoadGenerators, scenario: Scenario, 
   /** MQTT 5 scenarios: edgemq under the same load over MQTT 3.1.1, one round beside each MQTT 5 round. */
   const v311Rounds: number[] = []
   const v311: Scenario = { ...scenario, protocolVersion: undefined }
+  /** One message in flight: the disk's commit time and a loopback round trip, probed before each round (fsync-probe.ts). */
+  const probes: FsyncProbe[] = []
   for (let r = 0; r < ROUNDS; r++) {
+    if (scenario.window === 1) {
+      const probe = await probeFsync(await dirs.make('fsync-probe'))
+      probes.push(probe)
+      info(`${scenario.name} round ${r + 1}/${ROUNDS} probe: LevelDB sync batch p50 ${ms3(probe.level.p50Ms)} ms p99 ${ms3(probe.level.p99Ms)} ms, ` +
+        `fdatasync p50 ${ms3(probe.fdatasync.p50Ms)} ms p99 ${ms3(probe.fdatasync.p99Ms)} ms, loopback PUBLISH/PUBACK p50 ${ms3(probe.roundTrip.p50Ms)} ms ` +
+        `p99 ${ms3(probe.roundTrip.p99Ms)} ms: ceiling ${Math.round(fsyncCeiling(PUBLISHERS, probe))} msgs/s`)
+    }
     const order: Array<'edgemq' | 'mosquitto' | 'edgemq-3.1.1'> = r % 2 === 0 ? ['mosquitto', 'edgemq'] : ['edgemq', 'mosquitto']
     if (scenario.protocolVersion === 5) order.splice(r % 2 === 0 ? 1 : 0, 0, 'edgemq-3.1.1')
     for (const name of order) {
@@ -227,6 +242,30 @@ async function scenarioFigures (generators: LoadGenerators, scenario: Scenario, 
       edgemqIngestCounterRounds: results.edgemq.map((x) => Math.round(x.counterRate ?? NaN)),
     },
   })
+  if (probes.length > 0) {
+    const ceilings = probes.map((p) => fsyncCeiling(PUBLISHERS, p))
+    const of = (pick: (p: FsyncProbe) => number): number[] => probes.map((p) => ms3(pick(p)))
+    report({
+      bench: `gateway.${scenario.name}.fsync-ceiling`,
+      unit: 'msgs/s',
+      value: median(rates('edgemq')),
+      baseline: `the fsync-bound ceiling: ${PUBLISHERS} devices / (LevelDB sync batch p50 + loopback PUBLISH/PUBACK p50), probed before each round`,
+      baselineValue: median(ceilings),
+      better: 'higher',
+      params: {
+        scenario: scenario.what, statistic: 'median of rounds', rounds: ROUNDS, seconds: SECONDS, devices: PUBLISHERS,
+        ratioToMosquitto: round(median(rates('edgemq')) / median(rates('mosquitto')), 3),
+        ceilingToMosquitto: round(median(ceilings) / median(rates('mosquitto')), 3),
+        ceilingRounds: ceilings.map(Math.round), roundRatios: pairedRatios(rates('edgemq'), ceilings),
+        levelSyncBatchP50Ms: of((p) => p.level.p50Ms), levelSyncBatchP99Ms: of((p) => p.level.p99Ms),
+        fdatasyncP50Ms: of((p) => p.fdatasync.p50Ms), fdatasyncP99Ms: of((p) => p.fdatasync.p99Ms),
+        roundTripP50Ms: of((p) => p.roundTrip.p50Ms), roundTripP99Ms: of((p) => p.roundTrip.p99Ms),
+        fdatasyncCeilingRounds: probes.map((p) => Math.round(PUBLISHERS / ((p.fdatasync.p50Ms + p.roundTrip.p50Ms) / 1000))),
+        probe: 'sequential loops of at most 1000 runs or 1.5 s each after 20 unmeasured: a classic-level batch of one 100-byte put with sync: true; ' +
+          'a 100-byte append + FileHandle.datasync(); a QoS 1 PUBLISH to a broker answering at once in a child process (lib/null-broker.ts)',
+      },
+    })
+  }
   if (scenario.protocolVersion === 5) {
     report({
       bench: `gateway.${scenario.name}.mqtt5-cost`,
