@@ -1,4 +1,5 @@
 import { defineConfig } from 'vitest/config'
+import { LongestFirstSequencer } from './test/helpers/longest-first.ts'
 
 // Three projects: fast unit tests (pure functions, store on temp dirs and memory-level); integration tests that
 // spawn processes or open sockets, two files at a time (most of their time is spent waiting on child processes);
@@ -6,6 +7,8 @@ import { defineConfig } from 'vitest/config'
 // load once a second, and a second test file beside them on this 2-core machine made scrapes miss their 1 s timeout.
 export default defineConfig({
   test: {
+    // The longest files first (test/helpers/longest-first.ts): vitest's own order put a 59 s file last in CI.
+    sequence: { sequencer: LongestFirstSequencer },
     projects: [
       {
         test: {
