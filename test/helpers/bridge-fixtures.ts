@@ -67,7 +67,9 @@ export function drained (httpUrl: string, name: string, timeoutMs = 60_000): Pro
 export async function publishAcked (mqttUrl: string, devices: readonly string[], count: number, firstSeq = 0, window = 20): Promise<string[]> {
   const acked: string[] = []
   await Promise.all(devices.map(async (device) => {
-    const client = await mqtt.connectAsync(mqttUrl, { clientId: `pub-${device}`, reconnectPeriod: 0, connectTimeout: 5000 })
+    // allowRetries false: a connection closed before its CONNACK rejects; MQTT.js' connectAsync otherwise waits for
+    // ever when the server closes without an error (a gateway SIGKILLed while a CONNECT was waiting for its answer).
+    const client = await mqtt.connectAsync(mqttUrl, { clientId: `pub-${device}`, reconnectPeriod: 0, connectTimeout: 5000 }, false)
     client.on('error', () => {})
     let alive = true
     // MQTT.js keeps a dropped connection's in-flight publishes pending (for a reconnect we never make): stop waiting.
