@@ -12,7 +12,7 @@ import { afterAll, describe, expect, it } from 'vitest'
 import { runCliWithin } from '../helpers/cli-run.ts'
 import { readWholeLog, type LoggedRecord } from '../helpers/log-reader.ts'
 import { startGatewayProcess, tempDir, writeConfig, type GatewayProcess } from '../helpers/gateway-process.ts'
-import { bridgeStatus, drained, freePort, publishAcked, waitFor } from '../helpers/bridge-fixtures.ts'
+import { bridgeStatus, drained, freePort, publishAcked, publishAckedUntilKilled, waitFor } from '../helpers/bridge-fixtures.ts'
 import { startFlakyProxy } from '../helpers/flaky-proxy.ts'
 
 const DEVICES = ['dev-a', 'dev-b', 'dev-c', 'dev-d']
@@ -156,7 +156,7 @@ describe('bridge: edgemq → edgemq', () => {
     const acked = await publishAcked(edge.mqttUrl, DEVICES, 300)
     // The upstream goes away while the edge keeps taking data.
     await region.kill()
-    const outage = publishAcked(edge.mqttUrl, DEVICES, 2000, 300)
+    const outage = publishAckedUntilKilled(edge.mqttUrl, DEVICES, 2000, 300) // may still be connecting at the kill
     const backlog = await waitFor('a backlog to build up', async () => {
       const s = (await bridgeStatus(edge.httpUrl))[0]
       return s !== undefined && !s.connected && s.backlog.messages > 500 ? s.backlog.messages : undefined
