@@ -9,7 +9,9 @@ import { LongestFirstSequencer } from './test/helpers/longest-first.ts'
 // Unit and integration files share one pool (vitest requires one maxWorkers per sequence.groupOrder): three files at
 // a time on 2 cores. Most integration time is waiting on child processes (lease TTLs, backoffs, restarts), so a third
 // file fills those waits. Measured 2026-12-02 on the 2-core dev machine, integration project alone, longest-first
-// order, back to back while other agents loaded it (load 8-17): 2 workers 1,640 s, 3 workers 1,402 s (0.85x).
+// order, back to back while other agents loaded it (load 8-17): 2 workers 1,640 s, 3 workers 1,402 s (0.85x); the
+// bridge files and standby-restart at load 2-7: 146 s and 136 s (0.93x), the files' own times summing to 270 and
+// 386 s: the work is mostly CPU (each gateway or CLI start is about 1.2 s of it), so the third file wins the waits only.
 // Failures under that load: with 2, one aedes-suite case cancelled and standby-restart's catch-up count (relaxed
 // since); with 3, the outage tests' connect race (fixed since) and damaged-data's check report (not concurrency).
 const WORKERS = 3
