@@ -14,7 +14,7 @@
  * after the previous mark-compact, and that collection compacted little
  * (measured with --trace-gc, 2026-12-02).
  *
- * So once at least `minConnections` were accepted since the last compaction
+ * So once at least `minConnections` (`mqtt.compactAfterConnections`) were accepted since the last compaction
  * and no new one arrived for `quietMs`, the gateway runs one full, compacting
  * collection itself. It stops the main thread for as long as the collection
  * takes (logged with each one), which is why it waits for the burst to be
@@ -24,8 +24,6 @@ import v8 from 'node:v8'
 import vm from 'node:vm'
 import type { Logger } from 'pino'
 
-/** Connections accepted since the last compaction that make one worth its pause. */
-export const COMPACT_AFTER_CONNECTIONS = 1000
 /** Time without a new connection after which a burst is over. */
 export const BURST_QUIET_MS = 5000
 
