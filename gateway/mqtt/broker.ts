@@ -122,7 +122,8 @@ export function createBroker (deps: BrokerDeps): Broker {
   const ctx: HookContext = {
     ...deps,
     broker,
-    // The publish aedes makes after the PUBACK/PUBREC is a no-op for packets published before the ack.
+    // The publish aedes makes after the PUBACK/PUBREC is a no-op for packets authorizePublish published itself (before the ack,
+    // or started with it: hooks/authorize-publish.ts).
     publish: interceptPublish(broker, isPublished),
     replays: new MqttReplays({ store, routes: config.routes, acl: config.acl, limits: config.mqtt.replay, metrics, logger }),
     inbound: new InboundQos2(persistence, MAX_INFLIGHT_INBOUND),

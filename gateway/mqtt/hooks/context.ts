@@ -106,7 +106,7 @@ export const LIVE_DELIVERIES = 1000
 
 /** Marks an error whose refusal was already counted and logged, so aedes' clientError does not log it again. */
 const REFUSED = Symbol('edgemq.refused')
-/** Marks a packet already delivered and queued before the ack: aedes' own publish after the ack skips it. */
+/** Marks a packet whose publish authorizePublish ran itself (before the ack, or started with it): aedes' own after the ack skips it. */
 const DONE = Symbol('edgemq.published')
 
 /** An error for aedes' authenticate callback: `returnCode` is the CONNACK code (2–5); already counted and logged. */
