@@ -169,7 +169,10 @@ describe('authorizePublish: acknowledged, then delivered', () => {
       ...context(),
       users: [],
       persistence: { forwardLive: () => true, beforeAck },
-      appender: { append: (_c: unknown, _w: unknown, _t: unknown, _p: unknown, done: (err: null, dup: boolean, at: typeof position) => void) => done(null, false, position) },
+      appender: {
+        append: (_c: unknown, _w: unknown, _t: unknown, _p: unknown, done: (err: null, dup: boolean, at: typeof position) => void) =>
+          done(null, false, position),
+      },
       publish: (p: PublishPacket, _c: unknown, done: (err?: Error) => void) => { delivered.push({ n: Number(p.payload.toString()), finish: () => done() }) },
       startupWills: new WeakSet(),
       wills: { firesStoredWill: () => false },
