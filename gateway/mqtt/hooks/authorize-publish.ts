@@ -63,6 +63,8 @@ export const ORIGIN_HEADER = 'edgemq-origin'
  */
 interface PublishDecision { readonly allowed: boolean, readonly target: Route | null, readonly stream: string | null }
 const DECISIONS_PER_CLIENT = 256
+/** At most one log line per this many ms about deliveries after the ack that failed (each line counts them). */
+const FAILURE_LOG_MS = 10_000
 
 export function authorizePublish (ctx: HookContext): AuthorizePublish {
   const { config, logger, persistence, refusePublish } = ctx
@@ -104,9 +106,18 @@ export function authorizePublish (ctx: HookContext): AuthorizePublish {
   const order = new DeliveryOrder()
   /** Deliveries started after their ack and not finished (see the header). */
   let delivering = 0
+  /** Failed deliveries not logged yet, and when one was last logged: a broker closing under load fails hundreds at once. */
+  let unlogged = 0
+  let loggedAt = 0
   const deliveredAfterAck = (err?: Error): void => {
     delivering--
-    if (err) logger.warn({ err: err.message }, 'delivering an acknowledged message failed (it is in the log)')
+    if (!err) return
+    unlogged++
+    const now = Date.now()
+    if (now - loggedAt < FAILURE_LOG_MS) return
+    logger.warn({ err: err.message, failed: unlogged }, 'delivering acknowledged messages to live subscribers failed (they are in the log)')
+    unlogged = 0
+    loggedAt = now
   }
   /** publishBeforeAck in the client's order (delivery-order.ts). */
   const deliverThenAck = (client: Client, packet: PublishPacket, callback: Callback): void => {
