@@ -35,7 +35,10 @@
  * turns, the order flipping each round. Arguments: variant names (default
  * all), `--quick` (1 round of 2 s), `--rounds=N` (default 2), `--seconds=N`
  * (measured window, default 3), `--warmup=N` (default 1), `--mosquitto=PATH`,
- * `--edgemq=PATH` (another checkout's gateway/edgemq.mjs).
+ * `--edgemq=PATH` (another checkout's gateway/edgemq.mjs), `--compare=PATH`
+ * (another checkout measured in the same rounds as well, beside this one:
+ * `fan-in.<variant>.compare`, this checkout's rate against that one's, for a
+ * before/after on a loaded machine).
  * `--profile`: instead of the figures, run edgemq alone under the first
  * selected variant with `node --cpu-prof` and print where its main thread
  * spends the measured window (`--profile-seconds=N`, default 10;
@@ -59,6 +62,7 @@ const SECONDS = intFlag('seconds', QUICK ? 2 : 3)
 const WARMUP_SECONDS = intFlag('warmup', 1, { min: 0 })
 const PROFILE_SECONDS = intFlag('profile-seconds', 10)
 const EDGEMQ_BIN = flag('edgemq') === undefined ? undefined : path.resolve(flag('edgemq') as string)
+const COMPARE_BIN = flag('compare') === undefined ? undefined : path.resolve(flag('compare') as string)
 
 const PUBLISHERS = 10
 const PAYLOAD_BYTES = 100
@@ -167,9 +171,9 @@ async function runRound (generators: LoadGenerators, variant: Variant, broker: R
   }
 }
 
-async function withBroker<T> (name: 'edgemq' | 'mosquitto', mosquitto: string, fn: (broker: RunningBroker) => Promise<T>): Promise<T> {
+async function withBroker<T> (name: 'edgemq' | 'mosquitto', mosquitto: string, fn: (broker: RunningBroker) => Promise<T>, bin = EDGEMQ_BIN): Promise<T> {
   return await withBrokerIn(dirs, name, async (dir) => name === 'edgemq'
-    ? await startEdgemq(dir, [], EDGEMQ_BIN)
+    ? await startEdgemq(dir, [], bin)
     : await startMosquitto(mosquitto, dir, MOSQUITTO_EXTRA), fn)
 }
 
@@ -180,11 +184,20 @@ function pairedRatios (a: readonly number[], b: readonly number[]): number[] {
 async function variantFigures (generators: LoadGenerators, variant: Variant, mosquitto: string, version: string): Promise<void> {
   const results: Record<'edgemq' | 'mosquitto', FanInRound[]> = { edgemq: [], mosquitto: [] }
   const v311Rounds: number[] = []
+  const compareRounds: number[] = []
   const v311: Variant = { ...variant, protocolVersion: 4 }
   for (let r = 0; r < ROUNDS; r++) {
-    const order: Array<'edgemq' | 'mosquitto' | 'edgemq-3.1.1'> = r % 2 === 0 ? ['mosquitto', 'edgemq'] : ['edgemq', 'mosquitto']
+    const order: Array<'edgemq' | 'mosquitto' | 'edgemq-3.1.1' | 'compare'> = r % 2 === 0 ? ['mosquitto', 'edgemq'] : ['edgemq', 'mosquitto']
     if (variant.protocolVersion === 5) order.splice(r % 2 === 0 ? 1 : 0, 0, 'edgemq-3.1.1')
+    if (COMPARE_BIN !== undefined) order.splice(order.indexOf('edgemq') + (r % 2 === 0 ? 0 : 1), 0, 'compare')
     for (const name of order) {
+      if (name === 'compare') {
+        const result = await withBroker('edgemq', mosquitto, (broker) => runRound(generators, variant, broker), COMPARE_BIN)
+        compareRounds.push(result.delivered)
+        info(`${variant.name} round ${r + 1}/${ROUNDS} edgemq of ${COMPARE_BIN}: ${Math.round(result.delivered)} msgs/s delivered, ` +
+          `${Math.round(result.ingest.rate)} PUBACKs/s, ${result.missing} missing; broker ${r2(result.brokerCores)} cores`)
+        continue
+      }
       if (name === 'edgemq-3.1.1') {
         const result = await withBroker('edgemq', mosquitto, (broker) => runRound(generators, v311, broker))
         v311Rounds.push(result.delivered)
@@ -222,6 +235,20 @@ async function variantFigures (generators: LoadGenerators, variant: Variant, mos
       generatorCores: [...results.edgemq, ...results.mosquitto].map((x) => round(x.ingest.generatorCores, 2)),
     },
   })
+  if (COMPARE_BIN !== undefined) {
+    report({
+      bench: `fan-in.${variant.name}.compare`,
+      unit: 'msgs/s',
+      value: median(delivered('edgemq')),
+      baseline: `edgemq of ${COMPARE_BIN}, a round beside each round of this checkout`,
+      baselineValue: median(compareRounds),
+      better: 'higher',
+      params: {
+        scenario: variant.what, statistic: 'median of rounds', rounds: ROUNDS, seconds: SECONDS,
+        thisRounds: delivered('edgemq').map(Math.round), compareRounds: compareRounds.map(Math.round), roundRatios: pairedRatios(delivered('edgemq'), compareRounds),
+      },
+    })
+  }
   if (variant.protocolVersion === 5) {
     report({
       bench: `fan-in.${variant.name}.mqtt5-cost`,

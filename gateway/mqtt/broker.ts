@@ -35,7 +35,7 @@ import { authorizePublish } from './hooks/authorize-publish.ts'
 import { authorizeSubscribe } from './hooks/authorize-subscribe.ts'
 import { installClientEvents } from './hooks/client-events.ts'
 import { DurableAppender } from './hooks/durable-append.ts'
-import { anonymousAllowed, isPublished, refusals, type BrokerPersistence, type ConnectInfo, type HookContext } from './hooks/context.ts'
+import { anonymousAllowed, isPublished, LIVE_DELIVERIES, refusals, type BrokerPersistence, type ConnectInfo, type HookContext } from './hooks/context.ts'
 import { installReplayHooks } from './hooks/replays.ts'
 import { installCursorDelivery, installSessionHooks } from './hooks/sessions.ts'
 import { fireStartupWill } from './hooks/startup-wills.ts'
@@ -92,7 +92,7 @@ export function createBroker (deps: BrokerDeps): Broker {
   const broker = new Aedes({
     id: config.gatewayId,
     persistence: persistence as never,
-    concurrency: 1000,
+    concurrency: LIVE_DELIVERIES,
     heartbeatInterval: 60_000,
     maxInflightInbound: MAX_INFLIGHT_INBOUND,
     // MQTT 5 CONNACK properties. The listeners' guards enforce maxPacketBytes first (with DISCONNECT 0x95), and hand
@@ -122,7 +122,8 @@ export function createBroker (deps: BrokerDeps): Broker {
   const ctx: HookContext = {
     ...deps,
     broker,
-    // The publish aedes makes after the PUBACK/PUBREC is a no-op for packets published before the ack.
+    // The publish aedes makes after the PUBACK/PUBREC is a no-op for packets authorizePublish published itself (before the ack,
+    // or started with it: hooks/authorize-publish.ts).
     publish: interceptPublish(broker, isPublished),
     replays: new MqttReplays({ store, routes: config.routes, acl: config.acl, limits: config.mqtt.replay, metrics, logger }),
     inbound: new InboundQos2(persistence, MAX_INFLIGHT_INBOUND),

@@ -12,7 +12,17 @@ import type { HookContext } from './context.ts'
 
 type AuthorizeForward = NonNullable<AedesOptions['authorizeForward']>
 
+/**
+ * What a topic is delivered as, kept per connection for the topics it receives (a subscriber to many devices gets the
+ * same few hundred over and over): the tenant and the ACL verdict are fixed for the life of a connection (identity set
+ * at CONNECT, config frozen). Not for `$` topics, whose verdict follows the client's subscriptions. Profiled under the
+ * fan-in bench, the ACL check per delivered message took about 3.5 % of the main thread.
+ */
+const FORWARDS_PER_CLIENT = 256
+const DOLLAR = 0x24
+
 export function authorizeForward (ctx: HookContext): AuthorizeForward {
+  const forwards = new WeakMap<Client, Map<string, string | null>>()
   return (client, packet) => {
     // Every caller hands over a packet of its own (a per-subscription copy, or a queued packet read back from
     // disk), and the reconnect path writes that very object rather than the returned one: unmount in place.
@@ -20,7 +30,17 @@ export function authorizeForward (ctx: HookContext): AuthorizeForward {
     if (who === undefined) return null
     // A live copy of a logged message that the session reads from the log instead (sessions/cursors.ts).
     if (!ctx.persistence.forwardLive(client, packet)) return null
-    const topic = forwardedTopic(ctx, client, who, packet.topic)
+    const mounted = packet.topic
+    let cache = forwards.get(client)
+    let topic = cache?.get(mounted)
+    if (topic === undefined) {
+      topic = forwardedTopic(ctx, client, who, mounted)
+      if (mounted.charCodeAt(who.tenant.length + 1) !== DOLLAR) {
+        if (cache === undefined) forwards.set(client, cache = new Map())
+        else if (cache.size >= FORWARDS_PER_CLIENT) cache.clear() // a client receiving many topics just recomputes
+        cache.set(mounted, topic)
+      }
+    }
     if (topic === null) return null
     packet.topic = topic
     return packet

@@ -5,12 +5,25 @@
  * `broker.publish` (which delivers to subscribers and stores the offline
  * queues) and before the `published` hook, so neither can give the guarantee.
  * `authorizePublish` runs before the ack, so it appends to the log and waits
- * for the group commit; then it runs aedes' `broker.publish` itself — online
- * delivery and the offline QoS 1/2 queues are stored before the ack too — and
- * marks the packet, so the `broker.publish` aedes makes after the ack is a
- * no-op (aedes-internals.ts, interceptPublish). A persistent session that was
- * offline therefore finds every acknowledged message in its queue, even after
- * a SIGKILL right after the PUBACK.
+ * for the group commit. What persistent sessions need of the message is on
+ * disk before the ack too, so a session that was offline finds every
+ * acknowledged message even after a SIGKILL right after the PUBACK:
+ * - a logged QoS 1 message needs, per matching session, a cursor into its
+ *   partition (sessions/cursors.ts): it is on disk already, or written now
+ *   (the session's first message of that partition) and the ack waits for
+ *   that write (persistence.beforeAck). Then the publish is acknowledged and
+ *   aedes' `broker.publish` delivers it to live subscribers without the
+ *   publisher waiting: delivery is off the PUBACK path (issue 13's fan-in);
+ * - a message a session keeps a copy of (QoS 2, a topic the log does not
+ *   hold), a retained message and a will: `broker.publish` stores the copies
+ *   and the retained message and delivers before the ack, as aedes' own
+ *   order (ack, then publish) cannot;
+ * either way authorizePublish runs `broker.publish` itself and marks the
+ * packet, so the one aedes makes after the ack is a no-op (aedes-internals.ts,
+ * interceptPublish). delivery-order.ts keeps a client's publishes in the
+ * order it sent them across the two; past LIVE_DELIVERIES deliveries under
+ * way, acks wait for delivery again, so a slow subscriber slows publishers
+ * down instead of filling memory.
  *
  * Tenants are mount points: the topic is checked as the client sent it, then
  * mounted (`<tenant>/<topic>`). A refusal that MQTT 3.1.1 can express only by
@@ -29,12 +42,13 @@ import { mountTopic, topicNameProblem } from '../../access/topics.ts'
 import { GatewayError } from '../../errors.ts'
 import { isFiringWill } from '../aedes-internals.ts'
 import type { Qos2Plan } from '../inbound-qos2.ts'
-import { attachLogPosition } from '../log-position.ts'
+import { attachLogPosition, type LogPosition } from '../log-position.ts'
 import { appendFailureCode, isMqtt5, REASON } from '../reason-codes.ts'
 import { isReplayTopic } from '../replay.ts'
 import { compileRoutes, type Route } from '../routing.ts'
 import { isShareTopic } from '../shared/share-topic.ts'
-import { isLoopback, listenerOf, markPublished, refusedError, type HookContext } from './context.ts'
+import { isLoopback, listenerOf, LIVE_DELIVERIES, markPublished, refusedError, type HookContext } from './context.ts'
+import { DeliveryOrder } from './delivery-order.ts'
 
 type AuthorizePublish = NonNullable<AedesOptions['authorizePublish']>
 type Callback = (err?: Error | null) => void
@@ -49,6 +63,8 @@ export const ORIGIN_HEADER = 'edgemq-origin'
  */
 interface PublishDecision { readonly allowed: boolean, readonly target: Route | null, readonly stream: string | null }
 const DECISIONS_PER_CLIENT = 256
+/** At most one log line per this many ms about deliveries after the ack that failed (each line counts them). */
+const FAILURE_LOG_MS = 10_000
 
 export function authorizePublish (ctx: HookContext): AuthorizePublish {
   const { config, logger, persistence, refusePublish } = ctx
@@ -86,6 +102,57 @@ export function authorizePublish (ctx: HookContext): AuthorizePublish {
   }
   const deliverBeforeAck = (packet: PublishPacket, client: Client): Promise<void> =>
     new Promise((resolve, reject) => publishBeforeAck(packet, client, (err) => { if (err) reject(err); else resolve() }))
+
+  const order = new DeliveryOrder()
+  /** Deliveries started after their ack and not finished (see the header). */
+  let delivering = 0
+  /** Failed deliveries not logged yet, and when one was last logged: a broker closing under load fails hundreds at once. */
+  let unlogged = 0
+  let loggedAt = 0
+  const deliveredAfterAck = (err?: Error): void => {
+    delivering--
+    if (!err) return
+    unlogged++
+    const now = Date.now()
+    if (now - loggedAt < FAILURE_LOG_MS) return
+    logger.warn({ err: err.message, failed: unlogged }, 'delivering acknowledged messages to live subscribers failed (they are in the log)')
+    unlogged = 0
+    loggedAt = now
+  }
+  /** publishBeforeAck in the client's order (delivery-order.ts). */
+  const deliverThenAck = (client: Client, packet: PublishPacket, callback: Callback): void => {
+    order.deliverBeforeAck(client, (finished) => publishBeforeAck(packet, client, (err) => { callback(err); finished() }))
+  }
+  /** The ack, then aedes' publish: delivery to live subscribers, and the cursors' wake-up, without the publisher waiting. */
+  const ackThenDeliver = (packet: PublishPacket, client: Client, callback: Callback): void => {
+    delivering++
+    markPublished(packet)
+    ctx.publish(packet, client, deliveredAfterAck)
+    callback(null)
+  }
+
+  /**
+   * Acks a logged QoS 1 message once what persistent sessions need of it is on disk (persistence.beforeAck), and
+   * delivers it after the ack; or delivers it before the ack (see the header), in the client's order either way.
+   */
+  const ackLogged = (client: Client, who: Identity, packet: PublishPacket, position: LogPosition, deliverFirst: boolean, callback: Callback): void => {
+    if (deliverFirst || packet.retain || delivering >= LIVE_DELIVERIES) {
+      attachLogPosition(packet, position)
+      return deliverThenAck(client, packet, callback)
+    }
+    const wait = persistence.beforeAck(packet.topic, packet.qos, position)
+    // Only a session's cursors (aedes' enqueue, authorizeForward) look the position up: none matched, none will.
+    if (wait !== 'unmatched') attachLogPosition(packet, position)
+    if (wait === 'copies') return deliverThenAck(client, packet, callback)
+    if (typeof wait === 'string' && order.clear(client)) return ackThenDeliver(packet, client, callback)
+    order.ackBeforeDelivery(client, typeof wait === 'string' ? null : wait, (_finished, err) => {
+      if (err === undefined) return ackThenDeliver(packet, client, callback)
+      // Not acknowledged, as a failed append: 3.1.1 closes (and retries on its next connection), MQTT 5 is told.
+      const detail = `a persistent session's cursor could not be written: ${err instanceof Error ? err.message : String(err)}`
+      refusePublish(client, who, 'store-failed', detail)
+      callback(refusedError(detail, REASON.UNSPECIFIED_ERROR, err))
+    })
+  }
 
   const beginQos2 = (client: Client, packet: PublishPacket, plan: Qos2Plan, callback: Callback): void => {
     const begun = ctx.inbound.begin(client, packet, plan)
@@ -176,7 +243,7 @@ export function authorizePublish (ctx: HookContext): AuthorizePublish {
         return callback(refusedError(`no route for topic ${topic}`, REASON.TOPIC_NAME_INVALID))
       }
       if (packet.qos === 2 && packet.messageId !== undefined) return beginQos2(client, packet, { deliver: () => deliverBeforeAck(packet, client) }, callback)
-      return packet.qos === 0 ? callback(null) : publishBeforeAck(packet, client, callback)
+      return packet.qos === 0 ? callback(null) : deliverThenAck(client, packet, callback)
     }
     const target = { stream: decision.stream as string, key: route.key, topic }
     const qos = packet.qos
@@ -187,7 +254,7 @@ export function authorizePublish (ctx: HookContext): AuthorizePublish {
         if (err) return callback(appendFailed(client, err))
         if (duplicate === true) { markPublished(packet); return callback(null) } // already logged and delivered once
         if (qos === 0) return callback(null)
-        publishBeforeAck(packet, client, callback)
+        deliverThenAck(client, packet, callback)
       }, { dedupeId: `bridge/${carried.dedupeId}` }, { [ORIGIN_HEADER]: carried.dedupeId })
       return
     }
@@ -207,12 +274,13 @@ export function authorizePublish (ctx: HookContext): AuthorizePublish {
     }
     // QoS 0 waits for its append too: there is no ack to hold back, but the wait keeps the client's socket
     // paused while the log is busy, and delivery order equal to log order.
+    const isWill = will !== undefined || isFiringWill(client, packet)
     appender.append(client, who, target, packet, (err, _duplicate, position) => {
       if (err) return callback(appendFailed(client, err))
       if (qos === 0) return callback(null)
       // Persistent sessions keep a cursor to the record instead of a copy of the message (sessions/cursors.ts).
-      if (position !== undefined) attachLogPosition(packet, position)
-      publishBeforeAck(packet, client, callback)
+      if (position === undefined) return deliverThenAck(client, packet, callback)
+      ackLogged(client, who, packet, position, isWill, callback)
     }, will === undefined ? undefined : { extraOps: will })
   }
 }

@@ -18,6 +18,8 @@ import type { GuardGroup } from '../connection-guard.ts'
 import type { InboundQos2, Qos2Persistence } from '../inbound-qos2.ts'
 import type { ReasonCode } from '../reason-codes.ts'
 import type { CursorConnector } from '../sessions/cursors.ts'
+import type { AckWait } from '../sessions/persistence.ts'
+import type { LogPosition } from '../log-position.ts'
 import type { MqttReplays, ReplayConnection, ReplayTicket } from '../replay.ts'
 import type { InternalPublish } from '../aedes-internals.ts'
 import type { ShareAdmission } from '../shared/aedes-hooks.ts'
@@ -38,6 +40,8 @@ export interface BrokerPersistence extends Qos2Persistence, WillPersistence {
   markSession (client: Client): Promise<void>
   outgoingClearMessageId (client: Client, packet: { cmd?: string, messageId?: number }): Promise<unknown>
   forwardLive (client: Client, packet: { topic: string, qos: number, payload: unknown, brokerId?: string, brokerCounter?: number }): boolean
+  /** What the ack of a logged message waits for so that persistent sessions find it after a kill (hooks/authorize-publish.ts). */
+  beforeAck (topic: string, qos: number, position: LogPosition): AckWait
   /** How the session's cursors reach a connected client (hooks/sessions.ts installs it). */
   deliverCursorsThrough (connector: CursorConnector): void
 }
@@ -93,9 +97,16 @@ export interface HookContext extends HookDeps {
   refusePublish (client: Client, who: Identity | undefined, reason: PublishRefusal, detail: string): void
 }
 
+/**
+ * Deliveries aedes runs at once (its `concurrency`, broker.ts; it queues the rest), and the most deliveries of
+ * acknowledged messages authorizePublish lets be under way before acks wait for delivery again: backpressure from a
+ * slow subscriber to the publishers (DESIGN.md guarantee 6) instead of a queue in memory.
+ */
+export const LIVE_DELIVERIES = 1000
+
 /** Marks an error whose refusal was already counted and logged, so aedes' clientError does not log it again. */
 const REFUSED = Symbol('edgemq.refused')
-/** Marks a packet already delivered and queued before the ack: aedes' own publish after the ack skips it. */
+/** Marks a packet whose publish authorizePublish ran itself (before the ack, or started with it): aedes' own after the ack skips it. */
 const DONE = Symbol('edgemq.published')
 
 /** An error for aedes' authenticate callback: `returnCode` is the CONNACK code (2–5); already counted and logged. */

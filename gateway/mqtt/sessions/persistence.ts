@@ -47,7 +47,7 @@ import type { AbstractBatchOptions, AbstractLevel } from 'abstract-level'
 import type { Durability, ExtraOperation, LevelDatabase, LogStore } from '../../../store/index.ts'
 import { compileTopicFilters, QLOBBER_OPTIONS, topicMatches, type QlobberOptions } from '../../access/topics.ts'
 import { movePacketId } from '../aedes-internals.ts'
-import { logPositionOf } from '../log-position.ts'
+import { logPositionOf, type LogPosition } from '../log-position.ts'
 import { SessionCursors, type CursorConnector, type LivePacket, type SessionLog } from './cursors.ts'
 import { notFound, SessionPersistenceError } from './errors.ts'
 import {
@@ -94,6 +94,9 @@ export interface SessionEnd {
   /** How long the session may stay offline (s). */
   readonly seconds: number
 }
+
+/** What the ack of a logged message waits for ({@link LevelSessionPersistence.beforeAck}). */
+export type AckWait = 'unmatched' | 'ready' | 'copies' | Promise<void>
 
 /** MQTT 5 3.1.2.11.2: 0xFFFFFFFF means the session does not expire. */
 const NEVER_EXPIRES = 0xffffffff
@@ -462,6 +465,8 @@ export class LevelSessionPersistence {
   readonly #sessions = new Set<string>()
   /** Cursors into the log, when the persistence has one. */
   readonly #cursors: SessionCursors | undefined
+  /** `client U+0000 partition/stream` → the write of a cursor created and not yet on disk (#enqueueCursor). */
+  readonly #creating = new Map<string, Promise<void>>()
   readonly #log: SessionLog | undefined
   #releaseHold: (() => void) | undefined
   readonly #maxQueued: number
@@ -932,7 +937,8 @@ export class LevelSessionPersistence {
   /** The QoS > 0 subscriptions whose filter matches the topic (aedes enqueues a copy for each). */
   async subscriptionsByTopic (topic: string): Promise<MatchedSubscription[]> {
     this.#ready()
-    return this.#trie.match(topic)
+    // Without a persistent QoS 1/2 subscription, skips the trie's split of the topic (about 3 % of fan-in's main thread).
+    return this.#trie.subscriptionsCount === 0 ? [] : this.#trie.match(topic)
   }
 
   /** Drops the client's subscriptions and its session marker (aedes calls this for a CONNECT with clean = true). */
@@ -989,6 +995,51 @@ export class LevelSessionPersistence {
   }
 
   /**
+   * What the ack of a logged message must wait for, so that every persistent session finds it after a kill -9
+   * (hooks/authorize-publish.ts acks, then delivers to live subscribers without waiting):
+   * - `unmatched`: no persistent session's QoS 1/2 subscription matches the topic; nothing, and no session needs the
+   *   message's log position (log-position.ts);
+   * - `ready`: every matching session reads the message through a cursor into its partition that is on disk;
+   * - a promise: the writes of the cursors that are not on disk yet: created now (the session's first message of
+   *   that partition) or by an earlier message and still being written;
+   * - `copies`: a session keeps a copy (a QoS 2 delivery), which aedes' publish queues: the ack waits for that
+   *   publish, as for a message the log does not hold. Nothing is created then.
+   * aedes' publish after it finds the cursors and writes nothing (outgoingEnqueueCombi).
+   */
+  beforeAck (topic: string, qos: number, position: LogPosition): AckWait {
+    this.#ready()
+    if (this.#trie.subscriptionsCount === 0) return 'unmatched'
+    const subs = this.#trie.match(topic)
+    if (subs.length === 0) return 'unmatched'
+    if (this.#cursors === undefined) return 'copies'
+    for (const sub of subs) if (Math.min(sub.qos, qos) !== 1) return 'copies'
+    let writes: Array<Promise<void>> | undefined
+    for (const sub of subs) {
+      const write = this.#enqueueCursor(sub.clientId, position)
+      if (write !== undefined) (writes ??= []).push(write)
+    }
+    if (writes === undefined) return 'ready'
+    return writes.length === 1 ? writes[0] as Promise<void> : Promise.all(writes).then(() => {})
+  }
+
+  /**
+   * Takes a logged message for the client's cursor of its partition (cursors.ts enqueue) and returns the write the
+   * cursor still waits for: the one that creates it now, or the one an earlier message started; undefined when the
+   * cursor is on disk.
+   */
+  #enqueueCursor (clientId: string, position: LogPosition): Promise<void> | undefined {
+    const created = (this.#cursors as SessionCursors).enqueue(clientId, position)
+    if (created === undefined) {
+      return this.#creating.size === 0 ? undefined : this.#creating.get(`${clientId}\u0000${position.partition}/${position.stream}`)
+    }
+    const key = `${clientId}\u0000${position.partition}/${position.stream}`
+    this.#creating.set(key, created)
+    const settled = (): void => { if (this.#creating.get(key) === created) this.#creating.delete(key) }
+    created.then(settled, settled)
+    return created
+  }
+
+  /**
    * Queues the packet for each subscription's client. Resolves once the queue
    * entries are written; aedes delivers to online clients only after that.
    */
@@ -1004,10 +1055,15 @@ export class LevelSessionPersistence {
       for (const sub of subs) {
         // Without a subscription's QoS (outgoingEnqueue: a publish to one client, not routed by a subscription) it is a copy.
         if (sub.qos === undefined || Math.min(sub.qos, packet.qos ?? 0) !== 1) { (copies as Array<{ clientId: string }>).push(sub); continue }
-        const write = this.#cursors.enqueue(sub.clientId, position)
+        const write = this.#enqueueCursor(sub.clientId, position)
         if (write !== undefined) created.push(write)
       }
-      if (copies.length === 0) { await Promise.all(created); return }
+      // No write, no await: aedes emits this message after as many turns as one no session matched. Its dedupe drops
+      // a live copy whose counter is below one already delivered (lib/client.js), so an emit may not fall behind.
+      if (copies.length === 0) {
+        if (created.length > 0) await Promise.all(created)
+        return
+      }
     }
     const queued = toAedesPacket(packet)
     const body = cbor.encode(queued)

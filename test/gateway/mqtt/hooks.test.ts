@@ -2,7 +2,7 @@
  * The authorize hooks as thin adapters, without a broker: a context of
  * plain maps, a frozen config, a fresh metrics registry, and fake clients.
  */
-import type { Client, Subscription } from 'aedes'
+import type { Client, PublishPacket, Subscription } from 'aedes'
 import { pino } from 'pino'
 import { Registry } from 'prom-client'
 import { describe, expect, it } from 'vitest'
@@ -10,6 +10,7 @@ import type { Identity } from '../../../gateway/access/auth.ts'
 import { buildConfig } from '../../../gateway/config/config.ts'
 import { createMetrics } from '../../../gateway/metrics/metrics.ts'
 import { authorizeForward } from '../../../gateway/mqtt/hooks/authorize-forward.ts'
+import { authorizePublish } from '../../../gateway/mqtt/hooks/authorize-publish.ts'
 import { authorizeSubscribe } from '../../../gateway/mqtt/hooks/authorize-subscribe.ts'
 import { refusals, type ConnectInfo, type HookContext } from '../../../gateway/mqtt/hooks/context.ts'
 import type { LogStore } from '../../../store/index.ts'
@@ -137,5 +138,93 @@ describe('authorizeForward', () => {
     expect(authorizeForward(ctx)(d1, packet('other/devices/d1/commands/reboot'))).toBeNull()
     expect(authorizeForward(ctx)(d1, packet('acme/devices/d1/commands/secret'))).toBeNull()
     expect(authorizeForward(ctx)({ id: 'ghost', conn: {} } as unknown as Client, packet('acme/devices/d1/commands/reboot'))).toBeNull()
+  })
+
+  it('gives the same verdict on every delivery of a topic, but follows the subscriptions for a `$` topic', () => {
+    const ctx = context()
+    const hook = authorizeForward(ctx)
+    const d1 = device(ctx, D1)
+    for (let i = 0; i < 3; i++) {
+      expect(hook(d1, packet('acme/devices/d1/commands/reboot'))?.topic).toBe('devices/d1/commands/reboot')
+      expect(hook(d1, packet('acme/devices/d1/commands/secret'))).toBeNull()
+    }
+    const svc = device(ctx, { tenant: 'acme', role: 'service', username: 'svc', clientId: 'svc' })
+    expect(hook(svc, packet('acme/$edgemq/notice'))).toBeNull() // not subscribed to by name
+    ;(svc as unknown as { subscriptions: Record<string, unknown> }).subscriptions['acme/$edgemq/#'] = { qos: 0 }
+    expect(hook(svc, packet('acme/$edgemq/notice'))?.topic).toBe('$edgemq/notice')
+  })
+})
+
+describe('authorizePublish: acknowledged, then delivered', () => {
+  const D2: Identity = { tenant: 'acme', role: 'service', username: null, clientId: 'svc' }
+  const position = { stream: 'acme/telemetry', partition: 0, offset: 0 }
+
+  /** authorizePublish over an appender that is done at once and an aedes publish that finishes when the test says so. */
+  function publisher (beforeAck: () => unknown): {
+    publish: (client: Client, n: number, retain?: boolean) => { acked: boolean }
+    delivered: Array<{ n: number, finish: () => void }>
+  } {
+    const delivered: Array<{ n: number, finish: () => void }> = []
+    const ctx = {
+      ...context(),
+      users: [],
+      persistence: { forwardLive: () => true, beforeAck },
+      appender: {
+        append: (_c: unknown, _w: unknown, _t: unknown, _p: unknown, done: (err: null, dup: boolean, at: typeof position) => void) =>
+          done(null, false, position),
+      },
+      publish: (p: PublishPacket, _c: unknown, done: (err?: Error) => void) => { delivered.push({ n: Number(p.payload.toString()), finish: () => done() }) },
+      startupWills: new WeakSet(),
+      wills: { firesStoredWill: () => false },
+    } as unknown as HookContext
+    const hook = authorizePublish(ctx)
+    return {
+      delivered,
+      publish (client, n, retain = false) {
+        if (!ctx.identities.has(client)) ctx.identities.set(client, D2)
+        const state = { acked: false }
+        const p = { cmd: 'publish', topic: 'devices/d9/telemetry/t', payload: Buffer.from(String(n)), qos: 1, retain, dup: false, messageId: n + 1 }
+        hook(client, p as unknown as PublishPacket, (err) => { if (err) throw err; state.acked = true })
+        return state
+      },
+    }
+  }
+
+  it('acks before the delivery finishes; a retained message waits for its delivery, and the client\'s later ones for it', () => {
+    const { publish, delivered } = publisher(() => 'unmatched')
+    const svc = { id: 'svc', conn: {} } as unknown as Client
+    expect(publish(svc, 0).acked).toBe(true)
+    expect(delivered.map((d) => d.n)).toEqual([0])
+    const retained = publish(svc, 1, true)
+    const after = publish(svc, 2)
+    expect([retained.acked, after.acked, delivered.length]).toEqual([false, false, 2])
+    delivered[1]?.finish()
+    expect([retained.acked, after.acked, delivered.map((d) => d.n)]).toEqual([true, true, [0, 1, 2]])
+  })
+
+  it('acks only once a cursor write is done, and holds the client\'s later publishes behind it', async () => {
+    let write!: () => void
+    const written = new Promise<void>((resolve) => { write = resolve })
+    let first = true
+    const { publish, delivered } = publisher(() => { if (!first) return 'ready'; first = false; return written })
+    const svc = { id: 'svc', conn: {} } as unknown as Client
+    const a = publish(svc, 0)
+    const b = publish(svc, 1)
+    expect([a.acked, b.acked, delivered.length]).toEqual([false, false, 0])
+    write()
+    await written
+    expect([a.acked, b.acked, delivered.map((d) => d.n)]).toEqual([true, true, [0, 1]])
+  })
+
+  it('waits for delivery again once 1,000 acknowledged deliveries are under way: a slow subscriber slows publishers', () => {
+    const { publish, delivered } = publisher(() => 'unmatched')
+    const clients = Array.from({ length: 10 }, (_, i) => ({ id: `svc-${i}`, conn: {} }) as unknown as Client)
+    for (let n = 0; n < 1000; n++) expect(publish(clients[n % 10] as Client, n).acked).toBe(true)
+    const held = publish(clients[0] as Client, 1000)
+    expect(held.acked).toBe(false)
+    delivered[1000]?.finish()
+    expect(held.acked).toBe(true)
+    delivered[0]?.finish() // one under way less: acks come at once again
+    expect(publish(clients[1] as Client, 1001).acked).toBe(true)
   })
 })

@@ -419,3 +419,64 @@ describe('through aedes', () => {
     expect((await toArray(persistence.outgoingStream({ id: 'dev-7' }))).map((p) => p.payload?.toString())).toEqual(['on'])
   })
 })
+
+// ---------------------------------------------------------------------------
+// What the ack of a logged message waits for (beforeAck, hooks/authorize-publish.ts)
+
+describe('beforeAck: what persistent sessions need on disk before a logged message is acknowledged', () => {
+  const STREAM = 't1/telemetry'
+  const topicOf = (device: string): string => `t1/devices/${device}/telemetry/t`
+
+  /** The log store and the persistence with cursors into it, as gateway.ts builds them. */
+  async function withLog (dir?: string): Promise<{ dir: string, db: ClassicLevel, persistence: LevelSessionPersistence,
+    append: (device: string) => Promise<{ stream: string, partition: number, offset: number }> }> {
+    const opened = await openDb(dir)
+    const store = await openLogStore({ db: opened.db as unknown as LevelDatabase })
+    if (dir === undefined) await store.createStream(STREAM, { partitions: 2 })
+    const persistence = new LevelSessionPersistence(sessionsOf(opened.db), { writer: store, log: store })
+    await persistence.setup({ id: 'gw', counter: 0 })
+    const append = async (device: string): Promise<{ stream: string, partition: number, offset: number }> => {
+      const { partition, offset } = await store.append(STREAM, device, { payload: Buffer.from(device), topic: `devices/${device}/telemetry/t`, qos: 1 })
+      return { stream: STREAM, partition, offset }
+    }
+    return { ...opened, persistence, append }
+  }
+
+  it('waits for nothing without a matching session, for the cursor of a session\'s first message of a partition, then for nothing', async () => {
+    const gw = await withLog()
+    expect(gw.persistence.beforeAck(topicOf('d0'), 1, await gw.append('d0'))).toBe('unmatched')
+    await gw.persistence.markSession({ id: 'svc' })
+    await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: 't1/devices/+/telemetry/#', qos: 2 }]) // QoS 1 messages: min(2, 1)
+    await gw.persistence.addSubscriptions({ id: 'clean-only' }, [{ topic: 't1/devices/d0/#', qos: 0 }]) // QoS 0: no cursor, no wait
+
+    const at = await gw.append('d0')
+    const first = gw.persistence.beforeAck(topicOf('d0'), 1, at)
+    expect(first).toBeInstanceOf(Promise)
+    // the partition's next message, before that cursor is on disk, waits for the same write
+    const next = { ...at, offset: at.offset + 1 }
+    expect(gw.persistence.beforeAck(topicOf('d0'), 1, next)).toBe(first)
+    await first
+    expect(gw.persistence.beforeAck(topicOf('d0'), 1, next)).toBe('ready')
+    // another partition is another first message
+    let device = 'd1'
+    for (let i = 1; (await gw.append(device)).partition === at.partition; i++) device = `d${i + 1}`
+    const other = gw.persistence.beforeAck(topicOf(device), 1, await gw.append(device))
+    expect(other).toBeInstanceOf(Promise)
+    await other
+
+    // a kill -9 right after: the cursors are on disk, at the messages that created them
+    await gw.db.close()
+    const { persistence } = await withLog(gw.dir)
+    const cursors = persistence.sessionStates().find((s) => s.clientId === 'svc')?.cursors ?? []
+    expect(cursors).toContainEqual({ stream: STREAM, partition: at.partition, next: at.offset })
+    expect(cursors).toHaveLength(2)
+  })
+
+  it('leaves a QoS 2 message to the copy aedes queues before the ack, creating nothing', async () => {
+    const gw = await withLog()
+    await gw.persistence.markSession({ id: 'svc' })
+    await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: 't1/devices/#', qos: 2 }])
+    expect(gw.persistence.beforeAck(topicOf('d0'), 2, await gw.append('d0'))).toBe('copies')
+    expect(gw.persistence.sessionStates().find((s) => s.clientId === 'svc')?.cursors).toEqual([])
+  })
+})
