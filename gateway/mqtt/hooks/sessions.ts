@@ -19,7 +19,7 @@
  * authorizeForward applies to live deliveries.
  */
 import type { Client, Subscription } from 'aedes'
-import { overrideRestoredSubscriptions, storeAcceptedSubscriptions } from '../aedes-internals.ts'
+import { overrideRestoredSubscriptions, skipHeldPacketIds, storeAcceptedSubscriptions } from '../aedes-internals.ts'
 import { receiveMaximumOf } from '../receive-maximum.ts'
 import type { CursorConnection } from '../sessions/cursors.ts'
 import { forwardedTopic } from './authorize-forward.ts'
@@ -55,6 +55,7 @@ export function installCursorDelivery (ctx: HookContext): void {
       conn: replayConnection(ctx, client, who),
       receiveMaximum: receiveMaximumOf(client),
       deliveredTopic: (mountedTopic) => forwardedTopic(ctx, client, who, mountedTopic),
+      holdIds: (held) => { skipHeldPacketIds(client, held) },
     }
   })
 }
