@@ -73,6 +73,18 @@ export function skipHeldPacketIds (client: Client, held: (messageId: number) => 
 }
 
 /**
+ * Restarts the client's keepalive timer, as aedes does for every packet it handles
+ * (https://github.com/moscajs/aedes/blob/v1.2.0/lib/handlers/index.js: `client._keepaliveTimer.refresh()`): PUBACKs the
+ * gateway takes from the bytes before aedes parses them (ConnectionGuard.pubacks) are packets from the client too,
+ * and a subscriber draining a backlog may send nothing else for longer than its keepalive. No upstream issue; public
+ * API that would remove it: `client.refreshKeepalive()`, or a hook that consumes a packet.
+ */
+export function refreshKeepalive (client: Client): void {
+  const internals = client as unknown as { _keepaliveInterval: number, _keepaliveTimer: NodeJS.Timeout | null }
+  if (internals._keepaliveInterval > 0) internals._keepaliveTimer?.refresh()
+}
+
+/**
  * The connection aedes reads and writes for this client, for frames the gateway writes itself (replay batches,
  * commands: mqtt-packet frames with ids from {@link nextPacketId}). Going through `client.publish` would queue the
  * packet in a persistent session and give each subscriber its own copy, which replays and commands must not do

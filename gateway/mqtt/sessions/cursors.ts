@@ -78,6 +78,11 @@ export interface CursorConnection {
    * {@link SessionCursors.freeId} cannot move them, also after the 16-bit counter wraps.
    */
   holdIds? (held: (messageId: number) => boolean): void
+  /**
+   * Lets the cursors take the connection's PUBACKs from its bytes, before aedes parses them (ConnectionGuard.pubacks):
+   * `take` settles one that answers a delivery of theirs, `taken` follows the ones of one socket read.
+   */
+  takePubacks? (taker: { take (messageId: number): boolean, taken (): void }): void
 }
 
 /** Finds the connection of an aedes client whose session reads its cursors. */
@@ -378,6 +383,15 @@ export class SessionCursors {
       state.reserved.add(id)
     }
     via.holdIds?.((id) => state.inflight.has(id))
+    // PUBACKs straight from the socket's bytes: each settles its delivery, and each cursor advances once per read.
+    via.takePubacks?.({
+      take: (id) => state.client === client && this.#acked(state, id),
+      taken: () => {
+        for (const cursor of state.acking) this.#advance(state.clientId, cursor)
+        state.acking.clear()
+        this.#schedule(state)
+      },
+    })
     this.#unlisten ??= this.#deps.log.onAppend((e) => this.#appended(e))
     via.conn.stream.once('close', () => { if (state.client === client) this.#release(state, true) })
     this.#schedule(state)
