@@ -30,7 +30,8 @@
  * Rounds alternate the brokers, the order flipping each round; each figure
  * is the median of rounds. Arguments: `--messages=N` (or EDGEMQ_BENCH_MESSAGES),
  * `--rounds=N` (default 1), `--mosquitto=PATH`, `--edgemq=PATH` (another
- * checkout's gateway/edgemq.mjs, to compare a change).
+ * checkout's gateway/edgemq.mjs, to compare a change), `--drain-only` (no
+ * ingest rounds: the drain figure alone, a third of the machine time).
  *
  * `--profile`: instead of the figures, one edgemq drain round under
  * `node --cpu-prof`; prints where the gateway's main thread spent the drain
@@ -51,6 +52,7 @@ const MESSAGES = intFlag('messages', 20_000, { env: 'EDGEMQ_BENCH_MESSAGES' })
 const ROUNDS = intFlag('rounds', 1)
 const EDGEMQ_BIN = flag('edgemq') === undefined ? undefined : path.resolve(flag('edgemq') as string)
 const PROFILE = argv.includes('--profile')
+const DRAIN_ONLY = argv.includes('--drain-only')
 const PUBLISHERS = 8
 const DEVICES_PER_PUBLISHER = 10
 const PUBLISH_WINDOW = 100
@@ -157,6 +159,7 @@ async function main (): Promise<number> {
         const d = await withBroker(name, mosquitto, (b) => drainRound(b, n))
         drains[name].push(d)
         info(`round ${n + 1} ${name}: drain ${Math.round(d.rate)} msgs/s (first after ${round(d.firstMs, 1)} ms, broker ${round(d.brokerCores ?? NaN, 2)} cores)`)
+        if (DRAIN_ONLY) continue
         const none = await withBroker(name, mosquitto, (b) => ingestRound(b, 0, n))
         const offline = await withBroker(name, mosquitto, (b) => ingestRound(b, OFFLINE_SUBSCRIBERS, n))
         ingest[name].none.push(none)
@@ -184,6 +187,7 @@ async function main (): Promise<number> {
       edgemqPublishRounds: drains.edgemq.map((d) => Math.round(d.publishRate)),
     },
   })
+  if (DRAIN_ONLY) return 0
   report({
     bench: 'sessions.ingest-offline-subscribers', unit: 'msgs/s', value: median(ingest.edgemq.offline), better: 'higher',
     baseline: 'the same gateway, same load, no subscriber', baselineValue: median(ingest.edgemq.none),
