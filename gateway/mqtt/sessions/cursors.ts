@@ -24,8 +24,9 @@
  * Window: at most min(`window`, the client's Receive Maximum) deliveries
  * unacknowledged [MQTT-3.3.4-9]. A PUBACK moves the cursor to the lowest
  * offset still unacknowledged, written through the log store's group-commit
- * writer, one write in flight per cursor (later advances coalesce into the
- * next). Deliveries in flight are kept in memory only.
+ * writer: one write in flight per session, with every cursor that moved
+ * (later advances coalesce into the next). Deliveries in flight are kept in
+ * memory only.
  *
  * Packet ids: from the client's own counter (FrameConnection.nextMessageId),
  * skipping the ids the session's deliveries hold and those of its queued
@@ -157,8 +158,6 @@ class PartitionCursor {
    * with that id [MQTT-4.4.0-1] (see {@link ClientCursors.reserved}).
    */
   readonly resend = new Map<number, number>()
-  writing = false
-  dirty = false
   /** Records read from the log and not yet looked at (from `aheadPos`), and the offset after them. */
   ahead: StoredRecord[] = []
   aheadPos = 0
@@ -260,8 +259,11 @@ class ClientCursors {
   readonly routes = new Map<string, Map<string, Route>>()
   /** Cursor at which the next batch starts taking records, so partitions take turns. */
   turn = 0
-  /** Cursors with PUBACKs taken from the bytes since the last advance (see {@link SessionCursors.attach}). */
+  /** Cursors with PUBACKs settled since the last advance (see {@link SessionCursors.attach}). */
   readonly acking = new Set<PartitionCursor>()
+  /** Cursors that may have moved, for the session's next cursor write; `writing` while one is in flight. */
+  readonly advancing = new Set<PartitionCursor>()
+  writing = false
 
   constructor (readonly clientId: string) {}
 }
@@ -387,9 +389,9 @@ export class SessionCursors {
     via.takePubacks?.({
       take: (id) => state.client === client && this.#acked(state, id),
       taken: () => {
-        for (const cursor of state.acking) this.#advance(state.clientId, cursor)
+        for (const cursor of state.acking) this.#advance(state, cursor)
         state.acking.clear()
-        this.#schedule(state)
+        this.#schedule(state, true)
       },
     })
     this.#unlisten ??= this.#deps.log.onAppend((e) => this.#appended(e))
@@ -446,7 +448,7 @@ export class SessionCursors {
     state.inflight.clear()
     state.reserved.clear()
     for (const cursor of state.cursors.values()) cursor.resend.clear()
-    for (const cursor of touched) this.#advance(clientId, cursor)
+    for (const cursor of touched) this.#advance(state, cursor)
     if (state.via !== undefined) this.#schedule(state)
     return out
   }
@@ -460,7 +462,7 @@ export class SessionCursors {
     // aedes also clears a PUBLISH of its own it did not forward: never one of these (they never pass through aedes).
     if (state === undefined || state.client !== client || packet.cmd === 'publish' || typeof packet.messageId !== 'number') return { found: false }
     if (!this.#acked(state, packet.messageId)) return { found: false }
-    for (const cursor of state.acking) this.#advance(client.id, cursor)
+    for (const cursor of state.acking) this.#advance(state, cursor)
     state.acking.clear()
     this.#schedule(state)
     return { found: true }
@@ -592,14 +594,20 @@ export class SessionCursors {
     for (const state of this.#watching.get(cursorId(e.stream, e.partition)) ?? []) this.#schedule(state)
   }
 
-  /** Runs the session's delivery once in the next turn: a run of PUBACKs (aedes handles a chunk of packets at once) or appends wakes it once. */
-  #schedule (state: ClientCursors): void {
+  /**
+   * Runs the session's delivery once in the next turn: a run of PUBACKs (aedes handles a chunk of packets at once) or
+   * appends wakes it once. `soon`: the PUBACKs of one socket read, taken from its bytes (the run is complete): in
+   * this turn, once the read is handled, so the next deliveries go out with this turn's writes, not a turn later.
+   */
+  #schedule (state: ClientCursors, soon = false): void {
     if (state.scheduled) return
     state.scheduled = true
-    setImmediate(() => {
+    const run = (): void => {
       state.scheduled = false
       this.#pump(state)
-    })
+    }
+    if (soon) queueMicrotask(run)
+    else setImmediate(run)
   }
 
   /** One delivery loop per session at a time; a wake-up while it runs makes it go round again. */
@@ -708,7 +716,7 @@ export class SessionCursors {
       }
     }
     // Skipped records move the cursor too, once nothing below them is unacknowledged.
-    for (const cursor of touched) this.#advance(state.clientId, cursor)
+    for (const cursor of touched) this.#advance(state, cursor)
     return out
   }
 
@@ -773,20 +781,35 @@ export class SessionCursors {
     }
   }
 
-  #advance (clientId: string, cursor: PartitionCursor): void {
-    if (cursor.writing) { cursor.dirty = true; return }
-    const target = cursor.target()
-    if (target <= cursor.committed) return
-    cursor.committed = target
-    cursor.writing = true
-    this.#deps.write([{ type: 'put', key: keys.cursor(clientId, cursor.stream, cursor.partition), value: u64(target) }]).catch((err: unknown) => {
+  /**
+   * The cursor may have moved: the session writes its cursors' new values in one write, one write in flight per
+   * session; what moves meanwhile goes in the next (a drain's PUBACKs move every partition's cursor: one write each
+   * cost a group-commit entry per partition and per socket read).
+   */
+  #advance (state: ClientCursors, cursor: PartitionCursor): void {
+    state.advancing.add(cursor)
+    if (!state.writing) this.#writeAdvances(state)
+  }
+
+  #writeAdvances (state: ClientCursors): void {
+    const ops: Array<{ type: 'put', key: Buffer, value: Buffer }> = []
+    // A session dropped, or a cursor dropped, writes nothing more (its deletion was written after what is in flight).
+    const live = this.#clients.get(state.clientId) === state
+    for (const cursor of state.advancing) {
+      if (!live || state.cursors.get(cursorId(cursor.stream, cursor.partition)) !== cursor) continue
+      const target = cursor.target()
+      if (target <= cursor.committed) continue
+      cursor.committed = target
+      ops.push({ type: 'put', key: keys.cursor(state.clientId, cursor.stream, cursor.partition), value: u64(target) })
+    }
+    state.advancing.clear()
+    if (ops.length === 0) return
+    state.writing = true
+    this.#deps.write(ops).catch((err: unknown) => {
       this.#deps.onWriteError?.(err)
     }).finally(() => {
-      cursor.writing = false
-      if (cursor.dirty && this.#clients.get(clientId)?.cursors.get(cursorId(cursor.stream, cursor.partition)) === cursor) {
-        cursor.dirty = false
-        this.#advance(clientId, cursor)
-      }
+      state.writing = false
+      if (state.advancing.size > 0) this.#writeAdvances(state)
     })
   }
 }
