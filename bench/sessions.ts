@@ -96,6 +96,9 @@ interface DrainRound {
   readonly window: { readonly fromUs: number, readonly toUs: number }
 }
 
+/** The broker's CPU time per message drained, in µs. */
+const cpuUsPerMessage = (d: DrainRound): number => d.brokerCores === undefined ? NaN : d.brokerCores / d.rate * 1e6
+
 const nowUs = (): number => Number(process.hrtime.bigint() / 1000n)
 
 async function drainRound (broker: RunningBroker, n: number): Promise<DrainRound> {
@@ -158,7 +161,8 @@ async function main (): Promise<number> {
       for (const name of order) {
         const d = await withBroker(name, mosquitto, (b) => drainRound(b, n))
         drains[name].push(d)
-        info(`round ${n + 1} ${name}: drain ${Math.round(d.rate)} msgs/s (first after ${round(d.firstMs, 1)} ms, broker ${round(d.brokerCores ?? NaN, 2)} cores)`)
+        info(`round ${n + 1} ${name}: drain ${Math.round(d.rate)} msgs/s (first after ${round(d.firstMs, 1)} ms, broker ${round(d.brokerCores ?? NaN, 2)} cores, `
+          + `${round(cpuUsPerMessage(d), 2)} µs CPU per message)`)
         if (DRAIN_ONLY) continue
         const none = await withBroker(name, mosquitto, (b) => ingestRound(b, 0, n))
         const offline = await withBroker(name, mosquitto, (b) => ingestRound(b, OFFLINE_SUBSCRIBERS, n))
@@ -184,6 +188,9 @@ async function main (): Promise<number> {
       edgemqRounds: rates('edgemq').map(Math.round), mosquittoRounds: rates('mosquitto').map(Math.round),
       edgemqFirstMessageMs: drains.edgemq.map((d) => round(d.firstMs, 1)),
       edgemqCores: drains.edgemq.map((d) => round(d.brokerCores ?? NaN, 2)), mosquittoCores: drains.mosquitto.map((d) => round(d.brokerCores ?? NaN, 2)),
+      // CPU per message moves less than the rates on a shared machine, where both brokers wait to be scheduled.
+      edgemqCpuUsPerMessage: drains.edgemq.map((d) => round(cpuUsPerMessage(d), 2)),
+      mosquittoCpuUsPerMessage: drains.mosquitto.map((d) => round(cpuUsPerMessage(d), 2)),
       edgemqPublishRounds: drains.edgemq.map((d) => Math.round(d.publishRate)),
     },
   })
