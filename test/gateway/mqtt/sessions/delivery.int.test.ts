@@ -208,6 +208,34 @@ describe('persistent session deliveries from the log', () => {
     }, 120_000)
   }
 
+  it('keeps a subscriber alive whose only packets are PUBACKs the gateway takes from the bytes (keepalive 1 s, 3 s of PUBACKs)', async () => {
+    const gw = await gateway()
+    const connect = async (keepalive: number): Promise<RawClient> => {
+      const raw = await rawConnect(gw.mqttUrl, 4)
+      cleanups.push(async () => { raw.end() })
+      raw.send({ cmd: 'connect', protocolId: 'MQTT', protocolVersion: 4, clean: false, keepalive, clientId: 'slow' })
+      await raw.next('connack')
+      return raw
+    }
+    const setup = await connect(60)
+    setup.send({ cmd: 'subscribe', messageId: 1, subscriptions: [{ topic: 'devices/+/telemetry/#', qos: 1 }] })
+    await setup.next('suback')
+    setup.end()
+    await setup.closed
+    await publishAll(gw.mqttUrl, 4) // 32 messages
+    // aedes closes a client silent for 1.5 keepalives: 32 PUBACKs 100 ms apart are its only packets for 3.2 s
+    const slow = await connect(1)
+    for (let n = 0; n < DEVICES * 4; n++) {
+      const p = await slow.next('publish', WAIT_MS)
+      await new Promise((resolve) => setTimeout(resolve, 100))
+      slow.send({ cmd: 'puback', messageId: p.messageId as number })
+    }
+    slow.send({ cmd: 'pingreq' })
+    await slow.next('pingresp')
+    slow.end()
+    expect(await gw.stop()).toBe(0)
+  }, 120_000)
+
   it('keeps a message\'s RETAIN for MQTT 5 subscriptions with Retain As Published, and only for them, live and after a reconnect', async () => {
     const gw = await gateway()
     const got = new Map<string, Array<[string, boolean]>>()
