@@ -161,7 +161,8 @@ async function main (): Promise<number> {
       for (const name of order) {
         const d = await withBroker(name, mosquitto, (b) => drainRound(b, n))
         drains[name].push(d)
-        info(`round ${n + 1} ${name}: drain ${Math.round(d.rate)} msgs/s (first after ${round(d.firstMs, 1)} ms, broker ${round(d.brokerCores ?? NaN, 2)} cores, `
+        const cores = round(d.brokerCores ?? NaN, 2)
+        info(`round ${n + 1} ${name}: drain ${Math.round(d.rate)} msgs/s (first after ${round(d.firstMs, 1)} ms, broker ${cores} cores, `
           + `${round(cpuUsPerMessage(d), 2)} µs CPU per message)`)
         if (DRAIN_ONLY) continue
         const none = await withBroker(name, mosquitto, (b) => ingestRound(b, 0, n))

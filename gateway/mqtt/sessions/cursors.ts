@@ -339,6 +339,9 @@ export class SessionCursors {
    */
   forwardLive (client: object & { readonly id: string }, packet: LivePacket): boolean {
     const state = this.#clients.get(client.id)
+    // aedes may deliver before this connection takes over the session's cursors (the retained messages of a SUBSCRIBE
+    // sent with the CONNECT): its id comes from a counter that must already skip the ids held for sending again.
+    if (state !== undefined && state.client !== client && state.inflight.size > 0) this.#connector?.(client)?.holdIds?.(this.#held(client.id))
     // Deliveries framed by this module never pass here: only aedes' copies of logged messages carry a position.
     const position = state === undefined ? undefined : logPositionOf(packet)
     if (state === undefined || position === undefined || typeof packet.topic !== 'string') return true
@@ -384,7 +387,7 @@ export class SessionCursors {
       cursor.resend.set(record.offset, id)
       state.reserved.add(id)
     }
-    via.holdIds?.((id) => state.inflight.has(id))
+    via.holdIds?.(this.#held(client.id))
     // PUBACKs straight from the socket's bytes: each settles its delivery, and each cursor advances once per read.
     via.takePubacks?.({
       take: (id) => state.client === client && this.#acked(state, id),
@@ -562,6 +565,11 @@ export class SessionCursors {
       this.#clients.set(clientId, state)
     }
     return state
+  }
+
+  /** Whether a delivery of the session holds the packet id (looked up each time: a dropped session holds none). */
+  #held (clientId: string): (messageId: number) => boolean {
+    return (messageId) => this.#clients.get(clientId)?.inflight.has(messageId) === true
   }
 
   /** The connection is gone (closed, replaced, or the session dropped): its deliveries in flight wait for the next one. */

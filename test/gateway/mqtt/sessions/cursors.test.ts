@@ -118,6 +118,8 @@ async function connect (gw: Gateway, clientId: string, options: {
   readonly receiveMaximum?: number
   /** Where the connection's packet id counter starts (aedes starts each client's at random). */
   readonly firstId?: number
+  /** Told what the client's counter must skip (CursorConnection.holdIds). */
+  readonly holdIds?: (held: (messageId: number) => boolean) => void
 } = {}): Promise<Connection> {
   const client = { id: clientId, clean: false }
   const parser = mqttPacket.parser({ protocolVersion: options.mqtt5 === true ? 5 : 4 })
@@ -159,6 +161,7 @@ async function connect (gw: Gateway, clientId: string, options: {
     },
     receiveMaximum: options.receiveMaximum ?? 65535,
     deliveredTopic: (mounted) => mounted,
+    holdIds: options.holdIds,
   })
   conn.copies = await gw.persistence.outgoingStream(client).toArray() as SessionPacket[]
   return conn
@@ -325,6 +328,22 @@ describe('session cursors into the log', () => {
     expect(bodies(second.got).filter((b) => b.startsWith('b'))).toEqual(['b0', 'b2', 'b3', 'b4'])
     expect(second.got).toHaveLength(8)
     expect(second.got.slice(unacked.length).every((p) => !p.dup && p.messageId as number >= 100)).toBe(true)
+  })
+
+  it('makes a new connection\'s packet id counter skip the held ids before it reads the cursors (aedes may deliver first)', async () => {
+    const { gw } = await fresh()
+    await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: 't1/devices/+/telemetry/#', qos: 1 }])
+    for (let i = 0; i < 3; i++) await publish(gw, 't1', 'd0', `m${i}`)
+    const first = await connect(gw, 'svc', { ack: () => false, firstId: 7 })
+    await settled(gw, first)
+    first.close()
+    // a retained QoS 1 message of a SUBSCRIBE that came with the CONNECT: aedes asks authorizeForward before the
+    // session's queue is read (outgoingStream), then takes an id from the new connection's counter
+    const client = { id: 'svc', clean: false }
+    let skips: ((id: number) => boolean) | undefined
+    gw.connections.set(client, { ...gw.connections.get(first.client) as CursorConnection, holdIds: (held) => { skips = held } })
+    expect(gw.persistence.forwardLive(client, { topic: 't1/retained', qos: 1, payload: Buffer.from('r') })).toBe(true)
+    expect([6, 7, 8, 9, 10].map((id) => skips?.(id))).toEqual([false, true, true, true, false])
   })
 
   it('ignores a PUBACK for an unknown packet id, a repeated one, and one from a connection that has gone: nothing advances', async () => {
