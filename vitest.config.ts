@@ -1,11 +1,25 @@
 import { defineConfig } from 'vitest/config'
+import { LongestFirstSequencer } from './test/helpers/longest-first.ts'
 
 // Three projects: fast unit tests (pure functions, store on temp dirs and memory-level); integration tests that
-// spawn processes or open sockets, two files at a time (most of their time is spent waiting on child processes);
-// and the dashboard tests against a real Prometheus, run after those and one at a time: they scrape a gateway under
-// load once a second, and a second test file beside them on this 2-core machine made scrapes miss their 1 s timeout.
+// spawn processes or open sockets; and the dashboard tests against a real Prometheus, run after those and one at a
+// time: they scrape a gateway under load once a second, and a second test file beside them on this 2-core machine
+// made scrapes miss their 1 s timeout.
+//
+// Unit and integration files share one pool (vitest requires one maxWorkers per sequence.groupOrder): three files at
+// a time on 2 cores. Most integration time is waiting on child processes (lease TTLs, backoffs, restarts), so a third
+// file fills those waits. Measured 2026-12-02 on the 2-core dev machine, integration project alone, longest-first
+// order, back to back while other agents loaded it (load 8-17): 2 workers 1,640 s, 3 workers 1,402 s (0.85x); the
+// bridge files and standby-restart at load 2-7: 146 s and 136 s (0.93x), the files' own times summing to 270 and
+// 386 s: the work is mostly CPU (each gateway or CLI start is about 1.2 s of it), so the third file wins the waits only.
+// Failures under that load: with 2, one aedes-suite case cancelled and standby-restart's catch-up count (relaxed
+// since); with 3, the outage tests' connect race (fixed since) and damaged-data's check report (not concurrency).
+const WORKERS = 3
+
 export default defineConfig({
   test: {
+    // The longest files first (test/helpers/longest-first.ts): vitest's own order put a 59 s file last in CI.
+    sequence: { sequencer: LongestFirstSequencer },
     projects: [
       {
         test: {
@@ -13,7 +27,7 @@ export default defineConfig({
           include: ['test/**/*.test.ts'],
           exclude: ['test/**/*.int.test.ts'],
           testTimeout: 30_000,
-          maxWorkers: 2,
+          maxWorkers: WORKERS,
         },
       },
       {
@@ -23,7 +37,7 @@ export default defineConfig({
           exclude: ['test/dashboards/**'],
           testTimeout: 300_000,
           hookTimeout: 60_000,
-          maxWorkers: 2,
+          maxWorkers: WORKERS,
         },
       },
       {

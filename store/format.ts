@@ -165,6 +165,9 @@ export const keys = {
     return { gte: keys.batch(streamId, partition, 0), lt: keys.batch(streamId, partition, Number.MAX_SAFE_INTEGER) }
   },
   batchBase: (key: Buffer): number => readU64(key, 9),
+  batchPartition: (key: Buffer): { streamId: number, partition: number } => ({ streamId: key.readUInt32BE(1), partition: key.readUInt32BE(5) }),
+  /** Range bounds covering every batch of every stream. */
+  batchSpace: (): { gte: Buffer, lt: Buffer } => ({ gte: Buffer.from([TAG_BATCH]), lt: Buffer.from([TAG_BATCH + 1]) }),
 
   time (streamId: number, partition: number, ts: number): Buffer {
     const key = partitionPrefix(TAG_TIME, streamId, partition, 8)

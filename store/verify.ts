@@ -3,7 +3,9 @@
  * every partition is read, its header and CRC-32 checked and its body
  * decoded, and the offsets are followed from the log start recorded in `P` to
  * the log end recorded there, so that a missing batch is a listed range, not
- * a silent hole. Works on the raw key space (format.ts), without opening a
+ * a silent hole. A partition whose stream entry is lost (it can share a
+ * damaged table block with the newest batches) is found by its batch keys and
+ * reported as stream `#<id>`. Works on the raw key space (format.ts), without opening a
  * LogStore, since a store refuses to open on a damaged tail and this is what
  * says where the damage is. Reads only.
  *
@@ -21,7 +23,7 @@ export interface LogDamage {
   /**
    * `missing`: no batch holds these offsets; `corrupt`: a batch holds them but
    * fails its checks; `unreadable`: LevelDB failed reading from here on;
-   * `metadata`: the batches are there but the partition's metadata is not.
+   * `metadata`: the batches are there but the partition's metadata (or its stream's entry) is not.
    */
   readonly kind: 'missing' | 'corrupt' | 'unreadable' | 'metadata'
   /** The damaged offsets, [from, to). */
@@ -52,6 +54,8 @@ export interface LogCheckReport {
 
 interface StreamMeta { id: number, partitions: number }
 
+const MAX_U32 = 2 ** 32 - 1
+
 /** An error thrown by the caller's onRecords: passed through, not reported as damage. */
 class CallerFailure extends Error {
   constructor (cause: unknown) { super('onRecords failed', { cause }) }
@@ -67,14 +71,9 @@ export async function verifyLog (db: LevelDatabase, options: VerifyOptions = {})
   const log = db.sublevel<Buffer, Buffer>('log', { keyEncoding: 'buffer', valueEncoding: 'buffer' }) as unknown as LogDb
   const partitions: PartitionCheck[] = []
   const other: string[] = []
-  let streams: Array<[Buffer, Buffer]>
-  try {
-    streams = await log.iterator(keys.streamRange()).all()
-  } catch (err) {
-    return { partitions, other: [`cannot list the streams: ${message(err)}`] }
-  }
-  for (const [key, value] of streams) {
-    const name = keys.streamName(key)
+  const streams = await listStreams(log, other)
+  const checked = new Set<string>()
+  for (const [name, value] of streams) {
     let meta: StreamMeta
     try {
       meta = decodeMeta<StreamMeta>(value)
@@ -83,12 +82,58 @@ export async function verifyLog (db: LevelDatabase, options: VerifyOptions = {})
       other.push(`stream ${name}: its entry cannot be decoded (${message(err)}); its partitions were not checked`)
       continue
     }
-    for (let p = 0; p < meta.partitions; p++) partitions.push(await verifyPartition(log, name, meta.id, p, options))
+    for (let p = 0; p < meta.partitions; p++) {
+      checked.add(`${meta.id}/${p}`)
+      partitions.push(await verifyPartition(log, name, meta.id, p, options))
+    }
+  }
+  // A stream entry can share a damaged table block with the newest batches: the partitions are then found by their batches.
+  for (const { id, partition } of await partitionsWithBatches(log, other)) {
+    if (checked.has(`${id}/${partition}`)) continue
+    partitions.push(await verifyPartition(log, `#${id}`, id, partition, options, `no readable stream entry names partition ${partition} of stream id ${id}`))
   }
   return { partitions, other }
 }
 
-async function verifyPartition (log: LogDb, stream: string, id: number, partition: number, options: VerifyOptions): Promise<PartitionCheck> {
+/** The stream entries, one at a time: when LevelDB fails on a block, the entries read before it are kept. */
+async function listStreams (log: LogDb, other: string[]): Promise<Array<[string, Buffer]>> {
+  const streams: Array<[string, Buffer]> = []
+  const iterator = log.iterator(keys.streamRange())
+  try {
+    for (let entries = await iterator.nextv(1); entries.length > 0; entries = await iterator.nextv(1)) {
+      for (const [key, value] of entries) streams.push([keys.streamName(key), value])
+    }
+  } catch (err) {
+    other.push(`cannot list the streams: ${message(err)}`)
+  } finally {
+    await iterator.close()
+  }
+  return streams
+}
+
+/** Every partition that holds a batch, one seek per partition (the batch keys start with stream id and partition). */
+async function partitionsWithBatches (log: LogDb, other: string[]): Promise<Array<{ id: number, partition: number }>> {
+  const found: Array<{ id: number, partition: number }> = []
+  const { lt } = keys.batchSpace()
+  let from = keys.batchSpace().gte
+  for (;;) {
+    let key: Buffer | undefined
+    try {
+      [key] = await log.keys({ gte: from, lt, limit: 1 }).all()
+    } catch (err) {
+      other.push(`cannot list the partitions by their batches: ${message(err)}`)
+      return found
+    }
+    if (key === undefined) return found
+    const { streamId: id, partition } = keys.batchPartition(key)
+    found.push({ id, partition })
+    from = partition < MAX_U32 ? keys.batch(id, partition + 1, 0) : keys.batch(id + 1, 0, 0)
+  }
+}
+
+async function verifyPartition (
+  log: LogDb, stream: string, id: number, partition: number, options: VerifyOptions, unnamed?: string,
+): Promise<PartitionCheck> {
   const damage: Array<{ kind: LogDamage['kind'], from: number, to: number, detail: string }> = []
   let meta: PartitionMeta | undefined
   let metaProblem = 'the partition has batches but its metadata entry is gone'
@@ -169,6 +214,7 @@ async function verifyPartition (log: LogDb, stream: string, id: number, partitio
     damage.splice(skipped, 1)
   }
   if (meta === undefined && firstBase !== undefined) damage.unshift({ kind: 'metadata', from: firstBase, to: Math.max(expected, logEnd), detail: metaProblem })
+  if (unnamed !== undefined && firstBase !== undefined) damage.unshift({ kind: 'metadata', from: firstBase, to: Math.max(expected, logEnd), detail: unnamed })
   return { stream, partition, logStartOffset: logStart, logEndOffset: Math.max(logEnd, expected), batches, records, bytes, damage }
 }
 

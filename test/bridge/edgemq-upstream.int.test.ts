@@ -12,7 +12,7 @@ import { afterAll, describe, expect, it } from 'vitest'
 import { runCliWithin } from '../helpers/cli-run.ts'
 import { readWholeLog, type LoggedRecord } from '../helpers/log-reader.ts'
 import { startGatewayProcess, tempDir, writeConfig, type GatewayProcess } from '../helpers/gateway-process.ts'
-import { bridgeStatus, drained, freePort, publishAcked, waitFor } from '../helpers/bridge-fixtures.ts'
+import { bridgeStatus, drained, freePort, publishAcked, publishAckedUntilKilled, waitFor } from '../helpers/bridge-fixtures.ts'
 import { startFlakyProxy } from '../helpers/flaky-proxy.ts'
 
 const DEVICES = ['dev-a', 'dev-b', 'dev-c', 'dev-d']
@@ -107,30 +107,33 @@ describe('bridge: edgemq → edgemq', () => {
     expect(status.forwardedMessages).toBe(2000)
     expect(status.partitions.every((p) => p.forwardedOffset === p.logEndOffset)).toBe(true)
 
-    // The same status on the command line, as a table and as JSON; an unknown upstream is a clear error.
-    const table = await runCliWithin(['bridge', 'status', '--url', edge.httpUrl, '--partitions'], 20_000)
-    expect(table.code).toBe(0)
-    expect(table.stdout).toMatch(/^UPSTREAM +REGION +CONNECTED +PROTOCOL +DEDUPE-ID .*\nregion +eu-1 +yes +3\.1\.1 +topic-prefix /)
-    expect(table.stdout).toMatch(/\nregion +default\/telemetry +0 +/)
-    const json = await runCliWithin(['bridge', 'status', '--url', edge.httpUrl, '--json', '--upstream', 'region'], 20_000)
-    expect(JSON.parse(json.stdout)).toMatchObject({ upstreams: [{ name: 'region', connected: true, forwardedMessages: 2000, backlog: { messages: 0 } }] })
-    const unknown = await runCliWithin(['bridge', 'status', '--url', edge.httpUrl, '--upstream', 'nope'], 20_000)
-    expect(unknown.code).toBe(1)
-    expect(unknown.stderr).toMatch(/CLI_UNKNOWN_UPSTREAM: no upstream named "nope" \(configured: region\)/)
-
     // The upstream's consumer group is listed with the tenant's groups, marked as the bridge's, and cannot be moved.
     const listed = await waitFor('the bridge\'s group committed at the log end', async () => {
-      const doc = await (await fetch(`${edge.httpUrl}/v1/groups`)).json() as { groups: Array<{ group: string, owner?: string, readOnly?: boolean, lagMessages: number }> }
+      type Groups = { groups: Array<{ group: string, owner?: string, readOnly?: boolean, lagMessages: number }> }
+      const doc = await (await fetch(`${edge.httpUrl}/v1/groups`)).json() as Groups
       const g = doc.groups.find((x) => x.group === 'bridge.region')
       return g !== undefined && g.lagMessages === 0 ? g : undefined
     })
     expect(listed).toMatchObject({ owner: 'bridge', readOnly: true })
-    const groups = await runCliWithin(['groups', 'list', '--url', edge.httpUrl], 20_000)
+    // The same status on the command line, as a table and as JSON; an unknown upstream is a clear error. These reads
+    // and the refused moves run at once (each CLI run is a process start); the listing after them shows nothing moved.
+    const [table, json, unknown, groups, reset, deleted] = await Promise.all([
+      runCliWithin(['bridge', 'status', '--url', edge.httpUrl, '--partitions'], 20_000),
+      runCliWithin(['bridge', 'status', '--url', edge.httpUrl, '--json', '--upstream', 'region'], 20_000),
+      runCliWithin(['bridge', 'status', '--url', edge.httpUrl, '--upstream', 'nope'], 20_000),
+      runCliWithin(['groups', 'list', '--url', edge.httpUrl], 20_000),
+      runCliWithin(['groups', 'reset', '--url', edge.httpUrl, '--group', 'bridge.region', '--stream', 'telemetry', '--to', 'earliest'], 20_000),
+      fetch(`${edge.httpUrl}/v1/groups/bridge.region`, { method: 'DELETE' }),
+    ])
+    expect(table.code).toBe(0)
+    expect(table.stdout).toMatch(/^UPSTREAM +REGION +CONNECTED +PROTOCOL +DEDUPE-ID .*\nregion +eu-1 +yes +3\.1\.1 +topic-prefix /)
+    expect(table.stdout).toMatch(/\nregion +default\/telemetry +0 +/)
+    expect(JSON.parse(json.stdout)).toMatchObject({ upstreams: [{ name: 'region', connected: true, forwardedMessages: 2000, backlog: { messages: 0 } }] })
+    expect(unknown.code).toBe(1)
+    expect(unknown.stderr).toMatch(/CLI_UNKNOWN_UPSTREAM: no upstream named "nope" \(configured: region\)/)
     expect(groups.stdout).toMatch(/\nbridge\.region +telemetry +0 +\d+ .* bridge \(read-only\)\n/)
-    const reset = await runCliWithin(['groups', 'reset', '--url', edge.httpUrl, '--group', 'bridge.region', '--stream', 'telemetry', '--to', 'earliest'], 20_000)
     expect(reset.code).toBe(1)
     expect(reset.stderr).toMatch(/HTTP_GROUP_READ_ONLY/)
-    const deleted = await fetch(`${edge.httpUrl}/v1/groups/bridge.region`, { method: 'DELETE' })
     expect(deleted.status).toBe(409)
     expect(((await deleted.json()) as { error: { code: string } }).error.code).toBe('HTTP_GROUP_READ_ONLY')
     expect((await runCliWithin(['groups', 'list', '--url', edge.httpUrl, '--group', 'bridge.region', '--json'], 20_000)).stdout).toMatch(/"lagMessages": 0/)
@@ -156,7 +159,7 @@ describe('bridge: edgemq → edgemq', () => {
     const acked = await publishAcked(edge.mqttUrl, DEVICES, 300)
     // The upstream goes away while the edge keeps taking data.
     await region.kill()
-    const outage = publishAcked(edge.mqttUrl, DEVICES, 2000, 300)
+    const outage = publishAckedUntilKilled(edge.mqttUrl, DEVICES, 2000, 300) // may still be connecting at the kill
     const backlog = await waitFor('a backlog to build up', async () => {
       const s = (await bridgeStatus(edge.httpUrl))[0]
       return s !== undefined && !s.connected && s.backlog.messages > 500 ? s.backlog.messages : undefined

@@ -10,7 +10,7 @@ import mqtt, { type IClientOptions, type MqttClient } from 'mqtt'
 import { afterAll, describe, expect, it } from 'vitest'
 import { readWholeLog } from '../helpers/log-reader.ts'
 import { startGatewayProcess, tempDir, writeConfig, type GatewayProcess } from '../helpers/gateway-process.ts'
-import { bridgeStatus, drained, freePort, publishAcked, waitFor } from '../helpers/bridge-fixtures.ts'
+import { bridgeStatus, drained, freePort, publishAcked, publishAckedUntilKilled, waitFor } from '../helpers/bridge-fixtures.ts'
 import { mosquittoPolicy, startMosquitto, type MosquittoProcess } from '../helpers/mosquitto-process.ts'
 import { startFlakyProxy } from '../helpers/flaky-proxy.ts'
 
@@ -247,7 +247,7 @@ describe.skipIf(bin === null)('bridge: edgemq → Mosquitto', () => {
 
     const acked = await publishAcked(edge.mqttUrl, DEVICES, 300)
     await up.stop()
-    const outage = publishAcked(edge.mqttUrl, DEVICES, 3000, 300)
+    const outage = publishAckedUntilKilled(edge.mqttUrl, DEVICES, 3000, 300) // may still be connecting at the kill
     await waitFor('a backlog during the outage', async () => ((await bridgeStatus(edge.httpUrl))[0]?.backlog.messages ?? 0) > 300 ? true : undefined)
     await edge.kill()
     acked.push(...await outage)

@@ -62,12 +62,34 @@ export function drained (httpUrl: string, name: string, timeoutMs = 60_000): Pro
 /**
  * Publishes `count` QoS 1 messages per device (payload `<device>:<seq>`) with a
  * window in flight, and returns the acknowledged ones. Stops early, without
- * throwing, when the connection drops (the gateway was killed).
+ * throwing, when the connection drops (the gateway was killed). A connect
+ * that fails is an error: see publishAckedUntilKilled for publishers that
+ * may still be connecting when the test kills the gateway.
  */
-export async function publishAcked (mqttUrl: string, devices: readonly string[], count: number, firstSeq = 0, window = 20): Promise<string[]> {
+export function publishAcked (mqttUrl: string, devices: readonly string[], count: number, firstSeq = 0, window = 20): Promise<string[]> {
+  return publish(mqttUrl, devices, count, firstSeq, window, false)
+}
+
+/**
+ * publishAcked for a load the test SIGKILLs the gateway under: a device whose connect the dying gateway never answered
+ * (closed, refused or reset) has nothing acknowledged, as one whose connection dropped; anything else still throws.
+ */
+export function publishAckedUntilKilled (mqttUrl: string, devices: readonly string[], count: number, firstSeq = 0, window = 20): Promise<string[]> {
+  return publish(mqttUrl, devices, count, firstSeq, window, true)
+}
+
+async function publish (mqttUrl: string, devices: readonly string[], count: number, firstSeq: number, window: number, mayDie: boolean): Promise<string[]> {
   const acked: string[] = []
   await Promise.all(devices.map(async (device) => {
-    const client = await mqtt.connectAsync(mqttUrl, { clientId: `pub-${device}`, reconnectPeriod: 0, connectTimeout: 5000 })
+    // allowRetries false: a connection closed before its CONNACK rejects; MQTT.js' connectAsync otherwise waits for
+    // ever when the server closes without an error, as a gateway SIGKILLed while a CONNECT waits for its answer does.
+    // That is how the outage tests hung until their 300 s timeout: a publisher still connecting when the edge was killed.
+    const client = await mqtt.connectAsync(mqttUrl, { clientId: `pub-${device}`, reconnectPeriod: 0, connectTimeout: 5000 }, false)
+      .catch((err: unknown) => {
+        if (mayDie && gatewayGone(err)) return null
+        throw new Error(`pub-${device} could not connect to ${mqttUrl}: ${String(err)}`, { cause: err })
+      })
+    if (client === null) return
     client.on('error', () => {})
     let alive = true
     // MQTT.js keeps a dropped connection's in-flight publishes pending (for a reconnect we never make): stop waiting.
@@ -88,6 +110,12 @@ export async function publishAcked (mqttUrl: string, devices: readonly string[],
     }
   }))
   return acked
+}
+
+/** A connect that failed because nothing answers any more: closed before CONNACK, refused or reset (not a refusal or a timeout). */
+function gatewayGone (err: unknown): boolean {
+  const code = (err as { code?: unknown } | null)?.code
+  return (err instanceof Error && err.message === 'Couldn\'t connect to server') || code === 'ECONNREFUSED' || code === 'ECONNRESET' || code === 'EPIPE'
 }
 
 /** How long publishAcked waits for a PUBACK on a connection that stays up. */

@@ -61,6 +61,31 @@ describe('verifyLog', () => {
     expect(seen).toEqual(Array.from({ length: 10 }, (_, i) => 20 + i))
   })
 
+  it('finds by its batches a partition whose stream entry and metadata are gone, and reports it as damaged', async () => {
+    // A stream entry can sit in the same table block as the newest batches; LevelDB then skips that block when listing.
+    const db = new MemoryLevel<Buffer, Buffer>({ keyEncoding: 'buffer', valueEncoding: 'buffer' }) as unknown as LevelDatabase
+    const store = await openLogStore({ db })
+    await threeBatches(store)
+    await store.createStream('t/other', { partitions: 2 })
+    await store.append('t/other', 'k', { payload: payloadOf(0) })
+    await store.close()
+    const log = logSublevel(db)
+    await log.del(keys.stream('t/s'))
+    await log.del(keys.partition(1, 0))
+    const seen: number[] = []
+    const report = await verifyLog(db, { onRecords: (_s, _p, records) => { seen.push(...records.map((r) => r.offset)) } })
+    const lost = report.partitions.find((p) => p.stream === '#1')
+    expect(lost).toMatchObject({ partition: 0, batches: 3, records: 30 })
+    expect(lost!.damage).toEqual([
+      expect.objectContaining({ kind: 'metadata', from: 0, to: 30, detail: expect.stringContaining('no readable stream entry') }),
+      expect.objectContaining({ kind: 'metadata', from: 0, to: 30 }),
+    ])
+    expect(seen).toEqual(Array.from({ length: 30 }, (_, i) => i).concat([0]).sort((a, b) => a - b))
+    // The streams still listed are checked as before, and nothing is reported twice.
+    expect(report.partitions.filter((p) => p.stream === 't/other').map((p) => p.damage)).toEqual([[], []])
+    expect(report.partitions).toHaveLength(3)
+  })
+
   it('does not count what retention deleted as damage', async () => {
     const clock = new FakeClock()
     const db = new MemoryLevel<Buffer, Buffer>({ keyEncoding: 'buffer', valueEncoding: 'buffer' }) as unknown as LevelDatabase

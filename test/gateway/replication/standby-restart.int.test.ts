@@ -59,12 +59,16 @@ describe('the standby SIGKILLed and restarted under load, acks: replicated', () 
         cleanups.push(() => standby.kill())
         await waitFor(primary, 'the restarted standby in sync', (d) => d.inSync)
         await load.ackedAtLeast(load.acked.length + 100, 'acks with the standby back')
-        expect(count(primary, 'catching up from the backlog')).toBe(catchUps + 1)
+        // At least one catch-up from the backlog: more when a loaded machine stalled one side past its silence limit, the
+        // link was dropped as silent (logged) and the standby caught up from the backlog again (CI saw 2 for 1). Never a snapshot.
+        expect(count(primary, 'catching up from the backlog')).toBeGreaterThanOrEqual(catchUps + 1)
         expect(count(primary, 'sending a snapshot')).toBe(1)
         expect(standby.stderr()).not.toMatch(/snapshot from the primary applied/)
       }
       await load.stop()
-      expect(await metricOf(primary, 'edgemq_replication_catch_ups_total{from="backlog"}')).toBe(CYCLES)
+      const fromBacklog = count(primary, 'catching up from the backlog')
+      expect(fromBacklog).toBeGreaterThanOrEqual(CYCLES)
+      expect(await metricOf(primary, 'edgemq_replication_catch_ups_total{from="backlog"}')).toBe(fromBacklog)
       expect(await metricOf(primary, 'edgemq_replication_catch_ups_total{from="snapshot"}')).toBe(1)
       await expectIdenticalBatches(primary, standby)
       await expectPayloads(standby, load.payloads(), 'acknowledged messages on the standby')
