@@ -23,7 +23,11 @@
  *           For edgemq the `edgemq_ingest_messages_total` counter over the
  *           window is reported beside it as a check.
  * - device  device-like load: QoS 1, one PUBLISH in flight per connection
- *           (each device waits for its PUBACK). Throughput, p50, p99.
+ *           (each device waits for its PUBACK). Throughput, p50, p99, and
+ *           `gateway.device.fsync-ceiling`: edgemq against the best a gateway
+ *           can do when every commit holds each waiting device's record,
+ *           devices / (LevelDB sync batch + loopback round trip), their
+ *           means probed on this disk before each round (lib/fsync-probe.ts).
  * - qos1-v5, device-v5  the same loads with MQTT 5 clients (against
  *           Mosquitto with MQTT 5 too). Each round also runs edgemq under the
  *           3.1.1 load, next to its MQTT 5 round (the order flipping), for
@@ -34,7 +38,9 @@
  * `--rounds=N`, `--seconds=N` (measured window, default 5), `--warmup=N`
  * (seconds, default 1), `--window=N` (in flight per connection for qos1),
  * `--generators=N` (load processes, default 1), `--mosquitto=PATH`,
- * `--edgemq=PATH` (another checkout's gateway/edgemq.mjs, to try a change).
+ * `--edgemq=PATH` (another checkout's gateway/edgemq.mjs, to try a change),
+ * `--durability=async` (edgemq without fsync: what its CPU alone allows, to
+ * compare a change's CPU cost when a shared disk drowns the sync figures).
  * `--profile`: instead of the figures, run edgemq alone under the first
  * selected scenario's load (qos1 by default) with `node --cpu-prof` and
  * print where its main thread spends its time in the measured window
@@ -43,12 +49,13 @@
  * `--check-generator`: run the qos1 and device loads against a broker that
  * does nothing (lib/null-broker.ts), to see the generator's own ceiling.
  */
-import { mkdtemp, readdir } from 'node:fs/promises'
+import { mkdtemp, readdir, writeFile } from 'node:fs/promises'
 import os from 'node:os'
 import path from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { edgemqCounters, findMosquitto, mosquittoVersion, processCpuSeconds, startEdgemq, startListeningChild, startMosquitto, withBrokerIn, type EdgemqCounters, type RunningBroker } from './lib/brokers.ts'
 import { formatProfileSummary, summarizeCpuProfile, type ProfileWindow } from './lib/cpu-profile.ts'
+import { fsyncCeiling, probeFsync, type FsyncProbe, type ProbeTimes } from './lib/fsync-probe.ts'
 import { LatencyHistogram } from './lib/latency-histogram.ts'
 import { LoadGenerators, type MergedLoad } from './lib/load-process.ts'
 import type { LoadSpec } from './lib/mqtt-load.ts'
@@ -64,6 +71,9 @@ const WARMUP_SECONDS = intFlag('warmup', 1, { min: 0 })
 const WINDOW = intFlag('window', 100)
 const GENERATORS = intFlag('generators', 1)
 const PROFILE_SECONDS = intFlag('profile-seconds', 10)
+/** `--durability=async`: edgemq without fsync, to see what its CPU alone allows (not a figure to compare with the targets). */
+const DURABILITY = flag('durability') ?? 'sync'
+if (DURABILITY !== 'sync' && DURABILITY !== 'async') throw new Error(`--durability must be sync or async, got ${DURABILITY}`)
 /** Another checkout's gateway/edgemq.mjs to measure instead of this one's. */
 const EDGEMQ_BIN = flag('edgemq') === undefined ? undefined : path.resolve(flag('edgemq') as string)
 
@@ -164,10 +174,21 @@ async function runRound (generators: LoadGenerators, scenario: Scenario, broker:
 }
 
 async function withBroker<T> (name: 'edgemq' | 'mosquitto', mosquitto: string, fn: (broker: RunningBroker) => Promise<T>): Promise<T> {
-  return await withBrokerIn(dirs, name, async (dir) => name === 'edgemq' ? await startEdgemq(dir, [], EDGEMQ_BIN) : await startMosquitto(mosquitto, dir), fn)
+  return await withBrokerIn(dirs, name, async (dir) => name === 'edgemq'
+    ? await startEdgemq(dir, [], EDGEMQ_BIN, await durabilityArgs(dir))
+    : await startMosquitto(mosquitto, dir), fn)
+}
+
+/** `edgemq start` arguments for --durability=async (a config file in the round's directory); none for the default. */
+async function durabilityArgs (dir: string): Promise<string[]> {
+  if (DURABILITY === 'sync') return []
+  const file = path.join(dir, 'edgemq-async.json')
+  await writeFile(file, JSON.stringify({ store: { durability: 'async' } }))
+  return ['--config', file]
 }
 
 const ms = (us: number): number => round(us / 1000, 3)
+const ms3 = (milliseconds: number): number => round(milliseconds, 3)
 const r2 = (n: number | undefined): number | null => (n === undefined ? null : round(n, 2))
 
 function pairedRatios (a: readonly number[], b: readonly number[]): number[] {
@@ -179,7 +200,16 @@ async function scenarioFigures (generators: LoadGenerators, scenario: Scenario, 
   /** MQTT 5 scenarios: edgemq under the same load over MQTT 3.1.1, one round beside each MQTT 5 round. */
   const v311Rounds: number[] = []
   const v311: Scenario = { ...scenario, protocolVersion: undefined }
+  /** One message in flight: the disk's commit time and a loopback round trip, probed before each round (fsync-probe.ts). */
+  const probes: FsyncProbe[] = []
   for (let r = 0; r < ROUNDS; r++) {
+    if (scenario.window === 1) {
+      const probe = await probeFsync(await dirs.make('fsync-probe'))
+      probes.push(probe)
+      const times = (t: ProbeTimes): string => `mean ${ms3(t.meanMs)} p50 ${ms3(t.p50Ms)} p99 ${ms3(t.p99Ms)} ms`
+      info(`${scenario.name} round ${r + 1}/${ROUNDS} probe: LevelDB sync batch ${times(probe.level)}, fdatasync ${times(probe.fdatasync)}, ` +
+        `loopback PUBLISH/PUBACK ${times(probe.roundTrip)}: ceiling ${Math.round(fsyncCeiling(PUBLISHERS, probe))} msgs/s`)
+    }
     const order: Array<'edgemq' | 'mosquitto' | 'edgemq-3.1.1'> = r % 2 === 0 ? ['mosquitto', 'edgemq'] : ['edgemq', 'mosquitto']
     if (scenario.protocolVersion === 5) order.splice(r % 2 === 0 ? 1 : 0, 0, 'edgemq-3.1.1')
     for (const name of order) {
@@ -202,7 +232,7 @@ async function scenarioFigures (generators: LoadGenerators, scenario: Scenario, 
   const common: Record<string, ParamValue> = {
     publishers: PUBLISHERS, payloadBytes: PAYLOAD_BYTES, qos: scenario.qos, mqttVersion: scenario.protocolVersion === 5 ? '5' : '3.1.1',
     inFlightPerConnection: scenario.window,
-    edgemqMaxInflightPerClient: EDGEMQ_MAX_INFLIGHT, durability: 'sync', mosquitto: version, mosquittoConfig: MOSQUITTO_CONFIG,
+    edgemqMaxInflightPerClient: EDGEMQ_MAX_INFLIGHT, durability: DURABILITY, mosquitto: version, mosquittoConfig: MOSQUITTO_CONFIG,
     seconds: SECONDS, warmupSeconds: WARMUP_SECONDS, rounds: ROUNDS,
     edgemqCores: results.edgemq.map((x) => r2(x.brokerCores) ?? NaN), mosquittoCores: results.mosquitto.map((x) => r2(x.brokerCores) ?? NaN),
     edgemqCommitRecords: results.edgemq.map((x) => Math.round(x.commitRecords ?? NaN)),
@@ -227,6 +257,31 @@ async function scenarioFigures (generators: LoadGenerators, scenario: Scenario, 
       edgemqIngestCounterRounds: results.edgemq.map((x) => Math.round(x.counterRate ?? NaN)),
     },
   })
+  if (probes.length > 0) {
+    const ceilings = probes.map((p) => fsyncCeiling(PUBLISHERS, p))
+    const of = (pick: (p: FsyncProbe) => number): number[] => probes.map((p) => ms3(pick(p)))
+    report({
+      bench: `gateway.${scenario.name}.fsync-ceiling`,
+      unit: 'msgs/s',
+      value: median(rates('edgemq')),
+      baseline: `the fsync-bound ceiling: ${PUBLISHERS} devices / (mean LevelDB sync batch + mean loopback PUBLISH/PUBACK), probed before each round`,
+      baselineValue: median(ceilings),
+      better: 'higher',
+      params: {
+        scenario: scenario.what, statistic: 'median of rounds', rounds: ROUNDS, seconds: SECONDS, devices: PUBLISHERS,
+        ratioToMosquitto: round(median(rates('edgemq')) / median(rates('mosquitto')), 3),
+        ceilingToMosquitto: round(median(ceilings) / median(rates('mosquitto')), 3),
+        ceilingRounds: ceilings.map(Math.round), roundRatios: pairedRatios(rates('edgemq'), ceilings),
+        levelSyncBatchMeanMs: of((p) => p.level.meanMs), levelSyncBatchP50Ms: of((p) => p.level.p50Ms), levelSyncBatchP99Ms: of((p) => p.level.p99Ms),
+        fdatasyncMeanMs: of((p) => p.fdatasync.meanMs), fdatasyncP50Ms: of((p) => p.fdatasync.p50Ms), fdatasyncP99Ms: of((p) => p.fdatasync.p99Ms),
+        roundTripMeanMs: of((p) => p.roundTrip.meanMs), roundTripP50Ms: of((p) => p.roundTrip.p50Ms), roundTripP99Ms: of((p) => p.roundTrip.p99Ms),
+        fdatasyncCeilingRounds: probes.map((p) => Math.round(fsyncCeiling(PUBLISHERS, p, (x) => x.fdatasync))),
+        edgemqCommitMsRounds: results.edgemq.map((x) => r2(x.commitMs) ?? NaN),
+        probe: 'sequential loops of at most 1000 runs or 1.5 s each after 20 unmeasured: a classic-level batch of one 100-byte put with sync: true; ' +
+          'a 100-byte append + FileHandle.datasync(); a QoS 1 PUBLISH to a broker answering at once in a child process (lib/null-broker.ts)',
+      },
+    })
+  }
   if (scenario.protocolVersion === 5) {
     report({
       bench: `gateway.${scenario.name}.mqtt5-cost`,
@@ -272,7 +327,7 @@ async function profileEdgemq (generators: LoadGenerators): Promise<void> {
   const profileDir = flag('profile-dir') ?? await mkdtemp(path.join(os.tmpdir(), 'edgemq-bench-profile-'))
   const scenario = scenarios[0] as Scenario
   const dataDir = await dirs.make('edgemq-profiled')
-  const broker = await startEdgemq(dataDir, ['--cpu-prof', '--cpu-prof-dir', profileDir], EDGEMQ_BIN)
+  const broker = await startEdgemq(dataDir, ['--cpu-prof', '--cpu-prof-dir', profileDir], EDGEMQ_BIN, await durabilityArgs(dataDir))
   let result: RoundResult
   try {
     result = await runRound(generators, scenario, broker, PROFILE_SECONDS)

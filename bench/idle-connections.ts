@@ -15,6 +15,12 @@
  * (its memory reducer, some 30-60 s after the burst), does not count; the RSS
  * it settles at before them is reported beside it.
  *
+ * Beside it, **what a user sees** (`idle-connections.rss-per-connection-after-<age>s`): edgemq started as a user
+ * starts it (no flags, nothing forced, nothing scraped), RSS with the warm-up connections once settled, with the
+ * first half `--ages`' last age after its last CONNACK, and with all of them at each of `--ages` (default
+ * 0,10,30,90 s) after the last CONNACK; Mosquitto the same way (its figure at the last age is the baseline of the
+ * forced figure too). `--user-only` / `--forced-only` run one of the two edgemq views.
+ *
  * The figure is the second half's cost: (RSS with all - RSS with half) /
  * (connections / 2), what one more connection costs once the broker's fixed
  * costs are paid. In edgemq these are large and would otherwise be spread
@@ -69,6 +75,15 @@ const HALF = Math.floor(CONNECTIONS / 2)
 const TENANT = 'site'
 const PASSWORD = 'device-secret'
 const TARGET = '<= 5 KB per idle connection (issue 13)'
+/** Seconds after the last CONNACK at which the user view reads RSS (`--ages=0,10,30,90`), ascending. */
+const AGES_SECONDS: readonly number[] = (flag('ages') ?? '0,10,30,90').split(',').map(Number)
+if (AGES_SECONDS.some((a, i) => !Number.isFinite(a) || a < 0 || a > 600 || (i > 0 && a <= (AGES_SECONDS[i - 1] as number)))) {
+  throw new Error('--ages must be ascending seconds between 0 and 600, comma-separated')
+}
+const LAST_AGE_MS = (AGES_SECONDS[AGES_SECONDS.length - 1] as number) * 1000
+/** `--forced-only` / `--user-only`: measure one of the two edgemq views (both by default). */
+const FORCED_ONLY = argv.includes('--forced-only')
+const USER_ONLY = argv.includes('--user-only')
 /** File descriptors this process and each broker need besides the connections (listeners, LevelDB, stdio). */
 const FD_MARGIN = 500
 
@@ -232,6 +247,57 @@ async function measure (broker: RunningBroker): Promise<MemoryFigures> {
   }
 }
 
+/** What a user sees: VmRSS read from /proc at fixed ages after the last CONNACK, nothing done to the broker. */
+interface UserView {
+  /** With WARMUP_CONNECTIONS open, settled. */
+  readonly rssWarm: number
+  /** With the first half open, AGES_SECONDS' last age after its last CONNACK. */
+  readonly rssHalf: number
+  /** With all connections open, at each of AGES_SECONDS after the last CONNACK. */
+  readonly rssAt: readonly number[]
+  readonly connectSeconds: number
+}
+
+/** Waits until `ms` after `since` (performance.now() time); no wait if that is past. */
+const sleepUntil = (since: number, ms: number): Promise<void> => sleep(Math.max(0, since + ms - performance.now()))
+
+/**
+ * The broker as a user runs it: no forced garbage collection, no flags, nothing scraped. RSS with the warm-up
+ * connections once settled; with the first half, the last age after its last CONNACK; with all of them, at every age
+ * after the last CONNACK (the first age is normally 0: what `ps` shows the moment the burst is over).
+ */
+async function measureAsUser (broker: RunningBroker): Promise<UserView> {
+  const warm = new IdleClients()
+  const clients = new IdleClients()
+  const rss = (): number => {
+    const value = processRssBytes(broker.pid)
+    if (value === undefined) throw new Error(`cannot read VmRSS of pid ${broker.pid} (/proc/${broker.pid}/status)`)
+    return value
+  }
+  try {
+    await openClients(warm, broker, CONNECTIONS, WARMUP_CONNECTIONS)
+    const rssWarm = await settledRss(broker.pid)
+    const t0 = performance.now()
+    await openClients(clients, broker, 0, HALF)
+    const halfDone = performance.now()
+    await sleepUntil(halfDone, LAST_AGE_MS)
+    const rssHalf = rss()
+    const t1 = performance.now()
+    await openClients(clients, broker, HALF, CONNECTIONS - HALF)
+    const done = performance.now()
+    const rssAt: number[] = []
+    for (const age of AGES_SECONDS) {
+      await sleepUntil(done, age * 1000)
+      rssAt.push(rss())
+    }
+    if (clients.dropped + warm.dropped > 0) throw new Error(`${broker.name} closed ${clients.dropped + warm.dropped} idle connections`)
+    return { rssWarm, rssHalf, rssAt, connectSeconds: (halfDone - t0 + done - t1) / 1000 }
+  } finally {
+    clients.close()
+    warm.close()
+  }
+}
+
 async function withBroker<T> (name: 'edgemq' | 'mosquitto', mosquitto: string, nodeFlags: readonly string[],
   fn: (broker: RunningBroker) => Promise<T>): Promise<T> {
   return await withBrokerIn(dirs, name, async (dir) => name === 'edgemq'
@@ -309,54 +375,97 @@ async function main (): Promise<number> {
   const version = mosquittoVersion(mosquitto)
   info(`idle-connections bench: ${CONNECTIONS} idle connections, edgemq vs mosquitto ${version}, node ${process.version}, ` +
     `${os.cpus().length} cpus, ${ROUNDS} round(s)`)
-  const results: Record<'edgemq' | 'mosquitto', MemoryFigures[]> = { edgemq: [], mosquitto: [] }
+  const forced: MemoryFigures[] = []
+  const users: Record<'edgemq' | 'mosquitto', UserView[]> = { edgemq: [], mosquitto: [] }
+  const runs: Array<'forced' | 'edgemq' | 'mosquitto'> = [...(USER_ONLY ? [] : ['forced' as const]), ...(FORCED_ONLY ? [] : ['edgemq' as const]), 'mosquitto']
   try {
     for (let r = 0; r < ROUNDS; r++) {
-      const order: Array<'edgemq' | 'mosquitto'> = r % 2 === 0 ? ['edgemq', 'mosquitto'] : ['mosquitto', 'edgemq']
-      for (const name of order) {
-        const m = await withBroker(name, mosquitto, EDGEMQ_MEASURE_FLAGS, measure)
-        results[name].push(m)
-        info(`round ${r + 1}/${ROUNDS} ${name}: RSS ${kb(m.rssBefore)} KB -> ${kb(m.rssHalf)} KB -> ${kb(m.rssAfter)} KB: ` +
-          `${marginal(m.rssAfter, m.rssHalf)} KB per connection of the second half, ${perConnection(m.rssAfter, m.rssBefore)} KB over all` +
-          (name === 'edgemq' ? ` (${marginal(m.rssAfterNoGc, m.rssHalf)} KB before the forced GC)` : '') +
-          (m.after === undefined ? '' : `; second half per connection: V8 heap used ${marginal(m.after.heapUsed, m.before?.heapUsed)} KB, ` +
-            `committed ${marginal(m.after.heapTotal, m.before?.heapTotal)} KB (new space ${marginal(m.after.newSpace, m.before?.newSpace)} KB), ` +
-            `external ${marginal(m.after.external, m.before?.external)} KB`) +
-          `; ${CONNECTIONS} CONNECTs in ${round(m.connectSeconds, 1)} s`)
+      for (const run of r % 2 === 0 ? runs : [...runs].reverse()) {
+        if (run === 'forced') {
+          const m = await withBroker('edgemq', mosquitto, EDGEMQ_MEASURE_FLAGS, measure)
+          forced.push(m)
+          info(`round ${r + 1}/${ROUNDS} edgemq, forced GCs: RSS ${kb(m.rssBefore)} KB -> ${kb(m.rssHalf)} KB -> ${kb(m.rssAfter)} KB: ` +
+            `${marginal(m.rssAfter, m.rssHalf)} KB per connection of the second half, ${perConnection(m.rssAfter, m.rssBefore)} KB over all` +
+            ` (${marginal(m.rssAfterNoGc, m.rssHalf)} KB before the forced GC)` +
+            (m.after === undefined ? '' : `; second half per connection: V8 heap used ${marginal(m.after.heapUsed, m.before?.heapUsed)} KB, ` +
+              `committed ${marginal(m.after.heapTotal, m.before?.heapTotal)} KB (new space ${marginal(m.after.newSpace, m.before?.newSpace)} KB), ` +
+              `external ${marginal(m.after.external, m.before?.external)} KB`) +
+            `; ${CONNECTIONS} CONNECTs in ${round(m.connectSeconds, 1)} s`)
+        } else {
+          const u = await withBroker(run, mosquitto, [], measureAsUser)
+          users[run].push(u)
+          info(`round ${r + 1}/${ROUNDS} ${run} as a user sees it: RSS ${kb(u.rssWarm)} KB -> ${kb(u.rssHalf)} KB (half, ${LAST_AGE_MS / 1000} s) -> ` +
+            AGES_SECONDS.map((age, i) => `${kb(u.rssAt[i] ?? NaN)} KB at ${age} s`).join(', ') + '; per connection of the second half: ' +
+            AGES_SECONDS.map((age, i) => `${marginal(u.rssAt[i], u.rssHalf)} KB at ${age} s`).join(', ') + `; 10 -> all: ` +
+            AGES_SECONDS.map((age, i) => `${perConnection(u.rssAt[i], u.rssWarm)} KB at ${age} s`).join(', ') +
+            `; ${CONNECTIONS} CONNECTs in ${round(u.connectSeconds, 1)} s`)
+        }
       }
     }
   } finally {
     await dirs.cleanup()
   }
-  const per = (name: 'edgemq' | 'mosquitto'): number[] => results[name].map((m) => marginal(m.rssAfter, m.rssHalf))
-  const overAll = (name: 'edgemq' | 'mosquitto'): number[] => results[name].map((m) => perConnection(m.rssAfter, m.rssBefore))
-  report({
-    bench: 'idle-connections.rss-per-connection',
-    unit: 'KB',
-    value: median(per('edgemq')),
-    baseline: `Mosquitto ${version}, persistence false, the same idle connections (anonymous)`,
-    baselineValue: median(per('mosquitto')),
-    better: 'lower',
-    params: {
-      connections: CONNECTIONS, keepaliveSeconds: KEEPALIVE_SECONDS, protocol: 'MQTT 3.1.1, clean session', rounds: ROUNDS, statistic: 'median of rounds',
-      measured: `VmRSS with all connections minus VmRSS with the first half, divided by the second half (edgemqOverAll*: from ${WARMUP_CONNECTIONS} ` +
-        'connections to all, divided by all)',
-      edgemqSetup: `${CONNECTIONS} device users in tenant ${TENANT} (client id = username), default telemetry route, TCP listener`,
-      target: TARGET,
-      edgemqRounds: per('edgemq'), mosquittoRounds: per('mosquitto'),
-      warmupConnections: WARMUP_CONNECTIONS,
-      edgemqGc: 'two full compacting GCs (global.gc, --compact-on-every-full-gc) before each RSS reading',
-      edgemqOverAllKbPerConnection: overAll('edgemq'), mosquittoOverAllKbPerConnection: overAll('mosquitto'),
-      edgemqNoGcKbPerConnection: results.edgemq.map((m) => marginal(m.rssAfterNoGc, m.rssHalf)),
-      edgemqHeapUsedKbPerConnection: results.edgemq.map((m) => marginal(m.after?.heapUsed, m.before?.heapUsed)),
-      edgemqHeapCommittedKbPerConnection: results.edgemq.map((m) => marginal(m.after?.heapTotal, m.before?.heapTotal)),
-      edgemqNewSpaceKbPerConnection: results.edgemq.map((m) => marginal(m.after?.newSpace, m.before?.newSpace)),
-      edgemqExternalKbPerConnection: results.edgemq.map((m) => marginal(m.after?.external, m.before?.external)),
-      edgemqRssBeforeKb: results.edgemq.map((m) => kb(m.rssBefore)), mosquittoRssBeforeKb: results.mosquitto.map((m) => kb(m.rssBefore)),
-      edgemqConnectSeconds: results.edgemq.map((m) => round(m.connectSeconds, 1)),
-      mosquittoConnectSeconds: results.mosquitto.map((m) => round(m.connectSeconds, 1)),
-    },
-  })
+  const baseline = `Mosquitto ${version}, persistence false, the same idle connections (anonymous)`
+  const common = {
+    connections: CONNECTIONS, keepaliveSeconds: KEEPALIVE_SECONDS, protocol: 'MQTT 3.1.1, clean session', rounds: ROUNDS, statistic: 'median of rounds',
+    edgemqSetup: `${CONNECTIONS} device users in tenant ${TENANT} (client id = username), default telemetry route, TCP listener`,
+    target: TARGET, warmupConnections: WARMUP_CONNECTIONS,
+  }
+  const lastAge = AGES_SECONDS.length - 1
+  /** Mosquitto does not collect garbage: its user view at the last age is its figure for both views. */
+  const mosquittoPer = users.mosquitto.map((u) => marginal(u.rssAt[lastAge], u.rssHalf))
+  const mosquittoOverAll = users.mosquitto.map((u) => perConnection(u.rssAt[lastAge], u.rssWarm))
+  if (forced.length > 0) {
+    const per = forced.map((m) => marginal(m.rssAfter, m.rssHalf))
+    report({
+      bench: 'idle-connections.rss-per-connection',
+      unit: 'KB',
+      value: median(per),
+      baseline,
+      baselineValue: median(mosquittoPer),
+      better: 'lower',
+      params: {
+        ...common,
+        measured: `VmRSS with all connections minus VmRSS with the first half, divided by the second half (edgemqOverAll*: from ${WARMUP_CONNECTIONS} ` +
+          'connections to all, divided by all)',
+        edgemqRounds: per, mosquittoRounds: mosquittoPer,
+        edgemqGc: 'two full compacting GCs (global.gc, --compact-on-every-full-gc) before each RSS reading',
+        edgemqOverAllKbPerConnection: forced.map((m) => perConnection(m.rssAfter, m.rssBefore)), mosquittoOverAllKbPerConnection: mosquittoOverAll,
+        edgemqNoGcKbPerConnection: forced.map((m) => marginal(m.rssAfterNoGc, m.rssHalf)),
+        edgemqHeapUsedKbPerConnection: forced.map((m) => marginal(m.after?.heapUsed, m.before?.heapUsed)),
+        edgemqHeapCommittedKbPerConnection: forced.map((m) => marginal(m.after?.heapTotal, m.before?.heapTotal)),
+        edgemqNewSpaceKbPerConnection: forced.map((m) => marginal(m.after?.newSpace, m.before?.newSpace)),
+        edgemqExternalKbPerConnection: forced.map((m) => marginal(m.after?.external, m.before?.external)),
+        edgemqRssBeforeKb: forced.map((m) => kb(m.rssBefore)),
+        edgemqConnectSeconds: forced.map((m) => round(m.connectSeconds, 1)),
+      },
+    })
+  }
+  if (users.edgemq.length > 0) {
+    AGES_SECONDS.forEach((age, i) => {
+      const per = (name: 'edgemq' | 'mosquitto'): number[] => users[name].map((u) => marginal(u.rssAt[i], u.rssHalf))
+      const overAll = (name: 'edgemq' | 'mosquitto'): number[] => users[name].map((u) => perConnection(u.rssAt[i], u.rssWarm))
+      report({
+        bench: `idle-connections.rss-per-connection-after-${age}s`,
+        unit: 'KB',
+        value: median(per('edgemq')),
+        baseline,
+        baselineValue: median(per('mosquitto')),
+        better: 'lower',
+        params: {
+          ...common,
+          measured: `as a user reads it, nothing forced: VmRSS ${age} s after the last CONNACK minus VmRSS with the first half ` +
+            `(read ${LAST_AGE_MS / 1000} s after its last CONNACK), divided by the second half (OverAll: minus VmRSS with ${WARMUP_CONNECTIONS} ` +
+            'connections, divided by all)',
+          edgemqRounds: per('edgemq'), mosquittoRounds: per('mosquitto'),
+          edgemqOverAllKbPerConnection: overAll('edgemq'), mosquittoOverAllKbPerConnection: overAll('mosquitto'),
+          edgemqRssWarmKb: users.edgemq.map((u) => kb(u.rssWarm)), mosquittoRssWarmKb: users.mosquitto.map((u) => kb(u.rssWarm)),
+          edgemqConnectSeconds: users.edgemq.map((u) => round(u.connectSeconds, 1)),
+          mosquittoConnectSeconds: users.mosquitto.map((u) => round(u.connectSeconds, 1)),
+        },
+      })
+    })
+  }
   return 0
 }
 

@@ -34,6 +34,7 @@ import { zeroBridgeSeries, zeroGatewaySeries } from './metrics/zero.ts'
 import { createBroker, releaseBackpressure } from './mqtt/broker.ts'
 import { CommandDispatcher, commandStreamsOf, createReceiptStreams } from './mqtt/commands.ts'
 import { GuardGroup } from './mqtt/connection-guard.ts'
+import { BURST_QUIET_MS, BurstCompaction, COMPACT_AFTER_CONNECTIONS, compactHeap } from './mqtt/burst-compaction.ts'
 import { startListener, type RunningListener } from './mqtt/listeners.ts'
 import { compileRoutes } from './mqtt/routing.ts'
 import { LevelSessionPersistence } from './mqtt/sessions/persistence.ts'
@@ -256,18 +257,22 @@ async function start (config: GatewayConfig, deps: GatewayDeps, shutdown: Shutdo
   // (The 'replication' step added before the store closes it if the start fails earlier; closing twice is a no-op.)
   shutdown.add('standby acks', () => replication.close())
   const listeners: RunningListener[] = []
+  // Gives the heap back once a burst of connections is over (burst-compaction.ts).
+  const bursts = new BurstCompaction({ minConnections: COMPACT_AFTER_CONNECTIONS, quietMs: BURST_QUIET_MS, compact: compactHeap, logger })
   // Stop accepting (server.close resolves once the last connection is gone) and close the clients through aedes.
   shutdown.add('mqtt listeners', async () => {
+    bursts.close()
     const stopped = listeners.map((l) => l.close())
     await closeBroker()
     await Promise.all(stopped)
   })
   for (const l of config.mqtt.listeners) {
     listeners.push(await startListener(l, {
-      broker, metrics, logger, guards,
+      broker, metrics, logger, guards, bursts,
       maxPacketBytes: config.mqtt.maxPacketBytes, maxInflight: config.mqtt.maxInflightPerClient, publishRate: config.mqtt.publishRatePerClient,
     }))
   }
+  bursts.compactNow('at start')
 
   // Retention acts on the primary's data; a standby's is the primary's, replicated.
   if (!standby) {

@@ -41,8 +41,25 @@ type LogDb = AbstractLevel<string | Buffer | Uint8Array, Buffer, Buffer>
 type BatchOp = AbstractBatchOperation<LogDb, Buffer, Buffer>
 /** classic-level's `sync` write option; abstract-level's types do not declare it, sublevels forward it. */
 type WriteOptions = AbstractBatchOptions<Buffer, Buffer> & { sync: boolean }
+
 const SYNC: WriteOptions = { sync: true }
 const NO_SYNC: WriteOptions = { sync: false }
+
+/**
+ * The options of a `batch()`, with `sync` not enumerable. abstract-level's array `batch()` copies the batch's options
+ * into each operation (`{ ...options, ...op }`; its own TODO there says `sync` should not be), and operations that
+ * carry one more property are much slower to build, prefix and hand to classic-level's binding: measured here, a
+ * 15-operation write took 190 µs of the main thread with `{ sync }` and 52 µs with no options, the largest cost of a
+ * small group commit (BENCHMARKS.md, gateway device). A non-enumerable `sync` is left out of the spread, and
+ * sublevels hand the same options object on, so classic-level's binding still reads it (a property lookup in
+ * `batch_do`). Only for `batch()`: `put()` and `del()` copy their options when they add encodings, which would drop
+ * it, so they keep {@link SYNC}. test/store/write-options.test.ts fails if `sync` stops reaching classic-level.
+ */
+function batchOptions (sync: boolean): WriteOptions {
+  return Object.freeze(Object.defineProperty({}, 'sync', { value: sync, enumerable: false })) as WriteOptions
+}
+const BATCH_SYNC = batchOptions(true)
+const BATCH_NO_SYNC = batchOptions(false)
 interface BatchWhere { readonly stream: string, readonly partition: number, readonly baseOffset: number }
 
 export interface LogStoreOptions {
@@ -208,7 +225,9 @@ export async function openLogStore (options: LogStoreOptions): Promise<LogStore>
 class LevelLogStore implements LogStore {
   readonly #db: LogDb
   readonly #owned: ClassicLevel<Buffer, Buffer> | undefined
+  /** For put(); {@link #batchSync} for batch() (see batchOptions). */
   readonly #sync: WriteOptions
+  readonly #batchSync: WriteOptions
   readonly #maxRecordBytes: number
   readonly #diskBudgetBytes: number
   readonly #clock: Clock
@@ -249,6 +268,7 @@ class LevelLogStore implements LogStore {
     this.#db = db
     this.#owned = owned
     this.#sync = (options.durability ?? 'sync') === 'sync' ? SYNC : NO_SYNC
+    this.#batchSync = this.#sync.sync ? BATCH_SYNC : BATCH_NO_SYNC
     this.#maxRecordBytes = checkCount(options.maxRecordBytes ?? DEFAULT_MAX_RECORD_BYTES, 'maxRecordBytes', 1, MAX_BATCH_BYTES * 64)
     this.#diskBudgetBytes = checkCount(options.diskBudgetBytes ?? 0, 'diskBudgetBytes', 0, Number.MAX_SAFE_INTEGER)
     this.#clock = options.clock ?? systemClock
@@ -315,7 +335,7 @@ class LevelLogStore implements LogStore {
     await this.#db.batch(legacy.flatMap(([key, value]) => [
       { type: 'put' as const, key: dedupe.key(dedupe.decode(value).streamId, dedupe.legacyId(key)), value },
       { type: 'del' as const, key },
-    ]), SYNC)
+    ]), BATCH_SYNC)
   }
 
   async #recoverPartition (part: PartitionState): Promise<void> {
@@ -636,7 +656,7 @@ class LevelLogStore implements LogStore {
   async #forgetScoped (scoped: readonly string[]): Promise<void> {
     if (scoped.length === 0) return
     const entries = scoped.map((key) => this.#dedupe.get(key) as DedupeState)
-    await this.#db.batch(entries.map((e) => ({ type: 'del' as const, key: dedupe.key(e.part.stream.id, e.id) })), this.#sync)
+    await this.#db.batch(entries.map((e) => ({ type: 'del' as const, key: dedupe.key(e.part.stream.id, e.id) })), this.#batchSync)
     for (const key of scoped) this.#dedupe.delete(key)
   }
 
@@ -802,7 +822,7 @@ class LevelLogStore implements LogStore {
     // Appends queued while this write is in flight start the next commit's latency clock.
     this.#oldestPendingAt = writeStart
     try {
-      await this.#db.batch(ops, this.#sync)
+      await this.#db.batch(ops, this.#batchSync)
     } catch (cause) {
       // Settled by #recover, which the writer loop runs next (see there).
       this.#needsRecovery = true
@@ -1142,7 +1162,7 @@ class LevelLogStore implements LogStore {
     await this.#db.batch([
       { type: 'del', key: keys.group(group) },
       ...[...g.offsets.keys()].map((part) => ({ type: 'del' as const, key: keys.offset(group, part.stream.id, part.partition) })),
-    ], this.#sync)
+    ], this.#batchSync)
     this.#groups.delete(group)
   }
 
@@ -1255,7 +1275,7 @@ class LevelLogStore implements LogStore {
       ops.push({ type: 'put', key: keys.time(id, part.partition, lastDeletedTs), value: encodeU64(newStart) })
     }
     ops.push({ type: 'put', key: keys.partition(id, part.partition), value: encodeMeta({ logStart: newStart, bytes: bytesLeft, logEnd: part.logEnd } satisfies PartitionMeta) })
-    await this.#db.batch(ops, this.#sync)
+    await this.#db.batch(ops, this.#batchSync)
     const batches = ops.filter((op) => op.type === 'del' && op.key[0] === 0x42).length
     report.batchesDeleted += batches
     report.recordsDeleted += newStart - part.logStart

@@ -2,7 +2,8 @@
  * Every reach into aedes beyond its public API, in one place. aedes is
  * 2.0.0-beta.1 with patches/aedes+2.0.0-beta.1.patch (the security fixes of
  * 1.2.0, the reason code of an authorizePublish or authorizeSubscribe error,
- * the sharedSubscriptions option); each entry below was
+ * the sharedSubscriptions option, one shared 'close' listener per connection
+ * instead of stream.finished() for idle memory); each entry below was
  * re-read against it (2026-12-02) and still holds. Source links cite v1.2.0
  * where the code they point at is unchanged in 2.0.0-beta.1.
  *

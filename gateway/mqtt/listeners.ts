@@ -14,6 +14,7 @@ import { WebSocketServer, createWebSocketStream } from 'ws'
 import type { ListenerTagged } from './broker.ts'
 import type { ListenerConfig } from '../config/config.ts'
 import { slimClient } from './aedes-internals.ts'
+import type { BurstCompaction } from './burst-compaction.ts'
 import { ConnectionGuard, type GuardGroup, type GuardOptions } from './connection-guard.ts'
 import { GatewayError } from '../errors.ts'
 import type { GatewayMetrics } from '../metrics/metrics.ts'
@@ -34,6 +35,8 @@ export interface ListenerDeps {
   readonly maxPacketBytes: number
   readonly maxInflight: number
   readonly publishRate: number
+  /** Told of every accepted connection, to give memory back once a burst of them is over (burst-compaction.ts). */
+  readonly bursts?: Pick<BurstCompaction, 'connected'>
 }
 
 function tlsOptions (listener: ListenerConfig): tls.TlsOptions {
@@ -84,6 +87,7 @@ export async function startListener (listener: ListenerConfig, deps: ListenerDep
     if (tlsSocket !== undefined) tagged.tlsSocket = tlsSocket
     stream.on('error', ignoreError)
     slimClient(broker.handle(guard as unknown as net.Socket, req as http.IncomingMessage))
+    deps.bursts?.connected()
   }
 
   let server: net.Server
