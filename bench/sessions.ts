@@ -30,7 +30,8 @@
  * Rounds alternate the brokers, the order flipping each round; each figure
  * is the median of rounds. Arguments: `--messages=N` (or EDGEMQ_BENCH_MESSAGES),
  * `--rounds=N` (default 1), `--mosquitto=PATH`, `--edgemq=PATH` (another
- * checkout's gateway/edgemq.mjs, to compare a change).
+ * checkout's gateway/edgemq.mjs, to compare a change), `--drain-only` (no
+ * ingest rounds: the drain figure alone, a third of the machine time).
  *
  * `--profile`: instead of the figures, one edgemq drain round under
  * `node --cpu-prof`; prints where the gateway's main thread spent the drain
@@ -51,6 +52,7 @@ const MESSAGES = intFlag('messages', 20_000, { env: 'EDGEMQ_BENCH_MESSAGES' })
 const ROUNDS = intFlag('rounds', 1)
 const EDGEMQ_BIN = flag('edgemq') === undefined ? undefined : path.resolve(flag('edgemq') as string)
 const PROFILE = argv.includes('--profile')
+const DRAIN_ONLY = argv.includes('--drain-only')
 const PUBLISHERS = 8
 const DEVICES_PER_PUBLISHER = 10
 const PUBLISH_WINDOW = 100
@@ -93,6 +95,9 @@ interface DrainRound {
   /** The drain on the monotonic clock in µs (a CPU profile's clock). */
   readonly window: { readonly fromUs: number, readonly toUs: number }
 }
+
+/** The broker's CPU time per message drained, in µs. */
+const cpuUsPerMessage = (d: DrainRound): number => d.brokerCores === undefined ? NaN : d.brokerCores / d.rate * 1e6
 
 const nowUs = (): number => Number(process.hrtime.bigint() / 1000n)
 
@@ -156,7 +161,10 @@ async function main (): Promise<number> {
       for (const name of order) {
         const d = await withBroker(name, mosquitto, (b) => drainRound(b, n))
         drains[name].push(d)
-        info(`round ${n + 1} ${name}: drain ${Math.round(d.rate)} msgs/s (first after ${round(d.firstMs, 1)} ms, broker ${round(d.brokerCores ?? NaN, 2)} cores)`)
+        const cores = round(d.brokerCores ?? NaN, 2)
+        info(`round ${n + 1} ${name}: drain ${Math.round(d.rate)} msgs/s (first after ${round(d.firstMs, 1)} ms, broker ${cores} cores, `
+          + `${round(cpuUsPerMessage(d), 2)} µs CPU per message)`)
+        if (DRAIN_ONLY) continue
         const none = await withBroker(name, mosquitto, (b) => ingestRound(b, 0, n))
         const offline = await withBroker(name, mosquitto, (b) => ingestRound(b, OFFLINE_SUBSCRIBERS, n))
         ingest[name].none.push(none)
@@ -181,9 +189,13 @@ async function main (): Promise<number> {
       edgemqRounds: rates('edgemq').map(Math.round), mosquittoRounds: rates('mosquitto').map(Math.round),
       edgemqFirstMessageMs: drains.edgemq.map((d) => round(d.firstMs, 1)),
       edgemqCores: drains.edgemq.map((d) => round(d.brokerCores ?? NaN, 2)), mosquittoCores: drains.mosquitto.map((d) => round(d.brokerCores ?? NaN, 2)),
+      // CPU per message moves less than the rates on a shared machine, where both brokers wait to be scheduled.
+      edgemqCpuUsPerMessage: drains.edgemq.map((d) => round(cpuUsPerMessage(d), 2)),
+      mosquittoCpuUsPerMessage: drains.mosquitto.map((d) => round(cpuUsPerMessage(d), 2)),
       edgemqPublishRounds: drains.edgemq.map((d) => Math.round(d.publishRate)),
     },
   })
+  if (DRAIN_ONLY) return 0
   report({
     bench: 'sessions.ingest-offline-subscribers', unit: 'msgs/s', value: median(ingest.edgemq.offline), better: 'higher',
     baseline: 'the same gateway, same load, no subscriber', baselineValue: median(ingest.edgemq.none),

@@ -43,6 +43,48 @@ export function nextPacketId (client: Client): number {
   return id
 }
 
+/** Clients whose counter skips held ids (one accessor per client; {@link skipHeldPacketIds}). */
+const skipping = new WeakSet<Client>()
+
+/**
+ * Makes the client's packet id counter (`client._nextId`, as {@link nextPacketId} reads it) skip the ids `held`
+ * says are taken, for aedes' own takers too: aedes writes retained messages on SUBSCRIBE, and every delivery to a
+ * clean session, with the id it takes from the counter, without asking the persistence
+ * (https://github.com/moscajs/aedes/blob/v1.2.0/lib/client.js deliverQoS: `if (that.clean || packet.retain)
+ * doWriteQoS()`; lib/qos-packet.js reads `client._nextId`, then increments it). Persistent sessions' deliveries from
+ * the log hold ids for as long as they are unacknowledged, across reconnects (sessions/cursors.ts), so after 65,535
+ * others the counter comes back to them. An accessor on the one client, installed once; aedes treats `_nextId` as a
+ * plain settable number (https://github.com/moscajs/aedes/pull/414). No upstream issue; public API that would remove
+ * it: `client.nextMessageId()` with an in-flight set aedes skips.
+ */
+export function skipHeldPacketIds (client: Client, held: (messageId: number) => boolean): void {
+  if (skipping.has(client)) return
+  skipping.add(client)
+  const counter = client as unknown as { _nextId: number }
+  let next = counter._nextId
+  Object.defineProperty(client, '_nextId', {
+    configurable: true,
+    enumerable: true,
+    get () {
+      for (let k = 0; k < 65535 && held(next); k++) next = next >= 65535 ? 1 : next + 1
+      return next
+    },
+    set (value: number) { next = value },
+  })
+}
+
+/**
+ * Restarts the client's keepalive timer, as aedes does for every packet it handles
+ * (https://github.com/moscajs/aedes/blob/v1.2.0/lib/handlers/index.js: `client._keepaliveTimer.refresh()`): PUBACKs the
+ * gateway takes from the bytes before aedes parses them (ConnectionGuard.pubacks) are packets from the client too,
+ * and a subscriber draining a backlog may send nothing else for longer than its keepalive. No upstream issue; public
+ * API that would remove it: `client.refreshKeepalive()`, or a hook that consumes a packet.
+ */
+export function refreshKeepalive (client: Client): void {
+  const internals = client as unknown as { _keepaliveInterval: number, _keepaliveTimer: NodeJS.Timeout | null }
+  if (internals._keepaliveInterval > 0) internals._keepaliveTimer?.refresh()
+}
+
 /**
  * The connection aedes reads and writes for this client, for frames the gateway writes itself (replay batches,
  * commands: mqtt-packet frames with ids from {@link nextPacketId}). Going through `client.publish` would queue the

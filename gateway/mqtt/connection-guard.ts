@@ -75,6 +75,8 @@ export interface GuardOptions {
 
 const CONNECT = 1
 const PUBLISH = 3
+/** The first byte of a PUBACK [MQTT-3.4.1]. */
+const PUBACK_BYTE = 0x40
 const SUBSCRIBE = 8
 const UNSUBSCRIBE = 10
 const AUTH = 15
@@ -114,6 +116,19 @@ function onSocketError (this: GuardedSocket, err: Error): void { this[GUARD]?.de
 function onSocketClose (this: GuardedSocket): void { this[GUARD]?.destroy() }
 function onSocketDrain (this: GuardedSocket): void { this[GUARD]?.onSocketDrain() }
 function flushWrites (guard: ConnectionGuard): void { guard.flushWrites() }
+
+/**
+ * Takes PUBACKs before aedes parses them: a writer of its own PUBLISHes on the connection (a persistent session's
+ * deliveries from the log, sessions/cursors.ts) settles the ones it holds straight from the bytes, as they arrive.
+ * aedes built a packet object and went through its handler and the session store for each (12 % of a drain's CPU,
+ * BENCHMARKS.md "Persistent sessions").
+ */
+export interface PubackTaker {
+  /** True when the PUBACK was one of the taker's: it is settled, and aedes never sees it. */
+  take (messageId: number): boolean
+  /** Once after the PUBACKs taken from one chunk of the socket. */
+  taken (): void
+}
 
 /** The connections of one gateway, paused and resumed together when its log backs up. */
 export class GuardGroup {
@@ -176,6 +191,11 @@ export class ConnectionGuard extends Duplex {
   #unheld: (() => void) | null = null
   /** MQTT 5 with a Topic Alias Maximum in the CONNECT only (topic-aliases.ts). */
   #aliases: OutboundTopicAliases | null = null
+  /**
+   * Offered every PUBACK of the short form (`0x40 0x02 id`, MQTT 5's success without properties too) whose bytes
+   * are in one chunk, once the receive maximum has counted it; set after the CONNACK (hooks/sessions.ts).
+   */
+  pubacks: PubackTaker | null = null
 
   constructor (socket: Socket | Duplex, options: GuardOptions) {
     super({ readableHighWaterMark: 1, allowHalfOpen: false })
@@ -212,6 +232,8 @@ export class ConnectionGuard extends Duplex {
     let i = 0
     const { maxInflight } = this.#options
     let publishes = 0
+    let start = -1 // where the packet whose header is being read starts, when it starts in this chunk
+    let taken = false
     while (i < chunk.length) {
       if (this.#skip > 0) {
         const n = Math.min(this.#skip, chunk.length - i)
@@ -229,6 +251,7 @@ export class ConnectionGuard extends Duplex {
           this.#flushSegment()
         }
         this.#starts++
+        start = i
         if (byte >> 4 === PUBLISH) publishes++
         this.#first = byte
         this.#length = 0
@@ -278,7 +301,17 @@ export class ConnectionGuard extends Duplex {
         // The protocol name's length first, then up to its level byte (checkConnect).
         this.#inspect(type, flags, length, Math.min(length, 2))
       }
+      if (first === PUBACK_BYTE && length === 2 && start >= from && chunk.length - i >= 2 && this.pubacks?.take(chunk.readUInt16BE(i)) === true) {
+        // Cut out of what aedes reads (it is not a packet start of the segment any more).
+        if (start > from) this.#addPart(chunk.subarray(from, start))
+        i += 2
+        from = i
+        this.#skip = 0
+        this.#starts--
+        taken = true
+      }
     }
+    if (taken) this.pubacks?.taken()
     this.#addPart(chunk.subarray(from))
     if (this.#segments === null || this.#wanted) this.#flushSegment()
     this.#charge(publishes)

@@ -21,6 +21,11 @@ import type { HookContext } from './context.ts'
 
 /** Header of every record an authenticated client sent: its username (a certificate's CN with certIdentity), for audit. */
 export const USER_HEADER = 'edgemq-user'
+/**
+ * Header of a record whose PUBLISH had RETAIN set (value `1`): a persistent session reading the record from the log
+ * gives MQTT 5 subscriptions with Retain As Published the flag as published (sessions/cursors.ts).
+ */
+export const RETAIN_HEADER = 'edgemq-retain'
 
 const RETRY_MIN_MS = 100
 const RETRY_MAX_MS = 5000
@@ -82,7 +87,8 @@ export class DurableAppender {
     // An MQTT 5 message's properties are kept as headers (bridge/mqtt-properties.ts); a 3.1.1 packet has none.
     const properties = propertiesToHeaders((packet as PublishPacket & { properties?: MessageProperties }).properties)
     const withProperties = properties === null ? headers : { ...headers, ...properties }
-    const stamped = who.username === null ? withProperties : { ...withProperties, [USER_HEADER]: who.username }
+    const named = who.username === null ? withProperties : { ...withProperties, [USER_HEADER]: who.username }
+    const stamped = packet.retain ? { ...named, [RETAIN_HEADER]: '1' } : named
     const base = { payload, topic: target.topic, qos: packet.qos, clientId: who.clientId }
     const record = stamped === undefined ? base : { ...base, headers: stamped }
     store.append(target.stream, target.key, record, options).then((result) => {

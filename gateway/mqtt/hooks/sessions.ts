@@ -19,7 +19,8 @@
  * authorizeForward applies to live deliveries.
  */
 import type { Client, Subscription } from 'aedes'
-import { overrideRestoredSubscriptions, storeAcceptedSubscriptions } from '../aedes-internals.ts'
+import { overrideRestoredSubscriptions, rawConnection, refreshKeepalive, skipHeldPacketIds, storeAcceptedSubscriptions } from '../aedes-internals.ts'
+import { ConnectionGuard } from '../connection-guard.ts'
 import { receiveMaximumOf } from '../receive-maximum.ts'
 import type { CursorConnection } from '../sessions/cursors.ts'
 import { forwardedTopic } from './authorize-forward.ts'
@@ -55,6 +56,12 @@ export function installCursorDelivery (ctx: HookContext): void {
       conn: replayConnection(ctx, client, who),
       receiveMaximum: receiveMaximumOf(client),
       deliveredTopic: (mountedTopic) => forwardedTopic(ctx, client, who, mountedTopic),
+      holdIds: (held) => { skipHeldPacketIds(client, held) },
+      takePubacks: (taker) => {
+        const guard = rawConnection(client)
+        if (!(guard instanceof ConnectionGuard)) return
+        guard.pubacks = { take: taker.take, taken: () => { refreshKeepalive(client); taker.taken() } }
+      },
     }
   })
 }

@@ -24,18 +24,27 @@
  * Window: at most min(`window`, the client's Receive Maximum) deliveries
  * unacknowledged [MQTT-3.3.4-9]. A PUBACK moves the cursor to the lowest
  * offset still unacknowledged, written through the log store's group-commit
- * writer, one write in flight per cursor (later advances coalesce into the
- * next). Deliveries in flight are kept in memory only.
+ * writer: one write in flight per session, with every cursor that moved
+ * (later advances coalesce into the next). Deliveries in flight are kept in
+ * memory only. Their PUBACKs are taken from the connection's bytes before
+ * aedes parses them ({@link CursorConnection.takePubacks}, one advance per
+ * socket read); those aedes does parse (split across reads, or a connection
+ * without the gateway's guard) come through {@link SessionCursors.clear}.
  *
  * Packet ids: from the client's own counter (FrameConnection.nextMessageId),
  * skipping the ids the session's deliveries hold and those of its queued
- * copies aedes resends ({@link CursorDeps.busy}); an id aedes takes for a
- * delivery of its own that the cursors hold is moved by the persistence
+ * copies aedes resends ({@link CursorDeps.busy}). aedes takes its ids from
+ * the same counter, which skips the ids the cursors hold
+ * ({@link CursorConnection.holdIds}): its retained deliveries never pass the
+ * persistence, so this is what keeps them apart, also after the counter
+ * wraps; an id aedes hands the persistence that the cursors hold is moved
  * (outgoingUpdate, {@link SessionCursors.freeId}). A new connection starts
- * again from the lowest unacknowledged offset, with new ids and DUP set on
- * every record that may have been sent before (offsets acknowledged above an
- * unacknowledged one are not sent again); after a restart, everything from
- * the cursor up to the log end at startup is DUP.
+ * again from the lowest unacknowledged offset, with DUP set on every record
+ * that may have been sent before; the deliveries the last connection left
+ * unacknowledged go out with their packet ids [MQTT-4.4.0-1] (the ids stay
+ * held until then), offsets acknowledged above an unacknowledged one are not
+ * sent again. The ids are kept in memory: after a restart, everything from
+ * the cursor up to the log end at startup is DUP, with new ids.
  *
  * Not kept as a store consumer group: the store commits a group's offset as
  * a lone fsync'd put (about 4.7 k/s) outside the group commit, and a
@@ -49,6 +58,7 @@
 import type { AppendEvent, LogStore, StoredRecord } from '../../../store/index.ts'
 import { expiredAt, headersToProperties } from '../../../bridge/index.ts'
 import { mountTopic } from '../../access/topics.ts'
+import { RETAIN_HEADER } from '../hooks/durable-append.ts'
 import { logPositionOf, type LogPosition } from '../log-position.ts'
 import { drained, publishPacketSize, recordProperties, writePublishPacket, type FrameConnection } from '../publish-frames.ts'
 import { keys } from './format.ts'
@@ -66,6 +76,17 @@ export interface CursorConnection {
    * deliveries (its tenant, `$` topics, the read ACL per message).
    */
   deliveredTopic (mountedTopic: string): string | null
+  /**
+   * Makes every packet id the client's counter gives from now on skip the ids `held` says the cursors hold: aedes
+   * takes ids from that counter for deliveries that never pass the persistence (retained messages on SUBSCRIBE), so
+   * {@link SessionCursors.freeId} cannot move them, also after the 16-bit counter wraps.
+   */
+  holdIds? (held: (messageId: number) => boolean): void
+  /**
+   * Lets the cursors take the connection's PUBACKs from its bytes, before aedes parses them (ConnectionGuard.pubacks):
+   * `take` settles one that answers a delivery of theirs, `taken` follows the ones of one socket read.
+   */
+  takePubacks? (taker: { take (messageId: number): boolean, taken (): void }): void
 }
 
 /** Finds the connection of an aedes client whose session reads its cursors. */
@@ -95,6 +116,8 @@ export interface CursorDeps {
   readonly subscriptionIds?: (clientId: string, topic: string) => number[]
   /** Whether every QoS > 0 subscription of the client matching the (mounted) topic has MQTT 5's No Local set [MQTT-3.8.3-3]. */
   readonly noLocal?: (clientId: string, topic: string) => boolean
+  /** Whether a QoS > 0 subscription of the client matching the (mounted) topic has MQTT 5's Retain As Published set. */
+  readonly retainAsPublished?: (clientId: string, topic: string) => boolean
   /** Whether aedes holds this packet id for the client (a queued copy it resends with it). */
   readonly busy?: (clientId: string, messageId: number) => boolean
   /** The broker, for the ids of deliveries taken back as copies. */
@@ -133,8 +156,11 @@ class PartitionCursor {
   readonly acked = new Set<number>()
   /** Offsets below this may have been sent before (DUP). */
   dupBelow: number
-  writing = false
-  dirty = false
+  /**
+   * Offset → packet id of deliveries sent on an earlier connection and not acknowledged, until they are sent again
+   * with that id [MQTT-4.4.0-1] (see {@link ClientCursors.reserved}).
+   */
+  readonly resend = new Map<number, number>()
   /** Records read from the log and not yet looked at (from `aheadPos`), and the offset after them. */
   ahead: StoredRecord[] = []
   aheadPos = 0
@@ -181,6 +207,7 @@ class PartitionCursor {
     this.ahead = []
     this.aheadPos = 0
     this.aheadEnd = from
+    this.resend.clear()
   }
 }
 
@@ -190,16 +217,43 @@ interface Delivery {
   readonly record: StoredRecord
 }
 
+/** A record taken for a delivery: `id` when it goes out again with the packet id it had [MQTT-4.4.0-1]. */
+interface Picked extends Delivery {
+  readonly topic: Buffer
+  readonly properties: Buffer | undefined
+  readonly id: number | undefined
+  /**
+   * RETAIN: a delivery to an established subscription has it 0 [MQTT-3.3.1-9] [MQTT-3.3.1-12], unless the MQTT 5
+   * subscription has Retain As Published and the message was published with it [MQTT-3.3.1-13] (the log keeps it,
+   * RETAIN_HEADER).
+   */
+  readonly retain: boolean
+}
+
+/**
+ * Whether the cursor's records may go out now: what the last connection left unacknowledged goes out again before
+ * anything new (partitions without such deliveries wait for them).
+ */
+const mayTake = (state: ClientCursors, cursor: PartitionCursor): boolean => state.reserved.size === 0 || cursor.resend.size > 0
+
+/** Deliveries sent on this connection and not acknowledged: what the window limits. */
+const sentUnacked = (state: ClientCursors): number => state.inflight.size - state.reserved.size
+
 /** How a topic is delivered to the connection: null when it is not (no QoS > 0 subscription matches, or not readable). */
-type Route = { readonly topic: Buffer, readonly qos: number, readonly ids: number[], readonly noLocal: boolean } | null
+type Route = { readonly topic: Buffer, readonly qos: number, readonly ids: number[], readonly noLocal: boolean, readonly rap: boolean } | null
 
 class ClientCursors {
   readonly cursors = new Map<string, PartitionCursor>()
   /** aedes' client of the connection the deliveries go to, and how to write to it; undefined while offline. */
   client: object | undefined
   via: CursorConnection | undefined
-  /** Packet id → delivery, for this connection. */
+  /**
+   * Packet id → delivery sent and not acknowledged. Kept when the connection goes: the next connection sends them
+   * again with the same ids [MQTT-4.4.0-1] (in memory only: after a restart they go out with new ids, still DUP).
+   */
   readonly inflight = new Map<number, Delivery>()
+  /** The ids of `inflight` sent on an earlier connection and not sent again yet: they hold no place in the window. */
+  readonly reserved = new Set<number>()
   limit = 0
   running = false
   again = false
@@ -208,6 +262,11 @@ class ClientCursors {
   readonly routes = new Map<string, Map<string, Route>>()
   /** Cursor at which the next batch starts taking records, so partitions take turns. */
   turn = 0
+  /** Cursors with PUBACKs settled since the last advance (see {@link SessionCursors.attach}). */
+  readonly acking = new Set<PartitionCursor>()
+  /** Cursors that may have moved, for the session's next cursor write; `writing` while one is in flight. */
+  readonly advancing = new Set<PartitionCursor>()
+  writing = false
 
   constructor (readonly clientId: string) {}
 }
@@ -283,6 +342,9 @@ export class SessionCursors {
    */
   forwardLive (client: object & { readonly id: string }, packet: LivePacket): boolean {
     const state = this.#clients.get(client.id)
+    // aedes may deliver before this connection takes over the session's cursors (the retained messages of a SUBSCRIBE
+    // sent with the CONNECT): its id comes from a counter that must already skip the ids held for sending again.
+    if (state !== undefined && state.client !== client && state.inflight.size > 0) this.#connector?.(client)?.holdIds?.(this.#held(client.id))
     // Deliveries framed by this module never pass here: only aedes' copies of logged messages carry a position.
     const position = state === undefined ? undefined : logPositionOf(packet)
     if (state === undefined || position === undefined || typeof packet.topic !== 'string') return true
@@ -318,6 +380,26 @@ export class SessionCursors {
       cursor.restart()
       this.#watch(state, cursor)
     }
+    // What the last connection left unacknowledged goes out again first in each partition, with its ids [MQTT-4.4.0-1].
+    state.reserved.clear()
+    for (const [id, { cursor, record }] of state.inflight) {
+      if (state.cursors.get(cursorId(cursor.stream, cursor.partition)) !== cursor) {
+        state.inflight.delete(id)
+        continue
+      }
+      cursor.resend.set(record.offset, id)
+      state.reserved.add(id)
+    }
+    via.holdIds?.(this.#held(client.id))
+    // PUBACKs straight from the socket's bytes: each settles its delivery, and each cursor advances once per read.
+    via.takePubacks?.({
+      take: (id) => state.client === client && this.#acked(state, id),
+      taken: () => {
+        for (const cursor of state.acking) this.#advance(state, cursor)
+        state.acking.clear()
+        this.#schedule(state, true)
+      },
+    })
     this.#unlisten ??= this.#deps.log.onAppend((e) => this.#appended(e))
     via.conn.stream.once('close', () => { if (state.client === client) this.#release(state, true) })
     this.#schedule(state)
@@ -337,8 +419,10 @@ export class SessionCursors {
    */
   freeId (client: object & { readonly id: string }, messageId: number): number {
     const state = this.#clients.get(client.id)
-    if (state?.client !== client || state.via === undefined || !state.inflight.has(messageId)) return messageId
-    return this.#allocate(state, state.via)
+    if (state === undefined || !state.inflight.has(messageId)) return messageId
+    // Ids held for a connection's deliveries outlive it (sent again with them): a new connection may not take them either.
+    const via = state.client === client ? state.via : this.#connector?.(client)
+    return via === undefined ? messageId : this.#allocate(state, via)
   }
 
   /**
@@ -368,7 +452,9 @@ export class SessionCursors {
       touched.add(cursor)
     }
     state.inflight.clear()
-    for (const cursor of touched) this.#advance(clientId, cursor)
+    state.reserved.clear()
+    for (const cursor of state.cursors.values()) cursor.resend.clear()
+    for (const cursor of touched) this.#advance(state, cursor)
     if (state.via !== undefined) this.#schedule(state)
     return out
   }
@@ -381,13 +467,22 @@ export class SessionCursors {
     const state = this.#clients.get(client.id)
     // aedes also clears a PUBLISH of its own it did not forward: never one of these (they never pass through aedes).
     if (state === undefined || state.client !== client || packet.cmd === 'publish' || typeof packet.messageId !== 'number') return { found: false }
-    const delivery = state.inflight.get(packet.messageId)
-    if (delivery === undefined) return { found: false }
-    state.inflight.delete(packet.messageId)
-    delivery.cursor.acked.add(delivery.record.offset)
-    this.#advance(client.id, delivery.cursor)
+    if (!this.#acked(state, packet.messageId)) return { found: false }
+    for (const cursor of state.acking) this.#advance(state, cursor)
+    state.acking.clear()
     this.#schedule(state)
     return { found: true }
+  }
+
+  /** Settles the delivery with this packet id, if it is one; its cursor is left in `acking`, to advance. */
+  #acked (state: ClientCursors, messageId: number): boolean {
+    const delivery = state.inflight.get(messageId)
+    if (delivery === undefined) return false
+    state.inflight.delete(messageId)
+    if (state.reserved.delete(messageId)) delivery.cursor.resend.delete(delivery.record.offset)
+    delivery.cursor.acked.add(delivery.record.offset)
+    state.acking.add(delivery.cursor)
+    return true
   }
 
   /**
@@ -440,7 +535,7 @@ export class SessionCursors {
   settled (clientId: string): boolean {
     const state = this.#clients.get(clientId)
     if (state?.via === undefined || state.running || state.scheduled) return false
-    if (state.inflight.size >= state.limit) return true
+    if (sentUnacked(state) >= state.limit) return true
     return [...state.cursors.values()].every((c) => c.aheadPos === c.ahead.length && c.next >= endOf(this.#deps.log, c))
   }
 
@@ -475,12 +570,16 @@ export class SessionCursors {
     return state
   }
 
-  /** The connection is gone (closed, replaced, or the session dropped): its deliveries in flight are forgotten. */
+  /** Whether a delivery of the session holds the packet id (looked up each time: a dropped session holds none). */
+  #held (clientId: string): (messageId: number) => boolean {
+    return (messageId) => this.#clients.get(clientId)?.inflight.has(messageId) === true
+  }
+
+  /** The connection is gone (closed, replaced, or the session dropped): its deliveries in flight wait for the next one. */
   #release (state: ClientCursors, forgetIfEmpty = false): void {
     this.#unwatch(state)
     state.client = undefined
     state.via = undefined
-    state.inflight.clear()
     state.routes.clear()
     // An offline session without cursors keeps nothing here (its next logged message makes them again).
     if (forgetIfEmpty && state.cursors.size === 0 && this.#clients.get(state.clientId) === state) this.#clients.delete(state.clientId)
@@ -506,14 +605,20 @@ export class SessionCursors {
     for (const state of this.#watching.get(cursorId(e.stream, e.partition)) ?? []) this.#schedule(state)
   }
 
-  /** Runs the session's delivery once in the next turn: a run of PUBACKs (aedes handles a chunk of packets at once) or appends wakes it once. */
-  #schedule (state: ClientCursors): void {
+  /**
+   * Runs the session's delivery once in the next turn: a run of PUBACKs (aedes handles a chunk of packets at once) or
+   * appends wakes it once. `soon`: the PUBACKs of one socket read, taken from its bytes (the run is complete): in
+   * this turn, once the read is handled, so the next deliveries go out with this turn's writes, not a turn later.
+   */
+  #schedule (state: ClientCursors, soon = false): void {
     if (state.scheduled) return
     state.scheduled = true
-    setImmediate(() => {
+    const run = (): void => {
       state.scheduled = false
       this.#pump(state)
-    })
+    }
+    if (soon) queueMicrotask(run)
+    else setImmediate(run)
   }
 
   /** One delivery loop per session at a time; a wake-up while it runs makes it go round again. */
@@ -539,9 +644,9 @@ export class SessionCursors {
       state.again = false
       const { client, via } = state
       if (client === undefined || via === undefined || via.conn.closed || via.conn.stream.destroyed === true) return
-      if (state.inflight.size >= state.limit) return // woken by the PUBACKs
+      if (sentUnacked(state) >= state.limit) return // woken by the PUBACKs
       const cursors = [...state.cursors.values()]
-      if (cursors.some((c) => c.aheadPos < c.ahead.length)) {
+      if (cursors.some((c) => c.aheadPos < c.ahead.length && mayTake(state, c))) {
         const out = this.#frame(state, via)
         if (out !== null && !via.conn.stream.write(out)) await drained(via.conn.stream)
         continue
@@ -549,11 +654,14 @@ export class SessionCursors {
       let read = false
       for (let k = 0; k < cursors.length; k++) {
         const cursor = cursors[(state.turn + k) % cursors.length] as PartitionCursor // partitions take turns
+        if (!mayTake(state, cursor) || cursor.aheadPos < cursor.ahead.length) continue
         const info = partitionInfo(log, cursor)
+        if (info === undefined) this.#forgetHeld(state, cursor, Infinity) // the stream is gone, and what it held
         if (info === undefined || cursor.next >= info.logEndOffset) continue
         const { records, nextOffset } = await log.read(cursor.stream, cursor.partition, Math.max(cursor.next, info.logStartOffset),
           { maxRecords: this.#deps.readRecords ?? 1000, maxBytes: CHUNK_BYTES })
         if (state.client !== client) return
+        if (cursor.next < info.logStartOffset) this.#forgetHeld(state, cursor, info.logStartOffset)
         cursor.ahead = records
         cursor.aheadPos = 0
         cursor.aheadEnd = records.length === 0 ? info.logEndOffset : nextOffset
@@ -570,32 +678,34 @@ export class SessionCursors {
    * and frames them into one buffer (null when every record taken was skipped).
    */
   #frame (state: ClientCursors, via: CursorConnection): Buffer | null {
-    const room = Math.min(state.limit - state.inflight.size, BATCH_RECORDS)
+    const room = Math.min(state.limit - sentUnacked(state), BATCH_RECORDS)
     const now = (this.#deps.now ?? Date.now)()
     const mqtt5 = via.conn.mqtt5 === true
-    const picked: Array<{ cursor: PartitionCursor, record: StoredRecord, topic: Buffer, properties: Buffer | undefined }> = []
+    const picked: Picked[] = []
     const touched = new Set<PartitionCursor>()
     let size = 0
     const cursors = [...state.cursors.values()]
     for (let k = 0; k < cursors.length && picked.length < room && size < BATCH_BYTES; k++) {
       const cursor = cursors[(state.turn + k) % cursors.length] as PartitionCursor
+      if (!mayTake(state, cursor)) continue
       while (picked.length < room && size < BATCH_BYTES && cursor.aheadPos < cursor.ahead.length) {
         const record = cursor.ahead[cursor.aheadPos++] as StoredRecord
         if (record.offset < cursor.next) continue
         cursor.next = record.offset + 1
         touched.add(cursor)
-        if (cursor.acked.delete(record.offset)) continue // acknowledged on an earlier connection
-        const route = this.#route(state, via, cursor.tenant, record.topic)
-        // QoS 0 records, topics no subscription matches and topics it may not read are not this session's; QoS 2 deliveries are copies.
-        if (route === null || Math.min(record.qos, route.qos) !== 1) continue
-        if (route.noLocal && record.clientId === via.conn.clientId) continue // its own message
-        if (expiredAt(record.headers, record.timestamp, now)) { // [MQTT-3.3.2-5]
-          this.#deps.onExpired?.(cursor.tenant)
+        // Sent on an earlier connection and not acknowledged: it goes out with the id it had, or gives it up.
+        const held = cursor.resend.get(record.offset)
+        if (held !== undefined) {
+          cursor.resend.delete(record.offset)
+          state.reserved.delete(held)
+        }
+        const pick = cursor.acked.delete(record.offset) ? null : this.#pick(state, via, cursor, record, now, mqtt5, held)
+        if (pick === null) {
+          if (held !== undefined) state.inflight.delete(held)
           continue
         }
-        const properties = mqtt5 ? recordProperties(cursor.partition, record, now, { location: false, subscriptionIds: route.ids }) : undefined
-        picked.push({ cursor, record, topic: route.topic, properties })
-        size += publishPacketSize(route.topic, record.payload, 1, properties)
+        picked.push(pick)
+        size += publishPacketSize(pick.topic, record.payload, 1, pick.properties)
       }
       if (cursor.ahead.length > 0 && cursor.aheadPos === cursor.ahead.length) {
         cursor.next = Math.max(cursor.next, cursor.aheadEnd)
@@ -610,15 +720,34 @@ export class SessionCursors {
       let at = 0
       for (const delivery of picked) {
         const { cursor, record, topic, properties } = delivery
-        const id = this.#allocate(state, via)
+        const id = delivery.id ?? this.#allocate(state, via)
         state.inflight.set(id, delivery)
         cursor.sent(record.offset)
-        at = writePublishPacket(out, at, topic, record.payload, 1, id, false, properties, record.offset < cursor.dupBelow)
+        at = writePublishPacket(out, at, topic, record.payload, 1, id, delivery.retain, properties, record.offset < cursor.dupBelow)
       }
     }
     // Skipped records move the cursor too, once nothing below them is unacknowledged.
-    for (const cursor of touched) this.#advance(state.clientId, cursor)
+    for (const cursor of touched) this.#advance(state, cursor)
     return out
+  }
+
+  /**
+   * The delivery of a record to this session, or null when it is not one: QoS 0 records, topics no subscription
+   * matches and topics it may not read are not this session's; QoS 2 deliveries are copies. `held`: the packet id it
+   * was sent with on an earlier connection (its onward delivery started: it is sent again even if it expired since).
+   */
+  #pick (state: ClientCursors, via: CursorConnection, cursor: PartitionCursor, record: StoredRecord, now: number, mqtt5: boolean,
+    held: number | undefined): Picked | null {
+    const route = this.#route(state, via, cursor.tenant, record.topic)
+    if (route === null || Math.min(record.qos, route.qos) !== 1) return null
+    if (route.noLocal && record.clientId === via.conn.clientId) return null // its own message
+    if (held === undefined && expiredAt(record.headers, record.timestamp, now)) { // [MQTT-3.3.2-5]
+      this.#deps.onExpired?.(cursor.tenant)
+      return null
+    }
+    const properties = mqtt5 ? recordProperties(cursor.partition, record, now, { location: false, subscriptionIds: route.ids }) : undefined
+    const retain = route.rap && record.headers?.[RETAIN_HEADER] === '1'
+    return { cursor, record, topic: route.topic, properties, id: held, retain }
   }
 
   /** How the connection gets a record's topic: the QoS granted, its delivered topic, its subscription identifiers. */
@@ -637,6 +766,7 @@ export class SessionCursors {
             qos,
             ids: this.#deps.subscriptionIds?.(state.clientId, mounted) ?? [],
             noLocal: this.#deps.noLocal?.(state.clientId, mounted) ?? false,
+            rap: this.#deps.retainAsPublished?.(state.clientId, mounted) ?? false,
           }
       if (byTopic.size >= CACHE_ENTRIES) byTopic.clear()
       byTopic.set(topic, route)
@@ -652,20 +782,45 @@ export class SessionCursors {
     }
   }
 
-  #advance (clientId: string, cursor: PartitionCursor): void {
-    if (cursor.writing) { cursor.dirty = true; return }
-    const target = cursor.target()
-    if (target <= cursor.committed) return
-    cursor.committed = target
-    cursor.writing = true
-    this.#deps.write([{ type: 'put', key: keys.cursor(clientId, cursor.stream, cursor.partition), value: u64(target) }]).catch((err: unknown) => {
+  /** Deliveries held for sending again below `offset` are gone from the log (the disk budget deleted them): their ids are free. */
+  #forgetHeld (state: ClientCursors, cursor: PartitionCursor, offset: number): void {
+    for (const [at, id] of cursor.resend) {
+      if (at >= offset) continue
+      cursor.resend.delete(at)
+      state.reserved.delete(id)
+      state.inflight.delete(id)
+    }
+  }
+
+  /**
+   * The cursor may have moved: the session writes its cursors' new values in one write, one write in flight per
+   * session; what moves meanwhile goes in the next (a drain's PUBACKs move every partition's cursor: one write each
+   * cost a group-commit entry per partition and per socket read).
+   */
+  #advance (state: ClientCursors, cursor: PartitionCursor): void {
+    state.advancing.add(cursor)
+    if (!state.writing) this.#writeAdvances(state)
+  }
+
+  #writeAdvances (state: ClientCursors): void {
+    const ops: Array<{ type: 'put', key: Buffer, value: Buffer }> = []
+    // A session dropped, or a cursor dropped, writes nothing more (its deletion was written after what is in flight).
+    const live = this.#clients.get(state.clientId) === state
+    for (const cursor of state.advancing) {
+      if (!live || state.cursors.get(cursorId(cursor.stream, cursor.partition)) !== cursor) continue
+      const target = cursor.target()
+      if (target <= cursor.committed) continue
+      cursor.committed = target
+      ops.push({ type: 'put', key: keys.cursor(state.clientId, cursor.stream, cursor.partition), value: u64(target) })
+    }
+    state.advancing.clear()
+    if (ops.length === 0) return
+    state.writing = true
+    this.#deps.write(ops).catch((err: unknown) => {
       this.#deps.onWriteError?.(err)
     }).finally(() => {
-      cursor.writing = false
-      if (cursor.dirty && this.#clients.get(clientId)?.cursors.get(cursorId(cursor.stream, cursor.partition)) === cursor) {
-        cursor.dirty = false
-        this.#advance(clientId, cursor)
-      }
+      state.writing = false
+      if (state.advancing.size > 0) this.#writeAdvances(state)
     })
   }
 }

@@ -521,6 +521,7 @@ export class LevelSessionPersistence {
         grantedQos: (clientId, topic) => this.#grantedQos(clientId, topic),
         subscriptionIds: (clientId, topic) => this.#subscriptionIds(clientId, topic),
         noLocal: (clientId, topic) => this.#noLocal(clientId, topic),
+        retainAsPublished: (clientId, topic) => this.#retainAsPublished(clientId, topic),
         busy: (clientId, messageId) => this.#queues.get(clientId)?.byMessageId(messageId) !== undefined,
         broker: () => this.#broker,
         window,
@@ -1156,6 +1157,14 @@ export class LevelSessionPersistence {
       if (record.qos > 0 && record.nl !== true && topicMatches(filter, topic)) return false
     }
     return true
+  }
+
+  /** Whether a QoS > 0 subscription of the client whose filter matches the topic has Retain As Published set (MQTT 5 3.8.3.1). */
+  #retainAsPublished (clientId: string, topic: string): boolean {
+    for (const [filter, record] of this.#subs.get(clientId) ?? []) {
+      if (record.qos > 0 && record.rap === true && topicMatches(filter, topic)) return true
+    }
+    return false
   }
 
   /**

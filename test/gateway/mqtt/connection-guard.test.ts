@@ -7,13 +7,13 @@
 import { Duplex } from 'node:stream'
 import mqttPacket, { type Packet } from 'mqtt-packet'
 import { describe, expect, it } from 'vitest'
-import { ConnectionGuard, GuardGroup, type ViolationReason } from '../../../gateway/mqtt/connection-guard.ts'
+import { ConnectionGuard, GuardGroup, type PubackTaker, type ViolationReason } from '../../../gateway/mqtt/connection-guard.ts'
 import { connectPacket, packet, publishPacket, str, subscribePacket, u16, unsubscribePacket, varint } from '../../helpers/raw-mqtt.ts'
 
 interface Run { readonly out: Buffer, readonly violations: Array<{ reason: ViolationReason, detail: string }> }
 
 /** Feeds `chunks` to a guard over an in-memory socket; resolves with what aedes would have read and the violations. */
-async function run (chunks: readonly Buffer[], maxPacketBytes = 4096): Promise<Run> {
+async function run (chunks: readonly Buffer[], maxPacketBytes = 4096, pubacks?: PubackTaker): Promise<Run> {
   const socket = new Duplex({ read () {}, write (_chunk, _encoding, callback) { callback() } })
   const violations: Run['violations'] = []
   const guard = new ConnectionGuard(socket, {
@@ -23,6 +23,7 @@ async function run (chunks: readonly Buffer[], maxPacketBytes = 4096): Promise<R
     group: new GuardGroup(),
     onViolation: (reason, detail) => { violations.push({ reason, detail }) },
   })
+  if (pubacks !== undefined) guard.pubacks = pubacks
   const out: Buffer[] = []
   guard.on('data', (d: Buffer) => out.push(d))
   guard.on('error', () => {})
@@ -116,6 +117,37 @@ describe('ConnectionGuard', () => {
       }
     })
   }
+
+  it('hands a PUBACK taker the short PUBACKs it holds, cut from what aedes reads, whole or split anywhere; the rest pass', async () => {
+    const traffic = Buffer.concat([
+      connectPacket({ clientId: 'sub' }),
+      ...Array.from({ length: 12 }, (_v, k) => packet(0x40, u16(k + 1))), // more than maxInflight (3) in a row
+      publishPacket('t', 'x', 1, 40),
+      packet(0x40, u16(8)),
+      packet(0xc0, Buffer.alloc(0)), // PINGREQ
+      packet(0x40, u16(12)), // again: the taker holds it no more
+    ])
+    for (const chunks of [[traffic], bytewise(traffic), splits(traffic, 1), splits(traffic, 2)]) {
+      const held = new Set([2, 4, 6, 8, 10, 12])
+      const taken: number[] = []
+      let reads = 0
+      const r = await run(chunks, 4096, {
+        take: (id) => { if (!held.delete(id)) return false; taken.push(id); return true },
+        taken: () => { reads++ },
+      })
+      expect(r.violations).toEqual([])
+      const parser = mqttPacket.parser({ protocolVersion: 4 })
+      const passed: Packet[] = []
+      parser.on('packet', (p: Packet) => passed.push(p))
+      parser.parse(r.out)
+      const acks = passed.flatMap((p) => p.cmd === 'puback' ? [p.messageId as number] : [])
+      // every PUBACK exactly once: taken, or passed to aedes in order with everything else
+      expect([...taken, ...acks].sort((a, b) => a - b)).toEqual([1, 2, 3, 4, 5, 6, 7, 8, 8, 9, 10, 11, 12, 12])
+      expect(passed.map((p) => p.cmd).filter((c) => c !== 'puback')).toEqual(['connect', 'publish', 'pingreq'])
+      expect(reads).toBeLessThanOrEqual(chunks.length)
+      if (chunks.length === 1) expect([taken, reads]).toEqual([[2, 4, 6, 8, 10, 12], 1])
+    }
+  })
 
   it('keeps only the variable header of a large PUBLISH, and checks it as soon as it is complete', async () => {
     // The topic is checked when the packet id arrives, long before the 3,000-byte payload.

@@ -21,6 +21,7 @@ import { LevelSessionPersistence, SessionPersistenceError, type SessionBroker, t
 import { keys, TAG_CURSOR, TAG_OUTGOING } from '../../../../gateway/mqtt/sessions/format.ts'
 import type { CursorConnection } from '../../../../gateway/mqtt/sessions/cursors.ts'
 import { PROPERTY_HEADERS } from '../../../../bridge/mqtt-properties.ts'
+import { RETAIN_HEADER } from '../../../../gateway/mqtt/hooks/durable-append.ts'
 import { buildConfig } from '../../../../gateway/config/config.ts'
 
 const dirs: string[] = []
@@ -115,12 +116,16 @@ async function connect (gw: Gateway, clientId: string, options: {
   readonly ack?: (packet: IPublishPacket, i: number) => boolean
   readonly mqtt5?: boolean
   readonly receiveMaximum?: number
+  /** Where the connection's packet id counter starts (aedes starts each client's at random). */
+  readonly firstId?: number
+  /** Told what the client's counter must skip (CursorConnection.holdIds). */
+  readonly holdIds?: (held: (messageId: number) => boolean) => void
 } = {}): Promise<Connection> {
   const client = { id: clientId, clean: false }
   const parser = mqttPacket.parser({ protocolVersion: options.mqtt5 === true ? 5 : 4 })
   const onClose: Array<() => void> = []
   let closed = false
-  let nextId = 1
+  let nextId = options.firstId ?? 1
   const conn: Connection = {
     client,
     got: [],
@@ -152,10 +157,11 @@ async function connect (gw: Gateway, clientId: string, options: {
       get closed () { return closed },
       clientId,
       mqtt5: options.mqtt5,
-      nextMessageId: () => nextId++,
+      nextMessageId: () => { const id = nextId; nextId = id >= 65535 ? 1 : id + 1; return id },
     },
     receiveMaximum: options.receiveMaximum ?? 65535,
     deliveredTopic: (mounted) => mounted,
+    holdIds: options.holdIds,
   })
   conn.copies = await gw.persistence.outgoingStream(client).toArray() as SessionPacket[]
   return conn
@@ -290,6 +296,56 @@ describe('session cursors into the log', () => {
     expect(bodies(fourth.got).filter((b) => bodies(third.got).includes(b))).toHaveLength(third.got.length - 5)
   })
 
+  it('sends the unacknowledged deliveries again with their packet ids and DUP on the next connection [MQTT-4.4.0-1], within its window', async () => {
+    const { gw } = await fresh(6)
+    await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: 't1/devices/+/telemetry/#', qos: 1 }])
+    const other = ['d1', 'd2', 'd3', 'd4', 'd5'].find((d) => gw.store.partitionFor('t1/telemetry', d) !== gw.store.partitionFor('t1/telemetry', 'd0')) as string
+    for (let i = 0; i < 5; i++) {
+      await publish(gw, 't1', 'd0', `a${i}`)
+      await publish(gw, 't1', other, `b${i}`)
+    }
+    // six sent over two partitions, two of them acknowledged: four held, by the ids they went out with
+    const first = await connect(gw, 'svc', { ack: (p) => ['a0', 'b1'].includes(String(p.payload)), firstId: 65534 })
+    await settled(gw, first)
+    expect(first.got).toHaveLength(8) // the window of 6 refilled after the two PUBACKs
+    first.close()
+    const idOf = new Map(first.got.map((p) => [String(p.payload), p.messageId as number]))
+    const unacked = first.got.filter((p) => !['a0', 'b1'].includes(String(p.payload))).map((p) => String(p.payload))
+
+    // a client with a Receive Maximum of 2 and a counter elsewhere: the six come again two at a time, with their ids
+    const second = await connect(gw, 'svc', { receiveMaximum: 2, ack: () => false, firstId: 100 })
+    for (let n = 2; n <= unacked.length; n += 2) {
+      await settled(gw, second)
+      expect(second.got).toHaveLength(n)
+      for (const p of second.got.slice(n - 2)) await second.ack(p.messageId as number)
+    }
+    await settled(gw, second)
+    const again = second.got.slice(0, unacked.length)
+    expect(again.map((p) => String(p.payload)).sort()).toEqual([...unacked].sort())
+    expect(again.every((p) => p.dup && p.messageId === idOf.get(String(p.payload)))).toBe(true)
+    // per partition in order; what follows takes new ids, none of the held ones
+    expect(bodies(second.got).filter((b) => b.startsWith('a'))).toEqual(['a1', 'a2', 'a3', 'a4'])
+    expect(bodies(second.got).filter((b) => b.startsWith('b'))).toEqual(['b0', 'b2', 'b3', 'b4'])
+    expect(second.got).toHaveLength(8)
+    expect(second.got.slice(unacked.length).every((p) => !p.dup && p.messageId as number >= 100)).toBe(true)
+  })
+
+  it('makes a new connection\'s packet id counter skip the held ids before it reads the cursors (aedes may deliver first)', async () => {
+    const { gw } = await fresh()
+    await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: 't1/devices/+/telemetry/#', qos: 1 }])
+    for (let i = 0; i < 3; i++) await publish(gw, 't1', 'd0', `m${i}`)
+    const first = await connect(gw, 'svc', { ack: () => false, firstId: 7 })
+    await settled(gw, first)
+    first.close()
+    // a retained QoS 1 message of a SUBSCRIBE that came with the CONNECT: aedes asks authorizeForward before the
+    // session's queue is read (outgoingStream), then takes an id from the new connection's counter
+    const client = { id: 'svc', clean: false }
+    let skips: ((id: number) => boolean) | undefined
+    gw.connections.set(client, { ...gw.connections.get(first.client) as CursorConnection, holdIds: (held) => { skips = held } })
+    expect(gw.persistence.forwardLive(client, { topic: 't1/retained', qos: 1, payload: Buffer.from('r') })).toBe(true)
+    expect([6, 7, 8, 9, 10].map((id) => skips?.(id))).toEqual([false, true, true, true, false])
+  })
+
   it('ignores a PUBACK for an unknown packet id, a repeated one, and one from a connection that has gone: nothing advances', async () => {
     const { gw } = await fresh()
     await gw.persistence.markSession({ id: 'svc' })
@@ -371,6 +427,24 @@ describe('session cursors into the log', () => {
     expect(plain.properties).toMatchObject({ subscriptionIdentifier: [7, 300] })
     expect(plain.properties?.userProperties).toBeUndefined() // no location user properties: these are not replays
     expect(expired).toEqual(['t1'])
+  })
+
+  it('sets RETAIN on a delivery only for an MQTT 5 subscription with Retain As Published, as the message was published', async () => {
+    const { gw } = await fresh()
+    await gw.persistence.addSubscriptions({ id: 'rap' }, [{ topic: 't1/devices/+/telemetry/#', qos: 1, rh: 0, rap: true, nl: false }])
+    await gw.persistence.addSubscriptions({ id: 'plain' }, [{ topic: 't1/devices/+/telemetry/#', qos: 1, rh: 0, rap: false, nl: false }])
+    await gw.persistence.addSubscriptions({ id: 'v311' }, [{ topic: 't1/devices/+/telemetry/#', qos: 1 }])
+    await publish(gw, 't1', 'd0', 'kept', 1, { [RETAIN_HEADER]: '1' })
+    await publish(gw, 't1', 'd0', 'live', 1)
+    const flags = async (clientId: string, mqtt5: boolean): Promise<Array<[string, boolean]>> => {
+      const conn = await connect(gw, clientId, { mqtt5 })
+      await settled(gw, conn)
+      conn.close()
+      return conn.got.map((p) => [String(p.payload), p.retain])
+    }
+    expect(await flags('rap', true)).toEqual([['kept', true], ['live', false]])
+    expect(await flags('plain', true)).toEqual([['kept', false], ['live', false]]) // [MQTT-3.3.1-12]
+    expect(await flags('v311', false)).toEqual([['kept', false], ['live', false]]) // [MQTT-3.3.1-9]
   })
 
   it('does not send a client its own messages on a subscription with No Local (MQTT 5), as aedes\' live path does not', async () => {

@@ -8,6 +8,7 @@ import mqtt from 'mqtt'
 import mqttPacket, { type IPublishPacket, type Packet } from 'mqtt-packet'
 import { afterAll, describe, expect, it } from 'vitest'
 import { startGatewayProcess, tempDir, type GatewayProcess } from '../../../helpers/gateway-process.ts'
+import { rawConnect, type RawClient } from '../../../helpers/raw-client.ts'
 
 const DEVICES = 8
 const WAIT_MS = 60_000
@@ -157,6 +158,117 @@ describe('persistent session deliveries from the log', () => {
     while (got.size < 10 && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 20))
     expect([...got].sort()).toEqual(Array.from({ length: 10 }, (_v, d) => `${d}:0`).sort())
     sub.end(true)
+    expect(await gw.stop()).toBe(0)
+  }, 120_000)
+
+  for (const version of [4, 5] as const) {
+    it(`sends what it left unacknowledged again with the same packet ids and DUP set (MQTT ${version === 4 ? '3.1.1' : '5'}) [MQTT-4.4.0-1]`, async () => {
+      const gw = await gateway()
+      const PER_DEVICE = 5
+      const total = DEVICES * PER_DEVICE
+      const open = async (): Promise<RawClient> => {
+        const raw = await rawConnect(gw.mqttUrl, version)
+        cleanups.push(async () => { raw.end() })
+        raw.send({
+          cmd: 'connect', protocolId: 'MQTT', protocolVersion: version, clean: false, keepalive: 60, clientId: `ids-${version}`,
+          ...(version === 5 ? { properties: { sessionExpiryInterval: 3600 } } : {}),
+        })
+        await raw.next('connack')
+        return raw
+      }
+      const receive = async (raw: RawClient, n: number): Promise<IPublishPacket[]> => {
+        const out: IPublishPacket[] = []
+        while (out.length < n) out.push(await raw.next('publish', WAIT_MS) as IPublishPacket)
+        return out
+      }
+      const setup = await open()
+      setup.send({ cmd: 'subscribe', messageId: 1, subscriptions: [{ topic: 'devices/+/telemetry/#', qos: 1 }] })
+      await setup.next('suback')
+      setup.end()
+      await setup.closed
+      await publishAll(gw.mqttUrl, PER_DEVICE)
+
+      // The first connection acknowledges a quarter of what it gets (after a PINGRESP: all of it was sent), then drops.
+      const first = await open()
+      const got = await receive(first, total)
+      const acked = got.filter((_p, i) => i % 4 === 0)
+      for (const p of acked) first.send({ cmd: 'puback', messageId: p.messageId as number })
+      first.send({ cmd: 'pingreq' })
+      await first.next('pingresp')
+      first.end()
+      await first.closed
+
+      const second = await open()
+      const again = await receive(second, total - acked.length)
+      const idOf = new Map(got.map((p) => [String(p.payload), p.messageId]))
+      expect(again.map((p) => String(p.payload)).sort()).toEqual(got.filter((p) => !acked.includes(p)).map((p) => String(p.payload)).sort())
+      for (const p of again) expect([String(p.payload), p.messageId, p.dup]).toEqual([String(p.payload), idOf.get(String(p.payload)), true])
+      second.end()
+      expect(await gw.stop()).toBe(0)
+    }, 120_000)
+  }
+
+  it('keeps a subscriber alive whose only packets are PUBACKs the gateway takes from the bytes (keepalive 1 s, 3 s of PUBACKs)', async () => {
+    const gw = await gateway()
+    const connect = async (keepalive: number): Promise<RawClient> => {
+      const raw = await rawConnect(gw.mqttUrl, 4)
+      cleanups.push(async () => { raw.end() })
+      raw.send({ cmd: 'connect', protocolId: 'MQTT', protocolVersion: 4, clean: false, keepalive, clientId: 'slow' })
+      await raw.next('connack')
+      return raw
+    }
+    const setup = await connect(60)
+    setup.send({ cmd: 'subscribe', messageId: 1, subscriptions: [{ topic: 'devices/+/telemetry/#', qos: 1 }] })
+    await setup.next('suback')
+    setup.end()
+    await setup.closed
+    await publishAll(gw.mqttUrl, 4) // 32 messages
+    // aedes closes a client silent for 1.5 keepalives: 32 PUBACKs 100 ms apart are its only packets for 3.2 s
+    const slow = await connect(1)
+    for (let n = 0; n < DEVICES * 4; n++) {
+      const p = await slow.next('publish', WAIT_MS)
+      await new Promise((resolve) => setTimeout(resolve, 100))
+      slow.send({ cmd: 'puback', messageId: p.messageId as number })
+    }
+    slow.send({ cmd: 'pingreq' })
+    await slow.next('pingresp')
+    slow.end()
+    expect(await gw.stop()).toBe(0)
+  }, 120_000)
+
+  it('keeps a message\'s RETAIN for MQTT 5 subscriptions with Retain As Published, and only for them, live and after a reconnect', async () => {
+    const gw = await gateway()
+    const got = new Map<string, Array<[string, boolean]>>()
+    const subscriber = async (clientId: string, version: 4 | 5, rap?: boolean): Promise<mqtt.MqttClient> => {
+      const client = await mqtt.connectAsync(gw.mqttUrl, {
+        clientId, clean: false, protocolVersion: version, reconnectPeriod: 0, ...(version === 5 ? { properties: { sessionExpiryInterval: 3600 } } : {}),
+      })
+      cleanups.push(async () => { client.end(true) })
+      client.on('message', (_t, payload, packet) => got.set(clientId, [...got.get(clientId) ?? [], [payload.toString(), packet.retain]]))
+      // Once: a SUBSCRIBE on the reconnect would also get the retained message, as retained.
+      if (rap !== undefined) await client.subscribeAsync('devices/+/telemetry/#', { qos: 1, ...(version === 5 ? { rap } : {}) })
+      return client
+    }
+    const subs = [await subscriber('rap', 5, true), await subscriber('plain', 5, false), await subscriber('v311', 4, false)]
+    const device = await mqtt.connectAsync(gw.mqttUrl, { clientId: 'dev-r', reconnectPeriod: 0 })
+    await device.publishAsync('devices/dev-r/telemetry/t', 'kept', { qos: 1, retain: true })
+    await device.publishAsync('devices/dev-r/telemetry/t', 'live', { qos: 1 })
+    const received = async (n: number): Promise<void> => {
+      const deadline = Date.now() + WAIT_MS
+      while ([...got.values()].flat().length < n && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 20))
+    }
+    await received(6)
+    // offline: read from the log on the next connection
+    for (const sub of subs) await sub.endAsync()
+    await device.publishAsync('devices/dev-r/telemetry/t', 'later', { qos: 1, retain: true })
+    await device.endAsync()
+    await subscriber('rap', 5)
+    await subscriber('plain', 5)
+    await subscriber('v311', 4)
+    await received(9)
+    expect(got.get('rap')).toEqual([['kept', true], ['live', false], ['later', true]])
+    expect(got.get('plain')).toEqual([['kept', false], ['live', false], ['later', false]])
+    expect(got.get('v311')).toEqual([['kept', false], ['live', false], ['later', false]])
     expect(await gw.stop()).toBe(0)
   }, 120_000)
 
