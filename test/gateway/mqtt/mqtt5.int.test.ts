@@ -30,7 +30,7 @@ import { createPki, opensslPolicy } from '../../helpers/tls-fixtures.ts'
 const openssl = opensslPolicy()
 /** `mosquitto_pub --version` exits 1, so haveTool() cannot tell; --help spawning at all says it is installed. */
 const haveMosquittoPub = spawnSync('mosquitto_pub', ['--help'], { stdio: 'ignore' }).error === undefined
-const TIMEOUT = 30_000
+const TIMEOUT = 90_000
 const V5: IClientOptions = { protocolVersion: 5 }
 
 /** Every PUBLISH a client receives, with its properties. */
@@ -114,14 +114,14 @@ describe('MQTT 5 on the listeners of one gateway, with 3.1.1 clients on the same
       const pub = await connect(url, { ...V5, clientId: `d5-${name}` })
       const properties = { contentType: 'text/plain', userProperties: { unit: 'C' }, correlationData: Buffer.from('c-1') }
       await pub.publishAsync(`devices/d5-${name}/telemetry/t`, '21.5', { qos: 1, properties })
-      expect(await waitFor(() => got5.length > 0 && got4.length > 0, 5000)).toBe(true)
+      expect(await waitFor(() => got5.length > 0 && got4.length > 0, 30_000)).toBe(true)
       expect(got5.map((p) => [p.topic, String(p.payload), p.properties?.contentType, p.properties?.userProperties, String(p.properties?.correlationData)]))
         .toEqual([[`devices/d5-${name}/telemetry/t`, '21.5', 'text/plain', { unit: 'C' }, 'c-1']])
       expect(got4.map((p) => [p.topic, String(p.payload), p.properties])).toEqual([[`devices/d5-${name}/telemetry/t`, '21.5', undefined]])
       // And the reverse: a 3.1.1 publish reaches the MQTT 5 subscriber.
       const pub4 = await connect(url, { clientId: `d4-${name}` })
       await pub4.publishAsync(`devices/d5-${name}/telemetry/t`, 'from 3.1.1', { qos: 1 })
-      expect(await waitFor(() => got5.length > 1, 5000)).toBe(true)
+      expect(await waitFor(() => got5.length > 1, 30_000)).toBe(true)
       expect(String(got5[1]?.payload)).toBe('from 3.1.1')
       expect(await metricValue(gw.httpUrl, 'edgemq_ingest_messages_total', { tenant: 'default', stream: 'telemetry' })).toBe(before + 2)
       await endAll([sub5, sub4, pub, pub4])
@@ -136,7 +136,7 @@ describe('MQTT 5 on the listeners of one gateway, with 3.1.1 clients on the same
     const run = runTool('mosquitto_pub', ['-h', '127.0.0.1', '-p', port, '-V', 'mqttv5', '-i', 'x', '-t', 'devices/x/telemetry/t', '-m', 'hi', '-q', '1',
       '-D', 'publish', 'user-property', 'site', 'north'])
     expect(run, run.output).toMatchObject({ code: 0 })
-    expect(await waitFor(() => got.length > 0, 5000)).toBe(true)
+    expect(await waitFor(() => got.length > 0, 30_000)).toBe(true)
     expect(got.map((p) => [String(p.payload), p.properties?.userProperties])).toEqual([['hi', { site: 'north' }]])
   }, TIMEOUT)
 
@@ -153,7 +153,7 @@ describe('MQTT 5 on the listeners of one gateway, with 3.1.1 clients on the same
     const got = received(again)
     const connack = await new Promise<{ sessionPresent: boolean }>((resolve) => again.once('connect', resolve))
     expect(connack.sessionPresent).toBe(true)
-    expect(await waitFor(() => got.length > 0, 5000)).toBe(true)
+    expect(await waitFor(() => got.length > 0, 30_000)).toBe(true)
     expect(got.map((p) => [String(p.payload), p.properties?.userProperties])).toEqual([['while away', { n: '1' }]])
   }, TIMEOUT)
 
@@ -166,7 +166,7 @@ describe('MQTT 5 on the listeners of one gateway, with 3.1.1 clients on the same
     const sub = await connect(url, { ...V5, clientId: 'replayer-5' })
     const got = received(sub)
     expect(await subscribeGranted(sub, '$replay/earliest/devices/d-replay5/telemetry/#', 1)).toEqual([1])
-    expect(await waitFor(() => got.some((p) => p.topic.endsWith('/$done')), 5000)).toBe(true)
+    expect(await waitFor(() => got.some((p) => p.topic.endsWith('/$done')), 30_000)).toBe(true)
     const records = got.filter((p) => !p.topic.endsWith('/$done'))
     expect(records.map((p) => String(p.payload))).toEqual(['one', 'two'])
     const props = records.map((p) => p.properties?.userProperties as Record<string, string>)
@@ -188,7 +188,7 @@ describe('MQTT 5 on the listeners of one gateway, with 3.1.1 clients on the same
     expect(connack.properties).toMatchObject({ maximumPacketSize: 4096, topicAliasMaximum: 10, receiveMaximum: 1000 }) // mqtt.maxInflightPerClient
     await client.publishAsync('devices/d-alias/telemetry/t', 'named', { qos: 1, properties: { topicAlias: 3 } })
     await client.publishAsync('', 'by alias', { qos: 1, properties: { topicAlias: 3 } })
-    expect(await waitFor(() => got.length === 2, 5000)).toBe(true)
+    expect(await waitFor(() => got.length === 2, 30_000)).toBe(true)
     expect(got.map((p) => [p.topic, String(p.payload)])).toEqual([['devices/d-alias/telemetry/t', 'named'], ['devices/d-alias/telemetry/t', 'by alias']])
     // An alias nobody set up, and one over the maximum (MQTT.js refuses to send either): DISCONNECT 0x94 (topic alias invalid).
     for (const topicAlias of [4, 11]) {
@@ -259,7 +259,7 @@ describe('MQTT 5 on the listeners of one gateway, with 3.1.1 clients on the same
     const sub = await connect(url, { ...V5, clientId: 'replayer-props' })
     const got = received(sub)
     expect(await subscribeGranted(sub, '$replay/earliest/devices/d-props/telemetry/#', 1)).toEqual([1])
-    expect(await waitFor(() => got.some((p) => p.topic.endsWith('/$done')), 5000)).toBe(true)
+    expect(await waitFor(() => got.some((p) => p.topic.endsWith('/$done')), 30_000)).toBe(true)
     const replayed = got[0]?.properties
     expect(replayed).toMatchObject({ contentType: 'application/json', payloadFormatIndicator: true, responseTopic: 'devices/d-props/commands/reply' })
     expect(replayed?.correlationData).toEqual(Buffer.from([0, 1, 2, 255]))
@@ -288,7 +288,7 @@ describe('MQTT 5 on the listeners of one gateway, with 3.1.1 clients on the same
     clients.add(again)
     const got = received(again)
     // "lasting" was logged after "short-lived": once it is here, "short-lived" would have come before it.
-    expect(await waitFor(() => got.length > 0, 5000)).toBe(true)
+    expect(await waitFor(() => got.length > 0, 30_000)).toBe(true)
     expect(got.map((p) => String(p.payload))).toEqual(['lasting'])
     const left = got[0]?.properties?.messageExpiryInterval as number
     expect(left > 0 && left <= 3600).toBe(true) // the time left [MQTT-3.3.2-6]
