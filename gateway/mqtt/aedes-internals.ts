@@ -234,10 +234,11 @@ export function movePacketId (packet: { messageId?: number }, messageId: number)
 export type InternalPublish = (packet: PublishPacket, client: Client | null, done: (err?: Error) => void) => void
 
 /**
- * Makes aedes' own `broker.publish` a no-op for packets that `alreadyPublished` says were delivered before the ack,
+ * Makes aedes' own `broker.publish` a no-op for packets that `alreadyPublished` says authorizePublish published itself,
  * and returns the original. aedes writes the PUBACK (PUBREC) and only then calls `broker.publish`
- * (https://github.com/moscajs/aedes/blob/v1.2.0/lib/handlers/publish.js#L93-L96): to have online delivery and the offline queues stored before the ack
- * (ack means durable), authorizePublish publishes itself and marks the packet. No upstream issue found (searched
+ * (https://github.com/moscajs/aedes/blob/v1.2.0/lib/handlers/publish.js#L93-L96): to have the offline copies and
+ * retained messages stored before the ack (ack means durable), authorizePublish runs the publish itself, before the
+ * ack or, for a logged QoS 1 message whose sessions read it from the log, right after it, and marks the packet. No upstream issue found (searched
  * moscajs/aedes for acks before publish/persistence); public API that would remove it: a hook that runs between
  * authorizePublish and the ack and may complete the publish, or an option to ack after `broker.publish`.
  */
