@@ -18,7 +18,19 @@ const WAIT_MS = 60_000
 
 /** Message `n`: every 5th retained. */
 const retained = (n: number): boolean => n % 5 === 0
-const TOPIC = 'devices/dev-1/telemetry/t'
+
+/** Device `id` publishes messages 0 … MESSAGES-1 to its telemetry topic at QoS 1, WINDOW of them unacknowledged. */
+async function publishAll (url: string, id: string, retain: (n: number) => boolean): Promise<void> {
+  const device = await mqtt.connectAsync(url, { clientId: id, reconnectPeriod: 0 })
+  const inflight = new Set<Promise<unknown>>()
+  for (let n = 0; n < MESSAGES; n++) {
+    const sent = device.publishAsync(`devices/${id}/telemetry/t`, String(n), { qos: 1, retain: retain(n) }).finally(() => inflight.delete(sent))
+    inflight.add(sent)
+    if (inflight.size >= WINDOW) await Promise.race(inflight)
+  }
+  await Promise.all(inflight)
+  await device.endAsync()
+}
 
 describe('live delivery order of a device\'s messages', () => {
   const cleanups: Array<() => Promise<void>> = []
@@ -34,15 +46,7 @@ describe('live delivery order of a device\'s messages', () => {
     subscriber.on('message', (_topic, payload) => { seen.push(Number(payload.toString())) })
     await subscriber.subscribeAsync('devices/#', { qos: 1 })
 
-    const device = await mqtt.connectAsync(gw.mqttUrl, { clientId: 'dev-1', reconnectPeriod: 0 })
-    const inflight = new Set<Promise<unknown>>()
-    for (let n = 0; n < MESSAGES; n++) {
-      const sent = device.publishAsync(TOPIC, String(n), { qos: 1, retain: retained(n) }).finally(() => inflight.delete(sent))
-      inflight.add(sent)
-      if (inflight.size >= WINDOW) await Promise.race(inflight)
-    }
-    await Promise.all(inflight)
-    await device.endAsync()
+    await publishAll(gw.mqttUrl, 'dev-1', retained)
     // the last message comes last, or a message is missing: wait for it, then compare
     const until = Date.now() + WAIT_MS
     while (!seen.includes(MESSAGES - 1) && Date.now() < until) await new Promise((resolve) => setTimeout(resolve, 20))
@@ -65,18 +69,7 @@ describe('live delivery order of a device\'s messages', () => {
     subscriber.on('message', (topic, payload) => { seen.get(topic.split('/')[1]!)?.push(Number(payload.toString())) })
     await subscriber.subscribeAsync('devices/#', { qos: 1 })
 
-    const publishAll = async (id: string, retain: boolean): Promise<void> => {
-      const device = await mqtt.connectAsync(gw.mqttUrl, { clientId: id, reconnectPeriod: 0 })
-      const inflight = new Set<Promise<unknown>>()
-      for (let n = 0; n < MESSAGES; n++) {
-        const sent = device.publishAsync(`devices/${id}/telemetry/t`, String(n), { qos: 1, retain }).finally(() => inflight.delete(sent))
-        inflight.add(sent)
-        if (inflight.size >= WINDOW) await Promise.race(inflight)
-      }
-      await Promise.all(inflight)
-      await device.endAsync()
-    }
-    await Promise.all([publishAll('dev-r', true), publishAll('dev-f', false)])
+    await Promise.all([publishAll(gw.mqttUrl, 'dev-r', () => true), publishAll(gw.mqttUrl, 'dev-f', () => false)])
     const done = (): boolean => [...seen.values()].every((s) => s.includes(MESSAGES - 1))
     const until = Date.now() + WAIT_MS
     while (!done() && Date.now() < until) await new Promise((resolve) => setTimeout(resolve, 20))
