@@ -13,12 +13,12 @@
  * before its ack has finished: a device's messages reach a subscriber in the
  * order it sent them (MQTT 3.1.1 4.6, ordered topics). Publishes delivered
  * before their ack do not wait for one another (they did not before).
- * Overtaking is worse than a reordering: aedes numbers a publish when its
- * `broker.publish` starts and drops a live copy numbered below one the
- * subscriber already got (`dedupe`, lib/client.js), so an overtaken message
- * is lost for live subscribers. Not covered here: another client's publish
- * overtaking a retained one, and a publish on a topic the log does not hold
- * (no append to wait for) overtaking its client's earlier logged ones.
+ * (Stock aedes also dropped a live copy numbered below one the subscriber
+ * already got, so an overtaken message was lost, not only late; the aedes
+ * patch drops only a repeat of the packet just offered, which also keeps
+ * another client's publish overtaking a retained one from losing it.)
+ * Not covered here: a publish on a topic the log does not hold (no append to
+ * wait for) overtaking its client's earlier logged ones.
  *
  * A client with nothing waiting or delivering costs nothing: authorizePublish
  * asks {@link DeliveryOrder.clear} and acknowledges and delivers at once, with
