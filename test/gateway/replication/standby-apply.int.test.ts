@@ -75,68 +75,58 @@ async function waitUntil (what: string, check: () => boolean): Promise<void> {
   if (!check()) throw new Error(`timed out waiting for ${what}`)
 }
 
+type Frames = FrameSocket<StandbyFrame, PrimaryFrame>
+
+/**
+ * The standby's first connection welcomes it at h1 and sends batch 1, whose write is held; batch 2 then waits in the
+ * queue behind it when the connection is closed and `second` (the next connection) runs. The write is released once
+ * the second connection's frames (ending with a ping) were heard; resolves once `seq` is acknowledged on it.
+ */
+async function reconnectWhileQueued (second: (frames: Frames) => void, seq: number): Promise<{ standby: ReplicationStandby, acks: number[][] }> {
+  const { db, release, firstWrite } = slowFirstWrite()
+  let first: Frames | undefined
+  const { port, acks, pongs } = await handMadePrimary([
+    (frames) => {
+      first = frames
+      frames.send({ type: 'welcome', history: 'h1', epoch: 1, snapshot: false, seq: 0 })
+      frames.send(batch(1))
+    },
+    second,
+  ])
+  const standby = standbyOf(port, db)
+  standby.start()
+  await firstWrite
+  first?.send(batch(2))
+  // A ping answered: every frame sent before it was heard (the standby handles frames in order).
+  first?.send(ping)
+  await waitUntil('the first connection\'s frames heard', () => pongs[0] === 1)
+  first?.close()
+  await waitUntil('the second connection\'s frames heard', () => pongs[1] === 1)
+  release()
+  await waitUntil(`the ack of ${seq} on the second connection`, () => acks[1]?.includes(seq) === true)
+  return { standby, acks }
+}
+
 describe('the standby across a reconnect, its first connection\'s batches still queued', () => {
   it('acknowledges on the connection it has now, from the backlog', async () => {
-    const { db, release, firstWrite } = slowFirstWrite()
-    let first: FrameSocket<StandbyFrame, PrimaryFrame> | undefined
-    const { port, acks, pongs } = await handMadePrimary([
-      (frames) => {
-        first = frames
-        frames.send({ type: 'welcome', history: 'h1', epoch: 1, snapshot: false, seq: 0 })
-        frames.send(batch(1))
-      },
-      (frames) => {
-        // The standby's hello said 0 (batch 1 is still being written): the backlog from 1 again, and one more.
-        frames.send({ type: 'welcome', history: 'h1', epoch: 1, snapshot: false, seq: 0 })
-        for (const seq of [1, 2, 3]) frames.send(batch(seq))
-        frames.send(ping)
-      },
-    ])
-    const standby = standbyOf(port, db)
-    standby.start()
-    // Batch 1 is being written; batch 2 comes now, so it waits in the queue behind it.
-    await firstWrite
-    first?.send(batch(2))
-    // A ping answered: every frame sent before it was heard (the standby handles frames in order).
-    first?.send(ping)
-    await waitUntil('the first connection\'s frames heard', () => pongs[0] === 1)
-    first?.close()
-    await waitUntil('the second connection\'s frames heard', () => pongs[1] === 1)
-    release()
-    await waitUntil('the ack of 3 on the second connection', () => acks[1]?.includes(3) === true)
+    const { standby } = await reconnectWhileQueued((frames) => {
+      // The standby's hello said 0 (batch 1 is still being written): the backlog from 1 again, and one more.
+      frames.send({ type: 'welcome', history: 'h1', epoch: 1, snapshot: false, seq: 0 })
+      for (const seq of [1, 2, 3]) frames.send(batch(seq))
+      frames.send(ping)
+    }, 3)
     expect(standby.position).toEqual({ history: 'h1', seq: 3, epoch: 1 })
   })
 
   it('applies the batches that follow a snapshot', async () => {
-    const { db, release, firstWrite } = slowFirstWrite()
-    let first: FrameSocket<StandbyFrame, PrimaryFrame> | undefined
-    const { port, acks, pongs } = await handMadePrimary([
-      (frames) => {
-        first = frames
-        frames.send({ type: 'welcome', history: 'h1', epoch: 1, snapshot: false, seq: 0 })
-        frames.send(batch(1))
-      },
-      (frames) => {
-        // Another history (the primary restarted): a snapshot at 10, then batch 11.
-        frames.send({ type: 'welcome', history: 'h2', epoch: 1, snapshot: true, seq: 10 })
-        frames.send({ type: 'snapshot', entries: [[Buffer.from('k'), Buffer.from('v')]] })
-        frames.send({ type: 'snapshot-end', seq: 10 })
-        frames.send(batch(11))
-        frames.send(ping)
-      },
-    ])
-    const standby = standbyOf(port, db)
-    standby.start()
-    // Batch 1 is being written; batch 2 comes now, so it waits in the queue behind it.
-    await firstWrite
-    first?.send(batch(2))
-    // A ping answered: every frame sent before it was heard (the standby handles frames in order).
-    first?.send(ping)
-    await waitUntil('the first connection\'s frames heard', () => pongs[0] === 1)
-    first?.close()
-    await waitUntil('the second connection\'s frames heard', () => pongs[1] === 1)
-    release()
-    await waitUntil('the ack of 11 on the second connection', () => acks[1]?.includes(11) === true)
+    const { standby, acks } = await reconnectWhileQueued((frames) => {
+      // Another history (the primary restarted): a snapshot at 10, then batch 11.
+      frames.send({ type: 'welcome', history: 'h2', epoch: 1, snapshot: true, seq: 10 })
+      frames.send({ type: 'snapshot', entries: [[Buffer.from('k'), Buffer.from('v')]] })
+      frames.send({ type: 'snapshot-end', seq: 10 })
+      frames.send(batch(11))
+      frames.send(ping)
+    }, 11)
     expect(acks[1]).toEqual([10, 11])
     expect(standby.position).toEqual({ history: 'h2', seq: 11, epoch: 1 })
   })
