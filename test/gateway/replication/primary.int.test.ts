@@ -50,21 +50,28 @@ Promise<void> {
   frames.send({ type: 'hello', version: PROTOCOL_VERSION, gatewayId: 'g', history, seq, epoch: 1 })
 }
 
+/**
+ * A standby from offset 0 that acknowledges batch 1 when it comes, after checking that what waits for it was not
+ * released before (the standby did not have the batch yet): resolves once the ack is sent.
+ */
+async function ackFirstBatch (port: number, history: string, released: () => boolean): Promise<void> {
+  await new Promise<void>((resolve) => {
+    void standbyAt(port, history, 0, (frame, frames) => {
+      if (frame.type === 'batch' && frame.seq === 1) {
+        expect(released()).toBe(false)
+        frames.send({ type: 'ack', seq: 1 })
+        resolve()
+      }
+    })
+  })
+}
+
 describe('the primary\'s commit gate under onStandbyLost: block', () => {
   it('holds a commit until the standby acknowledges it', async () => {
     const { primary, journal, port } = await primaryWithOneWrite()
     let released = false
     const gate = primary.gate({ records: 1 }).then(() => { released = true })
-    await new Promise<void>((resolve) => {
-      void standbyAt(port, journal.history, 0, (frame, frames) => {
-        // The batch came: the standby does not have it yet, so the commit is still held; the ack releases it.
-        if (frame.type === 'batch' && frame.seq === 1) {
-          expect(released).toBe(false)
-          frames.send({ type: 'ack', seq: 1 })
-          resolve()
-        }
-      })
-    })
+    await ackFirstBatch(port, journal.history, () => released)
     await gate
     expect(primary.ackedSeq).toBe(1)
   })
@@ -75,15 +82,7 @@ describe('the primary\'s commit gate under onStandbyLost: block', () => {
     await primary.gate({ records: 0 })
     let released = false
     const write = primary.replicated().then(() => { released = true })
-    await new Promise<void>((resolve) => {
-      void standbyAt(port, journal.history, 0, (frame, frames) => {
-        if (frame.type === 'batch' && frame.seq === 1) {
-          expect(released).toBe(false)
-          frames.send({ type: 'ack', seq: 1 })
-          resolve()
-        }
-      })
-    })
+    await ackFirstBatch(port, journal.history, () => released)
     await write
   })
 
