@@ -78,6 +78,14 @@ function count (gw: GatewayProcess, text: string): number {
   return gw.stderr().split(text).length - 1
 }
 
+/** Once the link healed: the standby in sync again, the load stopped, both logs byte-identical, every acknowledged message on the standby. */
+async function inSyncAndIdentical (primary: GatewayProcess, standby: GatewayProcess, load: Awaited<ReturnType<typeof startLoad>>): Promise<void> {
+  await waitFor(primary, 'the standby in sync again', (d) => d.inSync)
+  await load.stop()
+  await expectIdenticalBatches(primary, standby)
+  await expectPayloads(standby, load.payloads(), 'acknowledged messages on the standby')
+}
+
 describe('the replication link cut under load, acks: replicated', () => {
   it('block: no PUBACK for what the standby lacks while the link is a black hole; healed, acks resume and the logs are identical',
     { timeout: 120_000 }, async () => {
@@ -105,10 +113,7 @@ describe('the replication link cut under load, acks: replicated', () => {
 
       proxy.heal()
       await load.ackedAtLeast(ackedAtLoss + 200, 'acks after the link healed')
-      await waitFor(primary, 'the standby in sync again', (d) => d.inSync)
-      await load.stop()
-      await expectIdenticalBatches(primary, standby)
-      await expectPayloads(standby, load.payloads(), 'acknowledged messages on the standby')
+      await inSyncAndIdentical(primary, standby, load)
       expect((await replicationOf(primary)).epoch).toBe(1)
       expect((await replicationOf(standby)).epoch).toBe(1)
     })
@@ -166,10 +171,7 @@ describe('the replication link cut under load, acks: replicated', () => {
       await expectStillStandby(standby)
 
       proxy.heal()
-      await waitFor(primary, 'the standby in sync again', (d) => d.inSync)
-      await load.stop()
-      await expectIdenticalBatches(primary, standby)
-      await expectPayloads(standby, load.payloads(), 'acknowledged messages on the standby')
+      await inSyncAndIdentical(primary, standby, load)
       expect(count(primary, 'catching up from the backlog')).toBe(backlogCatchUps + 1)
       expect(count(primary, 'sending a snapshot')).toBe(snapshots)
       expect(await metricOf(primary, 'edgemq_replication_catch_ups_total{from="backlog"}')).toBe(backlogCatchUps + 1)
@@ -190,10 +192,7 @@ describe('the replication link cut under load, acks: replicated', () => {
     await expectStillStandby(standby)
 
     proxy.heal()
-    await waitFor(primary, 'the standby in sync again', (d) => d.inSync)
-    await load.stop()
-    await expectIdenticalBatches(primary, standby)
-    await expectPayloads(standby, load.payloads(), 'acknowledged messages on the standby')
+    await inSyncAndIdentical(primary, standby, load)
     // At least one snapshot; more when the load kept writing past the backlog while one was being copied (seen in CI:
     // four before the standby caught up). Each is counted.
     const sent = count(primary, 'sending a snapshot')
