@@ -23,7 +23,17 @@
  *
  * Mosquitto runs with `persistence false` (its in-memory best case),
  * `max_queued_messages 0` and `max_inflight_messages 1000` (as the bridge
- * bench's upstream). With its defaults (20 in flight to a subscriber, 1,000
+ * bench's upstream); edgemq with the same window for a persistent session,
+ * `mqtt.sessionInflight: 1000` (a config file holding only that key; its
+ * default is 100). With 100 against Mosquitto's 1000 the persistent variant
+ * measured the window, not the delivery: edgemq's main thread is busy with
+ * ingest, a PUBACK waits its turn, and 100 messages per round trip delivered
+ * 31-46 k msgs/s while 42-57 k were acknowledged (2026-12-02, load 5; the
+ * session's delivery loop stopped on a full window in 1,017 of its 1,023
+ * runs); with 1000, 28-41 k of 28-41 k (load 7-9; it stopped having caught
+ * up with the log in 177 of 189). On a machine so loaded that edgemq gets
+ * half a core both deliver what is acknowledged.
+ * `--session-inflight=N` measures another window (100: the default). With its defaults (20 in flight to a subscriber, 1,000
  * queued) it dropped 90 % of the messages for the connected subscriber under
  * this load (7 k delivered of 71 k acknowledged per second), which edgemq
  * never does: a rate of delivered messages compares only when neither drops.
@@ -39,12 +49,13 @@
  * (another checkout measured in the same rounds as well, beside this one:
  * `fan-in.<variant>.compare`, this checkout's rate against that one's, for a
  * before/after on a loaded machine).
+ * `--session-inflight=N` (edgemq's `mqtt.sessionInflight`, default 1000).
  * `--profile`: instead of the figures, run edgemq alone under the first
  * selected variant with `node --cpu-prof` and print where its main thread
  * spends the measured window (`--profile-seconds=N`, default 10;
  * `--profile-dir=DIR` keeps the .cpuprofile there).
  */
-import { mkdtemp, readdir } from 'node:fs/promises'
+import { mkdtemp, readdir, writeFile } from 'node:fs/promises'
 import os from 'node:os'
 import path from 'node:path'
 import { findMosquitto, mosquittoVersion, processCpuSeconds, startEdgemq, startMosquitto, withBrokerIn, type RunningBroker } from './lib/brokers.ts'
@@ -73,6 +84,9 @@ const STALL_MS = 5000
 const SUBSCRIBER_INFLIGHT = 1000
 const MOSQUITTO_EXTRA = ['max_queued_messages 0', `max_inflight_messages ${SUBSCRIBER_INFLIGHT}`]
 const MOSQUITTO_CONFIG = `listener on 127.0.0.1, allow_anonymous true, persistence false, ${MOSQUITTO_EXTRA.join(', ')}, everything else default`
+/** edgemq's window for a persistent session: Mosquitto's (see the header). */
+const SESSION_INFLIGHT = intFlag('session-inflight', SUBSCRIBER_INFLIGHT, { min: 1 })
+const EDGEMQ_CONFIG = `embedded default, mqtt.sessionInflight ${SESSION_INFLIGHT}`
 
 interface Variant {
   readonly name: 'clean' | 'clean-v5' | 'persistent'
@@ -171,9 +185,16 @@ async function runRound (generators: LoadGenerators, variant: Variant, broker: R
   }
 }
 
+/** `edgemq start` arguments: a config file of the embedded default with the session window (see the header). */
+async function edgemqArgs (): Promise<string[]> {
+  const file = path.join(await dirs.make('edgemq-config'), 'edgemq.json')
+  await writeFile(file, JSON.stringify({ mqtt: { sessionInflight: SESSION_INFLIGHT } }))
+  return ['--config', file]
+}
+
 async function withBroker<T> (name: 'edgemq' | 'mosquitto', mosquitto: string, fn: (broker: RunningBroker) => Promise<T>, bin = EDGEMQ_BIN): Promise<T> {
   return await withBrokerIn(dirs, name, async (dir) => name === 'edgemq'
-    ? await startEdgemq(dir, [], bin)
+    ? await startEdgemq(dir, [], bin, await edgemqArgs())
     : await startMosquitto(mosquitto, dir, MOSQUITTO_EXTRA), fn)
 }
 
@@ -215,7 +236,7 @@ async function variantFigures (generators: LoadGenerators, variant: Variant, mos
   const common: Record<string, ParamValue> = {
     scenario: variant.what, publishers: PUBLISHERS, payloadBytes: PAYLOAD_BYTES, qos: 1, subscriberQos: 1, filter: '#',
     mqttVersion: variant.protocolVersion === 5 ? '5' : '3.1.1', cleanSession: variant.clean, inFlightPerPublisher: WINDOW,
-    durability: 'sync', mosquitto: version, mosquittoConfig: MOSQUITTO_CONFIG, seconds: SECONDS, warmupSeconds: WARMUP_SECONDS, rounds: ROUNDS,
+    durability: 'sync', mosquitto: version, mosquittoConfig: MOSQUITTO_CONFIG, edgemqConfig: EDGEMQ_CONFIG, seconds: SECONDS, warmupSeconds: WARMUP_SECONDS, rounds: ROUNDS,
   }
   report({
     bench: `fan-in.${variant.name}.delivered`,
@@ -270,7 +291,7 @@ async function profileEdgemq (generators: LoadGenerators): Promise<void> {
   const profileDir = flag('profile-dir') ?? await mkdtemp(path.join(os.tmpdir(), 'edgemq-bench-profile-'))
   const variant = variants[0] as Variant
   const dataDir = await dirs.make('edgemq-profiled')
-  const broker = await startEdgemq(dataDir, ['--cpu-prof', '--cpu-prof-dir', profileDir], EDGEMQ_BIN)
+  const broker = await startEdgemq(dataDir, ['--cpu-prof', '--cpu-prof-dir', profileDir], EDGEMQ_BIN, await edgemqArgs())
   let result: FanInRound
   try {
     result = await runRound(generators, variant, broker, PROFILE_SECONDS)
