@@ -152,11 +152,13 @@ describe.skipIf(bin === null)('bridge: commands to devices', () => {
     cleanups.push(() => edge.kill())
     await waitFor('the edge to subscribe upstream', () => up.log().includes('cmd/edge-1/+/#') ? true : undefined)
     const connect = async (id: string): Promise<{ client: MqttClient, got: string[] }> => {
-      const client = await mqtt.connectAsync(edge.mqttUrl, { clientId: id, clean: false, reconnectPeriod: 0 })
+      // Listening before CONNECT: MQTT.js emits a PUBLISH that arrives in the CONNACK's read before connectAsync resolves.
+      const client = mqtt.connect(edge.mqttUrl, { clientId: id, clean: false, reconnectPeriod: 0 })
       client.on('error', () => {})
       const got: string[] = []
       client.on('message', (_topic, payload) => { got.push(payload.toString()) })
       cleanups.push(() => client.endAsync(true))
+      await new Promise<void>((resolve, reject) => { client.once('connect', () => resolve()); client.once('close', () => reject(new Error(`${id}: connection closed before CONNACK`))) })
       return { client, got }
     }
 
