@@ -147,10 +147,12 @@ describe('a standby', () => {
       await primary.kill()
       const promoted = await runCli(['promote', '--url', standby.httpUrl])
       expect(promoted.code, promoted.stderr).toBe(0)
-      const back = await mqtt.connectAsync(standby.mqttUrl, { clientId: 'svc', clean: false, reconnectPeriod: 0 })
+      // Listening before CONNECT: the queued messages can arrive in the CONNACK's read, which MQTT.js emits before connectAsync resolves.
+      const back = mqtt.connect(standby.mqttUrl, { clientId: 'svc', clean: false, reconnectPeriod: 0 })
       const got: string[] = []
       await new Promise<void>((resolve, reject) => {
         const timer = setTimeout(() => reject(new Error(`received ${got.length} of 20: ${got.join(' ')}`)), 30_000)
+        back.on('error', (err) => { clearTimeout(timer); reject(err) })
         back.on('message', (_topic, payload) => {
           got.push(payload.toString())
           if (new Set(got).size === 20) { clearTimeout(timer); resolve() }
