@@ -177,7 +177,7 @@ function registeredMetrics (): Array<{ name: string, type: string, help: string,
   }
   createMetrics(registry, sources)
   createBridgeMetrics(registry, [], unused, { now: unused })
-  createReplicationMetrics(registry, { role: unused, epoch: unused, inSync: unused, lag: unused })
+  createReplicationMetrics(registry, { role: unused, epoch: unused, inSync: unused, lag: unused, backlogBytes: unused })
   createLeaseMetrics(registry, unused)
   return registry.getMetricsAsArray()
     .filter((m) => m.name.startsWith('edgemq_'))

@@ -52,6 +52,9 @@ export const GATEWAY_WARNING_CODES = {
   GW_WARN_ANONYMOUS_LISTENER: 'A listener that is not on a loopback address accepts anonymous clients (allowAnonymous: true).',
   GW_WARN_STANDBY_OUT_OF_SYNC: 'The standby left the in-sync state (disconnected, copying a snapshot, or lagging over replication.maxLagMs); ' +
     'with acks: replicated, acknowledgements are held (onStandbyLost: block) or local only (degrade) until it is back. The line says why.',
+  GW_WARN_STANDBY_CATCH_UP_OVERFLOW: 'The writes the primary kept for its standby (since its snapshot began, or since its last acknowledgement) ' +
+    'passed replication.catchUpBytes: its connection is dropped and it starts over with a snapshot. The line says how long the snapshot had run; ' +
+    'raise catchUpBytes above the write rate times that time.',
   GW_WARN_PROMOTED: 'This node was promoted (`edgemq promote`) and runs as primary in a new epoch, although its config says replication.role: standby.',
   GW_WARN_DEMOTED: 'This node was configured as primary, but its peer (or the leader key in etcd) is primary in a newer epoch (it was promoted): ' +
     'this node follows it as a standby.',

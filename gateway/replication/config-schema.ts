@@ -44,6 +44,13 @@ export const replicationConfigSchema = {
       description: 'Bytes of recent batches the primary keeps in memory, so a standby that was away catches up from where it was; ' +
         'a standby further behind (or one that comes back after the primary restarted) copies a full snapshot.',
     },
+    catchUpBytes: {
+      type: 'integer', minimum: 1024 * 1024, default: 256 * 1024 * 1024,
+      description: 'Bytes of writes the primary keeps in memory, beyond backlogBytes, for a standby that is catching up: everything written ' +
+        'since its snapshot began, then since its last acknowledgement, until it has it, so a snapshot copied under load needs no second one. ' +
+        'Past this (never less than backlogBytes) the standby\'s connection is dropped (GW_WARN_STANDBY_CATCH_UP_OVERFLOW) and it starts ' +
+        'over with a snapshot: set it above the write rate times the time a snapshot takes.',
+    },
     coordination: {
       type: 'object', additionalProperties: false, default: {},
       description: 'Where the leadership lease lives, for automatic promotion. Without it a standby is promoted by command only (`edgemq promote`).',
@@ -82,6 +89,7 @@ export interface ReplicationConfig {
   readonly maxLagMs: number
   readonly onStandbyLost: 'block' | 'degrade'
   readonly backlogBytes: number
+  readonly catchUpBytes: number
   readonly coordination: { readonly etcd?: EtcdCoordinationConfig }
 }
 

@@ -6,6 +6,16 @@
  * the order the writes completed. The newest `maxBytes` of them stay in
  * memory, so a standby that reconnects catches up from where it was.
  *
+ * A pin keeps every entry after its position beyond `maxBytes`: the primary
+ * pins the point a snapshot is taken at, and then what its standby has
+ * acknowledged, so the writes the standby still needs are there however long
+ * the copy takes under load (without it, a snapshot that outlasted a
+ * backlog's worth of writes ended with its follow-on writes gone, and the
+ * next one too: the standby never caught up). Bounded: once the entries kept
+ * would pass `maxPinnedBytes`, the oldest pin is lost (its `onLost` runs) and
+ * trimming goes on. Invariants: entries are kept oldest first and gapless;
+ * every entry after a live pin's position is kept; the newest is always kept.
+ *
  * Writes under `ignorePrefix` (the replication's own metadata) are not
  * journaled. Sequence numbers start at 1 for each `history` (a random id per
  * process): a standby's position means something only within the history it
@@ -37,6 +47,17 @@ export interface WriteEmitter {
   off (event: 'write', listener: (ops: WrittenOperation[]) => void): unknown
 }
 
+/** Keeps the journal's entries after `seq` (see the header). */
+export interface JournalPin {
+  /** Every entry after this sequence number is kept while the pin lives. */
+  readonly seq: number
+  /** True once the journal dropped the pin because it would keep over maxPinnedBytes. */
+  readonly lost: boolean
+  /** Moves the pin forward (never back): what is at or before `seq` is no longer needed. */
+  moveTo (seq: number): void
+  release (): void
+}
+
 function bytesOf (value: unknown): Buffer {
   if (Buffer.isBuffer(value)) return value
   if (value instanceof Uint8Array) return Buffer.from(value.buffer, value.byteOffset, value.byteLength)
@@ -48,6 +69,8 @@ export class WriteJournal {
   readonly #db: WriteEmitter
   readonly #ignore: Buffer
   readonly #maxBytes: number
+  readonly #maxPinnedBytes: number
+  readonly #pins = new Set<{ seq: number, lost: boolean, onLost: (keptBytes: number) => void }>()
   readonly #now: () => number
   #entries: JournalEntry[] = []
   #head = 0
@@ -57,10 +80,12 @@ export class WriteJournal {
   readonly #listeners = new Set<(entry: JournalEntry) => void>()
   readonly #onWrite = (ops: WrittenOperation[]): void => { this.#record(ops) }
 
-  constructor (db: WriteEmitter, options: { ignorePrefix: Buffer, maxBytes: number, now: () => number }) {
+  /** `maxPinnedBytes` (at least maxBytes, which it defaults to): the most the entries kept for pins may take. */
+  constructor (db: WriteEmitter, options: { ignorePrefix: Buffer, maxBytes: number, maxPinnedBytes?: number, now: () => number }) {
     this.#db = db
     this.#ignore = options.ignorePrefix
     this.#maxBytes = options.maxBytes
+    this.#maxPinnedBytes = Math.max(options.maxBytes, options.maxPinnedBytes ?? options.maxBytes)
     this.#now = options.now
     db.on('write', this.#onWrite)
   }
@@ -68,11 +93,43 @@ export class WriteJournal {
   /** The newest sequence number (0 before the first write). */
   get lastSeq (): number { return this.#seq }
   get totalBytes (): number { return this.#totalBytes }
+  /** Bytes of the entries kept in memory (the backlog, and beyond it what pins keep). */
+  get keptBytes (): number { return this.#keptBytes }
+
+  /**
+   * Bytes of every entry up to and including `seq` (0 before the first), while `seq` or the entry after it is kept;
+   * undefined otherwise. The bytes between two positions are a subtraction.
+   */
+  totalBytesAt (seq: number): number | undefined {
+    if (seq === this.#seq) return this.#totalBytes
+    const at = this.entry(seq)
+    if (at !== undefined) return at.totalBytes
+    const next = this.entry(seq + 1)
+    return next === undefined ? undefined : next.totalBytes - next.bytes
+  }
+
+  /**
+   * Keeps every entry after `seq` until released or moved on, up to maxPinnedBytes kept in all; null when some of
+   * those entries are already gone. `onLost` runs (synchronously, inside the write that passed the bound) if the
+   * journal has to drop the pin.
+   */
+  pin (seq: number, onLost: (keptBytes: number) => void): JournalPin | null {
+    if (this.since(seq) === null) return null
+    const state = { seq, lost: false, onLost }
+    this.#pins.add(state)
+    const pins = this.#pins
+    return {
+      get seq () { return state.seq },
+      get lost () { return state.lost },
+      moveTo (to: number) { if (to > state.seq) state.seq = to },
+      release () { pins.delete(state) },
+    }
+  }
 
   /** The entry with this sequence number, if still kept. */
   entry (seq: number): JournalEntry | undefined {
     const first = this.#entries[this.#head]
-    if (first === undefined || seq < first.seq) return undefined
+    if (first === undefined || seq < first.seq || seq > this.#seq) return undefined
     return this.#entries[this.#head + seq - first.seq]
   }
 
@@ -93,6 +150,30 @@ export class WriteJournal {
   close (): void {
     this.#db.off('write', this.#onWrite)
     this.#listeners.clear()
+    this.#pins.clear()
+  }
+
+  /** Drops the oldest entries past maxBytes, but those a pin keeps; drops the oldest pin while they pass maxPinnedBytes. */
+  #trim (): void {
+    while (this.#keptBytes > this.#maxBytes && this.#head < this.#entries.length - 1) {
+      const oldest = this.#entries[this.#head] as JournalEntry
+      const pin = this.#oldestPin()
+      if (pin !== undefined && oldest.seq > pin.seq) {
+        if (this.#keptBytes <= this.#maxPinnedBytes) return
+        this.#pins.delete(pin)
+        pin.lost = true
+        pin.onLost(this.#keptBytes)
+        continue
+      }
+      this.#keptBytes -= oldest.bytes
+      this.#head++
+    }
+  }
+
+  #oldestPin (): { seq: number, lost: boolean, onLost: (keptBytes: number) => void } | undefined {
+    let oldest
+    for (const pin of this.#pins) if (oldest === undefined || pin.seq < oldest.seq) oldest = pin
+    return oldest
   }
 
   #record (written: readonly WrittenOperation[]): void {
@@ -115,10 +196,7 @@ export class WriteJournal {
     const entry: JournalEntry = { seq: ++this.#seq, at: this.#now(), ops, bytes, totalBytes: this.#totalBytes }
     this.#entries.push(entry)
     this.#keptBytes += bytes
-    while (this.#keptBytes > this.#maxBytes && this.#head < this.#entries.length - 1) {
-      this.#keptBytes -= (this.#entries[this.#head] as JournalEntry).bytes
-      this.#head++
-    }
+    this.#trim()
     if (this.#head > 4096 && this.#head * 2 > this.#entries.length) {
       this.#entries = this.#entries.slice(this.#head)
       this.#head = 0

@@ -12,12 +12,16 @@ export interface ReplicationGauges {
   readonly epoch: () => number
   readonly inSync: () => boolean
   readonly lag: () => { readonly writes: number, readonly bytes: number | null, readonly seconds: number }
+  /** On a primary: bytes of writes its journal keeps in memory (0 elsewhere). */
+  readonly backlogBytes: () => number
 }
 
 export interface ReplicationMetrics {
   readonly outOfSync: Counter
   /** Standby connections caught up, by how: `backlog` (from where it was) or `snapshot` (the whole database). */
   readonly catchUps: Counter<'from'>
+  /** Standby connections dropped because what was kept for them passed catchUpBytes. */
+  readonly catchUpOverflows: Counter
 }
 
 export function createReplicationMetrics (registry: Registry, gauges: ReplicationGauges): ReplicationMetrics {
@@ -56,7 +60,20 @@ export function createReplicationMetrics (registry: Registry, gauges: Replicatio
     labelNames: ['from'], registers: [registry],
   })
   for (const from of ['backlog', 'snapshot']) catchUps.inc({ from }, 0)
+  new Gauge({
+    name: 'edgemq_replication_backlog_bytes',
+    help: 'On a primary: bytes of recent writes kept in memory for its standby: the backlog (replication.backlogBytes), and beyond it what a ' +
+      'standby catching up still needs (up to replication.catchUpBytes). 0 on other nodes.',
+    registers: [registry], collect () { this.set(gauges.backlogBytes()) },
+  })
+  const catchUpOverflows = new Counter({
+    name: 'edgemq_replication_catch_up_overflows_total',
+    help: 'On a primary: standby connections dropped because the writes kept for them (since their snapshot began, or their last ' +
+      'acknowledgement) passed replication.catchUpBytes; each starts over with a snapshot (GW_WARN_STANDBY_CATCH_UP_OVERFLOW).',
+    registers: [registry],
+  })
   return {
+    catchUpOverflows,
     outOfSync: new Counter({
       name: 'edgemq_replication_out_of_sync_total', help: 'Times the standby left the in-sync state (logged with the reason).', registers: [registry],
     }),

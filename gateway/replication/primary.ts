@@ -18,18 +18,34 @@
  *
  * A snapshot sent while writes go on can hold writes whose batches follow it
  * too; applying a write twice, in order, ends in the same state, so that is
- * harmless.
+ * harmless. The writes after the snapshot's point are pinned in the journal
+ * (journal.ts) from before the copy starts, and the pin then follows the
+ * standby's acks: a copy that takes longer than the backlog lasts under load
+ * still ends with its follow-on writes at hand, so one snapshot is enough.
+ * The pin is bounded by `catchUpBytes`; past it the standby's connection is
+ * dropped (GW_WARN_STANDBY_CATCH_UP_OVERFLOW, counted) and it starts over.
+ *
+ * Batches go out from the journal as the standby acknowledges them: at most
+ * SEND_WINDOW_BYTES sent and unacknowledged, the rest waits in the journal
+ * (pinned), not in the socket's buffer.
  */
 import net, { type AddressInfo } from 'node:net'
 import type { Logger } from 'pino'
 import type { ReplicationConfig } from './config-schema.ts'
 import { parseHostPort } from './config-schema.ts'
-import type { JournalEntry, WriteJournal } from './journal.ts'
+import type { JournalPin, WriteJournal } from './journal.ts'
 import { FrameSocket, PROTOCOL_VERSION, type PrimaryFrame, type StandbyFrame } from './protocol.ts'
 import { GatewayError } from '../errors.ts'
 
-/** Keys and values per snapshot frame: about 1 MiB of 1 KiB entries. */
+/** LevelDB entries read at a time for a snapshot. */
 const SNAPSHOT_CHUNK = 1024
+/** Bytes (keys and values) per snapshot frame, at most, but for a single larger entry: a log batch can be 1,000 records. */
+const SNAPSHOT_FRAME_BYTES = 1024 * 1024
+/**
+ * Batch bytes sent to the standby and not acknowledged yet, at most (one batch always goes, however large); also how much
+ * of a snapshot may wait in the socket before the copy reads on. Enough to keep a LAN busy between acks.
+ */
+const SEND_WINDOW_BYTES = 8 * 1024 * 1024
 const PING_MS = 1000
 
 /** The root database as the snapshot reads it. */
@@ -52,15 +68,23 @@ export interface PrimaryDeps {
   readonly onInSync: (inSync: boolean, reason: string) => void
   /** Called as a standby connection is caught up: from the backlog, or with a snapshot. */
   readonly onCatchUp?: (from: 'backlog' | 'snapshot') => void
+  /** Called as a standby is dropped because the writes kept for it passed catchUpBytes. */
+  readonly onCatchUpOverflow?: () => void
 }
 
 interface Standby {
   readonly frames: FrameSocket<StandbyFrame, PrimaryFrame>
   readonly address: string
-  /** Highest sequence number written to it; -1 until welcomed. */
+  /** Highest sequence number written to it; -1 until welcomed (and while its snapshot is copied). */
   sent: number
   acked: number
+  /** The position it was caught up from (its hello's, or its snapshot's): what unacknowledged bytes count from before its first ack. */
+  from: number
   snapshotting: boolean
+  /** When its snapshot began (now() time), for the log line of an overflow. */
+  snapshotAt: number
+  /** Keeps the journal's entries after `from`, then after its acks, until it has them; null once released. */
+  pin: JournalPin | null
   /** When a frame last came from it (now() time), and pings sent since: silent only when both say so (a stalled event loop is no silence). */
   heardAt: number
   unanswered: number
@@ -71,7 +95,7 @@ const SILENT_PINGS = 4
 /**
  * Bytes waiting to be written to the standby above which its silence proves nothing: the pings wait behind them (a
  * snapshot, a catch-up over a slow link). A standby that falls that far behind is out of sync by its lag, and dropped
- * past backlogBytes.
+ * once what is kept for it passes catchUpBytes.
  */
 const SILENT_MAX_BUFFERED = 1024 * 1024
 
@@ -90,7 +114,7 @@ export class ReplicationPrimary {
   private constructor (deps: PrimaryDeps, server: net.Server) {
     this.#deps = deps
     this.#server = server
-    this.#unsubscribe = deps.journal.onEntry((entry) => { this.#forward(entry) })
+    this.#unsubscribe = deps.journal.onEntry(() => { this.#forward() })
     this.#timer = setInterval(() => { this.#tick() }, Math.max(10, Math.min(PING_MS, deps.config.maxLagMs / 4)))
     this.#timer.unref()
   }
@@ -169,6 +193,7 @@ export class ReplicationPrimary {
     this.#closed = true
     this.#stopTimers()
     this.#releaseWaiters(Infinity)
+    if (this.#standby !== undefined) this.#forget(this.#standby)
     this.#standby?.frames.close()
     this.#standby = undefined
     await new Promise<void>((resolve) => this.#server.close(() => resolve()))
@@ -199,6 +224,7 @@ export class ReplicationPrimary {
     }, (err) => { this.#deps.logger.warn({ err: err.message, standby: address }, 'replication stream from the standby is unreadable') })
     socket.on('error', () => {})
     socket.on('close', () => {
+      if (standby !== undefined) this.#forget(standby)
       if (standby !== undefined && this.#standby === standby) {
         this.#standby = undefined
         this.#deps.logger.warn({ standby: address }, 'standby disconnected')
@@ -221,22 +247,26 @@ export class ReplicationPrimary {
         'a pair shares one gatewayId, so the bridge\'s dedupe ids survive a takeover')
     }
     if (hello.epoch > epoch) return refuse(`the standby has seen epoch ${hello.epoch}, newer than this primary's ${epoch}`)
+    if (this.#standby !== undefined) this.#forget(this.#standby)
     this.#standby?.frames.close()
-    const backlog = hello.history === journal.history ? journal.since(hello.seq) : null
     const standby: Standby = {
-      frames, address, sent: -1, acked: backlog === null ? -1 : hello.seq, snapshotting: backlog === null, heardAt: this.#deps.now(), unanswered: 0,
+      frames, address, sent: -1, acked: -1, from: -1, snapshotting: true, snapshotAt: this.#deps.now(), pin: null, heardAt: this.#deps.now(), unanswered: 0,
     }
+    // Pinned at once: from here on the backlog keeps what it lacks (up to catchUpBytes), however fast the writes come.
+    standby.pin = hello.history === journal.history ? journal.pin(hello.seq, (kept) => { this.#overflow(standby, kept) }) : null
     this.#standby = standby
-    if (backlog !== null) {
+    if (standby.pin !== null) {
+      standby.acked = standby.from = hello.seq
+      standby.snapshotting = false
       this.#lastAcked = Math.max(this.#lastAcked, hello.seq)
       // A standby killed after its fsync and before its ack reached us comes back holding writes we still wait for: they are acknowledged now.
       // Under block nothing else would release them: the held commit holds the writer, so no later write comes for the standby to ack.
       this.#releaseWaiters(hello.seq)
-      logger.info({ standby: address, from: hello.seq, writes: backlog.length }, 'standby connected; catching up from the backlog')
+      logger.info({ standby: address, from: hello.seq, writes: journal.lastSeq - hello.seq }, 'standby connected; catching up from the backlog')
       this.#deps.onCatchUp?.('backlog')
       frames.send({ type: 'welcome', history: journal.history, epoch, snapshot: false, seq: hello.seq })
       standby.sent = hello.seq
-      for (const entry of backlog) this.#send(standby, entry)
+      this.#pump(standby)
     } else {
       logger.info({ standby: address, history: hello.history, seq: hello.seq }, 'standby connected; sending a snapshot of the database')
       this.#deps.onCatchUp?.('snapshot')
@@ -248,11 +278,23 @@ export class ReplicationPrimary {
 
   async #snapshot (standby: Standby): Promise<void> {
     const { journal, epoch, root, ignorePrefix, logger } = this.#deps
-    // The iterator reads the database as it is now: at journal.lastSeq or later.
+    // The iterator reads the database as it is now: at journal.lastSeq or later. Every write after that is pinned
+    // before the iterator opens, so the copy can take as long as it takes (up to catchUpBytes written meanwhile).
     const seq = journal.lastSeq
+    const pin = journal.pin(seq, (kept) => { this.#overflow(standby, kept) })
+    if (pin === null) {
+      // Unreachable: the newest write can always be pinned (there is nothing after it yet).
+      logger.error({ seq }, 'the journal could not pin the snapshot\'s point: dropping the standby\'s connection')
+      this.#drop(standby, 'the snapshot\'s point could not be pinned')
+      return
+    }
+    standby.pin = pin
+    standby.from = seq
+    standby.snapshotAt = this.#deps.now()
     const iterator = root.iterator({ keys: true, values: true })
     standby.frames.send({ type: 'welcome', history: journal.history, epoch, snapshot: true, seq })
     let entries = 0
+    let bytes = 0
     try {
       for (;;) {
         if (this.#standby !== standby) return
@@ -260,9 +302,22 @@ export class ReplicationPrimary {
         if (chunk.length === 0) break
         const kept = chunk.filter(([key]) => !(key.length >= ignorePrefix.length && key.subarray(0, ignorePrefix.length).equals(ignorePrefix)))
         entries += kept.length
-        standby.frames.send({ type: 'snapshot', entries: kept })
+        let frame: Array<[Buffer, Buffer]> = []
+        let frameBytes = 0
+        for (const entry of kept) {
+          const size = entry[0].length + entry[1].length
+          if (frame.length > 0 && frameBytes + size > SNAPSHOT_FRAME_BYTES) {
+            standby.frames.send({ type: 'snapshot', entries: frame })
+            frame = []
+            frameBytes = 0
+          }
+          frame.push(entry)
+          frameBytes += size
+          bytes += size
+        }
+        if (frame.length > 0) standby.frames.send({ type: 'snapshot', entries: frame })
         // Let the socket drain: a snapshot can be the whole disk.
-        while (standby.frames.buffered > 8 * 1024 * 1024 && this.#standby === standby) await new Promise((resolve) => setTimeout(resolve, 5))
+        while (standby.frames.buffered > SEND_WINDOW_BYTES && this.#standby === standby) await new Promise((resolve) => setTimeout(resolve, 5))
       }
     } catch (err) {
       logger.error({ err: (err as Error).message }, 'snapshot for the standby failed; it will reconnect')
@@ -271,42 +326,78 @@ export class ReplicationPrimary {
     } finally {
       await iterator.close()
     }
-    const backlog = journal.since(seq)
-    if (backlog === null) {
-      logger.warn({ seq }, 'the backlog moved past the snapshot while it was sent; the standby starts again')
-      standby.frames.close()
-      return
-    }
+    // Dropped meanwhile (silent, replaced, or past catchUpBytes: logged there); its pin is released.
+    if (this.#standby !== standby) return
     standby.frames.send({ type: 'snapshot-end', seq })
     standby.sent = seq
-    logger.info({ entries, seq }, 'snapshot sent to the standby')
-    for (const entry of backlog) this.#send(standby, entry)
     standby.snapshotting = false
+    const behind = journal.lastSeq - seq
+    // How far the writes went on while it was copied: what the journal kept for it (catchUpBytes bounds it).
+    logger.info({ entries, bytes, seq, writesSince: behind, bytesSince: journal.totalBytes - (journal.totalBytesAt(seq) ?? 0) }, 'snapshot sent to the standby')
+    this.#pump(standby)
   }
 
-  #forward (entry: JournalEntry): void {
+  #forward (): void {
     const standby = this.#standby
-    if (standby === undefined || standby.sent < 0 || standby.snapshotting) return
-    this.#send(standby, entry)
+    if (standby !== undefined) this.#pump(standby)
   }
 
-  #send (standby: Standby, entry: JournalEntry): void {
-    if (entry.seq !== standby.sent + 1) return
-    standby.frames.send({ type: 'batch', seq: entry.seq, at: entry.at, ops: entry.ops })
-    standby.sent = entry.seq
-    // A standby that cannot keep up: drop it before its socket buffers the backlog twice; it reconnects and catches up.
-    if (standby.frames.buffered > this.#deps.config.backlogBytes) {
-      this.#deps.logger.warn({ buffered: standby.frames.buffered }, 'standby too slow: dropping its connection')
-      standby.frames.close()
+  /** Sends the standby the journal's next entries, in order, while under SEND_WINDOW_BYTES of what it was sent waits for its ack. */
+  #pump (standby: Standby): void {
+    if (standby.sent < 0 || standby.snapshotting || this.#standby !== standby) return
+    const { journal } = this.#deps
+    const base = journal.totalBytesAt(Math.max(standby.acked, standby.from))
+    while (standby.sent < journal.lastSeq) {
+      const entry = journal.entry(standby.sent + 1)
+      if (entry === undefined || base === undefined) {
+        // The pin keeps these: only a pin lost (handled there) or a bug gets here.
+        const reason = 'the standby\'s next write is no longer in the journal'
+        this.#deps.logger.error({ standby: standby.address, sent: standby.sent }, `${reason}: dropping its connection`)
+        this.#drop(standby, reason)
+        return
+      }
+      if (entry.totalBytes - entry.bytes - base >= SEND_WINDOW_BYTES) return
+      standby.frames.send({ type: 'batch', seq: entry.seq, at: entry.at, ops: entry.ops })
+      standby.sent = entry.seq
     }
+  }
+
+  /** The journal dropped the standby's pin: it would have kept over catchUpBytes. The standby starts over (with a snapshot). */
+  #overflow (standby: Standby, keptBytes: number): void {
+    if (this.#standby !== standby) return
+    const { config, logger, now } = this.#deps
+    const since = standby.snapshotting ? `its snapshot began ${((now() - standby.snapshotAt) / 1000).toFixed(1)} s ago` : 'its last acknowledgement'
+    const limit = Math.max(config.catchUpBytes, config.backlogBytes)
+    logger.warn({ code: 'GW_WARN_STANDBY_CATCH_UP_OVERFLOW', standby: standby.address, keptBytes, catchUpBytes: limit, snapshotting: standby.snapshotting },
+      `the writes kept for the standby since ${since} passed replication.catchUpBytes (${keptBytes} > ${limit} bytes): ` +
+      'dropping its connection; it starts over with a snapshot')
+    this.#deps.onCatchUpOverflow?.()
+    this.#drop(standby, 'the standby fell behind by more than replication.catchUpBytes')
+  }
+
+  /** Ends the standby's connection now; forgotten at once: its socket's close, when it comes, finds another standby (or none) and says nothing more. */
+  #drop (standby: Standby, reason: string): void {
+    this.#forget(standby)
+    standby.frames.close()
+    if (this.#standby !== standby) return
+    this.#standby = undefined
+    this.#setInSync(false, reason)
+  }
+
+  /** What was kept for a standby that is gone is kept no longer. */
+  #forget (standby: Standby): void {
+    standby.pin?.release()
+    standby.pin = null
   }
 
   #acked (standby: Standby, seq: number): void {
     // While it copies a snapshot, an ack can only be an earlier copy's, which the snapshot is about to replace.
     if (typeof seq !== 'number' || seq <= standby.acked || standby.snapshotting) return
     standby.acked = seq
+    standby.pin?.moveTo(seq)
     this.#lastAcked = Math.max(this.#lastAcked, seq)
     this.#releaseWaiters(seq)
+    this.#pump(standby)
     if (!this.#inSync) this.#tick()
   }
 
@@ -326,10 +417,7 @@ export class ReplicationPrimary {
     const silentMs = this.#deps.now() - standby.heardAt
     if (silentMs > this.#deps.config.maxLagMs && standby.unanswered >= SILENT_PINGS && standby.frames.buffered < SILENT_MAX_BUFFERED) {
       this.#deps.logger.warn({ standby: standby.address, silentMs }, 'no word from the standby for longer than maxLagMs: dropping its connection')
-      // Forgotten at once: its socket's close, when it comes, finds another standby (or none) and says nothing more.
-      this.#setInSync(false, `the standby has been silent for ${(silentMs / 1000).toFixed(1)} s, over maxLagMs ${this.#deps.config.maxLagMs}`)
-      standby.frames.close()
-      this.#standby = undefined
+      this.#drop(standby, `the standby has been silent for ${(silentMs / 1000).toFixed(1)} s, over maxLagMs ${this.#deps.config.maxLagMs}`)
       return
     }
     standby.frames.send({ type: 'ping', seq: this.#deps.journal.lastSeq, at: this.#deps.now() })

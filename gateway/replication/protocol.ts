@@ -17,7 +17,7 @@
  * answers `is` with its epoch (a newer one means it was promoted).
  */
 import type { Socket } from 'node:net'
-import { DecoderStream, EncoderStream } from 'cbor-x'
+import { DecoderStream, Encoder } from 'cbor-x'
 
 /** 2: the standby answers pings (a version 1 standby would not, and would be dropped as silent: refused instead). */
 export const PROTOCOL_VERSION = 2
@@ -51,20 +51,26 @@ export function asBuffer (bytes: Uint8Array): Buffer {
   return Buffer.isBuffer(bytes) ? bytes : Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength)
 }
 
-/** A socket that carries frames: `send` writes one, `onFrame` hears each. */
+/**
+ * A socket that carries frames: `send` writes one, `onFrame` hears each. Frames are encoded as they are sent and
+ * written straight to the socket, so `buffered` is every byte not yet taken by the kernel. (cbor-x's EncoderStream,
+ * piped to the socket, queued frames behind the pipe's backpressure where neither its writableLength, which counts
+ * frames, nor the socket saw them: a snapshot's waits for the socket to drain never waited, and tens of MiB of
+ * frames sat in the primary's memory behind a stalled link.)
+ */
 export class FrameSocket<In, Out> {
   readonly socket: Socket
-  readonly #encoder = new EncoderStream(CBOR_OPTIONS)
+  readonly #encoder = new Encoder({ ...CBOR_OPTIONS, sequential: true })
   readonly #decoder: DecoderStream
+  readonly #onError: (err: Error) => void
 
   constructor (socket: Socket, onFrame: (frame: In) => void, onError: (err: Error) => void) {
     this.socket = socket
+    this.#onError = onError
     const decoder = this.#decoder = new DecoderStream(CBOR_OPTIONS)
-    this.#encoder.pipe(socket)
     socket.pipe(decoder)
     decoder.on('data', (frame: In) => onFrame(frame))
     decoder.on('error', (err: Error) => { onError(err); socket.destroy() })
-    this.#encoder.on('error', (err: Error) => { onError(err); socket.destroy() })
   }
 
   /** Called once every frame the peer sent before it ended the connection was heard. */
@@ -73,17 +79,26 @@ export class FrameSocket<In, Out> {
   }
 
   send (frame: Out): void {
-    if (!this.socket.destroyed) this.#encoder.write(frame)
+    if (this.socket.destroyed || this.socket.writableEnded) return
+    let bytes: Buffer
+    try {
+      bytes = this.#encoder.encode(frame)
+    } catch (err) {
+      this.#onError(err as Error)
+      this.socket.destroy()
+      return
+    }
+    this.socket.write(bytes)
   }
 
   /** Bytes written and not yet taken by the kernel. */
   get buffered (): number {
-    return this.socket.writableLength + this.#encoder.writableLength
+    return this.socket.writableLength
   }
 
   /** Ends the connection once the frames sent so far are written. */
   end (): void {
-    this.#encoder.end()
+    this.socket.end()
   }
 
   close (): void {

@@ -258,7 +258,9 @@ export async function startReplication (deps: ReplicationDeps): Promise<Replicat
     return { ...replication, close: () => (closed ??= replication.close().finally(() => lease?.close())) }
   }
   createLeaseMetrics(deps.registry, () => false)
-  createReplicationMetrics(deps.registry, { role: () => 'none', epoch: () => 0, inSync: () => false, lag: () => ({ writes: 0, bytes: 0, seconds: 0 }) })
+  createReplicationMetrics(deps.registry, {
+    role: () => 'none', epoch: () => 0, inSync: () => false, lag: () => ({ writes: 0, bytes: 0, seconds: 0 }), backlogBytes: () => 0,
+  })
   return {
     role: 'none', commitGate: undefined, listenAddress: null,
     replicated: async () => {},
@@ -289,13 +291,16 @@ async function startPrimary (deps: ReplicationDeps, log: Logger, coordination: C
   const epoch = (await readJson<number>(root, EPOCH_KEY)) ?? 1
   // A primary's database is no copy of another's from now on: if it is ever demoted, its data is set aside before a snapshot replaces it.
   await root.batch([jsonOp(EPOCH_KEY, epoch), { type: 'del', key: POSITION_KEY }] as never, { ...RAW, sync: true } as never)
-  const journal = new WriteJournal(root as unknown as WriteEmitter, { ignorePrefix: META_PREFIX, maxBytes: config.backlogBytes, now: deps.now })
+  const journal = new WriteJournal(root as unknown as WriteEmitter, {
+    ignorePrefix: META_PREFIX, maxBytes: config.backlogBytes, maxPinnedBytes: config.catchUpBytes, now: deps.now,
+  })
   const holder: { metrics?: ReturnType<typeof createReplicationMetrics> } = {}
   let primary: ReplicationPrimary
   try {
     primary = await ReplicationPrimary.start({
       config, journal, root: root as unknown as SnapshotSource, ignorePrefix: META_PREFIX, gatewayId: deps.gatewayId, epoch, logger: log, now: deps.now,
       onCatchUp: (from) => holder.metrics?.catchUps.inc({ from }),
+      onCatchUpOverflow: () => holder.metrics?.catchUpOverflows.inc(),
       onInSync: (inSync, reason) => {
         void coordination?.lease.update({ node: coordination.node, epoch, inSync })
         if (inSync) {
@@ -315,7 +320,9 @@ async function startPrimary (deps: ReplicationDeps, log: Logger, coordination: C
   }
   const lag = (): { writes: number, bytes: number, seconds: number } => primary.lag()
   coordination?.lease.hold({ node: coordination.node, epoch, inSync: primary.inSync })
-  holder.metrics = createReplicationMetrics(deps.registry, { role: () => 'primary', epoch: () => epoch, inSync: () => primary.inSync, lag })
+  holder.metrics = createReplicationMetrics(deps.registry, {
+    role: () => 'primary', epoch: () => epoch, inSync: () => primary.inSync, lag, backlogBytes: () => journal.keptBytes,
+  })
   log.info({ listen: primary.address, acks: config.acks, onStandbyLost: config.onStandbyLost, epoch }, 'replication primary listening')
   return {
     role: 'primary',
@@ -394,7 +401,7 @@ async function startStandby (deps: ReplicationDeps, log: Logger, coordination: C
   const inSync = (): boolean => standby.connected && !standby.snapshotting && standby.position !== null
   const lag = (): { writes: number, bytes: null, seconds: number } => ({ ...standby.lag(), bytes: null })
   const epoch = (): number => standby.position?.epoch ?? 0
-  createReplicationMetrics(deps.registry, { role: () => 'standby', epoch, inSync, lag })
+  createReplicationMetrics(deps.registry, { role: () => 'standby', epoch, inSync, lag, backlogBytes: () => 0 })
   log.info({ primary: config.peer, from: initial?.seq ?? null }, 'replication standby following its primary')
   const promote = async (): Promise<{ epoch: number }> => {
     const position = standby.position

@@ -33,6 +33,12 @@ const RETRY_MAX_MS = 2000
  */
 const SILENT_CHECKS = 5
 const CHECK_MS = 1000
+/**
+ * A snapshot is written in LevelDB batches of this many entries or bytes (keys and values), whichever comes first: an
+ * entry is a log batch of up to 1,000 records, so a count alone could make one write of gigabytes.
+ */
+const SNAPSHOT_BATCH_ENTRIES = 4096
+const SNAPSHOT_BATCH_BYTES = 16 * 1024 * 1024
 /** How far a standby's reads may trail what it applied: refreshes of its store are at most this often. */
 const REFRESH_MS = 20
 
@@ -74,6 +80,7 @@ export class ReplicationStandby {
   #primaryAt: number | null = null
   #queue: BatchFrame[] = []
   #snapshotOps: Array<{ type: 'put', key: Buffer, value: Buffer }> = []
+  #snapshotBytes = 0
   #applying: Promise<void> = Promise.resolve()
   #refreshTimer: NodeJS.Timeout | undefined
   #closed = false
@@ -148,6 +155,7 @@ export class ReplicationStandby {
       const was = this.#connected
       this.#connected = false
       this.#snapshotOps = []
+      this.#snapshotBytes = 0
       this.#pending = []
       if (this.#frames === frames) this.#frames = undefined
       if (was) logger.warn({ primary: `${peer.host}:${peer.port}` }, 'lost the primary; reconnecting')
@@ -187,13 +195,17 @@ export class ReplicationStandby {
         if (frame.snapshot) {
           this.#snapshotting = true
           this.#snapshotOps = []
+          this.#snapshotBytes = 0
           this.#run(() => this.#beginSnapshot())
         }
         this.#welcomed = { history: frame.history, epoch: frame.epoch }
         break
       case 'snapshot':
-        for (const [key, value] of frame.entries) this.#snapshotOps.push({ type: 'put', key: asBuffer(key), value: asBuffer(value) })
-        if (this.#snapshotOps.length >= 4096) this.#flushSnapshot()
+        for (const [key, value] of frame.entries) {
+          this.#snapshotOps.push({ type: 'put', key: asBuffer(key), value: asBuffer(value) })
+          this.#snapshotBytes += key.length + value.length
+        }
+        if (this.#snapshotOps.length >= SNAPSHOT_BATCH_ENTRIES || this.#snapshotBytes >= SNAPSHOT_BATCH_BYTES) this.#flushSnapshot()
         break
       case 'snapshot-end': {
         this.#flushSnapshot()
@@ -264,6 +276,7 @@ export class ReplicationStandby {
     if (this.#snapshotOps.length === 0) return
     const ops = this.#snapshotOps
     this.#snapshotOps = []
+    this.#snapshotBytes = 0
     this.#run(() => this.#deps.db.batch(ops, { sync: false }))
   }
 

@@ -13,7 +13,14 @@
  * - `degrade`, the connections reset: acks go on, with the log line and the
  *   counter; healed, the standby catches up from the primary's backlog.
  * - `degrade` with more written during the cut than the backlog keeps: the
- *   standby catches up with a snapshot.
+ *   standby catches up with one snapshot, though the load writes two
+ *   backlogs while it is copied (the link stalls early in the copy until
+ *   they are written). Before the primary kept those writes for it,
+ *   the copy ended with them gone and another snapshot began, again and
+ *   again under steady load: the standby never caught up.
+ * - the same with `catchUpBytes` smaller than what the load writes during
+ *   the stall: the standby is dropped (logged, counted) and catches up with
+ *   a later snapshot once the load has stopped.
  *
  * Each ends with the standby's stored batches byte-identical to the
  * primary's and every acknowledged message on the standby. Throughout the
@@ -31,11 +38,19 @@ import {
 } from './pair.ts'
 
 const MAX_LAG_MS = 500
+/**
+ * maxLagMs of the tests that stall the link for a moment while a snapshot is copied: the primary would drop a standby
+ * silent for MAX_LAG_MS (as it should), ending the copy the test is about. The standby's own limit (5 s) still holds.
+ */
+const STALL_MAX_LAG_MS = 60_000
+const MIB = 1024 * 1024
+/** backlogBytes of the tests that need a snapshot: the smallest allowed. */
+const BACKLOG = MIB
 const cleanups: Array<() => Promise<void>> = []
 afterAll(async () => { for (const c of cleanups.reverse()) await c() })
 
 /** A primary and a standby that reaches it through a proxy, in sync. */
-async function cutPair (name: string, options: Pick<NodeOptions, 'onStandbyLost' | 'backlogBytes'>): Promise<{
+async function cutPair (name: string, options: Pick<NodeOptions, 'onStandbyLost' | 'backlogBytes' | 'catchUpBytes' | 'maxLagMs'>): Promise<{
   primary: GatewayProcess, standby: GatewayProcess, proxy: LinkProxy
 }> {
   const { dir, cleanup } = await tempDir(`edgemq-linkcut-${name}-`)
@@ -76,6 +91,24 @@ async function expectGroup (gw: GatewayProcess, group: string): Promise<void> {
 /** Occurrences of `text` in a node's log. */
 function count (gw: GatewayProcess, text: string): number {
   return gw.stderr().split(text).length - 1
+}
+
+/**
+ * Under load, with the link cut (reset) for far over a backlog of writes: a snapshot it is, of a database far larger
+ * than the link's buffers hold (two sockets' kernel buffers and the primary's send window). The link is healed for the
+ * start of the copy only, then stalls 1 MiB into it, so the copy waits on the link while the load writes on (briefly:
+ * the standby gives up after 5 s of silence). Returns the primary's state as the copy began.
+ */
+async function stallSnapshot (primary: GatewayProcess, standby: GatewayProcess, proxy: LinkProxy, load: Awaited<ReturnType<typeof startLoad>>):
+Promise<Awaited<ReturnType<typeof waitFor>>> {
+  await load.ackedAtLeast(100, 'acks before the cut')
+  proxy.cut('reset')
+  await waitFor(primary, 'the primary to find its standby out of sync', (d) => !d.inSync)
+  await waitFor(primary, 'a database larger than the link buffers written while cut off', (d) => (d.lag.bytes ?? 0) > 48 * MIB)
+  await expectStillStandby(standby)
+  proxy.heal()
+  proxy.cutAfter(1)
+  return await waitFor(primary, 'the snapshot to begin', (d) => d.connected && d.snapshotting)
 }
 
 /** Once the link healed: the standby in sync again, the load stopped, both logs byte-identical, every acknowledged message on the standby. */
@@ -179,25 +212,45 @@ describe('the replication link cut under load, acks: replicated', () => {
       expect((await replicationOf(standby)).epoch).toBe(1)
     })
 
-  it('degrade: a cut longer than the backlog ends in a snapshot, byte-identical', { timeout: 120_000 }, async () => {
-    const { primary, standby, proxy } = await cutPair('snapshot', { onStandbyLost: 'degrade', backlogBytes: 1024 * 1024 })
-    const load = await startLoad(primary.mqttUrl, { devices: 4, window: 10, maxMs: 90_000, padding: 1000 })
-    await load.ackedAtLeast(100, 'acks before the cut')
-    const snapshots = count(primary, 'sending a snapshot')
+  it('degrade: a cut longer than the backlog ends in one snapshot, though two backlogs are written while it is copied; byte-identical',
+    { timeout: 180_000 }, async () => {
+      const { primary, standby, proxy } = await cutPair('snapshot', { onStandbyLost: 'degrade', backlogBytes: BACKLOG, maxLagMs: STALL_MAX_LAG_MS })
+      const load = await startLoad(primary.mqttUrl, { devices: 4, window: 10, maxMs: 150_000, padding: 1000 })
+      const snapshots = count(primary, 'sending a snapshot')
+      const copying = await stallSnapshot(primary, standby, proxy, load)
+      const written = await waitFor(primary, 'two backlogs written during the copy', (d) => (d.lag.bytes ?? 0) > (copying.lag.bytes ?? 0) + 2 * BACKLOG)
+      // Still copying: the writes since the snapshot's point are more than the backlog keeps; the primary keeps them for the standby.
+      expect(written).toMatchObject({ connected: true, snapshotting: true })
+      expect(await metricOf(primary, 'edgemq_replication_backlog_bytes')).toBeGreaterThan(2 * BACKLOG)
 
-    proxy.cut('reset')
-    await waitFor(primary, 'the primary to find its standby out of sync', (d) => !d.inSync)
-    // Over 1 MiB written while cut off (1 KiB payloads): the backlog no longer reaches back to the standby's position.
-    await waitFor(primary, 'over a backlog of writes while cut off', (d) => (d.lag.bytes ?? 0) > 2 * 1024 * 1024)
-    await expectStillStandby(standby)
+      proxy.heal()
+      await inSyncAndIdentical(primary, standby, load)
+      // One snapshot, counted; none started over (the load kept writing throughout).
+      expect(count(primary, 'sending a snapshot')).toBe(snapshots + 1)
+      expect(await metricOf(primary, 'edgemq_replication_catch_ups_total{from="snapshot"}')).toBe(snapshots + 1)
+      expect(await metricOf(primary, 'edgemq_replication_catch_up_overflows_total')).toBe(0)
+      expect(primary.stderr()).not.toMatch(/GW_WARN_STANDBY_CATCH_UP_OVERFLOW/)
+      expect(standby.stderr()).not.toMatch(/GW_WARN_SET_ASIDE/)
+    })
 
-    proxy.heal()
-    await inSyncAndIdentical(primary, standby, load)
-    // At least one snapshot; more when the load kept writing past the backlog while one was being copied (seen in CI:
-    // four before the standby caught up). Each is counted.
-    const sent = count(primary, 'sending a snapshot')
-    expect(sent).toBeGreaterThan(snapshots)
-    expect(await metricOf(primary, 'edgemq_replication_catch_ups_total{from="snapshot"}')).toBe(sent)
-    expect(standby.stderr()).not.toMatch(/GW_WARN_SET_ASIDE/)
-  })
+  it('degrade: past catchUpBytes written while a snapshot is copied, the standby is dropped (logged, counted); a later snapshot catches it up',
+    { timeout: 180_000 }, async () => {
+      const { primary, standby, proxy } = await cutPair('overflow', {
+        onStandbyLost: 'degrade', backlogBytes: BACKLOG, catchUpBytes: 2 * MIB, maxLagMs: STALL_MAX_LAG_MS,
+      })
+      const load = await startLoad(primary.mqttUrl, { devices: 4, window: 10, maxMs: 150_000, padding: 1000 })
+      const snapshots = count(primary, 'sending a snapshot')
+      await stallSnapshot(primary, standby, proxy, load)
+      // The load writes on: past catchUpBytes (2 MiB) since the snapshot's point, the primary gives up on this copy.
+      await waitForLog(primary, /GW_WARN_STANDBY_CATCH_UP_OVERFLOW.*since its snapshot began .* passed replication\.catchUpBytes/)
+      expect(await metricOf(primary, 'edgemq_replication_catch_up_overflows_total')).toBe(1)
+      expect(await metricOf(primary, 'edgemq_replication_backlog_bytes')).toBeLessThanOrEqual(2 * MIB)
+      await waitFor(primary, 'the standby dropped', (d) => !d.connected)
+
+      await load.stop()
+      proxy.heal()
+      await inSyncAndIdentical(primary, standby, load)
+      expect(count(primary, 'sending a snapshot')).toBe(snapshots + 2)
+      expect(await metricOf(primary, 'edgemq_replication_catch_up_overflows_total')).toBe(1)
+    })
 })

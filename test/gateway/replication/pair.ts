@@ -21,6 +21,7 @@ export interface NodeOptions {
   readonly onStandbyLost?: 'block' | 'degrade'
   readonly maxLagMs?: number
   readonly backlogBytes?: number
+  readonly catchUpBytes?: number
   /** Ports to reuse (a node that restarts keeps its addresses). */
   readonly mqttPort?: number
   readonly httpPort?: number
@@ -42,6 +43,7 @@ export async function writeNodeConfig (dir: string, name: string, o: NodeOptions
       onStandbyLost: o.onStandbyLost ?? 'block', maxLagMs: o.maxLagMs ?? 2000,
       ...(o.etcd === undefined ? {} : { coordination: { etcd: { endpoints: [...o.etcd.endpoints], leaseTtlMs: o.etcd.leaseTtlMs } } }),
       ...(o.backlogBytes === undefined ? {} : { backlogBytes: o.backlogBytes }),
+      ...(o.catchUpBytes === undefined ? {} : { catchUpBytes: o.catchUpBytes }),
     },
   }))
   return file

@@ -19,7 +19,7 @@ import { FrameSocket, PROTOCOL_VERSION, type PrimaryFrame, type StandbyFrame } f
 
 const META = Buffer.from('!replication!')
 const CONFIG: ReplicationConfig = {
-  role: 'primary', listen: '127.0.0.1:0', peer: '', acks: 'replicated', maxLagMs: 60_000, onStandbyLost: 'block', backlogBytes: 1024 * 1024, coordination: {},
+  role: 'primary', listen: '127.0.0.1:0', peer: '', acks: 'replicated', maxLagMs: 60_000, onStandbyLost: 'block', backlogBytes: 1024 * 1024, catchUpBytes: 4 * 1024 * 1024, coordination: {},
 }
 const noSnapshot: SnapshotSource = { iterator: () => { throw new Error('no snapshot expected') } }
 
@@ -120,3 +120,139 @@ describe('a silent standby', () => {
     expect(primary.connected).toBe(false)
   })
 })
+
+/** A snapshot source of one entry whose copy goes on until `finish()`: the test writes while it is being copied. */
+function heldSnapshot (): { source: SnapshotSource, finish: () => void } {
+  let finish = (): void => {}
+  const finished = new Promise<void>((resolve) => { finish = resolve })
+  let calls = 0
+  return {
+    finish: () => finish(),
+    source: {
+      iterator: () => ({
+        nextv: async () => {
+          if (calls++ === 0) return [[Buffer.from('snapshot-key'), Buffer.from('snapshot-value')]]
+          await finished
+          return []
+        },
+        close: async () => {},
+      }),
+    },
+  }
+}
+
+/**
+ * A primary under `degrade` (backlog 1 MiB, catchUpBytes as given) with one write, whose snapshot (when a standby needs one)
+ * is copied until `finish()`; `write` puts an entry of `bytes` into its database; its log lines, parsed.
+ */
+async function primaryWithHeldSnapshot (catchUpBytes: number): Promise<{
+  primary: ReplicationPrimary, journal: WriteJournal, port: number, write: (bytes: number) => void, finish: () => void, overflows: () => number,
+  logged: () => Array<{ code?: string, msg: string }>
+}> {
+  const db = new EventEmitter()
+  const journal = new WriteJournal(db as unknown as WriteEmitter, { ignorePrefix: META, maxBytes: CONFIG.backlogBytes, maxPinnedBytes: catchUpBytes, now: Date.now })
+  closers.push(() => journal.close())
+  const { source, finish } = heldSnapshot()
+  const lines: string[] = []
+  let overflows = 0
+  const primary = await ReplicationPrimary.start({
+    config: { ...CONFIG, onStandbyLost: 'degrade', catchUpBytes }, journal, root: source, ignorePrefix: META, gatewayId: 'g', epoch: 1,
+    logger: pino({ level: 'info' }, { write: (line: string) => { lines.push(line) } }), now: Date.now,
+    onInSync: () => {}, onCatchUpOverflow: () => { overflows++ },
+  })
+  closers.push(() => primary.close())
+  let n = 0
+  const write = (bytes: number): void => {
+    db.emit('write', [{ type: 'put', encodedKey: Buffer.from(`k${n++}`), encodedValue: Buffer.alloc(bytes) }])
+  }
+  write(100)
+  return {
+    primary, journal, port: Number(primary.address.split(':').at(-1)), write, finish, overflows: () => overflows,
+    logged: () => lines.map((l) => JSON.parse(l) as { code?: string, msg: string }),
+  }
+}
+
+describe('a snapshot copied while the writes go on', () => {
+  it('ends with every write made during the copy, though they are three backlogs: one snapshot is enough', async () => {
+    const { primary, journal, port, write, finish, overflows, logged } = await primaryWithHeldSnapshot(16 * 1024 * 1024)
+    const got: PrimaryFrame[] = []
+    await standbyAt(port, '', -1, (frame, frames) => {
+      got.push(frame)
+      if (frame.type === 'welcome') {
+        // The copy has begun (its point is the welcome's seq): three backlogs of writes while it goes on, then it ends.
+        for (let i = 0; i < 48; i++) write(64 * 1024)
+        finish()
+      }
+      if (frame.type === 'batch') frames.send({ type: 'ack', seq: frame.seq })
+    })
+    await waitUntil(() => got.some((f) => f.type === 'batch' && f.seq === 49), () => primary.connected || got.length === 0)
+    const kinds = got.filter((f) => f.type !== 'ping').map((f) => f.type === 'batch' ? `batch ${f.seq}` : f.type === 'snapshot-end' ? `end ${f.seq}` : f.type)
+    expect(kinds).toEqual(['welcome', 'snapshot', 'end 1', ...Array.from({ length: 48 }, (_, i) => `batch ${i + 2}`)])
+    expect(primary.snapshotting).toBe(false)
+    expect(overflows()).toBe(0)
+    expect(logged().filter((l) => l.msg.includes('sending a snapshot'))).toHaveLength(1)
+    // Acknowledged: the pin follows the acks, so the journal is back to its backlog.
+    await waitUntil(() => primary.ackedSeq === 49)
+    write(100)
+    expect(journal.keptBytes).toBeLessThanOrEqual(CONFIG.backlogBytes)
+  })
+
+  it('drops the standby once the writes kept for it pass catchUpBytes, logged and counted, and keeps no more than that', async () => {
+    const { primary, journal, port, write, overflows, logged } = await primaryWithHeldSnapshot(2 * 1024 * 1024)
+    const got: PrimaryFrame[] = []
+    await standbyAt(port, '', -1, (frame) => {
+      got.push(frame)
+      // Three backlogs while the copy goes on (it never ends here): over catchUpBytes (2 MiB).
+      if (frame.type === 'welcome') for (let i = 0; i < 48; i++) write(64 * 1024)
+    })
+    await waitUntil(() => got.length > 0 && !primary.connected)
+    expect(got.some((f) => f.type === 'snapshot-end')).toBe(false)
+    expect(overflows()).toBe(1)
+    expect(logged().filter((l) => l.code === 'GW_WARN_STANDBY_CATCH_UP_OVERFLOW')).toHaveLength(1)
+    expect(journal.keptBytes).toBeLessThanOrEqual(2 * 1024 * 1024)
+  })
+})
+
+describe('a standby catching up from the backlog', () => {
+  it('is sent at most the send window unacknowledged; the rest waits in the journal and follows its acks', async () => {
+    const { journal, port, write } = await primaryWithHeldSnapshot(64 * 1024 * 1024)
+    let acks: FrameSocket<PrimaryFrame, StandbyFrame> | undefined
+    const batches: Array<{ seq: number, bytes: number }> = []
+    let pings = 0
+    const welcomed = new Promise<void>((resolve) => {
+      void standbyAt(port, journal.history, 1, (frame, frames) => {
+        acks = frames
+        if (frame.type === 'welcome') resolve()
+        if (frame.type === 'ping') { pings++; frames.send({ type: 'pong' }) }
+        if (frame.type === 'batch') batches.push({ seq: frame.seq, bytes: frame.ops.reduce((sum, op) => sum + op[1].length + (op[0] === 0 ? op[2].length : 0), 0) })
+      })
+    })
+    await welcomed
+    // 16 MiB written, twice the window, none acknowledged: the journal keeps them (pinned), the socket gets 8 MiB.
+    for (let i = 0; i < 64; i++) write(256 * 1024)
+    expect(journal.keptBytes).toBeGreaterThan(16 * 1024 * 1024)
+    // A ping sent after the writes: every batch the primary sent before it has arrived by then.
+    const pingsBefore = pings
+    await waitUntil(() => pings > pingsBefore)
+    const sent = batches.reduce((sum, b) => sum + b.bytes, 0)
+    expect(sent).toBeGreaterThanOrEqual(8 * 1024 * 1024)
+    expect(sent).toBeLessThan(8 * 1024 * 1024 + 256 * 1024 + 64)
+    // Each ack lets more go, until the standby has them all, in order.
+    for (let round = 0; round < 100 && batches.at(-1)?.seq !== 65; round++) {
+      const last = batches.at(-1)?.seq ?? 1
+      acks?.send({ type: 'ack', seq: last })
+      await waitUntil(() => (batches.at(-1)?.seq ?? 1) > last)
+    }
+    expect(batches.map((b) => b.seq)).toEqual(Array.from({ length: 64 }, (_, i) => i + 2))
+  })
+})
+
+/** Polls (bounded: 10 s) until `check` holds; throws at once if `still` stops holding (the primary dropped the standby). */
+async function waitUntil (check: () => boolean, still: () => boolean = () => true): Promise<void> {
+  const deadline = Date.now() + 10_000
+  while (!check()) {
+    if (!still()) throw new Error('the primary dropped the standby')
+    if (Date.now() > deadline) throw new Error('timed out')
+    await new Promise((resolve) => setTimeout(resolve, 5))
+  }
+}
