@@ -28,6 +28,12 @@ export default defineConfig({
           exclude: ['test/**/*.int.test.ts'],
           testTimeout: 30_000,
           maxWorkers: WORKERS,
+          // A worker runs its unit files one after the other in one process, importing the sources once, instead of a
+          // fresh process per file: measured 2026-12-02 (load 10), unit project alone, same files all passing: 29.8 s of
+          // CPU and 33 s wall isolated, 14.3 s and 18 s not (the import phase 32.7 s -> 10.9 s summed over files). Unit
+          // files share no state to leak: the clock and the metrics registry are injected, the one fake-timer file
+          // restores real timers after each test, and no unit file mocks a module or writes process.env.
+          isolate: false,
         },
       },
       {

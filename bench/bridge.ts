@@ -6,7 +6,7 @@
  *
  * The backlog: `--records` (default 1 M) QoS 1 messages of 100 bytes from
  * 100 devices (`dev-000` … `dev-099`, topic `devices/<id>/telemetry/t`),
- * published by 10 connections with 100 in flight each (lib/mqtt-fill.ts)
+ * published by 10 connections with 100 in flight each (lib/mqtt/fill.ts)
  * while the upstream is down. Both sides get it through MQTT, the same
  * publisher and the same bytes, so each holds it the way it would after an
  * outage:
@@ -23,7 +23,7 @@
  *   lifts the 1,000-message default cap so all of it is kept (in memory).
  *
  * Then the upstream starts: a fresh Mosquitto on the port the bridge points
- * at, with one subscriber (lib/mqtt-counter.ts, QoS 1, `#`; `$dedupe/#` for
+ * at, with one subscriber (lib/mqtt/counter.ts, QoS 1, `#`; `$dedupe/#` for
  * edgemq's dedupe variant, since `#` does not match topics that start with
  * `$`). The upstream is started right after the bridge's failed connection
  * attempt (edgemq: GET /v1/bridge `reconnects` moved; Mosquitto: A logged
@@ -83,8 +83,8 @@ import { performance } from 'node:perf_hooks'
 import { openLogStore } from '../store/index.ts'
 import { findMosquitto, freePort, mosquittoVersion, processCpuSeconds, processRssBytes, processSyscalls, startEdgemq, startMosquittoWithConfig, type RunningBroker } from './lib/brokers.ts'
 import { formatProfileSummary, summarizeCpuProfile } from './lib/cpu-profile.ts'
-import { CountingSubscriber } from './lib/mqtt-counter.ts'
-import { fill, fillDevice, fillTopic } from './lib/mqtt-fill.ts'
+import { CountingSubscriber } from './lib/mqtt/counter.ts'
+import { fill, fillDevice, fillTopic } from './lib/mqtt/fill.ts'
 import { TempDirs, info, median, report, round, type ParamValue } from './lib/report.ts'
 import { argv, flag, intFlag } from './lib/flags.ts'
 

@@ -5,7 +5,7 @@
  * the gateway bench's qos1 scenario: 100 PUBLISHes unacknowledged per
  * connection, from a separate process, lib/load-child.ts), while ONE
  * subscriber holds a QoS 1 subscription to `#` and acknowledges what it gets
- * (lib/mqtt-counter.ts: plain socket, one PUBACK write per read, in this
+ * (lib/mqtt/counter.ts: plain socket, one PUBACK write per read, in this
  * process). The figure is the messages the subscriber received per second
  * in the measured window, edgemq (`edgemq start`, embedded default config,
  * `durability: sync`) against Mosquitto in the same run. One JSON line per
@@ -62,8 +62,8 @@ import { findMosquitto, mosquittoVersion, processCpuSeconds, startEdgemq, startM
 import { formatProfileSummary, summarizeCpuProfile, type ProfileWindow } from './lib/cpu-profile.ts'
 import { argv, flag, intFlag } from './lib/flags.ts'
 import { LoadGenerators, type MergedLoad } from './lib/load-process.ts'
-import { CountingSubscriber } from './lib/mqtt-counter.ts'
-import type { LoadSpec } from './lib/mqtt-load.ts'
+import { CountingSubscriber } from './lib/mqtt/counter.ts'
+import type { LoadSpec } from './lib/mqtt/load.ts'
 import { TempDirs, info, median, report, round, type ParamValue } from './lib/report.ts'
 
 const QUICK = argv.includes('--quick')

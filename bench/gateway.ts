@@ -19,7 +19,7 @@
  *           Figures: throughput (PUBACKs/s), PUBACK latency p50 and p99.
  * - qos0    QoS 0 ingest, 100 in flight per connection: a PINGREQ after
  *           every 50 PUBLISHes, and its PINGRESP confirms them (a broker
- *           reads a connection's packets in order; see lib/mqtt-load.ts).
+ *           reads a connection's packets in order; see lib/mqtt/load.ts).
  *           For edgemq the `edgemq_ingest_messages_total` counter over the
  *           window is reported beside it as a check.
  * - device  device-like load: QoS 1, one PUBLISH in flight per connection
@@ -58,7 +58,7 @@ import { formatProfileSummary, summarizeCpuProfile, type ProfileWindow } from '.
 import { fsyncCeiling, probeFsync, type FsyncProbe, type ProbeTimes } from './lib/fsync-probe.ts'
 import { LatencyHistogram } from './lib/latency-histogram.ts'
 import { LoadGenerators, type MergedLoad } from './lib/load-process.ts'
-import type { LoadSpec } from './lib/mqtt-load.ts'
+import type { LoadSpec } from './lib/mqtt/load.ts'
 import { TempDirs, info, median, report, round, type ParamValue } from './lib/report.ts'
 import { argv, flag, intFlag } from './lib/flags.ts'
 

@@ -44,7 +44,7 @@ import { connect, headers as natsHeaders, type NatsConnection } from '@nats-io/t
 import { topicToSubject } from '../bridge/nats/subjects.ts'
 import { openLogStore } from '../store/index.ts'
 import { startEdgemq } from './lib/brokers.ts'
-import { fillDevice, fillTopic } from './lib/mqtt-fill.ts'
+import { fillDevice, fillTopic } from './lib/mqtt/fill.ts'
 import { findNatsServer, startNatsCluster, startNatsServer, type NatsServerProcess } from './lib/nats-server.ts'
 import { TempDirs, info, median, report, round } from './lib/report.ts'
 import { argv, intFlag } from './lib/flags.ts'

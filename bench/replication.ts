@@ -19,7 +19,7 @@
  * under the lease TTL plus 2 s. `-- --takeover-only` skips the ingest rounds
  * (the manual takeover then follows a short load of 1,000 messages).
  *
- * Load (lib/mqtt-fill.ts): `--messages` (default 50,000) of 100 bytes from
+ * Load (lib/mqtt/fill.ts): `--messages` (default 50,000) of 100 bytes from
  * 4 connections with 100 in flight each, 10 devices per connection.
  */
 import { spawn, type ChildProcess } from 'node:child_process'
@@ -31,7 +31,7 @@ import mqtt from 'mqtt'
 import { stringify } from 'yaml'
 import { findEtcd, startEtcd } from './lib/etcd-server.ts'
 import { argv } from './lib/flags.ts'
-import { fill } from './lib/mqtt-fill.ts'
+import { fill } from './lib/mqtt/fill.ts'
 import { info, median, percentile, report, TempDirs } from './lib/report.ts'
 
 const BIN = fileURLToPath(new URL('../gateway/edgemq.mjs', import.meta.url))

@@ -11,7 +11,7 @@
  * messages past 1,000) and `max_inflight_messages` equal to edgemq's
  * outgoing window.
  *
- * The load: 8 publishers (lib/mqtt-fill.ts, 100 in flight each) send
+ * The load: 8 publishers (lib/mqtt/fill.ts, 100 in flight each) send
  * `--messages` (default 20,000) QoS 1 messages of 100 bytes for 80 devices
  * on `devices/<device>/telemetry/t`, which the default route appends to the
  * log, 8 partitions.
@@ -42,7 +42,7 @@ import { mkdir, mkdtemp, readdir } from 'node:fs/promises'
 import os from 'node:os'
 import path from 'node:path'
 import { findMosquitto, mosquittoVersion, processCpuSeconds, startEdgemq, startMosquitto, withBrokerIn, type RunningBroker } from './lib/brokers.ts'
-import { fill } from './lib/mqtt-fill.ts'
+import { fill } from './lib/mqtt/fill.ts'
 import { runSubscriber } from './lib/replay-clients.ts'
 import { TempDirs, info, median, report, round } from './lib/report.ts'
 import { argv, flag, intFlag } from './lib/flags.ts'

@@ -7,8 +7,8 @@ import type { Clock, LogStore } from '../store/index.ts'
 import { upstreamKind, type BridgeConfig } from './config-schema.ts'
 import type { CommandSink } from './downlink.ts'
 import { NatsUplink } from './nats/uplink.ts'
-import { Uplink } from './uplink.ts'
-import type { BridgeLogger, UplinkObserver, UpstreamStatus } from './uplink-status.ts'
+import { Uplink } from './uplink/index.ts'
+import type { BridgeLogger, UplinkObserver, UpstreamStatus } from './uplink/status.ts'
 
 export interface BridgeDeps {
   readonly store: LogStore

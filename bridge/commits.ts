@@ -8,7 +8,7 @@
  */
 import { isStoreError, type LogStore } from '../store/index.ts'
 import type { Lane } from './lanes.ts'
-import type { BridgeLogger } from './uplink-status.ts'
+import type { BridgeLogger } from './uplink/status.ts'
 
 export class OffsetCommits {
   readonly #store: LogStore

@@ -5,7 +5,7 @@
  * since the last line; each (re)connect with how long the upstream was down
  * and how many attempts failed. Time comes in with each event.
  */
-import type { BridgeLogger } from './uplink-status.ts'
+import type { BridgeLogger } from './uplink/status.ts'
 
 export interface ConnectionFields {
   readonly url: string

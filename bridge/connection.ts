@@ -24,7 +24,7 @@ import { dedupeCarrier, protocolVersions, type DedupeCarrier, type ProtocolVersi
 import { ConnectionLog } from './connection-log.ts'
 import type { DownlinkConnection } from './downlink.ts'
 import { BridgeError } from './errors.ts'
-import { isoOrNull, redact, type BridgeLogger, type ConnectionError, type ConnectionStatus, type UplinkObserver } from './uplink-status.ts'
+import { isoOrNull, redact, type BridgeLogger, type ConnectionError, type ConnectionStatus, type UplinkObserver } from './uplink/status.ts'
 
 /** Message ids below this are the uplink's PUBLISHes; MQTT.js numbers its own packets (SUBSCRIBE) from here up. */
 export const ID_SPLIT = 0xF000

@@ -14,7 +14,7 @@
 import type { LogStore, StoredRecord } from '../store/index.ts'
 import { RECEIPT_UPSTREAM_HEADER } from './downlink.ts'
 import type { Lane } from './lanes.ts'
-import type { BridgeLogger, UplinkObserver } from './uplink-status.ts'
+import type { BridgeLogger, UplinkObserver } from './uplink/status.ts'
 
 const DLQ_RETENTION_MS = 30 * 24 * 3600 * 1000
 /** Messages whose refusals are remembered at most: bounded, whatever an upstream does. */

@@ -19,7 +19,7 @@ import type { Clock } from '../store/index.ts'
 import type { UpstreamConfig } from './config-schema.ts'
 import { BridgeError } from './errors.ts'
 import { parseCommandMapping, type CommandMapping } from './topic-template.ts'
-import type { BridgeLogger, UplinkObserver } from './uplink-status.ts'
+import type { BridgeLogger, UplinkObserver } from './uplink/status.ts'
 
 /** Header of a command receipt naming the upstream it goes back to. */
 export const RECEIPT_UPSTREAM_HEADER = 'edgemq-upstream'

@@ -9,5 +9,5 @@ export { RECEIPT_RESPONSE_TOPIC_HEADER, RECEIPT_UPSTREAM_HEADER, RECEIPTS_STREAM
 export { BRIDGE_ERROR_CODES, BridgeError, isBridgeError, type BridgeErrorCode } from './errors.ts'
 export { createBridgeMetrics, type BridgeMetrics } from './metrics.ts'
 export { DEDUPE_PROPERTY, dedupePropertyOf, filterProblem, splitDedupeTopic } from './topic-template.ts'
-export type { BridgeLogger, LaneStatus, UplinkObserver, UpstreamStatus } from './uplink-status.ts'
+export type { BridgeLogger, LaneStatus, UplinkObserver, UpstreamStatus } from './uplink/status.ts'
 export { expiredAt, headersToProperties, propertiesToHeaders, PROPERTY_HEADERS, type MessageProperties } from './mqtt-properties.ts'

@@ -56,7 +56,7 @@ export interface Lane {
   /** Acknowledged since the metrics were last told (they are told once per turn, not per record). */
   unreportedMessages: number
   unreportedBytes: number
-  /** The record just below `done`, once one was acknowledged: a 3.1.1 canary (see uplink.ts). */
+  /** The record just below `done`, once one was acknowledged: a 3.1.1 canary (see uplink/index.ts). */
   lastAcked: StoredRecord | null
 }
 

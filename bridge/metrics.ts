@@ -6,7 +6,7 @@
  */
 import { Counter, Gauge, type Registry } from 'prom-client'
 import type { Clock } from '../store/index.ts'
-import type { UplinkObserver, UpstreamStatus } from './uplink-status.ts'
+import type { UplinkObserver, UpstreamStatus } from './uplink/status.ts'
 
 export interface BridgeMetrics {
   /** Feeds the counters; pass it to the bridge. */

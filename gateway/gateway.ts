@@ -74,7 +74,7 @@ export interface GatewayDeps {
 
 export async function startGateway (config: GatewayConfig, deps: GatewayDeps): Promise<Gateway> {
   checkStartup(config, deps.logger)
-  // No one step may take the whole budget `edgemq start` gives the shutdown (cli/main.ts exits after it).
+  // No one step may take the whole budget `edgemq start` gives the shutdown (cli/start.ts exits after it).
   const shutdown = new Shutdown({ logger: deps.logger, stepTimeoutMs: config.shutdownTimeoutMs })
   try {
     return await start(config, deps, shutdown)

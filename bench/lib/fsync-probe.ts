@@ -24,7 +24,7 @@ import path from 'node:path'
 import { fileURLToPath } from 'node:url'
 import { ClassicLevel } from 'classic-level'
 import { startListeningChild } from './brokers.ts'
-import { frameAt, disconnectSocket } from './mqtt-frame.ts'
+import { frameAt, disconnectSocket } from './mqtt/frame.ts'
 import { percentile } from './report.ts'
 
 /** Mean, median and 99th percentile of one probe, in ms. */

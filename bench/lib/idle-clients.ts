@@ -8,7 +8,7 @@
  */
 import net from 'node:net'
 import mqttPacket from 'mqtt-packet'
-import { DISCONNECT } from './mqtt-frame.ts'
+import { DISCONNECT } from './mqtt/frame.ts'
 
 const PINGREQ = Buffer.from([0xc0, 0x00])
 /** CONNACK: type 2, remaining length 2, flags, return code. */

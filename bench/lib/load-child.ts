@@ -1,10 +1,10 @@
 /**
  * Entry point of a load-generator child process (see load-process.ts for
  * the parent's side). It waits for `run` messages on the IPC channel, runs
- * the load (mqtt-load.ts) and answers with phase messages and the result.
+ * the load (mqtt/load.ts) and answers with phase messages and the result.
  * One child serves every round of a bench, so its start-up is paid once.
  */
-import { runLoad } from './mqtt-load.ts'
+import { runLoad } from './mqtt/load.ts'
 import type { ChildMessage, ParentMessage } from './load-process.ts'
 
 function send (message: ChildMessage): void {

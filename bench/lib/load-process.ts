@@ -8,7 +8,7 @@
 import { spawn, type ChildProcess } from 'node:child_process'
 import { fileURLToPath } from 'node:url'
 import { LatencyHistogram } from './latency-histogram.ts'
-import type { LoadResult, LoadSpec, Phase } from './mqtt-load.ts'
+import type { LoadResult, LoadSpec, Phase } from './mqtt/load.ts'
 
 export type ParentMessage = { readonly type: 'run', readonly spec: LoadSpec } | { readonly type: 'exit' }
 export type ChildMessage =

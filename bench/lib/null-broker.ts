@@ -8,7 +8,7 @@
  * the first argument (0 picks one).
  */
 import net, { type AddressInfo } from 'node:net'
-import { frameAt } from './mqtt-frame.ts'
+import { frameAt } from './mqtt/frame.ts'
 
 const CONNACK = Buffer.from([0x20, 0x02, 0x00, 0x00])
 const PINGRESP = Buffer.from([0xd0, 0x00])

@@ -12,7 +12,7 @@
 import net from 'node:net'
 import { performance } from 'node:perf_hooks'
 import mqttPacket from 'mqtt-packet'
-import { frameAt } from './mqtt-frame.ts'
+import { frameAt } from './mqtt/frame.ts'
 
 const CONNACK = 2
 const PUBLISH = 3

@@ -20,7 +20,7 @@ import { AckPolicy, DeliverPolicy, jetstream, jetstreamManager, type ConsumerMes
 import type { NatsConnection } from '@nats-io/transport-node'
 import type { UpstreamConfig } from '../config-schema.ts'
 import type { Downlink } from '../downlink.ts'
-import type { UplinkDeps } from '../uplink.ts'
+import type { UplinkDeps } from '../uplink/index.ts'
 import { filterToSubject } from './config.ts'
 import type { NatsLink } from './link.ts'
 import { subjectToTopic } from './subjects.ts'

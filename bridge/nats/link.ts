@@ -25,7 +25,7 @@ import type { Clock } from '../../store/index.ts'
 import type { UpstreamConfig } from '../config-schema.ts'
 import { ConnectionLog } from '../connection-log.ts'
 import { BridgeError, isBridgeError, type BridgeErrorCode } from '../errors.ts'
-import { isoOrNull, type BridgeLogger, type ConnectionError, type ConnectionStatus, type UplinkObserver } from '../uplink-status.ts'
+import { isoOrNull, type BridgeLogger, type ConnectionError, type ConnectionStatus, type UplinkObserver } from '../uplink/status.ts'
 import { natsServers } from './config.ts'
 import { subjectCovers } from './subjects.ts'
 

@@ -1,11 +1,11 @@
 /**
  * One NATS JetStream upstream: replicates the configured streams into a
  * JetStream stream. Everything but the transport is shared with the MQTT
- * uplink (uplink-core.ts): the consumer group `bridge.<name>` that holds
+ * uplink (uplink/core.ts): the consumer group `bridge.<name>` that holds
  * retention, one lane per (stream, partition) read in offset order
  * (lanes.ts), priorities, the rate limit (token-bucket.ts), commits of
  * contiguous acknowledged offsets (commits.ts), dead letters
- * (dead-letters.ts), the status and the metrics (uplink-status.ts). This file
+ * (dead-letters.ts), the status and the metrics (uplink/status.ts). This file
  * is the transport: asynchronous JetStream publishes with at most
  * `maxInflight` PubAcks outstanding across all lanes.
  *
@@ -34,8 +34,8 @@ import type { UpstreamConfig } from '../config-schema.ts'
 import { Downlink } from '../downlink.ts'
 import { advance, rewind, type Lane, type Pending } from '../lanes.ts'
 import { RECORD_VARIABLES, type Template } from '../topic-template.ts'
-import { REFUSAL_RETRY_MS, UplinkCore, type UplinkDeps } from '../uplink-core.ts'
-import type { UpstreamStatus } from '../uplink-status.ts'
+import { REFUSAL_RETRY_MS, UplinkCore, type UplinkDeps } from '../uplink/core.ts'
+import type { UpstreamStatus } from '../uplink/status.ts'
 import { NatsCommands } from './commands.ts'
 import { NatsLink, redactServers } from './link.ts'
 import { parseSubjectTemplate, type RecordVariable, type SubjectTemplate } from './subjects.ts'

@@ -7,7 +7,8 @@
  */
 import { CliError } from './errors.ts'
 import type { ApiClient } from './http-client.ts'
-import { groupDocs, streamDoc, streamDocs, type GroupDoc, type GroupStreamDoc, type OfflineLog, type StreamDoc } from './offline.ts'
+// offline.ts (LevelDB) is loaded by the --data-dir branches only: the listing over HTTP does not need it.
+import type { GroupDoc, GroupStreamDoc, OfflineLog, StreamDoc } from './offline.ts'
 import { parsePosition } from './replay.ts'
 
 export type AdminSource = { readonly kind: 'http', readonly api: ApiClient } | { readonly kind: 'offline', readonly log: OfflineLog }
@@ -25,6 +26,7 @@ export function table (header: readonly string[], rows: ReadonlyArray<readonly (
 
 export async function listStreams (source: AdminSource, name: string | undefined): Promise<{ tenant?: string, streams: StreamDoc[] }> {
   if (source.kind === 'offline') {
+    const { streamDoc, streamDocs } = await import('./offline.ts')
     const streams = name === undefined ? streamDocs(source.log) : [streamDoc(source.log, source.log.streamInfo(name))]
     return { tenant: source.log.tenant, streams }
   }
@@ -41,6 +43,7 @@ export function streamsTable (streams: readonly StreamDoc[]): string {
 
 export async function listGroups (source: AdminSource, group: string | undefined): Promise<{ tenant?: string, groups: GroupDoc[] }> {
   if (source.kind === 'offline') {
+    const { groupDocs } = await import('./offline.ts')
     const groups = await groupDocs(source.log)
     if (group === undefined) return { tenant: source.log.tenant, groups }
     const one = groups.find((g) => g.group === group)

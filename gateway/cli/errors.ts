@@ -6,7 +6,8 @@
  * from a data directory (`--data-dir`): the API's HTTP_… codes are mapped
  * onto these. Tests match on the code, never the message.
  */
-import { CodedError } from '../../store/index.ts'
+// store/errors.ts, not the store's index: every `edgemq` command loads this file, and the index loads LevelDB.
+import { CodedError } from '../../store/errors.ts'
 import type { QueryError } from '../query/errors.ts'
 
 export const CLI_ERROR_CODES = {

@@ -10,7 +10,7 @@
  * | `npm_execpath`     | `edgemq start`: set when npm (npx) launched it (cli/npm-launcher.ts) |
  *
  * An empty value counts as unset, as a shell's `EDGEMQ_TOKEN=` means. The
- * composition roots (gateway/cli/main.ts for the commands, gateway.ts for the
+ * composition roots (gateway/cli/main.ts and cli/start.ts for the commands, gateway.ts for the
  * gateway, which reads none) call {@link readEnvironment} and pass what they
  * need down; nothing else reads `process.env`.
  */

@@ -1,5 +1,5 @@
 /**
- * What an uplink does whatever its transport, composed by the MQTT uplink (uplink.ts) and the NATS JetStream one
+ * What an uplink does whatever its transport, composed by the MQTT uplink (uplink/index.ts) and the NATS JetStream one
  * (nats/uplink.ts): the consumer group `bridge.<name>` that holds retention and its lanes (lanes.ts), reading a
  * lane's records from the log (skipping what retention deleted), the loop that picks the next record to send
  * (filters, receipts, dead letters after maxDeliveryAttempts, the rate limit), dead-lettering a record while it holds a
@@ -9,15 +9,15 @@
  * {@link UplinkTransport}. The count of window slots in use, `inflight`, is shared: the transport takes one per
  * message it sends, the core one per dead-letter append under way.
  */
-import { isStoreError, type Clock, type LogStore, type StoredRecord } from '../store/index.ts'
-import { OffsetCommits } from './commits.ts'
-import { BRIDGE_GROUP_PREFIX, type UpstreamConfig } from './config-schema.ts'
-import { DeadLetters } from './dead-letters.ts'
-import { RECEIPT_UPSTREAM_HEADER, RECEIPTS_STREAM, type CommandSink } from './downlink.ts'
-import { advance, createLane, LaneScheduler, skip, track, type Lane, type Pending } from './lanes.ts'
-import { TokenBucket } from './token-bucket.ts'
-import { captureTopic, type RECORD_VARIABLES, type Template } from './topic-template.ts'
-import { backlogOf, ThroughputMeter, type BridgeLogger, type UplinkObserver, type UpstreamStatus } from './uplink-status.ts'
+import { isStoreError, type Clock, type LogStore, type StoredRecord } from '../../store/index.ts'
+import { OffsetCommits } from '../commits.ts'
+import { BRIDGE_GROUP_PREFIX, type UpstreamConfig } from '../config-schema.ts'
+import { DeadLetters } from '../dead-letters.ts'
+import { RECEIPT_UPSTREAM_HEADER, RECEIPTS_STREAM, type CommandSink } from '../downlink.ts'
+import { advance, createLane, LaneScheduler, skip, track, type Lane, type Pending } from '../lanes.ts'
+import { TokenBucket } from '../token-bucket.ts'
+import { captureTopic, type RECORD_VARIABLES, type Template } from '../topic-template.ts'
+import { backlogOf, ThroughputMeter, type BridgeLogger, type UplinkObserver, type UpstreamStatus } from './status.ts'
 
 /** Free window slots a draining uplink waits for before it refills (capped at a quarter of the window). */
 const REFILL_BATCH = 32

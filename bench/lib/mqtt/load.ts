@@ -22,15 +22,15 @@
  *   during the warm-up and any count on the client side measures how fast
  *   they fill, not what the broker reads.
  *
- * Runs inside a child process (see load-child.ts) so the broker under test,
+ * Runs inside a child process (see ../load-child.ts) so the broker under test,
  * the generator and the bench's own bookkeeping each have their own event
  * loop.
  */
 import net from 'node:net'
 import { performance } from 'node:perf_hooks'
 import mqttPacket from 'mqtt-packet'
-import { LatencyHistogram, type SerializedHistogram } from './latency-histogram.ts'
-import { disconnectSocket, frameAt } from './mqtt-frame.ts'
+import { LatencyHistogram, type SerializedHistogram } from '../latency-histogram.ts'
+import { disconnectSocket, frameAt } from './frame.ts'
 
 export interface LoadSpec {
   readonly host: string

@@ -2,16 +2,16 @@
  * One upstream: replicates the configured streams to a remote MQTT broker and
  * brings its command topics down. This file is the forwarding core — the
  * send window, PUBLISH encoding and PUBACK matching, refusal handling — and
- * composes the rest:
+ * composes the rest (the files named here without a folder are in bridge/):
  *
  * - connection.ts: connect, CONNACK, close, reconnect with backoff, protocol
  *   fallback;
- * - uplink-core.ts: what every uplink does whatever its transport: the lanes
+ * - uplink/core.ts: what every uplink does whatever its transport: the lanes
  *   (lanes.ts), reading them from the log, the rate limit (token-bucket.ts),
  *   dead letters (dead-letters.ts), commits and the status;
  * - disconnect-refusals.ts: which message an MQTT 3.1.1 disconnect points at;
  * - downlink.ts: commands from the upstream down to devices;
- * - uplink-status.ts: the status snapshot, counters and throughput.
+ * - uplink/status.ts: the status snapshot, counters and throughput.
  *
  * Uplink. The upstream is a consumer group of the log, `bridge.<name>`, that
  * holds retention. Each (stream, partition) is a lane read in offset order;
@@ -40,20 +40,20 @@
  */
 import type { IConnackPacket, IPublishPacket, MqttClient } from 'mqtt'
 import mqttPacket from 'mqtt-packet'
-import type { StoredRecord } from '../store/index.ts'
-import { upstreamKind, type DedupeCarrier, type ProtocolVersion, type UpstreamConfig } from './config-schema.ts'
-import { ID_SPLIT, UpstreamConnection } from './connection.ts'
-import { DisconnectRefusals } from './disconnect-refusals.ts'
-import { Downlink, RECEIPT_RESPONSE_TOPIC_HEADER } from './downlink.ts'
-import { headersToProperties } from './mqtt-properties.ts'
-import { advance, rewind, type Lane, type Pending } from './lanes.ts'
-import { DEDUPE_PROPERTY, DEDUPE_TOPIC_PREFIX, parseTemplate, RECORD_VARIABLES } from './topic-template.ts'
-import { REFUSAL_RETRY_MS, UplinkCore, type UplinkDeps } from './uplink-core.ts'
-import { redact, type UpstreamStatus } from './uplink-status.ts'
+import type { StoredRecord } from '../../store/index.ts'
+import { upstreamKind, type DedupeCarrier, type ProtocolVersion, type UpstreamConfig } from '../config-schema.ts'
+import { ID_SPLIT, UpstreamConnection } from '../connection.ts'
+import { DisconnectRefusals } from '../disconnect-refusals.ts'
+import { Downlink, RECEIPT_RESPONSE_TOPIC_HEADER } from '../downlink.ts'
+import { headersToProperties } from '../mqtt-properties.ts'
+import { advance, rewind, type Lane, type Pending } from '../lanes.ts'
+import { DEDUPE_PROPERTY, DEDUPE_TOPIC_PREFIX, parseTemplate, RECORD_VARIABLES } from '../topic-template.ts'
+import { REFUSAL_RETRY_MS, UplinkCore, type UplinkDeps } from './core.ts'
+import { redact, type UpstreamStatus } from './status.ts'
 
-export type { UplinkDeps } from './uplink-core.ts'
+export type { UplinkDeps } from './core.ts'
 
-export { DEDUPE_PROPERTY } from './topic-template.ts'
+export { DEDUPE_PROPERTY } from '../topic-template.ts'
 
 /** A 3.1.1 disconnect later than this after a message was sent does not point at it. */
 const REFUSAL_DISCONNECT_MS = 10_000

@@ -5,10 +5,10 @@
  * computed here from the lanes and the store; the throughput from samples of
  * the forwarded count taken at most once a second.
  */
-import type { LogStore } from '../store/index.ts'
-import type { DedupeCarrier, UpstreamKind } from './config-schema.ts'
-import type { BridgeErrorCode } from './errors.ts'
-import type { Lane, Pending } from './lanes.ts'
+import type { LogStore } from '../../store/index.ts'
+import type { DedupeCarrier, UpstreamKind } from '../config-schema.ts'
+import type { BridgeErrorCode } from '../errors.ts'
+import type { Lane, Pending } from '../lanes.ts'
 
 export interface BridgeLogger {
   info (fields: Record<string, unknown>, message: string): void

@@ -5,7 +5,7 @@
  * the time of the first and the last, and (QoS 1) a PUBACK. The PUBACKs of
  * one read go out in one `write`, so the subscriber asks little of the
  * broker and of the 2-core machine; MQTT.js would spend a core near
- * 150 k msgs/s (see mqtt-load.ts).
+ * 150 k msgs/s (see load.ts).
  *
  * It checks what it can without decoding payloads: packets it does not
  * expect, a refused SUBACK, a broker that closes the connection. Counting
@@ -15,7 +15,7 @@
 import net from 'node:net'
 import { performance } from 'node:perf_hooks'
 import mqttPacket from 'mqtt-packet'
-import { disconnectSocket, frameAt } from './mqtt-frame.ts'
+import { disconnectSocket, frameAt } from './frame.ts'
 
 const CONNACK = 2
 const PUBLISH = 3

@@ -1,7 +1,7 @@
 /**
  * Publishes a fixed number of QoS 1 messages and resolves once every one is
  * acknowledged: the bridge bench builds its backlog with it. Like
- * mqtt-load.ts it sends pre-generated PUBLISH bytes from a ring of packet
+ * load.ts it sends pre-generated PUBLISH bytes from a ring of packet
  * ids over plain sockets, a window of unacknowledged messages per
  * connection, refilled a tenth of the window at a time; unlike it, it
  * counts messages instead of timing a window.
@@ -15,7 +15,7 @@
 import net from 'node:net'
 import { performance } from 'node:perf_hooks'
 import mqttPacket from 'mqtt-packet'
-import { disconnectSocket, frameAt } from './mqtt-frame.ts'
+import { disconnectSocket, frameAt } from './frame.ts'
 
 export interface FillSpec {
   readonly host: string
