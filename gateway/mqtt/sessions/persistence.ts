@@ -1189,6 +1189,12 @@ export class LevelSessionPersistence {
     if (queue === undefined || (sameBroker === undefined && otherBroker === undefined)) {
       // A copy dropped by the queue's bound: a connected client still gets it, unqueued.
       if (this.#dropped.delete(`${client.id}|${brokerKey(packet.brokerId, packet.brokerCounter)}`)) return
+      // A live delivery to a connected persistent session that neither a copy nor a cursor was made for: its
+      // subscription came (or its cursors went, UNSUBSCRIBE) between aedes' enqueue step of the message and its
+      // delivery, which runs turns later (aedes.js enqueueOffline, then emitPacket). It goes out unqueued, as above:
+      // the message was published before the subscription as this session sees it. Refusing it made aedes close the
+      // connection (lib/client.js writeQoS), dropping a subscriber for subscribing while devices publish.
+      if (packet.cmd === 'publish' && this.#sessions.has(client.id) && this.#connections.has(client.id)) return
       throw notFound()
     }
     const ops: BatchOp[] = []

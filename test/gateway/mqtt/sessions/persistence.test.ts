@@ -18,7 +18,7 @@ import { MqttClient, type IClientOptions, type IPublishPacket } from 'mqtt'
 import { afterEach, describe, expect, it } from 'vitest'
 import { openLogStore, type LevelDatabase } from '../../../../store/index.ts'
 import {
-  LevelSessionPersistence, SessionPersistenceError, type SessionBroker, type SessionPacket,
+  LevelSessionPersistence, SessionPersistenceError, type SessionBroker, type SessionClient, type SessionPacket,
 } from '../../../../gateway/mqtt/sessions/persistence.ts'
 
 const ROOT = fileURLToPath(new URL('../../../..', import.meta.url))
@@ -478,5 +478,20 @@ describe('beforeAck: what persistent sessions need on disk before a logged messa
     await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: 't1/devices/#', qos: 2 }])
     expect(gw.persistence.beforeAck(topicOf('d0'), 2, await gw.append('d0'))).toBe('copies')
     expect(gw.persistence.sessionStates().find((s) => s.clientId === 'svc')?.cursors).toEqual([])
+  })
+  it('lets aedes deliver to a connected persistent session a live message it has no copy of (it subscribed meanwhile), not to others', async () => {
+    const listeners = new Map<string, (client: SessionClient) => void>()
+    const { db } = await openDb()
+    const persistence = new LevelSessionPersistence(sessionsOf(db))
+    await persistence.setup({ id: 'gw', counter: 0, on: (event, listener) => { listeners.set(event, listener) } })
+    await persistence.markSession({ id: 'dev-1' })
+    listeners.get('client')?.({ id: 'dev-1' })
+    await expect(persistence.outgoingUpdate({ id: 'dev-1' }, publish('t', 'x', 9, { messageId: 5 }))).resolves.toBeUndefined()
+    // no connection, or no persistent session: not found, as aedes-persistence says (aedes closes such a client)
+    await persistence.markSession({ id: 'dev-2' })
+    expect(await errorOf(persistence.outgoingUpdate({ id: 'dev-2' }, publish('t', 'x', 10, { messageId: 6 })))).toMatchObject({ code: 'GW_SESSION_NOT_FOUND' })
+    listeners.get('client')?.({ id: 'clean' })
+    expect(await errorOf(persistence.outgoingUpdate({ id: 'clean' }, publish('t', 'x', 11, { messageId: 7 })))).toMatchObject({ code: 'GW_SESSION_NOT_FOUND' })
+    await persistence.destroy()
   })
 })
