@@ -25,7 +25,8 @@
  * - `sessions.ingest-offline-subscribers`: the publishers' rate (first
  *   PUBLISH to last PUBACK) with 10 such offline persistent subscribers,
  *   against the same gateway's rate with none. Mosquitto's rates with and
- *   without are in the params.
+ *   without are in the params, and so is edgemq's CPU time per message in
+ *   both (with their ratio, none / offline: steadier on a shared machine).
  *
  * Rounds alternate the brokers, the order flipping each round; each figure
  * is the median of rounds. Arguments: `--messages=N` (or EDGEMQ_BENCH_MESSAGES),
@@ -117,9 +118,18 @@ async function drainRound (broker: RunningBroker, n: number): Promise<DrainRound
   }
 }
 
-async function ingestRound (broker: RunningBroker, subscribers: number, n: number): Promise<number> {
+interface IngestRound {
+  readonly rate: number
+  /** The broker's CPU time per message published, in µs: steadier than the rate on a shared machine. */
+  readonly cpuUs: number
+}
+
+async function ingestRound (broker: RunningBroker, subscribers: number, n: number): Promise<IngestRound> {
   for (let s = 0; s < subscribers; s++) await leaveSession(broker, `offline-${n}-${s}`)
-  return (await publish(broker)).rate
+  const cpu0 = processCpuSeconds(broker.pid)
+  const { rate } = await publish(broker)
+  const cpu1 = processCpuSeconds(broker.pid)
+  return { rate, cpuUs: cpu0 === undefined || cpu1 === undefined ? NaN : (cpu1 - cpu0) / MESSAGES * 1e6 }
 }
 
 /** `--profile`: one edgemq drain round under the CPU profiler, summarised over the drain. */
@@ -153,7 +163,7 @@ async function main (): Promise<number> {
   }
   const version = mosquittoVersion(mosquitto)
   const drains: Record<Name, DrainRound[]> = { edgemq: [], mosquitto: [] }
-  const ingest: Record<Name, { none: number[], offline: number[] }> = { edgemq: { none: [], offline: [] }, mosquitto: { none: [], offline: [] } }
+  const ingest: Record<Name, { none: IngestRound[], offline: IngestRound[] }> = { edgemq: { none: [], offline: [] }, mosquitto: { none: [], offline: [] } }
   info(`sessions bench: ${MESSAGES} messages, ${ROUNDS} rounds, edgemq vs mosquitto ${version}`)
   try {
     for (let n = 0; n < ROUNDS; n++) {
@@ -169,7 +179,8 @@ async function main (): Promise<number> {
         const offline = await withBroker(name, mosquitto, (b) => ingestRound(b, OFFLINE_SUBSCRIBERS, n))
         ingest[name].none.push(none)
         ingest[name].offline.push(offline)
-        info(`round ${n + 1} ${name}: ingest ${Math.round(none)} msgs/s with no subscriber, ${Math.round(offline)} with ${OFFLINE_SUBSCRIBERS} offline`)
+        info(`round ${n + 1} ${name}: ingest ${Math.round(none.rate)} msgs/s with no subscriber, ${Math.round(offline.rate)} with ${OFFLINE_SUBSCRIBERS} offline `
+          + `(${round(none.cpuUs, 2)} and ${round(offline.cpuUs, 2)} µs CPU per message)`)
       }
     }
   } finally {
@@ -196,14 +207,19 @@ async function main (): Promise<number> {
     },
   })
   if (DRAIN_ONLY) return 0
+  const ingestRates = (name: Name, kind: 'none' | 'offline'): number[] => ingest[name][kind].map((r) => r.rate)
+  const ingestCpu = (name: Name, kind: 'none' | 'offline'): number[] => ingest[name][kind].map((r) => round(r.cpuUs, 2))
   report({
-    bench: 'sessions.ingest-offline-subscribers', unit: 'msgs/s', value: median(ingest.edgemq.offline), better: 'higher',
-    baseline: 'the same gateway, same load, no subscriber', baselineValue: median(ingest.edgemq.none),
+    bench: 'sessions.ingest-offline-subscribers', unit: 'msgs/s', value: median(ingestRates('edgemq', 'offline')), better: 'higher',
+    baseline: 'the same gateway, same load, no subscriber', baselineValue: median(ingestRates('edgemq', 'none')),
     params: {
       ...common, offlineSubscribers: OFFLINE_SUBSCRIBERS, filter: FILTER, target: '>= 0.8x the same gateway with none',
-      edgemqOfflineRounds: ingest.edgemq.offline.map(Math.round), edgemqNoneRounds: ingest.edgemq.none.map(Math.round),
-      mosquittoOfflineRounds: ingest.mosquitto.offline.map(Math.round), mosquittoNoneRounds: ingest.mosquitto.none.map(Math.round),
-      mosquittoRatio: round(median(ingest.mosquitto.offline) / median(ingest.mosquitto.none), 2),
+      edgemqOfflineRounds: ingestRates('edgemq', 'offline').map(Math.round), edgemqNoneRounds: ingestRates('edgemq', 'none').map(Math.round),
+      mosquittoOfflineRounds: ingestRates('mosquitto', 'offline').map(Math.round), mosquittoNoneRounds: ingestRates('mosquitto', 'none').map(Math.round),
+      mosquittoRatio: round(median(ingestRates('mosquitto', 'offline')) / median(ingestRates('mosquitto', 'none')), 2),
+      // The same ratio in CPU per message (none / offline), which a loaded machine moves less than the rates.
+      edgemqCpuUsPerMessageOffline: ingestCpu('edgemq', 'offline'), edgemqCpuUsPerMessageNone: ingestCpu('edgemq', 'none'),
+      edgemqCpuRatio: round(median(ingestCpu('edgemq', 'none')) / median(ingestCpu('edgemq', 'offline')), 2),
     },
   })
   return 0

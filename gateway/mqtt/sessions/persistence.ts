@@ -194,6 +194,44 @@ function expiryInterval (client: SessionClient): number | undefined {
 /** Dropped copies remembered so that aedes' delivery of one to a connected client still finds it (see outgoingUpdate). */
 const DROPPED_REMEMBERED = 10_000
 
+/**
+ * The QoS > 0 subscriptions matching one published topic, as the trie gave them, and what is known of their
+ * sessions' cursors. Every message on a topic that persistent sessions match asks for this two or three times
+ * (beforeAck, then aedes' subscriptionsByTopic and outgoingEnqueueCombi); matching once per topic instead of once per
+ * call, and checking the cursors once per partition instead of once per message and session, is what keeps ingest
+ * with offline sessions near ingest with none (issue 13, BENCHMARKS.md). Valid until a subscription or a cursor goes
+ * or comes: {@link LevelSessionPersistence} empties the cache at each such change.
+ */
+interface TopicMatch {
+  /** Handed to aedes as they are (subscriptionsByTopic): outgoingEnqueueCombi knows them by identity. */
+  readonly subs: readonly MatchedSubscription[]
+  /** Every one is QoS 1: a QoS 2 message is delivered to each at QoS 1 too (the minimum), from its cursor. */
+  readonly allQos1: boolean
+  /**
+   * The partition of this stream that every one's session has a cursor into, on disk: a message logged there needs
+   * nothing more of them (no write, no copy). One partition: a routed topic always goes to the same one.
+   */
+  readyStream: string | undefined
+  readyPartition: number
+}
+
+/**
+ * Cached subscriptions (counted across topics, plus one per topic) beyond which the topic cache starts again: about
+ * 100 bytes each, so a few MB, for a fleet publishing on more topics than that.
+ */
+const MATCHES_CACHED = 65_536
+
+/** The match of every topic while no persistent session has a QoS 1/2 subscription. */
+const NO_MATCH: readonly MatchedSubscription[] = Object.freeze([])
+
+/**
+ * Whether every session of the match reads a message of this QoS from its cursor: a QoS 1 delivery (the minimum of
+ * the two QoS) is a cursor, a QoS 2 one a copy (cursors.ts), as is anything of a QoS 0 message.
+ */
+function cursorsDeliver (match: TopicMatch, qos: number): boolean {
+  return qos === 1 || (qos === 2 && match.allQos1)
+}
+
 // ---------------------------------------------------------------------------
 // qlobber's aedes flavour (the trie aedes-persistence uses), built with the
 // gateway's one matcher configuration (topics.ts), so offline matching agrees
@@ -454,6 +492,10 @@ export class LevelSessionPersistence {
   readonly #subs = new Map<string, Map<string, StoredSubscription>>()
   /** The QoS > 0 subscriptions, for matching published topics. */
   readonly #trie = new QlobberSubClass(QLOBBER_OPTIONS)
+  /** Published topic → its matches in the trie (see TopicMatch); emptied by #matchesChanged. */
+  readonly #matches = new Map<string, TopicMatch>()
+  /** Subscriptions held by #matches, plus one per topic (bounded by MATCHES_CACHED). */
+  #matchesHeld = 0
   readonly #queues = new Map<string, OutgoingQueue>()
   #nextSeq = 1
   /** Largest brokerCounter queued per broker id, found by setup(). */
@@ -728,6 +770,7 @@ export class LevelSessionPersistence {
       this.#subs.set(clientId, stored)
     }
     const previous = stored.get(topic)
+    this.#matchesChanged()
     if (record.qos > 0) {
       this.#trie.add(topic, { clientId, topic, qos: record.qos, rh: record.rh, rap: record.rap, nl: record.nl })
     } else if (previous !== undefined && previous.qos > 0) {
@@ -760,6 +803,7 @@ export class LevelSessionPersistence {
     }
     // Nothing left to read for: the cursors go, and hold no retention.
     if (!this.#subs.has(client.id)) ops.push(...this.#cursors?.dropCursors(client.id) ?? [])
+    this.#matchesChanged()
     this.#cursors?.subscriptionsChanged(client.id)
     await this.#writer.write(ops)
   }
@@ -925,6 +969,7 @@ export class LevelSessionPersistence {
     this.#offlineSince.delete(clientId)
     this.#overflowing.delete(clientId)
     this.#cursors?.drop(clientId)
+    this.#matchesChanged()
     await this.#writer.write(ops)
     return true
   }
@@ -935,11 +980,37 @@ export class LevelSessionPersistence {
     return { subsCount: this.#trie.subscriptionsCount, clientsCount: this.#subs.size }
   }
 
-  /** The QoS > 0 subscriptions whose filter matches the topic (aedes enqueues a copy for each). */
-  async subscriptionsByTopic (topic: string): Promise<MatchedSubscription[]> {
+  /**
+   * The QoS > 0 subscriptions whose filter matches the topic (aedes hands them to outgoingEnqueueCombi with each
+   * message). The same array for every call until a subscription changes (TopicMatch): callers must not change it.
+   */
+  async subscriptionsByTopic (topic: string): Promise<readonly MatchedSubscription[]> {
     this.#ready()
+    return this.#matched(topic).subs
+  }
+
+  /** The topic's entry in the match cache, made now if there is none (see TopicMatch). */
+  #matched (topic: string): TopicMatch {
+    let match = this.#matches.get(topic)
+    if (match !== undefined) return match
     // Without a persistent QoS 1/2 subscription, skips the trie's split of the topic (about 3 % of fan-in's main thread).
-    return this.#trie.subscriptionsCount === 0 ? [] : this.#trie.match(topic)
+    const subs = this.#trie.subscriptionsCount === 0 ? NO_MATCH : this.#trie.match(topic)
+    match = { subs, allQos1: subs.every((sub) => sub.qos === 1), readyStream: undefined, readyPartition: -1 }
+    if (this.#matchesHeld + subs.length + 1 > MATCHES_CACHED) this.#matchesChanged()
+    this.#matches.set(topic, match)
+    this.#matchesHeld += subs.length + 1
+    return match
+  }
+
+  /**
+   * A subscription or a cursor went or came: what the cache says of every topic may be wrong now. Every change to
+   * the trie, and every drop of a cursor, comes with this call; creating one does not need it (a match whose
+   * sessions lack a cursor is never marked ready).
+   */
+  #matchesChanged (): void {
+    if (this.#matchesHeld === 0) return
+    this.#matches.clear()
+    this.#matchesHeld = 0
   }
 
   /** Drops the client's subscriptions and its session marker (aedes calls this for a CONNECT with clean = true). */
@@ -952,7 +1023,8 @@ export class LevelSessionPersistence {
     this.#intervals.delete(client.id)
     if (this.#sessions.delete(client.id)) ops.push(del(keys.session(client.id)))
     if (this.#offlineSince.delete(client.id)) ops.push(del(keys.offline(client.id)))
-    ops.push(...this.#cursors?.drop(client.id) ?? [])
+    const dropped = this.#cursors?.drop(client.id) ?? []
+    ops.push(...dropped)
     const stored = this.#subs.get(client.id)
     if (stored !== undefined) {
       for (const [topic, record] of stored) {
@@ -961,6 +1033,8 @@ export class LevelSessionPersistence {
       }
       this.#subs.delete(client.id)
     }
+    // aedes calls this at every clean CONNECT: the match cache survives those that had nothing stored.
+    if (dropped.length > 0 || stored !== undefined) this.#matchesChanged()
     if (ops.length > 0) await this.#writer.write(ops)
   }
 
@@ -1010,16 +1084,29 @@ export class LevelSessionPersistence {
   beforeAck (topic: string, qos: number, position: LogPosition): AckWait {
     this.#ready()
     if (this.#trie.subscriptionsCount === 0) return 'unmatched'
-    const subs = this.#trie.match(topic)
-    if (subs.length === 0) return 'unmatched'
-    if (this.#cursors === undefined) return 'copies'
-    for (const sub of subs) if (Math.min(sub.qos, qos) !== 1) return 'copies'
+    const match = this.#matched(topic)
+    if (match.subs.length === 0) return 'unmatched'
+    if (this.#cursors === undefined || !cursorsDeliver(match, qos)) return 'copies'
+    return this.#cursorsReady(match, position)
+  }
+
+  /**
+   * Has every session of the match take the logged message at `position` through its cursor (#enqueueCursor): 'ready'
+   * when every such cursor is on disk, else the writes still to wait for. Once every one is, the match remembers the
+   * partition, and later messages there skip the sessions altogether (their cursors exist: nothing to do).
+   */
+  #cursorsReady (match: TopicMatch, position: LogPosition): 'ready' | Promise<void> {
+    if (match.readyPartition === position.partition && match.readyStream === position.stream) return 'ready'
     let writes: Array<Promise<void>> | undefined
-    for (const sub of subs) {
+    for (const sub of match.subs) {
       const write = this.#enqueueCursor(sub.clientId, position)
       if (write !== undefined) (writes ??= []).push(write)
     }
-    if (writes === undefined) return 'ready'
+    if (writes === undefined) {
+      match.readyStream = position.stream
+      match.readyPartition = position.partition
+      return 'ready'
+    }
     return writes.length === 1 ? writes[0] as Promise<void> : Promise.all(writes).then(() => {})
   }
 
@@ -1048,6 +1135,15 @@ export class LevelSessionPersistence {
     this.#ready()
     if (subs.length === 0) return
     const position = this.#cursors === undefined ? undefined : logPositionOf(packet)
+    if (position !== undefined && typeof packet.topic === 'string') {
+      // aedes passes what subscriptionsByTopic gave for this message: one cursor check per partition, as beforeAck.
+      const match = this.#matches.get(packet.topic)
+      if (match !== undefined && match.subs === subs && cursorsDeliver(match, packet.qos ?? 0)) {
+        const ready = this.#cursorsReady(match, position)
+        if (ready !== 'ready') await ready
+        return
+      }
+    }
     let copies = subs
     const created: Array<Promise<void>> = []
     if (position !== undefined && this.#cursors !== undefined) {
@@ -1136,7 +1232,7 @@ export class LevelSessionPersistence {
   /** The highest QoS of the client's QoS > 0 subscriptions matching the topic, 0 when none: the trie live routing agrees with. */
   #grantedQos (clientId: string, topic: string): number {
     let qos = 0
-    for (const sub of this.#trie.match(topic)) {
+    for (const sub of this.#matched(topic).subs) {
       if (sub.clientId === clientId && sub.qos > qos) qos = sub.qos
     }
     return qos
@@ -1189,6 +1285,12 @@ export class LevelSessionPersistence {
     if (queue === undefined || (sameBroker === undefined && otherBroker === undefined)) {
       // A copy dropped by the queue's bound: a connected client still gets it, unqueued.
       if (this.#dropped.delete(`${client.id}|${brokerKey(packet.brokerId, packet.brokerCounter)}`)) return
+      // A live delivery to a connected persistent session that neither a copy nor a cursor was made for: its
+      // subscription came (or its cursors went, UNSUBSCRIBE) between aedes' enqueue step of the message and its
+      // delivery, which runs turns later (aedes.js enqueueOffline, then emitPacket). It goes out unqueued, as above:
+      // the message was published before the subscription as this session sees it. Refusing it made aedes close the
+      // connection (lib/client.js writeQoS), dropping a subscriber for subscribing while devices publish.
+      if (packet.cmd === 'publish' && this.#sessions.has(client.id) && this.#connections.has(client.id)) return
       throw notFound()
     }
     const ops: BatchOp[] = []
@@ -1420,6 +1522,7 @@ export class LevelSessionPersistence {
     await this.#writer.flush()
     this.#subs.clear()
     this.#trie.clear()
+    this.#matchesChanged()
     this.#queues.clear()
     this.#incoming.clear()
     this.#wills.clear()

@@ -17,8 +17,9 @@ import { MemoryLevel } from 'memory-level'
 import { MqttClient, type IClientOptions, type IPublishPacket } from 'mqtt'
 import { afterEach, describe, expect, it } from 'vitest'
 import { openLogStore, type LevelDatabase } from '../../../../store/index.ts'
+import { attachLogPosition } from '../../../../gateway/mqtt/log-position.ts'
 import {
-  LevelSessionPersistence, SessionPersistenceError, type SessionBroker, type SessionPacket,
+  LevelSessionPersistence, SessionPersistenceError, type SessionBroker, type SessionClient, type SessionPacket,
 } from '../../../../gateway/mqtt/sessions/persistence.ts'
 
 const ROOT = fileURLToPath(new URL('../../../..', import.meta.url))
@@ -478,5 +479,89 @@ describe('beforeAck: what persistent sessions need on disk before a logged messa
     await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: 't1/devices/#', qos: 2 }])
     expect(gw.persistence.beforeAck(topicOf('d0'), 2, await gw.append('d0'))).toBe('copies')
     expect(gw.persistence.sessionStates().find((s) => s.clientId === 'svc')?.cursors).toEqual([])
+  })
+
+  it('sees each SUBSCRIBE, UNSUBSCRIBE, clean session and session end at the next message, though it matches a topic once', async () => {
+    const gw = await withLog()
+    const topic = topicOf('d0')
+    const filter = 't1/devices/+/telemetry/#'
+    const next = async (): Promise<{ offset: number, partition: number, wait: unknown }> => {
+      const at = await gw.append('d0')
+      const wait = gw.persistence.beforeAck(topic, 1, at)
+      if (wait instanceof Promise) await wait
+      return { ...at, wait }
+    }
+    const cursorOf = (clientId: string): unknown => gw.persistence.sessionStates().find((s) => s.clientId === clientId)?.cursors
+    const matching = async (): Promise<string[]> => (await gw.persistence.subscriptionsByTopic(topic)).map((s) => s.clientId).sort()
+    const subscribe = async (clientId: string): Promise<void> => {
+      await gw.persistence.markSession({ id: clientId })
+      await gw.persistence.addSubscriptions({ id: clientId }, [{ topic: filter, qos: 1 }])
+    }
+
+    await subscribe('a')
+    expect((await next()).wait).toBeInstanceOf(Promise) // a's cursor into the partition
+    expect((await next()).wait).toBe('ready')
+    expect(await matching()).toEqual(['a'])
+
+    await subscribe('b')
+    expect(await matching()).toEqual(['a', 'b'])
+    const joined = await next()
+    expect(joined.wait).toBeInstanceOf(Promise) // b's cursor, at the first message after its SUBSCRIBE
+    expect(cursorOf('b')).toEqual([{ stream: STREAM, partition: joined.partition, next: joined.offset }])
+    expect((await next()).wait).toBe('ready')
+
+    // UNSUBSCRIBE drops a's cursors with its last subscription; subscribing again makes a new one at the next message.
+    await gw.persistence.removeSubscriptions({ id: 'a' }, [filter])
+    expect(cursorOf('a')).toEqual([])
+    expect(await matching()).toEqual(['b'])
+    await gw.persistence.addSubscriptions({ id: 'a' }, [{ topic: filter, qos: 1 }])
+    const again = await next()
+    expect(again.wait).toBeInstanceOf(Promise)
+    expect(cursorOf('a')).toEqual([{ stream: STREAM, partition: again.partition, next: again.offset }])
+
+    await gw.persistence.cleanSubscriptions({ id: 'b' }) // b connects with a clean session
+    expect(await matching()).toEqual(['a'])
+    expect((await next()).wait).toBe('ready')
+
+    expect(await gw.persistence.dropSession('a')).toBe(true) // a's session ends (expiry)
+    expect(await matching()).toEqual([])
+    expect((await next()).wait).toBe('unmatched')
+  })
+
+  it('takes a logged message aedes enqueues for the subscriptions it was given through the cursors, a copy of one the log lacks', async () => {
+    const gw = await withLog()
+    const topic = topicOf('d0')
+    await gw.persistence.markSession({ id: 'svc' })
+    await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: 't1/devices/+/telemetry/#', qos: 1 }])
+    const state = (): unknown => gw.persistence.sessionStates().find((s) => s.clientId === 'svc')
+    // aedes' publish after no beforeAck (a will, a retained message): the enqueue creates the cursor.
+    const at = await gw.append('d0')
+    const logged = publish(topic, 'logged', 1)
+    attachLogPosition(logged, at)
+    await gw.persistence.outgoingEnqueueCombi(await gw.persistence.subscriptionsByTopic(topic), logged)
+    expect(state()).toMatchObject({ cursors: [{ stream: STREAM, partition: at.partition, next: at.offset }], queued: 0 })
+    const second = publish(topic, 'logged too', 2)
+    attachLogPosition(second, await gw.append('d0'))
+    await gw.persistence.outgoingEnqueueCombi(await gw.persistence.subscriptionsByTopic(topic), second)
+    expect(state()).toMatchObject({ cursors: [{ stream: STREAM, partition: at.partition, next: at.offset }], queued: 0 })
+    // The same topic without a log position (a replicated record): a copy, as for a topic no route sends to the log.
+    await gw.persistence.outgoingEnqueueCombi(await gw.persistence.subscriptionsByTopic(topic), publish(topic, 'copy', 3))
+    expect(state()).toMatchObject({ queued: 1 })
+  })
+
+  it('lets aedes deliver to a connected persistent session a live message it has no copy of (it subscribed meanwhile), not to others', async () => {
+    const listeners = new Map<string, (client: SessionClient) => void>()
+    const { db } = await openDb()
+    const persistence = new LevelSessionPersistence(sessionsOf(db))
+    await persistence.setup({ id: 'gw', counter: 0, on: (event, listener) => { listeners.set(event, listener) } })
+    await persistence.markSession({ id: 'dev-1' })
+    listeners.get('client')?.({ id: 'dev-1' })
+    await expect(persistence.outgoingUpdate({ id: 'dev-1' }, publish('t', 'x', 9, { messageId: 5 }))).resolves.toBeUndefined()
+    // no connection, or no persistent session: not found, as aedes-persistence says (aedes closes such a client)
+    await persistence.markSession({ id: 'dev-2' })
+    expect(await errorOf(persistence.outgoingUpdate({ id: 'dev-2' }, publish('t', 'x', 10, { messageId: 6 })))).toMatchObject({ code: 'GW_SESSION_NOT_FOUND' })
+    listeners.get('client')?.({ id: 'clean' })
+    expect(await errorOf(persistence.outgoingUpdate({ id: 'clean' }, publish('t', 'x', 11, { messageId: 7 })))).toMatchObject({ code: 'GW_SESSION_NOT_FOUND' })
+    await persistence.destroy()
   })
 })
