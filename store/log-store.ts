@@ -19,7 +19,7 @@ import { ClassicLevel } from 'classic-level'
 import type { AbstractBatchOperation, AbstractBatchOptions, AbstractLevel } from 'abstract-level'
 import { StoreError } from './errors.ts'
 import {
-  FORMAT_VERSION, MAX_BATCH_BYTES, dedupe, MAX_BATCH_RECORDS, decodeBatch, decodeMeta, encodeBatch, encodeMeta, encodeU64,
+  FORMAT_VERSION, MAX_BATCH_BYTES, dedupe, MAX_BATCH_RECORDS, decodeBatch, decodeColumns, decodeMeta, encodeBatch, encodeMeta, encodeU64,
   keys, readBatchHeader, readU64, type BatchHeader, type PendingRecord,
 } from './format.ts'
 import { BatchIndex } from './batch-index.ts'
@@ -32,6 +32,7 @@ import {
   systemClock, type AppendListener, type AppendOptions, type AppendResult, type Clock, type DroppedRecords, type Durability, type GroupInfo, type GroupOptions,
   type BatchReadResult, type ExtraOperation, type LogStore, type PartitionInfo, type PartitionLag, type ReadBatchesOptions, type ReadOptions, type ReadResult, type RecordInput,
   type ResetSpec, type RetentionReport, type StoreLogger, type StoreObserver, type StoredBatch, type StoredRecord, type StreamInfo,
+  type ColumnReadResult, type RecordColumns,
   type StreamOptions,
 } from './types.ts'
 
@@ -885,6 +886,13 @@ class LevelLogStore implements LogStore {
   // ---------------------------------------------------------------- reads
 
   async read (stream: string, partition: number, fromOffset: number, options: ReadOptions = {}): Promise<ReadResult> {
+    const { batches, nextOffset, logStartOffset, logEndOffset } = await this.readColumns(stream, partition, fromOffset, options)
+    const records: StoredRecord[] = []
+    for (const batch of batches) for (let i = batch.start; i < batch.end; i++) records.push(batch.record(i))
+    return { records, nextOffset, logStartOffset, logEndOffset }
+  }
+
+  async readColumns (stream: string, partition: number, fromOffset: number, options: ReadOptions = {}): Promise<ColumnReadResult> {
     this.#checkOpen()
     const part = this.#partition(stream, partition)
     checkOffset(fromOffset, 'fromOffset')
@@ -892,21 +900,30 @@ class LevelLogStore implements LogStore {
     const maxBytes = checkCount(options.maxBytes ?? 1024 * 1024, 'maxBytes', 1, 256 * 1024 * 1024)
     const end = part.logEnd
     this.#checkInRange(part, fromOffset)
-    const records: StoredRecord[] = []
+    const batches: RecordColumns[] = []
+    let records = 0
     let bytes = 0
+    let nextOffset = fromOffset
     if (fromOffset < end) {
-      await this.#scan(part, fromOffset, end, (batch) => {
-        for (let i = Math.max(0, fromOffset - batch[0]!.offset); i < batch.length; i++) {
-          const r = batch[i] as StoredRecord
-          if (records.length >= maxRecords || (records.length > 0 && bytes + r.payload.byteLength > maxBytes)) return false
-          records.push(r)
-          bytes += r.payload.byteLength
+      await this.#scanValues(part, fromOffset, end, (value, header, where) => {
+        const columns = decodeColumns(value, header, where)
+        const first = Math.max(0, fromOffset - header.baseOffset)
+        let i = first
+        // At least one record, as Kafka does; then whole records within both limits.
+        for (; i < columns.count && records < maxRecords; i++) {
+          const length = columns.payloadLength(i)
+          if (records > 0 && bytes + length > maxBytes) break
+          records++
+          bytes += length
         }
-        return true
-      }, () => records.length < maxRecords && bytes < maxBytes, maxRecords)
+        if (i > first) {
+          batches.push(columns.range(first, i))
+          nextOffset = header.baseOffset + i
+        }
+        return i === columns.count
+      }, () => records < maxRecords && bytes < maxBytes, maxRecords)
     }
-    const nextOffset = records.length > 0 ? (records[records.length - 1] as StoredRecord).offset + 1 : fromOffset
-    return { records, nextOffset, logStartOffset: part.logStart, logEndOffset: part.logEnd }
+    return { batches, nextOffset, logStartOffset: part.logStart, logEndOffset: part.logEnd }
   }
 
   #checkInRange (part: PartitionState, offset: number): void {
