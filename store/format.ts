@@ -515,13 +515,6 @@ export class BatchColumns implements RecordColumns {
   }
 }
 
-/** Throws unless every index of the column points into `strings`. */
-function checkIndexes (where: Where, column: NumberColumn, count: number, strings: number, what: string): void {
-  for (let i = 0; i < count; i++) {
-    if ((column[i] as number) >= strings) throw corrupt(where, `record ${i} names ${what} ${column[i] as number} of ${strings} strings`)
-  }
-}
-
 /**
  * Decodes a batch whose header was verified by {@link readBatchHeader}, of
  * either magic, into columns; every record is checked (string indexes, QoS,
@@ -541,12 +534,14 @@ export function decodeColumns (value: Buffer, header: BatchHeader, where: Where)
   const checked = body as MapsBody | SetsBody
   const [firstTs, strings, tsDelta, keyIdx, topicIdx, clientIdx, qos, lengths, payloads] = checked
   const count = header.count
-  checkIndexes(where, keyIdx, count, strings.length, 'key')
-  checkIndexes(where, topicIdx, count, strings.length, 'topic')
-  checkIndexes(where, clientIdx, count, strings.length, 'client id')
+  const n = strings.length
   const starts = new Uint32Array(count)
   let at = 0
+  // One pass over the records: every check a reader of the columns relies on, and where each payload starts.
   for (let i = 0; i < count; i++) {
+    if ((keyIdx[i] as number) >= n || (topicIdx[i] as number) >= n || (clientIdx[i] as number) >= n) {
+      throw corrupt(where, `record ${i} names string ${Math.max(keyIdx[i] as number, topicIdx[i] as number, clientIdx[i] as number)} of ${n} (key, topic, client id)`)
+    }
     if ((qos[i] as number) > 2) throw corrupt(where, `record ${i} has QoS ${qos[i] as number}`)
     starts[i] = at
     at += lengths[i] as number

@@ -908,7 +908,15 @@ class LevelLogStore implements LogStore {
       await this.#scanValues(part, fromOffset, end, (value, header, where) => {
         const columns = decodeColumns(value, header, where)
         const first = Math.max(0, fromOffset - header.baseOffset)
+        const last = columns.count - 1
+        const rest = columns.payloadStart(last) + columns.payloadLength(last) - columns.payloadStart(first)
         let i = first
+        if (records + columns.count - first <= maxRecords && bytes + rest <= maxBytes) {
+          // The rest of the batch fits (the usual case): no look at each record.
+          records += columns.count - first
+          bytes += rest
+          i = columns.count
+        }
         // At least one record, as Kafka does; then whole records within both limits.
         for (; i < columns.count && records < maxRecords; i++) {
           const length = columns.payloadLength(i)
