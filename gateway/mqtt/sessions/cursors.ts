@@ -209,8 +209,14 @@ class PartitionCursor {
    * unacknowledged one is dropped from the queue at once, only those above a gap are remembered in `acked`.
    */
   ack (offset: number): void {
-    if (this.#pending[this.#head] === offset) this.#head++
-    else this.acked.add(offset)
+    const pending = this.#pending
+    if (pending[this.#head] !== offset) {
+      this.acked.add(offset)
+      return
+    }
+    this.#head++
+    // Acknowledged out of order before it: those go too, so the next in-order PUBACK finds its offset at the head.
+    while (this.acked.size > 0 && this.#head < pending.length && this.acked.delete(pending[this.#head] as number)) this.#head++
   }
 
   /** Whether records read from the log wait to be looked at. */
