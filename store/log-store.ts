@@ -886,12 +886,31 @@ class LevelLogStore implements LogStore {
   // ---------------------------------------------------------------- reads
 
   async read (stream: string, partition: number, fromOffset: number, options: ReadOptions = {}): Promise<ReadResult> {
-    const { batches, nextOffset, logStartOffset, logEndOffset } = await this.readColumns(stream, partition, fromOffset, options)
+    this.#checkOpen()
+    const part = this.#partition(stream, partition)
+    checkOffset(fromOffset, 'fromOffset')
+    const maxRecords = checkCount(options.maxRecords ?? 1000, 'maxRecords', 1, 1_000_000)
+    const maxBytes = checkCount(options.maxBytes ?? 1024 * 1024, 'maxBytes', 1, 256 * 1024 * 1024)
+    const end = part.logEnd
+    this.#checkInRange(part, fromOffset)
     const records: StoredRecord[] = []
-    for (const batch of batches) for (let i = batch.start; i < batch.end; i++) records.push(batch.record(i))
-    return { records, nextOffset, logStartOffset, logEndOffset }
+    let bytes = 0
+    if (fromOffset < end) {
+      await this.#scan(part, fromOffset, end, (batch) => {
+        for (let i = Math.max(0, fromOffset - batch[0]!.offset); i < batch.length; i++) {
+          const r = batch[i] as StoredRecord
+          if (records.length >= maxRecords || (records.length > 0 && bytes + r.payload.byteLength > maxBytes)) return false
+          records.push(r)
+          bytes += r.payload.byteLength
+        }
+        return true
+      }, () => records.length < maxRecords && bytes < maxBytes, maxRecords)
+    }
+    const nextOffset = records.length > 0 ? (records[records.length - 1] as StoredRecord).offset + 1 : fromOffset
+    return { records, nextOffset, logStartOffset: part.logStart, logEndOffset: part.logEnd }
   }
 
+  /** The records {@link read} returns, as columns (the limits are read's, to the record). */
   async readColumns (stream: string, partition: number, fromOffset: number, options: ReadOptions = {}): Promise<ColumnReadResult> {
     this.#checkOpen()
     const part = this.#partition(stream, partition)
