@@ -100,7 +100,7 @@
 import { crc32 } from 'node:zlib'
 import { Encoder } from 'cbor-x'
 import { StoreError } from './errors.ts'
-import type { StoredRecord } from './types.ts'
+import type { RecordColumns, StoredRecord } from './types.ts'
 
 export const FORMAT_VERSION = 1
 /** Magic of a batch without headers; its bytes are those every edgemq so far wrote for such a batch. */
@@ -431,6 +431,139 @@ function isSetsBody (body: unknown, count: number): body is SetsBody {
   return true
 }
 
+/**
+ * A decoded record. A class rather than an object literal: V8 tracks an
+ * object literal's allocation site and, when most of what it allocated is
+ * still alive at a young-generation GC (a read holds thousands of records at
+ * once), allocates its objects directly in the old generation from then on
+ * ("pretenuring"). Records live only as long as a read, so that turned every
+ * replay into a run of major GCs, at about a quarter more CPU per record,
+ * and whether V8 took that decision varied from one build of the process to
+ * the next. Objects made by `new` have no allocation site and stay young.
+ */
+class DecodedRecord implements StoredRecord {
+  constructor (readonly offset: number, readonly timestamp: number, readonly key: string, readonly topic: string, readonly payload: Uint8Array,
+    readonly qos: 0 | 1 | 2, readonly clientId: string, readonly headers: Readonly<Record<string, string>> | null) {}
+}
+
+/**
+ * A batch's body as its columns ({@link RecordColumns}): the decoded cbor
+ * columns plus one prefix sum of the payload lengths; records are made only
+ * when asked for ({@link BatchColumns.record}): a 1,000-record batch decodes
+ * in about 20 µs into columns, 36 µs into records (BENCHMARKS.md, sessions,
+ * 12:14 UTC). A persistent session's drain frames its PUBLISHes from these.
+ */
+export class BatchColumns implements RecordColumns {
+  readonly payloadBytes: Buffer
+  /** Header set objects of an 0xE2 batch, made on first use. */
+  #setObjects: Array<Readonly<Record<string, string>>> | undefined
+
+  constructor (readonly baseOffset: number, readonly count: number, readonly start: number, readonly end: number,
+    readonly strings: readonly string[], readonly firstTs: number, readonly tsDelta: NumberColumn, readonly keyIdx: NumberColumn,
+    readonly topicIdx: NumberColumn, readonly clientIdx: NumberColumn, readonly qosColumn: NumberColumn,
+    readonly lengths: NumberColumn, readonly starts: Uint32Array, payloads: Uint8Array,
+    /** 0xE1: a map (or null) per record, or null for all. */
+    readonly maps: Array<Record<string, string> | null> | null,
+    /** 0xE2: the header sets (string index pairs) and per record 0 or 1 + its set. */
+    readonly sets: number[][] | null, readonly headerIdx: NumberColumn | null) {
+    this.payloadBytes = Buffer.from(payloads.buffer, payloads.byteOffset, payloads.byteLength)
+  }
+
+  /** The same batch with the read's range narrowed to [start, end). */
+  range (start: number, end: number): BatchColumns {
+    if (start === this.start && end === this.end) return this
+    return new BatchColumns(this.baseOffset, this.count, start, end, this.strings, this.firstTs, this.tsDelta, this.keyIdx, this.topicIdx,
+      this.clientIdx, this.qosColumn, this.lengths, this.starts, this.payloadBytes, this.maps, this.sets, this.headerIdx)
+  }
+
+  timestamp (i: number): number { return this.firstTs + (this.tsDelta[i] as number) }
+  key (i: number): string { return this.strings[this.keyIdx[i] as number] as string }
+  topic (i: number): string { return this.strings[this.topicIdx[i] as number] as string }
+  topicIndex (i: number): number { return this.topicIdx[i] as number }
+  clientId (i: number): string { return this.strings[this.clientIdx[i] as number] as string }
+  qos (i: number): 0 | 1 | 2 { return this.qosColumn[i] as 0 | 1 | 2 }
+  payloadStart (i: number): number { return this.starts[i] as number }
+  payloadLength (i: number): number { return this.lengths[i] as number }
+
+  payload (i: number): Uint8Array {
+    return new Uint8Array(this.payloadBytes.buffer, this.payloadBytes.byteOffset + (this.starts[i] as number), this.lengths[i] as number)
+  }
+
+  headerSet (i: number): number {
+    if (this.headerIdx !== null) return this.headerIdx[i] as number
+    // 0xE1 maps: each record's map is its own set.
+    return this.maps?.[i] === null || this.maps === null ? 0 : i + 1
+  }
+
+  headers (i: number): Readonly<Record<string, string>> | null {
+    if (this.maps !== null) return this.maps[i] ?? null
+    const id = this.headerIdx === null ? 0 : this.headerIdx[i] as number
+    if (id === 0 || this.sets === null) return null
+    // One object per set, shared by its records (StoredRecord.headers is readonly).
+    // fromEntries defines own properties, so a header named __proto__ stays a header.
+    this.#setObjects ??= this.sets.map((set) => {
+      const entries: Array<[string, string]> = []
+      for (let k = 0; k < set.length; k += 2) entries.push([this.strings[set[k] as number] as string, this.strings[set[k + 1] as number] as string])
+      return Object.freeze(Object.fromEntries(entries)) as Readonly<Record<string, string>>
+    })
+    return this.#setObjects[id - 1] as Readonly<Record<string, string>>
+  }
+
+  record (i: number): StoredRecord {
+    return new DecodedRecord(this.baseOffset + i, this.timestamp(i), this.key(i), this.topic(i), this.payload(i), this.qos(i), this.clientId(i),
+      this.headers(i))
+  }
+}
+
+/** The cbor body of a batch whose header was verified, its shape checked against the header's count. */
+function decodeBody (value: Buffer, header: BatchHeader, where: Where): MapsBody | SetsBody {
+  let body: unknown
+  try {
+    body = cbor.decode(value.subarray(BATCH_HEADER_BYTES))
+  } catch (err) {
+    throw corrupt(where, 'body is not valid cbor', err)
+  }
+  const valid = value[0] === BATCH_MAGIC ? isMapsBody(body, header.count) : isSetsBody(body, header.count)
+  if (!valid) throw corrupt(where, 'body does not hold the counted records')
+  return body as MapsBody | SetsBody
+}
+
+/** Throws unless record i names strings the batch holds (key, topic, client id) and has a QoS of 0 to 2. */
+function checkRecord (where: Where, i: number, strings: number, keyIdx: NumberColumn, topicIdx: NumberColumn, clientIdx: NumberColumn,
+  qos: NumberColumn): void {
+  const key = keyIdx[i] as number
+  const topic = topicIdx[i] as number
+  const client = clientIdx[i] as number
+  if (key >= strings || topic >= strings || client >= strings) {
+    throw corrupt(where, `record ${i} names string ${Math.max(key, topic, client)} of ${strings} (key, topic, client id)`)
+  }
+  if ((qos[i] as number) > 2) throw corrupt(where, `record ${i} has QoS ${qos[i] as number}`)
+}
+
+/**
+ * Decodes a batch whose header was verified by {@link readBatchHeader}, of
+ * either magic, into columns; every record is checked (string indexes, QoS,
+ * payload lengths against the payload bytes), so reading a column never
+ * meets a damaged value. Payloads stay in `value`, not copied.
+ */
+export function decodeColumns (value: Buffer, header: BatchHeader, where: Where): BatchColumns {
+  const checked = decodeBody(value, header, where)
+  const [firstTs, strings, tsDelta, keyIdx, topicIdx, clientIdx, qos, lengths, payloads] = checked
+  const count = header.count
+  const starts = new Uint32Array(count)
+  let at = 0
+  for (let i = 0; i < count; i++) {
+    checkRecord(where, i, strings.length, keyIdx, topicIdx, clientIdx, qos)
+    starts[i] = at
+    at += lengths[i] as number
+    if (at > payloads.byteLength) throw corrupt(where, `record ${i} runs past the payload bytes`)
+  }
+  const maps = value[0] === BATCH_MAGIC ? (checked as MapsBody)[9] : null
+  const [sets, headerIdx] = value[0] === BATCH_MAGIC ? [null, null] : [(checked as SetsBody)[9], (checked as SetsBody)[10]]
+  return new BatchColumns(header.baseOffset, count, 0, count, strings, firstTs, tsDelta, keyIdx, topicIdx, clientIdx, qos, lengths, starts, payloads,
+    maps, sets, headerIdx)
+}
+
 /** Each record's headers, from either body shape. */
 function recordHeaders (body: MapsBody | SetsBody, magic: number, count: number): Array<Readonly<Record<string, string>> | null> {
   if (magic === BATCH_MAGIC) {
@@ -453,44 +586,24 @@ function recordHeaders (body: MapsBody | SetsBody, magic: number, count: number)
   return out
 }
 
-/**
- * A decoded record. A class rather than an object literal: V8 tracks an
- * object literal's allocation site and, when most of what it allocated is
- * still alive at a young-generation GC (a read holds thousands of records at
- * once), allocates its objects directly in the old generation from then on
- * ("pretenuring"). Records live only as long as a read, so that turned every
- * replay into a run of major GCs, at about a quarter more CPU per record,
- * and whether V8 took that decision varied from one build of the process to
- * the next. Objects made by `new` have no allocation site and stay young.
- */
-class DecodedRecord implements StoredRecord {
-  constructor (readonly offset: number, readonly timestamp: number, readonly key: string, readonly topic: string, readonly payload: Uint8Array,
-    readonly qos: 0 | 1 | 2, readonly clientId: string, readonly headers: Readonly<Record<string, string>> | null) {}
-}
 
 /**
  * Decodes every record of a batch whose header was verified by
- * {@link readBatchHeader}, of either magic. Payloads are views into
- * `value`, not copies.
+ * {@link readBatchHeader}, of either magic, with the checks of
+ * {@link decodeColumns}. Payloads are views into `value`, not copies. Records
+ * are built here in one loop rather than through the columns' accessors,
+ * which took twice as long per batch (BENCHMARKS.md, 12:14 UTC section).
  */
 export function decodeBatch (value: Buffer, header: BatchHeader, where: Where): StoredRecord[] {
-  let body: unknown
-  try {
-    body = cbor.decode(value.subarray(BATCH_HEADER_BYTES))
-  } catch (err) {
-    throw corrupt(where, 'body is not valid cbor', err)
-  }
-  const magic = value[0] as number
-  const valid = magic === BATCH_MAGIC ? isMapsBody(body, header.count) : isSetsBody(body, header.count)
-  if (!valid) throw corrupt(where, 'body does not hold the counted records')
-  const checked = body as MapsBody | SetsBody
+  const checked = decodeBody(value, header, where)
   const [firstTs, strings, tsDelta, keyIdx, topicIdx, clientIdx, qos, lengths, payloads] = checked
-  const headers = recordHeaders(checked, magic, header.count)
+  const headers = recordHeaders(checked, value[0] as number, header.count)
   const out: StoredRecord[] = new Array(header.count)
   const buffer = payloads.buffer
   let at = payloads.byteOffset
   const end = at + payloads.byteLength
   for (let i = 0; i < header.count; i++) {
+    checkRecord(where, i, strings.length, keyIdx, topicIdx, clientIdx, qos)
     const length = lengths[i] as number
     if (at + length > end) throw corrupt(where, `record ${i} runs past the payload bytes`)
     out[i] = new DecodedRecord(header.baseOffset + i, firstTs + (tsDelta[i] as number), strings[keyIdx[i] as number] as string,

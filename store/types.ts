@@ -152,6 +152,57 @@ export interface ReadResult {
   readonly logEndOffset: number
 }
 
+/**
+ * The records of one stored batch, column by column, as {@link LogStore.readColumns}
+ * returns them: nothing is allocated per record unless asked for. Record `i`
+ * (0 ≤ i < count) has offset `baseOffset + i`; the records the read returned
+ * are `start` ≤ i < `end`. Strings (keys, topics, client ids) are interned per
+ * batch: two records of the batch with equal topics have equal
+ * {@link RecordColumns.topicIndex}, so a reader can do per-topic work once per
+ * batch; likewise equal header sets have equal {@link RecordColumns.headerSet}.
+ * Payloads are ranges of {@link RecordColumns.payloadBytes}, a view into the
+ * stored value, not copies. A batch is immutable.
+ */
+export interface RecordColumns {
+  readonly baseOffset: number
+  readonly count: number
+  /** The first record of the batch the read returned. */
+  readonly start: number
+  /** One past the last record of the batch the read returned. */
+  readonly end: number
+  /** The batch's interned strings, indexed by {@link topicIndex}. */
+  readonly strings: readonly string[]
+  /** The payloads of every record of the batch, one after another. */
+  readonly payloadBytes: Buffer
+  timestamp (i: number): number
+  key (i: number): string
+  topic (i: number): string
+  /** Where record i's topic is in {@link strings}. */
+  topicIndex (i: number): number
+  clientId (i: number): string
+  qos (i: number): 0 | 1 | 2
+  /** Where record i's payload starts in {@link payloadBytes}. */
+  payloadStart (i: number): number
+  payloadLength (i: number): number
+  /** Record i's payload: a view into {@link payloadBytes} (an allocation; framing can copy the range instead). */
+  payload (i: number): Uint8Array
+  /** Record i's headers, or null; records with the same set share one frozen object. */
+  headers (i: number): Readonly<Record<string, string>> | null
+  /** 0 when record i has no headers, else a number its batch gives each distinct header set (from 1). */
+  headerSet (i: number): number
+  /** Record i as a {@link StoredRecord} (an allocation, for the paths that keep records). */
+  record (i: number): StoredRecord
+}
+
+export interface ColumnReadResult {
+  /** In offset order; the first may begin below `fromOffset` (its `start` says where the read begins). */
+  readonly batches: RecordColumns[]
+  /** Offset to read from next. */
+  readonly nextOffset: number
+  readonly logStartOffset: number
+  readonly logEndOffset: number
+}
+
 export interface ReadBatchesOptions {
   /**
    * Stop before a batch that would take the bytes returned past this
@@ -325,6 +376,16 @@ export interface LogStore {
    * rejects with STORE_OFFSET_OUT_OF_RANGE.
    */
   read (stream: string, partition: number, fromOffset: number, options?: ReadOptions): Promise<ReadResult>
+
+  /**
+   * Reads the records {@link LogStore.read} would return with the same
+   * arguments, without an object per record: each stored batch decoded into
+   * columns ({@link RecordColumns}), the records returned being `start` to
+   * `end` of each. For readers that frame records straight onto a socket
+   * (the gateway's persistent sessions). Errors are those of `read`,
+   * STORE_CORRUPT_BATCH for a batch that does not decode.
+   */
+  readColumns (stream: string, partition: number, fromOffset: number, options?: ReadOptions): Promise<ColumnReadResult>
 
   /**
    * Reads whole stored batches, from the one holding `fromOffset`, without

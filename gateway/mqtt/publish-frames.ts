@@ -43,22 +43,42 @@ export interface FrameConnection {
  * MQTT 3.1.1, which has none.
  */
 export function publishPacketSize (topic: Buffer, payload: Uint8Array, qos: 0 | 1, properties?: Buffer): number {
-  const remaining = 2 + topic.length + (qos === 1 ? 2 : 0) + (properties?.length ?? 0) + payload.byteLength
+  return publishPacketLength(topic.length, payload.byteLength, qos, properties?.length ?? 0)
+}
+
+/** {@link publishPacketSize} from the lengths of its parts (`propertiesLength` 0: MQTT 3.1.1). */
+export function publishPacketLength (topicLength: number, payloadLength: number, qos: 0 | 1, propertiesLength: number): number {
+  const remaining = 2 + topicLength + (qos === 1 ? 2 : 0) + propertiesLength + payloadLength
   return 1 + varintSize(remaining) + remaining
 }
 
 /** Writes the PUBLISH packet at `out[at]` and returns the offset after it; `dup` marks a redelivery [MQTT-3.3.1-1]. */
 export function writePublishPacket (out: Buffer, at: number, topic: Buffer, payload: Uint8Array, qos: 0 | 1, messageId: number, retain: boolean,
   properties?: Buffer, dup = false): number {
-  const remaining = 2 + topic.length + (qos === 1 ? 2 : 0) + (properties?.length ?? 0) + payload.byteLength
-  out[at++] = 0x30 | (dup && qos === 1 ? 0x08 : 0) | (qos << 1) | (retain ? 1 : 0)
-  at = writeVarint(out, at, remaining)
-  at = out.writeUInt16BE(topic.length, at)
-  at += topic.copy(out, at)
-  if (qos === 1) at = out.writeUInt16BE(messageId, at)
-  if (properties !== undefined) at += properties.copy(out, at)
+  at = writePublishHeader(out, at, topic, payload.byteLength, qos, messageId, retain, properties, dup)
   out.set(payload, at)
   return at + payload.byteLength
+}
+
+/**
+ * Writes a PUBLISH packet up to its payload at `out[at]` and returns where the `payloadLength` bytes of the payload
+ * go: for a writer that copies the payload from where it is stored (sessions/cursors.ts, from a batch's bytes).
+ */
+export function writePublishHeader (out: Buffer, at: number, topic: Buffer, payloadLength: number, qos: 0 | 1, messageId: number, retain: boolean,
+  properties?: Buffer, dup = false): number {
+  const remaining = 2 + topic.length + (qos === 1 ? 2 : 0) + (properties?.length ?? 0) + payloadLength
+  out[at++] = 0x30 | (dup && qos === 1 ? 0x08 : 0) | (qos << 1) | (retain ? 1 : 0)
+  at = writeVarint(out, at, remaining)
+  // Two-byte integers by hand: Buffer#writeUInt16BE took 28 ns against 9 (its checks), twice per packet.
+  out[at++] = topic.length >>> 8
+  out[at++] = topic.length & 0xff
+  at += topic.copy(out, at)
+  if (qos === 1) {
+    out[at++] = messageId >>> 8
+    out[at++] = messageId & 0xff
+  }
+  if (properties !== undefined) at += properties.copy(out, at)
+  return at
 }
 
 /** The bytes of a Variable Byte Integer [MQTT-1.5.5]. */

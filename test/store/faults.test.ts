@@ -65,9 +65,12 @@ for (const makeBackend of backends) {
       expect(err).toMatchObject({ code: 'STORE_CORRUPT_BATCH', details: { stream: 't/s', partition: 0, baseOffset: 0 } })
       // Served as stored bytes or decoded, a damaged batch is never data.
       expect(await store.readBatches('t/s', 0, 5).catch((e: unknown) => e)).toMatchObject({ code: 'STORE_CORRUPT_BATCH', details: { baseOffset: 0 } })
+      expect(await store.readColumns('t/s', 0, 5).catch((e: unknown) => e)).toMatchObject({ code: 'STORE_CORRUPT_BATCH', details: { baseOffset: 0 } })
       expect(() => decodeStoredBatch(copy)).toThrow(expect.objectContaining({ code: 'STORE_CORRUPT_BATCH' }))
       // The intact batch after it is still readable, and appends go on.
       expect((await store.read('t/s', 0, 100)).records.map((r) => r.offset)).toEqual([100])
+      const after = await store.readColumns('t/s', 0, 100)
+      expect(after.batches.map((b) => [b.baseOffset + b.start, b.baseOffset + b.end])).toEqual([[100, 101]])
       expect((await store.append('t/s', 'k', { payload: payloadOf(101) })).offset).toBe(101)
     })
 
@@ -102,6 +105,7 @@ for (const makeBackend of backends) {
       expect(await damaged.read('t/s', 0, 0, { maxRecords: 1000 }).catch((e: unknown) => e)).toMatchObject(damage)
       expect(await damaged.read('t/s', 0, 100).catch((e: unknown) => e)).toMatchObject(damage)
       expect(await damaged.readBatches('t/s', 0, 50).catch((e: unknown) => e)).toMatchObject(damage)
+      expect(await damaged.readColumns('t/s', 0, 50, { maxRecords: 100 }).catch((e: unknown) => e)).toMatchObject(damage)
       // What lies around the hole is still served.
       expect((await damaged.read('t/s', 0, 0, { maxRecords: 100 })).records).toHaveLength(100)
       expect((await damaged.read('t/s', 0, 101)).records.map((r) => r.offset)).toEqual([101])

@@ -2,7 +2,7 @@ import { readFileSync } from 'node:fs'
 import { crc32 } from 'node:zlib'
 import { Encoder } from 'cbor-x'
 import { describe, expect, it } from 'vitest'
-import { BATCH_HEADER_BYTES, BATCH_MAGIC, BATCH_MAGIC_HEADER_SETS, decodeBatch, decodeMeta, decodeStoredBatch, encodeBatch, readBatchHeader, type PendingRecord } from '../../store/format.ts'
+import { BATCH_HEADER_BYTES, BATCH_MAGIC, BATCH_MAGIC_HEADER_SETS, decodeBatch, decodeColumns, decodeMeta, decodeStoredBatch, encodeBatch, readBatchHeader, type PendingRecord } from '../../store/format.ts'
 import type { StoredRecord } from '../../store/types.ts'
 
 const where = { stream: 't/s', partition: 0, baseOffset: 500 }
@@ -136,6 +136,62 @@ describe('headers in batches', () => {
     const unknown = Buffer.from(value)
     unknown[0] = 0xe3
     expect(() => decodeStoredBatch(unknown)).toThrow(expect.objectContaining({ code: 'STORE_CORRUPT_BATCH' }))
+  })
+})
+
+describe('batch columns', () => {
+  it('give every field of every record without decoding records, topics and header sets numbered per batch', () => {
+    const records = [rec(1000, 0, { a: 'b' }), rec(1002, 1), rec(999, 2, { a: 'b' }), rec(1001, 3, { a: 'c' }), rec(2 ** 40, 4)]
+    const { value, header } = encodeBatch(500, records)
+    const columns = decodeColumns(value, header, where)
+    expect(columns).toMatchObject({ baseOffset: 500, count: 5, start: 0, end: 5 })
+    for (const [i, r] of records.entries()) {
+      const start = columns.payloadStart(i)
+      expect({
+        timestamp: columns.timestamp(i), key: columns.key(i), topic: columns.topic(i), qos: columns.qos(i), clientId: columns.clientId(i),
+        payload: Buffer.from(columns.payloadBytes.subarray(start, start + columns.payloadLength(i))), headers: columns.headers(i),
+      }).toEqual({ ...r, payload: Buffer.from(r.payload) })
+      expect(plain(columns.record(i))).toEqual(plain(decodeBatch(value, header, where)[i]!))
+    }
+    // Records 0 and 3 share a topic (dev-0), 1 and 4 too; 0 and 2 share a header set, 3 has another, 1 and 4 none.
+    expect(columns.topicIndex(0)).toBe(columns.topicIndex(3))
+    expect(columns.topicIndex(0)).not.toBe(columns.topicIndex(1))
+    expect([0, 1, 2, 3, 4].map((i) => columns.headerSet(i) === 0)).toEqual([false, true, false, false, true])
+    expect(columns.headerSet(0)).toBe(columns.headerSet(2))
+    expect(columns.headerSet(0)).not.toBe(columns.headerSet(3))
+    expect(columns.headers(0)).toBe(columns.headers(2))
+  })
+
+  it('read batches written before header interning (0xE1, one map per record), record for record', () => {
+    for (const c of e1.cases) {
+      const value = Buffer.from(c.batch, 'hex')
+      const at = { stream: 't/s', partition: 0, baseOffset: c.baseOffset }
+      const columns = decodeColumns(value, readBatchHeader(value, at), at)
+      expect(Array.from({ length: columns.count }, (_, i) => plain(columns.record(i))), c.name)
+        .toEqual(c.records.map((r) => ({ ...r, payload: Buffer.from(r.payload, 'base64') })))
+      for (let i = 0; i < columns.count; i++) expect(columns.headerSet(i) === 0, c.name).toBe(columns.headers(i) === null)
+    }
+  })
+
+  it('refuse a damaged body with STORE_CORRUPT_BATCH: indexes past the strings, a QoS above 2, payloads past their bytes, columns of the wrong length', () => {
+    const { value } = encodeBatch(500, [rec(1, 0), rec(2, 1)])
+    const body = decodeMeta<unknown[]>(value.subarray(BATCH_HEADER_BYTES))
+    const strings = (body[1] as string[]).length
+    const header = readBatchHeader(value, where)
+    const damaged: Array<[string, unknown[]]> = [
+      ['topic index', body.map((c, k) => k === 4 ? Uint16Array.from([0, strings]) : c)],
+      ['key index', body.map((c, k) => k === 3 ? Uint16Array.from([strings + 5, 0]) : c)],
+      ['client index', body.map((c, k) => k === 5 ? Uint16Array.from([0, 65535]) : c)],
+      ['QoS', body.map((c, k) => k === 6 ? Uint8Array.from([1, 3]) : c)],
+      ['payload lengths', body.map((c, k) => k === 7 ? Uint32Array.from([5, 1000]) : c)],
+      ['short column', body.map((c, k) => k === 4 ? Uint16Array.from([0]) : c)],
+      ['empty columns', body.map((c, k) => k >= 2 && k <= 7 ? new Uint8Array(0) : c)],
+    ]
+    for (const [what, bad] of damaged) {
+      const batch = withBody(value, bad)
+      expect(() => decodeColumns(batch, header, where), what).toThrow(expect.objectContaining({ code: 'STORE_CORRUPT_BATCH', details: { stream: 't/s', partition: 0, baseOffset: 500 } }))
+      expect(() => decodeStoredBatch(batch), what).toThrow(expect.objectContaining({ code: 'STORE_CORRUPT_BATCH' }))
+    }
   })
 })
 

@@ -216,6 +216,62 @@ for (const makeBackend of backends) {
         expect(await store.readBatches('t/s', 0, 2530)).toEqual({ batches: [], nextOffset: 2530, logStartOffset: 0, logEndOffset: 2530 })
       })
 
+      writeTest('reads columns: the records read() returns, batch by batch, without an object per record', async (ctx) => {
+        await ctx.store.createStream('t/s', { partitions: 1 })
+        // Several batches of different sizes; topics, client ids and header sets repeat within a batch.
+        await Promise.all(Array.from({ length: 2500 }, (_, i) => ctx.store.append('t/s', `k${i % 7}`,
+          { payload: payloadOf(i, 100), topic: `devices/k${i % 7}/t`, qos: (i % 3) as 0 | 1 | 2, clientId: `c${i % 5}`, headers: i % 4 === 0 ? { n: String(i % 8) } : undefined })))
+        for (let i = 0; i < 30; i++) await ctx.store.append('t/s', 'k', { payload: payloadOf(2500 + i, 1 + i), headers: i % 2 === 0 ? { n: String(i) } : undefined })
+        await ctx.checkpoint()
+        const { store } = ctx
+        /** Every record a column read returns, made from the columns alone, and where to read on. */
+        const viaColumns = async (from: number, options: { maxRecords?: number, maxBytes?: number }): Promise<{ records: unknown[], made: unknown[], nextOffset: number }> => {
+          const r = await store.readColumns('t/s', 0, from, options)
+          expect(r).toMatchObject({ logStartOffset: 0, logEndOffset: 2530 })
+          const records: unknown[] = []
+          const made: unknown[] = []
+          let expected = from
+          for (const b of r.batches) {
+            expect(b.baseOffset + b.start).toBe(expected) // contiguous, starting at `from`
+            expect(b.start).toBeLessThan(b.end)
+            expect(b.end).toBeLessThanOrEqual(b.count)
+            const sets = new Map<number, unknown>()
+            let sharing = true
+            for (let i = b.start; i < b.end; i++) {
+              const start = b.payloadStart(i)
+              const headers = b.headers(i)
+              records.push({
+                offset: b.baseOffset + i, timestamp: b.timestamp(i), key: b.key(i), topic: b.strings[b.topicIndex(i)], qos: b.qos(i), clientId: b.clientId(i),
+                payload: Buffer.from(b.payloadBytes.subarray(start, start + b.payloadLength(i))), headers, viewed: Buffer.from(b.payload(i)),
+              })
+              made.push(b.record(i))
+              // One number per distinct set, 0 for none; records of a set share its object.
+              const set = b.headerSet(i)
+              if ((set === 0) !== (headers === null) || (sets.has(set) && sets.get(set) !== headers)) sharing = false
+              sets.set(set, headers)
+            }
+            expect(sharing).toBe(true)
+            expected = b.baseOffset + b.end
+          }
+          expect(r.nextOffset).toBe(expected)
+          return { records, made, nextOffset: r.nextOffset }
+        }
+        const cases: Array<[number, { maxRecords?: number, maxBytes?: number }]> = [
+          [0, { maxRecords: 5000, maxBytes: 64 << 20 }], [1999, { maxRecords: 3 }], [10, { maxBytes: 250 }], [10, { maxBytes: 1 }],
+          [777, { maxRecords: 1000, maxBytes: 30_000 }], [2499, { maxRecords: 10 }], [2529, {}],
+        ]
+        for (const [from, options] of cases) {
+          const plain = await store.read('t/s', 0, from, options)
+          const columns = await viaColumns(from, options)
+          const what = `from ${from} ${JSON.stringify(options)}`
+          expect(columns.made, what).toEqual(plain.records)
+          expect(columns.records, what).toEqual(plain.records.map((x) => ({ ...x, payload: Buffer.from(x.payload), viewed: Buffer.from(x.payload) })))
+          expect(columns.nextOffset).toBe(plain.nextOffset)
+        }
+        // At the log end: no batch, and where to go on.
+        expect(await store.readColumns('t/s', 0, 2530)).toEqual({ batches: [], nextOffset: 2530, logStartOffset: 0, logEndOffset: 2530 })
+      })
+
       it('commits concurrent appends together and writes a lone append at once', async () => {
         const commits: CommitStats[] = []
         const observer: StoreObserver = { onCommit: (s) => { commits.push(s) } }
@@ -599,6 +655,10 @@ for (const makeBackend of backends) {
           ['partition out of range', () => store.read('t/s', 2, 0), 'STORE_INVALID_PARTITION'],
           ['bad maxRecords', () => store.read('t/s', p, 0, { maxRecords: 0 }), 'STORE_INVALID_ARGUMENT'],
           ['batches past the end', () => store.readBatches('t/s', p, 2), 'STORE_OFFSET_OUT_OF_RANGE'],
+          ['columns past the end', () => store.readColumns('t/s', p, 2), 'STORE_OFFSET_OUT_OF_RANGE'],
+          ['columns at a fractional offset', () => store.readColumns('t/s', p, 0.5), 'STORE_INVALID_OFFSET'],
+          ['columns with a bad maxBytes', () => store.readColumns('t/s', p, 0, { maxBytes: 0 }), 'STORE_INVALID_ARGUMENT'],
+          ['columns of an unknown stream', () => store.readColumns('t/nope', 0, 0), 'STORE_UNKNOWN_STREAM'],
           ['batches at a negative offset', () => store.readBatches('t/s', p, -1), 'STORE_INVALID_OFFSET'],
           ['batches with a bad endOffset', () => store.readBatches('t/s', p, 0, { endOffset: 0.5 }), 'STORE_INVALID_OFFSET'],
           ['batches with a bad maxBytes', () => store.readBatches('t/s', p, 0, { maxBytes: 0 }), 'STORE_INVALID_ARGUMENT'],

@@ -55,16 +55,16 @@
  * QoS 2 deliveries stay copies (the `O` queue), whose PUBREL state survives a
  * restart; only QoS 1 deliveries use cursors.
  */
-import type { AppendEvent, LogStore, StoredRecord } from '../../../store/index.ts'
+import type { AppendEvent, LogStore, RecordColumns, StoredRecord } from '../../../store/index.ts'
 import { expiredAt, headersToProperties } from '../../../bridge/index.ts'
 import { mountTopic } from '../../access/topics.ts'
 import { RETAIN_HEADER } from '../hooks/durable-append.ts'
 import { logPositionOf, type LogPosition } from '../log-position.ts'
-import { drained, publishPacketSize, recordProperties, writePublishPacket, type FrameConnection } from '../publish-frames.ts'
+import { drained, publishPacketLength, recordProperties, writePublishHeader, type FrameConnection } from '../publish-frames.ts'
 import { keys } from './format.ts'
 
 /** What the cursors read of the log. */
-export type SessionLog = Pick<LogStore, 'read' | 'partitionInfo' | 'holdRetention' | 'onAppend'>
+export type SessionLog = Pick<LogStore, 'readColumns' | 'partitionInfo' | 'holdRetention' | 'onAppend'>
 
 /** The connection a session's cursor deliveries are written to; hooks/sessions.ts adapts an aedes client to it. */
 export interface CursorConnection {
@@ -161,8 +161,16 @@ class PartitionCursor {
    * with that id [MQTT-4.4.0-1] (see {@link ClientCursors.reserved}).
    */
   readonly resend = new Map<number, number>()
-  /** Records read from the log and not yet looked at (from `aheadPos`), and the offset after them. */
-  ahead: StoredRecord[] = []
+  /**
+   * Batches read from the log (columns: no object per record) and not yet looked at: from record `aheadPos` of batch
+   * `aheadBatch` on; `aheadEnd` is the offset after them.
+   */
+  ahead: RecordColumns[] = []
+  /** The routes of `memoBatch`'s topics by their index in it, taken from `memoRoutes` (see SessionCursors.#pick). */
+  memoBatch: RecordColumns | undefined
+  memoRoutes: Map<string, Route> | undefined
+  readonly memo: Array<Route | undefined> = []
+  aheadBatch = 0
   aheadPos = 0
   aheadEnd = 0
 
@@ -196,6 +204,34 @@ class PartitionCursor {
     this.#pending.push(offset)
   }
 
+  /**
+   * The delivery of `offset` was acknowledged. PUBACKs mostly come in the order of the deliveries: the lowest
+   * unacknowledged one is dropped from the queue at once, only those above a gap are remembered in `acked`.
+   */
+  ack (offset: number): void {
+    const pending = this.#pending
+    if (pending[this.#head] !== offset) {
+      this.acked.add(offset)
+      return
+    }
+    this.#head++
+    // Acknowledged out of order before it: those go too, so the next in-order PUBACK finds its offset at the head.
+    while (this.acked.size > 0 && this.#head < pending.length && this.acked.delete(pending[this.#head] as number)) this.#head++
+  }
+
+  /** Whether records read from the log wait to be looked at. */
+  hasAhead (): boolean {
+    return this.aheadBatch < this.ahead.length
+  }
+
+  /** Batches read from the log: the next records to look at. */
+  readAhead (batches: RecordColumns[], end: number): void {
+    this.ahead = batches
+    this.aheadBatch = 0
+    this.aheadPos = batches[0]?.start ?? 0
+    this.aheadEnd = end
+  }
+
   /** A new connection reads again from the lowest unacknowledged delivery; everything sent from there is DUP. */
   restart (): void {
     const from = this.target()
@@ -204,30 +240,33 @@ class PartitionCursor {
     for (const offset of this.acked) if (offset < from) this.acked.delete(offset)
     this.dupBelow = Math.max(this.dupBelow, this.next)
     this.next = from
-    this.ahead = []
-    this.aheadPos = 0
-    this.aheadEnd = from
+    this.readAhead([], from)
     this.resend.clear()
   }
 }
 
-/** A delivery written and not acknowledged. */
-interface Delivery {
-  readonly cursor: PartitionCursor
-  readonly record: StoredRecord
-}
+/**
+ * A record taken for a delivery, then (in `inflight`) a delivery written and not acknowledged: record `index` of a
+ * batch read from the log, which it keeps alive until its PUBACK; `record` makes the record itself (a reconnect's
+ * resends and {@link SessionCursors.detach} ask for it, a drain does not).
+ */
+class Delivery {
+  constructor (readonly cursor: PartitionCursor, readonly batch: RecordColumns, readonly index: number, readonly offset: number,
+    /** The topic it is delivered on. */
+    readonly topic: Buffer,
+    readonly properties: Buffer | undefined,
+    /** The packet id it goes out with again [MQTT-4.4.0-1], when an earlier connection sent it. */
+    readonly id: number | undefined,
+    /**
+     * RETAIN: a delivery to an established subscription has it 0 [MQTT-3.3.1-9] [MQTT-3.3.1-12], unless the MQTT 5
+     * subscription has Retain As Published and the message was published with it [MQTT-3.3.1-13] (the log keeps it,
+     * RETAIN_HEADER).
+     */
+    readonly retain: boolean) {}
 
-/** A record taken for a delivery: `id` when it goes out again with the packet id it had [MQTT-4.4.0-1]. */
-interface Picked extends Delivery {
-  readonly topic: Buffer
-  readonly properties: Buffer | undefined
-  readonly id: number | undefined
-  /**
-   * RETAIN: a delivery to an established subscription has it 0 [MQTT-3.3.1-9] [MQTT-3.3.1-12], unless the MQTT 5
-   * subscription has Retain As Published and the message was published with it [MQTT-3.3.1-13] (the log keeps it,
-   * RETAIN_HEADER).
-   */
-  readonly retain: boolean
+  get record (): StoredRecord {
+    return this.batch.record(this.index)
+  }
 }
 
 /**
@@ -239,8 +278,13 @@ const mayTake = (state: ClientCursors, cursor: PartitionCursor): boolean => stat
 /** Deliveries sent on this connection and not acknowledged: what the window limits. */
 const sentUnacked = (state: ClientCursors): number => state.inflight.size - state.reserved.size
 
-/** How a topic is delivered to the connection: null when it is not (no QoS > 0 subscription matches, or not readable). */
-type Route = { readonly topic: Buffer, readonly qos: number, readonly ids: number[], readonly noLocal: boolean, readonly rap: boolean } | null
+/**
+ * How a topic is delivered to the connection: null when it is not (no QoS > 0 subscription matches, or not readable).
+ * `bare`: the MQTT 5 property section of its records without headers (only the subscription identifiers), made once.
+ */
+type Route = {
+  readonly topic: Buffer, readonly qos: number, readonly ids: number[], readonly noLocal: boolean, readonly rap: boolean, bare: Buffer | undefined,
+} | null
 
 class ClientCursors {
   readonly cursors = new Map<string, PartitionCursor>()
@@ -479,8 +523,8 @@ export class SessionCursors {
     const delivery = state.inflight.get(messageId)
     if (delivery === undefined) return false
     state.inflight.delete(messageId)
-    if (state.reserved.delete(messageId)) delivery.cursor.resend.delete(delivery.record.offset)
-    delivery.cursor.acked.add(delivery.record.offset)
+    if (state.reserved.delete(messageId)) delivery.cursor.resend.delete(delivery.offset)
+    delivery.cursor.ack(delivery.offset)
     state.acking.add(delivery.cursor)
     return true
   }
@@ -536,7 +580,7 @@ export class SessionCursors {
     const state = this.#clients.get(clientId)
     if (state?.via === undefined || state.running || state.scheduled) return false
     if (sentUnacked(state) >= state.limit) return true
-    return [...state.cursors.values()].every((c) => c.aheadPos === c.ahead.length && c.next >= endOf(this.#deps.log, c))
+    return [...state.cursors.values()].every((c) => !c.hasAhead() && c.next >= endOf(this.#deps.log, c))
   }
 
   /** Per stream: sessions with a cursor into it, and the records they have not acknowledged (log end − cursor, summed). */
@@ -646,7 +690,7 @@ export class SessionCursors {
       if (client === undefined || via === undefined || via.conn.closed || via.conn.stream.destroyed === true) return
       if (sentUnacked(state) >= state.limit) return // woken by the PUBACKs
       const cursors = [...state.cursors.values()]
-      if (cursors.some((c) => c.aheadPos < c.ahead.length && mayTake(state, c))) {
+      if (cursors.some((c) => c.hasAhead() && mayTake(state, c))) {
         const out = this.#frame(state, via)
         if (out !== null && !via.conn.stream.write(out)) await drained(via.conn.stream)
         continue
@@ -654,18 +698,16 @@ export class SessionCursors {
       let read = false
       for (let k = 0; k < cursors.length; k++) {
         const cursor = cursors[(state.turn + k) % cursors.length] as PartitionCursor // partitions take turns
-        if (!mayTake(state, cursor) || cursor.aheadPos < cursor.ahead.length) continue
+        if (!mayTake(state, cursor) || cursor.hasAhead()) continue
         const info = partitionInfo(log, cursor)
         if (info === undefined) this.#forgetHeld(state, cursor, Infinity) // the stream is gone, and what it held
         if (info === undefined || cursor.next >= info.logEndOffset) continue
-        const { records, nextOffset } = await log.read(cursor.stream, cursor.partition, Math.max(cursor.next, info.logStartOffset),
+        const { batches, nextOffset } = await log.readColumns(cursor.stream, cursor.partition, Math.max(cursor.next, info.logStartOffset),
           { maxRecords: this.#deps.readRecords ?? 1000, maxBytes: CHUNK_BYTES })
         if (state.client !== client) return
         if (cursor.next < info.logStartOffset) this.#forgetHeld(state, cursor, info.logStartOffset)
-        cursor.ahead = records
-        cursor.aheadPos = 0
-        cursor.aheadEnd = records.length === 0 ? info.logEndOffset : nextOffset
-        if (records.length === 0) cursor.next = Math.max(cursor.next, info.logEndOffset)
+        cursor.readAhead(batches, batches.length === 0 ? info.logEndOffset : nextOffset)
+        if (batches.length === 0) cursor.next = Math.max(cursor.next, info.logEndOffset)
         read = true
         break
       }
@@ -675,42 +717,50 @@ export class SessionCursors {
 
   /**
    * Takes up to the window's room of records read ahead, partitions in turn, skipping those not for this session,
-   * and frames them into one buffer (null when every record taken was skipped).
+   * and frames them into one buffer (null when every record taken was skipped): each PUBLISH straight from the
+   * batch's columns, its payload copied from the stored bytes.
    */
   #frame (state: ClientCursors, via: CursorConnection): Buffer | null {
     const room = Math.min(state.limit - sentUnacked(state), BATCH_RECORDS)
     const now = (this.#deps.now ?? Date.now)()
     const mqtt5 = via.conn.mqtt5 === true
-    const picked: Picked[] = []
+    const picked: Delivery[] = []
     const touched = new Set<PartitionCursor>()
     let size = 0
     const cursors = [...state.cursors.values()]
     for (let k = 0; k < cursors.length && picked.length < room && size < BATCH_BYTES; k++) {
       const cursor = cursors[(state.turn + k) % cursors.length] as PartitionCursor
       if (!mayTake(state, cursor)) continue
-      while (picked.length < room && size < BATCH_BYTES && cursor.aheadPos < cursor.ahead.length) {
-        const record = cursor.ahead[cursor.aheadPos++] as StoredRecord
-        if (record.offset < cursor.next) continue
-        cursor.next = record.offset + 1
-        touched.add(cursor)
+      const routes = this.#routes(state, cursor.tenant)
+      const first = cursor.next
+      while (picked.length < room && size < BATCH_BYTES && cursor.hasAhead()) {
+        const batch = cursor.ahead[cursor.aheadBatch] as RecordColumns
+        const i = cursor.aheadPos++
+        if (cursor.aheadPos >= batch.end) {
+          cursor.aheadBatch++
+          cursor.aheadPos = cursor.ahead[cursor.aheadBatch]?.start ?? 0
+        }
+        const offset = batch.baseOffset + i
+        if (offset < cursor.next) continue
+        cursor.next = offset + 1
         // Sent on an earlier connection and not acknowledged: it goes out with the id it had, or gives it up.
-        const held = cursor.resend.get(record.offset)
+        const held = cursor.resend.size === 0 ? undefined : cursor.resend.get(offset)
         if (held !== undefined) {
-          cursor.resend.delete(record.offset)
+          cursor.resend.delete(offset)
           state.reserved.delete(held)
         }
-        const pick = cursor.acked.delete(record.offset) ? null : this.#pick(state, via, cursor, record, now, mqtt5, held)
+        const pick = cursor.acked.size > 0 && cursor.acked.delete(offset) ? null : this.#pick(state, via, cursor, routes, batch, i, now, mqtt5, held)
         if (pick === null) {
           if (held !== undefined) state.inflight.delete(held)
           continue
         }
         picked.push(pick)
-        size += publishPacketSize(pick.topic, record.payload, 1, pick.properties)
+        size += publishPacketLength(pick.topic.length, batch.payloadLength(i), 1, pick.properties?.length ?? 0)
       }
-      if (cursor.ahead.length > 0 && cursor.aheadPos === cursor.ahead.length) {
+      if (cursor.next !== first) touched.add(cursor)
+      if (cursor.ahead.length > 0 && !cursor.hasAhead()) {
         cursor.next = Math.max(cursor.next, cursor.aheadEnd)
-        cursor.ahead = []
-        cursor.aheadPos = 0
+        cursor.readAhead([], cursor.aheadEnd)
       }
     }
     state.turn++
@@ -719,11 +769,14 @@ export class SessionCursors {
       out = Buffer.allocUnsafe(size)
       let at = 0
       for (const delivery of picked) {
-        const { cursor, record, topic, properties } = delivery
+        const { cursor, batch, index, offset } = delivery
         const id = delivery.id ?? this.#allocate(state, via)
         state.inflight.set(id, delivery)
-        cursor.sent(record.offset)
-        at = writePublishPacket(out, at, topic, record.payload, 1, id, delivery.retain, properties, record.offset < cursor.dupBelow)
+        cursor.sent(offset)
+        const start = batch.payloadStart(index)
+        const length = batch.payloadLength(index)
+        at = writePublishHeader(out, at, delivery.topic, length, 1, id, delivery.retain, delivery.properties, offset < cursor.dupBelow)
+        at += batch.payloadBytes.copy(out, at, start, start + length)
       }
     }
     // Skipped records move the cursor too, once nothing below them is unacknowledged.
@@ -732,28 +785,51 @@ export class SessionCursors {
   }
 
   /**
-   * The delivery of a record to this session, or null when it is not one: QoS 0 records, topics no subscription
-   * matches and topics it may not read are not this session's; QoS 2 deliveries are copies. `held`: the packet id it
-   * was sent with on an earlier connection (its onward delivery started: it is sent again even if it expired since).
+   * The delivery of record `i` of `batch` to this session, or null when it is not one: QoS 0 records, topics no
+   * subscription matches and topics it may not read are not this session's; QoS 2 deliveries are copies. `held`: the
+   * packet id it was sent with on an earlier connection (its onward delivery started: it is sent again even if it
+   * expired since).
    */
-  #pick (state: ClientCursors, via: CursorConnection, cursor: PartitionCursor, record: StoredRecord, now: number, mqtt5: boolean,
-    held: number | undefined): Picked | null {
-    const route = this.#route(state, via, cursor.tenant, record.topic)
-    if (route === null || Math.min(record.qos, route.qos) !== 1) return null
-    if (route.noLocal && record.clientId === via.conn.clientId) return null // its own message
-    if (held === undefined && expiredAt(record.headers, record.timestamp, now)) { // [MQTT-3.3.2-5]
+  #pick (state: ClientCursors, via: CursorConnection, cursor: PartitionCursor, routes: Map<string, Route>, batch: RecordColumns, i: number,
+    now: number, mqtt5: boolean, held: number | undefined): Delivery | null {
+    // A batch interns its topics: the route of each is looked up once per batch (and per routes map: a change of
+    // subscriptions makes a new one).
+    if (cursor.memoBatch !== batch || cursor.memoRoutes !== routes) {
+      cursor.memoBatch = batch
+      cursor.memoRoutes = routes
+      cursor.memo.length = 0
+    }
+    const t = batch.topicIndex(i)
+    let route = cursor.memo[t]
+    if (route === undefined) cursor.memo[t] = route = this.#route(state, via, routes, cursor.tenant, batch.topic(i))
+    if (route === null || Math.min(batch.qos(i), route.qos) !== 1) return null
+    if (route.noLocal && batch.clientId(i) === via.conn.clientId) return null // its own message
+    const headers = batch.headerSet(i) === 0 ? null : batch.headers(i)
+    const offset = batch.baseOffset + i
+    const timestamp = batch.timestamp(i)
+    if (held === undefined && headers !== null && expiredAt(headers, timestamp, now)) { // [MQTT-3.3.2-5]
       this.#deps.onExpired?.(cursor.tenant)
       return null
     }
-    const properties = mqtt5 ? recordProperties(cursor.partition, record, now, { location: false, subscriptionIds: route.ids }) : undefined
-    const retain = route.rap && record.headers?.[RETAIN_HEADER] === '1'
-    return { cursor, record, topic: route.topic, properties, id: held, retain }
+    let properties: Buffer | undefined
+    if (mqtt5) {
+      properties = headers === null
+        ? route.bare ??= recordProperties(cursor.partition, { offset, timestamp }, now, { location: false, subscriptionIds: route.ids })
+        : recordProperties(cursor.partition, { offset, timestamp, headers }, now, { location: false, subscriptionIds: route.ids })
+    }
+    const retain = route.rap && headers?.[RETAIN_HEADER] === '1'
+    return new Delivery(cursor, batch, i, offset, route.topic, properties, held, retain)
+  }
+
+  /** The routes of a tenant's topics for this connection and its subscriptions. */
+  #routes (state: ClientCursors, tenant: string): Map<string, Route> {
+    let byTopic = state.routes.get(tenant)
+    if (byTopic === undefined) state.routes.set(tenant, byTopic = new Map())
+    return byTopic
   }
 
   /** How the connection gets a record's topic: the QoS granted, its delivered topic, its subscription identifiers. */
-  #route (state: ClientCursors, via: CursorConnection, tenant: string, topic: string): Route {
-    let byTopic = state.routes.get(tenant)
-    if (byTopic === undefined) state.routes.set(tenant, byTopic = new Map())
+  #route (state: ClientCursors, via: CursorConnection, byTopic: Map<string, Route>, tenant: string, topic: string): Route {
     let route = byTopic.get(topic)
     if (route === undefined) {
       const mounted = mountTopic(tenant, topic)
@@ -767,6 +843,7 @@ export class SessionCursors {
             ids: this.#deps.subscriptionIds?.(state.clientId, mounted) ?? [],
             noLocal: this.#deps.noLocal?.(state.clientId, mounted) ?? false,
             rap: this.#deps.retainAsPublished?.(state.clientId, mounted) ?? false,
+            bare: undefined,
           }
       if (byTopic.size >= CACHE_ENTRIES) byTopic.clear()
       byTopic.set(topic, route)

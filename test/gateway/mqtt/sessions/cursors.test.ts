@@ -296,6 +296,28 @@ describe('session cursors into the log', () => {
     expect(bodies(fourth.got).filter((b) => bodies(third.got).includes(b))).toHaveLength(third.got.length - 5)
   })
 
+  it('takes PUBACKs in any order: the cursor moves past the lowest unacknowledged only, and a new connection resends only what was not acknowledged', async () => {
+    const { gw } = await fresh()
+    await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: 't1/devices/+/telemetry/#', qos: 1 }])
+    for (let i = 0; i < 8; i++) await publish(gw, 't1', 'd0', `m${i}`)
+    const first = await connect(gw, 'svc', { ack: () => false })
+    await settled(gw, first)
+    expect(bodies(first.got)).toEqual(['m0', 'm1', 'm2', 'm3', 'm4', 'm5', 'm6', 'm7'])
+    const idOf = (body: string): number => first.got.find((p) => String(p.payload) === body)?.messageId as number
+    // Backwards and in runs, all but m0 and m6.
+    for (const body of ['m5', 'm7', 'm3', 'm4', 'm1', 'm2']) await first.ack(idOf(body))
+    first.close()
+    const second = await connect(gw, 'svc', { ack: () => false })
+    await settled(gw, second)
+    expect(second.got.map((p) => [String(p.payload), p.dup, p.messageId])).toEqual([['m0', true, idOf('m0')], ['m6', true, idOf('m6')]])
+    await second.ack(idOf('m6'))
+    await second.ack(idOf('m0'))
+    const key = keys.cursor('svc', 't1/telemetry', gw.store.partitionFor('t1/telemetry', 'd0'))
+    await expect.poll(async () => (await gw.sessions.get<Buffer, Buffer>(key, { keyEncoding: 'buffer', valueEncoding: 'buffer' }))?.readBigUInt64BE(0)).toBe(8n)
+    second.close()
+    expect(await drain(gw, 'svc')).toEqual([])
+  })
+
   it('sends the unacknowledged deliveries again with their packet ids and DUP on the next connection [MQTT-4.4.0-1], within its window', async () => {
     const { gw } = await fresh(6)
     await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: 't1/devices/+/telemetry/#', qos: 1 }])

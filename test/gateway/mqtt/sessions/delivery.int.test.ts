@@ -81,6 +81,18 @@ function perDevice (bodies: readonly string[]): Map<number, number[]> {
   return out
 }
 
+/** Waits until the gateway has seen every one of these persistent sessions go offline (GET /v1/sessions). */
+async function offline (gw: GatewayProcess, clientIds: readonly string[]): Promise<void> {
+  const deadline = Date.now() + WAIT_MS
+  for (;;) {
+    const res = await fetch(`${gw.httpUrl}/v1/sessions`)
+    const { sessions } = await res.json() as { sessions: Array<{ clientId: string, connected: boolean }> }
+    if (sessions.filter((x) => clientIds.includes(x.clientId) && !x.connected).length === clientIds.length) return
+    if (Date.now() > deadline) throw new Error(`sessions ${clientIds.join(', ')} still connected after ${WAIT_MS} ms`)
+    await new Promise((resolve) => setTimeout(resolve, 20))
+  }
+}
+
 describe('persistent session deliveries from the log', () => {
   const cleanups: Array<() => Promise<void>> = []
   afterAll(async () => { for (const c of cleanups.reverse()) await c() })
@@ -273,6 +285,85 @@ describe('persistent session deliveries from the log', () => {
     expect(got.get('plain')).toEqual([['kept', false], ['live', false], ['later', false]])
     expect(got.get('v311')).toEqual([['kept', false], ['live', false], ['later', false]])
     expect(await gw.stop()).toBe(0)
+  }, 120_000)
+
+  it('drains a backlog of many stored batches to 3.1.1 and MQTT 5 sessions: each record once, in per-device order, with its topic, payload, properties and RETAIN 0', async () => {
+    const gw = await gateway()
+    const PER_DEVICE = 150
+    const total = DEVICES * PER_DEVICE
+    const subscribers = [{ clientId: 'drain-v311', version: 4 as const }, { clientId: 'drain-v5', version: 5 as const }]
+    const connect = (clientId: string, version: 4 | 5): Promise<mqtt.MqttClient> => mqtt.connectAsync(gw.mqttUrl, {
+      clientId, clean: false, protocolVersion: version, reconnectPeriod: 0, ...(version === 5 ? { properties: { sessionExpiryInterval: 3600 } } : {}),
+    })
+    for (const { clientId, version } of subscribers) {
+      const client = await connect(clientId, version)
+      await client.subscribeAsync('devices/+/telemetry/#', { qos: 1, ...(version === 5 ? { properties: { subscriptionIdentifier: 9 } } : {}) })
+      await client.endAsync()
+    }
+    await offline(gw, subscribers.map((x) => x.clientId))
+
+    // What device d sends as its n-th message: a third with user properties, content type, correlation data and a
+    // response topic, a third with an expiry and a UTF-8 payload format, a third binary without properties; some retained.
+    const payloadOf = (d: number, n: number): Buffer => n % 3 === 2
+      ? Buffer.from([d, n >> 8, n & 0xff, ...Array.from({ length: n % 40 }, (_v, k) => (d * 31 + n + k * 7) & 0xff)])
+      : Buffer.from(`${d}:${n}:${'x'.repeat(n % 40)}`)
+    const propertiesOf = (d: number, n: number): mqtt.IClientPublishOptions['properties'] => n % 3 === 0
+      ? { userProperties: { seq: String(n), device: `dev-${d}` }, contentType: 'application/x-test', correlationData: Buffer.from([d, n & 0xff]), responseTopic: `replies/dev-${d}` }
+      : n % 3 === 1 ? { messageExpiryInterval: 3600, payloadFormatIndicator: true } : undefined
+    // All of a device's messages in flight at once: the gateway's group commits store them as batches of many records.
+    await Promise.all(Array.from({ length: DEVICES }, async (_v, d) => {
+      const device = await mqtt.connectAsync(gw.mqttUrl, { clientId: `dev-${d}`, protocolVersion: 5, reconnectPeriod: 0 })
+      await Promise.all(Array.from({ length: PER_DEVICE }, (_w, n) => device.publishAsync(`devices/dev-${d}/telemetry/t`, payloadOf(d, n),
+        { qos: 1, retain: n % 10 === 5, properties: propertiesOf(d, n) })))
+      await device.endAsync()
+    }))
+
+    const got = new Map<string, Array<{ topic: string, payload: Buffer, packet: IPublishPacket }>>()
+    await Promise.all(subscribers.map(async ({ clientId, version }) => {
+      const received: Array<{ topic: string, payload: Buffer, packet: IPublishPacket }> = []
+      got.set(clientId, received)
+      let done = (): void => {}
+      const all = new Promise<void>((resolve) => { done = resolve })
+      const client = await connect(clientId, version)
+      cleanups.push(async () => { client.end(true) })
+      client.on('message', (topic, payload, packet) => {
+        received.push({ topic, payload, packet })
+        if (received.length === total) done()
+      })
+      if (received.length < total) await Promise.race([all, new Promise((_r, reject) => setTimeout(() => reject(new Error(`${clientId}: ${received.length} of ${total}`)), WAIT_MS))])
+      await client.endAsync()
+    }))
+    expect(await gw.stop()).toBe(0)
+
+    for (const { clientId, version } of subscribers) {
+      const received = got.get(clientId) ?? []
+      const order = new Map<number, number[]>()
+      for (const { topic, payload, packet } of received) {
+        const d = Number(/^devices\/dev-(\d+)\/telemetry\/t$/.exec(topic)?.[1])
+        // Binary payloads start with the device number, text ones with its digit.
+        const n = (payload[0] as number) < DEVICES ? (payload[1] as number) << 8 | (payload[2] as number) : Number(payload.toString().split(':')[1])
+        order.set(d, [...order.get(d) ?? [], n])
+        const what = `${clientId} dev-${d} #${n}`
+        expect(payload.equals(payloadOf(d, n)), what).toBe(true)
+        expect({ qos: packet.qos, retain: packet.retain, dup: packet.dup }, what).toEqual({ qos: 1, retain: false, dup: false })
+        if (version === 4) {
+          expect(packet.properties, what).toBeUndefined()
+          continue
+        }
+        const { subscriptionIdentifier, messageExpiryInterval, ...rest } = packet.properties ?? {}
+        expect([subscriptionIdentifier].flat(), what).toEqual([9])
+        if (n % 3 === 1) {
+          expect(messageExpiryInterval, what).toBeGreaterThan(3500)
+          expect(messageExpiryInterval, what).toBeLessThanOrEqual(3600)
+        } else {
+          expect(messageExpiryInterval, what).toBeUndefined()
+        }
+        const { messageExpiryInterval: _sent, ...sent } = propertiesOf(d, n) ?? {}
+        expect(rest, what).toEqual(sent)
+      }
+      expect(received, clientId).toHaveLength(total)
+      for (let d = 0; d < DEVICES; d++) expect(order.get(d), `${clientId} dev-${d}`).toEqual(Array.from({ length: PER_DEVICE }, (_v, n) => n))
+    }
   }, 120_000)
 
   it('a subscriber that leaves in the middle of a drain gets the rest when it comes back, the unacknowledged ones with DUP', async () => {
