@@ -394,6 +394,7 @@ async function startStandby (deps: ReplicationDeps, log: Logger, coordination: C
   }
   const standby: ReplicationStandby = new ReplicationStandby({
     peer, gatewayId: deps.gatewayId, db, positionKey: POSITION_KEY, sync: deps.durabilitySync, initial, logger: log, now: deps.now,
+    silenceMs: config.silenceMs,
     refresh: async () => {
       for (const r of refreshers) await r()
       if (asidePending && standby.position !== null && !standby.snapshotting) asidePending = await nameLostTail(root, log)
