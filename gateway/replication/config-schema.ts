@@ -32,7 +32,8 @@ export const replicationConfigSchema = {
     maxLagMs: {
       type: 'integer', minimum: 10, default: 2000,
       description: 'A standby whose oldest unacknowledged batch is older than this (or that is disconnected or still copying a snapshot) is out of sync; ' +
-        'one not heard from this long (a silent link) is also dropped, and reconnects.',
+        'one not heard from this long (a silent link) is also dropped, and reconnects, but while it applies a snapshot (it stops reading ' +
+        'while its disk is behind).',
     },
     silenceMs: {
       type: 'integer', minimum: 1000, default: 5000,

@@ -432,7 +432,11 @@ export class ReplicationPrimary {
     const standby = this.#standby
     if (standby === undefined) { this.#setInSync(false, 'no standby is connected'); return }
     const silentMs = this.#deps.now() - standby.heardAt
-    if (silentMs > this.#deps.config.maxLagMs && standby.unanswered >= SILENT_PINGS && standby.frames.buffered < SILENT_MAX_BUFFERED) {
+    // A standby applying its snapshot stops reading while its disk is behind (standby.ts), pings included: its silence
+    // then says nothing of the link. It is out of sync meanwhile, its own silence limit finds a dead link (its next
+    // hello replaces this connection), and catchUpBytes bounds what is kept for it.
+    const applyingSnapshot = standby.snapshotAt !== null
+    if (!applyingSnapshot && silentMs > this.#deps.config.maxLagMs && standby.unanswered >= SILENT_PINGS && standby.frames.buffered < SILENT_MAX_BUFFERED) {
       this.#deps.logger.warn({ standby: standby.address, silentMs }, 'no word from the standby for longer than maxLagMs: dropping its connection')
       this.#drop(standby, `the standby has been silent for ${(silentMs / 1000).toFixed(1)} s, over maxLagMs ${this.#deps.config.maxLagMs}`)
       return

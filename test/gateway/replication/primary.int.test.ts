@@ -130,6 +130,23 @@ describe('a silent standby', () => {
     await new Promise<void>((resolve) => socket.once('close', () => resolve()))
     expect(primary.connected).toBe(false)
   })
+
+  it('is kept while it applies its snapshot (it stops reading while its disk is behind), and dropped once it acknowledged it', async () => {
+    const { primary, port, finish } = await primaryWithHeldSnapshot(16 * 1024 * 1024, { maxLagMs: 100 })
+    let pings = 0
+    let ended: FrameSocket<PrimaryFrame, StandbyFrame> | undefined
+    await standbyAt(port, '', -1, (frame, frames) => {
+      if (frame.type === 'welcome') finish()
+      if (frame.type === 'ping') pings++
+      if (frame.type === 'snapshot-end') ended = frames
+    })
+    await waitUntil(() => primary.connected)
+    // Copied, not acknowledged, no ping answered: 20 pings (about 500 ms at 25 ms, five times maxLagMs) and still there.
+    await waitUntil(() => ended !== undefined && pings >= 20, () => primary.connected)
+    // Acknowledged: silent from here on, it is dropped like any other.
+    ended?.send({ type: 'ack', seq: 1 })
+    await waitUntil(() => !primary.connected)
+  })
 })
 
 /** A snapshot source of one entry whose copy goes on until `finish()`: the test writes while it is being copied. */
@@ -156,7 +173,7 @@ function heldSnapshot (): { source: SnapshotSource, finish: () => void } {
  * A primary under `degrade` (backlog 1 MiB, catchUpBytes as given) with one write, whose snapshot (when a standby needs one)
  * is copied until `finish()`; `write` puts an entry of `bytes` into its database; its log lines, parsed.
  */
-async function primaryWithHeldSnapshot (catchUpBytes: number): Promise<{
+async function primaryWithHeldSnapshot (catchUpBytes: number, config: Partial<ReplicationConfig> = {}): Promise<{
   primary: ReplicationPrimary, journal: WriteJournal, port: number, write: (bytes: number) => void, finish: () => void, overflows: () => number,
   logged: () => Array<{ code?: string, msg: string }>
 }> {
@@ -167,7 +184,7 @@ async function primaryWithHeldSnapshot (catchUpBytes: number): Promise<{
   const lines: string[] = []
   let overflows = 0
   const primary = await ReplicationPrimary.start({
-    config: { ...CONFIG, onStandbyLost: 'degrade', catchUpBytes }, journal, root: source, ignorePrefix: META, gatewayId: 'g', epoch: 1,
+    config: { ...CONFIG, onStandbyLost: 'degrade', catchUpBytes, ...config }, journal, root: source, ignorePrefix: META, gatewayId: 'g', epoch: 1,
     logger: pino({ level: 'info' }, { write: (line: string) => { lines.push(line) } }), now: Date.now,
     onInSync: () => {}, onCatchUpOverflow: () => { overflows++ },
   })
