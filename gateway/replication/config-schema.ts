@@ -32,7 +32,14 @@ export const replicationConfigSchema = {
     maxLagMs: {
       type: 'integer', minimum: 10, default: 2000,
       description: 'A standby whose oldest unacknowledged batch is older than this (or that is disconnected or still copying a snapshot) is out of sync; ' +
-        'one not heard from this long (a silent link) is also dropped, and reconnects.',
+        'one not heard from this long (a silent link) is also dropped, and reconnects, but while it applies a snapshot (it stops reading ' +
+        'while its disk is behind).',
+    },
+    silenceMs: {
+      type: 'integer', minimum: 1000, default: 5000,
+      description: 'A standby that hears nothing from its primary for this long (the primary pings every second) drops the connection and ' +
+        'connects again: a link that went silent sends no reset. Counted in whole seconds. Raise it on a link with long stalls (a WAN, ' +
+        'a congested uplink), where a pause of the data is no lost path.',
     },
     onStandbyLost: {
       enum: ['block', 'degrade'], default: 'block',
@@ -46,10 +53,10 @@ export const replicationConfigSchema = {
     },
     catchUpBytes: {
       type: 'integer', minimum: 1024 * 1024, default: 256 * 1024 * 1024,
-      description: 'Bytes of writes the primary keeps in memory, beyond backlogBytes, for a standby that is catching up: everything written ' +
-        'since its snapshot began, then since its last acknowledgement, until it has it, so a snapshot copied under load needs no second one. ' +
-        'Past this (never less than backlogBytes) the standby\'s connection is dropped (GW_WARN_STANDBY_CATCH_UP_OVERFLOW) and it starts ' +
-        'over with a snapshot: set it above the write rate times the time a snapshot takes.',
+      description: 'Bytes of writes (keys and values) the primary keeps in memory in all, the backlog included, while a standby is catching ' +
+        'up: everything written since its snapshot began, then since its last acknowledgement, until it has it, so a snapshot copied under ' +
+        'load needs no second one. Past this (never less than backlogBytes) the standby\'s connection is dropped ' +
+        '(GW_WARN_STANDBY_CATCH_UP_OVERFLOW) and it starts over with a snapshot: set it above the write rate times the time a snapshot takes.',
     },
     coordination: {
       type: 'object', additionalProperties: false, default: {},
@@ -87,6 +94,7 @@ export interface ReplicationConfig {
   readonly peer: string
   readonly acks: 'local' | 'replicated'
   readonly maxLagMs: number
+  readonly silenceMs: number
   readonly onStandbyLost: 'block' | 'degrade'
   readonly backlogBytes: number
   readonly catchUpBytes: number

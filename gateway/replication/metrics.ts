@@ -62,8 +62,8 @@ export function createReplicationMetrics (registry: Registry, gauges: Replicatio
   for (const from of ['backlog', 'snapshot']) catchUps.inc({ from }, 0)
   new Gauge({
     name: 'edgemq_replication_backlog_bytes',
-    help: 'On a primary: bytes of recent writes kept in memory for its standby: the backlog (replication.backlogBytes), and beyond it what a ' +
-      'standby catching up still needs (up to replication.catchUpBytes). 0 on other nodes.',
+    help: 'On a primary: bytes (keys and values) of recent writes kept in memory for its standby: the backlog (replication.backlogBytes), and ' +
+      'beyond it what a standby catching up still needs (up to replication.catchUpBytes in all). 0 on other nodes.',
     registers: [registry], collect () { this.set(gauges.backlogBytes()) },
   })
   const catchUpOverflows = new Counter({

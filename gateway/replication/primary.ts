@@ -37,10 +37,15 @@ import type { JournalPin, WriteJournal } from './journal.ts'
 import { FrameSocket, PROTOCOL_VERSION, type PrimaryFrame, type StandbyFrame } from './protocol.ts'
 import { GatewayError } from '../errors.ts'
 
-/** LevelDB entries read at a time for a snapshot. */
+/** LevelDB entries read at a time for a snapshot, at most. */
 const SNAPSHOT_CHUNK = 1024
 /** Bytes (keys and values) per snapshot frame, at most, but for a single larger entry: a log batch can be 1,000 records. */
 const SNAPSHOT_FRAME_BYTES = 1024 * 1024
+/**
+ * Bytes a snapshot read (nextv) gathers, about: classic-level stops a nextv once its entries pass the iterator's
+ * highWaterMarkBytes, 16 KiB by default, which made every frame a 16 KiB one whatever SNAPSHOT_FRAME_BYTES said.
+ */
+const SNAPSHOT_READ_BYTES = 4 * SNAPSHOT_FRAME_BYTES
 /**
  * Batch bytes sent to the standby and not acknowledged yet, at most (one batch always goes, however large); also how much
  * of a snapshot may wait in the socket before the copy reads on. Enough to keep a LAN busy between acks.
@@ -50,7 +55,7 @@ const PING_MS = 1000
 
 /** The root database as the snapshot reads it. */
 export interface SnapshotSource {
-  iterator (options: { keys: true, values: true }): { nextv (n: number): Promise<Array<[Buffer, Buffer]>>, close (): Promise<void> }
+  iterator (options: { keys: true, values: true, highWaterMarkBytes: number }): { nextv (n: number): Promise<Array<[Buffer, Buffer]>>, close (): Promise<void> }
 }
 
 export interface PrimaryLag { readonly writes: number, readonly bytes: number, readonly seconds: number }
@@ -81,8 +86,8 @@ interface Standby {
   /** The position it was caught up from (its hello's, or its snapshot's): what unacknowledged bytes count from before its first ack. */
   from: number
   snapshotting: boolean
-  /** When its snapshot began (now() time), for the log line of an overflow. */
-  snapshotAt: number
+  /** When its snapshot began (now() time), for the log lines of its end and of an overflow; null once it acknowledged the snapshot's point, or without one. */
+  snapshotAt: number | null
   /** Keeps the journal's entries after `from`, then after its acks, until it has them; null once released. */
   pin: JournalPin | null
   /** When a frame last came from it (now() time), and pings sent since: silent only when both say so (a stalled event loop is no silence). */
@@ -250,7 +255,7 @@ export class ReplicationPrimary {
     if (this.#standby !== undefined) this.#forget(this.#standby)
     this.#standby?.frames.close()
     const standby: Standby = {
-      frames, address, sent: -1, acked: -1, from: -1, snapshotting: true, snapshotAt: this.#deps.now(), pin: null, heardAt: this.#deps.now(), unanswered: 0,
+      frames, address, sent: -1, acked: -1, from: -1, snapshotting: true, snapshotAt: null, pin: null, heardAt: this.#deps.now(), unanswered: 0,
     }
     // Pinned at once: from here on the backlog keeps what it lacks (up to catchUpBytes), however fast the writes come.
     standby.pin = hello.history === journal.history ? journal.pin(hello.seq, (kept) => { this.#overflow(standby, kept) }) : null
@@ -291,7 +296,7 @@ export class ReplicationPrimary {
     standby.pin = pin
     standby.from = seq
     standby.snapshotAt = this.#deps.now()
-    const iterator = root.iterator({ keys: true, values: true })
+    const iterator = root.iterator({ keys: true, values: true, highWaterMarkBytes: SNAPSHOT_READ_BYTES })
     standby.frames.send({ type: 'welcome', history: journal.history, epoch, snapshot: true, seq })
     let entries = 0
     let bytes = 0
@@ -317,7 +322,7 @@ export class ReplicationPrimary {
         }
         if (frame.length > 0) standby.frames.send({ type: 'snapshot', entries: frame })
         // Let the socket drain: a snapshot can be the whole disk.
-        while (standby.frames.buffered > SEND_WINDOW_BYTES && this.#standby === standby) await new Promise((resolve) => setTimeout(resolve, 5))
+        while (standby.frames.buffered > SEND_WINDOW_BYTES && this.#standby === standby) await standby.frames.drained()
       }
     } catch (err) {
       logger.error({ err: (err as Error).message }, 'snapshot for the standby failed; it will reconnect')
@@ -366,9 +371,13 @@ export class ReplicationPrimary {
   #overflow (standby: Standby, keptBytes: number): void {
     if (this.#standby !== standby) return
     const { config, logger, now } = this.#deps
-    const since = standby.snapshotting ? `its snapshot began ${((now() - standby.snapshotAt) / 1000).toFixed(1)} s ago` : 'its last acknowledgement'
+    // Until the standby acknowledges the snapshot's point, the snapshot is not applied there, whether or not it was all sent.
+    const since = standby.snapshotAt !== null && standby.acked < standby.from
+      ? `its snapshot began ${((now() - standby.snapshotAt) / 1000).toFixed(1)} s ago (not yet applied)`
+      : 'its last acknowledgement'
     const limit = Math.max(config.catchUpBytes, config.backlogBytes)
-    logger.warn({ code: 'GW_WARN_STANDBY_CATCH_UP_OVERFLOW', standby: standby.address, keptBytes, catchUpBytes: limit, snapshotting: standby.snapshotting },
+    logger.warn({ code: 'GW_WARN_STANDBY_CATCH_UP_OVERFLOW', standby: standby.address, keptBytes, catchUpBytes: limit,
+      snapshotting: standby.snapshotting, acked: standby.acked, from: standby.from },
       `the writes kept for the standby since ${since} passed replication.catchUpBytes (${keptBytes} > ${limit} bytes): ` +
       'dropping its connection; it starts over with a snapshot')
     this.#deps.onCatchUpOverflow?.()
@@ -394,6 +403,14 @@ export class ReplicationPrimary {
     // While it copies a snapshot, an ack can only be an earlier copy's, which the snapshot is about to replace.
     if (typeof seq !== 'number' || seq <= standby.acked || standby.snapshotting) return
     standby.acked = seq
+    // An ack past what was sent (a standby that had more than its hello said): the pump goes on after it, inside the window.
+    standby.sent = Math.max(standby.sent, seq)
+    if (standby.snapshotAt !== null && seq >= standby.from) {
+      // End to end: copied, followed by the writes since its point, and on the standby's disk.
+      this.#deps.logger.info({ standby: standby.address, seq, seconds: Number(((this.#deps.now() - standby.snapshotAt) / 1000).toFixed(1)) },
+        'the standby applied its snapshot')
+      standby.snapshotAt = null
+    }
     standby.pin?.moveTo(seq)
     this.#lastAcked = Math.max(this.#lastAcked, seq)
     this.#releaseWaiters(seq)
@@ -415,7 +432,11 @@ export class ReplicationPrimary {
     const standby = this.#standby
     if (standby === undefined) { this.#setInSync(false, 'no standby is connected'); return }
     const silentMs = this.#deps.now() - standby.heardAt
-    if (silentMs > this.#deps.config.maxLagMs && standby.unanswered >= SILENT_PINGS && standby.frames.buffered < SILENT_MAX_BUFFERED) {
+    // A standby applying its snapshot stops reading while its disk is behind (standby.ts), pings included: its silence
+    // then says nothing of the link. It is out of sync meanwhile, its own silence limit finds a dead link (its next
+    // hello replaces this connection), and catchUpBytes bounds what is kept for it.
+    const applyingSnapshot = standby.snapshotAt !== null
+    if (!applyingSnapshot && silentMs > this.#deps.config.maxLagMs && standby.unanswered >= SILENT_PINGS && standby.frames.buffered < SILENT_MAX_BUFFERED) {
       this.#deps.logger.warn({ standby: standby.address, silentMs }, 'no word from the standby for longer than maxLagMs: dropping its connection')
       this.#drop(standby, `the standby has been silent for ${(silentMs / 1000).toFixed(1)} s, over maxLagMs ${this.#deps.config.maxLagMs}`)
       return

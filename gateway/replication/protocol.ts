@@ -91,6 +91,34 @@ export class FrameSocket<In, Out> {
     this.socket.write(bytes)
   }
 
+  /**
+   * Stops handing frames to onFrame until resume(): the decoder's buffer fills, the pipe stops reading the socket, and
+   * TCP's window tells the peer to wait. Frames decoded before the pause still wait in the decoder (its 16 objects).
+   */
+  pause (): void {
+    this.#decoder.pause()
+  }
+
+  resume (): void {
+    this.#decoder.resume()
+  }
+
+  /** Resolves once what was buffered is taken by the kernel ('drain'), or the connection closed. */
+  drained (): Promise<void> {
+    const { socket } = this
+    // 'drain' comes only after a write that returned false.
+    if (socket.destroyed || !socket.writableNeedDrain) return Promise.resolve()
+    return new Promise((resolve) => {
+      const done = (): void => {
+        socket.off('drain', done)
+        socket.off('close', done)
+        resolve()
+      }
+      socket.on('drain', done)
+      socket.on('close', done)
+    })
+  }
+
   /** Bytes written and not yet taken by the kernel. */
   get buffered (): number {
     return this.socket.writableLength

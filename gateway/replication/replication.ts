@@ -44,7 +44,7 @@ import { GatewayError } from '../errors.ts'
 import { parseHostPort, type HostPort, type ReplicationConfig, type ReplicationRole } from './config-schema.ts'
 import { AutoPromotion } from './election.ts'
 import { WriteJournal, type WriteEmitter } from './journal.ts'
-import { EtcdLease, type LeaderValue } from './lease.ts'
+import type { EtcdLease, LeaderValue } from './lease.ts'
 import { createLeaseMetrics, createReplicationMetrics, type LeaseMetrics } from './metrics.ts'
 import { ReplicationPrimary, type SnapshotSource } from './primary.ts'
 import { probePeer } from './probe.ts'
@@ -118,7 +118,7 @@ export interface Replication {
   /**
    * A standby: stops following, and starts epoch + 1 as primary: kept in the
    * database, so the node is primary from its next start on (the gateway
-   * restarts itself at once, see cli/main.ts). GW_PROMOTE_REFUSED when this
+   * restarts itself at once, see cli/start.ts). GW_PROMOTE_REFUSED when this
    * node is not a standby or holds no complete copy (a snapshot in progress).
    */
   promote (): Promise<{ readonly epoch: number }>
@@ -242,7 +242,8 @@ export async function startReplication (deps: ReplicationDeps): Promise<Replicat
   const log = logger.child({ component: 'replication' })
   if (config.role !== 'none') {
     const etcd = config.coordination.etcd
-    const lease = etcd === undefined ? null : new EtcdLease(etcd, deps.gatewayId, log)
+    // Loaded only when configured: the etcd3 client (gRPC) took ~90 ms of CPU at every gateway start, lease or not.
+    const lease = etcd === undefined ? null : new (await import('./lease.ts')).EtcdLease(etcd, deps.gatewayId, log)
     const metrics = createLeaseMetrics(deps.registry, () => lease?.held ?? false)
     let replication: Replication
     try {
@@ -393,6 +394,7 @@ async function startStandby (deps: ReplicationDeps, log: Logger, coordination: C
   }
   const standby: ReplicationStandby = new ReplicationStandby({
     peer, gatewayId: deps.gatewayId, db, positionKey: POSITION_KEY, sync: deps.durabilitySync, initial, logger: log, now: deps.now,
+    silenceMs: config.silenceMs,
     refresh: async () => {
       for (const r of refreshers) await r()
       if (asidePending && standby.position !== null && !standby.snapshotting) asidePending = await nameLostTail(root, log)

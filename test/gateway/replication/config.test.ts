@@ -16,7 +16,7 @@ describe('replication config', () => {
   it('defaults to no replication, local acks and block', () => {
     const { replication } = buildConfig({})
     expect(replication).toEqual({
-      role: 'none', listen: '127.0.0.1:7883', peer: '', acks: 'local', maxLagMs: 2000, onStandbyLost: 'block', backlogBytes: 64 * 1024 * 1024, catchUpBytes: 256 * 1024 * 1024, coordination: {},
+      role: 'none', listen: '127.0.0.1:7883', peer: '', acks: 'local', maxLagMs: 2000, silenceMs: 5000, onStandbyLost: 'block', backlogBytes: 64 * 1024 * 1024, catchUpBytes: 256 * 1024 * 1024, coordination: {},
     })
   })
 

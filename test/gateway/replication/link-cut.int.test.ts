@@ -39,10 +39,13 @@ import {
 
 const MAX_LAG_MS = 500
 /**
- * maxLagMs of the tests that stall the link for a moment while a snapshot is copied: the primary would drop a standby
- * silent for MAX_LAG_MS (as it should), ending the copy the test is about. The standby's own limit (5 s) still holds.
+ * maxLagMs and the standby's silenceMs of the tests that stall the link while a snapshot is copied, until the load has
+ * written what the test waits for: the standby would drop a silent link (as it should), ending the copy the test is
+ * about; with its default 5 s a loaded machine whose load wrote too slowly failed the test. (The primary does not drop a
+ * standby for silence before it acknowledged its snapshot; a large maxLagMs keeps that out of the test all the same.)
  */
 const STALL_MAX_LAG_MS = 60_000
+const STALL_SILENCE_MS = 120_000
 const MIB = 1024 * 1024
 /** backlogBytes of the tests that need a snapshot: the smallest allowed. */
 const BACKLOG = MIB
@@ -50,16 +53,17 @@ const cleanups: Array<() => Promise<void>> = []
 afterAll(async () => { for (const c of cleanups.reverse()) await c() })
 
 /** A primary and a standby that reaches it through a proxy, in sync. */
-async function cutPair (name: string, options: Pick<NodeOptions, 'onStandbyLost' | 'backlogBytes' | 'catchUpBytes' | 'maxLagMs'>): Promise<{
+async function cutPair (name: string, options: Pick<NodeOptions, 'onStandbyLost' | 'backlogBytes' | 'catchUpBytes' | 'maxLagMs' | 'silenceMs'>): Promise<{
   primary: GatewayProcess, standby: GatewayProcess, proxy: LinkProxy
 }> {
   const { dir, cleanup } = await tempDir(`edgemq-linkcut-${name}-`)
   cleanups.push(cleanup)
-  const primary = await startNode(dir, 'p', { role: 'primary', acks: 'replicated', maxLagMs: MAX_LAG_MS, ...options })
+  const { silenceMs, ...primaryOptions } = options
+  const primary = await startNode(dir, 'p', { role: 'primary', acks: 'replicated', maxLagMs: MAX_LAG_MS, ...primaryOptions })
   cleanups.push(() => primary.kill())
   const proxy = await startLinkProxy(parseHostPort(replicationAddress(primary)) as HostPort)
   cleanups.push(() => proxy.close())
-  const standby = await startNode(dir, 's', { role: 'standby', peer: proxy.address })
+  const standby = await startNode(dir, 's', { role: 'standby', peer: proxy.address, ...(silenceMs === undefined ? {} : { silenceMs }) })
   cleanups.push(() => standby.kill())
   await waitFor(primary, 'the standby in sync', (d) => d.inSync)
   return { primary, standby, proxy }
@@ -96,8 +100,9 @@ function count (gw: GatewayProcess, text: string): number {
 /**
  * Under load, with the link cut (reset) for far over a backlog of writes: a snapshot it is, of a database far larger
  * than the link's buffers hold (two sockets' kernel buffers and the primary's send window). The link is healed for the
- * start of the copy only, then stalls 1 MiB into it, so the copy waits on the link while the load writes on (briefly:
- * the standby gives up after 5 s of silence). Returns the primary's state as the copy began.
+ * start of the copy only, then stalls 1 MiB into it, so the copy waits on the link while the load writes on (for as
+ * long as it takes: neither side's silence limit is reached, see STALL_SILENCE_MS). Returns the primary's state as the
+ * copy began.
  */
 async function stallSnapshot (primary: GatewayProcess, standby: GatewayProcess, proxy: LinkProxy, load: Awaited<ReturnType<typeof startLoad>>):
 Promise<Awaited<ReturnType<typeof waitFor>>> {
@@ -107,7 +112,7 @@ Promise<Awaited<ReturnType<typeof waitFor>>> {
   await waitFor(primary, 'a database larger than the link buffers written while cut off', (d) => (d.lag.bytes ?? 0) > 48 * MIB)
   await expectStillStandby(standby)
   proxy.heal()
-  proxy.cutAfter(1)
+  proxy.cutAfter(MIB)
   return await waitFor(primary, 'the snapshot to begin', (d) => d.connected && d.snapshotting)
 }
 
@@ -214,7 +219,7 @@ describe('the replication link cut under load, acks: replicated', () => {
 
   it('degrade: a cut longer than the backlog ends in one snapshot, though two backlogs are written while it is copied; byte-identical',
     { timeout: 180_000 }, async () => {
-      const { primary, standby, proxy } = await cutPair('snapshot', { onStandbyLost: 'degrade', backlogBytes: BACKLOG, maxLagMs: STALL_MAX_LAG_MS })
+      const { primary, standby, proxy } = await cutPair('snapshot', { onStandbyLost: 'degrade', backlogBytes: BACKLOG, maxLagMs: STALL_MAX_LAG_MS, silenceMs: STALL_SILENCE_MS })
       const load = await startLoad(primary.mqttUrl, { devices: 4, window: 10, maxMs: 150_000, padding: 1000 })
       const snapshots = count(primary, 'sending a snapshot')
       const copying = await stallSnapshot(primary, standby, proxy, load)
@@ -236,7 +241,7 @@ describe('the replication link cut under load, acks: replicated', () => {
   it('degrade: past catchUpBytes written while a snapshot is copied, the standby is dropped (logged, counted); a later snapshot catches it up',
     { timeout: 180_000 }, async () => {
       const { primary, standby, proxy } = await cutPair('overflow', {
-        onStandbyLost: 'degrade', backlogBytes: BACKLOG, catchUpBytes: 2 * MIB, maxLagMs: STALL_MAX_LAG_MS,
+        onStandbyLost: 'degrade', backlogBytes: BACKLOG, catchUpBytes: 2 * MIB, maxLagMs: STALL_MAX_LAG_MS, silenceMs: STALL_SILENCE_MS,
       })
       const load = await startLoad(primary.mqttUrl, { devices: 4, window: 10, maxMs: 150_000, padding: 1000 })
       const snapshots = count(primary, 'sending a snapshot')

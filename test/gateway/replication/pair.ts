@@ -22,6 +22,8 @@ export interface NodeOptions {
   readonly maxLagMs?: number
   readonly backlogBytes?: number
   readonly catchUpBytes?: number
+  /** replication.silenceMs: how long a standby waits for a word from its primary before it reconnects. */
+  readonly silenceMs?: number
   /** Ports to reuse (a node that restarts keeps its addresses). */
   readonly mqttPort?: number
   readonly httpPort?: number
@@ -44,6 +46,7 @@ export async function writeNodeConfig (dir: string, name: string, o: NodeOptions
       ...(o.etcd === undefined ? {} : { coordination: { etcd: { endpoints: [...o.etcd.endpoints], leaseTtlMs: o.etcd.leaseTtlMs } } }),
       ...(o.backlogBytes === undefined ? {} : { backlogBytes: o.backlogBytes }),
       ...(o.catchUpBytes === undefined ? {} : { catchUpBytes: o.catchUpBytes }),
+      ...(o.silenceMs === undefined ? {} : { silenceMs: o.silenceMs }),
     },
   }))
   return file

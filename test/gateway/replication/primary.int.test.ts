@@ -7,9 +7,20 @@
  * the writer and every PUBACK, for good. A write outside the group commit
  * (an HTTP offset commit) is held the same way. A standby that answers no
  * ping for maxLagMs is dropped; one that answers is kept.
+ *
+ * Catching up: at most the send window goes out unacknowledged, also after
+ * an ack beyond what was sent; a pin is released with the standby that
+ * held it (gone, or replaced); a snapshot of a real LevelDB goes out in
+ * frames of about 1 MiB (classic-level's nextv stops at its iterator's
+ * highWaterMarkBytes, 16 KiB unless told), and its end to end time is
+ * logged at the standby's first ack of its point.
  */
 import { EventEmitter } from 'node:events'
+import { mkdtemp, rm } from 'node:fs/promises'
 import net from 'node:net'
+import { tmpdir } from 'node:os'
+import path from 'node:path'
+import { ClassicLevel } from 'classic-level'
 import { pino } from 'pino'
 import { afterEach, describe, expect, it } from 'vitest'
 import type { ReplicationConfig } from '../../../gateway/replication/config-schema.ts'
@@ -19,7 +30,7 @@ import { FrameSocket, PROTOCOL_VERSION, type PrimaryFrame, type StandbyFrame } f
 
 const META = Buffer.from('!replication!')
 const CONFIG: ReplicationConfig = {
-  role: 'primary', listen: '127.0.0.1:0', peer: '', acks: 'replicated', maxLagMs: 60_000, onStandbyLost: 'block', backlogBytes: 1024 * 1024, catchUpBytes: 4 * 1024 * 1024, coordination: {},
+  role: 'primary', listen: '127.0.0.1:0', peer: '', acks: 'replicated', maxLagMs: 60_000, silenceMs: 5000, onStandbyLost: 'block', backlogBytes: 1024 * 1024, catchUpBytes: 4 * 1024 * 1024, coordination: {},
 }
 const noSnapshot: SnapshotSource = { iterator: () => { throw new Error('no snapshot expected') } }
 
@@ -119,6 +130,23 @@ describe('a silent standby', () => {
     await new Promise<void>((resolve) => socket.once('close', () => resolve()))
     expect(primary.connected).toBe(false)
   })
+
+  it('is kept while it applies its snapshot (it stops reading while its disk is behind), and dropped once it acknowledged it', async () => {
+    const { primary, port, finish } = await primaryWithHeldSnapshot(16 * 1024 * 1024, { maxLagMs: 100 })
+    let pings = 0
+    let ended: FrameSocket<PrimaryFrame, StandbyFrame> | undefined
+    await standbyAt(port, '', -1, (frame, frames) => {
+      if (frame.type === 'welcome') finish()
+      if (frame.type === 'ping') pings++
+      if (frame.type === 'snapshot-end') ended = frames
+    })
+    await waitUntil(() => primary.connected)
+    // Copied, not acknowledged, no ping answered: 20 pings (about 500 ms at 25 ms, five times maxLagMs) and still there.
+    await waitUntil(() => ended !== undefined && pings >= 20, () => primary.connected)
+    // Acknowledged: silent from here on, it is dropped like any other.
+    ended?.send({ type: 'ack', seq: 1 })
+    await waitUntil(() => !primary.connected)
+  })
 })
 
 /** A snapshot source of one entry whose copy goes on until `finish()`: the test writes while it is being copied. */
@@ -145,7 +173,7 @@ function heldSnapshot (): { source: SnapshotSource, finish: () => void } {
  * A primary under `degrade` (backlog 1 MiB, catchUpBytes as given) with one write, whose snapshot (when a standby needs one)
  * is copied until `finish()`; `write` puts an entry of `bytes` into its database; its log lines, parsed.
  */
-async function primaryWithHeldSnapshot (catchUpBytes: number): Promise<{
+async function primaryWithHeldSnapshot (catchUpBytes: number, config: Partial<ReplicationConfig> = {}): Promise<{
   primary: ReplicationPrimary, journal: WriteJournal, port: number, write: (bytes: number) => void, finish: () => void, overflows: () => number,
   logged: () => Array<{ code?: string, msg: string }>
 }> {
@@ -156,7 +184,7 @@ async function primaryWithHeldSnapshot (catchUpBytes: number): Promise<{
   const lines: string[] = []
   let overflows = 0
   const primary = await ReplicationPrimary.start({
-    config: { ...CONFIG, onStandbyLost: 'degrade', catchUpBytes }, journal, root: source, ignorePrefix: META, gatewayId: 'g', epoch: 1,
+    config: { ...CONFIG, onStandbyLost: 'degrade', catchUpBytes, ...config }, journal, root: source, ignorePrefix: META, gatewayId: 'g', epoch: 1,
     logger: pino({ level: 'info' }, { write: (line: string) => { lines.push(line) } }), now: Date.now,
     onInSync: () => {}, onCatchUpOverflow: () => { overflows++ },
   })
@@ -256,3 +284,92 @@ async function waitUntil (check: () => boolean, still: () => boolean = () => tru
     await new Promise((resolve) => setTimeout(resolve, 5))
   }
 }
+
+describe('a standby catching up from the backlog (continued)', () => {
+  it('acknowledging past what it was sent: the primary goes on from the ack, resending nothing it has', async () => {
+    const { journal, port, write } = await primaryWithHeldSnapshot(64 * 1024 * 1024)
+    const batches: number[] = []
+    await standbyAt(port, journal.history, 1, (frame, frames) => {
+      // Welcomed (pinned from 1): 16 MiB written, 64 writes of 256 KiB.
+      if (frame.type === 'welcome') for (let i = 0; i < 64; i++) write(256 * 1024)
+      if (frame.type !== 'batch') return
+      batches.push(frame.seq)
+      // At the first batch: it says it has up to 60 already (it applied them after its hello went out).
+      if (batches.length === 1) frames.send({ type: 'ack', seq: 60 })
+    })
+    await waitUntil(() => batches.includes(65))
+    const window = 8 * 1024 * 1024 / (256 * 1024)
+    // The first window (2 … 33) went before the ack; after it, 61 … 65 only: nothing it has, nothing past the window.
+    const afterWindow = batches.filter((seq) => seq > window + 1)
+    expect(afterWindow).toEqual([61, 62, 63, 64, 65])
+  })
+
+  it('releases the pin of a standby that disconnects, and of one replaced by another', async () => {
+    for (const how of ['disconnects', 'is replaced'] as const) {
+      const { primary, journal, port, write } = await primaryWithHeldSnapshot(64 * 1024 * 1024)
+      const socket = net.connect(port, '127.0.0.1')
+      closers.push(() => { socket.destroy() })
+      await new Promise<void>((resolve, reject) => socket.once('connect', resolve).once('error', reject))
+      const frames = new FrameSocket<PrimaryFrame, StandbyFrame>(socket, () => {}, () => {})
+      frames.send({ type: 'hello', version: PROTOCOL_VERSION, gatewayId: 'g', history: journal.history, seq: 1, epoch: 1 })
+      await waitUntil(() => primary.connected)
+      // Four backlogs written, none acknowledged: kept for it.
+      for (let i = 0; i < 16; i++) write(256 * 1024)
+      expect(journal.keptBytes).toBeGreaterThan(4 * CONFIG.backlogBytes)
+      if (how === 'disconnects') {
+        socket.destroy()
+        await waitUntil(() => !primary.connected)
+      } else {
+        const replacedAt = journal.lastSeq
+        await new Promise<void>((resolve) => {
+          void standbyAt(port, journal.history, replacedAt, (frame) => { if (frame.type === 'welcome') resolve() })
+        })
+      }
+      write(100)
+      expect(journal.keptBytes, how).toBeLessThanOrEqual(CONFIG.backlogBytes)
+    }
+  })
+})
+
+describe('a snapshot of a LevelDB database', () => {
+  it('goes out in frames of about 1 MiB, and its time is logged once the standby acknowledges its point', { timeout: 30_000 }, async () => {
+    const dir = await mkdtemp(path.join(tmpdir(), 'edgemq-snapshot-frames-'))
+    const root = new ClassicLevel<Buffer, Buffer>(dir, { keyEncoding: 'buffer', valueEncoding: 'buffer' })
+    closers.push(async () => { await root.close(); await rm(dir, { recursive: true, force: true }) })
+    // 4 MiB in 4,096 entries of 1 KiB.
+    for (let b = 0; b < 4; b++) {
+      await root.batch(Array.from({ length: 1024 }, (_, i) => ({ type: 'put' as const, key: Buffer.from(`k${b}-${String(i).padStart(4, '0')}`), value: Buffer.alloc(1024, i) })))
+    }
+    const db = new EventEmitter()
+    const journal = new WriteJournal(db as unknown as WriteEmitter, { ignorePrefix: META, maxBytes: CONFIG.backlogBytes, now: Date.now })
+    closers.push(() => journal.close())
+    const lines: string[] = []
+    const primary = await ReplicationPrimary.start({
+      config: CONFIG, journal, root: root as unknown as SnapshotSource, ignorePrefix: META, gatewayId: 'g', epoch: 1,
+      logger: pino({ level: 'info' }, { write: (line: string) => { lines.push(line) } }), now: Date.now, onInSync: () => {},
+    })
+    closers.push(() => primary.close())
+    db.emit('write', [{ type: 'put', encodedKey: Buffer.from('k'), encodedValue: Buffer.from('v') }])
+    const frames: number[] = []
+    let entries = 0
+    let end: number | undefined
+    await standbyAt(Number(primary.address.split(':').at(-1)), '', -1, (frame, socket) => {
+      if (frame.type === 'snapshot') {
+        frames.push(frame.entries.reduce((sum, [k, v]) => sum + k.length + v.length, 0))
+        entries += frame.entries.length
+      }
+      if (frame.type === 'snapshot-end') {
+        end = frame.seq
+        socket.send({ type: 'ack', seq: frame.seq })
+      }
+    })
+    await waitUntil(() => lines.some((l) => l.includes('the standby applied its snapshot')))
+    expect(end).toBe(1)
+    expect(entries).toBe(4096)
+    // 4 MiB and some keys: four full frames and a small one; 16 KiB reads made about 260.
+    expect(frames.length).toBeLessThanOrEqual(8)
+    expect(Math.max(...frames)).toBeGreaterThan(1000 * 1024)
+    const applied = lines.map((l) => JSON.parse(l) as { msg: string, seq?: number, seconds?: number }).find((l) => l.msg === 'the standby applied its snapshot')
+    expect(applied).toMatchObject({ seq: 1, seconds: expect.any(Number) as unknown })
+  })
+})

@@ -7,6 +7,11 @@
  * dead one would leave a commit held under `block` for good), and batches
  * that follow a snapshot are applied (they were left waiting behind the
  * lost connection's batches, never scheduled).
+ *
+ * And a snapshot faster than the disk: the standby stops reading once
+ * its bound of received-but-unwritten bytes is reached (the primary's
+ * socket fills), does not take the paused link for a silent one, reads on
+ * as the writes catch up, and writes every snapshot batch with sync.
  */
 import net from 'node:net'
 import { pino } from 'pino'
@@ -58,10 +63,10 @@ function slowFirstWrite (): { db: FollowerDatabase, release: () => void, firstWr
   return { db, release, firstWrite }
 }
 
-function standbyOf (port: number, db: FollowerDatabase): ReplicationStandby {
+function standbyOf (port: number, db: FollowerDatabase, options: { silenceMs?: number, maxUnappliedBytes?: number } = {}): ReplicationStandby {
   const standby = new ReplicationStandby({
     peer: { host: '127.0.0.1', port }, gatewayId: 'g', db, positionKey: Buffer.from('!replication!position'), sync: false,
-    initial: { history: 'h1', seq: 0, epoch: 1 }, logger: pino({ level: 'silent' }), now: Date.now, refresh: async () => {},
+    initial: { history: 'h1', seq: 0, epoch: 1 }, logger: pino({ level: 'silent' }), now: Date.now, refresh: async () => {}, silenceMs: 5000, ...options,
   })
   closers.push(() => standby.close())
   return standby
@@ -129,5 +134,50 @@ describe('the standby across a reconnect, its first connection\'s batches still 
     }, 11)
     expect(acks[1]).toEqual([10, 11])
     expect(standby.position).toEqual({ history: 'h2', seq: 11, epoch: 1 })
+  })
+})
+
+describe('a snapshot that arrives faster than the standby\'s disk writes it', () => {
+  it('stops reading past its bound of unwritten bytes, without taking the pause for silence, and writes every batch with sync', { timeout: 30_000 }, async () => {
+    const MIB = 1024 * 1024
+    const FRAMES = 64
+    let release = (): void => {}
+    const held = new Promise<void>((resolve) => { release = resolve })
+    const writes: Array<{ ops: number, sync: boolean }> = []
+    const db: FollowerDatabase = {
+      batch: async (ops, options) => {
+        writes.push({ ops: ops.length, sync: options.sync })
+        await held
+      },
+      startCopy: async () => {},
+      finishCopyOps: [],
+    }
+    let primarySocket: net.Socket | undefined
+    const { port, acks } = await handMadePrimary([(frames) => {
+      primarySocket = frames.socket
+      frames.send({ type: 'welcome', history: 'h2', epoch: 1, snapshot: true, seq: 10 })
+      // 64 MiB in frames of 1 MiB (16 entries of 64 KiB), far more than the bound (4 MiB) and the sockets' buffers.
+      for (let f = 0; f < FRAMES; f++) {
+        frames.send({ type: 'snapshot', entries: Array.from({ length: 16 }, (_, i) => [Buffer.from(`k${f}-${i}`), Buffer.alloc(64 * 1024, f)] as const) })
+      }
+      frames.send({ type: 'snapshot-end', seq: 10 })
+    }])
+    // The shortest silence limit (one check a second): a pause taken for silence would reconnect within the disk's hold.
+    const standby = standbyOf(port, db, { silenceMs: 1000, maxUnappliedBytes: 4 * MIB })
+    standby.start()
+    await waitUntil('the standby to stop reading', () => standby.paused)
+    expect(standby.unappliedBytes).toBeLessThanOrEqual(4 * MIB + MIB + 64)
+    // What it does not read waits in the primary's socket (TCP's window is shut), not in the standby's memory.
+    expect(primarySocket?.writableLength).toBeGreaterThan(0)
+    // The disk holds its first write for three of the standby's silence checks.
+    await new Promise((resolve) => setTimeout(resolve, 3000))
+    expect(standby.paused).toBe(true)
+    release()
+    await waitUntil('the snapshot acknowledged', () => acks[0]?.includes(10) === true)
+    expect(acks).toHaveLength(1)
+    expect(standby.position).toEqual({ history: 'h2', seq: 10, epoch: 1 })
+    expect(standby.unappliedBytes).toBe(0)
+    expect(writes.reduce((sum, w) => sum + w.ops, 0)).toBe(FRAMES * 16 + 1)
+    expect(writes.every((w) => w.sync)).toBe(true)
   })
 })
