@@ -524,8 +524,8 @@ export class ConnectionGuard extends Duplex {
   }
 
   /**
-   * mqtt-packet corks the stream and writes each packet in pieces (a PUBACK is three), so the pieces of every
-   * packet aedes wrote in one tick arrive here together.
+   * aedes (patched: lib/write.js) corks the stream for the rest of the tick and writes each packet in one piece, so
+   * every packet it wrote in one tick arrives here together.
    */
   override _writev (chunks: Array<{ chunk: Buffer }>, callback: (err?: Error | null) => void): void {
     this.#queueWrite(chunks.length === 1 ? (chunks[0] as { chunk: Buffer }).chunk : Buffer.concat(chunks.map((c) => c.chunk)), callback)
@@ -534,7 +534,7 @@ export class ConnectionGuard extends Duplex {
   /**
    * Everything written in one turn of the event loop goes to the socket in one write, in the next turn's check
    * phase (setImmediate). aedes delivers each message to a subscriber from its own setImmediate callback, and
-   * Node uncorks (mqtt-packet's nextTick) between two of them, so writing through cost one syscall per delivered
+   * Node uncorks (the nextTick of aedes' write) between two of them, so writing through cost one syscall per delivered
    * message: 37 % of the main thread under 10 publishers fanning in to one subscriber (BENCHMARKS.md, fan-in). The
    * write completes at once unless the socket asked to drain, so backpressure still reaches aedes.
    */
