@@ -196,6 +196,12 @@ export class ConnectionGuard extends Duplex {
    * are in one chunk, once the receive maximum has counted it; set after the CONNACK (hooks/sessions.ts).
    */
   pubacks: PubackTaker | null = null
+  /**
+   * Read by aedes' write (patches/aedes+2.0.0-beta.1.patch, lib/write.js), which corks a connection until the end of
+   * the tick, a nextTick per packet delivered: this one holds what is written until the next check phase anyway
+   * (#queueWrite), so aedes writes to it through.
+   */
+  readonly gathersWrites = true
 
   constructor (socket: Socket | Duplex, options: GuardOptions) {
     super({ readableHighWaterMark: 1, allowHalfOpen: false })
@@ -524,8 +530,8 @@ export class ConnectionGuard extends Duplex {
   }
 
   /**
-   * aedes (patched: lib/write.js) corks the stream for the rest of the tick and writes each packet in one piece, so
-   * every packet it wrote in one tick arrives here together.
+   * aedes (patched: lib/write.js) writes each packet in one piece and, to a stream other than this one
+   * (gathersWrites), corks it for the rest of the tick; what comes here in pieces is from anything else.
    */
   override _writev (chunks: Array<{ chunk: Buffer }>, callback: (err?: Error | null) => void): void {
     this.#queueWrite(chunks.length === 1 ? (chunks[0] as { chunk: Buffer }).chunk : Buffer.concat(chunks.map((c) => c.chunk)), callback)
