@@ -9,7 +9,10 @@
  * process). The figure is the messages the subscriber received per second
  * in the measured window, edgemq (`edgemq start`, embedded default config,
  * `durability: sync`) against Mosquitto in the same run. One JSON line per
- * figure on stdout (lib/report.ts), progress on stderr.
+ * figure on stdout (lib/report.ts), progress on stderr. Beside the rate,
+ * `fan-in.<variant>.cpu-per-message`: the broker process's CPU (all its
+ * threads) in the window per delivered message, in µs, against Mosquitto's;
+ * on a machine shared with other work it moves less than the rate does.
  *
  * Variants:
  * - clean       MQTT 3.1.1 publishers and a clean-session subscriber.
@@ -198,6 +201,11 @@ async function withBroker<T> (name: 'edgemq' | 'mosquitto', mosquitto: string, f
     : await startMosquitto(mosquitto, dir, MOSQUITTO_EXTRA), fn)
 }
 
+/** Broker CPU per delivered message in the window, in µs. */
+function cpuPerMessage (result: FanInRound): number | undefined {
+  return result.brokerCores === undefined || result.delivered === 0 ? undefined : (result.brokerCores * 1e6) / result.delivered
+}
+
 function pairedRatios (a: readonly number[], b: readonly number[]): number[] {
   return a.map((v, i) => round(v / (b[i] as number), 2))
 }
@@ -206,6 +214,7 @@ async function variantFigures (generators: LoadGenerators, variant: Variant, mos
   const results: Record<'edgemq' | 'mosquitto', FanInRound[]> = { edgemq: [], mosquitto: [] }
   const v311Rounds: number[] = []
   const compareRounds: number[] = []
+  const compareCpu: Array<number | undefined> = []
   const v311: Variant = { ...variant, protocolVersion: 4 }
   for (let r = 0; r < ROUNDS; r++) {
     const order: Array<'edgemq' | 'mosquitto' | 'edgemq-3.1.1' | 'compare'> = r % 2 === 0 ? ['mosquitto', 'edgemq'] : ['edgemq', 'mosquitto']
@@ -215,6 +224,7 @@ async function variantFigures (generators: LoadGenerators, variant: Variant, mos
       if (name === 'compare') {
         const result = await withBroker('edgemq', mosquitto, (broker) => runRound(generators, variant, broker), COMPARE_BIN)
         compareRounds.push(result.delivered)
+        compareCpu.push(cpuPerMessage(result))
         info(`${variant.name} round ${r + 1}/${ROUNDS} edgemq of ${COMPARE_BIN}: ${Math.round(result.delivered)} msgs/s delivered, ` +
           `${Math.round(result.ingest.rate)} PUBACKs/s, ${result.missing} missing; broker ${r2(result.brokerCores)} cores`)
         continue
@@ -254,6 +264,23 @@ async function variantFigures (generators: LoadGenerators, variant: Variant, mos
       edgemqCores: results.edgemq.map((x) => r2(x.brokerCores) ?? NaN), mosquittoCores: results.mosquitto.map((x) => r2(x.brokerCores) ?? NaN),
       subscriberCores: [...results.edgemq, ...results.mosquitto].map((x) => round(x.subscriberCores, 2)),
       generatorCores: [...results.edgemq, ...results.mosquitto].map((x) => round(x.ingest.generatorCores, 2)),
+    },
+  })
+  // What the rate hides on a shared machine: the broker's CPU for each message it delivered (µs, all its threads).
+  const cpu = (name: 'edgemq' | 'mosquitto'): Array<number | undefined> => results[name].map(cpuPerMessage)
+  const cpuRounds = (rounds: Array<number | undefined>): number[] => rounds.map((x) => r2(x) ?? NaN)
+  const measured = (rounds: Array<number | undefined>): number[] => rounds.filter((x): x is number => x !== undefined)
+  report({
+    bench: `fan-in.${variant.name}.cpu-per-message`,
+    unit: 'µs',
+    value: median(measured(cpu('edgemq'))),
+    baseline: `Mosquitto ${version}, persistence false, same load`,
+    baselineValue: median(measured(cpu('mosquitto'))),
+    better: 'lower',
+    params: {
+      ...common, statistic: 'median of rounds', counted: 'broker process CPU (user + system, all threads) in the window / PUBLISHes the subscriber received',
+      edgemqRounds: cpuRounds(cpu('edgemq')), mosquittoRounds: cpuRounds(cpu('mosquitto')),
+      ...(COMPARE_BIN === undefined ? {} : { compareRounds: cpuRounds(compareCpu) }),
     },
   })
   if (COMPARE_BIN !== undefined) {

@@ -196,6 +196,12 @@ export class ConnectionGuard extends Duplex {
    * are in one chunk, once the receive maximum has counted it; set after the CONNACK (hooks/sessions.ts).
    */
   pubacks: PubackTaker | null = null
+  /**
+   * Read by aedes' write (patches/aedes+2.0.0-beta.1.patch, lib/write.js), which corks a connection until the end of
+   * the tick, a nextTick per packet delivered: this one holds what is written until the next check phase anyway
+   * (#queueWrite), so aedes writes to it through.
+   */
+  readonly gathersWrites = true
 
   constructor (socket: Socket | Duplex, options: GuardOptions) {
     super({ readableHighWaterMark: 1, allowHalfOpen: false })
@@ -524,8 +530,8 @@ export class ConnectionGuard extends Duplex {
   }
 
   /**
-   * mqtt-packet corks the stream and writes each packet in pieces (a PUBACK is three), so the pieces of every
-   * packet aedes wrote in one tick arrive here together.
+   * aedes (patched: lib/write.js) writes each packet in one piece and, to a stream other than this one
+   * (gathersWrites), corks it for the rest of the tick; what comes here in pieces is from anything else.
    */
   override _writev (chunks: Array<{ chunk: Buffer }>, callback: (err?: Error | null) => void): void {
     this.#queueWrite(chunks.length === 1 ? (chunks[0] as { chunk: Buffer }).chunk : Buffer.concat(chunks.map((c) => c.chunk)), callback)
@@ -534,7 +540,7 @@ export class ConnectionGuard extends Duplex {
   /**
    * Everything written in one turn of the event loop goes to the socket in one write, in the next turn's check
    * phase (setImmediate). aedes delivers each message to a subscriber from its own setImmediate callback, and
-   * Node uncorks (mqtt-packet's nextTick) between two of them, so writing through cost one syscall per delivered
+   * Node uncorks (the nextTick of aedes' write) between two of them, so writing through cost one syscall per delivered
    * message: 37 % of the main thread under 10 publishers fanning in to one subscriber (BENCHMARKS.md, fan-in). The
    * write completes at once unless the socket asked to drain, so backpressure still reaches aedes.
    */

@@ -43,13 +43,27 @@ export type AppendDone = (err: Error | null, duplicate?: boolean, position?: Log
 
 type Counter = { inc (n?: number): void }
 
+/**
+ * The ingest counters of one stream, and what was appended to it since they were last added to. prom-client's inc on
+ * a labelled child costs a hash lookup each: two per message were 2.2 % of the main thread in the fan-in bench, so
+ * the counts of the appends one group commit completes go in once, in the next turn of the event loop.
+ */
+interface IngestCounters {
+  readonly messages: Counter
+  readonly bytes: Counter
+  uncountedMessages: number
+  uncountedBytes: number
+}
+
 /** What the appender needs of the hooks' context. */
 export type AppenderDeps = Pick<HookContext, 'config' | 'store' | 'metrics' | 'logger' | 'guards' | 'onStoreHealth' | 'refusePublish'>
 
 export class DurableAppender {
   readonly #ctx: AppenderDeps
   /** The ingest counters of one stream, bound to their labels once (prom-client hashes label objects per inc). */
-  readonly #ingest = new Map<string, { messages: Counter, bytes: Counter }>()
+  readonly #ingest = new Map<string, IngestCounters>()
+  /** Ingest counters with appends not added yet (see IngestCounters); a flush is scheduled when it is not empty. */
+  readonly #uncounted: IngestCounters[] = []
   /** Appends not yet settled (each counted once across its retries), and who waits for none. */
   #inflight = 0
   #settledWaiters: Array<() => void> = []
@@ -92,10 +106,7 @@ export class DurableAppender {
     const base = { payload, topic: target.topic, qos: packet.qos, clientId: who.clientId }
     const record = stamped === undefined ? base : { ...base, headers: stamped }
     store.append(target.stream, target.key, record, options).then((result) => {
-      if (result.duplicate !== true) {
-        counters.messages.inc()
-        counters.bytes.inc(payload.byteLength)
-      }
+      if (result.duplicate !== true) this.#count(counters, payload.byteLength)
       if (this.#failing) {
         // A retried append, or (an MQTT 5 client's publish is not retried) any append after the failure.
         this.#failing = false
@@ -130,15 +141,40 @@ export class DurableAppender {
     this.#ctx.refusePublish(client, who, reason, err.message)
   }
 
-  #counters (tenant: string, stream: string): { messages: Counter, bytes: Counter } {
+  #counters (tenant: string, stream: string): IngestCounters {
     let c = this.#ingest.get(stream)
     if (c === undefined) {
       const name = stream.slice(tenant.length + 1)
-      c = { messages: this.#ctx.metrics.ingestMessages.labels(tenant, name), bytes: this.#ctx.metrics.ingestBytes.labels(tenant, name) }
+      c = {
+        messages: this.#ctx.metrics.ingestMessages.labels(tenant, name),
+        bytes: this.#ctx.metrics.ingestBytes.labels(tenant, name),
+        uncountedMessages: 0,
+        uncountedBytes: 0,
+      }
       this.#ingest.set(stream, c)
     }
     return c
   }
+
+  /** Counts one appended message, added to the counters in the next turn of the event loop (see IngestCounters). */
+  #count (counters: IngestCounters, bytes: number): void {
+    if (counters.uncountedMessages === 0) {
+      if (this.#uncounted.length === 0) setImmediate(flushCounts, this.#uncounted)
+      this.#uncounted.push(counters)
+    }
+    counters.uncountedMessages++
+    counters.uncountedBytes += bytes
+  }
+}
+
+function flushCounts (uncounted: IngestCounters[]): void {
+  for (const c of uncounted) {
+    c.messages.inc(c.uncountedMessages)
+    c.bytes.inc(c.uncountedBytes)
+    c.uncountedMessages = 0
+    c.uncountedBytes = 0
+  }
+  uncounted.length = 0
 }
 
 /** Resumes sockets once the log has drained to half the bound. */
