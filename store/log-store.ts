@@ -885,7 +885,8 @@ class LevelLogStore implements LogStore {
 
   // ---------------------------------------------------------------- reads
 
-  async read (stream: string, partition: number, fromOffset: number, options: ReadOptions = {}): Promise<ReadResult> {
+  /** What {@link read} and {@link readColumns} check first: an open store, the partition, the offset in range, the limits. */
+  #readLimits (stream: string, partition: number, fromOffset: number, options: ReadOptions): { part: PartitionState, maxRecords: number, maxBytes: number, end: number } {
     this.#checkOpen()
     const part = this.#partition(stream, partition)
     checkOffset(fromOffset, 'fromOffset')
@@ -893,6 +894,11 @@ class LevelLogStore implements LogStore {
     const maxBytes = checkCount(options.maxBytes ?? 1024 * 1024, 'maxBytes', 1, 256 * 1024 * 1024)
     const end = part.logEnd
     this.#checkInRange(part, fromOffset)
+    return { part, maxRecords, maxBytes, end }
+  }
+
+  async read (stream: string, partition: number, fromOffset: number, options: ReadOptions = {}): Promise<ReadResult> {
+    const { part, maxRecords, maxBytes, end } = this.#readLimits(stream, partition, fromOffset, options)
     const records: StoredRecord[] = []
     let bytes = 0
     if (fromOffset < end) {
@@ -912,13 +918,7 @@ class LevelLogStore implements LogStore {
 
   /** The records {@link read} returns, as columns (the limits are read's, to the record). */
   async readColumns (stream: string, partition: number, fromOffset: number, options: ReadOptions = {}): Promise<ColumnReadResult> {
-    this.#checkOpen()
-    const part = this.#partition(stream, partition)
-    checkOffset(fromOffset, 'fromOffset')
-    const maxRecords = checkCount(options.maxRecords ?? 1000, 'maxRecords', 1, 1_000_000)
-    const maxBytes = checkCount(options.maxBytes ?? 1024 * 1024, 'maxBytes', 1, 256 * 1024 * 1024)
-    const end = part.logEnd
-    this.#checkInRange(part, fromOffset)
+    const { part, maxRecords, maxBytes, end } = this.#readLimits(stream, partition, fromOffset, options)
     const batches: RecordColumns[] = []
     let records = 0
     let bytes = 0
