@@ -217,20 +217,29 @@ export function authorizePublish (ctx: HookContext): AuthorizePublish {
       }
     }
     const topic = packet.topic
-    const problem = topicNameProblem(topic)
-    if (who === undefined || problem !== null) {
+    if (who === undefined) {
+      const problem = topicNameProblem(topic)
       refusePublish(client, who, 'invalid-topic', problem ?? 'unknown client')
       return callback(refusedError(problem ?? 'unknown client', problem === null ? REASON.NOT_AUTHORIZED : REASON.TOPIC_NAME_INVALID))
     }
-    if (isReplayTopic(topic) || isShareTopic(topic)) {
-      // Nobody may pose as a replay, or publish to a share's subscription itself. Acknowledged and dropped, like an ACL denial.
-      const detail = `${topic}: $replay and $share are subscriptions, not topics`
-      refusePublish(client, who, 'reserved-topic', detail)
-      if (isMqtt5(client)) return callback(refusedError(detail, REASON.NOT_AUTHORIZED))
-      markPublished(packet)
-      return callback(null)
+    // A topic the client has a decision for passed the checks below when it was made: only a new one is checked.
+    let decision = decisions.get(client)?.get(topic)
+    if (decision === undefined) {
+      const problem = topicNameProblem(topic)
+      if (problem !== null) {
+        refusePublish(client, who, 'invalid-topic', problem)
+        return callback(refusedError(problem, REASON.TOPIC_NAME_INVALID))
+      }
+      if (isReplayTopic(topic) || isShareTopic(topic)) {
+        // Nobody may pose as a replay, or publish to a share's subscription itself. Acknowledged and dropped, like an ACL denial.
+        const detail = `${topic}: $replay and $share are subscriptions, not topics`
+        refusePublish(client, who, 'reserved-topic', detail)
+        if (isMqtt5(client)) return callback(refusedError(detail, REASON.NOT_AUTHORIZED))
+        markPublished(packet)
+        return callback(null)
+      }
+      decision = publishDecision(client, who, topic)
     }
-    const decision = publishDecision(client, who, topic)
     if (!decision.allowed) {
       // As Mosquitto does: acknowledged, neither logged nor delivered, so the device does not retry forever.
       refusePublish(client, who, 'acl-denied', `${topic} not allowed`)
