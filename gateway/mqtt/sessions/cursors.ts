@@ -328,7 +328,21 @@ export interface LivePacket {
   readonly payload?: unknown
 }
 
-const cursorId = (stream: string, partition: number): string => `${partition}/${stream}`
+/**
+ * Cursor ids (`<partition>/<stream>`), made once per stream and partition: forwardLive looks one up for every live
+ * copy of a logged message, and a string built per message was flattened and hashed again by each lookup. Bounded by
+ * the streams and partitions the config has (started again past CURSOR_IDS_STREAMS streams, after many deletions).
+ */
+const cursorIds = new Map<string, string[]>()
+const CURSOR_IDS_STREAMS = 4096
+const cursorId = (stream: string, partition: number): string => {
+  let ids = cursorIds.get(stream)
+  if (ids === undefined) {
+    if (cursorIds.size >= CURSOR_IDS_STREAMS) cursorIds.clear()
+    cursorIds.set(stream, ids = [])
+  }
+  return ids[partition] ??= `${partition}/${stream}`
+}
 
 export class SessionCursors {
   readonly #deps: CursorDeps

@@ -213,6 +213,8 @@ interface TopicMatch {
    */
   readyStream: string | undefined
   readyPartition: number
+  /** `subs` as subscriptionsByTopic resolves with them, made at its first call. */
+  found?: Promise<readonly MatchedSubscription[]>
 }
 
 /**
@@ -220,6 +222,10 @@ interface TopicMatch {
  * 100 bytes each, so a few MB, for a fleet publishing on more topics than that.
  */
 const MATCHES_CACHED = 65_536
+
+/** What the persistence's promise methods return when they have nothing to wait for. */
+const SETTLED: Promise<void> = Promise.resolve()
+const NOTHING: Promise<undefined> = Promise.resolve(undefined)
 
 /** The match of every topic while no persistent session has a QoS 1/2 subscription. */
 const NO_MATCH: readonly MatchedSubscription[] = Object.freeze([])
@@ -285,7 +291,7 @@ function toAedesPacket (original: SessionPacket): SessionPacket {
 }
 
 /** aedes passes whatever it has (a PUBACK, a queued packet, once even a bare number) to outgoingClearMessageId. */
-function fieldOf (packet: unknown, field: 'messageId' | 'brokerId' | 'brokerCounter'): unknown {
+function fieldOf (packet: unknown, field: 'cmd' | 'messageId' | 'brokerId' | 'brokerCounter'): unknown {
   return typeof packet === 'object' && packet !== null ? (packet as Record<string, unknown>)[field] : undefined
 }
 
@@ -984,9 +990,15 @@ export class LevelSessionPersistence {
    * The QoS > 0 subscriptions whose filter matches the topic (aedes hands them to outgoingEnqueueCombi with each
    * message). The same array for every call until a subscription changes (TopicMatch): callers must not change it.
    */
-  async subscriptionsByTopic (topic: string): Promise<readonly MatchedSubscription[]> {
-    this.#ready()
-    return this.#matched(topic).subs
+  subscriptionsByTopic (topic: string): Promise<readonly MatchedSubscription[]> {
+    try {
+      this.#ready()
+    } catch (err) {
+      return Promise.reject(err)
+    }
+    const match = this.#matched(topic)
+    // aedes asks once per message: one promise per topic rather than one per message (an async method's).
+    return match.found ??= Promise.resolve(match.subs)
   }
 
   /** The topic's entry in the match cache, made now if there is none (see TopicMatch). */
@@ -1131,19 +1143,27 @@ export class LevelSessionPersistence {
    * Queues the packet for each subscription's client. Resolves once the queue
    * entries are written; aedes delivers to online clients only after that.
    */
-  async outgoingEnqueueCombi (subs: ReadonlyArray<{ clientId: string, qos?: number }>, packet: SessionPacket): Promise<void> {
-    this.#ready()
-    if (subs.length === 0) return
+  outgoingEnqueueCombi (subs: ReadonlyArray<{ clientId: string, qos?: number }>, packet: SessionPacket): Promise<void> {
+    try {
+      this.#ready()
+    } catch (err) {
+      return Promise.reject(err)
+    }
+    if (subs.length === 0) return SETTLED
     const position = this.#cursors === undefined ? undefined : logPositionOf(packet)
     if (position !== undefined && typeof packet.topic === 'string') {
       // aedes passes what subscriptionsByTopic gave for this message: one cursor check per partition, as beforeAck.
+      // Not an async method: a logged message to sessions that all read it from their cursors allocates nothing here.
       const match = this.#matches.get(packet.topic)
       if (match !== undefined && match.subs === subs && cursorsDeliver(match, packet.qos ?? 0)) {
         const ready = this.#cursorsReady(match, position)
-        if (ready !== 'ready') await ready
-        return
+        return ready === 'ready' ? SETTLED : ready
       }
     }
+    return this.#enqueue(subs, packet, position)
+  }
+
+  async #enqueue (subs: ReadonlyArray<{ clientId: string, qos?: number }>, packet: SessionPacket, position: LogPosition | undefined): Promise<void> {
     let copies = subs
     const created: Array<Promise<void>> = []
     if (position !== undefined && this.#cursors !== undefined) {
@@ -1315,7 +1335,14 @@ export class LevelSessionPersistence {
    * without a message id is looked up by brokerId and brokerCounter: aedes
    * passes the undelivered packet itself when authorizeForward drops it.
    */
-  async outgoingClearMessageId (client: SessionClient, packet: SessionPacket): Promise<SessionPacket | undefined> {
+  outgoingClearMessageId (client: SessionClient, packet: SessionPacket): Promise<SessionPacket | undefined> {
+    // aedes clears every live copy authorizeForward held back (a logged message a connected session reads from its
+    // cursors), one per message: with no copy queued for the client that is nothing to do, and no promise to make.
+    if (this.#loaded && !this.#destroyed && fieldOf(packet, 'cmd') === 'publish' && !this.#queues.has(client.id)) return NOTHING
+    return this.#clearMessageId(client, packet)
+  }
+
+  async #clearMessageId (client: SessionClient, packet: SessionPacket): Promise<SessionPacket | undefined> {
     this.#ready()
     const fromLog = this.#cursors?.clear(client, typeof packet === 'object' && packet !== null ? packet : {})
     if (fromLog?.found === true) return undefined

@@ -288,10 +288,18 @@ describe('sessions survive a restart (classic-level close → reopen)', () => {
 describe('LevelSessionPersistence contract details', () => {
   it('rejects calls before setup and after destroy with codes', async () => {
     const persistence = new LevelSessionPersistence(new MemoryLevel() as unknown as LevelDatabase)
-    expect(await errorOf(persistence.countOffline())).toMatchObject({ code: 'GW_SESSION_NOT_READY' })
+    // aedes calls these once per message and only handles a rejection: none may throw instead, early or late.
+    const perMessage = (): Array<Promise<unknown>> => [
+      persistence.countOffline(),
+      persistence.subscriptionsByTopic('t'),
+      persistence.outgoingEnqueueCombi([{ clientId: 'c', qos: 1 }], publish('t', 'x', 1)),
+      persistence.outgoingClearMessageId({ id: 'c' }, publish('t', 'x', 1)),
+      persistence.outgoingClearMessageId({ id: 'c' }, { cmd: 'puback', messageId: 1 }),
+    ]
+    for (const call of perMessage()) expect(await errorOf(call)).toMatchObject({ code: 'GW_SESSION_NOT_READY' })
     await persistence.setup({ id: 'gw', counter: 0 })
     await persistence.destroy()
-    expect(await errorOf(persistence.countOffline())).toMatchObject({ code: 'GW_SESSION_CLOSED' })
+    for (const call of perMessage()) expect(await errorOf(call)).toMatchObject({ code: 'GW_SESSION_CLOSED' })
     expect(await errorOf(persistence.destroy())).toMatchObject({ code: 'GW_SESSION_CLOSED' })
   })
 
