@@ -230,6 +230,16 @@ class PartitionCursor {
     this.aheadBatch = 0
     this.aheadPos = batches[0]?.start ?? 0
     this.aheadEnd = end
+    // Nothing left to look at (drained, or a new connection): the memo lets its batch (up to a chunk) go, or every
+    // cursor, of offline sessions too, would keep one alive.
+    if (batches.length === 0) this.forgetMemo()
+  }
+
+  /** Drops the routes memo and the batch it was made for (see SessionCursors.#pick). */
+  forgetMemo (): void {
+    this.memoBatch = undefined
+    this.memoRoutes = undefined
+    this.memo.length = 0
   }
 
   /** A new connection reads again from the lowest unacknowledged delivery; everything sent from there is DUP. */

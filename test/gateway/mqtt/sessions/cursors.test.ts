@@ -9,6 +9,8 @@
  * parsed with mqtt-packet, as a client would.
  */
 import { EventEmitter } from 'node:events'
+import { setFlagsFromString } from 'node:v8'
+import { runInNewContext } from 'node:vm'
 import { mkdtemp, rm } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -579,6 +581,27 @@ describe('session cursors into the log', () => {
       await gw.store.enforceRetention()
       return gw.store.partitionInfo('t3/telemetry', 0).logStartOffset
     }).toBeGreaterThan(2)
+  })
+
+  it('keeps none of the batches it read once a drain is acknowledged: an offline session\'s cursors hold no memory of the log', async () => {
+    const { gw } = await fresh()
+    // Every batch the cursors read, held weakly: what is still reachable after a full collection is kept by something.
+    const read: Array<WeakRef<object>> = []
+    const readColumns = gw.store.readColumns.bind(gw.store)
+    gw.store.readColumns = async (...args) => {
+      const result = await readColumns(...args)
+      for (const batch of result.batches) read.push(new WeakRef(batch))
+      return result
+    }
+    await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: 't1/devices/+/telemetry/#', qos: 1 }])
+    for (let i = 0; i < 20; i++) await publish(gw, 't1', `d${i % 4}`, `m${i}`)
+    expect(await drain(gw, 'svc')).toHaveLength(20)
+    await expect.poll(() => gw.persistence.cursorLag()).toEqual([{ stream: 't1/telemetry', sessions: 1, lagMessages: 0 }]) // all acknowledged
+    expect(read.length).toBeGreaterThan(0)
+    await new Promise((resolve) => setImmediate(resolve)) // WeakRefs made in an earlier turn may be cleared
+    setFlagsFromString('--expose-gc')
+    ;(runInNewContext('gc') as () => void)()
+    expect(read.filter((batch) => batch.deref() !== undefined)).toHaveLength(0)
   })
 
   it('drops the cursors of a session that unsubscribed from everything, keeping sent unacknowledged deliveries as copies', async () => {
