@@ -968,7 +968,9 @@ export class LevelSessionPersistence {
     this.#intervals.delete(clientId)
     this.#offlineSince.delete(clientId)
     this.#overflowing.delete(clientId)
-    this.#cursors?.drop(clientId)
+    // A message may have created a cursor while the keys were read: its key is deleted too (it would hold retention
+    // and make the session present again after a restart).
+    ops.push(...this.#cursors?.drop(clientId) ?? [])
     this.#matchesChanged()
     await this.#writer.write(ops)
     return true

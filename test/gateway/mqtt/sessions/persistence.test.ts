@@ -564,4 +564,34 @@ describe('beforeAck: what persistent sessions need on disk before a logged messa
     expect(await errorOf(persistence.outgoingUpdate({ id: 'clean' }, publish('t', 'x', 11, { messageId: 7 })))).toMatchObject({ code: 'GW_SESSION_NOT_FOUND' })
     await persistence.destroy()
   })
+
+  it('deletes a cursor a message created while dropSession read the session\'s keys (it would hold retention and bring the session back)', async () => {
+    // The message comes 0 to 11 turns into the drop: before, during and after the read of the cursor keys.
+    for (let turns = 0; turns < 12; turns++) {
+      const listeners = new Map<string, (client: SessionClient) => void>()
+      const { dir, db } = await openDb()
+      const store = await openLogStore({ db: db as unknown as LevelDatabase })
+      await store.createStream(STREAM, { partitions: 2 })
+      const persistence = new LevelSessionPersistence(sessionsOf(db), { writer: store, log: store })
+      await persistence.setup({ id: 'gw', counter: 0, on: (event, listener) => { listeners.set(event, listener) } })
+      await persistence.markSession({ id: 'svc' })
+      await persistence.addSubscriptions({ id: 'svc' }, [{ topic: 't1/devices/+/telemetry/#', qos: 1 }])
+      listeners.get('client')?.({ id: 'svc' })
+      listeners.get('clientDisconnect')?.({ id: 'svc' })
+      const { partition, offset } = await store.append(STREAM, 'd0', { payload: Buffer.from('d0'), topic: 'devices/d0/telemetry/t', qos: 1 })
+
+      const dropping = persistence.dropSession('svc')
+      for (let i = 0; i < turns; i++) await new Promise((resolve) => setImmediate(resolve))
+      const wait = persistence.beforeAck(topicOf('d0'), 1, { stream: STREAM, partition, offset })
+      if (wait instanceof Promise) await wait
+      expect(await dropping).toBe(true)
+      expect(persistence.cursorLag()).toEqual([])
+
+      await db.close() // a kill -9
+      const after = await withLog(dir)
+      expect({ turns, present: after.persistence.hasSessionState({ id: 'svc' }), lag: after.persistence.cursorLag() })
+        .toEqual({ turns, present: false, lag: [] })
+      await after.db.close()
+    }
+  })
 })
