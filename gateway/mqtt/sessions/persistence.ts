@@ -1125,7 +1125,12 @@ export class LevelSessionPersistence {
     const key = `${clientId}\u0000${position.partition}/${position.stream}`
     this.#creating.set(key, created)
     const settled = (): void => { if (this.#creating.get(key) === created) this.#creating.delete(key) }
-    created.then(settled, settled)
+    // A failed write: the cursors took the cursor back (or marked it unwritten), and no match may still call its
+    // partition ready, so the next message there creates it again and waits.
+    created.then(settled, () => {
+      settled()
+      this.#matchesChanged()
+    })
     return created
   }
 

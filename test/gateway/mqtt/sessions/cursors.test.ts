@@ -583,6 +583,39 @@ describe('session cursors into the log', () => {
     }).toBeGreaterThan(2)
   })
 
+  it('writes a connected session\'s cursor again at the next message when the write creating it failed after it delivered', async () => {
+    const { dir, gw } = await fresh()
+    await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: 't1/devices/+/telemetry/#', qos: 1 }])
+    const conn = await connect(gw, 'svc', { ack: () => false }) // its deliveries stay in flight
+    // The write creating the cursor fails, once the connection has got the message (it reads it from the log at once).
+    const write = gw.store.write.bind(gw.store)
+    let fail: (() => void) | undefined
+    gw.store.write = async (ops) => {
+      if (fail === undefined && ops.some((op) => op.key[0] === TAG_CURSOR)) {
+        await new Promise<void>((resolve) => { fail = resolve })
+        throw new Error('ENOSPC (injected)')
+      }
+      return await write(ops)
+    }
+    const append = async (body: string): Promise<{ stream: string, partition: number, offset: number }> => {
+      const { partition, offset } = await gw.store.append('t1/telemetry', 'd0', { payload: Buffer.from(body), topic: 'devices/d0/telemetry/t', qos: 1 })
+      return { stream: 't1/telemetry', partition, offset }
+    }
+    const m1 = await append('m1')
+    const first = gw.persistence.beforeAck('t1/devices/d0/telemetry/t', 1, m1)
+    expect(first).toBeInstanceOf(Promise)
+    await expect.poll(() => bodies(conn.got)).toEqual(['m1'])
+    fail?.()
+    await expect(first).rejects.toMatchObject({ code: 'GW_SESSION_WRITE_FAILED' }) // m1's publisher gets no ack
+    const second = gw.persistence.beforeAck('t1/devices/d0/telemetry/t', 1, await append('m2'))
+    expect(second).toBeInstanceOf(Promise) // not 'ready': the cursor's key is written again
+    await second
+
+    const after = await restart(dir, gw) // a kill -9
+    expect(await keysWith(after, TAG_CURSOR)).toBe(1)
+    expect(bodies(await drain(after, 'svc'))).toEqual(['m1', 'm2']) // from m1: it may have been acked to no one, never lost
+  })
+
   it('keeps none of the batches it read once a drain is acknowledged: an offline session\'s cursors hold no memory of the log', async () => {
     const { gw } = await fresh()
     // Every batch the cursors read, held weakly: what is still reachable after a full collection is kept by something.

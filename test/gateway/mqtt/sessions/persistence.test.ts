@@ -16,7 +16,8 @@ import { ClassicLevel } from 'classic-level'
 import { MemoryLevel } from 'memory-level'
 import { MqttClient, type IClientOptions, type IPublishPacket } from 'mqtt'
 import { afterEach, describe, expect, it } from 'vitest'
-import { openLogStore, type LevelDatabase } from '../../../../store/index.ts'
+import { openLogStore, type ExtraOperation, type LevelDatabase } from '../../../../store/index.ts'
+import { TAG_CURSOR } from '../../../../gateway/mqtt/sessions/format.ts'
 import { attachLogPosition } from '../../../../gateway/mqtt/log-position.ts'
 import {
   LevelSessionPersistence, SessionPersistenceError, type SessionBroker, type SessionClient, type SessionPacket,
@@ -563,6 +564,43 @@ describe('beforeAck: what persistent sessions need on disk before a logged messa
     listeners.get('client')?.({ id: 'clean' })
     expect(await errorOf(persistence.outgoingUpdate({ id: 'clean' }, publish('t', 'x', 11, { messageId: 7 })))).toMatchObject({ code: 'GW_SESSION_NOT_FOUND' })
     await persistence.destroy()
+  })
+
+  it('creates a cursor again, and waits for it, when the write that created it failed: no ack counts on a cursor that is not on disk', async () => {
+    const { dir, db } = await openDb()
+    const store = await openLogStore({ db: db as unknown as LevelDatabase })
+    await store.createStream(STREAM, { partitions: 2 })
+    let failures = 1
+    const writer = {
+      write: async (ops: readonly ExtraOperation[]): Promise<void> => {
+        if (failures > 0 && ops.some((op) => op.key[0] === TAG_CURSOR)) {
+          failures--
+          throw new Error('ENOSPC (injected)')
+        }
+        await store.write(ops)
+      },
+    }
+    const persistence = new LevelSessionPersistence(sessionsOf(db), { writer, log: store })
+    await persistence.setup({ id: 'gw', counter: 0 })
+    await persistence.markSession({ id: 'svc' })
+    await persistence.addSubscriptions({ id: 'svc' }, [{ topic: 't1/devices/+/telemetry/#', qos: 1 }])
+    const append = async (): Promise<{ stream: string, partition: number, offset: number }> => {
+      const { partition, offset } = await store.append(STREAM, 'd0', { payload: Buffer.from('d0'), topic: 'devices/d0/telemetry/t', qos: 1 })
+      return { stream: STREAM, partition, offset }
+    }
+
+    const first = persistence.beforeAck(topicOf('d0'), 1, await append())
+    expect(first).toBeInstanceOf(Promise)
+    expect(await errorOf(first as Promise<void>)).toMatchObject({ code: 'GW_SESSION_WRITE_FAILED' }) // its publisher gets no ack
+    const m2 = await append()
+    const second = persistence.beforeAck(topicOf('d0'), 1, m2)
+    expect(second).toBeInstanceOf(Promise) // not 'ready': the cursor is created again
+    await second
+    expect(persistence.beforeAck(topicOf('d0'), 1, await append())).toBe('ready')
+
+    await db.close() // a kill -9
+    const after = await withLog(dir)
+    expect(after.persistence.sessionStates().find((s) => s.clientId === 'svc')?.cursors).toEqual([{ stream: STREAM, partition: m2.partition, next: m2.offset }])
   })
 
   it('deletes a cursor a message created while dropSession read the session\'s keys (it would hold retention and bring the session back)', async () => {
