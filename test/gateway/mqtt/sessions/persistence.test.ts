@@ -552,18 +552,30 @@ describe('beforeAck: what persistent sessions need on disk before a logged messa
 
   it('lets aedes deliver to a connected persistent session a live message it has no copy of (it subscribed meanwhile), not to others', async () => {
     const listeners = new Map<string, (client: SessionClient) => void>()
-    const { db } = await openDb()
+    const { dir, db } = await openDb()
     const persistence = new LevelSessionPersistence(sessionsOf(db))
     await persistence.setup({ id: 'gw', counter: 0, on: (event, listener) => { listeners.set(event, listener) } })
     await persistence.markSession({ id: 'dev-1' })
     listeners.get('client')?.({ id: 'dev-1' })
     await expect(persistence.outgoingUpdate({ id: 'dev-1' }, publish('t', 'x', 9, { messageId: 5 }))).resolves.toBeUndefined()
+    // A QoS 2 one: aedes stores the PUBREL after the client's PUBREC, by packet id; it is there until the PUBCOMP.
+    await persistence.outgoingUpdate({ id: 'dev-1' }, publish('t', 'y', 10, { qos: 2, messageId: 6 }))
+    await expect(persistence.outgoingUpdate({ id: 'dev-1' }, { cmd: 'pubrel', messageId: 6 })).resolves.toBeUndefined()
     // no connection, or no persistent session: not found, as aedes-persistence says (aedes closes such a client)
     await persistence.markSession({ id: 'dev-2' })
     expect(await errorOf(persistence.outgoingUpdate({ id: 'dev-2' }, publish('t', 'x', 10, { messageId: 6 })))).toMatchObject({ code: 'GW_SESSION_NOT_FOUND' })
     listeners.get('client')?.({ id: 'clean' })
     expect(await errorOf(persistence.outgoingUpdate({ id: 'clean' }, publish('t', 'x', 11, { messageId: 7 })))).toMatchObject({ code: 'GW_SESSION_NOT_FOUND' })
-    await persistence.destroy()
+
+    // Unacknowledged when the gateway stops: the next connection gets both again, the QoS 1 one with its packet id.
+    const { persistence: after } = await restart(dir, db)
+    expect(await toArray(after.outgoingStream({ id: 'dev-1' }))).toMatchObject([
+      { cmd: 'publish', topic: 't', payload: Buffer.from('x'), qos: 1, messageId: 5 },
+      { cmd: 'pubrel', messageId: 6 },
+    ])
+    expect(await after.outgoingClearMessageId({ id: 'dev-1' }, { cmd: 'puback', messageId: 5 })).toMatchObject({ payload: Buffer.from('x') })
+    expect(await after.outgoingClearMessageId({ id: 'dev-1' }, { cmd: 'pubcomp', messageId: 6 })).toEqual({ cmd: 'pubrel', messageId: 6 })
+    expect(await toArray(after.outgoingStream({ id: 'dev-1' }))).toEqual([])
   })
 
   it('creates a cursor again, and waits for it, when the write that created it failed: no ack counts on a cursor that is not on disk', async () => {
