@@ -147,6 +147,8 @@ const CACHE_ENTRIES = 4096
 class PartitionCursor {
   /** The value written (or being written): next offset to deliver after a restart. */
   committed: number
+  /** The write that created the key failed after this cursor had sent records: the next message writes it again. */
+  unwritten = false
   /** Next offset this connection has not yet delivered or skipped. */
   next: number
   /** Offsets delivered and not acknowledged, ascending, from `#head` on (a queue without shift()'s copying). */
@@ -230,6 +232,16 @@ class PartitionCursor {
     this.aheadBatch = 0
     this.aheadPos = batches[0]?.start ?? 0
     this.aheadEnd = end
+    // Nothing left to look at (drained, or a new connection): the memo lets its batch (up to a chunk) go, or every
+    // cursor, of offline sessions too, would keep one alive.
+    if (batches.length === 0) this.forgetMemo()
+  }
+
+  /** Drops the routes memo and the batch it was made for (see SessionCursors.#pick). */
+  forgetMemo (): void {
+    this.memoBatch = undefined
+    this.memoRoutes = undefined
+    this.memo.length = 0
   }
 
   /** A new connection reads again from the lowest unacknowledged delivery; everything sent from there is DUP. */
@@ -384,14 +396,42 @@ export class SessionCursors {
   enqueue (clientId: string, position: LogPosition): Promise<void> | undefined {
     const state = this.#client(clientId)
     const id = cursorId(position.stream, position.partition)
-    if (state.cursors.has(id)) return undefined
+    const existing = state.cursors.get(id)
+    if (existing !== undefined) return existing.unwritten ? this.#create(state, existing) : undefined
     const cursor = new PartitionCursor(position.stream, position.partition, position.offset, position.offset)
     state.cursors.set(id, cursor)
     if (state.via !== undefined) {
       this.#watch(state, cursor)
       this.#schedule(state)
     }
-    return this.#deps.write([{ type: 'put', key: keys.cursor(clientId, position.stream, position.partition), value: u64(position.offset) }])
+    return this.#create(state, cursor)
+  }
+
+  /**
+   * Writes the cursor's key. When that fails the cursor may not stay in memory as if it were on disk (later messages
+   * of its partition would be acked with nothing to find them after a kill -9): one that has sent nothing goes, and
+   * the partition's next message creates it again; one that has (a connected session read it already, its deliveries
+   * are in flight) stays, marked, and the next message writes its key again. Either way that message waits.
+   */
+  #create (state: ClientCursors, cursor: PartitionCursor): Promise<void> {
+    cursor.unwritten = false
+    const from = cursor.committed
+    return this.#deps.write([{ type: 'put', key: keys.cursor(state.clientId, cursor.stream, cursor.partition), value: u64(from) }])
+      .catch((err: unknown) => {
+        const id = cursorId(cursor.stream, cursor.partition)
+        // Dropped meanwhile (the session, or its cursors): nothing is left to undo.
+        if (this.#clients.get(state.clientId) !== state || state.cursors.get(id) !== cursor) throw err
+        if (cursor.next !== from || cursor.committed !== from || [...state.inflight.values()].some((d) => d.cursor === cursor)) {
+          cursor.unwritten = true
+          throw err
+        }
+        state.cursors.delete(id)
+        const watching = this.#watching.get(id)
+        watching?.delete(state)
+        if (watching?.size === 0) this.#watching.delete(id)
+        if (state.via === undefined && state.cursors.size === 0 && state.inflight.size === 0) this.#clients.delete(state.clientId)
+        throw err
+      })
   }
 
   /**

@@ -974,7 +974,9 @@ export class LevelSessionPersistence {
     this.#intervals.delete(clientId)
     this.#offlineSince.delete(clientId)
     this.#overflowing.delete(clientId)
-    this.#cursors?.drop(clientId)
+    // A message may have created a cursor while the keys were read: its key is deleted too (it would hold retention
+    // and make the session present again after a restart).
+    ops.push(...this.#cursors?.drop(clientId) ?? [])
     this.#matchesChanged()
     await this.#writer.write(ops)
     return true
@@ -1135,7 +1137,12 @@ export class LevelSessionPersistence {
     const key = `${clientId}\u0000${position.partition}/${position.stream}`
     this.#creating.set(key, created)
     const settled = (): void => { if (this.#creating.get(key) === created) this.#creating.delete(key) }
-    created.then(settled, settled)
+    // A failed write: the cursors took the cursor back (or marked it unwritten), and no match may still call its
+    // partition ready, so the next message there creates it again and waits.
+    created.then(settled, () => {
+      settled()
+      this.#matchesChanged()
+    })
     return created
   }
 
@@ -1307,10 +1314,22 @@ export class LevelSessionPersistence {
       if (this.#dropped.delete(`${client.id}|${brokerKey(packet.brokerId, packet.brokerCounter)}`)) return
       // A live delivery to a connected persistent session that neither a copy nor a cursor was made for: its
       // subscription came (or its cursors went, UNSUBSCRIBE) between aedes' enqueue step of the message and its
-      // delivery, which runs turns later (aedes.js enqueueOffline, then emitPacket). It goes out unqueued, as above:
-      // the message was published before the subscription as this session sees it. Refusing it made aedes close the
-      // connection (lib/client.js writeQoS), dropping a subscriber for subscribing while devices publish.
-      if (packet.cmd === 'publish' && this.#sessions.has(client.id) && this.#connections.has(client.id)) return
+      // delivery, which runs turns later (aedes.js enqueueOffline, then emitPacket). It is queued now, as the copy it
+      // would have had, so its PUBACK, its PUBREL (QoS 2: aedes stores the PUBREL through here, by packet id) and its
+      // resend after a reconnect find it: the message was published before the subscription as this session sees it.
+      // Refusing it made aedes close the connection (lib/client.js writeQoS), dropping a subscriber for subscribing
+      // while devices publish.
+      if (packet.cmd === 'publish' && this.#sessions.has(client.id) && this.#connections.has(client.id)) {
+        if (messageId === undefined) return
+        const queued = toAedesPacket(packet)
+        const body = cbor.encode(queued) // before memory changes, so a packet that cannot be stored changes nothing
+        const seq = this.#nextSeq++
+        this.#queue(client.id, true).add({ seq, brokerId: queued.brokerId, brokerCounter: queued.brokerCounter, messageId, replacement: undefined })
+        await this.#writer.write([
+          put(keys.outgoing(TAG_OUTGOING, client.id, seq), body), put(keys.outgoing(TAG_MESSAGE_ID, client.id, seq), encodeU16(messageId)),
+        ])
+        return
+      }
       throw notFound()
     }
     const ops: BatchOp[] = []

@@ -9,6 +9,8 @@
  * parsed with mqtt-packet, as a client would.
  */
 import { EventEmitter } from 'node:events'
+import { setFlagsFromString } from 'node:v8'
+import { runInNewContext } from 'node:vm'
 import { mkdtemp, rm } from 'node:fs/promises'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -579,6 +581,60 @@ describe('session cursors into the log', () => {
       await gw.store.enforceRetention()
       return gw.store.partitionInfo('t3/telemetry', 0).logStartOffset
     }).toBeGreaterThan(2)
+  })
+
+  it('writes a connected session\'s cursor again at the next message when the write creating it failed after it delivered', async () => {
+    const { dir, gw } = await fresh()
+    await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: 't1/devices/+/telemetry/#', qos: 1 }])
+    const conn = await connect(gw, 'svc', { ack: () => false }) // its deliveries stay in flight
+    // The write creating the cursor fails, once the connection has got the message (it reads it from the log at once).
+    const write = gw.store.write.bind(gw.store)
+    let fail: (() => void) | undefined
+    gw.store.write = async (ops) => {
+      if (fail === undefined && ops.some((op) => op.key[0] === TAG_CURSOR)) {
+        await new Promise<void>((resolve) => { fail = resolve })
+        throw new Error('ENOSPC (injected)')
+      }
+      return await write(ops)
+    }
+    const append = async (body: string): Promise<{ stream: string, partition: number, offset: number }> => {
+      const { partition, offset } = await gw.store.append('t1/telemetry', 'd0', { payload: Buffer.from(body), topic: 'devices/d0/telemetry/t', qos: 1 })
+      return { stream: 't1/telemetry', partition, offset }
+    }
+    const m1 = await append('m1')
+    const first = gw.persistence.beforeAck('t1/devices/d0/telemetry/t', 1, m1)
+    expect(first).toBeInstanceOf(Promise)
+    await expect.poll(() => bodies(conn.got)).toEqual(['m1'])
+    fail?.()
+    await expect(first).rejects.toMatchObject({ code: 'GW_SESSION_WRITE_FAILED' }) // m1's publisher gets no ack
+    const second = gw.persistence.beforeAck('t1/devices/d0/telemetry/t', 1, await append('m2'))
+    expect(second).toBeInstanceOf(Promise) // not 'ready': the cursor's key is written again
+    await second
+
+    const after = await restart(dir, gw) // a kill -9
+    expect(await keysWith(after, TAG_CURSOR)).toBe(1)
+    expect(bodies(await drain(after, 'svc'))).toEqual(['m1', 'm2']) // from m1: it may have been acked to no one, never lost
+  })
+
+  it('keeps none of the batches it read once a drain is acknowledged: an offline session\'s cursors hold no memory of the log', async () => {
+    const { gw } = await fresh()
+    // Every batch the cursors read, held weakly: what is still reachable after a full collection is kept by something.
+    const read: Array<WeakRef<object>> = []
+    const readColumns = gw.store.readColumns.bind(gw.store)
+    gw.store.readColumns = async (...args) => {
+      const result = await readColumns(...args)
+      for (const batch of result.batches) read.push(new WeakRef(batch))
+      return result
+    }
+    await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: 't1/devices/+/telemetry/#', qos: 1 }])
+    for (let i = 0; i < 20; i++) await publish(gw, 't1', `d${i % 4}`, `m${i}`)
+    expect(await drain(gw, 'svc')).toHaveLength(20)
+    await expect.poll(() => gw.persistence.cursorLag()).toEqual([{ stream: 't1/telemetry', sessions: 1, lagMessages: 0 }]) // all acknowledged
+    expect(read.length).toBeGreaterThan(0)
+    await new Promise((resolve) => setImmediate(resolve)) // WeakRefs made in an earlier turn may be cleared
+    setFlagsFromString('--expose-gc')
+    ;(runInNewContext('gc') as () => void)()
+    expect(read.filter((batch) => batch.deref() !== undefined)).toHaveLength(0)
   })
 
   it('drops the cursors of a session that unsubscribed from everything, keeping sent unacknowledged deliveries as copies', async () => {

@@ -16,7 +16,8 @@ import { ClassicLevel } from 'classic-level'
 import { MemoryLevel } from 'memory-level'
 import { MqttClient, type IClientOptions, type IPublishPacket } from 'mqtt'
 import { afterEach, describe, expect, it } from 'vitest'
-import { openLogStore, type LevelDatabase } from '../../../../store/index.ts'
+import { openLogStore, type ExtraOperation, type LevelDatabase } from '../../../../store/index.ts'
+import { TAG_CURSOR } from '../../../../gateway/mqtt/sessions/format.ts'
 import { attachLogPosition } from '../../../../gateway/mqtt/log-position.ts'
 import {
   LevelSessionPersistence, SessionPersistenceError, type SessionBroker, type SessionClient, type SessionPacket,
@@ -559,17 +560,96 @@ describe('beforeAck: what persistent sessions need on disk before a logged messa
 
   it('lets aedes deliver to a connected persistent session a live message it has no copy of (it subscribed meanwhile), not to others', async () => {
     const listeners = new Map<string, (client: SessionClient) => void>()
-    const { db } = await openDb()
+    const { dir, db } = await openDb()
     const persistence = new LevelSessionPersistence(sessionsOf(db))
     await persistence.setup({ id: 'gw', counter: 0, on: (event, listener) => { listeners.set(event, listener) } })
     await persistence.markSession({ id: 'dev-1' })
     listeners.get('client')?.({ id: 'dev-1' })
     await expect(persistence.outgoingUpdate({ id: 'dev-1' }, publish('t', 'x', 9, { messageId: 5 }))).resolves.toBeUndefined()
+    // A QoS 2 one: aedes stores the PUBREL after the client's PUBREC, by packet id; it is there until the PUBCOMP.
+    await persistence.outgoingUpdate({ id: 'dev-1' }, publish('t', 'y', 10, { qos: 2, messageId: 6 }))
+    await expect(persistence.outgoingUpdate({ id: 'dev-1' }, { cmd: 'pubrel', messageId: 6 })).resolves.toBeUndefined()
     // no connection, or no persistent session: not found, as aedes-persistence says (aedes closes such a client)
     await persistence.markSession({ id: 'dev-2' })
     expect(await errorOf(persistence.outgoingUpdate({ id: 'dev-2' }, publish('t', 'x', 10, { messageId: 6 })))).toMatchObject({ code: 'GW_SESSION_NOT_FOUND' })
     listeners.get('client')?.({ id: 'clean' })
     expect(await errorOf(persistence.outgoingUpdate({ id: 'clean' }, publish('t', 'x', 11, { messageId: 7 })))).toMatchObject({ code: 'GW_SESSION_NOT_FOUND' })
-    await persistence.destroy()
+
+    // Unacknowledged when the gateway stops: the next connection gets both again, the QoS 1 one with its packet id.
+    const { persistence: after } = await restart(dir, db)
+    expect(await toArray(after.outgoingStream({ id: 'dev-1' }))).toMatchObject([
+      { cmd: 'publish', topic: 't', payload: Buffer.from('x'), qos: 1, messageId: 5 },
+      { cmd: 'pubrel', messageId: 6 },
+    ])
+    expect(await after.outgoingClearMessageId({ id: 'dev-1' }, { cmd: 'puback', messageId: 5 })).toMatchObject({ payload: Buffer.from('x') })
+    expect(await after.outgoingClearMessageId({ id: 'dev-1' }, { cmd: 'pubcomp', messageId: 6 })).toEqual({ cmd: 'pubrel', messageId: 6 })
+    expect(await toArray(after.outgoingStream({ id: 'dev-1' }))).toEqual([])
+  })
+
+  it('creates a cursor again, and waits for it, when the write that created it failed: no ack counts on a cursor that is not on disk', async () => {
+    const { dir, db } = await openDb()
+    const store = await openLogStore({ db: db as unknown as LevelDatabase })
+    await store.createStream(STREAM, { partitions: 2 })
+    let failures = 1
+    const writer = {
+      write: async (ops: readonly ExtraOperation[]): Promise<void> => {
+        if (failures > 0 && ops.some((op) => op.key[0] === TAG_CURSOR)) {
+          failures--
+          throw new Error('ENOSPC (injected)')
+        }
+        await store.write(ops)
+      },
+    }
+    const persistence = new LevelSessionPersistence(sessionsOf(db), { writer, log: store })
+    await persistence.setup({ id: 'gw', counter: 0 })
+    await persistence.markSession({ id: 'svc' })
+    await persistence.addSubscriptions({ id: 'svc' }, [{ topic: 't1/devices/+/telemetry/#', qos: 1 }])
+    const append = async (): Promise<{ stream: string, partition: number, offset: number }> => {
+      const { partition, offset } = await store.append(STREAM, 'd0', { payload: Buffer.from('d0'), topic: 'devices/d0/telemetry/t', qos: 1 })
+      return { stream: STREAM, partition, offset }
+    }
+
+    const first = persistence.beforeAck(topicOf('d0'), 1, await append())
+    expect(first).toBeInstanceOf(Promise)
+    expect(await errorOf(first as Promise<void>)).toMatchObject({ code: 'GW_SESSION_WRITE_FAILED' }) // its publisher gets no ack
+    const m2 = await append()
+    const second = persistence.beforeAck(topicOf('d0'), 1, m2)
+    expect(second).toBeInstanceOf(Promise) // not 'ready': the cursor is created again
+    await second
+    expect(persistence.beforeAck(topicOf('d0'), 1, await append())).toBe('ready')
+
+    await db.close() // a kill -9
+    const after = await withLog(dir)
+    expect(after.persistence.sessionStates().find((s) => s.clientId === 'svc')?.cursors).toEqual([{ stream: STREAM, partition: m2.partition, next: m2.offset }])
+  })
+
+  it('deletes a cursor a message created while dropSession read the session\'s keys (it would hold retention and bring the session back)', async () => {
+    // The message comes 0 to 11 turns into the drop: before, during and after the read of the cursor keys.
+    for (let turns = 0; turns < 12; turns++) {
+      const listeners = new Map<string, (client: SessionClient) => void>()
+      const { dir, db } = await openDb()
+      const store = await openLogStore({ db: db as unknown as LevelDatabase })
+      await store.createStream(STREAM, { partitions: 2 })
+      const persistence = new LevelSessionPersistence(sessionsOf(db), { writer: store, log: store })
+      await persistence.setup({ id: 'gw', counter: 0, on: (event, listener) => { listeners.set(event, listener) } })
+      await persistence.markSession({ id: 'svc' })
+      await persistence.addSubscriptions({ id: 'svc' }, [{ topic: 't1/devices/+/telemetry/#', qos: 1 }])
+      listeners.get('client')?.({ id: 'svc' })
+      listeners.get('clientDisconnect')?.({ id: 'svc' })
+      const { partition, offset } = await store.append(STREAM, 'd0', { payload: Buffer.from('d0'), topic: 'devices/d0/telemetry/t', qos: 1 })
+
+      const dropping = persistence.dropSession('svc')
+      for (let i = 0; i < turns; i++) await new Promise((resolve) => setImmediate(resolve))
+      const wait = persistence.beforeAck(topicOf('d0'), 1, { stream: STREAM, partition, offset })
+      if (wait instanceof Promise) await wait
+      expect(await dropping).toBe(true)
+      expect(persistence.cursorLag()).toEqual([])
+
+      await db.close() // a kill -9
+      const after = await withLog(dir)
+      expect({ turns, present: after.persistence.hasSessionState({ id: 'svc' }), lag: after.persistence.cursorLag() })
+        .toEqual({ turns, present: false, lag: [] })
+      await after.db.close()
+    }
   })
 })

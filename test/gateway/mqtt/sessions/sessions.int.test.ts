@@ -193,4 +193,47 @@ describe('persistent sessions across SIGKILL', () => {
     await Promise.all([lateAgain.endAsync(), resubAgain.endAsync()])
     expect(await gw.stop()).toBe(0)
   })
+
+  it('keeps a QoS 2 persistent subscriber that unsubscribes and subscribes again while devices publish at QoS 2, and releases all it was sent', async () => {
+    const { dir, cleanup } = await tempDir()
+    cleanups.push(cleanup)
+    const gw = await startGatewayProcess({ dataDir: dir })
+    cleanups.push(() => gw.kill())
+    const sub = await mqtt.connectAsync(gw.mqttUrl, { clientId: 'q2', clean: false, reconnectPeriod: 0 })
+    let closed = false
+    sub.on('close', () => { closed = true })
+    // Packet ids of QoS 2 PUBLISHes received and not released yet (a PUBREL lets MQTT.js hand the message over).
+    const unreleased = new Set<number>()
+    let released = 0
+    sub.on('packetreceive', (packet) => {
+      if (packet.cmd === 'publish' && packet.qos === 2) unreleased.add(packet.messageId as number)
+      if (packet.cmd === 'pubrel' && unreleased.delete(packet.messageId as number)) released++
+    })
+    await sub.subscribeAsync(FILTER, { qos: 2 })
+    let stop = false
+    const devices = await Promise.all(Array.from({ length: PUBLISHERS }, async (_, d) => {
+      const client = await mqtt.connectAsync(gw.mqttUrl, { clientId: `q2-dev-${d}`, reconnectPeriod: 0 })
+      client.on('error', () => {})
+      return client
+    }))
+    // WINDOW publishes in flight per device, so some are between aedes' enqueue step and its delivery at each SUBSCRIBE.
+    const runs = devices.map(async (client, d) => {
+      let i = 0
+      const one = async (): Promise<void> => {
+        while (!stop && i < 5000) await client.publishAsync(`devices/q2-dev-${d}/telemetry/t`, `m${i++}`, { qos: 2 })
+      }
+      await Promise.all(Array.from({ length: WINDOW }, one))
+    })
+    for (let round = 0; round < 30 && !closed; round++) {
+      await sub.unsubscribeAsync(FILTER)
+      await sub.subscribeAsync(FILTER, { qos: 2 })
+    }
+    stop = true
+    await Promise.all(runs)
+    await waitFor(() => closed || unreleased.size === 0, 30_000)
+    expect({ closed, unreleased: [...unreleased].slice(0, 10) }).toEqual({ closed: false, unreleased: [] })
+    expect(released).toBeGreaterThan(0)
+    await Promise.all([sub.endAsync(), ...devices.map(async (client) => { await client.endAsync() })])
+    expect(await gw.stop()).toBe(0)
+  })
 })
