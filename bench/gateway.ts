@@ -131,7 +131,11 @@ interface RoundResult {
   readonly brokerCores: number | undefined
   /** edgemq only: `edgemq_ingest_messages_total` over the window, per second. */
   readonly counterRate: number | undefined
-  /** edgemq only: group commits in the window: how many records each held and how long each took (oldest append to durable). */
+  /**
+   * edgemq only: group commits in the window: how many records each held, and the mean time from a commit's oldest
+   * append to durable (`edgemq_append_duration_seconds`). Not the write alone: a follower commit's clock starts when
+   * the write before it started, so under steady load it spans about two writes.
+   */
   readonly commitRecords: number | undefined
   readonly commitMs: number | undefined
   /** The window on the monotonic clock, in µs (to pick the window's samples out of a CPU profile). */
@@ -224,7 +228,7 @@ async function scenarioFigures (generators: LoadGenerators, scenario: Scenario, 
       const l = result.load
       info(`${scenario.name} round ${r + 1}/${ROUNDS} ${name}: ${Math.round(l.rate)} msgs/s` +
         (scenario.latency ? `, PUBACK p50 ${ms(l.latency.percentileUs(50))} ms p99 ${ms(l.latency.percentileUs(99))} ms` : '') +
-        (result.counterRate === undefined ? '' : `, ingest counter ${Math.round(result.counterRate)}/s, commits of ${Math.round(result.commitRecords ?? NaN)} records taking ${r2(result.commitMs)} ms`) +
+        (result.counterRate === undefined ? '' : `, ingest counter ${Math.round(result.counterRate)}/s, commits of ${Math.round(result.commitRecords ?? NaN)} records, oldest append to durable ${r2(result.commitMs)} ms`) +
         `; broker ${r2(result.brokerCores)} cores, generator ${r2(l.generatorCores)} cores (event loop ${Math.round(l.generatorElu * 100)} % busy)`)
     }
   }
@@ -336,7 +340,7 @@ async function profileEdgemq (generators: LoadGenerators): Promise<void> {
     if (code !== 0) info(`profiled edgemq exited with code ${code}:\n${broker.stderr().slice(-4000)}`)
   }
   info(`profiled run (${scenario.name}, ${PROFILE_SECONDS} s): ${Math.round(result.load.rate)} msgs/s, broker ${r2(result.brokerCores)} cores, ` +
-    `generator ${r2(result.load.generatorCores)} cores; commits of ${Math.round(result.commitRecords ?? NaN)} records taking ${r2(result.commitMs)} ms`)
+    `generator ${r2(result.load.generatorCores)} cores; commits of ${Math.round(result.commitRecords ?? NaN)} records, oldest append to durable ${r2(result.commitMs)} ms`)
   // One file per thread, CPU.<date>.<time>.<pid>.<thread>.<seq>.cpuprofile; thread 0 is the main thread (tsx's
   // loader runs in a worker that writes its own).
   const files = (await readdir(profileDir)).filter((f) => f.endsWith('.cpuprofile')).sort()
