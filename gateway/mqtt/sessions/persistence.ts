@@ -967,6 +967,11 @@ export class LevelSessionPersistence {
     if (this.#connections.has(clientId) || !this.#sessions.has(clientId)) return false
     for (const topic of this.#subs.get(clientId)?.keys() ?? []) this.#trie.remove(topic, { clientId, topic })
     this.#subs.delete(clientId)
+    // So may a copy have been queued (QoS 2, or no log): its keys are deleted too. Its put went to the writer first
+    // (the queue entry and its write are made in one turn), so the group commit deletes after it.
+    for (const entry of this.#queues.get(clientId)?.entries.values() ?? []) {
+      ops.push(del(keys.outgoing(TAG_OUTGOING, clientId, entry.seq)), del(keys.outgoing(TAG_MESSAGE_ID, clientId, entry.seq)))
+    }
     this.#queues.delete(clientId)
     this.#incoming.delete(clientId)
     this.#wills.delete(clientId)

@@ -652,4 +652,31 @@ describe('beforeAck: what persistent sessions need on disk before a logged messa
       await after.db.close()
     }
   })
+
+  it('deletes a copy queued while dropSession read the session\'s keys (QoS 2: the session would be back after a restart)', async () => {
+    // The copy is queued 0 to 9 turns into the drop: before, during and after the read of the keys.
+    for (let turns = 0; turns < 10; turns++) {
+      const listeners = new Map<string, (client: SessionClient) => void>()
+      const { dir, db } = await openDb()
+      const store = await openLogStore({ db: db as unknown as LevelDatabase })
+      const persistence = new LevelSessionPersistence(sessionsOf(db), { writer: store })
+      await persistence.setup({ id: 'gw', counter: 0, on: (event, listener) => { listeners.set(event, listener) } })
+      await persistence.markSession({ id: 'svc' })
+      await persistence.addSubscriptions({ id: 'svc' }, [{ topic: 't/#', qos: 2 }])
+      listeners.get('client')?.({ id: 'svc' })
+      listeners.get('clientDisconnect')?.({ id: 'svc' })
+
+      const dropping = persistence.dropSession('svc')
+      for (let i = 0; i < turns; i++) await new Promise((resolve) => setImmediate(resolve))
+      const subs = await persistence.subscriptionsByTopic('t/x')
+      const queued = persistence.outgoingEnqueueCombi(subs, { cmd: 'publish', topic: 't/x', payload: Buffer.from('q'), qos: 2, retain: false, dup: false, brokerId: 'gw', brokerCounter: turns + 1 })
+      expect(await dropping).toBe(true)
+      await queued
+
+      await db.close() // a kill -9
+      const after = await withLog(dir)
+      expect({ turns, present: after.persistence.hasSessionState({ id: 'svc' }) }).toEqual({ turns, present: false })
+      await after.db.close()
+    }
+  })
 })
