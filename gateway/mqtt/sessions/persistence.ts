@@ -1326,13 +1326,24 @@ export class LevelSessionPersistence {
       // while devices publish.
       if (packet.cmd === 'publish' && this.#sessions.has(client.id) && this.#connections.has(client.id)) {
         if (messageId === undefined) return
+        // Past the queue's bound it is counted as an overflow and goes out unqueued, as any copy the bound drops.
+        if (this.#full(client.id, packet)) return
         const queued = toAedesPacket(packet)
         const body = cbor.encode(queued) // before memory changes, so a packet that cannot be stored changes nothing
         const seq = this.#nextSeq++
-        this.#queue(client.id, true).add({ seq, brokerId: queued.brokerId, brokerCounter: queued.brokerCounter, messageId, replacement: undefined })
-        await this.#writer.write([
-          put(keys.outgoing(TAG_OUTGOING, client.id, seq), body), put(keys.outgoing(TAG_MESSAGE_ID, client.id, seq), encodeU16(messageId)),
-        ])
+        const target = this.#queue(client.id, true)
+        const entry = { seq, brokerId: queued.brokerId, brokerCounter: queued.brokerCounter, messageId, replacement: undefined }
+        target.add(entry)
+        try {
+          await this.#writer.write([
+            put(keys.outgoing(TAG_OUTGOING, client.id, seq), body), put(keys.outgoing(TAG_MESSAGE_ID, client.id, seq), encodeU16(messageId)),
+          ])
+        } catch (err) {
+          // Not on disk: not in memory either (its id would stay busy, and it would count against the bound).
+          target.remove(entry)
+          this.#dropIfEmpty(client.id, target)
+          throw err
+        }
         return
       }
       throw notFound()

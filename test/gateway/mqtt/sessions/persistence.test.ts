@@ -586,6 +586,34 @@ describe('beforeAck: what persistent sessions need on disk before a logged messa
     expect(await toArray(after.outgoingStream({ id: 'dev-1' }))).toEqual([])
   })
 
+  it('counts a live copy it queues for a connected persistent session against the queue\'s bound, and keeps none whose write failed', async () => {
+    const listeners = new Map<string, (client: SessionClient) => void>()
+    const { db } = await openDb()
+    const store = await openLogStore({ db: db as unknown as LevelDatabase })
+    const overflows: string[] = []
+    let failNext = false
+    const writer = {
+      write: async (ops: readonly ExtraOperation[]): Promise<void> => {
+        if (failNext) { failNext = false; throw new Error('ENOSPC (injected)') }
+        await store.write(ops)
+      },
+    }
+    const persistence = new LevelSessionPersistence(sessionsOf(db), { writer, maxQueuedPerSession: 1, onQueueOverflow: (clientId, topic) => overflows.push(`${clientId} ${topic}`) })
+    await persistence.setup({ id: 'gw', counter: 0, on: (event, listener) => { listeners.set(event, listener) } })
+    await persistence.markSession({ id: 'dev-1' })
+    listeners.get('client')?.({ id: 'dev-1' })
+    // A failed write leaves nothing behind: the id is not busy, the bound not used.
+    failNext = true
+    expect(await errorOf(persistence.outgoingUpdate({ id: 'dev-1' }, publish('t', 'lost', 1, { messageId: 4 })))).toBeDefined()
+    expect(persistence.sessionStates().find((x) => x.clientId === 'dev-1')).toMatchObject({ queued: 0 })
+    await persistence.outgoingUpdate({ id: 'dev-1' }, publish('t', 'kept', 2, { messageId: 5 }))
+    expect(persistence.sessionStates().find((x) => x.clientId === 'dev-1')).toMatchObject({ queued: 1 })
+    // Past the bound: counted as an overflow, and it still goes out (unqueued), as any copy the bound drops.
+    await expect(persistence.outgoingUpdate({ id: 'dev-1' }, publish('t', 'over', 3, { messageId: 6 }))).resolves.toBeUndefined()
+    expect(overflows).toEqual(['dev-1 t'])
+    expect(persistence.sessionStates().find((x) => x.clientId === 'dev-1')).toMatchObject({ queued: 1 })
+  })
+
   it('creates a cursor again, and waits for it, when the write that created it failed: no ack counts on a cursor that is not on disk', async () => {
     const { dir, db } = await openDb()
     const store = await openLogStore({ db: db as unknown as LevelDatabase })
