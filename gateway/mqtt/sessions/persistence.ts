@@ -1330,20 +1330,16 @@ export class LevelSessionPersistence {
         if (this.#full(client.id, packet)) return
         const queued = toAedesPacket(packet)
         const body = cbor.encode(queued) // before memory changes, so a packet that cannot be stored changes nothing
-        const seq = this.#nextSeq++
-        const target = this.#queue(client.id, true)
-        const entry = { seq, brokerId: queued.brokerId, brokerCounter: queued.brokerCounter, messageId, replacement: undefined }
-        target.add(entry)
-        try {
-          await this.#writer.write([
-            put(keys.outgoing(TAG_OUTGOING, client.id, seq), body), put(keys.outgoing(TAG_MESSAGE_ID, client.id, seq), encodeU16(messageId)),
-          ])
-        } catch (err) {
-          // Not on disk: not in memory either (its id would stay busy, and it would count against the bound).
-          target.remove(entry)
-          this.#dropIfEmpty(client.id, target)
-          throw err
-        }
+        await this.#queueSent(client.id, messageId, { brokerId: queued.brokerId, brokerCounter: queued.brokerCounter, replacement: undefined }, body)
+        return
+      }
+      // The PUBREL of a QoS 2 delivery that went out unqueued (a copy the queue's bound dropped): kept from the
+      // client's PUBREC to its PUBCOMP, so that a reconnect resends it [MQTT-4.4.0-1]. Refusing it made aedes close the
+      // connection, and the client, which releases the message on the PUBREL, never had it.
+      if (packet.cmd === 'pubrel' && messageId !== undefined && this.#sessions.has(client.id) && this.#connections.has(client.id)) {
+        const replacement = ownFields(packet)
+        const body = cbor.encode(replacement) // before memory changes, so a packet that cannot be stored changes nothing
+        await this.#queueSent(client.id, messageId, { brokerId: packet.brokerId, brokerCounter: packet.brokerCounter, replacement }, body)
         return
       }
       throw notFound()
@@ -1362,6 +1358,25 @@ export class LevelSessionPersistence {
       ops.push(put(keys.outgoing(TAG_MESSAGE_ID, client.id, otherBroker.seq), encodeU16(messageId as number)))
     }
     await this.#writer.write(ops)
+  }
+
+  /**
+   * Queues a packet already on its way to a connected client (outgoingUpdate): in memory, then on disk. Not on disk
+   * means not in memory either: its id would stay busy, and it would count against the queue's bound.
+   */
+  async #queueSent (clientId: string, messageId: number, fields: Omit<OutgoingEntry, 'seq' | 'messageId'>, body: Buffer): Promise<void> {
+    const entry: OutgoingEntry = { seq: this.#nextSeq++, messageId, ...fields }
+    const target = this.#queue(clientId, true)
+    target.add(entry)
+    try {
+      await this.#writer.write([
+        put(keys.outgoing(TAG_OUTGOING, clientId, entry.seq), body), put(keys.outgoing(TAG_MESSAGE_ID, clientId, entry.seq), encodeU16(messageId)),
+      ])
+    } catch (err) {
+      target.remove(entry)
+      this.#dropIfEmpty(clientId, target)
+      throw err
+    }
   }
 
   /**

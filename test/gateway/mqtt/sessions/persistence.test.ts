@@ -612,6 +612,14 @@ describe('beforeAck: what persistent sessions need on disk before a logged messa
     await expect(persistence.outgoingUpdate({ id: 'dev-1' }, publish('t', 'over', 3, { messageId: 6 }))).resolves.toBeUndefined()
     expect(overflows).toEqual(['dev-1 t'])
     expect(persistence.sessionStates().find((x) => x.clientId === 'dev-1')).toMatchObject({ queued: 1 })
+    // A QoS 2 one past the bound goes out unqueued too; its PUBREL, after the client's PUBREC, is kept until the PUBCOMP.
+    await expect(persistence.outgoingUpdate({ id: 'dev-1' }, publish('t', 'over2', 4, { qos: 2, messageId: 7 }))).resolves.toBeUndefined()
+    await expect(persistence.outgoingUpdate({ id: 'dev-1' }, { cmd: 'pubrel', messageId: 7 })).resolves.toBeUndefined()
+    expect(await toArray(persistence.outgoingStream({ id: 'dev-1' }))).toMatchObject([
+      { cmd: 'publish', payload: Buffer.from('kept'), messageId: 5 },
+      { cmd: 'pubrel', messageId: 7 },
+    ])
+    expect(await persistence.outgoingClearMessageId({ id: 'dev-1' }, { cmd: 'pubcomp', messageId: 7 })).toEqual({ cmd: 'pubrel', messageId: 7 })
   })
 
   it('creates a cursor again, and waits for it, when the write that created it failed: no ack counts on a cursor that is not on disk', async () => {
