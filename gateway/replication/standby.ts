@@ -117,6 +117,8 @@ export class ReplicationStandby {
   #pending: Array<{ seq: number, at: number }> = []
   /** Silence checks in a row that found no frame from the primary. */
   #quietChecks = 0
+  /** Silence checks run since start (with or without a connection). */
+  #silenceChecks = 0
   #silenceTimer: NodeJS.Timeout | undefined
 
   constructor (deps: StandbyDeps) {
@@ -139,6 +141,8 @@ export class ReplicationStandby {
   get position (): AppliedPosition | null { return this.#position }
   /** Snapshot bytes received and not yet written. */
   get unappliedBytes (): number { return this.#unappliedBytes }
+  /** How many silence checks (one a second) have run: what tests wait for, instead of a time, before "no reconnect". */
+  get silenceChecks (): number { return this.#silenceChecks }
   /** Not reading from the primary until the snapshot's writes catch up. */
   get paused (): boolean { return this.#pausedFrames !== undefined && this.#pausedFrames === this.#frames }
   get refusal (): string | null { return this.#lastRefusal }
@@ -195,6 +199,7 @@ export class ReplicationStandby {
   }
 
   #checkSilence (): void {
+    this.#silenceChecks++
     // Connecting counts too: a SYN into a black hole is retried by the kernel for about two minutes.
     const frames = this.#frames
     if (frames === undefined) return

@@ -169,8 +169,9 @@ describe('a snapshot that arrives faster than the standby\'s disk writes it', ()
     expect(standby.unappliedBytes).toBeLessThanOrEqual(4 * MIB + MIB + 64)
     // What it does not read waits in the primary's socket (TCP's window is shut), not in the standby's memory.
     expect(primarySocket?.writableLength).toBeGreaterThan(0)
-    // The disk holds its first write for three of the standby's silence checks.
-    await new Promise((resolve) => setTimeout(resolve, 3000))
+    // The disk holds its first write for three of the standby's silence checks (waited for as checks, not as time).
+    const checks = standby.silenceChecks
+    await waitUntil('three silence checks while paused', () => standby.silenceChecks >= checks + 3)
     expect(standby.paused).toBe(true)
     release()
     await waitUntil('the snapshot acknowledged', () => acks[0]?.includes(10) === true)
