@@ -192,16 +192,3 @@ function mqttString (value: string | Buffer): Buffer {
   return out
 }
 
-/** Resolves once the stream drained or closed. */
-export function drained (stream: Pick<Writable, 'once' | 'off' | 'writableNeedDrain'>): Promise<void> {
-  if (!stream.writableNeedDrain) return Promise.resolve()
-  return new Promise((resolve) => {
-    const done = (): void => {
-      stream.off('drain', done)
-      stream.off('close', done)
-      resolve()
-    }
-    stream.once('drain', done)
-    stream.once('close', done)
-  })
-}

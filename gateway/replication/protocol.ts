@@ -18,6 +18,7 @@
  */
 import type { Socket } from 'node:net'
 import { DecoderStream, Encoder } from 'cbor-x'
+import { drained } from '../drained.ts'
 
 /** 2: the standby answers pings (a version 1 standby would not, and would be dropped as silent: refused instead). */
 export const PROTOCOL_VERSION = 2
@@ -105,18 +106,7 @@ export class FrameSocket<In, Out> {
 
   /** Resolves once what was buffered is taken by the kernel ('drain'), or the connection closed. */
   drained (): Promise<void> {
-    const { socket } = this
-    // 'drain' comes only after a write that returned false.
-    if (socket.destroyed || !socket.writableNeedDrain) return Promise.resolve()
-    return new Promise((resolve) => {
-      const done = (): void => {
-        socket.off('drain', done)
-        socket.off('close', done)
-        resolve()
-      }
-      socket.on('drain', done)
-      socket.on('close', done)
-    })
+    return drained(this.socket)
   }
 
   /** Bytes written and not yet taken by the kernel. */

@@ -60,7 +60,8 @@ import { expiredAt, headersToProperties } from '../../../bridge/index.ts'
 import { mountTopic } from '../../access/topics.ts'
 import { RETAIN_HEADER } from '../hooks/durable-append.ts'
 import { logPositionOf, type LogPosition } from '../log-position.ts'
-import { drained, publishPacketLength, recordProperties, writePublishHeader, type FrameConnection } from '../publish-frames.ts'
+import { drained } from '../../drained.ts'
+import { publishPacketLength, recordProperties, writePublishHeader, type FrameConnection } from '../publish-frames.ts'
 import { keys } from './format.ts'
 
 /** What the cursors read of the log. */
