@@ -48,7 +48,7 @@ interface Gateway {
 }
 
 /** The database, log store and session persistence as gateway.ts builds them (no client connected). */
-async function open (dir: string, window = 100, options: Pick<SessionPersistenceOptions, 'onExpired' | 'cursorCommit'> = {}): Promise<Gateway> {
+async function open (dir: string, window = 100, options: Pick<SessionPersistenceOptions, 'onExpired' | 'cursorCommit' | 'onCursorReadError'> = {}): Promise<Gateway> {
   const db = new ClassicLevel(dir)
   await db.open()
   const store = await openLogStore({ db: db as unknown as LevelDatabase })
@@ -62,7 +62,7 @@ async function open (dir: string, window = 100, options: Pick<SessionPersistence
   return { db, store, sessions, persistence, broker, connections }
 }
 
-async function fresh (window?: number, options?: Pick<SessionPersistenceOptions, 'onExpired' | 'cursorCommit'>): Promise<{ dir: string, gw: Gateway }> {
+async function fresh (window?: number, options?: Pick<SessionPersistenceOptions, 'onExpired' | 'cursorCommit' | 'onCursorReadError'>): Promise<{ dir: string, gw: Gateway }> {
   const dir = await mkdtemp(join(tmpdir(), 'edgemq-cursors-'))
   dirs.push(dir)
   const gw = await open(dir, window, options)
@@ -602,6 +602,34 @@ describe('session cursors into the log', () => {
     expect(await stored(afterKill)).toBe(2500)
     const afterStop = await restart(dir, afterKill, 100, { cursorCommit })
     expect(await drain(afterStop, 'svc')).toEqual([])
+  })
+
+  it('reads the next chunk of the log before the last one has gone out, and gets past a read of it that failed: every record once, in order', async () => {
+    const errors: unknown[] = []
+    const { gw } = await fresh(100, { onCursorReadError: (err) => { errors.push(err) } })
+    await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: 't1/devices/+/telemetry/#', qos: 1 }])
+    for (let from = 0; from < 2500; from += 500) {
+      await Promise.all(Array.from({ length: 500 }, async (_v, i) => await publish(gw, 't1', 'd0', `m${from + i}`)))
+    }
+    const connected: { conn?: Connection } = {}
+    // At each read: where it starts, and how many records the connection had got by then.
+    const reads: Array<{ from: number, got: number }> = []
+    const readColumns = gw.store.readColumns.bind(gw.store)
+    gw.store.readColumns = async (...args) => {
+      reads.push({ from: args[2], got: connected.conn?.got.length ?? 0 })
+      if (reads.length === 2) throw new Error('EIO (injected)') // the second read, made while the first chunk goes out
+      return await readColumns(...args)
+    }
+    const conn = connected.conn = await connect(gw, 'svc')
+    await settled(gw, conn)
+    expect(bodies(conn.got)).toEqual(Array.from({ length: 2500 }, (_v, i) => `m${i}`))
+    expect(conn.got.every((p) => !p.dup)).toBe(true)
+    expect(errors).toHaveLength(1)
+    expect(String(errors[0])).toContain('EIO (injected)')
+    // The first chunk (1,000 records) had not all gone out when the next was read: the window did not wait for it.
+    expect(reads[1]).toMatchObject({ from: 1000 })
+    expect(reads[1]?.got).toBeLessThan(1000)
+    conn.close()
   })
 
   it('writes a cursor advance smaller than the PUBACK bound after `ms` at the latest', async () => {
