@@ -32,7 +32,10 @@
  * is the median of rounds. Arguments: `--messages=N` (or EDGEMQ_BENCH_MESSAGES),
  * `--rounds=N` (default 1), `--mosquitto=PATH`, `--edgemq=PATH` (another
  * checkout's gateway/edgemq.mjs, to compare a change), `--drain-only` (no
- * ingest rounds: the drain figure alone, a third of the machine time).
+ * ingest rounds: the drain figure alone, a third of the machine time), `--warm` (a second offline
+ * session gets the same backlog and drains it, unmeasured, just before the measured one: the gateway's drain
+ * code is then compiled, as in a gateway that has served reconnects before; without it each round's fresh
+ * gateway drains with cold code, and V8's compiler threads took about a quarter of its CPU in the drain).
  *
  * `--profile`: instead of the figures, one edgemq drain round under
  * `node --cpu-prof`; prints where the gateway's main thread spent the drain
@@ -57,6 +60,7 @@ const ROUNDS = intFlag('rounds', 1)
 const EDGEMQ_BIN = flag('edgemq') === undefined ? undefined : path.resolve(flag('edgemq') as string)
 const PROFILE = argv.includes('--profile')
 const DRAIN_ONLY = argv.includes('--drain-only')
+const WARM = argv.includes('--warm')
 const PUBLISHERS = 8
 const DEVICES_PER_PUBLISHER = 10
 const PUBLISH_WINDOW = 100
@@ -108,7 +112,12 @@ const nowUs = (): number => Number(process.hrtime.bigint() / 1000n)
 async function drainRound (broker: RunningBroker, n: number): Promise<DrainRound> {
   const clientId = `persistent-${n}`
   await leaveSession(broker, clientId)
+  if (WARM) await leaveSession(broker, `warm-${n}`)
   const { rate: publishRate } = await publish(broker)
+  if (WARM) {
+    const w = await runSubscriber({ host: broker.host, port: broker.port, clientId: `warm-${n}`, clean: false, wantTopics: false, until: (c) => c === MESSAGES, timeoutMs: TIMEOUT_MS })
+    if (w.received !== MESSAGES) throw new Error(`${broker.name}: the warm-up drain got ${w.received} of ${MESSAGES}`)
+  }
   const cpu0 = processCpuSeconds(broker.pid)
   const fromUs = nowUs()
   const r = await runSubscriber({ host: broker.host, port: broker.port, clientId, clean: false, wantTopics: false, until: (c) => c === MESSAGES, timeoutMs: TIMEOUT_MS })
@@ -149,7 +158,7 @@ async function profile (mosquitto: string): Promise<void> {
   if (main === undefined) throw new Error(`no .cpuprofile in ${profileDir}`)
   const file = path.join(profileDir, main)
   process.stderr.write(`${formatProfileSummary(await summarizeCpuProfile(file, d.window), 30)}\n`)
-  info(`profile kept at ${file} (open it in Chrome DevTools > Performance, or speedscope)`)
+  info(`profile kept at ${file} (open it in Chrome DevTools > Performance, or speedscope); the drain is ${d.window.fromUs}..${d.window.toUs} µs of its clock`)
 }
 
 async function main (): Promise<number> {
@@ -194,7 +203,7 @@ async function main (): Promise<number> {
   const rates = (name: Name): number[] => drains[name].map((d) => d.rate)
   const common = {
     messages: MESSAGES, publishers: PUBLISHERS, devices: PUBLISHERS * DEVICES_PER_PUBLISHER, publishWindow: PUBLISH_WINDOW, payloadBytes: PAYLOAD_BYTES,
-    rounds: ROUNDS, statistic: 'median of rounds', durability: 'sync', mosquitto: version, mosquittoConfig: `persistence false, ${MOSQUITTO_LINES.join(', ')}`,
+    rounds: ROUNDS, statistic: 'median of rounds', durability: 'sync', warmDrain: WARM, mosquitto: version, mosquittoConfig: `persistence false, ${MOSQUITTO_LINES.join(', ')}`,
   }
   report({
     bench: 'sessions.offline-drain', unit: 'msgs/s', value: median(rates('edgemq')), better: 'higher',

@@ -62,6 +62,10 @@ export function installCursorDelivery (ctx: HookContext): void {
         if (!(guard instanceof ConnectionGuard)) return
         guard.pubacks = { take: taker.take, taken: () => { refreshKeepalive(client); taker.taken() } }
       },
+      flush: () => {
+        const guard = rawConnection(client)
+        if (guard instanceof ConnectionGuard) guard.flushWrites()
+      },
     }
   })
 }
