@@ -165,11 +165,6 @@ export interface SessionPersistenceOptions {
   readonly log?: SessionLog
   /** With a log: QoS 1 deliveries from the log one session may have unacknowledged while it catches up (default 100). */
   readonly window?: number
-  /**
-   * With a log: when a session's cursor advances are written, after `acks` PUBACKs or `ms` after the first one not
-   * written, whichever comes first (default 1,000 and 20 ms, cursors.ts COMMIT_ACKS).
-   */
-  readonly cursorCommit?: { readonly acks?: number, readonly ms?: number }
   /** With a log: told when a cursor advance could not be written (it is written again with the next one). */
   readonly onCursorWriteError?: (err: unknown) => void
   /** With a log: told when reading the log for a session failed (it goes on at its next PUBACK or append). */
@@ -578,7 +573,6 @@ export class LevelSessionPersistence {
         busy: (clientId, messageId) => this.#queues.get(clientId)?.byMessageId(messageId) !== undefined,
         broker: () => this.#broker,
         window,
-        commit: options.cursorCommit,
         onWriteError: options.onCursorWriteError,
         onReadError: options.onCursorReadError,
         onExpired: options.onExpired,
@@ -1602,7 +1596,7 @@ export class LevelSessionPersistence {
     if (this.#destroyed) throw new SessionPersistenceError('GW_SESSION_CLOSED', 'the session persistence was already destroyed')
     this.#destroyed = true
     await this.#loading?.catch(() => {})
-    // The cursors write their advances on a bound (cursors.ts COMMIT_ACKS): the last ones go now.
+    // The cursors' advances still being written, and those that moved meanwhile, go now.
     await this.#cursors?.flush()
     await this.#writer.flush()
     this.#subs.clear()
