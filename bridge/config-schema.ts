@@ -29,7 +29,7 @@ const forwardSchema = {
     },
     priority: {
       type: 'integer', minimum: 0, maximum: 9, default: 0,
-      description: 'Higher first: when the in-flight window is contended, records of a higher-priority stream are sent before a lower one\'s backlog.',
+      description: 'Higher first: from its append on, a record of a higher-priority stream goes before a lower one\'s backlog (bar what is in flight).',
     },
   },
 } as const

@@ -160,7 +160,8 @@ export class UplinkCore {
 
   /**
    * Hands the lanes' next records to `send` while `room()` says the window has room: records the lane does not carry
-   * are skipped, those `refusal` names a reason for are dead-lettered, and the rate limit may stop the loop.
+   * are skipped, those `refusal` names a reason for are dead-lettered, and the rate limit may stop the loop. A lane
+   * whose buffer runs out reads on at once, so while it reads, lanes of lower priority wait (LaneScheduler.next).
    */
   drain (room: () => boolean, refusal: (lane: Lane, record: StoredRecord) => string | null, send: (lane: Lane, entry: Pending) => void): void {
     while (room()) {
@@ -168,20 +169,25 @@ export class UplinkCore {
       if (lane === null) break
       const record = lane.buffer[lane.bufferAt] as StoredRecord
       if (!this.#wanted(lane, record)) {
-        lane.bufferAt++
+        this.#take(lane)
         skip(lane, record)
         continue
       }
       const reason = refusal(lane, record)
       if (reason !== null) {
-        lane.bufferAt++
+        this.#take(lane)
         this.deadLetter(lane, track(lane, record), reason)
         continue
       }
       if (this.#bucket !== null && !this.#takeTokens(this.#bucket, record.payload.byteLength)) break
-      lane.bufferAt++
+      this.#take(lane)
       send(lane, track(lane, record))
     }
+  }
+
+  /** Moves past the lane's next buffered record; the last one starts the next read. */
+  #take (lane: Lane): void {
+    if (++lane.bufferAt >= lane.buffer.length) this.#fill(lane)
   }
 
   /** Starts a read for every lane whose buffer is used up and whose log has more. */

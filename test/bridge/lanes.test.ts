@@ -58,6 +58,22 @@ describe('lane scheduler', () => {
     expect(turns(s, 2)).toEqual(['alarms/0', 'telemetry/0'])
   })
 
+  it('holds lower-priority lanes while a higher-priority one reads records from the log, not lanes of its priority or above', () => {
+    const s = new LaneScheduler()
+    const backlog = lane('telemetry', 0)
+    const sibling = lane('events', 5, 1)
+    const events = lane('events', 5, 0)
+    for (const l of [backlog, sibling, events]) s.add(l)
+    buffer(backlog, 0, 1000)
+    events.reading = true // a live event appended: in the log, on its way into memory
+    expect(s.next()).toBeNull()
+    buffer(sibling, 0, 1)
+    expect(turns(s, 2)).toEqual(['events/1'])
+    buffer(events, 0, 1) // the read is in
+    events.reading = false
+    expect(turns(s, 3)).toEqual(['events/0', 'telemetry/0', 'telemetry/0']) // idle, it holds nothing back
+  })
+
   it('has nothing to send when no lane has a buffered record', () => {
     const s = new LaneScheduler()
     s.add(lane('telemetry', 0))

@@ -5,6 +5,8 @@
  * CONNECT/CONNACK pass, the PUBLISH never reaches the broker). With `cutOn:
  * 'puback'` it cuts when the broker's first PUBACK comes back instead: the
  * broker has the PUBLISH, the client never learns it, and resends it.
+ * With no drops it is a tap: `published()` lists the topics of the PUBLISHes
+ * the client sent, in the order they reached the broker.
  */
 import { createConnection, createServer, type Server, type Socket } from 'node:net'
 
@@ -12,6 +14,8 @@ export interface FlakyProxy {
   readonly url: string
   /** Connections cut at a PUBLISH so far. */
   readonly cut: () => number
+  /** The topic of every PUBLISH forwarded from a client to the broker so far, in order (all connections). */
+  readonly published: () => readonly string[]
   close (): Promise<void>
 }
 
@@ -38,8 +42,16 @@ function packets (buf: Buffer): [Buffer[], Buffer] {
   return [out, buf.subarray(at)]
 }
 
+/** The topic of a whole PUBLISH packet: after the fixed header, a two-byte length and the name. */
+function topicOf (p: Buffer): string {
+  let i = 1
+  while (((p[i] as number) & 0x80) !== 0) i++
+  return p.toString('utf8', i + 3, i + 3 + p.readUInt16BE(i + 1))
+}
+
 export async function startFlakyProxy (target: { host: string, port: number }, drops: number, cutOn: 'publish' | 'puback' = 'publish'): Promise<FlakyProxy> {
   let cut = 0
+  const published: string[] = []
   const sockets = new Set<Socket>()
   const server: Server = createServer((client) => {
     const upstream = createConnection(target)
@@ -63,6 +75,7 @@ export async function startFlakyProxy (target: { host: string, port: number }, d
             upstream.destroy()
             return
           }
+          if (from === client && ((p[0] as number) >> 4) === 3) published.push(topicOf(p))
           to.write(p)
         }
       })
@@ -76,6 +89,7 @@ export async function startFlakyProxy (target: { host: string, port: number }, d
   return {
     url: `mqtt://127.0.0.1:${address.port}`,
     cut: () => cut,
+    published: () => published,
     async close () {
       for (const s of sockets) s.destroy()
       await new Promise<void>((resolve) => server.close(() => resolve()))
