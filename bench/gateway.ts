@@ -39,6 +39,10 @@
  * (seconds, default 1), `--window=N` (in flight per connection for qos1),
  * `--generators=N` (load processes, default 1), `--mosquitto=PATH`,
  * `--edgemq=PATH` (another checkout's gateway/edgemq.mjs, to try a change),
+ * `--against=PATH` (another checkout's gateway/edgemq.mjs run in every round
+ * too, beside this one, the order rotating: one more figure per scenario,
+ * `gateway.<scenario>.against`, this edgemq against that one paired by round,
+ * so a change is judged on the same machine state as its baseline),
  * `--durability=async` (edgemq without fsync: what its CPU alone allows, to
  * compare a change's CPU cost when a shared disk drowns the sync figures).
  * `--profile`: instead of the figures, run edgemq alone under the first
@@ -76,6 +80,8 @@ const DURABILITY = flag('durability') ?? 'sync'
 if (DURABILITY !== 'sync' && DURABILITY !== 'async') throw new Error(`--durability must be sync or async, got ${DURABILITY}`)
 /** Another checkout's gateway/edgemq.mjs to measure instead of this one's. */
 const EDGEMQ_BIN = flag('edgemq') === undefined ? undefined : path.resolve(flag('edgemq') as string)
+/** Another checkout's gateway/edgemq.mjs to measure in every round beside this one (`gateway.<scenario>.against`). */
+const AGAINST_BIN = flag('against') === undefined ? undefined : path.resolve(flag('against') as string)
 
 const PUBLISHERS = 10
 const PAYLOAD_BYTES = 100
@@ -177,9 +183,9 @@ async function runRound (generators: LoadGenerators, scenario: Scenario, broker:
   }
 }
 
-async function withBroker<T> (name: 'edgemq' | 'mosquitto', mosquitto: string, fn: (broker: RunningBroker) => Promise<T>): Promise<T> {
+async function withBroker<T> (name: 'edgemq' | 'mosquitto', mosquitto: string, fn: (broker: RunningBroker) => Promise<T>, bin = EDGEMQ_BIN): Promise<T> {
   return await withBrokerIn(dirs, name, async (dir) => name === 'edgemq'
-    ? await startEdgemq(dir, [], EDGEMQ_BIN, await durabilityArgs(dir))
+    ? await startEdgemq(dir, [], bin, await durabilityArgs(dir))
     : await startMosquitto(mosquitto, dir), fn)
 }
 
@@ -204,6 +210,8 @@ async function scenarioFigures (generators: LoadGenerators, scenario: Scenario, 
   /** MQTT 5 scenarios: edgemq under the same load over MQTT 3.1.1, one round beside each MQTT 5 round. */
   const v311Rounds: number[] = []
   const v311: Scenario = { ...scenario, protocolVersion: undefined }
+  /** --against: the other checkout's edgemq under the same load, a round beside each of this one's. */
+  const againstRounds: number[] = []
   /** One message in flight: the disk's commit time and a loopback round trip, probed before each round (fsync-probe.ts). */
   const probes: FsyncProbe[] = []
   for (let r = 0; r < ROUNDS; r++) {
@@ -214,9 +222,19 @@ async function scenarioFigures (generators: LoadGenerators, scenario: Scenario, 
       info(`${scenario.name} round ${r + 1}/${ROUNDS} probe: LevelDB sync batch ${times(probe.level)}, fdatasync ${times(probe.fdatasync)}, ` +
         `loopback PUBLISH/PUBACK ${times(probe.roundTrip)}: ceiling ${Math.round(fsyncCeiling(PUBLISHERS, probe))} msgs/s`)
     }
-    const order: Array<'edgemq' | 'mosquitto' | 'edgemq-3.1.1'> = r % 2 === 0 ? ['mosquitto', 'edgemq'] : ['edgemq', 'mosquitto']
+    const order: Array<'edgemq' | 'mosquitto' | 'edgemq-3.1.1' | 'against'> = r % 2 === 0 ? ['mosquitto', 'edgemq'] : ['edgemq', 'mosquitto']
     if (scenario.protocolVersion === 5) order.splice(r % 2 === 0 ? 1 : 0, 0, 'edgemq-3.1.1')
+    // Rotates through before, between and after the others, so neither edgemq always follows the same broker.
+    if (AGAINST_BIN !== undefined) order.splice(r % (order.length + 1), 0, 'against')
     for (const name of order) {
+      if (name === 'against') {
+        const result = await withBroker('edgemq', mosquitto, (broker) => runRound(generators, scenario, broker), AGAINST_BIN)
+        againstRounds.push(result.load.rate)
+        info(`${scenario.name} round ${r + 1}/${ROUNDS} edgemq of ${AGAINST_BIN}: ${Math.round(result.load.rate)} msgs/s` +
+          (result.counterRate === undefined ? '' : `, commits of ${Math.round(result.commitRecords ?? NaN)} records, oldest append to durable ${r2(result.commitMs)} ms`) +
+          `; broker ${r2(result.brokerCores)} cores`)
+        continue
+      }
       if (name === 'edgemq-3.1.1') {
         const result = await withBroker('edgemq', mosquitto, (broker) => runRound(generators, v311, broker))
         v311Rounds.push(result.load.rate)
@@ -283,6 +301,21 @@ async function scenarioFigures (generators: LoadGenerators, scenario: Scenario, 
         edgemqCommitMsRounds: results.edgemq.map((x) => r2(x.commitMs) ?? NaN),
         probe: 'sequential loops of at most 1000 runs or 1.5 s each after 20 unmeasured: a classic-level batch of one 100-byte put with sync: true; ' +
           'a 100-byte append + FileHandle.datasync(); a QoS 1 PUBLISH to a broker answering at once in a child process (lib/null-broker.ts)',
+      },
+    })
+  }
+  if (AGAINST_BIN !== undefined) {
+    report({
+      bench: `gateway.${scenario.name}.against`,
+      unit: 'msgs/s',
+      value: median(rates('edgemq')),
+      baseline: `edgemq of ${AGAINST_BIN} under the same load, a round beside each of this one's`,
+      baselineValue: median(againstRounds),
+      better: 'higher',
+      params: {
+        scenario: scenario.what, statistic: 'median of rounds', rounds: ROUNDS, seconds: SECONDS, durability: DURABILITY,
+        edgemqRounds: rates('edgemq').map(Math.round), againstRounds: againstRounds.map(Math.round), roundRatios: pairedRatios(rates('edgemq'), againstRounds),
+        againstToMosquitto: round(median(againstRounds) / median(rates('mosquitto')), 3),
       },
     })
   }

@@ -3,7 +3,10 @@
  * that arrive while a commit's write is on its way to the disk all go out
  * together in the next write, which starts as soon as that one finished,
  * with no timer. This is what lets devices that keep one message in flight
- * share fsyncs (BENCHMARKS.md, gateway device).
+ * share fsyncs (BENCHMARKS.md, gateway device). When fewer records wait than
+ * the last commit held, the writer first waits a little for the devices it
+ * just acknowledged, so that two groups of devices do not take turns on the
+ * disk for ever.
  */
 import { MemoryLevel } from 'memory-level'
 import { afterEach, describe, expect, it } from 'vitest'
@@ -53,5 +56,89 @@ describe('group commit', () => {
     expect(commits.map((c) => c.records)).toEqual([1, 9])
     expect(new Set(results.map((r) => `${r.partition}/${r.offset}`)).size).toBe(9)
     target._batch = write
+  })
+
+  /**
+   * A MemoryLevel whose writes wait until released, as a slow fsync; `started` resolves when the next one began;
+   * after `flow` they no longer wait.
+   */
+  function heldDatabase (): { db: MemoryLevel<Buffer, Buffer>, release: () => void, started: () => Promise<void>, writes: () => number, flow: () => void } {
+    const db = new MemoryLevel<Buffer, Buffer>({ keyEncoding: 'buffer', valueEncoding: 'buffer' })
+    const target = db as unknown as { _batch: PrivateBatch }
+    const write = target._batch.bind(db)
+    const held: Array<() => void> = []
+    let holding = true
+    let count = 0
+    let onStart: (() => void) | undefined
+    target._batch = async (operations, options) => {
+      count++
+      if (holding) await new Promise<void>((resolve) => { held.push(resolve); onStart?.() })
+      return write(operations, options)
+    }
+    return {
+      db,
+      release: () => held.shift()!(),
+      started: () => new Promise((resolve) => { onStart = resolve }),
+      writes: () => count,
+      flow: () => {
+        holding = false
+        for (const resolve of held.splice(0)) resolve()
+      },
+    }
+  }
+
+  it('writes two groups of devices that took turns on the disk together once the larger is acknowledged', async () => {
+    const { db, release, started, flow } = heldDatabase()
+    const commits: CommitStats[] = []
+    store = await openLogStore({ db: db as unknown as LevelDatabase, observer: { onCommit: (c) => { commits.push(c) } } })
+    await store.createStream('t/s', { partitions: 4 })
+    // Ten devices, each sending its next message a turn of the event loop after the last one is acknowledged (its
+    // round trip), three messages each.
+    const device = async (i: number): Promise<void> => {
+      for (let m = 0; m < 3; m++) {
+        await store!.append('t/s', `dev-${i}`, { payload: payloadOf(i * 10 + m) })
+        await new Promise((resolve) => setImmediate(resolve))
+      }
+    }
+    // dev-0 alone starts a write; the nine others arrive while it is on its way: the groups of 1 and 9.
+    let next = started()
+    const devices = [device(0)]
+    await next
+    for (let i = 1; i < 10; i++) devices.push(device(i))
+    // Two writes, then the first one of the gathered groups.
+    for (let w = 0; w < 2; w++) {
+      next = started()
+      release()
+      await next
+    }
+    flow()
+    await Promise.all(devices)
+    // [1, 9] as before; then dev-0's second message waits for the nine to send again instead of going alone.
+    expect(commits.map((c) => c.records)).toEqual([1, 9, 10, 10])
+    const stored = (await Promise.all([0, 1, 2, 3].map((p) => store!.read('t/s', p, 0)))).flatMap((r) => r.records)
+    expect(stored).toHaveLength(30)
+  })
+
+  it('writes the records that wait when the devices of the last commit do not come back', async () => {
+    const { db, release, started, writes } = heldDatabase()
+    store = await openLogStore({ db: db as unknown as LevelDatabase })
+    await store.createStream('t/s', { partitions: 4 })
+    let next = started()
+    const first = store.append('t/s', 'dev-0', { payload: payloadOf(0) })
+    await next
+    const nine = Array.from({ length: 9 }, (_, i) => store!.append('t/s', `dev-${i + 1}`, { payload: payloadOf(i + 1) }))
+    next = started()
+    release()
+    await first
+    await next
+    // dev-0 sends again while the nine are written; the nine are then acknowledged and send nothing more.
+    const again = store.append('t/s', 'dev-0', { payload: payloadOf(10) })
+    next = started()
+    release()
+    await Promise.all(nine)
+    await next
+    expect(writes()).toBe(3)
+    release()
+    expect((await again).offset).toBeGreaterThanOrEqual(0)
   })
 })
