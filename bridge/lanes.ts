@@ -56,6 +56,8 @@ export interface Lane {
   /** Offset last committed to the consumer group; -1 when the group had none for this partition. */
   committed: number
   reading: boolean
+  /** Set while a failed read waits for its retry: the lane neither reads again before it nor holds other lanes back. */
+  failing: boolean
   /** The partition's log end as last reported (onAppend); reads stop there. */
   end: number
   /** Acknowledged since the metrics were last told (they are told once per turn, not per record). */
@@ -80,7 +82,7 @@ export function createLane (source: LaneSource, start: number, committed: number
   return {
     ...source, stream: `${source.tenant}/${source.name}`,
     epoch: 0, nextRead: start, buffer: [], bufferAt: 0, pending: [], pendingAt: 0, done: start,
-    committed, reading: false, end, unreportedMessages: 0, unreportedBytes: 0, lastAcked: null,
+    committed, reading: false, failing: false, end, unreportedMessages: 0, unreportedBytes: 0, lastAcked: null,
   }
 }
 

@@ -284,7 +284,7 @@ export class UplinkCore {
   }
 
   #fill (lane: Lane): void {
-    if (lane.reading || lane.bufferAt < lane.buffer.length || this.#stopped) return
+    if (lane.reading || lane.failing || lane.bufferAt < lane.buffer.length || this.#stopped) return
     const { store, logger } = this.deps
     if (lane.nextRead >= lane.end) return
     lane.reading = true
@@ -308,10 +308,18 @@ export class UplinkCore {
         if (lane.pendingAt === lane.pending.length && lane.done < start) lane.done = start
         lane.nextRead = Math.max(lane.nextRead, start)
         this.#fill(lane)
+        // No read started (retention emptied the partition): the lanes this one held back go now.
+        if (!lane.reading) this.#transport.pump()
         return
       }
       logger.error({ ...where, err: (err as Error).message }, 'reading the log failed; retrying')
-      setTimeout(() => this.#fill(lane), READ_RETRY_MS).unref()
+      // Until the retry the lane holds no other back (LaneScheduler.next), and a pump does not read it again at once.
+      lane.failing = true
+      setTimeout(() => {
+        lane.failing = false
+        this.#fill(lane)
+      }, READ_RETRY_MS).unref()
+      this.#transport.pump()
     })
   }
 

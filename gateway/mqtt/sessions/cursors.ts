@@ -148,7 +148,11 @@ const BATCH_RECORDS = 500
 const BATCH_BYTES = 256 * 1024
 /** A chunk read ahead per partition: a store read decodes whole batches (up to 1,000 records). */
 const CHUNK_BYTES = 256 * 1024
-/** The next chunk is read once fewer than this many windows of records read ahead are left to send. */
+/**
+ * The next chunk is read once fewer than this many windows of records read ahead are left to send, from a partition
+ * with none left (#read): across partitions up to this many windows overlap the read; a single partition's next chunk
+ * is read once its last one is all framed, while those deliveries wait for their PUBACKs.
+ */
 const PREFETCH_WINDOWS = 4
 /** Per-connection cache of what a topic is delivered as; a session walking more topics recomputes. */
 const CACHE_ENTRIES = 4096
@@ -754,8 +758,9 @@ export class SessionCursors {
    * Writes the session's records while its window has room and the log has more; returns when caught up or full.
    * What is read ahead goes out first; a partition is read (a chunk) only when nothing read is left to send, so the
    * first records of a drain leave after one read, not one per partition. Once fewer than PREFETCH_WINDOWS windows of
-   * records are left to send, the next chunk is read while they go out ({@link #prefetch}): a drain waited for each
-   * read with its window empty, about a hundred times per 100 k messages.
+   * records are left to send, the next chunk of a partition with none left is read while they go out or wait for
+   * their PUBACKs ({@link #prefetch}): a drain waited for each read with its window empty, about a hundred times per
+   * 100 k messages.
    */
   async #deliver (state: ClientCursors): Promise<void> {
     for (;;) {
