@@ -5,7 +5,8 @@
  * the sharedSubscriptions option, and for idle memory: one shared 'close'
  * listener per connection instead of stream.finished(), the packets queued
  * before the CONNACK handled without a once('connected') listener, the drain
- * callbacks' array made on the first wait); each entry below was
+ * callbacks' array and the delivery functions made on first use); each entry
+ * below was
  * re-read against it (2026-12-02) and still holds. Source links cite v1.2.0
  * where the code they point at is unchanged in 2.0.0-beta.1.
  *
