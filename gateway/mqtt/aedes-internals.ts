@@ -2,8 +2,11 @@
  * Every reach into aedes beyond its public API, in one place. aedes is
  * 2.0.0-beta.1 with patches/aedes+2.0.0-beta.1.patch (the security fixes of
  * 1.2.0, the reason code of an authorizePublish or authorizeSubscribe error,
- * the sharedSubscriptions option, one shared 'close' listener per connection
- * instead of stream.finished() for idle memory); each entry below was
+ * the sharedSubscriptions option, and for idle memory: one shared 'close'
+ * listener per connection instead of stream.finished(), the packets queued
+ * before the CONNACK handled without a once('connected') listener, the drain
+ * callbacks' array and the delivery functions made on first use); each entry
+ * below was
  * re-read against it (2026-12-02) and still holds. Source links cite v1.2.0
  * where the code they point at is unchanged in 2.0.0-beta.1.
  *
@@ -439,8 +442,17 @@ export function forgetConnectPacket (client: Client, packet: object): void {
   const parser = (client as unknown as { _parser?: PacketParser })._parser
   const connect = packet as ConnectFields
   if (parser !== undefined && connect.cmd === 'connect' && parser.settings === packet) {
-    parser.settings = { protocolVersion: connect.protocolVersion, bridgeMode: connect.bridgeMode }
+    parser.settings = connectSettings(connect.protocolVersion, connect.bridgeMode)
   }
+}
+
+/** The few `settings` a parser can keep, made once each: mqtt-packet only reads them (40 bytes per connection less). */
+const SETTINGS = new Map<string, PacketParser['settings']>()
+function connectSettings (protocolVersion: number | undefined, bridgeMode: boolean | undefined): PacketParser['settings'] {
+  const key = `${protocolVersion}/${bridgeMode}`
+  let settings = SETTINGS.get(key)
+  if (settings === undefined) SETTINGS.set(key, settings = Object.freeze({ protocolVersion, bridgeMode }))
+  return settings
 }
 
 /**
@@ -489,6 +501,45 @@ class LazyTopicAliases {
  */
 const NO_INHERITED_KEYS: object = Object.freeze(Object.create(null) as object)
 
+/**
+ * `dictionary` (an `Object.create(null)`, or an EventEmitter's `_events`, which Node makes as `{ __proto__: null }`)
+ * as an object with the same own keys that starts in V8's fast mode: a null-prototype object is a property dictionary
+ * from the start, about 160 bytes more than the same keys in fast mode. The prototype is NO_INHERITED_KEYS, so no key
+ * is inherited; a later `delete` turns it into a dictionary again, as V8 does with any object.
+ */
+function fastModeCopy (dictionary: object): object {
+  const copy = Object.create(NO_INHERITED_KEYS) as Record<PropertyKey, unknown>
+  for (const key of Reflect.ownKeys(dictionary)) copy[key] = (dictionary as Record<PropertyKey, unknown>)[key]
+  return copy
+}
+
+/** An EventEmitter's table of listeners (Node's `_events`, read by name only: `events[type]`, `Reflect.ownKeys`). */
+interface EventTable { _events?: object }
+
+/** Gives `emitter` a fast-mode listener table (fastModeCopy) when it has a null-prototype one. */
+function fastModeEvents (emitter: EventTable): void {
+  if (emitter._events !== undefined && Object.getPrototypeOf(emitter._events) === null) emitter._events = fastModeCopy(emitter._events)
+}
+
+/**
+ * The parser's byte buffer: bl's BufferList, but the array of chunks of an empty list is made for the chunk appended,
+ * with room for it alone. bl pushes onto the array it made at construction, which V8 grows to 17 slots on the first
+ * push, and `consume` shifts the chunks off without giving the slots back: an idle connection, whose list is empty
+ * between packets, kept 152 bytes of empty slots (heap snapshots, 2026-12-02).
+ */
+class ChunkList extends BufferList {
+  declare _bufs: Buffer[]
+  override append (buf: Parameters<InstanceType<typeof BufferList>['append']>[0]): this {
+    if (this._bufs.length === 0 && Buffer.isBuffer(buf)) {
+      this._bufs = [buf]
+      this.length += buf.length
+      return this
+    }
+    super.append(buf)
+    return this
+  }
+}
+
 /** aedes' per-client listeners that slimClient replaces with shared functions (lib/client.js#L120-L123). */
 interface ClientEmitter { emit (event: 'error', err: Error): boolean, close (): void }
 interface HasClient { readonly client: ClientEmitter }
@@ -511,12 +562,18 @@ function shareListener (emitter: NodeJS.EventEmitter & { readonly client?: unkno
 /**
  * Makes a new client cheaper to keep while the connection idles; called right after `broker.handle`, before a byte
  * is parsed. Its inbound QoS 2 id set and its topic alias map are made lazy (LazyPacketIds, LazyTopicAliases above),
- * its `duplicates` starts as a fast-mode object (NO_INHERITED_KEYS), and the three listeners aedes binds to it per
- * connection (`conn` 'error' and 'end', parser 'error') become shared functions. Measured with heap snapshots of
+ * its `duplicates` and `subscriptions` start as fast-mode objects (NO_INHERITED_KEYS), the listener tables of the
+ * client and of its parser become fast-mode copies (fastModeEvents; the aedes patch no longer removes a once
+ * listener from the client's, which made it a dictionary again), and the three listeners aedes binds to it per
+ * connection (`conn` 'error' and 'end', parser 'error') become shared functions. Heap snapshots of 10,000 idle
+ * connections (2026-12-02, 15:09 and 15:14): the three property dictionaries, the parser's 17-slot chunk array, the
+ * per-connection copy of the CONNECT settings and the empty drain array cost 599 bytes per connection (5,041 to
+ * 4,442 bytes in all). Measured with heap snapshots of
  * 10,000 idle connections (BENCHMARKS.md, idle connections), the parser of each client held:
  * - a `bl()` BufferListStream as its byte buffer: a full readable-stream Duplex (two stream states, an event
  *   table, bound callbacks) of which the parser uses only the BufferList methods (append, consume, slice,
- *   readUInt*). A plain `BufferList` of the same bl version has exactly those. An error makes the parser build
+ *   readUInt*). A `BufferList` of the same bl version has exactly those (a ChunkList, which also gives the slots
+ *   of its chunk array back between packets). An error makes the parser build
  *   a new `bl()` (`_resetState`), but aedes closes the connection on a parser error.
  * - its own copy of a constant four-string array (`_states`); all parsers share one here.
  * - the CONNECT packet for the life of the connection (`settings`), with its password Buffer and, through it,
@@ -526,13 +583,18 @@ function shareListener (emitter: NodeJS.EventEmitter & { readonly client?: unkno
  */
 export function slimClient (client: Client): void {
   const internals = client as unknown as {
-    _parser?: PacketParser & NodeJS.EventEmitter, _inboundInflight?: unknown, _topicAliases?: unknown, duplicates?: object, conn?: unknown
+    _parser?: PacketParser & NodeJS.EventEmitter, _inboundInflight?: unknown, _topicAliases?: unknown, duplicates?: object,
+    subscriptions?: object, conn?: unknown
   }
   if (internals._inboundInflight instanceof Set && internals._inboundInflight.size === 0) internals._inboundInflight = new LazyPacketIds()
   if (internals._topicAliases instanceof Map && internals._topicAliases.size === 0) internals._topicAliases = new LazyTopicAliases()
   if (internals.duplicates !== undefined && Object.getPrototypeOf(internals.duplicates) === null && Object.keys(internals.duplicates).length === 0) {
     internals.duplicates = Object.create(NO_INHERITED_KEYS) as object
   }
+  if (internals.subscriptions !== undefined && Object.getPrototypeOf(internals.subscriptions) === null && Object.keys(internals.subscriptions).length === 0) {
+    internals.subscriptions = Object.create(NO_INHERITED_KEYS) as object
+  }
+  fastModeEvents(client as unknown as EventTable)
   const conn = internals.conn as (NodeJS.EventEmitter & { client?: unknown }) | undefined
   if (conn !== undefined) {
     shareListener(conn, 'error', 'bound emit', emitClientError)
@@ -540,7 +602,8 @@ export function slimClient (client: Client): void {
   }
   const parser = internals._parser
   if (parser === undefined) return
-  if (parser._list.length === 0 && !(parser._list instanceof BufferList)) parser._list = new BufferList()
+  if (parser._list.length === 0 && !(parser._list instanceof ChunkList)) parser._list = new ChunkList()
   if (parser._states.length === PARSE_STEPS.length && parser._states.every((s, i) => s === PARSE_STEPS[i])) parser._states = PARSE_STEPS
   shareListener(parser, 'error', 'bound emit', emitClientError)
+  fastModeEvents(parser as unknown as EventTable)
 }

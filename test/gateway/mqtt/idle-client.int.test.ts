@@ -6,14 +6,15 @@
  * which the gateway calls from preConnect), and the inbound
  * QoS 2 bound aedes keeps per client (maxInflightInbound) still closes a client that withholds PUBRELs, and the
  * shared functions that replace aedes' bound listeners still turn a parse error, a reset and a half-close into the
- * broker's events.
+ * broker's events. Subscriptions and the event tables of the client and its parser are copied into fast-mode objects
+ * that inherit no key: filters named like Object.prototype's members still subscribe and unsubscribe.
  */
 import net, { type AddressInfo } from 'node:net'
 import { Aedes } from 'aedes'
 import { BufferList } from 'bl'
 import { afterEach, describe, expect, it } from 'vitest'
 import { forgetConnectPacket, slimClient } from '../../../gateway/mqtt/aedes-internals.ts'
-import { connectPacket, packet, publishPacket, RawConnection, str, subscribePacket, u16 } from '../../helpers/raw-mqtt.ts'
+import { connectPacket, packet, publishPacket, RawConnection, str, subscribePacket, u16, unsubscribePacket } from '../../helpers/raw-mqtt.ts'
 
 interface Running { readonly url: string, readonly broker: Aedes, readonly clients: object[], close (): Promise<void> }
 
@@ -101,6 +102,36 @@ describe('slimClient', () => {
     expect(aliases.get(1)).toBeUndefined()
     aliases.set(1, 'a/b')
     expect(aliases.get(1)).toBe('a/b')
+  })
+
+  it('subscribes and unsubscribes filters named like inherited members, and keeps listening, after the swap of its tables', async () => {
+    const r = await start()
+    const conn = await RawConnection.open(r.url)
+    const filters = ['constructor', 'toString', 'hasOwnProperty']
+    // CONNECT and SUBSCRIBE in one write: the SUBSCRIBE waits in aedes' queue until the CONNACK (Client._connected).
+    conn.send(Buffer.concat([connectPacket({ clientId: 'names' }), subscribePacket(1, filters, 1)]))
+    const suback = await conn.next('suback')
+    expect(suback?.cmd === 'suback' && suback.granted).toEqual([1, 1, 1])
+    // Alone: aedes refuses `__proto__` beside other filters in one SUBSCRIBE ("empty topic"), with or without slimClient.
+    conn.packets.length = 0
+    conn.send(subscribePacket(4, ['__proto__'], 1))
+    const single = await conn.next('suback')
+    expect(single?.cmd === 'suback' && single.granted).toEqual([1])
+    filters.push('__proto__')
+    const client = r.clients[0] as { subscriptions: object, _events: object, _parser: { _events: object } }
+    expect(Object.keys(client.subscriptions).sort()).toEqual([...filters].sort())
+    for (const table of [client.subscriptions, client._events, client._parser._events]) expect(Object.getPrototypeOf(Object.getPrototypeOf(table))).toBeNull()
+    conn.packets.length = 0
+    conn.send(publishPacket('constructor', 'c', 1, 2))
+    const delivered = await conn.next('publish')
+    expect(delivered?.cmd === 'publish' && delivered.topic === 'constructor' && delivered.payload.toString()).toBe('c')
+    conn.send(unsubscribePacket(3, filters.slice(0, 3)))
+    expect(await conn.next('unsuback')).toBeDefined()
+    conn.packets.length = 0
+    conn.send(unsubscribePacket(5, ['__proto__']))
+    expect(await conn.next('unsuback')).toBeDefined()
+    expect(Object.keys(client.subscriptions)).toEqual([])
+    conn.destroy()
   })
 
   it('turns a parse error, a connection reset and a half-close into the broker events aedes emits for them', async () => {
