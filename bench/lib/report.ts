@@ -63,8 +63,16 @@ export function percentile (sorted: ArrayLike<number>, p: number): number {
   return sorted[Math.min(sorted.length - 1, Math.max(0, rank - 1))] as number
 }
 
+/**
+ * The median; of an even count, the mean of the middle two. (It was the nearest-rank 50th percentile, which of two
+ * rounds is the lower one: a 2-round "median" was the worse round for a rate, the better one for a latency.)
+ */
 export function median (values: readonly number[]): number {
-  return percentile(Float64Array.from(values).sort(), 50)
+  const sorted = Float64Array.from(values).sort()
+  const n = sorted.length
+  if (n === 0) return NaN
+  const mid = n >> 1
+  return n % 2 === 1 ? sorted[mid] as number : ((sorted[mid - 1] as number) + (sorted[mid] as number)) / 2
 }
 
 /** Creates a fresh directory under the OS temp dir; `cleanup` removes every one made. */
