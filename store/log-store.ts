@@ -22,7 +22,8 @@
  * turns of the event loop, at most {@link GATHER_MS}, and writes both groups
  * in one commit. A gather that runs out of time (devices that do not come
  * back at once) turns gathering off for the next {@link GATHER_BACKOFF}
- * commits, so an irregular load pays it rarely. Only after commits of at
+ * commits, so an irregular load pays it rarely; a writer idle for longer
+ * than GATHER_MS writes a lone append at once (no device is turning around). Only after commits of at
  * most {@link GATHER_MAX_RECORDS} records: connections with many messages in
  * flight keep the disk busy without it, and the gateway's qos1 bench (100 in
  * flight per connection, commits of about 400) ran slower with it (paired
@@ -281,6 +282,8 @@ class LevelLogStore implements LogStore {
   /** Records of the last group commit, and how many commits go without a gather (see the header). */
   #lastCommitRecords = 0
   #gatherSkips = 0
+  /** When the writer loop last went idle (performance.now()). */
+  #idleAt = 0
   #closing = false
   #closed = false
   /** Set by a failed write: the database is reopened and offsets re-read before the next commit. */
@@ -718,6 +721,8 @@ class LevelLogStore implements LogStore {
     this.#scheduled = false
     if (this.#running) return
     this.#running = true
+    // Idle for longer than a gather waits: no device is turning around, a lone append is written at once.
+    if (performance.now() - this.#idleAt > GATHER_MS) this.#lastCommitRecords = 0
     try {
       while (this.#dirty.length > 0 || this.#extras.length > 0 || this.#tasks.length > 0 || this.#unsettled !== undefined) {
         if (this.#needsRecovery) await this.#recover()
@@ -732,6 +737,7 @@ class LevelLogStore implements LogStore {
       }
     } finally {
       this.#running = false
+      this.#idleAt = performance.now()
     }
   }
 

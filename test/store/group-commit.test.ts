@@ -119,6 +119,33 @@ describe('group commit', () => {
     expect(stored).toHaveLength(30)
   })
 
+  it('writes a lone append at once once the writer was idle for longer than a gather waits, however many records its last commit held', async () => {
+    const db = new MemoryLevel<Buffer, Buffer>({ keyEncoding: 'buffer', valueEncoding: 'buffer' })
+    const target = db as unknown as { _batch: PrivateBatch }
+    const write = target._batch.bind(db)
+    let onStart: (() => void) | undefined
+    target._batch = async (operations, options) => {
+      onStart?.()
+      return write(operations, options)
+    }
+    const commits: CommitStats[] = []
+    store = await openLogStore({ db: db as unknown as LevelDatabase, observer: { onCommit: (c) => { commits.push(c) } } })
+    await store.createStream('t/s', { partitions: 4 })
+    await Promise.all(Array.from({ length: 5 }, async (_v, i) => await store!.append('t/s', `dev-${i}`, { payload: payloadOf(i) })))
+    expect(commits.at(-1)?.records).toBeGreaterThan(1)
+    // The writer is idle for longer than a gather's 0.5 ms (a precondition, not a wait for something to happen).
+    await new Promise((resolve) => setTimeout(resolve, 5))
+    // A lone append: its write starts before any later turn of the event loop (no gather).
+    let turned = false
+    const next = new Promise<void>((resolve) => { onStart = resolve })
+    const lone = store.append('t/s', 'dev-0', { payload: payloadOf(5) })
+    setImmediate(() => { turned = true })
+    await next
+    expect(turned).toBe(false)
+    await lone
+    expect(commits.at(-1)?.records).toBe(1)
+  })
+
   it('writes the records that wait when the devices of the last commit do not come back', async () => {
     const { db, release, started, writes } = heldDatabase()
     store = await openLogStore({ db: db as unknown as LevelDatabase })
