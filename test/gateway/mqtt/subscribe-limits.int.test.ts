@@ -14,7 +14,7 @@ import mqtt, { type IClientOptions, type ISubscriptionGrant, type MqttClient } f
 import { afterEach, describe, expect, it } from 'vitest'
 import { buildConfig } from '../../../gateway/config/config.ts'
 import { startGatewayProcess, tempDir, writeConfig, type GatewayProcess } from '../../helpers/gateway-process.ts'
-import { connectPacket, logLines, RawConnection, scrape, subscribePacket, total } from '../../helpers/raw-mqtt.ts'
+import { connectPacket, logLines, packet, RawConnection, scrape, str, subscribePacket, total, u16 } from '../../helpers/raw-mqtt.ts'
 
 const REFUSED = 'edgemq_mqtt_subscriptions_refused_total'
 
@@ -127,6 +127,29 @@ describe('mqtt.maxFiltersPerSubscribe and mqtt.maxSubscriptionsPerSession', () =
       expect(() => buildConfig({ mqtt: bad })).toThrow(expect.objectContaining({ code: 'GW_CONFIG_INVALID', message: expect.stringContaining(Object.keys(bad)[0] as string) }))
     }
     expect(buildConfig({}).mqtt).toMatchObject({ maxFiltersPerSubscribe: 1000, maxSubscriptionsPerSession: 10_000 })
+  })
+})
+
+describe('a SUBSCRIBE naming a filter twice, or a filter named like an object\'s member', () => {
+  it('gets one SUBACK code per filter, the later QoS of a repeated one, and stays connected with every filter subscribed', async () => {
+    const { gw } = await startWith({})
+    const conn = await RawConnection.open(gw.mqttUrl)
+    conn.send(connectPacket({ clientId: 'dup-filters', clean: true, keepalive: 0 }))
+    expect((await conn.next('connack') as { returnCode?: number } | undefined)?.returnCode).toBe(0)
+    // `a/b` at QoS 0 then QoS 1 (the later replaces it [MQTT-3.8.4-3]); `__proto__` beside others made aedes drop it
+    // from the SUBACK or close the connection.
+    const filters: Array<[string, number]> = [['a/b', 0], ['topic', 1], ['qos', 1], ['__proto__', 1], ['a/b', 1]]
+    conn.send(packet(0x82, Buffer.concat([u16(7), ...filters.flatMap(([f, q]) => [str(f), Buffer.from([q])])])))
+    const suback = await conn.next('suback') as unknown as { granted: number[], messageId: number } | undefined
+    expect(suback?.messageId).toBe(7)
+    expect(suback?.granted).toEqual([1, 1, 1, 1, 1])
+    expect(conn.closed).toBe(false)
+    const publisher = await connect(gw, 'dup-publisher')
+    for (const topic of ['a/b', 'topic', 'qos', '__proto__']) await publisher.publishAsync(topic, `to ${topic}`, { qos: 1 })
+    // each once (a/b too: the repeated filter is one subscription), in publish order
+    const topics = (): string[] => conn.packets.filter((p) => p.cmd === 'publish').map((p) => String((p as { topic: string }).topic))
+    await expect.poll(topics).toEqual(['a/b', 'topic', 'qos', '__proto__'])
+    conn.destroy()
   })
 })
 
