@@ -46,7 +46,7 @@ import {
 } from './validate.ts'
 import {
   systemClock, type AppendListener, type AppendOptions, type AppendResult, type Clock, type DroppedRecords, type Durability, type GroupInfo, type GroupOptions,
-  type BatchReadResult, type ExtraOperation, type LogStore, type PartitionInfo, type PartitionLag, type ReadBatchesOptions, type ReadOptions, type ReadResult, type RecordInput,
+  type BatchReadResult, type ExtraOperation, type LogStore, type PartitionInfo, type PartitionLag, type ReadBatchesOptions, type StoreWriteOptions, type ReadOptions, type ReadResult, type RecordInput,
   type ResetSpec, type RetentionReport, type StoreLogger, type StoreObserver, type StoredBatch, type StoredRecord, type StreamInfo,
   type ColumnReadResult, type RecordColumns,
   type StreamOptions,
@@ -188,6 +188,8 @@ interface FailedCommit {
 /** Operations outside the log, queued in call order: an append's extraOps (no settle: its record's promise tells), or a write(). */
 interface QueuedExtra {
   readonly ops: readonly ExtraOperation[]
+  /** False for a write() that may go without an fsync when nothing else in its commit needs one (StoreWriteOptions). */
+  readonly durable?: boolean
   readonly settle?: { readonly resolve: () => void, readonly reject: (err: Error) => void }
 }
 interface StreamMeta { id: number, partitions: number, retentionMs: number, retentionBytes: number }
@@ -627,7 +629,7 @@ class LevelLogStore implements LogStore {
     return result
   }
 
-  write (ops: readonly ExtraOperation[]): Promise<void> {
+  write (ops: readonly ExtraOperation[], options?: StoreWriteOptions): Promise<void> {
     try {
       this.#checkWritable()
       this.#checkExtraOps(ops)
@@ -636,7 +638,7 @@ class LevelLogStore implements LogStore {
     }
     if (ops.length === 0) return Promise.resolve()
     return new Promise<void>((resolve, reject) => {
-      this.#extras.push({ ops, settle: { resolve, reject } })
+      this.#extras.push({ ops, durable: options?.durable !== false, settle: { resolve, reject } })
       this.#kick()
     })
   }
@@ -876,7 +878,8 @@ class LevelLogStore implements LogStore {
     // Appends queued while this write is in flight start the next commit's latency clock.
     this.#oldestPendingAt = writeStart
     try {
-      await this.#db.batch(ops, this.#batchSync)
+      // A commit of writes that need no fsync alone (WriteOptions.durable) is written without one.
+      await this.#db.batch(ops, records > 0 || extras.some((e) => e.durable !== false) ? this.#batchSync : BATCH_NO_SYNC)
     } catch (cause) {
       // Settled by #recover, which the writer loop runs next (see there).
       this.#needsRecovery = true

@@ -127,6 +127,12 @@ export interface AppendOptions {
  * `sublevel` is abstract-level's batch option: the operation acts on that
  * sublevel, with its key and value encodings.
  */
+/** Options of {@link LogStore.write}. */
+export interface StoreWriteOptions {
+  /** False: no fsync of its own (default true: fsync'd under `durability: sync`, as an append). */
+  readonly durable?: boolean
+}
+
 export type ExtraOperation =
   | { readonly type: 'put', readonly sublevel: ExtraSublevel, readonly key: Uint8Array, readonly value: Uint8Array }
   | { readonly type: 'del', readonly sublevel: ExtraSublevel, readonly key: Uint8Array }
@@ -352,8 +358,11 @@ export interface LogStore {
    * otherwise, and nothing is written). Rejects with STORE_WRITE_FAILED when
    * the batch failed and the reopened database cannot say whether it landed
    * (always so for a batch without records), with STORE_CLOSED after close().
+   * With `durable: false` the batch goes without an fsync when nothing else in
+   * its commit needs one: it survives the process being killed (the OS has
+   * it), not an OS crash or power loss before the next synced commit.
    */
-  write (ops: readonly ExtraOperation[]): Promise<void>
+  write (ops: readonly ExtraOperation[], options?: StoreWriteOptions): Promise<void>
 
   /**
    * Calls `listener` after every successful group commit, once per partition

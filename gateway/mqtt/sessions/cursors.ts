@@ -50,12 +50,15 @@
  * a lone fsync'd put (about 4.7 k/s) outside the group commit, and a
  * retention-holding group holds every partition it never committed from 0.
  * The cursors are keys of the session key space (`K`, format.ts),
- * written in the log's group commits.
+ * written in the log's group commits; an advance without an fsync of its
+ * own (LogStore.write `durable: false`): the process being killed loses none
+ * (the OS has the write), an OS crash or power loss may lose the last ones,
+ * whose deliveries then come again with DUP; a record is never skipped.
  *
  * QoS 2 deliveries stay copies (the `O` queue), whose PUBREL state survives a
  * restart; only QoS 1 deliveries use cursors.
  */
-import type { AppendEvent, LogStore, RecordColumns, StoredRecord } from '../../../store/index.ts'
+import type { AppendEvent, LogStore, RecordColumns, StoredRecord, StoreWriteOptions } from '../../../store/index.ts'
 import { expiredAt, headersToProperties } from '../../../bridge/index.ts'
 import { mountTopic } from '../../access/topics.ts'
 import { RETAIN_HEADER } from '../hooks/durable-append.ts'
@@ -116,7 +119,7 @@ export interface CursorPacket {
 export interface CursorDeps {
   readonly log: SessionLog
   /** Puts of cursor values (resolve once durable). */
-  readonly write: (ops: Array<{ type: 'put', key: Buffer, value: Buffer } | { type: 'del', key: Buffer }>) => Promise<void>
+  readonly write: (ops: Array<{ type: 'put', key: Buffer, value: Buffer } | { type: 'del', key: Buffer }>, options?: StoreWriteOptions) => Promise<void>
   /** The highest QoS of the client's subscriptions matching the (mounted) topic, 0 when none. */
   readonly grantedQos: (clientId: string, topic: string) => number
   /** The Subscription Identifiers of the client's subscriptions matching the (mounted) topic [MQTT-3.3.4-3]. */
@@ -154,6 +157,7 @@ const CHUNK_BYTES = 256 * 1024
  * is read once its last one is all framed, while those deliveries wait for their PUBACKs.
  */
 const PREFETCH_WINDOWS = 4
+const ADVANCE = { durable: false } as const
 /** Per-connection cache of what a topic is delivered as; a session walking more topics recomputes. */
 const CACHE_ENTRIES = 4096
 
@@ -1030,7 +1034,9 @@ export class SessionCursors {
     state.advancing.clear()
     if (ops.length === 0) return
     state.writing = true
-    state.written = this.#deps.write(ops).catch((err: unknown) => {
+    // No fsync of their own: a cursor advance lost with the OS (not with the process: the OS has it) only sends the
+    // deliveries after the last written one again, with DUP; records are never skipped for it.
+    state.written = this.#deps.write(ops, ADVANCE).catch((err: unknown) => {
       this.#deps.onWriteError?.(err)
     }).finally(() => {
       state.writing = false

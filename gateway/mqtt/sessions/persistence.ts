@@ -44,7 +44,7 @@
 import { createRequire } from 'node:module'
 import { Readable } from 'node:stream'
 import type { AbstractBatchOptions, AbstractLevel } from 'abstract-level'
-import type { Durability, ExtraOperation, LevelDatabase, LogStore } from '../../../store/index.ts'
+import type { Durability, ExtraOperation, LevelDatabase, LogStore, StoreWriteOptions } from '../../../store/index.ts'
 import { compileTopicFilters, QLOBBER_OPTIONS, topicMatches, type QlobberOptions } from '../../access/topics.ts'
 import { movePacketId } from '../aedes-internals.ts'
 import { logPositionOf, type LogPosition } from '../log-position.ts'
@@ -307,6 +307,7 @@ type BatchOp = { readonly type: 'put', readonly key: Buffer, readonly value: Buf
 /** classic-level's `sync` write option; abstract-level's types do not declare it, sublevels forward it. */
 type WriteOptions = AbstractBatchOptions<Buffer, Buffer> & { sync: boolean }
 const BINARY = { keyEncoding: 'buffer', valueEncoding: 'buffer' } as const
+const NOT_DURABLE: WriteOptions = { ...BINARY, sync: false }
 
 /** What the persistence writes through: the log store's group-commit writer ({@link LogStore.write}). */
 export type SessionWriter = Pick<LogStore, 'write'>
@@ -325,9 +326,10 @@ class DirectWriter implements SessionWriter {
     this.#options = { ...BINARY, sync: durability === 'sync' }
   }
 
-  write (ops: readonly ExtraOperation[]): Promise<void> {
+  write (ops: readonly ExtraOperation[], options?: StoreWriteOptions): Promise<void> {
     const batch = ops.map((op) => op.type === 'put' ? { type: 'put' as const, key: op.key, value: op.value } : { type: 'del' as const, key: op.key })
-    const done = this.#tail.then(() => this.#db.batch<Buffer, Buffer>(batch as never, this.#options))
+    const write = options?.durable === false ? NOT_DURABLE : this.#options
+    const done = this.#tail.then(() => this.#db.batch<Buffer, Buffer>(batch as never, write))
     this.#tail = done.catch(() => {})
     return done
   }
@@ -350,7 +352,8 @@ class SessionWrites {
     this.#writer = writer
   }
 
-  write (ops: readonly BatchOp[]): Promise<void> {
+  /** `durable: false`: see {@link LogStore.write} (cursor advances: a lost one only sends deliveries again). */
+  write (ops: readonly BatchOp[], options?: StoreWriteOptions): Promise<void> {
     if (ops.length === 0) return Promise.resolve()
     const cells: Array<[string, PendingValue]> = []
     const extra: ExtraOperation[] = []
@@ -363,7 +366,7 @@ class SessionWrites {
         ? { type: 'put', sublevel: this.#db, key: op.key, value: op.value }
         : { type: 'del', sublevel: this.#db, key: op.key })
     }
-    const done = this.#writer.write(extra).then(() => {}, (cause: unknown) => {
+    const done = this.#writer.write(extra, options).then(() => {}, (cause: unknown) => {
       throw new SessionPersistenceError('GW_SESSION_WRITE_FAILED', `session write of ${ops.length} operations failed`, { cause })
     }).finally(() => {
       for (const [id, cell] of cells) {
@@ -565,7 +568,7 @@ export class LevelSessionPersistence {
       ? undefined
       : new SessionCursors({
         log: options.log,
-        write: (ops) => this.#writer.write(ops),
+        write: (ops, options) => this.#writer.write(ops, options),
         grantedQos: (clientId, topic) => this.#grantedQos(clientId, topic),
         subscriptionIds: (clientId, topic) => this.#subscriptionIds(clientId, topic),
         noLocal: (clientId, topic) => this.#noLocal(clientId, topic),
