@@ -72,6 +72,24 @@ describe('the options of the store\'s writes', () => {
     expect(seen.reduce((n, w) => n + w.ops, 0)).toBeGreaterThan(20)
   })
 
+  it('writes a write() of `durable: false` without an fsync when its commit holds nothing else, and with one beside records or a durable write', async () => {
+    const { store, db, seen } = await watched('sync')
+    await store.createStream('t/s', { partitions: 1 })
+    const side = db.sublevel<Buffer, Buffer>('side', { keyEncoding: 'buffer', valueEncoding: 'buffer' }) as unknown as LevelDatabase
+    const op = (k: string): { type: 'put', sublevel: LevelDatabase, key: Buffer, value: Buffer } => ({ type: 'put', sublevel: side, key: Buffer.from(k), value: Buffer.from('v') })
+    seen.length = 0
+    await store.write([op('alone')], { durable: false })
+    expect(seen.map((w) => [w.method, w.sync, w.ops])).toEqual([['_batch', false, 1]])
+    // In one commit with an append, or with a durable write: fsync'd, both written.
+    seen.length = 0
+    await Promise.all([store.write([op('beside-record')], { durable: false }), store.append('t/s', 'd', { payload: payloadOf(1) })])
+    await Promise.all([store.write([op('beside-durable')], { durable: false }), store.write([op('durable')])])
+    expect(seen.every((w) => w.sync === true)).toBe(true)
+    for (const k of ['alone', 'beside-record', 'beside-durable', 'durable']) {
+      expect(String(await (side as unknown as { get (key: Buffer): Promise<Buffer | undefined> }).get(Buffer.from(k)))).toBe('v')
+    }
+  })
+
   it('asks for no synchronous write under durability: async', async () => {
     const { store, db, seen } = await watched('async')
     seen.length = 0
