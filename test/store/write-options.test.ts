@@ -69,7 +69,9 @@ describe('the options of the store\'s writes', () => {
     expect(seen.filter((w) => w.sync !== true)).toEqual([])
     // The option stays with the write: no operation carries it (the copies made every operation dearer).
     expect(seen.reduce((n, w) => n + w.opsWithOptions, 0)).toBe(0)
-    expect(seen.reduce((n, w) => n + w.ops, 0)).toBeGreaterThan(20)
+    // At least the batch, its index entry and the metadata of each of the 4 partitions the 20 appends went to (how
+    // many commits they took depends on the machine's timing: CI saw 20 operations in all, a quiet machine more).
+    expect(seen.reduce((n, w) => n + w.ops, 0)).toBeGreaterThanOrEqual(12)
   })
 
   it('writes a write() of `durable: false` without an fsync when its commit holds nothing else, and with one beside records or a durable write', async () => {
