@@ -22,8 +22,9 @@
  * turns of the event loop, at most {@link GATHER_MS}, and writes both groups
  * in one commit. A gather that runs out of time (devices that do not come
  * back at once) turns gathering off for the next {@link GATHER_BACKOFF}
- * commits, so an irregular load pays it rarely; a writer idle for longer
- * than GATHER_MS writes a lone append at once (no device is turning around). Only after commits of at
+ * commits, so an irregular load pays it rarely; more than GATHER_MS after
+ * the last commit of records (idle, or writing only write()s such as session
+ * cursors) a lone append is written at once: no device is turning around. Only after commits of at
  * most {@link GATHER_MAX_RECORDS} records: connections with many messages in
  * flight keep the disk busy without it, and the gateway's qos1 bench (100 in
  * flight per connection, commits of about 400) ran slower with it (paired
@@ -284,8 +285,8 @@ class LevelLogStore implements LogStore {
   /** Records of the last group commit, and how many commits go without a gather (see the header). */
   #lastCommitRecords = 0
   #gatherSkips = 0
-  /** When the writer loop last went idle (performance.now()). */
-  #idleAt = 0
+  /** When the last commit holding records was done (performance.now()): a gather follows only a recent one. */
+  #recordsDoneAt = 0
   #closing = false
   #closed = false
   /** Set by a failed write: the database is reopened and offsets re-read before the next commit. */
@@ -723,13 +724,12 @@ class LevelLogStore implements LogStore {
     this.#scheduled = false
     if (this.#running) return
     this.#running = true
-    // Idle for longer than a gather waits: no device is turning around, a lone append is written at once.
-    if (performance.now() - this.#idleAt > GATHER_MS) this.#lastCommitRecords = 0
     try {
       while (this.#dirty.length > 0 || this.#extras.length > 0 || this.#tasks.length > 0 || this.#unsettled !== undefined) {
         if (this.#needsRecovery) await this.#recover()
         if (this.#dirty.length > 0 || this.#extras.length > 0) {
-          if (this.#pending > 0 && this.#pending < this.#lastCommitRecords && this.#lastCommitRecords <= GATHER_MAX_RECORDS) await this.#gather()
+          if (this.#pending > 0 && this.#pending < this.#lastCommitRecords && this.#lastCommitRecords <= GATHER_MAX_RECORDS &&
+            performance.now() - this.#recordsDoneAt <= GATHER_MS) await this.#gather()
           await this.#commit().catch((err: unknown) => this.#logger.error({ err: String(err) }, 'group commit crashed'))
         }
         // A task (a retention pass) writes partition metadata from memory: not before a failed commit is re-read.
@@ -739,7 +739,6 @@ class LevelLogStore implements LogStore {
       }
     } finally {
       this.#running = false
-      this.#idleAt = performance.now()
     }
   }
 
@@ -923,7 +922,10 @@ class LevelLogStore implements LogStore {
     }
     if (this.#appendListeners.size > 0) for (const plan of plans) this.#notifyAppend(plan.part)
     // A commit of write()s alone is not a log commit: the commit metrics count records.
-    if (records > 0) this.#lastCommitRecords = records
+    if (records > 0) {
+      this.#lastCommitRecords = records
+      this.#recordsDoneAt = performance.now()
+    }
     if (records > 0) this.#observer.onCommit?.({ records, bytes, latencyMs: done - startedAt, durationMs: done - writeStart })
   }
 

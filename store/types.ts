@@ -129,7 +129,7 @@ export interface AppendOptions {
  */
 /** Options of {@link LogStore.write}. */
 export interface StoreWriteOptions {
-  /** False: no fsync of its own (default true: fsync'd under `durability: sync`, as an append). */
+  /** False: no fsync of its own, and may be lost to an OS crash (see LogStore.write; default true: fsync'd under `durability: sync`). */
   readonly durable?: boolean
 }
 
@@ -360,7 +360,10 @@ export interface LogStore {
    * (always so for a batch without records), with STORE_CLOSED after close().
    * With `durable: false` the batch goes without an fsync when nothing else in
    * its commit needs one: it survives the process being killed (the OS has
-   * it), not an OS crash or power loss before the next synced commit.
+   * it), but an OS crash or power loss may lose it, even after later synced
+   * commits survived (LevelDB closes a full write-ahead log without an fsync
+   * and syncs only the new one): only for writes whose loss costs a redo,
+   * never order or data (the session cursors' advances).
    */
   write (ops: readonly ExtraOperation[], options?: StoreWriteOptions): Promise<void>
 

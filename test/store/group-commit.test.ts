@@ -146,6 +146,46 @@ describe('group commit', () => {
     expect(commits.at(-1)?.records).toBe(1)
   })
 
+  it('writes a lone append at once while only write()s (session cursors) kept the writer busy since its last commit of records', async () => {
+    const db = new MemoryLevel<Buffer, Buffer>({ keyEncoding: 'buffer', valueEncoding: 'buffer' })
+    const target = db as unknown as { _batch: PrivateBatch }
+    const write = target._batch.bind(db)
+    // Told when a write holding more than the side sublevel's keys (a commit of records) starts.
+    let onRecords: (() => void) | undefined
+    target._batch = async (operations, options) => {
+      if (operations.some((op) => !String((op as { key: unknown }).key).startsWith('!side!'))) onRecords?.()
+      return write(operations, options)
+    }
+    const commits: CommitStats[] = []
+    store = await openLogStore({ db: db as unknown as LevelDatabase, observer: { onCommit: (c) => { commits.push(c) } } })
+    await store.createStream('t/s', { partitions: 4 })
+    const side = db.sublevel<Buffer, Buffer>('side', { keyEncoding: 'buffer', valueEncoding: 'buffer' }) as unknown as LevelDatabase
+    await Promise.all(Array.from({ length: 5 }, async (_v, i) => await store!.append('t/s', `dev-${i}`, { payload: payloadOf(i) })))
+    expect(commits.at(-1)?.records).toBeGreaterThan(1)
+    // Cursor-like writes, one after another (a turn of the event loop apart, as PUBACKs come), until told to stop.
+    let stop = false
+    let chained = 0
+    const writing = (async (): Promise<void> => {
+      while (!stop) {
+        await store!.write([{ type: 'put', sublevel: side, key: Buffer.from('cursor'), value: Buffer.from(String(chained++)) }], { durable: false })
+        await new Promise((resolve) => setImmediate(resolve))
+      }
+    })()
+    await new Promise((resolve) => setTimeout(resolve, 5)) // a precondition: more than 0.5 ms since the records' commit
+    // A lone append: its write starts before any later turn of the event loop (no gather).
+    let turned = false
+    const next = new Promise<void>((resolve) => { onRecords = resolve })
+    const lone = store.append('t/s', 'dev-0', { payload: payloadOf(5) })
+    stop = true
+    setImmediate(() => { turned = true })
+    await next
+    expect(turned).toBe(false)
+    await lone
+    await writing
+    expect(chained).toBeGreaterThan(1)
+    expect(commits.at(-1)?.records).toBe(1)
+  })
+
   it('writes the records that wait when the devices of the last commit do not come back', async () => {
     const { db, release, started, writes } = heldDatabase()
     store = await openLogStore({ db: db as unknown as LevelDatabase })

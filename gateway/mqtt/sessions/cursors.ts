@@ -323,6 +323,8 @@ type Route = {
 
 class ClientCursors {
   readonly cursors = new Map<string, PartitionCursor>()
+  /** Set when its last cursor write went without an fsync (ADVANCE): a clean shutdown writes the cursors again, synced. */
+  unsynced = false
   /** aedes' client of the connection the deliveries go to, and how to write to it; undefined while offline. */
   client: object | undefined
   via: CursorConnection | undefined
@@ -1003,8 +1005,9 @@ export class SessionCursors {
   }
 
   /**
-   * Writes every session's cursor advances now, and resolves once they are written (or failed: onWriteError was
-   * told): the persistence's destroy, so a clean shutdown sends nothing acknowledged again.
+   * Writes every session's cursor advances now, then its cursors once more with an fsync, and resolves once they are
+   * written (or failed: onWriteError was told): the persistence's destroy, so a clean shutdown sends nothing
+   * acknowledged again, not even after a power loss.
    */
   async flush (): Promise<void> {
     // Bounded: each round waits for the writes in flight, which start the writes of what moved meanwhile; nothing
@@ -1015,9 +1018,20 @@ export class SessionCursors {
         if (!state.writing && state.advancing.size > 0) this.#writeAdvances(state)
         if (state.written !== undefined) writes.push(state.written)
       }
-      if (writes.length === 0) return
+      if (writes.length === 0) break
       await Promise.all(writes)
     }
+    // An fsync of the last advances: a synced commit does not sync an earlier write-ahead log LevelDB closed unsynced,
+    // so the cursors are written again rather than relying on a later commit.
+    const synced: Array<Promise<void>> = []
+    for (const state of this.#clients.values()) {
+      if (!state.unsynced) continue
+      state.unsynced = false
+      const ops = [...state.cursors.values()].filter((c) => !c.unwritten)
+        .map((c) => ({ type: 'put' as const, key: keys.cursor(state.clientId, c.stream, c.partition), value: u64(c.committed) }))
+      if (ops.length > 0) synced.push(this.#deps.write(ops).catch((err: unknown) => { this.#deps.onWriteError?.(err) }))
+    }
+    await Promise.all(synced)
   }
 
   #writeAdvances (state: ClientCursors): void {
@@ -1036,6 +1050,7 @@ export class SessionCursors {
     state.writing = true
     // No fsync of their own: a cursor advance lost with the OS (not with the process: the OS has it) only sends the
     // deliveries after the last written one again, with DUP; records are never skipped for it.
+    state.unsynced = true
     state.written = this.#deps.write(ops, ADVANCE).catch((err: unknown) => {
       this.#deps.onWriteError?.(err)
     }).finally(() => {

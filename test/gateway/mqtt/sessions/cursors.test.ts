@@ -578,12 +578,14 @@ describe('session cursors into the log', () => {
     // Cursor writes: the first is written, every later one hangs, as a write in flight when the process is killed.
     const writes: number[] = []
     const write = gw.store.write.bind(gw.store)
-    gw.store.write = async (ops) => {
+    gw.store.write = async (ops, options) => {
       const cursor = ops.find((op) => op.type === 'put' && op.key[0] === TAG_CURSOR)
-      if (cursor === undefined || cursor.type !== 'put') return await write(ops)
+      if (cursor === undefined || cursor.type !== 'put') return await write(ops, options)
+      // An advance has no fsync of its own: losing it only sends deliveries again.
+      expect(options?.durable).toBe(false)
       writes.push(Number((cursor.value as Buffer).readBigUInt64BE(0)))
       if (writes.length > 1) return await new Promise<never>(() => {})
-      return await write(ops)
+      return await write(ops, options)
     }
     const first = await drain(gw, 'svc')
     expect(bodies(first)).toEqual(Array.from({ length: 2500 }, (_v, i) => `m${i}`))
@@ -599,9 +601,17 @@ describe('session cursors into the log', () => {
     const again = await drain(afterKill, 'svc')
     expect(bodies(again)).toEqual(Array.from({ length: 2500 - committed }, (_v, i) => `m${committed + i}`))
     expect(again.every((p) => p.dup)).toBe(true)
-    // a clean shutdown writes what the PUBACKs moved
+    // a clean shutdown writes what the PUBACKs moved, and writes the cursors once more with an fsync
+    const durable: Array<boolean | undefined> = []
+    const writeAfterKill = afterKill.store.write.bind(afterKill.store)
+    afterKill.store.write = async (ops, options) => {
+      if (ops.some((op) => op.type === 'put' && op.key[0] === TAG_CURSOR)) durable.push(options?.durable)
+      return await writeAfterKill(ops, options)
+    }
     await afterKill.persistence.destroy()
     expect(await stored(afterKill)).toBe(2500)
+    expect(durable.length).toBeGreaterThan(0)
+    expect(durable.at(-1)).toBeUndefined() // the default: fsync'd
     const afterStop = await restart(dir, afterKill, 100)
     expect(await drain(afterStop, 'svc')).toEqual([])
   })
