@@ -119,71 +119,63 @@ describe('group commit', () => {
     expect(stored).toHaveLength(30)
   })
 
-  it('writes a lone append at once once the writer was idle for longer than a gather waits, however many records its last commit held', async () => {
+  /**
+   * A store on memory-level that has made a commit of 5 records; `lone()` appends one record and says whether a turn
+   * of the event loop came before the write holding it started (a gather would wait turns).
+   */
+  async function afterCommitOfFive (): Promise<{ side: LevelDatabase, commits: CommitStats[], lone: () => Promise<{ turned: boolean }> }> {
     const db = new MemoryLevel<Buffer, Buffer>({ keyEncoding: 'buffer', valueEncoding: 'buffer' })
     const target = db as unknown as { _batch: PrivateBatch }
     const write = target._batch.bind(db)
-    let onStart: (() => void) | undefined
-    target._batch = async (operations, options) => {
-      onStart?.()
-      return write(operations, options)
-    }
-    const commits: CommitStats[] = []
-    store = await openLogStore({ db: db as unknown as LevelDatabase, observer: { onCommit: (c) => { commits.push(c) } } })
-    await store.createStream('t/s', { partitions: 4 })
-    await Promise.all(Array.from({ length: 5 }, async (_v, i) => await store!.append('t/s', `dev-${i}`, { payload: payloadOf(i) })))
-    expect(commits.at(-1)?.records).toBeGreaterThan(1)
-    // The writer is idle for longer than a gather's 0.5 ms (a precondition, not a wait for something to happen).
-    await new Promise((resolve) => setTimeout(resolve, 5))
-    // A lone append: its write starts before any later turn of the event loop (no gather).
-    let turned = false
-    const next = new Promise<void>((resolve) => { onStart = resolve })
-    const lone = store.append('t/s', 'dev-0', { payload: payloadOf(5) })
-    setImmediate(() => { turned = true })
-    await next
-    expect(turned).toBe(false)
-    await lone
-    expect(commits.at(-1)?.records).toBe(1)
-  })
-
-  it('writes a lone append at once while only write()s (session cursors) kept the writer busy since its last commit of records', async () => {
-    const db = new MemoryLevel<Buffer, Buffer>({ keyEncoding: 'buffer', valueEncoding: 'buffer' })
-    const target = db as unknown as { _batch: PrivateBatch }
-    const write = target._batch.bind(db)
-    // Told when a write holding more than the side sublevel's keys (a commit of records) starts.
+    // Told when a write holding more than the side sublevel's keys (a commit of records) starts. A write of side keys
+    // alone takes a turn of the event loop, as a disk write would: the writer is busy meanwhile.
     let onRecords: (() => void) | undefined
     target._batch = async (operations, options) => {
       if (operations.some((op) => !String((op as { key: unknown }).key).startsWith('!side!'))) onRecords?.()
+      else await new Promise((resolve) => setImmediate(resolve))
       return write(operations, options)
     }
     const commits: CommitStats[] = []
-    store = await openLogStore({ db: db as unknown as LevelDatabase, observer: { onCommit: (c) => { commits.push(c) } } })
-    await store.createStream('t/s', { partitions: 4 })
-    const side = db.sublevel<Buffer, Buffer>('side', { keyEncoding: 'buffer', valueEncoding: 'buffer' }) as unknown as LevelDatabase
-    await Promise.all(Array.from({ length: 5 }, async (_v, i) => await store!.append('t/s', `dev-${i}`, { payload: payloadOf(i) })))
+    const opened = await openLogStore({ db: db as unknown as LevelDatabase, observer: { onCommit: (c) => { commits.push(c) } } })
+    store = opened
+    await opened.createStream('t/s', { partitions: 4 })
+    await Promise.all(Array.from({ length: 5 }, async (_v, i) => await opened.append('t/s', `dev-${i}`, { payload: payloadOf(i) })))
     expect(commits.at(-1)?.records).toBeGreaterThan(1)
-    // Cursor-like writes, one after another (a turn of the event loop apart, as PUBACKs come), until told to stop.
+    const side = db.sublevel<Buffer, Buffer>('side', { keyEncoding: 'buffer', valueEncoding: 'buffer' }) as unknown as LevelDatabase
+    const lone = async (): Promise<{ turned: boolean }> => {
+      let turned = false
+      const started = new Promise<void>((resolve) => { onRecords = resolve })
+      const appended = opened.append('t/s', 'dev-0', { payload: payloadOf(5) })
+      setImmediate(() => { turned = true })
+      await started
+      const seen = turned
+      await appended
+      expect(commits.at(-1)?.records).toBe(1)
+      return { turned: seen }
+    }
+    return { side, commits, lone }
+  }
+
+  it('writes a lone append at once once the writer was idle for longer than a gather waits, however many records its last commit held', async () => {
+    const { lone } = await afterCommitOfFive()
+    await new Promise((resolve) => setTimeout(resolve, 5)) // a precondition: more than a gather's 0.5 ms idle
+    expect(await lone()).toEqual({ turned: false })
+  })
+
+  it('writes a lone append at once while only write()s (session cursors) kept the writer busy since its last commit of records', async () => {
+    const { side, lone } = await afterCommitOfFive()
+    // Cursor-like writes, one after another, until told to stop: the writer does not go idle.
     let stop = false
     let chained = 0
     const writing = (async (): Promise<void> => {
-      while (!stop) {
-        await store!.write([{ type: 'put', sublevel: side, key: Buffer.from('cursor'), value: Buffer.from(String(chained++)) }], { durable: false })
-        await new Promise((resolve) => setImmediate(resolve))
-      }
+      while (!stop) await store!.write([{ type: 'put', sublevel: side, key: Buffer.from('cursor'), value: Buffer.from(String(chained++)) }], { durable: false })
     })()
     await new Promise((resolve) => setTimeout(resolve, 5)) // a precondition: more than 0.5 ms since the records' commit
-    // A lone append: its write starts before any later turn of the event loop (no gather).
-    let turned = false
-    const next = new Promise<void>((resolve) => { onRecords = resolve })
-    const lone = store.append('t/s', 'dev-0', { payload: payloadOf(5) })
+    const result = lone()
     stop = true
-    setImmediate(() => { turned = true })
-    await next
-    expect(turned).toBe(false)
-    await lone
+    expect(await result).toEqual({ turned: false })
     await writing
     expect(chained).toBeGreaterThan(1)
-    expect(commits.at(-1)?.records).toBe(1)
   })
 
   it('writes the records that wait when the devices of the last commit do not come back', async () => {
