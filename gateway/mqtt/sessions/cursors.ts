@@ -152,6 +152,11 @@ const BATCH_BYTES = 256 * 1024
 /** A chunk read ahead per partition: a store read decodes whole batches (up to 1,000 records). */
 const CHUNK_BYTES = 256 * 1024
 /**
+ * A partition whose read failed (a damaged batch) is read again after this long; the session's other partitions go
+ * on meanwhile (they waited behind it: every run began with the failing partition's read).
+ */
+const READ_RETRY_MS = 1000
+/**
  * The next chunk is read once fewer than this many windows of records read ahead are left to send, from a partition
  * with none left (#read): across partitions up to this many windows overlap the read; a single partition's next chunk
  * is read once its last one is all framed, while those deliveries wait for their PUBACKs.
@@ -166,6 +171,8 @@ class PartitionCursor {
   committed: number
   /** The write that created the key failed after this cursor had sent records: the next message writes it again. */
   unwritten = false
+  /** Its last read of the log failed: not read again before this time (performance.now()), READ_RETRY_MS later. */
+  failedUntil = 0
   /** Next offset this connection has not yet delivered or skipped. */
   next: number
   /** Offsets delivered and not acknowledged, ascending, from `#head` on (a queue without shift()'s copying). */
@@ -789,10 +796,19 @@ export class SessionCursors {
       const reading = prefetched ?? this.#read(state, client, cursors)
       if (reading === undefined) return // caught up: woken by the next append
       const failed = await reading
-      // A read of its own that failed ends the run; a prefetch's failure was told, and the partition is read again.
-      if (failed !== undefined && prefetched === undefined) throw failed
+      // A read of its own that failed is told (a prefetch's was); its partition waits READ_RETRY_MS, the others go on.
+      if (failed !== undefined && prefetched === undefined && (failed as { code?: unknown }).code === 'STORE_CLOSED') return
+      if (failed !== undefined && prefetched === undefined) this.#deps.onReadError?.(failed)
       if (state.client !== client) return
     }
+  }
+
+  /** After a failed read: the partition is left alone for READ_RETRY_MS, then the session's delivery runs again. */
+  #retryLater (state: ClientCursors, cursor: PartitionCursor): void {
+    cursor.failedUntil = performance.now() + READ_RETRY_MS
+    setTimeout(() => {
+      if (this.#clients.get(state.clientId) === state && state.via !== undefined) this.#schedule(state)
+    }, READ_RETRY_MS + 1).unref()
   }
 
   /** Starts reading the next chunk while what is read ahead goes out, when little is left (see {@link #deliver}). */
@@ -813,9 +829,10 @@ export class SessionCursors {
    */
   #read (state: ClientCursors, client: object, cursors: readonly PartitionCursor[]): Promise<unknown> | undefined {
     const { log } = this.#deps
+    const now = performance.now()
     for (let k = 0; k < cursors.length; k++) {
       const cursor = cursors[(state.turn + k) % cursors.length] as PartitionCursor // partitions take turns
-      if (!mayTake(state, cursor) || cursor.hasAhead()) continue
+      if (!mayTake(state, cursor) || cursor.hasAhead() || cursor.failedUntil > now) continue
       const info = partitionInfo(log, cursor)
       if (info === undefined) this.#forgetHeld(state, cursor, Infinity) // the stream is gone, and what it held
       if (info === undefined || cursor.next >= info.logEndOffset) continue
@@ -829,7 +846,10 @@ export class SessionCursors {
           cursor.readAhead(batches, batches.length === 0 ? info.logEndOffset : nextOffset)
           if (batches.length === 0) cursor.next = Math.max(cursor.next, info.logEndOffset)
           return undefined
-        }, (err: unknown) => err)
+        }, (err: unknown) => {
+          if ((err as { code?: unknown }).code !== 'STORE_CLOSED') this.#retryLater(state, cursor)
+          return err
+        })
         .finally(() => { if (state.reading === reading) state.reading = undefined })
       state.reading = reading
       return reading

@@ -633,7 +633,8 @@ describe('session cursors into the log', () => {
       return await readColumns(...args)
     }
     const conn = connected.conn = await connect(gw, 'svc')
-    await settled(gw, conn)
+    // The partition is read again READ_RETRY_MS (1 s) after its failed read.
+    await expect.poll(() => gw.persistence.cursorsSettled(conn.client), { timeout: 10_000 }).toBe(true)
     expect(bodies(conn.got)).toEqual(Array.from({ length: 2500 }, (_v, i) => `m${i}`))
     expect(conn.got.every((p) => !p.dup)).toBe(true)
     expect(errors).toHaveLength(1)
@@ -641,6 +642,39 @@ describe('session cursors into the log', () => {
     // The first chunk (1,000 records) had not all gone out when the next was read: the window did not wait for it.
     expect(reads[1]).toMatchObject({ from: 1000 })
     expect(reads[1]?.got).toBeLessThan(1000)
+    conn.close()
+  })
+
+  it('drains a session\'s other partitions while one partition\'s reads keep failing, and that one after its reads work again', async () => {
+    const errors: unknown[] = []
+    const { gw } = await fresh(100, { onCursorReadError: (err) => { errors.push(err) } })
+    await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: 't1/devices/+/telemetry/#', qos: 1 }])
+    const damaged = gw.store.partitionFor('t1/telemetry', 'da')
+    let other = 'db'
+    for (let i = 0; gw.store.partitionFor('t1/telemetry', other) === damaged; i++) other = `db${i}`
+    for (let from = 0; from < 4000; from += 500) {
+      await Promise.all(Array.from({ length: 500 }, async (_v, k) => { const i = from + k; await publish(gw, 't1', i % 2 === 0 ? 'da' : other, `m${i}`) }))
+    }
+    // Every read of the damaged partition past its first chunk fails, until healed.
+    let healed = false
+    const readColumns = gw.store.readColumns.bind(gw.store)
+    gw.store.readColumns = async (...args) => {
+      if (!healed && args[1] === damaged && args[2] > 0) throw new Error('EIO (injected)')
+      return await readColumns(...args)
+    }
+    const conn = await connect(gw, 'svc')
+    const of = (device: string): string[] => conn.got.filter((p) => String(p.topic) === `t1/devices/${device}/telemetry/t`).map((p) => String(p.payload))
+    const expected = (device: string): string[] => Array.from({ length: 2000 }, (_v, k) => `m${device === 'da' ? 2 * k : 2 * k + 1}`)
+    await expect.poll(() => of(other).length, { timeout: 10_000 }).toBe(2000)
+    expect(of(other)).toEqual(expected(other))
+    expect(of('da').length).toBeLessThan(2000)
+    expect(errors.length).toBeGreaterThan(0)
+    expect(String(errors[0])).toContain('EIO (injected)')
+    // Healed (a repair, or the disk budget deleting the damage): the partition is read again, in order.
+    healed = true
+    await expect.poll(() => of('da').length, { timeout: 10_000 }).toBe(2000)
+    expect(of('da')).toEqual(expected('da'))
+    expect(conn.got.every((p) => !p.dup)).toBe(true)
     conn.close()
   })
 
