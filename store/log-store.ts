@@ -22,10 +22,10 @@
  * turns of the event loop, at most {@link GATHER_MS}, and writes both groups
  * in one commit. A gather that runs out of time (devices that do not come
  * back at once) turns gathering off for the next {@link GATHER_BACKOFF}
- * commits, so an irregular load pays it rarely; more than GATHER_MS after
+ * commits, so an irregular load pays it rarely. More than GATHER_MS after
  * the last commit of records (idle, or writing only write()s such as session
- * cursors) a lone append is written at once: no device is turning around. Only after commits of at
- * most {@link GATHER_MAX_RECORDS} records: connections with many messages in
+ * cursors) a lone append is written at once: no device is turning around.
+ * Only after commits of at most {@link GATHER_MAX_RECORDS} records: connections with many messages in
  * flight keep the disk busy without it, and the gateway's qos1 bench (100 in
  * flight per connection, commits of about 400) ran slower with it (paired
  * rounds 0.59-1.68, median 0.81).
@@ -877,7 +877,7 @@ class LevelLogStore implements LogStore {
     // Appends queued while this write is in flight start the next commit's latency clock.
     this.#oldestPendingAt = writeStart
     try {
-      // A commit of writes that need no fsync alone (WriteOptions.durable) is written without one.
+      // A commit of writes that need no fsync alone (StoreWriteOptions.durable) is written without one.
       await this.#db.batch(ops, records > 0 || extras.some((e) => e.durable !== false) ? this.#batchSync : BATCH_NO_SYNC)
     } catch (cause) {
       // Settled by #recover, which the writer loop runs next (see there).

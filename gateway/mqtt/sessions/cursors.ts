@@ -58,7 +58,7 @@
  * QoS 2 deliveries stay copies (the `O` queue), whose PUBREL state survives a
  * restart; only QoS 1 deliveries use cursors.
  */
-import type { AppendEvent, LogStore, RecordColumns, StoredRecord, StoreWriteOptions } from '../../../store/index.ts'
+import { isStoreError, type AppendEvent, type LogStore, type RecordColumns, type StoredRecord, type StoreWriteOptions } from '../../../store/index.ts'
 import { expiredAt, headersToProperties } from '../../../bridge/index.ts'
 import { mountTopic } from '../../access/topics.ts'
 import { RETAIN_HEADER } from '../hooks/durable-append.ts'
@@ -355,8 +355,8 @@ class ClientCursors {
   /** Cursors that may have moved, for the session's next cursor write; `writing` while one is in flight. */
   readonly advancing = new Set<PartitionCursor>()
   writing = false
-  /** The read of the log in flight, resolving with its error when it failed (see SessionCursors.#read). */
-  reading: Promise<unknown> | undefined
+  /** The read of the log in flight, resolving false when the store was closed (see SessionCursors.#read). */
+  reading: Promise<boolean> | undefined
   /** The write in flight (settled, failed or not), for {@link SessionCursors.flush}. */
   written: Promise<void> | undefined
 
@@ -760,7 +760,7 @@ export class SessionCursors {
     if (state.running) { state.again = true; return }
     state.running = true
     void this.#deliver(state).catch((err: unknown) => {
-      if ((err as { code?: unknown }).code !== 'STORE_CLOSED') this.#deps.onReadError?.(err)
+      if (!isStoreError(err, 'STORE_CLOSED')) this.#deps.onReadError?.(err)
     }).finally(() => {
       state.running = false
       if (state.again) { state.again = false; this.#pump(state) }
@@ -792,14 +792,10 @@ export class SessionCursors {
         }
         continue
       }
-      const prefetched = state.reading
-      const reading = prefetched ?? this.#read(state, client, cursors)
+      const reading = state.reading ?? this.#read(state, client, cursors)
       if (reading === undefined) return // caught up: woken by the next append
-      const failed = await reading
-      // A read of its own that failed is told (a prefetch's was); its partition waits READ_RETRY_MS, the others go on.
-      if (failed !== undefined && prefetched === undefined && (failed as { code?: unknown }).code === 'STORE_CLOSED') return
-      if (failed !== undefined && prefetched === undefined) this.#deps.onReadError?.(failed)
-      if (state.client !== client) return
+      // A failed read was told and its partition waits (see #read): the others go on. A closed store ends the run.
+      if (!await reading || state.client !== client) return
     }
   }
 
@@ -817,17 +813,17 @@ export class SessionCursors {
     let left = 0
     for (const cursor of cursors) if (mayTake(state, cursor)) left += cursor.aheadLeft()
     if (left >= PREFETCH_WINDOWS * state.limit) return
-    // Nobody waits for it: a failure is told here, and the partition is read again when its turn comes.
-    void this.#read(state, client, cursors)?.then((failed) => {
-      if (failed !== undefined && (failed as { code?: unknown }).code !== 'STORE_CLOSED') this.#deps.onReadError?.(failed)
-    })
+    // Nobody waits for it: a failure is told by #read, and the partition is read again when its turn comes.
+    void this.#read(state, client, cursors)
   }
 
   /**
    * Reads a chunk of the next partition in turn that has nothing read ahead and more in the log: one read in flight
-   * per session (`state.reading`, which resolves with the error when it failed). Undefined when there is none.
+   * per session (`state.reading`). It resolves false when the store was closed; a read that failed otherwise is told
+   * (onReadError) once, here, for a prefetch and a run's own read alike, and its partition is left alone for
+   * READ_RETRY_MS. Undefined when there is none to read.
    */
-  #read (state: ClientCursors, client: object, cursors: readonly PartitionCursor[]): Promise<unknown> | undefined {
+  #read (state: ClientCursors, client: object, cursors: readonly PartitionCursor[]): Promise<boolean> | undefined {
     const { log } = this.#deps
     const now = performance.now()
     for (let k = 0; k < cursors.length; k++) {
@@ -841,14 +837,16 @@ export class SessionCursors {
         { maxRecords: this.#deps.readRecords ?? 1000, maxBytes: CHUNK_BYTES })
         .then(({ batches, nextOffset }) => {
           // Another connection, or the cursor moved on meanwhile: what was read is not its next records.
-          if (state.client !== client || cursor.next !== from || cursor.hasAhead()) return undefined
+          if (state.client !== client || cursor.next !== from || cursor.hasAhead()) return true
           if (cursor.next < info.logStartOffset) this.#forgetHeld(state, cursor, info.logStartOffset)
           cursor.readAhead(batches, batches.length === 0 ? info.logEndOffset : nextOffset)
           if (batches.length === 0) cursor.next = Math.max(cursor.next, info.logEndOffset)
-          return undefined
+          return true
         }, (err: unknown) => {
-          if ((err as { code?: unknown }).code !== 'STORE_CLOSED') this.#retryLater(state, cursor)
-          return err
+          if (isStoreError(err, 'STORE_CLOSED')) return false
+          this.#deps.onReadError?.(err)
+          this.#retryLater(state, cursor)
+          return true
         })
         .finally(() => { if (state.reading === reading) state.reading = undefined })
       state.reading = reading
