@@ -29,7 +29,7 @@ import { startRetention } from './log/retention.ts'
 import { GatewayStoreObserver } from './log/store-observer.ts'
 import { createConfiguredStreams, tenantsOf } from './log/streams.ts'
 import { watchDiskUsage } from './metrics/disk.ts'
-import { createMetrics } from './metrics/metrics.ts'
+import { createMetrics, splitStream } from './metrics/metrics.ts'
 import { zeroBridgeSeries, zeroGatewaySeries } from './metrics/zero.ts'
 import { createBroker, releaseBackpressure } from './mqtt/broker.ts'
 import { CommandDispatcher, commandStreamsOf, createReceiptStreams } from './mqtt/commands.ts'
@@ -171,7 +171,11 @@ async function start (config: GatewayConfig, deps: GatewayDeps, shutdown: Shutdo
         if (first) logger.warn({ clientId, tenant, max }, 'a persistent session\'s queue is full: newer messages are dropped')
       },
       onExpired: (tenant) => { metrics.expiredDropped.inc({ tenant, path: 'session' }) },
-      onCursorWriteError: (err) => logger.error({ err: (err as Error).message }, 'a session cursor could not be written; its next advance writes it'),
+      onCursorWriteError: (err) => logger.error({ err: (err as Error).message }, 'a session cursor could not be written; it is written again in a second'),
+      onCursorDropped: ({ clientId, stream, partition, count }) => {
+        metrics.sessionDropped.inc(splitStream(stream), count)
+        logger.warn({ clientId, stream, partition, count }, 'the disk budget deleted records a persistent session had not acknowledged')
+      },
       onCursorReadError: (err) => {
         logger.warn({ err: (err as Error).message }, 'reading the log for a persistent session failed; it goes on at its next ack or append')
       },

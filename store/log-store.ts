@@ -46,7 +46,7 @@ import {
   MAX_PARTITIONS, checkCount, checkGroupName, checkOffset, checkStreamName, checkTimestamp, toPendingRecord,
 } from './validate.ts'
 import {
-  systemClock, type AppendListener, type AppendOptions, type AppendResult, type Clock, type DroppedRecords, type Durability, type GroupInfo, type GroupOptions,
+  systemClock, type AppendListener, type AppendOptions, type AppendResult, type Clock, type DroppedRecords, type RetentionHoldDropped, type Durability, type GroupInfo, type GroupOptions,
   type BatchReadResult, type ExtraOperation, type LogStore, type PartitionInfo, type PartitionLag, type ReadBatchesOptions, type StoreWriteOptions, type ReadOptions, type ReadResult, type RecordInput,
   type ResetSpec, type RetentionReport, type StoreLogger, type StoreObserver, type StoredBatch, type StoredRecord, type StreamInfo,
   type ColumnReadResult, type RecordColumns,
@@ -264,7 +264,7 @@ class LevelLogStore implements LogStore {
   readonly #streams = new Map<string, StreamState>()
   readonly #groups = new Map<string, GroupState>()
   /** Retention holds of holders other than groups (holdRetention). */
-  readonly #holds = new Set<(stream: string, partition: number) => number | undefined>()
+  readonly #holds = new Set<{ readonly floor: (stream: string, partition: number) => number | undefined, readonly onDropped: RetentionHoldDropped | undefined }>()
   /** Dedupe ids on disk, by {@link scopedId} (ids are per stream), with where their record went. */
   readonly #dedupe = new Map<string, DedupeState>()
   /** Dedupe ids of appends not yet committed, by {@link scopedId}, resolving with their result. */
@@ -1271,10 +1271,12 @@ class LevelLogStore implements LogStore {
 
   // ---------------------------------------------------------------- retention
 
-  holdRetention (floor: (stream: string, partition: number) => number | undefined): () => void {
+  holdRetention (floor: (stream: string, partition: number) => number | undefined, onDropped?: RetentionHoldDropped): () => void {
     if (typeof floor !== 'function') throw new StoreError('STORE_INVALID_ARGUMENT', 'a retention hold is a function of stream and partition')
-    this.#holds.add(floor)
-    return () => { this.#holds.delete(floor) }
+    if (onDropped !== undefined && typeof onDropped !== 'function') throw new StoreError('STORE_INVALID_ARGUMENT', 'a retention hold\'s onDropped is a function')
+    const hold = { floor, onDropped }
+    this.#holds.add(hold)
+    return () => { this.#holds.delete(hold) }
   }
 
   /** Lowest offset a retention-holding group, or a hold, still needs in this partition. */
@@ -1283,7 +1285,7 @@ class LevelLogStore implements LogStore {
     for (const g of this.#groups.values()) {
       if (g.holdsRetention) floor = Math.min(floor, g.offsets.get(part) ?? 0)
     }
-    for (const hold of this.#holds) floor = Math.min(floor, hold(part.stream.name, part.partition) ?? Infinity)
+    for (const hold of this.#holds) floor = Math.min(floor, hold.floor(part.stream.name, part.partition) ?? Infinity)
     return floor
   }
 
@@ -1393,6 +1395,11 @@ class LevelLogStore implements LogStore {
       report.dropped.push(d)
       this.#logger.warn({ ...d }, 'disk budget forced retention to drop records a consumer group had not consumed')
       this.#observer.onDropped?.(d)
+    }
+    // A hold past which the budget deleted: its holder counts and logs what it lost.
+    for (const hold of this.#holds) {
+      const floor = hold.floor(part.stream.name, part.partition)
+      if (floor !== undefined && floor < newStart) hold.onDropped?.(part.stream.name, part.partition, newStart)
     }
   }
 

@@ -274,6 +274,9 @@ export interface GroupInfo {
 }
 
 /** Why records left the log before a retention-holding group consumed them. */
+/** Told that the disk budget deleted a hold's records: those of `partition` below `logStartOffset` from its floor up. */
+export type RetentionHoldDropped = (stream: string, partition: number, logStartOffset: number) => void
+
 export interface DroppedRecords {
   readonly stream: string
   readonly partition: number
@@ -443,10 +446,13 @@ export interface LogStore {
    * group (the gateway's persistent sessions keep their cursors in their own
    * key space): retention by age and size never deletes a record at or after
    * the offset `floor` gives for its partition (undefined: no hold there).
-   * The disk budget still may. Held in memory: the holder adds it again
-   * when it opens. Returns the release.
+   * The disk budget still may: then `onDropped` is told the partition's new
+   * log start, once per deletion that went past the floor, so the holder can
+   * count and log what it lost (DESIGN: each dropped record is counted and
+   * logged). Held in memory: the holder adds it again when it opens.
+   * Returns the release.
    */
-  holdRetention (floor: (stream: string, partition: number) => number | undefined): () => void
+  holdRetention (floor: (stream: string, partition: number) => number | undefined, onDropped?: RetentionHoldDropped): () => void
 
   /**
    * Deletes whole batches from the front of each partition by age and size,

@@ -38,6 +38,7 @@ export interface GatewayMetrics {
   readonly replaysFinished: Counter<'tenant' | 'outcome'>
   readonly expiredDropped: Counter<'tenant' | 'path'>
   readonly sessionQueueDropped: Counter<'tenant'>
+  readonly sessionDropped: Counter<'tenant' | 'stream'>
   readonly sessionsExpired: Counter
   readonly httpWaitingReads: Gauge
 }
@@ -330,6 +331,13 @@ export function createMetrics (registry: Registry, sources: MetricsSources): Gat
       name: 'edgemq_mqtt_session_queue_dropped_total',
       help: 'Messages not queued for a persistent session because its queue of copies was full (mqtt.maxQueuedMessagesPerSession).',
       labelNames: ['tenant'],
+      registers: [registry],
+    }),
+    sessionDropped: new Counter({
+      name: 'edgemq_mqtt_session_dropped_records_total',
+      help: 'Records the disk budget (store.diskBudgetBytes) deleted before a persistent session\'s cursor reached them, per session ' +
+        '(each such deletion is also logged with the client id; some may not have been for the session).',
+      labelNames: ['tenant', 'stream'],
       registers: [registry],
     }),
     expiredDropped: new Counter({

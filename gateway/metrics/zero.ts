@@ -48,6 +48,7 @@ export function zeroGatewaySeries (metrics: GatewayMetrics, known: KnownSeries):
     for (const stream of known.streams) {
       metrics.ingestMessages.inc({ tenant, stream }, 0)
       metrics.ingestBytes.inc({ tenant, stream }, 0)
+      metrics.sessionDropped.inc({ tenant, stream }, 0)
     }
     for (const reason of PUBLISH_REFUSALS) metrics.publishesRefused.inc({ tenant, reason }, 0)
     for (const reason of SUBSCRIBE_REFUSALS) metrics.subscriptionsRefused.inc({ tenant, reason }, 0)

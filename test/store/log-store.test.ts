@@ -574,6 +574,29 @@ for (const makeBackend of backends) {
         expect(dropped.reduce((n: number, d) => n + (d as { count: number }).count, 0)).toBe(start - 5)
         expect(report.dropped[0]).toMatchObject({ ...expected, count: expect.any(Number) })
       })
+
+      it('tells a retention hold the disk budget deleted past its floor the new log start, and a hold it did not pass nothing', async () => {
+        const { store, clock } = await setup({ diskBudgetBytes: 3000 })
+        await store.createStream('t/s', { partitions: 1 })
+        const told: Array<[string, number, number]> = []
+        const untouched: unknown[] = []
+        const release = store.holdRetention((stream) => stream === 't/s' ? 5 : undefined, (...args) => { told.push(args) })
+        store.holdRetention(() => undefined, (...args) => { untouched.push(args) })
+        for (let b = 0; b < 5; b++) {
+          await Promise.all(Array.from({ length: 10 }, (_, i) => store.append('t/s', 'k', { payload: payloadOf(b * 10 + i, 100) })))
+          clock.advance(1000)
+        }
+        await store.enforceRetention()
+        const start = store.partitionInfo('t/s', 0).logStartOffset
+        expect(start).toBeGreaterThan(5)
+        // once per batch deleted, each with the log start after it; the holder counts from its floor
+        expect(told.length).toBeGreaterThan(0)
+        expect(told.every(([stream, partition]) => stream === 't/s' && partition === 0)).toBe(true)
+        expect(told.at(-1)?.[2]).toBe(start)
+        expect(untouched).toEqual([])
+        release()
+        expect(() => store.holdRetention(() => undefined, 'no' as never)).toThrow(expect.objectContaining({ code: 'STORE_INVALID_ARGUMENT' }))
+      })
     })
 
     describe('consumer groups', () => {

@@ -136,8 +136,13 @@ export interface CursorDeps {
   readonly window: number
   /** Records read per stored read. */
   readonly readRecords?: number
-  /** Told when a cursor write failed (the cursor is retried with the next advance). */
+  /** Told when a cursor write failed (it is written again WRITE_RETRY_MS later, or with the next advance if sooner). */
   readonly onWriteError?: (err: unknown) => void
+  /**
+   * Told when the disk budget deleted records of a partition below the log start it gives that a session's cursor had
+   * not reached: `count` records of the partition, once per deletion (some may not have been for the session).
+   */
+  readonly onDropped?: (dropped: { readonly clientId: string, readonly stream: string, readonly partition: number, readonly count: number }) => void
   /** Told when reading the log for a session failed (it goes on at the next PUBACK or append). */
   readonly onReadError?: (err: unknown) => void
   /** ms since the epoch, for MQTT 5 message expiry (default Date.now). */
@@ -156,6 +161,8 @@ const CHUNK_BYTES = 256 * 1024
  * on meanwhile (they waited behind it: every run began with the failing partition's read).
  */
 const READ_RETRY_MS = 1000
+/** A cursor advance whose write failed is written again after this long (ms), unless a later advance writes it first. */
+const WRITE_RETRY_MS = 1000
 /**
  * The next chunk is read once fewer than this many windows of records read ahead are left to send, from a partition
  * with none left (#read): across partitions up to this many windows overlap the read; a single partition's next chunk
@@ -397,6 +404,8 @@ export class SessionCursors {
   readonly #clients = new Map<string, ClientCursors>()
   /** Connected sessions by the cursors they read, for the append event. */
   readonly #watching = new Map<string, Set<ClientCursors>>()
+  /** Per cursor, the log start up to which records the disk budget deleted before it got there were told (onDropped). */
+  readonly #droppedTo = new WeakMap<PartitionCursor, number>()
   #connector: CursorConnector | undefined
   #unlisten: (() => void) | undefined
 
@@ -412,12 +421,32 @@ export class SessionCursors {
   /** A cursor read from disk at startup: records from it up to the log's end now may have been sent (DUP). */
   load (clientId: string, stream: string, partition: number, next: number): void {
     let dupBelow = next
+    let logStart = 0
     try {
-      dupBelow = this.#deps.log.partitionInfo(stream, partition).logEndOffset
+      ({ logEndOffset: dupBelow, logStartOffset: logStart } = this.#deps.log.partitionInfo(stream, partition))
     } catch {
       // a stream deleted since: the cursor reads nothing
     }
-    this.#client(clientId).cursors.set(cursorId(stream, partition), new PartitionCursor(stream, partition, next, dupBelow))
+    const cursor = new PartitionCursor(stream, partition, next, dupBelow)
+    // What the disk budget deleted below it before the restart was told then.
+    if (next < logStart) this.#droppedTo.set(cursor, logStart)
+    this.#client(clientId).cursors.set(cursorId(stream, partition), cursor)
+  }
+
+  /**
+   * The disk budget deleted the partition's records below `logStart` (the log store tells its retention hold,
+   * {@link LogStore.holdRetention}): each session whose cursor had not reached it is told what it lost, once.
+   */
+  dropped (stream: string, partition: number, logStart: number): void {
+    const id = cursorId(stream, partition)
+    for (const state of this.#clients.values()) {
+      const cursor = state.cursors.get(id)
+      if (cursor === undefined) continue
+      const from = Math.max(cursor.committed, this.#droppedTo.get(cursor) ?? 0)
+      if (from >= logStart) continue
+      this.#droppedTo.set(cursor, logStart)
+      this.#deps.onDropped?.({ clientId: state.clientId, stream, partition, count: logStart - from })
+    }
   }
 
   has (clientId: string): boolean {
@@ -681,7 +710,9 @@ export class SessionCursors {
         let s = byStream.get(cursor.stream)
         if (s === undefined) byStream.set(cursor.stream, s = { sessions: new Set(), lagMessages: 0 })
         s.sessions.add(state)
-        s.lagMessages += Math.max(0, endOf(this.#deps.log, cursor) - cursor.committed)
+        // A cursor below the log start (the disk budget deleted what it had not reached) lags by what is left to read.
+        const info = partitionInfo(this.#deps.log, cursor)
+        if (info !== undefined) s.lagMessages += Math.max(0, info.logEndOffset - Math.max(cursor.committed, info.logStartOffset))
       }
     }
     return [...byStream].map(([stream, s]) => ({ stream, sessions: s.sessions.size, lagMessages: s.lagMessages }))
@@ -1054,12 +1085,14 @@ export class SessionCursors {
 
   #writeAdvances (state: ClientCursors): void {
     const ops: Array<{ type: 'put', key: Buffer, value: Buffer }> = []
+    const moved: Array<{ cursor: PartitionCursor, from: number }> = []
     // A session dropped, or a cursor dropped, writes nothing more (its deletion was written after what is in flight).
     const live = this.#clients.get(state.clientId) === state
     for (const cursor of state.advancing) {
       if (!live || state.cursors.get(cursorId(cursor.stream, cursor.partition)) !== cursor) continue
       const target = cursor.target()
       if (target <= cursor.committed) continue
+      moved.push({ cursor, from: cursor.committed })
       cursor.committed = target
       ops.push({ type: 'put', key: keys.cursor(state.clientId, cursor.stream, cursor.partition), value: u64(target) })
     }
@@ -1071,6 +1104,16 @@ export class SessionCursors {
     state.unsynced = true
     state.written = this.#deps.write(ops, ADVANCE).catch((err: unknown) => {
       this.#deps.onWriteError?.(err)
+      if (isStoreError(err, 'STORE_CLOSED')) return
+      // Not on disk: the cursors are as they were there (they hold retention from there, and show that lag), and are
+      // written again in a while: a drain's last advance has no later one to carry it, and after a kill -9 every
+      // delivery since the last written one would come again.
+      for (const { cursor, from } of moved) cursor.committed = from
+      setTimeout(() => {
+        if (this.#clients.get(state.clientId) !== state) return
+        for (const { cursor } of moved) state.advancing.add(cursor)
+        if (!state.writing) this.#writeAdvances(state)
+      }, WRITE_RETRY_MS).unref()
     }).finally(() => {
       state.writing = false
       state.written = undefined

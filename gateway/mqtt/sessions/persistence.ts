@@ -165,8 +165,13 @@ export interface SessionPersistenceOptions {
   readonly log?: SessionLog
   /** With a log: QoS 1 deliveries from the log one session may have unacknowledged while it catches up (default 100). */
   readonly window?: number
-  /** With a log: told when a cursor advance could not be written (it is written again with the next one). */
+  /** With a log: told when a cursor advance could not be written (it is written again a second later, or with the next one). */
   readonly onCursorWriteError?: (err: unknown) => void
+  /**
+   * With a log: told when the disk budget deleted `count` records of a partition a session's cursor had not reached
+   * (counted and logged by the gateway; some may not have been for the session).
+   */
+  readonly onCursorDropped?: (dropped: { readonly clientId: string, readonly stream: string, readonly partition: number, readonly count: number }) => void
   /** With a log: told when reading the log for a session failed (it goes on at its next PUBACK or append). */
   readonly onCursorReadError?: (err: unknown) => void
   /** Told of each record a session's cursor skipped because its MQTT 5 message expiry had passed. */
@@ -577,6 +582,7 @@ export class LevelSessionPersistence {
         broker: () => this.#broker,
         window,
         onWriteError: options.onCursorWriteError,
+        onDropped: options.onCursorDropped,
         onReadError: options.onCursorReadError,
         onExpired: options.onExpired,
       })
@@ -672,7 +678,8 @@ export class LevelSessionPersistence {
         if (value.length === 8) this.#cursors.load(clientId, stream, partition, Number(value.readBigUInt64BE(0)))
       }
       const cursors = this.#cursors
-      this.#releaseHold = this.#log?.holdRetention((stream, partition) => cursors.floor(stream, partition))
+      this.#releaseHold = this.#log?.holdRetention((stream, partition) => cursors.floor(stream, partition),
+        (stream, partition, logStart) => { cursors.dropped(stream, partition, logStart) })
     }
 
     for await (const [key, value] of this.#scan(Buffer.from([TAG_WILL]))) {

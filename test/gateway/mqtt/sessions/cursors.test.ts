@@ -48,10 +48,12 @@ interface Gateway {
 }
 
 /** The database, log store and session persistence as gateway.ts builds them (no client connected). */
-async function open (dir: string, window = 100, options: Pick<SessionPersistenceOptions, 'onExpired' | 'onCursorReadError'> = {}): Promise<Gateway> {
+type Observers = Pick<SessionPersistenceOptions, 'onExpired' | 'onCursorReadError' | 'onCursorWriteError' | 'onCursorDropped'>
+
+async function open (dir: string, window = 100, options: Observers = {}, diskBudgetBytes = 0): Promise<Gateway> {
   const db = new ClassicLevel(dir)
   await db.open()
-  const store = await openLogStore({ db: db as unknown as LevelDatabase })
+  const store = await openLogStore({ db: db as unknown as LevelDatabase, diskBudgetBytes })
   opened.push({ db, store })
   const sessions = (db as unknown as LevelDatabase).sublevel('sessions', { keyEncoding: 'buffer', valueEncoding: 'buffer' }) as unknown as LevelDatabase
   const persistence = new LevelSessionPersistence(sessions, { writer: store, log: store, window, ...options })
@@ -62,19 +64,19 @@ async function open (dir: string, window = 100, options: Pick<SessionPersistence
   return { db, store, sessions, persistence, broker, connections }
 }
 
-async function fresh (window?: number, options?: Pick<SessionPersistenceOptions, 'onExpired' | 'onCursorReadError'>): Promise<{ dir: string, gw: Gateway }> {
+async function fresh (window?: number, options?: Observers, diskBudgetBytes?: number): Promise<{ dir: string, gw: Gateway }> {
   const dir = await mkdtemp(join(tmpdir(), 'edgemq-cursors-'))
   dirs.push(dir)
-  const gw = await open(dir, window, options)
+  const gw = await open(dir, window, options, diskBudgetBytes)
   for (const stream of ['t1/telemetry', 't2/telemetry']) await gw.store.createStream(stream, { partitions: 2 })
   return { dir, gw }
 }
 
 /** A kill -9: nothing is destroyed or flushed beyond what was awaited; the database is reopened. */
-async function restart (dir: string, gw: Gateway, window?: number, options?: Pick<SessionPersistenceOptions, 'onExpired'>): Promise<Gateway> {
+async function restart (dir: string, gw: Gateway, window?: number, options?: Observers, diskBudgetBytes?: number): Promise<Gateway> {
   await gw.store.close()
   await gw.db.close()
-  return await open(dir, window, options)
+  return await open(dir, window, options, diskBudgetBytes)
 }
 
 let counter = 0
@@ -614,6 +616,60 @@ describe('session cursors into the log', () => {
     expect(durable.at(-1)).toBeUndefined() // the default: fsync'd
     const afterStop = await restart(dir, afterKill, 100)
     expect(await drain(afterStop, 'svc')).toEqual([])
+  })
+
+  it('writes a drain\'s last cursor advance again when its write failed, with no PUBACK left to carry it: a kill -9 then sends nothing acknowledged again', async () => {
+    const errors: unknown[] = []
+    const { dir, gw } = await fresh(100, { onCursorWriteError: (err) => { errors.push(err) } })
+    await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: 't1/devices/+/telemetry/#', qos: 1 }])
+    for (let i = 0; i < 50; i++) await publish(gw, 't1', 'd0', `m${i}`)
+    const key = keys.cursor('svc', 't1/telemetry', gw.store.partitionFor('t1/telemetry', 'd0'))
+    const stored = async (): Promise<number | undefined> => {
+      const value = await gw.sessions.get<Buffer, Buffer>(key, { keyEncoding: 'buffer', valueEncoding: 'buffer' })
+      return value === undefined ? undefined : Number(value.readBigUInt64BE(0))
+    }
+    // The write of the last advance (to 50) fails once: the disk was full for a moment.
+    const write = gw.store.write.bind(gw.store)
+    let failed = false
+    gw.store.write = async (ops, options) => {
+      const cursor = ops.find((op) => op.type === 'put' && op.key[0] === TAG_CURSOR)
+      if (!failed && cursor?.type === 'put' && (cursor.value as Buffer).readBigUInt64BE(0) === 50n) {
+        failed = true
+        throw new Error('ENOSPC (injected)')
+      }
+      return await write(ops, options)
+    }
+    expect(bodies(await drain(gw, 'svc'))).toHaveLength(50)
+    await expect.poll(() => failed).toBe(true)
+    expect(errors[0]).toMatchObject({ code: 'GW_SESSION_WRITE_FAILED', cause: expect.objectContaining({ message: 'ENOSPC (injected)' }) })
+    // Until it is written the lag shows the cursor as on disk; then it is written again (WRITE_RETRY_MS, 1 s).
+    await expect.poll(stored, { timeout: 10_000 }).toBe(50)
+    expect(gw.persistence.cursorLag()).toEqual([{ stream: 't1/telemetry', sessions: 1, lagMessages: 0 }])
+    const after = await restart(dir, gw) // a kill -9
+    expect(await drain(after, 'svc')).toEqual([])
+  })
+
+  it('counts and tells what the disk budget deleted before a session\'s cursor reached it, once, and lags by what is left', async () => {
+    const dropped: Array<{ clientId: string, stream: string, partition: number, count: number }> = []
+    const { dir, gw } = await fresh(100, { onCursorDropped: (d) => { dropped.push(d) } }, 4000)
+    await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: 't1/devices/+/telemetry/#', qos: 1 }])
+    await gw.persistence.addSubscriptions({ id: 'other' }, [{ topic: 't2/devices/+/telemetry/#', qos: 1 }])
+    const partition = gw.store.partitionFor('t1/telemetry', 'd0')
+    for (let b = 0; b < 8; b++) await Promise.all(Array.from({ length: 10 }, async (_v, i) => await publish(gw, 't1', 'd0', `m${b * 10 + i}`.padEnd(200, '.'))))
+    await publish(gw, 't2', 'd0', 'x')
+    await gw.store.enforceRetention() // the budget: the cursor holds no retention against it
+    const start = gw.store.partitionInfo('t1/telemetry', partition).logStartOffset
+    expect(start).toBeGreaterThan(0)
+    expect(dropped.reduce((n, d) => n + d.count, 0)).toBe(start)
+    expect(dropped.every((d) => d.clientId === 'svc' && d.stream === 't1/telemetry' && d.partition === partition)).toBe(true)
+    expect(gw.persistence.cursorLag()).toContainEqual({ stream: 't1/telemetry', sessions: 1, lagMessages: 80 - start })
+
+    const after = await restart(dir, gw, 100, { onCursorDropped: (d) => { dropped.push(d) } }, 4000) // a kill -9
+    expect(after.persistence.cursorLag()).toContainEqual({ stream: 't1/telemetry', sessions: 1, lagMessages: 80 - start })
+    await after.store.enforceRetention()
+    expect(dropped.reduce((n, d) => n + d.count, 0)).toBe(start) // told before the restart, not again
+    const got = await drain(after, 'svc')
+    expect(bodies(got).map((b) => b.replace(/\.+$/, ''))).toEqual(Array.from({ length: 80 - start }, (_v, i) => `m${start + i}`))
   })
 
   it('reads the next chunk of the log before the last one has gone out, and gets past a read of it that failed: every record once, in order', async () => {
