@@ -39,6 +39,7 @@ export interface GatewayMetrics {
   readonly expiredDropped: Counter<'tenant' | 'path'>
   readonly sessionQueueDropped: Counter<'tenant'>
   readonly sessionDropped: Counter<'tenant' | 'stream'>
+  readonly oversizedDeliveries: Counter<'tenant'>
   readonly sessionsExpired: Counter
   readonly httpWaitingReads: Gauge
 }
@@ -338,6 +339,13 @@ export function createMetrics (registry: Registry, sources: MetricsSources): Gat
       help: 'Records the disk budget (store.diskBudgetBytes) deleted before a persistent session\'s cursor reached them, per session ' +
         '(each such deletion is also logged with the client id; some may not have been for the session).',
       labelNames: ['tenant', 'stream'],
+      registers: [registry],
+    }),
+    oversizedDeliveries: new Counter({
+      name: 'edgemq_mqtt_oversized_deliveries_total',
+      help: 'Messages not sent to an MQTT 5 client because the PUBLISH would exceed the Maximum Packet Size it set in its CONNECT ' +
+        '(the server drops them for that client, as if sent [MQTT-3.1.2-25]).',
+      labelNames: ['tenant'],
       registers: [registry],
     }),
     expiredDropped: new Counter({

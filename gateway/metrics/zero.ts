@@ -56,6 +56,7 @@ export function zeroGatewaySeries (metrics: GatewayMetrics, known: KnownSeries):
     metrics.replayMessages.inc({ tenant }, 0)
     for (const outcome of REPLAY_OUTCOMES) metrics.replaysFinished.inc({ tenant, outcome }, 0)
     metrics.sessionQueueDropped.inc({ tenant }, 0)
+    metrics.oversizedDeliveries.inc({ tenant }, 0)
   }
   for (const { group, tenant, stream, partitions } of known.retentionGroups) {
     for (let p = 0; p < partitions; p++) metrics.droppedRecords.inc({ tenant, stream, partition: String(p), group }, 0)

@@ -150,7 +150,7 @@ export function createBroker (deps: BrokerDeps): Broker {
   // Handlers are public, settable properties of the broker (aedes docs/Aedes.md); set once the context exists.
   broker.preConnect = preConnect(ctx)
   broker.authenticate = authenticate(ctx, users, owners)
-  broker.authorizePublish = authorizePublish(ctx)
+  broker.authorizePublish = withoutWillOnlyProperties(authorizePublish(ctx))
   broker.authorizeSubscribe = authorizeSubscribe(ctx)
   broker.authorizeForward = authorizeForward(ctx)
   installSessionHooks(ctx)
@@ -164,5 +164,22 @@ export function createBroker (deps: BrokerDeps): Broker {
     wills: ctx.wills,
     appendsSettled: async () => { await appender.settled(); await shares.close() },
     deleteShareGroup: async (id) => { await shares.deleteGroup(id) },
+  }
+}
+
+/**
+ * A will is published with its will properties, and aedes passes them on as they are; the Will Delay Interval is a
+ * CONNECT-only property a PUBLISH may not carry [MQTT-3.3.2.3] (Paho's MQTT 5 client refuses such a packet, so a
+ * subscriber never got the will). Every will passes authorizePublish (aedes' publishWill and its sweep, the delayed
+ * wills, the startup wills of wills.ts): it is dropped there, before the message is logged or forwarded.
+ */
+function withoutWillOnlyProperties (authorize: NonNullable<Aedes['authorizePublish']>): NonNullable<Aedes['authorizePublish']> {
+  return (client, packet, callback) => {
+    const properties = (packet as { properties?: Record<string, unknown> }).properties
+    if (properties !== undefined && properties.willDelayInterval !== undefined) {
+      const { willDelayInterval: _delay, ...rest } = properties
+      ;(packet as { properties?: Record<string, unknown> }).properties = rest
+    }
+    authorize(client, packet, callback)
   }
 }

@@ -5,6 +5,7 @@
  * across tenants, and holds the read ACL per message, as Mosquitto does.
  */
 import type { AedesOptions, Client } from 'aedes'
+import mqttPacket from 'mqtt-packet'
 import { isAllowed, type Identity } from '../../access/auth.ts'
 import { dollarTopicSubscribed, unmountTopic } from '../../access/topics.ts'
 import { subscriptionsOf } from '../aedes-internals.ts'
@@ -42,9 +43,24 @@ export function authorizeForward (ctx: HookContext): AuthorizeForward {
       }
     }
     if (topic === null) return null
+    if (client.maximumPacketSize !== undefined && exceedsMaximum(client.maximumPacketSize, packet, topic)) {
+      ctx.metrics.oversizedDeliveries.inc({ tenant: who.tenant })
+      return null
+    }
     packet.topic = topic
     return packet
   }
+}
+
+/**
+ * Whether the PUBLISH would be larger than the client's MQTT 5 Maximum Packet Size: the server does not send it,
+ * and behaves as if it had [MQTT-3.1.2-25] (aedes takes the value from the CONNECT and leaves it to the application).
+ * Measured as aedes would write it, with the QoS the message has (a subscription granting less makes it 2 bytes
+ * smaller at most); only for clients that set one.
+ */
+function exceedsMaximum (maximum: number, packet: Parameters<AuthorizeForward>[1], topic: string): boolean {
+  const qos = packet.qos
+  return mqttPacket.generate({ ...packet, topic, ...(qos > 0 ? { messageId: 1 } : {}) } as mqttPacket.Packet, { protocolVersion: 5 }).length > maximum
 }
 
 /**
