@@ -51,7 +51,8 @@ export function authorizeSubscribe (ctx: HookContext): AuthorizeSubscribe {
   /**
    * Whether a new filter goes over mqtt.maxFiltersPerSubscribe or mqtt.maxSubscriptionsPerSession. A filter the
    * client holds already only replaces its subscription. The count starts from aedes' table (restored subscriptions
-   * included) and grows with each filter granted, so a SUBSCRIBE costs O(its filters), not O(held × filters).
+   * included) and grows with each filter granted ({@link grant}; a filter refused later, by the ACL, a `$replay` range
+   * or a `$share` limit, is not held and does not count), so a SUBSCRIBE costs O(its filters), not O(held × filters).
    */
   const overLimit = (client: Client, sub: Subscription, mounted: string): { reason: SubscribeRefusal, why: string } | null => {
     if (ctx.oversized.has(sub)) {
@@ -63,8 +64,13 @@ export function authorizeSubscribe (ctx: HookContext): AuthorizeSubscribe {
     if (count >= config.mqtt.maxSubscriptionsPerSession) {
       return { reason: 'too-many-subscriptions', why: `the client holds ${count} subscriptions (mqtt.maxSubscriptionsPerSession)` }
     }
-    held.set(client, count + 1)
     return null
+  }
+
+  /** Counts a new filter granted to a connected client towards mqtt.maxSubscriptionsPerSession (see overLimit). */
+  const grant = (client: Client, mounted: string): void => {
+    const table = subscriptionsOf(client)
+    if (table[mounted] === undefined) held.set(client, (held.get(client) ?? Object.keys(table).length) + 1)
   }
 
   return (client, sub, callback) => {
@@ -108,6 +114,7 @@ export function authorizeSubscribe (ctx: HookContext): AuthorizeSubscribe {
       }
       sub.topic = mountTopic(who.tenant, filter)
       ctx.tickets.set(sub, ticket)
+      grant(client, sub.topic)
       return callback(null, sub)
     }
     if (isShareTopic(filter)) {
@@ -128,6 +135,7 @@ export function authorizeSubscribe (ctx: HookContext): AuthorizeSubscribe {
       }
     } else if (!isAllowed(config.acl, who, 'subscribe', filter)) return deny('ACL', 'acl-denied')
     sub.topic = mountTopic(who.tenant, filter)
+    if (!restoring) grant(client, sub.topic)
     // Stored by aedes' next addSubscriptions call for this client (hooks/sessions.ts), once.
     if (client.clean === false && !restoring) {
       let pending = ctx.toStore.get(client)

@@ -121,6 +121,17 @@ describe('mqtt.maxFiltersPerSubscribe and mqtt.maxSubscriptionsPerSession', () =
     }
   })
 
+  it('counts only the filters granted: ones refused for a bad $replay range, or a bad $share do not use up the limit', async () => {
+    const { gw } = await startWith({ maxSubscriptionsPerSession: 2 })
+    const client = await connect(gw, 'refused-many')
+    expect(await subscribe(client, { '$replay/not-a-range/devices/#': { qos: 1 } })).toEqual([128])
+    expect(await subscribe(client, { '$share/g/$replay/x': { qos: 1 } })).toEqual([128])
+    expect(await subscribe(client, { '$replay/not-a-range/devices/+/events/#': { qos: 1 } })).toEqual([128])
+    // it holds nothing: two fit, the third does not
+    expect(await subscribe(client, { 'devices/+/telemetry/#': { qos: 1 }, 'plant/a': { qos: 1 } })).toEqual([1, 1])
+    expect(await subscribe(client, { 'plant/b': { qos: 1 } })).toEqual([128])
+  })
+
   it('refuses the bad values of both keys with GW_CONFIG_INVALID naming the key, and documents the defaults', () => {
     for (const bad of [{ maxFiltersPerSubscribe: 0 }, { maxFiltersPerSubscribe: 70_000 }, { maxFiltersPerSubscribe: 1.5 },
       { maxSubscriptionsPerSession: 0 }, { maxSubscriptionsPerSession: 'many' }]) {
