@@ -487,12 +487,18 @@ export function buildConfig (input: unknown, source = 'config'): GatewayConfig {
       )
     }
     const levels = r.filter.split('/')
-    const bad = levels.findIndex((level, k) => (level.includes('#') && (level !== '#' || k !== levels.length - 1)) || (level.includes('+') && level !== '+'))
-    if (bad !== -1 || r.filter.includes('\u0000')) {
+    if (!isTopicFilter(r.filter)) {
       throw new GatewayError('GW_CONFIG_INVALID', `${source}: "routes.${i}.filter" is not a valid MQTT topic filter: ${JSON.stringify(r.filter)}`)
     }
     if (r.keyLevel >= levels.length || levels[r.keyLevel] === '#') {
       throw new GatewayError('GW_CONFIG_INVALID', `${source}: "routes.${i}.keyLevel" ${r.keyLevel} is not a single level of ${r.filter}`)
+    }
+  })
+  // A rule's topic is a filter once %u and %c are replaced: `devices/secret-+/#` would match `+` as text, so a deny
+  // rule written so would deny nothing.
+  config.acl.forEach((rule, i) => {
+    if (!isTopicFilter(rule.topic.replaceAll('%u', 'u').replaceAll('%c', 'c'))) {
+      throw new GatewayError('GW_CONFIG_INVALID', `${source}: "acl.${i}.topic" is not a valid MQTT topic filter: ${JSON.stringify(rule.topic)}`)
     }
   })
   const usernames = new Set<string>()
@@ -544,4 +550,11 @@ export function describeConfig (): ConfigKeyDoc[] {
   }
   walk(configSchema as unknown as Record<string, unknown>, '')
   return rows
+}
+
+/** Whether `filter` is a valid MQTT topic filter: `#` only as a whole last level, `+` only as a whole level, no NUL [MQTT-4.7.1]. */
+function isTopicFilter (filter: string): boolean {
+  const levels = filter.split('/')
+  return !filter.includes('\u0000') &&
+    levels.every((level, k) => (!level.includes('#') || (level === '#' && k === levels.length - 1)) && (!level.includes('+') || level === '+'))
 }

@@ -106,6 +106,9 @@ const BAD_CONFIGS: readonly BadConfig[] = [
   { name: 'bad tenant name', config: { users: [{ username: 'a', tenant: 'ac me', role: 'device' }] }, mentions: ['users.0.tenant'] },
   { name: 'acl access that does not exist', config: { acl: [{ topic: 'x/#', access: 'read' }] }, mentions: ['acl.0.access'] },
   { name: 'acl rule without a topic', config: { acl: [{ access: 'publish' }] }, mentions: ['missing key', 'acl.0.topic'] },
+  // `+` inside a level is matched as text: a deny rule on it would deny nothing.
+  { name: 'acl rule with a + inside a level', config: { acl: [{ topic: 'devices/secret-+/#', access: 'subscribe', allow: false }] }, mentions: ['acl.0.topic', 'secret-+'] },
+  { name: 'acl rule with # before the last level', config: { acl: [{ topic: 'x/#', access: 'both' }, { topic: 'devices/#/telemetry', access: 'publish' }] }, mentions: ['acl.1.topic'] },
   { name: 'route naming an unknown stream', config: { routes: [{ filter: 'devices/+/metrics/#', stream: 'metrics' }] }, mentions: ['routes.0.stream', 'metrics'] },
   { name: 'route with an invalid filter', config: { routes: [{ filter: 'devices/#/x', stream: 'telemetry' }] }, mentions: ['routes.0.filter'] },
   { name: 'tls listener without tls', config: { mqtt: { listeners: [{ type: 'tls', port: 0 }] } }, mentions: ['mqtt.listeners.0.tls'] },
