@@ -275,7 +275,10 @@ export function authorizePublish (ctx: HookContext): AuthorizePublish {
       // unless that entry exists (inbound-qos2.ts). A will (no packet id) is appended like QoS 1.
       return beginQos2(client, packet, {
         append: (extraOps) => new Promise((resolve, reject) => {
-          appender.append(client, who, target, packet, (err) => {
+          appender.append(client, who, target, packet, (err, _duplicate, position) => {
+            // A session's QoS 1 subscription reads a QoS 2 message from its cursor, as a QoS 1 one (sessions/persistence.ts
+            // cursorsDeliver); without the position it got a copy too, and so the message twice.
+            if (err === null && position !== undefined) attachLogPosition(packet, position)
             if (err === null) return resolve()
             appendErrors.add(err)
             reject(err)
