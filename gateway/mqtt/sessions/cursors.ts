@@ -202,6 +202,8 @@ class PartitionCursor {
 
   /** The tenant of the stream (`<tenant>/<stream>`). */
   readonly tenant: string
+  /** Its `K` key (format.ts), made by the first advance: a drain writes it some thousand times per 100 k messages. */
+  key: Buffer | undefined = undefined
 
   constructor (readonly stream: string, readonly partition: number, committed: number, dupBelow: number) {
     this.tenant = stream.slice(0, stream.indexOf('/'))
@@ -222,7 +224,7 @@ class PartitionCursor {
       this.#pending = pending.slice(this.#head)
       this.#head = 0
     }
-    return this.#pending[this.#head] ?? this.next
+    return this.#head < this.#pending.length ? this.#pending[this.#head] as number : this.next
   }
 
   /** A delivery of `offset` went out (offsets ascending). */
@@ -236,7 +238,7 @@ class PartitionCursor {
    */
   ack (offset: number): void {
     const pending = this.#pending
-    if (pending[this.#head] !== offset) {
+    if (this.#head >= pending.length || pending[this.#head] !== offset) {
       this.acked.add(offset)
       return
     }
@@ -252,8 +254,8 @@ class PartitionCursor {
 
   /** How many records read from the log wait to be looked at (for this session or not). */
   aheadLeft (): number {
-    const batch = this.ahead[this.aheadBatch]
-    return batch === undefined ? 0 : this.aheadEnd - (batch.baseOffset + this.aheadPos)
+    if (this.aheadBatch >= this.ahead.length) return 0
+    return this.aheadEnd - ((this.ahead[this.aheadBatch] as RecordColumns).baseOffset + this.aheadPos)
   }
 
   /** Batches read from the log: the next records to look at. */
@@ -529,9 +531,12 @@ export class SessionCursors {
     via.takePubacks?.({
       take: (id) => state.client === client && this.#acked(state, id),
       taken: () => {
-        for (const cursor of state.acking) this.#advance(state, cursor)
+        for (const cursor of state.acking) state.advancing.add(cursor)
         state.acking.clear()
+        // The next deliveries go out first, then the cursor write starts: its LevelDB batch is built on this thread, and
+        // the client works on the deliveries meanwhile.
         this.#schedule(state, true)
+        queueMicrotask(() => { this.#writeAdvancesIdle(state) })
       },
     })
     this.#unlisten ??= this.#deps.log.onAppend((e) => this.#appended(e))
@@ -785,11 +790,14 @@ export class SessionCursors {
       if (cursors.some((c) => c.hasAhead() && mayTake(state, c))) {
         const out = this.#frame(state, via)
         this.#prefetch(state, client, cursors)
+        let more = true
         if (out !== null) {
-          const more = via.conn.stream.write(out)
+          more = via.conn.stream.write(out)
           via.flush?.()
-          if (!more) await drained(via.conn.stream)
         }
+        // After the write: the client works on these deliveries while this thread builds the cursor write's batch.
+        this.#writeAdvancesIdle(state)
+        if (!more) await drained(via.conn.stream)
         continue
       }
       const reading = state.reading ?? this.#read(state, client, cursors)
@@ -878,7 +886,7 @@ export class SessionCursors {
         const i = cursor.aheadPos++
         if (cursor.aheadPos >= batch.end) {
           cursor.aheadBatch++
-          cursor.aheadPos = cursor.ahead[cursor.aheadBatch]?.start ?? 0
+          cursor.aheadPos = cursor.aheadBatch < cursor.ahead.length ? (cursor.ahead[cursor.aheadBatch] as RecordColumns).start : 0
         }
         const offset = batch.baseOffset + i
         if (offset < cursor.next) continue
@@ -919,8 +927,8 @@ export class SessionCursors {
         at += batch.payloadBytes.copy(out, at, start, start + length)
       }
     }
-    // Skipped records move the cursor too, once nothing below them is unacknowledged.
-    for (const cursor of touched) this.#advance(state, cursor)
+    // Skipped records move the cursor too, once nothing below them is unacknowledged: #deliver writes them after `out`.
+    for (const cursor of touched) state.advancing.add(cursor)
     return out
   }
 
@@ -940,7 +948,7 @@ export class SessionCursors {
       cursor.memo.length = 0
     }
     const t = batch.topicIndex(i)
-    let route = cursor.memo[t]
+    let route = t < cursor.memo.length ? cursor.memo[t] : undefined
     if (route === undefined) cursor.memo[t] = route = this.#route(state, via, routes, cursor.tenant, batch.topic(i))
     if (route === null || Math.min(batch.qos(i), route.qos) !== 1) return null
     if (route.noLocal && batch.clientId(i) === via.conn.clientId) return null // its own message
@@ -1019,7 +1027,12 @@ export class SessionCursors {
    */
   #advance (state: ClientCursors, cursor: PartitionCursor): void {
     state.advancing.add(cursor)
-    if (!state.writing) this.#writeAdvances(state)
+    this.#writeAdvancesIdle(state)
+  }
+
+  /** Starts the session's cursor write of what moved, unless one is in flight (it starts the next when it settles). */
+  #writeAdvancesIdle (state: ClientCursors): void {
+    if (!state.writing && state.advancing.size > 0) this.#writeAdvances(state)
   }
 
   /**
@@ -1046,7 +1059,7 @@ export class SessionCursors {
       if (!state.unsynced) continue
       state.unsynced = false
       const ops = [...state.cursors.values()].filter((c) => !c.unwritten)
-        .map((c) => ({ type: 'put' as const, key: keys.cursor(state.clientId, c.stream, c.partition), value: u64(c.committed) }))
+        .map((c) => ({ type: 'put' as const, key: cursorKey(state.clientId, c), value: u64(c.committed) }))
       if (ops.length > 0) synced.push(this.#deps.write(ops).catch((err: unknown) => { this.#deps.onWriteError?.(err) }))
     }
     await Promise.all(synced)
@@ -1061,7 +1074,7 @@ export class SessionCursors {
       const target = cursor.target()
       if (target <= cursor.committed) continue
       cursor.committed = target
-      ops.push({ type: 'put', key: keys.cursor(state.clientId, cursor.stream, cursor.partition), value: u64(target) })
+      ops.push({ type: 'put', key: cursorKey(state.clientId, cursor), value: u64(target) })
     }
     state.advancing.clear()
     if (ops.length === 0) return
@@ -1095,8 +1108,23 @@ function endOf (log: SessionLog, cursor: PartitionCursor): number {
   }
 }
 
+/** The cursor's `K` key; the buffer is shared by its writes, which never change it. */
+function cursorKey (clientId: string, cursor: PartitionCursor): Buffer {
+  return cursor.key ??= keys.cursor(clientId, cursor.stream, cursor.partition)
+}
+
+/** An offset (below 2^53) as a u64, big-endian, without a BigInt. */
 function u64 (n: number): Buffer {
   const buf = Buffer.allocUnsafe(8)
-  buf.writeBigUInt64BE(BigInt(n), 0)
+  const high = Math.floor(n / 0x1_0000_0000)
+  const low = n - high * 0x1_0000_0000
+  buf[0] = high >>> 24
+  buf[1] = (high >>> 16) & 0xff
+  buf[2] = (high >>> 8) & 0xff
+  buf[3] = high & 0xff
+  buf[4] = low >>> 24
+  buf[5] = (low >>> 16) & 0xff
+  buf[6] = (low >>> 8) & 0xff
+  buf[7] = low & 0xff
   return buf
 }
