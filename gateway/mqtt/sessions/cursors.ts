@@ -873,7 +873,6 @@ export class SessionCursors {
     const now = (this.#deps.now ?? Date.now)()
     const mqtt5 = via.conn.mqtt5 === true
     const picked: Delivery[] = []
-    const touched = new Set<PartitionCursor>()
     let size = 0
     const cursors = [...state.cursors.values()]
     for (let k = 0; k < cursors.length && picked.length < room && size < BATCH_BYTES; k++) {
@@ -905,7 +904,8 @@ export class SessionCursors {
         picked.push(pick)
         size += publishPacketLength(pick.topic.length, batch.payloadLength(i), 1, pick.properties?.length ?? 0)
       }
-      if (cursor.next !== first) touched.add(cursor)
+      // Skipped records move the cursor too, once nothing below them is unacknowledged: #deliver writes it after `out`.
+      if (cursor.next !== first) state.advancing.add(cursor)
       if (cursor.ahead.length > 0 && !cursor.hasAhead()) {
         cursor.next = Math.max(cursor.next, cursor.aheadEnd)
         cursor.readAhead([], cursor.aheadEnd)
@@ -927,8 +927,6 @@ export class SessionCursors {
         at += batch.payloadBytes.copy(out, at, start, start + length)
       }
     }
-    // Skipped records move the cursor too, once nothing below them is unacknowledged: #deliver writes them after `out`.
-    for (const cursor of touched) state.advancing.add(cursor)
     return out
   }
 
