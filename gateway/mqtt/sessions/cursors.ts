@@ -932,6 +932,9 @@ export class SessionCursors {
   /** Frames the deliveries taken into one buffer of `size` bytes, each PUBLISH's payload copied from the stored bytes. */
   #write (state: ClientCursors, via: CursorConnection, picked: readonly Delivery[], size: number): Buffer {
     const out = Buffer.allocUnsafe(size)
+    const to = new DataView(out.buffer, out.byteOffset, out.byteLength)
+    let from: DataView | undefined
+    let fromBatch: RecordColumns | undefined
     let at = 0
     for (const delivery of picked) {
       const { cursor, batch, index, offset } = delivery
@@ -941,7 +944,16 @@ export class SessionCursors {
       const start = batch.payloadStart(index)
       const length = batch.payloadLength(index)
       at = writePublishHeader(out, at, delivery.topic, length, 1, id, delivery.retain, delivery.properties, offset < cursor.dupBelow)
-      at += batch.payloadBytes.copy(out, at, start, start + length)
+      if (length > SMALL_PAYLOAD) {
+        at += batch.payloadBytes.copy(out, at, start, start + length)
+        continue
+      }
+      if (fromBatch !== batch) {
+        fromBatch = batch
+        from = new DataView(batch.payloadBytes.buffer, batch.payloadBytes.byteOffset, batch.payloadBytes.byteLength)
+      }
+      copySmall(to, at, from as DataView, start, length)
+      at += length
     }
     return out
   }
@@ -1104,6 +1116,19 @@ export class SessionCursors {
       if (state.advancing.size > 0) this.#writeAdvances(state)
     })
   }
+}
+
+/**
+ * Payloads up to this many bytes are copied by {@link copySmall}: Buffer#copy of part of a buffer makes a Uint8Array
+ * view of that part for each call (node:buffer _copyActual), about 100 B of garbage per delivered message.
+ */
+const SMALL_PAYLOAD = 256
+
+/** Copies `length` bytes from `from` at `start` to `to` at `at`, four at a time. */
+function copySmall (to: DataView, at: number, from: DataView, start: number, length: number): void {
+  let k = 0
+  for (; k + 4 <= length; k += 4) to.setUint32(at + k, from.getUint32(start + k))
+  for (; k < length; k++) to.setUint8(at + k, from.getUint8(start + k))
 }
 
 function partitionInfo (log: SessionLog, cursor: PartitionCursor): { logStartOffset: number, logEndOffset: number } | undefined {
