@@ -21,7 +21,9 @@
  *   `devices/+/telemetry/#` subscribes and leaves; the messages are
  *   published; it reconnects and acknowledges everything (one write of
  *   PUBACKs per read). Messages per second from its CONNACK to the last
- *   message, against Mosquitto.
+ *   message, against Mosquitto; in the params each broker's CPU time per
+ *   message, and edgemq's main thread's part of it (the rest is V8's
+ *   compiler and GC threads, and LevelDB's).
  * - `sessions.ingest-offline-subscribers`: the publishers' rate (first
  *   PUBLISH to last PUBACK) with 10 such offline persistent subscribers,
  *   against the same gateway's rate with none. Mosquitto's rates with and
@@ -45,6 +47,7 @@
  * 100 k drain busy for 0.5 s gives only 500 samples, too few to rank
  * functions of 1–2 %).
  */
+import { readFileSync } from 'node:fs'
 import { mkdir, mkdtemp, readdir } from 'node:fs/promises'
 import os from 'node:os'
 import path from 'node:path'
@@ -99,6 +102,8 @@ interface DrainRound {
   readonly rate: number
   readonly firstMs: number
   readonly brokerCores: number | undefined
+  /** CPU seconds of the broker's main thread in the drain (undefined without /proc). */
+  readonly mainThreadSeconds: number | undefined
   readonly publishRate: number
   /** The drain on the monotonic clock in µs (a CPU profile's clock). */
   readonly window: { readonly fromUs: number, readonly toUs: number }
@@ -106,6 +111,24 @@ interface DrainRound {
 
 /** The broker's CPU time per message drained, in µs. */
 const cpuUsPerMessage = (d: DrainRound): number => d.brokerCores === undefined ? NaN : d.brokerCores / d.rate * 1e6
+
+/** The broker's main thread's CPU time per message drained, in µs; the rest of cpuUsPerMessage is its other threads'. */
+const mainThreadUsPerMessage = (d: DrainRound): number => d.mainThreadSeconds === undefined ? NaN : d.mainThreadSeconds / MESSAGES * 1e6
+
+/**
+ * CPU seconds of a process's main thread (/proc/<pid>/task/<pid>/stat: utime + stime): the rest of the process's CPU
+ * is its other threads'. For edgemq those are V8's helpers (GC, and the optimizing compiler: a fresh gateway compiles
+ * its drain path during the first drain), the libuv threadpool (LevelDB reads and writes) and LevelDB's compaction.
+ */
+function mainThreadSeconds (pid: number): number | undefined {
+  try {
+    const stat = readFileSync(`/proc/${pid}/task/${pid}/stat`, 'utf8')
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ')
+    return (Number(fields[11]) + Number(fields[12])) / 100 // USER_HZ, as processCpuSeconds reads it on Linux
+  } catch {
+    return undefined
+  }
+}
 
 const nowUs = (): number => Number(process.hrtime.bigint() / 1000n)
 
@@ -119,14 +142,17 @@ async function drainRound (broker: RunningBroker, n: number): Promise<DrainRound
     if (w.received !== MESSAGES) throw new Error(`${broker.name}: the warm-up drain got ${w.received} of ${MESSAGES}`)
   }
   const cpu0 = processCpuSeconds(broker.pid)
+  const main0 = mainThreadSeconds(broker.pid)
   const fromUs = nowUs()
   const r = await runSubscriber({ host: broker.host, port: broker.port, clientId, clean: false, wantTopics: false, until: (c) => c === MESSAGES, timeoutMs: TIMEOUT_MS })
   const cpu1 = processCpuSeconds(broker.pid)
+  const main1 = mainThreadSeconds(broker.pid)
   const toUs = nowUs()
   if (r.received !== MESSAGES) throw new Error(`${broker.name}: drained ${r.received} of ${MESSAGES}`)
   return {
     rate: MESSAGES / (r.ms / 1000), firstMs: r.firstMs, publishRate, window: { fromUs, toUs },
     brokerCores: cpu0 === undefined || cpu1 === undefined ? undefined : (cpu1 - cpu0) / (r.ms / 1000),
+    mainThreadSeconds: main0 === undefined || main1 === undefined ? undefined : main1 - main0,
   }
 }
 
@@ -187,7 +213,7 @@ async function main (): Promise<number> {
         drains[name].push(d)
         const cores = round(d.brokerCores ?? NaN, 2)
         info(`round ${n + 1} ${name}: drain ${Math.round(d.rate)} msgs/s (first after ${round(d.firstMs, 1)} ms, broker ${cores} cores, `
-          + `${round(cpuUsPerMessage(d), 2)} µs CPU per message)`)
+          + `${round(cpuUsPerMessage(d), 2)} µs CPU per message, ${round(mainThreadUsPerMessage(d), 2)} of it on the main thread)`)
         if (DRAIN_ONLY) continue
         const none = await withBroker(name, mosquitto, (b) => ingestRound(b, 0, n))
         const offline = await withBroker(name, mosquitto, (b) => ingestRound(b, OFFLINE_SUBSCRIBERS, n))
@@ -217,6 +243,8 @@ async function main (): Promise<number> {
       // CPU per message moves less than the rates on a shared machine, where both brokers wait to be scheduled.
       edgemqCpuUsPerMessage: drains.edgemq.map((d) => round(cpuUsPerMessage(d), 2)),
       mosquittoCpuUsPerMessage: drains.mosquitto.map((d) => round(cpuUsPerMessage(d), 2)),
+      // The main thread's share of it: what the rest is (V8 compiling a fresh gateway's drain path, GC, LevelDB) shows in the difference.
+      edgemqMainThreadCpuUsPerMessage: drains.edgemq.map((d) => round(mainThreadUsPerMessage(d), 2)),
       edgemqPublishRounds: drains.edgemq.map((d) => Math.round(d.publishRate)),
     },
   })

@@ -209,6 +209,8 @@ class PartitionCursor {
 
   /** The tenant of the stream (`<tenant>/<stream>`). */
   readonly tenant: string
+  /** Its `K` key (format.ts), made by the first advance: a drain writes it some thousand times per 100 k messages. */
+  key: Buffer | undefined = undefined
 
   constructor (readonly stream: string, readonly partition: number, committed: number, dupBelow: number) {
     this.tenant = stream.slice(0, stream.indexOf('/'))
@@ -229,7 +231,7 @@ class PartitionCursor {
       this.#pending = pending.slice(this.#head)
       this.#head = 0
     }
-    return this.#pending[this.#head] ?? this.next
+    return this.#head < this.#pending.length ? this.#pending[this.#head] as number : this.next
   }
 
   /** A delivery of `offset` went out (offsets ascending). */
@@ -243,7 +245,7 @@ class PartitionCursor {
    */
   ack (offset: number): void {
     const pending = this.#pending
-    if (pending[this.#head] !== offset) {
+    if (this.#head >= pending.length || pending[this.#head] !== offset) {
       this.acked.add(offset)
       return
     }
@@ -259,8 +261,8 @@ class PartitionCursor {
 
   /** How many records read from the log wait to be looked at (for this session or not). */
   aheadLeft (): number {
-    const batch = this.ahead[this.aheadBatch]
-    return batch === undefined ? 0 : this.aheadEnd - (batch.baseOffset + this.aheadPos)
+    if (this.aheadBatch >= this.ahead.length) return 0
+    return this.aheadEnd - ((this.ahead[this.aheadBatch] as RecordColumns).baseOffset + this.aheadPos)
   }
 
   /** Batches read from the log: the next records to look at. */
@@ -558,9 +560,12 @@ export class SessionCursors {
     via.takePubacks?.({
       take: (id) => state.client === client && this.#acked(state, id),
       taken: () => {
-        for (const cursor of state.acking) this.#advance(state, cursor)
+        for (const cursor of state.acking) state.advancing.add(cursor)
         state.acking.clear()
+        // The next deliveries go out first, then the cursor write starts: its LevelDB batch is built on this thread, and
+        // the client works on the deliveries meanwhile.
         this.#schedule(state, true)
+        queueMicrotask(() => { this.#writeAdvancesIdle(state) })
       },
     })
     this.#unlisten ??= this.#deps.log.onAppend((e) => this.#appended(e))
@@ -816,11 +821,14 @@ export class SessionCursors {
       if (cursors.some((c) => c.hasAhead() && mayTake(state, c))) {
         const out = this.#frame(state, via)
         this.#prefetch(state, client, cursors)
+        let more = true
         if (out !== null) {
-          const more = via.conn.stream.write(out)
+          more = via.conn.stream.write(out)
           via.flush?.()
-          if (!more) await drained(via.conn.stream)
         }
+        // After the write: the client works on these deliveries while this thread builds the cursor write's batch.
+        this.#writeAdvancesIdle(state)
+        if (!more) await drained(via.conn.stream)
         continue
       }
       const reading = state.reading ?? this.#read(state, client, cursors)
@@ -896,62 +904,88 @@ export class SessionCursors {
     const now = (this.#deps.now ?? Date.now)()
     const mqtt5 = via.conn.mqtt5 === true
     const picked: Delivery[] = []
-    const touched = new Set<PartitionCursor>()
     let size = 0
     const cursors = [...state.cursors.values()]
     for (let k = 0; k < cursors.length && picked.length < room && size < BATCH_BYTES; k++) {
       const cursor = cursors[(state.turn + k) % cursors.length] as PartitionCursor
       if (!mayTake(state, cursor)) continue
-      const routes = this.#routes(state, cursor.tenant)
       const first = cursor.next
-      while (picked.length < room && size < BATCH_BYTES && cursor.hasAhead()) {
-        const batch = cursor.ahead[cursor.aheadBatch] as RecordColumns
-        const i = cursor.aheadPos++
-        if (cursor.aheadPos >= batch.end) {
-          cursor.aheadBatch++
-          cursor.aheadPos = cursor.ahead[cursor.aheadBatch]?.start ?? 0
-        }
-        const offset = batch.baseOffset + i
-        if (offset < cursor.next) continue
-        cursor.next = offset + 1
-        // Sent on an earlier connection and not acknowledged: it goes out with the id it had, or gives it up.
-        const held = cursor.resend.size === 0 ? undefined : cursor.resend.get(offset)
-        if (held !== undefined) {
-          cursor.resend.delete(offset)
-          state.reserved.delete(held)
-        }
-        const pick = cursor.acked.size > 0 && cursor.acked.delete(offset) ? null : this.#pick(state, via, cursor, routes, batch, i, now, mqtt5, held)
-        if (pick === null) {
-          if (held !== undefined) state.inflight.delete(held)
-          continue
-        }
-        picked.push(pick)
-        size += publishPacketLength(pick.topic.length, batch.payloadLength(i), 1, pick.properties?.length ?? 0)
-      }
-      if (cursor.next !== first) touched.add(cursor)
+      size = this.#take(state, via, cursor, picked, room, size, now, mqtt5)
+      // Skipped records move the cursor too, once nothing below them is unacknowledged: #deliver writes it after `out`.
+      if (cursor.next !== first) state.advancing.add(cursor)
       if (cursor.ahead.length > 0 && !cursor.hasAhead()) {
         cursor.next = Math.max(cursor.next, cursor.aheadEnd)
         cursor.readAhead([], cursor.aheadEnd)
       }
     }
     state.turn++
-    let out: Buffer | null = null
-    if (picked.length > 0) {
-      out = Buffer.allocUnsafe(size)
-      let at = 0
-      for (const delivery of picked) {
-        const { cursor, batch, index, offset } = delivery
-        const id = delivery.id ?? this.#allocate(state, via)
-        state.inflight.set(id, delivery)
-        cursor.sent(offset)
-        const start = batch.payloadStart(index)
-        const length = batch.payloadLength(index)
-        at = writePublishHeader(out, at, delivery.topic, length, 1, id, delivery.retain, delivery.properties, offset < cursor.dupBelow)
-        at += batch.payloadBytes.copy(out, at, start, start + length)
+    return picked.length === 0 ? null : this.#write(state, via, picked, size)
+  }
+
+  /**
+   * Takes the records the cursor read ahead into `picked`, up to `room` deliveries in all and BATCH_BYTES of frames
+   * (`size`, returned as it grows). Its own function, and so is {@link #write}: a fresh gateway compiles the drain
+   * path during its first drain, on the same two cores as the client. When #frame held both loops, V8 compiled it as
+   * one graph with everything inlined (52–148 ms of TurboFan at load 7–8, --trace-opt), sometimes before the code after
+   * its first loop had run, and threw that away when it did ("Insufficient type feedback") to compile it again;
+   * split, the four functions took 40–60 ms in the same minutes, and #frame and #take were not deoptimized.
+   */
+  #take (state: ClientCursors, via: CursorConnection, cursor: PartitionCursor, picked: Delivery[], room: number, size: number, now: number,
+    mqtt5: boolean): number {
+    const routes = this.#routes(state, cursor.tenant)
+    while (picked.length < room && size < BATCH_BYTES && cursor.hasAhead()) {
+      const batch = cursor.ahead[cursor.aheadBatch] as RecordColumns
+      const i = cursor.aheadPos++
+      if (cursor.aheadPos >= batch.end) {
+        cursor.aheadBatch++
+        cursor.aheadPos = cursor.aheadBatch < cursor.ahead.length ? (cursor.ahead[cursor.aheadBatch] as RecordColumns).start : 0
       }
+      const offset = batch.baseOffset + i
+      if (offset < cursor.next) continue
+      cursor.next = offset + 1
+      // Sent on an earlier connection and not acknowledged: it goes out with the id it had, or gives it up.
+      const held = cursor.resend.size === 0 ? undefined : cursor.resend.get(offset)
+      if (held !== undefined) {
+        cursor.resend.delete(offset)
+        state.reserved.delete(held)
+      }
+      const pick = cursor.acked.size > 0 && cursor.acked.delete(offset) ? null : this.#pick(state, via, cursor, routes, batch, i, now, mqtt5, held)
+      if (pick === null) {
+        if (held !== undefined) state.inflight.delete(held)
+        continue
+      }
+      picked.push(pick)
+      size += publishPacketLength(pick.topic.length, batch.payloadLength(i), 1, pick.properties?.length ?? 0)
     }
-    // Skipped records move the cursor too, once nothing below them is unacknowledged.
-    for (const cursor of touched) this.#advance(state, cursor)
+    return size
+  }
+
+  /** Frames the deliveries taken into one buffer of `size` bytes, each PUBLISH's payload copied from the stored bytes. */
+  #write (state: ClientCursors, via: CursorConnection, picked: readonly Delivery[], size: number): Buffer {
+    const out = Buffer.allocUnsafe(size)
+    const to = new DataView(out.buffer, out.byteOffset, out.byteLength)
+    let from: DataView | undefined
+    let fromBatch: RecordColumns | undefined
+    let at = 0
+    for (const delivery of picked) {
+      const { cursor, batch, index, offset } = delivery
+      const id = delivery.id ?? this.#allocate(state, via)
+      state.inflight.set(id, delivery)
+      cursor.sent(offset)
+      const start = batch.payloadStart(index)
+      const length = batch.payloadLength(index)
+      at = writePublishHeader(out, at, delivery.topic, length, 1, id, delivery.retain, delivery.properties, offset < cursor.dupBelow)
+      if (length > SMALL_PAYLOAD) {
+        at += batch.payloadBytes.copy(out, at, start, start + length)
+        continue
+      }
+      if (fromBatch !== batch) {
+        fromBatch = batch
+        from = new DataView(batch.payloadBytes.buffer, batch.payloadBytes.byteOffset, batch.payloadBytes.byteLength)
+      }
+      copySmall(to, at, from as DataView, start, length)
+      at += length
+    }
     return out
   }
 
@@ -971,7 +1005,7 @@ export class SessionCursors {
       cursor.memo.length = 0
     }
     const t = batch.topicIndex(i)
-    let route = cursor.memo[t]
+    let route = t < cursor.memo.length ? cursor.memo[t] : undefined
     if (route === undefined) cursor.memo[t] = route = this.#route(state, via, routes, cursor.tenant, batch.topic(i))
     if (route === null || Math.min(batch.qos(i), route.qos) !== 1) return null
     if (route.noLocal && batch.clientId(i) === via.conn.clientId) return null // its own message
@@ -1050,7 +1084,12 @@ export class SessionCursors {
    */
   #advance (state: ClientCursors, cursor: PartitionCursor): void {
     state.advancing.add(cursor)
-    if (!state.writing) this.#writeAdvances(state)
+    this.#writeAdvancesIdle(state)
+  }
+
+  /** Starts the session's cursor write of what moved, unless one is in flight (it starts the next when it settles). */
+  #writeAdvancesIdle (state: ClientCursors): void {
+    if (!state.writing && state.advancing.size > 0) this.#writeAdvances(state)
   }
 
   /**
@@ -1077,7 +1116,7 @@ export class SessionCursors {
       if (!state.unsynced) continue
       state.unsynced = false
       const ops = [...state.cursors.values()].filter((c) => !c.unwritten)
-        .map((c) => ({ type: 'put' as const, key: keys.cursor(state.clientId, c.stream, c.partition), value: u64(c.committed) }))
+        .map((c) => ({ type: 'put' as const, key: cursorKey(state.clientId, c), value: u64(c.committed) }))
       if (ops.length > 0) synced.push(this.#deps.write(ops).catch((err: unknown) => { this.#deps.onWriteError?.(err) }))
     }
     await Promise.all(synced)
@@ -1094,7 +1133,7 @@ export class SessionCursors {
       if (target <= cursor.committed) continue
       moved.push({ cursor, from: cursor.committed })
       cursor.committed = target
-      ops.push({ type: 'put', key: keys.cursor(state.clientId, cursor.stream, cursor.partition), value: u64(target) })
+      ops.push({ type: 'put', key: cursorKey(state.clientId, cursor), value: u64(target) })
     }
     state.advancing.clear()
     if (ops.length === 0) return
@@ -1122,6 +1161,19 @@ export class SessionCursors {
   }
 }
 
+/**
+ * Payloads up to this many bytes are copied by {@link copySmall}: Buffer#copy of part of a buffer makes a Uint8Array
+ * view of that part for each call (node:buffer _copyActual), about 100 B of garbage per delivered message.
+ */
+const SMALL_PAYLOAD = 256
+
+/** Copies `length` bytes from `from` at `start` to `to` at `at`, four at a time. */
+function copySmall (to: DataView, at: number, from: DataView, start: number, length: number): void {
+  let k = 0
+  for (; k + 4 <= length; k += 4) to.setUint32(at + k, from.getUint32(start + k))
+  for (; k < length; k++) to.setUint8(at + k, from.getUint8(start + k))
+}
+
 function partitionInfo (log: SessionLog, cursor: PartitionCursor): { logStartOffset: number, logEndOffset: number } | undefined {
   try {
     return log.partitionInfo(cursor.stream, cursor.partition)
@@ -1138,8 +1190,23 @@ function endOf (log: SessionLog, cursor: PartitionCursor): number {
   }
 }
 
+/** The cursor's `K` key; the buffer is shared by its writes, which never change it. */
+function cursorKey (clientId: string, cursor: PartitionCursor): Buffer {
+  return cursor.key ??= keys.cursor(clientId, cursor.stream, cursor.partition)
+}
+
+/** An offset (below 2^53) as a u64, big-endian, without a BigInt. */
 function u64 (n: number): Buffer {
   const buf = Buffer.allocUnsafe(8)
-  buf.writeBigUInt64BE(BigInt(n), 0)
+  const high = Math.floor(n / 0x1_0000_0000)
+  const low = n - high * 0x1_0000_0000
+  buf[0] = high >>> 24
+  buf[1] = (high >>> 16) & 0xff
+  buf[2] = (high >>> 8) & 0xff
+  buf[3] = high & 0xff
+  buf[4] = low >>> 24
+  buf[5] = (low >>> 16) & 0xff
+  buf[6] = (low >>> 8) & 0xff
+  buf[7] = low & 0xff
   return buf
 }

@@ -206,6 +206,15 @@ describe('session cursors into the log', () => {
     expect(await drain(gw, 'svc')).toEqual([]) // all acknowledged
   })
 
+  it('delivers every payload byte for byte, whatever its length (small ones are copied four bytes at a time)', async () => {
+    const { gw } = await fresh()
+    await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: 't1/devices/+/telemetry/#', qos: 1 }])
+    const lengths = [0, 1, 2, 3, 4, 5, 7, 8, 9, 99, 100, 255, 256, 257, 1000, 70_000]
+    const sent = lengths.map((n) => Array.from({ length: n }, (_v, k) => String.fromCharCode(33 + ((n * 7 + k) % 90))).join(''))
+    for (const body of sent) await publish(gw, 't1', 'd0', body)
+    expect(bodies(await drain(gw, 'svc'))).toEqual(sent)
+  })
+
   it('never gives a session another tenant\'s records, nor records its subscriptions do not match', async () => {
     const { gw } = await fresh()
     await gw.persistence.addSubscriptions({ id: 'a' }, [{ topic: 't1/devices/d1/telemetry/#', qos: 1 }])
