@@ -9,7 +9,7 @@
  * disk for ever.
  */
 import { MemoryLevel } from 'memory-level'
-import { afterEach, describe, expect, it } from 'vitest'
+import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest'
 import { openLogStore, type CommitStats, type LevelDatabase, type LogStore } from '../../store/index.ts'
 import { payloadOf } from './harness.ts'
 
@@ -87,7 +87,7 @@ describe('group commit', () => {
     }
   }
 
-  it('writes two groups of devices that took turns on the disk together once the larger is acknowledged', async () => {
+  it('writes two groups of devices that took turns on the disk together once either is acknowledged', async () => {
     const { db, release, started, flow } = heldDatabase()
     const commits: CommitStats[] = []
     store = await openLogStore({ db: db as unknown as LevelDatabase, observer: { onCommit: (c) => { commits.push(c) } } })
@@ -105,18 +105,84 @@ describe('group commit', () => {
     const devices = [device(0)]
     await next
     for (let i = 1; i < 10; i++) devices.push(device(i))
-    // Two writes, then the first one of the gathered groups.
-    for (let w = 0; w < 2; w++) {
-      next = started()
-      release()
-      await next
-    }
+    // The first write, then the gathered groups.
+    next = started()
+    release()
+    await next
     flow()
     await Promise.all(devices)
-    // [1, 9] as before; then dev-0's second message waits for the nine to send again instead of going alone.
-    expect(commits.map((c) => c.records)).toEqual([1, 9, 10, 10])
+    // dev-0 alone, then the nine wait for dev-0 to send again instead of going without it (dev-0 has sent all three
+    // when the nine send their last).
+    expect(commits.map((c) => c.records)).toEqual([1, 10, 10, 9])
     const stored = (await Promise.all([0, 1, 2, 3].map((p) => store!.read('t/s', p, 0)))).flatMap((r) => r.records)
     expect(stored).toHaveLength(30)
+  })
+
+  /** `n` turns of the event loop: a device's round trip in these tests. */
+  const turns = async (n: number): Promise<void> => {
+    for (let i = 0; i < n; i++) await new Promise((resolve) => setImmediate(resolve))
+  }
+
+  describe('with the clock of the gather\'s 0.5 ms stopped (it runs out only when a test moves it on)', () => {
+    beforeEach(() => { vi.useFakeTimers({ toFake: ['performance'] }) })
+    afterEach(() => { vi.useRealTimers() })
+
+    it('waits for every device the last commit acknowledged, also when one of the other group waits already', async () => {
+      const { db, started, flow } = heldDatabase()
+      const commits: CommitStats[] = []
+      store = await openLogStore({ db: db as unknown as LevelDatabase, observer: { onCommit: (c) => { commits.push(c) } } })
+      await store.createStream('t/s', { partitions: 4 })
+      // dev-8 takes a turn longer than the others to send again; dev-9 sends two messages, the others three.
+      const device = async (i: number): Promise<void> => {
+        for (let m = 0; m < (i === 9 ? 2 : 3); m++) {
+          await store!.append('t/s', `dev-${i}`, { payload: payloadOf(i * 10 + m) })
+          await turns(i === 8 ? 2 : 1)
+        }
+      }
+      // Nine devices start a write together; dev-9 sends while it is on its way.
+      const next = started()
+      const devices = Array.from({ length: 9 }, async (_v, i) => await device(i))
+      await next
+      devices.push(device(9))
+      await turns(1)
+      flow()
+      await Promise.all(devices)
+      // dev-9 and all nine go together. Counting only the nine ended the gather once eight had sent again, and dev-8
+      // went with the next group: [9, 9, 10, 1].
+      expect(commits.map((c) => c.records)).toEqual([9, 10, 10])
+    })
+
+    it('gathers again after a gather that ran out once (a device late for one message)', async () => {
+      const db = new MemoryLevel<Buffer, Buffer>({ keyEncoding: 'buffer', valueEncoding: 'buffer' })
+      const target = db as unknown as { _batch: PrivateBatch }
+      const write = target._batch.bind(db)
+      let onStart: (() => void) | undefined
+      target._batch = async (operations, options) => {
+        onStart?.()
+        return write(operations, options)
+      }
+      const commits: CommitStats[] = []
+      store = await openLogStore({ db: db as unknown as LevelDatabase, observer: { onCommit: (c) => { commits.push(c) } } })
+      await store.createStream('t/s', { partitions: 4 })
+      // Ten devices, all sending their first message together; dev-9 sends three, the others four. Its third goes only
+      // once a write started without it: the gather waiting for it ran out (the clock moved past its 0.5 ms).
+      const device = async (i: number): Promise<void> => {
+        for (let m = 0; m < (i === 9 ? 3 : 4); m++) {
+          if (i === 9 && m === 2) {
+            const writing = new Promise<void>((resolve) => { onStart = () => { onStart = undefined; resolve() } })
+            await turns(2) // the others have sent again: the gather waits for dev-9
+            vi.advanceTimersByTime(1)
+            await writing
+          }
+          await store!.append('t/s', `dev-${i}`, { payload: payloadOf(i * 10 + m) })
+          await turns(1)
+        }
+      }
+      await Promise.all(Array.from({ length: 10 }, async (_v, i) => await device(i)))
+      // The late message goes with the nine's next ones, and the ten stay together. Turning the gather off after the
+      // one that ran out wrote the late message alone and split the devices into a group of one and one of nine.
+      expect(commits.map((c) => c.records)).toEqual([10, 10, 9, 10])
+    })
   })
 
   /**

@@ -106,6 +106,8 @@ export class DurableAppender {
     const base = { payload, topic: target.topic, qos: packet.qos, clientId: who.clientId }
     const record = stamped === undefined ? base : { ...base, headers: stamped }
     store.append(target.stream, target.key, record, options).then((result) => {
+      // The ack that done() leads to leaves with the commit's other acks, before the next check phase (flushSoon).
+      if (packet.qos > 0) guards.flushSoon(client.conn)
       if (result.duplicate !== true) this.#count(counters, payload.byteLength)
       if (this.#failing) {
         // A retried append, or (an MQTT 5 client's publish is not retried) any append after the failure.

@@ -179,6 +179,31 @@ describe('ConnectionGuard, writes', () => {
     expect(writes).toEqual([Buffer.from([0x40, 2, 0, 1, 0x40, 2, 0, 2, 0x40, 2, 0, 3])])
   })
 
+  it('sends the acks of a group commit once the microtasks that wrote them are done, before the next check phase (flushSoon)', async () => {
+    const writes: Buffer[] = []
+    const socket = new Duplex({ read () {}, write (chunk: Buffer, _encoding, callback) { writes.push(chunk); callback() } })
+    const group = new GuardGroup()
+    const guard = new ConnectionGuard(socket, { ...options(), group })
+    let checked = false
+    setImmediate(() => { checked = true })
+    // As a commit's resolution: each append's promise chain writes its PUBACK, in microtasks of one turn.
+    await Promise.all([1, 2, 3].map(async (i) => {
+      await Promise.resolve()
+      group.flushSoon(guard)
+      guard.write(Buffer.from([0x40, 2, 0, i]))
+    }))
+    group.flushSoon({}) // not one of the group's connections: ignored
+    await new Promise((resolve) => process.nextTick(resolve))
+    expect(checked).toBe(false)
+    expect(writes).toEqual([Buffer.from([0x40, 2, 0, 1, 0x40, 2, 0, 2, 0x40, 2, 0, 3])])
+    // Later writes wait for the check phase again.
+    guard.write(Buffer.from([0x40, 2, 0, 4]))
+    await new Promise((resolve) => process.nextTick(resolve))
+    expect(writes).toHaveLength(1)
+    await new Promise((resolve) => setImmediate(resolve))
+    expect(writes).toEqual([Buffer.from([0x40, 2, 0, 1, 0x40, 2, 0, 2, 0x40, 2, 0, 3]), Buffer.from([0x40, 2, 0, 4])])
+  })
+
   it('holds a write until the socket drains once the socket asked for it, and flushes before it ends', async () => {
     const writes: Buffer[] = []
     let release: (() => void) | undefined
