@@ -276,6 +276,7 @@ async function start (config: GatewayConfig, deps: GatewayDeps, shutdown: Shutdo
     listeners.push(await startListener(l, {
       broker, metrics, logger, guards, bursts,
       maxPacketBytes: config.mqtt.maxPacketBytes, maxInflight: config.mqtt.maxInflightPerClient, publishRate: config.mqtt.publishRatePerClient,
+      slowSubscriberMs: config.mqtt.slowSubscriberTimeoutMs,
     }))
   }
   bursts?.compactNow('at start')

@@ -199,6 +199,15 @@ export const configSchema = {
           description: 'QoS 1/2 publishes of one client being appended at once; the socket is paused beyond it. ' +
             'The receive maximum MQTT 5 clients are given: one with more unacknowledged gets DISCONNECT 0x93.',
         },
+        slowSubscriberTimeoutMs: {
+          type: 'integer',
+          minimum: 0,
+          default: 10_000,
+          description: 'A connection whose socket takes no bytes for this long while the gateway has more to write to it (a subscriber that ' +
+            'stopped reading) is closed, counted (edgemq_mqtt_connections_refused_total{reason="slow-subscriber"}) and logged: meanwhile ' +
+            'the acks of the devices publishing to it wait (backpressure), so one stuck subscriber may not stall them longer. ' +
+            'Its persistent session keeps what it did not get. 0 never closes it.',
+        },
         publishRatePerClient: {
           type: 'number',
           minimum: 0,
@@ -393,6 +402,7 @@ export interface GatewayConfig {
     readonly compactAfterConnections: number
     readonly maxInflightPerClient: number
     readonly publishRatePerClient: number
+    readonly slowSubscriberTimeoutMs: number
     readonly maxPendingAppends: number
     readonly maxFiltersPerSubscribe: number
     readonly maxSubscriptionsPerSession: number

@@ -9,7 +9,7 @@ import type { LogStore, PartitionLag } from '../../store/index.ts'
 
 export type RefusalReason =
   | 'max-connections' | 'bad-credentials' | 'not-authorized' | 'invalid-client-id' | 'client-id-not-bound' | 'protocol'
-  | 'packet-too-large' | 'malformed-header' | 'invalid-will'
+  | 'packet-too-large' | 'malformed-header' | 'invalid-will' | 'slow-subscriber'
 
 export type PublishRefusal = 'acl-denied' | 'invalid-topic' | 'reserved-topic' | 'unrouted' | 'record-too-large' | 'store-failed' | 'rate-limited'
 

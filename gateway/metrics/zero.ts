@@ -16,7 +16,7 @@ type Exhaustive<U, L extends readonly U[]> = [Exclude<U, L[number]>] extends [ne
 
 const REFUSAL_REASONS = [
   'max-connections', 'bad-credentials', 'not-authorized', 'invalid-client-id', 'client-id-not-bound', 'invalid-will', 'protocol', 'packet-too-large',
-  'malformed-header',
+  'malformed-header', 'slow-subscriber',
 ] as const
 const PUBLISH_REFUSALS = ['acl-denied', 'invalid-topic', 'reserved-topic', 'unrouted', 'record-too-large', 'store-failed', 'rate-limited'] as const
 const SUBSCRIBE_REFUSALS = ['acl-denied', 'invalid-filter', 'replay-bad-range', 'replay-bad-filter', 'replay-limit', 'replay-not-resumed',

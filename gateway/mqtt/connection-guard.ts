@@ -55,7 +55,7 @@ import { REASON, type ReasonCode } from './reason-codes.ts'
 import { InflightWindows, RECEIVE_MAXIMUM_DEFAULT } from './receive-maximum.ts'
 import { OutboundTopicAliases } from './topic-aliases.ts'
 
-export type ViolationReason = 'packet-too-large' | 'malformed-header' | 'protocol' | 'receive-maximum'
+export type ViolationReason = 'packet-too-large' | 'malformed-header' | 'protocol' | 'receive-maximum' | 'slow-subscriber'
 
 /** Shared by every connection of a listener (not made per connection: see the header). */
 export interface GuardOptions {
@@ -63,6 +63,12 @@ export interface GuardOptions {
   readonly maxInflight: number
   /** Publishes per second; 0 = unlimited. */
   readonly publishRate: number
+  /**
+   * How long a write may wait for the socket to drain before the connection is closed as a slow subscriber (0: never):
+   * aedes' delivery waits for it, and a device's ack waits for deliveries once 1,000 are under way (authorize-publish.ts),
+   * so a subscriber that stopped reading stalled every device's acks for as long as it stayed connected.
+   */
+  readonly slowSubscriberMs?: number
   /**
    * Called once when the connection is closed for breaking a limit or the protocol. `detail` names the client
    * when aedes has seen its CONNECT; `clientId` is that id (undefined before the CONNECT).
@@ -90,7 +96,7 @@ const REQUIRED_FLAGS: ReadonlyArray<number | null> = [null, 0, 0, null, 0, 0, 2,
 /** The reason code of the MQTT 5 DISCONNECT a violation sends (MQTT 5 3.14.2.1). */
 const DISCONNECT_CODES: Readonly<Record<ViolationReason, ReasonCode>> = {
   'packet-too-large': REASON.PACKET_TOO_LARGE, 'malformed-header': REASON.MALFORMED_PACKET, protocol: REASON.PROTOCOL_ERROR,
-  'receive-maximum': REASON.RECEIVE_MAXIMUM_EXCEEDED,
+  'receive-maximum': REASON.RECEIVE_MAXIMUM_EXCEEDED, 'slow-subscriber': REASON.QUOTA_EXCEEDED,
 }
 /**
  * Bytes of PUBLISH packets held back for a client's receive maximum beyond which aedes' writes wait (its write path
@@ -116,6 +122,7 @@ function onSocketError (this: GuardedSocket, err: Error): void { this[GUARD]?.de
 function onSocketClose (this: GuardedSocket): void { this[GUARD]?.destroy() }
 function onSocketDrain (this: GuardedSocket): void { this[GUARD]?.onSocketDrain() }
 function flushWrites (guard: ConnectionGuard): void { guard.flushWrites() }
+function onStalled (guard: ConnectionGuard): void { guard.onStalled() }
 function flushGroup (guards: Set<ConnectionGuard>): void {
   for (const guard of guards) guard.flushWrites()
   guards.clear()
@@ -194,6 +201,8 @@ export class ConnectionGuard extends Duplex {
   #rateLogged = false
   /** The callback of a write waiting for the socket to drain. */
   #drained: (() => void) | null = null
+  /** The slow-subscriber deadline of the write waiting for 'drain'. */
+  #stall: NodeJS.Timeout | undefined = undefined
   /** What aedes wrote in this turn of the event loop, for one socket write in the next (see #queueWrite); null when nothing. */
   #pending: Buffer[] | null = null
   /** The protocol level of the CONNECT (4 until it is read: 3.1.1 framing). */
@@ -357,7 +366,17 @@ export class ConnectionGuard extends Duplex {
   onSocketDrain (): void {
     const callback = this.#drained
     this.#drained = null
+    if (this.#stall !== undefined) clearTimeout(this.#stall)
+    this.#stall = undefined
     callback?.()
+  }
+
+  /** @internal the socket took nothing for slowSubscriberMs while a write waited: the subscriber stopped reading. */
+  onStalled (): void {
+    this.#stall = undefined
+    if (this.#drained === null || this.destroyed) return
+    const ms = this.#options.slowSubscriberMs ?? 0
+    this.#violate('slow-subscriber', `its socket took no bytes for ${ms} ms with more to write (mqtt.slowSubscriberTimeoutMs)`)
   }
 
   #addPart (part: Buffer): void {
@@ -381,8 +400,9 @@ export class ConnectionGuard extends Duplex {
     this.#inType = 0
     this.#inParts = null
     this.#options.onViolation(reason, clientId === undefined ? detail : `client ${JSON.stringify(clientId)}: ${detail}`, clientId, this)
-    // [MQTT-3.14.0-1] no DISCONNECT before the CONNACK.
-    if (this.#version === MQTT5 && this.#answered) this.#linger(Buffer.from([0xe0, 2, DISCONNECT_CODES[reason], 0])) // no properties
+    // [MQTT-3.14.0-1] no DISCONNECT before the CONNACK; a slow subscriber's socket takes no DISCONNECT either.
+    const disconnect = this.#version === MQTT5 && this.#answered && reason !== 'slow-subscriber'
+    if (disconnect) this.#linger(Buffer.from([0xe0, 2, DISCONNECT_CODES[reason], 0])) // no properties
     else this.socket.destroy()
     this.destroy()
   }
@@ -601,6 +621,8 @@ export class ConnectionGuard extends Duplex {
   #waitForDrain (callback: () => void): void {
     this.#drained = callback
     this.socket.once('drain', onSocketDrain)
+    const ms = this.#options.slowSubscriberMs ?? 0
+    if (ms > 0) this.#stall = setTimeout(onStalled, ms, this)
   }
 
   #whenUnheld (callback: () => void): void {
@@ -643,6 +665,12 @@ export class ConnectionGuard extends Duplex {
   override _destroy (err: Error | null, callback: (err?: Error | null) => void): void {
     this.#options.group.members.delete(this)
     this.#unheld = null
+    if (this.#stall !== undefined) clearTimeout(this.#stall)
+    this.#stall = undefined
+    // The write waiting for 'drain' is answered (Node fails it: the stream is destroyed), so the delivery waiting on it ends.
+    const drained = this.#drained
+    this.#drained = null
+    drained?.()
     if (this.#rateTimer !== undefined) clearTimeout(this.#rateTimer)
     // aedes destroys the connection right after writing a DISCONNECT (0x8E takeover, 0x8B shutdown, 0x94): what the
     // socket still buffers goes out first, or the client never learns why.

@@ -35,6 +35,8 @@ export interface ListenerDeps {
   readonly maxPacketBytes: number
   readonly maxInflight: number
   readonly publishRate: number
+  /** mqtt.slowSubscriberTimeoutMs (0: never). */
+  readonly slowSubscriberMs: number
   /** Told of every accepted connection, to give memory back once a burst of them is over (burst-compaction.ts). */
   readonly bursts?: Pick<BurstCompaction, 'connected'>
 }
@@ -68,6 +70,7 @@ export async function startListener (listener: ListenerConfig, deps: ListenerDep
     maxPacketBytes: deps.maxPacketBytes,
     maxInflight: deps.maxInflight,
     publishRate: deps.publishRate,
+    slowSubscriberMs: deps.slowSubscriberMs,
     group: deps.guards,
     onViolation: (reason, detail, clientId, guard) => {
       metrics.connectionsRefused.inc({ listener: listener.name, reason })
