@@ -100,10 +100,12 @@ export class SharedSubscriptions {
 
   /**
    * Called before the SUBACK (or, restored, the CONNACK): fixes where a new share starts, the log end as of now,
-   * so a message published after the SUBACK reaches the share even when the member joins a moment later. Throws
-   * GW_SHARE_LIMIT when the share would be one more than mqtt.share.maxPerTenant.
+   * and writes it; the SUBACK waits for the promise, so a message acknowledged after the SUBACK reaches the share
+   * even when the member joins a moment later, and after a kill -9. The promise never rejects: a failed write is
+   * logged and retried by the member's join, from the same offsets. Throws GW_SHARE_LIMIT when the share would be
+   * one more than mqtt.share.maxPerTenant.
    */
-  prepare (tenant: string, request: ShareRequest): void {
+  prepare (tenant: string, request: ShareRequest): Promise<void> {
     const id = shareGroupId(tenant, request.group, request.filter)
     if (!this.#shares.has(id)) {
       const ids = this.#tenantShares(tenant)
@@ -112,7 +114,7 @@ export class SharedSubscriptions {
       }
     }
     // A failure is logged by the join that waits for it (and retried there).
-    this.#share(tenant, request).open().catch(() => {})
+    return this.#share(tenant, request).open().catch(() => {})
   }
 
   /** The store group names of the tenant's shares: those in the log (also from before a restart) and those opened since. */
@@ -340,8 +342,9 @@ class Share {
    * The lanes: every partition the filter can reach, each from the group's
    * committed offset, or from the log end as of this call when the group
    * never committed there (where a new subscription starts) — worked out
-   * before the first await, so before the SUBACK. The group's settings are
-   * written and those start offsets committed, so the group is listed
+   * before the first await. The group's settings and those start offsets
+   * are written together, before the SUBACK (prepare), so after a kill -9
+   * the share starts where its first SUBACK said, and the group is listed
    * (edgemq groups, /v1/groups) from its first member on.
    */
   #open (): Promise<void> {
@@ -361,8 +364,11 @@ class Share {
     }
     return (async () => {
       await this.#afterDeletion?.catch(() => {})
-      await store.setGroup(this.id, { holdsRetention: this.#deps.holdRetention })
-      for (const lane of fresh) await store.commitOffset(this.id, lane.stream, lane.partition, lane.committed)
+      // Issued together, so LevelDB writes them in one batch of its write queue (one fsync, not one per partition).
+      await Promise.all([
+        store.setGroup(this.id, { holdsRetention: this.#deps.holdRetention }),
+        ...fresh.map((lane) => store.commitOffset(this.id, lane.stream, lane.partition, lane.committed)),
+      ])
     })().catch((err: unknown) => {
       this.#opened = null
       throw err
