@@ -35,6 +35,7 @@ export interface GatewayMetrics {
   readonly replayMessages: Counter<'tenant'>
   readonly shareMessages: Counter<'tenant' | 'group'>
   readonly shareMembers: Gauge<'tenant' | 'group'>
+  readonly shareUnreadable: Counter<'tenant' | 'group'>
   readonly replaysFinished: Counter<'tenant' | 'outcome'>
   readonly expiredDropped: Counter<'tenant' | 'path'>
   readonly sessionQueueDropped: Counter<'tenant'>
@@ -313,6 +314,13 @@ export function createMetrics (registry: Registry, sources: MetricsSources): Gat
     shareMembers: new Gauge({
       name: 'edgemq_mqtt_share_members',
       help: 'Connected members of each shared subscription.',
+      labelNames: ['tenant', 'group'],
+      registers: [registry],
+    }),
+    shareUnreadable: new Counter({
+      name: 'edgemq_mqtt_share_unreadable_total',
+      help: 'Records of a shared subscription\'s log that no connected member may read (read ACL): skipped, the group commits past them ' +
+        '(a record its partition\'s member may not read goes to a member that may).',
       labelNames: ['tenant', 'group'],
       registers: [registry],
     }),

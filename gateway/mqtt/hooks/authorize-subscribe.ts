@@ -117,6 +117,8 @@ export function authorizeSubscribe (ctx: HookContext): AuthorizeSubscribe {
       grant(client, sub.topic)
       return callback(null, sub)
     }
+    /** A `$share` subscription's start offsets being written: its SUBACK (restored: the CONNACK) waits for them. */
+    let shareOpened: Promise<void> | undefined
     if (isShareTopic(filter)) {
       // `$share/<group>/<filter>` (shared/): the inner filter needs the access a plain subscription to it would.
       let share: ShareRequest
@@ -128,7 +130,7 @@ export function authorizeSubscribe (ctx: HookContext): AuthorizeSubscribe {
       }
       if (!isAllowed(config.acl, who, 'subscribe', share.filter)) return deny('ACL', 'acl-denied')
       try {
-        ctx.shares.accepted(client, sub, who, share, restoring)
+        shareOpened = ctx.shares.accepted(client, sub, who, share, restoring)
       } catch (err) {
         if (!(err instanceof GatewayError)) throw err
         return deny(err.message, 'share-limit', err.code, REASON.QUOTA_EXCEEDED)
@@ -142,6 +144,8 @@ export function authorizeSubscribe (ctx: HookContext): AuthorizeSubscribe {
       if (pending === undefined) ctx.toStore.set(client, pending = [])
       pending.push(sub)
     }
-    callback(null, sub)
+    // A share's start is durable before its SUBACK: a message acknowledged after it reaches the share after a kill -9.
+    if (shareOpened === undefined) callback(null, sub)
+    else void shareOpened.then(() => callback(null, sub))
   }
 }

@@ -30,9 +30,10 @@ interface ShareTicket { readonly who: Identity, readonly request: ShareRequest, 
 export interface ShareAdmission {
   /**
    * A `$share` subscription passed the checks; `restoring`: aedes restores it from a persistent session, before the
-   * CONNACK. Throws GW_SHARE_LIMIT when it would be a share too many (share-groups.ts prepare).
+   * CONNACK. Resolves (never rejects) once the share's start offsets are written: the SUBACK (CONNACK) waits for it.
+   * Throws GW_SHARE_LIMIT when it would be a share too many (share-groups.ts prepare).
    */
-  accepted (client: Client, sub: Subscription, who: Identity, request: ShareRequest, restoring: boolean): void
+  accepted (client: Client, sub: Subscription, who: Identity, request: ShareRequest, restoring: boolean): Promise<void>
 }
 
 /** The share hooks of one broker: made before the hook context (which hands authorizeSubscribe to it), installed after. */
@@ -45,14 +46,15 @@ export class ShareHooks implements ShareAdmission {
     this.#shares = shares
   }
 
-  accepted (client: Client, sub: Subscription, who: Identity, request: ShareRequest, restoring: boolean): void {
-    this.#shares.prepare(who.tenant, request)
+  accepted (client: Client, sub: Subscription, who: Identity, request: ShareRequest, restoring: boolean): Promise<void> {
+    const opened = this.#shares.prepare(who.tenant, request)
     // aedes puts the SUBSCRIBE's identifier on each of its subscriptions, and restores it with them.
     const ticket = { who, request, subscriptionId: (sub as Subscription & { subscriptionIdentifier?: number }).subscriptionIdentifier }
-    if (!restoring) { this.#tickets.set(sub, ticket); return }
+    if (!restoring) { this.#tickets.set(sub, ticket); return opened }
     let waiting = this.#restored.get(client)
     if (waiting === undefined) this.#restored.set(client, waiting = [])
     waiting.push({ ticket, qos: sub.qos })
+    return opened
   }
 
   install (ctx: HookContext): void {

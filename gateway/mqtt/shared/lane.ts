@@ -4,15 +4,23 @@
  * records (one partition) reach the group in offset order.
  *
  * Invariants of a lane:
- * - `next` is the next offset to send; every offset below it was sent to the
- *   owner, or skipped (its topic does not match the filter, or the member
- *   may not read it); records from `next` on may be read ahead (`ahead`);
+ * - `next` is the next offset to send; every offset below it was sent to a
+ *   member, or skipped (its topic does not match the filter, it expired, or
+ *   no connected member may read it); records from `next` on may be read
+ *   ahead (`ahead`);
+ * - a record the owner may not read (its read ACL) goes to another member
+ *   that may; the lane's unacknowledged records are all held by one member
+ *   (`holder`) at a time, so a record goes to a member other than the
+ *   holder only once the holder acknowledged the older ones (the device's
+ *   order holds across the detour, as across a handover);
  * - `window` holds the records sent and not yet acknowledged, in offset
  *   order (acknowledged ones are dropped from its front), so `done` — the
  *   oldest unacknowledged offset, else `next` — has everything below it
  *   acknowledged or skipped: that is what the group commits;
- * - when the owner leaves, its unacknowledged records are forgotten and
- *   `next` goes back to `done`: the next owner gets them again;
+ * - when the owner (or a member holding a detour) leaves, the lane's
+ *   unacknowledged records are forgotten and `next` goes back to `done`: the
+ *   next owner (the owner) gets them again; a late PUBACK of a forgotten
+ *   record changes nothing;
  * - a lane moved to another member by a rebalance first waits until the old
  *   owner acknowledged what it holds (`handoverTo`), so the new owner never
  *   gets a record before an older one of the same partition is acknowledged.
@@ -62,6 +70,10 @@ export class Lane {
   owner: Member | null = null
   /** The member a rebalance gives this lane once the owner has acknowledged what it holds. */
   handoverTo: Member | null = null
+  /** The member holding the lane's unacknowledged records (the owner, or the member a record the owner may not read went to); while `unacked` > 0. */
+  holder: Member | null = null
+  /** The pump stopped for a member other than the owner (its acknowledgements, or room in its window): any PUBACK to the share pumps it. */
+  blocked = false
   next: number
   committed: number
   /** Bumped whenever `next` moves back or the owner changes: a read that started before is discarded. */
@@ -93,11 +105,12 @@ export class Lane {
     return first === undefined ? this.next : first.offset
   }
 
-  sent (offset: number, acked: boolean): Sent {
+  sent (offset: number, acked: boolean, to: Member): Sent {
     const s: Sent = { offset, acked }
     if (!acked) {
       this.#window.push(s)
       this.#unacked++
+      this.holder = to
     }
     return s
   }
@@ -116,15 +129,22 @@ export class Lane {
     }
   }
 
-  /** The owner left: forget what it held unacknowledged, and read it again from `done` for the next owner. */
+  /** The owner left: forget what was held unacknowledged, and read it again from `done` for the next owner. */
   release (): void {
+    this.rewind()
+    this.owner = null
+  }
+
+  /** The holder left: forget what it held unacknowledged (its late PUBACKs change nothing), and read it again from `done`. */
+  rewind (): void {
     this.next = this.done
+    for (let i = this.#head; i < this.#window.length; i++) (this.#window[i] as Sent).acked = true
     this.ahead = []
     this.aheadPos = 0
     this.#window = []
     this.#head = 0
     this.#unacked = 0
-    this.owner = null
+    this.holder = null
     this.epoch++
   }
 

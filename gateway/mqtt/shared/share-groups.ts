@@ -11,10 +11,16 @@
  * the connected members in join order, again whenever one joins or leaves,
  * so a partition — a device — is read by one member at a time, in offset
  * order. Each member is sent its lanes' records from the group's position,
- * filtered by the share's filter (the gateway's one matcher) and the
- * member's read ACL, at QoS min(subscription, message, 1), at most
+ * filtered by the share's filter (the gateway's one matcher), at QoS
+ * min(subscription, message, 1), at most
  * `mqtt.share.inflight` unacknowledged records per member (fewer when an
- * MQTT 5 member's Receive Maximum is lower [MQTT-3.3.4-9]). The group commits,
+ * MQTT 5 member's Receive Maximum is lower [MQTT-3.3.4-9]). A record the
+ * lane's owner may not read (its read ACL, checked per message as for live
+ * deliveries) goes to the first member in join order that may, once the
+ * lane's older records are acknowledged, and the owner goes on once it is
+ * (lane.ts: one member holds a lane's records at a time, so a device's order
+ * holds); a record no connected member may read is skipped, counted
+ * (edgemq_mqtt_share_unreadable_total) and logged. The group commits,
  * per partition, up to the oldest record not yet acknowledged. A member that
  * leaves (DISCONNECT, a dead socket, UNSUBSCRIBE) gives its lanes to the
  * others, which get its unacknowledged records again. After every member
@@ -76,7 +82,7 @@ export interface ShareDeps {
   readonly holdRetention: boolean
   /** mqtt.share.maxPerTenant */
   readonly maxPerTenant: number
-  readonly metrics: Pick<GatewayMetrics, 'shareMessages' | 'shareMembers' | 'expiredDropped'>
+  readonly metrics: Pick<GatewayMetrics, 'shareMessages' | 'shareMembers' | 'shareUnreadable' | 'expiredDropped'>
   readonly logger: ReplayLogger & { error (fields: Record<string, unknown>, message: string): void }
 }
 
@@ -100,10 +106,12 @@ export class SharedSubscriptions {
 
   /**
    * Called before the SUBACK (or, restored, the CONNACK): fixes where a new share starts, the log end as of now,
-   * so a message published after the SUBACK reaches the share even when the member joins a moment later. Throws
-   * GW_SHARE_LIMIT when the share would be one more than mqtt.share.maxPerTenant.
+   * and writes it; the SUBACK waits for the promise, so a message acknowledged after the SUBACK reaches the share
+   * even when the member joins a moment later, and after a kill -9. The promise never rejects: a failed write is
+   * logged and retried by the member's join, from the same offsets. Throws GW_SHARE_LIMIT when the share would be
+   * one more than mqtt.share.maxPerTenant.
    */
-  prepare (tenant: string, request: ShareRequest): void {
+  prepare (tenant: string, request: ShareRequest): Promise<void> {
     const id = shareGroupId(tenant, request.group, request.filter)
     if (!this.#shares.has(id)) {
       const ids = this.#tenantShares(tenant)
@@ -112,7 +120,7 @@ export class SharedSubscriptions {
       }
     }
     // A failure is logged by the join that waits for it (and retried there).
-    this.#share(tenant, request).open().catch(() => {})
+    return this.#share(tenant, request).open().catch(() => {})
   }
 
   /** The store group names of the tenant's shares: those in the log (also from before a restart) and those opened since. */
@@ -244,6 +252,9 @@ class Share {
   #commitAgain = false
   readonly #live: LiveShare
   readonly #messages: { inc (n?: number): void }
+  readonly #unreadable: { inc (n?: number): void }
+  /** Topics whose unreadable records were logged (each once; the counter counts every record). */
+  readonly #loggedUnreadable = new Set<string>()
   readonly #labels: { tenant: string, group: string }
 
   /** The deletion of this share's group that was running when the share was made: it starts afresh, after it. */
@@ -255,6 +266,7 @@ class Share {
     this.#afterDeletion = afterDeletion
     this.#labels = { tenant, group: id }
     this.#messages = deps.metrics.shareMessages.labels(this.#labels)
+    this.#unreadable = deps.metrics.shareUnreadable.labels(this.#labels)
     deps.metrics.shareMembers.set(this.#labels, 0)
     this.#live = new LiveShare({
       broker: deps.broker, acl: deps.acl, route, tenant, filter: request.filter, members: this.#members, delivered: () => this.#messages.inc(),
@@ -271,6 +283,7 @@ class Share {
     this.#live.stop()
     this.#deps.metrics.shareMembers.remove(this.#labels)
     this.#deps.metrics.shareMessages.remove(this.#labels)
+    this.#deps.metrics.shareUnreadable.remove(this.#labels)
   }
 
   async join (member: Member): Promise<void> {
@@ -294,17 +307,25 @@ class Share {
     member.left = true
     this.#deps.metrics.shareMembers.set(this.#labels, this.#members.length)
     let released = 0
+    const rewound: Lane[] = []
     for (const lane of this.#lanes) {
       if (lane.handoverTo === member) lane.handoverTo = null
-      if (lane.owner !== member) continue
-      released += lane.unacked
-      lane.release()
+      if (lane.owner === member) {
+        released += lane.unacked
+        lane.release()
+      } else if (lane.unacked > 0 && lane.holder === member) {
+        // It held records its owner may not read: they go again, to another member that may.
+        released += lane.unacked
+        lane.rewind()
+        rewound.push(lane)
+      }
     }
     member.inflight.clear()
     this.#deps.logger.info({ clientId: member.conn.clientId, tenant: this.tenant, share: this.id, members: this.#members.length, released },
       'share member left')
     if (this.#members.length === 0) this.#live.stop()
     this.#rebalance()
+    for (const lane of rewound) this.pump(lane)
   }
 
   acked (member: Member, messageId: number): boolean {
@@ -322,6 +343,8 @@ class Share {
     if (member.inflight.size <= Math.floor(this.#window(member) / 2)) {
       for (const l of this.#lanes) if (l.owner === member) this.pump(l)
     }
+    // Lanes waiting for another member than their owner (a record the owner may not read): this PUBACK may be theirs.
+    for (const l of this.#lanes) if (l.blocked) this.pump(l)
     return true
   }
 
@@ -340,8 +363,9 @@ class Share {
    * The lanes: every partition the filter can reach, each from the group's
    * committed offset, or from the log end as of this call when the group
    * never committed there (where a new subscription starts) — worked out
-   * before the first await, so before the SUBACK. The group's settings are
-   * written and those start offsets committed, so the group is listed
+   * before the first await. The group's settings and those start offsets
+   * are written together, before the SUBACK (prepare), so after a kill -9
+   * the share starts where its first SUBACK said, and the group is listed
    * (edgemq groups, /v1/groups) from its first member on.
    */
   #open (): Promise<void> {
@@ -361,8 +385,11 @@ class Share {
     }
     return (async () => {
       await this.#afterDeletion?.catch(() => {})
-      await store.setGroup(this.id, { holdsRetention: this.#deps.holdRetention })
-      for (const lane of fresh) await store.commitOffset(this.id, lane.stream, lane.partition, lane.committed)
+      // Issued together, so LevelDB writes them in one batch of its write queue (one fsync, not one per partition).
+      await Promise.all([
+        store.setGroup(this.id, { holdsRetention: this.#deps.holdRetention }),
+        ...fresh.map((lane) => store.commitOffset(this.id, lane.stream, lane.partition, lane.committed)),
+      ])
     })().catch((err: unknown) => {
       this.#opened = null
       throw err
@@ -413,10 +440,9 @@ class Share {
     const { store } = this.#deps
     for (;;) {
       lane.again = false
-      const member = lane.owner
-      if (member === null || member.gone || lane.handoverTo !== null) return
-      const inflight = this.#window(member)
-      if (member.qos === 1 && member.inflight.size >= inflight) return // woken by the PUBACKs
+      lane.blocked = false
+      const owner = lane.owner
+      if (owner === null || owner.gone || lane.handoverTo !== null) return
       if (lane.aheadPos === lane.ahead.length) {
         const info = store.partitionInfo(lane.stream, lane.partition)
         if (lane.next < info.logStartOffset) {
@@ -433,57 +459,119 @@ class Share {
         lane.aheadEnd = nextOffset
         continue // the owner may have changed or filled its window meanwhile
       }
-      const stream = this.#send(lane, member, member.qos === 1 ? inflight - member.inflight.size : CHUNK_RECORDS)
+      const record = this.#front(lane, Date.now())
+      if (record === null) { this.#scheduleCommit(); continue }
+      const to = this.#recipient(lane, owner, record.topic)
+      if (to === null) {
+        this.#skipUnreadable(lane, record)
+        continue
+      }
+      // One member holds the lane's unacknowledged records at a time: the device's order across a detour.
+      if (lane.unacked > 0 && lane.holder !== to) {
+        lane.blocked = true
+        return // woken by the holder's PUBACKs
+      }
+      const inflight = this.#window(to)
+      if (to.qos === 1 && to.inflight.size >= inflight) {
+        if (to !== owner) lane.blocked = true
+        return // woken by the PUBACKs
+      }
+      const stream = this.#send(lane, to, owner, to.qos === 1 ? inflight - to.inflight.size : CHUNK_RECORDS)
       this.#scheduleCommit()
       if (stream !== null) await drained(stream)
     }
   }
 
   /**
-   * Sends the member up to `room` of the lane's records read ahead, skipping those not for it, as one socket write;
-   * returns the stream when it must drain first.
+   * The lane's next record read ahead that is for the share, skipping (and moving `next` past) those that are not:
+   * another topic, a topic too long for a PUBLISH, expired [MQTT-3.3.2-5]; null when the read-ahead is used up.
    */
-  #send (lane: Lane, member: Member, room: number): ReplayConnection['stream'] | null {
+  #front (lane: Lane, now: number): StoredRecord | null {
+    while (lane.aheadPos < lane.ahead.length) {
+      const record = lane.ahead[lane.aheadPos] as StoredRecord
+      if (topicMatches(this.request.filter, record.topic) && Buffer.byteLength(record.topic) <= MAX_TOPIC_BYTES) {
+        if (!expiredAt(record.headers ?? null, record.timestamp, now)) return record
+        this.#deps.metrics.expiredDropped.inc({ tenant: lane.stream.slice(0, lane.stream.indexOf('/')), path: 'share' })
+      }
+      lane.aheadPos++
+      lane.next = record.offset + 1
+    }
+    lane.next = lane.aheadEnd
+    lane.ahead = []
+    lane.aheadPos = 0
+    return null
+  }
+
+  /**
+   * Who gets a record of the lane: its owner when it may read the topic, else the member holding the lane's records
+   * if it may, else the first member in join order that may; null when no connected member may.
+   */
+  #recipient (lane: Lane, owner: Member, topic: string): Member | null {
+    if (this.#reads(owner, topic)) return owner
+    const holder = lane.unacked > 0 ? lane.holder : null
+    if (holder !== null && holder !== owner && !holder.gone && this.#reads(holder, topic)) return holder
+    for (const m of this.#members) if (m !== owner && !m.gone && this.#reads(m, topic)) return m
+    return null
+  }
+
+  #reads (member: Member, topic: string): boolean {
+    return member.mayRead(topic, this.#mayRead(member.who))
+  }
+
+  /** A record no connected member may read: the group goes past it (counted; logged once per topic). */
+  #skipUnreadable (lane: Lane, record: StoredRecord): void {
+    lane.aheadPos++
+    lane.next = record.offset + 1
+    this.#unreadable.inc()
+    if (!this.#loggedUnreadable.has(record.topic)) {
+      if (this.#loggedUnreadable.size >= 1000) this.#loggedUnreadable.clear()
+      this.#loggedUnreadable.add(record.topic)
+      this.#deps.logger.warn({ share: this.id, stream: lane.stream, partition: lane.partition, offset: record.offset, topic: record.topic,
+        members: this.#members.length }, 'share: no connected member may read the record (read ACL); skipped, the group commits past it ' +
+        '(further records of this topic are only counted)')
+    }
+    this.#scheduleCommit()
+  }
+
+  /**
+   * Sends `to` up to `room` of the lane's records read ahead, as one socket write: records the owner may read when
+   * `to` is the owner, else records the owner may not read and `to` may. Stops at the first record for another
+   * member; returns the stream when it must drain first.
+   */
+  #send (lane: Lane, to: Member, owner: Member, room: number): ReplayConnection['stream'] | null {
     const picked: Array<{ record: StoredRecord, topic: Buffer, qos: 0 | 1, properties: Buffer | undefined }> = []
     const now = Date.now()
-    const mqtt5 = member.conn.mqtt5 === true
-    const subscriptionIds = member.subscriptionId === undefined ? [] : [member.subscriptionId]
+    const mqtt5 = to.conn.mqtt5 === true
+    const subscriptionIds = to.subscriptionId === undefined ? [] : [to.subscriptionId]
     let size = 0
-    while (picked.length < room && lane.aheadPos < lane.ahead.length) {
-      const record = lane.ahead[lane.aheadPos++] as StoredRecord
+    while (picked.length < room) {
+      const record = this.#front(lane, now)
+      if (record === null) break
+      const ownerReads = this.#reads(owner, record.topic)
+      if (to === owner ? !ownerReads : ownerReads || !this.#reads(to, record.topic)) break
+      lane.aheadPos++
       lane.next = record.offset + 1
-      if (!topicMatches(this.request.filter, record.topic) || !member.mayRead(record.topic, this.#mayRead(member.who))) continue
       const topic = Buffer.from(record.topic)
-      if (topic.length > MAX_TOPIC_BYTES) continue
-      if (expiredAt(record.headers ?? null, record.timestamp, now)) { // [MQTT-3.3.2-5]; skipped like a record not for the member
-        this.#deps.metrics.expiredDropped.inc({ tenant: lane.stream.slice(0, lane.stream.indexOf('/')), path: 'share' })
-        continue
-      }
-      const qos = Math.min(member.qos, record.qos === 0 ? 0 : 1) as 0 | 1
+      const qos = Math.min(to.qos, record.qos === 0 ? 0 : 1) as 0 | 1
       // An MQTT 5 member gets the publisher's properties, the expiry left, the record's place in the log and its identifier.
       const properties = mqtt5 ? recordProperties(lane.partition, record, now, { subscriptionIds }) : undefined
       picked.push({ record, topic, qos, properties })
       size += publishPacketSize(topic, record.payload, qos, properties)
     }
-    if (lane.aheadPos === lane.ahead.length) {
-      lane.next = lane.aheadEnd
-      lane.ahead = []
-      lane.aheadPos = 0
-    }
     if (picked.length === 0) return null
     const out = Buffer.allocUnsafe(size)
     let at = 0
     for (const { record, topic, qos, properties } of picked) {
-      const sent = lane.sent(record.offset, qos === 0)
+      const sent = lane.sent(record.offset, qos === 0, to)
       let id = 0
       if (qos === 1) {
-        do id = member.conn.nextMessageId(); while (member.inflight.has(id))
-        member.inflight.set(id, { lane, sent })
+        do id = to.conn.nextMessageId(); while (to.inflight.has(id))
+        to.inflight.set(id, { lane, sent })
       }
       at = writePublishPacket(out, at, topic, record.payload, qos, id, false, properties)
     }
     this.#messages.inc(picked.length)
-    const stream = member.conn.stream
+    const stream = to.conn.stream
     return stream.write(out) ? null : stream
   }
 

@@ -9,6 +9,8 @@
  * - a member that leaves hands its unacknowledged records to another, which
  *   gets them again in offset order;
  * - the group commits up to the oldest unacknowledged record only;
+ * - a record its partition's member may not read goes to a member that may, once the older ones are acknowledged,
+ *   and again to another if that one leaves; with none left that may, it is skipped;
  * - a share's group is deleted only without members, and a share subscribed
  *   again afterwards (even while the deletion is written) starts at the log end.
  */
@@ -18,6 +20,7 @@ import mqttPacket, { type IPublishPacket } from 'mqtt-packet'
 import { EventEmitter } from 'node:events'
 import { afterEach, beforeEach, describe, expect, it } from 'vitest'
 import type { Identity } from '../../../../gateway/access/auth.ts'
+import type { AclRule } from '../../../../gateway/config/config.ts'
 import type { ReplayConnection } from '../../../../gateway/mqtt/replay.ts'
 import { SharedSubscriptions } from '../../../../gateway/mqtt/shared/share-groups.ts'
 import { shareGroupId } from '../../../../gateway/mqtt/shared/share-topic.ts'
@@ -79,10 +82,11 @@ describe('SharedSubscriptions (log part)', () => {
     keys = found as [string, string]
     shares = sharesOf(false)
   })
-  const sharesOf = (holdRetention: boolean): SharedSubscriptions => new SharedSubscriptions({
+  const sharesOf = (holdRetention: boolean, acl: readonly AclRule[] = []): SharedSubscriptions => new SharedSubscriptions({
     store, broker: { subscribe: noop, unsubscribe: noop } as unknown as Aedes,
-    routes: [{ filter: 'devices/+/telemetry/#', stream: 'telemetry', keyLevel: 1 }], acl: [], inflight: 10, holdRetention, maxPerTenant: 100,
-    metrics: { shareMessages: { labels: () => ({ inc: noop }), remove: noop }, shareMembers: { set: noop, remove: noop } } as never,
+    routes: [{ filter: 'devices/+/telemetry/#', stream: 'telemetry', keyLevel: 1 }], acl, inflight: 10, holdRetention, maxPerTenant: 100,
+    metrics: { shareMessages: { labels: () => ({ inc: noop }), remove: noop }, shareUnreadable: { labels: () => ({ inc: noop }), remove: noop },
+      shareMembers: { set: noop, remove: noop } } as never,
     logger: { info: noop, warn: noop, error: noop },
   })
   afterEach(async () => {
@@ -149,6 +153,32 @@ describe('SharedSubscriptions (log part)', () => {
     expect(shares.acked(b, b.publishes[2]?.messageId as number)).toBe(false)
     ackAll(a)
     await until(() => store.fetchOffset(GROUP, STREAM, 1) === 5)
+  })
+
+  it('a record the partition\'s member may not read goes to a member that may, in the device\'s order; skipped once none may', async () => {
+    await shares.close()
+    const deny = (username: string): AclRule => ({ username, topic: 'devices/+/telemetry/secret', access: 'subscribe', allow: false })
+    shares = sharesOf(false, [deny('a'), deny('b')])
+    // a and b may not read secrets and own partitions 0 and 1; c may, and owns none.
+    const [a, b, c] = [new FakeConnection('a'), new FakeConnection('b'), new FakeConnection('c')]
+    for (const conn of [a, b, c]) await join(conn)
+    for (const kind of ['t', 'secret', 't']) {
+      await store.append(STREAM, keys[1], { payload: Buffer.from(kind), topic: `devices/${keys[1]}/telemetry/${kind}`, qos: 1 })
+    }
+    await until(() => b.publishes.length === 1)
+    // The secret waits for b's PUBACK of the older record, then goes to c; b's next record waits for c's PUBACK.
+    expect(c.publishes).toHaveLength(0)
+    ackAll(b)
+    await until(() => c.publishes.length === 1)
+    expect(c.payloads()).toEqual(['secret'])
+    expect(b.publishes).toHaveLength(1)
+    // c leaves without acknowledging it: no member left may read it, so it is skipped and b goes on.
+    c.close()
+    await until(() => b.publishes.length === 2)
+    expect(b.payloads()).toEqual(['t', 't'])
+    expect(a.publishes).toHaveLength(0)
+    ackAll(b, 1)
+    await until(() => store.fetchOffset(GROUP, STREAM, 1) === 3)
   })
 
   it('holds retention with mqtt.share.holdRetention', async () => {
