@@ -189,6 +189,11 @@ export interface SessionPersistenceOptions {
   readonly maxOfflineSeconds?: number
 }
 
+/** Whether a clean CONNECT starts a session that outlives its connection: MQTT 5 with a Session Expiry Interval above 0. */
+function startsSession (client: SessionClient): boolean {
+  return client.version === 5 && (client.sessionExpiryInterval ?? 0) > 0
+}
+
 /** The MQTT 5 Session Expiry Interval (s) a session ends after, or undefined when it does not end by one (3.1.1, 0xFFFFFFFF). */
 function expiryInterval (client: SessionClient): number | undefined {
   if (client.version !== 5) return undefined
@@ -1042,16 +1047,36 @@ export class LevelSessionPersistence {
     this.#matchesHeld = 0
   }
 
-  /** Drops the client's subscriptions and its session marker (aedes calls this for a CONNECT with clean = true). */
+  /**
+   * Ends the client's stored session (aedes calls this for a CONNECT with clean = true, before its CONNACK): its
+   * subscriptions, session marker, interval, offline mark, cursors and queued copies. The inbound QoS 2 packets go in
+   * cleanIncoming, after the takeover of a previous connection (aedes lib/handlers/connect.js), also before the CONNACK.
+   */
   async cleanSubscriptions (client: SessionClient): Promise<void> {
     this.#ready()
     // Every in-memory change first, in this turn: a CONNECT read after it (aedes' subscriptionsByClient) finds no
     // session, even while the deletes are being written (an MQTT 5 session that ended with its connection used to be
-    // resumed by a reconnect racing them). Then one write of all the deletes.
+    // resumed by a reconnect racing them). Then one write of all the deletes, awaited before the CONNACK: the queued
+    // copies too. aedes' emptyQueue drops them as well, one at a time after the CONNACK (emptyQueueFilter on
+    // _cleanStart), so a kill -9 in between brought the old session back, present and with its old messages.
     const ops: BatchOp[] = []
-    this.#intervals.delete(client.id)
-    if (this.#sessions.delete(client.id)) ops.push(del(keys.session(client.id)))
+    for (const entry of this.#queues.get(client.id)?.entries.values() ?? []) {
+      ops.push(del(keys.outgoing(TAG_OUTGOING, client.id, entry.seq)), del(keys.outgoing(TAG_MESSAGE_ID, client.id, entry.seq)))
+    }
+    this.#queues.delete(client.id)
+    this.#overflowing.delete(client.id)
     if (this.#offlineSince.delete(client.id)) ops.push(del(keys.offline(client.id)))
+    if (startsSession(client)) {
+      // MQTT 5 Clean Start 1 with a Session Expiry Interval: the new session outlives this connection (3.1.2.4,
+      // 3.1.2.11.2) and exists from this CONNECT on, in the write the CONNACK waits for. Only a CONNECT with Clean
+      // Start 0 records a session otherwise (markSession): this one had none, so it did not expire, and a reconnect
+      // found it present only while the old session's leftovers were still on disk.
+      this.#sessions.add(client.id)
+      ops.push(this.#setInterval(client.id, expiryInterval(client)))
+    } else {
+      this.#intervals.delete(client.id)
+      if (this.#sessions.delete(client.id)) ops.push(del(keys.session(client.id)))
+    }
     const dropped = this.#cursors?.drop(client.id) ?? []
     ops.push(...dropped)
     const stored = this.#subs.get(client.id)
