@@ -85,6 +85,25 @@ export interface SessionClient {
   readonly sessionExpiryInterval?: number
 }
 
+/**
+ * A stored session entry whose value cannot be read (format.ts gives each its length), found by setup(), and what the
+ * session does instead. Never skipped silently (DESIGN.md: damaged data is reported; bad input loses nothing):
+ * - `cursor` (`K`): the session reads the partition from its log start (more deliveries, with DUP set, never fewer);
+ * - `session` (`C`): the session is kept, without an MQTT 5 Session Expiry Interval of its own (only
+ *   mqtt.sessionExpirySeconds ends it) until its client connects again and gives one;
+ * - `offline` (`E`): the session is offline since the start (its mark is written again);
+ * - `messageId` (`M`): the queued packet is sent again with a new message id.
+ */
+export interface SessionDamage {
+  readonly entry: 'cursor' | 'session' | 'offline' | 'messageId'
+  /** The key, hex. */
+  readonly key: string
+  readonly clientId: string
+  /** The value's length in bytes, and the length it should have. */
+  readonly length: number
+  readonly expected: string
+}
+
 /** When an offline session ends ({@link LevelSessionPersistence.sessionEnd}) and which bound ends it. */
 export interface SessionEnd {
   /** ms since the epoch. */
@@ -174,6 +193,11 @@ export interface SessionPersistenceOptions {
   readonly onCursorDropped?: (dropped: { readonly clientId: string, readonly stream: string, readonly partition: number, readonly count: number }) => void
   /** With a log: told when reading the log for a session failed (it goes on at its next PUBACK or append). */
   readonly onCursorReadError?: (err: unknown) => void
+  /**
+   * Told of each stored entry setup() found damaged (a value of the wrong length) and the fallback it took instead
+   * (SessionDamage); the gateway logs and counts it. Loading goes on: the fallback delivers more, never less.
+   */
+  readonly onDamaged?: (damage: SessionDamage) => void
   /** Told of each record a session's cursor skipped because its MQTT 5 message expiry had passed. */
   readonly onExpired?: (tenant: string) => void
   /** Copies one session may have queued (default unbounded); beyond it a new copy is dropped (the newest). */
@@ -532,6 +556,7 @@ export class LevelSessionPersistence {
   #releaseHold: (() => void) | undefined
   readonly #maxQueued: number
   readonly #onOverflow: ((clientId: string, topic: string, first: boolean) => void) | undefined
+  readonly #onDamaged: ((damage: SessionDamage) => void) | undefined
   /** Clients whose queue is full (an overflow episode is under way). */
   readonly #overflowing = new Set<string>()
   /** `client|broker key` of the latest dropped copies, oldest first. */
@@ -569,6 +594,7 @@ export class LevelSessionPersistence {
     }
     this.#maxOfflineSeconds = maxOffline
     this.#onOverflow = options.onQueueOverflow
+    this.#onDamaged = options.onDamaged
     const window = options.window ?? 100
     if (!Number.isSafeInteger(window) || window < 1) {
       throw new SessionPersistenceError('GW_SESSION_INVALID_ARGUMENT', `window must be a positive integer, got ${String(window)}`)
@@ -662,7 +688,9 @@ export class LevelSessionPersistence {
       const { clientId, rest } = keys.parseClient(key)
       const queue = this.#queues.get(clientId)
       const entry = queue?.entries.get(Number(rest.readBigUInt64BE(0)))
-      if (queue !== undefined && entry !== undefined && value.length === 2) queue.change(entry, { messageId: value.readUInt16BE(0) })
+      if (queue === undefined || entry === undefined) continue
+      if (value.length === 2) queue.change(entry, { messageId: value.readUInt16BE(0) })
+      else this.#damaged('messageId', key, clientId, value, '2')
     }
 
     for await (const [key, value] of this.#scan(Buffer.from([TAG_INCOMING]))) {
@@ -674,13 +702,20 @@ export class LevelSessionPersistence {
       const { clientId } = keys.parseClient(key)
       this.#sessions.add(clientId)
       if (value.length === 4) this.#intervals.set(clientId, value.readUInt32BE(0))
+      else if (value.length !== 0) this.#damaged('session', key, clientId, value, '0 or 4')
     }
 
     if (this.#cursors !== undefined) {
       for await (const [key, value] of this.#scan(Buffer.from([TAG_CURSOR]))) {
         const { clientId, rest } = keys.parseClient(key)
         const { stream, partition } = keys.parseCursor(rest)
-        if (value.length === 8) this.#cursors.load(clientId, stream, partition, Number(value.readBigUInt64BE(0)))
+        if (value.length === 8) {
+          this.#cursors.load(clientId, stream, partition, Number(value.readBigUInt64BE(0)))
+        } else {
+          // From the log start: a cursor below it reads from there (what the disk budget deleted is not told again).
+          this.#damaged('cursor', key, clientId, value, '8')
+          this.#cursors.load(clientId, stream, partition, 0)
+        }
       }
       const cursors = this.#cursors
       this.#releaseHold = this.#log?.holdRetention((stream, partition) => cursors.floor(stream, partition),
@@ -692,7 +727,10 @@ export class LevelSessionPersistence {
     }
 
     for await (const [key, value] of this.#scan(Buffer.from([TAG_OFFLINE]))) {
-      if (value.length === 8) this.#offlineSince.set(keys.parseClient(key).clientId, Number(value.readBigUInt64BE(0)))
+      const { clientId } = keys.parseClient(key)
+      // A damaged mark is left out: the session goes offline now, below, and the mark is written again.
+      if (value.length === 8) this.#offlineSince.set(clientId, Number(value.readBigUInt64BE(0)))
+      else this.#damaged('offline', key, clientId, value, '8')
     }
     // Sessions connected when the gateway stopped went offline now (written, so a restart loop does not extend them).
     const startedOffline: BatchOp[] = []
@@ -703,6 +741,10 @@ export class LevelSessionPersistence {
     }
     this.#loaded = true
     await this.#writer.write(startedOffline)
+  }
+
+  #damaged (entry: SessionDamage['entry'], key: Buffer, clientId: string, value: Buffer, expected: string): void {
+    this.#onDamaged?.({ entry, key: key.toString('hex'), clientId, length: value.length, expected })
   }
 
   #scan (prefix: Buffer): AsyncIterable<[Buffer, Buffer]> {
