@@ -83,6 +83,10 @@ export interface SessionClient {
   /** aedes' protocol level (5 for MQTT 5) and the client's Session Expiry Interval (s), as the session's end reads them. */
   readonly version?: number
   readonly sessionExpiryInterval?: number
+  /** aedes' Client sets it when its connection closed; a `client` event may come after that (see #connected). */
+  readonly closed?: boolean
+  /** aedes' Client's connection: its `close` tells that the client went, also when aedes emits no `clientDisconnect`. */
+  readonly conn?: { once (event: 'close', listener: () => void): unknown }
 }
 
 /**
@@ -564,8 +568,9 @@ export class LevelSessionPersistence {
   readonly #now: () => number
   /** Persistent sessions not connected, and since when (ms; `E`). */
   readonly #offlineSince = new Map<string, number>()
-  /** Connections per client id (a takeover briefly has two). */
-  readonly #connections = new Map<string, number>()
+  /** The open connections (aedes' Client objects) per client id, from aedes' `client` and `clientDisconnect` events. */
+  readonly #connections = new Map<string, Set<SessionClient>>()
+  readonly #offlineListeners: Array<(clientId: string) => void> = []
   /** The MQTT 5 Session Expiry Interval (s) of sessions that have one below 0xFFFFFFFF (the `C` value). */
   readonly #intervals = new Map<string, number>()
   readonly #maxOfflineSeconds: number
@@ -913,10 +918,29 @@ export class LevelSessionPersistence {
     await this.#writer.write(ops)
   }
 
-  /** A connection of the client is registered: a persistent session keeps the interval it connected with. */
+  /**
+   * A connection of the client is registered: a persistent session keeps the interval it connected with. The live
+   * Client objects are kept, not a count: aedes emits `client` also for a connection that closed during its CONNECT
+   * (its takeover callback, aedes.js registerClient), and its close emitted `clientDisconnect` before, or nothing (it
+   * unregisters only while some client holds the id, lib/client.js close). Counted, such connections kept a session
+   * connected for ever: it never expired, and its cursors held retention (20 CONNECTs cut short were enough).
+   */
   #connected (client: SessionClient): void {
-    this.#connections.set(client.id, (this.#connections.get(client.id) ?? 0) + 1)
-    if (this.#destroyed || !this.#loaded || !this.#sessions.has(client.id) || client.version === undefined) return
+    const open = this.#openConnections(client.id)
+    if (client.closed === true) {
+      // Gone already: no `clientDisconnect` follows. Its CONNECT took the session online (markSession).
+      if (open === undefined) this.#wentOffline(client)
+      return
+    }
+    if (open === undefined) this.#connections.set(client.id, new Set([client]))
+    else open.add(client)
+    // Its close, however it comes: aedes emits `clientDisconnect` only while some client holds the id in its registry,
+    // and a connection that closed during a later CONNECT of the same id took this one's entry out of it.
+    client.conn?.once('close', () => { this.#disconnected(client) })
+    if (this.#destroyed || !this.#loaded || !this.#sessions.has(client.id)) return
+    // Online: a close of an earlier connection may have marked it offline after this one's CONNECT read the session.
+    if (this.#offlineSince.delete(client.id)) this.#writer.write([del(keys.offline(client.id))]).catch(() => {})
+    if (client.version === undefined) return
     const interval = expiryInterval(client)
     if (this.#intervals.get(client.id) === interval) return
     this.#writer.write([this.#setInterval(client.id, interval)]).catch(() => {}) // lost: the session keeps the interval it had
@@ -936,10 +960,29 @@ export class LevelSessionPersistence {
    * interval the client left it (an MQTT 5 DISCONNECT may change it).
    */
   #disconnected (client: SessionClient): void {
-    const clientId = client.id
-    const left = (this.#connections.get(clientId) ?? 1) - 1
-    if (left > 0) { this.#connections.set(clientId, left); return }
+    this.#connections.get(client.id)?.delete(client)
+    if (this.#openConnections(client.id) === undefined) this.#wentOffline(client)
+  }
+
+  /** The client id's connections still open (closed ones dropped), or undefined when none is. */
+  #openConnections (clientId: string): Set<SessionClient> | undefined {
+    const open = this.#connections.get(clientId)
+    if (open === undefined) return undefined
+    for (const client of open) {
+      if (client.closed === true) open.delete(client)
+    }
+    if (open.size > 0) return open
     this.#connections.delete(clientId)
+    return undefined
+  }
+
+  #isConnected (clientId: string): boolean {
+    return this.#openConnections(clientId) !== undefined
+  }
+
+  /** The client's last connection closed: its persistent session is offline from now on. */
+  #wentOffline (client: SessionClient): void {
+    const clientId = client.id
     if (this.#destroyed || !this.#loaded || !this.#sessions.has(clientId)) return
     const ops: BatchOp[] = []
     const interval = expiryInterval(client)
@@ -949,7 +992,13 @@ export class LevelSessionPersistence {
       this.#offlineSince.set(clientId, now)
       ops.push(put(keys.offline(clientId), encodeU64(now)))
     }
-    this.#writer.write(ops).catch(() => {}) // a lost mark: the next start sets one
+    if (ops.length > 0) this.#writer.write(ops).catch(() => {}) // a lost mark: the next start sets one
+    for (const listener of this.#offlineListeners) listener(clientId)
+  }
+
+  /** Tells `listener` each time a persistent session goes offline (its last connection closed); session expiry arms its timer. */
+  onOffline (listener: (clientId: string) => void): void {
+    this.#offlineListeners.push(listener)
   }
 
   /**
@@ -959,7 +1008,7 @@ export class LevelSessionPersistence {
   sessionEnd (clientId: string): SessionEnd | null {
     this.#ready()
     const since = this.#offlineSince.get(clientId)
-    if (since === undefined || !this.#sessions.has(clientId) || this.#connections.has(clientId)) return null
+    if (since === undefined || !this.#sessions.has(clientId) || this.#isConnected(clientId)) return null
     const interval = this.#intervals.get(clientId)
     const cap = this.#maxOfflineSeconds
     let bound: { source: SessionEnd['source'], seconds: number } | null = interval === undefined ? null : { source: 'interval', seconds: interval }
@@ -988,7 +1037,7 @@ export class LevelSessionPersistence {
   /** Client ids of the persistent sessions offline now. */
   offlineSessions (): string[] {
     this.#ready()
-    return [...this.#offlineSince.keys()].filter((clientId) => this.#sessions.has(clientId) && !this.#connections.has(clientId))
+    return [...this.#offlineSince.keys()].filter((clientId) => this.#sessions.has(clientId) && !this.#isConnected(clientId))
   }
 
   /** Ends every offline session whose end ({@link sessionEnd}) has come; resolves with them. */
@@ -1015,13 +1064,13 @@ export class LevelSessionPersistence {
    */
   async dropSession (clientId: string): Promise<boolean> {
     this.#ready()
-    if (this.#connections.has(clientId) || !this.#sessions.has(clientId)) return false
+    if (this.#isConnected(clientId) || !this.#sessions.has(clientId)) return false
     const ops: BatchOp[] = []
     for (const tag of CLIENT_TAGS) {
       for await (const key of this.#db.keys<Buffer>({ ...prefixRange(clientPrefix(tag, clientId)), keyEncoding: 'buffer' })) ops.push(del(key))
     }
     // A reconnect while the keys were read owns the session now.
-    if (this.#connections.has(clientId) || !this.#sessions.has(clientId)) return false
+    if (this.#isConnected(clientId) || !this.#sessions.has(clientId)) return false
     for (const topic of this.#subs.get(clientId)?.keys() ?? []) this.#trie.remove(topic, { clientId, topic })
     this.#subs.delete(clientId)
     // So may a copy have been queued (QoS 2, or no log): its keys are deleted too. Its put went to the writer first
@@ -1330,7 +1379,7 @@ export class LevelSessionPersistence {
     this.#ready()
     return [...this.#sessions].map((clientId) => ({
       clientId,
-      connected: this.#connections.has(clientId),
+      connected: this.#isConnected(clientId),
       offlineSince: this.#offlineSince.get(clientId) ?? null,
       subscriptions: [...this.#subs.get(clientId) ?? []].map(([topic, record]) => ({ topic, qos: record.qos })),
       cursors: this.#cursors?.cursorsOf(clientId) ?? [],
