@@ -179,6 +179,10 @@ async function start (config: GatewayConfig, deps: GatewayDeps, shutdown: Shutdo
       onCursorReadError: (err) => {
         logger.warn({ err: (err as Error).message }, 'reading the log for a persistent session failed; it goes on at its next ack or append')
       },
+      onDamaged: (damage) => {
+        metrics.sessionDamaged.inc({ entry: damage.entry })
+        logger.warn({ code: 'GW_SESSION_CORRUPT', ...damage }, 'a stored session entry is damaged; the session goes on with a fallback (docs/mqtt.md)')
+      },
     })
   sessions.persistence = persistence
   const { aedes: broker, appendsSettled, wills, deleteShareGroup } = createBroker({

@@ -40,6 +40,7 @@ export interface GatewayMetrics {
   readonly expiredDropped: Counter<'tenant' | 'path'>
   readonly sessionQueueDropped: Counter<'tenant'>
   readonly sessionDropped: Counter<'tenant' | 'stream'>
+  readonly sessionDamaged: Counter<'entry'>
   readonly oversizedDeliveries: Counter<'tenant'>
   readonly sessionsExpired: Counter
   readonly httpWaitingReads: Gauge
@@ -347,6 +348,13 @@ export function createMetrics (registry: Registry, sources: MetricsSources): Gat
       help: 'Records the disk budget (store.diskBudgetBytes) deleted before a persistent session\'s cursor reached them, per session ' +
         '(each such deletion is also logged with the client id; some may not have been for the session).',
       labelNames: ['tenant', 'stream'],
+      registers: [registry],
+    }),
+    sessionDamaged: new Counter({
+      name: 'edgemq_mqtt_session_damaged_entries_total',
+      help: 'Stored session entries found damaged at start (entry: cursor, session, offline, messageId), each logged with its key and ' +
+        'GW_SESSION_CORRUPT; the session went on with a fallback that delivers more, never less (docs/mqtt.md).',
+      labelNames: ['entry'],
       registers: [registry],
     }),
     oversizedDeliveries: new Counter({

@@ -10,7 +10,9 @@
  * refuses it silently (restored subscriptions get no SUBACK). aedes asks for
  * the stored subscriptions only on a CONNECT with clean = false, before the
  * CONNACK: the session is recorded there, so it exists for the next CONNECT
- * even after a kill -9. The patches themselves are in aedes-internals.ts.
+ * even after a kill -9 (an MQTT 5 Clean Start = 1 with a Session Expiry
+ * Interval is recorded by the persistence's cleanSubscriptions, also before
+ * the CONNACK). The patches themselves are in aedes-internals.ts.
  *
  * A connected persistent session's cursors deliver records from the log by
  * writing to the client's connection (sessions/cursors.ts), as `$replay` and

@@ -50,6 +50,8 @@ export interface ExpiringSessions {
   expireSessions (): Promise<Array<SessionEnd & { clientId: string }>>
   offlineSince (clientId: string): number | undefined
   adoptInterval (clientId: string, seconds: number): Promise<boolean>
+  /** Tells of each session that went offline, also when aedes emitted no `clientDisconnect` for its last connection. */
+  onOffline? (listener: (clientId: string) => void): void
 }
 
 /** The `session-expiry` sublevel of gateways before this one, and the writer that deletes its entries (see the header). */
@@ -97,7 +99,13 @@ export class SessionExpiry {
     const events = broker as unknown as NodeJS.EventEmitter
     // Registered after the persistence's own listeners (setup, in listen()): it has marked the session offline by then.
     events.on('clientDisconnect', (client: Client) => { if (!this.#stopped) this.#arm(client.id) })
-    events.on('client', (client: Client) => { this.#cancel(client.id) })
+    persistence.onOffline?.((id) => { if (!this.#stopped) this.#arm(id) })
+    // aedes emits `client` also for a connection that closed during its CONNECT, with no `clientDisconnect` after it
+    // (persistence.ts #connected): then the session is offline and its end is armed, not cancelled.
+    events.on('client', (client: Client) => {
+      if (!client.closed) this.#cancel(client.id)
+      else if (!this.#stopped) this.#arm(client.id)
+    })
   }
 
   /** Moves the deadlines of the former `session-expiry` sublevel into the sessions (see the header). */
@@ -148,7 +156,8 @@ export class SessionExpiry {
 
   async #expire (id: string): Promise<void> {
     const { broker, persistence, logger } = this.#deps
-    if (this.#stopped || connectedClient(broker, id) !== undefined) return
+    // A closed connection may stay registered in aedes (a `client` event after its close): it holds nothing.
+    if (this.#stopped || connectedClient(broker, id)?.closed === false) return
     try {
       await this.#deps.firePendingWill?.(id)
       const end = await persistence.expireSession(id)

@@ -83,6 +83,29 @@ export interface SessionClient {
   /** aedes' protocol level (5 for MQTT 5) and the client's Session Expiry Interval (s), as the session's end reads them. */
   readonly version?: number
   readonly sessionExpiryInterval?: number
+  /** aedes' Client sets it when its connection closed; a `client` event may come after that (see #connected). */
+  readonly closed?: boolean
+  /** aedes' Client's connection: its `close` tells that the client went, also when aedes emits no `clientDisconnect`. */
+  readonly conn?: { once (event: 'close', listener: () => void): unknown }
+}
+
+/**
+ * A stored session entry whose value cannot be read (format.ts gives each its length), found by setup(), and what the
+ * session does instead. Never skipped silently (DESIGN.md: damaged data is reported; bad input loses nothing):
+ * - `cursor` (`K`): the session reads the partition from its log start (more deliveries, with DUP set, never fewer);
+ * - `session` (`C`): the session is kept, without an MQTT 5 Session Expiry Interval of its own (only
+ *   mqtt.sessionExpirySeconds ends it) until its client connects again and gives one;
+ * - `offline` (`E`): the session is offline since the start (its mark is written again);
+ * - `messageId` (`M`): the queued packet is sent again with a new message id.
+ */
+export interface SessionDamage {
+  readonly entry: 'cursor' | 'session' | 'offline' | 'messageId'
+  /** The key, hex. */
+  readonly key: string
+  readonly clientId: string
+  /** The value's length in bytes, and the length it should have. */
+  readonly length: number
+  readonly expected: string
 }
 
 /** When an offline session ends ({@link LevelSessionPersistence.sessionEnd}) and which bound ends it. */
@@ -174,6 +197,11 @@ export interface SessionPersistenceOptions {
   readonly onCursorDropped?: (dropped: { readonly clientId: string, readonly stream: string, readonly partition: number, readonly count: number }) => void
   /** With a log: told when reading the log for a session failed (it goes on at its next PUBACK or append). */
   readonly onCursorReadError?: (err: unknown) => void
+  /**
+   * Told of each stored entry setup() found damaged (a value of the wrong length) and the fallback it took instead
+   * (SessionDamage); the gateway logs and counts it. Loading goes on: the fallback delivers more, never less.
+   */
+  readonly onDamaged?: (damage: SessionDamage) => void
   /** Told of each record a session's cursor skipped because its MQTT 5 message expiry had passed. */
   readonly onExpired?: (tenant: string) => void
   /** Copies one session may have queued (default unbounded); beyond it a new copy is dropped (the newest). */
@@ -187,6 +215,11 @@ export interface SessionPersistenceOptions {
    * 0 or absent: no bound beyond an MQTT 5 client's own Session Expiry Interval.
    */
   readonly maxOfflineSeconds?: number
+}
+
+/** Whether a clean CONNECT starts a session that outlives its connection: MQTT 5 with a Session Expiry Interval above 0. */
+function startsSession (client: SessionClient): boolean {
+  return client.version === 5 && (client.sessionExpiryInterval ?? 0) > 0
 }
 
 /** The MQTT 5 Session Expiry Interval (s) a session ends after, or undefined when it does not end by one (3.1.1, 0xFFFFFFFF). */
@@ -527,6 +560,7 @@ export class LevelSessionPersistence {
   #releaseHold: (() => void) | undefined
   readonly #maxQueued: number
   readonly #onOverflow: ((clientId: string, topic: string, first: boolean) => void) | undefined
+  readonly #onDamaged: ((damage: SessionDamage) => void) | undefined
   /** Clients whose queue is full (an overflow episode is under way). */
   readonly #overflowing = new Set<string>()
   /** `client|broker key` of the latest dropped copies, oldest first. */
@@ -534,8 +568,9 @@ export class LevelSessionPersistence {
   readonly #now: () => number
   /** Persistent sessions not connected, and since when (ms; `E`). */
   readonly #offlineSince = new Map<string, number>()
-  /** Connections per client id (a takeover briefly has two). */
-  readonly #connections = new Map<string, number>()
+  /** The open connections (aedes' Client objects) per client id, from aedes' `client` and `clientDisconnect` events. */
+  readonly #connections = new Map<string, Set<SessionClient>>()
+  readonly #offlineListeners: Array<(clientId: string) => void> = []
   /** The MQTT 5 Session Expiry Interval (s) of sessions that have one below 0xFFFFFFFF (the `C` value). */
   readonly #intervals = new Map<string, number>()
   readonly #maxOfflineSeconds: number
@@ -564,6 +599,7 @@ export class LevelSessionPersistence {
     }
     this.#maxOfflineSeconds = maxOffline
     this.#onOverflow = options.onQueueOverflow
+    this.#onDamaged = options.onDamaged
     const window = options.window ?? 100
     if (!Number.isSafeInteger(window) || window < 1) {
       throw new SessionPersistenceError('GW_SESSION_INVALID_ARGUMENT', `window must be a positive integer, got ${String(window)}`)
@@ -657,7 +693,9 @@ export class LevelSessionPersistence {
       const { clientId, rest } = keys.parseClient(key)
       const queue = this.#queues.get(clientId)
       const entry = queue?.entries.get(Number(rest.readBigUInt64BE(0)))
-      if (queue !== undefined && entry !== undefined && value.length === 2) queue.change(entry, { messageId: value.readUInt16BE(0) })
+      if (queue === undefined || entry === undefined) continue
+      if (value.length === 2) queue.change(entry, { messageId: value.readUInt16BE(0) })
+      else this.#damaged('messageId', key, clientId, value, '2')
     }
 
     for await (const [key, value] of this.#scan(Buffer.from([TAG_INCOMING]))) {
@@ -669,13 +707,20 @@ export class LevelSessionPersistence {
       const { clientId } = keys.parseClient(key)
       this.#sessions.add(clientId)
       if (value.length === 4) this.#intervals.set(clientId, value.readUInt32BE(0))
+      else if (value.length !== 0) this.#damaged('session', key, clientId, value, '0 or 4')
     }
 
     if (this.#cursors !== undefined) {
       for await (const [key, value] of this.#scan(Buffer.from([TAG_CURSOR]))) {
         const { clientId, rest } = keys.parseClient(key)
         const { stream, partition } = keys.parseCursor(rest)
-        if (value.length === 8) this.#cursors.load(clientId, stream, partition, Number(value.readBigUInt64BE(0)))
+        if (value.length === 8) {
+          this.#cursors.load(clientId, stream, partition, Number(value.readBigUInt64BE(0)))
+        } else {
+          // From the log start: a cursor below it reads from there (what the disk budget deleted is not told again).
+          this.#damaged('cursor', key, clientId, value, '8')
+          this.#cursors.load(clientId, stream, partition, 0)
+        }
       }
       const cursors = this.#cursors
       this.#releaseHold = this.#log?.holdRetention((stream, partition) => cursors.floor(stream, partition),
@@ -687,7 +732,10 @@ export class LevelSessionPersistence {
     }
 
     for await (const [key, value] of this.#scan(Buffer.from([TAG_OFFLINE]))) {
-      if (value.length === 8) this.#offlineSince.set(keys.parseClient(key).clientId, Number(value.readBigUInt64BE(0)))
+      const { clientId } = keys.parseClient(key)
+      // A damaged mark is left out: the session goes offline now, below, and the mark is written again.
+      if (value.length === 8) this.#offlineSince.set(clientId, Number(value.readBigUInt64BE(0)))
+      else this.#damaged('offline', key, clientId, value, '8')
     }
     // Sessions connected when the gateway stopped went offline now (written, so a restart loop does not extend them).
     const startedOffline: BatchOp[] = []
@@ -698,6 +746,10 @@ export class LevelSessionPersistence {
     }
     this.#loaded = true
     await this.#writer.write(startedOffline)
+  }
+
+  #damaged (entry: SessionDamage['entry'], key: Buffer, clientId: string, value: Buffer, expected: string): void {
+    this.#onDamaged?.({ entry, key: key.toString('hex'), clientId, length: value.length, expected })
   }
 
   #scan (prefix: Buffer): AsyncIterable<[Buffer, Buffer]> {
@@ -866,10 +918,29 @@ export class LevelSessionPersistence {
     await this.#writer.write(ops)
   }
 
-  /** A connection of the client is registered: a persistent session keeps the interval it connected with. */
+  /**
+   * A connection of the client is registered: a persistent session keeps the interval it connected with. The live
+   * Client objects are kept, not a count: aedes emits `client` also for a connection that closed during its CONNECT
+   * (its takeover callback, aedes.js registerClient), and its close emitted `clientDisconnect` before, or nothing (it
+   * unregisters only while some client holds the id, lib/client.js close). Counted, such connections kept a session
+   * connected for ever: it never expired, and its cursors held retention (20 CONNECTs cut short were enough).
+   */
   #connected (client: SessionClient): void {
-    this.#connections.set(client.id, (this.#connections.get(client.id) ?? 0) + 1)
-    if (this.#destroyed || !this.#loaded || !this.#sessions.has(client.id) || client.version === undefined) return
+    const open = this.#openConnections(client.id)
+    if (client.closed === true) {
+      // Gone already: no `clientDisconnect` follows. Its CONNECT took the session online (markSession).
+      if (open === undefined) this.#wentOffline(client)
+      return
+    }
+    if (open === undefined) this.#connections.set(client.id, new Set([client]))
+    else open.add(client)
+    // Its close, however it comes: aedes emits `clientDisconnect` only while some client holds the id in its registry,
+    // and a connection that closed during a later CONNECT of the same id took this one's entry out of it.
+    client.conn?.once('close', () => { this.#disconnected(client) })
+    if (this.#destroyed || !this.#loaded || !this.#sessions.has(client.id)) return
+    // Online: a close of an earlier connection may have marked it offline after this one's CONNECT read the session.
+    if (this.#offlineSince.delete(client.id)) this.#writer.write([del(keys.offline(client.id))]).catch(() => {})
+    if (client.version === undefined) return
     const interval = expiryInterval(client)
     if (this.#intervals.get(client.id) === interval) return
     this.#writer.write([this.#setInterval(client.id, interval)]).catch(() => {}) // lost: the session keeps the interval it had
@@ -889,10 +960,29 @@ export class LevelSessionPersistence {
    * interval the client left it (an MQTT 5 DISCONNECT may change it).
    */
   #disconnected (client: SessionClient): void {
-    const clientId = client.id
-    const left = (this.#connections.get(clientId) ?? 1) - 1
-    if (left > 0) { this.#connections.set(clientId, left); return }
+    this.#connections.get(client.id)?.delete(client)
+    if (this.#openConnections(client.id) === undefined) this.#wentOffline(client)
+  }
+
+  /** The client id's connections still open (closed ones dropped), or undefined when none is. */
+  #openConnections (clientId: string): Set<SessionClient> | undefined {
+    const open = this.#connections.get(clientId)
+    if (open === undefined) return undefined
+    for (const client of open) {
+      if (client.closed === true) open.delete(client)
+    }
+    if (open.size > 0) return open
     this.#connections.delete(clientId)
+    return undefined
+  }
+
+  #isConnected (clientId: string): boolean {
+    return this.#openConnections(clientId) !== undefined
+  }
+
+  /** The client's last connection closed: its persistent session is offline from now on. */
+  #wentOffline (client: SessionClient): void {
+    const clientId = client.id
     if (this.#destroyed || !this.#loaded || !this.#sessions.has(clientId)) return
     const ops: BatchOp[] = []
     const interval = expiryInterval(client)
@@ -902,7 +992,13 @@ export class LevelSessionPersistence {
       this.#offlineSince.set(clientId, now)
       ops.push(put(keys.offline(clientId), encodeU64(now)))
     }
-    this.#writer.write(ops).catch(() => {}) // a lost mark: the next start sets one
+    if (ops.length > 0) this.#writer.write(ops).catch(() => {}) // a lost mark: the next start sets one
+    for (const listener of this.#offlineListeners) listener(clientId)
+  }
+
+  /** Tells `listener` each time a persistent session goes offline (its last connection closed); session expiry arms its timer. */
+  onOffline (listener: (clientId: string) => void): void {
+    this.#offlineListeners.push(listener)
   }
 
   /**
@@ -912,7 +1008,7 @@ export class LevelSessionPersistence {
   sessionEnd (clientId: string): SessionEnd | null {
     this.#ready()
     const since = this.#offlineSince.get(clientId)
-    if (since === undefined || !this.#sessions.has(clientId) || this.#connections.has(clientId)) return null
+    if (since === undefined || !this.#sessions.has(clientId) || this.#isConnected(clientId)) return null
     const interval = this.#intervals.get(clientId)
     const cap = this.#maxOfflineSeconds
     let bound: { source: SessionEnd['source'], seconds: number } | null = interval === undefined ? null : { source: 'interval', seconds: interval }
@@ -941,7 +1037,7 @@ export class LevelSessionPersistence {
   /** Client ids of the persistent sessions offline now. */
   offlineSessions (): string[] {
     this.#ready()
-    return [...this.#offlineSince.keys()].filter((clientId) => this.#sessions.has(clientId) && !this.#connections.has(clientId))
+    return [...this.#offlineSince.keys()].filter((clientId) => this.#sessions.has(clientId) && !this.#isConnected(clientId))
   }
 
   /** Ends every offline session whose end ({@link sessionEnd}) has come; resolves with them. */
@@ -968,13 +1064,13 @@ export class LevelSessionPersistence {
    */
   async dropSession (clientId: string): Promise<boolean> {
     this.#ready()
-    if (this.#connections.has(clientId) || !this.#sessions.has(clientId)) return false
+    if (this.#isConnected(clientId) || !this.#sessions.has(clientId)) return false
     const ops: BatchOp[] = []
     for (const tag of CLIENT_TAGS) {
       for await (const key of this.#db.keys<Buffer>({ ...prefixRange(clientPrefix(tag, clientId)), keyEncoding: 'buffer' })) ops.push(del(key))
     }
     // A reconnect while the keys were read owns the session now.
-    if (this.#connections.has(clientId) || !this.#sessions.has(clientId)) return false
+    if (this.#isConnected(clientId) || !this.#sessions.has(clientId)) return false
     for (const topic of this.#subs.get(clientId)?.keys() ?? []) this.#trie.remove(topic, { clientId, topic })
     this.#subs.delete(clientId)
     // So may a copy have been queued (QoS 2, or no log): its keys are deleted too. Its put went to the writer first
@@ -1042,16 +1138,36 @@ export class LevelSessionPersistence {
     this.#matchesHeld = 0
   }
 
-  /** Drops the client's subscriptions and its session marker (aedes calls this for a CONNECT with clean = true). */
+  /**
+   * Ends the client's stored session (aedes calls this for a CONNECT with clean = true, before its CONNACK): its
+   * subscriptions, session marker, interval, offline mark, cursors and queued copies. The inbound QoS 2 packets go in
+   * cleanIncoming, after the takeover of a previous connection (aedes lib/handlers/connect.js), also before the CONNACK.
+   */
   async cleanSubscriptions (client: SessionClient): Promise<void> {
     this.#ready()
     // Every in-memory change first, in this turn: a CONNECT read after it (aedes' subscriptionsByClient) finds no
     // session, even while the deletes are being written (an MQTT 5 session that ended with its connection used to be
-    // resumed by a reconnect racing them). Then one write of all the deletes.
+    // resumed by a reconnect racing them). Then one write of all the deletes, awaited before the CONNACK: the queued
+    // copies too. aedes' emptyQueue drops them as well, one at a time after the CONNACK (emptyQueueFilter on
+    // _cleanStart), so a kill -9 in between brought the old session back, present and with its old messages.
     const ops: BatchOp[] = []
-    this.#intervals.delete(client.id)
-    if (this.#sessions.delete(client.id)) ops.push(del(keys.session(client.id)))
+    for (const entry of this.#queues.get(client.id)?.entries.values() ?? []) {
+      ops.push(del(keys.outgoing(TAG_OUTGOING, client.id, entry.seq)), del(keys.outgoing(TAG_MESSAGE_ID, client.id, entry.seq)))
+    }
+    this.#queues.delete(client.id)
+    this.#overflowing.delete(client.id)
     if (this.#offlineSince.delete(client.id)) ops.push(del(keys.offline(client.id)))
+    if (startsSession(client)) {
+      // MQTT 5 Clean Start 1 with a Session Expiry Interval: the new session outlives this connection (3.1.2.4,
+      // 3.1.2.11.2) and exists from this CONNECT on, in the write the CONNACK waits for. Only a CONNECT with Clean
+      // Start 0 records a session otherwise (markSession): this one had none, so it did not expire, and a reconnect
+      // found it present only while the old session's leftovers were still on disk.
+      this.#sessions.add(client.id)
+      ops.push(this.#setInterval(client.id, expiryInterval(client)))
+    } else {
+      this.#intervals.delete(client.id)
+      if (this.#sessions.delete(client.id)) ops.push(del(keys.session(client.id)))
+    }
     const dropped = this.#cursors?.drop(client.id) ?? []
     ops.push(...dropped)
     const stored = this.#subs.get(client.id)
@@ -1263,7 +1379,7 @@ export class LevelSessionPersistence {
     this.#ready()
     return [...this.#sessions].map((clientId) => ({
       clientId,
-      connected: this.#connections.has(clientId),
+      connected: this.#isConnected(clientId),
       offlineSince: this.#offlineSince.get(clientId) ?? null,
       subscriptions: [...this.#subs.get(clientId) ?? []].map(([topic, record]) => ({ topic, qos: record.qos })),
       cursors: this.#cursors?.cursorsOf(clientId) ?? [],

@@ -851,12 +851,14 @@ describe('session cursors into the log', () => {
     const expired = async (): Promise<string[]> => (await gw.persistence.expireSessions()).map((e) => `${e.clientId} ${e.source} ${e.seconds}`)
     let { gw, events } = await openAt()
     await gw.store.createStream('t3/telemetry', { partitions: 1, retentionBytes: 1 })
+    const connected = new Map<string, { id: string }>() // aedes' events carry one Client object per connection
     for (const id of ['gone', 'stays']) {
-      events.emit('client', { id })
+      connected.set(id, { id })
+      events.emit('client', connected.get(id))
       await gw.persistence.markSession({ id })
       await gw.persistence.addSubscriptions({ id }, [{ topic: 't3/devices/+/telemetry/#', qos: 1 }])
     }
-    events.emit('clientDisconnect', { id: 'gone' })
+    events.emit('clientDisconnect', connected.get('gone'))
     for (let i = 0; i < 3; i++) await publish(gw, 't3', 'd0', `m${i}`)
     now += 59_999
     expect(await expired()).toEqual([]) // not as long as the bound yet; 'stays' is connected
@@ -910,7 +912,8 @@ describe('session cursors into the log', () => {
       await gw.persistence.markSession(c)
     }
     // An MQTT 5 DISCONNECT may set another interval: the session ends by the one it left with.
-    for (const c of clients) events.emit('clientDisconnect', c.id === 'changed' ? { ...c, sessionExpiryInterval: 10 } : c)
+    // (aedes sets it on the connection's Client object, which its events carry)
+    for (const c of clients) events.emit('clientDisconnect', c.id === 'changed' ? Object.assign(c, { sessionExpiryInterval: 10 }) : c)
     expect(gw.persistence.sessionEnd('short')).toEqual({ at: now + 30_000, source: 'interval', seconds: 30 })
     expect(gw.persistence.sessionEnd('never')).toBe(null) // no cap: neither 0xFFFFFFFF nor 3.1.1 ends
     expect(gw.persistence.sessionEnd('v311')).toBe(null)

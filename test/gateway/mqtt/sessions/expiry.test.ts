@@ -32,8 +32,9 @@ describe('session expiry: deadlines of the former session-expiry key space', () 
     await persistence.setup(broker as never)
     for (const id of ['a', 'b']) {
       await persistence.markSession({ id })
-      broker.emit('client', { id })
-      broker.emit('clientDisconnect', { id })
+      const client = { id } // aedes' events carry one Client object per connection
+      broker.emit('client', client)
+      broker.emit('clientDisconnect', client)
     }
     await legacy.put(Buffer.from('a'), legacyEntry(0, t + 30_000)) // a deadline 30 s after 'a' went offline
     await legacy.put(Buffer.from('b'), legacyEntry(1, 5)) // the 5 s interval of a client connected then

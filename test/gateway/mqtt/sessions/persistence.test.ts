@@ -670,8 +670,9 @@ describe('beforeAck: what persistent sessions need on disk before a logged messa
       await persistence.setup({ id: 'gw', counter: 0, on: (event, listener) => { listeners.set(event, listener) } })
       await persistence.markSession({ id: 'svc' })
       await persistence.addSubscriptions({ id: 'svc' }, [{ topic: 't1/devices/+/telemetry/#', qos: 1 }])
-      listeners.get('client')?.({ id: 'svc' })
-      listeners.get('clientDisconnect')?.({ id: 'svc' })
+      const client = { id: 'svc' } // aedes' events carry one Client object per connection
+      listeners.get('client')?.(client)
+      listeners.get('clientDisconnect')?.(client)
       const { partition, offset } = await store.append(STREAM, 'd0', { payload: Buffer.from('d0'), topic: 'devices/d0/telemetry/t', qos: 1 })
 
       const dropping = persistence.dropSession('svc')
@@ -699,8 +700,9 @@ describe('beforeAck: what persistent sessions need on disk before a logged messa
       await persistence.setup({ id: 'gw', counter: 0, on: (event, listener) => { listeners.set(event, listener) } })
       await persistence.markSession({ id: 'svc' })
       await persistence.addSubscriptions({ id: 'svc' }, [{ topic: 't/#', qos: 2 }])
-      listeners.get('client')?.({ id: 'svc' })
-      listeners.get('clientDisconnect')?.({ id: 'svc' })
+      const client = { id: 'svc' } // aedes' events carry one Client object per connection
+      listeners.get('client')?.(client)
+      listeners.get('clientDisconnect')?.(client)
 
       const dropping = persistence.dropSession('svc')
       for (let i = 0; i < turns; i++) await new Promise((resolve) => setImmediate(resolve))
