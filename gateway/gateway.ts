@@ -171,6 +171,7 @@ async function start (config: GatewayConfig, deps: GatewayDeps, shutdown: Shutdo
         if (first) logger.warn({ clientId, tenant, max }, 'a persistent session\'s queue is full: newer messages are dropped')
       },
       onExpired: (tenant) => { metrics.expiredDropped.inc({ tenant, path: 'session' }) },
+      onOversized: (tenant) => { metrics.oversizedDeliveries.inc({ tenant }) },
       onCursorWriteError: (err) => logger.error({ err: (err as Error).message }, 'a session cursor could not be written; it is written again in a second'),
       onCursorDropped: ({ clientId, stream, partition, count }) => {
         metrics.sessionDropped.inc(splitStream(stream), count)

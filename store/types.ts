@@ -273,10 +273,10 @@ export interface GroupInfo {
   readonly offsets: Readonly<Record<string, Readonly<Record<number, number>>>>
 }
 
-/** Why records left the log before a retention-holding group consumed them. */
 /** Told that the disk budget deleted a hold's records: those of `partition` below `logStartOffset` from its floor up. */
 export type RetentionHoldDropped = (stream: string, partition: number, logStartOffset: number) => void
 
+/** Why records left the log before a retention-holding group consumed them. */
 export interface DroppedRecords {
   readonly stream: string
   readonly partition: number

@@ -60,7 +60,11 @@ export function authorizeForward (ctx: HookContext): AuthorizeForward {
  */
 function exceedsMaximum (maximum: number, packet: Parameters<AuthorizeForward>[1], topic: string): boolean {
   const qos = packet.qos
-  return mqttPacket.generate({ ...packet, topic, ...(qos > 0 ? { messageId: 1 } : {}) } as mqttPacket.Packet, { protocolVersion: 5 }).length > maximum
+  try {
+    return mqttPacket.generate({ ...packet, topic, ...(qos > 0 ? { messageId: 1 } : {}) } as mqttPacket.Packet, { protocolVersion: 5 }).length > maximum
+  } catch {
+    return false // a packet mqtt-packet cannot write fails on aedes' own write, as before
+  }
 }
 
 /**

@@ -262,10 +262,12 @@ export function authorizePublish (ctx: HookContext): AuthorizePublish {
     // A firing will is logged together with the delete of its stored copy (wills.ts): once, across any kill.
     const will = firingWill(client, packet)
     if (carried !== null) {
-      appender.append(client, who, target, packet, (err, duplicate) => {
+      appender.append(client, who, target, packet, (err, duplicate, position) => {
         if (err) return callback(appendFailed(client, err))
         if (duplicate === true) { markPublished(packet); return callback(null) } // already logged and delivered once
         if (qos === 0) return callback(null)
+        // As for any logged message: a session's QoS 1 subscription reads it from its cursor, and gets no copy besides.
+        if (position !== undefined) attachLogPosition(packet, position)
         deliverThenAck(client, packet, callback)
       }, { dedupeId: `bridge/${carried.dedupeId}` }, { [ORIGIN_HEADER]: carried.dedupeId })
       return

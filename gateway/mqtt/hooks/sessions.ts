@@ -57,6 +57,7 @@ export function installCursorDelivery (ctx: HookContext): void {
     return {
       conn: replayConnection(ctx, client, who),
       receiveMaximum: receiveMaximumOf(client),
+      ...(typeof client.maximumPacketSize === 'number' ? { maximumPacketSize: client.maximumPacketSize } : {}),
       deliveredTopic: (mountedTopic) => forwardedTopic(ctx, client, who, mountedTopic),
       holdIds: (held) => { skipHeldPacketIds(client, held) },
       takePubacks: (taker) => {

@@ -75,6 +75,8 @@ export interface CursorConnection {
   readonly conn: FrameConnection
   /** The MQTT 5 Receive Maximum of the client's CONNECT (65,535 when it sent none, and for MQTT 3.1.1). */
   readonly receiveMaximum: number
+  /** The MQTT 5 Maximum Packet Size of the client's CONNECT, if it set one: a larger PUBLISH is not sent [MQTT-3.1.2-24]. */
+  readonly maximumPacketSize?: number
   /**
    * The topic the client receives a (mounted) topic on, or null when it may not: authorizeForward's rule for live
    * deliveries (its tenant, `$` topics, the read ACL per message).
@@ -149,6 +151,8 @@ export interface CursorDeps {
   readonly now?: () => number
   /** Told of each record of this session skipped because its message expiry had passed [MQTT-3.3.2-5]. */
   readonly onExpired?: (tenant: string) => void
+  /** Told of each record skipped because its PUBLISH would exceed the client's Maximum Packet Size [MQTT-3.1.2-25]. */
+  readonly onOversized?: (tenant: string) => void
 }
 
 /** Records and payload bytes framed into one socket write. */
@@ -368,6 +372,8 @@ class ClientCursors {
   reading: Promise<boolean> | undefined
   /** The write in flight (settled, failed or not), for {@link SessionCursors.flush}. */
   written: Promise<void> | undefined
+  /** Cursors whose write failed, written again WRITE_RETRY_MS later (or by a clean shutdown's flush, sooner). */
+  readonly retrying = new Set<PartitionCursor>()
 
   constructor (readonly clientId: string) {}
 }
@@ -954,8 +960,15 @@ export class SessionCursors {
         if (held !== undefined) state.inflight.delete(held)
         continue
       }
+      const length = publishPacketLength(pick.topic.length, batch.payloadLength(i), 1, pick.properties?.length ?? 0)
+      // Too large for the client: not sent, as if it had been [MQTT-3.1.2-25]; the cursor moves past it, as past an expired one.
+      if (via.maximumPacketSize !== undefined && length > via.maximumPacketSize) {
+        if (held !== undefined) state.inflight.delete(held)
+        this.#deps.onOversized?.(cursor.tenant)
+        continue
+      }
       picked.push(pick)
-      size += publishPacketLength(pick.topic.length, batch.payloadLength(i), 1, pick.properties?.length ?? 0)
+      size += length
     }
     return size
   }
@@ -1103,6 +1116,9 @@ export class SessionCursors {
     for (let round = 0; round < 10; round++) {
       const writes: Array<Promise<void>> = []
       for (const state of this.#clients.values()) {
+        // A write that failed is not left to its timer: the shutdown writes it now, or its acknowledged deliveries come again.
+        for (const cursor of state.retrying) state.advancing.add(cursor)
+        state.retrying.clear()
         if (!state.writing && state.advancing.size > 0) this.#writeAdvances(state)
         if (state.written !== undefined) writes.push(state.written)
       }
@@ -1143,14 +1159,19 @@ export class SessionCursors {
     state.unsynced = true
     state.written = this.#deps.write(ops, ADVANCE).catch((err: unknown) => {
       this.#deps.onWriteError?.(err)
-      if (isStoreError(err, 'STORE_CLOSED')) return
+      // The session persistence wraps the store's errors (GW_SESSION_WRITE_FAILED, with the store's as the cause).
+      if (isStoreError(err, 'STORE_CLOSED') || isStoreError((err as { cause?: unknown } | null)?.cause, 'STORE_CLOSED')) return
       // Not on disk: the cursors are as they were there (they hold retention from there, and show that lag), and are
       // written again in a while: a drain's last advance has no later one to carry it, and after a kill -9 every
       // delivery since the last written one would come again.
-      for (const { cursor, from } of moved) cursor.committed = from
+      for (const { cursor, from } of moved) {
+        cursor.committed = from
+        state.retrying.add(cursor)
+      }
       setTimeout(() => {
-        if (this.#clients.get(state.clientId) !== state) return
-        for (const { cursor } of moved) state.advancing.add(cursor)
+        if (this.#clients.get(state.clientId) !== state || state.retrying.size === 0) return
+        for (const cursor of state.retrying) state.advancing.add(cursor)
+        state.retrying.clear()
         if (!state.writing) this.#writeAdvances(state)
       }, WRITE_RETRY_MS).unref()
     }).finally(() => {

@@ -204,6 +204,8 @@ export interface SessionPersistenceOptions {
   readonly onDamaged?: (damage: SessionDamage) => void
   /** Told of each record a session's cursor skipped because its MQTT 5 message expiry had passed. */
   readonly onExpired?: (tenant: string) => void
+  /** Told of each record a session's cursor skipped because it was larger than the client's Maximum Packet Size. */
+  readonly onOversized?: (tenant: string) => void
   /** Copies one session may have queued (default unbounded); beyond it a new copy is dropped (the newest). */
   readonly maxQueuedPerSession?: number
   /** Told of every copy dropped by that bound; `first` is true for the first of an episode (the queue was below it). */
@@ -621,6 +623,7 @@ export class LevelSessionPersistence {
         onDropped: options.onCursorDropped,
         onReadError: options.onCursorReadError,
         onExpired: options.onExpired,
+        onOversized: options.onOversized,
       })
   }
 

@@ -6,7 +6,7 @@
  * Start 0 and Session Expiry 0 gets what was queued for it
  * (test_offline_message_queueing, test_publication_expiry), and a client's
  * Maximum Packet Size holds for what the server sends it
- * (test_maximum_packet_size).
+ * (test_maximum_packet_size), also for what a persistent session reads from the log.
  */
 import path from 'node:path'
 import mqtt, { type IClientOptions, type IPublishPacket, type MqttClient } from 'mqtt'
@@ -92,5 +92,23 @@ describe('MQTT 5 rules from the Paho interoperability suite', () => {
     expect(got.map((p) => String(p.payload).length)).toEqual([32, 4])
     expect(await metricValue(gw.httpUrl, 'edgemq_mqtt_oversized_deliveries_total', { tenant: 'default' })).toBe(before + 1)
     expect(small.connected).toBe(true)
+  }, TIMEOUT)
+  it('skips, for a persistent session reading the log, a record whose PUBLISH would exceed its Maximum Packet Size, and goes on (found by review)', async () => {
+    const before = await metricValue(gw.httpUrl, 'edgemq_mqtt_oversized_deliveries_total', { tenant: 'default' })
+    const options: IClientOptions = { clientId: 'small-session', clean: false, properties: { sessionExpiryInterval: 600, maximumPacketSize: 64 } }
+    const first = await connect(options)
+    expect(await subscribeGranted(first, 'devices/mp/telemetry/t', 1)).toEqual([1])
+    await first.endAsync()
+    const pub = await connect({ clientId: 'mp' })
+    await pub.publishAsync('devices/mp/telemetry/t', '.'.repeat(100), { qos: 1 })
+    await pub.publishAsync('devices/mp/telemetry/t', 'offline last', { qos: 1 })
+    const again = await connect(options) // reads its backlog from the log
+    const got = received(again)
+    await pub.publishAsync('devices/mp/telemetry/t', '.'.repeat(100), { qos: 1 })
+    await pub.publishAsync('devices/mp/telemetry/t', 'live last', { qos: 1 })
+    expect(await waitFor(() => got.some((p) => String(p.payload) === 'live last'), 30_000)).toBe(true)
+    expect(got.map((p) => String(p.payload))).toEqual(['offline last', 'live last'])
+    expect(again.connected).toBe(true)
+    expect(await metricValue(gw.httpUrl, 'edgemq_mqtt_oversized_deliveries_total', { tenant: 'default' })).toBe(before + 2)
   }, TIMEOUT)
 })

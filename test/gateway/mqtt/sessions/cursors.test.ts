@@ -658,6 +658,27 @@ describe('session cursors into the log', () => {
     expect(await drain(after, 'svc')).toEqual([])
   })
 
+  it('writes a cursor advance whose write failed at a clean shutdown that comes before its retry: nothing acknowledged comes again', async () => {
+    const { dir, gw } = await fresh(100, { onCursorWriteError: () => {} })
+    await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: 't1/devices/+/telemetry/#', qos: 1 }])
+    for (let i = 0; i < 50; i++) await publish(gw, 't1', 'd0', `m${i}`)
+    const write = gw.store.write.bind(gw.store)
+    let failed = false
+    gw.store.write = async (ops, options) => {
+      const cursor = ops.find((op) => op.type === 'put' && op.key[0] === TAG_CURSOR)
+      if (!failed && cursor?.type === 'put' && (cursor.value as Buffer).readBigUInt64BE(0) === 50n) {
+        failed = true
+        throw new Error('ENOSPC (injected)')
+      }
+      return await write(ops, options)
+    }
+    expect(bodies(await drain(gw, 'svc'))).toHaveLength(50)
+    await expect.poll(() => failed).toBe(true)
+    await gw.persistence.destroy() // within the retry's second
+    const after = await restart(dir, gw)
+    expect(await drain(after, 'svc')).toEqual([])
+  })
+
   it('counts and tells what the disk budget deleted before a session\'s cursor reached it, once, and lags by what is left', async () => {
     const dropped: Array<{ clientId: string, stream: string, partition: number, count: number }> = []
     const { dir, gw } = await fresh(100, { onCursorDropped: (d) => { dropped.push(d) } }, 4000)

@@ -4,7 +4,8 @@
  * (sessions/persistence.ts cursorsDeliver). A QoS 2 message to a QoS 1 subscription is a QoS 1 delivery: it came
  * twice, once as a copy and once from the cursor, because the QoS 2 path did not give the message its log position
  * (found by the attack probes). Each message arrives once; with a QoS 1 subscription all come in the order sent, with
- * a QoS 2 one in the order sent per QoS, which is what MQTT asks [MQTT-4.6.0-6] (two paths, docs/mqtt.md).
+ * a QoS 2 one in the order sent per QoS, which is what MQTT asks [MQTT-4.6.0-6] (two paths, docs/mqtt.md). A replicated
+ * message (one carrying the bridge's dedupe id) had the same fault (found by review).
  */
 import mqtt, { type MqttClient } from 'mqtt'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
@@ -117,5 +118,28 @@ describe('mixed QoS 1 and QoS 2 publishes of a device to persistent sessions', (
     expect(await waitFor(() => got.includes('ret:end'), WAIT_MS)).toBe(true)
     await again.endAsync()
     expect(got.join(' '), `received: ${got.join(' ')}`).toBe(sent.join(' '))
+  })
+  it('a replicated message (it carries edgemq-dedupe-id) reaches a persistent QoS 1 session once, connected and offline', async () => {
+    const topic = 'devices/dev-carried/telemetry/t'
+    const options = { clientId: 'svc-carried', clean: false, reconnectPeriod: 0, protocolVersion: 5 as const, properties: { sessionExpiryInterval: 600 } }
+    const sub = await mqtt.connectAsync(gw.mqttUrl, options)
+    const got = receiver(sub)
+    await sub.subscribeAsync(topic, { qos: 1 })
+    const dev = await mqtt.connectAsync(gw.mqttUrl, { clientId: 'dev-carried', reconnectPeriod: 0, protocolVersion: 5 })
+    const carried = (n: number): { qos: 1, properties: { userProperties: Record<string, string> } } =>
+      ({ qos: 1, properties: { userProperties: { 'edgemq-dedupe-id': `gwA/default/telemetry/0/${n}` } } })
+    await dev.publishAsync(topic, 'carried', carried(7))
+    // Its copy would be written before its ack; the marker, published after, comes from the log after it.
+    await dev.publishAsync(topic, 'end', { qos: 1 })
+    expect(await waitFor(() => got.includes('end'), WAIT_MS)).toBe(true)
+    expect(got).toEqual(['carried', 'end'])
+    await sub.endAsync()
+    await dev.publishAsync(topic, 'carried offline', carried(8))
+    await dev.publishAsync(topic, 'end offline', { qos: 1 })
+    const again = mqtt.connect(gw.mqttUrl, options)
+    const got2 = receiver(again)
+    expect(await waitFor(() => got2.includes('end offline'), WAIT_MS)).toBe(true)
+    expect(got2).toEqual(['carried offline', 'end offline'])
+    await Promise.all([again.endAsync(), dev.endAsync()])
   })
 })
