@@ -326,6 +326,8 @@ class Share {
     if (this.#members.length === 0) this.#live.stop()
     this.#rebalance()
     for (const lane of rewound) this.pump(lane)
+    // A lane waiting for the member that left to have room (a detour to it) waits for nothing now (found by review).
+    for (const lane of this.#lanes) if (lane.blocked && !rewound.includes(lane)) this.pump(lane)
   }
 
   acked (member: Member, messageId: number): boolean {
