@@ -49,6 +49,13 @@ export async function connectOk (url: string, options: IClientOptions = {}): Pro
   return outcome.client
 }
 
+/** Connects or throws with the reason, and tells whether the CONNACK said a session was present. */
+export async function connectSession (url: string, options: IClientOptions = {}): Promise<{ client: MqttClient, sessionPresent: boolean }> {
+  const outcome = await tryConnect(url, options)
+  if (!outcome.ok) throw new Error(`connect to ${url} failed: CONNACK ${outcome.returnCode ?? 'none'}: ${outcome.error}`)
+  return { client: outcome.client, sessionPresent: outcome.sessionPresent }
+}
+
 /** Subscribes and returns the SUBACK's granted QoS per filter (128 = refused). */
 export function subscribeGranted (client: MqttClient, filters: string | string[], qos: 0 | 1 | 2 = 1, timeoutMs = 5000): Promise<number[]> {
   return new Promise((resolve, reject) => {

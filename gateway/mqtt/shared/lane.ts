@@ -72,8 +72,6 @@ export class Lane {
   handoverTo: Member | null = null
   /** The member holding the lane's unacknowledged records (the owner, or the member a record the owner may not read went to); while `unacked` > 0. */
   holder: Member | null = null
-  /** The pump stopped for a member other than the owner (its acknowledgements, or room in its window): any PUBACK to the share pumps it. */
-  blocked = false
   next: number
   committed: number
   /** Bumped whenever `next` moves back or the owner changes: a read that started before is discarded. */

@@ -255,6 +255,8 @@ class Share {
   readonly #unreadable: { inc (n?: number): void }
   /** Topics whose unreadable records were logged (each once; the counter counts every record). */
   readonly #loggedUnreadable = new Set<string>()
+  /** Lanes waiting for another member than their owner (a detour): a PUBACK, or that member leaving, may free them. */
+  readonly #blocked = new Set<Lane>()
   readonly #labels: { tenant: string, group: string }
 
   /** The deletion of this share's group that was running when the share was made: it starts afresh, after it. */
@@ -327,7 +329,7 @@ class Share {
     this.#rebalance()
     for (const lane of rewound) this.pump(lane)
     // A lane waiting for the member that left to have room (a detour to it) waits for nothing now (found by review).
-    for (const lane of this.#lanes) if (lane.blocked && !rewound.includes(lane)) this.pump(lane)
+    for (const lane of [...this.#blocked]) if (!rewound.includes(lane)) this.pump(lane)
   }
 
   acked (member: Member, messageId: number): boolean {
@@ -346,7 +348,7 @@ class Share {
       for (const l of this.#lanes) if (l.owner === member) this.pump(l)
     }
     // Lanes waiting for another member than their owner (a record the owner may not read): this PUBACK may be theirs.
-    for (const l of this.#lanes) if (l.blocked) this.pump(l)
+    if (this.#blocked.size > 0) for (const l of [...this.#blocked]) this.pump(l)
     return true
   }
 
@@ -442,7 +444,7 @@ class Share {
     const { store } = this.#deps
     for (;;) {
       lane.again = false
-      lane.blocked = false
+      this.#blocked.delete(lane)
       const owner = lane.owner
       if (owner === null || owner.gone || lane.handoverTo !== null) return
       if (lane.aheadPos === lane.ahead.length) {
@@ -470,12 +472,12 @@ class Share {
       }
       // One member holds the lane's unacknowledged records at a time: the device's order across a detour.
       if (lane.unacked > 0 && lane.holder !== to) {
-        lane.blocked = true
+        this.#blocked.add(lane)
         return // woken by the holder's PUBACKs
       }
       const inflight = this.#window(to)
       if (to.qos === 1 && to.inflight.size >= inflight) {
-        if (to !== owner) lane.blocked = true
+        if (to !== owner) this.#blocked.add(lane)
         return // woken by the PUBACKs
       }
       const stream = this.#send(lane, to, owner, to.qos === 1 ? inflight - to.inflight.size : CHUNK_RECORDS)

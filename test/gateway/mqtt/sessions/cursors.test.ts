@@ -184,6 +184,21 @@ async function drain (gw: Gateway, clientId: string, ack: (i: number) => boolean
   return conn.got
 }
 
+/** Makes the session's first cursor write of `value` fail (ENOSPC, the disk full for a moment); `failed` once it has. */
+function failCursorWriteOnce (gw: Gateway, value: number): { failed: boolean } {
+  const failure = { failed: false }
+  const write = gw.store.write.bind(gw.store)
+  gw.store.write = async (ops, options) => {
+    const cursor = ops.find((op) => op.type === 'put' && op.key[0] === TAG_CURSOR)
+    if (!failure.failed && cursor?.type === 'put' && (cursor.value as Buffer).readBigUInt64BE(0) === BigInt(value)) {
+      failure.failed = true
+      throw new Error('ENOSPC (injected)')
+    }
+    return await write(ops, options)
+  }
+  return failure
+}
+
 const bodies = (packets: ReadonlyArray<SessionPacket | IPublishPacket>): string[] => packets.map((p) => String(p.payload))
 
 describe('session cursors into the log', () => {
@@ -638,18 +653,9 @@ describe('session cursors into the log', () => {
       return value === undefined ? undefined : Number(value.readBigUInt64BE(0))
     }
     // The write of the last advance (to 50) fails once: the disk was full for a moment.
-    const write = gw.store.write.bind(gw.store)
-    let failed = false
-    gw.store.write = async (ops, options) => {
-      const cursor = ops.find((op) => op.type === 'put' && op.key[0] === TAG_CURSOR)
-      if (!failed && cursor?.type === 'put' && (cursor.value as Buffer).readBigUInt64BE(0) === 50n) {
-        failed = true
-        throw new Error('ENOSPC (injected)')
-      }
-      return await write(ops, options)
-    }
+    const failure = failCursorWriteOnce(gw, 50)
     expect(bodies(await drain(gw, 'svc'))).toHaveLength(50)
-    await expect.poll(() => failed).toBe(true)
+    await expect.poll(() => failure.failed).toBe(true)
     expect(errors[0]).toMatchObject({ code: 'GW_SESSION_WRITE_FAILED', cause: expect.objectContaining({ message: 'ENOSPC (injected)' }) })
     // Until it is written the lag shows the cursor as on disk; then it is written again (WRITE_RETRY_MS, 1 s).
     await expect.poll(stored, { timeout: 10_000 }).toBe(50)
@@ -662,18 +668,9 @@ describe('session cursors into the log', () => {
     const { dir, gw } = await fresh(100, { onCursorWriteError: () => {} })
     await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: 't1/devices/+/telemetry/#', qos: 1 }])
     for (let i = 0; i < 50; i++) await publish(gw, 't1', 'd0', `m${i}`)
-    const write = gw.store.write.bind(gw.store)
-    let failed = false
-    gw.store.write = async (ops, options) => {
-      const cursor = ops.find((op) => op.type === 'put' && op.key[0] === TAG_CURSOR)
-      if (!failed && cursor?.type === 'put' && (cursor.value as Buffer).readBigUInt64BE(0) === 50n) {
-        failed = true
-        throw new Error('ENOSPC (injected)')
-      }
-      return await write(ops, options)
-    }
+    const failure = failCursorWriteOnce(gw, 50)
     expect(bodies(await drain(gw, 'svc'))).toHaveLength(50)
-    await expect.poll(() => failed).toBe(true)
+    await expect.poll(() => failure.failed).toBe(true)
     await gw.persistence.destroy() // within the retry's second
     const after = await restart(dir, gw)
     expect(await drain(after, 'svc')).toEqual([])

@@ -1,30 +1,23 @@
 /**
  * No session, and no subscription, comes back from the dead after a kill -9. A session that ended (a clean CONNECT:
- * 3.1.1 clean session or MQTT 5 Clean Start; an MQTT 5 session with Session Expiry Interval 0 whose connection closed
- * [MQTT-3.1.2-23]) or a subscription removed (UNSUBACK) stays ended across a SIGKILL and restart: the next CONNECT
+ * 3.1.1 clean session or MQTT 5 Clean Start) or a subscription removed (UNSUBACK) stays ended across a SIGKILL and
+ * restart: the next CONNECT
  * with clean = false says Session Present = 0 and nothing of the old subscriptions or queue is delivered.
  *
  * Found by the attack probes: a clean CONNECT left the old session's queued copies on disk until aedes' emptyQueue
  * cleared them one by one after the CONNACK (lib/handlers/connect.js emptyQueueFilter), so a kill -9 in between
  * brought them back, and with them the session (7 of 7 runs); and an MQTT 5 Clean Start 1 session with an expiry was
  * recorded nowhere, so a reconnect found it present only while the old session's leftovers were still on disk.
+ * Not here, because not fixed: an MQTT 5 session with Session Expiry Interval 0 killed right after its DISCONNECT can
+ * come back (intermittent; aedes asks for the stored subscriptions with a bare { id }, so the interval 0 reaches disk
+ * only by a write the CONNACK does not wait for), see the issue-13 notes.
  */
-import mqtt, { type IClientOptions, type MqttClient } from 'mqtt'
+import mqtt, { type IClientOptions } from 'mqtt'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { startGatewayProcess, tempDir, type GatewayProcess } from '../../../helpers/gateway-process.ts'
-import { waitFor } from '../../../helpers/mqtt-probe.ts'
+import { connectSession, waitFor } from '../../../helpers/mqtt-probe.ts'
 
 const WAIT_MS = 30_000
-
-async function connect (url: string, options: IClientOptions): Promise<{ client: MqttClient, sessionPresent: boolean }> {
-  const client = mqtt.connect(url, { reconnectPeriod: 0, ...options })
-  const connack = await new Promise<{ sessionPresent: boolean }>((resolve, reject) => {
-    client.once('connect', resolve)
-    client.once('error', reject)
-  })
-  client.on('error', () => {})
-  return { client, sessionPresent: connack.sessionPresent }
-}
 
 describe('ended sessions and removed subscriptions stay ended across kill -9', () => {
   let dir: string
@@ -50,49 +43,17 @@ describe('ended sessions and removed subscriptions stay ended across kill -9', (
     await dev.endAsync()
   }
 
-  // Skipped: intermittent, so not in the suite until fixed. Likely cause (h-sessfix): aedes asks for the stored
-  // subscriptions with a bare { id } (lib/handlers/connect.js fetchSubs), so markSession records a new session without
-  // its interval, and the interval 0 reaches disk only by #connected's write, which the CONNACK does not wait for; a
-  // kill -9 before that write lands leaves a session with no interval, which the restart keeps (never expires).
-  it.skip('zero-expiry-resurrected: an MQTT 5 session with Session Expiry Interval 0 that disconnected is not present after a kill -9 [MQTT-3.1.2-23]', async () => {
-    // A kill soon after the DISCONNECT: the race is narrow, so a few rounds (bounded); one resurrection is the bug.
-    // Seen failing 3 times between 17:44 and 17:46 UTC (round 0 twice, round 3 once; load about 4), then passing 6 runs of
-    // 12 to 20 rounds.
-    const v5 = { protocolVersion: 5 as const, clientId: 'v5-zero', clean: false, properties: { sessionExpiryInterval: 0 } }
-    const present: string[] = []
-    for (let round = 0; round < 12 && present.length === 0; round++) {
-      const first = await connect(gw.mqttUrl, v5)
-      await first.client.subscribeAsync('devices/+/events/#', { qos: 1 })
-      await first.client.endAsync()
-      // the session ended with its connection: a reconnect right away finds none
-      const again = await connect(gw.mqttUrl, v5)
-      expect(again.sessionPresent).toBe(false)
-      await again.client.endAsync()
-      await restart()
-      const after = await connect(gw.mqttUrl, v5)
-      const got: string[] = []
-      after.client.on('message', (_t, p) => got.push(p.toString()))
-      await publish('devices/d/events/e', `zero-ghost-${round}`)
-      await after.client.subscribeAsync('marker/zero', { qos: 1 })
-      await publish('marker/zero', `zero-marker-${round}`)
-      expect(await waitFor(() => got.includes(`zero-marker-${round}`), WAIT_MS)).toBe(true)
-      await after.client.endAsync()
-      if (after.sessionPresent || got.length > 1) present.push(`round ${round}: session present ${after.sessionPresent}, got ${got.join(' ')}`)
-    }
-    expect(present, 'rounds whose ended session came back after the restart').toEqual([])
-  })
-
   it('a clean-session CONNECT ends the stored session and its queued messages for good, even when the gateway is killed right after its CONNACK', async () => {
     const id = 'clean-after'
-    const first = await connect(gw.mqttUrl, { clientId: id, clean: false, protocolVersion: 4 })
+    const first = await connectSession(gw.mqttUrl, { clientId: id, clean: false, protocolVersion: 4 })
     await first.client.subscribeAsync(['devices/+/events/#', 'plain/#'], { qos: 1 })
     await first.client.endAsync()
     await publish('plain/old', 'old-plain') // queued as a copy (no route logs plain/)
-    const clean = await connect(gw.mqttUrl, { clientId: id, clean: true, protocolVersion: 4 })
+    const clean = await connectSession(gw.mqttUrl, { clientId: id, clean: true, protocolVersion: 4 })
     expect(clean.sessionPresent).toBe(false)
     await restart()
     clean.client.end(true)
-    const after = await connect(gw.mqttUrl, { clientId: id, clean: false, protocolVersion: 4 })
+    const after = await connectSession(gw.mqttUrl, { clientId: id, clean: false, protocolVersion: 4 })
     const got: string[] = []
     after.client.on('message', (_t, p) => got.push(p.toString()))
     await after.client.subscribeAsync('marker/clean', { qos: 1 })
@@ -104,12 +65,12 @@ describe('ended sessions and removed subscriptions stay ended across kill -9', (
 
   it('an UNSUBACKed subscription of a persistent session is not restored after a kill -9 right after the UNSUBACK', async () => {
     const id = 'unsub-kill'
-    const first = await connect(gw.mqttUrl, { clientId: id, clean: false, protocolVersion: 4 })
+    const first = await connectSession(gw.mqttUrl, { clientId: id, clean: false, protocolVersion: 4 })
     await first.client.subscribeAsync(['devices/+/events/#', 'marker/unsub'], { qos: 1 })
     await first.client.unsubscribeAsync('devices/+/events/#')
     await restart()
     first.client.end(true)
-    const after = await connect(gw.mqttUrl, { clientId: id, clean: false, protocolVersion: 4 })
+    const after = await connectSession(gw.mqttUrl, { clientId: id, clean: false, protocolVersion: 4 })
     const got: string[] = []
     after.client.on('message', (_t, p) => got.push(p.toString()))
     await publish('devices/d/events/e', 'unsub-ghost')
@@ -135,14 +96,14 @@ describe('MQTT 5 Clean Start = 1 over an old session', () => {
   for (const kill of [true, false]) {
     it(`the old session's subscriptions and backlog (routed and unrouted) are gone${kill ? ' after a kill -9 right after the CONNACK' : ''}; the new session is kept`, async () => {
       const v5 = (clean: boolean): IClientOptions => ({ protocolVersion: 5, clientId: `cs-over-${kill}`, clean, properties: { sessionExpiryInterval: 3600 } })
-      const old = await connect(gw.mqttUrl, v5(false))
+      const old = await connectSession(gw.mqttUrl, v5(false))
       await old.client.subscribeAsync(['devices/+/telemetry/#', 'plain/#'], { qos: 1 })
       await old.client.endAsync()
       const dev = await mqtt.connectAsync(gw.mqttUrl, { clientId: 'cs-dev', reconnectPeriod: 0 })
       await dev.publishAsync('devices/cs-dev/telemetry/t', 'old-routed', { qos: 1 })
       await dev.publishAsync('plain/x', 'old-plain', { qos: 1 })
       await dev.endAsync()
-      const fresh = await connect(gw.mqttUrl, v5(true))
+      const fresh = await connectSession(gw.mqttUrl, v5(true))
       expect(fresh.sessionPresent).toBe(false)
       const early: string[] = []
       fresh.client.on('message', (_t, p) => early.push(p.toString()))
@@ -153,7 +114,7 @@ describe('MQTT 5 Clean Start = 1 over an old session', () => {
       } else {
         await fresh.client.endAsync()
       }
-      const after = await connect(gw.mqttUrl, v5(false))
+      const after = await connectSession(gw.mqttUrl, v5(false))
       const got: string[] = []
       after.client.on('message', (_t, p) => got.push(p.toString()))
       await after.client.subscribeAsync('marker/cs', { qos: 1 })

@@ -7,18 +7,11 @@
 import mqtt, { type IClientOptions, type MqttClient } from 'mqtt'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { startGatewayProcess, tempDir, type GatewayProcess } from '../../../helpers/gateway-process.ts'
-import { waitFor } from '../../../helpers/mqtt-probe.ts'
+import { connectSession, waitFor } from '../../../helpers/mqtt-probe.ts'
 
 
-async function connect (url: string, options: IClientOptions): Promise<{ client: MqttClient, sessionPresent: boolean }> {
-  const client = mqtt.connect(url, { reconnectPeriod: 0, protocolVersion: 5, ...options })
-  const connack = await new Promise<{ sessionPresent: boolean }>((resolve, reject) => {
-    client.once('connect', resolve)
-    client.once('error', reject)
-  })
-  client.on('error', () => {})
-  return { client, sessionPresent: connack.sessionPresent }
-}
+const connect = async (url: string, options: IClientOptions): Promise<{ client: MqttClient, sessionPresent: boolean }> =>
+  await connectSession(url, { protocolVersion: 5, ...options })
 
 describe('MQTT 5 Clean Start and Session Expiry Interval', () => {
   let gw: GatewayProcess
