@@ -292,9 +292,16 @@ describe('persistent session deliveries from the log', () => {
     const PER_DEVICE = 150
     const total = DEVICES * PER_DEVICE
     const subscribers = [{ clientId: 'drain-v311', version: 4 as const }, { clientId: 'drain-v5', version: 5 as const }]
-    const connect = (clientId: string, version: 4 | 5): Promise<mqtt.MqttClient> => mqtt.connectAsync(gw.mqttUrl, {
-      clientId, clean: false, protocolVersion: version, reconnectPeriod: 0, ...(version === 5 ? { properties: { sessionExpiryInterval: 3600 } } : {}),
-    })
+    // The listener goes on before the CONNACK: a resumed session's backlog can come in the same read as its CONNACK, and
+    // MQTT.js emits those messages before connectAsync's promise lets a caller listen (CI lost a batch of 100 that way).
+    const connect = async (clientId: string, version: 4 | 5, onMessage?: mqtt.OnMessageCallback): Promise<mqtt.MqttClient> => {
+      const client = mqtt.connect(gw.mqttUrl, {
+        clientId, clean: false, protocolVersion: version, reconnectPeriod: 0, ...(version === 5 ? { properties: { sessionExpiryInterval: 3600 } } : {}),
+      })
+      if (onMessage !== undefined) client.on('message', onMessage)
+      await new Promise<void>((resolve, reject) => { client.once('connect', () => { resolve() }); client.once('error', reject) })
+      return client
+    }
     for (const { clientId, version } of subscribers) {
       const client = await connect(clientId, version)
       await client.subscribeAsync('devices/+/telemetry/#', { qos: 1, ...(version === 5 ? { properties: { subscriptionIdentifier: 9 } } : {}) })
@@ -324,12 +331,11 @@ describe('persistent session deliveries from the log', () => {
       got.set(clientId, received)
       let done = (): void => {}
       const all = new Promise<void>((resolve) => { done = resolve })
-      const client = await connect(clientId, version)
-      cleanups.push(async () => { client.end(true) })
-      client.on('message', (topic, payload, packet) => {
+      const client = await connect(clientId, version, (topic, payload, packet) => {
         received.push({ topic, payload, packet })
         if (received.length === total) done()
       })
+      cleanups.push(async () => { client.end(true) })
       if (received.length < total) await Promise.race([all, new Promise((_r, reject) => setTimeout(() => reject(new Error(`${clientId}: ${received.length} of ${total}`)), WAIT_MS))])
       await client.endAsync()
     }))
