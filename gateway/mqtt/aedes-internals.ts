@@ -348,9 +348,11 @@ export function storeAcceptedSubscriptions<S> (persistence: Subscriptions<S>, ta
  * CONNACK says a session is present when any session state is stored, but aedes decides from the stored
  * subscriptions alone (restoreSubs: `arg.sessionPresent = !!arg.subs`, https://github.com/moscajs/aedes/blob/v1.2.0/lib/handlers/connect.js#L203-L210),
  * so a session holding only queued messages, or nothing at all [MQTT-3.1.2-4], was answered 0. aedes calls this only
- * for a CONNECT with clean = false, before the CONNACK. Upstream's reasoning since mosca: "we store the session only
- * if there is an active subscription" (https://github.com/moscajs/mosca/issues/376); no aedes issue. Public API that
- * would remove it: a persistence method `sessionPresent(client)`.
+ * for a CONNECT with clean = false, before the CONNACK, with the connecting Client (our aedes patch: stock aedes passes
+ * a bare `{ id }`, and the session's Session Expiry Interval, recorded here, reached disk only after the CONNACK).
+ * Upstream's reasoning since mosca: "we store the session only if there is an active subscription"
+ * (https://github.com/moscajs/mosca/issues/376); no aedes issue. Public API that would remove it: a persistence method
+ * `sessionPresent(client)`.
  */
 export function overrideRestoredSubscriptions<S> (persistence: Subscriptions<S>,
   restore: (subs: Array<{ topic: string, qos: number }>, client: Client) => Promise<Array<{ topic: string, qos: number }>>): void {

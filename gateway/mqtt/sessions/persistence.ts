@@ -570,7 +570,10 @@ export class LevelSessionPersistence {
   readonly #now: () => number
   /** Persistent sessions not connected, and since when (ms; `E`). */
   readonly #offlineSince = new Map<string, number>()
-  /** The open connections (aedes' Client objects) per client id, from aedes' `client` and `clientDisconnect` events. */
+  /**
+   * The open connections (aedes' Client objects) per client id: from the CONNECT that resumed the session (markSession),
+   * or else aedes' `client` event, until the connection closes.
+   */
   readonly #connections = new Map<string, Set<SessionClient>>()
   readonly #offlineListeners: Array<(clientId: string) => void> = []
   /** The MQTT 5 Session Expiry Interval (s) of sessions that have one below 0xFFFFFFFF (the `C` value). */
@@ -911,9 +914,13 @@ export class LevelSessionPersistence {
     this.#ready()
     const ops: BatchOp[] = []
     if (this.#offlineSince.delete(client.id)) ops.push(del(keys.offline(client.id)))
-    // aedes asks for the stored subscriptions with a bare { id } (lib/handlers/connect.js fetchSubs): the interval comes
-    // with the `client` event then (#connected), unless the caller passed the client.
+    // aedes passes the connecting client (patched lib/handlers/connect.js fetchSubs), and the CONNACK waits for this
+    // write: the interval it asked for is on disk before it, so one that asked for 0 is dropped at the next start
+    // however soon a kill -9 comes. A caller with a bare { id } (tools, tests) keeps the stored interval.
     const interval = client.version === undefined ? this.#intervals.get(client.id) : expiryInterval(client)
+    // From its CONNECT on, the connection holds the session: a connection it takes over closes after its CONNACK, and
+    // that close must neither mark the session offline nor write back its own interval (#wentOffline).
+    if (client.version !== undefined && client.closed !== true) this.#track(client)
     if (!this.#sessions.has(client.id) || this.#intervals.get(client.id) !== interval) {
       this.#sessions.add(client.id)
       ops.push(this.#setInterval(client.id, interval))
@@ -935,11 +942,7 @@ export class LevelSessionPersistence {
       if (open === undefined) this.#wentOffline(client)
       return
     }
-    if (open === undefined) this.#connections.set(client.id, new Set([client]))
-    else open.add(client)
-    // Its close, however it comes: aedes emits `clientDisconnect` only while some client holds the id in its registry,
-    // and a connection that closed during a later CONNECT of the same id took this one's entry out of it.
-    client.conn?.once('close', () => { this.#disconnected(client) })
+    this.#track(client)
     if (this.#destroyed || !this.#loaded || !this.#sessions.has(client.id)) return
     // Online: a close of an earlier connection may have marked it offline after this one's CONNECT read the session.
     if (this.#offlineSince.delete(client.id)) this.#writer.write([del(keys.offline(client.id))]).catch(() => {})
@@ -947,6 +950,20 @@ export class LevelSessionPersistence {
     const interval = expiryInterval(client)
     if (this.#intervals.get(client.id) === interval) return
     this.#writer.write([this.#setInterval(client.id, interval)]).catch(() => {}) // lost: the session keeps the interval it had
+  }
+
+  /** Counts the connection among the client id's open ones until it closes (once, from markSession or #connected). */
+  #track (client: SessionClient): void {
+    let open = this.#connections.get(client.id)
+    if (open?.has(client) === true) return
+    if (open === undefined) {
+      open = new Set()
+      this.#connections.set(client.id, open)
+    }
+    open.add(client)
+    // Its close, however it comes: aedes emits `clientDisconnect` only while some client holds the id in its registry,
+    // and a connection that closed during a later CONNECT of the same id took this one's entry out of it.
+    client.conn?.once('close', () => { this.#disconnected(client) })
   }
 
   /** The `C` entry of a session with this interval (u32, or empty for none), memory updated. */

@@ -8,9 +8,7 @@
  * cleared them one by one after the CONNACK (lib/handlers/connect.js emptyQueueFilter), so a kill -9 in between
  * brought them back, and with them the session (7 of 7 runs); and an MQTT 5 Clean Start 1 session with an expiry was
  * recorded nowhere, so a reconnect found it present only while the old session's leftovers were still on disk.
- * Not here, because not fixed: an MQTT 5 session with Session Expiry Interval 0 killed right after its DISCONNECT can
- * come back (intermittent; aedes asks for the stored subscriptions with a bare { id }, so the interval 0 reaches disk
- * only by a write the CONNACK does not wait for), see the issue-13 notes.
+ * An MQTT 5 session resumed with Session Expiry Interval 0 and killed right after its CONNACK: zero-expiry-kill.int.test.ts.
  */
 import mqtt, { type IClientOptions } from 'mqtt'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'

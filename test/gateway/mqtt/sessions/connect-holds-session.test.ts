@@ -1,0 +1,82 @@
+/**
+ * A CONNECT that resumes a session holds it from the moment the persistence records it (markSession, before the
+ * CONNACK), with the Session Expiry Interval it asked for: an earlier connection of the same client id that closes
+ * after that — taken over, or gone by itself while the CONNECT is still under way — neither marks the session offline
+ * nor writes back its own interval. Otherwise a kill -9 before the new connection's `client` event was written found
+ * the earlier interval on disk (3600 where the client had asked for 0), and the session came back after the restart.
+ */
+import { EventEmitter } from 'node:events'
+import { MemoryLevel } from 'memory-level'
+import { describe, expect, it } from 'vitest'
+import type { LevelDatabase } from '../../../../store/index.ts'
+import { LevelSessionPersistence, type SessionClient } from '../../../../gateway/mqtt/sessions/persistence.ts'
+
+/** An aedes Client as the persistence sees it: protocol version, interval, `closed`, and a connection that closes. */
+interface FakeClient extends SessionClient {
+  closed: boolean
+  readonly conn: EventEmitter
+}
+
+function connection (id: string, sessionExpiryInterval: number): FakeClient {
+  return { id, version: 5, sessionExpiryInterval, closed: false, conn: new EventEmitter() }
+}
+
+/** aedes' close of a registered client: `closed`, `clientDisconnect`, then the socket's `close`. */
+function close (broker: EventEmitter, client: FakeClient): void {
+  client.closed = true
+  broker.emit('clientDisconnect', client)
+  client.conn.emit('close')
+}
+
+describe('a resuming CONNECT holds the session against the close of an earlier connection', () => {
+  it("an earlier connection that closes after the resuming CONNECT was recorded (taken over, or gone by itself) writes nothing of its own: a restart finds the interval the CONNECT asked for", async () => {
+    const db = new MemoryLevel<Buffer, Buffer>({ keyEncoding: 'buffer', valueEncoding: 'buffer' })
+    const sessions = db.sublevel<Buffer, Buffer>('sessions', { keyEncoding: 'buffer', valueEncoding: 'buffer' }) as unknown as LevelDatabase
+    let now = 1_000_000
+    const persistence = new LevelSessionPersistence(sessions, { now: () => now })
+    const broker = Object.assign(new EventEmitter(), { id: 'gw', counter: 0 })
+    await persistence.setup(broker)
+
+    const old = connection('dev', 3600)
+    await persistence.markSession(old)
+    broker.emit('client', old)
+
+    const resuming = connection('dev', 0)
+    await persistence.markSession(resuming) // aedes' fetchSubs: its CONNACK may go once this resolved
+    // A takeover closes the old connection after that CONNACK, before aedes emits `client` for the new one; a
+    // connection that goes by itself may close any time during the new CONNECT.
+    close(broker, old)
+    expect({ offlineSince: persistence.offlineSince('dev'), end: persistence.sessionEnd('dev') }).toEqual({ offlineSince: undefined, end: null })
+
+    // What a kill -9 now leaves: everything written so far (one more write, in call order, settles after them).
+    await persistence.markSession({ id: 'flush' })
+    now += 1000
+    const restarted = new LevelSessionPersistence(sessions, { now: () => now })
+    await restarted.setup(Object.assign(new EventEmitter(), { id: 'gw', counter: 0 }))
+    expect(restarted.sessionEnd('dev')).toEqual({ at: now, source: 'interval', seconds: 0 })
+    expect((await restarted.expireSessions()).map((end) => end.clientId)).toContain('dev')
+  })
+
+  it('the earlier connection still takes the session offline when the resuming CONNECT closed before it', async () => {
+    const db = new MemoryLevel<Buffer, Buffer>({ keyEncoding: 'buffer', valueEncoding: 'buffer' })
+    const sessions = db.sublevel<Buffer, Buffer>('sessions', { keyEncoding: 'buffer', valueEncoding: 'buffer' }) as unknown as LevelDatabase
+    const now = 1_000_000
+    const persistence = new LevelSessionPersistence(sessions, { now: () => now })
+    const broker = Object.assign(new EventEmitter(), { id: 'gw', counter: 0 })
+    await persistence.setup(broker)
+    const offline: string[] = []
+    persistence.onOffline((id) => offline.push(id))
+
+    const old = connection('dev', 3600)
+    await persistence.markSession(old)
+    broker.emit('client', old)
+    const resuming = connection('dev', 60)
+    await persistence.markSession(resuming)
+    resuming.closed = true
+    resuming.conn.emit('close') // cut during its CONNECT: the earlier connection holds the session alone again
+    expect(persistence.offlineSince('dev')).toBeUndefined()
+    close(broker, old)
+    // (told twice: by `clientDisconnect` and by the socket's close)
+    expect({ offline: [...new Set(offline)], end: persistence.sessionEnd('dev') }).toEqual({ offline: ['dev'], end: { at: now + 3_600_000, source: 'interval', seconds: 3600 } })
+  })
+})
