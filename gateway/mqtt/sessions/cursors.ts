@@ -146,7 +146,7 @@ export interface CursorDeps {
    * The client's subscriptions whose filter matches the (mounted) topic, every QoS, with their grant eras (`eras`, see
    * {@link SessionCursors.grant}): how records logged before a filter was granted or changed are delivered.
    */
-  readonly subscriptionsMatching?: (clientId: string, topic: string) => readonly MatchingSubscription[]
+  readonly subscriptionsMatching: (clientId: string, topic: string) => readonly MatchingSubscription[]
   /** Whether aedes holds this packet id for the client (a queued copy it resends with it). */
   readonly busy?: (clientId: string, messageId: number) => boolean
   /** The broker, for the ids of deliveries taken back as copies. */
@@ -1257,7 +1257,7 @@ export class SessionCursors {
     let noLocal = true
     let rap = false
     const ids: number[] = []
-    for (const sub of this.#deps.subscriptionsMatching?.(state.clientId, mounted) ?? []) {
+    for (const sub of this.#deps.subscriptionsMatching(state.clientId, mounted)) {
       const then = sub.eras === undefined ? sub.qos : eraQos(sub.eras, threshold)
       // Not subscribed then (granted later): none of its options apply either.
       if (sub.eras !== undefined && then === 0 && (sub.eras[0] as number) >= threshold) continue
