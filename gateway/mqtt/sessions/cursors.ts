@@ -57,6 +57,18 @@
  *
  * QoS 2 deliveries stay copies (the `O` queue), whose PUBREL state survives a
  * restart; only QoS 1 deliveries use cursors.
+ *
+ * Subscriptions change while a cursor is behind: the records it has not
+ * passed were logged under the subscriptions of their time, and a filter
+ * added since may not get them (MQTT: a new subscription gets what is
+ * published after it), nor may a changed QoS move one between the cursor and
+ * the copies. A SUBSCRIBE that adds or changes a filter puts a fence (a new
+ * epoch, the log end) on each cursor behind, and the subscription keeps
+ * eras (its QoS from each epoch on); a record below a fence is matched with
+ * the eras granted before it ({@link SessionCursors.grant}). Both are written
+ * before the SUBACK, with the subscriptions. The drain pays one comparison
+ * per record for it (offset against the highest fence), and matches topic by
+ * topic only below a fence.
  */
 import { isStoreError, type AppendEvent, type LogStore, type RecordColumns, type StoredRecord, type StoreWriteOptions } from '../../../store/index.ts'
 import { expiredAt, headersToProperties } from '../../../bridge/index.ts'
@@ -130,6 +142,11 @@ export interface CursorDeps {
   readonly noLocal?: (clientId: string, topic: string) => boolean
   /** Whether a QoS > 0 subscription of the client matching the (mounted) topic has MQTT 5's Retain As Published set. */
   readonly retainAsPublished?: (clientId: string, topic: string) => boolean
+  /**
+   * The client's subscriptions whose filter matches the (mounted) topic, every QoS, with their grant eras (`eras`, see
+   * {@link SessionCursors.grant}): how records logged before a filter was granted or changed are delivered.
+   */
+  readonly subscriptionsMatching: (clientId: string, topic: string) => readonly MatchingSubscription[]
   /** Whether aedes holds this packet id for the client (a queued copy it resends with it). */
   readonly busy?: (clientId: string, messageId: number) => boolean
   /** The broker, for the ids of deliveries taken back as copies. */
@@ -153,6 +170,47 @@ export interface CursorDeps {
   readonly onExpired?: (tenant: string) => void
   /** Told of each record skipped because its PUBLISH would exceed the client's Maximum Packet Size [MQTT-3.1.2-25]. */
   readonly onOversized?: (tenant: string) => void
+}
+
+/** A subscription as {@link CursorDeps.subscriptionsMatching} gives it. */
+export interface MatchingSubscription {
+  readonly qos: number
+  readonly nl?: boolean
+  readonly rap?: boolean
+  readonly subscriptionIdentifier?: number
+  /** Its grant eras (see {@link SessionCursors.grant}); absent: its QoS holds for every record the session reads. */
+  readonly eras?: readonly number[]
+}
+
+/** A subscription of a SUBSCRIBE about to be stored, and the one it replaces (see {@link SessionCursors.grant}). */
+export interface GrantedSubscription {
+  readonly topic: string
+  readonly qos: number
+  readonly previous: { readonly qos: number, readonly eras?: readonly number[] } | undefined
+}
+
+/** What {@link SessionCursors.grant} hands the persistence to write with the subscriptions, before the SUBACK. */
+export interface Grant {
+  /** The `K` values of the cursors that got a fence. */
+  readonly ops: Array<{ type: 'put', key: Buffer, value: Buffer }>
+  /** Per subscription granted (same order): the eras to store with it, or undefined for none. */
+  readonly eras: Array<number[] | undefined>
+}
+
+/**
+ * A fence of a cursor: records of the partition below `offset` were logged before the SUBSCRIBE of grant `epoch`
+ * (the log end then), so a filter that SUBSCRIBE added or changed does not apply to them as granted there.
+ */
+interface Fence { readonly epoch: number, readonly offset: number }
+
+/**
+ * The QoS a subscription with grant `eras` (flat: epoch, QoS, epoch, QoS, … ascending) has for a record whose
+ * threshold is `threshold` (the epoch of the first fence above it): that of the last era granted before it; 0 (not
+ * subscribed) before the first.
+ */
+function eraQos (eras: readonly number[], threshold: number): number {
+  for (let i = eras.length - 2; i >= 0; i -= 2) if ((eras[i] as number) < threshold) return eras[i + 1] as number
+  return 0
 }
 
 /** Records and payload bytes framed into one socket write. */
@@ -215,6 +273,19 @@ class PartitionCursor {
   readonly tenant: string
   /** Its `K` key (format.ts), made by the first advance: a drain writes it some thousand times per 100 k messages. */
   key: Buffer | undefined = undefined
+  /**
+   * Fences above `committed` (see {@link SessionCursors.grant}), ascending by epoch and offset; kept in its `K` value.
+   * `fenceTop`: the highest one's offset (0 without any): a record at or above it is matched as usual (one comparison
+   * per record in the drain), one below it by the subscriptions' eras, with the routes of `fencedRoutes`.
+   */
+  fences: Fence[] = []
+  fenceTop = 0
+  fencedRoutes: Map<string, Route> | undefined = undefined
+  /** As `memo`, for the records of `fencedMemoBatch` below a fence of epoch `fencedMemoThreshold`. */
+  fencedMemoBatch: RecordColumns | undefined
+  fencedMemoRoutes: Map<string, Route> | undefined
+  fencedMemoThreshold = 0
+  readonly fencedMemo: Array<Route | undefined> = []
 
   constructor (readonly stream: string, readonly partition: number, committed: number, dupBelow: number) {
     this.tenant = stream.slice(0, stream.indexOf('/'))
@@ -223,6 +294,23 @@ class PartitionCursor {
     this.dupBelow = dupBelow
   }
 
+  /** Sets the fences (ascending), and what follows from them. */
+  fence (fences: Fence[]): void {
+    this.fences = fences
+    this.fenceTop = fences.length === 0 ? 0 : (fences[fences.length - 1] as Fence).offset
+    this.fencedRoutes = undefined
+  }
+
+  /** Drops the fences the committed value has reached: no record it applies to is read again. */
+  pruneFences (): void {
+    if (this.fences.length > 0 && (this.fences[0] as Fence).offset <= this.committed) this.fence(this.fences.filter((f) => f.offset > this.committed))
+  }
+
+  /** The epoch of the first fence above `offset` (Infinity when none is): which grant eras apply to its record. */
+  threshold (offset: number): number {
+    for (const f of this.fences) if (f.offset > offset) return f.epoch
+    return Infinity
+  }
 
   /** Where the cursor may go: the lowest unacknowledged delivery, or past everything delivered. */
   target (): number {
@@ -285,6 +373,9 @@ class PartitionCursor {
     this.memoBatch = undefined
     this.memoRoutes = undefined
     this.memo.length = 0
+    this.fencedMemoBatch = undefined
+    this.fencedMemoRoutes = undefined
+    this.fencedMemo.length = 0
   }
 
   /** A new connection reads again from the lowest unacknowledged delivery; everything sent from there is DUP. */
@@ -416,6 +507,11 @@ export class SessionCursors {
   readonly #droppedTo = new WeakMap<PartitionCursor, number>()
   #connector: CursorConnector | undefined
   #unlisten: (() => void) | undefined
+  /**
+   * The last grant epoch given (see {@link grant}): one counter for every session, above every epoch stored (setup
+   * tells each, {@link noteEras}, {@link load}), so an epoch a stored subscription names is never given again.
+   */
+  #epoch = 0
 
   constructor (deps: CursorDeps) {
     this.#deps = deps
@@ -426,8 +522,11 @@ export class SessionCursors {
     this.#connector = connector
   }
 
-  /** A cursor read from disk at startup: records from it up to the log's end now may have been sent (DUP). */
-  load (clientId: string, stream: string, partition: number, next: number): void {
+  /**
+   * A cursor read from disk at startup: records from it up to the log's end now may have been sent (DUP). `fences`:
+   * those its `K` value holds ({@link decodeCursorValue}).
+   */
+  load (clientId: string, stream: string, partition: number, next: number, fences: readonly Fence[] = []): void {
     let dupBelow = next
     let logStart = 0
     try {
@@ -436,9 +535,62 @@ export class SessionCursors {
       // a stream deleted since: the cursor reads nothing
     }
     const cursor = new PartitionCursor(stream, partition, next, dupBelow)
+    if (fences.length > 0) {
+      cursor.fence([...fences])
+      for (const f of fences) this.#epoch = Math.max(this.#epoch, f.epoch)
+    }
     // What the disk budget deleted below it before the restart was told then.
     if (next < logStart) this.#droppedTo.set(cursor, logStart)
     this.#client(clientId).cursors.set(cursorId(stream, partition), cursor)
+  }
+
+  /** A stored subscription's grant eras, read at startup: no later grant takes an epoch they name. */
+  noteEras (eras: readonly number[] | undefined): void {
+    if (eras === undefined) return
+    for (let i = 0; i < eras.length; i += 2) this.#epoch = Math.max(this.#epoch, eras[i] as number)
+  }
+
+  /**
+   * A SUBSCRIBE of the session is about to be stored (before its SUBACK): records logged before it may not reach a
+   * filter it adds, and records logged before it keep the QoS of a filter it changes (MQTT: a new subscription gets
+   * the messages published after it; a replaced one neither loses nor repeats any). Only records the session has not
+   * passed yet can be matched again: those of a cursor behind the log's end. Each such cursor gets a fence at the
+   * log's end now, with a new epoch, written in its `K` value (the returned puts, to be written with the
+   * subscriptions, so both are durable before the SUBACK). Each subscription gets its eras: for a new filter (or one
+   * that was QoS 0) "from this epoch", for one whose QoS changes the eras it had plus "this QoS from this epoch",
+   * and as it was when only its other options change. A record below a fence is matched with, per filter, the QoS
+   * of the last era granted before that fence's epoch (none before the first), and the current options. Without a
+   * cursor behind, no fence and no era is needed: every record the session will read was logged after this.
+   *
+   * Cost: O(subscriptions + the session's cursors); eras are stored only while fences are above a cursor, and those
+   * no fence left can select are dropped here.
+   */
+  grant (clientId: string, subs: readonly GrantedSubscription[]): Grant {
+    const state = this.#clients.get(clientId)
+    const ops: Grant['ops'] = []
+    // Only a new filter or a changed QoS needs a fence; other options (and a filter as it was) apply to every record.
+    const changes = subs.some(({ qos, previous }) => previous === undefined ? qos > 0 : previous.qos !== qos)
+    let epoch = 0
+    let lowest = Infinity
+    for (const cursor of state?.cursors.values() ?? []) {
+      cursor.pruneFences()
+      if (changes && cursor.committed < endOf(this.#deps.log, cursor)) {
+        if (epoch === 0) epoch = ++this.#epoch
+        cursor.fence([...cursor.fences, { epoch, offset: endOf(this.#deps.log, cursor) }])
+        ops.push({ type: 'put', key: cursorKey(clientId, cursor), value: cursorValue(cursor) })
+      }
+      if (cursor.fences.length > 0) lowest = Math.min(lowest, (cursor.fences[0] as Fence).epoch)
+    }
+    const eras = subs.map(({ qos, previous }) => {
+      if (lowest === Infinity) return undefined // no fence: every record still to read comes after every grant
+      if (previous === undefined) return qos === 0 ? undefined : prunedEras([epoch, qos], lowest)
+      if (previous.qos === qos) return previous.eras === undefined ? undefined : prunedEras([...previous.eras], lowest)
+      // Was QoS 0 everywhere: not subscribed as far as the cursors go (no QoS 0 delivery is theirs).
+      const before = previous.eras ?? (previous.qos === 0 ? [] : [0, previous.qos])
+      return prunedEras([...before, epoch, qos], lowest)
+    })
+    if (state !== undefined) this.#forgetRoutes(state)
+    return { ops, eras }
   }
 
   /**
@@ -489,7 +641,7 @@ export class SessionCursors {
   #create (state: ClientCursors, cursor: PartitionCursor): Promise<void> {
     cursor.unwritten = false
     const from = cursor.committed
-    return this.#deps.write([{ type: 'put', key: keys.cursor(state.clientId, cursor.stream, cursor.partition), value: u64(from) }])
+    return this.#deps.write([{ type: 'put', key: keys.cursor(state.clientId, cursor.stream, cursor.partition), value: cursorValue(cursor) }])
       .catch((err: unknown) => {
         const id = cursorId(cursor.stream, cursor.partition)
         // Dropped meanwhile (the session, or its cursors): nothing is left to undo.
@@ -583,8 +735,13 @@ export class SessionCursors {
   subscriptionsChanged (clientId: string): void {
     const state = this.#clients.get(clientId)
     if (state === undefined) return
-    state.routes.clear()
+    this.#forgetRoutes(state)
     if (state.via !== undefined) this.#schedule(state)
+  }
+
+  #forgetRoutes (state: ClientCursors): void {
+    state.routes.clear()
+    for (const cursor of state.cursors.values()) cursor.fencedRoutes = undefined
   }
 
   /**
@@ -1012,18 +1169,34 @@ export class SessionCursors {
     now: number, mqtt5: boolean, held: number | undefined): Delivery | null {
     // A batch interns its topics: the route of each is looked up once per batch (and per routes map: a change of
     // subscriptions makes a new one).
-    if (cursor.memoBatch !== batch || cursor.memoRoutes !== routes) {
-      cursor.memoBatch = batch
-      cursor.memoRoutes = routes
-      cursor.memo.length = 0
+    const offset = batch.baseOffset + i
+    let route: Route | undefined
+    if (offset < cursor.fenceTop) {
+      // Logged before a SUBSCRIBE that changed the subscriptions: memoized as above, per fence too.
+      const threshold = cursor.threshold(offset)
+      const cache = cursor.fencedRoutes ??= new Map()
+      if (cursor.fencedMemoBatch !== batch || cursor.fencedMemoRoutes !== cache || cursor.fencedMemoThreshold !== threshold) {
+        cursor.fencedMemoBatch = batch
+        cursor.fencedMemoRoutes = cache
+        cursor.fencedMemoThreshold = threshold
+        cursor.fencedMemo.length = 0
+      }
+      const t = batch.topicIndex(i)
+      route = t < cursor.fencedMemo.length ? cursor.fencedMemo[t] : undefined
+      if (route === undefined) cursor.fencedMemo[t] = route = this.#fencedRoute(state, via, cursor, cache, batch.topic(i), threshold)
+    } else {
+      if (cursor.memoBatch !== batch || cursor.memoRoutes !== routes) {
+        cursor.memoBatch = batch
+        cursor.memoRoutes = routes
+        cursor.memo.length = 0
+      }
+      const t = batch.topicIndex(i)
+      route = t < cursor.memo.length ? cursor.memo[t] : undefined
+      if (route === undefined) cursor.memo[t] = route = this.#route(state, via, routes, cursor.tenant, batch.topic(i))
     }
-    const t = batch.topicIndex(i)
-    let route = t < cursor.memo.length ? cursor.memo[t] : undefined
-    if (route === undefined) cursor.memo[t] = route = this.#route(state, via, routes, cursor.tenant, batch.topic(i))
     if (route === null || Math.min(batch.qos(i), route.qos) !== 1) return null
     if (route.noLocal && batch.clientId(i) === via.conn.clientId) return null // its own message
     const headers = batch.headerSet(i) === 0 ? null : batch.headers(i)
-    const offset = batch.baseOffset + i
     const timestamp = batch.timestamp(i)
     if (held === undefined && headers !== null && expiredAt(headers, timestamp, now)) { // [MQTT-3.3.2-5]
       this.#deps.onExpired?.(cursor.tenant)
@@ -1066,6 +1239,38 @@ export class SessionCursors {
       if (byTopic.size >= CACHE_ENTRIES) byTopic.clear()
       byTopic.set(topic, route)
     }
+    return route
+  }
+
+  /**
+   * How the connection gets a record of the cursor's partition logged before the SUBSCRIBE of grant `threshold` (see
+   * {@link grant}): per matching subscription, the QoS of its last era granted before then. Cached per cursor, by
+   * threshold and topic, until the subscriptions or fences change.
+   */
+  #fencedRoute (state: ClientCursors, via: CursorConnection, cursor: PartitionCursor, cache: Map<string, Route>, topic: string,
+    threshold: number): Route {
+    const id = `${threshold}\u0000${topic}`
+    let route = cache.get(id)
+    if (route !== undefined) return route
+    const mounted = mountTopic(cursor.tenant, topic)
+    let qos = 0
+    let noLocal = true
+    let rap = false
+    const ids: number[] = []
+    for (const sub of this.#deps.subscriptionsMatching(state.clientId, mounted)) {
+      const then = sub.eras === undefined ? sub.qos : eraQos(sub.eras, threshold)
+      // Not subscribed then (granted later): none of its options apply either.
+      if (sub.eras !== undefined && then === 0 && (sub.eras[0] as number) >= threshold) continue
+      if (sub.subscriptionIdentifier !== undefined) ids.push(sub.subscriptionIdentifier)
+      if (then === 0) continue
+      qos = Math.max(qos, then)
+      if (sub.nl !== true) noLocal = false
+      if (sub.rap === true) rap = true
+    }
+    const delivered = qos > 0 ? via.deliveredTopic(mounted) : null
+    route = delivered === null ? null : { topic: Buffer.from(delivered), qos, ids, noLocal, rap, bare: undefined }
+    if (cache.size >= CACHE_ENTRIES) cache.clear()
+    cache.set(id, route)
     return route
   }
 
@@ -1132,7 +1337,7 @@ export class SessionCursors {
       if (!state.unsynced) continue
       state.unsynced = false
       const ops = [...state.cursors.values()].filter((c) => !c.unwritten)
-        .map((c) => ({ type: 'put' as const, key: cursorKey(state.clientId, c), value: u64(c.committed) }))
+        .map((c) => ({ type: 'put' as const, key: cursorKey(state.clientId, c), value: cursorValue(c) }))
       if (ops.length > 0) synced.push(this.#deps.write(ops).catch((err: unknown) => { this.#deps.onWriteError?.(err) }))
     }
     await Promise.all(synced)
@@ -1149,7 +1354,7 @@ export class SessionCursors {
       if (target <= cursor.committed) continue
       moved.push({ cursor, from: cursor.committed })
       cursor.committed = target
-      ops.push({ type: 'put', key: cursorKey(state.clientId, cursor), value: u64(target) })
+      ops.push({ type: 'put', key: cursorKey(state.clientId, cursor), value: cursorValue(cursor) })
     }
     state.advancing.clear()
     if (ops.length === 0) return
@@ -1157,7 +1362,10 @@ export class SessionCursors {
     // No fsync of their own: a cursor advance lost with the OS (not with the process: the OS has it) only sends the
     // deliveries after the last written one again, with DUP; records are never skipped for it.
     state.unsynced = true
-    state.written = this.#deps.write(ops, ADVANCE).catch((err: unknown) => {
+    state.written = this.#deps.write(ops, ADVANCE).then(() => {
+      // Fences the written values passed: not written again (kept in memory until then, as a failed write restores them).
+      for (const { cursor } of moved) cursor.pruneFences()
+    }, (err: unknown) => {
       this.#deps.onWriteError?.(err)
       // The session persistence wraps the store's errors (GW_SESSION_WRITE_FAILED, with the store's as the cause).
       if (isStoreError(err, 'STORE_CLOSED') || isStoreError((err as { cause?: unknown } | null)?.cause, 'STORE_CLOSED')) return
@@ -1209,6 +1417,48 @@ function endOf (log: SessionLog, cursor: PartitionCursor): number {
   } catch {
     return 0 // the stream is gone: nothing to read
   }
+}
+
+/**
+ * Eras no fence can select dropped (see {@link SessionCursors.grant}): a record below a fence of epoch >= `lowest`
+ * (the lowest any cursor of the session holds) or above every fence is matched with the last era before that epoch,
+ * so eras before the last one granted before `lowest` never are. Undefined when what is left is one era granted
+ * before `lowest`: it holds for every record.
+ */
+function prunedEras (eras: number[], lowest: number): number[] | undefined {
+  let from = 0
+  for (let i = 0; i < eras.length; i += 2) if ((eras[i] as number) < lowest) from = i
+  const kept = from === 0 ? eras : eras.slice(from)
+  return kept.length === 2 && (kept[0] as number) < lowest ? undefined : kept
+}
+
+/**
+ * A `K` value (format.ts): the next offset, u64, then each fence above it as its epoch and offset, u64 each (none for
+ * a cursor without fences: 8 bytes, as before fences).
+ */
+function cursorValue (cursor: PartitionCursor): Buffer {
+  const fences = cursor.fences.filter((f) => f.offset > cursor.committed)
+  if (fences.length === 0) return u64(cursor.committed)
+  return Buffer.concat([u64(cursor.committed), ...fences.flatMap((f) => [u64(f.epoch), u64(f.offset)])])
+}
+
+/**
+ * A stored `K` value (see cursorValue), or undefined when it is not one (damaged): fences ascending, above the
+ * offset, epochs from 1. Damaged, the cursor reads its partition from the log start, with no fence: more deliveries.
+ */
+export function decodeCursorValue (value: Buffer): { next: number, fences: Fence[] } | undefined {
+  if (value.length < 8 || (value.length - 8) % 16 !== 0) return undefined
+  const next = Number(value.readBigUInt64BE(0))
+  const fences: Fence[] = []
+  let last = { epoch: 0, offset: next + 1 } // the first above the offset; two SUBSCRIBEs with no append between share one
+  for (let at = 8; at < value.length; at += 16) {
+    const fence = { epoch: Number(value.readBigUInt64BE(at)), offset: Number(value.readBigUInt64BE(at + 8)) }
+    if (!Number.isSafeInteger(fence.epoch) || !Number.isSafeInteger(fence.offset) || fence.epoch <= last.epoch || fence.offset < last.offset) {
+      return undefined
+    }
+    fences.push(last = fence)
+  }
+  return Number.isSafeInteger(next) ? { next, fences } : undefined
 }
 
 /** The cursor's `K` key; the buffer is shared by its writes, which never change it. */

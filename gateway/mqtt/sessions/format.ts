@@ -14,7 +14,7 @@
  * | key                           | value                                                       |
  * | ----------------------------- | ----------------------------------------------------------- |
  * | `V`                           | format version, u32 (= 1)                                   |
- * | `S` client topic(utf8)        | cbor `{ qos, rh?, rap?, nl?, subscriptionIdentifier? }`, one key per subscription |
+ * | `S` client topic(utf8)        | cbor `{ qos, rh?, rap?, nl?, subscriptionIdentifier?, eras? }`, one key per subscription (`eras`: see below) |
  * | `R` topic(utf8)               | cbor retained packet (every own field aedes gave but functions) |
  * | `O` client seq(u64)           | cbor queued packet in aedes-packet shape, or the packet that replaced it (PUBREL) |
  * | `M` client seq(u64)           | message id, u16, given when the queued packet was sent      |
@@ -22,7 +22,9 @@
  * | `C` client                    | a persistent session exists (clean = false), even empty: nothing, or its u32 MQTT 5 Session Expiry Interval (s) |
  * | `W` client                    | cbor will packet, carrying brokerId, clientId and (from the broker, wills.ts) edgemqIdentity |
  * | `E` client                    | u64 ms: when the persistent session went offline (absent while it is connected); for session expiry |
- * | `K` client stream partition(u32) | next offset to deliver, u64: a session's cursor into a partition of the log (`stream` as u16 length + utf8) |
+ * | `K` client stream partition(u32) | a cursor into a partition: next offset to deliver, u64, then fences (u64 epoch, u64 offset each) |
+ *
+ * (`stream` in a `K` key: u16 length + utf8.)
  *
  * Invariants:
  * - One key per subscription: storing or removing k subscriptions writes k
@@ -44,7 +46,14 @@
  * - A `K` cursor never passes a record the session has not acknowledged (or
  *   skipped as not matching its subscriptions): it is written after the
  *   PUBACK, so a kill loses at most the advance, and the records from the
- *   cursor on are delivered again (DUP set). Records of a routed message live
+ *   cursor on are delivered again (DUP set). A fence (epoch e, offset o) of
+ *   a `K` value: records below `o` were logged before the SUBSCRIBE of grant
+ *   epoch e, so a filter whose `eras` (epoch, QoS, … ascending: its QoS from
+ *   each epoch on; kept only while a cursor of the session has a fence)
+ *   start or change at e is matched for them
+ *   with its earlier era; it is written with that SUBSCRIBE's `S` entries, in
+ *   one batch, and dropped once the cursor passes `o`. Epochs grow across
+ *   restarts (setup resumes above every stored one). Records of a routed message live
  *   in the log only; the `O` queue holds copies of messages no route sends
  *   to the log, and of QoS 2 deliveries.
  * - A value is never written with a function in it (cbor cannot encode one):

@@ -48,7 +48,7 @@ import type { Durability, ExtraOperation, LevelDatabase, LogStore, StoreWriteOpt
 import { compileTopicFilters, QLOBBER_OPTIONS, topicMatches, type QlobberOptions } from '../../access/topics.ts'
 import { movePacketId } from '../aedes-internals.ts'
 import { logPositionOf, type LogPosition } from '../log-position.ts'
-import { SessionCursors, type CursorConnector, type LivePacket, type SessionLog } from './cursors.ts'
+import { decodeCursorValue, SessionCursors, type CursorConnector, type LivePacket, type SessionLog } from './cursors.ts'
 import { notFound, SessionPersistenceError } from './errors.ts'
 import {
   cbor, checkMessageId, CLIENT_TAGS, PARKED_PREFIX, clientPrefix, decodeValue, encodeU16, encodeU64, encodeVersion, keys, prefixRange, readVersion,
@@ -444,6 +444,8 @@ interface StoredSubscription {
   rap?: boolean
   nl?: boolean
   subscriptionIdentifier?: number
+  /** Its grant eras while a cursor of the session has a fence (cursors.ts grant); absent otherwise. */
+  eras?: number[]
 }
 
 interface OutgoingEntry {
@@ -617,6 +619,7 @@ export class LevelSessionPersistence {
         write: (ops, options) => this.#writer.write(ops, options),
         grantedQos: (clientId, topic) => this.#grantedQos(clientId, topic),
         subscriptionIds: (clientId, topic) => this.#subscriptionIds(clientId, topic),
+        subscriptionsMatching: (clientId, topic) => this.#subscriptionsMatching(clientId, topic),
         noLocal: (clientId, topic) => this.#noLocal(clientId, topic),
         retainAsPublished: (clientId, topic) => this.#retainAsPublished(clientId, topic),
         busy: (clientId, messageId) => this.#queues.get(clientId)?.byMessageId(messageId) !== undefined,
@@ -674,8 +677,13 @@ export class LevelSessionPersistence {
     for await (const [key, value] of this.#scan(Buffer.from([TAG_SUB]))) {
       const { clientId, rest } = keys.parseClient(key)
       const topic = rest.toString('utf8')
-      if (topic.startsWith(PARKED_PREFIX)) parked.push(del(key))
-      else this.#addSubscription(clientId, topic, decodeValue<StoredSubscription>(key, value))
+      if (topic.startsWith(PARKED_PREFIX)) {
+        parked.push(del(key))
+        continue
+      }
+      const record = decodeValue<StoredSubscription>(key, value)
+      this.#addSubscription(clientId, topic, record)
+      this.#cursors?.noteEras(record.eras)
     }
     await this.#writer.write(parked)
 
@@ -720,11 +728,12 @@ export class LevelSessionPersistence {
       for await (const [key, value] of this.#scan(Buffer.from([TAG_CURSOR]))) {
         const { clientId, rest } = keys.parseClient(key)
         const { stream, partition } = keys.parseCursor(rest)
-        if (value.length === 8) {
-          this.#cursors.load(clientId, stream, partition, Number(value.readBigUInt64BE(0)))
+        const cursor = decodeCursorValue(value)
+        if (cursor !== undefined) {
+          this.#cursors.load(clientId, stream, partition, cursor.next, cursor.fences)
         } else {
           // From the log start: a cursor below it reads from there (what the disk budget deleted is not told again).
-          this.#damaged('cursor', key, clientId, value, '8')
+          this.#damaged('cursor', key, clientId, value, '8 + 16n')
           this.#cursors.load(clientId, stream, partition, 0)
         }
       }
@@ -823,13 +832,19 @@ export class LevelSessionPersistence {
   /** Stores subscriptions of a persistent session (later entries for the same topic win). */
   async addSubscriptions (client: SessionClient, subs: readonly SessionSubscription[]): Promise<void> {
     this.#ready()
-    const ops: BatchOp[] = []
-    for (const sub of subs) {
+    // Fences of the session's cursors behind the log, written with the subscriptions: a filter applies to records
+    // logged after its SUBACK, also after a kill -9 (cursors.ts grant).
+    const stored = this.#subs.get(client.id)
+    const grant = this.#cursors?.grant(client.id, subs.map(({ topic, qos }) => ({ topic, qos, previous: stored?.get(topic) })))
+    const ops: BatchOp[] = grant?.ops ?? []
+    for (const [i, sub] of subs.entries()) {
       const record: StoredSubscription = { qos: sub.qos }
       if (sub.rh !== undefined) record.rh = sub.rh
       if (sub.rap !== undefined) record.rap = sub.rap
       if (sub.nl !== undefined) record.nl = sub.nl
       if (sub.subscriptionIdentifier !== undefined) record.subscriptionIdentifier = sub.subscriptionIdentifier
+      const eras = grant?.eras[i]
+      if (eras !== undefined) record.eras = eras
       this.#addSubscription(client.id, sub.topic, record)
       ops.push(put(keys.sub(client.id, sub.topic), cbor.encode(record)))
     }
@@ -1423,6 +1438,13 @@ export class LevelSessionPersistence {
       if (record.subscriptionIdentifier !== undefined && topicMatches(filter, topic)) ids.push(record.subscriptionIdentifier)
     }
     return ids
+  }
+
+  /** The client's subscriptions (every QoS) whose filter matches the topic, with their grant eras (cursors.ts). */
+  #subscriptionsMatching (clientId: string, topic: string): StoredSubscription[] {
+    const matching: StoredSubscription[] = []
+    for (const [filter, record] of this.#subs.get(clientId) ?? []) if (topicMatches(filter, topic)) matching.push(record)
+    return matching
   }
 
   /** Whether every QoS > 0 subscription of the client whose filter matches the topic has No Local set [MQTT-3.8.3-3]. */

@@ -960,3 +960,137 @@ describe('session cursors into the log', () => {
     expect(buildConfig({}).mqtt).toMatchObject({ sessionInflight: 100, maxQueuedMessagesPerSession: 100_000, sessionExpirySeconds: 0 })
   })
 })
+
+/** Another device whose records go to the same partition of `t1/telemetry` as `device`'s. */
+function samePartition (gw: Gateway, device: string): string {
+  const partition = gw.store.partitionFor('t1/telemetry', device)
+  for (let i = 0; ; i++) if (`x${i}` !== device && gw.store.partitionFor('t1/telemetry', `x${i}`) === partition) return `x${i}`
+}
+
+const filterOf = (device: string): string => `t1/devices/${device}/telemetry/#`
+
+describe('a SUBSCRIBE while the session\'s cursor is behind the log (issue 13: a new filter gets what is logged after it)', () => {
+  it('gives a new filter only the records logged after its SUBSCRIBE; the older filter\'s records all come, in order', async () => {
+    const { gw } = await fresh()
+    const other = samePartition(gw, 'd0')
+    await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: filterOf('d0'), qos: 1 }])
+    for (let i = 0; i < 5; i++) {
+      await publish(gw, 't1', 'd0', `a${i}`)
+      await publish(gw, 't1', other, `old${i}`) // matches only the filter subscribed below
+    }
+    await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: filterOf(other), qos: 1 }])
+    for (let i = 0; i < 3; i++) {
+      await publish(gw, 't1', other, `new${i}`)
+      await publish(gw, 't1', 'd0', `b${i}`)
+    }
+    expect(bodies(await drain(gw, 'svc'))).toEqual(['a0', 'a1', 'a2', 'a3', 'a4', 'new0', 'b0', 'new1', 'b1', 'new2', 'b2'])
+  })
+
+  it('applies to a connected session whose window holds it behind, and to MQTT 5 with its subscription identifiers', async () => {
+    const { gw } = await fresh(2)
+    const other = samePartition(gw, 'd0')
+    await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: filterOf('d0'), qos: 1, subscriptionIdentifier: 7 }])
+    for (let i = 0; i < 4; i++) {
+      await publish(gw, 't1', 'd0', `a${i}`)
+      await publish(gw, 't1', other, `old${i}`)
+    }
+    const conn = await connect(gw, 'svc', { ack: () => false, mqtt5: true })
+    await settled(gw, conn)
+    expect(bodies(conn.got)).toEqual(['a0', 'a1']) // the window of 2 is full: the cursor is behind
+    await gw.persistence.addSubscriptions(conn.client, [{ topic: filterOf(other), qos: 1, subscriptionIdentifier: 8 }])
+    await publish(gw, 't1', other, 'new0')
+    for (let n = 0; n < 5; n++) {
+      await conn.ack(conn.got[n]?.messageId as number)
+      await settled(gw, conn)
+    }
+    expect(bodies(conn.got)).toEqual(['a0', 'a1', 'a2', 'a3', 'new0'])
+    expect(conn.got.map((p) => p.properties?.subscriptionIdentifier)).toEqual([7, 7, 7, 7, 8])
+    conn.close()
+  })
+
+  it('keeps that after a kill -9 right after the SUBSCRIBE: its fences are on disk with it', async () => {
+    const { dir, gw } = await fresh()
+    const other = samePartition(gw, 'd0')
+    await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: filterOf('d0'), qos: 1 }])
+    for (let i = 0; i < 4; i++) {
+      await publish(gw, 't1', 'd0', `a${i}`)
+      await publish(gw, 't1', other, `old${i}`)
+    }
+    await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: filterOf(other), qos: 1 }])
+    let again = await restart(dir, gw)
+    await publish(again, 't1', other, 'new0')
+    // half drained, then killed again: the fence stays until the committed cursor has passed it
+    expect(bodies(await drain(again, 'svc', (i) => i < 2))).toEqual(['a0', 'a1', 'a2', 'a3', 'new0'])
+    again = await restart(dir, again)
+    expect(bodies(await drain(again, 'svc'))).toEqual(['a2', 'a3', 'new0'])
+    // passed: the cursor's value is a plain offset again, and a later SUBSCRIBE with nothing behind stores no eras
+    const key = keys.cursor('svc', 't1/telemetry', again.store.partitionFor('t1/telemetry', 'd0'))
+    await expect.poll(async () => (await again.sessions.get<Buffer, Buffer>(key, { keyEncoding: 'buffer', valueEncoding: 'buffer' }))?.length).toBe(8)
+  })
+
+  it('treats an UNSUBSCRIBE and a SUBSCRIBE again as a new filter', async () => {
+    const { gw } = await fresh()
+    const other = samePartition(gw, 'd0')
+    await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: filterOf('d0'), qos: 1 }, { topic: filterOf(other), qos: 1 }])
+    await publish(gw, 't1', 'd0', 'a0')
+    await publish(gw, 't1', other, 'kept') // logged while subscribed: delivered
+    await gw.persistence.removeSubscriptions({ id: 'svc' }, [filterOf(other)])
+    await publish(gw, 't1', other, 'between')
+    await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: filterOf(other), qos: 1 }])
+    await publish(gw, 't1', other, 'after')
+    // 'kept' went with the filter's UNSUBSCRIBE (the cursor reads for the filters held), and came before the new one
+    expect(bodies(await drain(gw, 'svc'))).toEqual(['a0', 'after'])
+  })
+
+  it('neither loses nor repeats a record when a filter is subscribed again with the same or another QoS', async () => {
+    const { dir, gw } = await fresh()
+    const other = samePartition(gw, 'd0')
+    await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: filterOf('d0'), qos: 1 }, { topic: filterOf(other), qos: 2 }])
+    // QoS 1 to d0's filter: QoS 2 records come from the cursor at QoS 1; the other filter's QoS 2 records are copies
+    await publish(gw, 't1', 'd0', 'a0', 2)
+    await publish(gw, 't1', other, 'c0', 1) // min(2, 1): the cursor
+    await publish(gw, 't1', other, 'c1', 2) // a copy
+    await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: filterOf('d0'), qos: 1 }]) // the same QoS again
+    await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: filterOf('d0'), qos: 2 }, { topic: filterOf(other), qos: 1 }]) // swapped
+    await publish(gw, 't1', 'd0', 'a1', 2) // a copy now
+    await publish(gw, 't1', other, 'c2', 2) // the cursor now
+    const again = await restart(dir, gw)
+    const conn = await connect(again, 'svc')
+    await settled(again, conn)
+    conn.close()
+    expect(conn.copies.map((p) => [String(p.payload), p.qos])).toEqual([['c1', 2], ['a1', 2]])
+    expect(conn.got.map((p) => [String(p.payload), p.qos])).toEqual([['a0', 1], ['c0', 1], ['c2', 1]])
+  })
+
+  it('follows a filter through several QoS changes while behind, and SUBSCRIBEs with nothing logged between them, across a restart', async () => {
+    const { dir, gw } = await fresh()
+    const [b, c] = [samePartition(gw, 'd0'), samePartition(gw, samePartition(gw, 'd0'))]
+    await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: filterOf('d0'), qos: 1 }])
+    await publish(gw, 't1', 'd0', 'a0') // QoS 1 then: delivered
+    await publish(gw, 't1', b, 'b0') // before b's filter
+    await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: filterOf('d0'), qos: 0 }])
+    await publish(gw, 't1', 'd0', 'a1') // QoS 0 then: not the cursor's
+    await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: filterOf('d0'), qos: 1 }])
+    await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: filterOf(b), qos: 1 }]) // nothing logged since the last one
+    await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: filterOf(c), qos: 1 }])
+    await publish(gw, 't1', 'd0', 'a2')
+    await publish(gw, 't1', b, 'b1')
+    await publish(gw, 't1', c, 'c0')
+    const again = await restart(dir, gw)
+    expect(bodies(await drain(again, 'svc'))).toEqual(['a0', 'a2', 'b1', 'c0'])
+    expect(bodies(await drain(again, 'svc'))).toEqual([])
+  })
+
+  it('persists a SUBSCRIBE of many filters while behind in one write of its filters plus one fence per cursor behind', async () => {
+    const { gw } = await fresh()
+    await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: filterOf('d0'), qos: 1 }])
+    await publish(gw, 't1', 'd0', 'a0')
+    const writes: number[] = []
+    const write = gw.store.write.bind(gw.store)
+    gw.store.write = async (ops, options) => { writes.push(ops.length); return await write(ops, options) }
+    const many = Array.from({ length: 1000 }, (_v, i) => ({ topic: `t1/many/${i}`, qos: 1 as const }))
+    await gw.persistence.addSubscriptions({ id: 'svc' }, many)
+    expect(writes).toEqual([1001])
+    gw.store.write = write
+  })
+})
