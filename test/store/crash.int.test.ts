@@ -26,10 +26,11 @@ import type { LogStore, StoredRecord } from '../../store/types.ts'
 import {
   APPENDERS, CRASH_PARTITIONS, CRASH_STREAM, expectedRecord, originOf, type ExpectedRecord,
 } from './fixtures/crash-child.ts'
+import { killCycles } from '../helpers/kill-cycles.ts'
 
 const ROOT = fileURLToPath(new URL('../../', import.meta.url))
 const CHILD = fileURLToPath(new URL('./fixtures/crash-child.ts', import.meta.url))
-const CYCLES = 24
+const CYCLES = killCycles(12)
 /** A child that has not met its kill condition by then is stuck; it is killed and the cycle fails. */
 const CYCLE_DEADLINE_MS = 15_000
 const MAX_LISTED_FAILURES = 30

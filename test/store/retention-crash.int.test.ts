@@ -19,10 +19,11 @@ import { fileURLToPath } from 'node:url'
 import { afterAll, beforeAll, expect, it } from 'vitest'
 import { openLogStore } from '../../store/log-store.ts'
 import { RETENTION_PARTITIONS, RETENTION_STREAM, retentionPayload } from './fixtures/retention-crash-child.ts'
+import { killCycles } from '../helpers/kill-cycles.ts'
 
 const ROOT = fileURLToPath(new URL('../../', import.meta.url))
 const CHILD = fileURLToPath(new URL('./fixtures/retention-crash-child.ts', import.meta.url))
-const CYCLES = 12
+const CYCLES = killCycles(8)
 const CYCLE_DEADLINE_MS = 15_000
 
 interface Ack { readonly partition: number, readonly offset: number, readonly payload: Buffer }

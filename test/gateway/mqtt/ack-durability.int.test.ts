@@ -14,13 +14,14 @@ import { afterAll, describe, expect, it } from 'vitest'
 import { openLogStore, type LevelDatabase } from '../../../store/index.ts'
 import { publishUntilKilled, type Acked } from '../../helpers/acked-publisher.ts'
 import { startGatewayProcess, tempDir } from '../../helpers/gateway-process.ts'
+import { killCycles } from '../../helpers/kill-cycles.ts'
 
 const DEVICES = 4
-const CYCLES = 10
+const CYCLES = killCycles(6)
 const WINDOW = 50
 /** For the persistent session: as many devices as the default stream has partitions, and kill cycles. */
 const SESSION_DEVICES = 8
-const SESSION_CYCLES = 4
+const SESSION_CYCLES = killCycles(3)
 const WAIT_MS = 60_000
 
 /** Polls `check` every `everyMs` until it holds (a kill that is to follow a PUBACK right away polls every millisecond). */

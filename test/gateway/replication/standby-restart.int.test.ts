@@ -18,8 +18,9 @@ import { tempDir, type GatewayProcess } from '../../helpers/gateway-process.ts'
 import { startLinkProxy } from '../../helpers/link-proxy.ts'
 import { startLoad } from './load.ts'
 import { expectIdenticalBatches, expectPayloads, metricOf, offlineRecords, replicationAddress, startNode, waitFor, waitForLog } from './pair.ts'
+import { killCycles } from '../../helpers/kill-cycles.ts'
 
-const CYCLES = 3
+const CYCLES = killCycles(2)
 const cleanups: Array<() => Promise<void>> = []
 afterAll(async () => { for (const c of cleanups.reverse()) await c() })
 

@@ -16,9 +16,10 @@ import { afterAll, describe, expect, it } from 'vitest'
 import { publishUntilKilled, type Acked } from '../../helpers/acked-publisher.ts'
 import { runCli, tempDir, type GatewayProcess } from '../../helpers/gateway-process.ts'
 import { offlineRecords, readAll, replicationAddress, replicationOf, startNode, waitFor } from './pair.ts'
+import { killCycles } from '../../helpers/kill-cycles.ts'
 
 const DEVICES = 4
-const CYCLES = 10
+const CYCLES = killCycles(6)
 const WINDOW = 20
 
 describe('standby takeover under SIGKILL with replicated acks', () => {
