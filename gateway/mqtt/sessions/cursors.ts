@@ -695,6 +695,21 @@ export class SessionCursors {
     return floor
   }
 
+  /**
+   * The highest offset any session's cursor into the partition has committed (its next unacknowledged one), or
+   * undefined when none has a cursor there. A record below it may not be read from the log by every session any more:
+   * inbound-qos2.ts delivers such a record again as copies (persistence.cursorPast).
+   */
+  ceiling (stream: string, partition: number): number | undefined {
+    const id = cursorId(stream, partition)
+    let ceiling: number | undefined
+    for (const state of this.#clients.values()) {
+      const cursor = state.cursors.get(id)
+      if (cursor !== undefined && (ceiling === undefined || cursor.committed > ceiling)) ceiling = cursor.committed
+    }
+    return ceiling
+  }
+
   /** The client's cursors: per stream and partition, the next offset it has not acknowledged (the value kept on disk). */
   cursorsOf (clientId: string): Array<{ stream: string, partition: number, next: number }> {
     const state = this.#clients.get(clientId)
