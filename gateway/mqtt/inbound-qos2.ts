@@ -46,9 +46,12 @@
  *   position are on disk together;
  * - once the delivery queued a copy for some persistent session (an `O`
  *   entry, queued-copies.ts), the entry is written again as delivered, and
- *   the PUBREC waits for that write. Only then: a delivery that queued no
- *   copy left nothing a second delivery would duplicate for a persistent
- *   session, and the extra write is saved.
+ *   the PUBREC waits for that write (without an fsync of its own: a kill
+ *   loses none, a power loss may lose the mark and give one duplicate; a
+ *   window-1 QoS 2 device ran as fast with it as without, within the noise
+ *   of a loaded machine). Only then: a delivery that queued no copy left
+ *   nothing a second delivery would duplicate for a persistent session, and
+ *   the write is saved.
  * The first retransmission of an entry that is not marked delivered and that
  * this process did not deliver (one stored by a process that died) is
  * delivered again, with its record's position attached as a live publish

@@ -40,7 +40,8 @@
  *   the commit that assigns the offset, a PositionedPut). The entry is
  *   written again with `edgemqDelivered: true` once the message was
  *   delivered and a session kept a copy of it (an `O` entry), before the
- *   PUBREC: a retransmission after a crash delivers again only an entry
+ *   PUBREC, without an fsync of its own (a power loss may lose it: one
+ *   duplicate, never a loss): a retransmission after a crash delivers again only an entry
  *   without it (inbound-qos2.ts). Entries of older gateways have neither
  *   field: no position (the message is delivered again as a copy) and not
  *   delivered. A will that goes into the log has its `W` entry

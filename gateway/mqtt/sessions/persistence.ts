@@ -350,6 +350,8 @@ type BatchOp = { readonly type: 'put', readonly key: Buffer, readonly value: Buf
 type WriteOptions = AbstractBatchOptions<Buffer, Buffer> & { sync: boolean }
 const BINARY = { keyEncoding: 'buffer', valueEncoding: 'buffer' } as const
 const NOT_DURABLE: WriteOptions = { ...BINARY, sync: false }
+/** The write of an inbound QoS 2 entry's delivered mark (incomingMarkDelivered). */
+const NOT_DURABLE_MARK: StoreWriteOptions = { durable: false }
 
 /** What the persistence writes through: the log store's group-commit writer ({@link LogStore.write}). */
 export type SessionWriter = Pick<LogStore, 'write'>
@@ -1624,14 +1626,17 @@ export class LevelSessionPersistence {
 
   /**
    * Writes the stored inbound packet again with `edgemqDelivered` (format.ts): its message was delivered, so a
-   * retransmission after a crash does not deliver it again. Nothing when the entry is gone.
+   * retransmission after a crash does not deliver it again. Nothing when the entry is gone. Without an fsync of its
+   * own (LogStore.write `durable: false`), as a cursor advance: a killed process loses none, an OS crash or power
+   * loss may lose the mark, and then the message is delivered again (a duplicate, never a loss); the copies it
+   * follows were written durably before.
    */
   async incomingMarkDelivered (client: SessionClient, messageId: number): Promise<void> {
     this.#ready()
     const stored: (SessionPacket & IncomingFields) | undefined = this.#incoming.get(client.id)?.get(messageId)
     if (stored === undefined) return
     stored.edgemqDelivered = true
-    await this.#writer.write([put(keys.incoming(client.id, messageId), cbor.encode(stored))])
+    await this.#writer.write([put(keys.incoming(client.id, messageId), cbor.encode(stored))], NOT_DURABLE_MARK)
   }
 
   /**
