@@ -58,12 +58,17 @@
  * carries it (log-position.ts). Per subscriber:
  * - a persistent session that reads the partition through a cursor (QoS 1
  *   deliveries of logged messages, sessions/cursors.ts) takes it from the
- *   log, once: its cursor has not passed the record (it exists from before
- *   the record: the record is read from it; it is created now: at the
- *   record). If some session's cursor there has already committed past the
- *   record (made by a later message after the restart, or one that read the
- *   record), the position is not attached and every session gets a copy:
- *   a duplicate for one that read it, never a loss;
+ *   log, once: its cursor started at or below the record in this process
+ *   (loaded at startup from below it: it reads the record, or has read it
+ *   since; created now: at the record). If some session's cursor there
+ *   started above the record (its first message of the partition came after
+ *   the restart, before this retransmission; or it was loaded past the
+ *   record, read before the crash), that session may never have read the
+ *   record: the position is not attached and every session gets a copy,
+ *   a duplicate for those reading the log, never a loss. Per session would
+ *   be exact, but the choice is made once per message (the position on it);
+ *   the case needs a kill before the delivery and a new session cursor in
+ *   the partition before the device reconnects;
  * - a persistent session that keeps copies (QoS 2 deliveries, sessions
  *   without cursors) gets one copy: none was queued before the crash, or the
  *   entry says delivered and nothing is delivered again. A kill between the
@@ -95,7 +100,7 @@ export interface Qos2Persistence {
   incomingGetPacket (client: Client, packet: SessionPacket): Promise<unknown>
   /** Writes the stored entry again, marked delivered (sessions/format.ts). */
   incomingMarkDelivered (client: Client, messageId: number): Promise<void>
-  /** Whether some persistent session's cursor into the record's partition has committed past it. */
+  /** Whether some persistent session's cursor into the record's partition started past it in this process (it will not read it). */
   cursorPast (position: LogPosition): boolean
   incomingDelPacket (client: Client, packet: SessionPacket): Promise<void>
   cleanIncoming (client: Client): Promise<void>

@@ -23,8 +23,9 @@
  *   brokerCounter, messageId per entry, not the bodies), inbound QoS 2
  *   packets and wills. Retained messages and queued bodies live on disk only.
  * - incomingStorePacketWith hands the `I` entry of a QoS 2 publish to the
- *   log's append (format.ts); it is deleted here (PUBREL, clean
- *   session) in one write.
+ *   log's append (format.ts), with its value made from the record's position
+ *   by the commit; incomingMarkDelivered writes it again marked delivered;
+ *   it is deleted here (PUBREL, clean session) in one write.
  * - Writes go through the log store's group-commit writer (LogStore.write;
  *   the gateway passes its store): a mutation updates memory synchronously,
  *   queues its operations and resolves once the LevelDB batch holding them is
@@ -1640,12 +1641,12 @@ export class LevelSessionPersistence {
   }
 
   /**
-   * Whether some session's cursor into the record's partition has committed past it (cursors.ts ceiling): such a
-   * session will not read the record from the log, so a message delivered again goes to it as a copy.
+   * Whether some session's cursor into the record's partition started past it in this process (cursors.ts
+   * latestStart): that session will not read the record from the log, so a message delivered again goes to it as a copy.
    */
   cursorPast (position: LogPosition): boolean {
-    const ceiling = this.#cursors?.ceiling(position.stream, position.partition)
-    return ceiling !== undefined && ceiling > position.offset
+    const latest = this.#cursors?.latestStart(position.stream, position.partition)
+    return latest !== undefined && latest > position.offset
   }
 
   /** Whether an inbound packet with this id is stored for the client (awaiting PUBREL). */
