@@ -58,7 +58,7 @@ import {
 } from './validate.ts'
 import {
   systemClock, type AppendListener, type AppendOptions, type AppendResult, type Clock, type DroppedRecords, type RetentionHoldDropped, type Durability, type GroupInfo, type GroupOptions,
-  type BatchReadResult, type ExtraOperation, type LogStore, type PartitionInfo, type PartitionLag, type ReadBatchesOptions, type StoreWriteOptions, type ReadOptions, type ReadResult, type RecordInput,
+  type AppendExtraOperation, type BatchReadResult, type ExtraOperation, type LogStore, type PartitionInfo, type PartitionLag, type ReadBatchesOptions, type StoreWriteOptions, type ReadOptions, type ReadResult, type RecordInput,
   type ResetSpec, type RetentionReport, type StoreLogger, type StoreObserver, type StoredBatch, type StoredRecord, type StreamInfo,
   type ColumnReadResult, type RecordColumns,
   type StreamOptions,
@@ -199,7 +199,9 @@ interface FailedCommit {
 }
 /** Operations outside the log, queued in call order: an append's extraOps (no settle: its record's promise tells), or a write(). */
 interface QueuedExtra {
-  readonly ops: readonly ExtraOperation[]
+  readonly ops: readonly AppendExtraOperation[]
+  /** An append's: its partition and the record's index in the partition's pending records, for a PositionedPut's value. */
+  readonly record?: { readonly part: PartitionState, readonly index: number }
   /** False for a write() that may go without an fsync when nothing else in its commit needs one (StoreWriteOptions). */
   readonly durable?: boolean
   readonly settle?: { readonly resolve: () => void, readonly reject: (err: Error) => void }
@@ -637,7 +639,7 @@ class LevelLogStore implements LogStore {
       part.resolvers.push(resolve)
       part.rejecters.push(reject)
       part.dedupeIds.push(dedupeId)
-      if (extraOps !== undefined) this.#extras.push({ ops: extraOps })
+      if (extraOps !== undefined) this.#extras.push({ ops: extraOps, record: { part, index: part.pending.length - 1 } })
       if (this.#pending++ === 0) this.#oldestPendingAt = performance.now()
       this.#kick()
     })
@@ -660,7 +662,7 @@ class LevelLogStore implements LogStore {
   }
 
   /** AppendOptions.extraOps must name sublevels of this store's database outside the log's key space. */
-  #checkExtraOps (ops: readonly ExtraOperation[]): void {
+  #checkExtraOps (ops: readonly AppendExtraOperation[]): void {
     if (!Array.isArray(ops)) throw new StoreError('STORE_INVALID_ARGUMENT', 'extraOps must be an array')
     const log = this.#db as unknown as { db: unknown, prefix: string }
     for (const op of ops) {
@@ -886,7 +888,16 @@ class LevelLogStore implements LogStore {
         records += appends.length
       }
       // After every record of the batch, in call order (AppendOptions.extraOps, write()).
-      for (const extra of extras) for (const op of extra.ops) ops.push(op as unknown as BatchOp)
+      // A PositionedPut's record is in this commit (its partition's pending records were all taken above), at the
+      // partition's log end before this commit plus its index.
+      for (const extra of extras) {
+        for (const op of extra.ops) {
+          if (op.type !== 'put' || typeof op.value !== 'function') { ops.push(op as unknown as BatchOp); continue }
+          const at = extra.record as NonNullable<QueuedExtra['record']>
+          const position = { stream: at.part.stream.name, partition: at.part.partition, offset: at.part.logEnd + at.index }
+          ops.push({ ...op, value: op.value(position) } as unknown as BatchOp)
+        }
+      }
     } catch (cause) {
       // Building the write failed (a bug, not the disk): whatever was taken from the queues must not hang.
       const error = new StoreError('STORE_WRITE_FAILED', `group commit could not be built: ${rootMessage(cause)}`, { cause })

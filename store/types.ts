@@ -118,9 +118,37 @@ export interface AppendOptions {
    * - they are applied after the log's own operations of the batch, in the
    *   order given, and in call order with the extraOps of other appends and
    *   the operations of {@link LogStore.write}.
+   *
+   * A put's value may be a function of the record's position
+   * ({@link PositionedPut}): the store calls it once, while it builds the
+   * commit that assigns the offset, and writes what it returns.
    */
-  readonly extraOps?: readonly ExtraOperation[]
+  readonly extraOps?: readonly AppendExtraOperation[]
 }
+
+/** Where an appended record is: its stream, partition and offset. */
+export interface RecordPosition {
+  readonly stream: string
+  readonly partition: number
+  readonly offset: number
+}
+
+/**
+ * A put among an append's extraOps whose value says where the record is: the
+ * offset is assigned by the group commit, after the append was called, so
+ * the value is made then (the gateway's inbound QoS 2 entry keeps the
+ * position of its record this way). `value` must not throw: a throw fails the
+ * whole commit being built.
+ */
+export interface PositionedPut {
+  readonly type: 'put'
+  readonly sublevel: ExtraSublevel
+  readonly key: Uint8Array
+  readonly value: (position: RecordPosition) => Uint8Array
+}
+
+/** What {@link AppendOptions.extraOps} takes. */
+export type AppendExtraOperation = ExtraOperation | PositionedPut
 
 /**
  * A put or del of a key outside the log (see {@link AppendOptions.extraOps}).

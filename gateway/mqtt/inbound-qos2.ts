@@ -36,21 +36,59 @@
  * connection ends first, aedes' store step fails and the client sends the
  * PUBLISH again after it reconnects [MQTT-4.4.0-1].
  *
- * Delivery to subscribers (online, and persistent sessions' offline queues)
- * is written after the append batch, so a gateway killed between the two
- * left a logged message undelivered. The first retransmission of an entry
+ * Delivery to subscribers (online, and persistent sessions' cursors and
+ * copies) is written after the append batch, so a gateway killed between
+ * the two left a logged message undelivered; killed after the delivery but
+ * before the PUBREC reached the client, it left one delivered that the
+ * client sends again. The entry tells the two apart (sessions/format.ts):
+ * - it holds its record's position (stream, partition, offset), made by the
+ *   append's commit (the store's PositionedPut), so the record and the
+ *   position are on disk together;
+ * - once the delivery queued a copy for some persistent session (an `O`
+ *   entry, queued-copies.ts), the entry is written again as delivered, and
+ *   the PUBREC waits for that write (without an fsync of its own: a kill
+ *   loses none, a power loss may lose the mark and give one duplicate; a
+ *   window-1 QoS 2 device ran as fast with it as without, within the noise
+ *   of a loaded machine). Only then: a delivery that queued no copy left
+ *   nothing a second delivery would duplicate for a persistent session, and
+ *   the write is saved.
+ * The first retransmission of an entry that is not marked delivered and that
  * this process did not deliver (one stored by a process that died) is
- * delivered again: at least once to subscribers after a crash, never lost.
+ * delivered again, with its record's position attached as a live publish
+ * carries it (log-position.ts). Per subscriber:
+ * - a persistent session that reads the partition through a cursor (QoS 1
+ *   deliveries of logged messages, sessions/cursors.ts) takes it from the
+ *   log, once: its cursor started at or below the record in this process
+ *   (loaded at startup from below it: it reads the record, or has read it
+ *   since; created now: at the record). If some session's cursor there
+ *   started above the record (its first message of the partition came after
+ *   the restart, before this retransmission; or it was loaded past the
+ *   record, read before the crash), that session may never have read the
+ *   record: the position is not attached and every session gets a copy,
+ *   a duplicate for those reading the log, never a loss. Per session would
+ *   be exact, but the choice is made once per message (the position on it);
+ *   the case needs a kill before the delivery and a new session cursor in
+ *   the partition before the device reconnects;
+ * - a persistent session that keeps copies (QoS 2 deliveries, sessions
+ *   without cursors) gets one copy: none was queued before the crash, or the
+ *   entry says delivered and nothing is delivered again. A kill between the
+ *   copy's write and the mark's leaves the one duplicate this allows;
+ * - a live subscriber without a persistent session may get the message once
+ *   more when the crash came after its delivery: at least once after a crash,
+ *   as documented, never lost.
  */
 import type { Client, PublishPacket } from 'aedes'
-import type { ExtraOperation } from '../../store/index.ts'
+import type { AppendExtraOperation } from '../../store/index.ts'
 import type { SessionPacket } from './sessions/persistence.ts'
+import { incomingPositionOf, type IncomingFields } from './sessions/format.ts'
 import { wrapInboundQos2 } from './aedes-internals.ts'
+import { attachLogPosition, type LogPosition } from './log-position.ts'
+import { queuedCopy } from './queued-copies.ts'
 
 /** What authorizePublish decided for a QoS 2 PUBLISH that goes to subscribers (and, when routed, into the log). */
 export interface Qos2Plan {
   /** Appends the record with these operations in its batch; absent for a topic no route logs. */
-  readonly append?: (extraOps: ExtraOperation[]) => Promise<void>
+  readonly append?: (extraOps: AppendExtraOperation[]) => Promise<void>
   /** Delivers to subscribers and marks the packet so aedes' own publish after this is a no-op. */
   readonly deliver: () => Promise<void>
 }
@@ -58,8 +96,12 @@ export interface Qos2Plan {
 /** The part of the session persistence (sessions/persistence.ts) this module wraps. */
 export interface Qos2Persistence {
   incomingStorePacket (client: Client, packet: SessionPacket): Promise<void>
-  incomingStorePacketWith<T> (client: Client, packet: SessionPacket, write: (ops: ExtraOperation[]) => Promise<T>): Promise<T>
+  incomingStorePacketWith<T> (client: Client, packet: SessionPacket, write: (ops: AppendExtraOperation[]) => Promise<T>): Promise<T>
   incomingGetPacket (client: Client, packet: SessionPacket): Promise<unknown>
+  /** Writes the stored entry again, marked delivered (sessions/format.ts). */
+  incomingMarkDelivered (client: Client, messageId: number): Promise<void>
+  /** Whether some persistent session's cursor into the record's partition started past it in this process (it will not read it). */
+  cursorPast (position: LogPosition): boolean
   incomingDelPacket (client: Client, packet: SessionPacket): Promise<void>
   cleanIncoming (client: Client): Promise<void>
   hasIncomingPacket (client: Client, messageId: number): boolean
@@ -100,7 +142,14 @@ export class InboundQos2 {
         if (packet.cmd !== 'publish' || messageId === undefined || running !== undefined) return stored
         const plan = this.#plans.get(packet)
         if (plan !== undefined && this.#delivered.get(client.id)?.has(messageId) !== true) {
-          await plan.deliver() // stored by a gateway process that died; see the header
+          // Stored by a gateway process that died; see the header.
+          const entry = stored as IncomingFields
+          if (entry.edgemqDelivered !== true) {
+            const position = incomingPositionOf(entry)
+            if (position !== undefined && !this.#persistence.cursorPast(position)) attachLogPosition(packet, position)
+            await plan.deliver()
+            await this.#markDelivered(client, packet)
+          }
           this.#setOf(client.id).add(messageId)
         }
         return stored
@@ -148,6 +197,7 @@ export class InboundQos2 {
       else await this.#persistence.incomingStorePacketWith(client, stored, plan.append)
       // Remembered per packet: under MQTT 5 aedes asks incomingGetPacket only after this settled (authorizePublish waits).
       try { await plan.deliver() } catch (err) { this.#failed.set(packet, err); throw err }
+      await this.#markDelivered(client, packet)
       this.#setOf(client.id).add(messageId)
     })()
     const map = pending ?? new Map<number, Promise<void>>()
@@ -163,6 +213,17 @@ export class InboundQos2 {
   /** The append and delivery that `begin` started ('new') for this packet id, until they settle. */
   running (client: Client, messageId: number): Promise<void> | undefined {
     return this.#pending.get(client.id)?.get(messageId)
+  }
+
+  /**
+   * Marks the entry delivered when the delivery queued a copy for a persistent session (see the header). A failed
+   * write is not the delivery's failure: the copy is queued, and a PUBREC withheld would make the client send the
+   * message again now, a duplicate for sure; the mark missing costs one only if the gateway dies before the PUBREL.
+   * The store's failure is reported where it happens (the writer).
+   */
+  async #markDelivered (client: Client, packet: { readonly payload?: unknown, readonly messageId?: number }): Promise<void> {
+    if (!queuedCopy(packet) || packet.messageId === undefined) return
+    await this.#persistence.incomingMarkDelivered(client, packet.messageId).catch(() => {})
   }
 
   #setOf (clientId: string): Set<number> {

@@ -505,6 +505,8 @@ export class SessionCursors {
   readonly #watching = new Map<string, Set<ClientCursors>>()
   /** Per cursor, the log start up to which records the disk budget deleted before it got there were told (onDropped). */
   readonly #droppedTo = new WeakMap<PartitionCursor, number>()
+  /** Per cursor, where it started in this process: its value when loaded, or the offset it was created at ({@link latestStart}). */
+  readonly #startedAt = new WeakMap<PartitionCursor, number>()
   #connector: CursorConnector | undefined
   #unlisten: (() => void) | undefined
   /**
@@ -539,6 +541,7 @@ export class SessionCursors {
       cursor.fence([...fences])
       for (const f of fences) this.#epoch = Math.max(this.#epoch, f.epoch)
     }
+    this.#startedAt.set(cursor, next)
     // What the disk budget deleted below it before the restart was told then.
     if (next < logStart) this.#droppedTo.set(cursor, logStart)
     this.#client(clientId).cursors.set(cursorId(stream, partition), cursor)
@@ -624,6 +627,7 @@ export class SessionCursors {
     const existing = state.cursors.get(id)
     if (existing !== undefined) return existing.unwritten ? this.#create(state, existing) : undefined
     const cursor = new PartitionCursor(position.stream, position.partition, position.offset, position.offset)
+    this.#startedAt.set(cursor, position.offset)
     state.cursors.set(id, cursor)
     if (state.via !== undefined) {
       this.#watch(state, cursor)
@@ -850,6 +854,24 @@ export class SessionCursors {
       if (cursor !== undefined && (floor === undefined || cursor.committed < floor)) floor = cursor.committed
     }
     return floor
+  }
+
+  /**
+   * The highest offset at which a session's cursor into the partition started in this process (its value when it was
+   * loaded at startup, or the offset of the message that created it), or undefined when no session has one there. A
+   * cursor that started at or below a record reads it (or has read it) from the log; one that started above it never
+   * will: inbound-qos2.ts delivers a record below this again as copies (persistence.cursorPast). Not the committed
+   * offsets: a session that read the record since the restart has committed past it, and must not get it twice.
+   */
+  latestStart (stream: string, partition: number): number | undefined {
+    const id = cursorId(stream, partition)
+    let latest: number | undefined
+    for (const state of this.#clients.values()) {
+      const cursor = state.cursors.get(id)
+      const start = cursor === undefined ? undefined : this.#startedAt.get(cursor)
+      if (start !== undefined && (latest === undefined || start > latest)) latest = start
+    }
+    return latest
   }
 
   /** The client's cursors: per stream and partition, the next offset it has not acknowledged (the value kept on disk). */

@@ -18,7 +18,7 @@
  * | `R` topic(utf8)               | cbor retained packet (every own field aedes gave but functions) |
  * | `O` client seq(u64)           | cbor queued packet in aedes-packet shape, or the packet that replaced it (PUBREL) |
  * | `M` client seq(u64)           | message id, u16, given when the queued packet was sent      |
- * | `I` client messageId(u16)     | cbor inbound QoS 2 packet, aedes-packet shape               |
+ * | `I` client messageId(u16)     | cbor inbound QoS 2 packet, aedes-packet shape, with `edgemqPosition` and `edgemqDelivered` (below) |
  * | `C` client                    | a persistent session exists (clean = false), even empty: nothing, or its u32 MQTT 5 Session Expiry Interval (s) |
  * | `W` client                    | cbor will packet, carrying brokerId, clientId and (from the broker, wills.ts) edgemqIdentity |
  * | `E` client                    | u64 ms: when the persistent session went offline (absent while it is connected); for session expiry |
@@ -37,7 +37,16 @@
  *   `durability: 'async'`) only means the packet is resent with a new id.
  * - The `I` entry of a QoS 2 publish that goes into the log is written in
  *   the log's append batch (the store's `extraOps`), so it exists exactly
- *   when the record does. A will that goes into the log has its `W` entry
+ *   when the record does, and holds where the record is:
+ *   `edgemqPosition: { stream, partition, offset }` (the value is made by
+ *   the commit that assigns the offset, a PositionedPut). The entry is
+ *   written again with `edgemqDelivered: true` once the message was
+ *   delivered and a session kept a copy of it (an `O` entry), before the
+ *   PUBREC, without an fsync of its own (a power loss may lose it: one
+ *   duplicate, never a loss): a retransmission after a crash delivers again only an entry
+ *   without it (inbound-qos2.ts). Entries of older gateways have neither
+ *   field: no position (the message is delivered again as a copy) and not
+ *   delivered. A will that goes into the log has its `W` entry
  *   deleted in that record's batch, so a kill after it cannot fire it again.
  * - No `S` entry names a refused filter. Gateways before this rule stored
  *   each refused filter of a persistent session as `$denied/<filter>` (it
@@ -60,6 +69,7 @@
  *   aedes' packets carry write callbacks, which are left out.
  */
 import { Encoder } from 'cbor-x'
+import type { LogPosition } from '../log-position.ts'
 import { SessionPersistenceError } from './errors.ts'
 
 export const SESSION_FORMAT_VERSION = 1
@@ -162,6 +172,21 @@ export function encodeU64 (n: number): Buffer {
   const buf = Buffer.allocUnsafe(8)
   buf.writeBigUInt64BE(BigInt(n), 0)
   return buf
+}
+
+/** The fields of an `I` entry beside the packet's own (see the invariants). */
+export interface IncomingFields {
+  edgemqPosition?: LogPosition
+  edgemqDelivered?: boolean
+}
+
+/** Where the record of a stored inbound packet is in the log; undefined for a topic the log does not hold, or an older entry. */
+export function incomingPositionOf (stored: IncomingFields): LogPosition | undefined {
+  const at = stored.edgemqPosition as Partial<LogPosition> | undefined
+  if (at === undefined || at === null || typeof at !== 'object') return undefined
+  const { stream, partition, offset } = at
+  if (typeof stream !== 'string' || !Number.isSafeInteger(partition) || !Number.isSafeInteger(offset)) return undefined
+  return { stream, partition: partition as number, offset: offset as number }
 }
 
 export function decodeValue<T> (key: Buffer, value: Uint8Array): T {

@@ -23,8 +23,9 @@
  *   brokerCounter, messageId per entry, not the bodies), inbound QoS 2
  *   packets and wills. Retained messages and queued bodies live on disk only.
  * - incomingStorePacketWith hands the `I` entry of a QoS 2 publish to the
- *   log's append (format.ts); it is deleted here (PUBREL, clean
- *   session) in one write.
+ *   log's append (format.ts), with its value made from the record's position
+ *   by the commit; incomingMarkDelivered writes it again marked delivered;
+ *   it is deleted here (PUBREL, clean session) in one write.
  * - Writes go through the log store's group-commit writer (LogStore.write;
  *   the gateway passes its store): a mutation updates memory synchronously,
  *   queues its operations and resolves once the LevelDB batch holding them is
@@ -44,14 +45,16 @@
 import { createRequire } from 'node:module'
 import { Readable } from 'node:stream'
 import type { AbstractBatchOptions, AbstractLevel } from 'abstract-level'
-import type { Durability, ExtraOperation, LevelDatabase, LogStore, StoreWriteOptions } from '../../../store/index.ts'
+import type { AppendExtraOperation, Durability, ExtraOperation, LevelDatabase, LogStore, RecordPosition, StoreWriteOptions } from '../../../store/index.ts'
 import { compileTopicFilters, QLOBBER_OPTIONS, topicMatches, type QlobberOptions } from '../../access/topics.ts'
 import { movePacketId } from '../aedes-internals.ts'
 import { logPositionOf, type LogPosition } from '../log-position.ts'
+import { noteQueuedCopy } from '../queued-copies.ts'
 import { decodeCursorValue, SessionCursors, type CursorConnector, type LivePacket, type SessionLog } from './cursors.ts'
 import { notFound, SessionPersistenceError } from './errors.ts'
 import {
   cbor, checkMessageId, CLIENT_TAGS, PARKED_PREFIX, clientPrefix, decodeValue, encodeU16, encodeU64, encodeVersion, keys, prefixRange, readVersion,
+  type IncomingFields,
   SESSION_FORMAT_VERSION,
   TAG_CURSOR, TAG_INCOMING, TAG_MESSAGE_ID, TAG_OFFLINE, TAG_OUTGOING, TAG_SESSION, TAG_SUB, TAG_WILL,
 } from './format.ts'
@@ -348,6 +351,8 @@ type BatchOp = { readonly type: 'put', readonly key: Buffer, readonly value: Buf
 type WriteOptions = AbstractBatchOptions<Buffer, Buffer> & { sync: boolean }
 const BINARY = { keyEncoding: 'buffer', valueEncoding: 'buffer' } as const
 const NOT_DURABLE: WriteOptions = { ...BINARY, sync: false }
+/** The write of an inbound QoS 2 entry's delivered mark (incomingMarkDelivered). */
+const NOT_DURABLE_MARK: StoreWriteOptions = { durable: false }
 
 /** What the persistence writes through: the log store's group-commit writer ({@link LogStore.write}). */
 export type SessionWriter = Pick<LogStore, 'write'>
@@ -1362,6 +1367,7 @@ export class LevelSessionPersistence {
       if (this.#full(sub.clientId, queued)) continue
       const seq = this.#nextSeq++
       ops.push(put(keys.outgoing(TAG_OUTGOING, sub.clientId, seq), body))
+      noteQueuedCopy(packet) // inbound QoS 2 marks its entry delivered (format.ts)
       this.#queue(sub.clientId, true).add({
         seq, brokerId: queued.brokerId, brokerCounter: queued.brokerCounter, messageId: undefined, replacement: undefined,
       })
@@ -1637,20 +1643,49 @@ export class LevelSessionPersistence {
    * Memory is updated at once, as incomingStorePacket does, so a duplicate
    * arriving meanwhile is found; if `write` rejects the entry is dropped.
    */
-  async incomingStorePacketWith<T> (client: SessionClient, packet: SessionPacket, write: (ops: ExtraOperation[]) => Promise<T>): Promise<T> {
+  async incomingStorePacketWith<T> (client: SessionClient, packet: SessionPacket, write: (ops: AppendExtraOperation[]) => Promise<T>): Promise<T> {
     this.#ready()
     const messageId = checkMessageId(packet.messageId)
-    const stored = toAedesPacket(packet)
+    const stored: SessionPacket & IncomingFields = toAedesPacket(packet)
     stored.messageId = messageId
     const store = this.#incomingOf(client.id)
     store.set(messageId, stored)
+    // The entry keeps its record's position (format.ts), which only the commit that assigns the offset knows.
+    const value = (at: RecordPosition): Uint8Array => {
+      stored.edgemqPosition = { stream: at.stream, partition: at.partition, offset: at.offset }
+      return cbor.encode(stored)
+    }
     try {
-      return await write([{ type: 'put', sublevel: this.#db, key: keys.incoming(client.id, messageId), value: cbor.encode(stored) }])
+      return await write([{ type: 'put', sublevel: this.#db, key: keys.incoming(client.id, messageId), value }])
     } catch (err) {
       if (store.get(messageId) === stored) store.delete(messageId)
       if (store.size === 0 && this.#incoming.get(client.id) === store) this.#incoming.delete(client.id)
       throw err
     }
+  }
+
+  /**
+   * Writes the stored inbound packet again with `edgemqDelivered` (format.ts): its message was delivered, so a
+   * retransmission after a crash does not deliver it again. Nothing when the entry is gone. Without an fsync of its
+   * own (LogStore.write `durable: false`), as a cursor advance: a killed process loses none, an OS crash or power
+   * loss may lose the mark, and then the message is delivered again (a duplicate, never a loss); the copies it
+   * follows were written durably before.
+   */
+  async incomingMarkDelivered (client: SessionClient, messageId: number): Promise<void> {
+    this.#ready()
+    const stored: (SessionPacket & IncomingFields) | undefined = this.#incoming.get(client.id)?.get(messageId)
+    if (stored === undefined) return
+    stored.edgemqDelivered = true
+    await this.#writer.write([put(keys.incoming(client.id, messageId), cbor.encode(stored))], NOT_DURABLE_MARK)
+  }
+
+  /**
+   * Whether some session's cursor into the record's partition started past it in this process (cursors.ts
+   * latestStart): that session will not read the record from the log, so a message delivered again goes to it as a copy.
+   */
+  cursorPast (position: LogPosition): boolean {
+    const latest = this.#cursors?.latestStart(position.stream, position.partition)
+    return latest !== undefined && latest > position.offset
   }
 
   /** Whether an inbound packet with this id is stored for the client (awaiting PUBREL). */

@@ -1,0 +1,194 @@
+/**
+ * A QoS 2 PUBLISH whose PUBREC never reached the device because the gateway
+ * was killed (kill -9): the device sends it again with DUP after the restart,
+ * and the gateway finds its inbound entry (inbound-qos2.ts). Persistent
+ * subscribers on the routed topic get the message exactly once across the
+ * crash and the retransmission: one reading the partition through a cursor
+ * (QoS 1 subscription) from the log, one keeping copies (QoS 2
+ * subscription) from its queue.
+ *
+ * The kill comes once the PUBREC has arrived and the device acts as if it had
+ * not: the gateway's state is the one of a kill before the PUBREC was sent,
+ * with the append and the delivery done.
+ */
+import type { Packet } from 'mqtt-packet'
+import { afterAll, describe, expect, it } from 'vitest'
+import { startGatewayProcess, tempDir, type GatewayProcess } from '../../helpers/gateway-process.ts'
+import { rawConnect, type RawClient } from '../../helpers/raw-client.ts'
+
+const TOPIC = 'devices/q2r/telemetry/x'
+const FILTER = 'devices/+/telemetry/#'
+/** A topic no route logs: every persistent session keeps copies of its messages. */
+const MARKER = 'q2r/marker'
+/** A deadline for each awaited packet (a loaded machine restarts the gateway slowly), not a wait. */
+const DEADLINE_MS = 60_000
+
+async function connect (url: string, clientId: string): Promise<RawClient> {
+  const c = await rawConnect(url)
+  c.send({ cmd: 'connect', protocolId: 'MQTT', protocolVersion: 4, clientId, clean: false, keepalive: 60 })
+  expect(await c.next('connack', DEADLINE_MS)).toMatchObject({ returnCode: 0 })
+  return c
+}
+
+/** A persistent session subscribed at `qos`, then offline. */
+async function subscribeOffline (url: string, clientId: string, qos: 1 | 2): Promise<void> {
+  const c = await connect(url, clientId)
+  c.send({ cmd: 'subscribe', messageId: 1, subscriptions: [{ topic: FILTER, qos }, { topic: MARKER, qos: 1 }] })
+  expect(await c.next('suback', DEADLINE_MS)).toMatchObject({ granted: [qos, 1] })
+  c.send({ cmd: 'disconnect' })
+  await c.closed
+}
+
+function publish (payload: string, qos: 1 | 2, messageId: number, dup = false): Packet {
+  return { cmd: 'publish', topic: TOPIC, payload: Buffer.from(payload), qos, messageId, dup, retain: false }
+}
+
+/** A whole QoS 2 exchange of the device: PUBLISH, PUBREC, PUBREL, PUBCOMP. */
+async function exchangeQos2 (c: RawClient, packet: Packet & { messageId: number }): Promise<void> {
+  c.send(packet)
+  expect(await c.next('pubrec', DEADLINE_MS)).toMatchObject({ messageId: packet.messageId })
+  c.send({ cmd: 'pubrel', messageId: packet.messageId })
+  expect(await c.next('pubcomp', DEADLINE_MS)).toMatchObject({ messageId: packet.messageId })
+}
+
+/**
+ * Resumes the persistent session and takes its messages (acknowledging each at its QoS) until both ends have
+ * arrived, which the device sent after everything else: `end` on the logged topic (last of the partition, read from a
+ * cursor or queued as a copy) and `marker` on the unrouted one (last of the session's queue of copies). Each of the
+ * two paths delivers in the order it was filled, but they interleave.
+ */
+async function receiveAll (url: string, clientId: string): Promise<string[]> {
+  const session = await resume(url, clientId)
+  await session.until(['end', 'marker'])
+  session.end()
+  return session.received
+}
+
+/** A resumed persistent session that acknowledges what it gets, at its QoS; `until` resolves once it has had each of `payloads`. */
+async function resume (url: string, clientId: string): Promise<{ received: string[], until (payloads: string[]): Promise<void>, end (): void }> {
+  const c = await rawConnect(url)
+  const received: string[] = []
+  const waiting: Array<{ payloads: string[], resolve: () => void }> = []
+  let closed = false
+  const check = (): void => {
+    for (const w of waiting.splice(0)) {
+      if (w.payloads.every((m) => received.includes(m))) w.resolve()
+      else waiting.push(w)
+    }
+  }
+  c.onPacket((p) => {
+    if (p.cmd === 'pubrel') c.send({ cmd: 'pubcomp', messageId: p.messageId })
+    if (p.cmd !== 'publish') return
+    if (p.qos === 1) c.send({ cmd: 'puback', messageId: p.messageId })
+    // A QoS 2 delivery is counted at its PUBLISH; its PUBREL comes once the PUBREC is in.
+    if (p.qos === 2) c.send({ cmd: 'pubrec', messageId: p.messageId })
+    received.push(p.payload.toString())
+    check()
+  })
+  void c.closed.then(() => { closed = true })
+  c.send({ cmd: 'connect', protocolId: 'MQTT', protocolVersion: 4, clientId, clean: false, keepalive: 60 })
+  expect(await c.next('connack', DEADLINE_MS)).toMatchObject({ returnCode: 0 })
+  return {
+    received,
+    until: (payloads) => Promise.race([
+      new Promise<void>((resolve) => { waiting.push({ payloads, resolve }); check() }),
+      c.closed.then(() => { throw new Error(`${clientId} closed before ${JSON.stringify(payloads)} arrived, after ${JSON.stringify(received)}`) }),
+    ]),
+    end: () => { if (!closed) c.end() },
+  }
+}
+
+/** Resolves once the session's cursors have committed up to the log's end (GET /v1/sessions), with a deadline. */
+async function caughtUp (httpUrl: string, clientId: string): Promise<void> {
+  const until = Date.now() + DEADLINE_MS
+  for (;;) {
+    const body = await (await fetch(`${httpUrl}/v1/sessions`)).json() as { sessions: Array<{ clientId: string, cursors: Array<{ lagMessages: number }> }> }
+    const cursors = body.sessions.find((x) => x.clientId === clientId)?.cursors ?? []
+    if (cursors.length > 0 && cursors.every((c) => c.lagMessages === 0)) return
+    if (Date.now() > until) throw new Error(`${clientId} did not catch up: ${JSON.stringify(body)}`)
+    // Each GET is a turn of the gateway's event loop; the cursor's write lands after a few.
+    await new Promise((resolve) => setImmediate(resolve))
+  }
+}
+
+/**
+ * The device sends `m1` at QoS 2, the gateway is killed once its PUBREC is in, and the device sends it again after the
+ * restart (after `meanwhile`, given the restarted gateway).
+ */
+async function crashAndRetransmit (dir: string, gw: GatewayProcess, meanwhile?: (restarted: GatewayProcess) => Promise<void>): Promise<GatewayProcess> {
+  const device = await connect(gw.mqttUrl, 'q2r-dev')
+  device.send(publish('m1', 2, 7))
+  expect(await device.next('pubrec', DEADLINE_MS)).toMatchObject({ messageId: 7 })
+  await gw.kill()
+  device.end()
+  const restarted = await startGatewayProcess({ dataDir: dir })
+  await meanwhile?.(restarted)
+  const again = await connect(restarted.mqttUrl, 'q2r-dev')
+  await exchangeQos2(again, { ...publish('m1', 2, 7, true), messageId: 7 })
+  // Sent after m1 on the same topic (so the same partition), at QoS 2 (a copy for a QoS 2 session, a cursor read for a QoS 1 one).
+  await exchangeQos2(again, { ...publish('end', 2, 8), messageId: 8 })
+  again.send({ cmd: 'publish', topic: MARKER, payload: Buffer.from('marker'), qos: 1, messageId: 9, dup: false, retain: false })
+  expect(await again.next('puback', DEADLINE_MS)).toMatchObject({ messageId: 9 })
+  again.end()
+  return restarted
+}
+
+describe('a QoS 2 retransmission after kill -9', () => {
+  const cleanups: Array<() => Promise<void>> = []
+  afterAll(async () => { for (const c of cleanups.reverse()) await c() })
+
+  it('is read once from the log by a persistent QoS 1 subscriber (cursor), not queued again beside it', async () => {
+    const { dir, cleanup } = await tempDir()
+    cleanups.push(cleanup)
+    let gw = await startGatewayProcess({ dataDir: dir })
+    cleanups.push(() => gw.kill())
+    await subscribeOffline(gw.mqttUrl, 'q2r-cursor', 1)
+    // The session's cursor into the partition exists before m1 (its first message there creates it).
+    const device = await connect(gw.mqttUrl, 'q2r-dev')
+    device.send(publish('warm', 1, 1))
+    expect(await device.next('puback', DEADLINE_MS)).toMatchObject({ messageId: 1 })
+    device.end()
+
+    gw = await crashAndRetransmit(dir, gw)
+
+    expect((await receiveAll(gw.mqttUrl, 'q2r-cursor')).sort()).toEqual(['end', 'm1', 'marker', 'warm'])
+  })
+
+  it('is not queued again for a QoS 1 subscriber that read it from the log after the restart, before the retransmission', async () => {
+    const { dir, cleanup } = await tempDir()
+    cleanups.push(cleanup)
+    let gw = await startGatewayProcess({ dataDir: dir })
+    cleanups.push(() => gw.kill())
+    await subscribeOffline(gw.mqttUrl, 'q2r-cursor', 1)
+    const device = await connect(gw.mqttUrl, 'q2r-dev')
+    device.send(publish('warm', 1, 1))
+    expect(await device.next('puback', DEADLINE_MS)).toMatchObject({ messageId: 1 })
+    device.end()
+
+    // The session reconnects first and reads m1 from its cursor, which moves past it, then the device sends m1 again.
+    let session: Awaited<ReturnType<typeof resume>> | undefined
+    gw = await crashAndRetransmit(dir, gw, async (restarted) => {
+      session = await resume(restarted.mqttUrl, 'q2r-cursor')
+      await session.until(['m1'])
+      await caughtUp(restarted.httpUrl, 'q2r-cursor')
+    })
+    const connected = session as NonNullable<typeof session>
+    await connected.until(['end', 'marker'])
+    connected.end()
+    expect([...connected.received].sort()).toEqual(['end', 'm1', 'marker', 'warm'])
+  })
+
+  it('reaches a persistent QoS 2 subscriber (copies) and a QoS 1 one (cursor) once each', async () => {
+    const { dir, cleanup } = await tempDir()
+    cleanups.push(cleanup)
+    let gw = await startGatewayProcess({ dataDir: dir })
+    cleanups.push(() => gw.kill())
+    await subscribeOffline(gw.mqttUrl, 'q2r-copies', 2)
+    await subscribeOffline(gw.mqttUrl, 'q2r-cursor', 1)
+
+    gw = await crashAndRetransmit(dir, gw)
+
+    expect((await receiveAll(gw.mqttUrl, 'q2r-copies')).sort()).toEqual(['end', 'm1', 'marker'])
+    expect((await receiveAll(gw.mqttUrl, 'q2r-cursor')).sort()).toEqual(['end', 'm1', 'marker'])
+  })
+})
