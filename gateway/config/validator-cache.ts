@@ -1,7 +1,8 @@
 /**
  * Compiled JSON-schema validators kept as code between runs. ajv turns a schema into a function by generating its
  * source and compiling it; for the config schema that took about 130 ms of CPU at every `edgemq start`, every CLI
- * command that reads a config, and every test file that builds one. ajv's standalone mode writes that source out
+ * command that reads a config, and every test file that builds one, and the HTTP routes' schemas about 150 ms more at
+ * every start. ajv's standalone mode writes that source out
  * (https://ajv.js.org/standalone.html); requiring it again costs about 15 ms.
  *
  * The file is named by a hash of the schema, the ajv options and ajv's version, so a changed schema never meets an
