@@ -8,12 +8,13 @@
  * docs/configuration.md is generated from (`npm run docs`).
  */
 import os from 'node:os'
-import { Ajv, type ErrorObject } from 'ajv'
+import type { ErrorObject } from 'ajv'
 import { bridgeConfigProblem, bridgeConfigSchema, type BridgeConfig } from '../../bridge/index.ts'
 import { storeConfigSchema, streamConfigSchema, type StoreConfig, type StreamConfig } from '../../store/config-schema.ts'
 import { GatewayError } from '../errors.ts'
 import { replicationConfigProblem, replicationConfigSchema, type ReplicationConfig } from '../replication/config-schema.ts'
 import { LOG_LEVELS, type LogLevel } from '../logger.ts'
+import { cachedValidator } from './validator-cache.ts'
 
 const NAME = '^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$'
 
@@ -426,8 +427,7 @@ export interface GatewayConfig {
   readonly replication: ReplicationConfig
 }
 
-const ajv = new Ajv({ useDefaults: true, allErrors: false, strict: true, allowUnionTypes: true })
-const validate = ajv.compile(configSchema)
+const validate = cachedValidator('config', configSchema, { useDefaults: true, allErrors: false, strict: true, allowUnionTypes: true })
 
 function keyOf (err: ErrorObject): string {
   const path = err.instancePath.replace(/^\//, '').replace(/\//g, '.')
