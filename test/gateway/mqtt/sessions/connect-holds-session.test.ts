@@ -57,6 +57,28 @@ describe('a resuming CONNECT holds the session against the close of an earlier c
     expect((await restarted.expireSessions()).map((end) => end.clientId)).toContain('dev')
   })
 
+  it('so does a Clean Start 1 CONNECT with an interval that takes over a connection which asked for 0', async () => {
+    const db = new MemoryLevel<Buffer, Buffer>({ keyEncoding: 'buffer', valueEncoding: 'buffer' })
+    const sessions = db.sublevel<Buffer, Buffer>('sessions', { keyEncoding: 'buffer', valueEncoding: 'buffer' }) as unknown as LevelDatabase
+    let now = 1_000_000
+    const persistence = new LevelSessionPersistence(sessions, { now: () => now })
+    const broker = Object.assign(new EventEmitter(), { id: 'gw', counter: 0 })
+    await persistence.setup(broker)
+
+    const old = connection('dev', 0)
+    await persistence.markSession(old)
+    broker.emit('client', old)
+    const fresh = connection('dev', 3600)
+    await persistence.cleanSubscriptions(fresh) // aedes' fetchSubs of a Clean Start 1 CONNECT: its CONNACK waits for it
+    close(broker, old) // the takeover, before `client` for the new one
+    await persistence.markSession({ id: 'flush' })
+    now += 1000
+    const restarted = new LevelSessionPersistence(sessions, { now: () => now })
+    await restarted.setup(Object.assign(new EventEmitter(), { id: 'gw', counter: 0 }))
+    // Offline from this start on, with its 3600. The old connection's close wrote its 0 and an offline mark over it.
+    expect(restarted.sessionEnd('dev')).toEqual({ at: now + 3_600_000, source: 'interval', seconds: 3600 })
+  })
+
   it('the earlier connection still takes the session offline when the resuming CONNECT closed before it', async () => {
     const db = new MemoryLevel<Buffer, Buffer>({ keyEncoding: 'buffer', valueEncoding: 'buffer' })
     const sessions = db.sublevel<Buffer, Buffer>('sessions', { keyEncoding: 'buffer', valueEncoding: 'buffer' }) as unknown as LevelDatabase
