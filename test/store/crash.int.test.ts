@@ -296,6 +296,8 @@ it(`keeps every acknowledged record across ${CYCLES} SIGKILLs of a sync-mode app
     expect(report(checked.problems), `${context}: after reopening, with ${run.acks.length} new acks (${ledger.totalAcks} in all)`).toEqual([])
     summary.push(`cycle ${cycle}: killed ${describePlan(plan)}, ${run.acks.length} acks, log holds ${checked.records} records`)
   }
-  expect(cyclesWithAcks, 'cycles in which the child was killed after acknowledging appends').toBeGreaterThanOrEqual(20)
+  // Every cycle but those killed soon after the open acknowledges appends before its kill (one may miss: 20 of 24 before).
+  const ackingCycles = Array.from({ length: CYCLES }, (_v, c) => planFor(c)).filter((p) => p.kind !== 'open').length
+  expect(cyclesWithAcks, 'cycles in which the child was killed after acknowledging appends').toBeGreaterThanOrEqual(ackingCycles - 1)
   console.info(`crash test: ${ledger.totalAcks} acknowledged records verified\n${summary.join('\n')}`)
 })

@@ -1204,6 +1204,8 @@ export class LevelSessionPersistence {
       // found it present only while the old session's leftovers were still on disk.
       this.#sessions.add(client.id)
       ops.push(this.#setInterval(client.id, expiryInterval(client)))
+      // Held from here, as markSession holds a resumed one: a connection it takes over closes after the CONNACK.
+      if (client.closed !== true) this.#track(client)
     } else {
       this.#intervals.delete(client.id)
       if (this.#sessions.delete(client.id)) ops.push(del(keys.session(client.id)))

@@ -28,14 +28,25 @@ function close (broker: EventEmitter, client: FakeClient): void {
   client.conn.emit('close')
 }
 
+/** A sessions database of its own (memory-level), as a gateway's data directory holds one. */
+function freshSessions (): LevelDatabase {
+  const db = new MemoryLevel<Buffer, Buffer>({ keyEncoding: 'buffer', valueEncoding: 'buffer' })
+  return db.sublevel<Buffer, Buffer>('sessions', { keyEncoding: 'buffer', valueEncoding: 'buffer' }) as unknown as LevelDatabase
+}
+
+/** The persistence a gateway starting on `sessions` sets up (a restart, when they were written before), on `clock`. */
+async function startedOn (sessions: LevelDatabase, clock: { readonly now: number }): Promise<{ persistence: LevelSessionPersistence, broker: EventEmitter }> {
+  const persistence = new LevelSessionPersistence(sessions, { now: () => clock.now })
+  const broker = Object.assign(new EventEmitter(), { id: 'gw', counter: 0 })
+  await persistence.setup(broker)
+  return { persistence, broker }
+}
+
 describe('a resuming CONNECT holds the session against the close of an earlier connection', () => {
   it("an earlier connection that closes after the resuming CONNECT was recorded (taken over, or gone by itself) writes nothing of its own: a restart finds the interval the CONNECT asked for", async () => {
-    const db = new MemoryLevel<Buffer, Buffer>({ keyEncoding: 'buffer', valueEncoding: 'buffer' })
-    const sessions = db.sublevel<Buffer, Buffer>('sessions', { keyEncoding: 'buffer', valueEncoding: 'buffer' }) as unknown as LevelDatabase
-    let now = 1_000_000
-    const persistence = new LevelSessionPersistence(sessions, { now: () => now })
-    const broker = Object.assign(new EventEmitter(), { id: 'gw', counter: 0 })
-    await persistence.setup(broker)
+    const clock = { now: 1_000_000 }
+    const sessions = freshSessions()
+    const { persistence, broker } = await startedOn(sessions, clock)
 
     const old = connection('dev', 3600)
     await persistence.markSession(old)
@@ -50,20 +61,34 @@ describe('a resuming CONNECT holds the session against the close of an earlier c
 
     // What a kill -9 now leaves: everything written so far (one more write, in call order, settles after them).
     await persistence.markSession({ id: 'flush' })
-    now += 1000
-    const restarted = new LevelSessionPersistence(sessions, { now: () => now })
-    await restarted.setup(Object.assign(new EventEmitter(), { id: 'gw', counter: 0 }))
-    expect(restarted.sessionEnd('dev')).toEqual({ at: now, source: 'interval', seconds: 0 })
+    clock.now += 1000
+    const { persistence: restarted } = await startedOn(sessions, clock)
+    expect(restarted.sessionEnd('dev')).toEqual({ at: clock.now, source: 'interval', seconds: 0 })
     expect((await restarted.expireSessions()).map((end) => end.clientId)).toContain('dev')
   })
 
+  it('so does a Clean Start 1 CONNECT with an interval that takes over a connection which asked for 0', async () => {
+    const clock = { now: 1_000_000 }
+    const sessions = freshSessions()
+    const { persistence, broker } = await startedOn(sessions, clock)
+
+    const old = connection('dev', 0)
+    await persistence.markSession(old)
+    broker.emit('client', old)
+    const fresh = connection('dev', 3600)
+    await persistence.cleanSubscriptions(fresh) // aedes' fetchSubs of a Clean Start 1 CONNECT: its CONNACK waits for it
+    close(broker, old) // the takeover, before `client` for the new one
+    await persistence.markSession({ id: 'flush' })
+    clock.now += 1000
+    const { persistence: restarted } = await startedOn(sessions, clock)
+    // Offline from this start on, with its 3600. The old connection's close wrote its 0 and an offline mark over it.
+    expect(restarted.sessionEnd('dev')).toEqual({ at: clock.now + 3_600_000, source: 'interval', seconds: 3600 })
+  })
+
   it('the earlier connection still takes the session offline when the resuming CONNECT closed before it', async () => {
-    const db = new MemoryLevel<Buffer, Buffer>({ keyEncoding: 'buffer', valueEncoding: 'buffer' })
-    const sessions = db.sublevel<Buffer, Buffer>('sessions', { keyEncoding: 'buffer', valueEncoding: 'buffer' }) as unknown as LevelDatabase
-    const now = 1_000_000
-    const persistence = new LevelSessionPersistence(sessions, { now: () => now })
-    const broker = Object.assign(new EventEmitter(), { id: 'gw', counter: 0 })
-    await persistence.setup(broker)
+    const clock = { now: 1_000_000 }
+    const sessions = freshSessions()
+    const { persistence, broker } = await startedOn(sessions, clock)
     const offline: string[] = []
     persistence.onOffline((id) => offline.push(id))
 
@@ -77,6 +102,6 @@ describe('a resuming CONNECT holds the session against the close of an earlier c
     expect(persistence.offlineSince('dev')).toBeUndefined()
     close(broker, old)
     // (told twice: by `clientDisconnect` and by the socket's close)
-    expect({ offline: [...new Set(offline)], end: persistence.sessionEnd('dev') }).toEqual({ offline: ['dev'], end: { at: now + 3_600_000, source: 'interval', seconds: 3600 } })
+    expect({ offline: [...new Set(offline)], end: persistence.sessionEnd('dev') }).toEqual({ offline: ['dev'], end: { at: clock.now + 3_600_000, source: 'interval', seconds: 3600 } })
   })
 })
