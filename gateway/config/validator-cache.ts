@@ -8,7 +8,7 @@
  * The file is named by a hash of the schema, the ajv options and ajv's version, so a changed schema never meets an
  * old validator. It is written to a temporary name and renamed, so a process that reads it never sees half of one. A
  * file that cannot be read or loaded is compiled again and replaced; a directory that cannot be written (a read-only
- * install) only means compiling at every start, as before.
+ * install) only means compiling at every start, as before (one ajv per set of options, tried once per process).
  */
 import { createHash } from 'node:crypto'
 import { mkdirSync, renameSync, rmSync, writeFileSync } from 'node:fs'
@@ -33,18 +33,46 @@ export function cachedValidator (name: string, schema: AnySchema, options: Optio
   } catch {
     // Not compiled yet, or damaged: compiled again below.
   }
-  // ajv itself only when compiling: its import is about 50 ms of a start that finds the file.
-  const { Ajv } = require('ajv') as { Ajv: typeof AjvClass }
-  const ajv = new Ajv({ ...options, code: { ...options.code, source: true } })
+  const ajv = compilerFor(options)
   const validate = ajv.compile(schema)
+  if (unwritable.has(dir)) return validate
   const tmp = `${file}.${process.pid}.tmp`
   try {
-    const standaloneCode = (require('ajv/dist/standalone') as { default: (ajv: AjvClass, validate: ValidateFunction) => string }).default
     mkdirSync(dir, { recursive: true })
-    writeFileSync(tmp, standaloneCode(ajv, validate))
+    // The code requires ajv's runtime helpers (ucs2length for maxLength) by package name: resolved here, so the file
+    // loads wherever it is kept; moved with node_modules, it fails to load and is compiled again.
+    const code = standaloneCode()(ajv, validate)
+      .replace(/require\("(ajv\/dist\/runtime\/[\w./-]+)"\)/g, (_m, id: string) => `require(${JSON.stringify(require.resolve(id))})`)
+    writeFileSync(tmp, code)
     renameSync(tmp, file)
   } catch {
+    // Read-only (a container whose node_modules belongs to root, say): not tried again by this process.
+    unwritable.add(dir)
     try { rmSync(tmp, { force: true }) } catch { /* the directory itself is not there */ }
   }
   return validate
+}
+
+/** Directories this process could not write a validator to. */
+const unwritable = new Set<string>()
+
+/**
+ * One ajv per set of options, as before the cache: a new instance per schema cost 3x the CPU of a start that cannot
+ * write its cache (each instance compiles its meta-schema and warms up anew).
+ */
+const compilers = new Map<string, AjvClass>()
+function compilerFor (options: Options): AjvClass {
+  const key = JSON.stringify(options)
+  let ajv = compilers.get(key)
+  if (ajv === undefined) {
+    // ajv itself only when compiling: its import is about 50 ms of a start that finds the files.
+    const { Ajv } = require('ajv') as { Ajv: typeof AjvClass }
+    ajv = new Ajv({ ...options, code: { ...options.code, source: true } })
+    compilers.set(key, ajv)
+  }
+  return ajv
+}
+
+function standaloneCode (): (ajv: AjvClass, validate: ValidateFunction) => string {
+  return (require('ajv/dist/standalone') as { default: (ajv: AjvClass, validate: ValidateFunction) => string }).default
 }

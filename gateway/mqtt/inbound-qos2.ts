@@ -146,7 +146,7 @@ export class InboundQos2 {
           const entry = stored as IncomingFields
           if (entry.edgemqDelivered !== true) {
             const position = incomingPositionOf(entry)
-            if (position !== undefined && !this.#persistence.cursorPast(position)) attachLogPosition(packet, position)
+            if (position !== undefined && !this.#persistence.cursorPast(position)) attachLogPosition(packet, { ...position, late: true })
             await plan.deliver()
             await this.#markDelivered(client, packet)
           }

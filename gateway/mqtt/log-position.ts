@@ -21,6 +21,12 @@ export interface LogPosition {
   readonly stream: string
   readonly partition: number
   readonly offset: number
+  /**
+   * A message delivered again after a restart (inbound-qos2.ts): its record may lie far below the log's end, so a
+   * session without a cursor in its partition gets a copy rather than a cursor there (which would read the whole log
+   * from that record on, messages from before its SUBSCRIBE included).
+   */
+  readonly late?: true
 }
 
 const POSITION = Symbol('edgemq.logPosition')

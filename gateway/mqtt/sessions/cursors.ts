@@ -616,6 +616,11 @@ export class SessionCursors {
     return (this.#clients.get(clientId)?.cursors.size ?? 0) > 0
   }
 
+  /** Whether the session has a cursor in the partition. */
+  hasIn (clientId: string, stream: string, partition: number): boolean {
+    return this.#clients.get(clientId)?.cursors.has(cursorId(stream, partition)) === true
+  }
+
   /**
    * Takes the message at `position` for the client instead of a copy: creates the cursor of its partition (the
    * returned write) when the session has none; else nothing is written. A connected session reads it from the log

@@ -1331,7 +1331,7 @@ export class LevelSessionPersistence {
     }
     if (subs.length === 0) return SETTLED
     const position = this.#cursors === undefined ? undefined : logPositionOf(packet)
-    if (position !== undefined && typeof packet.topic === 'string') {
+    if (position !== undefined && position.late !== true && typeof packet.topic === 'string') {
       // aedes passes what subscriptionsByTopic gave for this message: one cursor check per partition, as beforeAck.
       // Not an async method: a logged message to sessions that all read it from their cursors allocates nothing here.
       const match = this.#matches.get(packet.topic)
@@ -1352,6 +1352,11 @@ export class LevelSessionPersistence {
       for (const sub of subs) {
         // Without a subscription's QoS (outgoingEnqueue: a publish to one client, not routed by a subscription) it is a copy.
         if (sub.qos === undefined || Math.min(sub.qos, packet.qos ?? 0) !== 1) { (copies as Array<{ clientId: string }>).push(sub); continue }
+        // Delivered again after a restart: a cursor only where the session has one in the partition already.
+        if (position.late === true && !this.#cursors.hasIn(sub.clientId, position.stream, position.partition)) {
+          (copies as Array<{ clientId: string }>).push(sub)
+          continue
+        }
         const write = this.#enqueueCursor(sub.clientId, position)
         if (write !== undefined) created.push(write)
       }

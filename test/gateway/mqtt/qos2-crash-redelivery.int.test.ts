@@ -191,4 +191,24 @@ describe('a QoS 2 retransmission after kill -9', () => {
     expect((await receiveAll(gw.mqttUrl, 'q2r-copies')).sort()).toEqual(['end', 'm1', 'marker'])
     expect((await receiveAll(gw.mqttUrl, 'q2r-cursor')).sort()).toEqual(['end', 'm1', 'marker'])
   })
+
+  it('reaches a session that subscribed after the restart as a copy, without the messages logged before its SUBSCRIBE', async () => {
+    const { dir, cleanup } = await tempDir()
+    cleanups.push(cleanup)
+    let gw = await startGatewayProcess({ dataDir: dir })
+    cleanups.push(() => gw.kill())
+    gw = await crashAndRetransmit(dir, gw, async (restarted) => {
+      // Logged into m1's partition (same device key) before anyone subscribes.
+      const other = await connect(restarted.mqttUrl, 'q2r-other')
+      for (const [n, body] of [[1, 'before1'], [2, 'before2']] as const) {
+        other.send(publish(body, 1, n))
+        expect(await other.next('puback', DEADLINE_MS)).toMatchObject({ messageId: n })
+      }
+      other.end()
+      // Then a new persistent session subscribes: it has no cursor in that partition when m1 comes again. Given one at
+      // m1's offset, it read the log from there: before1 and before2 too.
+      await subscribeOffline(restarted.mqttUrl, 'q2r-late', 1)
+    })
+    expect((await receiveAll(gw.mqttUrl, 'q2r-late')).sort()).toEqual(['end', 'm1', 'marker'])
+  })
 })
