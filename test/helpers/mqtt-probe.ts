@@ -91,6 +91,16 @@ export function collect (client: MqttClient, options: { live?: boolean } = {}): 
   return got
 }
 
+/** The payloads (as text) of every message the client receives, those of the CONNACK's chunk included (see collect). */
+export function collectPayloads (client: MqttClient): string[] {
+  const got: string[] = []
+  const early = earlyMessages.get(client)
+  earlyMessages.delete(client)
+  for (const m of early ?? []) got.push(m.payload.toString())
+  client.on('message', (_topic, payload) => { got.push(payload.toString()) })
+  return got
+}
+
 interface EarlyMessage { readonly topic: string, readonly payload: Buffer, readonly retain: boolean }
 /** Per client from tryConnect/connectOk: what it received until the first collect() (see there). */
 const earlyMessages = new WeakMap<MqttClient, EarlyMessage[]>()

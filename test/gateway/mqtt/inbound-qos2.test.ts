@@ -60,7 +60,7 @@ async function retransmit (persistence: Qos2Persistence, options: { queuesCopy?:
 describe('InboundQos2: a retransmission of an entry a dead process stored', () => {
   it('delivers it again with its record\'s log position, so cursor readers take it from the log', async () => {
     const persistence = restartedPersistence({ edgemqPosition: POSITION })
-    expect(await retransmit(persistence)).toEqual([POSITION])
+    expect(await retransmit(persistence)).toEqual([{ ...POSITION, late: true }])
     expect(persistence.asked).toEqual([POSITION])
     expect(persistence.marked).toEqual([]) // no copy was queued: nothing to mark
   })
@@ -72,7 +72,7 @@ describe('InboundQos2: a retransmission of an entry a dead process stored', () =
 
   it('marks the entry delivered once the delivery queued a copy for a session', async () => {
     const persistence = restartedPersistence({ edgemqPosition: POSITION })
-    expect(await retransmit(persistence, { queuesCopy: true })).toEqual([POSITION])
+    expect(await retransmit(persistence, { queuesCopy: true })).toEqual([{ ...POSITION, late: true }])
     expect(persistence.marked).toEqual([7])
   })
 

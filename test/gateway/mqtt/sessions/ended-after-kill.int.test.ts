@@ -13,7 +13,7 @@
 import mqtt, { type IClientOptions } from 'mqtt'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { startGatewayProcess, tempDir, type GatewayProcess } from '../../../helpers/gateway-process.ts'
-import { connectSession, waitFor } from '../../../helpers/mqtt-probe.ts'
+import { collectPayloads, connectSession, waitFor } from '../../../helpers/mqtt-probe.ts'
 
 const WAIT_MS = 30_000
 
@@ -52,8 +52,7 @@ describe('ended sessions and removed subscriptions stay ended across kill -9', (
     await restart()
     clean.client.end(true)
     const after = await connectSession(gw.mqttUrl, { clientId: id, clean: false, protocolVersion: 4 })
-    const got: string[] = []
-    after.client.on('message', (_t, p) => got.push(p.toString()))
+    const got = collectPayloads(after.client)
     await after.client.subscribeAsync('marker/clean', { qos: 1 })
     await publish('marker/clean', 'clean-marker')
     expect(await waitFor(() => got.includes('clean-marker'), WAIT_MS)).toBe(true)
@@ -69,8 +68,7 @@ describe('ended sessions and removed subscriptions stay ended across kill -9', (
     await restart()
     first.client.end(true)
     const after = await connectSession(gw.mqttUrl, { clientId: id, clean: false, protocolVersion: 4 })
-    const got: string[] = []
-    after.client.on('message', (_t, p) => got.push(p.toString()))
+    const got = collectPayloads(after.client)
     await publish('devices/d/events/e', 'unsub-ghost')
     await publish('marker/unsub', 'unsub-marker')
     expect(await waitFor(() => got.includes('unsub-marker'), WAIT_MS)).toBe(true)
@@ -103,8 +101,7 @@ describe('MQTT 5 Clean Start = 1 over an old session', () => {
       await dev.endAsync()
       const fresh = await connectSession(gw.mqttUrl, v5(true))
       expect(fresh.sessionPresent).toBe(false)
-      const early: string[] = []
-      fresh.client.on('message', (_t, p) => early.push(p.toString()))
+      const early = collectPayloads(fresh.client)
       if (kill) {
         await gw.kill()
         fresh.client.end(true)
@@ -113,8 +110,7 @@ describe('MQTT 5 Clean Start = 1 over an old session', () => {
         await fresh.client.endAsync()
       }
       const after = await connectSession(gw.mqttUrl, v5(false))
-      const got: string[] = []
-      after.client.on('message', (_t, p) => got.push(p.toString()))
+      const got = collectPayloads(after.client)
       await after.client.subscribeAsync('marker/cs', { qos: 1 })
       const dev2 = await mqtt.connectAsync(gw.mqttUrl, { clientId: 'cs-dev', reconnectPeriod: 0 })
       await dev2.publishAsync('devices/cs-dev/telemetry/t', 'new-routed', { qos: 1 })

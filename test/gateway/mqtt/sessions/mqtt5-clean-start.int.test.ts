@@ -7,7 +7,7 @@
 import mqtt, { type IClientOptions, type MqttClient } from 'mqtt'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { startGatewayProcess, tempDir, type GatewayProcess } from '../../../helpers/gateway-process.ts'
-import { connectSession, waitFor } from '../../../helpers/mqtt-probe.ts'
+import { collectPayloads, connectSession, waitFor } from '../../../helpers/mqtt-probe.ts'
 
 
 const connect = async (url: string, options: IClientOptions): Promise<{ client: MqttClient, sessionPresent: boolean }> =>
@@ -40,8 +40,7 @@ describe('MQTT 5 Clean Start and Session Expiry Interval', () => {
       await first.client.endAsync()
       await publish(topic, `${kind}-while-away`)
       const again = await connect(gw.mqttUrl, { clientId: id, clean: false, properties: { sessionExpiryInterval: 3600 } })
-      const got: string[] = []
-      again.client.on('message', (_t, p) => got.push(p.toString()))
+      const got = collectPayloads(again.client)
       await publish(topic, `${kind}-after`)
       const arrived = await waitFor(() => got.includes(`${kind}-after`), 30_000)
       await again.client.endAsync()

@@ -15,7 +15,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest'
 import { publishUntilKilled, type Acked } from '../../../helpers/acked-publisher.ts'
 import { startGatewayProcess, tempDir, type GatewayProcess } from '../../../helpers/gateway-process.ts'
 import { killCycles } from '../../../helpers/kill-cycles.ts'
-import { connectSession, waitFor } from '../../../helpers/mqtt-probe.ts'
+import { collectPayloads, connectSession, waitFor } from '../../../helpers/mqtt-probe.ts'
 
 const WAIT_MS = 30_000
 /** Without the fix nearly every cycle found the old session, so two a case (see kill-cycles.ts for deeper runs). */
@@ -76,8 +76,7 @@ describe('a session that ends with its connection stays ended across a kill -9 r
    */
   async function whatIsLeft (id: string, options: IClientOptions, topic: string, body: string): Promise<{ present: boolean, got: string[] }> {
     const after = await connectSession(gw.mqttUrl, { clientId: id, clean: false, ...options })
-    const got: string[] = []
-    after.client.on('message', (_t, p) => got.push(p.toString()))
+    const got = collectPayloads(after.client)
     const marker = `marker/${id}`
     await after.client.subscribeAsync(marker, { qos: 1 })
     await publish(topic, `${body}-ghost`)
