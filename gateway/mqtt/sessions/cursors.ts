@@ -768,7 +768,7 @@ export class SessionCursors {
   detach (clientId: string): Detached[] {
     const state = this.#clients.get(clientId)
     if (state === undefined) return []
-    state.routes.clear()
+    this.#forgetRoutes(state)
     const out: Detached[] = []
     const broker = this.#deps.broker()
     const now = (this.#deps.now ?? Date.now)()
@@ -935,7 +935,9 @@ export class SessionCursors {
     this.#unwatch(state)
     state.client = undefined
     state.via = undefined
-    state.routes.clear()
+    // Both caches hold this connection's answers (deliveredTopic: its user's read ACL): the next connection of the
+    // session, maybe another user's, asks again; an offline session keeps neither.
+    this.#forgetRoutes(state)
     // An offline session without cursors keeps nothing here (its next logged message makes them again).
     if (forgetIfEmpty && state.cursors.size === 0 && this.#clients.get(state.clientId) === state) this.#clients.delete(state.clientId)
   }

@@ -124,6 +124,8 @@ async function connect (gw: Gateway, clientId: string, options: {
   readonly firstId?: number
   /** Told what the client's counter must skip (CursorConnection.holdIds). */
   readonly holdIds?: (held: (messageId: number) => boolean) => void
+  /** The connection's answer for a mounted topic (CursorConnection.deliveredTopic: its user's read ACL); default: every topic. */
+  readonly deliveredTopic?: (mounted: string) => string | null
 } = {}): Promise<Connection> {
   const client = { id: clientId, clean: false }
   const parser = mqttPacket.parser({ protocolVersion: options.mqtt5 === true ? 5 : 4 })
@@ -164,7 +166,7 @@ async function connect (gw: Gateway, clientId: string, options: {
       nextMessageId: () => { const id = nextId; nextId = id >= 65535 ? 1 : id + 1; return id },
     },
     receiveMaximum: options.receiveMaximum ?? 65535,
-    deliveredTopic: (mounted) => mounted,
+    deliveredTopic: options.deliveredTopic ?? ((mounted) => mounted),
     holdIds: options.holdIds,
   })
   conn.copies = await gw.persistence.outgoingStream(client).toArray() as SessionPacket[]
@@ -1093,4 +1095,25 @@ describe('a SUBSCRIBE while the session\'s cursor is behind the log (issue 13: a
     expect(writes).toEqual([1001])
     gw.store.write = write
   })
+
+  for (const fenced of [false, true]) {
+    it(`asks a new connection's read ACL again, also for records below a fence (${fenced ? 'a fence' : 'no fence'}): another user resuming the session gets nothing it may not read`, async () => {
+      const { gw } = await fresh(2)
+      const other = samePartition(gw, 'd0')
+      await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: filterOf('d0'), qos: 1 }])
+      for (let i = 0; i < 6; i++) await publish(gw, 't1', 'd0', `a${i}`)
+      const first = await connect(gw, 'svc', { ack: () => false })
+      await settled(gw, first)
+      // With the fence, every record of d0 logged so far is matched by the fenced route, remembered per cursor.
+      if (fenced) await gw.persistence.addSubscriptions(first.client, [{ topic: filterOf(other), qos: 1 }])
+      await first.ack(first.got[0]?.messageId as number)
+      await settled(gw, first)
+      expect(bodies(first.got)).toEqual(['a0', 'a1', 'a2'])
+      first.close()
+      const denied = await connect(gw, 'svc', { deliveredTopic: () => null })
+      await settled(gw, denied)
+      denied.close()
+      expect(bodies(denied.got)).toEqual([])
+    })
+  }
 })
