@@ -1083,17 +1083,92 @@ describe('a SUBSCRIBE while the session\'s cursor is behind the log (issue 13: a
     expect(bodies(await drain(again, 'svc'))).toEqual([])
   })
 
-  it('persists a SUBSCRIBE of many filters while behind in one write of its filters plus one fence per cursor behind', async () => {
+  it('persists a SUBSCRIBE of many filters while behind with one write per filter plus one fence per cursor behind, stored once', async () => {
+    const { dir, gw } = await fresh()
+    const other = samePartition(gw, 'd0')
+    await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: filterOf('d0'), qos: 1 }])
+    await publish(gw, 't1', 'd0', 'a0')
+    await publish(gw, 't1', other, 'old0')
+    const writes: number[] = []
+    const write = gw.store.write.bind(gw.store)
+    gw.store.write = async (ops, options) => { writes.push(ops.length); return await write(ops, options) }
+    // aedes stores each filter of one SUBSCRIBE with a call of its own (storeAcceptedSubscriptions), all at once
+    const many = [filterOf(other), ...Array.from({ length: 999 }, (_v, i) => `t1/many/${i}`)]
+    await Promise.all(many.map(async (topic) => { await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic, qos: 1 }]) }))
+    gw.store.write = write
+    // the first call puts the fence (its filter and the K value), the others only their filter
+    expect(writes).toEqual([2, ...many.slice(1).map(() => 1)])
+    const key = keys.cursor('svc', 't1/telemetry', gw.store.partitionFor('t1/telemetry', 'd0'))
+    expect((await gw.sessions.get<Buffer, Buffer>(key, { keyEncoding: 'buffer', valueEncoding: 'buffer' }))?.length).toBe(8 + 16)
+    await publish(gw, 't1', other, 'new0')
+    expect(bodies(await drain(await restart(dir, gw), 'svc'))).toEqual(['a0', 'new0'])
+  })
+
+  it('puts a new fence when a partition behind has had appends since the last one, also one whose cursor came after it', async () => {
+    const { dir, gw } = await fresh()
+    const partition = (device: string): number => gw.store.partitionFor('t1/telemetry', device)
+    let e1 = 'e0'
+    for (let i = 0; partition(e1) === partition('d0'); i++) e1 = `e${i}`
+    const e2 = samePartition(gw, e1)
+    await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: filterOf('d0'), qos: 1 }])
+    await publish(gw, 't1', 'd0', 'a0') // the cursor of d0's partition is behind
+    await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: filterOf(e1), qos: 1 }]) // a fence on it
+    await publish(gw, 't1', e1, 'e1-after') // makes the cursor of the other partition: after e1's filter, so it is e1's
+    await publish(gw, 't1', e2, 'e2-before') // logged before e2's filter, below no fence yet
+    await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: filterOf(e2), qos: 1 }]) // d0's partition did not move
+    await publish(gw, 't1', e2, 'e2-after')
+    expect(bodies(await drain(await restart(dir, gw), 'svc')).sort()).toEqual(['a0', 'e1-after', 'e2-after'])
+  })
+
+  it('keeps a fence until the cursor\'s value past it is on disk: a SUBSCRIBE while that write is in flight, and one after it failed, keep it', async () => {
+    const writeErrors: unknown[] = []
+    const { dir, gw } = await fresh(100, { onCursorWriteError: (err) => writeErrors.push(err) })
+    const [other, third] = [samePartition(gw, 'd0'), samePartition(gw, samePartition(gw, 'd0'))]
+    await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: filterOf('d0'), qos: 1 }])
+    for (let i = 0; i < 4; i++) await publish(gw, 't1', 'd0', `a${i}`) // offsets 0-3
+    await publish(gw, 't1', other, 'old0') // 4: logged before other's filter
+    await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: filterOf(other), qos: 1 }]) // a fence at 5
+    await publish(gw, 't1', 'd0', 'a4') // 5
+    // Every cursor advance fails (the disk full); the one past the fence (to 5) waits until `release`.
+    let release = (): void => {}
+    const released = new Promise<void>((resolve) => { release = resolve })
+    let held = false
+    const heldFailure = new Error('ENOSPC (injected, held)')
+    const write = gw.store.write.bind(gw.store)
+    gw.store.write = async (ops, options) => {
+      const cursor = ops.find((op) => op.type === 'put' && op.key[0] === TAG_CURSOR)
+      if (options?.durable !== false || cursor?.type !== 'put') return await write(ops, options)
+      if (!held && (cursor.value as Buffer).readBigUInt64BE(0) === 5n) {
+        held = true
+        await released
+        throw heldFailure
+      }
+      throw new Error('ENOSPC (injected)')
+    }
+    const conn = await connect(gw, 'svc', { ack: (p) => String(p.payload) !== 'a4' })
+    await expect.poll(() => held).toBe(true)
+    await gw.persistence.addSubscriptions(conn.client, [{ topic: filterOf(third), qos: 1 }])
+    release()
+    // Told once the cursor is back where it is on disk (below the fence).
+    await expect.poll(() => writeErrors.some((err) => err === heldFailure || (err as { cause?: unknown }).cause === heldFailure)).toBe(true)
+    await publish(gw, 't1', 'd0', 'a5')
+    await gw.persistence.addSubscriptions(conn.client, [{ topic: 't1/elsewhere/#', qos: 1 }]) // writes the cursor's fences again
+    conn.close()
+    expect(bodies(await drain(await restart(dir, gw), 'svc'))).toEqual(['a0', 'a1', 'a2', 'a3', 'a4', 'a5'])
+  })
+
+  it('puts no fence for a $share subscription (its consumer group reads the log, not the session\'s cursors)', async () => {
     const { gw } = await fresh()
     await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: filterOf('d0'), qos: 1 }])
     await publish(gw, 't1', 'd0', 'a0')
     const writes: number[] = []
     const write = gw.store.write.bind(gw.store)
     gw.store.write = async (ops, options) => { writes.push(ops.length); return await write(ops, options) }
-    const many = Array.from({ length: 1000 }, (_v, i) => ({ topic: `t1/many/${i}`, qos: 1 as const }))
-    await gw.persistence.addSubscriptions({ id: 'svc' }, many)
-    expect(writes).toEqual([1001])
+    await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: 't1/$share/g/devices/+/telemetry/#', qos: 1 }])
     gw.store.write = write
+    expect(writes).toEqual([1])
+    const key = keys.cursor('svc', 't1/telemetry', gw.store.partitionFor('t1/telemetry', 'd0'))
+    expect((await gw.sessions.get<Buffer, Buffer>(key, { keyEncoding: 'buffer', valueEncoding: 'buffer' }))?.length).toBe(8)
   })
 
   for (const fenced of [false, true]) {
