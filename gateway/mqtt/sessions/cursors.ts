@@ -1511,22 +1511,55 @@ function cursorValue (cursor: PartitionCursor): Buffer {
 }
 
 /**
- * A stored `K` value (see cursorValue), or undefined when it is not one (damaged): fences ascending, above the
- * offset, epochs from 1. Damaged, the cursor reads its partition from the log start, with no fence: more deliveries.
+ * A stored `K` value (see cursorValue): fences ascending, above the offset, epochs from 1. Undefined when its offset
+ * cannot be read (damaged): the cursor reads its partition from the log start. `fencesDamaged` when the offset can
+ * be read but what follows is not fences: the cursor keeps its offset, without fences (a filter added while it was
+ * behind may get records logged before its SUBSCRIBE: more deliveries, not fewer).
  */
-export function decodeCursorValue (value: Buffer): { next: number, fences: Fence[] } | undefined {
-  if (value.length < 8 || (value.length - 8) % 16 !== 0) return undefined
+export function decodeCursorValue (value: Buffer): { next: number, fences: Fence[], fencesDamaged: boolean } | undefined {
+  if (value.length < 8) return undefined
   const next = Number(value.readBigUInt64BE(0))
+  if (!Number.isSafeInteger(next)) return undefined
+  const damaged = { next, fences: [], fencesDamaged: true }
+  if ((value.length - 8) % 16 !== 0) return damaged
   const fences: Fence[] = []
   let last = { epoch: 0, offset: next + 1 } // the first above the offset; two SUBSCRIBEs with no append between share one
   for (let at = 8; at < value.length; at += 16) {
     const fence = { epoch: Number(value.readBigUInt64BE(at)), offset: Number(value.readBigUInt64BE(at + 8)) }
     if (!Number.isSafeInteger(fence.epoch) || !Number.isSafeInteger(fence.offset) || fence.epoch <= last.epoch || fence.offset < last.offset) {
-      return undefined
+      return damaged
     }
     fences.push(last = fence)
   }
-  return Number.isSafeInteger(next) ? { next, fences } : undefined
+  return { next, fences, fencesDamaged: false }
+}
+
+/**
+ * The eras a subscription whose stored eras were damaged gets instead: QoS 1 from before every fence, so its session's
+ * cursors deliver every record below a fence that the filter matches (as QoS 1 is what makes a record the cursors').
+ * Not no eras: a filter changed from QoS 1 to 2 while a cursor was behind would then skip the records logged under
+ * QoS 1, which no copy holds. A filter added while behind may get records logged before its SUBSCRIBE: more
+ * deliveries, never fewer. Above every fence the subscription's QoS holds, as always.
+ */
+export function damagedEras (): number[] {
+  return [0, 1]
+}
+
+/**
+ * Whether a stored subscription's `eras` is grant eras (see {@link SessionCursors.grant}): epoch, QoS pairs, epochs
+ * safe integers from 0, ascending, QoS 0 to 2. Checked at load: the epochs of every session's eras set the one epoch
+ * counter (noteEras), which a value that is not a number turned into NaN for every later grant.
+ */
+export function isGrantEras (eras: unknown): eras is number[] {
+  if (!Array.isArray(eras) || eras.length === 0 || eras.length % 2 !== 0) return false
+  let last = -1
+  for (let i = 0; i < eras.length; i += 2) {
+    const epoch: unknown = eras[i]
+    const qos: unknown = eras[i + 1]
+    if (typeof epoch !== 'number' || !Number.isSafeInteger(epoch) || epoch <= last || (qos !== 0 && qos !== 1 && qos !== 2)) return false
+    last = epoch
+  }
+  return true
 }
 
 /** The cursor's `K` key; the buffer is shared by its writes, which never change it. */

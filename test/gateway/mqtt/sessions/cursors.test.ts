@@ -19,8 +19,8 @@ import mqttPacket, { type IPublishPacket } from 'mqtt-packet'
 import { afterEach, describe, expect, it } from 'vitest'
 import { openLogStore, type LevelDatabase, type LogStore } from '../../../../store/index.ts'
 import { attachLogPosition } from '../../../../gateway/mqtt/log-position.ts'
-import { LevelSessionPersistence, SessionPersistenceError, type SessionBroker, type SessionPacket, type SessionPersistenceOptions } from '../../../../gateway/mqtt/sessions/persistence.ts'
-import { keys, TAG_CURSOR, TAG_OUTGOING } from '../../../../gateway/mqtt/sessions/format.ts'
+import { LevelSessionPersistence, SessionPersistenceError, type SessionBroker, type SessionDamage, type SessionPacket, type SessionPersistenceOptions } from '../../../../gateway/mqtt/sessions/persistence.ts'
+import { cbor, keys, TAG_CURSOR, TAG_OUTGOING } from '../../../../gateway/mqtt/sessions/format.ts'
 import type { CursorConnection } from '../../../../gateway/mqtt/sessions/cursors.ts'
 import { PROPERTY_HEADERS } from '../../../../bridge/mqtt-properties.ts'
 import { RETAIN_HEADER } from '../../../../gateway/mqtt/hooks/durable-append.ts'
@@ -48,7 +48,7 @@ interface Gateway {
 }
 
 /** The database, log store and session persistence as gateway.ts builds them (no client connected). */
-type Observers = Pick<SessionPersistenceOptions, 'onExpired' | 'onCursorReadError' | 'onCursorWriteError' | 'onCursorDropped'>
+type Observers = Pick<SessionPersistenceOptions, 'onExpired' | 'onCursorReadError' | 'onCursorWriteError' | 'onCursorDropped' | 'onDamaged'>
 
 async function open (dir: string, window = 100, options: Observers = {}, diskBudgetBytes = 0): Promise<Gateway> {
   const db = new ClassicLevel(dir)
@@ -1169,6 +1169,65 @@ describe('a SUBSCRIBE while the session\'s cursor is behind the log (issue 13: a
     expect(writes).toEqual([1])
     const key = keys.cursor('svc', 't1/telemetry', gw.store.partitionFor('t1/telemetry', 'd0'))
     expect((await gw.sessions.get<Buffer, Buffer>(key, { keyEncoding: 'buffer', valueEncoding: 'buffer' }))?.length).toBe(8)
+  })
+
+  it('reports a subscription whose stored eras are damaged, and grants later SUBSCRIBEs of other sessions as before', async () => {
+    const damaged: SessionDamage[] = []
+    const { dir, gw } = await fresh(100, { onDamaged: (d) => damaged.push(d) })
+    const other = samePartition(gw, 'd0')
+    await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: filterOf('d0'), qos: 1 }])
+    await gw.persistence.addSubscriptions({ id: 'peer' }, [{ topic: filterOf('d0'), qos: 1 }])
+    for (let i = 0; i < 3; i++) await publish(gw, 't1', 'd0', `a${i}`)
+    await publish(gw, 't1', other, 'old0')
+    // cbor reads it, but its eras are not epochs: the epoch counter of every session was NaN from there on
+    const peerKey = keys.sub('peer', filterOf('d0'))
+    await gw.sessions.put(peerKey, Buffer.from(cbor.encode({ qos: 1, eras: ['x', 1] })) as never, { keyEncoding: 'buffer', valueEncoding: 'buffer' } as never)
+    let again = await restart(dir, gw, 100, { onDamaged: (d) => damaged.push(d) })
+    expect(damaged.map(({ entry, clientId, key }) => ({ entry, clientId, key }))).toEqual([{ entry: 'subscription', clientId: 'peer', key: peerKey.toString('hex') }])
+    await again.persistence.addSubscriptions({ id: 'svc' }, [{ topic: filterOf(other), qos: 1 }]) // behind: a fence
+    await publish(again, 't1', other, 'new0')
+    damaged.length = 0
+    again = await restart(dir, again, 100, { onDamaged: (d) => damaged.push(d) })
+    expect(damaged.map(({ entry, clientId }) => ({ entry, clientId }))).toEqual([{ entry: 'subscription', clientId: 'peer' }]) // svc's fence reads
+    expect(bodies(await drain(again, 'svc'))).toEqual(['a0', 'a1', 'a2', 'new0'])
+    expect(bodies(await drain(again, 'peer'))).toEqual(['a0', 'a1', 'a2'])
+  })
+
+  it('delivers every record below a fence to a subscription whose eras are damaged, also one changed from QoS 1 to 2 (not fewer)', async () => {
+    const damaged: SessionDamage[] = []
+    const { dir, gw } = await fresh(100, { onDamaged: (d) => damaged.push(d) })
+    await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: filterOf('d0'), qos: 1 }])
+    await publish(gw, 't1', 'd0', 'q1-0', 2) // QoS 2 at a QoS 1 subscription: the cursor's, at QoS 1, no copy
+    await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: filterOf('d0'), qos: 2 }]) // behind: eras and a fence
+    await publish(gw, 't1', 'd0', 'q2-0', 2) // a copy
+    const key = keys.sub('svc', filterOf('d0'))
+    await gw.sessions.put(key, Buffer.from(cbor.encode({ qos: 2, eras: [1, 'y'] })) as never, { keyEncoding: 'buffer', valueEncoding: 'buffer' } as never)
+    const again = await restart(dir, gw, 100, { onDamaged: (d) => damaged.push(d) })
+    expect(damaged.map(({ entry }) => entry)).toEqual(['subscription'])
+    const conn = await connect(again, 'svc')
+    await settled(again, conn)
+    conn.close()
+    expect(conn.got.map((p) => [String(p.payload), p.qos])).toEqual([['q1-0', 1]])
+    expect(conn.copies.map((p) => [String(p.payload), p.qos])).toEqual([['q2-0', 2]])
+  })
+
+  it('keeps a cursor\'s offset when only the fences after it are damaged, reporting it', async () => {
+    const damaged: SessionDamage[] = []
+    const { dir, gw } = await fresh(100, { onDamaged: (d) => damaged.push(d) })
+    const other = samePartition(gw, 'd0')
+    await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: filterOf('d0'), qos: 1 }])
+    for (let i = 0; i < 4; i++) await publish(gw, 't1', 'd0', `a${i}`)
+    expect(bodies(await drain(gw, 'svc', (i) => i < 2))).toEqual(['a0', 'a1', 'a2', 'a3'])
+    const key = keys.cursor('svc', 't1/telemetry', gw.store.partitionFor('t1/telemetry', 'd0'))
+    const stored = async (): Promise<Buffer | undefined> => await gw.sessions.get<Buffer, Buffer>(key, { keyEncoding: 'buffer', valueEncoding: 'buffer' })
+    await expect.poll(async () => (await stored())?.readBigUInt64BE(0)).toBe(2n)
+    await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: filterOf(other), qos: 1 }]) // a fence
+    const value = await stored() as Buffer
+    expect(value.length).toBe(8 + 16)
+    await gw.sessions.put(key, value.subarray(0, value.length - 1) as never, { keyEncoding: 'buffer', valueEncoding: 'buffer' } as never)
+    const again = await restart(dir, gw, 100, { onDamaged: (d) => damaged.push(d) })
+    expect(damaged.map(({ entry, key: hex, length }) => ({ entry, key: hex, length }))).toEqual([{ entry: 'cursor', key: key.toString('hex'), length: 23 }])
+    expect(bodies(await drain(again, 'svc'))).toEqual(['a2', 'a3'])
   })
 
   for (const fenced of [false, true]) {
