@@ -352,7 +352,7 @@ export function createMetrics (registry: Registry, sources: MetricsSources): Gat
     }),
     sessionDamaged: new Counter({
       name: 'edgemq_mqtt_session_damaged_entries_total',
-      help: 'Stored session entries found damaged at start (entry: cursor, session, offline, messageId), each logged with its key and ' +
+      help: 'Stored session entries found damaged at start (entry: cursor, session, offline, messageId, subscription), each logged with its key and ' +
         'GW_SESSION_CORRUPT; the session went on with a fallback that delivers more, never less (docs/mqtt.md).',
       labelNames: ['entry'],
       registers: [registry],

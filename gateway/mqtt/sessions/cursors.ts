@@ -73,6 +73,7 @@
 import { isStoreError, type AppendEvent, type LogStore, type RecordColumns, type StoredRecord, type StoreWriteOptions } from '../../../store/index.ts'
 import { expiredAt, headersToProperties } from '../../../bridge/index.ts'
 import { mountTopic } from '../../access/topics.ts'
+import { isShareTopic } from '../shared/share-topic.ts'
 import { RETAIN_HEADER } from '../hooks/durable-append.ts'
 import { logPositionOf, type LogPosition } from '../log-position.ts'
 import { drained } from '../../drained.ts'
@@ -238,6 +239,11 @@ const CACHE_ENTRIES = 4096
 class PartitionCursor {
   /** The value written (or being written): next offset to deliver after a restart. */
   committed: number
+  /**
+   * The highest value known to be on disk (loaded, created, or an advance whose write succeeded): `committed` runs
+   * ahead of it while an advance is written, and goes back to it when that write fails, so fences are dropped by this.
+   */
+  durable: number
   /** The write that created the key failed after this cursor had sent records: the next message writes it again. */
   unwritten = false
   /** Its last read of the log failed: not read again before this time (performance.now()), READ_RETRY_MS later. */
@@ -290,6 +296,7 @@ class PartitionCursor {
   constructor (readonly stream: string, readonly partition: number, committed: number, dupBelow: number) {
     this.tenant = stream.slice(0, stream.indexOf('/'))
     this.committed = committed
+    this.durable = committed
     this.next = committed
     this.dupBelow = dupBelow
   }
@@ -301,9 +308,18 @@ class PartitionCursor {
     this.fencedRoutes = undefined
   }
 
-  /** Drops the fences the committed value has reached: no record it applies to is read again. */
+  /**
+   * Drops the fences the value on disk has reached: no record they apply to is read again, not even after a restart.
+   * Not by `committed`: an advance whose write fails goes back below them.
+   */
   pruneFences (): void {
-    if (this.fences.length > 0 && (this.fences[0] as Fence).offset <= this.committed) this.fence(this.fences.filter((f) => f.offset > this.committed))
+    const durable = this.durable
+    if (this.fences.length > 0 && (this.fences[0] as Fence).offset <= durable) this.fence(this.fences.filter((f) => f.offset > durable))
+  }
+
+  /** The newest fence, if any. */
+  lastFence (): Fence | undefined {
+    return this.fences[this.fences.length - 1]
   }
 
   /** The epoch of the first fence above `offset` (Infinity when none is): which grant eras apply to its record. */
@@ -557,40 +573,60 @@ export class SessionCursors {
    * A SUBSCRIBE of the session is about to be stored (before its SUBACK): records logged before it may not reach a
    * filter it adds, and records logged before it keep the QoS of a filter it changes (MQTT: a new subscription gets
    * the messages published after it; a replaced one neither loses nor repeats any). Only records the session has not
-   * passed yet can be matched again: those of a cursor behind the log's end. Each such cursor gets a fence at the
-   * log's end now, with a new epoch, written in its `K` value (the returned puts, to be written with the
-   * subscriptions, so both are durable before the SUBACK). Each subscription gets its eras: for a new filter (or one
-   * that was QoS 0) "from this epoch", for one whose QoS changes the eras it had plus "this QoS from this epoch",
-   * and as it was when only its other options change. A record below a fence is matched with, per filter, the QoS
-   * of the last era granted before that fence's epoch (none before the first), and the current options. Without a
-   * cursor behind, no fence and no era is needed: every record the session will read was logged after this.
+   * passed yet can be matched again: those of a cursor behind the log's end (behind its value on disk: a restart
+   * reads from there). Each such cursor gets a fence at the log's end now, with a new epoch, written in its `K` value
+   * (the returned puts, to be written with the subscriptions, so both are durable before the SUBACK). Each
+   * subscription gets its eras: for a new filter (or one that was QoS 0) "from this epoch", for one whose QoS changes
+   * the eras it had plus "this QoS from this epoch", and as it was when only its other options change. A record below
+   * a fence is matched with, per filter, the QoS of the last era granted before that fence's epoch (none before the
+   * first), and the current options. Without a cursor behind, no fence and no era is needed: every record the session
+   * will read was logged after this. `$share/` subscriptions take no part: a share is read by its consumer group,
+   * never by the session's cursors.
    *
-   * Cost: O(subscriptions + the session's cursors); eras are stored only while fences are above a cursor, and those
-   * no fence left can select are dropped here.
+   * When nothing was appended to any partition the session's cursors are behind in since its last grant, this one
+   * takes that grant's epoch and puts no fence: every fence it would put is there already, at the same offset, and a
+   * record below it sees both grants as after it. aedes stores each filter of one SUBSCRIBE with a call of its own
+   * (aedes-internals.ts storeAcceptedSubscriptions): a fence per call made N epochs and N fences per cursor behind for
+   * N filters, each rewriting a `K` value that grew by one (1,000 filters: 16 KB, about 8 MB written per cursor).
+   *
+   * Cost: O(subscriptions + the session's cursors); eras are stored while a fence is above a cursor, and those no
+   * fence left can select are dropped here.
    */
   grant (clientId: string, subs: readonly GrantedSubscription[]): Grant {
     const state = this.#clients.get(clientId)
     const ops: Grant['ops'] = []
     // Only a new filter or a changed QoS needs a fence; other options (and a filter as it was) apply to every record.
-    const changes = subs.some(({ qos, previous }) => previous === undefined ? qos > 0 : previous.qos !== qos)
-    let epoch = 0
-    let lowest = Infinity
+    const changes = subs.some(({ topic, qos, previous }) => !isShare(topic) && (previous === undefined ? qos > 0 : previous.qos !== qos))
+    const behind: Array<{ cursor: PartitionCursor, end: number }> = []
     for (const cursor of state?.cursors.values() ?? []) {
       cursor.pruneFences()
-      if (changes && cursor.committed < endOf(this.#deps.log, cursor)) {
-        if (epoch === 0) epoch = ++this.#epoch
-        cursor.fence([...cursor.fences, { epoch, offset: endOf(this.#deps.log, cursor) }])
-        ops.push({ type: 'put', key: cursorKey(clientId, cursor), value: cursorValue(cursor) })
-      }
-      if (cursor.fences.length > 0) lowest = Math.min(lowest, (cursor.fences[0] as Fence).epoch)
+      const end = endOf(this.#deps.log, cursor)
+      if (changes && cursor.durable < end) behind.push({ cursor, end })
     }
-    const eras = subs.map(({ qos, previous }) => {
-      if (lowest === Infinity) return undefined // no fence: every record still to read comes after every grant
+    let epoch = 0
+    if (behind.length > 0) {
+      const last = behind[0]?.cursor.lastFence()?.epoch
+      if (last !== undefined && behind.every(({ cursor, end }) => cursor.lastFence()?.epoch === last && cursor.lastFence()?.offset === end)) {
+        epoch = last
+      } else {
+        epoch = ++this.#epoch
+        for (const { cursor, end } of behind) {
+          cursor.fence([...cursor.fences, { epoch, offset: end }])
+          ops.push({ type: 'put', key: cursorKey(clientId, cursor), value: cursorValue(cursor) })
+        }
+      }
+    }
+    let lowest = Infinity
+    for (const cursor of state?.cursors.values() ?? []) if (cursor.fences.length > 0) lowest = Math.min(lowest, (cursor.fences[0] as Fence).epoch)
+    const eras = subs.map(({ topic, qos, previous }) => {
+      if (lowest === Infinity || isShare(topic)) return undefined // no fence: every record still to read comes after every grant
       if (previous === undefined) return qos === 0 ? undefined : prunedEras([epoch, qos], lowest)
       if (previous.qos === qos) return previous.eras === undefined ? undefined : prunedEras([...previous.eras], lowest)
       // Was QoS 0 everywhere: not subscribed as far as the cursors go (no QoS 0 delivery is theirs).
       const before = previous.eras ?? (previous.qos === 0 ? [] : [0, previous.qos])
-      return prunedEras([...before, epoch, qos], lowest)
+      // Changed again in the epoch it last changed in (no append between): that era's QoS is this one.
+      const same = before.length >= 2 && before[before.length - 2] === epoch
+      return prunedEras(same ? [...before.slice(0, -1), qos] : [...before, epoch, qos], lowest)
     })
     if (state !== undefined) this.#forgetRoutes(state)
     return { ops, eras }
@@ -773,7 +809,7 @@ export class SessionCursors {
   detach (clientId: string): Detached[] {
     const state = this.#clients.get(clientId)
     if (state === undefined) return []
-    state.routes.clear()
+    this.#forgetRoutes(state)
     const out: Detached[] = []
     const broker = this.#deps.broker()
     const now = (this.#deps.now ?? Date.now)()
@@ -940,7 +976,9 @@ export class SessionCursors {
     this.#unwatch(state)
     state.client = undefined
     state.via = undefined
-    state.routes.clear()
+    // Both caches hold this connection's answers (deliveredTopic: its user's read ACL): the next connection of the
+    // session, maybe another user's, asks again; an offline session keeps neither.
+    this.#forgetRoutes(state)
     // An offline session without cursors keeps nothing here (its next logged message makes them again).
     if (forgetIfEmpty && state.cursors.size === 0 && this.#clients.get(state.clientId) === state) this.#clients.delete(state.clientId)
   }
@@ -1372,14 +1410,14 @@ export class SessionCursors {
 
   #writeAdvances (state: ClientCursors): void {
     const ops: Array<{ type: 'put', key: Buffer, value: Buffer }> = []
-    const moved: Array<{ cursor: PartitionCursor, from: number }> = []
+    const moved: Array<{ cursor: PartitionCursor, from: number, to: number }> = []
     // A session dropped, or a cursor dropped, writes nothing more (its deletion was written after what is in flight).
     const live = this.#clients.get(state.clientId) === state
     for (const cursor of state.advancing) {
       if (!live || state.cursors.get(cursorId(cursor.stream, cursor.partition)) !== cursor) continue
       const target = cursor.target()
       if (target <= cursor.committed) continue
-      moved.push({ cursor, from: cursor.committed })
+      moved.push({ cursor, from: cursor.committed, to: target })
       cursor.committed = target
       ops.push({ type: 'put', key: cursorKey(state.clientId, cursor), value: cursorValue(cursor) })
     }
@@ -1391,7 +1429,10 @@ export class SessionCursors {
     state.unsynced = true
     state.written = this.#deps.write(ops, ADVANCE).then(() => {
       // Fences the written values passed: not written again (kept in memory until then, as a failed write restores them).
-      for (const { cursor } of moved) cursor.pruneFences()
+      for (const { cursor, to } of moved) {
+        cursor.durable = Math.max(cursor.durable, to)
+        cursor.pruneFences()
+      }
     }, (err: unknown) => {
       this.#deps.onWriteError?.(err)
       // The session persistence wraps the store's errors (GW_SESSION_WRITE_FAILED, with the store's as the cause).
@@ -1438,6 +1479,11 @@ function partitionInfo (log: SessionLog, cursor: PartitionCursor): { logStartOff
   }
 }
 
+/** Whether a stored filter (mounted: `<tenant>/$share/…`, or bare) is a shared subscription. */
+function isShare (topic: string): boolean {
+  return isShareTopic(topic) || isShareTopic(topic.slice(topic.indexOf('/') + 1))
+}
+
 function endOf (log: SessionLog, cursor: PartitionCursor): number {
   try {
     return log.partitionInfo(cursor.stream, cursor.partition).logEndOffset
@@ -1470,22 +1516,55 @@ function cursorValue (cursor: PartitionCursor): Buffer {
 }
 
 /**
- * A stored `K` value (see cursorValue), or undefined when it is not one (damaged): fences ascending, above the
- * offset, epochs from 1. Damaged, the cursor reads its partition from the log start, with no fence: more deliveries.
+ * A stored `K` value (see cursorValue): fences ascending, above the offset, epochs from 1. Undefined when its offset
+ * cannot be read (damaged): the cursor reads its partition from the log start. `fencesDamaged` when the offset can
+ * be read but what follows is not fences: the cursor keeps its offset, without fences (a filter added while it was
+ * behind may get records logged before its SUBSCRIBE: more deliveries, not fewer).
  */
-export function decodeCursorValue (value: Buffer): { next: number, fences: Fence[] } | undefined {
-  if (value.length < 8 || (value.length - 8) % 16 !== 0) return undefined
+export function decodeCursorValue (value: Buffer): { next: number, fences: Fence[], fencesDamaged: boolean } | undefined {
+  if (value.length < 8) return undefined
   const next = Number(value.readBigUInt64BE(0))
+  if (!Number.isSafeInteger(next)) return undefined
+  const damaged = { next, fences: [], fencesDamaged: true }
+  if ((value.length - 8) % 16 !== 0) return damaged
   const fences: Fence[] = []
   let last = { epoch: 0, offset: next + 1 } // the first above the offset; two SUBSCRIBEs with no append between share one
   for (let at = 8; at < value.length; at += 16) {
     const fence = { epoch: Number(value.readBigUInt64BE(at)), offset: Number(value.readBigUInt64BE(at + 8)) }
     if (!Number.isSafeInteger(fence.epoch) || !Number.isSafeInteger(fence.offset) || fence.epoch <= last.epoch || fence.offset < last.offset) {
-      return undefined
+      return damaged
     }
     fences.push(last = fence)
   }
-  return Number.isSafeInteger(next) ? { next, fences } : undefined
+  return { next, fences, fencesDamaged: false }
+}
+
+/**
+ * The eras a subscription whose stored eras were damaged gets instead: QoS 1 from before every fence, so its session's
+ * cursors deliver every record below a fence that the filter matches (as QoS 1 is what makes a record the cursors').
+ * Not no eras: a filter changed from QoS 1 to 2 while a cursor was behind would then skip the records logged under
+ * QoS 1, which no copy holds. A filter added while behind may get records logged before its SUBSCRIBE: more
+ * deliveries, never fewer. Above every fence the subscription's QoS holds, as always.
+ */
+export function damagedEras (): number[] {
+  return [0, 1]
+}
+
+/**
+ * Whether a stored subscription's `eras` is grant eras (see {@link SessionCursors.grant}): epoch, QoS pairs, epochs
+ * safe integers from 0, ascending, QoS 0 to 2. Checked at load: the epochs of every session's eras set the one epoch
+ * counter (noteEras), which a value that is not a number turned into NaN for every later grant.
+ */
+export function isGrantEras (eras: unknown): eras is number[] {
+  if (!Array.isArray(eras) || eras.length === 0 || eras.length % 2 !== 0) return false
+  let last = -1
+  for (let i = 0; i < eras.length; i += 2) {
+    const epoch: unknown = eras[i]
+    const qos: unknown = eras[i + 1]
+    if (typeof epoch !== 'number' || !Number.isSafeInteger(epoch) || epoch <= last || (qos !== 0 && qos !== 1 && qos !== 2)) return false
+    last = epoch
+  }
+  return true
 }
 
 /** The cursor's `K` key; the buffer is shared by its writes, which never change it. */

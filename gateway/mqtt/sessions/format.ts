@@ -57,12 +57,20 @@
  *   PUBACK, so a kill loses at most the advance, and the records from the
  *   cursor on are delivered again (DUP set). A fence (epoch e, offset o) of
  *   a `K` value: records below `o` were logged before the SUBSCRIBE of grant
- *   epoch e, so a filter whose `eras` (epoch, QoS, … ascending: its QoS from
- *   each epoch on; kept only while a cursor of the session has a fence)
- *   start or change at e is matched for them
- *   with its earlier era; it is written with that SUBSCRIBE's `S` entries, in
- *   one batch, and dropped once the cursor passes `o`. Epochs grow across
- *   restarts (setup resumes above every stored one). Records of a routed message live
+ *   epoch e, so a filter whose `eras` (epoch, QoS, … epochs ascending: its
+ *   QoS from each epoch on) start or change at e is matched for them with
+ *   its earlier era; it is written with that SUBSCRIBE's `S` entries, in
+ *   one batch, and dropped once the cursor's written value passes `o`.
+ *   SUBSCRIBEs with nothing logged between them, in any partition a cursor
+ *   of the session is behind in, share one epoch and its fences (aedes
+ *   stores each filter of a SUBSCRIBE on its own). A filter's `eras` are
+ *   written when a SUBSCRIBE adds or changes it while a cursor is behind,
+ *   and stay until that filter is subscribed to again, which drops the
+ *   eras no fence left can select (all of them once no cursor has a
+ *   fence). One that is not eras is read as QoS 1 from before every fence
+ *   (cursors.ts damagedEras). Epochs grow across restarts (setup resumes
+ *   above every stored one). `$share/` subscriptions have no `eras` and add
+ *   no fence. Records of a routed message live
  *   in the log only; the `O` queue holds copies of messages no route sends
  *   to the log, and of QoS 2 deliveries.
  * - A value is never written with a function in it (cbor cannot encode one):

@@ -50,7 +50,7 @@ import { compileTopicFilters, QLOBBER_OPTIONS, topicMatches, type QlobberOptions
 import { movePacketId } from '../aedes-internals.ts'
 import { logPositionOf, type LogPosition } from '../log-position.ts'
 import { noteQueuedCopy } from '../queued-copies.ts'
-import { decodeCursorValue, SessionCursors, type CursorConnector, type LivePacket, type SessionLog } from './cursors.ts'
+import { damagedEras, decodeCursorValue, isGrantEras, SessionCursors, type CursorConnector, type LivePacket, type SessionLog } from './cursors.ts'
 import { notFound, SessionPersistenceError } from './errors.ts'
 import {
   cbor, checkMessageId, CLIENT_TAGS, PARKED_PREFIX, clientPrefix, decodeValue, encodeU16, encodeU64, encodeVersion, keys, prefixRange, readVersion,
@@ -95,14 +95,18 @@ export interface SessionClient {
 /**
  * A stored session entry whose value cannot be read (format.ts gives each its length), found by setup(), and what the
  * session does instead. Never skipped silently (DESIGN.md: damaged data is reported; bad input loses nothing):
- * - `cursor` (`K`): the session reads the partition from its log start (more deliveries, with DUP set, never fewer);
+ * - `cursor` (`K`): the session reads the partition from its log start (more deliveries, with DUP set, never fewer),
+ *   or, when only the fences after its offset are damaged, from that offset without fences (a filter added while it
+ *   was behind may get records logged before its SUBSCRIBE);
+ * - `subscription` (`S`, its grant eras): the subscription is kept, with QoS 1 for the records below its session's
+ *   fences (cursors.ts damagedEras: every such record it matches is delivered, also those logged before it);
  * - `session` (`C`): the session is kept, without an MQTT 5 Session Expiry Interval of its own (only
  *   mqtt.sessionExpirySeconds ends it) until its client connects again and gives one;
  * - `offline` (`E`): the session is offline since the start (its mark is written again);
  * - `messageId` (`M`): the queued packet is sent again with a new message id.
  */
 export interface SessionDamage {
-  readonly entry: 'cursor' | 'session' | 'offline' | 'messageId'
+  readonly entry: 'cursor' | 'session' | 'offline' | 'messageId' | 'subscription'
   /** The key, hex. */
   readonly key: string
   readonly clientId: string
@@ -201,7 +205,8 @@ export interface SessionPersistenceOptions {
   /** With a log: told when reading the log for a session failed (it goes on at its next PUBACK or append). */
   readonly onCursorReadError?: (err: unknown) => void
   /**
-   * Told of each stored entry setup() found damaged (a value of the wrong length) and the fallback it took instead
+   * Told of each stored entry setup() found damaged (a value of the wrong length, or a subscription's eras that are
+   * not eras) and the fallback it took instead
    * (SessionDamage); the gateway logs and counts it. Loading goes on: the fallback delivers more, never less.
    */
   readonly onDamaged?: (damage: SessionDamage) => void
@@ -449,7 +454,7 @@ interface StoredSubscription {
   rap?: boolean
   nl?: boolean
   subscriptionIdentifier?: number
-  /** Its grant eras while a cursor of the session has a fence (cursors.ts grant); absent otherwise. */
+  /** Its grant eras (cursors.ts grant), from a SUBSCRIBE that added or changed it while a cursor of the session was behind. */
   eras?: number[]
 }
 
@@ -687,6 +692,10 @@ export class LevelSessionPersistence {
         continue
       }
       const record = decodeValue<StoredSubscription>(key, value)
+      if (record.eras !== undefined && !isGrantEras(record.eras)) {
+        this.#damaged('subscription', key, clientId, value, 'eras: epoch, QoS pairs')
+        record.eras = damagedEras()
+      }
       this.#addSubscription(clientId, topic, record)
       this.#cursors?.noteEras(record.eras)
     }
@@ -735,6 +744,7 @@ export class LevelSessionPersistence {
         const { stream, partition } = keys.parseCursor(rest)
         const cursor = decodeCursorValue(value)
         if (cursor !== undefined) {
+          if (cursor.fencesDamaged) this.#damaged('cursor', key, clientId, value, '8 + 16n')
           this.#cursors.load(clientId, stream, partition, cursor.next, cursor.fences)
         } else {
           // From the log start: a cursor below it reads from there (what the disk budget deleted is not told again).

@@ -19,8 +19,8 @@ import mqttPacket, { type IPublishPacket } from 'mqtt-packet'
 import { afterEach, describe, expect, it } from 'vitest'
 import { openLogStore, type LevelDatabase, type LogStore } from '../../../../store/index.ts'
 import { attachLogPosition } from '../../../../gateway/mqtt/log-position.ts'
-import { LevelSessionPersistence, SessionPersistenceError, type SessionBroker, type SessionPacket, type SessionPersistenceOptions } from '../../../../gateway/mqtt/sessions/persistence.ts'
-import { keys, TAG_CURSOR, TAG_OUTGOING } from '../../../../gateway/mqtt/sessions/format.ts'
+import { LevelSessionPersistence, SessionPersistenceError, type SessionBroker, type SessionDamage, type SessionPacket, type SessionPersistenceOptions } from '../../../../gateway/mqtt/sessions/persistence.ts'
+import { cbor, keys, TAG_CURSOR, TAG_OUTGOING } from '../../../../gateway/mqtt/sessions/format.ts'
 import type { CursorConnection } from '../../../../gateway/mqtt/sessions/cursors.ts'
 import { PROPERTY_HEADERS } from '../../../../bridge/mqtt-properties.ts'
 import { RETAIN_HEADER } from '../../../../gateway/mqtt/hooks/durable-append.ts'
@@ -48,7 +48,7 @@ interface Gateway {
 }
 
 /** The database, log store and session persistence as gateway.ts builds them (no client connected). */
-type Observers = Pick<SessionPersistenceOptions, 'onExpired' | 'onCursorReadError' | 'onCursorWriteError' | 'onCursorDropped'>
+type Observers = Pick<SessionPersistenceOptions, 'onExpired' | 'onCursorReadError' | 'onCursorWriteError' | 'onCursorDropped' | 'onDamaged'>
 
 async function open (dir: string, window = 100, options: Observers = {}, diskBudgetBytes = 0): Promise<Gateway> {
   const db = new ClassicLevel(dir)
@@ -124,6 +124,8 @@ async function connect (gw: Gateway, clientId: string, options: {
   readonly firstId?: number
   /** Told what the client's counter must skip (CursorConnection.holdIds). */
   readonly holdIds?: (held: (messageId: number) => boolean) => void
+  /** The connection's answer for a mounted topic (CursorConnection.deliveredTopic: its user's read ACL); default: every topic. */
+  readonly deliveredTopic?: (mounted: string) => string | null
 } = {}): Promise<Connection> {
   const client = { id: clientId, clean: false }
   const parser = mqttPacket.parser({ protocolVersion: options.mqtt5 === true ? 5 : 4 })
@@ -164,7 +166,7 @@ async function connect (gw: Gateway, clientId: string, options: {
       nextMessageId: () => { const id = nextId; nextId = id >= 65535 ? 1 : id + 1; return id },
     },
     receiveMaximum: options.receiveMaximum ?? 65535,
-    deliveredTopic: (mounted) => mounted,
+    deliveredTopic: options.deliveredTopic ?? ((mounted) => mounted),
     holdIds: options.holdIds,
   })
   conn.copies = await gw.persistence.outgoingStream(client).toArray() as SessionPacket[]
@@ -1081,16 +1083,171 @@ describe('a SUBSCRIBE while the session\'s cursor is behind the log (issue 13: a
     expect(bodies(await drain(again, 'svc'))).toEqual([])
   })
 
-  it('persists a SUBSCRIBE of many filters while behind in one write of its filters plus one fence per cursor behind', async () => {
+  it('persists a SUBSCRIBE of many filters while behind with one write per filter plus one fence per cursor behind, stored once', async () => {
+    const { dir, gw } = await fresh()
+    const other = samePartition(gw, 'd0')
+    await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: filterOf('d0'), qos: 1 }])
+    await publish(gw, 't1', 'd0', 'a0')
+    await publish(gw, 't1', other, 'old0')
+    const writes: number[] = []
+    const write = gw.store.write.bind(gw.store)
+    gw.store.write = async (ops, options) => { writes.push(ops.length); return await write(ops, options) }
+    // aedes stores each filter of one SUBSCRIBE with a call of its own (storeAcceptedSubscriptions), all at once
+    const many = [filterOf(other), ...Array.from({ length: 999 }, (_v, i) => `t1/many/${i}`)]
+    await Promise.all(many.map(async (topic) => { await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic, qos: 1 }]) }))
+    gw.store.write = write
+    // the first call puts the fence (its filter and the K value), the others only their filter
+    expect(writes).toEqual([2, ...many.slice(1).map(() => 1)])
+    const key = keys.cursor('svc', 't1/telemetry', gw.store.partitionFor('t1/telemetry', 'd0'))
+    expect((await gw.sessions.get<Buffer, Buffer>(key, { keyEncoding: 'buffer', valueEncoding: 'buffer' }))?.length).toBe(8 + 16)
+    await publish(gw, 't1', other, 'new0')
+    expect(bodies(await drain(await restart(dir, gw), 'svc'))).toEqual(['a0', 'new0'])
+  })
+
+  it('puts a new fence when a partition behind has had appends since the last one, also one whose cursor came after it', async () => {
+    const { dir, gw } = await fresh()
+    const partition = (device: string): number => gw.store.partitionFor('t1/telemetry', device)
+    let e1 = 'e0'
+    for (let i = 0; partition(e1) === partition('d0'); i++) e1 = `e${i}`
+    const e2 = samePartition(gw, e1)
+    await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: filterOf('d0'), qos: 1 }])
+    await publish(gw, 't1', 'd0', 'a0') // the cursor of d0's partition is behind
+    await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: filterOf(e1), qos: 1 }]) // a fence on it
+    await publish(gw, 't1', e1, 'e1-after') // makes the cursor of the other partition: after e1's filter, so it is e1's
+    await publish(gw, 't1', e2, 'e2-before') // logged before e2's filter, below no fence yet
+    await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: filterOf(e2), qos: 1 }]) // d0's partition did not move
+    await publish(gw, 't1', e2, 'e2-after')
+    expect(bodies(await drain(await restart(dir, gw), 'svc')).sort()).toEqual(['a0', 'e1-after', 'e2-after'])
+  })
+
+  it('keeps a fence until the cursor\'s value past it is on disk: a SUBSCRIBE while that write is in flight, and one after it failed, keep it', async () => {
+    const writeErrors: unknown[] = []
+    const { dir, gw } = await fresh(100, { onCursorWriteError: (err) => writeErrors.push(err) })
+    const [other, third] = [samePartition(gw, 'd0'), samePartition(gw, samePartition(gw, 'd0'))]
+    await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: filterOf('d0'), qos: 1 }])
+    for (let i = 0; i < 4; i++) await publish(gw, 't1', 'd0', `a${i}`) // offsets 0-3
+    await publish(gw, 't1', other, 'old0') // 4: logged before other's filter
+    await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: filterOf(other), qos: 1 }]) // a fence at 5
+    await publish(gw, 't1', 'd0', 'a4') // 5
+    // Every cursor advance fails (the disk full); the one past the fence (to 5) waits until `release`.
+    let release = (): void => {}
+    const released = new Promise<void>((resolve) => { release = resolve })
+    let held = false
+    const heldFailure = new Error('ENOSPC (injected, held)')
+    const write = gw.store.write.bind(gw.store)
+    gw.store.write = async (ops, options) => {
+      const cursor = ops.find((op) => op.type === 'put' && op.key[0] === TAG_CURSOR)
+      if (options?.durable !== false || cursor?.type !== 'put') return await write(ops, options)
+      if (!held && (cursor.value as Buffer).readBigUInt64BE(0) === 5n) {
+        held = true
+        await released
+        throw heldFailure
+      }
+      throw new Error('ENOSPC (injected)')
+    }
+    const conn = await connect(gw, 'svc', { ack: (p) => String(p.payload) !== 'a4' })
+    await expect.poll(() => held).toBe(true)
+    await gw.persistence.addSubscriptions(conn.client, [{ topic: filterOf(third), qos: 1 }])
+    release()
+    // Told once the cursor is back where it is on disk (below the fence).
+    await expect.poll(() => writeErrors.some((err) => err === heldFailure || (err as { cause?: unknown }).cause === heldFailure)).toBe(true)
+    await publish(gw, 't1', 'd0', 'a5')
+    await gw.persistence.addSubscriptions(conn.client, [{ topic: 't1/elsewhere/#', qos: 1 }]) // writes the cursor's fences again
+    conn.close()
+    expect(bodies(await drain(await restart(dir, gw), 'svc'))).toEqual(['a0', 'a1', 'a2', 'a3', 'a4', 'a5'])
+  })
+
+  it('puts no fence for a $share subscription (its consumer group reads the log, not the session\'s cursors)', async () => {
     const { gw } = await fresh()
     await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: filterOf('d0'), qos: 1 }])
     await publish(gw, 't1', 'd0', 'a0')
     const writes: number[] = []
     const write = gw.store.write.bind(gw.store)
     gw.store.write = async (ops, options) => { writes.push(ops.length); return await write(ops, options) }
-    const many = Array.from({ length: 1000 }, (_v, i) => ({ topic: `t1/many/${i}`, qos: 1 as const }))
-    await gw.persistence.addSubscriptions({ id: 'svc' }, many)
-    expect(writes).toEqual([1001])
+    await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: 't1/$share/g/devices/+/telemetry/#', qos: 1 }])
     gw.store.write = write
+    expect(writes).toEqual([1])
+    const key = keys.cursor('svc', 't1/telemetry', gw.store.partitionFor('t1/telemetry', 'd0'))
+    expect((await gw.sessions.get<Buffer, Buffer>(key, { keyEncoding: 'buffer', valueEncoding: 'buffer' }))?.length).toBe(8)
   })
+
+  it('reports a subscription whose stored eras are damaged, and grants later SUBSCRIBEs of other sessions as before', async () => {
+    const damaged: SessionDamage[] = []
+    const { dir, gw } = await fresh(100, { onDamaged: (d) => damaged.push(d) })
+    const other = samePartition(gw, 'd0')
+    await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: filterOf('d0'), qos: 1 }])
+    await gw.persistence.addSubscriptions({ id: 'peer' }, [{ topic: filterOf('d0'), qos: 1 }])
+    for (let i = 0; i < 3; i++) await publish(gw, 't1', 'd0', `a${i}`)
+    await publish(gw, 't1', other, 'old0')
+    // cbor reads it, but its eras are not epochs: the epoch counter of every session was NaN from there on
+    const peerKey = keys.sub('peer', filterOf('d0'))
+    await gw.sessions.put(peerKey, Buffer.from(cbor.encode({ qos: 1, eras: ['x', 1] })) as never, { keyEncoding: 'buffer', valueEncoding: 'buffer' } as never)
+    let again = await restart(dir, gw, 100, { onDamaged: (d) => damaged.push(d) })
+    expect(damaged.map(({ entry, clientId, key }) => ({ entry, clientId, key }))).toEqual([{ entry: 'subscription', clientId: 'peer', key: peerKey.toString('hex') }])
+    await again.persistence.addSubscriptions({ id: 'svc' }, [{ topic: filterOf(other), qos: 1 }]) // behind: a fence
+    await publish(again, 't1', other, 'new0')
+    damaged.length = 0
+    again = await restart(dir, again, 100, { onDamaged: (d) => damaged.push(d) })
+    expect(damaged.map(({ entry, clientId }) => ({ entry, clientId }))).toEqual([{ entry: 'subscription', clientId: 'peer' }]) // svc's fence reads
+    expect(bodies(await drain(again, 'svc'))).toEqual(['a0', 'a1', 'a2', 'new0'])
+    expect(bodies(await drain(again, 'peer'))).toEqual(['a0', 'a1', 'a2'])
+  })
+
+  it('delivers every record below a fence to a subscription whose eras are damaged, also one changed from QoS 1 to 2 (not fewer)', async () => {
+    const damaged: SessionDamage[] = []
+    const { dir, gw } = await fresh(100, { onDamaged: (d) => damaged.push(d) })
+    await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: filterOf('d0'), qos: 1 }])
+    await publish(gw, 't1', 'd0', 'q1-0', 2) // QoS 2 at a QoS 1 subscription: the cursor's, at QoS 1, no copy
+    await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: filterOf('d0'), qos: 2 }]) // behind: eras and a fence
+    await publish(gw, 't1', 'd0', 'q2-0', 2) // a copy
+    const key = keys.sub('svc', filterOf('d0'))
+    await gw.sessions.put(key, Buffer.from(cbor.encode({ qos: 2, eras: [1, 'y'] })) as never, { keyEncoding: 'buffer', valueEncoding: 'buffer' } as never)
+    const again = await restart(dir, gw, 100, { onDamaged: (d) => damaged.push(d) })
+    expect(damaged.map(({ entry }) => entry)).toEqual(['subscription'])
+    const conn = await connect(again, 'svc')
+    await settled(again, conn)
+    conn.close()
+    expect(conn.got.map((p) => [String(p.payload), p.qos])).toEqual([['q1-0', 1]])
+    expect(conn.copies.map((p) => [String(p.payload), p.qos])).toEqual([['q2-0', 2]])
+  })
+
+  it('keeps a cursor\'s offset when only the fences after it are damaged, reporting it', async () => {
+    const damaged: SessionDamage[] = []
+    const { dir, gw } = await fresh(100, { onDamaged: (d) => damaged.push(d) })
+    const other = samePartition(gw, 'd0')
+    await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: filterOf('d0'), qos: 1 }])
+    for (let i = 0; i < 4; i++) await publish(gw, 't1', 'd0', `a${i}`)
+    expect(bodies(await drain(gw, 'svc', (i) => i < 2))).toEqual(['a0', 'a1', 'a2', 'a3'])
+    const key = keys.cursor('svc', 't1/telemetry', gw.store.partitionFor('t1/telemetry', 'd0'))
+    const stored = async (): Promise<Buffer | undefined> => await gw.sessions.get<Buffer, Buffer>(key, { keyEncoding: 'buffer', valueEncoding: 'buffer' })
+    await expect.poll(async () => (await stored())?.readBigUInt64BE(0)).toBe(2n)
+    await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: filterOf(other), qos: 1 }]) // a fence
+    const value = await stored() as Buffer
+    expect(value.length).toBe(8 + 16)
+    await gw.sessions.put(key, value.subarray(0, value.length - 1) as never, { keyEncoding: 'buffer', valueEncoding: 'buffer' } as never)
+    const again = await restart(dir, gw, 100, { onDamaged: (d) => damaged.push(d) })
+    expect(damaged.map(({ entry, key: hex, length }) => ({ entry, key: hex, length }))).toEqual([{ entry: 'cursor', key: key.toString('hex'), length: 23 }])
+    expect(bodies(await drain(again, 'svc'))).toEqual(['a2', 'a3'])
+  })
+
+  for (const fenced of [false, true]) {
+    it(`asks a new connection's read ACL again, also for records below a fence (${fenced ? 'a fence' : 'no fence'}): another user resuming the session gets nothing it may not read`, async () => {
+      const { gw } = await fresh(2)
+      const other = samePartition(gw, 'd0')
+      await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: filterOf('d0'), qos: 1 }])
+      for (let i = 0; i < 6; i++) await publish(gw, 't1', 'd0', `a${i}`)
+      const first = await connect(gw, 'svc', { ack: () => false })
+      await settled(gw, first)
+      // With the fence, every record of d0 logged so far is matched by the fenced route, remembered per cursor.
+      if (fenced) await gw.persistence.addSubscriptions(first.client, [{ topic: filterOf(other), qos: 1 }])
+      await first.ack(first.got[0]?.messageId as number)
+      await settled(gw, first)
+      expect(bodies(first.got)).toEqual(['a0', 'a1', 'a2'])
+      first.close()
+      const denied = await connect(gw, 'svc', { deliveredTopic: () => null })
+      await settled(gw, denied)
+      denied.close()
+      expect(bodies(denied.got)).toEqual([])
+    })
+  }
 })
