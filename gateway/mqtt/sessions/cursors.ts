@@ -610,11 +610,13 @@ export class SessionCursors {
         epoch = last
       } else {
         epoch = ++this.#epoch
-        for (const { cursor, end } of behind) {
-          cursor.fence([...cursor.fences, { epoch, offset: end }])
-          ops.push({ type: 'put', key: cursorKey(clientId, cursor), value: cursorValue(cursor) })
-        }
+        for (const { cursor, end } of behind) cursor.fence([...cursor.fences, { epoch, offset: end }])
       }
+      // Every grant writes the fences it relies on, also one that reuses the epoch: the write that first carried them
+      // may have failed (a full disk), and its fences stay in memory (review: the next SUBSCRIBE, nothing logged
+      // between, reused the epoch and wrote no K value, so after a kill -9 its new filter got records logged before
+      // it). A K value with one fence is 24 bytes: a SUBSCRIBE of N filters writes N small values per cursor behind.
+      for (const { cursor } of behind) ops.push({ type: 'put', key: cursorKey(clientId, cursor), value: cursorValue(cursor) })
     }
     let lowest = Infinity
     for (const cursor of state?.cursors.values() ?? []) if (cursor.fences.length > 0) lowest = Math.min(lowest, (cursor.fences[0] as Fence).epoch)

@@ -1096,12 +1096,28 @@ describe('a SUBSCRIBE while the session\'s cursor is behind the log (issue 13: a
     const many = [filterOf(other), ...Array.from({ length: 999 }, (_v, i) => `t1/many/${i}`)]
     await Promise.all(many.map(async (topic) => { await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic, qos: 1 }]) }))
     gw.store.write = write
-    // the first call puts the fence (its filter and the K value), the others only their filter
-    expect(writes).toEqual([2, ...many.slice(1).map(() => 1)])
+    // the first call puts the fence, the others reuse its epoch: each writes its filter and the K value (one fence)
+    expect(writes).toEqual(many.map(() => 2))
     const key = keys.cursor('svc', 't1/telemetry', gw.store.partitionFor('t1/telemetry', 'd0'))
     expect((await gw.sessions.get<Buffer, Buffer>(key, { keyEncoding: 'buffer', valueEncoding: 'buffer' }))?.length).toBe(8 + 16)
     await publish(gw, 't1', other, 'new0')
     expect(bodies(await drain(await restart(dir, gw), 'svc'))).toEqual(['a0', 'new0'])
+  })
+
+  it('writes the fence again with a SUBSCRIBE that reuses its epoch, after the write that first carried it failed', async () => {
+    const { dir, gw } = await fresh()
+    const b = samePartition(gw, 'd0')
+    const c = samePartition(gw, b)
+    await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: filterOf('d0'), qos: 1 }])
+    await publish(gw, 't1', 'd0', 'a0') // the cursor of d0's partition is behind
+    await publish(gw, 't1', c, 'c-before') // logged before c's filter
+    const write = gw.store.write.bind(gw.store)
+    gw.store.write = async () => { throw new Error('ENOSPC (injected)') } // the disk full for a moment
+    await expect(gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: filterOf(b), qos: 1 }])).rejects.toThrow()
+    gw.store.write = write
+    await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: filterOf(c), qos: 1 }]) // nothing logged since
+    await publish(gw, 't1', c, 'c-after')
+    expect(bodies(await drain(await restart(dir, gw), 'svc'))).toEqual(['a0', 'c-after'])
   })
 
   it('puts a new fence when a partition behind has had appends since the last one, also one whose cursor came after it', async () => {
