@@ -205,6 +205,24 @@ export interface Grant {
 interface Fence { readonly epoch: number, readonly offset: number }
 
 /**
+ * The epoch of the fence a cursor loaded from a damaged `K` value gets at the log end then ({@link SessionCursors.load}):
+ * it stands for the fences lost with the value, whose epochs are unknown. Below every grant's (they count from 1), so
+ * it is always the cursor's first fence, and no grant takes it ({@link SessionCursors.grant}).
+ */
+const LOST_FENCES_EPOCH = 0
+
+/**
+ * The QoS a subscription with grant `eras` has for a record below a {@link LOST_FENCES_EPOCH} fence whose next fence
+ * has epoch `before` (Infinity when none): 1 when it had a QoS above 0 in any era granted before that, as
+ * {@link damagedEras} reads it. The record may have been logged in any of those eras; QoS 1 makes it the cursors', so
+ * one logged under QoS 1 is not skipped as a copy (a QoS 2 one logged under QoS 2 then comes twice, also as its copy).
+ */
+function lostFencesQos (eras: readonly number[], before: number): number {
+  for (let i = 0; i < eras.length && (eras[i] as number) < before; i += 2) if ((eras[i + 1] as number) > 0) return 1
+  return 0
+}
+
+/**
  * The QoS a subscription with grant `eras` (flat: epoch, QoS, epoch, QoS, … ascending) has for a record whose
  * threshold is `threshold` (the epoch of the first fence above it): that of the last era granted before it; 0 (not
  * subscribed) before the first.
@@ -542,9 +560,12 @@ export class SessionCursors {
 
   /**
    * A cursor read from disk at startup: records from it up to the log's end now may have been sent (DUP). `fences`:
-   * those its `K` value holds ({@link decodeCursorValue}).
+   * those its `K` value holds ({@link decodeCursorValue}), or `lost` when the value was damaged: the cursor gets one
+   * fence at the log's end now, of {@link LOST_FENCES_EPOCH}, so the records below it are matched as logged before
+   * every fence the value had (review: without it, a filter changed from QoS 1 to 2 while the cursor was behind skipped
+   * its records logged under QoS 1 as copies, which no copy held). It is on disk from the cursor's next write.
    */
-  load (clientId: string, stream: string, partition: number, next: number, fences: readonly Fence[] = []): void {
+  load (clientId: string, stream: string, partition: number, next: number, fences: readonly Fence[] | 'lost' = []): void {
     let dupBelow = next
     let logStart = 0
     try {
@@ -553,7 +574,9 @@ export class SessionCursors {
       // a stream deleted since: the cursor reads nothing
     }
     const cursor = new PartitionCursor(stream, partition, next, dupBelow)
-    if (fences.length > 0) {
+    if (fences === 'lost') {
+      if (next < dupBelow) cursor.fence([{ epoch: LOST_FENCES_EPOCH, offset: dupBelow }])
+    } else if (fences.length > 0) {
       cursor.fence([...fences])
       for (const f of fences) this.#epoch = Math.max(this.#epoch, f.epoch)
     }
@@ -606,7 +629,9 @@ export class SessionCursors {
     let epoch = 0
     if (behind.length > 0) {
       const last = behind[0]?.cursor.lastFence()?.epoch
-      if (last !== undefined && behind.every(({ cursor, end }) => cursor.lastFence()?.epoch === last && cursor.lastFence()?.offset === end)) {
+      // Not the fence of a damaged value: a filter granted in its epoch would count as granted before the lost fences.
+      if (last !== undefined && last !== LOST_FENCES_EPOCH &&
+        behind.every(({ cursor, end }) => cursor.lastFence()?.epoch === last && cursor.lastFence()?.offset === end)) {
         epoch = last
       } else {
         epoch = ++this.#epoch
@@ -1324,10 +1349,14 @@ export class SessionCursors {
     let noLocal = true
     let rap = false
     const ids: number[] = []
+    // A record below the fence of a damaged value was logged before the grant of the next fence, if any; the epochs of
+    // the fences lost with the value are not known (see load).
+    const lost = threshold === LOST_FENCES_EPOCH
+    const grantedAfter = lost ? cursor.fences[1]?.epoch ?? Infinity : threshold
     for (const sub of this.#deps.subscriptionsMatching(state.clientId, mounted)) {
-      const then = sub.eras === undefined ? sub.qos : eraQos(sub.eras, threshold)
+      const then = sub.eras === undefined ? sub.qos : lost ? lostFencesQos(sub.eras, grantedAfter) : eraQos(sub.eras, threshold)
       // Not subscribed then (granted later): none of its options apply either.
-      if (sub.eras !== undefined && then === 0 && (sub.eras[0] as number) >= threshold) continue
+      if (sub.eras !== undefined && then === 0 && (sub.eras[0] as number) >= grantedAfter) continue
       if (sub.subscriptionIdentifier !== undefined) ids.push(sub.subscriptionIdentifier)
       if (then === 0) continue
       qos = Math.max(qos, then)
@@ -1518,10 +1547,12 @@ function cursorValue (cursor: PartitionCursor): Buffer {
 }
 
 /**
- * A stored `K` value (see cursorValue): fences ascending, above the offset, epochs from 1. Undefined when its offset
- * cannot be read (damaged): the cursor reads its partition from the log start. `fencesDamaged` when the offset can
- * be read but what follows is not fences: the cursor keeps its offset, without fences (a filter added while it was
- * behind may get records logged before its SUBSCRIBE: more deliveries, not fewer).
+ * A stored `K` value (see cursorValue): fences ascending, above the offset, epochs from 1, or 0 for the first one
+ * ({@link LOST_FENCES_EPOCH}: written for a cursor loaded from a damaged value). Undefined when its offset cannot be
+ * read (damaged): the cursor reads its partition from the log start. `fencesDamaged` when the offset can be read but
+ * what follows is not fences: the cursor keeps its offset. Either way it is loaded with its fences `lost` (see
+ * SessionCursors.load): a filter added while it was behind may get records logged before its SUBSCRIBE, and a QoS 2
+ * record may come from the cursor besides its copy: more deliveries, not fewer.
  */
 export function decodeCursorValue (value: Buffer): { next: number, fences: Fence[], fencesDamaged: boolean } | undefined {
   if (value.length < 8) return undefined
@@ -1530,7 +1561,9 @@ export function decodeCursorValue (value: Buffer): { next: number, fences: Fence
   const damaged = { next, fences: [], fencesDamaged: true }
   if ((value.length - 8) % 16 !== 0) return damaged
   const fences: Fence[] = []
-  let last = { epoch: 0, offset: next + 1 } // the first above the offset; two SUBSCRIBEs with no append between share one
+  // Epochs ascending from LOST_FENCES_EPOCH (only the first may have it); offsets above the offset, and equal for two
+  // SUBSCRIBEs with no append between.
+  let last = { epoch: LOST_FENCES_EPOCH - 1, offset: next + 1 }
   for (let at = 8; at < value.length; at += 16) {
     const fence = { epoch: Number(value.readBigUInt64BE(at)), offset: Number(value.readBigUInt64BE(at + 8)) }
     if (!Number.isSafeInteger(fence.epoch) || !Number.isSafeInteger(fence.offset) || fence.epoch <= last.epoch || fence.offset < last.offset) {

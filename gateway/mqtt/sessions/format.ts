@@ -68,7 +68,10 @@
  *   and stay until that filter is subscribed to again, which drops the
  *   eras no fence left can select (all of them once no cursor has a
  *   fence). One that is not eras is read as QoS 1 from before every fence
- *   (cursors.ts damagedEras). Epochs grow across restarts (setup resumes
+ *   (cursors.ts damagedEras). A fence of epoch 0, the first of its value,
+ *   stands for fences lost with a damaged `K` value (cursors.ts
+ *   LOST_FENCES_EPOCH): put at the log end when it was loaded, and on disk
+ *   from the cursor's next write. Epochs grow across restarts (setup resumes
  *   above every stored one). `$share/` subscriptions have no `eras` and add
  *   no fence. Records of a routed message live
  *   in the log only; the `O` queue holds copies of messages no route sends

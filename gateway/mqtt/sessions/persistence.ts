@@ -745,11 +745,11 @@ export class LevelSessionPersistence {
         const cursor = decodeCursorValue(value)
         if (cursor !== undefined) {
           if (cursor.fencesDamaged) this.#damaged('cursor', key, clientId, value, '8 + 16n')
-          this.#cursors.load(clientId, stream, partition, cursor.next, cursor.fences)
+          this.#cursors.load(clientId, stream, partition, cursor.next, cursor.fencesDamaged ? 'lost' : cursor.fences)
         } else {
           // From the log start: a cursor below it reads from there (what the disk budget deleted is not told again).
           this.#damaged('cursor', key, clientId, value, '8 + 16n')
-          this.#cursors.load(clientId, stream, partition, 0)
+          this.#cursors.load(clientId, stream, partition, 0, 'lost')
         }
       }
       const cursors = this.#cursors

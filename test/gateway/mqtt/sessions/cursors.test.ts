@@ -970,6 +970,20 @@ function samePartition (gw: Gateway, device: string): string {
 }
 
 const filterOf = (device: string): string => `t1/devices/${device}/telemetry/#`
+const BUFFERS = { keyEncoding: 'buffer', valueEncoding: 'buffer' } as const
+
+/** The stored `K` value of svc's cursor into d0's partition. */
+async function storedCursor (gw: Gateway): Promise<Buffer | undefined> {
+  return await gw.sessions.get<Buffer, Buffer>(keys.cursor('svc', 't1/telemetry', gw.store.partitionFor('t1/telemetry', 'd0')), BUFFERS)
+}
+
+/** Damages the `K` value (one fence) of svc's cursor into d0's partition as a disk might: its fence cut short, or all of it. */
+async function damageCursor (gw: Gateway, damage: 'fences' | 'whole value'): Promise<void> {
+  const value = await storedCursor(gw) as Buffer
+  expect(value.length).toBe(8 + 16)
+  const key = keys.cursor('svc', 't1/telemetry', gw.store.partitionFor('t1/telemetry', 'd0'))
+  await gw.sessions.put(key, (damage === 'fences' ? value.subarray(0, value.length - 1) : value.subarray(0, 3)) as never, BUFFERS as never)
+}
 
 describe('a SUBSCRIBE while the session\'s cursor is behind the log (issue 13: a new filter gets what is logged after it)', () => {
   it('gives a new filter only the records logged after its SUBSCRIBE; the older filter\'s records all come, in order', async () => {
@@ -1244,6 +1258,63 @@ describe('a SUBSCRIBE while the session\'s cursor is behind the log (issue 13: a
     const again = await restart(dir, gw, 100, { onDamaged: (d) => damaged.push(d) })
     expect(damaged.map(({ entry, key: hex, length }) => ({ entry, key: hex, length }))).toEqual([{ entry: 'cursor', key: key.toString('hex'), length: 23 }])
     expect(bodies(await drain(again, 'svc'))).toEqual(['a2', 'a3'])
+  })
+
+  // Review: the records of a filter changed from QoS 1 to 2 while the cursor was behind were matched at QoS 2 once the
+  // K value's fence was lost, and those logged under QoS 1 (no copy holds them) were skipped as copies.
+  for (const damage of ['fences', 'whole value'] as const) {
+    it(`a K value whose ${damage === 'fences' ? 'fences are' : 'whole value is'} damaged: a filter changed from QoS 1 to 2 while behind still gets its record logged under QoS 1 (more, never fewer)`, async () => {
+      const damaged: SessionDamage[] = []
+      const { dir, gw } = await fresh(100, { onDamaged: (d) => damaged.push(d) })
+      await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: filterOf('d0'), qos: 1 }])
+      await publish(gw, 't1', 'd0', 'q1-0', 2) // QoS 2 at a QoS 1 subscription: the cursor's, at QoS 1, no copy
+      await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: filterOf('d0'), qos: 2 }]) // behind: eras and a fence
+      await publish(gw, 't1', 'd0', 'q2-0', 2) // a copy
+      await damageCursor(gw, damage)
+      const again = await restart(dir, gw, 100, { onDamaged: (d) => damaged.push(d) })
+      expect(damaged.map(({ entry }) => entry)).toEqual(['cursor'])
+      await publish(again, 't1', 'd0', 'q2-1', 2) // logged after the restart, under QoS 2: a copy only
+      const conn = await connect(again, 'svc')
+      await settled(again, conn)
+      conn.close()
+      expect(conn.copies.map((p) => [String(p.payload), p.qos])).toEqual([['q2-0', 2], ['q2-1', 2]])
+      // Which side of the lost fence q2-0 was logged on is not known any more: it comes from the log too, at QoS 1.
+      expect(conn.got.map((p) => [String(p.payload), p.qos])).toEqual([['q1-0', 1], ['q2-0', 1]])
+    })
+  }
+
+  it('writes the fence a damaged K value is loaded with: after one more kill -9 a record logged under QoS 1 still comes', async () => {
+    const damaged: SessionDamage[] = []
+    const { dir, gw } = await fresh(100, { onDamaged: (d) => damaged.push(d) })
+    await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: filterOf('d0'), qos: 1 }])
+    await publish(gw, 't1', 'd0', 'a0', 2) // the cursor's, at QoS 1
+    await publish(gw, 't1', 'd0', 'a1', 2)
+    await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: filterOf('d0'), qos: 2 }])
+    await damageCursor(gw, 'fences')
+    let again = await restart(dir, gw, 100, { onDamaged: (d) => damaged.push(d) })
+    expect(bodies(await drain(again, 'svc', (i) => i === 0))).toEqual(['a0', 'a1'])
+    const written = again
+    await expect.poll(async () => (await storedCursor(written))?.readBigUInt64BE(0)).toBe(1n) // past a0, below a1
+    damaged.length = 0
+    again = await restart(dir, again, 100, { onDamaged: (d) => damaged.push(d) })
+    expect(damaged).toEqual([]) // written whole, with its fence
+    expect(bodies(await drain(again, 'svc'))).toEqual(['a1'])
+  })
+
+  it('gives a filter subscribed after a damaged K value was loaded none of the records logged before its SUBSCRIBE', async () => {
+    const { dir, gw } = await fresh()
+    const other = samePartition(gw, 'd0')
+    await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: filterOf('d0'), qos: 1 }])
+    await publish(gw, 't1', 'd0', 'a0')
+    await publish(gw, 't1', other, 'old0')
+    await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: filterOf('d0'), qos: 2 }]) // a fence, to damage
+    await damageCursor(gw, 'fences')
+    let again = await restart(dir, gw)
+    // Nothing logged since the restart: this SUBSCRIBE's fence is at the damaged value's, with an epoch of its own.
+    await again.persistence.addSubscriptions({ id: 'svc' }, [{ topic: filterOf(other), qos: 1 }])
+    await publish(again, 't1', other, 'new0')
+    again = await restart(dir, again)
+    expect(bodies(await drain(again, 'svc'))).toEqual(['a0', 'new0'])
   })
 
   for (const fenced of [false, true]) {
