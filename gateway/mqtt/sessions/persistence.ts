@@ -96,8 +96,9 @@ export interface SessionClient {
  * A stored session entry whose value cannot be read (format.ts gives each its length), found by setup(), and what the
  * session does instead. Never skipped silently (DESIGN.md: damaged data is reported; bad input loses nothing):
  * - `cursor` (`K`): the session reads the partition from its log start (more deliveries, with DUP set, never fewer),
- *   or, when only the fences after its offset are damaged, from that offset without fences (a filter added while it
- *   was behind may get records logged before its SUBSCRIBE);
+ *   or, when only the fences after its offset are damaged, from that offset; either way with one fence at the log end
+ *   standing for the lost ones (cursors.ts load): a filter added while it was behind may get records logged before
+ *   its SUBSCRIBE, and a QoS 2 record may come from the log besides its copy;
  * - `subscription` (`S`, its grant eras): the subscription is kept, with QoS 1 for the records below its session's
  *   fences (cursors.ts damagedEras: every such record it matches is delivered, also those logged before it);
  * - `session` (`C`): the session is kept, without an MQTT 5 Session Expiry Interval of its own (only
