@@ -679,9 +679,14 @@ export class SessionCursors {
     return (this.#clients.get(clientId)?.cursors.size ?? 0) > 0
   }
 
-  /** Whether the session has a cursor in the partition. */
-  hasIn (clientId: string, stream: string, partition: number): boolean {
-    return this.#clients.get(clientId)?.cursors.has(cursorId(stream, partition)) === true
+  /**
+   * Where the session's cursor in the partition started in this process (its value at load, or the offset it was
+   * created at); undefined when it has none. A record below that start is never read by it: one that comes for the
+   * session after a later record created the cursor (the two in one commit, delivered out of order) is a copy.
+   */
+  startOf (clientId: string, stream: string, partition: number): number | undefined {
+    const cursor = this.#clients.get(clientId)?.cursors.get(cursorId(stream, partition))
+    return cursor === undefined ? undefined : this.#startedAt.get(cursor)
   }
 
   /**

@@ -262,6 +262,8 @@ interface TopicMatch {
    */
   readyStream: string | undefined
   readyPartition: number
+  /** The offset from which every one of those cursors reads (the highest start among them): below it, not ready. */
+  readyFrom: number
   /** `subs` as subscriptionsByTopic resolves with them, made at its first call. */
   found?: Promise<readonly MatchedSubscription[]>
 }
@@ -1171,7 +1173,7 @@ export class LevelSessionPersistence {
     if (match !== undefined) return match
     // Without a persistent QoS 1/2 subscription, skips the trie's split of the topic (about 3 % of fan-in's main thread).
     const subs = this.#trie.subscriptionsCount === 0 ? NO_MATCH : this.#trie.match(topic)
-    match = { subs, allQos1: subs.every((sub) => sub.qos === 1), readyStream: undefined, readyPartition: -1 }
+    match = { subs, allQos1: subs.every((sub) => sub.qos === 1), readyStream: undefined, readyPartition: -1, readyFrom: 0 }
     if (this.#matchesHeld + subs.length + 1 > MATCHES_CACHED) this.#matchesChanged()
     this.#matches.set(topic, match)
     this.#matchesHeld += subs.length + 1
@@ -1293,16 +1295,25 @@ export class LevelSessionPersistence {
    * when every such cursor is on disk, else the writes still to wait for. Once every one is, the match remembers the
    * partition, and later messages there skip the sessions altogether (their cursors exist: nothing to do).
    */
-  #cursorsReady (match: TopicMatch, position: LogPosition): 'ready' | Promise<void> {
-    if (match.readyPartition === position.partition && match.readyStream === position.stream) return 'ready'
+  #cursorsReady (match: TopicMatch, position: LogPosition): 'ready' | 'copies' | Promise<void> {
+    if (match.readyPartition === position.partition && match.readyStream === position.stream && position.offset >= match.readyFrom) return 'ready'
+    // A session whose cursor started above the record (a later record of the partition, in the same commit, reached
+    // it first and created the cursor) never reads it: it gets a copy (#enqueue), and the ack waits for that.
+    const cursors = this.#cursors as SessionCursors
+    for (const sub of match.subs) {
+      if ((cursors.startOf(sub.clientId, position.stream, position.partition) ?? -1) > position.offset) return 'copies'
+    }
     let writes: Array<Promise<void>> | undefined
+    let from = 0
     for (const sub of match.subs) {
       const write = this.#enqueueCursor(sub.clientId, position)
       if (write !== undefined) (writes ??= []).push(write)
+      from = Math.max(from, cursors.startOf(sub.clientId, position.stream, position.partition) ?? 0)
     }
     if (writes === undefined) {
       match.readyStream = position.stream
       match.readyPartition = position.partition
+      match.readyFrom = from
       return 'ready'
     }
     return writes.length === 1 ? writes[0] as Promise<void> : Promise.all(writes).then(() => {})
@@ -1348,7 +1359,7 @@ export class LevelSessionPersistence {
       const match = this.#matches.get(packet.topic)
       if (match !== undefined && match.subs === subs && cursorsDeliver(match, packet.qos ?? 0)) {
         const ready = this.#cursorsReady(match, position)
-        return ready === 'ready' ? SETTLED : ready
+        if (ready !== 'copies') return ready === 'ready' ? SETTLED : ready
       }
     }
     return this.#enqueue(subs, packet, position)
@@ -1363,8 +1374,10 @@ export class LevelSessionPersistence {
       for (const sub of subs) {
         // Without a subscription's QoS (outgoingEnqueue: a publish to one client, not routed by a subscription) it is a copy.
         if (sub.qos === undefined || Math.min(sub.qos, packet.qos ?? 0) !== 1) { (copies as Array<{ clientId: string }>).push(sub); continue }
-        // Delivered again after a restart: a cursor only where the session has one in the partition already.
-        if (position.late === true && !this.#cursors.hasIn(sub.clientId, position.stream, position.partition)) {
+        // Delivered again after a restart: a cursor only where the session has one in the partition already. And never
+        // one that started above the record (see #cursorsReady): it would not read it.
+        const start = this.#cursors.startOf(sub.clientId, position.stream, position.partition)
+        if ((position.late === true && start === undefined) || (start ?? -1) > position.offset) {
           (copies as Array<{ clientId: string }>).push(sub)
           continue
         }

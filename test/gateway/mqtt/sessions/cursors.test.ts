@@ -18,7 +18,7 @@ import { ClassicLevel } from 'classic-level'
 import mqttPacket, { type IPublishPacket } from 'mqtt-packet'
 import { afterEach, describe, expect, it } from 'vitest'
 import { openLogStore, type LevelDatabase, type LogStore } from '../../../../store/index.ts'
-import { attachLogPosition } from '../../../../gateway/mqtt/log-position.ts'
+import { attachLogPosition, logPositionOf, type LogPosition } from '../../../../gateway/mqtt/log-position.ts'
 import { LevelSessionPersistence, SessionPersistenceError, type SessionBroker, type SessionDamage, type SessionPacket, type SessionPersistenceOptions } from '../../../../gateway/mqtt/sessions/persistence.ts'
 import { cbor, keys, TAG_CURSOR, TAG_OUTGOING } from '../../../../gateway/mqtt/sessions/format.ts'
 import type { CursorConnection } from '../../../../gateway/mqtt/sessions/cursors.ts'
@@ -1337,4 +1337,34 @@ describe('a SUBSCRIBE while the session\'s cursor is behind the log (issue 13: a
       expect(bodies(denied.got)).toEqual([])
     })
   }
+})
+
+describe('records of one partition delivered out of order', () => {
+  it('a record whose delivery comes after a later record of its partition created the session cursor reaches the session as a copy', async () => {
+    const { dir, gw } = await fresh()
+    const other = samePartition(gw, 'd0')
+    await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: filterOf('d0'), qos: 1 }, { topic: filterOf(other), qos: 1 }])
+    const stream = 't1/telemetry'
+    const logged = async (device: string, body: string, qos: 1 | 2): Promise<SessionPacket> => {
+      const topic = `devices/${device}/telemetry/t`
+      const { partition, offset } = await gw.store.append(stream, device, { payload: Buffer.from(body), topic, qos })
+      const packet: SessionPacket = { cmd: 'publish', topic: `t1/${topic}`, payload: Buffer.from(body), qos, retain: false, dup: false, brokerId: 'gw', brokerCounter: ++counter }
+      attachLogPosition(packet, { stream, partition, offset })
+      return packet
+    }
+    // One commit: m1 (QoS 2, delivered after its append and more awaits: inbound-qos2.ts) and m2 (QoS 1, whose ack
+    // path reaches the session first and creates its cursor at m2).
+    const [m1, m2] = await Promise.all([logged('d0', 'm1', 2), logged(other, 'm2', 1)])
+    await gw.persistence.outgoingEnqueueCombi(await gw.persistence.subscriptionsByTopic(String(m2.topic)), m2)
+    // m1's ack path asks too (a QoS 1 publish's would): it waits for the copy.
+    expect(gw.persistence.beforeAck(String(m1.topic), 1, logPositionOf(m1) as LogPosition)).toBe('copies')
+    await gw.persistence.outgoingEnqueueCombi(await gw.persistence.subscriptionsByTopic(String(m1.topic)), m1)
+    // Its cursor never reads m1 (it started above it): without the copy, m1 was lost to the session. After a kill -9
+    // too: m1 is a copy on disk, m2 the cursor's.
+    const again = await restart(dir, gw)
+    const conn = await connect(again, 'svc')
+    await settled(again, conn)
+    conn.close()
+    expect({ cursor: bodies(conn.got), copies: bodies(conn.copies) }).toEqual({ cursor: ['m2'], copies: ['m1'] })
+  })
 })
