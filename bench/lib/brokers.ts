@@ -57,15 +57,32 @@ export function mosquittoVersion (bin: string): string {
 }
 
 /** A port that was free a moment ago (bound to port 0 and released). */
-export function freePort (): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const server = net.createServer()
-    server.once('error', reject)
-    server.listen(0, HOST, () => {
-      const { port } = server.address() as AddressInfo
-      server.close(() => resolve(port))
-    })
-  })
+export async function freePort (): Promise<number> {
+  const [port] = await freePorts(1)
+  return port as number
+}
+
+/**
+ * `count` distinct ports the OS picks on loopback, all held open together
+ * until every one is known (picked one after another, a closed port can be
+ * handed out again). Another process may still take one before its caller
+ * listens there; callers that spawn servers retry on `address already in use`.
+ */
+export async function freePorts (count: number): Promise<number[]> {
+  const servers: net.Server[] = []
+  try {
+    for (let i = 0; i < count; i++) {
+      const server = net.createServer()
+      servers.push(server)
+      await new Promise<void>((resolve, reject) => {
+        server.once('error', reject)
+        server.listen(0, HOST, () => resolve())
+      })
+    }
+    return servers.map((s) => (s.address() as AddressInfo).port)
+  } finally {
+    await Promise.all(servers.map((s) => new Promise<void>((resolve) => s.close(() => resolve()))))
+  }
 }
 
 function track (child: ChildProcess): { stderr: () => string, exited: Promise<number | null> } {

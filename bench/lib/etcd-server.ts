@@ -7,7 +7,7 @@
 import { spawn, type ChildProcess } from 'node:child_process'
 import { accessSync, constants } from 'node:fs'
 import path from 'node:path'
-import { freePort } from './brokers.ts'
+import { freePorts } from './brokers.ts'
 
 const children = new Set<ChildProcess>()
 process.once('exit', () => { for (const c of children) c.kill('SIGKILL') })
@@ -37,8 +37,7 @@ export interface EtcdProcess {
 }
 
 export async function startEtcd (bin: string, dir: string, ports?: { client: number, peer: number }): Promise<EtcdProcess> {
-  const client = ports?.client ?? await freePort()
-  const peer = ports?.peer ?? await freePort()
+  const [client, peer] = ports === undefined ? await freePorts(2) as [number, number] : [ports.client, ports.peer]
   const url = `http://127.0.0.1:${client}`
   const peerUrl = `http://127.0.0.1:${peer}`
   const child = spawn(bin, [

@@ -11,7 +11,7 @@ import { mkdir, writeFile } from 'node:fs/promises'
 import path from 'node:path'
 import { jetstreamManager } from '@nats-io/jetstream'
 import { connect } from '@nats-io/transport-node'
-import { freePort } from './brokers.ts'
+import { freePort, freePorts } from './brokers.ts'
 
 const children = new Set<ChildProcess>()
 process.once('exit', () => { for (const c of children) c.kill('SIGKILL') })
@@ -57,8 +57,30 @@ export interface NatsServerProcess {
   restart (extra?: readonly string[]): Promise<NatsServerProcess>
 }
 
-/** Starts nats-server with JetStream on 127.0.0.1, its config and store under `dir`; resolves once it listens for clients. */
+/** How many times a start that lost its port to another process is tried again. */
+const PORT_ATTEMPTS = 5
+
+function lostPort (err: unknown): boolean {
+  return err instanceof Error && err.message.includes('address already in use')
+}
+
+/**
+ * Starts nats-server with JetStream on 127.0.0.1, its config and store under `dir`; resolves once it listens for
+ * clients. A free port picked here that another process takes first is replaced by another; a port the caller
+ * gave (a restart) is tried again for a while, since what holds it is usually a short connection's local end.
+ */
 export async function startNatsServer (bin: string, dir: string, options: NatsNodeOptions = {}): Promise<NatsServerProcess> {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await startNatsServerOnce(bin, dir, options)
+    } catch (err) {
+      if (!lostPort(err) || attempt >= PORT_ATTEMPTS) throw err
+      if (options.port !== undefined) await new Promise((resolve) => setTimeout(resolve, 1000 * attempt))
+    }
+  }
+}
+
+async function startNatsServerOnce (bin: string, dir: string, options: NatsNodeOptions): Promise<NatsServerProcess> {
   const port = options.port ?? await freePort()
   const name = options.name ?? `n${port}`
   const store = path.join(dir, `nats-${name}`)
@@ -106,11 +128,23 @@ export async function startNatsServer (bin: string, dir: string, options: NatsNo
 
 /** Three JetStream nodes clustered on loopback; resolves once a stream with one replica per node can be created. */
 export async function startNatsCluster (bin: string, dir: string, size = 3): Promise<NatsServerProcess[]> {
-  const ports = await Promise.all(Array.from({ length: size }, () => freePort()))
-  const routes = await Promise.all(Array.from({ length: size }, () => freePort()))
-  const nodes = await Promise.all(ports.map((port, i) => startNatsServer(bin, dir, {
-    port, name: `c${i + 1}`, cluster: { name: 'edgemq-test', port: routes[i] as number, routes },
-  })))
+  let nodes: NatsServerProcess[] | undefined
+  for (let attempt = 1; nodes === undefined; attempt++) {
+    // Every node's client and route port is fixed before any starts (each node names the others' routes), so a
+    // port lost to another process means a fresh set of ports, and a fresh store directory for the fresh cluster.
+    const ports = await freePorts(2 * size)
+    const routes = ports.slice(size)
+    const started = await Promise.allSettled(ports.slice(0, size).map((port, i) => startNatsServerOnce(bin, path.join(dir, `cluster-${attempt}`), {
+      port, name: `c${i + 1}`, cluster: { name: 'edgemq-test', port: routes[i] as number, routes },
+    })))
+    const failed = started.find((s): s is PromiseRejectedResult => s.status === 'rejected')
+    if (failed === undefined) {
+      nodes = started.map((s) => (s as PromiseFulfilledResult<NatsServerProcess>).value)
+      break
+    }
+    await Promise.all(started.map((s) => s.status === 'fulfilled' ? s.value.kill() : undefined))
+    if (!lostPort(failed.reason) || attempt >= PORT_ATTEMPTS) throw failed.reason
+  }
   const nc = await connect({ servers: nodes.map((n) => n.url) })
   try {
     const until = Date.now() + 30_000
