@@ -100,8 +100,8 @@ export class SessionExpiry {
     // Registered after the persistence's own listeners (setup, in listen()): it has marked the session offline by then.
     events.on('clientDisconnect', (client: Client) => { if (!this.#stopped) this.#arm(client.id) })
     persistence.onOffline?.((id) => { if (!this.#stopped) this.#arm(id) })
-    // aedes emits `client` also for a connection that closed during its CONNECT, with no `clientDisconnect` after it
-    // (persistence.ts #connected): then the session is offline and its end is armed, not cancelled.
+    // Unpatched aedes emitted `client` also for a connection that closed during its CONNECT, with no `clientDisconnect`
+    // after it (the aedes patch stops that; persistence.ts #connected): then the session is offline, its end armed.
     events.on('client', (client: Client) => {
       if (!client.closed) this.#cancel(client.id)
       else if (!this.#stopped) this.#arm(client.id)

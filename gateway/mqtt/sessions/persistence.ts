@@ -963,10 +963,10 @@ export class LevelSessionPersistence {
 
   /**
    * A connection of the client is registered: a persistent session keeps the interval it connected with. The live
-   * Client objects are kept, not a count: aedes emits `client` also for a connection that closed during its CONNECT
-   * (its takeover callback, aedes.js registerClient), and its close emitted `clientDisconnect` before, or nothing (it
-   * unregisters only while some client holds the id, lib/client.js close). Counted, such connections kept a session
-   * connected for ever: it never expired, and its cursors held retention (20 CONNECTs cut short were enough).
+   * Client objects are kept, not a count: unpatched aedes emitted `client` also for a connection that closed during
+   * its CONNECT (its takeover callback, aedes.js registerClient), and its close had emitted `clientDisconnect`, or
+   * nothing. Counted, such connections kept a session connected for ever: it never expired, and its cursors held
+   * retention (20 CONNECTs cut short were enough). The aedes patch no longer registers them; this stays the guard.
    */
   #connected (client: SessionClient): void {
     const open = this.#openConnections(client.id)
@@ -995,7 +995,7 @@ export class LevelSessionPersistence {
     }
     open.add(client)
     // Its close, however it comes: aedes emits `clientDisconnect` only while some client holds the id in its registry,
-    // and a connection that closed during a later CONNECT of the same id took this one's entry out of it.
+    // and unpatched aedes let a connection that closed during a later CONNECT of the same id take this one's entry.
     client.conn?.once('close', () => { this.#disconnected(client) })
   }
 

@@ -1,23 +1,36 @@
 /**
  * Fixes the aedes patch (patches/aedes+2.0.0-beta.1.patch) makes to aedes' own behaviour, each against a real aedes
- * broker: the will sweep of a dead broker's wills runs one at a time, so a persistence whose delWill takes longer
- * than the sweep's interval does not get a will fired twice. (aedes' suite caught it under load on the project's
- * session persistence: "delivers old will in case of a crash", only one will delivered.)
+ * broker:
+ * - the will sweep of a dead broker's wills runs one at a time, so a persistence whose delWill takes longer than the
+ *   sweep's interval does not get a will fired twice. (aedes' suite caught it under load on the project's session
+ *   persistence: "delivers old will in case of a crash", only one will delivered.)
+ * - a connection that closes during its CONNECT (authorized, its session still being read) leaves the connection that
+ *   holds its client id registered, is not registered itself and does not get its session's subscriptions: before, it
+ *   took the live connection's registry entry, so the next CONNECT with that id did not take the live one over (two
+ *   connections on one session), and it was registered closed, announced with `client` and never `clientDisconnect`.
  */
+import net, { type AddressInfo } from 'node:net'
 import memoryPersistence from 'aedes-persistence'
-import { Aedes } from 'aedes'
+import { Aedes, type Client } from 'aedes'
+import mqtt from 'mqtt'
+import { generate } from 'mqtt-packet'
 import { afterEach, describe, expect, it, vi } from 'vitest'
 
 /** What the test uses of aedes-persistence's memory persistence (its typings still describe the callback API). */
 interface MemoryPersistence {
   setup (broker: { id: string }): Promise<void>
+  subscriptionsByClient (client: { id: string }): Promise<unknown[]>
   putWill (client: { id: string }, packet: { topic: string, payload: Buffer, qos: number, retain: boolean }): Promise<void>
   delWill (client: { id: string }): Promise<unknown>
   streamWill (brokers: Record<string, number>): { toArray (): Promise<unknown[]> }
 }
 const memory = memoryPersistence as unknown as () => MemoryPersistence
 /** aedes' emitter, which its typings do not declare. */
-type WithEmitter = Aedes & { mq: { on (topic: string, notify: (packet: { payload: Buffer }, cb: () => void) => void): void } }
+type WithEmitter = Aedes & {
+  mq: { on (topic: string, notify: (packet: { payload: Buffer }, cb: () => void) => void): void }
+  /** aedes' registry of connected clients by id, not in its typings. */
+  clients: Record<string, Client | undefined>
+}
 
 /** Waits for `done`, turn by turn of the event loop (the faked interval is not what turns it), bounded. */
 async function turnsUntil (done: () => boolean | Promise<boolean>, turns = 10_000): Promise<void> {
@@ -84,6 +97,62 @@ describe('aedes patch: the will sweep', () => {
     } finally {
       for (const release of deletions.splice(0)) release()
       await new Promise<void>((resolve) => broker.close(() => resolve()))
+    }
+  })
+})
+
+describe('aedes patch: a connection that closes during its CONNECT', () => {
+  it('neither takes over the live connection of its client id nor is registered, and gets none of its subscriptions', async () => {
+    const persistence = memory()
+    const broker = await Aedes.createBroker({ persistence: persistence as never }) as WithEmitter
+    const server = net.createServer((socket) => { broker.handle(socket) })
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
+    const url = `mqtt://127.0.0.1:${(server.address() as AddressInfo).port}`
+    const clients: mqtt.MqttClient[] = []
+    try {
+      const announced: Client[] = []
+      broker.on('client', (client) => { announced.push(client) })
+      const live = await mqtt.connectAsync(url, { clientId: 'dev-1', clean: false, reconnectPeriod: 0 })
+      clients.push(live)
+      await live.subscribeAsync('cmd/dev-1', { qos: 1 })
+      const liveClosed = new Promise<void>((resolve) => live.once('close', () => resolve()))
+
+      // The second connection's session read is held; its socket closes meanwhile.
+      const held: Array<{ client: Client, release: () => void }> = []
+      const read = persistence.subscriptionsByClient.bind(persistence)
+      persistence.subscriptionsByClient = async (client) => {
+        await new Promise<void>((resolve) => held.push({ client: client as Client, release: resolve }))
+        return await read(client)
+      }
+      const socket = net.connect((server.address() as AddressInfo).port, '127.0.0.1')
+      socket.on('error', () => {})
+      socket.write(generate({ cmd: 'connect', protocolId: 'MQTT', protocolVersion: 4, clientId: 'dev-1', clean: false, keepalive: 30 }))
+      await turnsUntil(() => held.length === 1)
+      const cutShort = held[0] as { client: Client, release: () => void }
+      socket.destroy()
+      await turnsUntil(() => cutShort.client.closed)
+      persistence.subscriptionsByClient = read
+      cutShort.release()
+      // Its CONNECT's remaining steps, were any to run, take a few turns of the event loop with the memory persistence.
+      for (let k = 0; k < 50; k++) await new Promise((resolve) => setImmediate(resolve))
+
+      expect(broker.clients['dev-1']).toBe(announced[0])
+      expect(announced).toHaveLength(1)
+      expect(broker.connectedClients).toBe(1)
+      expect(Object.keys((cutShort.client as unknown as { subscriptions: object }).subscriptions)).toEqual([])
+      // The live connection still gets its messages, and the next CONNECT with the id takes it over.
+      const got = new Promise<string>((resolve) => live.once('message', (_topic, payload) => resolve(payload.toString())))
+      await new Promise<void>((resolve) => broker.publish({ cmd: 'publish', topic: 'cmd/dev-1', payload: Buffer.from('on'), qos: 1, retain: false, dup: false }, () => resolve()))
+      expect(await got).toBe('on')
+      const next = await mqtt.connectAsync(url, { clientId: 'dev-1', clean: false, reconnectPeriod: 0 })
+      clients.push(next)
+      await liveClosed
+      expect(broker.clients['dev-1']).toBe(announced[1])
+      expect(broker.connectedClients).toBe(1)
+    } finally {
+      for (const c of clients) c.end(true)
+      await new Promise<void>((resolve) => broker.close(() => resolve()))
+      await new Promise<void>((resolve) => server.close(() => resolve()))
     }
   })
 })
