@@ -9,6 +9,7 @@
  */
 import { Counter, type Registry } from 'prom-client'
 import type { BridgeConfig } from '../../bridge/index.ts'
+import type { SessionDamage } from '../mqtt/sessions/persistence.ts'
 import type { GatewayMetrics, PublishRefusal, RefusalReason, ReplayOutcome, SubscribeRefusal } from './metrics.ts'
 
 /** Every member of the union U, or a compile error naming the missing ones. */
@@ -22,12 +23,14 @@ const PUBLISH_REFUSALS = ['acl-denied', 'invalid-topic', 'reserved-topic', 'unro
 const SUBSCRIBE_REFUSALS = ['acl-denied', 'invalid-filter', 'replay-bad-range', 'replay-bad-filter', 'replay-limit', 'replay-not-resumed',
   'too-many-filters', 'too-many-subscriptions', 'share-invalid', 'share-limit'] as const
 const REPLAY_OUTCOMES = ['done', 'cancelled', 'failed'] as const
+const DAMAGED_SESSION_ENTRIES = ['cursor', 'session', 'offline', 'messageId', 'subscription'] as const
 
 export const KNOWN_LABELS = {
   refusalReasons: REFUSAL_REASONS satisfies Exhaustive<RefusalReason, typeof REFUSAL_REASONS>,
   publishRefusals: PUBLISH_REFUSALS satisfies Exhaustive<PublishRefusal, typeof PUBLISH_REFUSALS>,
   subscribeRefusals: SUBSCRIBE_REFUSALS satisfies Exhaustive<SubscribeRefusal, typeof SUBSCRIBE_REFUSALS>,
   replayOutcomes: REPLAY_OUTCOMES satisfies Exhaustive<ReplayOutcome, typeof REPLAY_OUTCOMES>,
+  damagedSessionEntries: DAMAGED_SESSION_ENTRIES satisfies Exhaustive<SessionDamage['entry'], typeof DAMAGED_SESSION_ENTRIES>,
 }
 
 export interface KnownSeries {
@@ -58,6 +61,7 @@ export function zeroGatewaySeries (metrics: GatewayMetrics, known: KnownSeries):
     metrics.sessionQueueDropped.inc({ tenant }, 0)
     metrics.oversizedDeliveries.inc({ tenant }, 0)
   }
+  for (const entry of DAMAGED_SESSION_ENTRIES) metrics.sessionDamaged.inc({ entry }, 0)
   for (const { group, tenant, stream, partitions } of known.retentionGroups) {
     for (let p = 0; p < partitions; p++) metrics.droppedRecords.inc({ tenant, stream, partition: String(p), group }, 0)
   }

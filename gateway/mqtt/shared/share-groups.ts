@@ -269,6 +269,9 @@ class Share {
     this.#labels = { tenant, group: id }
     this.#messages = deps.metrics.shareMessages.labels(this.#labels)
     this.#unreadable = deps.metrics.shareUnreadable.labels(this.#labels)
+    // At 0 from the group's start: increase() sees the first message, and the first unreadable record.
+    this.#messages.inc(0)
+    this.#unreadable.inc(0)
     deps.metrics.shareMembers.set(this.#labels, 0)
     this.#live = new LiveShare({
       broker: deps.broker, acl: deps.acl, route, tenant, filter: request.filter, members: this.#members, delivered: () => this.#messages.inc(),

@@ -46,6 +46,7 @@ describe('/metrics of a fresh gateway', () => {
       expected.push(['edgemq_mqtt_replays_active', { tenant }], ['edgemq_mqtt_replay_messages_total', { tenant }])
       for (const outcome of KNOWN_LABELS.replayOutcomes) expected.push(['edgemq_mqtt_replays_finished_total', { tenant, outcome }])
     }
+    for (const entry of KNOWN_LABELS.damagedSessionEntries) expected.push(['edgemq_mqtt_session_damaged_entries_total', { entry }])
     for (const partition of ['0', '1']) expected.push(['edgemq_retention_dropped_records_total', { tenant: 'acme', stream: 'telemetry', partition, group: 'bridge.region' }])
     for (const name of ['edgemq_bridge_forwarded_messages_total', 'edgemq_bridge_forwarded_bytes_total', 'edgemq_bridge_dead_lettered_total']) {
       expected.push([name, { upstream: 'region', tenant: 'acme', stream: 'telemetry' }])

@@ -85,6 +85,6 @@ describe('damaged session entries', () => {
     const counts = Object.fromEntries((await scrape(started.httpUrl))
       .filter((s) => s.name === 'edgemq_mqtt_session_damaged_entries_total')
       .map((s) => [s.labels.entry, s.value]))
-    expect(counts).toEqual({ cursor: 1, session: 1, offline: 2 })
+    expect(counts).toEqual({ cursor: 1, session: 1, offline: 2, messageId: 0, subscription: 0 }) // every kind is there, at 0 if none
   })
 })
