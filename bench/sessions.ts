@@ -37,7 +37,8 @@
  * ingest rounds: the drain figure alone, a third of the machine time), `--warm` (a second offline
  * session gets the same backlog and drains it, unmeasured, just before the measured one: the gateway's drain
  * code is then compiled, as in a gateway that has served reconnects before; without it each round's fresh
- * gateway drains with cold code, and V8's compiler threads took about a quarter of its CPU in the drain).
+ * gateway drains with cold code, and V8's compiler threads took about a quarter of its CPU in the drain),
+ * `--node-flags="…"` (node and V8 flags for the gateway's process, to try one: `--max-semi-space-size=32`).
  *
  * `--profile`: instead of the figures, one edgemq drain round under
  * `node --cpu-prof`; prints where the gateway's main thread spent the drain
@@ -64,6 +65,8 @@ const EDGEMQ_BIN = flag('edgemq') === undefined ? undefined : path.resolve(flag(
 const PROFILE = argv.includes('--profile')
 const DRAIN_ONLY = argv.includes('--drain-only')
 const WARM = argv.includes('--warm')
+/** `--node-flags="--max-semi-space-size=32 …"`: node/V8 flags for the gateway's process in the measured rounds (experiments). */
+const NODE_FLAGS = (flag('node-flags') ?? '').split(' ').filter((f) => f !== '')
 const PUBLISHERS = 8
 const DEVICES_PER_PUBLISHER = 10
 const PUBLISH_WINDOW = 100
@@ -209,7 +212,7 @@ async function main (): Promise<number> {
     for (let n = 0; n < ROUNDS; n++) {
       const order: Name[] = n % 2 === 0 ? ['mosquitto', 'edgemq'] : ['edgemq', 'mosquitto']
       for (const name of order) {
-        const d = await withBroker(name, mosquitto, (b) => drainRound(b, n))
+        const d = await withBroker(name, mosquitto, (b) => drainRound(b, n), name === 'edgemq' ? NODE_FLAGS : [])
         drains[name].push(d)
         const cores = round(d.brokerCores ?? NaN, 2)
         info(`round ${n + 1} ${name}: drain ${Math.round(d.rate)} msgs/s (first after ${round(d.firstMs, 1)} ms, broker ${cores} cores, `
