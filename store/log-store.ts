@@ -225,6 +225,17 @@ function settleExtras (extras: readonly QueuedExtra[], error?: Error): void {
 }
 
 /** The in-memory key of a dedupe id: the stream id first, as on disk. */
+/** One report per partition and group: the counts of a pass's trims of it added up. */
+function mergeDropped (dropped: readonly DroppedRecords[]): DroppedRecords[] {
+  const merged = new Map<string, DroppedRecords>()
+  for (const d of dropped) {
+    const key = `${d.stream}\u0000${d.partition}\u0000${d.group}`
+    const seen = merged.get(key)
+    merged.set(key, seen === undefined ? d : { ...seen, count: seen.count + d.count })
+  }
+  return [...merged.values()]
+}
+
 function scopedId (streamId: number, id: string): string {
   return `${streamId}/${id}`
 }
@@ -1339,15 +1350,55 @@ class LevelLogStore implements LogStore {
     }
     await this.#pruneDedupe(now)
     if (this.#diskBudgetBytes > 0) {
-      while (this.totalBytes > this.#diskBudgetBytes) {
+      // Oldest batch first across partitions, while over the budget. One write deletes the victim's batches while they
+      // stay older than every other partition's oldest; what was dropped is told once per partition and group for the
+      // whole pass (told one batch at a time, a budget run past by a burst logged a warning per batch deleted).
+      const dropped: DroppedRecords[] = []
+      const trimmed = new Map<PartitionState, number>()
+      const budget = this.#diskBudgetBytes
+      while (this.totalBytes > budget) {
         const victim = this.#oldestPartition()
         if (victim === undefined) break
         const before = report.batchesDeleted
-        await this.#exclusive(() => this.#trimFront(victim, report, (_header, _bytesLeft, index) => index === 0))
+        const othersOldest = this.#oldestTimestampBeside(victim)
+        const total = this.totalBytes
+        await this.#exclusive(() => this.#trimFront(victim, report, (header, bytesLeft, index) =>
+          index === 0 || (total - (victim.bytes - bytesLeft) > budget && header.firstTimestamp <= othersOldest), dropped))
         if (report.batchesDeleted === before) break
+        trimmed.set(victim, victim.logStart)
       }
+      this.#tellDropped(mergeDropped(dropped), trimmed, report)
     }
     return report
+  }
+
+  /** The oldest first timestamp of the partitions other than `part` that hold records; Infinity when none does. */
+  #oldestTimestampBeside (part: PartitionState): number {
+    let oldest = Infinity
+    for (const s of this.#streams.values()) {
+      for (const p of s.partitions) {
+        if (p !== part && p.logEnd > p.logStart) oldest = Math.min(oldest, p.oldestTs ?? 0)
+      }
+    }
+    return oldest
+  }
+
+  /**
+   * Reports, logs and counts records the disk budget deleted before a retention-holding group consumed them, and tells
+   * each retention hold whose floor a trimmed partition's new log start passed: its holder counts and logs what it lost.
+   */
+  #tellDropped (dropped: readonly DroppedRecords[], trimmed: ReadonlyMap<PartitionState, number>, report: { dropped: DroppedRecords[] }): void {
+    for (const d of dropped) {
+      report.dropped.push(d)
+      this.#logger.warn({ ...d }, 'disk budget forced retention to drop records a consumer group had not consumed')
+      this.#observer.onDropped?.(d)
+    }
+    for (const [part, newStart] of trimmed) {
+      for (const hold of this.#holds) {
+        const floor = hold.floor(part.stream.name, part.partition)
+        if (floor !== undefined && floor < newStart) hold.onDropped?.(part.stream.name, part.partition, newStart)
+      }
+    }
   }
 
   /** Forgets dedupe ids older than the dedupe retention. */
@@ -1373,7 +1424,7 @@ class LevelLogStore implements LogStore {
    * consumed (possible only under the disk budget) are reported as dropped.
    */
   async #trimFront (part: PartitionState, report: { batchesDeleted: number, recordsDeleted: number, bytesDeleted: number, dropped: DroppedRecords[] },
-    shouldDelete: (header: BatchHeader, bytesLeft: number, index: number) => boolean): Promise<void> {
+    shouldDelete: (header: BatchHeader, bytesLeft: number, index: number) => boolean, dropLater?: DroppedRecords[]): Promise<void> {
     const { id } = part.stream
     const ops: BatchOp[] = []
     let newStart = part.logStart
@@ -1424,17 +1475,9 @@ class LevelLogStore implements LogStore {
     part.bytes = bytesLeft
     part.oldestTs = empty ? null : oldestTs
     if (empty) part.indexedMaxTs = -Infinity
-    for (const [group, count] of dropped) {
-      const d: DroppedRecords = { stream: part.stream.name, partition: part.partition, group, count, reason: 'disk-budget' }
-      report.dropped.push(d)
-      this.#logger.warn({ ...d }, 'disk budget forced retention to drop records a consumer group had not consumed')
-      this.#observer.onDropped?.(d)
-    }
-    // A hold past which the budget deleted: its holder counts and logs what it lost.
-    for (const hold of this.#holds) {
-      const floor = hold.floor(part.stream.name, part.partition)
-      if (floor !== undefined && floor < newStart) hold.onDropped?.(part.stream.name, part.partition, newStart)
-    }
+    const told = [...dropped].map(([group, count]): DroppedRecords => ({ stream: part.stream.name, partition: part.partition, group, count, reason: 'disk-budget' }))
+    if (dropLater !== undefined) dropLater.push(...told)
+    else this.#tellDropped(told, new Map([[part, newStart]]), report)
   }
 
   // ---------------------------------------------------------------- close

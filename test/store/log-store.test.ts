@@ -7,6 +7,7 @@ import { afterEach, describe, expect, it } from 'vitest'
 import { MemoryLevel } from 'memory-level'
 import { decodeStoredBatch, openLogStore, type ExtraOperation, type LevelDatabase, type LogStore, type StoredRecord, type StoreObserver, type CommitStats } from '../../store/index.ts'
 import { backends, FakeClock, payloadOf, type Backend, type StoreOptions } from './harness.ts'
+import { partitionForKey } from '../../store/partitioner.ts'
 
 interface Ctx {
   store: LogStore
@@ -575,6 +576,36 @@ for (const makeBackend of backends) {
         expect(report.dropped[0]).toMatchObject({ ...expected, count: expect.any(Number) })
       })
 
+      it('under the disk budget, tells one drop per partition and group for a pass that deletes many batches, oldest batch first across partitions', async () => {
+        const warnings: Array<Record<string, unknown>> = []
+        const logger = { info () {}, error () {}, warn (fields: Record<string, unknown>) { warnings.push(fields) } }
+        const dropped: unknown[] = []
+        const { store, clock } = await setup({ diskBudgetBytes: 4000, logger, observer: { onDropped: (d) => { dropped.push(d) } } })
+        await store.createStream('t/s', { partitions: 2 })
+        await store.setGroup('bridge.us', { holdsRetention: true })
+        const told: Array<[string, number, number]> = []
+        store.holdRetention(() => 0, (...args) => { told.push(args) })
+        // 40 batches of one record each, the two partitions taking turns: 0 is older than 1 at every step.
+        const keyOf = [0, 1].map((p) => Array.from({ length: 50 }, (_, i) => `k${i}`).find((k) => partitionForKey(k, 2) === p))
+        for (let b = 0; b < 40; b++) {
+          await store.append('t/s', keyOf[b % 2] as string, { payload: payloadOf(b, 100) })
+          clock.advance(1000)
+        }
+        const before = [store.partitionInfo('t/s', 0).logEndOffset, store.partitionInfo('t/s', 1).logEndOffset]
+        const report = await store.enforceRetention()
+        expect(store.totalBytes).toBeLessThanOrEqual(4000)
+        const starts = [store.partitionInfo('t/s', 0).logStartOffset, store.partitionInfo('t/s', 1).logStartOffset]
+        expect(starts[0]).toBeGreaterThan(5)
+        // Oldest first: the partitions lost the same number of batches, or partition 0 (older at each step) one more.
+        expect([0, 1]).toContain((starts[0] as number) - (starts[1] as number))
+        expect(before).toEqual([20, 20])
+        // One report, one warning, one count and one word to the hold per partition, for the whole pass.
+        expect(report.dropped.map((d) => [d.partition, d.count]).sort()).toEqual([[0, starts[0]], [1, starts[1]]])
+        expect(warnings.filter((w) => w.reason === 'disk-budget').map((w) => [w.partition, w.count]).sort()).toEqual([[0, starts[0]], [1, starts[1]]])
+        expect(dropped).toHaveLength(2)
+        expect(told.map(([, partition, start]) => [partition, start]).sort()).toEqual([[0, starts[0]], [1, starts[1]]])
+      })
+
       it('tells a retention hold the disk budget deleted past its floor the new log start, and a hold it did not pass nothing', async () => {
         const { store, clock } = await setup({ diskBudgetBytes: 3000 })
         await store.createStream('t/s', { partitions: 1 })
@@ -589,8 +620,8 @@ for (const makeBackend of backends) {
         await store.enforceRetention()
         const start = store.partitionInfo('t/s', 0).logStartOffset
         expect(start).toBeGreaterThan(5)
-        // once per batch deleted, each with the log start after it; the holder counts from its floor
-        expect(told.length).toBeGreaterThan(0)
+        // once per pass, with the log start after it; the holder counts from its floor
+        expect(told.length).toBe(1)
         expect(told.every(([stream, partition]) => stream === 't/s' && partition === 0)).toBe(true)
         expect(told.at(-1)?.[2]).toBe(start)
         expect(untouched).toEqual([])
