@@ -8,6 +8,10 @@
  *   holds its client id registered, is not registered itself and does not get its session's subscriptions: before, it
  *   took the live connection's registry entry, so the next CONNECT with that id did not take the live one over (two
  *   connections on one session), and it was registered closed, announced with `client` and never `clientDisconnect`.
+ * - registrations of one client id take turns: a CONNECT that closed while it waited for its turn takes nothing over,
+ *   and a CONNECT closed before its registration does not end the session another CONNECT of the id is resuming.
+ *   (Both found by review: a half-open MQTT 5 connection, whose takeover waits for its socket to drain, kept the
+ *   queue long enough for both.)
  */
 import net, { type AddressInfo } from 'node:net'
 import memoryPersistence from 'aedes-persistence'
@@ -27,6 +31,8 @@ interface MemoryPersistence {
 const memory = memoryPersistence as unknown as () => MemoryPersistence
 /** aedes' emitter, which its typings do not declare. */
 type WithEmitter = Aedes & {
+  /** The patch's queue of CONNECTs waiting to register, by client id. */
+  _registering: Map<string, Client[]>
   mq: { on (topic: string, notify: (packet: { payload: Buffer }, cb: () => void) => void): void }
   /** aedes' registry of connected clients by id, not in its typings. */
   clients: Record<string, Client | undefined>
@@ -149,6 +155,123 @@ describe('aedes patch: a connection that closes during its CONNECT', () => {
       await liveClosed
       expect(broker.clients['dev-1']).toBe(announced[1])
       expect(broker.connectedClients).toBe(1)
+    } finally {
+      for (const c of clients) c.end(true)
+      await new Promise<void>((resolve) => broker.close(() => resolve()))
+      await new Promise<void>((resolve) => server.close(() => resolve()))
+    }
+  })
+})
+
+/** A real aedes broker on a loopback port, with `persistence`. */
+async function brokerOn (persistence: MemoryPersistence): Promise<{ broker: WithEmitter, server: net.Server, port: number, url: string }> {
+  const broker = await Aedes.createBroker({ persistence: persistence as never }) as WithEmitter
+  const server = net.createServer((socket) => { broker.handle(socket) })
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
+  const port = (server.address() as AddressInfo).port
+  return { broker, server, port, url: `mqtt://127.0.0.1:${port}` }
+}
+
+async function turns (n: number): Promise<void> {
+  for (let k = 0; k < n; k++) await new Promise((resolve) => setImmediate(resolve))
+}
+
+describe('aedes patch: registrations of one client id take turns', () => {
+  it('a CONNECT that closed while it waited for its turn takes nothing over from the newer connection registered first', async () => {
+    const persistence = memory()
+    const { broker, server, port, url } = await brokerOn(persistence)
+    const clients: mqtt.MqttClient[] = []
+    try {
+      // A: an MQTT 5 device that stopped reading, its socket's buffer full: the DISCONNECT 0x8E of a takeover waits
+      // for a drain (aedes' drainTimeout, 60 s by default).
+      const a = net.connect(port, '127.0.0.1')
+      a.on('error', () => {})
+      a.write(generate({ cmd: 'connect', protocolId: 'MQTT', protocolVersion: 5, clientId: 'dev-1', clean: false, keepalive: 0, properties: { sessionExpiryInterval: 300 } }, { protocolVersion: 5 }))
+      await turnsUntil(() => broker.clients['dev-1'] !== undefined)
+      const serverA = broker.clients['dev-1'] as Client
+      const subscribed = new Promise<void>((resolve) => broker.once('subscribe', () => resolve()))
+      a.write(generate({ cmd: 'subscribe', messageId: 1, subscriptions: [{ topic: 'big/#', qos: 0 }] } as never, { protocolVersion: 5 }))
+      await subscribed
+      a.pause()
+      const conn = (serverA as unknown as { conn: net.Socket }).conn
+      for (let k = 0; k < 400 && !conn.writableNeedDrain; k++) {
+        broker.publish({ cmd: 'publish', topic: 'big/x', payload: Buffer.alloc(256 * 1024), qos: 0, retain: false, dup: false }, () => {})
+        await turns(2)
+      }
+      expect(conn.writableNeedDrain).toBe(true)
+
+      const connacked: Client[] = []
+      broker.on('connackSent', (_packet, client) => { connacked.push(client) })
+      // B takes A over; the takeover waits on A's drain.
+      const b = await mqtt.connectAsync(url, { clientId: 'dev-1', clean: false, protocolVersion: 5, properties: { sessionExpiryInterval: 300 }, reconnectPeriod: 0 })
+      clients.push(b)
+      await turnsUntil(() => connacked.length === 1)
+      const serverB = connacked[0] as Client
+      const disconnects: number[] = []
+      b.on('disconnect', (packet) => { disconnects.push(packet.reasonCode ?? -1) })
+      // C, MQTT 5 with Session Expiry 0, waits behind B for its turn, and closes meanwhile.
+      const c = mqtt.connect(url, { clientId: 'dev-1', clean: false, protocolVersion: 5, reconnectPeriod: 0 })
+      c.on('error', () => {})
+      await turnsUntil(() => connacked.length === 2)
+      const serverC = connacked[1] as Client
+      expect(broker._registering.get('dev-1')).toEqual([serverC])
+      c.end(true)
+      await turnsUntil(() => serverC.closed)
+
+      // A's socket goes: B is registered, then C's turn comes.
+      a.destroy()
+      await turnsUntil(() => broker._registering.get('dev-1') === undefined)
+      expect(disconnects).toEqual([])
+      expect(serverB.closed).toBe(false)
+      expect(broker.clients['dev-1']).toBe(serverB)
+      expect(broker.connectedClients).toBe(1)
+      expect(await persistence.subscriptionsByClient({ id: 'dev-1' })).toHaveLength(1)
+    } finally {
+      for (const c of clients) c.end(true)
+      await new Promise<void>((resolve) => broker.close(() => resolve()))
+      await new Promise<void>((resolve) => server.close(() => resolve()))
+    }
+  })
+
+  it('a CONNECT closed before its registration does not end the session a later CONNECT of the id is resuming', async () => {
+    const persistence = memory()
+    const { broker, server, port, url } = await brokerOn(persistence)
+    const clients: mqtt.MqttClient[] = []
+    try {
+      const s = await mqtt.connectAsync(url, { clientId: 'dev-1', clean: false, protocolVersion: 5, properties: { sessionExpiryInterval: 300 }, reconnectPeriod: 0 })
+      await s.subscribeAsync('cmd/dev-1', { qos: 1 })
+      await s.endAsync()
+      await turnsUntil(() => broker.clients['dev-1'] === undefined)
+      expect(await persistence.subscriptionsByClient({ id: 'dev-1' })).toHaveLength(1)
+
+      // Each CONNECT's session read is held once it has read.
+      const held: Array<{ client: Client, release: () => void }> = []
+      const read = persistence.subscriptionsByClient.bind(persistence)
+      persistence.subscriptionsByClient = async (client) => {
+        const subs = await read(client)
+        await new Promise<void>((resolve) => held.push({ client: client as Client, release: resolve }))
+        return subs
+      }
+      // X (MQTT 5, Session Expiry 0: its session ends with its connection), then Y (Session Expiry 300).
+      const x = net.connect(port, '127.0.0.1')
+      x.on('error', () => {})
+      x.write(generate({ cmd: 'connect', protocolId: 'MQTT', protocolVersion: 5, clientId: 'dev-1', clean: false, keepalive: 30 }, { protocolVersion: 5 }))
+      await turnsUntil(() => held.length === 1)
+      const yConnack = new Promise<boolean>((resolve, reject) => {
+        const y = mqtt.connect(url, { clientId: 'dev-1', clean: false, protocolVersion: 5, properties: { sessionExpiryInterval: 300 }, reconnectPeriod: 0 })
+        clients.push(y)
+        y.once('connect', (connack) => resolve(connack.sessionPresent))
+        y.once('error', reject)
+      })
+      await turnsUntil(() => held.length === 2)
+      x.destroy()
+      await turnsUntil(() => (held[0] as { client: Client }).client.closed)
+      persistence.subscriptionsByClient = read
+      held[0]?.release()
+      held[1]?.release()
+      expect(await yConnack).toBe(true)
+      await turnsUntil(() => broker.clients['dev-1'] !== undefined)
+      expect(await persistence.subscriptionsByClient({ id: 'dev-1' })).toHaveLength(1)
     } finally {
       for (const c of clients) c.end(true)
       await new Promise<void>((resolve) => broker.close(() => resolve()))
