@@ -55,20 +55,17 @@
  * The first retransmission of an entry that is not marked delivered and that
  * this process did not deliver (one stored by a process that died) is
  * delivered again, with its record's position attached as a live publish
- * carries it (log-position.ts). Per subscriber:
+ * carries it (log-position.ts) and marked `late`; each persistent session
+ * decides with it (sessions/persistence.ts #enqueue). Per subscriber:
  * - a persistent session that reads the partition through a cursor (QoS 1
- *   deliveries of logged messages, sessions/cursors.ts) takes it from the
- *   log, once: its cursor started at or below the record in this process
- *   (loaded at startup from below it: it reads the record, or has read it
- *   since; created now: at the record). If some session's cursor there
- *   started above the record (its first message of the partition came after
- *   the restart, before this retransmission; or it was loaded past the
- *   record, read before the crash), that session may never have read the
- *   record: the position is not attached and every session gets a copy,
- *   a duplicate for those reading the log, never a loss. Per session would
- *   be exact, but the choice is made once per message (the position on it);
- *   the case needs a kill before the delivery and a new session cursor in
- *   the partition before the device reconnects;
+ *   deliveries of logged messages, sessions/cursors.ts): one whose cursor was
+ *   loaded at startup past the record had it before the crash (read and
+ *   acknowledged, or passed by a fence) and gets nothing; one whose cursor
+ *   started at or below the record in this process (loaded from below it, or
+ *   created at it) takes it from the log, once; one whose cursor was created
+ *   above the record since (its first message of the partition came after
+ *   the restart, before this retransmission), or that has none there, never
+ *   reads it and gets a copy;
  * - a persistent session that keeps copies (QoS 2 deliveries, sessions
  *   without cursors) gets one copy: none was queued before the crash, or the
  *   entry says delivered and nothing is delivered again. A kill between the
@@ -82,7 +79,7 @@ import type { AppendExtraOperation } from '../../store/index.ts'
 import type { SessionPacket } from './sessions/persistence.ts'
 import { incomingPositionOf, type IncomingFields } from './sessions/format.ts'
 import { wrapInboundQos2 } from './aedes-internals.ts'
-import { attachLogPosition, type LogPosition } from './log-position.ts'
+import { attachLogPosition } from './log-position.ts'
 import { queuedCopy } from './queued-copies.ts'
 
 /** What authorizePublish decided for a QoS 2 PUBLISH that goes to subscribers (and, when routed, into the log). */
@@ -100,8 +97,6 @@ export interface Qos2Persistence {
   incomingGetPacket (client: Client, packet: SessionPacket): Promise<unknown>
   /** Writes the stored entry again, marked delivered (sessions/format.ts). */
   incomingMarkDelivered (client: Client, messageId: number): Promise<void>
-  /** Whether some persistent session's cursor into the record's partition started past it in this process (it will not read it). */
-  cursorPast (position: LogPosition): boolean
   incomingDelPacket (client: Client, packet: SessionPacket): Promise<void>
   cleanIncoming (client: Client): Promise<void>
   hasIncomingPacket (client: Client, messageId: number): boolean
@@ -146,7 +141,9 @@ export class InboundQos2 {
           const entry = stored as IncomingFields
           if (entry.edgemqDelivered !== true) {
             const position = incomingPositionOf(entry)
-            if (position !== undefined && !this.#persistence.cursorPast(position)) attachLogPosition(packet, { ...position, late: true })
+            // Each persistent session decides with the position (persistence.ts #enqueue): nothing for one whose cursor
+            // was past the record at the restart, a copy for one without a cursor that will read it, else its cursor.
+            if (position !== undefined) attachLogPosition(packet, { ...position, late: true })
             await plan.deliver()
             await this.#markDelivered(client, packet)
           }

@@ -539,8 +539,10 @@ export class SessionCursors {
   readonly #watching = new Map<string, Set<ClientCursors>>()
   /** Per cursor, the log start up to which records the disk budget deleted before it got there were told (onDropped). */
   readonly #droppedTo = new WeakMap<PartitionCursor, number>()
-  /** Per cursor, where it started in this process: its value when loaded, or the offset it was created at ({@link latestStart}). */
+  /** Per cursor, where it started in this process: its value when loaded, or the offset it was created at ({@link startOf}). */
   readonly #startedAt = new WeakMap<PartitionCursor, number>()
+  /** The cursors loaded at startup (the others were created in this process): {@link readBeforeStart}. */
+  readonly #loaded = new WeakSet<PartitionCursor>()
   #connector: CursorConnector | undefined
   #unlisten: (() => void) | undefined
   /**
@@ -581,6 +583,7 @@ export class SessionCursors {
       for (const f of fences) this.#epoch = Math.max(this.#epoch, f.epoch)
     }
     this.#startedAt.set(cursor, next)
+    this.#loaded.add(cursor)
     // What the disk budget deleted below it before the restart was told then.
     if (next < logStart) this.#droppedTo.set(cursor, logStart)
     this.#client(clientId).cursors.set(cursorId(stream, partition), cursor)
@@ -690,6 +693,16 @@ export class SessionCursors {
   }
 
   /**
+   * Whether the session's cursor in the record's partition was loaded at startup past it: the session had the record
+   * before the restart (read and acknowledged, or passed by a fence it was logged under), so a message delivered
+   * again after a crash is not for it. A cursor created in this process above a record never read it (see startOf).
+   */
+  readBeforeStart (clientId: string, position: LogPosition): boolean {
+    const cursor = this.#clients.get(clientId)?.cursors.get(cursorId(position.stream, position.partition))
+    return cursor !== undefined && this.#loaded.has(cursor) && (this.#startedAt.get(cursor) ?? 0) > position.offset
+  }
+
+  /**
    * Takes the message at `position` for the client instead of a copy: creates the cursor of its partition (the
    * returned write) when the session has none; else nothing is written. A connected session reads it from the log
    * (its live copy is held back, {@link forwardLive}).
@@ -748,9 +761,14 @@ export class SessionCursors {
     // Deliveries framed by this module never pass here: only aedes' copies of logged messages carry a position.
     const position = state === undefined ? undefined : logPositionOf(packet)
     if (state === undefined || position === undefined || typeof packet.topic !== 'string') return true
-    if (!state.cursors.has(cursorId(position.stream, position.partition))) return true
+    const cursor = state.cursors.get(cursorId(position.stream, position.partition))
+    if (cursor === undefined) return true
     // A QoS 2 delivery is queued as a copy, not a cursor (outgoingEnqueueCombi, the same rule).
-    return Math.min(Number(packet.qos ?? 0), this.#deps.grantedQos(client.id, packet.topic)) !== 1
+    if (Math.min(Number(packet.qos ?? 0), this.#deps.grantedQos(client.id, packet.topic)) !== 1) return true
+    // A record below where the cursor started: created above it in this process, the cursor never reads it, and the
+    // session got a copy (persistence.ts #enqueue), delivered now; loaded past it, the session had it before a restart.
+    if ((this.#startedAt.get(cursor) ?? 0) > position.offset) return !this.#loaded.has(cursor)
+    return false
   }
 
   /**
@@ -927,24 +945,6 @@ export class SessionCursors {
       if (cursor !== undefined && (floor === undefined || cursor.committed < floor)) floor = cursor.committed
     }
     return floor
-  }
-
-  /**
-   * The highest offset at which a session's cursor into the partition started in this process (its value when it was
-   * loaded at startup, or the offset of the message that created it), or undefined when no session has one there. A
-   * cursor that started at or below a record reads it (or has read it) from the log; one that started above it never
-   * will: inbound-qos2.ts delivers a record below this again as copies (persistence.cursorPast). Not the committed
-   * offsets: a session that read the record since the restart has committed past it, and must not get it twice.
-   */
-  latestStart (stream: string, partition: number): number | undefined {
-    const id = cursorId(stream, partition)
-    let latest: number | undefined
-    for (const state of this.#clients.values()) {
-      const cursor = state.cursors.get(id)
-      const start = cursor === undefined ? undefined : this.#startedAt.get(cursor)
-      if (start !== undefined && (latest === undefined || start > latest)) latest = start
-    }
-    return latest
   }
 
   /** The client's cursors: per stream and partition, the next offset it has not acknowledged (the value kept on disk). */

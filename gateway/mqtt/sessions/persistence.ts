@@ -1374,8 +1374,10 @@ export class LevelSessionPersistence {
       for (const sub of subs) {
         // Without a subscription's QoS (outgoingEnqueue: a publish to one client, not routed by a subscription) it is a copy.
         if (sub.qos === undefined || Math.min(sub.qos, packet.qos ?? 0) !== 1) { (copies as Array<{ clientId: string }>).push(sub); continue }
-        // Delivered again after a restart: a cursor only where the session has one in the partition already. And never
-        // one that started above the record (see #cursorsReady): it would not read it.
+        // Delivered again after a restart: nothing for a session whose cursor was past the record at the restart (it
+        // had it before the crash), a cursor only where the session has one in the partition already, and never one
+        // that started above the record in this process (see #cursorsReady): it would not read it.
+        if (position.late === true && this.#cursors.readBeforeStart(sub.clientId, position)) continue
         const start = this.#cursors.startOf(sub.clientId, position.stream, position.partition)
         if ((position.late === true && start === undefined) || (start ?? -1) > position.offset) {
           (copies as Array<{ clientId: string }>).push(sub)
@@ -1708,15 +1710,6 @@ export class LevelSessionPersistence {
     if (stored === undefined) return
     stored.edgemqDelivered = true
     await this.#writer.write([put(keys.incoming(client.id, messageId), cbor.encode(stored))], NOT_DURABLE_MARK)
-  }
-
-  /**
-   * Whether some session's cursor into the record's partition started past it in this process (cursors.ts
-   * latestStart): that session will not read the record from the log, so a message delivered again goes to it as a copy.
-   */
-  cursorPast (position: LogPosition): boolean {
-    const latest = this.#cursors?.latestStart(position.stream, position.partition)
-    return latest !== undefined && latest > position.offset
   }
 
   /** Whether an inbound packet with this id is stored for the client (awaiting PUBREL). */

@@ -112,13 +112,15 @@ async function caughtUp (httpUrl: string, clientId: string): Promise<void> {
 }
 
 /**
- * The device sends `m1` at QoS 2, the gateway is killed once its PUBREC is in, and the device sends it again after the
- * restart (after `meanwhile`, given the restarted gateway).
+ * The device sends `m1` at QoS 2, the gateway is killed once its PUBREC is in (after `beforeKill`), and the device
+ * sends it again after the restart (after `meanwhile`, given the restarted gateway).
  */
-async function crashAndRetransmit (dir: string, gw: GatewayProcess, meanwhile?: (restarted: GatewayProcess) => Promise<void>): Promise<GatewayProcess> {
+async function crashAndRetransmit (dir: string, gw: GatewayProcess, meanwhile?: (restarted: GatewayProcess) => Promise<void>,
+  beforeKill?: () => Promise<void>): Promise<GatewayProcess> {
   const device = await connect(gw.mqttUrl, 'q2r-dev')
   device.send(publish('m1', 2, 7))
   expect(await device.next('pubrec', DEADLINE_MS)).toMatchObject({ messageId: 7 })
+  await beforeKill?.()
   await gw.kill()
   device.end()
   const restarted = await startGatewayProcess({ dataDir: dir })
@@ -190,6 +192,77 @@ describe('a QoS 2 retransmission after kill -9', () => {
 
     expect((await receiveAll(gw.mqttUrl, 'q2r-copies')).sort()).toEqual(['end', 'm1', 'marker'])
     expect((await receiveAll(gw.mqttUrl, 'q2r-cursor')).sort()).toEqual(['end', 'm1', 'marker'])
+  })
+
+  it('does not reach again a QoS 1 subscriber that read it from the log before the crash', async () => {
+    const { dir, cleanup } = await tempDir()
+    cleanups.push(cleanup)
+    let gw = await startGatewayProcess({ dataDir: dir })
+    cleanups.push(() => gw.kill())
+    await subscribeOffline(gw.mqttUrl, 'q2r-before', 1)
+    await subscribeOffline(gw.mqttUrl, 'q2r-cursor', 1)
+    const device = await connect(gw.mqttUrl, 'q2r-dev')
+    device.send(publish('warm', 1, 1))
+    expect(await device.next('puback', DEADLINE_MS)).toMatchObject({ messageId: 1 })
+    device.end()
+    const killed = gw
+    let before: Awaited<ReturnType<typeof resume>> | undefined
+    // q2r-before reads m1 from the log and its cursor commits past it before the kill; q2r-cursor stays offline.
+    gw = await crashAndRetransmit(dir, gw, undefined, async () => {
+      before = await resume(killed.mqttUrl, 'q2r-before')
+      await before.until(['warm', 'm1'])
+      await caughtUp(killed.httpUrl, 'q2r-before')
+    })
+    const first = (before as NonNullable<typeof before>).received
+    const after = await receiveAll(gw.mqttUrl, 'q2r-before')
+    expect([...first, ...after].sort()).toEqual(['end', 'm1', 'marker', 'warm'])
+    expect((await receiveAll(gw.mqttUrl, 'q2r-cursor')).sort()).toEqual(['end', 'm1', 'marker', 'warm'])
+  })
+
+  it('reaches a QoS 1 subscriber reading it from the log once, when another session\'s cursor started above it after the restart', async () => {
+    const { dir, cleanup } = await tempDir()
+    cleanups.push(cleanup)
+    let gw = await startGatewayProcess({ dataDir: dir })
+    cleanups.push(() => gw.kill())
+    await subscribeOffline(gw.mqttUrl, 'q2r-cursor', 1)
+    const device = await connect(gw.mqttUrl, 'q2r-dev')
+    device.send(publish('warm', 1, 1))
+    expect(await device.next('puback', DEADLINE_MS)).toMatchObject({ messageId: 1 })
+    device.end()
+
+    gw = await crashAndRetransmit(dir, gw, async (restarted) => {
+      // A new persistent session whose cursor into m1's partition starts above m1: at a record logged after its SUBSCRIBE.
+      await subscribeOffline(restarted.mqttUrl, 'q2r-above', 1)
+      const other = await connect(restarted.mqttUrl, 'q2r-other')
+      other.send(publish('above', 1, 1))
+      expect(await other.next('puback', DEADLINE_MS)).toMatchObject({ messageId: 1 })
+      other.end()
+    })
+    // Each session decides for itself: q2r-above gets m1 as a copy (its cursor will not read it), q2r-cursor from the log.
+    expect((await receiveAll(gw.mqttUrl, 'q2r-cursor')).sort()).toEqual(['above', 'end', 'm1', 'marker', 'warm'])
+    expect((await receiveAll(gw.mqttUrl, 'q2r-above')).sort()).toEqual(['above', 'end', 'm1', 'marker'])
+  })
+
+  it('reaches a connected session whose cursor started above it after the restart, live', async () => {
+    const { dir, cleanup } = await tempDir()
+    cleanups.push(cleanup)
+    let gw = await startGatewayProcess({ dataDir: dir })
+    cleanups.push(() => gw.kill())
+    let above: Awaited<ReturnType<typeof resume>> | undefined
+    gw = await crashAndRetransmit(dir, gw, async (restarted) => {
+      await subscribeOffline(restarted.mqttUrl, 'q2r-above', 1)
+      const other = await connect(restarted.mqttUrl, 'q2r-other')
+      other.send(publish('above', 1, 1))
+      expect(await other.next('puback', DEADLINE_MS)).toMatchObject({ messageId: 1 })
+      other.end()
+      above = await resume(restarted.mqttUrl, 'q2r-above')
+      await above.until(['above'])
+    })
+    // m1 comes as a copy (its cursor will never read it), delivered while it is connected, not kept for its next CONNECT.
+    const session = above as NonNullable<typeof above>
+    await session.until(['m1', 'end', 'marker'])
+    session.end()
+    expect([...session.received].sort()).toEqual(['above', 'end', 'm1', 'marker'])
   })
 
   it('reaches a session that subscribed after the restart as a copy, without the messages logged before its SUBSCRIBE', async () => {
