@@ -110,7 +110,7 @@ describe(`dashboards against a real Prometheus scraping a live gateway${runs ? '
       ['EdgemqUplinkDisconnected', 'pending', { upstream: UPSTREAMS.down }],
     ]
     for (const [name, state, labels] of expected) {
-      await waitFor(`${name} ${JSON.stringify(labels)} to be ${state}`, () => alerting(name, state, labels), 5000)
+      await waitFor(`${name} ${JSON.stringify(labels)} to be ${state}`, () => alerting(name, state, labels), 30_000) // a deadline: a loaded machine evaluates the rules late
     }
     const after = await prom.rules()
     const alertsOf = (name: string): ReadonlyArray<{ readonly labels: Readonly<Record<string, string>> }> => after.find((r) => r.name === name)?.alerts ?? []
