@@ -46,34 +46,61 @@ export function nextPacketId (client: Client): number {
   return id
 }
 
-/** Clients whose counter skips held ids (one accessor per client; {@link skipHeldPacketIds}). */
-const skipping = new WeakSet<Client>()
+/** What holds packet ids of one client's counter: by holder, and the same predicates as a list for the hot path. */
+interface IdHolders {
+  readonly byHolder: Map<object, (messageId: number) => boolean>
+  list: Array<(messageId: number) => boolean>
+}
+
+/** Per client, what holds packet ids its counter skips (one accessor per client; {@link skipHeldPacketIds}). */
+const holders = new WeakMap<Client, IdHolders>()
 
 /**
  * Makes the client's packet id counter (`client._nextId`, as {@link nextPacketId} reads it) skip the ids `held`
- * says are taken, for aedes' own takers too: aedes writes retained messages on SUBSCRIBE, and every delivery to a
+ * says `holder` has taken, for every taker: aedes writes retained messages on SUBSCRIBE, and every delivery to a
  * clean session, with the id it takes from the counter, without asking the persistence
  * (https://github.com/moscajs/aedes/blob/v1.2.0/lib/client.js deliverQoS: `if (that.clean || packet.retain)
  * doWriteQoS()`; lib/qos-packet.js reads `client._nextId`, then increments it). Persistent sessions' deliveries from
- * the log hold ids for as long as they are unacknowledged, across reconnects (sessions/cursors.ts), so after 65,535
- * others the counter comes back to them. An accessor on the one client, installed once; aedes treats `_nextId` as a
- * plain settable number (https://github.com/moscajs/aedes/pull/414). No upstream issue; public API that would remove
- * it: `client.nextMessageId()` with an in-flight set aedes skips.
+ * the log hold ids for as long as they are unacknowledged, across reconnects (sessions/cursors.ts), and so do replays
+ * and shared subscriptions' members: after 65,535 others the counter comes back to them, and a writer that skipped
+ * only its own ids would hand out one another holds (two PUBLISHes in flight with one id). One predicate per holder (a
+ * later one replaces it), all asked by one accessor on the client; aedes treats `_nextId` as a plain settable number
+ * (https://github.com/moscajs/aedes/pull/414). No upstream issue; public API that would remove it:
+ * `client.nextMessageId()` with an in-flight set aedes skips.
  */
-export function skipHeldPacketIds (client: Client, held: (messageId: number) => boolean): void {
-  if (skipping.has(client)) return
-  skipping.add(client)
-  const counter = client as unknown as { _nextId: number }
-  let next = counter._nextId
-  Object.defineProperty(client, '_nextId', {
-    configurable: true,
-    enumerable: true,
-    get () {
-      for (let k = 0; k < 65535 && held(next); k++) next = next >= 65535 ? 1 : next + 1
-      return next
-    },
-    set (value: number) { next = value },
-  })
+export function skipHeldPacketIds (client: Client, holder: object, held: (messageId: number) => boolean): void {
+  let ids = holders.get(client)
+  if (ids === undefined) {
+    const all: IdHolders = { byHolder: new Map(), list: [] }
+    ids = all
+    holders.set(client, all)
+    const isHeld = (id: number): boolean => {
+      const list = all.list
+      for (let i = 0; i < list.length; i++) if ((list[i] as (messageId: number) => boolean)(id)) return true
+      return false
+    }
+    const counter = client as unknown as { _nextId: number }
+    let next = counter._nextId
+    Object.defineProperty(client, '_nextId', {
+      configurable: true,
+      enumerable: true,
+      get () {
+        for (let k = 0; k < 65535 && isHeld(next); k++) next = next >= 65535 ? 1 : next + 1
+        return next
+      },
+      set (value: number) { next = value },
+    })
+  }
+  if (ids.byHolder.get(holder) === held) return
+  ids.byHolder.set(holder, held)
+  ids.list = [...ids.byHolder.values()]
+}
+
+/** The holder holds no more of the client's packet ids ({@link skipHeldPacketIds}). */
+export function releaseHeldPacketIds (client: Client, holder: object): void {
+  const ids = holders.get(client)
+  if (ids === undefined || !ids.byHolder.delete(holder)) return
+  ids.list = [...ids.byHolder.values()]
 }
 
 /**

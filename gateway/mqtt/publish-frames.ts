@@ -30,11 +30,14 @@ export interface FrameConnection {
    */
   readonly receiveMaximum?: number
   /**
-   * The next packet id of the client's own counter, which aedes' QoS 1/2 deliveries take theirs from too: aedes
-   * never picks an id again before 65,535 others were taken, so a writer that skips the ids it holds itself does
-   * not clash with aedes' deliveries.
+   * The next packet id of the client's own counter, which aedes' QoS 1/2 deliveries take theirs from too. It skips
+   * the ids every holder registered with {@link holdIds} holds: after 65,535 others the counter comes back to an id
+   * a writer still holds, and one that skipped only its own would clash with another's.
    */
   nextMessageId (): number
+  /** Makes the counter skip the ids `held` says `holder` holds, until {@link releaseIds} (a later call replaces it). */
+  holdIds? (holder: object, held: (messageId: number) => boolean): void
+  releaseIds? (holder: object): void
 }
 
 /**

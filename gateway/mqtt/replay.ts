@@ -253,6 +253,8 @@ class ReplayChannel {
 
   constructor (readonly conn: ReplayConnection, onClose: () => void) {
     conn.stream.once('close', onClose)
+    // Its ids in flight are skipped by every other taker of the client's counter (aedes, cursors, shares).
+    conn.holdIds?.(this, (id) => this.inflight.has(id))
   }
 
   allocate (replay: Replay): number {

@@ -7,7 +7,7 @@
  */
 import type { Client } from 'aedes'
 import type { Identity } from '../../access/auth.ts'
-import { claimPubacksOf, nextPacketId, rawConnection } from '../aedes-internals.ts'
+import { claimPubacksOf, nextPacketId, rawConnection, releaseHeldPacketIds, skipHeldPacketIds } from '../aedes-internals.ts'
 import { isMqtt5 } from '../reason-codes.ts'
 import { receiveMaximumOf } from '../receive-maximum.ts'
 import type { ReplayConnection } from '../replay.ts'
@@ -25,6 +25,8 @@ export function replayConnection (ctx: Pick<HookContext, 'replayConnections'>, c
       receiveMaximum: receiveMaximumOf(client),
       // aedes' own counter, so replay and live deliveries do not pick the same ids.
       nextMessageId: () => nextPacketId(client),
+      holdIds: (holder, held) => { skipHeldPacketIds(client, holder, held) },
+      releaseIds: (holder) => { releaseHeldPacketIds(client, holder) },
     }
     ctx.replayConnections.set(client, conn)
   }

@@ -48,6 +48,9 @@ export function installSessionHooks (ctx: Pick<HookContext, 'persistence' | 'toS
   })
 }
 
+/** The holder of the packet ids a session's cursor deliveries hold, on every client (aedes-internals.ts skipHeldPacketIds). */
+const CURSOR_IDS = {}
+
 /** Lets persistent sessions' cursors write to their client's connection. */
 export function installCursorDelivery (ctx: HookContext): void {
   ctx.persistence.deliverCursorsThrough((session): CursorConnection | undefined => {
@@ -59,7 +62,7 @@ export function installCursorDelivery (ctx: HookContext): void {
       receiveMaximum: receiveMaximumOf(client),
       ...(typeof client.maximumPacketSize === 'number' ? { maximumPacketSize: client.maximumPacketSize } : {}),
       deliveredTopic: (mountedTopic) => forwardedTopic(ctx, client, who, mountedTopic),
-      holdIds: (held) => { skipHeldPacketIds(client, held) },
+      holdIds: (held) => { skipHeldPacketIds(client, CURSOR_IDS, held) },
       takePubacks: (taker) => {
         const guard = rawConnection(client)
         if (!(guard instanceof ConnectionGuard)) return

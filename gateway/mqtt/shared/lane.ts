@@ -49,7 +49,10 @@ export class Member {
    * member [MQTT-3.3.4-3]; a SUBSCRIBE again changes it, as it does the QoS.
    */
   constructor (readonly client: Client, readonly conn: ReplayConnection, readonly who: Identity, public qos: 0 | 1,
-    public subscriptionId: number | undefined) {}
+    public subscriptionId: number | undefined) {
+    // Its ids in flight are skipped by every other taker of the client's counter (aedes, cursors, replays, other shares).
+    conn.holdIds?.(this, (id) => this.inflight.has(id))
+  }
 
   get gone (): boolean {
     return this.left || this.conn.closed || this.conn.stream.destroyed === true

@@ -326,6 +326,7 @@ class Share {
       }
     }
     member.inflight.clear()
+    member.conn.releaseIds?.(member)
     this.#deps.logger.info({ clientId: member.conn.clientId, tenant: this.tenant, share: this.id, members: this.#members.length, released },
       'share member left')
     if (this.#members.length === 0) this.#live.stop()

@@ -7,10 +7,12 @@
 import net, { type AddressInfo } from 'node:net'
 import { Aedes, type Client } from 'aedes'
 import { afterEach, describe, expect, it } from 'vitest'
-import { nextPacketId, skipHeldPacketIds } from '../../../gateway/mqtt/aedes-internals.ts'
+import { nextPacketId, releaseHeldPacketIds, skipHeldPacketIds } from '../../../gateway/mqtt/aedes-internals.ts'
 import { connectPacket, RawConnection, subscribePacket, waitUntil } from '../../helpers/raw-mqtt.ts'
 
 const closers: Array<() => Promise<void>> = []
+/** The test's holder of packet ids. */
+const HOLDER = {}
 afterEach(async () => { for (const close of closers.splice(0).reverse()) await close() })
 
 /** A broker whose clients' counters stand at `start` and skip `held`. */
@@ -19,7 +21,7 @@ async function start (start: number, held: ReadonlySet<number>): Promise<{ url: 
   const server = net.createServer((socket) => {
     const client: Client = broker.handle(socket)
     ;(client as unknown as { _nextId: number })._nextId = start // aedes starts it at random
-    skipHeldPacketIds(client, (id) => held.has(id))
+    skipHeldPacketIds(client, HOLDER, (id) => held.has(id))
   })
   await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
   closers.push(async () => {
@@ -49,11 +51,19 @@ describe('skipHeldPacketIds', () => {
     expect(ids).toEqual([65533, 2, 4, 5])
   })
 
-  it('is what nextPacketId (replays, shares, cursors) reads too, and installs once per client', async () => {
-    const held = new Set([7])
-    const client = { _nextId: 6 } as unknown as Client
-    skipHeldPacketIds(client, (id) => held.has(id))
-    skipHeldPacketIds(client, () => true) // a second install changes nothing
-    expect([nextPacketId(client), nextPacketId(client), nextPacketId(client)]).toEqual([6, 8, 9])
+  it('is what nextPacketId (replays, shares, cursors) reads too, and skips what every holder holds', async () => {
+    const counter = { _nextId: 6 }
+    const client = counter as unknown as Client
+    const cursors = {}
+    const replay = {}
+    skipHeldPacketIds(client, cursors, (id) => id === 7)
+    skipHeldPacketIds(client, replay, (id) => id === 9)
+    expect([nextPacketId(client), nextPacketId(client), nextPacketId(client)]).toEqual([6, 8, 10])
+    skipHeldPacketIds(client, cursors, (id) => id === 11) // a holder's later predicate replaces its earlier one
+    counter._nextId = 7
+    expect([nextPacketId(client), nextPacketId(client), nextPacketId(client), nextPacketId(client)]).toEqual([7, 8, 10, 12])
+    releaseHeldPacketIds(client, replay)
+    counter._nextId = 9
+    expect(nextPacketId(client)).toBe(9)
   })
 })
