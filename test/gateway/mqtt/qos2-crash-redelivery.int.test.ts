@@ -139,17 +139,40 @@ describe('a QoS 2 retransmission after kill -9', () => {
   const cleanups: Array<() => Promise<void>> = []
   afterAll(async () => { for (const c of cleanups.reverse()) await c() })
 
-  it('is read once from the log by a persistent QoS 1 subscriber (cursor), not queued again beside it', async () => {
+  /** A fresh data directory, removed after the tests. */
+  const freshDir = async (): Promise<string> => {
     const { dir, cleanup } = await tempDir()
     cleanups.push(cleanup)
-    let gw = await startGatewayProcess({ dataDir: dir })
-    cleanups.push(() => gw.kill())
-    await subscribeOffline(gw.mqttUrl, 'q2r-cursor', 1)
-    // The session's cursor into the partition exists before m1 (its first message there creates it).
+    return dir
+  }
+
+  /**
+   * A gateway on `dir` with persistent QoS 1 sessions `clientIds`, offline, whose cursors into the device's partition
+   * exist before m1 (their first message there, `warm`, created them). The caller kills it (or the gateway it restarts).
+   */
+  const withWarmCursor = async (dir: string, ...clientIds: string[]): Promise<GatewayProcess> => {
+    const gw = await startGatewayProcess({ dataDir: dir })
+    for (const id of clientIds) await subscribeOffline(gw.mqttUrl, id, 1)
     const device = await connect(gw.mqttUrl, 'q2r-dev')
     device.send(publish('warm', 1, 1))
     expect(await device.next('puback', DEADLINE_MS)).toMatchObject({ messageId: 1 })
     device.end()
+    return gw
+  }
+
+  /** A new persistent session q2r-above whose cursor into m1's partition starts above m1: at a record logged after its SUBSCRIBE. */
+  const sessionAbove = async (gw: GatewayProcess): Promise<void> => {
+    await subscribeOffline(gw.mqttUrl, 'q2r-above', 1)
+    const other = await connect(gw.mqttUrl, 'q2r-other')
+    other.send(publish('above', 1, 1))
+    expect(await other.next('puback', DEADLINE_MS)).toMatchObject({ messageId: 1 })
+    other.end()
+  }
+
+  it('is read once from the log by a persistent QoS 1 subscriber (cursor), not queued again beside it', async () => {
+    const dir = await freshDir()
+    let gw = await withWarmCursor(dir, 'q2r-cursor')
+    cleanups.push(() => gw.kill())
 
     gw = await crashAndRetransmit(dir, gw)
 
@@ -157,15 +180,9 @@ describe('a QoS 2 retransmission after kill -9', () => {
   })
 
   it('is not queued again for a QoS 1 subscriber that read it from the log after the restart, before the retransmission', async () => {
-    const { dir, cleanup } = await tempDir()
-    cleanups.push(cleanup)
-    let gw = await startGatewayProcess({ dataDir: dir })
+    const dir = await freshDir()
+    let gw = await withWarmCursor(dir, 'q2r-cursor')
     cleanups.push(() => gw.kill())
-    await subscribeOffline(gw.mqttUrl, 'q2r-cursor', 1)
-    const device = await connect(gw.mqttUrl, 'q2r-dev')
-    device.send(publish('warm', 1, 1))
-    expect(await device.next('puback', DEADLINE_MS)).toMatchObject({ messageId: 1 })
-    device.end()
 
     // The session reconnects first and reads m1 from its cursor, which moves past it, then the device sends m1 again.
     let session: Awaited<ReturnType<typeof resume>> | undefined
@@ -195,16 +212,9 @@ describe('a QoS 2 retransmission after kill -9', () => {
   })
 
   it('does not reach again a QoS 1 subscriber that read it from the log before the crash', async () => {
-    const { dir, cleanup } = await tempDir()
-    cleanups.push(cleanup)
-    let gw = await startGatewayProcess({ dataDir: dir })
+    const dir = await freshDir()
+    let gw = await withWarmCursor(dir, 'q2r-before', 'q2r-cursor')
     cleanups.push(() => gw.kill())
-    await subscribeOffline(gw.mqttUrl, 'q2r-before', 1)
-    await subscribeOffline(gw.mqttUrl, 'q2r-cursor', 1)
-    const device = await connect(gw.mqttUrl, 'q2r-dev')
-    device.send(publish('warm', 1, 1))
-    expect(await device.next('puback', DEADLINE_MS)).toMatchObject({ messageId: 1 })
-    device.end()
     const killed = gw
     let before: Awaited<ReturnType<typeof resume>> | undefined
     // q2r-before reads m1 from the log and its cursor commits past it before the kill; q2r-cursor stays offline.
@@ -220,23 +230,12 @@ describe('a QoS 2 retransmission after kill -9', () => {
   })
 
   it('reaches a QoS 1 subscriber reading it from the log once, when another session\'s cursor started above it after the restart', async () => {
-    const { dir, cleanup } = await tempDir()
-    cleanups.push(cleanup)
-    let gw = await startGatewayProcess({ dataDir: dir })
+    const dir = await freshDir()
+    let gw = await withWarmCursor(dir, 'q2r-cursor')
     cleanups.push(() => gw.kill())
-    await subscribeOffline(gw.mqttUrl, 'q2r-cursor', 1)
-    const device = await connect(gw.mqttUrl, 'q2r-dev')
-    device.send(publish('warm', 1, 1))
-    expect(await device.next('puback', DEADLINE_MS)).toMatchObject({ messageId: 1 })
-    device.end()
 
     gw = await crashAndRetransmit(dir, gw, async (restarted) => {
-      // A new persistent session whose cursor into m1's partition starts above m1: at a record logged after its SUBSCRIBE.
-      await subscribeOffline(restarted.mqttUrl, 'q2r-above', 1)
-      const other = await connect(restarted.mqttUrl, 'q2r-other')
-      other.send(publish('above', 1, 1))
-      expect(await other.next('puback', DEADLINE_MS)).toMatchObject({ messageId: 1 })
-      other.end()
+      await sessionAbove(restarted)
     })
     // Each session decides for itself: q2r-above gets m1 as a copy (its cursor will not read it), q2r-cursor from the log.
     expect((await receiveAll(gw.mqttUrl, 'q2r-cursor')).sort()).toEqual(['above', 'end', 'm1', 'marker', 'warm'])
@@ -244,17 +243,12 @@ describe('a QoS 2 retransmission after kill -9', () => {
   })
 
   it('reaches a connected session whose cursor started above it after the restart, live', async () => {
-    const { dir, cleanup } = await tempDir()
-    cleanups.push(cleanup)
+    const dir = await freshDir()
     let gw = await startGatewayProcess({ dataDir: dir })
     cleanups.push(() => gw.kill())
     let above: Awaited<ReturnType<typeof resume>> | undefined
     gw = await crashAndRetransmit(dir, gw, async (restarted) => {
-      await subscribeOffline(restarted.mqttUrl, 'q2r-above', 1)
-      const other = await connect(restarted.mqttUrl, 'q2r-other')
-      other.send(publish('above', 1, 1))
-      expect(await other.next('puback', DEADLINE_MS)).toMatchObject({ messageId: 1 })
-      other.end()
+      await sessionAbove(restarted)
       above = await resume(restarted.mqttUrl, 'q2r-above')
       await above.until(['above'])
     })
