@@ -58,14 +58,15 @@
  * carries it (log-position.ts) and marked `late`; each persistent session
  * decides with it (sessions/persistence.ts #enqueue). Per subscriber:
  * - a persistent session that reads the partition through a cursor (QoS 1
- *   deliveries of logged messages, sessions/cursors.ts): one whose cursor was
- *   loaded at startup past the record had it before the crash (read and
- *   acknowledged, or passed by a fence) and gets nothing; one whose cursor
+ *   deliveries of logged messages, sessions/cursors.ts): one whose cursor
  *   started at or below the record in this process (loaded from below it, or
- *   created at it) takes it from the log, once; one whose cursor was created
- *   above the record since (its first message of the partition came after
- *   the restart, before this retransmission), or that has none there, never
- *   reads it and gets a copy;
+ *   created at it) takes it from the log, once; one whose cursor started
+ *   above it, or that has none there, never reads it and gets a copy. A
+ *   cursor above the record was created above it after the restart, or was
+ *   loaded there: then the session may have had the record before the crash
+ *   (a duplicate), or its cursor was created above the record while the
+ *   record's delivery was cut short by the kill (the copy is what it needs);
+ *   a cursor keeps no record of where it was created, so it gets a copy;
  * - a persistent session that keeps copies (QoS 2 deliveries, sessions
  *   without cursors) gets one copy: none was queued before the crash, or the
  *   entry says delivered and nothing is delivered again. A kill between the
@@ -141,8 +142,8 @@ export class InboundQos2 {
           const entry = stored as IncomingFields
           if (entry.edgemqDelivered !== true) {
             const position = incomingPositionOf(entry)
-            // Each persistent session decides with the position (persistence.ts #enqueue): nothing for one whose cursor
-            // was past the record at the restart, a copy for one without a cursor that will read it, else its cursor.
+            // Each persistent session decides with the position (persistence.ts #enqueue): its cursor if that will read
+            // the record, else a copy.
             if (position !== undefined) attachLogPosition(packet, { ...position, late: true })
             await plan.deliver()
             await this.#markDelivered(client, packet)

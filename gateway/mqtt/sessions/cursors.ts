@@ -541,8 +541,6 @@ export class SessionCursors {
   readonly #droppedTo = new WeakMap<PartitionCursor, number>()
   /** Per cursor, where it started in this process: its value when loaded, or the offset it was created at ({@link startOf}). */
   readonly #startedAt = new WeakMap<PartitionCursor, number>()
-  /** The cursors loaded at startup (the others were created in this process): {@link readBeforeStart}. */
-  readonly #loaded = new WeakSet<PartitionCursor>()
   #connector: CursorConnector | undefined
   #unlisten: (() => void) | undefined
   /**
@@ -583,7 +581,6 @@ export class SessionCursors {
       for (const f of fences) this.#epoch = Math.max(this.#epoch, f.epoch)
     }
     this.#startedAt.set(cursor, next)
-    this.#loaded.add(cursor)
     // What the disk budget deleted below it before the restart was told then.
     if (next < logStart) this.#droppedTo.set(cursor, logStart)
     this.#client(clientId).cursors.set(cursorId(stream, partition), cursor)
@@ -693,16 +690,6 @@ export class SessionCursors {
   }
 
   /**
-   * Whether the session's cursor in the record's partition was loaded at startup past it: the session had the record
-   * before the restart (read and acknowledged, or passed by a fence it was logged under), so a message delivered
-   * again after a crash is not for it. A cursor created in this process above a record never read it (see startOf).
-   */
-  readBeforeStart (clientId: string, position: LogPosition): boolean {
-    const cursor = this.#clients.get(clientId)?.cursors.get(cursorId(position.stream, position.partition))
-    return cursor !== undefined && this.#loaded.has(cursor) && (this.#startedAt.get(cursor) ?? 0) > position.offset
-  }
-
-  /**
    * Takes the message at `position` for the client instead of a copy: creates the cursor of its partition (the
    * returned write) when the session has none; else nothing is written. A connected session reads it from the log
    * (its live copy is held back, {@link forwardLive}).
@@ -765,10 +752,9 @@ export class SessionCursors {
     if (cursor === undefined) return true
     // A QoS 2 delivery is queued as a copy, not a cursor (outgoingEnqueueCombi, the same rule).
     if (Math.min(Number(packet.qos ?? 0), this.#deps.grantedQos(client.id, packet.topic)) !== 1) return true
-    // A record below where the cursor started: created above it in this process, the cursor never reads it, and the
-    // session got a copy (persistence.ts #enqueue), delivered now; loaded past it, the session had it before a restart.
-    if ((this.#startedAt.get(cursor) ?? 0) > position.offset) return !this.#loaded.has(cursor)
-    return false
+    // A record below where the cursor started (a later record created it, or a QoS 2 message delivered again after a
+    // restart): the cursor never reads it, the session got a copy (persistence.ts #enqueue), and it goes out now.
+    return (this.#startedAt.get(cursor) ?? 0) > position.offset
   }
 
   /**

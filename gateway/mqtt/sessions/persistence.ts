@@ -1374,10 +1374,10 @@ export class LevelSessionPersistence {
       for (const sub of subs) {
         // Without a subscription's QoS (outgoingEnqueue: a publish to one client, not routed by a subscription) it is a copy.
         if (sub.qos === undefined || Math.min(sub.qos, packet.qos ?? 0) !== 1) { (copies as Array<{ clientId: string }>).push(sub); continue }
-        // Delivered again after a restart: nothing for a session whose cursor was past the record at the restart (it
-        // had it before the crash), a cursor only where the session has one in the partition already, and never one
-        // that started above the record in this process (see #cursorsReady): it would not read it.
-        if (position.late === true && this.#cursors.readBeforeStart(sub.clientId, position)) continue
+        // Delivered again after a restart: a cursor only where the session has one in the partition already, and never
+        // one that started above the record (see #cursorsReady): it would not read it. One loaded past the record may
+        // have had it before the crash (a duplicate), or may have been created above it while its delivery was cut
+        // short (a kill before the copy's write): a copy, never a loss.
         const start = this.#cursors.startOf(sub.clientId, position.stream, position.partition)
         if ((position.late === true && start === undefined) || (start ?? -1) > position.offset) {
           (copies as Array<{ clientId: string }>).push(sub)
