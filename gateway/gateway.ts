@@ -42,6 +42,7 @@ import { SessionExpiry } from './mqtt/sessions/expiry.ts'
 import { refuseStandbyPublishes } from './replication/read-only.ts'
 import { startReplication, type Replication } from './replication/replication.ts'
 import { Shutdown } from './shutdown.ts'
+import { SessionDropLog } from './log/session-drops.ts'
 
 export { checkListenerSecurity } from './config/startup-checks.ts'
 
@@ -159,6 +160,9 @@ async function start (config: GatewayConfig, deps: GatewayDeps, shutdown: Shutdo
   // One group-commit writer for the log and the sessions: session writes share the log's fsyncs. A standby's clients (readers) keep
   // their sessions in memory: the replicated sessions in its database are the primary's, for after a takeover.
   // A primary's persistent sessions keep cursors into the log for routed messages instead of copies (mqtt/sessions/cursors.ts).
+  // What the disk budget took from persistent sessions, logged once a second per session and partition.
+  const sessionDrops = new SessionDropLog(logger)
+  shutdown.add('session drop warnings', async () => { sessionDrops.flush() })
   const persistence = standby
     ? new LevelSessionPersistence(new MemoryLevel({ keyEncoding: 'buffer', valueEncoding: 'buffer' }) as unknown as LevelDatabase)
     : new LevelSessionPersistence(sessionsDb, {
@@ -173,9 +177,9 @@ async function start (config: GatewayConfig, deps: GatewayDeps, shutdown: Shutdo
       onExpired: (tenant) => { metrics.expiredDropped.inc({ tenant, path: 'session' }) },
       onOversized: (tenant) => { metrics.oversizedDeliveries.inc({ tenant }) },
       onCursorWriteError: (err) => logger.error({ err: (err as Error).message }, 'a session cursor could not be written; it is written again in a second'),
-      onCursorDropped: ({ clientId, stream, partition, count }) => {
-        metrics.sessionDropped.inc(splitStream(stream), count)
-        logger.warn({ clientId, stream, partition, count }, 'the disk budget deleted records a persistent session had not acknowledged')
+      onCursorDropped: (drop) => {
+        metrics.sessionDropped.inc(splitStream(drop.stream), drop.count)
+        sessionDrops.add(drop)
       },
       onCursorReadError: (err) => {
         logger.warn({ err: (err as Error).message }, 'reading the log for a persistent session failed; it goes on at its next ack or append')

@@ -224,8 +224,9 @@ function settleExtras (extras: readonly QueuedExtra[], error?: Error): void {
   }
 }
 
-/** The in-memory key of a dedupe id: the stream id first, as on disk. */
-/** One report per partition and group: the counts of a pass's trims of it added up. */
+const DROPPED_WARNING = 'disk budget forced retention to drop records a consumer group had not consumed'
+
+/** One warning per partition and group: the counts of a pass's trims of it added up. */
 function mergeDropped (dropped: readonly DroppedRecords[]): DroppedRecords[] {
   const merged = new Map<string, DroppedRecords>()
   for (const d of dropped) {
@@ -236,6 +237,7 @@ function mergeDropped (dropped: readonly DroppedRecords[]): DroppedRecords[] {
   return [...merged.values()]
 }
 
+/** The in-memory key of a dedupe id: the stream id first, as on disk. */
 function scopedId (streamId: number, id: string): string {
   return `${streamId}/${id}`
 }
@@ -1351,23 +1353,26 @@ class LevelLogStore implements LogStore {
     await this.#pruneDedupe(now)
     if (this.#diskBudgetBytes > 0) {
       // Oldest batch first across partitions, while over the budget. One write deletes the victim's batches while they
-      // stay older than every other partition's oldest; what was dropped is told once per partition and group for the
-      // whole pass (told one batch at a time, a budget run past by a burst logged a warning per batch deleted).
+      // stay older than every other partition's oldest. What each write dropped is reported, counted and told to the
+      // holds at once (a failed write or a kill later in the pass must not lose it, and a hold's holder must hear of
+      // it before it reads on); the warning is logged once per partition and group for the whole pass (one per batch
+      // flooded the log when a burst ran past the budget).
       const dropped: DroppedRecords[] = []
-      const trimmed = new Map<PartitionState, number>()
       const budget = this.#diskBudgetBytes
-      while (this.totalBytes > budget) {
-        const victim = this.#oldestPartition()
-        if (victim === undefined) break
-        const before = report.batchesDeleted
-        const othersOldest = this.#oldestTimestampBeside(victim)
-        const total = this.totalBytes
-        await this.#exclusive(() => this.#trimFront(victim, report, (header, bytesLeft, index) =>
-          index === 0 || (total - (victim.bytes - bytesLeft) > budget && header.firstTimestamp <= othersOldest), dropped))
-        if (report.batchesDeleted === before) break
-        trimmed.set(victim, victim.logStart)
+      try {
+        while (this.totalBytes > budget) {
+          const victim = this.#oldestPartition()
+          if (victim === undefined) break
+          const before = report.batchesDeleted
+          const othersOldest = this.#oldestTimestampBeside(victim)
+          const total = this.totalBytes
+          await this.#exclusive(() => this.#trimFront(victim, report, (header, bytesLeft, index) =>
+            index === 0 || (total - (victim.bytes - bytesLeft) > budget && header.firstTimestamp <= othersOldest), dropped))
+          if (report.batchesDeleted === before) break
+        }
+      } finally {
+        for (const d of mergeDropped(dropped)) this.#logger.warn({ ...d }, DROPPED_WARNING)
       }
-      this.#tellDropped(mergeDropped(dropped), trimmed, report)
     }
     return report
   }
@@ -1384,20 +1389,21 @@ class LevelLogStore implements LogStore {
   }
 
   /**
-   * Reports, logs and counts records the disk budget deleted before a retention-holding group consumed them, and tells
-   * each retention hold whose floor a trimmed partition's new log start passed: its holder counts and logs what it lost.
+   * Reports and counts records the disk budget deleted before a retention-holding group consumed them, and tells each
+   * retention hold whose floor the partition's new log start passed: its holder counts and logs what it lost. The
+   * warning is logged here too, unless `logLater` collects it for the pass.
    */
-  #tellDropped (dropped: readonly DroppedRecords[], trimmed: ReadonlyMap<PartitionState, number>, report: { dropped: DroppedRecords[] }): void {
+  #tellDropped (dropped: readonly DroppedRecords[], part: PartitionState, newStart: number, report: { dropped: DroppedRecords[] },
+    logLater: DroppedRecords[] | undefined): void {
     for (const d of dropped) {
       report.dropped.push(d)
-      this.#logger.warn({ ...d }, 'disk budget forced retention to drop records a consumer group had not consumed')
+      if (logLater === undefined) this.#logger.warn({ ...d }, DROPPED_WARNING)
+      else logLater.push(d)
       this.#observer.onDropped?.(d)
     }
-    for (const [part, newStart] of trimmed) {
-      for (const hold of this.#holds) {
-        const floor = hold.floor(part.stream.name, part.partition)
-        if (floor !== undefined && floor < newStart) hold.onDropped?.(part.stream.name, part.partition, newStart)
-      }
+    for (const hold of this.#holds) {
+      const floor = hold.floor(part.stream.name, part.partition)
+      if (floor !== undefined && floor < newStart) hold.onDropped?.(part.stream.name, part.partition, newStart)
     }
   }
 
@@ -1424,7 +1430,7 @@ class LevelLogStore implements LogStore {
    * consumed (possible only under the disk budget) are reported as dropped.
    */
   async #trimFront (part: PartitionState, report: { batchesDeleted: number, recordsDeleted: number, bytesDeleted: number, dropped: DroppedRecords[] },
-    shouldDelete: (header: BatchHeader, bytesLeft: number, index: number) => boolean, dropLater?: DroppedRecords[]): Promise<void> {
+    shouldDelete: (header: BatchHeader, bytesLeft: number, index: number) => boolean, logLater?: DroppedRecords[]): Promise<void> {
     const { id } = part.stream
     const ops: BatchOp[] = []
     let newStart = part.logStart
@@ -1476,8 +1482,7 @@ class LevelLogStore implements LogStore {
     part.oldestTs = empty ? null : oldestTs
     if (empty) part.indexedMaxTs = -Infinity
     const told = [...dropped].map(([group, count]): DroppedRecords => ({ stream: part.stream.name, partition: part.partition, group, count, reason: 'disk-budget' }))
-    if (dropLater !== undefined) dropLater.push(...told)
-    else this.#tellDropped(told, new Map([[part, newStart]]), report)
+    this.#tellDropped(told, part, newStart, report, logLater)
   }
 
   // ---------------------------------------------------------------- close

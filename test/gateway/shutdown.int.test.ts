@@ -78,7 +78,7 @@ describe('shutdown', () => {
     expect((failed as GatewayError).code).toBe('GW_LISTEN_FAILED')
 
     // Everything had started but the second listener; all of it is closed, listeners first, the database last.
-    expect(steps()).toEqual(['mqtt listeners', 'standby acks', 'appends', 'http', 'bridge', 'broker', 'session expiry', 'sessions', 'disk usage', 'store', 'replication', 'database'])
+    expect(steps()).toEqual(['mqtt listeners', 'standby acks', 'appends', 'http', 'bridge', 'broker', 'session expiry', 'sessions', 'session drop warnings', 'disk usage', 'store', 'replication', 'database'])
     expect(await settledTcpHandles(before)).toEqual(before)
     // The LevelDB lock is released: the data directory opens again, and a gateway starts on it.
     const db = new ClassicLevel(path.join(dir, 'db'))

@@ -5,7 +5,7 @@
  */
 import { afterEach, describe, expect, it } from 'vitest'
 import { MemoryLevel } from 'memory-level'
-import { decodeStoredBatch, openLogStore, type ExtraOperation, type LevelDatabase, type LogStore, type StoredRecord, type StoreObserver, type CommitStats } from '../../store/index.ts'
+import { decodeStoredBatch, openLogStore, type DroppedRecords, type ExtraOperation, type LevelDatabase, type LogStore, type StoredRecord, type StoreObserver, type CommitStats } from '../../store/index.ts'
 import { backends, FakeClock, payloadOf, type Backend, type StoreOptions } from './harness.ts'
 import { partitionForKey } from '../../store/partitioner.ts'
 
@@ -576,7 +576,7 @@ for (const makeBackend of backends) {
         expect(report.dropped[0]).toMatchObject({ ...expected, count: expect.any(Number) })
       })
 
-      it('under the disk budget, tells one drop per partition and group for a pass that deletes many batches, oldest batch first across partitions', async () => {
+      it('under the disk budget, logs one warning per partition and group for a pass that deletes many batches, oldest batch first across partitions', async () => {
         const warnings: Array<Record<string, unknown>> = []
         const logger = { info () {}, error () {}, warn (fields: Record<string, unknown>) { warnings.push(fields) } }
         const dropped: unknown[] = []
@@ -599,11 +599,12 @@ for (const makeBackend of backends) {
         // Oldest first: the partitions lost the same number of batches, or partition 0 (older at each step) one more.
         expect([0, 1]).toContain((starts[0] as number) - (starts[1] as number))
         expect(before).toEqual([20, 20])
-        // One report, one warning, one count and one word to the hold per partition, for the whole pass.
-        expect(report.dropped.map((d) => [d.partition, d.count]).sort()).toEqual([[0, starts[0]], [1, starts[1]]])
+        // One warning per partition for the whole pass; every record counted, and the hold told the last log start.
         expect(warnings.filter((w) => w.reason === 'disk-budget').map((w) => [w.partition, w.count]).sort()).toEqual([[0, starts[0]], [1, starts[1]]])
-        expect(dropped).toHaveLength(2)
-        expect(told.map(([, partition, start]) => [partition, start]).sort()).toEqual([[0, starts[0]], [1, starts[1]]])
+        const sum = (ds: ReadonlyArray<{ partition: number, count: number }>, p: number): number => ds.filter((d) => d.partition === p).reduce((n, d) => n + d.count, 0)
+        expect([sum(report.dropped, 0), sum(report.dropped, 1)]).toEqual(starts)
+        expect([sum(dropped as DroppedRecords[], 0), sum(dropped as DroppedRecords[], 1)]).toEqual(starts)
+        expect([0, 1].map((p) => told.filter(([, partition]) => partition === p).at(-1)?.[2])).toEqual(starts)
       })
 
       it('tells a retention hold the disk budget deleted past its floor the new log start, and a hold it did not pass nothing', async () => {
@@ -620,8 +621,8 @@ for (const makeBackend of backends) {
         await store.enforceRetention()
         const start = store.partitionInfo('t/s', 0).logStartOffset
         expect(start).toBeGreaterThan(5)
-        // once per pass, with the log start after it; the holder counts from its floor
-        expect(told.length).toBe(1)
+        // once per write of the pass, the last with the log start after it; the holder counts from its floor
+        expect(told.length).toBeGreaterThan(0)
         expect(told.every(([stream, partition]) => stream === 't/s' && partition === 0)).toBe(true)
         expect(told.at(-1)?.[2]).toBe(start)
         expect(untouched).toEqual([])
