@@ -226,15 +226,32 @@ function settleExtras (extras: readonly QueuedExtra[], error?: Error): void {
 
 const DROPPED_WARNING = 'disk budget forced retention to drop records a consumer group had not consumed'
 
-/** One warning per partition and group: the counts of a pass's trims of it added up. */
-function mergeDropped (dropped: readonly DroppedRecords[]): DroppedRecords[] {
-  const merged = new Map<string, DroppedRecords>()
-  for (const d of dropped) {
+/**
+ * The disk budget's warnings over one pass: the first drop of each partition and group is logged as it happens (a
+ * kill later in the pass still leaves a line), the rest are added up and logged once at the pass's end, as a total.
+ */
+class PassWarnings {
+  readonly #totals = new Map<string, { dropped: DroppedRecords, writes: number }>()
+
+  constructor (readonly logger: StoreLogger) {}
+
+  add (d: DroppedRecords): void {
     const key = `${d.stream}\u0000${d.partition}\u0000${d.group}`
-    const seen = merged.get(key)
-    merged.set(key, seen === undefined ? d : { ...seen, count: seen.count + d.count })
+    const seen = this.#totals.get(key)
+    if (seen === undefined) {
+      this.#totals.set(key, { dropped: d, writes: 1 })
+      this.logger.warn({ ...d }, DROPPED_WARNING)
+      return
+    }
+    this.#totals.set(key, { dropped: { ...seen.dropped, count: seen.dropped.count + d.count }, writes: seen.writes + 1 })
   }
-  return [...merged.values()]
+
+  /** The totals of the partitions and groups that lost records in more than one write of the pass. */
+  end (): void {
+    for (const { dropped, writes } of this.#totals.values()) {
+      if (writes > 1) this.logger.warn({ ...dropped, writes }, `${DROPPED_WARNING} (this retention pass, in total)`)
+    }
+  }
 }
 
 /** The in-memory key of a dedupe id: the stream id first, as on disk. */
@@ -1355,9 +1372,9 @@ class LevelLogStore implements LogStore {
       // Oldest batch first across partitions, while over the budget. One write deletes the victim's batches while they
       // stay older than every other partition's oldest. What each write dropped is reported, counted and told to the
       // holds at once (a failed write or a kill later in the pass must not lose it, and a hold's holder must hear of
-      // it before it reads on); the warning is logged once per partition and group for the whole pass (one per batch
-      // flooded the log when a burst ran past the budget).
-      const dropped: DroppedRecords[] = []
+      // it before it reads on); a partition and group's first drop of the pass is logged at once, the rest as one
+      // total at the pass's end (one warning per batch flooded the log when a burst ran past the budget).
+      const warnings = new PassWarnings(this.#logger)
       const budget = this.#diskBudgetBytes
       try {
         while (this.totalBytes > budget) {
@@ -1367,11 +1384,11 @@ class LevelLogStore implements LogStore {
           const othersOldest = this.#oldestTimestampBeside(victim)
           const total = this.totalBytes
           await this.#exclusive(() => this.#trimFront(victim, report, (header, bytesLeft, index) =>
-            index === 0 || (total - (victim.bytes - bytesLeft) > budget && header.firstTimestamp <= othersOldest), dropped))
+            index === 0 || (total - (victim.bytes - bytesLeft) > budget && header.firstTimestamp <= othersOldest), warnings))
           if (report.batchesDeleted === before) break
         }
       } finally {
-        for (const d of mergeDropped(dropped)) this.#logger.warn({ ...d }, DROPPED_WARNING)
+        warnings.end()
       }
     }
     return report
@@ -1391,14 +1408,14 @@ class LevelLogStore implements LogStore {
   /**
    * Reports and counts records the disk budget deleted before a retention-holding group consumed them, and tells each
    * retention hold whose floor the partition's new log start passed: its holder counts and logs what it lost. The
-   * warning is logged here too, unless `logLater` collects it for the pass.
+   * warning is logged here too, unless the pass's `warnings` take it.
    */
   #tellDropped (dropped: readonly DroppedRecords[], part: PartitionState, newStart: number, report: { dropped: DroppedRecords[] },
-    logLater: DroppedRecords[] | undefined): void {
+    warnings: PassWarnings | undefined): void {
     for (const d of dropped) {
       report.dropped.push(d)
-      if (logLater === undefined) this.#logger.warn({ ...d }, DROPPED_WARNING)
-      else logLater.push(d)
+      if (warnings === undefined) this.#logger.warn({ ...d }, DROPPED_WARNING)
+      else warnings.add(d)
       this.#observer.onDropped?.(d)
     }
     for (const hold of this.#holds) {
@@ -1430,7 +1447,7 @@ class LevelLogStore implements LogStore {
    * consumed (possible only under the disk budget) are reported as dropped.
    */
   async #trimFront (part: PartitionState, report: { batchesDeleted: number, recordsDeleted: number, bytesDeleted: number, dropped: DroppedRecords[] },
-    shouldDelete: (header: BatchHeader, bytesLeft: number, index: number) => boolean, logLater?: DroppedRecords[]): Promise<void> {
+    shouldDelete: (header: BatchHeader, bytesLeft: number, index: number) => boolean, warnings?: PassWarnings): Promise<void> {
     const { id } = part.stream
     const ops: BatchOp[] = []
     let newStart = part.logStart
@@ -1482,7 +1499,7 @@ class LevelLogStore implements LogStore {
     part.oldestTs = empty ? null : oldestTs
     if (empty) part.indexedMaxTs = -Infinity
     const told = [...dropped].map(([group, count]): DroppedRecords => ({ stream: part.stream.name, partition: part.partition, group, count, reason: 'disk-budget' }))
-    this.#tellDropped(told, part, newStart, report, logLater)
+    this.#tellDropped(told, part, newStart, report, warnings)
   }
 
   // ---------------------------------------------------------------- close
