@@ -33,6 +33,8 @@ const memory = memoryPersistence as unknown as () => MemoryPersistence
 type WithEmitter = Aedes & {
   /** The patch's queue of CONNECTs waiting to register, by client id. */
   _registering: Map<string, Client[]>
+  /** The patch's connections authenticated and not yet registered, by client id. */
+  _connecting: Map<string, Set<Client>>
   mq: { on (topic: string, notify: (packet: { payload: Buffer }, cb: () => void) => void): void }
   /** aedes' registry of connected clients by id, not in its typings. */
   clients: Record<string, Client | undefined>
@@ -274,6 +276,27 @@ describe('aedes patch: registrations of one client id take turns', () => {
       expect(await persistence.subscriptionsByClient({ id: 'dev-1' })).toHaveLength(1)
     } finally {
       for (const c of clients) c.end(true)
+      await new Promise<void>((resolve) => broker.close(() => resolve()))
+      await new Promise<void>((resolve) => server.close(() => resolve()))
+    }
+  })
+})
+
+describe('aedes patch: a CONNECT that fails', () => {
+  it('is no longer counted as connecting: it keeps no session alive and is not kept in memory', async () => {
+    const persistence = memory()
+    const { broker, server, url } = await brokerOn(persistence)
+    try {
+      // The session read fails (as the gateway's markSession write fails on a full disk).
+      persistence.subscriptionsByClient = async () => { throw new Error('disk full') }
+      const failed = new Promise<Client>((resolve) => broker.once('clientError', (client) => { resolve(client) }))
+      const c = mqtt.connect(url, { clientId: 'dev-1', clean: false, protocolVersion: 5, reconnectPeriod: 0 })
+      c.on('error', () => {})
+      const client = await failed
+      await turnsUntil(() => client.closed)
+      c.end(true)
+      expect(broker._connecting.get('dev-1')).toBeUndefined()
+    } finally {
       await new Promise<void>((resolve) => broker.close(() => resolve()))
       await new Promise<void>((resolve) => server.close(() => resolve()))
     }
