@@ -52,7 +52,7 @@ import { isStoreError, type Clock, type LogStore, type StoredRecord } from '../.
 import {
   PROPERTY_HEADERS, RECEIPT_RESPONSE_TOPIC_HEADER, RECEIPT_UPSTREAM_HEADER, RECEIPTS_STREAM, type CommandSink, type IncomingCommand,
 } from '../../bridge/index.ts'
-import { claimPubacks, connectedClient, nextPacketId, rawConnection, subscriptionsOf, wrapAuthorizeForward } from './aedes-internals.ts'
+import { claimPubacks, connectedClient, nextPacketId, rawConnection, skipHeldPacketIds, subscriptionsOf, wrapAuthorizeForward } from './aedes-internals.ts'
 import { isMqtt5 } from './reason-codes.ts'
 import type { Router } from './routing.ts'
 import { filtersOverlap, mountTopic, scopedClientId, topicMatches, topicNameProblem } from '../access/topics.ts'
@@ -363,6 +363,8 @@ export class CommandDispatcher implements CommandSink {
     c.busy = true
     c.inflight = { client, messageId }
     this.#inflight.set(inflightKey(client, messageId), c)
+    // The client's other writers (aedes, cursors, replays, shares) skip this id while it waits for its PUBACK.
+    skipHeldPacketIds(client, this, (id) => this.#inflight.has(inflightKey(client, id)))
   }
 
   #settle (c: Command, status: ReceiptStatus): void {

@@ -690,6 +690,15 @@ export class SessionCursors {
   }
 
   /**
+   * Whether the session's cursor in the record's partition has a fence above it: a SUBSCRIBE since the record was
+   * logged, whose filters the cursor does not match the record against (they are for records logged after it).
+   */
+  fencedAbove (clientId: string, position: LogPosition): boolean {
+    const cursor = this.#clients.get(clientId)?.cursors.get(cursorId(position.stream, position.partition))
+    return cursor !== undefined && cursor.fenceTop > position.offset
+  }
+
+  /**
    * Takes the message at `position` for the client instead of a copy: creates the cursor of its partition (the
    * returned write) when the session has none; else nothing is written. A connected session reads it from the log
    * (its live copy is held back, {@link forwardLive}).
@@ -753,8 +762,9 @@ export class SessionCursors {
     // A QoS 2 delivery is queued as a copy, not a cursor (outgoingEnqueueCombi, the same rule).
     if (Math.min(Number(packet.qos ?? 0), this.#deps.grantedQos(client.id, packet.topic)) !== 1) return true
     // A record below where the cursor started (a later record created it, or a QoS 2 message delivered again after a
-    // restart): the cursor never reads it, the session got a copy (persistence.ts #enqueue), and it goes out now.
-    return (this.#startedAt.get(cursor) ?? 0) > position.offset
+    // restart), or a message delivered again below a fence: the session got a copy (persistence.ts #enqueue), and it
+    // goes out now.
+    return (this.#startedAt.get(cursor) ?? 0) > position.offset || (position.late === true && cursor.fenceTop > position.offset)
   }
 
   /**
@@ -985,8 +995,9 @@ export class SessionCursors {
   }
 
   /** Whether a delivery of the session holds the packet id (looked up each time: a dropped session holds none). */
+  /** The ids the client's counter must skip: this session's deliveries in flight, and the ids of its queued copies. */
   #held (clientId: string): (messageId: number) => boolean {
-    return (messageId) => this.#clients.get(clientId)?.inflight.has(messageId) === true
+    return (messageId) => this.#clients.get(clientId)?.inflight.has(messageId) === true || this.#deps.busy?.(clientId, messageId) === true
   }
 
   /** The connection is gone (closed, replaced, or the session dropped): its deliveries in flight wait for the next one. */

@@ -1378,8 +1378,10 @@ export class LevelSessionPersistence {
         // one that started above the record (see #cursorsReady): it would not read it. One loaded past the record may
         // have had it before the crash (a duplicate), or may have been created above it while its delivery was cut
         // short (a kill before the copy's write): a copy, never a loss.
+        // A fence above the record (a SUBSCRIBE since it was logged): the cursor matches it against the filters it was
+        // logged under, and one added since would never get it; a copy (a duplicate if an older filter matched too).
         const start = this.#cursors.startOf(sub.clientId, position.stream, position.partition)
-        if ((position.late === true && start === undefined) || (start ?? -1) > position.offset) {
+        if ((position.late === true && (start === undefined || this.#cursors.fencedAbove(sub.clientId, position))) || (start ?? -1) > position.offset) {
           (copies as Array<{ clientId: string }>).push(sub)
           continue
         }

@@ -342,6 +342,33 @@ describe('a QoS 2 retransmission after kill -9', () => {
     expect([...session.received].sort()).toEqual(['above', 'end', 'm1', 'marker'])
   })
 
+  it('reaches a session with a cursor in its partition that subscribed to its topic after the restart, as a copy', async () => {
+    const dir = await freshDir()
+    let gw = await startGatewayProcess({ dataDir: dir })
+    cleanups.push(() => gw.kill())
+    // A persistent session reading another topic of the same device (so m1's partition): its cursor there starts at `warm`.
+    const s = await connect(gw.mqttUrl, 'q2r-fenced')
+    s.send({ cmd: 'subscribe', messageId: 1, subscriptions: [{ topic: 'devices/q2r/telemetry/y', qos: 1 }, { topic: MARKER, qos: 1 }] })
+    expect(await s.next('suback', DEADLINE_MS)).toMatchObject({ granted: [1, 1] })
+    s.send({ cmd: 'disconnect' })
+    await s.closed
+    const device = await connect(gw.mqttUrl, 'q2r-dev')
+    device.send({ cmd: 'publish', topic: 'devices/q2r/telemetry/y', payload: Buffer.from('warm'), qos: 1, messageId: 1, dup: false, retain: false })
+    expect(await device.next('puback', DEADLINE_MS)).toMatchObject({ messageId: 1 })
+    device.end()
+
+    gw = await crashAndRetransmit(dir, gw, async (restarted) => {
+      // After the restart, before the device sends m1 again, the session subscribes to m1's topic too: a fence above m1,
+      // below which the cursor matches only the filters m1 was logged under.
+      const again = await connect(restarted.mqttUrl, 'q2r-fenced')
+      again.send({ cmd: 'subscribe', messageId: 2, subscriptions: [{ topic: TOPIC, qos: 1 }] })
+      expect(await again.next('suback', DEADLINE_MS)).toMatchObject({ granted: [1] })
+      again.send({ cmd: 'disconnect' })
+      await again.closed
+    })
+    expect((await receiveAll(gw.mqttUrl, 'q2r-fenced')).sort()).toEqual(['end', 'm1', 'marker', 'warm'])
+  })
+
   it('reaches a session that subscribed after the restart as a copy, without the messages logged before its SUBSCRIBE', async () => {
     const { dir, cleanup } = await tempDir()
     cleanups.push(cleanup)
