@@ -61,10 +61,12 @@ const holders = new WeakMap<Client, IdHolders>()
  * clean session, with the id it takes from the counter, without asking the persistence
  * (https://github.com/moscajs/aedes/blob/v1.2.0/lib/client.js deliverQoS: `if (that.clean || packet.retain)
  * doWriteQoS()`; lib/qos-packet.js reads `client._nextId`, then increments it). Persistent sessions' deliveries from
- * the log hold ids for as long as they are unacknowledged, across reconnects (sessions/cursors.ts), and so do replays
- * and shared subscriptions' members: after 65,535 others the counter comes back to them, and a writer that skipped
- * only its own ids would hand out one another holds (two PUBLISHes in flight with one id). One predicate per holder (a
- * later one replaces it), all asked by one accessor on the client; aedes treats `_nextId` as a plain settable number
+ * the log and their queued copies hold ids for as long as they are unacknowledged, across reconnects
+ * (sessions/cursors.ts), and so do replays, shared subscriptions' members and commands: after 65,535 others the
+ * counter comes back to them, and a writer that skipped only its own ids would hand out one another holds (two
+ * PUBLISHes in flight with one id). A clean session's deliveries aedes makes itself hold nothing: aedes keeps no
+ * in-flight state for them. One predicate per holder (a later one replaces it), all asked by one accessor on the
+ * client; aedes treats `_nextId` as a plain settable number
  * (https://github.com/moscajs/aedes/pull/414). No upstream issue; public API that would remove it:
  * `client.nextMessageId()` with an in-flight set aedes skips.
  */

@@ -994,8 +994,10 @@ export class SessionCursors {
     return state
   }
 
-  /** Whether a delivery of the session holds the packet id (looked up each time: a dropped session holds none). */
-  /** The ids the client's counter must skip: this session's deliveries in flight, and the ids of its queued copies. */
+  /**
+   * The ids the client's counter must skip: this session's deliveries in flight and its queued copies' ids (looked up
+   * each time: a dropped session holds none).
+   */
   #held (clientId: string): (messageId: number) => boolean {
     return (messageId) => this.#clients.get(clientId)?.inflight.has(messageId) === true || this.#deps.busy?.(clientId, messageId) === true
   }
