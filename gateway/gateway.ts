@@ -157,12 +157,12 @@ async function start (config: GatewayConfig, deps: GatewayDeps, shutdown: Shutdo
   const commandStreams = commandStreamsOf(config)
   if (!standby) await createReceiptStreams(store, commandStreams)
 
-  // One group-commit writer for the log and the sessions: session writes share the log's fsyncs. A standby's clients (readers) keep
-  // their sessions in memory: the replicated sessions in its database are the primary's, for after a takeover.
-  // A primary's persistent sessions keep cursors into the log for routed messages instead of copies (mqtt/sessions/cursors.ts).
   // What the disk budget took from persistent sessions, logged once a second per session and partition.
   const sessionDrops = new SessionDropLog(logger)
   shutdown.add('session drop warnings', async () => { sessionDrops.flush() })
+  // One group-commit writer for the log and the sessions: session writes share the log's fsyncs. A standby's clients (readers) keep
+  // their sessions in memory: the replicated sessions in its database are the primary's, for after a takeover.
+  // A primary's persistent sessions keep cursors into the log for routed messages instead of copies (mqtt/sessions/cursors.ts).
   const persistence = standby
     ? new LevelSessionPersistence(new MemoryLevel({ keyEncoding: 'buffer', valueEncoding: 'buffer' }) as unknown as LevelDatabase)
     : new LevelSessionPersistence(sessionsDb, {
