@@ -17,7 +17,7 @@ import type { Packet } from 'mqtt-packet'
 import { afterAll, describe, expect, it } from 'vitest'
 import { startGatewayProcess, tempDir, type GatewayProcess } from '../../helpers/gateway-process.ts'
 import { rawConnect, type RawClient } from '../../helpers/raw-client.ts'
-import { keys, TAG_CURSOR } from '../../../gateway/mqtt/sessions/format.ts'
+import { cbor, keys, TAG_CURSOR, TAG_INCOMING, TAG_OUTGOING } from '../../../gateway/mqtt/sessions/format.ts'
 
 const TOPIC = 'devices/q2r/telemetry/x'
 const FILTER = 'devices/+/telemetry/#'
@@ -77,6 +77,24 @@ async function setCursor (dataDir: string, clientId: string, next: number | unde
         value.writeBigUInt64BE(BigInt(next))
         await sessions.put(key, value)
       }
+      changed++
+    }
+    return changed
+  })
+}
+
+/** The state of a kill before a copy's write: the session's queued copies gone, the inbound entries not marked delivered. */
+async function unqueue (dataDir: string, clientId: string): Promise<number> {
+  return await editSessions(dataDir, async (sessions) => {
+    let changed = 0
+    for await (const [key] of sessions.iterator({ gte: Buffer.from([TAG_OUTGOING]), lt: Buffer.from([TAG_OUTGOING + 1]) })) {
+      if (keys.parseClient(key).clientId === clientId) { await sessions.del(key); changed++ }
+    }
+    for await (const [key, value] of sessions.iterator({ gte: Buffer.from([TAG_INCOMING]), lt: Buffer.from([TAG_INCOMING + 1]) })) {
+      const entry = cbor.decode(value) as Record<string, unknown>
+      if (entry.edgemqDelivered !== true) continue
+      delete entry.edgemqDelivered
+      await sessions.put(key, cbor.encode(entry))
       changed++
     }
     return changed
@@ -367,6 +385,32 @@ describe('a QoS 2 retransmission after kill -9', () => {
       await again.closed
     })
     expect((await receiveAll(gw.mqttUrl, 'q2r-fenced')).sort()).toEqual(['end', 'm1', 'marker', 'warm'])
+  })
+
+  it('reaches a session whose filter went from QoS 2 to QoS 1 after the restart (logged under QoS 2, its copy lost to the kill)', async () => {
+    const dir = await freshDir()
+    let gw = await startGatewayProcess({ dataDir: dir })
+    cleanups.push(() => gw.kill())
+    const s = await connect(gw.mqttUrl, 'q2r-era')
+    s.send({ cmd: 'subscribe', messageId: 1, subscriptions: [{ topic: FILTER, qos: 2 }, { topic: MARKER, qos: 1 }] })
+    expect(await s.next('suback', DEADLINE_MS)).toMatchObject({ granted: [2, 1] })
+    s.send({ cmd: 'disconnect' })
+    await s.closed
+    await sendQos1(gw.mqttUrl, 'q2r-other', 'warm') // a QoS 1 record: the session's cursor there, at its offset
+    const killed = gw
+    gw = await crashAndRetransmit(dir, gw, async (restarted) => {
+      // The session changes the filter to QoS 1 while its cursor is behind: a fence above m1.
+      const again = await connect(restarted.mqttUrl, 'q2r-era')
+      again.send({ cmd: 'subscribe', messageId: 2, subscriptions: [{ topic: FILTER, qos: 1 }] })
+      expect(await again.next('suback', DEADLINE_MS)).toMatchObject({ granted: [1] })
+      again.send({ cmd: 'disconnect' })
+      await again.closed
+    }, async () => {
+      // m1 was a copy for the QoS 2 filter; the kill came before that copy's write.
+      await killed.kill()
+      expect(await unqueue(dir, 'q2r-era')).toBeGreaterThan(0)
+    })
+    expect((await receiveAll(gw.mqttUrl, 'q2r-era')).sort()).toEqual(['end', 'm1', 'marker', 'warm'])
   })
 
   it('reaches a session that subscribed after the restart as a copy, without the messages logged before its SUBSCRIBE', async () => {
