@@ -1378,10 +1378,10 @@ class LevelLogStore implements LogStore {
       const budget = this.#diskBudgetBytes
       try {
         while (this.totalBytes > budget) {
-          const victim = this.#oldestPartition()
-          if (victim === undefined) break
+          const oldest = this.#oldestPartitions()
+          if (oldest === undefined) break
+          const { victim, othersOldest } = oldest
           const before = report.batchesDeleted
-          const othersOldest = this.#oldestTimestampBeside(victim)
           const total = this.totalBytes
           await this.#exclusive(() => this.#trimFront(victim, report, (header, bytesLeft, index) =>
             index === 0 || (total - (victim.bytes - bytesLeft) > budget && header.firstTimestamp <= othersOldest), warnings))
@@ -1394,50 +1394,32 @@ class LevelLogStore implements LogStore {
     return report
   }
 
-  /** The oldest first timestamp of the partitions other than `part` that hold records; Infinity when none does. */
-  #oldestTimestampBeside (part: PartitionState): number {
-    let oldest = Infinity
-    for (const s of this.#streams.values()) {
-      for (const p of s.partitions) {
-        if (p !== part && p.logEnd > p.logStart) oldest = Math.min(oldest, p.oldestTs ?? 0)
-      }
-    }
-    return oldest
-  }
-
-  /**
-   * Reports and counts records the disk budget deleted before a retention-holding group consumed them, and tells each
-   * retention hold whose floor the partition's new log start passed: its holder counts and logs what it lost. The
-   * warning is logged here too, unless the pass's `warnings` take it.
-   */
-  #tellDropped (dropped: readonly DroppedRecords[], part: PartitionState, newStart: number, report: { dropped: DroppedRecords[] },
-    warnings: PassWarnings | undefined): void {
-    for (const d of dropped) {
-      report.dropped.push(d)
-      if (warnings === undefined) this.#logger.warn({ ...d }, DROPPED_WARNING)
-      else warnings.add(d)
-      this.#observer.onDropped?.(d)
-    }
-    for (const hold of this.#holds) {
-      const floor = hold.floor(part.stream.name, part.partition)
-      if (floor !== undefined && floor < newStart) hold.onDropped?.(part.stream.name, part.partition, newStart)
-    }
-  }
-
   /** Forgets dedupe ids older than the dedupe retention. */
   async #pruneDedupe (now: number): Promise<void> {
     if (this.#dedupeRetentionMs === 0) return
     await this.#forgetScoped([...this.#dedupe].filter(([, e]) => e.timestamp < now - this.#dedupeRetentionMs).map(([key]) => key))
   }
 
-  #oldestPartition (): PartitionState | undefined {
-    let oldest: PartitionState | undefined
+  /**
+   * The partition holding the oldest records (by its first batch's timestamp), and the oldest first timestamp of the
+   * others that hold records (Infinity when none does); undefined when no partition holds any.
+   */
+  #oldestPartitions (): { victim: PartitionState, othersOldest: number } | undefined {
+    let victim: PartitionState | undefined
+    let othersOldest = Infinity
     for (const s of this.#streams.values()) {
       for (const p of s.partitions) {
-        if (p.logEnd > p.logStart && (oldest === undefined || (p.oldestTs ?? 0) < (oldest.oldestTs ?? 0))) oldest = p
+        if (p.logEnd <= p.logStart) continue
+        const ts = p.oldestTs ?? 0
+        if (victim === undefined || ts < (victim.oldestTs ?? 0)) {
+          if (victim !== undefined) othersOldest = Math.min(othersOldest, victim.oldestTs ?? 0)
+          victim = p
+        } else {
+          othersOldest = Math.min(othersOldest, ts)
+        }
       }
     }
-    return oldest
+    return victim === undefined ? undefined : { victim, othersOldest }
   }
 
   /**
@@ -1498,8 +1480,19 @@ class LevelLogStore implements LogStore {
     part.bytes = bytesLeft
     part.oldestTs = empty ? null : oldestTs
     if (empty) part.indexedMaxTs = -Infinity
-    const told = [...dropped].map(([group, count]): DroppedRecords => ({ stream: part.stream.name, partition: part.partition, group, count, reason: 'disk-budget' }))
-    this.#tellDropped(told, part, newStart, report, warnings)
+    // Reported, counted and logged as this write lands (the disk budget's pass merges the warnings: PassWarnings).
+    for (const [group, count] of dropped) {
+      const d: DroppedRecords = { stream: part.stream.name, partition: part.partition, group, count, reason: 'disk-budget' }
+      report.dropped.push(d)
+      if (warnings === undefined) this.#logger.warn({ ...d }, DROPPED_WARNING)
+      else warnings.add(d)
+      this.#observer.onDropped?.(d)
+    }
+    // A hold past which the budget deleted: its holder counts and logs what it lost.
+    for (const hold of this.#holds) {
+      const floor = hold.floor(part.stream.name, part.partition)
+      if (floor !== undefined && floor < newStart) hold.onDropped?.(part.stream.name, part.partition, newStart)
+    }
   }
 
   // ---------------------------------------------------------------- close

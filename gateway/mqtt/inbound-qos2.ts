@@ -66,7 +66,10 @@
  *   loaded there: then the session may have had the record before the crash
  *   (a duplicate), or its cursor was created above the record while the
  *   record's delivery was cut short by the kill (the copy is what it needs);
- *   a cursor keeps no record of where it was created, so it gets a copy;
+ *   a cursor keeps no record of where it was created, so it gets a copy. So
+ *   does one whose cursor has a fence above the record (it subscribed since:
+ *   below the fence its cursor matches only the filters the record was logged
+ *   under), a duplicate if one of those matched too;
  * - a persistent session that keeps copies (QoS 2 deliveries, sessions
  *   without cursors) gets one copy: none was queued before the crash, or the
  *   entry says delivered and nothing is delivered again. A kill between the

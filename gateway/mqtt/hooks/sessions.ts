@@ -21,7 +21,7 @@
  * authorizeForward applies to live deliveries.
  */
 import type { Client, Subscription } from 'aedes'
-import { overrideRestoredSubscriptions, rawConnection, refreshKeepalive, skipHeldPacketIds, storeAcceptedSubscriptions } from '../aedes-internals.ts'
+import { overrideRestoredSubscriptions, rawConnection, refreshKeepalive, storeAcceptedSubscriptions } from '../aedes-internals.ts'
 import { ConnectionGuard } from '../connection-guard.ts'
 import { receiveMaximumOf } from '../receive-maximum.ts'
 import type { CursorConnection } from '../sessions/cursors.ts'
@@ -48,9 +48,6 @@ export function installSessionHooks (ctx: Pick<HookContext, 'persistence' | 'toS
   })
 }
 
-/** The holder of the packet ids a session's cursor deliveries hold, on every client (aedes-internals.ts skipHeldPacketIds). */
-const CURSOR_IDS = {}
-
 /** Lets persistent sessions' cursors write to their client's connection. */
 export function installCursorDelivery (ctx: HookContext): void {
   ctx.persistence.deliverCursorsThrough((session): CursorConnection | undefined => {
@@ -62,7 +59,6 @@ export function installCursorDelivery (ctx: HookContext): void {
       receiveMaximum: receiveMaximumOf(client),
       ...(typeof client.maximumPacketSize === 'number' ? { maximumPacketSize: client.maximumPacketSize } : {}),
       deliveredTopic: (mountedTopic) => forwardedTopic(ctx, client, who, mountedTopic),
-      holdIds: (held) => { skipHeldPacketIds(client, CURSOR_IDS, held) },
       takePubacks: (taker) => {
         const guard = rawConnection(client)
         if (!(guard instanceof ConnectionGuard)) return

@@ -35,7 +35,7 @@
  * skipping the ids the session's deliveries hold and those of its queued
  * copies aedes resends ({@link CursorDeps.busy}). aedes takes its ids from
  * the same counter, which skips the ids the cursors hold
- * ({@link CursorConnection.holdIds}): its retained deliveries never pass the
+ * (FrameConnection.holdIds): its retained deliveries never pass the
  * persistence, so this is what keeps them apart, also after the counter
  * wraps; an id aedes hands the persistence that the cursors hold is moved
  * (outgoingUpdate, {@link SessionCursors.freeId}). A new connection starts
@@ -95,12 +95,6 @@ export interface CursorConnection {
    * deliveries (its tenant, `$` topics, the read ACL per message).
    */
   deliveredTopic (mountedTopic: string): string | null
-  /**
-   * Makes every packet id the client's counter gives from now on skip the ids `held` says the cursors hold: aedes
-   * takes ids from that counter for deliveries that never pass the persistence (retained messages on SUBSCRIBE), so
-   * {@link SessionCursors.freeId} cannot move them, also after the 16-bit counter wraps.
-   */
-  holdIds? (held: (messageId: number) => boolean): void
   /**
    * Lets the cursors take the connection's PUBACKs from its bytes, before aedes parses them (ConnectionGuard.pubacks):
    * `take` settles one that answers a delivery of theirs, `taken` follows the ones of one socket read.
@@ -690,12 +684,20 @@ export class SessionCursors {
   }
 
   /**
-   * Whether the session's cursor in the record's partition has a fence above it: a SUBSCRIBE since the record was
-   * logged, whose filters the cursor does not match the record against (they are for records logged after it).
+   * Whether the session's cursor in the record's partition reads the record at `position` from the log; undefined
+   * when it has no cursor there. Not a cursor that started above the record in this process (a later record created
+   * it, or it was loaded past it: it never reads below its start), nor, for a message delivered again after a restart
+   * (`late`), one with a fence above the record (a SUBSCRIBE since: below the fence it matches only the filters the
+   * record was logged under). A session whose cursor does not read the record gets a copy (persistence.ts #enqueue),
+   * and {@link forwardLive} lets that copy's live delivery through.
    */
-  fencedAbove (clientId: string, position: LogPosition): boolean {
+  reads (clientId: string, position: LogPosition): boolean | undefined {
     const cursor = this.#clients.get(clientId)?.cursors.get(cursorId(position.stream, position.partition))
-    return cursor !== undefined && cursor.fenceTop > position.offset
+    return cursor === undefined ? undefined : this.#reads(cursor, position)
+  }
+
+  #reads (cursor: PartitionCursor, position: LogPosition): boolean {
+    return (this.#startedAt.get(cursor) ?? 0) <= position.offset && !(position.late === true && cursor.fenceTop > position.offset)
   }
 
   /**
@@ -753,7 +755,7 @@ export class SessionCursors {
     const state = this.#clients.get(client.id)
     // aedes may deliver before this connection takes over the session's cursors (the retained messages of a SUBSCRIBE
     // sent with the CONNECT): its id comes from a counter that must already skip the ids held for sending again.
-    if (state !== undefined && state.client !== client && state.inflight.size > 0) this.#connector?.(client)?.holdIds?.(this.#held(client.id))
+    if (state !== undefined && state.client !== client && state.inflight.size > 0) this.#connector?.(client)?.conn.holdIds?.(this, this.#held(client.id))
     // Deliveries framed by this module never pass here: only aedes' copies of logged messages carry a position.
     const position = state === undefined ? undefined : logPositionOf(packet)
     if (state === undefined || position === undefined || typeof packet.topic !== 'string') return true
@@ -761,10 +763,8 @@ export class SessionCursors {
     if (cursor === undefined) return true
     // A QoS 2 delivery is queued as a copy, not a cursor (outgoingEnqueueCombi, the same rule).
     if (Math.min(Number(packet.qos ?? 0), this.#deps.grantedQos(client.id, packet.topic)) !== 1) return true
-    // A record below where the cursor started (a later record created it, or a QoS 2 message delivered again after a
-    // restart), or a message delivered again below a fence: the session got a copy (persistence.ts #enqueue), and it
-    // goes out now.
-    return (this.#startedAt.get(cursor) ?? 0) > position.offset || (position.late === true && cursor.fenceTop > position.offset)
+    // A record the cursor does not read ({@link reads}): the session got a copy, and it goes out now.
+    return !this.#reads(cursor, position)
   }
 
   /**
@@ -804,7 +804,9 @@ export class SessionCursors {
       cursor.resend.set(record.offset, id)
       state.reserved.add(id)
     }
-    via.holdIds?.(this.#held(client.id))
+    // aedes takes ids from the client's counter for deliveries that never pass the persistence (retained messages on
+    // SUBSCRIBE), so freeId cannot move them: the counter skips the held ones, also after it wraps.
+    via.conn.holdIds?.(this, this.#held(client.id))
     // PUBACKs straight from the socket's bytes: each settles its delivery, and each cursor advances once per read.
     via.takePubacks?.({
       take: (id) => state.client === client && this.#acked(state, id),

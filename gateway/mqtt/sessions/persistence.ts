@@ -1301,7 +1301,7 @@ export class LevelSessionPersistence {
     // it first and created the cursor) never reads it: it gets a copy (#enqueue), and the ack waits for that.
     const cursors = this.#cursors as SessionCursors
     for (const sub of match.subs) {
-      if ((cursors.startOf(sub.clientId, position.stream, position.partition) ?? -1) > position.offset) return 'copies'
+      if (cursors.reads(sub.clientId, position) === false) return 'copies'
     }
     let writes: Array<Promise<void>> | undefined
     let from = 0
@@ -1374,14 +1374,12 @@ export class LevelSessionPersistence {
       for (const sub of subs) {
         // Without a subscription's QoS (outgoingEnqueue: a publish to one client, not routed by a subscription) it is a copy.
         if (sub.qos === undefined || Math.min(sub.qos, packet.qos ?? 0) !== 1) { (copies as Array<{ clientId: string }>).push(sub); continue }
-        // Delivered again after a restart: a cursor only where the session has one in the partition already, and never
-        // one that started above the record (see #cursorsReady): it would not read it. One loaded past the record may
-        // have had it before the crash (a duplicate), or may have been created above it while its delivery was cut
-        // short (a kill before the copy's write): a copy, never a loss.
-        // A fence above the record (a SUBSCRIBE since it was logged): the cursor matches it against the filters it was
-        // logged under, and one added since would never get it; a copy (a duplicate if an older filter matched too).
-        const start = this.#cursors.startOf(sub.clientId, position.stream, position.partition)
-        if ((position.late === true && (start === undefined || this.#cursors.fencedAbove(sub.clientId, position))) || (start ?? -1) > position.offset) {
+        // A copy where the session's cursor will not read the record (cursors.ts reads), and, delivered again after a
+        // restart, where it has none in the partition: a cursor made at the record would read the log from there. A
+        // cursor loaded past the record may have had it before the crash (a duplicate), or may have been created above
+        // it while its delivery was cut short (a kill before the copy's write): a copy, never a loss.
+        const reads = this.#cursors.reads(sub.clientId, position)
+        if (reads === false || (reads === undefined && position.late === true)) {
           (copies as Array<{ clientId: string }>).push(sub)
           continue
         }

@@ -55,7 +55,7 @@ async function retransmit (persistence: Qos2Persistence, options: { queuesCopy?:
 }
 
 describe('InboundQos2: a retransmission of an entry a dead process stored', () => {
-  it('delivers it again with its record\'s log position, marked late: each session decides (its cursor, a copy, or nothing)', async () => {
+  it('delivers it again with its record\'s log position, marked late: each session decides (its cursor or a copy)', async () => {
     const persistence = restartedPersistence({ edgemqPosition: POSITION })
     expect(await retransmit(persistence)).toEqual([{ ...POSITION, late: true }])
     expect(persistence.marked).toEqual([]) // no copy was queued: nothing to mark

@@ -33,13 +33,18 @@ async function connect (url: string, clientId: string): Promise<RawClient> {
   return c
 }
 
-/** A persistent session subscribed at `qos`, then offline. */
-async function subscribeOffline (url: string, clientId: string, qos: 1 | 2): Promise<void> {
+/** The persistent session connects, subscribes (each filter granted at its QoS) and goes offline. */
+async function subscribeAndLeave (url: string, clientId: string, subscriptions: Array<{ topic: string, qos: 1 | 2 }>): Promise<void> {
   const c = await connect(url, clientId)
-  c.send({ cmd: 'subscribe', messageId: 1, subscriptions: [{ topic: FILTER, qos }, { topic: MARKER, qos: 1 }] })
-  expect(await c.next('suback', DEADLINE_MS)).toMatchObject({ granted: [qos, 1] })
+  c.send({ cmd: 'subscribe', messageId: 1, subscriptions })
+  expect(await c.next('suback', DEADLINE_MS)).toMatchObject({ granted: subscriptions.map((sub) => sub.qos) })
   c.send({ cmd: 'disconnect' })
   await c.closed
+}
+
+/** A persistent session subscribed to the device's topics at `qos` (and to the marker), then offline. */
+async function subscribeOffline (url: string, clientId: string, qos: 1 | 2): Promise<void> {
+  await subscribeAndLeave(url, clientId, [{ topic: FILTER, qos }, { topic: MARKER, qos: 1 }])
 }
 
 function publish (payload: string, qos: 1 | 2, messageId: number, dup = false): Packet {
@@ -365,11 +370,7 @@ describe('a QoS 2 retransmission after kill -9', () => {
     let gw = await startGatewayProcess({ dataDir: dir })
     cleanups.push(() => gw.kill())
     // A persistent session reading another topic of the same device (so m1's partition): its cursor there starts at `warm`.
-    const s = await connect(gw.mqttUrl, 'q2r-fenced')
-    s.send({ cmd: 'subscribe', messageId: 1, subscriptions: [{ topic: 'devices/q2r/telemetry/y', qos: 1 }, { topic: MARKER, qos: 1 }] })
-    expect(await s.next('suback', DEADLINE_MS)).toMatchObject({ granted: [1, 1] })
-    s.send({ cmd: 'disconnect' })
-    await s.closed
+    await subscribeAndLeave(gw.mqttUrl, 'q2r-fenced', [{ topic: 'devices/q2r/telemetry/y', qos: 1 }, { topic: MARKER, qos: 1 }])
     const device = await connect(gw.mqttUrl, 'q2r-dev')
     device.send({ cmd: 'publish', topic: 'devices/q2r/telemetry/y', payload: Buffer.from('warm'), qos: 1, messageId: 1, dup: false, retain: false })
     expect(await device.next('puback', DEADLINE_MS)).toMatchObject({ messageId: 1 })
@@ -378,11 +379,7 @@ describe('a QoS 2 retransmission after kill -9', () => {
     gw = await crashAndRetransmit(dir, gw, async (restarted) => {
       // After the restart, before the device sends m1 again, the session subscribes to m1's topic too: a fence above m1,
       // below which the cursor matches only the filters m1 was logged under.
-      const again = await connect(restarted.mqttUrl, 'q2r-fenced')
-      again.send({ cmd: 'subscribe', messageId: 2, subscriptions: [{ topic: TOPIC, qos: 1 }] })
-      expect(await again.next('suback', DEADLINE_MS)).toMatchObject({ granted: [1] })
-      again.send({ cmd: 'disconnect' })
-      await again.closed
+      await subscribeAndLeave(restarted.mqttUrl, 'q2r-fenced', [{ topic: TOPIC, qos: 1 }])
     })
     expect((await receiveAll(gw.mqttUrl, 'q2r-fenced')).sort()).toEqual(['end', 'm1', 'marker', 'warm'])
   })
@@ -391,20 +388,12 @@ describe('a QoS 2 retransmission after kill -9', () => {
     const dir = await freshDir()
     let gw = await startGatewayProcess({ dataDir: dir })
     cleanups.push(() => gw.kill())
-    const s = await connect(gw.mqttUrl, 'q2r-era')
-    s.send({ cmd: 'subscribe', messageId: 1, subscriptions: [{ topic: FILTER, qos: 2 }, { topic: MARKER, qos: 1 }] })
-    expect(await s.next('suback', DEADLINE_MS)).toMatchObject({ granted: [2, 1] })
-    s.send({ cmd: 'disconnect' })
-    await s.closed
+    await subscribeOffline(gw.mqttUrl, 'q2r-era', 2)
     await sendQos1(gw.mqttUrl, 'q2r-other', 'warm') // a QoS 1 record: the session's cursor there, at its offset
     const killed = gw
     gw = await crashAndRetransmit(dir, gw, async (restarted) => {
       // The session changes the filter to QoS 1 while its cursor is behind: a fence above m1.
-      const again = await connect(restarted.mqttUrl, 'q2r-era')
-      again.send({ cmd: 'subscribe', messageId: 2, subscriptions: [{ topic: FILTER, qos: 1 }] })
-      expect(await again.next('suback', DEADLINE_MS)).toMatchObject({ granted: [1] })
-      again.send({ cmd: 'disconnect' })
-      await again.closed
+      await subscribeAndLeave(restarted.mqttUrl, 'q2r-era', [{ topic: FILTER, qos: 1 }])
     }, async () => {
       // m1 was a copy for the QoS 2 filter; the kill came before that copy's write.
       await killed.kill()

@@ -122,8 +122,8 @@ async function connect (gw: Gateway, clientId: string, options: {
   readonly receiveMaximum?: number
   /** Where the connection's packet id counter starts (aedes starts each client's at random). */
   readonly firstId?: number
-  /** Told what the client's counter must skip (CursorConnection.holdIds). */
-  readonly holdIds?: (held: (messageId: number) => boolean) => void
+  /** Told what the client's counter must skip (FrameConnection.holdIds). */
+  readonly holdIds?: (holder: object, held: (messageId: number) => boolean) => void
   /** The connection's answer for a mounted topic (CursorConnection.deliveredTopic: its user's read ACL); default: every topic. */
   readonly deliveredTopic?: (mounted: string) => string | null
 } = {}): Promise<Connection> {
@@ -164,10 +164,10 @@ async function connect (gw: Gateway, clientId: string, options: {
       clientId,
       mqtt5: options.mqtt5,
       nextMessageId: () => { const id = nextId; nextId = id >= 65535 ? 1 : id + 1; return id },
+      holdIds: options.holdIds,
     },
     receiveMaximum: options.receiveMaximum ?? 65535,
     deliveredTopic: options.deliveredTopic ?? ((mounted) => mounted),
-    holdIds: options.holdIds,
   })
   conn.copies = await gw.persistence.outgoingStream(client).toArray() as SessionPacket[]
   return conn
@@ -393,7 +393,8 @@ describe('session cursors into the log', () => {
     // session's queue is read (outgoingStream), then takes an id from the new connection's counter
     const client = { id: 'svc', clean: false }
     let skips: ((id: number) => boolean) | undefined
-    gw.connections.set(client, { ...gw.connections.get(first.client) as CursorConnection, holdIds: (held) => { skips = held } })
+    const before = gw.connections.get(first.client) as CursorConnection
+    gw.connections.set(client, { ...before, conn: { ...before.conn, holdIds: (_holder, held) => { skips = held } } })
     expect(gw.persistence.forwardLive(client, { topic: 't1/retained', qos: 1, payload: Buffer.from('r') })).toBe(true)
     expect([6, 7, 8, 9, 10].map((id) => skips?.(id))).toEqual([false, true, true, true, false])
   })
