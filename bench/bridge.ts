@@ -447,7 +447,7 @@ async function profile (mosquitto: string): Promise<void> {
   const main = files.find((f) => f.includes(`.${x.pid}.0.`)) ?? files[0]
   if (main === undefined) throw new Error(`no .cpuprofile in ${profileDir}`)
   const file = path.join(profileDir, main)
-  const ours = new Set(['bridge/*.ts', 'store/*.ts', 'gateway/*.ts', 'mqtt', 'mqtt-packet'])
+  const ours = new Set(['bridge/**/*.ts', 'store/**/*.ts', 'gateway/**/*.ts', 'mqtt', 'mqtt-packet'])
   process.stderr.write(`${formatProfileSummary(await summarizeCpuProfile(file, x.window), 30, ours)}\n`)
   info(`profile kept at ${file} (open it in Chrome DevTools > Performance, or speedscope)`)
 }

@@ -51,9 +51,9 @@ export function categoryOf (frame: CallFrame): string {
     if (pkg === 'classic-level' || pkg === 'abstract-level' || pkg === 'level-transcoder' || pkg === 'module-error') return 'LevelDB bindings'
     return pkg
   }
-  if (/\/gateway\/[^/]+\.ts$/.test(url)) return 'gateway/*.ts'
-  if (/\/store\/[^/]+\.ts$/.test(url)) return 'store/*.ts'
-  if (/\/bridge\/[^/]+\.ts$/.test(url)) return 'bridge/*.ts'
+  if (/\/gateway\/.+\.ts$/.test(url)) return 'gateway/**/*.ts'
+  if (/\/store\/.+\.ts$/.test(url)) return 'store/**/*.ts'
+  if (/\/bridge\/.+\.ts$/.test(url)) return 'bridge/**/*.ts'
   if (url.startsWith('node:')) return 'node core'
   if (url === '') return 'V8/native builtins'
   return 'other'
@@ -133,7 +133,7 @@ export async function summarizeCpuProfile (file: string, window?: ProfileWindow)
 }
 
 /** A plain-text report: categories, then the top functions by self and by total time. */
-export function formatProfileSummary (s: ProfileSummary, top = 25, ours: ReadonlySet<string> = new Set(['aedes', 'mqtt-packet', 'gateway/*.ts', 'store/*.ts'])): string {
+export function formatProfileSummary (s: ProfileSummary, top = 25, ours: ReadonlySet<string> = new Set(['aedes', 'mqtt-packet', 'gateway/**/*.ts', 'store/**/*.ts'])): string {
   const busy = s.sampledMs - s.idleMs
   const pct = (ms: number): string => `${((100 * ms) / busy).toFixed(1).padStart(5)} %`
   const lines: string[] = []
