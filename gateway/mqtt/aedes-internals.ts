@@ -5,8 +5,9 @@
  * the sharedSubscriptions option, and for idle memory: one shared 'close'
  * listener per connection instead of stream.finished(), the packets queued
  * before the CONNACK handled without a once('connected') listener, the drain
- * callbacks' array and the delivery functions made on first use); each entry
- * below was
+ * callbacks' array and the delivery functions made on first use; and aedes'
+ * own deliveries that no persistence keeps hold their packet ids until
+ * acknowledged, see skipHeldPacketIds); each entry below was
  * re-read against it (2026-12-02) and still holds. Source links cite v1.2.0
  * where the code they point at is unchanged in 2.0.0-beta.1.
  *
@@ -33,15 +34,29 @@ import type { Duplex } from 'node:stream'
 // --- clients ---------------------------------------------------------------------------------------------------------
 
 /**
+ * The part of an aedes client that hands out packet ids: the counter, and (our aedes patch, lib/client.js
+ * deliverQoS) the ids of aedes' own deliveries that no persistence keeps, awaiting their PUBACK/PUBCOMP; null or
+ * absent until the client's first such delivery.
+ */
+interface PacketIdCounter { _nextId: number, _outboundInflight?: ReadonlySet<number> | null }
+
+/**
  * Takes the next packet id of the client's own counter, as aedes' QoS 1/2 deliveries do
  * (`client._nextId`, https://github.com/moscajs/aedes/blob/v1.2.0/lib/qos-packet.js), so a replay or a command written by the gateway never picks an
- * id a live delivery holds. aedes has no allocator to call; upstream treats `_nextId` as settable by users
+ * id a live delivery holds. Like aedes' take in our patch (lib/qos-packet.js), it passes over the ids aedes holds
+ * itself (`_outboundInflight`, see {@link skipHeldPacketIds}); the counter passes over every other holder's.
+ * aedes has no allocator to call; upstream treats `_nextId` as settable by users
  * (https://github.com/moscajs/aedes/pull/414 guards `>= 65535` for that reason). Public API that would remove it:
  * `client.nextMessageId()`.
  */
 export function nextPacketId (client: Client): number {
-  const counter = client as unknown as { _nextId: number }
-  const id = counter._nextId
+  const counter = client as unknown as PacketIdCounter
+  const held = counter._outboundInflight
+  let id = counter._nextId
+  for (let k = 0; held != null && k < 65535 && held.has(id); k++) {
+    counter._nextId = id >= 65535 ? 1 : id + 1
+    id = counter._nextId
+  }
   counter._nextId = id >= 65535 ? 1 : id + 1
   return id
 }
@@ -64,9 +79,14 @@ const holders = new WeakMap<Client, IdHolders>()
  * the log and their queued copies hold ids for as long as they are unacknowledged, across reconnects
  * (sessions/cursors.ts), and so do replays, shared subscriptions' members and commands: after 65,535 others the
  * counter comes back to them, and a writer that skipped only its own ids would hand out one another holds (two
- * PUBLISHes in flight with one id). A clean session's deliveries aedes makes itself hold nothing: aedes keeps no
- * in-flight state for them. One predicate per holder (a later one replaces it), all asked by one accessor on the
- * client; aedes treats `_nextId` as a plain settable number
+ * PUBLISHes in flight with one id). Stock aedes keeps no in-flight state for those deliveries of its own; our aedes
+ * patch does: each holds its id in `client._outboundInflight` from the write until its PUBACK (QoS 1) or PUBCOMP
+ * (QoS 2; an MQTT 5 PUBREC with an error code ends it too) reaches aedes' handler, or the connection ends (the Set
+ * is the connection's). Both takes pass over those ids, aedes' (lib/qos-packet.js) and {@link nextPacketId}, so
+ * they need no holder here: one here would put this accessor and its closures on every client that ever gets a QoS 1
+ * message. A PUBACK the cursors take from the bytes (ConnectionGuard.pubacks) never answers one of
+ * them: the cursors take only the ids they hold, which the counter never gives aedes. One predicate per holder (a
+ * later one replaces it), all asked by one accessor on the client; aedes treats `_nextId` as a plain settable number
  * (https://github.com/moscajs/aedes/pull/414). No upstream issue; public API that would remove it:
  * `client.nextMessageId()` with an in-flight set aedes skips.
  */
