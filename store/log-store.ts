@@ -228,10 +228,13 @@ const DROPPED_WARNING = 'disk budget forced retention to drop records a consumer
 
 /**
  * The disk budget's warnings over one pass: the first drop of each partition and group is logged as it happens (a
- * kill later in the pass still leaves a line), the rest are added up and logged once at the pass's end, as a total.
+ * kill later in the pass still leaves a line), the later ones are added up and logged once at the pass's end. Every
+ * line's `count` is records no earlier line counted, so summing `count` over the log counts each record once; the
+ * end line also carries the pass's total as `passCount` (it once put the total in `count`, which counted the first
+ * line's records twice).
  */
 class PassWarnings {
-  readonly #totals = new Map<string, { dropped: DroppedRecords, writes: number }>()
+  readonly #totals = new Map<string, { first: DroppedRecords, later: number, writes: number }>()
 
   constructor (readonly logger: StoreLogger) {}
 
@@ -239,17 +242,20 @@ class PassWarnings {
     const key = `${d.stream}\u0000${d.partition}\u0000${d.group}`
     const seen = this.#totals.get(key)
     if (seen === undefined) {
-      this.#totals.set(key, { dropped: d, writes: 1 })
+      this.#totals.set(key, { first: d, later: 0, writes: 1 })
       this.logger.warn({ ...d }, DROPPED_WARNING)
       return
     }
-    this.#totals.set(key, { dropped: { ...seen.dropped, count: seen.dropped.count + d.count }, writes: seen.writes + 1 })
+    seen.later += d.count
+    seen.writes++
   }
 
-  /** The totals of the partitions and groups that lost records in more than one write of the pass. */
+  /** The partitions and groups that lost records in more than one write of the pass: what the first line did not count. */
   end (): void {
-    for (const { dropped, writes } of this.#totals.values()) {
-      if (writes > 1) this.logger.warn({ ...dropped, writes }, `${DROPPED_WARNING} (this retention pass, in total)`)
+    for (const { first, later, writes } of this.#totals.values()) {
+      if (writes === 1) continue
+      this.logger.warn({ ...first, count: later, passCount: first.count + later, writes },
+        `${DROPPED_WARNING} (later in this retention pass: count is what the pass dropped after its first warning, passCount all it dropped)`)
     }
   }
 }
@@ -1384,7 +1390,7 @@ class LevelLogStore implements LogStore {
       // stay older than every other partition's oldest. What each write dropped is reported, counted and told to the
       // holds at once (a failed write or a kill later in the pass must not lose it, and a hold's holder must hear of
       // it before it reads on); a partition and group's first drop of the pass is logged at once, the rest as one
-      // total at the pass's end (one warning per batch flooded the log when a burst ran past the budget).
+      // line at the pass's end (one warning per batch flooded the log when a burst ran past the budget).
       const warnings = new PassWarnings(this.#logger)
       const budget = this.#diskBudgetBytes
       try {
