@@ -45,7 +45,7 @@
  */
 import { ClassicLevel } from 'classic-level'
 import type { AbstractBatchOperation, AbstractBatchOptions, AbstractLevel } from 'abstract-level'
-import { StoreError } from './errors.ts'
+import { StoreError, isStoreError } from './errors.ts'
 import {
   FORMAT_VERSION, MAX_BATCH_BYTES, dedupe, MAX_BATCH_RECORDS, decodeBatch, decodeColumns, decodeMeta, encodeBatch, encodeMeta, encodeU64,
   keys, readBatchHeader, readU64, type BatchHeader, type PendingRecord,
@@ -59,7 +59,7 @@ import {
 import {
   systemClock, type AppendListener, type AppendOptions, type AppendResult, type Clock, type DroppedRecords, type RetentionHoldDropped, type Durability, type GroupInfo, type GroupOptions,
   type AppendExtraOperation, type BatchReadResult, type ExtraOperation, type LogStore, type PartitionInfo, type PartitionLag, type ReadBatchesOptions, type StoreWriteOptions, type ReadOptions, type ReadResult, type RecordInput,
-  type ResetSpec, type RetentionReport, type StoreLogger, type StoreObserver, type StoredBatch, type StoredRecord, type StreamInfo,
+  type ResetSpec, type RetentionBlocked, type RetentionReport, type StoreLogger, type StoreObserver, type StoredBatch, type StoredRecord, type StreamInfo,
   type ColumnReadResult, type RecordColumns,
   type StreamOptions,
 } from './types.ts'
@@ -228,10 +228,13 @@ const DROPPED_WARNING = 'disk budget forced retention to drop records a consumer
 
 /**
  * The disk budget's warnings over one pass: the first drop of each partition and group is logged as it happens (a
- * kill later in the pass still leaves a line), the rest are added up and logged once at the pass's end, as a total.
+ * kill later in the pass still leaves a line), the later ones are added up and logged once at the pass's end. Every
+ * line's `count` is records no earlier line counted, so summing `count` over the log counts each record once; the
+ * end line also carries the pass's total as `passCount` (it once put the total in `count`, which counted the first
+ * line's records twice).
  */
 class PassWarnings {
-  readonly #totals = new Map<string, { dropped: DroppedRecords, writes: number }>()
+  readonly #totals = new Map<string, { first: DroppedRecords, later: number, writes: number }>()
 
   constructor (readonly logger: StoreLogger) {}
 
@@ -239,20 +242,29 @@ class PassWarnings {
     const key = `${d.stream}\u0000${d.partition}\u0000${d.group}`
     const seen = this.#totals.get(key)
     if (seen === undefined) {
-      this.#totals.set(key, { dropped: d, writes: 1 })
+      this.#totals.set(key, { first: d, later: 0, writes: 1 })
       this.logger.warn({ ...d }, DROPPED_WARNING)
       return
     }
-    this.#totals.set(key, { dropped: { ...seen.dropped, count: seen.dropped.count + d.count }, writes: seen.writes + 1 })
+    seen.later += d.count
+    seen.writes++
   }
 
-  /** The totals of the partitions and groups that lost records in more than one write of the pass. */
+  /** The partitions and groups that lost records in more than one write of the pass: what the first line did not count. */
   end (): void {
-    for (const { dropped, writes } of this.#totals.values()) {
-      if (writes > 1) this.logger.warn({ ...dropped, writes }, `${DROPPED_WARNING} (this retention pass, in total)`)
+    for (const { first, later, writes } of this.#totals.values()) {
+      if (writes === 1) continue
+      this.logger.warn({ ...first, count: later, passCount: first.count + later, writes },
+        `${DROPPED_WARNING} (later in this retention pass: count is what the pass dropped after its first warning, passCount all it dropped)`)
     }
   }
 }
+
+const BLOCKED_ERROR = 'retention cannot delete past a damaged batch: this partition keeps every record from `offset` on, the other ' +
+  'partitions are still trimmed; stop the gateway and run `edgemq check` (docs/operations.md, "Damaged data")'
+
+/** A retention pass's report, filled in as its writes land. */
+interface PassReport { batchesDeleted: number, recordsDeleted: number, bytesDeleted: number, dropped: DroppedRecords[], blocked: RetentionBlocked[] }
 
 /** The in-memory key of a dedupe id: the stream id first, as on disk. */
 function scopedId (streamId: number, id: string): string {
@@ -449,7 +461,7 @@ class LevelLogStore implements LogStore {
       try {
         if (first !== undefined) part.oldestTs = this.#header(part, first[0], first[1]).firstTimestamp
       } catch (err) {
-        // Only the newest batch is needed to open; a damaged oldest one is reported to its readers.
+        // Only the newest batch is needed to open; a damaged oldest one is reported to its readers and by retention.
         this.#logger.error({ code: (err as StoreError).code, stream: part.stream.name, partition: part.partition }, (err as Error).message)
       }
     }
@@ -1356,15 +1368,20 @@ class LevelLogStore implements LogStore {
   async enforceRetention (): Promise<RetentionReport> {
     this.#checkWritable()
     const now = this.#clock.now()
-    const report = { batchesDeleted: 0, recordsDeleted: 0, bytesDeleted: 0, dropped: [] as DroppedRecords[] }
+    const report: PassReport = { batchesDeleted: 0, recordsDeleted: 0, bytesDeleted: 0, dropped: [], blocked: [] }
+    // Partitions whose front is damaged, met this pass: reported once, and the disk budget takes its bytes from the
+    // others. Deleting past damage would hide it (a read below the log start is "out of range", not "damaged", and
+    // `edgemq check` starts at the log start); failing the pass at it would leave every other partition untrimmed.
+    const blocked = new Set<PartitionState>()
     for (const stream of this.#streams.values()) {
       if (stream.retentionMs === 0 && stream.retentionBytes === 0) continue
       for (const part of stream.partitions) {
-        await this.#exclusive(() => this.#trimFront(part, report, (header, bytesLeft) => {
+        const damage = await this.#exclusive(() => this.#trimFront(part, report, (header, bytesLeft) => {
           const expired = stream.retentionMs > 0 && header.maxTimestamp < now - stream.retentionMs
           const oversize = stream.retentionBytes > 0 && bytesLeft > stream.retentionBytes
           return (expired || oversize) && header.baseOffset + header.count <= this.#holdFloor(part)
         }))
+        if (damage !== undefined) this.#reportBlocked(part, damage, report, blocked)
       }
     }
     await this.#pruneDedupe(now)
@@ -1373,25 +1390,39 @@ class LevelLogStore implements LogStore {
       // stay older than every other partition's oldest. What each write dropped is reported, counted and told to the
       // holds at once (a failed write or a kill later in the pass must not lose it, and a hold's holder must hear of
       // it before it reads on); a partition and group's first drop of the pass is logged at once, the rest as one
-      // total at the pass's end (one warning per batch flooded the log when a burst ran past the budget).
+      // line at the pass's end (one warning per batch flooded the log when a burst ran past the budget).
       const warnings = new PassWarnings(this.#logger)
       const budget = this.#diskBudgetBytes
       try {
         while (this.totalBytes > budget) {
-          const oldest = this.#oldestPartitions()
+          const oldest = this.#oldestPartitions(blocked)
           if (oldest === undefined) break
           const { victim, othersOldest } = oldest
           const before = report.batchesDeleted
           const total = this.totalBytes
-          await this.#exclusive(() => this.#trimFront(victim, report, (header, bytesLeft, index) =>
+          const damage = await this.#exclusive(() => this.#trimFront(victim, report, (header, bytesLeft, index) =>
             index === 0 || (total - (victim.bytes - bytesLeft) > budget && header.firstTimestamp <= othersOldest), warnings))
-          if (report.batchesDeleted === before) break
+          if (damage !== undefined) this.#reportBlocked(victim, damage, report, blocked)
+          else if (report.batchesDeleted === before) break
         }
       } finally {
         warnings.end()
       }
+      if (this.totalBytes > budget && blocked.size > 0) {
+        this.#logger.error({ totalBytes: this.totalBytes, diskBudgetBytes: budget, damaged: [...blocked].map((p) => `${p.stream.name}[${p.partition}]`) },
+          'the log is over the disk budget and only partitions with a damaged front batch are left to trim; stop the gateway and run `edgemq check`')
+      }
     }
     return report
+  }
+
+  /** A partition retention could not trim past damage: reported, logged and told the observer, once per pass. */
+  #reportBlocked (part: PartitionState, error: StoreError, report: PassReport, blocked: Set<PartitionState>): void {
+    blocked.add(part)
+    const b: RetentionBlocked = { stream: part.stream.name, partition: part.partition, offset: part.logStart, error }
+    report.blocked.push(b)
+    this.#logger.error({ code: error.code, stream: b.stream, partition: b.partition, offset: b.offset, err: error.message }, BLOCKED_ERROR)
+    this.#observer.onRetentionBlocked?.(b)
   }
 
   /** Forgets dedupe ids older than the dedupe retention. */
@@ -1402,14 +1433,15 @@ class LevelLogStore implements LogStore {
 
   /**
    * The partition holding the oldest records (by its first batch's timestamp), and the oldest first timestamp of the
-   * others that hold records (Infinity when none does); undefined when no partition holds any.
+   * others that hold records (Infinity when none does); undefined when no partition holds any. Partitions in `skip`
+   * (a damaged front: nothing to delete there) are neither.
    */
-  #oldestPartitions (): { victim: PartitionState, othersOldest: number } | undefined {
+  #oldestPartitions (skip: ReadonlySet<PartitionState>): { victim: PartitionState, othersOldest: number } | undefined {
     let victim: PartitionState | undefined
     let othersOldest = Infinity
     for (const s of this.#streams.values()) {
       for (const p of s.partitions) {
-        if (p.logEnd <= p.logStart) continue
+        if (p.logEnd <= p.logStart || skip.has(p)) continue
         const ts = p.oldestTs ?? 0
         if (victim === undefined || ts < (victim.oldestTs ?? 0)) {
           if (victim !== undefined) othersOldest = Math.min(othersOldest, victim.oldestTs ?? 0)
@@ -1427,9 +1459,12 @@ class LevelLogStore implements LogStore {
    * agrees, in one write together with the partition metadata and the
    * re-pointed time index. Records a retention-holding group had not yet
    * consumed (possible only under the disk budget) are reported as dropped.
+   * Stops at damage (a batch that fails its checks, offsets no batch holds,
+   * LevelDB reporting corruption), deletes what lies before it and returns it:
+   * retention never deletes damaged data nor passes over it.
    */
-  async #trimFront (part: PartitionState, report: { batchesDeleted: number, recordsDeleted: number, bytesDeleted: number, dropped: DroppedRecords[] },
-    shouldDelete: (header: BatchHeader, bytesLeft: number, index: number) => boolean, warnings?: PassWarnings): Promise<void> {
+  async #trimFront (part: PartitionState, report: PassReport,
+    shouldDelete: (header: BatchHeader, bytesLeft: number, index: number) => boolean, warnings?: PassWarnings): Promise<StoreError | undefined> {
     const { id } = part.stream
     const ops: BatchOp[] = []
     let newStart = part.logStart
@@ -1437,11 +1472,28 @@ class LevelLogStore implements LogStore {
     const dropped = new Map<string, number>()
     const iterator = this.#db.iterator(keys.batchRange(id, part.partition))
     let oldestTs: number | null = null
+    let damage: StoreError | undefined
     try {
       for (let index = 0; ; index++) {
-        const entry = await iterator.next()
-        if (entry === undefined) break
-        const header = this.#header(part, entry[0], entry[1])
+        let entry: [Buffer, Buffer] | undefined
+        let header: BatchHeader | undefined
+        try {
+          entry = await iterator.next()
+          // Batches cover [logStart, logEnd) without gaps (format.ts): a batch further on, or none before the log end, is damage.
+          const next = entry === undefined ? part.logEnd : keys.batchBase(entry[0])
+          if (next > newStart) {
+            damage = missingOffsets(part.stream.name, part.partition, newStart, next,
+              entry === undefined ? 'the last batch ends before the log end' : 'no batch holds them')
+            break
+          }
+          if (entry !== undefined) header = this.#header(part, entry[0], entry[1])
+        } catch (err) {
+          const e = asDamage(err, `reading ${part.stream.name}[${part.partition}] for retention`, { stream: part.stream.name, partition: part.partition })
+          if (!isStoreError(e, 'STORE_DAMAGED') && !isStoreError(e, 'STORE_CORRUPT_BATCH')) throw e
+          damage = e
+          break
+        }
+        if (entry === undefined || header === undefined) break
         if (!shouldDelete(header, bytesLeft, index)) { oldestTs = header.firstTimestamp; break }
         ops.push({ type: 'del', key: entry[0] })
         newStart = header.baseOffset + header.count
@@ -1455,7 +1507,7 @@ class LevelLogStore implements LogStore {
     } finally {
       await iterator.close()
     }
-    if (ops.length === 0) return
+    if (ops.length === 0) return damage
     // Re-point the time index: drop entries of deleted batches; keep coverage of the new first batch.
     let lastDeletedTs: number | undefined
     let firstKeptBase: number | undefined
@@ -1493,6 +1545,7 @@ class LevelLogStore implements LogStore {
       const floor = hold.floor(part.stream.name, part.partition)
       if (floor !== undefined && floor < newStart) hold.onDropped?.(part.stream.name, part.partition, newStart)
     }
+    return damage
   }
 
   // ---------------------------------------------------------------- close

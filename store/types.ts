@@ -4,6 +4,7 @@
  * strings to the store.
  */
 import type { AbstractLevel } from 'abstract-level'
+import type { StoreError } from './errors.ts'
 
 /** Source of time, injected so that tests can use a fake clock. */
 export interface Clock {
@@ -314,6 +315,21 @@ export interface DroppedRecords {
   readonly reason: 'disk-budget'
 }
 
+/**
+ * A partition that retention (by age, by size, or the disk budget) could not trim past `offset`: the batch there is
+ * damaged (STORE_CORRUPT_BATCH), or the offsets from there are missing or unreadable (STORE_DAMAGED). Nothing in the
+ * store repairs or skips damage, so retention deletes nothing from that offset on and trims the other partitions; an
+ * operator stops the gateway and runs `edgemq check` (docs/operations.md, "Damaged data").
+ */
+export interface RetentionBlocked {
+  readonly stream: string
+  readonly partition: number
+  /** The first offset retention could not pass (the partition's log start once retention deleted what lies before). */
+  readonly offset: number
+  /** The damage, as a reader of that offset gets it. */
+  readonly error: StoreError
+}
+
 export interface CommitStats {
   readonly records: number
   readonly bytes: number
@@ -337,6 +353,8 @@ export interface StoreObserver {
   onCommit? (stats: CommitStats): void
   onDropped? (dropped: DroppedRecords): void
   onWriteError? (err: Error): void
+  /** Once per retention pass and partition that retention met damage in (also logged). */
+  onRetentionBlocked? (blocked: RetentionBlocked): void
 }
 
 export interface RetentionReport {
@@ -344,6 +362,8 @@ export interface RetentionReport {
   readonly recordsDeleted: number
   readonly bytesDeleted: number
   readonly dropped: readonly DroppedRecords[]
+  /** Partitions left as they are from a damaged batch on; the pass trimmed the others. */
+  readonly blocked: readonly RetentionBlocked[]
 }
 
 /**
@@ -485,7 +505,11 @@ export interface LogStore {
   /**
    * Deletes whole batches from the front of each partition by age and size,
    * never past what a retention-holding group still needs, then enforces the
-   * store's disk budget, which may drop unconsumed records (reported).
+   * store's disk budget, which may drop unconsumed records (reported). A
+   * partition whose front batch is damaged (or missing) keeps it and what
+   * follows: reported in `blocked`, logged and told the observer once per
+   * pass, while the other partitions are trimmed and the budget takes its
+   * bytes from them; the pass does not reject for it.
    */
   enforceRetention (): Promise<RetentionReport>
 

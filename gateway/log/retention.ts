@@ -1,7 +1,11 @@
 /**
  * The retention pass, every store.retentionIntervalMs: deletes what the
  * streams' retention and the disk budget allow (store.enforceRetention). A
- * pass slower than the interval is not started twice.
+ * pass slower than the interval is not started twice. Damage at the front of
+ * a partition does not fail a pass: the store leaves that partition as it is,
+ * logs it and trims the others (docs/operations.md, "Damaged data"). A pass
+ * fails on what fails its writes (a full or failing disk); the next one tries
+ * again.
  */
 import type { Logger } from 'pino'
 import type { LogStore } from '../../store/index.ts'

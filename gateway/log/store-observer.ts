@@ -2,8 +2,10 @@
  * What the gateway does with the store's events: commit latency and size
  * into the metrics, health (a failed write turns the gateway unhealthy, a
  * commit healthy again), releasing socket backpressure as the log drains,
- * and records that retention dropped before a consumer had them, counted per
- * group (and per upstream for the bridge's groups).
+ * records that retention dropped before a consumer had them, counted per
+ * group (and per upstream for the bridge's groups), and partitions whose
+ * damaged front batch retention met, counted as read errors (the store logs
+ * each one; the alert on edgemq_store_errors_total fires).
  *
  * The store is opened before the metrics exist (they read the store), so the
  * metrics are attached once created; events before that only change health.
@@ -47,6 +49,11 @@ export class GatewayStoreObserver implements StoreObserver {
   onWriteError (err: Error): void {
     this.#metrics?.storeErrors.inc({ kind: 'write' })
     this.#health.set(false, err)
+  }
+
+  /** A retention pass's read met damage: counted like any read that did, once per pass and partition. */
+  onRetentionBlocked (): void {
+    this.#metrics?.storeErrors.inc({ kind: 'read' })
   }
 
   onDropped (d: DroppedRecords): void {

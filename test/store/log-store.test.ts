@@ -576,7 +576,7 @@ for (const makeBackend of backends) {
         expect(report.dropped[0]).toMatchObject({ ...expected, count: expect.any(Number) })
       })
 
-      it('under the disk budget, logs a partition and group\'s first drop and the pass\'s total, not a warning per batch, oldest batch first across partitions', async () => {
+      it('under the disk budget, logs a partition and group\'s first drop and the rest of the pass with its total, not a warning per batch, oldest batch first across partitions', async () => {
         const warnings: Array<Record<string, unknown>> = []
         const logger = { info () {}, error () {}, warn (fields: Record<string, unknown>) { warnings.push(fields) } }
         const dropped: unknown[] = []
@@ -599,12 +599,14 @@ for (const makeBackend of backends) {
         // Oldest first: the partitions lost the same number of batches, or partition 0 (older at each step) one more.
         expect([0, 1]).toContain((starts[0] as number) - (starts[1] as number))
         expect(before).toEqual([20, 20])
-        // Two warnings per partition for the whole pass (its first drop at once, then the total); every record
-        // counted, and the hold told the last log start.
+        // Two warnings per partition for the whole pass (its first drop at once, then the rest, with the pass's total);
+        // every record counted, and the hold told the last log start.
         const budgetWarnings = warnings.filter((w) => w.reason === 'disk-budget')
         expect(budgetWarnings).toHaveLength(4)
-        expect([0, 1].map((p) => budgetWarnings.filter((w) => w.partition === p).at(-1)?.count)).toEqual(starts)
         const sum = (ds: ReadonlyArray<{ partition: number, count: number }>, p: number): number => ds.filter((d) => d.partition === p).reduce((n, d) => n + d.count, 0)
+        // Summing `count` over the log lines counts each record once (the end line once repeated the first's).
+        expect([0, 1].map((p) => sum(budgetWarnings as Array<{ partition: number, count: number }>, p))).toEqual(starts)
+        expect([0, 1].map((p) => budgetWarnings.filter((w) => w.partition === p).at(-1)?.passCount)).toEqual(starts)
         expect([sum(report.dropped, 0), sum(report.dropped, 1)]).toEqual(starts)
         expect([sum(dropped as DroppedRecords[], 0), sum(dropped as DroppedRecords[], 1)]).toEqual(starts)
         expect([0, 1].map((p) => told.filter(([, partition]) => partition === p).at(-1)?.[2])).toEqual(starts)
