@@ -136,4 +136,23 @@ describe('aedes patch: its own deliveries that no persistence keeps hold their p
     await handled(raw)
     expect(takeAt(client, 900)).toBe(900)
   })
+
+  it('a client that acknowledges nothing holds at most 32,768 ids: later deliveries hold none, so a take never tries every id', async () => {
+    const { broker, connect } = await start()
+    const { raw, client } = await connect('never-acks')
+    raw.send({ cmd: 'subscribe', messageId: 1, subscriptions: [{ topic: 'n', qos: 1 }] })
+    await raw.next('suback')
+    // As after 32,767 deliveries it never acknowledged (ids 30,001 to 62,767), without sending them.
+    const held = client as Counter & { _outboundInflight?: Set<number> }
+    held._outboundInflight = new Set(Array.from({ length: 32767 }, (_, k) => 30001 + k))
+    client._nextId = 10
+    await publish(broker, 'n', 1)
+    expect((await raw.next('publish')).messageId).toBe(10)
+    await publish(broker, 'n', 1)
+    expect((await raw.next('publish')).messageId).toBe(11)
+
+    expect(held._outboundInflight.size).toBe(32768)
+    expect(takeAt(client, 10)).toBe(11) // the 32,768th is held
+    expect(takeAt(client, 11)).toBe(11) // the one past the bound is not
+  })
 })
