@@ -48,11 +48,14 @@ describe('a CONNECT cut short while another connection holds the session', () =>
     return mqtt.connectAsync(gw.mqttUrl, { clientId, clean: false, protocolVersion: 5, properties: { sessionExpiryInterval }, reconnectPeriod: 0 })
   }
 
-  /** Whether a QoS 1 PUBLISH of `client` was acknowledged (false: its connection closed first, taken over). */
+  /**
+   * Whether a QoS 1 PUBLISH of `client` to a routed topic was acknowledged (false: its connection closed first, taken
+   * over). Its PUBACK waits for the group commit that logs it: every session write queued before is on disk then.
+   */
   async function acknowledged (client: MqttClient): Promise<boolean> {
     if (client.disconnecting || !client.connected) return false
     return await Promise.race([
-      client.publishAsync('probe/cut-short', 'x', { qos: 1 }).then(() => true, () => false),
+      client.publishAsync(`devices/${client.options.clientId ?? ''}/telemetry/probe`, 'x', { qos: 1 }).then(() => true, () => false),
       new Promise<boolean>((resolve) => client.once('close', () => resolve(false))),
     ])
   }
@@ -62,8 +65,9 @@ describe('a CONNECT cut short while another connection holds the session', () =>
    * `cutIntervals` in turn, until ROUNDS_LEFT_ALONE rounds in a row left the live connection alone (one taken over is
    * connected again). In turn: a CONNECT asking for the interval already stored writes nothing, so without the fix
    * every other one found no write to wait for, got registered before its close was seen and took the live
-   * connection over. Each round ends with an acknowledged QoS 1 PUBLISH of the live connection, after the gateway
-   * closed the cut-short one: its group commit comes after whatever the close wrote, so a kill -9 after it finds that.
+   * connection over. Each round ends with an acknowledged QoS 1 PUBLISH of the live connection, sent once the gateway
+   * closed its side of the cut-short one (it handled that close before it reads the PUBLISH): its group commit comes
+   * after whatever the close wrote, so a kill -9 after it finds that.
    */
   async function cutShortWhileLive (clientId: string, cutIntervals: readonly [number, number]): Promise<MqttClient> {
     let live = await connect(clientId, LIVE_SECONDS)
