@@ -590,6 +590,12 @@ export class LevelSessionPersistence {
    * or else aedes' `client` event, until the connection closes.
    */
   readonly #connections = new Map<string, Set<SessionClient>>()
+  /**
+   * When each open connection last claimed its session (#claim): a later claim is the newer owner. Kept beside
+   * #connections, which says which are open, because a close must find the owner among those left (#disconnected).
+   */
+  readonly #claims = new WeakMap<SessionClient, number>()
+  #lastClaim = 0
   readonly #offlineListeners: Array<(clientId: string) => void> = []
   /** The MQTT 5 Session Expiry Interval (s) of sessions that have one below 0xFFFFFFFF (the `C` value). */
   readonly #intervals = new Map<string, number>()
@@ -953,7 +959,7 @@ export class LevelSessionPersistence {
     const interval = client.version === undefined ? this.#intervals.get(client.id) : expiryInterval(client)
     // From its CONNECT on, the connection holds the session: a connection it takes over closes after its CONNACK, and
     // that close must neither mark the session offline nor write back its own interval (#wentOffline).
-    if (client.version !== undefined && client.closed !== true) this.#track(client)
+    if (client.version !== undefined && client.closed !== true) this.#claim(client)
     if (!this.#sessions.has(client.id) || this.#intervals.get(client.id) !== interval) {
       this.#sessions.add(client.id)
       ops.push(this.#setInterval(client.id, interval))
@@ -975,7 +981,7 @@ export class LevelSessionPersistence {
       if (open === undefined) this.#wentOffline(client)
       return
     }
-    this.#track(client)
+    this.#claim(client)
     if (this.#destroyed || !this.#loaded || !this.#sessions.has(client.id)) return
     // Online: a close of an earlier connection may have marked it offline after this one's CONNECT read the session.
     if (this.#offlineSince.delete(client.id)) this.#writer.write([del(keys.offline(client.id))]).catch(() => {})
@@ -985,8 +991,14 @@ export class LevelSessionPersistence {
     this.#writer.write([this.#setInterval(client.id, interval)]).catch(() => {}) // lost: the session keeps the interval it had
   }
 
-  /** Counts the connection among the client id's open ones until it closes (once, from markSession or #connected). */
-  #track (client: SessionClient): void {
+  /**
+   * The connection holds the session from now on, over every other open connection of its client id that claimed it
+   * before (see #disconnected): its CONNECT recorded the session (markSession, or cleanSubscriptions for one that starts
+   * a session), or aedes registered it (#connected; the registration that takes the others over comes last). Counted
+   * among the client id's open connections until it closes.
+   */
+  #claim (client: SessionClient): void {
+    this.#claims.set(client, ++this.#lastClaim)
     let open = this.#connections.get(client.id)
     if (open?.has(client) === true) return
     if (open === undefined) {
@@ -1010,11 +1022,40 @@ export class LevelSessionPersistence {
 
   /**
    * A connection of the client closed: a persistent session with no connection left is offline from now on, with the
-   * interval the client left it (an MQTT 5 DISCONNECT may change it).
+   * interval the client left it (an MQTT 5 DISCONNECT may change it). With connections left, it keeps the interval of
+   * the one that claimed it last (#heldBy).
    */
   #disconnected (client: SessionClient): void {
     this.#connections.get(client.id)?.delete(client)
-    if (this.#openConnections(client.id) === undefined) this.#wentOffline(client)
+    const open = this.#openConnections(client.id)
+    if (open === undefined) this.#wentOffline(client)
+    else this.#heldBy(client.id, open)
+  }
+
+  /**
+   * A connection closed while others of the client id are open: the session is the newest claimant's (#claim), with
+   * the interval that one asked for. A CONNECT cut short before its registration (closed while aedes restored the
+   * session; the aedes patch does not register it) had written its own interval in markSession, before its CONNACK;
+   * left there, a kill -9 before the registered connection's own close brought the session back with the interval of
+   * a connection that never had it: expiring too early (data its owner expects kept) or never. One that took the
+   * session over was registered, so it is the newest and its interval stays. A CONNECT still under way that recorded
+   * the session after the registered one is newer too: its interval is on disk before its CONNACK, as markSession says.
+   */
+  #heldBy (clientId: string, open: ReadonlySet<SessionClient>): void {
+    if (this.#destroyed || !this.#loaded || !this.#sessions.has(clientId)) return
+    let owner: SessionClient | undefined
+    let newest = 0
+    for (const client of open) {
+      const claim = this.#claims.get(client) ?? 0
+      if (claim > newest) {
+        owner = client
+        newest = claim
+      }
+    }
+    if (owner?.version === undefined) return
+    const interval = expiryInterval(owner)
+    if (this.#intervals.get(clientId) === interval) return
+    this.#writer.write([this.#setInterval(clientId, interval)]).catch(() => {}) // lost: as the cut-short CONNECT left it
   }
 
   /** The client id's connections still open (closed ones dropped), or undefined when none is. */
@@ -1218,7 +1259,7 @@ export class LevelSessionPersistence {
       this.#sessions.add(client.id)
       ops.push(this.#setInterval(client.id, expiryInterval(client)))
       // Held from here, as markSession holds a resumed one: a connection it takes over closes after the CONNACK.
-      if (client.closed !== true) this.#track(client)
+      if (client.closed !== true) this.#claim(client)
     } else {
       this.#intervals.delete(client.id)
       if (this.#sessions.delete(client.id)) ops.push(del(keys.session(client.id)))
