@@ -460,8 +460,12 @@ class LevelLogStore implements LogStore {
       const [first] = await this.#db.iterator({ ...range, limit: 1 }).all()
       try {
         if (first !== undefined) part.oldestTs = this.#header(part, first[0], first[1]).firstTimestamp
+        // Batches start at the log start (format.ts): a first batch further on means the oldest offsets are gone.
+        if (first !== undefined && keys.batchBase(first[0]) > part.logStart) {
+          throw missingOffsets(part.stream.name, part.partition, part.logStart, keys.batchBase(first[0]), 'no batch holds them')
+        }
       } catch (err) {
-        // Only the newest batch is needed to open; a damaged oldest one is reported to its readers and by retention.
+        // Only the newest batch is needed to open; a damaged front is reported to its readers and by retention.
         this.#logger.error({ code: (err as StoreError).code, stream: part.stream.name, partition: part.partition }, (err as Error).message)
       }
     }

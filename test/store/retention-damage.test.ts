@@ -147,6 +147,8 @@ for (const makeBackend of backends) {
       await raw.close()
       const { told, options } = listeners()
       store = await backend.openExisting({ clock, ...options })
+      // Said at open already, as a damaged oldest batch is.
+      expect(told.errors).toEqual([{ fields: { code: 'STORE_DAMAGED', stream: 't/s', partition: 0 }, message: expect.stringContaining('offsets 0 to 9 of t/s[0] are missing') }])
 
       const report = await store.enforceRetention()
       // Every batch of partition 0 but the newest is past retention; deleting them would hide offsets 0 to 9.
