@@ -1236,6 +1236,9 @@ export class LevelSessionPersistence {
    * Ends the client's stored session (aedes calls this for a CONNECT with clean = true, before its CONNACK): its
    * subscriptions, session marker, interval, offline mark, cursors and queued copies. The inbound QoS 2 packets go in
    * cleanIncoming, after the takeover of a previous connection (aedes lib/handlers/connect.js), also before the CONNACK.
+   * While another connection of the client id holds the session, the aedes patch calls this only at the CONNECT's turn
+   * to register (aedes.js _cleanAtTurn), or, for one closed before that, once no other connection holds the id
+   * (_closedBeforeRegistering): then `client` is closed.
    */
   async cleanSubscriptions (client: SessionClient): Promise<void> {
     this.#ready()
@@ -1251,6 +1254,7 @@ export class LevelSessionPersistence {
     this.#queues.delete(client.id)
     this.#overflowing.delete(client.id)
     if (this.#offlineSince.delete(client.id)) ops.push(del(keys.offline(client.id)))
+    let wentOffline = false
     if (startsSession(client)) {
       // MQTT 5 Clean Start 1 with a Session Expiry Interval: the new session outlives this connection (3.1.2.4,
       // 3.1.2.11.2) and exists from this CONNECT on, in the write the CONNACK waits for. Only a CONNECT with Clean
@@ -1259,7 +1263,16 @@ export class LevelSessionPersistence {
       this.#sessions.add(client.id)
       ops.push(this.#setInterval(client.id, expiryInterval(client)))
       // Held from here, as markSession holds a resumed one: a connection it takes over closes after the CONNACK.
-      if (client.closed !== true) this.#claim(client)
+      if (client.closed !== true) {
+        this.#claim(client)
+      } else if (!this.#isConnected(client.id)) {
+        // A CONNECT that closed before its registration, with nobody holding the id (see above): the session it
+        // starts is offline from now, in this write, or it would never expire.
+        const now = this.#now()
+        this.#offlineSince.set(client.id, now)
+        ops.push(put(keys.offline(client.id), encodeU64(now)))
+        wentOffline = true
+      }
     } else {
       this.#intervals.delete(client.id)
       if (this.#sessions.delete(client.id)) ops.push(del(keys.session(client.id)))
@@ -1276,7 +1289,9 @@ export class LevelSessionPersistence {
     }
     // aedes calls this at every clean CONNECT: the match cache survives those that had nothing stored.
     if (dropped.length > 0 || stored !== undefined) this.#matchesChanged()
-    if (ops.length > 0) await this.#writer.write(ops)
+    const written = ops.length > 0 ? this.#writer.write(ops) : undefined
+    if (wentOffline) for (const listener of this.#offlineListeners) listener(client.id)
+    await written
   }
 
   /** Client ids with a stored subscription to exactly this topic filter. */

@@ -1,0 +1,236 @@
+/**
+ * A clean CONNECT (3.1.1 clean session = 1, MQTT 5 Clean Start = 1) cut short while another connection of its client id
+ * holds the session discards nothing of that session: the clean step runs at the CONNECT's turn to register, before its
+ * CONNACK (aedes patch, handlers/connect.js fetchSubs and aedes.js _register). It ran as the CONNECT read the session
+ * (aedes' fetchSubs), before it was registered: a CONNECT closed after that (the aedes patch then skips its
+ * registration, so the live connection goes on) had deleted the live connection's stored subscriptions, cursors, queued
+ * copies and interval, and its close the live connection's inbound QoS 2 packets: the live connection kept its
+ * subscriptions in memory only, and a kill -9 lost the session.
+ *
+ * Each test holds the cut-short CONNECT in aedes' next step after the session read (storeWill: the persistence's
+ * delWill), closes it there, and reads what a restart finds (a second persistence on the same database). The same
+ * through a real gateway, with cursors into the log and a kill -9: cut-short-clean-connect.int.test.ts.
+ */
+import net, { type AddressInfo } from 'node:net'
+import { Aedes, type Client } from 'aedes'
+import { MemoryLevel } from 'memory-level'
+import mqtt from 'mqtt'
+import { generate, type IPublishPacket } from 'mqtt-packet'
+import { afterEach, describe, expect, it } from 'vitest'
+import type { LevelDatabase } from '../../../../store/index.ts'
+import { LevelSessionPersistence, type SessionClient } from '../../../../gateway/mqtt/sessions/persistence.ts'
+import { connectPacket, publishPacket, RawConnection, subscribePacket } from '../../../helpers/raw-mqtt.ts'
+
+/** aedes' broker with the fields of the patch and of aedes the test reads, which its typings do not declare. */
+type Broker = Aedes & {
+  clients: Record<string, Client | undefined>
+  _connecting: Map<string, Set<Client>>
+}
+
+interface Harness {
+  readonly broker: Broker
+  readonly persistence: LevelSessionPersistence
+  readonly sessions: LevelDatabase
+  readonly url: string
+}
+
+const open: Array<{ broker: Broker, server: net.Server, clients: mqtt.MqttClient[], raw: RawConnection[] }> = []
+
+afterEach(async () => {
+  for (const { broker, server, clients, raw } of open.splice(0)) {
+    for (const c of clients) c.end(true)
+    for (const r of raw) r.destroy()
+    await new Promise<void>((resolve) => broker.close(() => resolve()))
+    await new Promise<void>((resolve) => server.close(() => resolve()))
+  }
+})
+
+/**
+ * A real aedes broker on the project's session persistence (memory-level, each write its own batch in call order), on a
+ * loopback port. The session read records the session as the gateway's hook does (hooks/sessions.ts: markSession).
+ */
+async function harness (): Promise<Harness & { clients: mqtt.MqttClient[], raw: RawConnection[] }> {
+  const db = new MemoryLevel<Buffer, Buffer>({ keyEncoding: 'buffer', valueEncoding: 'buffer' })
+  const sessions = db.sublevel<Buffer, Buffer>('sessions', { keyEncoding: 'buffer', valueEncoding: 'buffer' }) as unknown as LevelDatabase
+  const persistence = new LevelSessionPersistence(sessions)
+  const read = persistence.subscriptionsByClient.bind(persistence)
+  persistence.subscriptionsByClient = async (client) => {
+    const subs = await read(client)
+    await persistence.markSession(client)
+    return subs
+  }
+  const broker = await Aedes.createBroker({ persistence: persistence as never }) as Broker
+  const server = net.createServer((socket) => { broker.handle(socket) })
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
+  const entry = { broker, server, clients: [] as mqtt.MqttClient[], raw: [] as RawConnection[] }
+  open.push(entry)
+  return { broker, persistence, sessions, url: `mqtt://127.0.0.1:${(server.address() as AddressInfo).port}`, clients: entry.clients, raw: entry.raw }
+}
+
+/** Waits for `done`, turn by turn of the event loop, bounded. */
+async function turnsUntil (done: () => boolean, turns = 10_000): Promise<void> {
+  for (let k = 0; k < turns; k++) {
+    if (done()) return
+    await new Promise((resolve) => setImmediate(resolve))
+  }
+  throw new Error(`not done after ${turns} turns of the event loop`)
+}
+
+/** Holds the next CONNECT at its storeWill step (the persistence's delWill), after its session read. */
+function holdAtStoreWill (persistence: LevelSessionPersistence): { readonly arrived: Promise<Client>, release (): void } {
+  const delWill = persistence.delWill.bind(persistence)
+  let release: () => void = () => {}
+  const arrived = new Promise<Client>((resolve) => {
+    persistence.delWill = async (client) => {
+      persistence.delWill = delWill
+      resolve(client as Client)
+      await new Promise<void>((resolve) => { release = resolve })
+      return await delWill(client)
+    }
+  })
+  return { arrived, release: () => release() }
+}
+
+/**
+ * Sends `connect` on a new socket, holds it after its session read, closes it there and lets it go on; resolves once
+ * aedes has seen it closed before its registration (it is no longer connecting).
+ */
+async function cutShort (h: Harness & { raw: RawConnection[] }, connect: Buffer): Promise<void> {
+  const held = holdAtStoreWill(h.persistence)
+  const conn = await RawConnection.open(h.url)
+  h.raw.push(conn)
+  conn.send(connect)
+  const client = await held.arrived
+  conn.destroy()
+  await turnsUntil(() => client.closed)
+  held.release()
+  await turnsUntil(() => ![...h.broker._connecting.get('dev-1') ?? []].includes(client))
+}
+
+/** What a kill -9 now leaves of `dev-1`: a persistence started on the same database after every write so far. */
+async function afterKill (h: Harness): Promise<{ subscriptions: string[], incoming: boolean, end: { source: string, seconds: number } | undefined }> {
+  await h.persistence.markSession({ id: 'flush' }) // one more write, in call order: every earlier one has settled
+  const restarted = new LevelSessionPersistence(h.sessions)
+  await restarted.setup({ id: 'restarted' })
+  const dev: SessionClient = { id: 'dev-1' }
+  const end = restarted.sessionEnd('dev-1')
+  return {
+    subscriptions: (await restarted.subscriptionsByClient(dev)).map((s) => `${s.topic} ${s.qos}`),
+    incoming: restarted.hasIncomingPacket(dev, 7),
+    end: end === null ? undefined : { source: end.source, seconds: end.seconds },
+  }
+}
+
+function connect5 (clean: boolean, sessionExpiryInterval: number): Buffer {
+  return generate({ cmd: 'connect', protocolId: 'MQTT', protocolVersion: 5, clientId: 'dev-1', clean, keepalive: 30, properties: { sessionExpiryInterval } },
+    { protocolVersion: 5 })
+}
+
+describe('a clean CONNECT cut short while another connection holds the session', () => {
+  it('3.1.1: leaves the live connection its stored subscriptions and inbound QoS 2 packets, and its deliveries', async () => {
+    const h = await harness()
+    const live = await RawConnection.open(h.url)
+    h.raw.push(live)
+    live.send(connectPacket({ clientId: 'dev-1', clean: false }))
+    expect(await live.next('connack')).toBeDefined()
+    live.send(subscribePacket(1, ['cmd/dev-1'], 1))
+    expect(await live.next('suback')).toBeDefined()
+    live.send(publishPacket('up/dev-1', 'once', 2, 7)) // awaits its PUBREL: stored inbound
+    expect(await live.next('pubrec')).toBeDefined()
+    const holder = h.broker.clients['dev-1']
+
+    await cutShort(h, connectPacket({ clientId: 'dev-1', clean: true }))
+
+    expect({ registered: h.broker.clients['dev-1'] === holder, connected: h.broker.connectedClients }).toEqual({ registered: true, connected: 1 })
+    expect(await afterKill(h)).toEqual({ subscriptions: ['cmd/dev-1 1'], incoming: true, end: undefined })
+    await new Promise<void>((resolve) => h.broker.publish({ cmd: 'publish', topic: 'cmd/dev-1', payload: Buffer.from('on'), qos: 1, retain: false, dup: false }, () => resolve()))
+    expect(String((await live.next('publish') as IPublishPacket | undefined)?.payload)).toBe('on')
+  })
+
+  it('MQTT 5: leaves the live connection its subscriptions and its interval, whatever Session Expiry the Clean Start asked for', async () => {
+    const h = await harness()
+    const live = await mqtt.connectAsync(h.url, { clientId: 'dev-1', clean: false, protocolVersion: 5, properties: { sessionExpiryInterval: 3600 }, reconnectPeriod: 0 })
+    h.clients.push(live)
+    await live.subscribeAsync('cmd/dev-1', { qos: 1 })
+
+    await cutShort(h, connect5(true, 60)) // would start a session of its own
+    expect(await afterKill(h)).toEqual({ subscriptions: ['cmd/dev-1 1'], incoming: false, end: { source: 'interval', seconds: 3600 } })
+    await cutShort(h, connect5(true, 0)) // would end the session with its connection
+    expect(await afterKill(h)).toEqual({ subscriptions: ['cmd/dev-1 1'], incoming: false, end: { source: 'interval', seconds: 3600 } })
+    expect(live.connected).toBe(true)
+  })
+})
+
+describe('a clean CONNECT that takes the session over', () => {
+  it('has it discarded, in memory before the takeover and on disk before its CONNACK', async () => {
+    const h = await harness()
+    const live = await mqtt.connectAsync(h.url, { clientId: 'dev-1', clean: false, reconnectPeriod: 0 })
+    h.clients.push(live)
+    await live.subscribeAsync('cmd/dev-1', { qos: 1 })
+    const holder = h.broker.clients['dev-1']
+    // The write of the clean step is held until released, as a slow disk would hold it.
+    const clean = h.persistence.cleanSubscriptions.bind(h.persistence)
+    let release: () => void = () => {}
+    const written = new Promise<void>((resolve) => { release = resolve })
+    let storedAtTakeover: boolean | undefined
+    h.persistence.cleanSubscriptions = async (client) => {
+      const write = clean(client)
+      storedAtTakeover ??= h.persistence.hasSessionState(client)
+      await write
+      await written
+    }
+    const connacks: Client[] = []
+    h.broker.on('connackSent', (_packet, client) => { connacks.push(client) })
+
+    const next = mqtt.connectAsync(h.url, { clientId: 'dev-1', clean: true, reconnectPeriod: 0 })
+    // The takeover goes on while the write is held: the new connection is registered, the old one closed.
+    await turnsUntil(() => h.broker.clients['dev-1'] !== undefined && h.broker.clients['dev-1'] !== holder)
+    expect({ storedAtTakeover, holderClosed: holder?.closed, connacks: connacks.length }).toEqual({ storedAtTakeover: false, holderClosed: true, connacks: 0 })
+    release()
+    h.clients.push(await next)
+    await turnsUntil(() => connacks.length > 0)
+    expect(connacks[0]).toBe(h.broker.clients['dev-1'])
+    expect(await afterKill(h)).toEqual({ subscriptions: [], incoming: false, end: undefined })
+  })
+})
+
+describe('a clean CONNECT cut short after the connection that held the session went', () => {
+  /** Holds `connect` after its session read, closes the live connection, then cuts `connect` short. */
+  async function cutShortAfter (h: Harness & { raw: RawConnection[] }, closeLive: () => void, connect: Buffer): Promise<void> {
+    const held = holdAtStoreWill(h.persistence)
+    const conn = await RawConnection.open(h.url)
+    h.raw.push(conn)
+    conn.send(connect)
+    const client = await held.arrived
+    closeLive()
+    await turnsUntil(() => h.broker.clients['dev-1'] === undefined)
+    conn.destroy()
+    await turnsUntil(() => client.closed)
+    held.release()
+    await turnsUntil(() => h.broker._connecting.get('dev-1') === undefined)
+  }
+
+  it('discards it, as one that came after it would have (the client\'s latest word)', async () => {
+    const h = await harness()
+    const live = await RawConnection.open(h.url)
+    h.raw.push(live)
+    live.send(connectPacket({ clientId: 'dev-1', clean: false }))
+    expect(await live.next('connack')).toBeDefined()
+    live.send(subscribePacket(1, ['cmd/dev-1'], 1))
+    expect(await live.next('suback')).toBeDefined()
+
+    await cutShortAfter(h, () => { live.destroy() }, connectPacket({ clientId: 'dev-1', clean: true }))
+    expect(await afterKill(h)).toEqual({ subscriptions: [], incoming: false, end: undefined })
+  })
+
+  it('MQTT 5: a Clean Start with a Session Expiry Interval leaves the session it starts offline, ending by that interval', async () => {
+    const h = await harness()
+    const live = await mqtt.connectAsync(h.url, { clientId: 'dev-1', clean: false, protocolVersion: 5, properties: { sessionExpiryInterval: 3600 }, reconnectPeriod: 0 })
+    h.clients.push(live)
+    await live.subscribeAsync('cmd/dev-1', { qos: 1 })
+
+    await cutShortAfter(h, () => { live.end(true) }, connect5(true, 60))
+    expect(h.persistence.sessionEnd('dev-1')).toMatchObject({ source: 'interval', seconds: 60 }) // its expiry is timed from now
+    expect(await afterKill(h)).toEqual({ subscriptions: [], incoming: false, end: { source: 'interval', seconds: 60 } })
+  })
+})
