@@ -80,13 +80,14 @@ const holders = new WeakMap<Client, IdHolders>()
  * (sessions/cursors.ts), and so do replays, shared subscriptions' members and commands: after 65,535 others the
  * counter comes back to them, and a writer that skipped only its own ids would hand out one another holds (two
  * PUBLISHes in flight with one id). Stock aedes keeps no in-flight state for those deliveries of its own; our aedes
- * patch does: each holds its id in `client._outboundInflight` from the write until its PUBACK (QoS 1) or PUBCOMP
- * (QoS 2; an MQTT 5 PUBREC with an error code ends it too) reaches aedes' handler, or the connection ends (the Set
- * is the connection's); at most 32,768 at once (MAX_HELD_IDS: a client that acknowledges nothing would otherwise
- * make every take try all 65,535 ids). Both takes pass over those ids, aedes' (lib/qos-packet.js) and {@link nextPacketId}, so
- * they need no holder here: one here would put this accessor and its closures on every client that ever gets a QoS 1
- * message. A PUBACK the cursors take from the bytes (ConnectionGuard.pubacks) never answers one of
- * them: the cursors take only the ids they hold, which the counter never gives aedes. One predicate per holder (a
+ * patch does: each QoS 1/2 delivery aedes writes (lib/client.js writeQoS) holds its id in `client._outboundInflight`
+ * from the write until its PUBACK (QoS 1) or PUBCOMP (QoS 2; an MQTT 5 PUBREC with an error code ends it too)
+ * reaches aedes' handler, or the connection ends (the Set is the connection's); at most 1,024 at once (MAX_HELD_IDS:
+ * a client that acknowledges nothing would otherwise make every take try all 65,535 ids, and keep a Set of them).
+ * Both takes pass over those ids, aedes' (lib/qos-packet.js) and {@link nextPacketId}, so they need no holder here:
+ * one here would put this accessor and its closures on every client that ever gets a QoS 1 message. A PUBACK the
+ * cursors take from the bytes (ConnectionGuard.pubacks) never answers one of them: the cursors take only the ids
+ * they hold, which the counter never gives aedes. One predicate per holder (a
  * later one replaces it), all asked by one accessor on the client; aedes treats `_nextId` as a plain settable number
  * (https://github.com/moscajs/aedes/pull/414). No upstream issue; public API that would remove it:
  * `client.nextMessageId()` with an in-flight set aedes skips.

@@ -1,7 +1,8 @@
 /**
- * Our aedes patch (patches/aedes+2.0.0-beta.1.patch) holds the packet id of each QoS 1/2 delivery aedes makes without
- * a persistence keeping it in flight (every delivery to a clean session, retained messages on SUBSCRIBE: lib/client.js
- * deliverQoS) until the PUBACK, or the PUBCOMP, reaches aedes; aedes' own take (lib/qos-packet.js) and the gateway's
+ * Our aedes patch (patches/aedes+2.0.0-beta.1.patch) holds the packet id of each QoS 1/2 delivery aedes writes on the
+ * connection (lib/client.js writeQoS; for those no persistence keeps in flight — every delivery to a clean session,
+ * retained messages on SUBSCRIBE, one whose copy a full session queue dropped — it is the only holder) until the
+ * PUBACK, or the PUBCOMP, reaches aedes; aedes' own take (lib/qos-packet.js) and the gateway's
  * (aedes-internals.ts nextPacketId) pass over it. Before, such an id was free the moment it was written: once the
  * counter came round (65,535 ids later, or sooner when a replay or a share member takes ids too), a second PUBLISH went
  * out with the id of one still unacknowledged [MQTT-2.2.1-3]. Each case sets the counter back onto the held id instead
@@ -137,22 +138,22 @@ describe('aedes patch: its own deliveries that no persistence keeps hold their p
     expect(takeAt(client, 900)).toBe(900)
   })
 
-  it('a client that acknowledges nothing holds at most 32,768 ids: later deliveries hold none, so a take never tries every id', async () => {
+  it('a client that acknowledges nothing holds at most 1,024 ids: later deliveries hold none, so a take never tries every id', async () => {
     const { broker, connect } = await start()
     const { raw, client } = await connect('never-acks')
     raw.send({ cmd: 'subscribe', messageId: 1, subscriptions: [{ topic: 'n', qos: 1 }] })
     await raw.next('suback')
-    // As after 32,767 deliveries it never acknowledged (ids 30,001 to 62,767), without sending them.
+    // As after 1,023 deliveries it never acknowledged (ids 30,001 to 31,023), without sending them.
     const held = client as Counter & { _outboundInflight?: Set<number> }
-    held._outboundInflight = new Set(Array.from({ length: 32767 }, (_, k) => 30001 + k))
+    held._outboundInflight = new Set(Array.from({ length: 1023 }, (_, k) => 30001 + k))
     client._nextId = 10
     await publish(broker, 'n', 1)
     expect((await raw.next('publish')).messageId).toBe(10)
     await publish(broker, 'n', 1)
     expect((await raw.next('publish')).messageId).toBe(11)
 
-    expect(held._outboundInflight.size).toBe(32768)
-    expect(takeAt(client, 10)).toBe(11) // the 32,768th is held
+    expect(held._outboundInflight.size).toBe(1024)
+    expect(takeAt(client, 10)).toBe(11) // the 1,024th is held
     expect(takeAt(client, 11)).toBe(11) // the one past the bound is not
   })
 })
