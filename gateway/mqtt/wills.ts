@@ -32,7 +32,11 @@
  * deletes "the" stored will — the new one (aedes 1.2.0, lib/handlers/connect.js
  * storeWill before registerClient; lib/client.js close()). After a kill the
  * new connection's will was gone. A stored will is therefore deleted only for
- * the connection that stored it, or when that connection is closed.
+ * the connection that stored it, or when that connection is closed. The aedes
+ * patch stores a CONNECT's will at its turn to register, just before that
+ * takeover (aedes.js _writeAtTurn): one whose connection closed before its
+ * turn (cut short, the old connection still up) stores none and fires none,
+ * so the stored will stays the old connection's.
  *
  * An MQTT 5 will with a Will Delay Interval is published after that delay or
  * at its session's end, whichever comes first (3.1.3.2.2), and not at all if

@@ -1237,7 +1237,7 @@ export class LevelSessionPersistence {
    * subscriptions, session marker, interval, offline mark, cursors and queued copies. The inbound QoS 2 packets go in
    * cleanIncoming, after the takeover of a previous connection (aedes lib/handlers/connect.js), also before the CONNACK.
    * While another connection of the client id holds the session, the aedes patch calls this only at the CONNECT's turn
-   * to register (aedes.js _cleanAtTurn), or, for one closed before that, once no other connection holds the id
+   * to register (aedes.js _writeAtTurn), or, for one closed before that, once no other connection holds the id
    * (_closedBeforeRegistering): then `client` is closed.
    */
   async cleanSubscriptions (client: SessionClient): Promise<void> {

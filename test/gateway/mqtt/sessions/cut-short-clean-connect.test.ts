@@ -7,15 +7,18 @@
  * copies and interval, and its close the live connection's inbound QoS 2 packets: the live connection kept its
  * subscriptions in memory only, and a kill -9 lost the session.
  *
- * Each test holds the cut-short CONNECT in aedes' next step after the session read (storeWill: the persistence's
- * delWill), closes it there, and reads what a restart finds (a second persistence on the same database). The same
- * through a real gateway, with cursors into the log and a kill -9: cut-short-clean-connect.int.test.ts.
+ * A CONNECT's steps from its authentication to its turn to register now run without a pause (its will too is written
+ * at its turn: cut-short-connect-will.test.ts), so each test cuts the clean CONNECT short where it can still wait:
+ * behind another CONNECT of the id whose takeover of the live connection is held (that connection's DISCONNECT, as a
+ * socket that does not drain holds it). It closes it there, lets the takeover go on, and reads what a restart finds (a
+ * second persistence on the same database). The same through a real gateway, with cursors into the log and a kill -9:
+ * cut-short-clean-connect.int.test.ts.
  */
 import net, { type AddressInfo } from 'node:net'
 import { Aedes, type Client } from 'aedes'
 import { MemoryLevel } from 'memory-level'
 import mqtt from 'mqtt'
-import { generate, type IPublishPacket } from 'mqtt-packet'
+import { generate } from 'mqtt-packet'
 import { afterEach, describe, expect, it } from 'vitest'
 import type { LevelDatabase } from '../../../../store/index.ts'
 import { LevelSessionPersistence, type SessionClient } from '../../../../gateway/mqtt/sessions/persistence.ts'
@@ -25,6 +28,7 @@ import { connectPacket, publishPacket, RawConnection, subscribePacket } from '..
 type Broker = Aedes & {
   clients: Record<string, Client | undefined>
   _connecting: Map<string, Set<Client>>
+  _registering: Map<string, Client[]>
 }
 
 interface Harness {
@@ -76,35 +80,42 @@ async function turnsUntil (done: () => boolean, turns = 10_000): Promise<void> {
   throw new Error(`not done after ${turns} turns of the event loop`)
 }
 
-/** Holds the next CONNECT at its storeWill step (the persistence's delWill), after its session read. */
-function holdAtStoreWill (persistence: LevelSessionPersistence): { readonly arrived: Promise<Client>, release (): void } {
-  const delWill = persistence.delWill.bind(persistence)
-  let release: () => void = () => {}
-  const arrived = new Promise<Client>((resolve) => {
-    persistence.delWill = async (client) => {
-      persistence.delWill = delWill
-      resolve(client as Client)
-      await new Promise<void>((resolve) => { release = resolve })
-      return await delWill(client)
-    }
-  })
-  return { arrived, release: () => release() }
-}
-
 /**
- * Sends `connect` on a new socket, holds it after its session read, closes it there and lets it go on; resolves once
- * aedes has seen it closed before its registration (it is no longer connecting).
+ * Cuts `connect` short before its turn to register: the connection registered for `dev-1` is taken over by the one
+ * `next` opens, with that takeover held; `connect`, sent then on a new socket, waits behind it, is closed there (then
+ * `closing` runs to its end), and the takeover goes on. Resolves once aedes has skipped the closed CONNECT.
  */
-async function cutShort (h: Harness & { raw: RawConnection[] }, connect: Buffer): Promise<void> {
-  const held = holdAtStoreWill(h.persistence)
+async function cutShort (h: Harness & { raw: RawConnection[] }, next: () => void, connect: Buffer, closing = async (): Promise<void> => {}): Promise<void> {
+  const holder = h.broker.clients['dev-1'] as Client
+  const disconnect = holder.disconnect.bind(holder)
+  let releaseTakeover = (): void => {}
+  holder.disconnect = ((packet: unknown, done: () => void) => { releaseTakeover = () => { disconnect(packet as never, done) } }) as Client['disconnect']
+  next()
+  await turnsUntil(() => h.broker._registering.has('dev-1'))
   const conn = await RawConnection.open(h.url)
   h.raw.push(conn)
   conn.send(connect)
-  const client = await held.arrived
+  await turnsUntil(() => h.broker._registering.get('dev-1')?.length === 1)
+  const client = (h.broker._registering.get('dev-1') as Client[])[0] as Client
   conn.destroy()
   await turnsUntil(() => client.closed)
-  held.release()
-  await turnsUntil(() => ![...h.broker._connecting.get('dev-1') ?? []].includes(client))
+  await closing()
+  releaseTakeover()
+  await turnsUntil(() => !h.broker._registering.has('dev-1') && ![...h.broker._connecting.get('dev-1') ?? []].includes(client))
+}
+
+/** Connects the device again with `options` (clean = 0: it resumes the session); resolves once it is connected. */
+function reconnect (h: Harness & { clients: mqtt.MqttClient[] }, options: mqtt.IClientOptions): { start (): void, readonly connected: Promise<mqtt.MqttClient> } {
+  let start = (): void => {}
+  const connected = new Promise<mqtt.MqttClient>((resolve, reject) => {
+    start = () => {
+      const c = mqtt.connect(h.url, { clientId: 'dev-1', clean: false, reconnectPeriod: 0, ...options })
+      h.clients.push(c)
+      c.once('connect', () => resolve(c))
+      c.once('error', reject)
+    }
+  })
+  return { start, connected }
 }
 
 /** What a kill -9 now leaves of `dev-1`: a persistence started on the same database after every write so far. */
@@ -127,7 +138,7 @@ function connect5 (clean: boolean, sessionExpiryInterval: number): Buffer {
 }
 
 describe('a clean CONNECT cut short while another connection holds the session', () => {
-  it('3.1.1: leaves the live connection its stored subscriptions and inbound QoS 2 packets, and its deliveries', async () => {
+  it('3.1.1: leaves the session its stored subscriptions and inbound QoS 2 packets, and its deliveries', async () => {
     const h = await harness()
     const live = await RawConnection.open(h.url)
     h.raw.push(live)
@@ -137,27 +148,33 @@ describe('a clean CONNECT cut short while another connection holds the session',
     expect(await live.next('suback')).toBeDefined()
     live.send(publishPacket('up/dev-1', 'once', 2, 7)) // awaits its PUBREL: stored inbound
     expect(await live.next('pubrec')).toBeDefined()
-    const holder = h.broker.clients['dev-1']
 
-    await cutShort(h, connectPacket({ clientId: 'dev-1', clean: true }))
+    const next = reconnect(h, {})
+    await cutShort(h, next.start, connectPacket({ clientId: 'dev-1', clean: true }))
+    const resumed = await next.connected
 
-    expect({ registered: h.broker.clients['dev-1'] === holder, connected: h.broker.connectedClients }).toEqual({ registered: true, connected: 1 })
+    expect(h.broker.connectedClients).toBe(1)
     expect(await afterKill(h)).toEqual({ subscriptions: ['cmd/dev-1 1'], incoming: true, end: undefined })
+    const got = new Promise<string>((resolve) => resumed.once('message', (_topic, payload) => resolve(payload.toString())))
     await new Promise<void>((resolve) => h.broker.publish({ cmd: 'publish', topic: 'cmd/dev-1', payload: Buffer.from('on'), qos: 1, retain: false, dup: false }, () => resolve()))
-    expect(String((await live.next('publish') as IPublishPacket | undefined)?.payload)).toBe('on')
+    expect(await got).toBe('on')
   })
 
-  it('MQTT 5: leaves the live connection its subscriptions and its interval, whatever Session Expiry the Clean Start asked for', async () => {
+  it('MQTT 5: leaves the session its subscriptions and its interval, whatever Session Expiry the Clean Start asked for', async () => {
     const h = await harness()
-    const live = await mqtt.connectAsync(h.url, { clientId: 'dev-1', clean: false, protocolVersion: 5, properties: { sessionExpiryInterval: 3600 }, reconnectPeriod: 0 })
+    const options: mqtt.IClientOptions = { protocolVersion: 5, properties: { sessionExpiryInterval: 3600 } }
+    const live = await mqtt.connectAsync(h.url, { clientId: 'dev-1', clean: false, reconnectPeriod: 0, ...options })
     h.clients.push(live)
     await live.subscribeAsync('cmd/dev-1', { qos: 1 })
 
-    await cutShort(h, connect5(true, 60)) // would start a session of its own
+    const first = reconnect(h, options)
+    await cutShort(h, first.start, connect5(true, 60)) // would start a session of its own
+    await first.connected
     expect(await afterKill(h)).toEqual({ subscriptions: ['cmd/dev-1 1'], incoming: false, end: { source: 'interval', seconds: 3600 } })
-    await cutShort(h, connect5(true, 0)) // would end the session with its connection
+    const second = reconnect(h, options)
+    await cutShort(h, second.start, connect5(true, 0)) // would end the session with its connection
+    expect((await second.connected).connected).toBe(true)
     expect(await afterKill(h)).toEqual({ subscriptions: ['cmd/dev-1 1'], incoming: false, end: { source: 'interval', seconds: 3600 } })
-    expect(live.connected).toBe(true)
   })
 })
 
@@ -194,23 +211,27 @@ describe('a clean CONNECT that takes the session over', () => {
   })
 })
 
-describe('a clean CONNECT cut short after the connection that held the session went', () => {
-  /** Holds `connect` after its session read, closes the live connection, then cuts `connect` short. */
-  async function cutShortAfter (h: Harness & { raw: RawConnection[] }, closeLive: () => void, connect: Buffer): Promise<void> {
-    const held = holdAtStoreWill(h.persistence)
-    const conn = await RawConnection.open(h.url)
-    h.raw.push(conn)
-    conn.send(connect)
-    const client = await held.arrived
-    closeLive()
-    await turnsUntil(() => h.broker.clients['dev-1'] === undefined)
-    conn.destroy()
-    await turnsUntil(() => client.closed)
-    held.release()
-    await turnsUntil(() => h.broker._connecting.get('dev-1') === undefined)
+describe('a clean CONNECT cut short after the connections that held the session went', () => {
+  /**
+   * Closes the live connection and the next one (`close`); resolves once aedes has unregistered the live one and the
+   * persistence has seen the next one's socket close (it marks the session offline with that connection's interval).
+   */
+  async function closeBoth (h: Harness, close: () => void): Promise<void> {
+    const next = [...h.broker._connecting.get('dev-1') ?? []].filter((c) => !c.closed)
+    const closed = next.map((c) => new Promise((resolve) => { (c as unknown as { conn: net.Socket }).conn.once('close', resolve) }))
+    const unregistered = new Promise((resolve) => { h.broker.once('clientDisconnect', resolve) })
+    close()
+    await Promise.all([...closed, unregistered])
   }
 
-  it('discards it, as one that came after it would have (the client\'s latest word)', async () => {
+  /** The device again on a raw socket (clean = 0), which closes before its registration with the cut-short CONNECT. */
+  async function nextThatCloses (h: Harness & { raw: RawConnection[] }): Promise<{ start (): void, close (): void }> {
+    const conn = await RawConnection.open(h.url)
+    h.raw.push(conn)
+    return { start: () => { conn.send(connectPacket({ clientId: 'dev-1', clean: false })) }, close: () => { conn.destroy() } }
+  }
+
+  it('discards it, as one that came after them would have (the client\'s latest word)', async () => {
     const h = await harness()
     const live = await RawConnection.open(h.url)
     h.raw.push(live)
@@ -219,7 +240,11 @@ describe('a clean CONNECT cut short after the connection that held the session w
     live.send(subscribePacket(1, ['cmd/dev-1'], 1))
     expect(await live.next('suback')).toBeDefined()
 
-    await cutShortAfter(h, () => { live.destroy() }, connectPacket({ clientId: 'dev-1', clean: true }))
+    const next = await nextThatCloses(h)
+    await cutShort(h, next.start, connectPacket({ clientId: 'dev-1', clean: true }), async () => {
+      await closeBoth(h, () => { next.close(); live.destroy() })
+    })
+    await turnsUntil(() => h.broker._connecting.get('dev-1') === undefined && h.broker.clients['dev-1'] === undefined)
     expect(await afterKill(h)).toEqual({ subscriptions: [], incoming: false, end: undefined })
   })
 
@@ -229,7 +254,11 @@ describe('a clean CONNECT cut short after the connection that held the session w
     h.clients.push(live)
     await live.subscribeAsync('cmd/dev-1', { qos: 1 })
 
-    await cutShortAfter(h, () => { live.end(true) }, connect5(true, 60))
+    const next = await nextThatCloses(h)
+    await cutShort(h, next.start, connect5(true, 60), async () => {
+      await closeBoth(h, () => { next.close(); live.end(true) })
+    })
+    await turnsUntil(() => h.broker._connecting.get('dev-1') === undefined && h.broker.clients['dev-1'] === undefined)
     expect(h.persistence.sessionEnd('dev-1')).toMatchObject({ source: 'interval', seconds: 60 }) // its expiry is timed from now
     expect(await afterKill(h)).toEqual({ subscriptions: [], incoming: false, end: { source: 'interval', seconds: 60 } })
   })
