@@ -1,0 +1,159 @@
+/**
+ * A persistent CONNECT reads the stored session only after the clean step of a clean CONNECT of its client id queued
+ * ahead of it (aedes patch, aedes.js _afterCleanSteps). While another connection holds the id, a clean CONNECT leaves its
+ * clean step for its turn to register (handlers/connect.js fetchSubs, aedes.js _writeAtTurn). A persistent CONNECT that
+ * came meanwhile read the still-intact session, restored its subscriptions and got session present 1; the clean step
+ * then deleted the session on disk, and the persistent CONNECT, taking the clean one over, held the subscriptions in
+ * memory only: a kill -9 lost them. The clean CONNECT is earlier in the registration order, so the persistent one
+ * resumes what it left: nothing [MQTT-3.1.2-6], [MQTT-3.2.2-2].
+ *
+ * Real aedes on the project's session persistence; the clean CONNECT waits for its turn while an earlier persistent one
+ * takes the live connection over (that connection's DISCONNECT is held, as a socket that does not drain holds it), and
+ * what a restart finds is read by a second persistence on the same database.
+ */
+import net, { type AddressInfo } from 'node:net'
+import { Aedes, type Client } from 'aedes'
+import { MemoryLevel } from 'memory-level'
+import mqtt from 'mqtt'
+import { generate } from 'mqtt-packet'
+import { afterEach, describe, expect, it } from 'vitest'
+import type { LevelDatabase } from '../../../../store/index.ts'
+import { LevelSessionPersistence } from '../../../../gateway/mqtt/sessions/persistence.ts'
+import { RawConnection } from '../../../helpers/raw-mqtt.ts'
+
+/** aedes' broker with the fields of the patch and of aedes the test reads, which its typings do not declare. */
+type Broker = Aedes & {
+  clients: Record<string, Client | undefined>
+  _registering: Map<string, Client[]>
+  /** The session reads waiting for a clean step ahead of them (the fix; absent without it). */
+  _awaitingCleanSteps?: Map<string, unknown>
+}
+
+interface Harness {
+  readonly broker: Broker
+  readonly persistence: LevelSessionPersistence
+  readonly sessions: LevelDatabase
+  readonly url: string
+  readonly clients: mqtt.MqttClient[]
+  readonly raw: RawConnection[]
+  readonly held: Array<() => void>
+}
+
+const open: Array<{ broker: Broker, server: net.Server, clients: mqtt.MqttClient[], raw: RawConnection[], held: Array<() => void> }> = []
+
+afterEach(async () => {
+  for (const { broker, server, clients, raw, held } of open.splice(0)) {
+    for (const release of held) release() // a failed case left a takeover held: the broker's close waits for it
+    for (const c of clients) c.end(true)
+    for (const r of raw) r.destroy()
+    await new Promise<void>((resolve) => broker.close(() => resolve()))
+    await new Promise<void>((resolve) => server.close(() => resolve()))
+  }
+})
+
+/** A real aedes broker on the project's session persistence (memory-level), on a loopback port. */
+async function harness (): Promise<Harness> {
+  const db = new MemoryLevel<Buffer, Buffer>({ keyEncoding: 'buffer', valueEncoding: 'buffer' })
+  const sessions = db.sublevel<Buffer, Buffer>('sessions', { keyEncoding: 'buffer', valueEncoding: 'buffer' }) as unknown as LevelDatabase
+  const persistence = new LevelSessionPersistence(sessions)
+  const broker = await Aedes.createBroker({ persistence: persistence as never }) as Broker
+  const server = net.createServer((socket) => { broker.handle(socket) })
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
+  const entry = { broker, server, clients: [] as mqtt.MqttClient[], raw: [] as RawConnection[], held: [] as Array<() => void> }
+  open.push(entry)
+  return { broker, persistence, sessions, url: `mqtt://127.0.0.1:${(server.address() as AddressInfo).port}`, clients: entry.clients, raw: entry.raw, held: entry.held }
+}
+
+/** Waits for `done`, turn by turn of the event loop, bounded. */
+async function turnsUntil (done: () => boolean, turns = 10_000): Promise<void> {
+  for (let k = 0; k < turns; k++) {
+    if (done()) return
+    await new Promise((resolve) => setImmediate(resolve))
+  }
+  throw new Error(`not done after ${turns} turns of the event loop`)
+}
+
+/** Holds the DISCONNECT of a takeover of `holder` until released (once): the registration taking it over waits meanwhile. */
+function holdTakeover (holder: Client): () => void {
+  const disconnect = holder.disconnect.bind(holder)
+  let release = (): void => {}
+  holder.disconnect = ((packet: unknown, done: () => void) => { release = () => { disconnect(packet as never, done) } }) as Client['disconnect']
+  return () => {
+    const once = release
+    release = () => {}
+    once()
+  }
+}
+
+/** The topics of `dev-1`'s stored subscriptions a kill -9 now leaves: a persistence started on the same database. */
+async function subscribedAfterKill (h: Harness): Promise<string[]> {
+  await h.persistence.markSession({ id: 'flush' }) // one more write, in call order: every earlier one has settled
+  const restarted = new LevelSessionPersistence(h.sessions)
+  await restarted.setup({ id: 'restarted' })
+  return (await restarted.subscriptionsByClient({ id: 'dev-1' } as never)).map((sub) => sub.topic)
+}
+
+/**
+ * The live connection of `dev-1` subscribed to a/b; a persistent CONNECT taking it over, held in the takeover; a clean
+ * CONNECT queued behind it (its clean step left for its turn); then a persistent CONNECT of the same id.
+ */
+async function cleanQueuedAheadOfPersistent (h: Harness): Promise<{ releaseTakeover: () => void, first: Promise<mqtt.MqttClient>, cleanConn: RawConnection, last: mqtt.MqttClient }> {
+  const liveClient = await mqtt.connectAsync(h.url, { clientId: 'dev-1', clean: false, reconnectPeriod: 0 })
+  h.clients.push(liveClient)
+  const holder = h.broker.clients['dev-1']
+  if (holder === undefined) throw new Error('dev-1 is not registered')
+  await liveClient.subscribeAsync('a/b', { qos: 1 })
+  const releaseTakeover = holdTakeover(holder)
+  h.held.push(releaseTakeover)
+  const first = mqtt.connectAsync(h.url, { clientId: 'dev-1', clean: false, reconnectPeriod: 0 })
+  await turnsUntil(() => h.broker._registering.has('dev-1'))
+  const cleanConn = await RawConnection.open(h.url)
+  h.raw.push(cleanConn)
+  cleanConn.send(generate({ cmd: 'connect', protocolId: 'MQTT', protocolVersion: 4, clientId: 'dev-1', clean: true, keepalive: 30 }))
+  await turnsUntil(() => (h.broker._registering.get('dev-1') ?? []).length === 1)
+  const last = mqtt.connect(h.url, { clientId: 'dev-1', clean: false, reconnectPeriod: 0 })
+  h.clients.push(last)
+  return { releaseTakeover, first, cleanConn, last }
+}
+
+/** The last CONNECT has read the session and queued behind the clean one, or waits to read it (the fix). */
+function readOrWaiting (h: Harness): boolean {
+  return h.broker._registering.get('dev-1')?.length === 2 || h.broker._awaitingCleanSteps?.has('dev-1') === true
+}
+
+function connackOf (client: mqtt.MqttClient): Promise<{ sessionPresent: boolean }> {
+  return new Promise((resolve) => client.once('connect', (packet) => resolve({ sessionPresent: packet.sessionPresent })))
+}
+
+describe('a persistent CONNECT behind a clean CONNECT whose clean step waits for its turn', () => {
+  it('resumes what the clean step left: session present 0, no subscriptions in memory or on disk', async () => {
+    const h = await harness()
+    const { releaseTakeover, first, last } = await cleanQueuedAheadOfPersistent(h)
+    const connack = connackOf(last)
+    await turnsUntil(() => readOrWaiting(h))
+    releaseTakeover()
+    h.clients.push(await first)
+    const { sessionPresent } = await connack
+    await turnsUntil(() => !h.broker._registering.has('dev-1'))
+    const registered = h.broker.clients['dev-1'] as unknown as { subscriptions: Record<string, unknown> }
+    expect({ sessionPresent, inMemory: Object.keys(registered.subscriptions), onDisk: await subscribedAfterKill(h) })
+      .toEqual({ sessionPresent: false, inMemory: [], onDisk: [] })
+  })
+
+  it('resumes the session the clean CONNECT would have discarded when that one closes before its turn', async () => {
+    const h = await harness()
+    const { releaseTakeover, first, cleanConn, last } = await cleanQueuedAheadOfPersistent(h)
+    const connack = connackOf(last)
+    await turnsUntil(() => readOrWaiting(h))
+    const queuedClean = (h.broker._registering.get('dev-1') as Client[])[0] as Client
+    cleanConn.destroy()
+    await turnsUntil(() => queuedClean.closed)
+    releaseTakeover()
+    h.clients.push(await first)
+    const { sessionPresent } = await connack
+    await turnsUntil(() => !h.broker._registering.has('dev-1'))
+    const registered = h.broker.clients['dev-1'] as unknown as { subscriptions: Record<string, unknown> }
+    expect({ sessionPresent, inMemory: Object.keys(registered.subscriptions), onDisk: await subscribedAfterKill(h) })
+      .toEqual({ sessionPresent: true, inMemory: ['a/b'], onDisk: ['a/b'] })
+  })
+})
