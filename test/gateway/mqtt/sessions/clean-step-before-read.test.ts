@@ -1,11 +1,14 @@
 /**
  * A persistent CONNECT reads the stored session only after the clean step of a clean CONNECT of its client id queued
- * ahead of it (aedes patch, aedes.js _afterCleanSteps). While another connection holds the id, a clean CONNECT leaves its
- * clean step for its turn to register (handlers/connect.js fetchSubs, aedes.js _writeAtTurn). A persistent CONNECT that
- * came meanwhile read the still-intact session, restored its subscriptions and got session present 1; the clean step
- * then deleted the session on disk, and the persistent CONNECT, taking the clean one over, held the subscriptions in
- * memory only: a kill -9 lost them. The clean CONNECT is earlier in the registration order, so the persistent one
- * resumes what it left: nothing [MQTT-3.1.2-6], [MQTT-3.2.2-2].
+ * ahead of it (aedes patch, aedes.js _afterCleanSteps, _afterSessionReads). While another connection holds the id, a
+ * clean CONNECT leaves its clean step for its turn to register (handlers/connect.js fetchSubs, aedes.js _writeAtTurn).
+ * A persistent CONNECT that came meanwhile read the still-intact session, restored its subscriptions and got session
+ * present 1; the clean step then deleted the session on disk, and the persistent CONNECT, taking the clean one over,
+ * held the subscriptions in memory only: a kill -9 lost them. The clean CONNECT is earlier in the registration order,
+ * so the persistent one resumes what it left: nothing [MQTT-3.1.2-6], [MQTT-3.2.2-2]. The other way round, a
+ * persistent CONNECT that read the session before the clean CONNECT came (its restore held by an ACL answering later)
+ * now registers first, and the clean one takes it over and discards the session (before, the clean one registered
+ * first and deleted what the other had restored).
  *
  * Real aedes on the project's session persistence; the clean CONNECT waits for its turn while an earlier persistent one
  * takes the live connection over (that connection's DISCONNECT is held, as a socket that does not drain holds it), and
@@ -25,8 +28,9 @@ import { RawConnection } from '../../../helpers/raw-mqtt.ts'
 type Broker = Aedes & {
   clients: Record<string, Client | undefined>
   _registering: Map<string, Client[]>
-  /** The session reads waiting for a clean step ahead of them (the fix; absent without it). */
-  _awaitingCleanSteps?: Map<string, unknown>
+  _connecting: Map<string, Set<Client>>
+  /** The CONNECTs whose session read or clean step waits for another CONNECT of the id (the fix; absent without it). */
+  _waitingConnects?: Map<string, unknown>
 }
 
 interface Harness {
@@ -61,7 +65,8 @@ async function harness (): Promise<Harness> {
   await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
   const entry = { broker, server, clients: [] as mqtt.MqttClient[], raw: [] as RawConnection[], held: [] as Array<() => void> }
   open.push(entry)
-  return { broker, persistence, sessions, url: `mqtt://127.0.0.1:${(server.address() as AddressInfo).port}`, clients: entry.clients, raw: entry.raw, held: entry.held }
+  const url = `mqtt://127.0.0.1:${(server.address() as AddressInfo).port}`
+  return { broker, persistence, sessions, url, clients: entry.clients, raw: entry.raw, held: entry.held }
 }
 
 /** Waits for `done`, turn by turn of the event loop, bounded. */
@@ -97,7 +102,14 @@ async function subscribedAfterKill (h: Harness): Promise<string[]> {
  * The live connection of `dev-1` subscribed to a/b; a persistent CONNECT taking it over, held in the takeover; a clean
  * CONNECT queued behind it (its clean step left for its turn); then a persistent CONNECT of the same id.
  */
-async function cleanQueuedAheadOfPersistent (h: Harness): Promise<{ releaseTakeover: () => void, first: Promise<mqtt.MqttClient>, cleanConn: RawConnection, last: mqtt.MqttClient }> {
+interface Queued {
+  readonly releaseTakeover: () => void
+  readonly first: Promise<mqtt.MqttClient>
+  readonly cleanConn: RawConnection
+  readonly last: mqtt.MqttClient
+}
+
+async function cleanQueuedAheadOfPersistent (h: Harness): Promise<Queued> {
   const liveClient = await mqtt.connectAsync(h.url, { clientId: 'dev-1', clean: false, reconnectPeriod: 0 })
   h.clients.push(liveClient)
   const holder = h.broker.clients['dev-1']
@@ -118,7 +130,7 @@ async function cleanQueuedAheadOfPersistent (h: Harness): Promise<{ releaseTakeo
 
 /** The last CONNECT has read the session and queued behind the clean one, or waits to read it (the fix). */
 function readOrWaiting (h: Harness): boolean {
-  return h.broker._registering.get('dev-1')?.length === 2 || h.broker._awaitingCleanSteps?.has('dev-1') === true
+  return h.broker._registering.get('dev-1')?.length === 2 || h.broker._waitingConnects?.has('dev-1') === true
 }
 
 function connackOf (client: mqtt.MqttClient): Promise<{ sessionPresent: boolean }> {
@@ -155,5 +167,41 @@ describe('a persistent CONNECT behind a clean CONNECT whose clean step waits for
     const registered = h.broker.clients['dev-1'] as unknown as { subscriptions: Record<string, unknown> }
     expect({ sessionPresent, inMemory: Object.keys(registered.subscriptions), onDisk: await subscribedAfterKill(h) })
       .toEqual({ sessionPresent: true, inMemory: ['a/b'], onDisk: ['a/b'] })
+  })
+
+  it('that read the session before a clean CONNECT came registers first, and the clean one takes it over and discards it', async () => {
+    const h = await harness()
+    const liveClient = await mqtt.connectAsync(h.url, { clientId: 'dev-1', clean: false, reconnectPeriod: 0 })
+    h.clients.push(liveClient)
+    const holder = h.broker.clients['dev-1'] as Client
+    await liveClient.subscribeAsync('a/b', { qos: 1 })
+    const releaseTakeover = holdTakeover(holder)
+    h.held.push(releaseTakeover)
+    const first = mqtt.connectAsync(h.url, { clientId: 'dev-1', clean: false, reconnectPeriod: 0 })
+    await turnsUntil(() => h.broker._registering.has('dev-1'))
+    // The persistent CONNECT's restore of a/b, after its session read, is held in authorizeSubscribe (an ACL that
+    // answers later), and the clean CONNECT comes meanwhile.
+    let releaseRestore: (() => void) | undefined
+    const authorize = h.broker.authorizeSubscribe.bind(h.broker)
+    h.broker.authorizeSubscribe = (client, sub, done) => {
+      if (releaseRestore === undefined) releaseRestore = () => { authorize(client, sub, done) }
+      else authorize(client, sub, done)
+    }
+    const last = mqtt.connect(h.url, { clientId: 'dev-1', clean: false, reconnectPeriod: 0 })
+    h.clients.push(last)
+    const connack = connackOf(last)
+    await turnsUntil(() => releaseRestore !== undefined)
+    const cleanConn = await RawConnection.open(h.url)
+    h.raw.push(cleanConn)
+    cleanConn.send(generate({ cmd: 'connect', protocolId: 'MQTT', protocolVersion: 4, clientId: 'dev-1', clean: true, keepalive: 30 }))
+    await turnsUntil(() => [...h.broker._connecting.get('dev-1') ?? []].some((client) => (client as unknown as { _cleanPending: boolean })._cleanPending))
+    releaseRestore?.()
+    releaseTakeover()
+    h.clients.push(await first)
+    const { sessionPresent } = await connack
+    await turnsUntil(() => !h.broker._registering.has('dev-1') && !h.broker._connecting.has('dev-1'))
+    const registered = h.broker.clients['dev-1'] as unknown as { clean: boolean, subscriptions: Record<string, unknown> }
+    expect({ sessionPresent, registeredClean: registered.clean, inMemory: Object.keys(registered.subscriptions), onDisk: await subscribedAfterKill(h) })
+      .toEqual({ sessionPresent: true, registeredClean: true, inMemory: [], onDisk: [] })
   })
 })
