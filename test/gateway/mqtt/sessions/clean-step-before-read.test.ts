@@ -14,84 +14,18 @@
  * takes the live connection over (that connection's DISCONNECT is held, as a socket that does not drain holds it), and
  * what a restart finds is read by a second persistence on the same database.
  */
-import net, { type AddressInfo } from 'node:net'
-import { Aedes, type Client } from 'aedes'
-import { MemoryLevel } from 'memory-level'
+import type { Client } from 'aedes'
 import mqtt from 'mqtt'
 import { generate } from 'mqtt-packet'
 import { afterEach, describe, expect, it } from 'vitest'
-import type { LevelDatabase } from '../../../../store/index.ts'
 import { LevelSessionPersistence } from '../../../../gateway/mqtt/sessions/persistence.ts'
 import { RawConnection } from '../../../helpers/raw-mqtt.ts'
+import { closeSessionBrokers, holdTakeover, startSessionBroker, turnsUntil, type SessionBroker } from './aedes-session-broker.ts'
 
-/** aedes' broker with the fields of the patch and of aedes the test reads, which its typings do not declare. */
-type Broker = Aedes & {
-  clients: Record<string, Client | undefined>
-  _registering: Map<string, Client[]>
-  _connecting: Map<string, Set<Client>>
-  /** The CONNECTs whose session read or clean step waits for another CONNECT of the id (the fix; absent without it). */
-  _waitingConnects?: Map<string, unknown>
-}
-
-interface Harness {
-  readonly broker: Broker
-  readonly persistence: LevelSessionPersistence
-  readonly sessions: LevelDatabase
-  readonly url: string
-  readonly clients: mqtt.MqttClient[]
-  readonly raw: RawConnection[]
-  readonly held: Array<() => void>
-}
-
-const open: Array<{ broker: Broker, server: net.Server, clients: mqtt.MqttClient[], raw: RawConnection[], held: Array<() => void> }> = []
-
-afterEach(async () => {
-  for (const { broker, server, clients, raw, held } of open.splice(0)) {
-    for (const release of held) release() // a failed case left a takeover held: the broker's close waits for it
-    for (const c of clients) c.end(true)
-    for (const r of raw) r.destroy()
-    await new Promise<void>((resolve) => broker.close(() => resolve()))
-    await new Promise<void>((resolve) => server.close(() => resolve()))
-  }
-})
-
-/** A real aedes broker on the project's session persistence (memory-level), on a loopback port. */
-async function harness (): Promise<Harness> {
-  const db = new MemoryLevel<Buffer, Buffer>({ keyEncoding: 'buffer', valueEncoding: 'buffer' })
-  const sessions = db.sublevel<Buffer, Buffer>('sessions', { keyEncoding: 'buffer', valueEncoding: 'buffer' }) as unknown as LevelDatabase
-  const persistence = new LevelSessionPersistence(sessions)
-  const broker = await Aedes.createBroker({ persistence: persistence as never }) as Broker
-  const server = net.createServer((socket) => { broker.handle(socket) })
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
-  const entry = { broker, server, clients: [] as mqtt.MqttClient[], raw: [] as RawConnection[], held: [] as Array<() => void> }
-  open.push(entry)
-  const url = `mqtt://127.0.0.1:${(server.address() as AddressInfo).port}`
-  return { broker, persistence, sessions, url, clients: entry.clients, raw: entry.raw, held: entry.held }
-}
-
-/** Waits for `done`, turn by turn of the event loop, bounded. */
-async function turnsUntil (done: () => boolean, turns = 10_000): Promise<void> {
-  for (let k = 0; k < turns; k++) {
-    if (done()) return
-    await new Promise((resolve) => setImmediate(resolve))
-  }
-  throw new Error(`not done after ${turns} turns of the event loop`)
-}
-
-/** Holds the DISCONNECT of a takeover of `holder` until released (once): the registration taking it over waits meanwhile. */
-function holdTakeover (holder: Client): () => void {
-  const disconnect = holder.disconnect.bind(holder)
-  let release = (): void => {}
-  holder.disconnect = ((packet: unknown, done: () => void) => { release = () => { disconnect(packet as never, done) } }) as Client['disconnect']
-  return () => {
-    const once = release
-    release = () => {}
-    once()
-  }
-}
+afterEach(closeSessionBrokers)
 
 /** The topics of `dev-1`'s stored subscriptions a kill -9 now leaves: a persistence started on the same database. */
-async function subscribedAfterKill (h: Harness): Promise<string[]> {
+async function subscribedAfterKill (h: SessionBroker): Promise<string[]> {
   await h.persistence.markSession({ id: 'flush' }) // one more write, in call order: every earlier one has settled
   const restarted = new LevelSessionPersistence(h.sessions)
   await restarted.setup({ id: 'restarted' })
@@ -109,14 +43,13 @@ interface Queued {
   readonly last: mqtt.MqttClient
 }
 
-async function cleanQueuedAheadOfPersistent (h: Harness): Promise<Queued> {
+async function cleanQueuedAheadOfPersistent (h: SessionBroker): Promise<Queued> {
   const liveClient = await mqtt.connectAsync(h.url, { clientId: 'dev-1', clean: false, reconnectPeriod: 0 })
   h.clients.push(liveClient)
   const holder = h.broker.clients['dev-1']
   if (holder === undefined) throw new Error('dev-1 is not registered')
   await liveClient.subscribeAsync('a/b', { qos: 1 })
-  const releaseTakeover = holdTakeover(holder)
-  h.held.push(releaseTakeover)
+  const releaseTakeover = holdTakeover(h, holder)
   const first = mqtt.connectAsync(h.url, { clientId: 'dev-1', clean: false, reconnectPeriod: 0 })
   await turnsUntil(() => h.broker._registering.has('dev-1'))
   const cleanConn = await RawConnection.open(h.url)
@@ -129,7 +62,7 @@ async function cleanQueuedAheadOfPersistent (h: Harness): Promise<Queued> {
 }
 
 /** The last CONNECT has read the session and queued behind the clean one, or waits to read it (the fix). */
-function readOrWaiting (h: Harness): boolean {
+function readOrWaiting (h: SessionBroker): boolean {
   return h.broker._registering.get('dev-1')?.length === 2 || h.broker._waitingConnects?.has('dev-1') === true
 }
 
@@ -139,7 +72,7 @@ function connackOf (client: mqtt.MqttClient): Promise<{ sessionPresent: boolean 
 
 describe('a persistent CONNECT behind a clean CONNECT whose clean step waits for its turn', () => {
   it('resumes what the clean step left: session present 0, no subscriptions in memory or on disk', async () => {
-    const h = await harness()
+    const h = await startSessionBroker()
     const { releaseTakeover, first, last } = await cleanQueuedAheadOfPersistent(h)
     const connack = connackOf(last)
     await turnsUntil(() => readOrWaiting(h))
@@ -153,7 +86,7 @@ describe('a persistent CONNECT behind a clean CONNECT whose clean step waits for
   })
 
   it('resumes the session the clean CONNECT would have discarded when that one closes before its turn', async () => {
-    const h = await harness()
+    const h = await startSessionBroker()
     const { releaseTakeover, first, cleanConn, last } = await cleanQueuedAheadOfPersistent(h)
     const connack = connackOf(last)
     await turnsUntil(() => readOrWaiting(h))
@@ -170,13 +103,12 @@ describe('a persistent CONNECT behind a clean CONNECT whose clean step waits for
   })
 
   it('that read the session before a clean CONNECT came registers first, and the clean one takes it over and discards it', async () => {
-    const h = await harness()
+    const h = await startSessionBroker()
     const liveClient = await mqtt.connectAsync(h.url, { clientId: 'dev-1', clean: false, reconnectPeriod: 0 })
     h.clients.push(liveClient)
     const holder = h.broker.clients['dev-1'] as Client
     await liveClient.subscribeAsync('a/b', { qos: 1 })
-    const releaseTakeover = holdTakeover(holder)
-    h.held.push(releaseTakeover)
+    const releaseTakeover = holdTakeover(h, holder)
     const first = mqtt.connectAsync(h.url, { clientId: 'dev-1', clean: false, reconnectPeriod: 0 })
     await turnsUntil(() => h.broker._registering.has('dev-1'))
     // The persistent CONNECT's restore of a/b, after its session read, is held in authorizeSubscribe (an ACL that

@@ -14,82 +14,39 @@
  * second persistence on the same database). The same through a real gateway, with cursors into the log and a kill -9:
  * cut-short-clean-connect.int.test.ts.
  */
-import net, { type AddressInfo } from 'node:net'
-import { Aedes, type Client } from 'aedes'
-import { MemoryLevel } from 'memory-level'
+import type net from 'node:net'
+import type { Client } from 'aedes'
 import mqtt from 'mqtt'
 import { generate } from 'mqtt-packet'
 import { afterEach, describe, expect, it } from 'vitest'
-import type { LevelDatabase } from '../../../../store/index.ts'
 import { LevelSessionPersistence, type SessionClient } from '../../../../gateway/mqtt/sessions/persistence.ts'
 import { connectPacket, publishPacket, RawConnection, subscribePacket } from '../../../helpers/raw-mqtt.ts'
-
-/** aedes' broker with the fields of the patch and of aedes the test reads, which its typings do not declare. */
-type Broker = Aedes & {
-  clients: Record<string, Client | undefined>
-  _connecting: Map<string, Set<Client>>
-  _registering: Map<string, Client[]>
-}
-
-interface Harness {
-  readonly broker: Broker
-  readonly persistence: LevelSessionPersistence
-  readonly sessions: LevelDatabase
-  readonly url: string
-}
-
-const open: Array<{ broker: Broker, server: net.Server, clients: mqtt.MqttClient[], raw: RawConnection[] }> = []
-
-afterEach(async () => {
-  for (const { broker, server, clients, raw } of open.splice(0)) {
-    for (const c of clients) c.end(true)
-    for (const r of raw) r.destroy()
-    await new Promise<void>((resolve) => broker.close(() => resolve()))
-    await new Promise<void>((resolve) => server.close(() => resolve()))
-  }
-})
+import { closeSessionBrokers, holdTakeover, startSessionBroker, turnsUntil, type SessionBroker } from './aedes-session-broker.ts'
 
 /**
- * A real aedes broker on the project's session persistence (memory-level, each write its own batch in call order), on a
- * loopback port. The session read records the session as the gateway's hook does (hooks/sessions.ts: markSession).
+ * The broker of {@link startSessionBroker}; the session read records the session as the gateway's hook does
+ * (hooks/sessions.ts: markSession).
  */
-async function harness (): Promise<Harness & { clients: mqtt.MqttClient[], raw: RawConnection[] }> {
-  const db = new MemoryLevel<Buffer, Buffer>({ keyEncoding: 'buffer', valueEncoding: 'buffer' })
-  const sessions = db.sublevel<Buffer, Buffer>('sessions', { keyEncoding: 'buffer', valueEncoding: 'buffer' }) as unknown as LevelDatabase
-  const persistence = new LevelSessionPersistence(sessions)
-  const read = persistence.subscriptionsByClient.bind(persistence)
-  persistence.subscriptionsByClient = async (client) => {
-    const subs = await read(client)
-    await persistence.markSession(client)
-    return subs
-  }
-  const broker = await Aedes.createBroker({ persistence: persistence as never }) as Broker
-  const server = net.createServer((socket) => { broker.handle(socket) })
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
-  const entry = { broker, server, clients: [] as mqtt.MqttClient[], raw: [] as RawConnection[] }
-  open.push(entry)
-  return { broker, persistence, sessions, url: `mqtt://127.0.0.1:${(server.address() as AddressInfo).port}`, clients: entry.clients, raw: entry.raw }
+async function harness (): Promise<SessionBroker> {
+  return await startSessionBroker((persistence) => {
+    const read = persistence.subscriptionsByClient.bind(persistence)
+    persistence.subscriptionsByClient = async (client) => {
+      const subs = await read(client)
+      await persistence.markSession(client)
+      return subs
+    }
+  })
 }
 
-/** Waits for `done`, turn by turn of the event loop, bounded. */
-async function turnsUntil (done: () => boolean, turns = 10_000): Promise<void> {
-  for (let k = 0; k < turns; k++) {
-    if (done()) return
-    await new Promise((resolve) => setImmediate(resolve))
-  }
-  throw new Error(`not done after ${turns} turns of the event loop`)
-}
+afterEach(closeSessionBrokers)
 
 /**
  * Cuts `connect` short before its turn to register: the connection registered for `dev-1` is taken over by the one
  * `next` opens, with that takeover held; `connect`, sent then on a new socket, waits behind it, is closed there (then
  * `closing` runs to its end), and the takeover goes on. Resolves once aedes has skipped the closed CONNECT.
  */
-async function cutShort (h: Harness & { raw: RawConnection[] }, next: () => void, connect: Buffer, closing = async (): Promise<void> => {}): Promise<void> {
-  const holder = h.broker.clients['dev-1'] as Client
-  const disconnect = holder.disconnect.bind(holder)
-  let releaseTakeover = (): void => {}
-  holder.disconnect = ((packet: unknown, done: () => void) => { releaseTakeover = () => { disconnect(packet as never, done) } }) as Client['disconnect']
+async function cutShort (h: SessionBroker, next: () => void, connect: Buffer, closing = async (): Promise<void> => {}): Promise<void> {
+  const releaseTakeover = holdTakeover(h, h.broker.clients['dev-1'] as Client)
   next()
   await turnsUntil(() => h.broker._registering.has('dev-1'))
   const conn = await RawConnection.open(h.url)
@@ -105,7 +62,7 @@ async function cutShort (h: Harness & { raw: RawConnection[] }, next: () => void
 }
 
 /** Connects the device again with `options` (clean = 0: it resumes the session); resolves once it is connected. */
-function reconnect (h: Harness & { clients: mqtt.MqttClient[] }, options: mqtt.IClientOptions): { start (): void, readonly connected: Promise<mqtt.MqttClient> } {
+function reconnect (h: SessionBroker, options: mqtt.IClientOptions): { start (): void, readonly connected: Promise<mqtt.MqttClient> } {
   let start = (): void => {}
   const connected = new Promise<mqtt.MqttClient>((resolve, reject) => {
     start = () => {
@@ -119,7 +76,7 @@ function reconnect (h: Harness & { clients: mqtt.MqttClient[] }, options: mqtt.I
 }
 
 /** What a kill -9 now leaves of `dev-1`: a persistence started on the same database after every write so far. */
-async function afterKill (h: Harness): Promise<{ subscriptions: string[], incoming: boolean, end: { source: string, seconds: number } | undefined }> {
+async function afterKill (h: SessionBroker): Promise<{ subscriptions: string[], incoming: boolean, end: { source: string, seconds: number } | undefined }> {
   await h.persistence.markSession({ id: 'flush' }) // one more write, in call order: every earlier one has settled
   const restarted = new LevelSessionPersistence(h.sessions)
   await restarted.setup({ id: 'restarted' })
@@ -216,7 +173,7 @@ describe('a clean CONNECT cut short after the connections that held the session 
    * Closes the live connection and the next one (`close`); resolves once aedes has unregistered the live one and the
    * persistence has seen the next one's socket close (it marks the session offline with that connection's interval).
    */
-  async function closeBoth (h: Harness, close: () => void): Promise<void> {
+  async function closeBoth (h: SessionBroker, close: () => void): Promise<void> {
     const next = [...h.broker._connecting.get('dev-1') ?? []].filter((c) => !c.closed)
     const closed = next.map((c) => new Promise((resolve) => { (c as unknown as { conn: net.Socket }).conn.once('close', resolve) }))
     const unregistered = new Promise((resolve) => { h.broker.once('clientDisconnect', resolve) })
@@ -225,7 +182,7 @@ describe('a clean CONNECT cut short after the connections that held the session 
   }
 
   /** The device again on a raw socket (clean = 0), which closes before its registration with the cut-short CONNECT. */
-  async function nextThatCloses (h: Harness & { raw: RawConnection[] }): Promise<{ start (): void, close (): void }> {
+  async function nextThatCloses (h: SessionBroker): Promise<{ start (): void, close (): void }> {
     const conn = await RawConnection.open(h.url)
     h.raw.push(conn)
     return { start: () => { conn.send(connectPacket({ clientId: 'dev-1', clean: false })) }, close: () => { conn.destroy() } }

@@ -11,78 +11,38 @@
  * restart finds is read by a second persistence on the same database. The same through a real gateway, with FIN behind
  * the CONNECTs and a kill -9: cut-short-connect-will.int.test.ts.
  */
-import net, { type AddressInfo } from 'node:net'
-import { Aedes, type Client } from 'aedes'
-import { MemoryLevel } from 'memory-level'
+import type { Client } from 'aedes'
 import mqtt from 'mqtt'
 import { generate, type IConnectPacket } from 'mqtt-packet'
 import pino from 'pino'
 import { afterEach, describe, expect, it } from 'vitest'
-import type { LevelDatabase } from '../../../../store/index.ts'
 import { LevelSessionPersistence } from '../../../../gateway/mqtt/sessions/persistence.ts'
 import { installWills, type WillPersistence } from '../../../../gateway/mqtt/wills.ts'
 import { RawConnection } from '../../../helpers/raw-mqtt.ts'
+import { closeSessionBrokers, holdTakeover, startSessionBroker, turnsUntil, type SessionBroker } from './aedes-session-broker.ts'
 
-/** aedes' broker with the fields of the patch and of aedes the test reads, which its typings do not declare. */
-type Broker = Aedes & {
-  clients: Record<string, Client | undefined>
-  _registering: Map<string, Client[]>
-}
-
-interface Harness {
-  readonly broker: Broker
-  readonly persistence: LevelSessionPersistence
-  readonly sessions: LevelDatabase
-  readonly url: string
+/** A broker of {@link startSessionBroker} with the wills published so far. */
+interface Harness extends SessionBroker {
   /** Payloads of the wills published so far (all go to `status/dev-1`), in order. */
   readonly wills: string[]
-  readonly clients: mqtt.MqttClient[]
-  readonly raw: RawConnection[]
 }
 
-const open: Array<{ broker: Broker, server: net.Server, clients: mqtt.MqttClient[], raw: RawConnection[] }> = []
+afterEach(closeSessionBrokers)
 
-afterEach(async () => {
-  for (const { broker, server, clients, raw } of open.splice(0)) {
-    for (const c of clients) c.end(true)
-    for (const r of raw) r.destroy()
-    await new Promise<void>((resolve) => broker.close(() => resolve()))
-    await new Promise<void>((resolve) => server.close(() => resolve()))
-  }
-})
-
-/**
- * A real aedes broker on the project's session persistence (memory-level) with the gateway's will storage (wills.ts:
- * a stored will is deleted only for the connection that stored it), on a loopback port.
- */
+/** The broker of {@link startSessionBroker} with the gateway's will storage (wills.ts: a stored will is deleted only for the connection that stored it). */
 async function harness (): Promise<Harness> {
-  const db = new MemoryLevel<Buffer, Buffer>({ keyEncoding: 'buffer', valueEncoding: 'buffer' })
-  const sessions = db.sublevel<Buffer, Buffer>('sessions', { keyEncoding: 'buffer', valueEncoding: 'buffer' }) as unknown as LevelDatabase
-  const persistence = new LevelSessionPersistence(sessions)
-  installWills({
-    persistence: persistence as unknown as WillPersistence,
-    logger: pino({ level: 'silent' }),
-    identityOf: () => undefined,
-    recheck: (who) => who,
-    fire: async () => {},
+  const h = await startSessionBroker((persistence) => {
+    installWills({
+      persistence: persistence as unknown as WillPersistence,
+      logger: pino({ level: 'silent' }),
+      identityOf: () => undefined,
+      recheck: (who) => who,
+      fire: async () => {},
+    })
   })
-  const broker = await Aedes.createBroker({ persistence: persistence as never }) as Broker
   const wills: string[] = []
-  broker.on('publish', (packet) => { if (packet.topic === 'status/dev-1') wills.push(String(packet.payload)) })
-  const server = net.createServer((socket) => { broker.handle(socket) })
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve))
-  const entry = { broker, server, clients: [] as mqtt.MqttClient[], raw: [] as RawConnection[] }
-  open.push(entry)
-  return { broker, persistence, sessions, url: `mqtt://127.0.0.1:${(server.address() as AddressInfo).port}`, wills, clients: entry.clients, raw: entry.raw }
-}
-
-/** Waits for `done`, turn by turn of the event loop, bounded. */
-async function turnsUntil (done: () => boolean, turns = 10_000): Promise<void> {
-  for (let k = 0; k < turns; k++) {
-    if (done()) return
-    await new Promise((resolve) => setImmediate(resolve))
-  }
-  throw new Error(`not done after ${turns} turns of the event loop`)
+  h.broker.on('publish', (packet) => { if (packet.topic === 'status/dev-1') wills.push(String(packet.payload)) })
+  return { ...h, wills }
 }
 
 function will (payload: string, willDelayInterval?: number): NonNullable<IConnectPacket['will']> {
@@ -96,14 +56,6 @@ async function live (h: Harness): Promise<{ client: mqtt.MqttClient, server: Cli
   const server = h.broker.clients['dev-1']
   if (server === undefined) throw new Error('dev-1 is not registered')
   return { client, server }
-}
-
-/** Holds the DISCONNECT of a takeover of `holder` until released: the registration taking it over waits meanwhile. */
-function holdTakeover (holder: Client): () => void {
-  const disconnect = holder.disconnect.bind(holder)
-  let release = (): void => {}
-  holder.disconnect = ((packet: unknown, done: () => void) => { release = () => { disconnect(packet as never, done) } }) as Client['disconnect']
-  return () => release()
 }
 
 /** Sends `connect` on a new socket; resolves with aedes' client once it waits for its turn to register behind another. */
@@ -136,7 +88,7 @@ describe('a CONNECT closed while it waits for its turn to register', () => {
     it(`${kind}: publishes no will, and the stored will is that of the connection that took the session over`, async () => {
       const h = await harness()
       const { server: holder } = await live(h)
-      const releaseTakeover = holdTakeover(holder)
+      const releaseTakeover = holdTakeover(h, holder)
       // The device again: its registration takes the live connection over and waits for that connection's DISCONNECT.
       const connacks: Client[] = []
       h.broker.on('connackSent', (_packet, client) => { connacks.push(client) })
