@@ -1081,13 +1081,18 @@ export class LevelSessionPersistence {
     const ops: BatchOp[] = []
     const interval = expiryInterval(client)
     if (this.#intervals.get(clientId) !== interval) ops.push(this.#setInterval(clientId, interval))
-    if (!this.#offlineSince.has(clientId)) {
-      const now = this.#now()
-      this.#offlineSince.set(clientId, now)
-      ops.push(put(keys.offline(clientId), encodeU64(now)))
-    }
+    const mark = this.#markOffline(clientId)
+    if (mark !== undefined) ops.push(mark)
     if (ops.length > 0) this.#writer.write(ops).catch(() => {}) // a lost mark: the next start sets one
     for (const listener of this.#offlineListeners) listener(clientId)
+  }
+
+  /** The session is offline from now, unless it already was: in memory at once, and the write that records it. */
+  #markOffline (clientId: string): BatchOp | undefined {
+    if (this.#offlineSince.has(clientId)) return undefined
+    const now = this.#now()
+    this.#offlineSince.set(clientId, now)
+    return put(keys.offline(clientId), encodeU64(now))
   }
 
   /** Tells `listener` each time a persistent session goes offline (its last connection closed); session expiry arms its timer. */
@@ -1268,9 +1273,7 @@ export class LevelSessionPersistence {
       } else if (!this.#isConnected(client.id)) {
         // A CONNECT that closed before its registration, with nobody holding the id (see above): the session it
         // starts is offline from now, in this write, or it would never expire.
-        const now = this.#now()
-        this.#offlineSince.set(client.id, now)
-        ops.push(put(keys.offline(client.id), encodeU64(now)))
+        ops.push(this.#markOffline(client.id) as BatchOp) // its mark was deleted above
         wentOffline = true
       }
     } else {
