@@ -28,7 +28,7 @@
  * `max_queued_messages 0` and `max_inflight_messages 1000` (as the bridge
  * bench's upstream); edgemq with the same window for a persistent session,
  * `mqtt.sessionInflight: 1000` (a config file holding only that key; its
- * default is 100). With 100 against Mosquitto's 1000 the persistent variant
+ * default since 2026-12-03, 100 before). With 100 against Mosquitto's 1000 the persistent variant
  * measured the window, not the delivery: edgemq's main thread is busy with
  * ingest, a PUBACK waits its turn, and 100 messages per round trip delivered
  * 31-46 k msgs/s while 42-57 k were acknowledged (2026-12-02, load 5; the
@@ -36,7 +36,7 @@
  * runs); with 1000, 28-41 k of 28-41 k (load 7-9; it stopped having caught
  * up with the log in 177 of 189). On a machine so loaded that edgemq gets
  * half a core both deliver what is acknowledged.
- * `--session-inflight=N` measures another window (100: the default). With its defaults (20 in flight to a subscriber, 1,000
+ * `--session-inflight=N` measures another window (100: the old default). With its defaults (20 in flight to a subscriber, 1,000
  * queued) it dropped 90 % of the messages for the connected subscriber under
  * this load (7 k delivered of 71 k acknowledged per second), which edgemq
  * never does: a rate of delivered messages compares only when neither drops.
@@ -58,10 +58,10 @@
  * spends the measured window (`--profile-seconds=N`, default 10;
  * `--profile-dir=DIR` keeps the .cpuprofile there).
  */
-import { mkdtemp, readdir, writeFile } from 'node:fs/promises'
+import { mkdtemp, readdir } from 'node:fs/promises'
 import os from 'node:os'
 import path from 'node:path'
-import { findMosquitto, mosquittoVersion, processCpuSeconds, startEdgemq, startMosquitto, withBrokerIn, type RunningBroker } from './lib/brokers.ts'
+import { findMosquitto, mosquittoVersion, processCpuSeconds, sessionWindowArgs, startEdgemq, startMosquitto, withBrokerIn, type RunningBroker } from './lib/brokers.ts'
 import { formatProfileSummary, summarizeCpuProfile, type ProfileWindow } from './lib/cpu-profile.ts'
 import { argv, flag, intFlag } from './lib/flags.ts'
 import { LoadGenerators, type MergedLoad } from './lib/load-process.ts'
@@ -188,16 +188,9 @@ async function runRound (generators: LoadGenerators, variant: Variant, broker: R
   }
 }
 
-/** `edgemq start` arguments: a config file of the embedded default with the session window (see the header). */
-async function edgemqArgs (): Promise<string[]> {
-  const file = path.join(await dirs.make('edgemq-config'), 'edgemq.json')
-  await writeFile(file, JSON.stringify({ mqtt: { sessionInflight: SESSION_INFLIGHT } }))
-  return ['--config', file]
-}
-
 async function withBroker<T> (name: 'edgemq' | 'mosquitto', mosquitto: string, fn: (broker: RunningBroker) => Promise<T>, bin = EDGEMQ_BIN): Promise<T> {
   return await withBrokerIn(dirs, name, async (dir) => name === 'edgemq'
-    ? await startEdgemq(dir, [], bin, await edgemqArgs())
+    ? await startEdgemq(dir, [], bin, await sessionWindowArgs(dirs, SESSION_INFLIGHT))
     : await startMosquitto(mosquitto, dir, MOSQUITTO_EXTRA), fn)
 }
 
@@ -318,7 +311,7 @@ async function profileEdgemq (generators: LoadGenerators): Promise<void> {
   const profileDir = flag('profile-dir') ?? await mkdtemp(path.join(os.tmpdir(), 'edgemq-bench-profile-'))
   const variant = variants[0] as Variant
   const dataDir = await dirs.make('edgemq-profiled')
-  const broker = await startEdgemq(dataDir, ['--cpu-prof', '--cpu-prof-dir', profileDir], EDGEMQ_BIN, await edgemqArgs())
+  const broker = await startEdgemq(dataDir, ['--cpu-prof', '--cpu-prof-dir', profileDir], EDGEMQ_BIN, await sessionWindowArgs(dirs, SESSION_INFLIGHT))
   let result: FanInRound
   try {
     result = await runRound(generators, variant, broker, PROFILE_SECONDS)

@@ -9,7 +9,8 @@
  * (`persistence false`) with its queue limits lifted (`max_queued_messages
  * 0`, `max_queued_bytes 0`: by default it drops a persistent session's
  * messages past 1,000) and `max_inflight_messages` equal to edgemq's
- * outgoing window.
+ * outgoing window (`mqtt.sessionInflight`, its default 1,000 unless
+ * `--window=N`).
  *
  * The load: 8 publishers (lib/mqtt/fill.ts, 100 in flight each) send
  * `--messages` (default 20,000) QoS 1 messages of 100 bytes for 80 devices
@@ -52,12 +53,13 @@ import { readFileSync } from 'node:fs'
 import { mkdir, mkdtemp, readdir } from 'node:fs/promises'
 import os from 'node:os'
 import path from 'node:path'
-import { findMosquitto, mosquittoVersion, processCpuSeconds, startEdgemq, startMosquitto, withBrokerIn, type RunningBroker } from './lib/brokers.ts'
+import { findMosquitto, mosquittoVersion, processCpuSeconds, sessionWindowArgs, startEdgemq, startMosquitto, withBrokerIn, type RunningBroker } from './lib/brokers.ts'
 import { fill } from './lib/mqtt/fill.ts'
 import { runSubscriber } from './lib/replay-clients.ts'
 import { TempDirs, info, median, report, round } from './lib/report.ts'
 import { argv, flag, intFlag } from './lib/flags.ts'
 import { formatProfileSummary, summarizeCpuProfile } from './lib/cpu-profile.ts'
+import { buildConfig } from '../gateway/config/config.ts'
 
 const MESSAGES = intFlag('messages', 20_000, { env: 'EDGEMQ_BENCH_MESSAGES' })
 const ROUNDS = intFlag('rounds', 1)
@@ -73,8 +75,12 @@ const PUBLISH_WINDOW = 100
 const PAYLOAD_BYTES = 100
 const OFFLINE_SUBSCRIBERS = 10
 const FILTER = 'devices/+/telemetry/#'
-/** edgemq's default `mqtt.sessions.inflight` (outgoing QoS 1/2 deliveries unacknowledged per session); Mosquitto gets the same. */
-const OUTGOING_WINDOW = 100
+/**
+ * `mqtt.sessionInflight`, outgoing QoS 1/2 deliveries unacknowledged per session: edgemq's default unless
+ * `--window=N`. Mosquitto gets the same, and edgemq gets it in a config file (a checkout given by `--edgemq` too,
+ * whatever its default).
+ */
+const OUTGOING_WINDOW = intFlag('window', buildConfig({}).mqtt.sessionInflight, { min: 1 })
 const TIMEOUT_MS = 600_000
 const MOSQUITTO_LINES = ['max_queued_messages 0', 'max_queued_bytes 0', `max_inflight_messages ${OUTGOING_WINDOW}`]
 
@@ -84,7 +90,7 @@ type Name = 'edgemq' | 'mosquitto'
 
 async function withBroker<T> (name: Name, mosquitto: string, fn: (broker: RunningBroker) => Promise<T>, nodeFlags: readonly string[] = []): Promise<T> {
   return await withBrokerIn(dirs, name,
-    async (dir) => name === 'edgemq' ? await startEdgemq(dir, nodeFlags, EDGEMQ_BIN) : await startMosquitto(mosquitto, dir, MOSQUITTO_LINES), fn)
+    async (dir) => name === 'edgemq' ? await startEdgemq(dir, nodeFlags, EDGEMQ_BIN, await sessionWindowArgs(dirs, OUTGOING_WINDOW)) : await startMosquitto(mosquitto, dir, MOSQUITTO_LINES), fn)
 }
 
 /** Connects a clean = false session, subscribes at QoS 1 and drops the connection once the SUBACK is in. */

@@ -174,6 +174,16 @@ export async function startMosquittoWithConfig (bin: string, dir: string, port: 
 }
 
 /**
+ * `edgemq start` arguments for a config file of the embedded default with `mqtt.sessionInflight` set: a bench that
+ * gives Mosquitto a window gives edgemq the same one, whatever the default of the checkout it runs.
+ */
+export async function sessionWindowArgs (dirs: TempDirs, sessionInflight: number): Promise<string[]> {
+  const file = path.join(await dirs.make('edgemq-config'), 'edgemq.json')
+  await writeFile(file, JSON.stringify({ mqtt: { sessionInflight } }))
+  return ['--config', file]
+}
+
+/**
  * `edgemq start --data-dir <dataDir> --mqtt-port 0 --http-port 0` with the
  * embedded default config; `nodeFlags` go before the script (`--cpu-prof`).
  * `bin` is this checkout's gateway/edgemq.mjs unless another is given (to

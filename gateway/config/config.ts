@@ -241,9 +241,10 @@ export const configSchema = {
             'It bounds an MQTT 5 Session Expiry Interval too (told in the CONNACK). 0 keeps sessions forever.',
         },
         sessionInflight: {
-          type: 'integer', minimum: 1, maximum: 65535, default: 100,
+          type: 'integer', minimum: 1, maximum: 65535, default: 1000,
           description: 'QoS 1 messages from the log a connected persistent session may have sent and not yet acknowledged (PUBACK), ' +
-            'or the MQTT 5 client\'s Receive Maximum when lower; reading the log waits for acks beyond it.',
+            'or the MQTT 5 client\'s Receive Maximum when lower; reading the log waits for acks beyond it. It bounds a drain to this many ' +
+            'messages per round trip to the client (docs/mqtt.md says what 100 costs); after a reconnect up to this many come again, with DUP.',
         },
         replay: {
           type: 'object',

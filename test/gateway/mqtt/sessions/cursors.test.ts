@@ -960,7 +960,7 @@ describe('session cursors into the log', () => {
     for (const [key, value] of bad) {
       expect(() => buildConfig({ mqtt: { [key]: value } })).toThrow(expect.objectContaining({ code: 'GW_CONFIG_INVALID', message: expect.stringContaining(key) }))
     }
-    expect(buildConfig({}).mqtt).toMatchObject({ sessionInflight: 100, maxQueuedMessagesPerSession: 100_000, sessionExpirySeconds: 0 })
+    expect(buildConfig({}).mqtt).toMatchObject({ sessionInflight: 1000, maxQueuedMessagesPerSession: 100_000, sessionExpirySeconds: 0 })
   })
 })
 

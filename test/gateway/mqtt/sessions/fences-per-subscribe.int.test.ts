@@ -12,14 +12,16 @@ import mqtt from 'mqtt'
 import type { Packet } from 'mqtt-packet'
 import { afterAll, describe, expect, it } from 'vitest'
 import { TAG_CURSOR, TAG_SUB } from '../../../../gateway/mqtt/sessions/format.ts'
-import { startGatewayProcess, tempDir, type GatewayProcess } from '../../../helpers/gateway-process.ts'
+import { startGatewayProcess, tempDir, writeConfig, type GatewayProcess } from '../../../helpers/gateway-process.ts'
 import { waitFor } from '../../../helpers/mqtt-probe.ts'
 import { rawConnect } from '../../../helpers/raw-client.ts'
 
 const WAIT_MS = 60_000
 /** With the `$share/` one, mqtt.maxFiltersPerSubscribe (1,000 by default). */
 const FILTERS = 999
-/** More than the outgoing window (100): the cursor is held behind while nothing is acknowledged. */
+/** The outgoing window (`mqtt.sessionInflight`) these gateways run with. */
+const WINDOW = 100
+/** More than the outgoing window (WINDOW): the cursor is held behind while nothing is acknowledged. */
 const BACKLOG = 150
 /** One device: every topic goes to one partition, read by one cursor. */
 const OLD = 'devices/dev-1/telemetry/a'
@@ -39,6 +41,12 @@ async function lagOf (gw: GatewayProcess, clientId: string): Promise<number> {
   return sessions.find((s) => s.clientId === clientId)?.lagMessages ?? NaN
 }
 
+/** A gateway on `dir`/data whose persistent sessions have WINDOW deliveries in flight. */
+async function windowedGateway (dir: string): Promise<GatewayProcess> {
+  const config = await writeConfig(dir, { mqtt: { listeners: [{ type: 'tcp', port: 0 }], sessionInflight: WINDOW } })
+  return await startGatewayProcess({ dataDir: path.join(dir, 'data'), config })
+}
+
 describe('a SUBSCRIBE of many new filters while the session\'s cursor is behind', () => {
   const cleanups: Array<() => Promise<void>> = []
   afterAll(async () => { for (const c of cleanups.reverse()) await c() })
@@ -46,7 +54,7 @@ describe('a SUBSCRIBE of many new filters while the session\'s cursor is behind'
   it(`puts one fence on the cursor for ${FILTERS + 1} filters, and they get only what is logged after the SUBACK`, async () => {
     const { dir, cleanup } = await tempDir()
     cleanups.push(cleanup)
-    const gw = await startGatewayProcess({ dataDir: dir })
+    const gw = await windowedGateway(dir)
     cleanups.push(() => gw.kill())
     const raw = await rawConnect(gw.mqttUrl, 4)
     raw.send({ cmd: 'connect', protocolId: 'MQTT', protocolVersion: 4, clean: false, keepalive: 60, clientId: 'svc' })
@@ -59,7 +67,7 @@ describe('a SUBSCRIBE of many new filters while the session\'s cursor is behind'
       ...Array.from({ length: BACKLOG }, (_v, n) => [OLD, `a${n}`] as const),
       [topicOf(7), 'f7-before'], // logged before its filter's SUBSCRIBE: not the session's
     ])
-    expect(await waitFor(() => got.length === 100, WAIT_MS), 'a full window').toBe(true)
+    expect(await waitFor(() => got.length === WINDOW, WAIT_MS), 'a full window').toBe(true)
 
     const subscriptions = [
       ...Array.from({ length: FILTERS }, (_v, i) => ({ topic: topicOf(i), qos: 1 as const })),
@@ -74,7 +82,7 @@ describe('a SUBSCRIBE of many new filters while the session\'s cursor is behind'
     expect(await gw.stop()).toBe(0)
 
     // What the SUBSCRIBE left on disk while the cursor is behind: one fence, one eras per new filter, none on the share.
-    const db = new ClassicLevel<Buffer, Buffer>(path.join(dir, 'db'), { keyEncoding: 'buffer', valueEncoding: 'buffer' })
+    const db = new ClassicLevel<Buffer, Buffer>(path.join(dir, 'data', 'db'), { keyEncoding: 'buffer', valueEncoding: 'buffer' })
     await db.open()
     const withEras: string[] = []
     const fences: number[] = []
@@ -91,7 +99,7 @@ describe('a SUBSCRIBE of many new filters while the session\'s cursor is behind'
     expect(withEras).toHaveLength(FILTERS)
     expect(withEras.filter((topic) => topic.includes('$share'))).toEqual([])
 
-    const again = await startGatewayProcess({ dataDir: dir })
+    const again = await windowedGateway(dir)
     cleanups.push(() => again.kill())
     const client = mqtt.connect(again.mqttUrl, { clientId: 'svc', clean: false, reconnectPeriod: 0 })
     client.on('message', (_topic, payload) => { got.push(payload.toString()) })

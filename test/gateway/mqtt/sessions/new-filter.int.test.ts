@@ -5,14 +5,17 @@
  * and 5, the new filter at QoS 1 or 2, messages at QoS 1 and 2. One session acknowledges once its SUBACK is in; the
  * other never does before the gateway is killed, and reads its backlog with MQTT.js after the restart.
  */
+import path from 'node:path'
 import mqtt from 'mqtt'
 import type { Packet } from 'mqtt-packet'
 import { afterAll, describe, expect, it } from 'vitest'
-import { startGatewayProcess, tempDir, type GatewayProcess } from '../../../helpers/gateway-process.ts'
+import { startGatewayProcess, tempDir, writeConfig, type GatewayProcess } from '../../../helpers/gateway-process.ts'
 import { rawConnect, type RawClient } from '../../../helpers/raw-client.ts'
 
 const WAIT_MS = 60_000
-/** Per topic before the SUBSCRIBE: more than the outgoing window (100), so the cursor is held behind. */
+/** The outgoing window (`mqtt.sessionInflight`) these gateways run with. */
+const WINDOW = 100
+/** Per topic before the SUBSCRIBE: more than the outgoing window (WINDOW), so the cursor is held behind. */
 const BEFORE = 150
 const AFTER = 10
 /** One device: both topics go to one partition, read by one cursor. */
@@ -80,6 +83,12 @@ function check (got: readonly string[]): void {
   expect(firsts.filter((b) => b.startsWith('b')).sort()).toEqual(range('b', BEFORE, AFTER).sort())
 }
 
+/** A gateway on `dir`/data whose persistent sessions have WINDOW deliveries in flight. */
+async function windowedGateway (dir: string): Promise<GatewayProcess> {
+  const config = await writeConfig(dir, { mqtt: { listeners: [{ type: 'tcp', port: 0 }], sessionInflight: WINDOW } })
+  return await startGatewayProcess({ dataDir: path.join(dir, 'data'), config })
+}
+
 describe('a new filter of a persistent session whose cursor is behind', () => {
   const cleanups: Array<() => Promise<void>> = []
   afterAll(async () => { for (const c of cleanups.reverse()) await c() })
@@ -88,13 +97,13 @@ describe('a new filter of a persistent session whose cursor is behind', () => {
     it(`MQTT ${version === 4 ? '3.1.1' : '5'}, new filter at QoS ${qos}: gets only what is logged after its SUBACK, also after a kill -9`, async () => {
       const { dir, cleanup } = await tempDir()
       cleanups.push(cleanup)
-      let gw = await startGatewayProcess({ dataDir: dir })
+      let gw = await windowedGateway(dir)
       cleanups.push(() => gw.kill())
       const live = await heldSession(gw, 'live', version)
       const killed = await heldSession(gw, 'killed', version)
       await publish(gw.mqttUrl, 0, BEFORE)
       // the window is full: each cursor is held behind the log
-      await waitFor(() => live.got.length === 100 && killed.got.length === 100, 'a full window each')
+      await waitFor(() => live.got.length === WINDOW && killed.got.length === WINDOW, 'a full window each')
       for (const s of [live, killed]) {
         s.raw.send({ cmd: 'subscribe', messageId: 2, subscriptions: [{ topic: NEW, qos }] })
         expect((await s.raw.next('suback') as { granted: number[] }).granted).toEqual([qos])
@@ -108,7 +117,7 @@ describe('a new filter of a persistent session whose cursor is behind', () => {
 
       // killed with its SUBSCRIBE just acknowledged and nothing of its backlog acknowledged
       await gw.kill()
-      gw = await startGatewayProcess({ dataDir: dir })
+      gw = await windowedGateway(dir)
       const got: string[] = []
       const client = mqtt.connect(gw.mqttUrl, {
         clientId: 'killed', clean: false, reconnectPeriod: 0, protocolVersion: version,
