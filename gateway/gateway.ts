@@ -166,7 +166,8 @@ async function start (config: GatewayConfig, deps: GatewayDeps, shutdown: Shutdo
   const persistence = standby
     ? new LevelSessionPersistence(new MemoryLevel({ keyEncoding: 'buffer', valueEncoding: 'buffer' }) as unknown as LevelDatabase)
     : new LevelSessionPersistence(sessionsDb, {
-      writer: store, log: store, window: config.mqtt.sessionInflight, maxQueuedPerSession: config.mqtt.maxQueuedMessagesPerSession,
+      writer: store, log: store, window: config.mqtt.sessionInflight, windowBytes: config.mqtt.sessionInflightBytes,
+      maxQueuedPerSession: config.mqtt.maxQueuedMessagesPerSession,
       maxOfflineSeconds: config.mqtt.sessionExpirySeconds, now: () => systemClock.now(),
       onQueueOverflow: (clientId, topic, first) => {
         const tenant = topic.slice(0, Math.max(0, topic.indexOf('/')))

@@ -246,6 +246,12 @@ export const configSchema = {
             'or the MQTT 5 client\'s Receive Maximum when lower; reading the log waits for acks beyond it. It bounds a drain to this many ' +
             'messages per round trip to the client (docs/mqtt.md says what 100 costs); after a reconnect up to this many come again, with DUP.',
         },
+        sessionInflightBytes: {
+          type: 'integer', minimum: 1, maximum: 4294967295, default: 16777216,
+          description: 'Bytes of those unacknowledged deliveries (their PUBLISH packets) per session: a session of large messages ' +
+            'stops at this many bytes before it reaches mqtt.sessionInflight messages, which bounds the memory a client that reads ' +
+            'and does not acknowledge holds in the gateway. One delivery goes out when none is unacknowledged, whatever its size.',
+        },
         replay: {
           type: 'object',
           additionalProperties: false,
@@ -409,6 +415,7 @@ export interface GatewayConfig {
     readonly maxFiltersPerSubscribe: number
     readonly maxSubscriptionsPerSession: number
     readonly sessionInflight: number
+    readonly sessionInflightBytes: number
     readonly maxQueuedMessagesPerSession: number
     readonly sessionExpirySeconds: number
     readonly replay: {

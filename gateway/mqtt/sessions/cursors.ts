@@ -22,7 +22,8 @@
  * partition (a device) has one reader per session and its order holds.
  *
  * Window: at most min(`window`, the client's Receive Maximum) deliveries
- * unacknowledged [MQTT-3.3.4-9]. A PUBACK moves the cursor to the lowest
+ * unacknowledged [MQTT-3.3.4-9], and at most `windowBytes` of their frames
+ * (past it, one more: a record larger than the window still goes). A PUBACK moves the cursor to the lowest
  * offset still unacknowledged, written through the log store's group-commit
  * writer: one write in flight per session, with every cursor that moved
  * (later advances coalesce into the next). Deliveries in flight are kept in
@@ -148,6 +149,11 @@ export interface CursorDeps {
   readonly broker: () => { readonly id: string, counter?: number } | undefined
   /** Unacknowledged deliveries per session. */
   readonly window: number
+  /**
+   * Bytes of unacknowledged deliveries (their PUBLISH frames) per session: past it no more go out until PUBACKs free
+   * some, except one when none is unacknowledged. Default: unbounded.
+   */
+  readonly windowBytes?: number
   /** Records read per stored read. */
   readonly readRecords?: number
   /** Told when a cursor write failed (it is written again WRITE_RETRY_MS later, or with the next advance if sooner). */
@@ -431,6 +437,8 @@ class Delivery {
     readonly properties: Buffer | undefined,
     /** The packet id it goes out with again [MQTT-4.4.0-1], when an earlier connection sent it. */
     readonly id: number | undefined,
+    /** Its PUBLISH frame's length, which it holds of the session's window in bytes while unacknowledged. */
+    readonly bytes: number,
     /**
      * RETAIN: a delivery to an established subscription has it 0 [MQTT-3.3.1-9] [MQTT-3.3.1-12], unless the MQTT 5
      * subscription has Retain As Published and the message was published with it [MQTT-3.3.1-13] (the log keeps it,
@@ -451,6 +459,9 @@ const mayTake = (state: ClientCursors, cursor: PartitionCursor): boolean => stat
 
 /** Deliveries sent on this connection and not acknowledged: what the window limits. */
 const sentUnacked = (state: ClientCursors): number => state.inflight.size - state.reserved.size
+
+/** Whether the window is full, in deliveries or in their bytes: the next delivery waits for PUBACKs. */
+const windowFull = (state: ClientCursors, windowBytes: number): boolean => sentUnacked(state) >= state.limit || state.sentBytes >= windowBytes
 
 /**
  * How a topic is delivered to the connection: null when it is not (no QoS > 0 subscription matches, or not readable).
@@ -474,6 +485,8 @@ class ClientCursors {
   readonly inflight = new Map<number, Delivery>()
   /** The ids of `inflight` sent on an earlier connection and not sent again yet: they hold no place in the window. */
   readonly reserved = new Set<number>()
+  /** The frame bytes of the deliveries sent on this connection and not acknowledged (`inflight` less `reserved`). */
+  sentBytes = 0
   limit = 0
   running = false
   again = false
@@ -528,6 +541,7 @@ const cursorId = (stream: string, partition: number): string => {
 
 export class SessionCursors {
   readonly #deps: CursorDeps
+  readonly #windowBytes: number
   readonly #clients = new Map<string, ClientCursors>()
   /** Connected sessions by the cursors they read, for the append event. */
   readonly #watching = new Map<string, Set<ClientCursors>>()
@@ -545,6 +559,7 @@ export class SessionCursors {
 
   constructor (deps: CursorDeps) {
     this.#deps = deps
+    this.#windowBytes = deps.windowBytes ?? Infinity
   }
 
   /** How to reach a client's connection; without one no cursor is delivered (the gateway installs it, hooks/sessions.ts). */
@@ -796,6 +811,7 @@ export class SessionCursors {
     }
     // What the last connection left unacknowledged goes out again first in each partition, with its ids [MQTT-4.4.0-1].
     state.reserved.clear()
+    state.sentBytes = 0
     for (const [id, { cursor, record }] of state.inflight) {
       if (state.cursors.get(cursorId(cursor.stream, cursor.partition)) !== cursor) {
         state.inflight.delete(id)
@@ -877,6 +893,7 @@ export class SessionCursors {
     }
     state.inflight.clear()
     state.reserved.clear()
+    state.sentBytes = 0
     for (const cursor of state.cursors.values()) cursor.resend.clear()
     for (const cursor of touched) this.#advance(state, cursor)
     if (state.via !== undefined) this.#schedule(state)
@@ -904,6 +921,7 @@ export class SessionCursors {
     if (delivery === undefined) return false
     state.inflight.delete(messageId)
     if (state.reserved.delete(messageId)) delivery.cursor.resend.delete(delivery.offset)
+    else state.sentBytes -= delivery.bytes
     delivery.cursor.ack(delivery.offset)
     state.acking.add(delivery.cursor)
     return true
@@ -959,7 +977,7 @@ export class SessionCursors {
   settled (clientId: string): boolean {
     const state = this.#clients.get(clientId)
     if (state?.via === undefined || state.running || state.scheduled) return false
-    if (sentUnacked(state) >= state.limit) return true
+    if (windowFull(state, this.#windowBytes)) return true
     return [...state.cursors.values()].every((c) => !c.hasAhead() && c.next >= endOf(this.#deps.log, c))
   }
 
@@ -1077,7 +1095,7 @@ export class SessionCursors {
       state.again = false
       const { client, via } = state
       if (client === undefined || via === undefined || via.conn.closed || via.conn.stream.destroyed === true) return
-      if (sentUnacked(state) >= state.limit) return // woken by the PUBACKs
+      if (windowFull(state, this.#windowBytes)) return // woken by the PUBACKs
       const cursors = [...state.cursors.values()]
       if (cursors.some((c) => c.hasAhead() && mayTake(state, c))) {
         const out = this.#frame(state, via)
@@ -1162,16 +1180,18 @@ export class SessionCursors {
    */
   #frame (state: ClientCursors, via: CursorConnection): Buffer | null {
     const room = Math.min(state.limit - sentUnacked(state), BATCH_RECORDS)
+    // Bytes of frames for this write: the window's room in bytes (more than 0: #deliver checked), at most a batch's.
+    const maxSize = Math.min(this.#windowBytes - state.sentBytes, BATCH_BYTES)
     const now = (this.#deps.now ?? Date.now)()
     const mqtt5 = via.conn.mqtt5 === true
     const picked: Delivery[] = []
     let size = 0
     const cursors = [...state.cursors.values()]
-    for (let k = 0; k < cursors.length && picked.length < room && size < BATCH_BYTES; k++) {
+    for (let k = 0; k < cursors.length && picked.length < room && size < maxSize; k++) {
       const cursor = cursors[(state.turn + k) % cursors.length] as PartitionCursor
       if (!mayTake(state, cursor)) continue
       const first = cursor.next
-      size = this.#take(state, via, cursor, picked, room, size, now, mqtt5)
+      size = this.#take(state, via, cursor, picked, room, size, maxSize, now, mqtt5)
       // Skipped records move the cursor too, once nothing below them is unacknowledged: #deliver writes it after `out`.
       if (cursor.next !== first) state.advancing.add(cursor)
       if (cursor.ahead.length > 0 && !cursor.hasAhead()) {
@@ -1184,17 +1204,18 @@ export class SessionCursors {
   }
 
   /**
-   * Takes the records the cursor read ahead into `picked`, up to `room` deliveries in all and BATCH_BYTES of frames
-   * (`size`, returned as it grows). Its own function, and so is {@link #write}: a fresh gateway compiles the drain
-   * path during its first drain, on the same two cores as the client. When #frame held both loops, V8 compiled it as
-   * one graph with everything inlined (52–148 ms of TurboFan at load 7–8, --trace-opt), sometimes before the code after
-   * its first loop had run, and threw that away when it did ("Insufficient type feedback") to compile it again;
-   * split, the four functions took 40–60 ms in the same minutes, and #frame and #take were not deoptimized.
+   * Takes the records the cursor read ahead into `picked`, up to `room` deliveries in all and `maxSize` bytes of
+   * frames (`size`, returned as it grows; the record that crosses it is taken, so one always goes). Its own function,
+   * and so is {@link #write}: a fresh gateway compiles the drain path during its first drain, on the same two cores as
+   * the client. When #frame held both loops, V8 compiled it as one graph with everything inlined (52–148 ms of
+   * TurboFan at load 7–8, --trace-opt), sometimes before the code after its first loop had run, and threw that away
+   * when it did ("Insufficient type feedback") to compile it again; split, the four functions took 40–60 ms in the
+   * same minutes, and #frame and #take were not deoptimized.
    */
-  #take (state: ClientCursors, via: CursorConnection, cursor: PartitionCursor, picked: Delivery[], room: number, size: number, now: number,
-    mqtt5: boolean): number {
+  #take (state: ClientCursors, via: CursorConnection, cursor: PartitionCursor, picked: Delivery[], room: number, size: number,
+    maxSize: number, now: number, mqtt5: boolean): number {
     const routes = this.#routes(state, cursor.tenant)
-    while (picked.length < room && size < BATCH_BYTES && cursor.hasAhead()) {
+    while (picked.length < room && size < maxSize && cursor.hasAhead()) {
       const batch = cursor.ahead[cursor.aheadBatch] as RecordColumns
       const i = cursor.aheadPos++
       if (cursor.aheadPos >= batch.end) {
@@ -1215,7 +1236,7 @@ export class SessionCursors {
         if (held !== undefined) state.inflight.delete(held)
         continue
       }
-      const length = publishPacketLength(pick.topic.length, batch.payloadLength(i), 1, pick.properties?.length ?? 0)
+      const length = pick.bytes
       // Too large for the client: not sent, as if it had been [MQTT-3.1.2-25]; the cursor moves past it, as past an expired one.
       if (via.maximumPacketSize !== undefined && length > via.maximumPacketSize) {
         if (held !== undefined) state.inflight.delete(held)
@@ -1239,6 +1260,7 @@ export class SessionCursors {
       const { cursor, batch, index, offset } = delivery
       const id = delivery.id ?? this.#allocate(state, via)
       state.inflight.set(id, delivery)
+      state.sentBytes += delivery.bytes
       cursor.sent(offset)
       const start = batch.payloadStart(index)
       const length = batch.payloadLength(index)
@@ -1307,7 +1329,8 @@ export class SessionCursors {
         : recordProperties(cursor.partition, { offset, timestamp, headers }, now, { location: false, subscriptionIds: route.ids })
     }
     const retain = route.rap && headers?.[RETAIN_HEADER] === '1'
-    return new Delivery(cursor, batch, i, offset, route.topic, properties, held, retain)
+    const bytes = publishPacketLength(route.topic.length, batch.payloadLength(i), 1, properties?.length ?? 0)
+    return new Delivery(cursor, batch, i, offset, route.topic, properties, held, bytes, retain)
   }
 
   /** The routes of a tenant's topics for this connection and its subscriptions. */

@@ -196,6 +196,8 @@ export interface SessionPersistenceOptions {
   readonly log?: SessionLog
   /** With a log: QoS 1 deliveries from the log one session may have unacknowledged while it catches up (default 100). */
   readonly window?: number
+  /** With a log: and their PUBLISH frames' bytes (default unbounded); one goes out when none is unacknowledged. */
+  readonly windowBytes?: number
   /** With a log: told when a cursor advance could not be written (it is written again a second later, or with the next one). */
   readonly onCursorWriteError?: (err: unknown) => void
   /**
@@ -630,6 +632,10 @@ export class LevelSessionPersistence {
     if (!Number.isSafeInteger(window) || window < 1) {
       throw new SessionPersistenceError('GW_SESSION_INVALID_ARGUMENT', `window must be a positive integer, got ${String(window)}`)
     }
+    const windowBytes = options.windowBytes
+    if (windowBytes !== undefined && (!Number.isSafeInteger(windowBytes) || windowBytes < 1)) {
+      throw new SessionPersistenceError('GW_SESSION_INVALID_ARGUMENT', `windowBytes must be a positive integer, got ${String(windowBytes)}`)
+    }
     this.#log = options.log
     this.#cursors = options.log === undefined
       ? undefined
@@ -644,6 +650,7 @@ export class LevelSessionPersistence {
         busy: (clientId, messageId) => this.#queues.get(clientId)?.byMessageId(messageId) !== undefined,
         broker: () => this.#broker,
         window,
+        windowBytes,
         onWriteError: options.onCursorWriteError,
         onDropped: options.onCursorDropped,
         onReadError: options.onCursorReadError,

@@ -48,7 +48,7 @@ interface Gateway {
 }
 
 /** The database, log store and session persistence as gateway.ts builds them (no client connected). */
-type Observers = Pick<SessionPersistenceOptions, 'onExpired' | 'onCursorReadError' | 'onCursorWriteError' | 'onCursorDropped' | 'onDamaged'>
+type Observers = Pick<SessionPersistenceOptions, 'onExpired' | 'onCursorReadError' | 'onCursorWriteError' | 'onCursorDropped' | 'onDamaged' | 'windowBytes'>
 
 async function open (dir: string, window = 100, options: Observers = {}, diskBudgetBytes = 0): Promise<Gateway> {
   const db = new ClassicLevel(dir)
@@ -292,6 +292,28 @@ describe('session cursors into the log', () => {
     await settled(gw, small)
     expect(bodies(small.got)).toEqual(['m0', 'm1', 'm2', 'm3', 'm4', 'm5'])
     expect(small.maxUnacked).toBe(2)
+  })
+
+  it('keeps at most windowBytes of PUBLISH frames unacknowledged, before the window in messages; one larger than that goes out alone', async () => {
+    const { gw } = await fresh(100, { windowBytes: 3000 })
+    await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: 't1/devices/+/telemetry/#', qos: 1 }])
+    const sent = [...Array.from({ length: 6 }, (_v, i) => `m${i}`.padEnd(1000, '.')), 'big'.padEnd(5000, '.'), 'after']
+    for (const body of sent) await publish(gw, 't1', 'd0', body)
+    let acking = false
+    const conn = await connect(gw, 'svc', { ack: () => acking })
+    await settled(gw, conn)
+    // frames of about 1,030 bytes: the third crosses 3,000, and the window stops there
+    expect(bodies(conn.got)).toEqual(sent.slice(0, 3))
+    await conn.ack(conn.got[0]?.messageId as number)
+    await expect.poll(() => conn.got.length).toBe(4)
+    await settled(gw, conn)
+    expect(conn.got).toHaveLength(4)
+    acking = true
+    for (const id of [...conn.unacked]) await conn.ack(id)
+    await expect.poll(() => conn.got.length).toBe(sent.length)
+    expect(bodies(conn.got)).toEqual(sent)
+    expect(conn.maxUnacked).toBe(3)
+    conn.close()
   })
 
   it('a client that disconnects mid-drain gets the rest on its next connection: the unacknowledged again with DUP, not the acknowledged', async () => {
@@ -556,12 +578,15 @@ describe('session cursors into the log', () => {
     expect(again.persistence.hasSessionState({ id: 'svc' })).toBe(false)
   })
 
-  it('refuses a window that is not a positive integer', () => {
+  it('refuses a window, in messages or bytes, that is not a positive integer', () => {
     const db = new ClassicLevel(join(tmpdir(), 'never-opened'))
     for (const window of [0, -1, 1.5, Number.NaN]) {
-      const err = (() => { try { new LevelSessionPersistence(db as unknown as LevelDatabase, { window }); return null } catch (e) { return e } })()
-      expect(err).toBeInstanceOf(SessionPersistenceError)
-      expect((err as SessionPersistenceError).code).toBe('GW_SESSION_INVALID_ARGUMENT')
+      for (const options of [{ window }, { windowBytes: window }]) {
+        const err = (() => { try { new LevelSessionPersistence(db as unknown as LevelDatabase, options); return null } catch (e) { return e } })()
+        expect(err).toBeInstanceOf(SessionPersistenceError)
+        expect((err as SessionPersistenceError).code).toBe('GW_SESSION_INVALID_ARGUMENT')
+        expect((err as SessionPersistenceError).message).toContain(Object.keys(options)[0])
+      }
     }
   })
 
@@ -955,12 +980,13 @@ describe('session cursors into the log', () => {
   })
 
   it('refuses session bounds outside their ranges in the config, naming the key', () => {
-    const bad = [['sessionInflight', 0], ['sessionInflight', 65536], ['maxQueuedMessagesPerSession', 0], ['maxQueuedMessagesPerSession', 1.5],
+    const bad = [['sessionInflight', 0], ['sessionInflight', 65536], ['sessionInflightBytes', 0], ['sessionInflightBytes', 1.5],
+      ['sessionInflightBytes', '16 MiB'], ['maxQueuedMessagesPerSession', 0], ['maxQueuedMessagesPerSession', 1.5],
       ['sessionExpirySeconds', -1], ['sessionExpirySeconds', 'a day'], ['sessionExpirySeconds', 0xffffffff]] as const
     for (const [key, value] of bad) {
       expect(() => buildConfig({ mqtt: { [key]: value } })).toThrow(expect.objectContaining({ code: 'GW_CONFIG_INVALID', message: expect.stringContaining(key) }))
     }
-    expect(buildConfig({}).mqtt).toMatchObject({ sessionInflight: 1000, maxQueuedMessagesPerSession: 100_000, sessionExpirySeconds: 0 })
+    expect(buildConfig({}).mqtt).toMatchObject({ sessionInflight: 1000, sessionInflightBytes: 16 * 1024 * 1024, maxQueuedMessagesPerSession: 100_000, sessionExpirySeconds: 0 })
   })
 })
 
