@@ -36,7 +36,10 @@
  * patch stores a CONNECT's will at its turn to register, just before that
  * takeover (aedes.js _writeAtTurn): one whose connection closed before its
  * turn (cut short, the old connection still up) stores none and fires none,
- * so the stored will stays the old connection's.
+ * so the stored will stays the old connection's. A CONNECT without a will that
+ * continues the session of a connection whose will waits for a delay cancels
+ * that will [MQTT-3.1.3-9]: the patch deletes it at the CONNECT's turn for the
+ * connection that stored it (aedes.js _cancelsDelayedWillOf).
  *
  * An MQTT 5 will with a Will Delay Interval is published after that delay or
  * at its session's end, whichever comes first (3.1.3.2.2), and not at all if
