@@ -49,7 +49,10 @@
  * `E` mark; the start, for a client connected when the gateway died), so a
  * kill -9 neither loses it nor fires it early. Such a will waits in memory
  * (it stays stored) and is cancelled when its client connects again: the new
- * connection's CONNECT replaces or deletes the stored will.
+ * connection's CONNECT replaces or deletes the stored will. When its session
+ * ends first it fires then: at the session's expiry (sessions/expiry.ts), or
+ * when aedes ends the session (a CONNECT with Session Expiry 0 cut short) and
+ * deletes the will with a bare { id }; stored until it fired.
  */
 import { Readable } from 'node:stream'
 import type { Logger } from 'pino'
@@ -122,6 +125,11 @@ function isIdentity (value: unknown): value is Identity {
   const v = value as Record<string, unknown> | null
   return typeof v === 'object' && v !== null && typeof v.tenant === 'string' && typeof v.role === 'string' &&
     (typeof v.username === 'string' || v.username === null) && typeof v.clientId === 'string'
+}
+
+/** Whether `client` is a connection (aedes' Client), not the bare { id, brokerId } aedes deletes a will with. */
+function isConnection (client: SessionClient): boolean {
+  return (client as { conn?: unknown }).conn !== undefined
 }
 
 /** A will's MQTT 5 Will Delay Interval (s); 0 for none (and for 3.1.1 wills, which carry no properties). */
@@ -220,6 +228,15 @@ export function installWills (options: WillOptions): Wills {
     // aedes deletes with a plain { id, brokerId } after a closed connection's will fired: not the will of an open successor.
     delWill: (delWill) => async (client) => {
       if (!firesStoredWill(client)) return undefined
+      // Also when a session ends (aedes.js _wipeSession; a connection, at its CONNECT's turn, passes itself): a will of
+      // a previous process waiting for its delay is due then (3.1.3.2.2). It fires now and its firing deletes it;
+      // deleted here, only its timer had it, and a kill -9 before that lost it.
+      if (pending.has(client.id) && !isConnection(client)) {
+        await firePending(client.id).catch((err: unknown) => {
+          logger.error({ clientId: client.id, err: (err as Error).message }, 'a delayed will could not be published; it fires at the next start')
+        })
+        return undefined
+      }
       owners.delete(client.id)
       return await delWill(client)
     },

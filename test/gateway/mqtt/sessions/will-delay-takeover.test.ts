@@ -13,7 +13,8 @@
  *   published (scheduleWill returned early for it too).
  * - A CONNECT cut short before its turn while nobody else holds the id, with Session Expiry 0, ends the session
  *   (aedes.js _closedBeforeRegistering, _wipeSession), which deleted a previous connection's will waiting for its
- *   delay before it was published: only aedes' timer, in memory, still had it.
+ *   delay before it was published: only aedes' timer, in memory, still had it. The same for a will of a client
+ *   connected when the gateway stopped, waiting for its delay after the start (wills.ts's timer).
  * The same with a gateway process and kill -9: will-delay-takeover.int.test.ts.
  */
 import type { Client } from 'aedes'
@@ -21,6 +22,7 @@ import mqtt from 'mqtt'
 import { generate, type IConnectPacket } from 'mqtt-packet'
 import pino from 'pino'
 import { afterEach, describe, expect, it } from 'vitest'
+import type { LevelDatabase } from '../../../../store/index.ts'
 import { LevelSessionPersistence } from '../../../../gateway/mqtt/sessions/persistence.ts'
 import { installWills, type WillPersistence } from '../../../../gateway/mqtt/wills.ts'
 import { RawConnection } from '../../../helpers/raw-mqtt.ts'
@@ -36,7 +38,8 @@ interface Harness extends SessionBroker {
 
 afterEach(closeSessionBrokers)
 
-async function harness (): Promise<Harness> {
+/** A broker with the gateway's will storage; on `sessions`, the data of a gateway that stopped (its wills fire at start). */
+async function harness (sessions?: LevelDatabase): Promise<Harness> {
   const wills: string[] = []
   const deletes: string[][] = []
   const publishing: string[] = []
@@ -49,11 +52,12 @@ async function harness (): Promise<Harness> {
     installWills({
       persistence: persistence as unknown as WillPersistence,
       logger: pino({ level: 'silent' }),
-      identityOf: () => undefined,
+      identityOf: (client) => ({ tenant: 'default', role: 'anonymous', username: null, clientId: client.id }),
       recheck: (who) => who,
-      fire: async () => {},
+      // A will of the previous process, fired as the gateway fires it (hooks/startup-wills.ts): published, then deleted.
+      fire: async (packet) => { publishing.push(String(packet.payload)); wills.push(String(packet.payload)) },
     })
-  })
+  }, sessions)
   h.broker.on('publish', (packet) => { if (packet.topic === 'status/dev-1') wills.push(String(packet.payload)) })
   // The wills whose publish has begun (aedes emits `publish` only after the `published` step that deletes the will).
   const publish = h.broker.publish.bind(h.broker)
@@ -89,17 +93,41 @@ async function storedAfterKill (h: Harness): Promise<string | undefined> {
 
 /** Waits (bounded) until `payload` was published as a will; whether it was. */
 async function published (h: Harness, payload: string, ms = 10_000): Promise<boolean> {
-  if (h.wills.includes(payload)) return true
-  return await new Promise((resolve) => {
-    const timer = setTimeout(() => { h.broker.removeListener('publish', seen); resolve(false) }, ms)
-    function seen (packet: { topic: string, payload: Buffer | string }): void {
-      if (packet.topic !== 'status/dev-1' || String(packet.payload) !== payload) return
-      clearTimeout(timer)
-      h.broker.removeListener('publish', seen)
-      resolve(true)
-    }
-    h.broker.on('publish', seen)
+  const until = Date.now() + ms
+  while (!h.wills.includes(payload)) {
+    if (Date.now() >= until) return false
+    await new Promise((resolve) => setTimeout(resolve, 10))
+  }
+  return true
+}
+
+/**
+ * An MQTT 5 CONNECT of `dev-1` with Session Expiry 0, cut short while its session step (the read for Clean Start 0,
+ * the clean step for 1) is held: aedes ends the session as its close would have (_closedBeforeRegistering).
+ */
+async function cutShortEndingTheSession (h: Harness, cleanStart: boolean): Promise<void> {
+  const step = cleanStart ? 'cleanSubscriptions' : 'subscriptionsByClient'
+  const original = h.persistence[step].bind(h.persistence) as (client: never) => Promise<unknown>
+  let release = (): void => {}
+  const held = new Promise<void>((resolve) => { release = resolve })
+  let reached = false
+  Object.assign(h.persistence, {
+    [step]: async (client: never) => {
+      if ((client as { id: string }).id !== 'dev-1') return await original(client)
+      reached = true
+      await held
+      return await original(client)
+    },
   })
+  const conn = await RawConnection.open(h.url)
+  h.raw.push(conn)
+  conn.send(generate({ cmd: 'connect', protocolId: 'MQTT', protocolVersion: 5, clientId: 'dev-1', clean: cleanStart, keepalive: 30,
+    properties: { sessionExpiryInterval: 0 } }, { protocolVersion: 5 }))
+  await turnsUntil(() => reached)
+  conn.destroy()
+  await turnsUntil(() => conn.closed)
+  release()
+  await turnsUntil(() => !h.broker._connecting.has('dev-1'))
 }
 
 const CONTINUING: Record<string, mqtt.IClientOptions> = {
@@ -176,34 +204,29 @@ describe('a Session Expiry 0 CONNECT cut short before its turn, with nobody else
       await turnsUntil(() => gone.closed && h.broker.clients['dev-1'] === undefined)
       expect(await storedAfterKill(h)).toBe('previous-gone')
 
-      // The CONNECT's session step (the read for Clean Start 0, the clean step for 1) is held while its connection closes.
-      const step = cleanStart ? 'cleanSubscriptions' : 'subscriptionsByClient'
-      const original = h.persistence[step].bind(h.persistence) as (client: never) => Promise<unknown>
-      let release = (): void => {}
-      const held = new Promise<void>((resolve) => { release = resolve })
-      let reached = false
-      Object.assign(h.persistence, {
-        [step]: async (client: never) => {
-          if ((client as { id: string }).id !== 'dev-1') return await original(client)
-          reached = true
-          await held
-          return await original(client)
-        },
-      })
-      const conn = await RawConnection.open(h.url)
-      h.raw.push(conn)
-      conn.send(generate({ cmd: 'connect', protocolId: 'MQTT', protocolVersion: 5, clientId: 'dev-1', clean: cleanStart, keepalive: 30,
-        properties: { sessionExpiryInterval: 0 } }, { protocolVersion: 5 }))
-      await turnsUntil(() => reached)
-      conn.destroy()
-      await turnsUntil(() => conn.closed)
-      release()
-      await turnsUntil(() => !(h.broker as unknown as { _connecting: Map<string, unknown> })._connecting.has('dev-1'))
-
+      await cutShortEndingTheSession(h, cleanStart)
       expect(await published(h, 'previous-gone')).toBe(true)
       expect(await storedAfterKill(h)).toBeUndefined()
       // Every delete of the stored will came after it was published: a kill -9 at any moment fires it or finds it fired.
       expect(h.deletes.every((before) => before.includes('previous-gone')), JSON.stringify(h.deletes)).toBe(true)
     })
   }
+})
+
+describe('a Session Expiry 0 CONNECT cut short after a restart, while a will of the previous process waits for its delay', () => {
+  it('ends the session: the will is published then, and stays stored until it is', async () => {
+    const before = await harness()
+    const { server: connected } = await v5(before, 'previous-gone', 300)
+    await before.persistence.markSession(connected) // the gateway's CONNECT hook records the session (hooks/sessions.ts)
+    // The gateway stops while the device is connected: its will stays stored, to wait for its delay after the start.
+    await new Promise<void>((resolve) => before.broker.close(() => resolve()))
+    await turnsUntil(() => connected.closed)
+    const h = await harness(before.sessions)
+    expect(h.wills).toEqual([]) // waiting for its delay
+
+    await cutShortEndingTheSession(h, false)
+    expect(await published(h, 'previous-gone')).toBe(true)
+    expect(await storedAfterKill(h)).toBeUndefined()
+    expect(h.deletes.every((before) => before.includes('previous-gone')), JSON.stringify(h.deletes)).toBe(true)
+  })
 })
