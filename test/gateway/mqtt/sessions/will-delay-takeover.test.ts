@@ -148,6 +148,20 @@ describe('a connection with a delayed will taken over', () => {
     })
   }
 
+  it('by a CONNECT without a will that continues the session: the will is deleted before its CONNACK, while the old connection still closes', async () => {
+    const h = await harness()
+    const { server: old } = await v5(h, 'live-gone', 300)
+    const releaseTakeover = holdTakeover(h, old)
+    const next = await mqtt.connectAsync(h.url, { protocolVersion: 5, clientId: 'dev-1', clean: false, reconnectPeriod: 0,
+      properties: { sessionExpiryInterval: 600 } })
+    h.clients.push(next)
+    expect(old.closed).toBe(false)
+    expect(await storedAfterKill(h)).toBeUndefined()
+    releaseTakeover()
+    await turnsUntil(() => old.closed)
+    expect(h.wills).toEqual([])
+  })
+
   it('by a CONNECT with a will that continues the session: the new will is stored, the old one never published', async () => {
     const h = await harness()
     const { server: old } = await v5(h, 'live-gone', 300)
