@@ -36,7 +36,10 @@
  * patch stores a CONNECT's will at its turn to register, just before that
  * takeover (aedes.js _writeAtTurn): one whose connection closed before its
  * turn (cut short, the old connection still up) stores none and fires none,
- * so the stored will stays the old connection's.
+ * so the stored will stays the old connection's. A CONNECT without a will that
+ * continues the session of a connection whose will waits for a delay cancels
+ * that will [MQTT-3.1.3-9]: the patch deletes it at the CONNECT's turn for the
+ * connection that stored it (aedes.js _cancelsDelayedWillOf).
  *
  * An MQTT 5 will with a Will Delay Interval is published after that delay or
  * at its session's end, whichever comes first (3.1.3.2.2), and not at all if
@@ -46,7 +49,10 @@
  * `E` mark; the start, for a client connected when the gateway died), so a
  * kill -9 neither loses it nor fires it early. Such a will waits in memory
  * (it stays stored) and is cancelled when its client connects again: the new
- * connection's CONNECT replaces or deletes the stored will.
+ * connection's CONNECT replaces or deletes the stored will. When its session
+ * ends first it fires then: at the session's expiry (sessions/expiry.ts), or
+ * when aedes ends the session (a CONNECT with Session Expiry 0 cut short) and
+ * deletes the will with a bare { id }; stored until it fired.
  */
 import { Readable } from 'node:stream'
 import type { Logger } from 'pino'
@@ -119,6 +125,11 @@ function isIdentity (value: unknown): value is Identity {
   const v = value as Record<string, unknown> | null
   return typeof v === 'object' && v !== null && typeof v.tenant === 'string' && typeof v.role === 'string' &&
     (typeof v.username === 'string' || v.username === null) && typeof v.clientId === 'string'
+}
+
+/** Whether `client` is a connection (aedes' Client), not the bare { id, brokerId } aedes deletes a will with. */
+function isConnection (client: SessionClient): boolean {
+  return (client as { conn?: unknown }).conn !== undefined
 }
 
 /** A will's MQTT 5 Will Delay Interval (s); 0 for none (and for 3.1.1 wills, which carry no properties). */
@@ -217,6 +228,15 @@ export function installWills (options: WillOptions): Wills {
     // aedes deletes with a plain { id, brokerId } after a closed connection's will fired: not the will of an open successor.
     delWill: (delWill) => async (client) => {
       if (!firesStoredWill(client)) return undefined
+      // Also when a session ends (aedes.js _wipeSession; a connection, at its CONNECT's turn, passes itself): a will of
+      // a previous process waiting for its delay is due then (3.1.3.2.2). It fires now and its firing deletes it;
+      // deleted here, only its timer had it, and a kill -9 before that lost it.
+      if (pending.has(client.id) && !isConnection(client)) {
+        await firePending(client.id).catch((err: unknown) => {
+          logger.error({ clientId: client.id, err: (err as Error).message }, 'a delayed will could not be published; it fires at the next start')
+        })
+        return undefined
+      }
       owners.delete(client.id)
       return await delWill(client)
     },

@@ -36,10 +36,11 @@ export interface SessionBroker {
 
 const open: Array<SessionBroker & { readonly server: net.Server }> = []
 
-/** Starts a broker; `prepare` wraps or extends the persistence before aedes gets it. */
-export async function startSessionBroker (prepare: (persistence: LevelSessionPersistence) => void = () => {}): Promise<SessionBroker> {
-  const db = new MemoryLevel<Buffer, Buffer>({ keyEncoding: 'buffer', valueEncoding: 'buffer' })
-  const sessions = db.sublevel<Buffer, Buffer>('sessions', { keyEncoding: 'buffer', valueEncoding: 'buffer' }) as unknown as LevelDatabase
+/**
+ * Starts a broker; `prepare` wraps or extends the persistence before aedes gets it. On `sessions`, a database another
+ * broker of the case wrote, it starts as a gateway restarted on that data does; on a new database otherwise.
+ */
+export async function startSessionBroker (prepare: (persistence: LevelSessionPersistence) => void = () => {}, sessions = freshSessions()): Promise<SessionBroker> {
   const persistence = new LevelSessionPersistence(sessions)
   prepare(persistence)
   const broker = await Aedes.createBroker({ persistence: persistence as never }) as PatchedBroker
@@ -48,6 +49,11 @@ export async function startSessionBroker (prepare: (persistence: LevelSessionPer
   const started = { broker, persistence, sessions, server, url: `mqtt://127.0.0.1:${(server.address() as AddressInfo).port}`, clients: [], raw: [], held: [] }
   open.push(started)
   return started
+}
+
+function freshSessions (): LevelDatabase {
+  const db = new MemoryLevel<Buffer, Buffer>({ keyEncoding: 'buffer', valueEncoding: 'buffer' })
+  return db.sublevel<Buffer, Buffer>('sessions', { keyEncoding: 'buffer', valueEncoding: 'buffer' }) as unknown as LevelDatabase
 }
 
 /** Closes every broker started, with its clients and connections (after each case). */
