@@ -105,6 +105,8 @@ export interface Qos2Persistence {
   cleanIncoming (client: Client): Promise<void>
   hasIncomingPacket (client: Client, messageId: number): boolean
   incomingCount (client: Client): number
+  /** Whether a clean CONNECT of the client id discarded the session while this connection was open (it is being taken over). */
+  sessionDiscarded (client: Client): boolean
 }
 
 export type Qos2Begin = 'new' | 'duplicate' | 'full'
@@ -164,6 +166,9 @@ export class InboundQos2 {
         if (packet.messageId !== undefined) this.#delivered.get(client.id)?.delete(packet.messageId)
       },
       cleanIncoming: (clean) => async (client) => {
+        // The close of a connection a clean CONNECT took over (3.1.1 clean session): the entries, appends and deliveries
+        // of its client id are the new connection's now (the persistence cleans nothing for it either).
+        if (this.#persistence.sessionDiscarded(client)) return
         // An append still in flight (of a connection this one took over) must not land after the wipe.
         await Promise.allSettled(this.#pending.get(client.id)?.values() ?? [])
         await clean(client)
@@ -180,12 +185,19 @@ export class InboundQos2 {
   /**
    * Called by authorizePublish for a QoS 2 PUBLISH (with a packet id) that it
    * accepted for delivery. `new`: the append (with the inbound entry) and the
-   * delivery have started, and aedes' PUBREC waits for them. `duplicate`: a
+   * delivery have started, and aedes' PUBREC waits for them (or, for a
+   * connection being taken over, nothing started and aedes' store step is
+   * refused). `duplicate`: a
    * retransmission, nothing is appended. `full`: the client has
    * `maxInflight` exchanges awaiting PUBREL; refuse the packet.
    */
   begin (client: Client, packet: PublishPacket, plan: Qos2Plan): Qos2Begin {
     const messageId = packet.messageId as number
+    // A connection a clean CONNECT is taking over starts nothing: aedes' own store step is refused
+    // (GW_SESSION_TAKEN_OVER) and closes it, unacknowledged. Started, its append would sit under the packet id the new
+    // connection may use meanwhile (appends in flight are kept by client id): the new one's PUBLISH was taken for a
+    // retransmission of it, and failed with it.
+    if (this.#persistence.sessionDiscarded(client)) return 'new'
     const pending = this.#pending.get(client.id)
     if (pending?.has(messageId) === true || this.#persistence.hasIncomingPacket(client, messageId)) {
       this.#plans.set(packet, plan)

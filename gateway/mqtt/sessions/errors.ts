@@ -12,6 +12,9 @@ export const SESSION_ERROR_CODES = {
   GW_SESSION_FORMAT_VERSION: 'The sessions key space was written by an incompatible format version.',
   GW_SESSION_CORRUPT: 'A stored session entry could not be decoded; the error names its key.',
   GW_SESSION_WRITE_FAILED: 'The database rejected a session write (for example ENOSPC); the calls in that batch were not stored.',
+  GW_SESSION_TAKEN_OVER: 'A connection whose session a clean CONNECT of its client id discarded, and which that CONNECT is taking over, '
+    + 'sent a QoS 2 PUBLISH or a SUBSCRIBE: refused, so aedes closes the connection and acknowledges nothing (stored, it would '
+    + 'have landed in the new session).',
   GW_SESSION_INVALID_ARGUMENT: 'A client id or message id cannot be stored (longer than 65535 bytes, or a message id outside 0..65535).',
 } as const
 

@@ -35,6 +35,14 @@
  *   memory. If a batch fails its calls reject with GW_SESSION_WRITE_FAILED and
  *   memory may be ahead of disk until the next start rebuilds it. Without a
  *   store (tests, tools) each call is its own batch, in call order.
+ * - A connection open when a clean CONNECT of its client id discards the
+ *   session (cleanSubscriptions) writes nothing into the session that CONNECT
+ *   starts: the takeover that closes it comes later (an MQTT 5 connection is
+ *   sent a DISCONNECT first, and closed once its socket drains, which one that
+ *   stopped reading does only at mqtt.slowSubscriberTimeoutMs), and the
+ *   persistence knows sessions by client id only. Its QoS 2 PUBLISH and
+ *   SUBSCRIBE are refused (GW_SESSION_TAKEN_OVER: aedes closes it, nothing
+ *   acknowledged); its acknowledgements, UNSUBSCRIBE and close change nothing.
  * - setup() raises `broker.counter` above every brokerCounter this broker id
  *   has queued: aedes restarts the counter at 0, and with a stable broker id a
  *   reconnecting client's dedupe table (filled from replayed queue entries)
@@ -598,6 +606,13 @@ export class LevelSessionPersistence {
    */
   readonly #claims = new WeakMap<SessionClient, number>()
   #lastClaim = 0
+  /**
+   * Connections whose session a clean CONNECT of their client id discarded while they were open (cleanSubscriptions):
+   * the CONNECT takes them over, and until they close what they write is not the new session's (sessionDiscarded).
+   */
+  readonly #discardedFrom = new WeakSet<SessionClient>()
+  /** The arrays subscriptionsByTopic handed out: aedes passes one back with each message it queues (#stillSubscribed). */
+  readonly #matchedHere = new WeakSet<readonly MatchedSubscription[]>()
   readonly #offlineListeners: Array<(clientId: string) => void> = []
   /** The MQTT 5 Session Expiry Interval (s) of sessions that have one below 0xFFFFFFFF (the `C` value). */
   readonly #intervals = new Map<string, number>()
@@ -863,6 +878,7 @@ export class LevelSessionPersistence {
   /** Stores subscriptions of a persistent session (later entries for the same topic win). */
   async addSubscriptions (client: SessionClient, subs: readonly SessionSubscription[]): Promise<void> {
     this.#ready()
+    this.#refuseDiscarded(client, 'SUBSCRIBE')
     // Fences of the session's cursors behind the log, written with the subscriptions: a filter applies to records
     // logged after its SUBACK, also after a kill -9 (cursors.ts grant).
     const stored = this.#subs.get(client.id)
@@ -901,6 +917,7 @@ export class LevelSessionPersistence {
 
   async removeSubscriptions (client: SessionClient, topics: readonly string[]): Promise<void> {
     this.#ready()
+    if (this.sessionDiscarded(client)) return // the new session's subscriptions of the same filters are not its own
     const stored = this.#subs.get(client.id)
     if (stored === undefined) return
     const ops: BatchOp[] = []
@@ -1217,7 +1234,11 @@ export class LevelSessionPersistence {
     }
     const match = this.#matched(topic)
     // aedes asks once per message: one promise per topic rather than one per message (an async method's).
-    return match.found ??= Promise.resolve(match.subs)
+    if (match.found === undefined) {
+      this.#matchedHere.add(match.subs)
+      match.found = Promise.resolve(match.subs)
+    }
+    return match.found
   }
 
   /** The topic's entry in the match cache, made now if there is none (see TopicMatch). */
@@ -1260,6 +1281,11 @@ export class LevelSessionPersistence {
     // copies too. aedes' emptyQueue drops them as well, one at a time after the CONNACK (emptyQueueFilter on
     // _cleanStart), so a kill -9 in between brought the old session back, present and with its old messages.
     const ops: BatchOp[] = []
+    // The connections open now are taken over by this CONNECT (the patch cleans at its turn to register, before the
+    // takeover): until they close, what they write is not the session this one starts.
+    for (const other of this.#connections.get(client.id) ?? []) {
+      if (other !== client) this.#discardedFrom.add(other)
+    }
     for (const entry of this.#queues.get(client.id)?.entries.values() ?? []) {
       ops.push(del(keys.outgoing(TAG_OUTGOING, client.id, entry.seq)), del(keys.outgoing(TAG_MESSAGE_ID, client.id, entry.seq)))
     }
@@ -1302,6 +1328,26 @@ export class LevelSessionPersistence {
     const written = ops.length > 0 ? this.#writer.write(ops) : undefined
     if (wentOffline) for (const listener of this.#offlineListeners) listener(client.id)
     await written
+  }
+
+  /**
+   * Whether a clean CONNECT of the client id discarded the session while this connection was open (cleanSubscriptions):
+   * the connection is being taken over, and the session of its client id is the new one's. Its session-state writes
+   * are refused or change nothing (see the header); inbound-qos2.ts asks before it starts an append.
+   */
+  sessionDiscarded (client: SessionClient): boolean {
+    return this.#discardedFrom.has(client)
+  }
+
+  /**
+   * Refuses a write of session state from a connection being taken over (sessionDiscarded): aedes fails the packet's
+   * step and closes the connection, acknowledging nothing. Stored, it landed in the new session: a QoS 2 packet id
+   * made the new connection's PUBLISH with that id a duplicate (dropped), a subscription outlived the clean start.
+   */
+  #refuseDiscarded (client: SessionClient, what: string): void {
+    if (!this.#discardedFrom.has(client)) return
+    throw new SessionPersistenceError('GW_SESSION_TAKEN_OVER',
+      `${what} of ${client.id} refused: a clean CONNECT of that client id discarded the session and is taking this connection over`)
   }
 
   /** Client ids with a stored subscription to exactly this topic filter. */
@@ -1432,12 +1478,13 @@ export class LevelSessionPersistence {
   }
 
   async #enqueue (subs: ReadonlyArray<{ clientId: string, qos?: number }>, packet: SessionPacket, position: LogPosition | undefined): Promise<void> {
-    let copies = subs
+    let copies = this.#stillSubscribed(subs)
     const created: Array<Promise<void>> = []
     if (position !== undefined && this.#cursors !== undefined) {
       // A QoS 1 delivery of a logged message is a cursor, not a copy (cursors.ts); QoS 2 ones stay copies.
+      const held = copies
       copies = []
-      for (const sub of subs) {
+      for (const sub of held) {
         // Without a subscription's QoS (outgoingEnqueue: a publish to one client, not routed by a subscription) it is a copy.
         if (sub.qos === undefined || Math.min(sub.qos, packet.qos ?? 0) !== 1) { (copies as Array<{ clientId: string }>).push(sub); continue }
         // A copy where the session's cursor will not read the record (cursors.ts reads), and, delivered again after a
@@ -1472,6 +1519,20 @@ export class LevelSessionPersistence {
       })
     }
     await Promise.all([this.#writer.write(ops), ...created])
+  }
+
+  /**
+   * The subscriptions of `subs` (aedes matched them turns before it queues the message: aedes.js enqueueOffline) that
+   * their sessions still hold. A clean step in between discarded them: queued, the copy (or the cursor made for it)
+   * landed in the new session, which never subscribed. The same array when nothing was discarded, as is usual. Only
+   * for arrays of this persistence's matching: a caller's own (aedes-persistence's suite; a publish to one client,
+   * outgoingEnqueue) are queued as given.
+   */
+  #stillSubscribed (subs: ReadonlyArray<{ clientId: string, qos?: number }>): ReadonlyArray<{ clientId: string, qos?: number }> {
+    if (!this.#matchedHere.has(subs as readonly MatchedSubscription[])) return subs
+    const held = (sub: MatchedSubscription): boolean => (this.#subs.get(sub.clientId)?.get(sub.topic)?.qos ?? 0) > 0
+    const matched = subs as readonly MatchedSubscription[]
+    return matched.every(held) ? matched : matched.filter(held)
   }
 
   /**
@@ -1577,6 +1638,9 @@ export class LevelSessionPersistence {
    */
   async outgoingUpdate (client: SessionClient, packet: SessionPacket): Promise<void> {
     this.#ready()
+    // A delivery to a connection being taken over goes out unqueued: a queue entry of the new session may have its
+    // brokerId and counter (a copy for the new connection's own subscription), or its packet id.
+    if (this.sessionDiscarded(client)) return
     // aedes took this id from the client's counter for a delivery of its own; a cursor delivery may hold it (its ids
     // come from the same counter, and a new connection starts it elsewhere): it goes out with a free one instead.
     // A PUBREL keeps the id of its PUBLISH, which the cursors never take (busy while the copy is queued).
@@ -1662,6 +1726,8 @@ export class LevelSessionPersistence {
     // aedes clears every live copy authorizeForward held back (a logged message a connected session reads from its
     // cursors), one per message: with no copy queued for the client that is nothing to do, and no promise to make.
     if (this.#loaded && !this.#destroyed && fieldOf(packet, 'cmd') === 'publish' && !this.#queues.has(client.id)) return NOTHING
+    // A PUBACK or PUBCOMP of a connection being taken over: the new session's queued packet with that id is not its own.
+    if (this.sessionDiscarded(client)) return NOTHING
     return this.#clearMessageId(client, packet)
   }
 
@@ -1727,6 +1793,7 @@ export class LevelSessionPersistence {
   /** Stores an inbound QoS 2 PUBLISH until its PUBREL. aedes sends PUBREC after this resolves. */
   async incomingStorePacket (client: SessionClient, packet: SessionPacket): Promise<void> {
     this.#ready()
+    this.#refuseDiscarded(client, 'QoS 2 PUBLISH')
     const messageId = checkMessageId(packet.messageId)
     const stored = toAedesPacket(packet)
     stored.messageId = messageId
@@ -1744,6 +1811,7 @@ export class LevelSessionPersistence {
    */
   async incomingStorePacketWith<T> (client: SessionClient, packet: SessionPacket, write: (ops: AppendExtraOperation[]) => Promise<T>): Promise<T> {
     this.#ready()
+    this.#refuseDiscarded(client, 'QoS 2 PUBLISH') // before `write`: nothing is logged
     const messageId = checkMessageId(packet.messageId)
     const stored: SessionPacket & IncomingFields = toAedesPacket(packet)
     stored.messageId = messageId
@@ -1772,6 +1840,7 @@ export class LevelSessionPersistence {
    */
   async incomingMarkDelivered (client: SessionClient, messageId: number): Promise<void> {
     this.#ready()
+    if (this.sessionDiscarded(client)) return
     const stored: (SessionPacket & IncomingFields) | undefined = this.#incoming.get(client.id)?.get(messageId)
     if (stored === undefined) return
     stored.edgemqDelivered = true
@@ -1781,19 +1850,23 @@ export class LevelSessionPersistence {
   /** Whether an inbound packet with this id is stored for the client (awaiting PUBREL). */
   hasIncomingPacket (client: SessionClient, messageId: number): boolean {
     this.#ready()
+    if (this.sessionDiscarded(client)) return false
     return this.#incoming.get(client.id)?.has(messageId) === true
   }
 
   /** Number of the client's stored inbound packets. */
   incomingCount (client: SessionClient): number {
     this.#ready()
+    if (this.sessionDiscarded(client)) return 0
     return this.#incoming.get(client.id)?.size ?? 0
   }
 
   /** The stored inbound packet; rejects with GW_SESSION_NOT_FOUND, which aedes reads as "a new packet". */
   async incomingGetPacket (client: SessionClient, packet: SessionPacket): Promise<SessionPacket> {
     this.#ready()
-    const stored = this.#incoming.get(client.id)?.get(packet.messageId as number)
+    // A connection being taken over sees none of the new session's packets: its PUBLISH is new (and refused), its
+    // PUBREL finds nothing to delete (PUBCOMP all the same).
+    const stored = this.sessionDiscarded(client) ? undefined : this.#incoming.get(client.id)?.get(packet.messageId as number)
     if (stored === undefined) {
       throw notFound()
     }
@@ -1802,6 +1875,7 @@ export class LevelSessionPersistence {
 
   async incomingDelPacket (client: SessionClient, packet: SessionPacket): Promise<void> {
     this.#ready()
+    if (this.sessionDiscarded(client)) throw notFound()
     const store = this.#incoming.get(client.id)
     const messageId = packet.messageId as number
     if (store === undefined || !store.delete(messageId)) {
@@ -1817,6 +1891,8 @@ export class LevelSessionPersistence {
   /** Drops every stored inbound packet of the client ([MQTT-3.1.2-6]: a clean session discards them). */
   async cleanIncoming (client: SessionClient): Promise<void> {
     this.#ready()
+    // The close of a 3.1.1 clean connection taken over: the packets stored now are the new connection's.
+    if (this.sessionDiscarded(client)) return
     const store = this.#incoming.get(client.id)
     if (store === undefined) return
     this.#incoming.delete(client.id)
