@@ -24,6 +24,8 @@ export const STORE_ERROR_CODES = {
   STORE_CLOSED: 'The store is closed or closing.',
   STORE_UNKNOWN_GROUP: 'The consumer group has no committed offsets and no settings.',
   STORE_READ_ONLY: 'The store follows a database another writer owns (a standby replica): it serves reads and refuses every write.',
+  STORE_LOG_REPLACED: 'A standby\'s copy of the log was replaced while a read ran (a snapshot from its primary is being written, or replaced ' +
+    'records the read had got): nothing is damaged; read again. Once the copy is in, its log may end earlier than before: offsets past its end are out of range.',
 } as const
 
 export type StoreErrorCode = keyof typeof STORE_ERROR_CODES

@@ -209,6 +209,8 @@ interface QueuedExtra {
 interface StreamMeta { id: number, partitions: number, retentionMs: number, retentionBytes: number }
 /** `logEnd` is absent in data written before it was recorded; then the last batch alone says where the log ends. */
 interface PartitionMeta { logStart: number, bytes: number, logEnd?: number }
+/** A partition's offsets and bytes as its database holds them. */
+interface LogBounds { readonly logStart: number, readonly logEnd: number, readonly bytes: number }
 interface GroupState { holdsRetention: boolean, offsets: Map<PartitionState, number> }
 
 /** The innermost cause's message: abstract-level wraps the interesting one (ENOSPC) in its own errors. */
@@ -1040,8 +1042,9 @@ class LevelLogStore implements LogStore {
     const { part, maxRecords, maxBytes, end } = this.#readLimits(stream, partition, fromOffset, options)
     const records: StoredRecord[] = []
     let bytes = 0
+    let logEnd = part.logEnd
     if (fromOffset < end) {
-      await this.#scan(part, fromOffset, end, (batch) => {
+      logEnd = await this.#scan(part, fromOffset, end, (batch) => {
         for (let i = Math.max(0, fromOffset - batch[0]!.offset); i < batch.length; i++) {
           const r = batch[i] as StoredRecord
           if (records.length >= maxRecords || (records.length > 0 && bytes + r.payload.byteLength > maxBytes)) return false
@@ -1049,10 +1052,10 @@ class LevelLogStore implements LogStore {
           bytes += r.payload.byteLength
         }
         return true
-      }, () => records.length < maxRecords && bytes < maxBytes, maxRecords)
+      }, () => records.length < maxRecords && bytes < maxBytes, maxRecords) ?? part.logEnd
     }
     const nextOffset = records.length > 0 ? (records[records.length - 1] as StoredRecord).offset + 1 : fromOffset
-    return { records, nextOffset, logStartOffset: part.logStart, logEndOffset: part.logEnd }
+    return { records, nextOffset, logStartOffset: part.logStart, logEndOffset: logEnd }
   }
 
   /** The records {@link read} returns, as columns (the limits are read's, to the record). */
@@ -1062,8 +1065,9 @@ class LevelLogStore implements LogStore {
     let records = 0
     let bytes = 0
     let nextOffset = fromOffset
+    let logEnd = part.logEnd
     if (fromOffset < end) {
-      await this.#scanValues(part, fromOffset, end, (value, header, where) => {
+      logEnd = await this.#scanValues(part, fromOffset, end, (value, header, where) => {
         const columns = decodeColumns(value, header, where)
         const first = Math.max(0, fromOffset - header.baseOffset)
         const last = columns.count - 1
@@ -1087,9 +1091,9 @@ class LevelLogStore implements LogStore {
           nextOffset = header.baseOffset + i
         }
         return i === columns.count
-      }, () => records < maxRecords && bytes < maxBytes, maxRecords)
+      }, () => records < maxRecords && bytes < maxBytes, maxRecords) ?? part.logEnd
     }
-    return { batches, nextOffset, logStartOffset: part.logStart, logEndOffset: part.logEnd }
+    return { batches, nextOffset, logStartOffset: part.logStart, logEndOffset: logEnd }
   }
 
   #checkInRange (part: PartitionState, offset: number): void {
@@ -1114,26 +1118,27 @@ class LevelLogStore implements LogStore {
     const end = Math.min(part.logEnd, endOffset)
     const batches: StoredBatch[] = []
     let bytes = 0
+    let logEnd = part.logEnd
     if (fromOffset < end) {
       // Records the batches of maxBytes hold, going by the partition's average record size: the tail index fetches that many at once.
       const records = part.logEnd - part.logStart
       const perRecord = records > 0 ? Math.max(1, part.bytes / records) : 100
       const expect = Math.max(1, Math.min(65_536, Math.ceil(maxBytes / perRecord)))
-      await this.#scanValues(part, fromOffset, end, (value, header) => {
+      logEnd = await this.#scanValues(part, fromOffset, end, (value, header) => {
         if (batches.length > 0 && bytes + value.length > maxBytes) return false
         batches.push({ baseOffset: header.baseOffset, count: header.count, firstTimestamp: header.firstTimestamp, maxTimestamp: header.maxTimestamp, bytes: value })
         bytes += value.length
         return bytes < maxBytes
-      }, () => bytes < maxBytes, expect)
+      }, () => bytes < maxBytes, expect) ?? part.logEnd
     }
     const last = batches[batches.length - 1]
-    return { batches, nextOffset: last === undefined ? fromOffset : last.baseOffset + last.count, logStartOffset: part.logStart, logEndOffset: part.logEnd }
+    return { batches, nextOffset: last === undefined ? fromOffset : last.baseOffset + last.count, logStartOffset: part.logStart, logEndOffset: logEnd }
   }
 
   /** Like {@link #scanValues}, with each batch's records decoded. */
   async #scan (part: PartitionState, from: number, end: number, onBatch: (records: StoredRecord[]) => boolean,
-    wantMore: () => boolean = () => true, expectRecords = MAX_BATCH_RECORDS): Promise<void> {
-    await this.#scanValues(part, from, end, (value, header, where) => onBatch(decodeBatch(value, header, where)), wantMore, expectRecords)
+    wantMore: () => boolean = () => true, expectRecords = MAX_BATCH_RECORDS): Promise<number | undefined> {
+    return await this.#scanValues(part, from, end, (value, header, where) => onBatch(decodeBatch(value, header, where)), wantMore, expectRecords)
   }
 
   /**
@@ -1142,19 +1147,23 @@ class LevelLogStore implements LogStore {
    * `wantMore()` holds and `onBatch` returns true; a batch that will not be
    * used is neither read nor checked. Seeks backwards (keys only) for the
    * batch holding `from`, then iterates forwards one batch per call.
+   * Returns the log end the scan stopped at when a follower's log turned out
+   * to end before `end` (rewound by its writer, {@link #explainGap}); undefined
+   * otherwise.
    */
   async #scanValues (part: PartitionState, from: number, end: number, onBatch: (value: Buffer, header: BatchHeader, where: BatchWhere) => boolean,
-    wantMore: () => boolean = () => true, expectRecords = MAX_BATCH_RECORDS): Promise<void> {
+    wantMore: () => boolean = () => true, expectRecords = MAX_BATCH_RECORDS): Promise<number | undefined> {
     try {
-      await this.#scanValuesOf(part, from, end, onBatch, wantMore, expectRecords)
+      return await this.#scanValuesOf(part, from, end, onBatch, wantMore, expectRecords)
     } catch (err) {
       throw asDamage(err, `reading ${part.stream.name}[${part.partition}] from offset ${from}`, { stream: part.stream.name, partition: part.partition })
     }
   }
 
-  async #scanValuesOf (part: PartitionState, from: number, end: number, onBatch: (value: Buffer, header: BatchHeader, where: BatchWhere) => boolean,
-    wantMore: () => boolean, expectRecords: number): Promise<void> {
+  async #scanValuesOf (part: PartitionState, start: number, end: number, onBatch: (value: Buffer, header: BatchHeader, where: BatchWhere) => boolean,
+    wantMore: () => boolean, expectRecords: number): Promise<number | undefined> {
     const { id } = part.stream
+    let from = start
     // Fast path: the batches holding [from, from + expectRecords) are in the tail index, fetch them in one call.
     const bases = part.index.lookup(from, expectRecords, end)
     if (bases !== null) {
@@ -1185,7 +1194,7 @@ class LevelLogStore implements LogStore {
           const where = { stream: part.stream.name, partition: part.partition, baseOffset: keys.batchBase(key) }
           const header = readBatchHeader(value, where)
           if (header.baseOffset + header.count <= from) continue
-          if (header.baseOffset > expected) await this.#explainGap(part, expected, header.baseOffset)
+          if (header.baseOffset > expected) await this.#explainGap(part, start, expected, header.baseOffset, false)
           expected = header.baseOffset + header.count
           if (!onBatch(value, header, where)) return
         }
@@ -1193,27 +1202,98 @@ class LevelLogStore implements LogStore {
         if (!wantMore()) return
         entries = await iterator.nextv(1)
       }
-      if (expected < end) await this.#explainGap(part, expected, end)
+      if (expected < end) return await this.#explainGap(part, start, expected, end, true)
     } finally {
       await iterator.close()
     }
   }
 
   /**
-   * Throws for the batches missing between `from` and `to`: STORE_OFFSET_OUT_OF_RANGE
-   * when retention deleted them while we read (the partition's metadata on
-   * disk, written atomically with the deletion, says where the log starts
-   * now), STORE_DAMAGED otherwise: a read never skips offsets silently.
+   * Explains the batches a read from `start` found missing between `from`
+   * and `to` (`atEnd`: no batch follows them before the read's end). Throws
+   * STORE_OFFSET_OUT_OF_RANGE when retention deleted them while we read (the
+   * partition's metadata on disk, written atomically with the deletion, says
+   * where the log starts now), STORE_DAMAGED otherwise: a read never skips
+   * offsets silently.
+   *
+   * But a follower's writer may have rewound its log since the read took its
+   * end from the store's state ({@link #followedChange}): then it is no damage,
+   * and the read ends at the new log end (returned) when it got that far, the
+   * offset is out of range when the read began past it, and otherwise (it read
+   * records the log no longer holds, or the copy is half written) it fails with
+   * STORE_LOG_REPLACED, which a reader retries.
    */
-  async #explainGap (part: PartitionState, from: number, to: number): Promise<never> {
-    const meta = await this.#db.get(keys.partition(part.stream.id, part.partition))
-    const logStart = Math.max(part.logStart, meta === undefined ? 0 : decodeMeta<PartitionMeta>(meta).logStart)
+  async #explainGap (part: PartitionState, start: number, from: number, to: number, atEnd: boolean): Promise<number> {
+    const meta = await this.#partitionMeta(part)
+    const logStart = Math.max(part.logStart, meta?.logStart ?? 0)
     if (from < logStart) {
       throw new StoreError('STORE_OFFSET_OUT_OF_RANGE', `offset ${from} of ${part.stream.name}[${part.partition}] was deleted by retention while reading; the log now starts at ${logStart}`,
         { details: { stream: part.stream.name, partition: part.partition, offset: from, logStartOffset: logStart, logEndOffset: part.logEnd } })
     }
-    throw missingOffsets(part.stream.name, part.partition, from, to, 'no batch holds them although the log runs from ' +
-      `${part.logStart} to ${part.logEnd}`)
+    const changed = this.#follower ? await this.#followedChange(part, from) : 'same'
+    if (changed === 'same') {
+      throw missingOffsets(part.stream.name, part.partition, from, to, 'no batch holds them although the log runs from ' +
+        `${part.logStart} to ${part.logEnd}`)
+    }
+    const where = `${part.stream.name}[${part.partition}]`
+    if (changed !== 'replaced') {
+      if (atEnd && from === changed.logEnd) return changed.logEnd
+      if (from === start && from > changed.logEnd) {
+        throw new StoreError('STORE_OFFSET_OUT_OF_RANGE',
+          `offset ${from} is out of range for ${where}: the log it follows was rewound while reading (a standby's copy replaced by a snapshot) and now ends at ${changed.logEnd}`,
+          { details: { stream: part.stream.name, partition: part.partition, offset: from, logStartOffset: changed.logStart, logEndOffset: changed.logEnd } })
+      }
+    }
+    throw new StoreError('STORE_LOG_REPLACED',
+      `${where} was replaced by the writer this store follows while reading from offset ${start} (a standby's copy replaced by a snapshot from its primary); ` +
+      'nothing is damaged: read again', { details: { stream: part.stream.name, partition: part.partition, offset: start } })
+  }
+
+  async #partitionMeta (part: PartitionState): Promise<PartitionMeta | undefined> {
+    const meta = await this.#db.get(keys.partition(part.stream.id, part.partition))
+    return meta === undefined ? undefined : decodeMeta<PartitionMeta>(meta)
+  }
+
+  /**
+   * For a follower whose read found `from` missing: whether the log changed under the read, as the database says now.
+   * 'same': it did not, the offsets are missing from the log as it stands (damage). 'replaced': the copy is being
+   * written anew (the standby empties its database for a snapshot; the log's version entry comes after every batch,
+   * partition and stream entry in a snapshot's key order, so the log is incomplete without it), or the stream is
+   * another now. Else the log as it stands: rewound to before `from`, or holding `from` after all (the read saw an
+   * older copy).
+   */
+  async #followedChange (part: PartitionState, from: number): Promise<'same' | 'replaced' | LogBounds> {
+    if (await this.#db.get(keys.version()) === undefined) return 'replaced'
+    const stream = await this.#db.get(keys.stream(part.stream.name))
+    const meta = stream === undefined ? undefined : decodeMeta<StreamMeta>(stream)
+    if (meta === undefined || meta.id !== part.stream.id || meta.partitions !== part.stream.partitions.length) return 'replaced'
+    const before = await this.#boundsOnDisk(part)
+    if (before === undefined) return 'same'
+    if (from >= before.logEnd) return before
+    // Inside the log: missing now too, with the partition unchanged around the look, is damage.
+    const range = keys.batchRange(part.stream.id, part.partition)
+    const [holder] = await this.#db.iterator({ gte: range.gte, lte: keys.batch(part.stream.id, part.partition, from), reverse: true, limit: 1 }).all()
+    const header = holder === undefined ? undefined : this.#header(part, holder[0], holder[1])
+    const held = header !== undefined && header.baseOffset + header.count > from
+    const after = await this.#boundsOnDisk(part)
+    if (after === undefined) return 'same'
+    const unchanged = after.logStart === before.logStart && after.logEnd === before.logEnd && after.bytes === before.bytes
+    return !held && unchanged ? 'same' : after
+  }
+
+  /**
+   * Where the partition's log starts and ends as its database says now: its metadata, or its newest batch in data
+   * written before the metadata recorded the end; a partition never written holds nothing. Undefined when batches are
+   * there without metadata (damage, as at open).
+   */
+  async #boundsOnDisk (part: PartitionState): Promise<LogBounds | undefined> {
+    const meta = await this.#partitionMeta(part)
+    if (meta?.logEnd !== undefined) return { logStart: meta.logStart, logEnd: meta.logEnd, bytes: meta.bytes }
+    const [last] = await this.#db.iterator({ ...keys.batchRange(part.stream.id, part.partition), reverse: true, limit: 1 }).all()
+    if (last === undefined) return meta === undefined ? { logStart: 0, logEnd: 0, bytes: 0 } : { logStart: meta.logStart, logEnd: meta.logStart, bytes: meta.bytes }
+    if (meta === undefined) return undefined
+    const header = this.#header(part, last[0], last[1])
+    return { logStart: meta.logStart, logEnd: header.baseOffset + header.count, bytes: meta.bytes }
   }
 
   async offsetForTime (stream: string, partition: number, timestamp: number): Promise<number | null> {

@@ -51,7 +51,11 @@ export const HTTP_ERROR_CODES = {
     description: 'The offset is below the log start (retention deleted it) or above the log end; the error carries logStartOffset and logEndOffset.',
   },
   HTTP_INTERNAL: { status: 500, description: 'The server failed (for example a corrupt batch in the log); the message says why.' },
-  HTTP_UNAVAILABLE: { status: 503, description: 'The gateway is shutting down.' },
+  HTTP_UNAVAILABLE: {
+    status: 503,
+    description: 'The gateway is shutting down; or it is a standby whose copy of the log was replaced while the read ran (a snapshot from its primary, ' +
+      'STORE_LOG_REPLACED): read again.',
+  },
   HTTP_PROMOTE_REFUSED: {
     status: 409, description: 'POST /v1/replication/promote on a gateway that is not a standby, or whose copy is incomplete (GW_PROMOTE_REFUSED).',
   },
@@ -117,6 +121,9 @@ export function toApiError (err: unknown): ApiError {
       case 'STORE_INVALID_NAME': return new ApiError('HTTP_BAD_NAME', err.message, { cause: err })
       case 'STORE_INVALID_OFFSET': case 'STORE_INVALID_ARGUMENT': return new ApiError('HTTP_BAD_REQUEST', err.message, { cause: err })
       case 'STORE_CLOSED': return new ApiError('HTTP_UNAVAILABLE', 'the gateway is shutting down', { cause: err })
+      case 'STORE_LOG_REPLACED':
+        return new ApiError('HTTP_UNAVAILABLE', 'this standby\'s copy of the log was replaced while reading (a snapshot from its primary): read again',
+          { cause: err })
       case 'STORE_READ_ONLY': return new ApiError('HTTP_READ_ONLY', 'this gateway is a standby: it takes no writes; send them to the primary', { cause: err })
       default: return new ApiError('HTTP_INTERNAL', `${err.code}: ${err.message}`, { cause: err })
     }

@@ -486,6 +486,9 @@ export class PartitionReader {
       if (this.#onGap !== null && isStoreError(err, 'STORE_OFFSET_OUT_OF_RANGE')) return { records: [], bytes: 0, scanned: 0, stop: null }
       throw err
     }
+    // A standby's log rewound by a snapshot since partitionInfo: the read ends at its new end (logEndOffset), where a
+    // live reader waits for appends as at any log end.
+    if (result.records.length === 0 && this.next >= result.logEndOffset) return { records: [], bytes: 0, scanned: 0, stop: 'log' }
     // Below the log end a read returns a record; never spin on one that did not.
     if (result.records.length === 0) { this.#end = this.next; return { records: [], bytes: 0, scanned: 0, stop: 'range' } }
     const out: StoredRecord[] = []

@@ -7,7 +7,8 @@
  * Queued batches are applied together as one LevelDB batch, with the
  * position they reach, and acknowledged once that batch is written (fsync'd
  * under store.durability: sync). After each apply the read-only store is
- * told to re-read what changed (coalesced, on the same chain as the applies).
+ * told to re-read what changed (coalesced, on the same chain as the applies);
+ * after a snapshot at once, before the standby counts as past it.
  *
  * Across a reconnect: acks go on the connection welcomed last (an apply the
  * lost connection started is acknowledged there), batches the lost
@@ -354,6 +355,12 @@ export class ReplicationStandby {
     await this.#deps.db.batch([this.#positionOp(position), ...this.#deps.db.finishCopyOps], { sync: true })
     this.#position = position
     this.#applied(position.seq)
+    // The store re-reads the copy before this standby counts as past its snapshot (in sync, acknowledged): its reads
+    // then serve the new copy, whose log may end before the old one did. A read that began before still meets the
+    // shorter log, which the store ends it at (store/log-store.ts, #explainGap).
+    if (!this.#closed) {
+      await this.#deps.refresh().catch((err: unknown) => this.#deps.logger.warn({ err: (err as Error).message }, 'standby store refresh failed'))
+    }
     this.#snapshotting = false
     this.#deps.logger.info({ seq: position.seq }, 'snapshot from the primary applied')
     this.#ack(position)
