@@ -611,8 +611,11 @@ export class LevelSessionPersistence {
    * the CONNECT takes them over, and until they close what they write is not the new session's (sessionDiscarded).
    */
   readonly #discardedFrom = new WeakSet<SessionClient>()
-  /** The arrays subscriptionsByTopic handed out: aedes passes one back with each message it queues (#stillSubscribed). */
-  readonly #matchedHere = new WeakSet<readonly MatchedSubscription[]>()
+  /**
+   * The arrays subscriptionsByTopic handed out before the subscriptions last changed (#matchesChanged): aedes passes
+   * one back with each message it queues, turns later, and a session may no longer hold what it says (#stillSubscribed).
+   */
+  readonly #outdated = new WeakSet<readonly MatchedSubscription[]>()
   readonly #offlineListeners: Array<(clientId: string) => void> = []
   /** The MQTT 5 Session Expiry Interval (s) of sessions that have one below 0xFFFFFFFF (the `C` value). */
   readonly #intervals = new Map<string, number>()
@@ -1234,11 +1237,7 @@ export class LevelSessionPersistence {
     }
     const match = this.#matched(topic)
     // aedes asks once per message: one promise per topic rather than one per message (an async method's).
-    if (match.found === undefined) {
-      this.#matchedHere.add(match.subs)
-      match.found = Promise.resolve(match.subs)
-    }
-    return match.found
+    return match.found ??= Promise.resolve(match.subs)
   }
 
   /** The topic's entry in the match cache, made now if there is none (see TopicMatch). */
@@ -1261,6 +1260,7 @@ export class LevelSessionPersistence {
    */
   #matchesChanged (): void {
     if (this.#matchesHeld === 0) return
+    for (const match of this.#matches.values()) if (match.found !== undefined) this.#outdated.add(match.subs)
     this.#matches.clear()
     this.#matchesHeld = 0
   }
@@ -1524,12 +1524,13 @@ export class LevelSessionPersistence {
   /**
    * The subscriptions of `subs` (aedes matched them turns before it queues the message: aedes.js enqueueOffline) that
    * their sessions still hold. A clean step in between discarded them: queued, the copy (or the cursor made for it)
-   * landed in the new session, which never subscribed. The same array when nothing was discarded, as is usual. Only
-   * for arrays of this persistence's matching: a caller's own (aedes-persistence's suite; a publish to one client,
-   * outgoingEnqueue) are queued as given.
+   * landed in the new session, which never subscribed. Looked at only when the subscriptions changed since `subs` was
+   * handed out (#outdated), so the usual message costs one lookup (a look at every subscription of every message
+   * cost offline ingest about 10 %: BENCHMARKS.md). A caller's own array (aedes-persistence's suite; a publish to one
+   * client, outgoingEnqueue) is queued as given.
    */
   #stillSubscribed (subs: ReadonlyArray<{ clientId: string, qos?: number }>): ReadonlyArray<{ clientId: string, qos?: number }> {
-    if (!this.#matchedHere.has(subs as readonly MatchedSubscription[])) return subs
+    if (!this.#outdated.has(subs as readonly MatchedSubscription[])) return subs
     const held = (sub: MatchedSubscription): boolean => (this.#subs.get(sub.clientId)?.get(sub.topic)?.qos ?? 0) > 0
     const matched = subs as readonly MatchedSubscription[]
     return matched.every(held) ? matched : matched.filter(held)
