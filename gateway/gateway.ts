@@ -30,7 +30,7 @@ import { GatewayStoreObserver } from './log/store-observer.ts'
 import { createConfiguredStreams, tenantsOf } from './log/streams.ts'
 import { watchDiskUsage } from './metrics/disk.ts'
 import { createMetrics, splitStream } from './metrics/metrics.ts'
-import { followRewinds } from './query/log-rewinds.ts'
+import { followRewinds, reportRewinds } from './query/log-rewinds.ts'
 import { zeroBridgeSeries, zeroGatewaySeries } from './metrics/zero.ts'
 import { createBroker, releaseBackpressure } from './mqtt/broker.ts'
 import { CommandDispatcher, commandStreamsOf, createReceiptStreams } from './mqtt/commands.ts'
@@ -131,16 +131,7 @@ async function start (config: GatewayConfig, deps: GatewayDeps, shutdown: Shutdo
   })
   shutdown.add('store', () => store.close())
   // A standby's snapshot can rewind a partition's log: its live readers past the new end move back to it (query/log-rewinds.ts).
-  const rewinds = followRewinds(store, {
-    rewound: ({ stream, partition, formerEnd, end }) => logger.warn({ code: 'GW_WARN_LOG_REWOUND', stream, partition, formerEnd, end },
-      `the snapshot from the primary rewound ${stream}[${partition}]: its log ended at ${formerEnd}, now at ${end}`),
-    readerMovedBack: ({ stream, partition, from, to }) => {
-      logger.warn({ code: 'GW_WARN_READER_REWOUND', stream, partition, from, to },
-        `a reader of ${stream}[${partition}] at ${from}, past the rewound log end, moved back to ${to}: ` +
-        `what it got from ${to} up to ${from} was the old history`)
-      metrics.readerRewinds.inc(splitStream(stream))
-    },
-  })
+  const rewinds = followRewinds(store, reportRewinds(logger, (stream) => metrics.readerRewinds.inc(splitStream(stream))))
   replication.follow(() => rewinds.refresh())
   // A primary's term begins where the log ends now (replication/terms.ts): a former primary computes the tail it alone holds from it.
   await replication.startTerm(store)

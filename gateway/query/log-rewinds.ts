@@ -64,6 +64,32 @@ export interface RewindObserver {
   readerMovedBack? (moved: ReaderMovedBack): void
 }
 
+/** The gateway's logger, as far as rewinds need it. */
+export interface RewindLogger {
+  warn (fields: Record<string, unknown>, message: string): void
+}
+
+/**
+ * How the gateway makes rewinds visible: a line per rewound partition
+ * (GW_WARN_LOG_REWOUND) and per reader moved back (GW_WARN_READER_REWOUND),
+ * each with the stream, the partition and both offsets; `counted` hears the
+ * stream of each reader moved (edgemq_reader_rewinds_total).
+ */
+export function reportRewinds (logger: RewindLogger, counted: (stream: string) => void): RewindObserver {
+  return {
+    rewound: ({ stream, partition, formerEnd, end }) => {
+      logger.warn({ code: 'GW_WARN_LOG_REWOUND', stream, partition, formerEnd, end },
+        `the snapshot from the primary rewound ${stream}[${partition}]: its log ended at ${formerEnd}, now at ${end}`)
+    },
+    readerMovedBack: ({ stream, partition, from, to }) => {
+      logger.warn({ code: 'GW_WARN_READER_REWOUND', stream, partition, from, to },
+        `a reader of ${stream}[${partition}] at ${from}, past the rewound log end, moved back to ${to}: ` +
+        `what it got from ${to} up to ${from} was the old history`)
+      counted(stream)
+    },
+  }
+}
+
 const trackers = new WeakMap<object, LogRewinds>()
 
 /** The rewinds of `store`'s log, when its refreshes run through a tracker ({@link followRewinds}); else null. */

@@ -4,13 +4,16 @@
  * on the standby, ends at 160 and goes on with records of its own. A live
  * reader at 170 or at the old end must read the new history from 160, also
  * when the first appends after the snapshot carry the log past its position
- * before it steps again, and the tracker says it moved. The snapshot is
+ * before it steps again, and the tracker says it moved (the gateway logs
+ * both offsets and counts it). The snapshot is
  * played as the standby applies one (test/store/follower-copy.ts), the
  * refresh after it run through the tracker as the gateway does.
  */
 import { MemoryLevel } from 'memory-level'
 import { afterEach, describe, expect, it } from 'vitest'
-import { followRewinds, type LogRewind, type ReaderMovedBack } from '../../../gateway/query/log-rewinds.ts'
+import { Registry } from 'prom-client'
+import { createMetrics, splitStream } from '../../../gateway/metrics/metrics.ts'
+import { followRewinds, reportRewinds, type LogRewind, type ReaderMovedBack, type RewindObserver } from '../../../gateway/query/log-rewinds.ts'
 import { PartitionReader, readRange, resolveRange, type ReadChunk } from '../../../gateway/query/read-plan.ts'
 import { openLogStore, type LevelDatabase, type LogStore } from '../../../store/index.ts'
 import { entriesOf, primaryLog, replaceCopy, RAW, STREAM, type Raw } from '../../store/follower-copy.ts'
@@ -25,14 +28,16 @@ describe('a reader past a standby\'s rewound log end', () => {
   const opened: LogStore[] = []
   afterEach(async () => { for (const s of opened.splice(0)) await s.close() })
 
-  async function standby (): Promise<{ copy: Raw, store: LogStore, rewinds: LogRewind[], moved: ReaderMovedBack[], refresh: () => Promise<void> }> {
+  async function standby (report?: (store: LogStore) => RewindObserver): Promise<{
+    copy: Raw, store: LogStore, rewinds: LogRewind[], moved: ReaderMovedBack[], refresh: () => Promise<void>
+  }> {
     const copy = new MemoryLevel<Buffer, Buffer>(RAW)
     await replaceCopy(copy, await entriesOf(await primaryLog(OLD)))
     const store = await openLogStore({ db: copy as unknown as LevelDatabase, follower: true })
     opened.push(store)
     const rewinds: LogRewind[] = []
     const moved: ReaderMovedBack[] = []
-    const tracker = followRewinds(store, { rewound: (r) => rewinds.push(r), readerMovedBack: (m) => moved.push(m) })
+    const tracker = followRewinds(store, report?.(store) ?? { rewound: (r) => rewinds.push(r), readerMovedBack: (m) => moved.push(m) })
     return { copy, store, rewinds, moved, refresh: () => tracker.refresh() }
   }
 
@@ -117,5 +122,25 @@ describe('a reader past a standby\'s rewound log end', () => {
     await replaceCopy(copy, await entriesOf(await primaryLog(NEW.slice(0, 165))))
     await store.refresh()
     expect(texts(await drain(reader))).toEqual(NEW.slice(160, 165))
+  })
+
+  it('the gateway logs each rewound partition and each reader moved back, with both offsets, and counts the readers', async () => {
+    const lines: Array<Record<string, unknown>> = []
+    const registry = new Registry()
+    const s = await standby((store) => {
+      const metrics = createMetrics(registry, { store, diskFreeBytes: () => undefined, diskSizeBytes: () => undefined, healthy: () => true, version: 't', gatewayId: 't' })
+      return reportRewinds({ warn: (fields) => lines.push(fields) }, (stream) => metrics.readerRewinds.inc(splitStream(stream)))
+    })
+    const reader = new PartitionReader(s.store, await resolveRange(s.store, STREAM, 0, readRange({ kind: 'latest' }, undefined),
+      { outside: 'fail', snapshot: false }))
+    await newLogTo(s, 160)
+    await newLogTo(s, 170)
+    expect(texts(await drain(reader))).toEqual(NEW.slice(160, 170))
+    expect(lines).toEqual([
+      { code: 'GW_WARN_LOG_REWOUND', stream: STREAM, partition: 0, formerEnd: 180, end: 160 },
+      { code: 'GW_WARN_READER_REWOUND', stream: STREAM, partition: 0, from: 180, to: 160 },
+    ])
+    const counted = (await registry.getSingleMetric('edgemq_reader_rewinds_total')?.get())?.values
+    expect(counted?.map((v) => ({ labels: v.labels, value: v.value }))).toEqual([{ labels: { tenant: 't', stream: 's' }, value: 1 }])
   })
 })
