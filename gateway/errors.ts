@@ -69,6 +69,12 @@ export const GATEWAY_WARNING_CODES = {
   GW_WARN_SET_ASIDE_TAIL: 'After the new primary\'s snapshot: which of the set-aside records the new primary lacks (offset ranges per partition, from ' +
     'the start of its term), written to <set-aside file>.tail.json, the records to <set-aside file>.tail.ndjson. ' +
     'With acks: replicated none of them was acknowledged.',
+  GW_WARN_LOG_REWOUND: 'A standby\'s snapshot from its primary left a partition\'s log ending before its copy did (a former primary\'s tail the ' +
+    'new primary never received): the line names the stream, the partition, the former end and the new end. The new primary\'s records take ' +
+    'those offsets.',
+  GW_WARN_READER_REWOUND: 'A live reader (HTTP long poll or follow, MQTT $replay) was past a partition\'s rewound log end (GW_WARN_LOG_REWOUND) and ' +
+    'moved back to it, so it reads every record of the new history; the records from there up to its former position that it already ' +
+    'delivered were the old history\'s. The line names the stream, the partition, the former position and the new end.',
   GW_WARN_GATEWAY_ID_CHANGED: 'The configured gatewayId differs from the one kept in <dataDir>/gateway-id: ' +
     'upstreams see a new gateway (new dedupe ids and client ids).',
 } as const

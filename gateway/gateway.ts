@@ -30,6 +30,7 @@ import { GatewayStoreObserver } from './log/store-observer.ts'
 import { createConfiguredStreams, tenantsOf } from './log/streams.ts'
 import { watchDiskUsage } from './metrics/disk.ts'
 import { createMetrics, splitStream } from './metrics/metrics.ts'
+import { followRewinds, reportRewinds } from './query/log-rewinds.ts'
 import { zeroBridgeSeries, zeroGatewaySeries } from './metrics/zero.ts'
 import { createBroker, releaseBackpressure } from './mqtt/broker.ts'
 import { CommandDispatcher, commandStreamsOf, createReceiptStreams } from './mqtt/commands.ts'
@@ -129,7 +130,9 @@ async function start (config: GatewayConfig, deps: GatewayDeps, shutdown: Shutdo
     throw isStoreError(err, 'STORE_DAMAGED') || isStoreError(err, 'STORE_CORRUPT_BATCH') ? await damagedDataDir(err, config.dataDir) : err
   })
   shutdown.add('store', () => store.close())
-  replication.follow(() => store.refresh())
+  // A standby's snapshot can rewind a partition's log: its live readers past the new end move back to it (query/log-rewinds.ts).
+  const rewinds = followRewinds(store, reportRewinds(logger, (stream) => metrics.readerRewinds.inc(splitStream(stream))))
+  replication.follow(() => rewinds.refresh())
   // A primary's term begins where the log ends now (replication/terms.ts): a former primary computes the tail it alone holds from it.
   await replication.startTerm(store)
   const disk = watchDiskUsage(config.dataDir)

@@ -31,6 +31,7 @@ import type { ServerResponse } from 'node:http'
 import { Encoder } from 'cbor-x'
 import { toApiError } from './errors.ts'
 import { placePending } from '../query/read-plan.ts'
+import { RewindWatch } from '../query/log-rewinds.ts'
 import { BATCHES_MEDIA_TYPE, resolveBounds, type FetchContext, type PartitionTarget, type RecordsRequest } from './records.ts'
 
 /** Batch bytes per store read. */
@@ -58,11 +59,20 @@ export async function serveBatches (ctx: FetchContext, target: PartitionTarget, 
   const { store, signal } = ctx
   const { stream, partition } = target
   let range = await resolveBounds(store, target, req)
+  const rewinds = new RewindWatch(store, stream, partition)
+  /** Where a reader at `offset` goes on: a standby's log rewound below it since the plan moves it back to the new end (log-rewinds.ts). */
+  const notRewound = (offset: number): number => {
+    const end = rewinds.movedEnd(offset)
+    if (end === null) return offset
+    rewinds.movedBack(offset, end)
+    return end
+  }
 
   // Before the head: place the times the index could not place yet, and long-poll until there is something to send.
   const deadline = performance.now() + req.waitMs
   for (;;) {
     range = await placePending(store, range)
+    if (range.fromTime === null) range = { ...range, start: notRewound(range.start) }
     const left = deadline - performance.now()
     const readable = range.fromTime === null && range.start < store.partitionInfo(stream, partition).logEndOffset
     if (range.start >= range.end || readable || signal.aborted || left <= 0) break
@@ -115,6 +125,7 @@ export async function serveBatches (ctx: FetchContext, target: PartitionTarget, 
       // Rejects with an AbortError when the client goes away; `once` removes its listener either way.
       if (res.writableNeedDrain) await once(res, 'drain', { signal })
     }
+    next = notRewound(next)
     const info = store.partitionInfo(stream, partition)
     res.end(cbor.encode({
       end: {

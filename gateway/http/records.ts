@@ -311,6 +311,8 @@ interface Summary {
 }
 
 function summary (store: LogStore, target: PartitionTarget, reader: PartitionReader, stop: Stop): Summary {
+  // A long poll that timed out past a standby's rewound log end: the client goes on from the new end, not past it.
+  reader.checkRewound()
   const info = store.partitionInfo(target.stream, target.partition)
   return {
     stream: target.name,

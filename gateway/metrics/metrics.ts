@@ -43,6 +43,7 @@ export interface GatewayMetrics {
   readonly sessionDamaged: Counter<'entry'>
   readonly oversizedDeliveries: Counter<'tenant'>
   readonly sessionsExpired: Counter
+  readonly readerRewinds: Counter<'tenant' | 'stream'>
   readonly httpWaitingReads: Gauge
 }
 
@@ -329,6 +330,13 @@ export function createMetrics (registry: Registry, sources: MetricsSources): Gat
       name: 'edgemq_mqtt_replays_finished_total',
       help: 'MQTT replays that ended: done (history delivered), cancelled (unsubscribed, disconnected, replaced) or failed.',
       labelNames: ['tenant', 'outcome'],
+      registers: [registry],
+    }),
+    readerRewinds: new Counter({
+      name: 'edgemq_reader_rewinds_total',
+      help: 'Live readers of a standby (HTTP long polls and follows, MQTT $replay) whose position was past the log end a snapshot from a new ' +
+        'primary rewound the log to, moved back to that end so they read every record of the new history (docs/operations.md, standby).',
+      labelNames: ['tenant', 'stream'],
       registers: [registry],
     }),
     sessionsExpired: new Counter({

@@ -507,9 +507,13 @@ class Replay {
     return cursors
   }
 
-  /** Whether the cursor has records to read: below its end, and (live) below the log end. */
+  /**
+   * Whether the cursor has records to read: below its end, and (live) not at the log end. Past the log end (a
+   * standby's log rewound under it) a step moves it back to the new end (read-plan.ts), from where the new history's
+   * records are read as they arrive.
+   */
   #readable (c: Cursor, live: boolean): boolean {
-    return c.next < c.end && (!live || c.next < this.#deps.store.partitionInfo(c.stream, c.partition).logEndOffset)
+    return c.next < c.end && (!live || c.next !== this.#deps.store.partitionInfo(c.stream, c.partition).logEndOffset)
   }
 
   /** Sends records in merged order until the history is delivered (or, live, until the replay is stopped). */

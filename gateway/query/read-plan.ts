@@ -76,6 +76,13 @@
  * store's STORE_OFFSET_OUT_OF_RANGE; `openEnd()` turns a snapshot into a
  * live read once its history is delivered.
  *
+ * A standby's log can go backwards (a snapshot from a new primary whose log
+ * ends before the old copy's; log-rewinds.ts). A reader positioned past the
+ * new end moves back to it at its next step (`checkRewound()` does it at
+ * once), so it reads every record of the new history, and the store's
+ * tracker is told (a log line and a counter); a snapshot range ends at the
+ * new end. Records of the old history it returned before are not taken back.
+ *
  * A reader serves one caller: `step` is not called again before the
  * previous step resolved.
  */
@@ -83,6 +90,7 @@ import { isStoreError, partitionForKey, type LogStore, type StoredRecord } from 
 import { compileTopicFilters, topicFilterProblem } from '../access/topics.ts'
 import { compileFilterExpression, parseJsonPayload } from './filter-expression.ts'
 import { QueryError } from './errors.ts'
+import { RewindWatch, rewindsOf, type LogRewinds } from './log-rewinds.ts'
 
 // ---------------------------------------------------------------- requests
 
@@ -293,6 +301,8 @@ export interface PartitionRange {
   readonly fromTime: number | null
   /** An end time the time index could not place yet: the first record at or after it ends the range. */
   readonly toTime: number | null
+  /** `end` is the log end as of the plan (policy `snapshot`): a rewind of the log lowers it to the new end. */
+  readonly snapshot?: boolean
 }
 
 /** Places `range` on one partition of `stream` (the rules in the header). */
@@ -338,7 +348,7 @@ export async function resolveRange (store: Pick<LogStore, 'partitionInfo' | 'off
     end = Math.min(end, logEndOffset)
     toTime = null
   }
-  return { stream, partition, start, end: Math.max(end, start), fromTime, toTime }
+  return { stream, partition, start, end: Math.max(end, start), fromTime, toTime, snapshot: policy.snapshot }
 }
 
 /** {@link resolveRange} for each partition, in the order given. */
@@ -367,7 +377,7 @@ export async function placePending (store: Pick<LogStore, 'partitionInfo' | 'off
     const bound = await store.offsetForTime(stream, partition, toTime)
     if (bound !== null) { end = Math.max(start, Math.min(end, bound)); toTime = null }
   }
-  return { stream, partition, start, end, fromTime, toTime }
+  return { ...range, start, end, fromTime, toTime }
 }
 
 // ---------------------------------------------------------------- run
@@ -393,6 +403,8 @@ export interface ReaderOptions {
    * ends the read.
    */
   readonly onGap?: ((skipped: number) => void) | null
+  /** Where the store's log rewinds are tracked (log-rewinds.ts); default: the store's tracker, when it has one. */
+  readonly rewinds?: LogRewinds | null
 }
 
 /** Room left in the caller's answer. `first`: nothing is in it yet, so one record goes in even when larger than `bytes`. */
@@ -441,6 +453,8 @@ export class PartitionReader {
   readonly #chunkBytes: number
   readonly #slice: Slice | null
   readonly #onGap: ((skipped: number) => void) | null
+  readonly #rewinds: RewindWatch
+  #snapshot: boolean
 
   constructor (store: Pick<LogStore, 'partitionInfo' | 'read'>, range: PartitionRange, options: ReaderOptions = {}) {
     this.#store = store
@@ -455,16 +469,51 @@ export class PartitionReader {
     this.#chunkBytes = options.chunkBytes ?? READ_CHUNK_BYTES
     this.#slice = options.slice ?? null
     this.#onGap = options.onGap ?? null
+    this.#rewinds = new RewindWatch(store, range.stream, range.partition, options.rewinds !== undefined ? options.rewinds : rewindsOf(store))
+    this.#snapshot = range.snapshot === true
   }
 
   /** Exclusive; Infinity when open. Lowered when a pending end time is reached. */
   get end (): number { return this.#end }
 
   /** Lifts the end: a snapshot whose history is delivered goes on live. */
-  openEnd (): void { this.#end = Number.POSITIVE_INFINITY }
+  openEnd (): void {
+    this.#end = Number.POSITIVE_INFINITY
+    this.#snapshot = false
+  }
+
+  /**
+   * Moves the reader back to its partition's log end when the log was
+   * rewound below its position since it last looked: by the store's tracker
+   * (the lowest end a rewind left, even when appends have carried the log
+   * past the reader again since), or by the log end it sees now. True when
+   * it moved. `step` does it first; a caller that reports the reader's
+   * position without stepping (a long poll that timed out) calls it.
+   */
+  checkRewound (): boolean {
+    const end = this.#rewinds.movedEnd(this.next)
+    if (end === null) return false
+    this.#moveBack(end)
+    return true
+  }
+
+  #moveBack (end: number): void {
+    const from = this.next
+    this.next = end
+    // A snapshot's history is the log as of the plan; what of it is left ends at the new end.
+    if (this.#snapshot) this.#end = Math.min(this.#end, end)
+    this.#rewinds.movedBack(from, end)
+  }
+
+  /** Caught up with the log end: a live reader waits for appends there; a snapshot range rewound below its end is done. */
+  #atLogEnd (): ReadChunk {
+    if (this.#snapshot && this.next < this.#end) this.#end = this.next
+    return { records: [], bytes: 0, scanned: 0, stop: this.next >= this.#end ? 'range' : 'log' }
+  }
 
   /** One store read: the records it accepted, within `room`. */
   async step (room: Room = ALL): Promise<ReadChunk> {
+    this.checkRewound()
     if (this.next >= this.#end) return { records: [], bytes: 0, scanned: 0, stop: 'range' }
     const info = this.#store.partitionInfo(this.#stream, this.#partition)
     if (this.next < info.logStartOffset && this.#onGap !== null) {
@@ -472,7 +521,7 @@ export class PartitionReader {
       this.next = Math.min(info.logStartOffset, this.#end)
       if (this.next >= this.#end) return { records: [], bytes: 0, scanned: 0, stop: 'range' }
     }
-    if (this.next >= info.logEndOffset) return { records: [], bytes: 0, scanned: 0, stop: 'log' }
+    if (this.next >= info.logEndOffset) return this.#atLogEnd()
     // Unfiltered records all go out: read no more than there is room for. Filtered ones: a full chunk.
     const filtered = this.#filter !== null || this.#fromTime !== null
     let result
@@ -482,13 +531,22 @@ export class PartitionReader {
         maxBytes: Math.max(1, Math.min(this.#chunkBytes, filtered ? this.#chunkBytes : room.bytes)),
       })
     } catch (err) {
+      // A standby's log rewound below the reader since partitionInfo (the store has not refreshed yet): move back to its new end.
+      const rewoundTo = isStoreError(err, 'STORE_OFFSET_OUT_OF_RANGE') ? err.details.logEndOffset : undefined
+      if (rewoundTo !== undefined && rewoundTo < this.next) {
+        this.#moveBack(rewoundTo)
+        return this.#atLogEnd()
+      }
       // Retention moved the log start meanwhile: the next step skips ahead.
       if (this.#onGap !== null && isStoreError(err, 'STORE_OFFSET_OUT_OF_RANGE')) return { records: [], bytes: 0, scanned: 0, stop: null }
       throw err
     }
     // A standby's log rewound by a snapshot since partitionInfo: the read ends at its new end (logEndOffset), where a
     // live reader waits for appends as at any log end.
-    if (result.records.length === 0 && this.next >= result.logEndOffset) return { records: [], bytes: 0, scanned: 0, stop: 'log' }
+    if (result.records.length === 0 && this.next >= result.logEndOffset) {
+      if (this.next > result.logEndOffset) this.#moveBack(result.logEndOffset)
+      return this.#atLogEnd()
+    }
     // Below the log end a read returns a record; never spin on one that did not.
     if (result.records.length === 0) { this.#end = this.next; return { records: [], bytes: 0, scanned: 0, stop: 'range' } }
     const out: StoredRecord[] = []

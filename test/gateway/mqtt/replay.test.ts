@@ -18,6 +18,8 @@ import { isReplayTopic, MqttReplays, parseReplaySubscription, replayPartitions, 
 import { NO_PROPERTIES, publishPacketSize, recordProperties, writePublishPacket } from '../../../gateway/mqtt/publish-frames.ts'
 import { filtersOverlap } from '../../../gateway/access/topics.ts'
 import { openLogStore, type LevelDatabase, type LogStore } from '../../../store/index.ts'
+import { followRewinds, type ReaderMovedBack } from '../../../gateway/query/log-rewinds.ts'
+import { entriesOf, RAW, replaceCopy, type Raw } from '../../store/follower-copy.ts'
 
 const NOW = Date.parse('2026-11-24T12:00:00Z')
 const codeOf = (f: () => unknown): string | undefined => {
@@ -486,5 +488,56 @@ describe('MqttReplays', () => {
     await until(() => client.unacked.length === 4, 'the window refilled')
     expect(client.unacked).toEqual([1, 2, 3, 4])
     await ackUntilDone(client)
+  })
+})
+
+describe('MqttReplays on a standby whose log a snapshot rewinds', () => {
+  const STREAM = 'acme/telemetry'
+  const OLD = Array.from({ length: 180 }, (_, i) => `old-${i}`)
+  /** The new primary had the first 150 records when it took over; its own follow. */
+  const NEW = [...OLD.slice(0, 150), ...Array.from({ length: 40 }, (_, i) => `new-${150 + i}`)]
+  const service: Identity = { tenant: 'acme', role: 'service', username: 'svc', clientId: 'c1' }
+  const opened: LogStore[] = []
+  afterEach(async () => { for (const s of opened.splice(0)) await s.close() })
+
+  /** A primary's database holding `texts` from device d1, ten records per batch. */
+  async function primaryDb (texts: readonly string[]): Promise<Raw> {
+    const db = new MemoryLevel<Buffer, Buffer>(RAW)
+    const primary = await openLogStore({ db: db as unknown as LevelDatabase })
+    await primary.createStream(STREAM, { partitions: 1 })
+    for (let i = 0; i < texts.length; i += 10) {
+      await Promise.all(texts.slice(i, i + 10).map((t) => primary.append(STREAM, 'd1', { payload: Buffer.from(t), topic: 'devices/d1/telemetry/t' })))
+    }
+    await primary.close()
+    return db
+  }
+
+  it('a live replay at the old log end goes on from the new end with every record of the new history', async () => {
+    const copy = new MemoryLevel<Buffer, Buffer>(RAW)
+    await replaceCopy(copy, await entriesOf(await primaryDb(OLD)))
+    const store = await openLogStore({ db: copy as unknown as LevelDatabase, follower: true })
+    opened.push(store)
+    const moved: ReaderMovedBack[] = []
+    const tracker = followRewinds(store, { readerMovedBack: (m) => moved.push(m) })
+    const metrics = createMetrics(new Registry(), { store, diskFreeBytes: () => undefined, diskSizeBytes: () => undefined, healthy: () => true, version: 't', gatewayId: 't' })
+    const replays = new MqttReplays({
+      store, routes: buildConfig({}).routes, acl: [], logger: { info: () => {}, warn: () => {} }, metrics, clock: { now: () => NOW },
+      limits: { inflight: 100, maxPerClient: 4, maxActive: 64 },
+    })
+    const client = new FakeClient().attach(replays)
+    const ticket = replays.prepare(client, service, '$replay/latest..live/devices/d1/#')
+    replays.start(client, ticket, 'acme/$replay/latest..live/devices/d1/#', 1)
+    await ackUntilDone(client)
+    expect(client.done()).toMatchObject({ records: 0, partitions: [{ stream: 'telemetry', partition: 0, from: 180, to: 180 }] })
+    // The snapshot from the new primary (its log ends at 160), then its next records, applied and refreshed as the standby does.
+    await replaceCopy(copy, await entriesOf(await primaryDb(NEW.slice(0, 160))))
+    await tracker.refresh()
+    await replaceCopy(copy, await entriesOf(await primaryDb(NEW)))
+    await tracker.refresh()
+    await until(() => { client.ack(); return client.payloads().includes(NEW.at(-1) as string) }, 'the new primary\'s records')
+    expect(client.payloads().slice(1)).toEqual(NEW.slice(160))
+    expect(moved).toEqual([{ stream: STREAM, partition: 0, from: 180, to: 160 }])
+    client.close()
+    await until(() => replays.active === 0, 'the replay to end')
   })
 })
