@@ -248,9 +248,12 @@ export const configSchema = {
         },
         sessionInflightBytes: {
           type: 'integer', minimum: 1, maximum: 4294967295, default: 16777216,
-          description: 'Bytes of those unacknowledged deliveries (their PUBLISH packets) per session: a session of large messages ' +
-            'stops at this many bytes before it reaches mqtt.sessionInflight messages, which bounds the memory a client that reads ' +
-            'and does not acknowledge holds in the gateway. One delivery goes out when none is unacknowledged, whatever its size.',
+          description: 'Bytes those unacknowledged deliveries hold per session: their PUBLISH packets, or the stored batches they were ' +
+            'read from (each batch once), the more. A session of large messages, or one matching a record here and there in ' +
+            'batches of others, stops at this many bytes before it reaches mqtt.sessionInflight messages, which bounds the memory ' +
+            'a client that reads and does not acknowledge holds in the gateway. The delivery that crosses it still goes out, so ' +
+            'a record larger than the bound reaches the client. A session that disconnects keeps copies of its unacknowledged ' +
+            'records only.',
         },
         replay: {
           type: 'object',

@@ -23,7 +23,9 @@
  *
  * Window: at most min(`window`, the client's Receive Maximum) deliveries
  * unacknowledged [MQTT-3.3.4-9], and at most `windowBytes` of their frames
- * (past it, one more: a record larger than the window still goes). A PUBACK moves the cursor to the lowest
+ * or of the stored batches they keep, the more (the delivery that crosses it
+ * still goes: a record larger than the window reaches the client). When the
+ * connection goes they keep copies of their records instead. A PUBACK moves the cursor to the lowest
  * offset still unacknowledged, written through the log store's group-commit
  * writer: one write in flight per session, with every cursor that moved
  * (later advances coalesce into the next). Deliveries in flight are kept in
@@ -150,8 +152,8 @@ export interface CursorDeps {
   /** Unacknowledged deliveries per session. */
   readonly window: number
   /**
-   * Bytes of unacknowledged deliveries (their PUBLISH frames) per session: past it no more go out until PUBACKs free
-   * some, except one when none is unacknowledged. Default: unbounded.
+   * Bytes unacknowledged deliveries hold per session (their PUBLISH frames, or the stored batches they keep, the more):
+   * past it no more go out until PUBACKs free some; the one that crosses it goes. Default: unbounded.
    */
   readonly windowBytes?: number
   /** Records read per stored read. */
@@ -431,7 +433,12 @@ class PartitionCursor {
  * resends and {@link SessionCursors.detach} ask for it, a drain does not).
  */
 class Delivery {
-  constructor (readonly cursor: PartitionCursor, readonly batch: RecordColumns, readonly index: number, readonly offset: number,
+  /** The record on its own, once {@link keep} let go of the batch. */
+  #kept: StoredRecord | undefined
+  constructor (readonly cursor: PartitionCursor,
+    /** The batch it was read from; null once {@link keep} copied its record out. */
+    public batch: RecordColumns | null,
+    readonly index: number, readonly offset: number,
     /** The topic it is delivered on. */
     readonly topic: Buffer,
     readonly properties: Buffer | undefined,
@@ -447,7 +454,20 @@ class Delivery {
     readonly retain: boolean) {}
 
   get record (): StoredRecord {
-    return this.batch.record(this.index)
+    return this.#kept ?? (this.batch as RecordColumns).record(this.index)
+  }
+
+  /**
+   * Copies its record out of the batch and lets the batch go: a delivery left unacknowledged by a connection that is
+   * gone waits for the next one, maybe for ever, and kept the whole stored batch it came from (a session matching one
+   * record of each batch held as many batches as deliveries).
+   */
+  keep (): void {
+    if (this.batch === null) return
+    const r = this.batch.record(this.index)
+    this.#kept = { offset: r.offset, timestamp: r.timestamp, key: r.key, topic: r.topic, payload: Buffer.from(r.payload), qos: r.qos,
+      clientId: r.clientId, headers: r.headers }
+    this.batch = null
   }
 }
 
@@ -460,8 +480,32 @@ const mayTake = (state: ClientCursors, cursor: PartitionCursor): boolean => stat
 /** Deliveries sent on this connection and not acknowledged: what the window limits. */
 const sentUnacked = (state: ClientCursors): number => state.inflight.size - state.reserved.size
 
+/** Bytes the deliveries sent on this connection and not acknowledged hold: their frames, or the batches they keep, the more. */
+const heldBytes = (state: ClientCursors): number => Math.max(state.sentBytes, state.batchBytes)
+
+/** Nothing is sent on a connection (a new one, or none): what `inflight` holds is reserved or kept (Delivery.keep). */
+function forgetSent (state: ClientCursors): void {
+  state.sentBytes = 0
+  state.batches.clear()
+  state.batchBytes = 0
+}
+
+/** A delivery sent on this connection was acknowledged: its frame and its hold on its batch are let go. */
+function sentAcked (state: ClientCursors, delivery: Delivery): void {
+  state.sentBytes -= delivery.bytes
+  const batch = delivery.batch
+  if (batch === null) return
+  const holding = state.batches.get(batch) ?? 0
+  if (holding > 1) {
+    state.batches.set(batch, holding - 1)
+  } else if (holding === 1) {
+    state.batches.delete(batch)
+    state.batchBytes -= batch.payloadBytes.byteLength
+  }
+}
+
 /** Whether the window is full, in deliveries or in their bytes: the next delivery waits for PUBACKs. */
-const windowFull = (state: ClientCursors, windowBytes: number): boolean => sentUnacked(state) >= state.limit || state.sentBytes >= windowBytes
+const windowFull = (state: ClientCursors, windowBytes: number): boolean => sentUnacked(state) >= state.limit || heldBytes(state) >= windowBytes
 
 /**
  * How a topic is delivered to the connection: null when it is not (no QoS > 0 subscription matches, or not readable).
@@ -487,6 +531,15 @@ class ClientCursors {
   readonly reserved = new Set<number>()
   /** The frame bytes of the deliveries sent on this connection and not acknowledged (`inflight` less `reserved`). */
   sentBytes = 0
+  /**
+   * The batches those deliveries were read from, with how many of them each: a batch stays in memory until the last
+   * is acknowledged. `batchBytes`: their payload bytes, each batch once (a session matching one record of each
+   * batch holds far more than its frames).
+   */
+  readonly batches = new Map<RecordColumns, number>()
+  batchBytes = 0
+  /** While #frame takes deliveries: the window's bytes left for batches not held yet (#take). */
+  batchRoom = 0
   limit = 0
   running = false
   again = false
@@ -811,13 +864,13 @@ export class SessionCursors {
     }
     // What the last connection left unacknowledged goes out again first in each partition, with its ids [MQTT-4.4.0-1].
     state.reserved.clear()
-    state.sentBytes = 0
-    for (const [id, { cursor, record }] of state.inflight) {
+    forgetSent(state)
+    for (const [id, { cursor, offset }] of state.inflight) {
       if (state.cursors.get(cursorId(cursor.stream, cursor.partition)) !== cursor) {
         state.inflight.delete(id)
         continue
       }
-      cursor.resend.set(record.offset, id)
+      cursor.resend.set(offset, id)
       state.reserved.add(id)
     }
     // aedes takes ids from the client's counter for deliveries that never pass the persistence (retained messages on
@@ -893,7 +946,7 @@ export class SessionCursors {
     }
     state.inflight.clear()
     state.reserved.clear()
-    state.sentBytes = 0
+    forgetSent(state)
     for (const cursor of state.cursors.values()) cursor.resend.clear()
     for (const cursor of touched) this.#advance(state, cursor)
     if (state.via !== undefined) this.#schedule(state)
@@ -921,7 +974,7 @@ export class SessionCursors {
     if (delivery === undefined) return false
     state.inflight.delete(messageId)
     if (state.reserved.delete(messageId)) delivery.cursor.resend.delete(delivery.offset)
-    else state.sentBytes -= delivery.bytes
+    else sentAcked(state, delivery)
     delivery.cursor.ack(delivery.offset)
     state.acking.add(delivery.cursor)
     return true
@@ -1027,6 +1080,10 @@ export class SessionCursors {
     this.#unwatch(state)
     state.client = undefined
     state.via = undefined
+    // What it left unacknowledged goes out again on the next connection, read from the log again: until then each
+    // keeps its record, not the batch it came from.
+    for (const delivery of state.inflight.values()) delivery.keep()
+    forgetSent(state)
     // Both caches hold this connection's answers (deliveredTopic: its user's read ACL): the next connection of the
     // session, maybe another user's, asks again; an offline session keeps neither.
     this.#forgetRoutes(state)
@@ -1181,7 +1238,8 @@ export class SessionCursors {
   #frame (state: ClientCursors, via: CursorConnection): Buffer | null {
     const room = Math.min(state.limit - sentUnacked(state), BATCH_RECORDS)
     // Bytes of frames for this write: the window's room in bytes (more than 0: #deliver checked), at most a batch's.
-    const maxSize = Math.min(this.#windowBytes - state.sentBytes, BATCH_BYTES)
+    const maxSize = Math.min(this.#windowBytes - heldBytes(state), BATCH_BYTES)
+    state.batchRoom = this.#windowBytes - state.batchBytes
     const now = (this.#deps.now ?? Date.now)()
     const mqtt5 = via.conn.mqtt5 === true
     const picked: Delivery[] = []
@@ -1215,7 +1273,8 @@ export class SessionCursors {
   #take (state: ClientCursors, via: CursorConnection, cursor: PartitionCursor, picked: Delivery[], room: number, size: number,
     maxSize: number, now: number, mqtt5: boolean): number {
     const routes = this.#routes(state, cursor.tenant)
-    while (picked.length < room && size < maxSize && cursor.hasAhead()) {
+    let last: RecordColumns | null = null
+    while (picked.length < room && size < maxSize && state.batchRoom > 0 && cursor.hasAhead()) {
       const batch = cursor.ahead[cursor.aheadBatch] as RecordColumns
       const i = cursor.aheadPos++
       if (cursor.aheadPos >= batch.end) {
@@ -1245,6 +1304,11 @@ export class SessionCursors {
       }
       picked.push(pick)
       size += length
+      // A batch this session holds no delivery of yet takes its bytes from the window (a cursor's batches come in order).
+      if (pick.batch !== last) {
+        last = pick.batch
+        if (last !== null && !state.batches.has(last)) state.batchRoom -= last.payloadBytes.byteLength
+      }
     }
     return size
   }
@@ -1257,10 +1321,18 @@ export class SessionCursors {
     let fromBatch: RecordColumns | undefined
     let at = 0
     for (const delivery of picked) {
-      const { cursor, batch, index, offset } = delivery
+      const { cursor, index, offset } = delivery
+      const batch = delivery.batch as RecordColumns // just picked from a batch read ahead (#pick)
       const id = delivery.id ?? this.#allocate(state, via)
       state.inflight.set(id, delivery)
       state.sentBytes += delivery.bytes
+      const holding = state.batches.get(batch)
+      if (holding === undefined) {
+        state.batches.set(batch, 1)
+        state.batchBytes += batch.payloadBytes.byteLength
+      } else {
+        state.batches.set(batch, holding + 1)
+      }
       cursor.sent(offset)
       const start = batch.payloadStart(index)
       const length = batch.payloadLength(index)

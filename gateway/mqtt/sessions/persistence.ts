@@ -204,7 +204,7 @@ export interface SessionPersistenceOptions {
   readonly log?: SessionLog
   /** With a log: QoS 1 deliveries from the log one session may have unacknowledged while it catches up (default 100). */
   readonly window?: number
-  /** With a log: and their PUBLISH frames' bytes (default unbounded); one goes out when none is unacknowledged. */
+  /** With a log: and the bytes they hold, their PUBLISH frames or the batches they keep (default unbounded; cursors.ts). */
   readonly windowBytes?: number
   /** With a log: told when a cursor advance could not be written (it is written again a second later, or with the next one). */
   readonly onCursorWriteError?: (err: unknown) => void

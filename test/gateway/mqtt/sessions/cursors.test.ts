@@ -316,6 +316,56 @@ describe('session cursors into the log', () => {
     conn.close()
   })
 
+  it('counts the stored batches its unacknowledged deliveries keep against windowBytes: a session matching one record per batch stops as they add up', async () => {
+    const { gw } = await fresh(100, { windowBytes: 250_000 })
+    await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: 't1/devices/d0/telemetry/t', qos: 1 }])
+    // Six batches of about 100 KB, each with one record for the session among 99 it does not match (same partition).
+    const noise = (n: number): Promise<unknown> => gw.store.append('t1/telemetry', 'd0', { payload: Buffer.alloc(1000, n), topic: 'devices/d0/telemetry/other', qos: 1 })
+    let partition = 0
+    for (let b = 0; b < 6; b++) {
+      const [, packet] = await Promise.all([Promise.all(Array.from({ length: 50 }, (_v, n) => noise(n))), publish(gw, 't1', 'd0', `m${b}`),
+        Promise.all(Array.from({ length: 49 }, (_v, n) => noise(n)))])
+      partition = (logPositionOf(packet) as LogPosition).partition
+    }
+    const { batches } = await gw.store.readColumns('t1/telemetry', partition, 0, { maxRecords: 10_000, maxBytes: 10_000_000 })
+    expect(batches.length).toBeLessThanOrEqual(12) // the appends of each round went into one or two batches
+    let acking = false
+    const conn = await connect(gw, 'svc', { ack: () => acking })
+    await settled(gw, conn)
+    // frames of about 40 bytes, batches of about 100 KB: the third crosses 250,000
+    expect(bodies(conn.got)).toEqual(['m0', 'm1', 'm2'])
+    acking = true
+    for (const id of [...conn.unacked]) await conn.ack(id)
+    await expect.poll(() => conn.got.length).toBe(6)
+    expect(bodies(conn.got)).toEqual(['m0', 'm1', 'm2', 'm3', 'm4', 'm5'])
+    conn.close()
+  })
+
+  it('keeps an offline session\'s unacknowledged deliveries as records of their own, not the batches they came from; the next connection gets them again', async () => {
+    const { gw } = await fresh()
+    const read: Array<WeakRef<object>> = []
+    const readColumns = gw.store.readColumns.bind(gw.store)
+    gw.store.readColumns = async (...args) => {
+      const result = await readColumns(...args)
+      for (const batch of result.batches) read.push(new WeakRef(batch))
+      return result
+    }
+    await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: 't1/devices/+/telemetry/#', qos: 1 }])
+    for (let i = 0; i < 20; i++) await publish(gw, 't1', `d${i % 4}`, `m${i}`)
+    const first = await drain(gw, 'svc', () => false) // nothing acknowledged, then gone
+    expect(first).toHaveLength(20)
+    expect(read.length).toBeGreaterThan(0)
+    await new Promise((resolve) => setImmediate(resolve)) // WeakRefs made in an earlier turn may be cleared
+    setFlagsFromString('--expose-gc')
+    ;(runInNewContext('gc') as () => void)()
+    expect(read.filter((batch) => batch.deref() !== undefined)).toHaveLength(0)
+    const again = await connect(gw, 'svc')
+    await expect.poll(() => again.got.length).toBe(20)
+    expect(again.got.every((p) => p.dup)).toBe(true)
+    expect(new Set(bodies(again.got))).toEqual(new Set(bodies(first)))
+    again.close()
+  })
+
   it('a client that disconnects mid-drain gets the rest on its next connection: the unacknowledged again with DUP, not the acknowledged', async () => {
     const { gw } = await fresh(4)
     await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: 't1/devices/+/telemetry/#', qos: 1 }])
