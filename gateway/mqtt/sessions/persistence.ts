@@ -42,7 +42,9 @@
  *   stopped reading does only at mqtt.slowSubscriberTimeoutMs), and the
  *   persistence knows sessions by client id only. Its QoS 2 PUBLISH and
  *   SUBSCRIBE are refused (GW_SESSION_TAKEN_OVER: aedes closes it, nothing
- *   acknowledged); its acknowledgements, UNSUBSCRIBE and close change nothing.
+ *   acknowledged); its acknowledgements, UNSUBSCRIBE and close change nothing. Nor does it hold that session any
+ *   more: the session is offline once the CONNECT's own connection closes, with that CONNECT's interval, even while
+ *   the old connection lingers.
  * - setup() raises `broker.counter` above every brokerCounter this broker id
  *   has queued: aedes restarts the counter at 0, and with a stable broker id a
  *   reconnecting client's dedupe table (filled from replayed queue entries)
@@ -609,6 +611,8 @@ export class LevelSessionPersistence {
   /**
    * Connections whose session a clean CONNECT of their client id discarded while they were open (cleanSubscriptions):
    * the CONNECT takes them over, and until they close what they write is not the new session's (sessionDiscarded).
+   * They leave #connections then, and neither their registration, a session read nor their close claims the session
+   * again (#connected, markSession, #disconnected): it is the CONNECT's, not theirs.
    */
   readonly #discardedFrom = new WeakSet<SessionClient>()
   /**
@@ -978,6 +982,8 @@ export class LevelSessionPersistence {
    */
   async markSession (client: SessionClient): Promise<void> {
     this.#ready()
+    // A connection being taken over records nothing: the session is the clean CONNECT's (cleanSubscriptions).
+    if (this.sessionDiscarded(client)) return
     const ops: BatchOp[] = []
     if (this.#offlineSince.delete(client.id)) ops.push(del(keys.offline(client.id)))
     // aedes passes the connecting client (patched lib/handlers/connect.js fetchSubs), and the CONNACK waits for this
@@ -1002,6 +1008,7 @@ export class LevelSessionPersistence {
    * retention (20 CONNECTs cut short were enough). The aedes patch no longer registers them; this stays the guard.
    */
   #connected (client: SessionClient): void {
+    if (this.#discardedFrom.has(client)) return // a connection being taken over holds nothing (cleanSubscriptions)
     const open = this.#openConnections(client.id)
     if (client.closed === true) {
       // Gone already: no `clientDisconnect` follows. Its CONNECT took the session online (markSession).
@@ -1053,6 +1060,10 @@ export class LevelSessionPersistence {
    * the one that claimed it last (#heldBy).
    */
   #disconnected (client: SessionClient): void {
+    // Taken over by a clean CONNECT: it left the claimants then (cleanSubscriptions), and its close is not the session's.
+    // Its interval and offline time were the discarded session's: written now, they ended the new one early (0 or 5 s
+    // where the CONNECT asked for 3600) or never (3.1.1), and expiry dropped it with what the new connection subscribed.
+    if (this.#discardedFrom.has(client)) return
     this.#connections.get(client.id)?.delete(client)
     const open = this.#openConnections(client.id)
     if (open === undefined) this.#wentOffline(client)
@@ -1282,10 +1293,15 @@ export class LevelSessionPersistence {
     // _cleanStart), so a kill -9 in between brought the old session back, present and with its old messages.
     const ops: BatchOp[] = []
     // The connections open now are taken over by this CONNECT (the patch cleans at its turn to register, before the
-    // takeover): until they close, what they write is not the session this one starts.
-    for (const other of this.#connections.get(client.id) ?? []) {
-      if (other !== client) this.#discardedFrom.add(other)
+    // takeover): until they close, what they write is not the session this one starts. Nor do they hold it any more:
+    // the session is offline once this CONNECT's connection closes, whatever theirs do (#disconnected).
+    const open = this.#connections.get(client.id)
+    for (const other of open ?? []) {
+      if (other === client) continue
+      this.#discardedFrom.add(other)
+      open?.delete(other)
     }
+    if (open?.size === 0) this.#connections.delete(client.id)
     for (const entry of this.#queues.get(client.id)?.entries.values() ?? []) {
       ops.push(del(keys.outgoing(TAG_OUTGOING, client.id, entry.seq)), del(keys.outgoing(TAG_MESSAGE_ID, client.id, entry.seq)))
     }
