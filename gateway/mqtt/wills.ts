@@ -48,11 +48,13 @@
  * out is timed here from when its session went offline (the persistence's
  * `E` mark; the start, for a client connected when the gateway died), so a
  * kill -9 neither loses it nor fires it early. Such a will waits in memory
- * (it stays stored) and is cancelled when its client connects again: the new
- * connection's CONNECT replaces or deletes the stored will. When its session
- * ends first it fires then: at the session's expiry (sessions/expiry.ts), or
- * when aedes ends the session (a CONNECT with Session Expiry 0 cut short) and
- * deletes the will with a bare { id }; stored until it fired.
+ * (it stays stored) and is cancelled when its client connects again and
+ * continues the session: the new connection's CONNECT replaces or deletes the
+ * stored will. When its session ends first it fires then: at the session's
+ * expiry (sessions/expiry.ts), or when aedes ends the session and deletes the
+ * will with a bare { id }: a CONNECT with Session Expiry 0 cut short, or a
+ * Clean Start 1 CONNECT at its turn (aedes.js _endsClosedSession, before that
+ * CONNECT's own will write and its CONNACK); stored until it fired.
  */
 import { Readable } from 'node:stream'
 import type { Logger } from 'pino'
@@ -228,7 +230,7 @@ export function installWills (options: WillOptions): Wills {
     // aedes deletes with a plain { id, brokerId } after a closed connection's will fired: not the will of an open successor.
     delWill: (delWill) => async (client) => {
       if (!firesStoredWill(client)) return undefined
-      // Also when a session ends (aedes.js _wipeSession; a connection, at its CONNECT's turn, passes itself): a will of
+      // Also when a session ends (aedes.js _endSessionWill; a connection, at its CONNECT's turn, passes itself): a will of
       // a previous process waiting for its delay is due then (3.1.3.2.2). It fires now and its firing deletes it;
       // deleted here, only its timer had it, and a kill -9 before that lost it.
       if (pending.has(client.id) && !isConnection(client)) {
@@ -245,6 +247,8 @@ export function installWills (options: WillOptions): Wills {
       await setup(broker)
       const events = broker as unknown as NodeJS.EventEmitter & { closed?: boolean }
       brokerClosed = () => events.closed === true
+      // A registered connection continues the session; one that started a new session (Clean Start 1) had aedes end the
+      // old one at its turn, before this, so its will fired then (the bare delete below).
       events.on('client', (client: SessionClient) => { cancel(client.id) })
       for await (const will of streamWill({}) as AsyncIterable<SessionPacket>) {
         const clientId = String(will.clientId)

@@ -34,6 +34,8 @@ interface Harness extends SessionBroker {
   readonly wills: string[]
   /** For each stored will the persistence deleted (past wills.ts' owner check): the wills whose publish began before. */
   readonly deletes: string[][]
+  /** For each will the persistence stored: the wills whose publish began before. */
+  readonly puts: string[][]
 }
 
 afterEach(closeSessionBrokers)
@@ -42,12 +44,18 @@ afterEach(closeSessionBrokers)
 async function harness (sessions?: LevelDatabase): Promise<Harness> {
   const wills: string[] = []
   const deletes: string[][] = []
+  const puts: string[][] = []
   const publishing: string[] = []
   const h = await startSessionBroker((persistence) => {
     const delWill = persistence.delWill.bind(persistence)
     persistence.delWill = async (client) => {
       deletes.push([...publishing])
       return await delWill(client)
+    }
+    const putWill = persistence.putWill.bind(persistence)
+    persistence.putWill = async (client, packet) => {
+      puts.push([...publishing])
+      await putWill(client, packet)
     }
     installWills({
       persistence: persistence as unknown as WillPersistence,
@@ -65,7 +73,7 @@ async function harness (sessions?: LevelDatabase): Promise<Harness> {
     if (packet.topic === 'status/dev-1') publishing.push(String(packet.payload))
     return (publish as (...args: unknown[]) => unknown)(packet, ...rest)
   }) as typeof h.broker.publish
-  return { ...h, wills, deletes }
+  return { ...h, wills, deletes, puts }
 }
 
 function will (payload: string, willDelayInterval?: number): NonNullable<IConnectPacket['will']> {
@@ -243,4 +251,69 @@ describe('a Session Expiry 0 CONNECT cut short after a restart, while a will of 
     expect(await storedAfterKill(h)).toBeUndefined()
     expect(h.deletes.every((before) => before.includes('previous-gone')), JSON.stringify(h.deletes)).toBe(true)
   })
+})
+
+/**
+ * A reconnect of a device whose earlier connection already closed, with its will waiting for its delay: Clean Start 1
+ * ends that session [MQTT-3.1.2-4], and the will is due then (3.1.3.2.2), as when the Clean Start 1 CONNECT takes an
+ * open connection over; Clean Start 0 continues the session, which cancels the will [MQTT-3.1.3-9]. Before, both
+ * cancelled it: the Clean Start 1 CONNECT deleted the stored will at its turn, and its registration cleared aedes' timer
+ * (or, for a will of the previous process, wills.ts cancelled its own).
+ */
+describe('a reconnect after the connection with a delayed will closed', () => {
+  /** `dev-1` connected with a will 'previous-gone' due in 300 s, and closed without DISCONNECT: its will waits, stored. */
+  async function closedWithDelayedWill (h: Harness): Promise<void> {
+    const { client: previous, server: gone } = await v5(h, 'previous-gone', 300)
+    previous.stream.destroy()
+    await turnsUntil(() => gone.closed && h.broker.clients['dev-1'] === undefined)
+    expect(await storedAfterKill(h)).toBe('previous-gone')
+  }
+
+  /** The same, left by a gateway that stopped while `dev-1` was connected: the new start times the will (wills.ts). */
+  async function connectedWhenTheGatewayStopped (): Promise<Harness> {
+    const before = await harness()
+    const { server: connected } = await v5(before, 'previous-gone', 300)
+    await before.persistence.markSession(connected) // the gateway's CONNECT hook records the session (hooks/sessions.ts)
+    await new Promise<void>((resolve) => before.broker.close(() => resolve()))
+    await turnsUntil(() => connected.closed)
+    const h = await harness(before.sessions)
+    expect(h.wills).toEqual([]) // waiting for its delay
+    return h
+  }
+
+  /** `dev-1` connects again (MQTT 5) with `cleanStart`, and with the will `next-gone` if `withWill`; resolves at its CONNACK. */
+  async function reconnect (h: Harness, cleanStart: boolean, withWill: boolean): Promise<void> {
+    h.clients.push(await mqtt.connectAsync(h.url, { protocolVersion: 5, clientId: 'dev-1', clean: cleanStart, reconnectPeriod: 0,
+      properties: { sessionExpiryInterval: 600 }, ...(withWill ? { will: will('next-gone', 300) } : {}) }))
+  }
+
+  const waiting: Record<string, () => Promise<Harness>> = {
+    'on aedes\' timer': async () => { const h = await harness(); await closedWithDelayedWill(h); return h },
+    'of the previous process, after a restart': connectedWhenTheGatewayStopped,
+  }
+
+  for (const [where, start] of Object.entries(waiting)) {
+    for (const withWill of [false, true]) {
+      it(`(${where}) Clean Start 1${withWill ? ' with a will' : ''}: the will is published by the CONNACK, stored until then`, async () => {
+        const h = await start()
+        await reconnect(h, true, withWill)
+        expect(h.wills).toEqual(['previous-gone'])
+        expect(await storedAfterKill(h)).toBe(withWill ? 'next-gone' : undefined)
+        // Every delete and the new connection's store of the will came after the publish began: a kill -9 at any moment
+        // fires the old will, or finds it fired.
+        expect(h.deletes.every((before) => before.includes('previous-gone')), JSON.stringify(h.deletes)).toBe(true)
+        if (withWill) expect(h.puts.at(-1), JSON.stringify(h.puts)).toContain('previous-gone')
+        expect((h.broker as unknown as { delayedWills: Map<string, unknown> }).delayedWills.has('dev-1')).toBe(false)
+      })
+    }
+
+    it(`(${where}) Clean Start 0: the session continues, so the will is cancelled: neither published nor left stored`, async () => {
+      const h = await start()
+      await reconnect(h, false, false)
+      await turnsUntil(() => h.broker.clients['dev-1'] !== undefined)
+      expect((h.broker as unknown as { delayedWills: Map<string, unknown> }).delayedWills.has('dev-1')).toBe(false)
+      expect(await storedAfterKill(h)).toBeUndefined()
+      expect(h.wills).toEqual([])
+    })
+  }
 })
