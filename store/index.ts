@@ -1,7 +1,7 @@
 /** The store's public surface: the log interface, its errors and the LevelDB implementation. */
 export * from './types.ts'
 export * from './errors.ts'
-export { openLogStore, DEFAULT_MAX_RECORD_BYTES, type LogStoreOptions, type LevelDatabase } from './log-store.ts'
+export { openLogStore, replacingCopyOp, DEFAULT_MAX_RECORD_BYTES, type LogStoreOptions, type LevelDatabase } from './log-store.ts'
 export { partitionForKey } from './partitioner.ts'
 export { decodeStoredBatch } from './format.ts'
 export { checkTableFiles, tableBlocks, type TableBlock, type TableCheckReport, type TableDamage } from './table-files.ts'

@@ -44,7 +44,7 @@
  * Not safe for two processes on one database (LevelDB's lock forbids it).
  */
 import { ClassicLevel } from 'classic-level'
-import type { AbstractBatchOperation, AbstractBatchOptions, AbstractLevel } from 'abstract-level'
+import type { AbstractBatchOperation, AbstractBatchOptions, AbstractLevel, AbstractSnapshot } from 'abstract-level'
 import { StoreError, isStoreError } from './errors.ts'
 import {
   FORMAT_VERSION, MAX_BATCH_BYTES, dedupe, MAX_BATCH_RECORDS, decodeBatch, decodeColumns, decodeMeta, encodeBatch, encodeMeta, encodeU64,
@@ -60,7 +60,7 @@ import {
   systemClock, type AppendListener, type AppendOptions, type AppendResult, type Clock, type DroppedRecords, type RetentionHoldDropped, type Durability, type GroupInfo, type GroupOptions,
   type AppendExtraOperation, type BatchReadResult, type ExtraOperation, type LogStore, type PartitionInfo, type PartitionLag, type ReadBatchesOptions, type StoreWriteOptions, type ReadOptions, type ReadResult, type RecordInput,
   type ResetSpec, type RetentionBlocked, type RetentionReport, type StoreLogger, type StoreObserver, type StoredBatch, type StoredRecord, type StreamInfo,
-  type ColumnReadResult, type RecordColumns,
+  type ColumnReadResult, type RecordColumns, type ExtraSublevel,
   type StreamOptions,
 } from './types.ts'
 
@@ -211,6 +211,8 @@ interface StreamMeta { id: number, partitions: number, retentionMs: number, rete
 interface PartitionMeta { logStart: number, bytes: number, logEnd?: number }
 /** A partition's offsets and bytes as its database holds them. */
 interface LogBounds { readonly logStart: number, readonly logEnd: number, readonly bytes: number }
+/** Reads in one consistent view of the database (an explicit snapshot), or as it is at each read. */
+interface ReadView { readonly snapshot?: AbstractSnapshot }
 interface GroupState { holdsRetention: boolean, offsets: Map<PartitionState, number> }
 
 /** The innermost cause's message: abstract-level wraps the interesting one (ENOSPC) in its own errors. */
@@ -284,6 +286,22 @@ const consoleLogger: StoreLogger = {
   error: (fields, message) => console.error(JSON.stringify({ level: 'error', msg: message, ...fields })),
 }
 
+/** The sublevel of the database given to {@link openLogStore} that holds the log (format.ts). */
+const LOG_SUBLEVEL = 'log'
+
+/**
+ * For the writer of a follower store's database (a standby) about to empty it for a snapshot: the operation to write
+ * atomically with its own "copy incomplete" marker, before anything else is deleted. It deletes the log's version
+ * entry, and a follower reads a log without one as a copy being written anew (STORE_LOG_REPLACED, read again), never
+ * as damage; the snapshot brings the entry back after every batch, partition and stream entry (key order). Emptying
+ * is no atomic write: classic-level's clear() deletes in key order, about 16 KB of keys per write, so for most of it
+ * the log's batches are gone while its partition, stream and version entries remain, which reads as offsets missing
+ * inside the log.
+ */
+export function replacingCopyOp (db: LevelDatabase): ExtraOperation {
+  return { type: 'del', sublevel: db.sublevel<Buffer, Buffer>(LOG_SUBLEVEL, { keyEncoding: 'buffer', valueEncoding: 'buffer' }) as unknown as ExtraSublevel, key: keys.version() }
+}
+
 export async function openLogStore (options: LogStoreOptions): Promise<LogStore> {
   let owned: ClassicLevel<Buffer, Buffer> | undefined
   let db: LevelDatabase
@@ -297,7 +315,7 @@ export async function openLogStore (options: LogStoreOptions): Promise<LogStore>
   }
   try {
     if (db.status !== 'open') await db.open()
-    const log = db.sublevel<Buffer, Buffer>('log', { keyEncoding: 'buffer', valueEncoding: 'buffer' }) as unknown as LogDb
+    const log = db.sublevel<Buffer, Buffer>(LOG_SUBLEVEL, { keyEncoding: 'buffer', valueEncoding: 'buffer' }) as unknown as LogDb
     const store = new LevelLogStore(log, options, owned)
     await store.load()
     return store
@@ -1249,36 +1267,52 @@ class LevelLogStore implements LogStore {
       'nothing is damaged: read again', { details: { stream: part.stream.name, partition: part.partition, offset: start } })
   }
 
-  async #partitionMeta (part: PartitionState): Promise<PartitionMeta | undefined> {
-    const meta = await this.#db.get(keys.partition(part.stream.id, part.partition))
+  async #partitionMeta (part: PartitionState, view: ReadView = {}): Promise<PartitionMeta | undefined> {
+    const meta = await this.#db.get(keys.partition(part.stream.id, part.partition), view)
     return meta === undefined ? undefined : decodeMeta<PartitionMeta>(meta)
   }
 
   /**
-   * For a follower whose read found `from` missing: whether the log changed under the read, as the database says now.
-   * 'same': it did not, the offsets are missing from the log as it stands (damage). 'replaced': the copy is being
-   * written anew (the standby empties its database for a snapshot; the log's version entry comes after every batch,
-   * partition and stream entry in a snapshot's key order, so the log is incomplete without it), or the stream is
-   * another now. Else the log as it stands: rewound to before `from`, or holding `from` after all (the read saw an
-   * older copy).
+   * For a follower whose read found `from` missing: whether the log changed under the read, as the database says now,
+   * in one consistent view (an explicit snapshot: its writer goes on applying meanwhile). 'same': the offsets are
+   * missing from the log as it stands (damage). 'replaced': the copy is being written anew (its version entry is
+   * gone: the standby deletes it before it empties its database for a snapshot, {@link replacingCopyOp}, and the
+   * snapshot writes it after every batch, partition and stream entry), or the stream is another now. Else the log as
+   * it stands: ending at or before `from` (rewound), starting after it (retention), or holding `from` after all (the
+   * read saw an older copy).
+   *
+   * One view rather than two looks compared: a writer's applies never open a gap inside the log (a batch and its
+   * partition entry are one write; retention deletes from the start), only a replacement does, and that is marked by
+   * the version entry. Two looks that had to agree called real damage on a busy partition a replaced copy (every
+   * apply between them moved the log's end): "read again" to an operator whose data is damaged.
    */
   async #followedChange (part: PartitionState, from: number): Promise<'same' | 'replaced' | LogBounds> {
-    if (await this.#db.get(keys.version()) === undefined) return 'replaced'
-    const stream = await this.#db.get(keys.stream(part.stream.name))
+    const snapshot = this.#db.supports.explicitSnapshots ? this.#db.snapshot() : undefined
+    try {
+      const view: ReadView = snapshot === undefined ? {} : { snapshot }
+      if (await this.#copyReplaced(part, view)) return 'replaced'
+      const bounds = await this.#boundsOnDisk(part, view)
+      if (bounds === undefined) return 'same'
+      if (from >= bounds.logEnd || from < bounds.logStart) return bounds
+      const range = keys.batchRange(part.stream.id, part.partition)
+      const [holder] = await this.#db.iterator({ gte: range.gte, lte: keys.batch(part.stream.id, part.partition, from), reverse: true, limit: 1, ...view }).all()
+      const header = holder === undefined ? undefined : this.#header(part, holder[0], holder[1])
+      if (header !== undefined && header.baseOffset + header.count > from) return bounds
+      // A database without explicit snapshots: the looks above are not one view, so a replacement that began among them
+      // shows only now (its version entry gone).
+      if (snapshot === undefined && await this.#copyReplaced(part, view)) return 'replaced'
+      return 'same'
+    } finally {
+      await snapshot?.close()
+    }
+  }
+
+  /** Whether a follower's copy is being written anew (no version entry), or its stream is another now. */
+  async #copyReplaced (part: PartitionState, view: ReadView): Promise<boolean> {
+    if (await this.#db.get(keys.version(), view) === undefined) return true
+    const stream = await this.#db.get(keys.stream(part.stream.name), view)
     const meta = stream === undefined ? undefined : decodeMeta<StreamMeta>(stream)
-    if (meta === undefined || meta.id !== part.stream.id || meta.partitions !== part.stream.partitions.length) return 'replaced'
-    const before = await this.#boundsOnDisk(part)
-    if (before === undefined) return 'same'
-    if (from >= before.logEnd) return before
-    // Inside the log: missing now too, with the partition unchanged around the look, is damage.
-    const range = keys.batchRange(part.stream.id, part.partition)
-    const [holder] = await this.#db.iterator({ gte: range.gte, lte: keys.batch(part.stream.id, part.partition, from), reverse: true, limit: 1 }).all()
-    const header = holder === undefined ? undefined : this.#header(part, holder[0], holder[1])
-    const held = header !== undefined && header.baseOffset + header.count > from
-    const after = await this.#boundsOnDisk(part)
-    if (after === undefined) return 'same'
-    const unchanged = after.logStart === before.logStart && after.logEnd === before.logEnd && after.bytes === before.bytes
-    return !held && unchanged ? 'same' : after
+    return meta === undefined || meta.id !== part.stream.id || meta.partitions !== part.stream.partitions.length
   }
 
   /**
@@ -1286,10 +1320,10 @@ class LevelLogStore implements LogStore {
    * written before the metadata recorded the end; a partition never written holds nothing. Undefined when batches are
    * there without metadata (damage, as at open).
    */
-  async #boundsOnDisk (part: PartitionState): Promise<LogBounds | undefined> {
-    const meta = await this.#partitionMeta(part)
+  async #boundsOnDisk (part: PartitionState, view: ReadView): Promise<LogBounds | undefined> {
+    const meta = await this.#partitionMeta(part, view)
     if (meta?.logEnd !== undefined) return { logStart: meta.logStart, logEnd: meta.logEnd, bytes: meta.bytes }
-    const [last] = await this.#db.iterator({ ...keys.batchRange(part.stream.id, part.partition), reverse: true, limit: 1 }).all()
+    const [last] = await this.#db.iterator({ ...keys.batchRange(part.stream.id, part.partition), reverse: true, limit: 1, ...view }).all()
     if (last === undefined) return meta === undefined ? { logStart: 0, logEnd: 0, bytes: 0 } : { logStart: meta.logStart, logEnd: meta.logStart, bytes: meta.bytes }
     if (meta === undefined) return undefined
     const header = this.#header(part, last[0], last[1])

@@ -39,7 +39,7 @@ import { once } from 'node:events'
 import { encode } from 'cbor-x'
 import type { Logger } from 'pino'
 import type { Registry } from 'prom-client'
-import type { LevelDatabase, LogStore } from '../../store/index.ts'
+import { replacingCopyOp, type LevelDatabase, type LogStore } from '../../store/index.ts'
 import { GatewayError } from '../errors.ts'
 import { parseHostPort, type HostPort, type ReplicationConfig, type ReplicationRole } from './config-schema.ts'
 import { AutoPromotion } from './election.ts'
@@ -236,6 +236,32 @@ async function setAside (root: LevelDatabase, dataDir: string, now: number): Pro
   return out === undefined ? null : { file, entries }
 }
 
+/**
+ * Empties a standby's database for a snapshot. First, in one synced write, the copy is marked incomplete: the
+ * `copying` marker (a standby killed from here on empties its copy again at its next start and takes a new snapshot,
+ * rather than going on from a position on a copy half gone), a former primary's set-aside data whose tail is still to
+ * be named (`aside`, or none), and the log's version entry deleted (store/log-store.ts, replacingCopyOp: the store's
+ * readers then say "read again", STORE_LOG_REPLACED). Then everything else is deleted, the marker and `aside` kept.
+ * The order matters because emptying is no atomic write: classic-level's clear() deletes in key order, about 16 KB of
+ * keys per write, the log's batches before its partition, stream and version entries (the store read that as
+ * damage, STORE_DAMAGED) and the replication metadata after the log (a kill in between kept the position of a copy
+ * that was gone).
+ */
+export async function emptyForCopy (root: LevelDatabase, aside: PendingAside | null): Promise<void> {
+  await root.batch([
+    jsonOp(COPYING_KEY, true),
+    aside === null ? { type: 'del', key: ASIDE_KEY } : jsonOp(ASIDE_KEY, aside),
+    replacingCopyOp(root),
+  ] as never, { ...RAW, sync: true } as never)
+  const kept = [ASIDE_KEY, COPYING_KEY].sort(Buffer.compare)
+  let after: Buffer | undefined
+  for (const key of kept) {
+    await root.clear({ ...RAW, ...(after === undefined ? {} : { gt: after }), lt: key } as never)
+    after = key
+  }
+  await root.clear({ ...RAW, gt: after } as never)
+}
+
 /** Before the store opens: a primary's journal must see every write from the first one. close() may be called more than once. */
 export async function startReplication (deps: ReplicationDeps): Promise<Replication> {
   const { config, logger } = deps
@@ -357,9 +383,7 @@ async function startStandby (deps: ReplicationDeps, log: Logger, coordination: C
   if (await root.get(COPYING_KEY, RAW) !== undefined) {
     log.warn({}, 'the last snapshot from the primary was interrupted: its partial copy is emptied, a new snapshot follows')
     // A former primary's set-aside data still waits for its tail to be named: that survives the emptying.
-    const aside = await readJson<PendingAside>(root, ASIDE_KEY)
-    await root.clear()
-    await root.batch([jsonOp(COPYING_KEY, true), ...(aside === null ? [] : [jsonOp(ASIDE_KEY, aside)])] as never, { ...RAW, sync: true } as never)
+    await emptyForCopy(root, await readJson<PendingAside>(root, ASIDE_KEY))
   }
   const initial = await readJson<AppliedPosition>(root, POSITION_KEY)
   // A former primary's set-aside data whose tail is not named yet (a restart may have come between); checked after each refresh until it is.
@@ -385,10 +409,8 @@ async function startStandby (deps: ReplicationDeps, log: Logger, coordination: C
           pending = { file: aside.file, epoch, ends }
         }
       }
-      await root.clear()
-      const ops = [jsonOp(COPYING_KEY, true), ...(pending === null ? [] : [jsonOp(ASIDE_KEY, pending)])]
+      await emptyForCopy(root, pending)
       if (pending !== null) asidePending = true
-      await root.batch(ops as never, { ...RAW, sync: true } as never)
     },
     finishCopyOps: [{ type: 'del', key: COPYING_KEY }],
   }

@@ -1,9 +1,10 @@
 /**
  * The standby's side: connects to its primary (again and again, with
  * backoff), says what it has applied, and applies what comes back to its own
- * database in the primary's order: a snapshot (the database emptied first,
- * a marker in the replication metadata saying that it is incomplete, so a
- * standby killed half-way starts a new snapshot), then batch after batch.
+ * database in the primary's order: a snapshot (first a marker in the
+ * replication metadata saying that the copy is incomplete, so a standby
+ * killed half-way starts a new snapshot, then the database emptied, see
+ * replication.ts emptyForCopy), then batch after batch.
  * Queued batches are applied together as one LevelDB batch, with the
  * position they reach, and acknowledged once that batch is written (fsync'd
  * under store.durability: sync). After each apply the read-only store is
@@ -64,7 +65,7 @@ export interface AppliedPosition { readonly history: string, readonly seq: numbe
 /** The root database as the follower writes it, with the metadata sublevel's keys as raw bytes. */
 export interface FollowerDatabase {
   batch (ops: Array<{ type: 'put', key: Buffer, value: Buffer } | { type: 'del', key: Buffer }>, options: { sync: boolean }): Promise<void>
-  /** Before a snapshot: sets aside data that is not a copy of a primary's (replication.ts), empties the database, marks the copy incomplete. */
+  /** Before a snapshot: sets aside data that is not a copy of a primary's (replication.ts), marks the copy incomplete, empties the database. */
   startCopy (): Promise<void>
   /** The operations that mark a copy complete, written with its position. */
   readonly finishCopyOps: ReadonlyArray<{ type: 'del', key: Buffer }>

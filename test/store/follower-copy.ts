@@ -1,11 +1,11 @@
 /**
  * A standby's copy of a primary's log, for follower-store tests: a primary's
  * database made with a real store, and the standby's side of a snapshot
- * (replication/standby.ts): the copy emptied, then the primary's entries
- * written in key order.
+ * (replication/standby.ts): the copy marked as replaced (its log's version
+ * entry deleted), emptied, then the primary's entries written in key order.
  */
 import { MemoryLevel } from 'memory-level'
-import { openLogStore, type LevelDatabase } from '../../store/index.ts'
+import { openLogStore, replacingCopyOp, type LevelDatabase } from '../../store/index.ts'
 
 export const STREAM = 't/s'
 export const RAW = { keyEncoding: 'buffer', valueEncoding: 'buffer' } as const
@@ -28,8 +28,9 @@ export async function entriesOf (db: Raw): Promise<Array<[Buffer, Buffer]>> {
   return await db.iterator().all()
 }
 
-/** The standby's side of a snapshot: the copy emptied, then `entries` written. */
+/** The standby's side of a snapshot: the copy marked as replaced, emptied, then `entries` written. */
 export async function replaceCopy (copy: Raw, entries: ReadonlyArray<[Buffer, Buffer]>): Promise<void> {
+  await copy.batch([replacingCopyOp(copy as unknown as LevelDatabase)] as never)
   await copy.clear()
   if (entries.length > 0) await copy.batch(entries.map(([key, value]) => ({ type: 'put' as const, key, value })))
 }
