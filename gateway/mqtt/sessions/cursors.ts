@@ -25,14 +25,15 @@
  * unacknowledged [MQTT-3.3.4-9], and at most `windowBytes` of their frames
  * or of the stored batches they keep, the more (the delivery that crosses it
  * still goes: a record larger than the window reaches the client). When the
- * connection goes they keep copies of their records instead. A PUBACK moves the cursor to the lowest
- * offset still unacknowledged, written through the log store's group-commit
- * writer: one write in flight per session, with every cursor that moved
- * (later advances coalesce into the next). Deliveries in flight are kept in
- * memory only. Their PUBACKs are taken from the connection's bytes before
- * aedes parses them ({@link CursorConnection.takePubacks}, one advance per
- * socket read); those aedes does parse (split across reads, or a connection
- * without the gateway's guard) come through {@link SessionCursors.clear}.
+ * connection goes they keep copies of their records instead. A PUBACK moves
+ * the cursor to the lowest offset still unacknowledged, written through the
+ * log store's group-commit writer: one write in flight per session, with
+ * every cursor that moved (later advances coalesce into the next).
+ * Deliveries in flight are kept in memory only. Their PUBACKs are taken from
+ * the connection's bytes before aedes parses them ({@link
+ * CursorConnection.takePubacks}, one advance per socket read); those aedes
+ * does parse (split across reads, or a connection without the gateway's
+ * guard) come through {@link SessionCursors.clear}.
  *
  * Packet ids: from the client's own counter (FrameConnection.nextMessageId),
  * skipping the ids the session's deliveries hold and those of its queued
