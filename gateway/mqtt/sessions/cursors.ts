@@ -30,10 +30,10 @@
  * log store's group-commit writer: one write in flight per session, with
  * every cursor that moved (later advances coalesce into the next).
  * Deliveries in flight are kept in memory only. Their PUBACKs are taken from
- * the connection's bytes before aedes parses them ({@link
- * CursorConnection.takePubacks}, one advance per socket read); those aedes
- * does parse (split across reads, or a connection without the gateway's
- * guard) come through {@link SessionCursors.clear}.
+ * the connection's bytes before aedes parses them
+ * ({@link CursorConnection.takePubacks}, one advance per socket read); those
+ * aedes does parse (split across reads, or a connection without the
+ * gateway's guard) come through {@link SessionCursors.clear}.
  *
  * Packet ids: from the client's own counter (FrameConnection.nextMessageId),
  * skipping the ids the session's deliveries hold and those of its queued
