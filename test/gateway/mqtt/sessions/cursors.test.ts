@@ -201,6 +201,27 @@ function failCursorWriteOnce (gw: Gateway, value: number): { failed: boolean } {
   return failure
 }
 
+/** Every batch the cursors read from now on, held weakly: what is still reachable after a full collection is kept by something. */
+function batchesRead (gw: Gateway): Array<WeakRef<object>> {
+  const read: Array<WeakRef<object>> = []
+  const readColumns = gw.store.readColumns.bind(gw.store)
+  gw.store.readColumns = async (...args) => {
+    const result = await readColumns(...args)
+    for (const batch of result.batches) read.push(new WeakRef(batch))
+    return result
+  }
+  return read
+}
+
+/** How many of `read` a full collection leaves. */
+async function stillHeld (read: ReadonlyArray<WeakRef<object>>): Promise<number> {
+  expect(read.length).toBeGreaterThan(0)
+  await new Promise((resolve) => setImmediate(resolve)) // WeakRefs made in an earlier turn may be cleared
+  setFlagsFromString('--expose-gc')
+  ;(runInNewContext('gc') as () => void)()
+  return read.filter((batch) => batch.deref() !== undefined).length
+}
+
 const bodies = (packets: ReadonlyArray<SessionPacket | IPublishPacket>): string[] => packets.map((p) => String(p.payload))
 
 describe('session cursors into the log', () => {
@@ -343,22 +364,12 @@ describe('session cursors into the log', () => {
 
   it('keeps an offline session\'s unacknowledged deliveries as records of their own, not the batches they came from; the next connection gets them again', async () => {
     const { gw } = await fresh()
-    const read: Array<WeakRef<object>> = []
-    const readColumns = gw.store.readColumns.bind(gw.store)
-    gw.store.readColumns = async (...args) => {
-      const result = await readColumns(...args)
-      for (const batch of result.batches) read.push(new WeakRef(batch))
-      return result
-    }
+    const read = batchesRead(gw)
     await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: 't1/devices/+/telemetry/#', qos: 1 }])
     for (let i = 0; i < 20; i++) await publish(gw, 't1', `d${i % 4}`, `m${i}`)
     const first = await drain(gw, 'svc', () => false) // nothing acknowledged, then gone
     expect(first).toHaveLength(20)
-    expect(read.length).toBeGreaterThan(0)
-    await new Promise((resolve) => setImmediate(resolve)) // WeakRefs made in an earlier turn may be cleared
-    setFlagsFromString('--expose-gc')
-    ;(runInNewContext('gc') as () => void)()
-    expect(read.filter((batch) => batch.deref() !== undefined)).toHaveLength(0)
+    expect(await stillHeld(read)).toBe(0)
     const again = await connect(gw, 'svc')
     await expect.poll(() => again.got.length).toBe(20)
     expect(again.got.every((p) => p.dup)).toBe(true)
@@ -890,23 +901,12 @@ describe('session cursors into the log', () => {
 
   it('keeps none of the batches it read once a drain is acknowledged: an offline session\'s cursors hold no memory of the log', async () => {
     const { gw } = await fresh()
-    // Every batch the cursors read, held weakly: what is still reachable after a full collection is kept by something.
-    const read: Array<WeakRef<object>> = []
-    const readColumns = gw.store.readColumns.bind(gw.store)
-    gw.store.readColumns = async (...args) => {
-      const result = await readColumns(...args)
-      for (const batch of result.batches) read.push(new WeakRef(batch))
-      return result
-    }
+    const read = batchesRead(gw)
     await gw.persistence.addSubscriptions({ id: 'svc' }, [{ topic: 't1/devices/+/telemetry/#', qos: 1 }])
     for (let i = 0; i < 20; i++) await publish(gw, 't1', `d${i % 4}`, `m${i}`)
     expect(await drain(gw, 'svc')).toHaveLength(20)
     await expect.poll(() => gw.persistence.cursorLag()).toEqual([{ stream: 't1/telemetry', sessions: 1, lagMessages: 0 }]) // all acknowledged
-    expect(read.length).toBeGreaterThan(0)
-    await new Promise((resolve) => setImmediate(resolve)) // WeakRefs made in an earlier turn may be cleared
-    setFlagsFromString('--expose-gc')
-    ;(runInNewContext('gc') as () => void)()
-    expect(read.filter((batch) => batch.deref() !== undefined)).toHaveLength(0)
+    expect(await stillHeld(read)).toBe(0)
   })
 
   it('drops the cursors of a session that unsubscribed from everything, keeping sent unacknowledged deliveries as copies', async () => {
