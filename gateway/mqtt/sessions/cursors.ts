@@ -491,6 +491,13 @@ function forgetSent (state: ClientCursors): void {
   state.batchBytes = 0
 }
 
+/** `count` more deliveries sent on this connection keep `batch`: the first of them counts its bytes. */
+function holdBatch (state: ClientCursors, batch: RecordColumns, count: number): void {
+  const holding = state.batches.get(batch)
+  if (holding === undefined) state.batchBytes += batch.payloadBytes.byteLength
+  state.batches.set(batch, (holding ?? 0) + count)
+}
+
 /** A delivery sent on this connection was acknowledged: its frame and its hold on its batch are let go. */
 function sentAcked (state: ClientCursors, delivery: Delivery): void {
   state.sentBytes -= delivery.bytes
@@ -1321,19 +1328,21 @@ export class SessionCursors {
     let from: DataView | undefined
     let fromBatch: RecordColumns | undefined
     let at = 0
+    // The deliveries of one batch come one after another: the session's hold on it is counted once per run.
+    let run: RecordColumns | undefined
+    let runLength = 0
     for (const delivery of picked) {
       const { cursor, index, offset } = delivery
       const batch = delivery.batch as RecordColumns // just picked from a batch read ahead (#pick)
       const id = delivery.id ?? this.#allocate(state, via)
       state.inflight.set(id, delivery)
       state.sentBytes += delivery.bytes
-      const holding = state.batches.get(batch)
-      if (holding === undefined) {
-        state.batches.set(batch, 1)
-        state.batchBytes += batch.payloadBytes.byteLength
-      } else {
-        state.batches.set(batch, holding + 1)
+      if (batch !== run) {
+        if (run !== undefined) holdBatch(state, run, runLength)
+        run = batch
+        runLength = 0
       }
+      runLength++
       cursor.sent(offset)
       const start = batch.payloadStart(index)
       const length = batch.payloadLength(index)
@@ -1349,6 +1358,7 @@ export class SessionCursors {
       copySmall(to, at, from as DataView, start, length)
       at += length
     }
+    if (run !== undefined) holdBatch(state, run, runLength)
     return out
   }
 
