@@ -56,6 +56,19 @@ function freshSessions (): LevelDatabase {
   return db.sublevel<Buffer, Buffer>('sessions', { keyEncoding: 'buffer', valueEncoding: 'buffer' }) as unknown as LevelDatabase
 }
 
+/**
+ * Makes the persistence record the session when aedes reads it, as the gateway's hook does (hooks/sessions.ts:
+ * markSession): a `prepare` for {@link startSessionBroker}.
+ */
+export function markSessionOnRead (persistence: LevelSessionPersistence): void {
+  const read = persistence.subscriptionsByClient.bind(persistence)
+  persistence.subscriptionsByClient = async (client) => {
+    const subs = await read(client)
+    await persistence.markSession(client)
+    return subs
+  }
+}
+
 /** Closes every broker started, with its clients and connections (after each case). */
 export async function closeSessionBrokers (): Promise<void> {
   for (const { broker, server, clients, raw, held } of open.splice(0)) {

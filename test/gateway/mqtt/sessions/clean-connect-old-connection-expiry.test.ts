@@ -20,21 +20,9 @@ import { afterEach, describe, expect, it } from 'vitest'
 import type { LevelDatabase } from '../../../../store/index.ts'
 import { LevelSessionPersistence, type SessionClient } from '../../../../gateway/mqtt/sessions/persistence.ts'
 import { connectPacket, RawConnection } from '../../../helpers/raw-mqtt.ts'
-import { closeSessionBrokers, holdTakeover, startSessionBroker, turnsUntil, type SessionBroker } from './aedes-session-broker.ts'
+import { closeSessionBrokers, holdTakeover, markSessionOnRead, startSessionBroker, turnsUntil } from './aedes-session-broker.ts'
 
 afterEach(closeSessionBrokers)
-
-/** The broker of {@link startSessionBroker}; the session read records the session as the gateway's hook does (markSession). */
-async function harness (): Promise<SessionBroker> {
-  return await startSessionBroker((persistence) => {
-    const read = persistence.subscriptionsByClient.bind(persistence)
-    persistence.subscriptionsByClient = async (client) => {
-      const subs = await read(client)
-      await persistence.markSession(client)
-      return subs
-    }
-  })
-}
 
 function v5Connect (clean: boolean, sessionExpiryInterval: number): Buffer {
   return generate({ cmd: 'connect', protocolId: 'MQTT', protocolVersion: 5, clientId: 'dev-1', clean, keepalive: 30,
@@ -55,7 +43,7 @@ function sessionOf (persistence: LevelSessionPersistence): { connected: boolean 
   }
 }
 
-/** `dev-1`'s stored subscriptions (not subscriptionsByClient: the harness records the session there, as a CONNECT). */
+/** `dev-1`'s stored subscriptions (not subscriptionsByClient: markSessionOnRead records the session there, as a CONNECT). */
 function subscriptionsOf (persistence: LevelSessionPersistence): string[] {
   return persistence.sessionStates().find((s) => s.clientId === 'dev-1')?.subscriptions.map((s) => `${s.topic} ${s.qos}`) ?? []
 }
@@ -69,7 +57,7 @@ const OLD_CONNECTIONS = [
 describe('a connection a clean CONNECT took over, still open after the new connection dropped', () => {
   for (const { name, connect } of OLD_CONNECTIONS) {
     it(`leaves the new session its Session Expiry Interval (3600) and its offline time (old connection: ${name})`, async () => {
-      const h = await harness()
+      const h = await startSessionBroker(markSessionOnRead)
       const old = await RawConnection.open(h.url)
       h.raw.push(old)
       old.send(connect)

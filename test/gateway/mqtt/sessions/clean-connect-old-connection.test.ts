@@ -24,21 +24,9 @@ import { afterEach, describe, expect, it } from 'vitest'
 import type { LevelDatabase } from '../../../../store/index.ts'
 import { LevelSessionPersistence, type SessionClient } from '../../../../gateway/mqtt/sessions/persistence.ts'
 import { connectPacket, packet, publishPacket, RawConnection, subscribePacket, u16 } from '../../../helpers/raw-mqtt.ts'
-import { closeSessionBrokers, holdTakeover, startSessionBroker, turnsUntil, type SessionBroker } from './aedes-session-broker.ts'
+import { closeSessionBrokers, holdTakeover, markSessionOnRead, startSessionBroker, turnsUntil, type SessionBroker } from './aedes-session-broker.ts'
 
 afterEach(closeSessionBrokers)
-
-/** The broker of {@link startSessionBroker}; the session read records the session as the gateway's hook does (markSession). */
-async function harness (): Promise<SessionBroker> {
-  return await startSessionBroker((persistence) => {
-    const read = persistence.subscriptionsByClient.bind(persistence)
-    persistence.subscriptionsByClient = async (client) => {
-      const subs = await read(client)
-      await persistence.markSession(client)
-      return subs
-    }
-  })
-}
 
 const DEV: SessionClient = { id: 'dev-1' }
 
@@ -86,7 +74,7 @@ const CLEAN_START_3600 = generate({ cmd: 'connect', protocolId: 'MQTT', protocol
 
 describe('the connection a clean CONNECT takes over, while its takeover is under way', () => {
   it('stores no QoS 2 packet id in the new session: the new connection\'s PUBLISH with that id is delivered', async () => {
-    const h = await harness()
+    const h = await startSessionBroker(markSessionOnRead)
     const published = publishedBy(h)
     const { old, fresh, release } = await takeoverHeld(h, false, CLEAN_311)
 
@@ -105,7 +93,7 @@ describe('the connection a clean CONNECT takes over, while its takeover is under
   })
 
   it('stores no subscription in the new session (MQTT 5 Clean Start with a Session Expiry Interval): none after a kill -9', async () => {
-    const h = await harness()
+    const h = await startSessionBroker(markSessionOnRead)
     const { old, release } = await takeoverHeld(h, false, CLEAN_START_3600)
 
     old.send(subscribePacket(1, ['cmd/dev-1'], 1))
@@ -117,7 +105,7 @@ describe('the connection a clean CONNECT takes over, while its takeover is under
   })
 
   it('leaves the new connection\'s inbound QoS 2 packets alone: its PUBREL and its close (3.1.1 clean) delete none', async () => {
-    const h = await harness()
+    const h = await startSessionBroker(markSessionOnRead)
     const published = publishedBy(h)
     const { old, fresh, release, holder } = await takeoverHeld(h, true, CLEAN_311)
 

@@ -21,22 +21,7 @@ import { generate } from 'mqtt-packet'
 import { afterEach, describe, expect, it } from 'vitest'
 import { LevelSessionPersistence, type SessionClient } from '../../../../gateway/mqtt/sessions/persistence.ts'
 import { connectPacket, publishPacket, RawConnection, subscribePacket } from '../../../helpers/raw-mqtt.ts'
-import { closeSessionBrokers, holdTakeover, startSessionBroker, turnsUntil, type SessionBroker } from './aedes-session-broker.ts'
-
-/**
- * The broker of {@link startSessionBroker}; the session read records the session as the gateway's hook does
- * (hooks/sessions.ts: markSession).
- */
-async function harness (): Promise<SessionBroker> {
-  return await startSessionBroker((persistence) => {
-    const read = persistence.subscriptionsByClient.bind(persistence)
-    persistence.subscriptionsByClient = async (client) => {
-      const subs = await read(client)
-      await persistence.markSession(client)
-      return subs
-    }
-  })
-}
+import { closeSessionBrokers, holdTakeover, markSessionOnRead, startSessionBroker, turnsUntil, type SessionBroker } from './aedes-session-broker.ts'
 
 afterEach(closeSessionBrokers)
 
@@ -96,7 +81,7 @@ function connect5 (clean: boolean, sessionExpiryInterval: number): Buffer {
 
 describe('a clean CONNECT cut short while another connection holds the session', () => {
   it('3.1.1: leaves the session its stored subscriptions and inbound QoS 2 packets, and its deliveries', async () => {
-    const h = await harness()
+    const h = await startSessionBroker(markSessionOnRead)
     const live = await RawConnection.open(h.url)
     h.raw.push(live)
     live.send(connectPacket({ clientId: 'dev-1', clean: false }))
@@ -118,7 +103,7 @@ describe('a clean CONNECT cut short while another connection holds the session',
   })
 
   it('MQTT 5: leaves the session its subscriptions and its interval, whatever Session Expiry the Clean Start asked for', async () => {
-    const h = await harness()
+    const h = await startSessionBroker(markSessionOnRead)
     const options: mqtt.IClientOptions = { protocolVersion: 5, properties: { sessionExpiryInterval: 3600 } }
     const live = await mqtt.connectAsync(h.url, { clientId: 'dev-1', clean: false, reconnectPeriod: 0, ...options })
     h.clients.push(live)
@@ -137,7 +122,7 @@ describe('a clean CONNECT cut short while another connection holds the session',
 
 describe('a clean CONNECT that takes the session over', () => {
   it('has it discarded, in memory before the takeover and on disk before its CONNACK', async () => {
-    const h = await harness()
+    const h = await startSessionBroker(markSessionOnRead)
     const live = await mqtt.connectAsync(h.url, { clientId: 'dev-1', clean: false, reconnectPeriod: 0 })
     h.clients.push(live)
     await live.subscribeAsync('cmd/dev-1', { qos: 1 })
@@ -189,7 +174,7 @@ describe('a clean CONNECT cut short after the connections that held the session 
   }
 
   it('discards it, as one that came after them would have (the client\'s latest word)', async () => {
-    const h = await harness()
+    const h = await startSessionBroker(markSessionOnRead)
     const live = await RawConnection.open(h.url)
     h.raw.push(live)
     live.send(connectPacket({ clientId: 'dev-1', clean: false }))
@@ -206,7 +191,7 @@ describe('a clean CONNECT cut short after the connections that held the session 
   })
 
   it('MQTT 5: a Clean Start with a Session Expiry Interval leaves the session it starts offline, ending by that interval', async () => {
-    const h = await harness()
+    const h = await startSessionBroker(markSessionOnRead)
     const live = await mqtt.connectAsync(h.url, { clientId: 'dev-1', clean: false, protocolVersion: 5, properties: { sessionExpiryInterval: 3600 }, reconnectPeriod: 0 })
     h.clients.push(live)
     await live.subscribeAsync('cmd/dev-1', { qos: 1 })
