@@ -42,6 +42,22 @@ export async function writeConfig (dir: string, config: Record<string, unknown>)
   return file
 }
 
+/** A gateway's data directory and config file, in a temp dir of their own: it starts on them, and again after a kill -9. */
+export interface GatewayFiles {
+  readonly dataDir: string
+  /** Starts a gateway process on the data directory and the config file. */
+  start (): Promise<GatewayProcess>
+  cleanup (): Promise<void>
+}
+
+/** {@link GatewayFiles} with a config of a TCP listener and HTTP on ports the OS picks, and `mqtt` keys beside the listener. */
+export async function gatewayFiles (mqtt: Record<string, unknown> = {}): Promise<GatewayFiles> {
+  const { dir, cleanup } = await tempDir()
+  const dataDir = path.join(dir, 'data')
+  const config = await writeConfig(dir, { mqtt: { listeners: [{ type: 'tcp', port: 0 }], ...mqtt }, http: { port: 0 } })
+  return { dataDir, start: () => startGatewayProcess({ dataDir, config }), cleanup }
+}
+
 export function runCli (args: readonly string[], input?: string): Promise<{ code: number | null, stdout: string, stderr: string }> {
   return new Promise((resolve) => {
     const child = spawn(process.execPath, [BIN, ...args], { cwd: ROOT, stdio: ['pipe', 'pipe', 'pipe'] })

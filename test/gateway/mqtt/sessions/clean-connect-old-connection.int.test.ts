@@ -10,10 +10,9 @@
  * clean-connect-old-connection.test.ts.
  */
 import net from 'node:net'
-import path from 'node:path'
 import mqttPacket, { type Packet } from 'mqtt-packet'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { startGatewayProcess, tempDir, writeConfig, type GatewayProcess } from '../../../helpers/gateway-process.ts'
+import { gatewayFiles, type GatewayFiles, type GatewayProcess } from '../../../helpers/gateway-process.ts'
 import { waitFor } from '../../../helpers/mqtt-probe.ts'
 import { rawConnect } from '../../../helpers/raw-client.ts'
 import { logLines, readWholeLog, scrape, total } from '../../../helpers/raw-mqtt.ts'
@@ -47,18 +46,13 @@ async function openV5 (url: string): Promise<{ socket: net.Socket, send (p: Pack
 }
 
 describe('the connection a clean CONNECT takes over, stuck in its DISCONNECT', () => {
-  let dir: string
-  let config: string
+  let files: GatewayFiles
   let gw: GatewayProcess
-  let cleanup: () => Promise<void>
   beforeAll(async () => {
-    const t = await tempDir()
-    cleanup = t.cleanup
-    dir = path.join(t.dir, 'data')
-    config = await writeConfig(t.dir, { mqtt: { listeners: [{ type: 'tcp', port: 0 }], slowSubscriberTimeoutMs: 0 }, http: { port: 0 } })
-    gw = await startGatewayProcess({ dataDir: dir, config })
+    files = await gatewayFiles({ slowSubscriberTimeoutMs: 0 })
+    gw = await files.start()
   })
-  afterAll(async () => { await gw?.kill(); await cleanup?.() })
+  afterAll(async () => { await gw?.kill(); await files?.cleanup() })
 
   it('writes nothing into the new session: its message with the same packet id is logged, and no subscription of the old one survives a kill -9', async () => {
     const old = await openV5(gw.mqttUrl)
@@ -94,8 +88,8 @@ describe('the connection a clean CONNECT takes over, stuck in its DISCONNECT', (
     old.socket.destroy()
     fresh.end()
 
-    const payloads = (await readWholeLog(dir)).map((r) => Buffer.from(r.payload).toString())
-    gw = await startGatewayProcess({ dataDir: dir, config })
+    const payloads = (await readWholeLog(files.dataDir)).map((r) => Buffer.from(r.payload).toString())
+    gw = await files.start()
     const body = await (await fetch(`${gw.httpUrl}/v1/sessions`)).json() as { sessions: Array<{ clientId: string, subscriptions: unknown[] }> }
     const session = body.sessions.find((s) => s.clientId === CLIENT_ID)
     expect({ newLogged: payloads.includes('new'), subscriptions: session?.subscriptions }).toEqual({ newLogged: true, subscriptions: [] })

@@ -14,11 +14,10 @@
  * discards the session (as it should): the subscriber connects and subscribes again. Rounds go on until one left the
  * subscriber alone (its session is what the kill tests), or for a fixed number.
  */
-import path from 'node:path'
 import mqtt from 'mqtt'
 import { generate, type IConnackPacket } from 'mqtt-packet'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { startGatewayProcess, tempDir, writeConfig, type GatewayProcess } from '../../../helpers/gateway-process.ts'
+import { gatewayFiles, type GatewayFiles, type GatewayProcess } from '../../../helpers/gateway-process.ts'
 import { waitFor } from '../../../helpers/mqtt-probe.ts'
 import { rawConnect, type RawClient } from '../../../helpers/raw-client.ts'
 import { RawConnection } from '../../../helpers/raw-mqtt.ts'
@@ -39,18 +38,13 @@ const CUTS = [
 ]
 
 describe('clean CONNECTs cut short while a persistent subscriber is connected', () => {
-  let dir: string
-  let config: string
+  let files: GatewayFiles
   let gw: GatewayProcess
-  let cleanup: () => Promise<void>
   beforeAll(async () => {
-    const t = await tempDir()
-    cleanup = t.cleanup
-    dir = path.join(t.dir, 'data')
-    config = await writeConfig(t.dir, { mqtt: { listeners: [{ type: 'tcp', port: 0 }] }, http: { port: 0 } })
-    gw = await startGatewayProcess({ dataDir: dir, config })
+    files = await gatewayFiles()
+    gw = await files.start()
   })
-  afterAll(async () => { await gw?.kill(); await cleanup?.() })
+  afterAll(async () => { await gw?.kill(); await files?.cleanup() })
 
   /** The persistent subscriber: a 3.1.1 clean session = 0 connection that acknowledges nothing it is sent. */
   async function subscriber (): Promise<RawClient> {
@@ -96,7 +90,7 @@ describe('clean CONNECTs cut short while a persistent subscriber is connected', 
     publisher.end(true)
     sub.end()
 
-    gw = await startGatewayProcess({ dataDir: dir, config })
+    gw = await files.start()
     const back = mqtt.connect(gw.mqttUrl, { clientId: CLIENT_ID, clean: false, reconnectPeriod: 0 })
     try {
       const received: string[] = []

@@ -12,11 +12,10 @@
  * its registration, which took the live connection over). Rounds go on until several in a row left the live
  * connection alone. The persistence's side of every ordering, with no timing involved: cut-short-connect.test.ts.
  */
-import path from 'node:path'
 import mqtt, { type MqttClient } from 'mqtt'
 import { generate } from 'mqtt-packet'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { startGatewayProcess, tempDir, writeConfig, type GatewayProcess } from '../../../helpers/gateway-process.ts'
+import { gatewayFiles, type GatewayFiles, type GatewayProcess } from '../../../helpers/gateway-process.ts'
 import { waitFor } from '../../../helpers/mqtt-probe.ts'
 import { RawConnection } from '../../../helpers/raw-mqtt.ts'
 
@@ -30,18 +29,13 @@ const LIVE_SECONDS = 3600
 const CONTROL_SECONDS = 3
 
 describe('a CONNECT cut short while another connection holds the session', () => {
-  let dir: string
-  let config: string
+  let files: GatewayFiles
   let gw: GatewayProcess
-  let cleanup: () => Promise<void>
   beforeAll(async () => {
-    const t = await tempDir()
-    cleanup = t.cleanup
-    dir = path.join(t.dir, 'data')
-    config = await writeConfig(t.dir, { mqtt: { listeners: [{ type: 'tcp', port: 0 }] }, http: { port: 0 } })
-    gw = await startGatewayProcess({ dataDir: dir, config })
+    files = await gatewayFiles()
+    gw = await files.start()
   })
-  afterAll(async () => { await gw?.kill(); await cleanup?.() })
+  afterAll(async () => { await gw?.kill(); await files?.cleanup() })
 
   /** An MQTT 5 connection resuming (or starting) the session of `clientId` with this Session Expiry Interval. */
   function connect (clientId: string, sessionExpiryInterval: number): Promise<MqttClient> {
@@ -101,7 +95,7 @@ describe('a CONNECT cut short while another connection holds the session', () =>
 
     await gw.kill()
     for (const client of [control, shorter, zero]) client.end(true)
-    gw = await startGatewayProcess({ dataDir: dir, config })
+    gw = await files.start()
     const expired = (id: string): boolean => gw.stderr().split('\n').some((l) => l.includes('persistent session expired') && l.includes(`"${id}"`))
     // Every session was connected at the kill, so each counts as offline from the restart: the control session's end
     // comes after the end the cut-short CONNECTs' intervals would have given (0 drops a session as the gateway starts).

@@ -13,11 +13,10 @@
  * on until enough of them left the live connection alone. The will topic is routed, so each will is a record of the
  * device's partition, delivered to the watcher in order with the live connection's probe that ends each round.
  */
-import path from 'node:path'
 import mqtt from 'mqtt'
 import { generate } from 'mqtt-packet'
 import { afterAll, beforeAll, describe, expect, it } from 'vitest'
-import { startGatewayProcess, tempDir, writeConfig, type GatewayProcess } from '../../../helpers/gateway-process.ts'
+import { gatewayFiles, type GatewayFiles, type GatewayProcess } from '../../../helpers/gateway-process.ts'
 import { readWholeLog } from '../../../helpers/log-reader.ts'
 import { waitFor } from '../../../helpers/mqtt-probe.ts'
 import { rawConnect, type RawClient } from '../../../helpers/raw-client.ts'
@@ -41,18 +40,13 @@ const CUTS = [
 ]
 
 describe('CONNECTs with a will cut short while the device\'s live connection is up', () => {
-  let dir: string
-  let config: string
+  let files: GatewayFiles
   let gw: GatewayProcess
-  let cleanup: () => Promise<void>
   beforeAll(async () => {
-    const t = await tempDir()
-    cleanup = t.cleanup
-    dir = path.join(t.dir, 'data')
-    config = await writeConfig(t.dir, { mqtt: { listeners: [{ type: 'tcp', port: 0 }] }, http: { port: 0 } })
-    gw = await startGatewayProcess({ dataDir: dir, config })
+    files = await gatewayFiles()
+    gw = await files.start()
   })
-  afterAll(async () => { await gw?.kill(); await cleanup?.() })
+  afterAll(async () => { await gw?.kill(); await files?.cleanup() })
 
   /** The device's live connection, the `n`th: 3.1.1 persistent session with the will `live-gone-<n>`. */
   async function live (n: number): Promise<RawClient> {
@@ -116,10 +110,10 @@ describe('CONNECTs with a will cut short while the device\'s live connection is 
 
     await gw.kill()
     conn.end()
-    const logged = (await readWholeLog(dir)).filter((r) => r.topic === WILL_TOPIC)
-    gw = await startGatewayProcess({ dataDir: dir, config })
+    const logged = (await readWholeLog(files.dataDir)).filter((r) => r.topic === WILL_TOPIC)
+    gw = await files.start()
     await gw.kill()
-    const fired = (await readWholeLog(dir)).filter((r) => r.topic === WILL_TOPIC && !logged.some((l) => l.offset === r.offset && l.partition === r.partition))
+    const fired = (await readWholeLog(files.dataDir)).filter((r) => r.topic === WILL_TOPIC && !logged.some((l) => l.offset === r.offset && l.partition === r.partition))
     expect({ falseAlarms, firedAtRestart: fired.map((r) => r.payload) }, `rounds taken over: ${takenOver}`)
       .toEqual({ falseAlarms: [], firedAtRestart: [`live-gone-${n}`] })
   })

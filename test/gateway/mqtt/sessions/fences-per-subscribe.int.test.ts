@@ -12,7 +12,7 @@ import mqtt from 'mqtt'
 import type { Packet } from 'mqtt-packet'
 import { afterAll, describe, expect, it } from 'vitest'
 import { TAG_CURSOR, TAG_SUB } from '../../../../gateway/mqtt/sessions/format.ts'
-import { startGatewayProcess, tempDir, writeConfig, type GatewayProcess } from '../../../helpers/gateway-process.ts'
+import { gatewayFiles, type GatewayProcess } from '../../../helpers/gateway-process.ts'
 import { waitFor } from '../../../helpers/mqtt-probe.ts'
 import { rawConnect } from '../../../helpers/raw-client.ts'
 
@@ -41,20 +41,14 @@ async function lagOf (gw: GatewayProcess, clientId: string): Promise<number> {
   return sessions.find((s) => s.clientId === clientId)?.lagMessages ?? NaN
 }
 
-/** A gateway on `dir`/data whose persistent sessions have WINDOW deliveries in flight. */
-async function windowedGateway (dir: string): Promise<GatewayProcess> {
-  const config = await writeConfig(dir, { mqtt: { listeners: [{ type: 'tcp', port: 0 }], sessionInflight: WINDOW } })
-  return await startGatewayProcess({ dataDir: path.join(dir, 'data'), config })
-}
-
 describe('a SUBSCRIBE of many new filters while the session\'s cursor is behind', () => {
   const cleanups: Array<() => Promise<void>> = []
   afterAll(async () => { for (const c of cleanups.reverse()) await c() })
 
   it(`puts one fence on the cursor for ${FILTERS + 1} filters, and they get only what is logged after the SUBACK`, async () => {
-    const { dir, cleanup } = await tempDir()
-    cleanups.push(cleanup)
-    const gw = await windowedGateway(dir)
+    const files = await gatewayFiles({ sessionInflight: WINDOW })
+    cleanups.push(files.cleanup)
+    const gw = await files.start()
     cleanups.push(() => gw.kill())
     const raw = await rawConnect(gw.mqttUrl, 4)
     raw.send({ cmd: 'connect', protocolId: 'MQTT', protocolVersion: 4, clean: false, keepalive: 60, clientId: 'svc' })
@@ -82,7 +76,7 @@ describe('a SUBSCRIBE of many new filters while the session\'s cursor is behind'
     expect(await gw.stop()).toBe(0)
 
     // What the SUBSCRIBE left on disk while the cursor is behind: one fence, one eras per new filter, none on the share.
-    const db = new ClassicLevel<Buffer, Buffer>(path.join(dir, 'data', 'db'), { keyEncoding: 'buffer', valueEncoding: 'buffer' })
+    const db = new ClassicLevel<Buffer, Buffer>(path.join(files.dataDir, 'db'), { keyEncoding: 'buffer', valueEncoding: 'buffer' })
     await db.open()
     const withEras: string[] = []
     const fences: number[] = []
@@ -99,7 +93,7 @@ describe('a SUBSCRIBE of many new filters while the session\'s cursor is behind'
     expect(withEras).toHaveLength(FILTERS)
     expect(withEras.filter((topic) => topic.includes('$share'))).toEqual([])
 
-    const again = await windowedGateway(dir)
+    const again = await files.start()
     cleanups.push(() => again.kill())
     const client = mqtt.connect(again.mqttUrl, { clientId: 'svc', clean: false, reconnectPeriod: 0 })
     client.on('message', (_topic, payload) => { got.push(payload.toString()) })

@@ -5,11 +5,10 @@
  * and 5, the new filter at QoS 1 or 2, messages at QoS 1 and 2. One session acknowledges once its SUBACK is in; the
  * other never does before the gateway is killed, and reads its backlog with MQTT.js after the restart.
  */
-import path from 'node:path'
 import mqtt from 'mqtt'
 import type { Packet } from 'mqtt-packet'
 import { afterAll, describe, expect, it } from 'vitest'
-import { startGatewayProcess, tempDir, writeConfig, type GatewayProcess } from '../../../helpers/gateway-process.ts'
+import { gatewayFiles, type GatewayProcess } from '../../../helpers/gateway-process.ts'
 import { rawConnect, type RawClient } from '../../../helpers/raw-client.ts'
 
 const WAIT_MS = 60_000
@@ -83,21 +82,15 @@ function check (got: readonly string[]): void {
   expect(firsts.filter((b) => b.startsWith('b')).sort()).toEqual(range('b', BEFORE, AFTER).sort())
 }
 
-/** A gateway on `dir`/data whose persistent sessions have WINDOW deliveries in flight. */
-async function windowedGateway (dir: string): Promise<GatewayProcess> {
-  const config = await writeConfig(dir, { mqtt: { listeners: [{ type: 'tcp', port: 0 }], sessionInflight: WINDOW } })
-  return await startGatewayProcess({ dataDir: path.join(dir, 'data'), config })
-}
-
 describe('a new filter of a persistent session whose cursor is behind', () => {
   const cleanups: Array<() => Promise<void>> = []
   afterAll(async () => { for (const c of cleanups.reverse()) await c() })
 
   for (const [version, qos] of [[4, 1], [5, 2]] as const) {
     it(`MQTT ${version === 4 ? '3.1.1' : '5'}, new filter at QoS ${qos}: gets only what is logged after its SUBACK, also after a kill -9`, async () => {
-      const { dir, cleanup } = await tempDir()
-      cleanups.push(cleanup)
-      let gw = await windowedGateway(dir)
+      const files = await gatewayFiles({ sessionInflight: WINDOW })
+      cleanups.push(files.cleanup)
+      let gw = await files.start()
       cleanups.push(() => gw.kill())
       const live = await heldSession(gw, 'live', version)
       const killed = await heldSession(gw, 'killed', version)
@@ -117,7 +110,7 @@ describe('a new filter of a persistent session whose cursor is behind', () => {
 
       // killed with its SUBSCRIBE just acknowledged and nothing of its backlog acknowledged
       await gw.kill()
-      gw = await windowedGateway(dir)
+      gw = await files.start()
       const got: string[] = []
       const client = mqtt.connect(gw.mqttUrl, {
         clientId: 'killed', clean: false, reconnectPeriod: 0, protocolVersion: version,
