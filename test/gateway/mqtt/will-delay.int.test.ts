@@ -6,22 +6,13 @@
  * is longer than the session (MQTT 5 3.1.3.2.2). A persistent 3.1.1 watcher
  * receives what was published.
  */
-import mqtt, { type IClientOptions, type MqttClient } from 'mqtt'
+import mqtt, { type MqttClient } from 'mqtt'
 import { afterAll, describe, expect, it } from 'vitest'
 import { startGatewayProcess, tempDir, type GatewayProcess } from '../../helpers/gateway-process.ts'
 import { connectOk, endAll, waitFor } from '../../helpers/mqtt-probe.ts'
+import { delayedWillDevice, WILL_WAITING } from '../../helpers/delayed-wills.ts'
 
 const TIMEOUT = 90_000
-const WAITING = 'will of a client connected when the gateway stopped: waiting for its will delay'
-
-function v5 (clientId: string, sessionExpiryInterval: number, willDelayInterval?: number): IClientOptions {
-  return {
-    protocolVersion: 5, clientId, clean: false, reconnectPeriod: 0, properties: { sessionExpiryInterval },
-    ...willDelayInterval === undefined
-      ? {}
-      : { will: { topic: `devices/${clientId}/events/offline`, payload: Buffer.from(`${clientId}-gone`), qos: 1 as const, retain: false, properties: { willDelayInterval } } },
-  }
-}
 
 describe('MQTT 5 will delay across kill -9', () => {
   const cleanups: Array<() => Promise<void>> = []
@@ -43,7 +34,7 @@ describe('MQTT 5 will delay across kill -9', () => {
     // late: a 2 s delay; back: 6 s (room for a slow start), but it reconnects at once; marker: 8 s, published after back's
     // would have been; ends: a delay far beyond its 2 s session, so published when the session ends.
     for (const [id, session, delay] of [['late', 3600, 2], ['back', 3600, 6], ['marker', 3600, 8], ['ends', 2, 0xfffffff0]] as const) {
-      clients.add(await connectOk(gw.mqttUrl, v5(id, session, delay)))
+      clients.add(await connectOk(gw.mqttUrl, delayedWillDevice(id, { sessionExpiryInterval: session, willDelayInterval: delay })))
     }
     // A session write after theirs (the group commit keeps call order): once its SUBACK is back, their wills and sessions are on disk.
     const flush = await connectOk(gw.mqttUrl, { clientId: 'flush', clean: false, reconnectPeriod: 0 })
@@ -55,8 +46,8 @@ describe('MQTT 5 will delay across kill -9', () => {
 
     gw = await startGatewayProcess({ dataDir: dir })
     // None fired while the gateway started: each waits, from the restart.
-    for (const id of ['late', 'back', 'marker', 'ends']) expect(gw.stderr()).toMatch(new RegExp(`"clientId":"${id}".*${WAITING}`))
-    const back = await connectOk(gw.mqttUrl, v5('back', 3600))
+    for (const id of ['late', 'back', 'marker', 'ends']) expect(gw.stderr()).toMatch(new RegExp(`"clientId":"${id}".*${WILL_WAITING}`))
+    const back = await connectOk(gw.mqttUrl, delayedWillDevice('back'))
     clients.add(back)
     const received: string[] = []
     const again = mqtt.connect(gw.mqttUrl, watcherOptions)

@@ -6,23 +6,14 @@
  * stored will and the gateway's timer was cancelled as for a device continuing its session: never published. The
  * orderings, and the same on aedes' own timer, without a gateway process: will-delay-takeover.test.ts.
  */
-import type { IClientOptions, MqttClient } from 'mqtt'
+import type { MqttClient } from 'mqtt'
 import { afterAll, describe, expect, it } from 'vitest'
 import { startGatewayProcess, tempDir, type GatewayProcess } from '../../../helpers/gateway-process.ts'
 import { connectOk, endAll, waitFor } from '../../../helpers/mqtt-probe.ts'
+import { delayedWillDevice, WILL_WAITING } from '../../../helpers/delayed-wills.ts'
 
 const TIMEOUT = 90_000
 const WAIT_MS = 20_000
-const WAITING = 'will of a client connected when the gateway stopped: waiting for its will delay'
-
-function v5 (clientId: string, cleanStart: boolean, willDelayInterval?: number): IClientOptions {
-  return {
-    protocolVersion: 5, clientId, clean: cleanStart, reconnectPeriod: 0, properties: { sessionExpiryInterval: 3600 },
-    ...willDelayInterval === undefined
-      ? {}
-      : { will: { topic: `devices/${clientId}/events/offline`, payload: Buffer.from(`${clientId}-gone`), qos: 1 as const, retain: false, properties: { willDelayInterval } } },
-  }
-}
 
 describe('a Clean Start 1 reconnect while a will of the previous process waits for its delay', () => {
   const cleanups: Array<() => Promise<void>> = []
@@ -41,15 +32,15 @@ describe('a Clean Start 1 reconnect while a will of the previous process waits f
     const watcher = await connectOk(gw.mqttUrl, watcherOptions)
     await watcher.subscribeAsync('devices/+/events/#', { qos: 1 })
     await watcher.endAsync()
-    clients.add(await connectOk(gw.mqttUrl, v5('dev-9', false, 300)))
+    clients.add(await connectOk(gw.mqttUrl, delayedWillDevice('dev-9', { willDelayInterval: 300 })))
     await gw.kill()
     await endAll(clients)
     clients.clear()
 
     gw = await startGatewayProcess({ dataDir: dir })
-    expect(gw.stderr()).toMatch(new RegExp(`"clientId":"dev-9".*${WAITING}`))
+    expect(gw.stderr()).toMatch(new RegExp(`"clientId":"dev-9".*${WILL_WAITING}`))
     // The device again, starting a new session; the gateway is killed as soon as it has the CONNACK.
-    clients.add(await connectOk(gw.mqttUrl, v5('dev-9', true)))
+    clients.add(await connectOk(gw.mqttUrl, delayedWillDevice('dev-9', { clean: true })))
     await gw.kill()
     await endAll(clients)
     clients.clear()

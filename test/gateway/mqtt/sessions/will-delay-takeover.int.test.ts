@@ -9,24 +9,15 @@
  * What proves that nothing more comes: a marker client's will with a longer delay, vanished with the gateway too, so
  * timed from the same restart. A persistent watcher of the will topics receives what was published.
  */
-import type { IClientOptions, MqttClient } from 'mqtt'
+import type { MqttClient } from 'mqtt'
 import mqtt from 'mqtt'
 import { afterAll, describe, expect, it } from 'vitest'
 import { startGatewayProcess, tempDir, type GatewayProcess } from '../../../helpers/gateway-process.ts'
 import { connectOk, endAll, waitFor } from '../../../helpers/mqtt-probe.ts'
+import { delayedWillDevice, WILL_WAITING } from '../../../helpers/delayed-wills.ts'
 
 const TIMEOUT = 90_000
 const WAIT_MS = 20_000
-const WAITING = 'will of a client connected when the gateway stopped: waiting for its will delay'
-
-function v5 (clientId: string, willDelayInterval?: number): IClientOptions {
-  return {
-    protocolVersion: 5, clientId, clean: false, reconnectPeriod: 0, properties: { sessionExpiryInterval: 3600 },
-    ...willDelayInterval === undefined
-      ? {}
-      : { will: { topic: `devices/${clientId}/events/offline`, payload: Buffer.from(`${clientId}-gone`), qos: 1 as const, retain: false, properties: { willDelayInterval } } },
-  }
-}
 
 describe('a connection with a delayed will taken over by one that continues its session without a will', () => {
   const cleanups: Array<() => Promise<void>> = []
@@ -48,12 +39,12 @@ describe('a connection with a delayed will taken over by one that continues its 
     await watcher.subscribeAsync('devices/+/events/#', { qos: 1 })
 
     // The device, then the marker (its will 2 s after the device's would have been published).
-    const old = await connectOk(gw.mqttUrl, v5('dev-9', 1))
+    const old = await connectOk(gw.mqttUrl, delayedWillDevice('dev-9', { willDelayInterval: 1 }))
     clients.add(old)
-    clients.add(await connectOk(gw.mqttUrl, v5('marker', 3)))
+    clients.add(await connectOk(gw.mqttUrl, delayedWillDevice('marker', { willDelayInterval: 3 })))
     const oldClosed = new Promise<void>((resolve) => old.once('close', () => resolve()))
     // The device again, on a new connection without a will, while the gateway still holds the old one.
-    const next = await connectOk(gw.mqttUrl, v5('dev-9'))
+    const next = await connectOk(gw.mqttUrl, delayedWillDevice('dev-9'))
     clients.add(next)
     await oldClosed
     // A record of the device's partition logged after any will the takeover fired; its PUBACK waits for the commit.
@@ -70,7 +61,7 @@ describe('a connection with a delayed will taken over by one that continues its 
     clients.clear()
 
     gw = await startGatewayProcess({ dataDir: dir })
-    expect(gw.stderr()).toMatch(new RegExp(`"clientId":"marker".*${WAITING}`))
+    expect(gw.stderr()).toMatch(new RegExp(`"clientId":"marker".*${WILL_WAITING}`))
     const again = mqtt.connect(gw.mqttUrl, watcherOptions)
     clients.add(again)
     const afterRestart: string[] = []
